@@ -1,0 +1,183 @@
+//! A small blocking client for the raw TCP protocol, over `std::net`.
+//!
+//! Owns: one connection, its read buffer, and helpers for LOGIN, SEND,
+//! PING and reading frames. Used by `switchboard client`, the tests and
+//! anyone who wants to talk to a server from plain Rust.
+//! Must not: be used where thousands of connections are needed (one thread
+//! per blocking client); the load generator has its own lean client.
+
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use thiserror::Error;
+
+use crate::proto::frame::{decode, DecodeError, EncodeError, Frame, PROTOCOL_MAX_FRAME_BYTES};
+
+/// Why a client call failed.
+#[derive(Debug, Error)]
+pub enum ClientError {
+    #[error("io: {0}")]
+    Io(#[from] io::Error),
+    #[error("server sent an invalid frame: {0}")]
+    Decode(#[from] DecodeError),
+    #[error("cannot encode: {0}")]
+    Encode(#[from] EncodeError),
+    #[error("connection closed by the server")]
+    Closed,
+    #[error("login refused: code {code}: {reason}")]
+    LoginRefused { code: u16, reason: String },
+    #[error("server closed the connection: code {code}: {reason}")]
+    CloseFrame { code: u16, reason: String },
+    #[error("unexpected frame: {0}")]
+    Unexpected(String),
+}
+
+impl ClientError {
+    /// Whether this is a read timeout (set with `set_read_timeout`).
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, ClientError::Io(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut))
+    }
+}
+
+/// One received frame, owning its bytes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RawFrame(Bytes);
+
+impl RawFrame {
+    /// The decoded frame (decoding again is cheap and cannot fail: the bytes
+    /// were validated when received).
+    pub fn frame(&self) -> Frame<'_> {
+        decode(&self.0, PROTOCOL_MAX_FRAME_BYTES).ok().flatten().expect("validated on receipt").0
+    }
+
+    /// The encoded bytes.
+    pub fn bytes(&self) -> &Bytes {
+        &self.0
+    }
+}
+
+/// What LOGIN_OK told us.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct LoginInfo {
+    pub conn_id: u64,
+    pub heartbeat_interval_ms: u32,
+    pub idle_timeout_ms: u32,
+    pub max_frame_bytes: u32,
+}
+
+/// A blocking connection to a Switchboard server.
+pub struct Client {
+    stream: TcpStream,
+    buf: BytesMut,
+}
+
+impl Client {
+    /// Connects (with TCP_NODELAY).
+    pub fn connect(addr: impl ToSocketAddrs) -> io::Result<Client> {
+        let stream = TcpStream::connect(addr)?;
+        stream.set_nodelay(true)?;
+        Ok(Client { stream, buf: BytesMut::with_capacity(4096) })
+    }
+
+    /// Connects with a timeout.
+    pub fn connect_timeout(addr: &SocketAddr, timeout: Duration) -> io::Result<Client> {
+        let stream = TcpStream::connect_timeout(addr, timeout)?;
+        stream.set_nodelay(true)?;
+        Ok(Client { stream, buf: BytesMut::with_capacity(4096) })
+    }
+
+    /// Bounds how long `recv` blocks (`None`: forever).
+    pub fn set_read_timeout(&self, d: Option<Duration>) -> io::Result<()> {
+        self.stream.set_read_timeout(d)
+    }
+
+    /// The underlying socket.
+    pub fn stream(&self) -> &TcpStream {
+        &self.stream
+    }
+
+    /// Encodes and writes one frame.
+    pub fn send_frame(&mut self, f: &Frame<'_>) -> Result<(), ClientError> {
+        let b = f.to_bytes()?;
+        self.stream.write_all(&b)?;
+        Ok(())
+    }
+
+    /// Writes raw bytes (for tests of malformed input).
+    pub fn send_raw(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.stream.write_all(bytes)
+    }
+
+    /// Sends LOGIN and waits for LOGIN_OK (answering any PING on the way).
+    pub fn login(&mut self, user: &str, token: &str) -> Result<LoginInfo, ClientError> {
+        self.send_frame(&Frame::Login { user, token: token.as_bytes() })?;
+        loop {
+            let f = self.recv()?;
+            match f.frame() {
+                Frame::LoginOk { conn_id, heartbeat_interval_ms, idle_timeout_ms, max_frame_bytes } => {
+                    return Ok(LoginInfo { conn_id, heartbeat_interval_ms, idle_timeout_ms, max_frame_bytes })
+                }
+                Frame::LoginError { code, reason } => {
+                    return Err(ClientError::LoginRefused { code, reason: reason.to_string() })
+                }
+                Frame::Close { code, reason } => {
+                    return Err(ClientError::CloseFrame { code, reason: reason.to_string() })
+                }
+                other => return Err(ClientError::Unexpected(format!("{other:?} while waiting for LOGIN_OK"))),
+            }
+        }
+    }
+
+    /// Sends a SEND to `to`.
+    pub fn send(&mut self, req_id: u32, to: &str, payload: &[u8]) -> Result<(), ClientError> {
+        self.send_frame(&Frame::Send { req_id, to, payload })
+    }
+
+    /// Reads the next frame, blocking (up to the read timeout).
+    pub fn recv(&mut self) -> Result<RawFrame, ClientError> {
+        loop {
+            if let Some((_, n)) = decode(&self.buf, PROTOCOL_MAX_FRAME_BYTES)? {
+                return Ok(RawFrame(self.buf.split_to(n).freeze()));
+            }
+            let mut chunk = [0u8; 16 * 1024];
+            let n = self.stream.read(&mut chunk)?;
+            if n == 0 {
+                return Err(ClientError::Closed);
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    /// Reads frames until one is not a PING (PINGs are answered), e.g. to
+    /// wait for a PUSH without caring about heartbeats.
+    pub fn recv_skipping_pings(&mut self) -> Result<RawFrame, ClientError> {
+        loop {
+            let f = self.recv()?;
+            if let Frame::Ping { data } = f.frame() {
+                let pong = Frame::Pong { data }.to_bytes()?;
+                self.stream.write_all(&pong)?;
+                continue;
+            }
+            return Ok(f);
+        }
+    }
+
+    /// Reads until the server closes; returns the CLOSE (or LOGIN_ERROR)
+    /// code it sent, if any.
+    pub fn recv_close_code(&mut self) -> Result<Option<u16>, ClientError> {
+        let mut code = None;
+        loop {
+            match self.recv() {
+                Ok(f) => match f.frame() {
+                    Frame::Close { code: c, .. } | Frame::LoginError { code: c, .. } => code = Some(c),
+                    _ => {}
+                },
+                Err(ClientError::Closed) => return Ok(code),
+                Err(ClientError::Io(e)) if e.kind() == io::ErrorKind::ConnectionReset => return Ok(code),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}

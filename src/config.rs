@@ -1,0 +1,434 @@
+//! Server configuration: the TOML schema, its defaults and its validation.
+//!
+//! Owns: every tunable, its default, its memory cost (in the doc comment) and
+//! the checks that reject a bad value with the key's full name.
+//! Must not: touch the system (the start-up checks against kernel limits live
+//! in `limits.rs`) or keep anything at run time but plain values.
+//!
+//! Every field has a default, so an empty file (or none) is a valid config.
+//! Unknown keys are errors, so a typo is reported instead of ignored.
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::ids::{MAX_SLOTS_PER_WORKER, MAX_WORKERS};
+use crate::proto::frame::{MIN_MAX_FRAME_BYTES, PROTOCOL_MAX_FRAME_BYTES};
+use crate::proto::session::Timeouts;
+
+/// The development secret used when none is configured. Anyone can mint
+/// tokens with it, so the server refuses to use it on a non-loopback address.
+pub const DEV_JWT_SECRET: &str = "switchboard-dev-secret-do-not-use-in-production";
+
+/// Environment variable that overrides `auth.jwt_secret`.
+pub const JWT_SECRET_ENV: &str = "SWITCHBOARD_JWT_SECRET";
+
+/// A configuration that cannot run, naming the key at fault.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("config file {path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("invalid config: `{key}` {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { key, message: message.into() }
+}
+
+/// Which io driver the workers run on.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IoDriver {
+    /// io_uring; if the kernel refuses it, fall back to epoll and log a
+    /// warning saying why.
+    Auto,
+    /// io_uring or refuse to start.
+    IoUring,
+    /// epoll (monoio's legacy driver), for kernels without io_uring.
+    Epoll,
+}
+
+/// `[server]`: listening and workers.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Address for the raw TCP protocol. Port 0 picks a free port.
+    pub listen: String,
+    /// Worker threads, one per core; 0 = as many as the process may run on.
+    pub workers: usize,
+    /// Pin worker i to the i-th allowed CPU.
+    pub pin_workers: bool,
+    /// `auto`, `io_uring` or `epoll`.
+    pub io_driver: IoDriver,
+    /// Most connections the whole server holds (split evenly over workers);
+    /// 0 = as many as `RLIMIT_NOFILE` allows. Each slot costs its share of
+    /// the connection table only once used (the table is reserved, not
+    /// touched, at start).
+    pub max_connections: usize,
+    /// Accept backlog per worker listener (capped by `net.core.somaxconn`).
+    pub listen_backlog: u32,
+    /// Accepts kept outstanding per worker, so a connect storm is not served
+    /// one accept at a time.
+    pub accepts_per_worker: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: "127.0.0.1:7700".into(),
+            workers: 0,
+            pin_workers: true,
+            io_driver: IoDriver::Auto,
+            max_connections: 0,
+            listen_backlog: 4096,
+            accepts_per_worker: 4,
+        }
+    }
+}
+
+/// `[socket]`: per-connection kernel buffers.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SocketConfig {
+    /// SO_RCVBUF for accepted sockets. The kernel doubles it for overhead;
+    /// an idle socket holds no buffer memory, a busy one up to twice this.
+    pub rcvbuf_bytes: usize,
+    /// SO_SNDBUF for accepted sockets (same accounting as `rcvbuf_bytes`).
+    /// Beyond it, frames wait in the connection's outbound queue.
+    pub sndbuf_bytes: usize,
+    /// TCP_NODELAY: pushes leave at once instead of waiting for Nagle.
+    pub nodelay: bool,
+}
+
+impl Default for SocketConfig {
+    fn default() -> Self {
+        SocketConfig { rcvbuf_bytes: 4096, sndbuf_bytes: 4096, nodelay: true }
+    }
+}
+
+/// `[timeouts]`: login deadline and heartbeats, on one coarse wheel per
+/// worker.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TimeoutConfig {
+    /// Wheel resolution: every deadline is rounded up to a tick.
+    pub tick_ms: u64,
+    /// A connection must LOGIN within this time.
+    pub login_timeout_ms: u64,
+    /// The server PINGs a connection that has been silent this long. Below
+    /// the ~5 minute idle-mapping timeout of carrier NATs.
+    pub heartbeat_interval_ms: u64,
+    /// A connection silent this long (no PONG to our PING) is closed.
+    pub idle_timeout_ms: u64,
+    /// After sending CLOSE, wait this long for the peer to close.
+    pub close_linger_ms: u64,
+}
+
+impl Default for TimeoutConfig {
+    fn default() -> Self {
+        TimeoutConfig {
+            tick_ms: 1000,
+            login_timeout_ms: 10_000,
+            heartbeat_interval_ms: 240_000,
+            idle_timeout_ms: 300_000,
+            close_linger_ms: 2_000,
+        }
+    }
+}
+
+/// `[limits]`: bounds on every queue and buffer.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Largest frame accepted from a client, header included. A connection
+    /// holding a partial frame buffers at most this much.
+    pub max_frame_bytes: usize,
+    /// Frames queued for one connection before it is closed as a slow
+    /// consumer (32 bytes each, the payload itself is shared).
+    pub outbound_max_frames: usize,
+    /// Bytes queued for one connection before it is closed as a slow
+    /// consumer.
+    pub outbound_max_bytes: usize,
+    /// Commands each worker's mailbox holds (about 48 bytes each, allocated
+    /// at start); a push to a full mailbox fails with `Full`.
+    pub mailbox_capacity: usize,
+    /// Connections one user id may hold at once (devices); one more login
+    /// is refused.
+    pub max_conns_per_user: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_frame_bytes: 64 * 1024,
+            outbound_max_frames: 1024,
+            outbound_max_bytes: 256 * 1024,
+            mailbox_capacity: 65_536,
+            max_conns_per_user: 16,
+        }
+    }
+}
+
+/// `[auth]`: the built-in JWT check.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// HS256 secret. Unset: `SWITCHBOARD_JWT_SECRET`, else the development
+    /// secret (loopback only).
+    pub jwt_secret: Option<String>,
+    /// Clock skew tolerated on `exp`/`nbf`, seconds.
+    pub jwt_leeway_s: u64,
+    /// Refuse tokens without `exp`.
+    pub require_exp: bool,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig { jwt_secret: None, jwt_leeway_s: 30, require_exp: true }
+    }
+}
+
+/// `[routing]`: what clients may do without the application.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RoutingConfig {
+    /// Deliver a client's SEND to the target user's connections. Off: SEND
+    /// goes to the application's message hook, or is refused.
+    pub client_send: bool,
+}
+
+impl Default for RoutingConfig {
+    fn default() -> Self {
+        RoutingConfig { client_send: true }
+    }
+}
+
+/// `[uring]`: io_uring sizing.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UringConfig {
+    /// Submission queue entries per worker (64 bytes each).
+    pub sq_entries: u32,
+    /// Completion queue entries per worker (16 bytes each). Large, so a
+    /// burst of completions cannot overflow it.
+    pub cq_entries: u32,
+}
+
+impl Default for UringConfig {
+    fn default() -> Self {
+        UringConfig { sq_entries: 4096, cq_entries: 65_536 }
+    }
+}
+
+/// The whole configuration file.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub socket: SocketConfig,
+    pub timeouts: TimeoutConfig,
+    pub limits: LimitsConfig,
+    pub auth: AuthConfig,
+    pub routing: RoutingConfig,
+    pub uring: UringConfig,
+}
+
+impl Config {
+    /// Reads and validates a TOML file.
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
+        let cfg = Config::from_toml(&text).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse { path: path.display().to_string(), message },
+            other => other,
+        })?;
+        Ok(cfg)
+    }
+
+    /// Parses and validates TOML text.
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        let cfg: Config =
+            toml::from_str(text).map_err(|e| ConfigError::Parse { path: "<text>".into(), message: e.to_string() })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// The listen address, parsed.
+    pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
+        self.server
+            .listen
+            .parse()
+            .map_err(|_| invalid("server.listen", format!("{:?} is not an IP:port address", self.server.listen)))
+    }
+
+    /// The JWT secret in force and whether it is the development one.
+    pub fn jwt_secret(&self) -> (String, bool) {
+        if let Some(s) = &self.auth.jwt_secret {
+            return (s.clone(), false);
+        }
+        if let Ok(s) = std::env::var(JWT_SECRET_ENV) {
+            if !s.is_empty() {
+                return (s, false);
+            }
+        }
+        (DEV_JWT_SECRET.to_string(), true)
+    }
+
+    /// Session timeouts converted to wheel ticks (rounded up).
+    pub fn timeouts_in_ticks(&self) -> Timeouts {
+        let t = &self.timeouts;
+        let ticks = |ms: u64| ms.div_ceil(t.tick_ms).min(u32::MAX as u64 / 4) as u32;
+        Timeouts {
+            login: ticks(t.login_timeout_ms),
+            heartbeat: ticks(t.heartbeat_interval_ms),
+            idle: ticks(t.idle_timeout_ms),
+            linger: ticks(t.close_linger_ms),
+        }
+    }
+
+    /// Checks every value and the relations between them.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let addr = self.listen_addr()?;
+        if self.server.workers > MAX_WORKERS {
+            return Err(invalid("server.workers", format!("is {}, at most {MAX_WORKERS}", self.server.workers)));
+        }
+        if self.server.accepts_per_worker == 0 || self.server.accepts_per_worker > 64 {
+            return Err(invalid("server.accepts_per_worker", "must be between 1 and 64"));
+        }
+        if self.server.listen_backlog == 0 {
+            return Err(invalid("server.listen_backlog", "must be at least 1"));
+        }
+        if self.server.max_connections > MAX_SLOTS_PER_WORKER * MAX_WORKERS {
+            return Err(invalid("server.max_connections", "is beyond what the connection id can address"));
+        }
+        for (key, v) in [("socket.rcvbuf_bytes", self.socket.rcvbuf_bytes), ("socket.sndbuf_bytes", self.socket.sndbuf_bytes)] {
+            if !(1024..=64 << 20).contains(&v) {
+                return Err(invalid(key, format!("is {v}, must be between 1024 and 67108864")));
+            }
+        }
+        let t = &self.timeouts;
+        if !(10..=60_000).contains(&t.tick_ms) {
+            return Err(invalid("timeouts.tick_ms", format!("is {}, must be between 10 and 60000", t.tick_ms)));
+        }
+        for (key, v) in [
+            ("timeouts.login_timeout_ms", t.login_timeout_ms),
+            ("timeouts.heartbeat_interval_ms", t.heartbeat_interval_ms),
+            ("timeouts.idle_timeout_ms", t.idle_timeout_ms),
+            ("timeouts.close_linger_ms", t.close_linger_ms),
+        ] {
+            if v < t.tick_ms {
+                return Err(invalid(key, format!("is {v} ms, shorter than one tick (timeouts.tick_ms = {})", t.tick_ms)));
+            }
+        }
+        if t.idle_timeout_ms <= t.heartbeat_interval_ms {
+            return Err(invalid(
+                "timeouts.idle_timeout_ms",
+                format!(
+                    "({}) must be longer than timeouts.heartbeat_interval_ms ({}): the client needs time to answer the PING",
+                    t.idle_timeout_ms, t.heartbeat_interval_ms
+                ),
+            ));
+        }
+        if self.timeouts_in_ticks().validate().is_err() {
+            return Err(invalid("timeouts.idle_timeout_ms", "and heartbeat_interval_ms fall into the same tick"));
+        }
+        if t.heartbeat_interval_ms > u32::MAX as u64 || t.idle_timeout_ms > u32::MAX as u64 {
+            return Err(invalid("timeouts.idle_timeout_ms", "must fit in 32 bits of milliseconds (49 days)"));
+        }
+        let l = &self.limits;
+        if !(MIN_MAX_FRAME_BYTES..=PROTOCOL_MAX_FRAME_BYTES).contains(&l.max_frame_bytes) {
+            return Err(invalid(
+                "limits.max_frame_bytes",
+                format!("is {}, must be between {MIN_MAX_FRAME_BYTES} and {PROTOCOL_MAX_FRAME_BYTES}", l.max_frame_bytes),
+            ));
+        }
+        if l.outbound_max_frames == 0 {
+            return Err(invalid("limits.outbound_max_frames", "must be at least 1"));
+        }
+        if l.outbound_max_bytes < l.max_frame_bytes {
+            return Err(invalid(
+                "limits.outbound_max_bytes",
+                format!("({}) must hold at least one frame of limits.max_frame_bytes ({})", l.outbound_max_bytes, l.max_frame_bytes),
+            ));
+        }
+        if l.outbound_max_bytes > u32::MAX as usize {
+            return Err(invalid("limits.outbound_max_bytes", "must be below 4 GiB"));
+        }
+        if !(16..=1 << 24).contains(&l.mailbox_capacity) {
+            return Err(invalid("limits.mailbox_capacity", "must be between 16 and 16777216"));
+        }
+        if l.max_conns_per_user == 0 || l.max_conns_per_user > 1024 {
+            return Err(invalid("limits.max_conns_per_user", "must be between 1 and 1024"));
+        }
+        let (_, dev) = self.jwt_secret();
+        if dev && !addr.ip().is_loopback() {
+            return Err(invalid(
+                "auth.jwt_secret",
+                format!(
+                    "is not set, and the built-in development secret is only allowed on loopback addresses (server.listen is {addr}); set auth.jwt_secret or {JWT_SECRET_ENV}"
+                ),
+            ));
+        }
+        if let Some(s) = &self.auth.jwt_secret {
+            if s.len() < 16 {
+                return Err(invalid("auth.jwt_secret", "must be at least 16 bytes"));
+            }
+        }
+        if self.uring.sq_entries < 256 || !self.uring.sq_entries.is_power_of_two() {
+            return Err(invalid("uring.sq_entries", "must be a power of two, at least 256"));
+        }
+        if self.uring.cq_entries < self.uring.sq_entries || !self.uring.cq_entries.is_power_of_two() {
+            return Err(invalid("uring.cq_entries", "must be a power of two, at least uring.sq_entries"));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_text_is_the_default() {
+        assert_eq!(Config::from_toml("").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e = Config::from_toml("[timeouts]\nheartbeat_ms = 5\n").unwrap_err().to_string();
+        assert!(e.contains("heartbeat_ms"), "{e}");
+    }
+
+    #[test]
+    fn bad_relation_names_the_key() {
+        let e = Config::from_toml("[timeouts]\nheartbeat_interval_ms = 5000\nidle_timeout_ms = 4000\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("timeouts.idle_timeout_ms"), "{e}");
+        let e = Config::from_toml("[server]\nlisten = \"nope\"\n").unwrap_err().to_string();
+        assert!(e.contains("server.listen"), "{e}");
+    }
+
+    #[test]
+    fn dev_secret_is_refused_off_loopback() {
+        if std::env::var(JWT_SECRET_ENV).is_ok() {
+            return; // the environment supplies a real secret
+        }
+        let e = Config::from_toml("[server]\nlisten = \"0.0.0.0:7700\"\n").unwrap_err().to_string();
+        assert!(e.contains("auth.jwt_secret"), "{e}");
+        assert!(Config::from_toml("[server]\nlisten = \"0.0.0.0:7700\"\n[auth]\njwt_secret = \"0123456789abcdef\"\n").is_ok());
+    }
+
+    #[test]
+    fn ticks_round_up() {
+        let mut c = Config::default();
+        c.timeouts.tick_ms = 100;
+        c.timeouts.login_timeout_ms = 250;
+        assert_eq!(c.timeouts_in_ticks().login, 3);
+    }
+}

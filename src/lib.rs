@@ -1,0 +1,45 @@
+//! Switchboard: a connection server and push tier on io_uring.
+//!
+//! Holds many mostly idle client connections per host, keeps them alive with
+//! heartbeats, and delivers messages to a user within milliseconds. Embed it:
+//!
+//! ```no_run
+//! use switchboard::Server;
+//!
+//! let server = Server::builder()
+//!     .listen("127.0.0.1:7700")
+//!     .jwt_secret("a secret of at least 16 bytes")
+//!     .start()
+//!     .expect("server starts");
+//! let handle = server.handle(); // Clone + Send + Sync
+//! std::thread::spawn(move || {
+//!     let _ = handle.push_to_user("alice", b"hello");
+//! });
+//! ```
+//!
+//! Layers: `proto` is the sans-IO protocol (codec, session state machine);
+//! `runtime` is the only module that imports monoio; `server` is the
+//! embedding API; `client` is a small blocking client for tools and tests.
+
+pub mod auth;
+pub mod client;
+pub mod config;
+pub mod directory;
+pub mod ids;
+pub mod limits;
+pub mod mailbox;
+pub mod outq;
+pub mod proto;
+mod runtime;
+pub mod server;
+pub mod stats;
+pub mod wheel;
+
+pub use auth::{AuthError, Authenticator, JwtHs256};
+pub use config::Config;
+pub use ids::{ConnId, WorkerId};
+pub use mailbox::Full;
+pub use proto::codes::{CloseCode, ErrorCode, LoginErrorCode};
+pub use runtime::DriverKind;
+pub use server::{ClientMessage, ClientMessageKind, Handle, MessageHook, PushError, Pushed, Server, ServerBuilder, StartError};
+pub use stats::Stats;

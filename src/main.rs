@@ -1,0 +1,259 @@
+//! The `switchboard` binary: `serve`, `token`, `client`.
+//!
+//! Owns: command-line parsing, logging set-up, signal handling for `serve`.
+//! Must not: contain server logic; everything runs through the library.
+
+use std::io::{BufRead, Write};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use clap::{Parser, Subcommand};
+use switchboard::client::{Client, ClientError};
+use switchboard::config::Config;
+use switchboard::proto::frame::Frame;
+use switchboard::{JwtHs256, Server};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser)]
+#[command(name = "switchboard", version, about = "Connection server and push tier on io_uring")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the server (built-in defaults: 127.0.0.1:7700, development JWT secret).
+    Serve {
+        /// TOML configuration file (every key optional; see README).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Override server.listen.
+        #[arg(long)]
+        listen: Option<String>,
+        /// Override server.workers (0 = one per core).
+        #[arg(long)]
+        workers: Option<usize>,
+        /// Log filter (RUST_LOG syntax), e.g. `info` or `switchboard=debug`.
+        #[arg(long, default_value = "info")]
+        log: String,
+    },
+    /// Mint a JWT (HS256) for a user, signed with the configured secret.
+    Token {
+        /// The user id (the token's `sub`).
+        #[arg(long)]
+        user: String,
+        /// Lifetime in seconds.
+        #[arg(long, default_value_t = 86_400)]
+        ttl_s: u64,
+        /// Configuration file whose auth.jwt_secret to use.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// The secret itself (overrides --config).
+        #[arg(long)]
+        secret: Option<String>,
+    },
+    /// Connect as a user: print what arrives, send what you type.
+    ///
+    /// Type `@USER message` to SEND to a user, `/ping` to ping, `/quit` to leave.
+    Client {
+        #[arg(long)]
+        user: String,
+        #[arg(long, default_value = "127.0.0.1:7700")]
+        addr: SocketAddr,
+        /// Token to log in with; minted from --config / the dev secret if absent.
+        #[arg(long)]
+        token: Option<String>,
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+}
+
+fn load_config(path: &Option<PathBuf>) -> Result<Config, String> {
+    match path {
+        Some(p) => Config::from_file(p).map_err(|e| e.to_string()),
+        None => Ok(Config::default()),
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+fn mint(config: &Option<PathBuf>, secret: Option<String>, user: &str, ttl_s: u64) -> Result<String, String> {
+    let secret = match secret {
+        Some(s) => s,
+        None => load_config(config)?.jwt_secret().0,
+    };
+    Ok(JwtHs256::new(secret).mint(user, unix_now() + ttl_s))
+}
+
+/// Blocks SIGINT and SIGTERM in this thread (and the workers it spawns), so
+/// `wait_for_signal` can take them synchronously.
+fn block_signals() -> libc::sigset_t {
+    // SAFETY: sigset_t is plain data manipulated by the libc calls below.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    }
+}
+
+fn wait_for_signal(set: &libc::sigset_t) -> i32 {
+    let mut sig: libc::c_int = 0;
+    // SAFETY: `set` is an initialised signal set; sigwait writes `sig`.
+    unsafe { libc::sigwait(set, &mut sig) };
+    sig
+}
+
+fn serve(config: Option<PathBuf>, listen: Option<String>, workers: Option<usize>, log: String) -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&log).unwrap_or_else(|_| "info".into()))
+        .init();
+    let mut cfg = match load_config(&config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("switchboard: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Some(l) = listen {
+        cfg.server.listen = l;
+    }
+    if let Some(w) = workers {
+        cfg.server.workers = w;
+    }
+    let (_, dev_secret) = cfg.jwt_secret();
+    let set = block_signals();
+    let server = match Server::builder().config(cfg).start() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("switchboard: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    println!("switchboard listening on {} (raw TCP protocol v1, docs/PROTOCOL.md)", server.local_addr());
+    if dev_secret {
+        println!("development JWT secret in use: mint a token with `switchboard token --user alice`,");
+        println!("or connect at once with `switchboard client --user alice --addr {}`", server.local_addr());
+    }
+    let sig = wait_for_signal(&set);
+    tracing::info!(signal = sig, "signal received: closing connections (1001 going away)");
+    server.shutdown();
+    ExitCode::SUCCESS
+}
+
+fn print_frame(f: &Frame<'_>) {
+    match f {
+        Frame::Push { msg_id, from, payload } => {
+            let from = if from.is_empty() { "server" } else { from };
+            println!("[{msg_id} from {from}] {}", String::from_utf8_lossy(payload));
+        }
+        Frame::SendAck { req_id, delivered } => println!("(send #{req_id}: delivered to {delivered} connection(s))"),
+        Frame::Pong { .. } => println!("(pong)"),
+        Frame::Error { code, reason, .. } => println!("(error {code}: {reason})"),
+        Frame::Close { code, reason } => println!("(closed by server: {code} {reason})"),
+        other => println!("({other:?})"),
+    }
+}
+
+fn client(user: String, addr: SocketAddr, token: Option<String>, config: Option<PathBuf>) -> ExitCode {
+    let token = match token.map(Ok).unwrap_or_else(|| mint(&config, None, &user, 86_400)) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("switchboard: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let mut c = match Client::connect_timeout(&addr, Duration::from_secs(5)) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("switchboard: cannot connect to {addr}: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match c.login(&user, &token) {
+        Ok(info) => println!(
+            "logged in as {user} (conn {:#x}, server pings after {} s of silence); type `@user message`, /ping, /quit",
+            info.conn_id,
+            info.heartbeat_interval_ms / 1000
+        ),
+        Err(e) => {
+            eprintln!("switchboard: {e}");
+            return ExitCode::from(1);
+        }
+    }
+    let mut out = match c.stream().try_clone() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("switchboard: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    std::thread::spawn(move || loop {
+        match c.recv_skipping_pings() {
+            Ok(f) => print_frame(&f.frame()),
+            Err(ClientError::Closed) => {
+                println!("(connection closed)");
+                std::process::exit(0);
+            }
+            Err(e) => {
+                eprintln!("switchboard: {e}");
+                std::process::exit(1);
+            }
+        }
+    });
+    let mut req_id = 0u32;
+    for line in std::io::stdin().lock().lines() {
+        let Ok(line) = line else { break };
+        let line = line.trim();
+        let frame = if line == "/quit" {
+            break;
+        } else if line == "/ping" {
+            Frame::Ping { data: b"" }.to_bytes()
+        } else if let Some(rest) = line.strip_prefix('@') {
+            let (to, msg) = rest.split_once(' ').unwrap_or((rest, ""));
+            req_id += 1;
+            Frame::Send { req_id, to, payload: msg.as_bytes() }.to_bytes()
+        } else {
+            if !line.is_empty() {
+                println!("(type `@user message`, /ping or /quit)");
+            }
+            continue;
+        };
+        match frame {
+            Ok(b) => {
+                if out.write_all(&b).is_err() {
+                    break;
+                }
+            }
+            Err(e) => println!("(cannot send: {e})"),
+        }
+    }
+    let _ = out.write_all(&Frame::Close { code: 1000, reason: "bye" }.to_bytes().expect("static frame"));
+    ExitCode::SUCCESS
+}
+
+fn main() -> ExitCode {
+    match Cli::parse().cmd {
+        Cmd::Serve { config, listen, workers, log } => serve(config, listen, workers, log),
+        Cmd::Token { user, ttl_s, config, secret } => match mint(&config, secret, &user, ttl_s) {
+            Ok(t) => {
+                println!("{t}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("switchboard: {e}");
+                ExitCode::from(2)
+            }
+        },
+        Cmd::Client { user, addr, token, config } => client(user, addr, token, config),
+    }
+}

@@ -1,0 +1,107 @@
+//! Numeric codes carried on the wire: close codes, login error codes and
+//! non-fatal error codes.
+//!
+//! Owns: the numbers and their meaning (mirrored in `docs/PROTOCOL.md`).
+//! Must not: change a published number; new codes get new numbers.
+//! Close codes below 4000 match WebSocket's (RFC 6455 §7.4.1) where the
+//! meaning is the same, so the WebSocket transport can reuse them.
+
+/// Why a connection is closed; sent in CLOSE before the socket is shut down.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
+#[repr(u16)]
+pub enum CloseCode {
+    /// The peer asked to close.
+    Normal = 1000,
+    /// The server is shutting down or draining; reconnect later.
+    GoingAway = 1001,
+    /// A malformed frame (the reason names the field).
+    ProtocolError = 1002,
+    /// A frame longer than the server's `max_frame_bytes`.
+    FrameTooLarge = 1009,
+    /// A frame with a protocol version this server does not speak.
+    UnsupportedVersion = 4000,
+    /// No LOGIN within the login deadline.
+    LoginTimeout = 4001,
+    /// Nothing received for the idle timeout (no PONG to our PING).
+    IdleTimeout = 4002,
+    /// The application kicked this user.
+    Kicked = 4003,
+    /// The client read too slowly: its outbound queue passed the limit.
+    SlowConsumer = 4004,
+    /// The worker's connection table is full.
+    ServerFull = 4005,
+    /// A valid frame that is not allowed now (SEND before LOGIN, a second
+    /// LOGIN, a server-only frame from a client).
+    UnexpectedFrame = 4006,
+}
+
+impl CloseCode {
+    /// Human-readable reason sent with the code.
+    pub fn reason(self) -> &'static str {
+        match self {
+            CloseCode::Normal => "normal close",
+            CloseCode::GoingAway => "server going away",
+            CloseCode::ProtocolError => "protocol error",
+            CloseCode::FrameTooLarge => "frame too large",
+            CloseCode::UnsupportedVersion => "unsupported protocol version",
+            CloseCode::LoginTimeout => "login timeout",
+            CloseCode::IdleTimeout => "idle timeout",
+            CloseCode::Kicked => "kicked",
+            CloseCode::SlowConsumer => "slow consumer: outbound queue over limit",
+            CloseCode::ServerFull => "server full",
+            CloseCode::UnexpectedFrame => "unexpected frame",
+        }
+    }
+
+    /// Maps a wire number back to a known code.
+    pub fn from_u16(v: u16) -> Option<CloseCode> {
+        Some(match v {
+            1000 => CloseCode::Normal,
+            1001 => CloseCode::GoingAway,
+            1002 => CloseCode::ProtocolError,
+            1009 => CloseCode::FrameTooLarge,
+            4000 => CloseCode::UnsupportedVersion,
+            4001 => CloseCode::LoginTimeout,
+            4002 => CloseCode::IdleTimeout,
+            4003 => CloseCode::Kicked,
+            4004 => CloseCode::SlowConsumer,
+            4005 => CloseCode::ServerFull,
+            4006 => CloseCode::UnexpectedFrame,
+            _ => return None,
+        })
+    }
+}
+
+/// Why a LOGIN was refused; sent in LOGIN_ERROR, then the server closes.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
+#[repr(u16)]
+pub enum LoginErrorCode {
+    /// The token is not a well-formed JWT.
+    MalformedToken = 1,
+    /// The signature does not match the server's secret.
+    BadSignature = 2,
+    /// `exp` is in the past.
+    Expired = 3,
+    /// `nbf` is in the future.
+    NotYetValid = 4,
+    /// The token's `sub` is not the user id in the LOGIN.
+    UserMismatch = 5,
+    /// The application's own check refused the login.
+    Rejected = 6,
+    /// The JWT header names an algorithm other than HS256.
+    UnsupportedAlgorithm = 7,
+    /// The user already holds `limits.max_conns_per_user` connections.
+    TooManyConnections = 8,
+}
+
+/// A request failed but the connection stays open; sent in ERROR.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
+#[repr(u16)]
+pub enum ErrorCode {
+    /// Client-to-client SEND is disabled on this server.
+    SendDisabled = 100,
+    /// A MESSAGE arrived but the application registered no handler.
+    NoHandler = 101,
+    /// A worker's mailbox was full; the message was not delivered. Retry.
+    Overloaded = 102,
+}

@@ -1,0 +1,222 @@
+//! The runtime layer: worker threads, each with its own monoio runtime.
+//!
+//! Owns: choosing the io driver (io_uring, or an explicit, logged epoll
+//! fallback), binding one `SO_REUSEPORT` listener per worker, pinning
+//! workers to cores, and starting them.
+//! Must not: leak monoio types out of this module: it is the only place that
+//! imports monoio.
+
+mod sys;
+mod worker;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::Instant;
+
+use crossbeam_utils::CachePadded;
+use monoio::{IoUringDriver, LegacyDriver, RuntimeBuilder};
+use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::auth::Authenticator;
+use crate::config::{Config, IoDriver};
+use crate::directory::Directory;
+use crate::ids::{WorkerId, MAX_SLOTS_PER_WORKER};
+use crate::mailbox::Mailbox;
+use crate::outq::OutLimits;
+use crate::server::{Handle, MessageHook, Server, Shared, StartError};
+use crate::stats::WorkerCounters;
+
+
+/// Which driver the workers actually run on.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum DriverKind {
+    IoUring,
+    Epoll,
+}
+
+/// Tries to create an io_uring with the configured sizes.
+fn probe_io_uring(config: &Config) -> std::io::Result<()> {
+    io_uring::IoUring::<io_uring::squeue::Entry, io_uring::cqueue::Entry>::builder()
+        .setup_cqsize(config.uring.cq_entries)
+        .build(config.uring.sq_entries)
+        .map(drop)
+}
+
+/// Picks the driver: io_uring unless the config says epoll; with `auto`, a
+/// kernel that refuses io_uring (old kernel, seccomp, `io_uring_disabled`)
+/// gets epoll and a warning saying why.
+pub fn choose_driver(config: &Config) -> Result<DriverKind, StartError> {
+    match config.server.io_driver {
+        IoDriver::Epoll => Ok(DriverKind::Epoll),
+        IoDriver::IoUring => probe_io_uring(config).map(|_| DriverKind::IoUring).map_err(|e| {
+            StartError::Worker {
+                worker: 0,
+                message: format!(
+                    "io_uring is unavailable ({e}); check /proc/sys/kernel/io_uring_disabled and seccomp, \
+                     or set server.io_driver = \"epoll\" (or \"auto\" to fall back)"
+                ),
+            }
+        }),
+        IoDriver::Auto => match probe_io_uring(config) {
+            Ok(()) => Ok(DriverKind::IoUring),
+            Err(e) => {
+                tracing::warn!(
+                    "io_uring is unavailable ({e}); FALLING BACK TO EPOLL. Set server.io_driver = \"io_uring\" to refuse instead."
+                );
+                Ok(DriverKind::Epoll)
+            }
+        },
+    }
+}
+
+fn bind_listener(addr: SocketAddr, config: &Config) -> Result<std::net::TcpListener, StartError> {
+    let err = |source| StartError::Bind { addr, source };
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)).map_err(err)?;
+    s.set_reuse_address(true).map_err(err)?;
+    s.set_reuse_port(true).map_err(err)?;
+    // Accepted sockets inherit these buffer sizes from the listener: no
+    // setsockopt per connection.
+    s.set_recv_buffer_size(config.socket.rcvbuf_bytes).map_err(err)?;
+    s.set_send_buffer_size(config.socket.sndbuf_bytes).map_err(err)?;
+    s.set_nodelay(config.socket.nodelay).map_err(err)?;
+    s.bind(&addr.into()).map_err(err)?;
+    s.listen(config.server.listen_backlog.min(i32::MAX as u32) as i32).map_err(err)?;
+    Ok(s.into())
+}
+
+/// Starts the workers and returns once every one is accepting.
+pub(crate) fn start(
+    config: Config,
+    authenticator: Arc<dyn Authenticator>,
+    hook: Option<MessageHook>,
+) -> Result<Server, StartError> {
+    let addr = config.listen_addr()?;
+    let cpus = sys::allowed_cpus();
+    let workers = if config.server.workers == 0 { cpus.len().max(1) } else { config.server.workers };
+    let ring_bytes = config.uring.sq_entries as u64 * 64 + config.uring.cq_entries as u64 * 16;
+    let report = crate::limits::check(config.server.max_connections, workers, config.server.listen_backlog, ring_bytes)
+        .map_err(StartError::Limits)?;
+    for w in &report.warnings {
+        tracing::warn!("{w}");
+    }
+    let max_conns_per_worker = report.max_connections.div_ceil(workers).clamp(1, MAX_SLOTS_PER_WORKER);
+    let driver = choose_driver(&config)?;
+
+    let mut listeners = Vec::with_capacity(workers);
+    let mut bound = addr;
+    for i in 0..workers {
+        let l = bind_listener(bound, &config)?;
+        if i == 0 {
+            bound = l.local_addr()?;
+        }
+        listeners.push(l);
+    }
+    let mailboxes = (0..workers)
+        .map(|_| Mailbox::new(config.limits.mailbox_capacity))
+        .collect::<std::io::Result<Vec<_>>>()?
+        .into_boxed_slice();
+    let shared = Arc::new(Shared {
+        timeouts: config.timeouts_in_ticks(),
+        out_limits: OutLimits {
+            max_frames: config.limits.outbound_max_frames,
+            max_bytes: config.limits.outbound_max_bytes,
+        },
+        max_conns_per_worker,
+        mailboxes,
+        directory: Directory::new(config.limits.max_conns_per_user),
+        counters: (0..workers).map(|_| CachePadded::new(WorkerCounters::default())).collect(),
+        authenticator,
+        hook,
+        shutdown: AtomicBool::new(false),
+        next_msg_id: AtomicU64::new(1),
+        local_addr: bound,
+        epoch: Instant::now(),
+        config,
+    });
+
+    let (ready_tx, ready_rx) = mpsc::channel::<(usize, Result<(), String>)>();
+    let mut threads = Vec::with_capacity(workers);
+    for (i, listener) in listeners.into_iter().enumerate() {
+        let shared = shared.clone();
+        let ready_tx = ready_tx.clone();
+        let cpu = if shared.config.server.pin_workers { Some(cpus[i % cpus.len().max(1)]) } else { None };
+        let t = std::thread::Builder::new()
+            .name(format!("sb-worker-{i}"))
+            .spawn(move || worker_thread(shared, i, listener, driver, cpu, ready_tx))?;
+        threads.push(t);
+    }
+    drop(ready_tx);
+    let handle = Handle { shared: shared.clone() };
+    let mut server = Server { handle, threads };
+    for _ in 0..workers {
+        match ready_rx.recv() {
+            Ok((_, Ok(()))) => {}
+            Ok((worker, Err(message))) => {
+                server.handle.shutdown();
+                drop(std::mem::take(&mut server.threads));
+                return Err(StartError::Worker { worker, message });
+            }
+            Err(_) => {
+                return Err(StartError::Worker { worker: 0, message: "a worker thread exited during start".into() });
+            }
+        }
+    }
+    tracing::info!(
+        addr = %bound,
+        workers,
+        driver = ?driver,
+        max_connections = max_conns_per_worker * workers,
+        "switchboard accepting raw TCP"
+    );
+    Ok(server)
+}
+
+fn worker_thread(
+    shared: Arc<Shared>,
+    i: usize,
+    listener: std::net::TcpListener,
+    driver: DriverKind,
+    cpu: Option<usize>,
+    ready_tx: mpsc::Sender<(usize, Result<(), String>)>,
+) {
+    if let Some(cpu) = cpu {
+        if let Err(e) = sys::pin_to_cpu(cpu) {
+            tracing::warn!(worker = i, cpu, "cannot pin worker: {e}");
+        }
+    }
+    let id = WorkerId(i as u8);
+    let tx = ready_tx.clone();
+    let ready = move |r: Result<(), String>| {
+        let _ = tx.send((i, r));
+    };
+    let built = match driver {
+        DriverKind::IoUring => {
+            let urb = {
+                let mut b = io_uring::IoUring::builder();
+                b.setup_cqsize(shared.config.uring.cq_entries);
+                b
+            };
+            RuntimeBuilder::<IoUringDriver>::new()
+                .enable_timer()
+                .with_entries(shared.config.uring.sq_entries)
+                .uring_builder(urb)
+                .build()
+                .map(|mut rt| rt.block_on(worker::run(shared.clone(), id, listener, ready)))
+        }
+        DriverKind::Epoll => {
+            if let Err(e) = listener.set_nonblocking(true) {
+                let _ = ready_tx.send((i, Err(format!("cannot make listener non-blocking: {e}"))));
+                return;
+            }
+            RuntimeBuilder::<LegacyDriver>::new()
+                .enable_timer()
+                .build()
+                .map(|mut rt| rt.block_on(worker::run(shared.clone(), id, listener, ready)))
+        }
+    };
+    if let Err(e) = built {
+        let _ = ready_tx.send((i, Err(format!("cannot build the {driver:?} runtime: {e}"))));
+    }
+}

@@ -1,0 +1,122 @@
+//! Thin, checked wrappers over the socket syscalls the worker issues itself.
+//!
+//! Owns: non-blocking `recv`, vectored `sendmsg`, `shutdown`, CPU pinning.
+//! Must not: keep state or retry anything but `EINTR`.
+//!
+//! Why plain syscalls next to io_uring: the worker waits for readiness with
+//! io_uring (a one-shot poll that pins no buffer), then drains with
+//! non-blocking `recv` into one per-worker scratch buffer; writes go out
+//! with one non-blocking `sendmsg` per connection per batch, which costs the
+//! same kernel time as an io_uring send (measured; see DESIGN.md, "the
+//! kernel's floor") and needs no per-write allocation or completion. Only a
+//! connection whose socket buffer is full waits, on an io_uring poll.
+//! Accepted sockets are blocking fds, hence `MSG_DONTWAIT` on every call.
+
+use std::io;
+use std::os::fd::RawFd;
+
+use crate::outq::MAX_IOV_PER_WRITE;
+
+/// Result of a non-blocking read.
+pub enum Recv {
+    /// This many bytes were read.
+    Data(usize),
+    /// The peer closed (or the socket was shut down for reading).
+    Eof,
+    /// Nothing to read now.
+    WouldBlock,
+    /// The connection is broken.
+    Error(io::Error),
+}
+
+/// Reads what is available into `buf` without blocking.
+pub fn recv(fd: RawFd, buf: &mut [u8]) -> Recv {
+    loop {
+        // SAFETY: `buf` is a live, writable slice of `buf.len()` bytes.
+        let n = unsafe { libc::recv(fd, buf.as_mut_ptr() as *mut libc::c_void, buf.len(), libc::MSG_DONTWAIT) };
+        if n > 0 {
+            return Recv::Data(n as usize);
+        }
+        if n == 0 {
+            return Recv::Eof;
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EINTR) => continue,
+            Some(libc::EAGAIN) => return Recv::WouldBlock,
+            _ => return Recv::Error(e),
+        }
+    }
+}
+
+/// Result of a non-blocking write.
+pub enum Send {
+    /// This many bytes were accepted by the kernel (possibly fewer than
+    /// offered: the socket buffer filled).
+    Wrote(usize),
+    /// The socket buffer is full.
+    WouldBlock,
+    /// The connection is broken (EPIPE, ECONNRESET, ...).
+    Error(io::Error),
+}
+
+/// Writes the first `n` iovecs without blocking and without SIGPIPE.
+pub fn sendmsg(fd: RawFd, iov: &[libc::iovec; MAX_IOV_PER_WRITE], n: usize) -> Send {
+    debug_assert!(n > 0 && n <= MAX_IOV_PER_WRITE);
+    // SAFETY: msghdr is plain data; zeroed is a valid empty header.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = iov.as_ptr() as *mut libc::iovec;
+    msg.msg_iovlen = n as _;
+    loop {
+        // SAFETY: `msg` points at `n` initialised iovecs that reference live
+        // `Bytes` owned by the caller's queue for the duration of the call.
+        let r = unsafe { libc::sendmsg(fd, &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
+        if r >= 0 {
+            return Send::Wrote(r as usize);
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EINTR) => continue,
+            Some(libc::EAGAIN) => return Send::WouldBlock,
+            _ => return Send::Error(e),
+        }
+    }
+}
+
+/// Best-effort single write of a small frame (used to refuse a connection).
+pub fn send_once(fd: RawFd, data: &[u8]) {
+    // SAFETY: `data` is a live slice; the result is ignored on purpose.
+    unsafe { libc::send(fd, data.as_ptr() as *const libc::c_void, data.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
+}
+
+/// `shutdown(2)`. Wakes any pending poll on the socket; errors (already
+/// closed by the peer) are ignored.
+pub fn shutdown(fd: RawFd, how: libc::c_int) {
+    // SAFETY: shutdown has no memory-safety preconditions.
+    unsafe { libc::shutdown(fd, how) };
+}
+
+/// Pins the calling thread to one CPU.
+pub fn pin_to_cpu(cpu: usize) -> io::Result<()> {
+    // SAFETY: cpu_set_t is plain data; CPU_SET writes inside it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// The CPUs this process may run on, in order.
+pub fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: cpu_set_t is plain data filled in by the kernel.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return (0..std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)).collect();
+        }
+        (0..libc::CPU_SETSIZE as usize).filter(|&c| libc::CPU_ISSET(c, &set)).collect()
+    }
+}

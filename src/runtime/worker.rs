@@ -1,0 +1,879 @@
+//! One worker: its connections, its wheel, its mailbox, on one monoio runtime.
+//!
+//! Owns: the connection table (a slab of `Conn`, preallocated), each
+//! connection's session, partial-frame buffer and outbound queue; the timing
+//! wheel; the dirty list of connections with output to flush; the per-worker
+//! scratch buffer every read drains into.
+//! Must not: be touched from another thread (everything here is `Rc` /
+//! `RefCell`, reached only by this worker's tasks), hold a `RefCell` borrow
+//! across an `.await`, or hold a buffer for an idle connection.
+//!
+//! Tasks per worker: `accepts_per_worker` accept loops, one tick loop, one
+//! mailbox loop, one reader per connection (waiting on a readiness poll), and
+//! a writer only for a connection whose socket buffer is full.
+
+use std::cell::{Cell, RefCell};
+use std::future::Future;
+use std::os::fd::{AsRawFd, RawFd};
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use monoio::net::{TcpListener, TcpStream};
+use slab::Slab;
+
+use super::sys::{self, Recv, Send};
+use crate::directory::ConnList;
+use crate::ids::{ConnId, WorkerId};
+use crate::outq::{OutQueue, MAX_IOV_PER_WRITE};
+use crate::proto::codes::{CloseCode, ErrorCode, LoginErrorCode};
+use crate::proto::frame::{clip_reason, decode, Frame, PING_EMPTY};
+use crate::proto::session::{Inbound, Phase, Tick, TickAction};
+use crate::server::{ClientMessage, ClientMessageKind, Command, Handle, Shared};
+use crate::stats::{bump, drop_one, WorkerCounters};
+use crate::wheel::{Entry, Wheel};
+
+/// Bytes every read drains into (one buffer per worker, never per
+/// connection). 64 KiB: a burst from one client is read in few syscalls.
+pub const SCRATCH_BYTES: usize = 64 * 1024;
+/// Reads per readiness event before yielding to other connections, so one
+/// flooding client cannot monopolise the worker (1 MiB at most).
+const MAX_READS_PER_WAKE: usize = 16;
+/// Mailbox commands handled between two flushes and yields.
+const MAILBOX_BATCH: usize = 4096;
+/// Due wheel entries handled before yielding.
+const TICK_BATCH: usize = 4096;
+
+/// Connection flags.
+const DIRTY: u8 = 1;
+/// A writer task waits for the socket to drain.
+const WRITE_WAIT: u8 = 2;
+/// FIN sent (closing, queue flushed).
+const FIN_SENT: u8 = 4;
+
+/// One connection's state. Its size is asserted below: it is most of what
+/// an idle connection costs us.
+struct Conn {
+    stream: Rc<TcpStream>,
+    /// Set once logged in; shared with the directory key.
+    user: Option<Arc<str>>,
+    out: OutQueue,
+    /// Bytes of an incomplete frame; empty (no allocation) when idle.
+    partial: Vec<u8>,
+    session: crate::proto::session::Session,
+    fd: RawFd,
+    generation: u32,
+    /// Tick of this connection's live wheel entry.
+    wheel_at: Tick,
+    flags: u8,
+}
+
+const _: () = assert!(std::mem::size_of::<Conn>() <= 128);
+
+/// What the last write attempt left.
+enum WriteState {
+    Drained,
+    Blocked,
+    Failed,
+}
+
+pub(crate) struct Worker {
+    id: WorkerId,
+    shared: Arc<Shared>,
+    handle: Handle,
+    conns: RefCell<Slab<Conn>>,
+    wheel: RefCell<Wheel>,
+    dirty: RefCell<Vec<u32>>,
+    scratch: RefCell<Box<[u8]>>,
+    iov: RefCell<[libc::iovec; MAX_IOV_PER_WRITE]>,
+    lookup: RefCell<ConnList>,
+    next_generation: Cell<u32>,
+    next_msg: Cell<u64>,
+    now: Cell<Tick>,
+    /// Frame refusing a connection when the table is full.
+    server_full: Bytes,
+}
+
+/// Yields once to the scheduler (monoio 0.2 has no `yield_now`).
+struct YieldNow(bool);
+
+impl Future for YieldNow {
+    type Output = ();
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if self.0 {
+            return Poll::Ready(());
+        }
+        self.0 = true;
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+}
+
+fn close_frame(code: CloseCode, reason: &str) -> Bytes {
+    Frame::Close { code: code as u16, reason: clip_reason(reason) }.to_bytes().expect("reason clipped")
+}
+
+fn unix_now_s() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+impl Worker {
+    pub(crate) fn new(id: WorkerId, shared: Arc<Shared>) -> Worker {
+        let now = current_tick(&shared);
+        Worker {
+            id,
+            handle: Handle { shared: shared.clone() },
+            conns: RefCell::new(Slab::with_capacity(shared.max_conns_per_worker)),
+            wheel: RefCell::new(Wheel::new(now)),
+            dirty: RefCell::new(Vec::new()),
+            scratch: RefCell::new(vec![0u8; SCRATCH_BYTES].into_boxed_slice()),
+            iov: RefCell::new([libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; MAX_IOV_PER_WRITE]),
+            lookup: RefCell::new(ConnList::new()),
+            next_generation: Cell::new(1),
+            next_msg: Cell::new(0),
+            now: Cell::new(now),
+            server_full: close_frame(CloseCode::ServerFull, CloseCode::ServerFull.reason()),
+            shared,
+        }
+    }
+
+    fn counters(&self) -> &WorkerCounters {
+        &self.shared.counters[self.id.0 as usize]
+    }
+
+    fn refresh_now(&self) -> Tick {
+        let now = current_tick(&self.shared);
+        self.now.set(now);
+        now
+    }
+
+    /// Message ids minted on this worker: worker index + 1 in bits 48..56,
+    /// so they never collide with the handle's (below 2^48) or another
+    /// worker's.
+    fn next_msg_id(&self) -> u64 {
+        let n = self.next_msg.get().wrapping_add(1) & 0xFFFF_FFFF_FFFF;
+        self.next_msg.set(n);
+        ((self.id.0 as u64 + 1) << 48) | n
+    }
+
+    pub(crate) fn connection_count(&self) -> usize {
+        self.conns.borrow().len()
+    }
+
+    // ---- accept -------------------------------------------------------------
+
+    fn on_accept(self: &Rc<Self>, stream: TcpStream) {
+        let fd = stream.as_raw_fd();
+        if self.shared.shutdown.load(Ordering::Acquire) {
+            return;
+        }
+        let mut conns = self.conns.borrow_mut();
+        if conns.len() >= self.shared.max_conns_per_worker {
+            drop(conns);
+            sys::send_once(fd, &self.server_full);
+            bump(&self.counters().refused_full, 1);
+            return;
+        }
+        if self.shared.config.socket.nodelay {
+            let _ = stream.set_nodelay(true);
+        }
+        let generation = self.next_generation.get();
+        self.next_generation.set(generation.wrapping_add(1).max(1));
+        let now = self.refresh_now();
+        let session = crate::proto::session::Session::new(now);
+        let entry = conns.vacant_entry();
+        let slot = entry.key() as u32;
+        let wheel_at = self.wheel.borrow_mut().insert(session.next_deadline(&self.shared.timeouts), slot, generation);
+        let stream = Rc::new(stream);
+        entry.insert(Conn {
+            stream: stream.clone(),
+            user: None,
+            out: OutQueue::default(),
+            partial: Vec::new(),
+            session,
+            fd,
+            generation,
+            wheel_at,
+            flags: 0,
+        });
+        drop(conns);
+        let c = self.counters();
+        bump(&c.accepted, 1);
+        bump(&c.connections, 1);
+        monoio::spawn(reader(self.clone(), stream, slot, generation));
+    }
+
+    // ---- read path ----------------------------------------------------------
+
+    /// Drains a readable socket and acts on every whole frame. Returns false
+    /// when the connection is finished and must be released.
+    fn on_readable(self: &Rc<Self>, slot: u32, generation: u32) -> bool {
+        let (fd, mut partial) = {
+            let mut conns = self.conns.borrow_mut();
+            match conns.get_mut(slot as usize) {
+                Some(c) if c.generation == generation => (c.fd, std::mem::take(&mut c.partial)),
+                _ => return false,
+            }
+        };
+        let mut open = true;
+        {
+            let mut scratch = self.scratch.borrow_mut();
+            for _ in 0..MAX_READS_PER_WAKE {
+                match sys::recv(fd, &mut scratch) {
+                    Recv::Data(n) => {
+                        if partial.is_empty() {
+                            let used = self.on_bytes(slot, generation, &scratch[..n]);
+                            partial.extend_from_slice(&scratch[used..n]);
+                        } else {
+                            partial.extend_from_slice(&scratch[..n]);
+                            let used = self.on_bytes(slot, generation, &partial);
+                            partial.drain(..used);
+                        }
+                        if n < scratch.len() {
+                            break;
+                        }
+                    }
+                    Recv::WouldBlock => break,
+                    Recv::Eof => {
+                        open = false;
+                        break;
+                    }
+                    Recv::Error(e) => {
+                        tracing::trace!(worker = self.id.0, slot, "read failed: {e}");
+                        open = false;
+                        break;
+                    }
+                }
+            }
+        }
+        if let Some(c) = self.conns.borrow_mut().get_mut(slot as usize) {
+            if c.generation == generation && c.session.phase() != Phase::Closing && !partial.is_empty() {
+                debug_assert!(partial.len() < self.shared.config.limits.max_frame_bytes);
+                c.partial = partial;
+            }
+        }
+        self.flush_dirty();
+        open
+    }
+
+    /// Decodes and handles whole frames; returns the bytes consumed (all of
+    /// them once the connection is closing: input is then discarded).
+    fn on_bytes(self: &Rc<Self>, slot: u32, generation: u32, data: &[u8]) -> usize {
+        let max = self.shared.config.limits.max_frame_bytes;
+        let mut off = 0;
+        while off < data.len() {
+            if self.is_closing(slot, generation) {
+                return data.len();
+            }
+            match decode(&data[off..], max) {
+                Ok(None) => break,
+                Ok(Some((frame, n))) => {
+                    off += n;
+                    self.on_frame(slot, generation, frame);
+                }
+                Err(e) => {
+                    bump(&self.counters().protocol_errors, 1);
+                    tracing::debug!(worker = self.id.0, slot, "closing connection: {e}");
+                    self.begin_close(slot, generation, e.close_code(), &e.to_string());
+                    return data.len();
+                }
+            }
+        }
+        if self.is_closing(slot, generation) {
+            return data.len();
+        }
+        off
+    }
+
+    fn is_closing(&self, slot: u32, generation: u32) -> bool {
+        match self.conns.borrow().get(slot as usize) {
+            Some(c) if c.generation == generation => c.session.phase() == Phase::Closing,
+            _ => true,
+        }
+    }
+
+    fn on_frame(self: &Rc<Self>, slot: u32, generation: u32, frame: Frame<'_>) {
+        bump(&self.counters().frames_in, 1);
+        let now = self.now.get();
+        let verdict = {
+            let mut conns = self.conns.borrow_mut();
+            let Some(c) = conns.get_mut(slot as usize).filter(|c| c.generation == generation) else {
+                return;
+            };
+            c.session.on_frame(frame.frame_type(), now)
+        };
+        match verdict {
+            Ok(Inbound::Process) => {}
+            Ok(Inbound::Ignore) => return,
+            Err(e) => {
+                bump(&self.counters().protocol_errors, 1);
+                self.begin_close(slot, generation, e.close_code(), &e.to_string());
+                return;
+            }
+        }
+        match frame {
+            Frame::Login { user, token } => self.on_login(slot, generation, user, token),
+            Frame::Ping { data } => {
+                let pong = Frame::Pong { data }.to_bytes().expect("PING data is bounded by the decoder");
+                self.reply(slot, generation, pong);
+            }
+            Frame::Pong { .. } => {}
+            Frame::Send { req_id, to, payload } => self.on_send(slot, generation, req_id, to, payload),
+            Frame::Message { req_id, payload } => {
+                self.to_application(slot, generation, ClientMessageKind::Message, req_id, payload)
+            }
+            Frame::Close { .. } => self.begin_close(slot, generation, CloseCode::Normal, "closed by client"),
+            // The session refuses server-only frames before we get here.
+            Frame::LoginOk { .. } | Frame::LoginError { .. } | Frame::Push { .. } | Frame::SendAck { .. } | Frame::Error { .. } => {
+                self.begin_close(slot, generation, CloseCode::UnexpectedFrame, "server-only frame")
+            }
+        }
+    }
+
+    fn on_login(self: &Rc<Self>, slot: u32, generation: u32, user: &str, token: &[u8]) {
+        let counters = self.counters();
+        if let Err(e) = self.shared.authenticator.authenticate(user, token, unix_now_s()) {
+            bump(&counters.login_failures, 1);
+            self.fail_login(slot, generation, e.code() as u16, &e.to_string());
+            return;
+        }
+        let id = ConnId::new(self.id, slot, generation);
+        let key = match self.shared.directory.register(user, id) {
+            Ok(k) => k,
+            Err(e) => {
+                bump(&counters.login_failures, 1);
+                let reason = format!("user already has {} connections (limits.max_conns_per_user)", e.limit);
+                self.fail_login(slot, generation, LoginErrorCode::TooManyConnections as u16, &reason);
+                return;
+            }
+        };
+        let now = self.now.get();
+        {
+            let mut conns = self.conns.borrow_mut();
+            let c = conns.get_mut(slot as usize).filter(|c| c.generation == generation).expect("conn is live during its read");
+            let ok = c.session.login_ok(now);
+            debug_assert!(ok, "session accepted LOGIN so it was awaiting login");
+            debug_assert!(c.user.is_none());
+            c.user = Some(key);
+        }
+        bump(&counters.logins, 1);
+        bump(&counters.logged_in, 1);
+        let cfg = &self.shared.config;
+        let ok = Frame::LoginOk {
+            conn_id: id.to_u64(),
+            heartbeat_interval_ms: cfg.timeouts.heartbeat_interval_ms as u32,
+            idle_timeout_ms: cfg.timeouts.idle_timeout_ms as u32,
+            max_frame_bytes: cfg.limits.max_frame_bytes as u32,
+        };
+        self.reply(slot, generation, ok.to_bytes().expect("fixed-size frame"));
+    }
+
+    fn fail_login(self: &Rc<Self>, slot: u32, generation: u32, code: u16, reason: &str) {
+        let frame = Frame::LoginError { code, reason: clip_reason(reason) }.to_bytes().expect("reason clipped");
+        self.close_with(slot, generation, frame, false);
+    }
+
+    fn on_send(self: &Rc<Self>, slot: u32, generation: u32, req_id: u32, to: &str, payload: &[u8]) {
+        if !self.shared.config.routing.client_send {
+            if self.shared.hook.is_some() {
+                let kind = ClientMessageKind::Send { to: to.to_string() };
+                self.to_application(slot, generation, kind, req_id, payload);
+            } else {
+                self.reply_error(slot, generation, ErrorCode::SendDisabled, req_id, "client-to-client SEND is disabled");
+            }
+            return;
+        }
+        let Some(from) = self.user_of(slot, generation) else { return };
+        let frame = Frame::Push { msg_id: self.next_msg_id(), from: &from, payload }
+            .to_bytes()
+            .expect("user ids are at most 255 bytes and payload fits a frame");
+        let mut targets = std::mem::take(&mut *self.lookup.borrow_mut());
+        self.shared.directory.lookup_into(to, &mut targets);
+        let mut delivered = 0u32;
+        let mut full = false;
+        for &t in targets.iter() {
+            match self.deliver(t, frame.clone()) {
+                Ok(true) => delivered += 1,
+                Ok(false) => {}
+                Err(()) => full = true,
+            }
+        }
+        *self.lookup.borrow_mut() = targets;
+        if req_id != 0 {
+            let ack = Frame::SendAck { req_id, delivered }.to_bytes().expect("fixed-size frame");
+            self.reply(slot, generation, ack);
+        }
+        if full {
+            self.reply_error(slot, generation, ErrorCode::Overloaded, req_id, "a worker mailbox is full; not every connection got the message");
+        }
+    }
+
+    fn to_application(
+        self: &Rc<Self>,
+        slot: u32,
+        generation: u32,
+        kind: ClientMessageKind,
+        req_id: u32,
+        payload: &[u8],
+    ) {
+        let Some(hook) = self.shared.hook.clone() else {
+            self.reply_error(slot, generation, ErrorCode::NoHandler, req_id, "no application handler for MESSAGE");
+            return;
+        };
+        let Some(user) = self.user_of(slot, generation) else { return };
+        let msg = ClientMessage {
+            conn: ConnId::new(self.id, slot, generation),
+            user,
+            kind,
+            req_id,
+            payload: Bytes::copy_from_slice(payload),
+        };
+        // No borrow is held here: the hook may call any handle method.
+        hook(msg, &self.handle);
+    }
+
+    fn user_of(&self, slot: u32, generation: u32) -> Option<Arc<str>> {
+        let conns = self.conns.borrow();
+        conns.get(slot as usize).filter(|c| c.generation == generation).and_then(|c| c.user.clone())
+    }
+
+    // ---- delivery -------------------------------------------------------------
+
+    /// Hands a frame to a connection on any worker. `Ok(true)`: queued;
+    /// `Ok(false)`: the connection is gone or not logged in; `Err`: the
+    /// owner's mailbox is full.
+    fn deliver(self: &Rc<Self>, conn: ConnId, frame: Bytes) -> Result<bool, ()> {
+        if conn.worker() == self.id {
+            return Ok(self.enqueue(conn.slot(), conn.generation(), frame, true));
+        }
+        match self.shared.mailboxes[conn.worker().0 as usize].push(Command::Deliver { conn, frame }) {
+            Ok(()) => Ok(true),
+            Err(_) => Err(()),
+        }
+    }
+
+    fn reply(self: &Rc<Self>, slot: u32, generation: u32, frame: Bytes) {
+        self.enqueue(slot, generation, frame, false);
+    }
+
+    fn reply_error(self: &Rc<Self>, slot: u32, generation: u32, code: ErrorCode, req_id: u32, reason: &str) {
+        let frame = Frame::Error { code: code as u16, req_id, reason: clip_reason(reason) }.to_bytes().expect("reason clipped");
+        self.reply(slot, generation, frame);
+    }
+
+    /// Queues a frame on a local connection and marks it for the next flush.
+    /// A queue over its limit closes the connection as a slow consumer.
+    fn enqueue(self: &Rc<Self>, slot: u32, generation: u32, frame: Bytes, require_login: bool) -> bool {
+        let mut conns = self.conns.borrow_mut();
+        let Some(c) = conns.get_mut(slot as usize) else { return false };
+        if c.generation != generation {
+            return false;
+        }
+        match c.session.phase() {
+            Phase::Active => {}
+            Phase::AwaitingLogin if !require_login => {}
+            _ => return false,
+        }
+        if c.out.push(frame, &self.shared.out_limits).is_err() {
+            drop(conns);
+            bump(&self.counters().slow_consumers, 1);
+            self.begin_close(slot, generation, CloseCode::SlowConsumer, CloseCode::SlowConsumer.reason());
+            return false;
+        }
+        if c.flags & DIRTY == 0 {
+            c.flags |= DIRTY;
+            self.dirty.borrow_mut().push(slot);
+        }
+        bump(&self.counters().frames_out, 1);
+        true
+    }
+
+    /// Writes out every connection with queued frames.
+    pub(crate) fn flush_dirty(self: &Rc<Self>) {
+        loop {
+            let dirty = std::mem::take(&mut *self.dirty.borrow_mut());
+            if dirty.is_empty() {
+                return;
+            }
+            for &slot in &dirty {
+                self.flush(slot);
+            }
+            let mut d = self.dirty.borrow_mut();
+            if d.is_empty() {
+                let mut dirty = dirty;
+                dirty.clear();
+                *d = dirty; // keep the allocation for the next batch
+            }
+        }
+    }
+
+    fn flush(self: &Rc<Self>, slot: u32) {
+        let mut conns = self.conns.borrow_mut();
+        let Some(c) = conns.get_mut(slot as usize) else { return };
+        if c.flags & DIRTY == 0 {
+            return;
+        }
+        c.flags &= !DIRTY;
+        if c.flags & WRITE_WAIT != 0 {
+            return; // the writer task flushes when the socket drains
+        }
+        match self.write_out(c) {
+            WriteState::Drained => self.after_drain(c),
+            WriteState::Blocked => {
+                c.flags |= WRITE_WAIT;
+                bump(&self.counters().write_waits, 1);
+                let (stream, generation) = (c.stream.clone(), c.generation);
+                drop(conns);
+                monoio::spawn(writer(self.clone(), stream, slot, generation));
+            }
+            WriteState::Failed => {
+                c.out.clear();
+                sys::shutdown(c.fd, libc::SHUT_RDWR);
+            }
+        }
+    }
+
+    /// Writes as much of the queue as the socket takes, 64 frames per
+    /// syscall.
+    fn write_out(&self, c: &mut Conn) -> WriteState {
+        let mut iov = self.iov.borrow_mut();
+        loop {
+            let n = c.out.fill_iovecs(&mut iov);
+            if n == 0 {
+                return WriteState::Drained;
+            }
+            let offered: usize = iov[..n].iter().map(|v| v.iov_len).sum();
+            match sys::sendmsg(c.fd, &iov, n) {
+                Send::Wrote(w) => {
+                    bump(&self.counters().writes, 1);
+                    c.out.advance(w);
+                    if w < offered {
+                        return WriteState::Blocked;
+                    }
+                }
+                Send::WouldBlock => return WriteState::Blocked,
+                Send::Error(e) => {
+                    tracing::trace!(worker = self.id.0, fd = c.fd, "write failed: {e}");
+                    return WriteState::Failed;
+                }
+            }
+        }
+    }
+
+    /// The queue is empty: a closing connection now sends its FIN.
+    fn after_drain(&self, c: &mut Conn) {
+        if c.session.phase() == Phase::Closing && c.flags & FIN_SENT == 0 {
+            c.flags |= FIN_SENT;
+            sys::shutdown(c.fd, libc::SHUT_WR);
+        }
+    }
+
+    /// The writer task saw the socket writable. Returns true to keep waiting.
+    fn on_writable(&self, slot: u32, generation: u32) -> bool {
+        let mut conns = self.conns.borrow_mut();
+        let Some(c) = conns.get_mut(slot as usize).filter(|c| c.generation == generation) else {
+            return false;
+        };
+        match self.write_out(c) {
+            WriteState::Drained => {
+                c.flags &= !WRITE_WAIT;
+                self.after_drain(c);
+                false
+            }
+            WriteState::Blocked => true,
+            WriteState::Failed => {
+                c.flags &= !WRITE_WAIT;
+                c.out.clear();
+                sys::shutdown(c.fd, libc::SHUT_RDWR);
+                false
+            }
+        }
+    }
+
+    // ---- closing --------------------------------------------------------------
+
+    /// Starts closing with a CLOSE frame.
+    pub(crate) fn begin_close(self: &Rc<Self>, slot: u32, generation: u32, code: CloseCode, reason: &str) {
+        self.close_with(slot, generation, close_frame(code, reason), code == CloseCode::SlowConsumer);
+    }
+
+    /// Starts closing: leaves the directory, queues `last` (CLOSE or
+    /// LOGIN_ERROR) after what is queued (or instead of it, for a slow
+    /// consumer), sends FIN once flushed, and releases the connection when
+    /// the peer closes or the linger runs out.
+    fn close_with(self: &Rc<Self>, slot: u32, generation: u32, last: Bytes, discard_queue: bool) {
+        let now = self.now.get();
+        let user = {
+            let mut conns = self.conns.borrow_mut();
+            let Some(c) = conns.get_mut(slot as usize).filter(|c| c.generation == generation) else { return };
+            if !c.session.start_close(now) {
+                return;
+            }
+            c.partial = Vec::new();
+            if discard_queue {
+                c.out.discard_unsent();
+            }
+            c.out.push_final(last);
+            if c.flags & DIRTY == 0 {
+                c.flags |= DIRTY;
+                self.dirty.borrow_mut().push(slot);
+            }
+            c.wheel_at = self.wheel.borrow_mut().insert(c.session.next_deadline(&self.shared.timeouts), slot, generation);
+            c.user.take()
+        };
+        if let Some(user) = user {
+            let removed = self.shared.directory.unregister(&user, ConnId::new(self.id, slot, generation));
+            debug_assert!(removed, "a logged-in connection is in the directory");
+            drop_one(&self.counters().logged_in);
+        }
+    }
+
+    /// Frees a finished connection's slot. Called by its reader task only.
+    fn release(&self, slot: u32, generation: u32) {
+        let conn = {
+            let mut conns = self.conns.borrow_mut();
+            match conns.get(slot as usize) {
+                Some(c) if c.generation == generation => conns.remove(slot as usize),
+                _ => return,
+            }
+        };
+        if let Some(user) = &conn.user {
+            let removed = self.shared.directory.unregister(user, ConnId::new(self.id, slot, generation));
+            debug_assert!(removed, "a logged-in connection is in the directory");
+            drop_one(&self.counters().logged_in);
+        }
+        if conn.flags & WRITE_WAIT != 0 {
+            // Wake the writer task so it drops its reference to the socket.
+            sys::shutdown(conn.fd, libc::SHUT_RDWR);
+        }
+        let c = self.counters();
+        drop_one(&c.connections);
+        bump(&c.closed, 1);
+    }
+
+    // ---- mailbox ----------------------------------------------------------------
+
+    fn on_command(self: &Rc<Self>, cmd: Command) {
+        match cmd {
+            Command::Deliver { conn, frame } => {
+                debug_assert_eq!(conn.worker(), self.id);
+                self.enqueue(conn.slot(), conn.generation(), frame, true);
+            }
+            Command::Close { conn, code } => {
+                if code == CloseCode::Kicked && !self.is_closing(conn.slot(), conn.generation()) {
+                    bump(&self.counters().kicked, 1);
+                }
+                self.begin_close(conn.slot(), conn.generation(), code, code.reason());
+            }
+        }
+    }
+
+    // ---- timers -------------------------------------------------------------------
+
+    fn on_due(self: &Rc<Self>, e: Entry) {
+        let now = self.now.get();
+        let t = &self.shared.timeouts;
+        let action = {
+            let mut conns = self.conns.borrow_mut();
+            let Some(c) = conns.get_mut(e.slot as usize) else { return };
+            if c.generation != e.generation || c.wheel_at != e.at {
+                return; // stale or superseded entry
+            }
+            let action = c.session.on_tick(now, t);
+            match action {
+                TickAction::Wait { next } => {
+                    c.wheel_at = self.wheel.borrow_mut().insert(next, e.slot, e.generation);
+                }
+                TickAction::Ping { next } => {
+                    c.wheel_at = self.wheel.borrow_mut().insert(next, e.slot, e.generation);
+                }
+                TickAction::Finish => {
+                    // Wake the reader, which releases the slot. Re-check
+                    // later in case the wake is lost.
+                    sys::shutdown(c.fd, libc::SHUT_RDWR);
+                    c.wheel_at = self.wheel.borrow_mut().insert(now.wrapping_add(t.linger), e.slot, e.generation);
+                }
+                TickAction::Close(_) => {}
+            }
+            action
+        };
+        match action {
+            TickAction::Ping { .. } => {
+                bump(&self.counters().pings_sent, 1);
+                self.reply(e.slot, e.generation, Bytes::from_static(&PING_EMPTY));
+            }
+            TickAction::Close(code) => {
+                let c = self.counters();
+                match code {
+                    CloseCode::LoginTimeout => bump(&c.login_timeouts, 1),
+                    CloseCode::IdleTimeout => bump(&c.idle_timeouts, 1),
+                    _ => {}
+                }
+                self.begin_close(e.slot, e.generation, code, code.reason());
+            }
+            TickAction::Wait { .. } | TickAction::Finish => {}
+        }
+    }
+
+    /// Starts closing every connection (server shutdown).
+    fn close_all(self: &Rc<Self>, code: CloseCode) {
+        let ids: Vec<(u32, u32)> = self.conns.borrow().iter().map(|(s, c)| (s as u32, c.generation)).collect();
+        for (slot, generation) in ids {
+            self.begin_close(slot, generation, code, code.reason());
+        }
+        self.flush_dirty();
+    }
+}
+
+fn current_tick(shared: &Shared) -> Tick {
+    (shared.epoch.elapsed().as_millis() / shared.config.timeouts.tick_ms as u128) as Tick
+}
+
+/// One per connection: wait for readability, drain, repeat; release at the
+/// end. Holds no buffer while waiting.
+async fn reader(w: Rc<Worker>, stream: Rc<TcpStream>, slot: u32, generation: u32) {
+    loop {
+        if stream.readable(false).await.is_err() {
+            break;
+        }
+        if !w.on_readable(slot, generation) {
+            break;
+        }
+    }
+    w.release(slot, generation);
+}
+
+/// Only while a connection's socket buffer is full: wait for room, write.
+async fn writer(w: Rc<Worker>, stream: Rc<TcpStream>, slot: u32, generation: u32) {
+    loop {
+        if stream.writable(false).await.is_err() {
+            break;
+        }
+        if !w.on_writable(slot, generation) {
+            break;
+        }
+    }
+}
+
+async fn accept_loop(w: Rc<Worker>, listener: Rc<TcpListener>) {
+    let mut backoff_logged = false;
+    loop {
+        match listener.accept().await {
+            Ok((stream, _peer)) => {
+                backoff_logged = false;
+                w.on_accept(stream);
+            }
+            Err(e) => {
+                if w.shared.shutdown.load(Ordering::Acquire) {
+                    return;
+                }
+                // EMFILE/ENFILE/ENOBUFS: back off instead of spinning.
+                if !backoff_logged {
+                    tracing::warn!(worker = w.id.0, "accept failed: {e}; retrying in 100 ms");
+                    backoff_logged = true;
+                }
+                monoio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        if w.shared.shutdown.load(Ordering::Acquire) {
+            return;
+        }
+    }
+}
+
+async fn tick_loop(w: Rc<Worker>) {
+    let tick_ms = w.shared.config.timeouts.tick_ms;
+    let mut due = Vec::new();
+    loop {
+        let next = w.now.get().wrapping_add(1);
+        let at = w.shared.epoch + Duration::from_millis(next as u64 * tick_ms);
+        monoio::time::sleep_until(monoio::time::Instant::from_std(at)).await;
+        let now = w.refresh_now();
+        w.wheel.borrow_mut().advance(now, &mut due);
+        let mut handled = 0;
+        for e in due.drain(..) {
+            w.on_due(e);
+            handled += 1;
+            if handled % TICK_BATCH == 0 {
+                w.flush_dirty();
+                YieldNow(false).await;
+            }
+        }
+        w.flush_dirty();
+    }
+}
+
+async fn mailbox_loop(w: Rc<Worker>, wake: monoio::net::UnixStream) {
+    let mb = &w.shared.mailboxes[w.id.0 as usize];
+    loop {
+        if w.shared.shutdown.load(Ordering::Acquire) {
+            return;
+        }
+        if mb.is_empty() && wake.readable(false).await.is_err() {
+            return;
+        }
+        mb.begin_drain();
+        let mut n = 0;
+        while n < MAILBOX_BATCH {
+            let Some(cmd) = mb.pop() else { break };
+            w.on_command(cmd);
+            n += 1;
+        }
+        w.flush_dirty();
+        if n == MAILBOX_BATCH {
+            YieldNow(false).await;
+        }
+    }
+}
+
+/// The worker's main future: accept, tick and mailbox loops until shutdown,
+/// then a graceful close of every connection.
+pub(crate) async fn run(
+    shared: Arc<Shared>,
+    id: WorkerId,
+    listener: std::net::TcpListener,
+    ready: impl FnOnce(Result<(), String>),
+) {
+    let listener = match TcpListener::from_std(listener) {
+        Ok(l) => Rc::new(l),
+        Err(e) => return ready(Err(format!("cannot register listener: {e}"))),
+    };
+    let wake = {
+        let efd = shared.mailboxes[id.0 as usize].eventfd();
+        // SAFETY: dup of our own eventfd; the duplicate is owned by the
+        // stream wrapper, which only polls it for readability.
+        let dup = unsafe { libc::fcntl(efd, libc::F_DUPFD_CLOEXEC, 0) };
+        if dup < 0 {
+            return ready(Err(format!("cannot dup eventfd: {}", std::io::Error::last_os_error())));
+        }
+        // SAFETY: `dup` is a fresh descriptor nobody else owns.
+        let std_stream = unsafe { <std::os::unix::net::UnixStream as std::os::fd::FromRawFd>::from_raw_fd(dup) };
+        match monoio::net::UnixStream::from_std(std_stream) {
+            Ok(s) => s,
+            Err(e) => return ready(Err(format!("cannot register eventfd: {e}"))),
+        }
+    };
+    let w = Rc::new(Worker::new(id, shared.clone()));
+    for _ in 0..shared.config.server.accepts_per_worker {
+        monoio::spawn(accept_loop(w.clone(), listener.clone()));
+    }
+    monoio::spawn(tick_loop(w.clone()));
+    ready(Ok(()));
+    mailbox_loop(w.clone(), wake).await;
+
+    // Graceful shutdown: stop accepting (dropping our listener reference
+    // closes it once the accept loops end with the runtime), say goodbye,
+    // wait for peers to close, bounded by the linger.
+    drop(listener);
+    w.close_all(CloseCode::GoingAway);
+    let linger = Duration::from_millis(shared.config.timeouts.close_linger_ms);
+    let deadline = std::time::Instant::now() + linger;
+    while w.connection_count() > 0 && std::time::Instant::now() < deadline {
+        monoio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tracing::debug!(worker = id.0, left = w.connection_count(), "worker stopped");
+}

@@ -1,0 +1,378 @@
+//! The embedding API: build and start a server, then push through a handle.
+//!
+//! Owns: `ServerBuilder`, `Server` (the running threads), `Handle` (the
+//! cloneable `Send + Sync` entry point for any thread), the state shared by
+//! workers and handles, and the commands that cross into a worker.
+//! Must not: touch a connection. A handle only looks up the directory and
+//! posts to the owning worker's mailbox; the worker alone changes its
+//! connections.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use bytes::Bytes;
+use thiserror::Error;
+
+use crate::auth::{Authenticator, JwtHs256};
+use crate::config::{Config, ConfigError};
+use crate::directory::Directory;
+use crate::ids::ConnId;
+use crate::mailbox::{Full, Mailbox};
+use crate::outq::OutLimits;
+use crate::proto::codes::CloseCode;
+use crate::proto::frame::{Frame, MAX_USER_ID_BYTES};
+use crate::proto::session::Timeouts;
+use crate::stats::{CounterTable, Stats};
+
+/// A message from a client that the server does not route itself.
+#[derive(Clone, Debug)]
+pub struct ClientMessage {
+    /// The connection it came from.
+    pub conn: ConnId,
+    /// The logged-in user who sent it.
+    pub user: Arc<str>,
+    /// What kind of frame carried it.
+    pub kind: ClientMessageKind,
+    /// The client's request id (0 = none).
+    pub req_id: u32,
+    /// The payload, copied out of the read buffer.
+    pub payload: Bytes,
+}
+
+/// Which frame carried a [`ClientMessage`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ClientMessageKind {
+    /// A MESSAGE frame: always for the application.
+    Message,
+    /// A SEND to `to`, passed to the application because `routing.client_send`
+    /// is off.
+    Send { to: String },
+}
+
+/// Receives client messages on the worker thread that owns the connection.
+/// It must return quickly: it runs between two reads of that worker's
+/// sockets. It may call any [`Handle`] method.
+pub type MessageHook = Arc<dyn Fn(ClientMessage, &Handle) + Send + Sync>;
+
+/// A command posted to a worker's mailbox.
+pub(crate) enum Command {
+    /// Queue an encoded frame on one connection.
+    Deliver { conn: ConnId, frame: Bytes },
+    /// Close one connection with a code.
+    Close { conn: ConnId, code: CloseCode },
+}
+
+/// State shared by every worker and handle.
+pub(crate) struct Shared {
+    pub config: Config,
+    pub timeouts: Timeouts,
+    pub out_limits: OutLimits,
+    pub max_conns_per_worker: usize,
+    pub mailboxes: Box<[Mailbox<Command>]>,
+    pub directory: Directory,
+    pub counters: CounterTable,
+    pub authenticator: Arc<dyn Authenticator>,
+    pub hook: Option<MessageHook>,
+    pub shutdown: AtomicBool,
+    /// Message ids for pushes from handles; workers number their own with
+    /// the worker index in the top bits (see `Worker::next_msg_id`).
+    pub next_msg_id: AtomicU64,
+    pub local_addr: SocketAddr,
+    pub epoch: Instant,
+}
+
+/// Why a push, kick or other handle call did not go through.
+#[derive(Clone, Debug, PartialEq, Eq, Error)]
+pub enum PushError {
+    #[error("user id must be 1 to 255 bytes")]
+    InvalidUser,
+    #[error("payload of {len} bytes is over the limit of {max} (limits.outbound_max_bytes less the frame header)")]
+    PayloadTooLarge { len: usize, max: usize },
+    #[error("a worker mailbox is full; {queued} of {targets} connections got the command")]
+    Full { queued: usize, targets: usize },
+    #[error("the server is shutting down")]
+    ShuttingDown,
+}
+
+/// Outcome of a push to a user.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct Pushed {
+    /// The id carried in the PUSH frame (unique per server run).
+    pub msg_id: u64,
+    /// Connections the push was queued for (0: the user is offline).
+    pub connections: usize,
+}
+
+/// The cloneable entry point for pushing from any thread.
+#[derive(Clone)]
+pub struct Handle {
+    pub(crate) shared: Arc<Shared>,
+}
+
+impl Handle {
+    fn check_user(user: &str) -> Result<(), PushError> {
+        if user.is_empty() || user.len() > MAX_USER_ID_BYTES {
+            return Err(PushError::InvalidUser);
+        }
+        Ok(())
+    }
+
+    fn check_open(&self) -> Result<(), PushError> {
+        if self.shared.shutdown.load(Ordering::Acquire) {
+            return Err(PushError::ShuttingDown);
+        }
+        Ok(())
+    }
+
+    /// Posts `cmd(conn)` to the owner of each connection of `user`.
+    fn post_to_user(&self, user: &str, mut cmd: impl FnMut(ConnId) -> Command) -> Result<usize, PushError> {
+        let conns = self.shared.directory.lookup(user);
+        let mut queued = 0;
+        for &c in &conns {
+            match self.shared.mailboxes[c.worker().0 as usize].push(cmd(c)) {
+                Ok(()) => queued += 1,
+                Err(Full) => {}
+            }
+        }
+        if queued < conns.len() {
+            return Err(PushError::Full { queued, targets: conns.len() });
+        }
+        Ok(queued)
+    }
+
+    /// Pushes `payload` to every connection of `user`, in one PUSH frame
+    /// encoded once and shared by all of them. `Ok` with `connections: 0`
+    /// means the user is offline.
+    pub fn push_to_user(&self, user: &str, payload: impl AsRef<[u8]>) -> Result<Pushed, PushError> {
+        Self::check_user(user)?;
+        self.check_open()?;
+        let payload = payload.as_ref();
+        let max = self.shared.out_limits.max_bytes.saturating_sub(crate::proto::frame::HEADER_LEN + 9);
+        if payload.len() > max {
+            return Err(PushError::PayloadTooLarge { len: payload.len(), max });
+        }
+        let msg_id = self.shared.next_msg_id.fetch_add(1, Ordering::Relaxed);
+        let frame = Frame::Push { msg_id, from: "", payload }.to_bytes().expect("sizes checked above");
+        let connections = self.post_to_user(user, |conn| Command::Deliver { conn, frame: frame.clone() })?;
+        Ok(Pushed { msg_id, connections })
+    }
+
+    /// Closes every connection of `user` with close code 4003 (kicked).
+    /// Returns how many connections were told to close.
+    pub fn kick_user(&self, user: &str) -> Result<usize, PushError> {
+        Self::check_user(user)?;
+        self.post_to_user(user, |conn| Command::Close { conn, code: CloseCode::Kicked })
+    }
+
+    /// Closes one connection with `code`.
+    pub fn close_connection(&self, conn: ConnId, code: CloseCode) -> Result<(), PushError> {
+        let Some(mb) = self.shared.mailboxes.get(conn.worker().0 as usize) else {
+            return Ok(());
+        };
+        mb.push(Command::Close { conn, code }).map_err(|_| PushError::Full { queued: 0, targets: 1 })
+    }
+
+    /// Whether `user` has at least one logged-in connection.
+    pub fn is_online(&self, user: &str) -> bool {
+        self.shared.directory.is_online(user)
+    }
+
+    /// The logged-in connections of `user`.
+    pub fn connections_of(&self, user: &str) -> Vec<ConnId> {
+        self.shared.directory.lookup(user).to_vec()
+    }
+
+    /// Open connections, logged in or not.
+    pub fn connection_count(&self) -> u64 {
+        self.stats().connections
+    }
+
+    /// Logged-in connections.
+    pub fn logged_in_count(&self) -> u64 {
+        self.stats().logged_in
+    }
+
+    /// Users with at least one connection (walks the directory: not for a
+    /// hot loop).
+    pub fn user_count(&self) -> usize {
+        self.shared.directory.user_count()
+    }
+
+    /// Counters summed over workers.
+    pub fn stats(&self) -> Stats {
+        let mut s = Stats::default();
+        for c in self.shared.counters.iter() {
+            s.add(c);
+        }
+        s.mailbox_full = self.shared.mailboxes.iter().map(|m| m.full_count()).sum();
+        s
+    }
+
+    /// Per-worker open connection counts.
+    pub fn connections_per_worker(&self) -> Vec<u64> {
+        self.shared.counters.iter().map(|c| c.connections.load(Ordering::Relaxed)).collect()
+    }
+
+    /// The raw TCP address the server listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.shared.local_addr
+    }
+
+    /// Number of worker threads.
+    pub fn workers(&self) -> usize {
+        self.shared.mailboxes.len()
+    }
+
+    /// Starts a graceful shutdown: workers stop accepting, send CLOSE 1001
+    /// to every connection, wait up to `timeouts.close_linger_ms` for the
+    /// peers to close, then exit. Returns at once; [`Server::join`] waits.
+    pub fn shutdown(&self) {
+        if !self.shared.shutdown.swap(true, Ordering::AcqRel) {
+            tracing::info!("shutdown requested");
+        }
+        for mb in self.shared.mailboxes.iter() {
+            mb.wake();
+        }
+    }
+
+    /// Whether a shutdown has been requested.
+    pub fn is_shutting_down(&self) -> bool {
+        self.shared.shutdown.load(Ordering::Acquire)
+    }
+}
+
+/// Why the server did not start.
+#[derive(Debug, Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("{0}")]
+    Limits(String),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error("worker {worker} failed to start: {message}")]
+    Worker { worker: usize, message: String },
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Builds a [`Server`].
+pub struct ServerBuilder {
+    config: Config,
+    authenticator: Option<Arc<dyn Authenticator>>,
+    hook: Option<MessageHook>,
+}
+
+impl ServerBuilder {
+    /// Replaces the whole configuration.
+    pub fn config(mut self, config: Config) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// Sets `server.listen`.
+    pub fn listen(mut self, addr: impl Into<String>) -> Self {
+        self.config.server.listen = addr.into();
+        self
+    }
+
+    /// Sets `server.workers` (0 = one per core).
+    pub fn workers(mut self, n: usize) -> Self {
+        self.config.server.workers = n;
+        self
+    }
+
+    /// Sets `auth.jwt_secret`.
+    pub fn jwt_secret(mut self, secret: impl Into<String>) -> Self {
+        self.config.auth.jwt_secret = Some(secret.into());
+        self
+    }
+
+    /// Replaces the JWT check with the application's own.
+    pub fn authenticator(mut self, a: impl Authenticator) -> Self {
+        self.authenticator = Some(Arc::new(a));
+        self
+    }
+
+    /// Receives MESSAGE frames (and SENDs when `routing.client_send` is off).
+    pub fn on_message(mut self, hook: impl Fn(ClientMessage, &Handle) + Send + Sync + 'static) -> Self {
+        self.hook = Some(Arc::new(hook));
+        self
+    }
+
+    /// Validates, checks system limits, binds one listener per worker and
+    /// starts the workers. Returns once every worker is accepting.
+    pub fn start(self) -> Result<Server, StartError> {
+        let config = self.config;
+        config.validate()?;
+        let authenticator: Arc<dyn Authenticator> = match self.authenticator {
+            Some(a) => a,
+            None => {
+                let (secret, dev) = config.jwt_secret();
+                if dev {
+                    tracing::warn!(
+                        "auth.jwt_secret is not set: using the built-in development secret; anyone can mint tokens \
+                         (`switchboard token --user ID`). Set auth.jwt_secret or {} for real use.",
+                        crate::config::JWT_SECRET_ENV
+                    );
+                }
+                Arc::new(
+                    JwtHs256::new(secret)
+                        .with_leeway_s(config.auth.jwt_leeway_s)
+                        .with_require_exp(config.auth.require_exp),
+                )
+            }
+        };
+        crate::runtime::start(config, authenticator, self.hook)
+    }
+}
+
+/// A running server: its worker threads and a handle.
+pub struct Server {
+    pub(crate) handle: Handle,
+    pub(crate) threads: Vec<JoinHandle<()>>,
+}
+
+impl Server {
+    /// A builder with the default configuration.
+    pub fn builder() -> ServerBuilder {
+        ServerBuilder { config: Config::default(), authenticator: None, hook: None }
+    }
+
+    /// A handle for pushing from any thread.
+    pub fn handle(&self) -> Handle {
+        self.handle.clone()
+    }
+
+    /// The raw TCP address the server listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.handle.local_addr()
+    }
+
+    /// Waits for the workers to exit (after [`Handle::shutdown`]).
+    pub fn join(mut self) {
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+
+    /// Starts a graceful shutdown and waits for it to finish.
+    pub fn shutdown(self) {
+        self.handle.shutdown();
+        self.join();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if !self.threads.is_empty() {
+            self.handle.shutdown();
+            for t in self.threads.drain(..) {
+                let _ = t.join();
+            }
+        }
+    }
+}
