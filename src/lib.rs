@@ -41,5 +41,8 @@ pub use ids::{ConnId, WorkerId};
 pub use mailbox::Full;
 pub use proto::codes::{CloseCode, ErrorCode, LoginErrorCode};
 pub use runtime::DriverKind;
-pub use server::{ClientMessage, ClientMessageKind, Handle, MessageHook, PushError, Pushed, Server, ServerBuilder, StartError};
+pub use server::{
+    ClientMessage, ClientMessageKind, Handle, MessageHook, PushError, Pushed, Server,
+    ServerBuilder, StartError,
+};
 pub use stats::Stats;

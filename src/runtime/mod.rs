@@ -28,7 +28,6 @@ use crate::outq::OutLimits;
 use crate::server::{Handle, MessageHook, Server, Shared, StartError};
 use crate::stats::WorkerCounters;
 
-
 /// Which driver the workers actually run on.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub enum DriverKind {
@@ -73,16 +72,20 @@ pub fn choose_driver(config: &Config) -> Result<DriverKind, StartError> {
 
 fn bind_listener(addr: SocketAddr, config: &Config) -> Result<std::net::TcpListener, StartError> {
     let err = |source| StartError::Bind { addr, source };
-    let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)).map_err(err)?;
+    let s =
+        Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)).map_err(err)?;
     s.set_reuse_address(true).map_err(err)?;
     s.set_reuse_port(true).map_err(err)?;
     // Accepted sockets inherit these buffer sizes from the listener: no
     // setsockopt per connection.
-    s.set_recv_buffer_size(config.socket.rcvbuf_bytes).map_err(err)?;
-    s.set_send_buffer_size(config.socket.sndbuf_bytes).map_err(err)?;
+    s.set_recv_buffer_size(config.socket.rcvbuf_bytes)
+        .map_err(err)?;
+    s.set_send_buffer_size(config.socket.sndbuf_bytes)
+        .map_err(err)?;
     s.set_nodelay(config.socket.nodelay).map_err(err)?;
     s.bind(&addr.into()).map_err(err)?;
-    s.listen(config.server.listen_backlog.min(i32::MAX as u32) as i32).map_err(err)?;
+    s.listen(config.server.listen_backlog.min(i32::MAX as u32) as i32)
+        .map_err(err)?;
     Ok(s.into())
 }
 
@@ -94,14 +97,26 @@ pub(crate) fn start(
 ) -> Result<Server, StartError> {
     let addr = config.listen_addr()?;
     let cpus = sys::allowed_cpus();
-    let workers = if config.server.workers == 0 { cpus.len().max(1) } else { config.server.workers };
+    let workers = if config.server.workers == 0 {
+        cpus.len().max(1)
+    } else {
+        config.server.workers
+    };
     let ring_bytes = config.uring.sq_entries as u64 * 64 + config.uring.cq_entries as u64 * 16;
-    let report = crate::limits::check(config.server.max_connections, workers, config.server.listen_backlog, ring_bytes)
-        .map_err(StartError::Limits)?;
+    let report = crate::limits::check(
+        config.server.max_connections,
+        workers,
+        config.server.listen_backlog,
+        ring_bytes,
+    )
+    .map_err(StartError::Limits)?;
     for w in &report.warnings {
         tracing::warn!("{w}");
     }
-    let max_conns_per_worker = report.max_connections.div_ceil(workers).clamp(1, MAX_SLOTS_PER_WORKER);
+    let max_conns_per_worker = report
+        .max_connections
+        .div_ceil(workers)
+        .clamp(1, MAX_SLOTS_PER_WORKER);
     let driver = choose_driver(&config)?;
 
     let mut listeners = Vec::with_capacity(workers);
@@ -126,7 +141,9 @@ pub(crate) fn start(
         max_conns_per_worker,
         mailboxes,
         directory: Directory::new(config.limits.max_conns_per_user),
-        counters: (0..workers).map(|_| CachePadded::new(WorkerCounters::default())).collect(),
+        counters: (0..workers)
+            .map(|_| CachePadded::new(WorkerCounters::default()))
+            .collect(),
         authenticator,
         hook,
         shutdown: AtomicBool::new(false),
@@ -141,14 +158,20 @@ pub(crate) fn start(
     for (i, listener) in listeners.into_iter().enumerate() {
         let shared = shared.clone();
         let ready_tx = ready_tx.clone();
-        let cpu = if shared.config.server.pin_workers { Some(cpus[i % cpus.len().max(1)]) } else { None };
+        let cpu = if shared.config.server.pin_workers {
+            Some(cpus[i % cpus.len().max(1)])
+        } else {
+            None
+        };
         let t = std::thread::Builder::new()
             .name(format!("sb-worker-{i}"))
             .spawn(move || worker_thread(shared, i, listener, driver, cpu, ready_tx))?;
         threads.push(t);
     }
     drop(ready_tx);
-    let handle = Handle { shared: shared.clone() };
+    let handle = Handle {
+        shared: shared.clone(),
+    };
     let mut server = Server { handle, threads };
     for _ in 0..workers {
         match ready_rx.recv() {
@@ -159,7 +182,10 @@ pub(crate) fn start(
                 return Err(StartError::Worker { worker, message });
             }
             Err(_) => {
-                return Err(StartError::Worker { worker: 0, message: "a worker thread exited during start".into() });
+                return Err(StartError::Worker {
+                    worker: 0,
+                    message: "a worker thread exited during start".into(),
+                });
             }
         }
     }

@@ -33,7 +33,14 @@ pub enum Recv {
 pub fn recv(fd: RawFd, buf: &mut [u8]) -> Recv {
     loop {
         // SAFETY: `buf` is a live, writable slice of `buf.len()` bytes.
-        let n = unsafe { libc::recv(fd, buf.as_mut_ptr() as *mut libc::c_void, buf.len(), libc::MSG_DONTWAIT) };
+        let n = unsafe {
+            libc::recv(
+                fd,
+                buf.as_mut_ptr() as *mut libc::c_void,
+                buf.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
         if n > 0 {
             return Recv::Data(n as usize);
         }
@@ -86,7 +93,14 @@ pub fn sendmsg(fd: RawFd, iov: &[libc::iovec; MAX_IOV_PER_WRITE], n: usize) -> S
 /// Best-effort single write of a small frame (used to refuse a connection).
 pub fn send_once(fd: RawFd, data: &[u8]) {
     // SAFETY: `data` is a live slice; the result is ignored on purpose.
-    unsafe { libc::send(fd, data.as_ptr() as *const libc::c_void, data.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
+    unsafe {
+        libc::send(
+            fd,
+            data.as_ptr() as *const libc::c_void,
+            data.len(),
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+        )
+    };
 }
 
 /// `shutdown(2)`. Wakes any pending poll on the socket; errors (already
@@ -115,8 +129,13 @@ pub fn allowed_cpus() -> Vec<usize> {
     unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
         if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
-            return (0..std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)).collect();
+            return (0..std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1))
+                .collect();
         }
-        (0..libc::CPU_SETSIZE as usize).filter(|&c| libc::CPU_ISSET(c, &set)).collect()
+        (0..libc::CPU_SETSIZE as usize)
+            .filter(|&c| libc::CPU_ISSET(c, &set))
+            .collect()
     }
 }

@@ -96,6 +96,8 @@ pub(crate) struct Worker {
     now: Cell<Tick>,
     /// Frame refusing a connection when the table is full.
     server_full: Bytes,
+    /// Set at the very end of a shutdown: the tick loop exits.
+    stopped: Cell<bool>,
 }
 
 /// Yields once to the scheduler (monoio 0.2 has no `yield_now`).
@@ -114,11 +116,19 @@ impl Future for YieldNow {
 }
 
 fn close_frame(code: CloseCode, reason: &str) -> Bytes {
-    Frame::Close { code: code as u16, reason: clip_reason(reason) }.to_bytes().expect("reason clipped")
+    Frame::Close {
+        code: code as u16,
+        reason: clip_reason(reason),
+    }
+    .to_bytes()
+    .expect("reason clipped")
 }
 
 fn unix_now_s() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 impl Worker {
@@ -126,17 +136,25 @@ impl Worker {
         let now = current_tick(&shared);
         Worker {
             id,
-            handle: Handle { shared: shared.clone() },
+            handle: Handle {
+                shared: shared.clone(),
+            },
             conns: RefCell::new(Slab::with_capacity(shared.max_conns_per_worker)),
             wheel: RefCell::new(Wheel::new(now)),
             dirty: RefCell::new(Vec::new()),
             scratch: RefCell::new(vec![0u8; SCRATCH_BYTES].into_boxed_slice()),
-            iov: RefCell::new([libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; MAX_IOV_PER_WRITE]),
+            iov: RefCell::new(
+                [libc::iovec {
+                    iov_base: std::ptr::null_mut(),
+                    iov_len: 0,
+                }; MAX_IOV_PER_WRITE],
+            ),
             lookup: RefCell::new(ConnList::new()),
             next_generation: Cell::new(1),
             next_msg: Cell::new(0),
             now: Cell::new(now),
             server_full: close_frame(CloseCode::ServerFull, CloseCode::ServerFull.reason()),
+            stopped: Cell::new(false),
             shared,
         }
     }
@@ -187,7 +205,11 @@ impl Worker {
         let session = crate::proto::session::Session::new(now);
         let entry = conns.vacant_entry();
         let slot = entry.key() as u32;
-        let wheel_at = self.wheel.borrow_mut().insert(session.next_deadline(&self.shared.timeouts), slot, generation);
+        let wheel_at = self.wheel.borrow_mut().insert(
+            session.next_deadline(&self.shared.timeouts),
+            slot,
+            generation,
+        );
         let stream = Rc::new(stream);
         entry.insert(Conn {
             stream: stream.clone(),
@@ -251,7 +273,10 @@ impl Worker {
             }
         }
         if let Some(c) = self.conns.borrow_mut().get_mut(slot as usize) {
-            if c.generation == generation && c.session.phase() != Phase::Closing && !partial.is_empty() {
+            if c.generation == generation
+                && c.session.phase() != Phase::Closing
+                && !partial.is_empty()
+            {
                 debug_assert!(partial.len() < self.shared.config.limits.max_frame_bytes);
                 c.partial = partial;
             }
@@ -301,7 +326,10 @@ impl Worker {
         let now = self.now.get();
         let verdict = {
             let mut conns = self.conns.borrow_mut();
-            let Some(c) = conns.get_mut(slot as usize).filter(|c| c.generation == generation) else {
+            let Some(c) = conns
+                .get_mut(slot as usize)
+                .filter(|c| c.generation == generation)
+            else {
                 return;
             };
             c.session.on_frame(frame.frame_type(), now)
@@ -318,25 +346,48 @@ impl Worker {
         match frame {
             Frame::Login { user, token } => self.on_login(slot, generation, user, token),
             Frame::Ping { data } => {
-                let pong = Frame::Pong { data }.to_bytes().expect("PING data is bounded by the decoder");
+                let pong = Frame::Pong { data }
+                    .to_bytes()
+                    .expect("PING data is bounded by the decoder");
                 self.reply(slot, generation, pong);
             }
             Frame::Pong { .. } => {}
-            Frame::Send { req_id, to, payload } => self.on_send(slot, generation, req_id, to, payload),
-            Frame::Message { req_id, payload } => {
-                self.to_application(slot, generation, ClientMessageKind::Message, req_id, payload)
+            Frame::Send {
+                req_id,
+                to,
+                payload,
+            } => self.on_send(slot, generation, req_id, to, payload),
+            Frame::Message { req_id, payload } => self.to_application(
+                slot,
+                generation,
+                ClientMessageKind::Message,
+                req_id,
+                payload,
+            ),
+            Frame::Close { .. } => {
+                self.begin_close(slot, generation, CloseCode::Normal, "closed by client")
             }
-            Frame::Close { .. } => self.begin_close(slot, generation, CloseCode::Normal, "closed by client"),
             // The session refuses server-only frames before we get here.
-            Frame::LoginOk { .. } | Frame::LoginError { .. } | Frame::Push { .. } | Frame::SendAck { .. } | Frame::Error { .. } => {
-                self.begin_close(slot, generation, CloseCode::UnexpectedFrame, "server-only frame")
-            }
+            Frame::LoginOk { .. }
+            | Frame::LoginError { .. }
+            | Frame::Push { .. }
+            | Frame::SendAck { .. }
+            | Frame::Error { .. } => self.begin_close(
+                slot,
+                generation,
+                CloseCode::UnexpectedFrame,
+                "server-only frame",
+            ),
         }
     }
 
     fn on_login(self: &Rc<Self>, slot: u32, generation: u32, user: &str, token: &[u8]) {
         let counters = self.counters();
-        if let Err(e) = self.shared.authenticator.authenticate(user, token, unix_now_s()) {
+        if let Err(e) = self
+            .shared
+            .authenticator
+            .authenticate(user, token, unix_now_s())
+        {
             bump(&counters.login_failures, 1);
             self.fail_login(slot, generation, e.code() as u16, &e.to_string());
             return;
@@ -346,19 +397,33 @@ impl Worker {
             Ok(k) => k,
             Err(e) => {
                 bump(&counters.login_failures, 1);
-                let reason = format!("user already has {} connections (limits.max_conns_per_user)", e.limit);
-                self.fail_login(slot, generation, LoginErrorCode::TooManyConnections as u16, &reason);
+                let reason = format!(
+                    "user already has {} connections (limits.max_conns_per_user)",
+                    e.limit
+                );
+                self.fail_login(
+                    slot,
+                    generation,
+                    LoginErrorCode::TooManyConnections as u16,
+                    &reason,
+                );
                 return;
             }
         };
         let now = self.now.get();
         {
             let mut conns = self.conns.borrow_mut();
-            let c = conns.get_mut(slot as usize).filter(|c| c.generation == generation).expect("conn is live during its read");
+            let c = conns
+                .get_mut(slot as usize)
+                .filter(|c| c.generation == generation)
+                .expect("conn is live during its read");
             let ok = c.session.login_ok(now);
             debug_assert!(ok, "session accepted LOGIN so it was awaiting login");
             debug_assert!(c.user.is_none());
             c.user = Some(key);
+            // The heartbeat may come due before the login deadline the
+            // wheel entry was filed under.
+            self.reschedule_if_earlier(c, slot);
         }
         bump(&counters.logins, 1);
         bump(&counters.logged_in, 1);
@@ -373,7 +438,12 @@ impl Worker {
     }
 
     fn fail_login(self: &Rc<Self>, slot: u32, generation: u32, code: u16, reason: &str) {
-        let frame = Frame::LoginError { code, reason: clip_reason(reason) }.to_bytes().expect("reason clipped");
+        let frame = Frame::LoginError {
+            code,
+            reason: clip_reason(reason),
+        }
+        .to_bytes()
+        .expect("reason clipped");
         self.close_with(slot, generation, frame, false);
     }
 
@@ -383,14 +453,26 @@ impl Worker {
                 let kind = ClientMessageKind::Send { to: to.to_string() };
                 self.to_application(slot, generation, kind, req_id, payload);
             } else {
-                self.reply_error(slot, generation, ErrorCode::SendDisabled, req_id, "client-to-client SEND is disabled");
+                self.reply_error(
+                    slot,
+                    generation,
+                    ErrorCode::SendDisabled,
+                    req_id,
+                    "client-to-client SEND is disabled",
+                );
             }
             return;
         }
-        let Some(from) = self.user_of(slot, generation) else { return };
-        let frame = Frame::Push { msg_id: self.next_msg_id(), from: &from, payload }
-            .to_bytes()
-            .expect("user ids are at most 255 bytes and payload fits a frame");
+        let Some(from) = self.user_of(slot, generation) else {
+            return;
+        };
+        let frame = Frame::Push {
+            msg_id: self.next_msg_id(),
+            from: &from,
+            payload,
+        }
+        .to_bytes()
+        .expect("user ids are at most 255 bytes and payload fits a frame");
         let mut targets = std::mem::take(&mut *self.lookup.borrow_mut());
         self.shared.directory.lookup_into(to, &mut targets);
         let mut delivered = 0u32;
@@ -404,11 +486,19 @@ impl Worker {
         }
         *self.lookup.borrow_mut() = targets;
         if req_id != 0 {
-            let ack = Frame::SendAck { req_id, delivered }.to_bytes().expect("fixed-size frame");
+            let ack = Frame::SendAck { req_id, delivered }
+                .to_bytes()
+                .expect("fixed-size frame");
             self.reply(slot, generation, ack);
         }
         if full {
-            self.reply_error(slot, generation, ErrorCode::Overloaded, req_id, "a worker mailbox is full; not every connection got the message");
+            self.reply_error(
+                slot,
+                generation,
+                ErrorCode::Overloaded,
+                req_id,
+                "a worker mailbox is full; not every connection got the message",
+            );
         }
     }
 
@@ -421,10 +511,18 @@ impl Worker {
         payload: &[u8],
     ) {
         let Some(hook) = self.shared.hook.clone() else {
-            self.reply_error(slot, generation, ErrorCode::NoHandler, req_id, "no application handler for MESSAGE");
+            self.reply_error(
+                slot,
+                generation,
+                ErrorCode::NoHandler,
+                req_id,
+                "no application handler for MESSAGE",
+            );
             return;
         };
-        let Some(user) = self.user_of(slot, generation) else { return };
+        let Some(user) = self.user_of(slot, generation) else {
+            return;
+        };
         let msg = ClientMessage {
             conn: ConnId::new(self.id, slot, generation),
             user,
@@ -436,9 +534,22 @@ impl Worker {
         hook(msg, &self.handle);
     }
 
+    /// Files a new wheel entry when the session's next deadline is earlier
+    /// than the live entry (a later deadline needs nothing: the early entry
+    /// comes due, and the session says to wait).
+    fn reschedule_if_earlier(&self, c: &mut Conn, slot: u32) {
+        let next = c.session.next_deadline(&self.shared.timeouts);
+        if (next.wrapping_sub(c.wheel_at) as i32) < 0 {
+            c.wheel_at = self.wheel.borrow_mut().insert(next, slot, c.generation);
+        }
+    }
+
     fn user_of(&self, slot: u32, generation: u32) -> Option<Arc<str>> {
         let conns = self.conns.borrow();
-        conns.get(slot as usize).filter(|c| c.generation == generation).and_then(|c| c.user.clone())
+        conns
+            .get(slot as usize)
+            .filter(|c| c.generation == generation)
+            .and_then(|c| c.user.clone())
     }
 
     // ---- delivery -------------------------------------------------------------
@@ -450,7 +561,8 @@ impl Worker {
         if conn.worker() == self.id {
             return Ok(self.enqueue(conn.slot(), conn.generation(), frame, true));
         }
-        match self.shared.mailboxes[conn.worker().0 as usize].push(Command::Deliver { conn, frame }) {
+        match self.shared.mailboxes[conn.worker().0 as usize].push(Command::Deliver { conn, frame })
+        {
             Ok(()) => Ok(true),
             Err(_) => Err(()),
         }
@@ -460,16 +572,37 @@ impl Worker {
         self.enqueue(slot, generation, frame, false);
     }
 
-    fn reply_error(self: &Rc<Self>, slot: u32, generation: u32, code: ErrorCode, req_id: u32, reason: &str) {
-        let frame = Frame::Error { code: code as u16, req_id, reason: clip_reason(reason) }.to_bytes().expect("reason clipped");
+    fn reply_error(
+        self: &Rc<Self>,
+        slot: u32,
+        generation: u32,
+        code: ErrorCode,
+        req_id: u32,
+        reason: &str,
+    ) {
+        let frame = Frame::Error {
+            code: code as u16,
+            req_id,
+            reason: clip_reason(reason),
+        }
+        .to_bytes()
+        .expect("reason clipped");
         self.reply(slot, generation, frame);
     }
 
     /// Queues a frame on a local connection and marks it for the next flush.
     /// A queue over its limit closes the connection as a slow consumer.
-    fn enqueue(self: &Rc<Self>, slot: u32, generation: u32, frame: Bytes, require_login: bool) -> bool {
+    fn enqueue(
+        self: &Rc<Self>,
+        slot: u32,
+        generation: u32,
+        frame: Bytes,
+        require_login: bool,
+    ) -> bool {
         let mut conns = self.conns.borrow_mut();
-        let Some(c) = conns.get_mut(slot as usize) else { return false };
+        let Some(c) = conns.get_mut(slot as usize) else {
+            return false;
+        };
         if c.generation != generation {
             return false;
         }
@@ -481,7 +614,12 @@ impl Worker {
         if c.out.push(frame, &self.shared.out_limits).is_err() {
             drop(conns);
             bump(&self.counters().slow_consumers, 1);
-            self.begin_close(slot, generation, CloseCode::SlowConsumer, CloseCode::SlowConsumer.reason());
+            self.begin_close(
+                slot,
+                generation,
+                CloseCode::SlowConsumer,
+                CloseCode::SlowConsumer.reason(),
+            );
             return false;
         }
         if c.flags & DIRTY == 0 {
@@ -513,7 +651,9 @@ impl Worker {
 
     fn flush(self: &Rc<Self>, slot: u32) {
         let mut conns = self.conns.borrow_mut();
-        let Some(c) = conns.get_mut(slot as usize) else { return };
+        let Some(c) = conns.get_mut(slot as usize) else {
+            return;
+        };
         if c.flags & DIRTY == 0 {
             return;
         }
@@ -575,7 +715,10 @@ impl Worker {
     /// The writer task saw the socket writable. Returns true to keep waiting.
     fn on_writable(&self, slot: u32, generation: u32) -> bool {
         let mut conns = self.conns.borrow_mut();
-        let Some(c) = conns.get_mut(slot as usize).filter(|c| c.generation == generation) else {
+        let Some(c) = conns
+            .get_mut(slot as usize)
+            .filter(|c| c.generation == generation)
+        else {
             return false;
         };
         match self.write_out(c) {
@@ -597,8 +740,19 @@ impl Worker {
     // ---- closing --------------------------------------------------------------
 
     /// Starts closing with a CLOSE frame.
-    pub(crate) fn begin_close(self: &Rc<Self>, slot: u32, generation: u32, code: CloseCode, reason: &str) {
-        self.close_with(slot, generation, close_frame(code, reason), code == CloseCode::SlowConsumer);
+    pub(crate) fn begin_close(
+        self: &Rc<Self>,
+        slot: u32,
+        generation: u32,
+        code: CloseCode,
+        reason: &str,
+    ) {
+        self.close_with(
+            slot,
+            generation,
+            close_frame(code, reason),
+            code == CloseCode::SlowConsumer,
+        );
     }
 
     /// Starts closing: leaves the directory, queues `last` (CLOSE or
@@ -609,7 +763,12 @@ impl Worker {
         let now = self.now.get();
         let user = {
             let mut conns = self.conns.borrow_mut();
-            let Some(c) = conns.get_mut(slot as usize).filter(|c| c.generation == generation) else { return };
+            let Some(c) = conns
+                .get_mut(slot as usize)
+                .filter(|c| c.generation == generation)
+            else {
+                return;
+            };
             if !c.session.start_close(now) {
                 return;
             }
@@ -622,11 +781,14 @@ impl Worker {
                 c.flags |= DIRTY;
                 self.dirty.borrow_mut().push(slot);
             }
-            c.wheel_at = self.wheel.borrow_mut().insert(c.session.next_deadline(&self.shared.timeouts), slot, generation);
+            self.reschedule_if_earlier(c, slot);
             c.user.take()
         };
         if let Some(user) = user {
-            let removed = self.shared.directory.unregister(&user, ConnId::new(self.id, slot, generation));
+            let removed = self
+                .shared
+                .directory
+                .unregister(&user, ConnId::new(self.id, slot, generation));
             debug_assert!(removed, "a logged-in connection is in the directory");
             drop_one(&self.counters().logged_in);
         }
@@ -642,7 +804,10 @@ impl Worker {
             }
         };
         if let Some(user) = &conn.user {
-            let removed = self.shared.directory.unregister(user, ConnId::new(self.id, slot, generation));
+            let removed = self
+                .shared
+                .directory
+                .unregister(user, ConnId::new(self.id, slot, generation));
             debug_assert!(removed, "a logged-in connection is in the directory");
             drop_one(&self.counters().logged_in);
         }
@@ -679,7 +844,9 @@ impl Worker {
         let t = &self.shared.timeouts;
         let action = {
             let mut conns = self.conns.borrow_mut();
-            let Some(c) = conns.get_mut(e.slot as usize) else { return };
+            let Some(c) = conns.get_mut(e.slot as usize) else {
+                return;
+            };
             if c.generation != e.generation || c.wheel_at != e.at {
                 return; // stale or superseded entry
             }
@@ -695,9 +862,18 @@ impl Worker {
                     // Wake the reader, which releases the slot. Re-check
                     // later in case the wake is lost.
                     sys::shutdown(c.fd, libc::SHUT_RDWR);
-                    c.wheel_at = self.wheel.borrow_mut().insert(now.wrapping_add(t.linger), e.slot, e.generation);
+                    c.wheel_at = self.wheel.borrow_mut().insert(
+                        now.wrapping_add(t.linger),
+                        e.slot,
+                        e.generation,
+                    );
                 }
-                TickAction::Close(_) => {}
+                TickAction::Close(_) => {
+                    // The entry just consumed was the live one; mark "none"
+                    // (infinitely late) so the close files the linger
+                    // deadline.
+                    c.wheel_at = now.wrapping_add(i32::MAX as u32);
+                }
             }
             action
         };
@@ -719,9 +895,21 @@ impl Worker {
         }
     }
 
+    /// Shuts every remaining socket down; each reader then releases its slot.
+    fn abort_all(&self) {
+        for (_, c) in self.conns.borrow().iter() {
+            sys::shutdown(c.fd, libc::SHUT_RDWR);
+        }
+    }
+
     /// Starts closing every connection (server shutdown).
     fn close_all(self: &Rc<Self>, code: CloseCode) {
-        let ids: Vec<(u32, u32)> = self.conns.borrow().iter().map(|(s, c)| (s as u32, c.generation)).collect();
+        let ids: Vec<(u32, u32)> = self
+            .conns
+            .borrow()
+            .iter()
+            .map(|(s, c)| (s as u32, c.generation))
+            .collect();
         for (slot, generation) in ids {
             self.begin_close(slot, generation, code, code.reason());
         }
@@ -792,6 +980,9 @@ async fn tick_loop(w: Rc<Worker>) {
         let next = w.now.get().wrapping_add(1);
         let at = w.shared.epoch + Duration::from_millis(next as u64 * tick_ms);
         monoio::time::sleep_until(monoio::time::Instant::from_std(at)).await;
+        if w.stopped.get() {
+            return;
+        }
         let now = w.refresh_now();
         w.wheel.borrow_mut().advance(now, &mut due);
         let mut handled = 0;
@@ -848,10 +1039,14 @@ pub(crate) async fn run(
         // stream wrapper, which only polls it for readability.
         let dup = unsafe { libc::fcntl(efd, libc::F_DUPFD_CLOEXEC, 0) };
         if dup < 0 {
-            return ready(Err(format!("cannot dup eventfd: {}", std::io::Error::last_os_error())));
+            return ready(Err(format!(
+                "cannot dup eventfd: {}",
+                std::io::Error::last_os_error()
+            )));
         }
         // SAFETY: `dup` is a fresh descriptor nobody else owns.
-        let std_stream = unsafe { <std::os::unix::net::UnixStream as std::os::fd::FromRawFd>::from_raw_fd(dup) };
+        let std_stream =
+            unsafe { <std::os::unix::net::UnixStream as std::os::fd::FromRawFd>::from_raw_fd(dup) };
         match monoio::net::UnixStream::from_std(std_stream) {
             Ok(s) => s,
             Err(e) => return ready(Err(format!("cannot register eventfd: {e}"))),
@@ -865,15 +1060,32 @@ pub(crate) async fn run(
     ready(Ok(()));
     mailbox_loop(w.clone(), wake).await;
 
-    // Graceful shutdown: stop accepting (dropping our listener reference
-    // closes it once the accept loops end with the runtime), say goodbye,
-    // wait for peers to close, bounded by the linger.
+    // Graceful shutdown. Everything is released while the runtime still
+    // runs: monoio 0.2 does not close the descriptors of tasks still
+    // pending when a runtime is dropped.
+    // 1. Stop listening: shutdown() on a listening socket ends it and fails
+    //    the pending accepts, so the accept loops return.
+    sys::shutdown(listener.as_raw_fd(), libc::SHUT_RDWR);
     drop(listener);
+    // 2. CLOSE 1001 to everyone, then wait for peers to close, bounded by
+    //    the linger.
     w.close_all(CloseCode::GoingAway);
     let linger = Duration::from_millis(shared.config.timeouts.close_linger_ms);
     let deadline = std::time::Instant::now() + linger;
     while w.connection_count() > 0 && std::time::Instant::now() < deadline {
-        monoio::time::sleep(Duration::from_millis(10)).await;
+        monoio::time::sleep(Duration::from_millis(5)).await;
     }
-    tracing::debug!(worker = id.0, left = w.connection_count(), "worker stopped");
+    // 3. Whoever is left is cut off; their readers release them.
+    let left = w.connection_count();
+    w.abort_all();
+    let deadline = std::time::Instant::now() + Duration::from_millis(500);
+    while (w.connection_count() > 0 || Rc::strong_count(&w) > 2)
+        && std::time::Instant::now() < deadline
+    {
+        monoio::time::sleep(Duration::from_millis(5)).await;
+    }
+    w.stopped.set(true);
+    // Let the close operations of the last sockets reach the kernel.
+    monoio::time::sleep(Duration::from_millis(1)).await;
+    tracing::debug!(worker = id.0, cut_off = left, "worker stopped");
 }

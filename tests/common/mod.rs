@@ -1,0 +1,108 @@
+//! Helpers shared by the integration tests: a server on 127.0.0.1:0 with
+//! short timeouts, tokens, and logged-in clients.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use switchboard::client::{Client, LoginInfo};
+use switchboard::config::Config;
+use switchboard::proto::frame::Frame;
+use switchboard::{ConnId, JwtHs256, Server};
+
+pub const SECRET: &str = "integration-test-secret-0123456789";
+
+/// Two workers, short timeouts (50 ms ticks), generous heartbeats so tests
+/// that do not look at them are not disturbed.
+pub fn config() -> Config {
+    let mut c = Config::default();
+    c.server.listen = "127.0.0.1:0".into();
+    c.server.workers = 2;
+    c.server.pin_workers = false;
+    c.server.max_connections = 4000;
+    c.auth.jwt_secret = Some(SECRET.into());
+    c.timeouts.tick_ms = 50;
+    c.timeouts.login_timeout_ms = 2_000;
+    c.timeouts.heartbeat_interval_ms = 60_000;
+    c.timeouts.idle_timeout_ms = 120_000;
+    c.timeouts.close_linger_ms = 500;
+    c
+}
+
+pub fn start(cfg: Config) -> Server {
+    Server::builder()
+        .config(cfg)
+        .start()
+        .expect("server starts")
+}
+
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+pub fn token(user: &str) -> String {
+    JwtHs256::new(SECRET).mint(user, unix_now() + 3600)
+}
+
+pub fn connect(addr: SocketAddr) -> Client {
+    let c = Client::connect_timeout(&addr, Duration::from_secs(5)).expect("connect");
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    c
+}
+
+pub fn login(addr: SocketAddr, user: &str) -> (Client, LoginInfo) {
+    let mut c = connect(addr);
+    let info = c.login(user, &token(user)).expect("login succeeds");
+    (c, info)
+}
+
+pub fn worker_of(info: &LoginInfo) -> u8 {
+    ConnId::from_u64(info.conn_id).worker().0
+}
+
+/// Logs `user` in until one connection lands on each worker in `workers`;
+/// the others are closed.
+pub fn login_on_workers(addr: SocketAddr, user: &str, workers: &[u8]) -> Vec<Client> {
+    let mut found: Vec<Option<Client>> = workers.iter().map(|_| None).collect();
+    for _ in 0..200 {
+        let (c, info) = login(addr, user);
+        let w = worker_of(&info);
+        if let Some(i) = workers.iter().position(|&x| x == w) {
+            if found[i].is_none() {
+                found[i] = Some(c);
+            }
+        }
+        if found.iter().all(|f| f.is_some()) {
+            return found.into_iter().map(|c| c.unwrap()).collect();
+        }
+    }
+    panic!("SO_REUSEPORT never placed a connection on each of workers {workers:?}");
+}
+
+/// The next PUSH (PINGs answered on the way): (msg_id, from, payload).
+pub fn expect_push(c: &mut Client) -> (u64, String, Vec<u8>) {
+    let f = c.recv_skipping_pings().expect("a frame arrives");
+    match f.frame() {
+        Frame::Push {
+            msg_id,
+            from,
+            payload,
+        } => (msg_id, from.to_string(), payload.to_vec()),
+        other => panic!("expected PUSH, got {other:?}"),
+    }
+}
+
+/// Polls `cond` until it holds or `timeout` passes.
+pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + timeout;
+    while Instant::now() < end {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    cond()
+}

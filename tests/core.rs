@@ -1,0 +1,559 @@
+//! Integration tests of the core server over real loopback sockets.
+//! Each test starts its own server on 127.0.0.1:0; the largest holds about
+//! 2,000 descriptors (1,000 clients + their server ends), well under the
+//! 20,000 per process this machine allows.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use switchboard::client::ClientError;
+use switchboard::config::IoDriver;
+use switchboard::proto::frame::Frame;
+use switchboard::{CloseCode, ConnId, ErrorCode, JwtHs256, LoginErrorCode, Server};
+
+fn close_code_of(c: &mut switchboard::client::Client) -> Option<u16> {
+    c.recv_close_code().expect("server closes cleanly")
+}
+
+#[test]
+fn login_with_good_bad_and_expired_tokens() {
+    let server = start(config());
+    let addr = server.local_addr();
+
+    let (_ok, info) = login(addr, "alice");
+    assert_eq!(info.heartbeat_interval_ms, 60_000);
+    assert!(server.handle().is_online("alice"));
+
+    let cases = [
+        (
+            "alice",
+            JwtHs256::new("some-other-secret-xyz").mint("alice", unix_now() + 60),
+            LoginErrorCode::BadSignature,
+        ),
+        (
+            "alice",
+            JwtHs256::new(SECRET).mint("alice", unix_now() - 3600),
+            LoginErrorCode::Expired,
+        ),
+        (
+            "alice",
+            JwtHs256::new(SECRET).mint("mallory", unix_now() + 60),
+            LoginErrorCode::UserMismatch,
+        ),
+        (
+            "alice",
+            "not-a-jwt".to_string(),
+            LoginErrorCode::MalformedToken,
+        ),
+    ];
+    for (user, tok, want) in cases {
+        let mut c = connect(addr);
+        match c.login(user, &tok) {
+            Err(ClientError::LoginRefused { code, reason }) => {
+                assert_eq!(code, want as u16, "{reason}");
+                assert!(!reason.is_empty());
+            }
+            other => panic!("expected LOGIN_ERROR {want:?}, got {other:?}"),
+        }
+        assert_eq!(
+            close_code_of(&mut c),
+            None,
+            "the server closes after LOGIN_ERROR"
+        );
+    }
+    let s = server.handle().stats();
+    assert_eq!((s.logins, s.login_failures), (1, 4));
+}
+
+#[test]
+fn silent_connection_is_closed_at_the_login_deadline() {
+    let mut cfg = config();
+    cfg.timeouts.login_timeout_ms = 300;
+    let server = start(cfg);
+    let mut c = connect(server.local_addr());
+    let t0 = Instant::now();
+    assert_eq!(close_code_of(&mut c), Some(CloseCode::LoginTimeout as u16));
+    let waited = t0.elapsed();
+    assert!(
+        waited >= Duration::from_millis(250),
+        "closed too early: {waited:?}"
+    );
+    assert!(
+        waited < Duration::from_secs(3),
+        "closed too late: {waited:?}"
+    );
+    assert!(wait_until(Duration::from_secs(2), || server
+        .handle()
+        .connection_count()
+        == 0));
+    assert_eq!(server.handle().stats().login_timeouts, 1);
+}
+
+#[test]
+fn frames_before_login_are_refused() {
+    let server = start(config());
+    let mut c = connect(server.local_addr());
+    c.send(0, "bob", b"hi").unwrap();
+    assert_eq!(
+        close_code_of(&mut c),
+        Some(CloseCode::UnexpectedFrame as u16)
+    );
+}
+
+#[test]
+fn push_reaches_a_user_on_the_other_worker() {
+    let server = start(config());
+    let addr = server.local_addr();
+    let h = server.handle();
+    let mut clients = login_on_workers(addr, "alice", &[1]);
+    // From a plain thread through the handle (mailbox of worker 1).
+    let pushed = std::thread::spawn(move || h.push_to_user("alice", b"from the app"))
+        .join()
+        .unwrap()
+        .unwrap();
+    assert_eq!(pushed.connections, 1);
+    let (msg_id, from, payload) = expect_push(&mut clients[0]);
+    assert_eq!(
+        (msg_id, from.as_str(), payload.as_slice()),
+        (pushed.msg_id, "", &b"from the app"[..])
+    );
+    // And from a client on worker 0 (SEND crosses workers).
+    let mut bob = login_on_workers(addr, "bob", &[0]).remove(0);
+    bob.send(7, "alice", b"hello across cores").unwrap();
+    let (_, from, payload) = expect_push(&mut clients[0]);
+    assert_eq!(
+        (from.as_str(), payload.as_slice()),
+        ("bob", &b"hello across cores"[..])
+    );
+    match bob.recv_skipping_pings().unwrap().frame() {
+        Frame::SendAck {
+            req_id: 7,
+            delivered: 1,
+        } => {}
+        other => panic!("expected SEND_ACK, got {other:?}"),
+    }
+}
+
+#[test]
+fn every_device_of_a_user_gets_the_push() {
+    let server = start(config());
+    let addr = server.local_addr();
+    let mut devices = login_on_workers(addr, "carol", &[0, 1]);
+    devices.push(login(addr, "carol").0);
+    assert_eq!(server.handle().connections_of("carol").len(), 3);
+    let pushed = server.handle().push_to_user("carol", b"sync").unwrap();
+    assert_eq!(pushed.connections, 3);
+    for d in &mut devices {
+        let (msg_id, _, payload) = expect_push(d);
+        assert_eq!(
+            (msg_id, payload.as_slice()),
+            (pushed.msg_id, &b"sync"[..]),
+            "same message id on every device"
+        );
+    }
+}
+
+#[test]
+fn two_clients_chat_through_the_server() {
+    let server = start(config());
+    let addr = server.local_addr();
+    let (mut a, _) = login(addr, "ann");
+    let (mut b, _) = login(addr, "ben");
+    for i in 0..50u32 {
+        a.send(i + 1, "ben", format!("ping {i}").as_bytes())
+            .unwrap();
+        let (_, from, payload) = expect_push(&mut b);
+        assert_eq!(
+            (from.as_str(), payload),
+            ("ann", format!("ping {i}").into_bytes())
+        );
+        b.send(0, "ann", format!("pong {i}").as_bytes()).unwrap();
+        // ann sees her SEND_ACK, then ben's message.
+        match a.recv_skipping_pings().unwrap().frame() {
+            Frame::SendAck { req_id, delivered } => assert_eq!((req_id, delivered), (i + 1, 1)),
+            other => panic!("expected SEND_ACK, got {other:?}"),
+        }
+        let (_, from, payload) = expect_push(&mut a);
+        assert_eq!(
+            (from.as_str(), payload),
+            ("ben", format!("pong {i}").into_bytes())
+        );
+    }
+    // A SEND to nobody is acknowledged with zero deliveries.
+    a.send(99, "nobody", b"?").unwrap();
+    match a.recv_skipping_pings().unwrap().frame() {
+        Frame::SendAck {
+            req_id: 99,
+            delivered: 0,
+        } => {}
+        other => panic!("expected SEND_ACK 0, got {other:?}"),
+    }
+}
+
+#[test]
+fn server_pings_silent_clients_and_closes_dead_ones() {
+    let mut cfg = config();
+    cfg.timeouts.heartbeat_interval_ms = 300;
+    cfg.timeouts.idle_timeout_ms = 700;
+    let server = start(cfg);
+    let addr = server.local_addr();
+
+    // A live client answers PINGs and outlives several idle timeouts.
+    let (mut live, _) = login(addr, "live");
+    let live_thread = std::thread::spawn(move || {
+        let end = Instant::now() + Duration::from_millis(2_000);
+        let mut pings = 0;
+        live.set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        while Instant::now() < end {
+            match live.recv() {
+                Ok(f) => match f.frame() {
+                    Frame::Ping { data } => {
+                        pings += 1;
+                        live.send_frame(&Frame::Pong { data }).unwrap();
+                    }
+                    other => panic!("unexpected {other:?}"),
+                },
+                Err(e) if e.is_timeout() => {}
+                Err(e) => panic!("live client lost its connection: {e}"),
+            }
+        }
+        (pings, live)
+    });
+
+    // A dead client gets one PING, then CLOSE 4002.
+    let (mut dead, _) = login(addr, "dead");
+    let t0 = Instant::now();
+    match dead.recv().unwrap().frame() {
+        Frame::Ping { data } => assert!(data.is_empty()),
+        other => panic!("expected PING, got {other:?}"),
+    }
+    let ping_after = t0.elapsed();
+    assert!(
+        ping_after >= Duration::from_millis(250),
+        "PING too early: {ping_after:?}"
+    );
+    assert_eq!(
+        close_code_of(&mut dead),
+        Some(CloseCode::IdleTimeout as u16)
+    );
+    let closed_after = t0.elapsed();
+    assert!(
+        closed_after >= Duration::from_millis(600),
+        "closed too early: {closed_after:?}"
+    );
+
+    let (pings, _live) = live_thread.join().unwrap();
+    assert!(
+        pings >= 3,
+        "the live client was pinged {pings} times in 2 s"
+    );
+    assert!(server.handle().is_online("live"));
+    assert!(!server.handle().is_online("dead"));
+    let s = server.handle().stats();
+    assert_eq!(s.idle_timeouts, 1);
+}
+
+#[test]
+fn client_ping_is_answered_with_its_data() {
+    let server = start(config());
+    let (mut c, _) = login(server.local_addr(), "pinger");
+    for data in [&b""[..], b"t=12345", &[7u8; 64]] {
+        c.send_frame(&Frame::Ping { data }).unwrap();
+        match c.recv().unwrap().frame() {
+            Frame::Pong { data: echoed } => assert_eq!(echoed, data),
+            other => panic!("expected PONG, got {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn malformed_frame_closes_only_that_connection() {
+    let server = start(config());
+    let addr = server.local_addr();
+    let h = server.handle();
+    let mut others: Vec<_> = (0..1000)
+        .map(|i| login(addr, &format!("user{i}")).0)
+        .collect();
+    assert!(wait_until(Duration::from_secs(5), || h.logged_in_count() == 1000));
+
+    let cases: [(&[u8], CloseCode, &str); 4] = [
+        (
+            &[0, 0, 0, 2, 1, 0x7f],
+            CloseCode::ProtocolError,
+            "unknown frame type 0x7f",
+        ),
+        (
+            &[0, 0, 0, 4, 1, 7, 0, 0],
+            CloseCode::ProtocolError,
+            "truncated",
+        ),
+        (
+            &[0, 0, 0, 2, 9, 4],
+            CloseCode::UnsupportedVersion,
+            "version 9",
+        ),
+        (
+            &[0x7f, 0, 0, 0],
+            CloseCode::FrameTooLarge,
+            "exceeds the limit",
+        ),
+    ];
+    for (bytes, want, reason_part) in cases {
+        let (mut bad, _) = login(addr, "mallory");
+        bad.send_raw(bytes).unwrap();
+        let f = bad.recv().unwrap();
+        match f.frame() {
+            Frame::Close { code, reason } => {
+                assert_eq!(code, want as u16, "{reason}");
+                assert!(
+                    reason.contains(reason_part),
+                    "reason {reason:?} should mention {reason_part:?}"
+                );
+            }
+            other => panic!("expected CLOSE, got {other:?}"),
+        }
+        assert_eq!(close_code_of(&mut bad), None, "then EOF");
+    }
+    assert_eq!(h.stats().protocol_errors, 4);
+
+    // Everyone else still works: a push to each, and a SEND from each to the
+    // next one.
+    for i in 0..1000 {
+        assert_eq!(
+            h.push_to_user(&format!("user{i}"), format!("still here {i}"))
+                .unwrap()
+                .connections,
+            1
+        );
+    }
+    for (i, c) in others.iter_mut().enumerate() {
+        let (_, _, payload) = expect_push(c);
+        assert_eq!(payload, format!("still here {i}").into_bytes());
+    }
+    for i in 0..1000 {
+        let to = format!("user{}", (i + 1) % 1000);
+        others[i].send(0, &to, b"chain").unwrap();
+    }
+    for (i, c) in others.iter_mut().enumerate() {
+        let (_, from, _) = expect_push(c);
+        assert_eq!(from, format!("user{}", (i + 999) % 1000));
+    }
+    assert!(wait_until(Duration::from_secs(5), || h.connection_count() == 1000));
+}
+
+#[test]
+fn kick_user_closes_all_of_their_connections() {
+    let server = start(config());
+    let addr = server.local_addr();
+    let h = server.handle();
+    let mut devices = login_on_workers(addr, "dave", &[0, 1]);
+    let (mut bystander, _) = login(addr, "erin");
+    assert_eq!(h.kick_user("dave").unwrap(), 2);
+    for d in &mut devices {
+        assert_eq!(close_code_of(d), Some(CloseCode::Kicked as u16));
+    }
+    assert!(wait_until(Duration::from_secs(2), || !h.is_online("dave")));
+    assert_eq!(h.kick_user("dave").unwrap(), 0, "nobody left to kick");
+    h.push_to_user("erin", b"unaffected").unwrap();
+    assert_eq!(expect_push(&mut bystander).2, b"unaffected");
+    assert_eq!(h.stats().kicked, 2);
+}
+
+#[test]
+fn graceful_shutdown_says_going_away_to_everyone() {
+    let server = start(config());
+    let addr = server.local_addr();
+    let mut clients: Vec<_> = (0..100).map(|i| login(addr, &format!("s{i}")).0).collect();
+    let h = server.handle();
+    let t0 = Instant::now();
+    let stopper = std::thread::spawn(move || server.shutdown());
+    for c in &mut clients {
+        assert_eq!(close_code_of(c), Some(CloseCode::GoingAway as u16));
+    }
+    drop(clients);
+    stopper.join().unwrap();
+    assert!(t0.elapsed() < Duration::from_secs(5));
+    assert!(h.is_shutting_down());
+    assert_eq!(
+        h.push_to_user("s1", b"late"),
+        Err(switchboard::PushError::ShuttingDown)
+    );
+    assert!(
+        std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_err(),
+        "listener closed"
+    );
+}
+
+#[test]
+fn message_frames_reach_the_application_hook() {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let seen2 = seen.clone();
+    let server = Server::builder()
+        .config(config())
+        .on_message(move |m, h| {
+            seen2
+                .lock()
+                .unwrap()
+                .push((m.user.to_string(), m.req_id, m.payload.clone()));
+            // Reply through the handle, from the worker thread.
+            let _ = h.push_to_user(&m.user, [b"echo:".as_slice(), &m.payload].concat());
+        })
+        .start()
+        .unwrap();
+    let (mut c, _) = login(server.local_addr(), "frank");
+    c.send_frame(&Frame::Message {
+        req_id: 5,
+        payload: b"rpc",
+    })
+    .unwrap();
+    assert_eq!(expect_push(&mut c).2, b"echo:rpc");
+    assert_eq!(
+        seen.lock().unwrap().as_slice(),
+        &[("frank".to_string(), 5, bytes::Bytes::from_static(b"rpc"))]
+    );
+}
+
+#[test]
+fn message_without_a_hook_and_disabled_send_get_errors() {
+    let mut cfg = config();
+    cfg.routing.client_send = false;
+    let server = start(cfg);
+    let (mut c, _) = login(server.local_addr(), "gina");
+    c.send_frame(&Frame::Message {
+        req_id: 3,
+        payload: b"x",
+    })
+    .unwrap();
+    match c.recv().unwrap().frame() {
+        Frame::Error {
+            code, req_id: 3, ..
+        } => assert_eq!(code, ErrorCode::NoHandler as u16),
+        other => panic!("expected ERROR, got {other:?}"),
+    }
+    c.send(4, "gina", b"x").unwrap();
+    match c.recv().unwrap().frame() {
+        Frame::Error {
+            code, req_id: 4, ..
+        } => assert_eq!(code, ErrorCode::SendDisabled as u16),
+        other => panic!("expected ERROR, got {other:?}"),
+    }
+    // The connection stays open after a non-fatal ERROR.
+    c.send_frame(&Frame::Ping { data: b"" }).unwrap();
+    assert!(matches!(c.recv().unwrap().frame(), Frame::Pong { .. }));
+}
+
+#[test]
+fn connections_per_user_are_limited() {
+    let mut cfg = config();
+    cfg.limits.max_conns_per_user = 2;
+    let server = start(cfg);
+    let addr = server.local_addr();
+    let _a = login(addr, "hank");
+    let _b = login(addr, "hank");
+    let mut c = connect(addr);
+    match c.login("hank", &token("hank")) {
+        Err(ClientError::LoginRefused { code, .. }) => {
+            assert_eq!(code, LoginErrorCode::TooManyConnections as u16)
+        }
+        other => panic!("expected refusal, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_full_table_refuses_with_server_full() {
+    let mut cfg = config();
+    cfg.server.workers = 1;
+    cfg.server.max_connections = 2;
+    let server = start(cfg);
+    let addr = server.local_addr();
+    let _a = login(addr, "a");
+    let _b = login(addr, "b");
+    let mut c = connect(addr);
+    assert_eq!(close_code_of(&mut c), Some(CloseCode::ServerFull as u16));
+    assert_eq!(server.handle().stats().refused_full, 1);
+}
+
+#[test]
+fn a_stale_connection_id_never_reaches_the_slot_reuser() {
+    let mut cfg = config();
+    cfg.server.workers = 1;
+    let server = start(cfg);
+    let addr = server.local_addr();
+    let h = server.handle();
+    let (first, info1) = login(addr, "ivan");
+    drop(first);
+    assert!(wait_until(Duration::from_secs(2), || h.connection_count() == 0));
+    let (mut second, info2) = login(addr, "ivan");
+    let (old, new) = (
+        ConnId::from_u64(info1.conn_id),
+        ConnId::from_u64(info2.conn_id),
+    );
+    assert_eq!(old.slot(), new.slot(), "the slab reuses the slot");
+    assert_ne!(old.generation(), new.generation());
+    h.close_connection(old, CloseCode::Kicked).unwrap();
+    h.push_to_user("ivan", b"still mine").unwrap();
+    assert_eq!(expect_push(&mut second).2, b"still mine");
+}
+
+#[test]
+fn epoll_driver_serves_the_same_protocol() {
+    let mut cfg = config();
+    cfg.server.io_driver = IoDriver::Epoll;
+    let server = start(cfg);
+    let addr = server.local_addr();
+    let (mut a, _) = login(addr, "ep1");
+    let (mut b, _) = login(addr, "ep2");
+    a.send(1, "ep2", b"over epoll").unwrap();
+    assert_eq!(expect_push(&mut b).2, b"over epoll");
+    server.handle().push_to_user("ep1", b"push").unwrap();
+    // ep1 sees its SEND_ACK and the push.
+    let mut got_push = false;
+    for _ in 0..2 {
+        if let Frame::Push { payload, .. } = a.recv().unwrap().frame() {
+            assert_eq!(payload, b"push");
+            got_push = true;
+        }
+    }
+    assert!(got_push);
+}
+
+#[test]
+fn frames_split_across_reads_are_reassembled() {
+    let server = start(config());
+    let addr = server.local_addr();
+    let (mut a, _) = login(addr, "split1");
+    let (mut b, _) = login(addr, "split2");
+    let frame = Frame::Send {
+        req_id: 0,
+        to: "split2",
+        payload: &[b'x'; 3000],
+    }
+    .to_bytes()
+    .unwrap();
+    for chunk in frame.chunks(7) {
+        a.send_raw(chunk).unwrap();
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    assert_eq!(expect_push(&mut b).2, vec![b'x'; 3000]);
+    // Many frames in one write.
+    let mut burst = Vec::new();
+    for i in 0..200u32 {
+        burst.extend_from_slice(
+            &Frame::Send {
+                req_id: 0,
+                to: "split2",
+                payload: &i.to_be_bytes(),
+            }
+            .to_bytes()
+            .unwrap(),
+        );
+    }
+    a.send_raw(&burst).unwrap();
+    for i in 0..200u32 {
+        assert_eq!(expect_push(&mut b).2, i.to_be_bytes(), "in order");
+    }
+}
