@@ -84,10 +84,7 @@ pub struct JwtHs256 {
 
 impl std::fmt::Debug for JwtHs256 {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("JwtHs256")
-            .field("secret", &"<redacted>")
-            .field("leeway_s", &self.leeway_s)
-            .finish()
+        f.debug_struct("JwtHs256").field("secret", &"<redacted>").field("leeway_s", &self.leeway_s).finish()
     }
 }
 
@@ -106,11 +103,7 @@ struct Claims {
 impl JwtHs256 {
     /// A verifier with a 30 s leeway that requires `exp`.
     pub fn new(secret: impl Into<Vec<u8>>) -> JwtHs256 {
-        JwtHs256 {
-            secret: secret.into(),
-            leeway_s: 30,
-            require_exp: true,
-        }
+        JwtHs256 { secret: secret.into(), leeway_s: 30, require_exp: true }
     }
 
     /// Sets the clock-skew leeway in seconds.
@@ -154,27 +147,19 @@ impl JwtHs256 {
         if s.contains(&b'.') {
             return Err(AuthError::Malformed("expected three dot-separated parts"));
         }
-        let header_json = URL_SAFE_NO_PAD
-            .decode(h)
-            .map_err(|_| AuthError::Malformed("header is not base64url"))?;
-        let header: Header = serde_json::from_slice(&header_json)
-            .map_err(|_| AuthError::Malformed("header is not a JSON object"))?;
+        let header_json = URL_SAFE_NO_PAD.decode(h).map_err(|_| AuthError::Malformed("header is not base64url"))?;
+        let header: Header =
+            serde_json::from_slice(&header_json).map_err(|_| AuthError::Malformed("header is not a JSON object"))?;
         if header.alg != "HS256" {
             return Err(AuthError::UnsupportedAlgorithm);
         }
-        let sig = URL_SAFE_NO_PAD
-            .decode(s)
-            .map_err(|_| AuthError::Malformed("signature is not base64url"))?;
+        let sig = URL_SAFE_NO_PAD.decode(s).map_err(|_| AuthError::Malformed("signature is not base64url"))?;
         let mut mac = self.mac();
         mac.update(&token[..h.len() + 1 + p.len()]);
-        mac.verify_slice(&sig)
-            .map_err(|_| AuthError::BadSignature)?;
-        let claims_json = URL_SAFE_NO_PAD
-            .decode(p)
-            .map_err(|_| AuthError::Malformed("payload is not base64url"))?;
-        let claims: Claims = serde_json::from_slice(&claims_json).map_err(|_| {
-            AuthError::Malformed("payload is not a JSON object with string sub and numeric exp")
-        })?;
+        mac.verify_slice(&sig).map_err(|_| AuthError::BadSignature)?;
+        let claims_json = URL_SAFE_NO_PAD.decode(p).map_err(|_| AuthError::Malformed("payload is not base64url"))?;
+        let claims: Claims = serde_json::from_slice(&claims_json)
+            .map_err(|_| AuthError::Malformed("payload is not a JSON object with string sub and numeric exp"))?;
         let now = now_unix_s as f64;
         match claims.exp {
             Some(exp) if now >= exp + self.leeway_s as f64 => return Err(AuthError::Expired),
@@ -212,10 +197,7 @@ mod tests {
         let t = j.mint("alice", NOW + 60);
         assert_eq!(j.verify(t.as_bytes(), NOW).unwrap(), "alice");
         assert_eq!(j.authenticate("alice", t.as_bytes(), NOW), Ok(()));
-        assert_eq!(
-            j.authenticate("bob", t.as_bytes(), NOW),
-            Err(AuthError::UserMismatch)
-        );
+        assert_eq!(j.authenticate("bob", t.as_bytes(), NOW), Err(AuthError::UserMismatch));
     }
 
     #[test]
@@ -224,23 +206,14 @@ mod tests {
         // with no exp: accepted only when exp is not required.
         let t = "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiIxMjM0NTY3ODkwIiwibmFtZSI6IkpvaG4gRG9lIiwiaWF0IjoxNTE2MjM5MDIyfQ.SflKxwRJSMeKKF2QT4fwpMeJf36POk6yJV_adQssw5c";
         let j = JwtHs256::new("your-256-bit-secret");
-        assert_eq!(
-            j.verify(t.as_bytes(), NOW),
-            Err(AuthError::Malformed("missing exp claim"))
-        );
-        assert_eq!(
-            j.with_require_exp(false).verify(t.as_bytes(), NOW).unwrap(),
-            "1234567890"
-        );
+        assert_eq!(j.verify(t.as_bytes(), NOW), Err(AuthError::Malformed("missing exp claim")));
+        assert_eq!(j.with_require_exp(false).verify(t.as_bytes(), NOW).unwrap(), "1234567890");
     }
 
     #[test]
     fn wrong_secret_and_tampering_are_refused() {
         let t = JwtHs256::new("a").mint("alice", NOW + 60);
-        assert_eq!(
-            JwtHs256::new("b").verify(t.as_bytes(), NOW),
-            Err(AuthError::BadSignature)
-        );
+        assert_eq!(JwtHs256::new("b").verify(t.as_bytes(), NOW), Err(AuthError::BadSignature));
         let mut bytes = t.into_bytes();
         let mid = bytes.iter().position(|&b| b == b'.').unwrap() + 3;
         bytes[mid] ^= 1;
@@ -261,26 +234,12 @@ mod tests {
     #[test]
     fn garbage_is_malformed_not_a_panic() {
         let j = JwtHs256::new("k");
-        for t in [
-            &b""[..],
-            b"a",
-            b"a.b",
-            b"a.b.c.d",
-            b"!!.!!.!!",
-            b"e30.e30.",
-            &[0xff; 10],
-        ] {
+        for t in [&b""[..], b"a", b"a.b", b"a.b.c.d", b"!!.!!.!!", b"e30.e30.", &[0xff; 10]] {
             assert!(j.verify(t, NOW).is_err());
         }
         // alg none is refused before the signature is looked at.
-        let none = format!(
-            "{}.{}.",
-            URL_SAFE_NO_PAD.encode(br#"{"alg":"none"}"#),
-            URL_SAFE_NO_PAD.encode(br#"{"sub":"u"}"#)
-        );
-        assert_eq!(
-            j.verify(none.as_bytes(), NOW),
-            Err(AuthError::UnsupportedAlgorithm)
-        );
+        let none =
+            format!("{}.{}.", URL_SAFE_NO_PAD.encode(br#"{"alg":"none"}"#), URL_SAFE_NO_PAD.encode(br#"{"sub":"u"}"#));
+        assert_eq!(j.verify(none.as_bytes(), NOW), Err(AuthError::UnsupportedAlgorithm));
     }
 }

@@ -49,11 +49,7 @@ impl RawFrame {
     /// The decoded frame (decoding again is cheap and cannot fail: the bytes
     /// were validated when received).
     pub fn frame(&self) -> Frame<'_> {
-        decode(&self.0, PROTOCOL_MAX_FRAME_BYTES)
-            .ok()
-            .flatten()
-            .expect("validated on receipt")
-            .0
+        decode(&self.0, PROTOCOL_MAX_FRAME_BYTES).ok().flatten().expect("validated on receipt").0
     }
 
     /// The encoded bytes.
@@ -82,20 +78,14 @@ impl Client {
     pub fn connect(addr: impl ToSocketAddrs) -> io::Result<Client> {
         let stream = TcpStream::connect(addr)?;
         stream.set_nodelay(true)?;
-        Ok(Client {
-            stream,
-            buf: BytesMut::with_capacity(4096),
-        })
+        Ok(Client { stream, buf: BytesMut::with_capacity(4096) })
     }
 
     /// Connects with a timeout.
     pub fn connect_timeout(addr: &SocketAddr, timeout: Duration) -> io::Result<Client> {
         let stream = TcpStream::connect_timeout(addr, timeout)?;
         stream.set_nodelay(true)?;
-        Ok(Client {
-            stream,
-            buf: BytesMut::with_capacity(4096),
-        })
+        Ok(Client { stream, buf: BytesMut::with_capacity(4096) })
     }
 
     /// Bounds how long `recv` blocks (`None`: forever).
@@ -122,54 +112,27 @@ impl Client {
 
     /// Sends LOGIN and waits for LOGIN_OK (answering any PING on the way).
     pub fn login(&mut self, user: &str, token: &str) -> Result<LoginInfo, ClientError> {
-        self.send_frame(&Frame::Login {
-            user,
-            token: token.as_bytes(),
-        })?;
+        self.send_frame(&Frame::Login { user, token: token.as_bytes() })?;
         loop {
             let f = self.recv()?;
             match f.frame() {
-                Frame::LoginOk {
-                    conn_id,
-                    heartbeat_interval_ms,
-                    idle_timeout_ms,
-                    max_frame_bytes,
-                } => {
-                    return Ok(LoginInfo {
-                        conn_id,
-                        heartbeat_interval_ms,
-                        idle_timeout_ms,
-                        max_frame_bytes,
-                    })
+                Frame::LoginOk { conn_id, heartbeat_interval_ms, idle_timeout_ms, max_frame_bytes } => {
+                    return Ok(LoginInfo { conn_id, heartbeat_interval_ms, idle_timeout_ms, max_frame_bytes })
                 }
                 Frame::LoginError { code, reason } => {
-                    return Err(ClientError::LoginRefused {
-                        code,
-                        reason: reason.to_string(),
-                    })
+                    return Err(ClientError::LoginRefused { code, reason: reason.to_string() })
                 }
                 Frame::Close { code, reason } => {
-                    return Err(ClientError::CloseFrame {
-                        code,
-                        reason: reason.to_string(),
-                    })
+                    return Err(ClientError::CloseFrame { code, reason: reason.to_string() })
                 }
-                other => {
-                    return Err(ClientError::Unexpected(format!(
-                        "{other:?} while waiting for LOGIN_OK"
-                    )))
-                }
+                other => return Err(ClientError::Unexpected(format!("{other:?} while waiting for LOGIN_OK"))),
             }
         }
     }
 
     /// Sends a SEND to `to`.
     pub fn send(&mut self, req_id: u32, to: &str, payload: &[u8]) -> Result<(), ClientError> {
-        self.send_frame(&Frame::Send {
-            req_id,
-            to,
-            payload,
-        })
+        self.send_frame(&Frame::Send { req_id, to, payload })
     }
 
     /// Reads the next frame, blocking (up to the read timeout).
@@ -212,15 +175,11 @@ impl Client {
         loop {
             match self.recv() {
                 Ok(f) => match f.frame() {
-                    Frame::Close { code: c, .. } | Frame::LoginError { code: c, .. } => {
-                        code = Some(c)
-                    }
+                    Frame::Close { code: c, .. } | Frame::LoginError { code: c, .. } => code = Some(c),
                     _ => {}
                 },
                 Err(ClientError::Closed) => return Ok(code),
-                Err(ClientError::Io(e)) if e.kind() == io::ErrorKind::ConnectionReset => {
-                    return Ok(code)
-                }
+                Err(ClientError::Io(e)) if e.kind() == io::ErrorKind::ConnectionReset => return Ok(code),
                 Err(e) => return Err(e),
             }
         }

@@ -29,10 +29,7 @@ pub const JWT_SECRET_ENV: &str = "SWITCHBOARD_JWT_SECRET";
 #[derive(Debug, Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
+    Read { path: String, source: std::io::Error },
     #[error("config file {path}: {message}")]
     Parse { path: String, message: String },
     #[error("invalid config: `{key}` {message}")]
@@ -40,10 +37,7 @@ pub enum ConfigError {
 }
 
 fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid {
-        key,
-        message: message.into(),
-    }
+    ConfigError::Invalid { key, message: message.into() }
 }
 
 /// Which io driver the workers run on.
@@ -113,11 +107,7 @@ pub struct SocketConfig {
 
 impl Default for SocketConfig {
     fn default() -> Self {
-        SocketConfig {
-            rcvbuf_bytes: 4096,
-            sndbuf_bytes: 4096,
-            nodelay: true,
-        }
+        SocketConfig { rcvbuf_bytes: 4096, sndbuf_bytes: 4096, nodelay: true }
     }
 }
 
@@ -199,11 +189,7 @@ pub struct AuthConfig {
 
 impl Default for AuthConfig {
     fn default() -> Self {
-        AuthConfig {
-            jwt_secret: None,
-            jwt_leeway_s: 30,
-            require_exp: true,
-        }
+        AuthConfig { jwt_secret: None, jwt_leeway_s: 30, require_exp: true }
     }
 }
 
@@ -235,10 +221,7 @@ pub struct UringConfig {
 
 impl Default for UringConfig {
     fn default() -> Self {
-        UringConfig {
-            sq_entries: 4096,
-            cq_entries: 65_536,
-        }
+        UringConfig { sq_entries: 4096, cq_entries: 65_536 }
     }
 }
 
@@ -258,15 +241,10 @@ pub struct Config {
 impl Config {
     /// Reads and validates a TOML file.
     pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.display().to_string(),
-            source,
-        })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
         let cfg = Config::from_toml(&text).map_err(|e| match e {
-            ConfigError::Parse { message, .. } => ConfigError::Parse {
-                path: path.display().to_string(),
-                message,
-            },
+            ConfigError::Parse { message, .. } => ConfigError::Parse { path: path.display().to_string(), message },
             other => other,
         })?;
         Ok(cfg)
@@ -274,22 +252,18 @@ impl Config {
 
     /// Parses and validates TOML text.
     pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
-        let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: "<text>".into(),
-            message: e.to_string(),
-        })?;
+        let cfg: Config =
+            toml::from_str(text).map_err(|e| ConfigError::Parse { path: "<text>".into(), message: e.to_string() })?;
         cfg.validate()?;
         Ok(cfg)
     }
 
     /// The listen address, parsed.
     pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
-        self.server.listen.parse().map_err(|_| {
-            invalid(
-                "server.listen",
-                format!("{:?} is not an IP:port address", self.server.listen),
-            )
-        })
+        self.server
+            .listen
+            .parse()
+            .map_err(|_| invalid("server.listen", format!("{:?} is not an IP:port address", self.server.listen)))
     }
 
     /// The JWT secret in force and whether it is the development one.
@@ -321,43 +295,27 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let addr = self.listen_addr()?;
         if self.server.workers > MAX_WORKERS {
-            return Err(invalid(
-                "server.workers",
-                format!("is {}, at most {MAX_WORKERS}", self.server.workers),
-            ));
+            return Err(invalid("server.workers", format!("is {}, at most {MAX_WORKERS}", self.server.workers)));
         }
         if self.server.accepts_per_worker == 0 || self.server.accepts_per_worker > 64 {
-            return Err(invalid(
-                "server.accepts_per_worker",
-                "must be between 1 and 64",
-            ));
+            return Err(invalid("server.accepts_per_worker", "must be between 1 and 64"));
         }
         if self.server.listen_backlog == 0 {
             return Err(invalid("server.listen_backlog", "must be at least 1"));
         }
         if self.server.max_connections > MAX_SLOTS_PER_WORKER * MAX_WORKERS {
-            return Err(invalid(
-                "server.max_connections",
-                "is beyond what the connection id can address",
-            ));
+            return Err(invalid("server.max_connections", "is beyond what the connection id can address"));
         }
-        for (key, v) in [
-            ("socket.rcvbuf_bytes", self.socket.rcvbuf_bytes),
-            ("socket.sndbuf_bytes", self.socket.sndbuf_bytes),
-        ] {
+        for (key, v) in
+            [("socket.rcvbuf_bytes", self.socket.rcvbuf_bytes), ("socket.sndbuf_bytes", self.socket.sndbuf_bytes)]
+        {
             if !(1024..=64 << 20).contains(&v) {
-                return Err(invalid(
-                    key,
-                    format!("is {v}, must be between 1024 and 67108864"),
-                ));
+                return Err(invalid(key, format!("is {v}, must be between 1024 and 67108864")));
             }
         }
         let t = &self.timeouts;
         if !(10..=60_000).contains(&t.tick_ms) {
-            return Err(invalid(
-                "timeouts.tick_ms",
-                format!("is {}, must be between 10 and 60000", t.tick_ms),
-            ));
+            return Err(invalid("timeouts.tick_ms", format!("is {}, must be between 10 and 60000", t.tick_ms)));
         }
         for (key, v) in [
             ("timeouts.login_timeout_ms", t.login_timeout_ms),
@@ -368,10 +326,7 @@ impl Config {
             if v < t.tick_ms {
                 return Err(invalid(
                     key,
-                    format!(
-                        "is {v} ms, shorter than one tick (timeouts.tick_ms = {})",
-                        t.tick_ms
-                    ),
+                    format!("is {v} ms, shorter than one tick (timeouts.tick_ms = {})", t.tick_ms),
                 ));
             }
         }
@@ -385,16 +340,10 @@ impl Config {
             ));
         }
         if self.timeouts_in_ticks().validate().is_err() {
-            return Err(invalid(
-                "timeouts.idle_timeout_ms",
-                "and heartbeat_interval_ms fall into the same tick",
-            ));
+            return Err(invalid("timeouts.idle_timeout_ms", "and heartbeat_interval_ms fall into the same tick"));
         }
         if t.heartbeat_interval_ms > u32::MAX as u64 || t.idle_timeout_ms > u32::MAX as u64 {
-            return Err(invalid(
-                "timeouts.idle_timeout_ms",
-                "must fit in 32 bits of milliseconds (49 days)",
-            ));
+            return Err(invalid("timeouts.idle_timeout_ms", "must fit in 32 bits of milliseconds (49 days)"));
         }
         let l = &self.limits;
         if !(MIN_MAX_FRAME_BYTES..=PROTOCOL_MAX_FRAME_BYTES).contains(&l.max_frame_bytes) {
@@ -422,16 +371,10 @@ impl Config {
             return Err(invalid("limits.outbound_max_bytes", "must be below 4 GiB"));
         }
         if !(16..=1 << 24).contains(&l.mailbox_capacity) {
-            return Err(invalid(
-                "limits.mailbox_capacity",
-                "must be between 16 and 16777216",
-            ));
+            return Err(invalid("limits.mailbox_capacity", "must be between 16 and 16777216"));
         }
         if l.max_conns_per_user == 0 || l.max_conns_per_user > 1024 {
-            return Err(invalid(
-                "limits.max_conns_per_user",
-                "must be between 1 and 1024",
-            ));
+            return Err(invalid("limits.max_conns_per_user", "must be between 1 and 1024"));
         }
         let (_, dev) = self.jwt_secret();
         if dev && !addr.ip().is_loopback() {
@@ -448,17 +391,10 @@ impl Config {
             }
         }
         if self.uring.sq_entries < 256 || !self.uring.sq_entries.is_power_of_two() {
-            return Err(invalid(
-                "uring.sq_entries",
-                "must be a power of two, at least 256",
-            ));
+            return Err(invalid("uring.sq_entries", "must be a power of two, at least 256"));
         }
-        if self.uring.cq_entries < self.uring.sq_entries || !self.uring.cq_entries.is_power_of_two()
-        {
-            return Err(invalid(
-                "uring.cq_entries",
-                "must be a power of two, at least uring.sq_entries",
-            ));
+        if self.uring.cq_entries < self.uring.sq_entries || !self.uring.cq_entries.is_power_of_two() {
+            return Err(invalid("uring.cq_entries", "must be a power of two, at least uring.sq_entries"));
         }
         Ok(())
     }
@@ -475,22 +411,17 @@ mod tests {
 
     #[test]
     fn unknown_key_is_named() {
-        let e = Config::from_toml("[timeouts]\nheartbeat_ms = 5\n")
-            .unwrap_err()
-            .to_string();
+        let e = Config::from_toml("[timeouts]\nheartbeat_ms = 5\n").unwrap_err().to_string();
         assert!(e.contains("heartbeat_ms"), "{e}");
     }
 
     #[test]
     fn bad_relation_names_the_key() {
-        let e =
-            Config::from_toml("[timeouts]\nheartbeat_interval_ms = 5000\nidle_timeout_ms = 4000\n")
-                .unwrap_err()
-                .to_string();
-        assert!(e.contains("timeouts.idle_timeout_ms"), "{e}");
-        let e = Config::from_toml("[server]\nlisten = \"nope\"\n")
+        let e = Config::from_toml("[timeouts]\nheartbeat_interval_ms = 5000\nidle_timeout_ms = 4000\n")
             .unwrap_err()
             .to_string();
+        assert!(e.contains("timeouts.idle_timeout_ms"), "{e}");
+        let e = Config::from_toml("[server]\nlisten = \"nope\"\n").unwrap_err().to_string();
         assert!(e.contains("server.listen"), "{e}");
     }
 
@@ -499,14 +430,10 @@ mod tests {
         if std::env::var(JWT_SECRET_ENV).is_ok() {
             return; // the environment supplies a real secret
         }
-        let e = Config::from_toml("[server]\nlisten = \"0.0.0.0:7700\"\n")
-            .unwrap_err()
-            .to_string();
+        let e = Config::from_toml("[server]\nlisten = \"0.0.0.0:7700\"\n").unwrap_err().to_string();
         assert!(e.contains("auth.jwt_secret"), "{e}");
-        assert!(Config::from_toml(
-            "[server]\nlisten = \"0.0.0.0:7700\"\n[auth]\njwt_secret = \"0123456789abcdef\"\n"
-        )
-        .is_ok());
+        assert!(Config::from_toml("[server]\nlisten = \"0.0.0.0:7700\"\n[auth]\njwt_secret = \"0123456789abcdef\"\n")
+            .is_ok());
     }
 
     #[test]

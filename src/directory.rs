@@ -62,9 +62,7 @@ impl Directory {
         let mut map = self.shard(user).write().unwrap_or_else(|e| e.into_inner());
         if let Some((key, list)) = map.get_key_value_mut(user) {
             if list.len() >= self.max_conns_per_user {
-                return Err(TooManyConnections {
-                    limit: self.max_conns_per_user,
-                });
+                return Err(TooManyConnections { limit: self.max_conns_per_user });
             }
             debug_assert!(!list.contains(&conn), "{conn:?} registered twice");
             list.push(conn);
@@ -111,18 +109,12 @@ impl Directory {
 
     /// Whether `user` has at least one live connection.
     pub fn is_online(&self, user: &str) -> bool {
-        self.shard(user)
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .contains_key(user)
+        self.shard(user).read().unwrap_or_else(|e| e.into_inner()).contains_key(user)
     }
 
     /// Users with at least one connection (walks every shard; for stats).
     pub fn user_count(&self) -> usize {
-        self.shards
-            .iter()
-            .map(|s| s.read().unwrap_or_else(|e| e.into_inner()).len())
-            .sum()
+        self.shards.iter().map(|s| s.read().unwrap_or_else(|e| e.into_inner()).len()).sum()
     }
 }
 

@@ -65,13 +65,7 @@ impl ConnId {
 
 impl fmt::Debug for ConnId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "ConnId({}:{}#{})",
-            self.worker().0,
-            self.slot(),
-            self.generation()
-        )
+        write!(f, "ConnId({}:{}#{})", self.worker().0, self.slot(), self.generation())
     }
 }
 

@@ -42,7 +42,6 @@ pub use mailbox::Full;
 pub use proto::codes::{CloseCode, ErrorCode, LoginErrorCode};
 pub use runtime::DriverKind;
 pub use server::{
-    ClientMessage, ClientMessageKind, Handle, MessageHook, PushError, Pushed, Server,
-    ServerBuilder, StartError,
+    ClientMessage, ClientMessageKind, Handle, MessageHook, PushError, Pushed, Server, ServerBuilder, StartError,
 };
 pub use stats::Stats;

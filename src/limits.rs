@@ -32,12 +32,7 @@ pub struct LimitReport {
 }
 
 fn read_u64(path: &str) -> Option<u64> {
-    fs::read_to_string(path)
-        .ok()?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
+    fs::read_to_string(path).ok()?.split_whitespace().next()?.parse().ok()
 }
 
 /// `MemAvailable` in bytes.
@@ -56,10 +51,7 @@ pub fn raise_nofile() -> std::io::Result<(u64, u64)> {
             return Err(std::io::Error::last_os_error());
         }
         if r.rlim_cur < r.rlim_max {
-            let raised = libc::rlimit {
-                rlim_cur: r.rlim_max,
-                rlim_max: r.rlim_max,
-            };
+            let raised = libc::rlimit { rlim_cur: r.rlim_max, rlim_max: r.rlim_max };
             if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
                 r.rlim_cur = r.rlim_max;
             }
@@ -158,11 +150,7 @@ pub fn check(
             ));
         }
     }
-    Ok(LimitReport {
-        nofile: soft,
-        max_connections,
-        warnings,
-    })
+    Ok(LimitReport { nofile: soft, max_connections, warnings })
 }
 
 #[cfg(test)]
@@ -178,9 +166,6 @@ mod tests {
     #[test]
     fn too_many_connections_is_refused_with_the_fix() {
         let e = check(usize::MAX / 1024, 2, 128, 0).unwrap_err();
-        assert!(
-            e.contains("server.max_connections") && e.contains("LimitNOFILE"),
-            "{e}"
-        );
+        assert!(e.contains("server.max_connections") && e.contains("LimitNOFILE"), "{e}");
     }
 }

@@ -68,13 +68,7 @@ impl<T> Mailbox<T> {
             let one: u64 = 1;
             // SAFETY: writes 8 bytes from a live u64 to our own eventfd.
             // EAGAIN (counter saturated) means a wake is pending anyway.
-            unsafe {
-                libc::write(
-                    self.efd.as_raw_fd(),
-                    &one as *const u64 as *const libc::c_void,
-                    8,
-                )
-            };
+            unsafe { libc::write(self.efd.as_raw_fd(), &one as *const u64 as *const libc::c_void, 8) };
         }
     }
 
@@ -84,13 +78,7 @@ impl<T> Mailbox<T> {
         let mut v: u64 = 0;
         // SAFETY: reads 8 bytes into a live u64 from our own non-blocking
         // eventfd; EAGAIN is fine (nothing to reset).
-        unsafe {
-            libc::read(
-                self.efd.as_raw_fd(),
-                &mut v as *mut u64 as *mut libc::c_void,
-                8,
-            )
-        };
+        unsafe { libc::read(self.efd.as_raw_fd(), &mut v as *mut u64 as *mut libc::c_void, 8) };
         self.notified.store(false, Ordering::SeqCst);
     }
 

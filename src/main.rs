@@ -19,11 +19,7 @@ use switchboard::{JwtHs256, Server};
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]
-#[command(
-    name = "switchboard",
-    version,
-    about = "Connection server and push tier on io_uring"
-)]
+#[command(name = "switchboard", version, about = "Connection server and push tier on io_uring")]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -85,18 +81,10 @@ fn load_config(path: &Option<PathBuf>) -> Result<Config, String> {
 }
 
 fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
-fn mint(
-    config: &Option<PathBuf>,
-    secret: Option<String>,
-    user: &str,
-    ttl_s: u64,
-) -> Result<String, String> {
+fn mint(config: &Option<PathBuf>, secret: Option<String>, user: &str, ttl_s: u64) -> Result<String, String> {
     let secret = match secret {
         Some(s) => s,
         None => load_config(config)?.jwt_secret().0,
@@ -125,16 +113,9 @@ fn wait_for_signal(set: &libc::sigset_t) -> i32 {
     sig
 }
 
-fn serve(
-    config: Option<PathBuf>,
-    listen: Option<String>,
-    workers: Option<usize>,
-    log: String,
-) -> ExitCode {
+fn serve(config: Option<PathBuf>, listen: Option<String>, workers: Option<usize>, log: String) -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_new(&log).unwrap_or_else(|_| "info".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&log).unwrap_or_else(|_| "info".into()))
         .init();
     let mut cfg = match load_config(&config) {
         Ok(c) => c,
@@ -158,40 +139,22 @@ fn serve(
             return ExitCode::from(1);
         }
     };
-    println!(
-        "switchboard listening on {} (raw TCP protocol v1, docs/PROTOCOL.md)",
-        server.local_addr()
-    );
+    println!("switchboard listening on {} (raw TCP protocol v1, docs/PROTOCOL.md)", server.local_addr());
     if dev_secret {
-        println!(
-            "development JWT secret in use: mint a token with `switchboard token --user alice`,"
-        );
-        println!(
-            "or connect at once with `switchboard client --user alice --addr {}`",
-            server.local_addr()
-        );
+        println!("development JWT secret in use: mint a token with `switchboard token --user alice`,");
+        println!("or connect at once with `switchboard client --user alice --addr {}`", server.local_addr());
     }
     let sig = wait_for_signal(&set);
-    tracing::info!(
-        signal = sig,
-        "signal received: closing connections (1001 going away)"
-    );
+    tracing::info!(signal = sig, "signal received: closing connections (1001 going away)");
     server.shutdown();
     ExitCode::SUCCESS
 }
 
 fn print_frame(f: &Frame<'_>) {
     match f {
-        Frame::Push {
-            msg_id,
-            from,
-            payload,
-        } => {
+        Frame::Push { msg_id, from, payload } => {
             let from = if from.is_empty() { "server" } else { from };
-            println!(
-                "[{msg_id} from {from}] {}",
-                String::from_utf8_lossy(payload)
-            );
+            println!("[{msg_id} from {from}] {}", String::from_utf8_lossy(payload));
         }
         Frame::SendAck { req_id, delivered } => {
             println!("(send #{req_id}: delivered to {delivered} connection(s))")
@@ -203,16 +166,8 @@ fn print_frame(f: &Frame<'_>) {
     }
 }
 
-fn client(
-    user: String,
-    addr: SocketAddr,
-    token: Option<String>,
-    config: Option<PathBuf>,
-) -> ExitCode {
-    let token = match token
-        .map(Ok)
-        .unwrap_or_else(|| mint(&config, None, &user, 86_400))
-    {
+fn client(user: String, addr: SocketAddr, token: Option<String>, config: Option<PathBuf>) -> ExitCode {
+    let token = match token.map(Ok).unwrap_or_else(|| mint(&config, None, &user, 86_400)) {
         Ok(t) => t,
         Err(e) => {
             eprintln!("switchboard: {e}");
@@ -268,12 +223,7 @@ fn client(
         } else if let Some(rest) = line.strip_prefix('@') {
             let (to, msg) = rest.split_once(' ').unwrap_or((rest, ""));
             req_id += 1;
-            Frame::Send {
-                req_id,
-                to,
-                payload: msg.as_bytes(),
-            }
-            .to_bytes()
+            Frame::Send { req_id, to, payload: msg.as_bytes() }.to_bytes()
         } else {
             if !line.is_empty() {
                 println!("(type `@user message`, /ping or /quit)");
@@ -289,31 +239,14 @@ fn client(
             Err(e) => println!("(cannot send: {e})"),
         }
     }
-    let _ = out.write_all(
-        &Frame::Close {
-            code: 1000,
-            reason: "bye",
-        }
-        .to_bytes()
-        .expect("static frame"),
-    );
+    let _ = out.write_all(&Frame::Close { code: 1000, reason: "bye" }.to_bytes().expect("static frame"));
     ExitCode::SUCCESS
 }
 
 fn main() -> ExitCode {
     match Cli::parse().cmd {
-        Cmd::Serve {
-            config,
-            listen,
-            workers,
-            log,
-        } => serve(config, listen, workers, log),
-        Cmd::Token {
-            user,
-            ttl_s,
-            config,
-            secret,
-        } => match mint(&config, secret, &user, ttl_s) {
+        Cmd::Serve { config, listen, workers, log } => serve(config, listen, workers, log),
+        Cmd::Token { user, ttl_s, config, secret } => match mint(&config, secret, &user, ttl_s) {
             Ok(t) => {
                 println!("{t}");
                 ExitCode::SUCCESS
@@ -323,11 +256,6 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
-        Cmd::Client {
-            user,
-            addr,
-            token,
-            config,
-        } => client(user, addr, token, config),
+        Cmd::Client { user, addr, token, config } => client(user, addr, token, config),
     }
 }

@@ -39,9 +39,7 @@ pub struct OutQueue {
 impl OutQueue {
     /// Queues a frame; refuses (without queuing) past either limit.
     pub fn push(&mut self, frame: Bytes, limits: &OutLimits) -> Result<(), Overflow> {
-        if self.frames.len() >= limits.max_frames
-            || self.bytes as usize + frame.len() > limits.max_bytes
-        {
+        if self.frames.len() >= limits.max_frames || self.bytes as usize + frame.len() > limits.max_bytes {
             return Err(Overflow);
         }
         self.bytes += frame.len() as u32;
@@ -59,11 +57,7 @@ impl OutQueue {
     /// Drops every frame not yet started, keeping a partly written head so
     /// the peer still sees whole frames (a slow consumer's backlog).
     pub fn discard_unsent(&mut self) {
-        let keep = if self.head_partial {
-            self.frames.pop_front()
-        } else {
-            None
-        };
+        let keep = if self.head_partial { self.frames.pop_front() } else { None };
         self.clear();
         if let Some(head) = keep {
             self.bytes = head.len() as u32;
@@ -91,10 +85,7 @@ impl OutQueue {
     pub fn fill_iovecs(&self, iov: &mut [libc::iovec; MAX_IOV_PER_WRITE]) -> usize {
         let mut n = 0;
         for (slot, f) in iov.iter_mut().zip(self.frames.iter()) {
-            *slot = libc::iovec {
-                iov_base: f.as_ptr() as *mut libc::c_void,
-                iov_len: f.len(),
-            };
+            *slot = libc::iovec { iov_base: f.as_ptr() as *mut libc::c_void, iov_len: f.len() };
             n += 1;
         }
         n
@@ -105,10 +96,7 @@ impl OutQueue {
         debug_assert!(written <= self.bytes as usize);
         self.bytes -= written as u32;
         while written > 0 {
-            let head = self
-                .frames
-                .front_mut()
-                .expect("advance past the queued bytes");
+            let head = self.frames.front_mut().expect("advance past the queued bytes");
             if head.len() <= written {
                 written -= head.len();
                 self.frames.pop_front();
@@ -137,27 +125,16 @@ impl OutQueue {
 mod tests {
     use super::*;
 
-    const L: OutLimits = OutLimits {
-        max_frames: 3,
-        max_bytes: 10,
-    };
+    const L: OutLimits = OutLimits { max_frames: 3, max_bytes: 10 };
 
     #[test]
     fn limits_refuse_without_queuing() {
         let mut q = OutQueue::default();
         q.push(Bytes::from_static(b"aaaa"), &L).unwrap();
         q.push(Bytes::from_static(b"bbbb"), &L).unwrap();
-        assert_eq!(
-            q.push(Bytes::from_static(b"ccc"), &L),
-            Err(Overflow),
-            "11 bytes > 10"
-        );
+        assert_eq!(q.push(Bytes::from_static(b"ccc"), &L), Err(Overflow), "11 bytes > 10");
         q.push(Bytes::from_static(b"cc"), &L).unwrap();
-        assert_eq!(
-            q.push(Bytes::from_static(b""), &L),
-            Err(Overflow),
-            "4 frames > 3"
-        );
+        assert_eq!(q.push(Bytes::from_static(b""), &L), Err(Overflow), "4 frames > 3");
         assert_eq!((q.frames(), q.bytes()), (3, 10));
     }
 
@@ -167,10 +144,7 @@ mod tests {
         q.push(Bytes::from_static(b"hello"), &L).unwrap();
         q.push(Bytes::from_static(b"world"), &L).unwrap();
         q.advance(7);
-        let mut iov = [libc::iovec {
-            iov_base: std::ptr::null_mut(),
-            iov_len: 0,
-        }; MAX_IOV_PER_WRITE];
+        let mut iov = [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; MAX_IOV_PER_WRITE];
         assert_eq!(q.fill_iovecs(&mut iov), 1);
         let s = unsafe { std::slice::from_raw_parts(iov[0].iov_base as *const u8, iov[0].iov_len) };
         assert_eq!(s, b"rld");

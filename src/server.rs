@@ -128,11 +128,7 @@ impl Handle {
     }
 
     /// Posts `cmd(conn)` to the owner of each connection of `user`.
-    fn post_to_user(
-        &self,
-        user: &str,
-        mut cmd: impl FnMut(ConnId) -> Command,
-    ) -> Result<usize, PushError> {
+    fn post_to_user(&self, user: &str, mut cmd: impl FnMut(ConnId) -> Command) -> Result<usize, PushError> {
         let conns = self.shared.directory.lookup(user);
         let mut queued = 0;
         for &c in &conns {
@@ -142,10 +138,7 @@ impl Handle {
             }
         }
         if queued < conns.len() {
-            return Err(PushError::Full {
-                queued,
-                targets: conns.len(),
-            });
+            return Err(PushError::Full { queued, targets: conns.len() });
         }
         Ok(queued)
     }
@@ -157,43 +150,21 @@ impl Handle {
         Self::check_user(user)?;
         self.check_open()?;
         let payload = payload.as_ref();
-        let max = self
-            .shared
-            .out_limits
-            .max_bytes
-            .saturating_sub(crate::proto::frame::HEADER_LEN + 9);
+        let max = self.shared.out_limits.max_bytes.saturating_sub(crate::proto::frame::HEADER_LEN + 9);
         if payload.len() > max {
-            return Err(PushError::PayloadTooLarge {
-                len: payload.len(),
-                max,
-            });
+            return Err(PushError::PayloadTooLarge { len: payload.len(), max });
         }
         let msg_id = self.shared.next_msg_id.fetch_add(1, Ordering::Relaxed);
-        let frame = Frame::Push {
-            msg_id,
-            from: "",
-            payload,
-        }
-        .to_bytes()
-        .expect("sizes checked above");
-        let connections = self.post_to_user(user, |conn| Command::Deliver {
-            conn,
-            frame: frame.clone(),
-        })?;
-        Ok(Pushed {
-            msg_id,
-            connections,
-        })
+        let frame = Frame::Push { msg_id, from: "", payload }.to_bytes().expect("sizes checked above");
+        let connections = self.post_to_user(user, |conn| Command::Deliver { conn, frame: frame.clone() })?;
+        Ok(Pushed { msg_id, connections })
     }
 
     /// Closes every connection of `user` with close code 4003 (kicked).
     /// Returns how many connections were told to close.
     pub fn kick_user(&self, user: &str) -> Result<usize, PushError> {
         Self::check_user(user)?;
-        self.post_to_user(user, |conn| Command::Close {
-            conn,
-            code: CloseCode::Kicked,
-        })
+        self.post_to_user(user, |conn| Command::Close { conn, code: CloseCode::Kicked })
     }
 
     /// Closes one connection with `code`.
@@ -201,11 +172,7 @@ impl Handle {
         let Some(mb) = self.shared.mailboxes.get(conn.worker().0 as usize) else {
             return Ok(());
         };
-        mb.push(Command::Close { conn, code })
-            .map_err(|_| PushError::Full {
-                queued: 0,
-                targets: 1,
-            })
+        mb.push(Command::Close { conn, code }).map_err(|_| PushError::Full { queued: 0, targets: 1 })
     }
 
     /// Whether `user` has at least one logged-in connection.
@@ -246,11 +213,7 @@ impl Handle {
 
     /// Per-worker open connection counts.
     pub fn connections_per_worker(&self) -> Vec<u64> {
-        self.shared
-            .counters
-            .iter()
-            .map(|c| c.connections.load(Ordering::Relaxed))
-            .collect()
+        self.shared.counters.iter().map(|c| c.connections.load(Ordering::Relaxed)).collect()
     }
 
     /// The raw TCP address the server listens on.
@@ -289,10 +252,7 @@ pub enum StartError {
     #[error("{0}")]
     Limits(String),
     #[error("cannot listen on {addr}: {source}")]
-    Bind {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
+    Bind { addr: SocketAddr, source: std::io::Error },
     #[error("worker {worker} failed to start: {message}")]
     Worker { worker: usize, message: String },
     #[error("io: {0}")]
@@ -338,10 +298,7 @@ impl ServerBuilder {
     }
 
     /// Receives MESSAGE frames (and SENDs when `routing.client_send` is off).
-    pub fn on_message(
-        mut self,
-        hook: impl Fn(ClientMessage, &Handle) + Send + Sync + 'static,
-    ) -> Self {
+    pub fn on_message(mut self, hook: impl Fn(ClientMessage, &Handle) + Send + Sync + 'static) -> Self {
         self.hook = Some(Arc::new(hook));
         self
     }
@@ -382,11 +339,7 @@ pub struct Server {
 impl Server {
     /// A builder with the default configuration.
     pub fn builder() -> ServerBuilder {
-        ServerBuilder {
-            config: Config::default(),
-            authenticator: None,
-            hook: None,
-        }
+        ServerBuilder { config: Config::default(), authenticator: None, hook: None }
     }
 
     /// A handle for pushing from any thread.

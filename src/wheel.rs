@@ -43,11 +43,7 @@ pub struct Wheel {
 impl Wheel {
     /// An empty wheel whose current tick is `now`.
     pub fn new(now: Tick) -> Wheel {
-        Wheel {
-            buckets: (0..WHEEL_BUCKETS).map(|_| Vec::new()).collect(),
-            now,
-            len: 0,
-        }
+        Wheel { buckets: (0..WHEEL_BUCKETS).map(|_| Vec::new()).collect(), now, len: 0 }
     }
 
     /// The last tick handed out.
@@ -72,11 +68,7 @@ impl Wheel {
         let ahead = at.wrapping_sub(self.now) as i32;
         let ahead = ahead.clamp(1, WHEEL_BUCKETS as i32 - 1) as u32;
         let tick = self.now.wrapping_add(ahead);
-        self.buckets[tick as usize & (WHEEL_BUCKETS - 1)].push(Entry {
-            slot,
-            generation,
-            at: tick,
-        });
+        self.buckets[tick as usize & (WHEEL_BUCKETS - 1)].push(Entry { slot, generation, at: tick });
         self.len += 1;
         tick
     }
@@ -90,8 +82,7 @@ impl Wheel {
         }
         let steps = (steps as usize).min(WHEEL_BUCKETS);
         for i in 1..=steps {
-            let b =
-                &mut self.buckets[self.now.wrapping_add(i as u32) as usize & (WHEEL_BUCKETS - 1)];
+            let b = &mut self.buckets[self.now.wrapping_add(i as u32) as usize & (WHEEL_BUCKETS - 1)];
             self.len -= b.len();
             due.append(b);
         }
@@ -141,11 +132,7 @@ mod tests {
         w.advance(WHEEL_BUCKETS as u32 - 2, &mut due);
         assert!(due.is_empty());
         w.advance(WHEEL_BUCKETS as u32 - 1, &mut due);
-        assert_eq!(
-            slots(&due),
-            vec![1],
-            "parked entry surfaces for re-insertion"
-        );
+        assert_eq!(slots(&due), vec![1], "parked entry surfaces for re-insertion");
     }
 
     #[test]

@@ -28,26 +28,10 @@ fn login_with_good_bad_and_expired_tokens() {
     assert!(server.handle().is_online("alice"));
 
     let cases = [
-        (
-            "alice",
-            JwtHs256::new("some-other-secret-xyz").mint("alice", unix_now() + 60),
-            LoginErrorCode::BadSignature,
-        ),
-        (
-            "alice",
-            JwtHs256::new(SECRET).mint("alice", unix_now() - 3600),
-            LoginErrorCode::Expired,
-        ),
-        (
-            "alice",
-            JwtHs256::new(SECRET).mint("mallory", unix_now() + 60),
-            LoginErrorCode::UserMismatch,
-        ),
-        (
-            "alice",
-            "not-a-jwt".to_string(),
-            LoginErrorCode::MalformedToken,
-        ),
+        ("alice", JwtHs256::new("some-other-secret-xyz").mint("alice", unix_now() + 60), LoginErrorCode::BadSignature),
+        ("alice", JwtHs256::new(SECRET).mint("alice", unix_now() - 3600), LoginErrorCode::Expired),
+        ("alice", JwtHs256::new(SECRET).mint("mallory", unix_now() + 60), LoginErrorCode::UserMismatch),
+        ("alice", "not-a-jwt".to_string(), LoginErrorCode::MalformedToken),
     ];
     for (user, tok, want) in cases {
         let mut c = connect(addr);
@@ -58,11 +42,7 @@ fn login_with_good_bad_and_expired_tokens() {
             }
             other => panic!("expected LOGIN_ERROR {want:?}, got {other:?}"),
         }
-        assert_eq!(
-            close_code_of(&mut c),
-            None,
-            "the server closes after LOGIN_ERROR"
-        );
+        assert_eq!(close_code_of(&mut c), None, "the server closes after LOGIN_ERROR");
     }
     let s = server.handle().stats();
     assert_eq!((s.logins, s.login_failures), (1, 4));
@@ -77,18 +57,9 @@ fn silent_connection_is_closed_at_the_login_deadline() {
     let t0 = Instant::now();
     assert_eq!(close_code_of(&mut c), Some(CloseCode::LoginTimeout as u16));
     let waited = t0.elapsed();
-    assert!(
-        waited >= Duration::from_millis(250),
-        "closed too early: {waited:?}"
-    );
-    assert!(
-        waited < Duration::from_secs(3),
-        "closed too late: {waited:?}"
-    );
-    assert!(wait_until(Duration::from_secs(2), || server
-        .handle()
-        .connection_count()
-        == 0));
+    assert!(waited >= Duration::from_millis(250), "closed too early: {waited:?}");
+    assert!(waited < Duration::from_secs(3), "closed too late: {waited:?}");
+    assert!(wait_until(Duration::from_secs(2), || server.handle().connection_count() == 0));
     assert_eq!(server.handle().stats().login_timeouts, 1);
 }
 
@@ -97,10 +68,7 @@ fn frames_before_login_are_refused() {
     let server = start(config());
     let mut c = connect(server.local_addr());
     c.send(0, "bob", b"hi").unwrap();
-    assert_eq!(
-        close_code_of(&mut c),
-        Some(CloseCode::UnexpectedFrame as u16)
-    );
+    assert_eq!(close_code_of(&mut c), Some(CloseCode::UnexpectedFrame as u16));
 }
 
 #[test]
@@ -110,29 +78,17 @@ fn push_reaches_a_user_on_the_other_worker() {
     let h = server.handle();
     let mut clients = login_on_workers(addr, "alice", &[1]);
     // From a plain thread through the handle (mailbox of worker 1).
-    let pushed = std::thread::spawn(move || h.push_to_user("alice", b"from the app"))
-        .join()
-        .unwrap()
-        .unwrap();
+    let pushed = std::thread::spawn(move || h.push_to_user("alice", b"from the app")).join().unwrap().unwrap();
     assert_eq!(pushed.connections, 1);
     let (msg_id, from, payload) = expect_push(&mut clients[0]);
-    assert_eq!(
-        (msg_id, from.as_str(), payload.as_slice()),
-        (pushed.msg_id, "", &b"from the app"[..])
-    );
+    assert_eq!((msg_id, from.as_str(), payload.as_slice()), (pushed.msg_id, "", &b"from the app"[..]));
     // And from a client on worker 0 (SEND crosses workers).
     let mut bob = login_on_workers(addr, "bob", &[0]).remove(0);
     bob.send(7, "alice", b"hello across cores").unwrap();
     let (_, from, payload) = expect_push(&mut clients[0]);
-    assert_eq!(
-        (from.as_str(), payload.as_slice()),
-        ("bob", &b"hello across cores"[..])
-    );
+    assert_eq!((from.as_str(), payload.as_slice()), ("bob", &b"hello across cores"[..]));
     match bob.recv_skipping_pings().unwrap().frame() {
-        Frame::SendAck {
-            req_id: 7,
-            delivered: 1,
-        } => {}
+        Frame::SendAck { req_id: 7, delivered: 1 } => {}
         other => panic!("expected SEND_ACK, got {other:?}"),
     }
 }
@@ -148,11 +104,7 @@ fn every_device_of_a_user_gets_the_push() {
     assert_eq!(pushed.connections, 3);
     for d in &mut devices {
         let (msg_id, _, payload) = expect_push(d);
-        assert_eq!(
-            (msg_id, payload.as_slice()),
-            (pushed.msg_id, &b"sync"[..]),
-            "same message id on every device"
-        );
+        assert_eq!((msg_id, payload.as_slice()), (pushed.msg_id, &b"sync"[..]), "same message id on every device");
     }
 }
 
@@ -163,13 +115,9 @@ fn two_clients_chat_through_the_server() {
     let (mut a, _) = login(addr, "ann");
     let (mut b, _) = login(addr, "ben");
     for i in 0..50u32 {
-        a.send(i + 1, "ben", format!("ping {i}").as_bytes())
-            .unwrap();
+        a.send(i + 1, "ben", format!("ping {i}").as_bytes()).unwrap();
         let (_, from, payload) = expect_push(&mut b);
-        assert_eq!(
-            (from.as_str(), payload),
-            ("ann", format!("ping {i}").into_bytes())
-        );
+        assert_eq!((from.as_str(), payload), ("ann", format!("ping {i}").into_bytes()));
         b.send(0, "ann", format!("pong {i}").as_bytes()).unwrap();
         // ann sees her SEND_ACK, then ben's message.
         match a.recv_skipping_pings().unwrap().frame() {
@@ -177,18 +125,12 @@ fn two_clients_chat_through_the_server() {
             other => panic!("expected SEND_ACK, got {other:?}"),
         }
         let (_, from, payload) = expect_push(&mut a);
-        assert_eq!(
-            (from.as_str(), payload),
-            ("ben", format!("pong {i}").into_bytes())
-        );
+        assert_eq!((from.as_str(), payload), ("ben", format!("pong {i}").into_bytes()));
     }
     // A SEND to nobody is acknowledged with zero deliveries.
     a.send(99, "nobody", b"?").unwrap();
     match a.recv_skipping_pings().unwrap().frame() {
-        Frame::SendAck {
-            req_id: 99,
-            delivered: 0,
-        } => {}
+        Frame::SendAck { req_id: 99, delivered: 0 } => {}
         other => panic!("expected SEND_ACK 0, got {other:?}"),
     }
 }
@@ -206,8 +148,7 @@ fn server_pings_silent_clients_and_closes_dead_ones() {
     let live_thread = std::thread::spawn(move || {
         let end = Instant::now() + Duration::from_millis(2_000);
         let mut pings = 0;
-        live.set_read_timeout(Some(Duration::from_millis(100)))
-            .unwrap();
+        live.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
         while Instant::now() < end {
             match live.recv() {
                 Ok(f) => match f.frame() {
@@ -232,25 +173,13 @@ fn server_pings_silent_clients_and_closes_dead_ones() {
         other => panic!("expected PING, got {other:?}"),
     }
     let ping_after = t0.elapsed();
-    assert!(
-        ping_after >= Duration::from_millis(250),
-        "PING too early: {ping_after:?}"
-    );
-    assert_eq!(
-        close_code_of(&mut dead),
-        Some(CloseCode::IdleTimeout as u16)
-    );
+    assert!(ping_after >= Duration::from_millis(250), "PING too early: {ping_after:?}");
+    assert_eq!(close_code_of(&mut dead), Some(CloseCode::IdleTimeout as u16));
     let closed_after = t0.elapsed();
-    assert!(
-        closed_after >= Duration::from_millis(600),
-        "closed too early: {closed_after:?}"
-    );
+    assert!(closed_after >= Duration::from_millis(600), "closed too early: {closed_after:?}");
 
     let (pings, _live) = live_thread.join().unwrap();
-    assert!(
-        pings >= 3,
-        "the live client was pinged {pings} times in 2 s"
-    );
+    assert!(pings >= 3, "the live client was pinged {pings} times in 2 s");
     assert!(server.handle().is_online("live"));
     assert!(!server.handle().is_online("dead"));
     let s = server.handle().stats();
@@ -275,32 +204,14 @@ fn malformed_frame_closes_only_that_connection() {
     let server = start(config());
     let addr = server.local_addr();
     let h = server.handle();
-    let mut others: Vec<_> = (0..1000)
-        .map(|i| login(addr, &format!("user{i}")).0)
-        .collect();
+    let mut others: Vec<_> = (0..1000).map(|i| login(addr, &format!("user{i}")).0).collect();
     assert!(wait_until(Duration::from_secs(5), || h.logged_in_count() == 1000));
 
     let cases: [(&[u8], CloseCode, &str); 4] = [
-        (
-            &[0, 0, 0, 2, 1, 0x7f],
-            CloseCode::ProtocolError,
-            "unknown frame type 0x7f",
-        ),
-        (
-            &[0, 0, 0, 4, 1, 7, 0, 0],
-            CloseCode::ProtocolError,
-            "truncated",
-        ),
-        (
-            &[0, 0, 0, 2, 9, 4],
-            CloseCode::UnsupportedVersion,
-            "version 9",
-        ),
-        (
-            &[0x7f, 0, 0, 0],
-            CloseCode::FrameTooLarge,
-            "exceeds the limit",
-        ),
+        (&[0, 0, 0, 2, 1, 0x7f], CloseCode::ProtocolError, "unknown frame type 0x7f"),
+        (&[0, 0, 0, 4, 1, 7, 0, 0], CloseCode::ProtocolError, "truncated"),
+        (&[0, 0, 0, 2, 9, 4], CloseCode::UnsupportedVersion, "version 9"),
+        (&[0x7f, 0, 0, 0], CloseCode::FrameTooLarge, "exceeds the limit"),
     ];
     for (bytes, want, reason_part) in cases {
         let (mut bad, _) = login(addr, "mallory");
@@ -309,10 +220,7 @@ fn malformed_frame_closes_only_that_connection() {
         match f.frame() {
             Frame::Close { code, reason } => {
                 assert_eq!(code, want as u16, "{reason}");
-                assert!(
-                    reason.contains(reason_part),
-                    "reason {reason:?} should mention {reason_part:?}"
-                );
+                assert!(reason.contains(reason_part), "reason {reason:?} should mention {reason_part:?}");
             }
             other => panic!("expected CLOSE, got {other:?}"),
         }
@@ -323,12 +231,7 @@ fn malformed_frame_closes_only_that_connection() {
     // Everyone else still works: a push to each, and a SEND from each to the
     // next one.
     for i in 0..1000 {
-        assert_eq!(
-            h.push_to_user(&format!("user{i}"), format!("still here {i}"))
-                .unwrap()
-                .connections,
-            1
-        );
+        assert_eq!(h.push_to_user(&format!("user{i}"), format!("still here {i}")).unwrap().connections, 1);
     }
     for (i, c) in others.iter_mut().enumerate() {
         let (_, _, payload) = expect_push(c);
@@ -378,14 +281,8 @@ fn graceful_shutdown_says_going_away_to_everyone() {
     stopper.join().unwrap();
     assert!(t0.elapsed() < Duration::from_secs(5));
     assert!(h.is_shutting_down());
-    assert_eq!(
-        h.push_to_user("s1", b"late"),
-        Err(switchboard::PushError::ShuttingDown)
-    );
-    assert!(
-        std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_err(),
-        "listener closed"
-    );
+    assert_eq!(h.push_to_user("s1", b"late"), Err(switchboard::PushError::ShuttingDown));
+    assert!(std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_err(), "listener closed");
 }
 
 #[test]
@@ -395,26 +292,16 @@ fn message_frames_reach_the_application_hook() {
     let server = Server::builder()
         .config(config())
         .on_message(move |m, h| {
-            seen2
-                .lock()
-                .unwrap()
-                .push((m.user.to_string(), m.req_id, m.payload.clone()));
+            seen2.lock().unwrap().push((m.user.to_string(), m.req_id, m.payload.clone()));
             // Reply through the handle, from the worker thread.
             let _ = h.push_to_user(&m.user, [b"echo:".as_slice(), &m.payload].concat());
         })
         .start()
         .unwrap();
     let (mut c, _) = login(server.local_addr(), "frank");
-    c.send_frame(&Frame::Message {
-        req_id: 5,
-        payload: b"rpc",
-    })
-    .unwrap();
+    c.send_frame(&Frame::Message { req_id: 5, payload: b"rpc" }).unwrap();
     assert_eq!(expect_push(&mut c).2, b"echo:rpc");
-    assert_eq!(
-        seen.lock().unwrap().as_slice(),
-        &[("frank".to_string(), 5, bytes::Bytes::from_static(b"rpc"))]
-    );
+    assert_eq!(seen.lock().unwrap().as_slice(), &[("frank".to_string(), 5, bytes::Bytes::from_static(b"rpc"))]);
 }
 
 #[test]
@@ -423,22 +310,14 @@ fn message_without_a_hook_and_disabled_send_get_errors() {
     cfg.routing.client_send = false;
     let server = start(cfg);
     let (mut c, _) = login(server.local_addr(), "gina");
-    c.send_frame(&Frame::Message {
-        req_id: 3,
-        payload: b"x",
-    })
-    .unwrap();
+    c.send_frame(&Frame::Message { req_id: 3, payload: b"x" }).unwrap();
     match c.recv().unwrap().frame() {
-        Frame::Error {
-            code, req_id: 3, ..
-        } => assert_eq!(code, ErrorCode::NoHandler as u16),
+        Frame::Error { code, req_id: 3, .. } => assert_eq!(code, ErrorCode::NoHandler as u16),
         other => panic!("expected ERROR, got {other:?}"),
     }
     c.send(4, "gina", b"x").unwrap();
     match c.recv().unwrap().frame() {
-        Frame::Error {
-            code, req_id: 4, ..
-        } => assert_eq!(code, ErrorCode::SendDisabled as u16),
+        Frame::Error { code, req_id: 4, .. } => assert_eq!(code, ErrorCode::SendDisabled as u16),
         other => panic!("expected ERROR, got {other:?}"),
     }
     // The connection stays open after a non-fatal ERROR.
@@ -488,10 +367,7 @@ fn a_stale_connection_id_never_reaches_the_slot_reuser() {
     drop(first);
     assert!(wait_until(Duration::from_secs(2), || h.connection_count() == 0));
     let (mut second, info2) = login(addr, "ivan");
-    let (old, new) = (
-        ConnId::from_u64(info1.conn_id),
-        ConnId::from_u64(info2.conn_id),
-    );
+    let (old, new) = (ConnId::from_u64(info1.conn_id), ConnId::from_u64(info2.conn_id));
     assert_eq!(old.slot(), new.slot(), "the slab reuses the slot");
     assert_ne!(old.generation(), new.generation());
     h.close_connection(old, CloseCode::Kicked).unwrap();
@@ -527,13 +403,7 @@ fn frames_split_across_reads_are_reassembled() {
     let addr = server.local_addr();
     let (mut a, _) = login(addr, "split1");
     let (mut b, _) = login(addr, "split2");
-    let frame = Frame::Send {
-        req_id: 0,
-        to: "split2",
-        payload: &[b'x'; 3000],
-    }
-    .to_bytes()
-    .unwrap();
+    let frame = Frame::Send { req_id: 0, to: "split2", payload: &[b'x'; 3000] }.to_bytes().unwrap();
     for chunk in frame.chunks(7) {
         a.send_raw(chunk).unwrap();
         std::thread::sleep(Duration::from_micros(200));
@@ -542,15 +412,8 @@ fn frames_split_across_reads_are_reassembled() {
     // Many frames in one write.
     let mut burst = Vec::new();
     for i in 0..200u32 {
-        burst.extend_from_slice(
-            &Frame::Send {
-                req_id: 0,
-                to: "split2",
-                payload: &i.to_be_bytes(),
-            }
-            .to_bytes()
-            .unwrap(),
-        );
+        burst
+            .extend_from_slice(&Frame::Send { req_id: 0, to: "split2", payload: &i.to_be_bytes() }.to_bytes().unwrap());
     }
     a.send_raw(&burst).unwrap();
     for i in 0..200u32 {

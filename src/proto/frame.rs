@@ -101,12 +101,7 @@ pub enum Frame<'a> {
     Login { user: &'a str, token: &'a [u8] },
     /// Server → client: `conn_id: u64, heartbeat_interval_ms: u32,
     /// idle_timeout_ms: u32, max_frame_bytes: u32`.
-    LoginOk {
-        conn_id: u64,
-        heartbeat_interval_ms: u32,
-        idle_timeout_ms: u32,
-        max_frame_bytes: u32,
-    },
+    LoginOk { conn_id: u64, heartbeat_interval_ms: u32, idle_timeout_ms: u32, max_frame_bytes: u32 },
     /// Server → client, then the server closes: `code: u16, reason: str8`.
     LoginError { code: u16, reason: &'a str },
     /// Either way: `data: rest` (at most 64 bytes), echoed in the PONG.
@@ -115,17 +110,9 @@ pub enum Frame<'a> {
     Pong { data: &'a [u8] },
     /// Server → client: `msg_id: u64, from: str8, payload: rest`. `from` is
     /// empty for pushes from the application.
-    Push {
-        msg_id: u64,
-        from: &'a str,
-        payload: &'a [u8],
-    },
+    Push { msg_id: u64, from: &'a str, payload: &'a [u8] },
     /// Client → server: `req_id: u32, to: str8, payload: rest`.
-    Send {
-        req_id: u32,
-        to: &'a str,
-        payload: &'a [u8],
-    },
+    Send { req_id: u32, to: &'a str, payload: &'a [u8] },
     /// Server → client, for a SEND with `req_id != 0`: `req_id: u32,
     /// delivered: u32` (connections the message was handed to).
     SendAck { req_id: u32, delivered: u32 },
@@ -135,11 +122,7 @@ pub enum Frame<'a> {
     Close { code: u16, reason: &'a str },
     /// Server → client, the connection stays open: `code: u16, req_id: u32,
     /// reason: str8`.
-    Error {
-        code: u16,
-        req_id: u32,
-        reason: &'a str,
-    },
+    Error { code: u16, req_id: u32, reason: &'a str },
 }
 
 /// Why bytes are not a valid frame. Each maps to a [`CloseCode`].
@@ -154,28 +137,15 @@ pub enum DecodeError {
     #[error("unknown frame type 0x{0:02x}")]
     UnknownType(u8),
     #[error("{frame} frame truncated in field `{field}`")]
-    Truncated {
-        frame: &'static str,
-        field: &'static str,
-    },
+    Truncated { frame: &'static str, field: &'static str },
     #[error("{frame} frame has {extra} bytes after its last field")]
     TrailingBytes { frame: &'static str, extra: usize },
     #[error("{frame} field `{field}` is not valid UTF-8")]
-    InvalidUtf8 {
-        frame: &'static str,
-        field: &'static str,
-    },
+    InvalidUtf8 { frame: &'static str, field: &'static str },
     #[error("{frame} field `{field}` must not be empty")]
-    EmptyField {
-        frame: &'static str,
-        field: &'static str,
-    },
+    EmptyField { frame: &'static str, field: &'static str },
     #[error("{frame} field `{field}` is longer than {max} bytes")]
-    FieldTooLong {
-        frame: &'static str,
-        field: &'static str,
-        max: usize,
-    },
+    FieldTooLong { frame: &'static str, field: &'static str, max: usize },
 }
 
 impl DecodeError {
@@ -193,11 +163,7 @@ impl DecodeError {
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Error)]
 pub enum EncodeError {
     #[error("field `{field}` is {len} bytes, more than the {max} its frame allows")]
-    FieldTooLong {
-        field: &'static str,
-        len: usize,
-        max: usize,
-    },
+    FieldTooLong { field: &'static str, len: usize, max: usize },
     #[error("frame of {len} bytes exceeds the protocol limit of {max}")]
     FrameTooLarge { len: usize, max: usize },
 }
@@ -211,10 +177,7 @@ struct Reader<'a> {
 impl<'a> Reader<'a> {
     fn take(&mut self, n: usize, field: &'static str) -> Result<&'a [u8], DecodeError> {
         if self.buf.len() < n {
-            return Err(DecodeError::Truncated {
-                frame: self.frame,
-                field,
-            });
+            return Err(DecodeError::Truncated { frame: self.frame, field });
         }
         let (head, tail) = self.buf.split_at(n);
         self.buf = tail;
@@ -237,18 +200,12 @@ impl<'a> Reader<'a> {
     fn str8(&mut self, field: &'static str) -> Result<&'a str, DecodeError> {
         let n = self.take(1, field)?[0] as usize;
         let b = self.take(n, field)?;
-        std::str::from_utf8(b).map_err(|_| DecodeError::InvalidUtf8 {
-            frame: self.frame,
-            field,
-        })
+        std::str::from_utf8(b).map_err(|_| DecodeError::InvalidUtf8 { frame: self.frame, field })
     }
     fn nonempty_str8(&mut self, field: &'static str) -> Result<&'a str, DecodeError> {
         let s = self.str8(field)?;
         if s.is_empty() {
-            return Err(DecodeError::EmptyField {
-                frame: self.frame,
-                field,
-            });
+            return Err(DecodeError::EmptyField { frame: self.frame, field });
         }
         Ok(s)
     }
@@ -263,10 +220,7 @@ impl<'a> Reader<'a> {
         if self.buf.is_empty() {
             Ok(())
         } else {
-            Err(DecodeError::TrailingBytes {
-                frame: self.frame,
-                extra: self.buf.len(),
-            })
+            Err(DecodeError::TrailingBytes { frame: self.frame, extra: self.buf.len() })
         }
     }
 }
@@ -279,10 +233,7 @@ impl<'a> Reader<'a> {
 /// version or an unknown type is rejected from the header alone, before the
 /// body arrives, so a peer cannot make the server buffer a frame it will
 /// refuse. `max_frame_bytes` bounds the whole frame, header included.
-pub fn decode(
-    buf: &[u8],
-    max_frame_bytes: usize,
-) -> Result<Option<(Frame<'_>, usize)>, DecodeError> {
+pub fn decode(buf: &[u8], max_frame_bytes: usize) -> Result<Option<(Frame<'_>, usize)>, DecodeError> {
     if buf.len() < LEN_PREFIX {
         return Ok(None);
     }
@@ -292,10 +243,7 @@ pub fn decode(
     }
     let total = LEN_PREFIX as u64 + len as u64;
     if total > max_frame_bytes as u64 {
-        return Err(DecodeError::FrameTooLarge {
-            len: total,
-            max: max_frame_bytes,
-        });
+        return Err(DecodeError::FrameTooLarge { len: total, max: max_frame_bytes });
     }
     if buf.len() > LEN_PREFIX && buf[4] != VERSION {
         return Err(DecodeError::BadVersion(buf[4]));
@@ -313,10 +261,7 @@ pub fn decode(
 }
 
 fn decode_body(ty: FrameType, body: &[u8]) -> Result<Frame<'_>, DecodeError> {
-    let mut r = Reader {
-        buf: body,
-        frame: ty.name(),
-    };
+    let mut r = Reader { buf: body, frame: ty.name() };
     let frame = match ty {
         FrameType::Login => {
             let user = r.nonempty_str8("user")?;
@@ -329,18 +274,11 @@ fn decode_body(ty: FrameType, body: &[u8]) -> Result<Frame<'_>, DecodeError> {
             idle_timeout_ms: r.u32("idle_timeout_ms")?,
             max_frame_bytes: r.u32("max_frame_bytes")?,
         },
-        FrameType::LoginError => Frame::LoginError {
-            code: r.u16("code")?,
-            reason: r.str8("reason")?,
-        },
+        FrameType::LoginError => Frame::LoginError { code: r.u16("code")?, reason: r.str8("reason")? },
         FrameType::Ping | FrameType::Pong => {
             let data = r.rest();
             if data.len() > MAX_PING_DATA {
-                return Err(DecodeError::FieldTooLong {
-                    frame: ty.name(),
-                    field: "data",
-                    max: MAX_PING_DATA,
-                });
+                return Err(DecodeError::FieldTooLong { frame: ty.name(), field: "data", max: MAX_PING_DATA });
             }
             if ty == FrameType::Ping {
                 Frame::Ping { data }
@@ -348,33 +286,12 @@ fn decode_body(ty: FrameType, body: &[u8]) -> Result<Frame<'_>, DecodeError> {
                 Frame::Pong { data }
             }
         }
-        FrameType::Push => Frame::Push {
-            msg_id: r.u64("msg_id")?,
-            from: r.str8("from")?,
-            payload: r.rest(),
-        },
-        FrameType::Send => Frame::Send {
-            req_id: r.u32("req_id")?,
-            to: r.nonempty_str8("to")?,
-            payload: r.rest(),
-        },
-        FrameType::SendAck => Frame::SendAck {
-            req_id: r.u32("req_id")?,
-            delivered: r.u32("delivered")?,
-        },
-        FrameType::Message => Frame::Message {
-            req_id: r.u32("req_id")?,
-            payload: r.rest(),
-        },
-        FrameType::Close => Frame::Close {
-            code: r.u16("code")?,
-            reason: r.str8("reason")?,
-        },
-        FrameType::Error => Frame::Error {
-            code: r.u16("code")?,
-            req_id: r.u32("req_id")?,
-            reason: r.str8("reason")?,
-        },
+        FrameType::Push => Frame::Push { msg_id: r.u64("msg_id")?, from: r.str8("from")?, payload: r.rest() },
+        FrameType::Send => Frame::Send { req_id: r.u32("req_id")?, to: r.nonempty_str8("to")?, payload: r.rest() },
+        FrameType::SendAck => Frame::SendAck { req_id: r.u32("req_id")?, delivered: r.u32("delivered")? },
+        FrameType::Message => Frame::Message { req_id: r.u32("req_id")?, payload: r.rest() },
+        FrameType::Close => Frame::Close { code: r.u16("code")?, reason: r.str8("reason")? },
+        FrameType::Error => Frame::Error { code: r.u16("code")?, req_id: r.u32("req_id")?, reason: r.str8("reason")? },
     };
     r.finish()?;
     Ok(frame)
@@ -382,11 +299,7 @@ fn decode_body(ty: FrameType, body: &[u8]) -> Result<Frame<'_>, DecodeError> {
 
 fn check_str8(field: &'static str, s: &str) -> Result<(), EncodeError> {
     if s.len() > u8::MAX as usize {
-        return Err(EncodeError::FieldTooLong {
-            field,
-            len: s.len(),
-            max: u8::MAX as usize,
-        });
+        return Err(EncodeError::FieldTooLong { field, len: s.len(), max: u8::MAX as usize });
     }
     Ok(())
 }
@@ -448,22 +361,14 @@ impl Frame<'_> {
             Frame::Login { user, token } => {
                 check_str8("user", user)?;
                 if token.len() > u16::MAX as usize {
-                    return Err(EncodeError::FieldTooLong {
-                        field: "token",
-                        len: token.len(),
-                        max: u16::MAX as usize,
-                    });
+                    return Err(EncodeError::FieldTooLong { field: "token", len: token.len(), max: u16::MAX as usize });
                 }
             }
-            Frame::LoginError { reason, .. }
-            | Frame::Close { reason, .. }
-            | Frame::Error { reason, .. } => check_str8("reason", reason)?,
+            Frame::LoginError { reason, .. } | Frame::Close { reason, .. } | Frame::Error { reason, .. } => {
+                check_str8("reason", reason)?
+            }
             Frame::Ping { data } | Frame::Pong { data } if data.len() > MAX_PING_DATA => {
-                return Err(EncodeError::FieldTooLong {
-                    field: "data",
-                    len: data.len(),
-                    max: MAX_PING_DATA,
-                });
+                return Err(EncodeError::FieldTooLong { field: "data", len: data.len(), max: MAX_PING_DATA });
             }
             Frame::Push { from, .. } => check_str8("from", from)?,
             Frame::Send { to, .. } => check_str8("to", to)?,
@@ -471,10 +376,7 @@ impl Frame<'_> {
         }
         let total = HEADER_LEN + self.body_len();
         if total > PROTOCOL_MAX_FRAME_BYTES {
-            return Err(EncodeError::FrameTooLarge {
-                len: total,
-                max: PROTOCOL_MAX_FRAME_BYTES,
-            });
+            return Err(EncodeError::FrameTooLarge { len: total, max: PROTOCOL_MAX_FRAME_BYTES });
         }
         dst.reserve(total);
         dst.put_u32((total - LEN_PREFIX) as u32);
@@ -486,12 +388,7 @@ impl Frame<'_> {
                 dst.put_u16(token.len() as u16);
                 dst.put_slice(token);
             }
-            Frame::LoginOk {
-                conn_id,
-                heartbeat_interval_ms,
-                idle_timeout_ms,
-                max_frame_bytes,
-            } => {
+            Frame::LoginOk { conn_id, heartbeat_interval_ms, idle_timeout_ms, max_frame_bytes } => {
                 dst.put_u64(*conn_id);
                 dst.put_u32(*heartbeat_interval_ms);
                 dst.put_u32(*idle_timeout_ms);
@@ -502,20 +399,12 @@ impl Frame<'_> {
                 put_str8(dst, reason);
             }
             Frame::Ping { data } | Frame::Pong { data } => dst.put_slice(data),
-            Frame::Push {
-                msg_id,
-                from,
-                payload,
-            } => {
+            Frame::Push { msg_id, from, payload } => {
                 dst.put_u64(*msg_id);
                 put_str8(dst, from);
                 dst.put_slice(payload);
             }
-            Frame::Send {
-                req_id,
-                to,
-                payload,
-            } => {
+            Frame::Send { req_id, to, payload } => {
                 dst.put_u32(*req_id);
                 put_str8(dst, to);
                 dst.put_slice(payload);
@@ -528,11 +417,7 @@ impl Frame<'_> {
                 dst.put_u32(*req_id);
                 dst.put_slice(payload);
             }
-            Frame::Error {
-                code,
-                req_id,
-                reason,
-            } => {
+            Frame::Error { code, req_id, reason } => {
                 dst.put_u16(*code);
                 dst.put_u32(*req_id);
                 put_str8(dst, reason);
@@ -566,95 +451,35 @@ mod tests {
         assert_eq!(f, g);
         // Every strict prefix is "need more bytes", never an error.
         for cut in 0..bytes.len() {
-            assert_eq!(
-                decode(&bytes[..cut], MAX),
-                Ok(None),
-                "prefix {cut} of {f:?}"
-            );
+            assert_eq!(decode(&bytes[..cut], MAX), Ok(None), "prefix {cut} of {f:?}");
         }
     }
 
     #[test]
     fn every_frame_roundtrips() {
-        roundtrip(Frame::Login {
-            user: "alice",
-            token: b"eyJ.x.y",
-        });
-        roundtrip(Frame::LoginOk {
-            conn_id: 7,
-            heartbeat_interval_ms: 1,
-            idle_timeout_ms: 2,
-            max_frame_bytes: 3,
-        });
-        roundtrip(Frame::LoginError {
-            code: 3,
-            reason: "token expired",
-        });
+        roundtrip(Frame::Login { user: "alice", token: b"eyJ.x.y" });
+        roundtrip(Frame::LoginOk { conn_id: 7, heartbeat_interval_ms: 1, idle_timeout_ms: 2, max_frame_bytes: 3 });
+        roundtrip(Frame::LoginError { code: 3, reason: "token expired" });
         roundtrip(Frame::Ping { data: b"" });
         roundtrip(Frame::Ping { data: &[9; 64] });
         roundtrip(Frame::Pong { data: b"12345678" });
-        roundtrip(Frame::Push {
-            msg_id: u64::MAX,
-            from: "",
-            payload: b"hello",
-        });
-        roundtrip(Frame::Push {
-            msg_id: 1,
-            from: "bob",
-            payload: b"",
-        });
-        roundtrip(Frame::Send {
-            req_id: 9,
-            to: "bob",
-            payload: b"hi",
-        });
-        roundtrip(Frame::SendAck {
-            req_id: 9,
-            delivered: 2,
-        });
-        roundtrip(Frame::Message {
-            req_id: 0,
-            payload: b"{\"op\":1}",
-        });
-        roundtrip(Frame::Close {
-            code: 1000,
-            reason: "bye",
-        });
-        roundtrip(Frame::Error {
-            code: 4100,
-            req_id: 5,
-            reason: "no such user",
-        });
+        roundtrip(Frame::Push { msg_id: u64::MAX, from: "", payload: b"hello" });
+        roundtrip(Frame::Push { msg_id: 1, from: "bob", payload: b"" });
+        roundtrip(Frame::Send { req_id: 9, to: "bob", payload: b"hi" });
+        roundtrip(Frame::SendAck { req_id: 9, delivered: 2 });
+        roundtrip(Frame::Message { req_id: 0, payload: b"{\"op\":1}" });
+        roundtrip(Frame::Close { code: 1000, reason: "bye" });
+        roundtrip(Frame::Error { code: 4100, req_id: 5, reason: "no such user" });
     }
 
     #[test]
     fn documented_examples_are_byte_exact() {
         // These are the hex examples in docs/PROTOCOL.md.
-        let login = Frame::Login {
-            user: "alice",
-            token: b"t0k",
-        }
-        .to_bytes()
-        .unwrap();
-        assert_eq!(
-            &login[..],
-            &[0, 0, 0, 0x0d, 1, 1, 5, b'a', b'l', b'i', b'c', b'e', 0, 3, b't', b'0', b'k']
-        );
-        assert_eq!(
-            &PING_EMPTY[..],
-            &Frame::Ping { data: b"" }.to_bytes().unwrap()[..]
-        );
-        let push = Frame::Push {
-            msg_id: 1,
-            from: "",
-            payload: b"hi",
-        }
-        .to_bytes()
-        .unwrap();
-        assert_eq!(
-            &push[..],
-            &[0, 0, 0, 0x0d, 1, 6, 0, 0, 0, 0, 0, 0, 0, 1, 0, b'h', b'i']
-        );
+        let login = Frame::Login { user: "alice", token: b"t0k" }.to_bytes().unwrap();
+        assert_eq!(&login[..], &[0, 0, 0, 0x0d, 1, 1, 5, b'a', b'l', b'i', b'c', b'e', 0, 3, b't', b'0', b'k']);
+        assert_eq!(&PING_EMPTY[..], &Frame::Ping { data: b"" }.to_bytes().unwrap()[..]);
+        let push = Frame::Push { msg_id: 1, from: "", payload: b"hi" }.to_bytes().unwrap();
+        assert_eq!(&push[..], &[0, 0, 0, 0x0d, 1, 6, 0, 0, 0, 0, 0, 0, 0, 1, 0, b'h', b'i']);
     }
 
     #[test]
@@ -662,27 +487,12 @@ mod tests {
         // Length 2^32-1: refused from the 4-byte prefix alone.
         assert_eq!(
             decode(&[0xff, 0xff, 0xff, 0xff], MAX),
-            Err(DecodeError::FrameTooLarge {
-                len: 4 + 0xffff_ffff,
-                max: MAX
-            })
+            Err(DecodeError::FrameTooLarge { len: 4 + 0xffff_ffff, max: MAX })
         );
-        assert_eq!(
-            decode(&[0, 0, 0, 1], MAX),
-            Err(DecodeError::FrameTooShort { len: 1 })
-        );
-        assert_eq!(
-            decode(&[0, 0, 0, 9, 2], MAX),
-            Err(DecodeError::BadVersion(2))
-        );
-        assert_eq!(
-            decode(&[0, 0, 0, 9, 1, 0x7f], MAX),
-            Err(DecodeError::UnknownType(0x7f))
-        );
-        assert_eq!(
-            decode(&[0, 0, 0, 9, 1, 0x00], MAX),
-            Err(DecodeError::UnknownType(0))
-        );
+        assert_eq!(decode(&[0, 0, 0, 1], MAX), Err(DecodeError::FrameTooShort { len: 1 }));
+        assert_eq!(decode(&[0, 0, 0, 9, 2], MAX), Err(DecodeError::BadVersion(2)));
+        assert_eq!(decode(&[0, 0, 0, 9, 1, 0x7f], MAX), Err(DecodeError::UnknownType(0x7f)));
+        assert_eq!(decode(&[0, 0, 0, 9, 1, 0x00], MAX), Err(DecodeError::UnknownType(0)));
     }
 
     #[test]
@@ -690,70 +500,38 @@ mod tests {
         // LOGIN whose user length runs past the end of the frame.
         assert_eq!(
             decode(&[0, 0, 0, 4, 1, 1, 9, b'a'], MAX),
-            Err(DecodeError::Truncated {
-                frame: "LOGIN",
-                field: "user"
-            })
+            Err(DecodeError::Truncated { frame: "LOGIN", field: "user" })
         );
         // LOGIN with an empty user id.
         assert_eq!(
             decode(&[0, 0, 0, 5, 1, 1, 0, 0, 0], MAX),
-            Err(DecodeError::EmptyField {
-                frame: "LOGIN",
-                field: "user"
-            })
+            Err(DecodeError::EmptyField { frame: "LOGIN", field: "user" })
         );
         // SEND_ACK with one extra byte.
         assert_eq!(
             decode(&[0, 0, 0, 11, 1, 8, 0, 0, 0, 1, 0, 0, 0, 1, 0xaa], MAX),
-            Err(DecodeError::TrailingBytes {
-                frame: "SEND_ACK",
-                extra: 1
-            })
+            Err(DecodeError::TrailingBytes { frame: "SEND_ACK", extra: 1 })
         );
         // SEND with a non-UTF-8 target.
         assert_eq!(
             decode(&[0, 0, 0, 8, 1, 7, 0, 0, 0, 0, 1, 0xff], MAX),
-            Err(DecodeError::InvalidUtf8 {
-                frame: "SEND",
-                field: "to"
-            })
+            Err(DecodeError::InvalidUtf8 { frame: "SEND", field: "to" })
         );
         // PING carrying more than 64 bytes.
         let mut ping = vec![0, 0, 0, 67, 1, 4];
         ping.extend_from_slice(&[0; 65]);
-        assert_eq!(
-            decode(&ping, MAX),
-            Err(DecodeError::FieldTooLong {
-                frame: "PING",
-                field: "data",
-                max: 64
-            })
-        );
+        assert_eq!(decode(&ping, MAX), Err(DecodeError::FieldTooLong { frame: "PING", field: "data", max: 64 }));
     }
 
     #[test]
     fn decodes_back_to_back_frames() {
         let mut b = BytesMut::new();
         Frame::Ping { data: b"a" }.encode(&mut b).unwrap();
-        Frame::Send {
-            req_id: 1,
-            to: "x",
-            payload: b"p",
-        }
-        .encode(&mut b)
-        .unwrap();
+        Frame::Send { req_id: 1, to: "x", payload: b"p" }.encode(&mut b).unwrap();
         let (f1, n1) = decode(&b, MAX).unwrap().unwrap();
         assert_eq!(f1, Frame::Ping { data: b"a" });
         let (f2, n2) = decode(&b[n1..], MAX).unwrap().unwrap();
-        assert_eq!(
-            f2,
-            Frame::Send {
-                req_id: 1,
-                to: "x",
-                payload: b"p"
-            }
-        );
+        assert_eq!(f2, Frame::Send { req_id: 1, to: "x", payload: b"p" });
         assert_eq!(n1 + n2, b.len());
     }
 
@@ -761,12 +539,7 @@ mod tests {
     fn encode_refuses_oversized_fields() {
         let long = "x".repeat(256);
         assert!(matches!(
-            Frame::Send {
-                req_id: 0,
-                to: &long,
-                payload: b""
-            }
-            .to_bytes(),
+            Frame::Send { req_id: 0, to: &long, payload: b"" }.to_bytes(),
             Err(EncodeError::FieldTooLong { field: "to", .. })
         ));
         assert_eq!(clip_reason(&"é".repeat(200)).len(), 254);
@@ -774,17 +547,8 @@ mod tests {
 
     #[test]
     fn close_codes_follow_the_error() {
-        assert_eq!(
-            DecodeError::BadVersion(9).close_code(),
-            CloseCode::UnsupportedVersion
-        );
-        assert_eq!(
-            DecodeError::FrameTooLarge { len: 1, max: 0 }.close_code(),
-            CloseCode::FrameTooLarge
-        );
-        assert_eq!(
-            DecodeError::UnknownType(9).close_code(),
-            CloseCode::ProtocolError
-        );
+        assert_eq!(DecodeError::BadVersion(9).close_code(), CloseCode::UnsupportedVersion);
+        assert_eq!(DecodeError::FrameTooLarge { len: 1, max: 0 }.close_code(), CloseCode::FrameTooLarge);
+        assert_eq!(DecodeError::UnknownType(9).close_code(), CloseCode::ProtocolError);
     }
 }

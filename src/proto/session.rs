@@ -112,11 +112,7 @@ const _: () = assert!(std::mem::size_of::<Session>() == 8);
 impl Session {
     /// A freshly accepted connection.
     pub fn new(now: Tick) -> Session {
-        Session {
-            mark: now,
-            phase: Phase::AwaitingLogin,
-            ping_outstanding: false,
-        }
+        Session { mark: now, phase: Phase::AwaitingLogin, ping_outstanding: false }
     }
 
     /// The current phase.
@@ -134,11 +130,7 @@ impl Session {
     pub fn on_frame(&mut self, ty: FrameType, now: Tick) -> Result<Inbound, SessionError> {
         if matches!(
             ty,
-            FrameType::LoginOk
-                | FrameType::LoginError
-                | FrameType::Push
-                | FrameType::SendAck
-                | FrameType::Error
+            FrameType::LoginOk | FrameType::LoginError | FrameType::Push | FrameType::SendAck | FrameType::Error
         ) && self.phase != Phase::Closing
         {
             return Err(SessionError::ServerOnly { frame: ty.name() });
@@ -195,20 +187,14 @@ impl Session {
     pub fn on_tick(&mut self, now: Tick, t: &Timeouts) -> TickAction {
         let elapsed = now.wrapping_sub(self.mark);
         match self.phase {
-            Phase::AwaitingLogin if elapsed >= t.login => {
-                TickAction::Close(CloseCode::LoginTimeout)
-            }
+            Phase::AwaitingLogin if elapsed >= t.login => TickAction::Close(CloseCode::LoginTimeout),
             Phase::Active if elapsed >= t.idle => TickAction::Close(CloseCode::IdleTimeout),
             Phase::Active if elapsed >= t.heartbeat && !self.ping_outstanding => {
                 self.ping_outstanding = true;
-                TickAction::Ping {
-                    next: self.next_deadline(t),
-                }
+                TickAction::Ping { next: self.next_deadline(t) }
             }
             Phase::Closing if elapsed >= t.linger => TickAction::Finish,
-            _ => TickAction::Wait {
-                next: self.next_deadline(t),
-            },
+            _ => TickAction::Wait { next: self.next_deadline(t) },
         }
     }
 }
@@ -217,44 +203,24 @@ impl Session {
 mod tests {
     use super::*;
 
-    const T: Timeouts = Timeouts {
-        login: 10,
-        heartbeat: 240,
-        idle: 300,
-        linger: 2,
-    };
+    const T: Timeouts = Timeouts { login: 10, heartbeat: 240, idle: 300, linger: 2 };
 
     #[test]
     fn login_deadline_closes_a_silent_connection() {
         let mut s = Session::new(100);
         assert_eq!(s.on_tick(105, &T), TickAction::Wait { next: 110 });
-        assert_eq!(
-            s.on_tick(110, &T),
-            TickAction::Close(CloseCode::LoginTimeout)
-        );
+        assert_eq!(s.on_tick(110, &T), TickAction::Close(CloseCode::LoginTimeout));
     }
 
     #[test]
     fn only_login_is_allowed_before_login() {
         let mut s = Session::new(0);
-        assert_eq!(
-            s.on_frame(FrameType::Send, 1),
-            Err(SessionError::NotLoggedIn { frame: "SEND" })
-        );
-        assert_eq!(
-            s.on_frame(FrameType::Ping, 1),
-            Err(SessionError::NotLoggedIn { frame: "PING" })
-        );
-        assert_eq!(
-            s.on_frame(FrameType::Push, 1),
-            Err(SessionError::ServerOnly { frame: "PUSH" })
-        );
+        assert_eq!(s.on_frame(FrameType::Send, 1), Err(SessionError::NotLoggedIn { frame: "SEND" }));
+        assert_eq!(s.on_frame(FrameType::Ping, 1), Err(SessionError::NotLoggedIn { frame: "PING" }));
+        assert_eq!(s.on_frame(FrameType::Push, 1), Err(SessionError::ServerOnly { frame: "PUSH" }));
         assert_eq!(s.on_frame(FrameType::Login, 1), Ok(Inbound::Process));
         assert!(s.login_ok(2));
-        assert_eq!(
-            s.on_frame(FrameType::Login, 3),
-            Err(SessionError::AlreadyLoggedIn)
-        );
+        assert_eq!(s.on_frame(FrameType::Login, 3), Err(SessionError::AlreadyLoggedIn));
         assert!(!s.login_ok(3), "a second login_ok is refused");
     }
 
@@ -266,10 +232,7 @@ mod tests {
         assert_eq!(s.on_tick(240, &T), TickAction::Ping { next: 300 });
         // A second visit before the idle deadline does not ping again.
         assert_eq!(s.on_tick(250, &T), TickAction::Wait { next: 300 });
-        assert_eq!(
-            s.on_tick(300, &T),
-            TickAction::Close(CloseCode::IdleTimeout)
-        );
+        assert_eq!(s.on_tick(300, &T), TickAction::Close(CloseCode::IdleTimeout));
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! Must not: leak monoio types out of this module: it is the only place that
 //! imports monoio.
 
+mod poller;
 mod sys;
 mod worker;
 
@@ -49,14 +50,12 @@ fn probe_io_uring(config: &Config) -> std::io::Result<()> {
 pub fn choose_driver(config: &Config) -> Result<DriverKind, StartError> {
     match config.server.io_driver {
         IoDriver::Epoll => Ok(DriverKind::Epoll),
-        IoDriver::IoUring => probe_io_uring(config).map(|_| DriverKind::IoUring).map_err(|e| {
-            StartError::Worker {
-                worker: 0,
-                message: format!(
-                    "io_uring is unavailable ({e}); check /proc/sys/kernel/io_uring_disabled and seccomp, \
+        IoDriver::IoUring => probe_io_uring(config).map(|_| DriverKind::IoUring).map_err(|e| StartError::Worker {
+            worker: 0,
+            message: format!(
+                "io_uring is unavailable ({e}); check /proc/sys/kernel/io_uring_disabled and seccomp, \
                      or set server.io_driver = \"epoll\" (or \"auto\" to fall back)"
-                ),
-            }
+            ),
         }),
         IoDriver::Auto => match probe_io_uring(config) {
             Ok(()) => Ok(DriverKind::IoUring),
@@ -72,20 +71,16 @@ pub fn choose_driver(config: &Config) -> Result<DriverKind, StartError> {
 
 fn bind_listener(addr: SocketAddr, config: &Config) -> Result<std::net::TcpListener, StartError> {
     let err = |source| StartError::Bind { addr, source };
-    let s =
-        Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)).map_err(err)?;
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)).map_err(err)?;
     s.set_reuse_address(true).map_err(err)?;
     s.set_reuse_port(true).map_err(err)?;
     // Accepted sockets inherit these buffer sizes from the listener: no
     // setsockopt per connection.
-    s.set_recv_buffer_size(config.socket.rcvbuf_bytes)
-        .map_err(err)?;
-    s.set_send_buffer_size(config.socket.sndbuf_bytes)
-        .map_err(err)?;
+    s.set_recv_buffer_size(config.socket.rcvbuf_bytes).map_err(err)?;
+    s.set_send_buffer_size(config.socket.sndbuf_bytes).map_err(err)?;
     s.set_nodelay(config.socket.nodelay).map_err(err)?;
     s.bind(&addr.into()).map_err(err)?;
-    s.listen(config.server.listen_backlog.min(i32::MAX as u32) as i32)
-        .map_err(err)?;
+    s.listen(config.server.listen_backlog.min(i32::MAX as u32) as i32).map_err(err)?;
     Ok(s.into())
 }
 
@@ -97,26 +92,14 @@ pub(crate) fn start(
 ) -> Result<Server, StartError> {
     let addr = config.listen_addr()?;
     let cpus = sys::allowed_cpus();
-    let workers = if config.server.workers == 0 {
-        cpus.len().max(1)
-    } else {
-        config.server.workers
-    };
+    let workers = if config.server.workers == 0 { cpus.len().max(1) } else { config.server.workers };
     let ring_bytes = config.uring.sq_entries as u64 * 64 + config.uring.cq_entries as u64 * 16;
-    let report = crate::limits::check(
-        config.server.max_connections,
-        workers,
-        config.server.listen_backlog,
-        ring_bytes,
-    )
-    .map_err(StartError::Limits)?;
+    let report = crate::limits::check(config.server.max_connections, workers, config.server.listen_backlog, ring_bytes)
+        .map_err(StartError::Limits)?;
     for w in &report.warnings {
         tracing::warn!("{w}");
     }
-    let max_conns_per_worker = report
-        .max_connections
-        .div_ceil(workers)
-        .clamp(1, MAX_SLOTS_PER_WORKER);
+    let max_conns_per_worker = report.max_connections.div_ceil(workers).clamp(1, MAX_SLOTS_PER_WORKER);
     let driver = choose_driver(&config)?;
 
     let mut listeners = Vec::with_capacity(workers);
@@ -141,9 +124,7 @@ pub(crate) fn start(
         max_conns_per_worker,
         mailboxes,
         directory: Directory::new(config.limits.max_conns_per_user),
-        counters: (0..workers)
-            .map(|_| CachePadded::new(WorkerCounters::default()))
-            .collect(),
+        counters: (0..workers).map(|_| CachePadded::new(WorkerCounters::default())).collect(),
         authenticator,
         hook,
         shutdown: AtomicBool::new(false),
@@ -158,20 +139,14 @@ pub(crate) fn start(
     for (i, listener) in listeners.into_iter().enumerate() {
         let shared = shared.clone();
         let ready_tx = ready_tx.clone();
-        let cpu = if shared.config.server.pin_workers {
-            Some(cpus[i % cpus.len().max(1)])
-        } else {
-            None
-        };
+        let cpu = if shared.config.server.pin_workers { Some(cpus[i % cpus.len().max(1)]) } else { None };
         let t = std::thread::Builder::new()
             .name(format!("sb-worker-{i}"))
             .spawn(move || worker_thread(shared, i, listener, driver, cpu, ready_tx))?;
         threads.push(t);
     }
     drop(ready_tx);
-    let handle = Handle {
-        shared: shared.clone(),
-    };
+    let handle = Handle { shared: shared.clone() };
     let mut server = Server { handle, threads };
     for _ in 0..workers {
         match ready_rx.recv() {
@@ -182,10 +157,7 @@ pub(crate) fn start(
                 return Err(StartError::Worker { worker, message });
             }
             Err(_) => {
-                return Err(StartError::Worker {
-                    worker: 0,
-                    message: "a worker thread exited during start".into(),
-                });
+                return Err(StartError::Worker { worker: 0, message: "a worker thread exited during start".into() });
             }
         }
     }
@@ -229,7 +201,7 @@ fn worker_thread(
                 .with_entries(shared.config.uring.sq_entries)
                 .uring_builder(urb)
                 .build()
-                .map(|mut rt| rt.block_on(worker::run(shared.clone(), id, listener, ready)))
+                .map(|mut rt| rt.block_on(worker::run(shared.clone(), id, listener, driver, ready)))
         }
         DriverKind::Epoll => {
             if let Err(e) = listener.set_nonblocking(true) {
@@ -239,7 +211,7 @@ fn worker_thread(
             RuntimeBuilder::<LegacyDriver>::new()
                 .enable_timer()
                 .build()
-                .map(|mut rt| rt.block_on(worker::run(shared.clone(), id, listener, ready)))
+                .map(|mut rt| rt.block_on(worker::run(shared.clone(), id, listener, driver, ready)))
         }
     };
     if let Err(e) = built {

@@ -33,14 +33,7 @@ pub enum Recv {
 pub fn recv(fd: RawFd, buf: &mut [u8]) -> Recv {
     loop {
         // SAFETY: `buf` is a live, writable slice of `buf.len()` bytes.
-        let n = unsafe {
-            libc::recv(
-                fd,
-                buf.as_mut_ptr() as *mut libc::c_void,
-                buf.len(),
-                libc::MSG_DONTWAIT,
-            )
-        };
+        let n = unsafe { libc::recv(fd, buf.as_mut_ptr() as *mut libc::c_void, buf.len(), libc::MSG_DONTWAIT) };
         if n > 0 {
             return Recv::Data(n as usize);
         }
@@ -94,12 +87,7 @@ pub fn sendmsg(fd: RawFd, iov: &[libc::iovec; MAX_IOV_PER_WRITE], n: usize) -> S
 pub fn send_once(fd: RawFd, data: &[u8]) {
     // SAFETY: `data` is a live slice; the result is ignored on purpose.
     unsafe {
-        libc::send(
-            fd,
-            data.as_ptr() as *const libc::c_void,
-            data.len(),
-            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-        )
+        libc::send(fd, data.as_ptr() as *const libc::c_void, data.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
     };
 }
 
@@ -108,6 +96,27 @@ pub fn send_once(fd: RawFd, data: &[u8]) {
 pub fn shutdown(fd: RawFd, how: libc::c_int) {
     // SAFETY: shutdown has no memory-safety preconditions.
     unsafe { libc::shutdown(fd, how) };
+}
+
+/// `close(2)`.
+pub fn close(fd: RawFd) {
+    // SAFETY: the caller owns `fd` and never uses it again.
+    unsafe { libc::close(fd) };
+}
+
+/// TCP_NODELAY on an accepted socket (best effort).
+pub fn set_nodelay(fd: RawFd) {
+    let one: libc::c_int = 1;
+    // SAFETY: passes a live c_int of the size given.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_NODELAY,
+            &one as *const libc::c_int as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
 }
 
 /// Pins the calling thread to one CPU.
@@ -129,13 +138,8 @@ pub fn allowed_cpus() -> Vec<usize> {
     unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
         if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
-            return (0..std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1))
-                .collect();
+            return (0..std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)).collect();
         }
-        (0..libc::CPU_SETSIZE as usize)
-            .filter(|&c| libc::CPU_ISSET(c, &set))
-            .collect()
+        (0..libc::CPU_SETSIZE as usize).filter(|&c| libc::CPU_ISSET(c, &set)).collect()
     }
 }

@@ -8,13 +8,14 @@
 //! `RefCell`, reached only by this worker's tasks), hold a `RefCell` borrow
 //! across an `.await`, or hold a buffer for an idle connection.
 //!
-//! Tasks per worker: `accepts_per_worker` accept loops, one tick loop, one
-//! mailbox loop, one reader per connection (waiting on a readiness poll), and
-//! a writer only for a connection whose socket buffer is full.
+//! Tasks per worker (none per connection): `accepts_per_worker` accept
+//! loops, one tick loop, one mailbox loop, and one I/O loop that waits on the
+//! worker's readiness poller (`poller.rs`) and handles every connection's
+//! read and write readiness.
 
 use std::cell::{Cell, RefCell};
 use std::future::Future;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, IntoRawFd, RawFd};
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
@@ -23,9 +24,10 @@ use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use monoio::net::{TcpListener, TcpStream};
+use monoio::net::{TcpListener, TcpStream, UnixStream};
 use slab::Slab;
 
+use super::poller::{token, untoken, Poller, Ready};
 use super::sys::{self, Recv, Send};
 use crate::directory::ConnList;
 use crate::ids::{ConnId, WorkerId};
@@ -47,10 +49,12 @@ const MAX_READS_PER_WAKE: usize = 16;
 const MAILBOX_BATCH: usize = 4096;
 /// Due wheel entries handled before yielding.
 const TICK_BATCH: usize = 4096;
+/// Readiness events handled between two flushes and yields.
+const IO_BATCH: usize = 4096;
 
 /// Connection flags.
 const DIRTY: u8 = 1;
-/// A writer task waits for the socket to drain.
+/// The poller watches for room in the socket's send buffer.
 const WRITE_WAIT: u8 = 2;
 /// FIN sent (closing, queue flushed).
 const FIN_SENT: u8 = 4;
@@ -58,12 +62,11 @@ const FIN_SENT: u8 = 4;
 /// One connection's state. Its size is asserted below: it is most of what
 /// an idle connection costs us.
 struct Conn {
-    stream: Rc<TcpStream>,
     /// Set once logged in; shared with the directory key.
     user: Option<Arc<str>>,
     out: OutQueue,
-    /// Bytes of an incomplete frame; empty (no allocation) when idle.
-    partial: Vec<u8>,
+    /// Bytes of an incomplete frame; `None` (no allocation) when idle.
+    partial: Option<Box<Vec<u8>>>,
     session: crate::proto::session::Session,
     fd: RawFd,
     generation: u32,
@@ -86,6 +89,7 @@ pub(crate) struct Worker {
     shared: Arc<Shared>,
     handle: Handle,
     conns: RefCell<Slab<Conn>>,
+    poller: RefCell<Poller>,
     wheel: RefCell<Wheel>,
     dirty: RefCell<Vec<u32>>,
     scratch: RefCell<Box<[u8]>>,
@@ -116,39 +120,25 @@ impl Future for YieldNow {
 }
 
 fn close_frame(code: CloseCode, reason: &str) -> Bytes {
-    Frame::Close {
-        code: code as u16,
-        reason: clip_reason(reason),
-    }
-    .to_bytes()
-    .expect("reason clipped")
+    Frame::Close { code: code as u16, reason: clip_reason(reason) }.to_bytes().expect("reason clipped")
 }
 
 fn unix_now_s() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 impl Worker {
-    pub(crate) fn new(id: WorkerId, shared: Arc<Shared>) -> Worker {
+    pub(crate) fn new(id: WorkerId, shared: Arc<Shared>, poller: Poller) -> Worker {
         let now = current_tick(&shared);
         Worker {
             id,
-            handle: Handle {
-                shared: shared.clone(),
-            },
+            handle: Handle { shared: shared.clone() },
             conns: RefCell::new(Slab::with_capacity(shared.max_conns_per_worker)),
+            poller: RefCell::new(poller),
             wheel: RefCell::new(Wheel::new(now)),
             dirty: RefCell::new(Vec::new()),
             scratch: RefCell::new(vec![0u8; SCRATCH_BYTES].into_boxed_slice()),
-            iov: RefCell::new(
-                [libc::iovec {
-                    iov_base: std::ptr::null_mut(),
-                    iov_len: 0,
-                }; MAX_IOV_PER_WRITE],
-            ),
+            iov: RefCell::new([libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; MAX_IOV_PER_WRITE]),
             lookup: RefCell::new(ConnList::new()),
             next_generation: Cell::new(1),
             next_msg: Cell::new(0),
@@ -184,20 +174,23 @@ impl Worker {
 
     // ---- accept -------------------------------------------------------------
 
-    fn on_accept(self: &Rc<Self>, stream: TcpStream) {
-        let fd = stream.as_raw_fd();
+    fn on_accept(&self, stream: TcpStream) {
         if self.shared.shutdown.load(Ordering::Acquire) {
             return;
         }
+        // From here on the socket is a plain descriptor owned by its slot:
+        // readiness comes from the worker's poller, I/O is plain syscalls.
+        let fd = stream.into_raw_fd();
         let mut conns = self.conns.borrow_mut();
         if conns.len() >= self.shared.max_conns_per_worker {
             drop(conns);
             sys::send_once(fd, &self.server_full);
+            sys::close(fd);
             bump(&self.counters().refused_full, 1);
             return;
         }
         if self.shared.config.socket.nodelay {
-            let _ = stream.set_nodelay(true);
+            sys::set_nodelay(fd);
         }
         let generation = self.next_generation.get();
         self.next_generation.set(generation.wrapping_add(1).max(1));
@@ -205,17 +198,11 @@ impl Worker {
         let session = crate::proto::session::Session::new(now);
         let entry = conns.vacant_entry();
         let slot = entry.key() as u32;
-        let wheel_at = self.wheel.borrow_mut().insert(
-            session.next_deadline(&self.shared.timeouts),
-            slot,
-            generation,
-        );
-        let stream = Rc::new(stream);
+        let wheel_at = self.wheel.borrow_mut().insert(session.next_deadline(&self.shared.timeouts), slot, generation);
         entry.insert(Conn {
-            stream: stream.clone(),
             user: None,
             out: OutQueue::default(),
-            partial: Vec::new(),
+            partial: None,
             session,
             fd,
             generation,
@@ -223,10 +210,35 @@ impl Worker {
             flags: 0,
         });
         drop(conns);
+        let mut poller = self.poller.borrow_mut();
+        poller.add(fd, token(slot, generation));
+        poller.flush();
         let c = self.counters();
         bump(&c.accepted, 1);
         bump(&c.connections, 1);
-        monoio::spawn(reader(self.clone(), stream, slot, generation));
+    }
+
+    /// One readiness event from the poller.
+    fn on_ready(self: &Rc<Self>, tok: u64, ready: Ready) {
+        let (slot, generation, _) = untoken(tok);
+        let fd = match self.conns.borrow().get(slot as usize) {
+            Some(c) if c.generation == generation => c.fd,
+            _ => return, // stale: the connection is gone
+        };
+        match ready {
+            Ready::Read => {
+                if self.on_readable(slot, generation) {
+                    self.poller.borrow_mut().rearm_read(fd, tok);
+                } else {
+                    self.release(slot, generation);
+                }
+            }
+            Ready::Write => {
+                if self.on_writable(slot, generation) {
+                    self.poller.borrow_mut().want_write(fd, tok);
+                }
+            }
+        }
     }
 
     // ---- read path ----------------------------------------------------------
@@ -237,7 +249,7 @@ impl Worker {
         let (fd, mut partial) = {
             let mut conns = self.conns.borrow_mut();
             match conns.get_mut(slot as usize) {
-                Some(c) if c.generation == generation => (c.fd, std::mem::take(&mut c.partial)),
+                Some(c) if c.generation == generation => (c.fd, c.partial.take().map(|b| *b).unwrap_or_default()),
                 _ => return false,
             }
         };
@@ -273,12 +285,9 @@ impl Worker {
             }
         }
         if let Some(c) = self.conns.borrow_mut().get_mut(slot as usize) {
-            if c.generation == generation
-                && c.session.phase() != Phase::Closing
-                && !partial.is_empty()
-            {
+            if c.generation == generation && c.session.phase() != Phase::Closing && !partial.is_empty() {
                 debug_assert!(partial.len() < self.shared.config.limits.max_frame_bytes);
-                c.partial = partial;
+                c.partial = Some(Box::new(partial));
             }
         }
         self.flush_dirty();
@@ -326,10 +335,7 @@ impl Worker {
         let now = self.now.get();
         let verdict = {
             let mut conns = self.conns.borrow_mut();
-            let Some(c) = conns
-                .get_mut(slot as usize)
-                .filter(|c| c.generation == generation)
-            else {
+            let Some(c) = conns.get_mut(slot as usize).filter(|c| c.generation == generation) else {
                 return;
             };
             c.session.on_frame(frame.frame_type(), now)
@@ -346,48 +352,29 @@ impl Worker {
         match frame {
             Frame::Login { user, token } => self.on_login(slot, generation, user, token),
             Frame::Ping { data } => {
-                let pong = Frame::Pong { data }
-                    .to_bytes()
-                    .expect("PING data is bounded by the decoder");
+                let pong = Frame::Pong { data }.to_bytes().expect("PING data is bounded by the decoder");
                 self.reply(slot, generation, pong);
             }
             Frame::Pong { .. } => {}
-            Frame::Send {
-                req_id,
-                to,
-                payload,
-            } => self.on_send(slot, generation, req_id, to, payload),
-            Frame::Message { req_id, payload } => self.to_application(
-                slot,
-                generation,
-                ClientMessageKind::Message,
-                req_id,
-                payload,
-            ),
-            Frame::Close { .. } => {
-                self.begin_close(slot, generation, CloseCode::Normal, "closed by client")
+            Frame::Send { req_id, to, payload } => self.on_send(slot, generation, req_id, to, payload),
+            Frame::Message { req_id, payload } => {
+                self.to_application(slot, generation, ClientMessageKind::Message, req_id, payload)
             }
+            Frame::Close { .. } => self.begin_close(slot, generation, CloseCode::Normal, "closed by client"),
             // The session refuses server-only frames before we get here.
             Frame::LoginOk { .. }
             | Frame::LoginError { .. }
             | Frame::Push { .. }
             | Frame::SendAck { .. }
-            | Frame::Error { .. } => self.begin_close(
-                slot,
-                generation,
-                CloseCode::UnexpectedFrame,
-                "server-only frame",
-            ),
+            | Frame::Error { .. } => {
+                self.begin_close(slot, generation, CloseCode::UnexpectedFrame, "server-only frame")
+            }
         }
     }
 
     fn on_login(self: &Rc<Self>, slot: u32, generation: u32, user: &str, token: &[u8]) {
         let counters = self.counters();
-        if let Err(e) = self
-            .shared
-            .authenticator
-            .authenticate(user, token, unix_now_s())
-        {
+        if let Err(e) = self.shared.authenticator.authenticate(user, token, unix_now_s()) {
             bump(&counters.login_failures, 1);
             self.fail_login(slot, generation, e.code() as u16, &e.to_string());
             return;
@@ -397,16 +384,8 @@ impl Worker {
             Ok(k) => k,
             Err(e) => {
                 bump(&counters.login_failures, 1);
-                let reason = format!(
-                    "user already has {} connections (limits.max_conns_per_user)",
-                    e.limit
-                );
-                self.fail_login(
-                    slot,
-                    generation,
-                    LoginErrorCode::TooManyConnections as u16,
-                    &reason,
-                );
+                let reason = format!("user already has {} connections (limits.max_conns_per_user)", e.limit);
+                self.fail_login(slot, generation, LoginErrorCode::TooManyConnections as u16, &reason);
                 return;
             }
         };
@@ -438,12 +417,7 @@ impl Worker {
     }
 
     fn fail_login(self: &Rc<Self>, slot: u32, generation: u32, code: u16, reason: &str) {
-        let frame = Frame::LoginError {
-            code,
-            reason: clip_reason(reason),
-        }
-        .to_bytes()
-        .expect("reason clipped");
+        let frame = Frame::LoginError { code, reason: clip_reason(reason) }.to_bytes().expect("reason clipped");
         self.close_with(slot, generation, frame, false);
     }
 
@@ -466,13 +440,9 @@ impl Worker {
         let Some(from) = self.user_of(slot, generation) else {
             return;
         };
-        let frame = Frame::Push {
-            msg_id: self.next_msg_id(),
-            from: &from,
-            payload,
-        }
-        .to_bytes()
-        .expect("user ids are at most 255 bytes and payload fits a frame");
+        let frame = Frame::Push { msg_id: self.next_msg_id(), from: &from, payload }
+            .to_bytes()
+            .expect("user ids are at most 255 bytes and payload fits a frame");
         let mut targets = std::mem::take(&mut *self.lookup.borrow_mut());
         self.shared.directory.lookup_into(to, &mut targets);
         let mut delivered = 0u32;
@@ -486,9 +456,7 @@ impl Worker {
         }
         *self.lookup.borrow_mut() = targets;
         if req_id != 0 {
-            let ack = Frame::SendAck { req_id, delivered }
-                .to_bytes()
-                .expect("fixed-size frame");
+            let ack = Frame::SendAck { req_id, delivered }.to_bytes().expect("fixed-size frame");
             self.reply(slot, generation, ack);
         }
         if full {
@@ -511,13 +479,7 @@ impl Worker {
         payload: &[u8],
     ) {
         let Some(hook) = self.shared.hook.clone() else {
-            self.reply_error(
-                slot,
-                generation,
-                ErrorCode::NoHandler,
-                req_id,
-                "no application handler for MESSAGE",
-            );
+            self.reply_error(slot, generation, ErrorCode::NoHandler, req_id, "no application handler for MESSAGE");
             return;
         };
         let Some(user) = self.user_of(slot, generation) else {
@@ -546,10 +508,7 @@ impl Worker {
 
     fn user_of(&self, slot: u32, generation: u32) -> Option<Arc<str>> {
         let conns = self.conns.borrow();
-        conns
-            .get(slot as usize)
-            .filter(|c| c.generation == generation)
-            .and_then(|c| c.user.clone())
+        conns.get(slot as usize).filter(|c| c.generation == generation).and_then(|c| c.user.clone())
     }
 
     // ---- delivery -------------------------------------------------------------
@@ -561,8 +520,7 @@ impl Worker {
         if conn.worker() == self.id {
             return Ok(self.enqueue(conn.slot(), conn.generation(), frame, true));
         }
-        match self.shared.mailboxes[conn.worker().0 as usize].push(Command::Deliver { conn, frame })
-        {
+        match self.shared.mailboxes[conn.worker().0 as usize].push(Command::Deliver { conn, frame }) {
             Ok(()) => Ok(true),
             Err(_) => Err(()),
         }
@@ -572,33 +530,15 @@ impl Worker {
         self.enqueue(slot, generation, frame, false);
     }
 
-    fn reply_error(
-        self: &Rc<Self>,
-        slot: u32,
-        generation: u32,
-        code: ErrorCode,
-        req_id: u32,
-        reason: &str,
-    ) {
-        let frame = Frame::Error {
-            code: code as u16,
-            req_id,
-            reason: clip_reason(reason),
-        }
-        .to_bytes()
-        .expect("reason clipped");
+    fn reply_error(self: &Rc<Self>, slot: u32, generation: u32, code: ErrorCode, req_id: u32, reason: &str) {
+        let frame =
+            Frame::Error { code: code as u16, req_id, reason: clip_reason(reason) }.to_bytes().expect("reason clipped");
         self.reply(slot, generation, frame);
     }
 
     /// Queues a frame on a local connection and marks it for the next flush.
     /// A queue over its limit closes the connection as a slow consumer.
-    fn enqueue(
-        self: &Rc<Self>,
-        slot: u32,
-        generation: u32,
-        frame: Bytes,
-        require_login: bool,
-    ) -> bool {
+    fn enqueue(self: &Rc<Self>, slot: u32, generation: u32, frame: Bytes, require_login: bool) -> bool {
         let mut conns = self.conns.borrow_mut();
         let Some(c) = conns.get_mut(slot as usize) else {
             return false;
@@ -614,12 +554,7 @@ impl Worker {
         if c.out.push(frame, &self.shared.out_limits).is_err() {
             drop(conns);
             bump(&self.counters().slow_consumers, 1);
-            self.begin_close(
-                slot,
-                generation,
-                CloseCode::SlowConsumer,
-                CloseCode::SlowConsumer.reason(),
-            );
+            self.begin_close(slot, generation, CloseCode::SlowConsumer, CloseCode::SlowConsumer.reason());
             return false;
         }
         if c.flags & DIRTY == 0 {
@@ -666,9 +601,7 @@ impl Worker {
             WriteState::Blocked => {
                 c.flags |= WRITE_WAIT;
                 bump(&self.counters().write_waits, 1);
-                let (stream, generation) = (c.stream.clone(), c.generation);
-                drop(conns);
-                monoio::spawn(writer(self.clone(), stream, slot, generation));
+                self.poller.borrow_mut().want_write(c.fd, token(slot, c.generation));
             }
             WriteState::Failed => {
                 c.out.clear();
@@ -715,10 +648,7 @@ impl Worker {
     /// The writer task saw the socket writable. Returns true to keep waiting.
     fn on_writable(&self, slot: u32, generation: u32) -> bool {
         let mut conns = self.conns.borrow_mut();
-        let Some(c) = conns
-            .get_mut(slot as usize)
-            .filter(|c| c.generation == generation)
-        else {
+        let Some(c) = conns.get_mut(slot as usize).filter(|c| c.generation == generation) else {
             return false;
         };
         match self.write_out(c) {
@@ -730,6 +660,7 @@ impl Worker {
             WriteState::Blocked => true,
             WriteState::Failed => {
                 c.flags &= !WRITE_WAIT;
+                self.poller.borrow_mut().write_done(c.fd, token(slot, generation));
                 c.out.clear();
                 sys::shutdown(c.fd, libc::SHUT_RDWR);
                 false
@@ -740,19 +671,8 @@ impl Worker {
     // ---- closing --------------------------------------------------------------
 
     /// Starts closing with a CLOSE frame.
-    pub(crate) fn begin_close(
-        self: &Rc<Self>,
-        slot: u32,
-        generation: u32,
-        code: CloseCode,
-        reason: &str,
-    ) {
-        self.close_with(
-            slot,
-            generation,
-            close_frame(code, reason),
-            code == CloseCode::SlowConsumer,
-        );
+    pub(crate) fn begin_close(self: &Rc<Self>, slot: u32, generation: u32, code: CloseCode, reason: &str) {
+        self.close_with(slot, generation, close_frame(code, reason), code == CloseCode::SlowConsumer);
     }
 
     /// Starts closing: leaves the directory, queues `last` (CLOSE or
@@ -763,16 +683,13 @@ impl Worker {
         let now = self.now.get();
         let user = {
             let mut conns = self.conns.borrow_mut();
-            let Some(c) = conns
-                .get_mut(slot as usize)
-                .filter(|c| c.generation == generation)
-            else {
+            let Some(c) = conns.get_mut(slot as usize).filter(|c| c.generation == generation) else {
                 return;
             };
             if !c.session.start_close(now) {
                 return;
             }
-            c.partial = Vec::new();
+            c.partial = None;
             if discard_queue {
                 c.out.discard_unsent();
             }
@@ -785,16 +702,15 @@ impl Worker {
             c.user.take()
         };
         if let Some(user) = user {
-            let removed = self
-                .shared
-                .directory
-                .unregister(&user, ConnId::new(self.id, slot, generation));
+            let removed = self.shared.directory.unregister(&user, ConnId::new(self.id, slot, generation));
             debug_assert!(removed, "a logged-in connection is in the directory");
             drop_one(&self.counters().logged_in);
         }
     }
 
-    /// Frees a finished connection's slot. Called by its reader task only.
+    /// Frees a finished connection's slot and closes its socket. Called only
+    /// from a read event (EOF, error, or after shutdown(2)), so no read poll
+    /// is armed for it.
     fn release(&self, slot: u32, generation: u32) {
         let conn = {
             let mut conns = self.conns.borrow_mut();
@@ -804,17 +720,16 @@ impl Worker {
             }
         };
         if let Some(user) = &conn.user {
-            let removed = self
-                .shared
-                .directory
-                .unregister(user, ConnId::new(self.id, slot, generation));
+            let removed = self.shared.directory.unregister(user, ConnId::new(self.id, slot, generation));
             debug_assert!(removed, "a logged-in connection is in the directory");
             drop_one(&self.counters().logged_in);
         }
         if conn.flags & WRITE_WAIT != 0 {
-            // Wake the writer task so it drops its reference to the socket.
+            // Fire the armed write poll now; its event will find the slot
+            // stale.
             sys::shutdown(conn.fd, libc::SHUT_RDWR);
         }
+        sys::close(conn.fd);
         let c = self.counters();
         drop_one(&c.connections);
         bump(&c.closed, 1);
@@ -859,14 +774,10 @@ impl Worker {
                     c.wheel_at = self.wheel.borrow_mut().insert(next, e.slot, e.generation);
                 }
                 TickAction::Finish => {
-                    // Wake the reader, which releases the slot. Re-check
-                    // later in case the wake is lost.
+                    // The read event this causes releases the slot. Re-check
+                    // later in case it is lost.
                     sys::shutdown(c.fd, libc::SHUT_RDWR);
-                    c.wheel_at = self.wheel.borrow_mut().insert(
-                        now.wrapping_add(t.linger),
-                        e.slot,
-                        e.generation,
-                    );
+                    c.wheel_at = self.wheel.borrow_mut().insert(now.wrapping_add(t.linger), e.slot, e.generation);
                 }
                 TickAction::Close(_) => {
                     // The entry just consumed was the live one; mark "none"
@@ -895,7 +806,7 @@ impl Worker {
         }
     }
 
-    /// Shuts every remaining socket down; each reader then releases its slot.
+    /// Shuts every remaining socket down; each read event then releases it.
     fn abort_all(&self) {
         for (_, c) in self.conns.borrow().iter() {
             sys::shutdown(c.fd, libc::SHUT_RDWR);
@@ -904,12 +815,7 @@ impl Worker {
 
     /// Starts closing every connection (server shutdown).
     fn close_all(self: &Rc<Self>, code: CloseCode) {
-        let ids: Vec<(u32, u32)> = self
-            .conns
-            .borrow()
-            .iter()
-            .map(|(s, c)| (s as u32, c.generation))
-            .collect();
+        let ids: Vec<(u32, u32)> = self.conns.borrow().iter().map(|(s, c)| (s as u32, c.generation)).collect();
         for (slot, generation) in ids {
             self.begin_close(slot, generation, code, code.reason());
         }
@@ -917,32 +823,51 @@ impl Worker {
     }
 }
 
+fn tick_ms_of(shared: &Shared) -> u64 {
+    shared.config.timeouts.tick_ms
+}
+
+/// Wraps a duplicate of `fd` in monoio's thinnest pollable type (a bare
+/// shared fd), used only to wait for readability: the mailbox eventfd and
+/// the poller's descriptor.
+fn pollable(fd: RawFd) -> std::io::Result<UnixStream> {
+    // SAFETY: F_DUPFD_CLOEXEC on a descriptor we own; the result is checked.
+    let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+    if dup < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `dup` is a fresh descriptor nobody else owns.
+    let std_stream = unsafe { <std::os::unix::net::UnixStream as std::os::fd::FromRawFd>::from_raw_fd(dup) };
+    UnixStream::from_std(std_stream)
+}
+
 fn current_tick(shared: &Shared) -> Tick {
     (shared.epoch.elapsed().as_millis() / shared.config.timeouts.tick_ms as u128) as Tick
 }
 
-/// One per connection: wait for readability, drain, repeat; release at the
-/// end. Holds no buffer while waiting.
-async fn reader(w: Rc<Worker>, stream: Rc<TcpStream>, slot: u32, generation: u32) {
+/// Waits on the poller's descriptor and handles every ready connection.
+async fn io_loop(w: Rc<Worker>, ready_fd: UnixStream) {
+    let mut events = Vec::with_capacity(IO_BATCH);
     loop {
-        if stream.readable(false).await.is_err() {
-            break;
+        w.poller.borrow_mut().reap(&mut events, IO_BATCH);
+        if events.is_empty() {
+            if w.stopped.get() {
+                return;
+            }
+            w.poller.borrow_mut().flush();
+            if ready_fd.readable(false).await.is_err() {
+                return;
+            }
+            continue;
         }
-        if !w.on_readable(slot, generation) {
-            break;
+        let full = events.len() == IO_BATCH;
+        for (tok, ready) in events.drain(..) {
+            w.on_ready(tok, ready);
         }
-    }
-    w.release(slot, generation);
-}
-
-/// Only while a connection's socket buffer is full: wait for room, write.
-async fn writer(w: Rc<Worker>, stream: Rc<TcpStream>, slot: u32, generation: u32) {
-    loop {
-        if stream.writable(false).await.is_err() {
-            break;
-        }
-        if !w.on_writable(slot, generation) {
-            break;
+        w.flush_dirty();
+        w.poller.borrow_mut().flush();
+        if full {
+            YieldNow(false).await;
         }
     }
 }
@@ -1027,35 +952,34 @@ pub(crate) async fn run(
     shared: Arc<Shared>,
     id: WorkerId,
     listener: std::net::TcpListener,
+    driver: super::DriverKind,
     ready: impl FnOnce(Result<(), String>),
 ) {
     let listener = match TcpListener::from_std(listener) {
         Ok(l) => Rc::new(l),
         Err(e) => return ready(Err(format!("cannot register listener: {e}"))),
     };
-    let wake = {
-        let efd = shared.mailboxes[id.0 as usize].eventfd();
-        // SAFETY: dup of our own eventfd; the duplicate is owned by the
-        // stream wrapper, which only polls it for readability.
-        let dup = unsafe { libc::fcntl(efd, libc::F_DUPFD_CLOEXEC, 0) };
-        if dup < 0 {
-            return ready(Err(format!(
-                "cannot dup eventfd: {}",
-                std::io::Error::last_os_error()
-            )));
-        }
-        // SAFETY: `dup` is a fresh descriptor nobody else owns.
-        let std_stream =
-            unsafe { <std::os::unix::net::UnixStream as std::os::fd::FromRawFd>::from_raw_fd(dup) };
-        match monoio::net::UnixStream::from_std(std_stream) {
-            Ok(s) => s,
-            Err(e) => return ready(Err(format!("cannot register eventfd: {e}"))),
-        }
+    let poller = match driver {
+        super::DriverKind::IoUring => Poller::uring(shared.config.uring.sq_entries, shared.config.uring.cq_entries),
+        super::DriverKind::Epoll => Poller::epoll(),
     };
-    let w = Rc::new(Worker::new(id, shared.clone()));
+    let poller = match poller {
+        Ok(p) => p,
+        Err(e) => return ready(Err(format!("cannot create the connection poller: {e}"))),
+    };
+    let wake = match pollable(shared.mailboxes[id.0 as usize].eventfd()) {
+        Ok(s) => s,
+        Err(e) => return ready(Err(format!("cannot register the mailbox eventfd: {e}"))),
+    };
+    let poller_ready = match pollable(poller.fd()) {
+        Ok(s) => s,
+        Err(e) => return ready(Err(format!("cannot register the poller: {e}"))),
+    };
+    let w = Rc::new(Worker::new(id, shared.clone(), poller));
     for _ in 0..shared.config.server.accepts_per_worker {
         monoio::spawn(accept_loop(w.clone(), listener.clone()));
     }
+    monoio::spawn(io_loop(w.clone(), poller_ready));
     monoio::spawn(tick_loop(w.clone()));
     ready(Ok(()));
     mailbox_loop(w.clone(), wake).await;
@@ -1079,13 +1003,13 @@ pub(crate) async fn run(
     let left = w.connection_count();
     w.abort_all();
     let deadline = std::time::Instant::now() + Duration::from_millis(500);
-    while (w.connection_count() > 0 || Rc::strong_count(&w) > 2)
-        && std::time::Instant::now() < deadline
-    {
+    while (w.connection_count() > 0 || Rc::strong_count(&w) > 2) && std::time::Instant::now() < deadline {
         monoio::time::sleep(Duration::from_millis(5)).await;
     }
+    // 4. Stop the tick and I/O loops; the last Rc to the worker then goes
+    //    with them and closes the poller.
     w.stopped.set(true);
-    // Let the close operations of the last sockets reach the kernel.
-    monoio::time::sleep(Duration::from_millis(1)).await;
+    w.poller.borrow_mut().wake();
+    monoio::time::sleep(Duration::from_millis(tick_ms_of(&shared) + 5)).await;
     tracing::debug!(worker = id.0, cut_off = left, "worker stopped");
 }

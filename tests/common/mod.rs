@@ -30,17 +30,11 @@ pub fn config() -> Config {
 }
 
 pub fn start(cfg: Config) -> Server {
-    Server::builder()
-        .config(cfg)
-        .start()
-        .expect("server starts")
+    Server::builder().config(cfg).start().expect("server starts")
 }
 
 pub fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
 }
 
 pub fn token(user: &str) -> String {
@@ -86,11 +80,7 @@ pub fn login_on_workers(addr: SocketAddr, user: &str, workers: &[u8]) -> Vec<Cli
 pub fn expect_push(c: &mut Client) -> (u64, String, Vec<u8>) {
     let f = c.recv_skipping_pings().expect("a frame arrives");
     match f.frame() {
-        Frame::Push {
-            msg_id,
-            from,
-            payload,
-        } => (msg_id, from.to_string(), payload.to_vec()),
+        Frame::Push { msg_id, from, payload } => (msg_id, from.to_string(), payload.to_vec()),
         other => panic!("expected PUSH, got {other:?}"),
     }
 }

@@ -1,0 +1,44 @@
+//! Messages between the bench coordinator and its loader processes: one
+//! JSON object per line, commands on the child's stdin, events on its
+//! stdout.
+
+use serde::{Deserialize, Serialize};
+
+/// Coordinator → loader.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case")]
+pub enum Command {
+    /// Open-loop client-to-client SENDs: `rate_per_s` from this loader, to
+    /// users chosen uniformly from `0..users_total`, for `duration_ms`.
+    Unicast { rate_per_s: u64, duration_ms: u64, users_total: u32, payload_bytes: usize, seed: u64 },
+    /// Report latencies and counters recorded since the last collect, then
+    /// reset them.
+    Collect,
+    /// Close every connection and exit.
+    Quit,
+}
+
+/// Loader → coordinator.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "t", rename_all = "snake_case")]
+pub enum Event {
+    /// While connecting.
+    Progress { connected: u32, ready: u32, failed: u32 },
+    /// Every connection is logged in (or failed).
+    Ready { ready: u32, failed: u32, elapsed_ms: u64, first_error: Option<String> },
+    /// A unicast run finished sending.
+    Sent { sent: u64, blocked: u64, elapsed_ms: u64 },
+    /// Answer to `Collect`.
+    Collected {
+        /// PUSH frames received.
+        received: u64,
+        /// PINGs answered.
+        pongs: u64,
+        /// Connections closed by the server.
+        closed: u32,
+        /// End-to-end latency histogram (µs), hdrhistogram V2, base64.
+        hist: String,
+    },
+    /// Something went wrong; the loader exits after sending this.
+    Error { message: String },
+}

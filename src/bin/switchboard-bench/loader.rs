@@ -1,0 +1,454 @@
+//! One loader process: many client connections on one epoll loop (mio).
+//!
+//! Owns: its connections (bound to one source address so the ephemeral
+//! ports of 127.0.0.1 are not the limit), logging them in with real JWTs,
+//! answering server PINGs, open-loop sending, and timing every PUSH it
+//! receives from the timestamp in its payload.
+//! Must not: hold a buffer or a timer per connection. A connection is a
+//! socket, a state byte and its user index; a partial frame (rare) is the
+//! only thing buffered, and one scratch buffer serves every read.
+
+use std::io::{self, BufRead, Read, Write};
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use hdrhistogram::serialization::{Serializer, V2Serializer};
+use hdrhistogram::Histogram;
+use mio::net::TcpStream;
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token};
+use socket2::{Domain, Protocol, Socket, Type};
+use switchboard::proto::frame::{decode, Frame, PROTOCOL_MAX_FRAME_BYTES};
+use switchboard::JwtHs256;
+
+use crate::ctl::{Command, Event};
+
+const STDIN: Token = Token(usize::MAX - 1);
+/// Connects in flight at once: a connect storm without overflowing the
+/// server's accept backlog.
+const MAX_INFLIGHT_CONNECTS: usize = 512;
+
+#[derive(Copy, Clone, PartialEq, Eq)]
+enum State {
+    Connecting,
+    LoginSent,
+    Ready,
+    Closed,
+}
+
+struct Conn {
+    stream: TcpStream,
+    user: u32,
+    state: State,
+    /// Bytes of an incomplete frame; `None` almost always.
+    partial: Option<Box<Vec<u8>>>,
+}
+
+/// Settings for one loader process.
+pub struct LoaderArgs {
+    pub addr: SocketAddr,
+    pub src_ip: IpAddr,
+    pub first_user: u32,
+    pub count: u32,
+    pub secret: String,
+    pub user_prefix: String,
+}
+
+/// Monotonic nanoseconds, comparable across processes on one host.
+pub fn mono_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes into the live timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+fn emit(e: &Event) {
+    let mut out = io::stdout().lock();
+    let _ = writeln!(out, "{}", serde_json::to_string(e).expect("events serialise"));
+    let _ = out.flush();
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+struct Unicast {
+    rate_per_s: u64,
+    started: Instant,
+    until: Instant,
+    sent: u64,
+    blocked: u64,
+    next_sender: usize,
+    users_total: u32,
+    payload: Vec<u8>,
+    rng: u64,
+}
+
+struct Loader {
+    args: LoaderArgs,
+    poll: Poll,
+    conns: Vec<Conn>,
+    jwt: JwtHs256,
+    scratch: Vec<u8>,
+    hist: Histogram<u64>,
+    received: u64,
+    pongs: u64,
+    closed: u32,
+    ready: u32,
+    failed: u32,
+    connected: u32,
+    inflight: usize,
+    next_connect: u32,
+    first_error: Option<String>,
+    unicast: Option<Unicast>,
+    stdin_buf: Vec<u8>,
+    quit: bool,
+}
+
+fn xorshift(s: &mut u64) -> u64 {
+    *s ^= *s << 13;
+    *s ^= *s >> 7;
+    *s ^= *s << 17;
+    *s
+}
+
+impl Loader {
+    fn start_connect(&mut self) -> io::Result<()> {
+        let idx = self.next_connect;
+        self.next_connect += 1;
+        let addr = self.args.addr;
+        let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+        sock.set_nonblocking(true)?;
+        sock.set_nodelay(true)?;
+        // Small buffers, like a phone's idle socket: the loader must stay
+        // lean at tens of thousands of connections.
+        sock.set_recv_buffer_size(4096)?;
+        sock.set_send_buffer_size(4096)?;
+        sock.bind(&SocketAddr::new(self.args.src_ip, 0).into())?;
+        match sock.connect(&addr.into()) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+            Err(e) => return Err(e),
+        }
+        let mut stream = TcpStream::from_std(sock.into());
+        self.poll.registry().register(&mut stream, Token(idx as usize), Interest::READABLE | Interest::WRITABLE)?;
+        self.conns.push(Conn { stream, user: self.args.first_user + idx, state: State::Connecting, partial: None });
+        self.inflight += 1;
+        Ok(())
+    }
+
+    fn fail(&mut self, i: usize, why: String) {
+        let c = &mut self.conns[i];
+        if c.state == State::Closed {
+            return;
+        }
+        let was_ready = c.state == State::Ready;
+        if c.state == State::Connecting {
+            self.inflight -= 1;
+        }
+        c.state = State::Closed;
+        let _ = self.poll.registry().deregister(&mut c.stream);
+        let _ = c.stream.shutdown(std::net::Shutdown::Both);
+        if was_ready {
+            self.closed += 1;
+        } else {
+            self.failed += 1;
+            if self.first_error.is_none() {
+                self.first_error = Some(why);
+            }
+        }
+    }
+
+    fn on_writable(&mut self, i: usize) {
+        let c = &mut self.conns[i];
+        if c.state != State::Connecting {
+            return;
+        }
+        if let Ok(Some(e)) | Err(e) = c.stream.take_error() {
+            self.fail(i, format!("connect: {e}"));
+            return;
+        }
+        if c.stream.peer_addr().is_err() {
+            return; // not connected yet
+        }
+        self.inflight -= 1;
+        self.connected += 1;
+        let user = format!("{}{}", self.args.user_prefix, c.user);
+        let token = self.jwt.mint(&user, unix_now() + 86_400);
+        let login = Frame::Login { user: &user, token: token.as_bytes() }.to_bytes().expect("login encodes");
+        c.state = State::LoginSent;
+        let _ = self.poll.registry().reregister(&mut c.stream, Token(i), Interest::READABLE);
+        if let Err(e) = c.stream.write_all(&login) {
+            self.fail(i, format!("send LOGIN: {e}"));
+        }
+    }
+
+    fn on_readable(&mut self, i: usize) {
+        let mut scratch = std::mem::take(&mut self.scratch);
+        loop {
+            if self.conns[i].state == State::Closed {
+                break;
+            }
+            let n = match self.conns[i].stream.read(&mut scratch) {
+                Ok(0) => {
+                    self.fail(i, "server closed the connection".into());
+                    break;
+                }
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    self.fail(i, format!("read: {e}"));
+                    break;
+                }
+            };
+            match self.conns[i].partial.take() {
+                Some(mut p) => {
+                    p.extend_from_slice(&scratch[..n]);
+                    let used = self.on_bytes(i, &p);
+                    if used < p.len() && self.conns[i].state != State::Closed {
+                        p.drain(..used);
+                        self.conns[i].partial = Some(p);
+                    }
+                }
+                None => {
+                    let used = self.on_bytes(i, &scratch[..n]);
+                    if used < n && self.conns[i].state != State::Closed {
+                        self.conns[i].partial = Some(Box::new(scratch[used..n].to_vec()));
+                    }
+                }
+            }
+            if n < scratch.len() {
+                break;
+            }
+        }
+        self.scratch = scratch;
+    }
+
+    fn on_bytes(&mut self, i: usize, data: &[u8]) -> usize {
+        let mut off = 0;
+        while off < data.len() {
+            let (frame, n) = match decode(&data[off..], PROTOCOL_MAX_FRAME_BYTES) {
+                Ok(Some(x)) => x,
+                Ok(None) => break,
+                Err(e) => {
+                    self.fail(i, format!("bad frame from server: {e}"));
+                    return data.len();
+                }
+            };
+            off += n;
+            match frame {
+                Frame::LoginOk { .. } => {
+                    self.conns[i].state = State::Ready;
+                    self.ready += 1;
+                }
+                Frame::LoginError { code, reason } => {
+                    self.fail(i, format!("LOGIN_ERROR {code}: {reason}"));
+                    return data.len();
+                }
+                Frame::Ping { data: d } => {
+                    let pong = Frame::Pong { data: d }.to_bytes().expect("pong encodes");
+                    let _ = self.conns[i].stream.write(&pong);
+                    self.pongs += 1;
+                }
+                Frame::Push { payload, .. } => {
+                    self.received += 1;
+                    if payload.len() >= 8 {
+                        let sent = u64::from_be_bytes(payload[..8].try_into().expect("8 bytes"));
+                        let lat_us = mono_ns().saturating_sub(sent) / 1000;
+                        let _ = self.hist.record(lat_us.max(1));
+                    }
+                }
+                Frame::Close { .. } => {}
+                _ => {}
+            }
+        }
+        off
+    }
+
+    fn on_stdin(&mut self) {
+        let mut chunk = [0u8; 4096];
+        loop {
+            // SAFETY: reads into a live stack buffer from fd 0 (non-blocking).
+            let n = unsafe { libc::read(0, chunk.as_mut_ptr() as *mut libc::c_void, chunk.len()) };
+            if n == 0 {
+                self.quit = true; // coordinator gone
+                return;
+            }
+            if n < 0 {
+                return;
+            }
+            self.stdin_buf.extend_from_slice(&chunk[..n as usize]);
+            while let Some(pos) = self.stdin_buf.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = self.stdin_buf.drain(..=pos).collect();
+                match serde_json::from_slice::<Command>(&line) {
+                    Ok(cmd) => self.on_command(cmd),
+                    Err(e) => emit(&Event::Error { message: format!("bad command: {e}") }),
+                }
+            }
+        }
+    }
+
+    fn on_command(&mut self, cmd: Command) {
+        match cmd {
+            Command::Unicast { rate_per_s, duration_ms, users_total, payload_bytes, seed } => {
+                let now = Instant::now();
+                self.unicast = Some(Unicast {
+                    rate_per_s,
+                    started: now,
+                    until: now + Duration::from_millis(duration_ms),
+                    sent: 0,
+                    blocked: 0,
+                    next_sender: 0,
+                    users_total,
+                    payload: vec![0u8; payload_bytes.max(8)],
+                    rng: seed | 1,
+                });
+            }
+            Command::Collect => {
+                let mut out = Vec::new();
+                V2Serializer::new().serialize(&self.hist, &mut out).expect("histogram serialises");
+                emit(&Event::Collected {
+                    received: self.received,
+                    pongs: self.pongs,
+                    closed: self.closed,
+                    hist: base64::engine::general_purpose::STANDARD.encode(out),
+                });
+                self.hist.reset();
+                self.received = 0;
+                self.pongs = 0;
+            }
+            Command::Quit => self.quit = true,
+        }
+    }
+
+    /// Sends every SEND due by now (open loop: the schedule does not wait
+    /// for replies; a send the socket cannot take is counted as blocked).
+    fn drive_unicast(&mut self) -> Option<Duration> {
+        let u = self.unicast.as_mut()?;
+        let now = Instant::now();
+        let elapsed = now.min(u.until).duration_since(u.started);
+        let due = (elapsed.as_nanos() as u64 * u.rate_per_s / 1_000_000_000).saturating_sub(u.sent);
+        let n = self.conns.len();
+        for _ in 0..due {
+            // Next ready sender, round robin.
+            let mut tries = 0;
+            while self.conns[u.next_sender % n].state != State::Ready && tries < n {
+                u.next_sender += 1;
+                tries += 1;
+            }
+            if tries == n {
+                break;
+            }
+            let sender = u.next_sender % n;
+            u.next_sender += 1;
+            let target = (xorshift(&mut u.rng) % u.users_total as u64) as u32;
+            let to = format!("{}{}", self.args.user_prefix, target);
+            u.payload[..8].copy_from_slice(&mono_ns().to_be_bytes());
+            let f = Frame::Send { req_id: 0, to: &to, payload: &u.payload }.to_bytes().expect("send encodes");
+            match self.conns[sender].stream.write(&f) {
+                Ok(w) if w == f.len() => {}
+                // A short write would corrupt the stream: the socket buffer
+                // is that full only under overload; count and close it.
+                Ok(_) => {
+                    u.blocked += 1;
+                    let _ = self.conns[sender].stream.shutdown(std::net::Shutdown::Both);
+                }
+                Err(_) => u.blocked += 1,
+            }
+            u.sent += 1;
+        }
+        if now >= u.until {
+            emit(&Event::Sent { sent: u.sent, blocked: u.blocked, elapsed_ms: u.started.elapsed().as_millis() as u64 });
+            self.unicast = None;
+            return None;
+        }
+        Some(Duration::from_micros(500))
+    }
+}
+
+/// Runs a loader until `Quit` or until the coordinator goes away.
+pub fn run(args: LoaderArgs) -> io::Result<()> {
+    // SAFETY: set O_NONBLOCK on our own stdin.
+    unsafe {
+        let fl = libc::fcntl(0, libc::F_GETFL);
+        libc::fcntl(0, libc::F_SETFL, fl | libc::O_NONBLOCK);
+    }
+    let poll = Poll::new()?;
+    poll.registry().register(&mut SourceFd(&io::stdin().as_raw_fd()), STDIN, Interest::READABLE)?;
+    let count = args.count;
+    let mut l = Loader {
+        jwt: JwtHs256::new(args.secret.clone()),
+        args,
+        poll,
+        conns: Vec::with_capacity(count as usize),
+        scratch: vec![0; 64 * 1024],
+        hist: Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds"),
+        received: 0,
+        pongs: 0,
+        closed: 0,
+        ready: 0,
+        failed: 0,
+        connected: 0,
+        inflight: 0,
+        next_connect: 0,
+        first_error: None,
+        unicast: None,
+        stdin_buf: Vec::new(),
+        quit: false,
+    };
+    let started = Instant::now();
+    let mut last_progress = Instant::now();
+    let mut announced = false;
+    let mut events = Events::with_capacity(4096);
+    while !l.quit {
+        while l.inflight < MAX_INFLIGHT_CONNECTS && l.next_connect < count {
+            if let Err(e) = l.start_connect() {
+                l.failed += 1;
+                if l.first_error.is_none() {
+                    l.first_error = Some(format!("connect: {e}"));
+                }
+            }
+        }
+        let timeout = l.drive_unicast().unwrap_or(Duration::from_millis(100));
+        match l.poll.poll(&mut events, Some(timeout)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+        for ev in events.iter() {
+            if ev.token() == STDIN {
+                l.on_stdin();
+                continue;
+            }
+            let i = ev.token().0;
+            if ev.is_writable() {
+                l.on_writable(i);
+            }
+            if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
+                if l.conns[i].state == State::Connecting {
+                    l.on_writable(i);
+                }
+                l.on_readable(i);
+            }
+        }
+        if !announced {
+            if l.ready + l.failed >= count {
+                announced = true;
+                emit(&Event::Ready {
+                    ready: l.ready,
+                    failed: l.failed,
+                    elapsed_ms: started.elapsed().as_millis() as u64,
+                    first_error: l.first_error.clone(),
+                });
+            } else if last_progress.elapsed() >= Duration::from_millis(500) {
+                last_progress = Instant::now();
+                emit(&Event::Progress { connected: l.connected, ready: l.ready, failed: l.failed });
+            }
+        }
+    }
+    let _ = io::stdin().lock().fill_buf();
+    Ok(())
+}

@@ -1,0 +1,272 @@
+//! Per-worker readiness poller for client sockets.
+//!
+//! Owns: the readiness interest of every connection of one worker, on one
+//! io_uring (one-shot `POLL_ADD` per interest, tagged with the connection's
+//! token) or, in the explicit epoll fallback, one epoll set. The poller's
+//! own descriptor is pollable, and the worker's monoio runtime waits on it
+//! like on any other fd.
+//! Must not: allocate per connection or per event. Arming a poll is one
+//! submission-queue entry; a readiness event is one completion carrying the
+//! token; nothing is stored on our side.
+//!
+//! Why not a monoio task per connection: measured on this design's first
+//! version, a task waiting in `readable()` costs ~400 bytes per connection
+//! in user space (task cell ~224 B, op slot ~40 B, shared fd ~48 B, the
+//! stream ~96 B), against a 512-byte budget for everything. Here the cost
+//! is zero, and an event needs no task wake-up or re-poll either.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+use io_uring::{opcode, squeue, types, IoUring};
+
+/// What became ready.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Ready {
+    Read,
+    Write,
+}
+
+/// Token of a connection: `generation << 32 | slot << 1 | write-bit`.
+pub fn token(slot: u32, generation: u32) -> u64 {
+    ((generation as u64) << 32) | ((slot as u64) << 1)
+}
+
+/// Splits a token into (slot, generation, what).
+pub fn untoken(t: u64) -> (u32, u32, Ready) {
+    let ready = if t & 1 == 1 { Ready::Write } else { Ready::Read };
+    (((t & 0xFFFF_FFFF) >> 1) as u32, (t >> 32) as u32, ready)
+}
+
+/// Reserved token for waking the poller itself (never a connection: its
+/// slot would be 2^31 - 1, beyond any table).
+const WAKE: u64 = u64::MAX;
+
+/// Per-worker readiness: io_uring or epoll.
+pub enum Poller {
+    Uring(IoUring),
+    Epoll { epfd: OwnedFd, wake: OwnedFd, events: Vec<libc::epoll_event> },
+}
+
+fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+impl Poller {
+    /// An io_uring poller with room for `sq` submissions per batch and `cq`
+    /// completions outstanding (overflow beyond it is kept by the kernel,
+    /// never dropped, on every kernel that has IORING_FEAT_NODROP).
+    pub fn uring(sq: u32, cq: u32) -> io::Result<Poller> {
+        let ring = IoUring::builder().setup_cqsize(cq).build(sq)?;
+        Ok(Poller::Uring(ring))
+    }
+
+    /// An epoll poller (level-triggered), with an eventfd to wake it.
+    pub fn epoll() -> io::Result<Poller> {
+        // SAFETY: plain syscalls; results are checked before use.
+        unsafe {
+            let epfd = OwnedFd::from_raw_fd(cvt(libc::epoll_create1(libc::EPOLL_CLOEXEC))?);
+            let wake = OwnedFd::from_raw_fd(cvt(libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC))?);
+            let mut ev = libc::epoll_event { events: libc::EPOLLIN as u32, u64: WAKE };
+            cvt(libc::epoll_ctl(epfd.as_raw_fd(), libc::EPOLL_CTL_ADD, wake.as_raw_fd(), &mut ev))?;
+            Ok(Poller::Epoll { epfd, wake, events: Vec::with_capacity(1024) })
+        }
+    }
+
+    /// The descriptor the runtime polls for "events are waiting".
+    pub fn fd(&self) -> RawFd {
+        match self {
+            Poller::Uring(r) => r.as_raw_fd(),
+            Poller::Epoll { epfd, .. } => epfd.as_raw_fd(),
+        }
+    }
+
+    fn push(ring: &mut IoUring, sqe: squeue::Entry) {
+        loop {
+            // SAFETY: a POLL_ADD/NOP entry references no user memory.
+            if unsafe { ring.submission().push(&sqe) }.is_ok() {
+                return;
+            }
+            // Submission queue full: hand the batch to the kernel.
+            if let Err(e) = ring.submit() {
+                tracing::error!("io_uring submit failed: {e}");
+            }
+        }
+    }
+
+    fn epoll_ctl(epfd: &OwnedFd, op: libc::c_int, fd: RawFd, events: u32, data: u64) {
+        let mut ev = libc::epoll_event { events, u64: data };
+        // SAFETY: `ev` is a live epoll_event; errors (fd already closed) are
+        // harmless here and ignored.
+        unsafe { libc::epoll_ctl(epfd.as_raw_fd(), op, fd, &mut ev) };
+    }
+
+    /// Starts watching a new connection for reading.
+    pub fn add(&mut self, fd: RawFd, tok: u64) {
+        match self {
+            Poller::Uring(ring) => {
+                let sqe = opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32).build().user_data(tok);
+                Self::push(ring, sqe);
+            }
+            Poller::Epoll { epfd, .. } => Self::epoll_ctl(epfd, libc::EPOLL_CTL_ADD, fd, libc::EPOLLIN as u32, tok),
+        }
+    }
+
+    /// Watches for reading again after a read event was handled (io_uring
+    /// polls are one-shot; epoll is level-triggered and needs nothing).
+    pub fn rearm_read(&mut self, fd: RawFd, tok: u64) {
+        if let Poller::Uring(ring) = self {
+            let sqe = opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32).build().user_data(tok);
+            Self::push(ring, sqe);
+        }
+    }
+
+    /// Watches for room in the socket's send buffer (one event).
+    pub fn want_write(&mut self, fd: RawFd, tok: u64) {
+        match self {
+            Poller::Uring(ring) => {
+                let sqe = opcode::PollAdd::new(types::Fd(fd), libc::POLLOUT as u32).build().user_data(tok | 1);
+                Self::push(ring, sqe);
+            }
+            Poller::Epoll { epfd, .. } => {
+                Self::epoll_ctl(epfd, libc::EPOLL_CTL_MOD, fd, (libc::EPOLLIN | libc::EPOLLOUT) as u32, tok)
+            }
+        }
+    }
+
+    /// The socket drained: stop watching for writability.
+    pub fn write_done(&mut self, fd: RawFd, tok: u64) {
+        if let Poller::Epoll { epfd, .. } = self {
+            Self::epoll_ctl(epfd, libc::EPOLL_CTL_MOD, fd, libc::EPOLLIN as u32, tok);
+        }
+    }
+
+    /// Hands queued submissions to the kernel (io_uring; one syscall per
+    /// batch).
+    pub fn flush(&mut self) {
+        if let Poller::Uring(ring) = self {
+            if !ring.submission().is_empty() {
+                if let Err(e) = ring.submit() {
+                    tracing::error!("io_uring submit failed: {e}");
+                }
+            }
+        }
+    }
+
+    /// Makes `fd()` readable so a waiting runtime task wakes up.
+    pub fn wake(&mut self) {
+        match self {
+            Poller::Uring(ring) => {
+                Self::push(ring, opcode::Nop::new().build().user_data(WAKE));
+                self.flush();
+            }
+            Poller::Epoll { wake, .. } => {
+                let one: u64 = 1;
+                // SAFETY: 8 bytes from a live u64 to our own eventfd.
+                unsafe { libc::write(wake.as_raw_fd(), &one as *const u64 as *const libc::c_void, 8) };
+            }
+        }
+    }
+
+    /// Appends up to `max` ready events (connection tokens with what is
+    /// ready) to `out`, without blocking. Wake-ups are consumed silently.
+    pub fn reap(&mut self, out: &mut Vec<(u64, Ready)>, max: usize) {
+        match self {
+            Poller::Uring(ring) => {
+                for cqe in ring.completion().take(max) {
+                    let t = cqe.user_data();
+                    if t != WAKE {
+                        out.push((t & !1, if t & 1 == 1 { Ready::Write } else { Ready::Read }));
+                    }
+                }
+            }
+            Poller::Epoll { epfd, wake, events } => {
+                events.clear();
+                // SAFETY: the kernel writes at most `capacity` entries into
+                // the vector's spare capacity; we set the length after.
+                let n = unsafe {
+                    libc::epoll_wait(epfd.as_raw_fd(), events.as_mut_ptr(), events.capacity().min(max) as i32, 0)
+                };
+                if n <= 0 {
+                    return;
+                }
+                // SAFETY: the first `n` entries were written by the kernel.
+                unsafe { events.set_len(n as usize) };
+                for ev in events.iter() {
+                    let (t, bits) = (ev.u64, ev.events);
+                    if t == WAKE {
+                        let mut v = 0u64;
+                        // SAFETY: reads 8 bytes into a live u64.
+                        unsafe { libc::read(wake.as_raw_fd(), &mut v as *mut u64 as *mut libc::c_void, 8) };
+                        continue;
+                    }
+                    if bits & libc::EPOLLOUT as u32 != 0 {
+                        out.push((t, Ready::Write));
+                    }
+                    if bits & (libc::EPOLLIN | libc::EPOLLHUP | libc::EPOLLERR | libc::EPOLLRDHUP) as u32 != 0 {
+                        out.push((t, Ready::Read));
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_roundtrip() {
+        let t = token(0xFF_FFFF, u32::MAX);
+        assert_eq!(untoken(t), (0xFF_FFFF, u32::MAX, Ready::Read));
+        assert_eq!(untoken(t | 1), (0xFF_FFFF, u32::MAX, Ready::Write));
+        assert_ne!(t | 1, WAKE);
+    }
+
+    fn pair() -> (std::os::unix::net::UnixStream, std::os::unix::net::UnixStream) {
+        std::os::unix::net::UnixStream::pair().unwrap()
+    }
+
+    fn check(mut p: Poller) {
+        use std::io::Write;
+        let (mut a, b) = pair();
+        p.add(b.as_raw_fd(), token(3, 9));
+        p.flush();
+        let mut out = Vec::new();
+        p.reap(&mut out, 16);
+        assert!(out.is_empty(), "nothing to read yet");
+        a.write_all(b"x").unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        p.reap(&mut out, 16);
+        assert_eq!(out, vec![(token(3, 9), Ready::Read)]);
+        out.clear();
+        p.want_write(b.as_raw_fd(), token(3, 9));
+        p.flush();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        p.reap(&mut out, 16);
+        assert!(out.contains(&(token(3, 9), Ready::Write)), "{out:?}");
+        out.clear();
+        p.write_done(b.as_raw_fd(), token(3, 9));
+        p.wake();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        p.reap(&mut out, 16);
+        assert!(!out.contains(&(token(3, 9), Ready::Write)), "{out:?}");
+    }
+
+    #[test]
+    fn uring_reports_read_and_write_readiness() {
+        if let Ok(p) = Poller::uring(256, 512) {
+            check(p);
+        }
+    }
+
+    #[test]
+    fn epoll_reports_read_and_write_readiness() {
+        check(Poller::epoll().unwrap());
+    }
+}
