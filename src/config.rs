@@ -444,3 +444,16 @@ mod tests {
         assert_eq!(c.timeouts_in_ticks().login, 3);
     }
 }
+
+#[cfg(test)]
+mod example_file {
+    use super::*;
+
+    /// The example file in the repository documents the defaults: it must
+    /// parse, and say exactly what the built-in defaults are.
+    #[test]
+    fn example_file_is_the_defaults() {
+        let text = include_str!("../switchboard.example.toml");
+        assert_eq!(Config::from_toml(text).unwrap(), Config::default());
+    }
+}
