@@ -75,6 +75,11 @@ pub struct ServerConfig {
     /// Accepts kept outstanding per worker, so a connect storm is not served
     /// one accept at a time.
     pub accepts_per_worker: usize,
+    /// Start even if another process already listens on `listen`. The
+    /// listeners use SO_REUSEPORT, so the kernel then splits new connections
+    /// between both processes: what a zero-downtime restart wants, and a
+    /// silent mistake otherwise, hence off by default.
+    pub share_listen_port: bool,
 }
 
 impl Default for ServerConfig {
@@ -87,6 +92,7 @@ impl Default for ServerConfig {
             max_connections: 0,
             listen_backlog: 4096,
             accepts_per_worker: 4,
+            share_listen_port: false,
         }
     }
 }

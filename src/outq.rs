@@ -26,9 +26,14 @@ pub struct OutLimits {
     pub max_bytes: usize,
 }
 
-/// Frames queued for one connection.
+/// Frames queued for one connection: one pointer while empty (the state
+/// of every idle connection), a boxed ring while frames wait.
 #[derive(Default)]
 pub struct OutQueue {
+    inner: Option<Box<Inner>>,
+}
+
+struct Inner {
     frames: VecDeque<Bytes>,
     bytes: u32,
     /// The head frame was partly written: it must be finished (or the
@@ -36,55 +41,66 @@ pub struct OutQueue {
     head_partial: bool,
 }
 
+const _: () = assert!(std::mem::size_of::<OutQueue>() == 8);
+
 impl OutQueue {
+    fn inner_mut(&mut self) -> &mut Inner {
+        self.inner.get_or_insert_with(|| {
+            Box::new(Inner { frames: VecDeque::with_capacity(4), bytes: 0, head_partial: false })
+        })
+    }
+
     /// Queues a frame; refuses (without queuing) past either limit.
     pub fn push(&mut self, frame: Bytes, limits: &OutLimits) -> Result<(), Overflow> {
-        if self.frames.len() >= limits.max_frames || self.bytes as usize + frame.len() > limits.max_bytes {
+        if self.frames() >= limits.max_frames || self.bytes() + frame.len() > limits.max_bytes {
             return Err(Overflow);
         }
-        self.bytes += frame.len() as u32;
-        self.frames.push_back(frame);
+        let i = self.inner_mut();
+        i.bytes += frame.len() as u32;
+        i.frames.push_back(frame);
         Ok(())
     }
 
     /// Queues a frame regardless of the limits: for the one CLOSE or
     /// LOGIN_ERROR that ends a connection.
     pub fn push_final(&mut self, frame: Bytes) {
-        self.bytes = self.bytes.saturating_add(frame.len() as u32);
-        self.frames.push_back(frame);
+        let i = self.inner_mut();
+        i.bytes = i.bytes.saturating_add(frame.len() as u32);
+        i.frames.push_back(frame);
     }
 
     /// Drops every frame not yet started, keeping a partly written head so
     /// the peer still sees whole frames (a slow consumer's backlog).
     pub fn discard_unsent(&mut self) {
-        let keep = if self.head_partial { self.frames.pop_front() } else { None };
-        self.clear();
-        if let Some(head) = keep {
-            self.bytes = head.len() as u32;
-            self.frames.push_back(head);
-            self.head_partial = true;
+        let Some(i) = self.inner.as_mut() else { return };
+        if !i.head_partial {
+            self.clear();
+            return;
         }
+        i.frames.truncate(1);
+        i.bytes = i.frames.front().map_or(0, |f| f.len() as u32);
     }
 
     /// Whether nothing is queued.
     pub fn is_empty(&self) -> bool {
-        self.frames.is_empty()
+        self.inner.is_none()
     }
 
     /// Frames queued.
     pub fn frames(&self) -> usize {
-        self.frames.len()
+        self.inner.as_ref().map_or(0, |i| i.frames.len())
     }
 
     /// Bytes queued.
     pub fn bytes(&self) -> usize {
-        self.bytes as usize
+        self.inner.as_ref().map_or(0, |i| i.bytes as usize)
     }
 
     /// Fills `iov` with the head of the queue; returns how many were filled.
     pub fn fill_iovecs(&self, iov: &mut [libc::iovec; MAX_IOV_PER_WRITE]) -> usize {
+        let Some(i) = self.inner.as_ref() else { return 0 };
         let mut n = 0;
-        for (slot, f) in iov.iter_mut().zip(self.frames.iter()) {
+        for (slot, f) in iov.iter_mut().zip(i.frames.iter()) {
             *slot = libc::iovec { iov_base: f.as_ptr() as *mut libc::c_void, iov_len: f.len() };
             n += 1;
         }
@@ -93,31 +109,33 @@ impl OutQueue {
 
     /// Drops `written` bytes from the head (whole frames, then part of one).
     pub fn advance(&mut self, mut written: usize) {
-        debug_assert!(written <= self.bytes as usize);
-        self.bytes -= written as u32;
+        let Some(i) = self.inner.as_mut() else {
+            debug_assert_eq!(written, 0, "advance on an empty queue");
+            return;
+        };
+        debug_assert!(written <= i.bytes as usize);
+        i.bytes -= written as u32;
         while written > 0 {
-            let head = self.frames.front_mut().expect("advance past the queued bytes");
+            let head = i.frames.front_mut().expect("advance past the queued bytes");
             if head.len() <= written {
                 written -= head.len();
-                self.frames.pop_front();
-                self.head_partial = false;
+                i.frames.pop_front();
+                i.head_partial = false;
             } else {
                 head.advance(written);
-                self.head_partial = true;
+                i.head_partial = true;
                 written = 0;
             }
         }
-        if self.frames.is_empty() {
-            // Give the ring back: an idle connection holds no queue memory.
-            self.frames = VecDeque::new();
+        if i.frames.is_empty() {
+            // Give the memory back: an idle connection holds no queue.
+            self.inner = None;
         }
     }
 
     /// Drops everything queued (the connection is closing).
     pub fn clear(&mut self) {
-        self.frames = VecDeque::new();
-        self.bytes = 0;
-        self.head_partial = false;
+        self.inner = None;
     }
 }
 

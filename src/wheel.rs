@@ -84,7 +84,15 @@ impl Wheel {
         for i in 1..=steps {
             let b = &mut self.buckets[self.now.wrapping_add(i as u32) as usize & (WHEEL_BUCKETS - 1)];
             self.len -= b.len();
-            due.append(b);
+            // Take the bucket's allocation with it: a burst of deadlines
+            // (a connect storm) must not leave its capacity behind in 4096
+            // buckets.
+            let taken = std::mem::take(b);
+            if due.is_empty() {
+                *due = taken;
+            } else {
+                due.extend_from_slice(&taken);
+            }
         }
         self.now = to;
     }

@@ -420,3 +420,20 @@ fn frames_split_across_reads_are_reassembled() {
         assert_eq!(expect_push(&mut b).2, i.to_be_bytes(), "in order");
     }
 }
+
+#[test]
+fn a_port_in_use_is_refused_unless_sharing_is_asked_for() {
+    let first = start(config());
+    let mut cfg = config();
+    cfg.server.listen = first.local_addr().to_string();
+    match Server::builder().config(cfg.clone()).start() {
+        Err(switchboard::StartError::Bind { source, .. }) => {
+            assert!(source.to_string().contains("share_listen_port"), "{source}")
+        }
+        Err(e) => panic!("expected a bind refusal, got {e}"),
+        Ok(_) => panic!("a second server silently shared the port"),
+    }
+    cfg.server.share_listen_port = true;
+    let second = Server::builder().config(cfg).start().expect("sharing on request");
+    assert_eq!(second.local_addr(), first.local_addr());
+}

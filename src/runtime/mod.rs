@@ -69,6 +69,29 @@ pub fn choose_driver(config: &Config) -> Result<DriverKind, StartError> {
     }
 }
 
+/// Refuses to join a port another process already listens on (our
+/// SO_REUSEPORT listeners would silently share it) unless configured to.
+fn check_port_free(addr: SocketAddr, config: &Config) -> Result<(), StartError> {
+    if addr.port() == 0 || config.server.share_listen_port {
+        return Ok(());
+    }
+    let err = |source| StartError::Bind { addr, source };
+    let probe = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)).map_err(err)?;
+    probe.set_reuse_address(true).map_err(err)?;
+    match probe.bind(&addr.into()) {
+        Err(e) if e.raw_os_error() == Some(libc::EADDRINUSE) => Err(StartError::Bind {
+            addr,
+            source: std::io::Error::new(
+                e.kind(),
+                "address in use by another process; set server.share_listen_port = true to share it \
+                 (zero-downtime restart: the kernel splits new connections between both)",
+            ),
+        }),
+        Err(e) => Err(err(e)),
+        Ok(()) => Ok(()),
+    }
+}
+
 fn bind_listener(addr: SocketAddr, config: &Config) -> Result<std::net::TcpListener, StartError> {
     let err = |source| StartError::Bind { addr, source };
     let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)).map_err(err)?;
@@ -102,6 +125,7 @@ pub(crate) fn start(
     let max_conns_per_worker = report.max_connections.div_ceil(workers).clamp(1, MAX_SLOTS_PER_WORKER);
     let driver = choose_driver(&config)?;
 
+    check_port_free(addr, &config)?;
     let mut listeners = Vec::with_capacity(workers);
     let mut bound = addr;
     for i in 0..workers {
@@ -123,7 +147,7 @@ pub(crate) fn start(
         },
         max_conns_per_worker,
         mailboxes,
-        directory: Directory::new(config.limits.max_conns_per_user),
+        directory: Directory::with_capacity(config.limits.max_conns_per_user, report.max_connections),
         counters: (0..workers).map(|_| CachePadded::new(WorkerCounters::default())).collect(),
         authenticator,
         hook,

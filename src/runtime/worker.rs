@@ -75,7 +75,7 @@ struct Conn {
     flags: u8,
 }
 
-const _: () = assert!(std::mem::size_of::<Conn>() <= 88);
+const _: () = assert!(std::mem::size_of::<Conn>() <= 64);
 
 /// What the last write attempt left.
 enum WriteState {

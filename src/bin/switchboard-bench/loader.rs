@@ -116,8 +116,9 @@ fn xorshift(s: &mut u64) -> u64 {
 
 impl Loader {
     fn start_connect(&mut self) -> io::Result<()> {
-        let idx = self.next_connect;
+        let user = self.args.first_user + self.next_connect;
         self.next_connect += 1;
+        let idx = self.conns.len();
         let addr = self.args.addr;
         let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
         sock.set_nonblocking(true)?;
@@ -126,6 +127,20 @@ impl Loader {
         // lean at tens of thousands of connections.
         sock.set_recv_buffer_size(4096)?;
         sock.set_send_buffer_size(4096)?;
+        // Let connect() pick the port by the whole 4-tuple, so ports left in
+        // TIME_WAIT by a previous run are reused (tcp_tw_reuse covers
+        // loopback by default) instead of exhausting the range.
+        let one: libc::c_int = 1;
+        // SAFETY: passes a live c_int of the size given.
+        unsafe {
+            libc::setsockopt(
+                sock.as_raw_fd(),
+                libc::IPPROTO_IP,
+                libc::IP_BIND_ADDRESS_NO_PORT,
+                &one as *const libc::c_int as *const libc::c_void,
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
         sock.bind(&SocketAddr::new(self.args.src_ip, 0).into())?;
         match sock.connect(&addr.into()) {
             Ok(()) => {}
@@ -133,8 +148,8 @@ impl Loader {
             Err(e) => return Err(e),
         }
         let mut stream = TcpStream::from_std(sock.into());
-        self.poll.registry().register(&mut stream, Token(idx as usize), Interest::READABLE | Interest::WRITABLE)?;
-        self.conns.push(Conn { stream, user: self.args.first_user + idx, state: State::Connecting, partial: None });
+        self.poll.registry().register(&mut stream, Token(idx), Interest::READABLE | Interest::WRITABLE)?;
+        self.conns.push(Conn { stream, user, state: State::Connecting, partial: None });
         self.inflight += 1;
         Ok(())
     }

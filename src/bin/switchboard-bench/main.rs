@@ -72,6 +72,11 @@ enum Cmd {
         /// Seconds to hold the idle connections after measuring.
         #[arg(long, default_value_t = 0)]
         hold_s: u64,
+        /// Connections opened, logged in and closed before the baseline, so
+        /// one-time costs (allocator pages per size class, io_uring ring
+        /// pages, scratch buffers) are not charged to the measured ones.
+        #[arg(long, default_value_t = 1000)]
+        warmup: u32,
     },
     /// Open-loop client-to-client SENDs at a fixed total rate; end-to-end
     /// latency from a timestamp in the payload.
@@ -329,8 +334,20 @@ fn finish(common: &Common, result: serde_json::Value) {
     }
 }
 
-fn idle(common: Common, settle_s: u64, hold_s: u64) -> Result<(), String> {
+fn idle(common: Common, settle_s: u64, hold_s: u64, warmup: u32) -> Result<(), String> {
     let pid = common.server_pid;
+    let rss_cold = pid.and_then(ProcStat::rss_bytes);
+    if warmup > 0 {
+        let mut w = common.clone();
+        w.connections = warmup;
+        w.procs = 1;
+        w.user_prefix = format!("warmup-{}", common.user_prefix);
+        let mut fleet = Fleet::spawn(&w).map_err(|e| e.to_string())?;
+        eprintln!("idle: warm-up with {warmup} connections");
+        fleet.wait_ready(Duration::from_secs(common.ramp_timeout_s))?;
+        fleet.quit();
+        std::thread::sleep(Duration::from_secs(1));
+    }
     let rss0 = pid.and_then(ProcStat::rss_bytes);
     let slab0 = ProcStat::slab_bytes();
     let mut fleet = Fleet::spawn(&common).map_err(|e| e.to_string())?;
@@ -359,7 +376,10 @@ fn idle(common: Common, settle_s: u64, hold_s: u64) -> Result<(), String> {
             "connect_rate_per_s": ready as f64 / ramp.as_secs_f64(),
             "server_rss_before_bytes": rss0,
             "server_rss_after_bytes": rss1,
+            "warmup_connections": warmup,
             "server_user_bytes_per_conn": per_conn(rss0, rss1),
+            // From the freshly started server, one-time costs included.
+            "server_user_bytes_per_conn_cold": per_conn(rss_cold, rss1),
             // Both ends of every connection live on this host: the slab
             // delta covers two sockets per connection.
             "host_slab_bytes_per_conn_both_ends": per_conn(slab0, slab1),
@@ -430,7 +450,7 @@ fn main() {
             loader::run(loader::LoaderArgs { addr, src_ip, first_user, count, secret, user_prefix })
                 .map_err(|e| e.to_string())
         }
-        Cmd::Idle { common, settle_s, hold_s } => idle(common, settle_s, hold_s),
+        Cmd::Idle { common, settle_s, hold_s, warmup } => idle(common, settle_s, hold_s, warmup),
         Cmd::Unicast { common, rate, duration_s, payload_bytes } => unicast(common, rate, duration_s, payload_bytes),
     };
     if let Err(e) = r {

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Measures server user-space memory per idle, logged-in connection:
+# starts `switchboard serve` in its own process on a private port, ramps N
+# connections from loader processes (switchboard-bench idle), and reports
+# the server's RSS delta divided by N. Usage: scripts/idle-memory.sh [N] [RUNS]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+N=${1:-16000}
+RUNS=${2:-1}
+PORT=${PORT:-7811}
+cargo build --release --quiet --bins
+for run in $(seq 1 "$RUNS"); do
+  ./target/release/switchboard serve --log warn --listen "127.0.0.1:$PORT" >"target/idle-memory-server.log" 2>&1 &
+  pid=$!
+  for _ in $(seq 1 50); do
+    ss -ltn "sport = :$PORT" | grep -q LISTEN && break
+    sleep 0.1
+  done
+  ./target/release/switchboard-bench idle --addr "127.0.0.1:$PORT" --connections "$N" --server-pid "$pid" \
+    --json "target/idle-memory-$run.json" >/dev/null
+  kill -TERM "$pid"
+  wait "$pid" || true
+  python3 - "target/idle-memory-$run.json" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+print(f"run: {r['connections']} idle logged-in connections: {r['server_user_bytes_per_conn_cold']:.0f} bytes/connection "
+      f"(server RSS delta from a fresh start / N); {r['server_user_bytes_per_conn']:.0f} after a "
+      f"{r['warmup_connections']}-connection warm-up; connect+login {r['connect_rate_per_s']:.0f}/s")
+PY
+done
