@@ -114,7 +114,7 @@ impl Client {
     pub fn login(&mut self, user: &str, token: &str) -> Result<LoginInfo, ClientError> {
         self.send_frame(&Frame::Login { user, token: token.as_bytes() })?;
         loop {
-            let f = self.recv()?;
+            let f = self.recv_skipping_pings()?;
             match f.frame() {
                 Frame::LoginOk { conn_id, heartbeat_interval_ms, idle_timeout_ms, max_frame_bytes } => {
                     return Ok(LoginInfo { conn_id, heartbeat_interval_ms, idle_timeout_ms, max_frame_bytes })

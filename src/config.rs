@@ -285,10 +285,13 @@ impl Config {
         (DEV_JWT_SECRET.to_string(), true)
     }
 
-    /// Session timeouts converted to wheel ticks (rounded up).
+    /// Session timeouts converted to wheel ticks: rounded up, plus one tick,
+    /// because a session's clock is the tick it is in (up to one tick behind
+    /// real time). A timeout therefore fires up to two ticks late, never
+    /// early.
     pub fn timeouts_in_ticks(&self) -> Timeouts {
         let t = &self.timeouts;
-        let ticks = |ms: u64| ms.div_ceil(t.tick_ms).min(u32::MAX as u64 / 4) as u32;
+        let ticks = |ms: u64| (ms.div_ceil(t.tick_ms) + 1).min(u32::MAX as u64 / 4) as u32;
         Timeouts {
             login: ticks(t.login_timeout_ms),
             heartbeat: ticks(t.heartbeat_interval_ms),
@@ -391,10 +394,12 @@ impl Config {
                 ),
             ));
         }
-        if let Some(s) = &self.auth.jwt_secret {
-            if s.len() < 16 {
-                return Err(invalid("auth.jwt_secret", "must be at least 16 bytes"));
-            }
+        let (secret, dev) = self.jwt_secret();
+        if !dev && secret.len() < 16 {
+            return Err(invalid(
+                "auth.jwt_secret",
+                format!("(or {JWT_SECRET_ENV}) must be at least 16 bytes, is {}", secret.len()),
+            ));
         }
         if self.uring.sq_entries < 256 || !self.uring.sq_entries.is_power_of_two() {
             return Err(invalid("uring.sq_entries", "must be a power of two, at least 256"));
@@ -447,7 +452,7 @@ mod tests {
         let mut c = Config::default();
         c.timeouts.tick_ms = 100;
         c.timeouts.login_timeout_ms = 250;
-        assert_eq!(c.timeouts_in_ticks().login, 3);
+        assert_eq!(c.timeouts_in_ticks().login, 4, "3 ticks rounded up, plus the tick we are in");
     }
 }
 

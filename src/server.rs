@@ -84,12 +84,21 @@ pub(crate) struct Shared {
     pub epoch: Instant,
 }
 
+impl Shared {
+    /// Largest PUSH payload: frames from the server are never longer than
+    /// `limits.max_frame_bytes`, the size LOGIN_OK announces, so a client
+    /// can use one limit both ways.
+    pub(crate) fn max_push_payload(&self) -> usize {
+        self.config.limits.max_frame_bytes - crate::proto::frame::HEADER_LEN - 8 - 1
+    }
+}
+
 /// Why a push, kick or other handle call did not go through.
 #[derive(Clone, Debug, PartialEq, Eq, Error)]
 pub enum PushError {
     #[error("user id must be 1 to 255 bytes")]
     InvalidUser,
-    #[error("payload of {len} bytes is over the limit of {max} (limits.outbound_max_bytes less the frame header)")]
+    #[error("payload of {len} bytes is over the limit of {max} (limits.max_frame_bytes less the PUSH header)")]
     PayloadTooLarge { len: usize, max: usize },
     #[error("a worker mailbox is full; {queued} of {targets} connections got the command")]
     Full { queued: usize, targets: usize },
@@ -150,7 +159,7 @@ impl Handle {
         Self::check_user(user)?;
         self.check_open()?;
         let payload = payload.as_ref();
-        let max = self.shared.out_limits.max_bytes.saturating_sub(crate::proto::frame::HEADER_LEN + 9);
+        let max = self.shared.max_push_payload();
         if payload.len() > max {
             return Err(PushError::PayloadTooLarge { len: payload.len(), max });
         }

@@ -437,3 +437,33 @@ fn a_port_in_use_is_refused_unless_sharing_is_asked_for() {
     let second = Server::builder().config(cfg).start().expect("sharing on request");
     assert_eq!(second.local_addr(), first.local_addr());
 }
+
+#[test]
+fn server_frames_never_exceed_the_announced_frame_limit() {
+    let mut cfg = config();
+    cfg.limits.max_frame_bytes = 8192;
+    let server = start(cfg);
+    let addr = server.local_addr();
+    let (mut a, info) = login(addr, "a-rather-long-sender-name");
+    assert_eq!(info.max_frame_bytes, 8192);
+    let (mut b, _) = login(addr, "b");
+    // The largest SEND the client may send: its PUSH would be longer (the
+    // sender's id is added), so it is refused with ERROR 103, not relayed.
+    let overhead = 6 + 4 + 1 + 1; // header, req_id, to length, "b"
+    let payload = vec![7u8; 8192 - overhead];
+    a.send(9, "b", &payload).unwrap();
+    match a.recv().unwrap().frame() {
+        Frame::Error { code, req_id: 9, .. } => assert_eq!(code, ErrorCode::PayloadTooLarge as u16),
+        other => panic!("expected ERROR 103, got {other:?}"),
+    }
+    // A payload that fits is relayed, and its PUSH is within the limit.
+    let fits = 8192 - 6 - 8 - 1 - "a-rather-long-sender-name".len();
+    a.send(0, "b", &vec![1u8; fits]).unwrap();
+    let f = b.recv().unwrap();
+    assert_eq!(f.bytes().len(), 8192);
+    // The handle enforces the same bound.
+    let h = server.handle();
+    assert!(matches!(h.push_to_user("b", vec![0u8; 8192]), Err(switchboard::PushError::PayloadTooLarge { .. })));
+    h.push_to_user("b", vec![0u8; 8192 - 15]).unwrap();
+    assert_eq!(b.recv().unwrap().bytes().len(), 8192);
+}

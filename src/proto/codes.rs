@@ -104,4 +104,7 @@ pub enum ErrorCode {
     NoHandler = 101,
     /// A worker's mailbox was full; the message was not delivered. Retry.
     Overloaded = 102,
+    /// The message would make a frame longer than `max_frame_bytes` once
+    /// the server adds the sender's id; it was not delivered.
+    PayloadTooLarge = 103,
 }

@@ -30,9 +30,9 @@ pub const HEADER_LEN: usize = 6;
 /// The length prefix alone.
 pub const LEN_PREFIX: usize = 4;
 /// Smallest frame a server may be configured to accept (whole frame, header
-/// included): large enough for a LOGIN with a 255-byte user id and a
-/// 2 KiB token.
-pub const MIN_MAX_FRAME_BYTES: usize = 4096;
+/// included): large enough for a LOGIN with a 255-byte user id and the
+/// largest token the server accepts (4096 bytes).
+pub const MIN_MAX_FRAME_BYTES: usize = 8192;
 /// Largest frame the protocol allows at all (16 MiB); servers default lower.
 pub const PROTOCOL_MAX_FRAME_BYTES: usize = 16 << 20;
 /// Largest PING/PONG data: enough for a timestamp and a nonce.

@@ -440,6 +440,12 @@ impl Worker {
         let Some(from) = self.user_of(slot, generation) else {
             return;
         };
+        let max = self.shared.max_push_payload() - from.len();
+        if payload.len() > max {
+            let reason = format!("payload of {} bytes: at most {max} fit a PUSH from this user", payload.len());
+            self.reply_error(slot, generation, ErrorCode::PayloadTooLarge, req_id, &reason);
+            return;
+        }
         let frame = Frame::Push { msg_id: self.next_msg_id(), from: &from, payload }
             .to_bytes()
             .expect("user ids are at most 255 bytes and payload fits a frame");
