@@ -30,6 +30,8 @@ pub enum ClientError {
     LoginRefused { code: u16, reason: String },
     #[error("server closed the connection: code {code}: {reason}")]
     CloseFrame { code: u16, reason: String },
+    #[error("request refused: ERROR {code}: {reason}")]
+    Refused { code: u16, reason: String },
     #[error("unexpected frame: {0}")]
     Unexpected(String),
 }
@@ -133,6 +135,33 @@ impl Client {
     /// Sends a SEND to `to`.
     pub fn send(&mut self, req_id: u32, to: &str, payload: &[u8]) -> Result<(), ClientError> {
         self.send_frame(&Frame::Send { req_id, to, payload })
+    }
+
+    /// Joins a room and waits for its ROOM_ACK (other frames in between are
+    /// returned as an error: call it on a quiet connection).
+    pub fn subscribe(&mut self, req_id: u32, room: &str) -> Result<(), ClientError> {
+        self.send_frame(&Frame::Subscribe { req_id, room })?;
+        self.expect_room_ack(req_id)
+    }
+
+    /// Leaves a room and waits for its ROOM_ACK.
+    pub fn unsubscribe(&mut self, req_id: u32, room: &str) -> Result<(), ClientError> {
+        self.send_frame(&Frame::Unsubscribe { req_id, room })?;
+        self.expect_room_ack(req_id)
+    }
+
+    fn expect_room_ack(&mut self, req_id: u32) -> Result<(), ClientError> {
+        let f = self.recv_skipping_pings()?;
+        match f.frame() {
+            Frame::RoomAck { req_id: r, .. } if r == req_id => Ok(()),
+            Frame::Error { code, reason, .. } => Err(ClientError::Refused { code, reason: reason.to_string() }),
+            other => Err(ClientError::Unexpected(format!("{other:?} while waiting for ROOM_ACK {req_id}"))),
+        }
+    }
+
+    /// Publishes to a room the connection is in.
+    pub fn publish(&mut self, req_id: u32, room: &str, payload: &[u8]) -> Result<(), ClientError> {
+        self.send_frame(&Frame::Publish { req_id, room, payload })
     }
 
     /// Reads the next frame, blocking (up to the read timeout).

@@ -147,6 +147,18 @@ impl Default for TimeoutConfig {
     }
 }
 
+/// What happens to a connection whose outbound queue is full.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SlowConsumer {
+    /// Close it with 4004: it reads too slowly to keep up.
+    Close,
+    /// Drop its oldest queued messages (PUSH, ROOM_MSG; never control
+    /// frames) to make room, and tell it with a SKIPPED frame where the gap
+    /// is. Only when no message can be dropped is it closed.
+    DropOldest,
+}
+
 /// `[limits]`: bounds on every queue and buffer.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -166,6 +178,8 @@ pub struct LimitsConfig {
     /// Connections one user id may hold at once (devices); one more login
     /// is refused.
     pub max_conns_per_user: usize,
+    /// `close` or `drop_oldest` when an outbound queue is full.
+    pub slow_consumer: SlowConsumer,
 }
 
 impl Default for LimitsConfig {
@@ -176,6 +190,7 @@ impl Default for LimitsConfig {
             outbound_max_bytes: 256 * 1024,
             mailbox_capacity: 65_536,
             max_conns_per_user: 16,
+            slow_consumer: SlowConsumer::Close,
         }
     }
 }
@@ -214,6 +229,36 @@ impl Default for RoutingConfig {
     }
 }
 
+/// `[rooms]`: rooms and their limits.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RoomsConfig {
+    /// Rooms one connection may be in (16 bytes per membership).
+    pub max_rooms_per_conn: usize,
+    /// Connections one room may hold, over all workers.
+    pub max_members_per_room: u64,
+    /// Distinct rooms the server holds at once (one map entry each).
+    pub max_rooms: usize,
+    /// Clients may SUBSCRIBE/UNSUBSCRIBE themselves (off: only the
+    /// application joins them).
+    pub client_subscribe: bool,
+    /// Clients may PUBLISH to rooms they are in (a chat room); off: only
+    /// the application publishes.
+    pub client_publish: bool,
+}
+
+impl Default for RoomsConfig {
+    fn default() -> Self {
+        RoomsConfig {
+            max_rooms_per_conn: 64,
+            max_members_per_room: 1_000_000,
+            max_rooms: 100_000,
+            client_subscribe: true,
+            client_publish: true,
+        }
+    }
+}
+
 /// `[uring]`: io_uring sizing.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -241,6 +286,7 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub auth: AuthConfig,
     pub routing: RoutingConfig,
+    pub rooms: RoomsConfig,
     pub uring: UringConfig,
 }
 
@@ -400,6 +446,15 @@ impl Config {
                 "auth.jwt_secret",
                 format!("(or {JWT_SECRET_ENV}) must be at least 16 bytes, is {}", secret.len()),
             ));
+        }
+        if self.rooms.max_rooms_per_conn == 0 || self.rooms.max_rooms_per_conn > 4096 {
+            return Err(invalid("rooms.max_rooms_per_conn", "must be between 1 and 4096"));
+        }
+        if self.rooms.max_members_per_room == 0 {
+            return Err(invalid("rooms.max_members_per_room", "must be at least 1"));
+        }
+        if self.rooms.max_rooms == 0 {
+            return Err(invalid("rooms.max_rooms", "must be at least 1"));
         }
         if self.uring.sq_entries < 256 || !self.uring.sq_entries.is_power_of_two() {
             return Err(invalid("uring.sq_entries", "must be a power of two, at least 256"));

@@ -30,6 +30,7 @@ pub mod limits;
 pub mod mailbox;
 pub mod outq;
 pub mod proto;
+pub mod rooms;
 mod runtime;
 pub mod server;
 pub mod stats;
@@ -42,6 +43,7 @@ pub use mailbox::Full;
 pub use proto::codes::{CloseCode, ErrorCode, LoginErrorCode};
 pub use runtime::DriverKind;
 pub use server::{
-    ClientMessage, ClientMessageKind, Handle, MessageHook, PushError, Pushed, Server, ServerBuilder, StartError,
+    ClientMessage, ClientMessageKind, Handle, MessageHook, Published, PushError, Pushed, Server, ServerBuilder,
+    StartError,
 };
 pub use stats::Stats;

@@ -10,6 +10,8 @@ use std::collections::VecDeque;
 
 use bytes::{Buf, Bytes};
 
+use crate::proto::frame::{Frame, FrameType, HEADER_LEN};
+
 /// Frames handed to one `sendmsg`: the kernel's IOV_MAX is 1024; 64 frames
 /// of a backlog per syscall already amortise it well and keep the iovec
 /// array on the stack.
@@ -52,7 +54,7 @@ impl OutQueue {
 
     /// Queues a frame; refuses (without queuing) past either limit.
     pub fn push(&mut self, frame: Bytes, limits: &OutLimits) -> Result<(), Overflow> {
-        if self.frames() >= limits.max_frames || self.bytes() + frame.len() > limits.max_bytes {
+        if !self.fits(frame.len(), limits) {
             return Err(Overflow);
         }
         let i = self.inner_mut();
@@ -61,12 +63,82 @@ impl OutQueue {
         Ok(())
     }
 
+    /// Whether a frame of `len` bytes fits under the limits.
+    pub fn fits(&self, len: usize, limits: &OutLimits) -> bool {
+        self.frames() < limits.max_frames && self.bytes() + len <= limits.max_bytes
+    }
+
     /// Queues a frame regardless of the limits: for the one CLOSE or
     /// LOGIN_ERROR that ends a connection.
     pub fn push_final(&mut self, frame: Bytes) {
         let i = self.inner_mut();
         i.bytes = i.bytes.saturating_add(frame.len() as u32);
         i.frames.push_back(frame);
+    }
+
+    /// Queues the unsent rest of a frame whose start was already written
+    /// (the queue must be empty): it becomes a partly written head.
+    pub fn push_started(&mut self, rest: Bytes) {
+        debug_assert!(self.is_empty());
+        let i = self.inner_mut();
+        i.bytes = rest.len() as u32;
+        i.frames.push_back(rest);
+        i.head_partial = true;
+    }
+
+    /// Makes room for a frame of `incoming` bytes by dropping the oldest
+    /// droppable frames (PUSH, ROOM_MSG; never a partly written head or a
+    /// control frame). Returns how many were dropped, or `Overflow` (and
+    /// drops nothing) if dropping every droppable frame would not be enough.
+    pub fn drop_oldest_for(&mut self, incoming: usize, limits: &OutLimits) -> Result<u32, Overflow> {
+        let Some(i) = self.inner.as_mut() else { return Err(Overflow) };
+        let start = usize::from(i.head_partial);
+        let droppable = |f: &Bytes| f.len() > 5 && FrameType::from_u8(f[5]).is_some_and(FrameType::is_droppable);
+        // Plan first, so a refusal leaves the queue untouched.
+        let (mut frames, mut bytes, mut plan) = (i.frames.len(), i.bytes as usize, 0usize);
+        for f in i.frames.iter().skip(start) {
+            if frames < limits.max_frames && bytes + incoming <= limits.max_bytes {
+                break;
+            }
+            if droppable(f) {
+                frames -= 1;
+                bytes -= f.len();
+                plan += 1;
+            }
+        }
+        if frames >= limits.max_frames || bytes + incoming > limits.max_bytes {
+            return Err(Overflow);
+        }
+        let mut dropped = 0;
+        let mut k = start;
+        while dropped < plan {
+            if droppable(&i.frames[k]) {
+                let f = i.frames.remove(k).expect("index in range");
+                i.bytes -= f.len() as u32;
+                dropped += 1;
+            } else {
+                k += 1;
+            }
+        }
+        Ok(dropped as u32)
+    }
+
+    /// Records that `count` messages were dropped before the unsent frames:
+    /// a SKIPPED frame at the front of them, merged with one already there.
+    pub fn note_skipped(&mut self, count: u32) {
+        let i = self.inner_mut();
+        let at = usize::from(i.head_partial);
+        let mut total = count;
+        if let Some(f) = i.frames.get(at) {
+            if f.len() == HEADER_LEN + 4 && f[5] == FrameType::Skipped as u8 {
+                total = total.saturating_add(u32::from_be_bytes([f[6], f[7], f[8], f[9]]));
+                i.bytes -= f.len() as u32;
+                i.frames.remove(at);
+            }
+        }
+        let notice = Frame::Skipped { count: total }.to_bytes().expect("fixed-size frame");
+        i.bytes += notice.len() as u32;
+        i.frames.insert(at, notice);
     }
 
     /// Drops every frame not yet started, keeping a partly written head so
@@ -185,5 +257,52 @@ mod tests {
         assert_eq!((q.frames(), q.bytes()), (1, 2), "the rest of `abc` stays");
         q.push_final(Bytes::from_static(b"close"));
         assert_eq!(q.frames(), 2);
+    }
+
+    fn msg(n: u8) -> Bytes {
+        Frame::RoomMsg { msg_id: n as u64, room: "r", from: "", payload: &[n] }.to_bytes().unwrap()
+    }
+
+    fn skipped_count(f: &Bytes) -> Option<u32> {
+        match crate::proto::frame::decode(f, 1 << 20) {
+            Ok(Some((Frame::Skipped { count }, _))) => Some(count),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn drop_oldest_keeps_control_frames_and_notes_the_gap() {
+        let l = OutLimits { max_frames: 4, max_bytes: 1 << 20 };
+        let mut q = OutQueue::default();
+        let ack = Frame::SendAck { req_id: 1, delivered: 1 }.to_bytes().unwrap();
+        q.push(msg(1), &l).unwrap();
+        q.push(ack.clone(), &l).unwrap();
+        q.push(msg(2), &l).unwrap();
+        q.push(msg(3), &l).unwrap();
+        assert_eq!(q.push(msg(4), &l), Err(Overflow));
+        assert_eq!(q.drop_oldest_for(msg(4).len(), &l), Ok(1), "only msg 1 goes");
+        q.push(msg(4), &l).unwrap();
+        q.note_skipped(1);
+        let frames: Vec<Bytes> = q.inner.as_ref().unwrap().frames.iter().cloned().collect();
+        assert_eq!(skipped_count(&frames[0]), Some(1));
+        assert_eq!(&frames[1..], &[ack, msg(2), msg(3), msg(4)]);
+        // A second drop merges into the same notice.
+        let l = OutLimits { max_frames: 5, max_bytes: 1 << 20 };
+        assert_eq!(q.drop_oldest_for(msg(5).len(), &l), Ok(1));
+        q.push(msg(5), &l).unwrap();
+        q.note_skipped(1);
+        assert_eq!(skipped_count(&q.inner.as_ref().unwrap().frames[0]), Some(2));
+        assert_eq!(q.bytes(), q.inner.as_ref().unwrap().frames.iter().map(|f| f.len()).sum::<usize>());
+    }
+
+    #[test]
+    fn drop_oldest_refuses_when_only_control_frames_remain() {
+        let l = OutLimits { max_frames: 2, max_bytes: 1 << 20 };
+        let mut q = OutQueue::default();
+        let ack = Frame::SendAck { req_id: 1, delivered: 1 }.to_bytes().unwrap();
+        q.push(ack.clone(), &l).unwrap();
+        q.push(ack, &l).unwrap();
+        assert_eq!(q.drop_oldest_for(10, &l), Err(Overflow));
+        assert_eq!(q.frames(), 2, "nothing dropped on refusal");
     }
 }

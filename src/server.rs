@@ -25,6 +25,7 @@ use crate::outq::OutLimits;
 use crate::proto::codes::CloseCode;
 use crate::proto::frame::{Frame, MAX_USER_ID_BYTES};
 use crate::proto::session::Timeouts;
+use crate::rooms::{RoomError, RoomRegistry};
 use crate::stats::{CounterTable, Stats};
 
 /// A message from a client that the server does not route itself.
@@ -63,6 +64,29 @@ pub(crate) enum Command {
     Deliver { conn: ConnId, frame: Bytes },
     /// Close one connection with a code.
     Close { conn: ConnId, code: CloseCode },
+    /// Join a connection to a room on the application's behalf.
+    Join { conn: ConnId, room: Arc<str> },
+    /// Take a connection out of a room on the application's behalf.
+    Leave { conn: ConnId, room: Arc<str> },
+    /// Fan an encoded ROOM_MSG out to this worker's members of `room`.
+    Publish { room: Arc<str>, frame: Bytes },
+    /// Fan an encoded ROOM_MSG out to every logged-in connection of this
+    /// worker.
+    Broadcast { frame: Bytes },
+    /// Benchmark only: a plain blocking `send` of `frame` to each of this
+    /// worker's members of `room`, timed; the kernel's floor for a fan-out
+    /// over the same sockets.
+    SendCeiling { room: Arc<str>, frame: Bytes, reply: std::sync::mpsc::Sender<CeilingSample> },
+}
+
+/// What one worker measured for [`Handle::bench_send_ceiling`].
+#[doc(hidden)]
+#[derive(Copy, Clone, Debug)]
+pub struct CeilingSample {
+    /// Sockets written to.
+    pub sends: usize,
+    /// Wall time of the loop.
+    pub elapsed: std::time::Duration,
 }
 
 /// State shared by every worker and handle.
@@ -73,6 +97,7 @@ pub(crate) struct Shared {
     pub max_conns_per_worker: usize,
     pub mailboxes: Box<[Mailbox<Command>]>,
     pub directory: Directory,
+    pub rooms: RoomRegistry,
     pub counters: CounterTable,
     pub authenticator: Arc<dyn Authenticator>,
     pub hook: Option<MessageHook>,
@@ -91,6 +116,31 @@ impl Shared {
     pub(crate) fn max_push_payload(&self) -> usize {
         self.config.limits.max_frame_bytes - crate::proto::frame::HEADER_LEN - 8 - 1
     }
+
+    /// Largest ROOM_MSG payload for `room` and sender `from`, by the same
+    /// rule as [`Shared::max_push_payload`].
+    pub(crate) fn max_room_payload(&self, room: &str, from: &str) -> usize {
+        (self.config.limits.max_frame_bytes - crate::proto::frame::HEADER_LEN - 8 - 2)
+            .saturating_sub(room.len() + from.len())
+    }
+
+    /// Posts `make(frame)` to every worker: the first gets `frame`, the
+    /// others a copy each, so workers never share a reference count while
+    /// they fan out. Returns how many workers took it.
+    pub(crate) fn post_all(&self, frame: Bytes, make: impl Fn(Bytes) -> Command) -> Result<usize, PushError> {
+        let n = self.mailboxes.len();
+        let mut queued = 0;
+        for (i, mb) in self.mailboxes.iter().enumerate() {
+            let f = if i + 1 == n { frame.clone() } else { Bytes::copy_from_slice(&frame) };
+            if mb.push(make(f)).is_ok() {
+                queued += 1;
+            }
+        }
+        if queued < n {
+            return Err(PushError::Full { queued, targets: n });
+        }
+        Ok(queued)
+    }
 }
 
 /// Why a push, kick or other handle call did not go through.
@@ -104,6 +154,8 @@ pub enum PushError {
     Full { queued: usize, targets: usize },
     #[error("the server is shutting down")]
     ShuttingDown,
+    #[error("{0}")]
+    Room(#[from] RoomError),
 }
 
 /// Outcome of a push to a user.
@@ -113,6 +165,15 @@ pub struct Pushed {
     pub msg_id: u64,
     /// Connections the push was queued for (0: the user is offline).
     pub connections: usize,
+}
+
+/// Outcome of a room publish or a broadcast.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct Published {
+    /// The id carried in the ROOM_MSG frame.
+    pub msg_id: u64,
+    /// Workers the message was posted to (each fans it out to its members).
+    pub workers: usize,
 }
 
 /// The cloneable entry point for pushing from any thread.
@@ -167,6 +228,92 @@ impl Handle {
         let frame = Frame::Push { msg_id, from: "", payload }.to_bytes().expect("sizes checked above");
         let connections = self.post_to_user(user, |conn| Command::Deliver { conn, frame: frame.clone() })?;
         Ok(Pushed { msg_id, connections })
+    }
+
+    /// Joins every connection of `user` to `room` (each gets a ROOM_ACK with
+    /// `req_id` 0). Returns how many connections were asked to join. Room
+    /// limits are checked here as far as the handle can see them (room full,
+    /// too many rooms); a connection already in `rooms.max_rooms_per_conn`
+    /// rooms gets ERROR 104 instead.
+    pub fn join_room(&self, user: &str, room: &str) -> Result<usize, PushError> {
+        Self::check_user(user)?;
+        self.check_open()?;
+        self.shared.rooms.would_accept(room)?;
+        let room: Arc<str> = Arc::from(room);
+        self.post_to_user(user, |conn| Command::Join { conn, room: room.clone() })
+    }
+
+    /// Takes every connection of `user` out of `room`.
+    pub fn leave_room(&self, user: &str, room: &str) -> Result<usize, PushError> {
+        Self::check_user(user)?;
+        crate::rooms::check_room_name(room)?;
+        let room: Arc<str> = Arc::from(room);
+        self.post_to_user(user, |conn| Command::Leave { conn, room: room.clone() })
+    }
+
+    /// Publishes `payload` to every connection in `room`, as one ROOM_MSG
+    /// encoded once (one copy per worker, shared by that worker's members).
+    pub fn publish_to_room(&self, room: &str, payload: impl AsRef<[u8]>) -> Result<Published, PushError> {
+        crate::rooms::check_room_name(room)?;
+        self.check_open()?;
+        let payload = payload.as_ref();
+        let max = self.shared.max_room_payload(room, "");
+        if payload.len() > max {
+            return Err(PushError::PayloadTooLarge { len: payload.len(), max });
+        }
+        let msg_id = self.shared.next_msg_id.fetch_add(1, Ordering::Relaxed);
+        let frame = Frame::RoomMsg { msg_id, room, from: "", payload }.to_bytes().expect("sizes checked above");
+        let room: Arc<str> = Arc::from(room);
+        let workers = self.shared.post_all(frame, |frame| Command::Publish { room: room.clone(), frame })?;
+        Ok(Published { msg_id, workers })
+    }
+
+    /// Sends `payload` to every logged-in connection, as a ROOM_MSG with an
+    /// empty room name.
+    pub fn broadcast(&self, payload: impl AsRef<[u8]>) -> Result<Published, PushError> {
+        self.check_open()?;
+        let payload = payload.as_ref();
+        let max = self.shared.max_room_payload("", "");
+        if payload.len() > max {
+            return Err(PushError::PayloadTooLarge { len: payload.len(), max });
+        }
+        let msg_id = self.shared.next_msg_id.fetch_add(1, Ordering::Relaxed);
+        let frame = Frame::RoomMsg { msg_id, room: "", from: "", payload }.to_bytes().expect("sizes checked above");
+        let workers = self.shared.post_all(frame, |frame| Command::Broadcast { frame })?;
+        Ok(Published { msg_id, workers })
+    }
+
+    /// Connections in `room` right now, over all workers: one shard read
+    /// lock and a hash lookup, cheap enough to call per request.
+    pub fn room_size(&self, room: &str) -> u64 {
+        self.shared.rooms.size(room)
+    }
+
+    /// Rooms with at least one connection.
+    pub fn room_count(&self) -> usize {
+        self.shared.rooms.room_count()
+    }
+
+    /// Benchmark only: has every worker write `payload`, as a ROOM_MSG, to
+    /// each of its members of `room` with a plain blocking `send` loop, and
+    /// returns each worker's count and wall time. This is the kernel's
+    /// floor for a fan-out over exactly the sockets a publish would use.
+    /// It blocks the workers while it runs; never call it in production.
+    #[doc(hidden)]
+    pub fn bench_send_ceiling(&self, room: &str, payload: &[u8]) -> Result<Vec<CeilingSample>, PushError> {
+        crate::rooms::check_room_name(room)?;
+        let frame = Frame::RoomMsg { msg_id: 0, room, from: "", payload }.to_bytes().map_err(|_| {
+            PushError::PayloadTooLarge { len: payload.len(), max: self.shared.max_room_payload(room, "") }
+        })?;
+        let room: Arc<str> = Arc::from(room);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let workers = self.shared.post_all(frame, |frame| Command::SendCeiling {
+            room: room.clone(),
+            frame,
+            reply: tx.clone(),
+        })?;
+        drop(tx);
+        Ok((0..workers).filter_map(|_| rx.recv().ok()).collect())
     }
 
     /// Closes every connection of `user` with close code 4003 (kicked).

@@ -81,6 +81,8 @@ counters! {
     pings_sent,
     /// Connections kicked by the application.
     kicked,
+    /// Messages dropped from slow consumers' queues (`drop_oldest`).
+    skipped,
 }
 
 /// Per-worker counter blocks, each on its own cache line.

@@ -107,4 +107,19 @@ pub enum ErrorCode {
     /// The message would make a frame longer than `max_frame_bytes` once
     /// the server adds the sender's id; it was not delivered.
     PayloadTooLarge = 103,
+    /// SUBSCRIBE: the connection is already in `rooms.max_rooms_per_conn`
+    /// rooms.
+    RoomLimit = 104,
+    /// SUBSCRIBE: the room holds `rooms.max_members_per_room` connections.
+    RoomFull = 105,
+    /// SUBSCRIBE: the server holds `rooms.max_rooms` rooms.
+    TooManyRooms = 106,
+    /// PUBLISH to a room the connection has not joined.
+    NotMember = 107,
+    /// PUBLISH while `rooms.client_publish` is off.
+    PublishDisabled = 108,
+    /// SUBSCRIBE/UNSUBSCRIBE while `rooms.client_subscribe` is off.
+    SubscribeDisabled = 109,
+    /// A room name that is empty or longer than 255 bytes.
+    InvalidRoom = 110,
 }

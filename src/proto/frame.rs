@@ -55,6 +55,12 @@ pub enum FrameType {
     Message = 0x09,
     Close = 0x0A,
     Error = 0x0B,
+    Subscribe = 0x10,
+    Unsubscribe = 0x11,
+    RoomAck = 0x12,
+    Publish = 0x13,
+    RoomMsg = 0x14,
+    Skipped = 0x15,
 }
 
 impl FrameType {
@@ -72,6 +78,12 @@ impl FrameType {
             0x09 => FrameType::Message,
             0x0A => FrameType::Close,
             0x0B => FrameType::Error,
+            0x10 => FrameType::Subscribe,
+            0x11 => FrameType::Unsubscribe,
+            0x12 => FrameType::RoomAck,
+            0x13 => FrameType::Publish,
+            0x14 => FrameType::RoomMsg,
+            0x15 => FrameType::Skipped,
             _ => return None,
         })
     }
@@ -90,7 +102,19 @@ impl FrameType {
             FrameType::Message => "MESSAGE",
             FrameType::Close => "CLOSE",
             FrameType::Error => "ERROR",
+            FrameType::Subscribe => "SUBSCRIBE",
+            FrameType::Unsubscribe => "UNSUBSCRIBE",
+            FrameType::RoomAck => "ROOM_ACK",
+            FrameType::Publish => "PUBLISH",
+            FrameType::RoomMsg => "ROOM_MSG",
+            FrameType::Skipped => "SKIPPED",
         }
+    }
+
+    /// Whether a slow consumer's queue may drop this frame under
+    /// `limits.slow_consumer = "drop_oldest"`: messages, not control frames.
+    pub fn is_droppable(self) -> bool {
+        matches!(self, FrameType::Push | FrameType::RoomMsg)
     }
 }
 
@@ -123,6 +147,43 @@ pub enum Frame<'a> {
     /// Server → client, the connection stays open: `code: u16, req_id: u32,
     /// reason: str8`.
     Error { code: u16, req_id: u32, reason: &'a str },
+    /// Client → server: join a room. `req_id: u32, room: str8`.
+    Subscribe { req_id: u32, room: &'a str },
+    /// Client → server: leave a room. `req_id: u32, room: str8`.
+    Unsubscribe { req_id: u32, room: &'a str },
+    /// Server → client: a room operation took effect. `req_id: u32, op: u8,
+    /// room: str8`; `req_id` 0 when the application acted for the client.
+    RoomAck { req_id: u32, op: RoomOp, room: &'a str },
+    /// Client → server: publish to a room the client is in. `req_id: u32,
+    /// room: str8, payload: rest`.
+    Publish { req_id: u32, room: &'a str, payload: &'a [u8] },
+    /// Server → client: a room message. `msg_id: u64, room: str8, from:
+    /// str8, payload: rest`; `room` empty for a broadcast to everyone,
+    /// `from` empty when the application published.
+    RoomMsg { msg_id: u64, room: &'a str, from: &'a str, payload: &'a [u8] },
+    /// Server → client: this many messages for this connection were dropped
+    /// here because it read too slowly. `count: u32`.
+    Skipped { count: u32 },
+}
+
+/// The operation a ROOM_ACK confirms.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum RoomOp {
+    Subscribed = 1,
+    Unsubscribed = 2,
+    Published = 3,
+}
+
+impl RoomOp {
+    fn from_u8(b: u8) -> Option<RoomOp> {
+        Some(match b {
+            1 => RoomOp::Subscribed,
+            2 => RoomOp::Unsubscribed,
+            3 => RoomOp::Published,
+            _ => return None,
+        })
+    }
 }
 
 /// Why bytes are not a valid frame. Each maps to a [`CloseCode`].
@@ -146,6 +207,8 @@ pub enum DecodeError {
     EmptyField { frame: &'static str, field: &'static str },
     #[error("{frame} field `{field}` is longer than {max} bytes")]
     FieldTooLong { frame: &'static str, field: &'static str, max: usize },
+    #[error("{frame} field `{field}` has an unknown value {value}")]
+    BadValue { frame: &'static str, field: &'static str, value: u32 },
 }
 
 impl DecodeError {
@@ -292,6 +355,22 @@ fn decode_body(ty: FrameType, body: &[u8]) -> Result<Frame<'_>, DecodeError> {
         FrameType::Message => Frame::Message { req_id: r.u32("req_id")?, payload: r.rest() },
         FrameType::Close => Frame::Close { code: r.u16("code")?, reason: r.str8("reason")? },
         FrameType::Error => Frame::Error { code: r.u16("code")?, req_id: r.u32("req_id")?, reason: r.str8("reason")? },
+        FrameType::Subscribe => Frame::Subscribe { req_id: r.u32("req_id")?, room: r.nonempty_str8("room")? },
+        FrameType::Unsubscribe => Frame::Unsubscribe { req_id: r.u32("req_id")?, room: r.nonempty_str8("room")? },
+        FrameType::RoomAck => {
+            let req_id = r.u32("req_id")?;
+            let op = r.take(1, "op")?[0];
+            let op =
+                RoomOp::from_u8(op).ok_or(DecodeError::BadValue { frame: ty.name(), field: "op", value: op as u32 })?;
+            Frame::RoomAck { req_id, op, room: r.nonempty_str8("room")? }
+        }
+        FrameType::Publish => {
+            Frame::Publish { req_id: r.u32("req_id")?, room: r.nonempty_str8("room")?, payload: r.rest() }
+        }
+        FrameType::RoomMsg => {
+            Frame::RoomMsg { msg_id: r.u64("msg_id")?, room: r.str8("room")?, from: r.str8("from")?, payload: r.rest() }
+        }
+        FrameType::Skipped => Frame::Skipped { count: r.u32("count")? },
     };
     r.finish()?;
     Ok(frame)
@@ -336,6 +415,12 @@ impl Frame<'_> {
             Frame::Message { .. } => FrameType::Message,
             Frame::Close { .. } => FrameType::Close,
             Frame::Error { .. } => FrameType::Error,
+            Frame::Subscribe { .. } => FrameType::Subscribe,
+            Frame::Unsubscribe { .. } => FrameType::Unsubscribe,
+            Frame::RoomAck { .. } => FrameType::RoomAck,
+            Frame::Publish { .. } => FrameType::Publish,
+            Frame::RoomMsg { .. } => FrameType::RoomMsg,
+            Frame::Skipped { .. } => FrameType::Skipped,
         }
     }
 
@@ -351,6 +436,11 @@ impl Frame<'_> {
             Frame::SendAck { .. } => 8,
             Frame::Message { payload, .. } => 4 + payload.len(),
             Frame::Error { reason, .. } => 2 + 4 + 1 + reason.len(),
+            Frame::Subscribe { room, .. } | Frame::Unsubscribe { room, .. } => 4 + 1 + room.len(),
+            Frame::RoomAck { room, .. } => 4 + 1 + 1 + room.len(),
+            Frame::Publish { room, payload, .. } => 4 + 1 + room.len() + payload.len(),
+            Frame::RoomMsg { room, from, payload, .. } => 8 + 1 + room.len() + 1 + from.len() + payload.len(),
+            Frame::Skipped { .. } => 4,
         }
     }
 
@@ -372,6 +462,14 @@ impl Frame<'_> {
             }
             Frame::Push { from, .. } => check_str8("from", from)?,
             Frame::Send { to, .. } => check_str8("to", to)?,
+            Frame::Subscribe { room, .. }
+            | Frame::Unsubscribe { room, .. }
+            | Frame::RoomAck { room, .. }
+            | Frame::Publish { room, .. } => check_str8("room", room)?,
+            Frame::RoomMsg { room, from, .. } => {
+                check_str8("room", room)?;
+                check_str8("from", from)?
+            }
             _ => {}
         }
         let total = HEADER_LEN + self.body_len();
@@ -422,6 +520,27 @@ impl Frame<'_> {
                 dst.put_u32(*req_id);
                 put_str8(dst, reason);
             }
+            Frame::Subscribe { req_id, room } | Frame::Unsubscribe { req_id, room } => {
+                dst.put_u32(*req_id);
+                put_str8(dst, room);
+            }
+            Frame::RoomAck { req_id, op, room } => {
+                dst.put_u32(*req_id);
+                dst.put_u8(*op as u8);
+                put_str8(dst, room);
+            }
+            Frame::Publish { req_id, room, payload } => {
+                dst.put_u32(*req_id);
+                put_str8(dst, room);
+                dst.put_slice(payload);
+            }
+            Frame::RoomMsg { msg_id, room, from, payload } => {
+                dst.put_u64(*msg_id);
+                put_str8(dst, room);
+                put_str8(dst, from);
+                dst.put_slice(payload);
+            }
+            Frame::Skipped { count } => dst.put_u32(*count),
         }
         Ok(())
     }
@@ -470,6 +589,28 @@ mod tests {
         roundtrip(Frame::Message { req_id: 0, payload: b"{\"op\":1}" });
         roundtrip(Frame::Close { code: 1000, reason: "bye" });
         roundtrip(Frame::Error { code: 4100, req_id: 5, reason: "no such user" });
+    }
+
+    #[test]
+    fn room_frames_roundtrip_and_reject_bad_fields() {
+        roundtrip(Frame::Subscribe { req_id: 1, room: "lobby" });
+        roundtrip(Frame::Unsubscribe { req_id: 2, room: "lobby" });
+        roundtrip(Frame::RoomAck { req_id: 3, op: RoomOp::Published, room: "lobby" });
+        roundtrip(Frame::Publish { req_id: 4, room: "lobby", payload: b"hi all" });
+        roundtrip(Frame::RoomMsg { msg_id: 5, room: "lobby", from: "ann", payload: b"hi all" });
+        roundtrip(Frame::RoomMsg { msg_id: 6, room: "", from: "", payload: b"to everyone" });
+        roundtrip(Frame::Skipped { count: 12 });
+        // SUBSCRIBE with an empty room.
+        assert_eq!(
+            decode(&[0, 0, 0, 7, 1, 0x10, 0, 0, 0, 1, 0], MAX),
+            Err(DecodeError::EmptyField { frame: "SUBSCRIBE", field: "room" })
+        );
+        // ROOM_ACK with op 9.
+        assert_eq!(
+            decode(&[0, 0, 0, 9, 1, 0x12, 0, 0, 0, 1, 9, 1, b'r'], MAX),
+            Err(DecodeError::BadValue { frame: "ROOM_ACK", field: "op", value: 9 })
+        );
+        assert!(FrameType::RoomMsg.is_droppable() && !FrameType::RoomAck.is_droppable());
     }
 
     #[test]

@@ -26,6 +26,7 @@ use crate::directory::Directory;
 use crate::ids::{WorkerId, MAX_SLOTS_PER_WORKER};
 use crate::mailbox::Mailbox;
 use crate::outq::OutLimits;
+use crate::rooms::RoomRegistry;
 use crate::server::{Handle, MessageHook, Server, Shared, StartError};
 use crate::stats::WorkerCounters;
 
@@ -148,6 +149,7 @@ pub(crate) fn start(
         max_conns_per_worker,
         mailboxes,
         directory: Directory::with_capacity(config.limits.max_conns_per_user, report.max_connections),
+        rooms: RoomRegistry::new(config.rooms.max_rooms, config.rooms.max_members_per_room),
         counters: (0..workers).map(|_| CachePadded::new(WorkerCounters::default())).collect(),
         authenticator,
         hook,

@@ -91,6 +91,29 @@ pub fn send_once(fd: RawFd, data: &[u8]) {
     };
 }
 
+/// Writes all of `data` with plain blocking `send` calls (waiting with
+/// poll(2) if the descriptor is non-blocking). Benchmark use only: the
+/// reference loop a fan-out is compared with.
+pub fn send_all_blocking(fd: RawFd, mut data: &[u8]) {
+    while !data.is_empty() {
+        // SAFETY: `data` is a live slice.
+        let n = unsafe { libc::send(fd, data.as_ptr() as *const libc::c_void, data.len(), libc::MSG_NOSIGNAL) };
+        if n > 0 {
+            data = &data[n as usize..];
+            continue;
+        }
+        match io::Error::last_os_error().raw_os_error() {
+            Some(libc::EINTR) => continue,
+            Some(libc::EAGAIN) => {
+                let mut p = libc::pollfd { fd, events: libc::POLLOUT, revents: 0 };
+                // SAFETY: one live pollfd.
+                unsafe { libc::poll(&mut p, 1, 1000) };
+            }
+            _ => return,
+        }
+    }
+}
+
 /// `shutdown(2)`. Wakes any pending poll on the socket; errors (already
 /// closed by the peer) are ignored.
 pub fn shutdown(fd: RawFd, how: libc::c_int) {

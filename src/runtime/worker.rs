@@ -29,13 +29,15 @@ use slab::Slab;
 
 use super::poller::{token, untoken, Poller, Ready};
 use super::sys::{self, Recv, Send};
+use crate::config::SlowConsumer;
 use crate::directory::ConnList;
 use crate::ids::{ConnId, WorkerId};
-use crate::outq::{OutQueue, MAX_IOV_PER_WRITE};
+use crate::outq::{OutQueue, Overflow, MAX_IOV_PER_WRITE};
 use crate::proto::codes::{CloseCode, ErrorCode, LoginErrorCode};
-use crate::proto::frame::{clip_reason, decode, Frame, PING_EMPTY};
+use crate::proto::frame::{clip_reason, decode, Frame, RoomOp, PING_EMPTY};
 use crate::proto::session::{Inbound, Phase, Tick, TickAction};
-use crate::server::{ClientMessage, ClientMessageKind, Command, Handle, Shared};
+use crate::rooms::{LocalRooms, Member, RoomError, RoomIdx};
+use crate::server::{CeilingSample, ClientMessage, ClientMessageKind, Command, Handle, Shared};
 use crate::stats::{bump, drop_one, WorkerCounters};
 use crate::wheel::{Entry, Wheel};
 
@@ -51,6 +53,9 @@ const MAILBOX_BATCH: usize = 4096;
 const TICK_BATCH: usize = 4096;
 /// Readiness events handled between two flushes and yields.
 const IO_BATCH: usize = 4096;
+/// Members written to per fan-out step; between steps the worker yields so
+/// reads, heartbeats and other commands are not starved by a large room.
+const FANOUT_CHUNK: usize = 2048;
 
 /// Connection flags.
 const DIRTY: u8 = 1;
@@ -67,6 +72,9 @@ struct Conn {
     out: OutQueue,
     /// Bytes of an incomplete frame; `None` (no allocation) when idle.
     partial: Option<Box<Vec<u8>>>,
+    /// Rooms this connection is in, with its position in each room's
+    /// member list; `None` when in no room.
+    rooms: Option<Box<Vec<(RoomIdx, u32)>>>,
     session: crate::proto::session::Session,
     fd: RawFd,
     generation: u32,
@@ -95,6 +103,9 @@ pub(crate) struct Worker {
     scratch: RefCell<Box<[u8]>>,
     iov: RefCell<[libc::iovec; MAX_IOV_PER_WRITE]>,
     lookup: RefCell<ConnList>,
+    rooms: RefCell<LocalRooms>,
+    /// Snapshot of the members a fan-out writes to (reused).
+    fanout: RefCell<Vec<Member>>,
     next_generation: Cell<u32>,
     next_msg: Cell<u64>,
     now: Cell<Tick>,
@@ -140,6 +151,8 @@ impl Worker {
             scratch: RefCell::new(vec![0u8; SCRATCH_BYTES].into_boxed_slice()),
             iov: RefCell::new([libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; MAX_IOV_PER_WRITE]),
             lookup: RefCell::new(ConnList::new()),
+            rooms: RefCell::new(LocalRooms::default()),
+            fanout: RefCell::new(Vec::new()),
             next_generation: Cell::new(1),
             next_msg: Cell::new(0),
             now: Cell::new(now),
@@ -203,6 +216,7 @@ impl Worker {
             user: None,
             out: OutQueue::default(),
             partial: None,
+            rooms: None,
             session,
             fd,
             generation,
@@ -361,12 +375,29 @@ impl Worker {
                 self.to_application(slot, generation, ClientMessageKind::Message, req_id, payload)
             }
             Frame::Close { .. } => self.begin_close(slot, generation, CloseCode::Normal, "closed by client"),
+            Frame::Subscribe { req_id, room } | Frame::Unsubscribe { req_id, room }
+                if !self.shared.config.rooms.client_subscribe =>
+            {
+                let reason = "clients may not join or leave rooms on this server (rooms.client_subscribe)";
+                self.reply_error(slot, generation, ErrorCode::SubscribeDisabled, req_id, reason);
+                let _ = room;
+            }
+            Frame::Subscribe { req_id, room } => {
+                if let Err(e) = self.join_room(slot, generation, room, Some(req_id)) {
+                    self.reply_error(slot, generation, e.code(), req_id, &e.to_string());
+                }
+            }
+            Frame::Unsubscribe { req_id, room } => self.leave_room(slot, generation, room, Some(req_id)),
+            Frame::Publish { req_id, room, payload } => self.on_publish(slot, generation, req_id, room, payload),
             // The session refuses server-only frames before we get here.
             Frame::LoginOk { .. }
             | Frame::LoginError { .. }
             | Frame::Push { .. }
             | Frame::SendAck { .. }
-            | Frame::Error { .. } => {
+            | Frame::Error { .. }
+            | Frame::RoomAck { .. }
+            | Frame::RoomMsg { .. }
+            | Frame::Skipped { .. } => {
                 self.begin_close(slot, generation, CloseCode::UnexpectedFrame, "server-only frame")
             }
         }
@@ -476,6 +507,150 @@ impl Worker {
         }
     }
 
+    // ---- rooms ----------------------------------------------------------------
+
+    fn room_ack(self: &Rc<Self>, slot: u32, generation: u32, req_id: u32, op: RoomOp, room: &str) {
+        let ack = Frame::RoomAck { req_id, op, room }.to_bytes().expect("room names are at most 255 bytes");
+        self.reply(slot, generation, ack);
+    }
+
+    /// Joins a logged-in connection to `room` and acknowledges it (with
+    /// `req_id`, or 0 when the application asked). Joining a room twice is
+    /// acknowledged and changes nothing.
+    fn join_room(
+        self: &Rc<Self>,
+        slot: u32,
+        generation: u32,
+        room: &str,
+        req_id: Option<u32>,
+    ) -> Result<(), RoomError> {
+        {
+            let mut conns = self.conns.borrow_mut();
+            let Some(c) = conns.get_mut(slot as usize).filter(|c| c.generation == generation) else { return Ok(()) };
+            if !c.session.is_active() {
+                return Ok(());
+            }
+            let mut rooms = self.rooms.borrow_mut();
+            let mine = c.rooms.as_deref().map_or(&[][..], |v| v.as_slice());
+            let already = rooms.find(room).is_some_and(|idx| mine.iter().any(|&(i, _)| i == idx));
+            if !already {
+                let limit = self.shared.config.rooms.max_rooms_per_conn;
+                if mine.len() >= limit {
+                    return Err(RoomError::ConnRoomLimit { limit });
+                }
+                let name = self.shared.rooms.join(room)?;
+                let entry = rooms.add(&name, Member { slot, generation });
+                c.rooms.get_or_insert_with(Default::default).push(entry);
+            }
+        }
+        self.room_ack(slot, generation, req_id.unwrap_or(0), RoomOp::Subscribed, room);
+        Ok(())
+    }
+
+    /// Takes a connection out of `room` (acknowledged even if it was not in).
+    fn leave_room(self: &Rc<Self>, slot: u32, generation: u32, room: &str, req_id: Option<u32>) {
+        let entry = {
+            let mut conns = self.conns.borrow_mut();
+            let Some(c) = conns.get_mut(slot as usize).filter(|c| c.generation == generation) else { return };
+            if !c.session.is_active() {
+                return;
+            }
+            let idx = self.rooms.borrow().find(room);
+            match (idx, c.rooms.as_mut()) {
+                (Some(idx), Some(list)) => match list.iter().position(|&(i, _)| i == idx) {
+                    Some(k) => {
+                        let e = list.swap_remove(k);
+                        if list.is_empty() {
+                            c.rooms = None;
+                        }
+                        Some(e)
+                    }
+                    None => None,
+                },
+                _ => None,
+            }
+        };
+        if let Some((idx, pos)) = entry {
+            self.drop_membership(idx, pos, Member { slot, generation });
+        }
+        self.room_ack(slot, generation, req_id.unwrap_or(0), RoomOp::Unsubscribed, room);
+    }
+
+    /// Removes one membership from the worker's room and the registry, and
+    /// fixes the position of the member that moved into its place.
+    fn drop_membership(&self, idx: RoomIdx, pos: u32, m: Member) {
+        let (removed, name) = {
+            let mut rooms = self.rooms.borrow_mut();
+            let name = rooms.room(idx).name.clone();
+            (rooms.remove(idx, pos, m), name)
+        };
+        if let Some((moved, new_pos)) = removed.moved {
+            let mut conns = self.conns.borrow_mut();
+            let c = conns.get_mut(moved.slot as usize).filter(|c| c.generation == moved.generation);
+            let entry = c.and_then(|c| c.rooms.as_mut()).and_then(|l| l.iter_mut().find(|(i, _)| *i == idx));
+            match entry {
+                Some(e) => e.1 = new_pos,
+                None => debug_assert!(false, "a room member without the membership record"),
+            }
+        }
+        self.shared.rooms.leave(&name);
+    }
+
+    /// Leaves every room (the connection is closing or gone). `rooms` was
+    /// taken out of the connection; its positions stay valid throughout,
+    /// because each removal moves another member of that room, never this
+    /// connection.
+    fn leave_all_rooms(&self, slot: u32, generation: u32, rooms: Option<Box<Vec<(RoomIdx, u32)>>>) {
+        for (idx, pos) in rooms.into_iter().flat_map(|b| b.into_iter()) {
+            self.drop_membership(idx, pos, Member { slot, generation });
+        }
+    }
+
+    fn on_publish(self: &Rc<Self>, slot: u32, generation: u32, req_id: u32, room: &str, payload: &[u8]) {
+        if !self.shared.config.rooms.client_publish {
+            let reason = "clients may not publish on this server (rooms.client_publish)";
+            return self.reply_error(slot, generation, ErrorCode::PublishDisabled, req_id, reason);
+        }
+        let (from, name) = {
+            let conns = self.conns.borrow();
+            let Some(c) = conns.get(slot as usize).filter(|c| c.generation == generation) else { return };
+            let rooms = self.rooms.borrow();
+            let member =
+                rooms.find(room).filter(|&idx| c.rooms.as_deref().is_some_and(|l| l.iter().any(|&(i, _)| i == idx)));
+            match (member, &c.user) {
+                (Some(idx), Some(user)) => (user.clone(), rooms.room(idx).name.clone()),
+                _ => {
+                    drop((rooms, conns));
+                    return self.reply_error(
+                        slot,
+                        generation,
+                        ErrorCode::NotMember,
+                        req_id,
+                        "PUBLISH to a room this connection has not joined",
+                    );
+                }
+            }
+        };
+        let max = self.shared.max_room_payload(room, &from);
+        if payload.len() > max {
+            let reason =
+                format!("payload of {} bytes: at most {max} fit a ROOM_MSG in this room from this user", payload.len());
+            return self.reply_error(slot, generation, ErrorCode::PayloadTooLarge, req_id, &reason);
+        }
+        let frame = Frame::RoomMsg { msg_id: self.next_msg_id(), room, from: &from, payload }
+            .to_bytes()
+            .expect("sizes checked above");
+        // Every worker's members, this one's included, are reached through
+        // the mailboxes, so the fan-out runs in the mailbox loop, in steps.
+        if self.shared.post_all(frame, |frame| Command::Publish { room: name.clone(), frame }).is_err() {
+            let reason = "a worker mailbox is full; not every member got the message";
+            return self.reply_error(slot, generation, ErrorCode::Overloaded, req_id, reason);
+        }
+        if req_id != 0 {
+            self.room_ack(slot, generation, req_id, RoomOp::Published, room);
+        }
+    }
+
     fn to_application(
         self: &Rc<Self>,
         slot: u32,
@@ -557,18 +732,172 @@ impl Worker {
             Phase::AwaitingLogin if !require_login => {}
             _ => return false,
         }
-        if c.out.push(frame, &self.shared.out_limits).is_err() {
+        if self.queue_frame(c, slot, frame).is_err() {
             drop(conns);
-            bump(&self.counters().slow_consumers, 1);
-            self.begin_close(slot, generation, CloseCode::SlowConsumer, CloseCode::SlowConsumer.reason());
+            self.close_slow_consumer(slot, generation);
             return false;
+        }
+        true
+    }
+
+    fn close_slow_consumer(self: &Rc<Self>, slot: u32, generation: u32) {
+        bump(&self.counters().slow_consumers, 1);
+        self.begin_close(slot, generation, CloseCode::SlowConsumer, CloseCode::SlowConsumer.reason());
+    }
+
+    /// Queues one frame under the slow-consumer policy and marks the
+    /// connection for the next flush. `Err`: the connection must be closed.
+    fn queue_frame(&self, c: &mut Conn, slot: u32, frame: Bytes) -> Result<(), Overflow> {
+        let limits = &self.shared.out_limits;
+        let mut skipped = 0;
+        if !c.out.fits(frame.len(), limits) {
+            match self.shared.config.limits.slow_consumer {
+                SlowConsumer::Close => return Err(Overflow),
+                SlowConsumer::DropOldest => skipped = c.out.drop_oldest_for(frame.len(), limits)?,
+            }
+        }
+        c.out.push(frame, limits)?;
+        if skipped > 0 {
+            c.out.note_skipped(skipped);
+            bump(&self.counters().skipped, skipped as u64);
         }
         if c.flags & DIRTY == 0 {
             c.flags |= DIRTY;
             self.dirty.borrow_mut().push(slot);
         }
         bump(&self.counters().frames_out, 1);
-        true
+        Ok(())
+    }
+
+    // ---- fan-out ----------------------------------------------------------------
+
+    /// Writes `frames` (consecutive messages for the same audience, at most
+    /// one iovec array) to every member, `FANOUT_CHUNK` members per step.
+    /// A member with nothing queued gets one `sendmsg` straight from the
+    /// shared buffers: no copy, no queue, no reference count taken. Only
+    /// what its socket does not take is queued.
+    async fn fan_out(self: &Rc<Self>, room: Option<&str>, frames: &[Bytes]) {
+        debug_assert!(!frames.is_empty() && frames.len() <= MAX_IOV_PER_WRITE);
+        let mut members = std::mem::take(&mut *self.fanout.borrow_mut());
+        members.clear();
+        match room {
+            Some(name) => {
+                let rooms = self.rooms.borrow();
+                if let Some(idx) = rooms.find(name) {
+                    members.extend_from_slice(&rooms.room(idx).members);
+                }
+            }
+            None => {
+                let conns = self.conns.borrow();
+                members.extend(
+                    conns
+                        .iter()
+                        .filter(|(_, c)| c.session.is_active())
+                        .map(|(slot, c)| Member { slot: slot as u32, generation: c.generation }),
+                );
+            }
+        }
+        let mut iov = [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; MAX_IOV_PER_WRITE];
+        for (v, f) in iov.iter_mut().zip(frames) {
+            *v = libc::iovec { iov_base: f.as_ptr() as *mut libc::c_void, iov_len: f.len() };
+        }
+        let total: usize = frames.iter().map(|f| f.len()).sum();
+        for (step, chunk) in members.chunks(FANOUT_CHUNK).enumerate() {
+            if step > 0 {
+                self.flush_dirty();
+                self.poller.borrow_mut().flush();
+                YieldNow(false).await;
+            }
+            for &m in chunk {
+                self.deliver_frames(m, frames, &iov, total);
+            }
+        }
+        self.flush_dirty();
+        *self.fanout.borrow_mut() = members;
+    }
+
+    fn deliver_frames(
+        self: &Rc<Self>,
+        m: Member,
+        frames: &[Bytes],
+        iov: &[libc::iovec; MAX_IOV_PER_WRITE],
+        total: usize,
+    ) {
+        let queued = {
+            let mut conns = self.conns.borrow_mut();
+            let Some(c) = conns.get_mut(m.slot as usize).filter(|c| c.generation == m.generation) else { return };
+            if !c.session.is_active() {
+                return;
+            }
+            if c.out.is_empty() && c.flags & (WRITE_WAIT | DIRTY) == 0 {
+                let counters = self.counters();
+                match sys::sendmsg(c.fd, iov, frames.len()) {
+                    Send::Wrote(w) if w == total => {
+                        bump(&counters.writes, 1);
+                        bump(&counters.frames_out, frames.len() as u64);
+                        return;
+                    }
+                    Send::Wrote(w) => {
+                        bump(&counters.writes, 1);
+                        self.queue_rest(c, m.slot, frames, w)
+                    }
+                    Send::WouldBlock => self.queue_rest(c, m.slot, frames, 0),
+                    Send::Error(_) => {
+                        sys::shutdown(c.fd, libc::SHUT_RDWR);
+                        return;
+                    }
+                }
+            } else {
+                frames.iter().try_for_each(|f| self.queue_frame(c, m.slot, f.clone()))
+            }
+        };
+        if queued.is_err() {
+            self.close_slow_consumer(m.slot, m.generation);
+        }
+    }
+
+    /// After a direct write that the socket took only `written` bytes of:
+    /// queue the rest and wait for room.
+    fn queue_rest(&self, c: &mut Conn, slot: u32, frames: &[Bytes], written: usize) -> Result<(), Overflow> {
+        let mut skip = written;
+        for f in frames {
+            if skip >= f.len() {
+                skip -= f.len();
+                bump(&self.counters().frames_out, 1);
+                continue;
+            }
+            if skip > 0 {
+                c.out.push_started(f.slice(skip..));
+                skip = 0;
+                bump(&self.counters().frames_out, 1);
+                continue;
+            }
+            self.queue_frame(c, slot, f.clone())?;
+        }
+        c.flags |= WRITE_WAIT;
+        bump(&self.counters().write_waits, 1);
+        self.poller.borrow_mut().want_write(c.fd, token(slot, c.generation));
+        Ok(())
+    }
+
+    /// Benchmark only: the kernel's floor for this worker's share of a
+    /// fan-out, a plain blocking `send` loop over the members' sockets.
+    fn send_ceiling(&self, room: &str, frame: &Bytes) -> CeilingSample {
+        let fds: Vec<RawFd> = {
+            let rooms = self.rooms.borrow();
+            let conns = self.conns.borrow();
+            let members = rooms.find(room).map_or(&[][..], |idx| &rooms.room(idx).members[..]);
+            members
+                .iter()
+                .filter_map(|m| conns.get(m.slot as usize).filter(|c| c.generation == m.generation && c.out.is_empty()))
+                .map(|c| c.fd)
+                .collect()
+        };
+        let t0 = std::time::Instant::now();
+        for &fd in &fds {
+            sys::send_all_blocking(fd, frame);
+        }
+        CeilingSample { sends: fds.len(), elapsed: t0.elapsed() }
     }
 
     /// Writes out every connection with queued frames.
@@ -600,7 +929,7 @@ impl Worker {
         }
         c.flags &= !DIRTY;
         if c.flags & WRITE_WAIT != 0 {
-            return; // the writer task flushes when the socket drains
+            return; // flushed when the poller reports room
         }
         match self.write_out(c) {
             WriteState::Drained => self.after_drain(c),
@@ -651,15 +980,19 @@ impl Worker {
         }
     }
 
-    /// The writer task saw the socket writable. Returns true to keep waiting.
+    /// The socket has room again. Returns true to keep waiting for more.
     fn on_writable(&self, slot: u32, generation: u32) -> bool {
         let mut conns = self.conns.borrow_mut();
         let Some(c) = conns.get_mut(slot as usize).filter(|c| c.generation == generation) else {
             return false;
         };
+        if c.flags & WRITE_WAIT == 0 {
+            return false; // a late event after the queue drained
+        }
         match self.write_out(c) {
             WriteState::Drained => {
                 c.flags &= !WRITE_WAIT;
+                self.poller.borrow_mut().write_done(c.fd, token(slot, generation));
                 self.after_drain(c);
                 false
             }
@@ -705,8 +1038,10 @@ impl Worker {
                 self.dirty.borrow_mut().push(slot);
             }
             self.reschedule_if_earlier(c, slot);
-            c.user.take()
+            (c.user.take(), c.rooms.take())
         };
+        let (user, rooms) = user;
+        self.leave_all_rooms(slot, generation, rooms);
         if let Some(user) = user {
             let removed = self.shared.directory.unregister(&user, ConnId::new(self.id, slot, generation));
             debug_assert!(removed, "a logged-in connection is in the directory");
@@ -725,6 +1060,7 @@ impl Worker {
                 _ => return,
             }
         };
+        self.leave_all_rooms(slot, generation, conn.rooms);
         if let Some(user) = &conn.user {
             let removed = self.shared.directory.unregister(user, ConnId::new(self.id, slot, generation));
             debug_assert!(removed, "a logged-in connection is in the directory");
@@ -754,6 +1090,18 @@ impl Worker {
                     bump(&self.counters().kicked, 1);
                 }
                 self.begin_close(conn.slot(), conn.generation(), code, code.reason());
+            }
+            Command::Join { conn, room } => {
+                if let Err(e) = self.join_room(conn.slot(), conn.generation(), &room, None) {
+                    self.reply_error(conn.slot(), conn.generation(), e.code(), 0, &e.to_string());
+                }
+            }
+            Command::Leave { conn, room } => self.leave_room(conn.slot(), conn.generation(), &room, None),
+            Command::SendCeiling { room, frame, reply } => {
+                let _ = reply.send(self.send_ceiling(&room, &frame));
+            }
+            Command::Publish { .. } | Command::Broadcast { .. } => {
+                unreachable!("fan-out commands are handled by the mailbox loop")
             }
         }
     }
@@ -931,6 +1279,8 @@ async fn tick_loop(w: Rc<Worker>) {
 
 async fn mailbox_loop(w: Rc<Worker>, wake: monoio::net::UnixStream) {
     let mb = &w.shared.mailboxes[w.id.0 as usize];
+    let mut batch: std::collections::VecDeque<Command> = std::collections::VecDeque::with_capacity(MAILBOX_BATCH);
+    let mut frames: Vec<Bytes> = Vec::with_capacity(MAX_IOV_PER_WRITE);
     loop {
         if w.shared.shutdown.load(Ordering::Acquire) {
             return;
@@ -939,14 +1289,47 @@ async fn mailbox_loop(w: Rc<Worker>, wake: monoio::net::UnixStream) {
             return;
         }
         mb.begin_drain();
-        let mut n = 0;
-        while n < MAILBOX_BATCH {
+        while batch.len() < MAILBOX_BATCH {
             let Some(cmd) = mb.pop() else { break };
-            w.on_command(cmd);
-            n += 1;
+            batch.push_back(cmd);
+        }
+        let full = batch.len() == MAILBOX_BATCH;
+        while let Some(cmd) = batch.pop_front() {
+            match cmd {
+                // Consecutive messages for the same room (or consecutive
+                // broadcasts) go out together: one sendmsg per member
+                // carries all of them. Only consecutive ones, so every
+                // member still sees messages in publish order.
+                Command::Publish { room, frame } => {
+                    frames.push(frame);
+                    while frames.len() < MAX_IOV_PER_WRITE {
+                        match batch.front() {
+                            Some(Command::Publish { room: next, .. }) if *next == room => {}
+                            _ => break,
+                        }
+                        if let Some(Command::Publish { frame, .. }) = batch.pop_front() {
+                            frames.push(frame);
+                        }
+                    }
+                    w.fan_out(Some(&room), &frames).await;
+                    frames.clear();
+                }
+                Command::Broadcast { frame } => {
+                    frames.push(frame);
+                    while frames.len() < MAX_IOV_PER_WRITE && matches!(batch.front(), Some(Command::Broadcast { .. })) {
+                        if let Some(Command::Broadcast { frame }) = batch.pop_front() {
+                            frames.push(frame);
+                        }
+                    }
+                    w.fan_out(None, &frames).await;
+                    frames.clear();
+                }
+                other => w.on_command(other),
+            }
         }
         w.flush_dirty();
-        if n == MAILBOX_BATCH {
+        w.poller.borrow_mut().flush();
+        if full {
             YieldNow(false).await;
         }
     }

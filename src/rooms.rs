@@ -1,0 +1,303 @@
+//! Rooms: server-wide presence counts and per-worker membership.
+//!
+//! Owns: `RoomRegistry`, the one shared map (room → connections in it, on
+//! every worker), which enforces the room limits and answers `room_size`;
+//! and `LocalRooms`, one worker's members of each room, which a publish
+//! walks.
+//! Must not: sit on the publish path behind a lock. A publish is one
+//! mailbox command per worker; each worker reads its own `LocalRooms`
+//! without synchronisation. The registry's shard lock is taken only when a
+//! connection joins or leaves a room, and to read a count.
+//!
+//! Memory per membership: one 8-byte `Member` in the room's vector and one
+//! 8-byte `(room, position)` pair in the connection's list, so leaving is
+//! O(1): swap-remove, then fix the position of the member that moved.
+
+use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+
+use hashbrown::HashMap;
+use slab::Slab;
+use thiserror::Error;
+
+use crate::proto::codes::ErrorCode;
+
+const SHARDS: usize = 32;
+
+/// A join refused by a room limit.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Error)]
+pub enum RoomError {
+    #[error("room name must be 1 to 255 bytes")]
+    InvalidName,
+    #[error("room is full ({limit} connections, rooms.max_members_per_room)")]
+    RoomFull { limit: u64 },
+    #[error("too many rooms on this server ({limit}, rooms.max_rooms)")]
+    TooManyRooms { limit: usize },
+    #[error("connection is in too many rooms ({limit}, rooms.max_rooms_per_conn)")]
+    ConnRoomLimit { limit: usize },
+}
+
+impl RoomError {
+    /// The ERROR code a client gets.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            RoomError::InvalidName => ErrorCode::InvalidRoom,
+            RoomError::RoomFull { .. } => ErrorCode::RoomFull,
+            RoomError::TooManyRooms { .. } => ErrorCode::TooManyRooms,
+            RoomError::ConnRoomLimit { .. } => ErrorCode::RoomLimit,
+        }
+    }
+}
+
+/// Checks a room name (the protocol's `str8`, non-empty).
+pub fn check_room_name(name: &str) -> Result<(), RoomError> {
+    if name.is_empty() || name.len() > 255 {
+        return Err(RoomError::InvalidName);
+    }
+    Ok(())
+}
+
+/// Server-wide room presence: connections per room, across workers.
+pub struct RoomRegistry {
+    shards: Box<[RwLock<HashMap<Arc<str>, u64>>]>,
+    hasher: hashbrown::DefaultHashBuilder,
+    rooms: AtomicUsize,
+    max_rooms: usize,
+    max_members: u64,
+}
+
+impl RoomRegistry {
+    pub fn new(max_rooms: usize, max_members: u64) -> RoomRegistry {
+        RoomRegistry {
+            shards: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
+            hasher: hashbrown::DefaultHashBuilder::default(),
+            rooms: AtomicUsize::new(0),
+            max_rooms,
+            max_members,
+        }
+    }
+
+    fn shard(&self, name: &str) -> &RwLock<HashMap<Arc<str>, u64>> {
+        &self.shards[(self.hasher.hash_one(name) >> 59) as usize % SHARDS]
+    }
+
+    /// Counts one more connection in `name`, creating the room if needed.
+    /// Returns the room's shared name.
+    pub fn join(&self, name: &str) -> Result<Arc<str>, RoomError> {
+        check_room_name(name)?;
+        let mut map = self.shard(name).write().unwrap_or_else(|e| e.into_inner());
+        if let Some((key, n)) = map.get_key_value_mut(name) {
+            if *n >= self.max_members {
+                return Err(RoomError::RoomFull { limit: self.max_members });
+            }
+            *n += 1;
+            return Ok(key.clone());
+        }
+        if self.rooms.load(Ordering::Relaxed) >= self.max_rooms {
+            return Err(RoomError::TooManyRooms { limit: self.max_rooms });
+        }
+        if self.max_members == 0 {
+            return Err(RoomError::RoomFull { limit: 0 });
+        }
+        self.rooms.fetch_add(1, Ordering::Relaxed);
+        let key: Arc<str> = Arc::from(name);
+        map.insert(key.clone(), 1);
+        Ok(key)
+    }
+
+    /// Counts one connection out of `name`; the room goes when empty.
+    pub fn leave(&self, name: &str) {
+        let mut map = self.shard(name).write().unwrap_or_else(|e| e.into_inner());
+        let Some(n) = map.get_mut(name) else {
+            debug_assert!(false, "leave of a room nobody joined: {name}");
+            return;
+        };
+        *n -= 1;
+        if *n == 0 {
+            map.remove(name);
+            self.rooms.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Connections in `name` right now (0 if the room does not exist).
+    pub fn size(&self, name: &str) -> u64 {
+        self.shard(name).read().unwrap_or_else(|e| e.into_inner()).get(name).copied().unwrap_or(0)
+    }
+
+    /// Rooms with at least one connection.
+    pub fn room_count(&self) -> usize {
+        self.rooms.load(Ordering::Relaxed)
+    }
+
+    /// Whether one more room can be created (an estimate for callers that
+    /// check before posting a join; the join itself decides).
+    pub fn would_accept(&self, name: &str) -> Result<(), RoomError> {
+        check_room_name(name)?;
+        let size = self.size(name);
+        if size >= self.max_members {
+            return Err(RoomError::RoomFull { limit: self.max_members });
+        }
+        if size == 0 && self.room_count() >= self.max_rooms {
+            return Err(RoomError::TooManyRooms { limit: self.max_rooms });
+        }
+        Ok(())
+    }
+}
+
+/// A connection in a worker's room: its slot and generation.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct Member {
+    pub slot: u32,
+    pub generation: u32,
+}
+
+/// One room's members on one worker.
+pub struct LocalRoom {
+    pub name: Arc<str>,
+    pub members: Vec<Member>,
+}
+
+/// Index of a room in a worker's `LocalRooms`.
+pub type RoomIdx = u32;
+
+/// What a removal changed.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Removed {
+    /// The member that moved into the freed position, and that position:
+    /// its own record of where it sits must be updated.
+    pub moved: Option<(Member, u32)>,
+    /// The room had no member left on this worker and was dropped.
+    pub emptied: bool,
+}
+
+/// One worker's room membership.
+#[derive(Default)]
+pub struct LocalRooms {
+    index: HashMap<Arc<str>, RoomIdx>,
+    rooms: Slab<LocalRoom>,
+}
+
+impl LocalRooms {
+    /// The room named `name`, if it has members on this worker.
+    pub fn find(&self, name: &str) -> Option<RoomIdx> {
+        self.index.get(name).copied()
+    }
+
+    /// The room at `idx`.
+    pub fn room(&self, idx: RoomIdx) -> &LocalRoom {
+        &self.rooms[idx as usize]
+    }
+
+    /// Rooms with members on this worker.
+    pub fn len(&self) -> usize {
+        self.rooms.len()
+    }
+
+    /// Whether no room has members on this worker.
+    pub fn is_empty(&self) -> bool {
+        self.rooms.is_empty()
+    }
+
+    /// Adds `m` to the room `name` (created if new); returns the room and
+    /// the member's position in it. The caller guarantees `m` is not
+    /// already in the room.
+    pub fn add(&mut self, name: &Arc<str>, m: Member) -> (RoomIdx, u32) {
+        let idx = match self.index.get(&**name) {
+            Some(&i) => i,
+            None => {
+                let i = self.rooms.insert(LocalRoom { name: name.clone(), members: Vec::new() }) as RoomIdx;
+                self.index.insert(name.clone(), i);
+                i
+            }
+        };
+        let members = &mut self.rooms[idx as usize].members;
+        debug_assert!(!members.contains(&m), "{m:?} joined {name} twice");
+        members.push(m);
+        (idx, members.len() as u32 - 1)
+    }
+
+    /// Removes the member at `pos` of room `idx`.
+    pub fn remove(&mut self, idx: RoomIdx, pos: u32, m: Member) -> Removed {
+        let room = &mut self.rooms[idx as usize];
+        debug_assert_eq!(room.members.get(pos as usize), Some(&m), "membership record out of date");
+        room.members.swap_remove(pos as usize);
+        let moved = room.members.get(pos as usize).map(|&other| (other, pos));
+        if room.members.is_empty() {
+            let room = self.rooms.remove(idx as usize);
+            self.index.remove(&*room.name);
+            return Removed { moved: None, emptied: true };
+        }
+        Removed { moved, emptied: false }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn m(slot: u32) -> Member {
+        Member { slot, generation: 1 }
+    }
+
+    #[test]
+    fn registry_counts_and_limits() {
+        let r = RoomRegistry::new(2, 3);
+        let a = r.join("a").unwrap();
+        let a2 = r.join("a").unwrap();
+        assert!(Arc::ptr_eq(&a, &a2));
+        r.join("a").unwrap();
+        assert_eq!(r.join("a"), Err(RoomError::RoomFull { limit: 3 }));
+        assert_eq!(r.size("a"), 3);
+        r.join("b").unwrap();
+        assert_eq!(r.join("c"), Err(RoomError::TooManyRooms { limit: 2 }));
+        assert_eq!(r.would_accept("c"), Err(RoomError::TooManyRooms { limit: 2 }));
+        r.leave("b");
+        assert_eq!(r.size("b"), 0);
+        assert!(r.join("c").is_ok(), "an emptied room frees its place");
+        assert_eq!(r.join(""), Err(RoomError::InvalidName));
+        assert_eq!(r.room_count(), 2);
+    }
+
+    #[test]
+    fn local_membership_swap_removes_and_reports_the_move() {
+        let mut l = LocalRooms::default();
+        let name: Arc<str> = Arc::from("room");
+        let (idx, p0) = l.add(&name, m(10));
+        let (_, p1) = l.add(&name, m(11));
+        let (_, p2) = l.add(&name, m(12));
+        assert_eq!((p0, p1, p2), (0, 1, 2));
+        // Removing the first moves the last into its place.
+        assert_eq!(l.remove(idx, 0, m(10)), Removed { moved: Some((m(12), 0)), emptied: false });
+        assert_eq!(l.room(idx).members, vec![m(12), m(11)]);
+        // Removing the last moves nothing.
+        assert_eq!(l.remove(idx, 1, m(11)), Removed { moved: None, emptied: false });
+        assert_eq!(l.remove(idx, 0, m(12)), Removed { moved: None, emptied: true });
+        assert!(l.find("room").is_none());
+        assert!(l.is_empty());
+    }
+
+    #[test]
+    fn concurrent_joins_and_leaves_keep_exact_counts() {
+        let r = Arc::new(RoomRegistry::new(1000, u64::MAX));
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let r = r.clone();
+                std::thread::spawn(move || {
+                    for i in 0..5000 {
+                        let name = format!("room{}", i % 7);
+                        r.join(&name).unwrap();
+                        if (i + t) % 2 == 0 {
+                            r.leave(&name);
+                        }
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let total: u64 = (0..7).map(|i| r.size(&format!("room{i}"))).sum();
+        assert_eq!(total, 4 * 5000 / 2);
+    }
+}
