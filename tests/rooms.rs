@@ -1,6 +1,7 @@
-//! Rooms and fan-out over real loopback sockets. The large tests share one
-//! lock so this test process never holds more than about 10,000
-//! descriptors (5,000 clients and their server ends) at a time.
+//! Rooms and fan-out over real loopback sockets. The tests run one at a
+//! time (one lock): this process then never holds more than about 10,000
+//! descriptors (5,000 clients and their server ends), and the memory
+//! bound of the slow-consumer test sees no other test's server.
 
 mod common;
 
@@ -91,6 +92,7 @@ fn five_thousand_members_get_every_publish_once_in_order() {
 
 #[test]
 fn leaving_stops_delivery_and_updates_the_count() {
+    let _g = heavy();
     let server = start(config());
     let addr = server.local_addr();
     let h = server.handle();
@@ -117,6 +119,7 @@ fn leaving_stops_delivery_and_updates_the_count() {
 
 #[test]
 fn the_application_joins_and_leaves_users() {
+    let _g = heavy();
     let server = start(config());
     let addr = server.local_addr();
     let h = server.handle();
@@ -142,6 +145,7 @@ fn the_application_joins_and_leaves_users() {
 
 #[test]
 fn clients_chat_in_a_room_and_get_acks() {
+    let _g = heavy();
     let server = start(config());
     let addr = server.local_addr();
     let (mut a, _) = login(addr, "a");
@@ -266,6 +270,7 @@ fn a_reader_that_stops_is_cut_off_and_memory_stays_bounded() {
 
 #[test]
 fn drop_oldest_keeps_a_slow_reader_connected_and_says_what_it_skipped() {
+    let _g = heavy();
     let mut cfg = config();
     cfg.limits.slow_consumer = SlowConsumer::DropOldest;
     cfg.limits.outbound_max_frames = 64;
@@ -306,6 +311,7 @@ fn drop_oldest_keeps_a_slow_reader_connected_and_says_what_it_skipped() {
 
 #[test]
 fn room_limits_give_the_documented_errors() {
+    let _g = heavy();
     let mut cfg = config();
     cfg.rooms.max_rooms_per_conn = 2;
     cfg.rooms.max_members_per_room = 2;
@@ -341,6 +347,7 @@ fn room_limits_give_the_documented_errors() {
 
 #[test]
 fn client_room_operations_can_be_switched_off() {
+    let _g = heavy();
     let mut cfg = config();
     cfg.rooms.client_subscribe = false;
     cfg.rooms.client_publish = false;
@@ -361,6 +368,7 @@ fn client_room_operations_can_be_switched_off() {
 
 #[test]
 fn room_size_is_cheap_enough_to_call_often() {
+    let _g = heavy();
     let server = start(config());
     let (mut c, _) = login(server.local_addr(), "e");
     c.subscribe(1, "hot").unwrap();
