@@ -27,6 +27,7 @@ pub mod config;
 pub mod directory;
 pub mod ids;
 pub mod limits;
+pub mod loadgen;
 pub mod mailbox;
 pub mod outq;
 pub mod proto;

@@ -808,43 +808,48 @@ impl Worker {
                 self.poller.borrow_mut().flush();
                 YieldNow(false).await;
             }
+            let mut direct = 0;
             for &m in chunk {
-                self.deliver_frames(m, frames, &iov, total);
+                direct += u64::from(self.deliver_frames(m, frames, &iov, total));
             }
+            // Counted once per step, not per member.
+            let c = self.counters();
+            bump(&c.writes, direct);
+            bump(&c.frames_out, direct * frames.len() as u64);
         }
         self.flush_dirty();
         *self.fanout.borrow_mut() = members;
     }
 
+    /// Delivers to one member. Returns true when one direct write took
+    /// everything (the caller counts those in bulk); queued frames are
+    /// counted where they are queued.
     fn deliver_frames(
         self: &Rc<Self>,
         m: Member,
         frames: &[Bytes],
         iov: &[libc::iovec; MAX_IOV_PER_WRITE],
         total: usize,
-    ) {
+    ) -> bool {
         let queued = {
             let mut conns = self.conns.borrow_mut();
-            let Some(c) = conns.get_mut(m.slot as usize).filter(|c| c.generation == m.generation) else { return };
+            let Some(c) = conns.get_mut(m.slot as usize).filter(|c| c.generation == m.generation) else {
+                return false;
+            };
             if !c.session.is_active() {
-                return;
+                return false;
             }
             if c.out.is_empty() && c.flags & (WRITE_WAIT | DIRTY) == 0 {
-                let counters = self.counters();
                 match sys::sendmsg(c.fd, iov, frames.len()) {
-                    Send::Wrote(w) if w == total => {
-                        bump(&counters.writes, 1);
-                        bump(&counters.frames_out, frames.len() as u64);
-                        return;
-                    }
+                    Send::Wrote(w) if w == total => return true,
                     Send::Wrote(w) => {
-                        bump(&counters.writes, 1);
+                        bump(&self.counters().writes, 1);
                         self.queue_rest(c, m.slot, frames, w)
                     }
                     Send::WouldBlock => self.queue_rest(c, m.slot, frames, 0),
                     Send::Error(_) => {
                         sys::shutdown(c.fd, libc::SHUT_RDWR);
-                        return;
+                        return false;
                     }
                 }
             } else {
@@ -854,6 +859,7 @@ impl Worker {
         if queued.is_err() {
             self.close_slow_consumer(m.slot, m.generation);
         }
+        false
     }
 
     /// After a direct write that the socket took only `written` bytes of:

@@ -13,6 +13,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
+use crate::proto::frame::{decode, Frame, PROTOCOL_MAX_FRAME_BYTES};
+use crate::JwtHs256;
 use base64::Engine;
 use hdrhistogram::serialization::{Serializer, V2Serializer};
 use hdrhistogram::Histogram;
@@ -20,10 +22,8 @@ use mio::net::TcpStream;
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 use socket2::{Domain, Protocol, Socket, Type};
-use switchboard::proto::frame::{decode, Frame, PROTOCOL_MAX_FRAME_BYTES};
-use switchboard::JwtHs256;
 
-use crate::ctl::{Command, Event};
+use super::ctl::{Command, Event};
 
 const STDIN: Token = Token(usize::MAX - 1);
 /// Connects in flight at once: a connect storm without overflowing the
@@ -34,6 +34,8 @@ const MAX_INFLIGHT_CONNECTS: usize = 512;
 enum State {
     Connecting,
     LoginSent,
+    /// Logged in, SUBSCRIBE sent, waiting for its ROOM_ACK.
+    Joining,
     Ready,
     Closed,
 }
@@ -54,6 +56,8 @@ pub struct LoaderArgs {
     pub count: u32,
     pub secret: String,
     pub user_prefix: String,
+    /// Room to join after logging in.
+    pub room: Option<String>,
 }
 
 /// Monotonic nanoseconds, comparable across processes on one host.
@@ -93,6 +97,8 @@ struct Loader {
     jwt: JwtHs256,
     scratch: Vec<u8>,
     hist: Histogram<u64>,
+    per_seq: std::collections::HashMap<u32, (u32, u64)>,
+    skipped: u64,
     received: u64,
     pongs: u64,
     closed: u32,
@@ -255,10 +261,41 @@ impl Loader {
             };
             off += n;
             match frame {
-                Frame::LoginOk { .. } => {
+                Frame::LoginOk { .. } => match &self.args.room {
+                    Some(room) => {
+                        let sub = Frame::Subscribe { req_id: 1, room }.to_bytes().expect("room fits");
+                        self.conns[i].state = State::Joining;
+                        if let Err(e) = self.conns[i].stream.write_all(&sub) {
+                            self.fail(i, format!("send SUBSCRIBE: {e}"));
+                            return data.len();
+                        }
+                    }
+                    None => {
+                        self.conns[i].state = State::Ready;
+                        self.ready += 1;
+                    }
+                },
+                Frame::RoomAck { .. } if self.conns[i].state == State::Joining => {
                     self.conns[i].state = State::Ready;
                     self.ready += 1;
                 }
+                Frame::Error { code, reason, .. } if self.conns[i].state == State::Joining => {
+                    self.fail(i, format!("SUBSCRIBE refused: ERROR {code}: {reason}"));
+                    return data.len();
+                }
+                Frame::RoomMsg { payload, .. } => {
+                    self.received += 1;
+                    if payload.len() >= 12 {
+                        let sent = u64::from_be_bytes(payload[..8].try_into().expect("8 bytes"));
+                        let seq = u32::from_be_bytes(payload[8..12].try_into().expect("4 bytes"));
+                        let lat_us = (mono_ns().saturating_sub(sent) / 1000).max(1);
+                        let _ = self.hist.record(lat_us);
+                        let e = self.per_seq.entry(seq).or_insert((0, 0));
+                        e.0 += 1;
+                        e.1 = e.1.max(lat_us);
+                    }
+                }
+                Frame::Skipped { count } => self.skipped += count as u64,
                 Frame::LoginError { code, reason } => {
                     self.fail(i, format!("LOGIN_ERROR {code}: {reason}"));
                     return data.len();
@@ -330,10 +367,13 @@ impl Loader {
                     pongs: self.pongs,
                     closed: self.closed,
                     hist: base64::engine::general_purpose::STANDARD.encode(out),
+                    per_seq: self.per_seq.drain().map(|(s, (n, m))| (s, n, m)).collect(),
+                    skipped: self.skipped,
                 });
                 self.hist.reset();
                 self.received = 0;
                 self.pongs = 0;
+                self.skipped = 0;
             }
             Command::Quit => self.quit = true,
         }
@@ -401,6 +441,8 @@ pub fn run(args: LoaderArgs) -> io::Result<()> {
         conns: Vec::with_capacity(count as usize),
         scratch: vec![0; 64 * 1024],
         hist: Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds"),
+        per_seq: std::collections::HashMap::new(),
+        skipped: 0,
         received: 0,
         pongs: 0,
         closed: 0,

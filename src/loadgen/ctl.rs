@@ -38,6 +38,11 @@ pub enum Event {
         closed: u32,
         /// End-to-end latency histogram (µs), hdrhistogram V2, base64.
         hist: String,
+        /// Per sequence number of timed ROOM_MSGs: (seq, receivers here,
+        /// latest arrival µs).
+        per_seq: Vec<(u32, u32, u64)>,
+        /// SKIPPED notices summed.
+        skipped: u64,
     },
     /// Something went wrong; the loader exits after sending this.
     Error { message: String },

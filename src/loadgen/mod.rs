@@ -1,0 +1,403 @@
+//! The load generator: loader processes and the coordinator that drives them.
+//!
+//! Owns: spawning loader processes (each holds at most a few thousand
+//! connections: a process may hold at most 20,000 descriptors on the
+//! reference machines, and each source address 127.0.0.x has its own
+//! ephemeral ports), sending them commands, merging what they measured, and
+//! reading a server's memory and CPU from /proc.
+//! Must not: estimate anything. Every figure comes from a measurement in the
+//! run; projections are labelled as such by the caller.
+//!
+//! Used by the `switchboard-bench` binary and by the benchmarks in
+//! `benches/`; a loader process is `switchboard-bench child …`.
+
+pub mod ctl;
+pub mod loader;
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::process::{Child, ChildStdin, Command as Proc, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use hdrhistogram::serialization::Deserializer;
+use hdrhistogram::Histogram;
+
+pub use ctl::{Command, Event};
+
+/// Connections per loader process by default.
+pub const CONNS_PER_LOADER: u32 = 8000;
+
+/// Reads /proc figures of a process or thread.
+pub struct ProcStat;
+
+impl ProcStat {
+    /// Resident set size in bytes.
+    pub fn rss_bytes(pid: u32) -> Option<u64> {
+        let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let line = s.lines().find(|l| l.starts_with("VmRSS:"))?;
+        Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
+    }
+
+    fn ticks_of(stat: &str) -> Option<(u64, u64)> {
+        let rest = &stat[stat.rfind(')')? + 2..];
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        Some((f.get(11)?.parse().ok()?, f.get(12)?.parse().ok()?))
+    }
+
+    /// (user, system) CPU time of a process in clock ticks (USER_HZ).
+    pub fn cpu_ticks(pid: u32) -> Option<(u64, u64)> {
+        Self::ticks_of(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+    }
+
+    /// (user, system) CPU ticks summed over this process's threads whose
+    /// name starts with `prefix` (e.g. the `sb-worker-` threads of an
+    /// embedded server).
+    pub fn threads_cpu_ticks(prefix: &str) -> (u64, u64) {
+        let mut total = (0, 0);
+        let Ok(dir) = std::fs::read_dir("/proc/self/task") else { return total };
+        for t in dir.flatten() {
+            let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+            if !comm.starts_with(prefix) {
+                continue;
+            }
+            if let Some((u, s)) =
+                std::fs::read_to_string(t.path().join("stat")).ok().as_deref().and_then(Self::ticks_of)
+            {
+                total.0 += u;
+                total.1 += s;
+            }
+        }
+        total
+    }
+
+    /// CPU time so far of this process's threads named `prefix*`.
+    pub fn threads_cpu(prefix: &str) -> ThreadCpu {
+        let mut c = ThreadCpu::default();
+        let Ok(dir) = std::fs::read_dir("/proc/self/task") else { return c };
+        for t in dir.flatten() {
+            let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+            if !comm.starts_with(prefix) {
+                continue;
+            }
+            let sched = std::fs::read_to_string(t.path().join("schedstat")).unwrap_or_default();
+            c.total_ns += sched.split_whitespace().next().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+            if let Some((u, s)) =
+                std::fs::read_to_string(t.path().join("stat")).ok().as_deref().and_then(Self::ticks_of)
+            {
+                c.utime += u;
+                c.stime += s;
+            }
+        }
+        c
+    }
+
+    /// Nanoseconds per clock tick of the CPU figures above.
+    pub fn ns_per_tick() -> f64 {
+        // SAFETY: sysconf has no memory-safety preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+        1e9 / if hz > 0 { hz as f64 } else { 100.0 }
+    }
+
+    /// Kernel slab memory in bytes (`Slab:` of /proc/meminfo).
+    pub fn slab_bytes() -> Option<u64> {
+        let s = std::fs::read_to_string("/proc/meminfo").ok()?;
+        let line = s.lines().find(|l| l.starts_with("Slab:"))?;
+        Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
+    }
+}
+
+/// CPU time of a set of threads: the scheduler's nanosecond total, and the
+/// tick-sampled user/system split.
+#[derive(Copy, Clone, Debug, Default)]
+pub struct ThreadCpu {
+    pub total_ns: u64,
+    pub utime: u64,
+    pub stime: u64,
+}
+
+impl ThreadCpu {
+    /// (user ns, system ns) between `earlier` and `self`: the nanosecond
+    /// total split in the ratio of the sampled ticks (the kernel's own
+    /// method for utime/stime).
+    pub fn since(&self, earlier: &ThreadCpu) -> (f64, f64) {
+        let total = self.total_ns.saturating_sub(earlier.total_ns) as f64;
+        let (u, s) = (self.utime.saturating_sub(earlier.utime), self.stime.saturating_sub(earlier.stime));
+        let share = if u + s == 0 { 0.5 } else { u as f64 / (u + s) as f64 };
+        (total * share, total * (1.0 - share))
+    }
+}
+
+/// What a fleet of loaders connects as.
+#[derive(Clone, Debug)]
+pub struct FleetSpec {
+    /// The `switchboard-bench` executable (loaders are its `child` command).
+    pub exe: PathBuf,
+    pub addr: SocketAddr,
+    pub connections: u32,
+    /// Loader processes; 0 = one per `CONNS_PER_LOADER` connections.
+    pub procs: u32,
+    /// JWT secret the server checks.
+    pub secret: String,
+    /// User ids are `<prefix><index>`.
+    pub user_prefix: String,
+    /// Room every connection joins after logging in.
+    pub room: Option<String>,
+    /// Loader k binds to 127.0.0.<src_base + k>.
+    pub src_base: u8,
+}
+
+impl FleetSpec {
+    /// A spec with defaults: dev secret, prefix `u`, no room, 127.0.0.10+.
+    pub fn new(exe: PathBuf, addr: SocketAddr, connections: u32) -> FleetSpec {
+        FleetSpec {
+            exe,
+            addr,
+            connections,
+            procs: 0,
+            secret: crate::config::DEV_JWT_SECRET.to_string(),
+            user_prefix: "u".into(),
+            room: None,
+            src_base: 10,
+        }
+    }
+}
+
+/// What the loaders recorded since the last collect, merged.
+pub struct Collected {
+    /// End-to-end latency of every PUSH/ROOM_MSG received (µs).
+    pub hist: Histogram<u64>,
+    /// PUSH and ROOM_MSG frames received.
+    pub received: u64,
+    pub pongs: u64,
+    /// Connections closed by the server.
+    pub closed: u32,
+    /// Per message sequence number (room benchmarks): receivers and the
+    /// latest arrival (µs after the send timestamp).
+    pub per_seq: HashMap<u32, (u64, u64)>,
+    /// SKIPPED notices summed.
+    pub skipped: u64,
+}
+
+/// Loader processes of one run.
+pub struct Fleet {
+    children: Vec<Child>,
+    stdins: Vec<ChildStdin>,
+    events: mpsc::Receiver<(usize, Event)>,
+    per_child: Vec<u32>,
+}
+
+impl Fleet {
+    /// Starts the loaders; they connect and log in at once.
+    pub fn spawn(spec: &FleetSpec) -> std::io::Result<Fleet> {
+        let procs = if spec.procs == 0 { spec.connections.div_ceil(CONNS_PER_LOADER).max(1) } else { spec.procs };
+        let (tx, rx) = mpsc::channel();
+        let mut children = Vec::new();
+        let mut stdins = Vec::new();
+        let mut per_child = Vec::new();
+        let base = spec.connections / procs;
+        let mut first = 0;
+        for k in 0..procs {
+            let count = base + u32::from(k < spec.connections % procs);
+            let src = IpAddr::V4(Ipv4Addr::new(127, 0, 0, spec.src_base.wrapping_add(k as u8)));
+            let mut cmd = Proc::new(&spec.exe);
+            cmd.args(["child", "--addr", &spec.addr.to_string(), "--src-ip", &src.to_string()])
+                .args(["--first-user", &first.to_string(), "--count", &count.to_string()])
+                .args(["--secret", &spec.secret, "--user-prefix", &spec.user_prefix]);
+            if let Some(room) = &spec.room {
+                cmd.args(["--room", room]);
+            }
+            let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn()?;
+            first += count;
+            per_child.push(count);
+            stdins.push(child.stdin.take().expect("piped"));
+            let out = child.stdout.take().expect("piped");
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(out).lines() {
+                    let Ok(line) = line else { break };
+                    match serde_json::from_str::<Event>(&line) {
+                        Ok(e) => {
+                            if tx.send((k as usize, e)).is_err() {
+                                break;
+                            }
+                        }
+                        Err(e) => eprintln!("loader {k}: unparsable event {line:?}: {e}"),
+                    }
+                }
+            });
+            children.push(child);
+        }
+        Ok(Fleet { children, stdins, events: rx, per_child })
+    }
+
+    /// Loader processes.
+    pub fn len(&self) -> usize {
+        self.children.len()
+    }
+
+    /// Whether there are no loaders.
+    pub fn is_empty(&self) -> bool {
+        self.children.is_empty()
+    }
+
+    /// Sends a command to loader `k`.
+    pub fn send(&mut self, k: usize, cmd: &Command) {
+        let line = serde_json::to_string(cmd).expect("commands serialise");
+        let _ = writeln!(self.stdins[k], "{line}");
+    }
+
+    /// Sends a command to every loader.
+    pub fn broadcast(&mut self, cmd: &Command) {
+        for k in 0..self.stdins.len() {
+            self.send(k, cmd);
+        }
+    }
+
+    /// Waits until every loader reported `Ready`; prints progress to stderr.
+    /// Returns (ready, failed, ramp time).
+    pub fn wait_ready(&mut self, timeout: Duration) -> Result<(u32, u32, Duration), String> {
+        let t0 = Instant::now();
+        let n = self.children.len();
+        let mut ready = vec![None; n];
+        let mut progress = vec![(0u32, 0u32); n];
+        let mut last_print = Instant::now();
+        let mut first_error = None;
+        while ready.iter().any(|r: &Option<(u32, u32)>| r.is_none()) {
+            let left = timeout.checked_sub(t0.elapsed()).ok_or_else(|| {
+                format!("ramp timed out after {timeout:?}: {progress:?} (connected, ready) per loader")
+            })?;
+            match self.events.recv_timeout(left.min(Duration::from_millis(500))) {
+                Ok((k, Event::Progress { connected, ready: r, .. })) => progress[k] = (connected, r),
+                Ok((k, Event::Ready { ready: r, failed, first_error: fe, .. })) => {
+                    ready[k] = Some((r, failed));
+                    progress[k] = (r + failed, r);
+                    if first_error.is_none() {
+                        first_error = fe;
+                    }
+                }
+                Ok((k, Event::Error { message })) => return Err(format!("loader {k}: {message}")),
+                Ok(_) => {}
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => return Err("a loader exited".into()),
+            }
+            if last_print.elapsed() >= Duration::from_secs(1) {
+                last_print = Instant::now();
+                let r: u32 = progress.iter().map(|p| p.1).sum();
+                let total: u32 = self.per_child.iter().sum();
+                eprintln!("  ramp: {r} / {total} ready ({:.1} s)", t0.elapsed().as_secs_f64());
+            }
+        }
+        let (r, f) = ready.iter().flatten().fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
+        if f > 0 {
+            eprintln!("  {f} connections failed; first error: {}", first_error.unwrap_or_default());
+        }
+        Ok((r, f, t0.elapsed()))
+    }
+
+    /// Collects and merges what every loader recorded since the last call.
+    pub fn collect(&mut self) -> Result<Collected, String> {
+        self.broadcast(&Command::Collect);
+        let mut out = Collected {
+            hist: Histogram::new_with_bounds(1, 60_000_000, 3).expect("bounds"),
+            received: 0,
+            pongs: 0,
+            closed: 0,
+            per_seq: HashMap::new(),
+            skipped: 0,
+        };
+        let mut got = 0;
+        while got < self.children.len() {
+            match self.events.recv_timeout(Duration::from_secs(30)) {
+                Ok((_, Event::Collected { received, pongs, closed, hist, per_seq, skipped })) => {
+                    let raw = base64::engine::general_purpose::STANDARD.decode(hist).map_err(|e| e.to_string())?;
+                    let h: Histogram<u64> =
+                        Deserializer::new().deserialize(&mut raw.as_slice()).map_err(|e| format!("{e:?}"))?;
+                    out.hist.add(&h).map_err(|e| format!("{e:?}"))?;
+                    out.received += received;
+                    out.pongs += pongs;
+                    out.closed += closed;
+                    out.skipped += skipped;
+                    for (seq, count, max_us) in per_seq {
+                        let e = out.per_seq.entry(seq).or_insert((0, 0));
+                        e.0 += count as u64;
+                        e.1 = e.1.max(max_us);
+                    }
+                    got += 1;
+                }
+                Ok((k, Event::Error { message })) => return Err(format!("loader {k}: {message}")),
+                Ok(_) => {}
+                Err(e) => return Err(format!("collect: {e}")),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Waits for every loader's `Sent` after a sending command; returns
+    /// (sent, blocked).
+    pub fn wait_sent(&mut self) -> Result<(u64, u64), String> {
+        let (mut sent, mut blocked, mut got) = (0, 0, 0);
+        while got < self.children.len() {
+            match self.events.recv_timeout(Duration::from_secs(600)) {
+                Ok((_, Event::Sent { sent: s, blocked: b, .. })) => {
+                    sent += s;
+                    blocked += b;
+                    got += 1;
+                }
+                Ok((k, Event::Error { message })) => return Err(format!("loader {k}: {message}")),
+                Ok(_) => {}
+                Err(e) => return Err(format!("waiting for senders: {e}")),
+            }
+        }
+        Ok((sent, blocked))
+    }
+
+    /// Tells the loaders to close everything and waits (10 s at most)
+    /// for them to exit.
+    pub fn quit(mut self) {
+        self.broadcast(&Command::Quit);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for c in &mut self.children {
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// p50/p99/p99.9/max of a latency histogram, as JSON.
+pub fn percentiles(h: &Histogram<u64>) -> serde_json::Value {
+    serde_json::json!({
+        "count": h.len(),
+        "p50_us": h.value_at_quantile(0.50),
+        "p99_us": h.value_at_quantile(0.99),
+        "p999_us": h.value_at_quantile(0.999),
+        "max_us": h.max(),
+    })
+}
+
+/// Payload of a timed message: send timestamp (CLOCK_MONOTONIC ns, the same
+/// clock in every process of the host) and a sequence number, then padding.
+pub fn timed_payload(seq: u32, len: usize) -> Vec<u8> {
+    let mut p = vec![0u8; len.max(12)];
+    p[..8].copy_from_slice(&loader::mono_ns().to_be_bytes());
+    p[8..12].copy_from_slice(&seq.to_be_bytes());
+    p
+}
