@@ -246,6 +246,7 @@ impl Handle {
     /// Takes every connection of `user` out of `room`.
     pub fn leave_room(&self, user: &str, room: &str) -> Result<usize, PushError> {
         Self::check_user(user)?;
+        self.check_open()?;
         crate::rooms::check_room_name(room)?;
         let room: Arc<str> = Arc::from(room);
         self.post_to_user(user, |conn| Command::Leave { conn, room: room.clone() })

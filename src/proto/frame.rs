@@ -152,7 +152,8 @@ pub enum Frame<'a> {
     /// Client → server: leave a room. `req_id: u32, room: str8`.
     Unsubscribe { req_id: u32, room: &'a str },
     /// Server → client: a room operation took effect. `req_id: u32, op: u8,
-    /// room: str8`; `req_id` 0 when the application acted for the client.
+    /// room: str8`; `req_id` is the request's, 0 when the application acted
+    /// for the client.
     RoomAck { req_id: u32, op: RoomOp, room: &'a str },
     /// Client → server: publish to a room the client is in. `req_id: u32,
     /// room: str8, payload: rest`.

@@ -130,7 +130,14 @@ impl Session {
     pub fn on_frame(&mut self, ty: FrameType, now: Tick) -> Result<Inbound, SessionError> {
         if matches!(
             ty,
-            FrameType::LoginOk | FrameType::LoginError | FrameType::Push | FrameType::SendAck | FrameType::Error
+            FrameType::LoginOk
+                | FrameType::LoginError
+                | FrameType::Push
+                | FrameType::SendAck
+                | FrameType::Error
+                | FrameType::RoomAck
+                | FrameType::RoomMsg
+                | FrameType::Skipped
         ) && self.phase != Phase::Closing
         {
             return Err(SessionError::ServerOnly { frame: ty.name() });
@@ -218,6 +225,8 @@ mod tests {
         assert_eq!(s.on_frame(FrameType::Send, 1), Err(SessionError::NotLoggedIn { frame: "SEND" }));
         assert_eq!(s.on_frame(FrameType::Ping, 1), Err(SessionError::NotLoggedIn { frame: "PING" }));
         assert_eq!(s.on_frame(FrameType::Push, 1), Err(SessionError::ServerOnly { frame: "PUSH" }));
+        assert_eq!(s.on_frame(FrameType::RoomMsg, 1), Err(SessionError::ServerOnly { frame: "ROOM_MSG" }));
+        assert_eq!(s.on_frame(FrameType::Subscribe, 1), Err(SessionError::NotLoggedIn { frame: "SUBSCRIBE" }));
         assert_eq!(s.on_frame(FrameType::Login, 1), Ok(Inbound::Process));
         assert!(s.login_ok(2));
         assert_eq!(s.on_frame(FrameType::Login, 3), Err(SessionError::AlreadyLoggedIn));

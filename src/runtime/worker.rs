@@ -197,9 +197,9 @@ impl Worker {
         let mut conns = self.conns.borrow_mut();
         if conns.len() >= self.shared.max_conns_per_worker {
             drop(conns);
+            bump(&self.counters().refused_full, 1);
             sys::send_once(fd, &self.server_full);
             sys::close(fd);
-            bump(&self.counters().refused_full, 1);
             return;
         }
         if self.shared.config.socket.nodelay {
