@@ -259,6 +259,20 @@ impl Default for RoomsConfig {
     }
 }
 
+/// `[admin]`: the admin HTTP API (health, readiness, stats, pushes).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Address of the admin API, e.g. "127.0.0.1:7701"; empty = off.
+    pub listen: String,
+    /// Bearer token every admin request must carry; required when `listen`
+    /// is not a loopback address.
+    pub token: Option<String>,
+    /// Serve the benchmark-only endpoints (`/bench/...`), which block the
+    /// workers while they run. Never in production.
+    pub bench_endpoints: bool,
+}
+
 /// `[uring]`: io_uring sizing.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -287,6 +301,7 @@ pub struct Config {
     pub auth: AuthConfig,
     pub routing: RoutingConfig,
     pub rooms: RoomsConfig,
+    pub admin: AdminConfig,
     pub uring: UringConfig,
 }
 
@@ -455,6 +470,20 @@ impl Config {
         }
         if self.rooms.max_rooms == 0 {
             return Err(invalid("rooms.max_rooms", "must be at least 1"));
+        }
+        if !self.admin.listen.is_empty() {
+            let a: SocketAddr = self.admin.listen.parse().map_err(|_| {
+                invalid(
+                    "admin.listen",
+                    format!("{:?} is not an IP:port address (or empty to disable)", self.admin.listen),
+                )
+            })?;
+            if !a.ip().is_loopback() && self.admin.token.as_deref().unwrap_or("").len() < 16 {
+                return Err(invalid(
+                    "admin.token",
+                    format!("must be set (16 bytes or more) when admin.listen ({a}) is not a loopback address"),
+                ));
+            }
         }
         if self.uring.sq_entries < 256 || !self.uring.sq_entries.is_power_of_two() {
             return Err(invalid("uring.sq_entries", "must be a power of two, at least 256"));

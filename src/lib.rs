@@ -21,6 +21,7 @@
 //! `runtime` is the only module that imports monoio; `server` is the
 //! embedding API; `client` is a small blocking client for tools and tests.
 
+pub mod admin;
 pub mod auth;
 pub mod client;
 pub mod config;

@@ -38,6 +38,9 @@ enum Cmd {
         /// Override server.workers (0 = one per core).
         #[arg(long)]
         workers: Option<usize>,
+        /// Override admin.listen (the admin HTTP API), e.g. 127.0.0.1:7701.
+        #[arg(long)]
+        admin: Option<String>,
         /// Log filter (RUST_LOG syntax), e.g. `info` or `switchboard=debug`.
         #[arg(long, default_value = "info")]
         log: String,
@@ -113,7 +116,13 @@ fn wait_for_signal(set: &libc::sigset_t) -> i32 {
     sig
 }
 
-fn serve(config: Option<PathBuf>, listen: Option<String>, workers: Option<usize>, log: String) -> ExitCode {
+fn serve(
+    config: Option<PathBuf>,
+    listen: Option<String>,
+    workers: Option<usize>,
+    admin: Option<String>,
+    log: String,
+) -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_new(&log).unwrap_or_else(|_| "info".into()))
         .init();
@@ -130,6 +139,13 @@ fn serve(config: Option<PathBuf>, listen: Option<String>, workers: Option<usize>
     if let Some(w) = workers {
         cfg.server.workers = w;
     }
+    if let Some(a) = admin {
+        cfg.admin.listen = a;
+    }
+    if let Err(e) = cfg.validate() {
+        eprintln!("switchboard: {e}");
+        return ExitCode::from(2);
+    }
     let (_, dev_secret) = cfg.jwt_secret();
     let set = block_signals();
     let server = match Server::builder().config(cfg).start() {
@@ -140,6 +156,9 @@ fn serve(config: Option<PathBuf>, listen: Option<String>, workers: Option<usize>
         }
     };
     println!("switchboard listening on {} (raw TCP protocol v1, docs/PROTOCOL.md)", server.local_addr());
+    if let Some(a) = server.admin_addr() {
+        println!("admin API on http://{a} (/healthz /readyz /stats /push /publish /broadcast ...)");
+    }
     if dev_secret {
         println!("development JWT secret in use: mint a token with `switchboard token --user alice`,");
         println!("or connect at once with `switchboard client --user alice --addr {}`", server.local_addr());
@@ -265,7 +284,7 @@ static TUNE_ALLOCATOR: extern "C" fn() = tune_allocator;
 
 fn main() -> ExitCode {
     match Cli::parse().cmd {
-        Cmd::Serve { config, listen, workers, log } => serve(config, listen, workers, log),
+        Cmd::Serve { config, listen, workers, admin, log } => serve(config, listen, workers, admin, log),
         Cmd::Token { user, ttl_s, config, secret } => match mint(&config, secret, &user, ttl_s) {
             Ok(t) => {
                 println!("{t}");

@@ -399,6 +399,11 @@ impl Handle {
     pub fn is_shutting_down(&self) -> bool {
         self.shared.shutdown.load(Ordering::Acquire)
     }
+
+    /// Whether the server accepts new connections (what `/readyz` reports).
+    pub fn is_ready(&self) -> bool {
+        !self.is_shutting_down()
+    }
 }
 
 /// Why the server did not start.
@@ -483,7 +488,19 @@ impl ServerBuilder {
                 )
             }
         };
-        crate::runtime::start(config, authenticator, self.hook)
+        let admin = config.admin.clone();
+        let mut server = crate::runtime::start(config, authenticator, self.hook)?;
+        if !admin.listen.is_empty() {
+            let addr = admin.listen.parse().map_err(|_| ConfigError::Invalid {
+                key: "admin.listen",
+                message: "is not an IP:port address".into(),
+            })?;
+            let a = crate::admin::Admin::start(addr, server.handle(), admin.token, admin.bench_endpoints)
+                .map_err(|source| StartError::Bind { addr, source })?;
+            tracing::info!(addr = %a.local_addr(), "admin API listening");
+            server.admin = Some(a);
+        }
+        Ok(server)
     }
 }
 
@@ -491,6 +508,7 @@ impl ServerBuilder {
 pub struct Server {
     pub(crate) handle: Handle,
     pub(crate) threads: Vec<JoinHandle<()>>,
+    pub(crate) admin: Option<crate::admin::Admin>,
 }
 
 impl Server {
@@ -509,11 +527,17 @@ impl Server {
         self.handle.local_addr()
     }
 
+    /// The admin API's address, when `admin.listen` is set.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().map(|a| a.local_addr())
+    }
+
     /// Waits for the workers to exit (after [`Handle::shutdown`]).
     pub fn join(mut self) {
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
+        self.admin = None;
     }
 
     /// Starts a graceful shutdown and waits for it to finish.

@@ -31,7 +31,7 @@ macro_rules! counters {
         }
 
         /// A snapshot of the server's counters, summed over workers.
-        #[derive(Clone, Debug, Default, PartialEq, Eq)]
+        #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
         pub struct Stats {
             $( $(#[$doc])* pub $name: u64, )*
             /// Pushes refused because a worker's mailbox was full.

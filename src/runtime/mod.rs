@@ -173,7 +173,7 @@ pub(crate) fn start(
     }
     drop(ready_tx);
     let handle = Handle { shared: shared.clone() };
-    let mut server = Server { handle, threads };
+    let mut server = Server { handle, threads, admin: None };
     for _ in 0..workers {
         match ready_rx.recv() {
             Ok((_, Ok(()))) => {}
