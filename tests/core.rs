@@ -467,3 +467,31 @@ fn server_frames_never_exceed_the_announced_frame_limit() {
     h.push_to_user("b", vec![0u8; 8192 - 15]).unwrap();
     assert_eq!(b.recv().unwrap().bytes().len(), 8192);
 }
+
+#[test]
+fn an_answering_client_is_pinged_every_interval_not_every_idle_timeout() {
+    // idle_timeout much longer than the interval: each PONG must bring the
+    // next PING one interval later, not at the idle check.
+    let mut cfg = config();
+    cfg.timeouts.heartbeat_interval_ms = 200;
+    cfg.timeouts.idle_timeout_ms = 2_000;
+    let server = start(cfg);
+    let (mut c, _) = login(server.local_addr(), "pingee");
+    c.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+    let (t0, mut pings) = (Instant::now(), 0);
+    while t0.elapsed() < Duration::from_millis(2_000) {
+        match c.recv() {
+            Ok(f) => {
+                if let Frame::Ping { data } = f.frame() {
+                    pings += 1;
+                    c.send_frame(&Frame::Pong { data }).unwrap();
+                }
+            }
+            Err(e) if e.is_timeout() => {}
+            Err(e) => panic!("{e}"),
+        }
+    }
+    // One PING per ~250-300 ms (interval + up to two 50 ms ticks): 6 or more
+    // in 2 s; one per idle timeout would be 1.
+    assert!(pings >= 5, "{pings} PINGs in 2 s");
+}

@@ -11,6 +11,10 @@ pub enum Command {
     /// Open-loop client-to-client SENDs: `rate_per_s` from this loader, to
     /// users chosen uniformly from `0..users_total`, for `duration_ms`.
     Unicast { rate_per_s: u64, duration_ms: u64, users_total: u32, payload_bytes: usize, seed: u64 },
+    /// PUBLISH to `room` from this loader's first ready connection: timed
+    /// payloads with sequence numbers from `first_seq`, open loop at
+    /// `rate_per_s` for `count` messages.
+    Publish { room: String, rate_per_s: f64, count: u32, payload_bytes: usize, first_seq: u32 },
     /// Report latencies and counters recorded since the last collect, then
     /// reset them.
     Collect,

@@ -90,6 +90,16 @@ struct Unicast {
     rng: u64,
 }
 
+struct Publisher {
+    room: String,
+    rate_per_s: f64,
+    count: u32,
+    sent: u32,
+    payload_bytes: usize,
+    first_seq: u32,
+    started: Instant,
+}
+
 struct Loader {
     args: LoaderArgs,
     poll: Poll,
@@ -109,6 +119,7 @@ struct Loader {
     next_connect: u32,
     first_error: Option<String>,
     unicast: Option<Unicast>,
+    publisher: Option<Publisher>,
     stdin_buf: Vec<u8>,
     quit: bool,
 }
@@ -375,8 +386,46 @@ impl Loader {
                 self.pongs = 0;
                 self.skipped = 0;
             }
+            Command::Publish { room, rate_per_s, count, payload_bytes, first_seq } => {
+                self.publisher = Some(Publisher {
+                    room,
+                    rate_per_s,
+                    count,
+                    sent: 0,
+                    payload_bytes,
+                    first_seq,
+                    started: Instant::now(),
+                });
+            }
             Command::Quit => self.quit = true,
         }
+    }
+
+    /// Sends every PUBLISH due by now from the first ready connection.
+    fn drive_publisher(&mut self) -> Option<Duration> {
+        let p = self.publisher.as_mut()?;
+        let due = ((p.started.elapsed().as_secs_f64() * p.rate_per_s) as u32 + 1).min(p.count);
+        let Some(i) = self.conns.iter().position(|c| c.state == State::Ready) else {
+            emit(&Event::Error { message: "no ready connection to publish from".into() });
+            self.publisher = None;
+            return None;
+        };
+        let mut blocked = 0;
+        while p.sent < due {
+            let payload = super::timed_payload(p.first_seq + p.sent, p.payload_bytes);
+            let f = Frame::Publish { req_id: 0, room: &p.room, payload: &payload }.to_bytes().expect("publish encodes");
+            if self.conns[i].stream.write_all(&f).is_err() {
+                blocked += 1;
+            }
+            p.sent += 1;
+        }
+        if p.sent >= p.count {
+            emit(&Event::Sent { sent: p.sent as u64, blocked, elapsed_ms: p.started.elapsed().as_millis() as u64 });
+            self.publisher = None;
+            return None;
+        }
+        let next = Duration::from_secs_f64(p.sent as f64 / p.rate_per_s);
+        Some(next.saturating_sub(p.started.elapsed()).max(Duration::from_micros(200)))
     }
 
     /// Sends every SEND due by now (open loop: the schedule does not wait
@@ -453,6 +502,7 @@ pub fn run(args: LoaderArgs) -> io::Result<()> {
         next_connect: 0,
         first_error: None,
         unicast: None,
+        publisher: None,
         stdin_buf: Vec::new(),
         quit: false,
     };
@@ -470,6 +520,7 @@ pub fn run(args: LoaderArgs) -> io::Result<()> {
             }
         }
         let timeout = l.drive_unicast().unwrap_or(Duration::from_millis(100));
+        let timeout = l.drive_publisher().map_or(timeout, |t| t.min(timeout));
         match l.poll.poll(&mut events, Some(timeout)) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,

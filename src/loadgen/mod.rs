@@ -95,6 +95,23 @@ impl ProcStat {
         c
     }
 
+    /// CPU time so far of every thread of process `pid` (same method as
+    /// [`ProcStat::threads_cpu`]).
+    pub fn process_cpu(pid: u32) -> ThreadCpu {
+        let mut c = ThreadCpu::default();
+        let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return c };
+        for t in dir.flatten() {
+            let sched = std::fs::read_to_string(t.path().join("schedstat")).unwrap_or_default();
+            c.total_ns += sched.split_whitespace().next().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+            if let Some((u, s)) = std::fs::read_to_string(t.path().join("stat")).ok().as_deref().and_then(Self::ticks_of)
+            {
+                c.utime += u;
+                c.stime += s;
+            }
+        }
+        c
+    }
+
     /// Nanoseconds per clock tick of the CPU figures above.
     pub fn ns_per_tick() -> f64 {
         // SAFETY: sysconf has no memory-safety preconditions.
@@ -339,8 +356,13 @@ impl Fleet {
     /// Waits for every loader's `Sent` after a sending command; returns
     /// (sent, blocked).
     pub fn wait_sent(&mut self) -> Result<(u64, u64), String> {
+        self.wait_sent_from(self.children.len())
+    }
+
+    /// Waits for `loaders` `Sent` reports (a command sent to only some).
+    pub fn wait_sent_from(&mut self, loaders: usize) -> Result<(u64, u64), String> {
         let (mut sent, mut blocked, mut got) = (0, 0, 0);
-        while got < self.children.len() {
+        while got < loaders {
             match self.events.recv_timeout(Duration::from_secs(600)) {
                 Ok((_, Event::Sent { sent: s, blocked: b, .. })) => {
                     sent += s;

@@ -352,7 +352,11 @@ impl Worker {
             let Some(c) = conns.get_mut(slot as usize).filter(|c| c.generation == generation) else {
                 return;
             };
-            c.session.on_frame(frame.frame_type(), now)
+            let v = c.session.on_frame(frame.frame_type(), now);
+            // Traffic after a PING brings the next heartbeat (mark + interval)
+            // before the idle check the wheel entry was filed under.
+            self.reschedule_if_earlier(c, slot);
+            v
         };
         match verdict {
             Ok(Inbound::Process) => {}

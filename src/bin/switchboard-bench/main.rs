@@ -8,7 +8,11 @@
 //! Must not: estimate anything. Every figure comes from a measurement in
 //! this run; projections are labelled as such by the caller.
 
+mod capacity;
+mod relay;
+
 use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
@@ -80,6 +84,33 @@ enum Cmd {
         duration_s: u64,
         #[arg(long, default_value_t = 64)]
         payload_bytes: usize,
+    },
+    /// The capacity report: every scenario against Switchboard, the bare
+    /// ceiling relay and the tokio baseline, each in its own process;
+    /// writes report.json, report.md and SVG plots.
+    Capacity {
+        /// Full mode: the largest honest run (19,000 connections in the
+        /// server process). Default: quick mode (4,000, about 2 minutes).
+        #[arg(long)]
+        full: bool,
+        #[arg(long, default_value = "target/capacity")]
+        out: PathBuf,
+        /// The switchboard binary (default: next to this one).
+        #[arg(long)]
+        switchboard: Option<PathBuf>,
+        /// The tokio baseline binary (default: next to this one, if built).
+        #[arg(long)]
+        tokio: Option<PathBuf>,
+        /// Skip the tokio baseline.
+        #[arg(long)]
+        no_peers: bool,
+    },
+    /// The bare relay used as the unicast ceiling (see relay.rs).
+    CeilingRelay {
+        #[arg(long, default_value = "127.0.0.1:7899")]
+        listen: SocketAddr,
+        #[arg(long, default_value_t = 2)]
+        workers: usize,
     },
     /// (internal) One loader process, driven over stdin/stdout.
     #[command(hide = true)]
@@ -229,6 +260,40 @@ fn unicast(common: Common, rate: u64, duration_s: u64, payload_bytes: usize) -> 
     Ok(())
 }
 
+fn run_capacity(
+    full: bool,
+    out: PathBuf,
+    switchboard: Option<PathBuf>,
+    tokio: Option<PathBuf>,
+    no_peers: bool,
+) -> Result<(), String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let dir = exe.parent().ok_or("no directory for this executable")?.to_path_buf();
+    let sb = switchboard.unwrap_or_else(|| dir.join("switchboard"));
+    if !sb.exists() {
+        return Err(format!("{} not found: build it first (cargo build --release)", sb.display()));
+    }
+    let tokio_bin = if no_peers {
+        None
+    } else {
+        let t = tokio.unwrap_or_else(|| dir.join("tokio-baseline"));
+        if !t.exists() {
+            return Err(format!(
+                "{} not found: build it (cargo build --release -p tokio-baseline) or pass --no-peers",
+                t.display()
+            ));
+        }
+        Some(t)
+    };
+    let plan = if full { capacity::Plan::full() } else { capacity::Plan::quick() };
+    let mut runner = capacity::Runner::new(plan, out.clone(), exe, sb, tokio_bin);
+    let report = runner.run()?;
+    capacity::write_report(&out, &report)?;
+    eprintln!("capacity: wrote {}/report.json, report.md, memory.svg, latency.svg", out.display());
+    println!("{}", std::fs::read_to_string(out.join("report.md")).unwrap_or_default());
+    Ok(())
+}
+
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -239,6 +304,8 @@ fn main() {
                 .map_err(|e| e.to_string())
         }
         Cmd::Idle { common, settle_s, hold_s, warmup } => idle(common, settle_s, hold_s, warmup),
+        Cmd::Capacity { full, out, switchboard, tokio, no_peers } => run_capacity(full, out, switchboard, tokio, no_peers),
+        Cmd::CeilingRelay { listen, workers } => relay::run(listen, workers).map_err(|e| e.to_string()),
         Cmd::Unicast { common, rate, duration_s, payload_bytes } => unicast(common, rate, duration_s, payload_bytes),
     };
     if let Err(e) = r {
