@@ -1,8 +1,10 @@
 //! Per-worker readiness poller for client sockets.
 //!
 //! Owns: the readiness interest of every connection of one worker, on one
-//! io_uring (one-shot `POLL_ADD` per interest, tagged with the connection's
-//! token) or, in the explicit epoll fallback, one epoll set. The poller's
+//! io_uring (a multishot `POLL_ADD` per connection for reading, armed once
+//! at accept; a one-shot one while waiting for room to write; each tagged
+//! with the connection's token) or, in the explicit epoll fallback, one
+//! epoll set (level-triggered). The poller's
 //! own descriptor is pollable, and the worker's monoio runtime waits on it
 //! like on any other fd.
 //! Must not: allocate per connection or per event. Arming a poll is one
@@ -23,7 +25,10 @@ use io_uring::{opcode, squeue, types, IoUring};
 /// What became ready.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub enum Ready {
-    Read,
+    /// Readable. `rearm`: the read interest ended with this event and must
+    /// be armed again if the connection stays open (a multishot poll the
+    /// kernel terminated; never on epoll).
+    Read { rearm: bool },
     Write,
 }
 
@@ -34,7 +39,7 @@ pub fn token(slot: u32, generation: u32) -> u64 {
 
 /// Splits a token into (slot, generation, what).
 pub fn untoken(t: u64) -> (u32, u32, Ready) {
-    let ready = if t & 1 == 1 { Ready::Write } else { Ready::Read };
+    let ready = if t & 1 == 1 { Ready::Write } else { Ready::Read { rearm: false } };
     (((t & 0xFFFF_FFFF) >> 1) as u32, (t >> 32) as u32, ready)
 }
 
@@ -105,24 +110,34 @@ impl Poller {
         unsafe { libc::epoll_ctl(epfd.as_raw_fd(), op, fd, &mut ev) };
     }
 
-    /// Starts watching a new connection for reading.
+    /// Starts watching a new connection for reading. On io_uring the poll
+    /// is multishot: it stays armed and posts an event each time data
+    /// arrives, so reading needs no re-arming (the caller must drain, or
+    /// remember to come back: a new event comes only with new data).
     pub fn add(&mut self, fd: RawFd, tok: u64) {
         match self {
             Poller::Uring(ring) => {
-                let sqe = opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32).build().user_data(tok);
+                let sqe = opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32).multi(true).build().user_data(tok);
                 Self::push(ring, sqe);
             }
             Poller::Epoll { epfd, .. } => Self::epoll_ctl(epfd, libc::EPOLL_CTL_ADD, fd, libc::EPOLLIN as u32, tok),
         }
     }
 
-    /// Watches for reading again after a read event was handled (io_uring
-    /// polls are one-shot; epoll is level-triggered and needs nothing).
+    /// Arms reading again after the kernel ended a multishot poll (an
+    /// event with `rearm: true`).
     pub fn rearm_read(&mut self, fd: RawFd, tok: u64) {
-        if let Poller::Uring(ring) = self {
-            let sqe = opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32).build().user_data(tok);
-            Self::push(ring, sqe);
+        if let Poller::Uring(_) = self {
+            self.add(fd, tok);
         }
+    }
+
+    #[cfg(test)]
+    /// Whether a read event only says "data arrived" (multishot: nothing
+    /// more is reported for data already there) rather than "data is
+    /// there" (level-triggered epoll).
+    pub fn edge_triggered(&self) -> bool {
+        matches!(self, Poller::Uring(_))
     }
 
     /// Watches for room in the socket's send buffer (one event).
@@ -179,9 +194,15 @@ impl Poller {
             Poller::Uring(ring) => {
                 for cqe in ring.completion().take(max) {
                     let t = cqe.user_data();
-                    if t != WAKE {
-                        out.push((t & !1, if t & 1 == 1 { Ready::Write } else { Ready::Read }));
+                    if t == WAKE {
+                        continue;
                     }
+                    let ready = if t & 1 == 1 {
+                        Ready::Write
+                    } else {
+                        Ready::Read { rearm: !io_uring::cqueue::more(cqe.flags()) }
+                    };
+                    out.push((t & !1, ready));
                 }
             }
             Poller::Epoll { epfd, wake, events } => {
@@ -208,7 +229,7 @@ impl Poller {
                         out.push((t, Ready::Write));
                     }
                     if bits & (libc::EPOLLIN | libc::EPOLLHUP | libc::EPOLLERR | libc::EPOLLRDHUP) as u32 != 0 {
-                        out.push((t, Ready::Read));
+                        out.push((t, Ready::Read { rearm: false }));
                     }
                 }
             }
@@ -223,7 +244,7 @@ mod tests {
     #[test]
     fn tokens_roundtrip() {
         let t = token(0xFF_FFFF, u32::MAX);
-        assert_eq!(untoken(t), (0xFF_FFFF, u32::MAX, Ready::Read));
+        assert_eq!(untoken(t), (0xFF_FFFF, u32::MAX, Ready::Read { rearm: false }));
         assert_eq!(untoken(t | 1), (0xFF_FFFF, u32::MAX, Ready::Write));
         assert_ne!(t | 1, WAKE);
     }
@@ -243,8 +264,16 @@ mod tests {
         a.write_all(b"x").unwrap();
         std::thread::sleep(std::time::Duration::from_millis(20));
         p.reap(&mut out, 16);
-        assert_eq!(out, vec![(token(3, 9), Ready::Read)]);
+        assert_eq!(out, vec![(token(3, 9), Ready::Read { rearm: false })]);
         out.clear();
+        if p.edge_triggered() {
+            // Multishot: more data, another event, without re-arming.
+            a.write_all(b"y").unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            p.reap(&mut out, 16);
+            assert_eq!(out, vec![(token(3, 9), Ready::Read { rearm: false })]);
+            out.clear();
+        }
         p.want_write(b.as_raw_fd(), token(3, 9));
         p.flush();
         std::thread::sleep(std::time::Duration::from_millis(20));
@@ -256,6 +285,7 @@ mod tests {
         std::thread::sleep(std::time::Duration::from_millis(20));
         p.reap(&mut out, 16);
         assert!(!out.contains(&(token(3, 9), Ready::Write)), "{out:?}");
+        let _ = &mut a;
     }
 
     #[test]

@@ -106,6 +106,10 @@ pub(crate) struct Worker {
     rooms: RefCell<LocalRooms>,
     /// Snapshot of the members a fan-out writes to (reused).
     fanout: RefCell<Vec<Member>>,
+    /// Connections that stopped reading at `MAX_READS_PER_WAKE` with data
+    /// possibly left: an edge-triggered poller will not report it again,
+    /// so the I/O loop comes back to them.
+    read_again: RefCell<Vec<(u32, u32)>>,
     next_generation: Cell<u32>,
     next_msg: Cell<u64>,
     now: Cell<Tick>,
@@ -153,6 +157,7 @@ impl Worker {
             lookup: RefCell::new(ConnList::new()),
             rooms: RefCell::new(LocalRooms::default()),
             fanout: RefCell::new(Vec::new()),
+            read_again: RefCell::new(Vec::new()),
             next_generation: Cell::new(1),
             next_msg: Cell::new(0),
             now: Cell::new(now),
@@ -240,9 +245,11 @@ impl Worker {
             _ => return, // stale: the connection is gone
         };
         match ready {
-            Ready::Read => {
+            Ready::Read { rearm } => {
                 if self.on_readable(slot, generation) {
-                    self.poller.borrow_mut().rearm_read(fd, tok);
+                    if rearm {
+                        self.poller.borrow_mut().rearm_read(fd, tok);
+                    }
                 } else {
                     self.release(slot, generation);
                 }
@@ -268,6 +275,7 @@ impl Worker {
             }
         };
         let mut open = true;
+        let mut drained = false;
         {
             let mut scratch = self.scratch.borrow_mut();
             for _ in 0..MAX_READS_PER_WAKE {
@@ -282,10 +290,14 @@ impl Worker {
                             partial.drain(..used);
                         }
                         if n < scratch.len() {
+                            drained = true;
                             break;
                         }
                     }
-                    Recv::WouldBlock => break,
+                    Recv::WouldBlock => {
+                        drained = true;
+                        break;
+                    }
                     Recv::Eof => {
                         open = false;
                         break;
@@ -297,6 +309,9 @@ impl Worker {
                     }
                 }
             }
+        }
+        if open && !drained {
+            self.read_again.borrow_mut().push((slot, generation));
         }
         if let Some(c) = self.conns.borrow_mut().get_mut(slot as usize) {
             if c.generation == generation && c.session.phase() != Phase::Closing && !partial.is_empty() {
@@ -1213,10 +1228,20 @@ fn current_tick(shared: &Shared) -> Tick {
 async fn io_loop(w: Rc<Worker>, ready_fd: UnixStream) {
     let mut events = Vec::with_capacity(IO_BATCH);
     loop {
+        // Connections cut short by the per-wake read limit come first.
+        let again = std::mem::take(&mut *w.read_again.borrow_mut());
+        for (slot, generation) in again {
+            w.on_ready(token(slot, generation), Ready::Read { rearm: false });
+        }
         w.poller.borrow_mut().reap(&mut events, IO_BATCH);
         if events.is_empty() {
             if w.stopped.get() {
                 return;
+            }
+            if !w.read_again.borrow().is_empty() {
+                w.flush_dirty();
+                YieldNow(false).await;
+                continue;
             }
             w.poller.borrow_mut().flush();
             if ready_fd.readable(false).await.is_err() {
