@@ -72,13 +72,16 @@ impl<T> Mailbox<T> {
         }
     }
 
-    /// Worker side, after the eventfd fired: reset it and re-arm wakes.
-    /// Call before draining.
-    pub fn begin_drain(&self) {
-        let mut v: u64 = 0;
-        // SAFETY: reads 8 bytes into a live u64 from our own non-blocking
-        // eventfd; EAGAIN is fine (nothing to reset).
-        unsafe { libc::read(self.efd.as_raw_fd(), &mut v as *mut u64 as *mut libc::c_void, 8) };
+    /// Worker side, after the eventfd fired: re-arm wakes (and reset the
+    /// eventfd's counter if the waiter needs that: a level-triggered poll
+    /// does, a multishot io_uring poll does not). Call before draining.
+    pub fn begin_drain(&self, reset_eventfd: bool) {
+        if reset_eventfd {
+            let mut v: u64 = 0;
+            // SAFETY: reads 8 bytes into a live u64 from our own
+            // non-blocking eventfd; EAGAIN is fine (nothing to reset).
+            unsafe { libc::read(self.efd.as_raw_fd(), &mut v as *mut u64 as *mut libc::c_void, 8) };
+        }
         self.notified.store(false, Ordering::SeqCst);
     }
 
@@ -141,7 +144,7 @@ mod tests {
             m.push(i).unwrap();
         }
         assert_eq!(eventfd_value(&m), 1, "ten pushes, one eventfd write");
-        m.begin_drain();
+        m.begin_drain(true);
         while m.pop().is_some() {}
         m.push(99).unwrap();
         assert_eq!(eventfd_value(&m), 1, "a push after the drain wakes again");
@@ -166,7 +169,7 @@ mod tests {
         let mut seen = 0;
         let mut last = [None::<u32>; 4];
         while seen < 40_000 {
-            m.begin_drain();
+            m.begin_drain(true);
             while let Some(v) = m.pop() {
                 let p = (v / 1_000_000) as usize;
                 assert!(last[p].map_or(true, |l| l < v), "per-producer order kept");

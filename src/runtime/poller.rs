@@ -30,6 +30,8 @@ pub enum Ready {
     /// kernel terminated; never on epoll).
     Read { rearm: bool },
     Write,
+    /// The worker's mailbox eventfd was written. `rearm` as for `Read`.
+    Mailbox { rearm: bool },
 }
 
 /// Token of a connection: `generation << 32 | slot << 1 | write-bit`.
@@ -46,11 +48,13 @@ pub fn untoken(t: u64) -> (u32, u32, Ready) {
 /// Reserved token for waking the poller itself (never a connection: its
 /// slot would be 2^31 - 1, beyond any table).
 const WAKE: u64 = u64::MAX;
+/// Reserved token of the mailbox eventfd (slot 2^31 - 2, read side).
+const MAILBOX: u64 = u64::MAX - 3;
 
 /// Per-worker readiness: io_uring or epoll.
 pub enum Poller {
     Uring(IoUring),
-    Epoll { epfd: OwnedFd, wake: OwnedFd, events: Vec<libc::epoll_event> },
+    Epoll { epfd: OwnedFd, wake: OwnedFd, events: Vec<libc::epoll_event>, mailbox: RawFd },
 }
 
 fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
@@ -78,7 +82,7 @@ impl Poller {
             let wake = OwnedFd::from_raw_fd(cvt(libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC))?);
             let mut ev = libc::epoll_event { events: libc::EPOLLIN as u32, u64: WAKE };
             cvt(libc::epoll_ctl(epfd.as_raw_fd(), libc::EPOLL_CTL_ADD, wake.as_raw_fd(), &mut ev))?;
-            Ok(Poller::Epoll { epfd, wake, events: Vec::with_capacity(1024) })
+            Ok(Poller::Epoll { epfd, wake, events: Vec::with_capacity(1024), mailbox: -1 })
         }
     }
 
@@ -121,6 +125,24 @@ impl Poller {
                 Self::push(ring, sqe);
             }
             Poller::Epoll { epfd, .. } => Self::epoll_ctl(epfd, libc::EPOLL_CTL_ADD, fd, libc::EPOLLIN as u32, tok),
+        }
+    }
+
+    /// Watches the worker's mailbox eventfd, so a cross-worker wake is one
+    /// more event on this poller rather than a separate wait. On io_uring
+    /// the poll is multishot and fires on every write to the eventfd, so
+    /// the counter never needs reading; on epoll (level-triggered) `reap`
+    /// reads it when it reports the event.
+    pub fn watch_mailbox(&mut self, efd: RawFd) {
+        match self {
+            Poller::Uring(ring) => {
+                let sqe = opcode::PollAdd::new(types::Fd(efd), libc::POLLIN as u32).multi(true).build().user_data(MAILBOX);
+                Self::push(ring, sqe);
+            }
+            Poller::Epoll { epfd, mailbox, .. } => {
+                *mailbox = efd;
+                Self::epoll_ctl(epfd, libc::EPOLL_CTL_ADD, efd, libc::EPOLLIN as u32, MAILBOX)
+            }
         }
     }
 
@@ -197,6 +219,10 @@ impl Poller {
                     if t == WAKE {
                         continue;
                     }
+                    if t == MAILBOX {
+                        out.push((t, Ready::Mailbox { rearm: !io_uring::cqueue::more(cqe.flags()) }));
+                        continue;
+                    }
                     let ready = if t & 1 == 1 {
                         Ready::Write
                     } else {
@@ -205,7 +231,7 @@ impl Poller {
                     out.push((t & !1, ready));
                 }
             }
-            Poller::Epoll { epfd, wake, events } => {
+            Poller::Epoll { epfd, wake, events, mailbox } => {
                 events.clear();
                 // SAFETY: the kernel writes at most `capacity` entries into
                 // the vector's spare capacity; we set the length after.
@@ -223,6 +249,16 @@ impl Poller {
                         let mut v = 0u64;
                         // SAFETY: reads 8 bytes into a live u64.
                         unsafe { libc::read(wake.as_raw_fd(), &mut v as *mut u64 as *mut libc::c_void, 8) };
+                        continue;
+                    }
+                    if t == MAILBOX {
+                        // Level-triggered: reset the counter now, or the
+                        // event repeats until the mailbox loop runs.
+                        let mut v = 0u64;
+                        // SAFETY: reads 8 bytes into a live u64 from the
+                        // worker's non-blocking eventfd.
+                        unsafe { libc::read(*mailbox, &mut v as *mut u64 as *mut libc::c_void, 8) };
+                        out.push((t, Ready::Mailbox { rearm: false }));
                         continue;
                     }
                     if bits & libc::EPOLLOUT as u32 != 0 {

@@ -117,6 +117,24 @@ pub(crate) struct Worker {
     server_full: Bytes,
     /// Set at the very end of a shutdown: the tick loop exits.
     stopped: Cell<bool>,
+    /// The poller saw the mailbox eventfd fire; the mailbox loop's waker.
+    mailbox_ready: Cell<bool>,
+    mailbox_waker: Cell<Option<std::task::Waker>>,
+}
+
+/// Resolves once the I/O loop reports a mailbox wake.
+struct MailboxWake<'a>(&'a Worker);
+
+impl Future for MailboxWake<'_> {
+    type Output = ();
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let w = self.0;
+        if w.mailbox_ready.replace(false) || w.stopped.get() {
+            return Poll::Ready(());
+        }
+        w.mailbox_waker.set(Some(cx.waker().clone()));
+        Poll::Pending
+    }
 }
 
 /// Yields once to the scheduler (monoio 0.2 has no `yield_now`).
@@ -163,6 +181,8 @@ impl Worker {
             now: Cell::new(now),
             server_full: close_frame(CloseCode::ServerFull, CloseCode::ServerFull.reason()),
             stopped: Cell::new(false),
+            mailbox_ready: Cell::new(false),
+            mailbox_waker: Cell::new(None),
             shared,
         }
     }
@@ -239,6 +259,16 @@ impl Worker {
 
     /// One readiness event from the poller.
     fn on_ready(self: &Rc<Self>, tok: u64, ready: Ready) {
+        if let Ready::Mailbox { rearm } = ready {
+            if rearm {
+                self.poller.borrow_mut().watch_mailbox(self.shared.mailboxes[self.id.0 as usize].eventfd());
+            }
+            self.mailbox_ready.set(true);
+            if let Some(waker) = self.mailbox_waker.take() {
+                waker.wake();
+            }
+            return;
+        }
         let (slot, generation, _) = untoken(tok);
         let fd = match self.conns.borrow().get(slot as usize) {
             Some(c) if c.generation == generation => c.fd,
@@ -259,6 +289,7 @@ impl Worker {
                     self.poller.borrow_mut().want_write(fd, tok);
                 }
             }
+            Ready::Mailbox { .. } => unreachable!("handled above"),
         }
     }
 
@@ -1312,7 +1343,7 @@ async fn tick_loop(w: Rc<Worker>) {
     }
 }
 
-async fn mailbox_loop(w: Rc<Worker>, wake: monoio::net::UnixStream) {
+async fn mailbox_loop(w: Rc<Worker>) {
     let mb = &w.shared.mailboxes[w.id.0 as usize];
     let mut batch: std::collections::VecDeque<Command> = std::collections::VecDeque::with_capacity(MAILBOX_BATCH);
     let mut frames: Vec<Bytes> = Vec::with_capacity(MAX_IOV_PER_WRITE);
@@ -1320,10 +1351,13 @@ async fn mailbox_loop(w: Rc<Worker>, wake: monoio::net::UnixStream) {
         if w.shared.shutdown.load(Ordering::Acquire) {
             return;
         }
-        if mb.is_empty() && wake.readable(false).await.is_err() {
-            return;
+        if mb.is_empty() {
+            MailboxWake(&w).await;
+            if w.stopped.get() {
+                return;
+            }
         }
-        mb.begin_drain();
+        mb.begin_drain(false);
         while batch.len() < MAILBOX_BATCH {
             let Some(cmd) = mb.pop() else { break };
             batch.push_back(cmd);
@@ -1391,10 +1425,9 @@ pub(crate) async fn run(
         Ok(p) => p,
         Err(e) => return ready(Err(format!("cannot create the connection poller: {e}"))),
     };
-    let wake = match pollable(shared.mailboxes[id.0 as usize].eventfd()) {
-        Ok(s) => s,
-        Err(e) => return ready(Err(format!("cannot register the mailbox eventfd: {e}"))),
-    };
+    let mut poller = poller;
+    poller.watch_mailbox(shared.mailboxes[id.0 as usize].eventfd());
+    poller.flush();
     let poller_ready = match pollable(poller.fd()) {
         Ok(s) => s,
         Err(e) => return ready(Err(format!("cannot register the poller: {e}"))),
@@ -1406,7 +1439,7 @@ pub(crate) async fn run(
     monoio::spawn(io_loop(w.clone(), poller_ready));
     monoio::spawn(tick_loop(w.clone()));
     ready(Ok(()));
-    mailbox_loop(w.clone(), wake).await;
+    mailbox_loop(w.clone()).await;
 
     // Graceful shutdown. Everything is released while the runtime still
     // runs: monoio 0.2 does not close the descriptors of tasks still
