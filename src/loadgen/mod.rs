@@ -103,7 +103,8 @@ impl ProcStat {
         for t in dir.flatten() {
             let sched = std::fs::read_to_string(t.path().join("schedstat")).unwrap_or_default();
             c.total_ns += sched.split_whitespace().next().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-            if let Some((u, s)) = std::fs::read_to_string(t.path().join("stat")).ok().as_deref().and_then(Self::ticks_of)
+            if let Some((u, s)) =
+                std::fs::read_to_string(t.path().join("stat")).ok().as_deref().and_then(Self::ticks_of)
             {
                 c.utime += u;
                 c.stime += s;

@@ -28,10 +28,14 @@ pub enum Ready {
     /// Readable. `rearm`: the read interest ended with this event and must
     /// be armed again if the connection stays open (a multishot poll the
     /// kernel terminated; never on epoll).
-    Read { rearm: bool },
+    Read {
+        rearm: bool,
+    },
     Write,
     /// The worker's mailbox eventfd was written. `rearm` as for `Read`.
-    Mailbox { rearm: bool },
+    Mailbox {
+        rearm: bool,
+    },
 }
 
 /// Token of a connection: `generation << 32 | slot << 1 | write-bit`.
@@ -136,7 +140,8 @@ impl Poller {
     pub fn watch_mailbox(&mut self, efd: RawFd) {
         match self {
             Poller::Uring(ring) => {
-                let sqe = opcode::PollAdd::new(types::Fd(efd), libc::POLLIN as u32).multi(true).build().user_data(MAILBOX);
+                let sqe =
+                    opcode::PollAdd::new(types::Fd(efd), libc::POLLIN as u32).multi(true).build().user_data(MAILBOX);
                 Self::push(ring, sqe);
             }
             Poller::Epoll { epfd, mailbox, .. } => {

@@ -304,7 +304,9 @@ fn main() {
                 .map_err(|e| e.to_string())
         }
         Cmd::Idle { common, settle_s, hold_s, warmup } => idle(common, settle_s, hold_s, warmup),
-        Cmd::Capacity { full, out, switchboard, tokio, no_peers } => run_capacity(full, out, switchboard, tokio, no_peers),
+        Cmd::Capacity { full, out, switchboard, tokio, no_peers } => {
+            run_capacity(full, out, switchboard, tokio, no_peers)
+        }
         Cmd::CeilingRelay { listen, workers } => relay::run(listen, workers).map_err(|e| e.to_string()),
         Cmd::Unicast { common, rate, duration_s, payload_bytes } => unicast(common, rate, duration_s, payload_bytes),
     };

@@ -63,7 +63,12 @@ fn handle(shared: &Shared, c: &mut Conn, data: &[u8]) -> Result<usize, ()> {
                 let idx = user_index(user).ok_or(())?;
                 shared.fds[idx].store(c.fd, Ordering::Release);
                 c.user = Some(idx);
-                let ok = Frame::LoginOk { conn_id: idx as u64, heartbeat_interval_ms: 0, idle_timeout_ms: 0, max_frame_bytes: 65536 };
+                let ok = Frame::LoginOk {
+                    conn_id: idx as u64,
+                    heartbeat_interval_ms: 0,
+                    idle_timeout_ms: 0,
+                    max_frame_bytes: 65536,
+                };
                 send_all(c.fd, &ok.to_bytes().map_err(|_| ())?);
             }
             Frame::Send { to, payload, .. } => {
@@ -101,7 +106,13 @@ fn worker(listener: Socket, shared: Arc<Shared>) {
                 if fd >= 0 {
                     let one: libc::c_int = 1;
                     unsafe {
-                        libc::setsockopt(fd, libc::IPPROTO_TCP, libc::TCP_NODELAY, &one as *const _ as *const libc::c_void, 4);
+                        libc::setsockopt(
+                            fd,
+                            libc::IPPROTO_TCP,
+                            libc::TCP_NODELAY,
+                            &one as *const _ as *const libc::c_void,
+                            4,
+                        );
                     }
                     let key = conns.insert(Conn { fd, user: None, partial: Vec::new() });
                     let mut ev = libc::epoll_event { events: libc::EPOLLIN as u32, u64: key as u64 };
@@ -153,7 +164,8 @@ fn worker(listener: Socket, shared: Arc<Shared>) {
 /// Runs the relay until killed. Prints `listening on ADDR` once bound.
 pub fn run(listen: SocketAddr, workers: usize) -> std::io::Result<()> {
     let _ = switchboard::limits::raise_nofile();
-    let shared = Arc::new(Shared { fds: (0..MAX_USERS).map(|_| AtomicI32::new(-1)).collect(), msg_id: AtomicU64::new(1) });
+    let shared =
+        Arc::new(Shared { fds: (0..MAX_USERS).map(|_| AtomicI32::new(-1)).collect(), msg_id: AtomicU64::new(1) });
     let mut addr = listen;
     let mut threads = Vec::new();
     for i in 0..workers.max(1) {
