@@ -21,7 +21,6 @@ use crate::config::{Config, ConfigError};
 use crate::directory::Directory;
 use crate::ids::ConnId;
 use crate::mailbox::{Full, Mailbox};
-use crate::outq::OutLimits;
 use crate::proto::codes::CloseCode;
 use crate::proto::frame::{Frame, MAX_USER_ID_BYTES};
 use crate::proto::session::Timeouts;
@@ -60,8 +59,6 @@ pub type MessageHook = Arc<dyn Fn(ClientMessage, &Handle) + Send + Sync>;
 
 /// A command posted to a worker's mailbox.
 pub(crate) enum Command {
-    /// Queue an encoded frame on one connection.
-    Deliver { conn: ConnId, frame: Bytes },
     /// Close one connection with a code.
     Close { conn: ConnId, code: CloseCode },
     /// Join a connection to a room on the application's behalf.
@@ -93,11 +90,16 @@ pub struct CeilingSample {
 pub(crate) struct Shared {
     pub config: Config,
     pub timeouts: Timeouts,
-    pub out_limits: OutLimits,
     pub max_conns_per_worker: usize,
     pub mailboxes: Box<[Mailbox<Command>]>,
     pub directory: Directory,
     pub rooms: RoomRegistry,
+    /// Every connection's write side, per worker.
+    pub outs: Box<[crate::runtime::outslot::OutSlots]>,
+    pub write_rules: crate::runtime::outslot::WriteRules,
+    /// Counters bumped by threads that do not own the connection
+    /// (`fetch_add`, unlike the workers' single-writer counters).
+    pub foreign_counters: crossbeam_utils::CachePadded<crate::stats::WorkerCounters>,
     pub counters: CounterTable,
     pub authenticator: Arc<dyn Authenticator>,
     pub hook: Option<MessageHook>,
@@ -226,7 +228,15 @@ impl Handle {
         }
         let msg_id = self.shared.next_msg_id.fetch_add(1, Ordering::Relaxed);
         let frame = Frame::Push { msg_id, from: "", payload }.to_bytes().expect("sizes checked above");
-        let connections = self.post_to_user(user, |conn| Command::Deliver { conn, frame: frame.clone() })?;
+        // Written from this thread, straight to each socket (see
+        // runtime::outslot for why).
+        let connections = self
+            .shared
+            .directory
+            .lookup(user)
+            .iter()
+            .filter(|&&c| crate::runtime::deliver(&self.shared, c, &frame))
+            .count();
         Ok(Pushed { msg_id, connections })
     }
 
@@ -364,6 +374,7 @@ impl Handle {
         for c in self.shared.counters.iter() {
             s.add(c);
         }
+        s.add(&self.shared.foreign_counters);
         s.mailbox_full = self.shared.mailboxes.iter().map(|m| m.full_count()).sum();
         s
     }

@@ -495,3 +495,61 @@ fn an_answering_client_is_pinged_every_interval_not_every_idle_timeout() {
     // in 2 s; one per idle timeout would be 1.
     assert!(pings >= 5, "{pings} PINGs in 2 s");
 }
+
+#[test]
+fn concurrent_writers_to_one_connection_keep_frames_whole_and_in_order() {
+    // Senders on both workers and an application thread all write to one
+    // connection at once, with small socket buffers so writes are partial
+    // and queue up while the target is not reading.
+    let mut cfg = config();
+    cfg.socket.sndbuf_bytes = 1024;
+    cfg.socket.rcvbuf_bytes = 1024;
+    cfg.limits.outbound_max_frames = 100_000;
+    cfg.limits.outbound_max_bytes = 16 << 20;
+    let server = start(cfg);
+    let addr = server.local_addr();
+    let h = server.handle();
+    let (mut target, _) = login(addr, "target");
+    // Two senders placed on each worker for sure, the rest wherever the
+    // kernel puts them.
+    let mut senders: Vec<_> = login_on_workers(addr, "sender0", &[0]);
+    senders.extend(login_on_workers(addr, "sender1", &[1]));
+    senders.extend((2..12).map(|i| login(addr, &format!("sender{i}")).0));
+    const N: u32 = 400;
+    let threads: Vec<_> = senders
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut c)| {
+            std::thread::spawn(move || {
+                for seq in 0..N {
+                    let payload = format!("{i}:{seq}:{}", "x".repeat((seq % 97) as usize));
+                    c.send(0, "target", payload.as_bytes()).unwrap();
+                }
+                c
+            })
+        })
+        .collect();
+    let h2 = h.clone();
+    let app = std::thread::spawn(move || {
+        for seq in 0..N {
+            h2.push_to_user("target", format!("app:{seq}:{}", "y".repeat((seq % 89) as usize))).unwrap();
+        }
+    });
+    // Let backlogs build before reading.
+    std::thread::sleep(Duration::from_millis(300));
+    let mut next: std::collections::HashMap<String, u32> = std::collections::HashMap::new();
+    for _ in 0..(12 + 1) * N {
+        let (_, from, payload) = expect_push(&mut target);
+        let text = String::from_utf8(payload).expect("whole frames, never interleaved");
+        let mut parts = text.splitn(3, ':');
+        let who = parts.next().unwrap().to_string();
+        let seq: u32 = parts.next().unwrap().parse().unwrap();
+        assert_eq!(from.is_empty(), who == "app");
+        let want = next.entry(who.clone()).or_insert(0);
+        assert_eq!(seq, *want, "{who}'s messages in order");
+        *want += 1;
+    }
+    app.join().unwrap();
+    let _senders: Vec<_> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    assert_eq!(next.values().sum::<u32>(), 13 * N);
+}

@@ -6,6 +6,7 @@
 //! Must not: leak monoio types out of this module: it is the only place that
 //! imports monoio.
 
+pub(crate) mod outslot;
 mod poller;
 mod sys;
 mod worker;
@@ -23,7 +24,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use crate::auth::Authenticator;
 use crate::config::{Config, IoDriver};
 use crate::directory::Directory;
-use crate::ids::{WorkerId, MAX_SLOTS_PER_WORKER};
+use crate::ids::{ConnId, WorkerId, MAX_SLOTS_PER_WORKER};
 use crate::mailbox::Mailbox;
 use crate::outq::OutLimits;
 use crate::rooms::RoomRegistry;
@@ -108,6 +109,53 @@ fn bind_listener(addr: SocketAddr, config: &Config) -> Result<std::net::TcpListe
     Ok(s.into())
 }
 
+/// Delivers `frame` to a logged-in connection, from any thread: straight to
+/// its socket when nothing is queued for it, else behind what is. What a
+/// full socket does not take is queued and the owner is asked (through its
+/// request list and a mailbox wake) to watch for room; a queue over its
+/// limit asks the owner to close the connection. Returns whether the frame
+/// was handed over (false: the connection is gone or not logged in).
+pub(crate) fn deliver(shared: &Shared, conn: ConnId, frame: &bytes::Bytes) -> bool {
+    let w = conn.worker().0 as usize;
+    let Some(slots) = shared.outs.get(w) else { return false };
+    let Some(slot) = slots.slots.get(conn.slot() as usize) else { return false };
+    let frames = std::slice::from_ref(frame);
+    let (iov, total) = outslot::iovecs(frames);
+    let mut skipped = 0;
+    let mut g = slot.lock();
+    if g.generation != conn.generation() || !g.open {
+        return false;
+    }
+    let r = g.put(frames, &iov, total, &shared.write_rules, &mut skipped);
+    let wake = match r {
+        outslot::Put::Sent | outslot::Put::Broken => false,
+        outslot::Put::Queued { full } => {
+            if full && !g.write_wait {
+                g.write_wait = true;
+                g.needs_arm = true;
+                slots.request(conn.slot(), &mut g)
+            } else {
+                false
+            }
+        }
+        outslot::Put::Overflow => {
+            g.open = false;
+            g.needs_close = true;
+            slots.request(conn.slot(), &mut g)
+        }
+    };
+    drop(g);
+    let c = &shared.foreign_counters;
+    c.frames_out.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    if skipped > 0 {
+        c.skipped.fetch_add(skipped as u64, std::sync::atomic::Ordering::Relaxed);
+    }
+    if wake {
+        shared.mailboxes[w].wake();
+    }
+    matches!(r, outslot::Put::Sent | outslot::Put::Queued { .. })
+}
+
 /// Starts the workers and returns once every one is accepting.
 pub(crate) fn start(
     config: Config,
@@ -142,14 +190,19 @@ pub(crate) fn start(
         .into_boxed_slice();
     let shared = Arc::new(Shared {
         timeouts: config.timeouts_in_ticks(),
-        out_limits: OutLimits {
-            max_frames: config.limits.outbound_max_frames,
-            max_bytes: config.limits.outbound_max_bytes,
-        },
         max_conns_per_worker,
         mailboxes,
         directory: Directory::with_capacity(config.limits.max_conns_per_user, report.max_connections),
         rooms: RoomRegistry::new(config.rooms.max_rooms, config.rooms.max_members_per_room),
+        outs: (0..workers).map(|_| outslot::OutSlots::new(max_conns_per_worker)).collect(),
+        write_rules: outslot::WriteRules {
+            limits: OutLimits {
+                max_frames: config.limits.outbound_max_frames,
+                max_bytes: config.limits.outbound_max_bytes,
+            },
+            policy: config.limits.slow_consumer,
+        },
+        foreign_counters: CachePadded::new(WorkerCounters::default()),
         counters: (0..workers).map(|_| CachePadded::new(WorkerCounters::default())).collect(),
         authenticator,
         hook,

@@ -27,12 +27,12 @@ use bytes::Bytes;
 use monoio::net::{TcpListener, TcpStream, UnixStream};
 use slab::Slab;
 
+use super::outslot::{iovecs, OutSlots, OutState, Put};
 use super::poller::{token, untoken, Poller, Ready};
 use super::sys::{self, Recv, Send};
-use crate::config::SlowConsumer;
 use crate::directory::ConnList;
 use crate::ids::{ConnId, WorkerId};
-use crate::outq::{OutQueue, Overflow, MAX_IOV_PER_WRITE};
+use crate::outq::{Overflow, MAX_IOV_PER_WRITE};
 use crate::proto::codes::{CloseCode, ErrorCode, LoginErrorCode};
 use crate::proto::frame::{clip_reason, decode, Frame, RoomOp, PING_EMPTY};
 use crate::proto::session::{Inbound, Phase, Tick, TickAction};
@@ -59,8 +59,6 @@ const FANOUT_CHUNK: usize = 2048;
 
 /// Connection flags.
 const DIRTY: u8 = 1;
-/// The poller watches for room in the socket's send buffer.
-const WRITE_WAIT: u8 = 2;
 /// FIN sent (closing, queue flushed).
 const FIN_SENT: u8 = 4;
 
@@ -69,7 +67,6 @@ const FIN_SENT: u8 = 4;
 struct Conn {
     /// Set once logged in; shared with the directory key.
     user: Option<Arc<str>>,
-    out: OutQueue,
     /// Bytes of an incomplete frame; `None` (no allocation) when idle.
     partial: Option<Box<Vec<u8>>>,
     /// Rooms this connection is in, with its position in each room's
@@ -84,6 +81,17 @@ struct Conn {
 }
 
 const _: () = assert!(std::mem::size_of::<Conn>() <= 64);
+
+/// How a delivery went.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+enum Delivered {
+    /// One write took it all.
+    Direct,
+    /// Queued (behind other frames, or the socket was full).
+    Queued,
+    /// The connection is gone, closing, or not logged in.
+    No,
+}
 
 /// What the last write attempt left.
 enum WriteState {
@@ -237,17 +245,15 @@ impl Worker {
         let entry = conns.vacant_entry();
         let slot = entry.key() as u32;
         let wheel_at = self.wheel.borrow_mut().insert(session.next_deadline(&self.shared.timeouts), slot, generation);
-        entry.insert(Conn {
-            user: None,
-            out: OutQueue::default(),
-            partial: None,
-            rooms: None,
-            session,
-            fd,
-            generation,
-            wheel_at,
-            flags: 0,
-        });
+        {
+            let mut g = self.outs().slots[slot as usize].lock();
+            debug_assert!(g.generation == 0 && g.out.is_empty(), "a free slot has no write state");
+            g.generation = generation;
+            g.fd = fd;
+            g.open = false;
+            g.write_wait = false;
+        }
+        entry.insert(Conn { user: None, partial: None, rooms: None, session, fd, generation, wheel_at, flags: 0 });
         drop(conns);
         let mut poller = self.poller.borrow_mut();
         poller.add(fd, token(slot, generation));
@@ -485,6 +491,8 @@ impl Worker {
             // wheel entry was filed under.
             self.reschedule_if_earlier(c, slot);
         }
+        // Deliveries from anywhere are accepted from now on.
+        self.outs().slots[slot as usize].lock().open = true;
         bump(&counters.logins, 1);
         bump(&counters.logged_in, 1);
         let cfg = &self.shared.config;
@@ -533,27 +541,13 @@ impl Worker {
         let mut targets = std::mem::take(&mut *self.lookup.borrow_mut());
         self.shared.directory.lookup_into(to, &mut targets);
         let mut delivered = 0u32;
-        let mut full = false;
         for &t in targets.iter() {
-            match self.deliver(t, frame.clone()) {
-                Ok(true) => delivered += 1,
-                Ok(false) => {}
-                Err(()) => full = true,
-            }
+            delivered += u32::from(self.deliver(t, frame.clone()));
         }
         *self.lookup.borrow_mut() = targets;
         if req_id != 0 {
             let ack = Frame::SendAck { req_id, delivered }.to_bytes().expect("fixed-size frame");
             self.reply(slot, generation, ack);
-        }
-        if full {
-            self.reply_error(
-                slot,
-                generation,
-                ErrorCode::Overloaded,
-                req_id,
-                "a worker mailbox is full; not every connection got the message",
-            );
         }
     }
 
@@ -744,21 +738,80 @@ impl Worker {
 
     // ---- delivery -------------------------------------------------------------
 
-    /// Hands a frame to a connection on any worker. `Ok(true)`: queued;
-    /// `Ok(false)`: the connection is gone or not logged in; `Err`: the
-    /// owner's mailbox is full.
-    fn deliver(self: &Rc<Self>, conn: ConnId, frame: Bytes) -> Result<bool, ()> {
+    /// This worker's write slots.
+    fn outs(&self) -> &OutSlots {
+        &self.shared.outs[self.id.0 as usize]
+    }
+
+    /// Hands a frame to a logged-in connection on any worker, written from
+    /// this thread (see `outslot`). Returns whether it was handed over.
+    fn deliver(self: &Rc<Self>, conn: ConnId, frame: Bytes) -> bool {
         if conn.worker() == self.id {
-            return Ok(self.enqueue(conn.slot(), conn.generation(), frame, true));
+            return self.put_local(Member { slot: conn.slot(), generation: conn.generation() }, &[frame], true);
         }
-        match self.shared.mailboxes[conn.worker().0 as usize].push(Command::Deliver { conn, frame }) {
-            Ok(()) => Ok(true),
-            Err(_) => Err(()),
+        super::deliver(&self.shared, conn, &frame)
+    }
+
+    /// Writes (or queues) `frames` for one of this worker's logged-in
+    /// connections, arming its write poll directly when the socket fills.
+    fn put_local(self: &Rc<Self>, m: Member, frames: &[Bytes], count: bool) -> bool {
+        let (iov, total) = iovecs(frames);
+        self.put_local_iov(m, frames, &iov, total, count) != Delivered::No
+    }
+
+    fn put_local_iov(
+        self: &Rc<Self>,
+        m: Member,
+        frames: &[Bytes],
+        iov: &[libc::iovec; MAX_IOV_PER_WRITE],
+        total: usize,
+        count: bool,
+    ) -> Delivered {
+        let mut skipped = 0;
+        let r = {
+            let mut g = self.outs().slots[m.slot as usize].lock();
+            if g.generation != m.generation || !g.open {
+                return Delivered::No;
+            }
+            let r = g.put(frames, iov, total, &self.shared.write_rules, &mut skipped);
+            match r {
+                Put::Queued { full: true } if !g.write_wait => {
+                    g.write_wait = true;
+                    bump(&self.counters().write_waits, 1);
+                    self.poller.borrow_mut().want_write(g.fd, token(m.slot, m.generation));
+                }
+                Put::Overflow => g.open = false,
+                Put::Broken => sys::shutdown(g.fd, libc::SHUT_RDWR),
+                _ => {}
+            }
+            r
+        };
+        let c = self.counters();
+        if skipped > 0 {
+            bump(&c.skipped, skipped as u64);
+        }
+        match r {
+            Put::Sent => {
+                if count {
+                    bump(&c.writes, 1);
+                    bump(&c.frames_out, frames.len() as u64);
+                }
+                Delivered::Direct
+            }
+            Put::Queued { .. } => {
+                bump(&c.frames_out, frames.len() as u64);
+                Delivered::Queued
+            }
+            Put::Overflow => {
+                self.close_slow_consumer(m.slot, m.generation);
+                Delivered::No
+            }
+            Put::Broken => Delivered::No,
         }
     }
 
     fn reply(self: &Rc<Self>, slot: u32, generation: u32, frame: Bytes) {
-        self.enqueue(slot, generation, frame, false);
+        self.enqueue(slot, generation, frame);
     }
 
     fn reply_error(self: &Rc<Self>, slot: u32, generation: u32, code: ErrorCode, req_id: u32, reason: &str) {
@@ -767,56 +820,55 @@ impl Worker {
         self.reply(slot, generation, frame);
     }
 
-    /// Queues a frame on a local connection and marks it for the next flush.
-    /// A queue over its limit closes the connection as a slow consumer.
-    fn enqueue(self: &Rc<Self>, slot: u32, generation: u32, frame: Bytes, require_login: bool) -> bool {
-        let mut conns = self.conns.borrow_mut();
-        let Some(c) = conns.get_mut(slot as usize) else {
-            return false;
+    /// Queues a reply on one of this worker's connections (logged in or
+    /// not, not closing) and marks it for the flush at the end of the
+    /// batch, so replies to one read go out in one write. A queue over its
+    /// limit closes the connection as a slow consumer.
+    fn enqueue(self: &Rc<Self>, slot: u32, generation: u32, frame: Bytes) -> bool {
+        {
+            let conns = self.conns.borrow();
+            match conns.get(slot as usize) {
+                Some(c) if c.generation == generation && c.session.phase() != Phase::Closing => {}
+                _ => return false,
+            }
+        }
+        let queued = {
+            let mut g = self.outs().slots[slot as usize].lock();
+            if g.generation != generation {
+                return false;
+            }
+            g.queue(frame, &self.shared.write_rules)
         };
-        if c.generation != generation {
-            return false;
+        match queued {
+            Ok(skipped) => {
+                let c = self.counters();
+                bump(&c.frames_out, 1);
+                if skipped > 0 {
+                    bump(&c.skipped, skipped as u64);
+                }
+                self.mark_dirty(slot);
+                true
+            }
+            Err(Overflow) => {
+                self.close_slow_consumer(slot, generation);
+                false
+            }
         }
-        match c.session.phase() {
-            Phase::Active => {}
-            Phase::AwaitingLogin if !require_login => {}
-            _ => return false,
+    }
+
+    fn mark_dirty(&self, slot: u32) {
+        let mut conns = self.conns.borrow_mut();
+        if let Some(c) = conns.get_mut(slot as usize) {
+            if c.flags & DIRTY == 0 {
+                c.flags |= DIRTY;
+                self.dirty.borrow_mut().push(slot);
+            }
         }
-        if self.queue_frame(c, slot, frame).is_err() {
-            drop(conns);
-            self.close_slow_consumer(slot, generation);
-            return false;
-        }
-        true
     }
 
     fn close_slow_consumer(self: &Rc<Self>, slot: u32, generation: u32) {
         bump(&self.counters().slow_consumers, 1);
         self.begin_close(slot, generation, CloseCode::SlowConsumer, CloseCode::SlowConsumer.reason());
-    }
-
-    /// Queues one frame under the slow-consumer policy and marks the
-    /// connection for the next flush. `Err`: the connection must be closed.
-    fn queue_frame(&self, c: &mut Conn, slot: u32, frame: Bytes) -> Result<(), Overflow> {
-        let limits = &self.shared.out_limits;
-        let mut skipped = 0;
-        if !c.out.fits(frame.len(), limits) {
-            match self.shared.config.limits.slow_consumer {
-                SlowConsumer::Close => return Err(Overflow),
-                SlowConsumer::DropOldest => skipped = c.out.drop_oldest_for(frame.len(), limits)?,
-            }
-        }
-        c.out.push(frame, limits)?;
-        if skipped > 0 {
-            c.out.note_skipped(skipped);
-            bump(&self.counters().skipped, skipped as u64);
-        }
-        if c.flags & DIRTY == 0 {
-            c.flags |= DIRTY;
-            self.dirty.borrow_mut().push(slot);
-        }
-        bump(&self.counters().frames_out, 1);
-        Ok(())
     }
 
     // ---- fan-out ----------------------------------------------------------------
@@ -847,11 +899,7 @@ impl Worker {
                 );
             }
         }
-        let mut iov = [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; MAX_IOV_PER_WRITE];
-        for (v, f) in iov.iter_mut().zip(frames) {
-            *v = libc::iovec { iov_base: f.as_ptr() as *mut libc::c_void, iov_len: f.len() };
-        }
-        let total: usize = frames.iter().map(|f| f.len()).sum();
+        let (iov, total) = iovecs(frames);
         for (step, chunk) in members.chunks(FANOUT_CHUNK).enumerate() {
             if step > 0 {
                 self.flush_dirty();
@@ -860,9 +908,9 @@ impl Worker {
             }
             let mut direct = 0;
             for &m in chunk {
-                direct += u64::from(self.deliver_frames(m, frames, &iov, total));
+                direct += u64::from(self.put_local_iov(m, frames, &iov, total, false) == Delivered::Direct);
             }
-            // Counted once per step, not per member.
+            // Direct writes counted once per step, not per member.
             let c = self.counters();
             bump(&c.writes, direct);
             bump(&c.frames_out, direct * frames.len() as u64);
@@ -871,89 +919,23 @@ impl Worker {
         *self.fanout.borrow_mut() = members;
     }
 
-    /// Delivers to one member. Returns true when one direct write took
-    /// everything (the caller counts those in bulk); queued frames are
-    /// counted where they are queued.
-    fn deliver_frames(
-        self: &Rc<Self>,
-        m: Member,
-        frames: &[Bytes],
-        iov: &[libc::iovec; MAX_IOV_PER_WRITE],
-        total: usize,
-    ) -> bool {
-        let queued = {
-            let mut conns = self.conns.borrow_mut();
-            let Some(c) = conns.get_mut(m.slot as usize).filter(|c| c.generation == m.generation) else {
-                return false;
-            };
-            if !c.session.is_active() {
-                return false;
-            }
-            if c.out.is_empty() && c.flags & (WRITE_WAIT | DIRTY) == 0 {
-                match sys::sendmsg(c.fd, iov, frames.len()) {
-                    Send::Wrote(w) if w == total => return true,
-                    Send::Wrote(w) => {
-                        bump(&self.counters().writes, 1);
-                        self.queue_rest(c, m.slot, frames, w)
-                    }
-                    Send::WouldBlock => self.queue_rest(c, m.slot, frames, 0),
-                    Send::Error(_) => {
-                        sys::shutdown(c.fd, libc::SHUT_RDWR);
-                        return false;
-                    }
-                }
-            } else {
-                frames.iter().try_for_each(|f| self.queue_frame(c, m.slot, f.clone()))
-            }
-        };
-        if queued.is_err() {
-            self.close_slow_consumer(m.slot, m.generation);
-        }
-        false
-    }
-
-    /// After a direct write that the socket took only `written` bytes of:
-    /// queue the rest and wait for room.
-    fn queue_rest(&self, c: &mut Conn, slot: u32, frames: &[Bytes], written: usize) -> Result<(), Overflow> {
-        let mut skip = written;
-        for f in frames {
-            if skip >= f.len() {
-                skip -= f.len();
-                bump(&self.counters().frames_out, 1);
-                continue;
-            }
-            if skip > 0 {
-                c.out.push_started(f.slice(skip..));
-                skip = 0;
-                bump(&self.counters().frames_out, 1);
-                continue;
-            }
-            self.queue_frame(c, slot, f.clone())?;
-        }
-        c.flags |= WRITE_WAIT;
-        bump(&self.counters().write_waits, 1);
-        self.poller.borrow_mut().want_write(c.fd, token(slot, c.generation));
-        Ok(())
-    }
-
     /// Benchmark only: the kernel's floor for this worker's share of a
     /// fan-out, a plain blocking `send` loop over the members' sockets.
     fn send_ceiling(&self, room: &str, frame: &Bytes) -> CeilingSample {
-        let fds: Vec<RawFd> = {
+        let members: Vec<Member> = {
             let rooms = self.rooms.borrow();
-            let conns = self.conns.borrow();
-            let members = rooms.find(room).map_or(&[][..], |idx| &rooms.room(idx).members[..]);
-            members
-                .iter()
-                .filter_map(|m| conns.get(m.slot as usize).filter(|c| c.generation == m.generation && c.out.is_empty()))
-                .map(|c| c.fd)
-                .collect()
+            rooms.find(room).map_or(Vec::new(), |idx| rooms.room(idx).members.clone())
         };
         let t0 = std::time::Instant::now();
-        for &fd in &fds {
-            sys::send_all_blocking(fd, frame);
+        let mut sends = 0;
+        for m in members {
+            let g = self.outs().slots[m.slot as usize].lock();
+            if g.generation == m.generation && g.out.is_empty() {
+                sys::send_all_blocking(g.fd, frame);
+                sends += 1;
+            }
         }
-        CeilingSample { sends: fds.len(), elapsed: t0.elapsed() }
+        CeilingSample { sends, elapsed: t0.elapsed() }
     }
 
     /// Writes out every connection with queued frames.
@@ -976,52 +958,56 @@ impl Worker {
     }
 
     fn flush(self: &Rc<Self>, slot: u32) {
-        let mut conns = self.conns.borrow_mut();
-        let Some(c) = conns.get_mut(slot as usize) else {
-            return;
+        let (generation, closing) = {
+            let mut conns = self.conns.borrow_mut();
+            let Some(c) = conns.get_mut(slot as usize) else {
+                return;
+            };
+            if c.flags & DIRTY == 0 {
+                return;
+            }
+            c.flags &= !DIRTY;
+            (c.generation, c.session.phase() == Phase::Closing)
         };
-        if c.flags & DIRTY == 0 {
-            return;
-        }
-        c.flags &= !DIRTY;
-        if c.flags & WRITE_WAIT != 0 {
+        let mut g = self.outs().slots[slot as usize].lock();
+        if g.generation != generation || g.write_wait {
             return; // flushed when the poller reports room
         }
-        match self.write_out(c) {
-            WriteState::Drained => self.after_drain(c),
+        match self.write_out(&mut g) {
+            WriteState::Drained => self.after_drain(slot, &mut g, closing),
             WriteState::Blocked => {
-                c.flags |= WRITE_WAIT;
+                g.write_wait = true;
                 bump(&self.counters().write_waits, 1);
-                self.poller.borrow_mut().want_write(c.fd, token(slot, c.generation));
+                self.poller.borrow_mut().want_write(g.fd, token(slot, generation));
             }
             WriteState::Failed => {
-                c.out.clear();
-                sys::shutdown(c.fd, libc::SHUT_RDWR);
+                g.out.clear();
+                sys::shutdown(g.fd, libc::SHUT_RDWR);
             }
         }
     }
 
     /// Writes as much of the queue as the socket takes, 64 frames per
     /// syscall.
-    fn write_out(&self, c: &mut Conn) -> WriteState {
+    fn write_out(&self, g: &mut OutState) -> WriteState {
         let mut iov = self.iov.borrow_mut();
         loop {
-            let n = c.out.fill_iovecs(&mut iov);
+            let n = g.out.fill_iovecs(&mut iov);
             if n == 0 {
                 return WriteState::Drained;
             }
             let offered: usize = iov[..n].iter().map(|v| v.iov_len).sum();
-            match sys::sendmsg(c.fd, &iov, n) {
+            match sys::sendmsg(g.fd, &iov, n) {
                 Send::Wrote(w) => {
                     bump(&self.counters().writes, 1);
-                    c.out.advance(w);
+                    g.out.advance(w);
                     if w < offered {
                         return WriteState::Blocked;
                     }
                 }
                 Send::WouldBlock => return WriteState::Blocked,
                 Send::Error(e) => {
-                    tracing::trace!(worker = self.id.0, fd = c.fd, "write failed: {e}");
+                    tracing::trace!(worker = self.id.0, fd = g.fd, "write failed: {e}");
                     return WriteState::Failed;
                 }
             }
@@ -1029,38 +1015,68 @@ impl Worker {
     }
 
     /// The queue is empty: a closing connection now sends its FIN.
-    fn after_drain(&self, c: &mut Conn) {
-        if c.session.phase() == Phase::Closing && c.flags & FIN_SENT == 0 {
-            c.flags |= FIN_SENT;
-            sys::shutdown(c.fd, libc::SHUT_WR);
+    fn after_drain(&self, slot: u32, g: &mut OutState, closing: bool) {
+        if !closing {
+            return;
+        }
+        let mut conns = self.conns.borrow_mut();
+        if let Some(c) = conns.get_mut(slot as usize) {
+            if c.generation == g.generation && c.flags & FIN_SENT == 0 {
+                c.flags |= FIN_SENT;
+                sys::shutdown(g.fd, libc::SHUT_WR);
+            }
         }
     }
 
     /// The socket has room again. Returns true to keep waiting for more.
     fn on_writable(&self, slot: u32, generation: u32) -> bool {
-        let mut conns = self.conns.borrow_mut();
-        let Some(c) = conns.get_mut(slot as usize).filter(|c| c.generation == generation) else {
-            return false;
-        };
-        if c.flags & WRITE_WAIT == 0 {
-            return false; // a late event after the queue drained
+        let closing = self.is_closing(slot, generation);
+        let mut g = self.outs().slots[slot as usize].lock();
+        if g.generation != generation || !g.write_wait {
+            return false; // stale, or a late event after the queue drained
         }
-        match self.write_out(c) {
+        match self.write_out(&mut g) {
             WriteState::Drained => {
-                c.flags &= !WRITE_WAIT;
-                self.poller.borrow_mut().write_done(c.fd, token(slot, generation));
-                self.after_drain(c);
+                g.write_wait = false;
+                self.poller.borrow_mut().write_done(g.fd, token(slot, generation));
+                self.after_drain(slot, &mut g, closing);
                 false
             }
             WriteState::Blocked => true,
             WriteState::Failed => {
-                c.flags &= !WRITE_WAIT;
-                self.poller.borrow_mut().write_done(c.fd, token(slot, generation));
-                c.out.clear();
-                sys::shutdown(c.fd, libc::SHUT_RDWR);
+                g.write_wait = false;
+                self.poller.borrow_mut().write_done(g.fd, token(slot, generation));
+                g.out.clear();
+                sys::shutdown(g.fd, libc::SHUT_RDWR);
                 false
             }
         }
+    }
+
+    /// Requests other threads left on this worker's slots: arm a write poll
+    /// for a socket they filled, close a connection whose queue they found
+    /// over its limit.
+    fn on_requests(self: &Rc<Self>) {
+        let mut list = Vec::new();
+        self.outs().take_requests(&mut list);
+        for slot in list {
+            let (generation, close) = {
+                let mut g = self.outs().slots[slot as usize].lock();
+                g.listed = false;
+                if g.needs_arm {
+                    g.needs_arm = false;
+                    if g.write_wait {
+                        bump(&self.counters().write_waits, 1);
+                        self.poller.borrow_mut().want_write(g.fd, token(slot, g.generation));
+                    }
+                }
+                (g.generation, std::mem::take(&mut g.needs_close))
+            };
+            if close {
+                self.close_slow_consumer(slot, generation);
+            }
+        }
+        self.poller.borrow_mut().flush();
     }
 
     // ---- closing --------------------------------------------------------------
@@ -1070,13 +1086,14 @@ impl Worker {
         self.close_with(slot, generation, close_frame(code, reason), code == CloseCode::SlowConsumer);
     }
 
-    /// Starts closing: leaves the directory, queues `last` (CLOSE or
-    /// LOGIN_ERROR) after what is queued (or instead of it, for a slow
-    /// consumer), sends FIN once flushed, and releases the connection when
-    /// the peer closes or the linger runs out.
+    /// Starts closing: leaves the directory and the rooms, stops other
+    /// threads' deliveries, queues `last` (CLOSE or LOGIN_ERROR) after what
+    /// is queued (or instead of it, for a slow consumer), sends FIN once
+    /// flushed, and releases the connection when the peer closes or the
+    /// linger runs out.
     fn close_with(self: &Rc<Self>, slot: u32, generation: u32, last: Bytes, discard_queue: bool) {
         let now = self.now.get();
-        let user = {
+        let (user, rooms) = {
             let mut conns = self.conns.borrow_mut();
             let Some(c) = conns.get_mut(slot as usize).filter(|c| c.generation == generation) else {
                 return;
@@ -1085,18 +1102,18 @@ impl Worker {
                 return;
             }
             c.partial = None;
-            if discard_queue {
-                c.out.discard_unsent();
-            }
-            c.out.push_final(last);
-            if c.flags & DIRTY == 0 {
-                c.flags |= DIRTY;
-                self.dirty.borrow_mut().push(slot);
-            }
             self.reschedule_if_earlier(c, slot);
             (c.user.take(), c.rooms.take())
         };
-        let (user, rooms) = user;
+        {
+            let mut g = self.outs().slots[slot as usize].lock();
+            g.open = false;
+            if discard_queue {
+                g.out.discard_unsent();
+            }
+            g.out.push_final(last);
+        }
+        self.mark_dirty(slot);
         self.leave_all_rooms(slot, generation, rooms);
         if let Some(user) = user {
             let removed = self.shared.directory.unregister(&user, ConnId::new(self.id, slot, generation));
@@ -1122,12 +1139,26 @@ impl Worker {
             debug_assert!(removed, "a logged-in connection is in the directory");
             drop_one(&self.counters().logged_in);
         }
-        if conn.flags & WRITE_WAIT != 0 {
-            // Fire the armed write poll now; its event will find the slot
-            // stale.
-            sys::shutdown(conn.fd, libc::SHUT_RDWR);
+        {
+            // Under the lock: no other thread is writing to the socket, and
+            // none will after this (the generation no longer matches).
+            let mut g = self.outs().slots[slot as usize].lock();
+            if g.write_wait {
+                // Fire the armed write poll now; its event will find the
+                // slot stale.
+                sys::shutdown(conn.fd, libc::SHUT_RDWR);
+            }
+            g.generation = 0;
+            g.open = false;
+            g.write_wait = false;
+            // Requests for this connection are void; the slot may still be
+            // on the list and is skipped there.
+            g.needs_arm = false;
+            g.needs_close = false;
+            g.out.clear();
+            sys::close(conn.fd);
+            g.fd = -1;
         }
-        sys::close(conn.fd);
         let c = self.counters();
         drop_one(&c.connections);
         bump(&c.closed, 1);
@@ -1137,10 +1168,6 @@ impl Worker {
 
     fn on_command(self: &Rc<Self>, cmd: Command) {
         match cmd {
-            Command::Deliver { conn, frame } => {
-                debug_assert_eq!(conn.worker(), self.id);
-                self.enqueue(conn.slot(), conn.generation(), frame, true);
-            }
             Command::Close { conn, code } => {
                 if code == CloseCode::Kicked && !self.is_closing(conn.slot(), conn.generation()) {
                     bump(&self.counters().kicked, 1);
@@ -1358,6 +1385,7 @@ async fn mailbox_loop(w: Rc<Worker>) {
             }
         }
         mb.begin_drain(false);
+        w.on_requests();
         while batch.len() < MAILBOX_BATCH {
             let Some(cmd) = mb.pop() else { break };
             batch.push_back(cmd);
