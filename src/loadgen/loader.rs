@@ -124,6 +124,27 @@ struct Loader {
     quit: bool,
 }
 
+/// Writes all of `data` to a non-blocking socket, waiting for room when it
+/// is full (up to 5 s). Returns whether it had to wait.
+fn write_waiting(stream: &mut TcpStream, mut data: &[u8]) -> bool {
+    let mut waited = false;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !data.is_empty() && Instant::now() < deadline {
+        match stream.write(data) {
+            Ok(n) => data = &data[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                waited = true;
+                let mut p = libc::pollfd { fd: stream.as_raw_fd(), events: libc::POLLOUT, revents: 0 };
+                // SAFETY: one live pollfd.
+                unsafe { libc::poll(&mut p, 1, 100) };
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return true,
+        }
+    }
+    waited
+}
+
 fn xorshift(s: &mut u64) -> u64 {
     *s ^= *s << 13;
     *s ^= *s >> 7;
@@ -414,7 +435,10 @@ impl Loader {
         while p.sent < due {
             let payload = super::timed_payload(p.first_seq + p.sent, p.payload_bytes);
             let f = Frame::Publish { req_id: 0, room: &p.room, payload: &payload }.to_bytes().expect("publish encodes");
-            if self.conns[i].stream.write_all(&f).is_err() {
+            // A publisher that the server reads slowly waits (its messages
+            // are the load; dropping them would under-report), and counts
+            // how often it had to.
+            if write_waiting(&mut self.conns[i].stream, &f) {
                 blocked += 1;
             }
             p.sent += 1;
