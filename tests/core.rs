@@ -398,6 +398,34 @@ fn epoll_driver_serves_the_same_protocol() {
 }
 
 #[test]
+fn io_uring_poller_serves_the_same_protocol() {
+    let mut cfg = config();
+    cfg.server.poller = switchboard::config::PollerKind::IoUring;
+    let server = start(cfg);
+    let addr = server.local_addr();
+    let mut a = login_on_workers(addr, "ur1", &[0]).remove(0);
+    let mut b = login_on_workers(addr, "ur2", &[1]).remove(0);
+    for i in 0..200u32 {
+        a.send(0, "ur2", &i.to_be_bytes()).unwrap();
+    }
+    for i in 0..200u32 {
+        assert_eq!(expect_push(&mut b).2, i.to_be_bytes());
+    }
+    server.handle().push_to_user("ur1", b"push").unwrap();
+    assert_eq!(expect_push(&mut a).2, b"push");
+    // A client that sends a large burst in one write is read completely
+    // (the multishot poll reports only new data).
+    let mut burst = Vec::new();
+    for i in 0..3000u32 {
+        burst.extend_from_slice(&Frame::Send { req_id: 0, to: "ur2", payload: &i.to_be_bytes() }.to_bytes().unwrap());
+    }
+    a.send_raw(&burst).unwrap();
+    for i in 0..3000u32 {
+        assert_eq!(expect_push(&mut b).2, i.to_be_bytes());
+    }
+}
+
+#[test]
 fn frames_split_across_reads_are_reassembled() {
     let server = start(config());
     let addr = server.local_addr();

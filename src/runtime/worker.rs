@@ -1445,9 +1445,11 @@ pub(crate) async fn run(
         Ok(l) => Rc::new(l),
         Err(e) => return ready(Err(format!("cannot register listener: {e}"))),
     };
-    let poller = match driver {
-        super::DriverKind::IoUring => Poller::uring(shared.config.uring.sq_entries, shared.config.uring.cq_entries),
-        super::DriverKind::Epoll => Poller::epoll(),
+    let poller = match (driver, shared.config.server.poller) {
+        (super::DriverKind::IoUring, crate::config::PollerKind::IoUring) => {
+            Poller::uring(shared.config.uring.sq_entries, shared.config.uring.cq_entries)
+        }
+        _ => Poller::epoll(),
     };
     let poller = match poller {
         Ok(p) => p,
