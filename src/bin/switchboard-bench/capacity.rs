@@ -281,6 +281,10 @@ impl Runner {
             best = Some(r);
         }
         let best = best.ok_or("not even the lowest unicast rate was sustained")?;
+        // The last step may have left a backlog in socket buffers and
+        // queues: let it drain so it does not count against the next one.
+        std::thread::sleep(Duration::from_secs(3));
+        let _ = fleet.collect()?;
         let half = (best["msgs_per_s"].as_f64().unwrap_or(0.0) / 2.0) as u64;
         let at_half = unicast_step(&mut fleet, s.pid(), ready, half.max(1000), self.plan.unicast_s)?;
         note(format!("  at half of the best rate ({half}/s): p99 {} us", at_half["p99_us"]));
