@@ -283,6 +283,26 @@ impl Default for RoomsConfig {
     }
 }
 
+/// `[drain]`: graceful drain on SIGTERM (`Handle::drain`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DrainConfig {
+    /// CLOSE 1001 frames go out spread over this window, so a million
+    /// clients do not all reconnect in the same second. A worker with few
+    /// connections uses less of it (at least 1,000 closes per second).
+    pub window_ms: u64,
+    /// Each CLOSE carries a reconnect hint `reconnect_ms=<n>`, n uniform in
+    /// [0, reconnect_jitter_ms): a further spread for clients that honour
+    /// it.
+    pub reconnect_jitter_ms: u64,
+}
+
+impl Default for DrainConfig {
+    fn default() -> Self {
+        DrainConfig { window_ms: 10_000, reconnect_jitter_ms: 5_000 }
+    }
+}
+
 /// `[admin]`: the admin HTTP API (health, readiness, stats, pushes).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -326,6 +346,7 @@ pub struct Config {
     pub routing: RoutingConfig,
     pub rooms: RoomsConfig,
     pub admin: AdminConfig,
+    pub drain: DrainConfig,
     pub uring: UringConfig,
 }
 

@@ -16,9 +16,9 @@ pub const FDS_PER_WORKER: u64 = 8;
 /// Kernel memory of one idle TCP socket (tcp_sock, inode, file, dentry),
 /// for the memory estimate: see DESIGN.md.
 pub const KERNEL_BYTES_PER_IDLE_CONN: u64 = 3_600;
-/// The budget for our own memory per idle connection (measured by the
-/// capacity benchmark; see README).
-pub const USER_BYTES_PER_IDLE_CONN: u64 = 512;
+/// Our own memory per idle, logged-in connection: measured 168-180 bytes
+/// with `scripts/idle-memory.sh 16000` (README), rounded up.
+pub const USER_BYTES_PER_IDLE_CONN: u64 = 200;
 
 /// What the checks found.
 #[derive(Clone, Debug)]
@@ -167,5 +167,199 @@ mod tests {
     fn too_many_connections_is_refused_with_the_fix() {
         let e = check(usize::MAX / 1024, 2, 128, 0).unwrap_err();
         assert!(e.contains("server.max_connections") && e.contains("LimitNOFILE"), "{e}");
+    }
+}
+
+/// Outcome of one audited item.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Status {
+    Pass,
+    Warn,
+    Fail,
+}
+
+impl Status {
+    pub fn label(self) -> &'static str {
+        match self {
+            Status::Pass => "PASS",
+            Status::Warn => "WARN",
+            Status::Fail => "FAIL",
+        }
+    }
+}
+
+/// One line of `switchboard check`.
+#[derive(Clone, Debug)]
+pub struct CheckItem {
+    pub name: &'static str,
+    pub status: Status,
+    /// The live value.
+    pub have: String,
+    /// What N connections need.
+    pub need: String,
+    /// The command or setting that fixes it (empty when passing).
+    pub fix: String,
+}
+
+fn item(name: &'static str, ok: bool, fail: Status, have: String, need: String, fix: String) -> CheckItem {
+    let status = if ok { Status::Pass } else { fail };
+    CheckItem { name, status, have, need, fix: if ok { String::new() } else { fix } }
+}
+
+fn sysctl(key: &str) -> Option<String> {
+    fs::read_to_string(format!("/proc/sys/{}", key.replace('.', "/"))).ok().map(|s| s.trim().to_string())
+}
+
+fn nofile_limits() -> (u64, u64) {
+    // SAFETY: getrlimit fills a plain struct.
+    unsafe {
+        let mut r: libc::rlimit = std::mem::zeroed();
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut r);
+        (r.rlim_cur as u64, r.rlim_max as u64)
+    }
+}
+
+/// Memory `connections` idle connections need: (user space, kernel), bytes.
+pub fn memory_estimate(connections: u64) -> (u64, u64) {
+    (connections * USER_BYTES_PER_IDLE_CONN, connections * KERNEL_BYTES_PER_IDLE_CONN)
+}
+
+/// Audits this host for `connections` connections served by `workers`
+/// workers with a listen backlog of `backlog`: the live kernel values and
+/// this process's limits, each with the fix when it falls short.
+pub fn audit(connections: u64, workers: usize, backlog: u32) -> Vec<CheckItem> {
+    let fds = connections + RESERVED_FDS + FDS_PER_WORKER * workers as u64;
+    let mut out = Vec::new();
+    let (soft, hard) = nofile_limits();
+    out.push(item(
+        "RLIMIT_NOFILE (hard)",
+        hard >= fds,
+        Status::Fail,
+        format!("{hard} (soft {soft}; the server raises soft to hard)"),
+        format!(">= {fds}"),
+        format!("LimitNOFILE={fds} in the systemd unit (tuning/switchboard.service), or `ulimit -Hn {fds}` before starting"),
+    ));
+    let nr_open = sysctl("fs.nr_open").and_then(|v| v.parse::<u64>().ok());
+    out.push(item(
+        "fs.nr_open",
+        nr_open.is_some_and(|v| v >= fds),
+        Status::Fail,
+        nr_open.map_or("n/a".into(), |v| v.to_string()),
+        format!(">= {fds} (caps RLIMIT_NOFILE)"),
+        format!("sysctl -w fs.nr_open={fds} (persist: tuning/apply.sh --connections {connections})"),
+    ));
+    let file_max = sysctl("fs.file-max").and_then(|v| v.parse::<u64>().ok());
+    let want_files = fds + fds / 10;
+    out.push(item(
+        "fs.file-max",
+        file_max.is_some_and(|v| v >= want_files),
+        Status::Fail,
+        file_max.map_or("n/a".into(), |v| v.to_string()),
+        format!(">= {want_files} (system-wide)"),
+        format!("sysctl -w fs.file-max={want_files}"),
+    ));
+    let somaxconn = sysctl("net.core.somaxconn").and_then(|v| v.parse::<u64>().ok());
+    out.push(item(
+        "net.core.somaxconn",
+        somaxconn.is_some_and(|v| v >= backlog as u64),
+        Status::Warn,
+        somaxconn.map_or("n/a".into(), |v| v.to_string()),
+        format!(">= {backlog} (server.listen_backlog)"),
+        format!("sysctl -w net.core.somaxconn={backlog}: connect storms overflow a shorter queue"),
+    ));
+    let syn = sysctl("net.ipv4.tcp_max_syn_backlog").and_then(|v| v.parse::<u64>().ok());
+    out.push(item(
+        "net.ipv4.tcp_max_syn_backlog",
+        syn.is_some_and(|v| v >= backlog as u64),
+        Status::Warn,
+        syn.map_or("n/a".into(), |v| v.to_string()),
+        format!(">= {backlog}"),
+        format!("sysctl -w net.ipv4.tcp_max_syn_backlog={backlog}"),
+    ));
+    // tcp_mem's third field (pages) bounds all TCP buffer memory; an idle
+    // connection holds none, so budget 1 KiB each for the busy ones.
+    let page = 4096u64;
+    let tcp_mem_high = sysctl("net.ipv4.tcp_mem")
+        .and_then(|v| v.split_whitespace().nth(2).and_then(|x| x.parse::<u64>().ok()));
+    let want_pages = (connections * 1024).div_ceil(page);
+    out.push(item(
+        "net.ipv4.tcp_mem (max pages)",
+        tcp_mem_high.is_some_and(|v| v >= want_pages),
+        Status::Warn,
+        tcp_mem_high.map_or("n/a".into(), |v| v.to_string()),
+        format!(">= {want_pages} (1 KiB of buffers per connection)"),
+        "tuning/apply.sh sizes net.ipv4.tcp_mem from RAM".into(),
+    ));
+    let migrate = sysctl("net.ipv4.tcp_migrate_req");
+    out.push(item(
+        "net.ipv4.tcp_migrate_req",
+        migrate.as_deref() == Some("1"),
+        Status::Warn,
+        migrate.clone().unwrap_or_else(|| "n/a".into()),
+        "1 (zero-downtime restarts)".into(),
+        "sysctl -w net.ipv4.tcp_migrate_req=1: connections queued on a draining process move to the new one".into(),
+    ));
+    let disabled = sysctl("kernel.io_uring_disabled");
+    out.push(item(
+        "kernel.io_uring_disabled",
+        disabled.as_deref().is_none_or(|v| v == "0"),
+        Status::Warn,
+        disabled.clone().unwrap_or_else(|| "n/a (not present)".into()),
+        "0".into(),
+        "sysctl -w kernel.io_uring_disabled=0, or run with server.io_driver = \"epoll\"".into(),
+    ));
+    if let Some((major, minor)) = kernel_version() {
+        let old = (major, minor) < (5, 12);
+        out.push(item(
+            "kernel version",
+            (major, minor) >= (5, 11),
+            Status::Warn,
+            format!("{major}.{minor}"),
+            ">= 5.11 (io_uring features used); >= 5.14 for tcp_migrate_req".into(),
+            "upgrade the kernel, or run with server.io_driver = \"epoll\"".into(),
+        ));
+        if old {
+            let memlock = memlock_bytes().unwrap_or(0);
+            out.push(item(
+                "RLIMIT_MEMLOCK",
+                memlock >= (8 << 20) * workers as u64,
+                Status::Fail,
+                memlock.to_string(),
+                "io_uring rings are charged to it before 5.12".into(),
+                "LimitMEMLOCK=infinity in the systemd unit".into(),
+            ));
+        }
+    }
+    let (user, kernel) = memory_estimate(connections);
+    let avail = mem_available_bytes();
+    out.push(item(
+        "memory for idle connections",
+        avail.is_some_and(|a| a >= user + kernel),
+        Status::Fail,
+        avail.map_or("n/a".into(), |a| format!("{} MiB available", a >> 20)),
+        format!(
+            ">= {} MiB ({} MiB ours + {} MiB kernel, idle; busy sockets add up to 2 x 4 KiB each per direction)",
+            (user + kernel) >> 20,
+            user >> 20,
+            kernel >> 20
+        ),
+        "add memory or lower server.max_connections".into(),
+    ));
+    out
+}
+
+#[cfg(test)]
+mod audit_tests {
+    use super::*;
+
+    #[test]
+    fn a_small_load_passes_the_file_limit_and_a_huge_one_does_not() {
+        let (_, hard) = nofile_limits();
+        let small = audit(100, 2, 128);
+        assert_eq!(small[0].name, "RLIMIT_NOFILE (hard)");
+        assert_eq!(small[0].status, Status::Pass);
+        let huge = audit(hard, 2, 128);
+        assert_eq!(huge[0].status, Status::Fail, "{:?}", huge[0]);
+        assert!(huge[0].fix.contains("LimitNOFILE"), "{}", huge[0].fix);
     }
 }

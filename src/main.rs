@@ -45,6 +45,17 @@ enum Cmd {
         #[arg(long, default_value = "info")]
         log: String,
     },
+    /// Check this host for N connections: kernel values and limits, each
+    /// with the fix when it falls short, and the memory N idle connections
+    /// need. Exits 1 if anything fails.
+    Check {
+        /// Connections to plan for.
+        #[arg(long)]
+        connections: u64,
+        /// Configuration file (workers, backlog).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
     /// Mint a JWT (HS256) for a user, signed with the configured secret.
     Token {
         /// The user id (the token's `sub`).
@@ -163,10 +174,60 @@ fn serve(
         println!("development JWT secret in use: mint a token with `switchboard token --user alice`,");
         println!("or connect at once with `switchboard client --user alice --addr {}`", server.local_addr());
     }
-    let sig = wait_for_signal(&set);
-    tracing::info!(signal = sig, "signal received: closing connections (1001 going away)");
-    server.shutdown();
+    // First SIGTERM/SIGINT: drain (stop accepting, CLOSE 1001 with a
+    // reconnect hint spread over drain.window_ms, exit when the clients are
+    // gone). A second one: exit at once.
+    let handle = server.handle();
+    std::thread::spawn(move || {
+        let sig = wait_for_signal(&set);
+        tracing::info!(signal = sig, "signal received: draining (send it again to exit at once)");
+        handle.drain();
+        let sig = wait_for_signal(&set);
+        tracing::warn!(signal = sig, "second signal: exiting now");
+        std::process::exit(0);
+    });
+    server.join();
+    tracing::info!("drained; exiting");
     ExitCode::SUCCESS
+}
+
+fn check(connections: u64, config: Option<PathBuf>) -> ExitCode {
+    let cfg = match load_config(&config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("switchboard: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let workers = if cfg.server.workers == 0 {
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    } else {
+        cfg.server.workers
+    };
+    let items = switchboard::limits::audit(connections, workers, cfg.server.listen_backlog);
+    println!("switchboard check: {connections} connections, {workers} workers\n");
+    println!("{:<6} {:<30} {:<40} {}", "", "item", "have", "need");
+    for i in &items {
+        println!("{:<6} {:<30} {:<40} {}", i.status.label(), i.name, i.have, i.need);
+        if !i.fix.is_empty() {
+            println!("{:<6} {:<30} fix: {}", "", "", i.fix);
+        }
+    }
+    let (user, kernel) = switchboard::limits::memory_estimate(connections);
+    println!(
+        "\nmemory for {connections} idle connections: about {} MiB ({} MiB in the server, {} MiB in the kernel), from the measured per-connection figures",
+        (user + kernel) >> 20,
+        user >> 20,
+        kernel >> 20
+    );
+    let fails = items.iter().filter(|i| i.status == switchboard::limits::Status::Fail).count();
+    let warns = items.iter().filter(|i| i.status == switchboard::limits::Status::Warn).count();
+    println!("{fails} failing, {warns} warnings");
+    if fails > 0 {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    }
 }
 
 fn print_frame(f: &Frame<'_>) {
@@ -285,6 +346,7 @@ static TUNE_ALLOCATOR: extern "C" fn() = tune_allocator;
 fn main() -> ExitCode {
     match Cli::parse().cmd {
         Cmd::Serve { config, listen, workers, admin, log } => serve(config, listen, workers, admin, log),
+        Cmd::Check { connections, config } => check(connections, config),
         Cmd::Token { user, ttl_s, config, secret } => match mint(&config, secret, &user, ttl_s) {
             Ok(t) => {
                 println!("{t}");

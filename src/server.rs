@@ -104,6 +104,8 @@ pub(crate) struct Shared {
     pub authenticator: Arc<dyn Authenticator>,
     pub hook: Option<MessageHook>,
     pub shutdown: AtomicBool,
+    /// A graceful drain was requested (`Handle::drain`).
+    pub draining: AtomicBool,
     /// Message ids for pushes from handles; workers number their own with
     /// the worker index in the top bits (see `Worker::next_msg_id`).
     pub next_msg_id: AtomicU64,
@@ -193,7 +195,7 @@ impl Handle {
     }
 
     fn check_open(&self) -> Result<(), PushError> {
-        if self.shared.shutdown.load(Ordering::Acquire) {
+        if self.shared.shutdown.load(Ordering::Acquire) || self.shared.draining.load(Ordering::Acquire) {
             return Err(PushError::ShuttingDown);
         }
         Ok(())
@@ -411,9 +413,31 @@ impl Handle {
         self.shared.shutdown.load(Ordering::Acquire)
     }
 
+    /// Starts a graceful drain: workers stop accepting (with
+    /// `net.ipv4.tcp_migrate_req = 1`, connections still in their accept
+    /// queues move to another listener on the same port, e.g. the new
+    /// process of a restart), `/readyz` turns 503, and every connection gets
+    /// CLOSE 1001 with a reconnect hint, spread over `drain.window_ms`. The
+    /// workers exit when their connections are gone (or the window plus
+    /// `timeouts.close_linger_ms` has passed). Returns at once;
+    /// [`Server::join`] waits.
+    pub fn drain(&self) {
+        if !self.shared.draining.swap(true, Ordering::AcqRel) {
+            tracing::info!(window_ms = self.shared.config.drain.window_ms, "drain requested");
+        }
+        for mb in self.shared.mailboxes.iter() {
+            mb.wake();
+        }
+    }
+
+    /// Whether a drain has been requested.
+    pub fn is_draining(&self) -> bool {
+        self.shared.draining.load(Ordering::Acquire)
+    }
+
     /// Whether the server accepts new connections (what `/readyz` reports).
     pub fn is_ready(&self) -> bool {
-        !self.is_shutting_down()
+        !self.is_shutting_down() && !self.is_draining()
     }
 }
 

@@ -8,4 +8,6 @@
 
 pub mod codes;
 pub mod frame;
+pub mod json;
 pub mod session;
+pub mod ws;

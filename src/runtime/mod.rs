@@ -171,6 +171,13 @@ pub(crate) fn start(
     for w in &report.warnings {
         tracing::warn!("{w}");
     }
+    // The same audit `switchboard check` prints, for what start-up does not
+    // refuse on: each shortfall is logged with its fix.
+    for i in crate::limits::audit(report.max_connections as u64, workers, config.server.listen_backlog) {
+        if i.status != crate::limits::Status::Pass && i.name != "RLIMIT_NOFILE (hard)" {
+            tracing::warn!("check {}: have {}, need {}; fix: {}", i.name, i.have, i.need, i.fix);
+        }
+    }
     let max_conns_per_worker = report.max_connections.div_ceil(workers).clamp(1, MAX_SLOTS_PER_WORKER);
     let driver = choose_driver(&config)?;
 
@@ -207,6 +214,7 @@ pub(crate) fn start(
         authenticator,
         hook,
         shutdown: AtomicBool::new(false),
+        draining: AtomicBool::new(false),
         next_msg_id: AtomicU64::new(1),
         local_addr: bound,
         epoch: Instant::now(),

@@ -125,6 +125,11 @@ pub(crate) struct Worker {
     server_full: Bytes,
     /// Set at the very end of a shutdown: the tick loop exits.
     stopped: Cell<bool>,
+    /// The listening socket (for stopping it at a drain or shutdown).
+    listener_fd: Cell<RawFd>,
+    /// A drain task was started; it set `drained` when done.
+    drain_started: Cell<bool>,
+    drained: Cell<bool>,
     /// The poller saw the mailbox eventfd fire; the mailbox loop's waker.
     mailbox_ready: Cell<bool>,
     mailbox_waker: Cell<Option<std::task::Waker>>,
@@ -189,6 +194,9 @@ impl Worker {
             now: Cell::new(now),
             server_full: close_frame(CloseCode::ServerFull, CloseCode::ServerFull.reason()),
             stopped: Cell::new(false),
+            listener_fd: Cell::new(-1),
+            drain_started: Cell::new(false),
+            drained: Cell::new(false),
             mailbox_ready: Cell::new(false),
             mailbox_waker: Cell::new(None),
             shared,
@@ -220,8 +228,13 @@ impl Worker {
 
     // ---- accept -------------------------------------------------------------
 
+    /// A shutdown or a drain has begun: no new connections.
+    fn stopping(&self) -> bool {
+        self.shared.shutdown.load(Ordering::Acquire) || self.shared.draining.load(Ordering::Acquire)
+    }
+
     fn on_accept(&self, stream: TcpStream) {
-        if self.shared.shutdown.load(Ordering::Acquire) {
+        if self.stopping() {
             return;
         }
         // From here on the socket is a plain descriptor owned by its slot:
@@ -1328,7 +1341,7 @@ async fn accept_loop(w: Rc<Worker>, listener: Rc<TcpListener>) {
                 w.on_accept(stream);
             }
             Err(e) => {
-                if w.shared.shutdown.load(Ordering::Acquire) {
+                if w.stopping() {
                     return;
                 }
                 // EMFILE/ENFILE/ENOBUFS: back off instead of spinning.
@@ -1339,7 +1352,7 @@ async fn accept_loop(w: Rc<Worker>, listener: Rc<TcpListener>) {
                 monoio::time::sleep(Duration::from_millis(100)).await;
             }
         }
-        if w.shared.shutdown.load(Ordering::Acquire) {
+        if w.stopping() {
             return;
         }
     }
@@ -1375,14 +1388,18 @@ async fn mailbox_loop(w: Rc<Worker>) {
     let mut batch: std::collections::VecDeque<Command> = std::collections::VecDeque::with_capacity(MAILBOX_BATCH);
     let mut frames: Vec<Bytes> = Vec::with_capacity(MAX_IOV_PER_WRITE);
     loop {
-        if w.shared.shutdown.load(Ordering::Acquire) {
+        if w.shared.shutdown.load(Ordering::Acquire) || w.drained.get() {
             return;
+        }
+        if w.shared.draining.load(Ordering::Acquire) && !w.drain_started.replace(true) {
+            monoio::spawn(drain(w.clone()));
         }
         if mb.is_empty() {
             MailboxWake(&w).await;
             if w.stopped.get() {
                 return;
             }
+            continue;
         }
         mb.begin_drain(false);
         w.on_requests();
@@ -1432,6 +1449,61 @@ async fn mailbox_loop(w: Rc<Worker>) {
     }
 }
 
+/// A graceful drain: stop accepting, then CLOSE 1001 with a reconnect hint
+/// to every connection, spread over the drain window, then wait for the
+/// peers to close (bounded by the linger). The mailbox loop keeps running
+/// meanwhile (write-room requests, room commands); it ends when this sets
+/// `drained`.
+async fn drain(w: Rc<Worker>) {
+    let cfg = &w.shared.config;
+    // Closing the listener moves connections still in its accept queue to
+    // another listener of the port when net.ipv4.tcp_migrate_req = 1.
+    sys::shutdown(w.listener_fd.get(), libc::SHUT_RDWR);
+    // Logged-in connections first; those still logging in go last, so a
+    // client that connected just before the drain gets its LOGIN_OK (its
+    // attempt succeeded) before it is asked to reconnect.
+    let mut ids: Vec<(bool, u32, u32)> =
+        w.conns.borrow().iter().map(|(s, c)| (!c.session.is_active(), s as u32, c.generation)).collect();
+    ids.sort_unstable();
+    // At least 1,000 closes per second: a worker with few connections does
+    // not sit out the whole window.
+    let window = Duration::from_millis(cfg.drain.window_ms.min(ids.len() as u64));
+    let t0 = std::time::Instant::now();
+    let jitter = cfg.drain.reconnect_jitter_ms.max(1);
+    let mut rng = (w.id.0 as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ t0.elapsed().as_nanos() as u64;
+    let mut done = 0;
+    while done < ids.len() {
+        // Everyone whose share of the window has come.
+        let due = if window.is_zero() {
+            ids.len()
+        } else {
+            ((t0.elapsed().as_secs_f64() / window.as_secs_f64()) * ids.len() as f64).ceil() as usize
+        };
+        while done < due.min(ids.len()) {
+            let (_, slot, generation) = ids[done];
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            let reason = format!("server going away; reconnect_ms={}", rng % jitter);
+            w.begin_close(slot, generation, CloseCode::GoingAway, &reason);
+            done += 1;
+        }
+        w.flush_dirty();
+        if done < ids.len() {
+            monoio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    let deadline = std::time::Instant::now() + Duration::from_millis(cfg.timeouts.close_linger_ms);
+    while w.connection_count() > 0 && std::time::Instant::now() < deadline {
+        monoio::time::sleep(Duration::from_millis(5)).await;
+    }
+    w.drained.set(true);
+    w.mailbox_ready.set(true);
+    if let Some(waker) = w.mailbox_waker.take() {
+        waker.wake();
+    }
+}
+
 /// The worker's main future: accept, tick and mailbox loops until shutdown,
 /// then a graceful close of every connection.
 pub(crate) async fn run(
@@ -1463,6 +1535,7 @@ pub(crate) async fn run(
         Err(e) => return ready(Err(format!("cannot register the poller: {e}"))),
     };
     let w = Rc::new(Worker::new(id, shared.clone(), poller));
+    w.listener_fd.set(listener.as_raw_fd());
     for _ in 0..shared.config.server.accepts_per_worker {
         monoio::spawn(accept_loop(w.clone(), listener.clone()));
     }
@@ -1478,8 +1551,8 @@ pub(crate) async fn run(
     //    the pending accepts, so the accept loops return.
     sys::shutdown(listener.as_raw_fd(), libc::SHUT_RDWR);
     drop(listener);
-    // 2. CLOSE 1001 to everyone, then wait for peers to close, bounded by
-    //    the linger.
+    // 2. CLOSE 1001 to everyone (a drain did that already, spread out),
+    //    then wait for peers to close, bounded by the linger.
     w.close_all(CloseCode::GoingAway);
     let linger = Duration::from_millis(shared.config.timeouts.close_linger_ms);
     let deadline = std::time::Instant::now() + linger;

@@ -10,6 +10,7 @@
 
 mod capacity;
 mod relay;
+mod restart;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -111,6 +112,14 @@ enum Cmd {
         listen: SocketAddr,
         #[arg(long, default_value_t = 2)]
         workers: usize,
+    },
+    /// (test) A zero-downtime restart with connection attempts going on;
+    /// prints a JSON summary. Uses ports 7700-7702: run it in a private
+    /// network namespace with net.ipv4.tcp_migrate_req = 1.
+    #[command(hide = true)]
+    RestartCheck {
+        #[arg(long)]
+        switchboard: PathBuf,
     },
     /// (internal) One loader process, driven over stdin/stdout.
     #[command(hide = true)]
@@ -308,6 +317,7 @@ fn main() {
             run_capacity(full, out, switchboard, tokio, no_peers)
         }
         Cmd::CeilingRelay { listen, workers } => relay::run(listen, workers).map_err(|e| e.to_string()),
+        Cmd::RestartCheck { switchboard } => restart::run(switchboard),
         Cmd::Unicast { common, rate, duration_s, payload_bytes } => unicast(common, rate, duration_s, payload_bytes),
     };
     if let Err(e) = r {
