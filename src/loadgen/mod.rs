@@ -48,76 +48,35 @@ impl ProcStat {
         Some((f.get(11)?.parse().ok()?, f.get(12)?.parse().ok()?))
     }
 
-    /// (user, system) CPU time of a process in clock ticks (USER_HZ).
-    pub fn cpu_ticks(pid: u32) -> Option<(u64, u64)> {
-        Self::ticks_of(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
-    }
-
-    /// (user, system) CPU ticks summed over this process's threads whose
-    /// name starts with `prefix` (e.g. the `sb-worker-` threads of an
-    /// embedded server).
-    pub fn threads_cpu_ticks(prefix: &str) -> (u64, u64) {
-        let mut total = (0, 0);
-        let Ok(dir) = std::fs::read_dir("/proc/self/task") else { return total };
+    /// Sums schedstat nanoseconds and utime/stime ticks over the task
+    /// directories in `/proc/<pid>/task` that `keep` accepts (by `comm`).
+    fn sum_tasks(task_dir: &str, keep: impl Fn(&str) -> bool) -> ThreadCpu {
+        let mut c = ThreadCpu::default();
+        let Ok(dir) = std::fs::read_dir(task_dir) else { return c };
         for t in dir.flatten() {
             let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
-            if !comm.starts_with(prefix) {
+            if !keep(&comm) {
                 continue;
             }
-            if let Some((u, s)) =
-                std::fs::read_to_string(t.path().join("stat")).ok().as_deref().and_then(Self::ticks_of)
+            let sched = std::fs::read_to_string(t.path().join("schedstat")).unwrap_or_default();
+            c.total_ns += sched.split_whitespace().next().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+            if let Some((u, s)) = std::fs::read_to_string(t.path().join("stat")).ok().as_deref().and_then(Self::ticks_of)
             {
-                total.0 += u;
-                total.1 += s;
+                c.utime += u;
+                c.stime += s;
             }
         }
-        total
+        c
     }
 
     /// CPU time so far of this process's threads named `prefix*`.
     pub fn threads_cpu(prefix: &str) -> ThreadCpu {
-        let mut c = ThreadCpu::default();
-        let Ok(dir) = std::fs::read_dir("/proc/self/task") else { return c };
-        for t in dir.flatten() {
-            let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
-            if !comm.starts_with(prefix) {
-                continue;
-            }
-            let sched = std::fs::read_to_string(t.path().join("schedstat")).unwrap_or_default();
-            c.total_ns += sched.split_whitespace().next().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-            if let Some((u, s)) =
-                std::fs::read_to_string(t.path().join("stat")).ok().as_deref().and_then(Self::ticks_of)
-            {
-                c.utime += u;
-                c.stime += s;
-            }
-        }
-        c
+        Self::sum_tasks("/proc/self/task", |comm| comm.starts_with(prefix))
     }
 
-    /// CPU time so far of every thread of process `pid` (same method as
-    /// [`ProcStat::threads_cpu`]).
+    /// CPU time so far of every thread of process `pid`.
     pub fn process_cpu(pid: u32) -> ThreadCpu {
-        let mut c = ThreadCpu::default();
-        let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return c };
-        for t in dir.flatten() {
-            let sched = std::fs::read_to_string(t.path().join("schedstat")).unwrap_or_default();
-            c.total_ns += sched.split_whitespace().next().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-            if let Some((u, s)) =
-                std::fs::read_to_string(t.path().join("stat")).ok().as_deref().and_then(Self::ticks_of)
-            {
-                c.utime += u;
-                c.stime += s;
-            }
-        }
-        c
-    }
-
-    /// Nanoseconds per clock tick of the CPU figures above.
-    pub fn ns_per_tick() -> f64 {
-        // SAFETY: sysconf has no memory-safety preconditions.
-        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-        1e9 / if hz > 0 { hz as f64 } else { 100.0 }
+        Self::sum_tasks(&format!("/proc/{pid}/task"), |_| true)
     }
 
     /// Kernel slab memory in bytes (`Slab:` of /proc/meminfo).
@@ -352,6 +311,18 @@ impl Fleet {
             }
         }
         Ok(out)
+    }
+
+    /// Starts open-loop unicast on every loader, the total `rate_per_s`
+    /// split between them; `wait_sent` waits for the end.
+    pub fn start_unicast(&mut self, rate_per_s: u64, duration_ms: u64, users_total: u32, payload_bytes: usize, seed: u64) {
+        let procs = self.len() as u64;
+        for k in 0..self.len() {
+            let share = rate_per_s / procs + u64::from((k as u64) < rate_per_s % procs);
+            let cmd =
+                Command::Unicast { rate_per_s: share, duration_ms, users_total, payload_bytes, seed: seed + k as u64 };
+            self.send(k, &cmd);
+        }
     }
 
     /// Waits for every loader's `Sent` after a sending command; returns

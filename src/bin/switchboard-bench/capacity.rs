@@ -595,22 +595,9 @@ impl Runner {
 
 fn unicast_step(fleet: &mut Fleet, pid: u32, users: u32, rate: u64, secs: u64) -> Result<Value, String> {
     let _ = fleet.collect()?;
-    let procs = fleet.len() as u64;
     let cpu0 = ProcStat::process_cpu(pid);
     let t0 = Instant::now();
-    for k in 0..fleet.len() {
-        let share = rate / procs + u64::from((k as u64) < rate % procs);
-        fleet.send(
-            k,
-            &Command::Unicast {
-                rate_per_s: share,
-                duration_ms: secs * 1000,
-                users_total: users,
-                payload_bytes: 64,
-                seed: 0x5EED + k as u64 + rate,
-            },
-        );
-    }
+    fleet.start_unicast(rate, secs * 1000, users, 64, 0x5EED + rate);
     let (sent, blocked) = fleet.wait_sent()?;
     std::thread::sleep(Duration::from_millis(500));
     let elapsed = t0.elapsed().as_secs_f64() - 0.5;

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
 use serde_json::json;
-use switchboard::loadgen::{loader, percentiles, Command, Fleet, FleetSpec, ProcStat};
+use switchboard::loadgen::{loader, percentiles, Fleet, FleetSpec, ProcStat};
 
 #[derive(Parser)]
 #[command(name = "switchboard-bench", about = "Load generator for Switchboard (raw TCP protocol v1)")]
@@ -220,36 +220,25 @@ fn idle(common: Common, settle_s: u64, hold_s: u64, warmup: u32) -> Result<(), S
 
 fn unicast(common: Common, rate: u64, duration_s: u64, payload_bytes: usize) -> Result<(), String> {
     let mut fleet = Fleet::spawn(&common.spec()?).map_err(|e| e.to_string())?;
-    let procs = fleet.len() as u64;
     let (ready, _failed, _) = fleet.wait_ready(Duration::from_secs(common.ramp_timeout_s))?;
     fleet.collect()?; // reset
-    let cpu0 = common.server_pid.and_then(ProcStat::cpu_ticks);
+    let cpu0 = common.server_pid.map(ProcStat::process_cpu);
     let t0 = Instant::now();
-    for k in 0..fleet.len() {
-        let share = rate / procs + u64::from((k as u64) < rate % procs);
-        fleet.send(
-            k,
-            &Command::Unicast {
-                rate_per_s: share,
-                duration_ms: duration_s * 1000,
-                users_total: common.connections,
-                payload_bytes,
-                seed: 0x9E37_79B9 + k as u64,
-            },
-        );
-    }
+    fleet.start_unicast(rate, duration_s * 1000, common.connections, payload_bytes, 0x9E37_79B9);
     let (sent, blocked) = fleet.wait_sent()?;
     std::thread::sleep(Duration::from_millis(500)); // in-flight deliveries
     let elapsed = t0.elapsed();
-    let cpu1 = common.server_pid.and_then(ProcStat::cpu_ticks);
+    let cpu1 = common.server_pid.map(ProcStat::process_cpu);
     let c = fleet.collect()?;
     fleet.quit();
-    let tck = ProcStat::ns_per_tick();
     let cpu = match (cpu0, cpu1) {
-        (Some(a), Some(b)) if c.received > 0 => json!({
-            "server_user_ns_per_msg": (b.0 - a.0) as f64 * tck / c.received as f64,
-            "server_sys_ns_per_msg": (b.1 - a.1) as f64 * tck / c.received as f64,
-        }),
+        (Some(a), Some(b)) if c.received > 0 => {
+            let (user, sys) = b.since(&a);
+            json!({
+                "server_user_ns_per_msg": user / c.received as f64,
+                "server_sys_ns_per_msg": sys / c.received as f64,
+            })
+        }
         _ => json!(null),
     };
     finish(
