@@ -1,1 +1,814 @@
-//! placeholder
+//! JSON encoding of protocol v1 messages, carried in WebSocket text frames.
+//!
+//! Owns: the JSON shape of every message a WebSocket client sends or receives
+//! (field names as in `docs/PROTOCOL.md`, in snake_case, with a `"type"`
+//! field naming the message) and its mapping to and from [`Frame`], so the
+//! server handles both transports with one code path: parse a text message
+//! into a [`ClientFrame`], act on [`ClientFrame::as_frame`]; encode what it
+//! would send as a [`Frame`] with [`encode_json`].
+//! Must not: do I/O, keep state, or panic on any input. It applies the binary
+//! decoder's field rules (non-empty user ids and room names of at most 255
+//! bytes, PING data of at most 64 bytes, …), so every [`ClientFrame`] is a
+//! frame the raw protocol could have carried.
+//!
+//! Client → server (one JSON object per text message; unknown fields are
+//! ignored, `null` is the same as absent):
+//!
+//! | `type`        | fields |
+//! |---------------|--------|
+//! | `login`       | `user`, `token` (strings) |
+//! | `ping`        | `data` (string) or `data_b64`, optional |
+//! | `send`        | `req_id`?, `to`, `payload` or `payload_b64` |
+//! | `message`     | `req_id`?, `payload` or `payload_b64` |
+//! | `subscribe`   | `req_id`?, `room` |
+//! | `unsubscribe` | `req_id`?, `room` |
+//! | `publish`     | `req_id`?, `room`, `payload` or `payload_b64` |
+//! | `close`       | `code`? (default 1000), `reason`? (default empty) |
+//!
+//! `req_id` is an integer 0..=2^32-1, default 0. `payload` is UTF-8 text;
+//! `payload_b64` (standard base64, padded) carries binary instead.
+//!
+//! Server → client: `login_ok`, `login_error`, `pong`, `push`, `send_ack`,
+//! `error`, `room_ack`, `room_msg`, `skipped`, with the frame's fields.
+//! `msg_id` and `conn_id` are JSON strings (a u64 does not fit JavaScript's
+//! 2^53); a payload (or PONG data) is `payload` when it is valid UTF-8, else
+//! `payload_b64`; ROOM_ACK's `op` is `"subscribed"`, `"unsubscribed"` or
+//! `"published"`. PING and CLOSE have no JSON form: the server sends a
+//! WebSocket ping or close frame instead.
+//!
+//! Close codes for a [`JsonError`] ([`JsonError::close_code`]): 1007 for a
+//! message that is not UTF-8 (a text frame never is: the WebSocket decoder
+//! refuses it first), 1002 for everything else — the code the raw protocol
+//! uses for a malformed frame. A well-formed message not allowed now (SEND
+//! before LOGIN, a second LOGIN) is the session's business: 4006, as on the
+//! raw protocol.
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine as _;
+use serde_json::{Map, Value};
+use thiserror::Error;
+
+use super::frame::{Frame, FrameType, RoomOp, MAX_PING_DATA, MAX_USER_ID_BYTES};
+use super::ws::close;
+
+/// Longest room name in bytes (the `str8` limit).
+pub const MAX_ROOM_BYTES: usize = 255;
+/// Longest close reason in bytes (the `str8` limit).
+pub const MAX_REASON_BYTES: usize = 255;
+/// Longest LOGIN token in bytes (the `bytes16` limit; the built-in JWT check
+/// refuses more than 4096 with LOGIN_ERROR 1).
+pub const MAX_TOKEN_BYTES: usize = u16::MAX as usize;
+/// Longest unknown `type` value quoted in an error.
+const MAX_TYPE_IN_ERROR: usize = 32;
+
+/// A client message parsed from JSON, owning its fields.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ClientFrame {
+    Login { user: String, token: String },
+    Ping { data: Vec<u8> },
+    Send { req_id: u32, to: String, payload: Vec<u8> },
+    Message { req_id: u32, payload: Vec<u8> },
+    Subscribe { req_id: u32, room: String },
+    Unsubscribe { req_id: u32, room: String },
+    Publish { req_id: u32, room: String, payload: Vec<u8> },
+    Close { code: u16, reason: String },
+}
+
+/// Why a text message is not a valid client message.
+#[derive(Clone, Debug, PartialEq, Eq, Error)]
+pub enum JsonError {
+    #[error("message is not valid UTF-8")]
+    NotUtf8,
+    #[error("message is not JSON: {0}")]
+    Syntax(String),
+    #[error("message is not a JSON object")]
+    NotObject,
+    #[error("message has no string field `type`")]
+    NoType,
+    #[error("unknown message type {0:?}")]
+    UnknownType(String),
+    #[error("{ty} message is missing field `{field}`")]
+    MissingField { ty: &'static str, field: &'static str },
+    #[error("{ty} field `{field}` must be {expected}")]
+    WrongType { ty: &'static str, field: &'static str, expected: &'static str },
+    #[error("{ty} field `{field}` must not be empty")]
+    EmptyField { ty: &'static str, field: &'static str },
+    #[error("{ty} field `{field}` is longer than {max} bytes")]
+    FieldTooLong { ty: &'static str, field: &'static str, max: usize },
+    #[error("{ty} field `{field}` is not valid base64")]
+    BadBase64 { ty: &'static str, field: &'static str },
+    #[error("{ty} message has both `{field}` and `{field}_b64`")]
+    Ambiguous { ty: &'static str, field: &'static str },
+}
+
+impl JsonError {
+    /// The WebSocket close code for this error: 1007 for non-UTF-8, 1002
+    /// (protocol error, as for a malformed raw frame) otherwise.
+    pub fn close_code(&self) -> u16 {
+        match self {
+            JsonError::NotUtf8 => close::INVALID_PAYLOAD,
+            _ => close::PROTOCOL_ERROR,
+        }
+    }
+}
+
+/// The fields of one message, taken out one by one with the message's type
+/// named in every error.
+struct Fields {
+    obj: Map<String, Value>,
+    ty: &'static str,
+}
+
+impl Fields {
+    /// The field's value; `null` counts as absent.
+    fn take(&mut self, field: &str) -> Option<Value> {
+        match self.obj.remove(field) {
+            Some(Value::Null) | None => None,
+            v => v,
+        }
+    }
+
+    fn wrong(&self, field: &'static str, expected: &'static str) -> JsonError {
+        JsonError::WrongType { ty: self.ty, field, expected }
+    }
+
+    fn opt_string(&mut self, field: &'static str) -> Result<Option<String>, JsonError> {
+        match self.take(field) {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s)),
+            Some(_) => Err(self.wrong(field, "a string")),
+        }
+    }
+
+    fn string(&mut self, field: &'static str) -> Result<String, JsonError> {
+        self.opt_string(field)?.ok_or(JsonError::MissingField { ty: self.ty, field })
+    }
+
+    fn check_len(&self, field: &'static str, len: usize, max: usize) -> Result<(), JsonError> {
+        if len > max {
+            return Err(JsonError::FieldTooLong { ty: self.ty, field, max });
+        }
+        Ok(())
+    }
+
+    /// A user id or room name: 1 to `max` bytes.
+    fn name(&mut self, field: &'static str, max: usize) -> Result<String, JsonError> {
+        let s = self.string(field)?;
+        if s.is_empty() {
+            return Err(JsonError::EmptyField { ty: self.ty, field });
+        }
+        self.check_len(field, s.len(), max)?;
+        Ok(s)
+    }
+
+    /// An optional unsigned integer, at most `max`.
+    fn opt_uint(&mut self, field: &'static str, max: u64, expected: &'static str) -> Result<Option<u64>, JsonError> {
+        match self.take(field) {
+            None => Ok(None),
+            Some(Value::Number(n)) => match n.as_u64() {
+                Some(v) if v <= max => Ok(Some(v)),
+                _ => Err(self.wrong(field, expected)),
+            },
+            Some(_) => Err(self.wrong(field, expected)),
+        }
+    }
+
+    fn req_id(&mut self) -> Result<u32, JsonError> {
+        let v = self.opt_uint("req_id", u32::MAX as u64, "an integer from 0 to 4294967295")?;
+        Ok(v.unwrap_or(0) as u32)
+    }
+
+    /// `field` as UTF-8 text or `field_b64` as base64, not both.
+    fn opt_bytes(&mut self, field: &'static str, b64_field: &'static str) -> Result<Option<Vec<u8>>, JsonError> {
+        let text = self.opt_string(field)?;
+        let b64 = self.opt_string(b64_field)?;
+        match (text, b64) {
+            (Some(_), Some(_)) => Err(JsonError::Ambiguous { ty: self.ty, field }),
+            (Some(t), None) => Ok(Some(t.into_bytes())),
+            (None, Some(b)) => {
+                STANDARD.decode(b).map(Some).map_err(|_| JsonError::BadBase64 { ty: self.ty, field: b64_field })
+            }
+            (None, None) => Ok(None),
+        }
+    }
+
+    fn payload(&mut self) -> Result<Vec<u8>, JsonError> {
+        self.opt_bytes("payload", "payload_b64")?.ok_or(JsonError::MissingField { ty: self.ty, field: "payload" })
+    }
+}
+
+impl ClientFrame {
+    /// Parses one client message from the text of a WebSocket text message.
+    pub fn parse(text: &str) -> Result<ClientFrame, JsonError> {
+        // serde_json limits nesting (128 levels), so no input overflows the
+        // stack.
+        let value: Value = serde_json::from_str(text).map_err(|e| JsonError::Syntax(e.to_string()))?;
+        let Value::Object(mut obj) = value else { return Err(JsonError::NotObject) };
+        let ty = match obj.remove("type") {
+            Some(Value::String(s)) => s,
+            _ => return Err(JsonError::NoType),
+        };
+        let ty: &'static str = match ty.as_str() {
+            "login" => "login",
+            "ping" => "ping",
+            "send" => "send",
+            "message" => "message",
+            "subscribe" => "subscribe",
+            "unsubscribe" => "unsubscribe",
+            "publish" => "publish",
+            "close" => "close",
+            other => return Err(JsonError::UnknownType(other.chars().take(MAX_TYPE_IN_ERROR).collect())),
+        };
+        let mut f = Fields { obj, ty };
+        Ok(match ty {
+            "login" => {
+                let user = f.name("user", MAX_USER_ID_BYTES)?;
+                let token = f.string("token")?;
+                f.check_len("token", token.len(), MAX_TOKEN_BYTES)?;
+                ClientFrame::Login { user, token }
+            }
+            "ping" => {
+                let data = f.opt_bytes("data", "data_b64")?.unwrap_or_default();
+                f.check_len("data", data.len(), MAX_PING_DATA)?;
+                ClientFrame::Ping { data }
+            }
+            "send" => {
+                ClientFrame::Send { req_id: f.req_id()?, to: f.name("to", MAX_USER_ID_BYTES)?, payload: f.payload()? }
+            }
+            "message" => ClientFrame::Message { req_id: f.req_id()?, payload: f.payload()? },
+            "subscribe" => ClientFrame::Subscribe { req_id: f.req_id()?, room: f.name("room", MAX_ROOM_BYTES)? },
+            "unsubscribe" => ClientFrame::Unsubscribe { req_id: f.req_id()?, room: f.name("room", MAX_ROOM_BYTES)? },
+            "publish" => ClientFrame::Publish {
+                req_id: f.req_id()?,
+                room: f.name("room", MAX_ROOM_BYTES)?,
+                payload: f.payload()?,
+            },
+            _ => {
+                let code = f.opt_uint("code", u16::MAX as u64, "an integer from 0 to 65535")?;
+                let reason = f.opt_string("reason")?.unwrap_or_default();
+                f.check_len("reason", reason.len(), MAX_REASON_BYTES)?;
+                ClientFrame::Close { code: code.map_or(close::NORMAL, |c| c as u16), reason }
+            }
+        })
+    }
+
+    /// [`ClientFrame::parse`] for bytes not yet known to be UTF-8.
+    pub fn parse_bytes(bytes: &[u8]) -> Result<ClientFrame, JsonError> {
+        ClientFrame::parse(std::str::from_utf8(bytes).map_err(|_| JsonError::NotUtf8)?)
+    }
+
+    /// The raw-protocol frame this message stands for, borrowing from it.
+    pub fn as_frame(&self) -> Frame<'_> {
+        match self {
+            ClientFrame::Login { user, token } => Frame::Login { user, token: token.as_bytes() },
+            ClientFrame::Ping { data } => Frame::Ping { data },
+            ClientFrame::Send { req_id, to, payload } => Frame::Send { req_id: *req_id, to, payload },
+            ClientFrame::Message { req_id, payload } => Frame::Message { req_id: *req_id, payload },
+            ClientFrame::Subscribe { req_id, room } => Frame::Subscribe { req_id: *req_id, room },
+            ClientFrame::Unsubscribe { req_id, room } => Frame::Unsubscribe { req_id: *req_id, room },
+            ClientFrame::Publish { req_id, room, payload } => Frame::Publish { req_id: *req_id, room, payload },
+            ClientFrame::Close { code, reason } => Frame::Close { code: *code, reason },
+        }
+    }
+}
+
+/// The JSON `type` of a frame: its protocol name in snake_case
+/// (`ROOM_MSG` → `room_msg`).
+pub fn type_name(ty: FrameType) -> &'static str {
+    match ty {
+        FrameType::Login => "login",
+        FrameType::LoginOk => "login_ok",
+        FrameType::LoginError => "login_error",
+        FrameType::Ping => "ping",
+        FrameType::Pong => "pong",
+        FrameType::Push => "push",
+        FrameType::Send => "send",
+        FrameType::SendAck => "send_ack",
+        FrameType::Message => "message",
+        FrameType::Close => "close",
+        FrameType::Error => "error",
+        FrameType::Subscribe => "subscribe",
+        FrameType::Unsubscribe => "unsubscribe",
+        FrameType::RoomAck => "room_ack",
+        FrameType::Publish => "publish",
+        FrameType::RoomMsg => "room_msg",
+        FrameType::Skipped => "skipped",
+    }
+}
+
+/// ROOM_ACK `op` in JSON.
+pub fn op_name(op: RoomOp) -> &'static str {
+    match op {
+        RoomOp::Subscribed => "subscribed",
+        RoomOp::Unsubscribed => "unsubscribed",
+        RoomOp::Published => "published",
+    }
+}
+
+/// Appends `s` as a JSON string: `"` and `\` escaped, control characters as
+/// `\n`, `\r`, `\t`, `\b`, `\f` or `\u00XX`, everything else as is.
+fn push_json_str(out: &mut String, s: &str) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    out.push('"');
+    let mut start = 0;
+    for (i, b) in s.bytes().enumerate() {
+        let short = match b {
+            b'"' => "\\\"",
+            b'\\' => "\\\\",
+            b'\n' => "\\n",
+            b'\r' => "\\r",
+            b'\t' => "\\t",
+            0x08 => "\\b",
+            0x0c => "\\f",
+            0x00..=0x1f => "",
+            _ => continue,
+        };
+        // Every escaped byte is ASCII, so `i` and `i + 1` are char boundaries.
+        out.push_str(&s[start..i]);
+        if short.is_empty() {
+            out.push_str("\\u00");
+            out.push(HEX[(b >> 4) as usize] as char);
+            out.push(HEX[(b & 0xf) as usize] as char);
+        } else {
+            out.push_str(short);
+        }
+        start = i + 1;
+    }
+    out.push_str(&s[start..]);
+    out.push('"');
+}
+
+/// Builds one JSON object, `type` first, fields in protocol order.
+struct Obj(String);
+
+impl Obj {
+    fn new(ty: FrameType, capacity: usize) -> Obj {
+        let mut s = String::with_capacity(capacity);
+        s.push_str("{\"type\":\"");
+        s.push_str(type_name(ty));
+        s.push('"');
+        Obj(s)
+    }
+
+    fn key(&mut self, k: &str) -> &mut Obj {
+        self.0.push_str(",\"");
+        self.0.push_str(k);
+        self.0.push_str("\":");
+        self
+    }
+
+    fn num(&mut self, k: &str, v: u64) -> &mut Obj {
+        self.key(k).0.push_str(&v.to_string());
+        self
+    }
+
+    /// A u64 as a string: exact in JavaScript.
+    fn id(&mut self, k: &str, v: u64) -> &mut Obj {
+        let s = &mut self.key(k).0;
+        s.push('"');
+        s.push_str(&v.to_string());
+        s.push('"');
+        self
+    }
+
+    fn str(&mut self, k: &str, v: &str) -> &mut Obj {
+        push_json_str(&mut self.key(k).0, v);
+        self
+    }
+
+    /// `k` as a string when `v` is UTF-8, else `k_b64` in base64.
+    fn bytes(&mut self, k: &str, k_b64: &str, v: &[u8]) -> &mut Obj {
+        match std::str::from_utf8(v) {
+            Ok(s) => self.str(k, s),
+            Err(_) => {
+                let s = &mut self.key(k_b64).0;
+                s.push('"');
+                STANDARD.encode_string(v, s);
+                s.push('"');
+                self
+            }
+        }
+    }
+
+    fn finish(mut self) -> String {
+        self.0.push('}');
+        self.0
+    }
+}
+
+/// The JSON text of a server→client frame, for a WebSocket text message.
+/// `None` for PING and CLOSE (sent as WebSocket ping and close frames) and
+/// for frames only a client sends.
+pub fn encode_json(frame: &Frame<'_>) -> Option<String> {
+    // Room for the keys, plus base64's growth of the variable fields.
+    let mut o = Obj::new(frame.frame_type(), 96 + frame.body_len() * 4 / 3);
+    match *frame {
+        Frame::LoginOk { conn_id, heartbeat_interval_ms, idle_timeout_ms, max_frame_bytes } => {
+            o.id("conn_id", conn_id)
+                .num("heartbeat_interval_ms", heartbeat_interval_ms as u64)
+                .num("idle_timeout_ms", idle_timeout_ms as u64)
+                .num("max_frame_bytes", max_frame_bytes as u64);
+        }
+        Frame::LoginError { code, reason } => {
+            o.num("code", code as u64).str("reason", reason);
+        }
+        Frame::Pong { data } => {
+            o.bytes("data", "data_b64", data);
+        }
+        Frame::Push { msg_id, from, payload } => {
+            o.id("msg_id", msg_id).str("from", from).bytes("payload", "payload_b64", payload);
+        }
+        Frame::SendAck { req_id, delivered } => {
+            o.num("req_id", req_id as u64).num("delivered", delivered as u64);
+        }
+        Frame::Error { code, req_id, reason } => {
+            o.num("code", code as u64).num("req_id", req_id as u64).str("reason", reason);
+        }
+        Frame::RoomAck { req_id, op, room } => {
+            o.num("req_id", req_id as u64).str("op", op_name(op)).str("room", room);
+        }
+        Frame::RoomMsg { msg_id, room, from, payload } => {
+            o.id("msg_id", msg_id).str("room", room).str("from", from).bytes("payload", "payload_b64", payload);
+        }
+        Frame::Skipped { count } => {
+            o.num("count", count as u64);
+        }
+        Frame::Ping { .. }
+        | Frame::Close { .. }
+        | Frame::Login { .. }
+        | Frame::Send { .. }
+        | Frame::Message { .. }
+        | Frame::Subscribe { .. }
+        | Frame::Unsubscribe { .. }
+        | Frame::Publish { .. } => return None,
+    }
+    Some(o.finish())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    fn parse(s: &str) -> Result<ClientFrame, JsonError> {
+        ClientFrame::parse(s)
+    }
+
+    fn err(s: &str) -> (JsonError, u16) {
+        let e = parse(s).unwrap_err();
+        let code = e.close_code();
+        (e, code)
+    }
+
+    #[test]
+    fn every_client_message_parses_to_its_frame() {
+        let cases: [(&str, Frame<'_>); 12] = [
+            (r#"{"type":"login","user":"alice","token":"t0k"}"#, Frame::Login { user: "alice", token: b"t0k" }),
+            (r#"{"type":"ping"}"#, Frame::Ping { data: b"" }),
+            (r#"{"type":"ping","data":"12345"}"#, Frame::Ping { data: b"12345" }),
+            (r#"{"type":"ping","data_b64":"AAAwOQ=="}"#, Frame::Ping { data: &[0, 0, 0x30, 0x39] }),
+            (
+                r#"{"type":"send","req_id":7,"to":"bob","payload":"hi"}"#,
+                Frame::Send { req_id: 7, to: "bob", payload: b"hi" },
+            ),
+            (
+                r#"{"type":"send","to":"bob","payload_b64":"/wA="}"#,
+                Frame::Send { req_id: 0, to: "bob", payload: &[0xff, 0] },
+            ),
+            (
+                r#"{"type":"message","req_id":5,"payload":"{\"op\":1}"}"#,
+                Frame::Message { req_id: 5, payload: b"{\"op\":1}" },
+            ),
+            (r#"{"type":"subscribe","req_id":1,"room":"lobby"}"#, Frame::Subscribe { req_id: 1, room: "lobby" }),
+            (r#"{"type":"unsubscribe","room":"lobby","req_id":null}"#, Frame::Unsubscribe { req_id: 0, room: "lobby" }),
+            (
+                r#"{"room":"lobby","payload":"hi all","type":"publish","req_id":4294967295,"extra":[1]}"#,
+                Frame::Publish { req_id: u32::MAX, room: "lobby", payload: b"hi all" },
+            ),
+            (r#"{"type":"close"}"#, Frame::Close { code: 1000, reason: "" }),
+            (r#" {"type":"close","code":4000,"reason":"bye"} "#, Frame::Close { code: 4000, reason: "bye" }),
+        ];
+        for (text, frame) in cases {
+            assert_eq!(parse(text).map(|c| c.as_frame().to_bytes().unwrap()), Ok(frame.to_bytes().unwrap()), "{text}");
+            assert_eq!(parse(text).unwrap().as_frame(), frame, "{text}");
+        }
+    }
+
+    #[test]
+    fn json_maps_to_the_documented_binary_frames() {
+        // The hex examples of docs/PROTOCOL.md, reached from JSON.
+        let bin = |s: &str| parse(s).unwrap().as_frame().to_bytes().unwrap().to_vec();
+        assert_eq!(
+            bin(r#"{"type":"login","user":"alice","token":"t0k"}"#),
+            [0, 0, 0, 0x0d, 1, 1, 5, b'a', b'l', b'i', b'c', b'e', 0, 3, b't', b'0', b'k']
+        );
+        assert_eq!(
+            bin(r#"{"type":"send","req_id":7,"to":"bob","payload":"hi"}"#),
+            [0, 0, 0, 0x0c, 1, 7, 0, 0, 0, 7, 3, b'b', b'o', b'b', b'h', b'i']
+        );
+        assert_eq!(
+            bin(r#"{"type":"subscribe","req_id":1,"room":"lobby"}"#),
+            [0, 0, 0, 0x0c, 1, 0x10, 0, 0, 0, 1, 5, b'l', b'o', b'b', b'b', b'y']
+        );
+    }
+
+    #[test]
+    fn malformed_messages_name_the_problem() {
+        assert!(matches!(err("{"), (JsonError::Syntax(_), 1002)));
+        assert!(matches!(err(""), (JsonError::Syntax(_), 1002)));
+        assert_eq!(err("[1,2]"), (JsonError::NotObject, 1002));
+        assert_eq!(err(r#""login""#), (JsonError::NotObject, 1002));
+        assert_eq!(err(r#"{"user":"a"}"#), (JsonError::NoType, 1002));
+        assert_eq!(err(r#"{"type":7}"#), (JsonError::NoType, 1002));
+        assert_eq!(err(r#"{"type":"LOGIN"}"#), (JsonError::UnknownType("LOGIN".into()), 1002));
+        assert_eq!(err(r#"{"type":"pong"}"#), (JsonError::UnknownType("pong".into()), 1002));
+        assert_eq!(err(r#"{"type":"push","payload":"x"}"#), (JsonError::UnknownType("push".into()), 1002));
+        let long = format!(r#"{{"type":"{}"}}"#, "x".repeat(100));
+        assert_eq!(err(&long), (JsonError::UnknownType("x".repeat(32)), 1002));
+        assert_eq!(
+            err(r#"{"type":"login","user":"a"}"#),
+            (JsonError::MissingField { ty: "login", field: "token" }, 1002)
+        );
+        assert_eq!(
+            err(r#"{"type":"login","user":5,"token":"t"}"#),
+            (JsonError::WrongType { ty: "login", field: "user", expected: "a string" }, 1002)
+        );
+        assert_eq!(
+            err(r#"{"type":"send","to":"bob"}"#),
+            (JsonError::MissingField { ty: "send", field: "payload" }, 1002)
+        );
+        assert_eq!(
+            err(r#"{"type":"message","payload":[104,105]}"#),
+            (JsonError::WrongType { ty: "message", field: "payload", expected: "a string" }, 1002)
+        );
+        assert_eq!(
+            err(r#"{"type":"message","payload":"a","payload_b64":"YQ=="}"#),
+            (JsonError::Ambiguous { ty: "message", field: "payload" }, 1002)
+        );
+        assert_eq!(
+            err(r#"{"type":"message","payload_b64":"not base64!"}"#),
+            (JsonError::BadBase64 { ty: "message", field: "payload_b64" }, 1002)
+        );
+        for bad in ["-1", "4294967296", "1.5", "\"7\"", "true"] {
+            let text = format!(r#"{{"type":"subscribe","room":"r","req_id":{bad}}}"#);
+            assert_eq!(
+                err(&text),
+                (
+                    JsonError::WrongType {
+                        ty: "subscribe",
+                        field: "req_id",
+                        expected: "an integer from 0 to 4294967295"
+                    },
+                    1002
+                ),
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            err(r#"{"type":"close","code":65536}"#),
+            (JsonError::WrongType { ty: "close", field: "code", expected: "an integer from 0 to 65535" }, 1002)
+        );
+    }
+
+    #[test]
+    fn names_follow_the_binary_rules() {
+        assert_eq!(
+            err(r#"{"type":"login","user":"","token":"t"}"#),
+            (JsonError::EmptyField { ty: "login", field: "user" }, 1002)
+        );
+        assert_eq!(
+            err(r#"{"type":"send","to":"","payload":""}"#),
+            (JsonError::EmptyField { ty: "send", field: "to" }, 1002)
+        );
+        assert_eq!(
+            err(r#"{"type":"subscribe","room":""}"#),
+            (JsonError::EmptyField { ty: "subscribe", field: "room" }, 1002)
+        );
+        let room255 = "r".repeat(255);
+        assert!(parse(&format!(r#"{{"type":"publish","room":"{room255}","payload":""}}"#)).is_ok());
+        let room256 = "é".repeat(128);
+        assert_eq!(
+            err(&format!(r#"{{"type":"unsubscribe","room":"{room256}"}}"#)),
+            (JsonError::FieldTooLong { ty: "unsubscribe", field: "room", max: 255 }, 1002)
+        );
+        assert_eq!(
+            err(&format!(r#"{{"type":"ping","data":"{}"}}"#, "d".repeat(65))),
+            (JsonError::FieldTooLong { ty: "ping", field: "data", max: 64 }, 1002)
+        );
+        assert_eq!(
+            err(&format!(r#"{{"type":"close","reason":"{}"}}"#, "d".repeat(256))),
+            (JsonError::FieldTooLong { ty: "close", field: "reason", max: 255 }, 1002)
+        );
+        assert_eq!(
+            err(&format!(r#"{{"type":"login","user":"u","token":"{}"}}"#, "t".repeat(65536))),
+            (JsonError::FieldTooLong { ty: "login", field: "token", max: 65535 }, 1002)
+        );
+        // Empty payloads are fine, as in the binary protocol.
+        assert_eq!(
+            parse(r#"{"type":"message","payload":""}"#),
+            Ok(ClientFrame::Message { req_id: 0, payload: vec![] })
+        );
+    }
+
+    #[test]
+    fn non_utf8_is_1007() {
+        let e = ClientFrame::parse_bytes(b"{\"type\":\"ping\",\"data\":\"\xff\"}").unwrap_err();
+        assert_eq!((e.clone(), e.close_code()), (JsonError::NotUtf8, 1007));
+        assert_eq!(ClientFrame::parse_bytes(br#"{"type":"ping"}"#), Ok(ClientFrame::Ping { data: vec![] }));
+    }
+
+    #[test]
+    fn server_frames_encode_byte_exact() {
+        let cases: [(Frame<'_>, &str); 13] = [
+            (
+                Frame::LoginOk {
+                    conn_id: 0x0100000100000002,
+                    heartbeat_interval_ms: 240000,
+                    idle_timeout_ms: 300000,
+                    max_frame_bytes: 65536,
+                },
+                concat!(
+                    r#"{"type":"login_ok","conn_id":"72057598332895234","#,
+                    r#""heartbeat_interval_ms":240000,"idle_timeout_ms":300000,"max_frame_bytes":65536}"#
+                ),
+            ),
+            (
+                Frame::LoginError { code: 3, reason: "token expired" },
+                r#"{"type":"login_error","code":3,"reason":"token expired"}"#,
+            ),
+            (Frame::Pong { data: b"" }, r#"{"type":"pong","data":""}"#),
+            (Frame::Pong { data: &[0, 0, 0x30, 0x39] }, "{\"type\":\"pong\",\"data\":\"\\u0000\\u000009\"}"),
+            (Frame::Pong { data: &[0xff, 0x39] }, r#"{"type":"pong","data_b64":"/zk="}"#),
+            (
+                Frame::Push { msg_id: 1, from: "", payload: b"hi" },
+                r#"{"type":"push","msg_id":"1","from":"","payload":"hi"}"#,
+            ),
+            (
+                Frame::Push { msg_id: u64::MAX, from: "alice", payload: &[0xde, 0xad, 0xbe, 0xef] },
+                r#"{"type":"push","msg_id":"18446744073709551615","from":"alice","payload_b64":"3q2+7w=="}"#,
+            ),
+            (Frame::SendAck { req_id: 7, delivered: 1 }, r#"{"type":"send_ack","req_id":7,"delivered":1}"#),
+            (
+                Frame::Error { code: 101, req_id: 5, reason: "no application handler for MESSAGE" },
+                r#"{"type":"error","code":101,"req_id":5,"reason":"no application handler for MESSAGE"}"#,
+            ),
+            (
+                Frame::RoomAck { req_id: 1, op: RoomOp::Subscribed, room: "lobby" },
+                r#"{"type":"room_ack","req_id":1,"op":"subscribed","room":"lobby"}"#,
+            ),
+            (
+                Frame::RoomAck { req_id: 0, op: RoomOp::Unsubscribed, room: "vip" },
+                r#"{"type":"room_ack","req_id":0,"op":"unsubscribed","room":"vip"}"#,
+            ),
+            (
+                Frame::RoomMsg { msg_id: 0x0001000000000003, room: "lobby", from: "ann", payload: b"hi all" },
+                r#"{"type":"room_msg","msg_id":"281474976710659","room":"lobby","from":"ann","payload":"hi all"}"#,
+            ),
+            (Frame::Skipped { count: 12 }, r#"{"type":"skipped","count":12}"#),
+        ];
+        for (frame, text) in cases {
+            assert_eq!(encode_json(&frame).as_deref(), Some(text), "{frame:?}");
+            // And it is JSON.
+            let v: Value = serde_json::from_str(text).unwrap();
+            assert_eq!(v["type"], type_name(frame.frame_type()));
+        }
+        assert_eq!(
+            encode_json(&Frame::RoomAck { req_id: 9, op: RoomOp::Published, room: "r" }).unwrap(),
+            r#"{"type":"room_ack","req_id":9,"op":"published","room":"r"}"#
+        );
+        assert_eq!(
+            encode_json(&Frame::RoomMsg { msg_id: 5, room: "", from: "", payload: b"maintenance" }).unwrap(),
+            r#"{"type":"room_msg","msg_id":"5","room":"","from":"","payload":"maintenance"}"#
+        );
+    }
+
+    #[test]
+    fn ping_close_and_client_frames_have_no_json_form() {
+        for f in [
+            Frame::Ping { data: b"" },
+            Frame::Close { code: 1000, reason: "" },
+            Frame::Login { user: "a", token: b"t" },
+            Frame::Send { req_id: 1, to: "b", payload: b"" },
+            Frame::Message { req_id: 1, payload: b"" },
+            Frame::Subscribe { req_id: 1, room: "r" },
+            Frame::Unsubscribe { req_id: 1, room: "r" },
+            Frame::Publish { req_id: 1, room: "r", payload: b"" },
+        ] {
+            assert_eq!(encode_json(&f), None, "{f:?}");
+        }
+    }
+
+    #[test]
+    fn strings_are_escaped() {
+        let reason = "say \"hi\"\\ \n\r\t\u{8}\u{c}\u{1}\u{1f} é ✓ </script> \u{7f}";
+        let text = encode_json(&Frame::Error { code: 1, req_id: 0, reason }).unwrap();
+        assert_eq!(
+            text,
+            "{\"type\":\"error\",\"code\":1,\"req_id\":0,\"reason\":\
+             \"say \\\"hi\\\"\\\\ \\n\\r\\t\\b\\f\\u0001\\u001f é ✓ </script> \u{7f}\"}"
+        );
+        let v: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["reason"], reason);
+    }
+
+    /// A JSON value of any shape, for fuzzing fields.
+    fn any_value() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(|n| json!(n)),
+            any::<u64>().prop_map(|n| json!(n)),
+            any::<f64>().prop_map(|n| json!(n)),
+            ".{0,8}".prop_map(Value::String),
+            "[A-Za-z0-9+/]{0,8}={0,2}".prop_map(Value::String),
+        ];
+        leaf.prop_recursive(2, 8, 3, |inner| proptest::collection::vec(inner, 0..3).prop_map(Value::Array))
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic_the_parser(b in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let _ = ClientFrame::parse_bytes(&b);
+        }
+
+        #[test]
+        fn arbitrary_text_never_panics_the_parser(s in "\\PC{0,64}") {
+            let _ = ClientFrame::parse(&s);
+        }
+
+        #[test]
+        fn arbitrary_objects_never_panic_the_parser(
+            ty in prop_oneof![
+                Just("login"), Just("ping"), Just("send"), Just("message"), Just("subscribe"),
+                Just("unsubscribe"), Just("publish"), Just("close"), Just("x")
+            ],
+            fields in proptest::collection::vec((0usize..12, any_value()), 0..6),
+        ) {
+            const NAMES: [&str; 12] = ["user", "token", "data", "data_b64", "req_id", "to", "payload",
+                "payload_b64", "room", "code", "reason", "type"];
+            let mut obj = Map::new();
+            obj.insert("type".into(), json!(ty));
+            for (i, v) in fields {
+                obj.insert(NAMES[i].into(), v);
+            }
+            let text = Value::Object(obj).to_string();
+            if let Ok(c) = ClientFrame::parse(&text) {
+                // Whatever parses is a frame the binary protocol can carry.
+                let bytes = c.as_frame().to_bytes().unwrap();
+                let (g, _) = crate::proto::frame::decode(&bytes, usize::MAX).unwrap().unwrap();
+                prop_assert_eq!(g, c.as_frame());
+            }
+        }
+
+        #[test]
+        fn client_messages_roundtrip_through_json(
+            req_id in any::<u32>(),
+            name in "[^\u{0}]{1,40}",
+            payload in proptest::collection::vec(any::<u8>(), 0..100),
+            text in ".{0,40}",
+            kind in 0usize..3,
+        ) {
+            let mut v = match kind {
+                0 => json!({"type": "send", "req_id": req_id, "to": name}),
+                1 => json!({"type": "publish", "req_id": req_id, "room": name}),
+                _ => json!({"type": "message", "req_id": req_id}),
+            };
+            v["payload_b64"] = json!(STANDARD.encode(&payload));
+            let expect = match kind {
+                0 => Frame::Send { req_id, to: &name, payload: &payload },
+                1 => Frame::Publish { req_id, room: &name, payload: &payload },
+                _ => Frame::Message { req_id, payload: &payload },
+            };
+            let parsed = ClientFrame::parse(&v.to_string()).unwrap();
+            prop_assert_eq!(parsed.as_frame(), expect);
+            // The same with a text payload.
+            v.as_object_mut().unwrap().remove("payload_b64");
+            v["payload"] = json!(text);
+            let parsed = ClientFrame::parse(&v.to_string()).unwrap();
+            let (Frame::Send { payload, .. } | Frame::Publish { payload, .. } | Frame::Message { payload, .. }) =
+                parsed.as_frame() else { unreachable!() };
+            prop_assert_eq!(payload, text.as_bytes());
+        }
+
+        #[test]
+        fn encoded_server_frames_parse_back(
+            msg_id in any::<u64>(),
+            room in ".{0,20}",
+            from in ".{0,20}",
+            payload in proptest::collection::vec(any::<u8>(), 0..100),
+        ) {
+            let text = encode_json(&Frame::RoomMsg { msg_id, room: &room, from: &from, payload: &payload }).unwrap();
+            let v: Value = serde_json::from_str(&text).unwrap();
+            prop_assert_eq!(&v["msg_id"], &json!(msg_id.to_string()));
+            prop_assert_eq!(&v["room"], &json!(room));
+            prop_assert_eq!(&v["from"], &json!(from));
+            let got = match (v.get("payload"), v.get("payload_b64")) {
+                (Some(Value::String(s)), None) => s.clone().into_bytes(),
+                (None, Some(Value::String(b))) => STANDARD.decode(b).unwrap(),
+                other => panic!("{other:?}"),
+            };
+            prop_assert_eq!(got, payload);
+        }
+    }
+}

@@ -1,7 +1,9 @@
 //! The sans-IO protocol core: bytes in, events out, the clock passed in.
 //!
-//! Owns: the raw TCP frame codec (`frame`), the wire codes (`codes`) and the
-//! per-connection session state machine (`session`).
+//! Owns: the raw TCP frame codec (`frame`), the wire codes (`codes`), the
+//! per-connection session state machine (`session`), the WebSocket transport
+//! (`ws`: handshake and frame codec) and the JSON form of the frames that
+//! WebSocket clients exchange (`json`).
 //! Must not: import a runtime, touch a socket, read a clock, or use `unsafe`.
 
 #![forbid(unsafe_code)]

@@ -73,12 +73,12 @@ pub fn run(switchboard: PathBuf) -> Result<(), String> {
                     let user = format!("c{k}-{i}");
                     let token = jwt.mint(&user, 4_000_000_000);
                     attempts.fetch_add(1, Ordering::Relaxed);
-                    let r = Client::connect_timeout(&addr, Duration::from_secs(2))
-                        .map_err(|e| e.to_string())
-                        .and_then(|mut c| {
+                    let r = Client::connect_timeout(&addr, Duration::from_secs(2)).map_err(|e| e.to_string()).and_then(
+                        |mut c| {
                             c.set_read_timeout(Some(Duration::from_secs(3))).map_err(|e| e.to_string())?;
                             c.login(&user, &token).map(|_| ()).map_err(|e| e.to_string())
-                        });
+                        },
+                    );
                     if let Err(e) = r {
                         failures.fetch_add(1, Ordering::Relaxed);
                         first_error.lock().unwrap().get_or_insert(e);
