@@ -237,7 +237,9 @@ pub fn audit(connections: u64, workers: usize, backlog: u32) -> Vec<CheckItem> {
         Status::Fail,
         format!("{hard} (soft {soft}; the server raises soft to hard)"),
         format!(">= {fds}"),
-        format!("LimitNOFILE={fds} in the systemd unit (tuning/switchboard.service), or `ulimit -Hn {fds}` before starting"),
+        format!(
+            "LimitNOFILE={fds} in the systemd unit (tuning/switchboard.service), or `ulimit -Hn {fds}` before starting"
+        ),
     ));
     let nr_open = sysctl("fs.nr_open").and_then(|v| v.parse::<u64>().ok());
     out.push(item(
@@ -279,8 +281,8 @@ pub fn audit(connections: u64, workers: usize, backlog: u32) -> Vec<CheckItem> {
     // tcp_mem's third field (pages) bounds all TCP buffer memory; an idle
     // connection holds none, so budget 1 KiB each for the busy ones.
     let page = 4096u64;
-    let tcp_mem_high = sysctl("net.ipv4.tcp_mem")
-        .and_then(|v| v.split_whitespace().nth(2).and_then(|x| x.parse::<u64>().ok()));
+    let tcp_mem_high =
+        sysctl("net.ipv4.tcp_mem").and_then(|v| v.split_whitespace().nth(2).and_then(|x| x.parse::<u64>().ok()));
     let want_pages = (connections * 1024).div_ceil(page);
     out.push(item(
         "net.ipv4.tcp_mem (max pages)",

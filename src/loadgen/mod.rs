@@ -60,7 +60,8 @@ impl ProcStat {
             }
             let sched = std::fs::read_to_string(t.path().join("schedstat")).unwrap_or_default();
             c.total_ns += sched.split_whitespace().next().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-            if let Some((u, s)) = std::fs::read_to_string(t.path().join("stat")).ok().as_deref().and_then(Self::ticks_of)
+            if let Some((u, s)) =
+                std::fs::read_to_string(t.path().join("stat")).ok().as_deref().and_then(Self::ticks_of)
             {
                 c.utime += u;
                 c.stime += s;
@@ -315,7 +316,14 @@ impl Fleet {
 
     /// Starts open-loop unicast on every loader, the total `rate_per_s`
     /// split between them; `wait_sent` waits for the end.
-    pub fn start_unicast(&mut self, rate_per_s: u64, duration_ms: u64, users_total: u32, payload_bytes: usize, seed: u64) {
+    pub fn start_unicast(
+        &mut self,
+        rate_per_s: u64,
+        duration_ms: u64,
+        users_total: u32,
+        payload_bytes: usize,
+        seed: u64,
+    ) {
         let procs = self.len() as u64;
         for k in 0..self.len() {
             let share = rate_per_s / procs + u64::from((k as u64) < rate_per_s % procs);

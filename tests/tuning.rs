@@ -1,0 +1,741 @@
+//! `tuning/apply.sh`: the values it computes for N connections and a given
+//! RAM, its memory estimate and refusal, idempotent drop-ins, failures that
+//! name the key, and that the example files in `tuning/` hold exactly what it
+//! computes for 1M connections on 16 GiB.
+//!
+//! Nothing here changes this machine's settings: dry runs read the real
+//! `/proc/sys`; applying runs against a fake `--proc-sys` tree, or (as root,
+//! where `unshare` works) against the real kernel inside a new network
+//! namespace, for namespaced `net.*` keys only. Drop-ins go to temporary
+//! directories.
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+const RAM_16G: &str = "17179869184";
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn script() -> PathBuf {
+    root().join("tuning/apply.sh")
+}
+
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> TempDir {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "switchboard-tuning-{}-{}-{name}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+
+    fn sub(&self, name: &str) -> String {
+        self.0.join(name).to_str().unwrap().to_string()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+impl Run {
+    fn from(out: Output) -> Run {
+        Run {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    fn ok(self) -> Run {
+        assert_eq!(self.code, 0, "apply.sh failed\nstdout:\n{}\nstderr:\n{}", self.stdout, self.stderr);
+        self
+    }
+
+    fn all(&self) -> String {
+        format!("{}\n{}", self.stdout, self.stderr)
+    }
+}
+
+fn apply<S: AsRef<OsStr>>(args: &[S]) -> Run {
+    Run::from(Command::new("bash").arg(script()).args(args).current_dir(root()).output().expect("bash runs"))
+}
+
+#[derive(Debug, Clone)]
+struct Row {
+    current: String,
+    wanted: String,
+    new: String,
+    action: String,
+}
+
+/// The table: `key | current | wanted | new | action`.
+fn table(stdout: &str) -> HashMap<String, Row> {
+    let mut rows = HashMap::new();
+    let mut in_table = false;
+    for line in stdout.lines() {
+        let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+        if cells.len() == 5 && cells[0] == "key" && cells[4] == "action" {
+            in_table = true;
+            continue;
+        }
+        if !in_table || line.starts_with("---") {
+            continue;
+        }
+        if cells.len() != 5 {
+            break;
+        }
+        let row =
+            Row { current: cells[1].into(), wanted: cells[2].into(), new: cells[3].into(), action: cells[4].into() };
+        rows.insert(cells[0].to_string(), row);
+    }
+    assert!(!rows.is_empty(), "no table in:\n{stdout}");
+    rows
+}
+
+fn nums(s: &str) -> Vec<u64> {
+    s.split_whitespace().map(|w| w.parse().unwrap_or_else(|_| panic!("not a number: {s:?}"))).collect()
+}
+
+/// What `new` must be given `current` and `wanted` (the script's rules).
+fn expected_new(key: &str, current: &str, wanted: &str) -> String {
+    if current == "n/a" {
+        return wanted.to_string();
+    }
+    let (c, w) = (nums(current), nums(wanted));
+    let join = |v: Vec<u64>| v.iter().map(u64::to_string).collect::<Vec<_>>().join(" ");
+    match key {
+        "net.ipv4.tcp_rmem" | "net.ipv4.tcp_wmem" => join(vec![w[0], w[1], c[2].max(w[2])]),
+        "net.ipv4.tcp_mem" => join(c.iter().zip(&w).map(|(a, b)| *a.max(b)).collect()),
+        "net.ipv4.ip_local_port_range" => join(vec![c[0].min(w[0]), c[1].max(w[1])]),
+        "net.ipv4.tcp_fin_timeout"
+        | "net.ipv4.tcp_keepalive_time"
+        | "net.ipv4.tcp_keepalive_intvl"
+        | "net.ipv4.tcp_keepalive_probes" => c[0].min(w[0]).to_string(),
+        "net.ipv4.tcp_tw_reuse" | "net.ipv4.tcp_migrate_req" => wanted.to_string(),
+        _ => c[0].max(w[0]).to_string(),
+    }
+}
+
+/// Every row: `new` follows from `current` and `wanted`, and the action from both.
+fn check_rows(rows: &HashMap<String, Row>) {
+    for (key, r) in rows {
+        assert_eq!(r.new, expected_new(key, &r.current, &r.wanted), "{key}: {r:?}");
+        let action = if r.current == "n/a" && key == "net.netfilter.nf_conntrack_max" {
+            "skip"
+        } else if r.current == "n/a" && key == "net.ipv4.tcp_migrate_req" {
+            "skip"
+        } else if r.current == r.new {
+            "ok"
+        } else {
+            "change"
+        };
+        assert_eq!(r.action, action, "{key}: {r:?}");
+    }
+}
+
+fn wanted(rows: &HashMap<String, Row>, key: &str) -> String {
+    rows.get(key).unwrap_or_else(|| panic!("no row {key} in {rows:?}")).wanted.clone()
+}
+
+fn page_size() -> u64 {
+    let out = Command::new("getconf").arg("PAGESIZE").output().expect("getconf");
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or(4096)
+}
+
+/// tcp_mem for N connections on RAM bytes: high = N x 16 KiB in pages, within
+/// 1/16 .. 1/2 of RAM; pressure = 3/4 high; low = 1/2 high.
+fn tcp_mem(n: u64, ram: u64) -> String {
+    let ps = page_size();
+    let pages = ram / ps;
+    let high = (n * 16384).div_ceil(ps).max(pages / 16).min(pages / 2);
+    format!("{} {} {}", high / 2, high * 3 / 4, high)
+}
+
+#[test]
+fn dry_run_for_a_million_connections_on_16_gib() {
+    let t = TempDir::new("1m");
+    let (sysctl_dir, limits_dir) = (t.sub("sysctl.d"), t.sub("limits.d"));
+    let r = apply(&[
+        "--dry-run",
+        "--connections",
+        "1000000",
+        "--ram-bytes",
+        RAM_16G,
+        "--sysctl-dir",
+        &sysctl_dir,
+        "--limits-dir",
+        &limits_dir,
+    ])
+    .ok();
+    assert!(
+        r.stdout.lines().any(|l| l
+            == "memory estimate: 1000000 connections: idle 3970000000 B (3.70 GiB: 170 B user + 3800 B kernel each); \
+            under load up to 12162000000 B (11.33 GiB: + 2 x 4096 B socket buffers each); \
+            RAM 17179869184 B (16.00 GiB): 70.8% under load"),
+        "{}",
+        r.stdout
+    );
+    let rows = table(&r.stdout);
+    assert_eq!(wanted(&rows, "fs.file-max"), "1179648");
+    assert_eq!(wanted(&rows, "fs.nr_open"), "1179648");
+    assert_eq!(wanted(&rows, "net.core.somaxconn"), "16384");
+    assert_eq!(wanted(&rows, "net.ipv4.tcp_max_syn_backlog"), "16384");
+    assert_eq!(wanted(&rows, "net.core.netdev_max_backlog"), "16384");
+    assert_eq!(wanted(&rows, "net.ipv4.tcp_rmem"), "4096 4096 6291456");
+    assert_eq!(wanted(&rows, "net.ipv4.tcp_wmem"), "4096 4096 4194304");
+    assert_eq!(wanted(&rows, "net.ipv4.tcp_mem"), tcp_mem(1_000_000, 17179869184));
+    if page_size() == 4096 {
+        assert_eq!(wanted(&rows, "net.ipv4.tcp_mem"), "1048576 1572864 2097152");
+    }
+    assert_eq!(wanted(&rows, "net.ipv4.tcp_keepalive_time"), "600");
+    assert_eq!(wanted(&rows, "nofile"), "1048576");
+    assert_eq!(rows["nofile"].current, "n/a", "no drop-in in the empty limits dir");
+    check_rows(&rows);
+    // The table's current values are this machine's.
+    for key in ["fs.nr_open", "net.core.somaxconn", "net.ipv4.tcp_mem"] {
+        let path = format!("/proc/sys/{}", key.replace('.', "/"));
+        let live = fs::read_to_string(path).map(|v| v.split_whitespace().collect::<Vec<_>>().join(" "));
+        assert_eq!(rows[key].current, live.unwrap_or_else(|_| "n/a".into()), "{key}");
+    }
+    assert!(r.stdout.contains("dry run: nothing changed."), "{}", r.stdout);
+    assert!(r.stdout.contains(&format!("would write {sysctl_dir}/90-switchboard.conf")), "{}", r.stdout);
+    assert!(r.stdout.contains(&format!("would write {limits_dir}/switchboard.conf")), "{}", r.stdout);
+    assert!(r.stdout.contains("LimitNOFILE=1048576"), "{}", r.stdout);
+    assert!(r.stdout.contains("server.listen_backlog = 16384"), "{}", r.stdout);
+    assert!(!Path::new(&sysctl_dir).exists() && !Path::new(&limits_dir).exists(), "a dry run wrote something");
+}
+
+#[test]
+fn dry_run_for_ten_thousand_connections() {
+    let t = TempDir::new("10k");
+    let r = apply(&["--dry-run", "--connections", "10000", "--ram-bytes", RAM_16G, "--limits-dir", &t.sub("l")]).ok();
+    assert!(
+        r.stdout.lines().any(|l| l
+            == "memory estimate: 10000 connections: idle 39700000 B (37.9 MiB: 170 B user + 3800 B kernel each); \
+            under load up to 121620000 B (116.0 MiB: + 2 x 4096 B socket buffers each); \
+            RAM 17179869184 B (16.00 GiB): 0.7% under load"),
+        "{}",
+        r.stdout
+    );
+    let rows = table(&r.stdout);
+    assert_eq!(wanted(&rows, "fs.file-max"), "131072");
+    assert_eq!(wanted(&rows, "fs.nr_open"), "131072");
+    assert_eq!(wanted(&rows, "net.core.somaxconn"), "4096");
+    assert_eq!(wanted(&rows, "net.ipv4.tcp_max_syn_backlog"), "4096");
+    assert_eq!(wanted(&rows, "net.ipv4.tcp_mem"), tcp_mem(10_000, 17179869184));
+    if page_size() == 4096 {
+        // N x 16 KiB is below 1/16 of RAM: the floor.
+        assert_eq!(wanted(&rows, "net.ipv4.tcp_mem"), "131072 196608 262144");
+    }
+    assert_eq!(wanted(&rows, "nofile"), "65536");
+    check_rows(&rows);
+    assert!(!r.stdout.contains("server.listen_backlog"), "the default backlog suffices:\n{}", r.stdout);
+}
+
+#[test]
+fn dry_run_loadgen_profile() {
+    let t = TempDir::new("loadgen");
+    let r = apply(&[
+        "--dry-run",
+        "--role",
+        "loadgen",
+        "--connections",
+        "1000000",
+        "--ram-bytes",
+        RAM_16G,
+        "--limits-dir",
+        &t.sub("l"),
+    ])
+    .ok();
+    assert!(
+        r.stdout.lines().any(|l| l
+            == "memory estimate: 1000000 connections: idle 3800000000 B (3.54 GiB: 3800 B kernel each; \
+            the load generator's own memory not counted); under load up to 11992000000 B \
+            (11.17 GiB: + 2 x 4096 B socket buffers each); RAM 17179869184 B (16.00 GiB): 69.8% under load"),
+        "{}",
+        r.stdout
+    );
+    let rows = table(&r.stdout);
+    assert_eq!(wanted(&rows, "fs.nr_open"), "1179648");
+    assert_eq!(wanted(&rows, "net.ipv4.ip_local_port_range"), "1024 65535");
+    assert_eq!(wanted(&rows, "net.ipv4.tcp_tw_reuse"), "1");
+    assert_eq!(wanted(&rows, "net.ipv4.tcp_fin_timeout"), "15");
+    assert_eq!(wanted(&rows, "net.ipv4.tcp_mem"), tcp_mem(1_000_000, 17179869184));
+    assert_eq!(wanted(&rows, "nofile"), "1048576");
+    for server_only in ["net.core.somaxconn", "net.ipv4.tcp_rmem", "net.ipv4.tcp_keepalive_time"] {
+        assert!(!rows.contains_key(server_only), "{server_only} is not in the loadgen profile");
+    }
+    check_rows(&rows);
+    // One ephemeral range per source address and destination.
+    let range = nums(&rows["net.ipv4.ip_local_port_range"].new);
+    let ports = range[1] - range[0] + 1;
+    let line = format!(
+        "source addresses: 1000000 connections to one server address:port need at least {} source addresses \
+         ({ports} ephemeral ports each); see tuning/loadgen-sysctl.conf",
+        1_000_000u64.div_ceil(ports)
+    );
+    assert!(r.stdout.lines().any(|l| l == line), "want {line:?} in\n{}", r.stdout);
+    if ports == 64512 {
+        assert!(line.contains("at least 16 source addresses"));
+    }
+    assert!(r.stdout.contains("90-switchboard-loadgen.conf"), "{}", r.stdout);
+}
+
+#[test]
+fn refuses_more_connections_than_the_ram_holds() {
+    let r = apply(&["--dry-run", "--connections", "2000000", "--ram-bytes", RAM_16G]);
+    assert_eq!(r.code, 1, "{}", r.all());
+    assert!(
+        r.stderr.contains(
+            "refused: 2000000 connections need up to 24324000000 B (22.65 GiB) under load, more than this host's \
+             RAM of 17179869184 B (16.00 GiB); at most 1412585 connections fit"
+        ),
+        "{}",
+        r.all()
+    );
+    assert!(!r.stdout.contains("| action"), "no table after a refusal:\n{}", r.stdout);
+
+    // --force goes on while the idle total fits, with a warning.
+    let r = apply(&[
+        "--dry-run",
+        "--force",
+        "--connections",
+        "2000000",
+        "--ram-bytes",
+        RAM_16G,
+        "--limits-dir",
+        "/nonexistent",
+    ])
+    .ok();
+    assert!(r.stdout.contains("warning: --force: under load the estimate exceeds RAM"), "{}", r.stdout);
+
+    // Not even idle: refused with or without --force.
+    let r = apply(&["--dry-run", "--force", "--connections", "5000000", "--ram-bytes", RAM_16G]);
+    assert_eq!(r.code, 1, "{}", r.all());
+    assert!(r.stderr.contains("even idle") && r.stderr.contains("at most 4327422 connections fit"), "{}", r.all());
+}
+
+#[test]
+fn bad_arguments_are_usage_errors() {
+    for args in [
+        &["--dry-run"][..],
+        &["--connections", "lots"],
+        &["--connections", "0"],
+        &["--connections", "10", "--role", "client"],
+        &["--connections", "10", "--ram-bytes", "16G"],
+        &["--connections", "10", "--only", "net.core.nonsense"],
+        &["--connections", "10", "--frobnicate"],
+    ] {
+        let r = apply(args);
+        assert_eq!(r.code, 2, "{args:?}: {}", r.all());
+        assert!(r.stderr.contains("apply.sh: "), "{args:?}: {}", r.all());
+    }
+}
+
+/// A fake `/proc/sys` tree with the kernel's formatting (tabs in triplets).
+fn fake_proc(dir: &Path, entries: &[(&str, &str)]) {
+    for (key, value) in entries {
+        let path = dir.join(key.replace('.', "/"));
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        fs::write(path, format!("{}\n", value.replace(' ', "\t"))).unwrap();
+    }
+}
+
+fn read_key(dir: &Path, key: &str) -> String {
+    let v = fs::read_to_string(dir.join(key.replace('.', "/"))).unwrap();
+    v.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+const FAKE_SERVER: &[(&str, &str)] = &[
+    ("fs.file-max", "9999999"), // already higher: kept
+    ("fs.nr_open", "1048576"),
+    ("net.core.somaxconn", "4096"),
+    ("net.ipv4.tcp_max_syn_backlog", "2048"),
+    ("net.core.netdev_max_backlog", "1000"),
+    ("net.ipv4.tcp_rmem", "4096 131072 33554432"),
+    ("net.ipv4.tcp_wmem", "4096 16384 4194304"),
+    ("net.ipv4.tcp_mem", "287901 383868 575802"),
+    ("net.ipv4.tcp_keepalive_time", "7200"),
+    ("net.ipv4.tcp_keepalive_intvl", "30"), // already lower: kept
+    ("net.ipv4.tcp_keepalive_probes", "9"),
+    ("net.ipv4.tcp_migrate_req", "0"),
+    // net.netfilter.nf_conntrack_max absent: conntrack not loaded, skipped.
+];
+
+#[test]
+fn applies_to_a_fake_proc_sys_and_writes_idempotent_drop_ins() {
+    let t = TempDir::new("apply");
+    let proc = t.path().join("proc-sys");
+    fake_proc(&proc, FAKE_SERVER);
+    let (sysctl_dir, limits_dir) = (t.sub("etc/sysctl.d"), t.sub("etc/limits.d"));
+    let args = |n: &str, dry: bool| {
+        let mut v: Vec<String> = ["--connections", n, "--ram-bytes", RAM_16G, "--proc-sys", proc.to_str().unwrap()]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        v.extend(["--sysctl-dir".into(), sysctl_dir.clone(), "--limits-dir".into(), limits_dir.clone()]);
+        if dry {
+            v.push("--dry-run".into());
+        }
+        v
+    };
+
+    let r = apply(&args("1000000", false)).ok();
+    let rows = table(&r.stdout);
+    check_rows(&rows);
+    let expect = [
+        ("fs.file-max", "9999999", "ok"),
+        ("fs.nr_open", "1179648", "change"),
+        ("net.core.somaxconn", "16384", "change"),
+        ("net.ipv4.tcp_rmem", "4096 4096 33554432", "change"),
+        ("net.ipv4.tcp_wmem", "4096 4096 4194304", "change"),
+        ("net.ipv4.tcp_keepalive_time", "600", "change"),
+        ("net.ipv4.tcp_keepalive_intvl", "30", "ok"),
+        ("net.ipv4.tcp_migrate_req", "1", "change"),
+        ("nofile", "1048576", "change"),
+    ];
+    for (key, new, action) in expect {
+        assert_eq!((rows[key].new.as_str(), rows[key].action.as_str()), (new, action), "{key}");
+    }
+    assert_eq!(
+        (
+            rows["net.netfilter.nf_conntrack_max"].current.as_str(),
+            rows["net.netfilter.nf_conntrack_max"].action.as_str()
+        ),
+        ("n/a", "skip")
+    );
+    for (key, new, _) in expect.iter().filter(|e| e.0 != "nofile") {
+        assert_eq!(read_key(&proc, key), *new, "{key} in the fake /proc/sys");
+    }
+    assert!(r.stdout.contains("set net.core.somaxconn = 16384"), "{}", r.stdout);
+    assert!(!r.stdout.contains("set fs.file-max"), "{}", r.stdout);
+    let sysctl_file = format!("{sysctl_dir}/90-switchboard.conf");
+    let limits_file = format!("{limits_dir}/switchboard.conf");
+    assert!(r.stdout.contains(&format!("wrote {sysctl_file}")), "{}", r.stdout);
+    assert!(r.stdout.contains(&format!("wrote {limits_file}")), "{}", r.stdout);
+
+    let dropin = fs::read_to_string(&sysctl_file).unwrap();
+    let settings: Vec<&str> = dropin.lines().filter(|l| !l.starts_with('#') && !l.is_empty()).collect();
+    assert_eq!(
+        settings,
+        [
+            "fs.file-max = 9999999",
+            "fs.nr_open = 1179648",
+            "net.core.somaxconn = 16384",
+            "net.ipv4.tcp_max_syn_backlog = 16384",
+            "net.core.netdev_max_backlog = 16384",
+            "net.ipv4.tcp_rmem = 4096 4096 33554432",
+            "net.ipv4.tcp_wmem = 4096 4096 4194304",
+            &format!("net.ipv4.tcp_mem = {}", tcp_mem(1_000_000, 17179869184)),
+            "net.ipv4.tcp_keepalive_time = 600",
+            "net.ipv4.tcp_keepalive_intvl = 30",
+            "net.ipv4.tcp_keepalive_probes = 5",
+            "-net.ipv4.tcp_migrate_req = 1",
+        ]
+    );
+    let limits = fs::read_to_string(&limits_file).unwrap();
+    let limit_lines: Vec<Vec<&str>> =
+        limits.lines().filter(|l| !l.starts_with('#')).map(|l| l.split_whitespace().collect()).collect();
+    assert!(limit_lines.contains(&vec!["switchboard", "soft", "nofile", "1048576"]), "{limits}");
+    assert!(limit_lines.contains(&vec!["switchboard", "hard", "nofile", "1048576"]), "{limits}");
+
+    // Again: nothing to change, identical files are left alone.
+    let before = fs::metadata(&sysctl_file).unwrap().modified().unwrap();
+    let r = apply(&args("1000000", false)).ok();
+    assert!(table(&r.stdout).values().all(|row| row.action == "ok" || row.action == "skip"), "{}", r.stdout);
+    assert!(r.stdout.contains("no kernel value needed to change."), "{}", r.stdout);
+    assert!(r.stdout.contains(&format!("unchanged: {sysctl_file}")), "{}", r.stdout);
+    assert!(r.stdout.contains(&format!("unchanged: {limits_file}")), "{}", r.stdout);
+    assert_eq!(fs::metadata(&sysctl_file).unwrap().modified().unwrap(), before);
+    let r = apply(&args("1000000", true)).ok();
+    assert!(r.stdout.contains(&format!("unchanged: {sysctl_file}")), "{}", r.stdout);
+
+    // Fewer connections: nothing is lowered, not even the limits drop-in.
+    let r = apply(&args("10000", false)).ok();
+    let rows = table(&r.stdout);
+    assert_eq!((rows["net.core.somaxconn"].new.as_str(), rows["net.core.somaxconn"].action.as_str()), ("16384", "ok"));
+    assert_eq!((rows["nofile"].current.as_str(), rows["nofile"].new.as_str()), ("1048576", "1048576"));
+    assert_eq!(read_key(&proc, "fs.nr_open"), "1179648");
+    assert!(r.stdout.contains(&format!("wrote {sysctl_file}")), "the header names N:\n{}", r.stdout);
+    assert!(fs::read_to_string(&sysctl_file).unwrap().contains("net.core.somaxconn = 16384"));
+}
+
+#[test]
+fn a_key_that_cannot_be_applied_stops_with_its_name_and_changes_nothing() {
+    let t = TempDir::new("fail");
+    let proc = t.path().join("proc-sys");
+    let entries: Vec<(&str, &str)> =
+        FAKE_SERVER.iter().copied().filter(|(k, _)| *k != "net.core.netdev_max_backlog").collect();
+    fake_proc(&proc, &entries);
+    let (sysctl_dir, limits_dir) = (t.sub("sysctl.d"), t.sub("limits.d"));
+    let p = proc.to_str().unwrap();
+    let r = apply(&[
+        "--connections",
+        "1000000",
+        "--ram-bytes",
+        RAM_16G,
+        "--proc-sys",
+        p,
+        "--sysctl-dir",
+        &sysctl_dir,
+        "--limits-dir",
+        &limits_dir,
+    ]);
+    assert_eq!(r.code, 1, "{}", r.all());
+    assert!(r.stdout.contains("warning: net.core.netdev_max_backlog is absent"), "{}", r.stdout);
+    assert!(
+        r.stderr.contains("cannot set net.core.netdev_max_backlog = 16384:") && r.stderr.contains("does not exist"),
+        "{}",
+        r.all()
+    );
+    assert!(r.stderr.contains("nothing was changed"), "{}", r.all());
+    assert_eq!(read_key(&proc, "net.core.somaxconn"), "4096", "changed before failing");
+    assert!(!Path::new(&sysctl_dir).join("90-switchboard.conf").exists());
+    assert!(!Path::new(&limits_dir).join("switchboard.conf").exists());
+
+    // --only leaves the missing key out, and then it works.
+    let r = apply(&[
+        "--connections",
+        "1000000",
+        "--ram-bytes",
+        RAM_16G,
+        "--proc-sys",
+        p,
+        "--sysctl-dir",
+        &sysctl_dir,
+        "--limits-dir",
+        &limits_dir,
+        "--only",
+        "net.core.somaxconn,nofile",
+    ])
+    .ok();
+    assert_eq!(table(&r.stdout).len(), 2, "{}", r.stdout);
+    assert_eq!(read_key(&proc, "net.core.somaxconn"), "16384");
+    assert_eq!(read_key(&proc, "fs.nr_open"), "1048576", "--only touched another key");
+}
+
+/// `key = value` lines of a sysctl file (a leading `-` kept).
+fn sysctl_settings(path: &str) -> Vec<(String, String)> {
+    let text = fs::read_to_string(root().join(path)).unwrap();
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(|l| {
+            let (k, v) = l.split_once('=').unwrap_or_else(|| panic!("{path}: not key = value: {l}"));
+            (k.trim().to_string(), v.split_whitespace().collect::<Vec<_>>().join(" "))
+        })
+        .collect()
+}
+
+#[test]
+fn the_example_files_hold_what_apply_computes_for_1m_on_16_gib() {
+    if page_size() != 4096 {
+        return; // tcp_mem is in pages: the examples are for 4 KiB pages
+    }
+    for (role, file) in [("server", "tuning/switchboard-sysctl.conf"), ("loadgen", "tuning/loadgen-sysctl.conf")] {
+        let t = TempDir::new(role);
+        let r = apply(&[
+            "--dry-run",
+            "--role",
+            role,
+            "--connections",
+            "1000000",
+            "--ram-bytes",
+            RAM_16G,
+            "--limits-dir",
+            &t.sub("l"),
+        ])
+        .ok();
+        let rows = table(&r.stdout);
+        let settings = sysctl_settings(file);
+        let keys: Vec<String> = settings.iter().map(|(k, _)| k.trim_start_matches('-').to_string()).collect();
+        let mut table_keys: Vec<String> = rows.keys().filter(|k| *k != "nofile").cloned().collect();
+        let mut sorted = keys.clone();
+        sorted.sort();
+        table_keys.sort();
+        assert_eq!(sorted, table_keys, "{file}: the same keys as apply.sh --role {role}");
+        for (k, v) in &settings {
+            let key = k.trim_start_matches('-');
+            assert_eq!(v, &rows[key].wanted, "{file}: {key}");
+            let optional = key == "net.netfilter.nf_conntrack_max" || key == "net.ipv4.tcp_migrate_req";
+            assert_eq!(k.starts_with('-'), optional, "{file}: {key}: '-' marks exactly the optional keys");
+        }
+        assert_eq!(rows["nofile"].wanted, "1048576");
+    }
+
+    let limits = fs::read_to_string(root().join("tuning/limits.conf")).unwrap();
+    let lines: Vec<Vec<&str>> =
+        limits.lines().filter(|l| !l.trim_start().starts_with('#')).map(|l| l.split_whitespace().collect()).collect();
+    assert!(lines.contains(&vec!["switchboard", "soft", "nofile", "1048576"]), "{limits}");
+    assert!(lines.contains(&vec!["switchboard", "hard", "nofile", "1048576"]), "{limits}");
+}
+
+/// The settings of a unit file, section by section, comments dropped.
+fn unit_settings(path: &str) -> Vec<String> {
+    let text = fs::read_to_string(root().join(path)).unwrap();
+    text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(String::from).collect()
+}
+
+#[test]
+fn the_systemd_units_agree() {
+    let unit = unit_settings("tuning/switchboard.service");
+    for want in [
+        "ExecStart=/usr/local/bin/switchboard serve --config /etc/switchboard/switchboard.toml",
+        "LimitNOFILE=1048576",
+        "LimitMEMLOCK=infinity",
+        "Restart=on-failure",
+        "KillSignal=SIGTERM",
+        "User=switchboard",
+    ] {
+        assert!(unit.iter().any(|l| l == want), "switchboard.service lacks {want}");
+    }
+    assert!(!unit.iter().any(|l| l.starts_with("SystemCallFilter=")), "a syscall filter could block io_uring_setup");
+    assert!(!unit.iter().any(|l| l.starts_with("ProcSubset=")), "ProcSubset=pid hides /proc/sys and /proc/meminfo");
+    // TimeoutStopSec outlasts the drain window + linger (10 s + 2 s by default).
+    let stop = unit.iter().find_map(|l| l.strip_prefix("TimeoutStopSec=")).expect("TimeoutStopSec");
+    let stop_s: u64 = stop.trim_end_matches('s').parse().unwrap();
+    assert!(stop_s > 12, "TimeoutStopSec={stop}");
+
+    let template = unit_settings("tuning/switchboard@.service");
+    let normalize = |l: &String| l.replace("%i.toml", "switchboard.toml").replace("%i.env", "switchboard.env");
+    let template: Vec<String> = template.iter().map(normalize).filter(|l| !l.starts_with("Description=")).collect();
+    let unit: Vec<String> = unit.iter().cloned().filter(|l| !l.starts_with("Description=")).collect();
+    assert_eq!(template, unit, "switchboard@.service must differ from switchboard.service only in %i");
+}
+
+// --- Real application inside a new network namespace (root only) ----------
+
+fn netns_id() -> String {
+    fs::read_link("/proc/self/ns/net").map(|p| p.display().to_string()).unwrap_or_default()
+}
+
+/// Runs `body` (bash) in a new network namespace (and mount namespace when
+/// `mount_ns`), refusing inside if the namespace is not a new one. None when
+/// this machine cannot (not root, no unshare, namespaces not permitted).
+fn in_new_netns(body: &str, mount_ns: bool) -> Option<Run> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: not root");
+        return None;
+    }
+    let probe = Command::new("unshare").args(["-n", "true"]).output();
+    if !matches!(probe, Ok(ref o) if o.status.success()) {
+        eprintln!("skipped: unshare -n does not work here");
+        return None;
+    }
+    let guard = r#"[ "$(readlink /proc/self/ns/net)" != "$PARENT_NETNS" ] || { echo "not in a new network namespace" >&2; exit 99; }"#;
+    let mut cmd = Command::new("unshare");
+    if mount_ns {
+        cmd.args(["-m", "--propagation", "private"]);
+    }
+    cmd.args(["-n", "bash", "-c"])
+        .arg(format!("set -e; {guard}\n{body}"))
+        .env("PARENT_NETNS", netns_id())
+        .env("APPLY", script())
+        .current_dir(root());
+    let r = Run::from(cmd.output().expect("unshare runs"));
+    assert_ne!(r.code, 99, "{}", r.all());
+    Some(r)
+}
+
+/// Namespaced keys only: nothing outside the new namespace can change.
+const NETNS_SERVER_KEYS: &str =
+    "net.core.somaxconn,net.ipv4.tcp_max_syn_backlog,net.ipv4.tcp_rmem,net.ipv4.tcp_wmem,net.ipv4.tcp_keepalive_time,\
+     net.ipv4.tcp_keepalive_intvl,net.ipv4.tcp_keepalive_probes,nofile";
+
+#[test]
+fn applies_for_real_inside_a_network_namespace() {
+    let host_before: Vec<String> = ["net/core/somaxconn", "net/ipv4/tcp_rmem", "net/ipv4/tcp_keepalive_time"]
+        .iter()
+        .map(|k| fs::read_to_string(format!("/proc/sys/{k}")).unwrap_or_default())
+        .collect();
+    let t = TempDir::new("netns");
+    let script = format!(
+        r#"args=(--connections 1000000 --ram-bytes {RAM_16G} --sysctl-dir {s} --limits-dir {l} --only {NETNS_SERVER_KEYS})
+bash "$APPLY" "${{args[@]}}"
+echo "== live: $(cat /proc/sys/net/core/somaxconn) / $(cat /proc/sys/net/ipv4/tcp_rmem | tr '\t' ' ')"
+echo "== second run"
+bash "$APPLY" "${{args[@]}}"
+echo "== loadgen"
+bash "$APPLY" --role loadgen --connections 100000 --ram-bytes {RAM_16G} --sysctl-dir {s} --limits-dir {l} \
+  --only net.ipv4.ip_local_port_range,net.ipv4.tcp_tw_reuse,net.ipv4.tcp_fin_timeout
+echo "== live: $(cat /proc/sys/net/ipv4/ip_local_port_range | tr '\t' ' ') / $(cat /proc/sys/net/ipv4/tcp_fin_timeout)"
+"#,
+        s = t.sub("sysctl.d"),
+        l = t.sub("limits.d"),
+    );
+    let Some(r) = in_new_netns(&script, false) else { return };
+    let r = r.ok();
+    let out = &r.stdout;
+    assert!(out.contains("set net.core.somaxconn = 16384"), "{out}");
+    assert!(out.contains("set net.ipv4.tcp_max_syn_backlog = 16384"), "{out}");
+    assert!(out.contains("set net.ipv4.tcp_keepalive_time = 600"), "{out}");
+    assert!(out.contains("== live: 16384 / 4096 4096 "), "{out}");
+    let second = &out[out.find("== second run").unwrap()..out.find("== loadgen").unwrap()];
+    assert!(second.contains("no kernel value needed to change."), "{second}");
+    assert!(second.contains("unchanged: ") && !second.contains("wrote "), "{second}");
+    let loadgen = &out[out.find("== loadgen").unwrap()..];
+    assert!(loadgen.contains("set net.ipv4.tcp_fin_timeout = 15"), "{loadgen}");
+    assert!(loadgen.contains("== live: 1024 65535 / 15"), "{loadgen}");
+    let dropin = fs::read_to_string(t.path().join("sysctl.d/90-switchboard.conf")).unwrap();
+    assert!(dropin.contains("\nnet.core.somaxconn = 16384\n") && !dropin.contains("fs."), "{dropin}");
+
+    let host_after: Vec<String> = ["net/core/somaxconn", "net/ipv4/tcp_rmem", "net/ipv4/tcp_keepalive_time"]
+        .iter()
+        .map(|k| fs::read_to_string(format!("/proc/sys/{k}")).unwrap_or_default())
+        .collect();
+    assert_eq!(host_before, host_after, "the host's own settings changed");
+}
+
+#[test]
+fn read_only_proc_sys_is_refused_with_the_key_and_reason() {
+    // As in a container: /proc/sys mounted read-only (in a private mount
+    // namespace, inside a new network namespace).
+    let t = TempDir::new("ro");
+    let script = format!(
+        r#"mount --bind /proc/sys /proc/sys
+mount -o remount,bind,ro /proc/sys
+bash "$APPLY" --connections 1000000 --ram-bytes {RAM_16G} --sysctl-dir {s} --limits-dir {l} --only net.core.somaxconn,nofile
+"#,
+        s = t.sub("sysctl.d"),
+        l = t.sub("limits.d"),
+    );
+    let Some(r) = in_new_netns(&script, true) else { return };
+    if r.stderr.contains("mount:") {
+        eprintln!("skipped: cannot remount /proc/sys here: {}", r.stderr);
+        return;
+    }
+    assert_eq!(r.code, 1, "{}", r.all());
+    assert!(
+        r.stderr.contains("cannot set net.core.somaxconn = 16384:") && r.stderr.contains("read-only /proc/sys"),
+        "{}",
+        r.all()
+    );
+    assert!(r.stderr.contains("nothing was changed"), "{}", r.all());
+    assert!(!t.path().join("limits.d/switchboard.conf").exists(), "wrote a drop-in after refusing");
+}
