@@ -76,6 +76,7 @@ fn main() {
 
     let mut cfg = Config::default();
     cfg.server.listen = "127.0.0.1:0".into();
+    cfg.websocket.listen = String::new();
     cfg.server.workers = workers;
     cfg.server.max_connections = members as usize + 1000;
     let server = Server::builder().config(cfg).start().expect("server starts");

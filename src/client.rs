@@ -95,6 +95,11 @@ impl Client {
         self.stream.set_read_timeout(d)
     }
 
+    /// Bounds how long a send blocks on a peer that does not read (`None`: forever).
+    pub fn set_write_timeout(&self, d: Option<Duration>) -> io::Result<()> {
+        self.stream.set_write_timeout(d)
+    }
+
     /// The underlying socket.
     pub fn stream(&self) -> &TcpStream {
         &self.stream

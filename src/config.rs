@@ -317,6 +317,84 @@ pub struct AdminConfig {
     pub bench_endpoints: bool,
 }
 
+/// `[websocket]`: the WebSocket transport (RFC 6455) for browsers and
+/// every WebSocket client, on the same workers as raw TCP.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebSocketConfig {
+    /// Address of the WebSocket listener; empty = no WebSocket port.
+    pub listen: String,
+    /// Also accept WebSocket upgrades on `server.listen`, told apart from
+    /// raw frames by their first bytes (`GET `). Costs nothing per raw
+    /// frame; off by default so the raw port stays raw-only.
+    pub sniff_on_raw_port: bool,
+    /// Origins allowed to connect (e.g. "https://app.example.com");
+    /// empty or "*" = any. A request without an Origin header (not a
+    /// browser) is always allowed: only browsers send one reliably.
+    pub allowed_origins: Vec<String>,
+    /// Largest message a client may send, after reassembly of fragments;
+    /// 0 = derived from limits.max_frame_bytes (4/3 of it plus 1 KiB: a
+    /// JSON message with a base64 payload of a full frame).
+    pub max_message_bytes: usize,
+    /// Largest HTTP upgrade request (request line and headers).
+    pub max_handshake_bytes: usize,
+    /// Serve the demo page at `GET /` of the WebSocket port: "auto" (when
+    /// the WebSocket port is on a loopback address), "on" or "off".
+    pub demo_page: DemoPage,
+}
+
+/// When to serve the browser demo page.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DemoPage {
+    Auto,
+    On,
+    Off,
+}
+
+impl Default for WebSocketConfig {
+    fn default() -> Self {
+        WebSocketConfig {
+            listen: "127.0.0.1:7710".into(),
+            sniff_on_raw_port: false,
+            allowed_origins: Vec::new(),
+            max_message_bytes: 0,
+            max_handshake_bytes: 8192,
+            demo_page: DemoPage::Auto,
+        }
+    }
+}
+
+impl WebSocketConfig {
+    /// The WebSocket listen address, if one is configured.
+    pub fn listen_addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
+        if self.listen.is_empty() {
+            return Ok(None);
+        }
+        self.listen.parse().map(Some).map_err(|_| {
+            invalid("websocket.listen", format!("{:?} is not an IP:port address (or empty to disable)", self.listen))
+        })
+    }
+
+    /// The message size limit in force for `max_frame_bytes`.
+    pub fn message_limit(&self, max_frame_bytes: usize) -> usize {
+        if self.max_message_bytes != 0 {
+            self.max_message_bytes
+        } else {
+            max_frame_bytes / 3 * 4 + 1024
+        }
+    }
+
+    /// Whether the demo page is served.
+    pub fn serves_demo(&self) -> bool {
+        match self.demo_page {
+            DemoPage::On => true,
+            DemoPage::Off => false,
+            DemoPage::Auto => matches!(self.listen_addr(), Ok(Some(a)) if a.ip().is_loopback()),
+        }
+    }
+}
+
 /// `[uring]`: io_uring sizing.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -347,6 +425,7 @@ pub struct Config {
     pub rooms: RoomsConfig,
     pub admin: AdminConfig,
     pub drain: DrainConfig,
+    pub websocket: WebSocketConfig,
     pub uring: UringConfig,
 }
 
@@ -529,6 +608,33 @@ impl Config {
                     format!("must be set (16 bytes or more) when admin.listen ({a}) is not a loopback address"),
                 ));
             }
+        }
+        let ws = &self.websocket;
+        if let Some(a) = ws.listen_addr()? {
+            if a == addr && a.port() != 0 {
+                return Err(invalid(
+                    "websocket.listen",
+                    format!("is the raw TCP address {a}; use websocket.sniff_on_raw_port to share one port"),
+                ));
+            }
+            if dev && !a.ip().is_loopback() {
+                return Err(invalid(
+                    "auth.jwt_secret",
+                    format!(
+                        "is not set, and the built-in development secret is only allowed on loopback addresses (websocket.listen is {a}); set auth.jwt_secret or {JWT_SECRET_ENV}"
+                    ),
+                ));
+            }
+        }
+        let msg = ws.message_limit(l.max_frame_bytes);
+        if !(125..=PROTOCOL_MAX_FRAME_BYTES * 2).contains(&msg) {
+            return Err(invalid(
+                "websocket.max_message_bytes",
+                format!("is {msg}, must be between 125 and {}", PROTOCOL_MAX_FRAME_BYTES * 2),
+            ));
+        }
+        if !(1024..=65536).contains(&ws.max_handshake_bytes) {
+            return Err(invalid("websocket.max_handshake_bytes", "must be between 1024 and 65536"));
         }
         if self.uring.sq_entries < 256 || !self.uring.sq_entries.is_power_of_two() {
             return Err(invalid("uring.sq_entries", "must be a power of two, at least 256"));

@@ -25,6 +25,7 @@ pub mod admin;
 pub mod auth;
 pub mod client;
 pub mod config;
+mod demo;
 pub mod directory;
 pub mod ids;
 pub mod limits;

@@ -10,7 +10,8 @@ use std::collections::VecDeque;
 
 use bytes::{Buf, Bytes};
 
-use crate::proto::frame::{Frame, FrameType, HEADER_LEN};
+use crate::proto::frame::{Frame, FrameType};
+use crate::proto::wire::Wire;
 
 /// Frames handed to one `sendmsg`: the kernel's IOV_MAX is 1024; 64 frames
 /// of a backlog per syscall already amortise it well and keep the iovec
@@ -35,8 +36,19 @@ pub struct OutQueue {
     inner: Option<Box<Inner>>,
 }
 
+/// One queued frame, encoded for the connection's wire, with what the
+/// drop policy needs to know about it without parsing it again.
+struct Item {
+    bytes: Bytes,
+    /// The server frame type (`FrameType as u8`); 0 for bytes that are not
+    /// a whole server frame (a handshake response, a WebSocket pong).
+    kind: u8,
+    /// SKIPPED notices: the count they carry, so a later drop merges in.
+    count: u32,
+}
+
 struct Inner {
-    frames: VecDeque<Bytes>,
+    frames: VecDeque<Item>,
     bytes: u32,
     /// The head frame was partly written: it must be finished (or the
     /// stream abandoned) to keep the peer's framing intact.
@@ -52,14 +64,18 @@ impl OutQueue {
         })
     }
 
-    /// Queues a frame; refuses (without queuing) past either limit.
-    pub fn push(&mut self, frame: Bytes, limits: &OutLimits) -> Result<(), Overflow> {
+    /// Queues a frame of type `kind` (see [`Item`]); refuses (without
+    /// queuing) past either limit. Empty frames are not queued.
+    pub fn push(&mut self, frame: Bytes, kind: u8, limits: &OutLimits) -> Result<(), Overflow> {
         if !self.fits(frame.len(), limits) {
             return Err(Overflow);
         }
+        if frame.is_empty() {
+            return Ok(());
+        }
         let i = self.inner_mut();
         i.bytes += frame.len() as u32;
-        i.frames.push_back(frame);
+        i.frames.push_back(Item { bytes: frame, kind, count: 0 });
         Ok(())
     }
 
@@ -71,9 +87,12 @@ impl OutQueue {
     /// Queues a frame regardless of the limits: for the one CLOSE or
     /// LOGIN_ERROR that ends a connection.
     pub fn push_final(&mut self, frame: Bytes) {
+        if frame.is_empty() {
+            return;
+        }
         let i = self.inner_mut();
         i.bytes = i.bytes.saturating_add(frame.len() as u32);
-        i.frames.push_back(frame);
+        i.frames.push_back(Item { bytes: frame, kind: 0, count: 0 });
     }
 
     /// Queues the unsent rest of a frame whose start was already written
@@ -82,7 +101,7 @@ impl OutQueue {
         debug_assert!(self.is_empty());
         let i = self.inner_mut();
         i.bytes = rest.len() as u32;
-        i.frames.push_back(rest);
+        i.frames.push_back(Item { bytes: rest, kind: 0, count: 0 });
         i.head_partial = true;
     }
 
@@ -93,7 +112,7 @@ impl OutQueue {
     pub fn drop_oldest_for(&mut self, incoming: usize, limits: &OutLimits) -> Result<u32, Overflow> {
         let Some(i) = self.inner.as_mut() else { return Err(Overflow) };
         let start = usize::from(i.head_partial);
-        let droppable = |f: &Bytes| f.len() > 5 && FrameType::from_u8(f[5]).is_some_and(FrameType::is_droppable);
+        let droppable = |f: &Item| FrameType::from_u8(f.kind).is_some_and(FrameType::is_droppable);
         // Plan first, so a refusal leaves the queue untouched.
         let (mut frames, mut bytes, mut plan) = (i.frames.len(), i.bytes as usize, 0usize);
         for f in i.frames.iter().skip(start) {
@@ -102,7 +121,7 @@ impl OutQueue {
             }
             if droppable(f) {
                 frames -= 1;
-                bytes -= f.len();
+                bytes -= f.bytes.len();
                 plan += 1;
             }
         }
@@ -114,7 +133,7 @@ impl OutQueue {
         while dropped < plan {
             if droppable(&i.frames[k]) {
                 let f = i.frames.remove(k).expect("index in range");
-                i.bytes -= f.len() as u32;
+                i.bytes -= f.bytes.len() as u32;
                 dropped += 1;
             } else {
                 k += 1;
@@ -124,21 +143,22 @@ impl OutQueue {
     }
 
     /// Records that `count` messages were dropped before the unsent frames:
-    /// a SKIPPED frame at the front of them, merged with one already there.
-    pub fn note_skipped(&mut self, count: u32) {
+    /// a SKIPPED frame (encoded for `wire`) at the front of them, merged
+    /// with one already there.
+    pub fn note_skipped(&mut self, count: u32, wire: Wire) {
         let i = self.inner_mut();
         let at = usize::from(i.head_partial);
         let mut total = count;
         if let Some(f) = i.frames.get(at) {
-            if f.len() == HEADER_LEN + 4 && f[5] == FrameType::Skipped as u8 {
-                total = total.saturating_add(u32::from_be_bytes([f[6], f[7], f[8], f[9]]));
-                i.bytes -= f.len() as u32;
+            if f.kind == FrameType::Skipped as u8 {
+                total = total.saturating_add(f.count);
+                i.bytes -= f.bytes.len() as u32;
                 i.frames.remove(at);
             }
         }
-        let notice = Frame::Skipped { count: total }.to_bytes().expect("fixed-size frame");
+        let notice = wire.encode(&Frame::Skipped { count: total }.to_bytes().expect("fixed-size frame"));
         i.bytes += notice.len() as u32;
-        i.frames.insert(at, notice);
+        i.frames.insert(at, Item { bytes: notice, kind: FrameType::Skipped as u8, count: total });
     }
 
     /// Drops every frame not yet started, keeping a partly written head so
@@ -150,7 +170,7 @@ impl OutQueue {
             return;
         }
         i.frames.truncate(1);
-        i.bytes = i.frames.front().map_or(0, |f| f.len() as u32);
+        i.bytes = i.frames.front().map_or(0, |f| f.bytes.len() as u32);
     }
 
     /// Whether nothing is queued.
@@ -173,7 +193,7 @@ impl OutQueue {
         let Some(i) = self.inner.as_ref() else { return 0 };
         let mut n = 0;
         for (slot, f) in iov.iter_mut().zip(i.frames.iter()) {
-            *slot = libc::iovec { iov_base: f.as_ptr() as *mut libc::c_void, iov_len: f.len() };
+            *slot = libc::iovec { iov_base: f.bytes.as_ptr() as *mut libc::c_void, iov_len: f.bytes.len() };
             n += 1;
         }
         n
@@ -188,7 +208,7 @@ impl OutQueue {
         debug_assert!(written <= i.bytes as usize);
         i.bytes -= written as u32;
         while written > 0 {
-            let head = i.frames.front_mut().expect("advance past the queued bytes");
+            let head = &mut i.frames.front_mut().expect("advance past the queued bytes").bytes;
             if head.len() <= written {
                 written -= head.len();
                 i.frames.pop_front();
@@ -220,19 +240,19 @@ mod tests {
     #[test]
     fn limits_refuse_without_queuing() {
         let mut q = OutQueue::default();
-        q.push(Bytes::from_static(b"aaaa"), &L).unwrap();
-        q.push(Bytes::from_static(b"bbbb"), &L).unwrap();
-        assert_eq!(q.push(Bytes::from_static(b"ccc"), &L), Err(Overflow), "11 bytes > 10");
-        q.push(Bytes::from_static(b"cc"), &L).unwrap();
-        assert_eq!(q.push(Bytes::from_static(b""), &L), Err(Overflow), "4 frames > 3");
+        q.push(Bytes::from_static(b"aaaa"), 0, &L).unwrap();
+        q.push(Bytes::from_static(b"bbbb"), 0, &L).unwrap();
+        assert_eq!(q.push(Bytes::from_static(b"ccc"), 0, &L), Err(Overflow), "11 bytes > 10");
+        q.push(Bytes::from_static(b"cc"), 0, &L).unwrap();
+        assert_eq!(q.push(Bytes::from_static(b""), 0, &L), Err(Overflow), "4 frames > 3");
         assert_eq!((q.frames(), q.bytes()), (3, 10));
     }
 
     #[test]
     fn partial_writes_advance_inside_a_frame() {
         let mut q = OutQueue::default();
-        q.push(Bytes::from_static(b"hello"), &L).unwrap();
-        q.push(Bytes::from_static(b"world"), &L).unwrap();
+        q.push(Bytes::from_static(b"hello"), 0, &L).unwrap();
+        q.push(Bytes::from_static(b"world"), 0, &L).unwrap();
         q.advance(7);
         let mut iov = [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; MAX_IOV_PER_WRITE];
         assert_eq!(q.fill_iovecs(&mut iov), 1);
@@ -246,17 +266,21 @@ mod tests {
     #[test]
     fn discard_keeps_a_partly_written_head() {
         let mut q = OutQueue::default();
-        q.push(Bytes::from_static(b"abc"), &L).unwrap();
-        q.push(Bytes::from_static(b"def"), &L).unwrap();
+        q.push(Bytes::from_static(b"abc"), 0, &L).unwrap();
+        q.push(Bytes::from_static(b"def"), 0, &L).unwrap();
         q.discard_unsent();
         assert!(q.is_empty(), "nothing started: everything goes");
-        q.push(Bytes::from_static(b"abc"), &L).unwrap();
-        q.push(Bytes::from_static(b"def"), &L).unwrap();
+        q.push(Bytes::from_static(b"abc"), 0, &L).unwrap();
+        q.push(Bytes::from_static(b"def"), 0, &L).unwrap();
         q.advance(1);
         q.discard_unsent();
         assert_eq!((q.frames(), q.bytes()), (1, 2), "the rest of `abc` stays");
         q.push_final(Bytes::from_static(b"close"));
         assert_eq!(q.frames(), 2);
+    }
+
+    fn kind(f: &Bytes) -> u8 {
+        crate::proto::wire::frame_type(f).map_or(0, |t| t as u8)
     }
 
     fn msg(n: u8) -> Bytes {
@@ -275,24 +299,24 @@ mod tests {
         let l = OutLimits { max_frames: 4, max_bytes: 1 << 20 };
         let mut q = OutQueue::default();
         let ack = Frame::SendAck { req_id: 1, delivered: 1 }.to_bytes().unwrap();
-        q.push(msg(1), &l).unwrap();
-        q.push(ack.clone(), &l).unwrap();
-        q.push(msg(2), &l).unwrap();
-        q.push(msg(3), &l).unwrap();
-        assert_eq!(q.push(msg(4), &l), Err(Overflow));
+        q.push(msg(1), kind(&msg(1)), &l).unwrap();
+        q.push(ack.clone(), kind(&ack), &l).unwrap();
+        q.push(msg(2), kind(&msg(2)), &l).unwrap();
+        q.push(msg(3), kind(&msg(3)), &l).unwrap();
+        assert_eq!(q.push(msg(4), kind(&msg(4)), &l), Err(Overflow));
         assert_eq!(q.drop_oldest_for(msg(4).len(), &l), Ok(1), "only msg 1 goes");
-        q.push(msg(4), &l).unwrap();
-        q.note_skipped(1);
-        let frames: Vec<Bytes> = q.inner.as_ref().unwrap().frames.iter().cloned().collect();
+        q.push(msg(4), kind(&msg(4)), &l).unwrap();
+        q.note_skipped(1, Wire::Raw);
+        let frames: Vec<Bytes> = q.inner.as_ref().unwrap().frames.iter().map(|f| f.bytes.clone()).collect();
         assert_eq!(skipped_count(&frames[0]), Some(1));
         assert_eq!(&frames[1..], &[ack, msg(2), msg(3), msg(4)]);
         // A second drop merges into the same notice.
         let l = OutLimits { max_frames: 5, max_bytes: 1 << 20 };
         assert_eq!(q.drop_oldest_for(msg(5).len(), &l), Ok(1));
-        q.push(msg(5), &l).unwrap();
-        q.note_skipped(1);
-        assert_eq!(skipped_count(&q.inner.as_ref().unwrap().frames[0]), Some(2));
-        assert_eq!(q.bytes(), q.inner.as_ref().unwrap().frames.iter().map(|f| f.len()).sum::<usize>());
+        q.push(msg(5), kind(&msg(5)), &l).unwrap();
+        q.note_skipped(1, Wire::Raw);
+        assert_eq!(skipped_count(&q.inner.as_ref().unwrap().frames[0].bytes), Some(2));
+        assert_eq!(q.bytes(), q.inner.as_ref().unwrap().frames.iter().map(|f| f.bytes.len()).sum::<usize>());
     }
 
     #[test]
@@ -300,8 +324,8 @@ mod tests {
         let l = OutLimits { max_frames: 2, max_bytes: 1 << 20 };
         let mut q = OutQueue::default();
         let ack = Frame::SendAck { req_id: 1, delivered: 1 }.to_bytes().unwrap();
-        q.push(ack.clone(), &l).unwrap();
-        q.push(ack, &l).unwrap();
+        q.push(ack.clone(), kind(&ack), &l).unwrap();
+        q.push(ack.clone(), kind(&ack), &l).unwrap();
         assert_eq!(q.drop_oldest_for(10, &l), Err(Overflow));
         assert_eq!(q.frames(), 2, "nothing dropped on refusal");
     }

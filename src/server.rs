@@ -110,6 +110,8 @@ pub(crate) struct Shared {
     /// the worker index in the top bits (see `Worker::next_msg_id`).
     pub next_msg_id: AtomicU64,
     pub local_addr: SocketAddr,
+    /// The WebSocket address, when `websocket.listen` is set.
+    pub ws_addr: Option<SocketAddr>,
     pub epoch: Instant,
 }
 
@@ -391,6 +393,11 @@ impl Handle {
         self.shared.local_addr
     }
 
+    /// The WebSocket address, when `websocket.listen` is set.
+    pub fn ws_addr(&self) -> Option<SocketAddr> {
+        self.shared.ws_addr
+    }
+
     /// Number of worker threads.
     pub fn workers(&self) -> usize {
         self.shared.mailboxes.len()
@@ -560,6 +567,11 @@ impl Server {
     /// The raw TCP address the server listens on.
     pub fn local_addr(&self) -> SocketAddr {
         self.handle.local_addr()
+    }
+
+    /// The WebSocket address, when `websocket.listen` is set.
+    pub fn ws_addr(&self) -> Option<SocketAddr> {
+        self.handle.ws_addr()
     }
 
     /// The admin API's address, when `admin.listen` is set.

@@ -83,6 +83,12 @@ counters! {
     kicked,
     /// Messages dropped from slow consumers' queues (`drop_oldest`).
     skipped,
+    /// WebSocket handshakes completed (101 sent).
+    ws_upgrades,
+    /// WebSocket upgrade requests refused (bad request, Origin, size).
+    ws_handshake_failures,
+    /// Plain HTTP requests answered on the WebSocket port (demo page).
+    http_requests,
 }
 
 /// Per-worker counter blocks, each on its own cache line.

@@ -60,6 +60,7 @@ fn free_port() -> u16 {
 
 #[test]
 fn sigterm_drains_two_thousand_clients_over_the_window_and_exits_zero() {
+    common::arm_watchdog();
     let port = free_port();
     let dir = std::env::temp_dir().join(format!("sb-drain-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -67,11 +68,12 @@ fn sigterm_drains_two_thousand_clients_over_the_window_and_exits_zero() {
     std::fs::write(
         &cfg,
         format!(
-            "[server]\nlisten = \"127.0.0.1:{port}\"\nworkers = 2\n\n[drain]\nwindow_ms = 3000\nreconnect_jitter_ms = 1000\n\n[timeouts]\nclose_linger_ms = 1000\n"
+            "[server]\nlisten = \"127.0.0.1:{port}\"\nworkers = 2\n\n[websocket]\nlisten = \"\"\n\n[drain]\nwindow_ms = 3000\nreconnect_jitter_ms = 1000\n\n[timeouts]\nclose_linger_ms = 1000\n"
         ),
     )
     .unwrap();
-    let mut server = Command::new(SB).args(["serve", "--log", "warn", "--config"]).arg(&cfg).stdout(Stdio::null()).spawn().unwrap();
+    let mut server =
+        Command::new(SB).args(["serve", "--log", "warn", "--config"]).arg(&cfg).stdout(Stdio::null()).spawn().unwrap();
     let addr = format!("127.0.0.1:{port}").parse().unwrap();
     assert!(common::wait_until(Duration::from_secs(10), || std::net::TcpStream::connect(addr).is_ok()));
     let jwt = switchboard::JwtHs256::new(switchboard::config::DEV_JWT_SECRET);
@@ -136,6 +138,7 @@ fn sigterm_drains_two_thousand_clients_over_the_window_and_exits_zero() {
 
 #[test]
 fn an_overlapping_restart_on_the_same_port_loses_no_connection_attempt() {
+    common::arm_watchdog();
     // In a private network namespace (needs root and unshare(1)), with
     // net.ipv4.tcp_migrate_req = 1 as docs/DEPLOY.md recommends: server A,
     // four threads connecting and logging in without pause, server B started

@@ -12,4 +12,5 @@ pub mod codes;
 pub mod frame;
 pub mod json;
 pub mod session;
+pub mod wire;
 pub mod ws;

@@ -120,13 +120,25 @@ pub(crate) fn deliver(shared: &Shared, conn: ConnId, frame: &bytes::Bytes) -> bo
     let Some(slots) = shared.outs.get(w) else { return false };
     let Some(slot) = slots.slots.get(conn.slot() as usize) else { return false };
     let frames = std::slice::from_ref(frame);
-    let (iov, total) = outslot::iovecs(frames);
+    let mut out = outslot::Outgoing::new(frames);
     let mut skipped = 0;
     let mut g = slot.lock();
     if g.generation != conn.generation() || !g.open {
         return false;
     }
-    let r = g.put(frames, &iov, total, &shared.write_rules, &mut skipped);
+    if g.wire != crate::proto::wire::Wire::Raw {
+        // Encode outside the lock (JSON takes a while), then check the
+        // connection is still the same one.
+        let wire = g.wire;
+        drop(g);
+        let _ = out.get(wire);
+        g = slot.lock();
+        if g.generation != conn.generation() || !g.open {
+            return false;
+        }
+    }
+    let Some(e) = out.get(g.wire) else { return false };
+    let r = g.put(e, &shared.write_rules, &mut skipped);
     let wake = match r {
         outslot::Put::Sent | outslot::Put::Broken => false,
         outslot::Put::Queued { full } => {
@@ -182,14 +194,29 @@ pub(crate) fn start(
     let driver = choose_driver(&config)?;
 
     check_port_free(addr, &config)?;
+    let ws_addr = config.websocket.listen_addr()?;
+    if let Some(a) = ws_addr {
+        check_port_free(a, &config)?;
+    }
     let mut listeners = Vec::with_capacity(workers);
+    let mut ws_listeners = Vec::with_capacity(workers);
     let mut bound = addr;
+    let mut ws_bound = ws_addr;
     for i in 0..workers {
         let l = bind_listener(bound, &config)?;
         if i == 0 {
             bound = l.local_addr()?;
         }
         listeners.push(l);
+        if let Some(a) = ws_bound {
+            let l = bind_listener(a, &config)?;
+            if i == 0 {
+                ws_bound = Some(l.local_addr()?);
+            }
+            ws_listeners.push(Some(l));
+        } else {
+            ws_listeners.push(None);
+        }
     }
     let mailboxes = (0..workers)
         .map(|_| Mailbox::new(config.limits.mailbox_capacity))
@@ -217,19 +244,20 @@ pub(crate) fn start(
         draining: AtomicBool::new(false),
         next_msg_id: AtomicU64::new(1),
         local_addr: bound,
+        ws_addr: ws_bound,
         epoch: Instant::now(),
         config,
     });
 
     let (ready_tx, ready_rx) = mpsc::channel::<(usize, Result<(), String>)>();
     let mut threads = Vec::with_capacity(workers);
-    for (i, listener) in listeners.into_iter().enumerate() {
+    for (i, (listener, ws_listener)) in listeners.into_iter().zip(ws_listeners).enumerate() {
         let shared = shared.clone();
         let ready_tx = ready_tx.clone();
         let cpu = if shared.config.server.pin_workers { Some(cpus[i % cpus.len().max(1)]) } else { None };
         let t = std::thread::Builder::new()
             .name(format!("sb-worker-{i}"))
-            .spawn(move || worker_thread(shared, i, listener, driver, cpu, ready_tx))?;
+            .spawn(move || worker_thread(shared, i, listener, ws_listener, driver, cpu, ready_tx))?;
         threads.push(t);
     }
     drop(ready_tx);
@@ -255,6 +283,10 @@ pub(crate) fn start(
         max_connections = max_conns_per_worker * workers,
         "switchboard accepting raw TCP"
     );
+    if let Some(a) = ws_bound {
+        let demo = shared.config.websocket.serves_demo();
+        tracing::info!(addr = %a, demo_page = demo, "switchboard accepting WebSocket");
+    }
     Ok(server)
 }
 
@@ -262,6 +294,7 @@ fn worker_thread(
     shared: Arc<Shared>,
     i: usize,
     listener: std::net::TcpListener,
+    ws_listener: Option<std::net::TcpListener>,
     driver: DriverKind,
     cpu: Option<usize>,
     ready_tx: mpsc::Sender<(usize, Result<(), String>)>,
@@ -288,17 +321,21 @@ fn worker_thread(
                 .with_entries(shared.config.uring.sq_entries)
                 .uring_builder(urb)
                 .build()
-                .map(|mut rt| rt.block_on(worker::run(shared.clone(), id, listener, driver, ready)))
+                .map(|mut rt| rt.block_on(worker::run(shared.clone(), id, listener, ws_listener, driver, ready)))
         }
         DriverKind::Epoll => {
-            if let Err(e) = listener.set_nonblocking(true) {
+            let nb = listener.set_nonblocking(true).and_then(|_| match &ws_listener {
+                Some(l) => l.set_nonblocking(true),
+                None => Ok(()),
+            });
+            if let Err(e) = nb {
                 let _ = ready_tx.send((i, Err(format!("cannot make listener non-blocking: {e}"))));
                 return;
             }
             RuntimeBuilder::<LegacyDriver>::new()
                 .enable_timer()
                 .build()
-                .map(|mut rt| rt.block_on(worker::run(shared.clone(), id, listener, driver, ready)))
+                .map(|mut rt| rt.block_on(worker::run(shared.clone(), id, listener, ws_listener, driver, ready)))
         }
     };
     if let Err(e) = built {

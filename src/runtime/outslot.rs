@@ -30,6 +30,7 @@ use bytes::Bytes;
 use super::sys::{self, Send};
 use crate::config::SlowConsumer;
 use crate::outq::{OutLimits, OutQueue, Overflow, MAX_IOV_PER_WRITE};
+use crate::proto::wire::Wire;
 
 /// Write state of one connection slot.
 pub(crate) struct OutState {
@@ -49,6 +50,9 @@ pub(crate) struct OutState {
     pub needs_close: bool,
     /// The slot is on its worker's request list.
     pub listed: bool,
+    /// How frames are encoded for this connection (set by the owner before
+    /// `open`, never changed while open).
+    pub wire: Wire,
     pub out: OutQueue,
 }
 
@@ -74,9 +78,11 @@ pub(crate) struct WriteRules {
 }
 
 impl OutState {
-    /// Queues one frame under the limits and the slow-consumer policy;
-    /// returns how many older messages were dropped to make room.
-    pub fn queue(&mut self, frame: Bytes, rules: &WriteRules) -> Result<u32, Overflow> {
+    /// Queues one frame (already encoded for this wire; `kind` is its
+    /// server frame type, 0 for other bytes) under the limits and the
+    /// slow-consumer policy; returns how many older messages were dropped
+    /// to make room.
+    pub fn queue(&mut self, frame: Bytes, kind: u8, rules: &WriteRules) -> Result<u32, Overflow> {
         let mut skipped = 0;
         if !self.out.fits(frame.len(), &rules.limits) {
             match rules.policy {
@@ -84,28 +90,29 @@ impl OutState {
                 SlowConsumer::DropOldest => skipped = self.out.drop_oldest_for(frame.len(), &rules.limits)?,
             }
         }
-        self.out.push(frame, &rules.limits)?;
+        self.out.push(frame, kind, &rules.limits)?;
         if skipped > 0 {
-            self.out.note_skipped(skipped);
+            self.out.note_skipped(skipped, self.wire);
         }
         Ok(skipped)
     }
 
-    /// Writes `frames` (described by `iov`, `total` bytes) straight to the
-    /// socket if nothing is queued and the socket is not known to be full;
-    /// queues what it does not take. Otherwise queues them behind the rest.
+    /// Encodes a raw v1 server frame for this connection's wire and queues
+    /// it (see `queue`).
+    pub fn queue_raw(&mut self, raw: &Bytes, rules: &WriteRules) -> Result<u32, Overflow> {
+        self.queue(self.wire.encode(raw), kind_of(raw), rules)
+    }
+
+    /// Writes `e` (the frames encoded for this wire) straight to the socket
+    /// if nothing is queued and the socket is not known to be full; queues
+    /// what it does not take. Otherwise queues them behind the rest.
     /// `skipped` counts messages dropped under `drop_oldest`.
-    pub fn put(
-        &mut self,
-        frames: &[Bytes],
-        iov: &[libc::iovec; MAX_IOV_PER_WRITE],
-        total: usize,
-        rules: &WriteRules,
-        skipped: &mut u32,
-    ) -> Put {
+    pub fn put(&mut self, e: Encoded<'_>, rules: &WriteRules, skipped: &mut u32) -> Put {
+        let Encoded { frames, raw, iov, total } = e;
+        let kinds = raw.iter().map(|r| kind_of(r));
         if !self.out.is_empty() || self.write_wait {
-            for f in frames {
-                match self.queue(f.clone(), rules) {
+            for (f, kind) in frames.iter().zip(kinds) {
+                match self.queue(f.clone(), kind, rules) {
                     Ok(s) => *skipped += s,
                     Err(Overflow) => return Put::Overflow,
                 }
@@ -119,20 +126,80 @@ impl OutState {
             Send::Error(_) => return Put::Broken,
         };
         let mut skip = written;
-        for f in frames {
+        for (f, kind) in frames.iter().zip(kinds) {
             if skip >= f.len() {
                 skip -= f.len();
             } else if skip > 0 {
                 self.out.push_started(f.slice(skip..));
                 skip = 0;
             } else {
-                match self.queue(f.clone(), rules) {
+                match self.queue(f.clone(), kind, rules) {
                     Ok(s) => *skipped += s,
                     Err(Overflow) => return Put::Overflow,
                 }
             }
         }
         Put::Queued { full: true }
+    }
+}
+
+/// The server frame type of a raw frame, as queues record it.
+pub(crate) fn kind_of(raw: &[u8]) -> u8 {
+    crate::proto::wire::frame_type(raw).map_or(0, |t| t as u8)
+}
+
+/// Frames ready for one connection's wire: the encoded bytes with their
+/// iovecs, and the raw frames they came from (for the queue's kinds).
+#[derive(Copy, Clone)]
+pub(crate) struct Encoded<'a> {
+    pub frames: &'a [Bytes],
+    pub raw: &'a [Bytes],
+    pub iov: &'a [libc::iovec; MAX_IOV_PER_WRITE],
+    pub total: usize,
+}
+
+/// One or more server frames on their way to connections of any wire:
+/// encoded for raw TCP as given, and for each WebSocket form the first time
+/// a connection of that form needs them (a fan-out encodes its JSON once,
+/// not once per member).
+pub(crate) struct Outgoing<'a> {
+    raw: &'a [Bytes],
+    raw_iov: [libc::iovec; MAX_IOV_PER_WRITE],
+    raw_total: usize,
+    /// WsBinary, WsJson.
+    ws: [Option<Box<EncodedSet>>; 2],
+}
+
+struct EncodedSet {
+    frames: Vec<Bytes>,
+    iov: [libc::iovec; MAX_IOV_PER_WRITE],
+    total: usize,
+}
+
+impl<'a> Outgoing<'a> {
+    pub fn new(raw: &'a [Bytes]) -> Outgoing<'a> {
+        let (raw_iov, raw_total) = iovecs(raw);
+        Outgoing { raw, raw_iov, raw_total, ws: [None, None] }
+    }
+
+    /// The frames as `wire` carries them; `None` for a handshake still in
+    /// progress (nothing can be delivered to it).
+    pub fn get(&mut self, wire: Wire) -> Option<Encoded<'_>> {
+        let k = match wire {
+            Wire::Raw => {
+                return Some(Encoded { frames: self.raw, raw: self.raw, iov: &self.raw_iov, total: self.raw_total })
+            }
+            Wire::Http => return None,
+            Wire::WsBinary => 0,
+            Wire::WsJson => 1,
+        };
+        let raw = self.raw;
+        let set = self.ws[k].get_or_insert_with(|| {
+            let frames: Vec<Bytes> = raw.iter().map(|r| wire.encode(r)).collect();
+            let (iov, total) = iovecs(&frames);
+            Box::new(EncodedSet { frames, iov, total })
+        });
+        Some(Encoded { frames: &set.frames, raw, iov: &set.iov, total: set.total })
     }
 }
 
@@ -173,6 +240,7 @@ impl Default for OutSlot {
                 needs_arm: false,
                 needs_close: false,
                 listed: false,
+                wire: Wire::Raw,
                 out: OutQueue::default(),
             }),
         }

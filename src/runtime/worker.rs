@@ -27,15 +27,18 @@ use bytes::Bytes;
 use monoio::net::{TcpListener, TcpStream, UnixStream};
 use slab::Slab;
 
-use super::outslot::{iovecs, OutSlots, OutState, Put};
+use super::outslot::{OutSlots, OutState, Outgoing, Put};
 use super::poller::{token, untoken, Poller, Ready};
 use super::sys::{self, Recv, Send};
 use crate::directory::ConnList;
 use crate::ids::{ConnId, WorkerId};
 use crate::outq::{Overflow, MAX_IOV_PER_WRITE};
 use crate::proto::codes::{CloseCode, ErrorCode, LoginErrorCode};
+use crate::proto::frame::FrameType;
 use crate::proto::frame::{clip_reason, decode, Frame, RoomOp, PING_EMPTY};
 use crate::proto::session::{Inbound, Phase, Tick, TickAction};
+use crate::proto::wire::{Wire, SUBPROTOCOLS};
+use crate::proto::ws::{self, handshake, Decoder, WsEvent};
 use crate::rooms::{LocalRooms, Member, RoomError, RoomIdx};
 use crate::server::{CeilingSample, ClientMessage, ClientMessageKind, Command, Handle, Shared};
 use crate::stats::{bump, drop_one, WorkerCounters};
@@ -61,6 +64,17 @@ const FANOUT_CHUNK: usize = 2048;
 const DIRTY: u8 = 1;
 /// FIN sent (closing, queue flushed).
 const FIN_SENT: u8 = 4;
+/// What the connection's bytes are (flags bits 4-5).
+const T_MASK: u8 = 3 << 4;
+/// Raw protocol v1 frames.
+const T_RAW: u8 = 0;
+/// Not known yet: the raw port with `websocket.sniff_on_raw_port`, before
+/// the first bytes.
+const T_SNIFF: u8 = 1 << 4;
+/// An HTTP request: the WebSocket upgrade (or a page) is being read.
+const T_HTTP: u8 = 2 << 4;
+/// WebSocket frames.
+const T_WS: u8 = 3 << 4;
 
 /// One connection's state. Its size is asserted below: it is most of what
 /// an idle connection costs us.
@@ -69,6 +83,10 @@ struct Conn {
     user: Option<Arc<str>>,
     /// Bytes of an incomplete frame; `None` (no allocation) when idle.
     partial: Option<Box<Vec<u8>>>,
+    /// WebSocket only, while a fragmented message is being reassembled:
+    /// the decoder holding the fragments so far. `None` otherwise (between
+    /// messages a decoder holds nothing worth keeping).
+    ws: Option<Box<Decoder>>,
     /// Rooms this connection is in, with its position in each room's
     /// member list; `None` when in no room.
     rooms: Option<Box<Vec<(RoomIdx, u32)>>>,
@@ -125,8 +143,12 @@ pub(crate) struct Worker {
     server_full: Bytes,
     /// Set at the very end of a shutdown: the tick loop exits.
     stopped: Cell<bool>,
-    /// The listening socket (for stopping it at a drain or shutdown).
+    /// The listening sockets, raw and WebSocket (-1: none), for stopping
+    /// them at a drain or shutdown.
     listener_fd: Cell<RawFd>,
+    ws_listener_fd: Cell<RawFd>,
+    /// `websocket.message_limit()`.
+    ws_max_message: usize,
     /// A drain task was started; it set `drained` when done.
     drain_started: Cell<bool>,
     drained: Cell<bool>,
@@ -195,6 +217,8 @@ impl Worker {
             server_full: close_frame(CloseCode::ServerFull, CloseCode::ServerFull.reason()),
             stopped: Cell::new(false),
             listener_fd: Cell::new(-1),
+            ws_listener_fd: Cell::new(-1),
+            ws_max_message: shared.config.websocket.message_limit(shared.config.limits.max_frame_bytes),
             drain_started: Cell::new(false),
             drained: Cell::new(false),
             mailbox_ready: Cell::new(false),
@@ -233,7 +257,9 @@ impl Worker {
         self.shared.shutdown.load(Ordering::Acquire) || self.shared.draining.load(Ordering::Acquire)
     }
 
-    fn on_accept(&self, stream: TcpStream) {
+    /// A new connection, from the raw TCP listener or (`websocket`) the
+    /// WebSocket one.
+    fn on_accept(&self, stream: TcpStream, websocket: bool) {
         if self.stopping() {
             return;
         }
@@ -244,10 +270,21 @@ impl Worker {
         if conns.len() >= self.shared.max_conns_per_worker {
             drop(conns);
             bump(&self.counters().refused_full, 1);
-            sys::send_once(fd, &self.server_full);
+            if websocket {
+                sys::send_once(fd, &Wire::Http.encode(&self.server_full));
+            } else {
+                sys::send_once(fd, &self.server_full);
+            }
             sys::close(fd);
             return;
         }
+        let (transport, wire) = if websocket {
+            (T_HTTP, Wire::Http)
+        } else if self.shared.config.websocket.sniff_on_raw_port {
+            (T_SNIFF, Wire::Raw)
+        } else {
+            (T_RAW, Wire::Raw)
+        };
         if self.shared.config.socket.nodelay {
             sys::set_nodelay(fd);
         }
@@ -265,8 +302,19 @@ impl Worker {
             g.fd = fd;
             g.open = false;
             g.write_wait = false;
+            g.wire = wire;
         }
-        entry.insert(Conn { user: None, partial: None, rooms: None, session, fd, generation, wheel_at, flags: 0 });
+        entry.insert(Conn {
+            user: None,
+            partial: None,
+            ws: None,
+            rooms: None,
+            session,
+            fd,
+            generation,
+            wheel_at,
+            flags: transport,
+        });
         drop(conns);
         let mut poller = self.poller.borrow_mut();
         poller.add(fd, token(slot, generation));
@@ -317,10 +365,12 @@ impl Worker {
     /// Drains a readable socket and acts on every whole frame. Returns false
     /// when the connection is finished and must be released.
     fn on_readable(self: &Rc<Self>, slot: u32, generation: u32) -> bool {
-        let (fd, mut partial) = {
+        let (fd, mut partial, mut dec) = {
             let mut conns = self.conns.borrow_mut();
             match conns.get_mut(slot as usize) {
-                Some(c) if c.generation == generation => (c.fd, c.partial.take().map(|b| *b).unwrap_or_default()),
+                Some(c) if c.generation == generation => {
+                    (c.fd, c.partial.take().map(|b| *b).unwrap_or_default(), c.ws.take())
+                }
                 _ => return false,
             }
         };
@@ -332,11 +382,11 @@ impl Worker {
                 match sys::recv(fd, &mut scratch) {
                     Recv::Data(n) => {
                         if partial.is_empty() {
-                            let used = self.on_bytes(slot, generation, &scratch[..n]);
+                            let used = self.on_bytes(slot, generation, &mut scratch[..n], &mut dec);
                             partial.extend_from_slice(&scratch[used..n]);
                         } else {
                             partial.extend_from_slice(&scratch[..n]);
-                            let used = self.on_bytes(slot, generation, &partial);
+                            let used = self.on_bytes(slot, generation, &mut partial, &mut dec);
                             partial.drain(..used);
                         }
                         if n < scratch.len() {
@@ -364,18 +414,69 @@ impl Worker {
             self.read_again.borrow_mut().push((slot, generation));
         }
         if let Some(c) = self.conns.borrow_mut().get_mut(slot as usize) {
-            if c.generation == generation && c.session.phase() != Phase::Closing && !partial.is_empty() {
-                debug_assert!(partial.len() < self.shared.config.limits.max_frame_bytes);
-                c.partial = Some(Box::new(partial));
+            if c.generation == generation && c.session.phase() != Phase::Closing {
+                if !partial.is_empty() {
+                    c.partial = Some(Box::new(partial));
+                }
+                c.ws = dec;
             }
         }
         self.flush_dirty();
         open
     }
 
-    /// Decodes and handles whole frames; returns the bytes consumed (all of
-    /// them once the connection is closing: input is then discarded).
-    fn on_bytes(self: &Rc<Self>, slot: u32, generation: u32, data: &[u8]) -> usize {
+    /// Handles the whole frames (or the HTTP request) at the start of
+    /// `data`; returns the bytes consumed (all of them once the connection
+    /// is closing: input is then discarded). `dec` is a WebSocket
+    /// connection's decoder kept across reads (mid-message only).
+    fn on_bytes(self: &Rc<Self>, slot: u32, generation: u32, data: &mut [u8], dec: &mut Option<Box<Decoder>>) -> usize {
+        let mut off = 0;
+        while off < data.len() {
+            let transport = match self.conns.borrow().get(slot as usize) {
+                Some(c) if c.generation == generation && c.session.phase() != Phase::Closing => c.flags & T_MASK,
+                _ => return data.len(),
+            };
+            let used = match transport {
+                T_RAW => self.on_raw_bytes(slot, generation, &data[off..]),
+                T_WS => self.on_ws_bytes(slot, generation, &mut data[off..], dec),
+                T_HTTP => self.on_http_bytes(slot, generation, &data[off..]),
+                _ => {
+                    let t = match handshake::looks_like_http(&data[off..]) {
+                        None => break,
+                        Some(true) => T_HTTP,
+                        Some(false) => T_RAW,
+                    };
+                    self.set_transport(slot, generation, t, (t == T_HTTP).then_some(Wire::Http));
+                    continue;
+                }
+            };
+            if used == 0 {
+                break;
+            }
+            off += used;
+        }
+        if self.is_closing(slot, generation) {
+            return data.len();
+        }
+        off
+    }
+
+    /// Changes what a connection's bytes are, and (if given) how its
+    /// writers encode.
+    fn set_transport(&self, slot: u32, generation: u32, transport: u8, wire: Option<Wire>) {
+        if let Some(c) = self.conns.borrow_mut().get_mut(slot as usize).filter(|c| c.generation == generation) {
+            c.flags = (c.flags & !T_MASK) | transport;
+        }
+        if let Some(wire) = wire {
+            let mut g = self.outs().slots[slot as usize].lock();
+            if g.generation == generation {
+                g.wire = wire;
+            }
+        }
+    }
+
+    /// Raw protocol v1: decodes and handles whole frames.
+    fn on_raw_bytes(self: &Rc<Self>, slot: u32, generation: u32, data: &[u8]) -> usize {
         let max = self.shared.config.limits.max_frame_bytes;
         let mut off = 0;
         while off < data.len() {
@@ -396,10 +497,169 @@ impl Worker {
                 }
             }
         }
-        if self.is_closing(slot, generation) {
-            return data.len();
+        off
+    }
+
+    // ---- WebSocket ----------------------------------------------------------
+
+    /// An HTTP request on the WebSocket port (or a sniffed raw port): the
+    /// upgrade, a page, or an error response. Returns 0 until the whole
+    /// head is in (bounded by `websocket.max_handshake_bytes`), then the
+    /// bytes of the head; what follows is WebSocket frames.
+    fn on_http_bytes(self: &Rc<Self>, slot: u32, generation: u32, data: &[u8]) -> usize {
+        let cfg = &self.shared.config.websocket;
+        match handshake::parse_request(data, cfg.max_handshake_bytes) {
+            Ok(None) => 0,
+            Ok(Some((hs, n))) => {
+                self.on_upgrade(slot, generation, &hs);
+                n
+            }
+            Err(handshake::HandshakeError::NotUpgrade { path }) => {
+                self.on_http_page(slot, generation, &path);
+                data.len()
+            }
+            Err(e) => {
+                tracing::debug!(worker = self.id.0, slot, "refusing WebSocket upgrade: {e}");
+                self.refuse_http(slot, generation, e.response());
+                data.len()
+            }
+        }
+    }
+
+    /// Ends an HTTP request with an error response.
+    fn refuse_http(self: &Rc<Self>, slot: u32, generation: u32, response: Vec<u8>) {
+        bump(&self.counters().ws_handshake_failures, 1);
+        self.close_with(slot, generation, Bytes::from(response), true, false);
+    }
+
+    /// A valid upgrade request: Origin and subprotocol checks, the 101, and
+    /// the login from the query string if there is one.
+    fn on_upgrade(self: &Rc<Self>, slot: u32, generation: u32, hs: &handshake::Handshake) {
+        let cfg = &self.shared.config.websocket;
+        if !handshake::origin_allowed(hs.origin.as_deref(), &cfg.allowed_origins) {
+            let reason = format!("origin {:?} is not in websocket.allowed_origins", hs.origin.as_deref().unwrap_or(""));
+            return self.refuse_http(slot, generation, handshake::response_error(403, &reason, &[]));
+        }
+        let protocol = if hs.protocols.is_empty() {
+            None
+        } else {
+            match handshake::choose_protocol(&hs.protocols, &SUBPROTOCOLS) {
+                Some(p) => Some(p),
+                None => {
+                    let reason = format!(
+                        "no supported subprotocol in Sec-WebSocket-Protocol; this server speaks {} and {}",
+                        SUBPROTOCOLS[0], SUBPROTOCOLS[1]
+                    );
+                    return self.refuse_http(slot, generation, handshake::response_error(400, &reason, &[]));
+                }
+            }
+        };
+        let response = Bytes::from(handshake::response_101(&hs.accept(), protocol));
+        self.enqueue_encoded(slot, generation, response);
+        self.set_transport(slot, generation, T_WS, Some(Wire::for_subprotocol(protocol)));
+        bump(&self.counters().ws_upgrades, 1);
+        if let Some(login) = hs.login() {
+            self.on_frame(slot, generation, login);
+        }
+    }
+
+    /// A plain GET on the WebSocket port: the demo page (and its
+    /// development-token helper) when enabled, else 426 or 404.
+    fn on_http_page(self: &Rc<Self>, slot: u32, generation: u32, path: &str) {
+        bump(&self.counters().http_requests, 1);
+        let demo = self.shared.config.websocket.serves_demo();
+        let response = match path {
+            "/" | "/index.html" if demo => handshake::response_200("text/html; charset=utf-8", crate::demo::PAGE),
+            _ if demo && path.starts_with("/demo/token/") => crate::demo::token_response(&self.shared, path),
+            _ if demo => handshake::response_error(404, "not found: this port serves WebSocket and the demo page", &[]),
+            _ => handshake::HandshakeError::NotUpgrade { path: path.to_string() }.response(),
+        };
+        self.close_with(slot, generation, Bytes::from(response), true, false);
+    }
+
+    /// WebSocket frames: decodes and handles whole messages.
+    fn on_ws_bytes(
+        self: &Rc<Self>,
+        slot: u32,
+        generation: u32,
+        data: &mut [u8],
+        kept: &mut Option<Box<Decoder>>,
+    ) -> usize {
+        let mut dec = kept.take().map(|b| *b).unwrap_or_else(|| Decoder::new(self.ws_max_message));
+        let mut off = 0;
+        while off < data.len() {
+            if self.is_closing(slot, generation) {
+                return data.len();
+            }
+            match dec.decode(&mut data[off..]) {
+                Ok(None) => break,
+                Ok(Some((ev, n))) => {
+                    off += n;
+                    self.on_ws_event(slot, generation, ev);
+                }
+                Err(e) => {
+                    bump(&self.counters().protocol_errors, 1);
+                    tracing::debug!(worker = self.id.0, slot, "closing WebSocket: {e}");
+                    self.close_code(slot, generation, e.close_code(), &e.to_string());
+                    return data.len();
+                }
+            }
+        }
+        if dec.in_message() {
+            *kept = Some(Box::new(dec));
         }
         off
+    }
+
+    fn on_ws_event(self: &Rc<Self>, slot: u32, generation: u32, ev: WsEvent<'_>) {
+        match ev {
+            WsEvent::Text(text) => match crate::proto::json::ClientFrame::parse(text) {
+                Ok(f) => self.on_frame(slot, generation, f.as_frame()),
+                Err(e) => {
+                    bump(&self.counters().protocol_errors, 1);
+                    self.close_code(slot, generation, e.close_code(), &e.to_string());
+                }
+            },
+            WsEvent::Binary(bytes) => match decode(bytes, self.shared.config.limits.max_frame_bytes) {
+                Ok(Some((frame, n))) if n == bytes.len() => self.on_frame(slot, generation, frame),
+                Ok(_) => {
+                    bump(&self.counters().protocol_errors, 1);
+                    let reason = "a binary message must hold exactly one whole protocol v1 frame";
+                    self.close_code(slot, generation, ws::close::PROTOCOL_ERROR, reason);
+                }
+                Err(e) => {
+                    bump(&self.counters().protocol_errors, 1);
+                    self.close_code(slot, generation, e.close_code() as u16, &e.to_string());
+                }
+            },
+            WsEvent::Ping(data) => {
+                self.ws_alive(slot, generation);
+                self.enqueue_encoded(slot, generation, Bytes::from(ws::pong_frame(data)));
+            }
+            WsEvent::Pong(_) => self.ws_alive(slot, generation),
+            WsEvent::Close { code, .. } => {
+                // The closing handshake: echo the code, then close.
+                let echo = match code {
+                    Some(code) => Bytes::from(ws::close_frame(code, "")),
+                    None => Bytes::from_static(&ws::CLOSE_EMPTY),
+                };
+                self.close_with(slot, generation, echo, true, false);
+            }
+            WsEvent::Fragment => {}
+        }
+    }
+
+    /// A WebSocket ping or pong: liveness, like any frame, once logged in
+    /// (before login only LOGIN counts, as on raw TCP).
+    fn ws_alive(&self, slot: u32, generation: u32) {
+        let now = self.now.get();
+        let mut conns = self.conns.borrow_mut();
+        if let Some(c) = conns.get_mut(slot as usize).filter(|c| c.generation == generation) {
+            if c.session.is_active() {
+                let _ = c.session.on_frame(FrameType::Pong, now);
+                self.reschedule_if_earlier(c, slot);
+            }
+        }
     }
 
     fn is_closing(&self, slot: u32, generation: u32) -> bool {
@@ -520,7 +780,7 @@ impl Worker {
 
     fn fail_login(self: &Rc<Self>, slot: u32, generation: u32, code: u16, reason: &str) {
         let frame = Frame::LoginError { code, reason: clip_reason(reason) }.to_bytes().expect("reason clipped");
-        self.close_with(slot, generation, frame, false);
+        self.close_with(slot, generation, frame, false, false);
     }
 
     fn on_send(self: &Rc<Self>, slot: u32, generation: u32, req_id: u32, to: &str, payload: &[u8]) {
@@ -768,25 +1028,21 @@ impl Worker {
     /// Writes (or queues) `frames` for one of this worker's logged-in
     /// connections, arming its write poll directly when the socket fills.
     fn put_local(self: &Rc<Self>, m: Member, frames: &[Bytes], count: bool) -> bool {
-        let (iov, total) = iovecs(frames);
-        self.put_local_iov(m, frames, &iov, total, count) != Delivered::No
+        self.put_out(m, &mut Outgoing::new(frames), count) != Delivered::No
     }
 
-    fn put_local_iov(
-        self: &Rc<Self>,
-        m: Member,
-        frames: &[Bytes],
-        iov: &[libc::iovec; MAX_IOV_PER_WRITE],
-        total: usize,
-        count: bool,
-    ) -> Delivered {
+    /// `put_local` for frames encoded (lazily, once per wire) in `out`.
+    fn put_out(self: &Rc<Self>, m: Member, out: &mut Outgoing<'_>, count: bool) -> Delivered {
         let mut skipped = 0;
+        let frames;
         let r = {
             let mut g = self.outs().slots[m.slot as usize].lock();
             if g.generation != m.generation || !g.open {
                 return Delivered::No;
             }
-            let r = g.put(frames, iov, total, &self.shared.write_rules, &mut skipped);
+            let Some(e) = out.get(g.wire) else { return Delivered::No };
+            frames = e.frames.len();
+            let r = g.put(e, &self.shared.write_rules, &mut skipped);
             match r {
                 Put::Queued { full: true } if !g.write_wait => {
                     g.write_wait = true;
@@ -807,12 +1063,12 @@ impl Worker {
             Put::Sent => {
                 if count {
                     bump(&c.writes, 1);
-                    bump(&c.frames_out, frames.len() as u64);
+                    bump(&c.frames_out, frames as u64);
                 }
                 Delivered::Direct
             }
             Put::Queued { .. } => {
-                bump(&c.frames_out, frames.len() as u64);
+                bump(&c.frames_out, frames as u64);
                 Delivered::Queued
             }
             Put::Overflow => {
@@ -833,11 +1089,22 @@ impl Worker {
         self.reply(slot, generation, frame);
     }
 
-    /// Queues a reply on one of this worker's connections (logged in or
-    /// not, not closing) and marks it for the flush at the end of the
-    /// batch, so replies to one read go out in one write. A queue over its
-    /// limit closes the connection as a slow consumer.
+    /// Queues a reply (a raw v1 frame, encoded here for the connection's
+    /// wire) on one of this worker's connections (logged in or not, not
+    /// closing) and marks it for the flush at the end of the batch, so
+    /// replies to one read go out in one write. A queue over its limit
+    /// closes the connection as a slow consumer.
     fn enqueue(self: &Rc<Self>, slot: u32, generation: u32, frame: Bytes) -> bool {
+        self.enqueue_as(slot, generation, frame, false)
+    }
+
+    /// `enqueue` for bytes already in the connection's wire form (an HTTP
+    /// response, a WebSocket pong).
+    fn enqueue_encoded(self: &Rc<Self>, slot: u32, generation: u32, bytes: Bytes) -> bool {
+        self.enqueue_as(slot, generation, bytes, true)
+    }
+
+    fn enqueue_as(self: &Rc<Self>, slot: u32, generation: u32, frame: Bytes, encoded: bool) -> bool {
         {
             let conns = self.conns.borrow();
             match conns.get(slot as usize) {
@@ -850,7 +1117,11 @@ impl Worker {
             if g.generation != generation {
                 return false;
             }
-            g.queue(frame, &self.shared.write_rules)
+            if encoded {
+                g.queue(frame, 0, &self.shared.write_rules)
+            } else {
+                g.queue_raw(&frame, &self.shared.write_rules)
+            }
         };
         match queued {
             Ok(skipped) => {
@@ -912,7 +1183,7 @@ impl Worker {
                 );
             }
         }
-        let (iov, total) = iovecs(frames);
+        let mut out = Outgoing::new(frames);
         for (step, chunk) in members.chunks(FANOUT_CHUNK).enumerate() {
             if step > 0 {
                 self.flush_dirty();
@@ -921,7 +1192,7 @@ impl Worker {
             }
             let mut direct = 0;
             for &m in chunk {
-                direct += u64::from(self.put_local_iov(m, frames, &iov, total, false) == Delivered::Direct);
+                direct += u64::from(self.put_out(m, &mut out, false) == Delivered::Direct);
             }
             // Direct writes counted once per step, not per member.
             let c = self.counters();
@@ -1096,15 +1367,23 @@ impl Worker {
 
     /// Starts closing with a CLOSE frame.
     pub(crate) fn begin_close(self: &Rc<Self>, slot: u32, generation: u32, code: CloseCode, reason: &str) {
-        self.close_with(slot, generation, close_frame(code, reason), code == CloseCode::SlowConsumer);
+        self.close_with(slot, generation, close_frame(code, reason), false, code == CloseCode::SlowConsumer);
+    }
+
+    /// Starts closing with a close code that is not one of ours (a
+    /// WebSocket one, such as 1007 for invalid UTF-8).
+    fn close_code(self: &Rc<Self>, slot: u32, generation: u32, code: u16, reason: &str) {
+        let frame = Frame::Close { code, reason: clip_reason(reason) }.to_bytes().expect("reason clipped");
+        self.close_with(slot, generation, frame, false, false);
     }
 
     /// Starts closing: leaves the directory and the rooms, stops other
-    /// threads' deliveries, queues `last` (CLOSE or LOGIN_ERROR) after what
-    /// is queued (or instead of it, for a slow consumer), sends FIN once
+    /// threads' deliveries, queues `last` (CLOSE or LOGIN_ERROR, encoded
+    /// here for the connection's wire unless `encoded`) after what is
+    /// queued (or instead of it, for a slow consumer), sends FIN once
     /// flushed, and releases the connection when the peer closes or the
     /// linger runs out.
-    fn close_with(self: &Rc<Self>, slot: u32, generation: u32, last: Bytes, discard_queue: bool) {
+    fn close_with(self: &Rc<Self>, slot: u32, generation: u32, last: Bytes, encoded: bool, discard_queue: bool) {
         let now = self.now.get();
         let (user, rooms) = {
             let mut conns = self.conns.borrow_mut();
@@ -1115,6 +1394,7 @@ impl Worker {
                 return;
             }
             c.partial = None;
+            c.ws = None;
             self.reschedule_if_earlier(c, slot);
             (c.user.take(), c.rooms.take())
         };
@@ -1124,6 +1404,7 @@ impl Worker {
             if discard_queue {
                 g.out.discard_unsent();
             }
+            let last = if encoded { last } else { g.wire.encode(&last) };
             g.out.push_final(last);
         }
         self.mark_dirty(slot);
@@ -1168,6 +1449,7 @@ impl Worker {
             // on the list and is skipped there.
             g.needs_arm = false;
             g.needs_close = false;
+            g.wire = Wire::Raw;
             g.out.clear();
             sys::close(conn.fd);
             g.fd = -1;
@@ -1332,13 +1614,13 @@ async fn io_loop(w: Rc<Worker>, ready_fd: UnixStream) {
     }
 }
 
-async fn accept_loop(w: Rc<Worker>, listener: Rc<TcpListener>) {
+async fn accept_loop(w: Rc<Worker>, listener: Rc<TcpListener>, websocket: bool) {
     let mut backoff_logged = false;
     loop {
         match listener.accept().await {
             Ok((stream, _peer)) => {
                 backoff_logged = false;
-                w.on_accept(stream);
+                w.on_accept(stream, websocket);
             }
             Err(e) => {
                 if w.stopping() {
@@ -1394,6 +1676,12 @@ async fn mailbox_loop(w: Rc<Worker>) {
         if w.shared.draining.load(Ordering::Acquire) && !w.drain_started.replace(true) {
             monoio::spawn(drain(w.clone()));
         }
+        // Re-arm wakes first, then look at both things a wake announces:
+        // write-slot requests and commands. (Waiting on commands alone lost
+        // requests: a wake for a request left `notified` set, so no later
+        // wake reached the eventfd until a command happened to arrive.)
+        mb.begin_drain(false);
+        w.on_requests();
         if mb.is_empty() {
             MailboxWake(&w).await;
             if w.stopped.get() {
@@ -1401,8 +1689,6 @@ async fn mailbox_loop(w: Rc<Worker>) {
             }
             continue;
         }
-        mb.begin_drain(false);
-        w.on_requests();
         while batch.len() < MAILBOX_BATCH {
             let Some(cmd) = mb.pop() else { break };
             batch.push_back(cmd);
@@ -1459,6 +1745,9 @@ async fn drain(w: Rc<Worker>) {
     // Closing the listener moves connections still in its accept queue to
     // another listener of the port when net.ipv4.tcp_migrate_req = 1.
     sys::shutdown(w.listener_fd.get(), libc::SHUT_RDWR);
+    if w.ws_listener_fd.get() >= 0 {
+        sys::shutdown(w.ws_listener_fd.get(), libc::SHUT_RDWR);
+    }
     // Logged-in connections first; those still logging in go last, so a
     // client that connected just before the drain gets its LOGIN_OK (its
     // attempt succeeded) before it is asked to reconnect.
@@ -1510,12 +1799,17 @@ pub(crate) async fn run(
     shared: Arc<Shared>,
     id: WorkerId,
     listener: std::net::TcpListener,
+    ws_listener: Option<std::net::TcpListener>,
     driver: super::DriverKind,
     ready: impl FnOnce(Result<(), String>),
 ) {
     let listener = match TcpListener::from_std(listener) {
         Ok(l) => Rc::new(l),
         Err(e) => return ready(Err(format!("cannot register listener: {e}"))),
+    };
+    let ws_listener = match ws_listener.map(TcpListener::from_std).transpose() {
+        Ok(l) => l.map(Rc::new),
+        Err(e) => return ready(Err(format!("cannot register the WebSocket listener: {e}"))),
     };
     let poller = match (driver, shared.config.server.poller) {
         (super::DriverKind::IoUring, crate::config::PollerKind::IoUring) => {
@@ -1537,7 +1831,13 @@ pub(crate) async fn run(
     let w = Rc::new(Worker::new(id, shared.clone(), poller));
     w.listener_fd.set(listener.as_raw_fd());
     for _ in 0..shared.config.server.accepts_per_worker {
-        monoio::spawn(accept_loop(w.clone(), listener.clone()));
+        monoio::spawn(accept_loop(w.clone(), listener.clone(), false));
+    }
+    if let Some(l) = &ws_listener {
+        w.ws_listener_fd.set(l.as_raw_fd());
+        for _ in 0..shared.config.server.accepts_per_worker {
+            monoio::spawn(accept_loop(w.clone(), l.clone(), true));
+        }
     }
     monoio::spawn(io_loop(w.clone(), poller_ready));
     monoio::spawn(tick_loop(w.clone()));
@@ -1551,6 +1851,9 @@ pub(crate) async fn run(
     //    the pending accepts, so the accept loops return.
     sys::shutdown(listener.as_raw_fd(), libc::SHUT_RDWR);
     drop(listener);
+    if let Some(l) = ws_listener {
+        sys::shutdown(l.as_raw_fd(), libc::SHUT_RDWR);
+    }
     // 2. CLOSE 1001 to everyone (a drain did that already, spread out),
     //    then wait for peers to close, bounded by the linger.
     w.close_all(CloseCode::GoingAway);

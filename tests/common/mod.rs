@@ -17,6 +17,8 @@ pub const SECRET: &str = "integration-test-secret-0123456789";
 pub fn config() -> Config {
     let mut c = Config::default();
     c.server.listen = "127.0.0.1:0".into();
+    // No WebSocket port unless a test asks for one (tests/websocket.rs).
+    c.websocket.listen = String::new();
     c.server.workers = 2;
     c.server.pin_workers = false;
     c.server.max_connections = 4000;
@@ -29,7 +31,24 @@ pub fn config() -> Config {
     c
 }
 
+/// A hung test must fail CI, not stall it until the job is killed: the
+/// first server a test binary starts arms a watchdog that aborts the whole
+/// binary after `SWITCHBOARD_TEST_DEADLINE_S` (default 600 s), far above
+/// what any binary here needs.
+pub fn arm_watchdog() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let secs = std::env::var("SWITCHBOARD_TEST_DEADLINE_S").ok().and_then(|v| v.parse().ok()).unwrap_or(600u64);
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_secs(secs));
+            eprintln!("test binary still running after {secs} s: a test is hung; aborting");
+            std::process::exit(101);
+        });
+    });
+}
+
 pub fn start(cfg: Config) -> Server {
+    arm_watchdog();
     Server::builder().config(cfg).start().expect("server starts")
 }
 
@@ -44,6 +63,7 @@ pub fn token(user: &str) -> String {
 pub fn connect(addr: SocketAddr) -> Client {
     let c = Client::connect_timeout(&addr, Duration::from_secs(5)).expect("connect");
     c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    c.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
     c
 }
 

@@ -107,9 +107,9 @@ impl ServerProc {
     }
 
     fn switchboard(bin: &Path, out: &Path, tag: &str, plan: &Plan, extra: &str) -> Result<ServerProc, String> {
-        let (port, admin_port) = (free_port(), free_port());
+        let (port, admin_port, ws_port) = (free_port(), free_port(), free_port());
         let config = format!(
-            "[server]\nlisten = \"127.0.0.1:{port}\"\nworkers = {}\n\n[admin]\nlisten = \"127.0.0.1:{admin_port}\"\nbench_endpoints = true\n{extra}",
+            "[server]\nlisten = \"127.0.0.1:{port}\"\nworkers = {}\n\n[admin]\nlisten = \"127.0.0.1:{admin_port}\"\nbench_endpoints = true\n\n[websocket]\nlisten = \"127.0.0.1:{ws_port}\"\n{extra}",
             plan.workers
         );
         let path = out.join(format!("switchboard-{tag}.toml"));

@@ -21,7 +21,7 @@ use switchboard::JwtHs256;
 
 fn start(bin: &Path, dir: &Path, name: &str, port: u16, admin: u16, share: bool) -> Result<Child, String> {
     let cfg = format!(
-        "[server]\nlisten = \"127.0.0.1:{port}\"\nworkers = 2\nshare_listen_port = {share}\n\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n\n[drain]\nwindow_ms = 1000\nreconnect_jitter_ms = 500\n"
+        "[server]\nlisten = \"127.0.0.1:{port}\"\nworkers = 2\nshare_listen_port = {share}\n\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n\n[websocket]\nlisten = \"\"\n\n[drain]\nwindow_ms = 1000\nreconnect_jitter_ms = 500\n"
     );
     let path = dir.join(format!("{name}.toml"));
     std::fs::write(&path, cfg).map_err(|e| e.to_string())?;
