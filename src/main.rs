@@ -41,6 +41,9 @@ enum Cmd {
         /// Override admin.listen (the admin HTTP API), e.g. 127.0.0.1:7701.
         #[arg(long)]
         admin: Option<String>,
+        /// Override websocket.listen (`""` turns WebSocket off).
+        #[arg(long)]
+        ws_listen: Option<String>,
         /// Log filter (RUST_LOG syntax), e.g. `info` or `switchboard=debug`.
         #[arg(long, default_value = "info")]
         log: String,
@@ -132,6 +135,7 @@ fn serve(
     listen: Option<String>,
     workers: Option<usize>,
     admin: Option<String>,
+    ws_listen: Option<String>,
     log: String,
 ) -> ExitCode {
     tracing_subscriber::fmt()
@@ -153,11 +157,15 @@ fn serve(
     if let Some(a) = admin {
         cfg.admin.listen = a;
     }
+    if let Some(w) = ws_listen {
+        cfg.websocket.listen = w;
+    }
     if let Err(e) = cfg.validate() {
         eprintln!("switchboard: {e}");
         return ExitCode::from(2);
     }
     let (_, dev_secret) = cfg.jwt_secret();
+    let cfg_demo = cfg.websocket.serves_demo();
     let set = block_signals();
     let server = match Server::builder().config(cfg).start() {
         Ok(s) => s,
@@ -167,6 +175,13 @@ fn serve(
         }
     };
     println!("switchboard listening on {} (raw TCP protocol v1, docs/PROTOCOL.md)", server.local_addr());
+    if let Some(a) = server.ws_addr() {
+        if cfg_demo {
+            println!("WebSocket on ws://{a} (docs/PROTOCOL.md section 13); demo page: http://{a}/");
+        } else {
+            println!("WebSocket on ws://{a} (docs/PROTOCOL.md section 13)");
+        }
+    }
     if let Some(a) = server.admin_addr() {
         println!("admin API on http://{a} (/healthz /readyz /stats /push /publish /broadcast ...)");
     }
@@ -345,7 +360,9 @@ static TUNE_ALLOCATOR: extern "C" fn() = tune_allocator;
 
 fn main() -> ExitCode {
     match Cli::parse().cmd {
-        Cmd::Serve { config, listen, workers, admin, log } => serve(config, listen, workers, admin, log),
+        Cmd::Serve { config, listen, workers, admin, ws_listen, log } => {
+            serve(config, listen, workers, admin, ws_listen, log)
+        }
         Cmd::Check { connections, config } => check(connections, config),
         Cmd::Token { user, ttl_s, config, secret } => match mint(&config, secret, &user, ttl_s) {
             Ok(t) => {
