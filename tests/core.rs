@@ -255,6 +255,9 @@ fn kick_user_closes_all_of_their_connections() {
     let h = server.handle();
     let mut devices = login_on_workers(addr, "dave", &[0, 1]);
     let (mut bystander, _) = login(addr, "erin");
+    // login_on_workers dropped the extra devices it opened; wait until the
+    // server has seen them go, or kick_user would count them too.
+    assert!(wait_until(Duration::from_secs(5), || h.connections_of("dave").len() == 2));
     assert_eq!(h.kick_user("dave").unwrap(), 2);
     for d in &mut devices {
         assert_eq!(close_code_of(d), Some(CloseCode::Kicked as u16));
