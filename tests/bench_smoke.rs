@@ -66,3 +66,63 @@ fn idle_and_unicast_scenarios_report_what_they_measured() {
     assert!(lat["p99_us"].as_u64().unwrap() <= lat["max_us"].as_u64().unwrap());
     assert!(server.handle().stats().frames_out >= sent);
 }
+
+#[test]
+fn loader_speaks_websocket_logs_in_and_delivers() {
+    let mut cfg = common::config();
+    cfg.auth.jwt_secret = None;
+    cfg.websocket.listen = "127.0.0.1:0".into();
+    // A WebSocket ping every 250 ms: the loader must answer them (or be
+    // closed as idle) while it measures.
+    cfg.timeouts.heartbeat_interval_ms = 250;
+    cfg.timeouts.idle_timeout_ms = 1_500;
+    let server = common::start(cfg);
+    let ws = server.ws_addr().expect("a WebSocket port").to_string();
+    let pid = std::process::id().to_string();
+
+    let idle = bench(&[
+        "idle",
+        "--transport",
+        "ws",
+        "--addr",
+        &ws,
+        "--connections",
+        "60",
+        "--procs",
+        "2",
+        "--warmup",
+        "10",
+        "--settle-s",
+        "0",
+        "--hold-s",
+        "2",
+        "--server-pid",
+        &pid,
+    ]);
+    assert_eq!(idle["connections"], 60, "every WebSocket connection upgraded and logged in: {idle}");
+    assert_eq!(idle["failed"], 0);
+    assert_eq!(idle["closed_by_server"], 0, "pongs kept them alive");
+    assert!(idle["pings_answered"].as_u64().unwrap() >= 60, "WebSocket pings answered: {idle}");
+    let stats = server.handle().stats();
+    assert!(stats.ws_upgrades >= 70, "the loader upgraded over WebSocket: {} upgrades", stats.ws_upgrades);
+    assert!(stats.logins >= 70);
+
+    let uni = bench(&[
+        "unicast",
+        "--transport",
+        "ws",
+        "--addr",
+        &ws,
+        "--connections",
+        "50",
+        "--rate",
+        "500",
+        "--duration-s",
+        "2",
+    ]);
+    let sent = uni["sent"].as_u64().unwrap();
+    assert!((900..=1100).contains(&sent), "open loop at 500/s for 2 s sent {sent}");
+    assert_eq!(uni["received"].as_u64().unwrap(), sent, "every message delivered over WebSocket");
+    assert!(uni["latency"]["p50_us"].as_u64().unwrap() > 0);
+    assert_eq!(server.handle().stats().protocol_errors, 0, "masked, well-formed client frames");
+}

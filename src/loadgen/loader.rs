@@ -3,7 +3,12 @@
 //! Owns: its connections (bound to one source address so the ephemeral
 //! ports of 127.0.0.1 are not the limit), logging them in with real JWTs,
 //! answering server PINGs, open-loop sending, and timing every PUSH it
-//! receives from the timestamp in its payload.
+//! receives from the timestamp in its payload. Three transports
+//! ([`Transport`]): raw TCP protocol v1; WebSocket with the
+//! `switchboard.v1.bin` subprotocol (the same frames, one per binary
+//! message, login in the upgrade query, client frames masked, WebSocket
+//! pings answered with pongs); and plain WebSocket for other push servers
+//! (nchan), where each data message is a timed payload itself.
 //! Must not: hold a buffer or a timer per connection. A connection is a
 //! socket, a state byte and its user index; a partial frame (rare) is the
 //! only thing buffered, and one scratch buffer serves every read.
@@ -14,8 +19,11 @@ use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 use crate::proto::frame::{decode, Frame, PROTOCOL_MAX_FRAME_BYTES};
+use crate::proto::wire::SUBPROTOCOL_BINARY;
+use crate::proto::ws::apply_mask;
 use crate::JwtHs256;
 use base64::Engine;
+use bytes::Bytes;
 use hdrhistogram::serialization::{Serializer, V2Serializer};
 use hdrhistogram::Histogram;
 use mio::net::TcpStream;
@@ -30,9 +38,101 @@ const STDIN: Token = Token(usize::MAX - 1);
 /// server's accept backlog.
 const MAX_INFLIGHT_CONNECTS: usize = 512;
 
+/// How a loader's connections talk to the server.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Transport {
+    /// Raw TCP, protocol v1 frames.
+    #[default]
+    Raw,
+    /// WebSocket, subprotocol `switchboard.v1.bin`: each binary message is
+    /// one v1 frame; login by the upgrade query (`?user=U&token=JWT`).
+    Ws,
+    /// WebSocket without a Switchboard protocol (nchan and the like): the
+    /// connection is ready once upgraded, and every text or binary message
+    /// is a timed payload (see `timed_payload`).
+    WsPlain,
+}
+
+impl Transport {
+    /// The command-line name (`--transport`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Transport::Raw => "raw",
+            Transport::Ws => "ws",
+            Transport::WsPlain => "ws-plain",
+        }
+    }
+
+    fn is_websocket(self) -> bool {
+        self != Transport::Raw
+    }
+}
+
+/// The upgrade path of a `Ws` connection when none is given.
+pub const DEFAULT_WS_PATH: &str = "/?user={user}&token={token}";
+
+/// Largest WebSocket payload the loader accepts from a server.
+const MAX_WS_PAYLOAD: usize = 16 << 20;
+
+/// A masked client→server WebSocket frame (FIN set) carrying `payload`.
+pub fn ws_client_frame(opcode: u8, payload: &[u8], key: [u8; 4]) -> Vec<u8> {
+    let len = payload.len();
+    let mut v = Vec::with_capacity(len + 14);
+    v.push(0x80 | (opcode & 0x0f));
+    if len <= 125 {
+        v.push(0x80 | len as u8);
+    } else if len <= u16::MAX as usize {
+        v.push(0x80 | 126);
+        v.extend_from_slice(&(len as u16).to_be_bytes());
+    } else {
+        v.push(0x80 | 127);
+        v.extend_from_slice(&(len as u64).to_be_bytes());
+    }
+    v.extend_from_slice(&key);
+    let start = v.len();
+    v.extend_from_slice(payload);
+    apply_mask(&mut v[start..], key);
+    v
+}
+
+/// One server→client WebSocket frame at the start of `d`: (FIN, opcode,
+/// payload range, frame length), `Ok(None)` while incomplete.
+fn ws_server_frame(d: &[u8]) -> Result<Option<(bool, u8, std::ops::Range<usize>, usize)>, String> {
+    if d.len() < 2 {
+        return Ok(None);
+    }
+    if d[1] & 0x80 != 0 {
+        return Err("the server masked a frame".into());
+    }
+    let (len, h) = match d[1] & 0x7f {
+        126 if d.len() >= 4 => (u16::from_be_bytes([d[2], d[3]]) as usize, 4),
+        127 if d.len() >= 10 => (u64::from_be_bytes(d[2..10].try_into().expect("8 bytes")) as usize, 10),
+        126 | 127 => return Ok(None),
+        n => (n as usize, 2),
+    };
+    if len > MAX_WS_PAYLOAD {
+        return Err(format!("WebSocket frame of {len} bytes"));
+    }
+    if d.len() < h + len {
+        return Ok(None);
+    }
+    Ok(Some((d[0] & 0x80 != 0, d[0] & 0x0f, h..h + len, h + len)))
+}
+
+/// `raw` as this transport sends it: itself, or a masked binary message.
+fn wrap(transport: Transport, rng: &mut u64, raw: Bytes) -> Bytes {
+    if transport.is_websocket() {
+        Bytes::from(ws_client_frame(0x2, &raw, (xorshift(rng) as u32).to_ne_bytes()))
+    } else {
+        raw
+    }
+}
+
 #[derive(Copy, Clone, PartialEq, Eq)]
 enum State {
     Connecting,
+    /// WebSocket: the upgrade request is sent, the 101 not yet read.
+    Upgrading,
     LoginSent,
     /// Logged in, SUBSCRIBE sent, waiting for its ROOM_ACK.
     Joining,
@@ -58,6 +158,11 @@ pub struct LoaderArgs {
     pub user_prefix: String,
     /// Room to join after logging in.
     pub room: Option<String>,
+    pub transport: Transport,
+    /// WebSocket upgrade path; `{user}` and `{token}` are replaced by the
+    /// connection's user id and a fresh JWT (`Ws` default:
+    /// [`DEFAULT_WS_PATH`]).
+    pub ws_path: Option<String>,
 }
 
 /// Monotonic nanoseconds, comparable across processes on one host.
@@ -122,6 +227,8 @@ struct Loader {
     publisher: Option<Publisher>,
     stdin_buf: Vec<u8>,
     quit: bool,
+    /// WebSocket keys and masks.
+    rng: u64,
 }
 
 /// Writes all of `data` to a non-blocking socket, waiting for room when it
@@ -229,12 +336,63 @@ impl Loader {
         self.inflight -= 1;
         self.connected += 1;
         let user = format!("{}{}", self.args.user_prefix, c.user);
-        let token = self.jwt.mint(&user, unix_now() + 86_400);
-        let login = Frame::Login { user: &user, token: token.as_bytes() }.to_bytes().expect("login encodes");
-        c.state = State::LoginSent;
+        let token = match self.args.transport {
+            Transport::WsPlain => String::new(),
+            _ => self.jwt.mint(&user, unix_now() + 86_400),
+        };
+        let first = match self.args.transport {
+            Transport::Raw => {
+                c.state = State::LoginSent;
+                Frame::Login { user: &user, token: token.as_bytes() }.to_bytes().expect("login encodes").to_vec()
+            }
+            t => {
+                c.state = State::Upgrading;
+                let path = self.args.ws_path.as_deref().unwrap_or(DEFAULT_WS_PATH);
+                let path = path.replace("{user}", &user).replace("{token}", &token);
+                let key: [u8; 16] = [xorshift(&mut self.rng).to_ne_bytes(), xorshift(&mut self.rng).to_ne_bytes()]
+                    .concat()
+                    .try_into()
+                    .expect("16 bytes");
+                let key = base64::engine::general_purpose::STANDARD.encode(key);
+                let protocol = if t == Transport::Ws {
+                    format!("Sec-WebSocket-Protocol: {SUBPROTOCOL_BINARY}\r\n")
+                } else {
+                    String::new()
+                };
+                format!(
+                    "GET {path} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n{protocol}\r\n",
+                    self.args.addr
+                )
+                .into_bytes()
+            }
+        };
         let _ = self.poll.registry().reregister(&mut c.stream, Token(i), Interest::READABLE);
-        if let Err(e) = c.stream.write_all(&login) {
-            self.fail(i, format!("send LOGIN: {e}"));
+        if let Err(e) = c.stream.write_all(&first) {
+            self.fail(i, format!("send LOGIN or upgrade request: {e}"));
+        }
+    }
+
+    /// Sends one v1 frame as this transport frames it (best effort).
+    fn send_frame(&mut self, i: usize, raw: Bytes, what: &str) -> bool {
+        let out = wrap(self.args.transport, &mut self.rng, raw);
+        if let Err(e) = self.conns[i].stream.write_all(&out) {
+            self.fail(i, format!("send {what}: {e}"));
+            return false;
+        }
+        true
+    }
+
+    /// A timed payload received (ROOM_MSG, or a plain WebSocket message).
+    fn on_timed(&mut self, payload: &[u8]) {
+        self.received += 1;
+        if payload.len() >= 12 {
+            let sent = u64::from_be_bytes(payload[..8].try_into().expect("8 bytes"));
+            let seq = u32::from_be_bytes(payload[8..12].try_into().expect("4 bytes"));
+            let lat_us = (mono_ns().saturating_sub(sent) / 1000).max(1);
+            let _ = self.hist.record(lat_us);
+            let e = self.per_seq.entry(seq).or_insert((0, 0));
+            e.0 += 1;
+            e.1 = e.1.max(lat_us);
         }
     }
 
@@ -280,7 +438,37 @@ impl Loader {
         self.scratch = scratch;
     }
 
+    /// Handles what arrived; returns the bytes used (the rest is an
+    /// incomplete frame, kept for the next read).
     fn on_bytes(&mut self, i: usize, data: &[u8]) -> usize {
+        let mut off = 0;
+        if self.conns[i].state == State::Upgrading {
+            let Some(end) = data.windows(4).position(|w| w == b"\r\n\r\n") else {
+                if data.len() > 16 * 1024 {
+                    self.fail(i, "upgrade response head too long".into());
+                    return data.len();
+                }
+                return 0;
+            };
+            if !data.starts_with(b"HTTP/1.1 101") {
+                let text = String::from_utf8_lossy(&data[..data.len().min(300)]).replace("\r\n", " | ");
+                self.fail(i, format!("upgrade refused: {text}"));
+                return data.len();
+            }
+            off = end + 4;
+            if self.args.transport == Transport::WsPlain {
+                self.conns[i].state = State::Ready;
+                self.ready += 1;
+            } else {
+                self.conns[i].state = State::LoginSent;
+            }
+        }
+        let rest = &data[off..];
+        let used = if self.args.transport.is_websocket() { self.ws_frames(i, rest) } else { self.raw_frames(i, rest) };
+        off + used
+    }
+
+    fn raw_frames(&mut self, i: usize, data: &[u8]) -> usize {
         let mut off = 0;
         while off < data.len() {
             let (frame, n) = match decode(&data[off..], PROTOCOL_MAX_FRAME_BYTES) {
@@ -292,64 +480,111 @@ impl Loader {
                 }
             };
             off += n;
-            match frame {
-                Frame::LoginOk { .. } => match &self.args.room {
-                    Some(room) => {
-                        let sub = Frame::Subscribe { req_id: 1, room }.to_bytes().expect("room fits");
-                        self.conns[i].state = State::Joining;
-                        if let Err(e) = self.conns[i].stream.write_all(&sub) {
-                            self.fail(i, format!("send SUBSCRIBE: {e}"));
-                            return data.len();
-                        }
-                    }
-                    None => {
-                        self.conns[i].state = State::Ready;
-                        self.ready += 1;
-                    }
-                },
-                Frame::RoomAck { .. } if self.conns[i].state == State::Joining => {
-                    self.conns[i].state = State::Ready;
-                    self.ready += 1;
-                }
-                Frame::Error { code, reason, .. } if self.conns[i].state == State::Joining => {
-                    self.fail(i, format!("SUBSCRIBE refused: ERROR {code}: {reason}"));
-                    return data.len();
-                }
-                Frame::RoomMsg { payload, .. } => {
-                    self.received += 1;
-                    if payload.len() >= 12 {
-                        let sent = u64::from_be_bytes(payload[..8].try_into().expect("8 bytes"));
-                        let seq = u32::from_be_bytes(payload[8..12].try_into().expect("4 bytes"));
-                        let lat_us = (mono_ns().saturating_sub(sent) / 1000).max(1);
-                        let _ = self.hist.record(lat_us);
-                        let e = self.per_seq.entry(seq).or_insert((0, 0));
-                        e.0 += 1;
-                        e.1 = e.1.max(lat_us);
-                    }
-                }
-                Frame::Skipped { count } => self.skipped += count as u64,
-                Frame::LoginError { code, reason } => {
-                    self.fail(i, format!("LOGIN_ERROR {code}: {reason}"));
-                    return data.len();
-                }
-                Frame::Ping { data: d } => {
-                    let pong = Frame::Pong { data: d }.to_bytes().expect("pong encodes");
-                    let _ = self.conns[i].stream.write(&pong);
-                    self.pongs += 1;
-                }
-                Frame::Push { payload, .. } => {
-                    self.received += 1;
-                    if payload.len() >= 8 {
-                        let sent = u64::from_be_bytes(payload[..8].try_into().expect("8 bytes"));
-                        let lat_us = mono_ns().saturating_sub(sent) / 1000;
-                        let _ = self.hist.record(lat_us.max(1));
-                    }
-                }
-                Frame::Close { .. } => {}
-                _ => {}
+            if !self.on_frame(i, frame) {
+                return data.len();
             }
         }
         off
+    }
+
+    fn ws_frames(&mut self, i: usize, data: &[u8]) -> usize {
+        let mut off = 0;
+        while off < data.len() {
+            let (fin, opcode, payload, n) = match ws_server_frame(&data[off..]) {
+                Ok(Some(x)) => x,
+                Ok(None) => break,
+                Err(e) => {
+                    self.fail(i, e);
+                    return data.len();
+                }
+            };
+            let payload = &data[off + payload.start..off + payload.end];
+            off += n;
+            match opcode {
+                // A data message: one whole frame (servers here never
+                // fragment; a fragment is reported as an error).
+                0x1 | 0x2 if fin => {
+                    if self.args.transport == Transport::WsPlain {
+                        self.on_timed(payload);
+                        continue;
+                    }
+                    match decode(payload, PROTOCOL_MAX_FRAME_BYTES) {
+                        Ok(Some((frame, used))) if used == payload.len() => {
+                            if !self.on_frame(i, frame) {
+                                return data.len();
+                            }
+                        }
+                        _ => {
+                            self.fail(i, "a binary message that is not exactly one v1 frame".into());
+                            return data.len();
+                        }
+                    }
+                }
+                0x9 => {
+                    let pong = ws_client_frame(0xA, payload, (xorshift(&mut self.rng) as u32).to_ne_bytes());
+                    let _ = self.conns[i].stream.write(&pong);
+                    self.pongs += 1;
+                }
+                0xA => {}
+                0x8 => {
+                    let code = payload.get(..2).map(|c| u16::from_be_bytes([c[0], c[1]]));
+                    let reason = String::from_utf8_lossy(payload.get(2..).unwrap_or_default()).into_owned();
+                    self.fail(i, format!("server closed the WebSocket: {code:?} {reason}"));
+                    return data.len();
+                }
+                op => {
+                    self.fail(i, format!("unexpected WebSocket frame: opcode {op}, fin {fin}"));
+                    return data.len();
+                }
+            }
+        }
+        off
+    }
+
+    /// One v1 frame from the server; false if the connection failed.
+    fn on_frame(&mut self, i: usize, frame: Frame<'_>) -> bool {
+        match frame {
+            Frame::LoginOk { .. } => match self.args.room.clone() {
+                Some(room) => {
+                    let sub = Frame::Subscribe { req_id: 1, room: &room }.to_bytes().expect("room fits");
+                    self.conns[i].state = State::Joining;
+                    return self.send_frame(i, sub, "SUBSCRIBE");
+                }
+                None => {
+                    self.conns[i].state = State::Ready;
+                    self.ready += 1;
+                }
+            },
+            Frame::RoomAck { .. } if self.conns[i].state == State::Joining => {
+                self.conns[i].state = State::Ready;
+                self.ready += 1;
+            }
+            Frame::Error { code, reason, .. } if self.conns[i].state == State::Joining => {
+                self.fail(i, format!("SUBSCRIBE refused: ERROR {code}: {reason}"));
+                return false;
+            }
+            Frame::RoomMsg { payload, .. } => self.on_timed(payload),
+            Frame::Skipped { count } => self.skipped += count as u64,
+            Frame::LoginError { code, reason } => {
+                self.fail(i, format!("LOGIN_ERROR {code}: {reason}"));
+                return false;
+            }
+            Frame::Ping { data: d } => {
+                let pong = wrap(self.args.transport, &mut self.rng, Frame::Pong { data: d }.to_bytes().expect("pong"));
+                let _ = self.conns[i].stream.write(&pong);
+                self.pongs += 1;
+            }
+            Frame::Push { payload, .. } => {
+                self.received += 1;
+                if payload.len() >= 8 {
+                    let sent = u64::from_be_bytes(payload[..8].try_into().expect("8 bytes"));
+                    let lat_us = mono_ns().saturating_sub(sent) / 1000;
+                    let _ = self.hist.record(lat_us.max(1));
+                }
+            }
+            _ => {}
+        }
+        true
     }
 
     fn on_stdin(&mut self) {
@@ -435,6 +670,7 @@ impl Loader {
         while p.sent < due {
             let payload = super::timed_payload(p.first_seq + p.sent, p.payload_bytes);
             let f = Frame::Publish { req_id: 0, room: &p.room, payload: &payload }.to_bytes().expect("publish encodes");
+            let f = wrap(self.args.transport, &mut self.rng, f);
             // A publisher that the server reads slowly waits (its messages
             // are the load; dropping them would under-report), and counts
             // how often it had to.
@@ -476,6 +712,7 @@ impl Loader {
             let to = format!("{}{}", self.args.user_prefix, target);
             u.payload[..8].copy_from_slice(&mono_ns().to_be_bytes());
             let f = Frame::Send { req_id: 0, to: &to, payload: &u.payload }.to_bytes().expect("send encodes");
+            let f = wrap(self.args.transport, &mut self.rng, f);
             match self.conns[sender].stream.write(&f) {
                 Ok(w) if w == f.len() => {}
                 // A short write would corrupt the stream: the socket buffer
@@ -529,6 +766,7 @@ pub fn run(args: LoaderArgs) -> io::Result<()> {
         publisher: None,
         stdin_buf: Vec::new(),
         quit: false,
+        rng: (mono_ns() ^ (u64::from(std::process::id()) << 32)) | 1,
     };
     let started = Instant::now();
     let mut last_progress = Instant::now();

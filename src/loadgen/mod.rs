@@ -80,6 +80,50 @@ impl ProcStat {
         Self::sum_tasks(&format!("/proc/{pid}/task"), |_| true)
     }
 
+    /// Proportional set size in bytes (`Pss:` of smaps_rollup): shared
+    /// pages divided among the processes mapping them, so a sum over
+    /// processes counts them once.
+    pub fn pss_bytes(pid: u32) -> Option<u64> {
+        let s = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+        let line = s.lines().find(|l| l.starts_with("Pss:"))?;
+        Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
+    }
+
+    /// `pid` and its direct children (a multi-process server: nginx's master
+    /// and its workers).
+    pub fn process_tree(pid: u32) -> Vec<u32> {
+        let mut v = vec![pid];
+        let Ok(dir) = std::fs::read_dir("/proc") else { return v };
+        for e in dir.flatten() {
+            let Some(p) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) else { continue };
+            let ppid = stat.rfind(')').and_then(|i| stat[i + 2..].split_whitespace().nth(1)?.parse::<u32>().ok());
+            if ppid == Some(pid) {
+                v.push(p);
+            }
+        }
+        v
+    }
+
+    /// RSS summed over processes (`None` if one cannot be read).
+    pub fn rss_sum(pids: &[u32]) -> Option<u64> {
+        pids.iter().map(|&p| Self::rss_bytes(p)).sum()
+    }
+
+    /// PSS summed over processes (`None` if one cannot be read).
+    pub fn pss_sum(pids: &[u32]) -> Option<u64> {
+        pids.iter().map(|&p| Self::pss_bytes(p)).sum()
+    }
+
+    /// CPU time so far of every thread of every process in `pids`.
+    pub fn processes_cpu(pids: &[u32]) -> ThreadCpu {
+        pids.iter().map(|&p| Self::process_cpu(p)).fold(ThreadCpu::default(), |a, b| ThreadCpu {
+            total_ns: a.total_ns + b.total_ns,
+            utime: a.utime + b.utime,
+            stime: a.stime + b.stime,
+        })
+    }
+
     /// Kernel slab memory in bytes (`Slab:` of /proc/meminfo).
     pub fn slab_bytes() -> Option<u64> {
         let s = std::fs::read_to_string("/proc/meminfo").ok()?;
@@ -126,6 +170,10 @@ pub struct FleetSpec {
     pub room: Option<String>,
     /// Loader k binds to 127.0.0.<src_base + k>.
     pub src_base: u8,
+    /// Raw TCP, Switchboard over WebSocket, or plain WebSocket (nchan).
+    pub transport: loader::Transport,
+    /// WebSocket upgrade path template (see `LoaderArgs::ws_path`).
+    pub ws_path: Option<String>,
 }
 
 impl FleetSpec {
@@ -140,6 +188,8 @@ impl FleetSpec {
             user_prefix: "u".into(),
             room: None,
             src_base: 10,
+            transport: loader::Transport::Raw,
+            ws_path: None,
         }
     }
 }
@@ -187,6 +237,10 @@ impl Fleet {
                 .args(["--secret", &spec.secret, "--user-prefix", &spec.user_prefix]);
             if let Some(room) = &spec.room {
                 cmd.args(["--room", room]);
+            }
+            cmd.args(["--transport", spec.transport.name()]);
+            if let Some(path) = &spec.ws_path {
+                cmd.args(["--ws-path", path]);
             }
             let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn()?;
             first += count;

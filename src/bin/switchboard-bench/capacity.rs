@@ -14,7 +14,12 @@
 //! rising rates until the system saturates, then at half the best rate),
 //! room fan-out (the kernel's send ceiling over the members' own sockets,
 //! single messages, a sustained rate above the ceiling), broadcast, and
-//! heartbeats (server PINGs answered by every connection).
+//! heartbeats (server PINGs answered by every connection); then WebSocket
+//! (wscap.rs): idle memory, room fan-out and publish→deliver latency over
+//! Switchboard's WebSocket port, next to nginx + nchan.
+
+#[path = "wscap.rs"]
+mod wscap;
 
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader};
@@ -41,6 +46,16 @@ pub struct Plan {
     pub sustain_s: u64,
     pub heartbeat_s: u64,
     pub workers: usize,
+    /// WebSocket comparison: connections (idle, and room subscribers).
+    pub ws_connections: u32,
+    /// Single fan-out messages, 4 per second.
+    pub ws_repeats: u32,
+    /// Sustained fan-out: offered deliveries per second, tried in order
+    /// until one does not reach everyone (the same rates for every server).
+    pub ws_rates: Vec<f64>,
+    pub ws_sustain_s: u64,
+    /// Only the WebSocket comparison (no raw scenarios, no tokio peer).
+    pub ws_only: bool,
 }
 
 impl Plan {
@@ -55,6 +70,11 @@ impl Plan {
             sustain_s: 3,
             heartbeat_s: 10,
             workers: 2,
+            ws_connections: 2000,
+            ws_repeats: 8,
+            ws_rates: vec![100_000.0, 300_000.0, 900_000.0],
+            ws_sustain_s: 2,
+            ws_only: false,
         }
     }
 
@@ -71,6 +91,11 @@ impl Plan {
             sustain_s: 5,
             heartbeat_s: 15,
             workers: 2,
+            ws_connections: 15_000,
+            ws_repeats: 20,
+            ws_rates: vec![300_000.0, 900_000.0, 2_700_000.0],
+            ws_sustain_s: 4,
+            ws_only: false,
         }
     }
 }
@@ -85,6 +110,8 @@ struct ServerProc {
     child: Child,
     addr: SocketAddr,
     admin: Option<SocketAddr>,
+    /// The WebSocket port, if it has one.
+    ws: Option<SocketAddr>,
 }
 
 impl ServerProc {
@@ -124,7 +151,8 @@ impl ServerProc {
             .map_err(|e| format!("cannot start {}: {e}", bin.display()))?;
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
         let admin = Some(SocketAddr::from(([127, 0, 0, 1], admin_port)));
-        ServerProc { name: "switchboard", child, addr, admin }.wait_listening(Duration::from_secs(15))
+        let ws = Some(SocketAddr::from(([127, 0, 0, 1], ws_port)));
+        ServerProc { name: "switchboard", child, addr, admin, ws }.wait_listening(Duration::from_secs(15))
     }
 
     fn peer(name: &'static str, bin: &Path, args: &[&str], plan: &Plan) -> Result<ServerProc, String> {
@@ -141,11 +169,30 @@ impl ServerProc {
         // Drain its stdout so it never blocks on a full pipe.
         let out = child.stdout.take().expect("piped");
         std::thread::spawn(move || for _ in BufReader::new(out).lines() {});
-        ServerProc { name, child, addr: SocketAddr::from(([127, 0, 0, 1], port)), admin: None }
+        ServerProc { name, child, addr: SocketAddr::from(([127, 0, 0, 1], port)), admin: None, ws: None }
             .wait_listening(Duration::from_secs(15))
     }
 
-    fn stop(mut self) {
+    fn stop(self) {
+        drop(self);
+    }
+
+    fn stats(&self) -> Option<Value> {
+        let (s, body) = http(self.admin?, "GET", "/stats", b"", None).ok()?;
+        if s != 200 {
+            return None;
+        }
+        serde_json::from_str(&body).ok()
+    }
+}
+
+/// A server is stopped when dropped, on errors too: SIGTERM (nginx's
+/// master then stops its workers), SIGKILL after 10 s.
+impl Drop for ServerProc {
+    fn drop(&mut self) {
+        if let Ok(Some(_)) = self.child.try_wait() {
+            return;
+        }
         // SAFETY: signalling our own child.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let t0 = Instant::now();
@@ -158,14 +205,6 @@ impl ServerProc {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-
-    fn stats(&self) -> Option<Value> {
-        let (s, body) = http(self.admin?, "GET", "/stats", b"", None).ok()?;
-        if s != 200 {
-            return None;
-        }
-        serde_json::from_str(&body).ok()
-    }
 }
 
 /// Runs everything the plan says and returns the report.
@@ -175,6 +214,8 @@ pub struct Runner {
     pub bench_exe: PathBuf,
     pub switchboard_bin: PathBuf,
     pub tokio_bin: Option<PathBuf>,
+    /// Run nginx + nchan as the WebSocket peer.
+    pub nchan: bool,
     src_base: u8,
     log: Vec<String>,
 }
@@ -190,8 +231,9 @@ impl Runner {
         bench_exe: PathBuf,
         switchboard_bin: PathBuf,
         tokio_bin: Option<PathBuf>,
+        nchan: bool,
     ) -> Runner {
-        Runner { plan, out, bench_exe, switchboard_bin, tokio_bin, src_base: 10, log: Vec::new() }
+        Runner { plan, out, bench_exe, switchboard_bin, tokio_bin, nchan, src_base: 10, log: Vec::new() }
     }
 
     fn spec(&mut self, addr: SocketAddr, n: u32, prefix: &str, room: Option<&str>) -> FleetSpec {
@@ -213,10 +255,15 @@ impl Runner {
         room: Option<&str>,
     ) -> Result<(Fleet, u32, Duration), String> {
         let spec = self.spec(addr, n, prefix, room);
-        let mut f = Fleet::spawn(&spec).map_err(|e| e.to_string())?;
+        self.spawn_ready(&spec)
+    }
+
+    fn spawn_ready(&mut self, spec: &FleetSpec) -> Result<(Fleet, u32, Duration), String> {
+        let mut f = Fleet::spawn(spec).map_err(|e| e.to_string())?;
         let (ready, failed, ramp) = f.wait_ready(Duration::from_secs(180))?;
         if failed > 0 {
-            self.log.push(format!("{failed} of {n} connections failed during a ramp"));
+            let n = spec.connections;
+            self.log.push(format!("{failed} of {n} {} connections failed during a ramp", spec.transport.name()));
         }
         Ok((f, ready, ramp))
     }
@@ -457,8 +504,44 @@ impl Runner {
         }))
     }
 
+    /// Switchboard over WebSocket, then nginx + nchan (unless disabled).
+    fn websocket(&mut self, peers: &mut serde_json::Map<String, Value>) -> Result<Value, String> {
+        let s = ServerProc::switchboard(&self.switchboard_bin, &self.out, "ws", &self.plan, "")?;
+        let r = self.ws_suite(&s, wscap::WsServer::Switchboard);
+        s.stop();
+        let ws = r?;
+        let mut nchan = if self.nchan {
+            self.nchan_peer()
+        } else {
+            json!({ "absent": true, "reason": "not run (--no-peers or --no-nchan)", "install": wscap::NCHAN_INSTALL })
+        };
+        if nchan.get("websocket").is_some() {
+            nchan["ratios_switchboard_over_peer"] = wscap::nchan_ratios(&ws, &nchan["websocket"]);
+        }
+        peers.insert("nchan".into(), nchan);
+        Ok(ws)
+    }
+
+    /// Only the WebSocket comparison (`--ws-only`).
+    fn run_ws_only(&mut self) -> Result<Value, String> {
+        let t0 = Instant::now();
+        let mut peers = serde_json::Map::new();
+        let ws = self.websocket(&mut peers)?;
+        Ok(json!({
+            "mode": format!("{} (WebSocket only)", self.plan.mode),
+            "machine": machine(),
+            "elapsed_s": t0.elapsed().as_secs_f64(),
+            "websocket": ws,
+            "peers": peers,
+            "notes": self.log,
+        }))
+    }
+
     pub fn run(&mut self) -> Result<Value, String> {
         std::fs::create_dir_all(&self.out).map_err(|e| e.to_string())?;
+        if self.plan.ws_only {
+            return self.run_ws_only();
+        }
         let t0 = Instant::now();
         let plan = self.plan.clone();
         let no_extra = "";
@@ -495,7 +578,9 @@ impl Runner {
                 }),
             );
         }
-        let report = self.assemble(idle, unicast, fanout, broadcast, heartbeat, relay_unicast, peers, t0.elapsed());
+        let ws = self.websocket(&mut peers)?;
+        let mut report = self.assemble(idle, unicast, fanout, broadcast, heartbeat, relay_unicast, peers, t0.elapsed());
+        report["websocket"] = ws;
         Ok(report)
     }
 
@@ -652,8 +737,10 @@ fn machine() -> Value {
 pub fn write_report(out: &Path, r: &Value) -> Result<(), String> {
     let w = |name: &str, text: String| std::fs::write(out.join(name), text).map_err(|e| format!("{name}: {e}"));
     w("report.json", serde_json::to_string_pretty(r).expect("json"))?;
-    w("memory.svg", memory_svg(r))?;
-    w("latency.svg", latency_svg(r))?;
+    if !r["unicast"].is_null() {
+        w("memory.svg", memory_svg(r))?;
+        w("latency.svg", latency_svg(r))?;
+    }
     w("report.md", markdown(r))?;
     Ok(())
 }
@@ -678,6 +765,14 @@ fn markdown(r: &Value) -> String {
         mach["mem_available_bytes"].as_u64().unwrap_or(0) >> 20,
         f(&r["elapsed_s"], 0)
     );
+    if r["unicast"].is_null() {
+        // --ws-only: the WebSocket comparison alone.
+        wscap::markdown(&mut m, r);
+        for n in r["notes"].as_array().into_iter().flatten() {
+            let _ = writeln!(m, "\nNote: {}", n.as_str().unwrap_or(""));
+        }
+        return m;
+    }
     let u = &r["unicast"];
     let fo = &r["fanout"];
     let hb = &r["heartbeat"];
@@ -776,6 +871,7 @@ fn markdown(r: &Value) -> String {
             let _ = writeln!(m, "| {k} | {} | {} | {} |", f(a, 1), f(b, 1), f(c, 3));
         }
     }
+    wscap::markdown(&mut m, r);
     let _ = writeln!(m, "\n![memory vs connections](memory.svg)\n\n![unicast latency](latency.svg)\n");
     let _ = writeln!(m, "Kernel bytes method: {}.", r["kernel_bytes_method"].as_str().unwrap_or(""));
     for n in r["notes"].as_array().into_iter().flatten() {

@@ -18,7 +18,8 @@ use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
 use serde_json::json;
-use switchboard::loadgen::{loader, percentiles, Fleet, FleetSpec, ProcStat};
+use switchboard::loadgen::loader::{self, Transport};
+use switchboard::loadgen::{percentiles, Fleet, FleetSpec, ProcStat};
 
 #[derive(Parser)]
 #[command(name = "switchboard-bench", about = "Load generator for Switchboard (raw TCP protocol v1)")]
@@ -53,6 +54,15 @@ struct Common {
     /// Write the results as JSON to this file as well.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
+    /// How the connections talk: raw TCP (protocol v1), WebSocket with the
+    /// `switchboard.v1.bin` subprotocol (`--addr` is then the WebSocket
+    /// port), or plain WebSocket whose messages are timed payloads.
+    #[arg(long, value_enum, default_value_t = Transport::Raw)]
+    transport: Transport,
+    /// WebSocket upgrade path; `{user}` and `{token}` are replaced per
+    /// connection (default for `ws`: `/?user={user}&token={token}`).
+    #[arg(long)]
+    ws_path: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -102,9 +112,22 @@ enum Cmd {
         /// The tokio baseline binary (default: next to this one, if built).
         #[arg(long)]
         tokio: Option<PathBuf>,
-        /// Skip the tokio baseline.
+        /// Skip the peers (the tokio baseline and nginx + nchan).
         #[arg(long)]
         no_peers: bool,
+        /// Skip the nginx + nchan WebSocket peer (it needs
+        /// `apt-get install nginx libnginx-mod-nchan`; without them it is
+        /// reported absent).
+        #[arg(long)]
+        no_nchan: bool,
+        /// Only the WebSocket comparison: Switchboard's WebSocket port next
+        /// to nginx + nchan (no raw-TCP scenarios, no tokio baseline).
+        #[arg(long)]
+        ws_only: bool,
+        /// Connections of the WebSocket comparison (default: 2,000 quick,
+        /// 15,000 full).
+        #[arg(long)]
+        ws_connections: Option<u32>,
     },
     /// The bare relay used as the unicast ceiling (see relay.rs).
     CeilingRelay {
@@ -138,6 +161,10 @@ enum Cmd {
         user_prefix: String,
         #[arg(long)]
         room: Option<String>,
+        #[arg(long, value_enum, default_value_t = Transport::Raw)]
+        transport: Transport,
+        #[arg(long)]
+        ws_path: Option<String>,
     },
 }
 
@@ -148,6 +175,8 @@ impl Common {
         s.procs = self.procs;
         s.secret = self.secret.clone();
         s.user_prefix = self.user_prefix.clone();
+        s.transport = self.transport;
+        s.ws_path = self.ws_path.clone();
         Ok(s)
     }
 }
@@ -258,20 +287,26 @@ fn unicast(common: Common, rate: u64, duration_s: u64, payload_bytes: usize) -> 
     Ok(())
 }
 
-fn run_capacity(
+struct CapacityArgs {
     full: bool,
     out: PathBuf,
     switchboard: Option<PathBuf>,
     tokio: Option<PathBuf>,
     no_peers: bool,
-) -> Result<(), String> {
+    no_nchan: bool,
+    ws_only: bool,
+    ws_connections: Option<u32>,
+}
+
+fn run_capacity(a: CapacityArgs) -> Result<(), String> {
+    let CapacityArgs { full, out, switchboard, tokio, no_peers, no_nchan, ws_only, ws_connections } = a;
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let dir = exe.parent().ok_or("no directory for this executable")?.to_path_buf();
     let sb = switchboard.unwrap_or_else(|| dir.join("switchboard"));
     if !sb.exists() {
         return Err(format!("{} not found: build it first (cargo build --release)", sb.display()));
     }
-    let tokio_bin = if no_peers {
+    let tokio_bin = if no_peers || ws_only {
         None
     } else {
         let t = tokio.unwrap_or_else(|| dir.join("tokio-baseline"));
@@ -283,11 +318,15 @@ fn run_capacity(
         }
         Some(t)
     };
-    let plan = if full { capacity::Plan::full() } else { capacity::Plan::quick() };
-    let mut runner = capacity::Runner::new(plan, out.clone(), exe, sb, tokio_bin);
+    let mut plan = if full { capacity::Plan::full() } else { capacity::Plan::quick() };
+    plan.ws_only = ws_only;
+    if let Some(n) = ws_connections {
+        plan.ws_connections = n;
+    }
+    let mut runner = capacity::Runner::new(plan, out.clone(), exe, sb, tokio_bin, !(no_peers || no_nchan));
     let report = runner.run()?;
     capacity::write_report(&out, &report)?;
-    eprintln!("capacity: wrote {}/report.json, report.md, memory.svg, latency.svg", out.display());
+    eprintln!("capacity: wrote {}/report.json and report.md (and the SVG plots)", out.display());
     println!("{}", std::fs::read_to_string(out.join("report.md")).unwrap_or_default());
     Ok(())
 }
@@ -297,13 +336,14 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() {
     let r = match Cli::parse().cmd {
-        Cmd::Child { addr, src_ip, first_user, count, secret, user_prefix, room } => {
-            loader::run(loader::LoaderArgs { addr, src_ip, first_user, count, secret, user_prefix, room })
-                .map_err(|e| e.to_string())
+        Cmd::Child { addr, src_ip, first_user, count, secret, user_prefix, room, transport, ws_path } => {
+            let args =
+                loader::LoaderArgs { addr, src_ip, first_user, count, secret, user_prefix, room, transport, ws_path };
+            loader::run(args).map_err(|e| e.to_string())
         }
         Cmd::Idle { common, settle_s, hold_s, warmup } => idle(common, settle_s, hold_s, warmup),
-        Cmd::Capacity { full, out, switchboard, tokio, no_peers } => {
-            run_capacity(full, out, switchboard, tokio, no_peers)
+        Cmd::Capacity { full, out, switchboard, tokio, no_peers, no_nchan, ws_only, ws_connections } => {
+            run_capacity(CapacityArgs { full, out, switchboard, tokio, no_peers, no_nchan, ws_only, ws_connections })
         }
         Cmd::CeilingRelay { listen, workers } => relay::run(listen, workers).map_err(|e| e.to_string()),
         Cmd::RestartCheck { switchboard } => restart::run(switchboard),
