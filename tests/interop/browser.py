@@ -1,0 +1,227 @@
+#!/usr/bin/env python3
+"""Drives a headless Chromium through the demo page over the Chrome DevTools
+Protocol (CDP), with the `websockets` library; driven by tests/ws_interop.rs,
+which starts the server and Chromium.
+
+Usage: browser.py DEVTOOLS_WS_URL PAGE_URL USER TOKEN_OR_DASH PEER
+
+TOKEN_OR_DASH is "-" when the page should fetch its own token from
+/demo/token/USER (the server runs on the development secret), else a token
+to paste into the page's token field.
+
+Checkpoints on stdout (the Rust test acts at two of them):
+
+  LOGGED_IN USER  the page shows "logged in as USER"
+  READY           -> the test pushes "rust-push-browser" to USER
+  PUSH_SEEN ...   a .msg.push entry with that payload is in #log
+  SENT ...        the page sent to PEER and logged the ack (the test checks
+                  that PEER, a raw TCP client, got it)
+  JOINED          -> the test publishes "rust-room-browser" to room "lobby"
+  ROOM_SEEN ...   both that and the page's own publish arrived as .msg.room_msg
+  ALIVE ...       the socket is still up after IDLE_S seconds of silence
+  DONE            disconnected again
+
+Any failure prints `FAIL: ...` (with the page's status and log) to stderr
+and exits 1. Every wait is bounded.
+"""
+
+import inspect
+import json
+import sys
+import time
+
+try:
+    from websockets.sync.client import connect as ws_connect
+except ImportError as e:
+    print(f"FAIL: python3 cannot import websockets.sync.client ({e}); run .ci/run or `pip install websockets`",
+          file=sys.stderr)
+    sys.exit(2)
+
+WAIT_S = 15.0
+IDLE_S = 2.0
+ROOM = "lobby"
+
+
+class Fail(Exception):
+    pass
+
+
+def say(*parts):
+    print(*parts, flush=True)
+
+
+class Cdp:
+    """One CDP connection to the browser, with one flattened page session."""
+
+    def __init__(self, ws):
+        self.ws = ws
+        self.next_id = 0
+        self.session = None
+        self.errors = []  # uncaught page exceptions, for the failure report
+
+    def call(self, method, params=None, session=True):
+        self.next_id += 1
+        msg = {"id": self.next_id, "method": method, "params": params or {}}
+        if session and self.session:
+            msg["sessionId"] = self.session
+        self.ws.send(json.dumps(msg))
+        end = time.monotonic() + WAIT_S
+        while True:
+            left = end - time.monotonic()
+            if left <= 0:
+                raise Fail(f"no CDP answer to {method} within {WAIT_S} s")
+            try:
+                m = json.loads(self.ws.recv(timeout=left))
+            except TimeoutError:
+                continue
+            if m.get("id") == self.next_id:
+                if "error" in m:
+                    raise Fail(f"CDP {method} failed: {m['error']}")
+                return m.get("result", {})
+            if m.get("method") == "Runtime.exceptionThrown":
+                self.errors.append(m["params"]["exceptionDetails"].get("exception", {}).get("description", "?"))
+
+    def open_page(self):
+        target = self.call("Target.createTarget", {"url": "about:blank"}, session=False)["targetId"]
+        self.session = self.call("Target.attachToTarget", {"targetId": target, "flatten": True},
+                                 session=False)["sessionId"]
+        self.call("Page.enable")
+        self.call("Runtime.enable")
+
+    def eval(self, expr):
+        r = self.call("Runtime.evaluate", {"expression": expr, "returnByValue": True, "awaitPromise": True})
+        if "exceptionDetails" in r:
+            raise Fail(f"page script failed: {expr!r}: {r['exceptionDetails'].get('text')} "
+                       f"{r['exceptionDetails'].get('exception', {}).get('description', '')}")
+        return r.get("result", {}).get("value")
+
+    def wait_for(self, expr, what):
+        end = time.monotonic() + WAIT_S
+        while time.monotonic() < end:
+            v = self.eval(expr)
+            if v:
+                return v
+            time.sleep(0.05)
+        raise Fail(f"timed out after {WAIT_S} s waiting for {what}")
+
+    def page_state(self):
+        try:
+            return self.eval("JSON.stringify({status: document.getElementById('status')?.textContent, "
+                             "log: [...document.querySelectorAll('#log .msg')].map(e => e.className + ': ' + "
+                             "e.textContent)})")
+        except Exception as e:  # the report must not hide the original failure
+            return f"(page state unavailable: {e})"
+
+
+def cdp_connect(url):
+    """A context manager for the CDP connection: no proxy, no keepalive
+    pings, no message size limit (where the installed websockets has these
+    options)."""
+    params = inspect.signature(ws_connect).parameters
+    kw = {"open_timeout": WAIT_S, "close_timeout": 2, "max_size": None}
+    if "proxy" in params:
+        kw["proxy"] = None
+    if "ping_interval" in params:
+        kw["ping_interval"] = None
+    return ws_connect(url, **kw)
+
+
+def js(s):
+    """A JavaScript string literal."""
+    return json.dumps(s)
+
+
+def set_value(cdp, elem_id, value):
+    cdp.eval(f"(() => {{ const e = document.getElementById({js(elem_id)}); e.value = {js(value)}; "
+             f"e.dispatchEvent(new Event('change')); return true; }})()")
+
+
+def click(cdp, elem_id):
+    ok = cdp.eval(f"(() => {{ const e = document.getElementById({js(elem_id)}); "
+                  f"if (!e || e.disabled) return false; e.click(); return true; }})()")
+    if not ok:
+        raise Fail(f"button #{elem_id} is missing or disabled")
+
+
+def log_has(kind, needle):
+    """A JS expression: some `.msg.KIND` entry in #log contains `needle`."""
+    return (f"[...document.querySelectorAll('#log .msg.{kind}')]"
+            f".some(e => e.textContent.includes({js(needle)}))")
+
+
+def run(cdp, page_url, user, token, peer):
+    cdp.open_page()
+    cdp.call("Page.navigate", {"url": page_url})
+    cdp.wait_for(f"document.readyState === 'complete' && location.href === {js(page_url)} && "
+                 "!!document.getElementById('connect')", f"the demo page at {page_url}")
+
+    set_value(cdp, "user", user)  # its change handler clears the token field
+    if token != "-":
+        set_value(cdp, "token", token)
+    click(cdp, "connect")
+    want = f"logged in as {user}"
+    cdp.wait_for(f"document.getElementById('status').textContent === {js(want)} && "
+                 "document.getElementById('status').className === 'on'", f"status {want!r}")
+    say(f"LOGGED_IN {user}")
+
+    say("READY")
+    cdp.wait_for(log_has("push", "rust-push-browser"), "a .msg.push entry with rust-push-browser")
+    say("PUSH_SEEN rust-push-browser")
+
+    text = f"hello {peer} from the browser"
+    set_value(cdp, "to", peer)
+    set_value(cdp, "text", text)
+    click(cdp, "send")
+    cdp.wait_for(log_has("ack", "delivered to 1 connection"), "the send ack")
+    say(f"SENT {text}")
+
+    set_value(cdp, "room", ROOM)
+    click(cdp, "join")
+    cdp.wait_for(log_has("ack", f"subscribed {ROOM}"), f"the ack of joining {ROOM}")
+    say("JOINED")
+    cdp.wait_for(log_has("room_msg", "rust-room-browser"), "a .msg.room_msg entry with rust-room-browser")
+    set_value(cdp, "room-text", "hi all from the browser")
+    click(cdp, "publish")
+    cdp.wait_for(log_has("room_msg", f"[{ROOM}] {user}: hi all from the browser"),
+                 "the page's own publish as a .msg.room_msg entry")
+    say("ROOM_SEEN rust-room-browser, hi all from the browser")
+
+    # Silence on the socket: the server pings it several times (the test
+    # runs with 300 ms heartbeats) and closes it unless Chromium pongs.
+    time.sleep(IDLE_S)
+    set_value(cdp, "room-text", "still here")
+    click(cdp, "publish")
+    cdp.wait_for(log_has("room_msg", f"[{ROOM}] {user}: still here"), f"a publish after {IDLE_S} s of silence")
+    if cdp.eval("document.querySelectorAll('#log .msg.closed').length") != 0:
+        raise Fail("the socket closed during the silence")
+    say(f"ALIVE after {IDLE_S}s idle")
+
+    click(cdp, "disconnect")
+    cdp.wait_for("document.getElementById('status').textContent === 'disconnected' && "
+                 "!document.getElementById('connect').disabled", "status 'disconnected'")
+    if cdp.errors:
+        raise Fail(f"uncaught exceptions in the page: {cdp.errors}")
+    say("DONE")
+
+
+def main(argv):
+    if len(argv) != 6:
+        raise Fail(f"usage: {argv[0]} DEVTOOLS_WS_URL PAGE_URL USER TOKEN_OR_DASH PEER")
+    devtools, page_url, user, token, peer = argv[1:]
+    with cdp_connect(devtools) as ws:
+        cdp = Cdp(ws)
+        try:
+            run(cdp, page_url, user, token, peer)
+        except Fail as e:
+            raise Fail(f"{e}\n  page: {cdp.page_state()}\n  page exceptions: {cdp.errors}")
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv)
+    except Fail as e:
+        print(f"FAIL: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    except Exception as e:
+        print(f"FAIL: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)

@@ -1,0 +1,409 @@
+//! Interoperability with WebSocket clients written elsewhere.
+//!
+//! - `python_websockets_client`: the Python `websockets` library (its
+//!   `websockets.sync.client`) runs `tests/interop/ws_client.py` against an
+//!   in-process server: login in the upgrade query and in a first message,
+//!   a push from the handle, a send between users, a room with publishes
+//!   from a client and from the handle, several heartbeat periods of silence
+//!   survived on the library's automatic pong, and the binary subprotocol.
+//! - `chromium_demo_page`: a headless Chromium opens the demo page (served
+//!   in dev mode, on the development secret), logs in through the page's own
+//!   token fetch, and shows a push from the handle, a send to a raw TCP
+//!   client, and room messages; `tests/interop/browser.py` drives it over
+//!   the Chrome DevTools Protocol.
+//!
+//! The test and each script talk through the script's stdout, one
+//! checkpoint per line (the scripts' docstrings list them); the test acts
+//! on the server handle at a few of them and asserts on the rest.
+//!
+//! Tools: `python3` with `websockets` (11 or later) and `/usr/bin/chromium`.
+//! `.ci/run` installs them on a clean Debian machine. A missing tool fails
+//! the test with a message naming it, except that `SWITCHBOARD_SKIP_BROWSER=1`
+//! makes `chromium_demo_page` skip (with a notice on stderr), for machines
+//! where a browser cannot run. Each script runs under a deadline and is
+//! killed when its test ends, Chromium (its whole process group) too, and
+//! Chromium's temporary profile directory is removed on every path.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use common::*;
+use switchboard::config::DemoPage;
+use switchboard::proto::frame::Frame;
+use switchboard::JwtHs256;
+
+/// How long one script may run, all checkpoints included.
+const SCRIPT_DEADLINE: Duration = Duration::from_secs(60);
+/// How long Chromium may take to open its DevTools port.
+const BROWSER_START: Duration = Duration::from_secs(20);
+const CHROMIUM: &str = "/usr/bin/chromium";
+
+fn interop_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests").join("interop")
+}
+
+/// Fails (never skips) unless python3 can import `websockets.sync.client`.
+fn require_python_websockets() {
+    match Command::new("python3").args(["-c", "import websockets.sync.client"]).output() {
+        Err(e) => panic!(
+            "this test needs python3, which could not be run ({e}): run .ci/run as root (it installs python3 and \
+             the websockets package), or install python3"
+        ),
+        Ok(o) if !o.status.success() => panic!(
+            "this test needs the Python package `websockets` (11 or later, for websockets.sync.client): run \
+             .ci/run as root, or `python3 -m pip install websockets`\npython3 said: {}",
+            String::from_utf8_lossy(&o.stderr).trim()
+        ),
+        Ok(_) => {}
+    }
+}
+
+/// A Python script under test: its stdout as a stream of checkpoint lines,
+/// its stderr kept for the failure report, killed when dropped.
+struct Script {
+    name: &'static str,
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    seen: Vec<String>,
+    stderr: Option<JoinHandle<String>>,
+    deadline: Instant,
+}
+
+impl Script {
+    fn spawn(name: &'static str, args: &[String]) -> Script {
+        let mut child = Command::new("python3")
+            .arg(interop_dir().join(name))
+            .args(args)
+            .env("PYTHONUNBUFFERED", "1")
+            .env("PYTHONDONTWRITEBYTECODE", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run python3 {name}: {e}"));
+        let stdout = child.stdout.take().unwrap();
+        let mut err = child.stderr.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let stderr = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = err.read_to_string(&mut s);
+            s
+        });
+        Script {
+            name,
+            child,
+            lines,
+            seen: Vec::new(),
+            stderr: Some(stderr),
+            deadline: Instant::now() + SCRIPT_DEADLINE,
+        }
+    }
+
+    /// The next line of output, which must start with `prefix`.
+    fn expect(&mut self, prefix: &str) -> String {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        match self.lines.recv_timeout(left) {
+            Ok(line) => {
+                self.seen.push(line.clone());
+                if !line.starts_with(prefix) {
+                    self.fail(&format!("expected a line starting with {prefix:?}, got {line:?}"));
+                }
+                line
+            }
+            Err(RecvTimeoutError::Timeout) => {
+                self.fail(&format!("no line {prefix:?} within {} s", SCRIPT_DEADLINE.as_secs()))
+            }
+            Err(RecvTimeoutError::Disconnected) => self.fail(&format!("output ended before a line {prefix:?}")),
+        }
+    }
+
+    /// Waits for the script to end its output and exit 0.
+    fn finish(mut self) {
+        loop {
+            let left = self.deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    self.fail(&format!("unexpected line after DONE: {line:?}"));
+                }
+                Err(RecvTimeoutError::Timeout) => self.fail("did not exit after DONE"),
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(st)) if st.success() => {
+                    // Warnings (a deprecation in a new websockets) show with --nocapture.
+                    let stderr = self.stderr.take().and_then(|h| h.join().ok()).unwrap_or_default();
+                    if !stderr.trim().is_empty() {
+                        eprintln!("{} stderr:\n{}", self.name, stderr.trim_end());
+                    }
+                    return;
+                }
+                Ok(Some(st)) => self.fail(&format!("exited with {st}")),
+                Ok(None) if Instant::now() < self.deadline => std::thread::sleep(Duration::from_millis(20)),
+                Ok(None) => self.fail("did not exit after DONE"),
+                Err(e) => self.fail(&format!("wait failed: {e}")),
+            }
+        }
+    }
+
+    /// Kills the script and panics with everything it printed.
+    fn fail(&mut self, what: &str) -> ! {
+        let _ = self.child.kill();
+        let status = self.child.wait().map(|s| s.to_string()).unwrap_or_else(|e| e.to_string());
+        let stderr = self.stderr.take().and_then(|h| h.join().ok()).unwrap_or_default();
+        panic!(
+            "{}: {what} ({status})\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            self.name,
+            self.seen.join("\n"),
+            stderr.trim_end()
+        );
+    }
+}
+
+impl Drop for Script {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn python_websockets_client() {
+    require_python_websockets();
+    let mut cfg = config();
+    cfg.websocket.listen = "127.0.0.1:0".into();
+    // Heartbeats several times a second, so the script's 2.5 s of silence
+    // spans many PING/PONG rounds and would cross the idle timeout many
+    // times over without the library's automatic pongs.
+    cfg.timeouts.heartbeat_interval_ms = 300;
+    cfg.timeouts.idle_timeout_ms = 1500;
+    let server = start(cfg);
+    let h = server.handle();
+    let url = format!("ws://{}", server.ws_addr().expect("a WebSocket listener"));
+    let mut args = vec![url];
+    for user in ["alice", "bob", "carol"] {
+        args.extend([user.to_string(), token(user)]);
+    }
+    args.push("2.5".into()); // seconds of silence
+    let mut s = Script::spawn("ws_client.py", &args);
+
+    let first = s.expect("LOGIN_OK query user=alice");
+    assert!(first.ends_with("heartbeat_ms=300 idle_ms=1500"), "{first}");
+    s.expect("LOGIN_OK message user=bob");
+    s.expect("READY");
+    let pushed = h.push_to_user("alice", "rust-push-1").unwrap();
+    assert_eq!(pushed.connections, 1);
+    s.expect("PUSH user=alice from='' payload=rust-push-1");
+    s.expect("SEND alice->bob delivered=1 payload=hi from A");
+    s.expect("JOINED");
+    assert_eq!(h.room_size("lobby"), 2);
+    h.publish_to_room("lobby", "rust-room-1").unwrap();
+    s.expect("ROOM_MSG user=alice room=lobby payload=rust-room-1");
+    s.expect("ROOM_MSG user=bob room=lobby payload=rust-room-1");
+    s.expect("ALIVE after 2.5s idle");
+    let st = h.stats();
+    assert!(st.pings_sent >= 2, "the server should have pinged the silent clients: {st:?}");
+    assert_eq!(st.idle_timeouts, 0, "{st:?}");
+    s.expect("LOGIN_OK binary user=carol max_frame_bytes=65536");
+    s.expect("BINARY alice<->carol ok");
+    s.expect("DONE");
+    s.finish();
+
+    assert!(wait_until(Duration::from_secs(5), || h.connection_count() == 0), "{:?}", h.stats());
+    let st = h.stats();
+    assert_eq!((st.ws_upgrades, st.logins, st.protocol_errors), (3, 3, 0), "{st:?}");
+    server.shutdown();
+}
+
+// ---- Chromium ---------------------------------------------------------------
+
+/// A headless Chromium in its own process group, with a fresh profile
+/// directory; dropping it kills the group and removes the directory.
+struct Chromium {
+    child: Child,
+    dir: PathBuf,
+}
+
+impl Chromium {
+    /// Starts Chromium and returns it with its browser DevTools WebSocket URL.
+    fn launch() -> (Chromium, String) {
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
+        let dir = std::env::temp_dir().join(format!("switchboard-chromium-{}-{nanos}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = std::fs::File::create(dir.join("chromium.log")).unwrap();
+        let child = Command::new(CHROMIUM)
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--disable-dev-shm-usage",
+                "--no-proxy-server",
+                "--no-first-run",
+                "--no-default-browser-check",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--disable-extensions",
+                "--disable-breakpad",
+                "--password-store=basic",
+                "--remote-debugging-address=127.0.0.1",
+                "--remote-debugging-port=0",
+            ])
+            .arg(format!("--user-data-dir={}", dir.join("profile").display()))
+            .arg("about:blank")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            // Its own process group, so Drop ends the renderers and helpers
+            // too, not only the browser process.
+            .process_group(0)
+            .spawn();
+        let child = match child {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                panic!("cannot run {CHROMIUM}: {e}");
+            }
+        };
+        let mut browser = Chromium { child, dir };
+        let url = browser.devtools_url();
+        (browser, url)
+    }
+
+    /// Reads `DevToolsActivePort` (port, then path) from the profile.
+    fn devtools_url(&mut self) -> String {
+        let file = self.dir.join("profile").join("DevToolsActivePort");
+        let end = Instant::now() + BROWSER_START;
+        while Instant::now() < end {
+            if let Ok(text) = std::fs::read_to_string(&file) {
+                let mut lines = text.lines();
+                if let (Some(port), Some(path)) = (lines.next(), lines.next()) {
+                    if port.parse::<u16>().is_ok() && path.starts_with("/devtools/browser/") {
+                        return format!("ws://127.0.0.1:{port}{path}");
+                    }
+                }
+            }
+            if let Ok(Some(st)) = self.child.try_wait() {
+                panic!("{CHROMIUM} exited ({st}) before opening its DevTools port:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("{CHROMIUM} did not open its DevTools port within {BROWSER_START:?}:\n{}", self.log());
+    }
+
+    /// The end of Chromium's stderr, for failure reports.
+    fn log(&self) -> String {
+        let text = std::fs::read_to_string(self.dir.join("chromium.log")).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+}
+
+impl Drop for Chromium {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) with the (negated) process group id of the child
+        // this guard started; it touches no memory.
+        unsafe { libc::kill(-(self.child.id() as libc::pid_t), libc::SIGKILL) };
+        let _ = self.child.wait();
+        // Helpers of the group may still be exiting and writing the profile.
+        for _ in 0..50 {
+            if std::fs::remove_dir_all(&self.dir).is_ok() || !self.dir.exists() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        eprintln!("could not remove {}", self.dir.display());
+    }
+}
+
+#[test]
+fn chromium_demo_page() {
+    if std::env::var("SWITCHBOARD_SKIP_BROWSER").as_deref() == Ok("1") {
+        eprintln!("chromium_demo_page: skipped because SWITCHBOARD_SKIP_BROWSER=1");
+        return;
+    }
+    require_python_websockets();
+    assert!(
+        Path::new(CHROMIUM).exists(),
+        "this test needs {CHROMIUM}: run .ci/run as root (it installs it), or `apt-get install chromium`; \
+         SWITCHBOARD_SKIP_BROWSER=1 skips it"
+    );
+
+    let mut cfg = config();
+    cfg.websocket.listen = "127.0.0.1:0".into();
+    // The demo page is on (the listener is on loopback), and with no secret
+    // configured the server runs on the development one, so the page mints
+    // its own token.
+    cfg.websocket.demo_page = DemoPage::Auto;
+    cfg.auth.jwt_secret = None;
+    // Heartbeats several times a second: the page's socket stays up only
+    // if Chromium answers the server's pings.
+    cfg.timeouts.heartbeat_interval_ms = 300;
+    cfg.timeouts.idle_timeout_ms = 1500;
+    let (secret, dev) = cfg.jwt_secret();
+    // With SWITCHBOARD_JWT_SECRET in the environment the token helper is
+    // off (403) and the page needs a pasted token, as in production.
+    let page_token = if dev { "-".to_string() } else { JwtHs256::new(secret.clone()).mint("alice", unix_now() + 600) };
+    let server = start(cfg);
+    let h = server.handle();
+    let page = format!("http://{}/", server.ws_addr().expect("a WebSocket listener"));
+
+    let mut bob = connect(server.local_addr());
+    bob.login("bob", &JwtHs256::new(secret).mint("bob", unix_now() + 600)).expect("bob logs in over raw TCP");
+    // Bob answers the server's PINGs and forwards his PUSHes, until the
+    // server closes his connection at shutdown.
+    let (bob_tx, bob_rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        while let Ok(f) = bob.recv_skipping_pings() {
+            if let Frame::Push { from, payload, .. } = f.frame() {
+                let _ = bob_tx.send((from.to_string(), payload.to_vec()));
+            }
+        }
+    });
+
+    let (browser, devtools) = Chromium::launch();
+    let args = [devtools, page, "alice".into(), page_token, "bob".into()];
+    let mut s = Script::spawn("browser.py", &args);
+    s.expect("LOGGED_IN alice");
+    s.expect("READY");
+    assert_eq!(h.push_to_user("alice", "rust-push-browser").unwrap().connections, 1);
+    s.expect("PUSH_SEEN rust-push-browser");
+    s.expect("SENT hello bob from the browser");
+    let (from, payload) = bob_rx.recv_timeout(Duration::from_secs(10)).expect("bob gets the page's send");
+    assert_eq!((from.as_str(), payload.as_slice()), ("alice", &b"hello bob from the browser"[..]));
+    s.expect("JOINED");
+    assert_eq!(h.room_size("lobby"), 1);
+    h.publish_to_room("lobby", "rust-room-browser").unwrap();
+    s.expect("ROOM_SEEN");
+    s.expect("ALIVE after 2.0s idle");
+    let st = h.stats();
+    assert!(st.pings_sent >= 2, "the server should have pinged the silent page: {st:?}");
+    assert_eq!(st.idle_timeouts, 0, "{st:?}");
+    s.expect("DONE");
+    s.finish();
+    drop(browser);
+
+    assert!(wait_until(Duration::from_secs(5), || !h.is_online("alice")), "alice should be gone after Disconnect");
+    let st = h.stats();
+    assert!(st.http_requests >= if dev { 2 } else { 1 }, "the page and its token: {st:?}");
+    assert_eq!((st.ws_upgrades, st.protocol_errors, st.idle_timeouts), (1, 0, 0), "{st:?}");
+    server.shutdown();
+}
