@@ -646,11 +646,12 @@ pub mod handshake {
         }
 
         /// Headers the status requires: `Sec-WebSocket-Version: 13` with a
-        /// version error, `Upgrade: websocket` with 426 for a plain request,
-        /// `Allow: GET` with 405.
+        /// version error, `Upgrade: websocket` with every 426 (RFC 9110
+        /// §15.5.22: a 426 MUST carry `Upgrade`, so the version error has
+        /// both), `Allow: GET` with 405.
         pub fn extra_headers(&self) -> &'static [(&'static str, &'static str)] {
             match self {
-                HandshakeError::UnsupportedVersion => &[("Sec-WebSocket-Version", VERSION)],
+                HandshakeError::UnsupportedVersion => &[("Upgrade", "websocket"), ("Sec-WebSocket-Version", VERSION)],
                 HandshakeError::NotUpgrade { .. } => &[("Upgrade", "websocket")],
                 HandshakeError::MethodNotAllowed { .. } => &[("Allow", "GET")],
                 _ => &[],
@@ -953,7 +954,10 @@ pub mod handshake {
         r.push_str("\r\n");
         push_header(&mut r, "Content-Type", content_type);
         push_header(&mut r, "Content-Length", &body.len().to_string());
-        push_header(&mut r, "Connection", "close");
+        // RFC 9110 §7.8: whoever sends `Upgrade` also lists "upgrade" in
+        // `Connection`, so intermediaries do not forward it.
+        let upgrade = extra_headers.iter().any(|(name, _)| name.eq_ignore_ascii_case("Upgrade"));
+        push_header(&mut r, "Connection", if upgrade { "Upgrade, close" } else { "close" });
         for (name, value) in extra_headers {
             push_header(&mut r, name, value);
         }
@@ -1122,6 +1126,8 @@ pub mod handshake {
                 let resp = String::from_utf8(err.response()).unwrap();
                 assert!(resp.starts_with("HTTP/1.1 426 Upgrade Required\r\n"), "{resp}");
                 assert!(resp.contains("\r\nSec-WebSocket-Version: 13\r\n"), "{resp}");
+                assert!(resp.contains("\r\nUpgrade: websocket\r\n"), "{resp}");
+                assert!(resp.contains("\r\nConnection: Upgrade, close\r\n"), "{resp}");
             }
         }
 
