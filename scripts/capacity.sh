@@ -1,16 +1,29 @@
 #!/usr/bin/env bash
 # Capacity report: builds in release mode, starts each server in its own
-# process (Switchboard, the bare ceiling relay, the tokio baseline), runs
-# every scenario with the same loaders, and writes target/capacity/report.json,
-# report.md, memory.svg and latency.svg.
+# process (Switchboard, the bare ceiling relay, the tokio baseline, and for
+# the WebSocket comparison nginx + nchan), runs every scenario with the same
+# loaders, and writes target/capacity/report.json, report.md, memory.svg and
+# latency.svg.
 #
-#   scripts/capacity.sh            # quick mode: 4,000 connections, ~2 minutes
-#   scripts/capacity.sh --full     # 19,000 connections (this host's file limit)
-#   scripts/capacity.sh --no-peers # Switchboard and the ceiling only
+#   scripts/capacity.sh            # quick mode: 4,000 connections (2,000 over WebSocket), < 3 minutes
+#   scripts/capacity.sh --full     # 19,000 connections (this host's file limit), 15,000 over WebSocket
+#   scripts/capacity.sh --no-peers # Switchboard and the ceiling only (no tokio, no nchan)
+#   scripts/capacity.sh --no-nchan # everything but nginx + nchan
+#   scripts/capacity.sh --ws-only [--ws-connections N]
+#                                  # only Switchboard over WebSocket next to nginx + nchan
+#
+# The nginx + nchan column needs nginx and its nchan module (Debian/Ubuntu:
+#   apt-get install -y nginx libnginx-mod-nchan
+# ); without them the report lists the nchan peer as absent, with the reason.
+# The runner starts nginx itself (its own nginx.conf in a temp dir, loopback
+# only, copied to target/capacity/nginx-nchan.conf); no nginx service is used.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release --quiet -p switchboard --bins
-if [[ " $* " != *" --no-peers "* ]]; then
+if [[ " $* " != *" --no-peers "* && " $* " != *" --ws-only "* ]]; then
   cargo build --release --quiet -p tokio-baseline
+fi
+if [[ " $* " != *" --no-peers "* && " $* " != *" --no-nchan "* ]] && ! command -v nginx >/dev/null && [[ ! -x /usr/sbin/nginx ]]; then
+  echo "capacity.sh: nginx not found: the nginx + nchan column will be absent (apt-get install -y nginx libnginx-mod-nchan)" >&2
 fi
 exec ./target/release/switchboard-bench capacity "$@"

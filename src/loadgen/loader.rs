@@ -822,3 +822,50 @@ pub fn run(args: LoaderArgs) -> io::Result<()> {
     let _ = io::stdin().lock().fill_buf();
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::ws::{binary_frame, ping_frame, Decoder, WsEvent};
+
+    #[test]
+    fn client_frames_are_masked_and_the_server_decoder_reads_them() {
+        for len in [0usize, 5, 125, 126, 1000, 65_535, 65_536, 70_000] {
+            let payload: Vec<u8> = (0..len).map(|i| (i * 7) as u8).collect();
+            let mut f = ws_client_frame(0x2, &payload, [1, 2, 3, 4]);
+            assert_ne!(f[1] & 0x80, 0, "MASK bit set");
+            let mut dec = Decoder::new(1 << 20);
+            match dec.decode(&mut f).expect("valid frame") {
+                Some((WsEvent::Binary(p), n)) => {
+                    assert_eq!(p, &payload[..]);
+                    assert_eq!(n, f.len());
+                }
+                other => panic!("len {len}: {other:?}"),
+            }
+        }
+        let mut pong = ws_client_frame(0xA, b"hb", [9, 9, 9, 9]);
+        assert!(matches!(Decoder::new(1024).decode(&mut pong), Ok(Some((WsEvent::Pong(b"hb"), _)))));
+    }
+
+    #[test]
+    fn server_frames_parse_whole_or_wait_for_more() {
+        for len in [0usize, 125, 126, 65_536] {
+            let payload = vec![7u8; len];
+            let f = binary_frame(&payload);
+            for cut in [0, 1, f.len() / 2, f.len() - 1] {
+                if cut < f.len() {
+                    assert_eq!(ws_server_frame(&f[..cut]).unwrap(), None, "len {len}, first {cut} bytes");
+                }
+            }
+            let (fin, op, range, n) = ws_server_frame(&f).unwrap().expect("whole");
+            assert!(fin);
+            assert_eq!(op, 0x2);
+            assert_eq!(&f[range], &payload[..]);
+            assert_eq!(n, f.len());
+        }
+        let (_, op, range, _) = ws_server_frame(&ping_frame(b"x")).unwrap().unwrap();
+        assert_eq!((op, range.len()), (0x9, 1));
+        let masked = ws_client_frame(0x2, b"abc", [1, 1, 1, 1]);
+        assert!(ws_server_frame(&masked).is_err(), "a server must not mask");
+    }
+}

@@ -60,12 +60,17 @@ pub fn run(switchboard: PathBuf) -> Result<(), String> {
     let stop = Arc::new(AtomicBool::new(false));
     let (attempts, failures) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let first_error = Arc::new(std::sync::Mutex::new(None::<String>));
+    // When each failure happened, in ms since the start: tells a failure
+    // at the drain's start from one at A's exit.
+    let epoch = Instant::now();
+    let failure_at = Arc::new(std::sync::Mutex::new(Vec::<u64>::new()));
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     let jwt = JwtHs256::new(switchboard::config::DEV_JWT_SECRET);
     let clients: Vec<_> = (0..4)
         .map(|k| {
             let (stop, attempts, failures, first_error, jwt) =
                 (stop.clone(), attempts.clone(), failures.clone(), first_error.clone(), jwt.clone());
+            let failure_at = failure_at.clone();
             std::thread::spawn(move || {
                 let mut i = 0u64;
                 while !stop.load(Ordering::Relaxed) {
@@ -81,6 +86,7 @@ pub fn run(switchboard: PathBuf) -> Result<(), String> {
                     );
                     if let Err(e) = r {
                         failures.fetch_add(1, Ordering::Relaxed);
+                        failure_at.lock().unwrap().push(epoch.elapsed().as_millis() as u64);
                         first_error.lock().unwrap().get_or_insert(e);
                     }
                 }
@@ -95,6 +101,7 @@ pub fn run(switchboard: PathBuf) -> Result<(), String> {
     // SAFETY: signalling our own child.
     unsafe { libc::kill(a.id() as i32, libc::SIGTERM) };
     let t0 = Instant::now();
+    let sigterm_ms = epoch.elapsed().as_millis() as u64;
     let a_exit = loop {
         if let Some(status) = a.try_wait().map_err(|e| e.to_string())? {
             break status;
@@ -122,6 +129,7 @@ pub fn run(switchboard: PathBuf) -> Result<(), String> {
         "first_error": *first_error.lock().unwrap(),
         "a_exit_code": a_exit.code(),
         "a_drained_ms": drained_in.as_millis() as u64,
+        "failures_ms_after_sigterm": failure_at.lock().unwrap().iter().map(|&t| t as i64 - sigterm_ms as i64).collect::<Vec<_>>(),
         "b_ready_after": b_ready,
     });
     println!("{summary}");
