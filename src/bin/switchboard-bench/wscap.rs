@@ -344,7 +344,19 @@ impl Runner {
 
         // Fan-out.
         note(format!("{name}: WebSocket fan-out to {n} subscribers"));
+        std::thread::sleep(Duration::from_millis(500));
+        let tree = ProcStat::process_tree(s.pid());
+        let (rss0, pss0) = (ProcStat::rss_sum(&tree), ProcStat::pss_sum(&tree));
         let (mut fleet, members, _) = self.ws_fleet(s, kind, n, "wsf-u", Some(WS_ROOM))?;
+        std::thread::sleep(Duration::from_secs(1));
+        let (rss1, pss1) = (ProcStat::rss_sum(&tree), ProcStat::pss_sum(&tree));
+        let per_member = |a: Option<u64>, b: Option<u64>| match (a, b) {
+            (Some(a), Some(b)) if members > 0 && ProcStat::process_tree(s.pid()) == tree => {
+                json!((b as f64 - a as f64) / members as f64)
+            }
+            _ => Value::Null,
+        };
+        let (sub_rss, sub_pss) = (per_member(rss0, rss1), per_member(pss0, pss1));
         let _ = fleet.collect()?;
         let repeats = self.plan.ws_repeats;
         self.ws_publish(&mut fleet, s, kind, SINGLE_RATE, repeats, 0)?;
@@ -358,7 +370,6 @@ impl Runner {
         ));
         let mut runs = Vec::new();
         let mut best: Option<Value> = None;
-        let tree = ProcStat::process_tree(s.pid());
         for (k, &target) in self.plan.ws_rates.clone().iter().enumerate() {
             let rate = (target / members.max(1) as f64).max(1.0);
             let count = ((rate * self.plan.ws_sustain_s as f64) as u32).max(1);
@@ -418,6 +429,10 @@ impl Runner {
             "idle": idle,
             "fanout": {
                 "subscribers": members,
+                // Memory growth while the subscribers joined the one room
+                // (after the idle connections above were closed).
+                "server_user_bytes_per_subscriber": sub_rss,
+                "server_pss_bytes_per_subscriber": sub_pss,
                 "single": {
                     "p50_ms": q(&single_done, 0.5),
                     "p99_ms": q(&single_done, 0.99),
@@ -476,6 +491,7 @@ pub fn nchan_ratios(sb: &Value, nchan: &Value) -> Value {
     json!({
         "memory_per_conn_rss": ratio(&["idle", "server_user_bytes_per_conn"]),
         "memory_per_conn_pss": ratio(&["idle", "server_pss_bytes_per_conn"]),
+        "memory_per_room_subscriber_rss": ratio(&["fanout", "server_user_bytes_per_subscriber"]),
         "connect_rate_per_s": ratio(&["idle", "connect_rate_per_s"]),
         "fanout_single_p50": ratio(&["fanout", "single", "p50_ms"]),
         "fanout_single_p99": ratio(&["fanout", "single", "p99_ms"]),
@@ -506,13 +522,13 @@ pub fn markdown(m: &mut String, r: &Value) {
     let rows: Vec<(String, String, String, String)> = vec![
         ("idle connections".into(), f(&sb["idle"]["connections"], 0), f(&nw["idle"]["connections"], 0), String::new()),
         (
-            "server bytes per idle connection, RSS (all server processes)".into(),
+            "server bytes per idle connection, RSS (all server processes; nchan: a channel per connection)".into(),
             f(&sb["idle"]["server_user_bytes_per_conn"], 0),
             f(&nw["idle"]["server_user_bytes_per_conn"], 0),
             f(&ra["memory_per_conn_rss"], 3),
         ),
         (
-            "same, PSS (shared pages counted once)".into(),
+            "  same, PSS (shared pages counted once)".into(),
             f(&sb["idle"]["server_pss_bytes_per_conn"], 0),
             f(&nw["idle"]["server_pss_bytes_per_conn"], 0),
             f(&ra["memory_per_conn_pss"], 3),
@@ -524,6 +540,12 @@ pub fn markdown(m: &mut String, r: &Value) {
             f(&ra["connect_rate_per_s"], 3),
         ),
         ("room subscribers".into(), f(&sf["subscribers"], 0), f(&nf["subscribers"], 0), String::new()),
+        (
+            "server bytes per room subscriber, RSS / PSS (all in one room)".into(),
+            pair(&sf["server_user_bytes_per_subscriber"], &sf["server_pss_bytes_per_subscriber"], 0),
+            pair(&nf["server_user_bytes_per_subscriber"], &nf["server_pss_bytes_per_subscriber"], 0),
+            f(&ra["memory_per_room_subscriber_rss"], 3),
+        ),
         (
             "one message: until the last subscriber has it, p50 / p99 (ms)".into(),
             pair(&sf["single"]["p50_ms"], &sf["single"]["p99_ms"], 1),
