@@ -21,7 +21,7 @@ use switchboard::directory::{ConnList, Directory};
 use switchboard::ids::{ConnId, WorkerId};
 use switchboard::mailbox::Mailbox;
 use switchboard::outq::{OutLimits, OutQueue, MAX_IOV_PER_WRITE};
-use switchboard::proto::frame::{decode, Frame};
+use switchboard::proto::frame::{decode, Frame, FrameType};
 use switchboard::wheel::Wheel;
 
 #[global_allocator]
@@ -209,7 +209,7 @@ fn mailbox(c: &mut Criterion) {
     });
     g.bench_function("push_pop_with_wake", |b| {
         b.iter(|| {
-            m.begin_drain();
+            m.begin_drain(true);
             m.push(black_box(7)).unwrap();
             m.pop()
         })
@@ -249,7 +249,7 @@ fn spsc_run(cap: usize, n: u64, blocking: bool, iters: u64) -> Duration {
                     let mut pfd = libc::pollfd { fd: m.eventfd(), events: libc::POLLIN, revents: 0 };
                     // SAFETY: one valid pollfd on the stack.
                     unsafe { libc::poll(&mut pfd, 1, 100) };
-                    m.begin_drain();
+                    m.begin_drain(true);
                 }
                 while let Some(v) = m.pop() {
                     sum = sum.wrapping_add(v);
@@ -381,7 +381,7 @@ fn outq(c: &mut Criterion) {
     let mut q = OutQueue::default();
     g.bench_function("push_fill_advance/empty", |b| {
         b.iter(|| {
-            q.push(black_box(&frame).clone(), &limits).unwrap();
+            q.push(black_box(&frame).clone(), FrameType::Push as u8, &limits).unwrap();
             let n = q.fill_iovecs(&mut iov);
             q.advance(black_box(len));
             n
@@ -391,11 +391,11 @@ fn outq(c: &mut Criterion) {
 
     let mut q = OutQueue::default();
     for _ in 0..16 {
-        q.push(frame.clone(), &limits).unwrap();
+        q.push(frame.clone(), FrameType::Push as u8, &limits).unwrap();
     }
     g.bench_function("push_fill_advance/backlog_16", |b| {
         b.iter(|| {
-            q.push(black_box(&frame).clone(), &limits).unwrap();
+            q.push(black_box(&frame).clone(), FrameType::Push as u8, &limits).unwrap();
             let n = q.fill_iovecs(&mut iov);
             q.advance(black_box(len));
             n
