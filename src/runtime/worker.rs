@@ -152,6 +152,10 @@ pub(crate) struct Worker {
     /// A drain task was started; it set `drained` when done.
     drain_started: Cell<bool>,
     drained: Cell<bool>,
+    /// Accept loops still running: a drain waits for them to end, since an
+    /// accept in flight can still hand over a connection after the
+    /// listener is shut (dropping it unread would reset the client).
+    accepting: Cell<u32>,
     /// The poller saw the mailbox eventfd fire; the mailbox loop's waker.
     mailbox_ready: Cell<bool>,
     mailbox_waker: Cell<Option<std::task::Waker>>,
@@ -221,6 +225,7 @@ impl Worker {
             ws_max_message: shared.config.websocket.message_limit(shared.config.limits.max_frame_bytes),
             drain_started: Cell::new(false),
             drained: Cell::new(false),
+            accepting: Cell::new(0),
             mailbox_ready: Cell::new(false),
             mailbox_waker: Cell::new(None),
             shared,
@@ -260,7 +265,12 @@ impl Worker {
     /// A new connection, from the raw TCP listener or (`websocket`) the
     /// WebSocket one.
     fn on_accept(&self, stream: TcpStream, websocket: bool) {
-        if self.stopping() {
+        // While draining, a connection accepted before the listener was shut
+        // is served: the drain logs it in and then sends it the CLOSE with
+        // the reconnect hint. Dropping it here would reset the client when
+        // its LOGIN is already waiting unread (measured: 1-5 resets per
+        // overlapping restart in tests/deploy.rs).
+        if self.shared.shutdown.load(Ordering::Acquire) {
             return;
         }
         // From here on the socket is a plain descriptor owned by its slot:
@@ -1615,6 +1625,14 @@ async fn io_loop(w: Rc<Worker>, ready_fd: UnixStream) {
 }
 
 async fn accept_loop(w: Rc<Worker>, listener: Rc<TcpListener>, websocket: bool) {
+    struct Running(Rc<Worker>);
+    impl Drop for Running {
+        fn drop(&mut self) {
+            self.0.accepting.set(self.0.accepting.get() - 1);
+        }
+    }
+    w.accepting.set(w.accepting.get() + 1);
+    let _running = Running(w.clone());
     let mut backoff_logged = false;
     loop {
         match listener.accept().await {
@@ -1748,18 +1766,23 @@ async fn drain(w: Rc<Worker>) {
     if w.ws_listener_fd.get() >= 0 {
         sys::shutdown(w.ws_listener_fd.get(), libc::SHUT_RDWR);
     }
-    // Logged-in connections first; those still logging in go last, so a
-    // client that connected just before the drain gets its LOGIN_OK (its
-    // attempt succeeded) before it is asked to reconnect.
-    let mut ids: Vec<(bool, u32, u32)> =
-        w.conns.borrow().iter().map(|(s, c)| (!c.session.is_active(), s as u32, c.generation)).collect();
-    ids.sort_unstable();
+    // Logged-in connections only: one still logging in gets its LOGIN_OK
+    // first (its attempt succeeded), and its CLOSE from the sweep below.
+    let ids: Vec<(u32, u32)> =
+        w.conns.borrow().iter().filter(|(_, c)| c.session.is_active()).map(|(s, c)| (s as u32, c.generation)).collect();
     // At least 1,000 closes per second: a worker with few connections does
     // not sit out the whole window.
     let window = Duration::from_millis(cfg.drain.window_ms.min(ids.len() as u64));
     let t0 = std::time::Instant::now();
     let jitter = cfg.drain.reconnect_jitter_ms.max(1);
     let mut rng = (w.id.0 as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ t0.elapsed().as_nanos() as u64;
+    // The CLOSE reason with a reconnect hint drawn below the jitter.
+    let mut going_away = move || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        format!("server going away; reconnect_ms={}", rng % jitter)
+    };
     let mut done = 0;
     while done < ids.len() {
         // Everyone whose share of the window has come.
@@ -1769,12 +1792,8 @@ async fn drain(w: Rc<Worker>) {
             ((t0.elapsed().as_secs_f64() / window.as_secs_f64()) * ids.len() as f64).ceil() as usize
         };
         while done < due.min(ids.len()) {
-            let (_, slot, generation) = ids[done];
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
-            let reason = format!("server going away; reconnect_ms={}", rng % jitter);
-            w.begin_close(slot, generation, CloseCode::GoingAway, &reason);
+            let (slot, generation) = ids[done];
+            w.begin_close(slot, generation, CloseCode::GoingAway, &going_away());
             done += 1;
         }
         w.flush_dirty();
@@ -1783,8 +1802,26 @@ async fn drain(w: Rc<Worker>) {
         }
     }
     let deadline = std::time::Instant::now() + Duration::from_millis(cfg.timeouts.close_linger_ms);
-    while w.connection_count() > 0 && std::time::Instant::now() < deadline {
+    while (w.connection_count() > 0 || w.accepting.get() > 0) && std::time::Instant::now() < deadline {
         monoio::time::sleep(Duration::from_millis(5)).await;
+        // Connections that were logging in when the list above was taken,
+        // and those from an accept that completed just as the listener was
+        // shut: log them in like any other, then send them the same CLOSE
+        // (left unclosed until the process exits, a LOGIN the server never
+        // read would turn that exit into a reset). One still logging in at
+        // the deadline is closed too.
+        let last = std::time::Instant::now() + Duration::from_millis(5) >= deadline;
+        let late: Vec<(u32, u32)> = w
+            .conns
+            .borrow()
+            .iter()
+            .filter(|(_, c)| c.session.phase() != Phase::Closing && (last || c.session.is_active()))
+            .map(|(s, c)| (s as u32, c.generation))
+            .collect();
+        for (slot, generation) in late {
+            w.begin_close(slot, generation, CloseCode::GoingAway, &going_away());
+        }
+        w.flush_dirty();
     }
     w.drained.set(true);
     w.mailbox_ready.set(true);
@@ -1859,7 +1896,7 @@ pub(crate) async fn run(
     w.close_all(CloseCode::GoingAway);
     let linger = Duration::from_millis(shared.config.timeouts.close_linger_ms);
     let deadline = std::time::Instant::now() + linger;
-    while w.connection_count() > 0 && std::time::Instant::now() < deadline {
+    while (w.connection_count() > 0 || w.accepting.get() > 0) && std::time::Instant::now() < deadline {
         monoio::time::sleep(Duration::from_millis(5)).await;
     }
     // 3. Whoever is left is cut off; their readers release them.
