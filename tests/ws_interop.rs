@@ -17,8 +17,9 @@
 //! on the server handle at a few of them and asserts on the rest.
 //!
 //! Tools: `python3` with `websockets` (11 or later) and `/usr/bin/chromium`.
-//! `.ci/run` installs them on a clean Debian machine. A missing tool fails
-//! the test with a message naming it, except that `SWITCHBOARD_SKIP_BROWSER=1`
+//! `scripts/test.sh` (the README's test command, which `.ci/run` calls)
+//! installs them on a clean Debian machine. A missing tool fails the test
+//! with a message naming it, except that `SWITCHBOARD_SKIP_BROWSER=1`
 //! makes `chromium_demo_page` skip (with a notice on stderr), for machines
 //! where a browser cannot run. Each script runs under a deadline and is
 //! killed when its test ends, Chromium (its whole process group) too, and
@@ -53,12 +54,12 @@ fn interop_dir() -> PathBuf {
 fn require_python_websockets() {
     match Command::new("python3").args(["-c", "import websockets.sync.client"]).output() {
         Err(e) => panic!(
-            "this test needs python3, which could not be run ({e}): run .ci/run as root (it installs python3 and \
+            "this test needs python3, which could not be run ({e}): run scripts/test.sh as root (it installs python3 and \
              the websockets package), or install python3"
         ),
         Ok(o) if !o.status.success() => panic!(
             "this test needs the Python package `websockets` (11 or later, for websockets.sync.client): run \
-             .ci/run as root, or `python3 -m pip install websockets`\npython3 said: {}",
+             scripts/test.sh as root, or `python3 -m pip install websockets`\npython3 said: {}",
             String::from_utf8_lossy(&o.stderr).trim()
         ),
         Ok(_) => {}
@@ -343,7 +344,7 @@ fn chromium_demo_page() {
     require_python_websockets();
     assert!(
         Path::new(CHROMIUM).exists(),
-        "this test needs {CHROMIUM}: run .ci/run as root (it installs it), or `apt-get install chromium`; \
+        "this test needs {CHROMIUM}: run scripts/test.sh as root (it installs it), or `apt-get install chromium`; \
          SWITCHBOARD_SKIP_BROWSER=1 skips it"
     );
 

@@ -33,7 +33,7 @@ import time
 try:
     from websockets.sync.client import connect as ws_connect
 except ImportError as e:
-    print(f"FAIL: python3 cannot import websockets.sync.client ({e}); run .ci/run or `pip install websockets`",
+    print(f"FAIL: python3 cannot import websockets.sync.client ({e}); run scripts/test.sh or `pip install websockets`",
           file=sys.stderr)
     sys.exit(2)
 
