@@ -97,11 +97,13 @@ enum Cmd {
         payload_bytes: usize,
     },
     /// The capacity report: every scenario against Switchboard, the bare
-    /// ceiling relay and the tokio baseline, each in its own process;
-    /// writes report.json, report.md and SVG plots.
+    /// ceiling relay and the tokio baseline, then Switchboard over WebSocket
+    /// next to nginx + nchan, each in its own process(es); writes
+    /// report.json, report.md and SVG plots.
     Capacity {
         /// Full mode: the largest honest run (19,000 connections in the
-        /// server process). Default: quick mode (4,000, about 2 minutes).
+        /// server process; 15,000 over WebSocket). Default: quick mode
+        /// (4,000; 2,000 over WebSocket; under 3 minutes).
         #[arg(long)]
         full: bool,
         #[arg(long, default_value = "target/capacity")]
