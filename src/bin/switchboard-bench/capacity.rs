@@ -75,7 +75,7 @@ impl Plan {
             workers: 2,
             ws_connections: 2000,
             ws_repeats: 8,
-            ws_rates: vec![100_000.0, 300_000.0, 900_000.0],
+            ws_rates: vec![100_000.0, 300_000.0, 900_000.0, 2_700_000.0],
             ws_sustain_s: 1,
             ws_only: false,
         }
