@@ -15,6 +15,7 @@
 # The nginx + nchan column needs nginx and its nchan module (Debian/Ubuntu:
 #   apt-get install -y nginx libnginx-mod-nchan
 # ); without them the report lists the nchan peer as absent, with the reason.
+# SWITCHBOARD_NGINX=/path/to/nginx picks another nginx binary.
 # The runner starts nginx itself (its own nginx.conf in a temp dir, loopback
 # only, copied to target/capacity/nginx-nchan.conf); no nginx service is used.
 set -euo pipefail

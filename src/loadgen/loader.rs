@@ -95,9 +95,20 @@ pub fn ws_client_frame(opcode: u8, payload: &[u8], key: [u8; 4]) -> Vec<u8> {
     v
 }
 
-/// One server→client WebSocket frame at the start of `d`: (FIN, opcode,
-/// payload range, frame length), `Ok(None)` while incomplete.
-fn ws_server_frame(d: &[u8]) -> Result<Option<(bool, u8, std::ops::Range<usize>, usize)>, String> {
+/// Where a server→client WebSocket frame's parts are.
+#[derive(Debug, PartialEq, Eq)]
+struct WsFrame {
+    fin: bool,
+    opcode: u8,
+    /// The payload's bytes within the frame.
+    payload: std::ops::Range<usize>,
+    /// The whole frame's length.
+    len: usize,
+}
+
+/// One server→client WebSocket frame at the start of `d`, `Ok(None)` while
+/// incomplete.
+fn ws_server_frame(d: &[u8]) -> Result<Option<WsFrame>, String> {
     if d.len() < 2 {
         return Ok(None);
     }
@@ -116,7 +127,7 @@ fn ws_server_frame(d: &[u8]) -> Result<Option<(bool, u8, std::ops::Range<usize>,
     if d.len() < h + len {
         return Ok(None);
     }
-    Ok(Some((d[0] & 0x80 != 0, d[0] & 0x0f, h..h + len, h + len)))
+    Ok(Some(WsFrame { fin: d[0] & 0x80 != 0, opcode: d[0] & 0x0f, payload: h..h + len, len: h + len }))
 }
 
 /// `raw` as this transport sends it: itself, or a masked binary message.
@@ -490,7 +501,7 @@ impl Loader {
     fn ws_frames(&mut self, i: usize, data: &[u8]) -> usize {
         let mut off = 0;
         while off < data.len() {
-            let (fin, opcode, payload, n) = match ws_server_frame(&data[off..]) {
+            let WsFrame { fin, opcode, payload, len: n } = match ws_server_frame(&data[off..]) {
                 Ok(Some(x)) => x,
                 Ok(None) => break,
                 Err(e) => {
@@ -857,14 +868,14 @@ mod tests {
                     assert_eq!(ws_server_frame(&f[..cut]).unwrap(), None, "len {len}, first {cut} bytes");
                 }
             }
-            let (fin, op, range, n) = ws_server_frame(&f).unwrap().expect("whole");
-            assert!(fin);
-            assert_eq!(op, 0x2);
-            assert_eq!(&f[range], &payload[..]);
-            assert_eq!(n, f.len());
+            let w = ws_server_frame(&f).unwrap().expect("whole");
+            assert!(w.fin);
+            assert_eq!(w.opcode, 0x2);
+            assert_eq!(&f[w.payload], &payload[..]);
+            assert_eq!(w.len, f.len());
         }
-        let (_, op, range, _) = ws_server_frame(&ping_frame(b"x")).unwrap().unwrap();
-        assert_eq!((op, range.len()), (0x9, 1));
+        let w = ws_server_frame(&ping_frame(b"x")).unwrap().unwrap();
+        assert_eq!((w.opcode, w.payload.len()), (0x9, 1));
         let masked = ws_client_frame(0x2, b"abc", [1, 1, 1, 1]);
         assert!(ws_server_frame(&masked).is_err(), "a server must not mask");
     }

@@ -21,6 +21,8 @@ use switchboard::loadgen::loader::Transport;
 
 /// The command that installs the nchan peer (Debian, Ubuntu).
 pub const NCHAN_INSTALL: &str = "apt-get install -y nginx libnginx-mod-nchan";
+/// Overrides where nginx is looked for.
+pub const NGINX_ENV: &str = "SWITCHBOARD_NGINX";
 /// The room (nchan: channel) of the fan-out scenario.
 const WS_ROOM: &str = "capacity-ws-room";
 /// Connections opened and closed before the idle baseline, so one-time
@@ -131,6 +133,16 @@ impl HttpPublisher {
     }
 }
 
+/// The nginx executable: `$SWITCHBOARD_NGINX` if set, else from PATH or
+/// the usual sbin directories.
+fn find_nginx() -> Result<PathBuf, String> {
+    match std::env::var_os(NGINX_ENV) {
+        Some(p) if Path::new(&p).is_file() => Ok(PathBuf::from(p)),
+        Some(p) => Err(format!("nginx is not installed at {NGINX_ENV}={}", Path::new(&p).display())),
+        None => find_in_path("nginx").ok_or_else(|| "nginx is not installed (no nginx in PATH or /usr/sbin)".into()),
+    }
+}
+
 fn find_in_path(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)
@@ -185,7 +197,7 @@ fn nofile_hard() -> u64 {
 
 /// nginx + nchan on loopback in its own temp dir: (server, the dir).
 fn start_nchan(out: &Path, plan: &Plan) -> Result<(ServerProc, PathBuf), String> {
-    let nginx = find_in_path("nginx").ok_or("nginx is not installed (no nginx executable in PATH or /usr/sbin)")?;
+    let nginx = find_nginx()?;
     let module = find_nchan_module(&nginx)?;
     let dir = std::env::temp_dir().join(format!("switchboard-capacity-nchan-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -466,7 +478,8 @@ impl Runner {
             Ok(x) => x,
             Err(e) => return absent(e),
         };
-        let version = find_in_path("nginx")
+        let version = find_nginx()
+            .ok()
             .and_then(|n| Proc::new(n).arg("-v").output().ok())
             .map(|o| String::from_utf8_lossy(&o.stderr).trim().to_string());
         let r = self.ws_suite(&s, WsServer::Nchan);
@@ -648,5 +661,53 @@ pub fn markdown(m: &mut String, r: &Value) {
             nc["reason"].as_str().unwrap_or("not run"),
             nc["install"].as_str().unwrap_or(NCHAN_INSTALL)
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn suite(bytes: f64, p50: f64, best: Option<f64>) -> Value {
+        json!({
+            "idle": { "connections": 10, "server_user_bytes_per_conn": bytes, "server_pss_bytes_per_conn": bytes, "connect_rate_per_s": 100.0 },
+            "fanout": {
+                "subscribers": 10,
+                "single": { "p50_ms": p50, "p99_ms": p50 },
+                "reference": { "target_deliveries_per_s": 1000.0, "p50_ms": p50, "p99_ms": p50, "server_user_ns_per_delivery": bytes },
+                "sustained": best.map(|d| json!({ "deliveries_per_s": d })).unwrap_or(Value::Null),
+                "saturated": best.is_none(),
+                "max_delivered_per_s": best.unwrap_or(500.0),
+                "sustained_runs": [],
+            },
+        })
+    }
+
+    #[test]
+    fn ratios_divide_switchboard_by_nchan_and_skip_what_is_missing() {
+        let r = nchan_ratios(&suite(200.0, 10.0, Some(900.0)), &suite(10_000.0, 20.0, None));
+        assert_eq!(r["memory_per_conn_rss"], json!(0.02));
+        assert_eq!(r["fanout_single_p50"], json!(0.5));
+        assert_eq!(r["fanout_max_delivered_per_s"], json!(1.8));
+        assert_eq!(r["fanout_sustained_deliveries_per_s"], Value::Null, "nchan kept up at no rate");
+    }
+
+    #[test]
+    fn the_report_says_why_nchan_is_absent_and_how_to_install_it() {
+        let mut r = json!({ "websocket": suite(200.0, 10.0, Some(900.0)) });
+        r["peers"]["nchan"] = json!({ "absent": true, "reason": "nginx is not installed", "install": NCHAN_INSTALL });
+        let mut m = String::new();
+        markdown(&mut m, &r);
+        assert!(m.contains("| 200 | absent |"), "{m}");
+        assert!(m.contains("nginx + nchan: absent (nginx is not installed)"), "{m}");
+        assert!(m.contains(NCHAN_INSTALL), "{m}");
+
+        r["peers"]["nchan"] = json!({ "websocket": suite(10_000.0, 20.0, None), "nginx_version": "nginx/1" });
+        r["peers"]["nchan"]["ratios_switchboard_over_peer"] =
+            nchan_ratios(&r["websocket"], &r["peers"]["nchan"]["websocket"]);
+        let mut m = String::new();
+        markdown(&mut m, &r);
+        assert!(m.contains("| 200 | 10000 | 0.020 |"), "{m}");
+        assert!(!m.contains("absent"), "{m}");
     }
 }
