@@ -25,29 +25,15 @@ Any failure prints `FAIL: ...` (with the page's status and log) to stderr
 and exits 1. Every wait is bounded.
 """
 
-import inspect
 import json
 import sys
 import time
 
-try:
-    from websockets.sync.client import connect as ws_connect
-except ImportError as e:
-    print(f"FAIL: python3 cannot import websockets.sync.client ({e}); run scripts/test.sh or `pip install websockets`",
-          file=sys.stderr)
-    sys.exit(2)
+from wslib import Fail, connect, say
 
 WAIT_S = 15.0
 IDLE_S = 2.0
 ROOM = "lobby"
-
-
-class Fail(Exception):
-    pass
-
-
-def say(*parts):
-    print(*parts, flush=True)
 
 
 class Cdp:
@@ -117,13 +103,7 @@ def cdp_connect(url):
     """A context manager for the CDP connection: no proxy, no keepalive
     pings, no message size limit (where the installed websockets has these
     options)."""
-    params = inspect.signature(ws_connect).parameters
-    kw = {"open_timeout": WAIT_S, "close_timeout": 2, "max_size": None}
-    if "proxy" in params:
-        kw["proxy"] = None
-    if "ping_interval" in params:
-        kw["ping_interval"] = None
-    return ws_connect(url, **kw)
+    return connect(url, WAIT_S, 2, max_size=None)
 
 
 def js(s):

@@ -17,47 +17,23 @@ cannot hang even if the server never answers.
 """
 
 import contextlib
-import inspect
 import json
 import struct
 import sys
 import time
 import urllib.parse
 
-try:
-    from websockets.sync.client import connect as ws_connect
-except ImportError as e:  # the Rust test checks this first; keep a clear message anyway
-    print(f"FAIL: python3 cannot import websockets.sync.client ({e}); run scripts/test.sh or `pip install websockets`",
-          file=sys.stderr)
-    sys.exit(2)
+import wslib
+from wslib import Fail, say
 
 RECV_TIMEOUT = 10.0
 ROOM = "lobby"
 
 
-class Fail(Exception):
-    pass
-
-
-def say(*parts):
-    print(*parts, flush=True)
-
-
 def connect(url, subprotocols=None):
-    """A connection, as a context manager (websockets 17 deprecates using
-    connect() directly). Proxies and client-side keepalive pings are off
-    where the installed websockets has those options: the server's own pings
-    are what this test exercises, and a proxy from the environment must not
-    sit between the test and 127.0.0.1."""
-    params = inspect.signature(ws_connect).parameters
-    kw = {"open_timeout": RECV_TIMEOUT, "close_timeout": 5}
-    if subprotocols is not None:
-        kw["subprotocols"] = subprotocols
-    if "proxy" in params:
-        kw["proxy"] = None
-    if "ping_interval" in params:
-        kw["ping_interval"] = None
-    return ws_connect(url, **kw)
+    """A client connection (a context manager), `subprotocols` offered."""
+    kw = {} if subprotocols is None else {"subprotocols": subprotocols}
+    return wslib.connect(url, RECV_TIMEOUT, 5, **kw)
 
 
 def recv_json(ws, what):
