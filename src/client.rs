@@ -120,20 +120,14 @@ impl Client {
     /// Sends LOGIN and waits for LOGIN_OK (answering any PING on the way).
     pub fn login(&mut self, user: &str, token: &str) -> Result<LoginInfo, ClientError> {
         self.send_frame(&Frame::Login { user, token: token.as_bytes() })?;
-        loop {
-            let f = self.recv_skipping_pings()?;
-            match f.frame() {
-                Frame::LoginOk { conn_id, heartbeat_interval_ms, idle_timeout_ms, max_frame_bytes } => {
-                    return Ok(LoginInfo { conn_id, heartbeat_interval_ms, idle_timeout_ms, max_frame_bytes })
-                }
-                Frame::LoginError { code, reason } => {
-                    return Err(ClientError::LoginRefused { code, reason: reason.to_string() })
-                }
-                Frame::Close { code, reason } => {
-                    return Err(ClientError::CloseFrame { code, reason: reason.to_string() })
-                }
-                other => return Err(ClientError::Unexpected(format!("{other:?} while waiting for LOGIN_OK"))),
+        let f = self.recv_skipping_pings()?;
+        match f.frame() {
+            Frame::LoginOk { conn_id, heartbeat_interval_ms, idle_timeout_ms, max_frame_bytes } => {
+                Ok(LoginInfo { conn_id, heartbeat_interval_ms, idle_timeout_ms, max_frame_bytes })
             }
+            Frame::LoginError { code, reason } => Err(ClientError::LoginRefused { code, reason: reason.to_string() }),
+            Frame::Close { code, reason } => Err(ClientError::CloseFrame { code, reason: reason.to_string() }),
+            other => Err(ClientError::Unexpected(format!("{other:?} while waiting for LOGIN_OK"))),
         }
     }
 

@@ -155,7 +155,9 @@ struct Conn {
     stream: TcpStream,
     user: u32,
     state: State,
-    /// Bytes of an incomplete frame; `None` almost always.
+    /// Bytes of an incomplete frame; `None` almost always (boxed: 8 bytes
+    /// per connection instead of a Vec's 24).
+    #[allow(clippy::box_collection)]
     partial: Option<Box<Vec<u8>>>,
 }
 
