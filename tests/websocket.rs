@@ -1357,6 +1357,28 @@ fn query_login_gets_login_ok_first() {
 }
 
 #[test]
+fn token_in_a_subprotocol_logs_in_and_is_not_echoed() {
+    let (_s, addr) = start_ws(ws_config());
+    // What a browser does to keep the token out of the URL:
+    // new WebSocket("ws://host/?user=carol", ["switchboard.v1.json", "switchboard.token." + jwt]).
+    let offer = format!("Sec-WebSocket-Protocol: {JSON}, switchboard.token.{}", token("carol"));
+    let (mut ws, head) = Ws::open(addr, "/ws?user=carol", &[&offer]);
+    assert_eq!(head.header("Sec-WebSocket-Protocol"), Some(JSON), "the token is never chosen");
+    assert_eq!(ws.json()["type"], "login_ok");
+    // A wrong token there is a failed login like any other.
+    let offer = format!("Sec-WebSocket-Protocol: switchboard.token.{}", token("someone-else"));
+    let (mut ws, head) = Ws::open(addr, "/ws?user=carol", &[&offer]);
+    assert_eq!(head.header("Sec-WebSocket-Protocol"), None);
+    let err = ws.json();
+    assert_eq!((err["type"].as_str(), err["code"].as_u64()), (Some("login_error"), Some(5)), "{err}");
+    ws.expect_close(1008);
+    // The token twice (query and subprotocol): 400.
+    let offer = format!("Sec-WebSocket-Protocol: switchboard.token.{}", token("carol"));
+    let r = http(addr, upgrade(&query_path("carol"), &[&offer]));
+    assert_eq!(r.head.status, 400);
+}
+
+#[test]
 fn first_message_login_and_the_session_rules() {
     let (_s, addr) = start_ws(ws_config());
     let mut ws = Ws::anon(addr);

@@ -560,6 +560,11 @@ pub mod handshake {
     /// Longest method named in an error message.
     const MAX_METHOD_IN_ERROR: usize = 16;
 
+    /// An offered subprotocol starting with this carries the login token
+    /// (`switchboard.token.<JWT>`: a JWT's characters are all allowed in a
+    /// subprotocol name).
+    pub const TOKEN_PROTOCOL_PREFIX: &str = "switchboard.token.";
+
     /// A valid upgrade request.
     #[derive(Clone, Debug, PartialEq, Eq)]
     pub struct Handshake {
@@ -567,12 +572,15 @@ pub mod handshake {
         pub path: String,
         /// `user` query parameter, percent-decoded; 1–255 bytes when present.
         pub user: Option<String>,
-        /// `token` query parameter, percent-decoded.
+        /// The login token: the `token` query parameter, percent-decoded,
+        /// or an offered subprotocol `switchboard.token.<token>` (never
+        /// echoed back, and not listed in `protocols`), for clients that
+        /// keep tokens out of URLs (and so out of proxy logs).
         pub token: Option<String>,
         /// The `Origin` header, as sent (browsers always send one).
         pub origin: Option<String>,
         /// Sub-protocols offered (`Sec-WebSocket-Protocol`), in the client's
-        /// order of preference.
+        /// order of preference, without a token entry.
         pub protocols: Vec<String>,
         /// The `Sec-WebSocket-Key`, trimmed.
         pub key: String,
@@ -584,8 +592,9 @@ pub mod handshake {
             accept_key(&self.key)
         }
 
-        /// A LOGIN built from the query parameters, when both are present:
-        /// the server can log the connection in without a first message.
+        /// A LOGIN built from the `user` query parameter and the token
+        /// (query or subprotocol), when both are present: the server can log
+        /// the connection in without a first message.
         pub fn login(&self) -> Option<Frame<'_>> {
             match (&self.user, &self.token) {
                 (Some(user), Some(token)) => Some(Frame::Login { user, token: token.as_bytes() }),
@@ -627,6 +636,8 @@ pub mod handshake {
         DuplicateHeader(&'static str),
         #[error("header {0} is not valid UTF-8")]
         BadHeader(&'static str),
+        #[error("the login token is given twice (token query parameter, switchboard.token. subprotocols)")]
+        TwoTokens,
         #[error("query parameter {0} is malformed, repeated or out of range")]
         BadQuery(&'static str),
     }
@@ -765,7 +776,8 @@ pub mod handshake {
     /// Checks, in order: method GET (405), no `Upgrade` header → NotUpgrade,
     /// HTTP/1.1 (505), `Upgrade` lists `websocket`, `Connection` lists
     /// `upgrade`, `Sec-WebSocket-Version: 13` (426), `Sec-WebSocket-Key` is
-    /// base64 of 16 bytes, then Origin, protocols and the query (400).
+    /// base64 of 16 bytes, then Origin, protocols and the query (400, also
+    /// for a token given twice).
     /// `Host` is not checked.
     pub fn parse_request(buf: &[u8], max_head: usize) -> Result<Option<(Handshake, usize)>, HandshakeError> {
         let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
@@ -814,11 +826,25 @@ pub mod handshake {
             None => None,
         };
         let mut protocols = Vec::new();
+        let mut protocol_token = None;
         for v in header_values(headers, "Sec-WebSocket-Protocol") {
             let v = utf8(v, "Sec-WebSocket-Protocol")?;
-            protocols.extend(v.split(',').map(str::trim).filter(|p| !p.is_empty()).map(str::to_owned));
+            for p in v.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+                match p.strip_prefix(TOKEN_PROTOCOL_PREFIX) {
+                    Some(_) if protocol_token.is_some() => return Err(HandshakeError::TwoTokens),
+                    Some(t) => protocol_token = Some(t.to_owned()),
+                    None => protocols.push(p.to_owned()),
+                }
+            }
         }
-        let (user, token) = parse_query(query)?;
+        let (user, mut token) = parse_query(query)?;
+        if let Some(t) = protocol_token {
+            if token.is_some() {
+                // Which one was meant would be a guess: refuse.
+                return Err(HandshakeError::TwoTokens);
+            }
+            token = Some(t);
+        }
         Ok(Some((Handshake { path: path.to_owned(), user, token, origin, protocols, key }, n)))
     }
 
@@ -1077,6 +1103,39 @@ pub mod handshake {
             assert_eq!(q("/?user="), Err(HandshakeError::BadQuery("user")));
             assert_eq!(q(&format!("/?user={}", "u".repeat(256))), Err(HandshakeError::BadQuery("user")));
             assert_eq!(HandshakeError::BadQuery("user").status(), 400);
+        }
+
+        #[test]
+        fn a_token_may_come_as_a_subprotocol_and_is_never_offered_back() {
+            let with = |target: &str, protocol_lines: &[&str]| {
+                let mut lines = good();
+                lines.extend_from_slice(protocol_lines);
+                let mut r = format!("GET {target} HTTP/1.1\r\n").into_bytes();
+                r.extend_from_slice(&request(&lines)[b"GET /ws?user=alice&token=a.b.c HTTP/1.1\r\n".len()..]);
+                parse(&r).map(|o| o.map(|(h, _)| h))
+            };
+            let hs = with("/?user=alice", &["Sec-WebSocket-Protocol: switchboard.v1.json, switchboard.token.x.y-z_"])
+                .unwrap()
+                .unwrap();
+            assert_eq!(hs.token.as_deref(), Some("x.y-z_"));
+            assert_eq!(hs.protocols, vec!["switchboard.v1.json".to_string()], "the token is not a protocol to choose");
+            assert_eq!(hs.login(), Some(Frame::Login { user: "alice", token: b"x.y-z_" }));
+            // Only a token offered: no protocol left, so the default applies.
+            let hs = with("/?user=alice", &["Sec-WebSocket-Protocol: switchboard.token.t"]).unwrap().unwrap();
+            assert!(hs.protocols.is_empty());
+            assert_eq!(hs.login(), Some(Frame::Login { user: "alice", token: b"t" }));
+            // Without a user there is no login at the upgrade.
+            let hs = with("/", &["Sec-WebSocket-Protocol: switchboard.token.t"]).unwrap().unwrap();
+            assert_eq!(hs.login(), None);
+            // Twice is refused, whichever way.
+            let two = with("/?user=a&token=q", &["Sec-WebSocket-Protocol: switchboard.token.t"]);
+            assert_eq!(two, Err(HandshakeError::TwoTokens));
+            let two = with(
+                "/?user=a",
+                &["Sec-WebSocket-Protocol: switchboard.token.t", "Sec-WebSocket-Protocol: switchboard.token.u"],
+            );
+            assert_eq!(two, Err(HandshakeError::TwoTokens));
+            assert_eq!(HandshakeError::TwoTokens.status(), 400);
         }
 
         #[test]
