@@ -560,6 +560,8 @@ fn handshake_refusals_have_the_right_status() {
     let (_s, addr) = start_ws(ws_config());
     let cases: Vec<(&str, String, u16)> = vec![
         ("missing key", request("GET /ws HTTP/1.1", &headers_without("Sec-WebSocket-Key", &[])), 400),
+        // RFC 6455 §4.2.1 item 2.
+        ("missing Host", request("GET /ws HTTP/1.1", &headers_without("Host", &[])), 400),
         (
             "key not 16 bytes",
             request("GET /ws HTTP/1.1", &headers_without("Sec-WebSocket-Key", &["Sec-WebSocket-Key: c2hvcnQ="])),

@@ -628,6 +628,8 @@ pub mod handshake {
         NoConnectionUpgrade,
         #[error("missing or unsupported Sec-WebSocket-Version (this server speaks 13)")]
         UnsupportedVersion,
+        #[error("missing Host header")]
+        MissingHost,
         #[error("missing Sec-WebSocket-Key")]
         MissingKey,
         #[error("Sec-WebSocket-Key is not base64 of 16 bytes")]
@@ -776,9 +778,8 @@ pub mod handshake {
     /// Checks, in order: method GET (405), no `Upgrade` header → NotUpgrade,
     /// HTTP/1.1 (505), `Upgrade` lists `websocket`, `Connection` lists
     /// `upgrade`, `Sec-WebSocket-Version: 13` (426), `Sec-WebSocket-Key` is
-    /// base64 of 16 bytes, then Origin, protocols and the query (400, also
-    /// for a token given twice).
-    /// `Host` is not checked.
+    /// base64 of 16 bytes, one `Host`, then Origin, protocols and the query
+    /// (400, also for a token given twice).
     pub fn parse_request(buf: &[u8], max_head: usize) -> Result<Option<(Handshake, usize)>, HandshakeError> {
         let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let mut req = httparse::Request::new(&mut headers);
@@ -821,6 +822,12 @@ pub mod handshake {
         }
         // Base64 is ASCII.
         let key = utf8(key, "Sec-WebSocket-Key")?.to_owned();
+        // RFC 6455 §4.2.1 item 2 and HTTP/1.1: exactly one Host. Its value
+        // is not compared with our address (behind a proxy it names the
+        // proxy's).
+        if single(headers, "Host")?.is_none() {
+            return Err(HandshakeError::MissingHost);
+        }
         let origin = match single(headers, "Origin")? {
             Some(v) => Some(utf8(v, "Origin")?.trim().to_owned()),
             None => None,
@@ -1103,6 +1110,17 @@ pub mod handshake {
             assert_eq!(q("/?user="), Err(HandshakeError::BadQuery("user")));
             assert_eq!(q(&format!("/?user={}", "u".repeat(256))), Err(HandshakeError::BadQuery("user")));
             assert_eq!(HandshakeError::BadQuery("user").status(), 400);
+        }
+
+        #[test]
+        fn exactly_one_host_is_required() {
+            let without = b"GET / HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
+            let err = parse(without).unwrap_err();
+            assert_eq!((err.clone(), err.status()), (HandshakeError::MissingHost, 400));
+            let mut lines = good();
+            lines.push("Host: again.example");
+            assert_eq!(parse(&request(&lines)).unwrap_err(), HandshakeError::DuplicateHeader("Host"));
         }
 
         #[test]
