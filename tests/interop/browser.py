@@ -26,9 +26,9 @@ and exits 1. Every wait is bounded.
 """
 
 import json
-import sys
 import time
 
+import wslib
 from wslib import Fail, connect, say
 
 WAIT_S = 15.0
@@ -197,11 +197,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv)
-    except Fail as e:
-        print(f"FAIL: {e}", file=sys.stderr, flush=True)
-        sys.exit(1)
-    except Exception as e:
-        print(f"FAIL: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
-        sys.exit(1)
+    wslib.run(main)

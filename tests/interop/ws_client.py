@@ -19,7 +19,6 @@ cannot hang even if the server never answers.
 import contextlib
 import json
 import struct
-import sys
 import time
 import urllib.parse
 
@@ -205,11 +204,4 @@ def scenario(argv, open_ws):
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv)
-    except Fail as e:
-        print(f"FAIL: {e}", file=sys.stderr, flush=True)
-        sys.exit(1)
-    except Exception as e:  # connection refused, closed by the server, ...
-        print(f"FAIL: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
-        sys.exit(1)
+    wslib.run(main)

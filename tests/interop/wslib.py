@@ -34,3 +34,16 @@ def connect(url, open_timeout, close_timeout, **kw):
     if "ping_interval" in params:
         kw["ping_interval"] = None
     return ws_connect(url, **kw)
+
+
+def run(main):
+    """Runs `main(sys.argv)`; any failure is one `FAIL: ...` line on stderr
+    and exit status 1, which the Rust test reports."""
+    try:
+        main(sys.argv)
+    except Fail as e:
+        print(f"FAIL: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    except Exception as e:  # connection refused, closed by the server, ...
+        print(f"FAIL: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
