@@ -159,6 +159,8 @@ pub(crate) struct Worker {
     /// accept in flight can still hand over a connection after the
     /// listener is shut (dropping it unread would reset the client).
     accepting: Cell<u32>,
+    /// State of the generator behind the drain's reconnect hints.
+    hint_rng: Cell<u64>,
     /// The poller saw the mailbox eventfd fire; the mailbox loop's waker.
     mailbox_ready: Cell<bool>,
     mailbox_waker: Cell<Option<std::task::Waker>>,
@@ -229,6 +231,7 @@ impl Worker {
             drain_started: Cell::new(false),
             drained: Cell::new(false),
             accepting: Cell::new(0),
+            hint_rng: Cell::new((id.0 as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)),
             mailbox_ready: Cell::new(false),
             mailbox_waker: Cell::new(None),
             shared,
@@ -789,6 +792,23 @@ impl Worker {
             max_frame_bytes: cfg.limits.max_frame_bytes as u32,
         };
         self.reply(slot, generation, ok.to_bytes().expect("fixed-size frame"));
+        // Logged in while draining (it was logging in when the drain began,
+        // or its accept completed as the listener was shut): its attempt
+        // succeeded; now it gets the same CLOSE as everyone else.
+        if self.shared.draining.load(Ordering::Acquire) {
+            self.begin_close(slot, generation, CloseCode::GoingAway, &self.going_away());
+        }
+    }
+
+    /// The drain's CLOSE reason, with a reconnect hint drawn below
+    /// `drain.reconnect_jitter_ms` (xorshift: spread, not secrecy).
+    fn going_away(&self) -> String {
+        let mut r = self.hint_rng.get();
+        r ^= r << 13;
+        r ^= r >> 7;
+        r ^= r << 17;
+        self.hint_rng.set(r);
+        format!("server going away; reconnect_ms={}", r % self.shared.config.drain.reconnect_jitter_ms.max(1))
     }
 
     fn fail_login(self: &Rc<Self>, slot: u32, generation: u32, code: u16, reason: &str) {
@@ -1771,22 +1791,13 @@ async fn drain(w: Rc<Worker>) {
         sys::shutdown(w.ws_listener_fd.get(), libc::SHUT_RDWR);
     }
     // Logged-in connections only: one still logging in gets its LOGIN_OK
-    // first (its attempt succeeded), and its CLOSE from the sweep below.
+    // first (its attempt succeeded), and its CLOSE right after (on_login).
     let ids: Vec<(u32, u32)> =
         w.conns.borrow().iter().filter(|(_, c)| c.session.is_active()).map(|(s, c)| (s as u32, c.generation)).collect();
     // At least 1,000 closes per second: a worker with few connections does
     // not sit out the whole window.
     let window = Duration::from_millis(cfg.drain.window_ms.min(ids.len() as u64));
     let t0 = std::time::Instant::now();
-    let jitter = cfg.drain.reconnect_jitter_ms.max(1);
-    let mut rng = (w.id.0 as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ t0.elapsed().as_nanos() as u64;
-    // The CLOSE reason with a reconnect hint drawn below the jitter.
-    let mut going_away = move || {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        format!("server going away; reconnect_ms={}", rng % jitter)
-    };
     let mut done = 0;
     while done < ids.len() {
         // Everyone whose share of the window has come.
@@ -1797,7 +1808,7 @@ async fn drain(w: Rc<Worker>) {
         };
         while done < due.min(ids.len()) {
             let (slot, generation) = ids[done];
-            w.begin_close(slot, generation, CloseCode::GoingAway, &going_away());
+            w.begin_close(slot, generation, CloseCode::GoingAway, &w.going_away());
             done += 1;
         }
         w.flush_dirty();
@@ -1808,25 +1819,21 @@ async fn drain(w: Rc<Worker>) {
     let deadline = std::time::Instant::now() + Duration::from_millis(cfg.timeouts.close_linger_ms);
     while (w.connection_count() > 0 || w.accepting.get() > 0) && std::time::Instant::now() < deadline {
         monoio::time::sleep(Duration::from_millis(5)).await;
-        // Connections that were logging in when the list above was taken,
-        // and those from an accept that completed just as the listener was
-        // shut: log them in like any other, then send them the same CLOSE
-        // (left unclosed until the process exits, a LOGIN the server never
-        // read would turn that exit into a reset). One still logging in at
-        // the deadline is closed too.
-        let last = std::time::Instant::now() + Duration::from_millis(5) >= deadline;
-        let late: Vec<(u32, u32)> = w
-            .conns
-            .borrow()
-            .iter()
-            .filter(|(_, c)| c.session.phase() != Phase::Closing && (last || c.session.is_active()))
-            .map(|(s, c)| (s as u32, c.generation))
-            .collect();
-        for (slot, generation) in late {
-            w.begin_close(slot, generation, CloseCode::GoingAway, &going_away());
-        }
-        w.flush_dirty();
     }
+    // Connections still not logged in at the deadline get the CLOSE too
+    // (left open until the process exits, a LOGIN the server never read
+    // would turn that exit into a reset).
+    let stragglers: Vec<(u32, u32)> = w
+        .conns
+        .borrow()
+        .iter()
+        .filter(|(_, c)| c.session.phase() != Phase::Closing)
+        .map(|(s, c)| (s as u32, c.generation))
+        .collect();
+    for (slot, generation) in stragglers {
+        w.begin_close(slot, generation, CloseCode::GoingAway, &w.going_away());
+    }
+    w.flush_dirty();
     w.drained.set(true);
     w.mailbox_ready.set(true);
     if let Some(waker) = w.mailbox_waker.take() {
