@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use crate::proto::frame::{decode, Frame, PROTOCOL_MAX_FRAME_BYTES};
 use crate::proto::wire::SUBPROTOCOL_BINARY;
-use crate::proto::ws::apply_mask;
+use crate::proto::ws::{apply_mask, frame_header, Opcode};
 use crate::JwtHs256;
 use base64::Engine;
 use bytes::Bytes;
@@ -74,20 +74,14 @@ pub const DEFAULT_WS_PATH: &str = "/?user={user}&token={token}";
 /// Largest WebSocket payload the loader accepts from a server.
 const MAX_WS_PAYLOAD: usize = 16 << 20;
 
-/// A masked client→server WebSocket frame (FIN set) carrying `payload`.
-pub fn ws_client_frame(opcode: u8, payload: &[u8], key: [u8; 4]) -> Vec<u8> {
-    let len = payload.len();
-    let mut v = Vec::with_capacity(len + 14);
-    v.push(0x80 | (opcode & 0x0f));
-    if len <= 125 {
-        v.push(0x80 | len as u8);
-    } else if len <= u16::MAX as usize {
-        v.push(0x80 | 126);
-        v.extend_from_slice(&(len as u16).to_be_bytes());
-    } else {
-        v.push(0x80 | 127);
-        v.extend_from_slice(&(len as u64).to_be_bytes());
-    }
+/// A masked client→server WebSocket frame (FIN set) carrying `payload`:
+/// the server-side header layout with the mask bit set, the key, then the
+/// masked payload.
+pub fn ws_client_frame(opcode: Opcode, payload: &[u8], key: [u8; 4]) -> Vec<u8> {
+    let (mut h, n) = frame_header(opcode, true, payload.len());
+    h[1] |= 0x80;
+    let mut v = Vec::with_capacity(n + 4 + payload.len());
+    v.extend_from_slice(&h[..n]);
     v.extend_from_slice(&key);
     let start = v.len();
     v.extend_from_slice(payload);
@@ -133,7 +127,7 @@ fn ws_server_frame(d: &[u8]) -> Result<Option<WsFrame>, String> {
 /// `raw` as this transport sends it: itself, or a masked binary message.
 fn wrap(transport: Transport, rng: &mut u64, raw: Bytes) -> Bytes {
     if transport.is_websocket() {
-        Bytes::from(ws_client_frame(0x2, &raw, (xorshift(rng) as u32).to_ne_bytes()))
+        Bytes::from(ws_client_frame(Opcode::Binary, &raw, (xorshift(rng) as u32).to_ne_bytes()))
     } else {
         raw
     }
@@ -534,7 +528,7 @@ impl Loader {
                     }
                 }
                 0x9 => {
-                    let pong = ws_client_frame(0xA, payload, (xorshift(&mut self.rng) as u32).to_ne_bytes());
+                    let pong = ws_client_frame(Opcode::Pong, payload, (xorshift(&mut self.rng) as u32).to_ne_bytes());
                     let _ = self.conns[i].stream.write(&pong);
                     self.pongs += 1;
                 }
@@ -845,7 +839,7 @@ mod tests {
     fn client_frames_are_masked_and_the_server_decoder_reads_them() {
         for len in [0usize, 5, 125, 126, 1000, 65_535, 65_536, 70_000] {
             let payload: Vec<u8> = (0..len).map(|i| (i * 7) as u8).collect();
-            let mut f = ws_client_frame(0x2, &payload, [1, 2, 3, 4]);
+            let mut f = ws_client_frame(Opcode::Binary, &payload, [1, 2, 3, 4]);
             assert_ne!(f[1] & 0x80, 0, "MASK bit set");
             let mut dec = Decoder::new(1 << 20);
             match dec.decode(&mut f).expect("valid frame") {
@@ -856,7 +850,7 @@ mod tests {
                 other => panic!("len {len}: {other:?}"),
             }
         }
-        let mut pong = ws_client_frame(0xA, b"hb", [9, 9, 9, 9]);
+        let mut pong = ws_client_frame(Opcode::Pong, b"hb", [9, 9, 9, 9]);
         assert!(matches!(Decoder::new(1024).decode(&mut pong), Ok(Some((WsEvent::Pong(b"hb"), _)))));
     }
 
@@ -878,7 +872,7 @@ mod tests {
         }
         let w = ws_server_frame(&ping_frame(b"x")).unwrap().unwrap();
         assert_eq!((w.opcode, w.payload.len()), (0x9, 1));
-        let masked = ws_client_frame(0x2, b"abc", [1, 1, 1, 1]);
+        let masked = ws_client_frame(Opcode::Binary, b"abc", [1, 1, 1, 1]);
         assert!(ws_server_frame(&masked).is_err(), "a server must not mask");
     }
 }
