@@ -65,5 +65,5 @@ fn main() {
 
     let h = server.handle();
     println!("online: alice={} connections={}", h.is_online("alice"), h.connection_count());
-    server.shutdown(); // CLOSE 1001 to every client, then the workers exit
+    server.shutdown().expect("no worker died"); // CLOSE 1001 to every client, then the workers exit
 }

@@ -3,6 +3,7 @@
 # Installs the tools the interoperability tests drive (Chromium, python3 and
 # its `websockets` package, for tests/ws_interop.rs) when they are missing,
 # then runs `cargo test` (arguments are passed on, e.g. a test filter).
+# Runs clippy (zero warnings) first.
 # Idempotent: on a machine that has everything it installs nothing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -46,5 +47,9 @@ if ! python3 -c 'import websockets.sync.client' >/dev/null 2>&1; then
   PIP_BREAK_SYSTEM_PACKAGES=1 PIP_ROOT_USER_ACTION=ignore \
     python3 -m pip install --quiet --disable-pip-version-check --no-warn-script-location --upgrade websockets
 fi
+
+# Lints are part of the suite: zero clippy warnings on every target of the
+# workspace (the server, its tests, benches and examples, the tokio baseline).
+cargo clippy --workspace --all-targets --quiet -- -D warnings
 
 exec cargo test "$@"

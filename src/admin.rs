@@ -138,7 +138,7 @@ fn read_request(r: &mut BufReader<TcpStream>, token: Option<&str>) -> io::Result
             len = std::str::from_utf8(h.value).ok().and_then(|v| v.trim().parse().ok()).unwrap_or(usize::MAX);
         } else if h.name.eq_ignore_ascii_case("authorization") {
             if let Some(t) = token {
-                authorized = h.value == format!("Bearer {t}").as_bytes();
+                authorized = h.value.strip_prefix(b"Bearer ").is_some_and(|v| token_matches(v, t.as_bytes()));
             }
         } else if h.name.eq_ignore_ascii_case("connection") {
             close = h.value.eq_ignore_ascii_case(b"close");
@@ -167,6 +167,18 @@ fn read_request(r: &mut BufReader<TcpStream>, token: Option<&str>) -> io::Result
         body,
         close: close || req.version == Some(0),
     }))
+}
+
+/// Compares a presented token with the configured one in time that does
+/// not depend on where they differ (or on their lengths): both are hashed
+/// with SHA-256 and the digests compared without an early exit, so timing
+/// the answers cannot recover the token byte by byte.
+fn token_matches(presented: &[u8], expected: &[u8]) -> bool {
+    use sha2::{Digest, Sha256};
+    let (a, b) = (Sha256::digest(presented), Sha256::digest(expected));
+    let diff = a.iter().zip(b.iter()).fold(0u8, |acc, (x, y)| acc | (x ^ y));
+    // black_box: the optimiser may not turn the fold into an early exit.
+    std::hint::black_box(diff) == 0
 }
 
 fn param<'a>(q: &'a [(String, String)], name: &str) -> Option<&'a str> {
@@ -301,6 +313,18 @@ fn serve_conn(stream: TcpStream, h: &Handle, token: Option<&str>, bench: bool, s
 #[cfg(test)]
 mod tests {
     use super::percent_decode;
+
+    #[test]
+    fn token_comparison_accepts_only_the_exact_token() {
+        use super::token_matches;
+        let t = b"0123456789abcdef-admin";
+        assert!(token_matches(t, t));
+        assert!(!token_matches(b"0123456789abcdef-admin ", t), "longer");
+        assert!(!token_matches(b"0123456789abcdef-admi", t), "a prefix");
+        assert!(!token_matches(b"1123456789abcdef-admin", t), "first byte differs");
+        assert!(!token_matches(b"0123456789abcdef-admiN", t), "last byte differs");
+        assert!(!token_matches(b"", t));
+    }
 
     #[test]
     fn percent_decoding() {

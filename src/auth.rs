@@ -21,7 +21,7 @@ use crate::proto::codes::LoginErrorCode;
 /// Largest token accepted, in bytes. A JWT with a short `sub` is ~150 bytes;
 /// this leaves room for application claims while bounding the work a
 /// hostile LOGIN can cause.
-pub const MAX_TOKEN_BYTES: usize = 4096;
+pub const MAX_TOKEN_BYTES: usize = crate::proto::frame::MAX_LOGIN_TOKEN_BYTES;
 
 /// Why a login was refused.
 #[derive(Clone, Debug, PartialEq, Eq, Error)]

@@ -22,6 +22,9 @@ use crate::proto::session::Timeouts;
 /// tokens with it, so the server refuses to use it on a non-loopback address.
 pub const DEV_JWT_SECRET: &str = "switchboard-dev-secret-do-not-use-in-production";
 
+/// Shortest `admin.token` accepted.
+pub const MIN_ADMIN_TOKEN_BYTES: usize = 16;
+
 /// Environment variable that overrides `auth.jwt_secret`.
 pub const JWT_SECRET_ENV: &str = "SWITCHBOARD_JWT_SECRET";
 
@@ -105,6 +108,20 @@ pub struct ServerConfig {
     pub share_listen_port: bool,
 }
 
+impl ServerConfig {
+    /// Workers to start on a host where the process may run on `cpus`
+    /// CPUs: `workers`, or with 0 one per CPU, never more than
+    /// [`MAX_WORKERS`] (an explicit count above it is a config error; a
+    /// larger host gets `MAX_WORKERS` workers).
+    pub fn worker_count(&self, cpus: usize) -> usize {
+        if self.workers == 0 {
+            cpus.clamp(1, MAX_WORKERS)
+        } else {
+            self.workers
+        }
+    }
+}
+
 impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
@@ -157,6 +174,12 @@ pub struct TimeoutConfig {
     pub idle_timeout_ms: u64,
     /// After sending CLOSE, wait this long for the peer to close.
     pub close_linger_ms: u64,
+    /// A frame, or a fragmented WebSocket message, must arrive whole within
+    /// this long of the read that left it incomplete; else the connection
+    /// is closed (1008). Bounds how long a client can make the server hold
+    /// a partial frame, e.g. by pinging between the fragments of a message
+    /// it never finishes.
+    pub message_timeout_ms: u64,
 }
 
 impl Default for TimeoutConfig {
@@ -167,6 +190,7 @@ impl Default for TimeoutConfig {
             heartbeat_interval_ms: 240_000,
             idle_timeout_ms: 300_000,
             close_linger_ms: 2_000,
+            message_timeout_ms: 30_000,
         }
     }
 }
@@ -204,6 +228,14 @@ pub struct LimitsConfig {
     pub max_conns_per_user: usize,
     /// `close` or `drop_oldest` when an outbound queue is full.
     pub slow_consumer: SlowConsumer,
+    /// Bytes one worker may hold in incomplete frames and WebSocket
+    /// reassembly buffers, over all its connections. An idle connection
+    /// holds none; a connection mid-frame holds what it has sent so far.
+    /// Past the budget, the connection that has held an incomplete frame
+    /// longest is closed (1013, try again later), until the rest fits.
+    /// Bounds what clients that start frames and never finish them can
+    /// make the server hold: workers × this, at most.
+    pub partial_bytes_per_worker: usize,
 }
 
 impl Default for LimitsConfig {
@@ -215,6 +247,7 @@ impl Default for LimitsConfig {
             mailbox_capacity: 65_536,
             max_conns_per_user: 16,
             slow_consumer: SlowConsumer::Close,
+            partial_bytes_per_worker: 64 << 20,
         }
     }
 }
@@ -457,17 +490,17 @@ impl Config {
             .map_err(|_| invalid("server.listen", format!("{:?} is not an IP:port address", self.server.listen)))
     }
 
-    /// The JWT secret in force and whether it is the development one.
+    /// The JWT secret in force and whether it is the development one: unset
+    /// (the built-in default), or that published value given explicitly in
+    /// the config or the environment, which is just as public.
     pub fn jwt_secret(&self) -> (String, bool) {
-        if let Some(s) = &self.auth.jwt_secret {
-            return (s.clone(), false);
-        }
-        if let Ok(s) = std::env::var(JWT_SECRET_ENV) {
-            if !s.is_empty() {
-                return (s, false);
-            }
-        }
-        (DEV_JWT_SECRET.to_string(), true)
+        let secret = match (&self.auth.jwt_secret, std::env::var(JWT_SECRET_ENV)) {
+            (Some(s), _) => s.clone(),
+            (None, Ok(s)) if !s.is_empty() => s,
+            _ => DEV_JWT_SECRET.to_string(),
+        };
+        let dev = secret == DEV_JWT_SECRET;
+        (secret, dev)
     }
 
     /// Session timeouts converted to wheel ticks: rounded up, plus one tick,
@@ -482,7 +515,16 @@ impl Config {
             heartbeat: ticks(t.heartbeat_interval_ms),
             idle: ticks(t.idle_timeout_ms),
             linger: ticks(t.close_linger_ms),
+            message: ticks(t.message_timeout_ms),
         }
+    }
+
+    /// The smallest `limits.partial_bytes_per_worker` accepted: room for
+    /// four of the largest frames or messages a client may send (one
+    /// connection mid-message holds up to about three: the frame being read,
+    /// grown by doubling, and the fragments so far).
+    pub fn min_partial_bytes_per_worker(&self) -> usize {
+        4 * self.limits.max_frame_bytes.max(self.websocket.message_limit(self.limits.max_frame_bytes))
     }
 
     /// Checks every value and the relations between them.
@@ -516,6 +558,7 @@ impl Config {
             ("timeouts.heartbeat_interval_ms", t.heartbeat_interval_ms),
             ("timeouts.idle_timeout_ms", t.idle_timeout_ms),
             ("timeouts.close_linger_ms", t.close_linger_ms),
+            ("timeouts.message_timeout_ms", t.message_timeout_ms),
         ] {
             if v < t.tick_ms {
                 return Err(invalid(
@@ -567,6 +610,17 @@ impl Config {
         if !(16..=1 << 24).contains(&l.mailbox_capacity) {
             return Err(invalid("limits.mailbox_capacity", "must be between 16 and 16777216"));
         }
+        let min_partial = self.min_partial_bytes_per_worker();
+        if l.partial_bytes_per_worker < min_partial {
+            return Err(invalid(
+                "limits.partial_bytes_per_worker",
+                format!(
+                    "is {}, must be at least {min_partial}: four of the largest messages a client may send \
+                     (websocket.max_message_bytes or limits.max_frame_bytes)",
+                    l.partial_bytes_per_worker
+                ),
+            ));
+        }
         if l.max_conns_per_user == 0 || l.max_conns_per_user > 1024 {
             return Err(invalid("limits.max_conns_per_user", "must be between 1 and 1024"));
         }
@@ -575,7 +629,7 @@ impl Config {
             return Err(invalid(
                 "auth.jwt_secret",
                 format!(
-                    "is not set, and the built-in development secret is only allowed on loopback addresses (server.listen is {addr}); set auth.jwt_secret or {JWT_SECRET_ENV}"
+                    "is the built-in development secret (unset, or set to that published value), which is only allowed on loopback addresses (server.listen is {addr}); set auth.jwt_secret or {JWT_SECRET_ENV} to a secret of your own"
                 ),
             ));
         }
@@ -595,6 +649,14 @@ impl Config {
         if self.rooms.max_rooms == 0 {
             return Err(invalid("rooms.max_rooms", "must be at least 1"));
         }
+        if let Some(t) = &self.admin.token {
+            if t.len() < MIN_ADMIN_TOKEN_BYTES {
+                return Err(invalid(
+                    "admin.token",
+                    format!("is {} bytes, must be at least {MIN_ADMIN_TOKEN_BYTES} (a guessable token guards nothing, on loopback too)", t.len()),
+                ));
+            }
+        }
         if !self.admin.listen.is_empty() {
             let a: SocketAddr = self.admin.listen.parse().map_err(|_| {
                 invalid(
@@ -602,7 +664,7 @@ impl Config {
                     format!("{:?} is not an IP:port address (or empty to disable)", self.admin.listen),
                 )
             })?;
-            if !a.ip().is_loopback() && self.admin.token.as_deref().unwrap_or("").len() < 16 {
+            if !a.ip().is_loopback() && self.admin.token.is_none() {
                 return Err(invalid(
                     "admin.token",
                     format!("must be set (16 bytes or more) when admin.listen ({a}) is not a loopback address"),
@@ -621,7 +683,7 @@ impl Config {
                 return Err(invalid(
                     "auth.jwt_secret",
                     format!(
-                        "is not set, and the built-in development secret is only allowed on loopback addresses (websocket.listen is {a}); set auth.jwt_secret or {JWT_SECRET_ENV}"
+                        "is the built-in development secret (unset, or set to that published value), which is only allowed on loopback addresses (websocket.listen is {a}); set auth.jwt_secret or {JWT_SECRET_ENV} to a secret of your own"
                     ),
                 ));
             }
@@ -680,6 +742,40 @@ mod tests {
         assert!(e.contains("auth.jwt_secret"), "{e}");
         assert!(Config::from_toml("[server]\nlisten = \"0.0.0.0:7700\"\n[auth]\njwt_secret = \"0123456789abcdef\"\n")
             .is_ok());
+    }
+
+    #[test]
+    fn detected_worker_counts_stay_within_the_connection_id() {
+        let auto = ServerConfig { workers: 0, ..ServerConfig::default() };
+        assert_eq!(auto.worker_count(2), 2);
+        assert_eq!(auto.worker_count(0), 1);
+        assert_eq!(auto.worker_count(300), MAX_WORKERS, "300 CPUs: 256 workers, no wrapped worker id");
+        let explicit = ServerConfig { workers: 8, ..ServerConfig::default() };
+        assert_eq!(explicit.worker_count(300), 8);
+        let too_many = format!("[server]\nworkers = {}\n", MAX_WORKERS + 1);
+        assert!(Config::from_toml(&too_many).unwrap_err().to_string().contains("server.workers"));
+    }
+
+    #[test]
+    fn the_development_secret_is_refused_off_loopback_however_it_is_given() {
+        let explicit = format!("[server]\nlisten = \"0.0.0.0:7700\"\n[auth]\njwt_secret = \"{DEV_JWT_SECRET}\"\n");
+        let e = Config::from_toml(&explicit).unwrap_err().to_string();
+        assert!(e.contains("auth.jwt_secret") && e.contains("development secret"), "{e}");
+        let ws = format!("[websocket]\nlisten = \"0.0.0.0:7710\"\n[auth]\njwt_secret = \"{DEV_JWT_SECRET}\"\n");
+        assert!(Config::from_toml(&ws).is_err());
+        let on_loopback = format!("[auth]\njwt_secret = \"{DEV_JWT_SECRET}\"\n");
+        let c = Config::from_toml(&on_loopback).unwrap();
+        assert!(c.jwt_secret().1, "an explicit development secret is still the development secret");
+    }
+
+    #[test]
+    fn admin_tokens_are_16_bytes_or_more_everywhere() {
+        let short = "[admin]\nlisten = \"127.0.0.1:7701\"\ntoken = \"short\"\n";
+        let e = Config::from_toml(short).unwrap_err().to_string();
+        assert!(e.contains("admin.token"), "{e}");
+        assert!(Config::from_toml("[admin]\nlisten = \"127.0.0.1:7701\"\ntoken = \"\"\n").is_err());
+        assert!(Config::from_toml("[admin]\nlisten = \"127.0.0.1:7701\"\ntoken = \"0123456789abcdef\"\n").is_ok());
+        assert!(Config::from_toml("[admin]\nlisten = \"0.0.0.0:7701\"\n").is_err(), "off loopback a token is required");
     }
 
     #[test]

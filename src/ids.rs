@@ -14,6 +14,14 @@ pub struct WorkerId(pub u8);
 /// a [`ConnId`].
 pub const MAX_WORKERS: usize = 256;
 
+impl WorkerId {
+    /// The id of worker `i`, or `None` past [`MAX_WORKERS`] (an index cast
+    /// to 8 bits would wrap, and two workers' connection ids would alias).
+    pub fn from_index(i: usize) -> Option<WorkerId> {
+        u8::try_from(i).ok().map(WorkerId)
+    }
+}
+
 /// Largest slot index a worker's connection table can hold: 24 bits of a
 /// [`ConnId`], about 16.7 million connections per worker.
 pub const MAX_SLOTS_PER_WORKER: usize = (1 << 24) - 1;
@@ -78,6 +86,14 @@ impl fmt::Display for ConnId {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn worker_ids_never_wrap() {
+        assert_eq!(WorkerId::from_index(0), Some(WorkerId(0)));
+        assert_eq!(WorkerId::from_index(MAX_WORKERS - 1), Some(WorkerId(255)));
+        assert_eq!(WorkerId::from_index(MAX_WORKERS), None, "worker 256 would alias worker 0");
+        assert_eq!(WorkerId::from_index(300), None);
+    }
 
     #[test]
     fn packs_and_unpacks() {

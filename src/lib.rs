@@ -47,6 +47,6 @@ pub use proto::codes::{CloseCode, ErrorCode, LoginErrorCode};
 pub use runtime::DriverKind;
 pub use server::{
     ClientMessage, ClientMessageKind, Handle, MessageHook, Published, PushError, Pushed, Server, ServerBuilder,
-    StartError,
+    ServerError, StartError,
 };
 pub use stats::Stats;

@@ -62,6 +62,18 @@ impl<T> Mailbox<T> {
         Ok(())
     }
 
+    /// Like [`Mailbox::push`], but a full mailbox hands the command back
+    /// (e.g. a connection's descriptor, which the caller still has to
+    /// answer).
+    pub fn offer(&self, cmd: T) -> Result<(), T> {
+        if let Err(cmd) = self.queue.push(cmd) {
+            self.full_count.fetch_add(1, Ordering::Relaxed);
+            return Err(cmd);
+        }
+        self.wake();
+        Ok(())
+    }
+
     /// Wakes the worker unless a wake is already pending.
     pub fn wake(&self) {
         if !self.notified.swap(true, Ordering::AcqRel) {

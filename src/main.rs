@@ -201,9 +201,17 @@ fn serve(
         tracing::warn!(signal = sig, "second signal: exiting now");
         std::process::exit(0);
     });
-    server.join();
-    tracing::info!("drained; exiting");
-    ExitCode::SUCCESS
+    match server.join() {
+        Ok(()) => {
+            tracing::info!("drained; exiting");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            tracing::error!("stopped: {e}");
+            eprintln!("switchboard: {e}");
+            ExitCode::from(1)
+        }
+    }
 }
 
 fn check(connections: u64, config: Option<PathBuf>) -> ExitCode {
@@ -214,14 +222,10 @@ fn check(connections: u64, config: Option<PathBuf>) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let workers = if cfg.server.workers == 0 {
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
-    } else {
-        cfg.server.workers
-    };
+    let workers = cfg.server.worker_count(std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
     let items = switchboard::limits::audit(connections, workers, cfg.server.listen_backlog);
     println!("switchboard check: {connections} connections, {workers} workers\n");
-    println!("{:<6} {:<30} {:<40} {}", "", "item", "have", "need");
+    println!("{:<6} {:<30} {:<40} need", "", "item", "have");
     for i in &items {
         println!("{:<6} {:<30} {:<40} {}", i.status.label(), i.name, i.have, i.need);
         if !i.fix.is_empty() {

@@ -58,9 +58,12 @@ pub fn check_room_name(name: &str) -> Result<(), RoomError> {
     Ok(())
 }
 
+/// One shard of the registry: room name → connections in it.
+type Shard = RwLock<HashMap<Arc<str>, u64>>;
+
 /// Server-wide room presence: connections per room, across workers.
 pub struct RoomRegistry {
-    shards: Box<[RwLock<HashMap<Arc<str>, u64>>]>,
+    shards: Box<[Shard]>,
     hasher: hashbrown::DefaultHashBuilder,
     rooms: AtomicUsize,
     max_rooms: usize,
@@ -78,7 +81,7 @@ impl RoomRegistry {
         }
     }
 
-    fn shard(&self, name: &str) -> &RwLock<HashMap<Arc<str>, u64>> {
+    fn shard(&self, name: &str) -> &Shard {
         &self.shards[(self.hasher.hash_one(name) >> 59) as usize % SHARDS]
     }
 

@@ -20,7 +20,7 @@ use crate::auth::{Authenticator, JwtHs256};
 use crate::config::{Config, ConfigError};
 use crate::directory::Directory;
 use crate::ids::ConnId;
-use crate::mailbox::{Full, Mailbox};
+use crate::mailbox::Mailbox;
 use crate::proto::codes::CloseCode;
 use crate::proto::frame::{Frame, MAX_USER_ID_BYTES};
 use crate::proto::session::Timeouts;
@@ -74,6 +74,10 @@ pub(crate) enum Command {
     /// worker's members of `room`, timed; the kernel's floor for a fan-out
     /// over the same sockets.
     SendCeiling { room: Arc<str>, frame: Bytes, reply: std::sync::mpsc::Sender<CeilingSample> },
+    /// Serve a connection another worker accepted but had no room for.
+    Adopt { fd: std::os::fd::OwnedFd, websocket: bool },
+    /// Tests of the supervision path only: panic in the worker.
+    Crash,
 }
 
 /// What one worker measured for [`Handle::bench_send_ceiling`].
@@ -113,6 +117,9 @@ pub(crate) struct Shared {
     /// The WebSocket address, when `websocket.listen` is set.
     pub ws_addr: Option<SocketAddr>,
     pub epoch: Instant,
+    /// The first worker that died, if one did: the server then stops, and
+    /// `Server::join` returns it.
+    pub failure: std::sync::Mutex<Option<ServerError>>,
 }
 
 impl Shared {
@@ -208,9 +215,8 @@ impl Handle {
         let conns = self.shared.directory.lookup(user);
         let mut queued = 0;
         for &c in &conns {
-            match self.shared.mailboxes[c.worker().0 as usize].push(cmd(c)) {
-                Ok(()) => queued += 1,
-                Err(Full) => {}
+            if self.shared.mailboxes[c.worker().0 as usize].push(cmd(c)).is_ok() {
+                queued += 1;
             }
         }
         if queued < conns.len() {
@@ -331,6 +337,15 @@ impl Handle {
         Ok((0..workers).filter_map(|_| rx.recv().ok()).collect())
     }
 
+    /// Tests of the supervision path only: makes worker `worker` panic, as
+    /// a bug would. The server then stops and [`Server::join`] returns the
+    /// error. Never call it in production.
+    #[doc(hidden)]
+    pub fn crash_worker_for_testing(&self, worker: usize) -> Result<(), PushError> {
+        let mb = self.shared.mailboxes.get(worker).ok_or(PushError::Full { queued: 0, targets: 1 })?;
+        mb.push(Command::Crash).map_err(|_| PushError::Full { queued: 0, targets: 1 })
+    }
+
     /// Closes every connection of `user` with close code 4003 (kicked).
     /// Returns how many connections were told to close.
     pub fn kick_user(&self, user: &str) -> Result<usize, PushError> {
@@ -446,6 +461,16 @@ impl Handle {
     pub fn is_ready(&self) -> bool {
         !self.is_shutting_down() && !self.is_draining()
     }
+}
+
+/// Why a running server stopped on its own, as [`Server::join`] reports it.
+#[derive(Clone, Debug, PartialEq, Eq, Error)]
+pub enum ServerError {
+    /// A worker thread panicked (a bug). Its connections were cut off (each
+    /// client saw its connection end) and the other workers shut down
+    /// gracefully.
+    #[error("worker {worker} died: {message}")]
+    WorkerDied { worker: usize, message: String },
 }
 
 /// Why the server did not start.
@@ -579,18 +604,27 @@ impl Server {
         self.admin.as_ref().map(|a| a.local_addr())
     }
 
-    /// Waits for the workers to exit (after [`Handle::shutdown`]).
-    pub fn join(mut self) {
-        for t in self.threads.drain(..) {
-            let _ = t.join();
+    /// Waits for the workers to exit: after [`Handle::shutdown`] or a
+    /// drain, or on their own when one of them died, which is the error.
+    pub fn join(mut self) -> Result<(), ServerError> {
+        for (worker, t) in self.threads.drain(..).enumerate() {
+            if t.join().is_err() {
+                // A panic past the worker's own supervision (in its clean-up).
+                let mut failure = self.handle.shared.failure.lock().unwrap_or_else(|e| e.into_inner());
+                failure.get_or_insert(ServerError::WorkerDied { worker, message: "panicked while stopping".into() });
+            }
         }
         self.admin = None;
+        match self.handle.shared.failure.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
     }
 
     /// Starts a graceful shutdown and waits for it to finish.
-    pub fn shutdown(self) {
+    pub fn shutdown(self) -> Result<(), ServerError> {
         self.handle.shutdown();
-        self.join();
+        self.join()
     }
 }
 

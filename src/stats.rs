@@ -89,6 +89,17 @@ counters! {
     ws_handshake_failures,
     /// Plain HTTP requests answered on the WebSocket port (demo page).
     http_requests,
+    /// Connections a full worker handed to a worker with room.
+    handed_off,
+    /// Panics caught in the application's code (message hook,
+    /// authenticator); each cost only the message or login it was called for.
+    hook_panics,
+    /// Connections closed because a frame or fragmented message was not
+    /// completed within `timeouts.message_timeout_ms` (1008).
+    message_timeouts,
+    /// Connections closed because their worker's budget for incomplete
+    /// frames ran out and they had held one longest (1013).
+    partial_budget_closes,
 }
 
 /// Per-worker counter blocks, each on its own cache line.

@@ -77,6 +77,6 @@ fn readiness_turns_off_at_shutdown() {
     let h = server.handle();
     h.shutdown();
     assert_eq!(http(a, "GET", "/readyz", b"", None).unwrap().0, 503);
-    server.join();
+    server.join().unwrap();
     assert!(http(a, "GET", "/healthz", b"", None).is_err(), "the admin listener goes with the server");
 }

@@ -76,14 +76,9 @@ proptest! {
         for p in points {
             buf.extend_from_slice(&stream[fed..p]);
             fed = p;
-            loop {
-                match decode(&buf, MAX).unwrap() {
-                    Some((f, n)) => {
-                        got.push(f.to_bytes().unwrap());
-                        buf.drain(..n);
-                    }
-                    None => break,
-                }
+            while let Some((f, n)) = decode(&buf, MAX).unwrap() {
+                got.push(f.to_bytes().unwrap());
+                buf.drain(..n);
             }
         }
         prop_assert!(buf.is_empty());

@@ -17,7 +17,7 @@ fn nofile_hard() -> u64 {
     let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: getrlimit fills the struct.
     unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) };
-    r.rlim_max as u64
+    r.rlim_max
 }
 
 fn check(connections: u64) -> (i32, String) {

@@ -628,7 +628,7 @@ fn handshake_head_over_the_limit_is_431() {
     let (_s, addr) = start_ws(cfg);
     // In one write.
     let pad = format!("X-Pad: {}", "a".repeat(1500));
-    let r = http(addr, &upgrade("/ws", &[&pad]));
+    let r = http(addr, upgrade("/ws", &[&pad]));
     assert_eq!(r.head.status, 431, "{}", r.body_text());
     // In pieces, none of which alone is over the limit, and no end in sight.
     let mut s = tcp(addr);
@@ -643,7 +643,7 @@ fn handshake_head_over_the_limit_is_431() {
     // Too many header fields, each short.
     let many: Vec<String> = (0..70).map(|i| format!("X-{i}: {i}")).collect();
     let many: Vec<&str> = many.iter().map(String::as_str).collect();
-    let r = http(addr, &upgrade("/ws", &many));
+    let r = http(addr, upgrade("/ws", &many));
     assert_eq!(r.head.status, 431, "{}", r.body_text());
     // Just under the limit is fine.
     let base = upgrade("/ws", &[]).len();
@@ -660,9 +660,9 @@ fn handshake_origin_outside_the_allow_list_is_403() {
     let mut cfg = ws_config();
     cfg.websocket.allowed_origins = vec!["https://app.example.com".into()];
     let (_s, addr) = start_ws(cfg);
-    let r = http(addr, &upgrade("/ws", &["Origin: https://evil.example.com"]));
+    let r = http(addr, upgrade("/ws", &["Origin: https://evil.example.com"]));
     assert_eq!(r.head.status, 403, "{}", r.body_text());
-    let r = http(addr, &upgrade("/ws", &["Origin: http://app.example.com"]));
+    let r = http(addr, upgrade("/ws", &["Origin: http://app.example.com"]));
     assert_eq!(r.head.status, 403, "the scheme is part of the origin");
     // Same origin, written differently: allowed.
     Ws::open(addr, "/ws", &["Origin: https://APP.example.com:443"]);
@@ -823,7 +823,7 @@ fn framing_server_messages_use_every_length_encoding() {
     for n in [1usize, 100, 200, 65_000, 70_000] {
         let payload = "x".repeat(n);
         ws.send_text(&json!({"type": "send", "req_id": 9, "to": "alice", "payload": payload}).to_string());
-        let mut got = vec![ws.json(), ws.json()];
+        let mut got = [ws.json(), ws.json()];
         got.sort_by_key(|v| v["type"].as_str().unwrap().to_string());
         assert_eq!(got[0]["type"], "push");
         assert_eq!(got[0]["from"], "alice");
@@ -1293,7 +1293,7 @@ fn server_shutdown_closes_websockets_with_1001() {
     let mut ws = ws_login(addr, "alice");
     let t = std::thread::spawn(move || s.shutdown());
     assert_eq!(ws.expect_close(1001), "server going away");
-    t.join().unwrap();
+    t.join().unwrap().unwrap();
 }
 
 #[test]
@@ -1322,13 +1322,13 @@ fn message_over_max_message_bytes_is_1009() {
     // Exactly the limit across fragments: fine.
     let mut ws = ws_login(addr, "alice");
     let m = padded(&json_ping("split"), 1000);
-    ws.send(&frame(false, OP_TEXT, m[..500].as_bytes()));
-    ws.send(&frame(true, OP_CONT, m[500..].as_bytes()));
+    ws.send(&frame(false, OP_TEXT, &m.as_bytes()[..500]));
+    ws.send(&frame(true, OP_CONT, &m.as_bytes()[500..]));
     assert_eq!(ws.json(), json!({"type": "pong", "data": "split"}));
     // Across fragments: 600 + 600.
     let m = padded(&json_ping("frag"), 1200);
-    ws.send(&frame(false, OP_TEXT, m[..600].as_bytes()));
-    ws.send(&frame(true, OP_CONT, m[600..].as_bytes()));
+    ws.send(&frame(false, OP_TEXT, &m.as_bytes()[..600]));
+    ws.send(&frame(true, OP_CONT, &m.as_bytes()[600..]));
     ws.expect_close(1009);
 
     // Binary, announced with a 64-bit length and no payload sent at all.
@@ -1338,6 +1338,66 @@ fn message_over_max_message_bytes_is_1009() {
     ws.send(&f);
     ws.expect_close(1009);
     assert_all_released(&_s);
+}
+
+/// Before login a message may be no larger than the largest login (8 KiB):
+/// a connection that has not logged in cannot make the server buffer a
+/// message of `websocket.max_message_bytes` (here ~175 KiB).
+#[test]
+fn before_login_a_message_larger_than_any_login_is_1009() {
+    let (_s, addr) = start_ws(ws_config());
+    // One frame announcing 20,000 bytes: refused from its header.
+    let mut ws = Ws::anon(addr);
+    let mut f = vec![0x80 | OP_TEXT, 0x80 | 126];
+    f.extend_from_slice(&20_000u16.to_be_bytes());
+    ws.send(&f);
+    ws.expect_close(1009);
+    // Fragments adding up past 8 KiB.
+    let mut ws = Ws::anon(addr);
+    ws.send(&frame(false, OP_TEXT, &[b' '; 6000]));
+    ws.send(&frame(false, OP_CONT, &[b' '; 6000]));
+    ws.expect_close(1009);
+    // A login of ordinary size in fragments still works, and after it the
+    // full message size applies again.
+    let mut ws = Ws::anon(addr);
+    let login = json!({"type": "login", "user": "frag", "token": token("frag")}).to_string();
+    let (a, b) = login.split_at(10);
+    ws.send(&frame(false, OP_TEXT, a.as_bytes()));
+    ws.send(&frame(true, OP_CONT, b.as_bytes()));
+    assert_eq!(ws.json()["type"], "login_ok");
+    ws.send_text(&padded(&json_ping("big"), 20_000));
+    assert_eq!(ws.json(), json!({"type": "pong", "data": "big"}));
+    assert_eq!(_s.handle().stats().protocol_errors, 2);
+}
+
+/// A fragmented message must be finished within
+/// `timeouts.message_timeout_ms`: a client that keeps pinging between
+/// fragments it never finishes used to hold the reassembly buffer forever.
+#[test]
+fn an_unfinished_fragmented_message_is_closed_after_the_message_timeout() {
+    let mut cfg = ws_config();
+    cfg.timeouts.message_timeout_ms = 600;
+    let (s, addr) = start_ws(cfg);
+    let mut ws = ws_login(addr, "dangling");
+    let t0 = Instant::now();
+    ws.send(&frame(false, OP_TEXT, &[b' '; 50_000]));
+    let mut closed = None;
+    while t0.elapsed() < Duration::from_secs(4) {
+        ws.send(&ping(b"alive"));
+        match ws.recv() {
+            Ev::Pong(_) => std::thread::sleep(Duration::from_millis(100)),
+            Ev::Close(code, _) => {
+                closed = code;
+                break;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(closed, Some(1008), "closed with 1008 within the message timeout");
+    let waited = t0.elapsed();
+    assert!(waited >= Duration::from_millis(500), "closed after {waited:?}");
+    assert_eq!(s.handle().stats().message_timeouts, 1);
+    assert_all_released(&s);
 }
 
 // ---- protocol on top: login, subprotocols, routing ------------------------------------------

@@ -135,16 +135,14 @@ impl Script {
 
     /// Waits for the script to end its output and exit 0.
     fn finish(mut self) {
-        loop {
-            let left = self.deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) => {
-                    self.seen.push(line.clone());
-                    self.fail(&format!("unexpected line after DONE: {line:?}"));
-                }
-                Err(RecvTimeoutError::Timeout) => self.fail("did not exit after DONE"),
-                Err(RecvTimeoutError::Disconnected) => break,
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        match self.lines.recv_timeout(left) {
+            Ok(line) => {
+                self.seen.push(line.clone());
+                self.fail(&format!("unexpected line after DONE: {line:?}"));
             }
+            Err(RecvTimeoutError::Timeout) => self.fail("did not exit after DONE"),
+            Err(RecvTimeoutError::Disconnected) => {}
         }
         loop {
             match self.child.try_wait() {
@@ -230,7 +228,7 @@ fn python_websockets_client() {
     assert!(wait_until(Duration::from_secs(5), || h.connection_count() == 0), "{:?}", h.stats());
     let st = h.stats();
     assert_eq!((st.ws_upgrades, st.logins, st.protocol_errors), (3, 3, 0), "{st:?}");
-    server.shutdown();
+    server.shutdown().unwrap();
 }
 
 // ---- Chromium ---------------------------------------------------------------
@@ -406,5 +404,5 @@ fn chromium_demo_page() {
     let st = h.stats();
     assert!(st.http_requests >= if dev { 2 } else { 1 }, "the page and its token: {st:?}");
     assert_eq!((st.ws_upgrades, st.protocol_errors, st.idle_timeouts), (1, 0, 0), "{st:?}");
-    server.shutdown();
+    server.shutdown().unwrap();
 }

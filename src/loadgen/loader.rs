@@ -78,7 +78,14 @@ const MAX_WS_PAYLOAD: usize = 16 << 20;
 /// the server-side header layout with the mask bit set, the key, then the
 /// masked payload.
 pub fn ws_client_frame(opcode: Opcode, payload: &[u8], key: [u8; 4]) -> Vec<u8> {
-    let (mut h, n) = frame_header(opcode, true, payload.len());
+    ws_client_fragment(opcode, true, payload, key)
+}
+
+/// A masked client→server WebSocket frame with FIN as given: with `fin`
+/// false, the first fragment of a message (or a middle one, with
+/// `Opcode::Continuation`).
+pub fn ws_client_fragment(opcode: Opcode, fin: bool, payload: &[u8], key: [u8; 4]) -> Vec<u8> {
+    let (mut h, n) = frame_header(opcode, fin, payload.len());
     h[1] |= 0x80;
     let mut v = Vec::with_capacity(n + 4 + payload.len());
     v.extend_from_slice(&h[..n]);

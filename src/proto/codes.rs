@@ -16,8 +16,16 @@ pub enum CloseCode {
     GoingAway = 1001,
     /// A malformed frame (the reason names the field).
     ProtocolError = 1002,
-    /// A frame longer than the server's `max_frame_bytes`.
+    /// A frame, or a fragmented WebSocket message, not completed within
+    /// `timeouts.message_timeout_ms`.
+    PolicyViolation = 1008,
+    /// A frame longer than the server's `max_frame_bytes` (before login:
+    /// longer than the largest LOGIN).
     FrameTooLarge = 1009,
+    /// The worker's budget for incomplete frames
+    /// (`limits.partial_bytes_per_worker`) ran out, and this connection had
+    /// held one longest. Retry later.
+    TryAgainLater = 1013,
     /// A frame with a protocol version this server does not speak.
     UnsupportedVersion = 4000,
     /// No LOGIN within the login deadline.
@@ -42,7 +50,9 @@ impl CloseCode {
             CloseCode::Normal => "normal close",
             CloseCode::GoingAway => "server going away",
             CloseCode::ProtocolError => "protocol error",
+            CloseCode::PolicyViolation => "message not completed in time",
             CloseCode::FrameTooLarge => "frame too large",
+            CloseCode::TryAgainLater => "server busy: buffer budget exhausted, try again later",
             CloseCode::UnsupportedVersion => "unsupported protocol version",
             CloseCode::LoginTimeout => "login timeout",
             CloseCode::IdleTimeout => "idle timeout",
@@ -59,7 +69,9 @@ impl CloseCode {
             1000 => CloseCode::Normal,
             1001 => CloseCode::GoingAway,
             1002 => CloseCode::ProtocolError,
+            1008 => CloseCode::PolicyViolation,
             1009 => CloseCode::FrameTooLarge,
+            1013 => CloseCode::TryAgainLater,
             4000 => CloseCode::UnsupportedVersion,
             4001 => CloseCode::LoginTimeout,
             4002 => CloseCode::IdleTimeout,
@@ -122,4 +134,7 @@ pub enum ErrorCode {
     SubscribeDisabled = 109,
     /// A room name that is empty or longer than 255 bytes.
     InvalidRoom = 110,
+    /// MESSAGE (or SEND passed to the application): the application's
+    /// handler failed (panicked) on it; it may not have been processed.
+    HandlerFailed = 111,
 }

@@ -39,6 +39,15 @@ pub const PROTOCOL_MAX_FRAME_BYTES: usize = 16 << 20;
 pub const MAX_PING_DATA: usize = 64;
 /// Largest user id in bytes (the `str8` limit).
 pub const MAX_USER_ID_BYTES: usize = 255;
+/// Largest LOGIN token the server accepts (the built-in JWT check refuses
+/// longer ones with LOGIN_ERROR 1).
+pub const MAX_LOGIN_TOKEN_BYTES: usize = 4096;
+/// Largest valid LOGIN frame, header included (4 + 1 + 1 + 1 + 255 + 2 +
+/// 4096 = 4360 bytes): the largest frame a connection may send before it
+/// has logged in. A connection that has not logged in can therefore make
+/// the server buffer at most this much, whatever `max_frame_bytes` is.
+pub const MAX_LOGIN_FRAME_BYTES: usize = HEADER_LEN + 1 + MAX_USER_ID_BYTES + 2 + MAX_LOGIN_TOKEN_BYTES;
+const _: () = assert!(MAX_LOGIN_FRAME_BYTES <= MIN_MAX_FRAME_BYTES);
 
 /// Frame type byte.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
@@ -299,6 +308,15 @@ impl<'a> Reader<'a> {
 /// refuse. `max_frame_bytes` bounds the whole frame, header included.
 pub fn decode(buf: &[u8], max_frame_bytes: usize) -> Result<Option<(Frame<'_>, usize)>, DecodeError> {
     if buf.len() < LEN_PREFIX {
+        // The length is not complete, but its first bytes may already put
+        // it over the limit (a lone 0x90 means at least 2.4 GB): refuse now
+        // rather than wait for bytes that can only confirm it.
+        let mut at_least = [0u8; LEN_PREFIX];
+        at_least[..buf.len()].copy_from_slice(buf);
+        let total = LEN_PREFIX as u64 + u32::from_be_bytes(at_least) as u64;
+        if total > max_frame_bytes as u64 {
+            return Err(DecodeError::FrameTooLarge { len: total, max: max_frame_bytes });
+        }
         return Ok(None);
     }
     let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]);
@@ -573,6 +591,22 @@ mod tests {
         for cut in 0..bytes.len() {
             assert_eq!(decode(&bytes[..cut], MAX), Ok(None), "prefix {cut} of {f:?}");
         }
+    }
+
+    #[test]
+    fn a_length_prefix_already_over_the_limit_is_refused_from_its_first_bytes() {
+        let too_large = |b: &[u8], max| matches!(decode(b, max), Err(DecodeError::FrameTooLarge { .. }));
+        assert!(too_large(&[0x90], MAX), "a lone 0x90 is at least 2.4 GB");
+        assert!(too_large(&[0x00, 0x01], MAX), "at least 65540 bytes");
+        assert_eq!(decode(&[0x00, 0x00], MAX), Ok(None));
+        // Before login the limit is the largest LOGIN: 4360 bytes.
+        assert_eq!(decode(&[0x00, 0x00, 0x11], MAX_LOGIN_FRAME_BYTES), Ok(None), "at least 4356");
+        assert!(too_large(&[0x00, 0x00, 0x12], MAX_LOGIN_FRAME_BYTES), "at least 4612");
+        let longest = "u".repeat(MAX_USER_ID_BYTES);
+        let token = vec![b't'; MAX_LOGIN_TOKEN_BYTES];
+        let login = Frame::Login { user: &longest, token: &token }.to_bytes().unwrap();
+        assert_eq!(login.len(), MAX_LOGIN_FRAME_BYTES);
+        assert!(decode(&login, MAX_LOGIN_FRAME_BYTES).unwrap().is_some());
     }
 
     #[test]

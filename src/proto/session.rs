@@ -29,12 +29,15 @@ pub struct Timeouts {
     pub idle: Tick,
     /// After a close starts, how long to wait for the peer's FIN.
     pub linger: Tick,
+    /// A frame (or fragmented WebSocket message) must arrive whole within
+    /// this long of the read that left it incomplete.
+    pub message: Tick,
 }
 
 impl Timeouts {
     /// Checks the relations the state machine relies on.
     pub fn validate(&self) -> Result<(), &'static str> {
-        if self.login == 0 || self.heartbeat == 0 || self.idle == 0 || self.linger == 0 {
+        if self.login == 0 || self.heartbeat == 0 || self.idle == 0 || self.linger == 0 || self.message == 0 {
             return Err("every timeout must be at least one tick");
         }
         if self.idle <= self.heartbeat {
@@ -210,7 +213,7 @@ impl Session {
 mod tests {
     use super::*;
 
-    const T: Timeouts = Timeouts { login: 10, heartbeat: 240, idle: 300, linger: 2 };
+    const T: Timeouts = Timeouts { login: 10, heartbeat: 240, idle: 300, linger: 2, message: 30 };
 
     #[test]
     fn login_deadline_closes_a_silent_connection() {

@@ -345,6 +345,15 @@ impl Decoder {
         self.max_message_bytes
     }
 
+    /// Sets the size limit of messages that start from now on (a message
+    /// being reassembled keeps the limit it started under): e.g. a small
+    /// one until the connection has logged in.
+    pub fn set_max_message_bytes(&mut self, max: usize) {
+        if self.in_progress.is_none() {
+            self.max_message_bytes = max;
+        }
+    }
+
     /// The smallest read buffer that can hold any frame this decoder accepts
     /// in one piece: a frame must be contiguous in the buffer passed to
     /// [`Decoder::decode`] before it is decoded.

@@ -176,7 +176,14 @@ pub(crate) fn start(
 ) -> Result<Server, StartError> {
     let addr = config.listen_addr()?;
     let cpus = sys::allowed_cpus();
-    let workers = if config.server.workers == 0 { cpus.len().max(1) } else { config.server.workers };
+    let workers = config.server.worker_count(cpus.len());
+    if config.server.workers == 0 && cpus.len() > crate::ids::MAX_WORKERS {
+        tracing::warn!(
+            cpus = cpus.len(),
+            "more CPUs than workers a server can run: starting {workers} (server.workers = 0 means one per CPU, at most {})",
+            crate::ids::MAX_WORKERS
+        );
+    }
     let ring_bytes = config.uring.sq_entries as u64 * 64 + config.uring.cq_entries as u64 * 16;
     let report = crate::limits::check(config.server.max_connections, workers, config.server.listen_backlog, ring_bytes)
         .map_err(StartError::Limits)?;
@@ -246,6 +253,7 @@ pub(crate) fn start(
         local_addr: bound,
         ws_addr: ws_bound,
         epoch: Instant::now(),
+        failure: std::sync::Mutex::new(None),
         config,
     });
 
@@ -304,11 +312,45 @@ fn worker_thread(
             tracing::warn!(worker = i, cpu, "cannot pin worker: {e}");
         }
     }
-    let id = WorkerId(i as u8);
+    let id = WorkerId::from_index(i).expect("the worker count is at most MAX_WORKERS");
     let tx = ready_tx.clone();
     let ready = move |r: Result<(), String>| {
         let _ = tx.send((i, r));
     };
+    // A panic anywhere in the worker (a bug: the application's hook and
+    // authenticator are isolated where they are called) ends up here. The
+    // dead worker's connections must not stay half-alive, and the server
+    // must not go on with a part of it missing: cut them off, record the
+    // failure for `Server::join`, and stop the other workers.
+    let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        run_worker(&shared, i, id, listener, ws_listener, driver, ready, &ready_tx)
+    }));
+    if let Err(panic) = run {
+        let message = worker::panic_text(&*panic).to_string();
+        tracing::error!(worker = i, "worker died: {message}; cutting off its connections and stopping the server");
+        let cut = shared.outs[i].cut_off_all();
+        tracing::error!(worker = i, connections = cut, "connections of the dead worker closed");
+        shared
+            .failure
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_or_insert(crate::server::ServerError::WorkerDied { worker: i, message });
+        Handle { shared: shared.clone() }.shutdown();
+    }
+}
+
+/// Builds the worker's runtime and runs it until the worker stops.
+#[allow(clippy::too_many_arguments)]
+fn run_worker(
+    shared: &Arc<Shared>,
+    i: usize,
+    id: WorkerId,
+    listener: std::net::TcpListener,
+    ws_listener: Option<std::net::TcpListener>,
+    driver: DriverKind,
+    ready: impl FnOnce(Result<(), String>),
+    ready_tx: &mpsc::Sender<(usize, Result<(), String>)>,
+) {
     let built = match driver {
         DriverKind::IoUring => {
             let urb = {

@@ -119,7 +119,7 @@ impl OutState {
             }
             return Put::Queued { full: false };
         }
-        let written = match sys::sendmsg(self.fd, iov, frames.len()) {
+        let written = match sys::sendmsg(self.fd, &iov[..frames.len()]) {
             Send::Wrote(w) if w == total => return Put::Sent,
             Send::Wrote(w) => w,
             Send::WouldBlock => 0,
@@ -177,7 +177,10 @@ struct EncodedSet {
 }
 
 impl<'a> Outgoing<'a> {
+    /// At most `MAX_IOV_PER_WRITE` frames: they go out in one `sendmsg`.
+    /// Checked in every build: a longer list has no iovec array to fit in.
     pub fn new(raw: &'a [Bytes]) -> Outgoing<'a> {
+        assert!(raw.len() <= MAX_IOV_PER_WRITE, "{} frames for one write, at most {MAX_IOV_PER_WRITE}", raw.len());
         let (raw_iov, raw_total) = iovecs(raw);
         Outgoing { raw, raw_iov, raw_total, ws: [None, None] }
     }
@@ -329,6 +332,34 @@ impl OutSlots {
         }
     }
 
+    /// After the owning worker died: cuts off every connection still in a
+    /// slot (its client sees the connection end instead of hanging
+    /// half-alive) and turns away writers from other threads. Returns how
+    /// many connections there were.
+    pub fn cut_off_all(&self) -> usize {
+        let mut n = 0;
+        for slot in self.slots.iter() {
+            let mut g = slot.lock();
+            if g.generation == 0 || g.fd < 0 {
+                continue;
+            }
+            sys::shutdown(g.fd, libc::SHUT_RDWR);
+            // SAFETY: the slot's descriptor belonged to the dead worker's
+            // connection, which keeps it only as a plain number and never
+            // closes it now; from here on the slot no longer names it.
+            unsafe { sys::close(g.fd) };
+            g.fd = -1;
+            g.generation = 0;
+            g.open = false;
+            g.write_wait = false;
+            g.needs_arm = false;
+            g.needs_close = false;
+            g.out.clear();
+            n += 1;
+        }
+        n
+    }
+
     /// Owner side: takes every listed slot (most recent first).
     pub fn take_requests(&self, out: &mut Vec<u32>) {
         let mut i = self.head.swap(NIL, Ordering::Acquire);
@@ -343,6 +374,13 @@ impl OutSlots {
 mod tests {
     use super::*;
     use std::sync::Arc;
+
+    #[test]
+    #[should_panic(expected = "at most 64")]
+    fn more_frames_than_one_write_takes_are_refused_in_every_build() {
+        let frames = vec![Bytes::from_static(b"x"); MAX_IOV_PER_WRITE + 1];
+        let _ = Outgoing::new(&frames);
+    }
 
     #[test]
     fn the_lock_is_exclusive() {

@@ -54,8 +54,13 @@ pub fn untoken(t: u64) -> (u32, u32, Ready) {
 const WAKE: u64 = u64::MAX;
 /// Reserved token of the mailbox eventfd (slot 2^31 - 2, read side).
 const MAILBOX: u64 = u64::MAX - 3;
+/// Reserved token of the cancellations `forget` submits (slot 2^31 - 3,
+/// read side); their completions are consumed silently.
+const CANCEL: u64 = u64::MAX - 5;
 
-/// Per-worker readiness: io_uring or epoll.
+/// Per-worker readiness: io_uring or epoll. One per worker, so the size
+/// difference between the variants costs nothing worth a box.
+#[allow(clippy::large_enum_variant)]
 pub enum Poller {
     Uring(IoUring),
     Epoll { epfd: OwnedFd, wake: OwnedFd, events: Vec<libc::epoll_event>, mailbox: RawFd },
@@ -100,7 +105,8 @@ impl Poller {
 
     fn push(ring: &mut IoUring, sqe: squeue::Entry) {
         loop {
-            // SAFETY: a POLL_ADD/NOP entry references no user memory.
+            // SAFETY: a POLL_ADD/ASYNC_CANCEL/NOP entry references no user
+            // memory.
             if unsafe { ring.submission().push(&sqe) }.is_ok() {
                 return;
             }
@@ -187,6 +193,21 @@ impl Poller {
         }
     }
 
+    /// Stops watching a connection whose descriptor is about to be closed.
+    /// An io_uring poll holds its own reference to the socket, so closing
+    /// the descriptor alone would leave the socket open (in CLOSE_WAIT, the
+    /// peer never told) for as long as the poll stays armed, which for the
+    /// multishot read poll is forever: cancel both of the connection's polls
+    /// by token. The cancellation goes out with the next `flush`; the
+    /// descriptor may be closed before that. epoll drops a closed
+    /// descriptor from its set by itself.
+    pub fn forget(&mut self, tok: u64) {
+        if let Poller::Uring(ring) = self {
+            Self::push(ring, opcode::AsyncCancel::new(tok).build().user_data(CANCEL));
+            Self::push(ring, opcode::AsyncCancel::new(tok | 1).build().user_data(CANCEL));
+        }
+    }
+
     /// Hands queued submissions to the kernel (io_uring; one syscall per
     /// batch).
     pub fn flush(&mut self) {
@@ -221,7 +242,7 @@ impl Poller {
             Poller::Uring(ring) => {
                 for cqe in ring.completion().take(max) {
                     let t = cqe.user_data();
-                    if t == WAKE {
+                    if t == WAKE || t == CANCEL {
                         continue;
                     }
                     if t == MAILBOX {
@@ -288,6 +309,9 @@ mod tests {
         assert_eq!(untoken(t), (0xFF_FFFF, u32::MAX, Ready::Read { rearm: false }));
         assert_eq!(untoken(t | 1), (0xFF_FFFF, u32::MAX, Ready::Write));
         assert_ne!(t | 1, WAKE);
+        for reserved in [WAKE, MAILBOX, CANCEL] {
+            assert!(untoken(reserved).0 as usize > crate::ids::MAX_SLOTS_PER_WORKER, "{reserved:x} is no slot's token");
+        }
     }
 
     fn pair() -> (std::os::unix::net::UnixStream, std::os::unix::net::UnixStream) {

@@ -77,16 +77,19 @@ pub enum Send {
     Error(io::Error),
 }
 
-/// Writes the first `n` iovecs without blocking and without SIGPIPE.
-pub fn sendmsg(fd: RawFd, iov: &[libc::iovec; MAX_IOV_PER_WRITE], n: usize) -> Send {
-    debug_assert!(n > 0 && n <= MAX_IOV_PER_WRITE);
+/// Writes `iov` without blocking and without SIGPIPE. The kernel reads
+/// exactly the iovecs of the slice: its length is the count, so no count
+/// can reach past the array (callers pass `&iov[..n]`, bounds-checked).
+pub fn sendmsg(fd: RawFd, iov: &[libc::iovec]) -> Send {
+    debug_assert!(!iov.is_empty() && iov.len() <= MAX_IOV_PER_WRITE);
     // SAFETY: msghdr is plain data; zeroed is a valid empty header.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
     msg.msg_iov = iov.as_ptr() as *mut libc::iovec;
-    msg.msg_iovlen = n as _;
+    msg.msg_iovlen = iov.len() as _;
     loop {
-        // SAFETY: `msg` points at `n` initialised iovecs that reference live
-        // buffers owned by the caller for the duration of the call.
+        // SAFETY: `msg` points at the slice's initialised iovecs, which
+        // reference live buffers owned by the caller for the duration of
+        // the call.
         let r = unsafe {
             libc::syscall(libc::SYS_sendmsg, fd, &msg as *const libc::msghdr, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
         };
@@ -110,13 +113,15 @@ pub fn send_once(fd: RawFd, data: &[u8]) {
     };
 }
 
-/// Writes all of `data` with plain blocking `send` calls (waiting with
-/// poll(2) if the descriptor is non-blocking). Benchmark use only: the
-/// reference loop a fan-out is compared with.
-pub fn send_all_blocking(fd: RawFd, mut data: &[u8]) {
+/// Writes all of `data` with plain `send` calls, waiting for room with
+/// poll(2), but not past `deadline`. Returns whether all of it went out.
+/// Benchmark use only: the reference loop a fan-out is compared with.
+pub fn send_all_until(fd: RawFd, mut data: &[u8], deadline: std::time::Instant) -> bool {
     while !data.is_empty() {
         // SAFETY: `data` is a live slice.
-        let n = unsafe { libc::send(fd, data.as_ptr() as *const libc::c_void, data.len(), libc::MSG_NOSIGNAL) };
+        let n = unsafe {
+            libc::send(fd, data.as_ptr() as *const libc::c_void, data.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
+        };
         if n > 0 {
             data = &data[n as usize..];
             continue;
@@ -124,13 +129,18 @@ pub fn send_all_blocking(fd: RawFd, mut data: &[u8]) {
         match io::Error::last_os_error().raw_os_error() {
             Some(libc::EINTR) => continue,
             Some(libc::EAGAIN) => {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                if left.is_zero() {
+                    return false;
+                }
                 let mut p = libc::pollfd { fd, events: libc::POLLOUT, revents: 0 };
                 // SAFETY: one live pollfd.
-                unsafe { libc::poll(&mut p, 1, 1000) };
+                unsafe { libc::poll(&mut p, 1, left.as_millis().clamp(1, i32::MAX as u128) as i32) };
             }
-            _ => return,
+            _ => return false,
         }
     }
+    true
 }
 
 /// `shutdown(2)`. Wakes any pending poll on the socket; errors (already
@@ -141,8 +151,13 @@ pub fn shutdown(fd: RawFd, how: libc::c_int) {
 }
 
 /// `close(2)`.
-pub fn close(fd: RawFd) {
-    // SAFETY: the caller owns `fd` and never uses it again.
+///
+/// # Safety
+/// The caller owns `fd` (no `OwnedFd` or other owner will close it) and
+/// never uses it again: closing a descriptor someone else still uses makes
+/// their next call act on whatever file reuses the number.
+pub unsafe fn close(fd: RawFd) {
+    // SAFETY: the caller's contract above.
     unsafe { libc::close(fd) };
 }
 

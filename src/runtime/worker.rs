@@ -15,7 +15,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::future::Future;
-use std::os::fd::{AsRawFd, IntoRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
@@ -24,7 +24,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use monoio::net::{TcpListener, TcpStream, UnixStream};
+use monoio::net::{TcpListener, UnixStream};
 use slab::Slab;
 
 use super::outslot::{OutSlots, OutState, Outgoing, Put};
@@ -35,9 +35,9 @@ use crate::ids::{ConnId, WorkerId};
 use crate::outq::{Overflow, MAX_IOV_PER_WRITE};
 use crate::proto::codes::{CloseCode, ErrorCode, LoginErrorCode};
 use crate::proto::frame::FrameType;
-use crate::proto::frame::{clip_reason, decode, Frame, RoomOp, PING_EMPTY};
+use crate::proto::frame::{clip_reason, decode, Frame, RoomOp, MAX_LOGIN_FRAME_BYTES, PING_EMPTY};
 use crate::proto::session::{Inbound, Phase, Tick, TickAction};
-use crate::proto::wire::{Wire, SUBPROTOCOLS};
+use crate::proto::wire::{Wire, MAX_LOGIN_MESSAGE_BYTES, SUBPROTOCOLS};
 use crate::proto::ws::{self, handshake, Decoder, WsEvent};
 use crate::rooms::{LocalRooms, Member, RoomError, RoomIdx};
 use crate::server::{CeilingSample, ClientMessage, ClientMessageKind, Command, Handle, Shared};
@@ -47,6 +47,9 @@ use crate::wheel::{Entry, Wheel};
 /// Bytes every read drains into (one buffer per worker, never per
 /// connection). 64 KiB: a burst from one client is read in few syscalls.
 pub const SCRATCH_BYTES: usize = 64 * 1024;
+/// Capacity an incomplete frame's buffer may keep beyond twice its length
+/// between reads (more is given back).
+const KEEP_PARTIAL_CAPACITY: usize = 4096;
 /// Reads per readiness event before yielding to other connections, so one
 /// flooding client cannot monopolise the worker (1 MiB at most).
 const MAX_READS_PER_WAKE: usize = 16;
@@ -84,12 +87,9 @@ const T_WS: u8 = 3 << 4;
 struct Conn {
     /// Set once logged in; shared with the directory key.
     user: Option<Arc<str>>,
-    /// Bytes of an incomplete frame; `None` (no allocation) when idle.
-    partial: Option<Box<Vec<u8>>>,
-    /// WebSocket only, while a fragmented message is being reassembled:
-    /// the decoder holding the fragments so far. `None` otherwise (between
-    /// messages a decoder holds nothing worth keeping).
-    ws: Option<Box<Decoder>>,
+    /// An incomplete frame or WebSocket message; `None` (no allocation)
+    /// when idle.
+    held: Option<Box<Held>>,
     /// Rooms this connection is in, with its position in each room's
     /// member list; `None` when in no room.
     rooms: Option<Box<Vec<(RoomIdx, u32)>>>,
@@ -102,6 +102,32 @@ struct Conn {
 }
 
 const _: () = assert!(std::mem::size_of::<Conn>() <= 64);
+
+/// What a connection holds between reads while a frame (or a fragmented
+/// WebSocket message) is incomplete, charged to the worker's budget
+/// (`limits.partial_bytes_per_worker`) and listed in the worker's holders
+/// (oldest first), which the budget and `timeouts.message_timeout_ms`
+/// close from.
+struct Held {
+    /// Bytes of an incomplete frame (empty while only `ws` holds).
+    partial: Vec<u8>,
+    /// WebSocket, mid-message: the decoder holding the fragments so far
+    /// (between messages a decoder holds nothing worth keeping).
+    ws: Option<Decoder>,
+    /// Key in the worker's holders list.
+    seq: u64,
+    /// Bytes charged to the budget: the buffers' capacities and this box.
+    charged: usize,
+}
+
+/// A holder in the worker's list: the connection and the tick it started
+/// holding.
+#[derive(Copy, Clone, Debug)]
+struct Holder {
+    slot: u32,
+    generation: u32,
+    since: Tick,
+}
 
 /// How a delivery went.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
@@ -164,6 +190,11 @@ pub(crate) struct Worker {
     /// The poller saw the mailbox eventfd fire; the mailbox loop's waker.
     mailbox_ready: Cell<bool>,
     mailbox_waker: Cell<Option<std::task::Waker>>,
+    /// Connections holding an incomplete frame, oldest first (by `Held::seq`).
+    holders: RefCell<std::collections::BTreeMap<u64, Holder>>,
+    next_hold: Cell<u64>,
+    /// Bytes charged by every `Held` of this worker.
+    held_bytes: Cell<usize>,
 }
 
 /// Resolves once the I/O loop reports a mailbox wake.
@@ -200,6 +231,15 @@ fn close_frame(code: CloseCode, reason: &str) -> Bytes {
     Frame::Close { code: code as u16, reason: clip_reason(reason) }.to_bytes().expect("reason clipped")
 }
 
+/// The message of a caught panic.
+pub(crate) fn panic_text(panic: &(dyn std::any::Any + std::marker::Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)")
+}
+
 fn unix_now_s() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
@@ -234,6 +274,9 @@ impl Worker {
             hint_rng: Cell::new((id.0 as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)),
             mailbox_ready: Cell::new(false),
             mailbox_waker: Cell::new(None),
+            holders: RefCell::new(std::collections::BTreeMap::new()),
+            next_hold: Cell::new(0),
+            held_bytes: Cell::new(0),
             shared,
         }
     }
@@ -269,8 +312,8 @@ impl Worker {
     }
 
     /// A new connection, from the raw TCP listener or (`websocket`) the
-    /// WebSocket one.
-    fn on_accept(&self, stream: TcpStream, websocket: bool) {
+    /// WebSocket one, or (`handed`) from another worker that had no room.
+    fn on_accept(&self, fd: OwnedFd, websocket: bool, handed: bool) {
         // While draining, a connection accepted before the listener was shut
         // is served: the drain logs it in and then sends it the CLOSE with
         // the reconnect hint. Dropping it here would reset the client when
@@ -279,21 +322,35 @@ impl Worker {
         if self.shared.shutdown.load(Ordering::Acquire) {
             return;
         }
-        // From here on the socket is a plain descriptor owned by its slot:
-        // readiness comes from the worker's poller, I/O is plain syscalls.
-        let fd = stream.into_raw_fd();
         let mut conns = self.conns.borrow_mut();
         if conns.len() >= self.shared.max_conns_per_worker {
             drop(conns);
-            bump(&self.counters().refused_full, 1);
-            if websocket {
-                sys::send_once(fd, &Wire::Http.encode(&self.server_full));
+            // SO_REUSEPORT spreads connections by a hash of their
+            // addresses, not by room: another worker may have slots left.
+            // One hop only: a worker that was handed a connection and is
+            // full itself refuses it.
+            let fd = if handed {
+                fd
             } else {
-                sys::send_once(fd, &self.server_full);
+                match self.hand_off(fd, websocket) {
+                    None => return,
+                    Some(fd) => fd,
+                }
+            };
+            bump(&self.counters().refused_full, 1);
+            let raw = fd.as_raw_fd();
+            if websocket {
+                sys::send_once(raw, &Wire::Http.encode(&self.server_full));
+            } else {
+                sys::send_once(raw, &self.server_full);
             }
-            sys::close(fd);
+            drop(fd);
             return;
         }
+        // From here on the socket is a plain descriptor owned by its slot
+        // (closed in `release`): readiness comes from the worker's poller,
+        // I/O is plain syscalls.
+        let fd = fd.into_raw_fd();
         let (transport, wire) = if websocket {
             (T_HTTP, Wire::Http)
         } else if self.shared.config.websocket.sniff_on_raw_port {
@@ -320,17 +377,7 @@ impl Worker {
             g.write_wait = false;
             g.wire = wire;
         }
-        entry.insert(Conn {
-            user: None,
-            partial: None,
-            ws: None,
-            rooms: None,
-            session,
-            fd,
-            generation,
-            wheel_at,
-            flags: transport,
-        });
+        entry.insert(Conn { user: None, held: None, rooms: None, session, fd, generation, wheel_at, flags: transport });
         drop(conns);
         let mut poller = self.poller.borrow_mut();
         poller.add(fd, token(slot, generation));
@@ -338,6 +385,32 @@ impl Worker {
         let c = self.counters();
         bump(&c.accepted, 1);
         bump(&c.connections, 1);
+    }
+
+    /// Offers a connection this worker has no room for to the worker with
+    /// the most free slots. Gives it back when no other worker has room or
+    /// that worker's mailbox is full.
+    fn hand_off(&self, fd: OwnedFd, websocket: bool) -> Option<OwnedFd> {
+        let max = self.shared.max_conns_per_worker as u64;
+        let target = self
+            .shared
+            .counters
+            .iter()
+            .enumerate()
+            .filter(|&(i, _)| i != self.id.0 as usize)
+            .map(|(i, c)| (i, max.saturating_sub(c.connections.load(Ordering::Relaxed))))
+            .filter(|&(_, free)| free > 0)
+            .max_by_key(|&(_, free)| free)
+            .map(|(i, _)| i);
+        let Some(target) = target else { return Some(fd) };
+        match self.shared.mailboxes[target].offer(Command::Adopt { fd, websocket }) {
+            Ok(()) => {
+                bump(&self.counters().handed_off, 1);
+                None
+            }
+            Err(Command::Adopt { fd, .. }) => Some(fd),
+            Err(_) => unreachable!("offer returns the command it was given"),
+        }
     }
 
     /// One readiness event from the poller.
@@ -381,14 +454,16 @@ impl Worker {
     /// Drains a readable socket and acts on every whole frame. Returns false
     /// when the connection is finished and must be released.
     fn on_readable(self: &Rc<Self>, slot: u32, generation: u32) -> bool {
-        let (fd, mut partial, mut dec) = {
+        let (fd, mut held) = {
             let mut conns = self.conns.borrow_mut();
             match conns.get_mut(slot as usize) {
-                Some(c) if c.generation == generation => {
-                    (c.fd, c.partial.take().map(|b| *b).unwrap_or_default(), c.ws.take())
-                }
+                Some(c) if c.generation == generation => (c.fd, c.held.take()),
                 _ => return false,
             }
+        };
+        let (mut partial, mut dec) = match held.as_deref_mut() {
+            Some(h) => (std::mem::take(&mut h.partial), h.ws.take()),
+            None => (Vec::new(), None),
         };
         let mut open = true;
         let mut drained = false;
@@ -429,23 +504,121 @@ impl Worker {
         if open && !drained {
             self.read_again.borrow_mut().push((slot, generation));
         }
-        if let Some(c) = self.conns.borrow_mut().get_mut(slot as usize) {
-            if c.generation == generation && c.session.phase() != Phase::Closing {
-                if !partial.is_empty() {
-                    c.partial = Some(Box::new(partial));
-                }
-                c.ws = dec;
-            }
-        }
+        self.keep_held(slot, generation, held, partial, dec);
         self.flush_dirty();
         open
+    }
+
+    /// Puts back what a connection holds after a read (an incomplete frame,
+    /// a decoder mid-message), charged to the worker's budget, or lets it
+    /// go when nothing is incomplete or the connection is closing. Then
+    /// closes the longest holders while the worker is over its budget.
+    fn keep_held(
+        self: &Rc<Self>,
+        slot: u32,
+        generation: u32,
+        held: Option<Box<Held>>,
+        partial: Vec<u8>,
+        ws: Option<Decoder>,
+    ) {
+        {
+            let mut conns = self.conns.borrow_mut();
+            let c = conns
+                .get_mut(slot as usize)
+                .filter(|c| c.generation == generation && c.session.phase() != Phase::Closing);
+            let Some(c) = c else {
+                if let Some(h) = held {
+                    self.forget_held(&h);
+                }
+                return;
+            };
+            debug_assert!(c.held.is_none(), "a connection's held buffers were taken for the read");
+            if partial.is_empty() && ws.is_none() {
+                if let Some(h) = held {
+                    self.forget_held(&h);
+                }
+                return;
+            }
+            let mut h = held.unwrap_or_else(|| {
+                let seq = self.next_hold.get();
+                self.next_hold.set(seq + 1);
+                let since = self.now.get();
+                let fresh = self.holders.borrow_mut().insert(seq, Holder { slot, generation, since });
+                debug_assert!(fresh.is_none(), "holder keys are never reused");
+                Box::new(Held { partial: Vec::new(), ws: None, seq, charged: 0 })
+            });
+            // The read accumulator keeps the capacity of its largest read:
+            // give back what an emptied or much shrunk buffer no longer uses.
+            let mut partial = partial;
+            if partial.is_empty() {
+                partial = Vec::new();
+            } else if partial.capacity() > 2 * partial.len().max(KEEP_PARTIAL_CAPACITY) {
+                partial.shrink_to_fit();
+            }
+            h.partial = partial;
+            h.ws = ws;
+            let charge = std::mem::size_of::<Held>()
+                + h.partial.capacity()
+                + h.ws.as_ref().map_or(0, Decoder::buffered_capacity);
+            self.held_bytes.set(self.held_bytes.get() - h.charged + charge);
+            h.charged = charge;
+            c.held = Some(h);
+        }
+        let budget = self.shared.config.limits.partial_bytes_per_worker;
+        while self.held_bytes.get() > budget {
+            let Some(oldest) = self.holders.borrow().first_key_value().map(|(_, &h)| h) else { break };
+            bump(&self.counters().partial_budget_closes, 1);
+            tracing::debug!(
+                worker = self.id.0,
+                slot = oldest.slot,
+                "partial-frame budget exhausted: closing the oldest holder"
+            );
+            self.drop_holder(oldest, CloseCode::TryAgainLater, CloseCode::TryAgainLater.reason());
+        }
+    }
+
+    /// Un-charges a connection's held buffers and takes it off the holders.
+    fn forget_held(&self, h: &Held) {
+        let removed = self.holders.borrow_mut().remove(&h.seq);
+        debug_assert!(removed.is_some(), "every Held is listed once");
+        self.held_bytes.set(self.held_bytes.get() - h.charged);
+    }
+
+    /// Closes a holder (its close lets its buffers go); a holder whose
+    /// connection cannot start closing is taken off the list directly, so
+    /// the callers' loops always progress.
+    fn drop_holder(self: &Rc<Self>, h: Holder, code: CloseCode, reason: &str) {
+        self.begin_close(h.slot, h.generation, code, reason);
+        let stale = {
+            let holders = self.holders.borrow();
+            holders.first_key_value().filter(|(_, f)| f.slot == h.slot && f.generation == h.generation).map(|(&k, _)| k)
+        };
+        if let Some(k) = stale {
+            debug_assert!(false, "a listed holder that could not be closed");
+            self.holders.borrow_mut().remove(&k);
+        }
+    }
+
+    /// Closes (1008) the connections whose incomplete frame or message is
+    /// older than `timeouts.message_timeout_ms`.
+    fn expire_held(self: &Rc<Self>, now: Tick) {
+        let limit = self.shared.timeouts.message;
+        loop {
+            let Some(oldest) = self.holders.borrow().first_key_value().map(|(_, &h)| h) else { return };
+            if now.wrapping_sub(oldest.since) < limit {
+                return;
+            }
+            bump(&self.counters().message_timeouts, 1);
+            let reason = "a frame or message was not completed within timeouts.message_timeout_ms";
+            self.drop_holder(oldest, CloseCode::PolicyViolation, reason);
+        }
     }
 
     /// Handles the whole frames (or the HTTP request) at the start of
     /// `data`; returns the bytes consumed (all of them once the connection
     /// is closing: input is then discarded). `dec` is a WebSocket
     /// connection's decoder kept across reads (mid-message only).
-    fn on_bytes(self: &Rc<Self>, slot: u32, generation: u32, data: &mut [u8], dec: &mut Option<Box<Decoder>>) -> usize {
+    fn on_bytes(self: &Rc<Self>, slot: u32, generation: u32, data: &mut [u8], dec: &mut Option<Decoder>) -> usize {
         let mut off = 0;
         while off < data.len() {
             let transport = match self.conns.borrow().get(slot as usize) {
@@ -491,14 +664,25 @@ impl Worker {
         }
     }
 
-    /// Raw protocol v1: decodes and handles whole frames.
+    /// The phase of a live connection (`None`: gone).
+    fn phase(&self, slot: u32, generation: u32) -> Option<Phase> {
+        match self.conns.borrow().get(slot as usize) {
+            Some(c) if c.generation == generation => Some(c.session.phase()),
+            _ => None,
+        }
+    }
+
+    /// Raw protocol v1: decodes and handles whole frames. Before login
+    /// nothing larger than the largest LOGIN is accepted, so a connection
+    /// that has not logged in cannot make the server buffer more.
     fn on_raw_bytes(self: &Rc<Self>, slot: u32, generation: u32, data: &[u8]) -> usize {
-        let max = self.shared.config.limits.max_frame_bytes;
         let mut off = 0;
         while off < data.len() {
-            if self.is_closing(slot, generation) {
-                return data.len();
-            }
+            let max = match self.phase(slot, generation) {
+                Some(Phase::Active) => self.shared.config.limits.max_frame_bytes,
+                Some(Phase::AwaitingLogin) => MAX_LOGIN_FRAME_BYTES,
+                Some(Phase::Closing) | None => return data.len(),
+            };
             match decode(&data[off..], max) {
                 Ok(None) => break,
                 Ok(Some((frame, n))) => {
@@ -594,18 +778,16 @@ impl Worker {
     }
 
     /// WebSocket frames: decodes and handles whole messages.
-    fn on_ws_bytes(
-        self: &Rc<Self>,
-        slot: u32,
-        generation: u32,
-        data: &mut [u8],
-        kept: &mut Option<Box<Decoder>>,
-    ) -> usize {
-        let mut dec = kept.take().map(|b| *b).unwrap_or_else(|| Decoder::new(self.ws_max_message));
+    fn on_ws_bytes(self: &Rc<Self>, slot: u32, generation: u32, data: &mut [u8], kept: &mut Option<Decoder>) -> usize {
+        let mut dec = kept.take().unwrap_or_else(|| Decoder::new(self.ws_max_message));
         let mut off = 0;
         while off < data.len() {
-            if self.is_closing(slot, generation) {
-                return data.len();
+            // Before login, messages no larger than the largest login (a
+            // message already started keeps its limit).
+            match self.phase(slot, generation) {
+                Some(Phase::Active) => dec.set_max_message_bytes(self.ws_max_message),
+                Some(Phase::AwaitingLogin) => dec.set_max_message_bytes(MAX_LOGIN_MESSAGE_BYTES),
+                Some(Phase::Closing) | None => return data.len(),
             }
             match dec.decode(&mut data[off..]) {
                 Ok(None) => break,
@@ -622,7 +804,7 @@ impl Worker {
             }
         }
         if dec.in_message() {
-            *kept = Some(Box::new(dec));
+            *kept = Some(dec);
         }
         off
     }
@@ -750,7 +932,21 @@ impl Worker {
 
     fn on_login(self: &Rc<Self>, slot: u32, generation: u32, user: &str, token: &[u8]) {
         let counters = self.counters();
-        if let Err(e) = self.shared.authenticator.authenticate(user, token, unix_now_s()) {
+        // The authenticator may be the application's code: a panic in it
+        // refuses this login, and only this login.
+        let auth = &*self.shared.authenticator;
+        let verdict =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| auth.authenticate(user, token, unix_now_s())))
+                .unwrap_or_else(|panic| {
+                    bump(&counters.hook_panics, 1);
+                    tracing::error!(
+                        worker = self.id.0,
+                        "the authenticator panicked: {}; login refused",
+                        panic_text(&*panic)
+                    );
+                    Err(crate::auth::AuthError::Rejected("the server's login check failed".into()))
+                });
+        if let Err(e) = verdict {
             bump(&counters.login_failures, 1);
             self.fail_login(slot, generation, e.code() as u16, &e.to_string());
             return;
@@ -780,8 +976,6 @@ impl Worker {
             // wheel entry was filed under.
             self.reschedule_if_earlier(c, slot);
         }
-        // Deliveries from anywhere are accepted from now on.
-        self.outs().slots[slot as usize].lock().open = true;
         bump(&counters.logins, 1);
         bump(&counters.logged_in, 1);
         let cfg = &self.shared.config;
@@ -790,8 +984,22 @@ impl Worker {
             heartbeat_interval_ms: cfg.timeouts.heartbeat_interval_ms as u32,
             idle_timeout_ms: cfg.timeouts.idle_timeout_ms as u32,
             max_frame_bytes: cfg.limits.max_frame_bytes as u32,
-        };
-        self.reply(slot, generation, ok.to_bytes().expect("fixed-size frame"));
+        }
+        .to_bytes()
+        .expect("fixed-size frame");
+        {
+            // The slot opens with LOGIN_OK already in it: a delivery from
+            // any thread (the user is in the directory since `register`)
+            // finds it queued and goes behind it, so LOGIN_OK is always the
+            // first frame of a logged-in connection (PROTOCOL.md 1.3).
+            let mut g = self.outs().slots[slot as usize].lock();
+            debug_assert!(g.generation == generation && !g.open);
+            // An empty queue holds it: the limits cannot refuse one frame.
+            let _ = g.queue_raw(&ok, &self.shared.write_rules);
+            g.open = true;
+        }
+        bump(&counters.frames_out, 1);
+        self.mark_dirty(slot);
         // Logged in while draining (it was logging in when the drain began,
         // or its accept completed as the listener was shut): its attempt
         // succeeded; now it gets the same CLOSE as everyone else.
@@ -1024,8 +1232,20 @@ impl Worker {
             req_id,
             payload: Bytes::copy_from_slice(payload),
         };
-        // No borrow is held here: the hook may call any handle method.
-        hook(msg, &self.handle);
+        // No borrow is held here: the hook may call any handle method. A
+        // panic in it costs this message (the client gets ERROR 111), not
+        // the worker and every connection on it.
+        if let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| hook(msg, &self.handle))) {
+            bump(&self.counters().hook_panics, 1);
+            tracing::error!(
+                worker = self.id.0,
+                slot,
+                "the application's message hook panicked: {}",
+                panic_text(&*panic)
+            );
+            let reason = "the application's handler failed on this message";
+            self.reply_error(slot, generation, ErrorCode::HandlerFailed, req_id, reason);
+        }
     }
 
     /// Files a new wheel entry when the session's next deadline is earlier
@@ -1238,19 +1458,33 @@ impl Worker {
     }
 
     /// Benchmark only: the kernel's floor for this worker's share of a
-    /// fan-out, a plain blocking `send` loop over the members' sockets.
+    /// fan-out, a plain `send` loop over the members' sockets. It holds each
+    /// member's slot lock while it writes, so it is bounded: a member whose
+    /// socket takes no more within `CEILING_WAIT_PER_MEMBER` (one that does
+    /// not read) is cut off (its stream may end mid-frame), and the whole
+    /// loop stops after `CEILING_WAIT_TOTAL`.
     fn send_ceiling(&self, room: &str, frame: &Bytes) -> CeilingSample {
+        const CEILING_WAIT_PER_MEMBER: Duration = Duration::from_millis(200);
+        const CEILING_WAIT_TOTAL: Duration = Duration::from_secs(2);
         let members: Vec<Member> = {
             let rooms = self.rooms.borrow();
             rooms.find(room).map_or(Vec::new(), |idx| rooms.room(idx).members.clone())
         };
         let t0 = std::time::Instant::now();
+        let end = t0 + CEILING_WAIT_TOTAL;
         let mut sends = 0;
         for m in members {
+            let now = std::time::Instant::now();
+            if now >= end {
+                break;
+            }
             let g = self.outs().slots[m.slot as usize].lock();
             if g.generation == m.generation && g.out.is_empty() {
-                sys::send_all_blocking(g.fd, frame);
-                sends += 1;
+                if sys::send_all_until(g.fd, frame, (now + CEILING_WAIT_PER_MEMBER).min(end)) {
+                    sends += 1;
+                } else {
+                    sys::shutdown(g.fd, libc::SHUT_RDWR);
+                }
             }
         }
         CeilingSample { sends, elapsed: t0.elapsed() }
@@ -1315,7 +1549,7 @@ impl Worker {
                 return WriteState::Drained;
             }
             let offered: usize = iov[..n].iter().map(|v| v.iov_len).sum();
-            match sys::sendmsg(g.fd, &iov, n) {
+            match sys::sendmsg(g.fd, &iov[..n]) {
                 Send::Wrote(w) => {
                     bump(&self.counters().writes, 1);
                     g.out.advance(w);
@@ -1427,8 +1661,10 @@ impl Worker {
             if !c.session.start_close(now) {
                 return;
             }
-            c.partial = None;
-            c.ws = None;
+            // Input is discarded from now on: incomplete frames go.
+            if let Some(h) = c.held.take() {
+                self.forget_held(&h);
+            }
             self.reschedule_if_earlier(c, slot);
             (c.user.take(), c.rooms.take())
         };
@@ -1461,6 +1697,9 @@ impl Worker {
                 _ => return,
             }
         };
+        if let Some(h) = &conn.held {
+            self.forget_held(h);
+        }
         self.leave_all_rooms(slot, generation, conn.rooms);
         if let Some(user) = &conn.user {
             let removed = self.shared.directory.unregister(user, ConnId::new(self.id, slot, generation));
@@ -1485,7 +1724,10 @@ impl Worker {
             g.needs_close = false;
             g.wire = Wire::Raw;
             g.out.clear();
-            sys::close(conn.fd);
+            self.poller.borrow_mut().forget(token(slot, generation));
+            // SAFETY: the connection owned `fd` since its accept; its slot
+            // no longer names it (generation 0), so nothing uses it again.
+            unsafe { sys::close(conn.fd) };
             g.fd = -1;
         }
         let c = self.counters();
@@ -1512,6 +1754,8 @@ impl Worker {
             Command::SendCeiling { room, frame, reply } => {
                 let _ = reply.send(self.send_ceiling(&room, &frame));
             }
+            Command::Adopt { fd, websocket } => self.on_accept(fd, websocket, true),
+            Command::Crash => panic!("worker {} made to panic by crash_worker_for_testing", self.id.0),
             Command::Publish { .. } | Command::Broadcast { .. } => {
                 unreachable!("fan-out commands are handled by the mailbox loop")
             }
@@ -1662,7 +1906,9 @@ async fn accept_loop(w: Rc<Worker>, listener: Rc<TcpListener>, websocket: bool) 
         match listener.accept().await {
             Ok((stream, _peer)) => {
                 backoff_logged = false;
-                w.on_accept(stream, websocket);
+                // SAFETY: `into_raw_fd` hands over the stream's descriptor,
+                // which nothing else owns.
+                w.on_accept(unsafe { OwnedFd::from_raw_fd(stream.into_raw_fd()) }, websocket, false);
             }
             Err(e) => {
                 if w.stopping() {
@@ -1693,6 +1939,7 @@ async fn tick_loop(w: Rc<Worker>) {
             return;
         }
         let now = w.refresh_now();
+        w.expire_held(now);
         w.wheel.borrow_mut().advance(now, &mut due);
         let mut handled = 0;
         for e in due.drain(..) {

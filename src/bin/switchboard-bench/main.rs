@@ -9,6 +9,7 @@
 //! this run; projections are labelled as such by the caller.
 
 mod capacity;
+mod prelogin;
 mod relay;
 mod restart;
 
@@ -130,6 +131,28 @@ enum Cmd {
         /// 15,000 full).
         #[arg(long)]
         ws_connections: Option<u32>,
+    },
+    /// Connections that never log in, each holding an unfinished frame (raw
+    /// TCP) or fragmented message (`--ws`): the server's memory growth per
+    /// connection, and how many it closed (see prelogin.rs).
+    Prelogin {
+        /// Server address (the WebSocket port with `--ws`).
+        #[arg(long, default_value = "127.0.0.1:7700")]
+        addr: SocketAddr,
+        /// Speak WebSocket: upgrade, then a fragmented message.
+        #[arg(long)]
+        ws: bool,
+        /// PID of the server process.
+        #[arg(long)]
+        server_pid: u32,
+        #[arg(long, default_value_t = 5000)]
+        connections: u32,
+        /// The frame length each connection claims; it sends half of it.
+        #[arg(long, default_value_t = 65536)]
+        frame_bytes: usize,
+        /// Seconds between the last write and the measurement.
+        #[arg(long, default_value_t = 2)]
+        settle_s: u64,
     },
     /// The bare relay used as the unicast ceiling (see relay.rs).
     CeilingRelay {
@@ -349,6 +372,11 @@ fn main() {
         }
         Cmd::CeilingRelay { listen, workers } => relay::run(listen, workers).map_err(|e| e.to_string()),
         Cmd::RestartCheck { switchboard } => restart::run(switchboard),
+        Cmd::Prelogin { addr, ws, server_pid, connections, frame_bytes, settle_s } => {
+            prelogin::run(prelogin::Args { addr, ws, server_pid, connections, frame_bytes, settle_s }).map(|r| {
+                println!("{}", serde_json::to_string_pretty(&r).expect("json"));
+            })
+        }
         Cmd::Unicast { common, rate, duration_s, payload_bytes } => unicast(common, rate, duration_s, payload_bytes),
     };
     if let Err(e) = r {

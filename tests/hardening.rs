@@ -1,0 +1,362 @@
+//! Regression tests for the defects of the hardening review (issue 9): each
+//! one reproduces a defect found by a code review or a hostile-client probe
+//! and pins the fix. Every test starts its own server on 127.0.0.1:0; the
+//! largest holds about 400 descriptors.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use switchboard::client::{Client, ClientError};
+use switchboard::proto::frame::Frame;
+use switchboard::{CloseCode, ErrorCode, Server};
+
+fn close_code_of(c: &mut Client) -> Option<u16> {
+    c.recv_close_code().expect("server closes cleanly")
+}
+
+/// The LOGIN frame for `user` with a valid token.
+fn login_frame(user: &str) -> bytes::Bytes {
+    let t = token(user);
+    Frame::Login { user, token: t.as_bytes() }.to_bytes().unwrap()
+}
+
+// ---- A PUSH before LOGIN_OK ---------------------------------------------------------
+
+/// PROTOCOL.md 1.3: LOGIN_OK is the first frame of a logged-in connection.
+/// Pushes racing with the login used to reach the socket between the
+/// directory registration and the LOGIN_OK (2 of 5,000 logins in the probe).
+#[test]
+fn a_push_racing_a_login_never_arrives_before_login_ok() {
+    let mut cfg = config();
+    cfg.limits.max_conns_per_user = 1024;
+    let server = start(cfg);
+    let addr = server.local_addr();
+    let stop = Arc::new(AtomicBool::new(false));
+    let pushers: Vec<_> = (0..2)
+        .map(|_| {
+            let h = server.handle();
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let _ = h.push_to_user("racer", b"early");
+                    n += 1;
+                }
+                n
+            })
+        })
+        .collect();
+    let frame = login_frame("racer");
+    let mut first_frames_wrong = Vec::new();
+    for i in 0..4000 {
+        let mut c = connect(addr);
+        c.send_raw(&frame).unwrap();
+        match c.recv() {
+            Ok(f) => {
+                if !matches!(f.frame(), Frame::LoginOk { .. }) {
+                    first_frames_wrong.push((i, format!("{:?}", f.frame())));
+                }
+            }
+            Err(e) => first_frames_wrong.push((i, format!("no frame: {e}"))),
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let pushes: u64 = pushers.into_iter().map(|p| p.join().unwrap()).sum();
+    assert!(pushes > 0);
+    assert!(first_frames_wrong.is_empty(), "first frame was not LOGIN_OK in {first_frames_wrong:?}");
+}
+
+// ---- Pre-login buffers ------------------------------------------------------------------
+
+/// A first byte that already makes the length prefix larger than any LOGIN
+/// closes at once, instead of waiting out the login deadline for the rest of
+/// a length that can only be too large.
+#[test]
+fn a_length_prefix_that_can_only_be_too_large_closes_at_once() {
+    let mut cfg = config();
+    cfg.timeouts.login_timeout_ms = 5_000;
+    let server = start(cfg);
+    let mut c = connect(server.local_addr());
+    let t0 = Instant::now();
+    c.send_raw(&[0x90]).unwrap();
+    assert_eq!(close_code_of(&mut c), Some(CloseCode::FrameTooLarge as u16));
+    assert!(t0.elapsed() < Duration::from_secs(2), "waited {:?}", t0.elapsed());
+}
+
+/// Before login nothing larger than the largest valid LOGIN (255-byte user
+/// id, 4,096-byte token) is buffered: a 32 KiB "LOGIN" header is refused
+/// from its header alone, while a LOGIN with the longest user id works.
+#[test]
+fn before_login_no_frame_larger_than_the_largest_login_is_buffered() {
+    let mut cfg = config();
+    cfg.timeouts.login_timeout_ms = 5_000;
+    let server = start(cfg);
+    let addr = server.local_addr();
+    let mut c = connect(addr);
+    let t0 = Instant::now();
+    let mut head = (32_768u32 - 4).to_be_bytes().to_vec();
+    head.extend_from_slice(&[1, 0x01]);
+    head.extend_from_slice(&[b'x'; 1000]);
+    c.send_raw(&head).unwrap();
+    assert_eq!(close_code_of(&mut c), Some(CloseCode::FrameTooLarge as u16));
+    assert!(t0.elapsed() < Duration::from_secs(2), "waited {:?}", t0.elapsed());
+
+    let long_user = "u".repeat(255);
+    let (_c, _) = login(addr, &long_user);
+    assert!(server.handle().is_online(&long_user));
+}
+
+/// The start of a SEND frame of `total` bytes (header included) to `to`,
+/// cut after `sent` bytes.
+fn unfinished_send(to: &str, total: usize, sent: usize) -> Vec<u8> {
+    let payload = vec![b'p'; total - 6 - 4 - 1 - to.len()];
+    let f = Frame::Send { req_id: 1, to, payload: &payload }.to_bytes().unwrap();
+    assert_eq!(f.len(), total);
+    f[..sent].to_vec()
+}
+
+/// A logged-in client can start a frame and never finish it; the worker's
+/// budget for incomplete frames bounds what all of them together hold: past
+/// it, the connection that has held one longest is closed (1013) and the
+/// others go on.
+#[test]
+fn the_partial_frame_budget_closes_the_oldest_holder() {
+    let mut cfg = config();
+    cfg.server.workers = 1;
+    cfg.limits.max_frame_bytes = 8192;
+    cfg.limits.partial_bytes_per_worker = 50_000;
+    let server = start(cfg);
+    let addr = server.local_addr();
+    const HOLDERS: usize = 12;
+    let mut clients: Vec<Client> = (0..HOLDERS).map(|i| login(addr, &format!("holder{i}")).0).collect();
+    let (_target, _) = login(addr, "target");
+    // Each holds at least the 6,006 bytes it sent (more when the buffer
+    // grew over several reads): twelve cannot all fit in 50,000.
+    for c in clients.iter_mut() {
+        c.send_raw(&unfinished_send("target", 8000, 6006)).unwrap();
+        std::thread::sleep(Duration::from_millis(30));
+    }
+    let closed = server.handle().stats().partial_budget_closes as usize;
+    assert!((1..HOLDERS).contains(&closed), "{closed} closed");
+    assert!((HOLDERS - closed) * 6006 <= 50_000, "only what was over the budget is closed");
+    // The oldest holders went, in order; the others finish their frames and
+    // are served.
+    let rest = Frame::Send { req_id: 1, to: "target", payload: &vec![b'p'; 8000 - 17] }.to_bytes().unwrap();
+    for (i, c) in clients.iter_mut().enumerate() {
+        if i < closed {
+            assert_eq!(close_code_of(c), Some(CloseCode::TryAgainLater as u16), "holder {i}");
+            continue;
+        }
+        c.send_raw(&rest[6006..]).unwrap();
+        match c.recv().unwrap().frame() {
+            Frame::SendAck { req_id: 1, delivered: 1 } => {}
+            other => panic!("holder {i}: expected SEND_ACK, got {other:?}"),
+        }
+    }
+}
+
+/// A frame must arrive whole within `timeouts.message_timeout_ms` of the
+/// read that left it incomplete, even from a client that otherwise looks
+/// alive.
+#[test]
+fn an_unfinished_frame_is_closed_after_the_message_timeout() {
+    let mut cfg = config();
+    cfg.timeouts.message_timeout_ms = 600;
+    let server = start(cfg);
+    let (mut c, _) = login(server.local_addr(), "slowloris");
+    let t0 = Instant::now();
+    c.send_raw(&unfinished_send("slowloris", 4000, 100)).unwrap();
+    assert_eq!(close_code_of(&mut c), Some(CloseCode::PolicyViolation as u16));
+    let waited = t0.elapsed();
+    assert!(waited >= Duration::from_millis(500) && waited < Duration::from_secs(3), "closed after {waited:?}");
+    assert_eq!(server.handle().stats().message_timeouts, 1);
+}
+
+// ---- io_uring poller: closed sockets released ------------------------------------
+
+/// Server-side sockets of `port` in state CLOSE_WAIT (the peer closed, we
+/// have not), from /proc/net/tcp.
+fn close_wait_on_port(port: u16) -> usize {
+    let mut n = 0;
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else { continue };
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let (Some(local), Some(state)) = (f.get(1), f.get(3)) else { continue };
+            let local_port = local.rsplit(':').next().and_then(|p| u16::from_str_radix(p, 16).ok());
+            if local_port == Some(port) && *state == "08" {
+                n += 1;
+            }
+        }
+    }
+    n
+}
+
+/// With `server.poller = "io_uring"` the multishot read poll held a
+/// reference to every socket, so closing the descriptor never closed the
+/// socket: all of them stayed in CLOSE_WAIT.
+#[test]
+fn io_uring_poller_releases_the_sockets_of_closed_connections() {
+    let mut cfg = config();
+    cfg.server.poller = switchboard::config::PollerKind::IoUring;
+    let server = start(cfg);
+    let addr = server.local_addr();
+    for i in 0..200 {
+        if i % 2 == 0 {
+            let _ = login(addr, &format!("cw{i}"));
+        } else {
+            let _ = connect(addr);
+        }
+    }
+    let h = server.handle();
+    assert!(wait_until(Duration::from_secs(10), || h.connection_count() == 0), "{:?}", h.stats());
+    let released = wait_until(Duration::from_secs(5), || close_wait_on_port(addr.port()) == 0);
+    assert!(released, "{} server sockets still in CLOSE_WAIT", close_wait_on_port(addr.port()));
+}
+
+// ---- The application's hook runs isolated -----------------------------------------
+
+/// A panic in the application's message hook used to unwind through the
+/// worker thread: the worker died silently, its connections half-alive.
+#[test]
+fn a_panicking_message_hook_costs_only_that_message() {
+    let server = Server::builder()
+        .config(config())
+        .on_message(|m, h| {
+            if &m.payload[..] == b"boom" {
+                panic!("the application's hook failed");
+            }
+            let _ = h.push_to_user(&m.user, [b"echo:".as_slice(), &m.payload].concat());
+        })
+        .start()
+        .unwrap();
+    let addr = server.local_addr();
+    let mut clients = login_on_workers(addr, "hooked", &[0, 1]);
+    for c in &mut clients {
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        c.send_frame(&Frame::Message { req_id: 9, payload: b"boom" }).unwrap();
+        match c.recv() {
+            Ok(f) => match f.frame() {
+                Frame::Error { code, req_id: 9, .. } => assert_eq!(code, ErrorCode::HandlerFailed as u16),
+                other => panic!("expected ERROR {}, got {other:?}", ErrorCode::HandlerFailed as u16),
+            },
+            Err(e) => panic!("no answer after the hook panicked: {e}"),
+        }
+    }
+    // Both workers go on: the same connections and new ones are served.
+    for c in &mut clients {
+        c.send_frame(&Frame::Message { req_id: 10, payload: b"ok" }).unwrap();
+    }
+    // Each MESSAGE pushes to every device of the user: two echoes each.
+    for c in &mut clients {
+        for _ in 0..2 {
+            assert_eq!(expect_push(c).2, b"echo:ok");
+        }
+    }
+    let _more = login_on_workers(addr, "after", &[0, 1]);
+    assert_eq!(server.handle().stats().hook_panics, 2);
+}
+
+/// A worker that dies (here: made to panic) stops the whole server: `join`
+/// returns the error, and the dead worker's clients see their connection
+/// end instead of hanging half-alive.
+#[test]
+fn a_dead_worker_stops_the_server_with_an_error() {
+    let server = start(config());
+    let addr = server.local_addr();
+    let mut clients = login_on_workers(addr, "doomed", &[0, 1]);
+    server.handle().crash_worker_for_testing(1).unwrap();
+    for c in &mut clients {
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        loop {
+            match c.recv() {
+                Ok(_) => continue, // a CLOSE 1001 from the surviving worker's shutdown
+                Err(ClientError::Closed) => break,
+                Err(ClientError::Io(e)) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+                Err(e) => panic!("connection still open after its worker died: {e}"),
+            }
+        }
+    }
+    let err = server.join().expect_err("join reports the dead worker");
+    let text = err.to_string();
+    assert!(text.contains("worker 1") && text.contains("crash_worker_for_testing"), "{text}");
+}
+
+// ---- Bench-only ceiling loop --------------------------------------------------------
+
+/// `/bench/send_ceiling` wrote with a blocking `send` under the slot lock:
+/// one member that never reads stalled its worker forever.
+#[test]
+fn the_send_ceiling_loop_gives_up_on_a_member_that_never_reads() {
+    let mut cfg = config();
+    cfg.server.workers = 1;
+    let server = start(cfg);
+    let addr = server.local_addr();
+    let (mut stuck, _) = login(addr, "never-reads");
+    // A small receive buffer, so the server's sends soon find no room.
+    socket2::SockRef::from(stuck.stream()).set_recv_buffer_size(4096).unwrap();
+    stuck.subscribe(1, "ceiling").unwrap();
+    let h = server.handle();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for _ in 0..8 {
+            let r = h.bench_send_ceiling("ceiling", &[7u8; 16 * 1024]);
+            if tx.send(r.map(|s| s.len())).is_err() {
+                return;
+            }
+        }
+    });
+    for round in 0..8 {
+        match rx.recv_timeout(Duration::from_secs(10)) {
+            Ok(r) => assert_eq!(r.unwrap(), 1),
+            Err(_) => {
+                // Unblock the worker before failing, so the test can end.
+                drop(stuck);
+                panic!("round {round}: the ceiling loop is stuck on a member that never reads");
+            }
+        }
+    }
+    // The worker still serves: a new client logs in and is pushed to.
+    let (mut c, _) = login(addr, "after-ceiling");
+    server.handle().push_to_user("after-ceiling", b"still here").unwrap();
+    assert_eq!(expect_push(&mut c).2, b"still here");
+    drop(stuck);
+}
+
+// ---- Uneven worker tables -----------------------------------------------------------
+
+/// SO_REUSEPORT spreads connections by a hash, not by room: a worker whose
+/// table was full refused (4005) while another still had slots. Now it
+/// hands the connection to a worker with room, so the server holds its
+/// whole `max_connections`.
+#[test]
+fn a_full_worker_hands_connections_to_one_with_room() {
+    let mut cfg = config();
+    cfg.server.workers = 3;
+    cfg.server.max_connections = 60;
+    let server = start(cfg);
+    let addr = server.local_addr();
+    let mut clients = Vec::new();
+    for i in 0..60 {
+        let mut c = connect(addr);
+        match c.login(&format!("even{i}"), &token(&format!("even{i}"))) {
+            Ok(_) => clients.push(c),
+            Err(e) => panic!(
+                "connection {i} of 60 refused: {e:?} (per worker: {:?})",
+                server.handle().connections_per_worker()
+            ),
+        }
+    }
+    assert_eq!(server.handle().connections_per_worker(), vec![20, 20, 20]);
+    let mut extra = connect(addr);
+    assert_eq!(close_code_of(&mut extra), Some(CloseCode::ServerFull as u16));
+    // Handed-over connections are served like any other.
+    for (i, c) in clients.iter_mut().enumerate().step_by(7) {
+        server.handle().push_to_user(&format!("even{i}"), b"hi").unwrap();
+        assert_eq!(expect_push(c).2, b"hi");
+    }
+}
