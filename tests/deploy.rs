@@ -136,6 +136,51 @@ fn sigterm_drains_two_thousand_clients_over_the_window_and_exits_zero() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A drain takes its window plus one close linger, as documented, even when
+/// a client never closes its end: it used to wait the linger a second time,
+/// then another half second.
+#[test]
+fn a_drain_with_a_client_that_never_closes_takes_the_window_plus_one_linger() {
+    common::arm_watchdog();
+    let port = free_port();
+    let dir = std::env::temp_dir().join(format!("sb-drain-stuck-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("drain.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:{port}\"\nworkers = 2\n\n[websocket]\nlisten = \"\"\n\n[drain]\nwindow_ms = 200\n\n[timeouts]\nclose_linger_ms = 1500\n"
+        ),
+    )
+    .unwrap();
+    let mut server =
+        Command::new(SB).args(["serve", "--log", "warn", "--config"]).arg(&cfg).stdout(Stdio::null()).spawn().unwrap();
+    let addr = format!("127.0.0.1:{port}").parse().unwrap();
+    assert!(common::wait_until(Duration::from_secs(10), || std::net::TcpStream::connect(addr).is_ok()));
+    let jwt = switchboard::JwtHs256::new(switchboard::config::DEV_JWT_SECRET);
+    // Logged in, then never reads or closes until the server is gone.
+    let mut stuck = Client::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
+    stuck.login("stuck", &jwt.mint("stuck", common::unix_now() + 600)).unwrap();
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(server.id() as i32, libc::SIGTERM) };
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(s) = server.try_wait().unwrap() {
+            break s;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(15), "the server did not exit after draining");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let took = t0.elapsed();
+    assert_eq!(status.code(), Some(0));
+    // Window (at most 200 ms) + linger (1,500 ms) + a tick and scheduling;
+    // the old path took 200 + 1,500 + 1,500 + 500 ms.
+    assert!(took >= Duration::from_millis(1500), "exited before the linger: {took:?}");
+    assert!(took < Duration::from_millis(2800), "drain took {took:?}, more than window + linger");
+    drop(stuck);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn an_overlapping_restart_on_the_same_port_loses_no_connection_attempt() {
     common::arm_watchdog();

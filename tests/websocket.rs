@@ -1682,13 +1682,27 @@ fn sniffing_serves_websocket_and_raw_on_one_port() {
     assert_eq!(read_response(&mut s3).head.status, 408);
 }
 
-/// Without sniffing the raw port is raw only: "GET " read as a raw frame's
-/// length (0x47455420, about 1.2 GB) is over the frame limit, so the client
-/// gets a raw CLOSE 1009, not an HTTP response.
+/// Without sniffing the raw port is raw only, but an HTTP request there
+/// (a browser or curl on the wrong port: "GET " read as a raw length is
+/// about 1.2 GB) gets a short HTTP 400 naming the WebSocket port rather
+/// than a raw CLOSE it cannot show.
 #[test]
-fn without_sniffing_an_upgrade_on_the_raw_port_is_a_raw_close_1009() {
-    let (s, _) = start_ws(ws_config());
+fn without_sniffing_an_upgrade_on_the_raw_port_gets_a_400_naming_the_websocket_port() {
+    let (s, ws_addr) = start_ws(ws_config());
+    let r = http(s.local_addr(), upgrade("/ws", &[]));
+    assert_eq!(r.head.status, 400, "{r:?}");
+    let body = r.body_text();
+    assert!(body.contains("raw TCP port") && body.contains(&format!("ws://{ws_addr}/")), "{body}");
+    // Any method, and without a WebSocket port: still an answer a browser shows.
+    let mut cfg = ws_config();
+    cfg.websocket.listen = String::new();
+    let s = start(cfg);
+    let r = http(s.local_addr(), "POST /api HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n");
+    assert_eq!(r.head.status, 400);
+    assert!(r.body_text().contains("no WebSocket port"));
+    // Bytes that only look like the start of a method until the fourth are
+    // still a raw protocol error.
     let mut c = connect(s.local_addr());
-    c.send_raw(upgrade("/ws", &[]).as_bytes()).unwrap();
+    c.send_raw(b"GEX ").unwrap();
     assert_eq!(c.recv_close_code().unwrap(), Some(1009));
 }

@@ -928,6 +928,29 @@ pub mod handshake {
         }
     }
 
+    /// Whether the first bytes of a connection are an HTTP request line of
+    /// any common method (`None`: too few bytes to tell). Used where HTTP
+    /// does not belong, to say which port serves it.
+    pub fn looks_like_http_request(first_bytes: &[u8]) -> Option<bool> {
+        const METHODS: [&[u8]; 9] =
+            [b"GET ", b"POST ", b"PUT ", b"HEAD ", b"DELETE ", b"OPTIONS ", b"PATCH ", b"CONNECT ", b"PRI "];
+        let mut undecided = false;
+        for m in METHODS {
+            let n = m.len().min(first_bytes.len());
+            if first_bytes[..n] == m[..n] {
+                if n == m.len() {
+                    return Some(true);
+                }
+                undecided = true;
+            }
+        }
+        if undecided {
+            None
+        } else {
+            Some(false)
+        }
+    }
+
     /// The 101 response that completes the upgrade.
     pub fn response_101(accept: &str, protocol: Option<&str>) -> Vec<u8> {
         let mut r = String::with_capacity(160);

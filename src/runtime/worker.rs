@@ -172,6 +172,8 @@ pub(crate) struct Worker {
     server_full: Bytes,
     /// Set at the very end of a shutdown: the tick loop exits.
     stopped: Cell<bool>,
+    /// The tick loop's waker while it sleeps, for `stopped`.
+    stop_waker: Cell<Option<std::task::Waker>>,
     /// The listening sockets, raw and WebSocket (-1: none), for stopping
     /// them at a drain or shutdown.
     listener_fd: Cell<RawFd>,
@@ -212,6 +214,21 @@ impl Future for MailboxWake<'_> {
     }
 }
 
+/// Resolves once the worker is stopped (the tick loop's way out of its
+/// sleep at shutdown).
+struct Stopped<'a>(&'a Worker);
+
+impl Future for Stopped<'_> {
+    type Output = ();
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if self.0.stopped.get() {
+            return Poll::Ready(());
+        }
+        self.0.stop_waker.set(Some(cx.waker().clone()));
+        Poll::Pending
+    }
+}
+
 /// Yields once to the scheduler (monoio 0.2 has no `yield_now`).
 struct YieldNow(bool);
 
@@ -229,6 +246,15 @@ impl Future for YieldNow {
 
 fn close_frame(code: CloseCode, reason: &str) -> Bytes {
     Frame::Close { code: code as u16, reason: clip_reason(reason) }.to_bytes().expect("reason clipped")
+}
+
+/// A seed for a worker's reconnect hints that differs per process and per
+/// worker (the clock, the pid, the worker index), so two servers draining
+/// at once do not hand out the same sequence. Never zero (xorshift).
+fn hint_seed(id: WorkerId) -> u64 {
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+    let mixed = (nanos ^ ((std::process::id() as u64) << 32) ^ (id.0 as u64 + 1)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    mixed | 1
 }
 
 /// The message of a caught panic.
@@ -265,13 +291,14 @@ impl Worker {
             now: Cell::new(now),
             server_full: close_frame(CloseCode::ServerFull, CloseCode::ServerFull.reason()),
             stopped: Cell::new(false),
+            stop_waker: Cell::new(None),
             listener_fd: Cell::new(-1),
             ws_listener_fd: Cell::new(-1),
             ws_max_message: shared.config.websocket.message_limit(shared.config.limits.max_frame_bytes),
             drain_started: Cell::new(false),
             drained: Cell::new(false),
             accepting: Cell::new(0),
-            hint_rng: Cell::new((id.0 as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)),
+            hint_rng: Cell::new(hint_seed(id)),
             mailbox_ready: Cell::new(false),
             mailbox_waker: Cell::new(None),
             holders: RefCell::new(std::collections::BTreeMap::new()),
@@ -690,6 +717,30 @@ impl Worker {
                     self.on_frame(slot, generation, frame);
                 }
                 Err(e) => {
+                    if max == MAX_LOGIN_FRAME_BYTES {
+                        // The first bytes of a connection: an HTTP client on
+                        // the wrong port (a browser, curl) gets an answer it
+                        // can show, naming the right one.
+                        match handshake::looks_like_http_request(&data[off..]) {
+                            None => break, // could still be a method: wait for it
+                            Some(true) => {
+                                bump(&self.counters().protocol_errors, 1);
+                                let text = match self.shared.ws_addr {
+                                    Some(a) => format!(
+                                        "this is Switchboard's raw TCP port (protocol v1, docs/PROTOCOL.md); \
+                                         WebSocket and HTTP are served on ws://{a}/"
+                                    ),
+                                    None => "this is Switchboard's raw TCP port (protocol v1, docs/PROTOCOL.md); \
+                                             this server has no WebSocket port (websocket.listen is empty)"
+                                        .to_string(),
+                                };
+                                let response = handshake::response_error(400, &text, &[]);
+                                self.close_with(slot, generation, Bytes::from(response), true, false);
+                                return data.len();
+                            }
+                            Some(false) => {}
+                        }
+                    }
                     bump(&self.counters().protocol_errors, 1);
                     tracing::debug!(worker = self.id.0, slot, "closing connection: {e}");
                     self.begin_close(slot, generation, e.close_code(), &e.to_string());
@@ -1934,9 +1985,9 @@ async fn tick_loop(w: Rc<Worker>) {
     loop {
         let next = w.now.get().wrapping_add(1);
         let at = w.shared.epoch + Duration::from_millis(next as u64 * tick_ms);
-        monoio::time::sleep_until(monoio::time::Instant::from_std(at)).await;
-        if w.stopped.get() {
-            return;
+        monoio::select! {
+            _ = monoio::time::sleep_until(monoio::time::Instant::from_std(at)) => {}
+            _ = Stopped(&w) => return,
         }
         let now = w.refresh_now();
         w.expire_held(now);
@@ -2149,13 +2200,17 @@ pub(crate) async fn run(
     if let Some(l) = ws_listener {
         sys::shutdown(l.as_raw_fd(), libc::SHUT_RDWR);
     }
-    // 2. CLOSE 1001 to everyone (a drain did that already, spread out),
-    //    then wait for peers to close, bounded by the linger.
-    w.close_all(CloseCode::GoingAway);
-    let linger = Duration::from_millis(shared.config.timeouts.close_linger_ms);
-    let deadline = std::time::Instant::now() + linger;
-    while (w.connection_count() > 0 || w.accepting.get() > 0) && std::time::Instant::now() < deadline {
-        monoio::time::sleep(Duration::from_millis(5)).await;
+    // 2. CLOSE 1001 to everyone, then wait for peers to close, bounded by
+    //    the linger. A drain did both already (spread over its window): its
+    //    stragglers are cut off at once, so a drain takes its window plus
+    //    one linger, as documented.
+    if !w.drained.get() {
+        w.close_all(CloseCode::GoingAway);
+        let linger = Duration::from_millis(shared.config.timeouts.close_linger_ms);
+        let deadline = std::time::Instant::now() + linger;
+        while (w.connection_count() > 0 || w.accepting.get() > 0) && std::time::Instant::now() < deadline {
+            monoio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
     // 3. Whoever is left is cut off; their readers release them.
     let left = w.connection_count();
@@ -2164,10 +2219,16 @@ pub(crate) async fn run(
     while (w.connection_count() > 0 || Rc::strong_count(&w) > 2) && std::time::Instant::now() < deadline {
         monoio::time::sleep(Duration::from_millis(5)).await;
     }
-    // 4. Stop the tick and I/O loops; the last Rc to the worker then goes
-    //    with them and closes the poller.
+    // 4. Stop the tick and I/O loops (at once, not at the next tick); the
+    //    last Rc to the worker then goes with them and closes the poller.
     w.stopped.set(true);
+    if let Some(waker) = w.stop_waker.take() {
+        waker.wake();
+    }
     w.poller.borrow_mut().wake();
-    monoio::time::sleep(Duration::from_millis(tick_ms_of(&shared) + 5)).await;
+    let deadline = std::time::Instant::now() + Duration::from_millis(tick_ms_of(&shared) + 5);
+    while Rc::strong_count(&w) > 1 && std::time::Instant::now() < deadline {
+        monoio::time::sleep(Duration::from_millis(1)).await;
+    }
     tracing::debug!(worker = id.0, cut_off = left, "worker stopped");
 }
