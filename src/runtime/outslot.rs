@@ -20,10 +20,7 @@
 //! scheduler gets the same effect by running the woken writer task on the
 //! waking thread.
 
-use std::cell::UnsafeCell;
-use std::ops::{Deref, DerefMut};
 use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 use bytes::Bytes;
 
@@ -31,6 +28,8 @@ use super::sys::{self, Send};
 use crate::config::SlowConsumer;
 use crate::outq::{OutLimits, OutQueue, Overflow, MAX_IOV_PER_WRITE};
 use crate::proto::wire::Wire;
+use crate::sync::requests::{Link, RequestList};
+use crate::sync::spin::{SpinGuard, SpinLock};
 
 /// Write state of one connection slot.
 pub(crate) struct OutState {
@@ -214,25 +213,19 @@ pub(crate) fn iovecs(frames: &[Bytes]) -> ([libc::iovec; MAX_IOV_PER_WRITE], usi
     (iov, total)
 }
 
-/// One slot: a test-and-set lock over the state, and the link of its
-/// worker's request list.
-pub(crate) struct OutSlot {
-    locked: AtomicBool,
-    next: AtomicU32,
-    state: UnsafeCell<OutState>,
-}
+/// One slot: a spin lock over the write state, with the link of its
+/// worker's request list beside it (in the lock's padding: 32 bytes).
+pub(crate) struct OutSlot(SpinLock<OutState, Link>);
 
-// SAFETY: `state` is only reached through `lock()`, which grants one thread
-// at a time; the `Bytes` in the queue are Send + Sync.
-unsafe impl Sync for OutSlot {}
-unsafe impl std::marker::Send for OutSlot {}
+/// Holds a slot's lock; releases it on drop.
+pub(crate) type OutGuard<'a> = SpinGuard<'a, OutState, Link>;
+
+const _: () = assert!(std::mem::size_of::<OutSlot>() == 32);
 
 impl Default for OutSlot {
     fn default() -> Self {
-        OutSlot {
-            locked: AtomicBool::new(false),
-            next: AtomicU32::new(NIL),
-            state: UnsafeCell::new(OutState {
+        OutSlot(SpinLock::new(
+            OutState {
                 generation: 0,
                 fd: -1,
                 open: false,
@@ -242,100 +235,46 @@ impl Default for OutSlot {
                 listed: false,
                 wire: Wire::Raw,
                 out: OutQueue::default(),
-            }),
-        }
+            },
+            Link::new(),
+        ))
     }
 }
-
-/// Holds a slot's lock; releases it on drop.
-pub(crate) struct OutGuard<'a>(&'a OutSlot);
 
 impl OutSlot {
     /// Takes the lock. Holders keep it for one non-blocking syscall at most,
     /// so contention is brief; after a few spins the waiter yields its CPU
     /// in case the holder was preempted.
+    #[inline]
     pub fn lock(&self) -> OutGuard<'_> {
-        let mut spins = 0u32;
-        loop {
-            if !self.locked.swap(true, Ordering::Acquire) {
-                return OutGuard(self);
-            }
-            while self.locked.load(Ordering::Relaxed) {
-                spins += 1;
-                if spins < 64 {
-                    std::hint::spin_loop();
-                } else {
-                    std::thread::yield_now();
-                }
-            }
-        }
+        self.0.lock()
     }
 }
-
-impl Deref for OutGuard<'_> {
-    type Target = OutState;
-    fn deref(&self) -> &OutState {
-        // SAFETY: the guard holds the lock.
-        unsafe { &*self.0.state.get() }
-    }
-}
-
-impl DerefMut for OutGuard<'_> {
-    fn deref_mut(&mut self) -> &mut OutState {
-        // SAFETY: the guard holds the lock, exclusively.
-        unsafe { &mut *self.0.state.get() }
-    }
-}
-
-impl Drop for OutGuard<'_> {
-    fn drop(&mut self) {
-        self.0.locked.store(false, Ordering::Release);
-    }
-}
-
-const NIL: u32 = u32::MAX;
 
 /// One worker's write slots, and the list of slots that need the owner's
 /// attention (arm a write poll, close a slow consumer), filled by other
-/// threads. The list is a lock-free stack threaded through the slots:
-/// pushes CAS the head, the owner takes the whole list at once (which
-/// makes it immune to ABA); a slot is on it at most once (`listed`), so it
-/// never needs memory of its own.
+/// threads (`sync::requests`: a lock-free stack threaded through the
+/// slots, each on it at most once, taken whole by the owner).
 pub(crate) struct OutSlots {
     pub slots: Box<[OutSlot]>,
-    head: AtomicU32,
+    requests: RequestList,
 }
 
 impl OutSlots {
-    /// `n` slots, preallocated (untouched pages cost nothing).
+    /// `n` slots, preallocated.
     pub fn new(n: usize) -> OutSlots {
-        OutSlots { slots: (0..n).map(|_| OutSlot::default()).collect(), head: AtomicU32::new(NIL) }
+        OutSlots { slots: (0..n).map(|_| OutSlot::default()).collect(), requests: RequestList::new() }
     }
 
     /// Puts slot `i` on the request list; the caller holds its lock and has
     /// set a `needs_*` flag. Returns false if it was already listed.
     pub fn request(&self, i: u32, g: &mut OutGuard<'_>) -> bool {
-        if g.listed {
-            return false;
-        }
-        g.listed = true;
-        let mut head = self.head.load(Ordering::Relaxed);
-        loop {
-            self.slots[i as usize].next.store(head, Ordering::Relaxed);
-            match self.head.compare_exchange_weak(head, i, Ordering::Release, Ordering::Relaxed) {
-                Ok(_) => return true,
-                Err(h) => head = h,
-            }
-        }
+        self.requests.request(i, self.slots[i as usize].0.side(), &mut g.listed)
     }
 
     /// Owner side: takes every listed slot (most recent first).
     pub fn take_requests(&self, out: &mut Vec<u32>) {
-        let mut i = self.head.swap(NIL, Ordering::Acquire);
-        while i != NIL {
-            out.push(i);
-            i = self.slots[i as usize].next.load(Ordering::Relaxed);
-        }
+        self.requests.take(out, |i| self.slots[i as usize].0.side())
     }
 }
 
