@@ -5,11 +5,11 @@
 //! Must not: block, grow, or wake a worker per message. A full queue is
 //! `Err(Full)` to the producer; the producer decides (retry, drop, report).
 //!
-//! Protocol (`sync::wake`): a producer pushes, then writes the eventfd
-//! only if it flipped `notified` from false to true. The worker, woken by
-//! the eventfd, clears `notified` *before* looking at the queue, so a push
-//! that lands after that look either was seen by it or writes the eventfd
-//! again. A busy worker
+//! Protocol (`sync::wake`, model-checked by `loom-models`): a producer
+//! pushes, then writes the eventfd only if it flipped `notified` from false
+//! to true. The worker, woken by the eventfd, clears `notified` (a swap)
+//! *before* looking at the queue, so a push that lands after that look
+//! either was seen by it or writes the eventfd again. A busy worker
 //! therefore costs its producers one atomic swap per message, not a
 //! syscall.
 
