@@ -19,7 +19,12 @@
 //! per message against ~11 µs when both ends were on one worker. tokio's
 //! scheduler gets the same effect by running the woken writer task on the
 //! waking thread.
+//!
+//! Memory: a worker's slots are allocated zeroed and all-zero is the empty
+//! slot, so the pages of slots never used are never committed (a worker
+//! sized for 500,000 connections costs nothing for the ones it never had).
 
+use std::alloc::Layout;
 use std::os::fd::RawFd;
 
 use bytes::Bytes;
@@ -31,11 +36,13 @@ use crate::proto::wire::Wire;
 use crate::sync::requests::{Link, RequestList};
 use crate::sync::spin::{SpinGuard, SpinLock};
 
-/// Write state of one connection slot.
+/// Write state of one connection slot. All-zero is the empty slot (see
+/// `OutSlots::new`): no connection, no socket, nothing queued.
 pub(crate) struct OutState {
     /// Generation of the connection in the slot (0: none).
     pub generation: u32,
-    pub fd: RawFd,
+    /// The socket plus one (0: none), so that all-zero means no socket.
+    fd_plus_one: RawFd,
     /// Logged in and not closing: deliveries are accepted.
     pub open: bool,
     /// The owner's poller watches this socket for room (or has been asked
@@ -77,6 +84,18 @@ pub(crate) struct WriteRules {
 }
 
 impl OutState {
+    /// The connection's socket (-1: none).
+    #[inline]
+    pub fn fd(&self) -> RawFd {
+        self.fd_plus_one - 1
+    }
+
+    /// Sets the socket (-1: none).
+    pub fn set_fd(&mut self, fd: RawFd) {
+        debug_assert!(fd >= -1, "not a descriptor: {fd}");
+        self.fd_plus_one = fd + 1;
+    }
+
     /// Queues one frame (already encoded for this wire; `kind` is its
     /// server frame type, 0 for other bytes) under the limits and the
     /// slow-consumer policy; returns how many older messages were dropped
@@ -118,7 +137,7 @@ impl OutState {
             }
             return Put::Queued { full: false };
         }
-        let written = match sys::sendmsg(self.fd, iov, frames.len()) {
+        let written = match sys::sendmsg(self.fd(), iov, frames.len()) {
             Send::Wrote(w) if w == total => return Put::Sent,
             Send::Wrote(w) => w,
             Send::WouldBlock => 0,
@@ -221,25 +240,8 @@ pub(crate) struct OutSlot(SpinLock<OutState, Link>);
 pub(crate) type OutGuard<'a> = SpinGuard<'a, OutState, Link>;
 
 const _: () = assert!(std::mem::size_of::<OutSlot>() == 32);
-
-impl Default for OutSlot {
-    fn default() -> Self {
-        OutSlot(SpinLock::new(
-            OutState {
-                generation: 0,
-                fd: -1,
-                open: false,
-                write_wait: false,
-                needs_arm: false,
-                needs_close: false,
-                listed: false,
-                wire: Wire::Raw,
-                out: OutQueue::default(),
-            },
-            Link::new(),
-        ))
-    }
-}
+// The empty slot is all-zero (see `OutSlots::new`): the raw wire is 0.
+const _: () = assert!(Wire::Raw as u8 == 0);
 
 impl OutSlot {
     /// Takes the lock. Holders keep it for one non-blocking syscall at most,
@@ -261,9 +263,10 @@ pub(crate) struct OutSlots {
 }
 
 impl OutSlots {
-    /// `n` slots, preallocated.
+    /// `n` empty slots, allocated zeroed: pages of slots never used are
+    /// never written, so they cost address space, not memory.
     pub fn new(n: usize) -> OutSlots {
-        OutSlots { slots: (0..n).map(|_| OutSlot::default()).collect(), requests: RequestList::new() }
+        OutSlots { slots: zeroed_slots(n), requests: RequestList::new() }
     }
 
     /// Puts slot `i` on the request list; the caller holds its lock and has
@@ -276,6 +279,31 @@ impl OutSlots {
     pub fn take_requests(&self, out: &mut Vec<u32>) {
         self.requests.take(out, |i| self.slots[i as usize].0.side())
     }
+}
+
+/// `n` empty slots in one zeroed allocation (`alloc_zeroed`: a large one
+/// comes from fresh, untouched pages; `Box::new_zeroed_slice` needs Rust
+/// 1.82, the MSRV is 1.80).
+fn zeroed_slots(n: usize) -> Box<[OutSlot]> {
+    if n == 0 {
+        return Box::new([]);
+    }
+    let layout = Layout::array::<OutSlot>(n).expect("slot array size overflows");
+    // SAFETY: the layout has a non-zero size (n > 0, slots are 32 bytes).
+    let p = unsafe { std::alloc::alloc_zeroed(layout) }.cast::<OutSlot>();
+    if p.is_null() {
+        std::alloc::handle_alloc_error(layout);
+    }
+    // SAFETY: `p` holds `n` all-zero `OutSlot`s, each a valid empty slot:
+    // the lock's flag (AtomicBool false: unlocked), the link (AtomicU32 0:
+    // not listed, `sync::requests`), `generation` 0 (none), `fd_plus_one` 0
+    // (no socket), every flag false, `wire` 0 (`Wire::Raw`, asserted
+    // above), and `out`, an `OutQueue`, which is one `Option<Box<_>>` whose
+    // all-zero is `None`, the empty queue (guaranteed for `Option<Box<T>>`;
+    // its size is asserted in outq.rs). The memory comes from the global
+    // allocator with the layout of `[OutSlot; n]`, which is the layout the
+    // `Box<[OutSlot]>` frees with.
+    unsafe { Box::from_raw(std::ptr::slice_from_raw_parts_mut(p, n)) }
 }
 
 #[cfg(test)]
@@ -327,5 +355,64 @@ mod tests {
         s.take_requests(&mut seen);
         seen.sort();
         assert_eq!(seen, (0..1000).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn zeroed_slots_are_empty() {
+        let s = OutSlots::new(8);
+        for slot in s.slots.iter() {
+            let g = slot.lock();
+            assert_eq!((g.generation, g.fd(), g.wire), (0, -1, Wire::Raw));
+            assert!(!g.open && !g.write_wait && !g.needs_arm && !g.needs_close && !g.listed);
+            assert!(g.out.is_empty());
+        }
+        let mut g = s.slots[3].lock();
+        g.set_fd(0);
+        assert_eq!(g.fd(), 0, "descriptor 0 is a descriptor, not none");
+        g.set_fd(-1);
+        assert_eq!(g.fd(), -1);
+        g.needs_arm = true;
+        assert!(s.request(3, &mut g));
+        assert!(!s.request(3, &mut g), "listed once");
+        drop(g);
+        let mut list = Vec::new();
+        s.take_requests(&mut list);
+        assert_eq!(list, [3]);
+        assert!(OutSlots::new(0).slots.is_empty());
+    }
+
+    /// Pages of `[addr, addr + len)` resident in memory, by `mincore(2)`
+    /// (only the whole pages inside the range are counted).
+    fn resident_pages(addr: *const u8, len: usize) -> (usize, usize) {
+        // SAFETY: sysconf has no memory-safety preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
+        let start = (addr as usize).next_multiple_of(page);
+        let end = (addr as usize + len) / page * page;
+        let pages = (end - start) / page;
+        let mut vec = vec![0u8; pages];
+        // SAFETY: `[start, end)` lies inside one live allocation and is
+        // page-aligned; `vec` has one byte per page of it.
+        let r = unsafe { libc::mincore(start as *mut libc::c_void, end - start, vec.as_mut_ptr()) };
+        assert_eq!(r, 0, "mincore: {}", std::io::Error::last_os_error());
+        (vec.iter().filter(|&&b| b & 1 != 0).count(), pages)
+    }
+
+    #[test]
+    fn new_slots_commit_no_pages() {
+        // 64 MiB or more of slots: above any malloc's mmap threshold, so
+        // the array comes fresh from the kernel. Only the pages the
+        // allocator itself writes (its headers) may be resident.
+        let n = (64 << 20) / std::mem::size_of::<OutSlot>() + 1;
+        let s = OutSlots::new(n);
+        let (resident, pages) = resident_pages(s.slots.as_ptr() as *const u8, std::mem::size_of_val(&*s.slots));
+        assert!(resident <= 2, "{resident} of {pages} slot pages committed by OutSlots::new");
+        // Touching one slot commits its page only, and it works.
+        let mut g = s.slots[n / 2].lock();
+        assert_eq!((g.generation, g.open, g.listed, g.wire), (0, false, false, Wire::Raw));
+        assert!(g.out.is_empty());
+        g.generation = 7;
+        drop(g);
+        let (resident, _) = resident_pages(s.slots.as_ptr() as *const u8, std::mem::size_of_val(&*s.slots));
+        assert!(resident <= 3, "{resident} pages resident after touching one slot");
     }
 }

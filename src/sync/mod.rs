@@ -78,6 +78,7 @@ pub(crate) mod facade {
         pub(crate) struct UnsafeCell<T>(std::cell::UnsafeCell<T>);
 
         impl<T> UnsafeCell<T> {
+            #[allow(dead_code)] // only `SpinLock::new` builds one
             pub(crate) const fn new(value: T) -> UnsafeCell<T> {
                 UnsafeCell(std::cell::UnsafeCell::new(value))
             }
