@@ -135,16 +135,14 @@ impl Script {
 
     /// Waits for the script to end its output and exit 0.
     fn finish(mut self) {
-        loop {
-            let left = self.deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) => {
-                    self.seen.push(line.clone());
-                    self.fail(&format!("unexpected line after DONE: {line:?}"));
-                }
-                Err(RecvTimeoutError::Timeout) => self.fail("did not exit after DONE"),
-                Err(RecvTimeoutError::Disconnected) => break,
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        match self.lines.recv_timeout(left) {
+            Ok(line) => {
+                self.seen.push(line.clone());
+                self.fail(&format!("unexpected line after DONE: {line:?}"));
             }
+            Err(RecvTimeoutError::Timeout) => self.fail("did not exit after DONE"),
+            Err(RecvTimeoutError::Disconnected) => {}
         }
         loop {
             match self.child.try_wait() {
