@@ -2,8 +2,9 @@
 # The whole test suite (the README's test command; .ci/run calls it).
 # Installs the tools the interoperability tests drive (Chromium, python3 and
 # its `websockets` package, for tests/ws_interop.rs) when they are missing,
-# then runs `cargo test` (arguments are passed on, e.g. a test filter).
-# Runs clippy (zero warnings) first.
+# then runs clippy (zero warnings), `cargo test` (arguments are passed on,
+# e.g. a test filter) and, when no arguments were given, the loom models of
+# src/sync.
 # Idempotent: on a machine that has everything it installs nothing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -52,4 +53,15 @@ fi
 # workspace (the server, its tests, benches and examples, the tokio baseline).
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 
-exec cargo test "$@"
+cargo test "$@"
+
+# The loom models (loom-models/): every interleaving, within each model's
+# preemption bound, of the slot lock, the request list, the mailbox wake
+# and the room count limit, run on the server's own src/sync files. About
+# a minute on 2 cores, plus 1.5 minutes to build loom the first time (it
+# comes from crates.io through Cargo).
+# Their own target directory: `--cfg loom` would otherwise rebuild the
+# main build's dependencies. Skipped when arguments select tests.
+if [ $# -eq 0 ]; then
+  RUSTFLAGS="${RUSTFLAGS:-} --cfg loom" CARGO_TARGET_DIR=target/loom cargo test -p loom-models --release
+fi

@@ -19,7 +19,8 @@
 //!
 //! Layers: `proto` is the sans-IO protocol (codec, session state machine);
 //! `runtime` is the only module that imports monoio; `server` is the
-//! embedding API; `client` is a small blocking client for tools and tests.
+//! embedding API; `client` is a small blocking client for tools and tests;
+//! `sync` holds the lock-free primitives that `loom-models/` model-checks.
 
 pub mod admin;
 pub mod auth;
@@ -37,6 +38,7 @@ pub mod rooms;
 mod runtime;
 pub mod server;
 pub mod stats;
+mod sync;
 pub mod wheel;
 
 pub use auth::{AuthError, Authenticator, JwtHs256};

@@ -5,20 +5,23 @@
 //! Must not: block, grow, or wake a worker per message. A full queue is
 //! `Err(Full)` to the producer; the producer decides (retry, drop, report).
 //!
-//! Protocol: a producer pushes, then writes the eventfd only if it flipped
-//! `notified` from false to true. The worker, woken by the eventfd, clears
-//! `notified` *before* draining, so a push that lands after the drain has
-//! either been seen by the drain or will write the eventfd again. A busy
-//! worker therefore costs its producers one atomic swap per message, not a
+//! Protocol (`sync::wake`, model-checked by `loom-models`): a producer
+//! pushes, then writes the eventfd only if it flipped `notified` from false
+//! to true. The worker, woken by the eventfd, clears `notified` (a swap)
+//! *before* looking at the queue, so a push that lands after that look
+//! either was seen by it or writes the eventfd again. A busy worker
+//! therefore costs its producers one atomic swap per message, not a
 //! syscall.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crossbeam_queue::ArrayQueue;
 use crossbeam_utils::CachePadded;
 use thiserror::Error;
+
+use crate::sync::wake::WakeFlag;
 
 /// The mailbox is full; the command was not queued.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Error)]
@@ -28,7 +31,7 @@ pub struct Full;
 /// A bounded multi-producer, single-consumer mailbox with an eventfd.
 pub struct Mailbox<T> {
     queue: ArrayQueue<T>,
-    notified: CachePadded<AtomicBool>,
+    notified: CachePadded<WakeFlag>,
     efd: OwnedFd,
     /// Pushes refused because the queue was full.
     full_count: AtomicU64,
@@ -45,7 +48,7 @@ impl<T> Mailbox<T> {
         }
         Ok(Mailbox {
             queue: ArrayQueue::new(capacity),
-            notified: CachePadded::new(AtomicBool::new(false)),
+            notified: CachePadded::new(WakeFlag::new()),
             // SAFETY: `fd` is a freshly created descriptor owned by no one else.
             efd: unsafe { OwnedFd::from_raw_fd(fd) },
             full_count: AtomicU64::new(0),
@@ -76,7 +79,7 @@ impl<T> Mailbox<T> {
 
     /// Wakes the worker unless a wake is already pending.
     pub fn wake(&self) {
-        if !self.notified.swap(true, Ordering::AcqRel) {
+        if self.notified.raise() {
             let one: u64 = 1;
             // SAFETY: writes 8 bytes from a live u64 to our own eventfd.
             // EAGAIN (counter saturated) means a wake is pending anyway.
@@ -94,7 +97,7 @@ impl<T> Mailbox<T> {
             // non-blocking eventfd; EAGAIN is fine (nothing to reset).
             unsafe { libc::read(self.efd.as_raw_fd(), &mut v as *mut u64 as *mut libc::c_void, 8) };
         }
-        self.notified.store(false, Ordering::SeqCst);
+        self.notified.rearm();
     }
 
     /// Worker side: the next command, if any.

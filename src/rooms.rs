@@ -14,7 +14,6 @@
 //! O(1): swap-remove, then fix the position of the member that moved.
 
 use std::hash::BuildHasher;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
 use hashbrown::HashMap;
@@ -22,6 +21,7 @@ use slab::Slab;
 use thiserror::Error;
 
 use crate::proto::codes::ErrorCode;
+use crate::sync::limit::CountLimit;
 
 const SHARDS: usize = 32;
 
@@ -65,7 +65,10 @@ type Shard = RwLock<HashMap<Arc<str>, u64>>;
 pub struct RoomRegistry {
     shards: Box<[Shard]>,
     hasher: hashbrown::DefaultHashBuilder,
-    rooms: AtomicUsize,
+    /// Rooms that exist, against `max_rooms`: a place is taken (in one
+    /// step with the check) before a room is created, and given back when
+    /// it goes.
+    rooms: CountLimit,
     max_rooms: usize,
     max_members: u64,
 }
@@ -75,7 +78,7 @@ impl RoomRegistry {
         RoomRegistry {
             shards: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
             hasher: hashbrown::DefaultHashBuilder::default(),
-            rooms: AtomicUsize::new(0),
+            rooms: CountLimit::new(),
             max_rooms,
             max_members,
         }
@@ -97,13 +100,13 @@ impl RoomRegistry {
             *n += 1;
             return Ok(key.clone());
         }
-        if self.rooms.load(Ordering::Relaxed) >= self.max_rooms {
+        if !self.rooms.try_take(self.max_rooms) {
             return Err(RoomError::TooManyRooms { limit: self.max_rooms });
         }
         if self.max_members == 0 {
+            self.rooms.give_back();
             return Err(RoomError::RoomFull { limit: 0 });
         }
-        self.rooms.fetch_add(1, Ordering::Relaxed);
         let key: Arc<str> = Arc::from(name);
         map.insert(key.clone(), 1);
         Ok(key)
@@ -119,7 +122,7 @@ impl RoomRegistry {
         *n -= 1;
         if *n == 0 {
             map.remove(name);
-            self.rooms.fetch_sub(1, Ordering::Relaxed);
+            self.rooms.give_back();
         }
     }
 
@@ -130,7 +133,7 @@ impl RoomRegistry {
 
     /// Rooms with at least one connection.
     pub fn room_count(&self) -> usize {
-        self.rooms.load(Ordering::Relaxed)
+        self.rooms.taken()
     }
 
     /// Whether one more room can be created (an estimate for callers that
@@ -302,5 +305,143 @@ mod tests {
         }
         let total: u64 = (0..7).map(|i| r.size(&format!("room{i}"))).sum();
         assert_eq!(total, 4 * 5000 / 2);
+    }
+
+    /// Concurrent creators of distinct rooms never get past `max_rooms`:
+    /// each thread keeps up to `HOLD` rooms of its own alive (join a new
+    /// one, leave its oldest), so together they want more than the limit
+    /// all the time. `held` counts rooms whose creation succeeded and that
+    /// are not yet left (raised after the join, lowered before the leave),
+    /// so it never exceeds the rooms really in the registry.
+    #[test]
+    fn concurrent_creators_never_pass_max_rooms() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        const MAX: usize = 6;
+        const THREADS: usize = 4;
+        const HOLD: usize = 3;
+        const ROUNDS: usize = 300_000;
+        let r = Arc::new(RoomRegistry::new(MAX, u64::MAX));
+        let held = Arc::new(AtomicUsize::new(0));
+        let worst_held = Arc::new(AtomicUsize::new(0));
+        let worst_count = Arc::new(AtomicUsize::new(0));
+        let threads: Vec<_> = (0..THREADS)
+            .map(|t| {
+                let (r, held, worst_held, worst_count) =
+                    (r.clone(), held.clone(), worst_held.clone(), worst_count.clone());
+                std::thread::spawn(move || {
+                    let names: Vec<String> = (0..2 * HOLD).map(|i| format!("t{t}-r{i}")).collect();
+                    let mut mine: std::collections::VecDeque<&str> = std::collections::VecDeque::new();
+                    for i in 0..ROUNDS {
+                        let name = names[i % names.len()].as_str();
+                        if mine.len() == HOLD || mine.contains(&name) {
+                            let old = mine.pop_front().expect("holds some");
+                            held.fetch_sub(1, Ordering::SeqCst);
+                            r.leave(old);
+                        }
+                        if mine.contains(&name) {
+                            continue;
+                        }
+                        if r.join(name).is_ok() {
+                            let h = held.fetch_add(1, Ordering::SeqCst) + 1;
+                            worst_held.fetch_max(h, Ordering::Relaxed);
+                            mine.push_back(name);
+                        }
+                        worst_count.fetch_max(r.room_count(), Ordering::Relaxed);
+                    }
+                    for old in mine {
+                        held.fetch_sub(1, Ordering::SeqCst);
+                        r.leave(old);
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let (worst_held, worst_count) = (worst_held.load(Ordering::Relaxed), worst_count.load(Ordering::Relaxed));
+        assert!(worst_held <= MAX, "{worst_held} rooms created and alive at once, max_rooms {MAX}");
+        assert!(worst_count <= MAX, "room_count() reached {worst_count}, max_rooms {MAX}");
+        assert_eq!(r.room_count(), 0);
+    }
+
+    /// Two threads in lockstep, each creating a room of its own when the
+    /// registry has room for one more: at most one may succeed. The spin
+    /// barriers start both joins within a few hundred nanoseconds of each
+    /// other, round after round, so a check-then-count race shows.
+    #[test]
+    fn simultaneous_creators_of_the_last_room() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        const MAX: usize = 4;
+        const ROUNDS: usize = 50_000;
+        let r = RoomRegistry::new(MAX, u64::MAX);
+        for i in 0..MAX - 1 {
+            r.join(&format!("base{i}")).unwrap();
+        }
+        // Names in different shards, so the two joins do not serialise on
+        // one shard lock.
+        let names = [
+            "new0".to_string(),
+            (1..).map(|i| format!("new{i}")).find(|n| !std::ptr::eq(r.shard(n), r.shard("new0"))).unwrap(),
+        ];
+        let arrived = AtomicUsize::new(0);
+        let created = AtomicUsize::new(0);
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let started = std::time::Instant::now();
+        let (mut worst_count, mut worst_created) = (0, 0);
+        std::thread::scope(|s| {
+            let threads: Vec<_> = (0..2)
+                .map(|t| {
+                    let (r, arrived, created, stop, name) = (&r, &arrived, &created, &stop, &names[t]);
+                    s.spawn(move || {
+                        let barrier = |phase: &mut usize| {
+                            *phase += 1;
+                            arrived.fetch_add(1, Ordering::AcqRel);
+                            let mut spins = 0u32;
+                            while arrived.load(Ordering::Acquire) < 2 * *phase {
+                                spins += 1;
+                                if spins < 1000 {
+                                    std::hint::spin_loop();
+                                } else {
+                                    std::thread::yield_now();
+                                }
+                            }
+                        };
+                        let (mut phase, mut worst) = (0, (0, 0));
+                        for _ in 0..ROUNDS {
+                            barrier(&mut phase);
+                            let ok = r.join(name).is_ok();
+                            if ok {
+                                created.fetch_add(1, Ordering::AcqRel);
+                            }
+                            barrier(&mut phase);
+                            if t == 0 {
+                                worst = (worst.0.max(r.room_count()), worst.1.max(created.swap(0, Ordering::AcqRel)));
+                                // Stop at the first violation, or after 2 s on a
+                                // busy machine where lockstep is slow.
+                                if worst.0 > MAX || worst.1 > 1 || started.elapsed().as_secs() >= 2 {
+                                    stop.store(true, Ordering::Release);
+                                }
+                            }
+                            barrier(&mut phase);
+                            if ok {
+                                r.leave(name);
+                            }
+                            if stop.load(Ordering::Acquire) {
+                                break;
+                            }
+                        }
+                        worst
+                    })
+                })
+                .collect();
+            for t in threads {
+                let (count, created) = t.join().unwrap();
+                worst_count = worst_count.max(count);
+                worst_created = worst_created.max(created);
+            }
+        });
+        assert!(worst_created <= 1, "{worst_created} rooms created at once with room for one");
+        assert!(worst_count <= MAX, "room_count() reached {worst_count}, max_rooms {MAX}");
+        assert_eq!(r.room_count(), MAX - 1);
     }
 }

@@ -19,11 +19,13 @@
 //! per message against ~11 µs when both ends were on one worker. tokio's
 //! scheduler gets the same effect by running the woken writer task on the
 //! waking thread.
+//!
+//! Memory: a worker's slots are allocated zeroed and all-zero is the empty
+//! slot, so the pages of slots never used are never committed (a worker
+//! sized for 500,000 connections costs nothing for the ones it never had).
 
-use std::cell::UnsafeCell;
-use std::ops::{Deref, DerefMut};
+use std::alloc::Layout;
 use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 use bytes::Bytes;
 
@@ -31,12 +33,16 @@ use super::sys::{self, Send};
 use crate::config::SlowConsumer;
 use crate::outq::{OutLimits, OutQueue, Overflow, MAX_IOV_PER_WRITE};
 use crate::proto::wire::Wire;
+use crate::sync::requests::{Link, RequestList};
+use crate::sync::spin::{SpinGuard, SpinLock};
 
-/// Write state of one connection slot.
+/// Write state of one connection slot. All-zero is the empty slot (see
+/// `OutSlots::new`): no connection, no socket, nothing queued.
 pub(crate) struct OutState {
     /// Generation of the connection in the slot (0: none).
     pub generation: u32,
-    pub fd: RawFd,
+    /// The socket plus one (0: none), so that all-zero means no socket.
+    fd_plus_one: RawFd,
     /// Logged in and not closing: deliveries are accepted.
     pub open: bool,
     /// The owner's poller watches this socket for room (or has been asked
@@ -78,6 +84,18 @@ pub(crate) struct WriteRules {
 }
 
 impl OutState {
+    /// The connection's socket (-1: none).
+    #[inline]
+    pub fn fd(&self) -> RawFd {
+        self.fd_plus_one - 1
+    }
+
+    /// Sets the socket (-1: none).
+    pub fn set_fd(&mut self, fd: RawFd) {
+        debug_assert!(fd >= -1, "not a descriptor: {fd}");
+        self.fd_plus_one = fd + 1;
+    }
+
     /// Queues one frame (already encoded for this wire; `kind` is its
     /// server frame type, 0 for other bytes) under the limits and the
     /// slow-consumer policy; returns how many older messages were dropped
@@ -119,7 +137,7 @@ impl OutState {
             }
             return Put::Queued { full: false };
         }
-        let written = match sys::sendmsg(self.fd, &iov[..frames.len()]) {
+        let written = match sys::sendmsg(self.fd(), &iov[..frames.len()]) {
             Send::Wrote(w) if w == total => return Put::Sent,
             Send::Wrote(w) => w,
             Send::WouldBlock => 0,
@@ -217,119 +235,47 @@ pub(crate) fn iovecs(frames: &[Bytes]) -> ([libc::iovec; MAX_IOV_PER_WRITE], usi
     (iov, total)
 }
 
-/// One slot: a test-and-set lock over the state, and the link of its
-/// worker's request list.
-pub(crate) struct OutSlot {
-    locked: AtomicBool,
-    next: AtomicU32,
-    state: UnsafeCell<OutState>,
-}
-
-// SAFETY: `state` is only reached through `lock()`, which grants one thread
-// at a time; the `Bytes` in the queue are Send + Sync.
-unsafe impl Sync for OutSlot {}
-unsafe impl std::marker::Send for OutSlot {}
-
-impl Default for OutSlot {
-    fn default() -> Self {
-        OutSlot {
-            locked: AtomicBool::new(false),
-            next: AtomicU32::new(NIL),
-            state: UnsafeCell::new(OutState {
-                generation: 0,
-                fd: -1,
-                open: false,
-                write_wait: false,
-                needs_arm: false,
-                needs_close: false,
-                listed: false,
-                wire: Wire::Raw,
-                out: OutQueue::default(),
-            }),
-        }
-    }
-}
+/// One slot: a spin lock over the write state, with the link of its
+/// worker's request list beside it (in the lock's padding: 32 bytes).
+pub(crate) struct OutSlot(SpinLock<OutState, Link>);
 
 /// Holds a slot's lock; releases it on drop.
-pub(crate) struct OutGuard<'a>(&'a OutSlot);
+pub(crate) type OutGuard<'a> = SpinGuard<'a, OutState, Link>;
+
+const _: () = assert!(std::mem::size_of::<OutSlot>() == 32);
+// The empty slot is all-zero (see `OutSlots::new`): the raw wire is 0.
+const _: () = assert!(Wire::Raw as u8 == 0);
 
 impl OutSlot {
     /// Takes the lock. Holders keep it for one non-blocking syscall at most,
     /// so contention is brief; after a few spins the waiter yields its CPU
     /// in case the holder was preempted.
+    #[inline]
     pub fn lock(&self) -> OutGuard<'_> {
-        let mut spins = 0u32;
-        loop {
-            if !self.locked.swap(true, Ordering::Acquire) {
-                return OutGuard(self);
-            }
-            while self.locked.load(Ordering::Relaxed) {
-                spins += 1;
-                if spins < 64 {
-                    std::hint::spin_loop();
-                } else {
-                    std::thread::yield_now();
-                }
-            }
-        }
+        self.0.lock()
     }
 }
-
-impl Deref for OutGuard<'_> {
-    type Target = OutState;
-    fn deref(&self) -> &OutState {
-        // SAFETY: the guard holds the lock.
-        unsafe { &*self.0.state.get() }
-    }
-}
-
-impl DerefMut for OutGuard<'_> {
-    fn deref_mut(&mut self) -> &mut OutState {
-        // SAFETY: the guard holds the lock, exclusively.
-        unsafe { &mut *self.0.state.get() }
-    }
-}
-
-impl Drop for OutGuard<'_> {
-    fn drop(&mut self) {
-        self.0.locked.store(false, Ordering::Release);
-    }
-}
-
-const NIL: u32 = u32::MAX;
 
 /// One worker's write slots, and the list of slots that need the owner's
 /// attention (arm a write poll, close a slow consumer), filled by other
-/// threads. The list is a lock-free stack threaded through the slots:
-/// pushes CAS the head, the owner takes the whole list at once (which
-/// makes it immune to ABA); a slot is on it at most once (`listed`), so it
-/// never needs memory of its own.
+/// threads (`sync::requests`: a lock-free stack threaded through the
+/// slots, each on it at most once, taken whole by the owner).
 pub(crate) struct OutSlots {
     pub slots: Box<[OutSlot]>,
-    head: AtomicU32,
+    requests: RequestList,
 }
 
 impl OutSlots {
-    /// `n` slots, preallocated (untouched pages cost nothing).
+    /// `n` empty slots, allocated zeroed: pages of slots never used are
+    /// never written, so they cost address space, not memory.
     pub fn new(n: usize) -> OutSlots {
-        OutSlots { slots: (0..n).map(|_| OutSlot::default()).collect(), head: AtomicU32::new(NIL) }
+        OutSlots { slots: zeroed_slots(n), requests: RequestList::new() }
     }
 
     /// Puts slot `i` on the request list; the caller holds its lock and has
     /// set a `needs_*` flag. Returns false if it was already listed.
     pub fn request(&self, i: u32, g: &mut OutGuard<'_>) -> bool {
-        if g.listed {
-            return false;
-        }
-        g.listed = true;
-        let mut head = self.head.load(Ordering::Relaxed);
-        loop {
-            self.slots[i as usize].next.store(head, Ordering::Relaxed);
-            match self.head.compare_exchange_weak(head, i, Ordering::Release, Ordering::Relaxed) {
-                Ok(_) => return true,
-                Err(h) => head = h,
-            }
-        }
+        self.requests.request(i, self.slots[i as usize].0.side(), &mut g.listed)
     }
 
     /// After the owning worker died: cuts off every connection still in a
@@ -340,15 +286,15 @@ impl OutSlots {
         let mut n = 0;
         for slot in self.slots.iter() {
             let mut g = slot.lock();
-            if g.generation == 0 || g.fd < 0 {
+            if g.generation == 0 || g.fd() < 0 {
                 continue;
             }
-            sys::shutdown(g.fd, libc::SHUT_RDWR);
+            sys::shutdown(g.fd(), libc::SHUT_RDWR);
             // SAFETY: the slot's descriptor belonged to the dead worker's
             // connection, which keeps it only as a plain number and never
             // closes it now; from here on the slot no longer names it.
-            unsafe { sys::close(g.fd) };
-            g.fd = -1;
+            unsafe { sys::close(g.fd()) };
+            g.set_fd(-1);
             g.generation = 0;
             g.open = false;
             g.write_wait = false;
@@ -362,12 +308,33 @@ impl OutSlots {
 
     /// Owner side: takes every listed slot (most recent first).
     pub fn take_requests(&self, out: &mut Vec<u32>) {
-        let mut i = self.head.swap(NIL, Ordering::Acquire);
-        while i != NIL {
-            out.push(i);
-            i = self.slots[i as usize].next.load(Ordering::Relaxed);
-        }
+        self.requests.take(out, |i| self.slots[i as usize].0.side())
     }
+}
+
+/// `n` empty slots in one zeroed allocation (`alloc_zeroed`: a large one
+/// comes from fresh, untouched pages; `Box::new_zeroed_slice` needs Rust
+/// 1.82, the MSRV is 1.80).
+fn zeroed_slots(n: usize) -> Box<[OutSlot]> {
+    if n == 0 {
+        return Box::new([]);
+    }
+    let layout = Layout::array::<OutSlot>(n).expect("slot array size overflows");
+    // SAFETY: the layout has a non-zero size (n > 0, slots are 32 bytes).
+    let p = unsafe { std::alloc::alloc_zeroed(layout) }.cast::<OutSlot>();
+    if p.is_null() {
+        std::alloc::handle_alloc_error(layout);
+    }
+    // SAFETY: `p` holds `n` all-zero `OutSlot`s, each a valid empty slot:
+    // the lock's flag (AtomicBool false: unlocked), the link (AtomicU32 0:
+    // not listed, `sync::requests`), `generation` 0 (none), `fd_plus_one` 0
+    // (no socket), every flag false, `wire` 0 (`Wire::Raw`, asserted
+    // above), and `out`, an `OutQueue`, which is one `Option<Box<_>>` whose
+    // all-zero is `None`, the empty queue (guaranteed for `Option<Box<T>>`;
+    // its size is asserted in outq.rs). The memory comes from the global
+    // allocator with the layout of `[OutSlot; n]`, which is the layout the
+    // `Box<[OutSlot]>` frees with.
+    unsafe { Box::from_raw(std::ptr::slice_from_raw_parts_mut(p, n)) }
 }
 
 #[cfg(test)]
@@ -426,5 +393,64 @@ mod tests {
         s.take_requests(&mut seen);
         seen.sort();
         assert_eq!(seen, (0..1000).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn zeroed_slots_are_empty() {
+        let s = OutSlots::new(8);
+        for slot in s.slots.iter() {
+            let g = slot.lock();
+            assert_eq!((g.generation, g.fd(), g.wire), (0, -1, Wire::Raw));
+            assert!(!g.open && !g.write_wait && !g.needs_arm && !g.needs_close && !g.listed);
+            assert!(g.out.is_empty());
+        }
+        let mut g = s.slots[3].lock();
+        g.set_fd(0);
+        assert_eq!(g.fd(), 0, "descriptor 0 is a descriptor, not none");
+        g.set_fd(-1);
+        assert_eq!(g.fd(), -1);
+        g.needs_arm = true;
+        assert!(s.request(3, &mut g));
+        assert!(!s.request(3, &mut g), "listed once");
+        drop(g);
+        let mut list = Vec::new();
+        s.take_requests(&mut list);
+        assert_eq!(list, [3]);
+        assert!(OutSlots::new(0).slots.is_empty());
+    }
+
+    /// Pages of `[addr, addr + len)` resident in memory, by `mincore(2)`
+    /// (only the whole pages inside the range are counted).
+    fn resident_pages(addr: *const u8, len: usize) -> (usize, usize) {
+        // SAFETY: sysconf has no memory-safety preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
+        let start = (addr as usize).next_multiple_of(page);
+        let end = (addr as usize + len) / page * page;
+        let pages = (end - start) / page;
+        let mut vec = vec![0u8; pages];
+        // SAFETY: `[start, end)` lies inside one live allocation and is
+        // page-aligned; `vec` has one byte per page of it.
+        let r = unsafe { libc::mincore(start as *mut libc::c_void, end - start, vec.as_mut_ptr()) };
+        assert_eq!(r, 0, "mincore: {}", std::io::Error::last_os_error());
+        (vec.iter().filter(|&&b| b & 1 != 0).count(), pages)
+    }
+
+    #[test]
+    fn new_slots_commit_no_pages() {
+        // 64 MiB or more of slots: above any malloc's mmap threshold, so
+        // the array comes fresh from the kernel. Only the pages the
+        // allocator itself writes (its headers) may be resident.
+        let n = (64 << 20) / std::mem::size_of::<OutSlot>() + 1;
+        let s = OutSlots::new(n);
+        let (resident, pages) = resident_pages(s.slots.as_ptr() as *const u8, std::mem::size_of_val(&*s.slots));
+        assert!(resident <= 2, "{resident} of {pages} slot pages committed by OutSlots::new");
+        // Touching one slot commits its page only, and it works.
+        let mut g = s.slots[n / 2].lock();
+        assert_eq!((g.generation, g.open, g.listed, g.wire), (0, false, false, Wire::Raw));
+        assert!(g.out.is_empty());
+        g.generation = 7;
+        drop(g);
+        let (resident, _) = resident_pages(s.slots.as_ptr() as *const u8, std::mem::size_of_val(&*s.slots));
+        assert!(resident <= 3, "{resident} pages resident after touching one slot");
     }
 }

@@ -399,7 +399,7 @@ impl Worker {
             let mut g = self.outs().slots[slot as usize].lock();
             debug_assert!(g.generation == 0 && g.out.is_empty(), "a free slot has no write state");
             g.generation = generation;
-            g.fd = fd;
+            g.set_fd(fd);
             g.open = false;
             g.write_wait = false;
             g.wire = wire;
@@ -1352,10 +1352,10 @@ impl Worker {
                 Put::Queued { full: true } if !g.write_wait => {
                     g.write_wait = true;
                     bump(&self.counters().write_waits, 1);
-                    self.poller.borrow_mut().want_write(g.fd, token(m.slot, m.generation));
+                    self.poller.borrow_mut().want_write(g.fd(), token(m.slot, m.generation));
                 }
                 Put::Overflow => g.open = false,
-                Put::Broken => sys::shutdown(g.fd, libc::SHUT_RDWR),
+                Put::Broken => sys::shutdown(g.fd(), libc::SHUT_RDWR),
                 _ => {}
             }
             r
@@ -1531,10 +1531,10 @@ impl Worker {
             }
             let g = self.outs().slots[m.slot as usize].lock();
             if g.generation == m.generation && g.out.is_empty() {
-                if sys::send_all_until(g.fd, frame, (now + CEILING_WAIT_PER_MEMBER).min(end)) {
+                if sys::send_all_until(g.fd(), frame, (now + CEILING_WAIT_PER_MEMBER).min(end)) {
                     sends += 1;
                 } else {
-                    sys::shutdown(g.fd, libc::SHUT_RDWR);
+                    sys::shutdown(g.fd(), libc::SHUT_RDWR);
                 }
             }
         }
@@ -1581,11 +1581,11 @@ impl Worker {
             WriteState::Blocked => {
                 g.write_wait = true;
                 bump(&self.counters().write_waits, 1);
-                self.poller.borrow_mut().want_write(g.fd, token(slot, generation));
+                self.poller.borrow_mut().want_write(g.fd(), token(slot, generation));
             }
             WriteState::Failed => {
                 g.out.clear();
-                sys::shutdown(g.fd, libc::SHUT_RDWR);
+                sys::shutdown(g.fd(), libc::SHUT_RDWR);
             }
         }
     }
@@ -1600,7 +1600,7 @@ impl Worker {
                 return WriteState::Drained;
             }
             let offered: usize = iov[..n].iter().map(|v| v.iov_len).sum();
-            match sys::sendmsg(g.fd, &iov[..n]) {
+            match sys::sendmsg(g.fd(), &iov[..n]) {
                 Send::Wrote(w) => {
                     bump(&self.counters().writes, 1);
                     g.out.advance(w);
@@ -1610,7 +1610,7 @@ impl Worker {
                 }
                 Send::WouldBlock => return WriteState::Blocked,
                 Send::Error(e) => {
-                    tracing::trace!(worker = self.id.0, fd = g.fd, "write failed: {e}");
+                    tracing::trace!(worker = self.id.0, fd = g.fd(), "write failed: {e}");
                     return WriteState::Failed;
                 }
             }
@@ -1626,7 +1626,7 @@ impl Worker {
         if let Some(c) = conns.get_mut(slot as usize) {
             if c.generation == g.generation && c.flags & FIN_SENT == 0 {
                 c.flags |= FIN_SENT;
-                sys::shutdown(g.fd, libc::SHUT_WR);
+                sys::shutdown(g.fd(), libc::SHUT_WR);
             }
         }
     }
@@ -1641,16 +1641,16 @@ impl Worker {
         match self.write_out(&mut g) {
             WriteState::Drained => {
                 g.write_wait = false;
-                self.poller.borrow_mut().write_done(g.fd, token(slot, generation));
+                self.poller.borrow_mut().write_done(g.fd(), token(slot, generation));
                 self.after_drain(slot, &mut g, closing);
                 false
             }
             WriteState::Blocked => true,
             WriteState::Failed => {
                 g.write_wait = false;
-                self.poller.borrow_mut().write_done(g.fd, token(slot, generation));
+                self.poller.borrow_mut().write_done(g.fd(), token(slot, generation));
                 g.out.clear();
-                sys::shutdown(g.fd, libc::SHUT_RDWR);
+                sys::shutdown(g.fd(), libc::SHUT_RDWR);
                 false
             }
         }
@@ -1670,7 +1670,7 @@ impl Worker {
                     g.needs_arm = false;
                     if g.write_wait {
                         bump(&self.counters().write_waits, 1);
-                        self.poller.borrow_mut().want_write(g.fd, token(slot, g.generation));
+                        self.poller.borrow_mut().want_write(g.fd(), token(slot, g.generation));
                     }
                 }
                 (g.generation, std::mem::take(&mut g.needs_close))
@@ -1779,7 +1779,7 @@ impl Worker {
             // SAFETY: the connection owned `fd` since its accept; its slot
             // no longer names it (generation 0), so nothing uses it again.
             unsafe { sys::close(conn.fd) };
-            g.fd = -1;
+            g.set_fd(-1);
         }
         let c = self.counters();
         drop_one(&c.connections);
