@@ -18,6 +18,8 @@
 //! (wscap.rs): idle memory, room fan-out and publish→deliver latency over
 //! Switchboard's WebSocket port, next to nginx + nchan.
 
+#[path = "churn.rs"]
+pub mod churn;
 #[path = "wscap.rs"]
 mod wscap;
 
@@ -136,11 +138,10 @@ impl ServerProc {
         Err(format!("{} did not listen on {} within {timeout:?}", self.name, self.addr))
     }
 
-    fn switchboard(bin: &Path, out: &Path, tag: &str, plan: &Plan, extra: &str) -> Result<ServerProc, String> {
+    fn switchboard(bin: &Path, out: &Path, tag: &str, workers: usize, extra: &str) -> Result<ServerProc, String> {
         let (port, admin_port, ws_port) = (free_port(), free_port(), free_port());
         let config = format!(
-            "[server]\nlisten = \"127.0.0.1:{port}\"\nworkers = {}\n\n[admin]\nlisten = \"127.0.0.1:{admin_port}\"\nbench_endpoints = true\n\n[websocket]\nlisten = \"127.0.0.1:{ws_port}\"\n{extra}",
-            plan.workers
+            "[server]\nlisten = \"127.0.0.1:{port}\"\nworkers = {workers}\n\n[admin]\nlisten = \"127.0.0.1:{admin_port}\"\nbench_endpoints = true\n\n[websocket]\nlisten = \"127.0.0.1:{ws_port}\"\n{extra}"
         );
         let path = out.join(format!("switchboard-{tag}.toml"));
         std::fs::write(&path, config).map_err(|e| e.to_string())?;
@@ -484,7 +485,7 @@ impl Runner {
         // Every connection pinged four times a second: enough heartbeats in
         // the window for the tick-sampled user/system split to be precise.
         let extra = "\n[timeouts]\ntick_ms = 50\nheartbeat_interval_ms = 250\nidle_timeout_ms = 2000\n";
-        let s = ServerProc::switchboard(&self.switchboard_bin, &self.out, "heartbeat", &self.plan, extra)?;
+        let s = ServerProc::switchboard(&self.switchboard_bin, &self.out, "heartbeat", self.plan.workers, extra)?;
         let n = self.plan.connections;
         note(format!("switchboard: heartbeats, {n} connections pinged every 250 ms"));
         let (mut fleet, ready, _) = self.fleet(s.addr, n, "hb-u", None)?;
@@ -509,7 +510,7 @@ impl Runner {
 
     /// Switchboard over WebSocket, then nginx + nchan (unless disabled).
     fn websocket(&mut self, peers: &mut serde_json::Map<String, Value>) -> Result<Value, String> {
-        let s = ServerProc::switchboard(&self.switchboard_bin, &self.out, "ws", &self.plan, "")?;
+        let s = ServerProc::switchboard(&self.switchboard_bin, &self.out, "ws", self.plan.workers, "")?;
         let r = self.ws_suite(&s, wscap::WsServer::Switchboard);
         s.stop();
         let ws = r?;
@@ -549,7 +550,7 @@ impl Runner {
         let plan = self.plan.clone();
         let no_extra = "";
         // Switchboard.
-        let sb = ServerProc::switchboard(&self.switchboard_bin, &self.out, "main", &plan, no_extra)?;
+        let sb = ServerProc::switchboard(&self.switchboard_bin, &self.out, "main", plan.workers, no_extra)?;
         let idle = self.idle(&sb)?;
         let unicast = self.unicast(&sb)?;
         let fanout = self.fanout(&sb, None)?;
