@@ -412,4 +412,11 @@ mod tests {
         assert!(s.contains("1000000 cycles at 20000/s"), "{s}");
         assert!(s.contains("+500000 bytes (+0.50 bytes/cycle); PASS"), "{s}");
     }
+
+    #[test]
+    fn the_capacity_table_cell_carries_the_figure_and_the_verdict() {
+        let cell = super::super::churn_cell(&sample());
+        assert_eq!(cell, "0.50 (1000000 cycles at 20000/s, 18.00 → 18.50 MB; PASS)");
+        assert_eq!(super::super::churn_cell(&Value::Null), "n/a");
+    }
 }

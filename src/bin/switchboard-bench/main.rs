@@ -103,7 +103,7 @@ enum Cmd {
     Capacity {
         /// Full mode: the largest honest run (19,000 connections in the
         /// server process; 15,000 over WebSocket). Default: quick mode
-        /// (4,000; 2,000 over WebSocket; under 3 minutes).
+        /// (4,000; 2,000 over WebSocket; 400,000 churn cycles; 3-4 minutes).
         #[arg(long)]
         full: bool,
         #[arg(long, default_value = "target/capacity")]
