@@ -339,6 +339,35 @@ fn directory(c: &mut Criterion) {
             (name, removed)
         })
     });
+    // The same hits while another core logs users in and out as fast as it
+    // can (the two cores of the reference machine, one reading, one
+    // writing): what a push pays on a server whose users come and go.
+    // Every login takes a fresh slot (a removed user leaves a tombstone), so
+    // the writer makes the table fill and be rebuilt over and over during
+    // the measurement; a directory that kept its old tables (issue 9) shows
+    // here as hits that get slower the longer the run.
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            let mut n = 0u32;
+            while !stop.load(Ordering::Relaxed) {
+                let user = format!("churner{}", n % 200_000);
+                let conn = ConnId::new(WorkerId(1), n % 50_000, 1);
+                let name = d.register(&user, conn).unwrap();
+                d.unregister(&name, conn);
+                n = n.wrapping_add(1);
+            }
+        });
+        let mut i = 0;
+        g.bench_function("lookup_into/hit_during_login_churn", |b| {
+            b.iter(|| {
+                let k = cycle(&names, &mut i);
+                d.lookup_into(black_box(&names[k]), &mut out);
+                out.len()
+            })
+        });
+        stop.store(true, Ordering::Relaxed);
+    });
     g.finish();
 }
 

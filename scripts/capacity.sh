@@ -5,12 +5,16 @@
 # loaders, and writes target/capacity/report.json, report.md, memory.svg and
 # latency.svg.
 #
-#   scripts/capacity.sh            # quick mode: 4,000 connections (2,000 over WebSocket), < 3 minutes
+#   scripts/capacity.sh            # quick mode: 4,000 connections (2,000 over WebSocket), 3-4 minutes
 #   scripts/capacity.sh --full     # 19,000 connections (this host's file limit), 15,000 over WebSocket
 #   scripts/capacity.sh --no-peers # Switchboard and the ceiling only (no tokio, no nchan)
 #   scripts/capacity.sh --no-nchan # everything but nginx + nchan
 #   scripts/capacity.sh --ws-only [--ws-connections N]
 #                                  # only Switchboard over WebSocket next to nginx + nchan
+#
+# The login/logout churn figure (server RSS over 400,000 connect → LOGIN →
+# disconnect cycles; 1,000,000 with --full) is in the report too;
+# scripts/churn.sh runs it alone.
 #
 # The nginx + nchan column needs nginx and its nchan module (Debian/Ubuntu:
 #   apt-get install -y nginx libnginx-mod-nchan

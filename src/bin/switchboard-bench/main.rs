@@ -104,7 +104,7 @@ enum Cmd {
     Capacity {
         /// Full mode: the largest honest run (19,000 connections in the
         /// server process; 15,000 over WebSocket). Default: quick mode
-        /// (4,000; 2,000 over WebSocket; under 3 minutes).
+        /// (4,000; 2,000 over WebSocket; 400,000 churn cycles; 3-4 minutes).
         #[arg(long)]
         full: bool,
         #[arg(long, default_value = "target/capacity")]
@@ -153,6 +153,38 @@ enum Cmd {
         /// Seconds between the last write and the measurement.
         #[arg(long, default_value_t = 2)]
         settle_s: u64,
+    },
+    /// Connect → LOGIN → disconnect cycles against a fresh server process:
+    /// does its RSS stay flat after a warm-up? Prints JSON and a PASS/FAIL
+    /// line (flat within 2 MB); exits 1 on FAIL.
+    Churn {
+        /// Measured cycles after the warm-up (one cycle = one connection).
+        #[arg(long, default_value_t = 1_000_000)]
+        cycles: u64,
+        /// Cycles before the first RSS sample.
+        #[arg(long, default_value_t = 100_000)]
+        warmup: u64,
+        /// Distinct user ids, drawn uniformly.
+        #[arg(long, default_value_t = 200_000)]
+        users: u32,
+        /// Client threads (two sockets each at most).
+        #[arg(long, default_value_t = 4)]
+        threads: u32,
+        /// An RSS sample every this many cycles.
+        #[arg(long, default_value_t = 100_000)]
+        sample_every: u64,
+        /// Server workers.
+        #[arg(long, default_value_t = 2)]
+        workers: usize,
+        /// The switchboard binary (default: next to this one).
+        #[arg(long)]
+        switchboard: Option<PathBuf>,
+        /// Where the server's config and log go.
+        #[arg(long, default_value = "target/churn")]
+        out: PathBuf,
+        /// Write the results as JSON to this file as well.
+        #[arg(long)]
+        json: Option<PathBuf>,
     },
     /// The bare relay used as the unicast ceiling (see relay.rs).
     CeilingRelay {
@@ -323,14 +355,44 @@ struct CapacityArgs {
     ws_connections: Option<u32>,
 }
 
+/// The switchboard binary: `given`, or the one next to this executable.
+fn switchboard_bin(given: Option<PathBuf>) -> Result<PathBuf, String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let dir = exe.parent().ok_or("no directory for this executable")?;
+    let sb = given.unwrap_or_else(|| dir.join("switchboard"));
+    if !sb.exists() {
+        return Err(format!("{} not found: build it first (cargo build --release)", sb.display()));
+    }
+    Ok(sb)
+}
+
+struct ChurnArgs {
+    plan: capacity::churn::ChurnPlan,
+    switchboard: Option<PathBuf>,
+    out: PathBuf,
+    json: Option<PathBuf>,
+}
+
+fn run_churn(a: ChurnArgs) -> Result<(), String> {
+    let sb = switchboard_bin(a.switchboard)?;
+    let r = capacity::churn::run(&sb, &a.out, &a.plan)?;
+    let text = serde_json::to_string_pretty(&r).expect("json");
+    println!("{text}");
+    if let Some(p) = &a.json {
+        std::fs::write(p, &text).map_err(|e| format!("cannot write {}: {e}", p.display()))?;
+    }
+    eprintln!("churn: {}", capacity::churn::summary(&r));
+    if r["pass"] != json!(true) {
+        return Err("churn: FAIL".into());
+    }
+    Ok(())
+}
+
 fn run_capacity(a: CapacityArgs) -> Result<(), String> {
     let CapacityArgs { full, out, switchboard, tokio, no_peers, no_nchan, ws_only, ws_connections } = a;
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let dir = exe.parent().ok_or("no directory for this executable")?.to_path_buf();
-    let sb = switchboard.unwrap_or_else(|| dir.join("switchboard"));
-    if !sb.exists() {
-        return Err(format!("{} not found: build it first (cargo build --release)", sb.display()));
-    }
+    let sb = switchboard_bin(switchboard)?;
     let tokio_bin = if no_peers || ws_only {
         None
     } else {
@@ -369,6 +431,17 @@ fn main() {
         Cmd::Idle { common, settle_s, hold_s, warmup } => idle(common, settle_s, hold_s, warmup),
         Cmd::Capacity { full, out, switchboard, tokio, no_peers, no_nchan, ws_only, ws_connections } => {
             run_capacity(CapacityArgs { full, out, switchboard, tokio, no_peers, no_nchan, ws_only, ws_connections })
+        }
+        Cmd::Churn { cycles, warmup, users, threads, sample_every, workers, switchboard, out, json } => {
+            let plan = capacity::churn::ChurnPlan {
+                warmup,
+                users,
+                threads,
+                sample_every,
+                workers,
+                ..capacity::churn::ChurnPlan::new(cycles)
+            };
+            run_churn(ChurnArgs { plan, switchboard, out, json })
         }
         Cmd::CeilingRelay { listen, workers } => relay::run(listen, workers).map_err(|e| e.to_string()),
         Cmd::RestartCheck { switchboard } => restart::run(switchboard),

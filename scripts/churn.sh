@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Login/logout churn: builds in release mode, starts `switchboard serve` in
+# its own process, runs connect → LOGIN → disconnect cycles against it from
+# a few client threads (two sockets each at most), and checks that the
+# server's RSS stays flat (within 2 MB) from the end of the warm-up to the
+# end of the run. Prints JSON and a PASS/FAIL line; exits 1 on FAIL.
+#
+#   scripts/churn.sh                      # 1,000,000 cycles after a 100,000-cycle warm-up (~2.5 min here)
+#   scripts/churn.sh --cycles 3000000     # longer
+#   scripts/churn.sh --users 1000000      # a larger pool of distinct user ids
+#
+# Writes target/churn/churn.json (and the server's config and log there).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cargo build --release --quiet -p switchboard --bins
+mkdir -p target/churn
+exec ./target/release/switchboard-bench churn --out target/churn --json target/churn/churn.json "$@"

@@ -1,0 +1,422 @@
+//! `switchboard-bench churn`: does the server give back everything a login
+//! takes?
+//!
+//! Owns: starting the release server in its own process, driving
+//! connect → LOGIN → disconnect cycles against it from a few client threads
+//! (each holding at most two sockets, so the run needs a few dozen
+//! descriptors however long it is), sampling the server's RSS from /proc
+//! after a warm-up and then periodically, and judging the growth against a
+//! fixed tolerance.
+//! Must not: hold connections open (this is not the idle scenario), retry a
+//! failed cycle (every failure is counted), or sample the end figure while
+//! connections are still closing (both the warm-up and the end sample wait
+//! until the server reports no connection and no logged-in user).
+//!
+//! The question: after a warm-up, does RSS stay flat over a million logins
+//! and logouts? Sizes: a million measured cycles, because a leak of ~10
+//! bytes per cycle (what was reported against this server) then shows as
+//! ~10 MB, five times the 2 MB tolerance; a 100,000-cycle warm-up, enough for
+//! the allocator's size classes, the directory's table and the kernel-facing
+//! buffers to reach their working size. Users are drawn uniformly from a
+//! pool of 200,000 distinct ids (each logs in about five times over the
+//! run, as a population of clients reconnecting would), and one session in
+//! eight logs in a second device of the same user (the directory's
+//! several-devices path). Endings rotate over the three ways a connection
+//! ends: the client closes (FIN), resets (RST, SO_LINGER 0), or sends CLOSE
+//! and waits for the server's CLOSE and FIN.
+//!
+//! Ports: the client closing first leaves a TIME_WAIT socket per FIN
+//! ending. Each thread binds its own source address 127.0.0.x with
+//! IP_BIND_ADDRESS_NO_PORT, so the port is picked at connect time, where
+//! the kernel may reuse a TIME_WAIT port on loopback (net.ipv4.tcp_tw_reuse,
+//! 2 by default = loopback only); RST and CLOSE endings leave none on the
+//! client side. Over a million cycles no thread runs out of ports.
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use socket2::{Domain, Protocol, Socket, Type};
+use switchboard::loadgen::ProcStat;
+use switchboard::proto::frame::{decode, Frame, PROTOCOL_MAX_FRAME_BYTES};
+use switchboard::JwtHs256;
+
+use super::ServerProc;
+
+/// RSS may grow this much from the end of the warm-up to the end of the run.
+pub const TOLERANCE_BYTES: u64 = 2_000_000;
+
+/// Sizes of one churn run.
+#[derive(Clone, Debug)]
+pub struct ChurnPlan {
+    /// Measured cycles, after the warm-up. One cycle is one connection:
+    /// connect, LOGIN, LOGIN_OK, disconnect.
+    pub cycles: u64,
+    /// Cycles before the first RSS sample.
+    pub warmup: u64,
+    /// Distinct user ids drawn from.
+    pub users: u32,
+    /// Client threads (each its own source address, at most two sockets).
+    pub threads: u32,
+    /// An RSS sample every this many cycles.
+    pub sample_every: u64,
+    /// Server workers.
+    pub workers: usize,
+    /// First source address: thread k binds 127.0.0.<src_base + k>.
+    pub src_base: u8,
+}
+
+impl ChurnPlan {
+    pub fn new(cycles: u64) -> ChurnPlan {
+        ChurnPlan {
+            cycles,
+            warmup: 100_000,
+            users: 200_000,
+            threads: 4,
+            sample_every: 100_000,
+            workers: 2,
+            src_base: 200,
+        }
+    }
+
+    /// One line saying what the clients did.
+    pub fn mix(&self) -> String {
+        format!(
+            "{} client threads, at most 2 sockets each; users drawn uniformly from {} distinct ids; one session in 8 logs in a second device of the same user; endings rotate FIN / RST (SO_LINGER 0) / CLOSE frame",
+            self.threads, self.users
+        )
+    }
+}
+
+/// How a connection ends.
+#[derive(Copy, Clone, Debug)]
+enum Ending {
+    /// The client closes: FIN, TIME_WAIT on the client side.
+    Fin,
+    /// SO_LINGER 0, then close: RST.
+    Rst,
+    /// CLOSE frame, then read until the server's CLOSE and FIN.
+    CloseFrame,
+}
+
+impl Ending {
+    fn nth(i: u64) -> Ending {
+        match i % 3 {
+            0 => Ending::Fin,
+            1 => Ending::Rst,
+            _ => Ending::CloseFrame,
+        }
+    }
+}
+
+/// Counters shared by the client threads.
+#[derive(Default)]
+struct Progress {
+    /// Cycles completed (logged in and disconnected).
+    done: AtomicU64,
+    failed: AtomicU64,
+}
+
+/// What one thread needs.
+struct Client<'a> {
+    server: SocketAddr,
+    src: IpAddr,
+    jwt: &'a JwtHs256,
+    exp_unix_s: u64,
+    buf: Vec<u8>,
+}
+
+impl Client<'_> {
+    fn connect(&self) -> std::io::Result<Socket> {
+        let s = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
+        let one: libc::c_int = 1;
+        // SAFETY: setsockopt on a socket we own with a c_int of the right size.
+        let r = unsafe {
+            libc::setsockopt(
+                s.as_raw_fd(),
+                libc::IPPROTO_IP,
+                libc::IP_BIND_ADDRESS_NO_PORT,
+                (&one as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if r != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        s.bind(&SocketAddr::new(self.src, 0).into())?;
+        s.set_nodelay(true)?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        s.set_write_timeout(Some(Duration::from_secs(10)))?;
+        s.connect_timeout(&self.server.into(), Duration::from_secs(10))?;
+        Ok(s)
+    }
+
+    /// Connects and logs in as `user`.
+    fn login(&mut self, user: &str) -> Result<Socket, String> {
+        let mut s = self.connect().map_err(|e| format!("connect: {e}"))?;
+        let token = self.jwt.mint(user, self.exp_unix_s);
+        let login = Frame::Login { user, token: token.as_bytes() }.to_bytes().map_err(|e| e.to_string())?;
+        s.write_all(&login).map_err(|e| format!("send LOGIN: {e}"))?;
+        self.buf.clear();
+        let mut chunk = [0u8; 512];
+        loop {
+            match decode(&self.buf, PROTOCOL_MAX_FRAME_BYTES).map_err(|e| e.to_string())? {
+                Some((Frame::LoginOk { .. }, _)) => return Ok(s),
+                Some((other, _)) => return Err(format!("{other:?} instead of LOGIN_OK")),
+                None => {}
+            }
+            let n = s.read(&mut chunk).map_err(|e| format!("read LOGIN_OK: {e}"))?;
+            if n == 0 {
+                return Err("closed before LOGIN_OK".into());
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    fn end(&mut self, mut s: Socket, how: Ending) -> Result<(), String> {
+        match how {
+            Ending::Fin => {}
+            Ending::Rst => s.set_linger(Some(Duration::ZERO)).map_err(|e| e.to_string())?,
+            Ending::CloseFrame => {
+                let close = Frame::Close { code: 1000, reason: "bye" }.to_bytes().map_err(|e| e.to_string())?;
+                s.write_all(&close).map_err(|e| format!("send CLOSE: {e}"))?;
+                let mut chunk = [0u8; 512];
+                loop {
+                    match s.read(&mut chunk) {
+                        Ok(0) => break,
+                        Ok(_) => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                        // The server may reset after its FIN if our ACK
+                        // crossed its close; the connection ended either way.
+                        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+                        Err(e) => return Err(format!("waiting for the server's FIN: {e}")),
+                    }
+                }
+            }
+        }
+        drop(s);
+        Ok(())
+    }
+}
+
+/// xorshift64*: cheap, spread, reproducible per thread.
+fn next_rand(state: &mut u64) -> u64 {
+    *state ^= *state >> 12;
+    *state ^= *state << 25;
+    *state ^= *state >> 27;
+    state.wrapping_mul(0x2545_F491_4F6C_DD1D)
+}
+
+/// Runs `cycles` cycles over the plan's threads, calling `tick` with the
+/// cycles completed so far about every 50 ms until they are done.
+fn run_cycles(
+    plan: &ChurnPlan,
+    server: SocketAddr,
+    jwt: &JwtHs256,
+    cycles: u64,
+    seed: u64,
+    mut tick: impl FnMut(u64),
+) -> Result<(u64, Option<String>), String> {
+    let progress = Progress::default();
+    let first_error = std::sync::Mutex::new(None::<String>);
+    let exp_unix_s = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() + 24 * 3600)
+        .unwrap_or(u64::MAX / 2);
+    let per_thread = cycles / plan.threads as u64;
+    std::thread::scope(|scope| {
+        let mut threads = Vec::new();
+        for k in 0..plan.threads {
+            let quota = per_thread + u64::from((k as u64) < cycles % plan.threads as u64);
+            let (progress, first_error) = (&progress, &first_error);
+            let src = IpAddr::V4(Ipv4Addr::new(127, 0, 0, plan.src_base.wrapping_add(k as u8)));
+            let users = plan.users.max(1) as u64;
+            let t = std::thread::Builder::new()
+                .name(format!("churn-{k}"))
+                .spawn_scoped(scope, move || {
+                    let mut c = Client { server, src, jwt, exp_unix_s, buf: Vec::with_capacity(512) };
+                    let mut rng = seed ^ (0x9E37_79B9_7F4A_7C15u64.wrapping_mul(k as u64 + 1));
+                    let mut n = 0u64;
+                    let fail = |e: String| {
+                        progress.failed.fetch_add(1, Ordering::Relaxed);
+                        first_error.lock().unwrap().get_or_insert(e);
+                    };
+                    while n < quota {
+                        let r = next_rand(&mut rng);
+                        let user = format!("churn-{}", r % users);
+                        let devices = if (r >> 32) % 8 == 0 && quota - n >= 2 { 2 } else { 1 };
+                        let mut open = Vec::with_capacity(2);
+                        for _ in 0..devices {
+                            match c.login(&user) {
+                                Ok(s) => open.push(s),
+                                Err(e) => fail(e),
+                            }
+                        }
+                        for s in open {
+                            match c.end(s, Ending::nth(n)) {
+                                Ok(()) => {
+                                    progress.done.fetch_add(1, Ordering::Relaxed);
+                                }
+                                Err(e) => fail(e),
+                            }
+                        }
+                        n += devices;
+                    }
+                })
+                .expect("spawn a churn thread");
+            threads.push(t);
+        }
+        while !threads.iter().all(|t| t.is_finished()) {
+            std::thread::sleep(Duration::from_millis(50));
+            tick(progress.done.load(Ordering::Relaxed));
+        }
+        for t in threads {
+            t.join().map_err(|_| "a churn thread panicked".to_string())?;
+        }
+        Ok::<(), String>(())
+    })?;
+    Ok((progress.failed.load(Ordering::Relaxed), first_error.into_inner().unwrap()))
+}
+
+/// Waits until the server reports no open connection and no logged-in user.
+fn wait_quiet(s: &ServerProc) -> Result<Duration, String> {
+    let t0 = Instant::now();
+    loop {
+        let st = s.stats().ok_or("cannot read the server's /stats")?;
+        let (conns, logged) = (st["stats"]["connections"].as_u64(), st["stats"]["logged_in"].as_u64());
+        if conns == Some(0) && logged == Some(0) && st["users"].as_u64() == Some(0) {
+            return Ok(t0.elapsed());
+        }
+        if t0.elapsed() > Duration::from_secs(30) {
+            return Err(format!("server still has {conns:?} connections, {logged:?} logged in after 30 s"));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Runs the plan against a fresh server started from `bin`; returns the
+/// figures as JSON.
+pub fn run(bin: &Path, out: &Path, plan: &ChurnPlan) -> Result<Value, String> {
+    std::fs::create_dir_all(out).map_err(|e| e.to_string())?;
+    if plan.threads == 0 || plan.cycles == 0 {
+        return Err("churn needs at least one thread and one cycle".into());
+    }
+    let s = ServerProc::switchboard(bin, out, "churn", plan.workers, "")?;
+    let pid = s.pid();
+    let jwt = JwtHs256::new(switchboard::config::DEV_JWT_SECRET);
+    let rss = || ProcStat::rss_bytes(pid).ok_or_else(|| "cannot read the server's RSS".to_string());
+    let rss_start = rss()?;
+    eprintln!("churn: server pid {pid}, RSS {:.1} MB at start; {}", rss_start as f64 / 1e6, plan.mix());
+
+    eprintln!("churn: warm-up, {} cycles", plan.warmup);
+    let (warm_failed, warm_error) = run_cycles(plan, s.addr, &jwt, plan.warmup, 1, |_| {})?;
+    wait_quiet(&s)?;
+    let rss_warm = rss()?;
+    let cycles_warm = s.stats().and_then(|v| v["stats"]["logins"].as_u64()).unwrap_or(0);
+    eprintln!("churn: after warm-up RSS {:.2} MB", rss_warm as f64 / 1e6);
+
+    let mut samples = vec![json!({ "cycles": 0, "rss_bytes": rss_warm })];
+    let mut next_sample = plan.sample_every;
+    let t0 = Instant::now();
+    let (failed, first_error) = run_cycles(plan, s.addr, &jwt, plan.cycles, 2, |done| {
+        if done >= next_sample {
+            if let Some(r) = ProcStat::rss_bytes(pid) {
+                eprintln!(
+                    "  {done} cycles, RSS {:.2} MB ({:.0} cycles/s)",
+                    r as f64 / 1e6,
+                    done as f64 / t0.elapsed().as_secs_f64()
+                );
+                samples.push(json!({ "cycles": done, "rss_bytes": r }));
+            }
+            next_sample = (done / plan.sample_every + 1) * plan.sample_every;
+        }
+    })?;
+    let elapsed = t0.elapsed();
+    let quiet_after = wait_quiet(&s)?;
+    let rss_end = rss()?;
+    let stats = s.stats().unwrap_or(Value::Null);
+    s.stop();
+    let done = plan.cycles - failed;
+    let logins = stats["stats"]["logins"].as_u64().map(|l| l - cycles_warm);
+    samples.push(json!({ "cycles": done, "rss_bytes": rss_end, "quiesced": true }));
+    let growth = rss_end as i64 - rss_warm as i64;
+    let pass = growth.unsigned_abs() <= TOLERANCE_BYTES && failed == 0 && warm_failed == 0;
+    let r = json!({
+        "question": "after a warm-up, does the server's RSS stay flat over many connect → LOGIN → disconnect cycles?",
+        "mix": plan.mix(),
+        "cycles": done,
+        "failed": failed + warm_failed,
+        "first_error": first_error.or(warm_error),
+        "warmup_cycles": plan.warmup,
+        "logins_counted_by_server": logins,
+        "elapsed_s": elapsed.as_secs_f64(),
+        "cycles_per_s": done as f64 / elapsed.as_secs_f64(),
+        "server_rss_start_bytes": rss_start,
+        "server_rss_after_warmup_bytes": rss_warm,
+        "server_rss_end_bytes": rss_end,
+        "growth_bytes": growth,
+        "growth_bytes_per_cycle": growth as f64 / done.max(1) as f64,
+        "tolerance_bytes": TOLERANCE_BYTES,
+        "pass": pass,
+        "verdict": if pass { "PASS" } else { "FAIL" },
+        "rss_samples": samples,
+        "quiesce_ms": quiet_after.as_millis() as u64,
+        "method": "RSS (VmRSS of /proc/<pid>/status) after the warm-up and at the end, each once the server's /stats shows 0 connections, 0 logged in and 0 users; intermediate samples live",
+    });
+    Ok(r)
+}
+
+/// One paragraph for a report: the figures and the verdict.
+pub fn summary(r: &Value) -> String {
+    let mb = |v: &Value| v.as_f64().map(|b| format!("{:.2} MB", b / 1e6)).unwrap_or_else(|| "n/a".into());
+    format!(
+        "{} cycles at {:.0}/s: server RSS {} after a {}-cycle warm-up, {} at the end: {:+} bytes ({:+.2} bytes/cycle); {} (flat within {} MB), {} failed",
+        r["cycles"],
+        r["cycles_per_s"].as_f64().unwrap_or(0.0),
+        mb(&r["server_rss_after_warmup_bytes"]),
+        r["warmup_cycles"],
+        mb(&r["server_rss_end_bytes"]),
+        r["growth_bytes"].as_i64().unwrap_or(0),
+        r["growth_bytes_per_cycle"].as_f64().unwrap_or(0.0),
+        r["verdict"].as_str().unwrap_or("?"),
+        TOLERANCE_BYTES as f64 / 1e6,
+        r["failed"],
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endings_rotate_over_all_three() {
+        let e: Vec<String> = (0..6).map(|i| format!("{:?}", Ending::nth(i))).collect();
+        assert_eq!(e, ["Fin", "Rst", "CloseFrame", "Fin", "Rst", "CloseFrame"]);
+    }
+
+    fn sample() -> Value {
+        json!({
+            "cycles": 1_000_000, "cycles_per_s": 20_000.0, "warmup_cycles": 100_000,
+            "server_rss_after_warmup_bytes": 18_000_000, "server_rss_end_bytes": 18_500_000,
+            "growth_bytes": 500_000, "growth_bytes_per_cycle": 0.5, "verdict": "PASS", "failed": 0,
+        })
+    }
+
+    #[test]
+    fn summary_states_the_verdict() {
+        let s = summary(&sample());
+        assert!(s.contains("1000000 cycles at 20000/s"), "{s}");
+        assert!(s.contains("+500000 bytes (+0.50 bytes/cycle); PASS"), "{s}");
+    }
+
+    #[test]
+    fn the_capacity_table_cell_carries_the_figure_and_the_verdict() {
+        let cell = super::super::churn_cell(&sample());
+        assert_eq!(cell, "0.50 (1000000 cycles at 20000/s, 18.00 → 18.50 MB; PASS)");
+        assert_eq!(super::super::churn_cell(&Value::Null), "n/a");
+    }
+}
