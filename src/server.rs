@@ -576,6 +576,8 @@ pub struct Server {
     pub(crate) handle: Handle,
     pub(crate) threads: Vec<JoinHandle<()>>,
     pub(crate) admin: Option<crate::admin::Admin>,
+    /// The directory's sweeper thread (`sb-directory`).
+    pub(crate) sweeper: Option<crate::runtime::Sweeper>,
 }
 
 impl Server {
@@ -615,6 +617,7 @@ impl Server {
             }
         }
         self.admin = None;
+        drop(self.sweeper.take());
         match self.handle.shared.failure.lock().unwrap_or_else(|e| e.into_inner()).take() {
             Some(e) => Err(e),
             None => Ok(()),

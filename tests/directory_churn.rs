@@ -50,9 +50,15 @@ static GLOBAL: Counting = Counting;
 
 /// Logs in and out `count` sessions starting at `first`: every fifth user
 /// has a second device for a while (the several-devices path), and user
-/// names repeat over a pool of 5,000.
+/// names repeat over a pool of 5,000. Every 1,000 sessions the offline
+/// users are swept, as the server's sweeper thread does (with no linger
+/// here: the test does not wait for the clock), so removals, tombstones and
+/// table rebuilds all happen.
 fn churn(d: &Directory, first: u32, count: u32) {
     for i in first..first + count {
+        if i % 1_000 == 0 {
+            d.sweep(0);
+        }
         let user = format!("user{}", i.wrapping_mul(2_654_435_761) % 5_000);
         let a = ConnId::new(WorkerId(0), i % 50_000, 1);
         let name = d.register(&user, a).expect("under the per-user limit");
@@ -71,8 +77,10 @@ fn login_logout_churn_leaves_the_heap_where_it_was() {
     // Warm-up: the table reaches its working size and has been rebuilt a
     // few times (each rebuild clears the tombstones of removed users).
     churn(&d, 0, 20_000);
+    d.sweep(0);
     let before = LIVE_BYTES.load(Ordering::Relaxed);
     churn(&d, 20_000, 100_000);
+    d.sweep(0);
     let after = LIVE_BYTES.load(Ordering::Relaxed);
     assert_eq!(d.user_count(), 0);
     let growth = after - before;

@@ -270,7 +270,8 @@ pub(crate) fn start(
     }
     drop(ready_tx);
     let handle = Handle { shared: shared.clone() };
-    let mut server = Server { handle, threads, admin: None };
+    let sweeper = Sweeper::start(shared.clone())?;
+    let mut server = Server { handle, threads, admin: None, sweeper: Some(sweeper) };
     for _ in 0..workers {
         match ready_rx.recv() {
             Ok((_, Ok(()))) => {}
@@ -296,6 +297,45 @@ pub(crate) fn start(
         tracing::info!(addr = %a, demo_page = demo, "switchboard accepting WebSocket");
     }
     Ok(server)
+}
+
+/// The directory's sweeper: a thread (`sb-directory`) that removes the
+/// entries of users offline for a while, in batches, off the workers (see
+/// `directory.rs`). Stopped and joined when dropped.
+pub(crate) struct Sweeper {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Sweeper {
+    /// How often the sweeper looks at the directory.
+    const PERIOD: std::time::Duration = std::time::Duration::from_secs(1);
+
+    fn start(shared: Arc<Shared>) -> std::io::Result<Sweeper> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let thread = std::thread::Builder::new().name("sb-directory".into()).spawn(move || {
+            while !stop2.load(std::sync::atomic::Ordering::Acquire) {
+                std::thread::park_timeout(Self::PERIOD);
+                let d = &shared.directory;
+                let removed = d.sweep(crate::directory::OFFLINE_LINGER_S);
+                if removed > 0 {
+                    tracing::trace!(removed, offline_left = d.offline_count(), "directory sweep");
+                }
+            }
+        })?;
+        Ok(Sweeper { stop, thread: Some(thread) })
+    }
+}
+
+impl Drop for Sweeper {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            t.thread().unpark();
+            let _ = t.join();
+        }
+    }
 }
 
 fn worker_thread(
