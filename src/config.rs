@@ -296,6 +296,15 @@ pub struct RoomsConfig {
     pub max_members_per_room: u64,
     /// Distinct rooms the server holds at once (one map entry each).
     pub max_rooms: usize,
+    /// Rooms that one user's SUBSCRIBEs may have created and that still
+    /// exist (a room counts against its creator until its last member
+    /// leaves); past it, a SUBSCRIBE to a room that does not exist yet gets
+    /// ERROR 112, while joining existing rooms goes on. 0: clients create
+    /// no rooms at all, only the application does (`Handle::join_room`,
+    /// never counted). Keeps one user from filling `max_rooms` for
+    /// everyone; with untrusted users, size `max_rooms` for users × this,
+    /// or use 0.
+    pub max_rooms_created_per_user: u32,
     /// Clients may SUBSCRIBE/UNSUBSCRIBE themselves (off: only the
     /// application joins them).
     pub client_subscribe: bool,
@@ -310,6 +319,7 @@ impl Default for RoomsConfig {
             max_rooms_per_conn: 64,
             max_members_per_room: 1_000_000,
             max_rooms: 100_000,
+            max_rooms_created_per_user: 64,
             client_subscribe: true,
             client_publish: true,
         }

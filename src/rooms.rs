@@ -14,7 +14,7 @@
 //! O(1): swap-remove, then fix the position of the member that moved.
 
 use std::hash::BuildHasher;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use hashbrown::HashMap;
 use slab::Slab;
@@ -36,6 +36,8 @@ pub enum RoomError {
     TooManyRooms { limit: usize },
     #[error("connection is in too many rooms ({limit}, rooms.max_rooms_per_conn)")]
     ConnRoomLimit { limit: usize },
+    #[error("this user already created {limit} rooms that still exist (rooms.max_rooms_created_per_user); join existing rooms")]
+    CreatorLimit { limit: u32 },
 }
 
 impl RoomError {
@@ -46,6 +48,7 @@ impl RoomError {
             RoomError::RoomFull { .. } => ErrorCode::RoomFull,
             RoomError::TooManyRooms { .. } => ErrorCode::TooManyRooms,
             RoomError::ConnRoomLimit { .. } => ErrorCode::RoomLimit,
+            RoomError::CreatorLimit { .. } => ErrorCode::RoomCreationLimit,
         }
     }
 }
@@ -58,8 +61,19 @@ pub fn check_room_name(name: &str) -> Result<(), RoomError> {
     Ok(())
 }
 
-/// One shard of the registry: room name → connections in it.
-type Shard = RwLock<HashMap<Arc<str>, u64>>;
+/// A room in the registry: its connections over all workers, and the user
+/// whose SUBSCRIBE created it (`None`: the application created it).
+struct Room {
+    members: u64,
+    creator: Option<Arc<str>>,
+}
+
+/// One shard of the registry: room name → the room.
+type Shard = RwLock<HashMap<Arc<str>, Room>>;
+
+/// One shard of the creators: user → rooms that user's SUBSCRIBEs created
+/// and that still exist.
+type CreatorShard = Mutex<HashMap<Arc<str>, u32>>;
 
 /// Server-wide room presence: connections per room, across workers.
 pub struct RoomRegistry {
@@ -71,16 +85,26 @@ pub struct RoomRegistry {
     rooms: CountLimit,
     max_rooms: usize,
     max_members: u64,
+    /// Rooms each user created and that still exist, against
+    /// `max_created_per_user`. Only users who created one have an entry.
+    creators: Box<[CreatorShard]>,
+    max_created_per_user: u32,
 }
 
 impl RoomRegistry {
-    pub fn new(max_rooms: usize, max_members: u64) -> RoomRegistry {
+    /// A registry of at most `max_rooms` rooms of at most `max_members`
+    /// connections each; a user's SUBSCRIBEs may create at most
+    /// `max_created_per_user` rooms that exist at once (0: none; the
+    /// application's joins are not counted).
+    pub fn new(max_rooms: usize, max_members: u64, max_created_per_user: u32) -> RoomRegistry {
         RoomRegistry {
             shards: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
             hasher: hashbrown::DefaultHashBuilder::default(),
             rooms: CountLimit::new(),
             max_rooms,
             max_members,
+            creators: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            max_created_per_user,
         }
     }
 
@@ -88,47 +112,80 @@ impl RoomRegistry {
         &self.shards[(self.hasher.hash_one(name) >> 59) as usize % SHARDS]
     }
 
+    fn creators_of(&self, user: &str) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, u32>> {
+        let shard = &self.creators[(self.hasher.hash_one(user) >> 59) as usize % SHARDS];
+        shard.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Counts one more connection in `name`, creating the room if needed.
-    /// Returns the room's shared name.
-    pub fn join(&self, name: &str) -> Result<Arc<str>, RoomError> {
+    /// `creator` is the user whose SUBSCRIBE this is (`None`: the
+    /// application's join): a room it creates counts against that user's
+    /// `max_created_per_user` for as long as the room exists. Returns the
+    /// room's shared name.
+    pub fn join(&self, name: &str, creator: Option<&Arc<str>>) -> Result<Arc<str>, RoomError> {
         check_room_name(name)?;
         let mut map = self.shard(name).write().unwrap_or_else(|e| e.into_inner());
-        if let Some((key, n)) = map.get_key_value_mut(name) {
-            if *n >= self.max_members {
+        if let Some((key, room)) = map.get_key_value_mut(name) {
+            if room.members >= self.max_members {
                 return Err(RoomError::RoomFull { limit: self.max_members });
             }
-            *n += 1;
+            room.members += 1;
             return Ok(key.clone());
         }
-        if !self.rooms.try_take(self.max_rooms) {
-            return Err(RoomError::TooManyRooms { limit: self.max_rooms });
-        }
         if self.max_members == 0 {
-            self.rooms.give_back();
             return Err(RoomError::RoomFull { limit: 0 });
         }
+        // Lock order: room shard, then creator shard (as in `leave`).
+        if let Some(user) = creator {
+            let mut created = self.creators_of(user);
+            let n = created.get(&**user).copied().unwrap_or(0);
+            if n >= self.max_created_per_user {
+                return Err(RoomError::CreatorLimit { limit: self.max_created_per_user });
+            }
+            if !self.rooms.try_take(self.max_rooms) {
+                return Err(RoomError::TooManyRooms { limit: self.max_rooms });
+            }
+            created.insert(user.clone(), n + 1);
+        } else if !self.rooms.try_take(self.max_rooms) {
+            return Err(RoomError::TooManyRooms { limit: self.max_rooms });
+        }
         let key: Arc<str> = Arc::from(name);
-        map.insert(key.clone(), 1);
+        map.insert(key.clone(), Room { members: 1, creator: creator.cloned() });
         Ok(key)
     }
 
-    /// Counts one connection out of `name`; the room goes when empty.
+    /// Counts one connection out of `name`; the room goes when empty (and
+    /// stops counting against its creator).
     pub fn leave(&self, name: &str) {
         let mut map = self.shard(name).write().unwrap_or_else(|e| e.into_inner());
-        let Some(n) = map.get_mut(name) else {
+        let Some(room) = map.get_mut(name) else {
             debug_assert!(false, "leave of a room nobody joined: {name}");
             return;
         };
-        *n -= 1;
-        if *n == 0 {
-            map.remove(name);
+        room.members -= 1;
+        if room.members == 0 {
+            if let Some(Room { creator: Some(user), .. }) = map.remove(name) {
+                let mut created = self.creators_of(&user);
+                match created.get_mut(&*user) {
+                    Some(n) if *n > 1 => *n -= 1,
+                    Some(_) => {
+                        created.remove(&*user);
+                    }
+                    None => debug_assert!(false, "a created room without its creator's count"),
+                }
+            }
             self.rooms.give_back();
         }
+    }
+
+    /// Rooms that `user`'s SUBSCRIBEs created and that still exist.
+    pub fn created_by(&self, user: &str) -> u32 {
+        self.creators_of(user).get(user).copied().unwrap_or(0)
     }
 
     /// Connections in `name` right now (0 if the room does not exist).
     pub fn size(&self, name: &str) -> u64 {
-        self.shard(name).read().unwrap_or_else(|e| e.into_inner()).get(name).copied().unwrap_or(0)
+        self.shard(name).read().unwrap_or_else(|e| e.into_inner()).get(name).map_or(0, |r| r.members)
     }
 
     /// Rooms with at least one connection.
@@ -248,21 +305,51 @@ mod tests {
 
     #[test]
     fn registry_counts_and_limits() {
-        let r = RoomRegistry::new(2, 3);
-        let a = r.join("a").unwrap();
-        let a2 = r.join("a").unwrap();
+        let r = RoomRegistry::new(2, 3, u32::MAX);
+        let a = r.join("a", None).unwrap();
+        let a2 = r.join("a", None).unwrap();
         assert!(Arc::ptr_eq(&a, &a2));
-        r.join("a").unwrap();
-        assert_eq!(r.join("a"), Err(RoomError::RoomFull { limit: 3 }));
+        r.join("a", None).unwrap();
+        assert_eq!(r.join("a", None), Err(RoomError::RoomFull { limit: 3 }));
         assert_eq!(r.size("a"), 3);
-        r.join("b").unwrap();
-        assert_eq!(r.join("c"), Err(RoomError::TooManyRooms { limit: 2 }));
+        r.join("b", None).unwrap();
+        assert_eq!(r.join("c", None), Err(RoomError::TooManyRooms { limit: 2 }));
         assert_eq!(r.would_accept("c"), Err(RoomError::TooManyRooms { limit: 2 }));
         r.leave("b");
         assert_eq!(r.size("b"), 0);
-        assert!(r.join("c").is_ok(), "an emptied room frees its place");
-        assert_eq!(r.join(""), Err(RoomError::InvalidName));
+        assert!(r.join("c", None).is_ok(), "an emptied room frees its place");
+        assert_eq!(r.join("", None), Err(RoomError::InvalidName));
         assert_eq!(r.room_count(), 2);
+    }
+
+    #[test]
+    fn a_user_creates_at_most_its_share_of_rooms() {
+        let r = RoomRegistry::new(100, u64::MAX, 2);
+        let (ann, bob): (Arc<str>, Arc<str>) = (Arc::from("ann"), Arc::from("bob"));
+        r.join("a1", Some(&ann)).unwrap();
+        r.join("a2", Some(&ann)).unwrap();
+        assert_eq!(r.join("a3", Some(&ann)), Err(RoomError::CreatorLimit { limit: 2 }));
+        assert_eq!(r.room_count(), 2, "a refused creation takes no place");
+        // Joining rooms that exist, and the application's joins, are not
+        // creations of hers.
+        r.join("a1", Some(&bob)).unwrap();
+        r.join("b1", Some(&bob)).unwrap();
+        r.join("b1", Some(&ann)).unwrap();
+        r.join("app", None).unwrap();
+        r.join("app", Some(&ann)).unwrap();
+        assert_eq!((r.created_by("ann"), r.created_by("bob")), (2, 1));
+        // Her room lives on with bob in it and still counts; once it is
+        // gone she may create another.
+        r.leave("a1");
+        assert_eq!(r.created_by("ann"), 2);
+        r.leave("a1");
+        assert_eq!(r.created_by("ann"), 1);
+        r.join("a3", Some(&ann)).unwrap();
+        // Zero: clients create no rooms at all.
+        let none = RoomRegistry::new(100, u64::MAX, 0);
+        assert_eq!(none.join("x", Some(&ann)), Err(RoomError::CreatorLimit { limit: 0 }));
+        none.join("x", None).unwrap();
+        none.join("x", Some(&ann)).unwrap();
     }
 
     #[test]
@@ -285,14 +372,14 @@ mod tests {
 
     #[test]
     fn concurrent_joins_and_leaves_keep_exact_counts() {
-        let r = Arc::new(RoomRegistry::new(1000, u64::MAX));
+        let r = Arc::new(RoomRegistry::new(1000, u64::MAX, u32::MAX));
         let threads: Vec<_> = (0..4)
             .map(|t| {
                 let r = r.clone();
                 std::thread::spawn(move || {
                     for i in 0..5000 {
                         let name = format!("room{}", i % 7);
-                        r.join(&name).unwrap();
+                        r.join(&name, None).unwrap();
                         if (i + t) % 2 == 0 {
                             r.leave(&name);
                         }
@@ -320,7 +407,7 @@ mod tests {
         const THREADS: usize = 4;
         const HOLD: usize = 3;
         const ROUNDS: usize = 300_000;
-        let r = Arc::new(RoomRegistry::new(MAX, u64::MAX));
+        let r = Arc::new(RoomRegistry::new(MAX, u64::MAX, u32::MAX));
         let held = Arc::new(AtomicUsize::new(0));
         let worst_held = Arc::new(AtomicUsize::new(0));
         let worst_count = Arc::new(AtomicUsize::new(0));
@@ -341,7 +428,7 @@ mod tests {
                         if mine.contains(&name) {
                             continue;
                         }
-                        if r.join(name).is_ok() {
+                        if r.join(name, None).is_ok() {
                             let h = held.fetch_add(1, Ordering::SeqCst) + 1;
                             worst_held.fetch_max(h, Ordering::Relaxed);
                             mine.push_back(name);
@@ -373,9 +460,9 @@ mod tests {
         use std::sync::atomic::{AtomicUsize, Ordering};
         const MAX: usize = 4;
         const ROUNDS: usize = 50_000;
-        let r = RoomRegistry::new(MAX, u64::MAX);
+        let r = RoomRegistry::new(MAX, u64::MAX, u32::MAX);
         for i in 0..MAX - 1 {
-            r.join(&format!("base{i}")).unwrap();
+            r.join(&format!("base{i}"), None).unwrap();
         }
         // Names in different shards, so the two joins do not serialise on
         // one shard lock.
@@ -409,7 +496,7 @@ mod tests {
                         let (mut phase, mut worst) = (0, (0, 0));
                         for _ in 0..ROUNDS {
                             barrier(&mut phase);
-                            let ok = r.join(name).is_ok();
+                            let ok = r.join(name, None).is_ok();
                             if ok {
                                 created.fetch_add(1, Ordering::AcqRel);
                             }

@@ -343,6 +343,47 @@ fn room_limits_give_the_documented_errors() {
     assert_eq!(h.room_size("r1"), 2);
 }
 
+/// One user cannot fill the server's room table for everyone (the
+/// hardening probe created all 100,000 rooms from 1,565 connections in a
+/// second): its SUBSCRIBEs may create at most
+/// `rooms.max_rooms_created_per_user` rooms that exist at once, on all its
+/// devices together; joining rooms that exist is not limited by it, and the
+/// application's joins are not counted.
+#[test]
+fn one_user_creates_at_most_its_share_of_the_rooms() {
+    let _g = heavy();
+    let mut cfg = config();
+    cfg.rooms.max_rooms_created_per_user = 3;
+    let server = start(cfg);
+    let addr = server.local_addr();
+    let h = server.handle();
+    let refused = |c: &mut Client, room: &str| match c.subscribe(9, room) {
+        Err(ClientError::Refused { code, .. }) => code,
+        other => panic!("expected a refusal, got {other:?}"),
+    };
+    let (mut phone, _) = login(addr, "creator");
+    let (mut laptop, _) = login(addr, "creator");
+    phone.subscribe(1, "c1").unwrap();
+    phone.subscribe(2, "c2").unwrap();
+    laptop.subscribe(3, "c3").unwrap();
+    assert_eq!(refused(&mut phone, "c4"), ErrorCode::RoomCreationLimit as u16);
+    assert_eq!(refused(&mut laptop, "c5"), ErrorCode::RoomCreationLimit as u16, "per user, not per device");
+    assert_eq!(h.room_count(), 3);
+    // Others create rooms as before; the creator joins theirs.
+    let (mut other, _) = login(addr, "other");
+    other.subscribe(1, "o1").unwrap();
+    phone.subscribe(4, "o1").unwrap();
+    // The application may put the user in a new room.
+    h.join_room("creator", "app-room").unwrap();
+    for c in [&mut phone, &mut laptop] {
+        assert!(matches!(c.recv().unwrap().frame(), Frame::RoomAck { op: RoomOp::Subscribed, req_id: 0, .. }));
+    }
+    // A room of theirs that is gone frees a creation.
+    laptop.unsubscribe(5, "c3").unwrap();
+    assert_eq!(h.room_size("c3"), 0);
+    phone.subscribe(6, "c4").unwrap();
+}
+
 #[test]
 fn client_room_operations_can_be_switched_off() {
     let _g = heavy();

@@ -137,4 +137,8 @@ pub enum ErrorCode {
     /// MESSAGE (or SEND passed to the application): the application's
     /// handler failed (panicked) on it; it may not have been processed.
     HandlerFailed = 111,
+    /// SUBSCRIBE to a room that does not exist yet, while this user's
+    /// SUBSCRIBEs already created `rooms.max_rooms_created_per_user` rooms
+    /// that still exist.
+    RoomCreationLimit = 112,
 }

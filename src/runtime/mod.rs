@@ -234,7 +234,11 @@ pub(crate) fn start(
         max_conns_per_worker,
         mailboxes,
         directory: Directory::with_capacity(config.limits.max_conns_per_user, report.max_connections),
-        rooms: RoomRegistry::new(config.rooms.max_rooms, config.rooms.max_members_per_room),
+        rooms: RoomRegistry::new(
+            config.rooms.max_rooms,
+            config.rooms.max_members_per_room,
+            config.rooms.max_rooms_created_per_user,
+        ),
         outs: (0..workers).map(|_| outslot::OutSlots::new(max_conns_per_worker)).collect(),
         write_rules: outslot::WriteRules {
             limits: OutLimits {

@@ -1147,7 +1147,11 @@ impl Worker {
                 if mine.len() >= limit {
                     return Err(RoomError::ConnRoomLimit { limit });
                 }
-                let name = self.shared.rooms.join(room)?;
+                // A client's own SUBSCRIBE creates rooms on its user's
+                // account (rooms.max_rooms_created_per_user); the
+                // application's joins do not count.
+                let creator = if req_id.is_some() { c.user.as_ref() } else { None };
+                let name = self.shared.rooms.join(room, creator)?;
                 let entry = rooms.add(&name, Member { slot, generation });
                 c.rooms.get_or_insert_with(Default::default).push(entry);
             }
