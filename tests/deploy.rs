@@ -58,24 +58,29 @@ fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-#[test]
-fn sigterm_drains_two_thousand_clients_over_the_window_and_exits_zero() {
+/// Starts the real binary (`switchboard serve`) on a free loopback port,
+/// two workers, no WebSocket port, with `extra` appended to its config, and
+/// waits until it accepts. Returns the process, its address and the
+/// directory holding its config.
+fn serve(name: &str, extra: &str) -> (std::process::Child, std::net::SocketAddr, std::path::PathBuf) {
     common::arm_watchdog();
     let port = free_port();
-    let dir = std::env::temp_dir().join(format!("sb-drain-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("sb-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let cfg = dir.join("drain.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[server]\nlisten = \"127.0.0.1:{port}\"\nworkers = 2\n\n[websocket]\nlisten = \"\"\n\n[drain]\nwindow_ms = 3000\nreconnect_jitter_ms = 1000\n\n[timeouts]\nclose_linger_ms = 1000\n"
-        ),
-    )
-    .unwrap();
-    let mut server =
+    let cfg = dir.join(format!("{name}.toml"));
+    let text = format!("[server]\nlisten = \"127.0.0.1:{port}\"\nworkers = 2\n\n[websocket]\nlisten = \"\"\n\n{extra}");
+    std::fs::write(&cfg, text).unwrap();
+    let server =
         Command::new(SB).args(["serve", "--log", "warn", "--config"]).arg(&cfg).stdout(Stdio::null()).spawn().unwrap();
     let addr = format!("127.0.0.1:{port}").parse().unwrap();
     assert!(common::wait_until(Duration::from_secs(10), || std::net::TcpStream::connect(addr).is_ok()));
+    (server, addr, dir)
+}
+
+#[test]
+fn sigterm_drains_two_thousand_clients_over_the_window_and_exits_zero() {
+    let (mut server, addr, dir) =
+        serve("drain", "[drain]\nwindow_ms = 3000\nreconnect_jitter_ms = 1000\n\n[timeouts]\nclose_linger_ms = 1000\n");
     let jwt = switchboard::JwtHs256::new(switchboard::config::DEV_JWT_SECRET);
     let mut clients: Vec<Client> = (0..2000)
         .map(|i| {
@@ -141,22 +146,8 @@ fn sigterm_drains_two_thousand_clients_over_the_window_and_exits_zero() {
 /// then another half second.
 #[test]
 fn a_drain_with_a_client_that_never_closes_takes_the_window_plus_one_linger() {
-    common::arm_watchdog();
-    let port = free_port();
-    let dir = std::env::temp_dir().join(format!("sb-drain-stuck-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let cfg = dir.join("drain.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[server]\nlisten = \"127.0.0.1:{port}\"\nworkers = 2\n\n[websocket]\nlisten = \"\"\n\n[drain]\nwindow_ms = 200\n\n[timeouts]\nclose_linger_ms = 1500\n"
-        ),
-    )
-    .unwrap();
-    let mut server =
-        Command::new(SB).args(["serve", "--log", "warn", "--config"]).arg(&cfg).stdout(Stdio::null()).spawn().unwrap();
-    let addr = format!("127.0.0.1:{port}").parse().unwrap();
-    assert!(common::wait_until(Duration::from_secs(10), || std::net::TcpStream::connect(addr).is_ok()));
+    let (mut server, addr, dir) =
+        serve("drain-stuck", "[drain]\nwindow_ms = 200\n\n[timeouts]\nclose_linger_ms = 1500\n");
     let jwt = switchboard::JwtHs256::new(switchboard::config::DEV_JWT_SECRET);
     // Logged in, then never reads or closes until the server is gone.
     let mut stuck = Client::connect_timeout(&addr, Duration::from_secs(5)).unwrap();

@@ -31,6 +31,14 @@ fn expect_room_msg(c: &mut Client) -> (String, String, Vec<u8>) {
     }
 }
 
+/// The ERROR code a SUBSCRIBE of `room` is refused with.
+fn refused(c: &mut Client, room: &str) -> u16 {
+    match c.subscribe(9, room) {
+        Err(ClientError::Refused { code, .. }) => code,
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
 fn rss_bytes() -> u64 {
     let s = std::fs::read_to_string("/proc/self/status").unwrap();
     let line = s.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
@@ -317,10 +325,6 @@ fn room_limits_give_the_documented_errors() {
     let server = start(cfg);
     let addr = server.local_addr();
     let h = server.handle();
-    let refused = |c: &mut Client, room: &str| match c.subscribe(9, room) {
-        Err(ClientError::Refused { code, .. }) => code,
-        other => panic!("expected a refusal, got {other:?}"),
-    };
     let (mut a, _) = login(addr, "a");
     a.subscribe(1, "r1").unwrap();
     a.subscribe(2, "r2").unwrap();
@@ -357,10 +361,6 @@ fn one_user_creates_at_most_its_share_of_the_rooms() {
     let server = start(cfg);
     let addr = server.local_addr();
     let h = server.handle();
-    let refused = |c: &mut Client, room: &str| match c.subscribe(9, room) {
-        Err(ClientError::Refused { code, .. }) => code,
-        other => panic!("expected a refusal, got {other:?}"),
-    };
     let (mut phone, _) = login(addr, "creator");
     let (mut laptop, _) = login(addr, "creator");
     phone.subscribe(1, "c1").unwrap();
