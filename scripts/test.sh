@@ -55,7 +55,7 @@ cargo clippy --workspace --all-targets --quiet -- -D warnings
 
 cargo test "$@"
 
-# The loom models (loom-models/): every interleaving, within each model's
+# The loom models (tests/loom-models/): every interleaving, within each model's
 # preemption bound, of the slot lock, the request list, the mailbox wake
 # and the room count limit, run on the server's own src/sync files. About
 # a minute on 2 cores, plus 1.5 minutes to build loom the first time (it

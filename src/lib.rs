@@ -20,7 +20,7 @@
 //! Layers: `proto` is the sans-IO protocol (codec, session state machine);
 //! `runtime` is the only module that imports monoio; `server` is the
 //! embedding API; `client` is a small blocking client for tools and tests;
-//! `sync` holds the lock-free primitives that `loom-models/` model-checks.
+//! `sync` holds the lock-free primitives that `tests/loom-models/` model-checks.
 
 pub mod admin;
 pub mod auth;

@@ -5,7 +5,7 @@
 //! Must not: block, grow, or wake a worker per message. A full queue is
 //! `Err(Full)` to the producer; the producer decides (retry, drop, report).
 //!
-//! Protocol (`sync::wake`, model-checked by `loom-models`): a producer
+//! Protocol (`sync::wake`, model-checked by `tests/loom-models`): a producer
 //! pushes, then writes the eventfd only if it flipped `notified` from false
 //! to true. The worker, woken by the eventfd, clears `notified` (a swap)
 //! *before* looking at the queue, so a push that lands after that look

@@ -5,7 +5,7 @@
 //!
 //! Owns: the atomics, their memory orderings and the one `UnsafeCell` of
 //! these protocols, so that what the loom models check is the code that
-//! runs. `loom-models/` compiles exactly these files (through `#[path]`)
+//! runs. `tests/loom-models/` compiles exactly these files (through `#[path]`)
 //! with `--cfg loom`, where the facade below swaps std's atomics, cell,
 //! spin hint and yield for loom's.
 //! Must not: use anything from the rest of the crate (`crate::…`) or any

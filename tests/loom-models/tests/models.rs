@@ -12,7 +12,7 @@
 #![cfg(loom)]
 
 #[allow(dead_code)]
-#[path = "../../src/sync/mod.rs"]
+#[path = "../../../src/sync/mod.rs"]
 mod sync;
 
 use std::sync::atomic::Ordering::{Acquire, Relaxed, Release, SeqCst};
