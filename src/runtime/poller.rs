@@ -193,18 +193,26 @@ impl Poller {
         }
     }
 
-    /// Stops watching a connection whose descriptor is about to be closed.
-    /// An io_uring poll holds its own reference to the socket, so closing
-    /// the descriptor alone would leave the socket open (in CLOSE_WAIT, the
-    /// peer never told) for as long as the poll stays armed, which for the
-    /// multishot read poll is forever: cancel both of the connection's polls
-    /// by token. The cancellation goes out with the next `flush`; the
-    /// descriptor may be closed before that. epoll drops a closed
-    /// descriptor from its set by itself.
-    pub fn forget(&mut self, tok: u64) {
-        if let Poller::Uring(ring) = self {
-            Self::push(ring, opcode::AsyncCancel::new(tok).build().user_data(CANCEL));
-            Self::push(ring, opcode::AsyncCancel::new(tok | 1).build().user_data(CANCEL));
+    /// Stops watching a connection whose descriptor `fd` is about to be
+    /// closed. Neither mechanism forgets a socket when its descriptor is
+    /// closed while something else still holds the socket:
+    /// - an io_uring poll holds its own reference, so the socket would stay
+    ///   open (in CLOSE_WAIT, the peer never told) for as long as the poll
+    ///   stays armed, which for the multishot read poll is forever: both of
+    ///   the connection's polls are cancelled by token (the cancellation
+    ///   goes out with the next `flush`; the descriptor may be closed before
+    ///   that);
+    /// - an epoll registration lives as long as the open file, which another
+    ///   process may share (a child that inherited the descriptor): it would
+    ///   go on reporting the closed connection's token, level-triggered,
+    ///   forever, so it is deleted explicitly.
+    pub fn forget(&mut self, fd: RawFd, tok: u64) {
+        match self {
+            Poller::Uring(ring) => {
+                Self::push(ring, opcode::AsyncCancel::new(tok).build().user_data(CANCEL));
+                Self::push(ring, opcode::AsyncCancel::new(tok | 1).build().user_data(CANCEL));
+            }
+            Poller::Epoll { epfd, .. } => Self::epoll_ctl(epfd, libc::EPOLL_CTL_DEL, fd, 0, tok),
         }
     }
 

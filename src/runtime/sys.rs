@@ -161,6 +161,12 @@ pub unsafe fn close(fd: RawFd) {
     unsafe { libc::close(fd) };
 }
 
+/// FD_CLOEXEC on a descriptor (best effort: it cannot fail on a valid one).
+pub fn set_cloexec(fd: RawFd) {
+    // SAFETY: fcntl on a descriptor we own, no memory passed.
+    unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+}
+
 /// TCP_NODELAY on an accepted socket (best effort).
 pub fn set_nodelay(fd: RawFd) {
     let one: libc::c_int = 1;

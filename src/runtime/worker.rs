@@ -376,8 +376,12 @@ impl Worker {
         }
         // From here on the socket is a plain descriptor owned by its slot
         // (closed in `release`): readiness comes from the worker's poller,
-        // I/O is plain syscalls.
+        // I/O is plain syscalls. Close-on-exec: io_uring's accept (monoio
+        // 0.2.4) sets no flags, and a child process the embedding
+        // application spawns must not inherit, and keep open, our clients'
+        // sockets.
         let fd = fd.into_raw_fd();
+        sys::set_cloexec(fd);
         let (transport, wire) = if websocket {
             (T_HTTP, Wire::Http)
         } else if self.shared.config.websocket.sniff_on_raw_port {
@@ -1779,7 +1783,7 @@ impl Worker {
             g.needs_close = false;
             g.wire = Wire::Raw;
             g.out.clear();
-            self.poller.borrow_mut().forget(token(slot, generation));
+            self.poller.borrow_mut().forget(conn.fd, token(slot, generation));
             // SAFETY: the connection owned `fd` since its accept; its slot
             // no longer names it (generation 0), so nothing uses it again.
             unsafe { sys::close(conn.fd) };
@@ -1935,15 +1939,14 @@ async fn io_loop(w: Rc<Worker>, ready_fd: UnixStream) {
             }
             continue;
         }
-        let full = events.len() == IO_BATCH;
         for (tok, ready) in events.drain(..) {
             w.on_ready(tok, ready);
         }
         w.flush_dirty();
         w.poller.borrow_mut().flush();
-        if full {
-            YieldNow(false).await;
-        }
+        // Every turn gives the other tasks (mailbox, timers, accepts) their
+        // turn: events that keep coming cannot starve them.
+        YieldNow(false).await;
     }
 }
 
