@@ -2,6 +2,10 @@
 //!
 //! Owns: command-line parsing, logging set-up, signal handling for `serve`.
 //! Must not: contain server logic; everything runs through the library.
+//! Must not panic on a failed write to stdout or stderr: `serve 2>&1 | tee
+//! log` keeps running after tee exits, and must still drain on SIGTERM. So
+//! `serve` writes through [`say`] and the log sink, which drop what they
+//! cannot write, never `println!`/`eprintln!` (which panic on EPIPE).
 
 use std::io::{BufRead, Write};
 use std::net::SocketAddr;
@@ -123,11 +127,68 @@ fn block_signals() -> libc::sigset_t {
     }
 }
 
+/// Writes a line to stdout or stderr, dropping it if the stream is gone
+/// (a closed pipe): unlike `println!`, never panics.
+fn say(to_stderr: bool, line: std::fmt::Arguments<'_>) {
+    let _ = if to_stderr {
+        std::io::stderr().lock().write_fmt(format_args!("{line}\n"))
+    } else {
+        let mut out = std::io::stdout().lock();
+        out.write_fmt(format_args!("{line}\n")).and_then(|_| out.flush())
+    };
+}
+
+macro_rules! out {
+    ($($t:tt)*) => { say(false, format_args!($($t)*)) };
+}
+
+macro_rules! err {
+    ($($t:tt)*) => { say(true, format_args!($($t)*)) };
+}
+
+/// The log sink: stderr, one write per event, and a failed write is
+/// dropped. tracing-subscriber reports a failed write with `eprintln!`,
+/// which panics when stderr is the broken pipe; with this sink (and
+/// `log_internal_errors(false)`) no thread ever sees the error.
+struct LogSink;
+
+impl Write for LogSink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let _ = std::io::stderr().lock().write_all(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 fn wait_for_signal(set: &libc::sigset_t) -> i32 {
     let mut sig: libc::c_int = 0;
     // SAFETY: `set` is an initialised signal set; sigwait writes `sig`.
     unsafe { libc::sigwait(set, &mut sig) };
     sig
+}
+
+/// Takes SIGINT/SIGTERM for the whole process (they are blocked in every
+/// other thread, so nothing else ever gets them): the first starts the
+/// drain, the next exits at once. It must outlive anything: the drain is
+/// started before anything is logged, and a panic (there should be none:
+/// logging cannot fail) is caught and the loop goes on, since a dead signal
+/// thread would leave a server only SIGKILL can stop.
+fn signal_thread(set: &libc::sigset_t, handle: &switchboard::Handle) {
+    let mut draining = false;
+    loop {
+        let sig = wait_for_signal(set);
+        if draining {
+            std::process::exit(0);
+        }
+        draining = true;
+        handle.drain();
+        let _ = std::panic::catch_unwind(|| {
+            tracing::info!(signal = sig, "signal received: draining (send it again to exit at once)");
+        });
+    }
 }
 
 fn serve(
@@ -140,11 +201,13 @@ fn serve(
 ) -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_new(&log).unwrap_or_else(|_| "info".into()))
+        .with_writer(|| LogSink)
+        .log_internal_errors(false)
         .init();
     let mut cfg = match load_config(&config) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("switchboard: {e}");
+            err!("switchboard: {e}");
             return ExitCode::from(2);
         }
     };
@@ -161,7 +224,7 @@ fn serve(
         cfg.websocket.listen = w;
     }
     if let Err(e) = cfg.validate() {
-        eprintln!("switchboard: {e}");
+        err!("switchboard: {e}");
         return ExitCode::from(2);
     }
     let (_, dev_secret) = cfg.jwt_secret();
@@ -170,37 +233,33 @@ fn serve(
     let server = match Server::builder().config(cfg).start() {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("switchboard: {e}");
+            err!("switchboard: {e}");
             return ExitCode::from(1);
         }
     };
-    println!("switchboard listening on {} (raw TCP protocol v1, docs/PROTOCOL.md)", server.local_addr());
+    out!("switchboard listening on {} (raw TCP protocol v1, docs/PROTOCOL.md)", server.local_addr());
     if let Some(a) = server.ws_addr() {
         if cfg_demo {
-            println!("WebSocket on ws://{a} (docs/PROTOCOL.md section 13); demo page: http://{a}/");
+            out!("WebSocket on ws://{a} (docs/PROTOCOL.md section 13); demo page: http://{a}/");
         } else {
-            println!("WebSocket on ws://{a} (docs/PROTOCOL.md section 13)");
+            out!("WebSocket on ws://{a} (docs/PROTOCOL.md section 13)");
         }
     }
     if let Some(a) = server.admin_addr() {
-        println!("admin API on http://{a} (/healthz /readyz /stats /push /publish /broadcast ...)");
+        out!("admin API on http://{a} (/healthz /readyz /stats /push /publish /broadcast ...)");
     }
     if dev_secret {
-        println!("development JWT secret in use: mint a token with `switchboard token --user alice`,");
-        println!("or connect at once with `switchboard client --user alice --addr {}`", server.local_addr());
+        out!("development JWT secret in use: mint a token with `switchboard token --user alice`,");
+        out!("or connect at once with `switchboard client --user alice --addr {}`", server.local_addr());
     }
     // First SIGTERM/SIGINT: drain (stop accepting, CLOSE 1001 with a
     // reconnect hint spread over drain.window_ms, exit when the clients are
     // gone). A second one: exit at once.
     let handle = server.handle();
-    std::thread::spawn(move || {
-        let sig = wait_for_signal(&set);
-        tracing::info!(signal = sig, "signal received: draining (send it again to exit at once)");
-        handle.drain();
-        let sig = wait_for_signal(&set);
-        tracing::warn!(signal = sig, "second signal: exiting now");
-        std::process::exit(0);
-    });
+    std::thread::Builder::new()
+        .name("sb-signals".into())
+        .spawn(move || signal_thread(&set, &handle))
+        .expect("a thread for signals");
     match server.join() {
         Ok(()) => {
             tracing::info!("drained; exiting");
@@ -208,7 +267,7 @@ fn serve(
         }
         Err(e) => {
             tracing::error!("stopped: {e}");
-            eprintln!("switchboard: {e}");
+            err!("switchboard: {e}");
             ExitCode::from(1)
         }
     }
@@ -218,22 +277,22 @@ fn check(connections: u64, config: Option<PathBuf>) -> ExitCode {
     let cfg = match load_config(&config) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("switchboard: {e}");
+            err!("switchboard: {e}");
             return ExitCode::from(2);
         }
     };
     let workers = cfg.server.worker_count(std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
     let items = switchboard::limits::audit(connections, workers, cfg.server.listen_backlog);
-    println!("switchboard check: {connections} connections, {workers} workers\n");
-    println!("{:<6} {:<30} {:<40} need", "", "item", "have");
+    out!("switchboard check: {connections} connections, {workers} workers\n");
+    out!("{:<6} {:<30} {:<40} need", "", "item", "have");
     for i in &items {
-        println!("{:<6} {:<30} {:<40} {}", i.status.label(), i.name, i.have, i.need);
+        out!("{:<6} {:<30} {:<40} {}", i.status.label(), i.name, i.have, i.need);
         if !i.fix.is_empty() {
-            println!("{:<6} {:<30} fix: {}", "", "", i.fix);
+            out!("{:<6} {:<30} fix: {}", "", "", i.fix);
         }
     }
     let (user, kernel) = switchboard::limits::memory_estimate(connections);
-    println!(
+    out!(
         "\nmemory for {connections} idle connections: about {} MiB ({} MiB in the server, {} MiB in the kernel), from the measured per-connection figures",
         (user + kernel) >> 20,
         user >> 20,
@@ -241,7 +300,7 @@ fn check(connections: u64, config: Option<PathBuf>) -> ExitCode {
     );
     let fails = items.iter().filter(|i| i.status == switchboard::limits::Status::Fail).count();
     let warns = items.iter().filter(|i| i.status == switchboard::limits::Status::Warn).count();
-    println!("{fails} failing, {warns} warnings");
+    out!("{fails} failing, {warns} warnings");
     if fails > 0 {
         ExitCode::from(1)
     } else {
@@ -253,15 +312,15 @@ fn print_frame(f: &Frame<'_>) {
     match f {
         Frame::Push { msg_id, from, payload } => {
             let from = if from.is_empty() { "server" } else { from };
-            println!("[{msg_id} from {from}] {}", String::from_utf8_lossy(payload));
+            out!("[{msg_id} from {from}] {}", String::from_utf8_lossy(payload));
         }
         Frame::SendAck { req_id, delivered } => {
-            println!("(send #{req_id}: delivered to {delivered} connection(s))")
+            out!("(send #{req_id}: delivered to {delivered} connection(s))")
         }
-        Frame::Pong { .. } => println!("(pong)"),
-        Frame::Error { code, reason, .. } => println!("(error {code}: {reason})"),
-        Frame::Close { code, reason } => println!("(closed by server: {code} {reason})"),
-        other => println!("({other:?})"),
+        Frame::Pong { .. } => out!("(pong)"),
+        Frame::Error { code, reason, .. } => out!("(error {code}: {reason})"),
+        Frame::Close { code, reason } => out!("(closed by server: {code} {reason})"),
+        other => out!("({other:?})"),
     }
 }
 
@@ -269,32 +328,32 @@ fn client(user: String, addr: SocketAddr, token: Option<String>, config: Option<
     let token = match token.map(Ok).unwrap_or_else(|| mint(&config, None, &user, 86_400)) {
         Ok(t) => t,
         Err(e) => {
-            eprintln!("switchboard: {e}");
+            err!("switchboard: {e}");
             return ExitCode::from(2);
         }
     };
     let mut c = match Client::connect_timeout(&addr, Duration::from_secs(5)) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("switchboard: cannot connect to {addr}: {e}");
+            err!("switchboard: cannot connect to {addr}: {e}");
             return ExitCode::from(1);
         }
     };
     match c.login(&user, &token) {
-        Ok(info) => println!(
+        Ok(info) => out!(
             "logged in as {user} (conn {:#x}, server pings after {} s of silence); type `@user message`, /ping, /quit",
             info.conn_id,
             info.heartbeat_interval_ms / 1000
         ),
         Err(e) => {
-            eprintln!("switchboard: {e}");
+            err!("switchboard: {e}");
             return ExitCode::from(1);
         }
     }
     let mut out = match c.stream().try_clone() {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("switchboard: {e}");
+            err!("switchboard: {e}");
             return ExitCode::from(1);
         }
     };
@@ -302,11 +361,11 @@ fn client(user: String, addr: SocketAddr, token: Option<String>, config: Option<
         match c.recv_skipping_pings() {
             Ok(f) => print_frame(&f.frame()),
             Err(ClientError::Closed) => {
-                println!("(connection closed)");
+                out!("(connection closed)");
                 std::process::exit(0);
             }
             Err(e) => {
-                eprintln!("switchboard: {e}");
+                err!("switchboard: {e}");
                 std::process::exit(1);
             }
         }
@@ -325,7 +384,7 @@ fn client(user: String, addr: SocketAddr, token: Option<String>, config: Option<
             Frame::Send { req_id, to, payload: msg.as_bytes() }.to_bytes()
         } else {
             if !line.is_empty() {
-                println!("(type `@user message`, /ping or /quit)");
+                out!("(type `@user message`, /ping or /quit)");
             }
             continue;
         };
@@ -335,7 +394,7 @@ fn client(user: String, addr: SocketAddr, token: Option<String>, config: Option<
                     break;
                 }
             }
-            Err(e) => println!("(cannot send: {e})"),
+            Err(e) => out!("(cannot send: {e})"),
         }
     }
     let _ = out.write_all(&Frame::Close { code: 1000, reason: "bye" }.to_bytes().expect("static frame"));
@@ -370,11 +429,11 @@ fn main() -> ExitCode {
         Cmd::Check { connections, config } => check(connections, config),
         Cmd::Token { user, ttl_s, config, secret } => match mint(&config, secret, &user, ttl_s) {
             Ok(t) => {
-                println!("{t}");
+                out!("{t}");
                 ExitCode::SUCCESS
             }
             Err(e) => {
-                eprintln!("switchboard: {e}");
+                err!("switchboard: {e}");
                 ExitCode::from(2)
             }
         },
