@@ -23,6 +23,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod authlog;
 pub mod client;
 pub mod config;
 mod demo;

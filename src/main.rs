@@ -7,7 +7,7 @@
 //! `serve` writes through [`say`] and the log sink, which drop what they
 //! cannot write, never `println!`/`eprintln!` (which panic on EPIPE).
 
-use std::io::{BufRead, Write};
+use std::io::{BufRead, IsTerminal, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -48,9 +48,17 @@ enum Cmd {
         /// Override websocket.listen (`""` turns WebSocket off).
         #[arg(long)]
         ws_listen: Option<String>,
-        /// Log filter (RUST_LOG syntax), e.g. `info` or `switchboard=debug`.
+        /// Log filter: a level (error, warn, info, debug, trace, off), or
+        /// TARGET=LEVEL pairs separated by commas (RUST_LOG syntax), e.g.
+        /// `warn,switchboard=debug`. Debug shows every login, refusal and
+        /// its reason. A filter that does not parse is an error.
         #[arg(long, default_value = "info")]
         log: String,
+        /// Log format on stderr: `text` (coloured on a terminal unless
+        /// NO_COLOR is set) or `json` (one object per line, for log
+        /// shippers).
+        #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+        log_format: LogFormat,
     },
     /// Check this host for N connections: kernel values and limits, each
     /// with the fix when it falls short, and the memory N idle connections
@@ -92,6 +100,13 @@ enum Cmd {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+}
+
+/// How `serve` writes its log.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 fn load_config(path: &Option<PathBuf>) -> Result<Config, String> {
@@ -163,6 +178,27 @@ impl Write for LogSink {
     }
 }
 
+/// Parses `--log`. A bare word must be a level: tracing would read a typo
+/// such as `inf` or `debg` as a target name and log nothing from the server,
+/// silently.
+fn log_filter(spec: &str) -> Result<tracing_subscriber::EnvFilter, String> {
+    for d in spec.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        if !d.contains(['=', '[']) && d.parse::<tracing_subscriber::filter::LevelFilter>().is_err() {
+            return Err(format!(
+                "invalid --log filter {spec:?}: {d:?} is not a level (error, warn, info, debug, trace, off); \
+                 for one target write {d}=LEVEL"
+            ));
+        }
+    }
+    tracing_subscriber::EnvFilter::builder().parse(spec).map_err(|e| format!("invalid --log filter {spec:?}: {e}"))
+}
+
+/// Colours in the text log: only on a terminal, and never with `NO_COLOR`
+/// set to anything but the empty string (no-color.org).
+fn log_colours(stderr_is_terminal: bool) -> bool {
+    stderr_is_terminal && std::env::var_os("NO_COLOR").map_or(true, |v| v.is_empty())
+}
+
 fn wait_for_signal(set: &libc::sigset_t) -> i32 {
     let mut sig: libc::c_int = 0;
     // SAFETY: `set` is an initialised signal set; sigwait writes `sig`.
@@ -198,12 +234,20 @@ fn serve(
     admin: Option<String>,
     ws_listen: Option<String>,
     log: String,
+    log_format: LogFormat,
 ) -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&log).unwrap_or_else(|_| "info".into()))
-        .with_writer(|| LogSink)
-        .log_internal_errors(false)
-        .init();
+    let filter = match log_filter(&log) {
+        Ok(f) => f,
+        Err(e) => {
+            err!("switchboard: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(|| LogSink).log_internal_errors(false);
+    match log_format {
+        LogFormat::Text => logs.with_ansi(log_colours(std::io::stderr().is_terminal())).init(),
+        LogFormat::Json => logs.json().flatten_event(true).with_ansi(false).init(),
+    }
     let mut cfg = match load_config(&config) {
         Ok(c) => c,
         Err(e) => {
@@ -423,8 +467,8 @@ static TUNE_ALLOCATOR: extern "C" fn() = tune_allocator;
 
 fn main() -> ExitCode {
     match Cli::parse().cmd {
-        Cmd::Serve { config, listen, workers, admin, ws_listen, log } => {
-            serve(config, listen, workers, admin, ws_listen, log)
+        Cmd::Serve { config, listen, workers, admin, ws_listen, log, log_format } => {
+            serve(config, listen, workers, admin, ws_listen, log, log_format)
         }
         Cmd::Check { connections, config } => check(connections, config),
         Cmd::Token { user, ttl_s, config, secret } => match mint(&config, secret, &user, ttl_s) {

@@ -555,6 +555,9 @@ impl ServerBuilder {
                 )
             }
         };
+        // Logins and refusals are logged at debug, refusals at info at most
+        // once per interval, whichever authenticator decides.
+        let authenticator: Arc<dyn Authenticator> = Arc::new(crate::authlog::Logged::new(authenticator));
         let admin = config.admin.clone();
         let mut server = crate::runtime::start(config, authenticator, self.hook)?;
         if !admin.listen.is_empty() {

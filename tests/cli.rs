@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::io::Read;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -67,15 +68,18 @@ impl Drop for Proc {
     }
 }
 
-/// `switchboard serve` on 127.0.0.1:`port`, raw TCP only, with its
-/// stdout and stderr as given; returns once the port accepts.
-fn serve(port: u16, log: &str, stdout: Stdio, stderr: Stdio) -> Proc {
+/// `switchboard serve` on 127.0.0.1:`port`, raw TCP only, with `--log
+/// log`, `extra` arguments and environment, and its stdout and stderr as
+/// given; returns once the port accepts.
+fn serve_with(port: u16, log: &str, extra: &[&str], env: &[(&str, &str)], stdout: Stdio, stderr: Stdio) -> Proc {
     common::arm_watchdog();
     let listen = format!("127.0.0.1:{port}");
     let child = Command::new(SB)
         .args(["serve", "--listen", &listen, "--ws-listen", "", "--workers", "2", "--log", log])
+        .args(extra)
         .env_remove("SWITCHBOARD_JWT_SECRET")
         .env_remove("NO_COLOR")
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(stdout)
         .stderr(stderr)
@@ -91,6 +95,32 @@ fn serve(port: u16, log: &str, stdout: Stdio, stderr: Stdio) -> Proc {
     });
     assert!(up, "switchboard serve did not listen on {addr} within 10 s");
     p
+}
+
+fn serve(port: u16, log: &str, stdout: Stdio, stderr: Stdio) -> Proc {
+    serve_with(port, log, &[], &[], stdout, stderr)
+}
+
+/// Reads `r` to its end (or an error: a pty's master reads EIO once the
+/// last process holding its other side exits) on a thread.
+fn read_all_later(mut r: impl Read + Send + 'static) -> std::thread::JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut bytes = Vec::new();
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = r.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            bytes.extend_from_slice(&buf[..n]);
+        }
+        String::from_utf8_lossy(&bytes).into_owned()
+    })
+}
+
+/// SIGTERM, then the exit status (which must come within 10 s).
+fn stop(mut p: Proc) -> ExitStatus {
+    p.signal(libc::SIGTERM);
+    p.wait_for(Duration::from_secs(10)).expect("serve exits within 10 s of SIGTERM")
 }
 
 fn dev_login(port: u16, user: &str) -> Client {
@@ -137,4 +167,111 @@ fn a_second_signal_exits_at_once() {
     let status = server.wait_for(Duration::from_secs(2)).expect("the second signal ends the server");
     assert!(t.elapsed() < Duration::from_secs(1), "at once: {:?}", t.elapsed());
     assert!(status.code().is_some(), "an exit, not a kill: {status}");
+}
+
+/// A pseudo-terminal: (master, slave). The master is close-on-exec, so
+/// only the slave reaches the child.
+fn pty() -> (std::fs::File, OwnedFd) {
+    let (mut master, mut slave) = (0, 0);
+    // SAFETY: openpty writes two new descriptors; the other arguments may
+    // be null.
+    let r = unsafe { libc::openpty(&mut master, &mut slave, std::ptr::null_mut(), std::ptr::null(), std::ptr::null()) };
+    assert_eq!(r, 0, "openpty: {}", std::io::Error::last_os_error());
+    // SAFETY: fcntl on the descriptor just created.
+    unsafe { libc::fcntl(master, libc::F_SETFD, libc::FD_CLOEXEC) };
+    // SAFETY: both descriptors are new and owned here.
+    unsafe { (std::fs::File::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) }
+}
+
+/// What `serve` writes to stderr from start to SIGTERM, with stderr a pipe
+/// (`tty = false`) or a terminal.
+fn stderr_of_serve(tty: bool, env: &[(&str, &str)]) -> String {
+    let port = free_port();
+    if tty {
+        let (master, slave) = pty();
+        let reader = read_all_later(master);
+        let p = serve_with(port, "info", &[], env, Stdio::null(), Stdio::from(slave));
+        assert!(stop(p).success());
+        reader.join().unwrap()
+    } else {
+        let (read, write) = pipe();
+        let reader = read_all_later(std::fs::File::from(read));
+        let p = serve_with(port, "info", &[], env, Stdio::null(), Stdio::from(write));
+        assert!(stop(p).success());
+        reader.join().unwrap()
+    }
+}
+
+/// `serve 2>&1 | tee serve.log` must not fill the file with escape codes;
+/// a terminal gets colours unless NO_COLOR says otherwise.
+#[test]
+fn log_colours_only_on_a_terminal_and_never_with_no_color() {
+    let piped = stderr_of_serve(false, &[]);
+    assert!(piped.contains("INFO") && piped.contains("accepting raw TCP"), "{piped}");
+    assert!(!piped.contains('\x1b'), "escape codes in a pipe:\n{piped:?}");
+
+    let tty = stderr_of_serve(true, &[]);
+    assert!(tty.contains("accepting raw TCP"), "{tty:?}");
+    assert!(tty.contains("\x1b["), "a terminal gets colours:\n{tty:?}");
+
+    let no_color = stderr_of_serve(true, &[("NO_COLOR", "1")]);
+    assert!(no_color.contains("accepting raw TCP"), "{no_color:?}");
+    assert!(!no_color.contains('\x1b'), "NO_COLOR on a terminal:\n{no_color:?}");
+}
+
+/// A filter that does not parse is refused (it used to fall back to info,
+/// silently), and so is a bare word that is not a level (tracing would take
+/// `inf` for a target and log nothing).
+#[test]
+fn a_bad_log_filter_is_an_error() {
+    for bad in ["inf", "switchboard=debg", "warn,=x"] {
+        let child = Command::new(SB)
+            .args(["serve", "--listen", "127.0.0.1:0", "--ws-listen", "", "--log", bad])
+            .env_remove("SWITCHBOARD_JWT_SECRET")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut p = Proc(child);
+        let stderr = read_all_later(p.0.stderr.take().unwrap());
+        let status = p.wait_for(Duration::from_secs(10));
+        drop(p);
+        let stderr = stderr.join().unwrap();
+        assert_eq!(status.and_then(|s| s.code()), Some(2), "--log {bad}: refused at once, got {status:?}: {stderr}");
+        assert!(stderr.contains("invalid --log filter"), "--log {bad}: {stderr}");
+    }
+}
+
+/// `--log-format json`: one JSON object per line, and at debug every login
+/// and every refusal with its reason; a refusal is also logged at info (at
+/// most once per 10 s).
+#[test]
+fn json_logs_show_logins_and_refusals_with_their_reason() {
+    let port = free_port();
+    let (read, write) = pipe();
+    let reader = read_all_later(std::fs::File::from(read));
+    let p =
+        serve_with(port, "info,switchboard=debug", &["--log-format", "json"], &[], Stdio::null(), Stdio::from(write));
+    drop(dev_login(port, "alice"));
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut mallory = Client::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
+    mallory.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let forged = JwtHs256::new("not-the-server-secret-at-all").mint("mallory", common::unix_now() + 600);
+    assert!(mallory.login("mallory", &forged).is_err());
+    assert!(stop(p).success());
+    let text = reader.join().unwrap();
+    let events: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON line ({e}): {l:?}")))
+        .collect();
+    let find = |level: &str, message: &str| {
+        events.iter().find(|e| e["level"] == level && e["message"].as_str().is_some_and(|m| m.contains(message)))
+    };
+    let ok = find("DEBUG", "login accepted").unwrap_or_else(|| panic!("no login line in {text}"));
+    assert_eq!(ok["user"], "\"alice\"", "{ok}");
+    let refused = find("DEBUG", "login refused").unwrap_or_else(|| panic!("no refusal line in {text}"));
+    assert_eq!(refused["user"], "\"mallory\"", "{refused}");
+    assert!(refused["message"].as_str().unwrap().contains("signature"), "the reason: {refused}");
+    assert!(find("INFO", "1 login(s) refused").is_some(), "the info line: {text}");
+    assert!(find("INFO", "accepting raw TCP").is_some(), "{text}");
 }
