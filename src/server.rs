@@ -489,6 +489,15 @@ pub enum StartError {
 }
 
 /// Builds a [`Server`].
+///
+/// An embedded server binds only what its builder asks for: raw TCP on
+/// [`listen`](ServerBuilder::listen) (default `127.0.0.1:7700`; port 0
+/// picks a free one), WebSocket only with
+/// [`ws_listen`](ServerBuilder::ws_listen), the admin API only with a
+/// [`config`](ServerBuilder::config) that sets `admin.listen`. (A
+/// [`Config`], like `switchboard serve`, has WebSocket on `127.0.0.1:7710`
+/// by default; the builder does not, so an application and a development
+/// server can run side by side.)
 pub struct ServerBuilder {
     config: Config,
     authenticator: Option<Arc<dyn Authenticator>>,
@@ -505,6 +514,14 @@ impl ServerBuilder {
     /// Sets `server.listen`.
     pub fn listen(mut self, addr: impl Into<String>) -> Self {
         self.config.server.listen = addr.into();
+        self
+    }
+
+    /// Sets `websocket.listen`: accept WebSocket clients on `addr` (port 0
+    /// picks a free one, see [`Server::ws_addr`]); `""` turns WebSocket
+    /// off, which is the builder's default.
+    pub fn ws_listen(mut self, addr: impl Into<String>) -> Self {
+        self.config.websocket.listen = addr.into();
         self
     }
 
@@ -582,9 +599,13 @@ pub struct Server {
 }
 
 impl Server {
-    /// A builder with the default configuration.
+    /// A builder with the default configuration, except that WebSocket is
+    /// off until [`ServerBuilder::ws_listen`] asks for it (see
+    /// [`ServerBuilder`]).
     pub fn builder() -> ServerBuilder {
-        ServerBuilder { config: Config::default(), authenticator: None, hook: None }
+        let mut config = Config::default();
+        config.websocket.listen = String::new();
+        ServerBuilder { config, authenticator: None, hook: None }
     }
 
     /// A handle for pushing from any thread.
