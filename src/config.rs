@@ -104,7 +104,9 @@ pub struct ServerConfig {
     /// Start even if another process already listens on `listen`. The
     /// listeners use SO_REUSEPORT, so the kernel then splits new connections
     /// between both processes: what a zero-downtime restart wants, and a
-    /// silent mistake otherwise, hence off by default.
+    /// silent mistake otherwise (two development servers sharing a port
+    /// split their users, and a SEND reaches only users on the same
+    /// process), hence off by default; a second server wants other ports.
     pub share_listen_port: bool,
 }
 

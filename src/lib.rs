@@ -33,6 +33,7 @@ pub mod limits;
 pub mod loadgen;
 pub mod mailbox;
 pub mod outq;
+pub mod portholder;
 pub mod proto;
 pub mod rooms;
 mod runtime;

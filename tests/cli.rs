@@ -303,3 +303,28 @@ fn the_embed_example_runs_while_a_server_holds_the_default_ports() {
     let _ws = hold("127.0.0.1:7710");
     embed_example::main();
 }
+
+/// A second `serve` on a port a first one holds: the message names the
+/// holder as a Switchboard with its pid, suggests other ports with
+/// --listen/--ws-listen, and says sharing is for overlapping restarts only
+/// (it used to suggest share_listen_port, which splits the users of two dev
+/// servers so that SENDs between them reach no one).
+#[test]
+fn port_in_use_names_the_switchboard_holding_it_and_suggests_other_ports() {
+    let port = free_port();
+    let first = serve(port, "warn", Stdio::null(), Stdio::null());
+    let out = Command::new(SB)
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--ws-listen", "", "--log", "warn"])
+        .env_remove("SWITCHBOARD_JWT_SECRET")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let pid = first.0.id();
+    assert!(stderr.contains(&format!("another Switchboard server is listening on it (pid {pid}: ")), "{stderr}");
+    assert!(stderr.contains(&format!("--listen 127.0.0.1:{}", port.wrapping_add(100).max(1024))), "{stderr}");
+    assert!(stderr.contains("--ws-listen"), "{stderr}");
+    assert!(stderr.contains("overlapping restarts of one service only"), "{stderr}");
+    assert!(stop(first).success());
+}
