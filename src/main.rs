@@ -120,11 +120,22 @@ fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
+/// A token for `user`, refused (with the server's words) when the server
+/// would refuse it: a user id the protocol cannot carry, a secret the
+/// server would not start with.
 fn mint(config: &Option<PathBuf>, secret: Option<String>, user: &str, ttl_s: u64) -> Result<String, String> {
-    let secret = match secret {
-        Some(s) => s,
-        None => load_config(config)?.jwt_secret().0,
+    if !switchboard::proto::frame::is_valid_user_id(user) {
+        return Err(format!(
+            "user id must be 1 to {} bytes (the server refuses others), is {}",
+            switchboard::proto::frame::MAX_USER_ID_BYTES,
+            user.len()
+        ));
+    }
+    let (secret, given) = match secret {
+        Some(s) => (s, "--secret: "),
+        None => (load_config(config)?.jwt_secret().0, ""),
     };
+    switchboard::config::check_jwt_secret(&secret).map_err(|e| format!("{given}{e}"))?;
     Ok(JwtHs256::new(secret).mint(user, unix_now() + ttl_s))
 }
 

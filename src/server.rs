@@ -22,7 +22,7 @@ use crate::directory::Directory;
 use crate::ids::ConnId;
 use crate::mailbox::Mailbox;
 use crate::proto::codes::CloseCode;
-use crate::proto::frame::{Frame, MAX_USER_ID_BYTES};
+use crate::proto::frame::Frame;
 use crate::proto::session::Timeouts;
 use crate::rooms::{RoomError, RoomRegistry};
 use crate::stats::{CounterTable, Stats};
@@ -197,7 +197,7 @@ pub struct Handle {
 
 impl Handle {
     fn check_user(user: &str) -> Result<(), PushError> {
-        if user.is_empty() || user.len() > MAX_USER_ID_BYTES {
+        if !crate::proto::frame::is_valid_user_id(user) {
             return Err(PushError::InvalidUser);
         }
         Ok(())

@@ -328,3 +328,39 @@ fn port_in_use_names_the_switchboard_holding_it_and_suggests_other_ports() {
     assert!(stderr.contains("overlapping restarts of one service only"), "{stderr}");
     assert!(stop(first).success());
 }
+
+/// `switchboard token` exit status and output for `args`.
+fn token(args: &[&str]) -> (Option<i32>, String, String) {
+    let out = Command::new(SB).arg("token").args(args).env_remove("SWITCHBOARD_JWT_SECRET").output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `switchboard token` refuses what the server would refuse, with the
+/// server's words, instead of minting a token no login can use.
+#[test]
+fn token_refuses_what_the_server_refuses() {
+    let long = "u".repeat(256);
+    for (args, why) in [
+        (vec!["--user", ""], "user id must be 1 to 255 bytes"),
+        (vec!["--user", long.as_str()], "user id must be 1 to 255 bytes"),
+        (vec!["--user", "alice", "--secret", "short"], "must be at least 16 bytes"),
+        (vec!["--user", "alice", "--secret", ""], "must be at least 16 bytes"),
+    ] {
+        let (code, out, err) = token(&args);
+        assert_eq!(code, Some(2), "{args:?}: {out}{err}");
+        assert!(out.is_empty(), "{args:?}: no token: {out}");
+        assert!(err.contains(why), "{args:?}: {err}");
+    }
+    // What the server accepts is minted: a 255-byte user, a 16-byte
+    // secret, the development secret by default.
+    let longest = "u".repeat(255);
+    for args in [vec!["--user", longest.as_str()], vec!["--user", "alice", "--secret", "0123456789abcdef"]] {
+        let (code, out, err) = token(&args);
+        assert_eq!(code, Some(0), "{args:?}: {err}");
+        assert_eq!(out.trim().split('.').count(), 3, "{args:?}: a JWT: {out}");
+    }
+}
