@@ -16,7 +16,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use clap::{Parser, Subcommand};
 use switchboard::client::{Client, ClientError};
 use switchboard::config::Config;
-use switchboard::proto::frame::Frame;
+use switchboard::proto::frame::{Frame, RoomOp};
 use switchboard::{JwtHs256, Server};
 
 #[global_allocator]
@@ -86,21 +86,38 @@ enum Cmd {
         #[arg(long)]
         secret: Option<String>,
     },
-    /// Connect as a user: print what arrives, send what you type.
-    ///
-    /// Type `@USER message` to SEND to a user, `/ping` to ping, `/quit` to leave.
+    /// Connect as a user over the raw TCP protocol: print what arrives, send
+    /// what you type.
+    #[command(after_help = CLIENT_COMMANDS)]
     Client {
+        /// The user id to log in as (1 to 255 bytes).
         #[arg(long)]
         user: String,
+        /// The server's raw TCP address (server.listen), not its WebSocket
+        /// port (7710 by default, for browsers).
         #[arg(long, default_value = "127.0.0.1:7700")]
         addr: SocketAddr,
-        /// Token to log in with; minted from --config / the dev secret if absent.
+        /// Token to log in with; minted from --config's auth.jwt_secret, or
+        /// the development secret, if absent.
         #[arg(long)]
         token: Option<String>,
+        /// Configuration file whose auth.jwt_secret signs the token.
         #[arg(long)]
         config: Option<PathBuf>,
     },
 }
+
+/// What one types into `switchboard client`.
+const CLIENT_COMMANDS: &str = "Commands, one per line:
+  @USER TEXT        send TEXT to every device of USER (SEND)
+  /join ROOM        join ROOM (SUBSCRIBE)
+  /leave ROOM       leave ROOM (UNSUBSCRIBE)
+  /pub ROOM TEXT    publish TEXT to ROOM, which you must have joined (PUBLISH)
+  /ping             ping the server
+  /quit             close the connection (so does end of input)
+
+Arriving messages print as `[ID from USER] TEXT` (to you) and
+`[ID in ROOM from USER] TEXT` (to a room; `everyone` for a broadcast).";
 
 /// How `serve` writes its log.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -364,19 +381,55 @@ fn check(connections: u64, config: Option<PathBuf>) -> ExitCode {
 }
 
 fn print_frame(f: &Frame<'_>) {
+    let who = |from: &str| if from.is_empty() { "server".to_string() } else { from.to_string() };
     match f {
         Frame::Push { msg_id, from, payload } => {
-            let from = if from.is_empty() { "server" } else { from };
-            out!("[{msg_id} from {from}] {}", String::from_utf8_lossy(payload));
+            out!("[{msg_id} from {}] {}", who(from), String::from_utf8_lossy(payload));
+        }
+        Frame::RoomMsg { msg_id, room, from, payload } => {
+            let room = if room.is_empty() { "everyone" } else { room };
+            out!("[{msg_id} in {room} from {}] {}", who(from), String::from_utf8_lossy(payload));
         }
         Frame::SendAck { req_id, delivered } => {
             out!("(send #{req_id}: delivered to {delivered} connection(s))")
         }
+        Frame::RoomAck { op, room, .. } => match op {
+            RoomOp::Subscribed => out!("(joined {room})"),
+            RoomOp::Unsubscribed => out!("(left {room})"),
+            RoomOp::Published => out!("(published to {room})"),
+        },
+        Frame::Skipped { count } => out!("({count} message(s) skipped: this client read too slowly)"),
         Frame::Pong { .. } => out!("(pong)"),
         Frame::Error { code, reason, .. } => out!("(error {code}: {reason})"),
         Frame::Close { code, reason } => out!("(closed by server: {code} {reason})"),
         other => out!("({other:?})"),
     }
+}
+
+/// The frame for one typed line, `Ok(None)` for `/quit`, or what to tell
+/// the user.
+fn typed_frame(line: &str, req_id: &mut u32) -> Result<Option<bytes::Bytes>, String> {
+    let (verb, rest) = line.split_once(' ').map_or((line, ""), |(v, r)| (v, r.trim()));
+    let mut next = || {
+        *req_id += 1;
+        *req_id
+    };
+    let frame = match verb {
+        "/quit" => return Ok(None),
+        "/ping" => Frame::Ping { data: b"" }.to_bytes(),
+        "/join" | "/leave" if rest.is_empty() || rest.contains(' ') => return Err(format!("usage: {verb} ROOM")),
+        "/join" => Frame::Subscribe { req_id: next(), room: rest }.to_bytes(),
+        "/leave" => Frame::Unsubscribe { req_id: next(), room: rest }.to_bytes(),
+        "/pub" => match rest.split_once(' ') {
+            Some((room, text)) => Frame::Publish { req_id: next(), room, payload: text.as_bytes() }.to_bytes(),
+            None => return Err("usage: /pub ROOM TEXT".into()),
+        },
+        v if v.starts_with('@') && v.len() > 1 => {
+            Frame::Send { req_id: next(), to: &v[1..], payload: rest.as_bytes() }.to_bytes()
+        }
+        _ => return Err("type `@USER TEXT`, /join ROOM, /leave ROOM, /pub ROOM TEXT, /ping or /quit".into()),
+    };
+    frame.map(Some).map_err(|e| format!("cannot send: {e}"))
 }
 
 fn client(user: String, addr: SocketAddr, token: Option<String>, config: Option<PathBuf>) -> ExitCode {
@@ -396,7 +449,7 @@ fn client(user: String, addr: SocketAddr, token: Option<String>, config: Option<
     };
     match c.login(&user, &token) {
         Ok(info) => out!(
-            "logged in as {user} (conn {:#x}, server pings after {} s of silence); type `@user message`, /ping, /quit",
+            "logged in as {user} (conn {:#x}, server pings after {} s of silence); type `@USER TEXT`, /join ROOM, /leave ROOM, /pub ROOM TEXT, /ping, /quit",
             info.conn_id,
             info.heartbeat_interval_ms / 1000
         ),
@@ -429,27 +482,17 @@ fn client(user: String, addr: SocketAddr, token: Option<String>, config: Option<
     for line in std::io::stdin().lock().lines() {
         let Ok(line) = line else { break };
         let line = line.trim();
-        let frame = if line == "/quit" {
-            break;
-        } else if line == "/ping" {
-            Frame::Ping { data: b"" }.to_bytes()
-        } else if let Some(rest) = line.strip_prefix('@') {
-            let (to, msg) = rest.split_once(' ').unwrap_or((rest, ""));
-            req_id += 1;
-            Frame::Send { req_id, to, payload: msg.as_bytes() }.to_bytes()
-        } else {
-            if !line.is_empty() {
-                out!("(type `@user message`, /ping or /quit)");
-            }
+        if line.is_empty() {
             continue;
-        };
-        match frame {
-            Ok(b) => {
+        }
+        match typed_frame(line, &mut req_id) {
+            Ok(Some(b)) => {
                 if out.write_all(&b).is_err() {
                     break;
                 }
             }
-            Err(e) => out!("(cannot send: {e})"),
+            Ok(None) => break,
+            Err(e) => out!("({e})"),
         }
     }
     let _ = out.write_all(&Frame::Close { code: 1000, reason: "bye" }.to_bytes().expect("static frame"));

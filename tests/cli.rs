@@ -75,7 +75,8 @@ fn serve_with(port: u16, log: &str, extra: &[&str], env: &[(&str, &str)], stdout
     common::arm_watchdog();
     let listen = format!("127.0.0.1:{port}");
     let child = Command::new(SB)
-        .args(["serve", "--listen", &listen, "--ws-listen", "", "--workers", "2", "--log", log])
+        .args(["serve", "--listen", &listen, "--workers", "2", "--log", log])
+        .args(if extra.contains(&"--ws-listen") { &[][..] } else { &["--ws-listen", ""][..] })
         .args(extra)
         .env_remove("SWITCHBOARD_JWT_SECRET")
         .env_remove("NO_COLOR")
@@ -363,4 +364,134 @@ fn token_refuses_what_the_server_refuses() {
         assert_eq!(code, Some(0), "{args:?}: {err}");
         assert_eq!(out.trim().split('.').count(), 3, "{args:?}: a JWT: {out}");
     }
+}
+
+/// `switchboard client` as a child: lines typed on its stdin, lines it
+/// prints read back with a deadline.
+struct CliClient {
+    proc: Proc,
+    stdin: std::process::ChildStdin,
+    lines: std::sync::mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl CliClient {
+    fn start(user: &str, addr: &str) -> CliClient {
+        let child = Command::new(SB)
+            .args(["client", "--user", user, "--addr", addr])
+            .env_remove("SWITCHBOARD_JWT_SECRET")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut proc = Proc(child);
+        let stdin = proc.0.stdin.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        for out in
+            [Box::new(proc.0.stdout.take().unwrap()) as Box<dyn Read + Send>, Box::new(proc.0.stderr.take().unwrap())]
+        {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for line in std::io::BufRead::lines(std::io::BufReader::new(out)) {
+                    let Ok(line) = line else { break };
+                    if tx.send(line).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        CliClient { proc, stdin, lines, seen: Vec::new() }
+    }
+
+    fn type_line(&mut self, line: &str) {
+        use std::io::Write;
+        writeln!(self.stdin, "{line}").unwrap();
+    }
+
+    /// The next line printed, which must contain `want`.
+    fn expect(&mut self, want: &str) -> String {
+        match self.lines.recv_timeout(Duration::from_secs(10)) {
+            Ok(line) => {
+                self.seen.push(line.clone());
+                assert!(
+                    line.contains(want),
+                    "expected a line with {want:?}, got {line:?}; so far:\n{}",
+                    self.seen.join("\n")
+                );
+                line
+            }
+            Err(_) => panic!("no line with {want:?} within 10 s; so far:\n{}", self.seen.join("\n")),
+        }
+    }
+}
+
+/// The CLI client's room commands: /join, /pub, /leave, each acknowledged,
+/// room messages printed with room and sender, nothing after /leave.
+#[test]
+fn cli_client_joins_publishes_to_and_leaves_rooms() {
+    let port = free_port();
+    let server = serve(port, "warn", Stdio::null(), Stdio::null());
+    let addr = format!("127.0.0.1:{port}");
+    let mut bob = CliClient::start("bob", &addr);
+    bob.expect("logged in as bob");
+    bob.type_line("/join lobby");
+    bob.expect("(joined lobby)");
+    let mut alice = CliClient::start("alice", &addr);
+    alice.expect("logged in as alice");
+    alice.type_line("/join lobby");
+    alice.expect("(joined lobby)");
+    alice.type_line("/pub lobby hi all");
+    // Her own copy and the acknowledgement, in either order.
+    let mut mine = [alice.expect("lobby"), alice.expect("lobby")];
+    mine.sort();
+    assert!(mine[0].contains("(published to lobby)"), "{mine:?}");
+    assert!(mine[1].contains("in lobby from alice] hi all"), "{mine:?}");
+    bob.expect("in lobby from alice] hi all");
+    bob.type_line("/leave lobby");
+    bob.expect("(left lobby)");
+    alice.type_line("/pub lobby only me");
+    alice.expect("lobby");
+    alice.expect("lobby");
+    bob.type_line("/ping");
+    bob.expect("(pong)"); // and not the second message
+    bob.type_line("/join");
+    bob.expect("/join ROOM");
+    bob.type_line("/quit");
+    assert!(bob.proc.wait_for(Duration::from_secs(5)).is_some_and(|s| s.success()));
+    assert!(stop(server).success());
+}
+
+/// `--help` explains every option and the commands one types.
+#[test]
+fn cli_client_help_explains_its_options_and_commands() {
+    let out = Command::new(SB).args(["client", "--help"]).output().unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{help}");
+    for line in help.lines().filter(|l| l.trim_start().starts_with("--")) {
+        let option = line.split_whitespace().next().unwrap();
+        let explained = line.split_whitespace().count() > 2
+            || help.lines().skip_while(|l| !l.contains(option)).nth(1).is_some_and(|n| n.starts_with("          "));
+        assert!(explained, "{option} has no help text:\n{help}");
+    }
+    for cmd in ["@USER", "/join", "/leave", "/pub", "/ping", "/quit"] {
+        assert!(help.contains(cmd), "{cmd} is not explained:\n{help}");
+    }
+}
+
+/// `switchboard client` pointed at the WebSocket port: the server answers
+/// in HTTP, and the client says which mistake that probably is, instead of
+/// "frame of 1213486164 bytes".
+#[test]
+fn cli_client_on_the_websocket_port_names_the_likely_mistake() {
+    let (port, ws_port) = (free_port(), free_port());
+    let server =
+        serve_with(port, "warn", &["--ws-listen", &format!("127.0.0.1:{ws_port}")], &[], Stdio::null(), Stdio::null());
+    let mut c = CliClient::start("alice", &format!("127.0.0.1:{ws_port}"));
+    let line = c.expect("switchboard:");
+    assert!(line.contains("answered in HTTP") && line.contains("WebSocket"), "{line}");
+    assert!(line.contains("raw TCP port") && line.contains("7700"), "{line}");
+    let status = c.proc.wait_for(Duration::from_secs(5)).expect("the client exits");
+    assert_eq!(status.code(), Some(1));
+    assert!(stop(server).success());
 }
