@@ -255,6 +255,26 @@ fn signal_thread(set: &libc::sigset_t, handle: &switchboard::Handle) {
     }
 }
 
+/// How to run this binary again, for the commands the banner suggests:
+/// `switchboard` when that is what the PATH finds, else its path (relative
+/// to the working directory when under it, e.g.
+/// `target/release/switchboard` in a checkout), so a printed command works
+/// as printed.
+fn self_command() -> String {
+    let Ok(me) = std::env::current_exe().and_then(|p| p.canonicalize()) else { return "switchboard".into() };
+    let on_path = std::env::var_os("PATH").is_some_and(|path| {
+        std::env::split_paths(&path).any(|dir| dir.join("switchboard").canonicalize().is_ok_and(|p| p == me))
+    });
+    if on_path {
+        return "switchboard".into();
+    }
+    let cwd = std::env::current_dir().and_then(|d| d.canonicalize()).unwrap_or_default();
+    match me.strip_prefix(&cwd) {
+        Ok(rel) if !cwd.as_os_str().is_empty() => rel.display().to_string(),
+        _ => me.display().to_string(),
+    }
+}
+
 fn serve(
     config: Option<PathBuf>,
     listen: Option<String>,
@@ -319,10 +339,13 @@ fn serve(
     }
     if let Some(a) = server.admin_addr() {
         out!("admin API on http://{a} (/healthz /readyz /stats /push /publish /broadcast ...)");
+    } else {
+        out!("admin API off (start with --admin 127.0.0.1:7701 for /healthz /stats /push ...)");
     }
     if dev_secret {
-        out!("development JWT secret in use: mint a token with `switchboard token --user alice`,");
-        out!("or connect at once with `switchboard client --user alice --addr {}`", server.local_addr());
+        let me = self_command();
+        out!("development JWT secret in use: mint a token with `{me} token --user alice`,");
+        out!("or connect at once with `{me} client --user alice --addr {}`", server.local_addr());
     }
     // First SIGTERM/SIGINT: drain (stop accepting, CLOSE 1001 with a
     // reconnect hint spread over drain.window_ms, exit when the clients are

@@ -495,3 +495,36 @@ fn cli_client_on_the_websocket_port_names_the_likely_mistake() {
     assert_eq!(status.code(), Some(1));
     assert!(stop(server).success());
 }
+
+/// The commands the banner suggests work as printed from the checkout,
+/// where `switchboard` is not on PATH (it names the binary by its path
+/// then), and it says how to turn on the admin API, which is off.
+#[test]
+fn the_banner_commands_work_from_the_checkout() {
+    let port = free_port();
+    let (read, write) = pipe();
+    let reader = read_all_later(std::fs::File::from(read));
+    let server = serve_with(port, "warn", &[], &[("PATH", "/usr/bin:/bin")], Stdio::from(write), Stdio::null());
+    assert!(stop(server).success());
+    let banner = reader.join().unwrap();
+    let quoted: Vec<&str> = banner.split('`').skip(1).step_by(2).collect();
+    let token_cmd = quoted.iter().find(|c| c.contains(" token ")).unwrap_or_else(|| panic!("{banner}"));
+    let client_cmd = quoted.iter().find(|c| c.contains(" client ")).unwrap_or_else(|| panic!("{banner}"));
+    assert!(banner.contains("--admin 127.0.0.1:7701"), "how to turn the admin API on:\n{banner}");
+    for cmd in [token_cmd, client_cmd] {
+        let program = cmd.split_whitespace().next().unwrap();
+        assert!(program != "switchboard", "not on PATH here:\n{banner}");
+        let found = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(program);
+        assert!(found.exists(), "{program} from the checkout:\n{banner}");
+    }
+    // Run the token command as printed (the shell splits it as a user's would).
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(token_cmd)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env_remove("SWITCHBOARD_JWT_SECRET")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{token_cmd}: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim().split('.').count(), 3);
+}
