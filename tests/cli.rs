@@ -528,3 +528,30 @@ fn the_banner_commands_work_from_the_checkout() {
     assert!(out.status.success(), "{token_cmd}: {}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim().split('.').count(), 3);
 }
+
+/// `scripts/capacity.sh --help` answers at once, before (and without) the
+/// two release builds the runs need: here with no cargo on the PATH at all.
+#[test]
+fn capacity_sh_help_comes_before_any_build() {
+    let t = Instant::now();
+    let out = Command::new("bash")
+        .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/capacity.sh"))
+        .arg("--help")
+        .env("PATH", "/usr/bin:/bin")
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{help}{}", String::from_utf8_lossy(&out.stderr));
+    for option in ["--full", "--no-peers", "--no-nchan", "--ws-only", "--ws-connections", "--out"] {
+        assert!(help.contains(option), "{option}:\n{help}");
+    }
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    let out = Command::new("bash")
+        .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/capacity.sh"))
+        .arg("--fulll")
+        .env("PATH", "/usr/bin:/bin")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "an unknown option is refused before building");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--fulll"));
+}
