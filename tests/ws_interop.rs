@@ -7,10 +7,13 @@
 //!   from a client and from the handle, several heartbeat periods of silence
 //!   survived on the library's automatic pong, and the binary subprotocol.
 //! - `chromium_demo_page`: a headless Chromium opens the demo page (served
-//!   in dev mode, on the development secret), logs in through the page's own
-//!   token fetch, and shows a push from the handle, a send to a raw TCP
-//!   client, and room messages; `tests/interop/browser.py` drives it over
-//!   the Chrome DevTools Protocol.
+//!   in dev mode, on the development secret) in a 1280x900 window, logs in
+//!   through the page's own token fetch, and shows a push from the handle, a
+//!   send to a raw TCP client (echoed), room messages, a full log without a
+//!   page scrollbar, a drain's 1001 after which it reconnects at the hinted
+//!   time to a second server on the same port and rejoins its room, and a
+//!   normal close shown as normal; `tests/interop/browser.py` drives it
+//!   over the Chrome DevTools Protocol.
 //!
 //! The test and each script talk through the script's stdout, one
 //! checkpoint per line (the scripts' docstrings list them); the test acts
@@ -357,7 +360,11 @@ fn chromium_demo_page() {
     // if Chromium answers the server's pings.
     cfg.timeouts.heartbeat_interval_ms = 300;
     cfg.timeouts.idle_timeout_ms = 1500;
+    // The drain at the end: CLOSE 1001 with a hint below 300 ms.
+    cfg.drain.window_ms = 1000;
+    cfg.drain.reconnect_jitter_ms = 300;
     let (secret, dev) = cfg.jwt_secret();
+    let second_cfg = cfg.clone();
     // With SWITCHBOARD_JWT_SECRET in the environment the token helper is
     // off (403) and the page needs a pasted token, as in production.
     let page_token = if dev { "-".to_string() } else { JwtHs256::new(secret.clone()).mint("alice", unix_now() + 600) };
@@ -396,13 +403,36 @@ fn chromium_demo_page() {
     let st = h.stats();
     assert!(st.pings_sent >= 2, "the server should have pinged the silent page: {st:?}");
     assert_eq!(st.idle_timeouts, 0, "{st:?}");
+    s.expect("FILL");
+    for i in 0..100 {
+        assert_eq!(h.push_to_user("alice", format!("fill-{i}")).unwrap().connections, 1);
+    }
+    s.expect("NO_PAGE_SCROLL");
+
+    // A restart: a second server on the same WebSocket port, then the first
+    // drains. The page must come back after the hint, to the second one,
+    // and rejoin its room.
+    s.expect("DRAIN_ME");
+    let mut second_cfg = second_cfg;
+    second_cfg.websocket.listen = server.ws_addr().unwrap().to_string();
+    second_cfg.server.share_listen_port = true;
+    let second = start(second_cfg);
+    let h2 = second.handle();
+    h.drain();
+    s.expect("RECONNECTED");
+    assert!(wait_until(Duration::from_secs(5), || h2.is_online("alice") && h2.room_size("lobby") == 1));
+    h2.publish_to_room("lobby", "after-reconnect").unwrap();
+    s.expect("ROOM_AFTER after-reconnect");
     s.expect("DONE");
     s.finish();
     drop(browser);
 
-    assert!(wait_until(Duration::from_secs(5), || !h.is_online("alice")), "alice should be gone after Disconnect");
     let st = h.stats();
+    server.join().expect("the first server drained");
     assert!(st.http_requests >= if dev { 2 } else { 1 }, "the page and its token: {st:?}");
     assert_eq!((st.ws_upgrades, st.protocol_errors, st.idle_timeouts), (1, 0, 0), "{st:?}");
-    server.shutdown().unwrap();
+    assert!(wait_until(Duration::from_secs(5), || !h2.is_online("alice")), "alice should be gone after Disconnect");
+    let st = h2.stats();
+    assert_eq!((st.ws_upgrades, st.logins, st.protocol_errors), (1, 1, 0), "{st:?}");
+    second.shutdown().unwrap();
 }
