@@ -42,12 +42,22 @@ use switchboard::config::DemoPage;
 use switchboard::proto::frame::Frame;
 use switchboard::JwtHs256;
 
+/// The two tests run one at a time: each has a server in this process and
+/// spawns children (python3, Chromium), which would inherit the other's
+/// accepted sockets (not close-on-exec yet: tests/spawned_children.rs).
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// How long Chromium may take to open its DevTools port.
 const BROWSER_START: Duration = Duration::from_secs(20);
 const CHROMIUM: &str = "/usr/bin/chromium";
 
 #[test]
 fn python_websockets_client() {
+    let _one = one_at_a_time();
     require_python_websockets();
     let mut cfg = config();
     cfg.websocket.listen = "127.0.0.1:0".into();
@@ -198,6 +208,7 @@ impl Drop for Chromium {
 
 #[test]
 fn chromium_demo_page() {
+    let _one = one_at_a_time();
     if std::env::var("SWITCHBOARD_SKIP_BROWSER").as_deref() == Ok("1") {
         eprintln!("chromium_demo_page: skipped because SWITCHBOARD_SKIP_BROWSER=1");
         return;
@@ -232,6 +243,13 @@ fn chromium_demo_page() {
     let h = server.handle();
     let page = format!("http://{}/", server.ws_addr().expect("a WebSocket listener"));
 
+    let (browser, devtools) = Chromium::launch();
+    let args = [devtools, page, "alice".into(), page_token, "bob".into()];
+    let mut s = Script::spawn("browser.py", &args);
+    // Bob connects after Chromium and the script are started: children
+    // inherit the server's accepted sockets (they are not close-on-exec,
+    // see tests/spawned_children.rs), and a socket of his in their hands
+    // would outlive his close on the server.
     let mut bob = connect(server.local_addr());
     bob.login("bob", &JwtHs256::new(secret).mint("bob", unix_now() + 600)).expect("bob logs in over raw TCP");
     // Bob answers the server's PINGs and forwards his PUSHes, until the
@@ -245,9 +263,6 @@ fn chromium_demo_page() {
         }
     });
 
-    let (browser, devtools) = Chromium::launch();
-    let args = [devtools, page, "alice".into(), page_token, "bob".into()];
-    let mut s = Script::spawn("browser.py", &args);
     s.expect("LOGGED_IN alice");
     s.expect("READY");
     assert_eq!(h.push_to_user("alice", "rust-push-browser").unwrap().connections, 1);
