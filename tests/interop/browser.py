@@ -22,7 +22,7 @@ Checkpoints on stdout (the Rust test acts at those marked ->):
   ALIVE ...       the socket is still up after IDLE_S seconds of silence
   FILL            -> the test pushes FILL_N more messages
   NO_PAGE_SCROLL  with them all in #log, the page itself still fits the
-                  window (the log scrolls, not the page)
+                  window: the log scrolls, nothing else does
   DRAIN_ME        -> the test starts a second server on the same WebSocket
                   port and drains the first (CLOSE 1001, reconnect_ms=...)
   RECONNECTED     the page showed the 1001 as information, waited the hint,
@@ -206,6 +206,12 @@ def run(cdp, page_url, user, token, peer):
         raise Fail(f"the page scrolls at 1280x900: content {fits[0]}x{fits[1]}, window {fits[2]}x{fits[3]}")
     if fits[4] <= fits[3]:
         raise Fail(f"the log should be taller than the window by now ({fits[4]} px): the test proves nothing")
+    scrolling = cdp.eval("[...document.querySelectorAll('body *')].filter(e => e.id !== 'log' && "
+                         "['auto', 'scroll'].includes(getComputedStyle(e).overflowY) && "
+                         "e.scrollHeight > e.clientHeight + 1).map(e => e.tagName + ' ' + e.scrollHeight + '>' + "
+                         "e.clientHeight)")
+    if scrolling:
+        raise Fail(f"a scrollbar besides the log's at 1280x900: {scrolling}")
     say("NO_PAGE_SCROLL")
 
     say("DRAIN_ME")
