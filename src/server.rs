@@ -561,7 +561,7 @@ impl ServerBuilder {
                 if dev {
                     tracing::warn!(
                         "auth.jwt_secret is not set: using the built-in development secret; anyone can mint tokens \
-                         (`switchboard token --user ID`). Set auth.jwt_secret or {} for real use.",
+                         (the switchboard binary's `token` command). Set auth.jwt_secret or {} for real use.",
                         crate::config::JWT_SECRET_ENV
                     );
                 }
