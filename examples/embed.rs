@@ -13,12 +13,15 @@ use switchboard::client::Client;
 use switchboard::proto::frame::Frame;
 use switchboard::{AuthError, Server};
 
-fn main() {
+pub fn main() {
     // The application decides who may log in: here, any user whose token is
     // "letmein-<user>". A real app would look the token up in its session
     // store (quickly: this runs on a worker thread).
+    // It binds only what it is asked for, here on ports of its own choosing
+    // (0: any free port), so it runs beside `switchboard serve` on 7700/7710.
     let server = Server::builder()
-        .listen("127.0.0.1:0")
+        .listen("127.0.0.1:0") // raw TCP, for apps
+        .ws_listen("127.0.0.1:0") // WebSocket, for browsers (leave out: none)
         .workers(2)
         .authenticator(|user: &str, token: &[u8], _now: u64| {
             if token == format!("letmein-{user}").as_bytes() {
@@ -35,7 +38,7 @@ fn main() {
         .start()
         .expect("server starts");
     let addr = server.local_addr();
-    println!("embedded switchboard on {addr}");
+    println!("embedded switchboard on {addr}, WebSocket on {:?}", server.ws_addr());
 
     // A client logs in (normally a phone or a browser).
     let mut phone = Client::connect(addr).expect("connect");

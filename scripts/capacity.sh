@@ -11,6 +11,9 @@
 #   scripts/capacity.sh --no-nchan # everything but nginx + nchan
 #   scripts/capacity.sh --ws-only [--ws-connections N]
 #                                  # only Switchboard over WebSocket next to nginx + nchan
+#   --out DIR                      # where the report goes (default target/capacity)
+#   --switchboard BIN, --tokio BIN # other binaries to measure (default: the release builds)
+#   --help                         # this text (before building anything)
 #
 # The login/logout churn figure (server RSS over 400,000 connect → LOGIN →
 # disconnect cycles; 1,000,000 with --full) is in the report too;
@@ -24,6 +27,22 @@
 # only, copied to target/capacity/nginx-nchan.conf); no nginx service is used.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; }
+# Options are checked before the release builds (minutes on a cold tree).
+args=("$@")
+for ((i = 0; i < ${#args[@]}; i++)); do
+  case "${args[i]}" in
+    -h|--help) usage; exit 0 ;;
+    --full|--no-peers|--no-nchan|--ws-only) ;;
+    --ws-connections|--out|--switchboard|--tokio)
+      if ((i + 1 >= ${#args[@]})); then echo "capacity.sh: ${args[i]} needs a value" >&2; exit 2; fi
+      i=$((i + 1)) ;;
+    --ws-connections=*|--out=*|--switchboard=*|--tokio=*) ;;
+    *) echo "capacity.sh: unknown option ${args[i]} (--help lists them)" >&2; exit 2 ;;
+  esac
+done
+
 cargo build --release --quiet -p switchboard --bins
 if [[ " $* " != *" --no-peers "* && " $* " != *" --ws-only "* ]]; then
   cargo build --release --quiet -p tokio-baseline

@@ -1,21 +1,32 @@
 #!/usr/bin/env bash
 # The whole test suite (the README's test command; .ci/run calls it).
-# Installs the tools the interoperability tests drive (Chromium, python3 and
-# its `websockets` package, for tests/ws_interop.rs) when they are missing,
-# then runs clippy (zero warnings), `cargo test` (arguments are passed on,
-# e.g. a test filter) and, when no arguments were given, the loom models of
-# src/sync.
+# Installs the tools the interoperability tests drive when they are missing
+# (Chromium, python3 and its `websockets` package, for tests/ws_interop.rs;
+# nginx with its stream module and openssl, the TLS front of
+# tests/tls_front.rs), then runs clippy (zero warnings), `cargo test`
+# (arguments are passed on, e.g. a test filter) and, when no arguments were
+# given, the loom models of src/sync (tests/loom-models).
 # Idempotent: on a machine that has everything it installs nothing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# The Python the tests run: $SWITCHBOARD_PYTHON, else the first python3 on
+# the PATH (Debian's once installed below). Exported, so the tests use the
+# very interpreter websockets is installed into.
+PYTHON="${SWITCHBOARD_PYTHON:-$(command -v python3 || echo /usr/bin/python3)}"
+export SWITCHBOARD_PYTHON="$PYTHON"
+
 # Debian packages, one "package|check" each: the package is installed when
 # its check (a shell command) fails. One `apt-get update` covers them all,
-# and none runs when nothing is missing.
+# and none runs when nothing is missing. --no-install-recommends: only what
+# the tests use, not the desktop a browser recommends.
 APT_PACKAGES=(
   "chromium|test -x /usr/bin/chromium"
-  "python3|command -v python3"
-  "python3-pip|python3 -c 'import websockets.sync.client' || python3 -m pip --version"
+  "python3|test -x \"\$PYTHON\""
+  "python3-pip|\"\$PYTHON\" -c 'import websockets.sync.client' || \"\$PYTHON\" -m pip --version"
+  "nginx|test -x /usr/sbin/nginx"
+  "libnginx-mod-stream|test -f /usr/lib/nginx/modules/ngx_stream_module.so"
+  "openssl|command -v openssl"
 )
 
 as_root() {
@@ -37,16 +48,28 @@ for entry in "${APT_PACKAGES[@]}"; do
 done
 if [ ${#missing[@]} -gt 0 ]; then
   echo "scripts/test.sh: installing ${missing[*]}" >&2
+  # Install only: no service starts (nginx would take port 80). A
+  # policy-rc.d of our own is removed again; an existing one is left alone.
+  policy=/usr/sbin/policy-rc.d ours=
+  if [ ! -e "$policy" ]; then
+    as_root sh -c "printf '#!/bin/sh\nexit 101\n' > $policy && chmod 755 $policy"
+    ours=1
+    trap 'as_root rm -f "$policy"' EXIT
+  fi
   as_root apt-get update -qq
-  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  if [ -n "$ours" ]; then
+    as_root rm -f "$policy"
+    trap - EXIT
+  fi
 fi
 
 # websockets 11 or later (websockets.sync.client); Debian 12's
-# python3-websockets is older, so it comes from PyPI.
-if ! python3 -c 'import websockets.sync.client' >/dev/null 2>&1; then
-  echo "scripts/test.sh: installing the Python package websockets" >&2
+# python3-websockets is older, so it comes from PyPI, into $PYTHON.
+if ! "$PYTHON" -c 'import websockets.sync.client' >/dev/null 2>&1; then
+  echo "scripts/test.sh: installing the Python package websockets for $PYTHON" >&2
   PIP_BREAK_SYSTEM_PACKAGES=1 PIP_ROOT_USER_ACTION=ignore \
-    python3 -m pip install --quiet --disable-pip-version-check --no-warn-script-location --upgrade websockets
+    "$PYTHON" -m pip install --quiet --disable-pip-version-check --no-warn-script-location 'websockets>=11'
 fi
 
 # Lints are part of the suite: zero clippy warnings on every target of the

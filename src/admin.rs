@@ -89,7 +89,33 @@ struct Request {
     close: bool,
 }
 
-fn percent_decode(s: &str) -> String {
+/// A request the API cannot serve, with the status and the words the client
+/// gets (never an OS error's text).
+#[derive(Debug)]
+struct BadRequest {
+    status: u16,
+    error: &'static str,
+}
+
+impl BadRequest {
+    const fn new(status: u16, error: &'static str) -> BadRequest {
+        BadRequest { status, error }
+    }
+}
+
+/// What a failed read of a request tells the client.
+fn read_failure(e: &io::Error) -> BadRequest {
+    match e.kind() {
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => BadRequest::new(408, "request not complete within 10 s"),
+        io::ErrorKind::UnexpectedEof => BadRequest::new(400, "request body shorter than its Content-Length"),
+        _ => BadRequest::new(400, "cannot read the request"),
+    }
+}
+
+/// Percent-decodes a query key or value (`+` is a space; a `%` not followed
+/// by two hex digits stays as it is). Decoded bytes that are not UTF-8 are
+/// an error, not U+FFFD: `%ff%fe` and `%fe%ff` must not name the same user.
+fn percent_decode(s: &str) -> Result<String, BadRequest> {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
@@ -109,13 +135,13 @@ fn percent_decode(s: &str) -> String {
         }
         i += 1;
     }
-    String::from_utf8_lossy(&out).into_owned()
+    String::from_utf8(out).map_err(|_| BadRequest::new(400, "a query parameter is not UTF-8 once percent-decoded"))
 }
 
-fn read_request(r: &mut BufReader<TcpStream>, token: Option<&str>) -> io::Result<Option<Request>> {
+fn read_request(r: &mut BufReader<TcpStream>, token: Option<&str>) -> Result<Option<Request>, BadRequest> {
     let mut head = Vec::new();
     loop {
-        let n = r.read_until(b'\n', &mut head)?;
+        let n = r.read_until(b'\n', &mut head).map_err(|e| read_failure(&e))?;
         if n == 0 {
             return Ok(None);
         }
@@ -123,14 +149,14 @@ fn read_request(r: &mut BufReader<TcpStream>, token: Option<&str>) -> io::Result
             break;
         }
         if head.len() > MAX_HEAD_BYTES {
-            return Err(io::Error::new(io::ErrorKind::InvalidData, "request head too large"));
+            return Err(BadRequest::new(431, "request head too large"));
         }
     }
     let mut headers = [httparse::EMPTY_HEADER; 32];
     let mut req = httparse::Request::new(&mut headers);
     match req.parse(&head) {
         Ok(httparse::Status::Complete(_)) => {}
-        _ => return Err(io::Error::new(io::ErrorKind::InvalidData, "malformed request")),
+        _ => return Err(BadRequest::new(400, "malformed request")),
     }
     let (mut len, mut authorized, mut close) = (0usize, token.is_none(), false);
     for h in req.headers.iter() {
@@ -145,10 +171,10 @@ fn read_request(r: &mut BufReader<TcpStream>, token: Option<&str>) -> io::Result
         }
     }
     if len > MAX_BODY_BYTES {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, "body too large"));
+        return Err(BadRequest::new(413, "body larger than 1 MiB"));
     }
     let mut body = vec![0u8; len];
-    r.read_exact(&mut body)?;
+    r.read_exact(&mut body).map_err(|e| read_failure(&e))?;
     let target = req.path.unwrap_or("/");
     let (path, qs) = target.split_once('?').unwrap_or((target, ""));
     let query = qs
@@ -156,9 +182,9 @@ fn read_request(r: &mut BufReader<TcpStream>, token: Option<&str>) -> io::Result
         .filter(|kv| !kv.is_empty())
         .map(|kv| {
             let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-            (percent_decode(k), percent_decode(v))
+            Ok((percent_decode(k)?, percent_decode(v)?))
         })
-        .collect();
+        .collect::<Result<_, BadRequest>>()?;
     Ok(Some(Request {
         method: req.method.unwrap_or("GET").to_string(),
         path: path.to_string(),
@@ -179,6 +205,26 @@ fn token_matches(presented: &[u8], expected: &[u8]) -> bool {
     let diff = a.iter().zip(b.iter()).fold(0u8, |acc, (x, y)| acc | (x ^ y));
     // black_box: the optimiser may not turn the fold into an early exit.
     std::hint::black_box(diff) == 0
+}
+
+/// Every path the API serves, with its method (for 405 and `Allow`).
+const ROUTES: &[(&str, &str)] = &[
+    ("/healthz", "GET"),
+    ("/readyz", "GET"),
+    ("/stats", "GET"),
+    ("/room", "GET"),
+    ("/push", "POST"),
+    ("/publish", "POST"),
+    ("/broadcast", "POST"),
+    ("/kick", "POST"),
+    ("/join", "POST"),
+    ("/leave", "POST"),
+    ("/bench/send_ceiling", "POST"),
+];
+
+/// The method `path` is served with, if it is served at all.
+fn allowed_method(path: &str, bench: bool) -> Option<&'static str> {
+    ROUTES.iter().find(|(p, _)| *p == path && (bench || !p.starts_with("/bench/"))).map(|(_, m)| *m)
 }
 
 fn param<'a>(q: &'a [(String, String)], name: &str) -> Option<&'a str> {
@@ -262,7 +308,10 @@ fn route(req: &Request, h: &Handle, bench: bool) -> (u16, serde_json::Value) {
                     Err(e) => push_error(e),
                 }
             }
-            _ => (404, json!({ "error": format!("no route for {} {}", req.method, req.path) })),
+            _ => match allowed_method(&req.path, bench) {
+                Some(m) => (405, json!({ "error": format!("{} takes {m}, not {}", req.path, req.method) })),
+                None => (404, json!({ "error": format!("no route for {} {}", req.method, req.path) })),
+            },
         })
     })();
     r.unwrap_or_else(|e| e)
@@ -276,11 +325,13 @@ fn serve_conn(stream: TcpStream, h: &Handle, token: Option<&str>, bench: bool, s
         let req = match read_request(&mut r, token) {
             Ok(Some(req)) => req,
             Ok(None) => return Ok(()),
-            Err(e) => {
-                let body = json!({ "error": e.to_string() }).to_string();
+            Err(bad) => {
+                let body = json!({ "error": bad.error }).to_string();
                 let _ = write!(
                     w,
-                    "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    bad.status,
+                    crate::proto::ws::handshake::status_phrase(bad.status),
                     body.len()
                 );
                 return Ok(());
@@ -288,17 +339,14 @@ fn serve_conn(stream: TcpStream, h: &Handle, token: Option<&str>, bench: bool, s
         };
         let (status, body) = route(&req, h, bench);
         let body = body.to_string();
-        let reason = match status {
-            200 => "OK",
-            400 => "Bad Request",
-            401 => "Unauthorized",
-            404 => "Not Found",
-            503 => "Service Unavailable",
-            _ => "Error",
+        let allow = match (status, allowed_method(&req.path, bench)) {
+            (405, Some(m)) => format!("allow: {m}\r\n"),
+            _ => String::new(),
         };
         write!(
             w,
-            "HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{}\r\n{body}",
+            "HTTP/1.1 {status} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{allow}{}\r\n{body}",
+            crate::proto::ws::handshake::status_phrase(status),
             body.len(),
             if req.close { "connection: close\r\n" } else { "" }
         )?;
@@ -328,9 +376,21 @@ mod tests {
 
     #[test]
     fn percent_decoding() {
-        assert_eq!(percent_decode("a%20b+c%2Fd"), "a b c/d");
-        assert_eq!(percent_decode("100%"), "100%");
-        assert_eq!(percent_decode("%zz"), "%zz");
-        assert_eq!(percent_decode("%C3%A9"), "é");
+        let d = |s| percent_decode(s).unwrap();
+        assert_eq!(d("a%20b+c%2Fd"), "a b c/d");
+        assert_eq!(d("100%"), "100%");
+        assert_eq!(d("%zz"), "%zz");
+        assert_eq!(d("%C3%A9"), "é");
+        assert_eq!(percent_decode("%ff%fe").unwrap_err().status, 400, "not UTF-8: refused, not U+FFFD");
+        assert_eq!(percent_decode("%C3").unwrap_err().status, 400, "half a character");
+    }
+
+    #[test]
+    fn read_failures_are_told_in_the_api_words() {
+        use super::read_failure;
+        let timeout = read_failure(&std::io::Error::from_raw_os_error(libc::EAGAIN));
+        assert_eq!((timeout.status, timeout.error), (408, "request not complete within 10 s"));
+        let other = read_failure(&std::io::Error::from_raw_os_error(libc::ECONNRESET));
+        assert!(!other.error.contains("os error"), "{other:?}");
     }
 }

@@ -100,6 +100,17 @@ struct Claims {
     nbf: Option<f64>,
 }
 
+/// `json` read as `T`, if it is a JSON object: serde also reads a struct
+/// from an array of its fields in order, which a JWT header or claims set
+/// must not be (RFC 7519 sections 5 and 7.2).
+fn from_json_object<T: serde::de::DeserializeOwned>(json: &[u8]) -> Option<T> {
+    let start = json.iter().position(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r'))?;
+    if json[start] != b'{' {
+        return None;
+    }
+    serde_json::from_slice(json).ok()
+}
+
 impl JwtHs256 {
     /// A verifier with a 30 s leeway that requires `exp`.
     pub fn new(secret: impl Into<Vec<u8>>) -> JwtHs256 {
@@ -149,7 +160,7 @@ impl JwtHs256 {
         }
         let header_json = URL_SAFE_NO_PAD.decode(h).map_err(|_| AuthError::Malformed("header is not base64url"))?;
         let header: Header =
-            serde_json::from_slice(&header_json).map_err(|_| AuthError::Malformed("header is not a JSON object"))?;
+            from_json_object(&header_json).ok_or(AuthError::Malformed("header is not a JSON object"))?;
         if header.alg != "HS256" {
             return Err(AuthError::UnsupportedAlgorithm);
         }
@@ -158,8 +169,8 @@ impl JwtHs256 {
         mac.update(&token[..h.len() + 1 + p.len()]);
         mac.verify_slice(&sig).map_err(|_| AuthError::BadSignature)?;
         let claims_json = URL_SAFE_NO_PAD.decode(p).map_err(|_| AuthError::Malformed("payload is not base64url"))?;
-        let claims: Claims = serde_json::from_slice(&claims_json)
-            .map_err(|_| AuthError::Malformed("payload is not a JSON object with string sub and numeric exp"))?;
+        let claims: Claims = from_json_object(&claims_json)
+            .ok_or(AuthError::Malformed("payload is not a JSON object with string sub and numeric exp"))?;
         let now = now_unix_s as f64;
         match claims.exp {
             Some(exp) if now >= exp + self.leeway_s as f64 => return Err(AuthError::Expired),
@@ -229,6 +240,30 @@ mod tests {
         let t = j.mint("u", NOW);
         assert!(j.verify(t.as_bytes(), NOW + 29).is_ok());
         assert_eq!(j.verify(t.as_bytes(), NOW + 30), Err(AuthError::Expired));
+    }
+
+    /// The header and the claims are JSON objects (RFC 7519 5, 7.2): an
+    /// array such as `["HS256"]` used to pass for the header `{"alg":"HS256"}`
+    /// (serde reads a struct from a sequence too), and `["alice", exp]` for
+    /// the claims.
+    #[test]
+    fn header_and_claims_must_be_objects() {
+        let j = JwtHs256::new("k");
+        let sign = |header: &str, claims: &str| {
+            let input = format!("{}.{}", URL_SAFE_NO_PAD.encode(header), URL_SAFE_NO_PAD.encode(claims));
+            let mut mac = j.mac();
+            mac.update(input.as_bytes());
+            format!("{input}.{}", URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes()))
+        };
+        let exp = NOW + 60;
+        let good = sign(r#"{"alg":"HS256"}"#, &format!(r#"{{"sub":"u","exp":{exp}}}"#));
+        assert_eq!(j.verify(good.as_bytes(), NOW).unwrap(), "u");
+        let array_header = sign(r#"["HS256"]"#, &format!(r#"{{"sub":"u","exp":{exp}}}"#));
+        assert_eq!(j.verify(array_header.as_bytes(), NOW), Err(AuthError::Malformed("header is not a JSON object")));
+        let array_claims = sign(r#"{"alg":"HS256"}"#, &format!(r#"["u",{exp}]"#));
+        assert!(matches!(j.verify(array_claims.as_bytes(), NOW), Err(AuthError::Malformed(_))));
+        let spaced = sign(" \n{\"alg\":\"HS256\"}", &format!(" {{\"sub\":\"u\",\"exp\":{exp}}}"));
+        assert_eq!(j.verify(spaced.as_bytes(), NOW).unwrap(), "u", "whitespace before the object is JSON");
     }
 
     #[test]

@@ -34,6 +34,13 @@ pub enum ClientError {
     Refused { code: u16, reason: String },
     #[error("unexpected frame: {0}")]
     Unexpected(String),
+    /// The peer spoke HTTP: a WebSocket port, an admin port or some web
+    /// server, not a Switchboard raw TCP port.
+    #[error(
+        "the server answered in HTTP ({status_line:?}): this is a WebSocket or HTTP port, not Switchboard's raw \
+         TCP port (server.listen, 7700 by default; the WebSocket port, 7710 by default, is for browsers)"
+    )]
+    HttpAnswer { status_line: String },
 }
 
 impl ClientError {
@@ -73,6 +80,9 @@ pub struct LoginInfo {
 pub struct Client {
     stream: TcpStream,
     buf: BytesMut,
+    /// Whether a frame has been received (an HTTP answer can only come
+    /// first).
+    framed: bool,
 }
 
 impl Client {
@@ -80,14 +90,14 @@ impl Client {
     pub fn connect(addr: impl ToSocketAddrs) -> io::Result<Client> {
         let stream = TcpStream::connect(addr)?;
         stream.set_nodelay(true)?;
-        Ok(Client { stream, buf: BytesMut::with_capacity(4096) })
+        Ok(Client { stream, buf: BytesMut::with_capacity(4096), framed: false })
     }
 
     /// Connects with a timeout.
     pub fn connect_timeout(addr: &SocketAddr, timeout: Duration) -> io::Result<Client> {
         let stream = TcpStream::connect_timeout(addr, timeout)?;
         stream.set_nodelay(true)?;
-        Ok(Client { stream, buf: BytesMut::with_capacity(4096) })
+        Ok(Client { stream, buf: BytesMut::with_capacity(4096), framed: false })
     }
 
     /// Bounds how long `recv` blocks (`None`: forever).
@@ -166,8 +176,16 @@ impl Client {
     /// Reads the next frame, blocking (up to the read timeout).
     pub fn recv(&mut self) -> Result<RawFrame, ClientError> {
         loop {
-            if let Some((_, n)) = decode(&self.buf, PROTOCOL_MAX_FRAME_BYTES)? {
-                return Ok(RawFrame(self.buf.split_to(n).freeze()));
+            match decode(&self.buf, PROTOCOL_MAX_FRAME_BYTES) {
+                Ok(Some((_, n))) => {
+                    self.framed = true;
+                    return Ok(RawFrame(self.buf.split_to(n).freeze()));
+                }
+                Ok(None) => {}
+                // "HTTP" read as a length prefix is 1.2 GB: the first bytes
+                // of an HTTP answer, from the wrong port.
+                Err(_) if !self.framed && self.buf.starts_with(b"HTTP") => return Err(self.http_answer()),
+                Err(e) => return Err(e.into()),
             }
             let mut chunk = [0u8; 16 * 1024];
             let n = match self.stream.read(&mut chunk) {
@@ -180,6 +198,20 @@ impl Client {
             }
             self.buf.extend_from_slice(&chunk[..n]);
         }
+    }
+
+    /// The error for a peer that answered in HTTP, with its status line
+    /// (read on for up to 256 bytes to get it whole).
+    fn http_answer(&mut self) -> ClientError {
+        let mut chunk = [0u8; 256];
+        while !self.buf.contains(&b'\n') && self.buf.len() < chunk.len() {
+            match self.stream.read(&mut chunk[..256 - self.buf.len()]) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        let line = self.buf[..].split(|&b| b == b'\n').next().unwrap_or_default();
+        ClientError::HttpAnswer { status_line: String::from_utf8_lossy(line).trim().to_string() }
     }
 
     /// Reads frames until one is not a PING (PINGs are answered), e.g. to

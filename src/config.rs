@@ -22,6 +22,23 @@ use crate::proto::session::Timeouts;
 /// tokens with it, so the server refuses to use it on a non-loopback address.
 pub const DEV_JWT_SECRET: &str = "switchboard-dev-secret-do-not-use-in-production";
 
+/// Shortest JWT secret accepted (other than the development one).
+pub const MIN_JWT_SECRET_BYTES: usize = 16;
+
+/// Checks a JWT secret as the server does at start: the development secret
+/// (loopback only, checked with the addresses), or at least
+/// [`MIN_JWT_SECRET_BYTES`]. `switchboard token` applies it too, so it never
+/// mints a token the server would refuse to check.
+pub fn check_jwt_secret(secret: &str) -> Result<(), ConfigError> {
+    if secret != DEV_JWT_SECRET && secret.len() < MIN_JWT_SECRET_BYTES {
+        return Err(invalid(
+            "auth.jwt_secret",
+            format!("(or {JWT_SECRET_ENV}) must be at least {MIN_JWT_SECRET_BYTES} bytes, is {}", secret.len()),
+        ));
+    }
+    Ok(())
+}
+
 /// Shortest `admin.token` accepted.
 pub const MIN_ADMIN_TOKEN_BYTES: usize = 16;
 
@@ -104,7 +121,9 @@ pub struct ServerConfig {
     /// Start even if another process already listens on `listen`. The
     /// listeners use SO_REUSEPORT, so the kernel then splits new connections
     /// between both processes: what a zero-downtime restart wants, and a
-    /// silent mistake otherwise, hence off by default.
+    /// silent mistake otherwise (two development servers sharing a port
+    /// split their users, and a SEND reaches only users on the same
+    /// process), hence off by default; a second server wants other ports.
     pub share_listen_port: bool,
 }
 
@@ -643,13 +662,7 @@ impl Config {
                 ),
             ));
         }
-        let (secret, dev) = self.jwt_secret();
-        if !dev && secret.len() < 16 {
-            return Err(invalid(
-                "auth.jwt_secret",
-                format!("(or {JWT_SECRET_ENV}) must be at least 16 bytes, is {}", secret.len()),
-            ));
-        }
+        check_jwt_secret(&self.jwt_secret().0)?;
         if self.rooms.max_rooms_per_conn == 0 || self.rooms.max_rooms_per_conn > 4096 {
             return Err(invalid("rooms.max_rooms_per_conn", "must be between 1 and 4096"));
         }

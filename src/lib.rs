@@ -24,6 +24,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod authlog;
 pub mod client;
 pub mod config;
 mod demo;
@@ -33,6 +34,7 @@ pub mod limits;
 pub mod loadgen;
 pub mod mailbox;
 pub mod outq;
+pub mod portholder;
 pub mod proto;
 pub mod rooms;
 mod runtime;

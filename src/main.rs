@@ -2,8 +2,12 @@
 //!
 //! Owns: command-line parsing, logging set-up, signal handling for `serve`.
 //! Must not: contain server logic; everything runs through the library.
+//! Must not panic on a failed write to stdout or stderr: `serve 2>&1 | tee
+//! log` keeps running after tee exits, and must still drain on SIGTERM. So
+//! `serve` writes through [`say`] and the log sink, which drop what they
+//! cannot write, never `println!`/`eprintln!` (which panic on EPIPE).
 
-use std::io::{BufRead, Write};
+use std::io::{BufRead, IsTerminal, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -12,7 +16,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use clap::{Parser, Subcommand};
 use switchboard::client::{Client, ClientError};
 use switchboard::config::Config;
-use switchboard::proto::frame::Frame;
+use switchboard::proto::frame::{Frame, RoomOp};
 use switchboard::{JwtHs256, Server};
 
 #[global_allocator]
@@ -44,9 +48,17 @@ enum Cmd {
         /// Override websocket.listen (`""` turns WebSocket off).
         #[arg(long)]
         ws_listen: Option<String>,
-        /// Log filter (RUST_LOG syntax), e.g. `info` or `switchboard=debug`.
+        /// Log filter: a level (error, warn, info, debug, trace, off), or
+        /// TARGET=LEVEL pairs separated by commas (RUST_LOG syntax), e.g.
+        /// `warn,switchboard=debug`. Debug shows every login, refusal and
+        /// its reason. A filter that does not parse is an error.
         #[arg(long, default_value = "info")]
         log: String,
+        /// Log format on stderr: `text` (coloured on a terminal unless
+        /// NO_COLOR is set) or `json` (one object per line, for log
+        /// shippers).
+        #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+        log_format: LogFormat,
     },
     /// Check this host for N connections: kernel values and limits, each
     /// with the fix when it falls short, and the memory N idle connections
@@ -74,20 +86,44 @@ enum Cmd {
         #[arg(long)]
         secret: Option<String>,
     },
-    /// Connect as a user: print what arrives, send what you type.
-    ///
-    /// Type `@USER message` to SEND to a user, `/ping` to ping, `/quit` to leave.
+    /// Connect as a user over the raw TCP protocol: print what arrives, send
+    /// what you type.
+    #[command(after_help = CLIENT_COMMANDS)]
     Client {
+        /// The user id to log in as (1 to 255 bytes).
         #[arg(long)]
         user: String,
+        /// The server's raw TCP address (server.listen), not its WebSocket
+        /// port (7710 by default, for browsers).
         #[arg(long, default_value = "127.0.0.1:7700")]
         addr: SocketAddr,
-        /// Token to log in with; minted from --config / the dev secret if absent.
+        /// Token to log in with; minted from --config's auth.jwt_secret, or
+        /// the development secret, if absent.
         #[arg(long)]
         token: Option<String>,
+        /// Configuration file whose auth.jwt_secret signs the token.
         #[arg(long)]
         config: Option<PathBuf>,
     },
+}
+
+/// What one types into `switchboard client`.
+const CLIENT_COMMANDS: &str = "Commands, one per line:
+  @USER TEXT        send TEXT to every device of USER (SEND)
+  /join ROOM        join ROOM (SUBSCRIBE)
+  /leave ROOM       leave ROOM (UNSUBSCRIBE)
+  /pub ROOM TEXT    publish TEXT to ROOM, which you must have joined (PUBLISH)
+  /ping             ping the server
+  /quit             close the connection (so does end of input)
+
+Arriving messages print as `[ID from USER] TEXT` (to you) and
+`[ID in ROOM from USER] TEXT` (to a room; `everyone` for a broadcast).";
+
+/// How `serve` writes its log.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 fn load_config(path: &Option<PathBuf>) -> Result<Config, String> {
@@ -101,11 +137,22 @@ fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
+/// A token for `user`, refused (with the server's words) when the server
+/// would refuse it: a user id the protocol cannot carry, a secret the
+/// server would not start with.
 fn mint(config: &Option<PathBuf>, secret: Option<String>, user: &str, ttl_s: u64) -> Result<String, String> {
-    let secret = match secret {
-        Some(s) => s,
-        None => load_config(config)?.jwt_secret().0,
+    if !switchboard::proto::frame::is_valid_user_id(user) {
+        return Err(format!(
+            "user id must be 1 to {} bytes (the server refuses others), is {}",
+            switchboard::proto::frame::MAX_USER_ID_BYTES,
+            user.len()
+        ));
+    }
+    let (secret, given) = match secret {
+        Some(s) => (s, "--secret: "),
+        None => (load_config(config)?.jwt_secret().0, ""),
     };
+    switchboard::config::check_jwt_secret(&secret).map_err(|e| format!("{given}{e}"))?;
     Ok(JwtHs256::new(secret).mint(user, unix_now() + ttl_s))
 }
 
@@ -123,11 +170,109 @@ fn block_signals() -> libc::sigset_t {
     }
 }
 
+/// Writes a line to stdout or stderr, dropping it if the stream is gone
+/// (a closed pipe): unlike `println!`, never panics.
+fn say(to_stderr: bool, line: std::fmt::Arguments<'_>) {
+    let _ = if to_stderr {
+        std::io::stderr().lock().write_fmt(format_args!("{line}\n"))
+    } else {
+        let mut out = std::io::stdout().lock();
+        out.write_fmt(format_args!("{line}\n")).and_then(|_| out.flush())
+    };
+}
+
+macro_rules! out {
+    ($($t:tt)*) => { say(false, format_args!($($t)*)) };
+}
+
+macro_rules! err {
+    ($($t:tt)*) => { say(true, format_args!($($t)*)) };
+}
+
+/// The log sink: stderr, one write per event, and a failed write is
+/// dropped. tracing-subscriber reports a failed write with `eprintln!`,
+/// which panics when stderr is the broken pipe; with this sink (and
+/// `log_internal_errors(false)`) no thread ever sees the error.
+struct LogSink;
+
+impl Write for LogSink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let _ = std::io::stderr().lock().write_all(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Parses `--log`. A bare word must be a level: tracing would read a typo
+/// such as `inf` or `debg` as a target name and log nothing from the server,
+/// silently.
+fn log_filter(spec: &str) -> Result<tracing_subscriber::EnvFilter, String> {
+    for d in spec.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        if !d.contains(['=', '[']) && d.parse::<tracing_subscriber::filter::LevelFilter>().is_err() {
+            return Err(format!(
+                "invalid --log filter {spec:?}: {d:?} is not a level (error, warn, info, debug, trace, off); \
+                 for one target write {d}=LEVEL"
+            ));
+        }
+    }
+    tracing_subscriber::EnvFilter::builder().parse(spec).map_err(|e| format!("invalid --log filter {spec:?}: {e}"))
+}
+
+/// Colours in the text log: only on a terminal, and never with `NO_COLOR`
+/// set to anything but the empty string (no-color.org).
+fn log_colours(stderr_is_terminal: bool) -> bool {
+    stderr_is_terminal && std::env::var_os("NO_COLOR").map_or(true, |v| v.is_empty())
+}
+
 fn wait_for_signal(set: &libc::sigset_t) -> i32 {
     let mut sig: libc::c_int = 0;
     // SAFETY: `set` is an initialised signal set; sigwait writes `sig`.
     unsafe { libc::sigwait(set, &mut sig) };
     sig
+}
+
+/// Takes SIGINT/SIGTERM for the whole process (they are blocked in every
+/// other thread, so nothing else ever gets them): the first starts the
+/// drain, the next exits at once. It must outlive anything: the drain is
+/// started before anything is logged, and a panic (there should be none:
+/// logging cannot fail) is caught and the loop goes on, since a dead signal
+/// thread would leave a server only SIGKILL can stop.
+fn signal_thread(set: &libc::sigset_t, handle: &switchboard::Handle) {
+    let mut draining = false;
+    loop {
+        let sig = wait_for_signal(set);
+        if draining {
+            std::process::exit(0);
+        }
+        draining = true;
+        handle.drain();
+        let _ = std::panic::catch_unwind(|| {
+            tracing::info!(signal = sig, "signal received: draining (send it again to exit at once)");
+        });
+    }
+}
+
+/// How to run this binary again, for the commands the banner suggests:
+/// `switchboard` when that is what the PATH finds, else its path (relative
+/// to the working directory when under it, e.g.
+/// `target/release/switchboard` in a checkout), so a printed command works
+/// as printed.
+fn self_command() -> String {
+    let Ok(me) = std::env::current_exe().and_then(|p| p.canonicalize()) else { return "switchboard".into() };
+    let on_path = std::env::var_os("PATH").is_some_and(|path| {
+        std::env::split_paths(&path).any(|dir| dir.join("switchboard").canonicalize().is_ok_and(|p| p == me))
+    });
+    if on_path {
+        return "switchboard".into();
+    }
+    let cwd = std::env::current_dir().and_then(|d| d.canonicalize()).unwrap_or_default();
+    match me.strip_prefix(&cwd) {
+        Ok(rel) if !cwd.as_os_str().is_empty() => rel.display().to_string(),
+        _ => me.display().to_string(),
+    }
 }
 
 fn serve(
@@ -137,14 +282,24 @@ fn serve(
     admin: Option<String>,
     ws_listen: Option<String>,
     log: String,
+    log_format: LogFormat,
 ) -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&log).unwrap_or_else(|_| "info".into()))
-        .init();
+    let filter = match log_filter(&log) {
+        Ok(f) => f,
+        Err(e) => {
+            err!("switchboard: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(|| LogSink).log_internal_errors(false);
+    match log_format {
+        LogFormat::Text => logs.with_ansi(log_colours(std::io::stderr().is_terminal())).init(),
+        LogFormat::Json => logs.json().flatten_event(true).with_ansi(false).init(),
+    }
     let mut cfg = match load_config(&config) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("switchboard: {e}");
+            err!("switchboard: {e}");
             return ExitCode::from(2);
         }
     };
@@ -161,7 +316,7 @@ fn serve(
         cfg.websocket.listen = w;
     }
     if let Err(e) = cfg.validate() {
-        eprintln!("switchboard: {e}");
+        err!("switchboard: {e}");
         return ExitCode::from(2);
     }
     let (_, dev_secret) = cfg.jwt_secret();
@@ -170,37 +325,36 @@ fn serve(
     let server = match Server::builder().config(cfg).start() {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("switchboard: {e}");
+            err!("switchboard: {e}");
             return ExitCode::from(1);
         }
     };
-    println!("switchboard listening on {} (raw TCP protocol v1, docs/PROTOCOL.md)", server.local_addr());
+    out!("switchboard listening on {} (raw TCP protocol v1, docs/PROTOCOL.md)", server.local_addr());
     if let Some(a) = server.ws_addr() {
         if cfg_demo {
-            println!("WebSocket on ws://{a} (docs/PROTOCOL.md section 13); demo page: http://{a}/");
+            out!("WebSocket on ws://{a} (docs/PROTOCOL.md section 13); demo page: http://{a}/");
         } else {
-            println!("WebSocket on ws://{a} (docs/PROTOCOL.md section 13)");
+            out!("WebSocket on ws://{a} (docs/PROTOCOL.md section 13)");
         }
     }
     if let Some(a) = server.admin_addr() {
-        println!("admin API on http://{a} (/healthz /readyz /stats /push /publish /broadcast ...)");
+        out!("admin API on http://{a} (/healthz /readyz /stats /push /publish /broadcast ...)");
+    } else {
+        out!("admin API off (start with --admin 127.0.0.1:7701 for /healthz /stats /push ...)");
     }
     if dev_secret {
-        println!("development JWT secret in use: mint a token with `switchboard token --user alice`,");
-        println!("or connect at once with `switchboard client --user alice --addr {}`", server.local_addr());
+        let me = self_command();
+        out!("development JWT secret in use: mint a token with `{me} token --user alice`,");
+        out!("or connect at once with `{me} client --user alice --addr {}`", server.local_addr());
     }
     // First SIGTERM/SIGINT: drain (stop accepting, CLOSE 1001 with a
     // reconnect hint spread over drain.window_ms, exit when the clients are
     // gone). A second one: exit at once.
     let handle = server.handle();
-    std::thread::spawn(move || {
-        let sig = wait_for_signal(&set);
-        tracing::info!(signal = sig, "signal received: draining (send it again to exit at once)");
-        handle.drain();
-        let sig = wait_for_signal(&set);
-        tracing::warn!(signal = sig, "second signal: exiting now");
-        std::process::exit(0);
-    });
+    std::thread::Builder::new()
+        .name("sb-signals".into())
+        .spawn(move || signal_thread(&set, &handle))
+        .expect("a thread for signals");
     match server.join() {
         Ok(()) => {
             tracing::info!("drained; exiting");
@@ -208,7 +362,7 @@ fn serve(
         }
         Err(e) => {
             tracing::error!("stopped: {e}");
-            eprintln!("switchboard: {e}");
+            err!("switchboard: {e}");
             ExitCode::from(1)
         }
     }
@@ -218,22 +372,22 @@ fn check(connections: u64, config: Option<PathBuf>) -> ExitCode {
     let cfg = match load_config(&config) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("switchboard: {e}");
+            err!("switchboard: {e}");
             return ExitCode::from(2);
         }
     };
     let workers = cfg.server.worker_count(std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
     let items = switchboard::limits::audit(connections, workers, cfg.server.listen_backlog);
-    println!("switchboard check: {connections} connections, {workers} workers\n");
-    println!("{:<6} {:<30} {:<40} need", "", "item", "have");
+    out!("switchboard check: {connections} connections, {workers} workers\n");
+    out!("{:<6} {:<30} {:<40} need", "", "item", "have");
     for i in &items {
-        println!("{:<6} {:<30} {:<40} {}", i.status.label(), i.name, i.have, i.need);
+        out!("{:<6} {:<30} {:<40} {}", i.status.label(), i.name, i.have, i.need);
         if !i.fix.is_empty() {
-            println!("{:<6} {:<30} fix: {}", "", "", i.fix);
+            out!("{:<6} {:<30} fix: {}", "", "", i.fix);
         }
     }
     let (user, kernel) = switchboard::limits::memory_estimate(connections);
-    println!(
+    out!(
         "\nmemory for {connections} idle connections: about {} MiB ({} MiB in the server, {} MiB in the kernel), from the measured per-connection figures",
         (user + kernel) >> 20,
         user >> 20,
@@ -241,7 +395,7 @@ fn check(connections: u64, config: Option<PathBuf>) -> ExitCode {
     );
     let fails = items.iter().filter(|i| i.status == switchboard::limits::Status::Fail).count();
     let warns = items.iter().filter(|i| i.status == switchboard::limits::Status::Warn).count();
-    println!("{fails} failing, {warns} warnings");
+    out!("{fails} failing, {warns} warnings");
     if fails > 0 {
         ExitCode::from(1)
     } else {
@@ -250,51 +404,87 @@ fn check(connections: u64, config: Option<PathBuf>) -> ExitCode {
 }
 
 fn print_frame(f: &Frame<'_>) {
+    let who = |from: &str| if from.is_empty() { "server".to_string() } else { from.to_string() };
     match f {
         Frame::Push { msg_id, from, payload } => {
-            let from = if from.is_empty() { "server" } else { from };
-            println!("[{msg_id} from {from}] {}", String::from_utf8_lossy(payload));
+            out!("[{msg_id} from {}] {}", who(from), String::from_utf8_lossy(payload));
+        }
+        Frame::RoomMsg { msg_id, room, from, payload } => {
+            let room = if room.is_empty() { "everyone" } else { room };
+            out!("[{msg_id} in {room} from {}] {}", who(from), String::from_utf8_lossy(payload));
         }
         Frame::SendAck { req_id, delivered } => {
-            println!("(send #{req_id}: delivered to {delivered} connection(s))")
+            out!("(send #{req_id}: delivered to {delivered} connection(s))")
         }
-        Frame::Pong { .. } => println!("(pong)"),
-        Frame::Error { code, reason, .. } => println!("(error {code}: {reason})"),
-        Frame::Close { code, reason } => println!("(closed by server: {code} {reason})"),
-        other => println!("({other:?})"),
+        Frame::RoomAck { op, room, .. } => match op {
+            RoomOp::Subscribed => out!("(joined {room})"),
+            RoomOp::Unsubscribed => out!("(left {room})"),
+            RoomOp::Published => out!("(published to {room})"),
+        },
+        Frame::Skipped { count } => out!("({count} message(s) skipped: this client read too slowly)"),
+        Frame::Pong { .. } => out!("(pong)"),
+        Frame::Error { code, reason, .. } => out!("(error {code}: {reason})"),
+        Frame::Close { code, reason } => out!("(closed by server: {code} {reason})"),
+        other => out!("({other:?})"),
     }
+}
+
+/// The frame for one typed line, `Ok(None)` for `/quit`, or what to tell
+/// the user.
+fn typed_frame(line: &str, req_id: &mut u32) -> Result<Option<bytes::Bytes>, String> {
+    let (verb, rest) = line.split_once(' ').map_or((line, ""), |(v, r)| (v, r.trim()));
+    let mut next = || {
+        *req_id += 1;
+        *req_id
+    };
+    let frame = match verb {
+        "/quit" => return Ok(None),
+        "/ping" => Frame::Ping { data: b"" }.to_bytes(),
+        "/join" | "/leave" if rest.is_empty() || rest.contains(' ') => return Err(format!("usage: {verb} ROOM")),
+        "/join" => Frame::Subscribe { req_id: next(), room: rest }.to_bytes(),
+        "/leave" => Frame::Unsubscribe { req_id: next(), room: rest }.to_bytes(),
+        "/pub" => match rest.split_once(' ') {
+            Some((room, text)) => Frame::Publish { req_id: next(), room, payload: text.as_bytes() }.to_bytes(),
+            None => return Err("usage: /pub ROOM TEXT".into()),
+        },
+        v if v.starts_with('@') && v.len() > 1 => {
+            Frame::Send { req_id: next(), to: &v[1..], payload: rest.as_bytes() }.to_bytes()
+        }
+        _ => return Err("type `@USER TEXT`, /join ROOM, /leave ROOM, /pub ROOM TEXT, /ping or /quit".into()),
+    };
+    frame.map(Some).map_err(|e| format!("cannot send: {e}"))
 }
 
 fn client(user: String, addr: SocketAddr, token: Option<String>, config: Option<PathBuf>) -> ExitCode {
     let token = match token.map(Ok).unwrap_or_else(|| mint(&config, None, &user, 86_400)) {
         Ok(t) => t,
         Err(e) => {
-            eprintln!("switchboard: {e}");
+            err!("switchboard: {e}");
             return ExitCode::from(2);
         }
     };
     let mut c = match Client::connect_timeout(&addr, Duration::from_secs(5)) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("switchboard: cannot connect to {addr}: {e}");
+            err!("switchboard: cannot connect to {addr}: {e}");
             return ExitCode::from(1);
         }
     };
     match c.login(&user, &token) {
-        Ok(info) => println!(
-            "logged in as {user} (conn {:#x}, server pings after {} s of silence); type `@user message`, /ping, /quit",
+        Ok(info) => out!(
+            "logged in as {user} (conn {:#x}, server pings after {} s of silence); type `@USER TEXT`, /join ROOM, /leave ROOM, /pub ROOM TEXT, /ping, /quit",
             info.conn_id,
             info.heartbeat_interval_ms / 1000
         ),
         Err(e) => {
-            eprintln!("switchboard: {e}");
+            err!("switchboard: {e}");
             return ExitCode::from(1);
         }
     }
     let mut out = match c.stream().try_clone() {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("switchboard: {e}");
+            err!("switchboard: {e}");
             return ExitCode::from(1);
         }
     };
@@ -302,11 +492,11 @@ fn client(user: String, addr: SocketAddr, token: Option<String>, config: Option<
         match c.recv_skipping_pings() {
             Ok(f) => print_frame(&f.frame()),
             Err(ClientError::Closed) => {
-                println!("(connection closed)");
+                out!("(connection closed)");
                 std::process::exit(0);
             }
             Err(e) => {
-                eprintln!("switchboard: {e}");
+                err!("switchboard: {e}");
                 std::process::exit(1);
             }
         }
@@ -315,27 +505,17 @@ fn client(user: String, addr: SocketAddr, token: Option<String>, config: Option<
     for line in std::io::stdin().lock().lines() {
         let Ok(line) = line else { break };
         let line = line.trim();
-        let frame = if line == "/quit" {
-            break;
-        } else if line == "/ping" {
-            Frame::Ping { data: b"" }.to_bytes()
-        } else if let Some(rest) = line.strip_prefix('@') {
-            let (to, msg) = rest.split_once(' ').unwrap_or((rest, ""));
-            req_id += 1;
-            Frame::Send { req_id, to, payload: msg.as_bytes() }.to_bytes()
-        } else {
-            if !line.is_empty() {
-                println!("(type `@user message`, /ping or /quit)");
-            }
+        if line.is_empty() {
             continue;
-        };
-        match frame {
-            Ok(b) => {
+        }
+        match typed_frame(line, &mut req_id) {
+            Ok(Some(b)) => {
                 if out.write_all(&b).is_err() {
                     break;
                 }
             }
-            Err(e) => println!("(cannot send: {e})"),
+            Ok(None) => break,
+            Err(e) => out!("({e})"),
         }
     }
     let _ = out.write_all(&Frame::Close { code: 1000, reason: "bye" }.to_bytes().expect("static frame"));
@@ -364,17 +544,17 @@ static TUNE_ALLOCATOR: extern "C" fn() = tune_allocator;
 
 fn main() -> ExitCode {
     match Cli::parse().cmd {
-        Cmd::Serve { config, listen, workers, admin, ws_listen, log } => {
-            serve(config, listen, workers, admin, ws_listen, log)
+        Cmd::Serve { config, listen, workers, admin, ws_listen, log, log_format } => {
+            serve(config, listen, workers, admin, ws_listen, log, log_format)
         }
         Cmd::Check { connections, config } => check(connections, config),
         Cmd::Token { user, ttl_s, config, secret } => match mint(&config, secret, &user, ttl_s) {
             Ok(t) => {
-                println!("{t}");
+                out!("{t}");
                 ExitCode::SUCCESS
             }
             Err(e) => {
-                eprintln!("switchboard: {e}");
+                err!("switchboard: {e}");
                 ExitCode::from(2)
             }
         },

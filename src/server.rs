@@ -22,7 +22,7 @@ use crate::directory::Directory;
 use crate::ids::ConnId;
 use crate::mailbox::Mailbox;
 use crate::proto::codes::CloseCode;
-use crate::proto::frame::{Frame, MAX_USER_ID_BYTES};
+use crate::proto::frame::Frame;
 use crate::proto::session::Timeouts;
 use crate::rooms::{RoomError, RoomRegistry};
 use crate::stats::{CounterTable, Stats};
@@ -197,7 +197,7 @@ pub struct Handle {
 
 impl Handle {
     fn check_user(user: &str) -> Result<(), PushError> {
-        if user.is_empty() || user.len() > MAX_USER_ID_BYTES {
+        if !crate::proto::frame::is_valid_user_id(user) {
             return Err(PushError::InvalidUser);
         }
         Ok(())
@@ -489,6 +489,15 @@ pub enum StartError {
 }
 
 /// Builds a [`Server`].
+///
+/// An embedded server binds only what its builder asks for: raw TCP on
+/// [`listen`](ServerBuilder::listen) (default `127.0.0.1:7700`; port 0
+/// picks a free one), WebSocket only with
+/// [`ws_listen`](ServerBuilder::ws_listen), the admin API only with a
+/// [`config`](ServerBuilder::config) that sets `admin.listen`. (A
+/// [`Config`], like `switchboard serve`, has WebSocket on `127.0.0.1:7710`
+/// by default; the builder does not, so an application and a development
+/// server can run side by side.)
 pub struct ServerBuilder {
     config: Config,
     authenticator: Option<Arc<dyn Authenticator>>,
@@ -505,6 +514,14 @@ impl ServerBuilder {
     /// Sets `server.listen`.
     pub fn listen(mut self, addr: impl Into<String>) -> Self {
         self.config.server.listen = addr.into();
+        self
+    }
+
+    /// Sets `websocket.listen`: accept WebSocket clients on `addr` (port 0
+    /// picks a free one, see [`Server::ws_addr`]); `""` turns WebSocket
+    /// off, which is the builder's default.
+    pub fn ws_listen(mut self, addr: impl Into<String>) -> Self {
+        self.config.websocket.listen = addr.into();
         self
     }
 
@@ -544,7 +561,7 @@ impl ServerBuilder {
                 if dev {
                     tracing::warn!(
                         "auth.jwt_secret is not set: using the built-in development secret; anyone can mint tokens \
-                         (`switchboard token --user ID`). Set auth.jwt_secret or {} for real use.",
+                         (the switchboard binary's `token` command). Set auth.jwt_secret or {} for real use.",
                         crate::config::JWT_SECRET_ENV
                     );
                 }
@@ -555,6 +572,9 @@ impl ServerBuilder {
                 )
             }
         };
+        // Logins and refusals are logged at debug, refusals at info at most
+        // once per interval, whichever authenticator decides.
+        let authenticator: Arc<dyn Authenticator> = Arc::new(crate::authlog::Logged::new(authenticator));
         let admin = config.admin.clone();
         let mut server = crate::runtime::start(config, authenticator, self.hook)?;
         if !admin.listen.is_empty() {
@@ -581,9 +601,13 @@ pub struct Server {
 }
 
 impl Server {
-    /// A builder with the default configuration.
+    /// A builder with the default configuration, except that WebSocket is
+    /// off until [`ServerBuilder::ws_listen`] asks for it (see
+    /// [`ServerBuilder`]).
     pub fn builder() -> ServerBuilder {
-        ServerBuilder { config: Config::default(), authenticator: None, hook: None }
+        let mut config = Config::default();
+        config.websocket.listen = String::new();
+        ServerBuilder { config, authenticator: None, hook: None }
     }
 
     /// A handle for pushing from any thread.

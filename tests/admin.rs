@@ -80,3 +80,63 @@ fn readiness_turns_off_at_shutdown() {
     server.join().unwrap();
     assert!(http(a, "GET", "/healthz", b"", None).is_err(), "the admin listener goes with the server");
 }
+
+/// The whole response to `request`, sent as is; with `half_close`, the
+/// request side is shut after it.
+fn raw_exchange(a: std::net::SocketAddr, request: &[u8], half_close: bool) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(a).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(20))).unwrap();
+    s.write_all(request).unwrap();
+    if half_close {
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+    }
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A known path with the wrong method is 405 with `Allow` naming the right
+/// one (it was 404, as if the path did not exist); an unknown path stays 404.
+#[test]
+fn a_wrong_method_is_405_with_allow() {
+    let server = admin_server(None);
+    let a = server.admin_addr().unwrap();
+    let r = raw_exchange(a, b"POST /healthz HTTP/1.1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n", false);
+    assert!(r.starts_with("HTTP/1.1 405 Method Not Allowed\r\n"), "{r}");
+    assert!(r.to_ascii_lowercase().contains("\r\nallow: get\r\n"), "{r}");
+    let r = raw_exchange(a, b"GET /push?user=alice HTTP/1.1\r\nConnection: close\r\n\r\n", false);
+    assert!(r.starts_with("HTTP/1.1 405 "), "{r}");
+    assert!(r.to_ascii_lowercase().contains("\r\nallow: post\r\n"), "{r}");
+    assert_eq!(http(a, "GET", "/nope", b"", None).unwrap().0, 404);
+    // The bench endpoint does not exist unless turned on: 404, not 405.
+    assert_eq!(http(a, "GET", "/bench/send_ceiling?room=x", b"", None).unwrap().0, 404);
+}
+
+/// Percent-encoded bytes that are not UTF-8 are a 400: they used to become
+/// U+FFFD, so `%ff%fe` and `%fe%ff` named the same user.
+#[test]
+fn a_query_that_is_not_utf8_is_400() {
+    let server = admin_server(None);
+    let a = server.admin_addr().unwrap();
+    let (status, body) = http(a, "POST", "/push?user=%ff%fe", b"x", None).unwrap();
+    assert_eq!(status, 400, "{body}");
+    assert!(json(&body)["error"].as_str().unwrap().contains("UTF-8"), "{body}");
+    let (status, body) = http(a, "GET", "/room?room=caf%C3%A9", b"", None).unwrap();
+    assert_eq!((status, json(&body)["room"].as_str()), (200, Some("café")), "{body}");
+}
+
+/// Error bodies say what was wrong with the request in the API's words,
+/// never an OS error's text ("Resource temporarily unavailable (os error
+/// 11)", "failed to fill whole buffer").
+#[test]
+fn error_bodies_carry_no_os_error_text() {
+    let server = admin_server(None);
+    let a = server.admin_addr().unwrap();
+    let r = raw_exchange(a, b"POST /push?user=alice HTTP/1.1\r\nContent-Length: 10\r\n\r\nabc", true);
+    assert!(r.starts_with("HTTP/1.1 400 "), "{r}");
+    let body = r.split_once("\r\n\r\n").unwrap().1;
+    let error = json(body)["error"].as_str().unwrap().to_string();
+    assert!(error.contains("Content-Length"), "{error}");
+    assert!(!error.contains("os error") && !error.contains("fill whole buffer"), "{error}");
+}

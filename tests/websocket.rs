@@ -774,6 +774,16 @@ fn framing_text_message_lengths() {
     ws.expect_close(1002);
 }
 
+/// A JSON message with a key given twice is refused with 1002, not read
+/// last-wins (`{"type":"ping","type":"send",...}` was a SEND).
+#[test]
+fn json_duplicate_keys_are_1002() {
+    let (_s, addr) = start_ws(ws_config());
+    let mut ws = ws_login(addr, "alice");
+    ws.send_text(r#"{"type":"ping","type":"send","to":"alice","payload":"x"}"#);
+    ws.expect_close(1002);
+}
+
 /// A raw SEND to oneself of exactly `total` bytes, and its payload.
 fn send_of_len(to: &str, req_id: u32, total: usize) -> (Vec<u8>, Vec<u8>) {
     let overhead = Frame::Send { req_id, to, payload: &[] }.to_bytes().unwrap().len();

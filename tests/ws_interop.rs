@@ -7,10 +7,13 @@
 //!   from a client and from the handle, several heartbeat periods of silence
 //!   survived on the library's automatic pong, and the binary subprotocol.
 //! - `chromium_demo_page`: a headless Chromium opens the demo page (served
-//!   in dev mode, on the development secret), logs in through the page's own
-//!   token fetch, and shows a push from the handle, a send to a raw TCP
-//!   client, and room messages; `tests/interop/browser.py` drives it over
-//!   the Chrome DevTools Protocol.
+//!   in dev mode, on the development secret) in a 1280x900 window, logs in
+//!   through the page's own token fetch, and shows a push from the handle, a
+//!   send to a raw TCP client (echoed), room messages, a full log without a
+//!   page scrollbar, a drain's 1001 after which it reconnects at the hinted
+//!   time to a second server on the same port and rejoins its room, and a
+//!   normal close shown as normal; `tests/interop/browser.py` drives it
+//!   over the Chrome DevTools Protocol.
 //!
 //! The test and each script talk through the script's stdout, one
 //! checkpoint per line (the scripts' docstrings list them); the test acts
@@ -27,164 +30,34 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc::{self, RecvTimeoutError};
-use std::thread::JoinHandle;
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use common::interop::*;
 use common::*;
 use switchboard::config::DemoPage;
 use switchboard::proto::frame::Frame;
 use switchboard::JwtHs256;
 
-/// How long one script may run, all checkpoints included.
-const SCRIPT_DEADLINE: Duration = Duration::from_secs(60);
+/// The two tests run one at a time: each has a server in this process and
+/// spawns children (python3, Chromium), which would inherit the other's
+/// accepted sockets (not close-on-exec yet: tests/spawned_children.rs).
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// How long Chromium may take to open its DevTools port.
 const BROWSER_START: Duration = Duration::from_secs(20);
 const CHROMIUM: &str = "/usr/bin/chromium";
 
-fn interop_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests").join("interop")
-}
-
-/// Fails (never skips) unless python3 can import `websockets.sync.client`.
-fn require_python_websockets() {
-    match Command::new("python3").args(["-c", "import websockets.sync.client"]).output() {
-        Err(e) => panic!(
-            "this test needs python3, which could not be run ({e}): run scripts/test.sh as root (it installs python3 and \
-             the websockets package), or install python3"
-        ),
-        Ok(o) if !o.status.success() => panic!(
-            "this test needs the Python package `websockets` (11 or later, for websockets.sync.client): run \
-             scripts/test.sh as root, or `python3 -m pip install websockets`\npython3 said: {}",
-            String::from_utf8_lossy(&o.stderr).trim()
-        ),
-        Ok(_) => {}
-    }
-}
-
-/// A Python script under test: its stdout as a stream of checkpoint lines,
-/// its stderr kept for the failure report, killed when dropped.
-struct Script {
-    name: &'static str,
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    seen: Vec<String>,
-    stderr: Option<JoinHandle<String>>,
-    deadline: Instant,
-}
-
-impl Script {
-    fn spawn(name: &'static str, args: &[String]) -> Script {
-        let mut child = Command::new("python3")
-            .arg(interop_dir().join(name))
-            .args(args)
-            .env("PYTHONUNBUFFERED", "1")
-            .env("PYTHONDONTWRITEBYTECODE", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot run python3 {name}: {e}"));
-        let stdout = child.stdout.take().unwrap();
-        let mut err = child.stderr.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let stderr = std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = err.read_to_string(&mut s);
-            s
-        });
-        Script {
-            name,
-            child,
-            lines,
-            seen: Vec::new(),
-            stderr: Some(stderr),
-            deadline: Instant::now() + SCRIPT_DEADLINE,
-        }
-    }
-
-    /// The next line of output, which must start with `prefix`.
-    fn expect(&mut self, prefix: &str) -> String {
-        let left = self.deadline.saturating_duration_since(Instant::now());
-        match self.lines.recv_timeout(left) {
-            Ok(line) => {
-                self.seen.push(line.clone());
-                if !line.starts_with(prefix) {
-                    self.fail(&format!("expected a line starting with {prefix:?}, got {line:?}"));
-                }
-                line
-            }
-            Err(RecvTimeoutError::Timeout) => {
-                self.fail(&format!("no line {prefix:?} within {} s", SCRIPT_DEADLINE.as_secs()))
-            }
-            Err(RecvTimeoutError::Disconnected) => self.fail(&format!("output ended before a line {prefix:?}")),
-        }
-    }
-
-    /// Waits for the script to end its output and exit 0.
-    fn finish(mut self) {
-        let left = self.deadline.saturating_duration_since(Instant::now());
-        match self.lines.recv_timeout(left) {
-            Ok(line) => {
-                self.seen.push(line.clone());
-                self.fail(&format!("unexpected line after DONE: {line:?}"));
-            }
-            Err(RecvTimeoutError::Timeout) => self.fail("did not exit after DONE"),
-            Err(RecvTimeoutError::Disconnected) => {}
-        }
-        loop {
-            match self.child.try_wait() {
-                Ok(Some(st)) if st.success() => {
-                    // Warnings (a deprecation in a new websockets) show with --nocapture.
-                    let stderr = self.stderr.take().and_then(|h| h.join().ok()).unwrap_or_default();
-                    if !stderr.trim().is_empty() {
-                        eprintln!("{} stderr:\n{}", self.name, stderr.trim_end());
-                    }
-                    return;
-                }
-                Ok(Some(st)) => self.fail(&format!("exited with {st}")),
-                Ok(None) if Instant::now() < self.deadline => std::thread::sleep(Duration::from_millis(20)),
-                Ok(None) => self.fail("did not exit after DONE"),
-                Err(e) => self.fail(&format!("wait failed: {e}")),
-            }
-        }
-    }
-
-    /// Kills the script and panics with everything it printed.
-    fn fail(&mut self, what: &str) -> ! {
-        let _ = self.child.kill();
-        let status = self.child.wait().map(|s| s.to_string()).unwrap_or_else(|e| e.to_string());
-        let stderr = self.stderr.take().and_then(|h| h.join().ok()).unwrap_or_default();
-        panic!(
-            "{}: {what} ({status})\n--- stdout ---\n{}\n--- stderr ---\n{}",
-            self.name,
-            self.seen.join("\n"),
-            stderr.trim_end()
-        );
-    }
-}
-
-impl Drop for Script {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[test]
 fn python_websockets_client() {
+    let _one = one_at_a_time();
     require_python_websockets();
     let mut cfg = config();
     cfg.websocket.listen = "127.0.0.1:0".into();
@@ -335,6 +208,7 @@ impl Drop for Chromium {
 
 #[test]
 fn chromium_demo_page() {
+    let _one = one_at_a_time();
     if std::env::var("SWITCHBOARD_SKIP_BROWSER").as_deref() == Ok("1") {
         eprintln!("chromium_demo_page: skipped because SWITCHBOARD_SKIP_BROWSER=1");
         return;
@@ -357,7 +231,11 @@ fn chromium_demo_page() {
     // if Chromium answers the server's pings.
     cfg.timeouts.heartbeat_interval_ms = 300;
     cfg.timeouts.idle_timeout_ms = 1500;
+    // The drain at the end: CLOSE 1001 with a hint below 300 ms.
+    cfg.drain.window_ms = 1000;
+    cfg.drain.reconnect_jitter_ms = 300;
     let (secret, dev) = cfg.jwt_secret();
+    let second_cfg = cfg.clone();
     // With SWITCHBOARD_JWT_SECRET in the environment the token helper is
     // off (403) and the page needs a pasted token, as in production.
     let page_token = if dev { "-".to_string() } else { JwtHs256::new(secret.clone()).mint("alice", unix_now() + 600) };
@@ -365,6 +243,13 @@ fn chromium_demo_page() {
     let h = server.handle();
     let page = format!("http://{}/", server.ws_addr().expect("a WebSocket listener"));
 
+    let (browser, devtools) = Chromium::launch();
+    let args = [devtools, page, "alice".into(), page_token, "bob".into()];
+    let mut s = Script::spawn("browser.py", &args);
+    // Bob connects after Chromium and the script are started: children
+    // inherit the server's accepted sockets (they are not close-on-exec,
+    // see tests/spawned_children.rs), and a socket of his in their hands
+    // would outlive his close on the server.
     let mut bob = connect(server.local_addr());
     bob.login("bob", &JwtHs256::new(secret).mint("bob", unix_now() + 600)).expect("bob logs in over raw TCP");
     // Bob answers the server's PINGs and forwards his PUSHes, until the
@@ -378,9 +263,6 @@ fn chromium_demo_page() {
         }
     });
 
-    let (browser, devtools) = Chromium::launch();
-    let args = [devtools, page, "alice".into(), page_token, "bob".into()];
-    let mut s = Script::spawn("browser.py", &args);
     s.expect("LOGGED_IN alice");
     s.expect("READY");
     assert_eq!(h.push_to_user("alice", "rust-push-browser").unwrap().connections, 1);
@@ -396,13 +278,36 @@ fn chromium_demo_page() {
     let st = h.stats();
     assert!(st.pings_sent >= 2, "the server should have pinged the silent page: {st:?}");
     assert_eq!(st.idle_timeouts, 0, "{st:?}");
+    s.expect("FILL");
+    for i in 0..100 {
+        assert_eq!(h.push_to_user("alice", format!("fill-{i}")).unwrap().connections, 1);
+    }
+    s.expect("NO_PAGE_SCROLL");
+
+    // A restart: a second server on the same WebSocket port, then the first
+    // drains. The page must come back after the hint, to the second one,
+    // and rejoin its room.
+    s.expect("DRAIN_ME");
+    let mut second_cfg = second_cfg;
+    second_cfg.websocket.listen = server.ws_addr().unwrap().to_string();
+    second_cfg.server.share_listen_port = true;
+    let second = start(second_cfg);
+    let h2 = second.handle();
+    h.drain();
+    s.expect("RECONNECTED");
+    assert!(wait_until(Duration::from_secs(5), || h2.is_online("alice") && h2.room_size("lobby") == 1));
+    h2.publish_to_room("lobby", "after-reconnect").unwrap();
+    s.expect("ROOM_AFTER after-reconnect");
     s.expect("DONE");
     s.finish();
     drop(browser);
 
-    assert!(wait_until(Duration::from_secs(5), || !h.is_online("alice")), "alice should be gone after Disconnect");
     let st = h.stats();
+    server.join().expect("the first server drained");
     assert!(st.http_requests >= if dev { 2 } else { 1 }, "the page and its token: {st:?}");
     assert_eq!((st.ws_upgrades, st.protocol_errors, st.idle_timeouts), (1, 0, 0), "{st:?}");
-    server.shutdown().unwrap();
+    assert!(wait_until(Duration::from_secs(5), || !h2.is_online("alice")), "alice should be gone after Disconnect");
+    let st = h2.stats();
+    assert_eq!((st.ws_upgrades, st.logins, st.protocol_errors), (1, 1, 0), "{st:?}");
+    second.shutdown().unwrap();
 }

@@ -393,7 +393,7 @@ if [[ $ROLE == server ]]; then
     echo "switchboard.toml: server.listen_backlog = $BACKLOG (per worker listener; the default 4096 does not use a larger somaxconn)"
   fi
   if [[ -n $(new_of net.netfilter.nf_conntrack_max) && $(read_current net.netfilter.nf_conntrack_max) != n/a ]]; then
-    echo "conntrack is loaded: each tracked connection costs ~320 B of kernel memory more; tuning/notrack.nft stops tracking ports 7700/7701 (see tuning/README.md)"
+    echo "conntrack is loaded: each tracked connection costs ~320 B of kernel memory more; tuning/notrack.nft stops tracking ports 7700/7701/7710 (see tuning/README.md)"
   fi
 else
   range=$(new_of net.ipv4.ip_local_port_range)

@@ -39,6 +39,12 @@ pub const PROTOCOL_MAX_FRAME_BYTES: usize = 16 << 20;
 pub const MAX_PING_DATA: usize = 64;
 /// Largest user id in bytes (the `str8` limit).
 pub const MAX_USER_ID_BYTES: usize = 255;
+
+/// Whether `user` can be a user id: 1 to [`MAX_USER_ID_BYTES`] bytes, the
+/// rule LOGIN decoding, the handle and `switchboard token` all apply.
+pub fn is_valid_user_id(user: &str) -> bool {
+    !user.is_empty() && user.len() <= MAX_USER_ID_BYTES
+}
 /// Largest LOGIN token the server accepts (the built-in JWT check refuses
 /// longer ones with LOGIN_ERROR 1).
 pub const MAX_LOGIN_TOKEN_BYTES: usize = 4096;

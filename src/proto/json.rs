@@ -12,7 +12,7 @@
 //! frame the raw protocol could have carried.
 //!
 //! Client → server (one JSON object per text message; unknown fields are
-//! ignored, `null` is the same as absent):
+//! ignored, `null` is the same as absent, a key given twice is an error):
 //!
 //! | `type`        | fields |
 //! |---------------|--------|
@@ -83,6 +83,8 @@ pub enum JsonError {
     Syntax(String),
     #[error("message is not a JSON object")]
     NotObject,
+    #[error("message has the key {0:?} twice")]
+    DuplicateKey(String),
     #[error("message has no string field `type`")]
     NoType,
     #[error("unknown message type {0:?}")]
@@ -197,13 +199,59 @@ impl Fields {
     }
 }
 
+/// Reads a top-level JSON object whose keys are all different. serde_json's
+/// `Map` keeps the last of a repeated key; here a repeated key is an error
+/// ([`JsonError::DuplicateKey`]), so a message means one thing to every
+/// reader. Values (nested objects included) are taken as they are.
+fn parse_object(text: &str) -> Result<Map<String, Value>, JsonError> {
+    use serde::de::{DeserializeSeed, Error as _, MapAccess, Visitor};
+
+    /// Reads the object; names a repeated key in `dup`.
+    struct Unique<'a> {
+        dup: &'a std::cell::RefCell<Option<String>>,
+    }
+    impl<'de> DeserializeSeed<'de> for Unique<'_> {
+        type Value = Map<String, Value>;
+        fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            d.deserialize_map(self)
+        }
+    }
+    impl<'de> Visitor<'de> for Unique<'_> {
+        type Value = Map<String, Value>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut a: A) -> Result<Self::Value, A::Error> {
+            let mut obj = Map::new();
+            while let Some(key) = a.next_key::<String>()? {
+                if obj.contains_key(&key) {
+                    *self.dup.borrow_mut() = Some(key);
+                    return Err(A::Error::custom("duplicate key"));
+                }
+                let value: Value = a.next_value()?;
+                obj.insert(key, value);
+            }
+            Ok(obj)
+        }
+    }
+
+    let dup = std::cell::RefCell::new(None);
+    let mut de = serde_json::Deserializer::from_str(text);
+    let parsed = Unique { dup: &dup }.deserialize(&mut de).and_then(|obj| de.end().map(|()| obj));
+    parsed.map_err(|e| match dup.take() {
+        Some(key) => JsonError::DuplicateKey(key.chars().take(MAX_TYPE_IN_ERROR).collect()),
+        // Anything well-formed that is not an object is refused by type.
+        None if e.classify() == serde_json::error::Category::Data => JsonError::NotObject,
+        None => JsonError::Syntax(e.to_string()),
+    })
+}
+
 impl ClientFrame {
     /// Parses one client message from the text of a WebSocket text message.
     pub fn parse(text: &str) -> Result<ClientFrame, JsonError> {
         // serde_json limits nesting (128 levels), so no input overflows the
         // stack.
-        let value: Value = serde_json::from_str(text).map_err(|e| JsonError::Syntax(e.to_string()))?;
-        let Value::Object(mut obj) = value else { return Err(JsonError::NotObject) };
+        let mut obj = parse_object(text)?;
         let ty = match obj.remove("type") {
             Some(Value::String(s)) => s,
             _ => return Err(JsonError::NoType),
@@ -569,6 +617,27 @@ mod tests {
             err(r#"{"type":"close","code":65536}"#),
             (JsonError::WrongType { ty: "close", field: "code", expected: "an integer from 0 to 65535" }, 1002)
         );
+    }
+
+    /// A key given twice is refused, not taken last-wins: with last-wins,
+    /// `{"type":"ping","type":"login",...}` was a LOGIN, and a filter in
+    /// front that reads the first `type` would see a PING.
+    #[test]
+    fn duplicate_keys_are_refused_with_1002() {
+        assert_eq!(
+            err(r#"{"type":"ping","type":"login","user":"a","token":"t"}"#),
+            (JsonError::DuplicateKey("type".into()), 1002)
+        );
+        assert_eq!(
+            err(r#"{"type":"send","to":"a","payload":"x","to":"b"}"#),
+            (JsonError::DuplicateKey("to".into()), 1002)
+        );
+        assert_eq!(err(r#"{"type":"ping","x":1,"x":2}"#), (JsonError::DuplicateKey("x".into()), 1002));
+        // Inside a value nothing is looked at: no error there.
+        assert!(parse(r#"{"type":"ping","x":{"a":1,"a":2}}"#).is_ok());
+        // Still no object: NotObject, and bad syntax: Syntax.
+        assert_eq!(err(" [1]"), (JsonError::NotObject, 1002));
+        assert!(matches!(err(r#"{"type":"ping",}"#), (JsonError::Syntax(_), 1002)));
     }
 
     #[test]

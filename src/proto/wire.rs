@@ -232,7 +232,7 @@ mod tests {
     fn http_gets_a_status_for_the_close_only() {
         let close = Frame::Close { code: CloseCode::LoginTimeout as u16, reason: "login timeout" }.to_bytes().unwrap();
         let r = Wire::Http.encode(&close);
-        assert!(r.starts_with(b"HTTP/1.1 408 "), "{:?}", String::from_utf8_lossy(&r));
+        assert!(r.starts_with(b"HTTP/1.1 408 Request Timeout\r\n"), "{:?}", String::from_utf8_lossy(&r));
         let ping = Bytes::from_static(&crate::proto::frame::PING_EMPTY);
         assert!(Wire::Http.encode(&ping).is_empty());
     }

@@ -72,8 +72,14 @@ pub fn choose_driver(config: &Config) -> Result<DriverKind, StartError> {
 }
 
 /// Refuses to join a port another process already listens on (our
-/// SO_REUSEPORT listeners would silently share it) unless configured to.
-fn check_port_free(addr: SocketAddr, config: &Config) -> Result<(), StartError> {
+/// SO_REUSEPORT listeners would silently share it) unless configured to,
+/// naming the holder and what to do instead (`crate::portholder`).
+fn check_port_free(
+    addr: SocketAddr,
+    config: &Config,
+    raw: SocketAddr,
+    ws: Option<SocketAddr>,
+) -> Result<(), StartError> {
     if addr.port() == 0 || config.server.share_listen_port {
         return Ok(());
     }
@@ -81,14 +87,14 @@ fn check_port_free(addr: SocketAddr, config: &Config) -> Result<(), StartError> 
     let probe = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)).map_err(err)?;
     probe.set_reuse_address(true).map_err(err)?;
     match probe.bind(&addr.into()) {
-        Err(e) if e.raw_os_error() == Some(libc::EADDRINUSE) => Err(StartError::Bind {
-            addr,
-            source: std::io::Error::new(
-                e.kind(),
-                "address in use by another process; set server.share_listen_port = true to share it \
-                 (zero-downtime restart: the kernel splits new connections between both)",
-            ),
-        }),
+        Err(e) if e.raw_os_error() == Some(libc::EADDRINUSE) => {
+            drop(probe);
+            let holder = crate::portholder::find(addr.port());
+            Err(StartError::Bind {
+                addr,
+                source: std::io::Error::new(e.kind(), crate::portholder::advice(addr, holder.as_ref(), raw, ws)),
+            })
+        }
         Err(e) => Err(err(e)),
         Ok(()) => Ok(()),
     }
@@ -200,10 +206,10 @@ pub(crate) fn start(
     let max_conns_per_worker = report.max_connections.div_ceil(workers).clamp(1, MAX_SLOTS_PER_WORKER);
     let driver = choose_driver(&config)?;
 
-    check_port_free(addr, &config)?;
     let ws_addr = config.websocket.listen_addr()?;
+    check_port_free(addr, &config, addr, ws_addr)?;
     if let Some(a) = ws_addr {
-        check_port_free(a, &config)?;
+        check_port_free(a, &config, addr, ws_addr)?;
     }
     let mut listeners = Vec::with_capacity(workers);
     let mut ws_listeners = Vec::with_capacity(workers);

@@ -1694,12 +1694,14 @@ impl Worker {
 
     /// Starts closing with a CLOSE frame.
     pub(crate) fn begin_close(self: &Rc<Self>, slot: u32, generation: u32, code: CloseCode, reason: &str) {
+        tracing::debug!(worker = self.id.0, slot, code = code as u16, "closing: {reason}");
         self.close_with(slot, generation, close_frame(code, reason), false, code == CloseCode::SlowConsumer);
     }
 
     /// Starts closing with a close code that is not one of ours (a
     /// WebSocket one, such as 1007 for invalid UTF-8).
     fn close_code(self: &Rc<Self>, slot: u32, generation: u32, code: u16, reason: &str) {
+        tracing::debug!(worker = self.id.0, slot, code, "closing: {reason}");
         let frame = Frame::Close { code, reason: clip_reason(reason) }.to_bytes().expect("reason clipped");
         self.close_with(slot, generation, frame, false, false);
     }

@@ -2,6 +2,8 @@
 //! short timeouts, tokens, and logged-in clients.
 #![allow(dead_code)]
 
+pub mod interop;
+
 use std::net::SocketAddr;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 

@@ -9,17 +9,28 @@ TOKEN_OR_DASH is "-" when the page should fetch its own token from
 /demo/token/USER (the server runs on the development secret), else a token
 to paste into the page's token field.
 
-Checkpoints on stdout (the Rust test acts at two of them):
+Checkpoints on stdout (the Rust test acts at those marked ->):
 
-  LOGGED_IN USER  the page shows "logged in as USER"
+  LOGGED_IN USER  the page shows "logged in as USER" (in a 1280x900 window)
   READY           -> the test pushes "rust-push-browser" to USER
   PUSH_SEEN ...   a .msg.push entry with that payload is in #log
-  SENT ...        the page sent to PEER and logged the ack (the test checks
-                  that PEER, a raw TCP client, got it)
+  SENT ...        the page sent to PEER, echoed its own message (.msg.sent)
+                  and logged the ack (the test checks that PEER, a raw TCP
+                  client, got it)
   JOINED          -> the test publishes "rust-room-browser" to room "lobby"
   ROOM_SEEN ...   both that and the page's own publish arrived as .msg.room_msg
   ALIVE ...       the socket is still up after IDLE_S seconds of silence
-  DONE            disconnected again
+  FILL            -> the test pushes FILL_N more messages
+  NO_PAGE_SCROLL  with them all in #log, the page itself still fits the
+                  window: the log scrolls, nothing else does
+  DRAIN_ME        -> the test starts a second server on the same WebSocket
+                  port and drains the first (CLOSE 1001, reconnect_ms=...)
+  RECONNECTED     the page showed the 1001 as information, waited the hint,
+                  logged in again and rejoined "lobby" (on the new server)
+  ROOM_AFTER ...  -> (before it) the test published "after-reconnect" on the
+                  new server; it arrived
+  DONE            disconnected again: the 1000 shown as a normal close, and no
+                  close shown as an error at any point
 
 Any failure prints `FAIL: ...` (with the page's status and log) to stderr
 and exits 1. Every wait is bounded.
@@ -34,6 +45,7 @@ from wslib import Fail, connect, say
 WAIT_S = 15.0
 IDLE_S = 2.0
 ROOM = "lobby"
+FILL_N = 100
 
 
 class Cdp:
@@ -129,8 +141,17 @@ def log_has(kind, needle):
             f".some(e => e.textContent.includes({js(needle)}))")
 
 
+def count(kind, needle):
+    """A JS expression: how many `.msg.KIND` entries in #log contain `needle`."""
+    return (f"[...document.querySelectorAll('#log .msg.{kind}')]"
+            f".filter(e => e.textContent.includes({js(needle)})).length")
+
+
 def run(cdp, page_url, user, token, peer):
     cdp.open_page()
+    # The size the page must fit without a scrollbar of its own.
+    cdp.call("Emulation.setDeviceMetricsOverride",
+             {"width": 1280, "height": 900, "deviceScaleFactor": 1, "mobile": False})
     cdp.call("Page.navigate", {"url": page_url})
     cdp.wait_for(f"document.readyState === 'complete' && location.href === {js(page_url)} && "
                  "!!document.getElementById('connect')", f"the demo page at {page_url}")
@@ -152,6 +173,7 @@ def run(cdp, page_url, user, token, peer):
     set_value(cdp, "to", peer)
     set_value(cdp, "text", text)
     click(cdp, "send")
+    cdp.wait_for(log_has("sent", f"to {peer} (request 1): {text}"), "the page's echo of its own send")
     cdp.wait_for(log_has("ack", "delivered to 1 connection"), "the send ack")
     say(f"SENT {text}")
 
@@ -176,9 +198,39 @@ def run(cdp, page_url, user, token, peer):
         raise Fail("the socket closed during the silence")
     say(f"ALIVE after {IDLE_S}s idle")
 
+    say("FILL")
+    cdp.wait_for(f"{count('push', 'fill-')} === {FILL_N}", f"{FILL_N} more pushes")
+    fits = cdp.eval("(() => { const d = document.documentElement; return [d.scrollWidth, d.scrollHeight, "
+                    "innerWidth, innerHeight, document.getElementById('log').scrollHeight]; })()")
+    if fits[0] > fits[2] or fits[1] > fits[3]:
+        raise Fail(f"the page scrolls at 1280x900: content {fits[0]}x{fits[1]}, window {fits[2]}x{fits[3]}")
+    if fits[4] <= fits[3]:
+        raise Fail(f"the log should be taller than the window by now ({fits[4]} px): the test proves nothing")
+    scrolling = cdp.eval("[...document.querySelectorAll('body *')].filter(e => e.id !== 'log' && "
+                         "['auto', 'scroll'].includes(getComputedStyle(e).overflowY) && "
+                         "e.scrollHeight > e.clientHeight + 1).map(e => e.tagName + ' ' + e.scrollHeight + '>' + "
+                         "e.clientHeight)")
+    if scrolling:
+        raise Fail(f"a scrollbar besides the log's at 1280x900: {scrolling}")
+    say("NO_PAGE_SCROLL")
+
+    say("DRAIN_ME")
+    cdp.wait_for(f"{count('info', 'closed: 1001')} === 1 && {count('info', 'reconnect_ms=')} === 1",
+                 "the drain's 1001 with its hint, shown as information")
+    want = f"logged in as {user}"
+    cdp.wait_for(f"{count('login_ok', want)} === 2 && document.getElementById('status').textContent === {js(want)}",
+                 "a second login after the hinted delay")
+    cdp.wait_for(f"{count('ack', 'subscribed ' + ROOM)} === 2", f"{ROOM} joined again after the reconnect")
+    say("RECONNECTED")
+    cdp.wait_for(log_has("room_msg", "after-reconnect"), "a room message on the new server")
+    say("ROOM_AFTER after-reconnect")
+
     click(cdp, "disconnect")
     cdp.wait_for("document.getElementById('status').textContent === 'disconnected' && "
                  "!document.getElementById('connect').disabled", "status 'disconnected'")
+    cdp.wait_for(count("info", "closed: 1000"), "the normal close, shown as information")
+    if cdp.eval("document.querySelectorAll('#log .msg.closed').length") != 0:
+        raise Fail("a close was shown as an error")
     if cdp.errors:
         raise Fail(f"uncaught exceptions in the page: {cdp.errors}")
     say("DONE")

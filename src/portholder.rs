@@ -1,0 +1,132 @@
+//! Who holds a TCP port, for the message a server that cannot bind prints.
+//!
+//! Owns: finding the process listening on a port (the LISTEN sockets of
+//! `/proc/net/tcp` and `tcp6`, then the process whose `/proc/PID/fd` holds
+//! one), telling whether it is a Switchboard (a thread named `sb-worker-N`,
+//! whatever the binary is called: `switchboard serve` or an application
+//! embedding the library), and the advice for each case.
+//! Must not: bind, connect, signal or change anything; be on any path but
+//! a failed start. Everything is best effort: without /proc, or without the
+//! right to read another user's `/proc/PID/fd`, the holder is unknown and
+//! the message says how to find it.
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+/// A process listening on the port.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Holder {
+    pub pid: u32,
+    /// Its command line, arguments joined by spaces.
+    pub cmdline: String,
+    /// Whether it runs Switchboard workers.
+    pub switchboard: bool,
+}
+
+/// Inodes of the LISTEN sockets on `port` in one `/proc/net/tcp{,6}` text.
+fn listening_inodes(table: &str, port: u16) -> Vec<u64> {
+    const LISTEN: &str = "0A";
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let local = f.get(1)?;
+            let p = u16::from_str_radix(local.rsplit(':').next()?, 16).ok()?;
+            (p == port && *f.get(3)? == LISTEN).then(|| f.get(9)?.parse().ok())?
+        })
+        .filter(|&inode| inode != 0)
+        .collect()
+}
+
+/// The process (one of them, if several share it) listening on `port`.
+pub fn find(port: u16) -> Option<Holder> {
+    let mut inodes = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        if let Ok(text) = std::fs::read_to_string(table) {
+            inodes.extend(listening_inodes(&text, port));
+        }
+    }
+    if inodes.is_empty() {
+        return None;
+    }
+    let wanted: Vec<String> = inodes.iter().map(|i| format!("socket:[{i}]")).collect();
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
+        let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else { continue };
+        let holds = fds
+            .flatten()
+            .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|l| wanted.iter().any(|w| l.as_os_str() == w.as_str())));
+        if holds {
+            return Some(describe(pid, &entry.path()));
+        }
+    }
+    None
+}
+
+fn describe(pid: u32, dir: &Path) -> Holder {
+    let cmdline = std::fs::read(dir.join("cmdline"))
+        .map(|b| {
+            b.split(|&c| c == 0).filter(|a| !a.is_empty()).map(String::from_utf8_lossy).collect::<Vec<_>>().join(" ")
+        })
+        .unwrap_or_default();
+    let switchboard = std::fs::read_dir(dir.join("task")).is_ok_and(|tasks| {
+        tasks.flatten().any(|t| {
+            std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim_end().starts_with("sb-worker-"))
+        })
+    });
+    Holder { pid, cmdline, switchboard }
+}
+
+/// What to tell someone whose server cannot listen on `addr` (the raw TCP
+/// or WebSocket address of `what`), with `holder` as [`find`] saw it.
+/// `raw` and `ws` are the two addresses configured, for the suggestion.
+pub fn advice(addr: SocketAddr, holder: Option<&Holder>, raw: SocketAddr, ws: Option<SocketAddr>) -> String {
+    let other = |a: SocketAddr| SocketAddr::new(a.ip(), a.port().wrapping_add(100).max(1024));
+    let suggestion = match ws {
+        Some(ws) => format!("--listen {} --ws-listen {}", other(raw), other(ws)),
+        None => format!("--listen {} --ws-listen \"\"", other(raw)),
+    };
+    let who = match holder {
+        Some(h) if h.switchboard => format!(
+            "another Switchboard server is listening on it (pid {}: {})",
+            h.pid,
+            if h.cmdline.is_empty() { "?" } else { &h.cmdline }
+        ),
+        Some(h) => format!("pid {} listens on it ({})", h.pid, if h.cmdline.is_empty() { "?" } else { &h.cmdline }),
+        None => format!("another process listens on it (`ss -ltnp 'sport = :{}'` shows which)", addr.port()),
+    };
+    format!(
+        "address in use: {who}. To run this server beside it, give it other ports, e.g. `serve {suggestion}` \
+         (server.listen and websocket.listen in a config file, ServerBuilder::listen and ws_listen \
+         when embedded; port 0 picks a free one). server.share_listen_port = true is for overlapping restarts of \
+         one service only: two processes on one port split new connections between them, and a SEND reaches only \
+         users connected to the same process"
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listen_sockets_are_found_by_port() {
+        let table = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n   0: 0100007F:1E14 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 4242 1 0 100 0 0 10 0\n   1: 0100007F:1E14 0100007F:9920 01 00000000:00000000 03:000000E2 00000000     0        0 4343 3 0\n   2: 00000000:1E1E 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 4444 1 0\n";
+        assert_eq!(listening_inodes(table, 7700), vec![4242], "the LISTEN one, not the established one");
+        assert_eq!(listening_inodes(table, 7710), vec![4444]);
+        assert!(listening_inodes(table, 7701).is_empty());
+    }
+
+    #[test]
+    fn advice_names_a_switchboard_holder_and_other_ports() {
+        let raw: SocketAddr = "127.0.0.1:7700".parse().unwrap();
+        let ws: SocketAddr = "127.0.0.1:7710".parse().unwrap();
+        let h = Holder { pid: 42, cmdline: "switchboard serve".into(), switchboard: true };
+        let a = advice(raw, Some(&h), raw, Some(ws));
+        assert!(a.contains("another Switchboard server is listening on it (pid 42: switchboard serve)"), "{a}");
+        assert!(a.contains("--listen 127.0.0.1:7800 --ws-listen 127.0.0.1:7810"), "{a}");
+        assert!(a.contains("overlapping restarts"), "{a}");
+        let a = advice(raw, None, raw, None);
+        assert!(a.contains("ss -ltnp 'sport = :7700'") && a.contains("--ws-listen \"\""), "{a}");
+    }
+}

@@ -1,0 +1,529 @@
+//! The `switchboard` binary as a newcomer runs it, each test a child
+//! process: `serve` whose log pipe has closed (it must still drain on
+//! SIGTERM and exit, and a second signal must end it at once).
+
+mod common;
+
+use std::io::Read;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use switchboard::client::Client;
+use switchboard::config::DEV_JWT_SECRET;
+use switchboard::JwtHs256;
+
+const SB: &str = env!("CARGO_BIN_EXE_switchboard");
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A pipe: (read end, write end).
+fn pipe() -> (OwnedFd, OwnedFd) {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills `fds` with two new descriptors, which we own.
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    // SAFETY: both descriptors were just created and are owned here.
+    unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
+}
+
+/// The write end of a pipe whose read end is already closed: every write
+/// to it fails with EPIPE, as a log pipe does once `tee` or `grep` exits.
+fn closed_pipe() -> Stdio {
+    let (read, write) = pipe();
+    drop(read);
+    Stdio::from(write)
+}
+
+/// A child process killed (SIGKILL) if a test ends without waiting for it.
+struct Proc(Child);
+
+impl Proc {
+    fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.0.id() as i32, sig) };
+    }
+
+    /// Waits up to `limit` for the exit; `None` if it is still running.
+    fn wait_for(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let end = Instant::now() + limit;
+        loop {
+            if let Some(s) = self.0.try_wait().unwrap() {
+                return Some(s);
+            }
+            if Instant::now() >= end {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `switchboard serve` on 127.0.0.1:`port`, raw TCP only, with `--log
+/// log`, `extra` arguments and environment, and its stdout and stderr as
+/// given; returns once the port accepts.
+fn serve_with(port: u16, log: &str, extra: &[&str], env: &[(&str, &str)], stdout: Stdio, stderr: Stdio) -> Proc {
+    common::arm_watchdog();
+    let listen = format!("127.0.0.1:{port}");
+    let child = Command::new(SB)
+        .args(["serve", "--listen", &listen, "--workers", "2", "--log", log])
+        .args(if extra.contains(&"--ws-listen") { &[][..] } else { &["--ws-listen", ""][..] })
+        .args(extra)
+        .env_remove("SWITCHBOARD_JWT_SECRET")
+        .env_remove("NO_COLOR")
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(stdout)
+        .stderr(stderr)
+        .spawn()
+        .expect("switchboard serve starts");
+    let mut p = Proc(child);
+    let addr: SocketAddr = listen.parse().unwrap();
+    let up = common::wait_until(Duration::from_secs(10), || {
+        if let Ok(Some(s)) = p.0.try_wait() {
+            panic!("switchboard serve exited at start: {s}");
+        }
+        TcpStream::connect(addr).is_ok()
+    });
+    assert!(up, "switchboard serve did not listen on {addr} within 10 s");
+    p
+}
+
+fn serve(port: u16, log: &str, stdout: Stdio, stderr: Stdio) -> Proc {
+    serve_with(port, log, &[], &[], stdout, stderr)
+}
+
+/// Reads `r` to its end (or an error: a pty's master reads EIO once the
+/// last process holding its other side exits) on a thread.
+fn read_all_later(mut r: impl Read + Send + 'static) -> std::thread::JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut bytes = Vec::new();
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = r.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            bytes.extend_from_slice(&buf[..n]);
+        }
+        String::from_utf8_lossy(&bytes).into_owned()
+    })
+}
+
+/// SIGTERM, then the exit status (which must come within 10 s).
+fn stop(mut p: Proc) -> ExitStatus {
+    p.signal(libc::SIGTERM);
+    p.wait_for(Duration::from_secs(10)).expect("serve exits within 10 s of SIGTERM")
+}
+
+fn dev_login(port: u16, user: &str) -> Client {
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut c = Client::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let token = JwtHs256::new(DEV_JWT_SECRET).mint(user, common::unix_now() + 600);
+    c.login(user, &token).expect("login with the development secret");
+    c
+}
+
+/// The bug of issue 11: `serve 2>&1 | tee log`, then tee exits. Every log
+/// write fails with EPIPE from then on; the server must still drain on
+/// SIGTERM and exit 0. Its workers log at debug (logins), the signal
+/// thread logs the drain: none of them may die of it.
+#[test]
+fn a_server_whose_log_pipe_closed_drains_on_sigterm_and_exits() {
+    let port = free_port();
+    let (read, write) = pipe();
+    let write2 = write.try_clone().unwrap();
+    let mut server = serve(port, "debug", Stdio::from(write), Stdio::from(write2));
+    drop(read); // tee exits
+    let mut alice = dev_login(port, "alice");
+    server.signal(libc::SIGTERM);
+    assert_eq!(alice.recv_close_code().unwrap(), Some(1001), "the client gets the drain's CLOSE");
+    drop(alice);
+    let status = server.wait_for(Duration::from_secs(10)).expect("the server exits within 10 s of SIGTERM");
+    assert_eq!(status.code(), Some(0), "{status}");
+}
+
+/// A second signal ends the server at once, even while a client that never
+/// closes keeps the drain waiting, and even with its stdout and stderr
+/// closed before it starts (the banner and the start-up log fail too).
+#[test]
+fn a_second_signal_exits_at_once() {
+    let port = free_port();
+    let mut server = serve(port, "info", closed_pipe(), closed_pipe());
+    let _stays = dev_login(port, "bob"); // never reads, never closes
+    server.signal(libc::SIGTERM);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(server.wait_for(Duration::ZERO).is_none(), "the drain waits for the client");
+    let t = Instant::now();
+    server.signal(libc::SIGTERM);
+    let status = server.wait_for(Duration::from_secs(2)).expect("the second signal ends the server");
+    assert!(t.elapsed() < Duration::from_secs(1), "at once: {:?}", t.elapsed());
+    assert!(status.code().is_some(), "an exit, not a kill: {status}");
+}
+
+/// A pseudo-terminal: (master, slave). The master is close-on-exec, so
+/// only the slave reaches the child.
+fn pty() -> (std::fs::File, OwnedFd) {
+    let (mut master, mut slave) = (0, 0);
+    // SAFETY: openpty writes two new descriptors; the other arguments may
+    // be null.
+    let r = unsafe { libc::openpty(&mut master, &mut slave, std::ptr::null_mut(), std::ptr::null(), std::ptr::null()) };
+    assert_eq!(r, 0, "openpty: {}", std::io::Error::last_os_error());
+    // SAFETY: fcntl on the descriptor just created.
+    unsafe { libc::fcntl(master, libc::F_SETFD, libc::FD_CLOEXEC) };
+    // SAFETY: both descriptors are new and owned here.
+    unsafe { (std::fs::File::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) }
+}
+
+/// What `serve` writes to stderr from start to SIGTERM, with stderr a pipe
+/// (`tty = false`) or a terminal.
+fn stderr_of_serve(tty: bool, env: &[(&str, &str)]) -> String {
+    let port = free_port();
+    if tty {
+        let (master, slave) = pty();
+        let reader = read_all_later(master);
+        let p = serve_with(port, "info", &[], env, Stdio::null(), Stdio::from(slave));
+        assert!(stop(p).success());
+        reader.join().unwrap()
+    } else {
+        let (read, write) = pipe();
+        let reader = read_all_later(std::fs::File::from(read));
+        let p = serve_with(port, "info", &[], env, Stdio::null(), Stdio::from(write));
+        assert!(stop(p).success());
+        reader.join().unwrap()
+    }
+}
+
+/// `serve 2>&1 | tee serve.log` must not fill the file with escape codes;
+/// a terminal gets colours unless NO_COLOR says otherwise.
+#[test]
+fn log_colours_only_on_a_terminal_and_never_with_no_color() {
+    let piped = stderr_of_serve(false, &[]);
+    assert!(piped.contains("INFO") && piped.contains("accepting raw TCP"), "{piped}");
+    assert!(!piped.contains('\x1b'), "escape codes in a pipe:\n{piped:?}");
+
+    let tty = stderr_of_serve(true, &[]);
+    assert!(tty.contains("accepting raw TCP"), "{tty:?}");
+    assert!(tty.contains("\x1b["), "a terminal gets colours:\n{tty:?}");
+
+    let no_color = stderr_of_serve(true, &[("NO_COLOR", "1")]);
+    assert!(no_color.contains("accepting raw TCP"), "{no_color:?}");
+    assert!(!no_color.contains('\x1b'), "NO_COLOR on a terminal:\n{no_color:?}");
+}
+
+/// A filter that does not parse is refused (it used to fall back to info,
+/// silently), and so is a bare word that is not a level (tracing would take
+/// `inf` for a target and log nothing).
+#[test]
+fn a_bad_log_filter_is_an_error() {
+    for bad in ["inf", "switchboard=debg", "warn,=x"] {
+        let child = Command::new(SB)
+            .args(["serve", "--listen", "127.0.0.1:0", "--ws-listen", "", "--log", bad])
+            .env_remove("SWITCHBOARD_JWT_SECRET")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut p = Proc(child);
+        let stderr = read_all_later(p.0.stderr.take().unwrap());
+        let status = p.wait_for(Duration::from_secs(10));
+        drop(p);
+        let stderr = stderr.join().unwrap();
+        assert_eq!(status.and_then(|s| s.code()), Some(2), "--log {bad}: refused at once, got {status:?}: {stderr}");
+        assert!(stderr.contains("invalid --log filter"), "--log {bad}: {stderr}");
+    }
+}
+
+/// `--log-format json`: one JSON object per line, and at debug every login
+/// and every refusal with its reason; a refusal is also logged at info (at
+/// most once per 10 s).
+#[test]
+fn json_logs_show_logins_and_refusals_with_their_reason() {
+    let port = free_port();
+    let (read, write) = pipe();
+    let reader = read_all_later(std::fs::File::from(read));
+    let p =
+        serve_with(port, "info,switchboard=debug", &["--log-format", "json"], &[], Stdio::null(), Stdio::from(write));
+    drop(dev_login(port, "alice"));
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut mallory = Client::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
+    mallory.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let forged = JwtHs256::new("not-the-server-secret-at-all").mint("mallory", common::unix_now() + 600);
+    assert!(mallory.login("mallory", &forged).is_err());
+    assert!(stop(p).success());
+    let text = reader.join().unwrap();
+    let events: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON line ({e}): {l:?}")))
+        .collect();
+    let find = |level: &str, message: &str| {
+        events.iter().find(|e| e["level"] == level && e["message"].as_str().is_some_and(|m| m.contains(message)))
+    };
+    let ok = find("DEBUG", "login accepted").unwrap_or_else(|| panic!("no login line in {text}"));
+    assert_eq!(ok["user"], "\"alice\"", "{ok}");
+    let refused = find("DEBUG", "login refused").unwrap_or_else(|| panic!("no refusal line in {text}"));
+    assert_eq!(refused["user"], "\"mallory\"", "{refused}");
+    assert!(refused["message"].as_str().unwrap().contains("signature"), "the reason: {refused}");
+    assert!(find("INFO", "1 login(s) refused").is_some(), "the info line: {text}");
+    assert!(find("INFO", "accepting raw TCP").is_some(), "{text}");
+}
+
+/// A second `serve` on a port a first one holds: the message names the
+/// holder as a Switchboard with its pid, suggests other ports with
+/// --listen/--ws-listen, and says sharing is for overlapping restarts only
+/// (it used to suggest share_listen_port, which splits the users of two dev
+/// servers so that SENDs between them reach no one).
+#[test]
+fn port_in_use_names_the_switchboard_holding_it_and_suggests_other_ports() {
+    let port = free_port();
+    let first = serve(port, "warn", Stdio::null(), Stdio::null());
+    let out = Command::new(SB)
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--ws-listen", "", "--log", "warn"])
+        .env_remove("SWITCHBOARD_JWT_SECRET")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let pid = first.0.id();
+    assert!(stderr.contains(&format!("another Switchboard server is listening on it (pid {pid}: ")), "{stderr}");
+    assert!(stderr.contains(&format!("--listen 127.0.0.1:{}", port.wrapping_add(100).max(1024))), "{stderr}");
+    assert!(stderr.contains("--ws-listen"), "{stderr}");
+    assert!(stderr.contains("overlapping restarts of one service only"), "{stderr}");
+    assert!(stop(first).success());
+}
+
+/// `switchboard token` exit status and output for `args`.
+fn token(args: &[&str]) -> (Option<i32>, String, String) {
+    let out = Command::new(SB).arg("token").args(args).env_remove("SWITCHBOARD_JWT_SECRET").output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `switchboard token` refuses what the server would refuse, with the
+/// server's words, instead of minting a token no login can use.
+#[test]
+fn token_refuses_what_the_server_refuses() {
+    let long = "u".repeat(256);
+    for (args, why) in [
+        (vec!["--user", ""], "user id must be 1 to 255 bytes"),
+        (vec!["--user", long.as_str()], "user id must be 1 to 255 bytes"),
+        (vec!["--user", "alice", "--secret", "short"], "must be at least 16 bytes"),
+        (vec!["--user", "alice", "--secret", ""], "must be at least 16 bytes"),
+    ] {
+        let (code, out, err) = token(&args);
+        assert_eq!(code, Some(2), "{args:?}: {out}{err}");
+        assert!(out.is_empty(), "{args:?}: no token: {out}");
+        assert!(err.contains(why), "{args:?}: {err}");
+    }
+    // What the server accepts is minted: a 255-byte user, a 16-byte
+    // secret, the development secret by default.
+    let longest = "u".repeat(255);
+    for args in [vec!["--user", longest.as_str()], vec!["--user", "alice", "--secret", "0123456789abcdef"]] {
+        let (code, out, err) = token(&args);
+        assert_eq!(code, Some(0), "{args:?}: {err}");
+        assert_eq!(out.trim().split('.').count(), 3, "{args:?}: a JWT: {out}");
+    }
+}
+
+/// `switchboard client` as a child: lines typed on its stdin, lines it
+/// prints read back with a deadline.
+struct CliClient {
+    proc: Proc,
+    stdin: std::process::ChildStdin,
+    lines: std::sync::mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl CliClient {
+    fn start(user: &str, addr: &str) -> CliClient {
+        let child = Command::new(SB)
+            .args(["client", "--user", user, "--addr", addr])
+            .env_remove("SWITCHBOARD_JWT_SECRET")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut proc = Proc(child);
+        let stdin = proc.0.stdin.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        for out in
+            [Box::new(proc.0.stdout.take().unwrap()) as Box<dyn Read + Send>, Box::new(proc.0.stderr.take().unwrap())]
+        {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for line in std::io::BufRead::lines(std::io::BufReader::new(out)) {
+                    let Ok(line) = line else { break };
+                    if tx.send(line).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        CliClient { proc, stdin, lines, seen: Vec::new() }
+    }
+
+    fn type_line(&mut self, line: &str) {
+        use std::io::Write;
+        writeln!(self.stdin, "{line}").unwrap();
+    }
+
+    /// The next line printed, which must contain `want`.
+    fn expect(&mut self, want: &str) -> String {
+        match self.lines.recv_timeout(Duration::from_secs(10)) {
+            Ok(line) => {
+                self.seen.push(line.clone());
+                assert!(
+                    line.contains(want),
+                    "expected a line with {want:?}, got {line:?}; so far:\n{}",
+                    self.seen.join("\n")
+                );
+                line
+            }
+            Err(_) => panic!("no line with {want:?} within 10 s; so far:\n{}", self.seen.join("\n")),
+        }
+    }
+}
+
+/// The CLI client's room commands: /join, /pub, /leave, each acknowledged,
+/// room messages printed with room and sender, nothing after /leave.
+#[test]
+fn cli_client_joins_publishes_to_and_leaves_rooms() {
+    let port = free_port();
+    let server = serve(port, "warn", Stdio::null(), Stdio::null());
+    let addr = format!("127.0.0.1:{port}");
+    let mut bob = CliClient::start("bob", &addr);
+    bob.expect("logged in as bob");
+    bob.type_line("/join lobby");
+    bob.expect("(joined lobby)");
+    let mut alice = CliClient::start("alice", &addr);
+    alice.expect("logged in as alice");
+    alice.type_line("/join lobby");
+    alice.expect("(joined lobby)");
+    alice.type_line("/pub lobby hi all");
+    // Her own copy and the acknowledgement, in either order.
+    let mut mine = [alice.expect("lobby"), alice.expect("lobby")];
+    mine.sort();
+    assert!(mine[0].contains("(published to lobby)"), "{mine:?}");
+    assert!(mine[1].contains("in lobby from alice] hi all"), "{mine:?}");
+    bob.expect("in lobby from alice] hi all");
+    bob.type_line("/leave lobby");
+    bob.expect("(left lobby)");
+    alice.type_line("/pub lobby only me");
+    alice.expect("lobby");
+    alice.expect("lobby");
+    bob.type_line("/ping");
+    bob.expect("(pong)"); // and not the second message
+    bob.type_line("/join");
+    bob.expect("/join ROOM");
+    bob.type_line("/quit");
+    assert!(bob.proc.wait_for(Duration::from_secs(5)).is_some_and(|s| s.success()));
+    assert!(stop(server).success());
+}
+
+/// `--help` explains every option and the commands one types.
+#[test]
+fn cli_client_help_explains_its_options_and_commands() {
+    let out = Command::new(SB).args(["client", "--help"]).output().unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{help}");
+    for line in help.lines().filter(|l| l.trim_start().starts_with("--")) {
+        let option = line.split_whitespace().next().unwrap();
+        let explained = line.split_whitespace().count() > 2
+            || help.lines().skip_while(|l| !l.contains(option)).nth(1).is_some_and(|n| n.starts_with("          "));
+        assert!(explained, "{option} has no help text:\n{help}");
+    }
+    for cmd in ["@USER", "/join", "/leave", "/pub", "/ping", "/quit"] {
+        assert!(help.contains(cmd), "{cmd} is not explained:\n{help}");
+    }
+}
+
+/// `switchboard client` pointed at the WebSocket port: the server answers
+/// in HTTP, and the client says which mistake that probably is, instead of
+/// "frame of 1213486164 bytes".
+#[test]
+fn cli_client_on_the_websocket_port_names_the_likely_mistake() {
+    let (port, ws_port) = (free_port(), free_port());
+    let server =
+        serve_with(port, "warn", &["--ws-listen", &format!("127.0.0.1:{ws_port}")], &[], Stdio::null(), Stdio::null());
+    let mut c = CliClient::start("alice", &format!("127.0.0.1:{ws_port}"));
+    let line = c.expect("switchboard:");
+    assert!(line.contains("answered in HTTP") && line.contains("WebSocket"), "{line}");
+    assert!(line.contains("raw TCP port") && line.contains("7700"), "{line}");
+    let status = c.proc.wait_for(Duration::from_secs(5)).expect("the client exits");
+    assert_eq!(status.code(), Some(1));
+    assert!(stop(server).success());
+}
+
+/// The commands the banner suggests work as printed from the checkout,
+/// where `switchboard` is not on PATH (it names the binary by its path
+/// then), and it says how to turn on the admin API, which is off.
+#[test]
+fn the_banner_commands_work_from_the_checkout() {
+    let port = free_port();
+    let (read, write) = pipe();
+    let reader = read_all_later(std::fs::File::from(read));
+    let server = serve_with(port, "warn", &[], &[("PATH", "/usr/bin:/bin")], Stdio::from(write), Stdio::null());
+    assert!(stop(server).success());
+    let banner = reader.join().unwrap();
+    let quoted: Vec<&str> = banner.split('`').skip(1).step_by(2).collect();
+    let token_cmd = quoted.iter().find(|c| c.contains(" token ")).unwrap_or_else(|| panic!("{banner}"));
+    let client_cmd = quoted.iter().find(|c| c.contains(" client ")).unwrap_or_else(|| panic!("{banner}"));
+    assert!(banner.contains("--admin 127.0.0.1:7701"), "how to turn the admin API on:\n{banner}");
+    for cmd in [token_cmd, client_cmd] {
+        let program = cmd.split_whitespace().next().unwrap();
+        assert!(program != "switchboard", "not on PATH here:\n{banner}");
+        let found = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(program);
+        assert!(found.exists(), "{program} from the checkout:\n{banner}");
+    }
+    // Run the token command as printed (the shell splits it as a user's would).
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(token_cmd)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env_remove("SWITCHBOARD_JWT_SECRET")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{token_cmd}: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim().split('.').count(), 3);
+}
+
+/// `scripts/capacity.sh --help` answers at once, before (and without) the
+/// two release builds the runs need: here with no cargo on the PATH at all.
+#[test]
+fn capacity_sh_help_comes_before_any_build() {
+    let t = Instant::now();
+    let out = Command::new("bash")
+        .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/capacity.sh"))
+        .arg("--help")
+        .env("PATH", "/usr/bin:/bin")
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{help}{}", String::from_utf8_lossy(&out.stderr));
+    for option in ["--full", "--no-peers", "--no-nchan", "--ws-only", "--ws-connections", "--out"] {
+        assert!(help.contains(option), "{option}:\n{help}");
+    }
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    let out = Command::new("bash")
+        .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/capacity.sh"))
+        .arg("--fulll")
+        .env("PATH", "/usr/bin:/bin")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "an unknown option is refused before building");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--fulll"));
+}
