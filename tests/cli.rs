@@ -5,7 +5,7 @@
 mod common;
 
 use std::io::Read;
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -92,7 +92,7 @@ fn serve_with(port: u16, log: &str, extra: &[&str], env: &[(&str, &str)], stdout
         if let Ok(Some(s)) = p.0.try_wait() {
             panic!("switchboard serve exited at start: {s}");
         }
-        TcpStream::connect(addr).is_ok()
+        common::listening(addr)
     });
     assert!(up, "switchboard serve did not listen on {addr} within 10 s");
     p

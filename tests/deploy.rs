@@ -73,7 +73,7 @@ fn serve(name: &str, extra: &str) -> (std::process::Child, std::net::SocketAddr,
     let server =
         Command::new(SB).args(["serve", "--log", "warn", "--config"]).arg(&cfg).stdout(Stdio::null()).spawn().unwrap();
     let addr = format!("127.0.0.1:{port}").parse().unwrap();
-    assert!(common::wait_until(Duration::from_secs(10), || std::net::TcpStream::connect(addr).is_ok()));
+    assert!(common::wait_until(Duration::from_secs(10), || common::listening(addr)));
     (server, addr, dir)
 }
 

@@ -107,6 +107,18 @@ pub fn expect_push(c: &mut Client) -> (u64, String, Vec<u8>) {
     }
 }
 
+/// Whether something listens on `addr`: a connection to it succeeds and is
+/// not to itself (connecting to a loopback port nobody listens on succeeds
+/// when the kernel happens to pick that same port as the source, TCP's
+/// simultaneous open; polling a port until "something answers" then
+/// returns before the server is up).
+pub fn listening(addr: SocketAddr) -> bool {
+    match std::net::TcpStream::connect(addr) {
+        Ok(s) => s.local_addr().ok() != s.peer_addr().ok(),
+        Err(_) => false,
+    }
+}
+
 /// Polls `cond` until it holds or `timeout` passes.
 pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let end = Instant::now() + timeout;
