@@ -260,6 +260,7 @@ fn route(req: &Request, h: &Handle, bench: bool) -> (u16, serde_json::Value) {
                 json!({
                     "stats": h.stats(),
                     "users": h.user_count(),
+                    "users_offline_retained": h.offline_retained_count(),
                     "rooms": h.room_count(),
                     "connections_per_worker": h.connections_per_worker(),
                     "workers": h.workers(),

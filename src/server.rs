@@ -387,6 +387,14 @@ impl Handle {
         self.shared.directory.user_count()
     }
 
+    /// Users whose last connection closed less than about ten seconds ago:
+    /// the directory keeps their entry for a while so that a reconnecting
+    /// user does not rebuild it (see `docs/DEPLOY.md`, "Memory per
+    /// connection"). Falls to 0 within ~11 s of the last close.
+    pub fn offline_retained_count(&self) -> usize {
+        self.shared.directory.offline_count()
+    }
+
     /// Counters summed over workers.
     pub fn stats(&self) -> Stats {
         let mut s = Stats::default();

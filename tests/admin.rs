@@ -47,6 +47,7 @@ fn health_stats_and_pushes() {
     let stats = json(&http(a, "GET", "/stats", b"", None).unwrap().1);
     assert_eq!(stats["stats"]["logged_in"], 1);
     assert_eq!(stats["users"], 1);
+    assert_eq!(stats["users_offline_retained"], 0);
     assert_eq!(stats["workers"], 2);
 
     // Errors are JSON with a status that says what went wrong.
@@ -59,6 +60,12 @@ fn health_stats_and_pushes() {
     let (status, _) = http(a, "POST", "/kick?user=alice", b"", None).unwrap();
     assert_eq!(status, 200);
     assert_eq!(alice.recv_close_code().unwrap(), Some(switchboard::CloseCode::Kicked as u16));
+    // Alice is offline now; her directory entry stays a while for a quick
+    // reconnect, and /stats says so instead of counting her as a user.
+    assert!(wait_until(std::time::Duration::from_secs(2), || {
+        let stats = json(&http(a, "GET", "/stats", b"", None).unwrap().1);
+        stats["users"] == 0 && stats["users_offline_retained"] == 1
+    }));
 }
 
 #[test]

@@ -161,7 +161,7 @@ enum Cmd {
         /// Measured cycles after the warm-up (one cycle = one connection).
         #[arg(long, default_value_t = 1_000_000)]
         cycles: u64,
-        /// Cycles before the first RSS sample.
+        /// Cycles before the first RSS sample (the warm-up also lasts at least 25 s)
         #[arg(long, default_value_t = 100_000)]
         warmup: u64,
         /// Distinct user ids, drawn uniformly.
