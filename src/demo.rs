@@ -9,7 +9,7 @@
 //! helper answers 403 and the page asks for a token from the application.
 
 use crate::proto::ws::handshake::{response_200, response_error};
-use crate::server::Shared;
+use crate::runtime::Shared;
 
 /// The demo page.
 pub static PAGE: &[u8] = include_bytes!("demo/index.html");

@@ -32,7 +32,7 @@ pub struct OutLimits {
 /// Frames queued for one connection: one pointer while empty (the state
 /// of every idle connection), a boxed ring while frames wait. All-zero is
 /// the empty queue (`None`): write slots are allocated zeroed and rely on
-/// it (runtime/outslot.rs).
+/// it (runtime/write/slot.rs).
 #[derive(Default)]
 pub struct OutQueue {
     inner: Option<Box<Inner>>,

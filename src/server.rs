@@ -1,31 +1,31 @@
 //! The embedding API: build and start a server, then push through a handle.
 //!
 //! Owns: `ServerBuilder`, `Server` (the running threads), `Handle` (the
-//! cloneable `Send + Sync` entry point for any thread), the state shared by
-//! workers and handles, and the commands that cross into a worker.
-//! Must not: touch a connection. A handle only looks up the directory and
-//! posts to the owning worker's mailbox; the worker alone changes its
-//! connections.
+//! cloneable `Send + Sync` entry point for any thread) and the public types
+//! they take and return. The state behind them (`Shared`) and the commands
+//! that cross into a worker (`Command`) are the runtime's
+//! (`runtime/shared.rs`).
+//! Must not: change a connection's protocol state (only its worker does,
+//! through `proto::conn`). A handle looks up the directory, posts commands
+//! to the owning worker's mailbox, and writes frames to a connection
+//! through the write path (`runtime/write`), which any thread may use.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Instant;
 
 use bytes::Bytes;
 use thiserror::Error;
 
 use crate::auth::{Authenticator, JwtHs256};
 use crate::config::{Config, ConfigError};
-use crate::directory::Directory;
 use crate::ids::ConnId;
-use crate::mailbox::Mailbox;
 use crate::proto::codes::CloseCode;
 use crate::proto::frame::Frame;
-use crate::proto::session::Timeouts;
-use crate::rooms::{RoomError, RoomRegistry};
-use crate::stats::{CounterTable, Stats};
+use crate::rooms::RoomError;
+use crate::runtime::{Command, Shared};
+use crate::stats::Stats;
 
 /// A message from a client that the server does not route itself.
 #[derive(Clone, Debug)]
@@ -57,29 +57,6 @@ pub enum ClientMessageKind {
 /// sockets. It may call any [`Handle`] method.
 pub type MessageHook = Arc<dyn Fn(ClientMessage, &Handle) + Send + Sync>;
 
-/// A command posted to a worker's mailbox.
-pub(crate) enum Command {
-    /// Close one connection with a code.
-    Close { conn: ConnId, code: CloseCode },
-    /// Join a connection to a room on the application's behalf.
-    Join { conn: ConnId, room: Arc<str> },
-    /// Take a connection out of a room on the application's behalf.
-    Leave { conn: ConnId, room: Arc<str> },
-    /// Fan an encoded ROOM_MSG out to this worker's members of `room`.
-    Publish { room: Arc<str>, frame: Bytes },
-    /// Fan an encoded ROOM_MSG out to every logged-in connection of this
-    /// worker.
-    Broadcast { frame: Bytes },
-    /// Benchmark only: a plain blocking `send` of `frame` to each of this
-    /// worker's members of `room`, timed; the kernel's floor for a fan-out
-    /// over the same sockets.
-    SendCeiling { room: Arc<str>, frame: Bytes, reply: std::sync::mpsc::Sender<CeilingSample> },
-    /// Serve a connection another worker accepted but had no room for.
-    Adopt { fd: std::os::fd::OwnedFd, websocket: bool },
-    /// Tests of the supervision path only: panic in the worker.
-    Crash,
-}
-
 /// What one worker measured for [`Handle::bench_send_ceiling`].
 #[doc(hidden)]
 #[derive(Copy, Clone, Debug)]
@@ -88,72 +65,6 @@ pub struct CeilingSample {
     pub sends: usize,
     /// Wall time of the loop.
     pub elapsed: std::time::Duration,
-}
-
-/// State shared by every worker and handle.
-pub(crate) struct Shared {
-    pub config: Config,
-    pub timeouts: Timeouts,
-    pub max_conns_per_worker: usize,
-    pub mailboxes: Box<[Mailbox<Command>]>,
-    pub directory: Directory,
-    pub rooms: RoomRegistry,
-    /// Every connection's write side, per worker.
-    pub outs: Box<[crate::runtime::outslot::OutSlots]>,
-    pub write_rules: crate::runtime::outslot::WriteRules,
-    /// Counters bumped by threads that do not own the connection
-    /// (`fetch_add`, unlike the workers' single-writer counters).
-    pub foreign_counters: crossbeam_utils::CachePadded<crate::stats::WorkerCounters>,
-    pub counters: CounterTable,
-    pub authenticator: Arc<dyn Authenticator>,
-    pub hook: Option<MessageHook>,
-    pub shutdown: AtomicBool,
-    /// A graceful drain was requested (`Handle::drain`).
-    pub draining: AtomicBool,
-    /// Message ids for pushes from handles; workers number their own with
-    /// the worker index in the top bits (see `Worker::next_msg_id`).
-    pub next_msg_id: AtomicU64,
-    pub local_addr: SocketAddr,
-    /// The WebSocket address, when `websocket.listen` is set.
-    pub ws_addr: Option<SocketAddr>,
-    pub epoch: Instant,
-    /// The first worker that died, if one did: the server then stops, and
-    /// `Server::join` returns it.
-    pub failure: std::sync::Mutex<Option<ServerError>>,
-}
-
-impl Shared {
-    /// Largest PUSH payload: frames from the server are never longer than
-    /// `limits.max_frame_bytes`, the size LOGIN_OK announces, so a client
-    /// can use one limit both ways.
-    pub(crate) fn max_push_payload(&self) -> usize {
-        self.config.limits.max_frame_bytes - crate::proto::frame::HEADER_LEN - 8 - 1
-    }
-
-    /// Largest ROOM_MSG payload for `room` and sender `from`, by the same
-    /// rule as [`Shared::max_push_payload`].
-    pub(crate) fn max_room_payload(&self, room: &str, from: &str) -> usize {
-        (self.config.limits.max_frame_bytes - crate::proto::frame::HEADER_LEN - 8 - 2)
-            .saturating_sub(room.len() + from.len())
-    }
-
-    /// Posts `make(frame)` to every worker: the first gets `frame`, the
-    /// others a copy each, so workers never share a reference count while
-    /// they fan out. Returns how many workers took it.
-    pub(crate) fn post_all(&self, frame: Bytes, make: impl Fn(Bytes) -> Command) -> Result<usize, PushError> {
-        let n = self.mailboxes.len();
-        let mut queued = 0;
-        for (i, mb) in self.mailboxes.iter().enumerate() {
-            let f = if i + 1 == n { frame.clone() } else { Bytes::copy_from_slice(&frame) };
-            if mb.push(make(f)).is_ok() {
-                queued += 1;
-            }
-        }
-        if queued < n {
-            return Err(PushError::Full { queued, targets: n });
-        }
-        Ok(queued)
-    }
 }
 
 /// Why a push, kick or other handle call did not go through.
@@ -239,7 +150,7 @@ impl Handle {
         let msg_id = self.shared.next_msg_id.fetch_add(1, Ordering::Relaxed);
         let frame = Frame::Push { msg_id, from: "", payload }.to_bytes().expect("sizes checked above");
         // Written from this thread, straight to each socket (see
-        // runtime::outslot for why).
+        // runtime::write for why).
         let connections = self
             .shared
             .directory

@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 
 pub mod codes;
+pub mod conn;
 pub mod frame;
 pub mod json;
 pub mod session;

@@ -6,10 +6,14 @@
 //! Must not: leak monoio types out of this module: it is the only place that
 //! imports monoio.
 
-pub(crate) mod outslot;
 mod poller;
+mod shared;
 mod sys;
 mod worker;
+pub(crate) mod write;
+
+pub(crate) use shared::{Command, Shared};
+pub(crate) use write::deliver;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64};
@@ -24,11 +28,11 @@ use socket2::{Domain, Protocol, Socket, Type};
 use crate::auth::Authenticator;
 use crate::config::{Config, IoDriver};
 use crate::directory::Directory;
-use crate::ids::{ConnId, WorkerId, MAX_SLOTS_PER_WORKER};
+use crate::ids::{WorkerId, MAX_SLOTS_PER_WORKER};
 use crate::mailbox::Mailbox;
 use crate::outq::OutLimits;
 use crate::rooms::RoomRegistry;
-use crate::server::{Handle, MessageHook, Server, Shared, StartError};
+use crate::server::{Handle, MessageHook, Server, StartError};
 use crate::stats::WorkerCounters;
 
 /// Which driver the workers actually run on.
@@ -115,65 +119,6 @@ fn bind_listener(addr: SocketAddr, config: &Config) -> Result<std::net::TcpListe
     Ok(s.into())
 }
 
-/// Delivers `frame` to a logged-in connection, from any thread: straight to
-/// its socket when nothing is queued for it, else behind what is. What a
-/// full socket does not take is queued and the owner is asked (through its
-/// request list and a mailbox wake) to watch for room; a queue over its
-/// limit asks the owner to close the connection. Returns whether the frame
-/// was handed over (false: the connection is gone or not logged in).
-pub(crate) fn deliver(shared: &Shared, conn: ConnId, frame: &bytes::Bytes) -> bool {
-    let w = conn.worker().0 as usize;
-    let Some(slots) = shared.outs.get(w) else { return false };
-    let Some(slot) = slots.slots.get(conn.slot() as usize) else { return false };
-    let frames = std::slice::from_ref(frame);
-    let mut out = outslot::Outgoing::new(frames);
-    let mut skipped = 0;
-    let mut g = slot.lock();
-    if g.generation != conn.generation() || !g.open {
-        return false;
-    }
-    if g.wire != crate::proto::wire::Wire::Raw {
-        // Encode outside the lock (JSON takes a while), then check the
-        // connection is still the same one.
-        let wire = g.wire;
-        drop(g);
-        let _ = out.get(wire);
-        g = slot.lock();
-        if g.generation != conn.generation() || !g.open {
-            return false;
-        }
-    }
-    let Some(e) = out.get(g.wire) else { return false };
-    let r = g.put(e, &shared.write_rules, &mut skipped);
-    let wake = match r {
-        outslot::Put::Sent | outslot::Put::Broken => false,
-        outslot::Put::Queued { full } => {
-            if full && !g.write_wait {
-                g.write_wait = true;
-                g.needs_arm = true;
-                slots.request(conn.slot(), &mut g)
-            } else {
-                false
-            }
-        }
-        outslot::Put::Overflow => {
-            g.open = false;
-            g.needs_close = true;
-            slots.request(conn.slot(), &mut g)
-        }
-    };
-    drop(g);
-    let c = &shared.foreign_counters;
-    c.frames_out.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    if skipped > 0 {
-        c.skipped.fetch_add(skipped as u64, std::sync::atomic::Ordering::Relaxed);
-    }
-    if wake {
-        shared.mailboxes[w].wake();
-    }
-    matches!(r, outslot::Put::Sent | outslot::Put::Queued { .. })
-}
-
 /// Starts the workers and returns once every one is accepting.
 pub(crate) fn start(
     config: Config,
@@ -245,8 +190,8 @@ pub(crate) fn start(
             config.rooms.max_members_per_room,
             config.rooms.max_rooms_created_per_user,
         ),
-        outs: (0..workers).map(|_| outslot::OutSlots::new(max_conns_per_worker)).collect(),
-        write_rules: outslot::WriteRules {
+        outs: (0..workers).map(|_| write::OutSlots::new(max_conns_per_worker)).collect(),
+        write_rules: write::WriteRules {
             limits: OutLimits {
                 max_frames: config.limits.outbound_max_frames,
                 max_bytes: config.limits.outbound_max_bytes,

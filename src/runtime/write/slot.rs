@@ -1,5 +1,5 @@
-//! Per-connection write side, shared by every worker: a spin-locked slot
-//! holding the socket, its generation and its outbound queue.
+//! The write slots: per connection, a spin lock over its socket, generation,
+//! outbound queue and write flags (the state table is in `write/mod.rs`).
 //!
 //! Owns: who may write to a connection's socket and in what order. Any
 //! thread holding the slot's lock may write: the owning worker (replies,
@@ -8,8 +8,9 @@
 //! The lock makes the queue and the socket one ordered stream: a writer
 //! that finds the queue empty writes straight to the socket; otherwise, or
 //! for what the socket does not take, it appends to the queue.
-//! Must not: be held across anything but one non-blocking `sendmsg` and
-//! queue operations; arm the poller (only the owner may: a writer that
+//! Must not: be held across anything but non-blocking `sendmsg` calls (one
+//! for a delivery; up to a socket's fill for the owner's flush, each of at
+//! most 64 frames) and queue operations; arm the poller (only the owner may: a writer that
 //! leaves bytes queued asks the owner to watch for room, `needs_arm`).
 //!
 //! Why not a hand-off to the owning worker, as DESIGN.md first proposed:
@@ -56,11 +57,22 @@ pub(crate) struct OutState {
     pub needs_close: bool,
     /// The slot is on its worker's request list.
     pub listed: bool,
+    /// Owner only: `DIRTY`, `CLOSING`, `FIN_SENT` (one byte: the slot is
+    /// 32 bytes).
+    owner: u8,
     /// How frames are encoded for this connection (set by the owner before
     /// `open`, never changed while open).
     pub wire: Wire,
     pub out: OutQueue,
 }
+
+/// Owner flag: on the owner's list of slots to flush this turn.
+pub(crate) const DIRTY: u8 = 1;
+/// Owner flag: the connection is closing and its last frame is queued;
+/// once the queue is written out, FIN follows.
+pub(crate) const CLOSING: u8 = 2;
+/// Owner flag: FIN sent.
+pub(crate) const FIN_SENT: u8 = 4;
 
 /// What a write attempt did.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
@@ -88,6 +100,44 @@ impl OutState {
     #[inline]
     pub fn fd(&self) -> RawFd {
         self.fd_plus_one - 1
+    }
+
+    /// Empties a slot whose connection is released: no connection, no
+    /// socket, nothing queued. `listed` stays (the slot may still be on the
+    /// request list, which skips it), and so does `dirty` (it may still be
+    /// on the owner's flush list, which skips it).
+    pub fn reset(&mut self) {
+        self.generation = 0;
+        self.set_fd(-1);
+        self.open = false;
+        self.write_wait = false;
+        self.needs_arm = false;
+        self.needs_close = false;
+        self.owner &= DIRTY;
+        self.wire = Wire::Raw;
+        self.out.clear();
+    }
+
+    /// Whether owner flag `f` is set.
+    #[inline]
+    pub fn is(&self, f: u8) -> bool {
+        self.owner & f != 0
+    }
+
+    /// Sets owner flag `f`; returns whether it was set before.
+    #[inline]
+    pub fn set(&mut self, f: u8) -> bool {
+        let was = self.is(f);
+        self.owner |= f;
+        was
+    }
+
+    /// Clears owner flag `f`; returns whether it was set.
+    #[inline]
+    pub fn clear(&mut self, f: u8) -> bool {
+        let was = self.is(f);
+        self.owner &= !f;
+        was
     }
 
     /// Sets the socket (-1: none).
@@ -328,7 +378,7 @@ fn zeroed_slots(n: usize) -> Box<[OutSlot]> {
     // SAFETY: `p` holds `n` all-zero `OutSlot`s, each a valid empty slot:
     // the lock's flag (AtomicBool false: unlocked), the link (AtomicU32 0:
     // not listed, `sync::requests`), `generation` 0 (none), `fd_plus_one` 0
-    // (no socket), every flag false, `wire` 0 (`Wire::Raw`, asserted
+    // (no socket), every flag false (`owner` 0 too), `wire` 0 (`Wire::Raw`, asserted
     // above), and `out`, an `OutQueue`, which is one `Option<Box<_>>` whose
     // all-zero is `None`, the empty queue (guaranteed for `Option<Box<T>>`;
     // its size is asserted in outq.rs). The memory comes from the global

@@ -1,0 +1,115 @@
+//! What the workers and the handles share, and what crosses into a worker.
+//!
+//! Owns: `Shared` (configuration, mailboxes, directory, room registry, the
+//! write slots, counters, the lifecycle flags) and `Command`, the messages
+//! a worker's mailbox carries.
+//! Must not: hold per-connection protocol state (that is `proto::conn`) or
+//! anything a worker changes without a lock or an atomic.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+
+use crate::auth::Authenticator;
+use crate::config::Config;
+use crate::directory::Directory;
+use crate::ids::ConnId;
+use crate::mailbox::Mailbox;
+use crate::proto::codes::CloseCode;
+use crate::proto::session::Timeouts;
+use crate::rooms::RoomRegistry;
+use crate::server::{CeilingSample, MessageHook, PushError, ServerError};
+use crate::stats::CounterTable;
+
+/// A command posted to a worker's mailbox.
+pub(crate) enum Command {
+    /// Close one connection with a code.
+    Close { conn: ConnId, code: CloseCode },
+    /// Join a connection to a room on the application's behalf.
+    Join { conn: ConnId, room: Arc<str> },
+    /// Take a connection out of a room on the application's behalf.
+    Leave { conn: ConnId, room: Arc<str> },
+    /// Fan an encoded ROOM_MSG out to this worker's members of `room`.
+    Publish { room: Arc<str>, frame: Bytes },
+    /// Fan an encoded ROOM_MSG out to every logged-in connection of this
+    /// worker.
+    Broadcast { frame: Bytes },
+    /// Benchmark only: a plain blocking `send` of `frame` to each of this
+    /// worker's members of `room`, timed; the kernel's floor for a fan-out
+    /// over the same sockets.
+    SendCeiling { room: Arc<str>, frame: Bytes, reply: std::sync::mpsc::Sender<CeilingSample> },
+    /// Serve a connection another worker accepted but had no room for.
+    Adopt { fd: std::os::fd::OwnedFd, websocket: bool },
+    /// Tests of the supervision path only: panic in the worker.
+    Crash,
+}
+
+/// State shared by every worker and handle.
+pub(crate) struct Shared {
+    pub config: Config,
+    pub timeouts: Timeouts,
+    pub max_conns_per_worker: usize,
+    pub mailboxes: Box<[Mailbox<Command>]>,
+    pub directory: Directory,
+    pub rooms: RoomRegistry,
+    /// Every connection's write side, per worker.
+    pub outs: Box<[super::write::OutSlots]>,
+    pub write_rules: super::write::WriteRules,
+    /// Counters bumped by threads that do not own the connection
+    /// (`fetch_add`, unlike the workers' single-writer counters).
+    pub foreign_counters: crossbeam_utils::CachePadded<crate::stats::WorkerCounters>,
+    pub counters: CounterTable,
+    pub authenticator: Arc<dyn Authenticator>,
+    pub hook: Option<MessageHook>,
+    pub shutdown: AtomicBool,
+    /// A graceful drain was requested (`Handle::drain`).
+    pub draining: AtomicBool,
+    /// Message ids for pushes from handles; workers number their own with
+    /// the worker index in the top bits (see `Worker::next_msg_id`).
+    pub next_msg_id: AtomicU64,
+    pub local_addr: SocketAddr,
+    /// The WebSocket address, when `websocket.listen` is set.
+    pub ws_addr: Option<SocketAddr>,
+    pub epoch: Instant,
+    /// The first worker that died, if one did: the server then stops, and
+    /// `Server::join` returns it.
+    pub failure: std::sync::Mutex<Option<ServerError>>,
+}
+
+impl Shared {
+    /// Largest PUSH payload: frames from the server are never longer than
+    /// `limits.max_frame_bytes`, the size LOGIN_OK announces, so a client
+    /// can use one limit both ways.
+    pub(crate) fn max_push_payload(&self) -> usize {
+        self.config.limits.max_frame_bytes - crate::proto::frame::HEADER_LEN - 8 - 1
+    }
+
+    /// Largest ROOM_MSG payload for `room` and sender `from`, by the same
+    /// rule as [`Shared::max_push_payload`].
+    pub(crate) fn max_room_payload(&self, room: &str, from: &str) -> usize {
+        (self.config.limits.max_frame_bytes - crate::proto::frame::HEADER_LEN - 8 - 2)
+            .saturating_sub(room.len() + from.len())
+    }
+
+    /// Posts `make(frame)` to every worker: the first gets `frame`, the
+    /// others a copy each, so workers never share a reference count while
+    /// they fan out. Returns how many workers took it.
+    pub(crate) fn post_all(&self, frame: Bytes, make: impl Fn(Bytes) -> Command) -> Result<usize, PushError> {
+        let n = self.mailboxes.len();
+        let mut queued = 0;
+        for (i, mb) in self.mailboxes.iter().enumerate() {
+            let f = if i + 1 == n { frame.clone() } else { Bytes::copy_from_slice(&frame) };
+            if mb.push(make(f)).is_ok() {
+                queued += 1;
+            }
+        }
+        if queued < n {
+            return Err(PushError::Full { queued, targets: n });
+        }
+        Ok(queued)
+    }
+}
+
