@@ -11,7 +11,7 @@
 //! ([`Connection::on_tick`]); what the connection needs done outside itself
 //! goes through the caller's [`Env`]: frames to write, logging in (the
 //! authenticator and the directory), a message to route, a room to join or
-//! publish to, the close. The worker (`runtime/worker.rs`) is the I/O glue
+//! publish to, the close. The worker (`runtime/worker/`) is the I/O glue
 //! around it, and unit tests drive it with a virtual clock and a recording
 //! `Env` (`tests` below).
 //!
