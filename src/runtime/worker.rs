@@ -858,7 +858,8 @@ impl Worker {
                 }
             }
         }
-        if dec.in_message() {
+        // Mid-message, or mid-way through checking a text frame's UTF-8.
+        if !dec.is_idle() {
             *kept = Some(dec);
         }
         off
