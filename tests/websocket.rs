@@ -1721,3 +1721,37 @@ fn without_sniffing_an_upgrade_on_the_raw_port_gets_a_400_naming_the_websocket_p
     c.send_raw(b"GEX ").unwrap();
     assert_eq!(c.recv_close_code().unwrap(), Some(1009));
 }
+
+// ---- conformance echo (websocket.conformance_echo) ----------------------------------
+
+/// The test-only echo mode that `scripts/autobahn.sh` runs the Autobahn
+/// suite against: text and binary messages come back as they were sent
+/// (opcode and bytes, fragments reassembled), without a login; control
+/// frames and protocol errors behave as always.
+#[test]
+fn conformance_echo_returns_messages_as_sent() {
+    let mut cfg = ws_config();
+    cfg.websocket.conformance_echo = true;
+    let (s, addr) = start_ws(cfg);
+    let mut ws = Ws::anon(addr);
+    ws.send_text("not JSON, and no login");
+    ws.expect(Ev::Text("not JSON, and no login".into()));
+    ws.send(&binary(&[0, 1, 2, 255]));
+    ws.expect(Ev::Binary(vec![0, 1, 2, 255]));
+    // Larger than a login may be: the full message limit applies.
+    let big = "x".repeat(100_000);
+    ws.send_text(&big);
+    ws.expect(Ev::Text(big));
+    // Fragments with a ping between them: the pong first, then one message.
+    ws.send(&frame(false, OP_TEXT, &"caf\u{e9} ".as_bytes()[..4]));
+    ws.send(&ping(b"p"));
+    ws.send(&frame(true, OP_CONT, &"caf\u{e9} ".as_bytes()[4..]));
+    ws.expect(Ev::Pong(b"p".to_vec()));
+    ws.expect(Ev::Text("caf\u{e9} ".into()));
+    ws.send(&frame(true, OP_TEXT, b"\xff"));
+    ws.expect_close(1007);
+    let mut ws = Ws::anon(addr);
+    ws.send(&close(1000, b"bye"));
+    ws.expect_close(1000);
+    assert_all_released(&s);
+}

@@ -841,6 +841,10 @@ impl Worker {
             // message already started keeps its limit).
             match self.phase(slot, generation) {
                 Some(Phase::Active) => dec.set_max_message_bytes(self.ws_max_message),
+                // websocket.conformance_echo (test only): no login, so the full limit.
+                Some(Phase::AwaitingLogin) if self.shared.config.websocket.conformance_echo => {
+                    dec.set_max_message_bytes(self.ws_max_message)
+                }
                 Some(Phase::AwaitingLogin) => dec.set_max_message_bytes(MAX_LOGIN_MESSAGE_BYTES),
                 Some(Phase::Closing) | None => return data.len(),
             }
@@ -866,6 +870,22 @@ impl Worker {
     }
 
     fn on_ws_event(self: &Rc<Self>, slot: u32, generation: u32, ev: WsEvent<'_>) {
+        // ---- websocket.conformance_echo (test only; config allows it on
+        // loopback only): text and binary messages go back as they came,
+        // with their opcode, through the write path; no login. Control
+        // frames and errors take the normal paths below. ----
+        if self.shared.config.websocket.conformance_echo {
+            let echo = match ev {
+                WsEvent::Text(text) => Some(ws::text_frame(text)),
+                WsEvent::Binary(bytes) => Some(ws::binary_frame(bytes)),
+                _ => None,
+            };
+            if let Some(frame) = echo {
+                self.enqueue_encoded(slot, generation, Bytes::from(frame));
+                return;
+            }
+        }
+        // ---- end of conformance echo ----
         match ev {
             WsEvent::Text(text) => match crate::proto::json::ClientFrame::parse(text) {
                 Ok(f) => self.on_frame(slot, generation, f.as_frame()),
