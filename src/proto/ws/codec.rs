@@ -1350,6 +1350,31 @@ mod tests {
         }
 
         #[test]
+        fn arbitrary_bytes_never_panic_the_client_decoder(
+            b in proptest::collection::vec(any::<u8>(), 0..2048),
+            step in 1usize..64,
+            max in 0usize..4096,
+        ) {
+            let mut dec = ClientDecoder::new(max);
+            let mut rbuf = Vec::new();
+            'feed: for chunk in b.chunks(step) {
+                rbuf.extend_from_slice(chunk);
+                let mut start = 0;
+                loop {
+                    match dec.decode(&rbuf[start..]) {
+                        Ok(Some((_, n))) => {
+                            prop_assert!(n > 0 && start + n <= rbuf.len());
+                            start += n;
+                        }
+                        Ok(None) => break,
+                        Err(_) => break 'feed,
+                    }
+                }
+                rbuf.drain(..start);
+            }
+        }
+
+        #[test]
         fn masked_frames_with_arbitrary_headers_never_panic(
             frames in proptest::collection::vec(
                 (any::<u8>(), proptest::collection::vec(any::<u8>(), 0..300), any::<[u8; 4]>()),
