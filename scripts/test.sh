@@ -5,7 +5,8 @@
 # nginx with its stream module and openssl, the TLS front of
 # tests/tls_front.rs), then runs clippy (zero warnings), `cargo test`
 # (arguments are passed on, e.g. a test filter) and, when no arguments were
-# given, the loom models of src/sync (tests/loom-models).
+# given, the Autobahn|Testsuite WebSocket conformance run
+# (scripts/autobahn.sh) and the loom models of src/sync (tests/loom-models).
 # Idempotent: on a machine that has everything it installs nothing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -77,6 +78,15 @@ fi
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 
 cargo test "$@"
+
+# WebSocket conformance: the Autobahn|Testsuite fuzzingclient (301 cases)
+# against the echo mode of the debug build `cargo test` just built; fails
+# on any FAILED or NON-STRICT case. It installs Python 2.7 and the suite
+# into target/autobahn the first time (about 50 s), then runs in about
+# 90 s. Skipped when arguments select tests, or with SWITCHBOARD_SKIP_AUTOBAHN=1.
+if [ $# -eq 0 ] && [ -z "${SWITCHBOARD_SKIP_AUTOBAHN:-}" ]; then
+  scripts/autobahn.sh
+fi
 
 # The loom models (tests/loom-models/): every interleaving, within each model's
 # preemption bound, of the slot lock, the request list, the mailbox wake

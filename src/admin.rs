@@ -3,7 +3,8 @@
 //!
 //! Owns: one listener and one thread (`sb-admin`), serving small HTTP/1.1
 //! requests one connection at a time, with keep-alive. Every call maps to a
-//! `Handle` method.
+//! `Handle` method. Request heads, query decoding and response layout are
+//! `proto::http`'s, the same as the WebSocket handshake's.
 //! Must not: be on any connection's path. It is a control plane: a few
 //! requests per second from an operator or a backend, not a data plane for
 //! millions of pushes (embed the server and use the `Handle` for that).
@@ -21,7 +22,7 @@
 //! With `admin.token` set, every request needs `Authorization: Bearer
 //! <token>`; a non-loopback listener requires a token (checked at start).
 
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -29,6 +30,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
+use crate::proto::http::{self, HeadError, PercentError, RequestHead};
 use crate::server::{Handle, PushError};
 
 /// Largest request body accepted (a message payload).
@@ -112,87 +114,106 @@ fn read_failure(e: &io::Error) -> BadRequest {
     }
 }
 
-/// Percent-decodes a query key or value (`+` is a space; a `%` not followed
-/// by two hex digits stays as it is). Decoded bytes that are not UTF-8 are
-/// an error, not U+FFFD: `%ff%fe` and `%fe%ff` must not name the same user.
-fn percent_decode(s: &str) -> Result<String, BadRequest> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let hex = |c: u8| (c as char).to_digit(16);
-        match b[i] {
-            b'%' if i + 3 <= b.len() => match (hex(b[i + 1]), hex(b[i + 2])) {
-                (Some(hi), Some(lo)) => {
-                    out.push((hi * 16 + lo) as u8);
-                    i += 3;
-                    continue;
-                }
-                _ => out.push(b'%'),
-            },
-            b'+' => out.push(b' '),
-            c => out.push(c),
-        }
-        i += 1;
+/// What the API answers for a query key or value it cannot decode.
+fn bad_query(e: PercentError) -> BadRequest {
+    match e {
+        PercentError::BadEscape => BadRequest::new(400, "a query parameter has a % not followed by two hex digits"),
+        PercentError::NotUtf8 => BadRequest::new(400, "a query parameter is not UTF-8 once percent-decoded"),
     }
-    String::from_utf8(out).map_err(|_| BadRequest::new(400, "a query parameter is not UTF-8 once percent-decoded"))
 }
 
-fn read_request(r: &mut BufReader<TcpStream>, token: Option<&str>) -> Result<Option<Request>, BadRequest> {
-    let mut head = Vec::new();
+/// What the API answers for a request head it cannot parse.
+fn bad_head(e: &HeadError) -> BadRequest {
+    match e {
+        HeadError::TooLarge { .. } => BadRequest::new(e.status(), "request head larger than 16 KiB"),
+        HeadError::TooManyHeaders => BadRequest::new(e.status(), "more than 64 header fields"),
+        HeadError::Malformed(_) => BadRequest::new(e.status(), "malformed request"),
+    }
+}
+
+/// One client connection: the stream and the bytes read from it that no
+/// request has used yet (the start of the next head, or of a body).
+struct ConnReader {
+    stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+/// Bytes asked of the socket per read.
+const READ_CHUNK: usize = 4096;
+
+impl ConnReader {
+    /// Reads more bytes into `buf`; `Ok(0)` at the end of the stream.
+    fn fill(&mut self) -> io::Result<usize> {
+        let at = self.buf.len();
+        self.buf.resize(at + READ_CHUNK, 0);
+        let r = loop {
+            match self.stream.read(&mut self.buf[at..]) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                r => break r,
+            }
+        };
+        self.buf.truncate(at + *r.as_ref().unwrap_or(&0));
+        r
+    }
+}
+
+/// Reads the next request: its head, parsed by the HTTP head parser the
+/// WebSocket handshake uses ([`RequestHead`]), then its body.
+/// `Ok(None)`: the client closed the connection before a whole head.
+fn read_request(c: &mut ConnReader, token: Option<&str>) -> Result<Option<Request>, BadRequest> {
     loop {
-        let n = r.read_until(b'\n', &mut head).map_err(|e| read_failure(&e))?;
-        if n == 0 {
+        match RequestHead::parse(&c.buf, MAX_HEAD_BYTES) {
+            Ok(Some(_)) => break,
+            Ok(None) => {}
+            Err(e) => return Err(bad_head(&e)),
+        }
+        if c.fill().map_err(|e| read_failure(&e))? == 0 {
             return Ok(None);
         }
-        if head.ends_with(b"\r\n\r\n") || head.ends_with(b"\n\n") {
-            break;
-        }
-        if head.len() > MAX_HEAD_BYTES {
-            return Err(BadRequest::new(431, "request head too large"));
-        }
     }
-    let mut headers = [httparse::EMPTY_HEADER; 32];
-    let mut req = httparse::Request::new(&mut headers);
-    match req.parse(&head) {
-        Ok(httparse::Status::Complete(_)) => {}
-        _ => return Err(BadRequest::new(400, "malformed request")),
-    }
-    let (mut len, mut authorized, mut close) = (0usize, token.is_none(), false);
-    for h in req.headers.iter() {
-        if h.name.eq_ignore_ascii_case("content-length") {
-            len = std::str::from_utf8(h.value).ok().and_then(|v| v.trim().parse().ok()).unwrap_or(usize::MAX);
-        } else if h.name.eq_ignore_ascii_case("authorization") {
-            if let Some(t) = token {
-                authorized = h.value.strip_prefix(b"Bearer ").is_some_and(|v| token_matches(v, t.as_bytes()));
-            }
-        } else if h.name.eq_ignore_ascii_case("connection") {
-            close = h.value.eq_ignore_ascii_case(b"close");
-        }
-    }
+    // Parsed again, now to keep: the loop above may not hold a borrow of
+    // `c.buf` across the reads that grow it.
+    let head =
+        RequestHead::parse(&c.buf, MAX_HEAD_BYTES).ok().flatten().ok_or(BadRequest::new(400, "malformed request"))?;
+    let dup = |_| BadRequest::new(400, "a header that may appear once appears more than once");
+    let len = match head.single("Content-Length").map_err(dup)? {
+        Some(v) => std::str::from_utf8(v)
+            .ok()
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .ok_or(BadRequest::new(400, "Content-Length is not a number"))?,
+        None => 0,
+    };
+    let authorized = match token {
+        None => true,
+        Some(t) => head
+            .single("Authorization")
+            .map_err(dup)?
+            .and_then(|v| v.strip_prefix(b"Bearer "))
+            .is_some_and(|v| token_matches(v, t.as_bytes())),
+    };
+    let close = head.has_token("Connection", "close") || head.version() == 0;
     if len > MAX_BODY_BYTES {
         return Err(BadRequest::new(413, "body larger than 1 MiB"));
     }
-    let mut body = vec![0u8; len];
-    r.read_exact(&mut body).map_err(|e| read_failure(&e))?;
-    let target = req.path.unwrap_or("/");
-    let (path, qs) = target.split_once('?').unwrap_or((target, ""));
-    let query = qs
-        .split('&')
-        .filter(|kv| !kv.is_empty())
-        .map(|kv| {
-            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-            Ok((percent_decode(k)?, percent_decode(v)?))
-        })
+    let (method, path, head_len) = (head.method().to_string(), head.path().to_string(), head.len());
+    let query = head.query().to_string();
+    // The body: what was read past the head, then the rest from the socket.
+    c.buf.drain(..head_len);
+    while c.buf.len() < len {
+        match c.fill() {
+            Ok(0) => return Err(read_failure(&io::ErrorKind::UnexpectedEof.into())),
+            Ok(_) => {}
+            Err(e) => return Err(read_failure(&e)),
+        }
+    }
+    let rest = c.buf.split_off(len);
+    let body = std::mem::replace(&mut c.buf, rest);
+    // Decoded once the body is read: an error answer then leaves no unread
+    // bytes behind, which would turn the close into a reset.
+    let query = http::query_pairs(&query)
+        .map(|(k, v)| Ok((http::percent_decode(k).map_err(bad_query)?, http::percent_decode(v).map_err(bad_query)?)))
         .collect::<Result<_, BadRequest>>()?;
-    Ok(Some(Request {
-        method: req.method.unwrap_or("GET").to_string(),
-        path: path.to_string(),
-        query,
-        authorized,
-        body,
-        close: close || req.version == Some(0),
-    }))
+    Ok(Some(Request { method, path, query, authorized, body, close }))
 }
 
 /// Compares a presented token with the configured one in time that does
@@ -318,39 +339,33 @@ fn route(req: &Request, h: &Handle, bench: bool) -> (u16, serde_json::Value) {
     r.unwrap_or_else(|e| e)
 }
 
+/// A JSON response, with `Allow` for a 405; `close` ends the connection
+/// after it.
+fn json_response(status: u16, body: &str, allow: Option<&str>, close: bool) -> Vec<u8> {
+    let allow: &[(&str, &str)] = match allow {
+        Some(m) => &[("Allow", m)],
+        None => &[],
+    };
+    http::response(status, "application/json", body.as_bytes(), allow, close)
+}
+
 fn serve_conn(stream: TcpStream, h: &Handle, token: Option<&str>, bench: bool, stop: &AtomicBool) -> io::Result<()> {
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     let mut w = stream.try_clone()?;
-    let mut r = BufReader::new(stream);
+    let mut r = ConnReader { stream, buf: Vec::new() };
     while !stop.load(Ordering::Acquire) {
         let req = match read_request(&mut r, token) {
             Ok(Some(req)) => req,
             Ok(None) => return Ok(()),
             Err(bad) => {
                 let body = json!({ "error": bad.error }).to_string();
-                let _ = write!(
-                    w,
-                    "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                    bad.status,
-                    crate::proto::ws::handshake::status_phrase(bad.status),
-                    body.len()
-                );
+                let _ = w.write_all(&json_response(bad.status, &body, None, true));
                 return Ok(());
             }
         };
         let (status, body) = route(&req, h, bench);
-        let body = body.to_string();
-        let allow = match (status, allowed_method(&req.path, bench)) {
-            (405, Some(m)) => format!("allow: {m}\r\n"),
-            _ => String::new(),
-        };
-        write!(
-            w,
-            "HTTP/1.1 {status} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{allow}{}\r\n{body}",
-            crate::proto::ws::handshake::status_phrase(status),
-            body.len(),
-            if req.close { "connection: close\r\n" } else { "" }
-        )?;
+        let allow = if status == 405 { allowed_method(&req.path, bench) } else { None };
+        w.write_all(&json_response(status, &body.to_string(), allow, req.close))?;
         w.flush()?;
         if req.close {
             return Ok(());
@@ -361,8 +376,6 @@ fn serve_conn(stream: TcpStream, h: &Handle, token: Option<&str>, bench: bool, s
 
 #[cfg(test)]
 mod tests {
-    use super::percent_decode;
-
     #[test]
     fn token_comparison_accepts_only_the_exact_token() {
         use super::token_matches;
@@ -376,14 +389,12 @@ mod tests {
     }
 
     #[test]
-    fn percent_decoding() {
-        let d = |s| percent_decode(s).unwrap();
-        assert_eq!(d("a%20b+c%2Fd"), "a b c/d");
-        assert_eq!(d("100%"), "100%");
-        assert_eq!(d("%zz"), "%zz");
-        assert_eq!(d("%C3%A9"), "é");
-        assert_eq!(percent_decode("%ff%fe").unwrap_err().status, 400, "not UTF-8: refused, not U+FFFD");
-        assert_eq!(percent_decode("%C3").unwrap_err().status, 400, "half a character");
+    fn undecodable_queries_are_400_in_the_api_words() {
+        use super::{bad_query, PercentError};
+        let e = bad_query(PercentError::NotUtf8);
+        assert_eq!(e.status, 400);
+        assert!(e.error.contains("UTF-8"), "{e:?}");
+        assert!(bad_query(PercentError::BadEscape).error.contains("hex digits"));
     }
 
     #[test]

@@ -403,6 +403,12 @@ pub struct WebSocketConfig {
     /// Serve the demo page at `GET /` of the WebSocket port: "auto" (when
     /// the WebSocket port is on a loopback address), "on" or "off".
     pub demo_page: DemoPage,
+    /// Test only: echo every text and binary message back as it came (same
+    /// opcode), without a login, through the real decoder, worker and
+    /// write path, for WebSocket conformance suites (`scripts/autobahn.sh`).
+    /// Refused unless every address that accepts WebSocket upgrades is a
+    /// loopback address. The login deadline still applies.
+    pub conformance_echo: bool,
 }
 
 /// When to serve the browser demo page.
@@ -423,6 +429,7 @@ impl Default for WebSocketConfig {
             max_message_bytes: 0,
             max_handshake_bytes: 8192,
             demo_page: DemoPage::Auto,
+            conformance_echo: false,
         }
     }
 }
@@ -721,6 +728,31 @@ impl Config {
         if !(1024..=65536).contains(&ws.max_handshake_bytes) {
             return Err(invalid("websocket.max_handshake_bytes", "must be between 1024 and 65536"));
         }
+        if ws.conformance_echo {
+            // Every address where an upgrade may arrive must be loopback.
+            let mut ws_addrs: Vec<SocketAddr> = ws.listen_addr()?.into_iter().collect();
+            if ws.sniff_on_raw_port {
+                ws_addrs.push(addr);
+            }
+            let why = match ws_addrs.iter().find(|a| !a.ip().is_loopback()) {
+                _ if ws_addrs.is_empty() => {
+                    Some("no WebSocket listener is configured (websocket.listen is empty)".into())
+                }
+                Some(a) => Some(format!("{a} is not a loopback address")),
+                None => None,
+            };
+            if let Some(why) = why {
+                return Err(invalid(
+                    "websocket.conformance_echo",
+                    format!(
+                        "is a test mode (every text and binary message is echoed back, without a login) and is \
+                         allowed only with WebSocket on loopback addresses: {why}; set websocket.listen to \
+                         127.0.0.1:PORT (and websocket.sniff_on_raw_port = false unless server.listen is loopback \
+                         too), or turn conformance_echo off"
+                    ),
+                ));
+            }
+        }
         if self.uring.sq_entries < 256 || !self.uring.sq_entries.is_power_of_two() {
             return Err(invalid("uring.sq_entries", "must be a power of two, at least 256"));
         }
@@ -754,6 +786,24 @@ mod tests {
         assert!(e.contains("timeouts.idle_timeout_ms"), "{e}");
         let e = Config::from_toml("[server]\nlisten = \"nope\"\n").unwrap_err().to_string();
         assert!(e.contains("server.listen"), "{e}");
+    }
+
+    #[test]
+    fn conformance_echo_is_refused_off_loopback() {
+        assert!(!Config::default().websocket.conformance_echo, "off by default");
+        let on = |extra: &str| Config::from_toml(&format!("[websocket]\nconformance_echo = true\n{extra}"));
+        assert!(on("").is_ok(), "the default WebSocket address is loopback");
+        assert!(on("listen = \"[::1]:0\"\n").is_ok());
+        let secret = "[auth]\njwt_secret = \"a secret of at least 16 bytes\"\n";
+        let e = on(&format!("listen = \"0.0.0.0:7710\"\n{secret}")).unwrap_err().to_string();
+        assert!(e.contains("websocket.conformance_echo") && e.contains("0.0.0.0:7710 is not a loopback"), "{e}");
+        let e = on("listen = \"\"\n").unwrap_err().to_string();
+        assert!(e.contains("no WebSocket listener"), "{e}");
+        // Sniffing brings upgrades to server.listen too.
+        let raw_off_loopback = format!("sniff_on_raw_port = true\n[server]\nlisten = \"0.0.0.0:7700\"\n{secret}");
+        let e = on(&raw_off_loopback).unwrap_err().to_string();
+        assert!(e.contains("0.0.0.0:7700 is not a loopback"), "{e}");
+        assert!(on("listen = \"\"\nsniff_on_raw_port = true\n").is_ok(), "sniffing on a loopback raw port");
     }
 
     #[test]

@@ -321,6 +321,7 @@ fn serve(
     }
     let (_, dev_secret) = cfg.jwt_secret();
     let cfg_demo = cfg.websocket.serves_demo();
+    let cfg_echo = cfg.websocket.conformance_echo;
     let set = block_signals();
     let server = match Server::builder().config(cfg).start() {
         Ok(s) => s,
@@ -335,6 +336,9 @@ fn serve(
             out!("WebSocket on ws://{a} (docs/PROTOCOL.md section 13); demo page: http://{a}/");
         } else {
             out!("WebSocket on ws://{a} (docs/PROTOCOL.md section 13)");
+        }
+        if cfg_echo {
+            out!("TEST MODE (websocket.conformance_echo): messages on ws://{a} are echoed back, no login");
         }
     }
     if let Some(a) = server.admin_addr() {

@@ -5,11 +5,15 @@
 //! (subprotocols, login, routing between raw TCP and WebSocket, sniffing).
 //!
 //! Every test talks over a plain `std::net::TcpStream`: the upgrade request
-//! is written by hand, client frames are built and masked here, and server
-//! frames are parsed here (checking that they are unmasked, unfragmented and
-//! minimally encoded), so nothing depends on the server's WebSocket codec.
-//! Only the raw protocol v1 codec is shared, to build and read what a binary
-//! message carries. Every test asserts an exact close code or reply.
+//! is written by hand and client frames are built and masked here, so what
+//! the server receives does not depend on its WebSocket codec. Server frames
+//! are read with the library's client-end decoder (`ClientDecoder`), which
+//! refuses what RFC 6455 forbids a server to send (a mask, RSV bits, a
+//! non-minimal length, a long or fragmented control frame, invalid UTF-8 or
+//! close codes); on top, these tests require what this server promises: it
+//! never fragments. The raw protocol v1 codec is shared too, to build and
+//! read what a binary message carries. Every test asserts an exact close
+//! code or reply.
 //!
 //! Not covered: "idle WebSocket connections hold no read buffer" — the
 //! server keeps no buffer for an idle connection by construction
@@ -27,6 +31,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use switchboard::config::{Config, DemoPage};
 use switchboard::proto::frame::{decode, Frame, RoomOp, PROTOCOL_MAX_FRAME_BYTES};
+use switchboard::proto::ws::{ClientDecoder, WsEvent};
 use switchboard::{JwtHs256, Server};
 
 /// The key and accept value of RFC 6455 §1.3's example.
@@ -174,56 +179,24 @@ enum Ev {
     Eof,
 }
 
-/// Parses one server frame from the start of `buf`, asserting what RFC 6455
-/// requires of a server: no mask (§5.1), no RSV bit without an extension,
-/// a defined opcode, the minimal length encoding (§5.2), control frames of
-/// at most 125 bytes, UTF-8 text; and what this server promises: it never
-/// fragments.
-fn parse_server_frame(buf: &[u8]) -> Option<(Ev, usize)> {
-    if buf.len() < 2 {
-        return None;
-    }
-    let (b0, b1) = (buf[0], buf[1]);
-    assert_eq!(b0 & 0x70, 0, "server frame with RSV bits: {b0:#04x}");
-    assert_eq!(b0 & 0x80, 0x80, "server frame without FIN: {b0:#04x}");
-    assert_eq!(b1 & 0x80, 0, "server frames must not be masked (RFC 6455 §5.1)");
-    let (len, at) = match b1 & 0x7f {
-        126 => {
-            let b = buf.get(2..4)?;
-            let len = u16::from_be_bytes([b[0], b[1]]) as usize;
-            assert!(len >= 126, "16-bit length {len} is not minimal");
-            (len, 4)
-        }
-        127 => {
-            let b = buf.get(2..10)?;
-            let len = u64::from_be_bytes(b.try_into().unwrap());
-            assert!(len > 65535 && len >> 63 == 0, "64-bit length {len} is not minimal");
-            (len as usize, 10)
-        }
-        n => (n as usize, 2),
+/// Decodes one server frame from the start of `buf` (`None`: not all
+/// there yet), failing the test on anything RFC 6455 forbids a server to
+/// send and on a fragment (this server never fragments).
+fn parse_server_frame(dec: &mut ClientDecoder, buf: &[u8]) -> Option<(Ev, usize)> {
+    let (ev, n) = match dec.decode(buf) {
+        Ok(Some(x)) => x,
+        Ok(None) => return None,
+        Err(e) => panic!("the server sent a frame a client must refuse: {e}"),
     };
-    let payload = buf.get(at..at + len)?.to_vec();
-    let opcode = b0 & 0x0f;
-    if opcode & 0x8 != 0 {
-        assert!(len <= 125, "control frame of {len} bytes");
-    }
-    let ev = match opcode {
-        OP_TEXT => Ev::Text(String::from_utf8(payload).expect("server text is UTF-8")),
-        OP_BINARY => Ev::Binary(payload),
-        OP_PING => Ev::Ping(payload),
-        OP_PONG => Ev::Pong(payload),
-        OP_CLOSE => match payload.len() {
-            0 => Ev::Close(None, String::new()),
-            1 => panic!("server close frame with a 1-byte payload"),
-            _ => {
-                let code = u16::from_be_bytes([payload[0], payload[1]]);
-                let reason = String::from_utf8(payload[2..].to_vec()).expect("close reason is UTF-8");
-                Ev::Close(Some(code), reason)
-            }
-        },
-        op => panic!("server frame with opcode {op:#x}"),
+    let ev = match ev {
+        WsEvent::Text(t) => Ev::Text(t.to_string()),
+        WsEvent::Binary(b) => Ev::Binary(b.to_vec()),
+        WsEvent::Ping(p) => Ev::Ping(p.to_vec()),
+        WsEvent::Pong(p) => Ev::Pong(p.to_vec()),
+        WsEvent::Close { code, reason } => Ev::Close(code, reason.to_string()),
+        WsEvent::Fragment => panic!("the server fragmented a message"),
     };
-    Some((ev, at + len))
+    Some((ev, n))
 }
 
 /// An HTTP response head.
@@ -353,9 +326,15 @@ fn headers_without<'a>(drop: &str, extra: &[&'a str]) -> Vec<&'a str> {
 struct Ws {
     s: TcpStream,
     buf: Vec<u8>,
+    dec: ClientDecoder,
 }
 
 impl Ws {
+    /// A connection past its 101; `buf` holds what was read after it.
+    fn new(s: TcpStream, buf: Vec<u8>) -> Ws {
+        Ws { s, buf, dec: ClientDecoder::new(PROTOCOL_MAX_FRAME_BYTES * 2) }
+    }
+
     /// Sends `request` and expects a 101 completing it (RFC accept key).
     fn handshake(addr: SocketAddr, request: &str) -> (Ws, Head) {
         let mut s = tcp(addr);
@@ -366,7 +345,7 @@ impl Ws {
         assert_eq!(head.header("Upgrade").map(str::to_ascii_lowercase).as_deref(), Some("websocket"));
         assert_eq!(head.header("Connection").map(str::to_ascii_lowercase).as_deref(), Some("upgrade"));
         assert_eq!(head.header("Sec-WebSocket-Accept"), Some(RFC_ACCEPT));
-        (Ws { s, buf }, head)
+        (Ws::new(s, buf), head)
     }
 
     /// Upgrades `path` with the standard headers and `extra`.
@@ -391,7 +370,7 @@ impl Ws {
     /// The next server frame, or `Eof`.
     fn recv(&mut self) -> Ev {
         loop {
-            if let Some((ev, n)) = parse_server_frame(&self.buf) {
+            if let Some((ev, n)) = parse_server_frame(&mut self.dec, &self.buf) {
                 self.buf.drain(..n);
                 return ev;
             }
@@ -743,7 +722,7 @@ fn frames_pipelined_after_the_request_are_handled() {
     s.write_all(&bytes).unwrap();
     let mut buf = Vec::new();
     assert_eq!(read_head(&mut s, &mut buf).status, 101);
-    let mut ws = Ws { s, buf };
+    let mut ws = Ws::new(s, buf);
     assert_eq!(ws.json()["type"], "login_ok");
     ws.expect(Ev::Pong(b"early".to_vec()));
     assert_eq!(ws.json(), json!({"type": "pong", "data": "early-json"}));
@@ -1173,6 +1152,32 @@ fn invalid_utf8_across_fragments_fails_fast() {
         std::thread::sleep(Duration::from_millis(20));
         ws.send(&frame(false, OP_CONT, second));
         // No final fragment is sent: the close must come without it.
+        ws.expect_close(1007);
+    }
+}
+
+/// Invalid UTF-8 inside one frame closes at once too (Autobahn 6.4.3/6.4.4):
+/// the frame announces 60 bytes of text, only its start arrives, and the
+/// rest never does. The close must come without it, whether the bad bytes
+/// come in the first read or a later one.
+#[test]
+fn invalid_utf8_inside_one_frame_fails_fast() {
+    let (_s, addr) = start_ws(ws_config());
+    let good = "{\"type\":\"ping\",\"data\":\"κόσμε".as_bytes();
+    let mut payload = [good, b"\xf4\x90\x80\x80"].concat();
+    payload.resize(60, b' ');
+    let f = frame(true, OP_TEXT, &payload);
+    // Header (6 bytes), the valid start, and the bad sequence's first two
+    // bytes (0x90 after 0xf4 can never be valid).
+    let cut = 6 + good.len() + 2;
+    for first_read in [cut, 6 + good.len()] {
+        let mut ws = Ws::anon(addr);
+        ws.send(&f[..first_read]);
+        if first_read < cut {
+            // Let the valid part be read (and checked) on its own.
+            std::thread::sleep(Duration::from_millis(20));
+            ws.send(&f[first_read..cut]);
+        }
         ws.expect_close(1007);
     }
 }
@@ -1715,4 +1720,38 @@ fn without_sniffing_an_upgrade_on_the_raw_port_gets_a_400_naming_the_websocket_p
     let mut c = connect(s.local_addr());
     c.send_raw(b"GEX ").unwrap();
     assert_eq!(c.recv_close_code().unwrap(), Some(1009));
+}
+
+// ---- conformance echo (websocket.conformance_echo) ----------------------------------
+
+/// The test-only echo mode that `scripts/autobahn.sh` runs the Autobahn
+/// suite against: text and binary messages come back as they were sent
+/// (opcode and bytes, fragments reassembled), without a login; control
+/// frames and protocol errors behave as always.
+#[test]
+fn conformance_echo_returns_messages_as_sent() {
+    let mut cfg = ws_config();
+    cfg.websocket.conformance_echo = true;
+    let (s, addr) = start_ws(cfg);
+    let mut ws = Ws::anon(addr);
+    ws.send_text("not JSON, and no login");
+    ws.expect(Ev::Text("not JSON, and no login".into()));
+    ws.send(&binary(&[0, 1, 2, 255]));
+    ws.expect(Ev::Binary(vec![0, 1, 2, 255]));
+    // Larger than a login may be: the full message limit applies.
+    let big = "x".repeat(100_000);
+    ws.send_text(&big);
+    ws.expect(Ev::Text(big));
+    // Fragments with a ping between them: the pong first, then one message.
+    ws.send(&frame(false, OP_TEXT, &"caf\u{e9} ".as_bytes()[..4]));
+    ws.send(&ping(b"p"));
+    ws.send(&frame(true, OP_CONT, &"caf\u{e9} ".as_bytes()[4..]));
+    ws.expect(Ev::Pong(b"p".to_vec()));
+    ws.expect(Ev::Text("caf\u{e9} ".into()));
+    ws.send(&frame(true, OP_TEXT, b"\xff"));
+    ws.expect_close(1007);
+    let mut ws = Ws::anon(addr);
+    ws.send(&close(1000, b"bye"));
+    ws.expect_close(1000);
+    assert_all_released(&s);
 }

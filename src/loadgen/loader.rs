@@ -96,41 +96,6 @@ pub fn ws_client_fragment(opcode: Opcode, fin: bool, payload: &[u8], key: [u8; 4
     v
 }
 
-/// Where a server→client WebSocket frame's parts are.
-#[derive(Debug, PartialEq, Eq)]
-struct WsFrame {
-    fin: bool,
-    opcode: u8,
-    /// The payload's bytes within the frame.
-    payload: std::ops::Range<usize>,
-    /// The whole frame's length.
-    len: usize,
-}
-
-/// One server→client WebSocket frame at the start of `d`, `Ok(None)` while
-/// incomplete.
-fn ws_server_frame(d: &[u8]) -> Result<Option<WsFrame>, String> {
-    if d.len() < 2 {
-        return Ok(None);
-    }
-    if d[1] & 0x80 != 0 {
-        return Err("the server masked a frame".into());
-    }
-    let (len, h) = match d[1] & 0x7f {
-        126 if d.len() >= 4 => (u16::from_be_bytes([d[2], d[3]]) as usize, 4),
-        127 if d.len() >= 10 => (u64::from_be_bytes(d[2..10].try_into().expect("8 bytes")) as usize, 10),
-        126 | 127 => return Ok(None),
-        n => (n as usize, 2),
-    };
-    if len > MAX_WS_PAYLOAD {
-        return Err(format!("WebSocket frame of {len} bytes"));
-    }
-    if d.len() < h + len {
-        return Ok(None);
-    }
-    Ok(Some(WsFrame { fin: d[0] & 0x80 != 0, opcode: d[0] & 0x0f, payload: h..h + len, len: h + len }))
-}
-
 /// `raw` as this transport sends it: itself, or a masked binary message.
 fn wrap(transport: Transport, rng: &mut u64, raw: Bytes) -> Bytes {
     if transport.is_websocket() {
@@ -502,52 +467,54 @@ impl Loader {
     }
 
     fn ws_frames(&mut self, i: usize, data: &[u8]) -> usize {
+        use crate::proto::ws::{ClientDecoder, WsEvent};
+        // The library's client-end decoder. A new one per call: servers here
+        // never fragment (a fragment is reported as an error), so it holds
+        // no state worth keeping per connection.
+        let mut dec = ClientDecoder::new(MAX_WS_PAYLOAD);
         let mut off = 0;
         while off < data.len() {
-            let WsFrame { fin, opcode, payload, len: n } = match ws_server_frame(&data[off..]) {
+            let (ev, n) = match dec.decode(&data[off..]) {
                 Ok(Some(x)) => x,
                 Ok(None) => break,
                 Err(e) => {
-                    self.fail(i, e);
+                    self.fail(i, format!("bad WebSocket frame from the server: {e}"));
                     return data.len();
                 }
             };
-            let payload = &data[off + payload.start..off + payload.end];
             off += n;
-            match opcode {
-                // A data message: one whole frame (servers here never
-                // fragment; a fragment is reported as an error).
-                0x1 | 0x2 if fin => {
-                    if self.args.transport == Transport::WsPlain {
-                        self.on_timed(payload);
-                        continue;
-                    }
-                    match decode(payload, PROTOCOL_MAX_FRAME_BYTES) {
-                        Ok(Some((frame, used))) if used == payload.len() => {
-                            if !self.on_frame(i, frame) {
-                                return data.len();
-                            }
-                        }
-                        _ => {
-                            self.fail(i, "a binary message that is not exactly one v1 frame".into());
-                            return data.len();
-                        }
-                    }
-                }
-                0x9 => {
-                    let pong = ws_client_frame(Opcode::Pong, payload, (xorshift(&mut self.rng) as u32).to_ne_bytes());
+            let payload = match ev {
+                WsEvent::Text(t) => t.as_bytes(),
+                WsEvent::Binary(b) => b,
+                WsEvent::Ping(p) => {
+                    let pong = ws_client_frame(Opcode::Pong, p, (xorshift(&mut self.rng) as u32).to_ne_bytes());
                     let _ = self.conns[i].stream.write(&pong);
                     self.pongs += 1;
+                    continue;
                 }
-                0xA => {}
-                0x8 => {
-                    let code = payload.get(..2).map(|c| u16::from_be_bytes([c[0], c[1]]));
-                    let reason = String::from_utf8_lossy(payload.get(2..).unwrap_or_default()).into_owned();
+                WsEvent::Pong(_) => continue,
+                WsEvent::Close { code, reason } => {
                     self.fail(i, format!("server closed the WebSocket: {code:?} {reason}"));
                     return data.len();
                 }
-                op => {
-                    self.fail(i, format!("unexpected WebSocket frame: opcode {op}, fin {fin}"));
+                WsEvent::Fragment => {
+                    self.fail(i, "the server fragmented a WebSocket message".into());
+                    return data.len();
+                }
+            };
+            // A data message: one whole frame.
+            if self.args.transport == Transport::WsPlain {
+                self.on_timed(payload);
+                continue;
+            }
+            match decode(payload, PROTOCOL_MAX_FRAME_BYTES) {
+                Ok(Some((frame, used))) if used == payload.len() => {
+                    if !self.on_frame(i, frame) {
+                        return data.len();
+                    }
+                }
+                _ => {
+                    self.fail(i, "a binary message that is not exactly one v1 frame".into());
                     return data.len();
                 }
             }
@@ -840,7 +807,7 @@ pub fn run(args: LoaderArgs) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proto::ws::{binary_frame, ping_frame, Decoder, WsEvent};
+    use crate::proto::ws::{Decoder, WsEvent};
 
     #[test]
     fn client_frames_are_masked_and_the_server_decoder_reads_them() {
@@ -859,27 +826,5 @@ mod tests {
         }
         let mut pong = ws_client_frame(Opcode::Pong, b"hb", [9, 9, 9, 9]);
         assert!(matches!(Decoder::new(1024).decode(&mut pong), Ok(Some((WsEvent::Pong(b"hb"), _)))));
-    }
-
-    #[test]
-    fn server_frames_parse_whole_or_wait_for_more() {
-        for len in [0usize, 125, 126, 65_536] {
-            let payload = vec![7u8; len];
-            let f = binary_frame(&payload);
-            for cut in [0, 1, f.len() / 2, f.len() - 1] {
-                if cut < f.len() {
-                    assert_eq!(ws_server_frame(&f[..cut]).unwrap(), None, "len {len}, first {cut} bytes");
-                }
-            }
-            let w = ws_server_frame(&f).unwrap().expect("whole");
-            assert!(w.fin);
-            assert_eq!(w.opcode, 0x2);
-            assert_eq!(&f[w.payload], &payload[..]);
-            assert_eq!(w.len, f.len());
-        }
-        let w = ws_server_frame(&ping_frame(b"x")).unwrap().unwrap();
-        assert_eq!((w.opcode, w.payload.len()), (0x9, 1));
-        let masked = ws_client_frame(Opcode::Binary, b"abc", [1, 1, 1, 1]);
-        assert!(ws_server_frame(&masked).is_err(), "a server must not mask");
     }
 }

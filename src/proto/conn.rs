@@ -78,6 +78,9 @@ pub struct Rules {
     pub idle_timeout_ms: u32,
     /// The body of the 400 an HTTP request on the raw port gets.
     pub wrong_port_text: String,
+    /// `websocket.conformance_echo` (tests only, loopback only): WebSocket
+    /// text and binary messages go back as they came, no login.
+    pub conformance_echo: bool,
 }
 
 impl Rules {
@@ -104,6 +107,7 @@ impl Rules {
             heartbeat_interval_ms: config.timeouts.heartbeat_interval_ms as u32,
             idle_timeout_ms: config.timeouts.idle_timeout_ms as u32,
             wrong_port_text,
+            conformance_echo: config.websocket.conformance_echo,
         }
     }
 
@@ -453,7 +457,9 @@ impl Connection {
                 Some(d) => {
                     // Before login, messages no larger than the largest
                     // login (a message already started keeps its limit).
-                    d.set_max_message_bytes(if logged_in { rules.ws_max_message } else { MAX_LOGIN_MESSAGE_BYTES });
+                    // (The conformance echo has no login: the full limit.)
+                    let full = logged_in || rules.conformance_echo;
+                    d.set_max_message_bytes(if full { rules.ws_max_message } else { MAX_LOGIN_MESSAGE_BYTES });
                     d.decode(rest)
                         .map(|o| o.map(|(ev, n)| (Unit::Ws(ev), n)))
                         .map_err(|e| Bad::Close(e.close_code(), e.to_string()))
@@ -481,7 +487,9 @@ impl Connection {
                 }
             }
         }
-        if let Some(d) = dec.filter(Decoder::in_message) {
+        // Kept mid-message, or mid-way through checking a text frame's
+        // UTF-8 (so a large frame is not checked again from its start).
+        if let Some(d) = dec.filter(|d| !d.is_idle()) {
             *kept = Some(d);
         }
         off
@@ -548,6 +556,17 @@ impl Connection {
     }
 
     fn on_ws_event(&mut self, ev: WsEvent<'_>, now: Tick, rules: &Rules, env: &mut impl Env) {
+        if rules.conformance_echo {
+            // Control frames and errors take the normal paths below.
+            let echo = match ev {
+                WsEvent::Text(text) => Some(ws::text_frame(text)),
+                WsEvent::Binary(bytes) => Some(ws::binary_frame(bytes)),
+                _ => None,
+            };
+            if let Some(frame) = echo {
+                return env.reply_encoded(Bytes::from(frame));
+            }
+        }
         match ev {
             WsEvent::Text(text) => match ClientFrame::parse(text) {
                 Ok(f) => self.on_frame(f.as_frame(), now, rules, env),
@@ -1241,6 +1260,21 @@ mod tests {
         assert!(env.written()[0].starts_with("HTTP/1.1 404"));
         assert!(c.is_closing());
         assert!(env.counts.contains(&Count::HttpRequest));
+    }
+
+    #[test]
+    fn the_conformance_echo_returns_messages_without_a_login() {
+        let mut config = Config::default();
+        config.websocket.conformance_echo = true;
+        let r = Rules::new(&config, rules().timeouts, None, false);
+        let (mut c, mut env) = (ws_conn(), Rec::default());
+        let mut s = upgrade("");
+        s.extend_from_slice(&client_frame(0x1, true, "héllo".as_bytes()));
+        s.extend_from_slice(&client_frame(0x2, true, &[0, 255]));
+        c.on_read(&mut s, 0, &r, &mut env);
+        assert!(env.evs.contains(&Ev::Encoded(Bytes::from(ws::text_frame("héllo")))));
+        assert!(env.evs.contains(&Ev::Encoded(Bytes::from(ws::binary_frame(&[0, 255])))));
+        assert!(!c.is_closing() && !c.is_active(), "echoed, not logged in");
     }
 
     #[test]

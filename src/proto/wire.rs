@@ -158,34 +158,15 @@ pub fn frame_type(raw: &[u8]) -> Option<FrameType> {
 mod tests {
     use super::*;
     use crate::proto::codes::CloseCode;
-    use crate::proto::ws::{Decoder, WsEvent};
+    use crate::proto::ws::{ClientDecoder, WsEvent};
 
-    /// Decodes what the server sent as a client would (server frames are
-    /// unmasked; the test decoder wants masked ones, so mask them first).
-    fn client_view(mut bytes: Vec<u8>) -> Vec<String> {
+    /// Decodes what the server sent as a client does.
+    fn client_view(bytes: Vec<u8>) -> Vec<String> {
+        let mut d = ClientDecoder::new(1 << 20);
         let mut out = Vec::new();
-        let mut off = 0;
-        // Re-frame with a mask so the server-side decoder accepts it.
-        let mut masked = Vec::new();
-        while off < bytes.len() {
-            let b1 = bytes[off + 1] & 0x7f;
-            let (len, hl) = match b1 {
-                126 => (u16::from_be_bytes([bytes[off + 2], bytes[off + 3]]) as usize, 4),
-                127 => (u64::from_be_bytes(bytes[off + 2..off + 10].try_into().unwrap()) as usize, 10),
-                n => (n as usize, 2),
-            };
-            masked.push(bytes[off]);
-            masked.push(bytes[off + 1] | 0x80);
-            masked.extend_from_slice(&bytes[off + 2..off + hl]);
-            masked.extend_from_slice(&[0, 0, 0, 0]);
-            masked.extend_from_slice(&bytes[off + hl..off + hl + len]);
-            off += hl + len;
-        }
-        bytes = masked;
-        let mut d = Decoder::new(1 << 20);
         let mut at = 0;
         while at < bytes.len() {
-            let (ev, n) = d.decode(&mut bytes[at..]).unwrap().unwrap();
+            let (ev, n) = d.decode(&bytes[at..]).unwrap().expect("whole frames");
             out.push(match ev {
                 WsEvent::Text(s) => format!("text {s}"),
                 WsEvent::Binary(b) => format!("binary {}", b.len()),
