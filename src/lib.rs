@@ -23,6 +23,7 @@
 //! `sync` holds the lock-free primitives that `tests/loom-models/` model-checks.
 
 pub mod admin;
+mod app;
 pub mod auth;
 pub mod authlog;
 pub mod client;

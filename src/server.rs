@@ -1,10 +1,12 @@
 //! The embedding API: build and start a server, then push through a handle.
 //!
-//! Owns: `ServerBuilder`, `Server` (the running threads), `Handle` (the
-//! cloneable `Send + Sync` entry point for any thread) and the public types
-//! they take and return. The state behind them (`Shared`) and the commands
-//! that cross into a worker (`Command`) are the runtime's
-//! (`runtime/shared.rs`).
+//! Owns: `ServerBuilder`, `Server` (the running threads) and the methods of
+//! `Handle` (the cloneable `Send + Sync` entry point for any thread). The
+//! types they take and return are in `app.rs`, re-exported here. The state
+//! behind them (`Shared`), the `Handle` type itself (the runtime hands it to
+//! the application's hook) and the commands that cross into a worker
+//! (`Command`) are the runtime's (`runtime/shared.rs`): the runtime never
+//! imports this module.
 //! Must not: change a connection's protocol state (only its worker does,
 //! through `proto::conn`). A handle looks up the directory, posts commands
 //! to the owning worker's mailbox, and writes frames to a connection
@@ -15,96 +17,18 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use bytes::Bytes;
-use thiserror::Error;
 
 use crate::auth::{Authenticator, JwtHs256};
 use crate::config::{Config, ConfigError};
 use crate::ids::ConnId;
 use crate::proto::codes::CloseCode;
 use crate::proto::frame::Frame;
-use crate::rooms::RoomError;
-use crate::runtime::{Command, Shared};
+pub use crate::app::{
+    CeilingSample, ClientMessage, ClientMessageKind, PushError, Pushed, Published, ServerError, StartError,
+};
+pub use crate::runtime::{Handle, MessageHook};
+use crate::runtime::Command;
 use crate::stats::Stats;
-
-/// A message from a client that the server does not route itself.
-#[derive(Clone, Debug)]
-pub struct ClientMessage {
-    /// The connection it came from.
-    pub conn: ConnId,
-    /// The logged-in user who sent it.
-    pub user: Arc<str>,
-    /// What kind of frame carried it.
-    pub kind: ClientMessageKind,
-    /// The client's request id (0 = none).
-    pub req_id: u32,
-    /// The payload, copied out of the read buffer.
-    pub payload: Bytes,
-}
-
-/// Which frame carried a [`ClientMessage`].
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum ClientMessageKind {
-    /// A MESSAGE frame: always for the application.
-    Message,
-    /// A SEND to `to`, passed to the application because `routing.client_send`
-    /// is off.
-    Send { to: String },
-}
-
-/// Receives client messages on the worker thread that owns the connection.
-/// It must return quickly: it runs between two reads of that worker's
-/// sockets. It may call any [`Handle`] method.
-pub type MessageHook = Arc<dyn Fn(ClientMessage, &Handle) + Send + Sync>;
-
-/// What one worker measured for [`Handle::bench_send_ceiling`].
-#[doc(hidden)]
-#[derive(Copy, Clone, Debug)]
-pub struct CeilingSample {
-    /// Sockets written to.
-    pub sends: usize,
-    /// Wall time of the loop.
-    pub elapsed: std::time::Duration,
-}
-
-/// Why a push, kick or other handle call did not go through.
-#[derive(Clone, Debug, PartialEq, Eq, Error)]
-pub enum PushError {
-    #[error("user id must be 1 to 255 bytes")]
-    InvalidUser,
-    #[error("payload of {len} bytes is over the limit of {max} (limits.max_frame_bytes less the PUSH header)")]
-    PayloadTooLarge { len: usize, max: usize },
-    #[error("a worker mailbox is full; {queued} of {targets} connections got the command")]
-    Full { queued: usize, targets: usize },
-    #[error("the server is shutting down")]
-    ShuttingDown,
-    #[error("{0}")]
-    Room(#[from] RoomError),
-}
-
-/// Outcome of a push to a user.
-#[derive(Copy, Clone, Debug, PartialEq, Eq)]
-pub struct Pushed {
-    /// The id carried in the PUSH frame (unique per server run).
-    pub msg_id: u64,
-    /// Connections the push was queued for (0: the user is offline).
-    pub connections: usize,
-}
-
-/// Outcome of a room publish or a broadcast.
-#[derive(Copy, Clone, Debug, PartialEq, Eq)]
-pub struct Published {
-    /// The id carried in the ROOM_MSG frame.
-    pub msg_id: u64,
-    /// Workers the message was posted to (each fans it out to its members).
-    pub workers: usize,
-}
-
-/// The cloneable entry point for pushing from any thread.
-#[derive(Clone)]
-pub struct Handle {
-    pub(crate) shared: Arc<Shared>,
-}
 
 impl Handle {
     fn check_user(user: &str) -> Result<(), PushError> {
@@ -341,12 +265,7 @@ impl Handle {
     /// to every connection, wait up to `timeouts.close_linger_ms` for the
     /// peers to close, then exit. Returns at once; [`Server::join`] waits.
     pub fn shutdown(&self) {
-        if !self.shared.shutdown.swap(true, Ordering::AcqRel) {
-            tracing::info!("shutdown requested");
-        }
-        for mb in self.shared.mailboxes.iter() {
-            mb.wake();
-        }
+        self.shared.request_shutdown();
     }
 
     /// Whether a shutdown has been requested.
@@ -380,31 +299,6 @@ impl Handle {
     pub fn is_ready(&self) -> bool {
         !self.is_shutting_down() && !self.is_draining()
     }
-}
-
-/// Why a running server stopped on its own, as [`Server::join`] reports it.
-#[derive(Clone, Debug, PartialEq, Eq, Error)]
-pub enum ServerError {
-    /// A worker thread panicked (a bug). Its connections were cut off (each
-    /// client saw its connection end) and the other workers shut down
-    /// gracefully.
-    #[error("worker {worker} died: {message}")]
-    WorkerDied { worker: usize, message: String },
-}
-
-/// Why the server did not start.
-#[derive(Debug, Error)]
-pub enum StartError {
-    #[error(transparent)]
-    Config(#[from] ConfigError),
-    #[error("{0}")]
-    Limits(String),
-    #[error("cannot listen on {addr}: {source}")]
-    Bind { addr: SocketAddr, source: std::io::Error },
-    #[error("worker {worker} failed to start: {message}")]
-    Worker { worker: usize, message: String },
-    #[error("io: {0}")]
-    Io(#[from] std::io::Error),
 }
 
 /// Builds a [`Server`].
@@ -495,7 +389,9 @@ impl ServerBuilder {
         // once per interval, whichever authenticator decides.
         let authenticator: Arc<dyn Authenticator> = Arc::new(crate::authlog::Logged::new(authenticator));
         let admin = config.admin.clone();
-        let mut server = crate::runtime::start(config, authenticator, self.hook)?;
+        let started = crate::runtime::start(config, authenticator, self.hook)?;
+        let mut server =
+            Server { handle: started.handle, threads: started.threads, admin: None, sweeper: Some(started.sweeper) };
         if !admin.listen.is_empty() {
             let addr = admin.listen.parse().map_err(|_| ConfigError::Invalid {
                 key: "admin.listen",

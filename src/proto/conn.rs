@@ -31,7 +31,7 @@ use super::wire::{Wire, MAX_LOGIN_MESSAGE_BYTES, SUBPROTOCOLS};
 use super::ws::{self, handshake, Decoder, WsEvent};
 use crate::config::Config;
 use crate::rooms::RoomError;
-use crate::server::ClientMessageKind;
+use crate::app::ClientMessageKind;
 
 /// What a connection's bytes are.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]

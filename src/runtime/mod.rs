@@ -12,6 +12,7 @@ mod sys;
 mod worker;
 pub(crate) mod write;
 
+pub use shared::{Handle, MessageHook};
 pub(crate) use shared::{Command, Shared};
 pub(crate) use write::deliver;
 
@@ -32,7 +33,7 @@ use crate::ids::{WorkerId, MAX_SLOTS_PER_WORKER};
 use crate::mailbox::Mailbox;
 use crate::outq::OutLimits;
 use crate::rooms::RoomRegistry;
-use crate::server::{Handle, MessageHook, Server, StartError};
+use crate::app::StartError;
 use crate::stats::WorkerCounters;
 
 /// Which driver the workers actually run on.
@@ -124,7 +125,7 @@ pub(crate) fn start(
     config: Config,
     authenticator: Arc<dyn Authenticator>,
     hook: Option<MessageHook>,
-) -> Result<Server, StartError> {
+) -> Result<Started, StartError> {
     let addr = config.listen_addr()?;
     let cpus = sys::allowed_cpus();
     let workers = config.server.worker_count(cpus.len());
@@ -224,18 +225,19 @@ pub(crate) fn start(
         threads.push(t);
     }
     drop(ready_tx);
-    let handle = Handle { shared: shared.clone() };
     let sweeper = Sweeper::start(shared.clone())?;
-    let mut server = Server { handle, threads, admin: None, sweeper: Some(sweeper) };
     for _ in 0..workers {
         match ready_rx.recv() {
             Ok((_, Ok(()))) => {}
             Ok((worker, Err(message))) => {
-                server.handle.shutdown();
-                drop(std::mem::take(&mut server.threads));
+                shared.request_shutdown();
                 return Err(StartError::Worker { worker, message });
             }
             Err(_) => {
+                shared.request_shutdown();
+                for t in threads {
+                    let _ = t.join();
+                }
                 return Err(StartError::Worker { worker: 0, message: "a worker thread exited during start".into() });
             }
         }
@@ -251,7 +253,14 @@ pub(crate) fn start(
         let demo = shared.config.websocket.serves_demo();
         tracing::info!(addr = %a, demo_page = demo, "switchboard accepting WebSocket");
     }
-    Ok(server)
+    Ok(Started { handle: Handle { shared }, threads, sweeper })
+}
+
+/// A started server's parts, for `Server` (`server.rs`) to own.
+pub(crate) struct Started {
+    pub handle: Handle,
+    pub threads: Vec<std::thread::JoinHandle<()>>,
+    pub sweeper: Sweeper,
 }
 
 /// The directory's sweeper: a thread (`sb-directory`) that removes the
@@ -329,7 +338,7 @@ fn worker_thread(
             .failure
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .get_or_insert(crate::server::ServerError::WorkerDied { worker: i, message });
+            .get_or_insert(crate::app::ServerError::WorkerDied { worker: i, message });
         Handle { shared: shared.clone() }.shutdown();
     }
 }

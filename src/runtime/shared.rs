@@ -21,7 +21,7 @@ use crate::mailbox::Mailbox;
 use crate::proto::codes::CloseCode;
 use crate::proto::session::Timeouts;
 use crate::rooms::RoomRegistry;
-use crate::server::{CeilingSample, MessageHook, PushError, ServerError};
+use crate::app::{CeilingSample, ClientMessage, PushError, ServerError};
 use crate::stats::CounterTable;
 
 /// A command posted to a worker's mailbox.
@@ -80,6 +80,16 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// Asks every worker to shut down (see `Handle::shutdown`).
+    pub(crate) fn request_shutdown(&self) {
+        if !self.shutdown.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            tracing::info!("shutdown requested");
+        }
+        for mb in self.mailboxes.iter() {
+            mb.wake();
+        }
+    }
+
     /// Largest PUSH payload: frames from the server are never longer than
     /// `limits.max_frame_bytes`, the size LOGIN_OK announces, so a client
     /// can use one limit both ways.
@@ -113,3 +123,16 @@ impl Shared {
     }
 }
 
+
+/// Receives client messages on the worker thread that owns the connection.
+/// It must return quickly: it runs between two reads of that worker's
+/// sockets. It may call any [`Handle`] method.
+pub type MessageHook = Arc<dyn Fn(ClientMessage, &Handle) + Send + Sync>;
+
+/// The cloneable entry point for pushing from any thread. Its methods are
+/// the embedding API, in `server.rs`; the type lives here because the
+/// runtime hands it to the application's hook.
+#[derive(Clone)]
+pub struct Handle {
+    pub(crate) shared: Arc<Shared>,
+}

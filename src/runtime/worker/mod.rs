@@ -48,7 +48,8 @@ use crate::proto::session::Tick;
 use crate::proto::wire::Wire;
 use crate::rooms::{LocalRooms, Member, RoomError, RoomIdx};
 use crate::proto::ws::handshake;
-use crate::server::{CeilingSample, ClientMessage, ClientMessageKind, Handle};
+use super::shared::Handle;
+use crate::app::{CeilingSample, ClientMessage, ClientMessageKind};
 use crate::stats::{bump, drop_one, WorkerCounters};
 use crate::wheel::{Entry, Wheel};
 
