@@ -43,9 +43,13 @@ for ((i = 0; i < ${#args[@]}; i++)); do
   esac
 done
 
-cargo build --release --quiet -p switchboard --bins
+# The server, and the switchboard-bench crate: its load generator and, for
+# the tokio column, its tokio-baseline binary. One cargo invocation, so the
+# server library is built once for both.
 if [[ " $* " != *" --no-peers "* && " $* " != *" --ws-only "* ]]; then
-  cargo build --release --quiet -p tokio-baseline
+  cargo build --release --quiet -p switchboard -p switchboard-bench --bin switchboard --bin switchboard-bench --bin tokio-baseline
+else
+  cargo build --release --quiet -p switchboard -p switchboard-bench --bin switchboard --bin switchboard-bench
 fi
 if [[ " $* " != *" --no-peers "* && " $* " != *" --no-nchan "* ]] && ! command -v nginx >/dev/null && [[ ! -x /usr/sbin/nginx ]]; then
   echo "capacity.sh: nginx not found: the nginx + nchan column will be absent (apt-get install -y nginx libnginx-mod-nchan)" >&2

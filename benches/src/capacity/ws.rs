@@ -17,7 +17,7 @@
 use std::fmt::Write as _;
 
 use super::*;
-use switchboard::loadgen::loader::Transport;
+use switchboard_bench::loadgen::loader::Transport;
 
 /// The command that installs the nchan peer (Debian, Ubuntu).
 pub const NCHAN_INSTALL: &str = "apt-get install -y nginx libnginx-mod-nchan";

@@ -41,9 +41,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use socket2::{Domain, Protocol, Socket, Type};
-use switchboard::loadgen::ProcStat;
 use switchboard::proto::frame::{decode, Frame, PROTOCOL_MAX_FRAME_BYTES};
 use switchboard::JwtHs256;
+use switchboard_bench::loadgen::ProcStat;
 
 use super::ServerProc;
 

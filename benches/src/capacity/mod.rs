@@ -16,14 +16,12 @@
 //! single messages, a sustained rate above the ceiling), broadcast,
 //! heartbeats (server PINGs answered by every connection), and login/logout
 //! churn (churn.rs: server RSS over many connect → LOGIN → disconnect
-//! cycles); then WebSocket (wscap.rs): idle memory, room fan-out and
+//! cycles); then WebSocket (ws.rs): idle memory, room fan-out and
 //! publish→deliver latency over Switchboard's WebSocket port, next to
 //! nginx + nchan.
 
-#[path = "churn.rs"]
 pub mod churn;
-#[path = "wscap.rs"]
-mod wscap;
+mod ws;
 
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader};
@@ -33,7 +31,7 @@ use std::process::{Child, Command as Proc, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use switchboard::loadgen::{http, percentiles, timed_payload, Collected, Command, Fleet, FleetSpec, ProcStat};
+use switchboard_bench::loadgen::{http, percentiles, timed_payload, Collected, Command, Fleet, FleetSpec, ProcStat};
 
 /// Sizes of one run.
 #[derive(Clone, Debug)]
@@ -539,16 +537,16 @@ impl Runner {
     /// Switchboard over WebSocket, then nginx + nchan (unless disabled).
     fn websocket(&mut self, peers: &mut serde_json::Map<String, Value>) -> Result<Value, String> {
         let s = ServerProc::switchboard(&self.switchboard_bin, &self.out, "ws", self.plan.workers, "")?;
-        let r = self.ws_suite(&s, wscap::WsServer::Switchboard);
+        let r = self.ws_suite(&s, ws::WsServer::Switchboard);
         s.stop();
         let ws = r?;
         let mut nchan = if self.nchan {
             self.nchan_peer()
         } else {
-            json!({ "absent": true, "reason": "not run (--no-peers or --no-nchan)", "install": wscap::NCHAN_INSTALL })
+            json!({ "absent": true, "reason": "not run (--no-peers or --no-nchan)", "install": ws::NCHAN_INSTALL })
         };
         if nchan.get("websocket").is_some() {
-            nchan["ratios_switchboard_over_peer"] = wscap::nchan_ratios(&ws, &nchan["websocket"]);
+            nchan["ratios_switchboard_over_peer"] = ws::nchan_ratios(&ws, &nchan["websocket"]);
         }
         peers.insert("nchan".into(), nchan);
         Ok(ws)
@@ -604,7 +602,7 @@ impl Runner {
             peers.insert(
                 "tokio".into(),
                 json!({
-                    "what": "benches/tokio-baseline: the same protocol, a tokio task (plus a writer task and a channel) per connection",
+                    "what": "benches/src/bin/tokio-baseline.rs: the same protocol, a tokio task (plus a writer task and a channel) per connection",
                     "idle": t_idle,
                     "unicast": t_unicast,
                     "fanout": t_fanout,
@@ -818,7 +816,7 @@ fn markdown(r: &Value) -> String {
     );
     if r["unicast"].is_null() {
         // --ws-only: the WebSocket comparison alone.
-        wscap::markdown(&mut m, r);
+        ws::markdown(&mut m, r);
         for n in r["notes"].as_array().into_iter().flatten() {
             let _ = writeln!(m, "\nNote: {}", n.as_str().unwrap_or(""));
         }
@@ -941,7 +939,7 @@ fn markdown(r: &Value) -> String {
             let _ = writeln!(m, "| {k} | {} | {} | {} |", f(a, 1), f(b, 1), f(c, 3));
         }
     }
-    wscap::markdown(&mut m, r);
+    ws::markdown(&mut m, r);
     let _ = writeln!(m, "\n![memory vs connections](memory.svg)\n\n![unicast latency](latency.svg)\n");
     let _ = writeln!(m, "Kernel bytes method: {}.", r["kernel_bytes_method"].as_str().unwrap_or(""));
     for n in r["notes"].as_array().into_iter().flatten() {

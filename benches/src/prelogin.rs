@@ -17,9 +17,9 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use switchboard::loadgen::loader::ws_client_fragment;
-use switchboard::loadgen::ProcStat;
 use switchboard::proto::ws::Opcode;
+use switchboard_bench::loadgen::loader::ws_client_fragment;
+use switchboard_bench::loadgen::ProcStat;
 
 /// Settings of one run.
 pub struct Args {

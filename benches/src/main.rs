@@ -11,7 +11,6 @@
 mod capacity;
 mod prelogin;
 mod relay;
-mod restart;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -19,8 +18,8 @@ use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
 use serde_json::json;
-use switchboard::loadgen::loader::{self, Transport};
-use switchboard::loadgen::{percentiles, Fleet, FleetSpec, ProcStat};
+use switchboard_bench::loadgen::loader::{self, Transport};
+use switchboard_bench::loadgen::{percentiles, Fleet, FleetSpec, ProcStat};
 
 #[derive(Parser)]
 #[command(name = "switchboard-bench", about = "Load generator for Switchboard (raw TCP protocol v1)")]
@@ -193,14 +192,6 @@ enum Cmd {
         #[arg(long, default_value_t = 2)]
         workers: usize,
     },
-    /// (test) A zero-downtime restart with connection attempts going on;
-    /// prints a JSON summary. Uses ports 7700-7702: run it in a private
-    /// network namespace with net.ipv4.tcp_migrate_req = 1.
-    #[command(hide = true)]
-    RestartCheck {
-        #[arg(long)]
-        switchboard: PathBuf,
-    },
     /// (internal) One loader process, driven over stdin/stdout.
     #[command(hide = true)]
     Child {
@@ -361,7 +352,7 @@ fn switchboard_bin(given: Option<PathBuf>) -> Result<PathBuf, String> {
     let dir = exe.parent().ok_or("no directory for this executable")?;
     let sb = given.unwrap_or_else(|| dir.join("switchboard"));
     if !sb.exists() {
-        return Err(format!("{} not found: build it first (cargo build --release)", sb.display()));
+        return Err(format!("{} not found: build it first (cargo build --release -p switchboard)", sb.display()));
     }
     Ok(sb)
 }
@@ -399,7 +390,7 @@ fn run_capacity(a: CapacityArgs) -> Result<(), String> {
         let t = tokio.unwrap_or_else(|| dir.join("tokio-baseline"));
         if !t.exists() {
             return Err(format!(
-                "{} not found: build it (cargo build --release -p tokio-baseline) or pass --no-peers",
+                "{} not found: build it (cargo build --release -p switchboard-bench) or pass --no-peers",
                 t.display()
             ));
         }
@@ -444,7 +435,6 @@ fn main() {
             run_churn(ChurnArgs { plan, switchboard, out, json })
         }
         Cmd::CeilingRelay { listen, workers } => relay::run(listen, workers).map_err(|e| e.to_string()),
-        Cmd::RestartCheck { switchboard } => restart::run(switchboard),
         Cmd::Prelogin { addr, ws, server_pid, connections, frame_bytes, settle_s } => {
             prelogin::run(prelogin::Args { addr, ws, server_pid, connections, frame_bytes, settle_s }).map(|r| {
                 println!("{}", serde_json::to_string_pretty(&r).expect("json"));
