@@ -17,9 +17,9 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
-use serde_json::json;
+use serde::Serialize;
 use switchboard_bench::loadgen::loader::{self, Transport};
-use switchboard_bench::loadgen::{percentiles, Fleet, FleetSpec, ProcStat};
+use switchboard_bench::loadgen::{percentiles, Fleet, FleetSpec, Latency, ProcStat};
 
 #[derive(Parser)]
 #[command(name = "switchboard-bench", about = "Load generator for Switchboard (raw TCP protocol v1)")]
@@ -229,8 +229,8 @@ impl Common {
     }
 }
 
-fn finish(common: &Common, result: serde_json::Value) {
-    let text = serde_json::to_string_pretty(&result).expect("json");
+fn finish(common: &Common, result: &impl Serialize) {
+    let text = serde_json::to_string_pretty(result).expect("json");
     println!("{text}");
     if let Some(p) = &common.json {
         if let Err(e) = std::fs::write(p, text) {
@@ -262,8 +262,8 @@ fn idle(common: Common, settle_s: u64, hold_s: u64, warmup: u32) -> Result<(), S
     let rss1 = pid.and_then(ProcStat::rss_bytes);
     let slab1 = ProcStat::slab_bytes();
     let per_conn = |a: Option<u64>, b: Option<u64>| match (a, b) {
-        (Some(a), Some(b)) if ready > 0 => json!((b as f64 - a as f64) / ready as f64),
-        _ => json!(null),
+        (Some(a), Some(b)) if ready > 0 => Some((b as f64 - a as f64) / ready as f64),
+        _ => None,
     };
     if hold_s > 0 {
         eprintln!("  holding {ready} idle connections for {hold_s} s");
@@ -273,26 +273,66 @@ fn idle(common: Common, settle_s: u64, hold_s: u64, warmup: u32) -> Result<(), S
     fleet.quit();
     finish(
         &common,
-        json!({
-            "scenario": "idle",
-            "connections": ready,
-            "failed": failed,
-            "ramp_s": ramp.as_secs_f64(),
-            "connect_rate_per_s": ready as f64 / ramp.as_secs_f64(),
-            "server_rss_before_bytes": rss0,
-            "server_rss_after_bytes": rss1,
-            "warmup_connections": warmup,
-            "server_user_bytes_per_conn": per_conn(rss0, rss1),
-            // From the freshly started server, one-time costs included.
-            "server_user_bytes_per_conn_cold": per_conn(rss_cold, rss1),
-            // Both ends of every connection live on this host: the slab
-            // delta covers two sockets per connection.
-            "host_slab_bytes_per_conn_both_ends": per_conn(slab0, slab1),
-            "closed_by_server": c.closed,
-            "pings_answered": c.pongs,
-        }),
+        &IdleRun {
+            scenario: "idle",
+            connections: ready,
+            failed,
+            ramp_s: ramp.as_secs_f64(),
+            connect_rate_per_s: ready as f64 / ramp.as_secs_f64(),
+            server_rss_before_bytes: rss0,
+            server_rss_after_bytes: rss1,
+            warmup_connections: warmup,
+            server_user_bytes_per_conn: per_conn(rss0, rss1),
+            server_user_bytes_per_conn_cold: per_conn(rss_cold, rss1),
+            host_slab_bytes_per_conn_both_ends: per_conn(slab0, slab1),
+            closed_by_server: c.closed,
+            pings_answered: c.pongs,
+        },
     );
     Ok(())
+}
+
+/// What `idle` prints (scripts/idle-memory.sh reads it).
+#[derive(Serialize)]
+struct IdleRun {
+    scenario: &'static str,
+    connections: u32,
+    failed: u32,
+    ramp_s: f64,
+    connect_rate_per_s: f64,
+    server_rss_before_bytes: Option<u64>,
+    server_rss_after_bytes: Option<u64>,
+    warmup_connections: u32,
+    /// After the warm-up: one-time costs excluded.
+    server_user_bytes_per_conn: Option<f64>,
+    /// From the freshly started server, one-time costs included.
+    server_user_bytes_per_conn_cold: Option<f64>,
+    /// Both ends of every connection live on this host: the slab delta
+    /// covers two sockets per connection.
+    host_slab_bytes_per_conn_both_ends: Option<f64>,
+    closed_by_server: u32,
+    pings_answered: u64,
+}
+
+/// What `unicast` prints.
+#[derive(Serialize)]
+struct UnicastRun {
+    scenario: &'static str,
+    connections: u32,
+    target_rate_per_s: u64,
+    sent: u64,
+    blocked: u64,
+    received: u64,
+    msgs_per_s: f64,
+    latency: Latency,
+    cpu: Option<ServerCpu>,
+}
+
+/// Server CPU per message delivered, user and system.
+#[derive(Serialize)]
+struct ServerCpu {
+    server_user_ns_per_msg: f64,
+    server_sys_ns_per_msg: f64,
 }
 
 fn unicast(common: Common, rate: u64, duration_s: u64, payload_bytes: usize) -> Result<(), String> {
@@ -311,26 +351,26 @@ fn unicast(common: Common, rate: u64, duration_s: u64, payload_bytes: usize) -> 
     let cpu = match (cpu0, cpu1) {
         (Some(a), Some(b)) if c.received > 0 => {
             let (user, sys) = b.since(&a);
-            json!({
-                "server_user_ns_per_msg": user / c.received as f64,
-                "server_sys_ns_per_msg": sys / c.received as f64,
+            Some(ServerCpu {
+                server_user_ns_per_msg: user / c.received as f64,
+                server_sys_ns_per_msg: sys / c.received as f64,
             })
         }
-        _ => json!(null),
+        _ => None,
     };
     finish(
         &common,
-        json!({
-            "scenario": "unicast",
-            "connections": ready,
-            "target_rate_per_s": rate,
-            "sent": sent,
-            "blocked": blocked,
-            "received": c.received,
-            "msgs_per_s": c.received as f64 / elapsed.as_secs_f64(),
-            "latency": percentiles(&c.hist),
-            "cpu": cpu,
-        }),
+        &UnicastRun {
+            scenario: "unicast",
+            connections: ready,
+            target_rate_per_s: rate,
+            sent,
+            blocked,
+            received: c.received,
+            msgs_per_s: c.received as f64 / elapsed.as_secs_f64(),
+            latency: percentiles(&c.hist),
+            cpu,
+        },
     );
     Ok(())
 }
@@ -372,8 +412,8 @@ fn run_churn(a: ChurnArgs) -> Result<(), String> {
     if let Some(p) = &a.json {
         std::fs::write(p, &text).map_err(|e| format!("cannot write {}: {e}", p.display()))?;
     }
-    eprintln!("churn: {}", capacity::churn::summary(&r));
-    if r["pass"] != json!(true) {
+    eprintln!("churn: {}", r.summary());
+    if !r.pass {
         return Err("churn: FAIL".into());
     }
     Ok(())

@@ -438,15 +438,26 @@ impl Drop for Fleet {
     }
 }
 
-/// p50/p99/p99.9/max of a latency histogram, as JSON.
-pub fn percentiles(h: &Histogram<u64>) -> serde_json::Value {
-    serde_json::json!({
-        "count": h.len(),
-        "p50_us": h.value_at_quantile(0.50),
-        "p99_us": h.value_at_quantile(0.99),
-        "p999_us": h.value_at_quantile(0.999),
-        "max_us": h.max(),
-    })
+/// Percentiles of a latency histogram (µs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Latency {
+    /// Samples recorded.
+    pub count: u64,
+    pub p50_us: u64,
+    pub p99_us: u64,
+    pub p999_us: u64,
+    pub max_us: u64,
+}
+
+/// p50/p99/p99.9/max of a latency histogram.
+pub fn percentiles(h: &Histogram<u64>) -> Latency {
+    Latency {
+        count: h.len(),
+        p50_us: h.value_at_quantile(0.50),
+        p99_us: h.value_at_quantile(0.99),
+        p999_us: h.value_at_quantile(0.999),
+        max_us: h.max(),
+    }
 }
 
 /// A timed payload (`switchboard::timed`): the send time and `seq`, padded
