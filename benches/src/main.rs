@@ -185,6 +185,33 @@ enum Cmd {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// Socket buffers set (4 KiB) against left to the kernel (0), each
+    /// against a fresh server: idle memory per connection, and the round
+    /// trip of a large message through the server (see capacity/bulk.rs).
+    /// Prints a table and writes bulk.json and bulk.md to --out.
+    Bulk {
+        /// Payload bytes of each message (at most 16 MiB less a header).
+        #[arg(long, default_value_t = 16_000_000)]
+        message_bytes: usize,
+        /// Round trips per setting.
+        #[arg(long, default_value_t = 3)]
+        round_trips: u32,
+        /// Idle connections for the memory figures.
+        #[arg(long, default_value_t = 4000)]
+        idle_connections: u32,
+        /// socket.rcvbuf_bytes = sndbuf_bytes settings to compare, in order
+        /// (0 = left to the kernel).
+        #[arg(long, value_delimiter = ',', default_value = "4096,0")]
+        buffers: Vec<usize>,
+        /// Server workers.
+        #[arg(long, default_value_t = 2)]
+        workers: usize,
+        /// The switchboard binary (default: next to this one).
+        #[arg(long)]
+        switchboard: Option<PathBuf>,
+        #[arg(long, default_value = "target/bulk")]
+        out: PathBuf,
+    },
     /// The bare relay used as the unicast ceiling (see relay.rs).
     CeilingRelay {
         #[arg(long, default_value = "127.0.0.1:7899")]
@@ -419,6 +446,19 @@ fn run_churn(a: ChurnArgs) -> Result<(), String> {
     Ok(())
 }
 
+fn run_bulk(plan: capacity::bulk::BulkPlan, switchboard: Option<PathBuf>, out: PathBuf) -> Result<(), String> {
+    let sb = switchboard_bin(switchboard)?;
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let r = capacity::bulk::run(&sb, &exe, &out, &plan)?;
+    let json = serde_json::to_string_pretty(&r).expect("json");
+    std::fs::write(out.join("bulk.json"), &json).map_err(|e| format!("bulk.json: {e}"))?;
+    let md = r.markdown();
+    std::fs::write(out.join("bulk.md"), &md).map_err(|e| format!("bulk.md: {e}"))?;
+    println!("{md}");
+    eprintln!("bulk: wrote {0}/bulk.json and {0}/bulk.md", out.display());
+    Ok(())
+}
+
 fn run_capacity(a: CapacityArgs) -> Result<(), String> {
     let CapacityArgs { full, out, switchboard, tokio, no_peers, no_nchan, ws_only, ws_connections } = a;
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
@@ -473,6 +513,10 @@ fn main() {
                 ..capacity::churn::ChurnPlan::new(cycles)
             };
             run_churn(ChurnArgs { plan, switchboard, out, json })
+        }
+        Cmd::Bulk { message_bytes, round_trips, idle_connections, buffers, workers, switchboard, out } => {
+            let plan = capacity::bulk::BulkPlan { message_bytes, round_trips, idle_connections, buffers, workers };
+            run_bulk(plan, switchboard, out)
         }
         Cmd::CeilingRelay { listen, workers } => relay::run(listen, workers).map_err(|e| e.to_string()),
         Cmd::Prelogin { addr, ws, server_pid, connections, frame_bytes, settle_s } => {

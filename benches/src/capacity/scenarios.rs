@@ -222,6 +222,16 @@ impl Runner {
     /// Idle hold: ramps in four steps, recording server RSS and the host's
     /// kernel slab after each.
     fn idle(&mut self, s: &ServerProc) -> Result<Idle, String> {
+        let (idle, fleets) = self.idle_hold(s)?;
+        for f in fleets {
+            f.quit();
+        }
+        Ok(idle)
+    }
+
+    /// [`Runner::idle`], leaving the connections open: their loaders are
+    /// returned.
+    pub(super) fn idle_hold(&mut self, s: &ServerProc) -> Result<(Idle, Vec<Fleet>), String> {
         let n = self.plan.connections;
         note(format!("{}: idle, {n} connections in 4 steps", s.name));
         std::thread::sleep(Duration::from_millis(500));
@@ -238,14 +248,11 @@ impl Runner {
             curve.push(RssPoint { connections: total, rss_bytes: ProcStat::rss_bytes(s.pid()) });
         }
         let (rss1, slab1) = (ProcStat::rss_bytes(s.pid()), ProcStat::slab_bytes());
-        for f in fleets {
-            f.quit();
-        }
         let per = |a: Option<u64>, b: Option<u64>, div: f64| match (a, b) {
             (Some(a), Some(b)) if total > 0 => Some((b as f64 - a as f64) / (total as f64 * div)),
             _ => None,
         };
-        Ok(Idle {
+        let idle = Idle {
             connections: total,
             connect_rate_per_s: total as f64 / ramp.as_secs_f64(),
             server_user_bytes_per_conn: per(rss0, rss1, 1.0),
@@ -254,7 +261,8 @@ impl Runner {
             // per connection, an upper bound for the server's end.
             server_kernel_bytes_per_conn: per(slab0, slab1, 2.0),
             rss_curve: curve,
-        })
+        };
+        Ok((idle, fleets))
     }
 
     /// Unicast at rising rates until the system stops keeping up; the
