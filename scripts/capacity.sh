@@ -12,6 +12,7 @@
 #   scripts/capacity.sh --ws-only [--ws-connections N]
 #                                  # only Switchboard over WebSocket next to nginx + nchan
 #   --out DIR                      # where the report goes (default target/capacity)
+#   --socket-buffers BYTES         # socket.rcvbuf_bytes = sndbuf_bytes for every Switchboard server (0 = the kernel's)
 #   --switchboard BIN, --tokio BIN # other binaries to measure (default: the release builds)
 #   --help                         # this text (before building anything)
 #
@@ -35,10 +36,10 @@ for ((i = 0; i < ${#args[@]}; i++)); do
   case "${args[i]}" in
     -h|--help) usage; exit 0 ;;
     --full|--no-peers|--no-nchan|--ws-only) ;;
-    --ws-connections|--out|--switchboard|--tokio)
+    --ws-connections|--out|--switchboard|--tokio|--socket-buffers)
       if ((i + 1 >= ${#args[@]})); then echo "capacity.sh: ${args[i]} needs a value" >&2; exit 2; fi
       i=$((i + 1)) ;;
-    --ws-connections=*|--out=*|--switchboard=*|--tokio=*) ;;
+    --ws-connections=*|--out=*|--switchboard=*|--tokio=*|--socket-buffers=*) ;;
     *) echo "capacity.sh: unknown option ${args[i]} (--help lists them)" >&2; exit 2 ;;
   esac
 done

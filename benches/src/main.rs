@@ -130,6 +130,11 @@ enum Cmd {
         /// 15,000 full).
         #[arg(long)]
         ws_connections: Option<u32>,
+        /// socket.rcvbuf_bytes = sndbuf_bytes for every Switchboard server
+        /// of the run (default: the server's own default; 0 = left to the
+        /// kernel). The report notes it.
+        #[arg(long)]
+        socket_buffers: Option<usize>,
     },
     /// Connections that never log in, each holding an unfinished frame (raw
     /// TCP) or fragmented message (`--ws`): the server's memory growth per
@@ -411,6 +416,7 @@ struct CapacityArgs {
     no_nchan: bool,
     ws_only: bool,
     ws_connections: Option<u32>,
+    socket_buffers: Option<usize>,
 }
 
 /// The switchboard binary: `given`, or the one next to this executable.
@@ -460,7 +466,7 @@ fn run_bulk(plan: capacity::bulk::BulkPlan, switchboard: Option<PathBuf>, out: P
 }
 
 fn run_capacity(a: CapacityArgs) -> Result<(), String> {
-    let CapacityArgs { full, out, switchboard, tokio, no_peers, no_nchan, ws_only, ws_connections } = a;
+    let CapacityArgs { full, out, switchboard, tokio, no_peers, no_nchan, ws_only, ws_connections, socket_buffers } = a;
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let dir = exe.parent().ok_or("no directory for this executable")?.to_path_buf();
     let sb = switchboard_bin(switchboard)?;
@@ -478,6 +484,7 @@ fn run_capacity(a: CapacityArgs) -> Result<(), String> {
     };
     let mut plan = if full { capacity::Plan::full() } else { capacity::Plan::quick() };
     plan.ws_only = ws_only;
+    plan.socket_buffers = socket_buffers;
     if let Some(n) = ws_connections {
         plan.ws_connections = n;
     }
@@ -500,9 +507,27 @@ fn main() {
             loader::run(args).map_err(|e| e.to_string())
         }
         Cmd::Idle { common, settle_s, hold_s, warmup } => idle(common, settle_s, hold_s, warmup),
-        Cmd::Capacity { full, out, switchboard, tokio, no_peers, no_nchan, ws_only, ws_connections } => {
-            run_capacity(CapacityArgs { full, out, switchboard, tokio, no_peers, no_nchan, ws_only, ws_connections })
-        }
+        Cmd::Capacity {
+            full,
+            out,
+            switchboard,
+            tokio,
+            no_peers,
+            no_nchan,
+            ws_only,
+            ws_connections,
+            socket_buffers,
+        } => run_capacity(CapacityArgs {
+            full,
+            out,
+            switchboard,
+            tokio,
+            no_peers,
+            no_nchan,
+            ws_only,
+            ws_connections,
+            socket_buffers,
+        }),
         Cmd::Churn { cycles, warmup, users, threads, sample_every, workers, switchboard, out, json } => {
             let plan = capacity::churn::ChurnPlan {
                 warmup,

@@ -74,6 +74,8 @@ pub struct ChurnPlan {
     pub workers: usize,
     /// First source address: thread k binds 127.0.0.<src_base + k>.
     pub src_base: u8,
+    /// Appended to the server's config (TOML tables).
+    pub server_config: String,
 }
 
 impl ChurnPlan {
@@ -86,6 +88,7 @@ impl ChurnPlan {
             sample_every: 100_000,
             workers: 2,
             src_base: 200,
+            server_config: String::new(),
         }
     }
 
@@ -315,7 +318,7 @@ pub fn run(bin: &Path, out: &Path, plan: &ChurnPlan) -> Result<Churn, String> {
     if plan.threads == 0 || plan.cycles == 0 {
         return Err("churn needs at least one thread and one cycle".into());
     }
-    let s = ServerProc::switchboard(bin, out, "churn", plan.workers, "")?;
+    let s = ServerProc::switchboard(bin, out, "churn", plan.workers, &plan.server_config)?;
     let pid = s.pid();
     let jwt = JwtHs256::new(switchboard::config::DEV_JWT_SECRET);
     let rss = || ProcStat::rss_bytes(pid).ok_or_else(|| "cannot read the server's RSS".to_string());

@@ -65,9 +65,20 @@ pub struct Plan {
     /// Login/logout churn: measured cycles and warm-up cycles (churn.rs).
     pub churn_cycles: u64,
     pub churn_warmup: u64,
+    /// `socket.rcvbuf_bytes` = `sndbuf_bytes` for every Switchboard server
+    /// of the run; none = the server's default.
+    pub socket_buffers: Option<usize>,
 }
 
 impl Plan {
+    /// What a Switchboard server's config adds for this plan, then `extra`.
+    pub fn server_config(&self, extra: &str) -> String {
+        match self.socket_buffers {
+            Some(b) => format!("\n[socket]\nrcvbuf_bytes = {b}\nsndbuf_bytes = {b}\n{extra}"),
+            None => extra.to_string(),
+        }
+    }
+
     pub fn quick() -> Plan {
         Plan {
             mode: "quick",
@@ -94,6 +105,7 @@ impl Plan {
             // cycles ends before RSS has reached its working level.
             churn_cycles: 400_000,
             churn_warmup: 100_000,
+            socket_buffers: None,
         }
     }
 
@@ -117,6 +129,7 @@ impl Plan {
             ws_only: false,
             churn_cycles: 1_000_000,
             churn_warmup: 100_000,
+            socket_buffers: None,
         }
     }
 }
@@ -132,4 +145,20 @@ pub fn write_report(out: &Path, r: &Report) -> Result<(), String> {
     }
     w("report.md", r.markdown())?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_socket_buffer_setting_goes_into_every_server_config_before_the_extras() {
+        let mut p = Plan::quick();
+        assert_eq!(p.server_config("\n[timeouts]\ntick_ms = 50\n"), "\n[timeouts]\ntick_ms = 50\n");
+        p.socket_buffers = Some(4096);
+        let c = p.server_config("\n[timeouts]\ntick_ms = 50\n");
+        assert_eq!(c, "\n[socket]\nrcvbuf_bytes = 4096\nsndbuf_bytes = 4096\n\n[timeouts]\ntick_ms = 50\n");
+        let cfg = switchboard::Config::from_toml(&format!("[server]\nlisten = \"127.0.0.1:1\"\n{c}")).unwrap();
+        assert_eq!((cfg.socket.rcvbuf_bytes, cfg.socket.sndbuf_bytes), (4096, 4096));
+    }
 }

@@ -184,7 +184,15 @@ impl Runner {
         tokio_bin: Option<PathBuf>,
         nchan: bool,
     ) -> Runner {
-        Runner { plan, out, bench_exe, switchboard_bin, tokio_bin, nchan, src_base: 10, log: Vec::new() }
+        // A run that is not the server's default says so in its report.
+        let log = match plan.socket_buffers {
+            Some(b) => vec![format!(
+                "every Switchboard server of this run had socket.rcvbuf_bytes = sndbuf_bytes = {b}{}",
+                if b == 0 { " (left to the kernel)" } else { "" }
+            )],
+            None => Vec::new(),
+        };
+        Runner { plan, out, bench_exe, switchboard_bin, tokio_bin, nchan, src_base: 10, log }
     }
 
     pub(super) fn spec(&mut self, addr: SocketAddr, n: u32, prefix: &str, room: Option<&str>) -> FleetSpec {
@@ -435,7 +443,13 @@ impl Runner {
         // Every connection pinged four times a second: enough heartbeats in
         // the window for the tick-sampled user/system split to be precise.
         let extra = "\n[timeouts]\ntick_ms = 50\nheartbeat_interval_ms = 250\nidle_timeout_ms = 2000\n";
-        let s = ServerProc::switchboard(&self.switchboard_bin, &self.out, "heartbeat", self.plan.workers, extra)?;
+        let s = ServerProc::switchboard(
+            &self.switchboard_bin,
+            &self.out,
+            "heartbeat",
+            self.plan.workers,
+            &self.plan.server_config(extra),
+        )?;
         let n = self.plan.connections;
         note(format!("switchboard: heartbeats, {n} connections pinged every 250 ms"));
         let (mut fleet, ready, _) = self.fleet(s.addr, n, "hb-u", None)?;
@@ -464,6 +478,7 @@ impl Runner {
         let p = churn::ChurnPlan {
             warmup: self.plan.churn_warmup,
             workers: self.plan.workers,
+            server_config: self.plan.server_config(""),
             ..churn::ChurnPlan::new(self.plan.churn_cycles)
         };
         note(format!("switchboard: login/logout churn, {} cycles after {} of warm-up", p.cycles, p.warmup));
@@ -474,7 +489,13 @@ impl Runner {
 
     /// Switchboard over WebSocket, then nginx + nchan (unless disabled).
     fn websocket(&mut self) -> Result<(WsSuite, NchanPeer), String> {
-        let s = ServerProc::switchboard(&self.switchboard_bin, &self.out, "ws", self.plan.workers, "")?;
+        let s = ServerProc::switchboard(
+            &self.switchboard_bin,
+            &self.out,
+            "ws",
+            self.plan.workers,
+            &self.plan.server_config(""),
+        )?;
         let r = self.ws_suite(&s, WsServer::Switchboard);
         s.stop();
         let ws = r?;
@@ -507,7 +528,13 @@ impl Runner {
         let plan = self.plan.clone();
         let no_extra = "";
         // Switchboard.
-        let sb = ServerProc::switchboard(&self.switchboard_bin, &self.out, "main", plan.workers, no_extra)?;
+        let sb = ServerProc::switchboard(
+            &self.switchboard_bin,
+            &self.out,
+            "main",
+            plan.workers,
+            &plan.server_config(no_extra),
+        )?;
         let idle = self.idle(&sb)?;
         let unicast = self.unicast(&sb)?;
         let fanout = self.fanout(&sb, None)?;
