@@ -12,6 +12,7 @@
 #   scripts/capacity.sh --ws-only [--ws-connections N]
 #                                  # only Switchboard over WebSocket next to nginx + nchan
 #   --out DIR                      # where the report goes (default target/capacity)
+#   --socket-buffers BYTES         # socket.rcvbuf_bytes = sndbuf_bytes for every Switchboard server (0 = the kernel's)
 #   --switchboard BIN, --tokio BIN # other binaries to measure (default: the release builds)
 #   --help                         # this text (before building anything)
 #
@@ -35,17 +36,21 @@ for ((i = 0; i < ${#args[@]}; i++)); do
   case "${args[i]}" in
     -h|--help) usage; exit 0 ;;
     --full|--no-peers|--no-nchan|--ws-only) ;;
-    --ws-connections|--out|--switchboard|--tokio)
+    --ws-connections|--out|--switchboard|--tokio|--socket-buffers)
       if ((i + 1 >= ${#args[@]})); then echo "capacity.sh: ${args[i]} needs a value" >&2; exit 2; fi
       i=$((i + 1)) ;;
-    --ws-connections=*|--out=*|--switchboard=*|--tokio=*) ;;
+    --ws-connections=*|--out=*|--switchboard=*|--tokio=*|--socket-buffers=*) ;;
     *) echo "capacity.sh: unknown option ${args[i]} (--help lists them)" >&2; exit 2 ;;
   esac
 done
 
-cargo build --release --quiet -p switchboard --bins
+# The server, and the switchboard-bench crate: its load generator and, for
+# the tokio column, its tokio-baseline binary. One cargo invocation, so the
+# server library is built once for both.
 if [[ " $* " != *" --no-peers "* && " $* " != *" --ws-only "* ]]; then
-  cargo build --release --quiet -p tokio-baseline
+  cargo build --release --quiet -p switchboard -p switchboard-bench --bin switchboard --bin switchboard-bench --bin tokio-baseline
+else
+  cargo build --release --quiet -p switchboard -p switchboard-bench --bin switchboard --bin switchboard-bench
 fi
 if [[ " $* " != *" --no-peers "* && " $* " != *" --no-nchan "* ]] && ! command -v nginx >/dev/null && [[ ! -x /usr/sbin/nginx ]]; then
   echo "capacity.sh: nginx not found: the nginx + nchan column will be absent (apt-get install -y nginx libnginx-mod-nchan)" >&2

@@ -12,6 +12,6 @@
 # Writes target/churn/churn.json (and the server's config and log there).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build --release --quiet -p switchboard --bins
+cargo build --release --quiet -p switchboard -p switchboard-bench --bin switchboard --bin switchboard-bench
 mkdir -p target/churn
 exec ./target/release/switchboard-bench churn --out target/churn --json target/churn/churn.json "$@"

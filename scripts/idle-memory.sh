@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 N=${1:-16000}
 RUNS=${2:-1}
 PORT=${PORT:-7811}
-cargo build --release --quiet --bins
+cargo build --release --quiet -p switchboard -p switchboard-bench --bin switchboard --bin switchboard-bench
 for run in $(seq 1 "$RUNS"); do
   ./target/release/switchboard serve --log warn --listen "127.0.0.1:$PORT" >"target/idle-memory-server.log" 2>&1 &
   pid=$!

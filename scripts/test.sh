@@ -3,10 +3,11 @@
 # Installs the tools the interoperability tests drive when they are missing
 # (Chromium, python3 and its `websockets` package, for tests/ws_interop.rs;
 # nginx with its stream module and openssl, the TLS front of
-# tests/tls_front.rs), then runs clippy (zero warnings), `cargo test`
-# (arguments are passed on, e.g. a test filter) and, when no arguments were
-# given, the Autobahn|Testsuite WebSocket conformance run
-# (scripts/autobahn.sh) and the loom models of src/sync (tests/loom-models).
+# tests/tls_front.rs), then runs clippy (zero warnings), `cargo test
+# --workspace` (the server and the switchboard-bench crate; arguments are
+# passed on, e.g. a test filter) and, when no arguments were given, the
+# Autobahn|Testsuite WebSocket conformance run (scripts/autobahn.sh) and the
+# loom models of src/sync (tests/loom-models).
 # Idempotent: on a machine that has everything it installs nothing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -74,10 +75,15 @@ if ! "$PYTHON" -c 'import websockets.sync.client' >/dev/null 2>&1; then
 fi
 
 # Lints are part of the suite: zero clippy warnings on every target of the
-# workspace (the server, its tests, benches and examples, the tokio baseline).
+# workspace (the server, its tests and examples; the switchboard-bench crate
+# with its benches, tests and the tokio baseline).
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 
-cargo test "$@"
+# The library as an embedder builds it (no `cli` feature: no clap, no
+# binary) must compile on its own too.
+cargo check --quiet -p switchboard --no-default-features --lib
+
+cargo test --workspace "$@"
 
 # WebSocket conformance: the Autobahn|Testsuite fuzzingclient (301 cases)
 # against the echo mode of the debug build `cargo test` just built; fails

@@ -318,7 +318,7 @@ fn route(req: &Request, h: &Handle, bench: bool) -> (u16, serde_json::Value) {
             ("POST", "/bench/send_ceiling") if bench => {
                 let bytes: usize = param(&req.query, "bytes").and_then(|b| b.parse().ok()).unwrap_or(64);
                 let seq: u32 = param(&req.query, "seq").and_then(|b| b.parse().ok()).unwrap_or(u32::MAX);
-                let payload = crate::loadgen::timed_payload(seq, bytes);
+                let payload = crate::timed::payload(seq, bytes);
                 match h.bench_send_ceiling(need("room")?, &payload) {
                     Ok(samples) => (
                         200,

@@ -161,11 +161,15 @@ impl Default for ServerConfig {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SocketConfig {
-    /// SO_RCVBUF for accepted sockets. The kernel doubles it for overhead;
-    /// an idle socket holds no buffer memory, a busy one up to twice this.
+    /// SO_RCVBUF for accepted sockets; 0 = not set, left to the kernel's
+    /// autotuning between `net.ipv4.tcp_rmem`'s default and maximum (setting
+    /// it turns autotuning off for the socket). The kernel doubles a set
+    /// value for overhead; an idle socket holds no buffer memory either way,
+    /// a busy one up to twice this (or up to `tcp_rmem`'s maximum).
     pub rcvbuf_bytes: usize,
-    /// SO_SNDBUF for accepted sockets (same accounting as `rcvbuf_bytes`).
-    /// Beyond it, frames wait in the connection's outbound queue.
+    /// SO_SNDBUF for accepted sockets (same accounting as `rcvbuf_bytes`;
+    /// 0: autotuned within `net.ipv4.tcp_wmem`). Beyond it, frames wait in
+    /// the connection's outbound queue.
     pub sndbuf_bytes: usize,
     /// TCP_NODELAY: pushes leave at once instead of waiting for Nagle.
     pub nodelay: bool,
@@ -173,7 +177,11 @@ pub struct SocketConfig {
 
 impl Default for SocketConfig {
     fn default() -> Self {
-        SocketConfig { rcvbuf_bytes: 4096, sndbuf_bytes: 4096, nodelay: true }
+        // Left to the kernel: measured with `switchboard-bench bulk`, idle
+        // connections cost the same as with 4 KiB set (their sockets hold no
+        // buffer either way), and a 16 MB message's round trip took ~0.1-0.2 s
+        // against ~18 s (docs/DEPLOY.md, "Socket buffers").
+        SocketConfig { rcvbuf_bytes: 0, sndbuf_bytes: 0, nodelay: true }
     }
 }
 
@@ -581,8 +589,11 @@ impl Config {
         for (key, v) in
             [("socket.rcvbuf_bytes", self.socket.rcvbuf_bytes), ("socket.sndbuf_bytes", self.socket.sndbuf_bytes)]
         {
-            if !(1024..=64 << 20).contains(&v) {
-                return Err(invalid(key, format!("is {v}, must be between 1024 and 67108864")));
+            if v != 0 && !(1024..=64 << 20).contains(&v) {
+                return Err(invalid(
+                    key,
+                    format!("is {v}, must be 0 (left to the kernel) or between 1024 and 67108864"),
+                ));
             }
         }
         let t = &self.timeouts;
@@ -857,6 +868,27 @@ mod tests {
         c.timeouts.tick_ms = 100;
         c.timeouts.login_timeout_ms = 250;
         assert_eq!(c.timeouts_in_ticks().login, 4, "3 ticks rounded up, plus the tick we are in");
+    }
+}
+
+#[cfg(test)]
+mod socket_buffers {
+    use super::*;
+
+    #[test]
+    fn zero_leaves_them_to_the_kernel_and_a_set_size_has_bounds() {
+        let mut c = Config::default();
+        assert_eq!((c.socket.rcvbuf_bytes, c.socket.sndbuf_bytes), (0, 0), "autotuned by default");
+        c.validate().unwrap();
+        c.socket.rcvbuf_bytes = 4096;
+        c.socket.sndbuf_bytes = 64 << 20;
+        c.validate().unwrap();
+        c.socket.rcvbuf_bytes = 1023;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("socket.rcvbuf_bytes") && e.contains("0 (left to the kernel)"), "{e}");
+        c.socket.rcvbuf_bytes = 0;
+        c.socket.sndbuf_bytes = (64 << 20) + 1;
+        assert!(c.validate().unwrap_err().to_string().contains("socket.sndbuf_bytes"));
     }
 }
 

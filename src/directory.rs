@@ -34,8 +34,8 @@
 //! and a later login of the same user revives it in place. Removing it at
 //! once made a user who logs in and out again and again fill its own probe
 //! sequence with tombstones, and every ~5·log2(slots) of its logins copied
-//! the whole table (measured with `cargo bench --bench directory_churn` in
-//! a table sized for a million with 500,000 users online: 2.09 ms per login
+//! the whole table (measured with `cargo bench -p switchboard-bench --bench
+//! directory_churn` in a table sized for a million with 500,000 users online: 2.09 ms per login
 //! on average, pauses of 0.2 s): one hostile client could keep a worker
 //! busy rebuilding. Each user going offline is queued with the time it
 //! went; [`Directory::sweep`] (the server's `sb-directory` thread, once a
@@ -53,10 +53,10 @@
 //! [`SHARDS`] independent maps, so a copy is 1/64 of the users: with
 //! 500,000 users online in a directory sized for a million, the slowest of
 //! 3,000,000 logins took 8.1 ms, against 416 ms with one map (`cargo bench
-//! --bench directory_churn`, sweeping every 1,000 logins with no linger,
+//! -p switchboard-bench --bench directory_churn`, sweeping every 1,000 logins with no linger,
 //! the most tombstones). A flapping user there: 0.52 µs per login, against
 //! 2.09 ms when its entry was removed at each logout. Lookups pay one more
-//! hash to pick the shard (`cargo bench --bench micro -- directory`: a miss
+//! hash to pick the shard (`cargo bench -p switchboard-bench --bench micro -- directory`: a miss
 //! ~38 → ~42 ns; hits within the run-to-run noise of ±20% on this host).
 
 use std::hash::BuildHasher;

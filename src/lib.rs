@@ -32,7 +32,6 @@ mod demo;
 pub mod directory;
 pub mod ids;
 pub mod limits;
-pub mod loadgen;
 pub mod mailbox;
 pub mod outq;
 pub mod portholder;
@@ -42,6 +41,7 @@ mod runtime;
 pub mod server;
 pub mod stats;
 mod sync;
+pub mod timed;
 pub mod wheel;
 
 pub use auth::{AuthError, Authenticator, JwtHs256};

@@ -13,12 +13,22 @@ use std::fs;
 pub const RESERVED_FDS: u64 = 64;
 /// Extra descriptors per worker (listener, eventfd, ring, timer).
 pub const FDS_PER_WORKER: u64 = 8;
-/// Kernel memory of one idle TCP socket (tcp_sock, inode, file, dentry),
-/// for the memory estimate: see DESIGN.md.
-pub const KERNEL_BYTES_PER_IDLE_CONN: u64 = 3_600;
-/// Our own memory per idle, logged-in connection: measured 168-180 bytes
-/// with `scripts/idle-memory.sh 16000` (README), rounded up.
+/// Memory per idle, logged-in connection: the one place these figures
+/// live. The start-up check, `switchboard check` (which prints them as
+/// `per idle connection: user_bytes=… kernel_bytes=…`) and
+/// `tuning/apply.sh` (which reads that line) estimate with them; README and
+/// docs/DEPLOY.md quote them.
+///
+/// Ours, in the server process: the quick capacity run (`scripts/capacity.sh`,
+/// 4,000 connections, RSS growth per connection after a warm-up) measured
+/// 180–182 B, rounded up to the next 100 B.
 pub const USER_BYTES_PER_IDLE_CONN: u64 = 200;
+/// The kernel's, for one idle TCP socket (tcp_sock, inode, file, dentry)
+/// and its epoll entry: the same run measured at most 3,701 B (half the
+/// host's slab growth per connection: both ends of every connection are on
+/// that host, so this is an upper bound for the server's end), rounded up
+/// to the next 100 B. An idle socket holds no buffer pages.
+pub const KERNEL_BYTES_PER_IDLE_CONN: u64 = 3_800;
 
 /// What the checks found.
 #[derive(Clone, Debug)]
@@ -340,7 +350,7 @@ pub fn audit(connections: u64, workers: usize, backlog: u32) -> Vec<CheckItem> {
         Status::Fail,
         avail.map_or("n/a".into(), |a| format!("{} MiB available", a >> 20)),
         format!(
-            ">= {} MiB ({} MiB ours + {} MiB kernel, idle; busy sockets add up to 2 x 4 KiB each per direction)",
+            ">= {} MiB ({} MiB ours + {} MiB kernel, idle; busy sockets add their buffers, within net.ipv4.tcp_rmem/tcp_wmem and tcp_mem)",
             (user + kernel) >> 20,
             user >> 20,
             kernel >> 20

@@ -397,6 +397,12 @@ fn check(connections: u64, config: Option<PathBuf>) -> ExitCode {
         user >> 20,
         kernel >> 20
     );
+    // One line in a fixed form: tuning/apply.sh reads the figures from it.
+    out!(
+        "per idle connection: user_bytes={} kernel_bytes={} (measured, rounded up; src/limits.rs)",
+        switchboard::limits::USER_BYTES_PER_IDLE_CONN,
+        switchboard::limits::KERNEL_BYTES_PER_IDLE_CONN
+    );
     let fails = items.iter().filter(|i| i.status == switchboard::limits::Status::Fail).count();
     let warns = items.iter().filter(|i| i.status == switchboard::limits::Status::Warn).count();
     out!("{fails} failing, {warns} warnings");

@@ -30,8 +30,9 @@ macro_rules! counters {
             $( pub $name: AtomicU64, )*
         }
 
-        /// A snapshot of the server's counters, summed over workers.
-        #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+        /// A snapshot of the server's counters, summed over workers (as the
+        /// admin API's `/stats` serves it, and tools read it back).
+        #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
         pub struct Stats {
             $( $(#[$doc])* pub $name: u64, )*
             /// Pushes refused because a worker's mailbox was full.

@@ -3,7 +3,6 @@
 mod common;
 
 use common::*;
-use switchboard::loadgen::http;
 use switchboard::proto::frame::Frame;
 use switchboard::Server;
 

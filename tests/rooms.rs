@@ -283,6 +283,9 @@ fn drop_oldest_keeps_a_slow_reader_connected_and_says_what_it_skipped() {
     cfg.limits.slow_consumer = SlowConsumer::DropOldest;
     cfg.limits.outbound_max_frames = 64;
     cfg.limits.outbound_max_bytes = 256 * 1024;
+    // A small send buffer: left to the kernel, it grows to take the whole
+    // 1.6 MB burst and nothing reaches the outbound queue's limit.
+    cfg.socket.sndbuf_bytes = 4096;
     let server = start(cfg);
     let addr = server.local_addr();
     let h = server.handle();

@@ -1,7 +1,8 @@
 //! `tuning/apply.sh`: the values it computes for N connections and a given
-//! RAM, its memory estimate and refusal, idempotent drop-ins, failures that
-//! name the key, and that the example files in `tuning/` hold exactly what it
-//! computes for 1M connections on 16 GiB.
+//! RAM, its memory estimate (from the figures `switchboard check` states)
+//! and refusal, idempotent drop-ins, failures that name the key, and that
+//! the example files in `tuning/` hold exactly what it computes for 1M
+//! connections on 16 GiB.
 //!
 //! Nothing here changes this machine's settings: dry runs read the real
 //! `/proc/sys`; applying runs against a fake `--proc-sys` tree, or (as root,
@@ -17,6 +18,14 @@ use std::process::{Command, Output};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 const RAM_16G: &str = "17179869184";
+/// The binary whose `switchboard check` apply.sh takes the memory figures
+/// from (every run here points it there with SWITCHBOARD_BIN).
+const SB: &str = env!("CARGO_BIN_EXE_switchboard");
+/// The measured memory per idle connection, where it lives.
+const USER: u64 = switchboard::limits::USER_BYTES_PER_IDLE_CONN;
+const KERNEL: u64 = switchboard::limits::KERNEL_BYTES_PER_IDLE_CONN;
+/// Socket buffers per direction in apply.sh's under-load estimate.
+const BUF: u64 = 4096;
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -82,7 +91,41 @@ impl Run {
 }
 
 fn apply<S: AsRef<OsStr>>(args: &[S]) -> Run {
-    Run::from(Command::new("bash").arg(script()).args(args).current_dir(root()).output().expect("bash runs"))
+    let mut cmd = Command::new("bash");
+    cmd.arg(script()).args(args).env("SWITCHBOARD_BIN", SB).current_dir(root());
+    Run::from(cmd.output().expect("bash runs"))
+}
+
+/// apply.sh's `human`: GiB with two decimals, else MiB with one.
+fn human(b: u64) -> String {
+    if b >= 1 << 30 {
+        let h = (b * 100 + (1 << 29)) >> 30;
+        format!("{}.{:02} GiB", h / 100, h % 100)
+    } else {
+        let h = (b * 10 + (1 << 19)) >> 20;
+        format!("{}.{} MiB", h / 10, h % 10)
+    }
+}
+
+/// The estimate line apply.sh prints for `n` connections of the server
+/// (`user` bytes of ours each) or the load generator (`None`).
+fn estimate(n: u64, ram: u64, user: Option<u64>, kernel: u64) -> String {
+    let per_idle = user.unwrap_or(0) + kernel;
+    let (idle, busy) = (n * per_idle, n * (per_idle + 2 * BUF));
+    let pct = (busy * 2000 / ram).div_ceil(2); // tenths of a percent, rounded, as apply.sh
+    let what = match user {
+        Some(u) => format!("{u} B user + {kernel} B kernel each"),
+        None => format!("{kernel} B kernel each; the load generator's own memory not counted"),
+    };
+    format!(
+        "memory estimate: {n} connections: idle {idle} B ({}: {what}); under load up to {busy} B ({}: + 2 x {BUF} B \
+         socket buffers each); RAM {ram} B ({}): {}.{}% under load",
+        human(idle),
+        human(busy),
+        human(ram),
+        pct / 10,
+        pct % 10
+    )
 }
 
 #[derive(Debug, Clone)]
@@ -191,14 +234,11 @@ fn dry_run_for_a_million_connections_on_16_gib() {
         &limits_dir,
     ])
     .ok();
-    assert!(
-        r.stdout.lines().any(|l| l
-            == "memory estimate: 1000000 connections: idle 3970000000 B (3.70 GiB: 170 B user + 3800 B kernel each); \
-            under load up to 12162000000 B (11.33 GiB: + 2 x 4096 B socket buffers each); \
-            RAM 17179869184 B (16.00 GiB): 70.8% under load"),
-        "{}",
-        r.stdout
-    );
+    let want = estimate(1_000_000, 17179869184, Some(USER), KERNEL);
+    assert!(r.stdout.lines().any(|l| l == want), "want {want:?} in\n{}", r.stdout);
+    if (USER, KERNEL) == (200, 3800) {
+        assert!(want.contains("idle 4000000000 B (3.73 GiB") && want.ends_with("71.0% under load"), "{want}");
+    }
     let rows = table(&r.stdout);
     assert_eq!(wanted(&rows, "fs.file-max"), "1179648");
     assert_eq!(wanted(&rows, "fs.nr_open"), "1179648");
@@ -233,14 +273,8 @@ fn dry_run_for_a_million_connections_on_16_gib() {
 fn dry_run_for_ten_thousand_connections() {
     let t = TempDir::new("10k");
     let r = apply(&["--dry-run", "--connections", "10000", "--ram-bytes", RAM_16G, "--limits-dir", &t.sub("l")]).ok();
-    assert!(
-        r.stdout.lines().any(|l| l
-            == "memory estimate: 10000 connections: idle 39700000 B (37.9 MiB: 170 B user + 3800 B kernel each); \
-            under load up to 121620000 B (116.0 MiB: + 2 x 4096 B socket buffers each); \
-            RAM 17179869184 B (16.00 GiB): 0.7% under load"),
-        "{}",
-        r.stdout
-    );
+    let want = estimate(10_000, 17179869184, Some(USER), KERNEL);
+    assert!(r.stdout.lines().any(|l| l == want), "want {want:?} in\n{}", r.stdout);
     let rows = table(&r.stdout);
     assert_eq!(wanted(&rows, "fs.file-max"), "131072");
     assert_eq!(wanted(&rows, "fs.nr_open"), "131072");
@@ -271,14 +305,8 @@ fn dry_run_loadgen_profile() {
         &t.sub("l"),
     ])
     .ok();
-    assert!(
-        r.stdout.lines().any(|l| l
-            == "memory estimate: 1000000 connections: idle 3800000000 B (3.54 GiB: 3800 B kernel each; \
-            the load generator's own memory not counted); under load up to 11992000000 B \
-            (11.17 GiB: + 2 x 4096 B socket buffers each); RAM 17179869184 B (16.00 GiB): 69.8% under load"),
-        "{}",
-        r.stdout
-    );
+    let want = estimate(1_000_000, 17179869184, None, KERNEL);
+    assert!(r.stdout.lines().any(|l| l == want), "want {want:?} in\n{}", r.stdout);
     let rows = table(&r.stdout);
     assert_eq!(wanted(&rows, "fs.nr_open"), "1179648");
     assert_eq!(wanted(&rows, "net.ipv4.ip_local_port_range"), "1024 65535");
@@ -309,14 +337,15 @@ fn dry_run_loadgen_profile() {
 fn refuses_more_connections_than_the_ram_holds() {
     let r = apply(&["--dry-run", "--connections", "2000000", "--ram-bytes", RAM_16G]);
     assert_eq!(r.code, 1, "{}", r.all());
-    assert!(
-        r.stderr.contains(
-            "refused: 2000000 connections need up to 24324000000 B (22.65 GiB) under load, more than this host's \
-             RAM of 17179869184 B (16.00 GiB); at most 1412585 connections fit"
-        ),
-        "{}",
-        r.all()
+    let (ram, per_busy) = (17179869184u64, USER + KERNEL + 2 * BUF);
+    let want = format!(
+        "refused: 2000000 connections need up to {} B ({}) under load, more than this host's \
+         RAM of {ram} B (16.00 GiB); at most {} connections fit",
+        2_000_000 * per_busy,
+        human(2_000_000 * per_busy),
+        ram / per_busy
     );
+    assert!(r.stderr.contains(&want), "want {want:?} in\n{}", r.all());
     assert!(!r.stdout.contains("| action"), "no table after a refusal:\n{}", r.stdout);
 
     // --force goes on while the idle total fits, with a warning.
@@ -336,7 +365,97 @@ fn refuses_more_connections_than_the_ram_holds() {
     // Not even idle: refused with or without --force.
     let r = apply(&["--dry-run", "--force", "--connections", "5000000", "--ram-bytes", RAM_16G]);
     assert_eq!(r.code, 1, "{}", r.all());
-    assert!(r.stderr.contains("even idle") && r.stderr.contains("at most 4327422 connections fit"), "{}", r.all());
+    let fit = format!("at most {} connections fit", ram / (USER + KERNEL));
+    assert!(r.stderr.contains("even idle") && r.stderr.contains(&fit), "want {fit:?} in\n{}", r.all());
+}
+
+// --- Where the memory figures come from --------------------------------------
+
+/// The line of `switchboard check` apply.sh reads: (user, kernel) bytes.
+fn check_figures() -> (u64, u64) {
+    let out = Command::new(SB).args(["check", "--connections", "1000"]).output().expect("switchboard check runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().find(|l| l.starts_with("per idle connection: ")).unwrap_or_else(|| panic!("{text}"));
+    let num = |key: &str| -> u64 {
+        let v = line.split(key).nth(1).unwrap_or_else(|| panic!("{line}"));
+        v.split(|c: char| !c.is_ascii_digit()).next().unwrap().parse().unwrap()
+    };
+    (num("user_bytes="), num("kernel_bytes="))
+}
+
+#[test]
+fn the_memory_figures_come_from_switchboard_check() {
+    assert_eq!(check_figures(), (USER, KERNEL), "check prints the constants of src/limits.rs");
+    let r =
+        apply(&["--dry-run", "--connections", "10000", "--ram-bytes", RAM_16G, "--limits-dir", "/nonexistent"]).ok();
+    let source = format!("memory per idle connection: {USER} B user + {KERNEL} B kernel (from {SB} check)");
+    assert!(r.stdout.lines().any(|l| l == source), "want {source:?} in\n{}", r.stdout);
+
+    // --switchboard names the binary (over SWITCHBOARD_BIN).
+    let r = apply(&["--dry-run", "--connections", "10", "--switchboard", SB, "--limits-dir", "/nonexistent"]).ok();
+    assert!(r.stdout.contains(&format!("(from {SB} check)")), "{}", r.stdout);
+}
+
+#[test]
+fn figures_given_by_hand_need_no_binary() {
+    let mut cmd = Command::new("bash");
+    cmd.arg(script())
+        .args(["--dry-run", "--connections", "10000", "--ram-bytes", RAM_16G, "--limits-dir", "/nonexistent"])
+        .args(["--user-bytes", "250", "--kernel-bytes", "4000"])
+        .env("SWITCHBOARD_BIN", "/nonexistent/switchboard")
+        .current_dir(root());
+    let r = Run::from(cmd.output().unwrap()).ok();
+    assert!(r
+        .stdout
+        .contains("memory per idle connection: 250 B user + 4000 B kernel (from --user-bytes/--kernel-bytes)"));
+    let want = estimate(10_000, 17179869184, Some(250), 4000);
+    assert!(r.stdout.lines().any(|l| l == want), "want {want:?} in\n{}", r.stdout);
+
+    for args in
+        [&["--user-bytes", "250"][..], &["--kernel-bytes", "4000"], &["--user-bytes", "2.5e2", "--kernel-bytes", "1"]]
+    {
+        let r = apply(&[&["--dry-run", "--connections", "10"][..], args].concat());
+        assert_eq!(r.code, 2, "{args:?}: {}", r.all());
+    }
+    let r =
+        apply(&["--dry-run", "--connections", "10", "--user-bytes", "1", "--kernel-bytes", "1", "--switchboard", SB]);
+    assert_eq!(r.code, 2, "either the binary or the figures: {}", r.all());
+}
+
+#[test]
+fn without_the_figures_it_refuses_and_says_how_to_give_them() {
+    // A copy of the script outside the checkout (no target/release next to
+    // it), no SWITCHBOARD_BIN, a PATH without switchboard.
+    let t = TempDir::new("nobin");
+    let copy = t.path().join("apply.sh");
+    fs::copy(script(), &copy).unwrap();
+    let path_dirs: Vec<&str> = ["/usr/sbin", "/usr/bin", "/sbin", "/bin"]
+        .into_iter()
+        .filter(|d| !Path::new(d).join("switchboard").exists())
+        .collect();
+    let out = Command::new("bash")
+        .arg(&copy)
+        .args(["--dry-run", "--connections", "10"])
+        .env_remove("SWITCHBOARD_BIN")
+        .env("PATH", path_dirs.join(":"))
+        .current_dir(t.path())
+        .output()
+        .unwrap();
+    let r = Run::from(out);
+    assert_eq!(r.code, 1, "{}", r.all());
+    assert!(r.stderr.contains("no switchboard binary found"), "{}", r.all());
+    for hint in ["cargo build --release", "--switchboard BIN", "SWITCHBOARD_BIN", "--user-bytes B --kernel-bytes B"] {
+        assert!(r.stderr.contains(hint), "{hint}: {}", r.all());
+    }
+    assert!(!r.stdout.contains("| action"), "no table without the figures:\n{}", r.stdout);
+
+    // A binary that does not state them (an older build, or not switchboard).
+    let r = apply(&["--dry-run", "--connections", "10", "--switchboard", "/bin/true"]);
+    assert_eq!(r.code, 1, "{}", r.all());
+    assert!(r.stderr.contains("printed no 'per idle connection: user_bytes=… kernel_bytes=…' line"), "{}", r.all());
+    let r = apply(&["--dry-run", "--connections", "10", "--switchboard", "/nonexistent/switchboard"]);
+    assert_eq!(r.code, 1, "{}", r.all());
+    assert!(r.stderr.contains("/nonexistent/switchboard is not an executable file"), "{}", r.all());
 }
 
 #[test]
@@ -656,6 +775,7 @@ fn in_new_netns(body: &str, mount_ns: bool) -> Option<Run> {
         .arg(format!("set -e; {guard}\n{body}"))
         .env("PARENT_NETNS", netns_id())
         .env("APPLY", script())
+        .env("SWITCHBOARD_BIN", SB)
         .current_dir(root());
     let r = Run::from(cmd.output().expect("unshare runs"));
     assert_ne!(r.code, 99, "{}", r.all());

@@ -30,14 +30,22 @@ Options:
   --only KEY[,KEY...]   handle only these keys ("nofile" = the limits drop-in)
   --proc-sys DIR        read (and write) current values under DIR instead of /proc/sys (tests)
   --force               go on although the under-load estimate exceeds RAM
+  --switchboard BIN     the switchboard binary whose `switchboard check` states the
+                        measured memory per idle connection (default: $SWITCHBOARD_BIN,
+                        else switchboard on the PATH, else target/release/switchboard
+                        of this checkout)
+  --user-bytes B --kernel-bytes B
+                        give those two figures instead of asking a binary (a host
+                        without one: take them from `switchboard check` elsewhere,
+                        or docs/DEPLOY.md)
   -h, --help            this text
 
 Values are only ever raised: a current value already higher than the wanted
 one is kept (for tcp_fin_timeout and the keepalive timers, already lower is
 kept; ip_local_port_range is only widened). The exceptions are the min and
-default of tcp_rmem/tcp_wmem, set to 4096: the small per-socket buffer is
-the point. Exit status: 0 done, 1 refused or failed (the reason is printed),
-2 bad usage.
+default of tcp_rmem/tcp_wmem, set to 4096: every connection starts with small
+buffers, and the kernel grows those of a busy one up to the max. Exit
+status: 0 done, 1 refused or failed (the reason is printed), 2 bad usage.
 EOF
 }
 
@@ -48,10 +56,10 @@ die_usage() {
 }
 
 # ---------------------------------------------------------------------------
-# Figures (README.md, src/limits.rs); every estimate below is per connection.
-USER_BYTES=170     # measured user-space memory of an idle logged-in connection
-KERNEL_BYTES=3800  # idle TCP socket: tcp_sock, inode, file, dentry ~3.6 KB + epoll entry ~0.2 KB
-BUF_BYTES=4096     # socket.rcvbuf_bytes / sndbuf_bytes: one buffer per direction
+# Figures; every estimate below is per connection. The memory of an idle
+# connection (ours and the kernel's) is measured and lives in one place,
+# src/limits.rs: it comes from `switchboard check` (see read_figures below).
+BUF_BYTES=4096     # per direction under load: tcp_rmem/tcp_wmem's default (set below), or socket.*buf_bytes
 FILE_MARGIN=65536  # fs.file-max / fs.nr_open headroom over N x 1.1
 NOFILE_MARGIN=4096 # RLIMIT_NOFILE headroom over N (listeners, rings, eventfds, admin API)
 ROUND=65536        # descriptor counts are rounded up to a multiple of this
@@ -69,6 +77,9 @@ PROC_SYS=/proc/sys
 LIMITS_USERS=""
 ONLY=""
 FORCE=0
+SWITCHBOARD=""
+USER_BYTES=""
+KERNEL_BYTES=""
 
 args=()
 for a in "$@"; do
@@ -87,7 +98,8 @@ while (($#)); do
       ;;
     --dry-run) DRY_RUN=1 ;;
     --force) FORCE=1 ;;
-    --connections | --role | --ram-bytes | --sysctl-dir | --limits-dir | --user | --only | --proc-sys)
+    --connections | --role | --ram-bytes | --sysctl-dir | --limits-dir | --user | --only | --proc-sys | \
+      --switchboard | --user-bytes | --kernel-bytes)
       (($# >= 2)) || die_usage "$opt needs a value"
       val=$2
       shift
@@ -100,6 +112,9 @@ while (($#)); do
         --user) LIMITS_USERS="${LIMITS_USERS:+$LIMITS_USERS }$val" ;;
         --only) ONLY="${ONLY:+$ONLY,}$val" ;;
         --proc-sys) PROC_SYS=${val%/} ;;
+        --switchboard) SWITCHBOARD=$val ;;
+        --user-bytes) USER_BYTES=$val ;;
+        --kernel-bytes) KERNEL_BYTES=$val ;;
       esac
       ;;
     *) die_usage "unknown argument: $opt" ;;
@@ -139,6 +154,45 @@ else
 fi
 ((RAM >= 1 << 26)) || die_usage "RAM of $RAM bytes is below 64 MiB: pass --ram-bytes in bytes"
 ((RAM <= 1 << 50)) || die_usage "RAM of $RAM bytes is above 1 PiB: pass --ram-bytes in bytes"
+
+if [[ -n $USER_BYTES || -n $KERNEL_BYTES ]]; then
+  [[ -n $USER_BYTES && -n $KERNEL_BYTES ]] || die_usage "--user-bytes and --kernel-bytes go together"
+  is_uint "$USER_BYTES" || die_usage "--user-bytes must be a whole number of bytes, got '$USER_BYTES'"
+  is_uint "$KERNEL_BYTES" || die_usage "--kernel-bytes must be a whole number of bytes, got '$KERNEL_BYTES'"
+  [[ -z $SWITCHBOARD ]] || die_usage "--switchboard and --user-bytes/--kernel-bytes exclude each other"
+  USER_BYTES=$((10#$USER_BYTES)) KERNEL_BYTES=$((10#$KERNEL_BYTES))
+  FIGURES_SOURCE="--user-bytes/--kernel-bytes"
+else
+  # The measured memory per idle connection, from the binary that is to run:
+  # `switchboard check` prints "per idle connection: user_bytes=U kernel_bytes=K".
+  fail_figures() {
+    echo "apply.sh: $*" >&2
+    echo "apply.sh: the memory per idle connection comes from 'switchboard check' (src/limits.rs). Build the binary (cargo build --release), pass --switchboard BIN or set SWITCHBOARD_BIN, or give the figures with --user-bytes B --kernel-bytes B (docs/DEPLOY.md, \"Memory per connection\")." >&2
+    exit 1
+  }
+  if [[ -z $SWITCHBOARD ]]; then
+    if [[ -n ${SWITCHBOARD_BIN:-} ]]; then
+      SWITCHBOARD=$SWITCHBOARD_BIN
+    elif command -v switchboard >/dev/null 2>&1; then
+      SWITCHBOARD=$(command -v switchboard)
+    elif [[ -x "$(dirname "$0")/../target/release/switchboard" ]]; then
+      SWITCHBOARD="$(dirname "$0")/../target/release/switchboard"
+    else
+      fail_figures "no switchboard binary found (not in \$SWITCHBOARD_BIN, not on the PATH, not at $(dirname "$0")/../target/release/switchboard)"
+    fi
+  fi
+  [[ -x $SWITCHBOARD && ! -d $SWITCHBOARD ]] || fail_figures "$SWITCHBOARD is not an executable file"
+  # check exits 1 when this host falls short of N: that is what apply.sh is
+  # about to fix, so only the line matters.
+  check_out=$("$SWITCHBOARD" check --connections "$N" 2>&1) || true
+  figures=$(sed -n 's/^per idle connection: user_bytes=\([0-9]\{1,12\}\) kernel_bytes=\([0-9]\{1,12\}\)\( .*\)\{0,1\}$/\1 \2/p' <<<"$check_out")
+  read -r USER_BYTES KERNEL_BYTES <<<"$figures" || true
+  if ! is_uint "${USER_BYTES:-}" || ! is_uint "${KERNEL_BYTES:-}"; then
+    fail_figures "'$SWITCHBOARD check --connections $N' printed no 'per idle connection: user_bytes=… kernel_bytes=…' line (a build older than this script?); it said: $(head -c 300 <<<"$check_out")"
+  fi
+  USER_BYTES=$((10#$USER_BYTES)) KERNEL_BYTES=$((10#$KERNEL_BYTES))
+  FIGURES_SOURCE="$SWITCHBOARD check"
+fi
 
 PAGE_SIZE=$(getconf PAGESIZE 2>/dev/null || echo 4096)
 is_uint "$PAGE_SIZE" && ((PAGE_SIZE > 0)) || PAGE_SIZE=4096
@@ -229,8 +283,8 @@ if [[ $ROLE == server ]]; then
   row net.core.somaxconn raise 0 "$BACKLOG" "accept queue per listener: 1% of N as a power of two, 4096..65536"
   row net.ipv4.tcp_max_syn_backlog raise 0 "$BACKLOG" "half-open connections per listener (a reconnect storm)"
   row net.core.netdev_max_backlog raise 0 "$BACKLOG" "packets queued per CPU before the stack takes them"
-  row net.ipv4.tcp_rmem buf 0 "4096 4096 6291456" "receive buffer min/default/max: 4 KiB per socket"
-  row net.ipv4.tcp_wmem buf 0 "4096 4096 4194304" "send buffer min/default/max: 4 KiB per socket"
+  row net.ipv4.tcp_rmem buf 0 "4096 4096 6291456" "receive buffer min/default/max: 4 KiB per socket, grown up to the max when busy"
+  row net.ipv4.tcp_wmem buf 0 "4096 4096 4194304" "send buffer min/default/max: 4 KiB per socket, grown up to the max when busy"
   row net.ipv4.tcp_mem each 0 "$TCP_MEM" "pages for all TCP buffers (low/pressure/high): high = N x 16 KiB, 1/16..1/2 of RAM"
   row net.ipv4.tcp_keepalive_time cap 0 600 "backstop to the 240 s app heartbeat, for SO_KEEPALIVE sockets"
   row net.ipv4.tcp_keepalive_intvl cap 0 60 "seconds between keepalive probes"
@@ -345,6 +399,7 @@ else
   idle_what="$KERNEL_BYTES B kernel each; the load generator's own memory not counted"
 fi
 echo "switchboard tuning: role $ROLE, $N connections, RAM $RAM B ($(human $RAM), from $RAM_SOURCE), page size $PAGE_SIZE B$( ((DRY_RUN)) && echo ", dry run")"
+echo "memory per idle connection: $USER_BYTES B user + $KERNEL_BYTES B kernel (from $FIGURES_SOURCE)"
 echo "memory estimate: $N connections: idle $IDLE B ($(human $IDLE): $idle_what); under load up to $BUSY B ($(human $BUSY): + 2 x $BUF_BYTES B socket buffers each); RAM $RAM B ($(human $RAM)): $((PCT / 10)).$((PCT % 10))% under load"
 if ((IDLE > RAM || (BUSY > RAM && !FORCE))); then
   fit=$((RAM / PER_BUSY))

@@ -111,9 +111,13 @@ fn bind_listener(addr: SocketAddr, config: &Config) -> Result<std::net::TcpListe
     s.set_reuse_address(true).map_err(err)?;
     s.set_reuse_port(true).map_err(err)?;
     // Accepted sockets inherit these buffer sizes from the listener: no
-    // setsockopt per connection.
-    s.set_recv_buffer_size(config.socket.rcvbuf_bytes).map_err(err)?;
-    s.set_send_buffer_size(config.socket.sndbuf_bytes).map_err(err)?;
+    // setsockopt per connection. 0: not set, the kernel autotunes them.
+    if config.socket.rcvbuf_bytes > 0 {
+        s.set_recv_buffer_size(config.socket.rcvbuf_bytes).map_err(err)?;
+    }
+    if config.socket.sndbuf_bytes > 0 {
+        s.set_send_buffer_size(config.socket.sndbuf_bytes).map_err(err)?;
+    }
     s.set_nodelay(config.socket.nodelay).map_err(err)?;
     s.bind(&addr.into()).map_err(err)?;
     s.listen(config.server.listen_backlog.min(i32::MAX as u32) as i32).map_err(err)?;

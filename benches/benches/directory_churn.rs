@@ -14,7 +14,7 @@
 //! 10,000 online), and one sized for a million connections with 500,000
 //! online, where a rebuild copies half a million entries.
 //!
-//! Run: `cargo bench --bench directory_churn`. Plain timing (no criterion):
+//! Run: `cargo bench -p switchboard-bench --bench directory_churn`. Plain timing (no criterion):
 //! the worst case is the point, and it is one operation in a million.
 
 use std::alloc::{GlobalAlloc, Layout};

@@ -1,6 +1,7 @@
-//! The WebSocket part of the capacity report: Switchboard over WebSocket
+//! The WebSocket scenarios of the capacity run: Switchboard over WebSocket
 //! (subprotocol `switchboard.v1.bin`) next to nginx + nchan, with the same
-//! loaders and the same load.
+//! loaders and the same load. Their figures are report.rs's [`WsSuite`];
+//! the ratios and the report's WebSocket section are rendered there.
 //!
 //! Owns: finding nginx and the nchan module, writing an nginx.conf for them
 //! in a temp dir and running nginx (a master and as many workers as
@@ -14,21 +15,24 @@
 //! the nchan peer is then reported absent, with the reason and the command
 //! that installs it.
 
-use std::fmt::Write as _;
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command as Proc, Stdio};
+use std::time::{Duration, Instant};
 
-use super::*;
-use switchboard::loadgen::loader::Transport;
+use switchboard_bench::loadgen::loader::Transport;
+use switchboard_bench::loadgen::{timed_payload, Collected, Command, Fleet, ProcStat};
 
-/// The command that installs the nchan peer (Debian, Ubuntu).
-pub const NCHAN_INSTALL: &str = "apt-get install -y nginx libnginx-mod-nchan";
+use super::report::{
+    NchanPeer, NchanRun, WsFanout, WsIdle, WsRatios, WsRun, WsSingle, WsSuite, NCHAN_INSTALL, WS_WARMUP,
+};
+use super::scenarios::{completion_ms, free_port, note, q, Runner, ServerProc};
+use super::Plan;
+
 /// Overrides where nginx is looked for.
 pub const NGINX_ENV: &str = "SWITCHBOARD_NGINX";
 /// The room (nchan: channel) of the fan-out scenario.
 const WS_ROOM: &str = "capacity-ws-room";
-/// Connections opened and closed before the idle baseline, so one-time
-/// costs (allocator pages, buffers, nchan's shared memory setup) are not
-/// charged to the measured connections. The same for both servers.
-const WS_WARMUP: u32 = 200;
 /// After the last publish, time for the deliveries in flight.
 const DRAIN: Duration = Duration::from_millis(1000);
 /// Single fan-out messages per second.
@@ -320,7 +324,7 @@ impl Runner {
     }
 
     /// The WebSocket scenarios against one server.
-    pub(super) fn ws_suite(&mut self, s: &ServerProc, kind: WsServer) -> Result<Value, String> {
+    pub(super) fn ws_suite(&mut self, s: &ServerProc, kind: WsServer) -> Result<WsSuite, String> {
         let n = self.plan.ws_connections;
         let name = s.name;
         // Idle.
@@ -336,22 +340,22 @@ impl Runner {
         let (rss1, pss1) = (ProcStat::rss_sum(&tree1), ProcStat::pss_sum(&tree1));
         idle_fleet.quit();
         let per = |a: Option<u64>, b: Option<u64>| match (a, b) {
-            (Some(a), Some(b)) if idle_ready > 0 && tree0 == tree1 => json!((b as f64 - a as f64) / idle_ready as f64),
-            _ => Value::Null,
+            (Some(a), Some(b)) if idle_ready > 0 && tree0 == tree1 => Some((b as f64 - a as f64) / idle_ready as f64),
+            _ => None,
         };
-        let idle = json!({
-            "connections": idle_ready,
-            "connect_rate_per_s": idle_ready as f64 / ramp.as_secs_f64(),
-            "processes": tree1.len(),
-            "server_rss_before_bytes": rss0,
-            "server_rss_after_bytes": rss1,
-            "server_user_bytes_per_conn": per(rss0, rss1),
-            "server_pss_bytes_per_conn": per(pss0, pss1),
-        });
+        let idle = WsIdle {
+            connections: idle_ready,
+            connect_rate_per_s: idle_ready as f64 / ramp.as_secs_f64(),
+            processes: tree1.len(),
+            server_rss_before_bytes: rss0,
+            server_rss_after_bytes: rss1,
+            server_user_bytes_per_conn: per(rss0, rss1),
+            server_pss_bytes_per_conn: per(pss0, pss1),
+        };
         note(format!(
             "  {:.0} bytes (RSS) / {:.0} bytes (PSS) per idle WebSocket connection",
-            idle["server_user_bytes_per_conn"].as_f64().unwrap_or(f64::NAN),
-            idle["server_pss_bytes_per_conn"].as_f64().unwrap_or(f64::NAN)
+            idle.server_user_bytes_per_conn.unwrap_or(f64::NAN),
+            idle.server_pss_bytes_per_conn.unwrap_or(f64::NAN)
         ));
 
         // Fan-out.
@@ -364,9 +368,9 @@ impl Runner {
         let (rss1, pss1) = (ProcStat::rss_sum(&tree), ProcStat::pss_sum(&tree));
         let per_member = |a: Option<u64>, b: Option<u64>| match (a, b) {
             (Some(a), Some(b)) if members > 0 && ProcStat::process_tree(s.pid()) == tree => {
-                json!((b as f64 - a as f64) / members as f64)
+                Some((b as f64 - a as f64) / members as f64)
             }
-            _ => Value::Null,
+            _ => None,
         };
         let (sub_rss, sub_pss) = (per_member(rss0, rss1), per_member(pss0, pss1));
         let _ = fleet.collect()?;
@@ -377,11 +381,10 @@ impl Runner {
         let single_done = completion_ms(&single, 0..repeats, members);
         note(format!(
             "  one message: the last of {members} subscribers has it after p50 {} ms ({} of {repeats} reached everyone)",
-            q(&single_done, 0.5),
+            super::report::f(q(&single_done, 0.5), 3),
             single_done.len()
         ));
         let mut runs = Vec::new();
-        let mut best: Option<Value> = None;
         for (k, &target) in self.plan.ws_rates.clone().iter().enumerate() {
             let rate = (target / members.max(1) as f64).max(1.0);
             let count = ((rate * self.plan.ws_sustain_s as f64) as u32).max(1);
@@ -397,82 +400,63 @@ impl Runner {
             let complete = done.len() == count as usize && c.closed == 0;
             let window = window_s(&c, base..base + count, rate).max(publish_s).max(0.001);
             let delivered = c.received as f64 / window;
-            // Kept up: everyone got everything, the publisher stayed on
-            // schedule (it writes open loop; it falls behind only when the
-            // server stops reading) and most of the offered rate was
-            // delivered within the run.
-            let kept_up = complete && late as f64 <= 0.05 * count as f64 && delivered >= 0.9 * target;
-            let run = json!({
-                "target_deliveries_per_s": target,
-                "publish_rate_per_s": rate,
-                "messages": count,
-                "published_late": late,
-                "complete": complete,
-                "kept_up": kept_up,
-                "subscribers_cut_off": c.closed,
-                "deliveries": c.received,
-                "deliveries_per_s": delivered,
-                "p50_ms": c.hist.value_at_quantile(0.5) as f64 / 1e3,
-                "p99_ms": c.hist.value_at_quantile(0.99) as f64 / 1e3,
-                "max_ms": c.hist.max() as f64 / 1e3,
-                "server_user_ns_per_delivery": user / c.received.max(1) as f64,
-                "server_sys_ns_per_delivery": sys / c.received.max(1) as f64,
-            });
+            let kept_up = WsRun::judge(complete, late, count, delivered, target);
+            let run = WsRun {
+                target_deliveries_per_s: target,
+                publish_rate_per_s: rate,
+                messages: count,
+                published_late: late,
+                complete,
+                kept_up,
+                subscribers_cut_off: c.closed,
+                deliveries: c.received,
+                deliveries_per_s: delivered,
+                p50_ms: c.hist.value_at_quantile(0.5) as f64 / 1e3,
+                p99_ms: c.hist.value_at_quantile(0.99) as f64 / 1e3,
+                max_ms: c.hist.max() as f64 / 1e3,
+                server_user_ns_per_delivery: user / c.received.max(1) as f64,
+                server_sys_ns_per_delivery: sys / c.received.max(1) as f64,
+            };
             note(format!(
                 "  sustained {target:.0} deliveries/s offered: {delivered:.0} delivered/s, p50 {:.1} ms, p99 {:.1} ms, server user / sys {:.0} / {:.0} ns per delivery, {late} published late, kept up: {kept_up}",
-                run["p50_ms"].as_f64().unwrap_or(0.0),
-                run["p99_ms"].as_f64().unwrap_or(0.0),
-                run["server_user_ns_per_delivery"].as_f64().unwrap_or(0.0),
-                run["server_sys_ns_per_delivery"].as_f64().unwrap_or(0.0),
+                run.p50_ms, run.p99_ms, run.server_user_ns_per_delivery, run.server_sys_ns_per_delivery,
             ));
-            runs.push(run.clone());
+            runs.push(run);
             if !kept_up {
                 break;
             }
-            best = Some(run);
         }
         fleet.quit();
-        Ok(json!({
-            "server": name,
-            "transport": match kind {
+        let single = WsSingle {
+            p50_ms: q(&single_done, 0.5),
+            p99_ms: q(&single_done, 0.99),
+            reached_everyone: single_done.len(),
+            messages: repeats,
+        };
+        Ok(WsSuite {
+            server: name.into(),
+            transport: match kind {
                 WsServer::Switchboard => "WebSocket, subprotocol switchboard.v1.bin; members publish with PUBLISH frames",
                 WsServer::Nchan => "WebSocket subscribers at /sub/<channel>; HTTP POSTs to /pub/<channel> from the runner, pipelined on one keep-alive connection (open loop)",
-            },
-            "idle": idle,
-            "fanout": {
-                "subscribers": members,
-                // Memory growth while the subscribers joined the one room
-                // (after the idle connections above were closed).
-                "server_user_bytes_per_subscriber": sub_rss,
-                "server_pss_bytes_per_subscriber": sub_pss,
-                "single": {
-                    "p50_ms": q(&single_done, 0.5),
-                    "p99_ms": q(&single_done, 0.99),
-                    "reached_everyone": single_done.len(),
-                    "messages": repeats,
-                },
-                // The first rate: the same offered load on both servers.
-                "reference": runs.first().cloned().unwrap_or(Value::Null),
-                "kept_up": "every subscriber got every message, the publisher stayed on schedule (at most 5% of the messages more than 10 ms late, or blocked on a full socket) and at least 90% of the offered deliveries/s were delivered",
-                // Every offered rate kept up: the ladder ended before the
-                // server did (its limit is higher than the best figure).
-                "saturated": runs.iter().any(|r| r["kept_up"] != true),
-                "max_delivered_per_s": runs.iter().filter_map(|r| r["deliveries_per_s"].as_f64()).fold(0.0, f64::max),
-                "sustained": best.unwrap_or(Value::Null),
-                "sustained_runs": runs,
-            },
-        }))
+            }
+            .into(),
+            idle,
+            // Memory growth while the subscribers joined the one room (after
+            // the idle connections above were closed).
+            fanout: WsFanout::of(members, sub_rss, sub_pss, single, runs),
+        })
     }
 
     /// nginx + nchan through the same scenarios; absent (with the reason)
     /// if it is not installed or fails.
-    pub(super) fn nchan_peer(&mut self) -> Value {
+    /// `sb` is Switchboard's suite, for the ratios.
+    pub(super) fn nchan_peer(&mut self, sb: &WsSuite) -> NchanPeer {
         let absent = |reason: String| {
             note(format!("nginx + nchan peer absent: {reason}"));
             if reason.contains("not installed") {
                 note(format!("  for the nchan column install it: {NCHAN_INSTALL}"));
             }
-            json!({ "absent": true, "reason": reason, "install": NCHAN_INSTALL })
+            NchanPeer::absent(reason)
         };
         let (s, dir) = match start_nchan(&self.out, &self.plan) {
             Ok(x) => x,
@@ -486,228 +470,13 @@ impl Runner {
         s.stop();
         let _ = std::fs::remove_dir_all(&dir);
         match r {
-            Ok(v) => json!({
-                "what": "nginx + nchan (nchan_subscriber websocket; nchan_publisher http), worker_processes = Switchboard's workers, config in nginx-nchan.conf",
-                "nginx_version": version,
-                "websocket": v,
-            }),
+            Ok(websocket) => NchanPeer::Ran(Box::new(NchanRun {
+                what: "nginx + nchan (nchan_subscriber websocket; nchan_publisher http), worker_processes = Switchboard's workers, config in nginx-nchan.conf".into(),
+                nginx_version: version,
+                ratios_switchboard_over_peer: WsRatios::between(sb, &websocket),
+                websocket,
+            })),
             Err(e) => absent(format!("the nchan run failed: {e}")),
         }
-    }
-}
-
-/// Switchboard-over-WebSocket / nchan ratios of the figures both measured.
-pub fn nchan_ratios(sb: &Value, nchan: &Value) -> Value {
-    let ratio = |path: &[&str]| {
-        let get = |v: &Value| path.iter().fold(v, |v, k| &v[*k]).as_f64();
-        match (get(sb), get(nchan)) {
-            (Some(a), Some(b)) if b > 0.0 => json!(a / b),
-            _ => Value::Null,
-        }
-    };
-    json!({
-        "memory_per_conn_rss": ratio(&["idle", "server_user_bytes_per_conn"]),
-        "memory_per_conn_pss": ratio(&["idle", "server_pss_bytes_per_conn"]),
-        "memory_per_room_subscriber_rss": ratio(&["fanout", "server_user_bytes_per_subscriber"]),
-        "connect_rate_per_s": ratio(&["idle", "connect_rate_per_s"]),
-        "fanout_single_p50": ratio(&["fanout", "single", "p50_ms"]),
-        "fanout_single_p99": ratio(&["fanout", "single", "p99_ms"]),
-        "fanout_sustained_deliveries_per_s": ratio(&["fanout", "sustained", "deliveries_per_s"]),
-        "fanout_max_delivered_per_s": ratio(&["fanout", "max_delivered_per_s"]),
-        "latency_p50_at_reference_rate": ratio(&["fanout", "reference", "p50_ms"]),
-        "latency_p99_at_reference_rate": ratio(&["fanout", "reference", "p99_ms"]),
-        "user_ns_per_delivery_at_reference_rate": ratio(&["fanout", "reference", "server_user_ns_per_delivery"]),
-        "sys_ns_per_delivery_at_reference_rate": ratio(&["fanout", "reference", "server_sys_ns_per_delivery"]),
-    })
-}
-
-/// The WebSocket section of report.md.
-pub fn markdown(m: &mut String, r: &Value) {
-    let sb = &r["websocket"];
-    if sb.is_null() {
-        return;
-    }
-    let nc = &r["peers"]["nchan"];
-    let present = nc.get("websocket").is_some();
-    let nw = &nc["websocket"];
-    let ra = &nc["ratios_switchboard_over_peer"];
-    let _ = writeln!(
-        m,
-        "\n## WebSocket: Switchboard (switchboard.v1.bin) next to nginx + nchan (same loaders, same load, same run)\n"
-    );
-    let (sf, nf) = (&sb["fanout"], &nw["fanout"]);
-    let pair = |a: &Value, b: &Value, d: usize| format!("{} / {}", f(a, d), f(b, d));
-    let rows: Vec<(String, String, String, String)> = vec![
-        ("idle connections".into(), f(&sb["idle"]["connections"], 0), f(&nw["idle"]["connections"], 0), String::new()),
-        (
-            "server bytes per idle connection, RSS (all server processes; nchan: a channel per connection)".into(),
-            f(&sb["idle"]["server_user_bytes_per_conn"], 0),
-            f(&nw["idle"]["server_user_bytes_per_conn"], 0),
-            f(&ra["memory_per_conn_rss"], 3),
-        ),
-        (
-            "  same, PSS (shared pages counted once)".into(),
-            f(&sb["idle"]["server_pss_bytes_per_conn"], 0),
-            f(&nw["idle"]["server_pss_bytes_per_conn"], 0),
-            f(&ra["memory_per_conn_pss"], 3),
-        ),
-        (
-            "connect + upgrade (+ login) rate (/s)".into(),
-            f(&sb["idle"]["connect_rate_per_s"], 0),
-            f(&nw["idle"]["connect_rate_per_s"], 0),
-            f(&ra["connect_rate_per_s"], 3),
-        ),
-        ("room subscribers".into(), f(&sf["subscribers"], 0), f(&nf["subscribers"], 0), String::new()),
-        (
-            "server bytes per room subscriber, RSS / PSS (all in one room)".into(),
-            pair(&sf["server_user_bytes_per_subscriber"], &sf["server_pss_bytes_per_subscriber"], 0),
-            pair(&nf["server_user_bytes_per_subscriber"], &nf["server_pss_bytes_per_subscriber"], 0),
-            f(&ra["memory_per_room_subscriber_rss"], 3),
-        ),
-        (
-            "one message: until the last subscriber has it, p50 / p99 (ms)".into(),
-            pair(&sf["single"]["p50_ms"], &sf["single"]["p99_ms"], 1),
-            pair(&nf["single"]["p50_ms"], &nf["single"]["p99_ms"], 1),
-            f(&ra["fanout_single_p50"], 3),
-        ),
-        (
-            format!(
-                "at {} deliveries/s offered: publish→deliver p50 / p99 (ms)",
-                f(&sf["reference"]["target_deliveries_per_s"], 0)
-            ),
-            pair(&sf["reference"]["p50_ms"], &sf["reference"]["p99_ms"], 1),
-            pair(&nf["reference"]["p50_ms"], &nf["reference"]["p99_ms"], 1),
-            format!("{} / {}", f(&ra["latency_p50_at_reference_rate"], 3), f(&ra["latency_p99_at_reference_rate"], 3)),
-        ),
-        (
-            "  same rate: server user CPU per delivery (ns)".into(),
-            f(&sf["reference"]["server_user_ns_per_delivery"], 0),
-            f(&nf["reference"]["server_user_ns_per_delivery"], 0),
-            f(&ra["user_ns_per_delivery_at_reference_rate"], 3),
-        ),
-        (
-            "  same rate: server system CPU per delivery (ns)".into(),
-            f(&sf["reference"]["server_sys_ns_per_delivery"], 0),
-            f(&nf["reference"]["server_sys_ns_per_delivery"], 0),
-            f(&ra["sys_ns_per_delivery_at_reference_rate"], 3),
-        ),
-        (
-            "sustained fan-out, best rate kept up (deliveries/s; everyone got everything, publisher on schedule)"
-                .into(),
-            f(&sf["sustained"]["deliveries_per_s"], 0),
-            f(&nf["sustained"]["deliveries_per_s"], 0),
-            f(&ra["fanout_sustained_deliveries_per_s"], 3),
-        ),
-        (
-            "  (the ladder's top rate was kept up: the server's limit is higher)".into(),
-            if sf["saturated"] == false { "yes".into() } else { "no".into() },
-            if nf["saturated"] == false { "yes".into() } else { "no".into() },
-            String::new(),
-        ),
-        (
-            "highest delivered rate in any sustained run (deliveries/s)".into(),
-            f(&sf["max_delivered_per_s"], 0),
-            f(&nf["max_delivered_per_s"], 0),
-            f(&ra["fanout_max_delivered_per_s"], 3),
-        ),
-        (
-            "  best kept-up rate: publish→deliver p50 / p99 (ms)".into(),
-            pair(&sf["sustained"]["p50_ms"], &sf["sustained"]["p99_ms"], 1),
-            pair(&nf["sustained"]["p50_ms"], &nf["sustained"]["p99_ms"], 1),
-            String::new(),
-        ),
-    ];
-    let _ = writeln!(m, "| figure | Switchboard WebSocket | nginx + nchan | Switchboard / nchan |\n|---|---|---|---|");
-    for (k, a, b, c) in rows {
-        let b = if present { b } else { "absent".into() };
-        let _ = writeln!(m, "| {k} | {a} | {b} | {c} |");
-    }
-    let _ = writeln!(
-        m,
-        "\nSustained runs (offered deliveries/s → delivered/s, p99, server user / system CPU per delivery, kept up):\n"
-    );
-    for (label, v) in [("Switchboard WebSocket", sf), ("nginx + nchan", nf)] {
-        let runs: Vec<String> = v["sustained_runs"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|r| {
-                format!(
-                    "{} → {} ({} ms, {} / {} ns, {})",
-                    f(&r["target_deliveries_per_s"], 0),
-                    f(&r["deliveries_per_s"], 0),
-                    f(&r["p99_ms"], 1),
-                    f(&r["server_user_ns_per_delivery"], 0),
-                    f(&r["server_sys_ns_per_delivery"], 0),
-                    if r["kept_up"].as_bool() == Some(true) { "kept up" } else { "did not keep up" }
-                )
-            })
-            .collect();
-        if !runs.is_empty() {
-            let _ = writeln!(m, "- {label}: {}", runs.join("; "));
-        }
-    }
-    if present {
-        let _ = writeln!(
-            m,
-            "\nMethod: each server fresh in its own process(es), {} warm-up connections opened and closed first; memory is the growth of the server processes' summed RSS (PSS) divided by the idle connections (nchan: a channel per subscriber; Switchboard: logged-in users) or by the room's subscribers; each Switchboard connection logs in with a JWT (HMAC-SHA256 checked by the server), nchan subscribers are anonymous; CPU is every thread of every server process from /proc. nchan publishes by HTTP POSTs from the runner (pipelined on one keep-alive connection, open loop), Switchboard by a member's PUBLISH frame; payloads carry the send time. {}",
-            WS_WARMUP,
-            nc["nginx_version"].as_str().unwrap_or("")
-        );
-    } else {
-        let _ = writeln!(
-            m,
-            "\nnginx + nchan: absent ({}). Install it for this column: `{}`.",
-            nc["reason"].as_str().unwrap_or("not run"),
-            nc["install"].as_str().unwrap_or(NCHAN_INSTALL)
-        );
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn suite(bytes: f64, p50: f64, best: Option<f64>) -> Value {
-        json!({
-            "idle": { "connections": 10, "server_user_bytes_per_conn": bytes, "server_pss_bytes_per_conn": bytes, "connect_rate_per_s": 100.0 },
-            "fanout": {
-                "subscribers": 10,
-                "single": { "p50_ms": p50, "p99_ms": p50 },
-                "reference": { "target_deliveries_per_s": 1000.0, "p50_ms": p50, "p99_ms": p50, "server_user_ns_per_delivery": bytes },
-                "sustained": best.map(|d| json!({ "deliveries_per_s": d })).unwrap_or(Value::Null),
-                "saturated": best.is_none(),
-                "max_delivered_per_s": best.unwrap_or(500.0),
-                "sustained_runs": [],
-            },
-        })
-    }
-
-    #[test]
-    fn ratios_divide_switchboard_by_nchan_and_skip_what_is_missing() {
-        let r = nchan_ratios(&suite(200.0, 10.0, Some(900.0)), &suite(10_000.0, 20.0, None));
-        assert_eq!(r["memory_per_conn_rss"], json!(0.02));
-        assert_eq!(r["fanout_single_p50"], json!(0.5));
-        assert_eq!(r["fanout_max_delivered_per_s"], json!(1.8));
-        assert_eq!(r["fanout_sustained_deliveries_per_s"], Value::Null, "nchan kept up at no rate");
-    }
-
-    #[test]
-    fn the_report_says_why_nchan_is_absent_and_how_to_install_it() {
-        let mut r = json!({ "websocket": suite(200.0, 10.0, Some(900.0)) });
-        r["peers"]["nchan"] = json!({ "absent": true, "reason": "nginx is not installed", "install": NCHAN_INSTALL });
-        let mut m = String::new();
-        markdown(&mut m, &r);
-        assert!(m.contains("| 200 | absent |"), "{m}");
-        assert!(m.contains("nginx + nchan: absent (nginx is not installed)"), "{m}");
-        assert!(m.contains(NCHAN_INSTALL), "{m}");
-
-        r["peers"]["nchan"] = json!({ "websocket": suite(10_000.0, 20.0, None), "nginx_version": "nginx/1" });
-        r["peers"]["nchan"]["ratios_switchboard_over_peer"] =
-            nchan_ratios(&r["websocket"], &r["peers"]["nchan"]["websocket"]);
-        let mut m = String::new();
-        markdown(&mut m, &r);
-        assert!(m.contains("| 200 | 10000 | 0.020 |"), "{m}");
-        assert!(!m.contains("absent"), "{m}");
     }
 }

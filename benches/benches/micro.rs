@@ -2,7 +2,7 @@
 //! wheel, the mailbox, the user directory, the JWT check and the outbound
 //! queue. Each group opens with the question it answers and why these sizes.
 //!
-//! Run: `cargo bench --bench micro` (short: `-- --warm-up-time 1
+//! Run: `cargo bench -p switchboard-bench --bench micro` (short: `-- --warm-up-time 1
 //! --measurement-time 3`; one group: `-- codec`).
 //!
 //! The global allocator is mimalloc, as in the server binary, so the groups

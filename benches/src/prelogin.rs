@@ -16,10 +16,10 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use serde_json::json;
-use switchboard::loadgen::loader::ws_client_fragment;
-use switchboard::loadgen::ProcStat;
+use serde::Serialize;
 use switchboard::proto::ws::Opcode;
+use switchboard_bench::loadgen::loader::ws_client_fragment;
+use switchboard_bench::loadgen::ProcStat;
 
 /// Settings of one run.
 pub struct Args {
@@ -89,7 +89,27 @@ fn closed_by_server(s: &mut TcpStream) -> bool {
     }
 }
 
-pub fn run(a: Args) -> Result<serde_json::Value, String> {
+/// What one run measured.
+#[derive(Serialize)]
+pub struct PreloginRun {
+    scenario: &'static str,
+    /// `raw` or `websocket`.
+    transport: &'static str,
+    connections: usize,
+    refused_or_failed: u32,
+    claimed_frame_bytes: usize,
+    bytes_sent_per_connection: usize,
+    send_s: f64,
+    settle_s: u64,
+    server_rss_before_bytes: u64,
+    server_rss_after_bytes: u64,
+    server_rss_growth_bytes: i64,
+    server_rss_growth_per_connection: f64,
+    closed_by_server: usize,
+    still_open: usize,
+}
+
+pub fn run(a: Args) -> Result<PreloginRun, String> {
     // Warm-up: one-time costs (allocator size classes, the worker's
     // scratch) are not charged to the measured connections.
     for i in 0..200 {
@@ -117,20 +137,20 @@ pub fn run(a: Args) -> Result<serde_json::Value, String> {
     let rss1 = ProcStat::rss_bytes(a.server_pid).ok_or("cannot read the server's RSS")?;
     let closed = conns.iter_mut().map(closed_by_server).filter(|&c| c).count();
     let n = conns.len().max(1) as f64;
-    Ok(json!({
-        "scenario": "prelogin",
-        "transport": if a.ws { "websocket" } else { "raw" },
-        "connections": conns.len(),
-        "refused_or_failed": refused,
-        "claimed_frame_bytes": a.frame_bytes,
-        "bytes_sent_per_connection": unfinished(a.ws, a.frame_bytes, 0).len(),
-        "send_s": sent_s,
-        "settle_s": a.settle_s,
-        "server_rss_before_bytes": rss0,
-        "server_rss_after_bytes": rss1,
-        "server_rss_growth_bytes": rss1 as i64 - rss0 as i64,
-        "server_rss_growth_per_connection": (rss1 as f64 - rss0 as f64) / n,
-        "closed_by_server": closed,
-        "still_open": conns.len() - closed,
-    }))
+    Ok(PreloginRun {
+        scenario: "prelogin",
+        transport: if a.ws { "websocket" } else { "raw" },
+        connections: conns.len(),
+        refused_or_failed: refused,
+        claimed_frame_bytes: a.frame_bytes,
+        bytes_sent_per_connection: unfinished(a.ws, a.frame_bytes, 0).len(),
+        send_s: sent_s,
+        settle_s: a.settle_s,
+        server_rss_before_bytes: rss0,
+        server_rss_after_bytes: rss1,
+        server_rss_growth_bytes: rss1 as i64 - rss0 as i64,
+        server_rss_growth_per_connection: (rss1 as f64 - rss0 as f64) / n,
+        closed_by_server: closed,
+        still_open: conns.len() - closed,
+    })
 }

@@ -18,10 +18,6 @@ use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
-use crate::proto::frame::{decode, Frame, PROTOCOL_MAX_FRAME_BYTES};
-use crate::proto::wire::SUBPROTOCOL_BINARY;
-use crate::proto::ws::{apply_mask, frame_header, Opcode};
-use crate::JwtHs256;
 use base64::Engine;
 use bytes::Bytes;
 use hdrhistogram::serialization::{Serializer, V2Serializer};
@@ -30,6 +26,11 @@ use mio::net::TcpStream;
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 use socket2::{Domain, Protocol, Socket, Type};
+use switchboard::proto::frame::{decode, Frame, PROTOCOL_MAX_FRAME_BYTES};
+use switchboard::proto::wire::SUBPROTOCOL_BINARY;
+use switchboard::proto::ws::{apply_mask, frame_header, Opcode};
+use switchboard::timed::{self, mono_ns};
+use switchboard::JwtHs256;
 
 use super::ctl::{Command, Event};
 
@@ -142,14 +143,6 @@ pub struct LoaderArgs {
     /// connection's user id and a fresh JWT (`Ws` default:
     /// [`DEFAULT_WS_PATH`]).
     pub ws_path: Option<String>,
-}
-
-/// Monotonic nanoseconds, comparable across processes on one host.
-pub fn mono_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: clock_gettime writes into the live timespec.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 fn emit(e: &Event) {
@@ -364,9 +357,7 @@ impl Loader {
     /// A timed payload received (ROOM_MSG, or a plain WebSocket message).
     fn on_timed(&mut self, payload: &[u8]) {
         self.received += 1;
-        if payload.len() >= 12 {
-            let sent = u64::from_be_bytes(payload[..8].try_into().expect("8 bytes"));
-            let seq = u32::from_be_bytes(payload[8..12].try_into().expect("4 bytes"));
+        if let Some((sent, seq)) = timed::read(payload) {
             let lat_us = (mono_ns().saturating_sub(sent) / 1000).max(1);
             let _ = self.hist.record(lat_us);
             let e = self.per_seq.entry(seq).or_insert((0, 0));
@@ -467,7 +458,7 @@ impl Loader {
     }
 
     fn ws_frames(&mut self, i: usize, data: &[u8]) -> usize {
-        use crate::proto::ws::{ClientDecoder, WsEvent};
+        use switchboard::proto::ws::{ClientDecoder, WsEvent};
         // The library's client-end decoder. A new one per call: servers here
         // never fragment (a fragment is reported as an error), so it holds
         // no state worth keeping per connection.
@@ -557,8 +548,7 @@ impl Loader {
             }
             Frame::Push { payload, .. } => {
                 self.received += 1;
-                if payload.len() >= 8 {
-                    let sent = u64::from_be_bytes(payload[..8].try_into().expect("8 bytes"));
+                if let Some(sent) = timed::sent_ns(payload) {
                     let lat_us = mono_ns().saturating_sub(sent) / 1000;
                     let _ = self.hist.record(lat_us.max(1));
                 }
@@ -649,7 +639,7 @@ impl Loader {
         };
         let mut blocked = 0;
         while p.sent < due {
-            let payload = super::timed_payload(p.first_seq + p.sent, p.payload_bytes);
+            let payload = timed::payload(p.first_seq + p.sent, p.payload_bytes);
             let f = Frame::Publish { req_id: 0, room: &p.room, payload: &payload }.to_bytes().expect("publish encodes");
             let f = wrap(self.args.transport, &mut self.rng, f);
             // A publisher that the server reads slowly waits (its messages
@@ -691,7 +681,7 @@ impl Loader {
             u.next_sender += 1;
             let target = (xorshift(&mut u.rng) % u.users_total as u64) as u32;
             let to = format!("{}{}", self.args.user_prefix, target);
-            u.payload[..8].copy_from_slice(&mono_ns().to_be_bytes());
+            timed::restamp(&mut u.payload);
             let f = Frame::Send { req_id: 0, to: &to, payload: &u.payload }.to_bytes().expect("send encodes");
             let f = wrap(self.args.transport, &mut self.rng, f);
             match self.conns[sender].stream.write(&f) {
@@ -807,7 +797,7 @@ pub fn run(args: LoaderArgs) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proto::ws::{Decoder, WsEvent};
+    use switchboard::proto::ws::{Decoder, WsEvent};
 
     #[test]
     fn client_frames_are_masked_and_the_server_decoder_reads_them() {

@@ -8,8 +8,8 @@
 //! Must not: estimate anything. Every figure comes from a measurement in the
 //! run; projections are labelled as such by the caller.
 //!
-//! Used by the `switchboard-bench` binary and by the benchmarks in
-//! `benches/`; a loader process is `switchboard-bench child …`.
+//! Used by the `switchboard-bench` binary and by the criterion benches in
+//! `benches/benches/`; a loader process is `switchboard-bench child …`.
 
 pub mod ctl;
 pub mod loader;
@@ -184,7 +184,7 @@ impl FleetSpec {
             addr,
             connections,
             procs: 0,
-            secret: crate::config::DEV_JWT_SECRET.to_string(),
+            secret: switchboard::config::DEV_JWT_SECRET.to_string(),
             user_prefix: "u".into(),
             room: None,
             src_base: 10,
@@ -438,24 +438,32 @@ impl Drop for Fleet {
     }
 }
 
-/// p50/p99/p99.9/max of a latency histogram, as JSON.
-pub fn percentiles(h: &Histogram<u64>) -> serde_json::Value {
-    serde_json::json!({
-        "count": h.len(),
-        "p50_us": h.value_at_quantile(0.50),
-        "p99_us": h.value_at_quantile(0.99),
-        "p999_us": h.value_at_quantile(0.999),
-        "max_us": h.max(),
-    })
+/// Percentiles of a latency histogram (µs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Latency {
+    /// Samples recorded.
+    pub count: u64,
+    pub p50_us: u64,
+    pub p99_us: u64,
+    pub p999_us: u64,
+    pub max_us: u64,
 }
 
-/// Payload of a timed message: send timestamp (CLOCK_MONOTONIC ns, the same
-/// clock in every process of the host) and a sequence number, then padding.
+/// p50/p99/p99.9/max of a latency histogram.
+pub fn percentiles(h: &Histogram<u64>) -> Latency {
+    Latency {
+        count: h.len(),
+        p50_us: h.value_at_quantile(0.50),
+        p99_us: h.value_at_quantile(0.99),
+        p999_us: h.value_at_quantile(0.999),
+        max_us: h.max(),
+    }
+}
+
+/// A timed payload (`switchboard::timed`): the send time and `seq`, padded
+/// to `len` bytes.
 pub fn timed_payload(seq: u32, len: usize) -> Vec<u8> {
-    let mut p = vec![0u8; len.max(12)];
-    p[..8].copy_from_slice(&loader::mono_ns().to_be_bytes());
-    p[8..12].copy_from_slice(&seq.to_be_bytes());
-    p
+    switchboard::timed::payload(seq, len)
 }
 
 /// A minimal HTTP/1.1 client for the admin API (one request per

@@ -39,16 +39,13 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
 use socket2::{Domain, Protocol, Socket, Type};
-use switchboard::loadgen::ProcStat;
 use switchboard::proto::frame::{decode, Frame, PROTOCOL_MAX_FRAME_BYTES};
 use switchboard::JwtHs256;
+use switchboard_bench::loadgen::ProcStat;
 
-use super::ServerProc;
-
-/// RSS may grow this much from the end of the warm-up to the end of the run.
-pub const TOLERANCE_BYTES: u64 = 2_000_000;
+use super::report::{Churn, RssSample, Verdict, CHURN_TOLERANCE_BYTES};
+use super::scenarios::ServerProc;
 
 /// The shortest warm-up: two and a half times the directory's offline
 /// linger. A shorter one samples RSS before the table of recently offline
@@ -77,6 +74,8 @@ pub struct ChurnPlan {
     pub workers: usize,
     /// First source address: thread k binds 127.0.0.<src_base + k>.
     pub src_base: u8,
+    /// Appended to the server's config (TOML tables).
+    pub server_config: String,
 }
 
 impl ChurnPlan {
@@ -89,6 +88,7 @@ impl ChurnPlan {
             sample_every: 100_000,
             workers: 2,
             src_base: 200,
+            server_config: String::new(),
         }
     }
 
@@ -298,14 +298,13 @@ fn wait_quiet(s: &ServerProc) -> Result<Duration, String> {
     let t0 = Instant::now();
     loop {
         let st = s.stats().ok_or("cannot read the server's /stats")?;
-        let (conns, logged) = (st["stats"]["connections"].as_u64(), st["stats"]["logged_in"].as_u64());
-        let retained = st["users_offline_retained"].as_u64();
-        if conns == Some(0) && logged == Some(0) && st["users"].as_u64() == Some(0) && retained == Some(0) {
+        let (conns, logged, retained) = (st.stats.connections, st.stats.logged_in, st.users_offline_retained);
+        if conns == 0 && logged == 0 && st.users == 0 && retained == 0 {
             return Ok(t0.elapsed());
         }
         if t0.elapsed() > Duration::from_secs(30) {
             return Err(format!(
-                "server still has {conns:?} connections, {logged:?} logged in, {retained:?} offline entries after 30 s"
+                "server still has {conns} connections, {logged} logged in, {retained} offline entries after 30 s"
             ));
         }
         std::thread::sleep(Duration::from_millis(20));
@@ -313,13 +312,13 @@ fn wait_quiet(s: &ServerProc) -> Result<Duration, String> {
 }
 
 /// Runs the plan against a fresh server started from `bin`; returns the
-/// figures as JSON.
-pub fn run(bin: &Path, out: &Path, plan: &ChurnPlan) -> Result<Value, String> {
+/// figures and the verdict.
+pub fn run(bin: &Path, out: &Path, plan: &ChurnPlan) -> Result<Churn, String> {
     std::fs::create_dir_all(out).map_err(|e| e.to_string())?;
     if plan.threads == 0 || plan.cycles == 0 {
         return Err("churn needs at least one thread and one cycle".into());
     }
-    let s = ServerProc::switchboard(bin, out, "churn", plan.workers, "")?;
+    let s = ServerProc::switchboard(bin, out, "churn", plan.workers, &plan.server_config)?;
     let pid = s.pid();
     let jwt = JwtHs256::new(switchboard::config::DEV_JWT_SECRET);
     let rss = || ProcStat::rss_bytes(pid).ok_or_else(|| "cannot read the server's RSS".to_string());
@@ -338,10 +337,10 @@ pub fn run(bin: &Path, out: &Path, plan: &ChurnPlan) -> Result<Value, String> {
     }
     wait_quiet(&s)?;
     let rss_warm = rss()?;
-    let cycles_warm = s.stats().and_then(|v| v["stats"]["logins"].as_u64()).unwrap_or(0);
+    let cycles_warm = s.stats().map(|v| v.stats.logins).unwrap_or(0);
     eprintln!("churn: after warm-up RSS {:.2} MB", rss_warm as f64 / 1e6);
 
-    let mut samples = vec![json!({ "cycles": 0, "rss_bytes": rss_warm })];
+    let mut samples = vec![RssSample { cycles: 0, rss_bytes: rss_warm, quiesced: false }];
     let mut next_sample = plan.sample_every;
     let t0 = Instant::now();
     let (failed, first_error) = run_cycles(plan, s.addr, &jwt, plan.cycles, round, |done| {
@@ -352,7 +351,7 @@ pub fn run(bin: &Path, out: &Path, plan: &ChurnPlan) -> Result<Value, String> {
                     r as f64 / 1e6,
                     done as f64 / t0.elapsed().as_secs_f64()
                 );
-                samples.push(json!({ "cycles": done, "rss_bytes": r }));
+                samples.push(RssSample { cycles: done, rss_bytes: r, quiesced: false });
             }
             next_sample = (done / plan.sample_every + 1) * plan.sample_every;
         }
@@ -360,54 +359,35 @@ pub fn run(bin: &Path, out: &Path, plan: &ChurnPlan) -> Result<Value, String> {
     let elapsed = t0.elapsed();
     let quiet_after = wait_quiet(&s)?;
     let rss_end = rss()?;
-    let stats = s.stats().unwrap_or(Value::Null);
+    let logins = s.stats().map(|v| v.stats.logins - cycles_warm);
     s.stop();
     let done = plan.cycles - failed;
-    let logins = stats["stats"]["logins"].as_u64().map(|l| l - cycles_warm);
-    samples.push(json!({ "cycles": done, "rss_bytes": rss_end, "quiesced": true }));
+    samples.push(RssSample { cycles: done, rss_bytes: rss_end, quiesced: true });
     let growth = rss_end as i64 - rss_warm as i64;
-    let pass = growth.unsigned_abs() <= TOLERANCE_BYTES && failed == 0 && warm_failed == 0;
-    let r = json!({
-        "question": "after a warm-up, does the server's RSS stay flat over many connect → LOGIN → disconnect cycles?",
-        "mix": plan.mix(),
-        "cycles": done,
-        "failed": failed + warm_failed,
-        "first_error": first_error.or(warm_error),
-        "warmup_cycles": warm_cycles,
-        "logins_counted_by_server": logins,
-        "elapsed_s": elapsed.as_secs_f64(),
-        "cycles_per_s": done as f64 / elapsed.as_secs_f64(),
-        "server_rss_start_bytes": rss_start,
-        "server_rss_after_warmup_bytes": rss_warm,
-        "server_rss_end_bytes": rss_end,
-        "growth_bytes": growth,
-        "growth_bytes_per_cycle": growth as f64 / done.max(1) as f64,
-        "tolerance_bytes": TOLERANCE_BYTES,
-        "pass": pass,
-        "verdict": if pass { "PASS" } else { "FAIL" },
-        "rss_samples": samples,
-        "quiesce_ms": quiet_after.as_millis() as u64,
-        "method": "RSS (VmRSS of /proc/<pid>/status) after the warm-up and at the end, each once the server's /stats shows 0 connections, 0 logged in, 0 users and 0 retained offline entries (the warm-up lasts at least 2.5 times their 10 s linger); intermediate samples live",
-    });
-    Ok(r)
-}
-
-/// One paragraph for a report: the figures and the verdict.
-pub fn summary(r: &Value) -> String {
-    let mb = |v: &Value| v.as_f64().map(|b| format!("{:.2} MB", b / 1e6)).unwrap_or_else(|| "n/a".into());
-    format!(
-        "{} cycles at {:.0}/s: server RSS {} after a {}-cycle warm-up, {} at the end: {:+} bytes ({:+.2} bytes/cycle); {} (flat within {} MB), {} failed",
-        r["cycles"],
-        r["cycles_per_s"].as_f64().unwrap_or(0.0),
-        mb(&r["server_rss_after_warmup_bytes"]),
-        r["warmup_cycles"],
-        mb(&r["server_rss_end_bytes"]),
-        r["growth_bytes"].as_i64().unwrap_or(0),
-        r["growth_bytes_per_cycle"].as_f64().unwrap_or(0.0),
-        r["verdict"].as_str().unwrap_or("?"),
-        TOLERANCE_BYTES as f64 / 1e6,
-        r["failed"],
-    )
+    let verdict = Churn::judge(growth, failed + warm_failed);
+    Ok(Churn {
+        question: "after a warm-up, does the server's RSS stay flat over many connect → LOGIN → disconnect cycles?"
+            .into(),
+        mix: plan.mix(),
+        cycles: done,
+        failed: failed + warm_failed,
+        first_error: first_error.or(warm_error),
+        warmup_cycles: warm_cycles,
+        logins_counted_by_server: logins,
+        elapsed_s: elapsed.as_secs_f64(),
+        cycles_per_s: done as f64 / elapsed.as_secs_f64(),
+        server_rss_start_bytes: rss_start,
+        server_rss_after_warmup_bytes: rss_warm,
+        server_rss_end_bytes: rss_end,
+        growth_bytes: growth,
+        growth_bytes_per_cycle: growth as f64 / done.max(1) as f64,
+        tolerance_bytes: CHURN_TOLERANCE_BYTES,
+        pass: verdict == Verdict::Pass,
+        verdict,
+        rss_samples: samples,
+        quiesce_ms: quiet_after.as_millis() as u64,
+        method: "RSS (VmRSS of /proc/<pid>/status) after the warm-up and at the end, each once the server's /stats shows 0 connections, 0 logged in, 0 users and 0 retained offline entries (the warm-up lasts at least 2.5 times their 10 s linger); intermediate samples live".into(),
+    })
 }
 
 #[cfg(test)]
@@ -418,27 +398,5 @@ mod tests {
     fn endings_rotate_over_all_three() {
         let e: Vec<String> = (0..6).map(|i| format!("{:?}", Ending::nth(i))).collect();
         assert_eq!(e, ["Fin", "Rst", "CloseFrame", "Fin", "Rst", "CloseFrame"]);
-    }
-
-    fn sample() -> Value {
-        json!({
-            "cycles": 1_000_000, "cycles_per_s": 20_000.0, "warmup_cycles": 100_000,
-            "server_rss_after_warmup_bytes": 18_000_000, "server_rss_end_bytes": 18_500_000,
-            "growth_bytes": 500_000, "growth_bytes_per_cycle": 0.5, "verdict": "PASS", "failed": 0,
-        })
-    }
-
-    #[test]
-    fn summary_states_the_verdict() {
-        let s = summary(&sample());
-        assert!(s.contains("1000000 cycles at 20000/s"), "{s}");
-        assert!(s.contains("+500000 bytes (+0.50 bytes/cycle); PASS"), "{s}");
-    }
-
-    #[test]
-    fn the_capacity_table_cell_carries_the_figure_and_the_verdict() {
-        let cell = super::super::churn_cell(&sample());
-        assert_eq!(cell, "0.50 (1000000 cycles at 20000/s, 18.00 → 18.50 MB; PASS)");
-        assert_eq!(super::super::churn_cell(&Value::Null), "n/a");
     }
 }

@@ -1,9 +1,42 @@
 //! Smoke test of the load generator: the real `switchboard-bench` binary
 //! (loader processes and all) against a server in this process.
 
-mod common;
-
 use std::process::Command;
+use std::time::{Duration, Instant};
+
+use switchboard::config::Config;
+use switchboard::Server;
+
+/// Two workers on 127.0.0.1:0, no WebSocket port unless a test opens one,
+/// the development JWT secret (the loaders' default).
+fn config() -> Config {
+    let mut c = Config::default();
+    c.server.listen = "127.0.0.1:0".into();
+    c.websocket.listen = String::new();
+    c.server.workers = 2;
+    c.server.pin_workers = false;
+    c.server.max_connections = 4000;
+    c.auth.jwt_secret = None;
+    c.timeouts.tick_ms = 50;
+    c.timeouts.heartbeat_interval_ms = 60_000;
+    c.timeouts.idle_timeout_ms = 120_000;
+    c
+}
+
+fn start(cfg: Config) -> Server {
+    Server::builder().config(cfg).start().expect("server starts")
+}
+
+fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + timeout;
+    while Instant::now() < end {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    cond()
+}
 
 fn bench(args: &[&str]) -> serde_json::Value {
     let out = Command::new(env!("CARGO_BIN_EXE_switchboard-bench")).args(args).output().expect("bench runs");
@@ -14,9 +47,7 @@ fn bench(args: &[&str]) -> serde_json::Value {
 
 #[test]
 fn idle_and_unicast_scenarios_report_what_they_measured() {
-    let mut cfg = common::config();
-    cfg.auth.jwt_secret = None; // the bench logs in with the dev secret by default
-    let server = common::start(cfg);
+    let server = start(config());
     let addr = server.local_addr().to_string();
     let pid = std::process::id().to_string();
 
@@ -41,7 +72,7 @@ fn idle_and_unicast_scenarios_report_what_they_measured() {
     assert!(idle["server_user_bytes_per_conn"].is_number());
     let h = server.handle();
     assert!(
-        common::wait_until(std::time::Duration::from_secs(5), || h.connection_count() == 0),
+        wait_until(Duration::from_secs(5), || h.connection_count() == 0),
         "the loaders closed everything when they quit"
     );
 
@@ -69,14 +100,13 @@ fn idle_and_unicast_scenarios_report_what_they_measured() {
 
 #[test]
 fn loader_speaks_websocket_logs_in_and_delivers() {
-    let mut cfg = common::config();
-    cfg.auth.jwt_secret = None;
+    let mut cfg = config();
     cfg.websocket.listen = "127.0.0.1:0".into();
     // A WebSocket ping every 250 ms: the loader must answer them (or be
     // closed as idle) while it measures.
     cfg.timeouts.heartbeat_interval_ms = 250;
     cfg.timeouts.idle_timeout_ms = 1_500;
-    let server = common::start(cfg);
+    let server = start(cfg);
     let ws = server.ws_addr().expect("a WebSocket port").to_string();
     let pid = std::process::id().to_string();
 

@@ -19,7 +19,7 @@
 //!    coalescing several messages share one send. Reports deliveries/s and
 //!    publish→receive latency.
 //!
-//! Run: `cargo bench --bench fanout` (env: FANOUT_MEMBERS, FANOUT_WORKERS,
+//! Run: `cargo bench -p switchboard-bench --bench fanout` (env: FANOUT_MEMBERS, FANOUT_WORKERS,
 //! FANOUT_REPEATS, FANOUT_SUSTAIN_S, FANOUT_SUSTAIN_FACTOR = offered
 //! deliveries as a multiple of the ceiling, default 6). Results also go to
 //! `target/fanout.json`.
@@ -33,8 +33,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use switchboard::config::Config;
-use switchboard::loadgen::{percentiles, timed_payload, Collected, Fleet, FleetSpec, ProcStat};
 use switchboard::Server;
+use switchboard_bench::loadgen::{percentiles, timed_payload, Collected, Fleet, FleetSpec, ProcStat};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;

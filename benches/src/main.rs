@@ -11,16 +11,15 @@
 mod capacity;
 mod prelogin;
 mod relay;
-mod restart;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
-use serde_json::json;
-use switchboard::loadgen::loader::{self, Transport};
-use switchboard::loadgen::{percentiles, Fleet, FleetSpec, ProcStat};
+use serde::Serialize;
+use switchboard_bench::loadgen::loader::{self, Transport};
+use switchboard_bench::loadgen::{percentiles, Fleet, FleetSpec, Latency, ProcStat};
 
 #[derive(Parser)]
 #[command(name = "switchboard-bench", about = "Load generator for Switchboard (raw TCP protocol v1)")]
@@ -131,6 +130,11 @@ enum Cmd {
         /// 15,000 full).
         #[arg(long)]
         ws_connections: Option<u32>,
+        /// socket.rcvbuf_bytes = sndbuf_bytes for every Switchboard server
+        /// of the run (default: the server's own default; 0 = left to the
+        /// kernel). The report notes it.
+        #[arg(long)]
+        socket_buffers: Option<usize>,
     },
     /// Connections that never log in, each holding an unfinished frame (raw
     /// TCP) or fragmented message (`--ws`): the server's memory growth per
@@ -186,20 +190,39 @@ enum Cmd {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// Socket buffers set (4 KiB) against left to the kernel (0), each
+    /// against a fresh server: idle memory per connection, and the round
+    /// trip of a large message through the server (see capacity/bulk.rs).
+    /// Prints a table and writes bulk.json and bulk.md to --out.
+    Bulk {
+        /// Payload bytes of each message (at most 16 MiB less a header).
+        #[arg(long, default_value_t = 16_000_000)]
+        message_bytes: usize,
+        /// Round trips per setting.
+        #[arg(long, default_value_t = 3)]
+        round_trips: u32,
+        /// Idle connections for the memory figures.
+        #[arg(long, default_value_t = 4000)]
+        idle_connections: u32,
+        /// socket.rcvbuf_bytes = sndbuf_bytes settings to compare, in order
+        /// (0 = left to the kernel).
+        #[arg(long, value_delimiter = ',', default_value = "4096,0")]
+        buffers: Vec<usize>,
+        /// Server workers.
+        #[arg(long, default_value_t = 2)]
+        workers: usize,
+        /// The switchboard binary (default: next to this one).
+        #[arg(long)]
+        switchboard: Option<PathBuf>,
+        #[arg(long, default_value = "target/bulk")]
+        out: PathBuf,
+    },
     /// The bare relay used as the unicast ceiling (see relay.rs).
     CeilingRelay {
         #[arg(long, default_value = "127.0.0.1:7899")]
         listen: SocketAddr,
         #[arg(long, default_value_t = 2)]
         workers: usize,
-    },
-    /// (test) A zero-downtime restart with connection attempts going on;
-    /// prints a JSON summary. Uses ports 7700-7702: run it in a private
-    /// network namespace with net.ipv4.tcp_migrate_req = 1.
-    #[command(hide = true)]
-    RestartCheck {
-        #[arg(long)]
-        switchboard: PathBuf,
     },
     /// (internal) One loader process, driven over stdin/stdout.
     #[command(hide = true)]
@@ -238,8 +261,8 @@ impl Common {
     }
 }
 
-fn finish(common: &Common, result: serde_json::Value) {
-    let text = serde_json::to_string_pretty(&result).expect("json");
+fn finish(common: &Common, result: &impl Serialize) {
+    let text = serde_json::to_string_pretty(result).expect("json");
     println!("{text}");
     if let Some(p) = &common.json {
         if let Err(e) = std::fs::write(p, text) {
@@ -271,8 +294,8 @@ fn idle(common: Common, settle_s: u64, hold_s: u64, warmup: u32) -> Result<(), S
     let rss1 = pid.and_then(ProcStat::rss_bytes);
     let slab1 = ProcStat::slab_bytes();
     let per_conn = |a: Option<u64>, b: Option<u64>| match (a, b) {
-        (Some(a), Some(b)) if ready > 0 => json!((b as f64 - a as f64) / ready as f64),
-        _ => json!(null),
+        (Some(a), Some(b)) if ready > 0 => Some((b as f64 - a as f64) / ready as f64),
+        _ => None,
     };
     if hold_s > 0 {
         eprintln!("  holding {ready} idle connections for {hold_s} s");
@@ -282,26 +305,66 @@ fn idle(common: Common, settle_s: u64, hold_s: u64, warmup: u32) -> Result<(), S
     fleet.quit();
     finish(
         &common,
-        json!({
-            "scenario": "idle",
-            "connections": ready,
-            "failed": failed,
-            "ramp_s": ramp.as_secs_f64(),
-            "connect_rate_per_s": ready as f64 / ramp.as_secs_f64(),
-            "server_rss_before_bytes": rss0,
-            "server_rss_after_bytes": rss1,
-            "warmup_connections": warmup,
-            "server_user_bytes_per_conn": per_conn(rss0, rss1),
-            // From the freshly started server, one-time costs included.
-            "server_user_bytes_per_conn_cold": per_conn(rss_cold, rss1),
-            // Both ends of every connection live on this host: the slab
-            // delta covers two sockets per connection.
-            "host_slab_bytes_per_conn_both_ends": per_conn(slab0, slab1),
-            "closed_by_server": c.closed,
-            "pings_answered": c.pongs,
-        }),
+        &IdleRun {
+            scenario: "idle",
+            connections: ready,
+            failed,
+            ramp_s: ramp.as_secs_f64(),
+            connect_rate_per_s: ready as f64 / ramp.as_secs_f64(),
+            server_rss_before_bytes: rss0,
+            server_rss_after_bytes: rss1,
+            warmup_connections: warmup,
+            server_user_bytes_per_conn: per_conn(rss0, rss1),
+            server_user_bytes_per_conn_cold: per_conn(rss_cold, rss1),
+            host_slab_bytes_per_conn_both_ends: per_conn(slab0, slab1),
+            closed_by_server: c.closed,
+            pings_answered: c.pongs,
+        },
     );
     Ok(())
+}
+
+/// What `idle` prints (scripts/idle-memory.sh reads it).
+#[derive(Serialize)]
+struct IdleRun {
+    scenario: &'static str,
+    connections: u32,
+    failed: u32,
+    ramp_s: f64,
+    connect_rate_per_s: f64,
+    server_rss_before_bytes: Option<u64>,
+    server_rss_after_bytes: Option<u64>,
+    warmup_connections: u32,
+    /// After the warm-up: one-time costs excluded.
+    server_user_bytes_per_conn: Option<f64>,
+    /// From the freshly started server, one-time costs included.
+    server_user_bytes_per_conn_cold: Option<f64>,
+    /// Both ends of every connection live on this host: the slab delta
+    /// covers two sockets per connection.
+    host_slab_bytes_per_conn_both_ends: Option<f64>,
+    closed_by_server: u32,
+    pings_answered: u64,
+}
+
+/// What `unicast` prints.
+#[derive(Serialize)]
+struct UnicastRun {
+    scenario: &'static str,
+    connections: u32,
+    target_rate_per_s: u64,
+    sent: u64,
+    blocked: u64,
+    received: u64,
+    msgs_per_s: f64,
+    latency: Latency,
+    cpu: Option<ServerCpu>,
+}
+
+/// Server CPU per message delivered, user and system.
+#[derive(Serialize)]
+struct ServerCpu {
+    server_user_ns_per_msg: f64,
+    server_sys_ns_per_msg: f64,
 }
 
 fn unicast(common: Common, rate: u64, duration_s: u64, payload_bytes: usize) -> Result<(), String> {
@@ -320,26 +383,26 @@ fn unicast(common: Common, rate: u64, duration_s: u64, payload_bytes: usize) -> 
     let cpu = match (cpu0, cpu1) {
         (Some(a), Some(b)) if c.received > 0 => {
             let (user, sys) = b.since(&a);
-            json!({
-                "server_user_ns_per_msg": user / c.received as f64,
-                "server_sys_ns_per_msg": sys / c.received as f64,
+            Some(ServerCpu {
+                server_user_ns_per_msg: user / c.received as f64,
+                server_sys_ns_per_msg: sys / c.received as f64,
             })
         }
-        _ => json!(null),
+        _ => None,
     };
     finish(
         &common,
-        json!({
-            "scenario": "unicast",
-            "connections": ready,
-            "target_rate_per_s": rate,
-            "sent": sent,
-            "blocked": blocked,
-            "received": c.received,
-            "msgs_per_s": c.received as f64 / elapsed.as_secs_f64(),
-            "latency": percentiles(&c.hist),
-            "cpu": cpu,
-        }),
+        &UnicastRun {
+            scenario: "unicast",
+            connections: ready,
+            target_rate_per_s: rate,
+            sent,
+            blocked,
+            received: c.received,
+            msgs_per_s: c.received as f64 / elapsed.as_secs_f64(),
+            latency: percentiles(&c.hist),
+            cpu,
+        },
     );
     Ok(())
 }
@@ -353,6 +416,7 @@ struct CapacityArgs {
     no_nchan: bool,
     ws_only: bool,
     ws_connections: Option<u32>,
+    socket_buffers: Option<usize>,
 }
 
 /// The switchboard binary: `given`, or the one next to this executable.
@@ -361,7 +425,7 @@ fn switchboard_bin(given: Option<PathBuf>) -> Result<PathBuf, String> {
     let dir = exe.parent().ok_or("no directory for this executable")?;
     let sb = given.unwrap_or_else(|| dir.join("switchboard"));
     if !sb.exists() {
-        return Err(format!("{} not found: build it first (cargo build --release)", sb.display()));
+        return Err(format!("{} not found: build it first (cargo build --release -p switchboard)", sb.display()));
     }
     Ok(sb)
 }
@@ -381,15 +445,28 @@ fn run_churn(a: ChurnArgs) -> Result<(), String> {
     if let Some(p) = &a.json {
         std::fs::write(p, &text).map_err(|e| format!("cannot write {}: {e}", p.display()))?;
     }
-    eprintln!("churn: {}", capacity::churn::summary(&r));
-    if r["pass"] != json!(true) {
+    eprintln!("churn: {}", r.summary());
+    if !r.pass {
         return Err("churn: FAIL".into());
     }
     Ok(())
 }
 
+fn run_bulk(plan: capacity::bulk::BulkPlan, switchboard: Option<PathBuf>, out: PathBuf) -> Result<(), String> {
+    let sb = switchboard_bin(switchboard)?;
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let r = capacity::bulk::run(&sb, &exe, &out, &plan)?;
+    let json = serde_json::to_string_pretty(&r).expect("json");
+    std::fs::write(out.join("bulk.json"), &json).map_err(|e| format!("bulk.json: {e}"))?;
+    let md = r.markdown();
+    std::fs::write(out.join("bulk.md"), &md).map_err(|e| format!("bulk.md: {e}"))?;
+    println!("{md}");
+    eprintln!("bulk: wrote {0}/bulk.json and {0}/bulk.md", out.display());
+    Ok(())
+}
+
 fn run_capacity(a: CapacityArgs) -> Result<(), String> {
-    let CapacityArgs { full, out, switchboard, tokio, no_peers, no_nchan, ws_only, ws_connections } = a;
+    let CapacityArgs { full, out, switchboard, tokio, no_peers, no_nchan, ws_only, ws_connections, socket_buffers } = a;
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let dir = exe.parent().ok_or("no directory for this executable")?.to_path_buf();
     let sb = switchboard_bin(switchboard)?;
@@ -399,7 +476,7 @@ fn run_capacity(a: CapacityArgs) -> Result<(), String> {
         let t = tokio.unwrap_or_else(|| dir.join("tokio-baseline"));
         if !t.exists() {
             return Err(format!(
-                "{} not found: build it (cargo build --release -p tokio-baseline) or pass --no-peers",
+                "{} not found: build it (cargo build --release -p switchboard-bench) or pass --no-peers",
                 t.display()
             ));
         }
@@ -407,6 +484,7 @@ fn run_capacity(a: CapacityArgs) -> Result<(), String> {
     };
     let mut plan = if full { capacity::Plan::full() } else { capacity::Plan::quick() };
     plan.ws_only = ws_only;
+    plan.socket_buffers = socket_buffers;
     if let Some(n) = ws_connections {
         plan.ws_connections = n;
     }
@@ -429,9 +507,27 @@ fn main() {
             loader::run(args).map_err(|e| e.to_string())
         }
         Cmd::Idle { common, settle_s, hold_s, warmup } => idle(common, settle_s, hold_s, warmup),
-        Cmd::Capacity { full, out, switchboard, tokio, no_peers, no_nchan, ws_only, ws_connections } => {
-            run_capacity(CapacityArgs { full, out, switchboard, tokio, no_peers, no_nchan, ws_only, ws_connections })
-        }
+        Cmd::Capacity {
+            full,
+            out,
+            switchboard,
+            tokio,
+            no_peers,
+            no_nchan,
+            ws_only,
+            ws_connections,
+            socket_buffers,
+        } => run_capacity(CapacityArgs {
+            full,
+            out,
+            switchboard,
+            tokio,
+            no_peers,
+            no_nchan,
+            ws_only,
+            ws_connections,
+            socket_buffers,
+        }),
         Cmd::Churn { cycles, warmup, users, threads, sample_every, workers, switchboard, out, json } => {
             let plan = capacity::churn::ChurnPlan {
                 warmup,
@@ -443,8 +539,11 @@ fn main() {
             };
             run_churn(ChurnArgs { plan, switchboard, out, json })
         }
+        Cmd::Bulk { message_bytes, round_trips, idle_connections, buffers, workers, switchboard, out } => {
+            let plan = capacity::bulk::BulkPlan { message_bytes, round_trips, idle_connections, buffers, workers };
+            run_bulk(plan, switchboard, out)
+        }
         Cmd::CeilingRelay { listen, workers } => relay::run(listen, workers).map_err(|e| e.to_string()),
-        Cmd::RestartCheck { switchboard } => restart::run(switchboard),
         Cmd::Prelogin { addr, ws, server_pid, connections, frame_bytes, settle_s } => {
             prelogin::run(prelogin::Args { addr, ws, server_pid, connections, frame_bytes, settle_s }).map(|r| {
                 println!("{}", serde_json::to_string_pretty(&r).expect("json"));

@@ -1,0 +1,1323 @@
+//! The capacity report as typed values: what every scenario measured, the
+//! verdicts and ratios derived from it, and its markdown rendering.
+//!
+//! Owns: the shape of `report.json` (every struct here is serialised as
+//! is, field names included), the judgements that turn figures into
+//! verdicts (a unicast rate kept up with, a WebSocket run kept up, the
+//! churn run flat), the Switchboard / peer ratios, and `report.md`.
+//! Must not: measure, start processes or read the clock. Everything here is
+//! a function of the values it is given, so a report can be rendered and
+//! tested from a value built in a test or read back from `report.json`.
+//!
+//! Figures that a run may fail to measure (a /proc file that cannot be
+//! read, a fan-out ladder where no rate reached everyone) are `Option`s:
+//! `null` in the JSON, `n/a` in the markdown.
+
+use std::fmt::Write as _;
+
+use serde::{Deserialize, Serialize};
+
+/// The command that installs the nchan peer (Debian, Ubuntu).
+pub const NCHAN_INSTALL: &str = "apt-get install -y nginx libnginx-mod-nchan";
+/// Connections opened and closed before the WebSocket idle baseline, so
+/// one-time costs (allocator pages, buffers, nchan's shared memory setup)
+/// are not charged to the measured connections. The same for both servers.
+pub const WS_WARMUP: u32 = 200;
+/// Unicast: a rate is kept up with when at least this share of the offered
+/// messages per second is delivered ...
+pub const UNICAST_DELIVERED_SHARE: f64 = 0.97;
+/// ... with a p99 latency under this.
+pub const UNICAST_P99_LIMIT_US: u64 = 50_000;
+/// Churn: RSS may grow this much from the end of the warm-up to the end of
+/// the run.
+pub const CHURN_TOLERANCE_BYTES: u64 = 2_000_000;
+
+/// The whole report: `report.json`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "ReportJson")]
+pub struct Report {
+    /// `quick` or `full`, with ` (WebSocket only)` for `--ws-only`.
+    pub mode: String,
+    pub machine: Machine,
+    pub elapsed_s: f64,
+    /// The raw TCP scenarios, their fields at the top level of the JSON;
+    /// absent with `--ws-only`.
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub tcp: Option<TcpReport>,
+    /// Switchboard over WebSocket.
+    pub websocket: WsSuite,
+    pub peers: Peers,
+    /// Whatever went wrong without stopping the run (failed connections).
+    pub notes: Vec<String>,
+}
+
+/// `report.json` as read back. serde reads a flattened `Option` as `None`
+/// when its fields do not parse, which would turn a raw TCP report with one
+/// bad field into a WebSocket-only one: any field beyond the common ones
+/// must make a whole [`TcpReport`] instead.
+#[derive(Deserialize)]
+struct ReportJson {
+    mode: String,
+    machine: Machine,
+    elapsed_s: f64,
+    websocket: WsSuite,
+    peers: Peers,
+    notes: Vec<String>,
+    #[serde(flatten)]
+    tcp: serde_json::Map<String, serde_json::Value>,
+}
+
+impl TryFrom<ReportJson> for Report {
+    type Error = serde_json::Error;
+
+    fn try_from(r: ReportJson) -> Result<Report, serde_json::Error> {
+        let tcp = if r.tcp.is_empty() { None } else { Some(serde_json::from_value(r.tcp.into())?) };
+        Ok(Report {
+            mode: r.mode,
+            machine: r.machine,
+            elapsed_s: r.elapsed_s,
+            tcp,
+            websocket: r.websocket,
+            peers: r.peers,
+            notes: r.notes,
+        })
+    }
+}
+
+/// The host the run measured.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Machine {
+    pub cpus: usize,
+    pub cpu_model: Option<String>,
+    pub mem_available_bytes: Option<u64>,
+    pub kernel: Option<String>,
+    pub nofile_limit: Option<u64>,
+}
+
+/// Switchboard over raw TCP, with the kernel's floor beside it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TcpReport {
+    /// Idle, logged-in connections held.
+    pub connections: u32,
+    pub server_user_bytes_per_conn: Option<f64>,
+    pub server_kernel_bytes_per_conn: Option<f64>,
+    pub kernel_bytes_method: String,
+    pub connect_rate_per_s: f64,
+    pub unicast: UnicastSummary,
+    pub unicast_ceiling: UnicastCeiling,
+    pub fanout: FanoutSummary,
+    pub broadcast: Broadcast,
+    pub heartbeat: Heartbeat,
+    /// The send ceiling over all workers.
+    pub send_ceiling_per_s: Option<f64>,
+    pub send_ceiling_per_s_per_core: Option<f64>,
+    pub projection_1m: Projection,
+    /// Server RSS after each step of the idle ramp.
+    pub rss_curve: Vec<RssPoint>,
+    pub churn: Churn,
+}
+
+/// Server RSS at one point of a ramp.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RssPoint {
+    pub connections: u32,
+    pub rss_bytes: Option<u64>,
+}
+
+/// The idle hold against one server.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Idle {
+    pub connections: u32,
+    pub connect_rate_per_s: f64,
+    pub server_user_bytes_per_conn: Option<f64>,
+    /// Half the host's slab growth per connection: an upper bound.
+    pub server_kernel_bytes_per_conn: Option<f64>,
+    pub rss_curve: Vec<RssPoint>,
+}
+
+/// One unicast rate: what was offered and what arrived.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct UnicastStep {
+    pub offered_per_s: u64,
+    pub sent: u64,
+    pub blocked: u64,
+    pub received: u64,
+    pub msgs_per_s: f64,
+    pub p50_us: u64,
+    pub p99_us: u64,
+    pub p999_us: u64,
+    pub max_us: u64,
+    pub server_user_ns_per_msg: f64,
+    pub server_sys_ns_per_msg: f64,
+}
+
+impl UnicastStep {
+    /// Whether the system kept up with the offered rate: at least
+    /// [`UNICAST_DELIVERED_SHARE`] of it delivered, p99 under
+    /// [`UNICAST_P99_LIMIT_US`].
+    pub fn keeps_up(&self) -> bool {
+        self.msgs_per_s >= UNICAST_DELIVERED_SHARE * self.offered_per_s as f64 && self.p99_us < UNICAST_P99_LIMIT_US
+    }
+
+    /// Messages per server CPU-second (user + system): throughput per
+    /// core, whatever share of the cores the loaders took.
+    pub fn msgs_per_server_core_s(&self) -> Option<f64> {
+        let cpu = self.server_user_ns_per_msg + self.server_sys_ns_per_msg;
+        (cpu > 0.0).then(|| 1e9 / cpu)
+    }
+}
+
+/// The unicast ladder against one server.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Unicast {
+    pub connections: u32,
+    /// What "kept up" means, in words.
+    pub sustainable: String,
+    /// Every rate tried, up to the first one not kept up with.
+    pub steps: Vec<UnicastStep>,
+    /// The best rate kept up with.
+    pub max: UnicastStep,
+    /// Half of that rate, after the backlog drained.
+    pub at_half_max: UnicastStep,
+}
+
+impl Unicast {
+    /// The words for [`UnicastStep::keeps_up`].
+    pub fn sustainable_rule() -> String {
+        format!(
+            "at least {:.0}% of the offered rate delivered with p99 under {} ms",
+            UNICAST_DELIVERED_SHARE * 100.0,
+            UNICAST_P99_LIMIT_US / 1000
+        )
+    }
+}
+
+/// Switchboard's unicast in the report: the best step, flattened.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct UnicastSummary {
+    pub msgs_per_s: f64,
+    pub p50_us: u64,
+    pub p99_us: u64,
+    pub p999_us: u64,
+    pub max_us: u64,
+    pub at_half_max: UnicastStep,
+    pub server_user_ns_per_msg: f64,
+    pub server_sys_ns_per_msg: f64,
+    pub msgs_per_server_core_s: Option<f64>,
+    /// Switchboard's messages per server CPU-second over the bare relay's.
+    pub fraction_of_kernel_ceiling_per_core: Option<f64>,
+    pub steps: Vec<UnicastStep>,
+}
+
+/// The bare relay's best unicast step: the kernel's floor for relaying.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct UnicastCeiling {
+    pub what: String,
+    pub msgs_per_s: f64,
+    pub msgs_per_server_core_s: Option<f64>,
+    pub server_user_ns_per_msg: f64,
+    pub server_sys_ns_per_msg: f64,
+}
+
+/// Single messages: until the last receiver has each.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Completion {
+    pub p50_ms: Option<f64>,
+    pub p99_ms: Option<f64>,
+}
+
+/// One sustained fan-out rate.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FanoutRun {
+    /// The offered deliveries per second as a multiple of the send ceiling.
+    pub offered_vs_ceiling: f64,
+    pub publish_rate_per_s: f64,
+    pub messages: u32,
+    /// Every member got every message and nobody was cut off.
+    pub complete: bool,
+    pub members_cut_off: u32,
+    pub deliveries: u64,
+    pub deliveries_per_s: f64,
+    pub vs_ceiling: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub server_user_ns_per_delivery: f64,
+    pub server_sys_ns_per_delivery: f64,
+}
+
+/// Room fan-out against one server.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Fanout {
+    pub members: u32,
+    pub send_ceiling_per_s_per_core: Option<f64>,
+    /// The ceiling's own messages: until the last member had each (p50).
+    pub ceiling_completion_p50_ms: Option<f64>,
+    pub single: Completion,
+    /// The best complete run.
+    pub sustained: Option<FanoutRun>,
+    pub sustained_runs: Vec<FanoutRun>,
+}
+
+/// Switchboard's fan-out in the report.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FanoutSummary {
+    pub members: u32,
+    pub deliveries_per_s: Option<f64>,
+    pub p50_ms: Option<f64>,
+    pub p99_ms: Option<f64>,
+    pub single_message_p50_ms: Option<f64>,
+    pub single_message_p99_ms: Option<f64>,
+    pub detail: Fanout,
+}
+
+impl FanoutSummary {
+    pub fn of(detail: Fanout) -> FanoutSummary {
+        let best = detail.sustained.as_ref();
+        FanoutSummary {
+            members: detail.members,
+            deliveries_per_s: best.map(|r| r.deliveries_per_s),
+            p50_ms: best.map(|r| r.p50_ms),
+            p99_ms: best.map(|r| r.p99_ms),
+            single_message_p50_ms: detail.single.p50_ms,
+            single_message_p99_ms: detail.single.p99_ms,
+            detail,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Broadcast {
+    pub connections: u32,
+    pub p50_ms: Option<f64>,
+    pub p99_ms: Option<f64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    pub connections: u32,
+    pub per_s: f64,
+    pub server_user_ns_each: f64,
+    pub server_sys_ns_each: f64,
+    pub closed_by_server: u32,
+}
+
+/// A million idle connections times the measured per-connection figures.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Projection {
+    pub label: String,
+    pub server_user_bytes: Option<f64>,
+    pub server_kernel_bytes: Option<f64>,
+    pub total_bytes: Option<f64>,
+}
+
+impl Projection {
+    pub fn one_million(user_bytes_per_conn: Option<f64>, kernel_bytes_per_conn: Option<f64>) -> Projection {
+        let total = user_bytes_per_conn.zip(kernel_bytes_per_conn).map(|(u, k)| u + k);
+        Projection {
+            label: "PROJECTION, not a measurement: 1,000,000 idle connections times the per-connection figures measured above".into(),
+            server_user_bytes: user_bytes_per_conn.map(|b| b * 1e6),
+            server_kernel_bytes: kernel_bytes_per_conn.map(|b| b * 1e6),
+            total_bytes: total.map(|b| b * 1e6),
+        }
+    }
+}
+
+/// The peers measured in the same run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Peers {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokio: Option<TokioPeer>,
+    pub nchan: NchanPeer,
+}
+
+/// The tokio baseline through the raw TCP scenarios.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TokioPeer {
+    pub what: String,
+    pub idle: Idle,
+    pub unicast: Unicast,
+    pub fanout: Fanout,
+    pub ratios_switchboard_over_peer: TokioRatios,
+}
+
+/// Switchboard / tokio baseline.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TokioRatios {
+    pub memory_per_conn: Option<f64>,
+    pub unicast_msgs_per_s: Option<f64>,
+    pub unicast_p99_at_half_max: Option<f64>,
+    pub unicast_user_ns_per_msg: Option<f64>,
+    pub fanout_sustained_deliveries_per_s: Option<f64>,
+    pub fanout_single_p50: Option<f64>,
+}
+
+/// `a / b` when both were measured and `b` is positive.
+pub fn ratio(a: Option<f64>, b: Option<f64>) -> Option<f64> {
+    match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+        _ => None,
+    }
+}
+
+impl TokioRatios {
+    pub fn between(
+        idle: &Idle,
+        unicast: &Unicast,
+        fanout: &Fanout,
+        t_idle: &Idle,
+        t_unicast: &Unicast,
+        t_fanout: &Fanout,
+    ) -> TokioRatios {
+        let sustained = |f: &Fanout| f.sustained.as_ref().map(|r| r.deliveries_per_s);
+        TokioRatios {
+            memory_per_conn: ratio(idle.server_user_bytes_per_conn, t_idle.server_user_bytes_per_conn),
+            unicast_msgs_per_s: ratio(Some(unicast.max.msgs_per_s), Some(t_unicast.max.msgs_per_s)),
+            unicast_p99_at_half_max: ratio(
+                Some(unicast.at_half_max.p99_us as f64),
+                Some(t_unicast.at_half_max.p99_us as f64),
+            ),
+            unicast_user_ns_per_msg: ratio(
+                Some(unicast.max.server_user_ns_per_msg),
+                Some(t_unicast.max.server_user_ns_per_msg),
+            ),
+            fanout_sustained_deliveries_per_s: ratio(sustained(fanout), sustained(t_fanout)),
+            fanout_single_p50: ratio(fanout.single.p50_ms, t_fanout.single.p50_ms),
+        }
+    }
+}
+
+/// nginx + nchan: measured, or absent with the reason.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum NchanPeer {
+    Ran(Box<NchanRun>),
+    Absent(NchanAbsent),
+}
+
+impl NchanPeer {
+    pub fn absent(reason: impl Into<String>) -> NchanPeer {
+        NchanPeer::Absent(NchanAbsent { absent: true, reason: reason.into(), install: NCHAN_INSTALL.into() })
+    }
+
+    fn run(&self) -> Option<&NchanRun> {
+        match self {
+            NchanPeer::Ran(r) => Some(r),
+            NchanPeer::Absent(_) => None,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct NchanRun {
+    pub what: String,
+    pub nginx_version: Option<String>,
+    pub websocket: WsSuite,
+    pub ratios_switchboard_over_peer: WsRatios,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct NchanAbsent {
+    /// Always true: tells this form from a run in the JSON.
+    pub absent: bool,
+    pub reason: String,
+    /// The command that installs the peer.
+    pub install: String,
+}
+
+/// The WebSocket scenarios against one server.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WsSuite {
+    pub server: String,
+    pub transport: String,
+    pub idle: WsIdle,
+    pub fanout: WsFanout,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WsIdle {
+    pub connections: u32,
+    pub connect_rate_per_s: f64,
+    /// Server processes whose memory is summed.
+    pub processes: usize,
+    pub server_rss_before_bytes: Option<u64>,
+    pub server_rss_after_bytes: Option<u64>,
+    pub server_user_bytes_per_conn: Option<f64>,
+    pub server_pss_bytes_per_conn: Option<f64>,
+}
+
+/// One message at a time to a room: until the last subscriber has it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WsSingle {
+    pub p50_ms: Option<f64>,
+    pub p99_ms: Option<f64>,
+    pub reached_everyone: usize,
+    pub messages: u32,
+}
+
+/// One sustained WebSocket fan-out rate.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WsRun {
+    pub target_deliveries_per_s: f64,
+    pub publish_rate_per_s: f64,
+    pub messages: u32,
+    /// Messages the publisher sent more than 10 ms behind its schedule.
+    pub published_late: u64,
+    pub complete: bool,
+    pub kept_up: bool,
+    pub subscribers_cut_off: u32,
+    pub deliveries: u64,
+    pub deliveries_per_s: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+    pub server_user_ns_per_delivery: f64,
+    pub server_sys_ns_per_delivery: f64,
+}
+
+impl WsRun {
+    /// Kept up: everyone got everything, the publisher stayed on schedule
+    /// (it writes open loop; it falls behind only when the server stops
+    /// reading: at most 5% of the messages late) and at least 90% of the
+    /// offered deliveries per second were delivered within the run.
+    pub fn judge(complete: bool, late: u64, messages: u32, delivered_per_s: f64, target_per_s: f64) -> bool {
+        complete && late as f64 <= 0.05 * messages as f64 && delivered_per_s >= 0.9 * target_per_s
+    }
+
+    /// [`WsRun::judge`] in words.
+    pub const KEPT_UP: &'static str = "every subscriber got every message, the publisher stayed on schedule (at most 5% of the messages more than 10 ms late, or blocked on a full socket) and at least 90% of the offered deliveries/s were delivered";
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WsFanout {
+    pub subscribers: u32,
+    /// Memory growth while the subscribers joined the one room.
+    pub server_user_bytes_per_subscriber: Option<f64>,
+    pub server_pss_bytes_per_subscriber: Option<f64>,
+    pub single: WsSingle,
+    /// The first rate: the same offered load on both servers.
+    pub reference: Option<WsRun>,
+    /// [`WsRun::KEPT_UP`].
+    pub kept_up: String,
+    /// Some run did not keep up (false: the ladder ended before the
+    /// server's limit did).
+    pub saturated: bool,
+    pub max_delivered_per_s: f64,
+    /// The best run kept up.
+    pub sustained: Option<WsRun>,
+    pub sustained_runs: Vec<WsRun>,
+}
+
+impl WsFanout {
+    /// The ladder's summary: the reference (first) run, the best run kept
+    /// up, whether any fell behind, the highest rate delivered.
+    pub fn of(
+        subscribers: u32,
+        server_user_bytes_per_subscriber: Option<f64>,
+        server_pss_bytes_per_subscriber: Option<f64>,
+        single: WsSingle,
+        runs: Vec<WsRun>,
+    ) -> WsFanout {
+        WsFanout {
+            subscribers,
+            server_user_bytes_per_subscriber,
+            server_pss_bytes_per_subscriber,
+            single,
+            reference: runs.first().cloned(),
+            kept_up: WsRun::KEPT_UP.into(),
+            saturated: runs.iter().any(|r| !r.kept_up),
+            max_delivered_per_s: runs.iter().map(|r| r.deliveries_per_s).fold(0.0, f64::max),
+            sustained: runs.iter().take_while(|r| r.kept_up).last().cloned(),
+            sustained_runs: runs,
+        }
+    }
+}
+
+/// Switchboard-over-WebSocket / nchan.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WsRatios {
+    pub memory_per_conn_rss: Option<f64>,
+    pub memory_per_conn_pss: Option<f64>,
+    pub memory_per_room_subscriber_rss: Option<f64>,
+    pub connect_rate_per_s: Option<f64>,
+    pub fanout_single_p50: Option<f64>,
+    pub fanout_single_p99: Option<f64>,
+    pub fanout_sustained_deliveries_per_s: Option<f64>,
+    pub fanout_max_delivered_per_s: Option<f64>,
+    pub latency_p50_at_reference_rate: Option<f64>,
+    pub latency_p99_at_reference_rate: Option<f64>,
+    pub user_ns_per_delivery_at_reference_rate: Option<f64>,
+    pub sys_ns_per_delivery_at_reference_rate: Option<f64>,
+}
+
+impl WsRatios {
+    pub fn between(sb: &WsSuite, nchan: &WsSuite) -> WsRatios {
+        let (a, b) = (&sb.fanout, &nchan.fanout);
+        let reference = |f: &WsFanout, g: fn(&WsRun) -> f64| f.reference.as_ref().map(g);
+        let sustained = |f: &WsFanout| f.sustained.as_ref().map(|r| r.deliveries_per_s);
+        WsRatios {
+            memory_per_conn_rss: ratio(sb.idle.server_user_bytes_per_conn, nchan.idle.server_user_bytes_per_conn),
+            memory_per_conn_pss: ratio(sb.idle.server_pss_bytes_per_conn, nchan.idle.server_pss_bytes_per_conn),
+            memory_per_room_subscriber_rss: ratio(
+                a.server_user_bytes_per_subscriber,
+                b.server_user_bytes_per_subscriber,
+            ),
+            connect_rate_per_s: ratio(Some(sb.idle.connect_rate_per_s), Some(nchan.idle.connect_rate_per_s)),
+            fanout_single_p50: ratio(a.single.p50_ms, b.single.p50_ms),
+            fanout_single_p99: ratio(a.single.p99_ms, b.single.p99_ms),
+            fanout_sustained_deliveries_per_s: ratio(sustained(a), sustained(b)),
+            fanout_max_delivered_per_s: ratio(Some(a.max_delivered_per_s), Some(b.max_delivered_per_s)),
+            latency_p50_at_reference_rate: ratio(reference(a, |r| r.p50_ms), reference(b, |r| r.p50_ms)),
+            latency_p99_at_reference_rate: ratio(reference(a, |r| r.p99_ms), reference(b, |r| r.p99_ms)),
+            user_ns_per_delivery_at_reference_rate: ratio(
+                reference(a, |r| r.server_user_ns_per_delivery),
+                reference(b, |r| r.server_user_ns_per_delivery),
+            ),
+            sys_ns_per_delivery_at_reference_rate: ratio(
+                reference(a, |r| r.server_sys_ns_per_delivery),
+                reference(b, |r| r.server_sys_ns_per_delivery),
+            ),
+        }
+    }
+}
+
+/// PASS or FAIL.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Verdict {
+    #[serde(rename = "PASS")]
+    Pass,
+    #[serde(rename = "FAIL")]
+    Fail,
+}
+
+impl Verdict {
+    pub fn label(self) -> &'static str {
+        match self {
+            Verdict::Pass => "PASS",
+            Verdict::Fail => "FAIL",
+        }
+    }
+}
+
+/// One RSS sample of the churn run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RssSample {
+    pub cycles: u64,
+    pub rss_bytes: u64,
+    /// Taken once the server had closed everything (the end sample).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub quiesced: bool,
+}
+
+/// Login/logout churn against a fresh server (churn.rs).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Churn {
+    pub question: String,
+    /// What the clients did.
+    pub mix: String,
+    /// Measured cycles completed.
+    pub cycles: u64,
+    /// Failed cycles, warm-up included.
+    pub failed: u64,
+    pub first_error: Option<String>,
+    pub warmup_cycles: u64,
+    pub logins_counted_by_server: Option<u64>,
+    pub elapsed_s: f64,
+    pub cycles_per_s: f64,
+    pub server_rss_start_bytes: u64,
+    pub server_rss_after_warmup_bytes: u64,
+    pub server_rss_end_bytes: u64,
+    pub growth_bytes: i64,
+    pub growth_bytes_per_cycle: f64,
+    pub tolerance_bytes: u64,
+    pub pass: bool,
+    pub verdict: Verdict,
+    pub rss_samples: Vec<RssSample>,
+    pub quiesce_ms: u64,
+    pub method: String,
+}
+
+impl Churn {
+    /// PASS when RSS stayed within [`CHURN_TOLERANCE_BYTES`] of its
+    /// after-warm-up level and no cycle failed.
+    pub fn judge(growth_bytes: i64, failed: u64) -> Verdict {
+        if growth_bytes.unsigned_abs() <= CHURN_TOLERANCE_BYTES && failed == 0 {
+            Verdict::Pass
+        } else {
+            Verdict::Fail
+        }
+    }
+
+    /// One paragraph: the figures and the verdict.
+    pub fn summary(&self) -> String {
+        let mb = |b: u64| format!("{:.2} MB", b as f64 / 1e6);
+        format!(
+            "{} cycles at {:.0}/s: server RSS {} after a {}-cycle warm-up, {} at the end: {:+} bytes ({:+.2} bytes/cycle); {} (flat within {} MB), {} failed",
+            self.cycles,
+            self.cycles_per_s,
+            mb(self.server_rss_after_warmup_bytes),
+            self.warmup_cycles,
+            mb(self.server_rss_end_bytes),
+            self.growth_bytes,
+            self.growth_bytes_per_cycle,
+            self.verdict.label(),
+            CHURN_TOLERANCE_BYTES as f64 / 1e6,
+            self.failed,
+        )
+    }
+
+    /// The churn figure in one table cell.
+    pub fn cell(&self) -> String {
+        format!(
+            "{} ({} cycles at {}/s, {} → {} MB; {})",
+            f(self.growth_bytes_per_cycle, 2),
+            f(self.cycles, 0),
+            f(self.cycles_per_s, 0),
+            f(self.server_rss_after_warmup_bytes as f64 / 1e6, 2),
+            f(self.server_rss_end_bytes as f64 / 1e6, 2),
+            self.verdict.label()
+        )
+    }
+}
+
+/// A figure for the markdown: a number, or `n/a` when it was not measured.
+pub trait Figure {
+    fn value(&self) -> Option<f64>;
+}
+
+impl Figure for f64 {
+    fn value(&self) -> Option<f64> {
+        Some(*self)
+    }
+}
+
+impl Figure for Option<f64> {
+    fn value(&self) -> Option<f64> {
+        *self
+    }
+}
+
+impl Figure for u32 {
+    fn value(&self) -> Option<f64> {
+        Some(*self as f64)
+    }
+}
+
+impl Figure for u64 {
+    fn value(&self) -> Option<f64> {
+        Some(*self as f64)
+    }
+}
+
+/// `v` with `digits` decimals, or `n/a`.
+pub fn f(v: impl Figure, digits: usize) -> String {
+    match v.value() {
+        Some(x) => format!("{x:.digits$}"),
+        None => "n/a".into(),
+    }
+}
+
+impl Report {
+    /// `report.md`.
+    pub fn markdown(&self) -> String {
+        let mut m = String::new();
+        let mach = &self.machine;
+        let _ = writeln!(m, "# Switchboard capacity report ({} mode)\n", self.mode);
+        let _ = writeln!(
+            m,
+            "Measured on {} CPU(s) ({}), kernel {}, {} MiB available; server and loaders on the same host. Run took {} s. Every figure below was measured in this run{}.\n",
+            mach.cpus,
+            mach.cpu_model.as_deref().unwrap_or("?"),
+            mach.kernel.as_deref().unwrap_or("?"),
+            mach.mem_available_bytes.unwrap_or(0) >> 20,
+            f(self.elapsed_s, 0),
+            if self.tcp.is_none() { "" } else { ", except the 1M projection" }
+        );
+        let Some(r) = &self.tcp else {
+            // --ws-only: the WebSocket comparison alone.
+            self.websocket_markdown(&mut m);
+            for n in &self.notes {
+                let _ = writeln!(m, "\nNote: {n}");
+            }
+            return m;
+        };
+        let u = &r.unicast;
+        let fo = &r.fanout;
+        let hb = &r.heartbeat;
+        let _ = writeln!(m, "| figure | Switchboard |\n|---|---|");
+        let rows = [
+            ("idle logged-in connections", f(r.connections, 0)),
+            ("server user-space bytes per idle connection", f(r.server_user_bytes_per_conn, 0)),
+            ("server kernel bytes per idle connection (upper bound)", f(r.server_kernel_bytes_per_conn, 0)),
+            ("connect + login rate (/s)", f(r.connect_rate_per_s, 0)),
+            ("unicast, best sustainable rate (msgs/s; ≥97% delivered, p99 < 50 ms)", f(u.msgs_per_s, 0)),
+            (
+                "unicast at that rate: p50 / p99 / p99.9 / max (µs)",
+                format!("{} / {} / {} / {}", u.p50_us, u.p99_us, u.p999_us, u.max_us),
+            ),
+            ("unicast p99 at half the best rate (µs)", f(u.at_half_max.p99_us, 0)),
+            (
+                "unicast server CPU per message, user / system (ns)",
+                format!("{} / {}", f(u.server_user_ns_per_msg, 0), f(u.server_sys_ns_per_msg, 0)),
+            ),
+            ("unicast per server core vs the bare relay (kernel floor)", f(u.fraction_of_kernel_ceiling_per_core, 2)),
+            ("send ceiling, plain blocking send loop (sends/s per core)", f(r.send_ceiling_per_s_per_core, 0)),
+            ("fan-out members", f(fo.members, 0)),
+            (
+                "fan-out, one message: until the last member has it, p50 / p99 (ms)",
+                format!("{} / {}", f(fo.single_message_p50_ms, 1), f(fo.single_message_p99_ms, 1)),
+            ),
+            ("fan-out sustained (best run where every member got everything): deliveries/s", f(fo.deliveries_per_s, 0)),
+            ("  same, as a multiple of the send ceiling", f(fo.detail.sustained.as_ref().map(|s| s.vs_ceiling), 2)),
+            ("fan-out sustained: publish→receive p50 / p99 (ms)", format!("{} / {}", f(fo.p50_ms, 1), f(fo.p99_ms, 1))),
+            (
+                "broadcast to all: p50 / p99 (ms)",
+                format!("{} / {}", f(r.broadcast.p50_ms, 1), f(r.broadcast.p99_ms, 1)),
+            ),
+            ("heartbeats per second", f(hb.per_s, 0)),
+            (
+                "server CPU per heartbeat, user / system (ns)",
+                format!("{} / {}", f(hb.server_user_ns_each, 0), f(hb.server_sys_ns_each, 0)),
+            ),
+            (
+                "login/logout churn: server RSS growth after warm-up, bytes per cycle (cycles; verdict, flat within 2 MB)",
+                r.churn.cell(),
+            ),
+        ];
+        for (k, v) in rows {
+            let _ = writeln!(m, "| {k} | {v} |");
+        }
+        let p = &r.projection_1m;
+        let _ = writeln!(
+            m,
+            "\n**Projection (not measured):** 1,000,000 idle connections would need about {} MB in user space and {} MB in the kernel, from the per-connection figures above.\n",
+            f(p.server_user_bytes.map(|b| b / 1e6), 0),
+            f(p.server_kernel_bytes.map(|b| b / 1e6), 0)
+        );
+        let c = &r.churn;
+        let _ = writeln!(
+            m,
+            "**Login/logout churn** (`switchboard-bench churn`, its own server process): {}. Clients: {}.{}\n",
+            c.summary(),
+            c.mix,
+            if c.cycles < 1_000_000 {
+                " Quick mode runs fewer cycles to keep the run short; `--full` runs 1,000,000."
+            } else {
+                ""
+            }
+        );
+        if let Some(t) = &self.peers.tokio {
+            let ra = &t.ratios_switchboard_over_peer;
+            let _ = writeln!(m, "## Side by side: tokio baseline (same protocol, same load, same run)\n");
+            let _ = writeln!(m, "| figure | Switchboard | tokio baseline | Switchboard / tokio |\n|---|---|---|---|");
+            let sustained = |f: &Fanout| f.sustained.as_ref().map(|s| s.deliveries_per_s);
+            let rows = [
+                (
+                    "user bytes per idle connection",
+                    r.server_user_bytes_per_conn,
+                    t.idle.server_user_bytes_per_conn,
+                    ra.memory_per_conn,
+                ),
+                (
+                    "unicast best sustainable rate (msgs/s)",
+                    Some(u.msgs_per_s),
+                    Some(t.unicast.max.msgs_per_s),
+                    ra.unicast_msgs_per_s,
+                ),
+                (
+                    "unicast p99 at half of own best rate (µs)",
+                    Some(u.at_half_max.p99_us as f64),
+                    Some(t.unicast.at_half_max.p99_us as f64),
+                    ra.unicast_p99_at_half_max,
+                ),
+                (
+                    "unicast server user ns per message",
+                    Some(u.server_user_ns_per_msg),
+                    Some(t.unicast.max.server_user_ns_per_msg),
+                    ra.unicast_user_ns_per_msg,
+                ),
+                (
+                    "fan-out sustained deliveries/s (best complete run)",
+                    fo.deliveries_per_s,
+                    sustained(&t.fanout),
+                    ra.fanout_sustained_deliveries_per_s,
+                ),
+                (
+                    "fan-out one message, p50 (ms)",
+                    fo.single_message_p50_ms,
+                    t.fanout.single.p50_ms,
+                    ra.fanout_single_p50,
+                ),
+            ];
+            for (k, a, b, c) in rows {
+                let _ = writeln!(m, "| {k} | {} | {} | {} |", f(a, 1), f(b, 1), f(c, 3));
+            }
+        }
+        self.websocket_markdown(&mut m);
+        let _ = writeln!(m, "\n![memory vs connections](memory.svg)\n\n![unicast latency](latency.svg)\n");
+        let _ = writeln!(m, "Kernel bytes method: {}.", r.kernel_bytes_method);
+        for n in &self.notes {
+            let _ = writeln!(m, "\nNote: {n}");
+        }
+        m
+    }
+
+    /// The WebSocket section of report.md.
+    fn websocket_markdown(&self, m: &mut String) {
+        let sb = &self.websocket;
+        let nchan = self.peers.nchan.run();
+        let nw = nchan.map(|n| &n.websocket);
+        let ra = nchan.map(|n| &n.ratios_switchboard_over_peer);
+        let _ = writeln!(
+            m,
+            "\n## WebSocket: Switchboard (switchboard.v1.bin) next to nginx + nchan (same loaders, same load, same run)\n"
+        );
+        let sf = &sb.fanout;
+        let nf = nw.map(|n| &n.fanout);
+        let pair = |a: Option<f64>, b: Option<f64>, d: usize| format!("{} / {}", f(a, d), f(b, d));
+        // A column of figures for the nchan side (shown only if it ran).
+        let nfig = |g: &dyn Fn(&WsSuite) -> Option<f64>, d: usize| f(nw.and_then(g), d);
+        let nrun = |g: fn(&WsRun) -> f64, which: fn(&WsFanout) -> Option<&WsRun>| nf.and_then(which).map(g);
+        let rat = |g: fn(&WsRatios) -> Option<f64>| f(ra.and_then(g), 3);
+        fn reference(x: &WsFanout) -> Option<&WsRun> {
+            x.reference.as_ref()
+        }
+        fn sustained(x: &WsFanout) -> Option<&WsRun> {
+            x.sustained.as_ref()
+        }
+        let sref = |g: fn(&WsRun) -> f64| sf.reference.as_ref().map(g);
+        let ssus = |g: fn(&WsRun) -> f64| sf.sustained.as_ref().map(g);
+        let rows: Vec<(String, String, String, String)> = vec![
+            (
+                "idle connections".into(),
+                f(sb.idle.connections, 0),
+                nfig(&|n| Some(n.idle.connections as f64), 0),
+                String::new(),
+            ),
+            (
+                "server bytes per idle connection, RSS (all server processes; nchan: a channel per connection)".into(),
+                f(sb.idle.server_user_bytes_per_conn, 0),
+                nfig(&|n| n.idle.server_user_bytes_per_conn, 0),
+                rat(|r| r.memory_per_conn_rss),
+            ),
+            (
+                "  same, PSS (shared pages counted once)".into(),
+                f(sb.idle.server_pss_bytes_per_conn, 0),
+                nfig(&|n| n.idle.server_pss_bytes_per_conn, 0),
+                rat(|r| r.memory_per_conn_pss),
+            ),
+            (
+                "connect + upgrade (+ login) rate (/s)".into(),
+                f(sb.idle.connect_rate_per_s, 0),
+                nfig(&|n| Some(n.idle.connect_rate_per_s), 0),
+                rat(|r| r.connect_rate_per_s),
+            ),
+            (
+                "room subscribers".into(),
+                f(sf.subscribers, 0),
+                nfig(&|n| Some(n.fanout.subscribers as f64), 0),
+                String::new(),
+            ),
+            (
+                "server bytes per room subscriber, RSS / PSS (all in one room)".into(),
+                pair(sf.server_user_bytes_per_subscriber, sf.server_pss_bytes_per_subscriber, 0),
+                pair(
+                    nf.and_then(|n| n.server_user_bytes_per_subscriber),
+                    nf.and_then(|n| n.server_pss_bytes_per_subscriber),
+                    0,
+                ),
+                rat(|r| r.memory_per_room_subscriber_rss),
+            ),
+            (
+                "one message: until the last subscriber has it, p50 / p99 (ms)".into(),
+                pair(sf.single.p50_ms, sf.single.p99_ms, 1),
+                pair(nf.and_then(|n| n.single.p50_ms), nf.and_then(|n| n.single.p99_ms), 1),
+                rat(|r| r.fanout_single_p50),
+            ),
+            (
+                format!(
+                    "at {} deliveries/s offered: publish→deliver p50 / p99 (ms)",
+                    f(sref(|r| r.target_deliveries_per_s), 0)
+                ),
+                pair(sref(|r| r.p50_ms), sref(|r| r.p99_ms), 1),
+                pair(nrun(|r| r.p50_ms, reference), nrun(|r| r.p99_ms, reference), 1),
+                format!("{} / {}", rat(|r| r.latency_p50_at_reference_rate), rat(|r| r.latency_p99_at_reference_rate)),
+            ),
+            (
+                "  same rate: server user CPU per delivery (ns)".into(),
+                f(sref(|r| r.server_user_ns_per_delivery), 0),
+                f(nrun(|r| r.server_user_ns_per_delivery, reference), 0),
+                rat(|r| r.user_ns_per_delivery_at_reference_rate),
+            ),
+            (
+                "  same rate: server system CPU per delivery (ns)".into(),
+                f(sref(|r| r.server_sys_ns_per_delivery), 0),
+                f(nrun(|r| r.server_sys_ns_per_delivery, reference), 0),
+                rat(|r| r.sys_ns_per_delivery_at_reference_rate),
+            ),
+            (
+                "sustained fan-out, best rate kept up (deliveries/s; everyone got everything, publisher on schedule)"
+                    .into(),
+                f(ssus(|r| r.deliveries_per_s), 0),
+                f(nrun(|r| r.deliveries_per_s, sustained), 0),
+                rat(|r| r.fanout_sustained_deliveries_per_s),
+            ),
+            (
+                "  (the ladder's top rate was kept up: the server's limit is higher)".into(),
+                yes_no(!sf.saturated),
+                yes_no(nf.is_some_and(|n| !n.saturated)),
+                String::new(),
+            ),
+            (
+                "highest delivered rate in any sustained run (deliveries/s)".into(),
+                f(sf.max_delivered_per_s, 0),
+                f(nf.map(|n| n.max_delivered_per_s), 0),
+                rat(|r| r.fanout_max_delivered_per_s),
+            ),
+            (
+                "  best kept-up rate: publish→deliver p50 / p99 (ms)".into(),
+                pair(ssus(|r| r.p50_ms), ssus(|r| r.p99_ms), 1),
+                pair(nrun(|r| r.p50_ms, sustained), nrun(|r| r.p99_ms, sustained), 1),
+                String::new(),
+            ),
+        ];
+        let _ =
+            writeln!(m, "| figure | Switchboard WebSocket | nginx + nchan | Switchboard / nchan |\n|---|---|---|---|");
+        for (k, a, b, c) in rows {
+            let b = if nchan.is_some() { b } else { "absent".into() };
+            let _ = writeln!(m, "| {k} | {a} | {b} | {c} |");
+        }
+        let _ = writeln!(
+            m,
+            "\nSustained runs (offered deliveries/s → delivered/s, p99, server user / system CPU per delivery, kept up):\n"
+        );
+        let mut ladders = vec![("Switchboard WebSocket", sf)];
+        ladders.extend(nf.map(|n| ("nginx + nchan", n)));
+        for (label, v) in ladders {
+            let runs: Vec<String> = v
+                .sustained_runs
+                .iter()
+                .map(|r| {
+                    format!(
+                        "{} → {} ({} ms, {} / {} ns, {})",
+                        f(r.target_deliveries_per_s, 0),
+                        f(r.deliveries_per_s, 0),
+                        f(r.p99_ms, 1),
+                        f(r.server_user_ns_per_delivery, 0),
+                        f(r.server_sys_ns_per_delivery, 0),
+                        if r.kept_up { "kept up" } else { "did not keep up" }
+                    )
+                })
+                .collect();
+            if !runs.is_empty() {
+                let _ = writeln!(m, "- {label}: {}", runs.join("; "));
+            }
+        }
+        match &self.peers.nchan {
+            NchanPeer::Ran(n) => {
+                let _ = writeln!(
+                    m,
+                    "\nMethod: each server fresh in its own process(es), {} warm-up connections opened and closed first; memory is the growth of the server processes' summed RSS (PSS) divided by the idle connections (nchan: a channel per subscriber; Switchboard: logged-in users) or by the room's subscribers; each Switchboard connection logs in with a JWT (HMAC-SHA256 checked by the server), nchan subscribers are anonymous; CPU is every thread of every server process from /proc. nchan publishes by HTTP POSTs from the runner (pipelined on one keep-alive connection, open loop), Switchboard by a member's PUBLISH frame; payloads carry the send time. {}",
+                    WS_WARMUP,
+                    n.nginx_version.as_deref().unwrap_or("")
+                );
+            }
+            NchanPeer::Absent(a) => {
+                let _ =
+                    writeln!(m, "\nnginx + nchan: absent ({}). Install it for this column: `{}`.", a.reason, a.install);
+            }
+        }
+    }
+}
+
+fn yes_no(b: bool) -> String {
+    if b { "yes" } else { "no" }.into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn step(offered: u64, delivered: f64, p99_us: u64) -> UnicastStep {
+        UnicastStep {
+            offered_per_s: offered,
+            sent: offered * 2,
+            blocked: 0,
+            received: (delivered * 2.0) as u64,
+            msgs_per_s: delivered,
+            p50_us: p99_us / 4,
+            p99_us,
+            p999_us: p99_us * 2,
+            max_us: p99_us * 3,
+            server_user_ns_per_msg: 1_000.0,
+            server_sys_ns_per_msg: 9_000.0,
+        }
+    }
+
+    #[test]
+    fn a_unicast_rate_is_kept_up_with_when_97_percent_arrive_with_p99_under_50_ms() {
+        assert!(step(10_000, 9_700.0, 49_999).keeps_up());
+        assert!(!step(10_000, 9_699.0, 1_000).keeps_up(), "too little delivered");
+        assert!(!step(10_000, 10_000.0, 50_000).keeps_up(), "p99 at the limit");
+        assert_eq!(step(1, 1.0, 1).msgs_per_server_core_s(), Some(100_000.0));
+        assert_eq!(Unicast::sustainable_rule(), "at least 97% of the offered rate delivered with p99 under 50 ms");
+    }
+
+    #[test]
+    fn churn_passes_only_flat_and_without_failures() {
+        assert_eq!(Churn::judge(2_000_000, 0), Verdict::Pass);
+        assert_eq!(Churn::judge(-2_000_000, 0), Verdict::Pass, "shrinking within the tolerance is flat too");
+        assert_eq!(Churn::judge(2_000_001, 0), Verdict::Fail);
+        assert_eq!(Churn::judge(0, 1), Verdict::Fail);
+    }
+
+    #[test]
+    fn a_websocket_run_keeps_up_only_complete_on_schedule_and_near_the_offered_rate() {
+        assert!(WsRun::judge(true, 5, 100, 900.0, 1000.0));
+        assert!(!WsRun::judge(false, 0, 100, 1000.0, 1000.0), "someone missed a message");
+        assert!(!WsRun::judge(true, 6, 100, 1000.0, 1000.0), "publisher more than 5% late");
+        assert!(!WsRun::judge(true, 0, 100, 899.0, 1000.0), "under 90% delivered");
+    }
+
+    #[test]
+    fn ratios_need_both_figures_and_a_positive_divisor() {
+        assert_eq!(ratio(Some(1.0), Some(4.0)), Some(0.25));
+        assert_eq!(ratio(None, Some(4.0)), None);
+        assert_eq!(ratio(Some(1.0), None), None);
+        assert_eq!(ratio(Some(1.0), Some(0.0)), None);
+    }
+
+    fn ws_run(target: f64, delivered: f64, kept_up: bool) -> WsRun {
+        WsRun {
+            target_deliveries_per_s: target,
+            publish_rate_per_s: target / 10.0,
+            messages: 10,
+            published_late: 0,
+            complete: kept_up,
+            kept_up,
+            subscribers_cut_off: 0,
+            deliveries: delivered as u64,
+            deliveries_per_s: delivered,
+            p50_ms: 10.0,
+            p99_ms: 20.0,
+            max_ms: 30.0,
+            server_user_ns_per_delivery: 100.0,
+            server_sys_ns_per_delivery: 1_000.0,
+        }
+    }
+
+    fn suite(bytes: f64, p50: f64, runs: Vec<WsRun>) -> WsSuite {
+        let single = WsSingle { p50_ms: Some(p50), p99_ms: Some(p50), reached_everyone: 8, messages: 8 };
+        WsSuite {
+            server: "s".into(),
+            transport: "t".into(),
+            idle: WsIdle {
+                connections: 10,
+                connect_rate_per_s: 100.0,
+                processes: 1,
+                server_rss_before_bytes: Some(0),
+                server_rss_after_bytes: Some(0),
+                server_user_bytes_per_conn: Some(bytes),
+                server_pss_bytes_per_conn: Some(bytes),
+            },
+            fanout: WsFanout::of(10, Some(bytes), Some(bytes), single, runs),
+        }
+    }
+
+    #[test]
+    fn the_ws_ladder_keeps_its_reference_best_and_saturation() {
+        let f = suite(1.0, 1.0, vec![ws_run(1e3, 1e3, true), ws_run(3e3, 2.9e3, true), ws_run(9e3, 5e3, false)]).fanout;
+        assert_eq!(f.reference.as_ref().unwrap().target_deliveries_per_s, 1e3);
+        assert_eq!(f.sustained.as_ref().unwrap().target_deliveries_per_s, 3e3);
+        assert!(f.saturated);
+        assert_eq!(f.max_delivered_per_s, 5e3);
+        let g = suite(1.0, 1.0, vec![ws_run(1e3, 1e3, true)]).fanout;
+        assert!(!g.saturated, "every rate kept up: the ladder ended first");
+        let none = suite(1.0, 1.0, vec![ws_run(1e3, 10.0, false)]).fanout;
+        assert_eq!(none.sustained, None);
+    }
+
+    #[test]
+    fn ws_ratios_divide_switchboard_by_nchan_and_skip_what_is_missing() {
+        let r = WsRatios::between(
+            &suite(200.0, 10.0, vec![ws_run(1e3, 900.0, true)]),
+            &suite(10_000.0, 20.0, vec![ws_run(1e3, 500.0, false)]),
+        );
+        assert_eq!(r.memory_per_conn_rss, Some(0.02));
+        assert_eq!(r.fanout_single_p50, Some(0.5));
+        assert_eq!(r.fanout_max_delivered_per_s, Some(1.8));
+        assert_eq!(r.latency_p50_at_reference_rate, Some(1.0));
+        assert_eq!(r.fanout_sustained_deliveries_per_s, None, "nchan kept up at no rate");
+    }
+
+    fn ws_only(nchan: NchanPeer) -> Report {
+        Report {
+            mode: "quick (WebSocket only)".into(),
+            machine: Machine {
+                cpus: 2,
+                cpu_model: Some("cpu".into()),
+                mem_available_bytes: Some(8 << 30),
+                kernel: Some("6.1".into()),
+                nofile_limit: Some(20_000),
+            },
+            elapsed_s: 12.4,
+            tcp: None,
+            websocket: suite(200.0, 10.0, vec![ws_run(1e3, 900.0, true)]),
+            peers: Peers { tokio: None, nchan },
+            notes: vec!["2 of 10 ws connections failed during a ramp".into()],
+        }
+    }
+
+    #[test]
+    fn the_report_says_why_nchan_is_absent_and_how_to_install_it() {
+        let m = ws_only(NchanPeer::absent("nginx is not installed")).markdown();
+        assert!(m.starts_with("# Switchboard capacity report (quick (WebSocket only) mode)\n"), "{m}");
+        assert!(m.contains("Run took 12 s. Every figure below was measured in this run.\n"), "{m}");
+        assert!(m.contains("| 200 | absent | n/a |"), "{m}");
+        assert!(m.contains("nginx + nchan: absent (nginx is not installed)"), "{m}");
+        assert!(m.contains(NCHAN_INSTALL), "{m}");
+        assert!(m.contains("\nNote: 2 of 10 ws connections failed during a ramp\n"), "{m}");
+        assert!(!m.contains("tokio"), "{m}");
+
+        let sb = suite(200.0, 10.0, vec![ws_run(1e3, 900.0, true)]);
+        let nw = suite(10_000.0, 20.0, vec![ws_run(1e3, 500.0, false)]);
+        let ratios = WsRatios::between(&sb, &nw);
+        let ran = NchanRun {
+            what: "nginx".into(),
+            nginx_version: Some("nginx/1".into()),
+            websocket: nw,
+            ratios_switchboard_over_peer: ratios,
+        };
+        let m = ws_only(NchanPeer::Ran(Box::new(ran))).markdown();
+        assert!(m.contains("| 200 | 10000 | 0.020 |"), "{m}");
+        assert!(m.contains("| room subscribers | 10 | 10 |  |"), "{m}");
+        assert!(m.contains("- nginx + nchan: 1000 → 500 (20.0 ms, 100 / 1000 ns, did not keep up)"), "{m}");
+        assert!(m.contains("publisher on schedule) | 900 | n/a | n/a |"), "{m}");
+        assert!(!m.contains("absent"), "{m}");
+        assert!(m.contains("payloads carry the send time. nginx/1\n"), "{m}");
+    }
+
+    #[test]
+    fn nchan_absent_and_ran_read_back_from_json() {
+        let absent = serde_json::to_value(NchanPeer::absent("why")).unwrap();
+        assert_eq!(absent["absent"], true);
+        assert_eq!(absent["install"], NCHAN_INSTALL);
+        assert_eq!(serde_json::from_value::<NchanPeer>(absent).unwrap(), NchanPeer::absent("why"));
+        let r = ws_only(NchanPeer::absent("x"));
+        let v = serde_json::to_value(&r).unwrap();
+        assert!(v.get("unicast").is_none() && v.get("churn").is_none(), "ws-only has no raw figures: {v}");
+        assert_eq!(serde_json::from_value::<Report>(v).unwrap(), r);
+    }
+
+    fn churn(growth: i64, failed: u64) -> Churn {
+        let verdict = Churn::judge(growth, failed);
+        Churn {
+            question: "q".into(),
+            mix: "m".into(),
+            cycles: 1_000_000,
+            failed,
+            first_error: None,
+            warmup_cycles: 100_000,
+            logins_counted_by_server: Some(1_000_000),
+            elapsed_s: 50.0,
+            cycles_per_s: 20_000.0,
+            server_rss_start_bytes: 10_000_000,
+            server_rss_after_warmup_bytes: 18_000_000,
+            server_rss_end_bytes: (18_000_000 + growth) as u64,
+            growth_bytes: growth,
+            growth_bytes_per_cycle: growth as f64 / 1e6,
+            tolerance_bytes: CHURN_TOLERANCE_BYTES,
+            pass: verdict == Verdict::Pass,
+            verdict,
+            rss_samples: vec![RssSample { cycles: 0, rss_bytes: 18_000_000, quiesced: false }],
+            quiesce_ms: 10,
+            method: "m".into(),
+        }
+    }
+
+    #[test]
+    fn the_churn_summary_and_cell_carry_the_figures_and_the_verdict() {
+        let c = churn(500_000, 0);
+        let s = c.summary();
+        assert!(s.contains("1000000 cycles at 20000/s"), "{s}");
+        assert!(s.contains("18.00 MB after a 100000-cycle warm-up, 18.50 MB at the end"), "{s}");
+        assert!(s.contains("+500000 bytes (+0.50 bytes/cycle); PASS (flat within 2 MB), 0 failed"), "{s}");
+        assert_eq!(c.cell(), "0.50 (1000000 cycles at 20000/s, 18.00 → 18.50 MB; PASS)");
+        let bad = churn(3_000_000, 0);
+        assert!(bad.summary().contains("; FAIL (flat within 2 MB)"), "{}", bad.summary());
+        let v = serde_json::to_value(&c).unwrap();
+        assert_eq!(v["verdict"], "PASS");
+        assert!(v["rss_samples"][0].get("quiesced").is_none(), "only the end sample says so");
+    }
+
+    /// `report.json` and `report.md` of a quick run on the reference VM
+    /// (2 cores, before the report was typed): the typed report reads the
+    /// JSON, writes it back unchanged, and renders the same markdown.
+    const QUICK_JSON: &str = include_str!("testdata/quick-report.json");
+    const QUICK_MD: &str = include_str!("testdata/quick-report.md");
+
+    #[test]
+    fn a_recorded_report_reads_back_writes_the_same_json_and_renders_the_same_markdown() {
+        let r: Report = serde_json::from_str(QUICK_JSON).unwrap();
+        let want: serde_json::Value = serde_json::from_str(QUICK_JSON).unwrap();
+        assert_eq!(serde_json::to_value(&r).unwrap(), want, "every field, name and type kept");
+        let m = r.markdown();
+        assert_eq!(m, QUICK_MD);
+        let tcp = r.tcp.as_ref().unwrap();
+        assert_eq!(tcp.churn.verdict, Verdict::Pass);
+        assert!(m.contains("| server user-space bytes per idle connection | 182 |"), "{m}");
+        assert!(m.contains("| unicast at that rate: p50 / p99 / p99.9 / max (µs) | 466 / 33183 / 41631 / 44863 |"));
+        // The ratios in it are the ones the report computes from its figures.
+        let t = r.peers.tokio.as_ref().unwrap();
+        let sb_idle = Idle {
+            connections: tcp.connections,
+            connect_rate_per_s: tcp.connect_rate_per_s,
+            server_user_bytes_per_conn: tcp.server_user_bytes_per_conn,
+            server_kernel_bytes_per_conn: tcp.server_kernel_bytes_per_conn,
+            rss_curve: tcp.rss_curve.clone(),
+        };
+        let sb_unicast = Unicast {
+            connections: tcp.connections,
+            sustainable: Unicast::sustainable_rule(),
+            steps: tcp.unicast.steps.clone(),
+            max: tcp.unicast.steps.iter().rev().find(|s| s.keeps_up()).unwrap().clone(),
+            at_half_max: tcp.unicast.at_half_max.clone(),
+        };
+        assert_eq!(sb_unicast.max.msgs_per_s, tcp.unicast.msgs_per_s, "the best step is the last kept up with");
+        // (Within the last bits: the figures went through decimal JSON.)
+        let close = |a: serde_json::Value, b: serde_json::Value| {
+            let (a, b) = (a.as_object().unwrap().clone(), b.as_object().unwrap().clone());
+            assert_eq!(a.len(), b.len());
+            for (k, x) in a {
+                let (x, y) = (x.as_f64().unwrap(), b[&k].as_f64().unwrap());
+                assert!((x - y).abs() <= 1e-12 * y.abs(), "{k}: {x} vs {y}");
+            }
+        };
+        let ratios = TokioRatios::between(&sb_idle, &sb_unicast, &tcp.fanout.detail, &t.idle, &t.unicast, &t.fanout);
+        close(serde_json::to_value(ratios).unwrap(), serde_json::to_value(&t.ratios_switchboard_over_peer).unwrap());
+        let NchanPeer::Ran(n) = &r.peers.nchan else { panic!("nchan ran in that run") };
+        let ratios = WsRatios::between(&r.websocket, &n.websocket);
+        close(serde_json::to_value(ratios).unwrap(), serde_json::to_value(&n.ratios_switchboard_over_peer).unwrap());
+    }
+
+    #[test]
+    fn a_mistyped_or_missing_field_is_an_error_not_a_null() {
+        let mut v: serde_json::Value = serde_json::from_str(QUICK_JSON).unwrap();
+        v["churn"]["verdict"] = "MAYBE".into();
+        assert!(serde_json::from_value::<Report>(v.clone()).unwrap_err().to_string().contains("MAYBE"));
+        v["churn"]["verdict"] = "PASS".into();
+        v["heartbeat"].as_object_mut().unwrap().remove("per_s");
+        let e = serde_json::from_value::<Report>(v.clone()).unwrap_err().to_string();
+        assert!(e.contains("per_s"), "{e}");
+        v["heartbeat"]["per_s"] = 1.0.into();
+        v["peers"]["tokio"]["idle"]["rss_curve"][0]["rss_bytes"] = "a lot".into();
+        assert!(serde_json::from_value::<Report>(v).is_err());
+    }
+
+    #[test]
+    fn a_missing_figure_renders_as_not_available() {
+        assert_eq!(f(None, 1), "n/a");
+        assert_eq!(f(Some(2.345), 2), "2.35");
+        assert_eq!(f(4000u32, 0), "4000");
+        assert_eq!(f(728u64, 1), "728.0");
+    }
+}

@@ -1,0 +1,697 @@
+//! The capacity run: servers under test in their own processes, and every
+//! scenario driven against them with the same loaders.
+//!
+//! Owns: starting and stopping the servers (Switchboard's release binary,
+//! the tokio baseline, the bare ceiling relay), the raw TCP scenarios (idle
+//! hold, unicast ladder, room fan-out, broadcast, heartbeats; churn.rs and
+//! ws.rs add theirs to [`Runner`]) and reading /proc while they run.
+//! Must not: estimate or judge. Each scenario returns the typed figures it
+//! measured (report.rs); verdicts and ratios are the report's.
+
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command as Proc, Stdio};
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+use switchboard_bench::loadgen::{http, percentiles, timed_payload, Collected, Command, Fleet, FleetSpec, ProcStat};
+
+use super::churn;
+use super::report::{
+    ratio, Broadcast, Churn, Completion, Fanout, FanoutRun, FanoutSummary, Heartbeat, Idle, Machine, NchanPeer, Peers,
+    Projection, Report, RssPoint, TcpReport, TokioPeer, TokioRatios, Unicast, UnicastCeiling, UnicastStep,
+    UnicastSummary, WsSuite,
+};
+use super::ws::WsServer;
+use super::Plan;
+
+/// The admin API's `GET /stats`, the parts a scenario reads.
+#[derive(Deserialize)]
+pub(super) struct AdminStats {
+    pub stats: switchboard::Stats,
+    /// Users with at least one connection.
+    pub users: u64,
+    /// Users whose entry outlives their last close for a while.
+    pub users_offline_retained: u64,
+}
+
+/// One worker's sample from `POST /bench/send_ceiling`.
+#[derive(Deserialize)]
+struct CeilingSample {
+    sends: u64,
+    elapsed_ns: u64,
+}
+
+impl CeilingSample {
+    fn sends_per_s(&self) -> f64 {
+        self.sends as f64 / (self.elapsed_ns.max(1) as f64 / 1e9)
+    }
+}
+
+pub(super) fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap_or(7890)
+}
+
+/// A server under test, in its own process.
+pub(super) struct ServerProc {
+    pub name: &'static str,
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub admin: Option<SocketAddr>,
+    /// The WebSocket port, if it has one.
+    pub ws: Option<SocketAddr>,
+}
+
+impl ServerProc {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn wait_listening(mut self, timeout: Duration) -> Result<ServerProc, String> {
+        let t0 = Instant::now();
+        while t0.elapsed() < timeout {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Err(format!("{} exited at start: {status}", self.name));
+            }
+            if TcpStream::connect_timeout(&self.addr, Duration::from_millis(100)).is_ok() {
+                return Ok(self);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Err(format!("{} did not listen on {} within {timeout:?}", self.name, self.addr))
+    }
+
+    /// `switchboard serve` with a config of its own in `out`; `extra` is
+    /// appended to it (more TOML tables).
+    pub fn switchboard(bin: &Path, out: &Path, tag: &str, workers: usize, extra: &str) -> Result<ServerProc, String> {
+        let (port, admin_port, ws_port) = (free_port(), free_port(), free_port());
+        let config = format!(
+            "[server]\nlisten = \"127.0.0.1:{port}\"\nworkers = {workers}\n\n[admin]\nlisten = \"127.0.0.1:{admin_port}\"\nbench_endpoints = true\n\n[websocket]\nlisten = \"127.0.0.1:{ws_port}\"\n{extra}"
+        );
+        let path = out.join(format!("switchboard-{tag}.toml"));
+        std::fs::write(&path, config).map_err(|e| e.to_string())?;
+        let log = std::fs::File::create(out.join(format!("switchboard-{tag}.log"))).map_err(|e| e.to_string())?;
+        let child = Proc::new(bin)
+            .args(["serve", "--log", "warn", "--config"])
+            .arg(&path)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", bin.display()))?;
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let admin = Some(SocketAddr::from(([127, 0, 0, 1], admin_port)));
+        let ws = Some(SocketAddr::from(([127, 0, 0, 1], ws_port)));
+        ServerProc { name: "switchboard", child, addr, admin, ws }.wait_listening(Duration::from_secs(15))
+    }
+
+    pub fn peer(name: &'static str, bin: &Path, args: &[&str], plan: &Plan) -> Result<ServerProc, String> {
+        let port = free_port();
+        let listen = format!("127.0.0.1:{port}");
+        let workers = plan.workers.to_string();
+        let mut child = Proc::new(bin)
+            .args(args)
+            .args(["--listen", &listen, "--workers", &workers])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", bin.display()))?;
+        // Drain its stdout so it never blocks on a full pipe.
+        let out = child.stdout.take().expect("piped");
+        std::thread::spawn(move || for _ in BufReader::new(out).lines() {});
+        ServerProc { name, child, addr: SocketAddr::from(([127, 0, 0, 1], port)), admin: None, ws: None }
+            .wait_listening(Duration::from_secs(15))
+    }
+
+    pub fn stop(self) {
+        drop(self);
+    }
+
+    /// The server's `/stats` (admin API); none if it cannot be read.
+    pub fn stats(&self) -> Option<AdminStats> {
+        let (s, body) = http(self.admin?, "GET", "/stats", b"", None).ok()?;
+        if s != 200 {
+            return None;
+        }
+        serde_json::from_str(&body).ok()
+    }
+}
+
+/// A server is stopped when dropped, on errors too: SIGTERM (nginx's
+/// master then stops its workers), SIGKILL after 10 s.
+impl Drop for ServerProc {
+    fn drop(&mut self) {
+        if let Ok(Some(_)) = self.child.try_wait() {
+            return;
+        }
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(10) {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs everything the plan says and returns the report.
+pub struct Runner {
+    pub plan: Plan,
+    pub out: PathBuf,
+    pub bench_exe: PathBuf,
+    pub switchboard_bin: PathBuf,
+    pub tokio_bin: Option<PathBuf>,
+    /// Run nginx + nchan as the WebSocket peer.
+    pub nchan: bool,
+    src_base: u8,
+    log: Vec<String>,
+}
+
+pub(super) fn note(msg: impl AsRef<str>) {
+    eprintln!("capacity: {}", msg.as_ref());
+}
+
+impl Runner {
+    pub fn new(
+        plan: Plan,
+        out: PathBuf,
+        bench_exe: PathBuf,
+        switchboard_bin: PathBuf,
+        tokio_bin: Option<PathBuf>,
+        nchan: bool,
+    ) -> Runner {
+        // A run that is not the server's default says so in its report.
+        let log = match plan.socket_buffers {
+            Some(b) => vec![format!(
+                "every Switchboard server of this run had socket.rcvbuf_bytes = sndbuf_bytes = {b}{}",
+                if b == 0 { " (left to the kernel)" } else { "" }
+            )],
+            None => Vec::new(),
+        };
+        Runner { plan, out, bench_exe, switchboard_bin, tokio_bin, nchan, src_base: 10, log }
+    }
+
+    pub(super) fn spec(&mut self, addr: SocketAddr, n: u32, prefix: &str, room: Option<&str>) -> FleetSpec {
+        let mut s = FleetSpec::new(self.bench_exe.clone(), addr, n);
+        s.user_prefix = prefix.into();
+        s.room = room.map(String::from);
+        // A fresh block of source addresses per fleet: no fleet meets the
+        // previous one's TIME_WAIT ports.
+        s.src_base = self.src_base;
+        self.src_base = self.src_base.wrapping_add(4).max(10);
+        s
+    }
+
+    fn fleet(
+        &mut self,
+        addr: SocketAddr,
+        n: u32,
+        prefix: &str,
+        room: Option<&str>,
+    ) -> Result<(Fleet, u32, Duration), String> {
+        let spec = self.spec(addr, n, prefix, room);
+        self.spawn_ready(&spec)
+    }
+
+    pub(super) fn spawn_ready(&mut self, spec: &FleetSpec) -> Result<(Fleet, u32, Duration), String> {
+        let mut f = Fleet::spawn(spec).map_err(|e| e.to_string())?;
+        let (ready, failed, ramp) = f.wait_ready(Duration::from_secs(180))?;
+        if failed > 0 {
+            let n = spec.connections;
+            self.log.push(format!("{failed} of {n} {} connections failed during a ramp", spec.transport.name()));
+        }
+        Ok((f, ready, ramp))
+    }
+
+    /// Idle hold: ramps in four steps, recording server RSS and the host's
+    /// kernel slab after each.
+    fn idle(&mut self, s: &ServerProc) -> Result<Idle, String> {
+        let (idle, fleets) = self.idle_hold(s)?;
+        for f in fleets {
+            f.quit();
+        }
+        Ok(idle)
+    }
+
+    /// [`Runner::idle`], leaving the connections open: their loaders are
+    /// returned.
+    pub(super) fn idle_hold(&mut self, s: &ServerProc) -> Result<(Idle, Vec<Fleet>), String> {
+        let n = self.plan.connections;
+        note(format!("{}: idle, {n} connections in 4 steps", s.name));
+        std::thread::sleep(Duration::from_millis(500));
+        let (rss0, slab0) = (ProcStat::rss_bytes(s.pid()), ProcStat::slab_bytes());
+        let mut curve = vec![RssPoint { connections: 0, rss_bytes: rss0 }];
+        let mut fleets = Vec::new();
+        let (mut total, mut ramp) = (0u32, Duration::ZERO);
+        for step in 0..4 {
+            let (f, ready, t) = self.fleet(s.addr, n / 4, &format!("idle{step}-u"), None)?;
+            total += ready;
+            ramp += t;
+            fleets.push(f);
+            std::thread::sleep(Duration::from_secs(1));
+            curve.push(RssPoint { connections: total, rss_bytes: ProcStat::rss_bytes(s.pid()) });
+        }
+        let (rss1, slab1) = (ProcStat::rss_bytes(s.pid()), ProcStat::slab_bytes());
+        let per = |a: Option<u64>, b: Option<u64>, div: f64| match (a, b) {
+            (Some(a), Some(b)) if total > 0 => Some((b as f64 - a as f64) / (total as f64 * div)),
+            _ => None,
+        };
+        let idle = Idle {
+            connections: total,
+            connect_rate_per_s: total as f64 / ramp.as_secs_f64(),
+            server_user_bytes_per_conn: per(rss0, rss1, 1.0),
+            // Both ends of each connection are on this host and the loaders'
+            // epoll entries are in the delta too: half the host's slab growth
+            // per connection, an upper bound for the server's end.
+            server_kernel_bytes_per_conn: per(slab0, slab1, 2.0),
+            rss_curve: curve,
+        };
+        Ok((idle, fleets))
+    }
+
+    /// Unicast at rising rates until the system stops keeping up; the
+    /// best rate it kept up with ("sustainable": at least 97% of the offered
+    /// load delivered, p99 under 50 ms); then half of that rate.
+    fn unicast(&mut self, s: &ServerProc) -> Result<Unicast, String> {
+        let n = self.plan.connections;
+        note(format!("{}: unicast over {n} connections", s.name));
+        let (mut fleet, ready, _) = self.fleet(s.addr, n, "uni-u", None)?;
+        let mut steps = Vec::new();
+        let mut best: Option<UnicastStep> = None;
+        let rates = self.plan.unicast_rates.clone();
+        for rate in rates {
+            let r = unicast_step(&mut fleet, s.pid(), ready, rate, self.plan.unicast_s)?;
+            let keeps_up = r.keeps_up();
+            note(format!("  {rate}/s offered: {:.0}/s delivered, p99 {} us", r.msgs_per_s, r.p99_us));
+            steps.push(r.clone());
+            if !keeps_up {
+                break;
+            }
+            best = Some(r);
+        }
+        let best = best.ok_or("not even the lowest unicast rate was sustained")?;
+        // The last step may have left a backlog in socket buffers and
+        // queues: let it drain so it does not count against the next one.
+        std::thread::sleep(Duration::from_secs(3));
+        let _ = fleet.collect()?;
+        let half = (best.msgs_per_s / 2.0) as u64;
+        let at_half = unicast_step(&mut fleet, s.pid(), ready, half.max(1000), self.plan.unicast_s)?;
+        note(format!("  at half of the best rate ({half}/s): p99 {} us", at_half.p99_us));
+        fleet.quit();
+        Ok(Unicast {
+            connections: ready,
+            sustainable: Unicast::sustainable_rule(),
+            steps,
+            max: best,
+            at_half_max: at_half,
+        })
+    }
+
+    /// Room fan-out: the ceiling (Switchboard only), single messages, a
+    /// sustained rate above the ceiling.
+    fn fanout(&mut self, s: &ServerProc, ceiling: Option<f64>) -> Result<Fanout, String> {
+        let n = self.plan.members;
+        let room = "capacity-room";
+        note(format!("{}: fan-out to {n} members", s.name));
+        let (mut fleet, ready, _) = self.fleet(s.addr, n, "fan-u", Some(room))?;
+        let _ = fleet.collect()?;
+        let repeats = self.plan.fanout_repeats;
+        let mut ceiling_rate = ceiling;
+        let mut ceiling_done = Vec::new();
+        if let Some(admin) = s.admin {
+            let mut rates = Vec::new();
+            for r in 0..repeats {
+                let path = format!("/bench/send_ceiling?room={room}&bytes=64&seq={r}");
+                let (st, body) = http(admin, "POST", &path, b"", None).map_err(|e| e.to_string())?;
+                if st != 200 {
+                    return Err(format!("send ceiling: HTTP {st}: {body}"));
+                }
+                let samples: Vec<CeilingSample> = serde_json::from_str(&body).map_err(|e| format!("{e}: {body}"))?;
+                let per_core: Vec<f64> = samples.iter().map(CeilingSample::sends_per_s).collect();
+                rates.push(per_core.iter().sum::<f64>() / per_core.len().max(1) as f64);
+                std::thread::sleep(Duration::from_millis(150));
+            }
+            let c = fleet.collect()?;
+            ceiling_done = completion_ms(&c, 0..repeats, ready);
+            rates.sort_by(|a, b| a.total_cmp(b));
+            ceiling_rate = Some(rates[rates.len() / 2]);
+        }
+        // Single messages from a member, 4 per second.
+        let base = 1_000;
+        fleet.send(
+            0,
+            &Command::Publish {
+                room: room.into(),
+                rate_per_s: 4.0,
+                count: repeats,
+                payload_bytes: 64,
+                first_seq: base,
+            },
+        );
+        fleet.wait_sent_from(1)?;
+        std::thread::sleep(Duration::from_millis(500));
+        let single = fleet.collect()?;
+        let single_done = completion_ms(&single, base..base + repeats, ready);
+        // Sustained: publish rates at which one send per delivery would need
+        // 1.5, 3 and 6 times the ceiling. A run counts only if every member
+        // got every message (the loaders share the cores, so past some rate
+        // they cannot keep up and members get cut off as slow consumers).
+        let total_ceiling = ceiling_rate.unwrap_or(100_000.0) * self.plan.workers as f64;
+        let mut runs = Vec::new();
+        let mut best: Option<FanoutRun> = None;
+        for (k, factor) in [1.5, 3.0, 6.0].into_iter().enumerate() {
+            let rate = (factor * total_ceiling / ready as f64).max(1.0);
+            let count = (rate * self.plan.sustain_s as f64) as u32;
+            let base = 100_000 * (k as u32 + 1);
+            let cpu0 = ProcStat::process_cpu(s.pid());
+            let t0 = Instant::now();
+            fleet.send(
+                0,
+                &Command::Publish { room: room.into(), rate_per_s: rate, count, payload_bytes: 64, first_seq: base },
+            );
+            fleet.wait_sent_from(1)?;
+            std::thread::sleep(Duration::from_secs(2));
+            let c = fleet.collect()?;
+            let (user, sys) = ProcStat::process_cpu(s.pid()).since(&cpu0);
+            let done = completion_ms(&c, base..base + count, ready);
+            let complete = done.len() == count as usize && c.closed == 0;
+            let last = done.iter().enumerate().map(|(i, d)| i as f64 / rate + d / 1e3).fold(0.0, f64::max);
+            let window = last.max(t0.elapsed().as_secs_f64() - 2.0).max(0.001);
+            let run = FanoutRun {
+                offered_vs_ceiling: factor,
+                publish_rate_per_s: rate,
+                messages: count,
+                complete,
+                members_cut_off: c.closed,
+                deliveries: c.received,
+                deliveries_per_s: c.received as f64 / window,
+                vs_ceiling: c.received as f64 / window / total_ceiling,
+                p50_ms: c.hist.value_at_quantile(0.5) as f64 / 1e3,
+                p99_ms: c.hist.value_at_quantile(0.99) as f64 / 1e3,
+                server_user_ns_per_delivery: user / c.received.max(1) as f64,
+                server_sys_ns_per_delivery: sys / c.received.max(1) as f64,
+            };
+            note(format!(
+                "  sustained {factor}x ceiling: {:.0} deliveries/s, p99 {:.1} ms, complete: {complete}",
+                run.deliveries_per_s, run.p99_ms
+            ));
+            runs.push(run.clone());
+            if !complete {
+                break;
+            }
+            best = Some(run);
+        }
+        fleet.quit();
+        Ok(Fanout {
+            members: ready,
+            send_ceiling_per_s_per_core: ceiling_rate,
+            ceiling_completion_p50_ms: q(&ceiling_done, 0.5),
+            single: Completion { p50_ms: q(&single_done, 0.5), p99_ms: q(&single_done, 0.99) },
+            sustained: best,
+            sustained_runs: runs,
+        })
+    }
+
+    fn broadcast(&mut self, s: &ServerProc) -> Result<Broadcast, String> {
+        let admin = s.admin.ok_or("broadcast needs the admin API")?;
+        let n = self.plan.connections;
+        note(format!("{}: broadcast to {n} connections", s.name));
+        let (mut fleet, ready, _) = self.fleet(s.addr, n, "bc-u", None)?;
+        let _ = fleet.collect()?;
+        let repeats = self.plan.fanout_repeats;
+        for r in 0..repeats {
+            let (st, body) =
+                http(admin, "POST", "/broadcast", &timed_payload(r, 64), None).map_err(|e| e.to_string())?;
+            if st != 200 {
+                return Err(format!("broadcast: HTTP {st}: {body}"));
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        let c = fleet.collect()?;
+        let done = completion_ms(&c, 0..repeats, ready);
+        fleet.quit();
+        Ok(Broadcast { connections: ready, p50_ms: q(&done, 0.5), p99_ms: q(&done, 0.99) })
+    }
+
+    /// Heartbeats: a server that PINGs after 1 s of silence; every
+    /// connection answers.
+    fn heartbeat(&mut self) -> Result<Heartbeat, String> {
+        // Every connection pinged four times a second: enough heartbeats in
+        // the window for the tick-sampled user/system split to be precise.
+        let extra = "\n[timeouts]\ntick_ms = 50\nheartbeat_interval_ms = 250\nidle_timeout_ms = 2000\n";
+        let s = ServerProc::switchboard(
+            &self.switchboard_bin,
+            &self.out,
+            "heartbeat",
+            self.plan.workers,
+            &self.plan.server_config(extra),
+        )?;
+        let n = self.plan.connections;
+        note(format!("switchboard: heartbeats, {n} connections pinged every 250 ms"));
+        let (mut fleet, ready, _) = self.fleet(s.addr, n, "hb-u", None)?;
+        std::thread::sleep(Duration::from_secs(3));
+        let pings = |s: &ServerProc| s.stats().map(|v| v.stats.pings_sent).unwrap_or(0);
+        let (p0, cpu0, t0) = (pings(&s), ProcStat::process_cpu(s.pid()), Instant::now());
+        std::thread::sleep(Duration::from_secs(self.plan.heartbeat_s));
+        let (p1, cpu1, dt) = (pings(&s), ProcStat::process_cpu(s.pid()), t0.elapsed());
+        let c = fleet.collect()?;
+        fleet.quit();
+        s.stop();
+        let beats = p1.saturating_sub(p0).max(1) as f64;
+        let (user, sys) = cpu1.since(&cpu0);
+        Ok(Heartbeat {
+            connections: ready,
+            per_s: beats / dt.as_secs_f64(),
+            server_user_ns_each: user / beats,
+            server_sys_ns_each: sys / beats,
+            closed_by_server: c.closed,
+        })
+    }
+
+    /// Login/logout churn against a fresh server: RSS after a warm-up and
+    /// at the end (churn.rs).
+    fn churn(&mut self) -> Result<Churn, String> {
+        let p = churn::ChurnPlan {
+            warmup: self.plan.churn_warmup,
+            workers: self.plan.workers,
+            server_config: self.plan.server_config(""),
+            ..churn::ChurnPlan::new(self.plan.churn_cycles)
+        };
+        note(format!("switchboard: login/logout churn, {} cycles after {} of warm-up", p.cycles, p.warmup));
+        let r = churn::run(&self.switchboard_bin, &self.out, &p)?;
+        note(format!("  {}", r.summary()));
+        Ok(r)
+    }
+
+    /// Switchboard over WebSocket, then nginx + nchan (unless disabled).
+    fn websocket(&mut self) -> Result<(WsSuite, NchanPeer), String> {
+        let s = ServerProc::switchboard(
+            &self.switchboard_bin,
+            &self.out,
+            "ws",
+            self.plan.workers,
+            &self.plan.server_config(""),
+        )?;
+        let r = self.ws_suite(&s, WsServer::Switchboard);
+        s.stop();
+        let ws = r?;
+        let nchan =
+            if self.nchan { self.nchan_peer(&ws) } else { NchanPeer::absent("not run (--no-peers or --no-nchan)") };
+        Ok((ws, nchan))
+    }
+
+    /// Only the WebSocket comparison (`--ws-only`).
+    fn run_ws_only(&mut self) -> Result<Report, String> {
+        let t0 = Instant::now();
+        let (websocket, nchan) = self.websocket()?;
+        Ok(Report {
+            mode: format!("{} (WebSocket only)", self.plan.mode),
+            machine: machine(),
+            elapsed_s: t0.elapsed().as_secs_f64(),
+            tcp: None,
+            websocket,
+            peers: Peers { tokio: None, nchan },
+            notes: self.log.clone(),
+        })
+    }
+
+    pub fn run(&mut self) -> Result<Report, String> {
+        std::fs::create_dir_all(&self.out).map_err(|e| e.to_string())?;
+        if self.plan.ws_only {
+            return self.run_ws_only();
+        }
+        let t0 = Instant::now();
+        let plan = self.plan.clone();
+        let no_extra = "";
+        // Switchboard.
+        let sb = ServerProc::switchboard(
+            &self.switchboard_bin,
+            &self.out,
+            "main",
+            plan.workers,
+            &plan.server_config(no_extra),
+        )?;
+        let idle = self.idle(&sb)?;
+        let unicast = self.unicast(&sb)?;
+        let fanout = self.fanout(&sb, None)?;
+        let broadcast = self.broadcast(&sb)?;
+        sb.stop();
+        let heartbeat = self.heartbeat()?;
+        let churn = self.churn()?;
+        let ceiling = fanout.send_ceiling_per_s_per_core;
+
+        // The kernel's floor for relays: the bare relay, same loaders.
+        let relay = ServerProc::peer("ceiling-relay", &self.bench_exe.clone(), &["ceiling-relay"], &plan)?;
+        let relay_unicast = self.unicast(&relay)?;
+        relay.stop();
+
+        // Peers.
+        let tokio = match self.tokio_bin.clone() {
+            Some(bin) => {
+                let t = ServerProc::peer("tokio-baseline", &bin, &[], &plan)?;
+                let t_idle = self.idle(&t)?;
+                let t_unicast = self.unicast(&t)?;
+                let t_fanout = self.fanout(&t, ceiling)?;
+                t.stop();
+                Some(TokioPeer {
+                    what: "benches/src/bin/tokio-baseline.rs: the same protocol, a tokio task (plus a writer task and a channel) per connection".into(),
+                    ratios_switchboard_over_peer: TokioRatios::between(&idle, &unicast, &fanout, &t_idle, &t_unicast, &t_fanout),
+                    idle: t_idle,
+                    unicast: t_unicast,
+                    fanout: t_fanout,
+                })
+            }
+            None => None,
+        };
+        let (websocket, nchan) = self.websocket()?;
+        let tcp = self.assemble(idle, unicast, fanout, broadcast, heartbeat, relay_unicast, churn);
+        Ok(Report {
+            mode: self.plan.mode.into(),
+            machine: machine(),
+            elapsed_s: t0.elapsed().as_secs_f64(),
+            tcp: Some(tcp),
+            websocket,
+            peers: Peers { tokio, nchan },
+            notes: self.log.clone(),
+        })
+    }
+
+    /// Switchboard's raw TCP figures, with the bare relay's unicast as the
+    /// kernel's floor.
+    #[allow(clippy::too_many_arguments)]
+    fn assemble(
+        &self,
+        idle: Idle,
+        unicast: Unicast,
+        fanout: Fanout,
+        broadcast: Broadcast,
+        heartbeat: Heartbeat,
+        relay: Unicast,
+        churn: Churn,
+    ) -> TcpReport {
+        let (user_b, kern_b) = (idle.server_user_bytes_per_conn, idle.server_kernel_bytes_per_conn);
+        let sb_max = &unicast.max;
+        let relay_max = &relay.max;
+        let relay_per_core = relay_max.msgs_per_server_core_s();
+        let sb_per_core = sb_max.msgs_per_server_core_s();
+        let per_core_ceiling = fanout.send_ceiling_per_s_per_core;
+        TcpReport {
+            connections: idle.connections,
+            server_user_bytes_per_conn: user_b,
+            server_kernel_bytes_per_conn: kern_b,
+            kernel_bytes_method: "half of the host's /proc/meminfo Slab growth per connection (both ends of every connection, and the loaders' epoll entries, are on this host): an upper bound for the server's end".into(),
+            connect_rate_per_s: idle.connect_rate_per_s,
+            unicast: UnicastSummary {
+                msgs_per_s: sb_max.msgs_per_s,
+                p50_us: sb_max.p50_us,
+                p99_us: sb_max.p99_us,
+                p999_us: sb_max.p999_us,
+                max_us: sb_max.max_us,
+                at_half_max: unicast.at_half_max.clone(),
+                server_user_ns_per_msg: sb_max.server_user_ns_per_msg,
+                server_sys_ns_per_msg: sb_max.server_sys_ns_per_msg,
+                msgs_per_server_core_s: sb_per_core,
+                fraction_of_kernel_ceiling_per_core: ratio(sb_per_core, relay_per_core),
+                steps: unicast.steps,
+            },
+            unicast_ceiling: UnicastCeiling {
+                what: "the bare relay (switchboard-bench ceiling-relay): epoll, recv, one blocking send per message; same loaders and load".into(),
+                msgs_per_s: relay_max.msgs_per_s,
+                msgs_per_server_core_s: relay_per_core,
+                server_user_ns_per_msg: relay_max.server_user_ns_per_msg,
+                server_sys_ns_per_msg: relay_max.server_sys_ns_per_msg,
+            },
+            fanout: FanoutSummary::of(fanout),
+            broadcast,
+            heartbeat,
+            send_ceiling_per_s: per_core_ceiling.map(|c| c * self.plan.workers as f64),
+            send_ceiling_per_s_per_core: per_core_ceiling,
+            projection_1m: Projection::one_million(user_b, kern_b),
+            rss_curve: idle.rss_curve,
+            churn,
+        }
+    }
+}
+
+fn unicast_step(fleet: &mut Fleet, pid: u32, users: u32, rate: u64, secs: u64) -> Result<UnicastStep, String> {
+    let _ = fleet.collect()?;
+    let cpu0 = ProcStat::process_cpu(pid);
+    let t0 = Instant::now();
+    fleet.start_unicast(rate, secs * 1000, users, 64, 0x5EED + rate);
+    let (sent, blocked) = fleet.wait_sent()?;
+    std::thread::sleep(Duration::from_millis(500));
+    let elapsed = t0.elapsed().as_secs_f64() - 0.5;
+    let (user, sys) = ProcStat::process_cpu(pid).since(&cpu0);
+    let c = fleet.collect()?;
+    let p = percentiles(&c.hist);
+    Ok(UnicastStep {
+        offered_per_s: rate,
+        sent,
+        blocked,
+        received: c.received,
+        msgs_per_s: c.received as f64 / elapsed,
+        p50_us: p.p50_us,
+        p99_us: p.p99_us,
+        p999_us: p.p999_us,
+        max_us: p.max_us,
+        server_user_ns_per_msg: user / c.received.max(1) as f64,
+        server_sys_ns_per_msg: sys / c.received.max(1) as f64,
+    })
+}
+
+/// Completion time (ms) of each message in `seqs`: when its last receiver
+/// got it. Messages not received by everyone count as missing (skipped).
+pub(super) fn completion_ms(c: &Collected, seqs: std::ops::Range<u32>, receivers: u32) -> Vec<f64> {
+    let mut v: Vec<f64> = seqs
+        .filter_map(|s| c.per_seq.get(&s).filter(|(n, _)| *n >= receivers as u64).map(|&(_, m)| m as f64 / 1e3))
+        .collect();
+    v.sort_by(|a, b| a.total_cmp(b));
+    v
+}
+
+/// The `q` quantile of sorted `v`; none of an empty one.
+pub(super) fn q(v: &[f64], q: f64) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    Some(v[((v.len() - 1) as f64 * q).round() as usize])
+}
+
+fn machine() -> Machine {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo").ok().and_then(|s| {
+        s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+    });
+    let mem = switchboard::limits::mem_available_bytes();
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").ok().map(|s| s.trim().to_string());
+    Machine {
+        cpus: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        cpu_model: cpu,
+        mem_available_bytes: mem,
+        kernel,
+        nofile_limit: switchboard::limits::raise_nofile().ok().map(|(s, _)| s),
+    }
+}
