@@ -16,7 +16,8 @@
 //! `Env` (`tests` below).
 //!
 //! Size: one `Connection` lives in every slot of a worker's table, so it is
-//! kept to 40 bytes (asserted): a buffer is held only while a frame or a
+//! kept to 32 bytes (asserted; the transport rides in the session's
+//! padding): a buffer is held only while a frame or a
 //! fragmented message is incomplete.
 
 use std::sync::Arc;
@@ -234,11 +235,11 @@ pub struct Connection {
     /// Set once logged in; shared with the directory key.
     user: Option<Arc<str>>,
     held: Option<Box<Held>>,
-    session: Session,
-    transport: Transport,
+    /// The session's timers and phase, with the transport as its tag.
+    session: Session<Transport>,
 }
 
-const _: () = assert!(std::mem::size_of::<Connection>() <= 40);
+const _: () = assert!(std::mem::size_of::<Connection>() <= 32);
 
 /// Input that cannot be acted on.
 enum Bad {
@@ -264,7 +265,7 @@ impl Connection {
             Listener::Raw { sniff: true } => Transport::Sniff,
             Listener::Raw { sniff: false } => Transport::Raw,
         };
-        Connection { user: None, held: None, session: Session::new(now), transport }
+        Connection { user: None, held: None, session: Session::with_tag(now, transport) }
     }
 
     /// How frames for a connection from `listener` are encoded at first.
@@ -288,7 +289,7 @@ impl Connection {
     }
 
     pub fn transport(&self) -> Transport {
-        self.transport
+        self.session.tag()
     }
 
     /// The user, once logged in (until the close starts).
@@ -390,15 +391,15 @@ impl Connection {
     ) -> usize {
         let mut off = 0;
         while off < data.len() && !self.is_closing() {
-            let used = match self.transport {
+            let used = match self.session.tag() {
                 Transport::Sniff => {
                     match handshake::looks_like_http(&data[off..]) {
                         None => break,
                         Some(true) => {
-                            self.transport = Transport::Http;
+                            self.session.set_tag(Transport::Http);
                             env.set_wire(Wire::Http);
                         }
-                        Some(false) => self.transport = Transport::Raw,
+                        Some(false) => self.session.set_tag(Transport::Raw),
                     }
                     continue;
                 }
@@ -429,7 +430,7 @@ impl Connection {
         rules: &Rules,
         env: &mut impl Env,
     ) -> usize {
-        let ws = matches!(self.transport, Transport::Ws(_));
+        let ws = matches!(self.session.tag(), Transport::Ws(_));
         let mut dec = if ws { Some(kept.take().unwrap_or_else(|| Decoder::new(rules.ws_max_message))) } else { None };
         let mut off = 0;
         while off < data.len() {
@@ -547,7 +548,7 @@ impl Connection {
         };
         env.reply_encoded(Bytes::from(handshake::response_101(&hs.accept(), protocol)));
         let wire = Wire::for_subprotocol(protocol);
-        self.transport = Transport::Ws(wire);
+        self.session.set_tag(Transport::Ws(wire));
         env.set_wire(wire);
         env.count(Count::WsUpgrade);
         if let Some(login) = hs.login() {
@@ -1279,6 +1280,6 @@ mod tests {
 
     #[test]
     fn the_machine_fits_its_slot() {
-        assert!(std::mem::size_of::<Connection>() <= 40);
+        assert!(std::mem::size_of::<Connection>() <= 32);
     }
 }

@@ -99,23 +99,44 @@ pub enum TickAction {
     Finish,
 }
 
-/// The state machine itself. 8 bytes.
+/// The state machine itself. 8 bytes, with a one-byte `tag` the owner may
+/// keep in what would otherwise be padding (`proto::conn` keeps the
+/// connection's transport there: one slot of a worker's table is 56 bytes
+/// instead of 64). The session never reads the tag.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
-pub struct Session {
+pub struct Session<T: Copy = ()> {
     /// AwaitingLogin: when accepted. Active: last time anything arrived.
     /// Closing: when the close started.
     mark: Tick,
     phase: Phase,
     /// Active only: a PING was sent and nothing arrived since.
     ping_outstanding: bool,
+    tag: T,
 }
 
 const _: () = assert!(std::mem::size_of::<Session>() == 8);
+const _: () = assert!(std::mem::size_of::<Session<u8>>() == 8);
 
 impl Session {
     /// A freshly accepted connection.
     pub fn new(now: Tick) -> Session {
-        Session { mark: now, phase: Phase::AwaitingLogin, ping_outstanding: false }
+        Session::with_tag(now, ())
+    }
+}
+
+impl<T: Copy> Session<T> {
+    /// A freshly accepted connection, with the owner's tag.
+    pub fn with_tag(now: Tick, tag: T) -> Session<T> {
+        Session { mark: now, phase: Phase::AwaitingLogin, ping_outstanding: false, tag }
+    }
+
+    /// The owner's tag.
+    pub fn tag(&self) -> T {
+        self.tag
+    }
+
+    pub fn set_tag(&mut self, tag: T) {
+        self.tag = tag;
     }
 
     /// The current phase.

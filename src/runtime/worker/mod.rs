@@ -94,7 +94,7 @@ struct Slot {
     slow: bool,
 }
 
-const _: () = assert!(std::mem::size_of::<Slot>() <= 64);
+const _: () = assert!(std::mem::size_of::<Slot>() <= 56);
 
 /// A holder in the worker's list: the connection and the tick it started
 /// holding.
