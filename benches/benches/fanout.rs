@@ -21,7 +21,8 @@
 //!
 //! Run: `cargo bench -p switchboard-bench --bench fanout` (env: FANOUT_MEMBERS, FANOUT_WORKERS,
 //! FANOUT_REPEATS, FANOUT_SUSTAIN_S, FANOUT_SUSTAIN_FACTOR = offered
-//! deliveries as a multiple of the ceiling, default 6). Results also go to
+//! deliveries as a multiple of the ceiling, default 6;
+//! FANOUT_SOCKET_BUFFERS = `socket.rcvbuf_bytes` and `sndbuf_bytes`). Results also go to
 //! `target/fanout.json`.
 //!
 //! CPU figures are for the worker threads only: the scheduler's nanosecond
@@ -79,6 +80,11 @@ fn main() {
     cfg.websocket.listen = String::new();
     cfg.server.workers = workers;
     cfg.server.max_connections = members as usize + 1000;
+    // 0 (the default): the kernel sizes socket buffers; e.g. 4096 to compare
+    // with builds from before that default.
+    let buffers: usize = env_or("FANOUT_SOCKET_BUFFERS", cfg.socket.rcvbuf_bytes);
+    cfg.socket.rcvbuf_bytes = buffers;
+    cfg.socket.sndbuf_bytes = buffers;
     let server = Server::builder().config(cfg).start().expect("server starts");
     let h = server.handle();
     let exe = PathBuf::from(env!("CARGO_BIN_EXE_switchboard-bench"));
