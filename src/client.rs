@@ -2,7 +2,8 @@
 //!
 //! Owns: one connection, its read buffer, and helpers for LOGIN, SEND,
 //! PING and reading frames. Used by `switchboard client`, the tests and
-//! anyone who wants to talk to a server from plain Rust.
+//! anyone who wants to talk to a server from plain Rust. Also one plain
+//! request to the admin API ([`admin_request`]).
 //! Must not: be used where thousands of connections are needed (one thread
 //! per blocking client); the load generator has its own lean client.
 
@@ -244,4 +245,32 @@ impl Client {
             }
         }
     }
+}
+
+/// One HTTP/1.1 request to the admin API on its own connection (`token`:
+/// sent as `Authorization: Bearer`): (status, body). Blocking, with a 5 s
+/// connect and a 120 s read timeout. For tests, tools and scripts; a
+/// backend in production wants a real HTTP client.
+pub fn admin_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: &[u8],
+    token: Option<&str>,
+) -> io::Result<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    s.set_read_timeout(Some(Duration::from_secs(120)))?;
+    let auth = token.map(|t| format!("authorization: Bearer {t}\r\n")).unwrap_or_default();
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nhost: {addr}\r\ncontent-length: {}\r\n{auth}connection: close\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes())?;
+    s.write_all(body)?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw);
+    let status = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Ok((status, body))
 }

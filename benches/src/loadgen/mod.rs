@@ -466,29 +466,5 @@ pub fn timed_payload(seq: u32, len: usize) -> Vec<u8> {
     switchboard::timed::payload(seq, len)
 }
 
-/// A minimal HTTP/1.1 client for the admin API (one request per
-/// connection): returns (status, body).
-pub fn http(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    body: &[u8],
-    token: Option<&str>,
-) -> std::io::Result<(u16, String)> {
-    use std::io::Read;
-    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-    s.set_read_timeout(Some(Duration::from_secs(120)))?;
-    let auth = token.map(|t| format!("authorization: Bearer {t}\r\n")).unwrap_or_default();
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nhost: {addr}\r\ncontent-length: {}\r\n{auth}connection: close\r\n\r\n",
-        body.len()
-    )?;
-    s.write_all(body)?;
-    let mut out = Vec::new();
-    s.read_to_end(&mut out)?;
-    let text = String::from_utf8_lossy(&out);
-    let status = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
-    Ok((status, body))
-}
+/// One request to the admin API: (status, body).
+pub use switchboard::client::admin_request as http;
