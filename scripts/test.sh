@@ -79,6 +79,14 @@ fi
 # with its benches, tests and the tokio baseline).
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 
+# Formatting is checked too, where rustfmt is installed (rustup's default
+# profile has it; a minimal toolchain may not).
+if cargo fmt --version >/dev/null 2>&1; then
+  cargo fmt --all -- --check
+else
+  echo "test.sh: rustfmt not installed; skipping the format check" >&2
+fi
+
 # The library as an embedder builds it (no `cli` feature: no clap, no
 # binary) must compile on its own too.
 cargo check --quiet -p switchboard --no-default-features --lib

@@ -17,17 +17,16 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-
+pub use crate::app::{
+    CeilingSample, ClientMessage, ClientMessageKind, Published, PushError, Pushed, ServerError, StartError,
+};
 use crate::auth::{Authenticator, JwtHs256};
 use crate::config::{Config, ConfigError};
 use crate::ids::ConnId;
 use crate::proto::codes::CloseCode;
 use crate::proto::frame::Frame;
-pub use crate::app::{
-    CeilingSample, ClientMessage, ClientMessageKind, PushError, Pushed, Published, ServerError, StartError,
-};
-pub use crate::runtime::{Handle, MessageHook};
 use crate::runtime::Command;
+pub use crate::runtime::{Handle, MessageHook};
 use crate::stats::Stats;
 
 impl Handle {

@@ -30,9 +30,9 @@ use super::json::ClientFrame;
 use super::session::{Inbound, Phase, Session, Tick, TickAction, Timeouts};
 use super::wire::{Wire, MAX_LOGIN_MESSAGE_BYTES, SUBPROTOCOLS};
 use super::ws::{self, handshake, Decoder, WsEvent};
+use crate::app::ClientMessageKind;
 use crate::config::Config;
 use crate::rooms::RoomError;
-use crate::app::ClientMessageKind;
 
 /// What a connection's bytes are.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
@@ -632,7 +632,9 @@ impl Connection {
             }
             Frame::Pong { .. } => {}
             Frame::Send { req_id, to, payload } => self.send(req_id, to, payload, rules, env),
-            Frame::Message { req_id, payload } => self.for_application(ClientMessageKind::Message, req_id, payload, env),
+            Frame::Message { req_id, payload } => {
+                self.for_application(ClientMessageKind::Message, req_id, payload, env)
+            }
             Frame::Close { .. } => {
                 self.close(CloseCode::Normal as u16, "closed by client", now, env);
             }
@@ -806,7 +808,9 @@ impl Connection {
 }
 
 fn error(env: &mut impl Env, code: ErrorCode, req_id: u32, reason: &str) {
-    env.reply(Frame::Error { code: code as u16, req_id, reason: clip_reason(reason) }.to_bytes().expect("reason clipped"));
+    env.reply(
+        Frame::Error { code: code as u16, req_id, reason: clip_reason(reason) }.to_bytes().expect("reason clipped"),
+    );
 }
 
 fn room_ack(env: &mut impl Env, req_id: u32, op: RoomOp, room: &str) {

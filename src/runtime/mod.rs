@@ -12,8 +12,8 @@ mod sys;
 mod worker;
 pub(crate) mod write;
 
-pub use shared::{Handle, MessageHook};
 pub(crate) use shared::{Command, Shared};
+pub use shared::{Handle, MessageHook};
 pub(crate) use write::deliver;
 
 use std::net::SocketAddr;
@@ -26,6 +26,7 @@ use crossbeam_utils::CachePadded;
 use monoio::{IoUringDriver, LegacyDriver, RuntimeBuilder};
 use socket2::{Domain, Protocol, Socket, Type};
 
+use crate::app::StartError;
 use crate::auth::Authenticator;
 use crate::config::{Config, IoDriver};
 use crate::directory::Directory;
@@ -33,7 +34,6 @@ use crate::ids::{WorkerId, MAX_SLOTS_PER_WORKER};
 use crate::mailbox::Mailbox;
 use crate::outq::OutLimits;
 use crate::rooms::RoomRegistry;
-use crate::app::StartError;
 use crate::stats::WorkerCounters;
 
 /// Which driver the workers actually run on.

@@ -13,6 +13,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 
+use crate::app::{CeilingSample, ClientMessage, PushError, ServerError};
 use crate::auth::Authenticator;
 use crate::config::Config;
 use crate::directory::Directory;
@@ -21,7 +22,6 @@ use crate::mailbox::Mailbox;
 use crate::proto::codes::CloseCode;
 use crate::proto::session::Timeouts;
 use crate::rooms::RoomRegistry;
-use crate::app::{CeilingSample, ClientMessage, PushError, ServerError};
 use crate::stats::CounterTable;
 
 /// A command posted to a worker's mailbox.
@@ -122,7 +122,6 @@ impl Shared {
         Ok(queued)
     }
 }
-
 
 /// Receives client messages on the worker thread that owns the connection.
 /// It must return quickly: it runs between two reads of that worker's

@@ -35,9 +35,11 @@ use bytes::Bytes;
 use slab::Slab;
 
 use super::poller::{untoken, Poller, Ready};
+use super::shared::Handle;
 use super::shared::{Command, Shared};
 use super::sys::{self, Recv};
 use super::write::{Delivered, Outgoing, Writer};
+use crate::app::{CeilingSample, ClientMessage, ClientMessageKind};
 use crate::directory::ConnList;
 use crate::ids::{ConnId, WorkerId};
 use crate::outq::MAX_IOV_PER_WRITE;
@@ -46,10 +48,8 @@ use crate::proto::conn::{Connection, Count, Due, HoldTicket, Listener, LoginRefu
 use crate::proto::frame::Frame;
 use crate::proto::session::Tick;
 use crate::proto::wire::Wire;
-use crate::rooms::{LocalRooms, Member, RoomError, RoomIdx};
 use crate::proto::ws::handshake;
-use super::shared::Handle;
-use crate::app::{CeilingSample, ClientMessage, ClientMessageKind};
+use crate::rooms::{LocalRooms, Member, RoomError, RoomIdx};
 use crate::stats::{bump, drop_one, WorkerCounters};
 use crate::wheel::{Entry, Wheel};
 
@@ -233,7 +233,11 @@ impl crate::proto::conn::Env for Io<'_> {
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| auth.authenticate(user, token, unix_now_s())))
                 .unwrap_or_else(|panic| {
                     bump(&w.counters().hook_panics, 1);
-                    tracing::error!(worker = w.id.0, "the authenticator panicked: {}; login refused", panic_text(&*panic));
+                    tracing::error!(
+                        worker = w.id.0,
+                        "the authenticator panicked: {}; login refused",
+                        panic_text(&*panic)
+                    );
                     Err(crate::auth::AuthError::Rejected("the server's login check failed".into()))
                 });
         if let Err(e) = verdict {
@@ -284,14 +288,24 @@ impl crate::proto::conn::Env for Io<'_> {
         let Some(hook) = w.shared.hook.clone() else {
             return Err((ErrorCode::NoHandler, "no application handler for MESSAGE"));
         };
-        let msg =
-            ClientMessage { conn: self.conn_id(), user: user.clone(), kind, req_id, payload: Bytes::copy_from_slice(payload) };
+        let msg = ClientMessage {
+            conn: self.conn_id(),
+            user: user.clone(),
+            kind,
+            req_id,
+            payload: Bytes::copy_from_slice(payload),
+        };
         // No borrow is held here: the hook may call any handle method. A
         // panic in it costs this message (the client gets ERROR 111), not
         // the worker and every connection on it.
         if let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| hook(msg, &w.handle))) {
             bump(&w.counters().hook_panics, 1);
-            tracing::error!(worker = w.id.0, slot = self.slot, "the application's message hook panicked: {}", panic_text(&*panic));
+            tracing::error!(
+                worker = w.id.0,
+                slot = self.slot,
+                "the application's message hook panicked: {}",
+                panic_text(&*panic)
+            );
             return Err((ErrorCode::HandlerFailed, "the application's handler failed on this message"));
         }
         Ok(())
@@ -688,7 +702,10 @@ impl Worker {
                 match sys::recv(fd, &mut scratch) {
                     Recv::Data(n) => {
                         let data = &mut scratch[..n];
-                        if self.with_conn(slot, generation, true, |c, io| c.on_read(data, now, &self.rules, io)).is_none() {
+                        if self
+                            .with_conn(slot, generation, true, |c, io| c.on_read(data, now, &self.rules, io))
+                            .is_none()
+                        {
                             return false;
                         }
                         if n < SCRATCH_BYTES {
@@ -727,7 +744,11 @@ impl Worker {
         while self.held_bytes.get() > budget {
             let Some(oldest) = self.holders.borrow().first_key_value().map(|(_, &h)| h) else { break };
             bump(&self.counters().partial_budget_closes, 1);
-            tracing::debug!(worker = self.id.0, slot = oldest.slot, "partial-frame budget exhausted: closing the oldest holder");
+            tracing::debug!(
+                worker = self.id.0,
+                slot = oldest.slot,
+                "partial-frame budget exhausted: closing the oldest holder"
+            );
             self.drop_holder(oldest, CloseCode::TryAgainLater, CloseCode::TryAgainLater.reason());
         }
     }
@@ -1041,7 +1062,6 @@ impl Worker {
         self.out.flush_dirty();
     }
 }
-
 
 fn current_tick(shared: &Shared) -> Tick {
     (shared.epoch.elapsed().as_millis() / shared.config.timeouts.tick_ms as u128) as Tick

@@ -74,7 +74,6 @@ fn pollable(fd: RawFd) -> std::io::Result<UnixStream> {
     UnixStream::from_std(std_stream)
 }
 
-
 /// Waits on the poller's descriptor and handles every ready connection.
 async fn io_loop(w: Rc<Worker>, ready_fd: UnixStream) {
     let mut events = Vec::with_capacity(IO_BATCH);

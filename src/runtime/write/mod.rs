@@ -42,8 +42,8 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-pub(crate) use slot::{OutSlots, Outgoing, WriteRules};
 use slot::{OutGuard, OutState, Put, CLOSING, DIRTY, FIN_SENT};
+pub(crate) use slot::{OutSlots, Outgoing, WriteRules};
 
 use super::poller::{token, Poller};
 use super::shared::Shared;
@@ -226,8 +226,11 @@ impl Writer {
         if g.is(CLOSING) {
             return Ok(());
         }
-        let skipped =
-            if encoded { g.queue(frame, 0, &self.shared.write_rules) } else { g.queue_raw(&frame, &self.shared.write_rules) };
+        let skipped = if encoded {
+            g.queue(frame, 0, &self.shared.write_rules)
+        } else {
+            g.queue_raw(&frame, &self.shared.write_rules)
+        };
         match skipped {
             Ok(skipped) => {
                 let c = self.counters();
