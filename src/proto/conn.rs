@@ -667,7 +667,8 @@ impl Connection {
                 let frame = Frame::LoginError { code: refused.code, reason: clip_reason(&refused.reason) }
                     .to_bytes()
                     .expect("reason clipped");
-                return self.close_with(frame, false, false, now, env);
+                self.close_with(frame, false, false, now, env);
+                return;
             }
         };
         let ok = self.session.login_ok(now);
@@ -787,18 +788,20 @@ impl Connection {
     /// WebSocket one such as 1007). Returns false if it was closing
     /// already.
     pub fn close(&mut self, code: u16, reason: &str, now: Tick, env: &mut impl Env) -> bool {
+        if self.is_closing() {
+            return false;
+        }
         tracing::debug!(code, "closing: {reason}");
         let frame = Frame::Close { code, reason: clip_reason(reason) }.to_bytes().expect("reason clipped");
         // A slow consumer's backlog is not worth waiting for.
         let discard = code == CloseCode::SlowConsumer as u16;
-        self.close_with_flag(frame, false, discard, now, env)
+        self.close_with(frame, false, discard, now, env)
     }
 
-    fn close_with(&mut self, last: Bytes, encoded: bool, discard_queue: bool, now: Tick, env: &mut impl Env) {
-        self.close_with_flag(last, encoded, discard_queue, now, env);
-    }
-
-    fn close_with_flag(&mut self, last: Bytes, encoded: bool, discard: bool, now: Tick, env: &mut impl Env) -> bool {
+    /// Starts closing with `last` as the final bytes (raw v1, or `encoded`
+    /// in the connection's wire form). Returns false if it was closing
+    /// already.
+    fn close_with(&mut self, last: Bytes, encoded: bool, discard: bool, now: Tick, env: &mut impl Env) -> bool {
         if !self.session.start_close(now) {
             return false;
         }

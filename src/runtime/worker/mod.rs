@@ -522,17 +522,18 @@ impl Worker {
     }
 
     /// Starts closing a connection with a CLOSE frame (`code`: one of ours).
-    fn close_conn(&self, slot: u32, generation: u32, code: CloseCode, reason: &str) {
+    /// Returns whether this started its close (false: gone, closing
+    /// already, or being fed).
+    fn close_conn(&self, slot: u32, generation: u32, code: CloseCode, reason: &str) -> bool {
         let now = self.now.get();
-        let done = self.with_conn(slot, generation, true, |c, io| {
-            c.close(code as u16, reason, now, io);
-        });
-        if done.is_none() && code == CloseCode::SlowConsumer {
+        let started = self.with_conn(slot, generation, true, |c, io| c.close(code as u16, reason, now, io));
+        if started.is_none() && code == CloseCode::SlowConsumer {
             // Being fed (a reply to itself overflowed): closed once back.
             if let Some(s) = self.conns.borrow_mut().get_mut(slot as usize).filter(|s| s.generation == generation) {
                 s.slow = true;
             }
         }
+        started == Some(true)
     }
 
     fn close_slow_consumer(&self, slot: u32, generation: u32) {
@@ -986,16 +987,10 @@ impl Worker {
     fn on_command(&self, cmd: Command) {
         match cmd {
             Command::Close { conn, code } => {
-                let closing = self
-                    .conns
-                    .borrow()
-                    .get(conn.slot() as usize)
-                    .filter(|s| s.generation == conn.generation())
-                    .map_or(true, |s| s.conn.is_closing());
-                if code == CloseCode::Kicked && !closing {
+                let started = self.close_conn(conn.slot(), conn.generation(), code, code.reason());
+                if started && code == CloseCode::Kicked {
                     bump(&self.counters().kicked, 1);
                 }
-                self.close_conn(conn.slot(), conn.generation(), code, code.reason());
             }
             Command::Join { conn, room } => {
                 self.with_conn(conn.slot(), conn.generation(), true, |c, io| c.join(&room, None, io));
