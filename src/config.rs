@@ -313,6 +313,62 @@ impl Default for RoutingConfig {
     }
 }
 
+/// Whether a client's SEND (and an application push that does not say) is
+/// stored in the recipient's inbox or relayed live only.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SendDefault {
+    /// Stored durably, delivered with a seq, acknowledged, retransmitted,
+    /// kept for an offline user (docs/PROTOCOL.md section 15).
+    Reliable,
+    /// Relayed to the connections online now; gone if there are none.
+    AtMostOnce,
+}
+
+/// `[delivery]`: reliable delivery to devices (docs/PROTOCOL.md section 15).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeliveryConfig {
+    /// What a plain SEND and an application push get. SEND_EX and the
+    /// reliable/at-most-once handle calls choose per message.
+    pub send_default: SendDefault,
+    /// Stored messages written to one connection and not yet acknowledged,
+    /// at most. (The window's state exists only for connections that logged
+    /// in with a device id: about 100 bytes plus 16 per message in flight.)
+    pub window: u32,
+    /// Payload bytes in flight to one connection, at most (one message
+    /// always goes). Below `limits.outbound_max_bytes`, so a window never
+    /// makes a reader a slow consumer.
+    pub window_bytes: u64,
+    /// No ACK progress for this long while messages are in flight: write
+    /// them again from the acknowledged position.
+    pub ack_timeout_ms: u64,
+    /// Retransmits in a row without ACK progress before CLOSE 4007.
+    pub max_retransmits: u8,
+    /// Messages pushed at a device's login; the client FETCHes the rest.
+    pub first_page: u32,
+    /// Largest FETCH `limit` honoured.
+    pub max_fetch: u32,
+    /// A SEND_EX with a (sender, client_id) seen this recently is answered
+    /// with the first one's seq and not stored again.
+    pub dedup_window_ms: u64,
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        DeliveryConfig {
+            send_default: SendDefault::Reliable,
+            window: 64,
+            window_bytes: 128 << 10,
+            ack_timeout_ms: 5_000,
+            max_retransmits: 5,
+            first_page: 20,
+            max_fetch: 1000,
+            dedup_window_ms: 3_600_000,
+        }
+    }
+}
+
 /// `[rooms]`: rooms and their limits.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -499,6 +555,7 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub auth: AuthConfig,
     pub routing: RoutingConfig,
+    pub delivery: DeliveryConfig,
     pub rooms: RoomsConfig,
     pub admin: AdminConfig,
     pub drain: DrainConfig,
@@ -560,6 +617,20 @@ impl Config {
             idle: ticks(t.idle_timeout_ms),
             linger: ticks(t.close_linger_ms),
             message: ticks(t.message_timeout_ms),
+        }
+    }
+
+    /// The `[delivery]` window settings, times in ticks (rounded up, as for
+    /// the session timeouts).
+    pub fn window_rules(&self) -> crate::proto::reliable::WindowRules {
+        let d = &self.delivery;
+        crate::proto::reliable::WindowRules {
+            window: d.window,
+            window_bytes: d.window_bytes,
+            ack_timeout: (d.ack_timeout_ms.div_ceil(self.timeouts.tick_ms) + 1).min(u32::MAX as u64 / 4) as u32,
+            max_retransmits: d.max_retransmits,
+            first_page: d.first_page,
+            max_fetch: d.max_fetch,
         }
     }
 
@@ -681,6 +752,30 @@ impl Config {
             ));
         }
         check_jwt_secret(&self.jwt_secret().0)?;
+        let d = &self.delivery;
+        if !(1..=4096).contains(&d.window) {
+            return Err(invalid("delivery.window", format!("is {}, must be between 1 and 4096", d.window)));
+        }
+        if d.window_bytes == 0 || d.window_bytes > l.outbound_max_bytes as u64 / 2 {
+            return Err(invalid(
+                "delivery.window_bytes",
+                format!(
+                    "is {}, must be between 1 and half of limits.outbound_max_bytes ({}), so that a window of \
+                     messages never makes its reader a slow consumer",
+                    d.window_bytes,
+                    l.outbound_max_bytes / 2
+                ),
+            ));
+        }
+        if d.ack_timeout_ms < t.tick_ms {
+            return Err(invalid(
+                "delivery.ack_timeout_ms",
+                format!("is {} ms, shorter than one tick (timeouts.tick_ms = {})", d.ack_timeout_ms, t.tick_ms),
+            ));
+        }
+        if !(1..=65_535).contains(&d.first_page) || !(1..=65_535).contains(&d.max_fetch) {
+            return Err(invalid("delivery.first_page", "and delivery.max_fetch must be between 1 and 65535"));
+        }
         if self.rooms.max_rooms_per_conn == 0 || self.rooms.max_rooms_per_conn > 4096 {
             return Err(invalid("rooms.max_rooms_per_conn", "must be between 1 and 4096"));
         }

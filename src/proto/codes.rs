@@ -41,6 +41,9 @@ pub enum CloseCode {
     /// A valid frame that is not allowed now (SEND before LOGIN, a second
     /// LOGIN, a server-only frame from a client).
     UnexpectedFrame = 4006,
+    /// Reliable delivery: `delivery.max_retransmits` retransmits in a row
+    /// without the client's ACK position moving.
+    AckTimeout = 4007,
 }
 
 impl CloseCode {
@@ -60,6 +63,7 @@ impl CloseCode {
             CloseCode::SlowConsumer => "slow consumer: outbound queue over limit",
             CloseCode::ServerFull => "server full",
             CloseCode::UnexpectedFrame => "unexpected frame",
+            CloseCode::AckTimeout => "no acknowledgement of delivered messages",
         }
     }
 
@@ -79,6 +83,7 @@ impl CloseCode {
             4004 => CloseCode::SlowConsumer,
             4005 => CloseCode::ServerFull,
             4006 => CloseCode::UnexpectedFrame,
+            4007 => CloseCode::AckTimeout,
             _ => return None,
         })
     }
@@ -141,4 +146,16 @@ pub enum ErrorCode {
     /// SUBSCRIBEs already created `rooms.max_rooms_created_per_user` rooms
     /// that still exist.
     RoomCreationLimit = 112,
+    /// The recipient's inbox holds `store.max_messages_per_inbox` messages.
+    InboxFull = 113,
+    /// The store holds `store.max_bytes`.
+    StoreFull = 114,
+    /// The store could not take the message (its queue is full, or it
+    /// failed); it was not stored. Retry.
+    StoreUnavailable = 115,
+    /// ACK or FETCH on a connection that logged in without a device id, or
+    /// on a server without a store.
+    NotReliable = 116,
+    /// ACK or FETCH of a seq beyond the inbox head.
+    BadAck = 117,
 }

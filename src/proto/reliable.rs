@@ -1,0 +1,637 @@
+//! One device connection's share of reliable delivery, without I/O: the
+//! window of stored messages in flight, cumulative ACKs, retransmits, the
+//! login sync and FETCH paging (docs/PROTOCOL.md section 15).
+//!
+//! Owns: which inbox seqs this connection has written and not had
+//! acknowledged, the device position as this connection knows it, the
+//! inbox head it has heard of, how far it may push before the client asks
+//! for more (`limit`: the login page or a FETCH, or everything once caught
+//! up), and the retransmit deadline.
+//! Must not: do I/O, read a clock or hold messages: messages wait in the
+//! store, not here. What the window needs done goes through a
+//! [`WindowEnv`]: write a message, write a SYNC, read a page from the
+//! store, save the position, answer an ERROR, close. The worker keeps one
+//! `Window` per connection that logged in with a device id, in a side table
+//! (a plain connection pays nothing for it); tests drive it with a virtual
+//! clock (`tests` below).
+//!
+//! Order: seqs written on one connection only ever increase, except that a
+//! retransmit starts again from the acknowledged position + 1; the client
+//! drops seqs it already has. A message that arrives live is written at once
+//! only when it is the next seq and no store read is outstanding; anything
+//! else is read from the store in order.
+
+use std::collections::VecDeque;
+
+use super::codes::{CloseCode, ErrorCode};
+use super::session::Tick;
+
+/// `limit` once the connection is caught up: every new message is pushed.
+const LIVE: u64 = u64::MAX;
+
+/// A message the window can write: its seq and payload size.
+pub trait Item {
+    fn seq(&self) -> u64;
+    fn payload_len(&self) -> usize;
+}
+
+/// What the window needs from the connection and the store around it.
+pub trait WindowEnv<M> {
+    /// Writes `msg` as an INBOX frame.
+    fn deliver(&mut self, msg: &M);
+    /// Writes a SYNC frame.
+    fn sync(&mut self, req_id: u32, position: u64, head_seq: u64, page_end: u64);
+    /// Asks the store for up to `limit` messages after `after_seq`; the
+    /// answer comes back as [`Window::on_page`] (or [`Window::on_read_failed`]).
+    fn read(&mut self, after_seq: u64, limit: u32);
+    /// The device has stored everything up to `seq`: record it.
+    fn save_position(&mut self, seq: u64);
+    /// Answers an ERROR (the connection stays open).
+    fn error(&mut self, code: ErrorCode, req_id: u32, reason: &str);
+    /// Closes the connection.
+    fn close(&mut self, code: CloseCode, reason: &str);
+}
+
+/// The `[delivery]` settings a window obeys, in ticks where they are times.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct WindowRules {
+    /// Messages in flight (written, not acknowledged) at most.
+    pub window: u32,
+    /// Payload bytes in flight at most (one message is always allowed).
+    pub window_bytes: u64,
+    /// Retransmit from the position when the ACK position has not moved
+    /// for this long while messages are in flight.
+    pub ack_timeout: Tick,
+    /// Retransmits in a row without progress before CLOSE 4007.
+    pub max_retransmits: u8,
+    /// Messages pushed at login before the client must FETCH.
+    pub first_page: u32,
+    /// Largest FETCH `limit` honoured.
+    pub max_fetch: u32,
+}
+
+/// One device connection's delivery state. See the module doc.
+#[derive(Debug)]
+pub struct Window {
+    /// The device's position: every seq ≤ `acked` is stored on the device.
+    acked: u64,
+    /// The highest seq written on this connection since the last rewind.
+    sent: u64,
+    /// The highest seq this connection may push now (`LIVE`: no bound).
+    limit: u64,
+    /// The highest seq known to exist in the inbox.
+    head: u64,
+    /// (seq, payload bytes) of what is in flight, oldest first.
+    in_flight: VecDeque<(u64, u32)>,
+    in_flight_bytes: u64,
+    /// A store read is outstanding, asked for seqs after this.
+    reading: Option<u64>,
+    /// When to retransmit (or retry a failed read).
+    deadline: Option<Tick>,
+    /// Retransmits since the position last moved.
+    retries: u8,
+}
+
+impl Window {
+    /// A device logged in; the store says its position is `position` and
+    /// its inbox head `head`. Writes the login SYNC and starts pushing the
+    /// first page.
+    pub fn start<M: Item>(
+        position: u64,
+        head: u64,
+        now: Tick,
+        rules: &WindowRules,
+        env: &mut impl WindowEnv<M>,
+    ) -> Window {
+        let head = head.max(position);
+        let page_end = head.min(position.saturating_add(rules.first_page as u64));
+        let mut w = Window {
+            acked: position,
+            sent: position,
+            limit: if page_end >= head { LIVE } else { page_end },
+            head,
+            in_flight: VecDeque::new(),
+            in_flight_bytes: 0,
+            reading: None,
+            deadline: None,
+            retries: 0,
+        };
+        env.sync(0, position, head, page_end);
+        w.pump(now, rules, env);
+        w
+    }
+
+    pub fn position(&self) -> u64 {
+        self.acked
+    }
+
+    pub fn head(&self) -> u64 {
+        self.head
+    }
+
+    /// Messages written and not yet acknowledged.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.len()
+    }
+
+    /// Caught up: new messages are pushed as they arrive.
+    pub fn is_live(&self) -> bool {
+        self.limit == LIVE
+    }
+
+    /// When the window next needs [`Window::on_tick`], if ever.
+    pub fn deadline(&self) -> Option<Tick> {
+        self.deadline
+    }
+
+    fn has_room(&self, len: usize, rules: &WindowRules) -> bool {
+        self.in_flight.len() < rules.window as usize
+            && (self.in_flight.is_empty() || self.in_flight_bytes + len as u64 <= rules.window_bytes)
+    }
+
+    fn write<M: Item>(&mut self, msg: &M, now: Tick, rules: &WindowRules, env: &mut impl WindowEnv<M>) {
+        debug_assert!(msg.seq() > self.sent, "seqs on a connection only increase");
+        env.deliver(msg);
+        self.sent = msg.seq();
+        let len = msg.payload_len() as u32;
+        self.in_flight.push_back((msg.seq(), len));
+        self.in_flight_bytes += len as u64;
+        if self.deadline.is_none() {
+            self.deadline = Some(now.wrapping_add(rules.ack_timeout));
+        }
+    }
+
+    /// Asks the store for what may be pushed next, if anything and if no
+    /// read is outstanding.
+    fn pump<M: Item>(&mut self, now: Tick, rules: &WindowRules, env: &mut impl WindowEnv<M>) {
+        let _ = now;
+        if self.reading.is_some() {
+            return;
+        }
+        let upto = self.head.min(self.limit);
+        let room = (rules.window as usize).saturating_sub(self.in_flight.len()) as u64;
+        if self.sent >= upto || room == 0 || (self.in_flight_bytes >= rules.window_bytes && !self.in_flight.is_empty())
+        {
+            return;
+        }
+        let n = room.min(upto - self.sent) as u32;
+        self.reading = Some(self.sent);
+        env.read(self.sent, n);
+    }
+
+    /// A message was just stored in this user's inbox.
+    pub fn on_appended<M: Item>(&mut self, msg: &M, now: Tick, rules: &WindowRules, env: &mut impl WindowEnv<M>) {
+        let seq = msg.seq();
+        self.head = self.head.max(seq);
+        if self.reading.is_none()
+            && seq == self.sent + 1
+            && seq <= self.limit
+            && self.has_room(msg.payload_len(), rules)
+        {
+            self.write(msg, now, rules, env);
+        } else {
+            self.pump(now, rules, env);
+        }
+    }
+
+    /// The store's answer to [`WindowEnv::read`]: messages after the seq
+    /// asked for, in order (seqs may skip ones that expired), and the head.
+    pub fn on_page<M: Item>(
+        &mut self,
+        messages: &[M],
+        head: u64,
+        now: Tick,
+        rules: &WindowRules,
+        env: &mut impl WindowEnv<M>,
+    ) {
+        let asked = self.reading.take();
+        self.head = self.head.max(head);
+        // A rewind (retransmit) or a FETCH moved `sent` while the read was
+        // out: the page no longer continues what was written; read again.
+        if asked == Some(self.sent) {
+            for m in messages {
+                if m.seq() <= self.sent {
+                    continue;
+                }
+                if m.seq() > self.limit || !self.has_room(m.payload_len(), rules) {
+                    break;
+                }
+                self.write(m, now, rules, env);
+            }
+            if messages.is_empty() && head > self.sent {
+                // The store has nothing after `sent` although its head is
+                // higher: those messages expired. Nothing to push.
+                self.sent = head;
+            }
+        }
+        self.pump(now, rules, env);
+    }
+
+    /// The store could not answer a read: try again at the next deadline.
+    pub fn on_read_failed(&mut self, now: Tick, rules: &WindowRules) {
+        self.reading = None;
+        if self.deadline.is_none() {
+            self.deadline = Some(now.wrapping_add(rules.ack_timeout));
+        }
+    }
+
+    /// The client's cumulative ACK.
+    pub fn on_ack<M: Item>(&mut self, seq: u64, now: Tick, rules: &WindowRules, env: &mut impl WindowEnv<M>) {
+        if seq > self.head {
+            let reason = format!("ACK of seq {seq} beyond the inbox head {}", self.head);
+            return env.error(ErrorCode::BadAck, 0, &reason);
+        }
+        if seq <= self.acked {
+            return;
+        }
+        self.advance(seq, now, rules, env);
+        self.pump(now, rules, env);
+    }
+
+    /// The position moves to `seq` (≤ head, > acked).
+    fn advance<M: Item>(&mut self, seq: u64, now: Tick, rules: &WindowRules, env: &mut impl WindowEnv<M>) {
+        self.acked = seq;
+        env.save_position(seq);
+        while let Some(&(s, len)) = self.in_flight.front() {
+            if s > seq {
+                break;
+            }
+            self.in_flight.pop_front();
+            self.in_flight_bytes -= len as u64;
+        }
+        // The client has more than this connection wrote (from an earlier
+        // connection of the device): carry on after it.
+        if seq > self.sent {
+            self.sent = seq;
+        }
+        self.retries = 0;
+        self.deadline = if self.in_flight.is_empty() { None } else { Some(now.wrapping_add(rules.ack_timeout)) };
+    }
+
+    /// FETCH: the client has everything up to `after_seq` and asks for up to
+    /// `limit` messages after it. Answered with a SYNC describing the page;
+    /// the page itself flows through the window.
+    pub fn on_fetch<M: Item>(
+        &mut self,
+        req_id: u32,
+        after_seq: u64,
+        limit: u16,
+        now: Tick,
+        rules: &WindowRules,
+        env: &mut impl WindowEnv<M>,
+    ) {
+        if after_seq > self.head {
+            let reason = format!("FETCH after seq {after_seq}, beyond the inbox head {}", self.head);
+            return env.error(ErrorCode::BadAck, req_id, &reason);
+        }
+        if after_seq > self.acked {
+            self.advance(after_seq, now, rules, env);
+        } else if after_seq < self.sent {
+            // Asked again for what it already acknowledged: write it again
+            // from there.
+            self.rewind_to(after_seq);
+        }
+        let n = (limit as u64).min(rules.max_fetch as u64);
+        let page_end = self.head.min(after_seq.saturating_add(n));
+        if page_end >= self.head {
+            self.limit = LIVE;
+        } else if self.limit != LIVE {
+            self.limit = self.limit.max(page_end);
+        }
+        env.sync(req_id, self.acked, self.head, page_end);
+        self.pump(now, rules, env);
+    }
+
+    fn rewind_to(&mut self, seq: u64) {
+        self.sent = seq;
+        self.in_flight.clear();
+        self.in_flight_bytes = 0;
+    }
+
+    /// A timer visit at `now`: retransmits when the ACK position has not
+    /// moved for `ack_timeout` while messages are in flight (CLOSE 4007
+    /// after `max_retransmits` in a row), or retries a failed read.
+    pub fn on_tick<M: Item>(&mut self, now: Tick, rules: &WindowRules, env: &mut impl WindowEnv<M>) {
+        let Some(at) = self.deadline else { return };
+        if (now.wrapping_sub(at) as i32) < 0 {
+            return;
+        }
+        self.deadline = None;
+        if !self.in_flight.is_empty() {
+            if self.retries >= rules.max_retransmits {
+                let reason = format!("no ACK after {} retransmits of seq {} onward", self.retries, self.acked + 1);
+                return env.close(CloseCode::AckTimeout, &reason);
+            }
+            self.retries += 1;
+            let acked = self.acked;
+            self.rewind_to(acked);
+        }
+        self.pump(now, rules, env);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Clone, Debug, PartialEq)]
+    struct Msg(u64, usize);
+
+    impl Item for Msg {
+        fn seq(&self) -> u64 {
+            self.0
+        }
+        fn payload_len(&self) -> usize {
+            self.1
+        }
+    }
+
+    /// Records what the window asks for; `store` answers reads.
+    #[derive(Default)]
+    struct Rec {
+        delivered: Vec<u64>,
+        syncs: Vec<(u32, u64, u64, u64)>,
+        reads: Vec<(u64, u32)>,
+        saved: Vec<u64>,
+        errors: Vec<ErrorCode>,
+        closed: Option<CloseCode>,
+    }
+
+    impl WindowEnv<Msg> for Rec {
+        fn deliver(&mut self, msg: &Msg) {
+            self.delivered.push(msg.0);
+        }
+        fn sync(&mut self, req_id: u32, position: u64, head_seq: u64, page_end: u64) {
+            self.syncs.push((req_id, position, head_seq, page_end));
+        }
+        fn read(&mut self, after_seq: u64, limit: u32) {
+            self.reads.push((after_seq, limit));
+        }
+        fn save_position(&mut self, seq: u64) {
+            self.saved.push(seq);
+        }
+        fn error(&mut self, code: ErrorCode, _req_id: u32, _reason: &str) {
+            self.errors.push(code);
+        }
+        fn close(&mut self, code: CloseCode, _reason: &str) {
+            self.closed = Some(code);
+        }
+    }
+
+    fn rules() -> WindowRules {
+        WindowRules { window: 4, window_bytes: 1000, ack_timeout: 5, max_retransmits: 2, first_page: 3, max_fetch: 10 }
+    }
+
+    /// The inbox: seqs 1..=head, `len` bytes each.
+    fn page(after: u64, limit: u32, head: u64) -> Vec<Msg> {
+        (after + 1..=head).take(limit as usize).map(|s| Msg(s, 10)).collect()
+    }
+
+    /// Serves the outstanding read from an inbox of `head` messages.
+    fn serve(w: &mut Window, env: &mut Rec, head: u64, now: Tick) {
+        while let Some((after, limit)) = env.reads.pop() {
+            let p = page(after, limit, head);
+            w.on_page(&p, head, now, &rules(), env);
+        }
+    }
+
+    #[test]
+    fn login_syncs_and_pushes_only_the_first_page() {
+        let mut env = Rec::default();
+        let mut w = Window::start::<Msg>(0, 10, 0, &rules(), &mut env);
+        assert_eq!(env.syncs, vec![(0, 0, 10, 3)]);
+        assert_eq!(env.reads, vec![(0, 3)]);
+        serve(&mut w, &mut env, 10, 0);
+        assert_eq!(env.delivered, vec![1, 2, 3]);
+        assert!(!w.is_live());
+        // A live message beyond the page is not pushed.
+        w.on_appended(&Msg(11, 10), 1, &rules(), &mut env);
+        assert_eq!(env.delivered, vec![1, 2, 3]);
+        assert!(env.reads.is_empty());
+    }
+
+    #[test]
+    fn a_small_backlog_goes_live_and_new_messages_are_written_at_once() {
+        let mut env = Rec::default();
+        let mut w = Window::start::<Msg>(5, 7, 0, &rules(), &mut env);
+        assert_eq!(env.syncs, vec![(0, 5, 7, 7)]);
+        serve(&mut w, &mut env, 7, 0);
+        assert!(w.is_live());
+        w.on_appended(&Msg(8, 10), 1, &rules(), &mut env);
+        assert_eq!(env.delivered, vec![6, 7, 8]);
+        assert!(env.reads.is_empty(), "the next seq in hand is written without a store read");
+    }
+
+    #[test]
+    fn the_window_bounds_what_is_in_flight_and_acks_open_it() {
+        let mut env = Rec::default();
+        let mut w = Window::start::<Msg>(0, 0, 0, &rules(), &mut env);
+        for s in 1..=6 {
+            w.on_appended(&Msg(s, 10), 0, &rules(), &mut env);
+        }
+        assert_eq!(env.delivered, vec![1, 2, 3, 4], "window of 4");
+        assert_eq!(w.in_flight(), 4);
+        // 5 and 6 wait in the store; the ACK opens the window and a read
+        // fetches them.
+        assert_eq!(env.reads, vec![]);
+        w.on_ack(2, 1, &rules(), &mut env);
+        assert_eq!(env.saved, vec![2]);
+        assert_eq!(env.reads, vec![(4, 2)]);
+        serve(&mut w, &mut env, 6, 1);
+        assert_eq!(env.delivered, vec![1, 2, 3, 4, 5, 6]);
+    }
+
+    #[test]
+    fn bytes_in_flight_are_bounded_but_one_message_always_goes() {
+        let mut env = Rec::default();
+        let mut w = Window::start::<Msg>(0, 0, 0, &rules(), &mut env);
+        w.on_appended(&Msg(1, 5000), 0, &rules(), &mut env);
+        assert_eq!(env.delivered, vec![1], "larger than window_bytes, but alone");
+        w.on_appended(&Msg(2, 10), 0, &rules(), &mut env);
+        assert_eq!(env.delivered, vec![1]);
+        w.on_ack(1, 1, &rules(), &mut env);
+        assert_eq!(env.reads, vec![(1, 1)]);
+    }
+
+    #[test]
+    fn no_ack_retransmits_from_the_position_then_closes() {
+        let mut env = Rec::default();
+        let mut w = Window::start::<Msg>(0, 0, 0, &rules(), &mut env);
+        for s in 1..=3 {
+            w.on_appended(&Msg(s, 10), 0, &rules(), &mut env);
+        }
+        w.on_ack(1, 2, &rules(), &mut env);
+        assert_eq!(w.deadline(), Some(7));
+        w.on_tick(6, &rules(), &mut env);
+        assert!(env.reads.is_empty(), "not due yet");
+        w.on_tick(7, &rules(), &mut env);
+        assert_eq!(env.reads, vec![(1, 2)], "again from the position");
+        serve(&mut w, &mut env, 3, 7);
+        assert_eq!(env.delivered, vec![1, 2, 3, 2, 3]);
+        w.on_tick(12, &rules(), &mut env);
+        serve(&mut w, &mut env, 3, 12);
+        assert_eq!(env.closed, None);
+        w.on_tick(17, &rules(), &mut env);
+        assert_eq!(env.closed, Some(CloseCode::AckTimeout));
+    }
+
+    #[test]
+    fn an_ack_resets_the_retransmit_count() {
+        let mut env = Rec::default();
+        let mut w = Window::start::<Msg>(0, 0, 0, &rules(), &mut env);
+        for s in 1..=3 {
+            w.on_appended(&Msg(s, 10), 0, &rules(), &mut env);
+        }
+        for round in 0..6u32 {
+            let t = 5 * (round + 1);
+            w.on_tick(t, &rules(), &mut env);
+            serve(&mut w, &mut env, 3, t);
+            if round % 2 == 1 {
+                w.on_ack(w.position() + 1, t, &rules(), &mut env);
+            }
+        }
+        assert_eq!(env.closed, None);
+    }
+
+    #[test]
+    fn a_page_overtaken_by_a_retransmit_is_dropped_and_read_again() {
+        let mut env = Rec::default();
+        let mut w = Window::start::<Msg>(0, 0, 0, &rules(), &mut env);
+        for s in 1..=5 {
+            w.on_appended(&Msg(s, 10), 0, &rules(), &mut env);
+        }
+        w.on_ack(2, 0, &rules(), &mut env);
+        assert_eq!(env.reads, vec![(4, 1)]);
+        // The read is out when the retransmit rewinds to 2.
+        w.on_tick(5, &rules(), &mut env);
+        let stale = env.reads.remove(0);
+        w.on_page(&page(stale.0, stale.1, 5), 5, 5, &rules(), &mut env);
+        assert_eq!(env.reads, vec![(2, 3)], "read again from the position");
+        serve(&mut w, &mut env, 5, 5);
+        assert_eq!(env.delivered, vec![1, 2, 3, 4, 3, 4, 5]);
+    }
+
+    #[test]
+    fn fetch_pages_through_the_window_and_goes_live_at_the_head() {
+        let r = rules();
+        let mut env = Rec::default();
+        let mut w = Window::start::<Msg>(0, 30, 0, &r, &mut env);
+        serve(&mut w, &mut env, 30, 0);
+        assert_eq!(env.delivered, vec![1, 2, 3]);
+        w.on_fetch(7, 3, 100, 1, &r, &mut env);
+        // limit capped at max_fetch = 10; FETCH after 3 acknowledges 3.
+        assert_eq!(env.syncs.last(), Some(&(7, 3, 30, 13)));
+        assert_eq!(env.saved, vec![3]);
+        serve(&mut w, &mut env, 30, 1);
+        assert_eq!(env.delivered.len(), 3 + 4, "the window still bounds a page");
+        for t in 2..10 {
+            let last = *env.delivered.last().unwrap();
+            w.on_ack(last, t, &r, &mut env);
+            serve(&mut w, &mut env, 30, t);
+        }
+        assert_eq!(*env.delivered.last().unwrap(), 13, "stops at the page end");
+        w.on_fetch(8, 13, 100, 3, &r, &mut env);
+        w.on_fetch(9, 23, 100, 3, &r, &mut env);
+        assert!(w.is_live());
+        assert_eq!(env.syncs.last(), Some(&(9, 23, 30, 30)));
+    }
+
+    #[test]
+    fn bad_acks_and_fetches_are_errors_and_change_nothing() {
+        let mut env = Rec::default();
+        let mut w = Window::start::<Msg>(0, 2, 0, &rules(), &mut env);
+        w.on_ack(3, 0, &rules(), &mut env);
+        w.on_fetch(1, 9, 5, 0, &rules(), &mut env);
+        assert_eq!(env.errors, vec![ErrorCode::BadAck, ErrorCode::BadAck]);
+        assert_eq!(w.position(), 0);
+        assert!(env.saved.is_empty());
+    }
+
+    #[test]
+    fn expired_seqs_are_skipped() {
+        let r = WindowRules { first_page: 10, ..rules() };
+        let mut env = Rec::default();
+        let mut w = Window::start::<Msg>(0, 6, 0, &r, &mut env);
+        let (after, _) = env.reads.pop().unwrap();
+        // 1..=3 expired: the store returns from 4.
+        w.on_page(&[Msg(4, 1), Msg(5, 1)], 6, 0, &r, &mut env);
+        assert_eq!(after, 0);
+        assert_eq!(env.delivered, vec![4, 5]);
+    }
+
+    /// A model: whatever the interleaving of arrivals, ACKs, retransmit
+    /// timers and reads, the client ends with every seq exactly once after
+    /// dedup, the connection never writes a seq below one it wrote since
+    /// the last rewind, and never more than the window is in flight.
+    #[test]
+    fn random_interleavings_deliver_everything_once_in_order() {
+        let r = WindowRules { first_page: 100, ..rules() };
+        let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        for _case in 0..300 {
+            let mut env = Rec::default();
+            let mut head = next() % 5;
+            let mut w = Window::start::<Msg>(0, head, 0, &r, &mut env);
+            let mut have: u64 = 0; // the client's contiguous prefix
+            let mut now: Tick = 0;
+            let mut pending: Option<(u64, u32)> = None;
+            let mut seen = 0;
+            for _step in 0..200 {
+                match next() % 6 {
+                    0 if head < 40 => {
+                        head += 1;
+                        w.on_appended(&Msg(head, 10), now, &r, &mut env);
+                    }
+                    1 => {
+                        if pending.is_none() {
+                            pending = env.reads.pop();
+                        }
+                        if let Some((after, limit)) = pending.take() {
+                            w.on_page(&page(after, limit, head), head, now, &r, &mut env);
+                        }
+                    }
+                    2 => w.on_ack(have, now, &r, &mut env),
+                    3 => {
+                        now += 3;
+                        w.on_tick(now, &r, &mut env);
+                    }
+                    _ => {}
+                }
+                for &s in &env.delivered[seen..] {
+                    if s == have + 1 {
+                        have = s;
+                    }
+                }
+                seen = env.delivered.len();
+                assert!(w.in_flight() <= r.window as usize);
+                assert!(env.closed.is_none() || w.in_flight() > 0);
+                if env.closed.is_some() {
+                    break;
+                }
+            }
+            if env.closed.is_some() {
+                continue;
+            }
+            // Quiesce: ACK and serve reads until nothing moves.
+            for _ in 0..200 {
+                w.on_ack(have, now, &r, &mut env);
+                if let Some((after, limit)) = env.reads.pop() {
+                    w.on_page(&page(after, limit, head), head, now, &r, &mut env);
+                }
+                for &s in &env.delivered[seen..] {
+                    if s == have + 1 {
+                        have = s;
+                    }
+                }
+                seen = env.delivered.len();
+            }
+            assert_eq!(have, head, "everything arrived");
+            assert_eq!(w.position(), head);
+        }
+    }
+}
