@@ -13,7 +13,11 @@
 //! - `GET /healthz` → 200 while the process serves.
 //! - `GET /readyz` → 200 when accepting, 503 once shutting down or draining.
 //! - `GET /stats` → counters, users, rooms, connections per worker.
-//! - `POST /push?user=U`, `POST /publish?room=R`, `POST /broadcast`,
+//! - `POST /push?user=U[&mode=reliable|at_most_once][&client_id=N]`:
+//!   stored in U's inbox and answered once durable (`seq`), or live only;
+//!   the default is `delivery.send_default`. `GET /inbox?user=U`: the
+//!   inbox's head seq, oldest seq kept, size and each device's position.
+//! - `POST /publish?room=R`, `POST /broadcast`,
 //!   `POST /kick?user=U`, `POST /join?user=U&room=R`,
 //!   `POST /leave?user=U&room=R`, `GET /room?room=R`.
 //! - `POST /bench/send_ceiling?room=R&bytes=N`, only with
@@ -235,6 +239,7 @@ const ROUTES: &[(&str, &str)] = &[
     ("/stats", "GET"),
     ("/room", "GET"),
     ("/push", "POST"),
+    ("/inbox", "GET"),
     ("/publish", "POST"),
     ("/broadcast", "POST"),
     ("/kick", "POST"),
@@ -252,9 +257,84 @@ fn param<'a>(q: &'a [(String, String)], name: &str) -> Option<&'a str> {
     q.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
 }
 
+/// How long a reliable push or an inbox query waits for the store.
+const STORE_WAIT: Duration = Duration::from_secs(10);
+
+fn store_error(e: crate::store::StoreError) -> (u16, serde_json::Value) {
+    let (status, code) = match e {
+        crate::store::StoreError::InboxFull { .. } => (507, crate::ErrorCode::InboxFull),
+        crate::store::StoreError::StoreFull { .. } => (507, crate::ErrorCode::StoreFull),
+        crate::store::StoreError::Unavailable(_) => (503, crate::ErrorCode::StoreUnavailable),
+    };
+    (status, json!({ "error": e.to_string(), "code": code as u16 }))
+}
+
+/// `POST /push`: reliable (waits until stored) or at most once.
+fn push(req: &Request, h: &Handle, user: &str) -> (u16, serde_json::Value) {
+    let reliable = match param(&req.query, "mode") {
+        None => h.reliable_by_default(),
+        Some("reliable") => true,
+        Some("at_most_once") => false,
+        Some(m) => return (400, json!({ "error": format!("mode={m}: use reliable or at_most_once") })),
+    };
+    if !reliable {
+        return match h.push_to_user(user, &req.body) {
+            Ok(p) => (200, json!({ "msg_id": p.msg_id, "connections": p.connections, "stored": false })),
+            Err(e) => push_error(e),
+        };
+    }
+    let client_id = match param(&req.query, "client_id").map(str::parse::<u64>) {
+        None => 0,
+        Some(Ok(id)) => id,
+        Some(Err(_)) => return (400, json!({ "error": "client_id must be an integer 0..2^64-1" })),
+    };
+    let pending = match h.push_reliable(user, &req.body, client_id) {
+        Ok(p) => p,
+        Err(e) => return push_error(e),
+    };
+    match pending.wait_timeout(STORE_WAIT) {
+        None => (504, json!({ "error": "the store did not answer in time; the message may or may not be stored" })),
+        Some(Err(e)) => store_error(e),
+        Some(Ok(r)) => (
+            200,
+            json!({
+                "msg_id": r.msg_id,
+                "seq": r.seq,
+                "duplicate": r.duplicate,
+                "connections": r.connections,
+                "stored": true,
+            }),
+        ),
+    }
+}
+
+fn inbox(h: &Handle, user: &str) -> (u16, serde_json::Value) {
+    match h.inbox_state(user, STORE_WAIT) {
+        Ok(s) => (
+            200,
+            json!({
+                "user": user,
+                "head_seq": s.head_seq,
+                "first_seq": s.first_seq,
+                "messages": s.messages,
+                "bytes": s.bytes,
+                "devices": s.devices.iter().map(|d| json!({
+                    "device": d.device,
+                    "position": d.position,
+                    "pending": s.head_seq.saturating_sub(d.position),
+                    "last_seen_ms": d.last_seen_ms,
+                })).collect::<Vec<_>>(),
+            }),
+        ),
+        Err(crate::server::InboxStateError::Push(e)) => push_error(e),
+        Err(crate::server::InboxStateError::Store(e)) => store_error(e),
+        Err(crate::server::InboxStateError::Timeout) => (504, json!({ "error": "the store did not answer in time" })),
+    }
+}
+
 fn push_error(e: PushError) -> (u16, serde_json::Value) {
     let status = match e {
-        PushError::Full { .. } | PushError::ShuttingDown => 503,
+        PushError::Full { .. } | PushError::ShuttingDown | PushError::StoreBusy => 503,
         _ => 400,
     };
     (status, json!({ "error": e.to_string() }))
@@ -287,10 +367,8 @@ fn route(req: &Request, h: &Handle, bench: bool) -> (u16, serde_json::Value) {
                     "workers": h.workers(),
                 }),
             ),
-            ("POST", "/push") => match h.push_to_user(need("user")?, &req.body) {
-                Ok(p) => (200, json!({ "msg_id": p.msg_id, "connections": p.connections })),
-                Err(e) => push_error(e),
-            },
+            ("POST", "/push") => push(req, h, need("user")?),
+            ("GET", "/inbox") => inbox(h, need("user")?),
             ("POST", "/publish") => match h.publish_to_room(need("room")?, &req.body) {
                 Ok(p) => (200, json!({ "msg_id": p.msg_id, "workers": p.workers })),
                 Err(e) => push_error(e),

@@ -60,6 +60,10 @@ pub enum PushError {
     PayloadTooLarge { len: usize, max: usize },
     #[error("a worker mailbox is full; {queued} of {targets} connections got the command")]
     Full { queued: usize, targets: usize },
+    #[error("this server has no message store (store.kind = \"none\"): only at-most-once pushes")]
+    NoStore,
+    #[error("the message store's queue is full (store.queue_capacity); the message was not stored, retry")]
+    StoreBusy,
     #[error("the server is shutting down")]
     ShuttingDown,
     #[error("{0}")]
@@ -72,6 +76,22 @@ pub struct Pushed {
     /// The id carried in the PUSH frame (unique per server run).
     pub msg_id: u64,
     /// Connections the push was queued for (0: the user is offline).
+    pub connections: usize,
+}
+
+/// Outcome of a reliable push once the store has it (`Handle::push`,
+/// `Handle::push_reliable`).
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct Receipt {
+    /// The message's seq in the user's inbox.
+    pub seq: u64,
+    /// The id carried in its INBOX and PUSH frames.
+    pub msg_id: u64,
+    /// Already stored by an earlier push with the same idempotency key:
+    /// `seq` and `msg_id` are that push's.
+    pub duplicate: bool,
+    /// Connections of the user online when it was stored (0: it waits in
+    /// the inbox).
     pub connections: usize,
 }
 
@@ -105,6 +125,10 @@ pub enum StartError {
     Bind { addr: SocketAddr, source: std::io::Error },
     #[error("worker {worker} failed to start: {message}")]
     Worker { worker: usize, message: String },
+    /// The message store (`[store]`) could not be opened, e.g. its
+    /// directory is not writable or another server holds it.
+    #[error("cannot open the message store at {path}: {message}")]
+    Store { path: String, message: String },
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
 }

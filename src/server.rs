@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 pub use crate::app::{
-    CeilingSample, ClientMessage, ClientMessageKind, Published, PushError, Pushed, ServerError, StartError,
+    CeilingSample, ClientMessage, ClientMessageKind, Published, PushError, Pushed, Receipt, ServerError, StartError,
 };
 use crate::auth::{Authenticator, JwtHs256};
 use crate::config::{Config, ConfigError};
@@ -59,9 +59,99 @@ impl Handle {
         Ok(queued)
     }
 
-    /// Pushes `payload` to every connection of `user`, in one PUSH frame
-    /// encoded once and shared by all of them. `Ok` with `connections: 0`
-    /// means the user is offline.
+    /// Pushes `payload` to `user` the way `delivery.send_default` says:
+    /// stored (the default, when the server has a store) as
+    /// [`Handle::push_reliable`] does, or live only as
+    /// [`Handle::push_to_user`] does (then the [`PendingPush`] is already
+    /// complete, with `seq` 0).
+    pub fn push(&self, user: &str, payload: impl AsRef<[u8]>) -> Result<PendingPush, PushError> {
+        if self.shared.reliable_by_default() {
+            return self.push_reliable(user, payload, 0);
+        }
+        let p = self.push_to_user(user, payload)?;
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let _ = tx.send(Ok(Receipt { seq: 0, msg_id: p.msg_id, duplicate: false, connections: p.connections }));
+        Ok(PendingPush { rx })
+    }
+
+    /// Stores `payload` in `user`'s inbox (docs/PROTOCOL.md section 15):
+    /// it gets the inbox's next seq, devices get it now or when they next
+    /// log in, in order, until they acknowledge it; connections without a
+    /// device id get it as a live PUSH. `client_id` (0: none) makes the
+    /// push idempotent: the same non-zero id within
+    /// `delivery.dedup_window_ms` is stored once and answered with the
+    /// first push's seq. Never blocks: the returned [`PendingPush`]
+    /// completes once the message is as durable as `store.durability`
+    /// promises (wait for it before deleting the application's copy).
+    pub fn push_reliable(
+        &self,
+        user: &str,
+        payload: impl AsRef<[u8]>,
+        client_id: u64,
+    ) -> Result<PendingPush, PushError> {
+        Self::check_user(user)?;
+        self.check_open()?;
+        let store = self.shared.store.get().ok_or(PushError::NoStore)?;
+        let payload = payload.as_ref();
+        let max = self.shared.max_inbox_payload("");
+        if payload.len() > max {
+            return Err(PushError::PayloadTooLarge { len: payload.len(), max });
+        }
+        let msg = crate::store::NewMessage {
+            to: Arc::from(user),
+            from: Arc::from(""),
+            msg_id: self.shared.next_msg_id.fetch_add(1, Ordering::Relaxed),
+            ts_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+            payload: bytes::Bytes::copy_from_slice(payload),
+            client_id,
+        };
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let token = crate::runtime::inbox::Token::Append {
+            msg: msg.clone(),
+            reply: crate::runtime::inbox::Reply::Handle(tx),
+        };
+        store.try_submit(token, crate::store::Request::Append(msg)).map_err(|_| PushError::StoreBusy)?;
+        Ok(PendingPush { rx })
+    }
+
+    /// What the store holds for `user`: head seq, the oldest seq kept, and
+    /// each device's position. Waits for the store thread (at most
+    /// `timeout`); do not call it from the message hook.
+    pub fn inbox_state(
+        &self,
+        user: &str,
+        timeout: std::time::Duration,
+    ) -> Result<crate::store::InboxState, InboxStateError> {
+        Self::check_user(user).map_err(InboxStateError::Push)?;
+        let store = self.shared.store.get().ok_or(InboxStateError::Push(PushError::NoStore))?;
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let req = crate::store::Request::State { user: Arc::from(user) };
+        store
+            .try_submit(crate::runtime::inbox::Token::State(tx), req)
+            .map_err(|_| InboxStateError::Push(PushError::StoreBusy))?;
+        match rx.recv_timeout(timeout) {
+            Ok(r) => r.map_err(InboxStateError::Store),
+            Err(_) => Err(InboxStateError::Timeout),
+        }
+    }
+
+    /// Whether [`Handle::push`] and a client's plain SEND store messages
+    /// (`delivery.send_default = "reliable"` and a store).
+    pub fn reliable_by_default(&self) -> bool {
+        self.shared.reliable_by_default()
+    }
+
+    /// The store thread's counters (`None` without a store).
+    pub fn store_counters(&self) -> Option<Arc<crate::store::StoreCounters>> {
+        self.shared.store.get().map(|s| s.counters().clone())
+    }
+
+    /// Pushes `payload` live, at most once, to every connection of `user`
+    /// online now, in one PUSH frame encoded once and shared by all of
+    /// them; nothing is stored. `Ok` with `connections: 0` means the user
+    /// is offline and the message is gone.
     pub fn push_to_user(&self, user: &str, payload: impl AsRef<[u8]>) -> Result<Pushed, PushError> {
         Self::check_user(user)?;
         self.check_open()?;
@@ -390,7 +480,13 @@ impl ServerBuilder {
         let admin = config.admin.clone();
         let started = crate::runtime::start(config, authenticator, self.hook)?;
         let mut server =
-            Server { handle: started.handle, threads: started.threads, admin: None, sweeper: Some(started.sweeper) };
+            Server {
+            handle: started.handle,
+            threads: started.threads,
+            admin: None,
+            sweeper: Some(started.sweeper),
+            store: started.store,
+        };
         if !admin.listen.is_empty() {
             let addr = admin.listen.parse().map_err(|_| ConfigError::Invalid {
                 key: "admin.listen",
@@ -405,6 +501,41 @@ impl ServerBuilder {
     }
 }
 
+/// A reliable push on its way into the store ([`Handle::push_reliable`]).
+#[derive(Debug)]
+pub struct PendingPush {
+    rx: std::sync::mpsc::Receiver<Result<Receipt, crate::store::StoreError>>,
+}
+
+impl PendingPush {
+    /// Waits until the store has the message (durable as
+    /// `store.durability` promises) or refused it. Blocks: call it off the
+    /// server's threads (not from the message hook).
+    pub fn wait(self) -> Result<Receipt, crate::store::StoreError> {
+        self.rx.recv().unwrap_or_else(|_| Err(crate::store::StoreError::Unavailable("the store stopped".into())))
+    }
+
+    /// [`PendingPush::wait`], for at most `timeout` (`None`: not yet).
+    pub fn wait_timeout(&self, timeout: std::time::Duration) -> Option<Result<Receipt, crate::store::StoreError>> {
+        match self.rx.recv_timeout(timeout) {
+            Ok(r) => Some(r),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => None,
+            Err(_) => Some(Err(crate::store::StoreError::Unavailable("the store stopped".into()))),
+        }
+    }
+}
+
+/// Why [`Handle::inbox_state`] has no answer.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum InboxStateError {
+    #[error(transparent)]
+    Push(PushError),
+    #[error(transparent)]
+    Store(crate::store::StoreError),
+    #[error("the store did not answer in time")]
+    Timeout,
+}
+
 /// A running server: its worker threads and a handle.
 pub struct Server {
     pub(crate) handle: Handle,
@@ -412,6 +543,9 @@ pub struct Server {
     pub(crate) admin: Option<crate::admin::Admin>,
     /// The directory's sweeper thread (`sb-directory`).
     pub(crate) sweeper: Option<crate::runtime::Sweeper>,
+    /// The store thread (`switchboard-store`), stopped after the workers
+    /// so that what they queued is stored and synced.
+    pub(crate) store: Option<crate::store::Service<crate::runtime::inbox::Token>>,
 }
 
 impl Server {
@@ -456,6 +590,11 @@ impl Server {
         }
         self.admin = None;
         drop(self.sweeper.take());
+        if let Some(store) = self.store.take() {
+            if let Err(e) = store.stop() {
+                tracing::error!("the message store's last sync failed: {e}");
+            }
+        }
         match self.handle.shared.failure.lock().unwrap_or_else(|e| e.into_inner()).take() {
             Some(e) => Err(e),
             None => Ok(()),

@@ -25,7 +25,9 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use super::codes::{CloseCode, ErrorCode};
-use super::frame::{clip_reason, decode, Frame, RoomOp, MAX_LOGIN_FRAME_BYTES, PING_EMPTY};
+use super::frame::{
+    clip_reason, decode, Frame, RoomOp, SendOutcome, MAX_LOGIN_FRAME_BYTES, PING_EMPTY, SEND_EX_AT_MOST_ONCE,
+};
 use super::json::ClientFrame;
 use super::session::{Inbound, Phase, Session, Tick, TickAction, Timeouts};
 use super::wire::{Wire, MAX_LOGIN_MESSAGE_BYTES, SUBPROTOCOLS};
@@ -82,10 +84,21 @@ pub struct Rules {
     /// `websocket.conformance_echo` (tests only, loopback only): WebSocket
     /// text and binary messages go back as they came, no login.
     pub conformance_echo: bool,
+    /// The server has a message store (`store.kind` is not `none`).
+    pub has_store: bool,
+    /// A plain SEND is stored (`delivery.send_default = "reliable"` and a
+    /// store).
+    pub reliable_send: bool,
 }
 
 impl Rules {
-    pub fn new(config: &Config, timeouts: Timeouts, ws_addr: Option<std::net::SocketAddr>, has_hook: bool) -> Rules {
+    pub fn new(
+        config: &Config,
+        timeouts: Timeouts,
+        ws_addr: Option<std::net::SocketAddr>,
+        has_hook: bool,
+        has_store: bool,
+    ) -> Rules {
         let wrong_port_text = match ws_addr {
             Some(a) => format!(
                 "this is Switchboard's raw TCP port (protocol v1, docs/PROTOCOL.md); \
@@ -109,6 +122,8 @@ impl Rules {
             idle_timeout_ms: config.timeouts.idle_timeout_ms as u32,
             wrong_port_text,
             conformance_echo: config.websocket.conformance_echo,
+            has_store,
+            reliable_send: has_store && config.delivery.send_default == crate::config::SendDefault::Reliable,
         }
     }
 
@@ -117,6 +132,12 @@ impl Rules {
     /// announces.
     pub fn max_push_payload(&self, from: &str) -> usize {
         (self.max_frame_bytes - super::frame::HEADER_LEN - 8 - 1).saturating_sub(from.len())
+    }
+
+    /// Largest payload of a message that goes to the store: its INBOX
+    /// frame (seq, msg_id and timestamp more than a PUSH) fits too.
+    pub fn max_inbox_payload(&self, from: &str) -> usize {
+        super::frame::max_inbox_payload(self.max_frame_bytes, from)
     }
 }
 
@@ -164,9 +185,31 @@ pub trait Env {
     /// While the server drains: the CLOSE reason with a reconnect hint for
     /// a connection that logs in now.
     fn draining(&mut self) -> Option<String>;
-    /// SEND: `payload` from `from` to every connection of `to`. Returns
-    /// how many connections it was handed to.
-    fn send(&mut self, from: &Arc<str>, to: &str, payload: &[u8]) -> u32;
+    /// SEND, at most once: `payload` from `from` to every connection of
+    /// `to` online now. Returns the PUSH's msg_id and how many connections
+    /// it was handed to.
+    fn send(&mut self, from: &Arc<str>, to: &str, payload: &[u8]) -> (u64, u32);
+    /// A reliable SEND (`ex`: SEND_EX) to store in `to`'s inbox. Its
+    /// answer (SEND_ACK, SEND_RESULT or ERROR) comes later, from the
+    /// runtime, once the store has it. Err: the ERROR to answer now.
+    fn store_send(
+        &mut self,
+        from: &Arc<str>,
+        to: &str,
+        payload: &[u8],
+        req_id: u32,
+        client_id: u64,
+        ex: bool,
+    ) -> Result<(), (ErrorCode, String)>;
+    /// A device logged in (LOGIN with a device id, after LOGIN_OK): its
+    /// delivery window opens when the store answers with its position.
+    /// Err: close the connection with this.
+    fn device_login(&mut self, user: &Arc<str>, device: &str, last_seq: u64) -> Result<(), (CloseCode, String)>;
+    /// The client's cumulative ACK, for the connection's window. Err: the
+    /// ERROR to answer (not a device connection).
+    fn ack(&mut self, seq: u64) -> Result<(), (ErrorCode, String)>;
+    /// The client's FETCH, for the connection's window.
+    fn fetch(&mut self, req_id: u32, after_seq: u64, limit: u16) -> Result<(), (ErrorCode, String)>;
     /// A message for the application. Err: the ERROR to answer with.
     fn to_application(
         &mut self,
@@ -626,12 +669,33 @@ impl Connection {
             }
         }
         match frame {
-            Frame::Login { user, token } => self.login(user, token, now, rules, env),
+            Frame::Login { user, token, device, last_seq } => self.login(user, token, device, last_seq, now, rules, env),
             Frame::Ping { data } => {
                 env.reply(Frame::Pong { data }.to_bytes().expect("PING data is bounded by the decoder"))
             }
             Frame::Pong { .. } => {}
-            Frame::Send { req_id, to, payload } => self.send(req_id, to, payload, rules, env),
+            Frame::Send { req_id, to, payload } => {
+                let store = rules.reliable_send.then_some((0, false));
+                self.send(req_id, to, payload, store, rules, env)
+            }
+            Frame::SendEx { req_id, flags, client_id, to, payload } => {
+                let store = (flags & SEND_EX_AT_MOST_ONCE == 0).then_some((client_id, true));
+                if store.is_some() && !rules.has_store {
+                    let reason = "this server has no message store; send with the at-most-once flag";
+                    return error(env, ErrorCode::NotReliable, req_id, reason);
+                }
+                self.send_ex(req_id, to, payload, store, rules, env)
+            }
+            Frame::Ack { seq } => {
+                if let Err((code, reason)) = env.ack(seq) {
+                    error(env, code, 0, &reason);
+                }
+            }
+            Frame::Fetch { req_id, after_seq, limit } => {
+                if let Err((code, reason)) = env.fetch(req_id, after_seq, limit) {
+                    error(env, code, req_id, &reason);
+                }
+            }
             Frame::Message { req_id, payload } => {
                 self.for_application(ClientMessageKind::Message, req_id, payload, env)
             }
@@ -653,13 +717,26 @@ impl Connection {
             | Frame::Error { .. }
             | Frame::RoomAck { .. }
             | Frame::RoomMsg { .. }
-            | Frame::Skipped { .. } => {
+            | Frame::Skipped { .. }
+            | Frame::Sync { .. }
+            | Frame::Inbox { .. }
+            | Frame::SendResult { .. } => {
                 self.close(CloseCode::UnexpectedFrame as u16, "server-only frame", now, env);
             }
         }
     }
 
-    fn login(&mut self, user: &str, token: &[u8], now: Tick, rules: &Rules, env: &mut impl Env) {
+    #[allow(clippy::too_many_arguments)]
+    fn login(
+        &mut self,
+        user: &str,
+        token: &[u8],
+        device: Option<&str>,
+        last_seq: u64,
+        now: Tick,
+        rules: &Rules,
+        env: &mut impl Env,
+    ) {
         let (conn_id, key) = match env.login(user, token) {
             Ok(granted) => granted,
             Err(refused) => {
@@ -684,6 +761,12 @@ impl Connection {
         .to_bytes()
         .expect("fixed-size frame");
         env.open(login_ok);
+        if let (Some(device), Some(user)) = (device, self.user.clone()) {
+            if let Err((code, reason)) = env.device_login(&user, device, last_seq) {
+                self.close(code as u16, &reason, now, env);
+                return;
+            }
+        }
         // Logged in while draining (it was logging in when the drain began,
         // or its accept completed as the listener was shut): its attempt
         // succeeded; now it gets the same CLOSE as everyone else.
@@ -692,7 +775,17 @@ impl Connection {
         }
     }
 
-    fn send(&mut self, req_id: u32, to: &str, payload: &[u8], rules: &Rules, env: &mut impl Env) {
+    /// SEND: stored (`store`: the client id and whether it was a SEND_EX)
+    /// or relayed at most once.
+    fn send(
+        &mut self,
+        req_id: u32,
+        to: &str,
+        payload: &[u8],
+        store: Option<(u64, bool)>,
+        rules: &Rules,
+        env: &mut impl Env,
+    ) {
         if !rules.client_send {
             if rules.has_hook {
                 let kind = ClientMessageKind::Send { to: to.to_string() };
@@ -703,14 +796,52 @@ impl Connection {
             return;
         }
         let Some(from) = self.user.as_ref() else { return };
+        if let Some((client_id, ex)) = store {
+            let max = rules.max_inbox_payload(from);
+            if payload.len() > max {
+                let reason = format!("payload of {} bytes: at most {max} fit an INBOX from this user", payload.len());
+                return error(env, ErrorCode::PayloadTooLarge, req_id, &reason);
+            }
+            if let Err((code, reason)) = env.store_send(from, to, payload, req_id, client_id, ex) {
+                error(env, code, req_id, &reason);
+            }
+            return;
+        }
         let max = rules.max_push_payload(from);
         if payload.len() > max {
             let reason = format!("payload of {} bytes: at most {max} fit a PUSH from this user", payload.len());
             return error(env, ErrorCode::PayloadTooLarge, req_id, &reason);
         }
-        let delivered = env.send(from, to, payload);
+        let (_, delivered) = env.send(from, to, payload);
         if req_id != 0 {
             env.reply(Frame::SendAck { req_id, delivered }.to_bytes().expect("fixed-size frame"));
+        }
+    }
+
+    /// SEND_EX: stored (`store`: its client id), or relayed at most once
+    /// and answered with SEND_RESULT `relayed`.
+    fn send_ex(
+        &mut self,
+        req_id: u32,
+        to: &str,
+        payload: &[u8],
+        store: Option<(u64, bool)>,
+        rules: &Rules,
+        env: &mut impl Env,
+    ) {
+        if store.is_some() || !rules.client_send {
+            return self.send(req_id, to, payload, store, rules, env);
+        }
+        let Some(from) = self.user.as_ref() else { return };
+        let max = rules.max_push_payload(from);
+        if payload.len() > max {
+            let reason = format!("payload of {} bytes: at most {max} fit a PUSH from this user", payload.len());
+            return error(env, ErrorCode::PayloadTooLarge, req_id, &reason);
+        }
+        let (msg_id, delivered) = env.send(from, to, payload);
+        if req_id != 0 {
+            let frame = Frame::SendResult { req_id, outcome: SendOutcome::Relayed, seq: 0, msg_id, delivered };
+            env.reply(frame.to_bytes().expect("fixed-size frame"));
         }
     }
 
@@ -835,6 +966,10 @@ mod tests {
         Wire(Wire),
         Open(Bytes),
         Send { to: String, payload: Vec<u8> },
+        Store { to: String, req_id: u32, client_id: u64, ex: bool },
+        Device { device: String, last_seq: u64 },
+        Ack(u64),
+        Fetch { req_id: u32, after_seq: u64, limit: u16 },
         App { kind: ClientMessageKind, payload: Vec<u8> },
         Join(String),
         Leave(String),
@@ -876,9 +1011,36 @@ mod tests {
         fn draining(&mut self) -> Option<String> {
             self.draining.then(|| "server going away; reconnect_ms=5".to_string())
         }
-        fn send(&mut self, _from: &Arc<str>, to: &str, payload: &[u8]) -> u32 {
+        fn send(&mut self, _from: &Arc<str>, to: &str, payload: &[u8]) -> (u64, u32) {
             self.evs.push(Ev::Send { to: to.into(), payload: payload.into() });
-            self.online.iter().filter(|u| *u == to).count() as u32
+            (42, self.online.iter().filter(|u| *u == to).count() as u32)
+        }
+        fn store_send(
+            &mut self,
+            _from: &Arc<str>,
+            to: &str,
+            _payload: &[u8],
+            req_id: u32,
+            client_id: u64,
+            ex: bool,
+        ) -> Result<(), (ErrorCode, String)> {
+            self.evs.push(Ev::Store { to: to.into(), req_id, client_id, ex });
+            Ok(())
+        }
+        fn device_login(&mut self, _user: &Arc<str>, device: &str, last_seq: u64) -> Result<(), (CloseCode, String)> {
+            self.evs.push(Ev::Device { device: device.into(), last_seq });
+            Ok(())
+        }
+        fn ack(&mut self, seq: u64) -> Result<(), (ErrorCode, String)> {
+            if !self.evs.iter().any(|e| matches!(e, Ev::Device { .. })) {
+                return Err((ErrorCode::NotReliable, "no device".into()));
+            }
+            self.evs.push(Ev::Ack(seq));
+            Ok(())
+        }
+        fn fetch(&mut self, req_id: u32, after_seq: u64, limit: u16) -> Result<(), (ErrorCode, String)> {
+            self.evs.push(Ev::Fetch { req_id, after_seq, limit });
+            Ok(())
         }
         fn to_application(
             &mut self,
@@ -957,7 +1119,7 @@ mod tests {
         let mut config = Config::default();
         config.websocket.allowed_origins = vec!["*".into()];
         let t = Timeouts { login: 10, heartbeat: 30, idle: 60, linger: 2, message: 30 };
-        Rules::new(&config, t, Some("127.0.0.1:7710".parse().unwrap()), false)
+        Rules::new(&config, t, Some("127.0.0.1:7710".parse().unwrap()), false, false)
     }
 
     fn login(user: &str, token: &str) -> Vec<u8> {

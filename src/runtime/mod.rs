@@ -6,6 +6,7 @@
 //! Must not: leak monoio types out of this module: it is the only place that
 //! imports monoio.
 
+pub(crate) mod inbox;
 mod poller;
 mod shared;
 mod sys;
@@ -181,6 +182,10 @@ pub(crate) fn start(
             ws_listeners.push(None);
         }
     }
+    // The store before the workers: a data directory that cannot be opened
+    // (permissions, another server holding it) stops the start here.
+    let store = crate::store::open_store_with(&config.store, config.delivery.dedup_window_ms)
+        .map_err(|e| StartError::Store { path: config.store.path.display().to_string(), message: e.to_string() })?;
     let mailboxes = (0..workers)
         .map(|_| Mailbox::new(config.limits.mailbox_capacity))
         .collect::<std::io::Result<Vec<_>>>()?
@@ -214,8 +219,18 @@ pub(crate) fn start(
         ws_addr: ws_bound,
         epoch: Instant::now(),
         failure: std::sync::Mutex::new(None),
+        store: std::sync::OnceLock::new(),
         config,
     });
+    let store = match store {
+        Some(store) => {
+            let cfg = crate::store::ServiceConfig::new(shared.config.store.queue_capacity);
+            let service = crate::store::Service::start(store, inbox::StoreSink { shared: shared.clone() }, cfg)?;
+            let _ = shared.store.set(service.submitter());
+            Some(service)
+        }
+        None => None,
+    };
 
     let (ready_tx, ready_rx) = mpsc::channel::<(usize, Result<(), String>)>();
     let mut threads = Vec::with_capacity(workers);
@@ -257,7 +272,7 @@ pub(crate) fn start(
         let demo = shared.config.websocket.serves_demo();
         tracing::info!(addr = %a, demo_page = demo, "switchboard accepting WebSocket");
     }
-    Ok(Started { handle: Handle { shared }, threads, sweeper })
+    Ok(Started { handle: Handle { shared }, threads, sweeper, store })
 }
 
 /// A started server's parts, for `Server` (`server.rs`) to own.
@@ -265,6 +280,8 @@ pub(crate) struct Started {
     pub handle: Handle,
     pub threads: Vec<std::thread::JoinHandle<()>>,
     pub sweeper: Sweeper,
+    /// The store thread, stopped after the workers.
+    pub store: Option<crate::store::Service<inbox::Token>>,
 }
 
 /// The directory's sweeper: a thread (`sb-directory`) that removes the

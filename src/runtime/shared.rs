@@ -45,6 +45,19 @@ pub(crate) enum Command {
     Adopt { fd: std::os::fd::OwnedFd, websocket: bool },
     /// Tests of the supervision path only: panic in the worker.
     Crash,
+    /// A message was stored in the inbox of `conn`'s user.
+    Stored { conn: ConnId, msg: crate::store::StoredMessage },
+    /// The outcome of `conn`'s SEND or SEND_EX that went to the store.
+    SendDone {
+        conn: ConnId,
+        req_id: u32,
+        ex: bool,
+        outcome: Result<super::inbox::AppendOutcome, crate::store::StoreError>,
+    },
+    /// The store's answer to `conn`'s device login: (position, head).
+    DeviceReady { conn: ConnId, result: Result<(u64, u64), crate::store::StoreError> },
+    /// A page for `conn`'s window.
+    Page { conn: ConnId, result: super::inbox::PageResult },
 }
 
 /// State shared by every worker and handle.
@@ -77,6 +90,9 @@ pub(crate) struct Shared {
     /// The first worker that died, if one did: the server then stops, and
     /// `Server::join` returns it.
     pub failure: std::sync::Mutex<Option<ServerError>>,
+    /// The store thread's queue, when `store.kind` is not `none` (set once
+    /// at start, before the workers run).
+    pub store: std::sync::OnceLock<crate::store::Submitter<super::inbox::Token>>,
 }
 
 impl Shared {
@@ -88,6 +104,17 @@ impl Shared {
         for mb in self.mailboxes.iter() {
             mb.wake();
         }
+    }
+
+    /// Largest payload of a message that goes to the store: its INBOX
+    /// frame from `from` fits `limits.max_frame_bytes`.
+    pub(crate) fn max_inbox_payload(&self, from: &str) -> usize {
+        crate::proto::frame::max_inbox_payload(self.config.limits.max_frame_bytes, from)
+    }
+
+    /// Whether a SEND or push that does not choose is stored.
+    pub(crate) fn reliable_by_default(&self) -> bool {
+        self.store.get().is_some() && self.config.delivery.send_default == crate::config::SendDefault::Reliable
     }
 
     /// Largest PUSH payload: frames from the server are never longer than

@@ -53,6 +53,7 @@ use crate::rooms::{LocalRooms, Member, RoomError, RoomIdx};
 use crate::stats::{bump, drop_one, WorkerCounters};
 use crate::wheel::{Entry, Wheel};
 
+mod reliable;
 mod tasks;
 
 pub(crate) use tasks::run;
@@ -153,6 +154,9 @@ pub(crate) struct Worker {
     next_hold: Cell<u64>,
     /// Bytes charged by every holder of this worker.
     held_bytes: Cell<usize>,
+    /// Device connections' delivery windows (`reliable.rs`).
+    reliable: RefCell<reliable::Reliable>,
+    window_rules: crate::proto::reliable::WindowRules,
 }
 
 /// Yields once to the scheduler (monoio 0.2 has no `yield_now`).
@@ -262,9 +266,10 @@ impl crate::proto::conn::Env for Io<'_> {
         self.w.shared.draining.load(Ordering::Acquire).then(|| self.w.going_away())
     }
 
-    fn send(&mut self, from: &Arc<str>, to: &str, payload: &[u8]) -> u32 {
+    fn send(&mut self, from: &Arc<str>, to: &str, payload: &[u8]) -> (u64, u32) {
         let w = self.w;
-        let frame = Frame::Push { msg_id: w.next_msg_id(), from, payload }
+        let msg_id = w.next_msg_id();
+        let frame = Frame::Push { msg_id, from, payload }
             .to_bytes()
             .expect("user ids are at most 255 bytes and the payload was checked");
         let mut targets = std::mem::take(&mut *w.lookup.borrow_mut());
@@ -274,7 +279,31 @@ impl crate::proto::conn::Env for Io<'_> {
             delivered += u32::from(w.deliver(t, frame.clone()));
         }
         *w.lookup.borrow_mut() = targets;
-        delivered
+        (msg_id, delivered)
+    }
+
+    fn store_send(
+        &mut self,
+        from: &Arc<str>,
+        to: &str,
+        payload: &[u8],
+        req_id: u32,
+        client_id: u64,
+        ex: bool,
+    ) -> Result<(), (ErrorCode, String)> {
+        self.w.store_send(self.conn_id(), from, to, payload, req_id, client_id, ex)
+    }
+
+    fn device_login(&mut self, user: &Arc<str>, device: &str, last_seq: u64) -> Result<(), (CloseCode, String)> {
+        self.w.device_login(self.slot, self.generation, user, device, last_seq)
+    }
+
+    fn ack(&mut self, seq: u64) -> Result<(), (ErrorCode, String)> {
+        self.w.window_ack(self.slot, self.generation, seq)
+    }
+
+    fn fetch(&mut self, req_id: u32, after_seq: u64, limit: u16) -> Result<(), (ErrorCode, String)> {
+        self.w.window_fetch(self.slot, self.generation, req_id, after_seq, limit)
     }
 
     fn to_application(
@@ -362,6 +391,7 @@ impl crate::proto::conn::Env for Io<'_> {
 
     fn closing(&mut self, user: Option<Arc<str>>, last: Bytes, encoded: bool, discard_queue: bool) {
         let w = self.w;
+        w.forget_device(self.slot, self.generation);
         w.out.close(self.slot, self.generation, last, encoded, discard_queue);
         let rooms = w.conns.borrow_mut().get_mut(self.slot as usize).and_then(|s| s.rooms.take());
         w.leave_all_rooms(self.slot, self.generation, rooms);
@@ -395,7 +425,13 @@ impl Worker {
         Worker {
             id,
             handle: Handle { shared: shared.clone() },
-            rules: Rules::new(&shared.config, shared.timeouts, shared.ws_addr, shared.hook.is_some()),
+            rules: Rules::new(
+                &shared.config,
+                shared.timeouts,
+                shared.ws_addr,
+                shared.hook.is_some(),
+                shared.store.get().is_some(),
+            ),
             conns: RefCell::new(Slab::with_capacity(shared.max_conns_per_worker)),
             out: Writer::new(id, shared.clone(), poller),
             wheel: RefCell::new(Wheel::new(now)),
@@ -421,6 +457,8 @@ impl Worker {
             holders: RefCell::new(std::collections::BTreeMap::new()),
             next_hold: Cell::new(0),
             held_bytes: Cell::new(0),
+            reliable: RefCell::new(reliable::Reliable::default()),
+            window_rules: shared.config.window_rules(),
             shared,
         }
     }
@@ -976,6 +1014,7 @@ impl Worker {
         if let Some(user) = s.conn.user() {
             self.unregister(user, slot, generation);
         }
+        self.forget_device(slot, generation);
         self.out.detach(slot, generation, s.fd);
         let c = self.counters();
         drop_one(&c.connections);
@@ -1003,6 +1042,10 @@ impl Worker {
             }
             Command::Adopt { fd, websocket } => self.on_accept(fd, websocket, true),
             Command::Crash => panic!("worker {} made to panic by crash_worker_for_testing", self.id.0),
+            Command::Stored { conn, msg } => self.on_stored(conn, msg),
+            Command::SendDone { conn, req_id, ex, outcome } => self.on_send_done(conn, req_id, ex, outcome),
+            Command::DeviceReady { conn, result } => self.on_device_ready(conn, result),
+            Command::Page { conn, result } => self.on_page(conn, result),
             Command::Publish { .. } | Command::Broadcast { .. } => {
                 unreachable!("fan-out commands are handled by the mailbox loop")
             }

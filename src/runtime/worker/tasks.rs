@@ -158,6 +158,7 @@ async fn tick_loop(w: Rc<Worker>) {
         }
         let now = w.refresh_now();
         w.expire_held(now);
+        w.reliable_tick(now);
         w.wheel.borrow_mut().advance(now, &mut due);
         let mut handled = 0;
         for e in due.drain(..) {

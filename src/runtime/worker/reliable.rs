@@ -1,0 +1,381 @@
+//! The worker's glue for reliable delivery: the side table of device
+//! connections' windows, and carrying out what a window asks.
+//!
+//! Owns: `Reliable`, the table (slot → device, user and
+//! `proto::reliable::Window`) that exists only for connections that logged
+//! in with a device id, so a plain connection's slot pays nothing; handing
+//! store requests to the store thread; the store's answers (commands) for
+//! this worker's connections; the windows' retransmit timers.
+//! Must not: decide anything about delivery (the window does), wait for the
+//! store (requests are queued with `try_submit`, answers come back as
+//! mailbox commands), or hold a borrow of the table while a window runs.
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+
+use super::Worker;
+use crate::ids::ConnId;
+use crate::proto::codes::{CloseCode, ErrorCode};
+use crate::proto::frame::{clip_reason, Frame, SendOutcome};
+use crate::proto::reliable::{Window, WindowEnv};
+use crate::proto::session::Tick;
+use crate::runtime::inbox::{AppendOutcome, PageResult, Reply, Token};
+use crate::store::{NewMessage, Request, StoreError, StoredMessage};
+
+/// One device connection's entry in the side table.
+pub(super) struct Device {
+    generation: u32,
+    user: Arc<str>,
+    device: Arc<str>,
+    /// `None` until the store answers the login with the position.
+    window: Option<Window>,
+}
+
+/// The side table: slot → device connection.
+pub(super) type Reliable = hashbrown::HashMap<u32, Device>;
+
+pub(super) fn unix_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The ERROR a store failure is answered with.
+pub(super) fn store_error(e: &StoreError) -> ErrorCode {
+    match e {
+        StoreError::InboxFull { .. } => ErrorCode::InboxFull,
+        StoreError::StoreFull { .. } => ErrorCode::StoreFull,
+        StoreError::Unavailable(_) => ErrorCode::StoreUnavailable,
+    }
+}
+
+/// What a window asks, carried out for connection (`slot`, `generation`).
+struct WinIo<'a> {
+    w: &'a Worker,
+    slot: u32,
+    generation: u32,
+    user: &'a Arc<str>,
+    device: &'a Arc<str>,
+    read_failed: bool,
+    close: Option<(CloseCode, String)>,
+    overflow: bool,
+}
+
+impl WinIo<'_> {
+    fn write(&mut self, frame: Bytes) {
+        if self.w.out.reply(self.slot, self.generation, frame, false).is_err() {
+            self.overflow = true;
+        }
+    }
+
+    fn conn(&self) -> ConnId {
+        ConnId::new(self.w.id, self.slot, self.generation)
+    }
+}
+
+impl WindowEnv<StoredMessage> for WinIo<'_> {
+    fn deliver(&mut self, m: &StoredMessage) {
+        let frame = Frame::Inbox { seq: m.seq, msg_id: m.msg_id, ts_ms: m.ts_ms, from: &m.from, payload: &m.payload }
+            .to_bytes()
+            .expect("stored payloads were checked against the INBOX size");
+        self.write(frame);
+    }
+
+    fn sync(&mut self, req_id: u32, position: u64, head_seq: u64, page_end: u64) {
+        self.write(Frame::Sync { req_id, position, head_seq, page_end }.to_bytes().expect("fixed-size frame"));
+    }
+
+    fn read(&mut self, after_seq: u64, limit: u32) {
+        let Some(store) = self.w.shared.store.get() else {
+            self.read_failed = true;
+            return;
+        };
+        let req = Request::Read { user: self.user.clone(), after_seq, limit: limit as usize };
+        if store.try_submit(Token::Read { conn: self.conn() }, req).is_err() {
+            self.read_failed = true;
+        }
+    }
+
+    fn save_position(&mut self, seq: u64) {
+        if let Some(store) = self.w.shared.store.get() {
+            let req = Request::Position { user: self.user.clone(), device: self.device.clone(), seq };
+            // A full queue loses this position, not a message: the next ACK
+            // carries a later one, and until then the device gets some
+            // messages again after a reconnect (it drops them by seq).
+            let _ = store.try_submit(Token::Position, req);
+        }
+    }
+
+    fn error(&mut self, code: ErrorCode, req_id: u32, reason: &str) {
+        let frame = Frame::Error { code: code as u16, req_id, reason: clip_reason(reason) };
+        self.write(frame.to_bytes().expect("reason clipped"));
+    }
+
+    fn close(&mut self, code: CloseCode, reason: &str) {
+        self.close = Some((code, reason.to_string()));
+    }
+}
+
+impl Worker {
+    /// Runs `f` on the window of device connection (`slot`, `generation`)
+    /// with a `WinIo`, the entry out of the table meanwhile; then carries
+    /// out a close or a failed read the window asked for. `None`: not a
+    /// device connection, or its window is not open yet.
+    fn with_window<R>(
+        &self,
+        slot: u32,
+        generation: u32,
+        f: impl FnOnce(&mut Window, &mut WinIo<'_>) -> R,
+    ) -> Option<R> {
+        let mut dev = {
+            let mut table = self.reliable.borrow_mut();
+            match table.get(&slot) {
+                Some(d) if d.generation == generation && d.window.is_some() => table.remove(&slot)?,
+                _ => return None,
+            }
+        };
+        let mut window = dev.window.take().expect("checked above");
+        let mut io = WinIo {
+            w: self,
+            slot,
+            generation,
+            user: &dev.user,
+            device: &dev.device,
+            read_failed: false,
+            close: None,
+            overflow: false,
+        };
+        let r = f(&mut window, &mut io);
+        let (read_failed, close, overflow) = (io.read_failed, io.close.take(), io.overflow);
+        if read_failed {
+            window.on_read_failed(self.now.get(), &self.window_rules);
+        }
+        dev.window = Some(window);
+        self.reliable.borrow_mut().insert(slot, dev);
+        if overflow {
+            self.close_slow_consumer(slot, generation);
+        } else if let Some((code, reason)) = close {
+            self.close_conn(slot, generation, code, &reason);
+        }
+        Some(r)
+    }
+
+    /// A device logged in on (`slot`, `generation`) as `user`: its window
+    /// opens when the store answers with its position.
+    pub(super) fn device_login(
+        &self,
+        slot: u32,
+        generation: u32,
+        user: &Arc<str>,
+        device: &str,
+        last_seq: u64,
+    ) -> Result<(), (CloseCode, String)> {
+        let Some(store) = self.shared.store.get() else {
+            // No store: the connection is served as a plain one; ACK and
+            // FETCH get ERROR 116.
+            return Ok(());
+        };
+        let device: Arc<str> = Arc::from(device);
+        let conn = ConnId::new(self.id, slot, generation);
+        let req = Request::DeviceLogin { user: user.clone(), device: device.clone(), client_seq: last_seq };
+        if store.try_submit(Token::Login { conn }, req).is_err() {
+            return Err((CloseCode::TryAgainLater, "the message store is busy; log in again shortly".into()));
+        }
+        let dev = Device { generation, user: user.clone(), device, window: None };
+        self.reliable.borrow_mut().insert(slot, dev);
+        Ok(())
+    }
+
+    /// The connection (`slot`) is closing: it has no window any more.
+    pub(super) fn forget_device(&self, slot: u32, generation: u32) {
+        let mut table = self.reliable.borrow_mut();
+        if table.get(&slot).is_some_and(|d| d.generation == generation) {
+            table.remove(&slot);
+        }
+    }
+
+    /// A SEND or SEND_EX to be stored: queued for the store thread; the
+    /// answer comes back as `Command::SendDone`.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn store_send(
+        &self,
+        conn: ConnId,
+        from: &Arc<str>,
+        to: &str,
+        payload: &[u8],
+        req_id: u32,
+        client_id: u64,
+        ex: bool,
+    ) -> Result<(), (ErrorCode, String)> {
+        let Some(store) = self.shared.store.get() else {
+            return Err((ErrorCode::NotReliable, "this server has no message store (store.kind = \"none\")".into()));
+        };
+        let msg = NewMessage {
+            to: Arc::from(to),
+            from: from.clone(),
+            msg_id: self.next_msg_id(),
+            ts_ms: unix_ms(),
+            payload: Bytes::copy_from_slice(payload),
+            client_id,
+        };
+        let token = Token::Append { msg: msg.clone(), reply: Reply::Client { conn, req_id, ex } };
+        store.try_submit(token, Request::Append(msg)).map_err(|_| {
+            (ErrorCode::StoreUnavailable, "the message store's queue is full; the message was not stored".into())
+        })
+    }
+
+    /// The client's ACK on (`slot`, `generation`).
+    pub(super) fn window_ack(&self, slot: u32, generation: u32, seq: u64) -> Result<(), (ErrorCode, String)> {
+        let now = self.now.get();
+        let rules = self.window_rules;
+        self.with_window(slot, generation, |w, io| w.on_ack(seq, now, &rules, io))
+            .ok_or_else(|| self.not_reliable(slot, generation))
+    }
+
+    /// The client's FETCH on (`slot`, `generation`).
+    pub(super) fn window_fetch(
+        &self,
+        slot: u32,
+        generation: u32,
+        req_id: u32,
+        after_seq: u64,
+        limit: u16,
+    ) -> Result<(), (ErrorCode, String)> {
+        let now = self.now.get();
+        let rules = self.window_rules;
+        self.with_window(slot, generation, |w, io| w.on_fetch(req_id, after_seq, limit, now, &rules, io))
+            .ok_or_else(|| self.not_reliable(slot, generation))
+    }
+
+    fn not_reliable(&self, slot: u32, generation: u32) -> (ErrorCode, String) {
+        let pending = self.reliable.borrow().get(&slot).is_some_and(|d| d.generation == generation);
+        if pending {
+            (ErrorCode::StoreUnavailable, "the inbox is still being loaded; wait for the login SYNC".into())
+        } else if self.shared.store.get().is_none() {
+            (ErrorCode::NotReliable, "this server has no message store (store.kind = \"none\")".into())
+        } else {
+            (ErrorCode::NotReliable, "this connection logged in without a device id".into())
+        }
+    }
+
+    // ---- the store's answers ----------------------------------------------------
+
+    /// `msg` was stored for the user of `conn` (one of this worker's).
+    pub(super) fn on_stored(&self, conn: ConnId, msg: StoredMessage) {
+        let (slot, generation) = (conn.slot(), conn.generation());
+        let now = self.now.get();
+        let rules = self.window_rules;
+        if self.with_window(slot, generation, |w, io| w.on_appended(&msg, now, &rules, io)).is_some() {
+            return;
+        }
+        if self.reliable.borrow().get(&slot).is_some_and(|d| d.generation == generation) {
+            return; // window not open yet: the login page will hold it
+        }
+        // A plain connection: today's live PUSH, at most once.
+        let frame = Frame::Push { msg_id: msg.msg_id, from: &msg.from, payload: &msg.payload }
+            .to_bytes()
+            .expect("an INBOX-sized payload fits a PUSH");
+        self.deliver(conn, frame);
+    }
+
+    /// The outcome of `conn`'s SEND (SEND_ACK) or SEND_EX (SEND_RESULT).
+    pub(super) fn on_send_done(
+        &self,
+        conn: ConnId,
+        req_id: u32,
+        ex: bool,
+        outcome: Result<AppendOutcome, StoreError>,
+    ) {
+        let frame = match outcome {
+            Ok(o) if ex => Frame::SendResult {
+                req_id,
+                outcome: if o.duplicate { SendOutcome::Duplicate } else { SendOutcome::Stored },
+                seq: o.seq,
+                msg_id: o.msg_id,
+                delivered: o.delivered,
+            }
+            .to_bytes(),
+            Ok(o) => Frame::SendAck { req_id, delivered: o.delivered }.to_bytes(),
+            Err(e) => {
+                let reason = format!("not stored: {e}");
+                Frame::Error { code: store_error(&e) as u16, req_id, reason: clip_reason(&reason) }.to_bytes()
+            }
+        };
+        let frame = frame.expect("fixed-size frames and clipped reasons");
+        if self.out.reply(conn.slot(), conn.generation(), frame, false).is_err() {
+            self.close_slow_consumer(conn.slot(), conn.generation());
+        }
+    }
+
+    /// The store's answer to a device login: the window opens.
+    pub(super) fn on_device_ready(&self, conn: ConnId, result: Result<(u64, u64), StoreError>) {
+        let (slot, generation) = (conn.slot(), conn.generation());
+        let (position, head) = match result {
+            Ok(r) => r,
+            Err(e) => {
+                self.forget_device(slot, generation);
+                let reason = format!("the inbox could not be loaded ({e}); log in again shortly");
+                self.close_conn(slot, generation, CloseCode::TryAgainLater, &reason);
+                return;
+            }
+        };
+        let mut dev = {
+            let mut table = self.reliable.borrow_mut();
+            match table.get(&slot) {
+                Some(d) if d.generation == generation && d.window.is_none() => table.remove(&slot).expect("just seen"),
+                _ => return, // closed meanwhile
+            }
+        };
+        let mut io = WinIo {
+            w: self,
+            slot,
+            generation,
+            user: &dev.user,
+            device: &dev.device,
+            read_failed: false,
+            close: None,
+            overflow: false,
+        };
+        let now = self.now.get();
+        let mut window = Window::start(position, head, now, &self.window_rules, &mut io);
+        let (read_failed, overflow) = (io.read_failed, io.overflow);
+        if read_failed {
+            window.on_read_failed(now, &self.window_rules);
+        }
+        dev.window = Some(window);
+        self.reliable.borrow_mut().insert(slot, dev);
+        if overflow {
+            self.close_slow_consumer(slot, generation);
+        }
+    }
+
+    /// A page the window of `conn` asked for.
+    pub(super) fn on_page(&self, conn: ConnId, result: PageResult) {
+        let now = self.now.get();
+        let rules = self.window_rules;
+        self.with_window(conn.slot(), conn.generation(), |w, io| match result {
+            Ok(page) => w.on_page(&page.messages, page.head_seq, now, &rules, io),
+            Err(e) => {
+                tracing::warn!(worker = io.w.id.0, "a page read failed: {e}");
+                w.on_read_failed(now, &rules);
+            }
+        });
+    }
+
+    /// The tick: windows whose retransmit (or read retry) is due.
+    pub(super) fn reliable_tick(&self, now: Tick) {
+        let due: Vec<(u32, u32)> = self
+            .reliable
+            .borrow()
+            .iter()
+            .filter_map(|(&slot, d)| {
+                let at = d.window.as_ref()?.deadline()?;
+                ((now.wrapping_sub(at) as i32) >= 0).then_some((slot, d.generation))
+            })
+            .collect();
+        let rules = self.window_rules;
+        for (slot, generation) in due {
+            self.with_window(slot, generation, |w, io| w.on_tick(now, &rules, io));
+        }
+    }
+}
