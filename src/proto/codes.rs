@@ -41,6 +41,9 @@ pub enum CloseCode {
     /// A valid frame that is not allowed now (SEND before LOGIN, a second
     /// LOGIN, a server-only frame from a client).
     UnexpectedFrame = 4006,
+    /// Reliable delivery: `delivery.max_retransmits` retransmits in a row
+    /// went by without the device's ACK position moving.
+    AckTimeout = 4007,
 }
 
 impl CloseCode {
@@ -60,6 +63,7 @@ impl CloseCode {
             CloseCode::SlowConsumer => "slow consumer: outbound queue over limit",
             CloseCode::ServerFull => "server full",
             CloseCode::UnexpectedFrame => "unexpected frame",
+            CloseCode::AckTimeout => "no ACK after repeated retransmits",
         }
     }
 
@@ -79,6 +83,7 @@ impl CloseCode {
             4004 => CloseCode::SlowConsumer,
             4005 => CloseCode::ServerFull,
             4006 => CloseCode::UnexpectedFrame,
+            4007 => CloseCode::AckTimeout,
             _ => return None,
         })
     }
@@ -141,4 +146,17 @@ pub enum ErrorCode {
     /// SUBSCRIBEs already created `rooms.max_rooms_created_per_user` rooms
     /// that still exist.
     RoomCreationLimit = 112,
+    /// SEND/SEND_EX: the recipient's inbox holds
+    /// `store.max_messages_per_inbox` messages; nothing was stored.
+    InboxFull = 113,
+    /// SEND/SEND_EX: the store holds `store.max_bytes`; nothing was stored.
+    StoreFull = 114,
+    /// The store could not take the request (its queue was full, or an I/O
+    /// error): nothing was stored. Retry later.
+    StoreUnavailable = 115,
+    /// ACK or FETCH on a connection that logged in without a device id, or
+    /// on a server without a store.
+    NotReliable = 116,
+    /// ACK of a seq beyond the inbox's head; ignored.
+    BadAck = 117,
 }
