@@ -626,7 +626,7 @@ impl Connection {
             }
         }
         match frame {
-            Frame::Login { user, token } => self.login(user, token, now, rules, env),
+            Frame::Login { user, token, .. } => self.login(user, token, now, rules, env),
             Frame::Ping { data } => {
                 env.reply(Frame::Pong { data }.to_bytes().expect("PING data is bounded by the decoder"))
             }
@@ -645,6 +645,10 @@ impl Connection {
             Frame::Subscribe { req_id, room } => self.join(room, Some(req_id), env),
             Frame::Unsubscribe { req_id, room } => self.leave(room, Some(req_id), env),
             Frame::Publish { req_id, room, payload } => self.publish(req_id, room, payload, rules, env),
+            Frame::Ack { .. } => error(env, ErrorCode::NotReliable, 0, "reliable delivery is not available"),
+            Frame::Fetch { req_id, .. } | Frame::SendEx { req_id, .. } => {
+                error(env, ErrorCode::NotReliable, req_id, "reliable delivery is not available")
+            }
             // The session refuses server-only frames before we get here.
             Frame::LoginOk { .. }
             | Frame::LoginError { .. }
@@ -653,7 +657,10 @@ impl Connection {
             | Frame::Error { .. }
             | Frame::RoomAck { .. }
             | Frame::RoomMsg { .. }
-            | Frame::Skipped { .. } => {
+            | Frame::Skipped { .. }
+            | Frame::Sync { .. }
+            | Frame::Inbox { .. }
+            | Frame::SendResult { .. } => {
                 self.close(CloseCode::UnexpectedFrame as u16, "server-only frame", now, env);
             }
         }
@@ -961,7 +968,7 @@ mod tests {
     }
 
     fn login(user: &str, token: &str) -> Vec<u8> {
-        Frame::Login { user, token: token.as_bytes() }.to_bytes().unwrap().to_vec()
+        Frame::Login { user, token: token.as_bytes(), device: None, last_seq: 0 }.to_bytes().unwrap().to_vec()
     }
 
     /// Feeds `stream` in pieces ending at `cuts` (the rest at the end), all
