@@ -130,7 +130,7 @@ impl Client {
 
     /// Sends LOGIN and waits for LOGIN_OK (answering any PING on the way).
     pub fn login(&mut self, user: &str, token: &str) -> Result<LoginInfo, ClientError> {
-        self.send_frame(&Frame::Login { user, token: token.as_bytes() })?;
+        self.send_frame(&Frame::Login { user, token: token.as_bytes(), device: None, last_seq: 0 })?;
         let f = self.recv_skipping_pings()?;
         match f.frame() {
             Frame::LoginOk { conn_id, heartbeat_interval_ms, idle_timeout_ms, max_frame_bytes } => {

@@ -21,7 +21,7 @@ fn close_code_of(c: &mut Client) -> Option<u16> {
 /// The LOGIN frame for `user` with a valid token.
 fn login_frame(user: &str) -> bytes::Bytes {
     let t = token(user);
-    Frame::Login { user, token: t.as_bytes() }.to_bytes().unwrap()
+    Frame::Login { user, token: t.as_bytes(), device: None, last_seq: 0 }.to_bytes().unwrap()
 }
 
 // ---- A PUSH before LOGIN_OK ---------------------------------------------------------

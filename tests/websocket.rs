@@ -462,7 +462,7 @@ fn ws_login_bin(addr: SocketAddr, user: &str) -> Ws {
     let (mut ws, head) = Ws::open(addr, "/ws", &[&format!("Sec-WebSocket-Protocol: {BIN}")]);
     assert_eq!(head.header("Sec-WebSocket-Protocol"), Some(BIN));
     let t = token(user);
-    ws.send(&binary(&Frame::Login { user, token: t.as_bytes() }.to_bytes().unwrap()));
+    ws.send(&binary(&Frame::Login { user, token: t.as_bytes(), device: None, last_seq: 0 }.to_bytes().unwrap()));
     let b = ws.raw();
     assert!(matches!(raw(&b), Frame::LoginOk { .. }), "{:?}", raw(&b));
     ws
@@ -1509,7 +1509,9 @@ fn binary_subprotocol_carries_one_raw_frame_per_message() {
     let (mut ws, head) = Ws::open(addr, "/ws", &[&format!("Sec-WebSocket-Protocol: {BIN}")]);
     assert_eq!(head.header("Sec-WebSocket-Protocol"), Some(BIN));
     let t = token("alice");
-    ws.send(&binary(&Frame::Login { user: "alice", token: t.as_bytes() }.to_bytes().unwrap()));
+    ws.send(&binary(
+        &Frame::Login { user: "alice", token: t.as_bytes(), device: None, last_seq: 0 }.to_bytes().unwrap(),
+    ));
     let b = ws.raw();
     match raw(&b) {
         Frame::LoginOk { conn_id, heartbeat_interval_ms, idle_timeout_ms, max_frame_bytes } => {

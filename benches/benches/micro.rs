@@ -53,7 +53,7 @@ fn codec(c: &mut Criterion) {
     let push1k = Frame::Push { msg_id: 0x0102_0304_0506_0708, from: "alice", payload: &p1k };
     let room = Frame::RoomMsg { msg_id: 0x0102_0304_0506_0708, room: "lobby", from: "alice", payload: &p64 };
     let token = JwtHs256::new("bench-secret-of-32-bytes-length!").mint("alice", NOW_UNIX_S + 3600);
-    let login = Frame::Login { user: "alice", token: token.as_bytes() };
+    let login = Frame::Login { user: "alice", token: token.as_bytes(), device: None, last_seq: 0 };
 
     let mut g = c.benchmark_group("codec");
     let mut buf = BytesMut::with_capacity(4096);

@@ -42,7 +42,7 @@ pub enum CloseCode {
     /// LOGIN, a server-only frame from a client).
     UnexpectedFrame = 4006,
     /// Reliable delivery: `delivery.max_retransmits` retransmits in a row
-    /// without the client's ACK position moving.
+    /// went by without the device's ACK position moving.
     AckTimeout = 4007,
 }
 
@@ -63,7 +63,7 @@ impl CloseCode {
             CloseCode::SlowConsumer => "slow consumer: outbound queue over limit",
             CloseCode::ServerFull => "server full",
             CloseCode::UnexpectedFrame => "unexpected frame",
-            CloseCode::AckTimeout => "no acknowledgement of delivered messages",
+            CloseCode::AckTimeout => "no ACK after repeated retransmits",
         }
     }
 
@@ -146,16 +146,17 @@ pub enum ErrorCode {
     /// SUBSCRIBEs already created `rooms.max_rooms_created_per_user` rooms
     /// that still exist.
     RoomCreationLimit = 112,
-    /// The recipient's inbox holds `store.max_messages_per_inbox` messages.
+    /// SEND/SEND_EX: the recipient's inbox holds
+    /// `store.max_messages_per_inbox` messages; nothing was stored.
     InboxFull = 113,
-    /// The store holds `store.max_bytes`.
+    /// SEND/SEND_EX: the store holds `store.max_bytes`; nothing was stored.
     StoreFull = 114,
-    /// The store could not take the message (its queue is full, or it
-    /// failed); it was not stored. Retry.
+    /// The store could not take the request (its queue was full, or an I/O
+    /// error): nothing was stored. Retry later.
     StoreUnavailable = 115,
     /// ACK or FETCH on a connection that logged in without a device id, or
     /// on a server without a store.
     NotReliable = 116,
-    /// ACK or FETCH of a seq beyond the inbox head.
+    /// ACK of a seq beyond the inbox's head; ignored.
     BadAck = 117,
 }

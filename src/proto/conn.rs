@@ -1123,7 +1123,7 @@ mod tests {
     }
 
     fn login(user: &str, token: &str) -> Vec<u8> {
-        Frame::Login { user, token: token.as_bytes() }.to_bytes().unwrap().to_vec()
+        Frame::Login { user, token: token.as_bytes(), device: None, last_seq: 0 }.to_bytes().unwrap().to_vec()
     }
 
     /// Feeds `stream` in pieces ending at `cuts` (the rest at the end), all

@@ -48,12 +48,38 @@ pub fn is_valid_user_id(user: &str) -> bool {
 /// Largest LOGIN token the server accepts (the built-in JWT check refuses
 /// longer ones with LOGIN_ERROR 1).
 pub const MAX_LOGIN_TOKEN_BYTES: usize = 4096;
+/// Largest LOGIN `device` id in bytes: enough for a UUID in any spelling
+/// or a short install name, small enough to keep per-device inbox state
+/// cheap.
+pub const MAX_DEVICE_ID_BYTES: usize = 64;
 /// Largest valid LOGIN frame, header included (4 + 1 + 1 + 1 + 255 + 2 +
-/// 4096 = 4360 bytes): the largest frame a connection may send before it
-/// has logged in. A connection that has not logged in can therefore make
-/// the server buffer at most this much, whatever `max_frame_bytes` is.
-pub const MAX_LOGIN_FRAME_BYTES: usize = HEADER_LEN + 1 + MAX_USER_ID_BYTES + 2 + MAX_LOGIN_TOKEN_BYTES;
+/// 4096 = 4360 bytes, plus 1 + 64 + 8 = 73 for the optional `device` and
+/// `last_seq`: 4433 bytes): the largest frame a connection may send before
+/// it has logged in. A connection that has not logged in can therefore
+/// make the server buffer at most this much, whatever `max_frame_bytes` is.
+pub const MAX_LOGIN_FRAME_BYTES: usize =
+    HEADER_LEN + 1 + MAX_USER_ID_BYTES + 2 + MAX_LOGIN_TOKEN_BYTES + 1 + MAX_DEVICE_ID_BYTES + 8;
 const _: () = assert!(MAX_LOGIN_FRAME_BYTES <= MIN_MAX_FRAME_BYTES);
+const _: () = assert!(MAX_LOGIN_FRAME_BYTES == 4433);
+
+/// SEND_EX `flags` bit 0: deliver at most once, as a plain SEND does without
+/// a store (nothing stored, SEND_RESULT outcome `Relayed`). The other bits
+/// are reserved and must be 0.
+pub const SEND_EX_AT_MOST_ONCE: u8 = 1;
+/// Every SEND_EX flag this protocol version knows.
+pub const SEND_EX_KNOWN_FLAGS: u8 = SEND_EX_AT_MOST_ONCE;
+/// Bytes of an INBOX frame besides `from` and `payload`: the header (6),
+/// `seq`, `msg_id` and `ts_ms` (8 each) and the `from` length (1).
+pub const INBOX_OVERHEAD_BYTES: usize = HEADER_LEN + 8 + 8 + 8 + 1;
+const _: () = assert!(INBOX_OVERHEAD_BYTES == 31);
+
+/// Largest INBOX payload from user `from` (empty: the application) when
+/// frames may be `max_frame_bytes` long, header included: a SEND or SEND_EX
+/// whose INBOX would be longer is refused (ERROR 103), as is one whose PUSH
+/// would be.
+pub fn max_inbox_payload(max_frame_bytes: usize, from: &str) -> usize {
+    max_frame_bytes.saturating_sub(INBOX_OVERHEAD_BYTES).saturating_sub(from.len())
+}
 
 /// Frame type byte.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
@@ -76,6 +102,12 @@ pub enum FrameType {
     Publish = 0x13,
     RoomMsg = 0x14,
     Skipped = 0x15,
+    Sync = 0x16,
+    Inbox = 0x17,
+    Ack = 0x18,
+    Fetch = 0x19,
+    SendEx = 0x1A,
+    SendResult = 0x1B,
 }
 
 impl FrameType {
@@ -99,6 +131,12 @@ impl FrameType {
             0x13 => FrameType::Publish,
             0x14 => FrameType::RoomMsg,
             0x15 => FrameType::Skipped,
+            0x16 => FrameType::Sync,
+            0x17 => FrameType::Inbox,
+            0x18 => FrameType::Ack,
+            0x19 => FrameType::Fetch,
+            0x1A => FrameType::SendEx,
+            0x1B => FrameType::SendResult,
             _ => return None,
         })
     }
@@ -123,6 +161,12 @@ impl FrameType {
             FrameType::Publish => "PUBLISH",
             FrameType::RoomMsg => "ROOM_MSG",
             FrameType::Skipped => "SKIPPED",
+            FrameType::Sync => "SYNC",
+            FrameType::Inbox => "INBOX",
+            FrameType::Ack => "ACK",
+            FrameType::Fetch => "FETCH",
+            FrameType::SendEx => "SEND_EX",
+            FrameType::SendResult => "SEND_RESULT",
         }
     }
 
@@ -136,8 +180,13 @@ impl FrameType {
 /// One decoded frame, borrowing its variable-length fields from the input.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Frame<'a> {
-    /// Client → server: `user: str8, token: bytes16`.
-    Login { user: &'a str, token: &'a [u8] },
+    /// Client → server: `user: str8, token: bytes16 [, device: str8,
+    /// last_seq: u64]`. The two trailing fields come together or not at
+    /// all: `device` (1 to [`MAX_DEVICE_ID_BYTES`] bytes) names the app
+    /// install for reliable delivery, `last_seq` is the highest inbox seq
+    /// it has stored (0: none). `device: None` ⇒ `last_seq` is 0 and
+    /// nothing is encoded after the token (the LOGIN of before).
+    Login { user: &'a str, token: &'a [u8], device: Option<&'a str>, last_seq: u64 },
     /// Server → client: `conn_id: u64, heartbeat_interval_ms: u32,
     /// idle_timeout_ms: u32, max_frame_bytes: u32`.
     LoginOk { conn_id: u64, heartbeat_interval_ms: u32, idle_timeout_ms: u32, max_frame_bytes: u32 },
@@ -180,6 +229,56 @@ pub enum Frame<'a> {
     /// Server → client: this many messages for this connection were dropped
     /// here because it read too slowly. `count: u32`.
     Skipped { count: u32 },
+    /// Server → client: where a device's inbox stands, after LOGIN_OK of a
+    /// device login (`req_id` 0) and as the answer to a FETCH. `req_id: u32,
+    /// position: u64, head_seq: u64, page_end: u64`: the messages
+    /// (position, page_end] come next as INBOX frames; more remain iff
+    /// `page_end < head_seq`.
+    Sync { req_id: u32, position: u64, head_seq: u64, page_end: u64 },
+    /// Server → client: one stored message. `seq: u64, msg_id: u64, ts_ms:
+    /// u64, from: str8, payload: rest`; `from` empty for the application.
+    Inbox { seq: u64, msg_id: u64, ts_ms: u64, from: &'a str, payload: &'a [u8] },
+    /// Client → server: cumulative acknowledgement, the device stored every
+    /// message with a seq up to `seq`. `seq: u64`.
+    Ack { seq: u64 },
+    /// Client → server: the next page of the inbox. `req_id: u32,
+    /// after_seq: u64, limit: u16` (`limit` at least 1); counts as an ACK
+    /// of `after_seq`.
+    Fetch { req_id: u32, after_seq: u64, limit: u16 },
+    /// Client → server: SEND with a delivery choice and an idempotency key.
+    /// `req_id: u32, flags: u8, client_id: u64, to: str8, payload: rest`;
+    /// `flags`: [`SEND_EX_AT_MOST_ONCE`] or 0; `client_id` 0 = none.
+    SendEx { req_id: u32, flags: u8, client_id: u64, to: &'a str, payload: &'a [u8] },
+    /// Server → client, for a SEND_EX with `req_id != 0`: `req_id: u32,
+    /// outcome: u8, seq: u64, msg_id: u64, delivered: u32`.
+    SendResult { req_id: u32, outcome: SendOutcome, seq: u64, msg_id: u64, delivered: u32 },
+}
+
+/// What became of a SEND_EX (SEND_RESULT `outcome`).
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum SendOutcome {
+    /// Stored in the recipient's inbox as durably as the server is
+    /// configured to store (`seq` is its place there).
+    Stored = 0,
+    /// The same (sender, `client_id`) was stored before, within the dedup
+    /// window: not stored or delivered again; `seq` and `msg_id` are the
+    /// original's.
+    Duplicate = 1,
+    /// Relayed at most once, not stored (`seq` is 0).
+    Relayed = 2,
+}
+
+impl SendOutcome {
+    /// Maps a wire value back to an outcome.
+    pub fn from_u8(b: u8) -> Option<SendOutcome> {
+        Some(match b {
+            0 => SendOutcome::Stored,
+            1 => SendOutcome::Duplicate,
+            2 => SendOutcome::Relayed,
+            _ => return None,
+        })
+    }
 }
 
 /// The operation a ROOM_ACK confirms.
@@ -225,6 +324,10 @@ pub enum DecodeError {
     FieldTooLong { frame: &'static str, field: &'static str, max: usize },
     #[error("{frame} field `{field}` has an unknown value {value}")]
     BadValue { frame: &'static str, field: &'static str, value: u32 },
+    #[error("{frame} field `{field}` has unknown flags 0x{bits:02x}")]
+    UnknownFlags { frame: &'static str, field: &'static str, bits: u8 },
+    #[error("{frame} field `{field}` must not be 0")]
+    Zero { frame: &'static str, field: &'static str },
 }
 
 impl DecodeError {
@@ -245,6 +348,9 @@ pub enum EncodeError {
     FieldTooLong { field: &'static str, len: usize, max: usize },
     #[error("frame of {len} bytes exceeds the protocol limit of {max}")]
     FrameTooLarge { len: usize, max: usize },
+    /// A value no valid frame carries (the decoder would refuse it).
+    #[error("field `{field}` {why}")]
+    Invalid { field: &'static str, why: &'static str },
 }
 
 /// Reads fields from a frame body in order, naming the field that runs out.
@@ -354,7 +460,21 @@ fn decode_body(ty: FrameType, body: &[u8]) -> Result<Frame<'_>, DecodeError> {
         FrameType::Login => {
             let user = r.nonempty_str8("user")?;
             let token = r.bytes16("token")?;
-            Frame::Login { user, token }
+            // The optional tail: `device` and `last_seq` together, or nothing.
+            let (device, last_seq) = if r.buf.is_empty() {
+                (None, 0)
+            } else {
+                let device = r.nonempty_str8("device")?;
+                if device.len() > MAX_DEVICE_ID_BYTES {
+                    return Err(DecodeError::FieldTooLong {
+                        frame: ty.name(),
+                        field: "device",
+                        max: MAX_DEVICE_ID_BYTES,
+                    });
+                }
+                (Some(device), r.u64("last_seq")?)
+            };
+            Frame::Login { user, token, device, last_seq }
         }
         FrameType::LoginOk => Frame::LoginOk {
             conn_id: r.u64("conn_id")?,
@@ -396,6 +516,55 @@ fn decode_body(ty: FrameType, body: &[u8]) -> Result<Frame<'_>, DecodeError> {
             Frame::RoomMsg { msg_id: r.u64("msg_id")?, room: r.str8("room")?, from: r.str8("from")?, payload: r.rest() }
         }
         FrameType::Skipped => Frame::Skipped { count: r.u32("count")? },
+        FrameType::Sync => Frame::Sync {
+            req_id: r.u32("req_id")?,
+            position: r.u64("position")?,
+            head_seq: r.u64("head_seq")?,
+            page_end: r.u64("page_end")?,
+        },
+        FrameType::Inbox => Frame::Inbox {
+            seq: r.u64("seq")?,
+            msg_id: r.u64("msg_id")?,
+            ts_ms: r.u64("ts_ms")?,
+            from: r.str8("from")?,
+            payload: r.rest(),
+        },
+        FrameType::Ack => Frame::Ack { seq: r.u64("seq")? },
+        FrameType::Fetch => {
+            let req_id = r.u32("req_id")?;
+            let after_seq = r.u64("after_seq")?;
+            let limit = r.u16("limit")?;
+            if limit == 0 {
+                return Err(DecodeError::Zero { frame: ty.name(), field: "limit" });
+            }
+            Frame::Fetch { req_id, after_seq, limit }
+        }
+        FrameType::SendEx => {
+            let req_id = r.u32("req_id")?;
+            let flags = r.take(1, "flags")?[0];
+            if flags & !SEND_EX_KNOWN_FLAGS != 0 {
+                let bits = flags & !SEND_EX_KNOWN_FLAGS;
+                return Err(DecodeError::UnknownFlags { frame: ty.name(), field: "flags", bits });
+            }
+            let client_id = r.u64("client_id")?;
+            Frame::SendEx { req_id, flags, client_id, to: r.nonempty_str8("to")?, payload: r.rest() }
+        }
+        FrameType::SendResult => {
+            let req_id = r.u32("req_id")?;
+            let outcome = r.take(1, "outcome")?[0];
+            let outcome = SendOutcome::from_u8(outcome).ok_or(DecodeError::BadValue {
+                frame: ty.name(),
+                field: "outcome",
+                value: outcome as u32,
+            })?;
+            Frame::SendResult {
+                req_id,
+                outcome,
+                seq: r.u64("seq")?,
+                msg_id: r.u64("msg_id")?,
+                delivered: r.u32("delivered")?,
+            }
+        }
     };
     r.finish()?;
     Ok(frame)
@@ -446,13 +615,21 @@ impl Frame<'_> {
             Frame::Publish { .. } => FrameType::Publish,
             Frame::RoomMsg { .. } => FrameType::RoomMsg,
             Frame::Skipped { .. } => FrameType::Skipped,
+            Frame::Sync { .. } => FrameType::Sync,
+            Frame::Inbox { .. } => FrameType::Inbox,
+            Frame::Ack { .. } => FrameType::Ack,
+            Frame::Fetch { .. } => FrameType::Fetch,
+            Frame::SendEx { .. } => FrameType::SendEx,
+            Frame::SendResult { .. } => FrameType::SendResult,
         }
     }
 
     /// Length of the body in bytes (the frame is `HEADER_LEN` more).
     pub fn body_len(&self) -> usize {
         match self {
-            Frame::Login { user, token } => 1 + user.len() + 2 + token.len(),
+            Frame::Login { user, token, device, .. } => {
+                1 + user.len() + 2 + token.len() + device.map_or(0, |d| 1 + d.len() + 8)
+            }
             Frame::LoginOk { .. } => 8 + 4 + 4 + 4,
             Frame::LoginError { reason, .. } | Frame::Close { reason, .. } => 2 + 1 + reason.len(),
             Frame::Ping { data } | Frame::Pong { data } => data.len(),
@@ -466,6 +643,12 @@ impl Frame<'_> {
             Frame::Publish { room, payload, .. } => 4 + 1 + room.len() + payload.len(),
             Frame::RoomMsg { room, from, payload, .. } => 8 + 1 + room.len() + 1 + from.len() + payload.len(),
             Frame::Skipped { .. } => 4,
+            Frame::Sync { .. } => 4 + 8 + 8 + 8,
+            Frame::Inbox { from, payload, .. } => 8 + 8 + 8 + 1 + from.len() + payload.len(),
+            Frame::Ack { .. } => 8,
+            Frame::Fetch { .. } => 4 + 8 + 2,
+            Frame::SendEx { to, payload, .. } => 4 + 1 + 8 + 1 + to.len() + payload.len(),
+            Frame::SendResult { .. } => 4 + 1 + 8 + 8 + 4,
         }
     }
 
@@ -473,10 +656,25 @@ impl Frame<'_> {
     /// a field does not fit its length prefix.
     pub fn encode(&self, dst: &mut BytesMut) -> Result<(), EncodeError> {
         match self {
-            Frame::Login { user, token } => {
+            Frame::Login { user, token, device, last_seq } => {
                 check_str8("user", user)?;
                 if token.len() > u16::MAX as usize {
                     return Err(EncodeError::FieldTooLong { field: "token", len: token.len(), max: u16::MAX as usize });
+                }
+                match device {
+                    None if *last_seq != 0 => {
+                        return Err(EncodeError::Invalid { field: "last_seq", why: "is only sent with a device" })
+                    }
+                    None => {}
+                    Some("") => return Err(EncodeError::Invalid { field: "device", why: "must not be empty" }),
+                    Some(d) if d.len() > MAX_DEVICE_ID_BYTES => {
+                        return Err(EncodeError::FieldTooLong {
+                            field: "device",
+                            len: d.len(),
+                            max: MAX_DEVICE_ID_BYTES,
+                        })
+                    }
+                    Some(_) => {}
                 }
             }
             Frame::LoginError { reason, .. } | Frame::Close { reason, .. } | Frame::Error { reason, .. } => {
@@ -495,6 +693,16 @@ impl Frame<'_> {
                 check_str8("room", room)?;
                 check_str8("from", from)?
             }
+            Frame::Inbox { from, .. } => check_str8("from", from)?,
+            Frame::Fetch { limit: 0, .. } => {
+                return Err(EncodeError::Invalid { field: "limit", why: "must not be 0" });
+            }
+            Frame::SendEx { flags, to, .. } => {
+                if flags & !SEND_EX_KNOWN_FLAGS != 0 {
+                    return Err(EncodeError::Invalid { field: "flags", why: "has bits this protocol does not define" });
+                }
+                check_str8("to", to)?
+            }
             _ => {}
         }
         let total = HEADER_LEN + self.body_len();
@@ -506,10 +714,14 @@ impl Frame<'_> {
         dst.put_u8(VERSION);
         dst.put_u8(self.frame_type() as u8);
         match self {
-            Frame::Login { user, token } => {
+            Frame::Login { user, token, device, last_seq } => {
                 put_str8(dst, user);
                 dst.put_u16(token.len() as u16);
                 dst.put_slice(token);
+                if let Some(device) = device {
+                    put_str8(dst, device);
+                    dst.put_u64(*last_seq);
+                }
             }
             Frame::LoginOk { conn_id, heartbeat_interval_ms, idle_timeout_ms, max_frame_bytes } => {
                 dst.put_u64(*conn_id);
@@ -566,6 +778,39 @@ impl Frame<'_> {
                 dst.put_slice(payload);
             }
             Frame::Skipped { count } => dst.put_u32(*count),
+            Frame::Sync { req_id, position, head_seq, page_end } => {
+                dst.put_u32(*req_id);
+                dst.put_u64(*position);
+                dst.put_u64(*head_seq);
+                dst.put_u64(*page_end);
+            }
+            Frame::Inbox { seq, msg_id, ts_ms, from, payload } => {
+                dst.put_u64(*seq);
+                dst.put_u64(*msg_id);
+                dst.put_u64(*ts_ms);
+                put_str8(dst, from);
+                dst.put_slice(payload);
+            }
+            Frame::Ack { seq } => dst.put_u64(*seq),
+            Frame::Fetch { req_id, after_seq, limit } => {
+                dst.put_u32(*req_id);
+                dst.put_u64(*after_seq);
+                dst.put_u16(*limit);
+            }
+            Frame::SendEx { req_id, flags, client_id, to, payload } => {
+                dst.put_u32(*req_id);
+                dst.put_u8(*flags);
+                dst.put_u64(*client_id);
+                put_str8(dst, to);
+                dst.put_slice(payload);
+            }
+            Frame::SendResult { req_id, outcome, seq, msg_id, delivered } => {
+                dst.put_u32(*req_id);
+                dst.put_u8(*outcome as u8);
+                dst.put_u64(*seq);
+                dst.put_u64(*msg_id);
+                dst.put_u32(*delivered);
+            }
         }
         Ok(())
     }
@@ -605,19 +850,26 @@ mod tests {
         assert!(too_large(&[0x90], MAX), "a lone 0x90 is at least 2.4 GB");
         assert!(too_large(&[0x00, 0x01], MAX), "at least 65540 bytes");
         assert_eq!(decode(&[0x00, 0x00], MAX), Ok(None));
-        // Before login the limit is the largest LOGIN: 4360 bytes.
+        // Before login the limit is the largest LOGIN: 4433 bytes.
         assert_eq!(decode(&[0x00, 0x00, 0x11], MAX_LOGIN_FRAME_BYTES), Ok(None), "at least 4356");
         assert!(too_large(&[0x00, 0x00, 0x12], MAX_LOGIN_FRAME_BYTES), "at least 4612");
         let longest = "u".repeat(MAX_USER_ID_BYTES);
         let token = vec![b't'; MAX_LOGIN_TOKEN_BYTES];
-        let login = Frame::Login { user: &longest, token: &token }.to_bytes().unwrap();
+        let login = Frame::Login { user: &longest, token: &token, device: None, last_seq: 0 }.to_bytes().unwrap();
+        assert_eq!(login.len(), 4360, "the largest LOGIN without a device");
+        assert!(decode(&login, MAX_LOGIN_FRAME_BYTES).unwrap().is_some());
+        let device = "d".repeat(MAX_DEVICE_ID_BYTES);
+        let login = Frame::Login { user: &longest, token: &token, device: Some(&device), last_seq: u64::MAX }
+            .to_bytes()
+            .unwrap();
         assert_eq!(login.len(), MAX_LOGIN_FRAME_BYTES);
         assert!(decode(&login, MAX_LOGIN_FRAME_BYTES).unwrap().is_some());
+        assert!(too_large(&login[..4], MAX_LOGIN_FRAME_BYTES - 1));
     }
 
     #[test]
     fn every_frame_roundtrips() {
-        roundtrip(Frame::Login { user: "alice", token: b"eyJ.x.y" });
+        roundtrip(Frame::Login { user: "alice", token: b"eyJ.x.y", device: None, last_seq: 0 });
         roundtrip(Frame::LoginOk { conn_id: 7, heartbeat_interval_ms: 1, idle_timeout_ms: 2, max_frame_bytes: 3 });
         roundtrip(Frame::LoginError { code: 3, reason: "token expired" });
         roundtrip(Frame::Ping { data: b"" });
@@ -657,11 +909,238 @@ mod tests {
     #[test]
     fn documented_examples_are_byte_exact() {
         // These are the hex examples in docs/PROTOCOL.md.
-        let login = Frame::Login { user: "alice", token: b"t0k" }.to_bytes().unwrap();
+        let login = Frame::Login { user: "alice", token: b"t0k", device: None, last_seq: 0 }.to_bytes().unwrap();
         assert_eq!(&login[..], &[0, 0, 0, 0x0d, 1, 1, 5, b'a', b'l', b'i', b'c', b'e', 0, 3, b't', b'0', b'k']);
         assert_eq!(&PING_EMPTY[..], &Frame::Ping { data: b"" }.to_bytes().unwrap()[..]);
         let push = Frame::Push { msg_id: 1, from: "", payload: b"hi" }.to_bytes().unwrap();
         assert_eq!(&push[..], &[0, 0, 0, 0x0d, 1, 6, 0, 0, 0, 0, 0, 0, 0, 1, 0, b'h', b'i']);
+    }
+
+    /// Bytes from a hex dump as in `docs/PROTOCOL.md` (`00 00 00 0d 01 …`).
+    fn hex(s: &str) -> Vec<u8> {
+        s.split_whitespace().map(|b| u8::from_str_radix(b, 16).unwrap()).collect()
+    }
+
+    /// Decodes a documented example, checks it is one whole frame, equal to
+    /// `want`, and that encoding `want` gives the same bytes.
+    fn documented(doc: &str, want: Frame<'_>) {
+        let bytes = hex(doc);
+        let (got, n) = decode(&bytes, MAX).unwrap().unwrap();
+        assert_eq!(n, bytes.len(), "{want:?}");
+        assert_eq!(got, want);
+        assert_eq!(&want.to_bytes().unwrap()[..], &bytes[..], "{want:?}");
+    }
+
+    #[test]
+    fn login_extension_roundtrips_with_and_without_device() {
+        roundtrip(Frame::Login { user: "alice", token: b"t0k", device: None, last_seq: 0 });
+        roundtrip(Frame::Login { user: "alice", token: b"t0k", device: Some("phone"), last_seq: 0 });
+        roundtrip(Frame::Login { user: "alice", token: b"", device: Some("é"), last_seq: u64::MAX });
+        let device = "d".repeat(MAX_DEVICE_ID_BYTES);
+        roundtrip(Frame::Login { user: "u", token: b"t", device: Some(&device), last_seq: 41 });
+        // The tail adds 1 + D + 8 bytes; without it the frame is as before.
+        let old = Frame::Login { user: "alice", token: b"t0k", device: None, last_seq: 0 }.to_bytes().unwrap();
+        let new = Frame::Login { user: "alice", token: b"t0k", device: Some("phone"), last_seq: 41 };
+        assert_eq!(new.to_bytes().unwrap().len(), old.len() + 1 + 5 + 8);
+        assert_eq!(new.body_len(), 11 + 14);
+    }
+
+    #[test]
+    fn reliable_frames_roundtrip() {
+        roundtrip(Frame::Sync { req_id: 0, position: 41, head_seq: 120, page_end: 61 });
+        roundtrip(Frame::Sync { req_id: u32::MAX, position: u64::MAX, head_seq: 0, page_end: 1 });
+        roundtrip(Frame::Inbox { seq: 42, msg_id: 7, ts_ms: 1_700_000_000_000, from: "bob", payload: b"hi" });
+        roundtrip(Frame::Inbox { seq: 1, msg_id: u64::MAX, ts_ms: 0, from: "", payload: b"" });
+        roundtrip(Frame::Ack { seq: 0 });
+        roundtrip(Frame::Ack { seq: u64::MAX });
+        roundtrip(Frame::Fetch { req_id: 3, after_seq: 61, limit: 1 });
+        roundtrip(Frame::Fetch { req_id: 0, after_seq: u64::MAX, limit: u16::MAX });
+        roundtrip(Frame::SendEx { req_id: 7, flags: 0, client_id: 1001, to: "bob", payload: b"hi" });
+        roundtrip(Frame::SendEx { req_id: 0, flags: SEND_EX_AT_MOST_ONCE, client_id: 0, to: "b", payload: b"" });
+        for outcome in [SendOutcome::Stored, SendOutcome::Duplicate, SendOutcome::Relayed] {
+            roundtrip(Frame::SendResult { req_id: 7, outcome, seq: 43, msg_id: 9, delivered: 2 });
+        }
+        assert_eq!(Frame::Sync { req_id: 0, position: 0, head_seq: 0, page_end: 0 }.to_bytes().unwrap().len(), 34);
+        assert_eq!(Frame::Ack { seq: 0 }.to_bytes().unwrap().len(), 14);
+        assert_eq!(Frame::Fetch { req_id: 0, after_seq: 0, limit: 1 }.to_bytes().unwrap().len(), 20);
+        let result = Frame::SendResult { req_id: 0, outcome: SendOutcome::Stored, seq: 0, msg_id: 0, delivered: 0 };
+        assert_eq!(result.to_bytes().unwrap().len(), 31);
+        for (b, ty) in [
+            (0x16, FrameType::Sync),
+            (0x17, FrameType::Inbox),
+            (0x18, FrameType::Ack),
+            (0x19, FrameType::Fetch),
+            (0x1a, FrameType::SendEx),
+            (0x1b, FrameType::SendResult),
+        ] {
+            assert_eq!(FrameType::from_u8(b), Some(ty));
+            assert_eq!(ty as u8, b);
+            assert!(!ty.is_droppable());
+        }
+        assert_eq!(FrameType::from_u8(0x1c), None);
+        assert_eq!(decode(&[0, 0, 0, 2, 1, 0x1c], MAX), Err(DecodeError::UnknownType(0x1c)));
+    }
+
+    #[test]
+    fn max_inbox_payload_is_what_fits_an_inbox() {
+        for from in ["", "bob", &"u".repeat(MAX_USER_ID_BYTES)] {
+            let max = max_inbox_payload(MIN_MAX_FRAME_BYTES, from);
+            let payload = vec![0; max];
+            let inbox = Frame::Inbox { seq: 1, msg_id: 1, ts_ms: 1, from, payload: &payload };
+            assert_eq!(inbox.to_bytes().unwrap().len(), MIN_MAX_FRAME_BYTES, "{from:?}");
+            assert_eq!(max, MIN_MAX_FRAME_BYTES - 31 - from.len());
+        }
+        assert_eq!(max_inbox_payload(20, "bob"), 0, "saturates");
+    }
+
+    #[test]
+    fn reliable_frames_reject_bad_fields_naming_them() {
+        let frame = |ty: u8, body: &[u8]| {
+            let mut b = ((body.len() + 2) as u32).to_be_bytes().to_vec();
+            b.extend_from_slice(&[1, ty]);
+            b.extend_from_slice(body);
+            b
+        };
+        let login = |tail: &[u8]| {
+            let mut body = vec![1, b'u', 0, 1, b't'];
+            body.extend_from_slice(tail);
+            frame(0x01, &body)
+        };
+        // LOGIN tails: an empty device, a device over 64 bytes, a tail cut
+        // short in either field, a tail with a byte to spare.
+        assert_eq!(decode(&login(&[0]), MAX), Err(DecodeError::EmptyField { frame: "LOGIN", field: "device" }));
+        let mut long = vec![65];
+        long.extend_from_slice(&[b'd'; 65]);
+        long.extend_from_slice(&[0; 8]);
+        assert_eq!(
+            decode(&login(&long), MAX),
+            Err(DecodeError::FieldTooLong { frame: "LOGIN", field: "device", max: 64 })
+        );
+        assert_eq!(decode(&login(&[3, b'a']), MAX), Err(DecodeError::Truncated { frame: "LOGIN", field: "device" }));
+        assert_eq!(
+            decode(&login(&[1, b'a', 0, 0, 0]), MAX),
+            Err(DecodeError::Truncated { frame: "LOGIN", field: "last_seq" })
+        );
+        assert_eq!(
+            decode(&login(&[1, b'a', 0, 0, 0, 0, 0, 0, 0, 0, 9]), MAX),
+            Err(DecodeError::TrailingBytes { frame: "LOGIN", extra: 1 })
+        );
+        assert_eq!(
+            decode(&login(&[1, 0xff, 0, 0, 0, 0, 0, 0, 0, 0]), MAX),
+            Err(DecodeError::InvalidUtf8 { frame: "LOGIN", field: "device" })
+        );
+        // SEND_EX with flag bit 1 set, and with an empty target.
+        let e = decode(&frame(0x1a, &[0, 0, 0, 1, 0x03, 0, 0, 0, 0, 0, 0, 0, 0, 1, b'b']), MAX).unwrap_err();
+        assert_eq!(e, DecodeError::UnknownFlags { frame: "SEND_EX", field: "flags", bits: 0x02 });
+        assert_eq!(e.to_string(), "SEND_EX field `flags` has unknown flags 0x02");
+        assert_eq!(e.close_code(), CloseCode::ProtocolError);
+        assert_eq!(
+            decode(&frame(0x1a, &[0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]), MAX),
+            Err(DecodeError::EmptyField { frame: "SEND_EX", field: "to" })
+        );
+        // SEND_RESULT with outcome 3.
+        let mut body = vec![0, 0, 0, 1, 3];
+        body.extend_from_slice(&[0; 20]);
+        assert_eq!(
+            decode(&frame(0x1b, &body), MAX),
+            Err(DecodeError::BadValue { frame: "SEND_RESULT", field: "outcome", value: 3 })
+        );
+        // FETCH with limit 0.
+        let e = decode(&frame(0x19, &[0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 5, 0, 0]), MAX).unwrap_err();
+        assert_eq!(e, DecodeError::Zero { frame: "FETCH", field: "limit" });
+        assert_eq!(e.to_string(), "FETCH field `limit` must not be 0");
+        // Fixed-size frames: too short names the field, too long the excess.
+        assert_eq!(decode(&frame(0x18, &[0; 7]), MAX), Err(DecodeError::Truncated { frame: "ACK", field: "seq" }));
+        assert_eq!(decode(&frame(0x18, &[0; 9]), MAX), Err(DecodeError::TrailingBytes { frame: "ACK", extra: 1 }));
+        assert_eq!(
+            decode(&frame(0x16, &[0; 27]), MAX),
+            Err(DecodeError::Truncated { frame: "SYNC", field: "page_end" })
+        );
+        assert_eq!(
+            decode(&frame(0x1b, &[0; 24]), MAX),
+            Err(DecodeError::Truncated { frame: "SEND_RESULT", field: "delivered" })
+        );
+        // INBOX with a `from` that is not UTF-8.
+        let mut body = vec![0; 24];
+        body.extend_from_slice(&[1, 0xc3]);
+        assert_eq!(decode(&frame(0x17, &body), MAX), Err(DecodeError::InvalidUtf8 { frame: "INBOX", field: "from" }));
+    }
+
+    #[test]
+    fn encode_refuses_what_the_decoder_would_refuse() {
+        let invalid = |f: Frame<'_>, field: &str| {
+            assert!(matches!(f.to_bytes(), Err(EncodeError::Invalid { field: g, .. }) if g == field), "{f:?}")
+        };
+        invalid(Frame::Login { user: "u", token: b"t", device: None, last_seq: 1 }, "last_seq");
+        invalid(Frame::Login { user: "u", token: b"t", device: Some(""), last_seq: 0 }, "device");
+        invalid(Frame::Fetch { req_id: 1, after_seq: 1, limit: 0 }, "limit");
+        invalid(Frame::SendEx { req_id: 1, flags: 0x80, client_id: 1, to: "b", payload: b"" }, "flags");
+        let long = "d".repeat(MAX_DEVICE_ID_BYTES + 1);
+        assert_eq!(
+            Frame::Login { user: "u", token: b"t", device: Some(&long), last_seq: 0 }.to_bytes(),
+            Err(EncodeError::FieldTooLong { field: "device", len: 65, max: 64 })
+        );
+        let long = "x".repeat(256);
+        assert!(matches!(
+            Frame::Inbox { seq: 1, msg_id: 1, ts_ms: 1, from: &long, payload: b"" }.to_bytes(),
+            Err(EncodeError::FieldTooLong { field: "from", .. })
+        ));
+    }
+
+    /// The hex examples of the reliable-delivery frames in
+    /// `docs/PROTOCOL.md` (3.1, 3.18–3.23), copied from there.
+    #[test]
+    fn documented_reliable_examples_are_byte_exact() {
+        documented(
+            "00 00 00 1b 01 01 05 61 6c 69 63 65 00 03 74 30
+             6b 05 70 68 6f 6e 65 00 00 00 00 00 00 00 29",
+            Frame::Login { user: "alice", token: b"t0k", device: Some("phone"), last_seq: 41 },
+        );
+        documented(
+            "00 00 00 1e 01 16 00 00 00 00 00 00 00 00 00 00
+             00 29 00 00 00 00 00 00 00 78 00 00 00 00 00 00
+             00 3d",
+            Frame::Sync { req_id: 0, position: 41, head_seq: 120, page_end: 61 },
+        );
+        documented(
+            "00 00 00 20 01 17 00 00 00 00 00 00 00 2a 00 02
+             00 00 00 00 00 01 00 00 01 8b cf e5 68 00 03 62
+             6f 62 68 69",
+            Frame::Inbox { seq: 42, msg_id: 0x0002000000000001, ts_ms: 1_700_000_000_000, from: "bob", payload: b"hi" },
+        );
+        documented("00 00 00 0a 01 18 00 00 00 00 00 00 00 3d", Frame::Ack { seq: 61 });
+        documented(
+            "00 00 00 10 01 19 00 00 00 03 00 00 00 00 00 00
+             00 3d 00 64",
+            Frame::Fetch { req_id: 3, after_seq: 61, limit: 100 },
+        );
+        documented(
+            "00 00 00 15 01 1a 00 00 00 07 00 00 00 00 00 00
+             00 03 e9 03 62 6f 62 68 69",
+            Frame::SendEx { req_id: 7, flags: 0, client_id: 1001, to: "bob", payload: b"hi" },
+        );
+        documented(
+            "00 00 00 1b 01 1b 00 00 00 07 00 00 00 00 00 00
+             00 00 2b 00 02 00 00 00 00 00 02 00 00 00 01",
+            Frame::SendResult {
+                req_id: 7,
+                outcome: SendOutcome::Stored,
+                seq: 43,
+                msg_id: 0x0002000000000002,
+                delivered: 1,
+            },
+        );
+        documented(
+            "00 00 00 1b 01 1b 00 00 00 08 01 00 00 00 00 00
+             00 00 2b 00 02 00 00 00 00 00 02 00 00 00 00",
+            Frame::SendResult {
+                req_id: 8,
+                outcome: SendOutcome::Duplicate,
+                seq: 43,
+                msg_id: 0x0002000000000002,
+                delivered: 0,
+            },
+        );
     }
 
     #[test]
@@ -732,5 +1211,6 @@ mod tests {
         assert_eq!(DecodeError::BadVersion(9).close_code(), CloseCode::UnsupportedVersion);
         assert_eq!(DecodeError::FrameTooLarge { len: 1, max: 0 }.close_code(), CloseCode::FrameTooLarge);
         assert_eq!(DecodeError::UnknownType(9).close_code(), CloseCode::ProtocolError);
+        assert_eq!(DecodeError::Zero { frame: "FETCH", field: "limit" }.close_code(), CloseCode::ProtocolError);
     }
 }

@@ -16,25 +16,34 @@
 //!
 //! | `type`        | fields |
 //! |---------------|--------|
-//! | `login`       | `user`, `token` (strings) |
+//! | `login`       | `user`, `token` (strings), `device`?, `last_seq`? |
 //! | `ping`        | `data` (string) or `data_b64`, optional |
-//! | `send`        | `req_id`?, `to`, `payload` or `payload_b64` |
+//! | `send`        | `req_id`?, `to`, `payload` or `payload_b64`, `client_id`?, `at_most_once`? |
 //! | `message`     | `req_id`?, `payload` or `payload_b64` |
 //! | `subscribe`   | `req_id`?, `room` |
 //! | `unsubscribe` | `req_id`?, `room` |
 //! | `publish`     | `req_id`?, `room`, `payload` or `payload_b64` |
 //! | `close`       | `code`? (default 1000), `reason`? (default empty) |
+//! | `ack`         | `seq` |
+//! | `fetch`       | `req_id`?, `after_seq`, `limit` (1..=65535) |
 //!
 //! `req_id` is an integer 0..=2^32-1, default 0. `payload` is UTF-8 text;
-//! `payload_b64` (standard base64, padded) carries binary instead.
+//! `payload_b64` (standard base64, padded) carries binary instead. The u64
+//! fields (`last_seq`, `seq`, `after_seq`, `client_id`) are a JSON integer
+//! or a decimal string (JavaScript cannot hold every u64 as a number).
+//! `device` is 1 to 64 bytes; `last_seq` needs `device` (default 0). A
+//! `send` with `client_id` or `at_most_once` (a bool) is a SEND_EX, else a
+//! SEND.
 //!
 //! Server → client: `login_ok`, `login_error`, `pong`, `push`, `send_ack`,
-//! `error`, `room_ack`, `room_msg`, `skipped`, with the frame's fields.
-//! `msg_id` and `conn_id` are JSON strings (a u64 does not fit JavaScript's
-//! 2^53); a payload (or PONG data) is `payload` when it is valid UTF-8, else
-//! `payload_b64`; ROOM_ACK's `op` is `"subscribed"`, `"unsubscribed"` or
-//! `"published"`. PING and CLOSE have no JSON form: the server sends a
-//! WebSocket ping or close frame instead.
+//! `error`, `room_ack`, `room_msg`, `skipped`, `sync`, `inbox`,
+//! `send_result`, with the frame's fields. Every u64 (`msg_id`, `conn_id`,
+//! `seq`, `position`, `head_seq`, `page_end`, `ts_ms`) is a JSON string (a
+//! u64 does not fit JavaScript's 2^53); a payload (or PONG data) is
+//! `payload` when it is valid UTF-8, else `payload_b64`; ROOM_ACK's `op` is
+//! `"subscribed"`, `"unsubscribed"` or `"published"`, SEND_RESULT's
+//! `outcome` `"stored"`, `"duplicate"` or `"relayed"`. PING and CLOSE have
+//! no JSON form: the server sends a WebSocket ping or close frame instead.
 //!
 //! Close codes for a [`JsonError`] ([`JsonError::close_code`]): 1007 for a
 //! message that is not UTF-8 (a text frame never is: the WebSocket decoder
@@ -48,7 +57,9 @@ use base64::Engine as _;
 use serde_json::{Map, Value};
 use thiserror::Error;
 
-use super::frame::{Frame, FrameType, RoomOp, MAX_PING_DATA, MAX_USER_ID_BYTES};
+use super::frame::{
+    Frame, FrameType, RoomOp, SendOutcome, MAX_DEVICE_ID_BYTES, MAX_PING_DATA, MAX_USER_ID_BYTES, SEND_EX_AT_MOST_ONCE,
+};
 use super::ws::close;
 
 /// Longest room name in bytes (the `str8` limit).
@@ -64,7 +75,7 @@ const MAX_TYPE_IN_ERROR: usize = 32;
 /// A client message parsed from JSON, owning its fields.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ClientFrame {
-    Login { user: String, token: String },
+    Login { user: String, token: String, device: Option<String>, last_seq: u64 },
     Ping { data: Vec<u8> },
     Send { req_id: u32, to: String, payload: Vec<u8> },
     Message { req_id: u32, payload: Vec<u8> },
@@ -72,6 +83,9 @@ pub enum ClientFrame {
     Unsubscribe { req_id: u32, room: String },
     Publish { req_id: u32, room: String, payload: Vec<u8> },
     Close { code: u16, reason: String },
+    Ack { seq: u64 },
+    Fetch { req_id: u32, after_seq: u64, limit: u16 },
+    SendEx { req_id: u32, flags: u8, client_id: u64, to: String, payload: Vec<u8> },
 }
 
 /// Why a text message is not a valid client message.
@@ -101,6 +115,10 @@ pub enum JsonError {
     BadBase64 { ty: &'static str, field: &'static str },
     #[error("{ty} message has both `{field}` and `{field}_b64`")]
     Ambiguous { ty: &'static str, field: &'static str },
+    #[error("{ty} field `{field}` must not be 0")]
+    Zero { ty: &'static str, field: &'static str },
+    #[error("{ty} field `{field}` is only allowed with `{needs}`")]
+    Needs { ty: &'static str, field: &'static str, needs: &'static str },
 }
 
 impl JsonError {
@@ -172,6 +190,32 @@ impl Fields {
                 _ => Err(self.wrong(field, expected)),
             },
             Some(_) => Err(self.wrong(field, expected)),
+        }
+    }
+
+    /// An optional u64: a JSON integer, or the same as a decimal string
+    /// (digits only), as the server sends them.
+    fn opt_u64(&mut self, field: &'static str) -> Result<Option<u64>, JsonError> {
+        const EXPECTED: &str = "an integer from 0 to 18446744073709551615, or one as a decimal string";
+        match self.take(field) {
+            None => Ok(None),
+            Some(Value::Number(n)) => n.as_u64().map(Some).ok_or_else(|| self.wrong(field, EXPECTED)),
+            Some(Value::String(s)) if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) => {
+                s.parse().map(Some).map_err(|_| self.wrong(field, EXPECTED))
+            }
+            Some(_) => Err(self.wrong(field, EXPECTED)),
+        }
+    }
+
+    fn u64(&mut self, field: &'static str) -> Result<u64, JsonError> {
+        self.opt_u64(field)?.ok_or(JsonError::MissingField { ty: self.ty, field })
+    }
+
+    fn opt_bool(&mut self, field: &'static str) -> Result<Option<bool>, JsonError> {
+        match self.take(field) {
+            None => Ok(None),
+            Some(Value::Bool(b)) => Ok(Some(b)),
+            Some(_) => Err(self.wrong(field, "true or false")),
         }
     }
 
@@ -265,6 +309,8 @@ impl ClientFrame {
             "unsubscribe" => "unsubscribe",
             "publish" => "publish",
             "close" => "close",
+            "ack" => "ack",
+            "fetch" => "fetch",
             other => return Err(JsonError::UnknownType(other.chars().take(MAX_TYPE_IN_ERROR).collect())),
         };
         let mut f = Fields { obj, ty };
@@ -273,7 +319,19 @@ impl ClientFrame {
                 let user = f.name("user", MAX_USER_ID_BYTES)?;
                 let token = f.string("token")?;
                 f.check_len("token", token.len(), MAX_TOKEN_BYTES)?;
-                ClientFrame::Login { user, token }
+                let device = match f.opt_string("device")? {
+                    Some(d) if d.is_empty() => return Err(JsonError::EmptyField { ty: f.ty, field: "device" }),
+                    Some(d) => {
+                        f.check_len("device", d.len(), MAX_DEVICE_ID_BYTES)?;
+                        Some(d)
+                    }
+                    None => None,
+                };
+                let last_seq = f.opt_u64("last_seq")?;
+                if last_seq.is_some() && device.is_none() {
+                    return Err(JsonError::Needs { ty: f.ty, field: "last_seq", needs: "device" });
+                }
+                ClientFrame::Login { user, token, device, last_seq: last_seq.unwrap_or(0) }
             }
             "ping" => {
                 let data = f.opt_bytes("data", "data_b64")?.unwrap_or_default();
@@ -281,7 +339,29 @@ impl ClientFrame {
                 ClientFrame::Ping { data }
             }
             "send" => {
-                ClientFrame::Send { req_id: f.req_id()?, to: f.name("to", MAX_USER_ID_BYTES)?, payload: f.payload()? }
+                let (req_id, to, payload) = (f.req_id()?, f.name("to", MAX_USER_ID_BYTES)?, f.payload()?);
+                match (f.opt_u64("client_id")?, f.opt_bool("at_most_once")?) {
+                    (None, None) => ClientFrame::Send { req_id, to, payload },
+                    (client_id, at_most_once) => ClientFrame::SendEx {
+                        req_id,
+                        flags: if at_most_once == Some(true) { SEND_EX_AT_MOST_ONCE } else { 0 },
+                        client_id: client_id.unwrap_or(0),
+                        to,
+                        payload,
+                    },
+                }
+            }
+            "ack" => ClientFrame::Ack { seq: f.u64("seq")? },
+            "fetch" => {
+                let req_id = f.req_id()?;
+                let after_seq = f.u64("after_seq")?;
+                let limit = f
+                    .opt_uint("limit", u16::MAX as u64, "an integer from 1 to 65535")?
+                    .ok_or(JsonError::MissingField { ty: f.ty, field: "limit" })?;
+                if limit == 0 {
+                    return Err(JsonError::Zero { ty: f.ty, field: "limit" });
+                }
+                ClientFrame::Fetch { req_id, after_seq, limit: limit as u16 }
             }
             "message" => ClientFrame::Message { req_id: f.req_id()?, payload: f.payload()? },
             "subscribe" => ClientFrame::Subscribe { req_id: f.req_id()?, room: f.name("room", MAX_ROOM_BYTES)? },
@@ -308,7 +388,9 @@ impl ClientFrame {
     /// The raw-protocol frame this message stands for, borrowing from it.
     pub fn as_frame(&self) -> Frame<'_> {
         match self {
-            ClientFrame::Login { user, token } => Frame::Login { user, token: token.as_bytes() },
+            ClientFrame::Login { user, token, device, last_seq } => {
+                Frame::Login { user, token: token.as_bytes(), device: device.as_deref(), last_seq: *last_seq }
+            }
             ClientFrame::Ping { data } => Frame::Ping { data },
             ClientFrame::Send { req_id, to, payload } => Frame::Send { req_id: *req_id, to, payload },
             ClientFrame::Message { req_id, payload } => Frame::Message { req_id: *req_id, payload },
@@ -316,6 +398,13 @@ impl ClientFrame {
             ClientFrame::Unsubscribe { req_id, room } => Frame::Unsubscribe { req_id: *req_id, room },
             ClientFrame::Publish { req_id, room, payload } => Frame::Publish { req_id: *req_id, room, payload },
             ClientFrame::Close { code, reason } => Frame::Close { code: *code, reason },
+            ClientFrame::Ack { seq } => Frame::Ack { seq: *seq },
+            ClientFrame::Fetch { req_id, after_seq, limit } => {
+                Frame::Fetch { req_id: *req_id, after_seq: *after_seq, limit: *limit }
+            }
+            ClientFrame::SendEx { req_id, flags, client_id, to, payload } => {
+                Frame::SendEx { req_id: *req_id, flags: *flags, client_id: *client_id, to, payload }
+            }
         }
     }
 }
@@ -341,6 +430,21 @@ pub fn type_name(ty: FrameType) -> &'static str {
         FrameType::Publish => "publish",
         FrameType::RoomMsg => "room_msg",
         FrameType::Skipped => "skipped",
+        FrameType::Sync => "sync",
+        FrameType::Inbox => "inbox",
+        FrameType::Ack => "ack",
+        FrameType::Fetch => "fetch",
+        FrameType::SendEx => "send_ex",
+        FrameType::SendResult => "send_result",
+    }
+}
+
+/// SEND_RESULT `outcome` in JSON.
+pub fn outcome_name(outcome: SendOutcome) -> &'static str {
+    match outcome {
+        SendOutcome::Stored => "stored",
+        SendOutcome::Duplicate => "duplicate",
+        SendOutcome::Relayed => "relayed",
     }
 }
 
@@ -481,6 +585,23 @@ pub fn encode_json(frame: &Frame<'_>) -> Option<String> {
         Frame::Skipped { count } => {
             o.num("count", count as u64);
         }
+        Frame::Sync { req_id, position, head_seq, page_end } => {
+            o.num("req_id", req_id as u64).id("position", position).id("head_seq", head_seq).id("page_end", page_end);
+        }
+        Frame::Inbox { seq, msg_id, ts_ms, from, payload } => {
+            o.id("seq", seq).id("msg_id", msg_id).id("ts_ms", ts_ms).str("from", from).bytes(
+                "payload",
+                "payload_b64",
+                payload,
+            );
+        }
+        Frame::SendResult { req_id, outcome, seq, msg_id, delivered } => {
+            o.num("req_id", req_id as u64)
+                .str("outcome", outcome_name(outcome))
+                .id("seq", seq)
+                .id("msg_id", msg_id)
+                .num("delivered", delivered as u64);
+        }
         Frame::Ping { .. }
         | Frame::Close { .. }
         | Frame::Login { .. }
@@ -488,7 +609,10 @@ pub fn encode_json(frame: &Frame<'_>) -> Option<String> {
         | Frame::Message { .. }
         | Frame::Subscribe { .. }
         | Frame::Unsubscribe { .. }
-        | Frame::Publish { .. } => return None,
+        | Frame::Publish { .. }
+        | Frame::Ack { .. }
+        | Frame::Fetch { .. }
+        | Frame::SendEx { .. } => return None,
     }
     Some(o.finish())
 }
@@ -512,7 +636,10 @@ mod tests {
     #[test]
     fn every_client_message_parses_to_its_frame() {
         let cases: [(&str, Frame<'_>); 12] = [
-            (r#"{"type":"login","user":"alice","token":"t0k"}"#, Frame::Login { user: "alice", token: b"t0k" }),
+            (
+                r#"{"type":"login","user":"alice","token":"t0k"}"#,
+                Frame::Login { user: "alice", token: b"t0k", device: None, last_seq: 0 },
+            ),
             (r#"{"type":"ping"}"#, Frame::Ping { data: b"" }),
             (r#"{"type":"ping","data":"12345"}"#, Frame::Ping { data: b"12345" }),
             (r#"{"type":"ping","data_b64":"AAAwOQ=="}"#, Frame::Ping { data: &[0, 0, 0x30, 0x39] }),
@@ -540,6 +667,243 @@ mod tests {
         for (text, frame) in cases {
             assert_eq!(parse(text).map(|c| c.as_frame().to_bytes().unwrap()), Ok(frame.to_bytes().unwrap()), "{text}");
             assert_eq!(parse(text).unwrap().as_frame(), frame, "{text}");
+        }
+    }
+
+    #[test]
+    fn reliable_client_messages_parse_to_their_frames() {
+        let cases: [(&str, Frame<'_>); 11] = [
+            (
+                r#"{"type":"login","user":"alice","token":"t0k","device":"phone","last_seq":"41"}"#,
+                Frame::Login { user: "alice", token: b"t0k", device: Some("phone"), last_seq: 41 },
+            ),
+            (
+                r#"{"type":"login","user":"alice","token":"t0k","device":"phone","last_seq":41}"#,
+                Frame::Login { user: "alice", token: b"t0k", device: Some("phone"), last_seq: 41 },
+            ),
+            (
+                r#"{"type":"login","user":"a","token":"t","device":"d","last_seq":null}"#,
+                Frame::Login { user: "a", token: b"t", device: Some("d"), last_seq: 0 },
+            ),
+            (r#"{"type":"ack","seq":"12"}"#, Frame::Ack { seq: 12 }),
+            (r#"{"type":"ack","seq":18446744073709551615}"#, Frame::Ack { seq: u64::MAX }),
+            (r#"{"type":"ack","seq":"18446744073709551615"}"#, Frame::Ack { seq: u64::MAX }),
+            (
+                r#"{"type":"fetch","req_id":3,"after_seq":"20","limit":100}"#,
+                Frame::Fetch { req_id: 3, after_seq: 20, limit: 100 },
+            ),
+            (
+                r#"{"type":"send","req_id":7,"to":"bob","payload":"hi","client_id":"1001"}"#,
+                Frame::SendEx { req_id: 7, flags: 0, client_id: 1001, to: "bob", payload: b"hi" },
+            ),
+            (
+                r#"{"type":"send","to":"bob","payload":"hi","at_most_once":true}"#,
+                Frame::SendEx { req_id: 0, flags: SEND_EX_AT_MOST_ONCE, client_id: 0, to: "bob", payload: b"hi" },
+            ),
+            (
+                r#"{"type":"send","to":"bob","payload":"hi","at_most_once":false,"client_id":5}"#,
+                Frame::SendEx { req_id: 0, flags: 0, client_id: 5, to: "bob", payload: b"hi" },
+            ),
+            (
+                r#"{"type":"send","to":"bob","payload":"hi","at_most_once":null,"client_id":null}"#,
+                Frame::Send { req_id: 0, to: "bob", payload: b"hi" },
+            ),
+        ];
+        for (text, frame) in cases {
+            assert_eq!(parse(text).unwrap().as_frame(), frame, "{text}");
+        }
+        // The FETCH example of the spec, binary form.
+        assert_eq!(
+            parse(r#"{"type":"fetch","req_id":3,"after_seq":"61","limit":100}"#)
+                .unwrap()
+                .as_frame()
+                .to_bytes()
+                .unwrap()[..],
+            [0, 0, 0, 0x10, 1, 0x19, 0, 0, 0, 3, 0, 0, 0, 0, 0, 0, 0, 0x3d, 0, 0x64]
+        );
+    }
+
+    #[test]
+    fn reliable_fields_follow_the_binary_rules() {
+        assert_eq!(
+            err(r#"{"type":"login","user":"a","token":"t","device":""}"#),
+            (JsonError::EmptyField { ty: "login", field: "device" }, 1002)
+        );
+        assert_eq!(
+            err(&format!(r#"{{"type":"login","user":"a","token":"t","device":"{}"}}"#, "é".repeat(33))),
+            (JsonError::FieldTooLong { ty: "login", field: "device", max: 64 }, 1002)
+        );
+        assert!(parse(&format!(r#"{{"type":"login","user":"a","token":"t","device":"{}"}}"#, "d".repeat(64))).is_ok());
+        assert_eq!(
+            err(r#"{"type":"login","user":"a","token":"t","last_seq":"5"}"#),
+            (JsonError::Needs { ty: "login", field: "last_seq", needs: "device" }, 1002)
+        );
+        assert_eq!(
+            err(r#"{"type":"login","user":"a","token":"t","device":7}"#),
+            (JsonError::WrongType { ty: "login", field: "device", expected: "a string" }, 1002)
+        );
+        let u64_expected = "an integer from 0 to 18446744073709551615, or one as a decimal string";
+        for bad in [
+            r#""""#,
+            r#""+5""#,
+            r#""-1""#,
+            r#"" 5""#,
+            r#""0x10""#,
+            r#""18446744073709551616""#,
+            "-1",
+            "1.5",
+            "true",
+            "[]",
+        ] {
+            assert_eq!(
+                err(&format!(r#"{{"type":"ack","seq":{bad}}}"#)),
+                (JsonError::WrongType { ty: "ack", field: "seq", expected: u64_expected }, 1002),
+                "{bad}"
+            );
+        }
+        assert_eq!(err(r#"{"type":"ack"}"#), (JsonError::MissingField { ty: "ack", field: "seq" }, 1002));
+        assert_eq!(
+            err(r#"{"type":"fetch","after_seq":"1","limit":0}"#),
+            (JsonError::Zero { ty: "fetch", field: "limit" }, 1002)
+        );
+        assert_eq!(
+            err(r#"{"type":"fetch","after_seq":"1","limit":65536}"#),
+            (JsonError::WrongType { ty: "fetch", field: "limit", expected: "an integer from 1 to 65535" }, 1002)
+        );
+        assert_eq!(
+            err(r#"{"type":"fetch","after_seq":"1"}"#),
+            (JsonError::MissingField { ty: "fetch", field: "limit" }, 1002)
+        );
+        assert_eq!(
+            err(r#"{"type":"fetch","limit":5}"#),
+            (JsonError::MissingField { ty: "fetch", field: "after_seq" }, 1002)
+        );
+        assert_eq!(
+            err(r#"{"type":"send","to":"b","payload":"","at_most_once":1}"#),
+            (JsonError::WrongType { ty: "send", field: "at_most_once", expected: "true or false" }, 1002)
+        );
+        assert_eq!(
+            err(r#"{"type":"send","to":"b","payload":"","client_id":"x"}"#),
+            (JsonError::WrongType { ty: "send", field: "client_id", expected: u64_expected }, 1002)
+        );
+        assert_eq!(
+            err(r#"{"type":"send","to":"","payload":"","client_id":1}"#),
+            (JsonError::EmptyField { ty: "send", field: "to" }, 1002)
+        );
+        // SEND_EX is `send` with its fields, not a type of its own.
+        assert_eq!(
+            err(r#"{"type":"send_ex","to":"b","payload":""}"#),
+            (JsonError::UnknownType("send_ex".into()), 1002)
+        );
+        for server_only in ["sync", "inbox", "send_result"] {
+            let text = format!(r#"{{"type":"{server_only}"}}"#);
+            assert_eq!(err(&text), (JsonError::UnknownType(server_only.into()), 1002));
+        }
+    }
+
+    #[test]
+    fn reliable_server_frames_encode_byte_exact() {
+        let cases: [(Frame<'_>, &str); 6] = [
+            (
+                Frame::Sync { req_id: 0, position: 41, head_seq: 120, page_end: 61 },
+                r#"{"type":"sync","req_id":0,"position":"41","head_seq":"120","page_end":"61"}"#,
+            ),
+            (
+                Frame::Inbox {
+                    seq: 42,
+                    msg_id: 0x0002000000000001,
+                    ts_ms: 1_700_000_000_000,
+                    from: "bob",
+                    payload: b"hi",
+                },
+                concat!(
+                    r#"{"type":"inbox","seq":"42","msg_id":"562949953421313","ts_ms":"1700000000000","#,
+                    r#""from":"bob","payload":"hi"}"#
+                ),
+            ),
+            (
+                Frame::Inbox { seq: u64::MAX, msg_id: 1, ts_ms: 2, from: "", payload: &[0xde, 0xad, 0xbe, 0xef] },
+                concat!(
+                    r#"{"type":"inbox","seq":"18446744073709551615","msg_id":"1","ts_ms":"2","from":"","#,
+                    r#""payload_b64":"3q2+7w=="}"#
+                ),
+            ),
+            (
+                Frame::SendResult {
+                    req_id: 7,
+                    outcome: SendOutcome::Stored,
+                    seq: 43,
+                    msg_id: 0x0002000000000002,
+                    delivered: 1,
+                },
+                r#"{"type":"send_result","req_id":7,"outcome":"stored","seq":"43","msg_id":"562949953421314","delivered":1}"#,
+            ),
+            (
+                Frame::SendResult { req_id: 8, outcome: SendOutcome::Duplicate, seq: 43, msg_id: 2, delivered: 0 },
+                r#"{"type":"send_result","req_id":8,"outcome":"duplicate","seq":"43","msg_id":"2","delivered":0}"#,
+            ),
+            (
+                Frame::SendResult { req_id: 9, outcome: SendOutcome::Relayed, seq: 0, msg_id: 3, delivered: 2 },
+                r#"{"type":"send_result","req_id":9,"outcome":"relayed","seq":"0","msg_id":"3","delivered":2}"#,
+            ),
+        ];
+        for (frame, text) in cases {
+            assert_eq!(encode_json(&frame).as_deref(), Some(text), "{frame:?}");
+            let v: Value = serde_json::from_str(text).unwrap();
+            assert_eq!(v["type"], type_name(frame.frame_type()));
+        }
+    }
+
+    /// The reliable-delivery JSON lines of `docs/PROTOCOL.md` 13.4, copied
+    /// from there, mean the frames of the hex examples of 3.1 and 3.18–3.23.
+    #[test]
+    fn documented_reliable_json_examples() {
+        let client: [(&str, Frame<'_>); 4] = [
+            (
+                r#"{"type":"login","user":"alice","token":"t0k","device":"phone","last_seq":"41"}"#,
+                Frame::Login { user: "alice", token: b"t0k", device: Some("phone"), last_seq: 41 },
+            ),
+            (r#"{"type":"ack","seq":"61"}"#, Frame::Ack { seq: 61 }),
+            (
+                r#"{"type":"fetch","req_id":3,"after_seq":"61","limit":100}"#,
+                Frame::Fetch { req_id: 3, after_seq: 61, limit: 100 },
+            ),
+            (
+                r#"{"type":"send","req_id":7,"to":"bob","payload":"hi","client_id":"1001"}"#,
+                Frame::SendEx { req_id: 7, flags: 0, client_id: 1001, to: "bob", payload: b"hi" },
+            ),
+        ];
+        for (text, frame) in client {
+            assert_eq!(parse(text).unwrap().as_frame(), frame, "{text}");
+        }
+        let server: [(Frame<'_>, &str); 3] = [
+            (
+                Frame::Sync { req_id: 0, position: 41, head_seq: 120, page_end: 61 },
+                r#"{"type":"sync","req_id":0,"position":"41","head_seq":"120","page_end":"61"}"#,
+            ),
+            (
+                Frame::Inbox {
+                    seq: 42,
+                    msg_id: 0x0002000000000001,
+                    ts_ms: 1_700_000_000_000,
+                    from: "bob",
+                    payload: b"hi",
+                },
+                r#"{"type":"inbox","seq":"42","msg_id":"562949953421313","ts_ms":"1700000000000","from":"bob","payload":"hi"}"#,
+            ),
+            (
+                Frame::SendResult {
+                    req_id: 7,
+                    outcome: SendOutcome::Stored,
+                    seq: 43,
+                    msg_id: 0x0002000000000002,
+                    delivered: 1,
+                },
+                r#"{"type":"send_result","req_id":7,"outcome":"stored","seq":"43","msg_id":"562949953421314","delivered":1}"#,
+            ),
+        ];
+        for (frame, text) in server {
+            assert_eq!(encode_json(&frame).as_deref(), Some(text), "{frame:?}");
         }
     }
 
@@ -757,7 +1121,11 @@ mod tests {
         for f in [
             Frame::Ping { data: b"" },
             Frame::Close { code: 1000, reason: "" },
-            Frame::Login { user: "a", token: b"t" },
+            Frame::Login { user: "a", token: b"t", device: None, last_seq: 0 },
+            Frame::Login { user: "a", token: b"t", device: Some("d"), last_seq: 1 },
+            Frame::Ack { seq: 1 },
+            Frame::Fetch { req_id: 1, after_seq: 0, limit: 1 },
+            Frame::SendEx { req_id: 1, flags: 0, client_id: 1, to: "b", payload: b"" },
             Frame::Send { req_id: 1, to: "b", payload: b"" },
             Frame::Message { req_id: 1, payload: b"" },
             Frame::Subscribe { req_id: 1, room: "r" },
@@ -810,12 +1178,13 @@ mod tests {
         fn arbitrary_objects_never_panic_the_parser(
             ty in prop_oneof![
                 Just("login"), Just("ping"), Just("send"), Just("message"), Just("subscribe"),
-                Just("unsubscribe"), Just("publish"), Just("close"), Just("x")
+                Just("unsubscribe"), Just("publish"), Just("close"), Just("ack"), Just("fetch"), Just("x")
             ],
-            fields in proptest::collection::vec((0usize..12, any_value()), 0..6),
+            fields in proptest::collection::vec((0usize..20, any_value()), 0..8),
         ) {
-            const NAMES: [&str; 12] = ["user", "token", "data", "data_b64", "req_id", "to", "payload",
-                "payload_b64", "room", "code", "reason", "type"];
+            const NAMES: [&str; 20] = ["user", "token", "data", "data_b64", "req_id", "to", "payload",
+                "payload_b64", "room", "code", "reason", "type", "device", "last_seq", "seq", "after_seq",
+                "limit", "client_id", "at_most_once", "payload"];
             let mut obj = Map::new();
             obj.insert("type".into(), json!(ty));
             for (i, v) in fields {
@@ -858,6 +1227,46 @@ mod tests {
             let (Frame::Send { payload, .. } | Frame::Publish { payload, .. } | Frame::Message { payload, .. }) =
                 parsed.as_frame() else { unreachable!() };
             prop_assert_eq!(payload, text.as_bytes());
+        }
+
+        #[test]
+        fn reliable_client_messages_roundtrip_through_json(
+            req_id in any::<u32>(),
+            n in any::<u64>(),
+            as_string in any::<bool>(),
+            limit in 1u16..,
+            device in "[^\u{0}]{1,16}",
+            at_most_once in proptest::option::of(any::<bool>()),
+            kind in 0usize..4,
+        ) {
+            let num = if as_string { json!(n.to_string()) } else { json!(n) };
+            let (v, expect) = match kind {
+                0 => (
+                    json!({"type": "login", "user": "u", "token": "t", "device": device, "last_seq": num}),
+                    Frame::Login { user: "u", token: b"t", device: Some(&device), last_seq: n },
+                ),
+                1 => (json!({"type": "ack", "seq": num}), Frame::Ack { seq: n }),
+                2 => (
+                    json!({"type": "fetch", "req_id": req_id, "after_seq": num, "limit": limit}),
+                    Frame::Fetch { req_id, after_seq: n, limit },
+                ),
+                _ => (
+                    json!({"type": "send", "req_id": req_id, "to": device, "payload": "p", "client_id": num,
+                           "at_most_once": at_most_once}),
+                    Frame::SendEx {
+                        req_id,
+                        flags: if at_most_once == Some(true) { SEND_EX_AT_MOST_ONCE } else { 0 },
+                        client_id: n,
+                        to: &device,
+                        payload: b"p",
+                    },
+                ),
+            };
+            let parsed = ClientFrame::parse(&v.to_string()).unwrap();
+            prop_assert_eq!(parsed.as_frame(), expect);
+            let bytes = parsed.as_frame().to_bytes().unwrap();
+            let (g, _) = crate::proto::frame::decode(&bytes, usize::MAX).unwrap().unwrap();
+            prop_assert_eq!(g, parsed.as_frame());
         }
 
         #[test]

@@ -162,6 +162,9 @@ impl<T: Copy> Session<T> {
                 | FrameType::RoomAck
                 | FrameType::RoomMsg
                 | FrameType::Skipped
+                | FrameType::Sync
+                | FrameType::Inbox
+                | FrameType::SendResult
         ) && self.phase != Phase::Closing
         {
             return Err(SessionError::ServerOnly { frame: ty.name() });
@@ -255,6 +258,26 @@ mod tests {
         assert!(s.login_ok(2));
         assert_eq!(s.on_frame(FrameType::Login, 3), Err(SessionError::AlreadyLoggedIn));
         assert!(!s.login_ok(3), "a second login_ok is refused");
+    }
+
+    #[test]
+    fn reliable_client_frames_need_a_login_and_server_frames_are_refused() {
+        let mut s = Session::new(0);
+        for (ty, name) in [(FrameType::Ack, "ACK"), (FrameType::Fetch, "FETCH"), (FrameType::SendEx, "SEND_EX")] {
+            assert_eq!(s.on_frame(ty, 1), Err(SessionError::NotLoggedIn { frame: name }));
+        }
+        for (ty, name) in
+            [(FrameType::Sync, "SYNC"), (FrameType::Inbox, "INBOX"), (FrameType::SendResult, "SEND_RESULT")]
+        {
+            assert_eq!(s.on_frame(ty, 1), Err(SessionError::ServerOnly { frame: name }));
+        }
+        assert!(s.login_ok(2));
+        for ty in [FrameType::Ack, FrameType::Fetch, FrameType::SendEx] {
+            assert_eq!(s.on_frame(ty, 3), Ok(Inbound::Process));
+        }
+        for ty in [FrameType::Sync, FrameType::Inbox, FrameType::SendResult] {
+            assert_eq!(s.on_frame(ty, 3), Err(SessionError::ServerOnly { frame: ty.name() }));
+        }
     }
 
     #[test]

@@ -44,15 +44,21 @@ pub const SUBPROTOCOL_JSON: &str = "switchboard.v1.json";
 pub const SUBPROTOCOLS: [&str; 2] = [SUBPROTOCOL_JSON, SUBPROTOCOL_BINARY];
 
 /// Largest WebSocket message a connection may send before it has logged
-/// in: a login in either form with the longest user id and token (JSON: at
-/// most 255 × 6 bytes of escaped user id + 4,096 of token + the keys, about
-/// 5.7 KiB; binary: one LOGIN frame, 4,360 bytes). A connection that has
-/// not logged in can make the server buffer at most this much (plus the
-/// frame header), whatever `websocket.max_message_bytes` is.
+/// in: a login in either form with the longest user id, token and device id
+/// (JSON: at most 255 × 6 bytes of escaped user id + 4,096 of token + 64 × 6
+/// of escaped device id + `last_seq` and the keys, about 6.1 KiB; binary: one
+/// LOGIN frame, 4,433 bytes). A connection that has not logged in can make
+/// the server buffer at most this much (plus the frame header), whatever
+/// `websocket.max_message_bytes` is.
 pub const MAX_LOGIN_MESSAGE_BYTES: usize = 8192;
 const _: () = assert!(MAX_LOGIN_MESSAGE_BYTES >= super::frame::MAX_LOGIN_FRAME_BYTES);
-const _: () =
-    assert!(MAX_LOGIN_MESSAGE_BYTES >= 6 * super::frame::MAX_USER_ID_BYTES + super::frame::MAX_LOGIN_TOKEN_BYTES + 128);
+const _: () = assert!(
+    MAX_LOGIN_MESSAGE_BYTES
+        >= 6 * super::frame::MAX_USER_ID_BYTES
+            + super::frame::MAX_LOGIN_TOKEN_BYTES
+            + 6 * super::frame::MAX_DEVICE_ID_BYTES
+            + 192
+);
 
 /// WebSocket close code sent after a LOGIN_ERROR (RFC 6455 §7.4.1, policy
 /// violation): a browser reports 1006 when the TCP connection ends without

@@ -266,9 +266,14 @@ impl Conn {
             | Frame::Error { .. }
             | Frame::RoomAck { .. }
             | Frame::RoomMsg { .. }
-            | Frame::Skipped { .. } => unexpected(format!("{} is sent by the server only", frame.frame_type().name())),
+            | Frame::Skipped { .. }
+            | Frame::Sync { .. }
+            | Frame::Inbox { .. }
+            | Frame::SendResult { .. } => {
+                unexpected(format!("{} is sent by the server only", frame.frame_type().name()))
+            }
             Frame::Close { .. } => Some(End::Last(close_frame(CloseCode::Normal, "closed by client"))),
-            Frame::Login { user, token } if self.user.is_none() => self.login(user, token),
+            Frame::Login { user, token, .. } if self.user.is_none() => self.login(user, token),
             Frame::Login { .. } => unexpected("already logged in".to_string()),
             f if self.user.is_none() => unexpected(format!("{} is not allowed before LOGIN", f.frame_type().name())),
             Frame::Ping { data } => self.reply(Frame::Pong { data }.to_bytes().expect("PING data is bounded")),
@@ -280,6 +285,11 @@ impl Conn {
             Frame::Subscribe { req_id, room } => self.subscribe(req_id, room),
             Frame::Unsubscribe { req_id, room } => self.unsubscribe(req_id, room),
             Frame::Publish { req_id, room, payload } => self.publish(req_id, room, payload),
+            // No store here: the baseline is the live relay.
+            Frame::Ack { .. } => self.error(ErrorCode::NotReliable, 0, "reliable delivery is not available"),
+            Frame::Fetch { req_id, .. } | Frame::SendEx { req_id, .. } => {
+                self.error(ErrorCode::NotReliable, req_id, "reliable delivery is not available")
+            }
         }
     }
 

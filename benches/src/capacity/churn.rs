@@ -168,7 +168,9 @@ impl Client<'_> {
     fn login(&mut self, user: &str) -> Result<Socket, String> {
         let mut s = self.connect().map_err(|e| format!("connect: {e}"))?;
         let token = self.jwt.mint(user, self.exp_unix_s);
-        let login = Frame::Login { user, token: token.as_bytes() }.to_bytes().map_err(|e| e.to_string())?;
+        let login = Frame::Login { user, token: token.as_bytes(), device: None, last_seq: 0 }
+            .to_bytes()
+            .map_err(|e| e.to_string())?;
         s.write_all(&login).map_err(|e| format!("send LOGIN: {e}"))?;
         self.buf.clear();
         let mut chunk = [0u8; 512];

@@ -315,7 +315,10 @@ impl Loader {
         let first = match self.args.transport {
             Transport::Raw => {
                 c.state = State::LoginSent;
-                Frame::Login { user: &user, token: token.as_bytes() }.to_bytes().expect("login encodes").to_vec()
+                Frame::Login { user: &user, token: token.as_bytes(), device: None, last_seq: 0 }
+                    .to_bytes()
+                    .expect("login encodes")
+                    .to_vec()
             }
             t => {
                 c.state = State::Upgrading;
@@ -546,7 +549,8 @@ impl Loader {
                 let _ = self.conns[i].stream.write(&pong);
                 self.pongs += 1;
             }
-            Frame::Push { payload, .. } => {
+            // A stored message reaches a device login as INBOX: timed alike.
+            Frame::Push { payload, .. } | Frame::Inbox { payload, .. } => {
                 self.received += 1;
                 if let Some(sent) = timed::sent_ns(payload) {
                     let lat_us = mono_ns().saturating_sub(sent) / 1000;

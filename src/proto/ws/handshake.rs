@@ -70,7 +70,9 @@ impl Handshake {
     /// the connection in without a first message.
     pub fn login(&self) -> Option<Frame<'_>> {
         match (&self.user, &self.token) {
-            (Some(user), Some(token)) => Some(Frame::Login { user, token: token.as_bytes() }),
+            (Some(user), Some(token)) => {
+                Some(Frame::Login { user, token: token.as_bytes(), device: None, last_seq: 0 })
+            }
             _ => None,
         }
     }
@@ -469,7 +471,7 @@ mod tests {
     fn query_parameters_are_percent_decoded() {
         let (hs, _) = parse(&request(&good())).unwrap().unwrap();
         assert_eq!((hs.path.as_str(), hs.user.as_deref(), hs.token.as_deref()), ("/ws", Some("alice"), Some("a.b.c")));
-        assert_eq!(hs.login(), Some(Frame::Login { user: "alice", token: b"a.b.c" }));
+        assert_eq!(hs.login(), Some(Frame::Login { user: "alice", token: b"a.b.c", device: None, last_seq: 0 }));
         let q = |target: &str| {
             let mut r = format!("GET {target} HTTP/1.1\r\n").into_bytes();
             r.extend_from_slice(&request(&good())[b"GET /ws?user=alice&token=a.b.c HTTP/1.1\r\n".len()..]);
@@ -513,11 +515,11 @@ mod tests {
             .unwrap();
         assert_eq!(hs.token.as_deref(), Some("x.y-z_"));
         assert_eq!(hs.protocols, vec!["switchboard.v1.json".to_string()], "the token is not a protocol to choose");
-        assert_eq!(hs.login(), Some(Frame::Login { user: "alice", token: b"x.y-z_" }));
+        assert_eq!(hs.login(), Some(Frame::Login { user: "alice", token: b"x.y-z_", device: None, last_seq: 0 }));
         // Only a token offered: no protocol left, so the default applies.
         let hs = with("/?user=alice", &["Sec-WebSocket-Protocol: switchboard.token.t"]).unwrap().unwrap();
         assert!(hs.protocols.is_empty());
-        assert_eq!(hs.login(), Some(Frame::Login { user: "alice", token: b"t" }));
+        assert_eq!(hs.login(), Some(Frame::Login { user: "alice", token: b"t", device: None, last_seq: 0 }));
         // Without a user there is no login at the upgrade.
         let hs = with("/", &["Sec-WebSocket-Protocol: switchboard.token.t"]).unwrap().unwrap();
         assert_eq!(hs.login(), None);
