@@ -101,6 +101,13 @@ impl Client {
         Ok(Client { stream, buf: BytesMut::with_capacity(4096), framed: false })
     }
 
+    /// A second handle on the same connection, for reading on one thread
+    /// while another writes. Frames already read into this handle's buffer
+    /// stay here: split before reading anything after the login.
+    pub fn try_clone_for_reading(&self) -> io::Result<Client> {
+        Ok(Client { stream: self.stream.try_clone()?, buf: BytesMut::with_capacity(4096), framed: self.framed })
+    }
+
     /// Bounds how long `recv` blocks (`None`: forever).
     pub fn set_read_timeout(&self, d: Option<Duration>) -> io::Result<()> {
         self.stream.set_read_timeout(d)
@@ -130,7 +137,30 @@ impl Client {
 
     /// Sends LOGIN and waits for LOGIN_OK (answering any PING on the way).
     pub fn login(&mut self, user: &str, token: &str) -> Result<LoginInfo, ClientError> {
-        self.send_frame(&Frame::Login { user, token: token.as_bytes(), device: None, last_seq: 0 })?;
+        self.login_as(user, token, None, 0)
+    }
+
+    /// Sends LOGIN with a device id and the highest seq the device has
+    /// stored (reliable delivery, docs/PROTOCOL.md section 15) and waits
+    /// for LOGIN_OK. The server's SYNC and the first page follow it.
+    pub fn login_device(
+        &mut self,
+        user: &str,
+        token: &str,
+        device: &str,
+        last_seq: u64,
+    ) -> Result<LoginInfo, ClientError> {
+        self.login_as(user, token, Some(device), last_seq)
+    }
+
+    fn login_as(
+        &mut self,
+        user: &str,
+        token: &str,
+        device: Option<&str>,
+        last_seq: u64,
+    ) -> Result<LoginInfo, ClientError> {
+        self.send_frame(&Frame::Login { user, token: token.as_bytes(), device, last_seq })?;
         let f = self.recv_skipping_pings()?;
         match f.frame() {
             Frame::LoginOk { conn_id, heartbeat_interval_ms, idle_timeout_ms, max_frame_bytes } => {
@@ -145,6 +175,30 @@ impl Client {
     /// Sends a SEND to `to`.
     pub fn send(&mut self, req_id: u32, to: &str, payload: &[u8]) -> Result<(), ClientError> {
         self.send_frame(&Frame::Send { req_id, to, payload })
+    }
+
+    /// Sends a SEND_EX: stored with idempotency key `client_id` (0: none),
+    /// or relayed at most once (`at_most_once`).
+    pub fn send_ex(
+        &mut self,
+        req_id: u32,
+        to: &str,
+        payload: &[u8],
+        client_id: u64,
+        at_most_once: bool,
+    ) -> Result<(), ClientError> {
+        let flags = if at_most_once { crate::proto::frame::SEND_EX_AT_MOST_ONCE } else { 0 };
+        self.send_frame(&Frame::SendEx { req_id, flags, client_id, to, payload })
+    }
+
+    /// Acknowledges every inbox seq up to `seq`.
+    pub fn ack(&mut self, seq: u64) -> Result<(), ClientError> {
+        self.send_frame(&Frame::Ack { seq })
+    }
+
+    /// Asks for up to `limit` inbox messages after `after_seq`.
+    pub fn fetch(&mut self, req_id: u32, after_seq: u64, limit: u16) -> Result<(), ClientError> {
+        self.send_frame(&Frame::Fetch { req_id, after_seq, limit })
     }
 
     /// Joins a room and waits for its ROOM_ACK (other frames in between are

@@ -48,6 +48,15 @@ enum Cmd {
         /// Override websocket.listen (`""` turns WebSocket off).
         #[arg(long)]
         ws_listen: Option<String>,
+        /// Override store.path: the directory of the message store
+        /// (created if missing; default `switchboard-data` in the working
+        /// directory).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Override store.kind: `disk` (default), `memory` (lost on
+        /// restart) or `none` (no reliable delivery: live relay only).
+        #[arg(long)]
+        store: Option<String>,
         /// Log filter: a level (error, warn, info, debug, trace, off), or
         /// TARGET=LEVEL pairs separated by commas (RUST_LOG syntax), e.g.
         /// `warn,switchboard=debug`. Debug shows every login, refusal and
@@ -275,12 +284,20 @@ fn self_command() -> String {
     }
 }
 
+/// `serve`'s store overrides.
+struct StoreArgs {
+    data_dir: Option<PathBuf>,
+    kind: Option<String>,
+}
+
+#[allow(clippy::too_many_arguments)]
 fn serve(
     config: Option<PathBuf>,
     listen: Option<String>,
     workers: Option<usize>,
     admin: Option<String>,
     ws_listen: Option<String>,
+    store: StoreArgs,
     log: String,
     log_format: LogFormat,
 ) -> ExitCode {
@@ -314,6 +331,20 @@ fn serve(
     }
     if let Some(w) = ws_listen {
         cfg.websocket.listen = w;
+    }
+    if let Some(d) = store.data_dir {
+        cfg.store.path = d;
+    }
+    if let Some(k) = store.kind {
+        cfg.store.kind = match k.as_str() {
+            "disk" => switchboard::config::StoreKind::Disk,
+            "memory" => switchboard::config::StoreKind::Memory,
+            "none" => switchboard::config::StoreKind::None,
+            other => {
+                err!("switchboard: --store {other}: use disk, memory or none");
+                return ExitCode::from(2);
+            }
+        };
     }
     if let Err(e) = cfg.validate() {
         err!("switchboard: {e}");
@@ -554,8 +585,8 @@ static TUNE_ALLOCATOR: extern "C" fn() = tune_allocator;
 
 fn main() -> ExitCode {
     match Cli::parse().cmd {
-        Cmd::Serve { config, listen, workers, admin, ws_listen, log, log_format } => {
-            serve(config, listen, workers, admin, ws_listen, log, log_format)
+        Cmd::Serve { config, listen, workers, admin, ws_listen, data_dir, store, log, log_format } => {
+            serve(config, listen, workers, admin, ws_listen, StoreArgs { data_dir, kind: store }, log, log_format)
         }
         Cmd::Check { connections, config } => check(connections, config),
         Cmd::Token { user, ttl_s, config, secret } => match mint(&config, secret, &user, ttl_s) {

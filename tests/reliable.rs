@@ -1,0 +1,368 @@
+//! Reliable delivery end to end (docs/PROTOCOL.md section 15): devices,
+//! the window, ACK and retransmit, login sync and FETCH paging, idempotent
+//! SEND_EX, two devices, retention limits. Each fault test breaks
+//! something on purpose and then asserts that every message arrives exactly
+//! once after dedup by seq, in order. (The server killed with SIGKILL is in
+//! tests/reliable_crash.rs, which runs the binary.)
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use switchboard::client::{Client, ClientError};
+use switchboard::config::{Config, StoreKind};
+use switchboard::proto::frame::{Frame, SendOutcome};
+use switchboard::ErrorCode;
+
+/// The shared test config with an in-memory store (each test its own).
+fn config() -> Config {
+    let mut c = common::config();
+    c.store.kind = StoreKind::Memory;
+    c.delivery.ack_timeout_ms = 300;
+    c
+}
+
+/// What a device client saw: INBOX frames by seq (dedup), in arrival
+/// order, and the SYNCs.
+#[derive(Default)]
+struct Seen {
+    /// seq → payload, first copy kept.
+    by_seq: BTreeMap<u64, Vec<u8>>,
+    /// Every INBOX seq in arrival order, duplicates included.
+    arrivals: Vec<u64>,
+    syncs: Vec<(u32, u64, u64, u64)>,
+    /// The client's contiguous prefix: it has every seq up to here.
+    have: u64,
+}
+
+impl Seen {
+    /// Takes one frame; returns it if it is not an INBOX or SYNC.
+    fn take(&mut self, f: &Frame<'_>) -> bool {
+        match *f {
+            Frame::Inbox { seq, payload, .. } => {
+                if let Some(&last) = self.arrivals.last() {
+                    // In order on one connection, except that a retransmit
+                    // starts again from the position.
+                    assert!(seq > last || seq <= self.have + 1, "seq {seq} after {last}, have {}", self.have);
+                }
+                self.arrivals.push(seq);
+                self.by_seq.entry(seq).or_insert_with(|| payload.to_vec());
+                while self.by_seq.contains_key(&(self.have + 1)) {
+                    self.have += 1;
+                }
+                true
+            }
+            Frame::Sync { req_id, position, head_seq, page_end } => {
+                self.syncs.push((req_id, position, head_seq, page_end));
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
+fn device_login(addr: SocketAddr, user: &str, device: &str, last_seq: u64) -> Client {
+    let mut c = common::connect(addr);
+    c.login_device(user, &common::token(user), device, last_seq).expect("device login");
+    c
+}
+
+/// Reads INBOX/SYNC frames into `seen`, acknowledging every `ack_every`
+/// new seqs, until `until(seen)` or `limit` passes. Other frames fail the
+/// test.
+fn read_until(c: &mut Client, seen: &mut Seen, ack_every: u64, limit: Duration, until: impl Fn(&Seen) -> bool) {
+    c.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    let end = Instant::now() + limit;
+    let mut acked = 0;
+    while !until(seen) {
+        assert!(Instant::now() < end, "gave up: have {} of the inbox, syncs {:?}", seen.have, seen.syncs);
+        match c.recv_skipping_pings() {
+            Ok(f) => {
+                let frame = f.frame();
+                assert!(seen.take(&frame), "unexpected frame {frame:?}");
+            }
+            Err(e) if e.is_timeout() => {}
+            Err(e) => panic!("connection failed: {e}"),
+        }
+        if seen.have >= acked.saturating_add(ack_every) || (seen.have > acked && until(seen)) {
+            acked = seen.have;
+            c.ack(acked).unwrap();
+        }
+    }
+}
+
+/// Sends `n` reliable SENDs from `from` to `to`, each answered with
+/// SEND_ACK before the next (so they are stored); payload "m{i}".
+fn send_stored(c: &mut Client, to: &str, range: std::ops::Range<u32>) {
+    for i in range {
+        c.send(i + 1, to, format!("m{i}").as_bytes()).unwrap();
+        let f = c.recv_skipping_pings().unwrap();
+        match f.frame() {
+            Frame::SendAck { req_id, .. } => assert_eq!(req_id, i + 1),
+            other => panic!("expected SEND_ACK, got {other:?}"),
+        }
+    }
+}
+
+fn payloads(seen: &Seen) -> Vec<String> {
+    seen.by_seq.values().map(|p| String::from_utf8(p.clone()).unwrap()).collect()
+}
+
+fn expected(range: std::ops::Range<u32>) -> Vec<String> {
+    range.map(|i| format!("m{i}")).collect()
+}
+
+#[test]
+fn a_client_killed_mid_stream_reconnects_and_gets_the_rest_once_in_order() {
+    let server = common::start(config());
+    let addr = server.local_addr();
+    let (mut alice, _) = common::login(addr, "alice");
+    let mut bob = device_login(addr, "bob", "phone", 0);
+    let mut seen = Seen::default();
+    read_until(&mut bob, &mut seen, 1, Duration::from_secs(5), |s| !s.syncs.is_empty());
+    send_stored(&mut alice, "bob", 0..200);
+    // Bob stores 50 and acknowledges 30, then his app is killed.
+    read_until(&mut bob, &mut seen, u64::MAX, Duration::from_secs(10), |s| s.have >= 50);
+    bob.ack(30).unwrap();
+    drop(bob);
+    let mut bob = device_login(addr, "bob", "phone", seen.have);
+    read_until(&mut bob, &mut seen, 8, Duration::from_secs(20), |s| s.have >= 200);
+    assert_eq!(payloads(&seen), expected(0..200));
+    assert_eq!(*seen.by_seq.keys().last().unwrap(), 200);
+}
+
+#[test]
+fn the_window_bounds_what_is_unacknowledged_and_a_silent_client_gets_a_retransmit() {
+    let mut cfg = config();
+    cfg.delivery.window = 8;
+    let server = common::start(cfg);
+    let addr = server.local_addr();
+    let (mut alice, _) = common::login(addr, "alice");
+    let mut bob = device_login(addr, "bob", "tab", 0);
+    let mut seen = Seen::default();
+    read_until(&mut bob, &mut seen, 1, Duration::from_secs(5), |s| !s.syncs.is_empty());
+    send_stored(&mut alice, "bob", 0..20);
+    // No ACK: 8 arrive, then (after the ACK timeout) the same 8 again.
+    read_until(&mut bob, &mut seen, u64::MAX, Duration::from_secs(10), |s| s.arrivals.len() >= 16);
+    assert_eq!(seen.have, 8, "no more than the window before an ACK");
+    assert_eq!(&seen.arrivals[..16], &[1, 2, 3, 4, 5, 6, 7, 8, 1, 2, 3, 4, 5, 6, 7, 8]);
+    read_until(&mut bob, &mut seen, 1, Duration::from_secs(10), |s| s.have >= 20);
+    assert_eq!(payloads(&seen), expected(0..20));
+}
+
+#[test]
+fn an_offline_user_gets_the_first_page_then_fetches_the_rest() {
+    let server = common::start(config());
+    let addr = server.local_addr();
+    let handle = server.handle();
+    for i in 0..500u32 {
+        let r = handle.push_reliable("carol", format!("m{i}"), 0).unwrap().wait().unwrap();
+        assert_eq!(r.seq, i as u64 + 1);
+        assert_eq!(r.connections, 0);
+    }
+    let mut carol = device_login(addr, "carol", "laptop", 0);
+    let mut seen = Seen::default();
+    read_until(&mut carol, &mut seen, u64::MAX, Duration::from_secs(10), |s| s.have >= 20);
+    assert_eq!(seen.syncs, vec![(0, 0, 500, 20)], "the login SYNC: position 0, head 500, first page to 20");
+    // Nothing beyond the page until the client asks.
+    carol.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+    assert!(carol.recv_skipping_pings().unwrap_err().is_timeout());
+    let mut req = 1;
+    while seen.have < 500 {
+        carol.fetch(req, seen.have, 200).unwrap();
+        let want = (seen.have + 200).min(500);
+        read_until(&mut carol, &mut seen, 32, Duration::from_secs(10), |s| s.have >= want);
+        assert_eq!(seen.syncs.last().unwrap().0, req);
+        req += 1;
+    }
+    assert_eq!(payloads(&seen), expected(0..500));
+    assert_eq!(seen.arrivals, (1..=500).collect::<Vec<_>>(), "each once, in order");
+    // Caught up: a new message is pushed without a FETCH.
+    handle.push_reliable("carol", "m500", 0).unwrap().wait().unwrap();
+    read_until(&mut carol, &mut seen, 1, Duration::from_secs(5), |s| s.have >= 501);
+}
+
+#[test]
+fn two_devices_of_one_user_catch_up_independently() {
+    let server = common::start(config());
+    let addr = server.local_addr();
+    let handle = server.handle();
+    for i in 0..100u32 {
+        handle.push_reliable("dan", format!("m{i}"), 0).unwrap().wait().unwrap();
+    }
+    let mut phone = device_login(addr, "dan", "phone", 0);
+    let mut seen_phone = Seen::default();
+    read_until(&mut phone, &mut seen_phone, 16, Duration::from_secs(10), |s| s.have >= 20);
+    phone.fetch(1, 20, 1000).unwrap();
+    read_until(&mut phone, &mut seen_phone, 16, Duration::from_secs(10), |s| s.have >= 100);
+    drop(phone);
+    for i in 100..150u32 {
+        handle.push_reliable("dan", format!("m{i}"), 0).unwrap().wait().unwrap();
+    }
+    // The tablet never saw anything: it starts from 0; the phone from 100.
+    let mut tablet = device_login(addr, "dan", "tablet", 0);
+    let mut seen_tablet = Seen::default();
+    read_until(&mut tablet, &mut seen_tablet, 16, Duration::from_secs(10), |s| !s.syncs.is_empty());
+    assert_eq!(seen_tablet.syncs[0], (0, 0, 150, 20));
+    let mut phone = device_login(addr, "dan", "phone", 0);
+    read_until(&mut phone, &mut seen_phone, 16, Duration::from_secs(10), |s| s.syncs.len() >= 2);
+    assert_eq!(seen_phone.syncs[1], (0, 100, 150, 120), "the phone resumes from its stored position");
+    let mut req = 1;
+    while seen_tablet.have < 150 || seen_phone.have < 150 {
+        for (c, s) in [(&mut tablet, &mut seen_tablet), (&mut phone, &mut seen_phone)] {
+            if s.have < 150 {
+                c.fetch(req, s.have, 40).unwrap();
+                let want = (s.have + 40).min(150);
+                read_until(c, s, 8, Duration::from_secs(10), |s| s.have >= want);
+            }
+        }
+        req += 1;
+    }
+    assert_eq!(payloads(&seen_tablet), expected(0..150));
+    assert_eq!(payloads(&seen_phone), expected(0..150));
+    let state = handle.inbox_state("dan", Duration::from_secs(5)).unwrap();
+    assert_eq!(state.head_seq, 150);
+    let mut positions: Vec<(String, u64)> = state.devices.iter().map(|d| (d.device.clone(), d.position)).collect();
+    positions.sort();
+    assert_eq!(positions, vec![("phone".to_string(), 150), ("tablet".to_string(), 150)]);
+}
+
+#[test]
+fn a_send_ex_retried_after_its_connection_died_is_stored_and_delivered_once() {
+    let server = common::start(config());
+    let addr = server.local_addr();
+    let mut erin = device_login(addr, "erin", "phone", 0);
+    let mut seen = Seen::default();
+    read_until(&mut erin, &mut seen, 1, Duration::from_secs(5), |s| !s.syncs.is_empty());
+    // The sender's connection dies before it reads the answer.
+    let (mut frank, _) = common::login(addr, "frank");
+    frank.send_ex(1, "erin", b"hello once", 0xfeed, false).unwrap();
+    drop(frank);
+    let (mut frank, _) = common::login(addr, "frank");
+    frank.send_ex(2, "erin", b"hello once", 0xfeed, false).unwrap();
+    let f = frank.recv_skipping_pings().unwrap();
+    let first_seq = match f.frame() {
+        Frame::SendResult { req_id: 2, outcome, seq, .. } => {
+            // Stored by the first attempt (duplicate) or, if that one was
+            // lost with its connection, by this one.
+            assert!(matches!(outcome, SendOutcome::Duplicate | SendOutcome::Stored), "{outcome:?}");
+            seq
+        }
+        other => panic!("expected SEND_RESULT, got {other:?}"),
+    };
+    // A third try: certainly a duplicate of the same seq.
+    frank.send_ex(3, "erin", b"hello once", 0xfeed, false).unwrap();
+    match frank.recv_skipping_pings().unwrap().frame() {
+        Frame::SendResult { req_id: 3, outcome: SendOutcome::Duplicate, seq, .. } => assert_eq!(seq, first_seq),
+        other => panic!("expected a duplicate SEND_RESULT, got {other:?}"),
+    }
+    // A different client id is a different message.
+    frank.send_ex(4, "erin", b"hello twice", 0xbeef, false).unwrap();
+    match frank.recv_skipping_pings().unwrap().frame() {
+        Frame::SendResult { req_id: 4, outcome: SendOutcome::Stored, seq, .. } => assert_eq!(seq, first_seq + 1),
+        other => panic!("expected SEND_RESULT stored, got {other:?}"),
+    }
+    read_until(&mut erin, &mut seen, 1, Duration::from_secs(5), |s| s.have >= 2);
+    erin.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+    assert!(erin.recv_skipping_pings().unwrap_err().is_timeout(), "nothing more");
+    assert_eq!(seen.arrivals, vec![1, 2]);
+    assert_eq!(payloads(&seen), vec!["hello once".to_string(), "hello twice".to_string()]);
+}
+
+#[test]
+fn at_most_once_stays_available_and_plain_clients_get_a_push() {
+    let server = common::start(config());
+    let addr = server.local_addr();
+    let (mut gus, _) = common::login(addr, "gus");
+    let (mut hal, _) = common::login(addr, "hal");
+    // A plain (no device) receiver of a stored SEND gets today's PUSH.
+    hal.send(1, "gus", b"stored").unwrap();
+    assert!(matches!(hal.recv_skipping_pings().unwrap().frame(), Frame::SendAck { req_id: 1, delivered: 1 }));
+    assert_eq!(common::expect_push(&mut gus).2, b"stored");
+    // SEND_EX at most once: relayed, answered with seq 0, not stored.
+    hal.send_ex(2, "gus", b"live", 0, true).unwrap();
+    match hal.recv_skipping_pings().unwrap().frame() {
+        Frame::SendResult { req_id: 2, outcome: SendOutcome::Relayed, seq: 0, delivered: 1, .. } => {}
+        other => panic!("expected SEND_RESULT relayed, got {other:?}"),
+    }
+    assert_eq!(common::expect_push(&mut gus).2, b"live");
+    let state = server.handle().inbox_state("gus", Duration::from_secs(5)).unwrap();
+    assert_eq!(state.head_seq, 1, "only the stored one is in the inbox");
+    // ACK without a device id is an error, not a close.
+    gus.ack(1).unwrap();
+    match gus.recv_skipping_pings().unwrap().frame() {
+        Frame::Error { code, .. } => assert_eq!(code, ErrorCode::NotReliable as u16),
+        other => panic!("expected ERROR 116, got {other:?}"),
+    }
+}
+
+#[test]
+fn retention_limits_refuse_with_their_error_codes() {
+    let mut cfg = config();
+    cfg.store.max_messages_per_inbox = 10;
+    cfg.store.max_bytes = 1 << 20;
+    let server = common::start(cfg);
+    let addr = server.local_addr();
+    let (mut ivy, _) = common::login(addr, "ivy");
+    send_stored(&mut ivy, "jon", 0..10);
+    ivy.send(11, "jon", b"one too many").unwrap();
+    match ivy.recv_skipping_pings().unwrap().frame() {
+        Frame::Error { code, req_id, .. } => assert_eq!((code, req_id), (ErrorCode::InboxFull as u16, 11)),
+        other => panic!("expected ERROR 113, got {other:?}"),
+    }
+    // The store's byte limit: 60 KiB messages to many users fill 1 MiB.
+    let big = vec![b'x'; 60_000];
+    let mut refused = None;
+    for i in 0..40u32 {
+        ivy.send(100 + i, &format!("user{i}"), &big).unwrap();
+        match ivy.recv_skipping_pings().unwrap().frame() {
+            Frame::SendAck { .. } => {}
+            Frame::Error { code, .. } => {
+                refused = Some((i, code));
+                break;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let (i, code) = refused.expect("the byte limit refuses at some point");
+    assert_eq!(code, ErrorCode::StoreFull as u16);
+    assert!((15..=17).contains(&i), "refused after about 1 MiB, at message {i}");
+    // Refused means not stored: the inbox still holds exactly 10.
+    let state = server.handle().inbox_state("jon", Duration::from_secs(5)).unwrap();
+    assert_eq!((state.head_seq, state.messages), (10, 10));
+    let _ = ClientError::Closed;
+}
+
+#[test]
+fn a_disk_store_keeps_messages_and_positions_across_a_restart() {
+    let dir = std::env::temp_dir().join(format!("sb-reliable-{}-{}", std::process::id(), common::unix_now()));
+    let mut cfg = config();
+    cfg.store.kind = StoreKind::Disk;
+    cfg.store.path = dir.clone();
+    let server = common::start(cfg.clone());
+    let h = server.handle();
+    for i in 0..30u32 {
+        h.push_reliable("kim", format!("m{i}"), 0).unwrap().wait().unwrap();
+    }
+    let mut kim = device_login(server.local_addr(), "kim", "phone", 0);
+    let mut seen = Seen::default();
+    read_until(&mut kim, &mut seen, 5, Duration::from_secs(5), |s| s.have >= 20);
+    // Let the last ACK reach the store before the shutdown.
+    std::thread::sleep(Duration::from_millis(300));
+    drop(kim);
+    server.shutdown().unwrap();
+    let server = common::start(cfg);
+    let h = server.handle();
+    let r = h.push_reliable("kim", "m30", 0).unwrap().wait().unwrap();
+    assert_eq!(r.seq, 31, "seqs continue after a restart");
+    let mut kim = device_login(server.local_addr(), "kim", "phone", 0);
+    read_until(&mut kim, &mut seen, 5, Duration::from_secs(5), |s| s.syncs.len() >= 2);
+    assert_eq!(seen.syncs[1], (0, 20, 31, 31), "the position survived the restart");
+    read_until(&mut kim, &mut seen, 5, Duration::from_secs(5), |s| s.have >= 31);
+    assert_eq!(payloads(&seen), expected(0..31));
+    drop(kim);
+    server.shutdown().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}

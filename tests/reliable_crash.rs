@@ -1,0 +1,220 @@
+//! The server killed with SIGKILL in the middle of a stream of reliable
+//! SENDs and application pushes, then restarted on the same data
+//! directory: every message that was acknowledged (SEND_ACK, or a 200 from
+//! the admin API's reliable push) is delivered, exactly once after dedup by
+//! seq, in each sender's order; nothing that was refused is. Runs the
+//! `switchboard` binary, so that the kill is a real one.
+
+mod common;
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::{SocketAddr, TcpListener};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use switchboard::client::{admin_request, Client};
+use switchboard::config::DEV_JWT_SECRET;
+use switchboard::proto::frame::Frame;
+use switchboard::JwtHs256;
+
+const SB: &str = env!("CARGO_BIN_EXE_switchboard");
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn serve(port: u16, admin: u16, dir: &std::path::Path) -> Proc {
+    common::arm_watchdog();
+    let config = dir.join("switchboard.toml");
+    std::fs::write(&config, "[store]\nmax_messages_per_inbox = 1500\n").unwrap();
+    let child = Command::new(SB)
+        .args(["serve", "--workers", "2", "--ws-listen", "", "--log", "warn"])
+        .args(["--listen", &format!("127.0.0.1:{port}"), "--admin", &format!("127.0.0.1:{admin}")])
+        .arg("--config")
+        .arg(&config)
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .env_remove("SWITCHBOARD_JWT_SECRET")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("switchboard serve starts");
+    let mut p = Proc(child);
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let up = common::wait_until(Duration::from_secs(10), || {
+        if let Ok(Some(s)) = p.0.try_wait() {
+            panic!("switchboard serve exited at start: {s}");
+        }
+        common::listening(addr)
+    });
+    assert!(up, "serve did not listen on {addr}");
+    p
+}
+
+fn client(port: u16, user: &str, device: Option<&str>) -> Client {
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut c = Client::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let token = JwtHs256::new(DEV_JWT_SECRET).mint(user, common::unix_now() + 600);
+    match device {
+        Some(d) => c.login_device(user, &token, d, 0).unwrap(),
+        None => c.login(user, &token).unwrap(),
+    };
+    c
+}
+
+#[test]
+fn a_server_killed_with_sigkill_delivers_every_acknowledged_message_after_restart() {
+    let dir = std::env::temp_dir().join(format!("sb-crash-{}-{}", std::process::id(), common::unix_now()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (port, admin) = (free_port(), free_port());
+    let server = serve(port, admin, &dir);
+
+    // The receiver logs in with a device id and then does not read.
+    let rx = client(port, "rx", Some("phone"));
+
+    // Sender 1: 3,000 SENDs, pipelined; answers read on another thread.
+    let mut tx = client(port, "tx", None);
+    let mut tx_reader = tx.try_clone_for_reading().unwrap();
+    let acked = Arc::new(Mutex::new(HashSet::new()));
+    let refused = Arc::new(Mutex::new(HashSet::new()));
+    let answers = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let reader = {
+        let (acked, refused, answers) = (acked.clone(), refused.clone(), answers.clone());
+        std::thread::spawn(move || {
+            while let Ok(f) = tx_reader.recv_skipping_pings() {
+                match f.frame() {
+                    Frame::SendAck { req_id, .. } => acked.lock().unwrap().insert(req_id),
+                    Frame::Error { req_id, code, .. } => {
+                        assert_eq!(code, switchboard::ErrorCode::InboxFull as u16, "refused only by the limit");
+                        refused.lock().unwrap().insert(req_id)
+                    }
+                    other => panic!("sender got {other:?}"),
+                };
+                answers.fetch_add(1, Ordering::Relaxed);
+            }
+        })
+    };
+    let writer = std::thread::spawn(move || {
+        for req in 1..=3000u32 {
+            if tx.send(req, "rx", format!("s{req}").as_bytes()).is_err() {
+                break;
+            }
+        }
+        tx
+    });
+    // Sender 2: the application, through the admin API, one at a time.
+    let stop = Arc::new(AtomicBool::new(false));
+    let pushed = Arc::new(Mutex::new(Vec::new()));
+    let app = {
+        let (stop, pushed) = (stop.clone(), pushed.clone());
+        let admin: SocketAddr = format!("127.0.0.1:{admin}").parse().unwrap();
+        std::thread::spawn(move || {
+            let mut i = 0u32;
+            while !stop.load(Ordering::Relaxed) {
+                let body = format!("a{i}");
+                match admin_request(admin, "POST", "/push?user=rx", body.as_bytes(), None) {
+                    Ok((200, _)) => pushed.lock().unwrap().push(i),
+                    Ok(_) | Err(_) => {}
+                }
+                i += 1;
+            }
+        })
+    };
+    let end = Instant::now() + Duration::from_secs(30);
+    while answers.load(Ordering::Relaxed) < 1000 {
+        assert!(Instant::now() < end, "the server answered too few SENDs");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let mut server = server;
+    server.0.kill().unwrap();
+    server.0.wait().unwrap();
+    stop.store(true, Ordering::Relaxed);
+    app.join().unwrap();
+    let _tx = writer.join().unwrap();
+    reader.join().unwrap();
+    drop(rx);
+    let acked = acked.lock().unwrap().clone();
+    let refused = refused.lock().unwrap().clone();
+    let pushed = pushed.lock().unwrap().clone();
+    assert!(acked.len() >= 500, "only {} SENDs were acknowledged before the kill", acked.len());
+
+    // Restart on the same directory; the device catches up.
+    let _server = serve(port, admin, &dir);
+    let mut rx = client(port, "rx", Some("phone"));
+    rx.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut by_seq: BTreeMap<u64, String> = BTreeMap::new();
+    let mut head = None;
+    let mut have = 0u64;
+    let mut req = 1;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while head.is_none_or(|h| have < h) {
+        assert!(Instant::now() < deadline, "catch-up stalled at {have} of {head:?}");
+        match rx.recv_skipping_pings().unwrap().frame() {
+            Frame::Sync { head_seq, page_end, .. } => {
+                head = Some(head_seq);
+                if page_end == have && have < head_seq {
+                    rx.fetch(req, have, 1000).unwrap();
+                    req += 1;
+                }
+            }
+            Frame::Inbox { seq, payload, .. } => {
+                by_seq.entry(seq).or_insert_with(|| String::from_utf8(payload.to_vec()).unwrap());
+                while by_seq.contains_key(&(have + 1)) {
+                    have += 1;
+                }
+                if have % 32 == 0 || Some(have) == head {
+                    rx.ack(have).unwrap();
+                }
+                // The end of a page: ask for the next.
+                if head.is_some_and(|h| have < h) && have % 64 == 0 {
+                    rx.fetch(req, have, 1000).unwrap();
+                    req += 1;
+                }
+            }
+            other => panic!("receiver got {other:?}"),
+        }
+    }
+    let head = head.unwrap();
+    assert_eq!(by_seq.len() as u64, head, "seqs 1..={head}, dense");
+    let mut seen = HashSet::new();
+    let (mut last_s, mut last_a) = (0u32, None::<u32>);
+    for p in by_seq.values() {
+        assert!(seen.insert(p.clone()), "{p} delivered under two seqs");
+        if let Some(n) = p.strip_prefix('s') {
+            let n: u32 = n.parse().unwrap();
+            assert!(n > last_s, "SENDs out of order: s{n} after s{last_s}");
+            assert!(!refused.contains(&n), "s{n} was refused but delivered");
+            last_s = n;
+        } else {
+            let n: u32 = p[1..].parse().unwrap();
+            assert!(last_a.is_none_or(|l| n > l), "pushes out of order");
+            last_a = Some(n);
+        }
+    }
+    for r in &acked {
+        assert!(seen.contains(&format!("s{r}")), "s{r} was acknowledged but not delivered");
+    }
+    for i in &pushed {
+        assert!(seen.contains(&format!("a{i}")), "a{i} was acknowledged by the admin API but not delivered");
+    }
+    eprintln!(
+        "killed after {} SEND_ACKs, {} refusals, {} admin pushes; {} messages delivered after the restart",
+        acked.len(),
+        refused.len(),
+        pushed.len(),
+        head
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
