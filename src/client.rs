@@ -1,7 +1,9 @@
 //! A small blocking client for the raw TCP protocol, over `std::net`.
 //!
-//! Owns: one connection, its read buffer, and helpers for LOGIN, SEND,
-//! PING and reading frames. Used by `switchboard client`, the tests and
+//! Owns: one connection, its read buffer, and helpers for LOGIN (with or
+//! without a device id), SEND, SEND_EX, ACK, FETCH, PING and reading
+//! frames (every server frame, the reliable-delivery ones included, comes
+//! back from [`Client::recv`] as a [`RawFrame`]). Used by `switchboard client`, the tests and
 //! anyone who wants to talk to a server from plain Rust. Also one plain
 //! request to the admin API ([`admin_request`]).
 //! Must not: be used where thousands of connections are needed (one thread
@@ -137,12 +139,14 @@ impl Client {
 
     /// Sends LOGIN and waits for LOGIN_OK (answering any PING on the way).
     pub fn login(&mut self, user: &str, token: &str) -> Result<LoginInfo, ClientError> {
-        self.login_as(user, token, None, 0)
+        self.login_with(&Frame::Login { user, token: token.as_bytes(), device: None, last_seq: 0 })
     }
 
-    /// Sends LOGIN with a device id and the highest seq the device has
-    /// stored (reliable delivery, docs/PROTOCOL.md section 15) and waits
-    /// for LOGIN_OK. The server's SYNC and the first page follow it.
+    /// Sends LOGIN as device `device` (reliable delivery: 1 to 64 bytes,
+    /// stable per app install) that has stored every inbox message up to
+    /// `last_seq` (0: none), and waits for LOGIN_OK. The server follows it
+    /// with a SYNC and the first page of INBOX frames, left for
+    /// [`Client::recv`].
     pub fn login_device(
         &mut self,
         user: &str,
@@ -150,17 +154,11 @@ impl Client {
         device: &str,
         last_seq: u64,
     ) -> Result<LoginInfo, ClientError> {
-        self.login_as(user, token, Some(device), last_seq)
+        self.login_with(&Frame::Login { user, token: token.as_bytes(), device: Some(device), last_seq })
     }
 
-    fn login_as(
-        &mut self,
-        user: &str,
-        token: &str,
-        device: Option<&str>,
-        last_seq: u64,
-    ) -> Result<LoginInfo, ClientError> {
-        self.send_frame(&Frame::Login { user, token: token.as_bytes(), device, last_seq })?;
+    fn login_with(&mut self, login: &Frame<'_>) -> Result<LoginInfo, ClientError> {
+        self.send_frame(login)?;
         let f = self.recv_skipping_pings()?;
         match f.frame() {
             Frame::LoginOk { conn_id, heartbeat_interval_ms, idle_timeout_ms, max_frame_bytes } => {
@@ -177,26 +175,30 @@ impl Client {
         self.send_frame(&Frame::Send { req_id, to, payload })
     }
 
-    /// Sends a SEND_EX: stored with idempotency key `client_id` (0: none),
-    /// or relayed at most once (`at_most_once`).
+    /// Sends a SEND_EX to `to`: `flags` 0 or [`SEND_EX_AT_MOST_ONCE`],
+    /// `client_id` an idempotency key (0: none). The answer (SEND_RESULT,
+    /// for `req_id != 0`) is left for [`Client::recv`].
+    ///
+    /// [`SEND_EX_AT_MOST_ONCE`]: crate::proto::frame::SEND_EX_AT_MOST_ONCE
     pub fn send_ex(
         &mut self,
         req_id: u32,
+        flags: u8,
+        client_id: u64,
         to: &str,
         payload: &[u8],
-        client_id: u64,
-        at_most_once: bool,
     ) -> Result<(), ClientError> {
-        let flags = if at_most_once { crate::proto::frame::SEND_EX_AT_MOST_ONCE } else { 0 };
         self.send_frame(&Frame::SendEx { req_id, flags, client_id, to, payload })
     }
 
-    /// Acknowledges every inbox seq up to `seq`.
+    /// Acknowledges every inbox message up to `seq` (cumulative).
     pub fn ack(&mut self, seq: u64) -> Result<(), ClientError> {
         self.send_frame(&Frame::Ack { seq })
     }
 
-    /// Asks for up to `limit` inbox messages after `after_seq`.
+    /// Asks for up to `limit` (at least 1) inbox messages after
+    /// `after_seq`, which also acknowledges `after_seq`. The SYNC and INBOX
+    /// frames that answer are left for [`Client::recv`].
     pub fn fetch(&mut self, req_id: u32, after_seq: u64, limit: u16) -> Result<(), ClientError> {
         self.send_frame(&Frame::Fetch { req_id, after_seq, limit })
     }
@@ -327,4 +329,77 @@ pub fn admin_request(
     let status = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
     let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
     Ok((status, body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::frame::{SendOutcome, SEND_EX_AT_MOST_ONCE};
+    use std::net::TcpListener;
+
+    /// A scripted server on loopback: reads the client's frames, answers a
+    /// device login with LOGIN_OK, SYNC and one INBOX, a SEND_EX with
+    /// SEND_RESULT; the client reads each back through `recv`.
+    #[test]
+    fn the_client_speaks_the_reliable_delivery_frames() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut buf = Vec::new();
+            let mut frames: Vec<Vec<u8>> = Vec::new();
+            let mut chunk = [0u8; 4096];
+            let mut next = |s: &mut TcpStream, buf: &mut Vec<u8>| loop {
+                if let Some((_, n)) = decode(buf, PROTOCOL_MAX_FRAME_BYTES).unwrap() {
+                    return buf.drain(..n).collect::<Vec<u8>>();
+                }
+                let n = s.read(&mut chunk).unwrap();
+                assert!(n > 0, "client hung up");
+                buf.extend_from_slice(&chunk[..n]);
+            };
+            let login = next(&mut s, &mut buf);
+            frames.push(login);
+            let ok = Frame::LoginOk { conn_id: 1, heartbeat_interval_ms: 1, idle_timeout_ms: 2, max_frame_bytes: 8192 };
+            s.write_all(&ok.to_bytes().unwrap()).unwrap();
+            s.write_all(&Frame::Sync { req_id: 0, position: 41, head_seq: 42, page_end: 42 }.to_bytes().unwrap())
+                .unwrap();
+            let inbox = Frame::Inbox { seq: 42, msg_id: 9, ts_ms: 5, from: "bob", payload: b"hi" };
+            s.write_all(&inbox.to_bytes().unwrap()).unwrap();
+            for _ in 0..3 {
+                frames.push(next(&mut s, &mut buf));
+            }
+            let result =
+                Frame::SendResult { req_id: 7, outcome: SendOutcome::Stored, seq: 3, msg_id: 10, delivered: 0 };
+            s.write_all(&result.to_bytes().unwrap()).unwrap();
+            frames
+        });
+        let mut c = Client::connect(addr).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let info = c.login_device("alice", "t0k", "phone", 41).unwrap();
+        assert_eq!(info.conn_id, 1);
+        assert_eq!(c.recv().unwrap().frame(), Frame::Sync { req_id: 0, position: 41, head_seq: 42, page_end: 42 });
+        assert_eq!(
+            c.recv().unwrap().frame(),
+            Frame::Inbox { seq: 42, msg_id: 9, ts_ms: 5, from: "bob", payload: b"hi" }
+        );
+        c.ack(42).unwrap();
+        c.fetch(3, 42, 100).unwrap();
+        c.send_ex(7, SEND_EX_AT_MOST_ONCE, 1001, "bob", b"yo").unwrap();
+        assert_eq!(
+            c.recv().unwrap().frame(),
+            Frame::SendResult { req_id: 7, outcome: SendOutcome::Stored, seq: 3, msg_id: 10, delivered: 0 }
+        );
+        let sent = server.join().unwrap();
+        let sent: Vec<Frame<'_>> =
+            sent.iter().map(|b| decode(b, PROTOCOL_MAX_FRAME_BYTES).unwrap().unwrap().0).collect();
+        assert_eq!(
+            sent,
+            [
+                Frame::Login { user: "alice", token: b"t0k", device: Some("phone"), last_seq: 41 },
+                Frame::Ack { seq: 42 },
+                Frame::Fetch { req_id: 3, after_seq: 42, limit: 100 },
+                Frame::SendEx { req_id: 7, flags: SEND_EX_AT_MOST_ONCE, client_id: 1001, to: "bob", payload: b"yo" },
+            ]
+        );
+    }
 }

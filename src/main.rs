@@ -463,6 +463,15 @@ fn print_frame(f: &Frame<'_>) {
             RoomOp::Published => out!("(published to {room})"),
         },
         Frame::Skipped { count } => out!("({count} message(s) skipped: this client read too slowly)"),
+        Frame::Inbox { seq, msg_id, from, payload, .. } => {
+            out!("[#{seq} {msg_id} from {}] {}", who(from), String::from_utf8_lossy(payload));
+        }
+        Frame::Sync { position, head_seq, page_end, .. } => {
+            out!("(inbox: stored up to {position}, head {head_seq}, this page up to {page_end})")
+        }
+        Frame::SendResult { req_id, outcome, seq, delivered, .. } => {
+            out!("(send #{req_id}: {outcome:?} as #{seq}, delivered to {delivered} connection(s))")
+        }
         Frame::Pong { .. } => out!("(pong)"),
         Frame::Error { code, reason, .. } => out!("(error {code}: {reason})"),
         Frame::Close { code, reason } => out!("(closed by server: {code} {reason})"),

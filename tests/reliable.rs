@@ -238,10 +238,10 @@ fn a_send_ex_retried_after_its_connection_died_is_stored_and_delivered_once() {
     read_until(&mut erin, &mut seen, 1, Duration::from_secs(5), |s| !s.syncs.is_empty());
     // The sender's connection dies before it reads the answer.
     let (mut frank, _) = common::login(addr, "frank");
-    frank.send_ex(1, "erin", b"hello once", 0xfeed, false).unwrap();
+    frank.send_ex(1, 0, 0xfeed, "erin", b"hello once").unwrap();
     drop(frank);
     let (mut frank, _) = common::login(addr, "frank");
-    frank.send_ex(2, "erin", b"hello once", 0xfeed, false).unwrap();
+    frank.send_ex(2, 0, 0xfeed, "erin", b"hello once").unwrap();
     let f = frank.recv_skipping_pings().unwrap();
     let first_seq = match f.frame() {
         Frame::SendResult { req_id: 2, outcome, seq, .. } => {
@@ -253,13 +253,13 @@ fn a_send_ex_retried_after_its_connection_died_is_stored_and_delivered_once() {
         other => panic!("expected SEND_RESULT, got {other:?}"),
     };
     // A third try: certainly a duplicate of the same seq.
-    frank.send_ex(3, "erin", b"hello once", 0xfeed, false).unwrap();
+    frank.send_ex(3, 0, 0xfeed, "erin", b"hello once").unwrap();
     match frank.recv_skipping_pings().unwrap().frame() {
         Frame::SendResult { req_id: 3, outcome: SendOutcome::Duplicate, seq, .. } => assert_eq!(seq, first_seq),
         other => panic!("expected a duplicate SEND_RESULT, got {other:?}"),
     }
     // A different client id is a different message.
-    frank.send_ex(4, "erin", b"hello twice", 0xbeef, false).unwrap();
+    frank.send_ex(4, 0, 0xbeef, "erin", b"hello twice").unwrap();
     match frank.recv_skipping_pings().unwrap().frame() {
         Frame::SendResult { req_id: 4, outcome: SendOutcome::Stored, seq, .. } => assert_eq!(seq, first_seq + 1),
         other => panic!("expected SEND_RESULT stored, got {other:?}"),
@@ -282,7 +282,7 @@ fn at_most_once_stays_available_and_plain_clients_get_a_push() {
     assert!(matches!(hal.recv_skipping_pings().unwrap().frame(), Frame::SendAck { req_id: 1, delivered: 1 }));
     assert_eq!(common::expect_push(&mut gus).2, b"stored");
     // SEND_EX at most once: relayed, answered with seq 0, not stored.
-    hal.send_ex(2, "gus", b"live", 0, true).unwrap();
+    hal.send_ex(2, switchboard::proto::frame::SEND_EX_AT_MOST_ONCE, 0, "gus", b"live").unwrap();
     match hal.recv_skipping_pings().unwrap().frame() {
         Frame::SendResult { req_id: 2, outcome: SendOutcome::Relayed, seq: 0, delivered: 1, .. } => {}
         other => panic!("expected SEND_RESULT relayed, got {other:?}"),

@@ -160,3 +160,48 @@ pub enum ErrorCode {
     /// ACK of a seq beyond the inbox's head; ignored.
     BadAck = 117,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn close_codes_map_back_from_their_numbers() {
+        for code in [
+            CloseCode::Normal,
+            CloseCode::GoingAway,
+            CloseCode::ProtocolError,
+            CloseCode::PolicyViolation,
+            CloseCode::FrameTooLarge,
+            CloseCode::TryAgainLater,
+            CloseCode::UnsupportedVersion,
+            CloseCode::LoginTimeout,
+            CloseCode::IdleTimeout,
+            CloseCode::Kicked,
+            CloseCode::SlowConsumer,
+            CloseCode::ServerFull,
+            CloseCode::UnexpectedFrame,
+            CloseCode::AckTimeout,
+        ] {
+            assert_eq!(CloseCode::from_u16(code as u16), Some(code));
+            assert!(!code.reason().is_empty());
+        }
+        assert_eq!(CloseCode::AckTimeout as u16, 4007);
+        assert_eq!(CloseCode::from_u16(4008), None);
+    }
+
+    #[test]
+    fn reliable_delivery_error_codes_have_their_published_numbers() {
+        assert_eq!(
+            [
+                ErrorCode::InboxFull,
+                ErrorCode::StoreFull,
+                ErrorCode::StoreUnavailable,
+                ErrorCode::NotReliable,
+                ErrorCode::BadAck
+            ]
+            .map(|c| c as u16),
+            [113, 114, 115, 116, 117]
+        );
+    }
+}
