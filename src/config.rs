@@ -17,6 +17,7 @@ use thiserror::Error;
 use crate::ids::{MAX_SLOTS_PER_WORKER, MAX_WORKERS};
 use crate::proto::frame::{MIN_MAX_FRAME_BYTES, PROTOCOL_MAX_FRAME_BYTES};
 use crate::proto::session::Timeouts;
+use crate::store::{Durability, StoreLimits};
 
 /// The development secret used when none is configured. Anyone can mint
 /// tokens with it, so the server refuses to use it on a non-loopback address.
@@ -545,6 +546,93 @@ impl Default for UringConfig {
     }
 }
 
+/// Which store keeps the per-user inboxes.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StoreKind {
+    /// On disk under `store.path` (fjall), durable per `store.durability`.
+    Disk,
+    /// In RAM, bounded by the limits below, lost on restart.
+    Memory,
+    /// No store: messages are relayed live only, at most once.
+    None,
+}
+
+/// `[store]`: the inbox store behind reliable delivery.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// `disk`, `memory` or `none`.
+    pub kind: StoreKind,
+    /// Directory of the disk store, created if missing; relative paths are
+    /// relative to the working directory.
+    pub path: std::path::PathBuf,
+    /// `fsync` (an acknowledged message survives power loss: one
+    /// `fdatasync` per batch of appends) or `os` (survives a crash of the
+    /// process only).
+    pub durability: Durability,
+    /// Messages, and devices not seen, are dropped after this long.
+    pub ttl_ms: u64,
+    /// Messages one inbox may hold; one more is refused (ERROR 113).
+    pub max_messages_per_inbox: u64,
+    /// Bytes (payload + record) the store may hold; past it appends are
+    /// refused (ERROR 114). The memory store holds about this much RAM.
+    pub max_bytes: u64,
+    /// Requests that may wait for the store thread (a few hundred bytes
+    /// each with their payloads); past it a request gets ERROR 115.
+    pub queue_capacity: usize,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        let limits = StoreLimits::default();
+        StoreConfig {
+            kind: StoreKind::Disk,
+            path: "switchboard-data".into(),
+            durability: Durability::Fsync,
+            ttl_ms: limits.ttl_ms,
+            max_messages_per_inbox: limits.max_messages_per_inbox,
+            max_bytes: limits.max_bytes,
+            queue_capacity: 65_536,
+        }
+    }
+}
+
+impl StoreConfig {
+    /// The limits a store opened with this configuration enforces;
+    /// `dedup_window_ms` is `delivery.dedup_window_ms`.
+    pub fn limits(&self, dedup_window_ms: u64) -> StoreLimits {
+        StoreLimits {
+            max_messages_per_inbox: self.max_messages_per_inbox,
+            max_bytes: self.max_bytes,
+            ttl_ms: self.ttl_ms,
+            dedup_window_ms,
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.kind == StoreKind::Disk && self.path.as_os_str().is_empty() {
+            return Err(invalid("store.path", "must not be empty with store.kind = \"disk\""));
+        }
+        if self.ttl_ms < 1000 {
+            return Err(invalid("store.ttl_ms", format!("is {}, must be at least 1000", self.ttl_ms)));
+        }
+        if self.max_messages_per_inbox == 0 {
+            return Err(invalid("store.max_messages_per_inbox", "must be at least 1"));
+        }
+        if self.max_bytes < 1 << 20 {
+            return Err(invalid("store.max_bytes", format!("is {}, must be at least 1048576", self.max_bytes)));
+        }
+        if !(16..=1 << 24).contains(&self.queue_capacity) {
+            return Err(invalid(
+                "store.queue_capacity",
+                format!("is {}, must be between 16 and 16777216", self.queue_capacity),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// The whole configuration file.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -561,6 +649,7 @@ pub struct Config {
     pub drain: DrainConfig,
     pub websocket: WebSocketConfig,
     pub uring: UringConfig,
+    pub store: StoreConfig,
 }
 
 impl Config {
@@ -865,6 +954,7 @@ impl Config {
         if self.uring.cq_entries < self.uring.sq_entries || !self.uring.cq_entries.is_power_of_two() {
             return Err(invalid("uring.cq_entries", "must be a power of two, at least uring.sq_entries"));
         }
+        self.store.validate()?;
         Ok(())
     }
 }
@@ -963,6 +1053,38 @@ mod tests {
         c.timeouts.tick_ms = 100;
         c.timeouts.login_timeout_ms = 250;
         assert_eq!(c.timeouts_in_ticks().login, 4, "3 ticks rounded up, plus the tick we are in");
+    }
+}
+
+#[cfg(test)]
+mod store_section {
+    use super::*;
+
+    #[test]
+    fn defaults_are_the_spec_and_bad_values_name_the_key() {
+        let c = Config::from_toml("").unwrap();
+        assert_eq!(c.store.kind, StoreKind::Disk);
+        assert_eq!(c.store.path, std::path::PathBuf::from("switchboard-data"));
+        assert_eq!(c.store.durability, Durability::Fsync);
+        assert_eq!(
+            (c.store.ttl_ms, c.store.max_messages_per_inbox, c.store.max_bytes, c.store.queue_capacity),
+            (604_800_000, 100_000, 1_073_741_824, 65_536)
+        );
+        let c = Config::from_toml("[store]\nkind = \"memory\"\ndurability = \"os\"\n").unwrap();
+        assert_eq!((c.store.kind, c.store.durability), (StoreKind::Memory, Durability::Os));
+        for (toml, key) in [
+            ("kind = \"redis\"", "kind"),
+            ("path = \"\"", "store.path"),
+            ("ttl_ms = 10", "store.ttl_ms"),
+            ("max_messages_per_inbox = 0", "store.max_messages_per_inbox"),
+            ("max_bytes = 1000", "store.max_bytes"),
+            ("queue_capacity = 1", "store.queue_capacity"),
+            ("durabilty = \"os\"", "durabilty"),
+        ] {
+            let e = Config::from_toml(&format!("[store]\n{toml}\n")).unwrap_err().to_string();
+            assert!(e.contains(key), "{toml}: {e}");
+        }
+        assert!(Config::from_toml("[store]\nkind = \"none\"\npath = \"\"\n").is_ok(), "no path needed without a disk");
     }
 }
 

@@ -40,6 +40,7 @@ pub mod rooms;
 mod runtime;
 pub mod server;
 pub mod stats;
+pub mod store;
 mod sync;
 pub mod timed;
 pub mod wheel;

@@ -1,0 +1,193 @@
+//! [`MemoryStore`]: the inboxes in RAM, bounded, lost on restart.
+//!
+//! Owns: a map user → inbox (head, messages, devices) and the dedup table.
+//! For tests, and for deployments that accept losing undelivered messages
+//! when the process stops. `sync` does nothing: there is nothing to make
+//! durable.
+//! Must not: grow without bound. Messages are bounded by `max_bytes` and
+//! `max_messages_per_inbox`; what is not bounded by a limit is said here
+//! (computed from the type sizes asserted below, on 64-bit targets, with
+//! hashbrown's 1 control byte per slot and up to 1/8 of slots empty):
+//! - every user ever appended to (or logged in with a device) keeps an
+//!   entry with its head, for the life of the process: ~100 bytes
+//!   (an 88-byte slot) + the user id's `Arc<str>` (16 + its bytes);
+//!   a million users with 10-byte ids ≈ 130 MB. Seqs never go back, so it is never removed;
+//! - each kept message: a 72-byte `VecDeque` slot (+ its payload `Bytes`
+//!   and sender `Arc<str>`, shared with the caller's);
+//! - each dedup entry (one per append with a client_id, kept for the dedup
+//!   window): ~55 bytes of map slot + a 32-byte queue entry, dropped by
+//!   `expire`.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+
+use super::{
+    advance_device, check_ids, expire_devices, expired, login_device, record_bytes, Appended, DeviceState, InboxState,
+    NewMessage, Page, Store, StoreError, StoreLimits, StoredMessage,
+};
+
+#[derive(Default)]
+struct Inbox {
+    head: u64,
+    messages: VecDeque<StoredMessage>,
+    bytes: u64,
+    devices: Vec<DeviceState>,
+}
+
+#[derive(Copy, Clone)]
+struct Seen {
+    seq: u64,
+    msg_id: u64,
+    ts_ms: u64,
+}
+
+#[cfg(target_pointer_width = "64")]
+const _: () = {
+    assert!(std::mem::size_of::<(Arc<str>, Inbox)>() == 88);
+    assert!(std::mem::size_of::<StoredMessage>() == 72);
+    assert!(std::mem::size_of::<((Arc<str>, u64), Seen)>() == 48);
+    assert!(std::mem::size_of::<(u64, Arc<str>, u64)>() == 32);
+};
+
+/// The in-memory store. See the module doc for what it costs.
+pub struct MemoryStore {
+    limits: StoreLimits,
+    inboxes: HashMap<Arc<str>, Inbox>,
+    /// `(from, client_id)` → the original append.
+    dedup: HashMap<(Arc<str>, u64), Seen>,
+    /// The dedup keys in the order they were added, for `expire`.
+    dedup_order: VecDeque<(u64, Arc<str>, u64)>,
+    total_bytes: u64,
+}
+
+impl MemoryStore {
+    pub fn new(limits: StoreLimits) -> Self {
+        MemoryStore {
+            limits,
+            inboxes: HashMap::new(),
+            dedup: HashMap::new(),
+            dedup_order: VecDeque::new(),
+            total_bytes: 0,
+        }
+    }
+
+    /// Bytes kept over all inboxes (as [`record_bytes`]).
+    pub fn total_bytes(&self) -> u64 {
+        self.total_bytes
+    }
+}
+
+impl Store for MemoryStore {
+    fn append(&mut self, m: &NewMessage, now_ms: u64) -> Result<Appended, StoreError> {
+        check_ids(&m.to, &m.from, "")?;
+        if m.client_id != 0 {
+            if let Some(seen) = self.dedup.get(&(m.from.clone(), m.client_id)) {
+                if !expired(seen.ts_ms, self.limits.dedup_window_ms, now_ms) {
+                    return Ok(Appended::Duplicate { seq: seen.seq, msg_id: seen.msg_id });
+                }
+            }
+        }
+        let bytes = record_bytes(&m.to, &m.from, m.payload.len());
+        let inbox = self.inboxes.entry(m.to.clone()).or_default();
+        if inbox.messages.len() as u64 >= self.limits.max_messages_per_inbox {
+            return Err(StoreError::InboxFull { limit: self.limits.max_messages_per_inbox });
+        }
+        if self.total_bytes + bytes > self.limits.max_bytes {
+            return Err(StoreError::StoreFull { limit_bytes: self.limits.max_bytes });
+        }
+        inbox.head += 1;
+        let seq = inbox.head;
+        inbox.messages.push_back(StoredMessage {
+            seq,
+            msg_id: m.msg_id,
+            ts_ms: m.ts_ms,
+            from: m.from.clone(),
+            payload: m.payload.clone(),
+        });
+        inbox.bytes += bytes;
+        self.total_bytes += bytes;
+        if m.client_id != 0 {
+            self.dedup.insert((m.from.clone(), m.client_id), Seen { seq, msg_id: m.msg_id, ts_ms: now_ms });
+            self.dedup_order.push_back((now_ms, m.from.clone(), m.client_id));
+        }
+        Ok(Appended::New { seq })
+    }
+
+    fn sync(&mut self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    fn read(&mut self, user: &str, after_seq: u64, limit: usize) -> Result<Page, StoreError> {
+        let Some(inbox) = self.inboxes.get(user) else {
+            return Ok(Page { messages: Vec::new(), head_seq: 0 });
+        };
+        // Seqs are dense from the first kept one: index straight in.
+        let first = inbox.messages.front().map_or(inbox.head + 1, |m| m.seq);
+        let skip = after_seq.saturating_add(1).saturating_sub(first).min(inbox.messages.len() as u64) as usize;
+        let messages = inbox.messages.range(skip..).take(limit).cloned().collect();
+        Ok(Page { messages, head_seq: inbox.head })
+    }
+
+    fn device_login(
+        &mut self,
+        user: &str,
+        device: &str,
+        client_seq: u64,
+        now_ms: u64,
+    ) -> Result<(u64, u64), StoreError> {
+        check_ids(user, "", device)?;
+        let inbox = self.inboxes.entry(Arc::from(user)).or_default();
+        let position = login_device(&mut inbox.devices, device, client_seq, inbox.head, now_ms);
+        Ok((position, inbox.head))
+    }
+
+    fn set_position(&mut self, user: &str, device: &str, seq: u64, now_ms: u64) -> Result<(), StoreError> {
+        check_ids(user, "", device)?;
+        let inbox = self.inboxes.entry(Arc::from(user)).or_default();
+        advance_device(&mut inbox.devices, device, seq, inbox.head, now_ms);
+        Ok(())
+    }
+
+    fn inbox_state(&mut self, user: &str) -> Result<InboxState, StoreError> {
+        Ok(match self.inboxes.get(user) {
+            None => InboxState { head_seq: 0, first_seq: 1, messages: 0, bytes: 0, devices: Vec::new() },
+            Some(i) => InboxState {
+                head_seq: i.head,
+                first_seq: i.messages.front().map_or(i.head + 1, |m| m.seq),
+                messages: i.messages.len() as u64,
+                bytes: i.bytes,
+                devices: i.devices.clone(),
+            },
+        })
+    }
+
+    fn expire(&mut self, now_ms: u64) -> Result<u64, StoreError> {
+        let ttl_ms = self.limits.ttl_ms;
+        let mut dropped = 0;
+        for (user, inbox) in self.inboxes.iter_mut() {
+            let acked = expire_devices(&mut inbox.devices, ttl_ms, now_ms);
+            while let Some(m) = inbox.messages.front() {
+                if m.seq > acked && !expired(m.ts_ms, ttl_ms, now_ms) {
+                    break;
+                }
+                let bytes = record_bytes(user, &m.from, m.payload.len());
+                inbox.bytes -= bytes;
+                self.total_bytes -= bytes;
+                inbox.messages.pop_front();
+                dropped += 1;
+            }
+        }
+        while let Some((ts_ms, _, _)) = self.dedup_order.front() {
+            if !expired(*ts_ms, self.limits.dedup_window_ms, now_ms) {
+                break;
+            }
+            let (ts_ms, from, client_id) = self.dedup_order.pop_front().expect("front exists");
+            let key = (from, client_id);
+            // A key re-added after it expired has a later entry of its own.
+            if self.dedup.get(&key).is_some_and(|s| s.ts_ms == ts_ms) {
+                self.dedup.remove(&key);
+            }
+        }
+        Ok(dropped)
+    }
+}

@@ -1,0 +1,266 @@
+//! The per-user inbox: stored messages, dense per-user seqs, per-device
+//! positions, retention.
+//!
+//! Owns: the [`Store`] trait every backend implements, the types it speaks
+//! ([`NewMessage`], [`StoredMessage`], [`Page`], [`InboxState`]), the limits
+//! ([`StoreLimits`]), the rules the backends share (how a device position
+//! moves, what a record costs against `max_bytes`), and the backends:
+//! [`MemoryStore`] (bounded, lost on restart) and [`DiskStore`] (fjall,
+//! durable per [`Durability`]). [`service`] runs a store on its own thread
+//! with group commit.
+//! Must not: be called from an io_uring worker. Every `Store` method may do
+//! disk I/O (a `sync` is an `fdatasync`, ~3 ms on the development VMs); the
+//! workers reach a store only through [`service::Submitter::try_submit`],
+//! which never blocks.
+//!
+//! Seqs are dense per user (1, 2, 3, …) and never go back: the head is kept
+//! per user for as long as the store exists, through trimming and restarts.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+pub mod disk;
+pub mod memory;
+pub mod service;
+
+#[cfg(test)]
+mod tests;
+
+pub use disk::DiskStore;
+pub use memory::MemoryStore;
+pub use service::{Busy, Done, Request, Service, ServiceConfig, Sink, StoreCounters, Submitter};
+
+use crate::config::{StoreConfig, StoreKind};
+
+/// A message to append to `to`'s inbox.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewMessage {
+    pub to: Arc<str>,
+    /// The sending user; "" = the application.
+    pub from: Arc<str>,
+    pub msg_id: u64,
+    pub ts_ms: u64,
+    pub payload: Bytes,
+    /// The sender's idempotency key; 0 = none.
+    pub client_id: u64,
+}
+
+/// A message as stored in an inbox.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredMessage {
+    pub seq: u64,
+    pub msg_id: u64,
+    pub ts_ms: u64,
+    pub from: Arc<str>,
+    pub payload: Bytes,
+}
+
+/// The outcome of an append.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Appended {
+    /// Stored under this seq.
+    New { seq: u64 },
+    /// `(from, client_id)` was appended within the dedup window: this is the
+    /// original's seq and msg_id, nothing was stored.
+    Duplicate { seq: u64, msg_id: u64 },
+}
+
+/// Why a store refused or failed.
+#[derive(Clone, Debug, Error, PartialEq, Eq)]
+pub enum StoreError {
+    /// The inbox holds `limit` messages (`store.max_messages_per_inbox`).
+    #[error("inbox full: it holds the most messages allowed ({limit})")]
+    InboxFull { limit: u64 },
+    /// The store holds `limit_bytes` (`store.max_bytes`).
+    #[error("store full: it holds the most bytes allowed ({limit_bytes})")]
+    StoreFull { limit_bytes: u64 },
+    /// The store cannot serve: I/O error, queue full, stopped, or an
+    /// argument it cannot store (said in the text).
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// Up to `limit` messages after a seq, and the inbox's head.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Page {
+    pub messages: Vec<StoredMessage>,
+    pub head_seq: u64,
+}
+
+/// One device of a user: its acknowledged position.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceState {
+    pub device: String,
+    /// Everything ≤ position is stored on the device.
+    pub position: u64,
+    pub last_seen_ms: u64,
+}
+
+/// What a store holds for one user.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InboxState {
+    /// The last seq given out (0 = none ever).
+    pub head_seq: u64,
+    /// The oldest seq still kept; `head_seq + 1` when nothing is kept.
+    pub first_seq: u64,
+    pub messages: u64,
+    /// Bytes kept for this user, counted as [`record_bytes`].
+    pub bytes: u64,
+    /// Known devices, in the order they were first seen.
+    pub devices: Vec<DeviceState>,
+}
+
+/// A per-user inbox store. Every method runs on the store thread
+/// ([`service`]); none may be called from an io_uring worker.
+pub trait Store: Send + 'static {
+    /// Appends to m.to's inbox: seq = head + 1. Not durable until `sync`.
+    /// Dedup: (m.from, m.client_id) seen within dedup window → Duplicate.
+    fn append(&mut self, m: &NewMessage, now_ms: u64) -> Result<Appended, StoreError>;
+    /// Makes everything appended/positioned so far durable per the durability mode.
+    fn sync(&mut self) -> Result<(), StoreError>;
+    /// Up to `limit` messages with seq > after_seq, in order, and the head.
+    fn read(&mut self, user: &str, after_seq: u64, limit: usize) -> Result<Page, StoreError>;
+    /// A device logs in: registers it (position = max(stored, client_seq.min(head)))
+    /// and returns (position, head_seq). Durable at next sync.
+    fn device_login(
+        &mut self,
+        user: &str,
+        device: &str,
+        client_seq: u64,
+        now_ms: u64,
+    ) -> Result<(u64, u64), StoreError>;
+    /// Cumulative ACK: position = max(position, seq.min(head)). Durable at next sync.
+    fn set_position(&mut self, user: &str, device: &str, seq: u64, now_ms: u64) -> Result<(), StoreError>;
+    fn inbox_state(&mut self, user: &str) -> Result<InboxState, StoreError>;
+    /// Retention pass: drops messages older than ttl, messages every known
+    /// device has acknowledged (only if the user has ≥1 known device), devices
+    /// unseen for ttl, dedup entries older than the window. Returns messages dropped.
+    fn expire(&mut self, now_ms: u64) -> Result<u64, StoreError>;
+}
+
+/// How durable a `sync` makes what came before it.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Durability {
+    /// Survives power loss: `sync` is an `fdatasync` of the journal.
+    Fsync,
+    /// Survives a crash of the process, not of the machine: `sync` hands the
+    /// journal to the kernel (a `write`), without waiting for the disk.
+    Os,
+}
+
+/// The limits a store enforces.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct StoreLimits {
+    /// An append to an inbox holding this many messages is refused
+    /// ([`StoreError::InboxFull`]).
+    pub max_messages_per_inbox: u64,
+    /// An append that would take the store past this many bytes (counted as
+    /// [`record_bytes`]) is refused ([`StoreError::StoreFull`]).
+    pub max_bytes: u64,
+    /// Messages and devices older than this are dropped by `expire`.
+    pub ttl_ms: u64,
+    /// `(from, client_id)` pairs are remembered this long.
+    pub dedup_window_ms: u64,
+}
+
+/// `delivery.dedup_window_ms`'s default: an hour.
+pub const DEFAULT_DEDUP_WINDOW_MS: u64 = 3_600_000;
+
+impl Default for StoreLimits {
+    fn default() -> Self {
+        StoreLimits {
+            max_messages_per_inbox: 100_000,
+            max_bytes: 1 << 30,
+            ttl_ms: 7 * 24 * 3_600_000,
+            dedup_window_ms: DEFAULT_DEDUP_WINDOW_MS,
+        }
+    }
+}
+
+/// Known devices kept per user. A login of one more device forgets the one
+/// seen least recently (it counts as new if it comes back: its position is
+/// then what its client says). Bounds the per-user record: each device
+/// costs 17 bytes + its id (at most [`MAX_DEVICE_BYTES`]).
+pub const MAX_DEVICES_PER_USER: usize = 32;
+
+/// Longest device id stored (the protocol's limit).
+pub const MAX_DEVICE_BYTES: usize = 64;
+
+/// Longest user id (`to`, `from`) stored: the protocol's `str8`.
+pub const MAX_USER_BYTES: usize = 255;
+
+/// Fixed cost of one stored message against `max_bytes`, beside its user,
+/// sender and payload: the key's length byte and seq (9), msg_id and ts_ms
+/// (16), the sender's length byte (1).
+pub const RECORD_OVERHEAD_BYTES: u64 = 26;
+
+/// What one message costs against `max_bytes`: the same figure in every
+/// backend, close to what the disk store writes (before compression).
+pub fn record_bytes(to: &str, from: &str, payload_len: usize) -> u64 {
+    RECORD_OVERHEAD_BYTES + to.len() as u64 + from.len() as u64 + payload_len as u64
+}
+
+fn check_ids(user: &str, from: &str, device: &str) -> Result<(), StoreError> {
+    if user.is_empty() || user.len() > MAX_USER_BYTES || from.len() > MAX_USER_BYTES {
+        return Err(StoreError::Unavailable(format!("user ids must be 1 to {MAX_USER_BYTES} bytes")));
+    }
+    if device.len() > MAX_DEVICE_BYTES {
+        return Err(StoreError::Unavailable(format!("device ids must be at most {MAX_DEVICE_BYTES} bytes")));
+    }
+    Ok(())
+}
+
+/// A device logs in: its position becomes max(stored, client_seq.min(head));
+/// an unknown device is added (forgetting the least recently seen one past
+/// [`MAX_DEVICES_PER_USER`]). Returns the position.
+fn login_device(devices: &mut Vec<DeviceState>, device: &str, client_seq: u64, head: u64, now_ms: u64) -> u64 {
+    advance_device(devices, device, client_seq, head, now_ms)
+}
+
+/// Moves (or adds) a device's position to max(position, seq.min(head)).
+fn advance_device(devices: &mut Vec<DeviceState>, device: &str, seq: u64, head: u64, now_ms: u64) -> u64 {
+    let seq = seq.min(head);
+    if let Some(d) = devices.iter_mut().find(|d| d.device == device) {
+        d.position = d.position.max(seq);
+        d.last_seen_ms = d.last_seen_ms.max(now_ms);
+        return d.position;
+    }
+    if devices.len() >= MAX_DEVICES_PER_USER {
+        let oldest = (0..devices.len()).min_by_key(|&i| devices[i].last_seen_ms).expect("a full list is not empty");
+        devices.remove(oldest);
+    }
+    devices.push(DeviceState { device: device.to_string(), position: seq, last_seen_ms: now_ms });
+    seq
+}
+
+/// Forgets devices unseen for `ttl_ms`; returns the seq every remaining
+/// device has acknowledged (0 when none is known: nothing may be trimmed).
+fn expire_devices(devices: &mut Vec<DeviceState>, ttl_ms: u64, now_ms: u64) -> u64 {
+    devices.retain(|d| !expired(d.last_seen_ms, ttl_ms, now_ms));
+    devices.iter().map(|d| d.position).min().unwrap_or(0)
+}
+
+/// Whether something stamped `ts_ms` is past an age limit of `age_ms`.
+fn expired(ts_ms: u64, age_ms: u64, now_ms: u64) -> bool {
+    ts_ms.saturating_add(age_ms) <= now_ms
+}
+
+/// Opens the store `[store]` configures: `None` for `kind = "none"` (live
+/// relay only). `dedup_window_ms` is `delivery.dedup_window_ms`.
+pub fn open_store_with(cfg: &StoreConfig, dedup_window_ms: u64) -> Result<Option<Box<dyn Store>>, StoreError> {
+    let limits = cfg.limits(dedup_window_ms);
+    Ok(match cfg.kind {
+        StoreKind::None => None,
+        StoreKind::Memory => Some(Box::new(MemoryStore::new(limits))),
+        StoreKind::Disk => Some(Box::new(DiskStore::open(&cfg.path, cfg.durability, limits)?)),
+    })
+}
+
+/// [`open_store_with`] the default dedup window ([`DEFAULT_DEDUP_WINDOW_MS`]).
+pub fn open_store(cfg: &StoreConfig) -> Result<Option<Box<dyn Store>>, StoreError> {
+    open_store_with(cfg, DEFAULT_DEDUP_WINDOW_MS)
+}

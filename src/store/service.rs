@@ -1,0 +1,355 @@
+//! The store thread: one [`Store`] behind a bounded queue, with group
+//! commit.
+//!
+//! Owns: the thread that owns the store, its request queue
+//! (`std::sync::mpsc::sync_channel` of `queue_capacity`), the batching
+//! loop, the periodic retention pass and the counters.
+//! Must not: block a caller. [`Submitter::try_submit`] either queues the
+//! request or returns [`Busy`] at once; answers go to a [`Sink`], which the
+//! runtime implements by posting into worker mailboxes. The store thread is
+//! never an io_uring worker.
+//!
+//! The loop: wait for one request, take up to [`MAX_BATCH`] more that are
+//! already queued; apply every append, login and position change in order;
+//! ONE `sync` for the batch; then hand out the outcomes of the writes in
+//! order; then serve the reads and state queries of the batch. Nothing is
+//! answered before the sync that made it durable, so no reader ever sees a
+//! message that a crash could still take back. If the sync fails, every
+//! write of the batch is answered with that error.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use thiserror::Error;
+
+use super::{Appended, InboxState, NewMessage, Page, Store, StoreError};
+
+/// Requests drained after the first one into one batch (one sync). At
+/// 100-byte messages a batch holds well under a megabyte of payloads.
+pub const MAX_BATCH: usize = 4096;
+
+/// How often the retention pass (`Store::expire`) runs by default.
+pub const EXPIRE_INTERVAL: Duration = Duration::from_secs(60);
+
+/// What the store thread can be asked to do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Request {
+    Append(NewMessage),
+    Read { user: Arc<str>, after_seq: u64, limit: usize },
+    DeviceLogin { user: Arc<str>, device: Arc<str>, client_seq: u64 },
+    Position { user: Arc<str>, device: Arc<str>, seq: u64 },
+    State { user: Arc<str> },
+}
+
+/// The answer to one request, of the matching kind.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Done {
+    Appended(Result<Appended, StoreError>),
+    Read(Result<Page, StoreError>),
+    /// `(position, head_seq)`.
+    DeviceLogin(Result<(u64, u64), StoreError>),
+    Position(Result<(), StoreError>),
+    State(Result<InboxState, StoreError>),
+}
+
+/// Where answers go, called on the store thread. Must not block for long
+/// (the runtime posts into a worker mailbox and drops the answer when it is
+/// full).
+pub trait Sink<T>: Send + 'static {
+    fn done(&self, token: T, result: Done);
+}
+
+/// The queue is full, or the store thread has stopped: the request was not
+/// taken (answer the client with StoreUnavailable).
+#[derive(Copy, Clone, Debug, Error, PartialEq, Eq)]
+#[error("store busy: its queue is full or it has stopped")]
+pub struct Busy;
+
+/// Counters of the store thread, readable from any thread.
+#[derive(Debug, Default)]
+pub struct StoreCounters {
+    /// Messages stored (not counting duplicates or refusals).
+    pub appends: AtomicU64,
+    /// Appends answered as duplicates.
+    pub duplicates: AtomicU64,
+    /// Syncs done (one per batch with a write, one per retention pass).
+    pub syncs: AtomicU64,
+    /// Messages stored by the batches that were synced: divided by
+    /// `syncs`, the messages per sync that group commit achieved.
+    pub appended_per_sync_sum: AtomicU64,
+    /// Reads served.
+    pub reads: AtomicU64,
+    /// Appends refused by a limit (InboxFull, StoreFull).
+    pub refusals: AtomicU64,
+    /// Requests that failed with an I/O error (sync or store).
+    pub errors: AtomicU64,
+    /// Requests refused because the queue was full.
+    pub busy: AtomicU64,
+    /// Requests queued and not yet taken by the store thread.
+    pub queue_depth: AtomicU64,
+    /// Messages dropped by retention passes.
+    pub expired: AtomicU64,
+}
+
+/// Settings of the store thread.
+#[derive(Copy, Clone, Debug)]
+pub struct ServiceConfig {
+    /// Requests that may wait for the store thread (`store.queue_capacity`).
+    pub queue_capacity: usize,
+    /// Time between retention passes.
+    pub expire_interval: Duration,
+    /// The clock, in Unix milliseconds (a test passes its own).
+    pub clock: fn() -> u64,
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+impl ServiceConfig {
+    pub fn new(queue_capacity: usize) -> Self {
+        ServiceConfig { queue_capacity, expire_interval: EXPIRE_INTERVAL, clock: unix_ms }
+    }
+}
+
+enum Msg<T> {
+    Req(T, Request),
+    Stop,
+}
+
+/// Submits requests to the store thread; cheap to clone, usable from any
+/// thread.
+pub struct Submitter<T> {
+    tx: SyncSender<Msg<T>>,
+    counters: Arc<StoreCounters>,
+    stopped: Arc<AtomicBool>,
+}
+
+impl<T> Clone for Submitter<T> {
+    fn clone(&self) -> Self {
+        Submitter { tx: self.tx.clone(), counters: self.counters.clone(), stopped: self.stopped.clone() }
+    }
+}
+
+impl<T: Send + 'static> Submitter<T> {
+    /// Queues a request; its answer goes to the sink with `token`. Never
+    /// blocks: a full queue or a stopped thread is `Err(Busy)`.
+    pub fn try_submit(&self, token: T, request: Request) -> Result<(), Busy> {
+        if self.stopped.load(Ordering::Acquire) {
+            return Err(Busy);
+        }
+        // Counted before the send, so the thread's decrement never comes first.
+        self.counters.queue_depth.fetch_add(1, Ordering::Relaxed);
+        match self.tx.try_send(Msg::Req(token, request)) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+                self.counters.queue_depth.fetch_sub(1, Ordering::Relaxed);
+                self.counters.busy.fetch_add(1, Ordering::Relaxed);
+                Err(Busy)
+            }
+        }
+    }
+
+    pub fn counters(&self) -> &Arc<StoreCounters> {
+        &self.counters
+    }
+}
+
+/// The running store thread. Dropping it stops it as [`Service::stop`]
+/// does.
+pub struct Service<T> {
+    submitter: Submitter<T>,
+    thread: Option<JoinHandle<Result<(), StoreError>>>,
+}
+
+impl<T: Send + 'static> Service<T> {
+    /// Starts the store thread (named `switchboard-store`), which owns
+    /// `store` and answers through `sink`.
+    pub fn start<S: Sink<T>>(store: Box<dyn Store>, sink: S, cfg: ServiceConfig) -> std::io::Result<Self> {
+        let (tx, rx) = sync_channel(cfg.queue_capacity.max(1));
+        let counters = Arc::new(StoreCounters::default());
+        let stopped = Arc::new(AtomicBool::new(false));
+        let worker = Worker { store, sink, rx, counters: counters.clone(), stopped: stopped.clone(), cfg };
+        let thread = std::thread::Builder::new().name("switchboard-store".into()).spawn(move || worker.run())?;
+        Ok(Service { submitter: Submitter { tx, counters, stopped }, thread: Some(thread) })
+    }
+
+    /// A handle for submitting from other threads.
+    pub fn submitter(&self) -> Submitter<T> {
+        self.submitter.clone()
+    }
+
+    /// [`Submitter::try_submit`] on the service's own submitter.
+    pub fn try_submit(&self, token: T, request: Request) -> Result<(), Busy> {
+        self.submitter.try_submit(token, request)
+    }
+
+    pub fn counters(&self) -> &Arc<StoreCounters> {
+        &self.submitter.counters
+    }
+
+    /// Stops the thread: what was queued before is applied and answered,
+    /// the store is synced a last time, and the thread is joined. Later
+    /// submits get `Busy`; one racing with the stop may be dropped
+    /// unanswered (stop after the workers have stopped submitting).
+    /// Returns the last sync's error, if any.
+    pub fn stop(mut self) -> Result<(), StoreError> {
+        self.stop_inner()
+    }
+
+    fn stop_inner(&mut self) -> Result<(), StoreError> {
+        let Some(thread) = self.thread.take() else { return Ok(()) };
+        // Blocks only while the queue is full: the thread is draining it.
+        let _ = self.submitter.tx.send(Msg::Stop);
+        thread.join().unwrap_or_else(|_| Err(StoreError::Unavailable("the store thread panicked".into())))
+    }
+}
+
+impl<T> Drop for Service<T> {
+    fn drop(&mut self) {
+        if let Some(thread) = self.thread.take() {
+            let _ = self.submitter.tx.send(Msg::Stop);
+            let _ = thread.join();
+        }
+    }
+}
+
+struct Worker<T, S> {
+    store: Box<dyn Store>,
+    sink: S,
+    rx: Receiver<Msg<T>>,
+    counters: Arc<StoreCounters>,
+    stopped: Arc<AtomicBool>,
+    cfg: ServiceConfig,
+}
+
+impl<T: Send + 'static, S: Sink<T>> Worker<T, S> {
+    fn run(mut self) -> Result<(), StoreError> {
+        let mut batch: Vec<(T, Request)> = Vec::with_capacity(MAX_BATCH + 1);
+        let mut next_expire = Instant::now() + self.cfg.expire_interval;
+        let mut stopping = false;
+        while !stopping {
+            let wait = next_expire.saturating_duration_since(Instant::now());
+            match self.rx.recv_timeout(wait) {
+                Ok(Msg::Req(t, r)) => batch.push((t, r)),
+                Ok(Msg::Stop) | Err(RecvTimeoutError::Disconnected) => stopping = true,
+                Err(RecvTimeoutError::Timeout) => {}
+            }
+            while !stopping && batch.len() <= MAX_BATCH {
+                match self.rx.try_recv() {
+                    Ok(Msg::Req(t, r)) => batch.push((t, r)),
+                    Ok(Msg::Stop) => stopping = true,
+                    Err(_) => break,
+                }
+            }
+            if stopping {
+                self.stopped.store(true, Ordering::Release);
+                // What was queued before the stop is served too.
+                while let Ok(Msg::Req(t, r)) = self.rx.try_recv() {
+                    batch.push((t, r));
+                }
+            }
+            self.counters.queue_depth.fetch_sub(batch.len() as u64, Ordering::Relaxed);
+            self.serve(&mut batch);
+            if Instant::now() >= next_expire {
+                self.expire();
+                next_expire = Instant::now() + self.cfg.expire_interval;
+            }
+        }
+        self.store.sync()
+    }
+
+    /// Applies one batch: writes in order, one sync, their answers, then
+    /// the reads.
+    fn serve(&mut self, batch: &mut Vec<(T, Request)>) {
+        if batch.is_empty() {
+            return;
+        }
+        let now_ms = (self.cfg.clock)();
+        let mut written: Vec<(T, Done)> = Vec::with_capacity(batch.len());
+        let mut reads: Vec<(T, Request)> = Vec::new();
+        let mut appended = 0u64;
+        for (token, req) in batch.drain(..) {
+            let done = match req {
+                Request::Append(m) => {
+                    let r = self.store.append(&m, now_ms);
+                    match &r {
+                        Ok(Appended::New { .. }) => appended += 1,
+                        Ok(Appended::Duplicate { .. }) => {
+                            self.counters.duplicates.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(StoreError::InboxFull { .. } | StoreError::StoreFull { .. }) => {
+                            self.counters.refusals.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(StoreError::Unavailable(_)) => {
+                            self.counters.errors.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    Done::Appended(r)
+                }
+                Request::DeviceLogin { user, device, client_seq } => {
+                    Done::DeviceLogin(self.store.device_login(&user, &device, client_seq, now_ms))
+                }
+                Request::Position { user, device, seq } => {
+                    Done::Position(self.store.set_position(&user, &device, seq, now_ms))
+                }
+                read @ (Request::Read { .. } | Request::State { .. }) => {
+                    reads.push((token, read));
+                    continue;
+                }
+            };
+            written.push((token, done));
+        }
+        if !written.is_empty() {
+            match self.store.sync() {
+                Ok(()) => {
+                    self.counters.syncs.fetch_add(1, Ordering::Relaxed);
+                    self.counters.appends.fetch_add(appended, Ordering::Relaxed);
+                    self.counters.appended_per_sync_sum.fetch_add(appended, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    // Not durable: none of the batch's writes may be acknowledged.
+                    self.counters.errors.fetch_add(written.len() as u64, Ordering::Relaxed);
+                    for (_, done) in written.iter_mut() {
+                        *done = match done {
+                            Done::Appended(_) => Done::Appended(Err(e.clone())),
+                            Done::DeviceLogin(_) => Done::DeviceLogin(Err(e.clone())),
+                            _ => Done::Position(Err(e.clone())),
+                        };
+                    }
+                }
+            }
+        }
+        for (token, done) in written {
+            self.sink.done(token, done);
+        }
+        for (token, req) in reads {
+            let done = match req {
+                Request::Read { user, after_seq, limit } => {
+                    self.counters.reads.fetch_add(1, Ordering::Relaxed);
+                    Done::Read(self.store.read(&user, after_seq, limit))
+                }
+                Request::State { user } => Done::State(self.store.inbox_state(&user)),
+                _ => unreachable!("only reads are deferred"),
+            };
+            self.sink.done(token, done);
+        }
+    }
+
+    fn expire(&mut self) {
+        let now_ms = (self.cfg.clock)();
+        match self.store.expire(now_ms).and_then(|n| self.store.sync().map(|()| n)) {
+            Ok(n) => {
+                self.counters.expired.fetch_add(n, Ordering::Relaxed);
+                self.counters.syncs.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => {
+                self.counters.errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!("store retention pass failed: {e}");
+            }
+        }
+    }
+}

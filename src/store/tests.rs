@@ -1,0 +1,841 @@
+//! The store's tests: one conformance suite run against every backend, a
+//! property test against a model, and the store thread's behaviour.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use proptest::prelude::*;
+
+use super::*;
+
+/// A directory under the system's temporary directory, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> Self {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("switchboard-store-{name}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A store under test, and how to restart it (if it survives one).
+trait Subject {
+    fn store(&mut self) -> &mut dyn Store;
+    /// Syncs, closes and reopens; false for a store that keeps nothing.
+    fn restart(&mut self) -> bool;
+}
+
+struct Mem(MemoryStore);
+
+impl Subject for Mem {
+    fn store(&mut self) -> &mut dyn Store {
+        &mut self.0
+    }
+    fn restart(&mut self) -> bool {
+        false
+    }
+}
+
+struct Disk {
+    store: Option<DiskStore>,
+    durability: Durability,
+    limits: StoreLimits,
+    // Last: removed after the store is closed.
+    dir: TempDir,
+}
+
+impl Disk {
+    fn new(durability: Durability, limits: StoreLimits) -> Self {
+        let dir = TempDir::new("disk");
+        let store = DiskStore::open(&dir.0, durability, limits).expect("opens");
+        Disk { store: Some(store), durability, limits, dir }
+    }
+}
+
+impl Subject for Disk {
+    fn store(&mut self) -> &mut dyn Store {
+        self.store.as_mut().expect("open")
+    }
+    fn restart(&mut self) -> bool {
+        let mut s = self.store.take().expect("open");
+        s.sync().unwrap();
+        drop(s);
+        self.store = Some(DiskStore::open(&self.dir.0, self.durability, self.limits).expect("reopens"));
+        true
+    }
+}
+
+type Make = fn(StoreLimits) -> Box<dyn Subject>;
+
+fn make_memory(l: StoreLimits) -> Box<dyn Subject> {
+    Box::new(Mem(MemoryStore::new(l)))
+}
+
+fn make_disk(l: StoreLimits) -> Box<dyn Subject> {
+    Box::new(Disk::new(Durability::Fsync, l))
+}
+
+fn make_disk_os(l: StoreLimits) -> Box<dyn Subject> {
+    Box::new(Disk::new(Durability::Os, l))
+}
+
+const T0: u64 = 1_800_000_000_000;
+
+fn msg(to: &str, from: &str, msg_id: u64, ts_ms: u64, payload: &str, client_id: u64) -> NewMessage {
+    NewMessage {
+        to: to.into(),
+        from: from.into(),
+        msg_id,
+        ts_ms,
+        payload: Bytes::copy_from_slice(payload.as_bytes()),
+        client_id,
+    }
+}
+
+fn append(s: &mut dyn Store, to: &str, n: u64, now: u64) -> u64 {
+    match s.append(&msg(to, "app", n, now, &format!("m{n}"), 0), now).unwrap() {
+        Appended::New { seq } => seq,
+        d => panic!("unexpected {d:?}"),
+    }
+}
+
+fn seqs(p: &Page) -> Vec<u64> {
+    p.messages.iter().map(|m| m.seq).collect()
+}
+
+// ---- the conformance suite --------------------------------------------------
+
+fn append_and_read_in_order_with_dense_seqs(make: Make) {
+    let mut subject = make(StoreLimits::default());
+    let s = subject.store();
+    for i in 0..10 {
+        for user in ["alice", "bob"] {
+            assert_eq!(append(s, user, i, T0 + i), i + 1, "dense per user");
+        }
+    }
+    s.sync().unwrap();
+    let p = s.read("alice", 0, 100).unwrap();
+    assert_eq!(seqs(&p), (1..=10).collect::<Vec<_>>());
+    assert_eq!(p.head_seq, 10);
+    let m = &p.messages[3];
+    assert_eq!((m.msg_id, m.ts_ms, &*m.from, &m.payload[..]), (3, T0 + 3, "app", &b"m3"[..]));
+    assert_eq!(seqs(&s.read("bob", 4, 3).unwrap()), vec![5, 6, 7], "a page after a seq");
+    let tail = s.read("bob", 10, 5).unwrap();
+    assert!(tail.messages.is_empty());
+    assert_eq!(tail.head_seq, 10);
+    assert_eq!(s.read("nobody", 0, 5).unwrap(), Page { messages: vec![], head_seq: 0 });
+    let st = s.inbox_state("alice").unwrap();
+    assert_eq!((st.head_seq, st.first_seq, st.messages), (10, 1, 10));
+    assert_eq!(st.bytes, 10 * record_bytes("alice", "app", 2), "payloads m0..m9");
+    let none = s.inbox_state("nobody").unwrap();
+    assert_eq!((none.head_seq, none.first_seq, none.messages, none.bytes), (0, 1, 0, 0));
+}
+
+fn head_survives_trimming(make: Make) {
+    let mut subject = make(StoreLimits::default());
+    let s = subject.store();
+    for i in 0..5 {
+        append(s, "alice", i, T0);
+    }
+    assert_eq!(s.device_login("alice", "phone", 0, T0).unwrap(), (0, 5));
+    s.set_position("alice", "phone", 5, T0).unwrap();
+    assert_eq!(s.expire(T0 + 1).unwrap(), 5, "all acknowledged by the only device");
+    let st = s.inbox_state("alice").unwrap();
+    assert_eq!((st.head_seq, st.first_seq, st.messages, st.bytes), (5, 6, 0, 0));
+    assert_eq!(append(s, "alice", 9, T0), 6, "the seq goes on after a trim");
+    assert_eq!(seqs(&s.read("alice", 0, 10).unwrap()), vec![6]);
+    if subject.restart() {
+        let s = subject.store();
+        assert_eq!(append(s, "alice", 10, T0), 7, "and after a restart");
+        assert_eq!(seqs(&s.read("alice", 0, 10).unwrap()), vec![6, 7]);
+    }
+}
+
+fn dedup_within_window_and_not_after(make: Make) {
+    let window = 10_000;
+    let mut subject = make(StoreLimits { dedup_window_ms: window, ..StoreLimits::default() });
+    let s = subject.store();
+    let m = msg("alice", "bob", 77, T0, "hi", 5);
+    assert_eq!(s.append(&m, T0).unwrap(), Appended::New { seq: 1 });
+    let retry = msg("alice", "bob", 78, T0, "hi", 5);
+    assert_eq!(s.append(&retry, T0 + window - 1).unwrap(), Appended::Duplicate { seq: 1, msg_id: 77 });
+    let other_sender = msg("alice", "carol", 79, T0, "hi", 5);
+    assert_eq!(s.append(&other_sender, T0).unwrap(), Appended::New { seq: 2 }, "keyed by sender");
+    let no_key = msg("alice", "bob", 80, T0, "hi", 0);
+    assert_eq!(s.append(&no_key, T0).unwrap(), Appended::New { seq: 3 });
+    assert_eq!(s.append(&no_key, T0).unwrap(), Appended::New { seq: 4 }, "client_id 0 is never deduplicated");
+    assert_eq!(s.append(&retry, T0 + window).unwrap(), Appended::New { seq: 5 }, "the window has passed");
+    // The new entry is remembered from its own append, and expire keeps it.
+    s.expire(T0 + window + 1).unwrap();
+    assert_eq!(s.append(&m, T0 + window + 2).unwrap(), Appended::Duplicate { seq: 5, msg_id: 78 });
+    s.expire(T0 + 2 * window).unwrap();
+    assert_eq!(s.append(&m, T0 + 2 * window).unwrap(), Appended::New { seq: 6 }, "dropped by expire");
+    if subject.restart() {
+        let s = subject.store();
+        assert_eq!(s.append(&m, T0 + 2 * window + 1).unwrap(), Appended::Duplicate { seq: 6, msg_id: 77 });
+    }
+}
+
+fn device_positions_independent_per_device(make: Make) {
+    let mut subject = make(StoreLimits::default());
+    let s = subject.store();
+    for i in 0..10 {
+        append(s, "alice", i, T0);
+    }
+    assert_eq!(s.device_login("alice", "phone", 4, T0).unwrap(), (4, 10));
+    assert_eq!(s.device_login("alice", "laptop", 99, T0).unwrap(), (10, 10), "clamped to the head");
+    s.set_position("alice", "phone", 7, T0 + 1).unwrap();
+    s.set_position("alice", "phone", 5, T0 + 2).unwrap();
+    assert_eq!(s.device_login("alice", "phone", 2, T0 + 3).unwrap(), (7, 10), "positions never go back");
+    s.set_position("alice", "tablet", 3, T0 + 4).unwrap();
+    s.set_position("alice", "tablet", 50, T0 + 5).unwrap();
+    let mut devices = s.inbox_state("alice").unwrap().devices;
+    devices.sort_by(|a, b| a.device.cmp(&b.device));
+    let got: Vec<_> = devices.iter().map(|d| (d.device.as_str(), d.position, d.last_seen_ms)).collect();
+    assert_eq!(got, vec![("laptop", 10, T0), ("phone", 7, T0 + 3), ("tablet", 10, T0 + 5)]);
+    assert_eq!(s.device_login("bob", "phone", 3, T0).unwrap(), (0, 0), "another user's device is its own");
+}
+
+fn retention_drops_by_ttl(make: Make) {
+    let ttl = 60_000;
+    let mut subject = make(StoreLimits { ttl_ms: ttl, ..StoreLimits::default() });
+    let s = subject.store();
+    append(s, "alice", 1, T0);
+    append(s, "alice", 2, T0 + 10);
+    s.device_login("alice", "phone", 0, T0).unwrap();
+    assert_eq!(s.expire(T0 + ttl - 1).unwrap(), 0);
+    assert_eq!(s.expire(T0 + ttl).unwrap(), 1, "the first is ttl old");
+    assert_eq!(seqs(&s.read("alice", 0, 10).unwrap()), vec![2]);
+    assert!(s.inbox_state("alice").unwrap().devices.is_empty(), "the phone was unseen for ttl");
+    assert_eq!(s.expire(T0 + ttl + 10).unwrap(), 1);
+    let st = s.inbox_state("alice").unwrap();
+    assert_eq!((st.head_seq, st.first_seq, st.messages, st.bytes), (2, 3, 0, 0));
+}
+
+fn trimmed_when_all_devices_acked(make: Make) {
+    let mut subject = make(StoreLimits::default());
+    let s = subject.store();
+    for i in 0..6 {
+        append(s, "alice", i, T0);
+    }
+    s.device_login("alice", "phone", 5, T0).unwrap();
+    s.device_login("alice", "laptop", 3, T0).unwrap();
+    assert_eq!(s.expire(T0 + 1).unwrap(), 3, "up to the lowest position");
+    assert_eq!(seqs(&s.read("alice", 0, 10).unwrap()), vec![4, 5, 6]);
+    s.set_position("alice", "laptop", 6, T0 + 2).unwrap();
+    assert_eq!(s.expire(T0 + 3).unwrap(), 2, "4 and 5: the phone has 5");
+    assert_eq!(s.inbox_state("alice").unwrap().first_seq, 6);
+}
+
+fn never_trimmed_without_a_device_before_ttl(make: Make) {
+    let ttl = 60_000;
+    let mut subject = make(StoreLimits { ttl_ms: ttl, ..StoreLimits::default() });
+    let s = subject.store();
+    for i in 0..3 {
+        append(s, "alice", i, T0);
+    }
+    assert_eq!(s.expire(T0 + 1).unwrap(), 0);
+    assert_eq!(s.expire(T0 + ttl - 1).unwrap(), 0);
+    assert_eq!(seqs(&s.read("alice", 0, 10).unwrap()), vec![1, 2, 3]);
+    assert_eq!(s.expire(T0 + ttl).unwrap(), 3);
+}
+
+fn inbox_full_and_store_full_at_the_limits(make: Make) {
+    let per = record_bytes("alice", "app", 2);
+    let limits = StoreLimits { max_messages_per_inbox: 3, max_bytes: 5 * per, ..StoreLimits::default() };
+    let mut subject = make(limits);
+    let s = subject.store();
+    for i in 0..3 {
+        append(s, "alice", i, T0);
+    }
+    assert_eq!(s.append(&msg("alice", "app", 9, T0, "m9", 0), T0), Err(StoreError::InboxFull { limit: 3 }));
+    append(s, "bobby", 1, T0);
+    append(s, "bobby", 2, T0);
+    assert_eq!(s.append(&msg("bobby", "app", 9, T0, "m9", 0), T0), Err(StoreError::StoreFull { limit_bytes: 5 * per }));
+    assert_eq!(s.inbox_state("bobby").unwrap().head_seq, 2, "a refused append takes no seq");
+    s.device_login("alice", "phone", 3, T0).unwrap();
+    assert_eq!(s.expire(T0 + 1).unwrap(), 3);
+    assert_eq!(append(s, "bobby", 3, T0), 3, "room again after the trim");
+    assert_eq!(append(s, "alice", 4, T0), 4);
+}
+
+fn conformance_restart_keeps_everything_synced(make: Make) {
+    let mut subject = make(StoreLimits::default());
+    let s = subject.store();
+    for i in 0..20 {
+        append(s, if i % 2 == 0 { "alice" } else { "bob" }, i, T0 + i);
+    }
+    s.device_login("alice", "phone", 4, T0).unwrap();
+    s.sync().unwrap();
+    let before = (s.read("alice", 0, 100).unwrap(), s.inbox_state("alice").unwrap(), s.inbox_state("bob").unwrap());
+    if !subject.restart() {
+        return;
+    }
+    let s = subject.store();
+    let after = (s.read("alice", 0, 100).unwrap(), s.inbox_state("alice").unwrap(), s.inbox_state("bob").unwrap());
+    assert_eq!(before, after);
+    assert_eq!(append(s, "bob", 99, T0), 11, "seqs continue");
+    // The bytes counter is rebuilt at open: the limit still holds.
+    s.device_login("alice", "phone", 10, T0).unwrap();
+    assert_eq!(s.expire(T0 + 1).unwrap(), 10);
+    s.sync().unwrap();
+    assert!(subject.restart());
+    let st = subject.store().inbox_state("alice").unwrap();
+    assert_eq!((st.head_seq, st.first_seq, st.messages), (10, 11, 0));
+}
+
+macro_rules! conformance {
+    ($backend:ident, $make:expr) => {
+        mod $backend {
+            use super::*;
+
+            #[test]
+            fn append_and_read_in_order_with_dense_seqs() {
+                super::append_and_read_in_order_with_dense_seqs($make)
+            }
+            #[test]
+            fn head_survives_trimming() {
+                super::head_survives_trimming($make)
+            }
+            #[test]
+            fn dedup_within_window_and_not_after() {
+                super::dedup_within_window_and_not_after($make)
+            }
+            #[test]
+            fn device_positions_independent_per_device() {
+                super::device_positions_independent_per_device($make)
+            }
+            #[test]
+            fn retention_drops_by_ttl() {
+                super::retention_drops_by_ttl($make)
+            }
+            #[test]
+            fn trimmed_when_all_devices_acked() {
+                super::trimmed_when_all_devices_acked($make)
+            }
+            #[test]
+            fn never_trimmed_without_a_device_before_ttl() {
+                super::never_trimmed_without_a_device_before_ttl($make)
+            }
+            #[test]
+            fn inbox_full_and_store_full_at_the_limits() {
+                super::inbox_full_and_store_full_at_the_limits($make)
+            }
+            #[test]
+            fn restart_keeps_everything_synced() {
+                super::conformance_restart_keeps_everything_synced($make)
+            }
+        }
+    };
+}
+
+conformance!(memory, make_memory);
+conformance!(disk_fsync, make_disk);
+conformance!(disk_os, make_disk_os);
+
+#[test]
+fn disk_store_bytes_counter_survives_restart() {
+    let per = record_bytes("alice", "app", 2);
+    let limits = StoreLimits { max_bytes: 3 * per, ..StoreLimits::default() };
+    let mut d = Disk::new(Durability::Fsync, limits);
+    for i in 0..3 {
+        append(d.store(), "alice", i, T0);
+    }
+    assert!(d.restart());
+    assert_eq!(d.store.as_ref().unwrap().total_bytes(), 3 * per);
+    assert!(matches!(d.store().append(&msg("alice", "app", 3, T0, "m3", 0), T0), Err(StoreError::StoreFull { .. })));
+}
+
+#[test]
+fn open_store_follows_the_config() {
+    use crate::config::{StoreConfig, StoreKind};
+    let dir = TempDir::new("config");
+    let mut cfg = StoreConfig { kind: StoreKind::None, path: dir.0.clone(), ..StoreConfig::default() };
+    assert!(open_store(&cfg).unwrap().is_none());
+    cfg.kind = StoreKind::Memory;
+    assert_eq!(append(open_store(&cfg).unwrap().unwrap().as_mut(), "a", 1, T0), 1);
+    cfg.kind = StoreKind::Disk;
+    let mut s = open_store(&cfg).unwrap().unwrap();
+    assert_eq!(append(s.as_mut(), "a", 1, T0), 1);
+    s.sync().unwrap();
+    drop(s);
+    assert!(dir.0.exists());
+}
+
+// ---- the store against a model ----------------------------------------------
+
+/// The simplest thing that behaves as a store should.
+#[derive(Default)]
+struct Model {
+    heads: HashMap<String, u64>,
+    msgs: BTreeMap<(String, u64), StoredMessage>,
+    devices: HashMap<String, BTreeMap<String, (u64, u64)>>,
+    dedup: HashMap<(String, u64), (u64, u64, u64)>,
+}
+
+impl Model {
+    fn bytes_of(&self, user: &str) -> u64 {
+        self.kept(user).map(|m| record_bytes(user, &m.from, m.payload.len())).sum()
+    }
+
+    fn kept<'a>(&'a self, user: &'a str) -> impl Iterator<Item = &'a StoredMessage> + 'a {
+        self.msgs.iter().filter(move |((u, _), _)| u == user).map(|(_, m)| m)
+    }
+
+    fn append(&mut self, l: &StoreLimits, m: &NewMessage, now: u64) -> Result<Appended, StoreError> {
+        let key = (m.from.to_string(), m.client_id);
+        if m.client_id != 0 {
+            if let Some(&(seq, msg_id, ts)) = self.dedup.get(&key) {
+                if now < ts + l.dedup_window_ms {
+                    return Ok(Appended::Duplicate { seq, msg_id });
+                }
+            }
+        }
+        if self.kept(&m.to).count() as u64 >= l.max_messages_per_inbox {
+            return Err(StoreError::InboxFull { limit: l.max_messages_per_inbox });
+        }
+        let total: u64 = self.msgs.iter().map(|((u, _), m)| record_bytes(u, &m.from, m.payload.len())).sum();
+        if total + record_bytes(&m.to, &m.from, m.payload.len()) > l.max_bytes {
+            return Err(StoreError::StoreFull { limit_bytes: l.max_bytes });
+        }
+        let head = self.heads.entry(m.to.to_string()).or_default();
+        *head += 1;
+        let seq = *head;
+        let stored =
+            StoredMessage { seq, msg_id: m.msg_id, ts_ms: m.ts_ms, from: m.from.clone(), payload: m.payload.clone() };
+        self.msgs.insert((m.to.to_string(), seq), stored);
+        if m.client_id != 0 {
+            self.dedup.insert(key, (seq, m.msg_id, now));
+        }
+        Ok(Appended::New { seq })
+    }
+
+    fn head(&self, user: &str) -> u64 {
+        self.heads.get(user).copied().unwrap_or(0)
+    }
+
+    fn read(&self, user: &str, after: u64, limit: usize) -> Page {
+        let messages = self.kept(user).filter(|m| m.seq > after).take(limit).cloned().collect();
+        Page { messages, head_seq: self.head(user) }
+    }
+
+    fn position(&mut self, user: &str, device: &str, seq: u64, now: u64) -> u64 {
+        let head = self.head(user);
+        let d = self.devices.entry(user.into()).or_default().entry(device.into()).or_insert((0, now));
+        d.0 = d.0.max(seq.min(head));
+        d.1 = d.1.max(now);
+        d.0
+    }
+
+    fn state(&self, user: &str) -> InboxState {
+        let head_seq = self.head(user);
+        let kept: Vec<_> = self.kept(user).collect();
+        let mut devices: Vec<DeviceState> = self
+            .devices
+            .get(user)
+            .into_iter()
+            .flatten()
+            .map(|(d, &(position, last_seen_ms))| DeviceState { device: d.clone(), position, last_seen_ms })
+            .collect();
+        devices.sort_by(|a, b| a.device.cmp(&b.device));
+        InboxState {
+            head_seq,
+            first_seq: kept.first().map_or(head_seq + 1, |m| m.seq),
+            messages: kept.len() as u64,
+            bytes: self.bytes_of(user),
+            devices,
+        }
+    }
+
+    fn expire(&mut self, l: &StoreLimits, now: u64) -> u64 {
+        let mut dropped = 0;
+        for (user, devices) in self.devices.iter_mut() {
+            devices.retain(|_, (_, seen)| now < *seen + l.ttl_ms);
+            let acked = devices.values().map(|d| d.0).min().unwrap_or(0);
+            // From the oldest, while acknowledged or too old.
+            let seqs: Vec<u64> = self.msgs.keys().filter(|(u, _)| u == user).map(|(_, s)| *s).collect();
+            for seq in seqs {
+                let m = &self.msgs[&(user.clone(), seq)];
+                if seq > acked && now < m.ts_ms + l.ttl_ms {
+                    break;
+                }
+                self.msgs.remove(&(user.clone(), seq));
+                dropped += 1;
+            }
+        }
+        let users: Vec<String> = self.heads.keys().filter(|u| !self.devices.contains_key(*u)).cloned().collect();
+        for user in users {
+            let seqs: Vec<u64> = self.msgs.keys().filter(|(u, _)| *u == user).map(|(_, s)| *s).collect();
+            for seq in seqs {
+                if now < self.msgs[&(user.clone(), seq)].ts_ms + l.ttl_ms {
+                    break;
+                }
+                self.msgs.remove(&(user.clone(), seq));
+                dropped += 1;
+            }
+        }
+        self.dedup.retain(|_, (_, _, ts)| now < *ts + l.dedup_window_ms);
+        dropped
+    }
+}
+
+#[derive(Clone, Debug)]
+enum Op {
+    Append { to: u8, from: u8, client_id: u64, len: usize },
+    Read { user: u8, after: u64, limit: usize },
+    Login { user: u8, device: u8, client_seq: u64 },
+    Position { user: u8, device: u8, seq: u64 },
+    State { user: u8 },
+    Tick { ms: u64 },
+    Expire,
+    Restart,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        6 => (0..3u8, 0..3u8, 0..4u64, 0..40usize).prop_map(|(to, from, client_id, len)| Op::Append { to, from, client_id, len }),
+        2 => (0..3u8, 0..12u64, 1..6usize).prop_map(|(user, after, limit)| Op::Read { user, after, limit }),
+        2 => (0..3u8, 0..3u8, 0..12u64).prop_map(|(user, device, client_seq)| Op::Login { user, device, client_seq }),
+        2 => (0..3u8, 0..3u8, 0..12u64).prop_map(|(user, device, seq)| Op::Position { user, device, seq }),
+        1 => (0..3u8).prop_map(|user| Op::State { user }),
+        2 => (1..400u64).prop_map(|ms| Op::Tick { ms }),
+        2 => Just(Op::Expire),
+        1 => Just(Op::Restart),
+    ]
+}
+
+fn sorted(mut st: InboxState) -> InboxState {
+    st.devices.sort_by(|a, b| a.device.cmp(&b.device));
+    st
+}
+
+fn against_the_model(mut subject: Box<dyn Subject>, limits: StoreLimits, ops: &[Op]) -> Result<(), TestCaseError> {
+    let users = ["ann", "ben", "cyd"];
+    let mut model = Model::default();
+    let mut now = T0;
+    for (i, op) in ops.iter().enumerate() {
+        let s = subject.store();
+        match *op {
+            Op::Append { to, from, client_id, len } => {
+                let m = NewMessage {
+                    to: users[to as usize].into(),
+                    from: ["", "ben", "zed"][from as usize].into(),
+                    msg_id: i as u64,
+                    ts_ms: now,
+                    payload: Bytes::from(vec![i as u8; len]),
+                    client_id,
+                };
+                prop_assert_eq!(s.append(&m, now), model.append(&limits, &m, now), "op {}", i);
+            }
+            Op::Read { user, after, limit } => {
+                let u = users[user as usize];
+                prop_assert_eq!(s.read(u, after, limit).unwrap(), model.read(u, after, limit), "op {}", i);
+            }
+            Op::Login { user, device, client_seq } => {
+                let (u, d) = (users[user as usize], ["p", "q", "r"][device as usize]);
+                let want = (model.position(u, d, client_seq, now), model.head(u));
+                prop_assert_eq!(s.device_login(u, d, client_seq, now).unwrap(), want, "op {}", i);
+            }
+            Op::Position { user, device, seq } => {
+                let (u, d) = (users[user as usize], ["p", "q", "r"][device as usize]);
+                model.position(u, d, seq, now);
+                s.set_position(u, d, seq, now).unwrap();
+            }
+            Op::State { user } => {
+                let u = users[user as usize];
+                prop_assert_eq!(sorted(s.inbox_state(u).unwrap()), model.state(u), "op {}", i);
+            }
+            Op::Tick { ms } => now += ms,
+            Op::Expire => prop_assert_eq!(s.expire(now).unwrap(), model.expire(&limits, now), "op {}", i),
+            Op::Restart => {
+                subject.restart();
+            }
+        }
+    }
+    for u in users {
+        prop_assert_eq!(sorted(subject.store().inbox_state(u).unwrap()), model.state(u));
+        prop_assert_eq!(subject.store().read(u, 0, 1000).unwrap(), model.read(u, 0, 1000));
+    }
+    Ok(())
+}
+
+fn model_limits() -> StoreLimits {
+    // Small, so the limits are reached: 6 messages per inbox, ~10 messages
+    // in all, 1 s of ttl, 0.5 s of dedup window.
+    StoreLimits { max_messages_per_inbox: 6, max_bytes: 500, ttl_ms: 1_000, dedup_window_ms: 500 }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    #[test]
+    fn memory_store_behaves_as_the_model(ops in proptest::collection::vec(op(), 1..80)) {
+        against_the_model(make_memory(model_limits()), model_limits(), &ops)?;
+    }
+}
+
+proptest! {
+    // Each case opens a database (and restarts it): fewer cases.
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+    #[test]
+    fn disk_store_behaves_as_the_model(ops in proptest::collection::vec(op(), 1..80)) {
+        against_the_model(make_disk_os(model_limits()), model_limits(), &ops)?;
+    }
+}
+
+// ---- the store thread -------------------------------------------------------
+
+/// A store that counts syncs and retention passes, can make a sync slow,
+/// and can hold the thread in `sync` until released.
+struct Probe {
+    inner: MemoryStore,
+    syncs: Arc<AtomicU64>,
+    expires: Arc<AtomicU64>,
+    sync_delay: Duration,
+    gate: Option<Arc<(Mutex<bool>, Condvar)>>,
+    in_sync: Arc<AtomicBool>,
+}
+
+impl Probe {
+    fn new() -> Self {
+        Probe {
+            inner: MemoryStore::new(StoreLimits::default()),
+            syncs: Arc::default(),
+            expires: Arc::default(),
+            sync_delay: Duration::ZERO,
+            gate: None,
+            in_sync: Arc::default(),
+        }
+    }
+}
+
+impl Store for Probe {
+    fn append(&mut self, m: &NewMessage, now_ms: u64) -> Result<Appended, StoreError> {
+        self.inner.append(m, now_ms)
+    }
+    fn sync(&mut self) -> Result<(), StoreError> {
+        self.in_sync.store(true, Ordering::SeqCst);
+        if let Some(gate) = &self.gate {
+            let (open, cv) = &**gate;
+            let mut g = open.lock().unwrap();
+            while !*g {
+                g = cv.wait(g).unwrap();
+            }
+        }
+        std::thread::sleep(self.sync_delay);
+        self.syncs.fetch_add(1, Ordering::SeqCst);
+        self.in_sync.store(false, Ordering::SeqCst);
+        self.inner.sync()
+    }
+    fn read(&mut self, user: &str, after_seq: u64, limit: usize) -> Result<Page, StoreError> {
+        self.inner.read(user, after_seq, limit)
+    }
+    fn device_login(&mut self, u: &str, d: &str, c: u64, now_ms: u64) -> Result<(u64, u64), StoreError> {
+        self.inner.device_login(u, d, c, now_ms)
+    }
+    fn set_position(&mut self, u: &str, d: &str, seq: u64, now_ms: u64) -> Result<(), StoreError> {
+        self.inner.set_position(u, d, seq, now_ms)
+    }
+    fn inbox_state(&mut self, user: &str) -> Result<InboxState, StoreError> {
+        self.inner.inbox_state(user)
+    }
+    fn expire(&mut self, now_ms: u64) -> Result<u64, StoreError> {
+        self.expires.fetch_add(1, Ordering::SeqCst);
+        self.inner.expire(now_ms)
+    }
+}
+
+struct Collect(Mutex<mpsc::Sender<(u64, Done)>>);
+
+impl Sink<u64> for Collect {
+    fn done(&self, token: u64, result: Done) {
+        let _ = self.0.lock().unwrap().send((token, result));
+    }
+}
+
+fn collect() -> (Collect, mpsc::Receiver<(u64, Done)>) {
+    let (tx, rx) = mpsc::channel();
+    (Collect(Mutex::new(tx)), rx)
+}
+
+fn fixed_clock() -> u64 {
+    T0
+}
+
+fn cfg(queue_capacity: usize) -> ServiceConfig {
+    ServiceConfig { clock: fixed_clock, ..ServiceConfig::new(queue_capacity) }
+}
+
+fn append_req(to: &str, n: u64) -> Request {
+    Request::Append(msg(to, "app", n, T0, "x", 0))
+}
+
+fn recv(rx: &mpsc::Receiver<(u64, Done)>) -> (u64, Done) {
+    rx.recv_timeout(Duration::from_secs(10)).expect("an answer within 10 s")
+}
+
+#[test]
+fn service_group_commits_appends_from_several_threads() {
+    let mut probe = Probe::new();
+    probe.sync_delay = Duration::from_millis(2); // about an fdatasync
+    let syncs = probe.syncs.clone();
+    let (sink, rx) = collect();
+    let service = Service::start(Box::new(probe), sink, cfg(1024)).unwrap();
+    let (threads, per_thread) = (4u64, 250u64);
+    std::thread::scope(|scope| {
+        for t in 0..threads {
+            let sub = service.submitter();
+            scope.spawn(move || {
+                for i in 0..per_thread {
+                    let token = t * per_thread + i;
+                    while sub.try_submit(token, append_req(&format!("user{t}"), i)).is_err() {
+                        std::thread::yield_now();
+                    }
+                }
+            });
+        }
+    });
+    let mut per_user: HashMap<u64, Vec<u64>> = HashMap::new();
+    for _ in 0..threads * per_thread {
+        let (token, done) = recv(&rx);
+        let Done::Appended(Ok(Appended::New { seq })) = done else { panic!("{done:?}") };
+        per_user.entry(token / per_thread).or_default().push(seq);
+    }
+    for seqs in per_user.values() {
+        assert_eq!(*seqs, (1..=per_thread).collect::<Vec<_>>(), "each submitter's appends in its order");
+    }
+    let c = service.counters().clone();
+    service.stop().unwrap();
+    let n = syncs.load(Ordering::SeqCst);
+    assert_eq!(c.appends.load(Ordering::SeqCst), threads * per_thread);
+    assert_eq!(c.appended_per_sync_sum.load(Ordering::SeqCst), threads * per_thread);
+    assert!(n < threads * per_thread / 4, "{n} syncs for {} appends", threads * per_thread);
+    assert_eq!(c.queue_depth.load(Ordering::SeqCst), 0);
+}
+
+#[test]
+fn service_hands_out_outcomes_in_order_and_reads_see_earlier_appends() {
+    let (sink, rx) = collect();
+    let service = Service::start(Box::new(Probe::new()), sink, cfg(1024)).unwrap();
+    for i in 0..100 {
+        service.try_submit(i, append_req("alice", i)).unwrap();
+    }
+    service.try_submit(100, Request::Read { user: "alice".into(), after_seq: 95, limit: 10 }).unwrap();
+    service.try_submit(101, Request::State { user: "alice".into() }).unwrap();
+    for i in 0..100 {
+        assert_eq!(recv(&rx), (i, Done::Appended(Ok(Appended::New { seq: i + 1 }))));
+    }
+    let (t, Done::Read(Ok(page))) = recv(&rx) else { panic!("a read") };
+    assert_eq!((t, seqs(&page), page.head_seq), (100, vec![96, 97, 98, 99, 100], 100));
+    let (t, Done::State(Ok(st))) = recv(&rx) else { panic!("a state") };
+    assert_eq!((t, st.head_seq), (101, 100));
+    let c = service.counters().clone();
+    service.stop().unwrap();
+    assert_eq!(c.reads.load(Ordering::SeqCst), 1);
+}
+
+#[test]
+fn service_answers_logins_and_positions_after_the_sync() {
+    let (sink, rx) = collect();
+    let service = Service::start(Box::new(Probe::new()), sink, cfg(64)).unwrap();
+    service.try_submit(1, append_req("alice", 1)).unwrap();
+    let (user, device): (Arc<str>, Arc<str>) = ("alice".into(), "phone".into());
+    service.try_submit(2, Request::DeviceLogin { user: user.clone(), device: device.clone(), client_seq: 0 }).unwrap();
+    service.try_submit(3, Request::Position { user: user.clone(), device, seq: 1 }).unwrap();
+    service.try_submit(4, Request::State { user }).unwrap();
+    assert_eq!(recv(&rx).0, 1);
+    assert_eq!(recv(&rx), (2, Done::DeviceLogin(Ok((0, 1)))));
+    assert_eq!(recv(&rx), (3, Done::Position(Ok(()))));
+    let (_, Done::State(Ok(st))) = recv(&rx) else { panic!("a state") };
+    assert_eq!(st.devices[0].position, 1);
+}
+
+#[test]
+fn service_is_busy_when_the_queue_is_full_and_never_blocks() {
+    let mut probe = Probe::new();
+    let gate = Arc::new((Mutex::new(false), Condvar::new()));
+    probe.gate = Some(gate.clone());
+    let in_sync = probe.in_sync.clone();
+    let (sink, rx) = collect();
+    let service = Service::start(Box::new(probe), sink, cfg(4)).unwrap();
+    service.try_submit(0, append_req("alice", 0)).unwrap();
+    while !in_sync.load(Ordering::SeqCst) {
+        std::thread::yield_now(); // the thread holds request 0, held in its sync
+    }
+    for i in 1..=4 {
+        service.try_submit(i, append_req("alice", i)).unwrap();
+    }
+    let t = std::time::Instant::now();
+    assert_eq!(service.try_submit(5, append_req("alice", 5)), Err(Busy));
+    assert!(t.elapsed() < Duration::from_millis(100), "returned at once");
+    assert_eq!(service.counters().busy.load(Ordering::SeqCst), 1);
+    assert_eq!(service.counters().queue_depth.load(Ordering::SeqCst), 4);
+    *gate.0.lock().unwrap() = true;
+    gate.1.notify_all();
+    for i in 0..=4 {
+        assert_eq!(recv(&rx), (i, Done::Appended(Ok(Appended::New { seq: i + 1 }))));
+    }
+    service.stop().unwrap();
+}
+
+#[test]
+fn service_stop_drains_syncs_and_later_submits_are_busy() {
+    let probe = Probe::new();
+    let syncs = probe.syncs.clone();
+    let (sink, rx) = collect();
+    let service = Service::start(Box::new(probe), sink, cfg(1024)).unwrap();
+    let sub = service.submitter();
+    for i in 0..50 {
+        sub.try_submit(i, append_req("alice", i)).unwrap();
+    }
+    service.stop().unwrap();
+    assert_eq!(rx.try_iter().count(), 50, "everything queued before the stop is answered");
+    assert!(syncs.load(Ordering::SeqCst) >= 1);
+    assert_eq!(sub.try_submit(99, append_req("alice", 99)), Err(Busy));
+}
+
+#[test]
+fn service_runs_the_retention_pass_periodically() {
+    let probe = Probe::new();
+    let expires = probe.expires.clone();
+    let (sink, _rx) = collect();
+    let c = ServiceConfig { expire_interval: Duration::from_millis(20), ..cfg(16) };
+    let service = Service::start(Box::new(probe), sink, c).unwrap();
+    let t = std::time::Instant::now();
+    while expires.load(Ordering::SeqCst) < 2 {
+        assert!(t.elapsed() < Duration::from_secs(10), "no retention pass");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    drop(service); // stops it as `stop` does
+}
+
+#[test]
+fn service_over_a_disk_store_survives_a_restart() {
+    let dir = TempDir::new("service");
+    for round in 0..2u64 {
+        let store = DiskStore::open(&dir.0, Durability::Fsync, StoreLimits::default()).unwrap();
+        let (sink, rx) = collect();
+        let service = Service::start(Box::new(store), sink, cfg(256)).unwrap();
+        for i in 0..10 {
+            service.try_submit(i, append_req("alice", i)).unwrap();
+        }
+        for i in 0..10 {
+            assert_eq!(recv(&rx), (i, Done::Appended(Ok(Appended::New { seq: round * 10 + i + 1 }))));
+        }
+        service.stop().unwrap();
+    }
+}
