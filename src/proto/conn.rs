@@ -1295,7 +1295,7 @@ mod tests {
     fn a_send_too_large_for_a_push_is_refused_without_routing() {
         let mut config = Config::default();
         config.limits.max_frame_bytes = 4096;
-        let r = Rules::new(&config, rules().timeouts, None, false);
+        let r = Rules::new(&config, rules().timeouts, None, false, false);
         let (mut c, mut env) = (raw(), Rec::default());
         let mut s = login("u", "good");
         let big = vec![b'x'; r.max_push_payload("u") + 1];
@@ -1383,7 +1383,7 @@ mod tests {
     fn a_wrong_origin_or_subprotocol_is_refused_before_any_frame() {
         let mut config = Config::default();
         config.websocket.allowed_origins = vec!["https://good.example".into()];
-        let r = Rules::new(&config, rules().timeouts, None, false);
+        let r = Rules::new(&config, rules().timeouts, None, false, false);
         let (mut c, mut env) = (ws_conn(), Rec::default());
         let mut req = upgrade("");
         let at = req.len() - 2;
@@ -1436,7 +1436,7 @@ mod tests {
     fn the_conformance_echo_returns_messages_without_a_login() {
         let mut config = Config::default();
         config.websocket.conformance_echo = true;
-        let r = Rules::new(&config, rules().timeouts, None, false);
+        let r = Rules::new(&config, rules().timeouts, None, false, false);
         let (mut c, mut env) = (ws_conn(), Rec::default());
         let mut s = upgrade("");
         s.extend_from_slice(&client_frame(0x1, true, "héllo".as_bytes()));
