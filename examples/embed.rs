@@ -19,10 +19,14 @@ pub fn main() {
     // store (quickly: this runs on a worker thread).
     // It binds only what it is asked for, here on ports of its own choosing
     // (0: any free port), so it runs beside `switchboard serve` on 7700/7710.
+    // Reliable delivery keeps inboxes on disk; a directory of its own,
+    // since `switchboard serve` uses `switchboard-data` here.
+    let data = std::env::temp_dir().join(format!("switchboard-embed-{}", std::process::id()));
     let server = Server::builder()
         .listen("127.0.0.1:0") // raw TCP, for apps
         .ws_listen("127.0.0.1:0") // WebSocket, for browsers (leave out: none)
         .workers(2)
+        .data_dir(&data)
         .authenticator(|user: &str, token: &[u8], _now: u64| {
             if token == format!("letmein-{user}").as_bytes() {
                 Ok(())
@@ -69,4 +73,5 @@ pub fn main() {
     let h = server.handle();
     println!("online: alice={} connections={}", h.is_online("alice"), h.connection_count());
     server.shutdown().expect("no worker died"); // CLOSE 1001 to every client, then the workers exit
+    let _ = std::fs::remove_dir_all(&data);
 }

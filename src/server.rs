@@ -433,6 +433,22 @@ impl ServerBuilder {
         self
     }
 
+    /// Sets `store.path`, the directory of the on-disk inbox store
+    /// (default `switchboard-data` in the working directory; created if
+    /// missing). Two servers cannot share one.
+    pub fn data_dir(mut self, path: impl Into<std::path::PathBuf>) -> Self {
+        self.config.store.kind = crate::config::StoreKind::Disk;
+        self.config.store.path = path.into();
+        self
+    }
+
+    /// Sets `store.kind`: `Disk` (the default), `Memory` (bounded, lost on
+    /// restart) or `None` (no reliable delivery: live relay only).
+    pub fn store(mut self, kind: crate::config::StoreKind) -> Self {
+        self.config.store.kind = kind;
+        self
+    }
+
     /// Sets `auth.jwt_secret`.
     pub fn jwt_secret(mut self, secret: impl Into<String>) -> Self {
         self.config.auth.jwt_secret = Some(secret.into());

@@ -74,8 +74,12 @@ impl Drop for Proc {
 fn serve_with(port: u16, log: &str, extra: &[&str], env: &[(&str, &str)], stdout: Stdio, stderr: Stdio) -> Proc {
     common::arm_watchdog();
     let listen = format!("127.0.0.1:{port}");
+    // Each server its own store directory (two cannot share one).
+    let data = std::env::temp_dir().join(format!("sb-cli-{}-{port}", std::process::id()));
     let child = Command::new(SB)
         .args(["serve", "--listen", &listen, "--workers", "2", "--log", log])
+        .arg("--data-dir")
+        .arg(&data)
         .args(if extra.contains(&"--ws-listen") { &[][..] } else { &["--ws-listen", ""][..] })
         .args(extra)
         .env_remove("SWITCHBOARD_JWT_SECRET")

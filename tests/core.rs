@@ -502,10 +502,27 @@ fn server_frames_never_exceed_the_announced_frame_limit() {
         Frame::Error { code, req_id: 9, .. } => assert_eq!(code, ErrorCode::PayloadTooLarge as u16),
         other => panic!("expected ERROR 103, got {other:?}"),
     }
-    // A payload that fits is relayed, and its PUSH is within the limit.
+    // A payload that fits is relayed at most once, and its PUSH is within
+    // the limit.
     let fits = 8192 - 6 - 8 - 1 - "a-rather-long-sender-name".len();
-    a.send(0, "b", &vec![1u8; fits]).unwrap();
+    a.send_ex(0, switchboard::proto::frame::SEND_EX_AT_MOST_ONCE, 0, "b", &vec![1u8; fits]).unwrap();
     let f = b.recv().unwrap();
+    assert_eq!(f.bytes().len(), 8192);
+    // A stored SEND carries seq, msg_id and a timestamp in its INBOX: 16
+    // bytes less fit, and the INBOX of the largest is within the limit.
+    let mut bd = connect(addr);
+    bd.login_device("bd", &token("bd"), "phone", 0).unwrap();
+    assert!(matches!(bd.recv().unwrap().frame(), Frame::Sync { .. }));
+    let stored = 8192 - 31 - "a-rather-long-sender-name".len();
+    a.send(10, "bd", &vec![2u8; stored + 1]).unwrap();
+    match a.recv().unwrap().frame() {
+        Frame::Error { code, req_id: 10, .. } => assert_eq!(code, ErrorCode::PayloadTooLarge as u16),
+        other => panic!("expected ERROR 103, got {other:?}"),
+    }
+    a.send(11, "bd", &vec![2u8; stored]).unwrap();
+    assert!(matches!(a.recv().unwrap().frame(), Frame::SendAck { req_id: 11, delivered: 1 }));
+    let f = bd.recv().unwrap();
+    assert!(matches!(f.frame(), Frame::Inbox { seq: 1, .. }));
     assert_eq!(f.bytes().len(), 8192);
     // The handle enforces the same bound.
     let h = server.handle();

@@ -70,7 +70,10 @@ fn serve(name: &str, extra: &str) -> (std::process::Child, std::net::SocketAddr,
     let dir = std::env::temp_dir().join(format!("sb-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let cfg = dir.join(format!("{name}.toml"));
-    let text = format!("[server]\nlisten = \"127.0.0.1:{port}\"\nworkers = 2\n\n[websocket]\nlisten = \"\"\n\n{extra}");
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:{port}\"\nworkers = 2\n\n[websocket]\nlisten = \"\"\n\n[store]\npath = {:?}\n\n{extra}",
+        dir.join("data")
+    );
     std::fs::write(&cfg, text).unwrap();
     let server =
         Command::new(SB).args(["serve", "--log", "warn", "--config"]).arg(&cfg).stdout(Stdio::null()).spawn().unwrap();
@@ -239,7 +242,8 @@ mod restart {
 
     fn start(bin: &Path, dir: &Path, name: &str, port: u16, admin: u16, share: bool) -> Result<Child, String> {
         let cfg = format!(
-            "[server]\nlisten = \"127.0.0.1:{port}\"\nworkers = 2\nshare_listen_port = {share}\n\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n\n[websocket]\nlisten = \"\"\n\n[drain]\nwindow_ms = 1000\nreconnect_jitter_ms = 500\n"
+            "[server]\nlisten = \"127.0.0.1:{port}\"\nworkers = 2\nshare_listen_port = {share}\n\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n\n[websocket]\nlisten = \"\"\n\n[drain]\nwindow_ms = 1000\nreconnect_jitter_ms = 500\n\n[store]\npath = {:?}\n",
+            dir.join(format!("{name}-data"))
         );
         let path = dir.join(format!("{name}.toml"));
         std::fs::write(&path, cfg).map_err(|e| e.to_string())?;

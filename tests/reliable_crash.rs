@@ -74,9 +74,21 @@ fn client(port: u16, user: &str, device: Option<&str>) -> Client {
     c
 }
 
+/// Killed while SENDs are in flight, before the inbox limit.
 #[test]
-fn a_server_killed_with_sigkill_delivers_every_acknowledged_message_after_restart() {
-    let dir = std::env::temp_dir().join(format!("sb-crash-{}-{}", std::process::id(), common::unix_now()));
+fn a_server_killed_with_sigkill_mid_stream_delivers_every_acknowledged_message_after_restart() {
+    killed_and_restarted(1000, false);
+}
+
+/// Killed once the inbox limit (1,500) has refused some SENDs: nothing
+/// refused is delivered.
+#[test]
+fn a_server_killed_with_sigkill_after_refusals_delivers_none_of_them() {
+    killed_and_restarted(2000, true);
+}
+
+fn killed_and_restarted(kill_after_answers: usize, expect_refusals: bool) {
+    let dir = std::env::temp_dir().join(format!("sb-crash-{}-{kill_after_answers}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let (port, admin) = (free_port(), free_port());
     let server = serve(port, admin, &dir);
@@ -106,14 +118,6 @@ fn a_server_killed_with_sigkill_delivers_every_acknowledged_message_after_restar
             }
         })
     };
-    let writer = std::thread::spawn(move || {
-        for req in 1..=3000u32 {
-            if tx.send(req, "rx", format!("s{req}").as_bytes()).is_err() {
-                break;
-            }
-        }
-        tx
-    });
     // Sender 2: the application, through the admin API, one at a time.
     let stop = Arc::new(AtomicBool::new(false));
     let pushed = Arc::new(Mutex::new(Vec::new()));
@@ -132,14 +136,32 @@ fn a_server_killed_with_sigkill_delivers_every_acknowledged_message_after_restar
             }
         })
     };
+    // The application's pushes are under way before the SENDs start.
     let end = Instant::now() + Duration::from_secs(30);
-    while answers.load(Ordering::Relaxed) < 1000 {
+    while pushed.lock().unwrap().len() < 50 {
+        assert!(Instant::now() < end, "the admin API stored too few pushes");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let writer = std::thread::spawn(move || {
+        for req in 1..=3000u32 {
+            if tx.send(req, "rx", format!("s{req}").as_bytes()).is_err() {
+                break;
+            }
+        }
+        tx
+    });
+    while answers.load(Ordering::Relaxed) < kill_after_answers {
         assert!(Instant::now() < end, "the server answered too few SENDs");
         std::thread::sleep(Duration::from_millis(2));
     }
     let mut server = server;
     server.0.kill().unwrap();
     server.0.wait().unwrap();
+    // The dead process's listeners outlive it briefly: its io_uring is
+    // torn down after the exit, in the kernel's own time, and until then
+    // they accept (and then reset) connections. Wait until they are gone.
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    assert!(common::wait_until(Duration::from_secs(10), || !common::listening(addr)), "the killed server's port");
     stop.store(true, Ordering::Relaxed);
     app.join().unwrap();
     let _tx = writer.join().unwrap();
@@ -149,41 +171,45 @@ fn a_server_killed_with_sigkill_delivers_every_acknowledged_message_after_restar
     let refused = refused.lock().unwrap().clone();
     let pushed = pushed.lock().unwrap().clone();
     assert!(acked.len() >= 500, "only {} SENDs were acknowledged before the kill", acked.len());
+    assert_eq!(!refused.is_empty(), expect_refusals, "refusals before the kill: {}", refused.len());
 
     // Restart on the same directory; the device catches up.
     let _server = serve(port, admin, &dir);
     let mut rx = client(port, "rx", Some("phone"));
     rx.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let mut by_seq: BTreeMap<u64, String> = BTreeMap::new();
-    let mut head = None;
-    let mut have = 0u64;
-    let mut req = 1;
+    let (mut head, mut page_end) = (None::<u64>, 0u64);
+    let (mut have, mut acked_to) = (0u64, 0u64);
+    let (mut req, mut fetching) = (1u32, false);
     let deadline = Instant::now() + Duration::from_secs(60);
     while head.is_none_or(|h| have < h) {
         assert!(Instant::now() < deadline, "catch-up stalled at {have} of {head:?}");
+        let mut dup = false;
         match rx.recv_skipping_pings().unwrap().frame() {
-            Frame::Sync { head_seq, page_end, .. } => {
+            Frame::Sync { head_seq, page_end: end, .. } => {
                 head = Some(head_seq);
-                if page_end == have && have < head_seq {
-                    rx.fetch(req, have, 1000).unwrap();
-                    req += 1;
-                }
+                page_end = end;
+                fetching = false;
             }
             Frame::Inbox { seq, payload, .. } => {
+                dup = seq <= have;
                 by_seq.entry(seq).or_insert_with(|| String::from_utf8(payload.to_vec()).unwrap());
                 while by_seq.contains_key(&(have + 1)) {
                     have += 1;
                 }
-                if have % 32 == 0 || Some(have) == head {
-                    rx.ack(have).unwrap();
-                }
-                // The end of a page: ask for the next.
-                if head.is_some_and(|h| have < h) && have % 64 == 0 {
-                    rx.fetch(req, have, 1000).unwrap();
-                    req += 1;
-                }
             }
             other => panic!("receiver got {other:?}"),
+        }
+        // What a client does: ACK every 32, at a page's end and on a
+        // duplicate; FETCH the next page once this one is in.
+        if have >= acked_to + 32 || (have > acked_to && have >= page_end) || dup {
+            rx.ack(have).unwrap();
+            acked_to = have;
+        }
+        if !fetching && have >= page_end && head.is_some_and(|h| page_end < h) {
+            rx.fetch(req, have, 1000).unwrap();
+            req += 1;
+            fetching = true;
         }
     }
     let head = head.unwrap();

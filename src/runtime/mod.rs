@@ -157,6 +157,12 @@ pub(crate) fn start(
     let max_conns_per_worker = report.max_connections.div_ceil(workers).clamp(1, MAX_SLOTS_PER_WORKER);
     let driver = choose_driver(&config)?;
 
+    // The store before the listeners: a data directory that cannot be
+    // opened (permissions, another server holding it) stops the start
+    // before any port is taken, and the time opening takes is not spent
+    // with a listener up and no worker behind it.
+    let store = crate::store::open_store_with(&config.store, config.delivery.dedup_window_ms)
+        .map_err(|e| StartError::Store { path: config.store.path.display().to_string(), message: e.to_string() })?;
     let ws_addr = config.websocket.listen_addr()?;
     check_port_free(addr, &config, addr, ws_addr)?;
     if let Some(a) = ws_addr {
@@ -182,10 +188,6 @@ pub(crate) fn start(
             ws_listeners.push(None);
         }
     }
-    // The store before the workers: a data directory that cannot be opened
-    // (permissions, another server holding it) stops the start here.
-    let store = crate::store::open_store_with(&config.store, config.delivery.dedup_window_ms)
-        .map_err(|e| StartError::Store { path: config.store.path.display().to_string(), message: e.to_string() })?;
     let mailboxes = (0..workers)
         .map(|_| Mailbox::new(config.limits.mailbox_capacity))
         .collect::<std::io::Result<Vec<_>>>()?

@@ -30,6 +30,10 @@ pub fn config() -> Config {
     c.timeouts.heartbeat_interval_ms = 60_000;
     c.timeouts.idle_timeout_ms = 120_000;
     c.timeouts.close_linger_ms = 500;
+    // Each test server its own inbox store, in RAM: the default disk store
+    // lives in one directory that two servers cannot share
+    // (tests/reliable.rs and tests/reliable_crash.rs test it).
+    c.store.kind = switchboard::config::StoreKind::Memory;
     c
 }
 

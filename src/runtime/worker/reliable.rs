@@ -301,10 +301,9 @@ impl Worker {
                 Frame::Error { code: store_error(&e) as u16, req_id, reason: clip_reason(&reason) }.to_bytes()
             }
         };
-        let frame = frame.expect("fixed-size frames and clipped reasons");
-        if self.out.reply(conn.slot(), conn.generation(), frame, false).is_err() {
-            self.close_slow_consumer(conn.slot(), conn.generation());
-        }
+        // Written now, not queued for the end of the batch: one store batch
+        // answers thousands of SENDs of one sender at once.
+        self.deliver(conn, frame.expect("fixed-size frames and clipped reasons"));
     }
 
     /// The store's answer to a device login: the window opens.
