@@ -248,7 +248,7 @@ pub struct LimitsConfig {
     /// Bytes queued for one connection before it is closed as a slow
     /// consumer.
     pub outbound_max_bytes: usize,
-    /// Commands each worker's mailbox holds (about 48 bytes each, allocated
+    /// Commands each worker's mailbox holds (64 bytes each, allocated
     /// at start); a push to a full mailbox fails with `Full`.
     pub mailbox_capacity: usize,
     /// Connections one user id may hold at once (devices); one more login

@@ -50,6 +50,14 @@ pub(crate) struct AppendOutcome {
     pub delivered: u32,
 }
 
+/// The outcome of `conn`'s SEND (`ex`: SEND_EX) that went to the store.
+pub(crate) struct SendDone {
+    pub conn: ConnId,
+    pub req_id: u32,
+    pub ex: bool,
+    pub outcome: Result<AppendOutcome, StoreError>,
+}
+
 /// The store thread's answers, into the workers' mailboxes.
 pub(crate) struct StoreSink {
     pub shared: Arc<Shared>,
@@ -62,9 +70,14 @@ impl StoreSink {
 
     /// A new message for `to`: a notice to each of its connections' workers.
     /// Returns how many took it.
-    fn route(&self, to: &str, msg: &StoredMessage) -> u32 {
+    fn route(&self, to: &str, msg: StoredMessage) -> u32 {
+        let conns = self.shared.directory.lookup(to);
+        if conns.is_empty() {
+            return 0;
+        }
+        let msg = Arc::new(msg);
         let mut delivered = 0;
-        for conn in self.shared.directory.lookup(to).iter() {
+        for conn in conns.iter() {
             delivered += u32::from(self.post(*conn, Command::Stored { conn: *conn, msg: msg.clone() }));
         }
         delivered
@@ -84,7 +97,7 @@ impl Sink<Token> for StoreSink {
                             from: msg.from.clone(),
                             payload: msg.payload.clone(),
                         };
-                        let delivered = self.route(&msg.to, &stored);
+                        let delivered = self.route(&msg.to, stored);
                         AppendOutcome { seq, msg_id: msg.msg_id, duplicate: false, delivered }
                     }
                     Appended::Duplicate { seq, msg_id } => AppendOutcome { seq, msg_id, duplicate: true, delivered: 0 },
@@ -92,7 +105,7 @@ impl Sink<Token> for StoreSink {
                 match reply {
                     Reply::Client { conn, req_id, ex } => {
                         if req_id != 0 || outcome.is_err() {
-                            self.post(conn, Command::SendDone { conn, req_id, ex, outcome });
+                            self.post(conn, Command::SendDone(Box::new(SendDone { conn, req_id, ex, outcome })));
                         }
                     }
                     Reply::Handle(tx) => {
@@ -106,10 +119,10 @@ impl Sink<Token> for StoreSink {
                 }
             }
             (Token::Login { conn }, Done::DeviceLogin(r)) => {
-                self.post(conn, Command::DeviceReady { conn, result: r });
+                self.post(conn, Command::DeviceReady { conn, result: r.map_err(Box::new) });
             }
             (Token::Read { conn }, Done::Read(r)) => {
-                self.post(conn, Command::Page { conn, result: r });
+                self.post(conn, Command::Page { conn, result: Box::new(r) });
             }
             (Token::Position, Done::Position(r)) => {
                 if let Err(e) = r {

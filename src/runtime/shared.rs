@@ -45,20 +45,20 @@ pub(crate) enum Command {
     Adopt { fd: std::os::fd::OwnedFd, websocket: bool },
     /// Tests of the supervision path only: panic in the worker.
     Crash,
-    /// A message was stored in the inbox of `conn`'s user.
-    Stored { conn: ConnId, msg: crate::store::StoredMessage },
-    /// The outcome of `conn`'s SEND or SEND_EX that went to the store.
-    SendDone {
-        conn: ConnId,
-        req_id: u32,
-        ex: bool,
-        outcome: Result<super::inbox::AppendOutcome, crate::store::StoreError>,
-    },
+    /// A message was stored in the inbox of `conn`'s user (shared by the
+    /// notices to each of its connections).
+    Stored { conn: ConnId, msg: Arc<crate::store::StoredMessage> },
+    /// The outcome of a SEND or SEND_EX that went to the store.
+    SendDone(Box<super::inbox::SendDone>),
     /// The store's answer to `conn`'s device login: (position, head).
-    DeviceReady { conn: ConnId, result: Result<(u64, u64), crate::store::StoreError> },
+    DeviceReady { conn: ConnId, result: Result<(u64, u64), Box<crate::store::StoreError>> },
     /// A page for `conn`'s window.
-    Page { conn: ConnId, result: super::inbox::PageResult },
+    Page { conn: ConnId, result: Box<super::inbox::PageResult> },
 }
+
+// Mailboxes hold `limits.mailbox_capacity` commands each, allocated at
+// start: the large payloads ride in boxes.
+const _: () = assert!(std::mem::size_of::<Command>() <= 64);
 
 /// State shared by every worker and handle.
 pub(crate) struct Shared {

@@ -1043,9 +1043,9 @@ impl Worker {
             Command::Adopt { fd, websocket } => self.on_accept(fd, websocket, true),
             Command::Crash => panic!("worker {} made to panic by crash_worker_for_testing", self.id.0),
             Command::Stored { conn, msg } => self.on_stored(conn, msg),
-            Command::SendDone { conn, req_id, ex, outcome } => self.on_send_done(conn, req_id, ex, outcome),
-            Command::DeviceReady { conn, result } => self.on_device_ready(conn, result),
-            Command::Page { conn, result } => self.on_page(conn, result),
+            Command::SendDone(done) => self.on_send_done(*done),
+            Command::DeviceReady { conn, result } => self.on_device_ready(conn, result.map_err(|e| *e)),
+            Command::Page { conn, result } => self.on_page(conn, *result),
             Command::Publish { .. } | Command::Broadcast { .. } => {
                 unreachable!("fan-out commands are handled by the mailbox loop")
             }

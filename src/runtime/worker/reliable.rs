@@ -21,7 +21,7 @@ use crate::proto::codes::{CloseCode, ErrorCode};
 use crate::proto::frame::{clip_reason, Frame, SendOutcome};
 use crate::proto::reliable::{Window, WindowEnv};
 use crate::proto::session::Tick;
-use crate::runtime::inbox::{AppendOutcome, PageResult, Reply, Token};
+use crate::runtime::inbox::{PageResult, Reply, SendDone, Token};
 use crate::store::{NewMessage, Request, StoreError, StoredMessage};
 
 /// One device connection's entry in the side table.
@@ -261,11 +261,11 @@ impl Worker {
     // ---- the store's answers ----------------------------------------------------
 
     /// `msg` was stored for the user of `conn` (one of this worker's).
-    pub(super) fn on_stored(&self, conn: ConnId, msg: StoredMessage) {
+    pub(super) fn on_stored(&self, conn: ConnId, msg: Arc<StoredMessage>) {
         let (slot, generation) = (conn.slot(), conn.generation());
         let now = self.now.get();
         let rules = self.window_rules;
-        if self.with_window(slot, generation, |w, io| w.on_appended(&msg, now, &rules, io)).is_some() {
+        if self.with_window(slot, generation, |w, io| w.on_appended(&*msg, now, &rules, io)).is_some() {
             return;
         }
         if self.reliable.borrow().get(&slot).is_some_and(|d| d.generation == generation) {
@@ -279,13 +279,8 @@ impl Worker {
     }
 
     /// The outcome of `conn`'s SEND (SEND_ACK) or SEND_EX (SEND_RESULT).
-    pub(super) fn on_send_done(
-        &self,
-        conn: ConnId,
-        req_id: u32,
-        ex: bool,
-        outcome: Result<AppendOutcome, StoreError>,
-    ) {
+    pub(super) fn on_send_done(&self, done: SendDone) {
+        let SendDone { conn, req_id, ex, outcome } = done;
         let frame = match outcome {
             Ok(o) if ex => Frame::SendResult {
                 req_id,
