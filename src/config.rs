@@ -338,8 +338,9 @@ pub struct DeliveryConfig {
     /// in with a device id: about 100 bytes plus 16 per message in flight.)
     pub window: u32,
     /// Payload bytes in flight to one connection, at most (one message
-    /// always goes). Below `limits.outbound_max_bytes`, so a window never
-    /// makes a reader a slow consumer.
+    /// always goes). At most half of `limits.outbound_max_bytes` is used
+    /// (a smaller outbound limit lowers it), so a window never makes its
+    /// reader a slow consumer.
     pub window_bytes: u64,
     /// No ACK progress for this long while messages are in flight: write
     /// them again from the acknowledged position.
@@ -715,7 +716,7 @@ impl Config {
         let d = &self.delivery;
         crate::proto::reliable::WindowRules {
             window: d.window,
-            window_bytes: d.window_bytes,
+            window_bytes: d.window_bytes.min(self.limits.outbound_max_bytes as u64 / 2),
             ack_timeout: (d.ack_timeout_ms.div_ceil(self.timeouts.tick_ms) + 1).min(u32::MAX as u64 / 4) as u32,
             max_retransmits: d.max_retransmits,
             first_page: d.first_page,
@@ -845,16 +846,8 @@ impl Config {
         if !(1..=4096).contains(&d.window) {
             return Err(invalid("delivery.window", format!("is {}, must be between 1 and 4096", d.window)));
         }
-        if d.window_bytes == 0 || d.window_bytes > l.outbound_max_bytes as u64 / 2 {
-            return Err(invalid(
-                "delivery.window_bytes",
-                format!(
-                    "is {}, must be between 1 and half of limits.outbound_max_bytes ({}), so that a window of \
-                     messages never makes its reader a slow consumer",
-                    d.window_bytes,
-                    l.outbound_max_bytes / 2
-                ),
-            ));
+        if d.window_bytes == 0 {
+            return Err(invalid("delivery.window_bytes", "must be at least 1"));
         }
         if d.ack_timeout_ms < t.tick_ms {
             return Err(invalid(

@@ -314,7 +314,7 @@ pub fn audit(connections: u64, workers: usize, backlog: u32) -> Vec<CheckItem> {
     let disabled = sysctl("kernel.io_uring_disabled");
     out.push(item(
         "kernel.io_uring_disabled",
-        disabled.as_deref().map_or(true, |v| v == "0"),
+        disabled.as_deref().is_none_or(|v| v == "0"),
         Status::Warn,
         disabled.clone().unwrap_or_else(|| "n/a (not present)".into()),
         "0".into(),

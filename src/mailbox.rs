@@ -187,7 +187,7 @@ mod tests {
             m.begin_drain(true);
             while let Some(v) = m.pop() {
                 let p = (v / 1_000_000) as usize;
-                assert!(last[p].map_or(true, |l| l < v), "per-producer order kept");
+                assert!(last[p].is_none_or(|l| l < v), "per-producer order kept");
                 last[p] = Some(v);
                 seen += 1;
             }

@@ -233,7 +233,7 @@ fn log_filter(spec: &str) -> Result<tracing_subscriber::EnvFilter, String> {
 /// Colours in the text log: only on a terminal, and never with `NO_COLOR`
 /// set to anything but the empty string (no-color.org).
 fn log_colours(stderr_is_terminal: bool) -> bool {
-    stderr_is_terminal && std::env::var_os("NO_COLOR").map_or(true, |v| v.is_empty())
+    stderr_is_terminal && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }
 
 fn wait_for_signal(set: &libc::sigset_t) -> i32 {

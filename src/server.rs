@@ -108,10 +108,8 @@ impl Handle {
             client_id,
         };
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        let token = crate::runtime::inbox::Token::Append {
-            msg: msg.clone(),
-            reply: crate::runtime::inbox::Reply::Handle(tx),
-        };
+        let token =
+            crate::runtime::inbox::Token::Append { msg: msg.clone(), reply: crate::runtime::inbox::Reply::Handle(tx) };
         store.try_submit(token, crate::store::Request::Append(msg)).map_err(|_| PushError::StoreBusy)?;
         Ok(PendingPush { rx })
     }
@@ -495,8 +493,7 @@ impl ServerBuilder {
         let authenticator: Arc<dyn Authenticator> = Arc::new(crate::authlog::Logged::new(authenticator));
         let admin = config.admin.clone();
         let started = crate::runtime::start(config, authenticator, self.hook)?;
-        let mut server =
-            Server {
+        let mut server = Server {
             handle: started.handle,
             threads: started.threads,
             admin: None,

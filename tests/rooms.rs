@@ -303,7 +303,7 @@ fn drop_oldest_keeps_a_slow_reader_connected_and_says_what_it_skipped() {
         match slow.recv().unwrap().frame() {
             Frame::RoomMsg { payload, .. } => {
                 let i = u64::from_be_bytes(payload[..8].try_into().unwrap());
-                assert!(last.map_or(true, |l| i > l), "still in order");
+                assert!(last.is_none_or(|l| i > l), "still in order");
                 last = Some(i);
                 seen += 1;
             }

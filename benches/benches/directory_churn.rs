@@ -67,7 +67,7 @@ fn run(label: &str, d: &Directory, logins: u32, user: impl Fn(u32) -> String) {
     // linger; here every 1,000 logins and with no linger (the earliest
     // removals, so the most tombstones), on this thread: its time counts.
     let once = |i: u32| {
-        if i % 1_000 == 0 {
+        if i.is_multiple_of(1_000) {
             d.sweep(0);
         }
         let name = d.register(&user(i), conn(i)).unwrap();

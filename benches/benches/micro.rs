@@ -339,7 +339,7 @@ fn directory(c: &mut Criterion) {
     g.bench_function("register_unregister", |b| {
         b.iter(|| {
             n = n.wrapping_add(1);
-            if n % 1024 == 0 {
+            if n.is_multiple_of(1024) {
                 d.sweep(0);
             }
             let name = d.register(black_box("newcomer"), conn).unwrap();
@@ -359,7 +359,7 @@ fn directory(c: &mut Criterion) {
         scope.spawn(|| {
             let mut n = 0u32;
             while !stop.load(Ordering::Relaxed) {
-                if n % 1000 == 0 {
+                if n.is_multiple_of(1000) {
                     d.sweep(0);
                 }
                 let user = format!("churner{}", n % 200_000);

@@ -20,6 +20,8 @@ fn config() -> Config {
     c.timeouts.tick_ms = 50;
     c.timeouts.heartbeat_interval_ms = 60_000;
     c.timeouts.idle_timeout_ms = 120_000;
+    // Two tests' servers at once: each its own in-memory inbox store.
+    c.store.kind = switchboard::config::StoreKind::Memory;
     c
 }
 

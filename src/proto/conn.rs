@@ -669,7 +669,9 @@ impl Connection {
             }
         }
         match frame {
-            Frame::Login { user, token, device, last_seq } => self.login(user, token, device, last_seq, now, rules, env),
+            Frame::Login { user, token, device, last_seq } => {
+                self.login(user, token, device, last_seq, now, rules, env)
+            }
             Frame::Ping { data } => {
                 env.reply(Frame::Pong { data }.to_bytes().expect("PING data is bounded by the decoder"))
             }

@@ -29,11 +29,18 @@ pub(crate) enum Reply {
 
 /// What a store request's answer is for.
 pub(crate) enum Token {
-    Append { msg: NewMessage, reply: Reply },
+    Append {
+        msg: NewMessage,
+        reply: Reply,
+    },
     /// A device logged in on this connection.
-    Login { conn: ConnId },
+    Login {
+        conn: ConnId,
+    },
     /// A connection's window asked for a page.
-    Read { conn: ConnId },
+    Read {
+        conn: ConnId,
+    },
     /// A device position; nothing waits for it.
     Position,
     /// An inbox's state, for the handle.

@@ -168,6 +168,16 @@ pub(crate) fn start(
     if let Some(a) = ws_addr {
         check_port_free(a, &config, addr, ws_addr)?;
     }
+    // What takes time to set up (the mailboxes are allocated and written
+    // whole) comes before the listeners, so that a port that accepts has
+    // its workers moments later: another server probing the port (or a
+    // client) meets a server that is up, not one still allocating.
+    let mailboxes = (0..workers)
+        .map(|_| Mailbox::new(config.limits.mailbox_capacity))
+        .collect::<std::io::Result<Vec<_>>>()?
+        .into_boxed_slice();
+    let directory = Directory::with_capacity(config.limits.max_conns_per_user, report.max_connections);
+    let outs: Box<[write::OutSlots]> = (0..workers).map(|_| write::OutSlots::new(max_conns_per_worker)).collect();
     let mut listeners = Vec::with_capacity(workers);
     let mut ws_listeners = Vec::with_capacity(workers);
     let mut bound = addr;
@@ -188,21 +198,17 @@ pub(crate) fn start(
             ws_listeners.push(None);
         }
     }
-    let mailboxes = (0..workers)
-        .map(|_| Mailbox::new(config.limits.mailbox_capacity))
-        .collect::<std::io::Result<Vec<_>>>()?
-        .into_boxed_slice();
     let shared = Arc::new(Shared {
         timeouts: config.timeouts_in_ticks(),
         max_conns_per_worker,
         mailboxes,
-        directory: Directory::with_capacity(config.limits.max_conns_per_user, report.max_connections),
+        directory,
         rooms: RoomRegistry::new(
             config.rooms.max_rooms,
             config.rooms.max_members_per_room,
             config.rooms.max_rooms_created_per_user,
         ),
-        outs: (0..workers).map(|_| write::OutSlots::new(max_conns_per_worker)).collect(),
+        outs,
         write_rules: write::WriteRules {
             limits: OutLimits {
                 max_frames: config.limits.outbound_max_frames,

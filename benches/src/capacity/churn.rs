@@ -259,7 +259,7 @@ fn run_cycles(
                     while n < quota {
                         let r = next_rand(&mut rng);
                         let user = format!("churn-{}", r % users);
-                        let devices = if (r >> 32) % 8 == 0 && quota - n >= 2 { 2 } else { 1 };
+                        let devices = if (r >> 32).is_multiple_of(8) && quota - n >= 2 { 2 } else { 1 };
                         let mut open = Vec::with_capacity(2);
                         for _ in 0..devices {
                             match c.login(&user) {

@@ -333,7 +333,7 @@ fn key_at(key: [u8; 4], offset: usize) -> [u8; 4] {
 /// stack copy, for validation only). A multiple of 4: every piece starts at
 /// the same key phase.
 const CHECK_CHUNK: usize = 512;
-const _: () = assert!(CHECK_CHUNK % 4 == 0);
+const _: () = assert!(CHECK_CHUNK.is_multiple_of(4));
 
 /// Parses a close payload (already unmasked).
 fn parse_close(p: &[u8]) -> Result<WsEvent<'_>, WsError> {
