@@ -229,7 +229,9 @@ impl World {
         let Some(u) = self.devices[d].conn.as_mut().and_then(|c| c.up.pop_front()) else { return };
         match u {
             Up::Ack(seq) => self.with_window(d, |w, env, now| w.on_ack(seq, now, &rules(), env)),
-            Up::Fetch(after, limit) => self.with_window(d, |w, env, now| w.on_fetch(1, after, limit, now, &rules(), env)),
+            Up::Fetch(after, limit) => {
+                self.with_window(d, |w, env, now| w.on_fetch(1, after, limit, now, &rules(), env))
+            }
         }
     }
 

@@ -121,6 +121,36 @@ impl Window {
         w
     }
 
+    /// A device connection whose window was parked (see
+    /// [`Window::is_idle`]) comes back to life at `position`, which was
+    /// then also the head: no SYNC, nothing in flight, live.
+    pub fn resume(position: u64) -> Window {
+        Window {
+            acked: position,
+            sent: position,
+            limit: LIVE,
+            head: position,
+            in_flight: VecDeque::new(),
+            in_flight_bytes: 0,
+            reading: None,
+            deadline: None,
+            retries: 0,
+        }
+    }
+
+    /// Nothing in flight, nothing asked of the store, no timer, caught up:
+    /// the window is fully described by its position, so the caller may
+    /// drop it and [`Window::resume`] it when the connection next needs
+    /// one. (An idle device connection then costs no window.)
+    pub fn is_idle(&self) -> bool {
+        self.in_flight.is_empty()
+            && self.reading.is_none()
+            && self.deadline.is_none()
+            && self.limit == LIVE
+            && self.sent == self.head
+            && self.acked == self.head
+    }
+
     pub fn position(&self) -> u64 {
         self.acked
     }
@@ -557,6 +587,21 @@ mod tests {
         w.on_page(&[Msg(4, 1), Msg(5, 1)], 6, 0, &r, &mut env);
         assert_eq!(after, 0);
         assert_eq!(env.delivered, vec![4, 5]);
+    }
+
+    #[test]
+    fn an_idle_window_parks_and_resumes_where_it_was() {
+        let mut env = Rec::default();
+        let mut w = Window::start::<Msg>(0, 0, 0, &rules(), &mut env);
+        assert!(w.is_idle());
+        w.on_appended(&Msg(1, 10), 0, &rules(), &mut env);
+        assert!(!w.is_idle(), "one in flight");
+        w.on_ack(1, 1, &rules(), &mut env);
+        assert!(w.is_idle());
+        let mut w = Window::resume(w.position());
+        w.on_appended(&Msg(2, 10), 2, &rules(), &mut env);
+        assert_eq!(env.delivered, vec![1, 2]);
+        assert!(env.reads.is_empty());
     }
 
     /// A model: whatever the interleaving of arrivals, ACKs, retransmit

@@ -24,13 +24,25 @@ use crate::proto::session::Tick;
 use crate::runtime::inbox::{PageResult, Reply, SendDone, Token};
 use crate::store::{NewMessage, Request, StoreError, StoredMessage};
 
-/// One device connection's entry in the side table.
+/// Where a device connection's window is.
+enum State {
+    /// Logged in; the store has not answered with the position yet.
+    Pending,
+    /// Idle (nothing in flight, caught up): only the position is kept.
+    Parked { position: u64 },
+    /// Messages in flight, a page or a timer outstanding.
+    Open(Box<Window>),
+}
+
+/// One device connection's entry in the side table. An idle one (parked)
+/// costs this entry, about 60 bytes in the table, and its device id; the
+/// window (about 120 bytes, and 16 per message in flight) exists only while
+/// something is in flight.
 pub(super) struct Device {
     generation: u32,
     user: Arc<str>,
     device: Arc<str>,
-    /// `None` until the store answers the login with the position.
-    window: Option<Window>,
+    state: State,
 }
 
 /// The side table: slot → device connection.
@@ -116,6 +128,15 @@ impl WindowEnv<StoredMessage> for WinIo<'_> {
     }
 }
 
+/// Keeps an idle window as its position only.
+fn park(window: Box<Window>) -> State {
+    if window.is_idle() {
+        State::Parked { position: window.position() }
+    } else {
+        State::Open(window)
+    }
+}
+
 impl Worker {
     /// Runs `f` on the window of device connection (`slot`, `generation`)
     /// with a `WinIo`, the entry out of the table meanwhile; then carries
@@ -130,11 +151,15 @@ impl Worker {
         let mut dev = {
             let mut table = self.reliable.borrow_mut();
             match table.get(&slot) {
-                Some(d) if d.generation == generation && d.window.is_some() => table.remove(&slot)?,
+                Some(d) if d.generation == generation && !matches!(d.state, State::Pending) => table.remove(&slot)?,
                 _ => return None,
             }
         };
-        let mut window = dev.window.take().expect("checked above");
+        let mut window = match std::mem::replace(&mut dev.state, State::Pending) {
+            State::Open(w) => w,
+            State::Parked { position } => Box::new(Window::resume(position)),
+            State::Pending => unreachable!("checked above"),
+        };
         let mut io = WinIo {
             w: self,
             slot,
@@ -150,7 +175,7 @@ impl Worker {
         if read_failed {
             window.on_read_failed(self.now.get(), &self.window_rules);
         }
-        dev.window = Some(window);
+        dev.state = park(window);
         self.reliable.borrow_mut().insert(slot, dev);
         if overflow {
             self.close_slow_consumer(slot, generation);
@@ -181,7 +206,7 @@ impl Worker {
         if store.try_submit(Token::Login { conn }, req).is_err() {
             return Err((CloseCode::TryAgainLater, "the message store is busy; log in again shortly".into()));
         }
-        let dev = Device { generation, user: user.clone(), device, window: None };
+        let dev = Device { generation, user: user.clone(), device, state: State::Pending };
         self.reliable.borrow_mut().insert(slot, dev);
         Ok(())
     }
@@ -269,7 +294,7 @@ impl Worker {
             return;
         }
         if self.reliable.borrow().get(&slot).is_some_and(|d| d.generation == generation) {
-            return; // window not open yet: the login page will hold it
+            return; // the store has not answered the login yet: the login page will hold it
         }
         // A plain connection: today's live PUSH, at most once.
         let frame = Frame::Push { msg_id: msg.msg_id, from: &msg.from, payload: &msg.payload }
@@ -316,7 +341,9 @@ impl Worker {
         let mut dev = {
             let mut table = self.reliable.borrow_mut();
             match table.get(&slot) {
-                Some(d) if d.generation == generation && d.window.is_none() => table.remove(&slot).expect("just seen"),
+                Some(d) if d.generation == generation && matches!(d.state, State::Pending) => {
+                    table.remove(&slot).expect("just seen")
+                }
                 _ => return, // closed meanwhile
             }
         };
@@ -331,12 +358,12 @@ impl Worker {
             overflow: false,
         };
         let now = self.now.get();
-        let mut window = Window::start(position, head, now, &self.window_rules, &mut io);
+        let mut window = Box::new(Window::start(position, head, now, &self.window_rules, &mut io));
         let (read_failed, overflow) = (io.read_failed, io.overflow);
         if read_failed {
             window.on_read_failed(now, &self.window_rules);
         }
-        dev.window = Some(window);
+        dev.state = park(window);
         self.reliable.borrow_mut().insert(slot, dev);
         if overflow {
             self.close_slow_consumer(slot, generation);
@@ -363,7 +390,8 @@ impl Worker {
             .borrow()
             .iter()
             .filter_map(|(&slot, d)| {
-                let at = d.window.as_ref()?.deadline()?;
+                let State::Open(w) = &d.state else { return None };
+                let at = w.deadline()?;
                 ((now.wrapping_sub(at) as i32) >= 0).then_some((slot, d.generation))
             })
             .collect();
