@@ -390,3 +390,20 @@ fn a_disk_store_keeps_messages_and_positions_across_a_restart() {
     server.shutdown().unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_second_server_on_the_same_store_directory_is_refused_with_the_reason() {
+    let dir = std::env::temp_dir().join(format!("sb-reliable-lock-{}", std::process::id()));
+    let mut cfg = config();
+    cfg.store.kind = StoreKind::Disk;
+    cfg.store.path = dir.clone();
+    let first = common::start(cfg.clone());
+    let err = match switchboard::Server::builder().config(cfg).start() {
+        Ok(_) => panic!("two servers opened one store directory"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("in use by another process"), "{err}");
+    assert!(err.contains(&dir.display().to_string()), "{err}");
+    first.shutdown().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}

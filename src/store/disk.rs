@@ -181,7 +181,14 @@ impl DiskStore {
             .cache_size(CACHE_BYTES)
             .worker_threads(ENGINE_THREADS)
             .open()
-            .map_err(|e| unavailable(format!("cannot open {}: {e}", path.display())))?;
+            .map_err(|e| match e {
+                fjall::Error::Locked => unavailable(format!(
+                    "{} is in use by another process (one server per store directory: give this one its own \
+                     store.path / --data-dir, or stop the other first)",
+                    path.display()
+                )),
+                e => unavailable(format!("cannot open {}: {e}", path.display())),
+            })?;
         let ks = |name: &str| {
             db.keyspace(name, || KeyspaceCreateOptions::default().max_memtable_size(MEMTABLE_BYTES))
                 .map_err(unavailable)
