@@ -303,6 +303,11 @@ fn push(req: &Request, h: &Handle, user: &str) -> (u16, serde_json::Value) {
                 "duplicate": r.duplicate,
                 "connections": r.connections,
                 "stored": true,
+                "durability": match r.durability {
+                    Some(crate::store::Durability::Fsync) => "fsync",
+                    Some(crate::store::Durability::Os) => "os",
+                    None => "memory",
+                },
             }),
         ),
     }

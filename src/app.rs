@@ -93,6 +93,10 @@ pub struct Receipt {
     /// Connections of the user online when it was stored (0: it waits in
     /// the inbox).
     pub connections: usize,
+    /// What survives the message now: `Some(Fsync)`: a crash of the
+    /// process or of the machine; `Some(Os)`: a crash of the process;
+    /// `None`: nothing (the memory store, or an at-most-once push).
+    pub durability: Option<crate::store::Durability>,
 }
 
 /// Outcome of a room publish or a broadcast.

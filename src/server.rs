@@ -70,7 +70,8 @@ impl Handle {
         }
         let p = self.push_to_user(user, payload)?;
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        let _ = tx.send(Ok(Receipt { seq: 0, msg_id: p.msg_id, duplicate: false, connections: p.connections }));
+        let r = Receipt { seq: 0, msg_id: p.msg_id, duplicate: false, connections: p.connections, durability: None };
+        let _ = tx.send(Ok(r));
         Ok(PendingPush { rx })
     }
 

@@ -179,6 +179,7 @@ fn an_offline_user_gets_the_first_page_then_fetches_the_rest() {
         let r = handle.push_reliable("carol", format!("m{i}"), 0).unwrap().wait().unwrap();
         assert_eq!(r.seq, i as u64 + 1);
         assert_eq!(r.connections, 0);
+        assert_eq!(r.durability, None, "the memory store keeps nothing across a crash");
     }
     let mut carol = device_login(addr, "carol", "laptop", 0);
     let mut seen = Seen::default();
@@ -381,6 +382,7 @@ fn a_disk_store_keeps_messages_and_positions_across_a_restart() {
     let h = server.handle();
     let r = h.push_reliable("kim", "m30", 0).unwrap().wait().unwrap();
     assert_eq!(r.seq, 31, "seqs continue after a restart");
+    assert_eq!(r.durability, Some(switchboard::store::Durability::Fsync));
     let mut kim = device_login(server.local_addr(), "kim", "phone", 0);
     read_until(&mut kim, &mut seen, 5, Duration::from_secs(5), |s| s.syncs.len() >= 2);
     assert_eq!(seen.syncs[1], (0, 20, 31, 31), "the position survived the restart");
