@@ -409,3 +409,37 @@ fn a_second_server_on_the_same_store_directory_is_refused_with_the_reason() {
     first.shutdown().unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn the_admin_api_pushes_reliably_or_at_most_once_and_shows_an_inbox() {
+    let mut cfg = config();
+    cfg.admin.listen = "127.0.0.1:0".into();
+    let server = common::start(cfg);
+    let a = server.admin_addr().unwrap();
+    let json = |b: &str| -> serde_json::Value { serde_json::from_str(b).unwrap() };
+    // Stored while the user is offline; the same client_id twice is one message.
+    let (status, body) = common::http(a, "POST", "/push?user=lea", b"first", None).unwrap();
+    assert_eq!(status, 200, "{body}");
+    let first = json(&body);
+    assert_eq!((first["seq"].as_u64(), first["stored"].as_bool()), (Some(1), Some(true)));
+    assert_eq!(first["durability"], "memory");
+    for _ in 0..2 {
+        let (status, body) = common::http(a, "POST", "/push?user=lea&client_id=9", b"second", None).unwrap();
+        assert_eq!((status, json(&body)["seq"].as_u64()), (200, Some(2)), "{body}");
+    }
+    // At most once: not stored, nobody online, gone.
+    let (status, body) = common::http(a, "POST", "/push?user=lea&mode=at_most_once", b"gone", None).unwrap();
+    assert_eq!((status, json(&body)["stored"].as_bool(), json(&body)["connections"].as_u64()), (200, Some(false), Some(0)));
+    assert_eq!(common::http(a, "POST", "/push?user=lea&mode=sometimes", b"x", None).unwrap().0, 400);
+    // A device catches up and acknowledges; the inbox shows its position.
+    let mut lea = device_login(server.local_addr(), "lea", "watch", 0);
+    let mut seen = Seen::default();
+    read_until(&mut lea, &mut seen, 1, Duration::from_secs(5), |s| s.have >= 2);
+    assert_eq!(payloads(&seen), vec!["first".to_string(), "second".to_string()]);
+    let inbox = || json(&common::http(a, "GET", "/inbox?user=lea", b"", None).unwrap().1);
+    assert!(common::wait_until(Duration::from_secs(5), || inbox()["devices"][0]["position"] == 2));
+    let state = inbox();
+    assert_eq!(state["head_seq"], 2);
+    assert_eq!(state["devices"][0]["device"], "watch");
+    assert_eq!(state["devices"][0]["pending"], 0);
+}
