@@ -13,7 +13,10 @@
 //!   paging past the first page, and every message once, in order.
 //! - `chromium_demo_page`: a headless Chromium opens the demo page (served
 //!   in dev mode, on the development secret) in a 1280x900 window, logs in
-//!   through the page's own token fetch, and shows a push from the handle, a
+//!   through the page's own token fetch as a device, shows messages stored
+//!   from the handle live, and after a reload (during which more were stored,
+//!   past the first page) the whole inbox once and in order (resumed with
+//!   `last_seq`, the rest FETCHed), acknowledged; then a push from the handle, a
 //!   send to a raw TCP client (echoed), room messages, a full log without a
 //!   page scrollbar, a drain's 1001 after which it reconnects at the hinted
 //!   time to a second server on the same port and rejoins its room, and a
@@ -329,6 +332,29 @@ fn chromium_demo_page() {
     });
 
     s.expect("LOGGED_IN alice");
+    // Reliable delivery across a reload: five stored and shown live, then
+    // twenty-five more (past the first page of 20) stored while no page is
+    // connected; the reloaded page resumes after what it saved.
+    let store = |range: std::ops::RangeInclusive<u64>, online: usize| {
+        for i in range {
+            let r = h.push_reliable("alice", format!("inbox-{i}"), 0).unwrap().wait().expect("stored");
+            assert_eq!((r.seq, r.connections), (i, online), "inbox-{i}");
+        }
+    };
+    s.expect("INBOX_READY");
+    store(1..=5, 1);
+    s.expect("INBOX_LIVE 5");
+    s.expect("RELOADED");
+    assert!(wait_until(Duration::from_secs(5), || !h.is_online("alice")), "the reload should close the page's socket");
+    store(6..=30, 0);
+    s.tell("PUSHED 30");
+    s.expect("RESUMED 30 once in order");
+    let position = || {
+        let st = h.inbox_state("alice", Duration::from_secs(5)).expect("the inbox state");
+        assert_eq!(st.devices.len(), 1, "one device across the reload: {st:?}");
+        st.devices[0].position
+    };
+    assert!(wait_until(Duration::from_secs(5), || position() == 30), "the page acknowledges what it stored");
     s.expect("READY");
     assert_eq!(h.push_to_user("alice", "rust-push-browser").unwrap().connections, 1);
     s.expect("PUSH_SEEN rust-push-browser");
@@ -370,7 +396,11 @@ fn chromium_demo_page() {
     let st = h.stats();
     server.join().expect("the first server drained");
     assert!(st.http_requests >= if dev { 2 } else { 1 }, "the page and its token: {st:?}");
-    assert_eq!((st.ws_upgrades, st.protocol_errors, st.idle_timeouts), (1, 0, 0), "{st:?}");
+    assert_eq!(
+        (st.ws_upgrades, st.protocol_errors, st.idle_timeouts),
+        (2, 0, 0),
+        "before and after the reload: {st:?}"
+    );
     assert!(wait_until(Duration::from_secs(5), || !h2.is_online("alice")), "alice should be gone after Disconnect");
     let st = h2.stats();
     assert_eq!((st.ws_upgrades, st.logins, st.protocol_errors), (1, 1, 0), "{st:?}");
