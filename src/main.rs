@@ -113,6 +113,18 @@ enum Cmd {
         /// Configuration file whose auth.jwt_secret signs the token.
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Log in as this device (1 to 64 bytes, stable per install) for
+        /// reliable delivery: stored messages print as `[#SEQ ...]`, are
+        /// acknowledged, and what is waiting is fetched page by page. The
+        /// last seq printed is kept in the --state file, so the next run
+        /// resumes after it. Without it: live messages only (PUSH).
+        #[arg(long)]
+        device: Option<String>,
+        /// The file that keeps the last seq stored, with --device (default:
+        /// ~/.switchboard-client-USER@DEVICE.seq, with bytes other than
+        /// A-Z a-z 0-9 . _ - written as %XX).
+        #[arg(long, requires = "device")]
+        state: Option<PathBuf>,
     },
 }
 
@@ -126,7 +138,9 @@ const CLIENT_COMMANDS: &str = "Commands, one per line:
   /quit             close the connection (so does end of input)
 
 Arriving messages print as `[ID from USER] TEXT` (to you) and
-`[ID in ROOM from USER] TEXT` (to a room; `everyone` for a broadcast).";
+`[ID in ROOM from USER] TEXT` (to a room; `everyone` for a broadcast);
+with --device, messages stored for you print as `[#SEQ ID from USER] TEXT`,
+each once, in seq order.";
 
 /// How `serve` writes its log.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -505,12 +519,221 @@ fn typed_frame(line: &str, req_id: &mut u32) -> Result<Option<bytes::Bytes>, Str
     frame.map(Some).map_err(|e| format!("cannot send: {e}"))
 }
 
-fn client(user: String, addr: SocketAddr, token: Option<String>, config: Option<PathBuf>) -> ExitCode {
+/// ACK after this many new INBOX frames, or after [`ACK_AFTER`] (PROTOCOL.md 15.4).
+const ACK_EVERY: u64 = 32;
+const ACK_AFTER: Duration = Duration::from_millis(100);
+/// FETCH page size: the server's default `delivery.max_fetch`.
+const FETCH_LIMIT: u16 = 1000;
+
+/// `--state`'s default: `~/.switchboard-client-USER@DEVICE.seq`, bytes
+/// other than `A-Z a-z 0-9 . _ -` as `%XX` (so any user id and device
+/// make one plain file name, and different pairs never the same one).
+fn default_state_path(user: &str, device: &str) -> Result<PathBuf, String> {
+    let home = std::env::var_os("HOME").filter(|h| !h.is_empty()).ok_or("HOME is not set: give --state FILE")?;
+    let escape = |s: &str| {
+        s.bytes()
+            .map(|b| match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'.' | b'_' | b'-' => (b as char).to_string(),
+                _ => format!("%{b:02X}"),
+            })
+            .collect::<String>()
+    };
+    Ok(PathBuf::from(home).join(format!(".switchboard-client-{}@{}.seq", escape(user), escape(device))))
+}
+
+/// The last seq stored, from the state file (0 if there is none yet).
+fn read_state(path: &std::path::Path) -> Result<u64, String> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => text.trim().parse().map_err(|_| {
+            format!(
+                "{}: not a seq ({:?}); delete it to start over (stored messages then come again)",
+                path.display(),
+                text.trim()
+            )
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
+        Err(e) => Err(format!("{}: {e}", path.display())),
+    }
+}
+
+/// Reliable delivery in `switchboard client --device` (PROTOCOL.md 15):
+/// what is stored (the state file), what is acknowledged, and the last SYNC.
+struct Inbox {
+    state: PathBuf,
+    /// The highest seq printed and saved.
+    last_seq: u64,
+    acked: u64,
+    /// When the oldest unacknowledged INBOX was printed.
+    unacked_since: Option<std::time::Instant>,
+    /// A copy arrived: the server missed an ACK, so send one again.
+    ack_again: bool,
+    /// The last SYNC: the page ends here, the inbox there.
+    page_end: u64,
+    head_seq: u64,
+    /// A FETCH is out and its SYNC has not come yet.
+    fetching: bool,
+    fetch_id: u32,
+}
+
+impl Inbox {
+    /// Saves `last_seq`: a new file renamed over the old, so a crash
+    /// leaves one or the other.
+    fn save(&self) {
+        let tmp = self.state.with_extension("seq.tmp");
+        let saved =
+            std::fs::write(&tmp, format!("{}\n", self.last_seq)).and_then(|_| std::fs::rename(&tmp, &self.state));
+        if let Err(e) = saved {
+            err!("switchboard: cannot save the last seq to {}: {e}", self.state.display());
+        }
+    }
+
+    /// Takes one frame: prints it unless it is a copy of a stored INBOX;
+    /// returns the ACK or FETCH to send now, if any.
+    fn take(&mut self, f: &Frame<'_>) -> Option<Frame<'static>> {
+        match *f {
+            Frame::Sync { position, head_seq, page_end, .. } => {
+                print_frame(f);
+                if head_seq < self.last_seq {
+                    // Seqs never go back on one store (15.3): this is a new one.
+                    out!("(the server's inbox ends at #{head_seq}, before #{} stored here: a new store; going on from #{position})", self.last_seq);
+                    self.last_seq = position;
+                    self.acked = position;
+                    self.save();
+                }
+                (self.page_end, self.head_seq, self.fetching) = (page_end, head_seq, false);
+                self.fetch_if_page_done()
+            }
+            Frame::Inbox { seq, .. } if seq <= self.last_seq => {
+                self.ack_again = true;
+                None
+            }
+            Frame::Inbox { seq, .. } => {
+                print_frame(f);
+                self.last_seq = seq;
+                self.save();
+                self.unacked_since.get_or_insert_with(std::time::Instant::now);
+                self.fetch_if_page_done().or_else(|| self.ack_if_due())
+            }
+            _ => {
+                print_frame(f);
+                None
+            }
+        }
+    }
+
+    /// Once the page a SYNC announced is in and more wait: FETCH the next
+    /// (which acknowledges everything up to `after_seq`, 15.7).
+    fn fetch_if_page_done(&mut self) -> Option<Frame<'static>> {
+        if self.fetching || self.last_seq < self.page_end || self.page_end >= self.head_seq {
+            return None;
+        }
+        self.fetching = true;
+        self.fetch_id += 1;
+        self.mark_acked();
+        Some(Frame::Fetch { req_id: self.fetch_id, after_seq: self.last_seq, limit: FETCH_LIMIT })
+    }
+
+    /// The batched ACK, when due: 32 new messages, 100 ms since the first
+    /// unacknowledged one, or a copy that says the server missed an ACK.
+    fn ack_if_due(&mut self) -> Option<Frame<'static>> {
+        let due = self.last_seq >= self.acked + ACK_EVERY
+            || self.unacked_since.is_some_and(|t| t.elapsed() >= ACK_AFTER)
+            || (self.ack_again && self.last_seq > 0);
+        due.then(|| self.ack_now()).flatten()
+    }
+
+    /// The ACK of everything stored, unless there is nothing to acknowledge.
+    fn ack_now(&mut self) -> Option<Frame<'static>> {
+        if self.last_seq == self.acked && !self.ack_again {
+            return None;
+        }
+        self.mark_acked();
+        Some(Frame::Ack { seq: self.last_seq })
+    }
+
+    fn mark_acked(&mut self) {
+        self.acked = self.last_seq;
+        self.unacked_since = None;
+        self.ack_again = false;
+    }
+}
+
+/// Reads and prints frames until the connection ends, then exits the
+/// process; with `inbox`, also acknowledges and fetches.
+fn read_loop(mut c: Client, inbox: Option<std::sync::Arc<std::sync::Mutex<Inbox>>>) -> ! {
+    if inbox.is_some() {
+        // Wake up for batched ACKs even when nothing arrives.
+        let _ = c.set_read_timeout(Some(ACK_AFTER / 2));
+    }
+    loop {
+        let f = c.recv_skipping_pings();
+        let reply = match (&f, &inbox) {
+            (Ok(f), Some(inbox)) => inbox.lock().unwrap_or_else(|e| e.into_inner()).take(&f.frame()),
+            (Ok(f), None) => {
+                print_frame(&f.frame());
+                None
+            }
+            (Err(e), Some(inbox)) if e.is_timeout() => inbox.lock().unwrap_or_else(|e| e.into_inner()).ack_if_due(),
+            (Err(ClientError::Closed), _) => {
+                out!("(connection closed)");
+                std::process::exit(0);
+            }
+            (Err(e), _) => {
+                err!("switchboard: {e}");
+                std::process::exit(1);
+            }
+        };
+        if let Some(reply) = reply {
+            if let Err(e) = c.send_frame(&reply) {
+                err!("switchboard: {e}");
+                std::process::exit(1);
+            }
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn client(
+    user: String,
+    addr: SocketAddr,
+    token: Option<String>,
+    config: Option<PathBuf>,
+    device: Option<String>,
+    state: Option<PathBuf>,
+) -> ExitCode {
     let token = match token.map(Ok).unwrap_or_else(|| mint(&config, None, &user, 86_400)) {
         Ok(t) => t,
         Err(e) => {
             err!("switchboard: {e}");
             return ExitCode::from(2);
+        }
+    };
+    // With a device: where the last stored seq is kept, and what it says.
+    let inbox = match &device {
+        None => None,
+        Some(d) => {
+            let loaded = match state {
+                Some(p) => Ok(p),
+                None => default_state_path(&user, d),
+            }
+            .and_then(|p| read_state(&p).map(|seq| (p, seq)));
+            match loaded {
+                Ok((state, last_seq)) => Some(Inbox {
+                    state,
+                    last_seq,
+                    acked: last_seq,
+                    unacked_since: None,
+                    ack_again: false,
+                    page_end: 0,
+                    head_seq: 0,
+                    fetching: false,
+                    fetch_id: 0,
+                }),
+                Err(e) => {
+                    err!("switchboard: {e}");
+                    return ExitCode::from(2);
+                }
+            }
         }
     };
     let mut c = match Client::connect_timeout(&addr, Duration::from_secs(5)) {
@@ -520,12 +743,21 @@ fn client(user: String, addr: SocketAddr, token: Option<String>, config: Option<
             return ExitCode::from(1);
         }
     };
-    match c.login(&user, &token) {
-        Ok(info) => out!(
-            "logged in as {user} (conn {:#x}, server pings after {} s of silence); type `@USER TEXT`, /join ROOM, /leave ROOM, /pub ROOM TEXT, /ping, /quit",
-            info.conn_id,
-            info.heartbeat_interval_ms / 1000
-        ),
+    let login = match (&device, &inbox) {
+        (Some(d), Some(i)) => c.login_device(&user, &token, d, i.last_seq),
+        _ => c.login(&user, &token),
+    };
+    match login {
+        Ok(info) => {
+            out!(
+                "logged in as {user} (conn {:#x}, server pings after {} s of silence); type `@USER TEXT`, /join ROOM, /leave ROOM, /pub ROOM TEXT, /ping, /quit",
+                info.conn_id,
+                info.heartbeat_interval_ms / 1000
+            );
+            if let (Some(d), Some(i)) = (&device, &inbox) {
+                out!("(device {d}: stored up to #{}, kept in {})", i.last_seq, i.state.display());
+            }
+        }
         Err(e) => {
             err!("switchboard: {e}");
             return ExitCode::from(1);
@@ -538,19 +770,9 @@ fn client(user: String, addr: SocketAddr, token: Option<String>, config: Option<
             return ExitCode::from(1);
         }
     };
-    std::thread::spawn(move || loop {
-        match c.recv_skipping_pings() {
-            Ok(f) => print_frame(&f.frame()),
-            Err(ClientError::Closed) => {
-                out!("(connection closed)");
-                std::process::exit(0);
-            }
-            Err(e) => {
-                err!("switchboard: {e}");
-                std::process::exit(1);
-            }
-        }
-    });
+    let inbox = inbox.map(|i| std::sync::Arc::new(std::sync::Mutex::new(i)));
+    let reader_inbox = inbox.clone();
+    std::thread::spawn(move || read_loop(c, reader_inbox));
     let mut req_id = 0u32;
     for line in std::io::stdin().lock().lines() {
         let Ok(line) = line else { break };
@@ -566,6 +788,14 @@ fn client(user: String, addr: SocketAddr, token: Option<String>, config: Option<
             }
             Ok(None) => break,
             Err(e) => out!("({e})"),
+        }
+    }
+    if let Some(inbox) = inbox {
+        // Acknowledge what was printed since the last ACK before leaving
+        // (holding the lock, so the reader sends nothing in between).
+        let mut inbox = inbox.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(Ok(ack)) = inbox.ack_now().map(|f| f.to_bytes()) {
+            let _ = out.write_all(&ack);
         }
     }
     let _ = out.write_all(&Frame::Close { code: 1000, reason: "bye" }.to_bytes().expect("static frame"));
@@ -608,6 +838,6 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
-        Cmd::Client { user, addr, token, config } => client(user, addr, token, config),
+        Cmd::Client { user, addr, token, config, device, state } => client(user, addr, token, config, device, state),
     }
 }

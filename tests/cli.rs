@@ -353,9 +353,16 @@ struct CliClient {
 
 impl CliClient {
     fn start(user: &str, addr: &str) -> CliClient {
+        CliClient::start_with(user, addr, &[], &[])
+    }
+
+    /// With `extra` arguments and environment.
+    fn start_with(user: &str, addr: &str, extra: &[&str], env: &[(&str, &std::ffi::OsStr)]) -> CliClient {
         let child = Command::new(SB)
             .args(["client", "--user", user, "--addr", addr])
+            .args(extra)
             .env_remove("SWITCHBOARD_JWT_SECRET")
+            .envs(env.iter().copied())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -435,6 +442,83 @@ fn cli_client_joins_publishes_to_and_leaves_rooms() {
     bob.expect("/join ROOM");
     bob.type_line("/quit");
     assert!(bob.proc.wait_for(Duration::from_secs(5)).is_some_and(|s| s.success()));
+    assert!(stop(server).success());
+}
+
+/// Sends `payload` from `c` to `to` (stored: the server runs with its disk
+/// store) and waits for its SEND_ACK.
+fn send_stored(c: &mut Client, req_id: u32, to: &str, payload: &str) {
+    c.send(req_id, to, payload.as_bytes()).unwrap();
+    match c.recv_skipping_pings().unwrap().frame() {
+        switchboard::proto::frame::Frame::SendAck { req_id: r, .. } => assert_eq!(r, req_id),
+        other => panic!("expected SEND_ACK {req_id}, got {other:?}"),
+    }
+}
+
+/// `switchboard client --device`: stored messages print with their seq,
+/// once; they are acknowledged; the last seq is kept in the state file (by
+/// default in the home directory), so a second run resumes after it and
+/// fetches a backlog longer than the first page; a third run with a fresh
+/// state file sees the server's position, i.e. that everything was ACKed.
+#[test]
+fn cli_client_with_a_device_acknowledges_and_resumes_across_runs() {
+    let port = free_port();
+    let server = serve(port, "warn", Stdio::null(), Stdio::null());
+    let addr = format!("127.0.0.1:{port}");
+    let home = std::env::temp_dir().join(format!("sb-cli-home-{}-{port}", std::process::id()));
+    std::fs::create_dir_all(&home).unwrap();
+    let env = [("HOME", home.as_os_str())];
+    let state = home.join(".switchboard-client-carol@cli-1.seq");
+    let mut alice = dev_login(port, "alice");
+    for i in 1..=3 {
+        send_stored(&mut alice, i, "carol", &format!("m{i}"));
+    }
+
+    // First run: the three stored ones, then one live.
+    let mut carol = CliClient::start_with("carol", &addr, &["--device", "cli-1"], &env);
+    carol.expect("logged in as carol");
+    carol.expect(&format!("(device cli-1: stored up to #0, kept in {})", state.display()));
+    carol.expect("(inbox: stored up to 0, head 3, this page up to 3)");
+    for i in 1..=3 {
+        assert!(carol.expect(&format!("[#{i} ")).ends_with(&format!("from alice] m{i}")));
+    }
+    send_stored(&mut alice, 4, "carol", "m4");
+    assert!(carol.expect("[#4 ").ends_with("from alice] m4"));
+    carol.type_line("/quit");
+    assert!(carol.proc.wait_for(Duration::from_secs(5)).is_some_and(|s| s.success()));
+    assert_eq!(std::fs::read_to_string(&state).unwrap(), "4\n");
+
+    // Away: 26 more, past the server's first page of 20.
+    for i in 5..=30 {
+        send_stored(&mut alice, i, "carol", &format!("m{i}"));
+    }
+    let mut carol = CliClient::start_with("carol", &addr, &["--device", "cli-1"], &env);
+    carol.expect("logged in as carol");
+    carol.expect("(device cli-1: stored up to #4");
+    carol.expect("(inbox: stored up to 4, head 30, this page up to 24)");
+    for i in 5..=24 {
+        assert!(carol.expect(&format!("[#{i} ")).ends_with(&format!("from alice] m{i}")));
+    }
+    carol.expect("(inbox: stored up to 24, head 30, this page up to 30)"); // its FETCH
+    for i in 25..=30 {
+        assert!(carol.expect(&format!("[#{i} ")).ends_with(&format!("from alice] m{i}")));
+    }
+    carol.type_line("/ping");
+    carol.expect("(pong)"); // and nothing printed twice before it
+    carol.type_line("/quit");
+    assert!(carol.proc.wait_for(Duration::from_secs(5)).is_some_and(|s| s.success()));
+    assert_eq!(std::fs::read_to_string(&state).unwrap(), "30\n");
+
+    // A fresh state file: the server's own record of the device says 30.
+    let fresh = home.join("fresh.seq");
+    let fresh_arg = fresh.to_str().unwrap();
+    let mut carol = CliClient::start_with("carol", &addr, &["--device", "cli-1", "--state", fresh_arg], &env);
+    carol.expect("logged in as carol");
+    carol.expect("(device cli-1: stored up to #0");
+    carol.expect("(inbox: stored up to 30, head 30, this page up to 30)");
+    carol.type_line("/quit");
+    assert!(carol.proc.wait_for(Duration::from_secs(5)).is_some_and(|s| s.success()));
+    let _ = std::fs::remove_dir_all(&home);
     assert!(stop(server).success());
 }
 

@@ -6,9 +6,17 @@
 //!   a push from the handle, a send between users, a room with publishes
 //!   from a client and from the handle, several heartbeat periods of silence
 //!   survived on the library's automatic pong, and the binary subprotocol.
+//! - `python_websockets_reliable_resume`: the same library as a device
+//!   with reliable delivery (`tests/interop/ws_reliable.py`): stored
+//!   messages live, a partial ACK, a dropped connection, messages stored
+//!   from the handle while it is away, a login with `last_seq`, FETCH
+//!   paging past the first page, and every message once, in order.
 //! - `chromium_demo_page`: a headless Chromium opens the demo page (served
 //!   in dev mode, on the development secret) in a 1280x900 window, logs in
-//!   through the page's own token fetch, and shows a push from the handle, a
+//!   through the page's own token fetch as a device, shows messages stored
+//!   from the handle live, and after a reload (during which more were stored,
+//!   past the first page) the whole inbox once and in order (resumed with
+//!   `last_seq`, the rest FETCHed), acknowledged; then a push from the handle, a
 //!   send to a raw TCP client (echoed), room messages, a full log without a
 //!   page scrollbar, a drain's 1001 after which it reconnects at the hinted
 //!   time to a second server on the same port and rejoins its room, and a
@@ -17,7 +25,10 @@
 //!
 //! The test and each script talk through the script's stdout, one
 //! checkpoint per line (the scripts' docstrings list them); the test acts
-//! on the server handle at a few of them and asserts on the rest.
+//! on the server handle at a few of them and asserts on the rest. Where the
+//! script cannot see that the test has acted (messages stored for a client
+//! that is offline), the test answers with a line on the script's stdin
+//! (`Script::tell`), which the script waits for with a deadline.
 //!
 //! Tools: `python3` with `websockets` (11 or later) and `/usr/bin/chromium`.
 //! `scripts/test.sh` (the README's test command, which `.ci/run` calls)
@@ -101,6 +112,63 @@ fn python_websockets_client() {
     assert!(wait_until(Duration::from_secs(5), || h.connection_count() == 0), "{:?}", h.stats());
     let st = h.stats();
     assert_eq!((st.ws_upgrades, st.logins, st.protocol_errors), (3, 3, 0), "{st:?}");
+    server.shutdown().unwrap();
+}
+
+/// Reliable delivery over WebSocket JSON, from a third-party client
+/// (`tests/interop/ws_reliable.py`): a device stores ten live messages,
+/// acknowledges six and drops its connection; thirty more are stored while
+/// it is away; it logs in again with the highest seq it stored, pages
+/// through the rest with FETCH and ends up with every message once, in
+/// order, and live again.
+#[test]
+fn python_websockets_reliable_resume() {
+    let _one = one_at_a_time();
+    require_python_websockets();
+    let mut cfg = config();
+    cfg.websocket.listen = "127.0.0.1:0".into();
+    // A short first page, so that the thirty stored while the device was
+    // away take the FETCH path more than once (the script asks for 10 at a
+    // time).
+    cfg.delivery.first_page = 8;
+    let server = start(cfg);
+    let h = server.handle();
+    let url = format!("ws://{}", server.ws_addr().expect("a WebSocket listener"));
+    let (user, device) = ("dora", "py-laptop");
+    let args = [url, user.into(), token(user), device.into(), "8".into()];
+    let mut s = Script::spawn("ws_reliable.py", &args);
+    let store = |range: std::ops::RangeInclusive<u32>, online: usize| {
+        for i in range {
+            let r = h.push_reliable(user, format!("r{i}"), 0).unwrap().wait().expect("stored");
+            assert_eq!((r.seq, r.connections), (u64::from(i), online), "r{i}");
+        }
+    };
+    let position = || {
+        let st = h.inbox_state(user, Duration::from_secs(5)).expect("the inbox state");
+        assert_eq!(st.devices.len(), 1, "{st:?}");
+        assert_eq!(st.devices[0].device, device);
+        st.devices[0].position
+    };
+
+    s.expect("LIVE");
+    store(1..=10, 1);
+    s.expect("OFFLINE stored=10 acked=6");
+    assert!(wait_until(Duration::from_secs(5), || !h.is_online(user)), "the device's connection should be gone");
+    assert_eq!(position(), 6, "the server keeps the acknowledged position");
+    store(11..=40, 0);
+    s.tell("PUSHED 40");
+    s.expect("RESUMED position=10 head=40 page_end=18");
+    let caught_up = s.expect("CAUGHT_UP have=40");
+    // 11..18 came with the login, 19..40 in three FETCHes of 10, 10 and 2.
+    assert_eq!(caught_up, "CAUGHT_UP have=40 pages=4 fetches=3 duplicates=0");
+    assert!(wait_until(Duration::from_secs(5), || position() == 40), "the last page acknowledged");
+    store(41..=41, 1);
+    s.expect("LIVE_AGAIN r41");
+    s.expect("DONE");
+    s.finish();
+    assert!(wait_until(Duration::from_secs(5), || position() == 41));
+    let st = h.stats();
+    assert_eq!((st.ws_upgrades, st.logins, st.protocol_errors), (2, 2, 0), "{st:?}");
     server.shutdown().unwrap();
 }
 
@@ -264,6 +332,29 @@ fn chromium_demo_page() {
     });
 
     s.expect("LOGGED_IN alice");
+    // Reliable delivery across a reload: five stored and shown live, then
+    // twenty-five more (past the first page of 20) stored while no page is
+    // connected; the reloaded page resumes after what it saved.
+    let store = |range: std::ops::RangeInclusive<u64>, online: usize| {
+        for i in range {
+            let r = h.push_reliable("alice", format!("inbox-{i}"), 0).unwrap().wait().expect("stored");
+            assert_eq!((r.seq, r.connections), (i, online), "inbox-{i}");
+        }
+    };
+    s.expect("INBOX_READY");
+    store(1..=5, 1);
+    s.expect("INBOX_LIVE 5");
+    s.expect("RELOADED");
+    assert!(wait_until(Duration::from_secs(5), || !h.is_online("alice")), "the reload should close the page's socket");
+    store(6..=30, 0);
+    s.tell("PUSHED 30");
+    s.expect("RESUMED 30 once in order");
+    let position = || {
+        let st = h.inbox_state("alice", Duration::from_secs(5)).expect("the inbox state");
+        assert_eq!(st.devices.len(), 1, "one device across the reload: {st:?}");
+        st.devices[0].position
+    };
+    assert!(wait_until(Duration::from_secs(5), || position() == 30), "the page acknowledges what it stored");
     s.expect("READY");
     assert_eq!(h.push_to_user("alice", "rust-push-browser").unwrap().connections, 1);
     s.expect("PUSH_SEEN rust-push-browser");
@@ -305,7 +396,11 @@ fn chromium_demo_page() {
     let st = h.stats();
     server.join().expect("the first server drained");
     assert!(st.http_requests >= if dev { 2 } else { 1 }, "the page and its token: {st:?}");
-    assert_eq!((st.ws_upgrades, st.protocol_errors, st.idle_timeouts), (1, 0, 0), "{st:?}");
+    assert_eq!(
+        (st.ws_upgrades, st.protocol_errors, st.idle_timeouts),
+        (2, 0, 0),
+        "before and after the reload: {st:?}"
+    );
     assert!(wait_until(Duration::from_secs(5), || !h2.is_online("alice")), "alice should be gone after Disconnect");
     let st = h2.stats();
     assert_eq!((st.ws_upgrades, st.logins, st.protocol_errors), (1, 1, 0), "{st:?}");

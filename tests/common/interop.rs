@@ -3,9 +3,9 @@
 //! and a script under test whose stdout is a stream of checkpoint lines.
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -42,10 +42,12 @@ pub fn require_python_websockets() {
 }
 
 /// A Python script under test: its stdout as a stream of checkpoint lines,
-/// its stderr kept for the failure report, killed when dropped.
+/// its stderr kept for the failure report, its stdin for the test's answers
+/// ([`Script::tell`]), killed when dropped.
 pub struct Script {
     name: &'static str,
     child: Child,
+    stdin: Option<ChildStdin>,
     lines: mpsc::Receiver<String>,
     seen: Vec<String>,
     stderr: Option<JoinHandle<String>>,
@@ -59,11 +61,12 @@ impl Script {
             .args(args)
             .env("PYTHONUNBUFFERED", "1")
             .env("PYTHONDONTWRITEBYTECODE", "1")
-            .stdin(Stdio::null())
+            .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .unwrap_or_else(|e| panic!("cannot run python3 {name}: {e}"));
+        let stdin = child.stdin.take();
         let stdout = child.stdout.take().unwrap();
         let mut err = child.stderr.take().unwrap();
         let (tx, lines) = mpsc::channel();
@@ -83,6 +86,7 @@ impl Script {
         Script {
             name,
             child,
+            stdin,
             lines,
             seen: Vec::new(),
             stderr: Some(stderr),
@@ -105,6 +109,17 @@ impl Script {
                 self.fail(&format!("no line {prefix:?} within {} s", SCRIPT_DEADLINE.as_secs()))
             }
             Err(RecvTimeoutError::Disconnected) => self.fail(&format!("output ended before a line {prefix:?}")),
+        }
+    }
+
+    /// Writes one line to the script's stdin: the test's answer at a
+    /// checkpoint where the script must wait until the test has acted (e.g.
+    /// stored messages while the script's client was offline, which the
+    /// script cannot observe).
+    pub fn tell(&mut self, line: &str) {
+        let sent = self.stdin.as_mut().map(|w| writeln!(w, "{line}").and_then(|_| w.flush()));
+        if !matches!(sent, Some(Ok(()))) {
+            self.fail(&format!("cannot tell it {line:?}: its stdin is closed"));
         }
     }
 

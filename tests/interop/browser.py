@@ -11,7 +11,20 @@ to paste into the page's token field.
 
 Checkpoints on stdout (the Rust test acts at those marked ->):
 
-  LOGGED_IN USER  the page shows "logged in as USER" (in a 1280x900 window)
+  LOGGED_IN USER  the page shows "logged in as USER" (in a 1280x900 window),
+                  as this browser's device (its id kept in localStorage)
+  INBOX_READY     -> the test stores "inbox-1".."inbox-5" for USER
+                  (Handle::push_reliable)
+  INBOX_LIVE 5    they show as .msg.inbox entries, and the page saved them
+                  with last_seq 5 in localStorage
+  RELOADED        -> the page was reloaded (its socket gone with it); the
+                  test stores "inbox-6".."inbox-INBOX_N" while no page is
+                  connected, more than the server's first page
+                  <- PUSHED INBOX_N
+  RESUMED ...     logged in again: the page showed the 5 it saved, the
+                  login SYNC said how many wait, and after its FETCHes the
+                  log holds inbox-1..inbox-INBOX_N, each once, in seq order
+                  (-> the test checks the device's ACK position)
   READY           -> the test pushes "rust-push-browser" to USER
   PUSH_SEEN ...   a .msg.push entry with that payload is in #log
   SENT ...        the page sent to PEER, echoed its own message (.msg.sent)
@@ -29,8 +42,9 @@ Checkpoints on stdout (the Rust test acts at those marked ->):
                   logged in again and rejoined "lobby" (on the new server)
   ROOM_AFTER ...  -> (before it) the test published "after-reconnect" on the
                   new server; it arrived
-  DONE            disconnected again: the 1000 shown as a normal close, and no
-                  close shown as an error at any point
+  DONE            disconnected again: the 1000 shown as a normal close, no
+                  close shown as an error at any point, and still each inbox
+                  message once
 
 Any failure prints `FAIL: ...` (with the page's status and log) to stderr
 and exits 1. Every wait is bounded.
@@ -43,6 +57,7 @@ import wslib
 from wslib import Fail, connect, say
 
 WAIT_S = 15.0
+INBOX_LIVE_N = 5
 IDLE_S = 2.0
 ROOM = "lobby"
 FILL_N = 100
@@ -147,6 +162,62 @@ def count(kind, needle):
             f".filter(e => e.textContent.includes({js(needle)})).length")
 
 
+# The total the test stored, from its PUSHED answer.
+INBOX_TOTAL = [0]
+
+INBOX_SEQS = ("[...document.querySelectorAll('#log .msg.inbox')].map(e => "
+              "/#(\\d+) from the server: (.*)$/.exec(e.textContent)?.slice(1).join(' ') ?? e.textContent)")
+
+
+def check_inbox_once_in_order(cdp, n):
+    """#log (newest first) holds inbox-1..inbox-n, each once, in seq order."""
+    got = cdp.eval(INBOX_SEQS)
+    want = [f"{i} inbox-{i}" for i in range(n, 0, -1)]
+    if got != want:
+        raise Fail(f"the inbox entries should be seqs {n}..1, each once, newest first; got {got}")
+
+
+def log_in(cdp, user, token):
+    set_value(cdp, "user", user)  # its change handler clears the token field
+    if token != "-":
+        set_value(cdp, "token", token)
+    click(cdp, "connect")
+    want = f"logged in as {user}"
+    cdp.wait_for(f"document.getElementById('status').textContent === {js(want)} && "
+                 "document.getElementById('status').className === 'on'", f"status {want!r}")
+
+
+def reliable_across_a_reload(cdp, page_url, user, token):
+    device = cdp.eval("document.getElementById('device').textContent")
+    if not device or device != cdp.eval("localStorage.getItem('switchboard.device')"):
+        raise Fail(f"the page should show its device id, kept in localStorage: {device!r}")
+    say("INBOX_READY")
+    cdp.wait_for(f"document.querySelectorAll('#log .msg.inbox').length === {INBOX_LIVE_N}",
+                 f"{INBOX_LIVE_N} .msg.inbox entries")
+    check_inbox_once_in_order(cdp, INBOX_LIVE_N)
+    key = f"switchboard.inbox.{device}.{user}"
+    cdp.wait_for(f"JSON.parse(localStorage.getItem({js(key)}) || '{{}}').last_seq === '{INBOX_LIVE_N}'",
+                 f"last_seq {INBOX_LIVE_N} saved in localStorage")
+    say(f"INBOX_LIVE {INBOX_LIVE_N}")
+
+    cdp.eval("window.beforeReload = true")
+    cdp.call("Page.reload", {"ignoreCache": True})
+    cdp.wait_for("!window.beforeReload && document.readyState === 'complete' && "
+                 "!!document.getElementById('connect')", "the reloaded page")
+    if cdp.eval("document.getElementById('device').textContent") != device:
+        raise Fail("the device id changed across a reload")
+    say("RELOADED")
+    total = int(wslib.wait_for_test("PUSHED", WAIT_S).split()[1])
+    INBOX_TOTAL[0] = total
+
+    log_in(cdp, user, token)
+    waiting = f"inbox: {total - INBOX_LIVE_N} message(s) waiting after #{INBOX_LIVE_N}"
+    cdp.wait_for(log_has("info", waiting), f"the login SYNC shown as {waiting!r}")
+    cdp.wait_for(f"document.querySelectorAll('#log .msg.inbox').length >= {total}", f"{total} .msg.inbox entries")
+    check_inbox_once_in_order(cdp, total)
+    say(f"RESUMED {total} once in order")
+
+
 def run(cdp, page_url, user, token, peer):
     cdp.open_page()
     # The size the page must fit without a scrollbar of its own.
@@ -156,14 +227,10 @@ def run(cdp, page_url, user, token, peer):
     cdp.wait_for(f"document.readyState === 'complete' && location.href === {js(page_url)} && "
                  "!!document.getElementById('connect')", f"the demo page at {page_url}")
 
-    set_value(cdp, "user", user)  # its change handler clears the token field
-    if token != "-":
-        set_value(cdp, "token", token)
-    click(cdp, "connect")
-    want = f"logged in as {user}"
-    cdp.wait_for(f"document.getElementById('status').textContent === {js(want)} && "
-                 "document.getElementById('status').className === 'on'", f"status {want!r}")
+    log_in(cdp, user, token)
     say(f"LOGGED_IN {user}")
+
+    reliable_across_a_reload(cdp, page_url, user, token)
 
     say("READY")
     cdp.wait_for(log_has("push", "rust-push-browser"), "a .msg.push entry with rust-push-browser")
@@ -233,6 +300,7 @@ def run(cdp, page_url, user, token, peer):
         raise Fail("a close was shown as an error")
     if cdp.errors:
         raise Fail(f"uncaught exceptions in the page: {cdp.errors}")
+    check_inbox_once_in_order(cdp, INBOX_TOTAL[0])
     say("DONE")
 
 

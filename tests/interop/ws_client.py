@@ -17,7 +17,6 @@ cannot hang even if the server never answers.
 """
 
 import contextlib
-import json
 import struct
 import time
 import urllib.parse
@@ -36,28 +35,15 @@ def connect(url, subprotocols=None):
 
 
 def recv_json(ws, what):
-    try:
-        msg = ws.recv(timeout=RECV_TIMEOUT)
-    except TimeoutError:
-        raise Fail(f"no message within {RECV_TIMEOUT} s while waiting for {what}")
-    if not isinstance(msg, str):
-        raise Fail(f"expected a text message ({what}), got binary {msg!r}")
-    return json.loads(msg)
+    return wslib.recv_json(ws, what, RECV_TIMEOUT)
 
 
 def expect(ws, ty, what, **fields):
     """The next message must be of type `ty` with the given field values."""
-    m = recv_json(ws, what)
-    if m.get("type") != ty:
-        raise Fail(f"{what}: expected {ty}, got {m}")
-    for k, v in fields.items():
-        if m.get(k) != v:
-            raise Fail(f"{what}: expected {k}={v!r}, got {m}")
-    return m
+    return wslib.expect(ws, ty, what, RECV_TIMEOUT, **fields)
 
 
-def send_json(ws, obj):
-    ws.send(json.dumps(obj))
+send_json = wslib.send_json
 
 
 # ---- the raw frame format (docs/PROTOCOL.md), for switchboard.v1.bin -------

@@ -1,8 +1,11 @@
 """What the interoperability scripts share: the `websockets` import with a
 clear message when it is missing, the failure type, line-buffered output,
-and a client connection set up for a loopback test."""
+the test's answers on stdin, a client connection set up for a loopback
+test, and JSON messages with bounded waits."""
 
 import inspect
+import json
+import select
 import sys
 
 try:
@@ -19,6 +22,43 @@ class Fail(Exception):
 
 def say(*parts):
     print(*parts, flush=True)
+
+
+def wait_for_test(word, timeout):
+    """Waits (at most `timeout` s) for the Rust test's next line on stdin
+    (`Script::tell`), which must start with `word`; returns the line."""
+    ready, _, _ = select.select([sys.stdin], [], [], timeout)
+    if not ready:
+        raise Fail(f"the test did not say {word} within {timeout} s")
+    line = sys.stdin.readline().strip()
+    if not line.startswith(word):
+        raise Fail(f"expected {word} from the test, got {line!r}")
+    return line
+
+
+def recv_json(ws, what, timeout):
+    try:
+        msg = ws.recv(timeout=timeout)
+    except TimeoutError:
+        raise Fail(f"no message within {timeout} s while waiting for {what}")
+    if not isinstance(msg, str):
+        raise Fail(f"expected a text message ({what}), got binary {msg!r}")
+    return json.loads(msg)
+
+
+def expect(ws, ty, what, timeout, **fields):
+    """The next message must be of type `ty` with the given field values."""
+    m = recv_json(ws, what, timeout)
+    if m.get("type") != ty:
+        raise Fail(f"{what}: expected {ty}, got {m}")
+    for k, v in fields.items():
+        if m.get(k) != v:
+            raise Fail(f"{what}: expected {k}={v!r}, got {m}")
+    return m
+
+
+def send_json(ws, obj):
+    ws.send(json.dumps(obj))
 
 
 def connect(url, open_timeout, close_timeout, **kw):
