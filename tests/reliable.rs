@@ -429,7 +429,10 @@ fn the_admin_api_pushes_reliably_or_at_most_once_and_shows_an_inbox() {
     }
     // At most once: not stored, nobody online, gone.
     let (status, body) = common::http(a, "POST", "/push?user=lea&mode=at_most_once", b"gone", None).unwrap();
-    assert_eq!((status, json(&body)["stored"].as_bool(), json(&body)["connections"].as_u64()), (200, Some(false), Some(0)));
+    assert_eq!(
+        (status, json(&body)["stored"].as_bool(), json(&body)["connections"].as_u64()),
+        (200, Some(false), Some(0))
+    );
     assert_eq!(common::http(a, "POST", "/push?user=lea&mode=sometimes", b"x", None).unwrap().0, 400);
     // A device catches up and acknowledges; the inbox shows its position.
     let mut lea = device_login(server.local_addr(), "lea", "watch", 0);

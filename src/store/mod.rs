@@ -31,7 +31,9 @@ mod tests;
 
 pub use disk::DiskStore;
 pub use memory::MemoryStore;
-pub use service::{Busy, Done, Request, Service, ServiceConfig, Sink, StoreCounters, Submitter};
+pub use service::{
+    Busy, Done, Request, Service, ServiceConfig, Sink, StoreCounters, Submitter, POSITION_SYNC_INTERVAL,
+};
 
 use crate::config::{StoreConfig, StoreKind};
 

@@ -34,6 +34,13 @@ pub const MAX_BATCH: usize = 4096;
 /// How often the retention pass (`Store::expire`) runs by default.
 pub const EXPIRE_INTERVAL: Duration = Duration::from_secs(60);
 
+/// Device positions and logins that came without an append are synced
+/// within this long, not at once: nothing waits on their durability (a
+/// position lost with a crash only means the device gets some messages
+/// again, which it drops by seq), and a sync per ACK would put an
+/// `fdatasync` between every page a catching-up device reads.
+pub const POSITION_SYNC_INTERVAL: Duration = Duration::from_secs(1);
+
 /// What the store thread can be asked to do.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Request {
@@ -172,7 +179,8 @@ impl<T: Send + 'static> Service<T> {
         let (tx, rx) = sync_channel(cfg.queue_capacity.max(1));
         let counters = Arc::new(StoreCounters::default());
         let stopped = Arc::new(AtomicBool::new(false));
-        let worker = Worker { store, sink, rx, counters: counters.clone(), stopped: stopped.clone(), cfg };
+        let worker =
+            Worker { store, sink, rx, counters: counters.clone(), stopped: stopped.clone(), cfg, unsynced_since: None };
         let thread = std::thread::Builder::new().name("switchboard-store".into()).spawn(move || worker.run())?;
         Ok(Service { submitter: Submitter { tx, counters, stopped }, thread: Some(thread) })
     }
@@ -224,6 +232,8 @@ struct Worker<T, S> {
     counters: Arc<StoreCounters>,
     stopped: Arc<AtomicBool>,
     cfg: ServiceConfig,
+    /// Positions or device logins were written and not synced since.
+    unsynced_since: Option<Instant>,
 }
 
 impl<T: Send + 'static, S: Sink<T>> Worker<T, S> {
@@ -232,7 +242,11 @@ impl<T: Send + 'static, S: Sink<T>> Worker<T, S> {
         let mut next_expire = Instant::now() + self.cfg.expire_interval;
         let mut stopping = false;
         while !stopping {
-            let wait = next_expire.saturating_duration_since(Instant::now());
+            let mut due = next_expire;
+            if let Some(t) = self.unsynced_since {
+                due = due.min(t + POSITION_SYNC_INTERVAL);
+            }
+            let wait = due.saturating_duration_since(Instant::now());
             match self.rx.recv_timeout(wait) {
                 Ok(Msg::Req(t, r)) => batch.push((t, r)),
                 Ok(Msg::Stop) | Err(RecvTimeoutError::Disconnected) => stopping = true,
@@ -254,6 +268,9 @@ impl<T: Send + 'static, S: Sink<T>> Worker<T, S> {
             }
             self.counters.queue_depth.fetch_sub(batch.len() as u64, Ordering::Relaxed);
             self.serve(&mut batch);
+            if self.unsynced_since.is_some_and(|t| t.elapsed() >= POSITION_SYNC_INTERVAL) {
+                self.sync_positions();
+            }
             if Instant::now() >= next_expire {
                 self.expire();
                 next_expire = Instant::now() + self.cfg.expire_interval;
@@ -262,8 +279,24 @@ impl<T: Send + 'static, S: Sink<T>> Worker<T, S> {
         self.store.sync()
     }
 
-    /// Applies one batch: writes in order, one sync, their answers, then
-    /// the reads.
+    /// Syncs positions and logins written since the last sync.
+    fn sync_positions(&mut self) {
+        match self.store.sync() {
+            Ok(()) => {
+                self.counters.syncs.fetch_add(1, Ordering::Relaxed);
+                self.unsynced_since = None;
+            }
+            Err(e) => {
+                self.counters.errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!("syncing device positions failed (retried): {e}");
+                self.unsynced_since = Some(Instant::now());
+            }
+        }
+    }
+
+    /// Applies one batch: writes in order, one sync if messages were
+    /// appended (positions alone wait for `POSITION_SYNC_INTERVAL`), their
+    /// answers, then the reads.
     fn serve(&mut self, batch: &mut Vec<(T, Request)>) {
         if batch.is_empty() {
             return;
@@ -303,9 +336,14 @@ impl<T: Send + 'static, S: Sink<T>> Worker<T, S> {
             };
             written.push((token, done));
         }
-        if !written.is_empty() {
+        if appended == 0 && !written.is_empty() {
+            // Positions, logins, duplicates and refusals: nothing that is
+            // read out or acknowledged as stored waits for this sync.
+            self.unsynced_since.get_or_insert_with(Instant::now);
+        } else if !written.is_empty() {
             match self.store.sync() {
                 Ok(()) => {
+                    self.unsynced_since = None;
                     self.counters.syncs.fetch_add(1, Ordering::Relaxed);
                     self.counters.appends.fetch_add(appended, Ordering::Relaxed);
                     self.counters.appended_per_sync_sum.fetch_add(appended, Ordering::Relaxed);

@@ -839,3 +839,33 @@ fn service_over_a_disk_store_survives_a_restart() {
         service.stop().unwrap();
     }
 }
+
+#[test]
+fn service_syncs_positions_alone_within_the_interval_not_before_each_read() {
+    let mut probe = Probe::new();
+    probe.sync_delay = Duration::from_millis(20);
+    let syncs = probe.syncs.clone();
+    let (sink, rx) = collect();
+    let service = Service::start(Box::new(probe), sink, cfg(64)).unwrap();
+    service.try_submit(1, append_req("alice", 1)).unwrap();
+    assert_eq!(recv(&rx).0, 1);
+    assert_eq!(syncs.load(Ordering::SeqCst), 1, "an append is synced before its answer");
+    // A catching-up device: ACK, read, ACK, read... no sync between them.
+    let (user, device): (Arc<str>, Arc<str>) = ("alice".into(), "phone".into());
+    let t = std::time::Instant::now();
+    for i in 0..20u64 {
+        service.try_submit(10 + i, Request::Position { user: user.clone(), device: device.clone(), seq: 1 }).unwrap();
+        service.try_submit(100 + i, Request::Read { user: user.clone(), after_seq: 0, limit: 10 }).unwrap();
+        assert_eq!(recv(&rx).0, 10 + i);
+        assert_eq!(recv(&rx).0, 100 + i);
+    }
+    assert!(t.elapsed() < Duration::from_millis(20 * 20), "the reads did not wait for syncs");
+    assert_eq!(syncs.load(Ordering::SeqCst), 1);
+    // ... and the positions are synced within POSITION_SYNC_INTERVAL.
+    let end = std::time::Instant::now() + POSITION_SYNC_INTERVAL * 3;
+    while syncs.load(Ordering::SeqCst) < 2 {
+        assert!(std::time::Instant::now() < end, "positions never synced");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    service.stop().unwrap();
+}
