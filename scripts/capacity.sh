@@ -5,7 +5,7 @@
 # loaders, and writes target/capacity/report.json, report.md, memory.svg and
 # latency.svg.
 #
-#   scripts/capacity.sh            # quick mode: 4,000 connections (2,000 over WebSocket), 3-4 minutes
+#   scripts/capacity.sh [--quick]  # quick mode (the default): 4,000 connections (2,000 over WebSocket), 5-6 minutes
 #   scripts/capacity.sh --full     # 19,000 connections (this host's file limit), 15,000 over WebSocket
 #   scripts/capacity.sh --no-peers # Switchboard and the ceiling only (no tokio, no nchan)
 #   scripts/capacity.sh --no-nchan # everything but nginx + nchan
@@ -19,6 +19,13 @@
 # The login/logout churn figure (server RSS over 400,000 connect → LOGIN →
 # disconnect cycles; 1,000,000 with --full) is in the report too;
 # scripts/churn.sh runs it alone.
+#
+# Reliable delivery is in the report too: unicast with every message stored
+# (store.durability "fsync" and "os") next to the at-most-once unicast,
+# store appends/syncs per second, one device catching up on 10,000 stored
+# messages, and idle memory with and without the store. Every Switchboard
+# server of the run has its own store under the output directory; the
+# at-most-once scenarios run with delivery.send_default = "at_most_once".
 #
 # The nginx + nchan column needs nginx and its nchan module (Debian/Ubuntu:
 #   apt-get install -y nginx libnginx-mod-nchan
@@ -35,7 +42,7 @@ args=("$@")
 for ((i = 0; i < ${#args[@]}; i++)); do
   case "${args[i]}" in
     -h|--help) usage; exit 0 ;;
-    --full|--no-peers|--no-nchan|--ws-only) ;;
+    --quick|--full|--no-peers|--no-nchan|--ws-only) ;;
     --ws-connections|--out|--switchboard|--tokio|--socket-buffers)
       if ((i + 1 >= ${#args[@]})); then echo "capacity.sh: ${args[i]} needs a value" >&2; exit 2; fi
       i=$((i + 1)) ;;

@@ -12,7 +12,13 @@
 //! Endpoints (JSON bodies out; message payloads in as the raw request body):
 //! - `GET /healthz` → 200 while the process serves.
 //! - `GET /readyz` → 200 when accepting, 503 once shutting down or draining.
-//! - `GET /stats` → counters, users, rooms, connections per worker.
+//! - `GET /stats` → counters, users, rooms, connections per worker, and
+//!   `store`: the inbox store thread's counters since start (`null`
+//!   without a store): `appends` (messages stored), `duplicates`, `syncs`
+//!   (group commits), `appended_per_sync_sum` (messages stored by synced
+//!   batches: over `syncs`, the messages per sync), `reads`, `refusals`
+//!   (inbox or store full), `errors`, `busy` (refused, queue full),
+//!   `queue_depth` (waiting now) and `expired`.
 //! - `POST /push?user=U[&mode=reliable|at_most_once][&client_id=N]`:
 //!   stored in U's inbox and answered once durable (`seq`), or live only;
 //!   the default is `delivery.send_default`. `GET /inbox?user=U`: the
@@ -337,6 +343,24 @@ fn inbox(h: &Handle, user: &str) -> (u16, serde_json::Value) {
     }
 }
 
+/// The store thread's counters for `/stats` (each read on its own: the
+/// set is not one snapshot).
+fn store_counters(c: &crate::store::StoreCounters) -> serde_json::Value {
+    let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    json!({
+        "appends": get(&c.appends),
+        "duplicates": get(&c.duplicates),
+        "syncs": get(&c.syncs),
+        "appended_per_sync_sum": get(&c.appended_per_sync_sum),
+        "reads": get(&c.reads),
+        "refusals": get(&c.refusals),
+        "errors": get(&c.errors),
+        "busy": get(&c.busy),
+        "queue_depth": get(&c.queue_depth),
+        "expired": get(&c.expired),
+    })
+}
+
 fn push_error(e: PushError) -> (u16, serde_json::Value) {
     let status = match e {
         PushError::Full { .. } | PushError::ShuttingDown | PushError::StoreBusy => 503,
@@ -370,6 +394,7 @@ fn route(req: &Request, h: &Handle, bench: bool) -> (u16, serde_json::Value) {
                     "rooms": h.room_count(),
                     "connections_per_worker": h.connections_per_worker(),
                     "workers": h.workers(),
+                    "store": h.store_counters().map(|c| store_counters(&c)),
                 }),
             ),
             ("POST", "/push") => push(req, h, need("user")?),

@@ -48,6 +48,12 @@ fn health_stats_and_pushes() {
     assert_eq!(stats["users"], 1);
     assert_eq!(stats["users_offline_retained"], 0);
     assert_eq!(stats["workers"], 2);
+    // The reliable push above was stored and synced.
+    let store = &stats["store"];
+    assert_eq!(store["appends"], 1, "{stats}");
+    assert!(store["syncs"].as_u64().unwrap() >= 1, "{stats}");
+    assert_eq!(store["appended_per_sync_sum"], 1, "{stats}");
+    assert_eq!(store["queue_depth"], 0, "{stats}");
 
     // Errors are JSON with a status that says what went wrong.
     let (status, body) = http(a, "POST", "/push", b"x", None).unwrap();

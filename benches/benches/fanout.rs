@@ -80,6 +80,10 @@ fn main() {
     cfg.websocket.listen = String::new();
     cfg.server.workers = workers;
     cfg.server.max_connections = members as usize + 1000;
+    // Room messages are never stored: an in-memory inbox store, so the
+    // bench writes nothing into the source tree (the default disk store
+    // would open `switchboard-data` in the working directory, benches/).
+    cfg.store.kind = switchboard::config::StoreKind::Memory;
     // 0 (the default): the kernel sizes socket buffers; e.g. 4096 to compare
     // with builds from before that default.
     let buffers: usize = env_or("FANOUT_SOCKET_BUFFERS", cfg.socket.rcvbuf_bytes);

@@ -63,6 +63,11 @@ struct Common {
     /// connection (default for `ws`: `/?user={user}&token={token}`).
     #[arg(long)]
     ws_path: Option<String>,
+    /// Log every connection in as this device of its user (reliable
+    /// delivery: stored messages come as INBOX frames, which the loader
+    /// acknowledges every 32 frames or 100 ms). Raw TCP only.
+    #[arg(long)]
+    device: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -103,9 +108,12 @@ enum Cmd {
     Capacity {
         /// Full mode: the largest honest run (19,000 connections in the
         /// server process; 15,000 over WebSocket). Default: quick mode
-        /// (4,000; 2,000 over WebSocket; 400,000 churn cycles; 3-4 minutes).
-        #[arg(long)]
+        /// (4,000; 2,000 over WebSocket; 400,000 churn cycles; 5-6 minutes).
+        #[arg(long, conflicts_with = "quick")]
         full: bool,
+        /// Quick mode, the default (accepted so scripts can say so).
+        #[arg(long)]
+        quick: bool,
         #[arg(long, default_value = "target/capacity")]
         out: PathBuf,
         /// The switchboard binary (default: next to this one).
@@ -245,6 +253,8 @@ enum Cmd {
         transport: Transport,
         #[arg(long)]
         ws_path: Option<String>,
+        #[arg(long)]
+        device: Option<String>,
     },
 }
 
@@ -257,6 +267,7 @@ impl Common {
         s.user_prefix = self.user_prefix.clone();
         s.transport = self.transport;
         s.ws_path = self.ws_path.clone();
+        s.device = self.device.clone();
         Ok(s)
     }
 }
@@ -358,6 +369,17 @@ struct UnicastRun {
     msgs_per_s: f64,
     latency: Latency,
     cpu: Option<ServerCpu>,
+    /// With `--device`: INBOX frames received again, ACKs and FETCHes sent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    device: Option<DeviceCounts>,
+}
+
+/// What device connections did besides receiving.
+#[derive(Serialize)]
+struct DeviceCounts {
+    duplicates: u64,
+    acks: u64,
+    fetches: u64,
 }
 
 /// Server CPU per message delivered, user and system.
@@ -402,6 +424,11 @@ fn unicast(common: Common, rate: u64, duration_s: u64, payload_bytes: usize) -> 
             msgs_per_s: c.received as f64 / elapsed.as_secs_f64(),
             latency: percentiles(&c.hist),
             cpu,
+            device: common.device.as_ref().map(|_| DeviceCounts {
+                duplicates: c.duplicates,
+                acks: c.acks,
+                fetches: c.fetches,
+            }),
         },
     );
     Ok(())
@@ -501,14 +528,25 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() {
     let r = match Cli::parse().cmd {
-        Cmd::Child { addr, src_ip, first_user, count, secret, user_prefix, room, transport, ws_path } => {
-            let args =
-                loader::LoaderArgs { addr, src_ip, first_user, count, secret, user_prefix, room, transport, ws_path };
+        Cmd::Child { addr, src_ip, first_user, count, secret, user_prefix, room, transport, ws_path, device } => {
+            let args = loader::LoaderArgs {
+                addr,
+                src_ip,
+                first_user,
+                count,
+                secret,
+                user_prefix,
+                room,
+                transport,
+                ws_path,
+                device,
+            };
             loader::run(args).map_err(|e| e.to_string())
         }
         Cmd::Idle { common, settle_s, hold_s, warmup } => idle(common, settle_s, hold_s, warmup),
         Cmd::Capacity {
             full,
+            quick: _,
             out,
             switchboard,
             tokio,

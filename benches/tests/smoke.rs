@@ -158,3 +158,42 @@ fn loader_speaks_websocket_logs_in_and_delivers() {
     assert!(uni["latency"]["p50_us"].as_u64().unwrap() > 0);
     assert_eq!(server.handle().stats().protocol_errors, 0, "masked, well-formed client frames");
 }
+
+#[test]
+fn device_loaders_receive_stored_messages_and_acknowledge_them() {
+    // Plain SENDs stored (the default), receivers logged in as a device:
+    // a few hundred messages, every one delivered once and acknowledged.
+    let server = start(config());
+    let addr = server.local_addr().to_string();
+    let uni = bench(&[
+        "unicast",
+        "--device",
+        "bench",
+        "--addr",
+        &addr,
+        "--connections",
+        "40",
+        "--procs",
+        "2",
+        "--rate",
+        "200",
+        "--duration-s",
+        "2",
+    ]);
+    let sent = uni["sent"].as_u64().unwrap();
+    assert!((380..=420).contains(&sent), "open loop at 200/s for 2 s sent {sent}");
+    assert_eq!(uni["received"].as_u64().unwrap(), sent, "every stored message delivered as INBOX: {uni}");
+    assert_eq!(uni["device"]["duplicates"], 0, "nothing retransmitted: {uni}");
+    assert!(uni["device"]["acks"].as_u64().unwrap() > 0, "{uni}");
+    assert!(uni["latency"]["p50_us"].as_u64().unwrap() > 0);
+    let h = server.handle();
+    let c = h.store_counters().expect("a store");
+    assert_eq!(c.appends.load(std::sync::atomic::Ordering::Relaxed), sent, "every SEND stored");
+    // Every device acknowledged all it got (the loaders ACK within 100 ms
+    // and the ACKs reached the store before they quit).
+    for u in 0..40 {
+        let s = h.inbox_state(&format!("u{u}"), Duration::from_secs(5)).unwrap();
+        let positions: Vec<u64> = s.devices.iter().map(|d| d.position).collect();
+        assert_eq!(positions, vec![s.head_seq], "u{u}: device positions vs head");
+    }
+}

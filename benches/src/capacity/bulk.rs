@@ -37,7 +37,7 @@ use switchboard::proto::frame::{Frame, PROTOCOL_MAX_FRAME_BYTES};
 use switchboard::JwtHs256;
 
 use super::report::f;
-use super::scenarios::{note, Runner, ServerProc};
+use super::scenarios::{note, Delivery, Runner, ServerProc};
 
 /// What to compare.
 #[derive(Clone, Debug)]
@@ -289,7 +289,14 @@ impl Runner {
     /// One setting against a fresh server.
     fn bulk_setting(&mut self, plan: &BulkPlan, buffers: usize) -> Result<BulkSetting, String> {
         let tag = format!("bulk-{buffers}");
-        let s = ServerProc::switchboard(&self.switchboard_bin, &self.out, &tag, plan.workers, &server_config(buffers))?;
+        let s = ServerProc::switchboard(
+            &self.switchboard_bin,
+            &self.out,
+            &tag,
+            plan.workers,
+            Delivery::AtMostOnce,
+            &server_config(buffers),
+        )?;
         note(format!("bulk: socket buffers {}", setting_name(buffers)));
         std::thread::sleep(Duration::from_millis(300));
         let before = tcp_mem_pages();

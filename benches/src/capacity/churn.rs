@@ -45,7 +45,7 @@ use switchboard::JwtHs256;
 use switchboard_bench::loadgen::ProcStat;
 
 use super::report::{Churn, RssSample, Verdict, CHURN_TOLERANCE_BYTES};
-use super::scenarios::ServerProc;
+use super::scenarios::{Delivery, ServerProc};
 
 /// The shortest warm-up: two and a half times the directory's offline
 /// linger. A shorter one samples RSS before the table of recently offline
@@ -320,7 +320,7 @@ pub fn run(bin: &Path, out: &Path, plan: &ChurnPlan) -> Result<Churn, String> {
     if plan.threads == 0 || plan.cycles == 0 {
         return Err("churn needs at least one thread and one cycle".into());
     }
-    let s = ServerProc::switchboard(bin, out, "churn", plan.workers, &plan.server_config)?;
+    let s = ServerProc::switchboard(bin, out, "churn", plan.workers, Delivery::AtMostOnce, &plan.server_config)?;
     let pid = s.pid();
     let jwt = JwtHs256::new(switchboard::config::DEV_JWT_SECRET);
     let rss = || ProcStat::rss_bytes(pid).ok_or_else(|| "cannot read the server's RSS".to_string());

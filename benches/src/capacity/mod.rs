@@ -16,18 +16,26 @@
 //! single messages, a sustained rate above the ceiling), broadcast,
 //! heartbeats (server PINGs answered by every connection), and login/logout
 //! churn (churn.rs: server RSS over many connect → LOGIN → disconnect
-//! cycles); then WebSocket (ws.rs): idle memory, room fan-out and
+//! cycles); reliable delivery (reliable.rs: the unicast ladder with every
+//! message stored, fsync and os durability, device receivers that ACK; one
+//! device catching up on a backlog; idle memory with and without the
+//! store); then WebSocket (ws.rs): idle memory, room fan-out and
 //! publish→deliver latency over Switchboard's WebSocket port, next to
 //! nginx + nchan.
 //!
-//! Files: `scenarios.rs` (servers and the raw TCP scenarios), `ws.rs` and
-//! `churn.rs` (theirs) run the measurements and return typed figures;
+//! Every Switchboard server has its own store in the output directory
+//! (`store-<tag>`); the at-most-once scenarios run with
+//! `delivery.send_default = "at_most_once"` (scenarios.rs `Delivery`).
+//!
+//! Files: `scenarios.rs` (servers and the raw TCP scenarios), `ws.rs`,
+//! `churn.rs` and `reliable.rs` (theirs) run the measurements and return typed figures;
 //! `report.rs` holds those types (the shape of report.json), the verdicts,
 //! the ratios and report.md; `plots.rs` draws the SVGs from a report.
 
 pub mod bulk;
 pub mod churn;
 pub mod plots;
+mod reliable;
 pub mod report;
 mod scenarios;
 mod ws;
@@ -68,6 +76,8 @@ pub struct Plan {
     /// `socket.rcvbuf_bytes` = `sndbuf_bytes` for every Switchboard server
     /// of the run; none = the server's default.
     pub socket_buffers: Option<usize>,
+    /// Reliable delivery: messages waiting for the device that catches up.
+    pub catch_up_messages: u32,
 }
 
 impl Plan {
@@ -106,6 +116,7 @@ impl Plan {
             churn_cycles: 400_000,
             churn_warmup: 100_000,
             socket_buffers: None,
+            catch_up_messages: 10_000,
         }
     }
 
@@ -130,6 +141,7 @@ impl Plan {
             churn_cycles: 1_000_000,
             churn_warmup: 100_000,
             socket_buffers: None,
+            catch_up_messages: 10_000,
         }
     }
 }
@@ -149,7 +161,26 @@ pub fn write_report(out: &Path, r: &Report) -> Result<(), String> {
 
 #[cfg(test)]
 mod tests {
+    use super::scenarios::Delivery;
     use super::*;
+
+    #[test]
+    fn each_delivery_setting_is_a_config_the_server_reads() {
+        use switchboard::config::{SendDefault, StoreKind};
+        use switchboard::store::Durability;
+        let dir = Path::new("out dir/store-\"x\"");
+        let read = |d: Delivery| {
+            let c = switchboard::Config::from_toml(&format!("[server]\nlisten = \"127.0.0.1:1\"\n{}", d.toml(dir)));
+            c.unwrap_or_else(|e| panic!("{d:?}: {e}"))
+        };
+        let c = read(Delivery::AtMostOnce);
+        assert_eq!((c.store.kind, c.delivery.send_default), (StoreKind::Disk, SendDefault::AtMostOnce));
+        assert_eq!(c.store.path, dir);
+        assert_eq!(c.store.durability, Durability::Fsync, "otherwise the default store");
+        let c = read(Delivery::Reliable { durability: "os" });
+        assert_eq!((c.store.durability, c.delivery.send_default), (Durability::Os, SendDefault::Reliable));
+        assert_eq!(read(Delivery::NoStore).store.kind, StoreKind::None);
+    }
 
     #[test]
     fn a_socket_buffer_setting_goes_into_every_server_config_before_the_extras() {

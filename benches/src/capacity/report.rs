@@ -31,6 +31,18 @@ pub const UNICAST_P99_LIMIT_US: u64 = 50_000;
 /// Churn: RSS may grow this much from the end of the warm-up to the end of
 /// the run.
 pub const CHURN_TOLERANCE_BYTES: u64 = 2_000_000;
+/// Reliable delivery (issue 12's targets): reliable unicast's best
+/// sustainable rate as a share of at-most-once's, with `fsync` ...
+pub const RELIABLE_SHARE_FSYNC: f64 = 0.5;
+/// ... and with `os` durability;
+pub const RELIABLE_SHARE_OS: f64 = 0.8;
+/// its p99 at half of its own best rate at most this;
+pub const RELIABLE_P99_AT_HALF_LIMIT_US: u64 = 20_000;
+/// catch-up of one device at least this many messages per second;
+pub const CATCH_UP_TARGET_PER_S: f64 = 100_000.0;
+/// and idle memory per connection with the store on within this share of
+/// the same server without a store.
+pub const IDLE_STORE_TOLERANCE: f64 = 0.10;
 
 /// The whole report: `report.json`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -115,6 +127,9 @@ pub struct TcpReport {
     /// Server RSS after each step of the idle ramp.
     pub rss_curve: Vec<RssPoint>,
     pub churn: Churn,
+    /// Reliable delivery; absent from reports made before it existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reliable: Option<Reliable>,
 }
 
 /// Server RSS at one point of a ramp.
@@ -149,6 +164,27 @@ pub struct UnicastStep {
     pub max_us: u64,
     pub server_user_ns_per_msg: f64,
     pub server_sys_ns_per_msg: f64,
+    /// The store's counters over the step (servers with a store only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store: Option<StoreStep>,
+}
+
+/// The inbox store over one unicast step (admin `/stats`), and what the
+/// device connections did besides receiving.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StoreStep {
+    /// Messages stored.
+    pub appends: u64,
+    pub appends_per_s: f64,
+    /// Group commits (one `fdatasync` each with `fsync` durability).
+    pub syncs_per_s: f64,
+    /// Messages stored per sync.
+    pub messages_per_sync: Option<f64>,
+    /// Requests refused (a limit, a full store queue) or failed.
+    pub refused: u64,
+    /// INBOX frames received again (retransmits), and ACKs sent.
+    pub duplicates_received: u64,
+    pub acks_sent: u64,
 }
 
 impl UnicastStep {
@@ -679,6 +715,253 @@ impl Churn {
     }
 }
 
+/// Reliable delivery (issue 12), measured in the same run as the
+/// at-most-once figures it is compared with.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Reliable {
+    pub question: String,
+    pub method: String,
+    /// Reliable unicast with `store.durability = "fsync"`, then `"os"`.
+    pub fsync: ReliableUnicast,
+    pub os: ReliableUnicast,
+    pub catch_up: CatchUp,
+    pub idle: StoreIdle,
+}
+
+/// The unicast ladder with stored messages: device receivers that ACK,
+/// plain SENDs stored by default.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ReliableUnicast {
+    /// `store.durability`.
+    pub durability: String,
+    pub connections: u32,
+    /// Every rate tried, up to the first one not kept up with.
+    pub steps: Vec<UnicastStep>,
+    /// The best rate kept up with ([`Unicast::sustainable_rule`]); none if
+    /// not even the lowest was.
+    pub max: Option<UnicastStep>,
+    /// Half of that rate, after the backlog drained.
+    pub at_half_max: Option<UnicastStep>,
+    /// Best sustainable rate over the at-most-once unicast's (same ladder,
+    /// same connections, same run).
+    pub vs_at_most_once: Option<f64>,
+    /// The share of at-most-once's rate the issue asks for.
+    pub throughput_target: f64,
+    pub throughput_target_met: bool,
+    pub p99_at_half_max_target_us: u64,
+    pub p99_target_met: bool,
+}
+
+impl ReliableUnicast {
+    /// The summary of a ladder: its best step and the targets' verdicts.
+    pub fn judge(
+        durability: &str,
+        connections: u32,
+        steps: Vec<UnicastStep>,
+        at_half_max: Option<UnicastStep>,
+        at_most_once_best_per_s: f64,
+    ) -> ReliableUnicast {
+        let max = steps.iter().take_while(|s| s.keeps_up()).last().cloned();
+        let vs = ratio(max.as_ref().map(|m| m.msgs_per_s), Some(at_most_once_best_per_s));
+        let target = if durability == "fsync" { RELIABLE_SHARE_FSYNC } else { RELIABLE_SHARE_OS };
+        ReliableUnicast {
+            durability: durability.into(),
+            connections,
+            steps,
+            throughput_target_met: vs.is_some_and(|v| v >= target),
+            p99_target_met: at_half_max.as_ref().is_some_and(|h| h.p99_us <= RELIABLE_P99_AT_HALF_LIMIT_US),
+            max,
+            at_half_max,
+            vs_at_most_once: vs,
+            throughput_target: target,
+            p99_at_half_max_target_us: RELIABLE_P99_AT_HALF_LIMIT_US,
+        }
+    }
+}
+
+/// One device catching up on a backlog: SYNC, the first page, FETCHes.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CatchUp {
+    /// Messages waiting in the user's inbox when the device logged in.
+    pub messages: u32,
+    /// Storing them: one sender, pipelined SENDs, until the last SEND_ACK.
+    pub fill_s: f64,
+    pub fill_msgs_per_s: f64,
+    pub fill_messages_per_sync: Option<f64>,
+    /// The first SYNC's page (`delivery.first_page`), and the FETCHes that
+    /// followed (each capped at `delivery.max_fetch`).
+    pub first_page: u64,
+    pub fetches: u32,
+    /// From connecting to the first INBOX.
+    pub first_inbox_ms: Option<f64>,
+    /// From connecting to the last message received.
+    pub elapsed_s: f64,
+    pub msgs_per_s: f64,
+    pub duplicates: u64,
+    /// The device's position in the store once it had everything.
+    pub position_after: Option<u64>,
+    pub target_per_s: f64,
+    pub target_met: bool,
+}
+
+/// Idle memory with and without the store, in the same run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StoreIdle {
+    /// The same idle hold against a server without a store.
+    pub no_store: Idle,
+    /// Connections that log in with a device id (empty inbox, empty
+    /// window), against a server with the default store.
+    pub devices: Idle,
+    /// Plain connections with the default disk store (the idle figure at
+    /// the top) over `no_store`.
+    pub store_vs_no_store: Option<f64>,
+    pub tolerance: f64,
+    pub within_tolerance: Option<bool>,
+    pub devices_vs_no_store: Option<f64>,
+}
+
+impl StoreIdle {
+    pub fn of(store: &Idle, no_store: Idle, devices: Idle) -> StoreIdle {
+        let r = ratio(store.server_user_bytes_per_conn, no_store.server_user_bytes_per_conn);
+        StoreIdle {
+            store_vs_no_store: r,
+            within_tolerance: r.map(|r| (r - 1.0).abs() <= IDLE_STORE_TOLERANCE),
+            devices_vs_no_store: ratio(devices.server_user_bytes_per_conn, no_store.server_user_bytes_per_conn),
+            tolerance: IDLE_STORE_TOLERANCE,
+            no_store,
+            devices,
+        }
+    }
+}
+
+impl Reliable {
+    /// The reliable-delivery section of report.md; `top_idle_bytes` is the
+    /// idle figure of the report's first table (default store).
+    fn markdown(&self, m: &mut String, at_most_once_per_s: f64, top_idle_bytes: Option<f64>) {
+        let _ = writeln!(m, "\n## Reliable delivery (stored messages, device ACKs, catch-up)\n");
+        let _ = writeln!(m, "{}\n", self.question);
+        let _ = writeln!(m, "| figure | at most once | reliable, fsync | reliable, os |\n|---|---|---|---|");
+        let (a, b) = (&self.fsync, &self.os);
+        let best = |r: &ReliableUnicast, g: fn(&UnicastStep) -> String| r.max.as_ref().map_or("n/a".into(), g);
+        let half = |r: &ReliableUnicast, g: fn(&UnicastStep) -> String| r.at_half_max.as_ref().map_or("n/a".into(), g);
+        let store = |r: &ReliableUnicast, g: fn(&StoreStep) -> String| {
+            r.max.as_ref().and_then(|s| s.store.as_ref()).map_or("n/a".into(), g)
+        };
+        let met = |ok: bool| if ok { "met" } else { "NOT met" };
+        let rows: Vec<(String, String, String, String)> = vec![
+            (
+                "unicast, best sustainable rate (delivered/s; ≥97% delivered, p99 < 50 ms)".into(),
+                f(at_most_once_per_s, 0),
+                best(a, |s| f(s.msgs_per_s, 0)),
+                best(b, |s| f(s.msgs_per_s, 0)),
+            ),
+            (
+                "  reliable / at most once (target: ≥ 0.50 with fsync, ≥ 0.80 with os)".into(),
+                String::new(),
+                format!("{} ({})", f(a.vs_at_most_once, 2), met(a.throughput_target_met)),
+                format!("{} ({})", f(b.vs_at_most_once, 2), met(b.throughput_target_met)),
+            ),
+            (
+                "  at that rate: publish→receive p50 / p99 (ms)".into(),
+                String::new(),
+                best(a, |s| format!("{} / {}", f(s.p50_us as f64 / 1e3, 1), f(s.p99_us as f64 / 1e3, 1))),
+                best(b, |s| format!("{} / {}", f(s.p50_us as f64 / 1e3, 1), f(s.p99_us as f64 / 1e3, 1))),
+            ),
+            (
+                "  at that rate: store appends/s, syncs/s, messages per sync".into(),
+                String::new(),
+                store(a, |s| {
+                    format!("{} / {} / {}", f(s.appends_per_s, 0), f(s.syncs_per_s, 0), f(s.messages_per_sync, 1))
+                }),
+                store(b, |s| {
+                    format!("{} / {} / {}", f(s.appends_per_s, 0), f(s.syncs_per_s, 0), f(s.messages_per_sync, 1))
+                }),
+            ),
+            (
+                "  at that rate: server CPU per message, user / system (ns)".into(),
+                String::new(),
+                best(a, |s| format!("{} / {}", f(s.server_user_ns_per_msg, 0), f(s.server_sys_ns_per_msg, 0))),
+                best(b, |s| format!("{} / {}", f(s.server_user_ns_per_msg, 0), f(s.server_sys_ns_per_msg, 0))),
+            ),
+            (
+                format!(
+                    "at half of its best rate: p50 / p99 (ms; target p99 ≤ {} ms)",
+                    RELIABLE_P99_AT_HALF_LIMIT_US / 1000
+                ),
+                String::new(),
+                format!(
+                    "{} ({})",
+                    half(a, |s| format!("{} / {}", f(s.p50_us as f64 / 1e3, 1), f(s.p99_us as f64 / 1e3, 1))),
+                    met(a.p99_target_met)
+                ),
+                format!(
+                    "{} ({})",
+                    half(b, |s| format!("{} / {}", f(s.p50_us as f64 / 1e3, 1), f(s.p99_us as f64 / 1e3, 1))),
+                    met(b.p99_target_met)
+                ),
+            ),
+        ];
+        for (k, x, y, z) in rows {
+            let _ = writeln!(m, "| {k} | {x} | {y} | {z} |");
+        }
+        let _ = writeln!(m, "\nReliable ladders (offered/s → delivered/s, p99 ms, appends/s, syncs/s, messages per sync, refused, duplicates):\n");
+        for r in [a, b] {
+            let steps: Vec<String> = r
+                .steps
+                .iter()
+                .map(|s| {
+                    let st = s.store.as_ref();
+                    format!(
+                        "{} → {} ({} ms, {} / {} / {}, {}, {})",
+                        s.offered_per_s,
+                        f(s.msgs_per_s, 0),
+                        f(s.p99_us as f64 / 1e3, 1),
+                        f(st.map(|t| t.appends_per_s), 0),
+                        f(st.map(|t| t.syncs_per_s), 0),
+                        f(st.and_then(|t| t.messages_per_sync), 1),
+                        f(st.map(|t| t.refused as f64), 0),
+                        f(st.map(|t| t.duplicates_received as f64), 0),
+                    )
+                })
+                .collect();
+            let _ = writeln!(m, "- {}: {}", r.durability, steps.join("; "));
+        }
+        let c = &self.catch_up;
+        let _ = writeln!(
+            m,
+            "\n**Catch-up:** {} messages waiting for one user (stored by one sender in {} s, {} msgs/s, {} messages per sync); a device logs in: first INBOX after {} ms, all {} after {} s: **{} msgs/s** to that one client (target ≥ {}: {}); first page {}, then {} FETCHes; {} duplicates; its position afterwards {}.",
+            c.messages,
+            f(c.fill_s, 2),
+            f(c.fill_msgs_per_s, 0),
+            f(c.fill_messages_per_sync, 1),
+            f(c.first_inbox_ms, 1),
+            c.messages,
+            f(c.elapsed_s, 3),
+            f(c.msgs_per_s, 0),
+            f(c.target_per_s, 0),
+            met(c.target_met),
+            c.first_page,
+            c.fetches,
+            c.duplicates,
+            c.position_after.map_or("n/a".into(), |p| p.to_string()),
+        );
+        let i = &self.idle;
+        let _ = writeln!(
+            m,
+            "\n**Idle memory and the store:** {} bytes per idle connection with the default disk store (the figure at the top), {} without a store (`store.kind = \"none\"`, {} connections): {} (within {:.0}%: {}); device logins (empty window) {} bytes per connection, {} of the no-store figure.",
+            f(top_idle_bytes, 0),
+            f(i.no_store.server_user_bytes_per_conn, 0),
+            i.no_store.connections,
+            f(i.store_vs_no_store, 3),
+            i.tolerance * 100.0,
+            i.within_tolerance.map_or("n/a", |w| if w { "yes" } else { "NO" }),
+            f(i.devices.server_user_bytes_per_conn, 0),
+            f(i.devices_vs_no_store, 3),
+        );
+        let _ = writeln!(m, "\nMethod: {}", self.method);
+    }
+}
+
 /// A figure for the markdown: a number, or `n/a` when it was not measured.
 pub trait Figure {
     fn value(&self) -> Option<f64>;
@@ -851,6 +1134,9 @@ impl Report {
             for (k, a, b, c) in rows {
                 let _ = writeln!(m, "| {k} | {} | {} | {} |", f(a, 1), f(b, 1), f(c, 3));
             }
+        }
+        if let Some(rel) = &r.reliable {
+            rel.markdown(&mut m, u.msgs_per_s, r.server_user_bytes_per_conn);
         }
         self.websocket_markdown(&mut m);
         let _ = writeln!(m, "\n![memory vs connections](memory.svg)\n\n![unicast latency](latency.svg)\n");
@@ -1050,6 +1336,7 @@ mod tests {
             max_us: p99_us * 3,
             server_user_ns_per_msg: 1_000.0,
             server_sys_ns_per_msg: 9_000.0,
+            store: None,
         }
     }
 
@@ -1060,6 +1347,19 @@ mod tests {
         assert!(!step(10_000, 10_000.0, 50_000).keeps_up(), "p99 at the limit");
         assert_eq!(step(1, 1.0, 1).msgs_per_server_core_s(), Some(100_000.0));
         assert_eq!(Unicast::sustainable_rule(), "at least 97% of the offered rate delivered with p99 under 50 ms");
+    }
+
+    #[test]
+    fn reliable_targets_are_judged_on_the_best_rate_kept_up_and_its_half_rate_p99() {
+        let steps = vec![step(10_000, 10_000.0, 9_000), step(20_000, 19_500.0, 30_000), step(40_000, 25_000.0, 90_000)];
+        let r = ReliableUnicast::judge("fsync", 4000, steps.clone(), Some(step(10_000, 10_000.0, 20_000)), 39_000.0);
+        assert_eq!(r.max.as_ref().unwrap().offered_per_s, 20_000, "the last step kept up with");
+        assert_eq!(r.vs_at_most_once, Some(0.5));
+        assert!(r.throughput_target_met && r.p99_target_met, "0.5 of at most once with fsync, p99 20 ms: both met");
+        let r = ReliableUnicast::judge("os", 4000, steps, Some(step(10_000, 10_000.0, 20_001)), 39_000.0);
+        assert!(!r.throughput_target_met && !r.p99_target_met, "os needs 0.8; p99 over 20 ms");
+        let none = ReliableUnicast::judge("fsync", 4000, vec![step(10_000, 5_000.0, 1_000)], None, 39_000.0);
+        assert_eq!((none.max, none.vs_at_most_once, none.throughput_target_met), (None, None, false));
     }
 
     #[test]

@@ -20,8 +20,8 @@ use switchboard_bench::loadgen::{http, percentiles, timed_payload, Collected, Co
 use super::churn;
 use super::report::{
     ratio, Broadcast, Churn, Completion, Fanout, FanoutRun, FanoutSummary, Heartbeat, Idle, Machine, NchanPeer, Peers,
-    Projection, Report, RssPoint, TcpReport, TokioPeer, TokioRatios, Unicast, UnicastCeiling, UnicastStep,
-    UnicastSummary, WsSuite,
+    Projection, Reliable, Report, RssPoint, StoreStep, TcpReport, TokioPeer, TokioRatios, Unicast, UnicastCeiling,
+    UnicastStep, UnicastSummary, WsSuite,
 };
 use super::ws::WsServer;
 use super::Plan;
@@ -34,6 +34,39 @@ pub(super) struct AdminStats {
     pub users: u64,
     /// Users whose entry outlives their last close for a while.
     pub users_offline_retained: u64,
+    /// The inbox store's counters; none without a store.
+    #[serde(default)]
+    pub store: Option<StoreCounts>,
+}
+
+/// The store counters of `/stats` that the bench reads.
+#[derive(Clone, Copy, Debug, Default, Deserialize)]
+pub(super) struct StoreCounts {
+    pub appends: u64,
+    pub syncs: u64,
+    pub appended_per_sync_sum: u64,
+    pub refusals: u64,
+    pub busy: u64,
+    pub errors: u64,
+}
+
+impl StoreCounts {
+    /// What happened between `earlier` and `self`, over `secs`.
+    pub fn since(&self, earlier: &StoreCounts, secs: f64, c: &Collected) -> StoreStep {
+        let appends = self.appends.saturating_sub(earlier.appends);
+        let syncs = self.syncs.saturating_sub(earlier.syncs);
+        let per_sync = self.appended_per_sync_sum.saturating_sub(earlier.appended_per_sync_sum);
+        StoreStep {
+            appends,
+            appends_per_s: appends as f64 / secs,
+            syncs_per_s: syncs as f64 / secs,
+            messages_per_sync: (syncs > 0).then(|| per_sync as f64 / syncs as f64),
+            refused: (self.refusals + self.busy + self.errors)
+                .saturating_sub(earlier.refusals + earlier.busy + earlier.errors),
+            duplicates_received: c.duplicates,
+            acks_sent: c.acks,
+        }
+    }
 }
 
 /// One worker's sample from `POST /bench/send_ceiling`.
@@ -51,6 +84,41 @@ impl CeilingSample {
 
 pub(super) fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap_or(7890)
+}
+
+/// What a Switchboard server of the run stores, and what a plain SEND gets.
+/// Every server with a store gets a fresh one of its own in the run's
+/// output directory (`store-<tag>`).
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub(super) enum Delivery {
+    /// The default disk store, but a plain SEND relayed live as before
+    /// reliable delivery (`delivery.send_default = "at_most_once"`): the
+    /// at-most-once scenarios, comparable with earlier runs and with the
+    /// peers, which speak plain SEND.
+    AtMostOnce,
+    /// The server's defaults (a plain SEND stored, SEND_ACK after the
+    /// store's sync) with `store.durability` = `"fsync"` or `"os"`.
+    Reliable { durability: &'static str },
+    /// No store (`store.kind = "none"`): live relay only, the server as it
+    /// was before reliable delivery.
+    NoStore,
+}
+
+impl Delivery {
+    /// The `[delivery]` and `[store]` tables, the store in `dir`.
+    pub fn toml(self, dir: &Path) -> String {
+        // A Rust string literal is a TOML basic string for any path.
+        let path = format!("{:?}", dir.display().to_string());
+        match self {
+            Delivery::AtMostOnce => {
+                format!("\n[delivery]\nsend_default = \"at_most_once\"\n\n[store]\npath = {path}\n")
+            }
+            Delivery::Reliable { durability } => {
+                format!("\n[delivery]\nsend_default = \"reliable\"\n\n[store]\npath = {path}\ndurability = \"{durability}\"\n")
+            }
+            Delivery::NoStore => "\n[store]\nkind = \"none\"\n".into(),
+        }
+    }
 }
 
 /// A server under test, in its own process.
@@ -82,12 +150,25 @@ impl ServerProc {
         Err(format!("{} did not listen on {} within {timeout:?}", self.name, self.addr))
     }
 
-    /// `switchboard serve` with a config of its own in `out`; `extra` is
-    /// appended to it (more TOML tables).
-    pub fn switchboard(bin: &Path, out: &Path, tag: &str, workers: usize, extra: &str) -> Result<ServerProc, String> {
+    /// `switchboard serve` with a config of its own in `out`, storing as
+    /// `delivery` says in a fresh `out/store-<tag>`; `extra` is appended to
+    /// the config (more TOML tables, not `[delivery]` or `[store]`).
+    pub fn switchboard(
+        bin: &Path,
+        out: &Path,
+        tag: &str,
+        workers: usize,
+        delivery: Delivery,
+        extra: &str,
+    ) -> Result<ServerProc, String> {
         let (port, admin_port, ws_port) = (free_port(), free_port(), free_port());
+        let store = out.join(format!("store-{tag}"));
+        if store.exists() {
+            std::fs::remove_dir_all(&store).map_err(|e| format!("{}: {e}", store.display()))?;
+        }
         let config = format!(
-            "[server]\nlisten = \"127.0.0.1:{port}\"\nworkers = {workers}\n\n[admin]\nlisten = \"127.0.0.1:{admin_port}\"\nbench_endpoints = true\n\n[websocket]\nlisten = \"127.0.0.1:{ws_port}\"\n{extra}"
+            "[server]\nlisten = \"127.0.0.1:{port}\"\nworkers = {workers}\n\n[admin]\nlisten = \"127.0.0.1:{admin_port}\"\nbench_endpoints = true\n\n[websocket]\nlisten = \"127.0.0.1:{ws_port}\"\n{}{extra}",
+            delivery.toml(&store)
         );
         let path = out.join(format!("switchboard-{tag}.toml"));
         std::fs::write(&path, config).map_err(|e| e.to_string())?;
@@ -229,7 +310,7 @@ impl Runner {
 
     /// Idle hold: ramps in four steps, recording server RSS and the host's
     /// kernel slab after each.
-    fn idle(&mut self, s: &ServerProc) -> Result<Idle, String> {
+    pub(super) fn idle(&mut self, s: &ServerProc) -> Result<Idle, String> {
         let (idle, fleets) = self.idle_hold(s)?;
         for f in fleets {
             f.quit();
@@ -240,15 +321,24 @@ impl Runner {
     /// [`Runner::idle`], leaving the connections open: their loaders are
     /// returned.
     pub(super) fn idle_hold(&mut self, s: &ServerProc) -> Result<(Idle, Vec<Fleet>), String> {
+        self.idle_hold_as(s, None)
+    }
+
+    /// [`Runner::idle_hold`], the connections logged in as `device` of
+    /// their users if given.
+    pub(super) fn idle_hold_as(&mut self, s: &ServerProc, device: Option<&str>) -> Result<(Idle, Vec<Fleet>), String> {
         let n = self.plan.connections;
-        note(format!("{}: idle, {n} connections in 4 steps", s.name));
+        let what = if device.is_some() { " device" } else { "" };
+        note(format!("{}: idle, {n}{what} connections in 4 steps", s.name));
         std::thread::sleep(Duration::from_millis(500));
         let (rss0, slab0) = (ProcStat::rss_bytes(s.pid()), ProcStat::slab_bytes());
         let mut curve = vec![RssPoint { connections: 0, rss_bytes: rss0 }];
         let mut fleets = Vec::new();
         let (mut total, mut ramp) = (0u32, Duration::ZERO);
         for step in 0..4 {
-            let (f, ready, t) = self.fleet(s.addr, n / 4, &format!("idle{step}-u"), None)?;
+            let mut spec = self.spec(s.addr, n / 4, &format!("idle{step}-u"), None);
+            spec.device = device.map(String::from);
+            let (f, ready, t) = self.spawn_ready(&spec)?;
             total += ready;
             ramp += t;
             fleets.push(f);
@@ -284,7 +374,7 @@ impl Runner {
         let mut best: Option<UnicastStep> = None;
         let rates = self.plan.unicast_rates.clone();
         for rate in rates {
-            let r = unicast_step(&mut fleet, s.pid(), ready, rate, self.plan.unicast_s)?;
+            let r = unicast_step(&mut fleet, s, ready, rate, self.plan.unicast_s)?;
             let keeps_up = r.keeps_up();
             note(format!("  {rate}/s offered: {:.0}/s delivered, p99 {} us", r.msgs_per_s, r.p99_us));
             steps.push(r.clone());
@@ -299,7 +389,7 @@ impl Runner {
         std::thread::sleep(Duration::from_secs(3));
         let _ = fleet.collect()?;
         let half = (best.msgs_per_s / 2.0) as u64;
-        let at_half = unicast_step(&mut fleet, s.pid(), ready, half.max(1000), self.plan.unicast_s)?;
+        let at_half = unicast_step(&mut fleet, s, ready, half.max(1000), self.plan.unicast_s)?;
         note(format!("  at half of the best rate ({half}/s): p99 {} us", at_half.p99_us));
         fleet.quit();
         Ok(Unicast {
@@ -448,6 +538,7 @@ impl Runner {
             &self.out,
             "heartbeat",
             self.plan.workers,
+            Delivery::AtMostOnce,
             &self.plan.server_config(extra),
         )?;
         let n = self.plan.connections;
@@ -494,6 +585,7 @@ impl Runner {
             &self.out,
             "ws",
             self.plan.workers,
+            Delivery::AtMostOnce,
             &self.plan.server_config(""),
         )?;
         let r = self.ws_suite(&s, WsServer::Switchboard);
@@ -533,6 +625,7 @@ impl Runner {
             &self.out,
             "main",
             plan.workers,
+            Delivery::AtMostOnce,
             &plan.server_config(no_extra),
         )?;
         let idle = self.idle(&sb)?;
@@ -540,6 +633,7 @@ impl Runner {
         let fanout = self.fanout(&sb, None)?;
         let broadcast = self.broadcast(&sb)?;
         sb.stop();
+        let reliable = self.reliable(&idle, &unicast)?;
         let heartbeat = self.heartbeat()?;
         let churn = self.churn()?;
         let ceiling = fanout.send_ceiling_per_s_per_core;
@@ -568,7 +662,7 @@ impl Runner {
             None => None,
         };
         let (websocket, nchan) = self.websocket()?;
-        let tcp = self.assemble(idle, unicast, fanout, broadcast, heartbeat, relay_unicast, churn);
+        let tcp = self.assemble(idle, unicast, fanout, broadcast, heartbeat, relay_unicast, churn, reliable);
         Ok(Report {
             mode: self.plan.mode.into(),
             machine: machine(),
@@ -592,6 +686,7 @@ impl Runner {
         heartbeat: Heartbeat,
         relay: Unicast,
         churn: Churn,
+        reliable: Reliable,
     ) -> TcpReport {
         let (user_b, kern_b) = (idle.server_user_bytes_per_conn, idle.server_kernel_bytes_per_conn);
         let sb_max = &unicast.max;
@@ -633,12 +728,23 @@ impl Runner {
             projection_1m: Projection::one_million(user_b, kern_b),
             rss_curve: idle.rss_curve,
             churn,
+            reliable: Some(reliable),
         }
     }
 }
 
-fn unicast_step(fleet: &mut Fleet, pid: u32, users: u32, rate: u64, secs: u64) -> Result<UnicastStep, String> {
+/// One unicast rate for `secs`; with `s`'s store counters when it has a
+/// store.
+pub(super) fn unicast_step(
+    fleet: &mut Fleet,
+    s: &ServerProc,
+    users: u32,
+    rate: u64,
+    secs: u64,
+) -> Result<UnicastStep, String> {
+    let pid = s.pid();
     let _ = fleet.collect()?;
+    let store0 = s.stats().and_then(|st| st.store);
     let cpu0 = ProcStat::process_cpu(pid);
     let t0 = Instant::now();
     fleet.start_unicast(rate, secs * 1000, users, 64, 0x5EED + rate);
@@ -647,6 +753,8 @@ fn unicast_step(fleet: &mut Fleet, pid: u32, users: u32, rate: u64, secs: u64) -
     let elapsed = t0.elapsed().as_secs_f64() - 0.5;
     let (user, sys) = ProcStat::process_cpu(pid).since(&cpu0);
     let c = fleet.collect()?;
+    let store1 = store0.and_then(|_| s.stats()).and_then(|st| st.store);
+    let store = store0.zip(store1).map(|(a, b)| b.since(&a, elapsed, &c));
     let p = percentiles(&c.hist);
     Ok(UnicastStep {
         offered_per_s: rate,
@@ -660,6 +768,7 @@ fn unicast_step(fleet: &mut Fleet, pid: u32, users: u32, rate: u64, secs: u64) -
         max_us: p.max_us,
         server_user_ns_per_msg: user / c.received.max(1) as f64,
         server_sys_ns_per_msg: sys / c.received.max(1) as f64,
+        store,
     })
 }
 

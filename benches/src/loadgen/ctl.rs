@@ -47,6 +47,14 @@ pub enum Event {
         per_seq: Vec<(u32, u32, u64)>,
         /// SKIPPED notices summed.
         skipped: u64,
+        /// Device connections: INBOX frames with a seq already received
+        /// (retransmits), and the ACKs and FETCHes sent.
+        #[serde(default)]
+        duplicates: u64,
+        #[serde(default)]
+        acks: u64,
+        #[serde(default)]
+        fetches: u64,
     },
     /// Something went wrong; the loader exits after sending this.
     Error { message: String },

@@ -9,10 +9,21 @@
 //! message, login in the upgrade query, client frames masked, WebSocket
 //! pings answered with pongs); and plain WebSocket for other push servers
 //! (nchan), where each data message is a timed payload itself.
+//!
+//! Reliable delivery (`--device`, raw TCP only): every connection logs in as
+//! that device of its user, is ready once the login's SYNC arrived, counts
+//! each new INBOX (timed like a PUSH; a seq already had is a duplicate, not
+//! counted), and acknowledges as PROTOCOL.md 15.4 says: cumulatively, after
+//! 32 INBOX frames or 100 ms after the first unacknowledged one, whichever
+//! comes first, and at the end of a page; a page that leaves more waiting
+//! is followed by a FETCH of the rest.
 //! Must not: hold a buffer or a timer per connection. A connection is a
 //! socket, a state byte and its user index; a partial frame (rare) is the
-//! only thing buffered, and one scratch buffer serves every read.
+//! only thing buffered, and one scratch buffer serves every read. Device
+//! connections add 32 bytes each (their inbox position, in a side table)
+//! and share one FIFO of ACK deadlines.
 
+use std::collections::VecDeque;
 use std::io::{self, BufRead, Read, Write};
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsRawFd;
@@ -72,6 +83,13 @@ impl Transport {
 /// The upgrade path of a `Ws` connection when none is given.
 pub const DEFAULT_WS_PATH: &str = "/?user={user}&token={token}";
 
+/// A device connection acknowledges after this many INBOX frames ...
+pub const ACK_EVERY: u64 = 32;
+/// ... or this long after the first unacknowledged one (PROTOCOL.md 15.4).
+pub const ACK_DELAY: Duration = Duration::from_millis(100);
+/// The `limit` of a FETCH: as much as the server allows (`delivery.max_fetch`).
+const FETCH_LIMIT: u16 = u16::MAX;
+
 /// Largest WebSocket payload the loader accepts from a server.
 const MAX_WS_PAYLOAD: usize = 16 << 20;
 
@@ -112,6 +130,8 @@ enum State {
     /// WebSocket: the upgrade request is sent, the 101 not yet read.
     Upgrading,
     LoginSent,
+    /// A device login: LOGIN_OK read, its SYNC not yet.
+    Syncing,
     /// Logged in, SUBSCRIBE sent, waiting for its ROOM_ACK.
     Joining,
     Ready,
@@ -143,6 +163,20 @@ pub struct LoaderArgs {
     /// connection's user id and a fresh JWT (`Ws` default:
     /// [`DEFAULT_WS_PATH`]).
     pub ws_path: Option<String>,
+    /// Log in as this device of each user (reliable delivery; raw TCP).
+    pub device: Option<String>,
+}
+
+/// Where a device connection stands in its user's inbox.
+#[derive(Copy, Clone, Default)]
+struct InboxPos {
+    /// Highest seq received (and "stored").
+    seq: u64,
+    /// Highest seq acknowledged (by ACK or FETCH).
+    acked: u64,
+    /// The last SYNC's page end and head.
+    page_end: u64,
+    head: u64,
 }
 
 fn emit(e: &Event) {
@@ -197,6 +231,15 @@ struct Loader {
     first_error: Option<String>,
     unicast: Option<Unicast>,
     publisher: Option<Publisher>,
+    /// Device connections: each one's inbox position (empty otherwise).
+    inbox: Vec<InboxPos>,
+    /// (deadline, connection, its `acked` then): ACKs due unless the
+    /// connection acknowledged since. In deadline order.
+    ack_due: VecDeque<(Instant, usize, u64)>,
+    /// INBOX frames with a seq already received.
+    duplicates: u64,
+    acks_sent: u64,
+    fetches_sent: u64,
     stdin_buf: Vec<u8>,
     quit: bool,
     /// WebSocket keys and masks.
@@ -315,7 +358,8 @@ impl Loader {
         let first = match self.args.transport {
             Transport::Raw => {
                 c.state = State::LoginSent;
-                Frame::Login { user: &user, token: token.as_bytes(), device: None, last_seq: 0 }
+                let device = self.args.device.as_deref();
+                Frame::Login { user: &user, token: token.as_bytes(), device, last_seq: 0 }
                     .to_bytes()
                     .expect("login encodes")
                     .to_vec()
@@ -519,17 +563,22 @@ impl Loader {
     /// One v1 frame from the server; false if the connection failed.
     fn on_frame(&mut self, i: usize, frame: Frame<'_>) -> bool {
         match frame {
-            Frame::LoginOk { .. } => match self.args.room.clone() {
-                Some(room) => {
-                    let sub = Frame::Subscribe { req_id: 1, room: &room }.to_bytes().expect("room fits");
-                    self.conns[i].state = State::Joining;
-                    return self.send_frame(i, sub, "SUBSCRIBE");
+            Frame::LoginOk { .. } if self.args.device.is_some() => self.conns[i].state = State::Syncing,
+            Frame::LoginOk { .. } => return self.logged_in(i),
+            Frame::Sync { position, head_seq, page_end, .. } if !self.inbox.is_empty() => {
+                let a = &mut self.inbox[i];
+                a.seq = a.seq.max(position);
+                a.acked = a.acked.max(position);
+                (a.page_end, a.head) = (page_end, head_seq);
+                // An empty page with more waiting (expired messages): on.
+                if a.seq >= page_end && page_end < head_seq && !self.fetch(i) {
+                    return false;
                 }
-                None => {
-                    self.conns[i].state = State::Ready;
-                    self.ready += 1;
+                if self.conns[i].state == State::Syncing {
+                    return self.logged_in(i);
                 }
-            },
+            }
+            Frame::Inbox { seq, payload, .. } if !self.inbox.is_empty() => return self.on_inbox(i, seq, payload),
             Frame::RoomAck { .. } if self.conns[i].state == State::Joining => {
                 self.conns[i].state = State::Ready;
                 self.ready += 1;
@@ -560,6 +609,84 @@ impl Loader {
             _ => {}
         }
         true
+    }
+
+    /// LOGIN_OK (or, for a device, its SYNC) read: join the room, or ready.
+    fn logged_in(&mut self, i: usize) -> bool {
+        match self.args.room.clone() {
+            Some(room) => {
+                let sub = Frame::Subscribe { req_id: 1, room: &room }.to_bytes().expect("room fits");
+                self.conns[i].state = State::Joining;
+                self.send_frame(i, sub, "SUBSCRIBE")
+            }
+            None => {
+                self.conns[i].state = State::Ready;
+                self.ready += 1;
+                true
+            }
+        }
+    }
+
+    /// One INBOX on a device connection: counted and timed if new, then
+    /// acknowledged as PROTOCOL.md 15.4 says.
+    fn on_inbox(&mut self, i: usize, seq: u64, payload: &[u8]) -> bool {
+        let a = &mut self.inbox[i];
+        if seq <= a.seq {
+            self.duplicates += 1;
+            return true;
+        }
+        let was_acked = a.seq == a.acked;
+        a.seq = seq;
+        let a = *a;
+        self.received += 1;
+        if let Some(sent) = timed::sent_ns(payload) {
+            let _ = self.hist.record((mono_ns().saturating_sub(sent) / 1000).max(1));
+        }
+        if a.seq == a.page_end && a.page_end < a.head {
+            self.fetch(i)
+        } else if a.seq - a.acked >= ACK_EVERY || a.seq == a.page_end {
+            self.ack(i)
+        } else {
+            if was_acked {
+                self.ack_due.push_back((Instant::now() + ACK_DELAY, i, a.acked));
+            }
+            true
+        }
+    }
+
+    /// Acknowledges everything received on device connection `i`.
+    fn ack(&mut self, i: usize) -> bool {
+        let a = &mut self.inbox[i];
+        a.acked = a.seq;
+        let f = Frame::Ack { seq: a.seq }.to_bytes().expect("ack encodes");
+        self.acks_sent += 1;
+        self.send_frame(i, f, "ACK")
+    }
+
+    /// FETCHes what follows the page just received (which it acknowledges).
+    fn fetch(&mut self, i: usize) -> bool {
+        let a = &mut self.inbox[i];
+        a.acked = a.seq;
+        self.fetches_sent += 1;
+        let req_id = self.fetches_sent as u32;
+        let f = Frame::Fetch { req_id, after_seq: a.seq, limit: FETCH_LIMIT }.to_bytes().expect("fetch encodes");
+        self.send_frame(i, f, "FETCH")
+    }
+
+    /// Sends the ACKs whose delay is up; returns the time to the next one.
+    fn flush_acks(&mut self) -> Option<Duration> {
+        let now = Instant::now();
+        while let Some(&(due, i, acked_then)) = self.ack_due.front() {
+            if due > now {
+                return Some(due - now);
+            }
+            self.ack_due.pop_front();
+            let a = self.inbox[i];
+            if a.acked == acked_then && a.seq > a.acked && self.conns[i].state == State::Ready {
+                self.ack(i);
+            }
+        }
+        None
     }
 
     fn on_stdin(&mut self) {
@@ -611,11 +738,17 @@ impl Loader {
                     hist: base64::engine::general_purpose::STANDARD.encode(out),
                     per_seq: self.per_seq.drain().map(|(s, (n, m))| (s, n, m)).collect(),
                     skipped: self.skipped,
+                    duplicates: self.duplicates,
+                    acks: self.acks_sent,
+                    fetches: self.fetches_sent,
                 });
                 self.hist.reset();
                 self.received = 0;
                 self.pongs = 0;
                 self.skipped = 0;
+                self.duplicates = 0;
+                self.acks_sent = 0;
+                self.fetches_sent = 0;
             }
             Command::Publish { room, rate_per_s, count, payload_bytes, first_seq } => {
                 self.publisher = Some(Publisher {
@@ -719,6 +852,10 @@ pub fn run(args: LoaderArgs) -> io::Result<()> {
     let poll = Poll::new()?;
     poll.registry().register(&mut SourceFd(&io::stdin().as_raw_fd()), STDIN, Interest::READABLE)?;
     let count = args.count;
+    if args.device.is_some() && args.transport != Transport::Raw {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "--device needs --transport raw"));
+    }
+    let inbox = if args.device.is_some() { vec![InboxPos::default(); count as usize] } else { Vec::new() };
     let mut l = Loader {
         jwt: JwtHs256::new(args.secret.clone()),
         args,
@@ -739,6 +876,11 @@ pub fn run(args: LoaderArgs) -> io::Result<()> {
         first_error: None,
         unicast: None,
         publisher: None,
+        inbox,
+        ack_due: VecDeque::new(),
+        duplicates: 0,
+        acks_sent: 0,
+        fetches_sent: 0,
         stdin_buf: Vec::new(),
         quit: false,
         rng: (mono_ns() ^ (u64::from(std::process::id()) << 32)) | 1,
@@ -758,6 +900,7 @@ pub fn run(args: LoaderArgs) -> io::Result<()> {
         }
         let timeout = l.drive_unicast().unwrap_or(Duration::from_millis(100));
         let timeout = l.drive_publisher().map_or(timeout, |t| t.min(timeout));
+        let timeout = l.flush_acks().map_or(timeout, |t| t.min(timeout));
         match l.poll.poll(&mut events, Some(timeout)) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,

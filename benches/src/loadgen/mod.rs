@@ -174,6 +174,9 @@ pub struct FleetSpec {
     pub transport: loader::Transport,
     /// WebSocket upgrade path template (see `LoaderArgs::ws_path`).
     pub ws_path: Option<String>,
+    /// Log every connection in as this device of its user: reliable
+    /// delivery, INBOX frames acknowledged (raw TCP only).
+    pub device: Option<String>,
 }
 
 impl FleetSpec {
@@ -190,6 +193,7 @@ impl FleetSpec {
             src_base: 10,
             transport: loader::Transport::Raw,
             ws_path: None,
+            device: None,
         }
     }
 }
@@ -208,6 +212,11 @@ pub struct Collected {
     pub per_seq: HashMap<u32, (u64, u64)>,
     /// SKIPPED notices summed.
     pub skipped: u64,
+    /// Device connections: INBOX frames received again (retransmits).
+    pub duplicates: u64,
+    /// Device connections: ACKs and FETCHes sent.
+    pub acks: u64,
+    pub fetches: u64,
 }
 
 /// Loader processes of one run.
@@ -241,6 +250,9 @@ impl Fleet {
             cmd.args(["--transport", spec.transport.name()]);
             if let Some(path) = &spec.ws_path {
                 cmd.args(["--ws-path", path]);
+            }
+            if let Some(device) = &spec.device {
+                cmd.args(["--device", device]);
             }
             let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn()?;
             first += count;
@@ -340,11 +352,17 @@ impl Fleet {
             closed: 0,
             per_seq: HashMap::new(),
             skipped: 0,
+            duplicates: 0,
+            acks: 0,
+            fetches: 0,
         };
         let mut got = 0;
         while got < self.children.len() {
             match self.events.recv_timeout(Duration::from_secs(30)) {
-                Ok((_, Event::Collected { received, pongs, closed, hist, per_seq, skipped })) => {
+                Ok((
+                    _,
+                    Event::Collected { received, pongs, closed, hist, per_seq, skipped, duplicates, acks, fetches },
+                )) => {
                     let raw = base64::engine::general_purpose::STANDARD.decode(hist).map_err(|e| e.to_string())?;
                     let h: Histogram<u64> =
                         Deserializer::new().deserialize(&mut raw.as_slice()).map_err(|e| format!("{e:?}"))?;
@@ -353,6 +371,9 @@ impl Fleet {
                     out.pongs += pongs;
                     out.closed += closed;
                     out.skipped += skipped;
+                    out.duplicates += duplicates;
+                    out.acks += acks;
+                    out.fetches += fetches;
                     for (seq, count, max_us) in per_seq {
                         let e = out.per_seq.entry(seq).or_insert((0, 0));
                         e.0 += count as u64;

@@ -1,0 +1,241 @@
+//! Reliable delivery in the capacity run: what storing every message
+//! costs next to relaying it, and how fast a device catches up.
+//!
+//! The questions (issue 12): with a plain SEND stored before it is
+//! delivered (and answered only once synced), how much of the at-most-once
+//! unicast rate is left, with `fsync` durability (every batch of appends
+//! `fdatasync`ed: group commit) and with `os` (handed to the kernel), and
+//! at what latency? How fast does one device that was offline get a
+//! backlog of 10,000 messages? Does the store cost idle connections
+//! anything?
+//!
+//! Sizes: the at-most-once unicast's connections and rate ladder (the same
+//! plan fields, the same keep-up rule), so the ratio compares like with
+//! like; every receiver a device that acknowledges as a client should
+//! (PROTOCOL.md 15.4: every 32 INBOX frames or 100 ms). 10,000 waiting
+//! messages: the issue's figure, 500 pages of the first page's 20, ten
+//! FETCHes at the default `delivery.max_fetch` (1,000). The idle holds are
+//! the capacity run's own (4 steps to `plan.connections`).
+//!
+//! Owns: the servers these scenarios start (each with its own store in the
+//! run's output directory) and the catch-up client (`switchboard::client`,
+//! one blocking connection, in this process).
+//! Must not: judge. Verdicts against the targets are report.rs's.
+
+use std::time::{Duration, Instant};
+
+use switchboard::client::Client;
+use switchboard::proto::frame::Frame;
+use switchboard::timed;
+use switchboard::JwtHs256;
+
+use super::report::{CatchUp, Idle, Reliable, ReliableUnicast, StoreIdle, Unicast, CATCH_UP_TARGET_PER_S};
+use super::scenarios::{note, unicast_step, Delivery, Runner, ServerProc};
+
+/// The device id every bench device connection logs in with.
+pub const DEVICE: &str = "bench";
+
+impl Runner {
+    /// Every reliable-delivery scenario; `idle` and `unicast` are the
+    /// at-most-once figures of this run (default store, plain SEND relayed).
+    pub(super) fn reliable(&mut self, idle: &Idle, unicast: &Unicast) -> Result<Reliable, String> {
+        let fsync = self.reliable_unicast("fsync", unicast.max.msgs_per_s)?;
+        let os = self.reliable_unicast("os", unicast.max.msgs_per_s)?;
+        let catch_up = self.catch_up(self.plan.catch_up_messages)?;
+        let no_store = {
+            let s = self.server("idle-nostore", Delivery::NoStore)?;
+            self.idle(&s)?
+        };
+        let devices = {
+            let s = self.server("idle-devices", Delivery::Reliable { durability: "fsync" })?;
+            let (idle, fleets) = self.idle_hold_as(&s, Some(DEVICE))?;
+            for f in fleets {
+                f.quit();
+            }
+            idle
+        };
+        Ok(Reliable {
+            question: "What does storing every message cost next to relaying it (fsync: every batch of appends fdatasync'ed before SEND_ACK; os: handed to the kernel), how fast does a device catch up on a backlog, and does the store cost idle connections anything?".into(),
+            method: format!(
+                "the at-most-once figures come from a server with the default disk store and delivery.send_default = \"at_most_once\" (plain SEND relayed live, as before reliable delivery and as the peers do); each reliable ladder runs against a fresh server with send_default = \"reliable\" and its own disk store, over the same {} connections at the same offered rates for the same {} s per step (open loop, random recipients, 64-byte timed payloads), every connection logged in as device \"{DEVICE}\" of its user and acknowledging cumulatively after 32 INBOX frames or 100 ms; delivered/s counts new INBOX frames (retransmits are counted as duplicates, not deliveries); latency is send (in the payload) → INBOX received; store figures are deltas of the admin API's /stats store counters over each step. Catch-up: a fresh server with the defaults, {} plain SENDs from one pipelined sender to one user (all SEND_ACKed, i.e. synced), then one blocking client logs in as a device, reads the first page, FETCHes with limit 65535 (the server caps it at delivery.max_fetch) at the end of each page and ACKs every 32. Idle: the same 4-step idle hold against a fresh server without a store and against one with the default store whose connections log in with a device id.",
+                unicast.connections, self.plan.unicast_s, self.plan.catch_up_messages
+            ),
+            idle: StoreIdle::of(idle, no_store, devices),
+            fsync,
+            os,
+            catch_up,
+        })
+    }
+
+    fn server(&self, tag: &str, delivery: Delivery) -> Result<ServerProc, String> {
+        let config = self.plan.server_config("");
+        ServerProc::switchboard(&self.switchboard_bin, &self.out, tag, self.plan.workers, delivery, &config)
+    }
+
+    /// The unicast ladder with every message stored and every receiver a
+    /// device that ACKs; `at_most_once_per_s` is the at-most-once best.
+    fn reliable_unicast(
+        &mut self,
+        durability: &'static str,
+        at_most_once_per_s: f64,
+    ) -> Result<ReliableUnicast, String> {
+        let s = self.server(&format!("reliable-{durability}"), Delivery::Reliable { durability })?;
+        let n = self.plan.connections;
+        note(format!("switchboard: reliable unicast ({durability}) over {n} device connections"));
+        let mut spec = self.spec(s.addr, n, &format!("rel-{durability}-u"), None);
+        spec.device = Some(DEVICE.into());
+        let (mut fleet, ready, _) = self.spawn_ready(&spec)?;
+        let mut steps = Vec::new();
+        for rate in self.plan.unicast_rates.clone() {
+            let r = unicast_step(&mut fleet, &s, ready, rate, self.plan.unicast_s)?;
+            let st = r.store.as_ref();
+            note(format!(
+                "  {rate}/s offered: {:.0}/s delivered, p99 {} us, {:.0} appends/s, {:.0} syncs/s, {:.1} per sync",
+                r.msgs_per_s,
+                r.p99_us,
+                st.map_or(0.0, |t| t.appends_per_s),
+                st.map_or(0.0, |t| t.syncs_per_s),
+                st.and_then(|t| t.messages_per_sync).unwrap_or(0.0)
+            ));
+            let keeps_up = r.keeps_up();
+            steps.push(r);
+            if !keeps_up {
+                break;
+            }
+        }
+        let best = steps.iter().take_while(|s| s.keeps_up()).last().map(|s| s.msgs_per_s);
+        let at_half = match best {
+            Some(best) => {
+                // Let the last step's backlog drain first.
+                std::thread::sleep(Duration::from_secs(3));
+                let half = ((best / 2.0) as u64).max(1000);
+                let h = unicast_step(&mut fleet, &s, ready, half, self.plan.unicast_s)?;
+                note(format!("  at half of the best rate ({half}/s): p99 {} us", h.p99_us));
+                Some(h)
+            }
+            None => {
+                note(format!("  reliable ({durability}): not even the lowest rate was sustained"));
+                None
+            }
+        };
+        fleet.quit();
+        s.stop();
+        Ok(ReliableUnicast::judge(durability, ready, steps, at_half, at_most_once_per_s))
+    }
+
+    /// `messages` stored for one user, then one device fetches them all.
+    fn catch_up(&mut self, messages: u32) -> Result<CatchUp, String> {
+        let s = self.server("catchup", Delivery::Reliable { durability: "fsync" })?;
+        note(format!("switchboard: catch-up of {messages} stored messages by one device"));
+        let (sender_user, reader_user) = ("catchup-sender", "catchup-reader");
+        let jwt = JwtHs256::new(switchboard::config::DEV_JWT_SECRET);
+        let token = |user: &str| {
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+            jwt.mint(user, now + 3600)
+        };
+        let connect = || -> Result<Client, String> {
+            let c = Client::connect_timeout(&s.addr, Duration::from_secs(5)).map_err(|e| format!("connect: {e}"))?;
+            c.set_read_timeout(Some(Duration::from_secs(30))).map_err(|e| e.to_string())?;
+            Ok(c)
+        };
+
+        // Fill: pipelined SENDs, SEND_ACKs read on a second thread.
+        let store0 = s.stats().and_then(|st| st.store).unwrap_or_default();
+        let mut sender = connect()?;
+        sender.login(sender_user, &token(sender_user)).map_err(|e| format!("login: {e}"))?;
+        let mut acks = sender.try_clone_for_reading().map_err(|e| e.to_string())?;
+        let t0 = Instant::now();
+        let reader = std::thread::spawn(move || -> Result<(), String> {
+            let mut got = 0;
+            while got < messages {
+                match acks.recv_skipping_pings().map_err(|e| format!("fill: {e}"))?.frame() {
+                    Frame::SendAck { .. } => got += 1,
+                    Frame::Error { code, reason, .. } => return Err(format!("fill: ERROR {code}: {reason}")),
+                    _ => {}
+                }
+            }
+            Ok(())
+        });
+        for k in 0..messages {
+            let payload = timed::payload(k, 64);
+            sender.send(k + 1, reader_user, &payload).map_err(|e| format!("fill: send: {e}"))?;
+        }
+        reader.join().map_err(|_| "fill: the SEND_ACK reader panicked".to_string())??;
+        let fill = t0.elapsed().as_secs_f64();
+        let store1 = s.stats().and_then(|st| st.store).unwrap_or_default();
+        drop(sender);
+        let syncs = store1.syncs.saturating_sub(store0.syncs);
+        let per_sync = store1.appended_per_sync_sum.saturating_sub(store0.appended_per_sync_sum);
+
+        // Catch up.
+        let mut c = connect()?;
+        let t0 = Instant::now();
+        c.login_device(reader_user, &token(reader_user), DEVICE, 0).map_err(|e| format!("device login: {e}"))?;
+        let (mut seq, mut acked, mut page_end, mut head) = (0u64, 0u64, 0u64, u64::MAX);
+        let (mut first_page, mut fetches, mut duplicates, mut first_inbox) = (None, 0u32, 0u64, None);
+        while seq < head {
+            match c.recv_skipping_pings().map_err(|e| format!("catch-up: {e}"))?.frame() {
+                Frame::Sync { position, head_seq, page_end: end, .. } => {
+                    first_page.get_or_insert(end - position);
+                    (page_end, head) = (end, head_seq);
+                    seq = seq.max(position);
+                }
+                Frame::Inbox { seq: n, .. } if n <= seq => duplicates += 1,
+                Frame::Inbox { seq: n, .. } => {
+                    first_inbox.get_or_insert_with(|| t0.elapsed());
+                    seq = n;
+                    if seq == page_end && page_end < head {
+                        fetches += 1;
+                        c.fetch(fetches, seq, u16::MAX).map_err(|e| format!("fetch: {e}"))?;
+                        acked = seq;
+                    } else if seq - acked >= 32 || seq == page_end {
+                        c.ack(seq).map_err(|e| format!("ack: {e}"))?;
+                        acked = seq;
+                    }
+                }
+                Frame::Error { code, reason, .. } => return Err(format!("catch-up: ERROR {code}: {reason}")),
+                _ => {}
+            }
+        }
+        let elapsed = t0.elapsed().as_secs_f64();
+        // The last ACK reaches the store at its next sync.
+        let mut position_after = None;
+        for _ in 0..50 {
+            position_after = inbox_position(&s, reader_user);
+            if position_after == Some(head) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        drop(c);
+        s.stop();
+        let msgs_per_s = messages as f64 / elapsed;
+        note(format!("  {messages} messages in {elapsed:.3} s: {msgs_per_s:.0}/s ({fetches} FETCHes)"));
+        Ok(CatchUp {
+            messages,
+            fill_s: fill,
+            fill_msgs_per_s: messages as f64 / fill,
+            fill_messages_per_sync: (syncs > 0).then(|| per_sync as f64 / syncs as f64),
+            first_page: first_page.unwrap_or(0),
+            fetches,
+            first_inbox_ms: first_inbox.map(|d| d.as_secs_f64() * 1e3),
+            elapsed_s: elapsed,
+            msgs_per_s,
+            duplicates,
+            position_after,
+            target_per_s: CATCH_UP_TARGET_PER_S,
+            target_met: msgs_per_s >= CATCH_UP_TARGET_PER_S,
+        })
+    }
+}
+
+/// The position of device [`DEVICE`] of `user` (admin `GET /inbox`).
+fn inbox_position(s: &ServerProc, user: &str) -> Option<u64> {
+    let (st, body) =
+        switchboard::client::admin_request(s.admin?, "GET", &format!("/inbox?user={user}"), b"", None).ok()?;
+    if st != 200 {
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+    v["devices"].as_array()?.iter().find(|d| d["device"] == DEVICE)?["position"].as_u64()
+}
