@@ -20,7 +20,9 @@
 //! Layers: `proto` is the sans-IO protocol (codec, session state machine);
 //! `runtime` is the only module that imports monoio; `server` is the
 //! embedding API; `client` is a small blocking client for tools and tests;
-//! `sync` holds the lock-free primitives that `tests/loom-models/` model-checks.
+//! `sync` holds the lock-free primitives that `tests/loom-models/` model-checks;
+//! `store` keeps the per-user inboxes of reliable delivery, on a thread of
+//! its own (never a worker).
 
 pub mod admin;
 mod app;
