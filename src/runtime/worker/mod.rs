@@ -156,6 +156,8 @@ pub(crate) struct Worker {
     held_bytes: Cell<usize>,
     /// Device connections' delivery windows (`reliable.rs`).
     reliable: RefCell<reliable::Reliable>,
+    /// Device connections with a position to save at the next tick.
+    unsaved: RefCell<Vec<(u32, u32)>>,
     window_rules: crate::proto::reliable::WindowRules,
 }
 
@@ -458,6 +460,7 @@ impl Worker {
             next_hold: Cell::new(0),
             held_bytes: Cell::new(0),
             reliable: RefCell::new(reliable::Reliable::default()),
+            unsaved: RefCell::new(Vec::new()),
             window_rules: shared.config.window_rules(),
             shared,
         }

@@ -43,6 +43,12 @@ pub(super) struct Device {
     user: Arc<str>,
     device: Arc<str>,
     state: State,
+    /// A position acknowledged and not yet handed to the store (0: none).
+    /// Saved at the next tick or at the close, not per ACK: the store
+    /// then takes at most one position write per device connection per
+    /// tick, and a position lost with a crash only means some messages
+    /// come again (dropped by seq).
+    unsaved: u64,
 }
 
 /// The side table: slot → device connection.
@@ -67,10 +73,11 @@ struct WinIo<'a> {
     slot: u32,
     generation: u32,
     user: &'a Arc<str>,
-    device: &'a Arc<str>,
     read_failed: bool,
     close: Option<(CloseCode, String)>,
     overflow: bool,
+    /// The position the window asked to save, if it moved.
+    saved: Option<u64>,
 }
 
 impl WinIo<'_> {
@@ -109,13 +116,7 @@ impl WindowEnv<StoredMessage> for WinIo<'_> {
     }
 
     fn save_position(&mut self, seq: u64) {
-        if let Some(store) = self.w.shared.store.get() {
-            let req = Request::Position { user: self.user.clone(), device: self.device.clone(), seq };
-            // A full queue loses this position, not a message: the next ACK
-            // carries a later one, and until then the device gets some
-            // messages again after a reconnect (it drops them by seq).
-            let _ = store.try_submit(Token::Position, req);
-        }
+        self.saved = Some(seq);
     }
 
     fn error(&mut self, code: ErrorCode, req_id: u32, reason: &str) {
@@ -165,13 +166,19 @@ impl Worker {
             slot,
             generation,
             user: &dev.user,
-            device: &dev.device,
             read_failed: false,
             close: None,
             overflow: false,
+            saved: None,
         };
         let r = f(&mut window, &mut io);
-        let (read_failed, close, overflow) = (io.read_failed, io.close.take(), io.overflow);
+        let (read_failed, close, overflow, saved) = (io.read_failed, io.close.take(), io.overflow, io.saved);
+        if let Some(seq) = saved {
+            if dev.unsaved == 0 {
+                self.unsaved.borrow_mut().push((slot, generation));
+            }
+            dev.unsaved = seq;
+        }
         if read_failed {
             window.on_read_failed(self.now.get(), &self.window_rules);
         }
@@ -206,17 +213,49 @@ impl Worker {
         if store.try_submit(Token::Login { conn }, req).is_err() {
             return Err((CloseCode::TryAgainLater, "the message store is busy; log in again shortly".into()));
         }
-        let dev = Device { generation, user: user.clone(), device, state: State::Pending };
+        let dev = Device { generation, user: user.clone(), device, state: State::Pending, unsaved: 0 };
         self.reliable.borrow_mut().insert(slot, dev);
         Ok(())
     }
 
     /// The connection (`slot`) is closing: it has no window any more.
     pub(super) fn forget_device(&self, slot: u32, generation: u32) {
-        let mut table = self.reliable.borrow_mut();
-        if table.get(&slot).is_some_and(|d| d.generation == generation) {
-            table.remove(&slot);
+        let gone = {
+            let mut table = self.reliable.borrow_mut();
+            match table.get(&slot) {
+                Some(d) if d.generation == generation => table.remove(&slot),
+                _ => None,
+            }
+        };
+        if let Some(d) = gone.filter(|d| d.unsaved != 0) {
+            self.save_position(&d);
         }
+    }
+
+    /// Hands a device's acknowledged position to the store. Returns false
+    /// when the store's queue is full (tried again at the next tick).
+    fn save_position(&self, d: &Device) -> bool {
+        let Some(store) = self.shared.store.get() else { return true };
+        let req = Request::Position { user: d.user.clone(), device: d.device.clone(), seq: d.unsaved };
+        store.try_submit(Token::Position, req).is_ok()
+    }
+
+    /// The tick: positions acknowledged since the last one go to the store.
+    fn save_positions(&self) {
+        let dirty = std::mem::take(&mut *self.unsaved.borrow_mut());
+        let mut again = Vec::new();
+        for (slot, generation) in dirty {
+            let mut table = self.reliable.borrow_mut();
+            let Some(d) = table.get_mut(&slot).filter(|d| d.generation == generation && d.unsaved != 0) else {
+                continue;
+            };
+            if self.save_position(d) {
+                d.unsaved = 0;
+            } else {
+                again.push((slot, generation));
+            }
+        }
+        self.unsaved.borrow_mut().extend(again);
     }
 
     /// A SEND or SEND_EX to be stored: queued for the store thread; the
@@ -352,10 +391,10 @@ impl Worker {
             slot,
             generation,
             user: &dev.user,
-            device: &dev.device,
             read_failed: false,
             close: None,
             overflow: false,
+            saved: None,
         };
         let now = self.now.get();
         let mut window = Box::new(Window::start(position, head, now, &self.window_rules, &mut io));
@@ -385,6 +424,7 @@ impl Worker {
 
     /// The tick: windows whose retransmit (or read retry) is due.
     pub(super) fn reliable_tick(&self, now: Tick) {
+        self.save_positions();
         let due: Vec<(u32, u32)> = self
             .reliable
             .borrow()
