@@ -677,16 +677,16 @@ impl Connection {
             }
             Frame::Pong { .. } => {}
             Frame::Send { req_id, to, payload } => {
-                let store = rules.reliable_send.then_some((0, false));
-                self.send(req_id, to, payload, store, rules, env)
+                let store = rules.reliable_send.then_some(0);
+                self.send(req_id, to, payload, false, store, rules, env)
             }
             Frame::SendEx { req_id, flags, client_id, to, payload } => {
-                let store = (flags & SEND_EX_AT_MOST_ONCE == 0).then_some((client_id, true));
+                let store = (flags & SEND_EX_AT_MOST_ONCE == 0).then_some(client_id);
                 if store.is_some() && !rules.has_store {
                     let reason = "this server has no message store; send with the at-most-once flag";
                     return error(env, ErrorCode::NotReliable, req_id, reason);
                 }
-                self.send_ex(req_id, to, payload, store, rules, env)
+                self.send(req_id, to, payload, true, store, rules, env)
             }
             Frame::Ack { seq } => {
                 if let Err((code, reason)) = env.ack(seq) {
@@ -777,14 +777,17 @@ impl Connection {
         }
     }
 
-    /// SEND: stored (`store`: the client id and whether it was a SEND_EX)
-    /// or relayed at most once.
+    /// SEND (`ex`: SEND_EX, answered with SEND_RESULT instead of
+    /// SEND_ACK): stored (`store`: the client id, 0 for none) or relayed at
+    /// most once.
+    #[allow(clippy::too_many_arguments)]
     fn send(
         &mut self,
         req_id: u32,
         to: &str,
         payload: &[u8],
-        store: Option<(u64, bool)>,
+        ex: bool,
+        store: Option<u64>,
         rules: &Rules,
         env: &mut impl Env,
     ) {
@@ -798,53 +801,31 @@ impl Connection {
             return;
         }
         let Some(from) = self.user.as_ref() else { return };
-        if let Some((client_id, ex)) = store {
-            let max = rules.max_inbox_payload(from);
-            if payload.len() > max {
-                let reason = format!("payload of {} bytes: at most {max} fit an INBOX from this user", payload.len());
-                return error(env, ErrorCode::PayloadTooLarge, req_id, &reason);
-            }
+        let (max, fits) = match store {
+            Some(_) => (rules.max_inbox_payload(from), "an INBOX"),
+            None => (rules.max_push_payload(from), "a PUSH"),
+        };
+        if payload.len() > max {
+            let reason = format!("payload of {} bytes: at most {max} fit {fits} from this user", payload.len());
+            return error(env, ErrorCode::PayloadTooLarge, req_id, &reason);
+        }
+        if let Some(client_id) = store {
+            // Answered by the runtime once the store has it.
             if let Err((code, reason)) = env.store_send(from, to, payload, req_id, client_id, ex) {
                 error(env, code, req_id, &reason);
             }
             return;
         }
-        let max = rules.max_push_payload(from);
-        if payload.len() > max {
-            let reason = format!("payload of {} bytes: at most {max} fit a PUSH from this user", payload.len());
-            return error(env, ErrorCode::PayloadTooLarge, req_id, &reason);
-        }
-        let (_, delivered) = env.send(from, to, payload);
-        if req_id != 0 {
-            env.reply(Frame::SendAck { req_id, delivered }.to_bytes().expect("fixed-size frame"));
-        }
-    }
-
-    /// SEND_EX: stored (`store`: its client id), or relayed at most once
-    /// and answered with SEND_RESULT `relayed`.
-    fn send_ex(
-        &mut self,
-        req_id: u32,
-        to: &str,
-        payload: &[u8],
-        store: Option<(u64, bool)>,
-        rules: &Rules,
-        env: &mut impl Env,
-    ) {
-        if store.is_some() || !rules.client_send {
-            return self.send(req_id, to, payload, store, rules, env);
-        }
-        let Some(from) = self.user.as_ref() else { return };
-        let max = rules.max_push_payload(from);
-        if payload.len() > max {
-            let reason = format!("payload of {} bytes: at most {max} fit a PUSH from this user", payload.len());
-            return error(env, ErrorCode::PayloadTooLarge, req_id, &reason);
-        }
         let (msg_id, delivered) = env.send(from, to, payload);
-        if req_id != 0 {
-            let frame = Frame::SendResult { req_id, outcome: SendOutcome::Relayed, seq: 0, msg_id, delivered };
-            env.reply(frame.to_bytes().expect("fixed-size frame"));
+        if req_id == 0 {
+            return;
         }
+        let answer = if ex {
+            Frame::SendResult { req_id, outcome: SendOutcome::Relayed, seq: 0, msg_id, delivered }
+        } else {
+            Frame::SendAck { req_id, delivered }
+        };
+        env.reply(answer.to_bytes().expect("fixed-size frame"));
     }
 
     fn for_application(&mut self, kind: ClientMessageKind, req_id: u32, payload: &[u8], env: &mut impl Env) {
@@ -1291,6 +1272,54 @@ mod tests {
         assert!(env.evs.contains(&Ev::Join("full".into())) && env.evs.contains(&Ev::Leave("news".into())));
         assert!(env.evs.contains(&Ev::Publish("news".into())));
         assert!(env.evs.contains(&Ev::App { kind: ClientMessageKind::Message, payload: b"m".to_vec() }));
+    }
+
+    #[test]
+    fn a_device_login_sends_acks_and_fetches_reach_the_store_side() {
+        let mut config = Config::default();
+        config.limits.max_frame_bytes = 8192;
+        let r = Rules::new(&config, rules().timeouts, None, false, true);
+        assert!(r.reliable_send, "with a store, a plain SEND is stored by default");
+        let (mut c, mut env) = (raw(), Rec::default());
+        let mut s =
+            Frame::Login { user: "u", token: b"good", device: Some("phone"), last_seq: 7 }.to_bytes().unwrap().to_vec();
+        let too_big = vec![0u8; r.max_inbox_payload("u") + 1];
+        for f in [
+            Frame::Send { req_id: 1, to: "v", payload: b"stored" },
+            Frame::SendEx { req_id: 2, flags: 0, client_id: 99, to: "v", payload: b"once" },
+            Frame::SendEx { req_id: 3, flags: SEND_EX_AT_MOST_ONCE, client_id: 0, to: "u", payload: b"live" },
+            Frame::Send { req_id: 4, to: "v", payload: &too_big },
+            Frame::Ack { seq: 5 },
+            Frame::Fetch { req_id: 6, after_seq: 5, limit: 100 },
+        ] {
+            s.extend_from_slice(&f.to_bytes().unwrap());
+        }
+        for piece in s.chunks_mut(37) {
+            c.on_read(piece, 0, &r, &mut env);
+            c.settle();
+        }
+        assert!(env.evs.contains(&Ev::Device { device: "phone".into(), last_seq: 7 }));
+        assert!(env.evs.contains(&Ev::Store { to: "v".into(), req_id: 1, client_id: 0, ex: false }));
+        assert!(env.evs.contains(&Ev::Store { to: "v".into(), req_id: 2, client_id: 99, ex: true }));
+        assert!(env.evs.contains(&Ev::Send { to: "u".into(), payload: b"live".to_vec() }));
+        assert!(!env.evs.iter().any(|e| matches!(e, Ev::Store { req_id: 4, .. })), "too large to store");
+        assert!(env.evs.contains(&Ev::Ack(5)));
+        assert!(env.evs.contains(&Ev::Fetch { req_id: 6, after_seq: 5, limit: 100 }));
+        // Stored SENDs are answered later by the runtime; the at-most-once
+        // one at once, and the oversized one with ERROR 103.
+        assert_eq!(env.written(), ["LoginOk", "SendResult", "Error"]);
+        // Without a store, SEND_EX that asks to be stored is refused.
+        let r = Rules::new(&config, rules().timeouts, None, false, false);
+        let (mut c, mut env) = (raw(), Rec::default());
+        let mut s = login("u", "good");
+        s.extend_from_slice(
+            &Frame::SendEx { req_id: 8, flags: 0, client_id: 1, to: "v", payload: b"x" }.to_bytes().unwrap(),
+        );
+        for (i, b) in s.iter().enumerate() {
+            c.on_read(&mut [*b], i as Tick, &r, &mut env);
+        }
+        assert_eq!(env.written(), ["LoginOk", "Error"]);
+        assert!(!env.evs.iter().any(|e| matches!(e, Ev::Store { .. } | Ev::Send { .. })));
     }
 
     #[test]

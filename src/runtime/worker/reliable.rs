@@ -80,6 +80,24 @@ struct WinIo<'a> {
     saved: Option<u64>,
 }
 
+/// What a window asked that is carried out once it is back in the table.
+struct After {
+    read_failed: bool,
+    close: Option<(CloseCode, String)>,
+    overflow: bool,
+    saved: Option<u64>,
+}
+
+impl<'a> WinIo<'a> {
+    fn new(w: &'a Worker, slot: u32, generation: u32, user: &'a Arc<str>) -> Self {
+        WinIo { w, slot, generation, user, read_failed: false, close: None, overflow: false, saved: None }
+    }
+
+    fn after(self) -> After {
+        After { read_failed: self.read_failed, close: self.close, overflow: self.overflow, saved: self.saved }
+    }
+}
+
 impl WinIo<'_> {
     fn write(&mut self, frame: Bytes) {
         if self.w.out.reply(self.slot, self.generation, frame, false).is_err() {
@@ -161,35 +179,33 @@ impl Worker {
             State::Parked { position } => Box::new(Window::resume(position)),
             State::Pending => unreachable!("checked above"),
         };
-        let mut io = WinIo {
-            w: self,
-            slot,
-            generation,
-            user: &dev.user,
-            read_failed: false,
-            close: None,
-            overflow: false,
-            saved: None,
-        };
+        let mut io = WinIo::new(self, slot, generation, &dev.user);
         let r = f(&mut window, &mut io);
-        let (read_failed, close, overflow, saved) = (io.read_failed, io.close.take(), io.overflow, io.saved);
-        if let Some(seq) = saved {
+        let after = io.after();
+        self.put_back(slot, generation, dev, window, after);
+        Some(r)
+    }
+
+    /// Puts a device connection's entry back in the table, its window
+    /// parked if idle, and carries out what the window asked: the position
+    /// to save at the next tick, a failed read to retry, a close.
+    fn put_back(&self, slot: u32, generation: u32, mut dev: Device, mut window: Box<Window>, after: After) {
+        if let Some(seq) = after.saved {
             if dev.unsaved == 0 {
                 self.unsaved.borrow_mut().push((slot, generation));
             }
             dev.unsaved = seq;
         }
-        if read_failed {
+        if after.read_failed {
             window.on_read_failed(self.now.get(), &self.window_rules);
         }
         dev.state = park(window);
         self.reliable.borrow_mut().insert(slot, dev);
-        if overflow {
+        if after.overflow {
             self.close_slow_consumer(slot, generation);
-        } else if let Some((code, reason)) = close {
+        } else if let Some((code, reason)) = after.close {
             self.close_conn(slot, generation, code, &reason);
         }
-        Some(r)
     }
 
     /// A device logged in on (`slot`, `generation`) as `user`: its window
@@ -377,7 +393,7 @@ impl Worker {
                 return;
             }
         };
-        let mut dev = {
+        let dev = {
             let mut table = self.reliable.borrow_mut();
             match table.get(&slot) {
                 Some(d) if d.generation == generation && matches!(d.state, State::Pending) => {
@@ -386,27 +402,10 @@ impl Worker {
                 _ => return, // closed meanwhile
             }
         };
-        let mut io = WinIo {
-            w: self,
-            slot,
-            generation,
-            user: &dev.user,
-            read_failed: false,
-            close: None,
-            overflow: false,
-            saved: None,
-        };
-        let now = self.now.get();
-        let mut window = Box::new(Window::start(position, head, now, &self.window_rules, &mut io));
-        let (read_failed, overflow) = (io.read_failed, io.overflow);
-        if read_failed {
-            window.on_read_failed(now, &self.window_rules);
-        }
-        dev.state = park(window);
-        self.reliable.borrow_mut().insert(slot, dev);
-        if overflow {
-            self.close_slow_consumer(slot, generation);
-        }
+        let mut io = WinIo::new(self, slot, generation, &dev.user);
+        let window = Box::new(Window::start(position, head, self.now.get(), &self.window_rules, &mut io));
+        let after = io.after();
+        self.put_back(slot, generation, dev, window, after);
     }
 
     /// A page the window of `conn` asked for.
