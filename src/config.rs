@@ -431,18 +431,59 @@ impl Default for DrainConfig {
     }
 }
 
-/// `[admin]`: the admin HTTP API (health, readiness, stats, pushes).
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+/// `[admin]`: the backend HTTP API (docs/API.md): pushes, rooms,
+/// presence, batches, stats, metrics, health and readiness.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
-    /// Address of the admin API, e.g. "127.0.0.1:7701"; empty = off.
+    /// Address of the API, e.g. "127.0.0.1:7701"; empty = off.
     pub listen: String,
-    /// Bearer token every admin request must carry; required when `listen`
-    /// is not a loopback address.
+    /// The API key (`Authorization: Bearer <key>` or `X-API-Key: <key>`)
+    /// every route but `/healthz` and `/readyz` needs; required when
+    /// `listen` is not a loopback address.
     pub token: Option<String>,
+    /// A second key that may use the read-only routes only (stats,
+    /// presence, connections, room sizes, inbox state, metrics).
+    pub read_token: Option<String>,
+    /// `Host` names (with or without a port) the API answers to besides
+    /// the loopback ones, e.g. "push-api.internal". On a loopback listener
+    /// any other `Host` is refused (DNS rebinding); elsewhere `Host` is
+    /// checked only when this list is not empty.
+    pub allowed_hosts: Vec<String>,
+    /// Most API connections open at once; more are closed at accept.
+    pub max_connections: usize,
+    /// Largest body of a route that takes one payload (bytes).
+    pub max_body_bytes: usize,
+    /// Largest body of `/api/v1/batch` and of the list routes (bytes).
+    pub max_batch_bytes: usize,
+    /// Most commands in one batch (and users or rooms in one call).
+    pub max_batch_commands: usize,
+    /// Time a client has to send a request head; also how long a
+    /// keep-alive connection may sit idle.
+    pub header_timeout_ms: u64,
+    /// Time a client has to send a request body once its head is in.
+    pub body_timeout_ms: u64,
     /// Serve the benchmark-only endpoints (`/bench/...`), which block the
     /// workers while they run. Never in production.
     pub bench_endpoints: bool,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: String::new(),
+            token: None,
+            read_token: None,
+            allowed_hosts: Vec::new(),
+            max_connections: 1024,
+            max_body_bytes: 1 << 20,
+            max_batch_bytes: 32 << 20,
+            max_batch_commands: 100_000,
+            header_timeout_ms: 10_000,
+            body_timeout_ms: 30_000,
+            bench_endpoints: false,
+        }
+    }
 }
 
 /// `[websocket]`: the WebSocket transport (RFC 6455) for browsers and
@@ -874,6 +915,40 @@ impl Config {
                     format!("is {} bytes, must be at least {MIN_ADMIN_TOKEN_BYTES} (a guessable token guards nothing, on loopback too)", t.len()),
                 ));
             }
+        }
+        if let Some(t) = &self.admin.read_token {
+            if t.len() < MIN_ADMIN_TOKEN_BYTES {
+                return Err(invalid(
+                    "admin.read_token",
+                    format!("is {} bytes, must be at least {MIN_ADMIN_TOKEN_BYTES}", t.len()),
+                ));
+            }
+            if self.admin.token.is_none() {
+                return Err(invalid("admin.read_token", "needs admin.token too (else writes would need no key)"));
+            }
+            if self.admin.token.as_deref() == Some(t) {
+                return Err(invalid("admin.read_token", "must differ from admin.token"));
+            }
+        }
+        if !(1..=16_384).contains(&self.admin.max_connections) {
+            return Err(invalid("admin.max_connections", "must be between 1 and 16384"));
+        }
+        if !(1024..=1 << 30).contains(&self.admin.max_body_bytes)
+            || self.admin.max_batch_bytes < self.admin.max_body_bytes
+        {
+            return Err(invalid(
+                "admin.max_body_bytes",
+                "must be between 1 KiB and 1 GiB, and admin.max_batch_bytes at least as large",
+            ));
+        }
+        if self.admin.max_batch_bytes > 1 << 30 {
+            return Err(invalid("admin.max_batch_bytes", "must be at most 1 GiB"));
+        }
+        if self.admin.max_batch_commands == 0 {
+            return Err(invalid("admin.max_batch_commands", "must be at least 1"));
+        }
+        if self.admin.header_timeout_ms == 0 || self.admin.body_timeout_ms == 0 {
+            return Err(invalid("admin.header_timeout_ms", "and admin.body_timeout_ms must be at least 1"));
         }
         if !self.admin.listen.is_empty() {
             let a: SocketAddr = self.admin.listen.parse().map_err(|_| {

@@ -506,7 +506,7 @@ impl ServerBuilder {
                 key: "admin.listen",
                 message: "is not an IP:port address".into(),
             })?;
-            let a = crate::admin::Admin::start(addr, server.handle(), admin.token, admin.bench_endpoints)
+            let a = crate::admin::Admin::start(addr, server.handle(), &admin)
                 .map_err(|source| StartError::Bind { addr, source })?;
             tracing::info!(addr = %a.local_addr(), "admin API listening");
             server.admin = Some(a);

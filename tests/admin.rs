@@ -145,7 +145,8 @@ fn a_query_that_is_not_utf8_is_400() {
 fn error_bodies_carry_no_os_error_text() {
     let server = admin_server(None);
     let a = server.admin_addr().unwrap();
-    let r = raw_exchange(a, b"POST /push?user=alice HTTP/1.1\r\nContent-Length: 10\r\n\r\nabc", true);
+    let r =
+        raw_exchange(a, b"POST /push?user=alice HTTP/1.1\r\nHost: localhost\r\nContent-Length: 10\r\n\r\nabc", true);
     assert!(r.starts_with("HTTP/1.1 400 "), "{r}");
     let body = r.split_once("\r\n\r\n").unwrap().1;
     let error = json(body)["error"].as_str().unwrap().to_string();

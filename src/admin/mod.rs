@@ -1,0 +1,311 @@
+//! The backend HTTP API: pushes, rooms, presence, batches, stats, metrics,
+//! health and readiness, for services in any language (docs/API.md, with
+//! the OpenAPI file docs/openapi.yaml).
+//!
+//! Owns: the API listener and its thread (`sb-admin`), which runs hyper
+//! (HTTP/1.1, keep-alive) on a current-thread tokio runtime of its own,
+//! away from the io_uring workers. Each client connection is a task, so a
+//! slow or silent client holds only its own task: no head-of-line
+//! blocking. Requests that wait for the store (reliable pushes, inbox
+//! queries) wait on the runtime's blocking pool, never on the event loop.
+//! Must not: touch a worker's state. Every route maps to `Handle` methods
+//! (mailboxes and direct writes), as an embedder's code would call them.
+//!
+//! Order of checks, each before anything is buffered past the head:
+//! framing (`guard::framing`), the route (404/405), then for every route
+//! but `/healthz` and `/readyz`: `Host` (`guard::Hosts`), cross-site
+//! (`guard::cross_site`), the key (`guard::Keys`), the content type of a
+//! write (`guard::body_kind`), the body's declared length (413), and last
+//! the body, read within `admin.body_timeout_ms` and at most its limit.
+//! The head is bounded by hyper itself (`HEAD_BUF_BYTES`,
+//! `MAX_HEADERS`) and must arrive within `admin.header_timeout_ms`, which
+//! also closes a keep-alive connection left idle that long.
+
+mod guard;
+mod routes;
+
+use std::convert::Infallible;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::{Body as _, Incoming};
+use hyper::service::service_fn;
+use serde_json::{json, Value};
+
+use crate::config::AdminConfig;
+use crate::proto::http as h1;
+use crate::server::Handle;
+use routes::{Answer, Batch, Exec, Outcome, Route, Style};
+
+/// Largest request head hyper buffers (its read buffer): a longer head is
+/// answered 431 and the connection closed, whatever its bytes.
+const HEAD_BUF_BYTES: usize = 16 * 1024;
+/// Most header fields in a request head.
+const MAX_HEADERS: usize = 64;
+/// Threads that wait for the store on behalf of requests.
+const WAIT_THREADS: usize = 64;
+
+/// The limits the API holds every client to (`[admin]`).
+struct Limits {
+    max_connections: usize,
+    max_body: usize,
+    max_batch_body: usize,
+    header_timeout: Duration,
+    body_timeout: Duration,
+    lists: routes::Lists,
+}
+
+/// What every request task shares.
+struct Ctx {
+    handle: Handle,
+    keys: guard::Keys,
+    hosts: guard::Hosts,
+    limits: Limits,
+    bench: bool,
+    /// Connections open now.
+    open: AtomicUsize,
+}
+
+/// A running API listener.
+pub struct Admin {
+    addr: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Admin {
+    /// Binds `listen` and serves `handle` on a thread of its own, with the
+    /// keys and limits of `cfg`.
+    pub fn start(listen: SocketAddr, handle: Handle, cfg: &AdminConfig) -> io::Result<Admin> {
+        let listener = std::net::TcpListener::bind(listen)?;
+        listener.set_nonblocking(true)?;
+        let addr = listener.local_addr()?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .enable_time()
+            .max_blocking_threads(WAIT_THREADS)
+            .thread_name("sb-admin-wait")
+            .build()?;
+        let ctx = Arc::new(Ctx {
+            handle,
+            keys: guard::Keys { write: cfg.token.clone(), read: cfg.read_token.clone() },
+            hosts: guard::Hosts { listen: addr, allowed: cfg.allowed_hosts.clone() },
+            limits: Limits {
+                max_connections: cfg.max_connections,
+                max_body: cfg.max_body_bytes,
+                max_batch_body: cfg.max_batch_bytes,
+                header_timeout: Duration::from_millis(cfg.header_timeout_ms),
+                body_timeout: Duration::from_millis(cfg.body_timeout_ms),
+                lists: routes::Lists { max_items: cfg.max_batch_commands },
+            },
+            bench: cfg.bench_endpoints,
+            open: AtomicUsize::new(0),
+        });
+        let (stop, stopped) = tokio::sync::oneshot::channel();
+        let thread = std::thread::Builder::new().name("sb-admin".into()).spawn(move || {
+            rt.block_on(serve(listener, ctx, stopped));
+            // Requests still waiting for the store are not waited for.
+            rt.shutdown_background();
+        })?;
+        Ok(Admin { addr, stop: Some(stop), thread: Some(thread) })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+impl Drop for Admin {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Holds one of `admin.max_connections` while a connection is served.
+struct OpenGuard(Arc<Ctx>);
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+async fn serve(listener: std::net::TcpListener, ctx: Arc<Ctx>, mut stopped: tokio::sync::oneshot::Receiver<()>) {
+    let listener = match tokio::net::TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(error = %e, "admin API: cannot register its listener; the API is off");
+            return;
+        }
+    };
+    loop {
+        let (stream, _) = tokio::select! {
+            _ = &mut stopped => return,
+            r = listener.accept() => match r {
+                Ok(s) => s,
+                Err(e) => {
+                    // Out of descriptors, most likely: back off rather than spin.
+                    tracing::warn!(error = %e, "admin API: accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        if ctx.open.fetch_add(1, Ordering::Relaxed) >= ctx.limits.max_connections {
+            // Over the limit: closed at once, so that a client holding
+            // connections open cannot take the process's descriptors.
+            ctx.open.fetch_sub(1, Ordering::Relaxed);
+            drop(stream);
+            continue;
+        }
+        let guard = OpenGuard(ctx.clone());
+        let _ = stream.set_nodelay(true);
+        tokio::spawn(async move {
+            let ctx = guard.0.clone();
+            let svc = service_fn(move |req| {
+                let ctx = ctx.clone();
+                async move { Ok::<_, Infallible>(answer(req, &ctx).await) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(guard.0.limits.header_timeout)
+                .max_buf_size(HEAD_BUF_BYTES)
+                .max_headers(MAX_HEADERS)
+                .keep_alive(true)
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                .await;
+            drop(guard);
+        });
+    }
+}
+
+/// A JSON response; 503s carry `Retry-After`, a 405 its `Allow`.
+fn respond(status: u16, body: &Value) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
+    *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    if status == 503 || status == 429 {
+        r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    if status == 401 {
+        r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    }
+    r
+}
+
+fn refused(r: guard::Refusal) -> Response<Full<Bytes>> {
+    respond(r.status, &json!({ "error": r.error }))
+}
+
+/// An answer that also ends the connection (its request's framing or head
+/// cannot be trusted to find the next one).
+fn closing(mut r: Response<Full<Bytes>>) -> Response<Full<Bytes>> {
+    r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+    r
+}
+
+/// Decodes the query string; a bad escape or non-UTF-8 is a 400.
+fn query(q: Option<&str>) -> Result<Vec<(String, String)>, &'static str> {
+    let words = |e| match e {
+        h1::PercentError::BadEscape => "a query parameter has a % not followed by two hex digits",
+        h1::PercentError::NotUtf8 => "a query parameter is not UTF-8 once percent-decoded",
+    };
+    h1::query_pairs(q.unwrap_or(""))
+        .map(|(k, v)| Ok((h1::percent_decode(k).map_err(words)?, h1::percent_decode(v).map_err(words)?)))
+        .collect()
+}
+
+async fn answer(req: Request<Incoming>, ctx: &Arc<Ctx>) -> Response<Full<Bytes>> {
+    if let Err(r) = guard::framing(req.headers()) {
+        return closing(refused(r));
+    }
+    let entry = match routes::find(req.method().as_str(), req.uri().path(), ctx.bench) {
+        Ok(e) => e,
+        Err(Some(allowed)) => {
+            let msg = format!("{} takes {allowed}, not {}", req.uri().path(), req.method());
+            let mut r = respond(405, &json!({ "error": msg }));
+            r.headers_mut().insert(header::ALLOW, HeaderValue::from_static(allowed));
+            return r;
+        }
+        Err(None) => {
+            return respond(404, &json!({ "error": format!("no route for {} {}", req.method(), req.uri().path()) }))
+        }
+    };
+    if entry.scope != guard::Scope::Public {
+        let checks = ctx
+            .hosts
+            .check(req.headers())
+            .and_then(|()| guard::cross_site(req.headers()))
+            .and_then(|()| ctx.keys.check(req.headers(), entry.scope));
+        if let Err(r) = checks {
+            return refused(r);
+        }
+    }
+    let raw = if req.method() == Method::POST {
+        match guard::body_kind(req.headers()) {
+            Ok(kind) => kind == guard::Body::Raw,
+            Err(r) => return refused(r),
+        }
+    } else {
+        false
+    };
+    let q = match query(req.uri().query()) {
+        Ok(q) => q,
+        Err(e) => return respond(400, &json!({ "error": e })),
+    };
+    let big = matches!(entry.route, Route::Batch | Route::Presence | Route::RoomSizes)
+        || (entry.route == Route::Push && entry.style == Style::V1 && !raw);
+    let limit = if big { ctx.limits.max_batch_body } else { ctx.limits.max_body };
+    let body = req.into_body();
+    if body.size_hint().lower() > limit as u64 {
+        return closing(respond(413, &json!({ "error": format!("body larger than {limit} bytes") })));
+    }
+    let body = match tokio::time::timeout(ctx.limits.body_timeout, Limited::new(body, limit).collect()).await {
+        Ok(Ok(b)) => b.to_bytes(),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+            return closing(respond(413, &json!({ "error": format!("body larger than {limit} bytes") })));
+        }
+        Ok(Err(_)) => {
+            let msg = "the request body ended before its Content-Length (or its last chunk)";
+            return closing(respond(400, &json!({ "error": msg })));
+        }
+        Err(_) => {
+            let ms = ctx.limits.body_timeout.as_millis();
+            return closing(respond(408, &json!({ "error": format!("request body not complete within {ms} ms") })));
+        }
+    };
+    let call = routes::Call { entry, query: &q, body: &body, raw, lists: ctx.limits.lists };
+    let (status, value) = match routes::call(&ctx.handle, &call) {
+        Outcome::Exec(Exec::Now(a)) => a,
+        Outcome::Exec(exec) => wait(move |deadline| routes::resolve(exec, deadline)).await,
+        Outcome::Batch(Batch::Now(a)) => a,
+        Outcome::Batch(Batch::Later(execs)) => {
+            if execs.iter().all(|e| matches!(e, Exec::Now(_))) {
+                routes::resolve_batch(execs, Instant::now())
+            } else {
+                wait(move |deadline| routes::resolve_batch(execs, deadline)).await
+            }
+        }
+    };
+    respond(status, &value)
+}
+
+/// Runs `f` (which waits for the store) on the blocking pool.
+async fn wait(f: impl FnOnce(Instant) -> Answer + Send + 'static) -> Answer {
+    let deadline = Instant::now() + routes::STORE_WAIT;
+    tokio::task::spawn_blocking(move || f(deadline))
+        .await
+        .unwrap_or_else(|_| (500, json!({ "error": "the request's wait failed" })))
+}

@@ -1,0 +1,697 @@
+//! What each API route does: the route table, the JSON commands of
+//! `/api/v1/` (one per route, or many in a `/api/v1/batch`), and the
+//! legacy query-string routes kept as aliases.
+//!
+//! Owns: turning a parsed request into `Handle` calls and a JSON answer.
+//! Must not: wait on the caller's thread. A command that waits for the
+//! store (a reliable push, an inbox query) returns [`Exec::Later`], which
+//! the server resolves off its event loop ([`resolve`]).
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::guard::Scope;
+use crate::server::{Handle, PendingPush, PushError};
+
+/// The routes the API serves.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Route {
+    Healthz,
+    Readyz,
+    Stats,
+    Inbox,
+    Push,
+    Publish,
+    Broadcast,
+    Kick,
+    Join,
+    Leave,
+    Presence,
+    Connections,
+    RoomSizes,
+    Batch,
+    /// `GET /room?room=R` (legacy).
+    Room,
+    BenchSendCeiling,
+}
+
+/// Whether a route's parameters come from a JSON body (`/api/v1/`) or from
+/// the query string with a raw payload body (the legacy routes).
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Style {
+    V1,
+    Legacy,
+}
+
+/// One entry of the route table.
+pub(crate) struct Entry {
+    pub path: &'static str,
+    pub method: &'static str,
+    pub route: Route,
+    pub style: Style,
+    pub scope: Scope,
+}
+
+const fn e(path: &'static str, method: &'static str, route: Route, style: Style, scope: Scope) -> Entry {
+    Entry { path, method, route, style, scope }
+}
+
+use Route as R;
+use Scope::{Public, Read, Write};
+use Style::{Legacy, V1};
+
+/// Every route. The legacy paths are the admin API's before `/api/v1/`;
+/// they keep working (README, "Changelog").
+pub(crate) const ROUTES: &[Entry] = &[
+    e("/healthz", "GET", R::Healthz, V1, Public),
+    e("/readyz", "GET", R::Readyz, V1, Public),
+    e("/api/v1/stats", "GET", R::Stats, V1, Read),
+    e("/api/v1/inbox", "GET", R::Inbox, V1, Read),
+    e("/api/v1/push", "POST", R::Push, V1, Write),
+    e("/api/v1/publish", "POST", R::Publish, V1, Write),
+    e("/api/v1/broadcast", "POST", R::Broadcast, V1, Write),
+    e("/api/v1/kick", "POST", R::Kick, V1, Write),
+    e("/api/v1/join", "POST", R::Join, V1, Write),
+    e("/api/v1/leave", "POST", R::Leave, V1, Write),
+    e("/api/v1/presence", "POST", R::Presence, V1, Read),
+    e("/api/v1/connections", "GET", R::Connections, V1, Read),
+    e("/api/v1/room_sizes", "POST", R::RoomSizes, V1, Read),
+    e("/api/v1/batch", "POST", R::Batch, V1, Write),
+    e("/stats", "GET", R::Stats, Legacy, Read),
+    e("/inbox", "GET", R::Inbox, Legacy, Read),
+    e("/room", "GET", R::Room, Legacy, Read),
+    e("/push", "POST", R::Push, Legacy, Write),
+    e("/publish", "POST", R::Publish, Legacy, Write),
+    e("/broadcast", "POST", R::Broadcast, Legacy, Write),
+    e("/kick", "POST", R::Kick, Legacy, Write),
+    e("/join", "POST", R::Join, Legacy, Write),
+    e("/leave", "POST", R::Leave, Legacy, Write),
+    e("/bench/send_ceiling", "POST", R::BenchSendCeiling, Legacy, Write),
+];
+
+/// The route for `method path`: `Err(None)` for an unknown path,
+/// `Err(Some(allowed))` for a known path asked with another method.
+pub(crate) fn find(method: &str, path: &str, bench: bool) -> Result<&'static Entry, Option<&'static str>> {
+    let mut known = None;
+    for entry in ROUTES {
+        if entry.path != path || (entry.route == R::BenchSendCeiling && !bench) {
+            continue;
+        }
+        // HEAD is GET without the body (hyper drops it).
+        if entry.method == method || (method == "HEAD" && entry.method == "GET") {
+            return Ok(entry);
+        }
+        known = Some(entry.method);
+    }
+    Err(known)
+}
+
+/// An API answer: status and JSON body.
+pub(crate) type Answer = (u16, Value);
+
+fn error(status: u16, msg: impl Into<String>) -> Answer {
+    (status, json!({ "error": msg.into() }))
+}
+
+/// A command's outcome: now, or once the store answers.
+pub(crate) enum Exec {
+    Now(Answer),
+    Later(Later),
+}
+
+/// What a command waits for.
+pub(crate) enum Later {
+    /// A reliable push: its receipt.
+    Push(PendingPush),
+    /// A push to many users: one outcome per user, in order.
+    Users(Vec<(String, Exec)>),
+    /// An inbox query.
+    Inbox(Handle, String),
+}
+
+/// How long a reliable push or an inbox query waits for the store.
+pub(crate) const STORE_WAIT: Duration = Duration::from_secs(10);
+
+/// Waits for what `exec` waits for, until `deadline`. Blocks: the server
+/// calls it on its blocking pool.
+pub(crate) fn resolve(exec: Exec, deadline: Instant) -> Answer {
+    match exec {
+        Exec::Now(a) => a,
+        Exec::Later(Later::Push(p)) => {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match p.wait_timeout(left) {
+                None => error(504, "the store did not answer in time; the message may or may not be stored"),
+                Some(Err(e)) => store_error(e),
+                Some(Ok(r)) => (
+                    200,
+                    json!({
+                        "msg_id": r.msg_id,
+                        "seq": r.seq,
+                        "duplicate": r.duplicate,
+                        "connections": r.connections,
+                        "stored": true,
+                        "durability": match r.durability {
+                            Some(crate::store::Durability::Fsync) => "fsync",
+                            Some(crate::store::Durability::Os) => "os",
+                            None => "memory",
+                        },
+                    }),
+                ),
+            }
+        }
+        Exec::Later(Later::Users(parts)) => {
+            let results = parts
+                .into_iter()
+                .map(|(user, exec)| {
+                    let (status, mut v) = resolve(exec, deadline);
+                    v["user"] = json!(user);
+                    v["status"] = json!(status);
+                    v
+                })
+                .collect::<Vec<_>>();
+            (200, json!({ "results": results }))
+        }
+        Exec::Later(Later::Inbox(h, user)) => {
+            let left = deadline.saturating_duration_since(Instant::now());
+            inbox(&h, &user, left)
+        }
+    }
+}
+
+fn store_error(e: crate::store::StoreError) -> Answer {
+    let (status, code) = match e {
+        crate::store::StoreError::InboxFull { .. } => (507, crate::ErrorCode::InboxFull),
+        crate::store::StoreError::StoreFull { .. } => (507, crate::ErrorCode::StoreFull),
+        crate::store::StoreError::Unavailable(_) => (503, crate::ErrorCode::StoreUnavailable),
+    };
+    (status, json!({ "error": e.to_string(), "code": code as u16 }))
+}
+
+fn push_error(e: PushError) -> Answer {
+    let status = match e {
+        PushError::Full { .. } | PushError::ShuttingDown | PushError::StoreBusy => 503,
+        PushError::PayloadTooLarge { .. } => 413,
+        _ => 400,
+    };
+    error(status, e.to_string())
+}
+
+fn inbox(h: &Handle, user: &str, wait: Duration) -> Answer {
+    match h.inbox_state(user, wait) {
+        Ok(s) => (
+            200,
+            json!({
+                "user": user,
+                "head_seq": s.head_seq,
+                "first_seq": s.first_seq,
+                "messages": s.messages,
+                "bytes": s.bytes,
+                "devices": s.devices.iter().map(|d| json!({
+                    "device": d.device,
+                    "position": d.position,
+                    "pending": s.head_seq.saturating_sub(d.position),
+                    "last_seen_ms": d.last_seen_ms,
+                })).collect::<Vec<_>>(),
+            }),
+        ),
+        Err(crate::server::InboxStateError::Push(e)) => push_error(e),
+        Err(crate::server::InboxStateError::Store(e)) => store_error(e),
+        Err(crate::server::InboxStateError::Timeout) => error(504, "the store did not answer in time"),
+    }
+}
+
+/// The store thread's counters (each read on its own: the set is not one
+/// snapshot).
+fn store_counters(c: &crate::store::StoreCounters) -> Value {
+    let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    json!({
+        "appends": get(&c.appends),
+        "duplicates": get(&c.duplicates),
+        "syncs": get(&c.syncs),
+        "appended_per_sync_sum": get(&c.appended_per_sync_sum),
+        "reads": get(&c.reads),
+        "refusals": get(&c.refusals),
+        "errors": get(&c.errors),
+        "busy": get(&c.busy),
+        "queue_depth": get(&c.queue_depth),
+        "expired": get(&c.expired),
+    })
+}
+
+fn stats(h: &Handle) -> Answer {
+    (
+        200,
+        json!({
+            "stats": h.stats(),
+            "users": h.user_count(),
+            "users_offline_retained": h.offline_retained_count(),
+            "rooms": h.room_count(),
+            "connections_per_worker": h.connections_per_worker(),
+            "workers": h.workers(),
+            "store": h.store_counters().map(|c| store_counters(&c)),
+        }),
+    )
+}
+
+// ---- The JSON commands -------------------------------------------------
+
+/// A message payload: `payload` (standard base64) or `text` (UTF-8), one
+/// of the two.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct PushParams {
+    /// A raw payload (an `application/octet-stream` body), not from JSON.
+    #[serde(skip)]
+    raw: Option<Vec<u8>>,
+    user: Option<String>,
+    users: Option<Vec<String>>,
+    payload: Option<String>,
+    text: Option<String>,
+    mode: Option<Mode>,
+    client_id: Option<u64>,
+}
+
+#[derive(Deserialize, Copy, Clone, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+enum Mode {
+    Reliable,
+    AtMostOnce,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PublishParams {
+    #[serde(skip)]
+    raw: Option<Vec<u8>>,
+    room: String,
+    payload: Option<String>,
+    text: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BroadcastParams {
+    #[serde(skip)]
+    raw: Option<Vec<u8>>,
+    payload: Option<String>,
+    text: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UserParams {
+    user: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MemberParams {
+    user: String,
+    room: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UsersParams {
+    users: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RoomsParams {
+    rooms: Vec<String>,
+}
+
+/// One command of `/api/v1/batch`: `{"push": {...}}`, `{"publish": {...}}`, ...
+#[derive(Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+enum Command {
+    Push(PushParams),
+    Publish(PublishParams),
+    Broadcast(BroadcastParams),
+    Kick(UserParams),
+    Join(MemberParams),
+    Leave(MemberParams),
+    Presence(UsersParams),
+    Connections(UserParams),
+    RoomSizes(RoomsParams),
+    Inbox(UserParams),
+}
+
+/// A bad request in the words of serde (which names the field at fault).
+fn bad_json(e: serde_json::Error) -> Answer {
+    error(400, format!("invalid request: {e}"))
+}
+
+fn payload(raw: Option<Vec<u8>>, payload: Option<String>, text: Option<String>) -> Result<Vec<u8>, Answer> {
+    if let Some(raw) = raw {
+        return Ok(raw);
+    }
+    match (payload, text) {
+        (Some(b64), None) => base64::engine::general_purpose::STANDARD
+            .decode(b64.as_bytes())
+            .map_err(|e| error(400, format!("payload: not standard base64 ({e})"))),
+        (None, Some(t)) => Ok(t.into_bytes()),
+        (None, None) => Err(error(400, "missing field `payload` (base64) or `text` (UTF-8)")),
+        (Some(_), Some(_)) => Err(error(400, "give `payload` or `text`, not both")),
+    }
+}
+
+/// Limits a request's lists are held to.
+#[derive(Copy, Clone)]
+pub(crate) struct Lists {
+    /// Most users, rooms or commands in one request.
+    pub max_items: usize,
+}
+
+fn push_one(h: &Handle, user: &str, body: &[u8], reliable: bool, client_id: u64) -> Exec {
+    if !reliable {
+        return Exec::Now(match h.push_to_user(user, body) {
+            Ok(p) => (200, json!({ "msg_id": p.msg_id, "connections": p.connections, "stored": false })),
+            Err(e) => push_error(e),
+        });
+    }
+    match h.push_reliable(user, body, client_id) {
+        Ok(p) => Exec::Later(Later::Push(p)),
+        Err(e) => Exec::Now(push_error(e)),
+    }
+}
+
+fn push(h: &Handle, p: PushParams, lists: Lists) -> Exec {
+    let reliable = match p.mode {
+        None => h.reliable_by_default(),
+        Some(m) => m == Mode::Reliable,
+    };
+    let client_id = p.client_id.unwrap_or(0);
+    let body = match payload(p.raw, p.payload, p.text) {
+        Ok(b) => b,
+        Err(a) => return Exec::Now(a),
+    };
+    match (p.user, p.users) {
+        (Some(user), None) => push_one(h, &user, &body, reliable, client_id),
+        (None, Some(users)) => {
+            if users.len() > lists.max_items {
+                return Exec::Now(error(413, format!("users: {} over the limit of {}", users.len(), lists.max_items)));
+            }
+            if client_id != 0 && reliable {
+                return Exec::Now(error(400, "client_id: only with one `user` (it is one message's key)"));
+            }
+            let parts = users
+                .into_iter()
+                .map(|u| {
+                    let exec = push_one(h, &u, &body, reliable, 0);
+                    (u, exec)
+                })
+                .collect();
+            Exec::Later(Later::Users(parts))
+        }
+        (None, None) => Exec::Now(error(400, "missing field `user` (or `users`)")),
+        (Some(_), Some(_)) => Exec::Now(error(400, "give `user` or `users`, not both")),
+    }
+}
+
+fn published(r: Result<crate::server::Published, PushError>) -> Answer {
+    match r {
+        Ok(p) => (200, json!({ "msg_id": p.msg_id, "workers": p.workers })),
+        Err(e) => push_error(e),
+    }
+}
+
+fn counted(r: Result<usize, PushError>) -> Answer {
+    match r {
+        Ok(n) => (200, json!({ "connections": n })),
+        Err(e) => push_error(e),
+    }
+}
+
+fn too_many(what: &str, n: usize, lists: Lists) -> Option<Answer> {
+    (n > lists.max_items).then(|| error(413, format!("{what}: {n} over the limit of {}", lists.max_items)))
+}
+
+fn presence(h: &Handle, users: Vec<String>, lists: Lists) -> Answer {
+    if let Some(a) = too_many("users", users.len(), lists) {
+        return a;
+    }
+    let users = users
+        .into_iter()
+        .map(|u| {
+            let n = h.connections_of(&u).len();
+            json!({ "user": u, "online": n > 0, "connections": n })
+        })
+        .collect::<Vec<_>>();
+    (200, json!({ "users": users }))
+}
+
+fn connections(h: &Handle, user: &str) -> Answer {
+    if !crate::proto::frame::is_valid_user_id(user) {
+        return push_error(PushError::InvalidUser);
+    }
+    let conns = h
+        .connections_of(user)
+        .into_iter()
+        .map(|c| json!({ "id": c.to_u64().to_string(), "worker": c.worker().0 }))
+        .collect::<Vec<_>>();
+    (200, json!({ "user": user, "connections": conns }))
+}
+
+fn room_sizes(h: &Handle, rooms: Vec<String>, lists: Lists) -> Answer {
+    if let Some(a) = too_many("rooms", rooms.len(), lists) {
+        return a;
+    }
+    let rooms = rooms
+        .into_iter()
+        .map(|r| {
+            let size = h.room_size(&r);
+            json!({ "room": r, "size": size })
+        })
+        .collect::<Vec<_>>();
+    (200, json!({ "rooms": rooms }))
+}
+
+fn run(h: &Handle, cmd: Command, lists: Lists) -> Exec {
+    let now = Exec::Now;
+    match cmd {
+        Command::Push(p) => push(h, p, lists),
+        Command::Publish(p) => match payload(p.raw, p.payload, p.text) {
+            Ok(b) => now(published(h.publish_to_room(&p.room, b))),
+            Err(a) => now(a),
+        },
+        Command::Broadcast(p) => match payload(p.raw, p.payload, p.text) {
+            Ok(b) => now(published(h.broadcast(b))),
+            Err(a) => now(a),
+        },
+        Command::Kick(p) => now(counted(h.kick_user(&p.user))),
+        Command::Join(p) => now(counted(h.join_room(&p.user, &p.room))),
+        Command::Leave(p) => now(counted(h.leave_room(&p.user, &p.room))),
+        Command::Presence(p) => now(presence(h, p.users, lists)),
+        Command::Connections(p) => now(connections(h, &p.user)),
+        Command::RoomSizes(p) => now(room_sizes(h, p.rooms, lists)),
+        Command::Inbox(p) => Exec::Later(Later::Inbox(h.clone(), p.user)),
+    }
+}
+
+/// The result of a batch: each command's outcome, in order.
+pub(crate) enum Batch {
+    Now(Answer),
+    Later(Vec<Exec>),
+}
+
+/// `/api/v1/batch`: `{"commands": [...]}`. Every command runs, whatever
+/// the others' outcomes; a malformed command gets its own 400.
+fn batch(h: &Handle, body: &[u8], lists: Lists) -> Batch {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Body {
+        commands: Vec<Box<serde_json::value::RawValue>>,
+    }
+    let b: Body = match serde_json::from_slice(body) {
+        Ok(b) => b,
+        Err(e) => return Batch::Now(bad_json(e)),
+    };
+    if let Some(a) = too_many("commands", b.commands.len(), lists) {
+        return Batch::Now(a);
+    }
+    Batch::Later(
+        b.commands
+            .iter()
+            .map(|raw| match serde_json::from_str::<Command>(raw.get()) {
+                Ok(cmd) => run(h, cmd, lists),
+                Err(e) => Exec::Now(bad_json(e)),
+            })
+            .collect(),
+    )
+}
+
+/// Resolves a batch's outcomes (blocking: the server's blocking pool).
+pub(crate) fn resolve_batch(execs: Vec<Exec>, deadline: Instant) -> Answer {
+    let results = execs
+        .into_iter()
+        .map(|exec| {
+            let (status, mut v) = resolve(exec, deadline);
+            v["status"] = json!(status);
+            v
+        })
+        .collect::<Vec<_>>();
+    (200, json!({ "results": results }))
+}
+
+/// A parsed request, as the routes need it.
+pub(crate) struct Call<'a> {
+    pub entry: &'static Entry,
+    pub query: &'a [(String, String)],
+    pub body: &'a [u8],
+    /// The body is a raw payload (`application/octet-stream`).
+    pub raw: bool,
+    pub lists: Lists,
+}
+
+/// What a request asks the server to do.
+pub(crate) enum Outcome {
+    Exec(Exec),
+    Batch(Batch),
+}
+
+fn param<'a>(q: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    q.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+}
+
+fn json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Answer> {
+    if body.is_empty() {
+        return Err(error(400, "the body must be a JSON object"));
+    }
+    serde_json::from_slice(body).map_err(bad_json)
+}
+
+/// The parameters of a raw-payload call, from the query string:
+/// `/api/v1/push?user=U` with an `application/octet-stream` body, or a
+/// legacy route.
+fn from_query(c: &Call<'_>) -> Result<Command, Answer> {
+    let need =
+        |name: &str| param(c.query, name).map(str::to_string).ok_or_else(|| error(400, format!("missing ?{name}=")));
+    let raw = || Some(c.body.to_vec());
+    Ok(match c.entry.route {
+        R::Push => PushParams {
+            user: Some(need("user")?),
+            raw: raw(),
+            mode: match param(c.query, "mode") {
+                None => None,
+                Some("reliable") => Some(Mode::Reliable),
+                Some("at_most_once") => Some(Mode::AtMostOnce),
+                Some(m) => return Err(error(400, format!("mode={m}: use reliable or at_most_once"))),
+            },
+            client_id: match param(c.query, "client_id").map(str::parse::<u64>) {
+                None => None,
+                Some(Ok(id)) => Some(id),
+                Some(Err(_)) => return Err(error(400, "client_id must be an integer 0..2^64-1")),
+            },
+            ..PushParams::default()
+        }
+        .into_command(),
+        R::Publish => Command::Publish(PublishParams { raw: raw(), room: need("room")?, payload: None, text: None }),
+        R::Broadcast => Command::Broadcast(BroadcastParams { raw: raw(), payload: None, text: None }),
+        R::Kick => Command::Kick(UserParams { user: need("user")? }),
+        R::Join => Command::Join(MemberParams { user: need("user")?, room: need("room")? }),
+        R::Leave => Command::Leave(MemberParams { user: need("user")?, room: need("room")? }),
+        R::Inbox => Command::Inbox(UserParams { user: need("user")? }),
+        R::Connections => Command::Connections(UserParams { user: need("user")? }),
+        _ => return Err(error(415, "this route takes a JSON body")),
+    })
+}
+
+impl PushParams {
+    fn into_command(self) -> Command {
+        Command::Push(self)
+    }
+}
+
+/// Runs a call.
+pub(crate) fn call(h: &Handle, c: &Call<'_>) -> Outcome {
+    let now = |a| Outcome::Exec(Exec::Now(a));
+    let command = |r: Result<Command, Answer>| match r {
+        Ok(cmd) => Outcome::Exec(run(h, cmd, c.lists)),
+        Err(a) => now(a),
+    };
+    let legacy = c.entry.style == Legacy;
+    match c.entry.route {
+        R::Healthz => now((200, json!({ "status": "ok" }))),
+        R::Readyz => now(if h.is_ready() { (200, json!({ "ready": true })) } else { (503, json!({ "ready": false })) }),
+        R::Stats => now(stats(h)),
+        R::Room => match param(c.query, "room") {
+            Some(room) => now((200, json!({ "room": room, "size": h.room_size(room) }))),
+            None => now(error(400, "missing ?room=")),
+        },
+        R::Inbox | R::Connections => command(from_query(c)),
+        R::Push | R::Publish | R::Broadcast if legacy || c.raw => command(from_query(c)),
+        R::Kick | R::Join | R::Leave if legacy => command(from_query(c)),
+        R::Push => command(json_body(c.body).map(Command::Push)),
+        R::Publish => command(json_body(c.body).map(Command::Publish)),
+        R::Broadcast => command(json_body(c.body).map(Command::Broadcast)),
+        R::Kick => command(json_body(c.body).map(Command::Kick)),
+        R::Join => command(json_body(c.body).map(Command::Join)),
+        R::Leave => command(json_body(c.body).map(Command::Leave)),
+        R::Presence => command(json_body(c.body).map(Command::Presence)),
+        R::RoomSizes => command(json_body(c.body).map(Command::RoomSizes)),
+        R::Batch => Outcome::Batch(batch(h, c.body, c.lists)),
+        R::BenchSendCeiling => {
+            let bytes: usize = param(c.query, "bytes").and_then(|b| b.parse().ok()).unwrap_or(64);
+            let seq: u32 = param(c.query, "seq").and_then(|b| b.parse().ok()).unwrap_or(u32::MAX);
+            let payload = crate::timed::payload(seq, bytes);
+            let Some(room) = param(c.query, "room") else {
+                return now(error(400, "missing ?room="));
+            };
+            now(match h.bench_send_ceiling(room, &payload) {
+                Ok(samples) => (
+                    200,
+                    json!(samples
+                        .iter()
+                        .map(|s| json!({ "sends": s.sends, "elapsed_ns": s.elapsed.as_nanos() as u64 }))
+                        .collect::<Vec<_>>()),
+                ),
+                Err(e) => push_error(e),
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_path_has_one_method_and_unknown_ones_are_told_apart() {
+        assert_eq!(find("GET", "/healthz", false).unwrap().route, R::Healthz);
+        assert_eq!(find("HEAD", "/healthz", false).unwrap().route, R::Healthz);
+        assert_eq!(find("GET", "/api/v1/push", false).err(), Some(Some("POST")));
+        assert_eq!(find("GET", "/nope", false).err(), Some(None));
+        assert_eq!(find("POST", "/bench/send_ceiling", false).err(), Some(None));
+        assert!(find("POST", "/bench/send_ceiling", true).is_ok());
+        for a in ROUTES {
+            let same = ROUTES.iter().filter(|b| b.path == a.path).count();
+            assert_eq!(same, 1, "{} is in the table twice", a.path);
+        }
+    }
+
+    #[test]
+    fn payloads_are_base64_or_text_never_both() {
+        assert_eq!(payload(None, Some("aGk=".into()), None).unwrap(), b"hi");
+        assert_eq!(payload(None, None, Some("hi".into())).unwrap(), b"hi");
+        assert_eq!(payload(Some(b"raw".to_vec()), None, None).unwrap(), b"raw");
+        assert_eq!(payload(None, Some("!!".into()), None).unwrap_err().0, 400);
+        assert_eq!(payload(None, None, None).unwrap_err().0, 400);
+        assert_eq!(payload(None, Some("aGk=".into()), Some("hi".into())).unwrap_err().0, 400);
+    }
+
+    #[test]
+    fn bad_commands_name_the_field_at_fault() {
+        let e = serde_json::from_str::<Command>(r#"{"push": {"usr": "a", "text": "x"}}"#).err().unwrap();
+        assert!(bad_json(e).1["error"].as_str().unwrap().contains("usr"));
+        let e = serde_json::from_str::<Command>(r#"{"kick": {}}"#).err().unwrap();
+        assert!(bad_json(e).1["error"].as_str().unwrap().contains("user"));
+        let e = serde_json::from_str::<Command>(r#"{"explode": {}}"#).err().unwrap();
+        assert!(bad_json(e).1["error"].as_str().unwrap().contains("explode"));
+    }
+}
