@@ -123,17 +123,19 @@ impl Handle {
         user: &str,
         timeout: std::time::Duration,
     ) -> Result<crate::store::InboxState, InboxStateError> {
-        Self::check_user(user).map_err(InboxStateError::Push)?;
-        let store = self.shared.store.get().ok_or(InboxStateError::Push(PushError::NoStore))?;
+        self.request_inbox_state(user).map_err(InboxStateError::Push)?.wait_timeout(timeout)
+    }
+
+    /// Asks the store for `user`'s inbox state without waiting: the answer
+    /// reflects every push submitted before this call (and perhaps some
+    /// submitted after it, stored in the same group commit).
+    pub fn request_inbox_state(&self, user: &str) -> Result<PendingInboxState, PushError> {
+        Self::check_user(user)?;
+        let store = self.shared.store.get().ok_or(PushError::NoStore)?;
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
         let req = crate::store::Request::State { user: Arc::from(user) };
-        store
-            .try_submit(crate::runtime::inbox::Token::State(tx), req)
-            .map_err(|_| InboxStateError::Push(PushError::StoreBusy))?;
-        match rx.recv_timeout(timeout) {
-            Ok(r) => r.map_err(InboxStateError::Store),
-            Err(_) => Err(InboxStateError::Timeout),
-        }
+        store.try_submit(crate::runtime::inbox::Token::State(tx), req).map_err(|_| PushError::StoreBusy)?;
+        Ok(PendingInboxState { rx })
     }
 
     /// Whether [`Handle::push`] and a client's plain SEND store messages
@@ -512,6 +514,23 @@ impl ServerBuilder {
             server.admin = Some(a);
         }
         Ok(server)
+    }
+}
+
+/// An inbox state query on its way through the store
+/// ([`Handle::request_inbox_state`]).
+#[derive(Debug)]
+pub struct PendingInboxState {
+    rx: std::sync::mpsc::Receiver<Result<crate::store::InboxState, crate::store::StoreError>>,
+}
+
+impl PendingInboxState {
+    /// Waits at most `timeout` for the store's answer.
+    pub fn wait_timeout(self, timeout: std::time::Duration) -> Result<crate::store::InboxState, InboxStateError> {
+        match self.rx.recv_timeout(timeout) {
+            Ok(r) => r.map_err(InboxStateError::Store),
+            Err(_) => Err(InboxStateError::Timeout),
+        }
     }
 }
 

@@ -130,7 +130,7 @@ pub(crate) enum Later {
     /// A push to many users: one outcome per user, in order.
     Users(Vec<(String, Exec)>),
     /// An inbox query.
-    Inbox(Handle, String),
+    Inbox(String, crate::server::PendingInboxState),
 }
 
 /// How long a reliable push or an inbox query waits for the store.
@@ -175,9 +175,9 @@ pub(crate) fn resolve(exec: Exec, deadline: Instant) -> Answer {
                 .collect::<Vec<_>>();
             (200, json!({ "results": results }))
         }
-        Exec::Later(Later::Inbox(h, user)) => {
+        Exec::Later(Later::Inbox(user, pending)) => {
             let left = deadline.saturating_duration_since(Instant::now());
-            inbox(&h, &user, left)
+            inbox(&user, pending.wait_timeout(left))
         }
     }
 }
@@ -200,8 +200,8 @@ fn push_error(e: PushError) -> Answer {
     error(status, e.to_string())
 }
 
-fn inbox(h: &Handle, user: &str, wait: Duration) -> Answer {
-    match h.inbox_state(user, wait) {
+fn inbox(user: &str, state: Result<crate::store::InboxState, crate::server::InboxStateError>) -> Answer {
+    match state {
         Ok(s) => (
             200,
             json!({
@@ -342,9 +342,19 @@ enum Command {
     Inbox(UserParams),
 }
 
-/// A bad request in the words of serde (which names the field at fault).
-fn bad_json(e: serde_json::Error) -> Answer {
-    error(400, format!("invalid request: {e}"))
+/// A bad request, naming the field at fault (its path in the JSON).
+fn bad_json(e: serde_path_to_error::Error<serde_json::Error>) -> Answer {
+    let path = e.path().to_string();
+    let e = e.into_inner();
+    if path.is_empty() || path == "." {
+        return error(400, format!("invalid request: {e}"));
+    }
+    error(400, format!("invalid request: {path}: {e}"))
+}
+
+/// Parses JSON, keeping the path to the field at fault.
+fn parse<T: serde::de::DeserializeOwned>(json: &[u8]) -> Result<T, Answer> {
+    serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_slice(json)).map_err(bad_json)
 }
 
 fn payload(raw: Option<Vec<u8>>, payload: Option<String>, text: Option<String>) -> Result<Vec<u8>, Answer> {
@@ -490,7 +500,12 @@ fn run(h: &Handle, cmd: Command, lists: Lists) -> Exec {
         Command::Presence(p) => now(presence(h, p.users, lists)),
         Command::Connections(p) => now(connections(h, &p.user)),
         Command::RoomSizes(p) => now(room_sizes(h, p.rooms, lists)),
-        Command::Inbox(p) => Exec::Later(Later::Inbox(h.clone(), p.user)),
+        // Asked now, answered when the batch's waits run: the state seen
+        // is the one after the commands before it.
+        Command::Inbox(p) => match h.request_inbox_state(&p.user) {
+            Ok(pending) => Exec::Later(Later::Inbox(p.user, pending)),
+            Err(e) => Exec::Now(push_error(e)),
+        },
     }
 }
 
@@ -508,9 +523,9 @@ fn batch(h: &Handle, body: &[u8], lists: Lists) -> Batch {
     struct Body {
         commands: Vec<Box<serde_json::value::RawValue>>,
     }
-    let b: Body = match serde_json::from_slice(body) {
+    let b: Body = match parse(body) {
         Ok(b) => b,
-        Err(e) => return Batch::Now(bad_json(e)),
+        Err(a) => return Batch::Now(a),
     };
     if let Some(a) = too_many("commands", b.commands.len(), lists) {
         return Batch::Now(a);
@@ -518,9 +533,9 @@ fn batch(h: &Handle, body: &[u8], lists: Lists) -> Batch {
     Batch::Later(
         b.commands
             .iter()
-            .map(|raw| match serde_json::from_str::<Command>(raw.get()) {
+            .map(|raw| match parse::<Command>(raw.get().as_bytes()) {
                 Ok(cmd) => run(h, cmd, lists),
-                Err(e) => Exec::Now(bad_json(e)),
+                Err(a) => Exec::Now(a),
             })
             .collect(),
     )
@@ -563,7 +578,7 @@ fn json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Answer> {
     if body.is_empty() {
         return Err(error(400, "the body must be a JSON object"));
     }
-    serde_json::from_slice(body).map_err(bad_json)
+    parse(body)
 }
 
 /// The parameters of a raw-payload call, from the query string:
@@ -687,11 +702,12 @@ mod tests {
 
     #[test]
     fn bad_commands_name_the_field_at_fault() {
-        let e = serde_json::from_str::<Command>(r#"{"push": {"usr": "a", "text": "x"}}"#).err().unwrap();
-        assert!(bad_json(e).1["error"].as_str().unwrap().contains("usr"));
-        let e = serde_json::from_str::<Command>(r#"{"kick": {}}"#).err().unwrap();
-        assert!(bad_json(e).1["error"].as_str().unwrap().contains("user"));
-        let e = serde_json::from_str::<Command>(r#"{"explode": {}}"#).err().unwrap();
-        assert!(bad_json(e).1["error"].as_str().unwrap().contains("explode"));
+        let words =
+            |json: &str| parse::<Command>(json.as_bytes()).err().unwrap().1["error"].as_str().unwrap().to_string();
+        assert!(words(r#"{"push": {"usr": "a", "text": "x"}}"#).contains("usr"));
+        assert!(words(r#"{"kick": {}}"#).contains("user"));
+        assert!(words(r#"{"explode": {}}"#).contains("explode"));
+        let mode = words(r#"{"push": {"user": "a", "text": "x", "mode": "sometimes"}}"#);
+        assert!(mode.contains("push.mode"), "{mode}");
     }
 }

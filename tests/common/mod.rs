@@ -2,6 +2,7 @@
 //! short timeouts, tokens, and logged-in clients.
 #![allow(dead_code)]
 
+pub mod api;
 pub mod interop;
 
 use std::net::SocketAddr;

@@ -1,0 +1,348 @@
+//! The backend API's routes over real HTTP (docs/API.md): each route's
+//! success and error paths, keys and scopes, pushes that arrive at raw and
+//! WebSocket clients, and a batch of 10,000 pushes counted exactly.
+
+mod common;
+
+use std::collections::HashSet;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+use common::api::{call, get, post};
+use common::*;
+use serde_json::{json, Value};
+use switchboard::client::Client;
+use switchboard::proto::frame::Frame;
+use switchboard::Server;
+
+const WRITE: &str = "write-key-0123456789abcdef";
+const READ: &str = "read-key-0123456789abcdef";
+
+fn api_server(ws: bool) -> Server {
+    let mut cfg = config();
+    cfg.admin.listen = "127.0.0.1:0".into();
+    cfg.admin.token = Some(WRITE.into());
+    cfg.admin.read_token = Some(READ.into());
+    cfg.admin.max_body_bytes = 4096;
+    if ws {
+        cfg.websocket.listen = "127.0.0.1:0".into();
+    }
+    start(cfg)
+}
+
+/// The next PUSH's payload, as text.
+fn next_push(c: &mut Client) -> String {
+    let (_, _, payload) = expect_push(c);
+    String::from_utf8(payload).unwrap()
+}
+
+#[test]
+fn keys_and_scopes() {
+    let server = api_server(false);
+    let a = server.admin_addr().unwrap();
+    // Probes need no key.
+    assert_eq!(call(a, "GET", "/healthz", &[], b"").status, 200);
+    assert_eq!(call(a, "GET", "/readyz", &[], b"").status, 200);
+    // No key: 401 with WWW-Authenticate; a wrong one: 401.
+    let r = call(a, "GET", "/api/v1/stats", &[], b"");
+    assert_eq!((r.status, r.header("www-authenticate")), (401, Some("bearer")), "{}", r.body);
+    assert_eq!(get(a, "/api/v1/stats", "not-the-key-0123456789").status, 401);
+    // Either key reads, as Bearer or X-API-Key.
+    assert_eq!(get(a, "/api/v1/stats", READ).status, 200);
+    let bearer = format!("Bearer {READ}");
+    assert_eq!(call(a, "GET", "/api/v1/stats", &[("Authorization", &bearer)], b"").status, 200);
+    assert_eq!(get(a, "/api/v1/stats", WRITE).status, 200);
+    // Only the write key writes.
+    let push = json!({ "user": "alice", "text": "x", "mode": "at_most_once" });
+    let r = post(a, "/api/v1/push", READ, &push);
+    assert_eq!(r.status, 403, "{}", r.body);
+    assert!(r.json()["error"].as_str().unwrap().contains("read_token"), "{}", r.body);
+    assert_eq!(post(a, "/api/v1/push", WRITE, &push).status, 200);
+    // The legacy routes need the key too.
+    assert_eq!(call(a, "GET", "/stats", &[], b"").status, 401);
+}
+
+#[test]
+fn pushes_to_users_one_or_many_reliable_or_not() {
+    let server = api_server(false);
+    let a = server.admin_addr().unwrap();
+    let (mut alice, _) = login(server.local_addr(), "alice");
+    let (mut bob, _) = login(server.local_addr(), "bob");
+
+    // At most once, as text: live only, to each connection.
+    let r = post(a, "/api/v1/push", WRITE, &json!({ "user": "alice", "text": "hi", "mode": "at_most_once" }));
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!((r.json()["connections"].as_u64(), r.json()["stored"].as_bool()), (Some(1), Some(false)));
+    assert_eq!(next_push(&mut alice), "hi");
+
+    // Reliable (the default with a store), binary as base64: stored with a seq.
+    let r = post(a, "/api/v1/push", WRITE, &json!({ "user": "carol", "payload": "3q2+7w==" }));
+    assert_eq!(r.status, 200, "{}", r.body);
+    let v = r.json();
+    assert_eq!(
+        (v["stored"].as_bool(), v["seq"].as_u64(), v["durability"].as_str()),
+        (Some(true), Some(1), Some("memory"))
+    );
+    // Idempotent with a client_id.
+    let again = json!({ "user": "carol", "payload": "3q2+7w==", "client_id": 7 });
+    let first = post(a, "/api/v1/push", WRITE, &again).json();
+    let second = post(a, "/api/v1/push", WRITE, &again).json();
+    assert_eq!(
+        (first["seq"].as_u64(), second["seq"].as_u64(), second["duplicate"].as_bool()),
+        (Some(2), Some(2), Some(true))
+    );
+    let inbox = get(a, "/api/v1/inbox?user=carol", READ);
+    assert_eq!((inbox.status, inbox.json()["head_seq"].as_u64()), (200, Some(2)), "{}", inbox.body);
+
+    // Many users in one call: one result each, in order.
+    let r = post(
+        a,
+        "/api/v1/push",
+        WRITE,
+        &json!({ "users": ["alice", "bob", "nobody"], "text": "all", "mode": "at_most_once" }),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let results = r.json()["results"].as_array().unwrap().clone();
+    let got: Vec<(String, u64, u64)> = results
+        .iter()
+        .map(|x| {
+            (x["user"].as_str().unwrap().into(), x["status"].as_u64().unwrap(), x["connections"].as_u64().unwrap())
+        })
+        .collect();
+    assert_eq!(got, vec![("alice".into(), 200, 1), ("bob".into(), 200, 1), ("nobody".into(), 200, 0)]);
+    assert_eq!(next_push(&mut alice), "all");
+    assert_eq!(next_push(&mut bob), "all");
+
+    // A raw body, parameters in the query string.
+    let h = [("X-API-Key", WRITE), ("Content-Type", "application/octet-stream")];
+    let r = call(a, "POST", "/api/v1/push?user=bob&mode=at_most_once", &h, b"\x00raw\xff");
+    assert_eq!(r.status, 200, "{}", r.body);
+    let (_, _, p) = expect_push(&mut bob);
+    assert_eq!(p, b"\x00raw\xff");
+}
+
+#[test]
+fn bad_requests_say_what_is_wrong() {
+    let server = api_server(false);
+    let a = server.admin_addr().unwrap();
+    let error = |r: common::api::Answer| (r.status, r.json()["error"].as_str().unwrap().to_string());
+    let (s, e) = error(post(a, "/api/v1/push", WRITE, &json!({ "usr": "a", "text": "x" })));
+    assert!(s == 400 && e.contains("usr"), "{s} {e}");
+    let (s, e) = error(post(a, "/api/v1/push", WRITE, &json!({ "user": "a" })));
+    assert!(s == 400 && e.contains("payload"), "{s} {e}");
+    let (s, e) = error(post(a, "/api/v1/push", WRITE, &json!({ "user": "a", "payload": "not base64!" })));
+    assert!(s == 400 && e.contains("base64"), "{s} {e}");
+    let (s, e) = error(post(a, "/api/v1/push", WRITE, &json!({ "user": "a", "text": "x", "mode": "sometimes" })));
+    assert!(s == 400 && e.contains("mode"), "{s} {e}");
+    let (s, e) = error(post(a, "/api/v1/join", WRITE, &json!({ "user": "a" })));
+    assert!(s == 400 && e.contains("room"), "{s} {e}");
+    let (s, _) = error(post(a, "/api/v1/push", WRITE, &json!({ "user": "", "text": "x" })));
+    assert_eq!(s, 400);
+    let h = [("X-API-Key", WRITE), ("Content-Type", "application/json")];
+    let r = call(a, "POST", "/api/v1/kick", &h, b"{not json");
+    assert_eq!(r.status, 400, "{}", r.body);
+    // Over admin.max_body_bytes (4096 here): 413, before the body is read.
+    let big = json!({ "room": "r", "text": "x".repeat(5000) });
+    assert_eq!(post(a, "/api/v1/publish", WRITE, &big).status, 413);
+    // Unknown route 404, wrong method 405 with Allow.
+    assert_eq!(get(a, "/api/v1/nope", READ).status, 404);
+    let r = get(a, "/api/v1/push", WRITE);
+    assert_eq!((r.status, r.header("allow")), (405, Some("post")));
+    // A query that does not decode.
+    assert_eq!(get(a, "/api/v1/inbox?user=%zz", READ).status, 400);
+    // A browser's form content type: 415.
+    let h = [("X-API-Key", WRITE), ("Content-Type", "text/plain")];
+    assert_eq!(call(a, "POST", "/api/v1/broadcast", &h, br#"{"text":"x"}"#).status, 415);
+}
+
+#[test]
+fn rooms_presence_kick_and_broadcast() {
+    let server = api_server(false);
+    let a = server.admin_addr().unwrap();
+    let (mut alice, _) = login(server.local_addr(), "alice");
+
+    let r = post(a, "/api/v1/join", WRITE, &json!({ "user": "alice", "room": "lobby" }));
+    assert_eq!((r.status, r.json()["connections"].as_u64()), (200, Some(1)), "{}", r.body);
+    // The connection is told (ROOM_ACK with req_id 0).
+    let ack = alice.recv_skipping_pings().unwrap();
+    assert!(matches!(ack.frame(), Frame::RoomAck { req_id: 0, room: "lobby", .. }), "{:?}", ack.frame());
+    let r = post(a, "/api/v1/room_sizes", READ, &json!({ "rooms": ["lobby", "empty"] }));
+    assert_eq!(r.json()["rooms"], json!([{ "room": "lobby", "size": 1 }, { "room": "empty", "size": 0 }]));
+    let r = post(a, "/api/v1/publish", WRITE, &json!({ "room": "lobby", "text": "to the room" }));
+    assert_eq!(r.status, 200, "{}", r.body);
+    let m = alice.recv_skipping_pings().unwrap();
+    assert!(matches!(m.frame(), Frame::RoomMsg { room: "lobby", payload: b"to the room", .. }), "{:?}", m.frame());
+    let r = post(a, "/api/v1/leave", WRITE, &json!({ "user": "alice", "room": "lobby" }));
+    assert_eq!(r.status, 200, "{}", r.body);
+    let ack = alice.recv_skipping_pings().unwrap();
+    assert!(matches!(ack.frame(), Frame::RoomAck { req_id: 0, room: "lobby", .. }), "{:?}", ack.frame());
+    let r = post(a, "/api/v1/broadcast", WRITE, &json!({ "text": "everyone" }));
+    assert_eq!(r.status, 200, "{}", r.body);
+    let m = alice.recv_skipping_pings().unwrap();
+    assert!(matches!(m.frame(), Frame::RoomMsg { room: "", payload: b"everyone", .. }), "{:?}", m.frame());
+
+    let r = post(a, "/api/v1/presence", READ, &json!({ "users": ["alice", "nobody"] }));
+    assert_eq!(
+        r.json()["users"],
+        json!([{ "user": "alice", "online": true, "connections": 1 }, { "user": "nobody", "online": false, "connections": 0 }])
+    );
+    let r = get(a, "/api/v1/connections?user=alice", READ);
+    assert_eq!(r.json()["connections"].as_array().map(Vec::len), Some(1), "{}", r.body);
+
+    let r = post(a, "/api/v1/kick", WRITE, &json!({ "user": "alice" }));
+    assert_eq!((r.status, r.json()["connections"].as_u64()), (200, Some(1)), "{}", r.body);
+    alice.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    loop {
+        match alice.recv() {
+            Ok(f) if matches!(f.frame(), Frame::Close { .. }) => break,
+            Ok(_) => continue,
+            Err(_) => break,
+        }
+    }
+    assert!(wait_until(Duration::from_secs(5), || get(a, "/api/v1/connections?user=alice", READ).json()
+        ["connections"]
+        == json!([])));
+}
+
+/// A WebSocket client (JSON subprotocol, logged in by the query string):
+/// reads text messages.
+struct Ws(TcpStream);
+
+impl Ws {
+    fn open(addr: SocketAddr, user: &str) -> Ws {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let req = format!(
+            "GET /ws?user={user}&token={} HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+            token(user)
+        );
+        s.write_all(req.as_bytes()).unwrap();
+        let mut head = Vec::new();
+        let mut b = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            s.read_exact(&mut b).unwrap();
+            head.push(b[0]);
+        }
+        assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
+        let mut ws = Ws(s);
+        assert_eq!(ws.next()["type"], "login_ok");
+        ws
+    }
+
+    /// The next text message, as JSON (server frames are unmasked).
+    fn next(&mut self) -> Value {
+        let mut h = [0u8; 2];
+        self.0.read_exact(&mut h).unwrap();
+        let len = match h[1] & 0x7f {
+            126 => {
+                let mut l = [0u8; 2];
+                self.0.read_exact(&mut l).unwrap();
+                u16::from_be_bytes(l) as usize
+            }
+            127 => {
+                let mut l = [0u8; 8];
+                self.0.read_exact(&mut l).unwrap();
+                u64::from_be_bytes(l) as usize
+            }
+            n => n as usize,
+        };
+        let mut p = vec![0u8; len];
+        self.0.read_exact(&mut p).unwrap();
+        assert_eq!(h[0] & 0x0f, 0x1, "a text message");
+        serde_json::from_slice(&p).unwrap()
+    }
+}
+
+#[test]
+fn a_push_through_the_api_arrives_at_raw_and_websocket_clients() {
+    let server = api_server(true);
+    let a = server.admin_addr().unwrap();
+    let (mut raw, _) = login(server.local_addr(), "dana");
+    let mut ws = Ws::open(server.ws_addr().unwrap(), "dana");
+    let r = post(a, "/api/v1/push", WRITE, &json!({ "user": "dana", "text": "both", "mode": "at_most_once" }));
+    assert_eq!((r.status, r.json()["connections"].as_u64()), (200, Some(2)), "{}", r.body);
+    assert_eq!(next_push(&mut raw), "both");
+    let m = ws.next();
+    assert_eq!((m["type"].as_str(), m["payload"].as_str()), (Some("push"), Some("both")), "{m}");
+    // Binary payloads reach the WebSocket client as base64.
+    let r = post(a, "/api/v1/push", WRITE, &json!({ "user": "dana", "payload": "3q2+7w==", "mode": "at_most_once" }));
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(expect_push(&mut raw).2, [0xde, 0xad, 0xbe, 0xef]);
+    assert_eq!(ws.next()["payload_b64"], "3q2+7w==");
+}
+
+/// 10,000 pushes in one batch request, to 10 users who read as they come:
+/// every one arrives once, and the batch answers each.
+#[test]
+fn a_batch_of_10000_pushes_all_arrive_counted_exactly() {
+    const USERS: usize = 10;
+    const EACH: usize = 1000;
+    let server = api_server(false);
+    let a = server.admin_addr().unwrap();
+    let readers: Vec<_> = (0..USERS)
+        .map(|u| {
+            let (mut c, _) = login(server.local_addr(), &format!("u{u}"));
+            std::thread::spawn(move || {
+                let mut seen = HashSet::new();
+                while seen.len() < EACH {
+                    assert!(seen.insert(next_push(&mut c)), "a push arrived twice");
+                }
+                c.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+                let extra = c.recv_skipping_pings().ok().map(|f| format!("{:?}", f.frame()));
+                (seen, extra)
+            })
+        })
+        .collect();
+    let commands: Vec<Value> = (0..USERS * EACH)
+        .map(|i| json!({ "push": { "user": format!("u{}", i % USERS), "text": format!("m{i}"), "mode": "at_most_once" } }))
+        .collect();
+    let r = post(a, "/api/v1/batch", WRITE, &json!({ "commands": commands }));
+    assert_eq!(r.status, 200, "{}", &r.body[..r.body.len().min(300)]);
+    let results = r.json()["results"].as_array().unwrap().clone();
+    assert_eq!(results.len(), USERS * EACH);
+    for (i, x) in results.iter().enumerate() {
+        assert_eq!((x["status"].as_u64(), x["connections"].as_u64()), (Some(200), Some(1)), "command {i}: {x}");
+    }
+    for (u, t) in readers.into_iter().enumerate() {
+        let (seen, extra) = t.join().unwrap();
+        assert_eq!(extra, None, "u{u} got more than its {EACH}");
+        let want: HashSet<String> = (0..USERS * EACH).filter(|i| i % USERS == u).map(|i| format!("m{i}")).collect();
+        assert_eq!(seen, want, "u{u}");
+    }
+}
+
+/// A batch mixes kinds; a malformed command gets its own 400 and the
+/// others still run; reliable pushes are stored, counted by the inbox.
+#[test]
+fn a_batch_answers_every_command_on_its_own() {
+    let server = api_server(false);
+    let a = server.admin_addr().unwrap();
+    let mut commands = vec![
+        json!({ "join": { "user": "erin", "room": "r" } }),
+        json!({ "push": { "user": "erin" } }),
+        json!({ "explode": {} }),
+        json!({ "presence": { "users": ["erin"] } }),
+        json!({ "inbox": { "user": "frank" } }),
+    ];
+    for i in 0..2000 {
+        commands.push(json!({ "push": { "user": "frank", "text": format!("r{i}") } }));
+    }
+    commands.push(json!({ "inbox": { "user": "frank" } }));
+    let r = post(a, "/api/v1/batch", WRITE, &json!({ "commands": commands }));
+    assert_eq!(r.status, 200, "{}", &r.body[..r.body.len().min(300)]);
+    let results = r.json()["results"].as_array().unwrap().clone();
+    assert_eq!(results.len(), commands.len());
+    let status = |i: usize| results[i]["status"].as_u64().unwrap();
+    assert_eq!([status(0), status(1), status(2), status(3), status(4)], [200, 400, 400, 200, 200]);
+    assert!(results[2]["error"].as_str().unwrap().contains("explode"), "{}", results[2]);
+    let seqs: Vec<u64> = results[5..5 + 2000].iter().map(|x| x["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, (1..=2000).collect::<Vec<_>>(), "stored in order, each once");
+    // Commands run in order: the inbox query after the pushes sees them all.
+    assert_eq!(results[2005]["head_seq"].as_u64(), Some(2000), "{}", results[2005]);
+    // A body that is not a batch: 400 for the whole request.
+    let h = [("X-API-Key", WRITE), ("Content-Type", "application/json")];
+    let r = call(a, "POST", "/api/v1/batch", &h, b"{\"commands\": {}}");
+    assert_eq!(r.status, 400, "{}", r.body);
+}
