@@ -1,5 +1,4 @@
-//! The checks every API request passes before its route runs: framing,
-//! `Host`, cross-site origin, content type and the API key.
+//! The checks every API request passes before its route runs: `Host`, cross-site origin, content type and the API key.
 //!
 //! Owns: pure functions over a request's headers, each answering with the
 //! status and the words the client gets.
@@ -18,21 +17,6 @@ pub(crate) struct Refusal {
 
 fn refuse(status: u16, error: impl Into<String>) -> Refusal {
     Refusal { status, error: error.into() }
-}
-
-/// Request smuggling: hyper frames the body (Content-Length or chunked),
-/// but a request whose framing two parsers could read two ways is refused
-/// rather than guessed at: `Transfer-Encoding` with `Content-Length`, or
-/// more than one `Content-Length`.
-pub(crate) fn framing(h: &HeaderMap) -> Result<(), Refusal> {
-    let lengths = h.get_all(header::CONTENT_LENGTH).iter().count();
-    if lengths > 1 {
-        return Err(refuse(400, "more than one Content-Length"));
-    }
-    if lengths == 1 && h.contains_key(header::TRANSFER_ENCODING) {
-        return Err(refuse(400, "Transfer-Encoding and Content-Length together"));
-    }
-    Ok(())
 }
 
 /// What a route needs of the caller.
@@ -255,15 +239,6 @@ mod tests {
         assert_eq!(keys.check(&headers(&[]), Scope::Public), Ok(()));
         let none = Keys { write: None, read: None };
         assert_eq!(none.check(&headers(&[]), Scope::Write), Ok(()));
-    }
-
-    #[test]
-    fn ambiguous_framing_is_refused() {
-        assert!(framing(&headers(&[("content-length", "5")])).is_ok());
-        assert!(framing(&headers(&[("transfer-encoding", "chunked")])).is_ok());
-        assert_eq!(framing(&headers(&[("content-length", "5"), ("content-length", "5")])).unwrap_err().status, 400);
-        let both = headers(&[("content-length", "5"), ("transfer-encoding", "chunked")]);
-        assert_eq!(framing(&both).unwrap_err().status, 400);
     }
 
     #[test]

@@ -11,8 +11,15 @@
 //! Must not: touch a worker's state. Every route maps to `Handle` methods
 //! (mailboxes and direct writes), as an embedder's code would call them.
 //!
+//! Framing is hyper's (RFC 9112): a body is delimited by
+//! `Transfer-Encoding: chunked` or by one `Content-Length`; different
+//! `Content-Length`s are a 400; with both headers the body is framed by
+//! `Transfer-Encoding` alone and the connection closed after the answer,
+//! so bytes a front end might have framed otherwise are never read as a
+//! request.
+//!
 //! Order of checks, each before anything is buffered past the head:
-//! framing (`guard::framing`), the route (404/405), then for every route
+//! the route (404/405), then for every route
 //! but `/healthz` and `/readyz`: `Host` (`guard::Hosts`), cross-site
 //! (`guard::cross_site`), the key (`guard::Keys`), the content type of a
 //! write (`guard::body_kind`), the body's declared length (413), and last
@@ -228,9 +235,6 @@ fn query(q: Option<&str>) -> Result<Vec<(String, String)>, &'static str> {
 }
 
 async fn answer(req: Request<Incoming>, ctx: &Arc<Ctx>) -> Response<Full<Bytes>> {
-    if let Err(r) = guard::framing(req.headers()) {
-        return closing(refused(r));
-    }
     let entry = match routes::find(req.method().as_str(), req.uri().path(), ctx.bench) {
         Ok(e) => e,
         Err(Some(allowed)) => {
