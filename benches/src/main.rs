@@ -198,6 +198,22 @@ enum Cmd {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// The backend API alone (the capacity report's API scenario): batches
+    /// of pushes through `/api/v1/batch` to N connections, single-push
+    /// latency under that load, and `/metrics` scrape time with N open.
+    Api {
+        /// Connections logged in to receive (the server process must stay
+        /// under 20,000 descriptors: at most 19,000).
+        #[arg(long, default_value_t = 4000)]
+        connections: u32,
+        #[arg(long, default_value_t = 2)]
+        workers: usize,
+        /// The switchboard binary (default: next to this one).
+        #[arg(long)]
+        switchboard: Option<PathBuf>,
+        #[arg(long, default_value = "target/capacity-api")]
+        out: PathBuf,
+    },
     /// Socket buffers set (4 KiB) against left to the kernel (0), each
     /// against a fresh server: idle memory per connection, and the round
     /// trip of a large message through the server (see capacity/bulk.rs).
@@ -492,6 +508,21 @@ fn run_bulk(plan: capacity::bulk::BulkPlan, switchboard: Option<PathBuf>, out: P
     Ok(())
 }
 
+fn run_api(connections: u32, workers: usize, switchboard: Option<PathBuf>, out: PathBuf) -> Result<(), String> {
+    if connections > 19_000 {
+        return Err("--connections: at most 19,000 (the server process holds one descriptor per connection)".into());
+    }
+    let sb = switchboard_bin(switchboard)?;
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    std::fs::create_dir_all(&out).map_err(|e| format!("{}: {e}", out.display()))?;
+    let mut plan = capacity::Plan::quick();
+    plan.connections = connections;
+    plan.workers = workers;
+    let r = capacity::Runner::new(plan, out, exe, sb, None, false).api_alone()?;
+    println!("{}", serde_json::to_string_pretty(&r).expect("json"));
+    Ok(())
+}
+
 fn run_capacity(a: CapacityArgs) -> Result<(), String> {
     let CapacityArgs { full, out, switchboard, tokio, no_peers, no_nchan, ws_only, ws_connections, socket_buffers } = a;
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
@@ -577,6 +608,7 @@ fn main() {
             };
             run_churn(ChurnArgs { plan, switchboard, out, json })
         }
+        Cmd::Api { connections, workers, switchboard, out } => run_api(connections, workers, switchboard, out),
         Cmd::Bulk { message_bytes, round_trips, idle_connections, buffers, workers, switchboard, out } => {
             let plan = capacity::bulk::BulkPlan { message_bytes, round_trips, idle_connections, buffers, workers };
             run_bulk(plan, switchboard, out)

@@ -6,8 +6,11 @@
 //! (HTTP/1.1, keep-alive) on a current-thread tokio runtime of its own,
 //! away from the io_uring workers. Each client connection is a task, so a
 //! slow or silent client holds only its own task: no head-of-line
-//! blocking. Requests that wait for the store (reliable pushes, inbox
-//! queries) wait on the runtime's blocking pool, never on the event loop.
+//! blocking. The event loop reads and checks requests and answers
+//! `/healthz` and `/readyz` itself; every other route runs on the
+//! runtime's blocking pool (`WAIT_THREADS` threads), where a large batch
+//! or a wait for the store (reliable pushes, inbox queries) holds one
+//! thread and nothing else.
 //! Must not: touch a worker's state. Every route maps to `Handle` methods
 //! (mailboxes and direct writes), as an embedder's code would call them.
 //!
@@ -48,14 +51,14 @@ use serde_json::{json, Value};
 use crate::config::AdminConfig;
 use crate::proto::http as h1;
 use crate::server::Handle;
-use routes::{Answer, Batch, Exec, Outcome, Route, Style};
+use routes::{Batch, Exec, Outcome, Route, Style};
 
 /// Largest request head hyper buffers (its read buffer): a longer head is
 /// answered 431 and the connection closed, whatever its bytes.
 const HEAD_BUF_BYTES: usize = 16 * 1024;
 /// Most header fields in a request head.
 const MAX_HEADERS: usize = 64;
-/// Threads that wait for the store on behalf of requests.
+/// Threads that run requests (and wait for the store on their behalf).
 const WAIT_THREADS: usize = 64;
 
 /// The limits the API holds every client to (`[admin]`).
@@ -198,9 +201,14 @@ async fn serve(listener: std::net::TcpListener, ctx: Arc<Ctx>, mut stopped: toki
     }
 }
 
-/// A JSON response; 503s carry `Retry-After`, a 405 its `Allow`.
+/// A JSON response; 503s carry `Retry-After`, a 401 `WWW-Authenticate`.
 fn respond(status: u16, body: &Value) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
+    respond_bytes(status, Bytes::from(body.to_string()))
+}
+
+/// A response with a JSON body already serialised.
+fn respond_bytes(status: u16, body: Bytes) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(body));
     *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     if status == 503 || status == 429 {
@@ -290,26 +298,32 @@ async fn answer(req: Request<Incoming>, ctx: &Arc<Ctx>) -> Response<Full<Bytes>>
             return closing(respond(408, &json!({ "error": format!("request body not complete within {ms} ms") })));
         }
     };
-    let call = routes::Call { entry, query: &q, body: &body, raw, lists: ctx.limits.lists };
-    let (status, value) = match routes::call(&ctx.handle, &call) {
-        Outcome::Exec(Exec::Now(a)) => a,
-        Outcome::Exec(exec) => wait(move |deadline| routes::resolve(exec, deadline)).await,
-        Outcome::Batch(Batch::Now(a)) => a,
-        Outcome::Batch(Batch::Later(execs)) => {
-            if execs.iter().all(|e| matches!(e, Exec::Now(_))) {
-                routes::resolve_batch(execs, Instant::now())
-            } else {
-                wait(move |deadline| routes::resolve_batch(execs, deadline)).await
-            }
-        }
-    };
-    respond(status, &value)
-}
-
-/// Runs `f` (which waits for the store) on the blocking pool.
-async fn wait(f: impl FnOnce(Instant) -> Answer + Send + 'static) -> Answer {
-    let deadline = Instant::now() + routes::STORE_WAIT;
-    tokio::task::spawn_blocking(move || f(deadline))
-        .await
-        .unwrap_or_else(|_| (500, json!({ "error": "the request's wait failed" })))
+    if entry.scope == guard::Scope::Public {
+        // Health and readiness answer on the event loop, never queued
+        // behind other requests.
+        let call = routes::Call { entry, query: &q, body: &body, raw, lists: ctx.limits.lists };
+        return match routes::call(&ctx.handle, &call) {
+            Outcome::Exec(Exec::Now((status, value))) => respond(status, &value),
+            _ => respond(500, &json!({ "error": "a probe that waits" })),
+        };
+    }
+    // Everything else runs on the blocking pool: a batch of 100,000
+    // commands or a wait for the store holds one of its threads, not the
+    // event loop that every other client's requests go through.
+    let (handle, lists) = (ctx.handle.clone(), ctx.limits.lists);
+    let answered = tokio::task::spawn_blocking(move || {
+        let deadline = Instant::now() + routes::STORE_WAIT;
+        let call = routes::Call { entry, query: &q, body: &body, raw, lists };
+        let (status, value) = match routes::call(&handle, &call) {
+            Outcome::Exec(exec) => routes::resolve(exec, deadline),
+            Outcome::Batch(Batch::Now(a)) => a,
+            Outcome::Batch(Batch::Later(execs)) => routes::resolve_batch(execs, deadline),
+        };
+        (status, Bytes::from(value.to_string()))
+    })
+    .await;
+    match answered {
+        Ok((status, body)) => respond_bytes(status, body),
+        Err(_) => respond(500, &json!({ "error": "the request failed inside the server" })),
+    }
 }

@@ -555,6 +555,7 @@ pub(crate) fn resolve_batch(execs: Vec<Exec>, deadline: Instant) -> Answer {
 }
 
 /// A parsed request, as the routes need it.
+#[derive(Clone, Copy)]
 pub(crate) struct Call<'a> {
     pub entry: &'static Entry,
     pub query: &'a [(String, String)],

@@ -32,6 +32,7 @@
 //! `report.rs` holds those types (the shape of report.json), the verdicts,
 //! the ratios and report.md; `plots.rs` draws the SVGs from a report.
 
+mod api;
 pub mod bulk;
 pub mod churn;
 pub mod plots;

@@ -130,6 +130,116 @@ pub struct TcpReport {
     /// Reliable delivery; absent from reports made before it existed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reliable: Option<Reliable>,
+    /// The backend API (api.rs); absent from reports made before it existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api: Option<ApiBench>,
+}
+
+/// Issue 13's targets: pushes per second end to end through batches, and
+/// a `/metrics` scrape.
+pub const API_TARGET_PUSHES_PER_S: f64 = 200_000.0;
+pub const SCRAPE_TARGET_US: u64 = 5_000;
+
+/// The backend API under load (api.rs): batches of at-most-once pushes
+/// from several backends, delivered to the run's connections.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ApiBench {
+    /// Receivers logged in.
+    pub connections: u32,
+    /// Backends posting batches at once, each on one keep-alive connection.
+    pub backends: u32,
+    /// Pushes per batch.
+    pub batch: u32,
+    /// How long the backends posted (s).
+    pub seconds: f64,
+    pub pushes_posted: u64,
+    /// Pushes the API answered 200 with one connection reached.
+    pub pushes_accepted: u64,
+    /// Accepted pushes per second of posting.
+    pub pushes_per_s: f64,
+    /// PUSH frames the receivers counted (batches and the single pushes).
+    pub delivered: u64,
+    /// Delivered per second, from the first post to the last delivery.
+    pub delivered_per_s: f64,
+    /// Payload stamped by the backend → PUSH received (µs).
+    pub e2e_p50_us: u64,
+    pub e2e_p99_us: u64,
+    /// One batch request's round trip (µs).
+    pub batch_p50_us: u64,
+    pub batch_p99_us: u64,
+    /// A single push (`POST /api/v1/push`, one every 5 ms) during the
+    /// batches: its round trip (µs).
+    pub single_push_p50_us: u64,
+    pub single_push_p99_us: u64,
+    pub single_pushes: u64,
+    /// `GET /metrics` with `connections` open, after the load (µs); none
+    /// when the server has no `/metrics`.
+    pub metrics_scrape_p50_us: Option<u64>,
+    pub metrics_scrape_max_us: Option<u64>,
+}
+
+impl ApiBench {
+    fn markdown(&self, m: &mut String) {
+        let verdict = |ok: bool| if ok { "PASS" } else { "FAIL" };
+        let _ = writeln!(
+            m,
+            "## Backend API (`/api/v1/batch`)\n\n{} backends on keep-alive connections post batches of {} at-most-once pushes (timed 64-byte payloads, base64) to {} connected users for {} s, as fast as the API answers; a fifth posts one `/api/v1/push` every 5 ms.\n",
+            self.backends, self.batch, self.connections, f(self.seconds, 1)
+        );
+        let _ = writeln!(m, "| figure | measured | target |\n|---|---|---|");
+        let rows = [
+            (
+                "pushes/s through batches, accepted (API → connection)".to_string(),
+                f(self.pushes_per_s, 0),
+                format!(
+                    "≥ {} ({})",
+                    f(API_TARGET_PUSHES_PER_S, 0),
+                    verdict(self.pushes_per_s >= API_TARGET_PUSHES_PER_S)
+                ),
+            ),
+            (
+                "pushes/s delivered, first post to last delivery".into(),
+                format!(
+                    "{} ({} of {} posted)",
+                    f(self.delivered_per_s, 0),
+                    self.delivered,
+                    self.pushes_posted + self.single_pushes
+                ),
+                String::new(),
+            ),
+            (
+                "payload stamped → PUSH received, p50 / p99 (µs)".into(),
+                format!("{} / {}", self.e2e_p50_us, self.e2e_p99_us),
+                String::new(),
+            ),
+            (
+                "batch round trip, p50 / p99 (µs)".into(),
+                format!("{} / {}", self.batch_p50_us, self.batch_p99_us),
+                String::new(),
+            ),
+            (
+                "single push round trip under that load, p50 / p99 (µs)".into(),
+                format!("{} / {} ({} pushes)", self.single_push_p50_us, self.single_push_p99_us, self.single_pushes),
+                String::new(),
+            ),
+            (
+                format!("`/metrics` scrape at {} connections, p50 / max (µs)", self.connections),
+                format!(
+                    "{} / {}",
+                    f(self.metrics_scrape_p50_us.map(|v| v as f64), 0),
+                    f(self.metrics_scrape_max_us.map(|v| v as f64), 0)
+                ),
+                match self.metrics_scrape_max_us {
+                    Some(us) => format!("< {} ({})", SCRAPE_TARGET_US, verdict(us < SCRAPE_TARGET_US)),
+                    None => "no /metrics".into(),
+                },
+            ),
+        ];
+        for (k, v, t) in rows {
+            let _ = writeln!(m, "| {k} | {v} | {t} |");
+        }
+        let _ = writeln!(m);
+    }
 }
 
 /// Server RSS at one point of a ramp.
@@ -1134,6 +1244,9 @@ impl Report {
             for (k, a, b, c) in rows {
                 let _ = writeln!(m, "| {k} | {} | {} | {} |", f(a, 1), f(b, 1), f(c, 3));
             }
+        }
+        if let Some(api) = &r.api {
+            api.markdown(&mut m);
         }
         if let Some(rel) = &r.reliable {
             rel.markdown(&mut m, u.msgs_per_s, r.server_user_bytes_per_conn);

@@ -19,9 +19,9 @@ use switchboard_bench::loadgen::{http, percentiles, timed_payload, Collected, Co
 
 use super::churn;
 use super::report::{
-    ratio, Broadcast, Churn, Completion, Fanout, FanoutRun, FanoutSummary, Heartbeat, Idle, Machine, NchanPeer, Peers,
-    Projection, Reliable, Report, RssPoint, StoreStep, TcpReport, TokioPeer, TokioRatios, Unicast, UnicastCeiling,
-    UnicastStep, UnicastSummary, WsSuite,
+    ratio, ApiBench, Broadcast, Churn, Completion, Fanout, FanoutRun, FanoutSummary, Heartbeat, Idle, Machine,
+    NchanPeer, Peers, Projection, Reliable, Report, RssPoint, StoreStep, TcpReport, TokioPeer, TokioRatios, Unicast,
+    UnicastCeiling, UnicastStep, UnicastSummary, WsSuite,
 };
 use super::ws::WsServer;
 use super::Plan;
@@ -636,6 +636,7 @@ impl Runner {
         let reliable = self.reliable(&idle, &unicast)?;
         let heartbeat = self.heartbeat()?;
         let churn = self.churn()?;
+        let api = self.api()?;
         let ceiling = fanout.send_ceiling_per_s_per_core;
 
         // The kernel's floor for relays: the bare relay, same loaders.
@@ -662,7 +663,7 @@ impl Runner {
             None => None,
         };
         let (websocket, nchan) = self.websocket()?;
-        let tcp = self.assemble(idle, unicast, fanout, broadcast, heartbeat, relay_unicast, churn, reliable);
+        let tcp = self.assemble(idle, unicast, fanout, broadcast, heartbeat, relay_unicast, churn, reliable, api);
         Ok(Report {
             mode: self.plan.mode.into(),
             machine: machine(),
@@ -687,6 +688,7 @@ impl Runner {
         relay: Unicast,
         churn: Churn,
         reliable: Reliable,
+        api: ApiBench,
     ) -> TcpReport {
         let (user_b, kern_b) = (idle.server_user_bytes_per_conn, idle.server_kernel_bytes_per_conn);
         let sb_max = &unicast.max;
@@ -729,6 +731,7 @@ impl Runner {
             rss_curve: idle.rss_curve,
             churn,
             reliable: Some(reliable),
+            api: Some(api),
         }
     }
 }
