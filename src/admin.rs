@@ -12,6 +12,7 @@
 //! Endpoints (JSON bodies out; message payloads in as the raw request body):
 //! - `GET /healthz` → 200 while the process serves.
 //! - `GET /readyz` → 200 when accepting, 503 once shutting down or draining.
+//! - `GET /metrics` → the Prometheus text format (`metrics.rs`).
 //! - `GET /stats` → counters, users, rooms, connections per worker, and
 //!   `store`: the inbox store thread's counters since start (`null`
 //!   without a store): `appends` (messages stored), `duplicates`, `syncs`
@@ -243,6 +244,7 @@ const ROUTES: &[(&str, &str)] = &[
     ("/healthz", "GET"),
     ("/readyz", "GET"),
     ("/stats", "GET"),
+    ("/metrics", "GET"),
     ("/room", "GET"),
     ("/push", "POST"),
     ("/inbox", "GET"),
@@ -471,6 +473,14 @@ fn serve_conn(stream: TcpStream, h: &Handle, token: Option<&str>, bench: bool, s
                 return Ok(());
             }
         };
+        if req.authorized && (req.method.as_str(), req.path.as_str()) == ("GET", "/metrics") {
+            let body = crate::metrics::render(h);
+            w.write_all(&http::response(200, crate::metrics::CONTENT_TYPE, body.as_bytes(), &[], req.close))?;
+            if req.close {
+                return Ok(());
+            }
+            continue;
+        }
         let (status, body) = route(&req, h, bench);
         let allow = if status == 405 { allowed_method(&req.path, bench) } else { None };
         w.write_all(&json_response(status, &body.to_string(), allow, req.close))?;
