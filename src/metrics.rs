@@ -411,7 +411,11 @@ impl Collector for Live {
             f.gauge("process_resident_memory_bytes", "Resident memory of the process (/proc/self/statm).", rss)?;
         }
         if let Some(fds) = open_fds() {
-            f.gauge("process_open_fds", "Open file descriptors of the process (entries of /proc/self/fd).", fds)?;
+            f.gauge(
+                "process_open_fds",
+                "Open file descriptors of the process (the size of /proc/self/fd: Linux 6.2 or later).",
+                fds,
+            )?;
         }
         Ok(())
     }
@@ -445,10 +449,14 @@ fn resident_bytes() -> Option<i64> {
     Some(pages * page.max(1) as i64)
 }
 
-/// Open descriptors: the entries of `/proc/self/fd`, counted without
-/// allocating per entry.
+/// Open descriptors: the size Linux (6.2 and later) reports for
+/// `/proc/self/fd`, which is the count of open descriptors, taken from the
+/// descriptor table's bitmap: one `statx`, a few microseconds at any
+/// count. Listing the directory instead costs the kernel a dentry lookup
+/// per descriptor (measured here: ~80 ms at 19,000 descriptors; a `poll`
+/// over every descriptor, ~34 ms), far too much for a scrape at a million
+/// connections; so an older kernel, which reports 0, gets no sample.
 fn open_fds() -> Option<i64> {
-    let n = std::fs::read_dir("/proc/self/fd").ok()?.count();
-    // One of them is the directory being read.
-    Some(n.saturating_sub(1) as i64)
+    let n = std::fs::metadata("/proc/self/fd").ok()?.len();
+    (n > 0).then_some(n as i64)
 }

@@ -189,7 +189,11 @@ fn counters_move_as_traffic_is_driven() {
     assert_eq!(after.sum("switchboard_store_pending_messages", &[]), 1.0);
     assert_eq!(after.sum("switchboard_mailbox_rejections_total", &[]), 0.0);
     assert!(after.sum("process_resident_memory_bytes", &[]) > 1e6);
-    assert!(after.sum("process_open_fds", &[]) >= 5.0);
+    // Linux 6.2 and later count open descriptors in /proc/self/fd's size;
+    // an older kernel reports 0 and the server leaves the metric out.
+    if std::fs::metadata("/proc/self/fd").unwrap().len() > 0 {
+        assert!(after.sum("process_open_fds", &[]) >= 5.0);
+    }
     // Per-worker labels, never per-user ones.
     for (name, labels) in after.samples.keys() {
         for k in labels.keys() {
