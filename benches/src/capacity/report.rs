@@ -127,6 +127,10 @@ pub struct TcpReport {
     /// Server RSS after each step of the idle ramp.
     pub rss_curve: Vec<RssPoint>,
     pub churn: Churn,
+    /// `GET /metrics` timed at the idle hold; absent from reports made
+    /// before it existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_scrape: Option<MetricsScrape>,
     /// Reliable delivery; absent from reports made before it existed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reliable: Option<Reliable>,
@@ -148,6 +152,34 @@ pub struct Idle {
     /// Half the host's slab growth per connection: an upper bound.
     pub server_kernel_bytes_per_conn: Option<f64>,
     pub rss_curve: Vec<RssPoint>,
+    /// `GET /metrics` timed with the connections open (servers with the
+    /// admin API only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_scrape: Option<MetricsScrape>,
+}
+
+/// How long `GET /metrics` took with the idle connections open: scrapes
+/// one after another, each on a new HTTP connection, with a `/healthz`
+/// between two scrapes (the same HTTP path answering nothing: what the
+/// request costs without the scrape, and the machine's noise).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MetricsScrape {
+    pub connections: u32,
+    pub scrapes: u32,
+    pub median_ms: f64,
+    pub max_ms: f64,
+    pub healthz_median_ms: f64,
+    pub healthz_max_ms: f64,
+}
+
+impl MetricsScrape {
+    /// The report's line: "metrics scrape at N connections".
+    pub fn line(&self) -> String {
+        format!(
+            "metrics scrape at {} connections: median {:.2} ms, max {:.2} ms over {} scrapes (/healthz alongside: median {:.2} ms, max {:.2} ms)",
+            self.connections, self.median_ms, self.max_ms, self.scrapes, self.healthz_median_ms, self.healthz_max_ms
+        )
+    }
 }
 
 /// One unicast rate: what was offered and what arrived.
@@ -1069,6 +1101,9 @@ impl Report {
         for (k, v) in rows {
             let _ = writeln!(m, "| {k} | {v} |");
         }
+        if let Some(s) = &r.metrics_scrape {
+            let _ = writeln!(m, "\n{}.", s.line());
+        }
         let p = &r.projection_1m;
         let _ = writeln!(
             m,
@@ -1574,6 +1609,7 @@ mod tests {
             server_user_bytes_per_conn: tcp.server_user_bytes_per_conn,
             server_kernel_bytes_per_conn: tcp.server_kernel_bytes_per_conn,
             rss_curve: tcp.rss_curve.clone(),
+            metrics_scrape: None,
         };
         let sb_unicast = Unicast {
             connections: tcp.connections,
