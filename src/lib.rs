@@ -35,6 +35,7 @@ pub mod directory;
 pub mod ids;
 pub mod limits;
 pub mod mailbox;
+pub mod metrics;
 pub mod outq;
 pub mod portholder;
 pub mod proto;

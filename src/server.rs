@@ -161,6 +161,8 @@ impl Handle {
         if payload.len() > max {
             return Err(PushError::PayloadTooLarge { len: payload.len(), max });
         }
+        // Accepted: the push-to-written latency starts here.
+        let accepted = std::time::Instant::now();
         let msg_id = self.shared.next_msg_id.fetch_add(1, Ordering::Relaxed);
         let frame = Frame::Push { msg_id, from: "", payload }.to_bytes().expect("sizes checked above");
         // Written from this thread, straight to each socket (see
@@ -170,8 +172,13 @@ impl Handle {
             .directory
             .lookup(user)
             .iter()
-            .filter(|&&c| crate::runtime::deliver(&self.shared, c, &frame))
+            .filter(|&&c| crate::runtime::deliver_at(&self.shared, c, &frame, Some(accepted)))
             .count();
+        if connections > 0 {
+            self.shared
+                .foreign_counters
+                .with(|c| crate::stats::bump(&c.detail.deliveries[crate::stats::DELIVERY_PUSH], connections as u64));
+        }
         Ok(Pushed { msg_id, connections })
     }
 
@@ -210,7 +217,9 @@ impl Handle {
         let msg_id = self.shared.next_msg_id.fetch_add(1, Ordering::Relaxed);
         let frame = Frame::RoomMsg { msg_id, room, from: "", payload }.to_bytes().expect("sizes checked above");
         let room: Arc<str> = Arc::from(room);
-        let workers = self.shared.post_all(frame, |frame| Command::Publish { room: room.clone(), frame })?;
+        let accepted_ns = self.shared.since_epoch_ns();
+        let workers =
+            self.shared.post_all(frame, |frame| Command::Publish { room: room.clone(), frame, accepted_ns })?;
         Ok(Published { msg_id, workers })
     }
 
@@ -225,7 +234,8 @@ impl Handle {
         }
         let msg_id = self.shared.next_msg_id.fetch_add(1, Ordering::Relaxed);
         let frame = Frame::RoomMsg { msg_id, room: "", from: "", payload }.to_bytes().expect("sizes checked above");
-        let workers = self.shared.post_all(frame, |frame| Command::Broadcast { frame })?;
+        let accepted_ns = self.shared.since_epoch_ns();
+        let workers = self.shared.post_all(frame, |frame| Command::Broadcast { frame, accepted_ns })?;
         Ok(Published { msg_id, workers })
     }
 
@@ -326,7 +336,7 @@ impl Handle {
         for c in self.shared.counters.iter() {
             s.add(c);
         }
-        s.add(&self.shared.foreign_counters);
+        self.shared.foreign_counters.for_each(|c| s.add(c));
         s.mailbox_full = self.shared.mailboxes.iter().map(|m| m.full_count()).sum();
         s
     }

@@ -298,6 +298,13 @@ async fn answer(req: Request<Incoming>, ctx: &Arc<Ctx>) -> Response<Full<Bytes>>
             return closing(respond(408, &json!({ "error": format!("request body not complete within {ms} ms") })));
         }
     };
+    if entry.route == Route::Metrics {
+        // Read from counters, no per-connection walk: cheap enough for the
+        // event loop (docs/METRICS.md).
+        let mut r = Response::new(Full::new(Bytes::from(crate::metrics::render(&ctx.handle))));
+        r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(crate::metrics::CONTENT_TYPE));
+        return r;
+    }
     if entry.scope == guard::Scope::Public {
         // Health and readiness answer on the event loop, never queued
         // behind other requests.

@@ -22,6 +22,8 @@ use crate::server::{Handle, PendingPush, PushError};
 pub(crate) enum Route {
     Healthz,
     Readyz,
+    /// `GET /metrics`: text, served by the server itself.
+    Metrics,
     Stats,
     Inbox,
     Push,
@@ -69,6 +71,7 @@ use Style::{Legacy, V1};
 pub(crate) const ROUTES: &[Entry] = &[
     e("/healthz", "GET", R::Healthz, V1, Public),
     e("/readyz", "GET", R::Readyz, V1, Public),
+    e("/metrics", "GET", R::Metrics, V1, Read),
     e("/api/v1/stats", "GET", R::Stats, V1, Read),
     e("/api/v1/inbox", "GET", R::Inbox, V1, Read),
     e("/api/v1/push", "POST", R::Push, V1, Write),
@@ -635,6 +638,7 @@ pub(crate) fn call(h: &Handle, c: &Call<'_>) -> Outcome {
     match c.entry.route {
         R::Healthz => now((200, json!({ "status": "ok" }))),
         R::Readyz => now(if h.is_ready() { (200, json!({ "ready": true })) } else { (503, json!({ "ready": false })) }),
+        R::Metrics => unreachable!("GET /metrics is answered by the server before the routes run"),
         R::Stats => now(stats(h)),
         R::Room => match param(c.query, "room") {
             Some(room) => now((200, json!({ "room": room, "size": h.room_size(room) }))),

@@ -144,10 +144,17 @@ impl Rules {
 /// Events the counters count.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub enum Count {
-    FramesIn,
-    ProtocolError,
-    LoginFailure,
+    /// A client frame of this type.
+    FrameIn(super::frame::FrameType),
+    /// A protocol error, closed with this code (0: an HTTP request on the
+    /// raw port, answered with a 400 instead of a CLOSE).
+    ProtocolError(u16),
+    /// A refused LOGIN, with its LOGIN_ERROR code.
+    LoginFailure(u16),
     Login,
+    /// A connection on the sniffing raw port turned out to speak raw v1
+    /// (one from the raw port without sniffing is raw from its accept).
+    RawTransport,
     WsUpgrade,
     WsHandshakeFailure,
     HttpRequest,
@@ -442,7 +449,10 @@ impl Connection {
                             self.session.set_tag(Transport::Http);
                             env.set_wire(Wire::Http);
                         }
-                        Some(false) => self.session.set_tag(Transport::Raw),
+                        Some(false) => {
+                            self.session.set_tag(Transport::Raw);
+                            env.count(Count::RawTransport);
+                        }
                     }
                     continue;
                 }
@@ -519,13 +529,13 @@ impl Connection {
                     }
                 }
                 Err(Bad::WrongPort) => {
-                    env.count(Count::ProtocolError);
+                    env.count(Count::ProtocolError(0));
                     let response = handshake::response_error(400, &rules.wrong_port_text, &[]);
                     self.close_with(Bytes::from(response), true, false, now, env);
                     return data.len();
                 }
                 Err(Bad::Close(code, reason)) => {
-                    env.count(Count::ProtocolError);
+                    env.count(Count::ProtocolError(code));
                     self.close(code, &reason, now, env);
                     return data.len();
                 }
@@ -615,19 +625,19 @@ impl Connection {
             WsEvent::Text(text) => match ClientFrame::parse(text) {
                 Ok(f) => self.on_frame(f.as_frame(), now, rules, env),
                 Err(e) => {
-                    env.count(Count::ProtocolError);
+                    env.count(Count::ProtocolError(e.close_code()));
                     self.close(e.close_code(), &e.to_string(), now, env);
                 }
             },
             WsEvent::Binary(bytes) => match decode(bytes, rules.max_frame_bytes) {
                 Ok(Some((frame, n))) if n == bytes.len() => self.on_frame(frame, now, rules, env),
                 Ok(_) => {
-                    env.count(Count::ProtocolError);
+                    env.count(Count::ProtocolError(ws::close::PROTOCOL_ERROR));
                     let reason = "a binary message must hold exactly one whole protocol v1 frame";
                     self.close(ws::close::PROTOCOL_ERROR, reason, now, env);
                 }
                 Err(e) => {
-                    env.count(Count::ProtocolError);
+                    env.count(Count::ProtocolError(e.close_code() as u16));
                     self.close(e.close_code() as u16, &e.to_string(), now, env);
                 }
             },
@@ -658,12 +668,12 @@ impl Connection {
 
     /// The decision for one client frame.
     fn on_frame(&mut self, frame: Frame<'_>, now: Tick, rules: &Rules, env: &mut impl Env) {
-        env.count(Count::FramesIn);
+        env.count(Count::FrameIn(frame.frame_type()));
         match self.session.on_frame(frame.frame_type(), now) {
             Ok(Inbound::Process) => {}
             Ok(Inbound::Ignore) => return,
             Err(e) => {
-                env.count(Count::ProtocolError);
+                env.count(Count::ProtocolError(e.close_code() as u16));
                 self.close(e.close_code() as u16, &e.to_string(), now, env);
                 return;
             }
@@ -742,7 +752,7 @@ impl Connection {
         let (conn_id, key) = match env.login(user, token) {
             Ok(granted) => granted,
             Err(refused) => {
-                env.count(Count::LoginFailure);
+                env.count(Count::LoginFailure(refused.code));
                 let frame = Frame::LoginError { code: refused.code, reason: clip_reason(&refused.reason) }
                     .to_bytes()
                     .expect("reason clipped");
@@ -1195,7 +1205,7 @@ mod tests {
         feed(&mut c, &mut env, &s, &[], 0);
         assert_eq!(env.written(), ["last LoginError"]);
         assert!(!env.evs.iter().any(|e| matches!(e, Ev::Open(_))));
-        assert!(env.counts.contains(&Count::LoginFailure));
+        assert!(env.counts.contains(&Count::LoginFailure(1)));
     }
 
     #[test]

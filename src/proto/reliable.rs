@@ -50,6 +50,9 @@ pub trait WindowEnv<M> {
     fn error(&mut self, code: ErrorCode, req_id: u32, reason: &str);
     /// Closes the connection.
     fn close(&mut self, code: CloseCode, reason: &str);
+    /// The window went back to the ACK position to send again (for the
+    /// counters; nothing to do).
+    fn retransmitting(&mut self) {}
 }
 
 /// The `[delivery]` settings a window obeys, in ticks where they are times.
@@ -353,6 +356,7 @@ impl Window {
                 return env.close(CloseCode::AckTimeout, &reason);
             }
             self.retries += 1;
+            env.retransmitting();
             let acked = self.acked;
             self.rewind_to(acked);
         }

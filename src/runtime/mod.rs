@@ -15,7 +15,7 @@ pub(crate) mod write;
 
 pub(crate) use shared::{Command, Shared};
 pub use shared::{Handle, MessageHook};
-pub(crate) use write::deliver;
+pub(crate) use write::deliver_at;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64};
@@ -216,7 +216,7 @@ pub(crate) fn start(
             },
             policy: config.limits.slow_consumer,
         },
-        foreign_counters: CachePadded::new(WorkerCounters::default()),
+        foreign_counters: crate::stats::ForeignCounters::default(),
         counters: (0..workers).map(|_| CachePadded::new(WorkerCounters::default())).collect(),
         authenticator,
         hook,

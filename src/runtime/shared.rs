@@ -33,10 +33,12 @@ pub(crate) enum Command {
     /// Take a connection out of a room on the application's behalf.
     Leave { conn: ConnId, room: Arc<str> },
     /// Fan an encoded ROOM_MSG out to this worker's members of `room`.
-    Publish { room: Arc<str>, frame: Bytes },
+    /// `accepted_ns`: when it was accepted (`Shared::since_epoch_ns`), for
+    /// the push-to-written latency.
+    Publish { room: Arc<str>, frame: Bytes, accepted_ns: u64 },
     /// Fan an encoded ROOM_MSG out to every logged-in connection of this
     /// worker.
-    Broadcast { frame: Bytes },
+    Broadcast { frame: Bytes, accepted_ns: u64 },
     /// Benchmark only: a plain blocking `send` of `frame` to each of this
     /// worker's members of `room`, timed; the kernel's floor for a fan-out
     /// over the same sockets.
@@ -71,9 +73,9 @@ pub(crate) struct Shared {
     /// Every connection's write side, per worker.
     pub outs: Box<[super::write::OutSlots]>,
     pub write_rules: super::write::WriteRules,
-    /// Counters bumped by threads that do not own the connection
-    /// (`fetch_add`, unlike the workers' single-writer counters).
-    pub foreign_counters: crossbeam_utils::CachePadded<crate::stats::WorkerCounters>,
+    /// Counters bumped by threads that do not own the connection: one
+    /// single-writer block per such thread (`stats::ForeignCounters`).
+    pub foreign_counters: crate::stats::ForeignCounters,
     pub counters: CounterTable,
     pub authenticator: Arc<dyn Authenticator>,
     pub hook: Option<MessageHook>,
@@ -96,6 +98,12 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// Nanoseconds since the server started (`epoch`): a timestamp that
+    /// fits a `u64` in a mailbox command.
+    pub(crate) fn since_epoch_ns(&self) -> u64 {
+        self.epoch.elapsed().as_nanos() as u64
+    }
+
     /// Asks every worker to shut down (see `Handle::shutdown`).
     pub(crate) fn request_shutdown(&self) {
         if !self.shutdown.swap(true, std::sync::atomic::Ordering::AcqRel) {

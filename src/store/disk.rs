@@ -168,6 +168,8 @@ pub struct DiskStore {
     limits: StoreLimits,
     /// Bytes kept over all inboxes, as [`record_bytes`].
     total_bytes: u64,
+    /// Messages kept over all inboxes (counted at open, then kept up).
+    total_messages: u64,
 }
 
 impl DiskStore {
@@ -195,12 +197,14 @@ impl DiskStore {
         };
         let (heads, inboxes, msgs, dedup, dedup_time) =
             (ks("heads")?, ks("inboxes")?, ks("msgs")?, ks("dedup")?, ks("dedup_time")?);
-        let mut total_bytes = 0;
+        let (mut total_bytes, mut total_messages) = (0, 0);
         for kv in inboxes.iter() {
             let (_, v) = kv.into_inner().map_err(unavailable)?;
-            total_bytes += InboxRec::decode(&v)?.bytes;
+            let rec = InboxRec::decode(&v)?;
+            total_bytes += rec.bytes;
+            total_messages += rec.messages;
         }
-        Ok(DiskStore { db, heads, inboxes, msgs, dedup, dedup_time, durability, limits, total_bytes })
+        Ok(DiskStore { db, heads, inboxes, msgs, dedup, dedup_time, durability, limits, total_bytes, total_messages })
     }
 
     /// Bytes kept over all inboxes (as [`record_bytes`]).
@@ -264,6 +268,7 @@ impl DiskStore {
             rec.messages -= 1;
             rec.bytes -= bytes;
             self.total_bytes -= bytes;
+            self.total_messages -= 1;
             dropped += 1;
         }
         if rec.messages == 0 && rec.devices.is_empty() {
@@ -324,7 +329,12 @@ impl Store for DiskStore {
         }
         batch.commit().map_err(unavailable)?;
         self.total_bytes += bytes;
+        self.total_messages += 1;
         Ok(Appended::New { seq })
+    }
+
+    fn held(&self) -> (u64, u64) {
+        (self.total_messages, self.total_bytes)
     }
 
     fn sync(&mut self) -> Result<(), StoreError> {

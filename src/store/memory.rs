@@ -58,6 +58,8 @@ pub struct MemoryStore {
     /// The dedup keys in the order they were added, for `expire`.
     dedup_order: VecDeque<(u64, Arc<str>, u64)>,
     total_bytes: u64,
+    /// Messages kept over all inboxes.
+    total_messages: u64,
 }
 
 impl MemoryStore {
@@ -68,6 +70,7 @@ impl MemoryStore {
             dedup: HashMap::new(),
             dedup_order: VecDeque::new(),
             total_bytes: 0,
+            total_messages: 0,
         }
     }
 
@@ -106,6 +109,7 @@ impl Store for MemoryStore {
         });
         inbox.bytes += bytes;
         self.total_bytes += bytes;
+        self.total_messages += 1;
         if m.client_id != 0 {
             self.dedup.insert((m.from.clone(), m.client_id), Seen { seq, msg_id: m.msg_id, ts_ms: now_ms });
             self.dedup_order.push_back((now_ms, m.from.clone(), m.client_id));
@@ -115,6 +119,10 @@ impl Store for MemoryStore {
 
     fn sync(&mut self) -> Result<(), StoreError> {
         Ok(())
+    }
+
+    fn held(&self) -> (u64, u64) {
+        (self.total_messages, self.total_bytes)
     }
 
     fn read(&mut self, user: &str, after_seq: u64, limit: usize) -> Result<Page, StoreError> {
@@ -173,6 +181,7 @@ impl Store for MemoryStore {
                 let bytes = record_bytes(user, &m.from, m.payload.len());
                 inbox.bytes -= bytes;
                 self.total_bytes -= bytes;
+                self.total_messages -= 1;
                 inbox.messages.pop_front();
                 dropped += 1;
             }

@@ -141,6 +141,11 @@ pub trait Store: Send + 'static {
     /// device has acknowledged (only if the user has ≥1 known device), devices
     /// unseen for ttl, dedup entries older than the window. Returns messages dropped.
     fn expire(&mut self, now_ms: u64) -> Result<u64, StoreError>;
+    /// Messages and bytes (as [`record_bytes`]) kept over all inboxes
+    /// now: kept until every known device of the user acknowledged them
+    /// (or they expired) and a retention pass dropped them. Cheap: a
+    /// running count, not a scan.
+    fn held(&self) -> (u64, u64);
 }
 
 /// How durable a `sync` makes what came before it.

@@ -99,6 +99,14 @@ pub struct StoreCounters {
     pub queue_depth: AtomicU64,
     /// Messages dropped by retention passes.
     pub expired: AtomicU64,
+    /// Messages kept in inboxes ([`Store::held`]), as of the last batch.
+    pub held_messages: AtomicU64,
+    /// Their bytes, counted as [`super::record_bytes`].
+    pub held_bytes: AtomicU64,
+    /// Commit latency of the batches that stored messages: from the store
+    /// thread taking the batch to its sync returning (applying the batch,
+    /// then one `sync`), once per batch. Written by the store thread only.
+    pub commit: crate::stats::Histogram,
 }
 
 /// Settings of the store thread.
@@ -302,6 +310,7 @@ impl<T: Send + 'static, S: Sink<T>> Worker<T, S> {
             return;
         }
         let now_ms = (self.cfg.clock)();
+        let started = Instant::now();
         let mut written: Vec<(T, Done)> = Vec::with_capacity(batch.len());
         let mut reads: Vec<(T, Request)> = Vec::new();
         let mut appended = 0u64;
@@ -344,6 +353,7 @@ impl<T: Send + 'static, S: Sink<T>> Worker<T, S> {
             match self.store.sync() {
                 Ok(()) => {
                     self.unsynced_since = None;
+                    self.counters.commit.observe(started.elapsed().as_nanos() as u64, 1);
                     self.counters.syncs.fetch_add(1, Ordering::Relaxed);
                     self.counters.appends.fetch_add(appended, Ordering::Relaxed);
                     self.counters.appended_per_sync_sum.fetch_add(appended, Ordering::Relaxed);
@@ -361,6 +371,7 @@ impl<T: Send + 'static, S: Sink<T>> Worker<T, S> {
                 }
             }
         }
+        self.publish_held();
         for (token, done) in written {
             self.sink.done(token, done);
         }
@@ -377,12 +388,21 @@ impl<T: Send + 'static, S: Sink<T>> Worker<T, S> {
         }
     }
 
+    /// Copies the store's held counts into the counters (one writer: this
+    /// thread).
+    fn publish_held(&self) {
+        let (messages, bytes) = self.store.held();
+        self.counters.held_messages.store(messages, Ordering::Relaxed);
+        self.counters.held_bytes.store(bytes, Ordering::Relaxed);
+    }
+
     fn expire(&mut self) {
         let now_ms = (self.cfg.clock)();
         match self.store.expire(now_ms).and_then(|n| self.store.sync().map(|()| n)) {
             Ok(n) => {
                 self.counters.expired.fetch_add(n, Ordering::Relaxed);
                 self.counters.syncs.fetch_add(1, Ordering::Relaxed);
+                self.publish_held();
             }
             Err(e) => {
                 self.counters.errors.fetch_add(1, Ordering::Relaxed);

@@ -657,6 +657,9 @@ impl Store for Probe {
         self.expires.fetch_add(1, Ordering::SeqCst);
         self.inner.expire(now_ms)
     }
+    fn held(&self) -> (u64, u64) {
+        self.inner.held()
+    }
 }
 
 struct Collect(Mutex<mpsc::Sender<(u64, Done)>>);

@@ -1,7 +1,6 @@
 //! The backend API in the capacity run: pushes per second end to end
-//! (API → clients) through `/api/v1/batch`, the API's latency under that
-//! load, and the time a `/metrics` scrape takes with the run's connections
-//! open.
+//! (API → clients) through `/api/v1/batch`, and the API's latency under
+//! that load. (The `/metrics` scrape is timed after the idle hold.)
 //!
 //! Sizes: the run's own `plan.connections` receivers (raw TCP loaders,
 //! which count PUSH frames and their latency from the timed payload);
@@ -9,8 +8,7 @@
 //! `BATCH` at-most-once pushes (timed 64-byte payloads, base64) to users
 //! in turn, as fast as the API answers, for `SECONDS`; one more backend
 //! posting a single push every 5 ms, whose round trip is the latency a
-//! backend sees under that load. 50 scrapes of `/metrics` once the load
-//! is over.
+//! backend sees under that load.
 //!
 //! Owns: the server it starts and the HTTP clients (std sockets, in this
 //! process).
@@ -35,8 +33,6 @@ const CLIENTS: usize = 4;
 const BATCH: usize = 1000;
 /// How long the backends post.
 const SECONDS: u64 = 5;
-/// Scrapes of `/metrics` timed.
-const SCRAPES: usize = 50;
 
 /// One keep-alive HTTP/1.1 connection to the API.
 struct Conn {
@@ -214,15 +210,6 @@ impl Runner {
         }
         let all_in = t0.elapsed().as_secs_f64();
 
-        let mut scrape = Histogram::<u64>::new(3).expect("histogram");
-        let mut c = Conn::open(admin)?;
-        let mut metrics_status = 0;
-        for _ in 0..SCRAPES {
-            let t = Instant::now();
-            let (status, _) = c.call("GET", "/metrics", b"")?;
-            let _ = scrape.record(us(t.elapsed()));
-            metrics_status = status;
-        }
         fleet.quit();
         drop(s);
         let r = ApiBench {
@@ -242,18 +229,15 @@ impl Runner {
             single_push_p50_us: single_hist.value_at_quantile(0.5),
             single_push_p99_us: single_hist.value_at_quantile(0.99),
             single_pushes: probes,
-            metrics_scrape_p50_us: (metrics_status == 200).then(|| scrape.value_at_quantile(0.5)),
-            metrics_scrape_max_us: (metrics_status == 200).then(|| scrape.max()),
         };
         note(format!(
-            "  {:.0} pushes/s accepted, {:.0}/s delivered ({} of {}), batch p99 {} us, single push p99 {} us under load, /metrics p50 {:?} us",
+            "  {:.0} pushes/s accepted, {:.0}/s delivered ({} of {}), batch p99 {} us, single push p99 {} us under load",
             r.pushes_per_s,
             r.delivered_per_s,
             r.delivered,
             r.pushes_accepted + probes,
             r.batch_p99_us,
-            r.single_push_p99_us,
-            r.metrics_scrape_p50_us
+            r.single_push_p99_us
         ));
         Ok(r)
     }

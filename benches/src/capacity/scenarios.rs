@@ -20,8 +20,8 @@ use switchboard_bench::loadgen::{http, percentiles, timed_payload, Collected, Co
 use super::churn;
 use super::report::{
     ratio, ApiBench, Broadcast, Churn, Completion, Fanout, FanoutRun, FanoutSummary, Heartbeat, Idle, Machine,
-    NchanPeer, Peers, Projection, Reliable, Report, RssPoint, StoreStep, TcpReport, TokioPeer, TokioRatios, Unicast,
-    UnicastCeiling, UnicastStep, UnicastSummary, WsSuite,
+    MetricsScrape, NchanPeer, Peers, Projection, Reliable, Report, RssPoint, StoreStep, TcpReport, TokioPeer,
+    TokioRatios, Unicast, UnicastCeiling, UnicastStep, UnicastSummary, WsSuite,
 };
 use super::ws::WsServer;
 use super::Plan;
@@ -359,6 +359,10 @@ impl Runner {
             // per connection, an upper bound for the server's end.
             server_kernel_bytes_per_conn: per(slab0, slab1, 2.0),
             rss_curve: curve,
+            metrics_scrape: match s.admin {
+                Some(admin) => Some(metrics_scrape(admin, total)?),
+                None => None,
+            },
         };
         Ok((idle, fleets))
     }
@@ -729,6 +733,7 @@ impl Runner {
             send_ceiling_per_s_per_core: per_core_ceiling,
             projection_1m: Projection::one_million(user_b, kern_b),
             rss_curve: idle.rss_curve,
+            metrics_scrape: idle.metrics_scrape,
             churn,
             reliable: Some(reliable),
             api: Some(api),
@@ -786,6 +791,40 @@ pub(super) fn completion_ms(c: &Collected, seqs: std::ops::Range<u32>, receivers
 }
 
 /// The `q` quantile of sorted `v`; none of an empty one.
+/// Scrapes in [`metrics_scrape`].
+const SCRAPES: u32 = 50;
+
+/// Times [`SCRAPES`] scrapes of `GET /metrics` (and a `/healthz` after
+/// each) with `connections` open: the report's "metrics scrape at N
+/// connections" (scripts/metrics-scrape.sh measures the same on its own).
+fn metrics_scrape(admin: SocketAddr, connections: u32) -> Result<MetricsScrape, String> {
+    let time = |path: &str| -> Result<f64, String> {
+        let t0 = Instant::now();
+        let (status, body) = http(admin, "GET", path, b"", None).map_err(|e| format!("GET {path}: {e}"))?;
+        if status != 200 {
+            return Err(format!("GET {path}: {status} {body}"));
+        }
+        Ok(t0.elapsed().as_secs_f64() * 1e3)
+    };
+    let (mut scrape, mut health) = (Vec::new(), Vec::new());
+    for _ in 0..SCRAPES {
+        scrape.push(time("/metrics")?);
+        health.push(time("/healthz")?);
+    }
+    scrape.sort_by(f64::total_cmp);
+    health.sort_by(f64::total_cmp);
+    let s = MetricsScrape {
+        connections,
+        scrapes: SCRAPES,
+        median_ms: q(&scrape, 0.5).unwrap_or(0.0),
+        max_ms: scrape.last().copied().unwrap_or(0.0),
+        healthz_median_ms: q(&health, 0.5).unwrap_or(0.0),
+        healthz_max_ms: health.last().copied().unwrap_or(0.0),
+    };
+    note(s.line());
+    Ok(s)
+}
+
 pub(super) fn q(v: &[f64], q: f64) -> Option<f64> {
     if v.is_empty() {
         return None;

@@ -280,6 +280,7 @@ impl crate::proto::conn::Env for Io<'_> {
         for &t in targets.iter() {
             delivered += u32::from(w.deliver(t, frame.clone()));
         }
+        bump(&w.counters().detail.deliveries[crate::stats::DELIVERY_PUSH], delivered as u64);
         *w.lookup.borrow_mut() = targets;
         (msg_id, delivered)
     }
@@ -374,7 +375,8 @@ impl crate::proto::conn::Env for Io<'_> {
             Frame::RoomMsg { msg_id: w.next_msg_id(), room, from, payload }.to_bytes().expect("sizes checked above");
         // Every worker's members, this one's included, are reached through
         // the mailboxes, so the fan-out runs in the mailbox loop, in steps.
-        if w.shared.post_all(frame, |frame| Command::Publish { room: name.clone(), frame }).is_err() {
+        let accepted_ns = w.shared.since_epoch_ns();
+        if w.shared.post_all(frame, |frame| Command::Publish { room: name.clone(), frame, accepted_ns }).is_err() {
             return Err((ErrorCode::Overloaded, "a worker mailbox is full; not every member got the message".into()));
         }
         Ok(())
@@ -405,15 +407,31 @@ impl crate::proto::conn::Env for Io<'_> {
     fn count(&mut self, what: Count) {
         let c = self.w.counters();
         let counter = match what {
-            Count::FramesIn => &c.frames_in,
-            Count::ProtocolError => &c.protocol_errors,
-            Count::LoginFailure => &c.login_failures,
+            Count::FrameIn(t) => {
+                bump(&c.detail.messages_in[crate::stats::message_in_index(t)], 1);
+                &c.frames_in
+            }
+            Count::ProtocolError(code) => {
+                bump(&c.detail.protocol_errors[crate::stats::protocol_error_index(code)], 1);
+                &c.protocol_errors
+            }
+            Count::LoginFailure(code) => {
+                bump(&c.detail.login_failures[crate::stats::login_failure_index(code)], 1);
+                &c.login_failures
+            }
             Count::Login => &c.logins,
-            Count::WsUpgrade => &c.ws_upgrades,
+            Count::RawTransport => &c.detail.raw_connections,
+            Count::WsUpgrade => {
+                bump(&c.detail.ws_connections, 1);
+                &c.ws_upgrades
+            }
             Count::WsHandshakeFailure => &c.ws_handshake_failures,
             Count::HttpRequest => &c.http_requests,
             Count::PingSent => &c.pings_sent,
-            Count::LoginTimeout => &c.login_timeouts,
+            Count::LoginTimeout => {
+                bump(&c.detail.login_failures[crate::stats::LOGIN_TIMEOUT_REASON], 1);
+                &c.login_timeouts
+            }
             Count::IdleTimeout => &c.idle_timeouts,
         };
         bump(counter, 1);
@@ -666,6 +684,9 @@ impl Worker {
         let c = self.counters();
         bump(&c.accepted, 1);
         bump(&c.connections, 1);
+        if listener == (Listener::Raw { sniff: false }) {
+            bump(&c.detail.raw_connections, 1);
+        }
     }
 
     /// Offers a connection this worker has no room for to the worker with
@@ -743,6 +764,7 @@ impl Worker {
             for _ in 0..MAX_READS_PER_WAKE {
                 match sys::recv(fd, &mut scratch) {
                     Recv::Data(n) => {
+                        bump(&self.counters().detail.bytes_in, n as u64);
                         let data = &mut scratch[..n];
                         if self
                             .with_conn(slot, generation, true, |c, io| c.on_read(data, now, &self.rules, io))
@@ -905,7 +927,11 @@ impl Worker {
     /// A member with nothing queued gets one `sendmsg` straight from the
     /// shared buffers: no copy, no queue, no reference count taken. Only
     /// what its socket does not take is queued.
-    async fn fan_out(&self, room: Option<&str>, frames: &[Bytes]) {
+    ///
+    /// `accepted_ns` (`Shared::since_epoch_ns`) starts the push-to-written
+    /// latency: one clock read per step records it for the step's direct
+    /// writes.
+    async fn fan_out(&self, room: Option<&str>, frames: &[Bytes], accepted_ns: u64) {
         debug_assert!(!frames.is_empty() && frames.len() <= MAX_IOV_PER_WRITE);
         let mut members = std::mem::take(&mut *self.fanout.borrow_mut());
         members.clear();
@@ -933,18 +959,25 @@ impl Worker {
                 self.out.poller.borrow_mut().flush();
                 YieldNow(false).await;
             }
-            let mut direct = 0;
+            let (mut direct, mut queued) = (0, 0);
             for &m in chunk {
                 match self.out.put(m, &mut out, false) {
                     Delivered::Direct => direct += 1,
                     Delivered::Overflow => self.close_slow_consumer(m.slot, m.generation),
-                    Delivered::Queued | Delivered::No => {}
+                    Delivered::Queued => queued += 1,
+                    Delivered::No => {}
                 }
             }
             // Direct writes counted once per step, not per member.
             let c = self.counters();
             bump(&c.writes, direct);
             bump(&c.frames_out, direct * frames.len() as u64);
+            let kind = if room.is_some() { crate::stats::DELIVERY_ROOM } else { crate::stats::DELIVERY_BROADCAST };
+            bump(&c.detail.deliveries[kind], (direct + queued) * frames.len() as u64);
+            if direct > 0 {
+                let ns = self.shared.since_epoch_ns().saturating_sub(accepted_ns);
+                c.detail.push_to_written.observe(ns, direct);
+            }
         }
         self.out.flush_dirty();
         *self.fanout.borrow_mut() = members;
@@ -1022,6 +1055,11 @@ impl Worker {
         let c = self.counters();
         drop_one(&c.connections);
         bump(&c.closed, 1);
+        match s.conn.transport() {
+            crate::proto::conn::Transport::Raw => drop_one(&c.detail.raw_connections),
+            crate::proto::conn::Transport::Ws(_) => drop_one(&c.detail.ws_connections),
+            crate::proto::conn::Transport::Sniff | crate::proto::conn::Transport::Http => {}
+        }
     }
 
     // ---- mailbox ----------------------------------------------------------------

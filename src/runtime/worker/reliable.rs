@@ -115,6 +115,7 @@ impl WindowEnv<StoredMessage> for WinIo<'_> {
         let frame = Frame::Inbox { seq: m.seq, msg_id: m.msg_id, ts_ms: m.ts_ms, from: &m.from, payload: &m.payload }
             .to_bytes()
             .expect("stored payloads were checked against the INBOX size");
+        crate::stats::bump(&self.w.counters().detail.deliveries[crate::stats::DELIVERY_INBOX], 1);
         self.write(frame);
     }
 
@@ -140,6 +141,10 @@ impl WindowEnv<StoredMessage> for WinIo<'_> {
     fn error(&mut self, code: ErrorCode, req_id: u32, reason: &str) {
         let frame = Frame::Error { code: code as u16, req_id, reason: clip_reason(reason) };
         self.write(frame.to_bytes().expect("reason clipped"));
+    }
+
+    fn retransmitting(&mut self) {
+        crate::stats::bump(&self.w.counters().detail.retransmits, 1);
     }
 
     fn close(&mut self, code: CloseCode, reason: &str) {
@@ -355,7 +360,9 @@ impl Worker {
         let frame = Frame::Push { msg_id: msg.msg_id, from: &msg.from, payload: &msg.payload }
             .to_bytes()
             .expect("an INBOX-sized payload fits a PUSH");
-        self.deliver(conn, frame);
+        if self.deliver(conn, frame) {
+            crate::stats::bump(&self.counters().detail.deliveries[crate::stats::DELIVERY_PUSH], 1);
+        }
     }
 
     /// The outcome of `conn`'s SEND (SEND_ACK) or SEND_EX (SEND_RESULT).

@@ -208,7 +208,8 @@ async fn mailbox_loop(w: Rc<Worker>) {
                 // broadcasts) go out together: one sendmsg per member
                 // carries all of them. Only consecutive ones, so every
                 // member still sees messages in publish order.
-                Command::Publish { room, frame } => {
+                // Timed from the oldest message of the batch (the first).
+                Command::Publish { room, frame, accepted_ns } => {
                     frames.push(frame);
                     while frames.len() < MAX_IOV_PER_WRITE {
                         match batch.front() {
@@ -219,17 +220,17 @@ async fn mailbox_loop(w: Rc<Worker>) {
                             frames.push(frame);
                         }
                     }
-                    w.fan_out(Some(&room), &frames).await;
+                    w.fan_out(Some(&room), &frames, accepted_ns).await;
                     frames.clear();
                 }
-                Command::Broadcast { frame } => {
+                Command::Broadcast { frame, accepted_ns } => {
                     frames.push(frame);
                     while frames.len() < MAX_IOV_PER_WRITE && matches!(batch.front(), Some(Command::Broadcast { .. })) {
-                        if let Some(Command::Broadcast { frame }) = batch.pop_front() {
+                        if let Some(Command::Broadcast { frame, .. }) = batch.pop_front() {
                             frames.push(frame);
                         }
                     }
-                    w.fan_out(None, &frames).await;
+                    w.fan_out(None, &frames, accepted_ns).await;
                     frames.clear();
                 }
                 other => w.on_command(other),

@@ -174,8 +174,9 @@ impl OutState {
     /// Writes `e` (the frames encoded for this wire) straight to the socket
     /// if nothing is queued and the socket is not known to be full; queues
     /// what it does not take. Otherwise queues them behind the rest.
-    /// `skipped` counts messages dropped under `drop_oldest`.
-    pub fn put(&mut self, e: Encoded<'_>, rules: &WriteRules, skipped: &mut u32) -> Put {
+    /// `skipped` counts messages dropped under `drop_oldest`; `written`
+    /// the bytes the socket took now.
+    pub fn put(&mut self, e: Encoded<'_>, rules: &WriteRules, skipped: &mut u32, written: &mut usize) -> Put {
         let Encoded { frames, raw, iov, total } = e;
         let kinds = raw.iter().map(|r| kind_of(r));
         if !self.out.is_empty() || self.write_wait {
@@ -187,13 +188,17 @@ impl OutState {
             }
             return Put::Queued { full: false };
         }
-        let written = match sys::sendmsg(self.fd(), &iov[..frames.len()]) {
-            Send::Wrote(w) if w == total => return Put::Sent,
+        let took = match sys::sendmsg(self.fd(), &iov[..frames.len()]) {
+            Send::Wrote(w) if w == total => {
+                *written += w;
+                return Put::Sent;
+            }
             Send::Wrote(w) => w,
             Send::WouldBlock => 0,
             Send::Error(_) => return Put::Broken,
         };
-        let mut skip = written;
+        *written += took;
+        let mut skip = took;
         for (f, kind) in frames.iter().zip(kinds) {
             if skip >= f.len() {
                 skip -= f.len();

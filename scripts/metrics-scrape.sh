@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# How long a scrape of GET /metrics takes with many connections open.
+# Starts `switchboard serve` with the admin API in its own process, opens N
+# idle logged-in connections from loader processes (switchboard-bench idle,
+# one process per 8,000 connections, so no process passes this machine's
+# 20,000 open files), then times SCRAPES scrapes one after another (a new
+# HTTP connection each, as a plain Prometheus does at each interval) and
+# prints the median, p90 and max, with the size of one scrape, beside the
+# same figures for /healthz requests made in between.
+# Usage: scripts/metrics-scrape.sh [N] [SCRAPES]   (default 19000 50)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+N=${1:-19000}
+SCRAPES=${2:-50}
+PORT=${PORT:-7821}
+ADMIN=${ADMIN:-7822}
+TARGET=${CARGO_TARGET_DIR:-target}
+cargo build --release --quiet -p switchboard -p switchboard-bench --bin switchboard --bin switchboard-bench
+mkdir -p "$TARGET"
+"$TARGET/release/switchboard" serve --log warn --listen "127.0.0.1:$PORT" --admin "127.0.0.1:$ADMIN" \
+  >"$TARGET/metrics-scrape-server.log" 2>&1 &
+server=$!
+loader=
+cleanup() {
+  [ -n "$loader" ] && kill "$loader" 2>/dev/null || true
+  kill -TERM "$server" 2>/dev/null || true
+  wait 2>/dev/null || true
+}
+trap cleanup EXIT
+for _ in $(seq 1 50); do
+  ss -ltn "sport = :$ADMIN" | grep -q LISTEN && break
+  sleep 0.1
+done
+# Held long enough for the scrapes; the script ends it once they are done.
+"$TARGET/release/switchboard-bench" idle --addr "127.0.0.1:$PORT" --connections "$N" --warmup 0 \
+  --hold-s 600 >"$TARGET/metrics-scrape-loader.log" 2>&1 &
+loader=$!
+python3 - "$ADMIN" "$N" "$SCRAPES" <<'PY'
+import http.client, json, statistics, sys, time
+
+admin, n, scrapes = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+
+def get(path):
+    c = http.client.HTTPConnection("127.0.0.1", admin, timeout=30)
+    c.request("GET", path)
+    r = c.getresponse()
+    body = r.read()
+    c.close()
+    return r.status, body
+
+deadline = time.time() + 300
+while True:
+    logged_in = json.loads(get("/stats")[1])["stats"]["logged_in"]
+    if logged_in >= n:
+        break
+    if time.time() > deadline:
+        sys.exit(f"only {logged_in} of {n} connections logged in after 300 s")
+    time.sleep(0.5)
+time.sleep(2)  # let the ramp's last replies drain
+# /metrics and, interleaved, /healthz (an empty answer over the same HTTP
+# path): the difference is what the scrape itself costs, and an outlier
+# both see is the machine, not the scrape.
+times, health, size, fds = [], [], 0, None
+for _ in range(scrapes):
+    t0 = time.perf_counter()
+    status, body = get("/metrics")
+    times.append((time.perf_counter() - t0) * 1000)
+    assert status == 200, status
+    size = len(body)
+    t0 = time.perf_counter()
+    get("/healthz")
+    health.append((time.perf_counter() - t0) * 1000)
+for line in body.decode().splitlines():
+    if line.startswith("process_open_fds "):
+        fds = line.split()[1]
+conns = json.loads(get("/stats")[1])["stats"]["connections"]
+
+def summary(t):
+    t = sorted(t)
+    return (f"median {statistics.median(t):.2f} ms, p90 {t[int(len(t) * 0.9) - 1]:.2f} ms, "
+            f"max {t[-1]:.2f} ms")
+
+print(f"metrics scrape at {conns} connections ({fds} open fds in the server): {summary(times)} "
+      f"over {len(times)} scrapes of {size} bytes; /healthz alongside: {summary(health)}")
+PY

@@ -1,0 +1,253 @@
+//! `GET /metrics` over real HTTP, read by a Prometheus text parser this
+//! project did not write: the Python client's
+//! (`prometheus_client.parser.text_string_to_metric_families`, run by
+//! `tests/interop/prom_parse.py` in `$SWITCHBOARD_PYTHON`, which
+//! `scripts/test.sh` gives the `prometheus_client` package). The test
+//! drives traffic between two scrapes and checks that the counters moved by
+//! exactly what it did; then that every metric the Grafana dashboard and
+//! the alert rules in `tuning/` name is one the server exposes.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::interop::python;
+use common::*;
+use switchboard::client::admin_request;
+use switchboard::proto::frame::Frame;
+use switchboard::Server;
+
+const TOKEN: &str = "0123456789abcdef-metrics";
+
+/// A parsed scrape: each sample's value by its name and labels.
+struct Scrape {
+    samples: BTreeMap<(String, BTreeMap<String, String>), f64>,
+    families: BTreeMap<String, String>,
+}
+
+impl Scrape {
+    /// The sum of the samples called `name` whose labels include `with`.
+    fn sum(&self, name: &str, with: &[(&str, &str)]) -> f64 {
+        let found: Vec<f64> = self
+            .samples
+            .iter()
+            .filter(|((n, labels), _)| {
+                n == name && with.iter().all(|(k, v)| labels.get(*k).map(String::as_str) == Some(*v))
+            })
+            .map(|(_, v)| *v)
+            .collect();
+        assert!(!found.is_empty(), "no sample {name} {with:?} in the scrape");
+        found.iter().sum()
+    }
+
+    fn names(&self) -> BTreeSet<String> {
+        self.samples.keys().map(|(n, _)| n.clone()).collect()
+    }
+}
+
+/// Scrapes `/metrics` and parses it with the Python client's parser.
+fn scrape(admin: SocketAddr) -> Scrape {
+    let (status, body) = admin_request(admin, "GET", "/metrics", b"", Some(TOKEN)).expect("scrape");
+    assert_eq!(status, 200, "{body}");
+    let py = python();
+    let mut child = Command::new(&py)
+        .arg(common::interop::interop_dir().join("prom_parse.py"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {py} ({e}): run scripts/test.sh, which installs python3"));
+    child.stdin.take().unwrap().write_all(body.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "the Prometheus parser refused the scrape (the Python package prometheus_client is needed in {py}: \
+         scripts/test.sh installs it, or `{py} -m pip install prometheus_client`):\n{}\n--- scrape ---\n{body}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let families: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let mut s = Scrape { samples: BTreeMap::new(), families: BTreeMap::new() };
+    for f in &families {
+        s.families.insert(f["name"].as_str().unwrap().into(), f["type"].as_str().unwrap().into());
+        for sample in f["samples"].as_array().unwrap() {
+            let name = sample[0].as_str().unwrap().to_string();
+            let labels = sample[1]
+                .as_object()
+                .unwrap()
+                .iter()
+                .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_string()))
+                .collect();
+            let value = sample[2].as_f64().unwrap_or_else(|| panic!("{name}: not a number: {}", sample[2]));
+            s.samples.insert((name, labels), value);
+        }
+    }
+    s
+}
+
+fn server() -> Server {
+    let mut cfg = config();
+    cfg.admin.listen = "127.0.0.1:0".into();
+    cfg.admin.token = Some(TOKEN.into());
+    cfg.websocket.listen = "127.0.0.1:0".into();
+    start(cfg)
+}
+
+/// A WebSocket connection logged in by its upgrade request's query string.
+fn ws_login(addr: SocketAddr, user: &str) -> TcpStream {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let req = format!(
+        "GET /ws?user={user}&token={} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        token(user)
+    );
+    s.write_all(req.as_bytes()).unwrap();
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(s.read(&mut b).unwrap(), 1, "the server closed during the handshake");
+        head.push(b[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
+    s
+}
+
+#[test]
+fn counters_move_as_traffic_is_driven() {
+    let server = server();
+    let h = server.handle();
+    let admin = server.admin_addr().unwrap();
+    let ws_addr = server.ws_addr().unwrap();
+
+    // /metrics needs the admin token, like /stats.
+    assert_eq!(admin_request(admin, "GET", "/metrics", b"", None).unwrap().0, 401);
+    assert_eq!(admin_request(admin, "POST", "/metrics", b"", Some(TOKEN)).unwrap().0, 405);
+    let (status, body) = admin_request(admin, "GET", "/metrics", b"", Some(TOKEN)).unwrap();
+    assert_eq!(status, 200);
+    assert!(body.contains("# TYPE switchboard_connections gauge"), "{body}");
+
+    let before = scrape(admin);
+    assert_eq!(before.families.get("switchboard_logins").map(String::as_str), Some("counter"));
+    assert_eq!(before.families.get("switchboard_push_to_written_seconds").map(String::as_str), Some("histogram"));
+    assert_eq!(before.sum("switchboard_connections", &[]), 0.0);
+
+    // Two raw TCP connections and one WebSocket connection, logged in.
+    let (mut alice, _) = login(server.local_addr(), "alice");
+    let (_bob, _) = login(server.local_addr(), "bob");
+    let _carol = ws_login(ws_addr, "carol");
+    // A refused login (a token signed with another secret) and a protocol
+    // error (a frame with protocol version 9: CLOSE 4000).
+    let mut mallory = connect(server.local_addr());
+    let forged = switchboard::JwtHs256::new("another-secret").mint("mallory", unix_now() + 60);
+    mallory.send_frame(&Frame::Login { user: "mallory", token: forged.as_bytes(), device: None, last_seq: 0 }).unwrap();
+    assert!(matches!(mallory.recv().unwrap().frame(), Frame::LoginError { code: 2, .. }));
+    let mut bad = connect(server.local_addr());
+    bad.send_raw(&[0, 0, 0, 2, 9, 0x04]).unwrap();
+    assert_eq!(bad.recv_close_code().unwrap(), Some(switchboard::CloseCode::UnsupportedVersion as u16));
+
+    // Three pushes to alice through the handle, one stored (memory store).
+    for i in 0..3 {
+        assert_eq!(h.push_to_user("alice", format!("push {i}")).unwrap().connections, 1);
+        assert_eq!(expect_push(&mut alice).2, format!("push {i}").as_bytes());
+    }
+    let receipt = h.push_reliable("alice", "kept", 0).unwrap().wait().unwrap();
+    assert_eq!(receipt.connections, 1);
+    assert!(wait_until(Duration::from_secs(5), || {
+        let s = h.stats();
+        s.logged_in == 3 && s.login_failures == 1 && s.protocol_errors == 1
+    }));
+
+    let after = scrape(admin);
+    let moved = |name: &str, with: &[(&str, &str)]| after.sum(name, with) - before.sum(name, with);
+
+    assert_eq!(moved("switchboard_logins_total", &[]), 3.0);
+    assert_eq!(moved("switchboard_login_failures_total", &[("reason", "bad_signature")]), 1.0);
+    assert_eq!(moved("switchboard_login_failures_total", &[]), 1.0);
+    assert_eq!(moved("switchboard_protocol_errors_total", &[("code", "4000")]), 1.0);
+    assert_eq!(moved("switchboard_protocol_errors_total", &[]), 1.0);
+    // Alice's, bob's and mallory's LOGIN frames, and carol's from her URL.
+    assert_eq!(moved("switchboard_messages_in_total", &[("kind", "login")]), 4.0);
+    // Alice's and bob's sockets are raw, carol's is WebSocket; mallory's and
+    // the bad one may still be closing.
+    assert_eq!(after.sum("switchboard_logged_in_connections", &[]), 3.0);
+    assert!(after.sum("switchboard_connections_by_transport", &[("transport", "raw")]) >= 2.0);
+    assert_eq!(after.sum("switchboard_connections_by_transport", &[("transport", "websocket")]), 1.0);
+    // Three live pushes, and the stored message as a live PUSH (alice has
+    // no device id), all to one connection.
+    assert_eq!(moved("switchboard_deliveries_total", &[("kind", "push")]), 4.0);
+    assert!(moved("switchboard_sent_bytes_total", &[]) >= 4.0 * 10.0, "four PUSH frames at least");
+    assert!(moved("switchboard_received_bytes_total", &[]) > 0.0);
+    // The three handle pushes were written at once: each one is timed.
+    assert!(moved("switchboard_push_to_written_seconds_count", &[]) >= 3.0);
+    assert_eq!(moved("switchboard_store_appends_total", &[]), 1.0);
+    assert!(moved("switchboard_store_syncs_total", &[]) >= 1.0);
+    assert!(moved("switchboard_store_commit_seconds_count", &[]) >= 1.0);
+    assert_eq!(after.sum("switchboard_store_pending_messages", &[]), 1.0);
+    assert_eq!(after.sum("switchboard_mailbox_rejections_total", &[]), 0.0);
+    assert!(after.sum("process_resident_memory_bytes", &[]) > 1e6);
+    // Linux 6.2 and later count open descriptors in /proc/self/fd's size;
+    // an older kernel reports 0 and the server leaves the metric out.
+    if std::fs::metadata("/proc/self/fd").unwrap().len() > 0 {
+        assert!(after.sum("process_open_fds", &[]) >= 5.0);
+    }
+    // Per-worker labels, never per-user ones.
+    for (name, labels) in after.samples.keys() {
+        for k in labels.keys() {
+            assert!(["worker", "transport", "reason", "kind", "code", "le"].contains(&k.as_str()), "{name}: {k}");
+        }
+    }
+
+    // Both histograms' buckets are cumulative and end at +Inf = count.
+    for h in ["switchboard_push_to_written_seconds", "switchboard_store_commit_seconds"] {
+        let inf = after.sum(&format!("{h}_bucket"), &[("le", "+Inf")]);
+        assert_eq!(inf, after.sum(&format!("{h}_count"), &[]), "{h}");
+    }
+
+    // Closing a WebSocket connection takes it off its transport's gauge.
+    drop(_carol);
+    assert!(wait_until(Duration::from_secs(5), || h.logged_in_count() == 2));
+    assert!(wait_until(Duration::from_secs(5), || {
+        scrape(admin).sum("switchboard_connections_by_transport", &[("transport", "websocket")]) == 0.0
+    }));
+    server.shutdown().unwrap();
+}
+
+/// Metric names in a dashboard or rule file: every `switchboard_…` and
+/// `process_…` identifier.
+fn referenced_names(text: &str) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    for prefix in ["switchboard_", "process_"] {
+        let mut rest = text;
+        while let Some(i) = rest.find(prefix) {
+            let before = rest[..i].chars().next_back();
+            let tail = &rest[i..];
+            let end = tail.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(tail.len());
+            if !before.is_some_and(|c| c.is_ascii_alphanumeric() || c == '_') {
+                names.insert(tail[..end].to_string());
+            }
+            rest = &tail[end..];
+        }
+    }
+    names
+}
+
+#[test]
+fn the_dashboard_and_the_alerts_name_only_exposed_metrics() {
+    let server = server();
+    let exposed = scrape(server.admin_addr().unwrap()).names();
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tuning");
+    let dashboard = std::fs::read_to_string(dir.join("grafana-dashboard.json")).unwrap();
+    let _: serde_json::Value = serde_json::from_str(&dashboard).expect("the dashboard is JSON");
+    let alerts = std::fs::read_to_string(dir.join("prometheus-alerts.yml")).unwrap();
+    for (file, text) in [("grafana-dashboard.json", &dashboard), ("prometheus-alerts.yml", &alerts)] {
+        let names = referenced_names(text);
+        assert!(names.len() >= 5, "{file} names too few metrics: {names:?}");
+        let unknown: Vec<_> = names.iter().filter(|n| !exposed.contains(*n)).collect();
+        assert!(unknown.is_empty(), "tuning/{file} names metrics /metrics does not expose: {unknown:?}");
+    }
+    server.shutdown().unwrap();
+}
