@@ -2,6 +2,7 @@
 # The whole test suite (the README's test command; .ci/run calls it).
 # Installs the tools the interoperability tests drive when they are missing
 # (Chromium, python3 and its `websockets` package, for tests/ws_interop.rs;
+# schemathesis, for tests/api_schema.rs;
 # nginx with its stream module and openssl, the TLS front of
 # tests/tls_front.rs), then runs clippy (zero warnings), `cargo test
 # --workspace` (the server and the switchboard-bench crate; arguments are
@@ -25,7 +26,7 @@ export SWITCHBOARD_PYTHON="$PYTHON"
 APT_PACKAGES=(
   "chromium|test -x /usr/bin/chromium"
   "python3|test -x \"\$PYTHON\""
-  "python3-pip|\"\$PYTHON\" -c 'import websockets.sync.client' || \"\$PYTHON\" -m pip --version"
+  "python3-pip|\"\$PYTHON\" -c 'import websockets.sync.client, schemathesis' || \"\$PYTHON\" -m pip --version"
   "nginx|test -x /usr/sbin/nginx"
   "libnginx-mod-stream|test -f /usr/lib/nginx/modules/ngx_stream_module.so"
   "openssl|command -v openssl"
@@ -72,6 +73,15 @@ if ! "$PYTHON" -c 'import websockets.sync.client' >/dev/null 2>&1; then
   echo "scripts/test.sh: installing the Python package websockets for $PYTHON" >&2
   PIP_BREAK_SYSTEM_PACKAGES=1 PIP_ROOT_USER_ACTION=ignore \
     "$PYTHON" -m pip install --quiet --disable-pip-version-check --no-warn-script-location 'websockets>=11'
+fi
+
+# schemathesis 4.x, the schema-driven fuzzer of tests/api_schema.rs (its
+# command line changed between majors: 4 is what the test speaks), from
+# PyPI into $PYTHON.
+if ! "$PYTHON" -c 'import schemathesis, sys; sys.exit(schemathesis.__version__.split(".")[0] != "4")' >/dev/null 2>&1; then
+  echo "scripts/test.sh: installing the Python package schemathesis (4.x) for $PYTHON" >&2
+  PIP_BREAK_SYSTEM_PACKAGES=1 PIP_ROOT_USER_ACTION=ignore \
+    "$PYTHON" -m pip install --quiet --disable-pip-version-check --no-warn-script-location 'schemathesis>=4,<5'
 fi
 
 # Lints are part of the suite: zero clippy warnings on every target of the
