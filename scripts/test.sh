@@ -2,7 +2,8 @@
 # The whole test suite (the README's test command; .ci/run calls it).
 # Installs the tools the interoperability tests drive when they are missing
 # (Chromium, python3 and its `websockets` package, for tests/ws_interop.rs;
-# python3's `prometheus_client`, for tests/metrics.rs;
+# python3's `prometheus_client`, for tests/metrics.rs; schemathesis, for
+# tests/api_schema.rs;
 # nginx with its stream module and openssl, the TLS front of
 # tests/tls_front.rs), then runs clippy (zero warnings), `cargo test
 # --workspace` (the server and the switchboard-bench crate; arguments are
@@ -26,7 +27,7 @@ export SWITCHBOARD_PYTHON="$PYTHON"
 APT_PACKAGES=(
   "chromium|test -x /usr/bin/chromium"
   "python3|test -x \"\$PYTHON\""
-  "python3-pip|\"\$PYTHON\" -c 'import websockets.sync.client, prometheus_client.parser' || \"\$PYTHON\" -m pip --version"
+  "python3-pip|\"\$PYTHON\" -c 'import websockets.sync.client, prometheus_client.parser, schemathesis' || \"\$PYTHON\" -m pip --version"
   "nginx|test -x /usr/sbin/nginx"
   "libnginx-mod-stream|test -f /usr/lib/nginx/modules/ngx_stream_module.so"
   "openssl|command -v openssl"
@@ -67,21 +68,24 @@ if [ ${#missing[@]} -gt 0 ]; then
   fi
 fi
 
-# websockets 11 or later (websockets.sync.client); Debian 12's
-# python3-websockets is older, so it comes from PyPI, into $PYTHON.
-if ! "$PYTHON" -c 'import websockets.sync.client' >/dev/null 2>&1; then
-  echo "scripts/test.sh: installing the Python package websockets for $PYTHON" >&2
-  PIP_BREAK_SYSTEM_PACKAGES=1 PIP_ROOT_USER_ACTION=ignore \
-    "$PYTHON" -m pip install --quiet --disable-pip-version-check --no-warn-script-location 'websockets>=11'
-fi
-
-# prometheus_client, whose text parser reads /metrics in tests/metrics.rs
-# (a parser this project did not write), from PyPI into $PYTHON too.
-if ! "$PYTHON" -c 'import prometheus_client.parser' >/dev/null 2>&1; then
-  echo "scripts/test.sh: installing the Python package prometheus_client for $PYTHON" >&2
-  PIP_BREAK_SYSTEM_PACKAGES=1 PIP_ROOT_USER_ACTION=ignore \
-    "$PYTHON" -m pip install --quiet --disable-pip-version-check --no-warn-script-location prometheus_client
-fi
+# Python packages from PyPI, into $PYTHON, each installed when its check
+# (Python code) fails:
+# - websockets 11 or later (websockets.sync.client; Debian 12's
+#   python3-websockets is older), for tests/ws_interop.rs;
+# - prometheus_client, whose text parser (one this project did not write)
+#   reads /metrics in tests/metrics.rs;
+# - schemathesis 4.x, the schema-driven fuzzer of tests/api_schema.rs (its
+#   command line changed between majors: 4 is what the test speaks).
+pip_need() {
+  if ! "$PYTHON" -c "$1" >/dev/null 2>&1; then
+    echo "scripts/test.sh: installing the Python package $2 for $PYTHON" >&2
+    PIP_BREAK_SYSTEM_PACKAGES=1 PIP_ROOT_USER_ACTION=ignore \
+      "$PYTHON" -m pip install --quiet --disable-pip-version-check --no-warn-script-location "$2"
+  fi
+}
+pip_need 'import websockets.sync.client' 'websockets>=11'
+pip_need 'import prometheus_client.parser' 'prometheus_client'
+pip_need 'import schemathesis, sys; sys.exit(schemathesis.__version__.split(".")[0] != "4")' 'schemathesis>=4,<5'
 
 # Lints are part of the suite: zero clippy warnings on every target of the
 # workspace (the server, its tests and examples; the switchboard-bench crate
