@@ -5,7 +5,7 @@
 mod common;
 
 use std::collections::HashSet;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
@@ -211,22 +211,7 @@ struct Ws(TcpStream);
 
 impl Ws {
     fn open(addr: SocketAddr, user: &str) -> Ws {
-        let mut s = TcpStream::connect(addr).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        let req = format!(
-            "GET /ws?user={user}&token={} HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-            token(user)
-        );
-        s.write_all(req.as_bytes()).unwrap();
-        let mut head = Vec::new();
-        let mut b = [0u8; 1];
-        while !head.ends_with(b"\r\n\r\n") {
-            s.read_exact(&mut b).unwrap();
-            head.push(b[0]);
-        }
-        assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
-        let mut ws = Ws(s);
+        let mut ws = Ws(ws_login_query(addr, user));
         assert_eq!(ws.next()["type"], "login_ok");
         ws
     }

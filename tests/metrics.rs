@@ -10,8 +10,8 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::io::Write;
+use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -96,26 +96,6 @@ fn server() -> Server {
     start(cfg)
 }
 
-/// A WebSocket connection logged in by its upgrade request's query string.
-fn ws_login(addr: SocketAddr, user: &str) -> TcpStream {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let req = format!(
-        "GET /ws?user={user}&token={} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-        token(user)
-    );
-    s.write_all(req.as_bytes()).unwrap();
-    let mut head = Vec::new();
-    let mut b = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        assert_eq!(s.read(&mut b).unwrap(), 1, "the server closed during the handshake");
-        head.push(b[0]);
-    }
-    assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
-    s
-}
-
 #[test]
 fn counters_move_as_traffic_is_driven() {
     let server = server();
@@ -138,7 +118,7 @@ fn counters_move_as_traffic_is_driven() {
     // Two raw TCP connections and one WebSocket connection, logged in.
     let (mut alice, _) = login(server.local_addr(), "alice");
     let (_bob, _) = login(server.local_addr(), "bob");
-    let _carol = ws_login(ws_addr, "carol");
+    let _carol = ws_login_query(ws_addr, "carol");
     // A refused login (a token signed with another secret) and a protocol
     // error (a frame with protocol version 9: CLOSE 4000).
     let mut mallory = connect(server.local_addr());
