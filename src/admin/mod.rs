@@ -51,7 +51,7 @@ use serde_json::{json, Value};
 use crate::config::AdminConfig;
 use crate::proto::http as h1;
 use crate::server::Handle;
-use routes::{Batch, Exec, Outcome, Route, Style};
+use routes::{Exec, Outcome, Route, Style};
 
 /// Largest request head hyper buffers (its read buffer): a longer head is
 /// answered 431 and the connection closed, whatever its bytes.
@@ -321,12 +321,8 @@ async fn answer(req: Request<Incoming>, ctx: &Arc<Ctx>) -> Response<Full<Bytes>>
     let answered = tokio::task::spawn_blocking(move || {
         let deadline = Instant::now() + routes::STORE_WAIT;
         let call = routes::Call { entry, query: &q, body: &body, raw, lists };
-        let (status, value) = match routes::call(&handle, &call) {
-            Outcome::Exec(exec) => routes::resolve(exec, deadline),
-            Outcome::Batch(Batch::Now(a)) => a,
-            Outcome::Batch(Batch::Later(execs)) => routes::resolve_batch(execs, deadline),
-        };
-        (status, Bytes::from(value.to_string()))
+        let (status, json) = routes::finish(routes::call(&handle, &call), deadline);
+        (status, Bytes::from(json))
     })
     .await;
     match answered {

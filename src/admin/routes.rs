@@ -123,7 +123,14 @@ fn error(status: u16, msg: impl Into<String>) -> Answer {
 /// A command's outcome: now, or once the store answers.
 pub(crate) enum Exec {
     Now(Answer),
+    /// An at-most-once push done (200): kept as figures, so that a batch
+    /// of them is answered without a JSON tree per push.
+    Pushed(crate::server::Pushed),
     Later(Later),
+}
+
+fn pushed(p: crate::server::Pushed) -> Answer {
+    (200, json!({ "msg_id": p.msg_id, "connections": p.connections, "stored": false }))
 }
 
 /// What a command waits for.
@@ -144,6 +151,7 @@ pub(crate) const STORE_WAIT: Duration = Duration::from_secs(10);
 pub(crate) fn resolve(exec: Exec, deadline: Instant) -> Answer {
     match exec {
         Exec::Now(a) => a,
+        Exec::Pushed(p) => pushed(p),
         Exec::Later(Later::Push(p)) => {
             let left = deadline.saturating_duration_since(Instant::now());
             match p.wait_timeout(left) {
@@ -383,10 +391,10 @@ pub(crate) struct Lists {
 
 fn push_one(h: &Handle, user: &str, body: &[u8], reliable: bool, client_id: u64) -> Exec {
     if !reliable {
-        return Exec::Now(match h.push_to_user(user, body) {
-            Ok(p) => (200, json!({ "msg_id": p.msg_id, "connections": p.connections, "stored": false })),
-            Err(e) => push_error(e),
-        });
+        return match h.push_to_user(user, body) {
+            Ok(p) => Exec::Pushed(p),
+            Err(e) => Exec::Now(push_error(e)),
+        };
     }
     match h.push_reliable(user, body, client_id) {
         Ok(p) => Exec::Later(Later::Push(p)),
@@ -526,6 +534,20 @@ fn batch(h: &Handle, body: &[u8], lists: Lists) -> Batch {
     struct Body {
         commands: Vec<Box<serde_json::value::RawValue>>,
     }
+    // The common case first: every command well formed, parsed in one
+    // pass. Only a batch with a bad command (or a bad body) is parsed again,
+    // command by command, to answer each one on its own.
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Typed {
+        commands: Vec<Command>,
+    }
+    if let Ok(t) = serde_json::from_slice::<Typed>(body) {
+        if let Some(a) = too_many("commands", t.commands.len(), lists) {
+            return Batch::Now(a);
+        }
+        return Batch::Later(t.commands.into_iter().map(|cmd| run(h, cmd, lists)).collect());
+    }
     let b: Body = match parse(body) {
         Ok(b) => b,
         Err(a) => return Batch::Now(a),
@@ -545,20 +567,48 @@ fn batch(h: &Handle, body: &[u8], lists: Lists) -> Batch {
 }
 
 /// Resolves a batch's outcomes (blocking: the server's blocking pool).
-pub(crate) fn resolve_batch(execs: Vec<Exec>, deadline: Instant) -> Answer {
-    let results = execs
-        .into_iter()
-        .map(|exec| {
-            let (status, mut v) = resolve(exec, deadline);
-            v["status"] = json!(status);
-            v
-        })
-        .collect::<Vec<_>>();
-    (200, json!({ "results": results }))
+pub(crate) fn resolve_batch(execs: Vec<Exec>, deadline: Instant) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::with_capacity(16 + execs.len() * 72);
+    out.push_str("{\"results\":[");
+    for (i, exec) in execs.into_iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        match exec {
+            // The common case, written straight out (same fields as `pushed`).
+            Exec::Pushed(p) => {
+                let _ = write!(
+                    out,
+                    "{{\"status\":200,\"msg_id\":{},\"connections\":{},\"stored\":false}}",
+                    p.msg_id, p.connections
+                );
+            }
+            exec => {
+                let (status, mut v) = resolve(exec, deadline);
+                v["status"] = json!(status);
+                out.push_str(&v.to_string());
+            }
+        }
+    }
+    out.push_str("]}");
+    out
+}
+
+/// Runs what a call left to wait for and serialises the answer (blocking:
+/// the server's blocking pool).
+pub(crate) fn finish(outcome: Outcome, deadline: Instant) -> (u16, String) {
+    match outcome {
+        Outcome::Exec(exec) => {
+            let (status, v) = resolve(exec, deadline);
+            (status, v.to_string())
+        }
+        Outcome::Batch(Batch::Now((status, v))) => (status, v.to_string()),
+        Outcome::Batch(Batch::Later(execs)) => (200, resolve_batch(execs, deadline)),
+    }
 }
 
 /// A parsed request, as the routes need it.
-#[derive(Clone, Copy)]
 pub(crate) struct Call<'a> {
     pub entry: &'static Entry,
     pub query: &'a [(String, String)],
