@@ -139,6 +139,19 @@ fn bad_requests_say_what_is_wrong() {
     assert!(s == 400 && e.contains("room"), "{s} {e}");
     let (s, _) = error(post(a, "/api/v1/push", WRITE, &json!({ "user": "", "text": "x" })));
     assert_eq!(s, 400);
+    // An idempotency key where nothing is stored, or for many messages.
+    let amo = json!({ "user": "a", "text": "x", "mode": "at_most_once", "client_id": 3 });
+    let (s, e) = error(post(a, "/api/v1/push", WRITE, &amo));
+    assert!(s == 400 && e.contains("client_id"), "{s} {e}");
+    let many = json!({ "users": ["a", "b"], "text": "x", "client_id": 3 });
+    let (s, e) = error(post(a, "/api/v1/push", WRITE, &many));
+    assert!(s == 400 && e.contains("client_id"), "{s} {e}");
+    // Names in lists are checked like single ones, by position.
+    let (s, e) = error(post(a, "/api/v1/presence", READ, &json!({ "users": ["a", ""] })));
+    assert!(s == 400 && e.contains("users[1]"), "{s} {e}");
+    let long = "r".repeat(300);
+    let (s, e) = error(post(a, "/api/v1/room_sizes", READ, &json!({ "rooms": ["ok", long] })));
+    assert!(s == 400 && e.contains("rooms[1]"), "{s} {e}");
     let h = [("X-API-Key", WRITE), ("Content-Type", "application/json")];
     let r = call(a, "POST", "/api/v1/kick", &h, b"{not json");
     assert_eq!(r.status, 400, "{}", r.body);

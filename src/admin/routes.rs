@@ -412,13 +412,17 @@ fn push(h: &Handle, p: PushParams, lists: Lists) -> Exec {
         Ok(b) => b,
         Err(a) => return Exec::Now(a),
     };
+    if client_id != 0 && !reliable {
+        // Nothing is stored, so there is nothing to deduplicate against.
+        return Exec::Now(error(400, "client_id: only for reliable pushes"));
+    }
     match (p.user, p.users) {
         (Some(user), None) => push_one(h, &user, &body, reliable, client_id),
         (None, Some(users)) => {
             if users.len() > lists.max_items {
                 return Exec::Now(error(413, format!("users: {} over the limit of {}", users.len(), lists.max_items)));
             }
-            if client_id != 0 && reliable {
+            if client_id != 0 {
                 return Exec::Now(error(400, "client_id: only with one `user` (it is one message's key)"));
             }
             let parts = users
@@ -453,8 +457,27 @@ fn too_many(what: &str, n: usize, lists: Lists) -> Option<Answer> {
     (n > lists.max_items).then(|| error(413, format!("{what}: {n} over the limit of {}", lists.max_items)))
 }
 
+/// The first entry of `names` that `valid` refuses, as a 400 naming it.
+fn first_invalid<E: std::fmt::Display>(
+    list: &str,
+    names: &[String],
+    valid: impl Fn(&str) -> Result<(), E>,
+) -> Option<Answer> {
+    names.iter().enumerate().find_map(|(i, n)| valid(n).err().map(|e| error(400, format!("{list}[{i}]: {e}"))))
+}
+
 fn presence(h: &Handle, users: Vec<String>, lists: Lists) -> Answer {
     if let Some(a) = too_many("users", users.len(), lists) {
+        return a;
+    }
+    let user_id = |u: &str| {
+        if crate::proto::frame::is_valid_user_id(u) {
+            Ok(())
+        } else {
+            Err(PushError::InvalidUser)
+        }
+    };
+    if let Some(a) = first_invalid("users", &users, user_id) {
         return a;
     }
     let users = users
@@ -481,6 +504,9 @@ fn connections(h: &Handle, user: &str) -> Answer {
 
 fn room_sizes(h: &Handle, rooms: Vec<String>, lists: Lists) -> Answer {
     if let Some(a) = too_many("rooms", rooms.len(), lists) {
+        return a;
+    }
+    if let Some(a) = first_invalid("rooms", &rooms, crate::rooms::check_room_name) {
         return a;
     }
     let rooms = rooms
