@@ -51,7 +51,7 @@ use serde_json::{json, Value};
 use crate::config::AdminConfig;
 use crate::proto::http as h1;
 use crate::server::Handle;
-use routes::{Exec, Outcome, Route, Style};
+use routes::{Route, Style};
 
 /// Largest request head hyper buffers (its read buffer): a longer head is
 /// answered 431 and the connection closed, whatever its bytes.
@@ -309,10 +309,8 @@ async fn answer(req: Request<Incoming>, ctx: &Arc<Ctx>) -> Response<Full<Bytes>>
         // Health and readiness answer on the event loop, never queued
         // behind other requests.
         let call = routes::Call { entry, query: &q, body: &body, raw, lists: ctx.limits.lists };
-        return match routes::call(&ctx.handle, &call) {
-            Outcome::Exec(Exec::Now((status, value))) => respond(status, &value),
-            _ => respond(500, &json!({ "error": "a probe that waits" })),
-        };
+        let (status, json) = routes::finish(routes::call(&ctx.handle, &call), Instant::now());
+        return respond_bytes(status, Bytes::from(json));
     }
     // Everything else runs on the blocking pool: a batch of 100,000
     // commands or a wait for the store holds one of its threads, not the

@@ -5,7 +5,7 @@
 //! Owns: turning a parsed request into `Handle` calls and a JSON answer.
 //! Must not: wait on the caller's thread. A command that waits for the
 //! store (a reliable push, an inbox query) returns [`Exec::Later`], which
-//! the server resolves off its event loop ([`resolve`]).
+//! the server resolves off its event loop ([`finish`]).
 
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -148,7 +148,7 @@ pub(crate) const STORE_WAIT: Duration = Duration::from_secs(10);
 
 /// Waits for what `exec` waits for, until `deadline`. Blocks: the server
 /// calls it on its blocking pool.
-pub(crate) fn resolve(exec: Exec, deadline: Instant) -> Answer {
+fn resolve(exec: Exec, deadline: Instant) -> Answer {
     match exec {
         Exec::Now(a) => a,
         Exec::Pushed(p) => pushed(p),
@@ -593,7 +593,7 @@ fn batch(h: &Handle, body: &[u8], lists: Lists) -> Batch {
 }
 
 /// Resolves a batch's outcomes (blocking: the server's blocking pool).
-pub(crate) fn resolve_batch(execs: Vec<Exec>, deadline: Instant) -> String {
+fn resolve_batch(execs: Vec<Exec>, deadline: Instant) -> String {
     use std::fmt::Write as _;
     let mut out = String::with_capacity(16 + execs.len() * 72);
     out.push_str("{\"results\":[");
@@ -669,7 +669,7 @@ fn from_query(c: &Call<'_>) -> Result<Command, Answer> {
         |name: &str| param(c.query, name).map(str::to_string).ok_or_else(|| error(400, format!("missing ?{name}=")));
     let raw = || Some(c.body.to_vec());
     Ok(match c.entry.route {
-        R::Push => PushParams {
+        R::Push => Command::Push(PushParams {
             user: Some(need("user")?),
             raw: raw(),
             mode: match param(c.query, "mode") {
@@ -684,8 +684,7 @@ fn from_query(c: &Call<'_>) -> Result<Command, Answer> {
                 Some(Err(_)) => return Err(error(400, "client_id must be an integer 0..2^64-1")),
             },
             ..PushParams::default()
-        }
-        .into_command(),
+        }),
         R::Publish => Command::Publish(PublishParams { raw: raw(), room: need("room")?, payload: None, text: None }),
         R::Broadcast => Command::Broadcast(BroadcastParams { raw: raw(), payload: None, text: None }),
         R::Kick => Command::Kick(UserParams { user: need("user")? }),
@@ -695,12 +694,6 @@ fn from_query(c: &Call<'_>) -> Result<Command, Answer> {
         R::Connections => Command::Connections(UserParams { user: need("user")? }),
         _ => return Err(error(415, "this route takes a JSON body")),
     })
-}
-
-impl PushParams {
-    fn into_command(self) -> Command {
-        Command::Push(self)
-    }
 }
 
 /// Runs a call.
