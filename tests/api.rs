@@ -344,3 +344,28 @@ fn a_batch_answers_every_command_on_its_own() {
     let r = call(a, "POST", "/api/v1/batch", &h, b"{\"commands\": {}}");
     assert_eq!(r.status, 400, "{}", r.body);
 }
+
+/// Batches larger than a single payload's limit run a few at a time
+/// (`LARGE_AT_ONCE`): eight at once all complete, each answered in full.
+#[test]
+fn concurrent_large_batches_all_complete() {
+    let server = api_server(false);
+    let a = server.admin_addr().unwrap();
+    let threads: Vec<_> = (0..8)
+        .map(|t| {
+            std::thread::spawn(move || {
+                let commands: Vec<Value> = (0..2000)
+                    .map(|i| json!({ "push": { "user": format!("t{t}-{i}"), "text": "x", "mode": "at_most_once" } }))
+                    .collect();
+                let r = post(a, "/api/v1/batch", WRITE, &json!({ "commands": commands }));
+                assert_eq!(r.status, 200, "{}", &r.body[..r.body.len().min(200)]);
+                let results = r.json()["results"].as_array().unwrap().clone();
+                assert_eq!(results.len(), 2000);
+                assert!(results.iter().all(|x| x["status"] == 200 && x["connections"] == 0));
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+}

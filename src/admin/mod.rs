@@ -27,6 +27,12 @@
 //! (`guard::cross_site`), the key (`guard::Keys`), the content type of a
 //! write (`guard::body_kind`), the body's declared length (413), and last
 //! the body, read within `admin.body_timeout_ms` and at most its limit.
+//! Bodies of batch and list routes longer than `admin.max_body_bytes`
+//! (or chunked) are read and run `LARGE_AT_ONCE` at a time; a single-payload body is at most
+//! `admin.max_body_bytes`, so what bodies hold is bounded whatever the
+//! number of clients. The blocking pool's queue is bounded by
+//! `admin.max_connections` (hyper runs one request per connection at a
+//! time).
 //! The head is bounded by hyper itself (`HEAD_BUF_BYTES`,
 //! `MAX_HEADERS`) and must arrive within `admin.header_timeout_ms`, which
 //! also closes a keep-alive connection left idle that long.
@@ -60,6 +66,11 @@ const HEAD_BUF_BYTES: usize = 16 * 1024;
 const MAX_HEADERS: usize = 64;
 /// Threads that run requests (and wait for the store on their behalf).
 const WAIT_THREADS: usize = 64;
+/// Batch and list requests (bodies up to `admin.max_batch_bytes`) read and
+/// run at once; more wait their turn. Bounds what large bodies hold in
+/// memory to this many times `max_batch_bytes` (and their parsed
+/// commands), whatever the number of clients.
+const LARGE_AT_ONCE: usize = 4;
 
 /// The limits the API holds every client to (`[admin]`).
 struct Limits {
@@ -80,6 +91,8 @@ struct Ctx {
     bench: bool,
     /// Connections open now.
     open: AtomicUsize,
+    /// Permits for large requests ([`LARGE_AT_ONCE`]).
+    large: tokio::sync::Semaphore,
 }
 
 /// A running API listener.
@@ -116,6 +129,7 @@ impl Admin {
             },
             bench: cfg.bench_endpoints,
             open: AtomicUsize::new(0),
+            large: tokio::sync::Semaphore::new(LARGE_AT_ONCE),
         });
         let (stop, stopped) = tokio::sync::oneshot::channel();
         let thread = std::thread::Builder::new().name("sb-admin".into()).spawn(move || {
@@ -281,6 +295,12 @@ async fn answer(req: Request<Incoming>, ctx: &Arc<Ctx>) -> Response<Full<Bytes>>
         || (entry.route == Route::Push && entry.style == Style::V1 && !raw);
     let limit = if big { ctx.limits.max_batch_body } else { ctx.limits.max_body };
     let body = req.into_body();
+    // A body that may be longer than a single payload's limit (declared
+    // so, or chunked) takes a permit, held until the answer is built: the
+    // bodies, commands and answers of at most LARGE_AT_ONCE such requests
+    // are in memory at once. Small ones (a single push) never wait here.
+    let large = big && body.size_hint().upper().is_none_or(|n| n > ctx.limits.max_body as u64);
+    let _large = if large { ctx.large.acquire().await.ok() } else { None };
     if body.size_hint().lower() > limit as u64 {
         return closing(respond(413, &json!({ "error": format!("body larger than {limit} bytes") })));
     }
