@@ -31,6 +31,7 @@ APT_PACKAGES=(
   "nginx|test -x /usr/sbin/nginx"
   "libnginx-mod-stream|test -f /usr/lib/nginx/modules/ngx_stream_module.so"
   "openssl|command -v openssl"
+  "redis-server|command -v redis-server && command -v redis-cli"
 )
 
 as_root() {

@@ -598,6 +598,10 @@ pub enum StoreKind {
     Memory,
     /// No store: messages are relayed live only, at most once.
     None,
+    /// In Redis (the `[cluster]` Redis or Redis Cluster), shared by every
+    /// node: a user's inbox is there whichever node they connect to next.
+    /// Durable as Redis is configured (docs/SCALING.md).
+    Redis,
 }
 
 /// `[store]`: the inbox store behind reliable delivery.
@@ -692,6 +696,165 @@ pub struct Config {
     pub websocket: WebSocketConfig,
     pub uring: UringConfig,
     pub store: StoreConfig,
+    pub cluster: ClusterConfig,
+}
+
+/// Where `[cluster] redis` points: one Redis (a URL) or the seed nodes of
+/// a Redis Cluster (a list).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum RedisAddrs {
+    /// `redis = "redis://127.0.0.1:6379"`: a single Redis (or Valkey).
+    Single(String),
+    /// `redis = ["redis://10.0.0.1:7000", ...]`: a Redis Cluster, reached
+    /// through any of these seed nodes.
+    Cluster(Vec<String>),
+}
+
+impl RedisAddrs {
+    /// The URLs, whatever the mode.
+    pub fn urls(&self) -> Vec<String> {
+        match self {
+            RedisAddrs::Single(u) => vec![u.clone()],
+            RedisAddrs::Cluster(v) => v.clone(),
+        }
+    }
+
+    /// Whether this is a Redis Cluster (a list of seed nodes).
+    pub fn is_cluster(&self) -> bool {
+        matches!(self, RedisAddrs::Cluster(_))
+    }
+}
+
+/// `[cluster]`: many nodes behind one load balancer, sharing presence,
+/// routing and (with `store.kind = "redis"`) inboxes through Redis
+/// (docs/SCALING.md). Without `redis`, the node runs on its own.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// A Redis URL, or a list of Redis Cluster seed URLs; unset = off.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis: Option<RedisAddrs>,
+    /// This node's name, unique in the cluster (1 to 64 bytes of
+    /// `[A-Za-z0-9._:-]`); empty = `<hostname>:<listen port>`.
+    pub node_id: String,
+    /// How often the node renews its liveness record in Redis.
+    pub heartbeat_ms: u64,
+    /// A node whose liveness record is older than this is dead: its
+    /// presence entries are ignored (and removed by the next reader).
+    /// At least twice `heartbeat_ms`; the default is three heartbeats.
+    pub node_ttl_ms: u64,
+    /// Longest a cached user→nodes lookup is used (a login anywhere drops
+    /// it from every node's cache at once; this bounds a lost drop notice).
+    pub route_cache_ms: u64,
+    /// Users whose lookup is cached, at most (about 100 bytes each).
+    pub route_cache_entries: usize,
+    /// Cross-node work (forwards, presence updates) waiting for the Redis
+    /// thread, at most; past it the work is refused and counted.
+    pub queue_capacity: usize,
+    /// Bytes of forwarded messages in one Redis PUBLISH, at most.
+    pub max_batch_bytes: usize,
+    /// A Redis command not answered within this long fails (and is
+    /// retried or counted, per docs/SCALING.md).
+    pub command_timeout_ms: u64,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            redis: None,
+            node_id: String::new(),
+            heartbeat_ms: 1_000,
+            node_ttl_ms: 3_000,
+            route_cache_ms: 30_000,
+            route_cache_entries: 1_000_000,
+            queue_capacity: 65_536,
+            max_batch_bytes: 256 << 10,
+            command_timeout_ms: 2_000,
+        }
+    }
+}
+
+/// Longest `cluster.node_id`.
+pub const MAX_NODE_ID_BYTES: usize = 64;
+
+impl ClusterConfig {
+    /// This node's id: `node_id`, or `<hostname>:<port>`.
+    pub fn node_id_or_default(&self, listen_port: u16) -> String {
+        if !self.node_id.is_empty() {
+            return self.node_id.clone();
+        }
+        let mut buf = [0u8; 256];
+        // SAFETY: gethostname writes at most buf.len() bytes into buf.
+        let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+        let host = if rc == 0 {
+            let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+            String::from_utf8_lossy(&buf[..end]).into_owned()
+        } else {
+            "node".to_string()
+        };
+        let mut id: String =
+            host.chars().filter(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')).take(50).collect();
+        id.push_str(&format!(":{listen_port}"));
+        id
+    }
+
+    fn validate(&self, store: StoreKind) -> Result<(), ConfigError> {
+        let Some(redis) = &self.redis else {
+            if store == StoreKind::Redis {
+                return Err(invalid("store.kind", "is \"redis\": set cluster.redis to the Redis to use"));
+            }
+            return Ok(());
+        };
+        let urls = redis.urls();
+        if urls.is_empty() {
+            return Err(invalid("cluster.redis", "lists no address (leave it out to run without Redis)"));
+        }
+        for u in &urls {
+            if !(u.starts_with("redis://") || u.starts_with("rediss://") || u.starts_with("valkey://")) {
+                return Err(invalid("cluster.redis", format!("{u:?} is not a redis:// URL")));
+            }
+        }
+        let id_ok = |s: &str| {
+            s.len() <= MAX_NODE_ID_BYTES
+                && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
+        };
+        if !id_ok(&self.node_id) {
+            return Err(invalid(
+                "cluster.node_id",
+                format!("{:?}: at most {MAX_NODE_ID_BYTES} bytes of A-Z a-z 0-9 . _ : -", self.node_id),
+            ));
+        }
+        if self.heartbeat_ms < 100 || self.heartbeat_ms > 60_000 {
+            return Err(invalid("cluster.heartbeat_ms", "must be between 100 and 60000"));
+        }
+        if self.node_ttl_ms < 2 * self.heartbeat_ms {
+            return Err(invalid("cluster.node_ttl_ms", "must be at least twice cluster.heartbeat_ms"));
+        }
+        if self.route_cache_entries == 0 || self.route_cache_ms == 0 {
+            return Err(invalid("cluster.route_cache_entries", "and cluster.route_cache_ms must be at least 1"));
+        }
+        if !(16..=1 << 24).contains(&self.queue_capacity) {
+            return Err(invalid("cluster.queue_capacity", "must be between 16 and 16777216"));
+        }
+        if !(4096..=64 << 20).contains(&self.max_batch_bytes) {
+            return Err(invalid("cluster.max_batch_bytes", "must be between 4096 and 67108864"));
+        }
+        if self.command_timeout_ms < 10 {
+            return Err(invalid("cluster.command_timeout_ms", "must be at least 10"));
+        }
+        if matches!(store, StoreKind::Disk | StoreKind::Memory) {
+            return Err(invalid(
+                "store.kind",
+                format!(
+                    "is {:?} with cluster.redis set: an inbox kept by one node is not there when the user \
+                     reconnects to another; use \"redis\" (or \"none\" for live delivery only)",
+                    format!("{store:?}").to_lowercase()
+                ),
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl Config {
@@ -944,6 +1107,7 @@ impl Config {
         if self.admin.max_batch_bytes > 1 << 30 {
             return Err(invalid("admin.max_batch_bytes", "must be at most 1 GiB"));
         }
+        self.cluster.validate(self.store.kind)?;
         if self.admin.max_batch_commands == 0 {
             return Err(invalid("admin.max_batch_commands", "must be at least 1"));
         }
@@ -1174,6 +1338,38 @@ mod socket_buffers {
         c.socket.rcvbuf_bytes = 0;
         c.socket.sndbuf_bytes = (64 << 20) + 1;
         assert!(c.validate().unwrap_err().to_string().contains("socket.sndbuf_bytes"));
+    }
+
+    #[test]
+    fn cluster_takes_one_redis_or_a_list_and_needs_a_shared_store() {
+        let one =
+            Config::from_toml("[store]\nkind = \"redis\"\n[cluster]\nredis = \"redis://127.0.0.1:6379\"\n").unwrap();
+        assert_eq!(one.cluster.redis, Some(RedisAddrs::Single("redis://127.0.0.1:6379".into())));
+        let many = Config::from_toml(
+            "[store]\nkind = \"none\"\n[cluster]\nredis = [\"redis://a:7000\", \"redis://b:7001\"]\nnode_id = \"gw-1\"\n",
+        )
+        .unwrap();
+        assert!(many.cluster.redis.as_ref().unwrap().is_cluster());
+        assert_eq!(many.cluster.redis.unwrap().urls().len(), 2);
+        let e = Config::from_toml("[cluster]\nredis = \"redis://127.0.0.1:6379\"\n").unwrap_err().to_string();
+        assert!(e.contains("store.kind") && e.contains("\"disk\""), "{e}");
+        let e = Config::from_toml("[store]\nkind = \"redis\"\n").unwrap_err().to_string();
+        assert!(e.contains("cluster.redis"), "{e}");
+        let e =
+            Config::from_toml("[store]\nkind = \"none\"\n[cluster]\nredis = \"http://x\"\n").unwrap_err().to_string();
+        assert!(e.contains("not a redis:// URL"), "{e}");
+        let e = Config::from_toml("[store]\nkind = \"none\"\n[cluster]\nredis = \"redis://x\"\nnode_id = \"a b\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("cluster.node_id"), "{e}");
+        let e = Config::from_toml(
+            "[store]\nkind = \"none\"\n[cluster]\nredis = \"redis://x\"\nheartbeat_ms = 1000\nnode_ttl_ms = 1500\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("cluster.node_ttl_ms"), "{e}");
+        let id = ClusterConfig::default().node_id_or_default(7700);
+        assert!(id.ends_with(":7700") && id.len() > 5, "{id}");
     }
 }
 

@@ -262,6 +262,9 @@ pub fn open_store_with(cfg: &StoreConfig, dedup_window_ms: u64) -> Result<Option
     let limits = cfg.limits(dedup_window_ms);
     Ok(match cfg.kind {
         StoreKind::None => None,
+        StoreKind::Redis => {
+            return Err(StoreError::Unavailable("store.kind = \"redis\" is being built (issue 14)".into()));
+        }
         StoreKind::Memory => Some(Box::new(MemoryStore::new(limits))),
         StoreKind::Disk => Some(Box::new(DiskStore::open(&cfg.path, cfg.durability, limits)?)),
     })
