@@ -274,6 +274,19 @@ impl Directory {
         self.map(user).pin().get(user).is_some_and(|v| !v.as_slice().is_empty())
     }
 
+    /// Calls `f` with every user who has at least one connection (a walk
+    /// over the whole table: for rare, whole-node work such as re-writing
+    /// a cluster node's presence after Redis came back).
+    pub fn for_each_online(&self, mut f: impl FnMut(&Arc<str>)) {
+        for shard in self.shards.iter() {
+            for (user, conns) in shard.pin().iter() {
+                if !conns.as_slice().is_empty() {
+                    f(user);
+                }
+            }
+        }
+    }
+
     /// Users with at least one connection.
     pub fn user_count(&self) -> usize {
         let entries: usize = self.shards.iter().map(|m| m.len()).sum();

@@ -29,6 +29,7 @@ mod app;
 pub mod auth;
 pub mod authlog;
 pub mod client;
+pub mod cluster;
 pub mod config;
 mod demo;
 pub mod directory;

@@ -44,17 +44,12 @@ impl Handle {
         Ok(())
     }
 
-    /// Posts `cmd(conn)` to the owner of each connection of `user`.
-    fn post_to_user(&self, user: &str, mut cmd: impl FnMut(ConnId) -> Command) -> Result<usize, PushError> {
-        let conns = self.shared.directory.lookup(user);
-        let mut queued = 0;
-        for &c in &conns {
-            if self.shared.mailboxes[c.worker().0 as usize].push(cmd(c)).is_ok() {
-                queued += 1;
-            }
-        }
-        if queued < conns.len() {
-            return Err(PushError::Full { queued, targets: conns.len() });
+    /// Posts `cmd(conn)` to the owner of each connection of `user` on
+    /// this node.
+    fn post_to_user(&self, user: &str, cmd: impl FnMut(ConnId) -> Command) -> Result<usize, PushError> {
+        let (queued, targets) = self.shared.post_to_user(user, cmd);
+        if queued < targets {
+            return Err(PushError::Full { queued, targets });
         }
         Ok(queued)
     }
@@ -179,6 +174,7 @@ impl Handle {
                 .foreign_counters
                 .with(|c| crate::stats::bump(&c.detail.deliveries[crate::stats::DELIVERY_PUSH], connections as u64));
         }
+        self.shared.to_cluster(|| crate::cluster::Event::ToUser { user: Arc::from(user), frame });
         Ok(Pushed { msg_id, connections })
     }
 
@@ -192,6 +188,11 @@ impl Handle {
         self.check_open()?;
         self.shared.rooms.would_accept(room)?;
         let room: Arc<str> = Arc::from(room);
+        self.shared.to_cluster(|| crate::cluster::Event::Join {
+            user: Arc::from(user),
+            room: room.clone(),
+            join: true,
+        });
         self.post_to_user(user, |conn| Command::Join { conn, room: room.clone() })
     }
 
@@ -201,6 +202,11 @@ impl Handle {
         self.check_open()?;
         crate::rooms::check_room_name(room)?;
         let room: Arc<str> = Arc::from(room);
+        self.shared.to_cluster(|| crate::cluster::Event::Join {
+            user: Arc::from(user),
+            room: room.clone(),
+            join: false,
+        });
         self.post_to_user(user, |conn| Command::Leave { conn, room: room.clone() })
     }
 
@@ -218,6 +224,7 @@ impl Handle {
         let frame = Frame::RoomMsg { msg_id, room, from: "", payload }.to_bytes().expect("sizes checked above");
         let room: Arc<str> = Arc::from(room);
         let accepted_ns = self.shared.since_epoch_ns();
+        self.shared.to_cluster(|| crate::cluster::Event::Room { room: room.clone(), frame: frame.clone() });
         let workers =
             self.shared.post_all(frame, |frame| Command::Publish { room: room.clone(), frame, accepted_ns })?;
         Ok(Published { msg_id, workers })
@@ -235,6 +242,7 @@ impl Handle {
         let msg_id = self.shared.next_msg_id.fetch_add(1, Ordering::Relaxed);
         let frame = Frame::RoomMsg { msg_id, room: "", from: "", payload }.to_bytes().expect("sizes checked above");
         let accepted_ns = self.shared.since_epoch_ns();
+        self.shared.to_cluster(|| crate::cluster::Event::Broadcast(frame.clone()));
         let workers = self.shared.post_all(frame, |frame| Command::Broadcast { frame, accepted_ns })?;
         Ok(Published { msg_id, workers })
     }
@@ -285,6 +293,7 @@ impl Handle {
     /// Returns how many connections were told to close.
     pub fn kick_user(&self, user: &str) -> Result<usize, PushError> {
         Self::check_user(user)?;
+        self.shared.to_cluster(|| crate::cluster::Event::Kick(Arc::from(user)));
         self.post_to_user(user, |conn| Command::Close { conn, code: CloseCode::Kicked })
     }
 
@@ -512,6 +521,7 @@ impl ServerBuilder {
             admin: None,
             sweeper: Some(started.sweeper),
             store: started.store,
+            cluster: started.cluster,
         };
         if !admin.listen.is_empty() {
             let addr = admin.listen.parse().map_err(|_| ConfigError::Invalid {
@@ -589,6 +599,9 @@ pub struct Server {
     /// The store thread (`switchboard-store`), stopped after the workers
     /// so that what they queued is stored and synced.
     pub(crate) store: Option<crate::store::Service<crate::runtime::inbox::Token>>,
+    /// The cluster thread (`sb-cluster`), stopped last: the workers'
+    /// closing connections and the store's last messages go through it.
+    pub(crate) cluster: Option<crate::cluster::node::ClusterThread>,
 }
 
 impl Server {
@@ -638,6 +651,7 @@ impl Server {
                 tracing::error!("the message store's last sync failed: {e}");
             }
         }
+        drop(self.cluster.take());
         match self.handle.shared.failure.lock().unwrap_or_else(|e| e.into_inner()).take() {
             Some(e) => Err(e),
             None => Ok(()),

@@ -75,19 +75,13 @@ impl StoreSink {
         self.shared.mailboxes.get(conn.worker().0 as usize).is_some_and(|mb| mb.push(cmd).is_ok())
     }
 
-    /// A new message for `to`: a notice to each of its connections' workers.
-    /// Returns how many took it.
-    fn route(&self, to: &str, msg: StoredMessage) -> u32 {
-        let conns = self.shared.directory.lookup(to);
-        if conns.is_empty() {
-            return 0;
-        }
+    /// A new message for `to`: a notice to each of its connections'
+    /// workers here, and to the other nodes holding its connections.
+    /// Returns how many connections here took it.
+    fn route(&self, to: &Arc<str>, msg: StoredMessage) -> u32 {
         let msg = Arc::new(msg);
-        let mut delivered = 0;
-        for conn in conns.iter() {
-            delivered += u32::from(self.post(*conn, Command::Stored { conn: *conn, msg: msg.clone() }));
-        }
-        delivered
+        self.shared.to_cluster(|| crate::cluster::Event::Stored { user: to.clone(), msg: msg.clone() });
+        self.shared.route_stored(to, &msg)
     }
 }
 

@@ -228,8 +228,20 @@ pub(crate) fn start(
         epoch: Instant::now(),
         failure: std::sync::Mutex::new(None),
         store: std::sync::OnceLock::new(),
+        cluster: std::sync::OnceLock::new(),
         config,
     });
+    // The cluster thread before the store's: the store thread hands it
+    // stored messages for users on other nodes.
+    let cluster = match shared.config.cluster.redis {
+        Some(_) => {
+            let id: Arc<str> = Arc::from(shared.config.cluster.node_id_or_default(bound.port()));
+            let (link, rx) = crate::cluster::queue(shared.config.cluster.queue_capacity, id);
+            let _ = shared.cluster.set(link.clone());
+            Some(crate::cluster::node::ClusterThread::start(shared.clone(), link, rx)?)
+        }
+        None => None,
+    };
     let store = match store {
         Some(store) => {
             let cfg = crate::store::ServiceConfig::new(shared.config.store.queue_capacity);
@@ -280,7 +292,7 @@ pub(crate) fn start(
         let demo = shared.config.websocket.serves_demo();
         tracing::info!(addr = %a, demo_page = demo, "switchboard accepting WebSocket");
     }
-    Ok(Started { handle: Handle { shared }, threads, sweeper, store })
+    Ok(Started { handle: Handle { shared }, threads, sweeper, store, cluster })
 }
 
 /// A started server's parts, for `Server` (`server.rs`) to own.
@@ -290,6 +302,8 @@ pub(crate) struct Started {
     pub sweeper: Sweeper,
     /// The store thread, stopped after the workers.
     pub store: Option<crate::store::Service<inbox::Token>>,
+    /// The cluster thread, stopped after the store.
+    pub cluster: Option<crate::cluster::node::ClusterThread>,
 }
 
 /// The directory's sweeper: a thread (`sb-directory`) that removes the

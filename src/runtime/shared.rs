@@ -95,6 +95,9 @@ pub(crate) struct Shared {
     /// The store thread's queue, when `store.kind` is not `none` (set once
     /// at start, before the workers run).
     pub store: std::sync::OnceLock<crate::store::Submitter<super::inbox::Token>>,
+    /// The queue to the `sb-cluster` thread, when `cluster.redis` is set
+    /// (set once at start, before the workers run).
+    pub cluster: std::sync::OnceLock<crate::cluster::Link>,
 }
 
 impl Shared {
@@ -102,6 +105,48 @@ impl Shared {
     /// fits a `u64` in a mailbox command.
     pub(crate) fn since_epoch_ns(&self) -> u64 {
         self.epoch.elapsed().as_nanos() as u64
+    }
+
+    /// Hands `ev` to the cluster thread (nothing without a cluster). Never
+    /// blocks; a full queue refuses it (counted in `ClusterCounters`).
+    #[inline]
+    pub(crate) fn to_cluster(&self, ev: impl FnOnce() -> crate::cluster::Event) {
+        if let Some(link) = self.cluster.get() {
+            link.send(ev());
+        }
+    }
+
+    /// Whether this node is part of a cluster.
+    #[inline]
+    pub(crate) fn clustered(&self) -> bool {
+        self.cluster.get().is_some()
+    }
+
+    /// Posts `make(conn)` to the owner of each connection of `user` on
+    /// this node. Returns (queued, connections).
+    pub(crate) fn post_to_user(&self, user: &str, mut make: impl FnMut(ConnId) -> Command) -> (usize, usize) {
+        let conns = self.directory.lookup(user);
+        let mut queued = 0;
+        for &c in &conns {
+            if self.mailboxes[c.worker().0 as usize].push(make(c)).is_ok() {
+                queued += 1;
+            }
+        }
+        (queued, conns.len())
+    }
+
+    /// A message stored in `to`'s inbox: a notice to the worker of each of
+    /// its connections on this node. Returns how many took it (a full
+    /// mailbox drops the notice: the message is in the store, and the
+    /// device gets it from there).
+    pub(crate) fn route_stored(&self, to: &str, msg: &Arc<crate::store::StoredMessage>) -> u32 {
+        let conns = self.directory.lookup(to);
+        let mut delivered = 0;
+        for &conn in conns.iter() {
+            let mb = &self.mailboxes[conn.worker().0 as usize];
+            delivered += u32::from(mb.push(Command::Stored { conn, msg: msg.clone() }).is_ok());
+        }
+        delivered
     }
 
     /// Asks every worker to shut down (see `Handle::shutdown`).

@@ -251,7 +251,10 @@ impl crate::proto::conn::Env for Io<'_> {
         }
         let id = self.conn_id();
         match w.shared.directory.register(user, id) {
-            Ok(key) => Ok((id.to_u64(), key)),
+            Ok(key) => {
+                w.shared.to_cluster(|| crate::cluster::Event::Online(key.clone()));
+                Ok((id.to_u64(), key))
+            }
             Err(e) => Err(LoginRefused {
                 code: LoginErrorCode::TooManyConnections as u16,
                 reason: format!("user already has {} connections (limits.max_conns_per_user)", e.limit),
@@ -282,6 +285,9 @@ impl crate::proto::conn::Env for Io<'_> {
         }
         bump(&w.counters().detail.deliveries[crate::stats::DELIVERY_PUSH], delivered as u64);
         *w.lookup.borrow_mut() = targets;
+        // Other nodes: the cluster thread forwards it to those holding
+        // connections of `to` (the SEND's count is this node's).
+        w.shared.to_cluster(|| crate::cluster::Event::ToUser { user: Arc::from(to), frame });
         (msg_id, delivered)
     }
 
@@ -376,6 +382,7 @@ impl crate::proto::conn::Env for Io<'_> {
         // Every worker's members, this one's included, are reached through
         // the mailboxes, so the fan-out runs in the mailbox loop, in steps.
         let accepted_ns = w.shared.since_epoch_ns();
+        w.shared.to_cluster(|| crate::cluster::Event::Room { room: name.clone(), frame: frame.clone() });
         if w.shared.post_all(frame, |frame| Command::Publish { room: name.clone(), frame, accepted_ns }).is_err() {
             return Err((ErrorCode::Overloaded, "a worker mailbox is full; not every member got the message".into()));
         }
@@ -616,6 +623,7 @@ impl Worker {
     fn unregister(&self, user: &Arc<str>, slot: u32, generation: u32) {
         let removed = self.shared.directory.unregister(user, ConnId::new(self.id, slot, generation));
         debug_assert!(removed, "a logged-in connection is in the directory");
+        self.shared.to_cluster(|| crate::cluster::Event::Offline(user.clone()));
         drop_one(&self.counters().logged_in);
     }
 
@@ -863,6 +871,10 @@ impl Worker {
             return Err(RoomError::ConnRoomLimit { limit });
         }
         let name = self.shared.rooms.join(room, creator)?;
+        if self.shared.clustered() && self.shared.rooms.size(&name) == 1 {
+            // The node's first member: subscribe to the room's channel.
+            self.shared.to_cluster(|| crate::cluster::Event::RoomChanged(name.clone()));
+        }
         let entry = rooms.add(&name, Member { slot, generation });
         s.rooms.get_or_insert_with(Default::default).push(entry);
         Ok(())
@@ -907,6 +919,9 @@ impl Worker {
             }
         }
         self.shared.rooms.leave(&name);
+        if self.shared.clustered() && self.shared.rooms.size(&name) == 0 {
+            self.shared.to_cluster(|| crate::cluster::Event::RoomChanged(name));
+        }
     }
 
     /// Leaves every room (the connection is closing or gone). `rooms` was

@@ -1,0 +1,151 @@
+//! Many gateways, one system: presence, routing and room fan-out across
+//! nodes through Redis or Redis Cluster (docs/SCALING.md).
+//!
+//! Owns: the events the runtime hands over for other nodes ([`Event`]),
+//! the bounded queue they wait in ([`Link`]), the counters of cross-node
+//! work ([`ClusterCounters`]), and the `sb-cluster` thread ([`node`]) that
+//! talks to Redis on a current-thread tokio runtime of its own.
+//! Must not: let an io_uring worker wait on Redis. A worker or handle only
+//! does [`Link::send`], which never blocks: a full queue refuses the event
+//! and counts it. What arrives from other nodes is delivered the way a
+//! local push is (directory lookup, then the write path or the worker
+//! mailboxes), from the `sb-cluster` thread.
+//!
+//! In Redis (every key of a user shares the hash tag `{<user>}`):
+//! - `sb:{<user>}:nodes`: hash node id → unix ms of the login that wrote
+//!   it; one write per login and per last logout of the user on a node.
+//! - `sb:nodes`: sorted set node id → the Redis clock (ms) of its last
+//!   heartbeat. A node not heard of for `cluster.node_ttl_ms` is dead:
+//!   readers ignore its presence fields and delete the ones they meet.
+//!
+//! Channels (classic pub/sub; in a Redis Cluster a PUBLISH reaches
+//! subscribers on every shard):
+//! - `sb:n:<node>`: batches of forwards for the users on that node;
+//! - `sb:r:<room>`: batches of ROOM_MSG frames, subscribed by the nodes
+//!   that have members of the room, only while they have them;
+//! - `sb:all`: broadcasts; `sb:login`: logins, which drop cached routes.
+
+pub mod node;
+pub mod routes;
+pub mod wire;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::store::StoredMessage;
+
+/// Cross-node work handed to the `sb-cluster` thread.
+#[derive(Debug)]
+pub(crate) enum Event {
+    /// A connection of `user` logged in on this node.
+    Online(Arc<str>),
+    /// A connection of `user` on this node closed (the thread looks at the
+    /// directory: only a user with none left here is removed).
+    Offline(Arc<str>),
+    /// An encoded PUSH for `user`'s connections on other nodes.
+    ToUser { user: Arc<str>, frame: Bytes },
+    /// A message stored in `user`'s inbox, for the windows of its device
+    /// connections on other nodes.
+    Stored { user: Arc<str>, msg: Arc<StoredMessage> },
+    /// Close `user`'s connections on other nodes (4003).
+    Kick(Arc<str>),
+    /// Join (or leave) `user`'s connections on other nodes to a room.
+    Join { user: Arc<str>, room: Arc<str>, join: bool },
+    /// An encoded ROOM_MSG for the room's members on other nodes.
+    Room { room: Arc<str>, frame: Bytes },
+    /// An encoded ROOM_MSG (empty room name) for every other node.
+    Broadcast(Bytes),
+    /// This node's members of `room` may have gone from none to some or
+    /// back: the thread subscribes or unsubscribes as the room is now.
+    RoomChanged(Arc<str>),
+}
+
+// Queued by the million under load: keep it small.
+const _: () = assert!(std::mem::size_of::<Event>() <= 56);
+
+/// Counters of cross-node work, readable from any thread.
+#[derive(Debug, Default)]
+pub struct ClusterCounters {
+    /// Commands sent to Redis (PUBLISH, HSET, HGETALL, ...).
+    pub redis_commands: AtomicU64,
+    /// Waits for Redis: one per group of commands sent together (a batch's
+    /// lookups, then its publishes and presence writes).
+    pub redis_round_trips: AtomicU64,
+    /// Commands that failed or timed out.
+    pub redis_errors: AtomicU64,
+    /// Records sent to other nodes (forwards, room and broadcast frames,
+    /// login notices).
+    pub records_sent: AtomicU64,
+    /// PUBLISHes that carried them.
+    pub batches_sent: AtomicU64,
+    /// Records received from other nodes.
+    pub records_received: AtomicU64,
+    /// Batches received from other nodes.
+    pub batches_received: AtomicU64,
+    /// Received batches that could not be read (dropped whole).
+    pub batches_malformed: AtomicU64,
+    /// Local connections written to (or notified) for received records.
+    pub deliveries: AtomicU64,
+    /// Events refused because the queue to the `sb-cluster` thread was full.
+    pub queue_full: AtomicU64,
+    /// Forwards dropped because Redis failed (at-most-once messages lost;
+    /// a stored message stays in the inbox).
+    pub forwards_failed: AtomicU64,
+    /// Route lookups answered from the cache, and those read from Redis.
+    pub route_cache_hits: AtomicU64,
+    pub route_lookups: AtomicU64,
+    /// Presence writes (HSET at login, HDEL at the last logout).
+    pub presence_writes: AtomicU64,
+    /// Full re-registrations of this node's users (after Redis came back).
+    pub presence_resyncs: AtomicU64,
+    /// 1 while the pub/sub connection is up and the last heartbeat
+    /// succeeded, else 0.
+    pub connected: AtomicU64,
+    /// Other nodes alive at the last heartbeat.
+    pub live_nodes: AtomicU64,
+    /// Rooms this node is subscribed to.
+    pub room_subscriptions: AtomicU64,
+}
+
+impl ClusterCounters {
+    pub(crate) fn add(c: &AtomicU64, n: u64) {
+        c.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+/// The producers' end of the queue to the `sb-cluster` thread.
+#[derive(Clone)]
+pub(crate) struct Link {
+    tx: tokio::sync::mpsc::Sender<Event>,
+    pub counters: Arc<ClusterCounters>,
+    pub node_id: Arc<str>,
+}
+
+impl Link {
+    /// Hands `ev` over without waiting; false (and counted) when the queue
+    /// is full or the thread has stopped.
+    pub(crate) fn send(&self, ev: Event) -> bool {
+        match self.tx.try_send(ev) {
+            Ok(()) => true,
+            Err(_) => {
+                let n = self.counters.queue_full.fetch_add(1, Ordering::Relaxed);
+                if n.is_power_of_two() {
+                    tracing::warn!(
+                        refused = n + 1,
+                        "cluster: the queue to the Redis thread is full (cluster.queue_capacity); \
+                         cross-node work is refused until Redis keeps up"
+                    );
+                }
+                false
+            }
+        }
+    }
+}
+
+/// Makes the queue: the producers' end and the thread's end.
+pub(crate) fn queue(capacity: usize, node_id: Arc<str>) -> (Link, tokio::sync::mpsc::Receiver<Event>) {
+    let (tx, rx) = tokio::sync::mpsc::channel(capacity);
+    (Link { tx, counters: Arc::default(), node_id }, rx)
+}

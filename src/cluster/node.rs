@@ -1,0 +1,809 @@
+//! The `sb-cluster` thread: this node's side of the cluster, on a
+//! current-thread tokio runtime of its own, with the `redis` crate.
+//!
+//! Owns: the connections to Redis (one multiplexed data connection, a
+//! Redis Cluster client when `cluster.redis` is a list, and one pub/sub
+//! connection), the node's heartbeat and the live-node set, presence
+//! writes, the route cache, batching of forwards, room subscriptions, and
+//! the delivery of what other nodes send.
+//! Must not: block a worker or a handle (they only queue, see `Link`);
+//! hold a `RefCell` borrow across an `.await`; grow without bound (the
+//! queue, the cache and each PUBLISH have limits from `[cluster]`).
+//!
+//! One turn of the forwarder: take every queued event (up to
+//! [`MAX_EVENTS_PER_TURN`]), look up in one go the users whose routes are
+//! not cached (and, always, the users of stored messages: see
+//! [`Node::lookup`]), then send every PUBLISH and presence write of the
+//! turn together and wait once. While a turn waits on Redis, new events
+//! queue up for the next: the busier the node, the more messages share a
+//! round trip.
+//!
+//! Faults: a failed or timed-out command is counted and its forwards
+//! dropped (an at-most-once message is lost; a stored message stays in the
+//! inbox and reaches the device at its next message or login); presence
+//! writes that failed are redone whole once Redis answers again ("resync":
+//! every local user re-registered, the route cache dropped, rooms
+//! re-subscribed). The pub/sub connection reconnects by itself with a
+//! backoff; the data connection reconnects on the next command.
+
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, HashSet};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use redis::{Cmd, RedisResult, Value};
+
+use super::routes::{Nodes, RouteCache};
+use super::wire::{self, BatchWriter, Record};
+use super::{ClusterCounters, Event, Link};
+use crate::config::{ClusterConfig, RedisAddrs};
+use crate::ids::ConnId;
+use crate::proto::codes::CloseCode;
+use crate::runtime::{Command, Shared};
+use crate::store::StoredMessage;
+
+/// Events taken in one turn of the forwarder.
+pub const MAX_EVENTS_PER_TURN: usize = 8192;
+
+/// Presence keys expire this long after their last write, so the fields of
+/// a node that died and never came back do not stay forever; every node
+/// rewrites its users' fields every [`PRESENCE_REFRESH`].
+pub const PRESENCE_KEY_TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// How often a node rewrites the presence of all its users.
+pub const PRESENCE_REFRESH: Duration = Duration::from_secs(6 * 3600);
+
+/// Users re-registered per round trip during a resync.
+const RESYNC_CHUNK: usize = 1000;
+
+/// A node not heard of for this long is dropped from `sb:nodes`.
+const FORGET_NODE_MS: u64 = 24 * 3600 * 1000;
+
+/// The heartbeat: Redis's clock, so nodes need not agree on the time.
+/// KEYS[1] = sb:nodes; ARGV = node id, node_ttl_ms, forget_ms. Returns
+/// the nodes alive.
+const HEARTBEAT_LUA: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZADD', KEYS[1], now, ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[3]))
+return redis.call('ZRANGE', KEYS[1], now - tonumber(ARGV[2]), '+inf', 'BYSCORE')
+";
+
+/// The presence hash of `user`.
+pub fn presence_key(user: &str) -> String {
+    format!("sb:{{{user}}}:nodes")
+}
+
+/// The channel of node `node`.
+pub fn node_channel(node: &str) -> String {
+    format!("sb:n:{node}")
+}
+
+/// The channel of room `room`.
+pub fn room_channel(room: &str) -> String {
+    format!("sb:r:{room}")
+}
+
+/// Broadcasts.
+pub const ALL_CHANNEL: &str = "sb:all";
+/// Logins (drop cached routes).
+pub const LOGIN_CHANNEL: &str = "sb:login";
+/// The live-node set.
+pub const NODES_KEY: &str = "sb:nodes";
+
+fn unix_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The running thread; stopped (after a last turn) when dropped.
+pub(crate) struct ClusterThread {
+    stop: Arc<AtomicBool>,
+    wake: Arc<tokio::sync::Notify>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ClusterThread {
+    pub(crate) fn start(
+        shared: Arc<Shared>,
+        link: Link,
+        rx: tokio::sync::mpsc::Receiver<Event>,
+    ) -> std::io::Result<ClusterThread> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let wake = Arc::new(tokio::sync::Notify::new());
+        let (stop2, wake2) = (stop.clone(), wake.clone());
+        let thread = std::thread::Builder::new().name("sb-cluster".into()).spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    tracing::error!("cluster: cannot start the Redis thread's runtime: {e}");
+                    return;
+                }
+            };
+            let local = tokio::task::LocalSet::new();
+            local.block_on(&rt, run(shared, link, rx, stop2, wake2));
+        })?;
+        Ok(ClusterThread { stop, wake, thread: Some(thread) })
+    }
+}
+
+impl Drop for ClusterThread {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        self.wake.notify_one();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The data connection: one multiplexed connection to a single Redis, or
+/// a Redis Cluster client (one multiplexed connection per shard).
+#[derive(Clone)]
+enum Data {
+    One(redis::aio::ConnectionManager),
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl Data {
+    async fn connect(addrs: &RedisAddrs, timeout: Duration) -> RedisResult<Data> {
+        match addrs {
+            RedisAddrs::Single(url) => {
+                let client = redis::Client::open(url.as_str())?;
+                let cfg = redis::aio::ConnectionManagerConfig::new()
+                    .set_response_timeout(Some(timeout))
+                    .set_connection_timeout(Some(timeout))
+                    .set_number_of_retries(2)
+                    .set_max_delay(timeout);
+                Ok(Data::One(redis::aio::ConnectionManager::new_with_config(client, cfg).await?))
+            }
+            RedisAddrs::Cluster(urls) => {
+                let client = redis::cluster::ClusterClient::builder(urls.iter().map(|u| u.as_str()))
+                    .connection_timeout(timeout)
+                    .response_timeout(timeout)
+                    .retries(2)
+                    .build()?;
+                Ok(Data::Cluster(client.get_async_connection().await?))
+            }
+        }
+    }
+
+    async fn run(&self, cmd: &Cmd, timeout: Duration) -> RedisResult<Value> {
+        let fut = async {
+            match self.clone() {
+                Data::One(mut c) => cmd.query_async(&mut c).await,
+                Data::Cluster(mut c) => cmd.query_async(&mut c).await,
+            }
+        };
+        match tokio::time::timeout(timeout + timeout / 2, fut).await {
+            Ok(r) => r,
+            Err(_) => {
+                Err(redis::RedisError::from(std::io::Error::new(std::io::ErrorKind::TimedOut, "redis timed out")))
+            }
+        }
+    }
+}
+
+/// What a turn of the forwarder found out and must send.
+#[derive(Default)]
+struct Outbox {
+    /// Forwards per destination channel, in order.
+    per_channel: Vec<(String, Vec<Record>)>,
+    index: HashMap<String, usize>,
+    /// Presence writes (HSET, PEXPIRE, HDEL).
+    presence: Vec<Cmd>,
+}
+
+impl Outbox {
+    fn add(&mut self, channel: String, r: Record) {
+        let i = match self.index.get(&channel) {
+            Some(&i) => i,
+            None => {
+                self.per_channel.push((channel.clone(), Vec::new()));
+                self.index.insert(channel, self.per_channel.len() - 1);
+                self.per_channel.len() - 1
+            }
+        };
+        self.per_channel[i].1.push(r);
+    }
+}
+
+struct Node {
+    shared: Arc<Shared>,
+    me: Arc<str>,
+    cfg: ClusterConfig,
+    addrs: RedisAddrs,
+    counters: Arc<ClusterCounters>,
+    link: Link,
+    timeout: Duration,
+    data: RefCell<Option<Data>>,
+    sink: RefCell<Option<redis::aio::PubSubSink>>,
+    cache: RefCell<RouteCache>,
+    /// Other nodes alive at the last heartbeat, and when it was read.
+    live: RefCell<(HashSet<Arc<str>>, Option<Instant>)>,
+    subscribed_rooms: RefCell<HashSet<Arc<str>>>,
+    /// Presence in Redis may be behind this node's users: redo it whole.
+    resync: Cell<bool>,
+    pubsub_up: Cell<bool>,
+}
+
+async fn run(
+    shared: Arc<Shared>,
+    link: Link,
+    mut rx: tokio::sync::mpsc::Receiver<Event>,
+    stop: Arc<AtomicBool>,
+    wake: Arc<tokio::sync::Notify>,
+) {
+    let cfg = shared.config.cluster.clone();
+    let Some(addrs) = cfg.redis.clone() else { return };
+    let node = Rc::new(Node {
+        me: link.node_id.clone(),
+        counters: link.counters.clone(),
+        timeout: Duration::from_millis(cfg.command_timeout_ms),
+        cache: RefCell::new(RouteCache::new(cfg.route_cache_entries, cfg.route_cache_ms)),
+        cfg,
+        addrs,
+        link,
+        shared,
+        data: RefCell::new(None),
+        sink: RefCell::new(None),
+        live: RefCell::new((HashSet::new(), None)),
+        subscribed_rooms: RefCell::new(HashSet::new()),
+        resync: Cell::new(true),
+        pubsub_up: Cell::new(false),
+    });
+    tracing::info!(node = %node.me, redis = ?node.addrs.urls(), "cluster: joining");
+    let sub = tokio::task::spawn_local(node.clone().subscriber(stop.clone()));
+    let beat = tokio::task::spawn_local(node.clone().heartbeat(stop.clone()));
+    let mut events = Vec::with_capacity(MAX_EVENTS_PER_TURN);
+    loop {
+        tokio::select! {
+            n = rx.recv_many(&mut events, MAX_EVENTS_PER_TURN) => {
+                if n == 0 {
+                    break;
+                }
+                node.turn(&mut events).await;
+            }
+            _ = wake.notified() => {}
+        }
+        if stop.load(Ordering::Acquire) {
+            // A last turn for what the workers queued while closing (their
+            // users' presence), then leave the live set at once.
+            while let Ok(ev) = rx.try_recv() {
+                events.push(ev);
+                if events.len() == MAX_EVENTS_PER_TURN {
+                    node.turn(&mut events).await;
+                }
+            }
+            node.turn(&mut events).await;
+            node.leave().await;
+            break;
+        }
+    }
+    sub.abort();
+    beat.abort();
+}
+
+impl Node {
+    /// The data connection, connecting first if needed.
+    async fn data(&self) -> Option<Data> {
+        if let Some(d) = self.data.borrow().clone() {
+            return Some(d);
+        }
+        match Data::connect(&self.addrs, self.timeout).await {
+            Ok(d) => {
+                *self.data.borrow_mut() = Some(d.clone());
+                Some(d)
+            }
+            Err(e) => {
+                ClusterCounters::add(&self.counters.redis_errors, 1);
+                tracing::warn!("cluster: cannot connect to Redis {:?}: {e}", self.addrs.urls());
+                None
+            }
+        }
+    }
+
+    /// Sends `cmds` together and waits once for all their answers.
+    async fn exec(&self, cmds: &[Cmd]) -> Vec<RedisResult<Value>> {
+        if cmds.is_empty() {
+            return Vec::new();
+        }
+        let Some(data) = self.data().await else {
+            return cmds
+                .iter()
+                .map(|_| Err(redis::RedisError::from(std::io::Error::other("redis unreachable"))))
+                .collect();
+        };
+        ClusterCounters::add(&self.counters.redis_commands, cmds.len() as u64);
+        ClusterCounters::add(&self.counters.redis_round_trips, 1);
+        let results = futures_util::future::join_all(cmds.iter().map(|c| data.run(c, self.timeout))).await;
+        let failed = results.iter().filter(|r| r.is_err()).count();
+        if failed > 0 {
+            ClusterCounters::add(&self.counters.redis_errors, failed as u64);
+            if let Some(Err(e)) = results.iter().find(|r| r.is_err()) {
+                tracing::warn!(failed, "cluster: Redis commands failed: {e}");
+            }
+        }
+        results
+    }
+
+    /// One turn: see the module doc.
+    async fn turn(&self, events: &mut Vec<Event>) {
+        if events.is_empty() {
+            return;
+        }
+        let now = unix_ms();
+        let mut out = Outbox::default();
+        // Users whose routes this turn needs from Redis: stored messages
+        // always (see `lookup`), the rest on a cache miss.
+        let mut fresh: Vec<Arc<str>> = Vec::new();
+        let mut seen: HashSet<Arc<str>> = HashSet::new();
+        let mut presence_written = false;
+        for ev in events.iter() {
+            let user = match ev {
+                Event::Stored { user, .. } => {
+                    if seen.insert(user.clone()) {
+                        fresh.push(user.clone());
+                    }
+                    continue;
+                }
+                Event::ToUser { user, .. } | Event::Kick(user) | Event::Join { user, .. } => user,
+                _ => continue,
+            };
+            if self.cache.borrow().get(user, now).is_some() {
+                ClusterCounters::add(&self.counters.route_cache_hits, 1);
+            } else if seen.insert(user.clone()) {
+                fresh.push(user.clone());
+            }
+        }
+        let routes = self.lookup(&fresh, now).await;
+        for ev in events.drain(..) {
+            match ev {
+                Event::Online(user) => {
+                    let key = presence_key(&user);
+                    out.presence.push(redis::cmd("HSET").arg(&key).arg(&*self.me).arg(now).clone());
+                    out.presence.push(redis::cmd("PEXPIRE").arg(&key).arg(PRESENCE_KEY_TTL.as_millis() as u64).clone());
+                    out.add(LOGIN_CHANNEL.to_string(), Record::Login { user: bytes_of(&user) });
+                    presence_written = true;
+                }
+                Event::Offline(user) => {
+                    if !self.shared.directory.is_online(&user) {
+                        out.presence.push(redis::cmd("HDEL").arg(presence_key(&user)).arg(&*self.me).clone());
+                        presence_written = true;
+                    }
+                }
+                Event::ToUser { user, frame } => {
+                    self.route(&routes, &user, now, &mut out, Record::User { user: bytes_of(&user), frame })
+                }
+                Event::Stored { user, msg } => {
+                    let r = Record::Stored {
+                        user: bytes_of(&user),
+                        seq: msg.seq,
+                        msg_id: msg.msg_id,
+                        ts_ms: msg.ts_ms,
+                        from: bytes_of(&msg.from),
+                        payload: msg.payload.clone(),
+                    };
+                    self.route(&routes, &user, now, &mut out, r)
+                }
+                Event::Kick(user) => self.route(&routes, &user, now, &mut out, Record::Kick { user: bytes_of(&user) }),
+                Event::Join { user, room, join } => {
+                    let (u, r) = (bytes_of(&user), bytes_of(&room));
+                    let rec = if join { Record::Join { user: u, room: r } } else { Record::Leave { user: u, room: r } };
+                    self.route(&routes, &user, now, &mut out, rec)
+                }
+                Event::Room { room, frame } => out.add(room_channel(&room), Record::Frame { frame }),
+                Event::Broadcast(frame) => out.add(ALL_CHANNEL.to_string(), Record::Frame { frame }),
+                Event::RoomChanged(room) => self.room_changed(room).await,
+            }
+        }
+        self.send(out, presence_written).await;
+    }
+
+    /// Forwards `r` to every other node holding connections of `user`.
+    fn route(&self, routes: &HashMap<Arc<str>, Nodes>, user: &Arc<str>, now: u64, out: &mut Outbox, r: Record) {
+        let cached;
+        let nodes = match routes.get(user) {
+            Some(n) => n,
+            None => match self.cache.borrow().get(user, now) {
+                Some(n) => {
+                    cached = n.clone();
+                    &cached
+                }
+                None => return,
+            },
+        };
+        for n in nodes.iter() {
+            out.add(node_channel(n), r.clone());
+        }
+    }
+
+    /// Reads the presence of `users` from Redis (all at once) and caches
+    /// it. A node not in the live set is left out, and its field deleted
+    /// when the live set is fresh.
+    ///
+    /// Stored messages are always looked up, never taken from the cache:
+    /// with a Redis store a device's login writes its node into presence
+    /// before it reads the inbox head (`RedisStore::device_login`), and
+    /// this lookup runs after the append, so either the login's read of
+    /// the inbox includes the message or this lookup sees the node. A
+    /// cached answer could predate the login.
+    async fn lookup(&self, users: &[Arc<str>], now: u64) -> HashMap<Arc<str>, Nodes> {
+        let mut routes = HashMap::new();
+        if users.is_empty() {
+            return routes;
+        }
+        ClusterCounters::add(&self.counters.route_lookups, users.len() as u64);
+        let cmds: Vec<Cmd> = users.iter().map(|u| redis::cmd("HGETALL").arg(presence_key(u)).clone()).collect();
+        let results = self.exec(&cmds).await;
+        let (live, fresh_live) = {
+            let l = self.live.borrow();
+            let fresh = l.1.is_some_and(|t| t.elapsed() < Duration::from_millis(self.cfg.heartbeat_ms * 2));
+            (l.0.clone(), fresh)
+        };
+        let mut stale: Vec<Cmd> = Vec::new();
+        for (user, r) in users.iter().zip(results) {
+            let Ok(v) = r else { continue };
+            let fields: HashMap<String, Value> = redis::from_redis_value(v).unwrap_or_default();
+            let mut nodes = Nodes::new();
+            for node in fields.keys() {
+                if **node == *self.me {
+                    continue;
+                }
+                match live.get(node.as_str()) {
+                    Some(n) => nodes.push(n.clone()),
+                    None if fresh_live => {
+                        stale.push(redis::cmd("HDEL").arg(presence_key(user)).arg(node).clone());
+                    }
+                    // Without a fresh live set, forward to every node
+                    // listed: a forward to a dead node is only wasted.
+                    None => nodes.push(Arc::from(node.as_str())),
+                }
+            }
+            self.cache.borrow_mut().insert(user.clone(), nodes.clone(), now);
+            routes.insert(user.clone(), nodes);
+        }
+        if !stale.is_empty() {
+            // Fields of dead nodes: gone from the map for every reader.
+            let _ = self.exec(&stale).await;
+        }
+        routes
+    }
+
+    /// Sends a turn's PUBLISHes and presence writes together.
+    async fn send(&self, out: Outbox, presence_written: bool) {
+        let mut cmds = out.presence;
+        let n_presence = cmds.len();
+        let mut records_per_cmd = vec![0usize; n_presence];
+        for (channel, records) in out.per_channel {
+            let mut w = BatchWriter::new(&self.me, self.cfg.max_batch_bytes).expect("node ids are at most 64 bytes");
+            for r in records {
+                if !w.fits(&r) {
+                    let full = std::mem::replace(
+                        &mut w,
+                        BatchWriter::new(&self.me, self.cfg.max_batch_bytes).expect("node ids are at most 64 bytes"),
+                    );
+                    records_per_cmd.push(full.len());
+                    cmds.push(redis::cmd("PUBLISH").arg(&channel).arg(&full.finish()[..]).clone());
+                }
+                if w.push(&r).is_err() {
+                    debug_assert!(false, "user ids and room names fit a str8");
+                }
+            }
+            if !w.is_empty() {
+                records_per_cmd.push(w.len());
+                cmds.push(redis::cmd("PUBLISH").arg(&channel).arg(&w.finish()[..]).clone());
+            }
+        }
+        let results = self.exec(&cmds).await;
+        let mut presence_failed = false;
+        for (i, r) in results.iter().enumerate() {
+            if i < n_presence {
+                presence_failed |= r.is_err();
+                ClusterCounters::add(&self.counters.presence_writes, 1);
+                continue;
+            }
+            match r {
+                Ok(_) => {
+                    ClusterCounters::add(&self.counters.batches_sent, 1);
+                    ClusterCounters::add(&self.counters.records_sent, records_per_cmd[i] as u64);
+                }
+                Err(_) => ClusterCounters::add(&self.counters.forwards_failed, records_per_cmd[i] as u64),
+            }
+        }
+        if presence_written && presence_failed {
+            self.resync.set(true);
+        }
+    }
+
+    /// Subscribes to `room` when this node has members of it now, and
+    /// unsubscribes when it has none.
+    async fn room_changed(&self, room: Arc<str>) {
+        let want = self.shared.rooms.size(&room) > 0;
+        let have = self.subscribed_rooms.borrow().contains(&room);
+        if want == have {
+            return;
+        }
+        if want {
+            self.subscribed_rooms.borrow_mut().insert(room.clone());
+        } else {
+            self.subscribed_rooms.borrow_mut().remove(&room);
+        }
+        self.counters.room_subscriptions.store(self.subscribed_rooms.borrow().len() as u64, Ordering::Relaxed);
+        let sink = self.sink.borrow().clone();
+        if let Some(mut sink) = sink {
+            let ch = room_channel(&room);
+            let r = if want { sink.subscribe(&ch).await } else { sink.unsubscribe(&ch).await };
+            if let Err(e) = r {
+                // The pub/sub connection is going down; its reconnection
+                // subscribes to every room in `subscribed_rooms`.
+                tracing::debug!("cluster: (un)subscribe {ch}: {e}");
+            }
+        }
+    }
+
+    /// Keeps the pub/sub connection up: (re)connects with a backoff,
+    /// subscribes, and delivers what arrives.
+    async fn subscriber(self: Rc<Self>, stop: Arc<AtomicBool>) {
+        let urls = self.addrs.urls();
+        let mut attempt = 0usize;
+        while !stop.load(Ordering::Acquire) {
+            let url = &urls[attempt % urls.len()];
+            attempt += 1;
+            match self.subscribe_all(url).await {
+                Ok(mut stream) => {
+                    attempt = 0;
+                    self.pubsub_up.set(true);
+                    self.update_connected();
+                    // Logins may have been missed while unsubscribed, and a
+                    // restarted Redis may have lost presence: redo both.
+                    self.cache.borrow_mut().clear();
+                    self.resync.set(true);
+                    tracing::info!(node = %self.me, url, "cluster: subscribed");
+                    while let Some(msg) = stream.next().await {
+                        self.on_message(msg.get_channel_name(), msg.get_payload_bytes());
+                    }
+                    self.pubsub_up.set(false);
+                    self.update_connected();
+                    *self.sink.borrow_mut() = None;
+                    tracing::warn!(node = %self.me, url, "cluster: the pub/sub connection to Redis closed; reconnecting");
+                }
+                Err(e) => {
+                    ClusterCounters::add(&self.counters.redis_errors, 1);
+                    if attempt % urls.len() == 1 || urls.len() == 1 {
+                        tracing::warn!(node = %self.me, url, "cluster: cannot subscribe: {e}");
+                    }
+                }
+            }
+            let backoff = Duration::from_millis((100u64 << attempt.min(5)).min(2_000));
+            tokio::time::sleep(backoff).await;
+        }
+    }
+
+    async fn subscribe_all(&self, url: &str) -> RedisResult<redis::aio::PubSubStream> {
+        let client = redis::Client::open(url)?;
+        let timed_out = || redis::RedisError::from(std::io::Error::new(std::io::ErrorKind::TimedOut, "timed out"));
+        let pubsub = tokio::time::timeout(self.timeout, client.get_async_pubsub()).await.map_err(|_| timed_out())??;
+        let (mut sink, stream) = pubsub.split();
+        let mut channels = vec![node_channel(&self.me), ALL_CHANNEL.to_string(), LOGIN_CHANNEL.to_string()];
+        tokio::time::timeout(self.timeout, sink.subscribe(&channels)).await.map_err(|_| timed_out())??;
+        // Rooms as they are now; a change while this runs is applied by
+        // `room_changed` through the sink stored below, or was in the set
+        // read here.
+        channels.clear();
+        for room in self.subscribed_rooms.borrow().iter() {
+            channels.push(room_channel(room));
+        }
+        for chunk in channels.chunks(1024) {
+            tokio::time::timeout(self.timeout, sink.subscribe(chunk)).await.map_err(|_| timed_out())??;
+        }
+        *self.sink.borrow_mut() = Some(sink);
+        Ok(stream)
+    }
+
+    fn update_connected(&self) {
+        let beat_ok = self.live.borrow().1.is_some_and(|t| t.elapsed() < Duration::from_millis(self.cfg.node_ttl_ms));
+        self.counters.connected.store(u64::from(self.pubsub_up.get() && beat_ok), Ordering::Relaxed);
+    }
+
+    /// Renews this node's liveness, reads the live set, and re-registers
+    /// presence when it may be behind.
+    async fn heartbeat(self: Rc<Self>, stop: Arc<AtomicBool>) {
+        let script = redis::Script::new(HEARTBEAT_LUA);
+        let mut last_refresh = Instant::now();
+        let mut tick = tokio::time::interval(Duration::from_millis(self.cfg.heartbeat_ms));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        while !stop.load(Ordering::Acquire) {
+            tick.tick().await;
+            let Some(data) = self.data().await else {
+                self.resync.set(true);
+                self.update_connected();
+                continue;
+            };
+            let mut inv = script.prepare_invoke();
+            inv.key(NODES_KEY).arg(&*self.me).arg(self.cfg.node_ttl_ms).arg(FORGET_NODE_MS);
+            ClusterCounters::add(&self.counters.redis_commands, 1);
+            ClusterCounters::add(&self.counters.redis_round_trips, 1);
+            let r: RedisResult<Vec<String>> = match &data {
+                Data::One(c) => {
+                    tokio::time::timeout(self.timeout, inv.invoke_async(&mut c.clone())).await.unwrap_or_else(|_| {
+                        Err(redis::RedisError::from(std::io::Error::new(std::io::ErrorKind::TimedOut, "timed out")))
+                    })
+                }
+                Data::Cluster(c) => {
+                    tokio::time::timeout(self.timeout, inv.invoke_async(&mut c.clone())).await.unwrap_or_else(|_| {
+                        Err(redis::RedisError::from(std::io::Error::new(std::io::ErrorKind::TimedOut, "timed out")))
+                    })
+                }
+            };
+            match r {
+                Ok(nodes) => {
+                    let live: HashSet<Arc<str>> =
+                        nodes.into_iter().filter(|n| **n != *self.me).map(|n| Arc::from(n.as_str())).collect();
+                    self.counters.live_nodes.store(live.len() as u64, Ordering::Relaxed);
+                    *self.live.borrow_mut() = (live, Some(Instant::now()));
+                }
+                Err(e) => {
+                    ClusterCounters::add(&self.counters.redis_errors, 1);
+                    tracing::warn!(node = %self.me, "cluster: heartbeat failed: {e}");
+                    // Others may count this node dead and delete its
+                    // presence fields: re-register once Redis answers.
+                    self.resync.set(true);
+                    self.update_connected();
+                    continue;
+                }
+            }
+            self.update_connected();
+            if last_refresh.elapsed() >= PRESENCE_REFRESH {
+                self.resync.set(true);
+            }
+            if self.resync.get() && self.pubsub_up.get() {
+                self.resync.set(false);
+                last_refresh = Instant::now();
+                self.reregister().await;
+            }
+        }
+    }
+
+    /// Writes the presence of every user with a connection on this node.
+    async fn reregister(&self) {
+        ClusterCounters::add(&self.counters.presence_resyncs, 1);
+        let mut users: Vec<Arc<str>> = Vec::new();
+        self.shared.directory.for_each_online(|u| users.push(u.clone()));
+        let now = unix_ms();
+        let mut failed = false;
+        for chunk in users.chunks(RESYNC_CHUNK) {
+            let mut cmds = Vec::with_capacity(chunk.len() * 2);
+            for u in chunk {
+                let key = presence_key(u);
+                cmds.push(redis::cmd("HSET").arg(&key).arg(&*self.me).arg(now).clone());
+                cmds.push(redis::cmd("PEXPIRE").arg(&key).arg(PRESENCE_KEY_TTL.as_millis() as u64).clone());
+            }
+            ClusterCounters::add(&self.counters.presence_writes, cmds.len() as u64);
+            failed |= self.exec(&cmds).await.iter().any(|r| r.is_err());
+        }
+        if failed {
+            self.resync.set(true);
+        } else {
+            tracing::info!(node = %self.me, users = users.len(), "cluster: presence registered");
+        }
+    }
+
+    /// A clean stop: out of the live set at once, so no node forwards here.
+    async fn leave(&self) {
+        let _ = self.exec(&[redis::cmd("ZREM").arg(NODES_KEY).arg(&*self.me).clone()]).await;
+        tracing::info!(node = %self.me, "cluster: left");
+    }
+
+    /// A batch from another node (or this one's own, on a shared channel).
+    fn on_message(&self, channel: &str, payload: &[u8]) {
+        let (origin, records) = match wire::decode(Bytes::copy_from_slice(payload)) {
+            Ok(b) => b,
+            Err(e) => {
+                ClusterCounters::add(&self.counters.batches_malformed, 1);
+                tracing::warn!(channel, "cluster: dropped a batch that cannot be read: {e}");
+                return;
+            }
+        };
+        if &origin[..] == self.me.as_bytes() {
+            return;
+        }
+        ClusterCounters::add(&self.counters.batches_received, 1);
+        ClusterCounters::add(&self.counters.records_received, records.len() as u64);
+        let shared = &*self.shared;
+        let mut delivered = 0u64;
+        let room: Option<Arc<str>> = channel.strip_prefix("sb:r:").map(Arc::from);
+        for r in records {
+            let join = matches!(r, Record::Join { .. });
+            match r {
+                Record::User { user, frame } => {
+                    let Some(user) = as_str(&user) else { continue };
+                    let n = shared
+                        .directory
+                        .lookup(user)
+                        .iter()
+                        .filter(|&&c| crate::runtime::deliver_at(shared, c, &frame, None))
+                        .count();
+                    if n > 0 {
+                        shared
+                            .foreign_counters
+                            .with(|c| crate::stats::bump(&c.detail.deliveries[crate::stats::DELIVERY_PUSH], n as u64));
+                    } else {
+                        self.not_here(user);
+                    }
+                    delivered += n as u64;
+                }
+                Record::Stored { user, seq, msg_id, ts_ms, from, payload } => {
+                    let (Some(user), Some(from)) = (as_str(&user), as_str(&from)) else { continue };
+                    let msg = Arc::new(StoredMessage { seq, msg_id, ts_ms, from: Arc::from(from), payload });
+                    let n = shared.route_stored(user, &msg);
+                    if n == 0 {
+                        self.not_here(user);
+                    }
+                    delivered += u64::from(n);
+                }
+                Record::Kick { user } => {
+                    let Some(user) = as_str(&user) else { continue };
+                    delivered += post_each(shared, user, |conn| Command::Close { conn, code: CloseCode::Kicked });
+                }
+                Record::Join { user, room } | Record::Leave { user, room } => {
+                    let (Some(user), Some(room)) = (as_str(&user), as_str(&room)) else { continue };
+                    let room: Arc<str> = Arc::from(room);
+                    delivered += post_each(shared, user, |conn| {
+                        if join {
+                            Command::Join { conn, room: room.clone() }
+                        } else {
+                            Command::Leave { conn, room: room.clone() }
+                        }
+                    });
+                }
+                Record::Frame { frame } => {
+                    let accepted_ns = shared.since_epoch_ns();
+                    let posted = match &room {
+                        Some(room) => {
+                            shared.post_all(frame, |frame| Command::Publish { room: room.clone(), frame, accepted_ns })
+                        }
+                        None if channel == ALL_CHANNEL => {
+                            shared.post_all(frame, |frame| Command::Broadcast { frame, accepted_ns })
+                        }
+                        None => continue,
+                    };
+                    delivered += posted.unwrap_or(0) as u64;
+                }
+                Record::Login { user } => {
+                    if let Some(user) = as_str(&user) {
+                        self.cache.borrow_mut().forget(user);
+                    }
+                }
+            }
+        }
+        ClusterCounters::add(&self.counters.deliveries, delivered);
+    }
+
+    /// A forward found no connection of `user` here: this node's presence
+    /// field for the user is stale (a logout raced a login, or it is left
+    /// from before a restart). Queue its removal, which checks again.
+    fn not_here(&self, user: &str) {
+        if !self.shared.directory.is_online(user) {
+            self.link.send(Event::Offline(Arc::from(user)));
+        }
+    }
+}
+
+fn as_str(b: &Bytes) -> Option<&str> {
+    std::str::from_utf8(b).ok()
+}
+
+fn bytes_of(s: &str) -> Bytes {
+    Bytes::copy_from_slice(s.as_bytes())
+}
+
+/// Posts `make(conn)` to the worker of each of `user`'s connections here;
+/// returns how many took it.
+fn post_each(shared: &Shared, user: &str, make: impl Fn(ConnId) -> Command) -> u64 {
+    shared.post_to_user(user, make).0 as u64
+}
