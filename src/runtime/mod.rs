@@ -161,8 +161,11 @@ pub(crate) fn start(
     // opened (permissions, another server holding it) stops the start
     // before any port is taken, and the time opening takes is not spent
     // with a listener up and no worker behind it.
-    let store = crate::store::open_store_with(&config.store, config.delivery.dedup_window_ms)
-        .map_err(|e| StartError::Store { path: config.store.path.display().to_string(), message: e.to_string() })?;
+    // The node id defaults to <hostname>:<configured listen port> (a port
+    // of 0 gives ":0": set cluster.node_id when nodes share a host).
+    let store =
+        crate::store::open_store_with(&config.store, config.delivery.dedup_window_ms, &config.cluster, addr.port())
+            .map_err(|e| StartError::Store { path: config.store.path.display().to_string(), message: e.to_string() })?;
     let ws_addr = config.websocket.listen_addr()?;
     check_port_free(addr, &config, addr, ws_addr)?;
     if let Some(a) = ws_addr {
@@ -228,6 +231,7 @@ pub(crate) fn start(
         epoch: Instant::now(),
         failure: std::sync::Mutex::new(None),
         store: std::sync::OnceLock::new(),
+        store_durability: store.as_ref().and_then(|s| s.durability()),
         config,
     });
     let store = match store {

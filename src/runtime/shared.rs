@@ -95,6 +95,9 @@ pub(crate) struct Shared {
     /// The store thread's queue, when `store.kind` is not `none` (set once
     /// at start, before the workers run).
     pub store: std::sync::OnceLock<crate::store::Submitter<super::inbox::Token>>,
+    /// What the store makes of a stored message (`Store::durability` at
+    /// open), reported in receipts.
+    pub store_durability: Option<crate::store::Durability>,
 }
 
 impl Shared {
