@@ -399,10 +399,31 @@ fn free_port() -> u16 {
     }
 }
 
+const DIR_PREFIX: &str = "switchboard-redis-";
+
 fn temp_dir() -> PathBuf {
     static NEXT: AtomicU64 = AtomicU64::new(0);
+    static SWEPT: OnceLock<()> = OnceLock::new();
+    SWEPT.get_or_init(remove_dirs_of_dead_processes);
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    std::env::temp_dir().join(format!("switchboard-redis-{}-{n}", std::process::id()))
+    std::env::temp_dir().join(format!("{DIR_PREFIX}{}-{n}", std::process::id()))
+}
+
+/// Removes the directories left by test processes that are gone (a
+/// `static` cluster is never dropped, so its directories outlive it).
+fn remove_dirs_of_dead_processes() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else { return };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(DIR_PREFIX)) else { continue };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<libc::pid_t>().ok()) else { continue };
+        // SAFETY: kill with signal 0 only checks that the process exists.
+        let gone =
+            unsafe { libc::kill(pid, 0) } != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+        if gone {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
 }
 
 /// Whether Redis on `port` answers PING with PONG (not LOADING, not silence).
