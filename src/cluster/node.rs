@@ -81,18 +81,6 @@ return {tostring(now), redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES'), prev}
 /// node with its last heartbeat, this node's previous heartbeat ("" if none).
 type HeartbeatReply = (String, Vec<(String, f64)>, String);
 
-/// Deletes a dead node's presence field of one user, only if it was
-/// written before the node's last heartbeat: a node that came back (same
-/// id) and wrote the field again keeps it. KEYS[1] = the presence hash;
-/// ARGV = node id, its last heartbeat (ms).
-const FORGET_FIELD_LUA: &str = r"
-local v = redis.call('HGET', KEYS[1], ARGV[1])
-if v and tonumber(v) <= tonumber(ARGV[2]) then
-  return redis.call('HDEL', KEYS[1], ARGV[1])
-end
-return 0
-";
-
 /// The presence hash of `user`.
 pub fn presence_key(user: &str) -> String {
     format!("sb:{{{user}}}:nodes")
@@ -512,7 +500,7 @@ impl Node {
                 Liveness::default()
             }
         };
-        let mut stale: Vec<(String, String, u64)> = Vec::new();
+        let mut stale: Vec<Cmd> = Vec::new();
         for (user, r) in users.iter().zip(results) {
             let Ok(v) = r else { continue };
             let fields: HashMap<String, Value> = redis::from_redis_value(v).unwrap_or_default();
@@ -523,8 +511,10 @@ impl Node {
                 }
                 match liveness.dead.get(node.as_str()) {
                     // Dead: out of the map for every reader, and its field
-                    // deleted unless the node came back and rewrote it.
-                    Some(&last_beat) => stale.push((presence_key(user), node.clone(), last_beat)),
+                    // deleted. An id is never reused (it ends in the
+                    // process id); a node that was only stalled past its
+                    // TTL sees so at its next heartbeat and re-registers.
+                    Some(_) => stale.push(redis::cmd("HDEL").arg(presence_key(user)).arg(node).clone()),
                     // Alive, or not known yet (a node that just started
                     // may write presence before this node's next look at
                     // the live set): forward. A forward to a node that is
@@ -539,13 +529,7 @@ impl Node {
             routes.insert(user.clone(), nodes);
         }
         if !stale.is_empty() {
-            let cmds: Vec<Cmd> = stale
-                .iter()
-                .map(|(key, node, beat)| {
-                    redis::cmd("EVAL").arg(FORGET_FIELD_LUA).arg(1).arg(key).arg(node).arg(*beat).clone()
-                })
-                .collect();
-            let _ = self.exec(&cmds).await;
+            let _ = self.exec(&stale).await;
         }
         routes
     }
@@ -729,10 +713,16 @@ impl Node {
             match r {
                 Ok((now, nodes, prev)) => {
                     let now: u64 = now.parse().unwrap_or(0);
+                    let prev_ago = prev.parse::<f64>().ok().map(|p| now.saturating_sub(p as u64));
+                    if prev_ago.is_some_and(|ago| ago > self.cfg.node_ttl_ms) {
+                        // This node was silent past its TTL (stalled, or cut
+                        // off from Redis): others took it for dead and may
+                        // have deleted its presence fields.
+                        self.resync.set(true);
+                    }
                     if first {
                         first = false;
-                        if let Ok(prev) = prev.parse::<f64>() {
-                            let ago = now.saturating_sub(prev as u64);
+                        if let Some(ago) = prev_ago {
                             if ago < self.cfg.node_ttl_ms {
                                 tracing::error!(
                                     node = %self.me,

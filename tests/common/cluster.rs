@@ -123,8 +123,20 @@ pub struct Node {
 }
 
 impl Node {
+    /// Starts node `id`. Its ports are picked free, but another test may
+    /// take one before the node binds it: a node that exits at start is
+    /// tried again on new ports.
     pub fn start(id: &str, redis: &Redis, opts: &NodeOpts) -> Node {
         super::arm_watchdog();
+        for _ in 0..4 {
+            if let Some(n) = Self::try_start(id, redis, opts) {
+                return n;
+            }
+        }
+        panic!("node {id} exited at start four times");
+    }
+
+    fn try_start(id: &str, redis: &Redis, opts: &NodeOpts) -> Option<Node> {
         let dir = std::env::temp_dir().join(format!("sb-cluster-{}-{id}-{}", std::process::id(), free_port()));
         std::fs::create_dir_all(&dir).unwrap();
         let (port, admin) = (free_port(), free_port());
@@ -157,11 +169,12 @@ impl Node {
             dir,
             config,
         };
-        n.spawn(redis);
-        n
+        n.spawn(redis).then_some(n)
     }
 
-    fn spawn(&mut self, redis: &Redis) {
+    /// Runs the node and waits until it has joined; false if it exited
+    /// at start.
+    fn spawn(&mut self, redis: &Redis) -> bool {
         let child = Command::new(SB)
             .args(["serve", "--log", &std::env::var("SB_NODE_LOG").unwrap_or_else(|_| "warn".into())])
             .arg("--config")
@@ -174,18 +187,26 @@ impl Node {
         self.redis_id = format!("{}/{}", self.id, child.id());
         self.child = Some(child);
         let addr = self.addr;
+        let mut exited = false;
         let up = super::wait_until(Duration::from_secs(15), || {
             if let Some(Ok(Some(s))) = self.child.as_mut().map(|c| c.try_wait()) {
-                panic!("node {} exited at start: {s}", self.id);
+                eprintln!("node {} exited at start: {s}", self.id);
+                exited = true;
+                return true;
             }
             super::listening(addr)
         });
+        if exited {
+            self.child = None;
+            return false;
+        }
         assert!(up, "node {} did not listen on {addr}", self.id);
         let channel = format!("sb:n:{}", self.redis_id);
         let joined = super::wait_until(Duration::from_secs(15), || {
             redis.is_live(&self.redis_id) && redis.subscribers(&channel) >= 1
         });
         assert!(joined, "node {} did not join the cluster (live set and its channel)", self.id);
+        true
     }
 
     /// SIGKILL: no clean-up of any kind.
@@ -199,7 +220,7 @@ impl Node {
     /// Starts the node again with the same config and ports.
     pub fn restart(&mut self, redis: &Redis) {
         self.kill();
-        self.spawn(redis);
+        assert!(self.spawn(redis), "node {} exited at restart", self.id);
     }
 
     /// A client logged in as `user` on this node (with `device`: for
