@@ -897,6 +897,24 @@ fn redis_inbox_is_a_list_whose_positions_are_the_seqs() {
 }
 
 #[test]
+fn redis_inbox_left_as_a_stream_by_an_earlier_build_fails_loudly() {
+    let mut one = RedisOne::new(AppendFsync::No, StoreLimits::default());
+    append(one.store(), "alice", 1, T0);
+    // What the stream layout left: the same keys, `:m` a stream.
+    let key = user_key("sb", "alice", "m");
+    one.server.cmd(&["DEL", &key]).unwrap();
+    one.server.cmd(&["XADD", &key, "1-0", "i", "1", "t", "0", "f", "app", "p", "m1"]).unwrap();
+    let wrongtype = |r: Result<(), StoreError>| match r {
+        Err(StoreError::Unavailable(why)) => assert!(why.contains("WRONGTYPE"), "{why}"),
+        other => panic!("{other:?}"),
+    };
+    wrongtype(one.store().append(&msg("alice", "app", 2, T0, "m2", 0), T0).map(|_| ()));
+    wrongtype(one.store().read("alice", 0, 10).map(|_| ()));
+    one.store().device_login("alice", "phone", 1, T0).unwrap();
+    wrongtype(one.store().expire(T0 + 1).map(|_| ()));
+}
+
+#[test]
 fn redis_max_bytes_is_store_wide_as_of_the_last_refresh() {
     let per = record_bytes("alice", "app", 2);
     let limits = StoreLimits { max_bytes: 4 * per, ..StoreLimits::default() };
