@@ -25,16 +25,23 @@
 //!   and not by TTL: Redis `maxmemory-policy` must be `noeviction`), `n`
 //!   (messages kept), `b` (their bytes, as [`record_bytes`]), `first` (the
 //!   oldest kept seq while `n > 0`), `dn` (devices ever added, for order).
-//! - `:m` stream, entry id `<seq>-0`, fields `i` (msg_id), `t` (ts_ms), `f`
-//!   (sender), `p` (payload). A stream, not a list or a hash of seqs: reads
-//!   by seq are `XRANGE (<after>-0 + COUNT n` (a radix-tree seek, not a
-//!   walk from the head as `LRANGE` would be), trimming is `XTRIM MINID`,
-//!   and entries are packed in listpacks with their field names stored once
-//!   per node of the tree: ~150 bytes per 100-byte message in a long inbox.
-//!   The cost: Redis 7.0 allocates a stream's first node at
-//!   `stream-node-max-bytes` (4096), so a user with one kept message pays
-//!   ~4.7 KB where a list would pay ~300 bytes (docs/SCALING.md). Deleted
-//!   when it empties.
+//! - `:m` list: the kept messages, oldest first; element `i` holds seq
+//!   `first + i` (seqs are dense, so the position is the seq and no seq is
+//!   stored). Each element is one string, [`encode_entry`]:
+//!   `varint(ts_ms) varint(msg_id) u8(len(from)) from payload` (varints
+//!   LEB128: 7 bits a byte, low first). Reads are `LRANGE (after + 1 −
+//!   first) (after + limit − first)`; Redis reaches the start by skipping
+//!   whole quicklist nodes (~8 KB of messages each) from the nearer end of
+//!   the list (on Redis 7.0, an `LRANGE` of 10 from a 100,000-element list
+//!   took 1.3 µs at the front or the back, 7 µs in the middle). Retention
+//!   trims the front (`LTRIM`) and moves `first` in the same script. Why a
+//!   list (docs/SCALING.md has the before/after figures): a user with one
+//!   kept message costs 280 bytes in it (`MEMORY USAGE`) where a stream cost
+//!   4,752 (Redis 7.0 allocates a stream's first node at
+//!   `stream-node-max-bytes`, 4096); in a long inbox a 100-byte message
+//!   takes 116 bytes of the list, where the stream took 150 and a hash
+//!   keyed by seq takes ~180 (a value over `hash-max-listpack-value`, 64
+//!   bytes, makes a hash a hashtable). Deleted when it empties.
 //! - `:dv` hash: device → `"<position> <last_seen_ms> <order>"`.
 //! - `:dd` hash `"<client_id>:<from>"` → `"<seq> <msg_id> <ts_ms>"` and
 //!   `:dq` sorted set of the same members scored by append time: the dedup
@@ -59,7 +66,7 @@
 //! # Atomicity and presence
 //!
 //! Each append is one script (EVALSHA): dedup check, inbox limit, byte
-//! budget, `head + 1`, `XADD`, counters, dedup entry, index. `device_login`
+//! budget, `head + 1`, `RPUSH`, counters, dedup entry, index. `device_login`
 //! is one script that first writes `HSET <prefix>:{u}:nodes <node_id>
 //! <now_ms>`, then reads the head. The cluster router reads that hash to
 //! pick the nodes to forward a stored message to; since the presence write
@@ -233,8 +240,9 @@ impl Lua {
     }
 }
 
-/// Append: KEYS h m dd dq ix ib; ARGV now from client_id msg_id ts payload
-/// bytes max_messages budget window ttl tag. Returns {0, seq} stored,
+/// Append: KEYS h m dd dq ix ib; ARGV now from client_id msg_id ts entry
+/// bytes max_messages budget window ttl tag (`entry`: the message as
+/// [`encode_entry`] writes it). Returns {0, seq} stored,
 /// {1, seq, msg_id} duplicate, {2} inbox full, {3} store full.
 const APPEND_LUA: &str = r#"
 local function fmt(x) return string.format('%d', x) end
@@ -257,7 +265,7 @@ local bytes = tonumber(ARGV[7])
 if bytes > tonumber(ARGV[9]) then return {3} end
 local seq = redis.call('HINCRBY', KEYS[1], 'head', 1)
 if n == 0 then redis.call('HSET', KEYS[1], 'first', seq) end
-redis.call('XADD', KEYS[2], fmt(seq) .. '-0', 'i', ARGV[4], 't', ARGV[5], 'f', ARGV[2], 'p', ARGV[6])
+redis.call('RPUSH', KEYS[2], ARGV[6])
 redis.call('HINCRBY', KEYS[1], 'n', 1)
 redis.call('HINCRBY', KEYS[1], 'b', bytes)
 redis.call('HINCRBY', KEYS[6], 'm', 1)
@@ -311,11 +319,17 @@ redis.call('ZADD', KEYS[4], 'LT', fmt(due), ARGV[7])
 return {pos, head}
 "#;
 
-/// Read: KEYS h m; ARGV after limit. Returns {head, XRANGE entries}.
+/// Read: KEYS h m; ARGV after limit. Returns {head, seq of the first
+/// entry returned, the entries (up to `limit`, seqs > after)}. Element `i`
+/// of the list holds seq `first + i`.
 const READ_LUA: &str = r#"
-local head = tonumber(redis.call('HGET', KEYS[1], 'head') or '0')
-if ARGV[2] == '0' then return {head, {}} end
-return {head, redis.call('XRANGE', KEYS[2], '(' .. ARGV[1] .. '-0', '+', 'COUNT', ARGV[2])}
+local h = redis.call('HMGET', KEYS[1], 'head', 'n', 'first')
+local head, n, first = tonumber(h[1] or '0'), tonumber(h[2] or '0'), tonumber(h[3] or '0')
+local limit = tonumber(ARGV[2])
+if limit == 0 or n == 0 then return {head, 0, {}} end
+local start = math.max(tonumber(ARGV[1]) + 1 - first, 0)
+if start >= n then return {head, 0, {}} end
+return {head, first + start, redis.call('LRANGE', KEYS[2], start, start + limit - 1)}
 "#;
 
 /// State: KEYS h dv. Returns {{head, n, b, first}, HGETALL dv}.
@@ -351,17 +365,27 @@ end
 acked = acked or 0
 local more = 0
 local dropped, bytes, last = 0, 0, 0
-local n = tonumber(redis.call('HGET', KEYS[1], 'n') or '0')
-local from = '-'
+local h = redis.call('HMGET', KEYS[1], 'n', 'first')
+local n, first = tonumber(h[1] or '0'), tonumber(h[2] or '0')
 local stop = false
 while not stop and dropped < n do
-  local batch = redis.call('XRANGE', KEYS[2], from, '+', 'COUNT', 100)
+  local batch = redis.call('LRANGE', KEYS[2], dropped, dropped + 99)
   if #batch == 0 then break end
   for _, e in ipairs(batch) do
-    local seq = tonumber(string.match(e[1], '^(%d+)'))
-    local f = {}
-    for j = 1, #e[2], 2 do f[e[2][j]] = e[2][j + 1] end
-    local ts = tonumber(f.t)
+    local seq = first + dropped
+    -- The entry (encode_entry): ts_ms is the leading varint; msg_id the
+    -- next; at = the position of the sender's length byte, after which
+    -- come the sender and the payload.
+    local ts, mul, at = 0, 1, 1
+    while true do
+      local b = string.byte(e, at)
+      at = at + 1
+      ts = ts + (b % 128) * mul
+      mul = mul * 128
+      if b < 128 then break end
+    end
+    while string.byte(e, at) >= 128 do at = at + 1 end
+    at = at + 1
     if seq > acked and ts + ttl > now then
       soon(ts + ttl)
       stop = true
@@ -373,10 +397,9 @@ while not stop and dropped < n do
       break
     end
     dropped = dropped + 1
-    bytes = bytes + 26 + ulen + #f.f + #f.p
+    bytes = bytes + 26 + ulen + #e - at
     last = seq
   end
-  from = '(' .. batch[#batch][1]
 end
 if dropped > 0 then
   local left = redis.call('HINCRBY', KEYS[1], 'n', -dropped)
@@ -385,7 +408,7 @@ if dropped > 0 then
   if left == 0 then
     redis.call('DEL', KEYS[2])
   else
-    redis.call('XTRIM', KEYS[2], 'MINID', fmt(last + 1) .. '-0')
+    redis.call('LTRIM', KEYS[2], dropped, -1)
   end
   redis.call('HINCRBY', KEYS[7], 'b', -bytes)
   if redis.call('HINCRBY', KEYS[7], 'm', -dropped) <= 0 then redis.call('DEL', KEYS[7]) end
@@ -614,7 +637,7 @@ impl RedisStore {
             num(m.client_id),
             num(m.msg_id),
             num(m.ts_ms),
-            m.payload.to_vec(),
+            encode_entry(m.msg_id, m.ts_ms, &m.from, &m.payload),
             num(bytes),
             num(self.limits.max_messages_per_inbox),
             num(budget),
@@ -998,29 +1021,66 @@ fn bytes_of(v: &Value) -> Result<&[u8], StoreError> {
     }
 }
 
-fn parse_entry(e: &Value) -> Result<StoredMessage, StoreError> {
-    let [id, fields] = two(e)?;
-    let id = std::str::from_utf8(bytes_of(id)?).map_err(|_| protocol("a stream id"))?;
-    let seq = id.split('-').next().and_then(|s| s.parse().ok()).ok_or_else(|| protocol("a stream id"))?;
-    let Value::Array(fields) = fields else { return Err(protocol("stream fields")) };
-    let (mut msg_id, mut ts_ms, mut from, mut payload) = (None, None, None, None);
-    for pair in fields.chunks(2) {
-        let [k, v] = pair else { return Err(protocol("stream fields")) };
-        let v = bytes_of(v)?;
-        match bytes_of(k)? {
-            b"i" => msg_id = std::str::from_utf8(v).ok().and_then(|s| s.parse().ok()),
-            b"t" => ts_ms = std::str::from_utf8(v).ok().and_then(|s| s.parse().ok()),
-            b"f" => from = Some(String::from_utf8_lossy(v).into_owned()),
-            b"p" => payload = Some(bytes::Bytes::copy_from_slice(v)),
-            _ => {}
+/// Appends `v` as an LEB128 varint: 7 bits a byte, low bits first, the
+/// high bit set on every byte but the last.
+fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push(v as u8 | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+/// Reads a varint at the start of `b`: the value and the bytes it took.
+fn get_varint(b: &[u8]) -> Option<(u64, usize)> {
+    let mut v = 0u64;
+    for (i, &byte) in b.iter().enumerate().take(10) {
+        v |= ((byte & 0x7f) as u64).checked_shl(7 * i as u32)?;
+        if byte < 0x80 {
+            return Some((v, i + 1));
         }
     }
-    match (msg_id, ts_ms, from, payload) {
-        (Some(msg_id), Some(ts_ms), Some(from), Some(payload)) => {
-            Ok(StoredMessage { seq, msg_id, ts_ms, from: from.into(), payload })
-        }
-        _ => Err(protocol(format!("stream entry {id} lacks a field"))),
-    }
+    None
+}
+
+/// One element of a user's `:m` list: `varint(ts_ms) varint(msg_id)
+/// u8(len(from)) from payload`. The seq is not stored (it is the element's
+/// position + `first`); `ts_ms` comes first because the retention script
+/// reads it (and skips the rest to count the bytes: `26 + len(user) +
+/// len(entry) − (position of the length byte)`, which is
+/// [`record_bytes`]). Overhead beside the sender and payload: 1 + the
+/// varints, 6 bytes for a timestamp of this century and 7 or 8 for a
+/// msg_id a worker minted (2^48 to 2^56): a 100-byte payload from `bob` is
+/// 117 or 118 bytes (checked by a test). `from` is at most
+/// [`super::MAX_USER_BYTES`] (255, checked before), so its length fits in
+/// the byte.
+pub fn encode_entry(msg_id: u64, ts_ms: u64, from: &str, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(21 + from.len() + payload.len());
+    put_varint(&mut out, ts_ms);
+    put_varint(&mut out, msg_id);
+    debug_assert!(from.len() <= u8::MAX as usize);
+    out.push(from.len() as u8);
+    out.extend_from_slice(from.as_bytes());
+    out.extend_from_slice(payload);
+    out
+}
+
+/// The message in an [`encode_entry`] element, stored under `seq`.
+pub(super) fn decode_entry(seq: u64, e: &[u8]) -> Result<StoredMessage, StoreError> {
+    let bad = || protocol(format!("inbox entry of seq {seq} is not an encoded message"));
+    let (ts_ms, a) = get_varint(e).ok_or_else(bad)?;
+    let (msg_id, b) = get_varint(&e[a..]).ok_or_else(bad)?;
+    let rest = &e[a + b..];
+    let (&from_len, rest) = rest.split_first().ok_or_else(bad)?;
+    let from = rest.get(..from_len as usize).ok_or_else(bad)?;
+    let payload = &rest[from_len as usize..];
+    Ok(StoredMessage {
+        seq,
+        msg_id,
+        ts_ms,
+        from: String::from_utf8_lossy(from).into(),
+        payload: bytes::Bytes::copy_from_slice(payload),
+    })
 }
 
 impl Store for RedisStore {
@@ -1081,10 +1141,14 @@ impl Store for RedisStore {
         let limit = limit.min(MAX_READ_LIMIT).to_string();
         let op = self.script_op(&SCRIPTS.read, &tag, &keys, &[after.as_bytes(), limit.as_bytes()]);
         let v = self.run_one(op)?;
-        let [head, entries] = two(&v)?;
-        let head_seq = int(Some(head))?;
-        let Value::Array(entries) = entries else { return Err(protocol("read entries")) };
-        let messages = entries.iter().map(parse_entry).collect::<Result<Vec<_>, _>>()?;
+        let Value::Array(a) = v else { return Err(protocol(format!("read: {v:?}"))) };
+        let (head_seq, first) = (int(a.first())?, int(a.get(1))?);
+        let Some(Value::Array(entries)) = a.get(2) else { return Err(protocol("read entries")) };
+        let messages = entries
+            .iter()
+            .enumerate()
+            .map(|(i, e)| decode_entry(first + i as u64, bytes_of(e)?))
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(Page { messages, head_seq })
     }
 

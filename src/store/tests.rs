@@ -844,6 +844,77 @@ fn redis_store_reloads_flushed_scripts_and_keeps_the_order() {
 }
 
 #[test]
+fn redis_inbox_entries_round_trip_and_are_compact() {
+    use super::redis::{decode_entry, encode_entry};
+    let long_from = "f".repeat(MAX_USER_BYTES);
+    for (msg_id, ts_ms, from, payload) in [
+        (0u64, 0u64, "", &b""[..]),
+        (u64::MAX, u64::MAX, "bob", b"x"),
+        (1 << 49, 1_760_000_000_000, long_from.as_str(), b"\x00\x80\xff"),
+        (127, 128, "\u{e9}mile", b"payload"),
+    ] {
+        let e = encode_entry(msg_id, ts_ms, from, payload);
+        let m = decode_entry(7, &e).unwrap();
+        assert_eq!((m.seq, m.msg_id, m.ts_ms, &*m.from, &m.payload[..]), (7, msg_id, ts_ms, from, payload));
+    }
+    // A timestamp of this century (6 bytes) and a msg_id of the first
+    // worker (7) or another (8): a 100-byte payload from `bob` is 117 or 118
+    // bytes, as the doc says.
+    let ts = 1_760_000_000_000;
+    assert_eq!(encode_entry((1 << 48) | 12_345, ts, "bob", &[b'x'; 100]).len(), 117);
+    assert_eq!(encode_entry((8 << 48) | 12_345, ts, "bob", &[b'x'; 100]).len(), 118);
+    assert!(decode_entry(1, &[0x80]).is_err(), "a cut varint");
+    assert!(decode_entry(1, &[1, 1, 5, b'a']).is_err(), "a sender longer than the entry");
+}
+
+#[test]
+fn redis_inbox_is_a_list_whose_positions_are_the_seqs() {
+    let mut one = RedisOne::new(AppendFsync::No, StoreLimits::default());
+    for i in 1..=5 {
+        append(one.store(), "alice", i, T0);
+    }
+    let key = user_key("sb", "alice", "m");
+    let ty = |one: &RedisOne| one.server.cmd(&["TYPE", &key]).unwrap();
+    assert_eq!(ty(&one), ::redis::Value::SimpleString("list".into()));
+    one.store().device_login("alice", "phone", 2, T0).unwrap();
+    assert_eq!(one.store().expire(T0 + 1).unwrap(), 2);
+    assert_eq!(int_of(one.server.cmd(&["LLEN", &key]).unwrap()), 3, "trimmed from the front");
+    let st = one.store().inbox_state("alice").unwrap();
+    assert_eq!((st.first_seq, st.head_seq, st.messages), (3, 5, 3));
+    assert_eq!(st.bytes, 3 * record_bytes("alice", "app", 2));
+    assert_eq!(seqs(&one.store().read("alice", 0, 10).unwrap()), vec![3, 4, 5]);
+    assert_eq!(seqs(&one.store().read("alice", 3, 10).unwrap()), vec![4, 5]);
+    assert_eq!(seqs(&one.store().read("alice", 3, 1).unwrap()), vec![4]);
+    assert_eq!(seqs(&one.store().read("alice", 5, 10).unwrap()), Vec::<u64>::new());
+    assert_eq!(seqs(&one.store().read("alice", u64::MAX, 10).unwrap()), Vec::<u64>::new());
+    assert_eq!(append(one.store(), "alice", 6, T0), 6);
+    one.store().set_position("alice", "phone", 6, T0).unwrap();
+    assert_eq!(one.store().expire(T0 + 1).unwrap(), 4);
+    assert_eq!(ty(&one), ::redis::Value::SimpleString("none".into()), "deleted when it empties");
+    assert_eq!(append(one.store(), "alice", 7, T0), 7, "seqs never go back");
+    let page = one.store().read("alice", 0, 10).unwrap();
+    assert_eq!((seqs(&page), page.head_seq), (vec![7], 7));
+}
+
+#[test]
+fn redis_inbox_left_as_a_stream_by_an_earlier_build_fails_loudly() {
+    let mut one = RedisOne::new(AppendFsync::No, StoreLimits::default());
+    append(one.store(), "alice", 1, T0);
+    // What the stream layout left: the same keys, `:m` a stream.
+    let key = user_key("sb", "alice", "m");
+    one.server.cmd(&["DEL", &key]).unwrap();
+    one.server.cmd(&["XADD", &key, "1-0", "i", "1", "t", "0", "f", "app", "p", "m1"]).unwrap();
+    let wrongtype = |r: Result<(), StoreError>| match r {
+        Err(StoreError::Unavailable(why)) => assert!(why.contains("WRONGTYPE"), "{why}"),
+        other => panic!("{other:?}"),
+    };
+    wrongtype(one.store().append(&msg("alice", "app", 2, T0, "m2", 0), T0).map(|_| ()));
+    wrongtype(one.store().read("alice", 0, 10).map(|_| ()));
+    one.store().device_login("alice", "phone", 1, T0).unwrap();
+    wrongtype(one.store().expire(T0 + 1).map(|_| ()));
+}
+
+#[test]
 fn redis_max_bytes_is_store_wide_as_of_the_last_refresh() {
     let per = record_bytes("alice", "app", 2);
     let limits = StoreLimits { max_bytes: 4 * per, ..StoreLimits::default() };
@@ -908,7 +979,8 @@ fn open_store_opens_redis_from_the_cluster_config() {
     let mut s = open_store_with(&cfg, DEFAULT_DEDUP_WINDOW_MS, &cluster, 7700).unwrap().unwrap();
     assert_eq!(append(s.as_mut(), "a", 1, T0), 1);
     s.device_login("a", "d", 0, T0).unwrap();
-    let got = server.cmd(&["HGET", "sb:{a}:nodes", "node-b"]).unwrap();
+    // The presence field is the node's id in the cluster: node_id/<pid>.
+    let got = server.cmd(&["HGET", "sb:{a}:nodes", &cluster.node_id_or_default(7700)]).unwrap();
     assert_eq!(got, ::redis::Value::BulkString(T0.to_string().into_bytes()));
 }
 
@@ -989,10 +1061,11 @@ fn redis_store_measure() {
         s.append_batch(run, T0);
     }
     let per_message = (used() - before) as f64 / 10_000.0;
+    let inbox = usage("sb:{alice}:m");
     println!(
         "10000 messages of 100 bytes to one user: {per_message:.0} bytes each (used_memory); \
-         MEMORY USAGE sb:{{alice}}:m = {}",
-        usage("sb:{alice}:m")
+         MEMORY USAGE sb:{{alice}}:m = {inbox} ({:.0} bytes each)",
+        inbox as f64 / 10_000.0
     );
     let before = used();
     for u in 0..10_000 {
