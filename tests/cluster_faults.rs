@@ -277,3 +277,44 @@ fn a_killed_nodes_presence_expires_within_the_bound() {
     assert!(took < Duration::from_millis(2_500), "B dropped out after {took:?}");
     eprintln!("the killed node's presence went {took:?} after SIGKILL (bound: 600 ms TTL + 200 ms heartbeat)");
 }
+
+/// A node started while Redis is down serves its own connections (a room
+/// on the node works; a stored message is refused with ERROR 115, store
+/// unavailable) and joins by itself once Redis is up.
+#[test]
+fn a_node_starts_without_redis_and_joins_when_it_comes() {
+    let mut redis_proc = RedisServer::builder().appendonly(AppendFsync::Always).start();
+    let redis = Redis::One(redis_proc.url());
+    redis_proc.kill();
+    let a = Node::start("a", &redis, &NodeOpts { wait_join: false, ..reliable() });
+    let mut speaker = a.login("speaker", None);
+    let mut listener = a.login("listener", None);
+    speaker.subscribe(1, "local").unwrap();
+    listener.subscribe(1, "local").unwrap();
+    speaker.publish(2, "local", b"no redis needed").unwrap();
+    assert_eq!(next_message(&mut listener), ("local".into(), "no redis needed".into()));
+    speaker.send(3, "listener", b"stored?").unwrap();
+    let code = loop {
+        match speaker.recv_skipping_pings().unwrap().frame() {
+            Frame::Error { req_id: 3, code, .. } => break code,
+            Frame::RoomAck { .. } | Frame::RoomMsg { .. } => continue,
+            other => panic!("expected ERROR for the SEND, got {other:?}"),
+        }
+    };
+    assert_eq!(code, switchboard::ErrorCode::StoreUnavailable as u16);
+
+    redis_proc.restart();
+    a.wait_joined(&redis);
+    let end = Instant::now() + Duration::from_secs(15);
+    let mut req = 10;
+    loop {
+        assert!(Instant::now() < end, "stored messages still refused after Redis came up");
+        speaker.send(req, "listener", b"stored").unwrap();
+        match speaker.recv_skipping_pings().unwrap().frame() {
+            Frame::SendAck { req_id, .. } if req_id == req => break,
+            Frame::Error { req_id, .. } if req_id == req => std::thread::sleep(Duration::from_millis(100)),
+            other => panic!("expected an answer to SEND {req}, got {other:?}"),
+        }
+        req += 1;
+    }
+}

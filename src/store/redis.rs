@@ -560,9 +560,19 @@ impl RedisStore {
             totals: Totals::default(),
             durability: None,
         };
-        store.link()?;
-        store.durability = store.probe_durability();
-        store.refresh_totals()?;
+        // A node starts without Redis: it serves its own connections, and
+        // stored messages are refused (ERROR 115) until Redis answers; the
+        // first call that reaches it reads the durability and totals.
+        match store.link() {
+            Ok(_) => {
+                if let Err(e) = store.refresh_totals() {
+                    tracing::warn!("redis store: summing the totals at start failed (retried later): {e}");
+                }
+            }
+            Err(e) => tracing::warn!(
+                "redis store: Redis is unreachable at start ({e}); stored messages are refused until it answers"
+            ),
+        }
         Ok(store)
     }
 
@@ -676,6 +686,9 @@ impl RedisStore {
     fn link(&mut self) -> Result<&mut Link, StoreError> {
         if self.link.is_none() {
             self.link = Some(self.connect()?);
+            if self.durability.is_none() {
+                self.durability = self.probe_durability();
+            }
         }
         Ok(self.link.as_mut().expect("just set"))
     }

@@ -101,11 +101,20 @@ pub struct NodeOpts {
     pub command_timeout_ms: u64,
     /// Extra TOML appended to the file.
     pub extra: String,
+    /// Wait at start until the node has joined (false: Redis is down).
+    pub wait_join: bool,
 }
 
 impl Default for NodeOpts {
     fn default() -> Self {
-        NodeOpts { store: "none", heartbeat_ms: 200, node_ttl_ms: 600, command_timeout_ms: 1000, extra: String::new() }
+        NodeOpts {
+            store: "none",
+            heartbeat_ms: 200,
+            node_ttl_ms: 600,
+            command_timeout_ms: 1000,
+            extra: String::new(),
+            wait_join: true,
+        }
     }
 }
 
@@ -118,6 +127,7 @@ pub struct Node {
     pub addr: SocketAddr,
     pub admin: SocketAddr,
     child: Option<Child>,
+    wait_join: bool,
     dir: PathBuf,
     config: PathBuf,
 }
@@ -166,6 +176,7 @@ impl Node {
             addr: format!("127.0.0.1:{port}").parse().unwrap(),
             admin: format!("127.0.0.1:{admin}").parse().unwrap(),
             child: None,
+            wait_join: opts.wait_join,
             dir,
             config,
         };
@@ -201,12 +212,19 @@ impl Node {
             return false;
         }
         assert!(up, "node {} did not listen on {addr}", self.id);
+        if self.wait_join {
+            self.wait_joined(redis);
+        }
+        true
+    }
+
+    /// Waits until the node is in the live set and subscribed to its channel.
+    pub fn wait_joined(&self, redis: &Redis) {
         let channel = format!("sb:n:{}", self.redis_id);
         let joined = super::wait_until(Duration::from_secs(15), || {
             redis.is_live(&self.redis_id) && redis.subscribers(&channel) >= 1
         });
         assert!(joined, "node {} did not join the cluster (live set and its channel)", self.id);
-        true
     }
 
     /// SIGKILL: no clean-up of any kind.
