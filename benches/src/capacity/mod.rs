@@ -19,7 +19,10 @@
 //! cycles); reliable delivery (reliable.rs: the unicast ladder with every
 //! message stored, fsync and os durability, device receivers that ACK; one
 //! device catching up on a backlog; idle memory with and without the
-//! store); then WebSocket (ws.rs): idle memory, room fan-out and
+//! store); the backend API (api.rs); three nodes on one Redis (cluster.rs:
+//! same-node vs cross-node unicast, Redis round trips per message, room
+//! fan-out across nodes; skipped with a note when redis-server is not
+//! installed); then WebSocket (ws.rs): idle memory, room fan-out and
 //! publish→deliver latency over Switchboard's WebSocket port, next to
 //! nginx + nchan.
 //!
@@ -28,13 +31,14 @@
 //! `delivery.send_default = "at_most_once"` (scenarios.rs `Delivery`).
 //!
 //! Files: `scenarios.rs` (servers and the raw TCP scenarios), `ws.rs`,
-//! `churn.rs` and `reliable.rs` (theirs) run the measurements and return typed figures;
+//! `churn.rs`, `reliable.rs`, `api.rs` and `cluster.rs` (theirs) run the measurements and return typed figures;
 //! `report.rs` holds those types (the shape of report.json), the verdicts,
 //! the ratios and report.md; `plots.rs` draws the SVGs from a report.
 
 mod api;
 pub mod bulk;
 pub mod churn;
+mod cluster;
 pub mod plots;
 mod reliable;
 pub mod report;
