@@ -1853,6 +1853,62 @@ mod tests {
         }
     }
 
+    fn cluster_step(cross: bool, offered: u64, delivered: f64, p99_us: u64, round_trips: u64) -> ClusterStep {
+        let received = (delivered * 2.0) as u64;
+        ClusterStep {
+            cross,
+            unicast: step(offered, delivered, p99_us),
+            redis: RedisWork {
+                commands: round_trips * 3,
+                round_trips,
+                commands_per_msg: Some((round_trips * 3) as f64 / received as f64),
+                round_trips_per_msg: Some(round_trips as f64 / received as f64),
+                records_sent: if cross { received } else { 0 },
+                batches_sent: round_trips,
+                records_per_batch: None,
+                route_lookups: 0,
+                errors: 0,
+                queue_full: 0,
+                forwards_failed: 0,
+                redis_cpu_ns_per_msg: None,
+            },
+        }
+    }
+
+    #[test]
+    fn cluster_targets_are_judged_on_the_best_rates_kept_up_with() {
+        let fanout = ClusterFanout {
+            room_members: 3,
+            publisher_node: "A".into(),
+            single_messages: 0,
+            single: vec![],
+            runs: vec![],
+        };
+        let unicast = |cross_trips: u64| ClusterUnicast {
+            connections: 4,
+            sustainable: Unicast::sustainable_rule(),
+            same: vec![
+                cluster_step(false, 10_000, 10_000.0, 1_000, 5),
+                cluster_step(false, 20_000, 19_900.0, 2_000, 5),
+            ],
+            // 20,000/s offered, 9,000/s delivered: not kept up with.
+            cross: vec![
+                cluster_step(true, 10_000, 9_900.0, 3_000, cross_trips),
+                cluster_step(true, 20_000, 9_000.0, 90_000, 1),
+            ],
+        };
+        let c = ClusterBench::judge(3, 1, "r".into(), unicast(100), fanout.clone(), 1.0);
+        assert_eq!(c.cross_vs_same, Some(9_900.0 / 19_900.0));
+        assert!(!c.cross_share_met, "0.497 is under 0.5");
+        // 100 round trips for 19,800 messages.
+        assert!(c.round_trips_met);
+        let c = ClusterBench::judge(3, 1, "r".into(), unicast(4_000), fanout, 1.0);
+        assert!(!c.round_trips_met, "{:?}", c.round_trips_per_msg_at_best);
+        let mut m = String::new();
+        c.markdown(&mut m);
+        assert!(m.contains("≥ 0.50 (NOT met)") && m.contains("≤ 0.1 cross node (NOT met)"), "{m}");
+    }
+
     #[test]
     fn a_unicast_rate_is_kept_up_with_when_97_percent_arrive_with_p99_under_50_ms() {
         assert!(step(10_000, 9_700.0, 49_999).keeps_up());
