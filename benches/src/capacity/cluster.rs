@@ -20,7 +20,9 @@
 //! "same" (each fleet sends to its own users, on its own node) and "cross"
 //! (each fleet sends to the other fleet's users), so the connections,
 //! nodes, senders and offered load are identical and only the path
-//! differs. Fan-out uses the plan's room size split over the three nodes.
+//! differs. The offered rates are the plan's `cluster_rates`, finer than
+//! the single-server ladder's. Fan-out uses the plan's room size split over
+//! the three nodes, at rising offered deliveries per second.
 //!
 //! Owns: starting Redis and the nodes for this scenario, the ladder, and
 //! reading the nodes' cluster counters (`/stats`' `cluster` object) and
@@ -56,7 +58,7 @@ const WORKERS_PER_NODE: usize = 1;
 const WARMUP_S: u64 = 1;
 /// Sustained fan-out: offered deliveries per second over all members,
 /// tried in order until one does not reach everyone.
-const FANOUT_DELIVERIES_PER_S: [f64; 4] = [25_000.0, 50_000.0, 100_000.0, 200_000.0];
+const FANOUT_DELIVERIES_PER_S: [f64; 5] = [25_000.0, 50_000.0, 100_000.0, 200_000.0, 400_000.0];
 
 /// The counters of `/stats`' `cluster` object that the scenario reads.
 #[derive(Clone, Copy, Debug, Default, Deserialize)]
@@ -340,14 +342,14 @@ impl Runner {
         cl.wait("presence of every user written", Duration::from_secs(30), |i, c| {
             i >= prefixes.len() || c.presence_writes >= 2 * u64::from(half)
         })?;
-        let lowest = self.plan.unicast_rates.first().copied().unwrap_or(10_000);
+        let lowest = self.plan.cluster_rates.first().copied().unwrap_or(5_000);
         for cross in [false, true] {
             let _ = cluster_step(cl, &mut fleets, &prefixes, users, cross, lowest, WARMUP_S)?;
         }
         std::thread::sleep(Duration::from_secs(1));
         let (mut same, mut cross) = (Vec::new(), Vec::new());
         let (mut same_on, mut cross_on) = (true, true);
-        for rate in self.plan.unicast_rates.clone() {
+        for rate in self.plan.cluster_rates.clone() {
             for (is_cross, on, steps) in [(false, &mut same_on, &mut same), (true, &mut cross_on, &mut cross)] {
                 if !*on {
                     continue;

@@ -83,6 +83,10 @@ pub struct Plan {
     pub socket_buffers: Option<usize>,
     /// Reliable delivery: messages waiting for the device that catches up.
     pub catch_up_messages: u32,
+    /// The cluster scenario's unicast rates (messages/s over both fleets),
+    /// finer than `unicast_rates`: three nodes, Redis and the loaders share
+    /// the host's cores, so the ladder saturates lower.
+    pub cluster_rates: Vec<u64>,
 }
 
 impl Plan {
@@ -122,6 +126,7 @@ impl Plan {
             churn_warmup: 100_000,
             socket_buffers: None,
             catch_up_messages: 10_000,
+            cluster_rates: vec![5_000, 7_500, 10_000, 12_500, 15_000, 17_500, 20_000, 25_000, 30_000, 40_000],
         }
     }
 
@@ -147,6 +152,7 @@ impl Plan {
             churn_warmup: 100_000,
             socket_buffers: None,
             catch_up_messages: 10_000,
+            cluster_rates: (1..=16).map(|k| k * 5_000).collect(),
         }
     }
 }

@@ -326,23 +326,11 @@ impl ClusterBench {
     /// cluster.md).
     pub fn markdown(&self, m: &mut String) {
         let met = |ok: bool| if ok { "met" } else { "NOT met" };
+        let _ = writeln!(m, "\n## Cluster: {} nodes on one Redis (same node vs cross node)\n", self.nodes);
+        let _ = writeln!(m, "{}\n", self.question);
         let _ = writeln!(
             m,
-            "
-## Cluster: {} nodes on one Redis (same node vs cross node)
-",
-            self.nodes
-        );
-        let _ = writeln!(
-            m,
-            "{}
-",
-            self.question
-        );
-        let _ = writeln!(
-            m,
-            "Setup: {}; {} nodes with {} worker each, `store.kind = \"none\"`; {} client connections, half on node A and half on node B. *Same*: each half sends to users on its own node; *cross*: to users on the other node. Open-loop SENDs of 64-byte timed payloads, the same offered rates for both. A rate is kept up with when {}. CPU is the three nodes' together; Redis figures sum every node's counters (heartbeats included) over the window, divided by messages delivered. Ran {} s.
-        ",
+            "Setup: {}; {} nodes with {} worker each, `store.kind = \"none\"`; {} client connections, half on node A and half on node B. *Same*: each half sends to users on its own node; *cross*: to users on the other node. Open-loop SENDs of 64-byte timed payloads, the same offered rates for both. A rate is kept up with when {}. CPU is the three nodes' together; Redis figures sum every node's counters (heartbeats included) over the window, divided by messages delivered. Ran {} s.\n",
             self.redis,
             self.nodes,
             self.workers_per_node,
@@ -352,11 +340,7 @@ impl ClusterBench {
         );
         let (bs, bc) = (self.unicast.best_same(), self.unicast.best_cross());
         let cell = |s: Option<&ClusterStep>, g: &dyn Fn(&ClusterStep) -> String| s.map_or("n/a".into(), g);
-        let _ = writeln!(
-            m,
-            "| figure | same node | cross node | target |
-|---|---|---|---|"
-        );
+        let _ = writeln!(m, "| figure | same node | cross node | target |\n|---|---|---|---|");
         let rows: Vec<(String, String, String, String)> = vec![
             (
                 "unicast, best sustainable rate (delivered/s)".into(),
@@ -430,12 +414,9 @@ impl ClusterBench {
         }
         let _ = writeln!(
             m,
-            "
-Every rate, side by side (delivered/s, p99 µs, Redis round trips per message; `-` = not run, the mode had stopped keeping up):
-"
+            "\nEvery rate, side by side (delivered/s, p99 µs, Redis round trips per message; `-` = not run, the mode had stopped keeping up):\n"
         );
-        let _ = writeln!(m, "| offered/s | same: delivered/s | same: p99 | cross: delivered/s | cross: p99 | cross: round trips/msg | cross: forwards lost |
-|---|---|---|---|---|---|---|");
+        let _ = writeln!(m, "| offered/s | same: delivered/s | same: p99 | cross: delivered/s | cross: p99 | cross: round trips/msg | cross: forwards lost |\n|---|---|---|---|---|---|---|");
         let mut rates: Vec<u64> =
             self.unicast.same.iter().chain(&self.unicast.cross).map(|s| s.unicast.offered_per_s).collect();
         rates.sort_unstable();
@@ -458,9 +439,7 @@ Every rate, side by side (delivered/s, p99 µs, Redis round trips per message; `
         let fo = &self.fanout;
         let _ = writeln!(
             m,
-            "
-**Cross-node room fan-out**: {} members split over the {} nodes, published from a member on node {} (its members get the message locally, the others through the room's Redis channel). Single messages ({} at 4/s), until the last member on each node had each: {}.
-",
+            "\n**Cross-node room fan-out**: {} members split over the {} nodes, published from a member on node {} (its members get the message locally, the others through the room's Redis channel). Single messages ({} at 4/s), until the last member on each node had each: {}.\n",
             fo.room_members,
             self.nodes,
             fo.publisher_node,
@@ -480,8 +459,7 @@ Every rate, side by side (delivered/s, p99 µs, Redis round trips per message; `
                 .collect::<Vec<_>>()
                 .join("; ")
         );
-        let _ = writeln!(m, "| publishes/s | deliveries/s offered | delivered/s (all nodes) | complete | per node: delivered/s, publish→receive p50 / p99 (ms) | Redis round trips per publish | nodes' CPU per delivery, user / system (ns) |
-|---|---|---|---|---|---|---|");
+        let _ = writeln!(m, "| publishes/s | deliveries/s offered | delivered/s (all nodes) | complete | per node: delivered/s, publish→receive p50 / p99 (ms) | Redis round trips per publish | nodes' CPU per delivery, user / system (ns) |\n|---|---|---|---|---|---|---|");
         for r in &fo.runs {
             let nodes = r
                 .per_node
