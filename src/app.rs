@@ -95,7 +95,10 @@ pub struct Receipt {
     pub connections: usize,
     /// What survives the message now: `Some(Fsync)`: a crash of the
     /// process or of the machine; `Some(Os)`: a crash of the process;
-    /// `None`: nothing (the memory store, or an at-most-once push).
+    /// `None`: nothing (the memory store, or an at-most-once push). With
+    /// the Redis store, of the Redis process or host, as its masters'
+    /// `appendonly`/`appendfsync` said when the store was opened (`None`
+    /// without an AOF or when `CONFIG GET` is refused).
     pub durability: Option<crate::store::Durability>,
 }
 

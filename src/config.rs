@@ -735,8 +735,9 @@ pub struct ClusterConfig {
     /// A Redis URL, or a list of Redis Cluster seed URLs; unset = off.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub redis: Option<RedisAddrs>,
-    /// This node's name, unique in the cluster (1 to 64 bytes of
-    /// `[A-Za-z0-9._:-]`); empty = `<hostname>:<listen port>`.
+    /// This node's name, unique in the cluster (at most 64 bytes of
+    /// `[A-Za-z0-9._:-]`); empty = `<hostname>:<listen port>`. Redis sees
+    /// it with `/<pid>` appended (one id per process).
     pub node_id: String,
     /// How often the node renews its liveness record in Redis.
     pub heartbeat_ms: u64,
@@ -779,8 +780,17 @@ impl Default for ClusterConfig {
 pub const MAX_NODE_ID_BYTES: usize = 64;
 
 impl ClusterConfig {
-    /// This node's id: `node_id`, or `<hostname>:<port>`.
+    /// This process's id in the cluster: `node_id` (or
+    /// `<hostname>:<port>`), then `/` and the process id. The process id
+    /// keeps two processes of one node apart: the old and the new one of
+    /// an overlapping restart on the same port both run for a while, and
+    /// the old one's logouts must not remove the new one's presence.
     pub fn node_id_or_default(&self, listen_port: u16) -> String {
+        format!("{}/{}", self.node_name(listen_port), std::process::id())
+    }
+
+    /// `node_id`, or `<hostname>:<port>`.
+    pub fn node_name(&self, listen_port: u16) -> String {
         if !self.node_id.is_empty() {
             return self.node_id.clone();
         }
@@ -1369,7 +1379,7 @@ mod socket_buffers {
         .to_string();
         assert!(e.contains("cluster.node_ttl_ms"), "{e}");
         let id = ClusterConfig::default().node_id_or_default(7700);
-        assert!(id.ends_with(":7700") && id.len() > 5, "{id}");
+        assert!(id.ends_with(&format!(":7700/{}", std::process::id())) && id.len() > 5, "{id}");
     }
 }
 

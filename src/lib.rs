@@ -40,6 +40,8 @@ pub mod metrics;
 pub mod outq;
 pub mod portholder;
 pub mod proto;
+#[doc(hidden)]
+pub mod redis_proc;
 pub mod rooms;
 mod runtime;
 pub mod server;

@@ -188,6 +188,17 @@ impl RoomRegistry {
         self.shard(name).read().unwrap_or_else(|e| e.into_inner()).get(name).map_or(0, |r| r.members)
     }
 
+    /// The names of every room with at least one connection (a walk over
+    /// the whole registry, one shard lock at a time: for rare whole-node
+    /// work, such as a cluster node re-subscribing after Redis came back).
+    pub fn names(&self) -> Vec<Arc<str>> {
+        let mut out = Vec::with_capacity(self.room_count());
+        for shard in self.shards.iter() {
+            out.extend(shard.read().unwrap_or_else(|e| e.into_inner()).keys().cloned());
+        }
+        out
+    }
+
     /// Rooms with at least one connection.
     pub fn room_count(&self) -> usize {
         self.rooms.taken()

@@ -180,41 +180,7 @@ fn killed_and_restarted(kill_after_answers: usize, inbox_limit: usize, expect_re
     let mut rx = client(port, "rx", Some("phone"));
     rx.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let mut by_seq: BTreeMap<u64, String> = BTreeMap::new();
-    let (mut head, mut page_end) = (None::<u64>, 0u64);
-    let (mut have, mut acked_to) = (0u64, 0u64);
-    let (mut req, mut fetching) = (1u32, false);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while head.is_none_or(|h| have < h) {
-        assert!(Instant::now() < deadline, "catch-up stalled at {have} of {head:?}");
-        let mut dup = false;
-        match rx.recv_skipping_pings().unwrap().frame() {
-            Frame::Sync { head_seq, page_end: end, .. } => {
-                head = Some(head_seq);
-                page_end = end;
-                fetching = false;
-            }
-            Frame::Inbox { seq, payload, .. } => {
-                dup = seq <= have;
-                by_seq.entry(seq).or_insert_with(|| String::from_utf8(payload.to_vec()).unwrap());
-                while by_seq.contains_key(&(have + 1)) {
-                    have += 1;
-                }
-            }
-            other => panic!("receiver got {other:?}"),
-        }
-        // What a client does: ACK every 32, at a page's end and on a
-        // duplicate; FETCH the next page once this one is in.
-        if have >= acked_to + 32 || (have > acked_to && have >= page_end) || dup {
-            rx.ack(have).unwrap();
-            acked_to = have;
-        }
-        if !fetching && have >= page_end && head.is_some_and(|h| page_end < h) {
-            rx.fetch(req, have, 1000).unwrap();
-            req += 1;
-            fetching = true;
-        }
-    }
-    let head = head.unwrap();
+    let head = common::catch_up(&mut rx, &mut by_seq, Duration::from_secs(60));
     assert_eq!(by_seq.len() as u64, head, "seqs 1..={head}, dense");
     let mut seen = HashSet::new();
     let (mut last_s, mut last_a) = (0u32, None::<u32>);

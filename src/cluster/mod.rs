@@ -121,15 +121,23 @@ pub(crate) struct Link {
     tx: tokio::sync::mpsc::Sender<Event>,
     pub counters: Arc<ClusterCounters>,
     pub node_id: Arc<str>,
+    /// A presence or room change was refused: the thread re-registers the
+    /// node's users and re-subscribes its rooms at its next heartbeat.
+    pub repair: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Link {
     /// Hands `ev` over without waiting; false (and counted) when the queue
     /// is full or the thread has stopped.
     pub(crate) fn send(&self, ev: Event) -> bool {
+        let state = matches!(ev, Event::Online(_) | Event::Offline(_) | Event::RoomChanged(_));
         match self.tx.try_send(ev) {
             Ok(()) => true,
             Err(_) => {
+                if state {
+                    // Lost state is repaired whole; a lost forward is only counted.
+                    self.repair.store(true, Ordering::Release);
+                }
                 let n = self.counters.queue_full.fetch_add(1, Ordering::Relaxed);
                 if n.is_power_of_two() {
                     tracing::warn!(
@@ -147,5 +155,5 @@ impl Link {
 /// Makes the queue: the producers' end and the thread's end.
 pub(crate) fn queue(capacity: usize, node_id: Arc<str>) -> (Link, tokio::sync::mpsc::Receiver<Event>) {
     let (tx, rx) = tokio::sync::mpsc::channel(capacity);
-    (Link { tx, counters: Arc::default(), node_id }, rx)
+    (Link { tx, counters: Arc::default(), node_id, repair: Arc::default() }, rx)
 }

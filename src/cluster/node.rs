@@ -64,15 +64,22 @@ const RESYNC_CHUNK: usize = 1000;
 const FORGET_NODE_MS: u64 = 24 * 3600 * 1000;
 
 /// The heartbeat: Redis's clock, so nodes need not agree on the time.
-/// KEYS[1] = sb:nodes; ARGV = node id, node_ttl_ms, forget_ms. Returns
-/// the nodes alive.
+/// KEYS[1] = sb:nodes; ARGV = node id, forget_ms. Returns Redis's time
+/// (ms), every node with its last heartbeat, and this node's previous
+/// heartbeat ("" if none: a node's first heartbeat finding a recent one
+/// means another live process has the same id).
 const HEARTBEAT_LUA: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local prev = redis.call('ZSCORE', KEYS[1], ARGV[1]) or ''
 redis.call('ZADD', KEYS[1], now, ARGV[1])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[3]))
-return redis.call('ZRANGE', KEYS[1], now - tonumber(ARGV[2]), '+inf', 'BYSCORE')
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[2]))
+return {tostring(now), redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES'), prev}
 ";
+
+/// What [`HEARTBEAT_LUA`] returns: Redis's time (ms, as text), every
+/// node with its last heartbeat, this node's previous heartbeat ("" if none).
+type HeartbeatReply = (String, Vec<(String, f64)>, String);
 
 /// The presence hash of `user`.
 pub fn presence_key(user: &str) -> String {
@@ -188,6 +195,37 @@ impl Data {
     }
 }
 
+/// The other nodes as the last heartbeat saw them.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Liveness {
+    /// Heard of within `node_ttl_ms`.
+    pub alive: HashMap<Arc<str>, Arc<str>>,
+    /// Not heard of for `node_ttl_ms`: node → its last heartbeat (ms,
+    /// Redis's clock).
+    pub dead: HashMap<Arc<str>, u64>,
+}
+
+impl Liveness {
+    /// Sorts `nodes` (id, last heartbeat) by whether they beat within
+    /// `ttl_ms` of `now_ms`; `me` is left out.
+    pub fn from_heartbeats(me: &str, now_ms: u64, ttl_ms: u64, nodes: Vec<(String, f64)>) -> Liveness {
+        let mut l = Liveness::default();
+        for (node, beat) in nodes {
+            if node == me {
+                continue;
+            }
+            let beat = beat as u64;
+            let id: Arc<str> = Arc::from(node.as_str());
+            if beat.saturating_add(ttl_ms) >= now_ms {
+                l.alive.insert(id.clone(), id);
+            } else {
+                l.dead.insert(id, beat);
+            }
+        }
+        l
+    }
+}
+
 /// What a turn of the forwarder found out and must send.
 #[derive(Default)]
 struct Outbox {
@@ -223,9 +261,15 @@ struct Node {
     data: RefCell<Option<Data>>,
     sink: RefCell<Option<redis::aio::PubSubSink>>,
     cache: RefCell<RouteCache>,
-    /// Other nodes alive at the last heartbeat, and when it was read.
-    live: RefCell<(HashSet<Arc<str>>, Option<Instant>)>,
+    /// The other nodes at the last heartbeat, and when it was read.
+    live: RefCell<(Liveness, Option<Instant>)>,
     subscribed_rooms: RefCell<HashSet<Arc<str>>>,
+    /// Users whose routes a `Login` dropped while a lookup was waiting on
+    /// Redis (`None`: no lookup waiting): that lookup's answer for them may
+    /// predate the login, so it is used once and not cached.
+    forgotten: RefCell<Option<HashSet<Arc<str>>>>,
+    /// A `Reset` arrived while a lookup was waiting: cache none of it.
+    reset_during_lookup: Cell<bool>,
     /// Presence in Redis may be behind this node's users: redo it whole.
     resync: Cell<bool>,
     pubsub_up: Cell<bool>,
@@ -251,8 +295,10 @@ async fn run(
         shared,
         data: RefCell::new(None),
         sink: RefCell::new(None),
-        live: RefCell::new((HashSet::new(), None)),
+        live: RefCell::new((Liveness::default(), None)),
         subscribed_rooms: RefCell::new(HashSet::new()),
+        forgotten: RefCell::new(None),
+        reset_during_lookup: Cell::new(false),
         resync: Cell::new(true),
         pubsub_up: Cell::new(false),
     });
@@ -439,11 +485,20 @@ impl Node {
         }
         ClusterCounters::add(&self.counters.route_lookups, users.len() as u64);
         let cmds: Vec<Cmd> = users.iter().map(|u| redis::cmd("HGETALL").arg(presence_key(u)).clone()).collect();
+        *self.forgotten.borrow_mut() = Some(HashSet::new());
+        self.reset_during_lookup.set(false);
         let results = self.exec(&cmds).await;
-        let (live, fresh_live) = {
+        let forgotten = self.forgotten.borrow_mut().take().unwrap_or_default();
+        let cache_it = !self.reset_during_lookup.get();
+        let liveness = {
             let l = self.live.borrow();
-            let fresh = l.1.is_some_and(|t| t.elapsed() < Duration::from_millis(self.cfg.heartbeat_ms * 2));
-            (l.0.clone(), fresh)
+            // A snapshot older than a node TTL says nothing about who died.
+            let fresh = l.1.is_some_and(|t| t.elapsed() < Duration::from_millis(self.cfg.node_ttl_ms));
+            if fresh {
+                l.0.clone()
+            } else {
+                Liveness::default()
+            }
         };
         let mut stale: Vec<Cmd> = Vec::new();
         for (user, r) in users.iter().zip(results) {
@@ -454,21 +509,26 @@ impl Node {
                 if **node == *self.me {
                     continue;
                 }
-                match live.get(node.as_str()) {
-                    Some(n) => nodes.push(n.clone()),
-                    None if fresh_live => {
-                        stale.push(redis::cmd("HDEL").arg(presence_key(user)).arg(node).clone());
-                    }
-                    // Without a fresh live set, forward to every node
-                    // listed: a forward to a dead node is only wasted.
-                    None => nodes.push(Arc::from(node.as_str())),
+                match liveness.dead.get(node.as_str()) {
+                    // Dead: out of the map for every reader, and its field
+                    // deleted. An id is never reused (it ends in the
+                    // process id); a node that was only stalled past its
+                    // TTL sees so at its next heartbeat and re-registers.
+                    Some(_) => stale.push(redis::cmd("HDEL").arg(presence_key(user)).arg(node).clone()),
+                    // Alive, or not known yet (a node that just started
+                    // may write presence before this node's next look at
+                    // the live set): forward. A forward to a node that is
+                    // gone is only wasted.
+                    None => nodes
+                        .push(liveness.alive.get(node.as_str()).cloned().unwrap_or_else(|| Arc::from(node.as_str()))),
                 }
             }
-            self.cache.borrow_mut().insert(user.clone(), nodes.clone(), now);
+            if cache_it && !forgotten.contains(user) {
+                self.cache.borrow_mut().insert(user.clone(), nodes.clone(), now);
+            }
             routes.insert(user.clone(), nodes);
         }
         if !stale.is_empty() {
-            // Fields of dead nodes: gone from the map for every reader.
             let _ = self.exec(&stale).await;
         }
         routes
@@ -537,7 +597,16 @@ impl Node {
         let sink = self.sink.borrow().clone();
         if let Some(mut sink) = sink {
             let ch = room_channel(&room);
-            let r = if want { sink.subscribe(&ch).await } else { sink.unsubscribe(&ch).await };
+            let change = async {
+                if want {
+                    sink.subscribe(&ch).await
+                } else {
+                    sink.unsubscribe(&ch).await
+                }
+            };
+            let r = tokio::time::timeout(self.timeout, change).await.unwrap_or_else(|_| {
+                Err(redis::RedisError::from(std::io::Error::new(std::io::ErrorKind::TimedOut, "timed out")))
+            });
             if let Err(e) = r {
                 // The pub/sub connection is going down; its reconnection
                 // subscribes to every room in `subscribed_rooms`.
@@ -615,6 +684,7 @@ impl Node {
     async fn heartbeat(self: Rc<Self>, stop: Arc<AtomicBool>) {
         let script = redis::Script::new(HEARTBEAT_LUA);
         let mut last_refresh = Instant::now();
+        let mut first = true;
         let mut tick = tokio::time::interval(Duration::from_millis(self.cfg.heartbeat_ms));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         while !stop.load(Ordering::Acquire) {
@@ -625,10 +695,10 @@ impl Node {
                 continue;
             };
             let mut inv = script.prepare_invoke();
-            inv.key(NODES_KEY).arg(&*self.me).arg(self.cfg.node_ttl_ms).arg(FORGET_NODE_MS);
+            inv.key(NODES_KEY).arg(&*self.me).arg(FORGET_NODE_MS);
             ClusterCounters::add(&self.counters.redis_commands, 1);
             ClusterCounters::add(&self.counters.redis_round_trips, 1);
-            let r: RedisResult<Vec<String>> = match &data {
+            let r: RedisResult<HeartbeatReply> = match &data {
                 Data::One(c) => {
                     tokio::time::timeout(self.timeout, inv.invoke_async(&mut c.clone())).await.unwrap_or_else(|_| {
                         Err(redis::RedisError::from(std::io::Error::new(std::io::ErrorKind::TimedOut, "timed out")))
@@ -641,11 +711,30 @@ impl Node {
                 }
             };
             match r {
-                Ok(nodes) => {
-                    let live: HashSet<Arc<str>> =
-                        nodes.into_iter().filter(|n| **n != *self.me).map(|n| Arc::from(n.as_str())).collect();
-                    self.counters.live_nodes.store(live.len() as u64, Ordering::Relaxed);
-                    *self.live.borrow_mut() = (live, Some(Instant::now()));
+                Ok((now, nodes, prev)) => {
+                    let now: u64 = now.parse().unwrap_or(0);
+                    let prev_ago = prev.parse::<f64>().ok().map(|p| now.saturating_sub(p as u64));
+                    if prev_ago.is_some_and(|ago| ago > self.cfg.node_ttl_ms) {
+                        // This node was silent past its TTL (stalled, or cut
+                        // off from Redis): others took it for dead and may
+                        // have deleted its presence fields.
+                        self.resync.set(true);
+                    }
+                    if first {
+                        first = false;
+                        if let Some(ago) = prev_ago {
+                            if ago < self.cfg.node_ttl_ms {
+                                tracing::error!(
+                                    node = %self.me,
+                                    "cluster: another live process uses this node id (its heartbeat was {ago} ms ago): \
+                                     messages for either may go to the other; give each node its own cluster.node_id"
+                                );
+                            }
+                        }
+                    }
+                    let l = Liveness::from_heartbeats(&self.me, now, self.cfg.node_ttl_ms, nodes);
+                    self.counters.live_nodes.store(l.alive.len() as u64, Ordering::Relaxed);
+                    *self.live.borrow_mut() = (l, Some(Instant::now()));
                 }
                 Err(e) => {
                     ClusterCounters::add(&self.counters.redis_errors, 1);
@@ -658,7 +747,7 @@ impl Node {
                 }
             }
             self.update_connected();
-            if last_refresh.elapsed() >= PRESENCE_REFRESH {
+            if last_refresh.elapsed() >= PRESENCE_REFRESH || self.link.repair.swap(false, Ordering::AcqRel) {
                 self.resync.set(true);
             }
             if self.resync.get() && self.pubsub_up.get() {
@@ -669,9 +758,18 @@ impl Node {
         }
     }
 
-    /// Writes the presence of every user with a connection on this node.
+    /// Writes the presence of every user with a connection on this node,
+    /// tells every node to drop its cached routes, and brings the room
+    /// subscriptions in line with the rooms this node has members of.
     async fn reregister(&self) {
         ClusterCounters::add(&self.counters.presence_resyncs, 1);
+        let mut rooms: Vec<Arc<str>> = self.shared.rooms.names();
+        rooms.extend(self.subscribed_rooms.borrow().iter().cloned());
+        rooms.sort();
+        rooms.dedup();
+        for room in rooms {
+            self.room_changed(room).await;
+        }
         let mut users: Vec<Arc<str>> = Vec::new();
         self.shared.directory.for_each_online(|u| users.push(u.clone()));
         let now = unix_ms();
@@ -686,6 +784,12 @@ impl Node {
             ClusterCounters::add(&self.counters.presence_writes, cmds.len() as u64);
             failed |= self.exec(&cmds).await.iter().any(|r| r.is_err());
         }
+        // Other nodes may have cached "nowhere" for these users while
+        // Redis had lost them.
+        let mut w = BatchWriter::new(&self.me, 64).expect("node ids are at most 64 bytes");
+        w.push(&Record::Reset).expect("a reset fits");
+        let reset = redis::cmd("PUBLISH").arg(LOGIN_CHANNEL).arg(&w.finish()[..]).clone();
+        failed |= self.exec(&[reset]).await.iter().any(|r| r.is_err());
         if failed {
             self.resync.set(true);
         } else {
@@ -777,7 +881,14 @@ impl Node {
                 Record::Login { user } => {
                     if let Some(user) = as_str(&user) {
                         self.cache.borrow_mut().forget(user);
+                        if let Some(f) = self.forgotten.borrow_mut().as_mut() {
+                            f.insert(Arc::from(user));
+                        }
                     }
+                }
+                Record::Reset => {
+                    self.cache.borrow_mut().clear();
+                    self.reset_during_lookup.set(true);
                 }
             }
         }
@@ -806,4 +917,25 @@ fn bytes_of(s: &str) -> Bytes {
 /// returns how many took it.
 fn post_each(shared: &Shared, user: &str, make: impl Fn(ConnId) -> Command) -> u64 {
     shared.post_to_user(user, make).0 as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_node_is_dead_once_its_heartbeat_is_older_than_the_ttl() {
+        let beats = vec![("me".to_string(), 10_000.0), ("b".to_string(), 9_400.0), ("c".to_string(), 9_399.0)];
+        let l = Liveness::from_heartbeats("me", 10_000, 600, beats);
+        assert!(l.alive.contains_key("b"), "600 ms ago is still within the TTL");
+        assert_eq!(l.dead.get("c"), Some(&9_399), "601 ms ago is dead, with its last beat");
+        assert!(!l.alive.contains_key("me") && !l.dead.contains_key("me"));
+    }
+
+    #[test]
+    fn keys_share_the_users_hash_tag() {
+        assert_eq!(presence_key("alice"), "sb:{alice}:nodes");
+        assert_eq!(node_channel("gw-1"), "sb:n:gw-1");
+        assert_eq!(room_channel("lobby"), "sb:r:lobby");
+    }
 }

@@ -19,6 +19,7 @@
 //!   5 Leave   user:str8 room:str8
 //!   6 Frame   frame:bytes32                  an encoded ROOM_MSG (room channel or broadcast)
 //!   7 Login   user:str8                      drop cached routes of the user
+//!   8 Reset                                  drop every cached route
 //! str8 = len:u8 bytes, bytes32 = len:u32 bytes
 //! ```
 
@@ -45,6 +46,9 @@ pub enum Record {
     Frame { frame: Bytes },
     /// The user logged in on the origin node: forget cached routes.
     Login { user: Bytes },
+    /// The origin node re-registered all its users (after Redis came
+    /// back): forget every cached route.
+    Reset,
 }
 
 impl Record {
@@ -56,6 +60,7 @@ impl Record {
             Record::Kick { user } | Record::Login { user } => 1 + user.len(),
             Record::Join { user, room } | Record::Leave { user, room } => 2 + user.len() + room.len(),
             Record::Frame { frame } => 4 + frame.len(),
+            Record::Reset => 0,
         }
     }
 }
@@ -144,6 +149,7 @@ impl BatchWriter {
                     out.put_u8(7);
                     put_str8(out, user)?;
                 }
+                Record::Reset => out.put_u8(8),
             }
             Ok(())
         })();
@@ -237,6 +243,7 @@ pub fn decode(batch: Bytes) -> Result<(Bytes, Vec<Record>), WireError> {
             5 => Record::Leave { user: r.str8()?, room: r.str8()? },
             6 => Record::Frame { frame: r.bytes32()? },
             7 => Record::Login { user: r.str8()? },
+            8 => Record::Reset,
             k => return Err(WireError::Kind(k)),
         };
         records.push(rec);
@@ -269,6 +276,7 @@ mod tests {
             Record::Leave { user: b("erin"), room: b("lobby") },
             Record::Frame { frame: b("roommsg") },
             Record::Login { user: b("frank") },
+            Record::Reset,
         ]
     }
 

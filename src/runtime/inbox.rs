@@ -110,8 +110,7 @@ impl Sink<Token> for StoreSink {
                         }
                     }
                     Reply::Handle(tx) => {
-                        let store = &self.shared.config.store;
-                        let durability = (store.kind == crate::config::StoreKind::Disk).then_some(store.durability);
+                        let durability = self.shared.store_durability;
                         let _ = tx.try_send(outcome.map(|o| Receipt {
                             seq: o.seq,
                             msg_id: o.msg_id,

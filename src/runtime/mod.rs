@@ -161,8 +161,11 @@ pub(crate) fn start(
     // opened (permissions, another server holding it) stops the start
     // before any port is taken, and the time opening takes is not spent
     // with a listener up and no worker behind it.
-    let store = crate::store::open_store_with(&config.store, config.delivery.dedup_window_ms)
-        .map_err(|e| StartError::Store { path: config.store.path.display().to_string(), message: e.to_string() })?;
+    // The node id defaults to <hostname>:<configured listen port> (a port
+    // of 0 gives ":0": set cluster.node_id when nodes share a host).
+    let store =
+        crate::store::open_store_with(&config.store, config.delivery.dedup_window_ms, &config.cluster, addr.port())
+            .map_err(|e| StartError::Store { path: config.store.path.display().to_string(), message: e.to_string() })?;
     let ws_addr = config.websocket.listen_addr()?;
     check_port_free(addr, &config, addr, ws_addr)?;
     if let Some(a) = ws_addr {
@@ -229,13 +232,16 @@ pub(crate) fn start(
         failure: std::sync::Mutex::new(None),
         store: std::sync::OnceLock::new(),
         cluster: std::sync::OnceLock::new(),
+        store_durability: store.as_ref().and_then(|s| s.durability()),
         config,
     });
     // The cluster thread before the store's: the store thread hands it
     // stored messages for users on other nodes.
     let cluster = match shared.config.cluster.redis {
         Some(_) => {
-            let id: Arc<str> = Arc::from(shared.config.cluster.node_id_or_default(bound.port()));
+            // The configured port, as the store's presence writes use
+            // (the pid keeps ids apart when it is 0).
+            let id: Arc<str> = Arc::from(shared.config.cluster.node_id_or_default(addr.port()));
             let (link, rx) = crate::cluster::queue(shared.config.cluster.queue_capacity, id);
             let _ = shared.cluster.set(link.clone());
             Some(crate::cluster::node::ClusterThread::start(shared.clone(), link, rx)?)

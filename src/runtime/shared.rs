@@ -98,6 +98,9 @@ pub(crate) struct Shared {
     /// The queue to the `sb-cluster` thread, when `cluster.redis` is set
     /// (set once at start, before the workers run).
     pub cluster: std::sync::OnceLock<crate::cluster::Link>,
+    /// What the store makes of a stored message (`Store::durability` at
+    /// open), reported in receipts.
+    pub store_durability: Option<crate::store::Durability>,
 }
 
 impl Shared {

@@ -337,6 +337,10 @@ impl Store for DiskStore {
         (self.total_messages, self.total_bytes)
     }
 
+    fn durability(&self) -> Option<Durability> {
+        Some(self.durability)
+    }
+
     fn sync(&mut self) -> Result<(), StoreError> {
         let mode = match self.durability {
             Durability::Fsync => PersistMode::SyncData,

@@ -5,9 +5,10 @@
 //! ([`NewMessage`], [`StoredMessage`], [`Page`], [`InboxState`]), the limits
 //! ([`StoreLimits`]), the rules the backends share (how a device position
 //! moves, what a record costs against `max_bytes`), and the backends:
-//! [`MemoryStore`] (bounded, lost on restart) and [`DiskStore`] (fjall,
-//! durable per [`Durability`]). [`service`] runs a store on its own thread
-//! with group commit.
+//! [`MemoryStore`] (bounded, lost on restart), [`DiskStore`] (fjall,
+//! durable per [`Durability`]) and [`RedisStore`] (shared by the nodes of a
+//! cluster, durable as Redis is configured). [`service`] runs a store on its
+//! own thread with group commit.
 //! Must not: be called from an io_uring worker. Every `Store` method may do
 //! disk I/O (a `sync` is an `fdatasync`, ~3 ms on the development VMs); the
 //! workers reach a store only through [`service::Submitter::try_submit`],
@@ -24,6 +25,7 @@ use thiserror::Error;
 
 pub mod disk;
 pub mod memory;
+pub mod redis;
 pub mod service;
 
 #[cfg(test)]
@@ -31,11 +33,12 @@ mod tests;
 
 pub use disk::DiskStore;
 pub use memory::MemoryStore;
+pub use redis::RedisStore;
 pub use service::{
     Busy, Done, Request, Service, ServiceConfig, Sink, StoreCounters, Submitter, POSITION_SYNC_INTERVAL,
 };
 
-use crate::config::{StoreConfig, StoreKind};
+use crate::config::{ClusterConfig, StoreConfig, StoreKind};
 
 /// A message to append to `to`'s inbox.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -120,7 +123,16 @@ pub struct InboxState {
 pub trait Store: Send + 'static {
     /// Appends to m.to's inbox: seq = head + 1. Not durable until `sync`.
     /// Dedup: (m.from, m.client_id) seen within dedup window → Duplicate.
+    /// The memory and disk stores remember a pair whatever the recipient;
+    /// the Redis store per recipient (it can check only the recipient's
+    /// hash slot atomically): the same pair sent to another user is stored.
     fn append(&mut self, m: &NewMessage, now_ms: u64) -> Result<Appended, StoreError>;
+    /// Appends `msgs` in order, as many `append`s would (same outcomes, in
+    /// the same order); a backend overrides it to save round trips (the
+    /// Redis store sends the run as one pipeline).
+    fn append_batch(&mut self, msgs: &[NewMessage], now_ms: u64) -> Vec<Result<Appended, StoreError>> {
+        msgs.iter().map(|m| self.append(m, now_ms)).collect()
+    }
     /// Makes everything appended/positioned so far durable per the durability mode.
     fn sync(&mut self) -> Result<(), StoreError>;
     /// Up to `limit` messages with seq > after_seq, in order, and the head.
@@ -146,6 +158,11 @@ pub trait Store: Send + 'static {
     /// (or they expired) and a retention pass dropped them. Cheap: a
     /// running count, not a scan.
     fn held(&self) -> (u64, u64);
+    /// What survives a message once `sync` returned, reported in receipts:
+    /// `None` = nothing (the memory store) or unknown.
+    fn durability(&self) -> Option<Durability> {
+        None
+    }
 }
 
 /// How durable a `sync` makes what came before it.
@@ -257,20 +274,35 @@ fn expired(ts_ms: u64, age_ms: u64, now_ms: u64) -> bool {
 }
 
 /// Opens the store `[store]` configures: `None` for `kind = "none"` (live
-/// relay only). `dedup_window_ms` is `delivery.dedup_window_ms`.
-pub fn open_store_with(cfg: &StoreConfig, dedup_window_ms: u64) -> Result<Option<Box<dyn Store>>, StoreError> {
+/// relay only). `dedup_window_ms` is `delivery.dedup_window_ms`; `cluster`
+/// is `[cluster]` (the Redis to use with `kind = "redis"`, the node id and
+/// the command timeout); `listen_port` names this node when
+/// `cluster.node_id` is empty.
+pub fn open_store_with(
+    cfg: &StoreConfig,
+    dedup_window_ms: u64,
+    cluster: &ClusterConfig,
+    listen_port: u16,
+) -> Result<Option<Box<dyn Store>>, StoreError> {
     let limits = cfg.limits(dedup_window_ms);
     Ok(match cfg.kind {
         StoreKind::None => None,
         StoreKind::Redis => {
-            return Err(StoreError::Unavailable("store.kind = \"redis\" is being built (issue 14)".into()));
+            let Some(addrs) = &cluster.redis else {
+                return Err(StoreError::Unavailable(
+                    "store.kind = \"redis\" needs cluster.redis (the Redis URL or the cluster's seeds)".into(),
+                ));
+            };
+            let timeout = std::time::Duration::from_millis(cluster.command_timeout_ms);
+            Some(Box::new(RedisStore::open(addrs, &cluster.node_id_or_default(listen_port), limits, timeout)?))
         }
         StoreKind::Memory => Some(Box::new(MemoryStore::new(limits))),
         StoreKind::Disk => Some(Box::new(DiskStore::open(&cfg.path, cfg.durability, limits)?)),
     })
 }
 
-/// [`open_store_with`] the default dedup window ([`DEFAULT_DEDUP_WINDOW_MS`]).
+/// [`open_store_with`] the default dedup window ([`DEFAULT_DEDUP_WINDOW_MS`])
+/// and no `[cluster]` (so not for `kind = "redis"`).
 pub fn open_store(cfg: &StoreConfig) -> Result<Option<Box<dyn Store>>, StoreError> {
-    open_store_with(cfg, DEFAULT_DEDUP_WINDOW_MS)
+    open_store_with(cfg, DEFAULT_DEDUP_WINDOW_MS, &ClusterConfig::default(), 0)
 }

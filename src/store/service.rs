@@ -314,28 +314,26 @@ impl<T: Send + 'static, S: Sink<T>> Worker<T, S> {
         let mut written: Vec<(T, Done)> = Vec::with_capacity(batch.len());
         let mut reads: Vec<(T, Request)> = Vec::new();
         let mut appended = 0u64;
+        // A run of consecutive appends goes to the store in one call
+        // (`Store::append_batch`: one pipeline for the Redis store); a
+        // login or position ends the run, so writes still apply in order.
+        // Reads are served after the sync whatever their place: they do
+        // not end a run.
+        let mut run_tokens: Vec<T> = Vec::new();
+        let mut run: Vec<NewMessage> = Vec::new();
         for (token, req) in batch.drain(..) {
             let done = match req {
                 Request::Append(m) => {
-                    let r = self.store.append(&m, now_ms);
-                    match &r {
-                        Ok(Appended::New { .. }) => appended += 1,
-                        Ok(Appended::Duplicate { .. }) => {
-                            self.counters.duplicates.fetch_add(1, Ordering::Relaxed);
-                        }
-                        Err(StoreError::InboxFull { .. } | StoreError::StoreFull { .. }) => {
-                            self.counters.refusals.fetch_add(1, Ordering::Relaxed);
-                        }
-                        Err(StoreError::Unavailable(_)) => {
-                            self.counters.errors.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
-                    Done::Appended(r)
+                    run_tokens.push(token);
+                    run.push(m);
+                    continue;
                 }
                 Request::DeviceLogin { user, device, client_seq } => {
+                    self.append_run(&mut run_tokens, &mut run, now_ms, &mut written, &mut appended);
                     Done::DeviceLogin(self.store.device_login(&user, &device, client_seq, now_ms))
                 }
                 Request::Position { user, device, seq } => {
+                    self.append_run(&mut run_tokens, &mut run, now_ms, &mut written, &mut appended);
                     Done::Position(self.store.set_position(&user, &device, seq, now_ms))
                 }
                 read @ (Request::Read { .. } | Request::State { .. }) => {
@@ -345,6 +343,7 @@ impl<T: Send + 'static, S: Sink<T>> Worker<T, S> {
             };
             written.push((token, done));
         }
+        self.append_run(&mut run_tokens, &mut run, now_ms, &mut written, &mut appended);
         if appended == 0 && !written.is_empty() {
             // Positions, logins, duplicates and refusals: nothing that is
             // read out or acknowledged as stored waits for this sync.
@@ -386,6 +385,39 @@ impl<T: Send + 'static, S: Sink<T>> Worker<T, S> {
             };
             self.sink.done(token, done);
         }
+    }
+
+    /// Appends a run of consecutive appends in one `append_batch` call and
+    /// queues their outcomes, in order, behind the writes before them.
+    fn append_run(
+        &mut self,
+        tokens: &mut Vec<T>,
+        run: &mut Vec<NewMessage>,
+        now_ms: u64,
+        written: &mut Vec<(T, Done)>,
+        appended: &mut u64,
+    ) {
+        if run.is_empty() {
+            return;
+        }
+        let results = self.store.append_batch(run, now_ms);
+        debug_assert_eq!(results.len(), run.len(), "one outcome per append");
+        for (token, r) in tokens.drain(..).zip(results) {
+            match &r {
+                Ok(Appended::New { .. }) => *appended += 1,
+                Ok(Appended::Duplicate { .. }) => {
+                    self.counters.duplicates.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(StoreError::InboxFull { .. } | StoreError::StoreFull { .. }) => {
+                    self.counters.refusals.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(StoreError::Unavailable(_)) => {
+                    self.counters.errors.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            written.push((token, Done::Appended(r)));
+        }
+        run.clear();
     }
 
     /// Copies the store's held counts into the counters (one writer: this

@@ -10,7 +10,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use proptest::prelude::*;
 
+use super::redis::{presence_key, user_key};
 use super::*;
+use crate::config::RedisAddrs;
+use crate::redis_proc::{AppendFsync, RedisCluster, RedisServer};
 
 /// A directory under the system's temporary directory, removed on drop.
 struct TempDir(PathBuf);
@@ -78,7 +81,93 @@ impl Subject for Disk {
     }
 }
 
+/// A Redis store on its own `redis-server` (with an AOF): a restart kills
+/// Redis (SIGKILL), starts it again on its AOF and reopens the store.
+struct RedisOne {
+    store: Option<RedisStore>,
+    limits: StoreLimits,
+    // Last: killed after the store is closed.
+    server: RedisServer,
+}
+
+/// Command timeout of the stores under test: generous, a loaded test
+/// machine must not make them fail.
+const REDIS_TEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl RedisOne {
+    fn new(fsync: AppendFsync, limits: StoreLimits) -> Self {
+        let server = RedisServer::builder().appendonly(fsync).start();
+        let store = RedisStore::open(&RedisAddrs::Single(server.url()), "node-a", limits, REDIS_TEST_TIMEOUT)
+            .expect("opens on a fresh redis-server");
+        RedisOne { store: Some(store), limits, server }
+    }
+}
+
+impl Subject for RedisOne {
+    fn store(&mut self) -> &mut dyn Store {
+        self.store.as_mut().expect("open")
+    }
+    fn restart(&mut self) -> bool {
+        self.store = None;
+        self.server.restart();
+        let addrs = RedisAddrs::Single(self.server.url());
+        self.store = Some(RedisStore::open(&addrs, "node-a", self.limits, REDIS_TEST_TIMEOUT).expect("reopens"));
+        true
+    }
+}
+
+/// One 3-master Redis Cluster for the whole test process (it takes seconds
+/// to form); each store under test has its own key prefix on it.
+fn shared_cluster() -> &'static RedisCluster {
+    static CLUSTER: std::sync::OnceLock<RedisCluster> = std::sync::OnceLock::new();
+    CLUSTER.get_or_init(|| RedisCluster::start(3))
+}
+
+fn fresh_prefix() -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    format!("t{}", NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
+/// A Redis store on the shared cluster: a restart reopens the store (a
+/// restart of the Switchboard process; the cluster keeps running).
+struct RedisOnCluster {
+    store: Option<RedisStore>,
+    limits: StoreLimits,
+    prefix: String,
+}
+
+impl RedisOnCluster {
+    fn new(limits: StoreLimits) -> Self {
+        let prefix = fresh_prefix();
+        let store = Self::open(limits, &prefix);
+        RedisOnCluster { store: Some(store), limits, prefix }
+    }
+    fn open(limits: StoreLimits, prefix: &str) -> RedisStore {
+        let addrs = RedisAddrs::Cluster(shared_cluster().urls());
+        RedisStore::open_with_prefix(&addrs, "node-a", limits, REDIS_TEST_TIMEOUT, prefix).expect("opens")
+    }
+}
+
+impl Subject for RedisOnCluster {
+    fn store(&mut self) -> &mut dyn Store {
+        self.store.as_mut().expect("open")
+    }
+    fn restart(&mut self) -> bool {
+        self.store = None;
+        self.store = Some(Self::open(self.limits, &self.prefix));
+        true
+    }
+}
+
 type Make = fn(StoreLimits) -> Box<dyn Subject>;
+
+fn make_redis_single(l: StoreLimits) -> Box<dyn Subject> {
+    Box::new(RedisOne::new(AppendFsync::Always, l))
+}
+
+fn make_redis_cluster(l: StoreLimits) -> Box<dyn Subject> {
+    Box::new(RedisOnCluster::new(l))
+}
 
 fn make_memory(l: StoreLimits) -> Box<dyn Subject> {
     Box::new(Mem(MemoryStore::new(l)))
@@ -345,6 +434,8 @@ macro_rules! conformance {
 conformance!(memory, make_memory);
 conformance!(disk_fsync, make_disk);
 conformance!(disk_os, make_disk_os);
+conformance!(redis_single, make_redis_single);
+conformance!(redis_cluster, make_redis_cluster);
 
 #[test]
 fn disk_store_bytes_counter_survives_restart() {
@@ -383,7 +474,11 @@ struct Model {
     heads: HashMap<String, u64>,
     msgs: BTreeMap<(String, u64), StoredMessage>,
     devices: HashMap<String, BTreeMap<String, (u64, u64)>>,
-    dedup: HashMap<(String, u64), (u64, u64, u64)>,
+    /// (recipient, sender, client id); the recipient is "" when dedup spans
+    /// recipients (the memory and disk stores).
+    dedup: HashMap<(String, String, u64), (u64, u64, u64)>,
+    /// Dedup per recipient (the Redis store).
+    dedup_per_recipient: bool,
 }
 
 impl Model {
@@ -396,7 +491,8 @@ impl Model {
     }
 
     fn append(&mut self, l: &StoreLimits, m: &NewMessage, now: u64) -> Result<Appended, StoreError> {
-        let key = (m.from.to_string(), m.client_id);
+        let to = if self.dedup_per_recipient { m.to.to_string() } else { String::new() };
+        let key = (to, m.from.to_string(), m.client_id);
         if m.client_id != 0 {
             if let Some(&(seq, msg_id, ts)) = self.dedup.get(&key) {
                 if now < ts + l.dedup_window_ms {
@@ -522,9 +618,17 @@ fn sorted(mut st: InboxState) -> InboxState {
     st
 }
 
-fn against_the_model(mut subject: Box<dyn Subject>, limits: StoreLimits, ops: &[Op]) -> Result<(), TestCaseError> {
+fn against_the_model(subject: Box<dyn Subject>, limits: StoreLimits, ops: &[Op]) -> Result<(), TestCaseError> {
+    against_a_model(subject, limits, ops, Model::default())
+}
+
+fn against_a_model(
+    mut subject: Box<dyn Subject>,
+    limits: StoreLimits,
+    ops: &[Op],
+    mut model: Model,
+) -> Result<(), TestCaseError> {
     let users = ["ann", "ben", "cyd"];
-    let mut model = Model::default();
     let mut now = T0;
     for (i, op) in ops.iter().enumerate() {
         let s = subject.store();
@@ -595,6 +699,318 @@ proptest! {
     fn disk_store_behaves_as_the_model(ops in proptest::collection::vec(op(), 1..80)) {
         against_the_model(make_disk_os(model_limits()), model_limits(), &ops)?;
     }
+}
+
+proptest! {
+    // Each case starts a redis-server (and kills and restarts it): fewer
+    // cases. `appendfsync always`: `Op::Restart` SIGKILLs Redis, and with
+    // `everysec` Redis 7.0 may answer writes whose AOF write it postponed
+    // behind a slow background fsync (this test lost some on a busy disk).
+    #![proptest_config(ProptestConfig { cases: 16, ..ProptestConfig::default() })]
+
+    #[test]
+    fn redis_store_behaves_as_the_model(ops in proptest::collection::vec(op(), 1..80)) {
+        let subject = Box::new(RedisOne::new(AppendFsync::Always, model_limits()));
+        let model = Model { dedup_per_recipient: true, ..Model::default() };
+        against_a_model(subject, model_limits(), &ops, model)?;
+    }
+}
+
+// ---- the Redis store --------------------------------------------------------
+
+fn int_of(v: ::redis::Value) -> i64 {
+    match v {
+        ::redis::Value::Int(i) => i,
+        ::redis::Value::BulkString(b) => String::from_utf8(b).unwrap().parse().unwrap(),
+        other => panic!("not a number: {other:?}"),
+    }
+}
+
+#[test]
+fn redis_store_fails_within_the_timeout_while_paused_and_recovers_without_reopening() {
+    let mut server = RedisServer::builder().appendonly(AppendFsync::Always).start();
+    let timeout = Duration::from_millis(300);
+    let addrs = RedisAddrs::Single(server.url());
+    let mut s = RedisStore::open(&addrs, "node-a", StoreLimits::default(), timeout).unwrap();
+    assert_eq!(append(&mut s, "alice", 1, T0), 1);
+
+    server.pause();
+    for _ in 0..2 {
+        let t = std::time::Instant::now();
+        let r = s.append(&msg("alice", "app", 2, T0, "m2", 0), T0);
+        let took = t.elapsed();
+        let Err(StoreError::Unavailable(why)) = r else { panic!("{r:?} from a paused Redis") };
+        assert!(why.starts_with("redis: "), "{why}");
+        // A write, then a read that times out; or, reconnecting, a connect
+        // (accepted by the kernel) and then the scripts' load that times out.
+        assert!(took >= timeout && took < timeout * 6, "failed after {took:?}, the timeout is {timeout:?}");
+    }
+    assert!(matches!(s.read("alice", 0, 10), Err(StoreError::Unavailable(_))));
+    server.resume();
+    // The timed-out calls may have run once Redis woke up: the one stored
+    // or not, the next append gets the next seq, never a repeated one.
+    let seq = append(&mut s, "alice", 3, T0);
+    let page = s.read("alice", 0, 10).unwrap();
+    assert_eq!(page.head_seq, seq);
+    assert_eq!(seqs(&page), (1..=seq).collect::<Vec<_>>(), "dense, in order");
+
+    server.restart(); // SIGKILL and start again on its AOF
+    let mut after = None;
+    for _ in 0..2 {
+        // The first call may meet the dead connection; the next reconnects.
+        if let Ok(Appended::New { seq }) = s.append(&msg("alice", "app", 4, T0, "m4", 0), T0) {
+            after = Some(seq);
+            break;
+        }
+    }
+    assert_eq!(after, Some(seq + 1), "the AOF kept every seq and the store reconnected by itself");
+}
+
+#[test]
+fn redis_cluster_keys_of_a_user_share_one_slot() {
+    let node = &shared_cluster().nodes()[0];
+    let keyslot = |k: &str| int_of(node.cmd(&["CLUSTER", "KEYSLOT", k]).unwrap());
+    for user in ["alice", "a{b}c", "}x", "{", "#h", "bob:1", "émile"] {
+        let tag = super::redis::user_tag(user);
+        let slots: Vec<i64> =
+            ["h", "m", "dv", "dd", "dq", "nodes"].iter().map(|sfx| keyslot(&user_key("sb", user, sfx))).collect();
+        assert!(slots.iter().all(|&s| s == slots[0]), "{user}: {slots:?}");
+        assert_eq!(slots[0], super::redis::key_slot(tag.as_bytes()) as i64, "{user}: our slot is Redis's");
+    }
+    for k in ["", "a", "{}x", "x{}y{z}", "sb:ix:{123}", "foo{bar}baz", "123456789"] {
+        assert_eq!(keyslot(k), super::redis::key_slot(k.as_bytes()) as i64, "{k:?}");
+    }
+}
+
+#[test]
+fn redis_device_login_writes_presence_before_reading_the_head() {
+    let prefix = fresh_prefix();
+    let addrs = RedisAddrs::Cluster(shared_cluster().urls());
+    let mut s =
+        RedisStore::open_with_prefix(&addrs, "node-7", StoreLimits::default(), REDIS_TEST_TIMEOUT, &prefix).unwrap();
+    append(&mut s, "alice", 1, T0);
+    assert_eq!(s.device_login("alice", "phone", 0, T0 + 5).unwrap(), (0, 1));
+    let key = user_key(&prefix, "alice", "nodes");
+    let slot = super::redis::key_slot(key.as_bytes());
+    // Ask each master: the one serving the slot has it, the others redirect.
+    let got: Vec<String> = shared_cluster()
+        .nodes()
+        .iter()
+        .filter_map(|n| match n.cmd(&["HGET", &key, "node-7"]) {
+            Ok(::redis::Value::BulkString(b)) => Some(String::from_utf8(b).unwrap()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(got, vec![(T0 + 5).to_string()], "slot {slot}");
+    assert_eq!(presence_key("alice"), "sb:{alice}:nodes");
+}
+
+#[test]
+fn redis_append_batch_is_one_pipeline_with_the_outcomes_of_one_by_one() {
+    let limits = StoreLimits { max_messages_per_inbox: 5, ..StoreLimits::default() };
+    let mut piped = RedisOnCluster::new(limits);
+    let mut single = Mem(MemoryStore::new(limits));
+    // Users on every master, duplicates, a full inbox, an invalid id.
+    let mut msgs = Vec::new();
+    for i in 0..120u64 {
+        let (to, from) = (format!("user{}", i % 7), format!("sender{}", i % 7));
+        msgs.push(msg(&to, &from, i, T0, &format!("m{i}"), i % 4));
+    }
+    msgs.push(msg("", "app", 99, T0, "x", 0));
+    let got = piped.store().append_batch(&msgs, T0);
+    // What the memory store answers one by one: each sender writes to one
+    // recipient only, so its dedup (per sender) is the Redis store's (per
+    // recipient).
+    let want: Vec<_> = msgs.iter().map(|m| single.store().append(m, T0)).collect();
+    assert_eq!(got, want);
+    let kinds = |k: fn(&Result<Appended, StoreError>) -> bool| got.iter().filter(|r| k(r)).count();
+    assert!(kinds(|r| matches!(r, Ok(Appended::Duplicate { .. }))) > 0);
+    assert!(kinds(|r| matches!(r, Err(StoreError::InboxFull { .. }))) > 0);
+    for u in 0..7 {
+        let user = format!("user{u}");
+        assert_eq!(piped.store().read(&user, 0, 10).unwrap(), single.store().read(&user, 0, 10).unwrap());
+    }
+}
+
+#[test]
+fn redis_store_reloads_flushed_scripts_and_keeps_the_order() {
+    let mut one = RedisOne::new(AppendFsync::No, StoreLimits::default());
+    append(one.store(), "alice", 1, T0);
+    one.server.cmd(&["SCRIPT", "FLUSH"]).unwrap();
+    let msgs: Vec<_> = (2..6).map(|i| msg("alice", "app", i, T0, "x", 0)).collect();
+    let got = one.store().append_batch(&msgs, T0);
+    assert_eq!(got, (2..6).map(|seq| Ok(Appended::New { seq })).collect::<Vec<_>>());
+    assert_eq!(seqs(&one.store().read("alice", 0, 10).unwrap()), vec![1, 2, 3, 4, 5]);
+}
+
+#[test]
+fn redis_max_bytes_is_store_wide_as_of_the_last_refresh() {
+    let per = record_bytes("alice", "app", 2);
+    let limits = StoreLimits { max_bytes: 4 * per, ..StoreLimits::default() };
+    let prefix = fresh_prefix();
+    let addrs = RedisAddrs::Cluster(shared_cluster().urls());
+    let open = || RedisStore::open_with_prefix(&addrs, "n", limits, REDIS_TEST_TIMEOUT, &prefix).unwrap();
+    let (mut a, mut b) = (open(), open());
+    for i in 0..3 {
+        append(&mut a, "alice", i, T0);
+    }
+    assert_eq!(a.held(), (3, 3 * per));
+    // b has not summed the counters since a appended: it overshoots by
+    // what it does not know of (the documented approximation)...
+    append(&mut b, "bobby", 1, T0);
+    append(&mut b, "bobby", 2, T0);
+    assert_eq!(b.held(), (2, 2 * per));
+    // ...until its next refresh, which sees the whole store.
+    b.refresh_totals().unwrap();
+    assert_eq!(b.held(), (5, 5 * per));
+    assert_eq!(b.append(&msg("bobby", "app", 3, T0, "m3", 0), T0), Err(StoreError::StoreFull { limit_bytes: 4 * per }));
+    // A fresh store starts from the sum too.
+    let mut c = open();
+    assert_eq!(c.held(), (5, 5 * per));
+    assert!(matches!(c.append(&msg("carol", "app", 1, T0, "m1", 0), T0), Err(StoreError::StoreFull { .. })));
+    // Retention gives the room back, store-wide.
+    c.device_login("alice", "phone", 3, T0).unwrap();
+    assert_eq!(c.expire(T0 + 1).unwrap(), 3);
+    assert_eq!(c.held(), (2, 2 * per));
+    assert_eq!(append(&mut c, "carol", 1, T0), 1);
+}
+
+#[test]
+fn redis_durability_follows_the_servers_appendfsync() {
+    for (fsync, want) in [
+        (Some(AppendFsync::Always), Some(Durability::Fsync)),
+        (Some(AppendFsync::EverySec), Some(Durability::Os)),
+        (None, None),
+    ] {
+        let builder = RedisServer::builder();
+        let server = match fsync {
+            Some(f) => builder.appendonly(f).start(),
+            None => builder.start(),
+        };
+        let s = RedisStore::open(&RedisAddrs::Single(server.url()), "n", StoreLimits::default(), REDIS_TEST_TIMEOUT)
+            .unwrap();
+        assert_eq!(s.durability(), want, "{fsync:?}");
+    }
+}
+
+#[test]
+fn open_store_opens_redis_from_the_cluster_config() {
+    use crate::config::{ClusterConfig, StoreConfig, StoreKind};
+    let server = RedisServer::start();
+    let cfg = StoreConfig { kind: StoreKind::Redis, ..StoreConfig::default() };
+    let err = open_store(&cfg).err().expect("no [cluster] redis: refused");
+    assert!(err.to_string().contains("cluster.redis"), "{err}");
+    let cluster = ClusterConfig {
+        redis: Some(RedisAddrs::Single(server.url())),
+        node_id: "node-b".into(),
+        ..ClusterConfig::default()
+    };
+    let mut s = open_store_with(&cfg, DEFAULT_DEDUP_WINDOW_MS, &cluster, 7700).unwrap().unwrap();
+    assert_eq!(append(s.as_mut(), "a", 1, T0), 1);
+    s.device_login("a", "d", 0, T0).unwrap();
+    let got = server.cmd(&["HGET", "sb:{a}:nodes", "node-b"]).unwrap();
+    assert_eq!(got, ::redis::Value::BulkString(T0.to_string().into_bytes()));
+}
+
+#[test]
+fn service_over_a_redis_store_answers_in_order() {
+    let one = RedisOne::new(AppendFsync::No, StoreLimits::default());
+    let RedisOne { store, server: _server, .. } = one;
+    let (sink, rx) = collect();
+    let service = Service::start(Box::new(store.unwrap()), sink, cfg(4096)).unwrap();
+    let (user, device): (Arc<str>, Arc<str>) = ("alice".into(), "phone".into());
+    for i in 0..200 {
+        service.try_submit(i, append_req("alice", i)).unwrap();
+        if i == 100 {
+            service
+                .try_submit(1000, Request::DeviceLogin { user: user.clone(), device: device.clone(), client_seq: 0 })
+                .unwrap();
+        }
+    }
+    let mut login = None;
+    for _ in 0..201 {
+        match recv(&rx) {
+            (i, Done::Appended(Ok(Appended::New { seq }))) => assert_eq!(seq, i + 1),
+            (1000, Done::DeviceLogin(Ok(r))) => login = Some(r),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(login, Some((0, 101)), "the login sees exactly the appends before it");
+    service.stop().unwrap();
+}
+
+/// The question: how many appends per second does the Redis store take one
+/// by one (a round trip each) and through `append_batch` (one pipeline per
+/// run), against a local redis-server, with and without an AOF; and what
+/// does a kept message and a user cost in Redis memory? 100-byte payloads
+/// (a typical push), runs of 256 (what a busy store thread hands over),
+/// spread over 1000 users (every master busy on a cluster). Run:
+/// `cargo test --lib -j1 redis_store_measure -- --ignored --nocapture`.
+#[test]
+#[ignore = "a measurement, not a check: run it with --ignored --nocapture"]
+fn redis_store_measure() {
+    let payload = "x".repeat(100);
+    let n = 20_000u64;
+    let msgs: Vec<NewMessage> = (0..n).map(|i| msg(&format!("user{}", i % 1000), "app", i, T0, &payload, 0)).collect();
+    for fsync in [None, Some(AppendFsync::EverySec), Some(AppendFsync::Always)] {
+        let server = match fsync {
+            Some(f) => RedisServer::builder().appendonly(f).start(),
+            None => RedisServer::start(),
+        };
+        let addrs = RedisAddrs::Single(server.url());
+        let mut s = RedisStore::open(&addrs, "n", StoreLimits::default(), REDIS_TEST_TIMEOUT).unwrap();
+        let t = std::time::Instant::now();
+        for m in &msgs[..(n / 4) as usize] {
+            s.append(m, T0).unwrap();
+        }
+        let one = (n / 4) as f64 / t.elapsed().as_secs_f64();
+        let t = std::time::Instant::now();
+        for run in msgs.chunks(256) {
+            for r in s.append_batch(run, T0) {
+                r.unwrap();
+            }
+        }
+        let piped = n as f64 / t.elapsed().as_secs_f64();
+        println!("appendfsync {fsync:?}: one by one {one:.0}/s, append_batch of 256 {piped:.0}/s");
+    }
+    let server = RedisServer::start();
+    let addrs = RedisAddrs::Single(server.url());
+    let mut s = RedisStore::open(&addrs, "n", StoreLimits::default(), REDIS_TEST_TIMEOUT).unwrap();
+    let used = || -> i64 {
+        let ::redis::Value::BulkString(info) = server.cmd(&["INFO", "memory"]).unwrap() else { panic!() };
+        let info = String::from_utf8(info).unwrap();
+        let line = info.lines().find(|l| l.starts_with("used_memory:")).unwrap();
+        line["used_memory:".len()..].trim().parse().unwrap()
+    };
+    let usage = |k: &str| int_of(server.cmd(&["MEMORY", "USAGE", k, "SAMPLES", "0"]).unwrap());
+    let before = used();
+    let one_user: Vec<NewMessage> = (0..10_000).map(|i| msg("alice", "bob", i, T0, &payload, 0)).collect();
+    for run in one_user.chunks(256) {
+        s.append_batch(run, T0);
+    }
+    let per_message = (used() - before) as f64 / 10_000.0;
+    println!(
+        "10000 messages of 100 bytes to one user: {per_message:.0} bytes each (used_memory); \
+         MEMORY USAGE sb:{{alice}}:m = {}",
+        usage("sb:{alice}:m")
+    );
+    let before = used();
+    for u in 0..10_000 {
+        let user = format!("user{u:05}");
+        s.append(&msg(&user, "bob", 1, T0, &payload, 7), T0).unwrap();
+        s.device_login(&user, "phone", 0, T0).unwrap();
+    }
+    let per_user = (used() - before) as f64 / 10_000.0;
+    println!(
+        "10000 users with one message (with a client id) and one device: {per_user:.0} bytes each (used_memory); \
+         MEMORY USAGE of user00001's keys: h {} m {} dv {} dd {} dq {} nodes {}",
+        usage("sb:{user00001}:h"),
+        usage("sb:{user00001}:m"),
+        usage("sb:{user00001}:dv"),
+        usage("sb:{user00001}:dd"),
+        usage("sb:{user00001}:dq"),
+        usage("sb:{user00001}:nodes"),
+    );
 }
 
 // ---- the store thread -------------------------------------------------------

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod api;
+pub mod cluster;
 pub mod interop;
 
 use std::net::SocketAddr;
@@ -160,4 +161,52 @@ pub fn ws_login_query(addr: SocketAddr, user: &str) -> std::net::TcpStream {
     }
     assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
     s
+}
+
+/// A device catching up on its inbox the way a client does: reads INBOX
+/// frames (live or paged) into `by_seq`, ACKs every 32, at a page's end
+/// and on a duplicate, and FETCHes the next page once one is in, until it
+/// holds every seq up to the head the server announced (its SYNC).
+/// Returns that head. `by_seq` may already hold what the device stored
+/// before (it logged in with the last of those as `last_seq`).
+pub fn catch_up(rx: &mut Client, by_seq: &mut std::collections::BTreeMap<u64, String>, limit: Duration) -> u64 {
+    let mut have = 0u64;
+    while by_seq.contains_key(&(have + 1)) {
+        have += 1;
+    }
+    let (mut head, mut page_end) = (None::<u64>, 0u64);
+    let mut acked_to = have;
+    let (mut req, mut fetching) = (1u32, false);
+    let deadline = Instant::now() + limit;
+    while head.is_none_or(|h| have < h) {
+        assert!(Instant::now() < deadline, "catch-up stalled at {have} of {head:?}");
+        let mut dup = false;
+        match rx.recv_skipping_pings().expect("the device's connection stays up").frame() {
+            Frame::Sync { head_seq, page_end: end, .. } => {
+                head = Some(head_seq.max(head.unwrap_or(0)));
+                page_end = end;
+                fetching = false;
+            }
+            Frame::Inbox { seq, payload, .. } => {
+                dup = seq <= have;
+                by_seq.entry(seq).or_insert_with(|| String::from_utf8(payload.to_vec()).unwrap());
+                while by_seq.contains_key(&(have + 1)) {
+                    have += 1;
+                }
+                head = head.map(|h| h.max(seq));
+            }
+            Frame::Push { .. } | Frame::RoomMsg { .. } => {}
+            other => panic!("the device got {other:?}"),
+        }
+        if have >= acked_to + 32 || (have > acked_to && have >= page_end) || dup {
+            rx.ack(have).unwrap();
+            acked_to = have;
+        }
+        if !fetching && have >= page_end && head.is_some_and(|h| page_end < h) {
+            rx.fetch(req, have, 1000).unwrap();
+            req += 1;
+            fetching = true;
+        }
+    }
+    head.unwrap()
 }

@@ -1,0 +1,1210 @@
+//! [`RedisStore`]: the inboxes in Redis or a Redis Cluster, shared by every
+//! Switchboard node, so a user's inbox is there whichever node they reach.
+//!
+//! Owns: the key layout of a user's inbox (below), the Lua scripts that
+//! change it, the connections to Redis (one per master, on the store
+//! thread, with connect/read/write timeouts), the routing of a user's
+//! commands to the master serving the user's hash slot, the retention
+//! index, and the store-wide byte and message totals as far as this
+//! process knows them.
+//! Must not: run on an io_uring worker (every call is a network round
+//! trip, bounded by `command_timeout`); hang (every socket operation has a
+//! timeout; after an I/O error or timeout the connections are dropped and
+//! the next call reconnects); retry a script after an I/O error (an append
+//! whose answer was lost may have been stored: running it again would store
+//! it twice; the error goes to the caller, whose retry with a client id is
+//! deduplicated).
+//!
+//! # Keys
+//!
+//! Every key of user `u` is `<prefix>:{u}:<suffix>` (prefix `sb`): the
+//! `{u}` hash tag puts all of them in one hash slot, so one script can
+//! change them atomically on a Redis Cluster. A user id holding `{` or `}`
+//! (or starting with `#`) is written as `#` + its hex ([`user_tag`]).
+//! - `:h` hash: `head` (last seq given out; never deleted, not by retention
+//!   and not by TTL: Redis `maxmemory-policy` must be `noeviction`), `n`
+//!   (messages kept), `b` (their bytes, as [`record_bytes`]), `first` (the
+//!   oldest kept seq while `n > 0`), `dn` (devices ever added, for order).
+//! - `:m` stream, entry id `<seq>-0`, fields `i` (msg_id), `t` (ts_ms), `f`
+//!   (sender), `p` (payload). A stream, not a list or a hash of seqs: reads
+//!   by seq are `XRANGE (<after>-0 + COUNT n` (a radix-tree seek, not a
+//!   walk from the head as `LRANGE` would be), trimming is `XTRIM MINID`,
+//!   and entries are packed in listpacks with their field names stored once
+//!   per node of the tree: ~150 bytes per 100-byte message in a long inbox.
+//!   The cost: Redis 7.0 allocates a stream's first node at
+//!   `stream-node-max-bytes` (4096), so a user with one kept message pays
+//!   ~4.7 KB where a list would pay ~300 bytes (docs/SCALING.md). Deleted
+//!   when it empties.
+//! - `:dv` hash: device → `"<position> <last_seen_ms> <order>"`.
+//! - `:dd` hash `"<client_id>:<from>"` → `"<seq> <msg_id> <ts_ms>"` and
+//!   `:dq` sorted set of the same members scored by append time: the dedup
+//!   window. Dedup is per recipient: the key is (to, from, client_id), the
+//!   only scope one atomic script on a cluster can check (the recipient's
+//!   slot). The same client id sent by one sender to two users stores two
+//!   messages (the API allows a client id only on a push to one user).
+//! - `:nodes` hash node id → login time: written by `device_login` (below).
+//!
+//! Per hash slot `s`, with `t(s)` a short string whose slot is `s`:
+//! - `<prefix>:ix:{t(s)}` sorted set: the users of slot `s` with something
+//!   retention may drop (messages, devices, dedup entries), scored by the
+//!   earliest time it may (0: at the next pass). Every script that adds
+//!   something lowers the score (`ZADD LT`); the retention script sets the
+//!   exact next time or removes the user. In the user's slot, so kept
+//!   atomically by the same script. Cost: ~70 bytes per user with kept
+//!   state, and a pass reads all 16384 index keys (one pipeline per master,
+//!   ~10 ms) plus one script per due user.
+//! - `<prefix>:ib:{t(s)}` hash `m`, `b`: messages and bytes kept in slot
+//!   `s`. Summed over the slots by [`RedisStore::refresh_totals`].
+//!
+//! # Atomicity and presence
+//!
+//! Each append is one script (EVALSHA): dedup check, inbox limit, byte
+//! budget, `head + 1`, `XADD`, counters, dedup entry, index. `device_login`
+//! is one script that first writes `HSET <prefix>:{u}:nodes <node_id>
+//! <now_ms>`, then reads the head. The cluster router reads that hash to
+//! pick the nodes to forward a stored message to; since the presence write
+//! and the head read are one atomic step in the user's slot, and so is an
+//! append, either the login's head includes the message (the device gets
+//! it from the inbox) or the append came after the login, and the
+//! appender's lookup that follows its append sees this node.
+//!
+//! # Limits
+//!
+//! `max_messages_per_inbox` is exact (checked in the script). `max_bytes`
+//! spans the whole cluster, which no single script can see (cross-slot):
+//! each append passes the budget left = `max_bytes` − the store-wide total
+//! as this process knows it (the per-slot counters summed at open, after
+//! every retention pass and every [`TOTALS_REFRESH_INTERVAL`], plus what
+//! this process appended and dropped since). Exact with one Switchboard
+//! node; with several, the total can overshoot by what the other nodes
+//! append within one refresh interval.
+//!
+//! # Pipelining and routing
+//!
+//! [`Store::append_batch`] sends all the appends of a batch as EVALSHA
+//! commands, one pipeline per master, all sent before any answer is read:
+//! one round trip for the batch. Routing is done here, from `CLUSTER
+//! SLOTS`, over plain connections, not with redis-rs's `ClusterConnection`:
+//! its sync pipeline turns any error reply (one `NOSCRIPT`, one `MOVED`)
+//! into an error for the whole pipeline, losing the outcomes of the
+//! appends that were stored, and its single-command path retries after I/O
+//! errors, which would run a non-idempotent append twice. A `MOVED` or
+//! `ASK` answer (resharding) fails that call and makes the next call reload
+//! the slot map. A `NOSCRIPT` (a Redis restarted without this process
+//! noticing, or `SCRIPT FLUSH`) loads the scripts and retries the calls
+//! that were not run, unless a later call of the same user in the same
+//! pipeline ran (a retry would then reorder them: those fail instead).
+//!
+//! # Durability
+//!
+//! `sync` does nothing: what Redis acknowledged is as durable as Redis
+//! makes it. `appendonly yes` + `appendfsync always`: an acknowledged
+//! message survives power loss of the Redis host; `everysec`: power loss
+//! can take the last second, a crash of the Redis process loses nothing
+//! (Redis writes the AOF before it answers); no AOF: a Redis restart loses
+//! everything. [`RedisStore::durability`] reports what the masters said at
+//! open.
+
+use std::collections::HashMap;
+use std::sync::LazyLock;
+use std::time::{Duration, Instant};
+
+use redis::{Cmd, ConnectionAddr, ConnectionInfo, IntoConnectionInfo, Value};
+
+use super::{
+    check_ids, record_bytes, Appended, DeviceState, Durability, InboxState, NewMessage, Page, Store, StoreError,
+    StoreLimits, StoredMessage, MAX_DEVICES_PER_USER,
+};
+use crate::config::RedisAddrs;
+
+/// The key prefix of a production store.
+pub const DEFAULT_PREFIX: &str = "sb";
+
+/// Hash slots of a Redis Cluster.
+pub const SLOTS: usize = 16_384;
+
+/// How often the store-wide totals (for `max_bytes` and [`Store::held`])
+/// are summed from the per-slot counters, at most: 16384 `HMGET`s, one
+/// pipeline per master.
+pub const TOTALS_REFRESH_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Messages (and dedup entries) one retention script drops, at most: bounds
+/// how long one script blocks its Redis (a few ms). A user with more is
+/// visited again in the same pass.
+pub const EXPIRE_MAX_DROP_PER_CALL: u64 = 1_000;
+
+/// Index keys read per round of a retention pass, and users taken from
+/// each: bounds a round's pipeline to 512 × 64 scripts (~5 MB of commands).
+const EXPIRE_SLOTS_PER_ROUND: usize = 512;
+const EXPIRE_USERS_PER_SLOT: usize = 64;
+
+/// Rounds of one chunk of slots in one pass, at most (a bound, not a
+/// figure any inbox reaches: 100,000 messages per inbox take 100 rounds).
+const EXPIRE_MAX_ROUNDS: u32 = 10_000;
+
+/// Messages one read returns, at most, whatever the caller asks.
+pub const MAX_READ_LIMIT: usize = 100_000;
+
+/// The slot Redis Cluster gives `key`: CRC16 (XMODEM) of its hash tag (the
+/// part between the first `{` and the next `}`, if not empty) or of the
+/// whole key, mod 16384.
+pub fn key_slot(key: &[u8]) -> u16 {
+    let tag = match key.iter().position(|&b| b == b'{') {
+        Some(open) => match key[open + 1..].iter().position(|&b| b == b'}') {
+            Some(len) if len > 0 => &key[open + 1..open + 1 + len],
+            _ => key,
+        },
+        None => key,
+    };
+    crc16_xmodem(tag) % SLOTS as u16
+}
+
+fn crc16_xmodem(data: &[u8]) -> u16 {
+    let mut crc: u16 = 0;
+    for &byte in data {
+        crc ^= (byte as u16) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 { (crc << 1) ^ 0x1021 } else { crc << 1 };
+        }
+    }
+    crc
+}
+
+/// How a user id appears in its keys' hash tag: itself, or `#` + hex when
+/// it holds a brace (which would cut the tag) or starts with `#`.
+pub fn user_tag(user: &str) -> String {
+    if user.contains(['{', '}']) || user.starts_with('#') {
+        let mut t = String::with_capacity(1 + 2 * user.len());
+        t.push('#');
+        for b in user.bytes() {
+            t.push_str(&format!("{b:02x}"));
+        }
+        t
+    } else {
+        user.to_string()
+    }
+}
+
+/// The user id of a [`user_tag`].
+fn tag_user(tag: &str) -> Option<String> {
+    let Some(hex) = tag.strip_prefix('#') else { return Some(tag.to_string()) };
+    let bytes: Option<Vec<u8>> =
+        (0..hex.len()).step_by(2).map(|i| hex.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok())).collect();
+    String::from_utf8(bytes?).ok()
+}
+
+/// Key `suffix` of `user` under `prefix`: `<prefix>:{<tag>}:<suffix>`.
+pub fn user_key(prefix: &str, user: &str, suffix: &str) -> String {
+    format!("{prefix}:{{{}}}:{suffix}", user_tag(user))
+}
+
+/// The presence hash the cluster router reads: node id → last login
+/// (Unix ms) of a device of `user` on that node, under [`DEFAULT_PREFIX`].
+pub fn presence_key(user: &str) -> String {
+    user_key(DEFAULT_PREFIX, user, "nodes")
+}
+
+/// For each slot, the smallest number whose decimal form hashes to it:
+/// the hash tag of that slot's index keys.
+static SLOT_TAGS: LazyLock<Box<[u32]>> = LazyLock::new(|| {
+    let mut tags = vec![u32::MAX; SLOTS];
+    let mut left = SLOTS;
+    let mut n: u32 = 0;
+    while left > 0 {
+        let slot = key_slot(n.to_string().as_bytes()) as usize;
+        if tags[slot] == u32::MAX {
+            tags[slot] = n;
+            left -= 1;
+        }
+        n += 1;
+    }
+    tags.into_boxed_slice()
+});
+
+/// A Lua script: its code, and its SHA1 for EVALSHA (from redis::Script).
+struct Lua {
+    code: &'static str,
+    script: redis::Script,
+}
+
+impl Lua {
+    fn new(code: &'static str) -> Lua {
+        Lua { code, script: redis::Script::new(code) }
+    }
+}
+
+/// Append: KEYS h m dd dq ix ib; ARGV now from client_id msg_id ts payload
+/// bytes max_messages budget window ttl tag. Returns {0, seq} stored,
+/// {1, seq, msg_id} duplicate, {2} inbox full, {3} store full.
+const APPEND_LUA: &str = r#"
+local function fmt(x) return string.format('%d', x) end
+local now = tonumber(ARGV[1])
+local window = tonumber(ARGV[10])
+local dkey = nil
+if ARGV[3] ~= '0' then
+  dkey = ARGV[3] .. ':' .. ARGV[2]
+  local seen = redis.call('HGET', KEYS[3], dkey)
+  if seen then
+    local seq, mid, at = string.match(seen, '^(%d+) (%d+) (%d+)$')
+    if tonumber(at) + window > now then
+      return {1, tonumber(seq), mid}
+    end
+  end
+end
+local n = tonumber(redis.call('HGET', KEYS[1], 'n') or '0')
+if n >= tonumber(ARGV[8]) then return {2} end
+local bytes = tonumber(ARGV[7])
+if bytes > tonumber(ARGV[9]) then return {3} end
+local seq = redis.call('HINCRBY', KEYS[1], 'head', 1)
+if n == 0 then redis.call('HSET', KEYS[1], 'first', seq) end
+redis.call('XADD', KEYS[2], fmt(seq) .. '-0', 'i', ARGV[4], 't', ARGV[5], 'f', ARGV[2], 'p', ARGV[6])
+redis.call('HINCRBY', KEYS[1], 'n', 1)
+redis.call('HINCRBY', KEYS[1], 'b', bytes)
+redis.call('HINCRBY', KEYS[6], 'm', 1)
+redis.call('HINCRBY', KEYS[6], 'b', bytes)
+local due = tonumber(ARGV[5]) + tonumber(ARGV[11])
+if dkey then
+  redis.call('HSET', KEYS[3], dkey, fmt(seq) .. ' ' .. ARGV[4] .. ' ' .. ARGV[1])
+  redis.call('ZADD', KEYS[4], ARGV[1], dkey)
+  if now + window < due then due = now + window end
+end
+redis.call('ZADD', KEYS[5], 'LT', fmt(due), ARGV[12])
+return {0, seq}
+"#;
+
+/// Device login or position: KEYS h dv nodes ix; ARGV device seq now
+/// node_id max_devices ttl tag is_login. A login first records this node
+/// in the presence hash, then reads the head. Returns {position, head}.
+const DEVICE_LUA: &str = r#"
+local function fmt(x) return string.format('%d', x) end
+if ARGV[8] == '1' then redis.call('HSET', KEYS[3], ARGV[4], ARGV[3]) end
+local head = tonumber(redis.call('HGET', KEYS[1], 'head') or '0')
+local now = tonumber(ARGV[3])
+local s = math.min(tonumber(ARGV[2]), head)
+local pos
+local cur = redis.call('HGET', KEYS[2], ARGV[1])
+if cur then
+  local p, seen, ord = string.match(cur, '^(%d+) (%d+) (%d+)$')
+  pos = math.max(tonumber(p), s)
+  redis.call('HSET', KEYS[2], ARGV[1], fmt(pos) .. ' ' .. fmt(math.max(tonumber(seen), now)) .. ' ' .. ord)
+else
+  if redis.call('HLEN', KEYS[2]) >= tonumber(ARGV[5]) then
+    local all = redis.call('HGETALL', KEYS[2])
+    local victim, vseen, vord = nil, 0, 0
+    for i = 1, #all, 2 do
+      local _, seen, ord = string.match(all[i + 1], '^(%d+) (%d+) (%d+)$')
+      seen = tonumber(seen)
+      ord = tonumber(ord)
+      if victim == nil or seen < vseen or (seen == vseen and ord < vord) then
+        victim, vseen, vord = all[i], seen, ord
+      end
+    end
+    redis.call('HDEL', KEYS[2], victim)
+  end
+  local ord = redis.call('HINCRBY', KEYS[1], 'dn', 1)
+  pos = s
+  redis.call('HSET', KEYS[2], ARGV[1], fmt(pos) .. ' ' .. ARGV[3] .. ' ' .. fmt(ord))
+end
+local due = now + tonumber(ARGV[6])
+if tonumber(redis.call('HGET', KEYS[1], 'n') or '0') > 0 then due = 0 end
+redis.call('ZADD', KEYS[4], 'LT', fmt(due), ARGV[7])
+return {pos, head}
+"#;
+
+/// Read: KEYS h m; ARGV after limit. Returns {head, XRANGE entries}.
+const READ_LUA: &str = r#"
+local head = tonumber(redis.call('HGET', KEYS[1], 'head') or '0')
+if ARGV[2] == '0' then return {head, {}} end
+return {head, redis.call('XRANGE', KEYS[2], '(' .. ARGV[1] .. '-0', '+', 'COUNT', ARGV[2])}
+"#;
+
+/// State: KEYS h dv. Returns {{head, n, b, first}, HGETALL dv}.
+const STATE_LUA: &str = r#"
+return {redis.call('HMGET', KEYS[1], 'head', 'n', 'b', 'first'), redis.call('HGETALL', KEYS[2])}
+"#;
+
+/// Retention for one user: KEYS h m dv dd dq ix ib; ARGV now ttl window
+/// user_len tag max_drop. Drops devices unseen for ttl, then messages from
+/// the oldest while acknowledged by every remaining device (if any) or
+/// ttl old, then dedup entries past the window; sets the user's index
+/// score to the next time something may be dropped (or removes it).
+/// Returns {messages dropped, their bytes, more (1: max_drop reached)}.
+const EXPIRE_LUA: &str = r#"
+local function fmt(x) return string.format('%d', x) end
+local now, ttl, window = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local ulen, maxdrop = tonumber(ARGV[4]), tonumber(ARGV[6])
+local due = nil
+local function soon(t) if due == nil or t < due then due = t end end
+local acked = nil
+local devs = redis.call('HGETALL', KEYS[3])
+for i = 1, #devs, 2 do
+  local p, seen = string.match(devs[i + 1], '^(%d+) (%d+)')
+  seen = tonumber(seen)
+  if seen + ttl <= now then
+    redis.call('HDEL', KEYS[3], devs[i])
+  else
+    p = tonumber(p)
+    if acked == nil or p < acked then acked = p end
+    soon(seen + ttl)
+  end
+end
+acked = acked or 0
+local more = 0
+local dropped, bytes, last = 0, 0, 0
+local n = tonumber(redis.call('HGET', KEYS[1], 'n') or '0')
+local from = '-'
+local stop = false
+while not stop and dropped < n do
+  local batch = redis.call('XRANGE', KEYS[2], from, '+', 'COUNT', 100)
+  if #batch == 0 then break end
+  for _, e in ipairs(batch) do
+    local seq = tonumber(string.match(e[1], '^(%d+)'))
+    local f = {}
+    for j = 1, #e[2], 2 do f[e[2][j]] = e[2][j + 1] end
+    local ts = tonumber(f.t)
+    if seq > acked and ts + ttl > now then
+      soon(ts + ttl)
+      stop = true
+      break
+    end
+    if dropped >= maxdrop then
+      more = 1
+      stop = true
+      break
+    end
+    dropped = dropped + 1
+    bytes = bytes + 26 + ulen + #f.f + #f.p
+    last = seq
+  end
+  from = '(' .. batch[#batch][1]
+end
+if dropped > 0 then
+  local left = redis.call('HINCRBY', KEYS[1], 'n', -dropped)
+  redis.call('HINCRBY', KEYS[1], 'b', -bytes)
+  redis.call('HSET', KEYS[1], 'first', fmt(last + 1))
+  if left == 0 then
+    redis.call('DEL', KEYS[2])
+  else
+    redis.call('XTRIM', KEYS[2], 'MINID', fmt(last + 1) .. '-0')
+  end
+  redis.call('HINCRBY', KEYS[7], 'b', -bytes)
+  if redis.call('HINCRBY', KEYS[7], 'm', -dropped) <= 0 then redis.call('DEL', KEYS[7]) end
+end
+local old = redis.call('ZRANGEBYSCORE', KEYS[5], '-inf', fmt(now - window), 'LIMIT', 0, maxdrop)
+for _, member in ipairs(old) do
+  redis.call('HDEL', KEYS[4], member)
+  redis.call('ZREM', KEYS[5], member)
+end
+if #old >= maxdrop then more = 1 end
+local oldest = redis.call('ZRANGE', KEYS[5], 0, 0, 'WITHSCORES')
+if #oldest > 0 then soon(tonumber(oldest[2]) + window) end
+if more == 1 then due = 0 end
+if due == nil then
+  redis.call('ZREM', KEYS[6], ARGV[5])
+else
+  redis.call('ZADD', KEYS[6], fmt(due), ARGV[5])
+end
+return {dropped, bytes, more}
+"#;
+
+struct Scripts {
+    append: Lua,
+    device: Lua,
+    read: Lua,
+    state: Lua,
+    expire: Lua,
+}
+
+static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
+    append: Lua::new(APPEND_LUA),
+    device: Lua::new(DEVICE_LUA),
+    read: Lua::new(READ_LUA),
+    state: Lua::new(STATE_LUA),
+    expire: Lua::new(EXPIRE_LUA),
+});
+
+impl Scripts {
+    fn all(&self) -> [&Lua; 5] {
+        [&self.append, &self.device, &self.read, &self.state, &self.expire]
+    }
+}
+
+/// One command to run in the slot of a user (or of an index key).
+struct Op {
+    slot: u16,
+    /// The user's tag when `cmd` is a script of that user: calls of one
+    /// tag keep their order through a NOSCRIPT retry.
+    tag: Option<String>,
+    cmd: Cmd,
+}
+
+/// The open connections: one per master, and which master serves a slot.
+struct Link {
+    nodes: Vec<redis::Connection>,
+    /// `host:port` of each node, for errors.
+    names: Vec<String>,
+    /// Slot → index in `nodes`; `None` for a single Redis.
+    slots: Option<Box<[u16]>>,
+}
+
+impl Link {
+    fn node_of(&self, slot: u16) -> usize {
+        self.slots.as_ref().map_or(0, |s| s[slot as usize] as usize)
+    }
+}
+
+/// The store-wide totals as this process knows them.
+#[derive(Default)]
+struct Totals {
+    refreshed_at: Option<Instant>,
+    /// Summed from the per-slot counters at `refreshed_at`.
+    messages: u64,
+    bytes: u64,
+    /// What this process appended (+) and dropped (−) since.
+    delta_messages: i64,
+    delta_bytes: i64,
+}
+
+impl Totals {
+    fn messages(&self) -> u64 {
+        (self.messages as i64).saturating_add(self.delta_messages).max(0) as u64
+    }
+    fn bytes(&self) -> u64 {
+        (self.bytes as i64).saturating_add(self.delta_bytes).max(0) as u64
+    }
+}
+
+/// The Redis-backed store. See the module doc.
+pub struct RedisStore {
+    addrs: RedisAddrs,
+    node_id: String,
+    limits: StoreLimits,
+    timeout: Duration,
+    prefix: String,
+    link: Option<Link>,
+    totals: Totals,
+    durability: Option<Durability>,
+}
+
+fn unavailable(what: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(format!("redis: {what}"))
+}
+
+fn protocol(what: impl std::fmt::Display) -> StoreError {
+    unavailable(format!("unexpected answer: {what}"))
+}
+
+impl RedisStore {
+    /// Connects to `addrs` (a single Redis, or a Redis Cluster through its
+    /// seeds), loads the scripts on every master and sums the totals.
+    /// `node_id` is this node's name in the presence hashes; every
+    /// connect, read and write waits at most `command_timeout`.
+    pub fn open(
+        addrs: &RedisAddrs,
+        node_id: &str,
+        limits: StoreLimits,
+        command_timeout: Duration,
+    ) -> Result<RedisStore, StoreError> {
+        Self::open_with_prefix(addrs, node_id, limits, command_timeout, DEFAULT_PREFIX)
+    }
+
+    /// [`open`](Self::open) with keys under `prefix` instead of `sb` (tests
+    /// share one Redis this way). 1 to 32 bytes, no braces.
+    #[doc(hidden)]
+    pub fn open_with_prefix(
+        addrs: &RedisAddrs,
+        node_id: &str,
+        limits: StoreLimits,
+        command_timeout: Duration,
+        prefix: &str,
+    ) -> Result<RedisStore, StoreError> {
+        if prefix.is_empty() || prefix.len() > 32 || prefix.contains(['{', '}']) {
+            return Err(unavailable(format!("key prefix {prefix:?}: 1 to 32 bytes, no braces")));
+        }
+        if command_timeout.is_zero() {
+            return Err(unavailable("the command timeout must not be zero"));
+        }
+        if addrs.urls().is_empty() {
+            return Err(unavailable("no address to connect to"));
+        }
+        let mut store = RedisStore {
+            addrs: addrs.clone(),
+            node_id: node_id.to_string(),
+            limits,
+            timeout: command_timeout,
+            prefix: prefix.to_string(),
+            link: None,
+            totals: Totals::default(),
+            durability: None,
+        };
+        store.link()?;
+        store.durability = store.probe_durability();
+        store.refresh_totals()?;
+        Ok(store)
+    }
+
+    /// Sums the per-slot message and byte counters of the whole store
+    /// (16384 `HMGET`s, one pipeline per master): what [`Store::held`] and
+    /// the `max_bytes` budget start from.
+    pub fn refresh_totals(&mut self) -> Result<(), StoreError> {
+        let tags = &*SLOT_TAGS;
+        let ops: Vec<Op> = (0..SLOTS)
+            .map(|slot| {
+                let mut cmd = redis::cmd("HMGET");
+                cmd.arg(format!("{}:ib:{{{}}}", self.prefix, tags[slot])).arg("m").arg("b");
+                Op { slot: slot as u16, tag: None, cmd }
+            })
+            .collect();
+        let (mut messages, mut bytes) = (0i64, 0i64);
+        for r in self.run(ops) {
+            let v = r?;
+            let [m, b] = two(&v)?;
+            messages += opt_i64(m)?;
+            bytes += opt_i64(b)?;
+        }
+        self.totals = Totals {
+            refreshed_at: Some(Instant::now()),
+            messages: messages.max(0) as u64,
+            bytes: bytes.max(0) as u64,
+            delta_messages: 0,
+            delta_bytes: 0,
+        };
+        Ok(())
+    }
+
+    fn maybe_refresh_totals(&mut self) {
+        if self.totals.refreshed_at.is_none_or(|t| t.elapsed() >= TOTALS_REFRESH_INTERVAL) {
+            if let Err(e) = self.refresh_totals() {
+                tracing::warn!("summing the Redis store's totals failed (the last ones are kept): {e}");
+            }
+        }
+    }
+
+    fn key(&self, tag: &str, suffix: &str) -> String {
+        format!("{}:{{{tag}}}:{suffix}", self.prefix)
+    }
+
+    fn index_keys(&self, slot: u16) -> (String, String) {
+        let t = SLOT_TAGS[slot as usize];
+        (format!("{}:ix:{{{t}}}", self.prefix), format!("{}:ib:{{{t}}}", self.prefix))
+    }
+
+    fn script_op(&self, lua: &Lua, tag: &str, keys: &[String], args: &[&[u8]]) -> Op {
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(lua.script.get_hash()).arg(keys.len());
+        for k in keys {
+            cmd.arg(k.as_str());
+        }
+        for a in args {
+            cmd.arg(*a);
+        }
+        Op { slot: key_slot(tag.as_bytes()), tag: Some(tag.to_string()), cmd }
+    }
+
+    fn append_op(&self, m: &NewMessage, now_ms: u64, budget: u64) -> Op {
+        let tag = user_tag(&m.to);
+        let slot = key_slot(tag.as_bytes());
+        let (ix, ib) = self.index_keys(slot);
+        let keys = [self.key(&tag, "h"), self.key(&tag, "m"), self.key(&tag, "dd"), self.key(&tag, "dq"), ix, ib];
+        let bytes = record_bytes(&m.to, &m.from, m.payload.len());
+        let num = |n: u64| n.to_string().into_bytes();
+        let args: [Vec<u8>; 12] = [
+            num(now_ms),
+            m.from.as_bytes().to_vec(),
+            num(m.client_id),
+            num(m.msg_id),
+            num(m.ts_ms),
+            m.payload.to_vec(),
+            num(bytes),
+            num(self.limits.max_messages_per_inbox),
+            num(budget),
+            num(self.limits.dedup_window_ms),
+            num(self.limits.ttl_ms),
+            tag.clone().into_bytes(),
+        ];
+        let args: Vec<&[u8]> = args.iter().map(Vec::as_slice).collect();
+        self.script_op(&SCRIPTS.append, &tag, &keys, &args)
+    }
+
+    fn device_op(&self, user: &str, device: &str, seq: u64, now_ms: u64, login: bool) -> Op {
+        let tag = user_tag(user);
+        let (ix, _) = self.index_keys(key_slot(tag.as_bytes()));
+        let keys = [self.key(&tag, "h"), self.key(&tag, "dv"), self.key(&tag, "nodes"), ix];
+        let args: [Vec<u8>; 8] = [
+            device.as_bytes().to_vec(),
+            seq.to_string().into_bytes(),
+            now_ms.to_string().into_bytes(),
+            self.node_id.as_bytes().to_vec(),
+            MAX_DEVICES_PER_USER.to_string().into_bytes(),
+            self.limits.ttl_ms.to_string().into_bytes(),
+            tag.clone().into_bytes(),
+            if login { b"1".to_vec() } else { b"0".to_vec() },
+        ];
+        let args: Vec<&[u8]> = args.iter().map(Vec::as_slice).collect();
+        self.script_op(&SCRIPTS.device, &tag, &keys, &args)
+    }
+
+    /// Runs one op; see [`run`](Self::run).
+    fn run_one(&mut self, op: Op) -> Result<Value, StoreError> {
+        self.run(vec![op]).pop().expect("one answer per op")
+    }
+
+    /// The open link, connecting first if there is none.
+    fn link(&mut self) -> Result<&mut Link, StoreError> {
+        if self.link.is_none() {
+            self.link = Some(self.connect()?);
+        }
+        Ok(self.link.as_mut().expect("just set"))
+    }
+
+    /// Runs `ops`: one pipeline per master, all sent before any answer is
+    /// read; answers in the order of `ops`. After an I/O error or timeout
+    /// the link is dropped (the next call reconnects); the ops whose answer
+    /// was not read fail with `Unavailable` (they may or may not have run).
+    fn run(&mut self, ops: Vec<Op>) -> Vec<Result<Value, StoreError>> {
+        let n = ops.len();
+        let timeout_ms = self.timeout.as_millis();
+        let link = match self.link() {
+            Ok(l) => l,
+            Err(e) => return vec![Err(e); n],
+        };
+        let mut results: Vec<Option<Result<Value, StoreError>>> = (0..n).map(|_| None).collect();
+        let mut groups: Vec<Vec<usize>> = vec![Vec::new(); link.nodes.len()];
+        for (i, op) in ops.iter().enumerate() {
+            groups[link.node_of(op.slot)].push(i);
+        }
+        let mut broken = false;
+        let describe = |e: &redis::RedisError, node: &str| {
+            if e.is_timeout() {
+                unavailable(format!("{node} did not answer within {timeout_ms} ms"))
+            } else {
+                unavailable(format!("{node}: {e}"))
+            }
+        };
+        // Up to two rounds: the second retries what a NOSCRIPT refused.
+        let mut pending = groups;
+        for round in 0..2 {
+            let mut sent = vec![false; pending.len()];
+            for (node, idxs) in pending.iter().enumerate() {
+                if idxs.is_empty() {
+                    continue;
+                }
+                let mut buf = Vec::new();
+                for &i in idxs {
+                    ops[i].cmd.write_packed_command(&mut buf);
+                }
+                match link.nodes[node].send_packed_command(&buf) {
+                    Ok(()) => sent[node] = true,
+                    Err(e) => {
+                        broken = true;
+                        let err = describe(&e, &link.names[node]);
+                        for &i in idxs {
+                            results[i] = Some(Err(err.clone()));
+                        }
+                    }
+                }
+            }
+            let mut retry: Vec<Vec<usize>> = vec![Vec::new(); pending.len()];
+            for (node, idxs) in pending.iter().enumerate() {
+                if !sent[node] {
+                    continue;
+                }
+                let mut k = 0;
+                while k < idxs.len() {
+                    match link.nodes[node].recv_response() {
+                        Ok(v) => results[idxs[k]] = Some(Ok(v)),
+                        Err(e) => {
+                            broken = true;
+                            let err = describe(&e, &link.names[node]);
+                            for &i in &idxs[k..] {
+                                results[i] = Some(Err(err.clone()));
+                            }
+                            break;
+                        }
+                    }
+                    k += 1;
+                }
+                // NOSCRIPT: not run. Retried in order after loading the
+                // scripts, unless a later op of the same user ran.
+                let noscript = |i: usize| matches!(&results[i], Some(Ok(Value::ServerError(e))) if e.kind() == Some(redis::ServerErrorKind::NoScript));
+                let refused: Vec<usize> = idxs.iter().copied().filter(|&i| noscript(i)).collect();
+                if refused.is_empty() || round == 1 {
+                    continue;
+                }
+                let mut ran_after: std::collections::HashSet<&str> = std::collections::HashSet::new();
+                let mut seen_refused: std::collections::HashSet<&str> = std::collections::HashSet::new();
+                for &i in idxs {
+                    let tag = ops[i].tag.as_deref().unwrap_or("");
+                    if noscript(i) {
+                        seen_refused.insert(tag);
+                    } else if seen_refused.contains(tag) {
+                        ran_after.insert(tag);
+                    }
+                }
+                if let Err(e) = load_scripts(&mut link.nodes[node]) {
+                    broken = true;
+                    let err = describe(&e, &link.names[node]);
+                    for &i in &refused {
+                        results[i] = Some(Err(err.clone()));
+                    }
+                    continue;
+                }
+                for i in refused {
+                    if ran_after.contains(ops[i].tag.as_deref().unwrap_or("")) {
+                        results[i] = Some(Err(unavailable(
+                            "the scripts were flushed from Redis mid-pipeline; not retried, to keep the order",
+                        )));
+                    } else {
+                        retry[node].push(i);
+                    }
+                }
+            }
+            if retry.iter().all(Vec::is_empty) || broken {
+                break;
+            }
+            pending = retry;
+        }
+        let mut moved = false;
+        let out = results
+            .into_iter()
+            .map(|r| match r.expect("every op answered") {
+                Ok(Value::ServerError(e)) => {
+                    if matches!(e.kind(), Some(redis::ServerErrorKind::Moved | redis::ServerErrorKind::Ask)) {
+                        moved = true;
+                    }
+                    Err(unavailable(format!("{} {}", e.code(), e.details().unwrap_or(""))))
+                }
+                other => other,
+            })
+            .collect();
+        if broken || moved {
+            self.link = None;
+        }
+        out
+    }
+
+    /// Opens the connections: the single Redis, or every master of the
+    /// cluster (from `CLUSTER SLOTS` asked of the first seed that answers);
+    /// loads the scripts on each.
+    fn connect(&self) -> Result<Link, StoreError> {
+        match &self.addrs {
+            RedisAddrs::Single(url) => {
+                let info = url.as_str().into_connection_info().map_err(|e| unavailable(format!("{url}: {e}")))?;
+                let mut con = self.open_conn(info, url)?;
+                load_scripts(&mut con).map_err(|e| unavailable(format!("{url}: loading the scripts: {e}")))?;
+                Ok(Link { nodes: vec![con], names: vec![url.clone()], slots: None })
+            }
+            RedisAddrs::Cluster(seeds) => {
+                let mut errors = Vec::new();
+                for seed in seeds {
+                    match self.connect_cluster(seed) {
+                        Ok(link) => return Ok(link),
+                        Err(e) => errors.push(e.to_string()),
+                    }
+                }
+                Err(unavailable(format!("no cluster seed usable: {}", errors.join("; "))))
+            }
+        }
+    }
+
+    fn connect_cluster(&self, seed: &str) -> Result<Link, StoreError> {
+        let info = seed.into_connection_info().map_err(|e| unavailable(format!("{seed}: {e}")))?;
+        let seed_host = match info.addr() {
+            ConnectionAddr::Tcp(host, _) => host.clone(),
+            other => return Err(unavailable(format!("{seed}: a cluster seed must be redis://host:port, not {other}"))),
+        };
+        let mut con = self.open_conn(info.clone(), seed)?;
+        let slots: Value = redis::cmd("CLUSTER")
+            .arg("SLOTS")
+            .query(&mut con)
+            .map_err(|e| unavailable(format!("{seed}: CLUSTER SLOTS: {e}")))?;
+        let Value::Array(ranges) = slots else { return Err(protocol(format!("CLUSTER SLOTS: {slots:?}"))) };
+        let mut map = vec![u16::MAX; SLOTS].into_boxed_slice();
+        let mut masters: Vec<(String, u16)> = Vec::new();
+        for r in &ranges {
+            let Value::Array(r) = r else { return Err(protocol("CLUSTER SLOTS range")) };
+            let (Some(Value::Int(start)), Some(Value::Int(end)), Some(Value::Array(master))) =
+                (r.first(), r.get(1), r.get(2))
+            else {
+                return Err(protocol("CLUSTER SLOTS range"));
+            };
+            let host = match master.first() {
+                Some(Value::BulkString(h)) if !h.is_empty() && h != b"?" => String::from_utf8_lossy(h).into_owned(),
+                _ => seed_host.clone(),
+            };
+            let Some(Value::Int(port)) = master.get(1) else { return Err(protocol("CLUSTER SLOTS port")) };
+            let node = (host, *port as u16);
+            let idx = masters.iter().position(|m| *m == node).unwrap_or_else(|| {
+                masters.push(node);
+                masters.len() - 1
+            });
+            for s in (*start as usize)..=(*end as usize).min(SLOTS - 1) {
+                map[s] = idx as u16;
+            }
+        }
+        if let Some(s) = map.iter().position(|&i| i == u16::MAX) {
+            return Err(unavailable(format!("the cluster serves no master for slot {s} (cluster_state not ok?)")));
+        }
+        let mut nodes = Vec::with_capacity(masters.len());
+        let mut names = Vec::with_capacity(masters.len());
+        for (host, port) in masters {
+            let name = format!("{host}:{port}");
+            let mut c = self.open_conn(info.clone().set_addr(ConnectionAddr::Tcp(host, port)), &name)?;
+            load_scripts(&mut c).map_err(|e| unavailable(format!("{name}: loading the scripts: {e}")))?;
+            nodes.push(c);
+            names.push(name);
+        }
+        Ok(Link { nodes, names, slots: Some(map) })
+    }
+
+    fn open_conn(&self, info: ConnectionInfo, name: &str) -> Result<redis::Connection, StoreError> {
+        let client = redis::Client::open(info).map_err(|e| unavailable(format!("{name}: {e}")))?;
+        let con = client.get_connection_with_timeout(self.timeout).map_err(|e| {
+            if e.is_timeout() {
+                unavailable(format!("{name}: no connection within {} ms", self.timeout.as_millis()))
+            } else {
+                unavailable(format!("{name}: {e}"))
+            }
+        })?;
+        con.set_read_timeout(Some(self.timeout)).map_err(|e| unavailable(format!("{name}: {e}")))?;
+        con.set_write_timeout(Some(self.timeout)).map_err(|e| unavailable(format!("{name}: {e}")))?;
+        Ok(con)
+    }
+
+    fn probe_durability(&mut self) -> Option<Durability> {
+        let link = self.link.as_mut()?;
+        let mut weakest = Some(Durability::Fsync);
+        for (con, name) in link.nodes.iter_mut().zip(&link.names) {
+            let got: redis::RedisResult<HashMap<String, String>> =
+                redis::cmd("CONFIG").arg("GET").arg("append*").query(con);
+            let node = match got {
+                Ok(cfg) => {
+                    match (cfg.get("appendonly").map(String::as_str), cfg.get("appendfsync").map(String::as_str)) {
+                        (Some("yes"), Some("always")) => Some(Durability::Fsync),
+                        (Some("yes"), _) => Some(Durability::Os),
+                        _ => None,
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!("{name}: CONFIG GET refused ({e}): receipts report no durability");
+                    None
+                }
+            };
+            if node.is_none() {
+                tracing::warn!(
+                    "{name}: appendonly is off: a restart of this Redis loses the inboxes it holds (docs/SCALING.md)"
+                );
+            }
+            weakest = match (weakest, node) {
+                (Some(Durability::Fsync), n) => n,
+                (Some(Durability::Os), Some(_)) => Some(Durability::Os),
+                _ => None,
+            };
+        }
+        weakest
+    }
+
+    fn parse_append(v: Value) -> Result<Appended, StoreError> {
+        let Value::Array(a) = v else { return Err(protocol(format!("append: {v:?}"))) };
+        match a.first() {
+            Some(Value::Int(0)) => Ok(Appended::New { seq: int(a.get(1))? }),
+            Some(Value::Int(1)) => Ok(Appended::Duplicate { seq: int(a.get(1))?, msg_id: int(a.get(2))? }),
+            Some(Value::Int(2)) => Err(StoreError::InboxFull { limit: 0 }),
+            Some(Value::Int(3)) => Err(StoreError::StoreFull { limit_bytes: 0 }),
+            _ => Err(protocol(format!("append: {a:?}"))),
+        }
+    }
+
+    fn finish_append(&mut self, r: Result<Value, StoreError>, bytes: u64) -> Result<Appended, StoreError> {
+        let r = r.and_then(Self::parse_append).map_err(|e| match e {
+            StoreError::InboxFull { .. } => StoreError::InboxFull { limit: self.limits.max_messages_per_inbox },
+            StoreError::StoreFull { .. } => StoreError::StoreFull { limit_bytes: self.limits.max_bytes },
+            e => e,
+        });
+        if let Ok(Appended::New { .. }) = r {
+            self.totals.delta_messages += 1;
+            self.totals.delta_bytes += bytes as i64;
+        }
+        r
+    }
+
+    /// The expire script for `tag` in `slot`.
+    fn expire_op(&self, slot: u16, tag: &str, now_ms: u64) -> Result<Op, StoreError> {
+        let user = tag_user(tag).ok_or_else(|| protocol(format!("index member {tag:?} is not a user tag")))?;
+        let (ix, ib) = self.index_keys(slot);
+        let keys = [
+            self.key(tag, "h"),
+            self.key(tag, "m"),
+            self.key(tag, "dv"),
+            self.key(tag, "dd"),
+            self.key(tag, "dq"),
+            ix,
+            ib,
+        ];
+        let args = [
+            now_ms.to_string(),
+            self.limits.ttl_ms.to_string(),
+            self.limits.dedup_window_ms.to_string(),
+            user.len().to_string(),
+            tag.to_string(),
+            EXPIRE_MAX_DROP_PER_CALL.to_string(),
+        ];
+        let args: Vec<&[u8]> = args.iter().map(|a| a.as_bytes()).collect();
+        Ok(self.script_op(&SCRIPTS.expire, tag, &keys, &args))
+    }
+}
+
+/// Loads every script into the Redis of `con` (SCRIPT LOAD is idempotent).
+fn load_scripts(con: &mut redis::Connection) -> redis::RedisResult<()> {
+    for lua in SCRIPTS.all() {
+        let sha: String = redis::cmd("SCRIPT").arg("LOAD").arg(lua.code).query(con)?;
+        debug_assert_eq!(sha, lua.script.get_hash());
+    }
+    Ok(())
+}
+
+fn int(v: Option<&Value>) -> Result<u64, StoreError> {
+    match v {
+        Some(Value::Int(i)) if *i >= 0 => Ok(*i as u64),
+        Some(Value::BulkString(b)) => {
+            std::str::from_utf8(b).ok().and_then(|s| s.parse().ok()).ok_or_else(|| protocol("a number"))
+        }
+        other => Err(protocol(format!("a number, not {other:?}"))),
+    }
+}
+
+fn opt_i64(v: &Value) -> Result<i64, StoreError> {
+    match v {
+        Value::Nil => Ok(0),
+        Value::Int(i) => Ok(*i),
+        Value::BulkString(b) => {
+            std::str::from_utf8(b).ok().and_then(|s| s.parse().ok()).ok_or_else(|| protocol("a counter"))
+        }
+        other => Err(protocol(format!("a counter, not {other:?}"))),
+    }
+}
+
+fn two(v: &Value) -> Result<[&Value; 2], StoreError> {
+    match v {
+        Value::Array(a) if a.len() == 2 => Ok([&a[0], &a[1]]),
+        other => Err(protocol(format!("two values, not {other:?}"))),
+    }
+}
+
+fn bytes_of(v: &Value) -> Result<&[u8], StoreError> {
+    match v {
+        Value::BulkString(b) => Ok(b),
+        other => Err(protocol(format!("a string, not {other:?}"))),
+    }
+}
+
+fn parse_entry(e: &Value) -> Result<StoredMessage, StoreError> {
+    let [id, fields] = two(e)?;
+    let id = std::str::from_utf8(bytes_of(id)?).map_err(|_| protocol("a stream id"))?;
+    let seq = id.split('-').next().and_then(|s| s.parse().ok()).ok_or_else(|| protocol("a stream id"))?;
+    let Value::Array(fields) = fields else { return Err(protocol("stream fields")) };
+    let (mut msg_id, mut ts_ms, mut from, mut payload) = (None, None, None, None);
+    for pair in fields.chunks(2) {
+        let [k, v] = pair else { return Err(protocol("stream fields")) };
+        let v = bytes_of(v)?;
+        match bytes_of(k)? {
+            b"i" => msg_id = std::str::from_utf8(v).ok().and_then(|s| s.parse().ok()),
+            b"t" => ts_ms = std::str::from_utf8(v).ok().and_then(|s| s.parse().ok()),
+            b"f" => from = Some(String::from_utf8_lossy(v).into_owned()),
+            b"p" => payload = Some(bytes::Bytes::copy_from_slice(v)),
+            _ => {}
+        }
+    }
+    match (msg_id, ts_ms, from, payload) {
+        (Some(msg_id), Some(ts_ms), Some(from), Some(payload)) => {
+            Ok(StoredMessage { seq, msg_id, ts_ms, from: from.into(), payload })
+        }
+        _ => Err(protocol(format!("stream entry {id} lacks a field"))),
+    }
+}
+
+impl Store for RedisStore {
+    fn append(&mut self, m: &NewMessage, now_ms: u64) -> Result<Appended, StoreError> {
+        check_ids(&m.to, &m.from, "")?;
+        self.maybe_refresh_totals();
+        let budget = self.limits.max_bytes.saturating_sub(self.totals.bytes());
+        let bytes = record_bytes(&m.to, &m.from, m.payload.len());
+        let op = self.append_op(m, now_ms, budget);
+        let r = self.run_one(op);
+        self.finish_append(r, bytes)
+    }
+
+    /// One pipeline for the whole run (see the module doc). Near
+    /// `max_bytes` (the run would not fit in the budget if every append
+    /// were stored) it appends one by one, so that a duplicate or a refusal
+    /// early in the run leaves its room to the later ones exactly as
+    /// `append` would.
+    fn append_batch(&mut self, msgs: &[NewMessage], now_ms: u64) -> Vec<Result<Appended, StoreError>> {
+        self.maybe_refresh_totals();
+        let sizes: Vec<u64> = msgs.iter().map(|m| record_bytes(&m.to, &m.from, m.payload.len())).collect();
+        let total: u64 = sizes.iter().sum();
+        if self.totals.bytes().saturating_add(total) > self.limits.max_bytes {
+            return msgs.iter().map(|m| self.append(m, now_ms)).collect();
+        }
+        let mut out: Vec<Option<Result<Appended, StoreError>>> = Vec::with_capacity(msgs.len());
+        let mut ops = Vec::with_capacity(msgs.len());
+        let mut at = Vec::with_capacity(msgs.len());
+        let mut used = self.totals.bytes();
+        for (i, m) in msgs.iter().enumerate() {
+            match check_ids(&m.to, &m.from, "") {
+                Err(e) => out.push(Some(Err(e))),
+                Ok(()) => {
+                    out.push(None);
+                    ops.push(self.append_op(m, now_ms, self.limits.max_bytes.saturating_sub(used)));
+                    at.push(i);
+                    used += sizes[i];
+                }
+            }
+        }
+        for (r, i) in self.run(ops).into_iter().zip(at) {
+            out[i] = Some(self.finish_append(r, sizes[i]));
+        }
+        out.into_iter().map(|r| r.expect("every append answered")).collect()
+    }
+
+    fn sync(&mut self) -> Result<(), StoreError> {
+        // Redis made it as durable as its AOF settings say before it
+        // answered (module doc): nothing to wait for here.
+        Ok(())
+    }
+
+    fn read(&mut self, user: &str, after_seq: u64, limit: usize) -> Result<Page, StoreError> {
+        check_ids(user, "", "")?;
+        let tag = user_tag(user);
+        let keys = [self.key(&tag, "h"), self.key(&tag, "m")];
+        let after = after_seq.min(u64::MAX - 1).to_string();
+        let limit = limit.min(MAX_READ_LIMIT).to_string();
+        let op = self.script_op(&SCRIPTS.read, &tag, &keys, &[after.as_bytes(), limit.as_bytes()]);
+        let v = self.run_one(op)?;
+        let [head, entries] = two(&v)?;
+        let head_seq = int(Some(head))?;
+        let Value::Array(entries) = entries else { return Err(protocol("read entries")) };
+        let messages = entries.iter().map(parse_entry).collect::<Result<Vec<_>, _>>()?;
+        Ok(Page { messages, head_seq })
+    }
+
+    fn device_login(
+        &mut self,
+        user: &str,
+        device: &str,
+        client_seq: u64,
+        now_ms: u64,
+    ) -> Result<(u64, u64), StoreError> {
+        check_ids(user, "", device)?;
+        let op = self.device_op(user, device, client_seq, now_ms, true);
+        let v = self.run_one(op)?;
+        let [position, head] = two(&v)?;
+        Ok((int(Some(position))?, int(Some(head))?))
+    }
+
+    fn set_position(&mut self, user: &str, device: &str, seq: u64, now_ms: u64) -> Result<(), StoreError> {
+        check_ids(user, "", device)?;
+        let op = self.device_op(user, device, seq, now_ms, false);
+        self.run_one(op).map(|_| ())
+    }
+
+    fn inbox_state(&mut self, user: &str) -> Result<InboxState, StoreError> {
+        check_ids(user, "", "")?;
+        let tag = user_tag(user);
+        let keys = [self.key(&tag, "h"), self.key(&tag, "dv")];
+        let op = self.script_op(&SCRIPTS.state, &tag, &keys, &[]);
+        let v = self.run_one(op)?;
+        let [h, devs] = two(&v)?;
+        let Value::Array(h) = h else { return Err(protocol("state")) };
+        let field = |i: usize| h.get(i).map_or(Ok(0), opt_i64).map(|v| v.max(0) as u64);
+        let (head_seq, messages, bytes, first) = (field(0)?, field(1)?, field(2)?, field(3)?);
+        let first_seq = if messages == 0 { head_seq + 1 } else { first };
+        let Value::Array(devs) = devs else { return Err(protocol("devices")) };
+        let mut devices = Vec::with_capacity(devs.len() / 2);
+        for pair in devs.chunks(2) {
+            let [name, v] = pair else { return Err(protocol("devices")) };
+            let name = String::from_utf8_lossy(bytes_of(name)?).into_owned();
+            let v = std::str::from_utf8(bytes_of(v)?).map_err(|_| protocol("a device"))?;
+            let nums: Vec<u64> = v.split(' ').filter_map(|x| x.parse().ok()).collect();
+            let [position, last_seen_ms, order] = nums[..] else { return Err(protocol(format!("device {v:?}"))) };
+            devices.push((order, DeviceState { device: name, position, last_seen_ms }));
+        }
+        devices.sort_by_key(|(order, _)| *order);
+        Ok(InboxState { head_seq, first_seq, messages, bytes, devices: devices.into_iter().map(|(_, d)| d).collect() })
+    }
+
+    /// Visits the users whose index score is due (see the module doc),
+    /// runs the retention script for each, in rounds of 512 slots, then
+    /// sums the totals again.
+    fn expire(&mut self, now_ms: u64) -> Result<u64, StoreError> {
+        let mut dropped = 0u64;
+        for chunk_start in (0..SLOTS).step_by(EXPIRE_SLOTS_PER_ROUND) {
+            let mut slots: Vec<u16> = (chunk_start..chunk_start + EXPIRE_SLOTS_PER_ROUND).map(|s| s as u16).collect();
+            // Rounds until no slot of the chunk has a due user; each script
+            // leaves its user due only if it hit EXPIRE_MAX_DROP_PER_CALL.
+            let mut rounds = 0u32;
+            while !slots.is_empty() {
+                rounds += 1;
+                if rounds > EXPIRE_MAX_ROUNDS {
+                    tracing::warn!("retention: slots {chunk_start}.. still have due users after {EXPIRE_MAX_ROUNDS} rounds; the next pass goes on");
+                    break;
+                }
+                let ops: Vec<Op> = slots
+                    .iter()
+                    .map(|&slot| {
+                        let mut cmd = redis::cmd("ZRANGEBYSCORE");
+                        cmd.arg(self.index_keys(slot).0)
+                            .arg("-inf")
+                            .arg(now_ms)
+                            .arg("LIMIT")
+                            .arg(0)
+                            .arg(EXPIRE_USERS_PER_SLOT);
+                        Op { slot, tag: None, cmd }
+                    })
+                    .collect();
+                let mut due: Vec<(u16, String)> = Vec::new();
+                for (r, &slot) in self.run(ops).into_iter().zip(&slots) {
+                    let Value::Array(tags) = r? else { return Err(protocol("index")) };
+                    for t in tags {
+                        due.push((slot, String::from_utf8_lossy(bytes_of(&t)?).into_owned()));
+                    }
+                }
+                if due.is_empty() {
+                    break;
+                }
+                slots = due.iter().map(|(s, _)| *s).collect();
+                slots.dedup();
+                let ops = due.iter().map(|(slot, tag)| self.expire_op(*slot, tag, now_ms)).collect::<Result<_, _>>()?;
+                for r in self.run(ops) {
+                    let Value::Array(a) = r? else { return Err(protocol("expire")) };
+                    let (n, bytes) = (int(a.first())?, int(a.get(1))?);
+                    dropped += n;
+                    self.totals.delta_messages -= n as i64;
+                    self.totals.delta_bytes -= bytes as i64;
+                }
+            }
+        }
+        if let Err(e) = self.refresh_totals() {
+            tracing::warn!("summing the Redis store's totals after retention failed: {e}");
+        }
+        Ok(dropped)
+    }
+
+    /// The whole shared store's messages and bytes as this process knows
+    /// them: the per-slot counters summed at the last refresh (at most
+    /// [`TOTALS_REFRESH_INTERVAL`] old, and after every retention pass),
+    /// plus what this process appended and dropped since.
+    fn held(&self) -> (u64, u64) {
+        (self.totals.messages(), self.totals.bytes())
+    }
+
+    /// What survives a message Redis acknowledged, as the masters were
+    /// configured at open (`CONFIG GET appendonly appendfsync`; the weakest
+    /// master counts): `Fsync` with `appendfsync always`, `Os` with an AOF
+    /// fsynced less often (a crash of the Redis process loses nothing, power
+    /// loss the last second or so), `None` without an AOF or when `CONFIG`
+    /// is refused (a managed Redis: see its documentation).
+    fn durability(&self) -> Option<Durability> {
+        self.durability
+    }
+}

@@ -1,0 +1,279 @@
+//! Faults of a cluster, with real processes: a Switchboard node killed
+//! with SIGKILL mid-stream, Redis stopped with SIGSTOP for 5 s, Redis
+//! restarted, and the presence of a killed node expiring within its bound.
+//! Nodes run with a 200 ms heartbeat and a 600 ms node TTL.
+
+mod common;
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::cluster::{next_message, Node, NodeOpts, Redis};
+use switchboard::client::Client;
+use switchboard::proto::frame::Frame;
+use switchboard::redis_proc::{AppendFsync, RedisServer};
+
+fn reliable() -> NodeOpts {
+    NodeOpts { store: "redis", ..NodeOpts::default() }
+}
+
+/// Pipelines SENDs `s1..=sN` (stored: the default with a store) from
+/// `tx` to `to`, one every `gap`, until `n` or `stop`; answers read on
+/// another thread. Returns (the SENDs acknowledged, the thread).
+fn send_stream(
+    mut tx: Client,
+    to: &'static str,
+    n: u32,
+    gap: Duration,
+    stop: Arc<AtomicBool>,
+) -> (Arc<Mutex<HashSet<u32>>>, std::thread::JoinHandle<u32>) {
+    let acked = Arc::new(Mutex::new(HashSet::new()));
+    let mut reader = tx.try_clone_for_reading().unwrap();
+    reader.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let a = acked.clone();
+    let answers = std::thread::spawn(move || {
+        while let Ok(f) = reader.recv_skipping_pings() {
+            match f.frame() {
+                Frame::SendAck { req_id, .. } => {
+                    a.lock().unwrap().insert(req_id);
+                }
+                // Refused (store unavailable while Redis is stopped): the
+                // sender knows it was not stored.
+                Frame::Error { .. } => {}
+                other => panic!("sender got {other:?}"),
+            }
+        }
+    });
+    let writer = std::thread::spawn(move || {
+        let mut sent = 0;
+        for req in 1..=n {
+            if stop.load(Ordering::Relaxed) || tx.send(req, to, format!("s{req}").as_bytes()).is_err() {
+                break;
+            }
+            sent = req;
+            if !gap.is_zero() {
+                std::thread::sleep(gap);
+            }
+        }
+        // Every answer in (or the 30 s read timeout) before the count.
+        std::thread::sleep(Duration::from_millis(200));
+        let _ = tx.stream().shutdown(std::net::Shutdown::Write);
+        answers.join().unwrap();
+        sent
+    });
+    (acked, writer)
+}
+
+/// Every acknowledged SEND is in `by_seq`, once, in the sender's order,
+/// and the seqs are dense up to `head`.
+fn all_acknowledged_delivered(by_seq: &BTreeMap<u64, String>, head: u64, acked: &HashSet<u32>) {
+    assert_eq!(by_seq.len() as u64, head, "seqs 1..={head}, dense");
+    let mut seen = HashSet::new();
+    let mut last = 0u32;
+    for p in by_seq.values() {
+        assert!(seen.insert(p.clone()), "{p} delivered under two seqs");
+        let n: u32 = p[1..].parse().unwrap();
+        assert!(n > last, "out of order: s{n} after s{last}");
+        last = n;
+    }
+    for r in acked {
+        assert!(seen.contains(&format!("s{r}")), "s{r} was acknowledged but not delivered");
+    }
+}
+
+/// A device reading live on its own thread: INBOX frames into a map,
+/// ACKed every 16, until the connection dies.
+fn live_reader(mut rx: Client) -> (Arc<Mutex<BTreeMap<u64, String>>>, Arc<AtomicU64>) {
+    let got = Arc::new(Mutex::new(BTreeMap::new()));
+    let have = Arc::new(AtomicU64::new(0));
+    let (g, h) = (got.clone(), have.clone());
+    std::thread::spawn(move || {
+        let mut acked = 0;
+        while let Ok(f) = rx.recv_skipping_pings() {
+            if let Frame::Inbox { seq, payload, .. } = f.frame() {
+                let mut g = g.lock().unwrap();
+                g.insert(seq, String::from_utf8(payload.to_vec()).unwrap());
+                let mut n = h.load(Ordering::Relaxed);
+                while g.contains_key(&(n + 1)) {
+                    n += 1;
+                }
+                h.store(n, Ordering::Relaxed);
+                if n >= acked + 16 && rx.ack(n).is_ok() {
+                    acked = n;
+                }
+            }
+        }
+    });
+    (got, have)
+}
+
+/// Node C, holding the receiving device, is killed with SIGKILL while
+/// node A stores a stream of messages for it: the device reconnects to
+/// node B and gets every acknowledged message, in order, once.
+#[test]
+fn a_node_killed_mid_stream_loses_no_acknowledged_message() {
+    let redis_proc = RedisServer::builder().appendonly(AppendFsync::Always).start();
+    let redis = Redis::One(redis_proc.url());
+    let a = Node::start("a", &redis, &reliable());
+    let b = Node::start("b", &redis, &reliable());
+    let mut c = Node::start("c", &redis, &reliable());
+
+    let (got, have) = live_reader(c.login("rx", Some(("phone", 0))));
+    let stop = Arc::new(AtomicBool::new(false));
+    let (acked, writer) = send_stream(a.login("tx", None), "rx", 3000, Duration::ZERO, stop.clone());
+    let end = Instant::now() + Duration::from_secs(60);
+    while have.load(Ordering::Relaxed) < 300 {
+        assert!(Instant::now() < end, "the device on C got only {} messages live", have.load(Ordering::Relaxed));
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    c.kill();
+    let sent = writer.join().unwrap();
+    let acked = acked.lock().unwrap().clone();
+    assert!(acked.len() >= 300, "only {} of {sent} SENDs acknowledged", acked.len());
+
+    // What the device stored before C died, then the rest through B.
+    let mut by_seq = got.lock().unwrap().clone();
+    let last = have.load(Ordering::Relaxed);
+    by_seq.retain(|&s, _| s <= last);
+    let mut rx = b.login("rx", Some(("phone", last)));
+    let head = common::catch_up(&mut rx, &mut by_seq, Duration::from_secs(60));
+    all_acknowledged_delivered(&by_seq, head, &acked);
+    eprintln!("C killed after {last} live messages; {} acknowledged, {head} delivered in all", acked.len());
+}
+
+/// Redis stopped (SIGSTOP) for 5 s while messages flow from A to a device
+/// on B, then continued: the nodes recover without a restart, local
+/// traffic went on meanwhile, and nothing acknowledged is lost.
+#[test]
+fn redis_stopped_for_five_seconds_then_continued() {
+    let redis_proc = RedisServer::builder().appendonly(AppendFsync::Always).start();
+    let redis = Redis::One(redis_proc.url());
+    let a = Node::start("a", &redis, &reliable());
+    let b = Node::start("b", &redis, &reliable());
+
+    let (_got, have) = live_reader(b.login("rx", Some(("phone", 0))));
+    let stop = Arc::new(AtomicBool::new(false));
+    let (acked, writer) = send_stream(a.login("tx", None), "rx", 100_000, Duration::from_millis(2), stop.clone());
+    let end = Instant::now() + Duration::from_secs(30);
+    while have.load(Ordering::Relaxed) < 100 {
+        assert!(Instant::now() < end, "no live delivery before the stop");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // Two members of a room on A: a publish needs no Redis to reach them.
+    let mut speaker = a.login("speaker", None);
+    let mut listener = a.login("listener", None);
+    speaker.subscribe(1, "local").unwrap();
+    listener.subscribe(1, "local").unwrap();
+
+    redis_proc.pause();
+    let paused = Instant::now();
+    std::thread::sleep(Duration::from_millis(500));
+    speaker.publish(2, "local", b"while redis sleeps").unwrap();
+    assert_eq!(next_message(&mut listener), ("local".into(), "while redis sleeps".into()));
+    assert!(paused.elapsed() < Duration::from_millis(4_500), "local delivery waited for Redis");
+    std::thread::sleep(Duration::from_secs(5).saturating_sub(paused.elapsed()));
+    redis_proc.resume();
+
+    // Messages flow live again, without restarting anything.
+    let before = have.load(Ordering::Relaxed);
+    let resumed = Instant::now();
+    assert!(
+        common::wait_until(Duration::from_secs(20), || have.load(Ordering::Relaxed) > before + 200),
+        "live delivery did not resume after Redis came back ({} then {})",
+        before,
+        have.load(Ordering::Relaxed)
+    );
+    eprintln!("live delivery resumed {:?} after Redis was continued", resumed.elapsed());
+    stop.store(true, Ordering::Relaxed);
+    writer.join().unwrap();
+    let acked = acked.lock().unwrap().clone();
+
+    // Everything acknowledged reaches the device (a new connection, on A).
+    let mut by_seq = BTreeMap::new();
+    let mut rx = a.login("rx", Some(("laptop", 0)));
+    let head = common::catch_up(&mut rx, &mut by_seq, Duration::from_secs(60));
+    all_acknowledged_delivered(&by_seq, head, &acked);
+}
+
+/// Redis restarted without persistence: the nodes reconnect, subscribe
+/// again and re-register their users by themselves; a SEND from A reaches
+/// a user who logged in on B before the restart.
+#[test]
+fn redis_restarted_nodes_reconnect_and_reregister() {
+    let mut redis_proc = RedisServer::start();
+    let redis = Redis::One(redis_proc.url());
+    let opts = NodeOpts::default();
+    let a = Node::start("a", &redis, &opts);
+    let b = Node::start("b", &redis, &opts);
+    let mut bob = b.login("bob", None);
+    let mut alice = a.login("alice", None);
+    assert!(common::wait_until(Duration::from_secs(10), || redis.presence("bob") == ["b"]));
+    alice.send(0, "bob", b"before").unwrap();
+    assert_eq!(next_message(&mut bob).1, "before");
+
+    redis_proc.restart();
+    assert!(redis.presence("bob").is_empty(), "a Redis without persistence restarts empty");
+    let restarted = Instant::now();
+    assert!(
+        common::wait_until(Duration::from_secs(15), || redis.presence("bob") == ["b"]),
+        "B did not register bob again"
+    );
+    eprintln!("presence back {:?} after the restart", restarted.elapsed());
+    // A message through A reaches bob: A's cached routes were dropped.
+    bob.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+    let end = Instant::now() + Duration::from_secs(15);
+    let mut i = 0;
+    loop {
+        assert!(Instant::now() < end, "no message from A reached bob after the restart");
+        alice.send(0, "bob", format!("after{i}").as_bytes()).unwrap();
+        i += 1;
+        match bob.recv_skipping_pings() {
+            Ok(f) => {
+                if let Frame::Push { payload, .. } = f.frame() {
+                    assert!(payload.starts_with(b"after"));
+                    break;
+                }
+            }
+            Err(e) if e.is_timeout() => continue,
+            Err(e) => panic!("bob's connection: {e:?}"),
+        }
+    }
+    eprintln!("cross-node delivery back {:?} after the restart ({i} tries)", restarted.elapsed());
+}
+
+/// A node killed with SIGKILL drops out of the map within its bound: once
+/// its heartbeat is older than node_ttl_ms (600 ms), readers stop
+/// forwarding to it and delete its presence fields.
+#[test]
+fn a_killed_nodes_presence_expires_within_the_bound() {
+    let redis_proc = RedisServer::start();
+    let redis = Redis::One(redis_proc.url());
+    let opts = NodeOpts { extra: "route_cache_ms = 50".into(), ..NodeOpts::default() };
+    let a = Node::start("a", &redis, &opts);
+    let mut b = Node::start("b", &redis, &opts);
+    let _u = b.login("u", None);
+    assert!(common::wait_until(Duration::from_secs(10), || redis.presence("u") == ["b"]));
+    b.kill();
+    let killed = Instant::now();
+    // The application keeps pushing to u through A: each lookup reads
+    // u's presence, and the first after the bound deletes B's field.
+    let gone = common::wait_until(Duration::from_secs(10), || {
+        let _ = a.api("/api/v1/push", r#"{"user": "u", "text": "x", "mode": "at_most_once"}"#);
+        std::thread::sleep(Duration::from_millis(20));
+        redis.presence("u").is_empty()
+    });
+    let took = killed.elapsed();
+    assert!(
+        gone,
+        "B's presence field was never removed: {:?} (fields {:?}, heartbeats {:?})",
+        redis.presence("u"),
+        redis.cmd(&["HGETALL", "sb:{u}:nodes"]),
+        redis.cmd(&["ZRANGE", "sb:nodes", "0", "-1", "WITHSCORES"])
+    );
+    // node_ttl_ms (600) + one heartbeat of A (200) + a lookup, with room
+    // for a loaded machine.
+    assert!(took < Duration::from_millis(2_500), "B dropped out after {took:?}");
+    eprintln!("the killed node's presence went {took:?} after SIGKILL (bound: 600 ms TTL + 200 ms heartbeat)");
+}
