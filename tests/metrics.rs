@@ -4,8 +4,10 @@
 //! `tests/interop/prom_parse.py` in `$SWITCHBOARD_PYTHON`, which
 //! `scripts/test.sh` gives the `prometheus_client` package). The test
 //! drives traffic between two scrapes and checks that the counters moved by
-//! exactly what it did; then that every metric the Grafana dashboard and
-//! the alert rules in `tuning/` name is one the server exposes.
+//! exactly what it did; that a cluster node (on a real `redis-server`
+//! from `switchboard::redis_proc`) exposes the `switchboard_cluster_*`
+//! families and a single node none; then that every metric the Grafana
+//! dashboard and the alert rules in `tuning/` name is one a server exposes.
 
 mod common;
 
@@ -19,6 +21,7 @@ use common::interop::python;
 use common::*;
 use switchboard::client::admin_request;
 use switchboard::proto::frame::Frame;
+use switchboard::redis_proc::RedisServer;
 use switchboard::Server;
 
 const TOKEN: &str = "0123456789abcdef-metrics";
@@ -215,45 +218,13 @@ fn referenced_names(text: &str) -> BTreeSet<String> {
     names
 }
 
-/// One `redis-server` on a free loopback port, no persistence, killed on
-/// drop.
-struct Redis {
-    child: std::process::Child,
-    port: u16,
-}
-
-impl Redis {
-    fn start() -> Redis {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot run redis-server ({e}): scripts/test.sh installs it"));
-        let r = Redis { child, port };
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        assert!(
-            wait_until(Duration::from_secs(10), || std::net::TcpStream::connect(addr).is_ok()),
-            "redis-server did not listen on {port}"
-        );
-        r
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// A node of a cluster on `redis`, with the admin API.
-fn cluster_server(redis: &Redis, node_id: &str) -> Server {
+fn cluster_server(redis: &RedisServer, node_id: &str) -> Server {
     let mut cfg = config();
     cfg.admin.listen = "127.0.0.1:0".into();
     cfg.admin.token = Some(TOKEN.into());
     cfg.store.kind = switchboard::config::StoreKind::None;
-    cfg.cluster.redis = Some(switchboard::config::RedisAddrs::Single(format!("redis://127.0.0.1:{}", redis.port)));
+    cfg.cluster.redis = Some(switchboard::config::RedisAddrs::Single(redis.url()));
     cfg.cluster.node_id = node_id.into();
     start(cfg)
 }
@@ -266,7 +237,7 @@ fn a_cluster_node_exposes_its_cross_node_counters() {
     assert!(!names.iter().any(|n| n.starts_with("switchboard_cluster_")), "{names:?}");
     single.shutdown().unwrap();
 
-    let redis = Redis::start();
+    let redis = RedisServer::start();
     let a = cluster_server(&redis, "metrics-a");
     let b = cluster_server(&redis, "metrics-b");
     let admin = a.admin_addr().unwrap();
@@ -341,7 +312,7 @@ fn the_dashboard_and_the_alerts_name_only_exposed_metrics() {
     let server = server();
     let mut exposed = scrape(server.admin_addr().unwrap()).names();
     // The cluster families are exposed by cluster nodes only.
-    let redis = Redis::start();
+    let redis = RedisServer::start();
     let node = cluster_server(&redis, "metrics-names");
     exposed.extend(scrape(node.admin_addr().unwrap()).names());
     node.shutdown().unwrap();

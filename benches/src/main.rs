@@ -260,6 +260,10 @@ enum Cmd {
         /// The switchboard binary (default: next to this one).
         #[arg(long)]
         switchboard: Option<PathBuf>,
+        /// The nodes share a Redis Cluster of three masters (created with
+        /// redis-cli --cluster create) instead of one redis-server.
+        #[arg(long)]
+        redis_cluster: bool,
     },
     /// The bare relay used as the unicast ceiling (see relay.rs).
     CeilingRelay {
@@ -543,10 +547,11 @@ fn run_api(connections: u32, workers: usize, switchboard: Option<PathBuf>, out: 
     Ok(())
 }
 
-fn run_cluster(full: bool, switchboard: Option<PathBuf>, out: PathBuf) -> Result<(), String> {
+fn run_cluster(full: bool, redis_cluster: bool, switchboard: Option<PathBuf>, out: PathBuf) -> Result<(), String> {
     let sb = switchboard_bin(switchboard)?;
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    let plan = if full { capacity::Plan::full() } else { capacity::Plan::quick() };
+    let mut plan = if full { capacity::Plan::full() } else { capacity::Plan::quick() };
+    plan.redis_cluster = redis_cluster;
     let md = capacity::Runner::new(plan, out.clone(), exe, sb, None, false).cluster_alone()?;
     println!("{md}");
     eprintln!("cluster: wrote {0}/cluster.json and {0}/cluster.md", out.display());
@@ -643,7 +648,9 @@ fn main() {
             let plan = capacity::bulk::BulkPlan { message_bytes, round_trips, idle_connections, buffers, workers };
             run_bulk(plan, switchboard, out)
         }
-        Cmd::Cluster { full, quick: _, out, switchboard } => run_cluster(full, switchboard, out),
+        Cmd::Cluster { full, quick: _, out, switchboard, redis_cluster } => {
+            run_cluster(full, redis_cluster, switchboard, out)
+        }
         Cmd::CeilingRelay { listen, workers } => relay::run(listen, workers).map_err(|e| e.to_string()),
         Cmd::Prelogin { addr, ws, server_pid, connections, frame_bytes, settle_s } => {
             prelogin::run(prelogin::Args { addr, ws, server_pid, connections, frame_bytes, settle_s }).map(|r| {

@@ -30,24 +30,24 @@
 //! Must not: estimate. Every figure is measured here; the verdicts are
 //! report.rs's (`ClusterBench::judge`).
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::path::Path;
-use std::process::{Child, Command as Proc, Stdio};
+use std::process::{Command as Proc, Stdio};
 use std::time::{Duration, Instant};
 
 use serde::Deserialize;
+use switchboard::redis_proc::{RedisCluster, RedisServer};
 use switchboard_bench::loadgen::{percentiles, Collected, Command, Fleet, ProcStat};
 
 use super::report::{
     ClusterBench, ClusterFanout, ClusterFanoutRun, ClusterNodeFanout, ClusterNodeSingle, ClusterStep, ClusterUnicast,
     RedisWork, UnicastStep,
 };
-use super::scenarios::{completion_ms, free_port, note, q, Delivery, ServerProc};
+use super::scenarios::{completion_ms, note, q, Delivery, ServerProc};
 use super::Runner;
 
 /// Nodes of the scenario.
 const NODES: usize = 3;
+/// Masters of the Redis Cluster with `--redis-cluster` (Redis's minimum).
+const REDIS_CLUSTER_MASTERS: usize = 3;
 /// Worker threads per node (see the module doc).
 const WORKERS_PER_NODE: usize = 1;
 /// Seconds of same-node, then cross-node traffic before the ladder,
@@ -117,93 +117,61 @@ impl ClusterCounts {
     }
 }
 
-/// One `redis-server` on loopback, no persistence; killed when dropped.
-struct RedisProc {
-    child: Child,
-    port: u16,
+/// What the nodes share: one `redis-server`, or a Redis Cluster of three
+/// masters (`--redis-cluster`), from the project's harness
+/// (`switchboard::redis_proc`: no persistence, killed when dropped).
+enum Redis {
+    One(RedisServer),
+    Cluster(RedisCluster),
 }
 
-impl RedisProc {
-    fn start(out: &Path) -> Result<RedisProc, String> {
-        let port = free_port();
-        let dir = out.join("redis");
-        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        let log = std::fs::File::create(dir.join("redis.log")).map_err(|e| e.to_string())?;
-        let child = Proc::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .arg("--dir")
-            .arg(&dir)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .map_err(|e| format!("cannot start redis-server ({e}): apt-get install redis-server"))?;
-        let r = RedisProc { child, port };
-        let t0 = Instant::now();
-        while t0.elapsed() < Duration::from_secs(10) {
-            if command(r.addr(), "PING").is_some_and(|a| a.starts_with("+PONG")) {
-                return Ok(r);
+impl Redis {
+    fn start(cluster: bool) -> Redis {
+        if cluster {
+            Redis::Cluster(RedisCluster::start(REDIS_CLUSTER_MASTERS))
+        } else {
+            Redis::One(RedisServer::start())
+        }
+    }
+
+    /// `redis = ...` for a node's `[cluster]` table.
+    fn toml(&self) -> String {
+        match self {
+            Redis::One(r) => format!("redis = {:?}", r.url()),
+            Redis::Cluster(c) => format!("redis = {:?}", c.urls()),
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Redis::One(_) => "one redis-server (no persistence) on loopback".into(),
+            Redis::Cluster(c) => {
+                format!("a Redis Cluster of {} masters, no replicas, no persistence, on loopback", c.nodes().len())
             }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Err(format!("redis-server did not answer on port {port} within 10 s (see {}/redis.log)", dir.display()))
-    }
-
-    fn addr(&self) -> SocketAddr {
-        SocketAddr::from(([127, 0, 0, 1], self.port))
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-}
-
-impl Drop for RedisProc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// One inline command to Redis on a fresh connection; the raw answer.
-fn command(addr: SocketAddr, cmd: &str) -> Option<String> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    s.write_all(format!("{cmd}\r\n").as_bytes()).ok()?;
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    loop {
-        let n = s.read(&mut chunk).ok()?;
-        if n == 0 {
-            break;
-        }
-        buf.extend_from_slice(&chunk[..n]);
-        if complete_reply(&buf) {
-            break;
         }
     }
-    String::from_utf8(buf).ok()
-}
 
-/// Whether `buf` holds a whole simple, error or bulk reply.
-fn complete_reply(buf: &[u8]) -> bool {
-    let Some(eol) = buf.windows(2).position(|w| w == b"\r\n") else { return false };
-    if buf[0] != b'$' {
-        return true;
+    /// Redis's CPU time so far, over every Redis process (user + system
+    /// seconds, `INFO cpu`).
+    fn cpu_s(&self) -> Option<f64> {
+        let servers: &[RedisServer] = match self {
+            Redis::One(r) => std::slice::from_ref(r),
+            Redis::Cluster(c) => c.nodes(),
+        };
+        servers.iter().map(info_cpu_s).sum()
     }
-    let len: i64 = std::str::from_utf8(&buf[1..eol]).ok().and_then(|s| s.parse().ok()).unwrap_or(-1);
-    len < 0 || buf.len() >= eol + 2 + len as usize + 2
 }
 
-/// Redis's CPU time so far (user + system seconds, `INFO cpu`).
-fn redis_cpu_s(addr: SocketAddr) -> Option<f64> {
-    let info = command(addr, "INFO cpu")?;
+/// One server's `used_cpu_user + used_cpu_sys`.
+fn info_cpu_s(r: &RedisServer) -> Option<f64> {
+    let info: String = redis::from_redis_value(r.cmd(&["INFO", "cpu"]).ok()?).ok()?;
     let field = |k: &str| info.lines().find_map(|l| l.strip_prefix(k)).and_then(|v| v.trim().parse::<f64>().ok());
     Some(field("used_cpu_user:")? + field("used_cpu_sys:")?)
 }
 
 /// Redis and the nodes of one run.
 struct Cluster {
-    redis: RedisProc,
+    redis: Redis,
     nodes: Vec<ServerProc>,
 }
 
@@ -292,10 +260,10 @@ impl Runner {
     /// vs cross node, then room fan-out across the nodes.
     pub(super) fn cluster(&mut self) -> Result<ClusterBench, String> {
         let t0 = Instant::now();
-        let redis = RedisProc::start(&self.out)?;
+        let redis = Redis::start(self.plan.redis_cluster);
         let mut nodes = Vec::new();
         for i in 0..NODES {
-            let extra = format!("\n[cluster]\nredis = \"{}\"\nnode_id = \"bench-{}\"\n", redis.url(), node_name(i));
+            let extra = format!("\n[cluster]\n{}\nnode_id = \"bench-{}\"\n", redis.toml(), node_name(i));
             let tag = format!("cluster-{}", node_name(i));
             nodes.push(ServerProc::switchboard(
                 &self.switchboard_bin,
@@ -306,18 +274,19 @@ impl Runner {
                 &self.plan.server_config(&extra),
             )?);
         }
+        let redis_what = redis.describe();
         let cl = Cluster { redis, nodes };
         cl.wait("every node connected and seeing the others", Duration::from_secs(15), |_, c| {
             c.connected && c.live_nodes == (NODES - 1) as u64
         })?;
-        note(format!("cluster: redis-server and {NODES} nodes up ({WORKERS_PER_NODE} worker each)"));
+        note(format!("cluster: {} and {NODES} nodes up ({WORKERS_PER_NODE} worker each)", redis_what));
         let unicast = self.cluster_unicast(&cl)?;
         let fanout = self.cluster_fanout(&cl)?;
         drop(cl);
         Ok(ClusterBench::judge(
             NODES as u32,
             WORKERS_PER_NODE as u32,
-            "one redis-server (no persistence) on loopback".into(),
+            redis_what,
             unicast,
             fanout,
             t0.elapsed().as_secs_f64(),
@@ -434,7 +403,7 @@ impl Runner {
             let first_seq = 100_000 * (k as u32 + 1);
             let c0 = cl.total()?;
             let cpu0 = ProcStat::processes_cpu(&cl.pids());
-            let r0 = redis_cpu_s(cl.redis.addr());
+            let r0 = cl.redis.cpu_s();
             let t0 = Instant::now();
             fleets[0].send(
                 0,
@@ -445,7 +414,7 @@ impl Runner {
             let window = (t0.elapsed().as_secs_f64() - 2.0).max(0.001);
             let collected: Vec<Collected> = fleets.iter_mut().map(Fleet::collect).collect::<Result<_, _>>()?;
             let (user, sys) = ProcStat::processes_cpu(&cl.pids()).since(&cpu0);
-            let redis_cpu = r0.zip(redis_cpu_s(cl.redis.addr())).map(|(a, b)| b - a);
+            let redis_cpu = r0.zip(cl.redis.cpu_s()).map(|(a, b)| b - a);
             let c1 = cl.total()?;
             let mut per_node = Vec::new();
             let mut delivered = 0;
@@ -513,7 +482,7 @@ fn cluster_step(
     let c0 = cl.total()?;
     let pids = cl.pids();
     let cpu0 = ProcStat::processes_cpu(&pids);
-    let r0 = redis_cpu_s(cl.redis.addr());
+    let r0 = cl.redis.cpu_s();
     let t0 = Instant::now();
     let n = fleets.len();
     for (i, f) in fleets.iter_mut().enumerate() {
@@ -530,7 +499,7 @@ fn cluster_step(
     std::thread::sleep(Duration::from_millis(500));
     let elapsed = t0.elapsed().as_secs_f64() - 0.5;
     let (user, sys) = ProcStat::processes_cpu(&pids).since(&cpu0);
-    let redis_cpu = r0.zip(redis_cpu_s(cl.redis.addr())).map(|(a, b)| b - a);
+    let redis_cpu = r0.zip(cl.redis.cpu_s()).map(|(a, b)| b - a);
     let mut all: Option<Collected> = None;
     for f in fleets.iter_mut() {
         let c = f.collect()?;
@@ -568,15 +537,6 @@ fn cluster_step(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_bulk_reply_is_complete_only_with_all_its_bytes() {
-        assert!(complete_reply(b"+PONG\r\n"));
-        assert!(!complete_reply(b"$10\r\nabc"));
-        assert!(complete_reply(b"$3\r\nabc\r\n"));
-        assert!(complete_reply(b"$-1\r\n"));
-        assert!(!complete_reply(b"+PON"));
-    }
 
     #[test]
     fn redis_work_is_per_delivered_message() {

@@ -87,6 +87,9 @@ pub struct Plan {
     /// finer than `unicast_rates`: three nodes, Redis and the loaders share
     /// the host's cores, so the ladder saturates lower.
     pub cluster_rates: Vec<u64>,
+    /// The cluster scenario's nodes share a Redis Cluster of three masters
+    /// instead of one redis-server.
+    pub redis_cluster: bool,
 }
 
 impl Plan {
@@ -127,6 +130,7 @@ impl Plan {
             socket_buffers: None,
             catch_up_messages: 10_000,
             cluster_rates: vec![5_000, 7_500, 10_000, 12_500, 15_000, 17_500, 20_000, 25_000, 30_000, 40_000],
+            redis_cluster: false,
         }
     }
 
@@ -153,6 +157,7 @@ impl Plan {
             socket_buffers: None,
             catch_up_messages: 10_000,
             cluster_rates: (1..=16).map(|k| k * 5_000).collect(),
+            redis_cluster: false,
         }
     }
 }
