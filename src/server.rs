@@ -152,8 +152,10 @@ impl Handle {
         self.shared.cluster.get().map(|l| l.counters.clone())
     }
 
-    /// This node's id in the cluster (`cluster.node_id`, or the default
-    /// made from the host name and port): `None` when not in a cluster.
+    /// This process's id in the cluster, as other nodes and Redis see it:
+    /// `cluster.node_id` (or `<hostname>:<port>`), `/`, the process id
+    /// (see `ClusterConfig::node_id_or_default`). `None` when not in a
+    /// cluster.
     pub fn node_id(&self) -> Option<String> {
         self.shared.cluster.get().map(|l| l.node_id.to_string())
     }

@@ -242,7 +242,8 @@ fn a_cluster_node_exposes_its_cross_node_counters() {
     let b = cluster_server(&redis, "metrics-b");
     let admin = a.admin_addr().unwrap();
     let h = a.handle();
-    assert_eq!(h.node_id().as_deref(), Some("metrics-a"));
+    let id = format!("metrics-a/{}", std::process::id());
+    assert_eq!(h.node_id().as_deref(), Some(id.as_str()));
     let counters = h.cluster_counters().expect("a cluster node has counters");
     let connected = || scrape(admin).sum("switchboard_cluster_connected", &[]) == 1.0;
     assert!(wait_until(Duration::from_secs(10), connected), "switchboard_cluster_connected never became 1");
@@ -299,7 +300,7 @@ fn a_cluster_node_exposes_its_cross_node_counters() {
     let (status, body) = admin_request(admin, "GET", "/api/v1/stats", b"", Some(TOKEN)).unwrap();
     assert_eq!(status, 200, "{body}");
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-    assert_eq!(v["cluster"]["node_id"], "metrics-a");
+    assert_eq!(v["cluster"]["node_id"], id.as_str());
     assert_eq!(v["cluster"]["connected"], true);
     assert!(v["cluster"]["records_sent"].as_u64().unwrap() >= 1);
     assert!(v["store"].is_null());
