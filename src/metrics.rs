@@ -6,11 +6,14 @@
 //! live counters at each scrape and hands them to the encoder.
 //! Must not: walk connections, users or rooms (a scrape costs the same at
 //! ten connections as at a million: a few hundred atomic loads per worker,
-//! the mailboxes' lengths, the store's counters and two reads of `/proc`),
-//! take a lock a worker takes, or add a per-user label. The counters
-//! themselves are elsewhere (`stats.rs`, the workers', the store thread's),
-//! each with one writer that bumps it with a plain load + store; this
-//! module only reads them.
+//! the mailboxes' lengths, the store's and the cluster's counters and two
+//! reads of `/proc`), take a lock a worker takes, or add a per-user label.
+//! The counters themselves are elsewhere (`stats.rs`, the workers', the
+//! store thread's, `cluster::ClusterCounters`); this module only reads
+//! them. The `switchboard_cluster_*` families are there only when the node
+//! is in a cluster (`cluster.redis` set), as the `switchboard_store_*`
+//! ones only with a store: an absent family says "not configured", a zero
+//! would read as "configured and idle".
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,6 +25,7 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
+use crate::cluster::ClusterCounters;
 use crate::server::Handle;
 use crate::stats::{
     Histogram, WorkerCounters, DELIVERY_KINDS, LATENCY_BOUNDS_NS, LOGIN_FAILURE_REASONS, MESSAGE_IN_KINDS,
@@ -405,6 +409,11 @@ impl Collector for Live {
             )?;
         }
 
+        // ---- cluster (only when `cluster.redis` is set) ----
+        if let Some(c) = self.0.cluster_counters() {
+            cluster(&mut f, &c)?;
+        }
+
         // ---- process ----
         f.gauge("switchboard_workers", "Worker threads.", workers.len() as i64)?;
         if let Some(rss) = resident_bytes() {
@@ -419,6 +428,92 @@ impl Collector for Live {
         }
         Ok(())
     }
+}
+
+/// The families of cross-node work, read from the `sb-cluster` thread's
+/// counters (one writer each: that thread, or a producer's refused send).
+fn cluster(f: &mut Family<'_, '_>, c: &ClusterCounters) -> fmt::Result {
+    let counters: [(&str, &str, &AtomicU64); 15] = [
+        (
+            "switchboard_cluster_redis_commands",
+            "Commands sent to Redis (PUBLISH, HGETALL, HSET, the heartbeat script, ...).",
+            &c.redis_commands,
+        ),
+        (
+            "switchboard_cluster_redis_round_trips",
+            "Waits for Redis: one per group of commands sent together (a turn's lookups, then its publishes and \
+             presence writes; a heartbeat).",
+            &c.redis_round_trips,
+        ),
+        (
+            "switchboard_cluster_redis_errors",
+            "Redis commands (or connections) that failed or timed out.",
+            &c.redis_errors,
+        ),
+        (
+            "switchboard_cluster_records_sent",
+            "Records sent to other nodes: forwards to users, room and broadcast frames, kicks, joins, login notices.",
+            &c.records_sent,
+        ),
+        ("switchboard_cluster_batches_sent", "PUBLISHes that carried the records sent.", &c.batches_sent),
+        ("switchboard_cluster_records_received", "Records received from other nodes.", &c.records_received),
+        ("switchboard_cluster_batches_received", "Batches (PUBLISHes) received from other nodes.", &c.batches_received),
+        (
+            "switchboard_cluster_batches_malformed",
+            "Received batches that could not be read, dropped whole.",
+            &c.batches_malformed,
+        ),
+        (
+            "switchboard_cluster_deliveries",
+            "Local connections written to (or whose worker was handed the work) for records from other nodes.",
+            &c.deliveries,
+        ),
+        (
+            "switchboard_cluster_queue_full",
+            "Cross-node events refused because the queue to the Redis thread was full (cluster.queue_capacity).",
+            &c.queue_full,
+        ),
+        (
+            "switchboard_cluster_forwards_failed",
+            "Records to other nodes dropped because their PUBLISH failed (at-most-once messages lost; stored ones \
+             stay in the inbox).",
+            &c.forwards_failed,
+        ),
+        (
+            "switchboard_cluster_route_cache_hits",
+            "Routes of users on other nodes answered from the route cache.",
+            &c.route_cache_hits,
+        ),
+        (
+            "switchboard_cluster_route_lookups",
+            "Routes of users read from Redis (HGETALL of presence).",
+            &c.route_lookups,
+        ),
+        (
+            "switchboard_cluster_presence_writes",
+            "Presence writes to Redis (HSET and PEXPIRE at a login, HDEL at a user's last logout here, resyncs).",
+            &c.presence_writes,
+        ),
+        (
+            "switchboard_cluster_presence_resyncs",
+            "Full re-registrations of this node's users in Redis (at start and after Redis came back).",
+            &c.presence_resyncs,
+        ),
+    ];
+    for (name, help, v) in counters {
+        f.counter(name, help, get(v))?;
+    }
+    f.gauge(
+        "switchboard_cluster_connected",
+        "1 while the pub/sub connection to Redis is up and the last heartbeat succeeded, else 0.",
+        get(&c.connected) as i64,
+    )?;
+    f.gauge("switchboard_cluster_live_nodes", "Other nodes alive at the last heartbeat.", get(&c.live_nodes) as i64)?;
+    f.gauge(
+        "switchboard_cluster_room_subscriptions",
+        "Room channels this node subscribes to (rooms with members here).",
+        get(&c.room_subscriptions) as i64,
+    )
 }
 
 /// Adds one block's plain counters and detail into `into` (a scrape's own

@@ -144,6 +144,22 @@ impl Handle {
         self.shared.store.get().map(|s| s.counters().clone())
     }
 
+    /// The counters of cross-node work (Redis commands and round trips,
+    /// records sent and received, deliveries for other nodes, the state of
+    /// the connection to Redis): `None` when this node is not in a
+    /// cluster (`cluster.redis` unset). Live: read them at any time.
+    pub fn cluster_counters(&self) -> Option<Arc<crate::cluster::ClusterCounters>> {
+        self.shared.cluster.get().map(|l| l.counters.clone())
+    }
+
+    /// This process's id in the cluster, as other nodes and Redis see it:
+    /// `cluster.node_id` (or `<hostname>:<port>`), `/`, the process id
+    /// (see `ClusterConfig::node_id_or_default`). `None` when not in a
+    /// cluster.
+    pub fn node_id(&self) -> Option<String> {
+        self.shared.cluster.get().map(|l| l.node_id.to_string())
+    }
+
     /// Pushes `payload` live, at most once, to every connection of `user`
     /// online now, in one PUSH frame encoded once and shared by all of
     /// them; nothing is stored. `Ok` with `connections: 0` means the user

@@ -4,8 +4,10 @@
 //! `tests/interop/prom_parse.py` in `$SWITCHBOARD_PYTHON`, which
 //! `scripts/test.sh` gives the `prometheus_client` package). The test
 //! drives traffic between two scrapes and checks that the counters moved by
-//! exactly what it did; then that every metric the Grafana dashboard and
-//! the alert rules in `tuning/` name is one the server exposes.
+//! exactly what it did; that a cluster node (on a real `redis-server`
+//! from `switchboard::redis_proc`) exposes the `switchboard_cluster_*`
+//! families and a single node none; then that every metric the Grafana
+//! dashboard and the alert rules in `tuning/` name is one a server exposes.
 
 mod common;
 
@@ -19,6 +21,7 @@ use common::interop::python;
 use common::*;
 use switchboard::client::admin_request;
 use switchboard::proto::frame::Frame;
+use switchboard::redis_proc::RedisServer;
 use switchboard::Server;
 
 const TOKEN: &str = "0123456789abcdef-metrics";
@@ -215,10 +218,105 @@ fn referenced_names(text: &str) -> BTreeSet<String> {
     names
 }
 
+/// A node of a cluster on `redis`, with the admin API.
+fn cluster_server(redis: &RedisServer, node_id: &str) -> Server {
+    let mut cfg = config();
+    cfg.admin.listen = "127.0.0.1:0".into();
+    cfg.admin.token = Some(TOKEN.into());
+    cfg.store.kind = switchboard::config::StoreKind::None;
+    cfg.cluster.redis = Some(switchboard::config::RedisAddrs::Single(redis.url()));
+    cfg.cluster.node_id = node_id.into();
+    start(cfg)
+}
+
+#[test]
+fn a_cluster_node_exposes_its_cross_node_counters() {
+    // A node without a cluster has none of the families.
+    let single = server();
+    let names = scrape(single.admin_addr().unwrap()).names();
+    assert!(!names.iter().any(|n| n.starts_with("switchboard_cluster_")), "{names:?}");
+    single.shutdown().unwrap();
+
+    let redis = RedisServer::start();
+    let a = cluster_server(&redis, "metrics-a");
+    let b = cluster_server(&redis, "metrics-b");
+    let admin = a.admin_addr().unwrap();
+    let h = a.handle();
+    let id = format!("metrics-a/{}", std::process::id());
+    assert_eq!(h.node_id().as_deref(), Some(id.as_str()));
+    let counters = h.cluster_counters().expect("a cluster node has counters");
+    let connected = || scrape(admin).sum("switchboard_cluster_connected", &[]) == 1.0;
+    assert!(wait_until(Duration::from_secs(10), connected), "switchboard_cluster_connected never became 1");
+    assert!(wait_until(Duration::from_secs(10), || scrape(admin).sum("switchboard_cluster_live_nodes", &[]) == 1.0));
+
+    // A user on node b; a push through node a reaches it across Redis.
+    let (mut bob, _) = login(b.local_addr(), "bob");
+    let bc = b.handle().cluster_counters().unwrap();
+    let written = || bc.presence_writes.load(std::sync::atomic::Ordering::Relaxed) >= 2;
+    assert!(wait_until(Duration::from_secs(10), written), "bob's presence was not written");
+    let before = scrape(admin);
+    assert_eq!(h.push_to_user("bob", "across").unwrap().connections, 0, "bob is not on node a");
+    assert_eq!(expect_push(&mut bob).2, b"across");
+    let after = scrape(admin);
+    let moved = |name: &str| after.sum(name, &[]) - before.sum(name, &[]);
+    assert_eq!(moved("switchboard_cluster_records_sent_total"), 1.0);
+    assert_eq!(moved("switchboard_cluster_batches_sent_total"), 1.0);
+    assert!(moved("switchboard_cluster_redis_commands_total") >= 1.0);
+    assert!(moved("switchboard_cluster_redis_round_trips_total") >= 1.0);
+    assert_eq!(after.sum("switchboard_cluster_queue_full_total", &[]), 0.0);
+    assert_eq!(after.sum("switchboard_cluster_forwards_failed_total", &[]), 0.0);
+    assert_eq!(
+        after.sum("switchboard_cluster_records_sent_total", &[]),
+        counters.records_sent.load(std::sync::atomic::Ordering::Relaxed) as f64
+    );
+    for (family, kind) in [
+        ("switchboard_cluster_redis_commands", "counter"),
+        ("switchboard_cluster_redis_round_trips", "counter"),
+        ("switchboard_cluster_redis_errors", "counter"),
+        ("switchboard_cluster_records_sent", "counter"),
+        ("switchboard_cluster_batches_sent", "counter"),
+        ("switchboard_cluster_records_received", "counter"),
+        ("switchboard_cluster_batches_received", "counter"),
+        ("switchboard_cluster_batches_malformed", "counter"),
+        ("switchboard_cluster_deliveries", "counter"),
+        ("switchboard_cluster_queue_full", "counter"),
+        ("switchboard_cluster_forwards_failed", "counter"),
+        ("switchboard_cluster_route_cache_hits", "counter"),
+        ("switchboard_cluster_route_lookups", "counter"),
+        ("switchboard_cluster_presence_writes", "counter"),
+        ("switchboard_cluster_presence_resyncs", "counter"),
+        ("switchboard_cluster_connected", "gauge"),
+        ("switchboard_cluster_live_nodes", "gauge"),
+        ("switchboard_cluster_room_subscriptions", "gauge"),
+    ] {
+        assert_eq!(after.families.get(family).map(String::as_str), Some(kind), "{family}");
+    }
+    // Node b counted what it received and delivered.
+    let b_scrape = scrape(b.admin_addr().unwrap());
+    assert!(b_scrape.sum("switchboard_cluster_records_received_total", &[]) >= 1.0);
+    assert!(b_scrape.sum("switchboard_cluster_deliveries_total", &[]) >= 1.0);
+
+    // /api/v1/stats carries the same counters.
+    let (status, body) = admin_request(admin, "GET", "/api/v1/stats", b"", Some(TOKEN)).unwrap();
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["cluster"]["node_id"], id.as_str());
+    assert_eq!(v["cluster"]["connected"], true);
+    assert!(v["cluster"]["records_sent"].as_u64().unwrap() >= 1);
+    assert!(v["store"].is_null());
+    a.shutdown().unwrap();
+    b.shutdown().unwrap();
+}
+
 #[test]
 fn the_dashboard_and_the_alerts_name_only_exposed_metrics() {
     let server = server();
-    let exposed = scrape(server.admin_addr().unwrap()).names();
+    let mut exposed = scrape(server.admin_addr().unwrap()).names();
+    // The cluster families are exposed by cluster nodes only.
+    let redis = RedisServer::start();
+    let node = cluster_server(&redis, "metrics-names");
+    exposed.extend(scrape(node.admin_addr().unwrap()).names());
+    node.shutdown().unwrap();
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tuning");
     let dashboard = std::fs::read_to_string(dir.join("grafana-dashboard.json")).unwrap();
     let _: serde_json::Value = serde_json::from_str(&dashboard).expect("the dashboard is JSON");

@@ -241,6 +241,30 @@ enum Cmd {
         #[arg(long, default_value = "target/bulk")]
         out: PathBuf,
     },
+    /// Three Switchboard nodes on one redis-server, each its own process
+    /// (the capacity report's cluster section): unicast same-node vs
+    /// cross-node at the same offered rates, Redis commands and round trips
+    /// per message, and a room with members on every node. Writes
+    /// cluster.json and cluster.md to --out. Needs redis-server.
+    Cluster {
+        /// Full mode: 19,000 unicast connections (9,500 per node) and
+        /// 15,000 room members. Default: quick (4,000 and 4,000; about a
+        /// minute and a half).
+        #[arg(long, conflicts_with = "quick")]
+        full: bool,
+        /// Quick mode, the default.
+        #[arg(long)]
+        quick: bool,
+        #[arg(long, default_value = "target/cluster")]
+        out: PathBuf,
+        /// The switchboard binary (default: next to this one).
+        #[arg(long)]
+        switchboard: Option<PathBuf>,
+        /// The nodes share a Redis Cluster of three masters (created with
+        /// redis-cli --cluster create) instead of one redis-server.
+        #[arg(long)]
+        redis_cluster: bool,
+    },
     /// The bare relay used as the unicast ceiling (see relay.rs).
     CeilingRelay {
         #[arg(long, default_value = "127.0.0.1:7899")]
@@ -523,6 +547,17 @@ fn run_api(connections: u32, workers: usize, switchboard: Option<PathBuf>, out: 
     Ok(())
 }
 
+fn run_cluster(full: bool, redis_cluster: bool, switchboard: Option<PathBuf>, out: PathBuf) -> Result<(), String> {
+    let sb = switchboard_bin(switchboard)?;
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let mut plan = if full { capacity::Plan::full() } else { capacity::Plan::quick() };
+    plan.redis_cluster = redis_cluster;
+    let md = capacity::Runner::new(plan, out.clone(), exe, sb, None, false).cluster_alone()?;
+    println!("{md}");
+    eprintln!("cluster: wrote {0}/cluster.json and {0}/cluster.md", out.display());
+    Ok(())
+}
+
 fn run_capacity(a: CapacityArgs) -> Result<(), String> {
     let CapacityArgs { full, out, switchboard, tokio, no_peers, no_nchan, ws_only, ws_connections, socket_buffers } = a;
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
@@ -612,6 +647,9 @@ fn main() {
         Cmd::Bulk { message_bytes, round_trips, idle_connections, buffers, workers, switchboard, out } => {
             let plan = capacity::bulk::BulkPlan { message_bytes, round_trips, idle_connections, buffers, workers };
             run_bulk(plan, switchboard, out)
+        }
+        Cmd::Cluster { full, quick: _, out, switchboard, redis_cluster } => {
+            run_cluster(full, redis_cluster, switchboard, out)
         }
         Cmd::CeilingRelay { listen, workers } => relay::run(listen, workers).map_err(|e| e.to_string()),
         Cmd::Prelogin { addr, ws, server_pid, connections, frame_bytes, settle_s } => {

@@ -253,6 +253,31 @@ fn store_counters(c: &crate::store::StoreCounters) -> Value {
     })
 }
 
+fn cluster_counters(node: String, c: &crate::cluster::ClusterCounters) -> Value {
+    let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    json!({
+        "node_id": node,
+        "connected": get(&c.connected) == 1,
+        "live_nodes": get(&c.live_nodes),
+        "room_subscriptions": get(&c.room_subscriptions),
+        "redis_commands": get(&c.redis_commands),
+        "redis_round_trips": get(&c.redis_round_trips),
+        "redis_errors": get(&c.redis_errors),
+        "records_sent": get(&c.records_sent),
+        "batches_sent": get(&c.batches_sent),
+        "records_received": get(&c.records_received),
+        "batches_received": get(&c.batches_received),
+        "batches_malformed": get(&c.batches_malformed),
+        "deliveries": get(&c.deliveries),
+        "queue_full": get(&c.queue_full),
+        "forwards_failed": get(&c.forwards_failed),
+        "route_cache_hits": get(&c.route_cache_hits),
+        "route_lookups": get(&c.route_lookups),
+        "presence_writes": get(&c.presence_writes),
+        "presence_resyncs": get(&c.presence_resyncs),
+    })
+}
+
 fn stats(h: &Handle) -> Answer {
     (
         200,
@@ -264,6 +289,7 @@ fn stats(h: &Handle) -> Answer {
             "connections_per_worker": h.connections_per_worker(),
             "workers": h.workers(),
             "store": h.store_counters().map(|c| store_counters(&c)),
+            "cluster": h.cluster_counters().zip(h.node_id()).map(|(c, id)| cluster_counters(id, &c)),
         }),
     )
 }

@@ -19,7 +19,10 @@
 //! cycles); reliable delivery (reliable.rs: the unicast ladder with every
 //! message stored, fsync and os durability, device receivers that ACK; one
 //! device catching up on a backlog; idle memory with and without the
-//! store); then WebSocket (ws.rs): idle memory, room fan-out and
+//! store); the backend API (api.rs); three nodes on one Redis (cluster.rs:
+//! same-node vs cross-node unicast, Redis round trips per message, room
+//! fan-out across nodes; skipped with a note when redis-server is not
+//! installed); then WebSocket (ws.rs): idle memory, room fan-out and
 //! publish→deliver latency over Switchboard's WebSocket port, next to
 //! nginx + nchan.
 //!
@@ -28,13 +31,14 @@
 //! `delivery.send_default = "at_most_once"` (scenarios.rs `Delivery`).
 //!
 //! Files: `scenarios.rs` (servers and the raw TCP scenarios), `ws.rs`,
-//! `churn.rs` and `reliable.rs` (theirs) run the measurements and return typed figures;
+//! `churn.rs`, `reliable.rs`, `api.rs` and `cluster.rs` (theirs) run the measurements and return typed figures;
 //! `report.rs` holds those types (the shape of report.json), the verdicts,
 //! the ratios and report.md; `plots.rs` draws the SVGs from a report.
 
 mod api;
 pub mod bulk;
 pub mod churn;
+mod cluster;
 pub mod plots;
 mod reliable;
 pub mod report;
@@ -79,6 +83,13 @@ pub struct Plan {
     pub socket_buffers: Option<usize>,
     /// Reliable delivery: messages waiting for the device that catches up.
     pub catch_up_messages: u32,
+    /// The cluster scenario's unicast rates (messages/s over both fleets),
+    /// finer than `unicast_rates`: three nodes, Redis and the loaders share
+    /// the host's cores, so the ladder saturates lower.
+    pub cluster_rates: Vec<u64>,
+    /// The cluster scenario's nodes share a Redis Cluster of three masters
+    /// instead of one redis-server.
+    pub redis_cluster: bool,
 }
 
 impl Plan {
@@ -118,6 +129,8 @@ impl Plan {
             churn_warmup: 100_000,
             socket_buffers: None,
             catch_up_messages: 10_000,
+            cluster_rates: vec![5_000, 7_500, 10_000, 12_500, 15_000, 17_500, 20_000, 25_000, 30_000, 40_000],
+            redis_cluster: false,
         }
     }
 
@@ -143,6 +156,8 @@ impl Plan {
             churn_warmup: 100_000,
             socket_buffers: None,
             catch_up_messages: 10_000,
+            cluster_rates: (1..=16).map(|k| k * 5_000).collect(),
+            redis_cluster: false,
         }
     }
 }

@@ -137,6 +137,364 @@ pub struct TcpReport {
     /// The backend API (api.rs); absent from reports made before it existed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api: Option<ApiBench>,
+    /// Three nodes on Redis (cluster.rs); absent from reports made before
+    /// it existed, or when redis-server is not installed (a note says so).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterBench>,
+}
+
+/// Issue 14's targets: cross-node unicast's best sustainable rate at least
+/// this share of same-node's (same connections, same load, same run) ...
+pub const CROSS_SHARE_TARGET: f64 = 0.5;
+/// ... and at most this many Redis round trips per cross-node message at
+/// the best cross-node rate.
+pub const ROUND_TRIPS_PER_MSG_TARGET: f64 = 0.1;
+
+/// Redis work over one measured window (every node's `/stats` cluster
+/// counters, summed; heartbeats included), per message delivered.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RedisWork {
+    pub commands: u64,
+    pub round_trips: u64,
+    pub commands_per_msg: Option<f64>,
+    pub round_trips_per_msg: Option<f64>,
+    /// Records sent to other nodes, and the PUBLISHes that carried them.
+    pub records_sent: u64,
+    pub batches_sent: u64,
+    pub records_per_batch: Option<f64>,
+    /// Routes read from Redis (route cache misses).
+    pub route_lookups: u64,
+    /// Failed commands, events refused by a full queue, forwards dropped.
+    pub errors: u64,
+    pub queue_full: u64,
+    pub forwards_failed: u64,
+    /// Redis's own CPU (`INFO cpu`, user + system) per message.
+    pub redis_cpu_ns_per_msg: Option<f64>,
+}
+
+/// One unicast rate in the cluster scenario: same-node or cross-node; the
+/// CPU figures are the three nodes' together.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ClusterStep {
+    pub cross: bool,
+    #[serde(flatten)]
+    pub unicast: UnicastStep,
+    pub redis: RedisWork,
+}
+
+/// The cluster unicast ladder: both modes at the same offered rates.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ClusterUnicast {
+    /// Connections over both fleets (half on node A, half on node B).
+    pub connections: u32,
+    pub sustainable: String,
+    /// Every rate tried per mode, up to its first one not kept up with.
+    pub same: Vec<ClusterStep>,
+    pub cross: Vec<ClusterStep>,
+}
+
+impl ClusterUnicast {
+    fn best(steps: &[ClusterStep]) -> Option<&ClusterStep> {
+        steps.iter().take_while(|s| s.unicast.keeps_up()).last()
+    }
+
+    /// The best same-node rate kept up with.
+    pub fn best_same(&self) -> Option<&ClusterStep> {
+        Self::best(&self.same)
+    }
+
+    /// The best cross-node rate kept up with.
+    pub fn best_cross(&self) -> Option<&ClusterStep> {
+        Self::best(&self.cross)
+    }
+}
+
+/// One node's members in a sustained cross-node fan-out run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ClusterNodeFanout {
+    pub node: String,
+    /// Reached through Redis (the room's channel), not the publisher's own
+    /// node.
+    pub via_redis: bool,
+    pub members: u32,
+    pub deliveries: u64,
+    pub deliveries_per_s: f64,
+    /// Publish → ROOM_MSG received, over every delivery here (ms).
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    /// Every member here got every message, none cut off.
+    pub complete: bool,
+    pub members_cut_off: u32,
+}
+
+/// Single messages (4/s) before the sustained runs, on one node: until the
+/// last member here had each (ms), and how many reached every member here.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ClusterNodeSingle {
+    pub node: String,
+    pub via_redis: bool,
+    pub members: u32,
+    pub p50_ms: Option<f64>,
+    pub p99_ms: Option<f64>,
+    pub complete: u32,
+}
+
+/// One sustained publish rate of the cross-node fan-out.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ClusterFanoutRun {
+    pub offered_deliveries_per_s: f64,
+    pub publish_rate_per_s: f64,
+    pub messages: u32,
+    pub complete: bool,
+    /// Deliveries per second over all nodes.
+    pub deliveries_per_s: f64,
+    /// The three nodes' CPU per delivery.
+    pub nodes_user_ns_per_delivery: f64,
+    pub nodes_sys_ns_per_delivery: f64,
+    /// Redis work per message published.
+    pub redis_per_published: RedisWork,
+    pub per_node: Vec<ClusterNodeFanout>,
+}
+
+/// A room with members on every node, published to from one of them.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ClusterFanout {
+    pub room_members: u32,
+    pub publisher_node: String,
+    pub single_messages: u32,
+    pub single: Vec<ClusterNodeSingle>,
+    /// Rising rates, up to the first one that did not reach everyone.
+    pub runs: Vec<ClusterFanoutRun>,
+}
+
+/// The cluster scenario (cluster.rs): nodes on one Redis, same-node vs
+/// cross-node unicast, cross-node room fan-out, and issue 14's verdicts.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ClusterBench {
+    pub question: String,
+    pub nodes: u32,
+    pub workers_per_node: u32,
+    pub redis: String,
+    pub unicast: ClusterUnicast,
+    pub fanout: ClusterFanout,
+    /// Best cross-node rate over best same-node rate.
+    pub cross_vs_same: Option<f64>,
+    pub cross_share_target: f64,
+    pub cross_share_met: bool,
+    /// Redis round trips per message at the best cross-node rate.
+    pub round_trips_per_msg_at_best: Option<f64>,
+    pub round_trips_target: f64,
+    pub round_trips_met: bool,
+    pub elapsed_s: f64,
+}
+
+impl ClusterBench {
+    /// The figures and the verdicts on issue 14's targets.
+    pub fn judge(
+        nodes: u32,
+        workers_per_node: u32,
+        redis: String,
+        unicast: ClusterUnicast,
+        fanout: ClusterFanout,
+        elapsed_s: f64,
+    ) -> ClusterBench {
+        let cross_vs_same = ratio(
+            unicast.best_cross().map(|s| s.unicast.msgs_per_s),
+            unicast.best_same().map(|s| s.unicast.msgs_per_s),
+        );
+        let trips = unicast.best_cross().and_then(|s| s.redis.round_trips_per_msg);
+        ClusterBench {
+            question: format!(
+                "{nodes} Switchboard nodes on one Redis, each its own process on this host: what does a message give up when it crosses nodes, next to the same message on one node (same connections, same offered load, same run), how many Redis round trips does it cost, and how does a room with members on every node fan out?"
+            ),
+            nodes,
+            workers_per_node,
+            redis,
+            cross_share_met: cross_vs_same.is_some_and(|r| r >= CROSS_SHARE_TARGET),
+            round_trips_met: trips.is_some_and(|t| t <= ROUND_TRIPS_PER_MSG_TARGET),
+            cross_vs_same,
+            cross_share_target: CROSS_SHARE_TARGET,
+            round_trips_per_msg_at_best: trips,
+            round_trips_target: ROUND_TRIPS_PER_MSG_TARGET,
+            unicast,
+            fanout,
+            elapsed_s,
+        }
+    }
+
+    /// The cluster section of report.md (and `switchboard-bench cluster`'s
+    /// cluster.md).
+    pub fn markdown(&self, m: &mut String) {
+        let met = |ok: bool| if ok { "met" } else { "NOT met" };
+        let _ = writeln!(m, "\n## Cluster: {} nodes on one Redis (same node vs cross node)\n", self.nodes);
+        let _ = writeln!(m, "{}\n", self.question);
+        let _ = writeln!(
+            m,
+            "Setup: {}; {} nodes with {} worker each, `store.kind = \"none\"`; {} client connections, half on node A and half on node B. *Same*: each half sends to users on its own node; *cross*: to users on the other node. Open-loop SENDs of 64-byte timed payloads, the same offered rates for both. A rate is kept up with when {}. CPU is the three nodes' together; Redis figures sum every node's counters (heartbeats included) over the window, divided by messages delivered. Ran {} s.\n",
+            self.redis,
+            self.nodes,
+            self.workers_per_node,
+            self.unicast.connections,
+            self.unicast.sustainable,
+            f(self.elapsed_s, 0)
+        );
+        let (bs, bc) = (self.unicast.best_same(), self.unicast.best_cross());
+        let cell = |s: Option<&ClusterStep>, g: &dyn Fn(&ClusterStep) -> String| s.map_or("n/a".into(), g);
+        let _ = writeln!(m, "| figure | same node | cross node | target |\n|---|---|---|---|");
+        let rows: Vec<(String, String, String, String)> = vec![
+            (
+                "unicast, best sustainable rate (delivered/s)".into(),
+                cell(bs, &|s| f(s.unicast.msgs_per_s, 0)),
+                cell(bc, &|s| f(s.unicast.msgs_per_s, 0)),
+                String::new(),
+            ),
+            (
+                "  cross / same".into(),
+                String::new(),
+                f(self.cross_vs_same, 2),
+                format!("≥ {:.2} ({})", self.cross_share_target, met(self.cross_share_met)),
+            ),
+            (
+                "  at that rate: p50 / p99 / p99.9 / max (µs)".into(),
+                cell(bs, &|s| {
+                    format!(
+                        "{} / {} / {} / {}",
+                        s.unicast.p50_us, s.unicast.p99_us, s.unicast.p999_us, s.unicast.max_us
+                    )
+                }),
+                cell(bc, &|s| {
+                    format!(
+                        "{} / {} / {} / {}",
+                        s.unicast.p50_us, s.unicast.p99_us, s.unicast.p999_us, s.unicast.max_us
+                    )
+                }),
+                String::new(),
+            ),
+            (
+                "  at that rate: Redis round trips per message".into(),
+                cell(bs, &|s| f(s.redis.round_trips_per_msg, 4)),
+                cell(bc, &|s| f(s.redis.round_trips_per_msg, 4)),
+                format!("≤ {} cross node ({})", self.round_trips_target, met(self.round_trips_met)),
+            ),
+            (
+                "  at that rate: Redis commands per message".into(),
+                cell(bs, &|s| f(s.redis.commands_per_msg, 4)),
+                cell(bc, &|s| f(s.redis.commands_per_msg, 4)),
+                String::new(),
+            ),
+            (
+                "  at that rate: records per PUBLISH, route lookups".into(),
+                cell(bs, &|s| format!("{} / {}", f(s.redis.records_per_batch, 0), s.redis.route_lookups)),
+                cell(bc, &|s| format!("{} / {}", f(s.redis.records_per_batch, 0), s.redis.route_lookups)),
+                String::new(),
+            ),
+            (
+                "  at that rate: nodes' CPU per message, user / system (ns); Redis CPU per message (ns)".into(),
+                cell(bs, &|s| {
+                    format!(
+                        "{} / {}; {}",
+                        f(s.unicast.server_user_ns_per_msg, 0),
+                        f(s.unicast.server_sys_ns_per_msg, 0),
+                        f(s.redis.redis_cpu_ns_per_msg, 0)
+                    )
+                }),
+                cell(bc, &|s| {
+                    format!(
+                        "{} / {}; {}",
+                        f(s.unicast.server_user_ns_per_msg, 0),
+                        f(s.unicast.server_sys_ns_per_msg, 0),
+                        f(s.redis.redis_cpu_ns_per_msg, 0)
+                    )
+                }),
+                String::new(),
+            ),
+        ];
+        for (k, a, b, t) in rows {
+            let _ = writeln!(m, "| {k} | {a} | {b} | {t} |");
+        }
+        let _ = writeln!(
+            m,
+            "\nEvery rate, side by side (delivered/s, p99 µs, Redis round trips per message; `-` = not run, the mode had stopped keeping up):\n"
+        );
+        let _ = writeln!(m, "| offered/s | same: delivered/s | same: p99 | cross: delivered/s | cross: p99 | cross: round trips/msg | cross: forwards lost |\n|---|---|---|---|---|---|---|");
+        let mut rates: Vec<u64> =
+            self.unicast.same.iter().chain(&self.unicast.cross).map(|s| s.unicast.offered_per_s).collect();
+        rates.sort_unstable();
+        rates.dedup();
+        for r in rates {
+            let find = |v: &[ClusterStep]| v.iter().find(|s| s.unicast.offered_per_s == r).cloned();
+            let (a, b) = (find(&self.unicast.same), find(&self.unicast.cross));
+            let d = |s: &Option<ClusterStep>, g: &dyn Fn(&ClusterStep) -> String| s.as_ref().map_or("-".into(), g);
+            let _ = writeln!(
+                m,
+                "| {r} | {} | {} | {} | {} | {} | {} |",
+                d(&a, &|s| f(s.unicast.msgs_per_s, 0)),
+                d(&a, &|s| s.unicast.p99_us.to_string()),
+                d(&b, &|s| f(s.unicast.msgs_per_s, 0)),
+                d(&b, &|s| s.unicast.p99_us.to_string()),
+                d(&b, &|s| f(s.redis.round_trips_per_msg, 4)),
+                d(&b, &|s| (s.redis.forwards_failed + s.redis.queue_full).to_string()),
+            );
+        }
+        let fo = &self.fanout;
+        let _ = writeln!(
+            m,
+            "\n**Cross-node room fan-out**: {} members split over the {} nodes, published from a member on node {} (its members get the message locally, the others through the room's Redis channel). Single messages ({} at 4/s), until the last member on each node had each: {}.\n",
+            fo.room_members,
+            self.nodes,
+            fo.publisher_node,
+            fo.single_messages,
+            fo.single
+                .iter()
+                .map(|n| format!(
+                    "node {}{} p50 {} / p99 {} ms ({} of {} reached all {} members there)",
+                    n.node,
+                    if n.via_redis { " (via Redis)" } else { " (local)" },
+                    f(n.p50_ms, 1),
+                    f(n.p99_ms, 1),
+                    n.complete,
+                    fo.single_messages,
+                    n.members
+                ))
+                .collect::<Vec<_>>()
+                .join("; ")
+        );
+        let _ = writeln!(m, "| publishes/s | deliveries/s offered | delivered/s (all nodes) | complete | per node: delivered/s, publish→receive p50 / p99 (ms) | Redis round trips per publish | nodes' CPU per delivery, user / system (ns) |\n|---|---|---|---|---|---|---|");
+        for r in &fo.runs {
+            let nodes = r
+                .per_node
+                .iter()
+                .map(|n| {
+                    format!(
+                        "{}{}: {}, {} / {}{}",
+                        n.node,
+                        if n.via_redis { " (via Redis)" } else { " (local)" },
+                        f(n.deliveries_per_s, 0),
+                        f(n.p50_ms, 1),
+                        f(n.p99_ms, 1),
+                        if n.complete {
+                            String::new()
+                        } else {
+                            format!(", INCOMPLETE ({} cut off)", n.members_cut_off)
+                        }
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("; ");
+            let _ = writeln!(
+                m,
+                "| {} | {} | {} | {} | {} | {} | {} / {} |",
+                f(r.publish_rate_per_s, 1),
+                f(r.offered_deliveries_per_s, 0),
+                f(r.deliveries_per_s, 0),
+                yes_no(r.complete),
+                nodes,
+                f(r.redis_per_published.round_trips_per_msg, 3),
+                f(r.nodes_user_ns_per_delivery, 0),
+                f(r.nodes_sys_ns_per_delivery, 0)
+            );
+        }
+    }
 }
 
 /// Issue 13's target: pushes per second end to end through batches.
@@ -1268,6 +1626,9 @@ impl Report {
         if let Some(rel) = &r.reliable {
             rel.markdown(&mut m, u.msgs_per_s, r.server_user_bytes_per_conn);
         }
+        if let Some(c) = &r.cluster {
+            c.markdown(&mut m);
+        }
         self.websocket_markdown(&mut m);
         let _ = writeln!(m, "\n![memory vs connections](memory.svg)\n\n![unicast latency](latency.svg)\n");
         let _ = writeln!(m, "Kernel bytes method: {}.", r.kernel_bytes_method);
@@ -1468,6 +1829,62 @@ mod tests {
             server_sys_ns_per_msg: 9_000.0,
             store: None,
         }
+    }
+
+    fn cluster_step(cross: bool, offered: u64, delivered: f64, p99_us: u64, round_trips: u64) -> ClusterStep {
+        let received = (delivered * 2.0) as u64;
+        ClusterStep {
+            cross,
+            unicast: step(offered, delivered, p99_us),
+            redis: RedisWork {
+                commands: round_trips * 3,
+                round_trips,
+                commands_per_msg: Some((round_trips * 3) as f64 / received as f64),
+                round_trips_per_msg: Some(round_trips as f64 / received as f64),
+                records_sent: if cross { received } else { 0 },
+                batches_sent: round_trips,
+                records_per_batch: None,
+                route_lookups: 0,
+                errors: 0,
+                queue_full: 0,
+                forwards_failed: 0,
+                redis_cpu_ns_per_msg: None,
+            },
+        }
+    }
+
+    #[test]
+    fn cluster_targets_are_judged_on_the_best_rates_kept_up_with() {
+        let fanout = ClusterFanout {
+            room_members: 3,
+            publisher_node: "A".into(),
+            single_messages: 0,
+            single: vec![],
+            runs: vec![],
+        };
+        let unicast = |cross_trips: u64| ClusterUnicast {
+            connections: 4,
+            sustainable: Unicast::sustainable_rule(),
+            same: vec![
+                cluster_step(false, 10_000, 10_000.0, 1_000, 5),
+                cluster_step(false, 20_000, 19_900.0, 2_000, 5),
+            ],
+            // 20,000/s offered, 9,000/s delivered: not kept up with.
+            cross: vec![
+                cluster_step(true, 10_000, 9_900.0, 3_000, cross_trips),
+                cluster_step(true, 20_000, 9_000.0, 90_000, 1),
+            ],
+        };
+        let c = ClusterBench::judge(3, 1, "r".into(), unicast(100), fanout.clone(), 1.0);
+        assert_eq!(c.cross_vs_same, Some(9_900.0 / 19_900.0));
+        assert!(!c.cross_share_met, "0.497 is under 0.5");
+        // 100 round trips for 19,800 messages.
+        assert!(c.round_trips_met);
+        let c = ClusterBench::judge(3, 1, "r".into(), unicast(4_000), fanout, 1.0);
+        assert!(!c.round_trips_met, "{:?}", c.round_trips_per_msg_at_best);
+        let mut m = String::new();
+        c.markdown(&mut m);
+        assert!(m.contains("≥ 0.50 (NOT met)") && m.contains("≤ 0.1 cross node (NOT met)"), "{m}");
     }
 
     #[test]

@@ -37,6 +37,9 @@ pub(super) struct AdminStats {
     /// The inbox store's counters; none without a store.
     #[serde(default)]
     pub store: Option<StoreCounts>,
+    /// The cluster counters; none when the node is not in a cluster.
+    #[serde(default)]
+    pub cluster: Option<super::cluster::ClusterCounts>,
 }
 
 /// The store counters of `/stats` that the bench reads.
@@ -249,7 +252,7 @@ pub struct Runner {
     /// Run nginx + nchan as the WebSocket peer.
     pub nchan: bool,
     src_base: u8,
-    log: Vec<String>,
+    pub(super) log: Vec<String>,
 }
 
 pub(super) fn note(msg: impl AsRef<str>) {
@@ -641,6 +644,7 @@ impl Runner {
         let heartbeat = self.heartbeat()?;
         let churn = self.churn()?;
         let api = self.api()?;
+        let cluster = self.cluster_if_redis()?;
         let ceiling = fanout.send_ceiling_per_s_per_core;
 
         // The kernel's floor for relays: the bare relay, same loaders.
@@ -667,7 +671,8 @@ impl Runner {
             None => None,
         };
         let (websocket, nchan) = self.websocket()?;
-        let tcp = self.assemble(idle, unicast, fanout, broadcast, heartbeat, relay_unicast, churn, reliable, api);
+        let mut tcp = self.assemble(idle, unicast, fanout, broadcast, heartbeat, relay_unicast, churn, reliable, api);
+        tcp.cluster = cluster;
         Ok(Report {
             mode: self.plan.mode.into(),
             machine: machine(),
@@ -737,6 +742,7 @@ impl Runner {
             churn,
             reliable: Some(reliable),
             api: Some(api),
+            cluster: None,
         }
     }
 }

@@ -9,8 +9,19 @@ use serde::{Deserialize, Serialize};
 #[serde(tag = "cmd", rename_all = "snake_case")]
 pub enum Command {
     /// Open-loop client-to-client SENDs: `rate_per_s` from this loader, to
-    /// users chosen uniformly from `0..users_total`, for `duration_ms`.
-    Unicast { rate_per_s: u64, duration_ms: u64, users_total: u32, payload_bytes: usize, seed: u64 },
+    /// users chosen uniformly from `0..users_total`, for `duration_ms`. The
+    /// users are `<to_prefix><index>`: by default this loader's own prefix
+    /// (its fleet's users); another fleet's prefix sends to its users (the
+    /// cluster scenario: a fleet on one node sending to one on another).
+    Unicast {
+        rate_per_s: u64,
+        duration_ms: u64,
+        users_total: u32,
+        payload_bytes: usize,
+        seed: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        to_prefix: Option<String>,
+    },
     /// PUBLISH to `room` from this loader's first ready connection: timed
     /// payloads with sequence numbers from `first_seq`, open loop at
     /// `rate_per_s` for `count` messages.

@@ -197,6 +197,8 @@ struct Unicast {
     blocked: u64,
     next_sender: usize,
     users_total: u32,
+    /// Prefix of the receivers' user ids.
+    to_prefix: String,
     payload: Vec<u8>,
     rng: u64,
 }
@@ -714,7 +716,7 @@ impl Loader {
 
     fn on_command(&mut self, cmd: Command) {
         match cmd {
-            Command::Unicast { rate_per_s, duration_ms, users_total, payload_bytes, seed } => {
+            Command::Unicast { rate_per_s, duration_ms, users_total, payload_bytes, seed, to_prefix } => {
                 let now = Instant::now();
                 self.unicast = Some(Unicast {
                     rate_per_s,
@@ -724,6 +726,7 @@ impl Loader {
                     blocked: 0,
                     next_sender: 0,
                     users_total,
+                    to_prefix: to_prefix.unwrap_or_else(|| self.args.user_prefix.clone()),
                     payload: vec![0u8; payload_bytes.max(8)],
                     rng: seed | 1,
                 });
@@ -817,7 +820,7 @@ impl Loader {
             let sender = u.next_sender % n;
             u.next_sender += 1;
             let target = (xorshift(&mut u.rng) % u.users_total as u64) as u32;
-            let to = format!("{}{}", self.args.user_prefix, target);
+            let to = format!("{}{}", u.to_prefix, target);
             timed::restamp(&mut u.payload);
             let f = Frame::Send { req_id: 0, to: &to, payload: &u.payload }.to_bytes().expect("send encodes");
             let f = wrap(self.args.transport, &mut self.rng, f);

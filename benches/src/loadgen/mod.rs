@@ -390,9 +390,24 @@ impl Fleet {
     }
 
     /// Starts open-loop unicast on every loader, the total `rate_per_s`
-    /// split between them; `wait_sent` waits for the end.
+    /// split between them, to this fleet's own users; `wait_sent` waits for
+    /// the end.
     pub fn start_unicast(
         &mut self,
+        rate_per_s: u64,
+        duration_ms: u64,
+        users_total: u32,
+        payload_bytes: usize,
+        seed: u64,
+    ) {
+        self.start_unicast_to(None, rate_per_s, duration_ms, users_total, payload_bytes, seed)
+    }
+
+    /// [`Fleet::start_unicast`] to the users `<to_prefix>0..users_total`
+    /// (another fleet's, e.g. on another node) when `to_prefix` is given.
+    pub fn start_unicast_to(
+        &mut self,
+        to_prefix: Option<&str>,
         rate_per_s: u64,
         duration_ms: u64,
         users_total: u32,
@@ -402,8 +417,14 @@ impl Fleet {
         let procs = self.len() as u64;
         for k in 0..self.len() {
             let share = rate_per_s / procs + u64::from((k as u64) < rate_per_s % procs);
-            let cmd =
-                Command::Unicast { rate_per_s: share, duration_ms, users_total, payload_bytes, seed: seed + k as u64 };
+            let cmd = Command::Unicast {
+                rate_per_s: share,
+                duration_ms,
+                users_total,
+                payload_bytes,
+                seed: seed + k as u64,
+                to_prefix: to_prefix.map(String::from),
+            };
             self.send(k, &cmd);
         }
     }
