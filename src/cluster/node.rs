@@ -49,6 +49,10 @@ use crate::store::StoredMessage;
 /// Events taken in one turn of the forwarder.
 pub const MAX_EVENTS_PER_TURN: usize = 8192;
 
+/// A turn with at least this many events sends at once; a smaller one
+/// waits up to `cluster.batch_linger_us` for more.
+pub const LINGER_UNTIL_EVENTS: usize = 256;
+
 /// Presence keys expire this long after their last write, so the fields of
 /// a node that died and never came back do not stay forever; every node
 /// rewrites its users' fields every [`PRESENCE_REFRESH`].
@@ -306,11 +310,25 @@ async fn run(
     let sub = tokio::task::spawn_local(node.clone().subscriber(stop.clone()));
     let beat = tokio::task::spawn_local(node.clone().heartbeat(stop.clone()));
     let mut events = Vec::with_capacity(MAX_EVENTS_PER_TURN);
+    let linger = Duration::from_micros(node.cfg.batch_linger_us);
     loop {
         tokio::select! {
             n = rx.recv_many(&mut events, MAX_EVENTS_PER_TURN) => {
                 if n == 0 {
                     break;
+                }
+                if !linger.is_zero() && events.len() < LINGER_UNTIL_EVENTS {
+                    // Nagle for Redis: a moment for more events to share
+                    // this turn's round trips.
+                    let until = tokio::time::Instant::now() + linger;
+                    while events.len() < LINGER_UNTIL_EVENTS {
+                        let room = MAX_EVENTS_PER_TURN - events.len();
+                        tokio::select! {
+                            biased;
+                            more = rx.recv_many(&mut events, room) => if more == 0 { break },
+                            _ = tokio::time::sleep_until(until) => break,
+                        }
+                    }
                 }
                 node.turn(&mut events).await;
             }
