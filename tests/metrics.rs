@@ -139,12 +139,21 @@ fn counters_move_as_traffic_is_driven() {
     }
     let receipt = h.push_reliable("alice", "kept", 0).unwrap().wait().unwrap();
     assert_eq!(receipt.connections, 1);
+    // The receipt comes when the notice is queued for alice's worker; the
+    // worker writes (and counts) it after.
+    assert_eq!(expect_push(&mut alice).2, b"kept");
     assert!(wait_until(Duration::from_secs(5), || {
         let s = h.stats();
         s.logged_in == 3 && s.login_failures == 1 && s.protocol_errors == 1
     }));
 
-    let after = scrape(admin);
+    let push_deliveries = |m: &Scrape| m.sum("switchboard_deliveries_total", &[("kind", "push")]);
+    let mut after = scrape(admin);
+    let counted = wait_until(Duration::from_secs(5), || {
+        after = scrape(admin);
+        push_deliveries(&after) - push_deliveries(&before) >= 4.0
+    });
+    assert!(counted, "the four PUSH deliveries are counted once written");
     let moved = |name: &str, with: &[(&str, &str)]| after.sum(name, with) - before.sum(name, with);
 
     assert_eq!(moved("switchboard_logins_total", &[]), 3.0);
