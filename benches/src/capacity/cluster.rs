@@ -513,23 +513,9 @@ fn cluster_step(
     }
     let c = all.ok_or("no fleet")?;
     let c1 = cl.total()?;
-    let p = percentiles(&c.hist);
     Ok(ClusterStep {
         cross,
-        unicast: UnicastStep {
-            offered_per_s: rate,
-            sent,
-            blocked,
-            received: c.received,
-            msgs_per_s: c.received as f64 / elapsed,
-            p50_us: p.p50_us,
-            p99_us: p.p99_us,
-            p999_us: p.p999_us,
-            max_us: p.max_us,
-            server_user_ns_per_msg: user / c.received.max(1) as f64,
-            server_sys_ns_per_msg: sys / c.received.max(1) as f64,
-            store: None,
-        },
+        unicast: UnicastStep::measured(rate, (sent, blocked), &c, elapsed, (user, sys), None),
         redis: c1.since(&c0, c.received, redis_cpu),
     })
 }

@@ -747,6 +747,36 @@ impl Runner {
     }
 }
 
+impl UnicastStep {
+    /// One measured window at `rate`: (sent, blocked) by the loaders, what
+    /// they collected, over `elapsed` seconds, with the servers' (user,
+    /// system) CPU nanoseconds in it.
+    pub(super) fn measured(
+        rate: u64,
+        (sent, blocked): (u64, u64),
+        c: &Collected,
+        elapsed: f64,
+        (user, sys): (f64, f64),
+        store: Option<StoreStep>,
+    ) -> UnicastStep {
+        let p = percentiles(&c.hist);
+        UnicastStep {
+            offered_per_s: rate,
+            sent,
+            blocked,
+            received: c.received,
+            msgs_per_s: c.received as f64 / elapsed,
+            p50_us: p.p50_us,
+            p99_us: p.p99_us,
+            p999_us: p.p999_us,
+            max_us: p.max_us,
+            server_user_ns_per_msg: user / c.received.max(1) as f64,
+            server_sys_ns_per_msg: sys / c.received.max(1) as f64,
+            store,
+        }
+    }
+}
+
 /// One unicast rate for `secs`; with `s`'s store counters when it has a
 /// store.
 pub(super) fn unicast_step(
@@ -769,21 +799,7 @@ pub(super) fn unicast_step(
     let c = fleet.collect()?;
     let store1 = store0.and_then(|_| s.stats()).and_then(|st| st.store);
     let store = store0.zip(store1).map(|(a, b)| b.since(&a, elapsed, &c));
-    let p = percentiles(&c.hist);
-    Ok(UnicastStep {
-        offered_per_s: rate,
-        sent,
-        blocked,
-        received: c.received,
-        msgs_per_s: c.received as f64 / elapsed,
-        p50_us: p.p50_us,
-        p99_us: p.p99_us,
-        p999_us: p.p999_us,
-        max_us: p.max_us,
-        server_user_ns_per_msg: user / c.received.max(1) as f64,
-        server_sys_ns_per_msg: sys / c.received.max(1) as f64,
-        store,
-    })
+    Ok(UnicastStep::measured(rate, (sent, blocked), &c, elapsed, (user, sys), store))
 }
 
 /// Completion time (ms) of each message in `seqs`: when its last receiver
