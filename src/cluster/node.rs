@@ -41,7 +41,6 @@ use super::routes::{Nodes, RouteCache};
 use super::wire::{self, BatchWriter, Record};
 use super::{ClusterCounters, Event, Link};
 use crate::config::{ClusterConfig, RedisAddrs};
-use crate::ids::ConnId;
 use crate::proto::codes::CloseCode;
 use crate::runtime::{Command, Shared};
 use crate::store::StoredMessage;
@@ -106,6 +105,13 @@ pub const ALL_CHANNEL: &str = "sb:all";
 pub const LOGIN_CHANNEL: &str = "sb:login";
 /// The live-node set.
 pub const NODES_KEY: &str = "sb:nodes";
+
+/// `fut`, failed as a timeout if it takes longer than `limit`.
+async fn within<T>(limit: Duration, fut: impl std::future::Future<Output = RedisResult<T>>) -> RedisResult<T> {
+    tokio::time::timeout(limit, fut).await.unwrap_or_else(|_| {
+        Err(redis::RedisError::from(std::io::Error::new(std::io::ErrorKind::TimedOut, "redis timed out")))
+    })
+}
 
 fn unix_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
@@ -190,11 +196,13 @@ impl Data {
                 Data::Cluster(mut c) => cmd.query_async(&mut c).await,
             }
         };
-        match tokio::time::timeout(timeout + timeout / 2, fut).await {
-            Ok(r) => r,
-            Err(_) => {
-                Err(redis::RedisError::from(std::io::Error::new(std::io::ErrorKind::TimedOut, "redis timed out")))
-            }
+        within(timeout + timeout / 2, fut).await
+    }
+
+    async fn invoke<T: redis::FromRedisValue>(&self, inv: &redis::ScriptInvocation<'_>) -> RedisResult<T> {
+        match self.clone() {
+            Data::One(mut c) => inv.invoke_async(&mut c).await,
+            Data::Cluster(mut c) => inv.invoke_async(&mut c).await,
         }
     }
 }
@@ -236,6 +244,9 @@ struct Outbox {
     /// Forwards per destination channel, in order.
     per_channel: Vec<(String, Vec<Record>)>,
     index: HashMap<String, usize>,
+    /// Node → its entry in `per_channel`: a forward names its channel once
+    /// per turn, not once per message.
+    node_index: HashMap<Arc<str>, usize>,
     /// Presence writes (HSET, PEXPIRE, HDEL).
     presence: Vec<Cmd>,
 }
@@ -247,6 +258,18 @@ impl Outbox {
             None => {
                 self.per_channel.push((channel.clone(), Vec::new()));
                 self.index.insert(channel, self.per_channel.len() - 1);
+                self.per_channel.len() - 1
+            }
+        };
+        self.per_channel[i].1.push(r);
+    }
+
+    fn add_for_node(&mut self, node: &Arc<str>, r: Record) {
+        let i = match self.node_index.get(node) {
+            Some(&i) => i,
+            None => {
+                self.per_channel.push((node_channel(node), Vec::new()));
+                self.node_index.insert(node.clone(), self.per_channel.len() - 1);
                 self.per_channel.len() - 1
             }
         };
@@ -482,7 +505,7 @@ impl Node {
             },
         };
         for n in nodes.iter() {
-            out.add(node_channel(n), r.clone());
+            out.add_for_node(n, r.clone());
         }
     }
 
@@ -622,9 +645,7 @@ impl Node {
                     sink.unsubscribe(&ch).await
                 }
             };
-            let r = tokio::time::timeout(self.timeout, change).await.unwrap_or_else(|_| {
-                Err(redis::RedisError::from(std::io::Error::new(std::io::ErrorKind::TimedOut, "timed out")))
-            });
+            let r = within(self.timeout, change).await;
             if let Err(e) = r {
                 // The pub/sub connection is going down; its reconnection
                 // subscribes to every room in `subscribed_rooms`.
@@ -673,11 +694,10 @@ impl Node {
 
     async fn subscribe_all(&self, url: &str) -> RedisResult<redis::aio::PubSubStream> {
         let client = redis::Client::open(url)?;
-        let timed_out = || redis::RedisError::from(std::io::Error::new(std::io::ErrorKind::TimedOut, "timed out"));
-        let pubsub = tokio::time::timeout(self.timeout, client.get_async_pubsub()).await.map_err(|_| timed_out())??;
+        let pubsub = within(self.timeout, client.get_async_pubsub()).await?;
         let (mut sink, stream) = pubsub.split();
         let mut channels = vec![node_channel(&self.me), ALL_CHANNEL.to_string(), LOGIN_CHANNEL.to_string()];
-        tokio::time::timeout(self.timeout, sink.subscribe(&channels)).await.map_err(|_| timed_out())??;
+        within(self.timeout, sink.subscribe(&channels)).await?;
         // Rooms as they are now; a change while this runs is applied by
         // `room_changed` through the sink stored below, or was in the set
         // read here.
@@ -686,7 +706,7 @@ impl Node {
             channels.push(room_channel(room));
         }
         for chunk in channels.chunks(1024) {
-            tokio::time::timeout(self.timeout, sink.subscribe(chunk)).await.map_err(|_| timed_out())??;
+            within(self.timeout, sink.subscribe(chunk)).await?;
         }
         *self.sink.borrow_mut() = Some(sink);
         Ok(stream)
@@ -716,18 +736,7 @@ impl Node {
             inv.key(NODES_KEY).arg(&*self.me).arg(FORGET_NODE_MS);
             ClusterCounters::add(&self.counters.redis_commands, 1);
             ClusterCounters::add(&self.counters.redis_round_trips, 1);
-            let r: RedisResult<HeartbeatReply> = match &data {
-                Data::One(c) => {
-                    tokio::time::timeout(self.timeout, inv.invoke_async(&mut c.clone())).await.unwrap_or_else(|_| {
-                        Err(redis::RedisError::from(std::io::Error::new(std::io::ErrorKind::TimedOut, "timed out")))
-                    })
-                }
-                Data::Cluster(c) => {
-                    tokio::time::timeout(self.timeout, inv.invoke_async(&mut c.clone())).await.unwrap_or_else(|_| {
-                        Err(redis::RedisError::from(std::io::Error::new(std::io::ErrorKind::TimedOut, "timed out")))
-                    })
-                }
-            };
+            let r: RedisResult<HeartbeatReply> = within(self.timeout, data.invoke(&inv)).await;
             match r {
                 Ok((now, nodes, prev)) => {
                     let now: u64 = now.parse().unwrap_or(0);
@@ -870,18 +879,21 @@ impl Node {
                 }
                 Record::Kick { user } => {
                     let Some(user) = as_str(&user) else { continue };
-                    delivered += post_each(shared, user, |conn| Command::Close { conn, code: CloseCode::Kicked });
+                    delivered +=
+                        shared.post_to_user(user, |conn| Command::Close { conn, code: CloseCode::Kicked }).0 as u64;
                 }
                 Record::Join { user, room } | Record::Leave { user, room } => {
                     let (Some(user), Some(room)) = (as_str(&user), as_str(&room)) else { continue };
                     let room: Arc<str> = Arc::from(room);
-                    delivered += post_each(shared, user, |conn| {
-                        if join {
-                            Command::Join { conn, room: room.clone() }
-                        } else {
-                            Command::Leave { conn, room: room.clone() }
-                        }
-                    });
+                    delivered += shared
+                        .post_to_user(user, |conn| {
+                            if join {
+                                Command::Join { conn, room: room.clone() }
+                            } else {
+                                Command::Leave { conn, room: room.clone() }
+                            }
+                        })
+                        .0 as u64;
                 }
                 Record::Frame { frame } => {
                     let accepted_ns = shared.since_epoch_ns();
@@ -929,12 +941,6 @@ fn as_str(b: &Bytes) -> Option<&str> {
 
 fn bytes_of(s: &str) -> Bytes {
     Bytes::copy_from_slice(s.as_bytes())
-}
-
-/// Posts `make(conn)` to the worker of each of `user`'s connections here;
-/// returns how many took it.
-fn post_each(shared: &Shared, user: &str, make: impl Fn(ConnId) -> Command) -> u64 {
-    shared.post_to_user(user, make).0 as u64
 }
 
 #[cfg(test)]
