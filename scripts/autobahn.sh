@@ -185,6 +185,7 @@ cat > "$RUN/echo.toml" <<EOF
 [server]
 listen = "127.0.0.1:0"
 workers = 2
+${SWITCHBOARD_TEST_POLLER:+poller = \"$SWITCHBOARD_TEST_POLLER\"}
 
 [timeouts]
 login_timeout_ms = 600000

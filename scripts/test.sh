@@ -107,13 +107,27 @@ cargo check --quiet -p switchboard --no-default-features --lib
 
 cargo test --workspace "$@"
 
+# The other data path (`server.poller`: epoll, or io_uring's multishot
+# receives on a buffer ring): the protocol, WebSocket, interop, hardening,
+# rooms, reliable-delivery, API and metrics tests once more in the mode that
+# is not the default (tests/common picks it up from SWITCHBOARD_TEST_POLLER),
+# and Autobahn below in both. About two minutes. Skipped when arguments
+# select tests.
+DEFAULT_POLLER=io_uring
+OTHER_POLLER=epoll
+if [ $# -eq 0 ]; then
+  SWITCHBOARD_TEST_POLLER=$OTHER_POLLER cargo test -p switchboard --test core --test hardening --test websocket \
+    --test ws_interop --test rooms --test reliable --test api --test admin --test metrics --test directory_churn
+fi
+
 # WebSocket conformance: the Autobahn|Testsuite fuzzingclient (301 cases)
 # against the echo mode of the debug build `cargo test` just built; fails
 # on any FAILED or NON-STRICT case. It installs Python 2.7 and the suite
 # into target/autobahn the first time (about 50 s), then runs in about
 # 90 s. Skipped when arguments select tests, or with SWITCHBOARD_SKIP_AUTOBAHN=1.
 if [ $# -eq 0 ] && [ -z "${SWITCHBOARD_SKIP_AUTOBAHN:-}" ]; then
-  scripts/autobahn.sh
+  SWITCHBOARD_TEST_POLLER=$DEFAULT_POLLER scripts/autobahn.sh
+  SWITCHBOARD_TEST_POLLER=$OTHER_POLLER scripts/autobahn.sh
 fi
 
 # The loom models (tests/loom-models/): every interleaving, within each model's

@@ -100,6 +100,13 @@ impl<T> Mailbox<T> {
         self.notified.rearm();
     }
 
+    /// Worker side: a producer woke (or is waking) the worker since the
+    /// last `begin_drain`. One atomic load: a busy worker's I/O loop checks
+    /// it every turn instead of reading the eventfd.
+    pub fn signalled(&self) -> bool {
+        self.notified.pending()
+    }
+
     /// Worker side: the next command, if any.
     pub fn pop(&self) -> Option<T> {
         self.queue.pop()

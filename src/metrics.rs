@@ -334,6 +334,11 @@ impl Collector for Live {
             "Connections closed because the worker's budget for incomplete frames ran out (CLOSE 1013).",
             total(&|c| get(&c.partial_budget_closes)),
         )?;
+        f.counter(
+            "switchboard_recv_buffers_exhausted",
+            "Receives ended because the worker's io_uring buffer ring was empty (re-armed, no bytes lost).",
+            total(&|c| get(&c.recv_buffers_exhausted)),
+        )?;
         f.counter("switchboard_kicked", "Connections kicked by the application.", total(&|c| get(&c.kicked)))?;
         f.counter(
             "switchboard_ws_handshake_failures",

@@ -104,6 +104,10 @@ counters! {
     /// Connections closed because their worker's budget for incomplete
     /// frames ran out and they had held one longest (1013).
     partial_budget_closes,
+    /// Receives the kernel ended because the worker's buffer ring was empty
+    /// (`server.poller = "io_uring"`); each was armed again once buffers
+    /// were back, with its bytes still in the socket.
+    recv_buffers_exhausted,
 }
 
 /// Per-worker counter blocks, each on its own cache line.

@@ -266,6 +266,13 @@ fn a_cluster_node_exposes_its_cross_node_counters() {
     let before = scrape(admin);
     assert_eq!(h.push_to_user("bob", "across").unwrap().connections, 0, "bob is not on node a");
     assert_eq!(expect_push(&mut bob).2, b"across");
+    // The cluster thread counts a batch after Redis answered its PUBLISH,
+    // which may be after bob already has the message.
+    let sent = || {
+        scrape(admin).sum("switchboard_cluster_batches_sent_total", &[])
+            > before.sum("switchboard_cluster_batches_sent_total", &[])
+    };
+    assert!(wait_until(Duration::from_secs(5), sent), "the batch was never counted");
     let after = scrape(admin);
     let moved = |name: &str| after.sum(name, &[]) - before.sum(name, &[]);
     assert_eq!(moved("switchboard_cluster_records_sent_total"), 1.0);

@@ -6,6 +6,7 @@
 //! Must not: leak monoio types out of this module: it is the only place that
 //! imports monoio.
 
+mod bufring;
 pub(crate) mod inbox;
 mod poller;
 mod shared;

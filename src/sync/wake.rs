@@ -48,6 +48,13 @@ impl WakeFlag {
         !self.notified.swap(true, Ordering::AcqRel)
     }
 
+    /// Consumer side: whether a producer raised the flag since the last
+    /// `rearm` (its signal may not have been seen yet).
+    #[inline]
+    pub(crate) fn pending(&self) -> bool {
+        self.notified.load(Ordering::Acquire)
+    }
+
     /// Consumer side, before it looks for work: the next raise signals
     /// again. A swap, not a store (see the module doc).
     #[inline]

@@ -36,7 +36,20 @@ pub fn config() -> Config {
     // lives in one directory that two servers cannot share
     // (tests/reliable.rs and tests/reliable_crash.rs test it).
     c.store.kind = switchboard::config::StoreKind::Memory;
+    c.server.poller = poller();
     c
+}
+
+/// The data path the tests run on: the server's default, or the mode named
+/// by `SWITCHBOARD_TEST_POLLER` (`epoll` or `io_uring`): scripts/test.sh
+/// runs the protocol tests once more in the mode that is not the default.
+pub fn poller() -> switchboard::config::PollerKind {
+    match std::env::var("SWITCHBOARD_TEST_POLLER").as_deref() {
+        Ok("epoll") => switchboard::config::PollerKind::Epoll,
+        Ok("io_uring") => switchboard::config::PollerKind::IoUring,
+        Ok(other) => panic!("SWITCHBOARD_TEST_POLLER={other}: expected epoll or io_uring"),
+        Err(_) => Config::default().server.poller,
+    }
 }
 
 /// A hung test must fail CI, not stall it until the job is killed: the

@@ -26,6 +26,7 @@ use std::cell::{Cell, RefCell};
 use std::future::Future;
 use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::pin::Pin;
+use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -34,7 +35,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use slab::Slab;
 
-use super::poller::{untoken, Poller, Ready};
+use super::bufring::BufRing;
+use super::poller::{token, untoken, Poller, Ready};
 use super::shared::Handle;
 use super::shared::{Command, Shared};
 use super::sys::{self, Recv};
@@ -121,9 +123,14 @@ pub(crate) struct Worker {
     /// Snapshot of the members a fan-out writes to (reused).
     fanout: RefCell<Vec<Member>>,
     /// Connections that stopped reading at `MAX_READS_PER_WAKE` with data
-    /// possibly left: an edge-triggered poller will not report it again,
-    /// so the I/O loop comes back to them.
+    /// possibly left (epoll), so the I/O loop comes back to them.
     read_again: RefCell<Vec<(u32, u32)>>,
+    /// The buffer ring receives land in (io_uring poller; `bufring.rs`).
+    bufs: Option<Rc<BufRing>>,
+    /// Connections whose receive the kernel ended because the buffer ring
+    /// was empty: armed again at the end of the turn, once this turn's
+    /// buffers are back. Their bytes wait in the socket meanwhile.
+    starved: RefCell<Vec<(u32, u32)>>,
     next_generation: Cell<u32>,
     next_msg: Cell<u64>,
     now: Cell<Tick>,
@@ -460,6 +467,8 @@ impl Worker {
                 shared.store.get().is_some(),
             ),
             conns: RefCell::new(Slab::with_capacity(shared.max_conns_per_worker)),
+            bufs: poller.buffers(),
+            starved: RefCell::new(Vec::new()),
             out: Writer::new(id, shared.clone(), poller),
             wheel: RefCell::new(Wheel::new(now)),
             scratch: RefCell::new(vec![0u8; SCRATCH_BYTES].into_boxed_slice()),
@@ -725,30 +734,22 @@ impl Worker {
 
     // ---- readiness ----------------------------------------------------------
 
-    /// One readiness event from the poller.
+    /// One event from the poller.
     fn on_ready(&self, tok: u64, ready: Ready) {
-        if let Ready::Mailbox { rearm } = ready {
-            if rearm {
-                self.out.poller.borrow_mut().watch_mailbox(self.shared.mailboxes[self.id.0 as usize].eventfd());
-            }
-            self.mailbox_ready.set(true);
-            if let Some(waker) = self.mailbox_waker.take() {
-                waker.wake();
-            }
-            return;
+        if let Ready::Mailbox = ready {
+            return self.wake_mailbox();
         }
         let (slot, generation, _) = untoken(tok);
+        if let Ready::Recv { res, flags, more } = ready {
+            return self.on_recv(slot, generation, res, flags, more);
+        }
         let fd = match self.conns.borrow().get(slot as usize) {
             Some(s) if s.generation == generation => s.fd,
             _ => return, // stale: the connection is gone
         };
         match ready {
-            Ready::Read { rearm } => {
-                if self.on_readable(slot, generation, fd) {
-                    if rearm {
-                        self.out.poller.borrow_mut().rearm_read(fd, tok);
-                    }
-                } else {
+            Ready::Read => {
+                if !self.on_readable(slot, generation, fd) {
                     self.release(slot, generation);
                 }
             }
@@ -757,7 +758,98 @@ impl Worker {
                     self.out.poller.borrow_mut().want_write(fd, tok);
                 }
             }
-            Ready::Mailbox { .. } => unreachable!("handled above"),
+            Ready::Recv { .. } | Ready::Mailbox => unreachable!("handled above"),
+        }
+    }
+
+    /// Wakes the mailbox loop: the mailbox's eventfd fired (epoll), or its
+    /// flag is up (io_uring, checked by the I/O loop every turn).
+    pub(super) fn wake_mailbox(&self) {
+        self.mailbox_ready.set(true);
+        if let Some(waker) = self.mailbox_waker.take() {
+            waker.wake();
+        }
+    }
+
+    /// io_uring: wakes the mailbox loop if it sleeps while its mailbox's
+    /// flag is up. Returns whether it did. (A mailbox loop that is not
+    /// asleep re-arms the flag and looks at its queue by itself.)
+    pub(super) fn poke_mailbox(&self) -> bool {
+        if !self.shared.mailboxes[self.id.0 as usize].signalled() {
+            return false;
+        }
+        match self.mailbox_waker.take() {
+            Some(waker) => {
+                self.mailbox_ready.set(true);
+                waker.wake();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// One completion of a connection's multishot receive (io_uring): its
+    /// bytes, straight from the buffer ring into the connection's machine,
+    /// then the buffer goes back (a connection keeps only what an
+    /// incomplete frame needs, copied, as with the scratch buffer). The
+    /// replies are flushed once per I/O-loop turn, with every other
+    /// completion's.
+    fn on_recv(&self, slot: u32, generation: u32, res: i32, flags: u32, more: bool) {
+        let bufs = self.bufs.as_ref().expect("receives complete only on the io_uring poller");
+        // SAFETY: one completion, taken once; the slice is not used after
+        // `done`.
+        let taken = if res > 0 { unsafe { bufs.take(flags, res as usize) } } else { None };
+        let fd = match self.conns.borrow().get(slot as usize) {
+            Some(s) if s.generation == generation => Some(s.fd),
+            _ => None,
+        };
+        let Some(fd) = fd else {
+            // Stale (released, its receive cancelled): only the buffer
+            // matters.
+            if let Some((bid, _)) = taken {
+                bufs.done(bid, flags, res as usize);
+            }
+            return;
+        };
+        let open = match (res, taken) {
+            (n, Some((bid, data))) => {
+                bump(&self.counters().detail.bytes_in, n as u64);
+                let now = self.now.get();
+                let fed = self.with_conn(slot, generation, true, |c, io| c.on_read(data, now, &self.rules, io));
+                bufs.done(bid, flags, n as usize);
+                self.enforce_held_budget();
+                fed.is_some()
+            }
+            (0, None) => false,
+            (e, None) if e == -libc::ENOBUFS => {
+                // The kernel ended the receive: every buffer was taken
+                // between two turns. Nothing was read, nothing is lost.
+                bump(&self.counters().recv_buffers_exhausted, 1);
+                self.starved.borrow_mut().push((slot, generation));
+                return;
+            }
+            (e, None) => {
+                tracing::trace!(worker = self.id.0, slot, "receive failed: errno {}", -e);
+                false
+            }
+        };
+        if !open {
+            self.release(slot, generation);
+        } else if !more {
+            self.out.poller.borrow_mut().rearm_read(fd, token(slot, generation));
+        }
+    }
+
+    /// Arms again the receives the kernel ended on an empty buffer ring,
+    /// now that this turn's buffers are back.
+    pub(super) fn rearm_starved(&self) {
+        let starved = std::mem::take(&mut *self.starved.borrow_mut());
+        for (slot, generation) in starved {
+            let fd = match self.conns.borrow().get(slot as usize) {
+                Some(s) if s.generation == generation => s.fd,
+                _ => continue,
+            };
+            self.out.poller.borrow_mut().rearm_read(fd, token(slot, generation));
         }
     }
 

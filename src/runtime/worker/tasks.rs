@@ -77,11 +77,17 @@ fn pollable(fd: RawFd) -> std::io::Result<UnixStream> {
 /// Waits on the poller's descriptor and handles every ready connection.
 async fn io_loop(w: Rc<Worker>, ready_fd: UnixStream) {
     let mut events = Vec::with_capacity(IO_BATCH);
+    // io_uring: the mailbox's wakes arrive only as its flag (see
+    // `Poller::watch_mailbox`), looked at once per turn.
+    let flagged = !w.out.poller.borrow().reports_mailbox();
     loop {
+        if flagged {
+            w.poke_mailbox();
+        }
         // Connections cut short by the per-wake read limit come first.
         let again = std::mem::take(&mut *w.read_again.borrow_mut());
         for (slot, generation) in again {
-            w.on_ready(token(slot, generation), Ready::Read { rearm: false });
+            w.on_ready(token(slot, generation), Ready::Read);
         }
         w.out.poller.borrow_mut().reap(&mut events, IO_BATCH);
         if events.is_empty() {
@@ -94,6 +100,12 @@ async fn io_loop(w: Rc<Worker>, ready_fd: UnixStream) {
                 continue;
             }
             w.out.poller.borrow_mut().flush();
+            // After `idle` cleared the eventfd: a flag raised before that is
+            // seen here, one raised after it writes the eventfd again.
+            if !w.out.poller.borrow_mut().idle() || (flagged && w.poke_mailbox()) {
+                YieldNow(false).await;
+                continue;
+            }
             if ready_fd.readable(false).await.is_err() {
                 return;
             }
@@ -102,6 +114,7 @@ async fn io_loop(w: Rc<Worker>, ready_fd: UnixStream) {
         for (tok, ready) in events.drain(..) {
             w.on_ready(tok, ready);
         }
+        w.rearm_starved();
         w.out.flush_dirty();
         w.out.poller.borrow_mut().flush();
         // Every turn gives the other tasks (mailbox, timers, accepts) their
@@ -320,7 +333,8 @@ pub(crate) async fn run(
     };
     let poller = match (driver, shared.config.server.poller) {
         (crate::runtime::DriverKind::IoUring, crate::config::PollerKind::IoUring) => {
-            Poller::uring(shared.config.uring.sq_entries, shared.config.uring.cq_entries)
+            let u = &shared.config.uring;
+            Poller::uring(u.sq_entries, u.cq_entries, u.recv_buffers, u.recv_buffer_bytes)
         }
         _ => Poller::epoll(),
     };
@@ -329,7 +343,17 @@ pub(crate) async fn run(
         Err(e) => return ready(Err(format!("cannot create the connection poller: {e}"))),
     };
     let mut poller = poller;
-    poller.watch_mailbox(shared.mailboxes[id.0 as usize].eventfd());
+    if let Some(b) = poller.buffers() {
+        tracing::debug!(
+            worker = id.0,
+            bytes = b.bytes(),
+            incremental = b.incremental(),
+            "multishot receives on a provided buffer ring"
+        );
+    }
+    if let Err(e) = poller.watch_mailbox(shared.mailboxes[id.0 as usize].eventfd()) {
+        return ready(Err(format!("cannot register the mailbox eventfd on the connection ring: {e}")));
+    }
     poller.flush();
     let poller_ready = match pollable(poller.fd()) {
         Ok(s) => s,

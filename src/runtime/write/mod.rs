@@ -291,10 +291,9 @@ impl Writer {
         }
         // Requests for this connection are void (see `OutState::reset`).
         g.reset();
-        self.poller.borrow_mut().forget(fd, token(slot, generation));
-        // SAFETY: the connection owned `fd` since its accept; its slot no
-        // longer names it (generation 0), so nothing uses it again.
-        unsafe { sys::close(fd) };
+        // The connection owned `fd` since its accept; its slot no longer
+        // names it (generation 0), so nothing uses it again.
+        self.poller.borrow_mut().close(fd, token(slot, generation));
     }
 
     // ---- deliveries ---------------------------------------------------------------
