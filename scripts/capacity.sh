@@ -5,7 +5,7 @@
 # loaders, and writes target/capacity/report.json, report.md, memory.svg and
 # latency.svg.
 #
-#   scripts/capacity.sh [--quick]  # quick mode (the default): 4,000 connections (2,000 over WebSocket), 5-6 minutes
+#   scripts/capacity.sh [--quick]  # quick mode (the default): 4,000 connections (2,000 over WebSocket), 5-6 minutes + under 3 for the second data path
 #   scripts/capacity.sh --full     # 19,000 connections (this host's file limit), 15,000 over WebSocket
 #   scripts/capacity.sh --no-peers # Switchboard and the ceiling only (no tokio, no nchan)
 #   scripts/capacity.sh --no-nchan # everything but nginx + nchan
@@ -13,6 +13,7 @@
 #                                  # only Switchboard over WebSocket next to nginx + nchan
 #   --out DIR                      # where the report goes (default target/capacity)
 #   --socket-buffers BYTES         # socket.rcvbuf_bytes = sndbuf_bytes for every Switchboard server (0 = the kernel's)
+#   --pollers epoll,io_uring       # data paths (server.poller) side by side (the default); one mode: the whole run on it
 #   --switchboard BIN, --tokio BIN # other binaries to measure (default: the release builds)
 #   --help                         # this text (before building anything)
 #
@@ -43,10 +44,10 @@ for ((i = 0; i < ${#args[@]}; i++)); do
   case "${args[i]}" in
     -h|--help) usage; exit 0 ;;
     --quick|--full|--no-peers|--no-nchan|--ws-only) ;;
-    --ws-connections|--out|--switchboard|--tokio|--socket-buffers)
+    --ws-connections|--out|--switchboard|--tokio|--socket-buffers|--pollers)
       if ((i + 1 >= ${#args[@]})); then echo "capacity.sh: ${args[i]} needs a value" >&2; exit 2; fi
       i=$((i + 1)) ;;
-    --ws-connections=*|--out=*|--switchboard=*|--tokio=*|--socket-buffers=*) ;;
+    --ws-connections=*|--out=*|--switchboard=*|--tokio=*|--socket-buffers=*|--pollers=*) ;;
     *) echo "capacity.sh: unknown option ${args[i]} (--help lists them)" >&2; exit 2 ;;
   esac
 done

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
 use serde::Serialize;
+use switchboard::config::PollerKind;
 use switchboard_bench::loadgen::loader::{self, Transport};
 use switchboard_bench::loadgen::{percentiles, Fleet, FleetSpec, Latency, ProcStat};
 
@@ -108,7 +109,8 @@ enum Cmd {
     Capacity {
         /// Full mode: the largest honest run (19,000 connections in the
         /// server process; 15,000 over WebSocket). Default: quick mode
-        /// (4,000; 2,000 over WebSocket; 400,000 churn cycles; 5-6 minutes).
+        /// (4,000; 2,000 over WebSocket; 400,000 churn cycles; 5-6 minutes,
+        /// and under 3 more for the second data path, see `--pollers`).
         #[arg(long, conflicts_with = "quick")]
         full: bool,
         /// Quick mode, the default (accepted so scripts can say so).
@@ -143,6 +145,14 @@ enum Cmd {
         /// kernel). The report notes it.
         #[arg(long)]
         socket_buffers: Option<usize>,
+        /// Data paths for client sockets (`server.poller`) to run the raw
+        /// TCP scenarios on, comma-separated (default: epoll,io_uring). The
+        /// main pass runs on the server's default if listed; every other
+        /// mode adds a pass of idle, unicast, fan-out, heartbeats and churn,
+        /// side by side in the report's data-path section. One mode: the
+        /// whole run on it, no comparison.
+        #[arg(long, value_delimiter = ',', value_parser = parse_poller)]
+        pollers: Vec<PollerKind>,
     },
     /// Connections that never log in, each holding an unfinished frame (raw
     /// TCP) or fragmented message (`--ws`): the server's memory growth per
@@ -484,6 +494,12 @@ struct CapacityArgs {
     ws_only: bool,
     ws_connections: Option<u32>,
     socket_buffers: Option<usize>,
+    pollers: Vec<PollerKind>,
+}
+
+/// A `server.poller` value, spelt as in the config.
+fn parse_poller(s: &str) -> Result<PollerKind, String> {
+    serde_json::from_value(s.into()).map_err(|_| format!("{s:?}: not a data path (epoll or io_uring)"))
 }
 
 /// The switchboard binary: `given`, or the one next to this executable.
@@ -559,7 +575,18 @@ fn run_cluster(full: bool, redis_cluster: bool, switchboard: Option<PathBuf>, ou
 }
 
 fn run_capacity(a: CapacityArgs) -> Result<(), String> {
-    let CapacityArgs { full, out, switchboard, tokio, no_peers, no_nchan, ws_only, ws_connections, socket_buffers } = a;
+    let CapacityArgs {
+        full,
+        out,
+        switchboard,
+        tokio,
+        no_peers,
+        no_nchan,
+        ws_only,
+        ws_connections,
+        socket_buffers,
+        pollers,
+    } = a;
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let dir = exe.parent().ok_or("no directory for this executable")?.to_path_buf();
     let sb = switchboard_bin(switchboard)?;
@@ -578,6 +605,9 @@ fn run_capacity(a: CapacityArgs) -> Result<(), String> {
     let mut plan = if full { capacity::Plan::full() } else { capacity::Plan::quick() };
     plan.ws_only = ws_only;
     plan.socket_buffers = socket_buffers;
+    if !pollers.is_empty() {
+        plan.pollers = pollers;
+    }
     if let Some(n) = ws_connections {
         plan.ws_connections = n;
     }
@@ -621,6 +651,7 @@ fn main() {
             ws_only,
             ws_connections,
             socket_buffers,
+            pollers,
         } => run_capacity(CapacityArgs {
             full,
             out,
@@ -631,6 +662,7 @@ fn main() {
             ws_only,
             ws_connections,
             socket_buffers,
+            pollers,
         }),
         Cmd::Churn { cycles, warmup, users, threads, sample_every, workers, switchboard, out, json } => {
             let plan = capacity::churn::ChurnPlan {

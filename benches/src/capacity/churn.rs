@@ -74,8 +74,13 @@ pub struct ChurnPlan {
     pub workers: usize,
     /// First source address: thread k binds 127.0.0.<src_base + k>.
     pub src_base: u8,
-    /// Appended to the server's config (TOML tables).
+    /// The server's config after its `[server]` keys: more of them, then
+    /// tables (`ServerProc::config` in scenarios.rs).
     pub server_config: String,
+    /// Names the server's config, log and store files in `out`
+    /// (`switchboard-<tag>.toml`): the capacity report runs churn once per
+    /// data path.
+    pub tag: String,
 }
 
 impl ChurnPlan {
@@ -89,6 +94,7 @@ impl ChurnPlan {
             workers: 2,
             src_base: 200,
             server_config: String::new(),
+            tag: "churn".into(),
         }
     }
 
@@ -320,7 +326,7 @@ pub fn run(bin: &Path, out: &Path, plan: &ChurnPlan) -> Result<Churn, String> {
     if plan.threads == 0 || plan.cycles == 0 {
         return Err("churn needs at least one thread and one cycle".into());
     }
-    let s = ServerProc::switchboard(bin, out, "churn", plan.workers, Delivery::AtMostOnce, &plan.server_config)?;
+    let s = ServerProc::switchboard(bin, out, &plan.tag, plan.workers, Delivery::AtMostOnce, &plan.server_config)?;
     let pid = s.pid();
     let jwt = JwtHs256::new(switchboard::config::DEV_JWT_SECRET);
     let rss = || ProcStat::rss_bytes(pid).ok_or_else(|| "cannot read the server's RSS".to_string());

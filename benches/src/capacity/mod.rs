@@ -16,13 +16,15 @@
 //! single messages, a sustained rate above the ceiling), broadcast,
 //! heartbeats (server PINGs answered by every connection), and login/logout
 //! churn (churn.rs: server RSS over many connect → LOGIN → disconnect
-//! cycles); reliable delivery (reliable.rs: the unicast ladder with every
-//! message stored, fsync and os durability, device receivers that ACK; one
-//! device catching up on a backlog; idle memory with and without the
-//! store); the backend API (api.rs); three nodes on one Redis (cluster.rs:
-//! same-node vs cross-node unicast, Redis round trips per message, room
-//! fan-out across nodes; skipped with a note when redis-server is not
-//! installed); then WebSocket (ws.rs): idle memory, room fan-out and
+//! cycles); the same five (idle, unicast, fan-out, heartbeats, churn) on
+//! the other data path for client sockets (`server.poller`, `--pollers`),
+//! side by side with the main pass's; reliable delivery (reliable.rs: the
+//! unicast ladder with every message stored, fsync and os durability,
+//! device receivers that ACK; one device catching up on a backlog; idle
+//! memory with and without the store); the backend API (api.rs); three
+//! nodes on one Redis (cluster.rs: same-node vs cross-node unicast, Redis
+//! round trips per message, room fan-out across nodes; skipped with a note
+//! when redis-server is not installed); then WebSocket (ws.rs): idle memory, room fan-out and
 //! publish→deliver latency over Switchboard's WebSocket port, next to
 //! nginx + nchan.
 //!
@@ -46,6 +48,8 @@ mod scenarios;
 mod ws;
 
 use std::path::Path;
+
+use switchboard::config::PollerKind;
 
 pub use report::Report;
 pub use scenarios::Runner;
@@ -90,15 +94,57 @@ pub struct Plan {
     /// The cluster scenario's nodes share a Redis Cluster of three masters
     /// instead of one redis-server.
     pub redis_cluster: bool,
+    /// The data paths (`server.poller`) whose raw TCP scenarios the report
+    /// puts side by side (`--pollers`). The main pass, every scenario, runs
+    /// on [`Plan::main_poller`]; each other mode listed adds a pass of idle,
+    /// unicast, fan-out, heartbeats and churn. One mode: no comparison,
+    /// everything on it.
+    pub pollers: Vec<PollerKind>,
+    /// `server.poller` of every Switchboard server the pass in progress
+    /// starts; none = the server's own default (the `api` and `cluster`
+    /// commands, which run outside a capacity pass).
+    pub poller: Option<PollerKind>,
 }
 
+/// Both data paths, in the order their columns appear.
+pub const ALL_POLLERS: [PollerKind; 2] = [PollerKind::Epoll, PollerKind::IoUring];
+
 impl Plan {
-    /// What a Switchboard server's config adds for this plan, then `extra`.
+    /// What a Switchboard server's config adds for this plan, then `extra`
+    /// (more tables). It follows the `[server]` table's own keys
+    /// (`ServerProc::switchboard` in scenarios.rs), so it opens with the
+    /// server key of the pass in progress (`poller`), then the tables.
     pub fn server_config(&self, extra: &str) -> String {
+        let poller = match self.poller {
+            Some(p) => format!("poller = \"{}\"\n", report::poller_name(p)),
+            None => String::new(),
+        };
         match self.socket_buffers {
-            Some(b) => format!("\n[socket]\nrcvbuf_bytes = {b}\nsndbuf_bytes = {b}\n{extra}"),
-            None => extra.to_string(),
+            Some(b) => format!("{poller}\n[socket]\nrcvbuf_bytes = {b}\nsndbuf_bytes = {b}\n{extra}"),
+            None => format!("{poller}{extra}"),
         }
+    }
+
+    /// The mode of the main pass: the server's default if selected (so the
+    /// report's main figures are the default's), else the first selected.
+    pub fn main_poller(&self) -> PollerKind {
+        let default = switchboard::config::Config::default().server.poller;
+        match self.pollers.first() {
+            Some(&first) if !self.pollers.contains(&default) => first,
+            _ => default,
+        }
+    }
+
+    /// The selected modes other than [`Plan::main_poller`], each once.
+    pub fn other_pollers(&self) -> Vec<PollerKind> {
+        let main = self.main_poller();
+        let mut v: Vec<PollerKind> = Vec::new();
+        for &p in &self.pollers {
+            if p != main && !v.contains(&p) {
+                v.push(p);
+            }
+        }
+        v
     }
 
     pub fn quick() -> Plan {
@@ -131,6 +177,8 @@ impl Plan {
             catch_up_messages: 10_000,
             cluster_rates: vec![5_000, 7_500, 10_000, 12_500, 15_000, 17_500, 20_000, 25_000, 30_000, 40_000],
             redis_cluster: false,
+            pollers: ALL_POLLERS.to_vec(),
+            poller: None,
         }
     }
 
@@ -158,6 +206,8 @@ impl Plan {
             catch_up_messages: 10_000,
             cluster_rates: (1..=16).map(|k| k * 5_000).collect(),
             redis_cluster: false,
+            pollers: ALL_POLLERS.to_vec(),
+            poller: None,
         }
     }
 }
@@ -207,5 +257,47 @@ mod tests {
         assert_eq!(c, "\n[socket]\nrcvbuf_bytes = 4096\nsndbuf_bytes = 4096\n\n[timeouts]\ntick_ms = 50\n");
         let cfg = switchboard::Config::from_toml(&format!("[server]\nlisten = \"127.0.0.1:1\"\n{c}")).unwrap();
         assert_eq!((cfg.socket.rcvbuf_bytes, cfg.socket.sndbuf_bytes), (4096, 4096));
+    }
+
+    #[test]
+    fn the_pass_poller_goes_into_the_server_table_of_the_config_a_server_reads() {
+        use super::scenarios::ServerProc;
+        let mut p = Plan::quick();
+        p.socket_buffers = Some(4096);
+        let dir = Path::new("store");
+        let read = |p: &Plan| {
+            let text = ServerProc::config(
+                (1, 2, 3),
+                2,
+                &Delivery::AtMostOnce.toml(dir),
+                &p.server_config("\n[timeouts]\ntick_ms = 50\n"),
+            );
+            switchboard::Config::from_toml(&text).unwrap_or_else(|e| panic!("{e}:\n{text}"))
+        };
+        let default = switchboard::config::Config::default().server.poller;
+        assert_eq!(read(&p).server.poller, default, "no pass: the server's default, not written");
+        for kind in ALL_POLLERS {
+            p.poller = Some(kind);
+            let c = read(&p);
+            assert_eq!(c.server.poller, kind);
+            assert_eq!((c.server.listen.as_str(), c.server.workers), ("127.0.0.1:1", 2));
+            assert_eq!((c.socket.rcvbuf_bytes, c.timeouts.tick_ms), (4096, 50), "the tables after it kept");
+            assert_eq!((c.admin.listen.as_str(), c.websocket.listen.as_str()), ("127.0.0.1:2", "127.0.0.1:3"));
+            assert_eq!(c.store.path, dir);
+        }
+    }
+
+    #[test]
+    fn the_main_pass_runs_on_the_default_poller_when_selected_and_each_other_once() {
+        let default = switchboard::config::Config::default().server.poller;
+        let other = ALL_POLLERS.into_iter().find(|&k| k != default).unwrap();
+        let mut p = Plan::quick();
+        assert_eq!((p.main_poller(), p.other_pollers()), (default, vec![other]), "both by default");
+        p.pollers = vec![other, default, other];
+        assert_eq!((p.main_poller(), p.other_pollers()), (default, vec![other]));
+        p.pollers = vec![other];
+        assert_eq!((p.main_poller(), p.other_pollers()), (other, vec![]), "one mode: everything on it");
+        p.pollers = vec![default];
+        assert_eq!((p.main_poller(), p.other_pollers()), (default, vec![]));
     }
 }

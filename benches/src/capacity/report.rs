@@ -16,6 +16,7 @@
 use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};
+use switchboard::config::PollerKind;
 
 /// The command that installs the nchan peer (Debian, Ubuntu).
 pub const NCHAN_INSTALL: &str = "apt-get install -y nginx libnginx-mod-nchan";
@@ -141,6 +142,11 @@ pub struct TcpReport {
     /// it existed, or when redis-server is not installed (a note says so).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster: Option<ClusterBench>,
+    /// The raw TCP scenarios on each data path (`server.poller`), side by
+    /// side; absent from reports made before it existed, and when
+    /// `--pollers` selected a single mode.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_path: Option<DataPath>,
 }
 
 /// Issue 14's targets: cross-node unicast's best sustainable rate at least
@@ -1444,6 +1450,569 @@ impl Reliable {
     }
 }
 
+/// The data-path targets, io_uring against epoll in the same run: system
+/// CPU per relayed unicast message at the same offered rate at most this
+/// share of epoll's (at least 20% below) ...
+pub const DATA_PATH_SYS_SHARE: f64 = 0.80;
+/// ... sustained fan-out deliveries/s at least this share of epoll's
+/// (judged on the offered rate of each mode's best complete run: both
+/// modes are offered the same ladder, and a complete run delivers all it
+/// was offered) ...
+pub const DATA_PATH_FANOUT_SHARE: f64 = 1.0;
+/// ... and memory per idle connection (user + kernel) at most this share
+/// of epoll's.
+pub const DATA_PATH_IDLE_SHARE: f64 = 1.05;
+
+/// A `server.poller` value as the config spells it.
+pub fn poller_name(p: PollerKind) -> &'static str {
+    match p {
+        PollerKind::Epoll => "epoll",
+        PollerKind::IoUring => "io_uring",
+    }
+}
+
+/// One data path (`server.poller`) through the raw TCP scenarios.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DataPathMode {
+    pub poller: PollerKind,
+    /// Measured by the report's main pass: these are the figures at the top
+    /// of the report, repeated here, not a second measurement. Otherwise a
+    /// pass of its own: the same plan against fresh servers.
+    pub main_pass: bool,
+    pub idle: Idle,
+    pub unicast: Unicast,
+    pub fanout: Fanout,
+    pub heartbeat: Heartbeat,
+    pub churn: Churn,
+}
+
+impl DataPathMode {
+    /// Server bytes per idle connection, user space plus the kernel's upper
+    /// bound.
+    pub fn idle_bytes_per_conn(&self) -> Option<f64> {
+        self.idle.server_user_bytes_per_conn.zip(self.idle.server_kernel_bytes_per_conn).map(|(u, k)| u + k)
+    }
+
+    /// Deliveries/s measured in the best complete sustained fan-out run:
+    /// everything it was offered over the window up to its last delivery.
+    pub fn fanout_deliveries_per_s(&self) -> Option<f64> {
+        self.fanout.sustained.as_ref().map(|r| r.deliveries_per_s)
+    }
+
+    /// Deliveries/s offered in that run (publishes/s times members; the
+    /// same rate for both modes on the same ladder, whole deliveries).
+    pub fn fanout_offered_per_s(&self) -> Option<f64> {
+        self.fanout.sustained.as_ref().map(|r| (r.publish_rate_per_s * self.fanout.members as f64).round())
+    }
+
+    /// Every sustained rate offered reached every member: the ladder ended
+    /// before this mode's limit.
+    pub fn fanout_ladder_topped(&self) -> bool {
+        !self.fanout.sustained_runs.is_empty() && self.fanout.sustained_runs.iter().all(|r| r.complete)
+    }
+}
+
+/// Both modes at one offered unicast rate: the highest rate of the ladder
+/// that both kept up with ([`UnicastStep::keeps_up`]). The ladders offer
+/// the same rates, so this is a step each of them ran, not a rerun.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SameRate {
+    pub offered_per_s: u64,
+    pub epoll: UnicastStep,
+    pub io_uring: UnicastStep,
+}
+
+impl SameRate {
+    /// The highest offered rate with a step kept up with in both ladders.
+    pub fn of(epoll: &Unicast, io_uring: &Unicast) -> Option<SameRate> {
+        epoll
+            .steps
+            .iter()
+            .filter(|a| a.keeps_up())
+            .filter_map(|a| {
+                let b = io_uring.steps.iter().find(|b| b.offered_per_s == a.offered_per_s && b.keeps_up())?;
+                Some(SameRate { offered_per_s: a.offered_per_s, epoll: a.clone(), io_uring: b.clone() })
+            })
+            .max_by_key(|s| s.offered_per_s)
+    }
+}
+
+/// io_uring / epoll.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DataPathRatios {
+    pub idle_bytes_per_conn: Option<f64>,
+    pub connect_rate_per_s: Option<f64>,
+    pub unicast_max_msgs_per_s: Option<f64>,
+    pub unicast_sys_ns_per_msg_at_same_rate: Option<f64>,
+    pub unicast_user_ns_per_msg_at_same_rate: Option<f64>,
+    pub unicast_p99_at_same_rate: Option<f64>,
+    /// Offered deliveries/s of each mode's best complete run (the target's
+    /// figure) ...
+    pub fanout_sustained_offered_per_s: Option<f64>,
+    /// ... and what that run measured (same deliveries when both completed
+    /// the same rate: then this is the ratio of how long the last ones took).
+    pub fanout_sustained_deliveries_per_s: Option<f64>,
+    pub fanout_single_p50: Option<f64>,
+    /// Server CPU per heartbeat, user + system.
+    pub heartbeat_cpu_ns_each: Option<f64>,
+    pub churn_cycles_per_s: Option<f64>,
+}
+
+/// Which side of its limit a ratio must be on.
+#[derive(Copy, Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Bound {
+    AtMost(f64),
+    AtLeast(f64),
+}
+
+impl Bound {
+    fn holds(self, r: f64) -> bool {
+        match self {
+            Bound::AtMost(l) => r <= l,
+            Bound::AtLeast(l) => r >= l,
+        }
+    }
+
+    fn label(self) -> String {
+        match self {
+            Bound::AtMost(l) => format!("≤ {l:.2}"),
+            Bound::AtLeast(l) => format!("≥ {l:.2}"),
+        }
+    }
+}
+
+/// One target on an io_uring / epoll ratio.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Target {
+    pub ratio: Option<f64>,
+    pub bound: Bound,
+    /// None: a figure it needs was not measured.
+    pub met: Option<bool>,
+}
+
+impl Target {
+    pub fn judge(ratio: Option<f64>, bound: Bound) -> Target {
+        Target { ratio, bound, met: ratio.map(|r| bound.holds(r)) }
+    }
+
+    /// `≤ 0.80 (met)`, `≥ 1.00 (missed)`, `≤ 1.05 (not measured)`.
+    pub fn cell(&self) -> String {
+        let v = match self.met {
+            Some(true) => "met",
+            Some(false) => "missed",
+            None => "not measured",
+        };
+        format!("{} ({v})", self.bound.label())
+    }
+}
+
+/// The data-path targets.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DataPathTargets {
+    /// [`DATA_PATH_SYS_SHARE`], at [`SameRate`].
+    pub sys_ns_per_msg_at_same_rate: Target,
+    /// [`DATA_PATH_FANOUT_SHARE`], on the offered deliveries/s of each
+    /// mode's best complete run.
+    pub fanout_deliveries_per_s: Target,
+    /// [`DATA_PATH_IDLE_SHARE`].
+    pub idle_bytes_per_conn: Target,
+}
+
+/// The raw TCP scenarios (idle, unicast, fan-out, heartbeats, churn) on
+/// each data path, in one run: epoll and io_uring readiness for client
+/// sockets (`server.poller`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DataPath {
+    pub question: String,
+    pub method: String,
+    /// The mode of the report's main pass (the figures at the top).
+    pub main_poller: PollerKind,
+    /// None: not selected, or its pass failed (`not_measured` says why).
+    pub epoll: Option<DataPathMode>,
+    pub io_uring: Option<DataPathMode>,
+    /// Selected modes without figures, each with the error that stopped its
+    /// pass.
+    pub not_measured: Vec<String>,
+    pub same_rate: Option<SameRate>,
+    pub ratios_io_uring_over_epoll: DataPathRatios,
+    pub targets: DataPathTargets,
+    /// What the passes beyond the main one took (s): the time the
+    /// comparison adds to the run.
+    pub added_s: f64,
+}
+
+impl DataPath {
+    /// The figures of each mode, their ratios and the targets' verdicts.
+    pub fn judge(
+        main_poller: PollerKind,
+        epoll: Option<DataPathMode>,
+        io_uring: Option<DataPathMode>,
+        not_measured: Vec<String>,
+        method: String,
+        added_s: f64,
+    ) -> DataPath {
+        let (e, u) = (epoll.as_ref(), io_uring.as_ref());
+        let same_rate = e.zip(u).and_then(|(e, u)| SameRate::of(&e.unicast, &u.unicast));
+        let both = |g: &dyn Fn(&DataPathMode) -> Option<f64>| ratio(u.and_then(g), e.and_then(g));
+        let at_same = |g: fn(&UnicastStep) -> f64| {
+            same_rate.as_ref().and_then(|s| ratio(Some(g(&s.io_uring)), Some(g(&s.epoll))))
+        };
+        let ratios = DataPathRatios {
+            idle_bytes_per_conn: both(&|m| m.idle_bytes_per_conn()),
+            connect_rate_per_s: both(&|m| Some(m.idle.connect_rate_per_s)),
+            unicast_max_msgs_per_s: both(&|m| Some(m.unicast.max.msgs_per_s)),
+            unicast_sys_ns_per_msg_at_same_rate: at_same(|s| s.server_sys_ns_per_msg),
+            unicast_user_ns_per_msg_at_same_rate: at_same(|s| s.server_user_ns_per_msg),
+            unicast_p99_at_same_rate: at_same(|s| s.p99_us as f64),
+            fanout_sustained_offered_per_s: both(&|m| m.fanout_offered_per_s()),
+            fanout_sustained_deliveries_per_s: both(&|m| m.fanout_deliveries_per_s()),
+            fanout_single_p50: both(&|m| m.fanout.single.p50_ms),
+            heartbeat_cpu_ns_each: both(&|m| Some(m.heartbeat.server_user_ns_each + m.heartbeat.server_sys_ns_each)),
+            churn_cycles_per_s: both(&|m| Some(m.churn.cycles_per_s)),
+        };
+        let targets = DataPathTargets {
+            sys_ns_per_msg_at_same_rate: Target::judge(
+                ratios.unicast_sys_ns_per_msg_at_same_rate,
+                Bound::AtMost(DATA_PATH_SYS_SHARE),
+            ),
+            fanout_deliveries_per_s: Target {
+                ratio: ratios.fanout_sustained_offered_per_s,
+                bound: Bound::AtLeast(DATA_PATH_FANOUT_SHARE),
+                // A mode that completed no rate at all sustained 0/s.
+                met: e.zip(u).and_then(|(e, u)| match (e.fanout_offered_per_s(), u.fanout_offered_per_s()) {
+                    (Some(a), Some(b)) => Some(Bound::AtLeast(DATA_PATH_FANOUT_SHARE).holds(b / a)),
+                    (Some(_), None) => Some(false),
+                    (None, Some(_)) => Some(true),
+                    (None, None) => None,
+                }),
+            },
+            idle_bytes_per_conn: Target::judge(ratios.idle_bytes_per_conn, Bound::AtMost(DATA_PATH_IDLE_SHARE)),
+        };
+        DataPath {
+            question: "How do the two data paths for client sockets (`server.poller` = \"epoll\" or \"io_uring\") compare on the same load in the same run: memory per idle connection, unicast throughput, latency and server CPU per message (at the same offered rate too), room fan-out, heartbeats and login/logout churn?".into(),
+            method,
+            main_poller,
+            epoll,
+            io_uring,
+            not_measured,
+            same_rate,
+            ratios_io_uring_over_epoll: ratios,
+            targets,
+            added_s,
+        }
+    }
+
+    /// The data-path section of report.md.
+    fn markdown(&self, m: &mut String) {
+        let _ = writeln!(m, "## Data path: epoll vs io_uring (`server.poller`, same load, same run)\n");
+        let _ = writeln!(m, "{}\n", self.question);
+        let (e, u) = (self.epoll.as_ref(), self.io_uring.as_ref());
+        let ra = &self.ratios_io_uring_over_epoll;
+        let t = &self.targets;
+        // A figure of each mode; `not measured` for a mode without figures.
+        let cell = |x: Option<&DataPathMode>, g: &dyn Fn(&DataPathMode) -> String| x.map_or("not measured".into(), g);
+        let same = self.same_rate.as_ref();
+        let at_same = |g: &dyn Fn(&SameRate) -> String| same.map_or("n/a".into(), g);
+        let pass = |x: &DataPathMode| {
+            if x.main_pass { "main pass (the figures above)" } else { "a pass of its own" }.to_string()
+        };
+        let beat = |x: &DataPathMode| {
+            format!("{} / {}", f(x.heartbeat.server_user_ns_each, 0), f(x.heartbeat.server_sys_ns_each, 0))
+        };
+        let rows: Vec<(String, String, String, String, String)> = vec![
+            ("measured in".into(), cell(e, &pass), cell(u, &pass), String::new(), String::new()),
+            (
+                "idle logged-in connections".into(),
+                cell(e, &|x| f(x.idle.connections, 0)),
+                cell(u, &|x| f(x.idle.connections, 0)),
+                String::new(),
+                String::new(),
+            ),
+            (
+                "  connect + login rate (/s)".into(),
+                cell(e, &|x| f(x.idle.connect_rate_per_s, 0)),
+                cell(u, &|x| f(x.idle.connect_rate_per_s, 0)),
+                f(ra.connect_rate_per_s, 3),
+                String::new(),
+            ),
+            (
+                "  server bytes per idle connection, user / kernel (upper bound)".into(),
+                cell(e, &|x| {
+                    format!(
+                        "{} / {}",
+                        f(x.idle.server_user_bytes_per_conn, 0),
+                        f(x.idle.server_kernel_bytes_per_conn, 0)
+                    )
+                }),
+                cell(u, &|x| {
+                    format!(
+                        "{} / {}",
+                        f(x.idle.server_user_bytes_per_conn, 0),
+                        f(x.idle.server_kernel_bytes_per_conn, 0)
+                    )
+                }),
+                String::new(),
+                String::new(),
+            ),
+            (
+                "  user + kernel".into(),
+                cell(e, &|x| f(x.idle_bytes_per_conn(), 0)),
+                cell(u, &|x| f(x.idle_bytes_per_conn(), 0)),
+                f(ra.idle_bytes_per_conn, 3),
+                t.idle_bytes_per_conn.cell(),
+            ),
+            (
+                "unicast, best sustainable rate (msgs/s; ≥97% delivered, p99 < 50 ms)".into(),
+                cell(e, &|x| f(x.unicast.max.msgs_per_s, 0)),
+                cell(u, &|x| f(x.unicast.max.msgs_per_s, 0)),
+                f(ra.unicast_max_msgs_per_s, 3),
+                String::new(),
+            ),
+            (
+                "  at that rate: p99 (µs); server CPU per message, user / system (ns)".into(),
+                cell(e, &|x| unicast_cell(&x.unicast.max)),
+                cell(u, &|x| unicast_cell(&x.unicast.max)),
+                String::new(),
+                String::new(),
+            ),
+            (
+                format!(
+                    "unicast at the same offered rate, {} msgs/s (the highest both kept up with): delivered/s",
+                    at_same(&|s| s.offered_per_s.to_string())
+                ),
+                at_same(&|s| f(s.epoll.msgs_per_s, 0)),
+                at_same(&|s| f(s.io_uring.msgs_per_s, 0)),
+                String::new(),
+                String::new(),
+            ),
+            (
+                "  same rate: p99 (µs)".into(),
+                at_same(&|s| s.epoll.p99_us.to_string()),
+                at_same(&|s| s.io_uring.p99_us.to_string()),
+                f(ra.unicast_p99_at_same_rate, 3),
+                String::new(),
+            ),
+            (
+                "  same rate: server user CPU per message (ns)".into(),
+                at_same(&|s| f(s.epoll.server_user_ns_per_msg, 0)),
+                at_same(&|s| f(s.io_uring.server_user_ns_per_msg, 0)),
+                f(ra.unicast_user_ns_per_msg_at_same_rate, 3),
+                String::new(),
+            ),
+            (
+                "  same rate: server system CPU per message (ns)".into(),
+                at_same(&|s| f(s.epoll.server_sys_ns_per_msg, 0)),
+                at_same(&|s| f(s.io_uring.server_sys_ns_per_msg, 0)),
+                f(ra.unicast_sys_ns_per_msg_at_same_rate, 3),
+                t.sys_ns_per_msg_at_same_rate.cell(),
+            ),
+            (
+                "fan-out members; send ceiling (sends/s per core); its messages until the last member, p50 (ms)".into(),
+                cell(e, &|x| ceiling_cell(&x.fanout)),
+                cell(u, &|x| ceiling_cell(&x.fanout)),
+                String::new(),
+                String::new(),
+            ),
+            (
+                "fan-out, one message: until the last member has it, p50 (ms)".into(),
+                cell(e, &|x| f(x.fanout.single.p50_ms, 1)),
+                cell(u, &|x| f(x.fanout.single.p50_ms, 1)),
+                f(ra.fanout_single_p50, 3),
+                String::new(),
+            ),
+            (
+                "  p99 (ms)".into(),
+                cell(e, &|x| f(x.fanout.single.p99_ms, 1)),
+                cell(u, &|x| f(x.fanout.single.p99_ms, 1)),
+                String::new(),
+                String::new(),
+            ),
+            (
+                "fan-out sustained, best run where every member got everything: deliveries/s offered (same ladder)"
+                    .into(),
+                cell(e, &|x| offered_cell(x)),
+                cell(u, &|x| offered_cell(x)),
+                f(ra.fanout_sustained_offered_per_s, 3),
+                t.fanout_deliveries_per_s.cell(),
+            ),
+            (
+                "  that run: deliveries/s measured (until the last delivery)".into(),
+                cell(e, &|x| f(x.fanout_deliveries_per_s(), 0)),
+                cell(u, &|x| f(x.fanout_deliveries_per_s(), 0)),
+                f(ra.fanout_sustained_deliveries_per_s, 3),
+                String::new(),
+            ),
+            (
+                "  that run: publish→receive p50 / p99 (ms); server CPU per delivery, user / system (ns)".into(),
+                cell(e, &|x| sustained_cell(&x.fanout)),
+                cell(u, &|x| sustained_cell(&x.fanout)),
+                String::new(),
+                String::new(),
+            ),
+            (
+                "heartbeats per second".into(),
+                cell(e, &|x| f(x.heartbeat.per_s, 0)),
+                cell(u, &|x| f(x.heartbeat.per_s, 0)),
+                String::new(),
+                String::new(),
+            ),
+            (
+                "  server CPU per heartbeat, user / system (ns; ratio of user + system)".into(),
+                cell(e, &beat),
+                cell(u, &beat),
+                f(ra.heartbeat_cpu_ns_each, 3),
+                String::new(),
+            ),
+            (
+                "login/logout churn: cycles/s".into(),
+                cell(e, &|x| f(x.churn.cycles_per_s, 0)),
+                cell(u, &|x| f(x.churn.cycles_per_s, 0)),
+                f(ra.churn_cycles_per_s, 3),
+                String::new(),
+            ),
+            (
+                "  server RSS growth after warm-up, bytes per cycle (cycles at /s, RSS; verdict, flat within 2 MB)"
+                    .into(),
+                cell(e, &|x| x.churn.cell()),
+                cell(u, &|x| x.churn.cell()),
+                String::new(),
+                String::new(),
+            ),
+        ];
+        let _ = writeln!(m, "| figure | epoll | io_uring | io_uring / epoll | target |\n|---|---|---|---|---|");
+        for (k, a, b, r, tg) in rows {
+            let _ = writeln!(m, "| {k} | {a} | {b} | {r} | {tg} |");
+        }
+        let _ = writeln!(m, "\n{}", self.verdict());
+        if let Some((e, u)) = e.zip(u) {
+            let _ = writeln!(
+                m,
+                "\nThe unicast ladders side by side (offered/s: delivered/s, p99 µs, server system CPU per message ns; `-` = not run, the mode had stopped keeping up):\n"
+            );
+            let _ = writeln!(m, "| offered/s | epoll | io_uring |\n|---|---|---|");
+            let mut rates: Vec<u64> = e.unicast.steps.iter().chain(&u.unicast.steps).map(|s| s.offered_per_s).collect();
+            rates.sort_unstable();
+            rates.dedup();
+            for r in rates {
+                let step = |x: &DataPathMode| {
+                    x.unicast.steps.iter().find(|s| s.offered_per_s == r).map_or("-".into(), |s| {
+                        format!(
+                            "{}, {}, {}{}",
+                            f(s.msgs_per_s, 0),
+                            s.p99_us,
+                            f(s.server_sys_ns_per_msg, 0),
+                            if s.keeps_up() { "" } else { " (not kept up)" }
+                        )
+                    })
+                };
+                let _ = writeln!(m, "| {r} | {} | {} |", step(e), step(u));
+            }
+        }
+        for n in &self.not_measured {
+            let _ = writeln!(m, "\nNot measured: {n}");
+        }
+        let _ = writeln!(m, "\nMethod: {} The comparison added {} s to the run.\n", self.method, f(self.added_s, 0));
+    }
+
+    /// What the run measured against each target, in words.
+    pub fn verdict(&self) -> String {
+        let missing: Vec<&str> =
+            [(PollerKind::Epoll, self.epoll.is_none()), (PollerKind::IoUring, self.io_uring.is_none())]
+                .into_iter()
+                .filter(|&(_, none)| none)
+                .map(|(p, _)| poller_name(p))
+                .collect();
+        if !missing.is_empty() {
+            return format!(
+                "**Measured against the targets:** nothing: no figures for {}, so no target was judged.",
+                missing.join(" and ")
+            );
+        }
+        let t = &self.targets;
+        let met = |x: &Target| match x.met {
+            Some(true) => "met",
+            Some(false) => "missed",
+            None => "not measured",
+        };
+        let mut v = Vec::new();
+        match &self.same_rate {
+            Some(s) => v.push(format!(
+                "At {} msgs/s offered, io_uring's server system CPU per message was {} ns against epoll's {} ns ({} of epoll; target {}: {}).",
+                s.offered_per_s,
+                f(s.io_uring.server_sys_ns_per_msg, 0),
+                f(s.epoll.server_sys_ns_per_msg, 0),
+                f(t.sys_ns_per_msg_at_same_rate.ratio, 3),
+                t.sys_ns_per_msg_at_same_rate.bound.label(),
+                met(&t.sys_ns_per_msg_at_same_rate)
+            )),
+            None => v.push(
+                "No offered unicast rate was kept up with by both modes, so system CPU per message was not compared at the same rate (target not measured).".into(),
+            ),
+        }
+        let (e, u) = (self.epoll.as_ref(), self.io_uring.as_ref());
+        let fan = |x: Option<&DataPathMode>| {
+            format!(
+                "{} offered ({} measured)",
+                f(x.and_then(|m| m.fanout_offered_per_s()), 0),
+                f(x.and_then(|m| m.fanout_deliveries_per_s()), 0)
+            )
+        };
+        v.push(format!(
+            "Sustained fan-out, the highest rate at which every member got every message: io_uring {} deliveries/s, epoll {} (offered {}; target {}: {}).",
+            fan(u),
+            fan(e),
+            f(t.fanout_deliveries_per_s.ratio, 3),
+            t.fanout_deliveries_per_s.bound.label(),
+            met(&t.fanout_deliveries_per_s)
+        ));
+        if e.zip(u).is_some_and(|(e, u)| e.fanout_ladder_topped() && u.fanout_ladder_topped()) {
+            v.push(
+                "Both modes completed the ladder's top rate: neither reached its limit, and at the same offered rate the measured deliveries/s reflect when the last delivery arrived, not a limit."
+                    .into(),
+            );
+        }
+        let idle = |x: Option<&DataPathMode>| f(x.and_then(|m| m.idle_bytes_per_conn()), 0);
+        v.push(format!(
+            "Idle memory, user + kernel: io_uring {} bytes per connection, epoll {} ({}; target {}: {}).",
+            idle(self.io_uring.as_ref()),
+            idle(self.epoll.as_ref()),
+            f(t.idle_bytes_per_conn.ratio, 3),
+            t.idle_bytes_per_conn.bound.label(),
+            met(&t.idle_bytes_per_conn)
+        ));
+        format!("**Measured against the targets:** {}", v.join(" "))
+    }
+}
+
+/// p99 and CPU of one unicast step, in one cell.
+fn unicast_cell(s: &UnicastStep) -> String {
+    format!("{}; {} / {}", s.p99_us, f(s.server_user_ns_per_msg, 0), f(s.server_sys_ns_per_msg, 0))
+}
+
+fn ceiling_cell(x: &Fanout) -> String {
+    format!("{}; {}; {}", x.members, f(x.send_ceiling_per_s_per_core, 0), f(x.ceiling_completion_p50_ms, 1))
+}
+
+/// The offered rate of a mode's best complete fan-out run, marked when it
+/// was the ladder's top.
+fn offered_cell(x: &DataPathMode) -> String {
+    let top = if x.fanout_ladder_topped() { " (the ladder's top rate)" } else { "" };
+    format!("{}{top}", f(x.fanout_offered_per_s(), 0))
+}
+
+fn sustained_cell(x: &Fanout) -> String {
+    x.sustained.as_ref().map_or("n/a".into(), |r| {
+        format!(
+            "{} / {}; {} / {}",
+            f(r.p50_ms, 1),
+            f(r.p99_ms, 1),
+            f(r.server_user_ns_per_delivery, 0),
+            f(r.server_sys_ns_per_delivery, 0)
+        )
+    })
+}
+
 /// A figure for the markdown: a number, or `n/a` when it was not measured.
 pub trait Figure {
     fn value(&self) -> Option<f64>;
@@ -1573,6 +2142,9 @@ impl Report {
                 ""
             }
         );
+        if let Some(d) = &r.data_path {
+            d.markdown(&mut m);
+        }
         if let Some(t) = &self.peers.tokio {
             let ra = &t.ratios_switchboard_over_peer;
             let _ = writeln!(m, "## Side by side: tokio baseline (same protocol, same load, same run)\n");
@@ -2159,6 +2731,268 @@ mod tests {
         v["heartbeat"]["per_s"] = 1.0.into();
         v["peers"]["tokio"]["idle"]["rss_curve"][0]["rss_bytes"] = "a lot".into();
         assert!(serde_json::from_value::<Report>(v).is_err());
+    }
+
+    /// `step` with the server's system CPU per message set.
+    fn sys(mut s: UnicastStep, sys_ns: f64) -> UnicastStep {
+        s.server_sys_ns_per_msg = sys_ns;
+        s
+    }
+
+    /// A mode's figures; `runs` are the sustained fan-out runs to 4,000
+    /// members (publishes/s, complete), measured at 99% of the offered
+    /// deliveries/s.
+    fn data_path_mode(
+        poller: PollerKind,
+        main_pass: bool,
+        (user_b, kernel_b): (f64, f64),
+        steps: Vec<UnicastStep>,
+        runs: &[(f64, bool)],
+    ) -> DataPathMode {
+        let runs: Vec<FanoutRun> = runs
+            .iter()
+            .map(|&(rate, complete)| FanoutRun {
+                offered_vs_ceiling: 1.5,
+                publish_rate_per_s: rate,
+                messages: (rate * 3.0) as u32,
+                complete,
+                members_cut_off: 0,
+                deliveries: (rate * 4000.0 * 3.0) as u64,
+                deliveries_per_s: rate * 4000.0 * 0.99,
+                vs_ceiling: 1.4,
+                p50_ms: 20.0,
+                p99_ms: 40.0,
+                server_user_ns_per_delivery: 30.0,
+                server_sys_ns_per_delivery: 600.0,
+            })
+            .collect();
+        DataPathMode {
+            poller,
+            main_pass,
+            idle: Idle {
+                connections: 4000,
+                connect_rate_per_s: 5000.0,
+                server_user_bytes_per_conn: Some(user_b),
+                server_kernel_bytes_per_conn: Some(kernel_b),
+                rss_curve: vec![],
+                metrics_scrape: None,
+            },
+            unicast: Unicast {
+                connections: 4000,
+                sustainable: Unicast::sustainable_rule(),
+                max: steps.iter().take_while(|s| s.keeps_up()).last().unwrap().clone(),
+                at_half_max: step(10_000, 10_000.0, 1_000),
+                steps,
+            },
+            fanout: Fanout {
+                members: 4000,
+                send_ceiling_per_s_per_core: Some(500_000.0),
+                ceiling_completion_p50_ms: Some(5.0),
+                single: Completion { p50_ms: Some(8.0), p99_ms: Some(12.0) },
+                sustained: runs.iter().take_while(|r| r.complete).last().cloned(),
+                sustained_runs: runs,
+            },
+            heartbeat: Heartbeat {
+                connections: 4000,
+                per_s: 16_000.0,
+                server_user_ns_each: 500.0,
+                server_sys_ns_each: 1_500.0,
+                closed_by_server: 0,
+            },
+            churn: churn(500_000, 0),
+        }
+    }
+
+    /// epoll keeps up to 20,000/s (9,000 ns of system CPU per message at
+    /// 10,000/s) and fans out completely at 250 publishes/s but not at 500;
+    /// io_uring keeps up to 10,000/s with `uring_sys` ns there.
+    fn data_path(uring_sys: f64, uring_runs: &[(f64, bool)], uring_bytes: (f64, f64)) -> DataPath {
+        let epoll = data_path_mode(
+            PollerKind::Epoll,
+            true,
+            (180.0, 3_600.0),
+            vec![
+                step(10_000, 10_000.0, 1_000),
+                sys(step(20_000, 19_900.0, 2_000), 8_000.0),
+                step(30_000, 20_000.0, 90_000),
+            ],
+            &[(250.0, true), (500.0, false)],
+        );
+        let io_uring = data_path_mode(
+            PollerKind::IoUring,
+            false,
+            uring_bytes,
+            vec![sys(step(10_000, 10_000.0, 3_000), uring_sys), step(20_000, 15_000.0, 60_000)],
+            uring_runs,
+        );
+        DataPath::judge(PollerKind::Epoll, Some(epoll), Some(io_uring), vec![], "m.".into(), 150.0)
+    }
+
+    const SAME_FANOUT: &[(f64, bool)] = &[(250.0, true), (500.0, false)];
+
+    #[test]
+    fn data_path_targets_are_judged_on_io_uring_over_epoll_at_the_highest_rate_both_kept_up_with() {
+        let d = data_path(7_200.0, SAME_FANOUT, (200.0, 3_769.0));
+        let same = d.same_rate.as_ref().unwrap();
+        assert_eq!(same.offered_per_s, 10_000, "io_uring did not keep up at 20,000/s");
+        assert_eq!((same.epoll.p99_us, same.io_uring.p99_us), (1_000, 3_000));
+        let r = &d.ratios_io_uring_over_epoll;
+        assert_eq!(r.unicast_sys_ns_per_msg_at_same_rate, Some(0.8));
+        assert_eq!(r.unicast_p99_at_same_rate, Some(3.0));
+        assert_eq!(r.unicast_max_msgs_per_s, Some(10_000.0 / 19_900.0), "each mode's own best rate");
+        assert_eq!((r.fanout_sustained_offered_per_s, r.fanout_sustained_deliveries_per_s), (Some(1.0), Some(1.0)));
+        assert_eq!(r.idle_bytes_per_conn, Some(3_969.0 / 3_780.0));
+        assert_eq!(r.heartbeat_cpu_ns_each, Some(1.0));
+        let t = &d.targets;
+        assert_eq!(
+            (t.sys_ns_per_msg_at_same_rate.met, t.fanout_deliveries_per_s.met, t.idle_bytes_per_conn.met),
+            (Some(true), Some(true), Some(true)),
+            "20% below, the same rate fanned out to everyone, 5% more memory: each exactly on its limit"
+        );
+        // io_uring completes no fan-out rate: it sustained nothing.
+        let d = data_path(7_201.0, &[(250.0, false)], (200.0, 3_770.0));
+        let t = &d.targets;
+        assert_eq!(
+            (t.sys_ns_per_msg_at_same_rate.met, t.fanout_deliveries_per_s.met, t.idle_bytes_per_conn.met),
+            (Some(false), Some(false), Some(false))
+        );
+        assert_eq!(t.sys_ns_per_msg_at_same_rate.cell(), "≤ 0.80 (missed)");
+        assert_eq!(
+            (t.fanout_deliveries_per_s.ratio, t.fanout_deliveries_per_s.cell().as_str()),
+            (None, "≥ 1.00 (missed)")
+        );
+        // One rate further than epoll: twice the deliveries offered.
+        let d = data_path(7_201.0, &[(250.0, true), (500.0, true)], (200.0, 3_770.0));
+        assert_eq!(d.ratios_io_uring_over_epoll.fanout_sustained_offered_per_s, Some(2.0));
+        assert_eq!(d.targets.fanout_deliveries_per_s.met, Some(true));
+    }
+
+    #[test]
+    fn a_complete_fan_out_run_is_judged_on_its_offered_rate_not_its_delivery_window() {
+        let mut d = data_path(6_300.0, SAME_FANOUT, (200.0, 3_700.0));
+        let mut u = d.io_uring.take().unwrap();
+        // The same deliveries, the last one later: fewer per second measured.
+        u.fanout.sustained.as_mut().unwrap().deliveries_per_s *= 0.99;
+        let d = DataPath::judge(PollerKind::Epoll, d.epoll, Some(u), vec![], "m.".into(), 1.0);
+        let r = &d.ratios_io_uring_over_epoll;
+        assert_eq!(r.fanout_sustained_offered_per_s, Some(1.0));
+        assert!((r.fanout_sustained_deliveries_per_s.unwrap() - 0.99).abs() < 1e-12);
+        assert_eq!(d.targets.fanout_deliveries_per_s.met, Some(true));
+        assert!(!d.verdict().contains("ladder's top rate"), "epoll stopped below the top: {}", d.verdict());
+        // Both at the top of the ladder: the verdict says no limit was reached.
+        let both_top = data_path(6_300.0, &[(250.0, true)], (200.0, 3_700.0));
+        let mut e = both_top.epoll.unwrap();
+        e.fanout = both_top.io_uring.as_ref().unwrap().fanout.clone();
+        let d = DataPath::judge(PollerKind::Epoll, Some(e), both_top.io_uring, vec![], "m.".into(), 1.0);
+        assert!(
+            d.verdict().contains("Both modes completed the ladder's top rate: neither reached its limit"),
+            "{}",
+            d.verdict()
+        );
+        let mut m = String::new();
+        d.markdown(&mut m);
+        assert!(
+            m.contains("| 1000000 (the ladder's top rate) | 1000000 (the ladder's top rate) | 1.000 | ≥ 1.00 (met) |"),
+            "{m}"
+        );
+    }
+
+    #[test]
+    fn without_a_rate_both_kept_up_with_or_without_a_mode_nothing_is_judged() {
+        let mut d = data_path(1.0, SAME_FANOUT, (1.0, 1.0));
+        let mut u = d.io_uring.take().unwrap();
+        u.unicast.steps = vec![step(5_000, 5_000.0, 1_000)];
+        let d = DataPath::judge(PollerKind::Epoll, d.epoll, Some(u.clone()), vec![], "m.".into(), 1.0);
+        assert_eq!(d.same_rate, None, "no rate in both ladders");
+        assert_eq!(d.targets.sys_ns_per_msg_at_same_rate.met, None);
+        assert_eq!(d.targets.sys_ns_per_msg_at_same_rate.cell(), "≤ 0.80 (not measured)");
+        assert!(d.verdict().contains("not compared at the same rate (target not measured)"), "{}", d.verdict());
+
+        let d = DataPath::judge(PollerKind::IoUring, None, Some(u), vec!["epoll: it broke".into()], "m.".into(), 0.0);
+        let r = serde_json::to_value(&d.ratios_io_uring_over_epoll).unwrap();
+        assert!(r.as_object().unwrap().values().all(|v| v.is_null()), "{r}");
+        let t = &d.targets;
+        assert_eq!(
+            (t.sys_ns_per_msg_at_same_rate.met, t.fanout_deliveries_per_s.met, t.idle_bytes_per_conn.met),
+            (None, None, None)
+        );
+        assert_eq!(
+            d.verdict(),
+            "**Measured against the targets:** nothing: no figures for epoll, so no target was judged."
+        );
+        let mut m = String::new();
+        d.markdown(&mut m);
+        assert!(m.contains("| measured in | not measured | a pass of its own |  |  |"), "{m}");
+        assert!(m.contains("\nNot measured: epoll: it broke\n"), "{m}");
+        assert!(!m.contains("unicast ladders side by side"), "one ladder has nothing beside it: {m}");
+    }
+
+    #[test]
+    fn the_data_path_section_renders_side_by_side_with_ratios_targets_and_ladders() {
+        let d = data_path(6_300.0, &[(250.0, true), (500.0, true)], (200.0, 3_700.0));
+        let mut m = String::new();
+        d.markdown(&mut m);
+        assert!(m.starts_with("## Data path: epoll vs io_uring (`server.poller`, same load, same run)\n"), "{m}");
+        assert!(m.contains("| figure | epoll | io_uring | io_uring / epoll | target |\n"), "{m}");
+        assert!(m.contains("| measured in | main pass (the figures above) | a pass of its own |  |  |"), "{m}");
+        assert!(m.contains("|   connect + login rate (/s) | 5000 | 5000 | 1.000 |  |"), "{m}");
+        assert!(m.contains(
+            "|   server bytes per idle connection, user / kernel (upper bound) | 180 / 3600 | 200 / 3700 |  |  |"
+        ));
+        assert!(m.contains("|   user + kernel | 3780 | 3900 | 1.032 | ≤ 1.05 (met) |"), "{m}");
+        assert!(m.contains(
+            "| unicast, best sustainable rate (msgs/s; ≥97% delivered, p99 < 50 ms) | 19900 | 10000 | 0.503 |  |"
+        ));
+        assert!(m.contains("|   at that rate: p99 (µs); server CPU per message, user / system (ns) | 2000; 1000 / 8000 | 3000; 1000 / 6300 |"));
+        assert!(m.contains("| unicast at the same offered rate, 10000 msgs/s (the highest both kept up with): delivered/s | 10000 | 10000 |"));
+        assert!(
+            m.contains("|   same rate: server system CPU per message (ns) | 9000 | 6300 | 0.700 | ≤ 0.80 (met) |"),
+            "{m}"
+        );
+        assert!(m.contains("| 4000; 500000; 5.0 | 4000; 500000; 5.0 |"), "{m}");
+        assert!(m.contains("| 1000000 | 2000000 (the ladder's top rate) | 2.000 | ≥ 1.00 (met) |"), "{m}");
+        assert!(
+            m.contains("|   that run: deliveries/s measured (until the last delivery) | 990000 | 1980000 | 2.000 |  |"),
+            "{m}"
+        );
+        assert!(m.contains("|   server CPU per heartbeat, user / system (ns; ratio of user + system) | 500 / 1500 | 500 / 1500 | 1.000 |"));
+        assert!(m.contains("| login/logout churn: cycles/s | 20000 | 20000 | 1.000 |  |"), "{m}");
+        assert!(m.contains("| 0.50 (1000000 cycles at 20000/s, 18.00 → 18.50 MB; PASS) |"), "{m}");
+        assert!(m.contains("At 10000 msgs/s offered, io_uring's server system CPU per message was 6300 ns against epoll's 9000 ns (0.700 of epoll; target ≤ 0.80: met)."), "{m}");
+        assert!(m.contains("io_uring 2000000 offered (1980000 measured) deliveries/s, epoll 1000000 offered (990000 measured) (offered 2.000; target ≥ 1.00: met)."), "{m}");
+        assert!(m.contains(
+            "Idle memory, user + kernel: io_uring 3900 bytes per connection, epoll 3780 (1.032; target ≤ 1.05: met)."
+        ));
+        assert!(m.contains("| 10000 | 10000, 1000, 9000 | 10000, 3000, 6300 |"), "{m}");
+        assert!(m.contains("| 20000 | 19900, 2000, 8000 | 15000, 60000, 9000 (not kept up) |"), "{m}");
+        assert!(m.contains("| 30000 | 20000, 90000, 9000 (not kept up) | - |"), "{m}");
+        assert!(m.contains("\nMethod: m. The comparison added 150 s to the run.\n"), "{m}");
+        let d = data_path(8_000.0, SAME_FANOUT, (200.0, 3_900.0));
+        let v = d.verdict();
+        assert!(
+            v.contains("(0.889 of epoll; target ≤ 0.80: missed)") && v.contains("(offered 1.000; target ≥ 1.00: met)"),
+            "{v}"
+        );
+        assert!(v.contains("(1.085; target ≤ 1.05: missed)"), "{v}");
+    }
+
+    #[test]
+    fn a_report_with_the_data_path_section_reads_back_and_renders_it_before_the_peers() {
+        let mut r: Report = serde_json::from_str(QUICK_JSON).unwrap();
+        r.tcp.as_mut().unwrap().data_path = Some(data_path(6_300.0, SAME_FANOUT, (200.0, 3_700.0)));
+        let v = serde_json::to_value(&r).unwrap();
+        assert_eq!(v["data_path"]["main_poller"], "epoll");
+        assert_eq!(v["data_path"]["io_uring"]["poller"], "io_uring");
+        assert_eq!(v["data_path"]["targets"]["sys_ns_per_msg_at_same_rate"]["bound"]["at_most"], 0.8);
+        assert_eq!(serde_json::from_value::<Report>(v).unwrap(), r);
+        let m = r.markdown();
+        let (dp, tokio) =
+            (m.find("## Data path: epoll vs io_uring").unwrap(), m.find("## Side by side: tokio").unwrap());
+        let churn = m.find("**Login/logout churn**").unwrap();
+        assert!(churn < dp && dp < tokio, "{m}");
+        // Everything else as recorded.
+        let end = m[dp..].find("\n## ").map(|i| dp + i + 1).unwrap();
+        assert_eq!(format!("{}{}", &m[..dp], &m[end..]), QUICK_MD);
     }
 
     #[test]

@@ -15,13 +15,14 @@ use std::process::{Child, Command as Proc, Stdio};
 use std::time::{Duration, Instant};
 
 use serde::Deserialize;
+use switchboard::config::PollerKind;
 use switchboard_bench::loadgen::{http, percentiles, timed_payload, Collected, Command, Fleet, FleetSpec, ProcStat};
 
 use super::churn;
 use super::report::{
-    ratio, ApiBench, Broadcast, Churn, Completion, Fanout, FanoutRun, FanoutSummary, Heartbeat, Idle, Machine,
-    MetricsScrape, NchanPeer, Peers, Projection, Reliable, Report, RssPoint, StoreStep, TcpReport, TokioPeer,
-    TokioRatios, Unicast, UnicastCeiling, UnicastStep, UnicastSummary, WsSuite,
+    poller_name, ratio, ApiBench, Broadcast, Churn, Completion, DataPath, DataPathMode, Fanout, FanoutRun,
+    FanoutSummary, Heartbeat, Idle, Machine, MetricsScrape, NchanPeer, Peers, Projection, Reliable, Report, RssPoint,
+    StoreStep, TcpReport, TokioPeer, TokioRatios, Unicast, UnicastCeiling, UnicastStep, UnicastSummary, WsSuite,
 };
 use super::ws::WsServer;
 use super::Plan;
@@ -154,8 +155,8 @@ impl ServerProc {
     }
 
     /// `switchboard serve` with a config of its own in `out`, storing as
-    /// `delivery` says in a fresh `out/store-<tag>`; `extra` is appended to
-    /// the config (more TOML tables, not `[delivery]` or `[store]`).
+    /// `delivery` says in a fresh `out/store-<tag>`; `extra` follows the
+    /// `[server]` table's own keys ([`ServerProc::config`]).
     pub fn switchboard(
         bin: &Path,
         out: &Path,
@@ -169,10 +170,7 @@ impl ServerProc {
         if store.exists() {
             std::fs::remove_dir_all(&store).map_err(|e| format!("{}: {e}", store.display()))?;
         }
-        let config = format!(
-            "[server]\nlisten = \"127.0.0.1:{port}\"\nworkers = {workers}\n\n[admin]\nlisten = \"127.0.0.1:{admin_port}\"\nbench_endpoints = true\n\n[websocket]\nlisten = \"127.0.0.1:{ws_port}\"\n{}{extra}",
-            delivery.toml(&store)
-        );
+        let config = ServerProc::config((port, admin_port, ws_port), workers, &delivery.toml(&store), extra);
         let path = out.join(format!("switchboard-{tag}.toml"));
         std::fs::write(&path, config).map_err(|e| e.to_string())?;
         let log = std::fs::File::create(out.join(format!("switchboard-{tag}.log"))).map_err(|e| e.to_string())?;
@@ -187,6 +185,19 @@ impl ServerProc {
         let admin = Some(SocketAddr::from(([127, 0, 0, 1], admin_port)));
         let ws = Some(SocketAddr::from(([127, 0, 0, 1], ws_port)));
         ServerProc { name: "switchboard", child, addr, admin, ws }.wait_listening(Duration::from_secs(15))
+    }
+
+    /// The config text of [`ServerProc::switchboard`]: the `[server]`
+    /// table's keys, then `extra`, then the admin and WebSocket ports and
+    /// the `delivery` tables. Keys at the top of `extra`, before its first
+    /// table header, are therefore more `[server]` keys (the plan's
+    /// `poller`: a second `[server]` table would be a TOML error); its
+    /// tables must not be `[server]`, `[admin]`, `[websocket]`,
+    /// `[delivery]` or `[store]`.
+    pub fn config((port, admin_port, ws_port): (u16, u16, u16), workers: usize, delivery: &str, extra: &str) -> String {
+        format!(
+            "[server]\nlisten = \"127.0.0.1:{port}\"\nworkers = {workers}\n{extra}\n\n[admin]\nlisten = \"127.0.0.1:{admin_port}\"\nbench_endpoints = true\n\n[websocket]\nlisten = \"127.0.0.1:{ws_port}\"\n{delivery}"
+        )
     }
 
     pub fn peer(name: &'static str, bin: &Path, args: &[&str], plan: &Plan) -> Result<ServerProc, String> {
@@ -409,15 +420,19 @@ impl Runner {
     }
 
     /// Room fan-out: the ceiling (Switchboard only), single messages, a
-    /// sustained rate above the ceiling.
-    fn fanout(&mut self, s: &ServerProc, ceiling: Option<f64>) -> Result<Fanout, String> {
+    /// sustained rate above the ceiling. The sustained rates are multiples
+    /// of `ladder_ceiling` (sends/s per core) if given, else of the ceiling
+    /// this server measured: a peer without the admin API gets
+    /// Switchboard's (and reports it as its own ceiling), another data path
+    /// gets the main pass's, so both are offered the same rates.
+    fn fanout(&mut self, s: &ServerProc, ladder_ceiling: Option<f64>) -> Result<Fanout, String> {
         let n = self.plan.members;
         let room = "capacity-room";
         note(format!("{}: fan-out to {n} members", s.name));
         let (mut fleet, ready, _) = self.fleet(s.addr, n, "fan-u", Some(room))?;
         let _ = fleet.collect()?;
         let repeats = self.plan.fanout_repeats;
-        let mut ceiling_rate = ceiling;
+        let mut ceiling_rate = ladder_ceiling;
         let mut ceiling_done = Vec::new();
         if let Some(admin) = s.admin {
             let mut rates = Vec::new();
@@ -457,7 +472,7 @@ impl Runner {
         // 1.5, 3 and 6 times the ceiling. A run counts only if every member
         // got every message (the loaders share the cores, so past some rate
         // they cannot keep up and members get cut off as slow consumers).
-        let total_ceiling = ceiling_rate.unwrap_or(100_000.0) * self.plan.workers as f64;
+        let total_ceiling = ladder_ceiling.or(ceiling_rate).unwrap_or(100_000.0) * self.plan.workers as f64;
         let mut runs = Vec::new();
         let mut best: Option<FanoutRun> = None;
         for (k, factor) in [1.5, 3.0, 6.0].into_iter().enumerate() {
@@ -534,22 +549,22 @@ impl Runner {
         Ok(Broadcast { connections: ready, p50_ms: q(&done, 0.5), p99_ms: q(&done, 0.99) })
     }
 
-    /// Heartbeats: a server that PINGs after 1 s of silence; every
-    /// connection answers.
-    fn heartbeat(&mut self) -> Result<Heartbeat, String> {
+    /// Heartbeats: a server (`tag`) that PINGs after 250 ms of silence;
+    /// every connection answers.
+    fn heartbeat(&mut self, tag: &str) -> Result<Heartbeat, String> {
         // Every connection pinged four times a second: enough heartbeats in
         // the window for the tick-sampled user/system split to be precise.
         let extra = "\n[timeouts]\ntick_ms = 50\nheartbeat_interval_ms = 250\nidle_timeout_ms = 2000\n";
         let s = ServerProc::switchboard(
             &self.switchboard_bin,
             &self.out,
-            "heartbeat",
+            tag,
             self.plan.workers,
             Delivery::AtMostOnce,
             &self.plan.server_config(extra),
         )?;
         let n = self.plan.connections;
-        note(format!("switchboard: heartbeats, {n} connections pinged every 250 ms"));
+        note(format!("{}: heartbeats, {n} connections pinged every 250 ms", self.server_name()));
         let (mut fleet, ready, _) = self.fleet(s.addr, n, "hb-u", None)?;
         std::thread::sleep(Duration::from_secs(3));
         let pings = |s: &ServerProc| s.stats().map(|v| v.stats.pings_sent).unwrap_or(0);
@@ -570,16 +585,18 @@ impl Runner {
         })
     }
 
-    /// Login/logout churn against a fresh server: RSS after a warm-up and
-    /// at the end (churn.rs).
-    fn churn(&mut self) -> Result<Churn, String> {
+    /// Login/logout churn against a fresh server (`tag`): RSS after a
+    /// warm-up and at the end (churn.rs).
+    fn churn(&mut self, tag: &str) -> Result<Churn, String> {
         let p = churn::ChurnPlan {
             warmup: self.plan.churn_warmup,
             workers: self.plan.workers,
             server_config: self.plan.server_config(""),
+            tag: tag.into(),
             ..churn::ChurnPlan::new(self.plan.churn_cycles)
         };
-        note(format!("switchboard: login/logout churn, {} cycles after {} of warm-up", p.cycles, p.warmup));
+        let name = self.server_name();
+        note(format!("{name}: login/logout churn, {} cycles after {} of warm-up", p.cycles, p.warmup));
         let r = churn::run(&self.switchboard_bin, &self.out, &p)?;
         note(format!("  {}", r.summary()));
         Ok(r)
@@ -618,8 +635,31 @@ impl Runner {
         })
     }
 
+    /// `switchboard (<poller>)` for the pass in progress, in progress notes.
+    fn server_name(&self) -> &'static str {
+        match self.plan.poller {
+            Some(PollerKind::Epoll) => "switchboard (epoll)",
+            Some(PollerKind::IoUring) => "switchboard (io_uring)",
+            None => "switchboard",
+        }
+    }
+
     pub fn run(&mut self) -> Result<Report, String> {
         std::fs::create_dir_all(&self.out).map_err(|e| e.to_string())?;
+        // Every server of the main pass gets its mode written into its
+        // config, so the report says which mode it measured whatever the
+        // binary's default.
+        let main_poller = self.plan.main_poller();
+        self.plan.poller = Some(main_poller);
+        let default = switchboard::config::Config::default().server.poller;
+        if main_poller != default || self.plan.other_pollers().is_empty() {
+            self.log.push(format!(
+                "every Switchboard server of the main pass had server.poller = \"{}\" (this build's default: \"{}\"){}",
+                poller_name(main_poller),
+                poller_name(default),
+                if self.plan.other_pollers().is_empty() { "; no other data path was selected (--pollers)" } else { "" }
+            ));
+        }
         if self.plan.ws_only {
             return self.run_ws_only();
         }
@@ -627,7 +667,7 @@ impl Runner {
         let plan = self.plan.clone();
         let no_extra = "";
         // Switchboard.
-        let sb = ServerProc::switchboard(
+        let mut sb = ServerProc::switchboard(
             &self.switchboard_bin,
             &self.out,
             "main",
@@ -635,14 +675,25 @@ impl Runner {
             Delivery::AtMostOnce,
             &plan.server_config(no_extra),
         )?;
+        sb.name = self.server_name();
         let idle = self.idle(&sb)?;
         let unicast = self.unicast(&sb)?;
         let fanout = self.fanout(&sb, None)?;
         let broadcast = self.broadcast(&sb)?;
         sb.stop();
         let reliable = self.reliable(&idle, &unicast)?;
-        let heartbeat = self.heartbeat()?;
-        let churn = self.churn()?;
+        let heartbeat = self.heartbeat("heartbeat")?;
+        let churn = self.churn("churn")?;
+        let main_mode = DataPathMode {
+            poller: main_poller,
+            main_pass: true,
+            idle: idle.clone(),
+            unicast: unicast.clone(),
+            fanout: fanout.clone(),
+            heartbeat: heartbeat.clone(),
+            churn: churn.clone(),
+        };
+        let data_path = self.data_path(main_mode);
         let api = self.api()?;
         let cluster = self.cluster_if_redis()?;
         let ceiling = fanout.send_ceiling_per_s_per_core;
@@ -673,6 +724,7 @@ impl Runner {
         let (websocket, nchan) = self.websocket()?;
         let mut tcp = self.assemble(idle, unicast, fanout, broadcast, heartbeat, relay_unicast, churn, reliable, api);
         tcp.cluster = cluster;
+        tcp.data_path = data_path;
         Ok(Report {
             mode: self.plan.mode.into(),
             machine: machine(),
@@ -743,7 +795,77 @@ impl Runner {
             reliable: Some(reliable),
             api: Some(api),
             cluster: None,
+            data_path: None,
         }
+    }
+
+    /// The data paths side by side: `main`, the main pass's figures, and
+    /// for every other selected mode a pass of its own; none when only one
+    /// mode was selected. A pass that fails is reported as not measured
+    /// rather than ending the run.
+    fn data_path(&mut self, main: DataPathMode) -> Option<DataPath> {
+        let others = self.plan.other_pollers();
+        if others.is_empty() {
+            return None;
+        }
+        let t0 = Instant::now();
+        let ladder_ceiling = main.fanout.send_ceiling_per_s_per_core;
+        let main_poller = main.poller;
+        let (mut epoll, mut io_uring) = (None, None);
+        let mut not_measured = Vec::new();
+        let mut put = |m: DataPathMode| match m.poller {
+            PollerKind::Epoll => epoll = Some(m),
+            PollerKind::IoUring => io_uring = Some(m),
+        };
+        put(main);
+        for p in others {
+            let main_setting = self.plan.poller.replace(p);
+            let r = self.data_path_pass(p, ladder_ceiling);
+            self.plan.poller = main_setting;
+            match r {
+                Ok(m) => put(m),
+                Err(e) => {
+                    note(format!("data path {}: {e}", poller_name(p)));
+                    not_measured.push(format!("server.poller = \"{}\": {e}", poller_name(p)));
+                }
+            }
+        }
+        let p = &self.plan;
+        let method = format!(
+            "each mode is `server.poller` in the config of every server it ran on, the rest of the config as in the main pass (at-most-once SENDs, {} workers). The mode of the main pass ({}) has the figures at the top of this report; the other ran the same scenarios against fresh servers of its own right after the main pass's churn run: the 4-step idle hold and the unicast ladder over {} connections (the same offered rates, {} s each), fan-out to {} members (its sustained rates built on the main pass's send ceiling, so both modes are offered the same rates), heartbeats (4 PINGs per connection per second, {} s) and {} churn cycles after {} of warm-up. \"Same offered rate\" is the highest rate of the ladder that both modes kept up with. One run of each mode on a shared host: read the ratios with the run's noise in mind.",
+            p.workers,
+            poller_name(main_poller),
+            p.connections,
+            p.unicast_s,
+            p.members,
+            p.heartbeat_s,
+            p.churn_cycles,
+            p.churn_warmup
+        );
+        Some(DataPath::judge(main_poller, epoll, io_uring, not_measured, method, t0.elapsed().as_secs_f64()))
+    }
+
+    /// One data path's pass (the plan's `poller` set to `p`): idle, unicast
+    /// and fan-out against one fresh server, then heartbeats and churn
+    /// against theirs, as the main pass runs them.
+    fn data_path_pass(&mut self, p: PollerKind, ladder_ceiling: Option<f64>) -> Result<DataPathMode, String> {
+        let name = poller_name(p);
+        let mut s = ServerProc::switchboard(
+            &self.switchboard_bin,
+            &self.out,
+            &format!("datapath-{name}"),
+            self.plan.workers,
+            Delivery::AtMostOnce,
+            &self.plan.server_config(""),
+        )?;
+        s.name = self.server_name();
+        let idle = self.idle(&s)?;
+        let unicast = self.unicast(&s)?;
+        let fanout = self.fanout(&s, ladder_ceiling)?;
+        s.stop();
+        let heartbeat = self.heartbeat(&format!("heartbeat-{name}"))?;
+        let churn = self.churn(&format!("churn-{name}"))?;
+        Ok(DataPathMode { poller: p, main_pass: false, idle, unicast, fanout, heartbeat, churn })
     }
 }
 
