@@ -132,6 +132,10 @@ fn the_application_joins_and_leaves_users() {
     let addr = server.local_addr();
     let h = server.handle();
     let mut devices = login_on_workers(addr, "cat", &[0, 1]);
+    // The connections `login_on_workers` dropped (landed on a worker it
+    // already had) are released once their worker reads the FIN: until
+    // then a join would count them too.
+    assert!(wait_until(Duration::from_secs(5), || h.connections_of("cat").len() == 2));
     assert_eq!(h.join_room("cat", "vip").unwrap(), 2);
     for d in &mut devices {
         match d.recv().unwrap().frame() {

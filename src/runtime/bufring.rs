@@ -232,8 +232,9 @@ impl BufRing {
 
 impl Drop for BufRing {
     fn drop(&mut self) {
-        // Every receive on the ring was cancelled by then (the poller drops
-        // its ring after its last connection); unregister before unmapping.
+        // Every receive on the ring was cancelled by then (a worker stops
+        // after its last connection), and the worker drops its last handle
+        // to this ring before its poller: unregister, then unmap.
         let reg = BufReg { ring_addr: 0, ring_entries: 0, bgid: GROUP, flags: 0, resv: [0; 3] };
         let _ = register(self.ring_fd, &reg, UNREGISTER_PBUF_RING);
     }

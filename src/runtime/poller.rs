@@ -477,6 +477,23 @@ mod tests {
         Some((p, efd))
     }
 
+    /// The bytes of the receive completions of connection (3, 9) reaped
+    /// after `ms`, their buffers handed back; each completion must carry
+    /// bytes and leave the receive armed.
+    fn received(p: &mut Poller, bufs: &BufRing, ms: u64) -> Vec<u8> {
+        let mut got = Vec::new();
+        for (t, ready) in reap_after(p, ms) {
+            assert_eq!(t, token(3, 9));
+            let Ready::Recv { res, flags, more } = ready else { panic!("{ready:?}") };
+            assert!(res > 0 && more, "{res} {more}");
+            // SAFETY: one completion, taken once, released below.
+            let (bid, data) = unsafe { bufs.take(flags, res as usize) }.expect("a buffer");
+            got.extend_from_slice(data);
+            bufs.done(bid, flags, res as usize);
+        }
+        got
+    }
+
     #[test]
     fn uring_receives_into_the_buffer_ring_and_closes_after_cancelling() {
         use std::io::{Read, Write};
@@ -489,15 +506,7 @@ mod tests {
         let mut got = Vec::new();
         for msg in [&b"hello"[..], b"again", b"and a third"] {
             a.write_all(msg).unwrap();
-            for (t, ready) in reap_after(&mut p, 20) {
-                assert_eq!(t, token(3, 9));
-                let Ready::Recv { res, flags, more } = ready else { panic!("{ready:?}") };
-                assert!(res > 0 && more, "{res} {more}");
-                // SAFETY: one completion, taken once, released below.
-                let (bid, data) = unsafe { bufs.take(flags, res as usize) }.expect("a buffer");
-                got.extend_from_slice(data);
-                bufs.done(bid, flags, res as usize);
-            }
+            got.extend(received(&mut p, &bufs, 20));
         }
         assert_eq!(got, b"helloagainand a third");
         // A runtime asleep on `fd()` wakes when bytes arrive (deferred work
@@ -514,25 +523,12 @@ mod tests {
         assert_eq!(unsafe { libc::poll(&mut pfd, 1, 5_000) }, 1);
         assert!(t0.elapsed() < std::time::Duration::from_secs(2), "woken by the bytes, not the timeout");
         let mut a = writer.join().unwrap();
-        for (_, ready) in reap_after(&mut p, 0) {
-            let Ready::Recv { res, flags, .. } = ready else { panic!("{ready:?}") };
-            // SAFETY: as above.
-            let (bid, data) = unsafe { bufs.take(flags, res as usize) }.unwrap();
-            assert_eq!(data, b"wake");
-            bufs.done(bid, flags, res as usize);
-        }
+        assert_eq!(received(&mut p, &bufs, 0), b"wake");
         // More completions than buffers: incremental consumption (or the
-        // recycling above) keeps the ring from running dry.
+        // recycling in `received`) keeps the ring from running dry.
         for i in 0..32u8 {
             a.write_all(&[i; 100]).unwrap();
-            for (_, ready) in reap_after(&mut p, 2) {
-                let Ready::Recv { res, flags, .. } = ready else { panic!("{ready:?}") };
-                assert!(res > 0, "{res}");
-                // SAFETY: as above.
-                let (bid, data) = unsafe { bufs.take(flags, res as usize) }.unwrap();
-                assert!(data.iter().all(|&x| x == i));
-                bufs.done(bid, flags, res as usize);
-            }
+            assert_eq!(received(&mut p, &bufs, 2), [i; 100]);
         }
         check_write(&mut p, &b);
         // Closing cancels the receive before the descriptor goes: the peer

@@ -3,13 +3,15 @@
 //! Owns: non-blocking `recv`, vectored `sendmsg`, `shutdown`, CPU pinning.
 //! Must not: keep state or retry anything but `EINTR`.
 //!
-//! Why plain syscalls next to io_uring: the worker waits for readiness with
-//! io_uring (a one-shot poll that pins no buffer), then drains with
-//! non-blocking `recv` into one per-worker scratch buffer; writes go out
-//! with one non-blocking `sendmsg` per connection per batch, which costs the
-//! same kernel time as an io_uring send (measured; see DESIGN.md, "the
-//! kernel's floor") and needs no per-write allocation or completion. Only a
-//! connection whose socket buffer is full waits, on an io_uring poll.
+//! Why plain syscalls next to io_uring: reads come from the multishot
+//! receives of `poller.rs` (or, on the epoll data path, a non-blocking
+//! `recv` into one per-worker scratch buffer); writes go out with one
+//! non-blocking `sendmsg` per connection per batch, from any thread, which
+//! costs the same kernel time as an io_uring send (measured; see DESIGN.md,
+//! "the kernel's floor", and the README's table: `sendmsg` is half the
+//! server's CPU, nearly all of it TCP itself) and needs no per-write
+//! allocation or completion. Only a connection whose socket buffer is full
+//! waits, on a poll.
 //! Accepted sockets are blocking fds, hence `MSG_DONTWAIT` on every call.
 
 use std::io;

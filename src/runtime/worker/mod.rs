@@ -114,6 +114,10 @@ pub(crate) struct Worker {
     handle: Handle,
     rules: Rules,
     conns: RefCell<Slab<Slot>>,
+    /// The buffer ring receives land in (io_uring poller; `bufring.rs`).
+    /// Before `out`: fields drop in order, and the ring is unregistered
+    /// while the poller's ring is still open.
+    bufs: Option<Rc<BufRing>>,
     /// The write path, with the poller.
     out: Writer,
     wheel: RefCell<Wheel>,
@@ -125,8 +129,6 @@ pub(crate) struct Worker {
     /// Connections that stopped reading at `MAX_READS_PER_WAKE` with data
     /// possibly left (epoll), so the I/O loop comes back to them.
     read_again: RefCell<Vec<(u32, u32)>>,
-    /// The buffer ring receives land in (io_uring poller; `bufring.rs`).
-    bufs: Option<Rc<BufRing>>,
     /// Connections whose receive the kernel ended because the buffer ring
     /// was empty: armed again at the end of the turn, once this turn's
     /// buffers are back. Their bytes wait in the socket meanwhile.

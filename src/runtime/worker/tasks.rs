@@ -334,7 +334,18 @@ pub(crate) async fn run(
     let poller = match (driver, shared.config.server.poller) {
         (crate::runtime::DriverKind::IoUring, crate::config::PollerKind::IoUring) => {
             let u = &shared.config.uring;
-            Poller::uring(u.sq_entries, u.cq_entries, u.recv_buffers, u.recv_buffer_bytes)
+            // Multishot receives (6.0), buffer rings (5.19) and deferred
+            // task work (6.1): an older kernel, or one that limits io_uring,
+            // gets the epoll data path, with a warning, as `io_driver =
+            // "auto"` does for the runtime.
+            Poller::uring(u.sq_entries, u.cq_entries, u.recv_buffers, u.recv_buffer_bytes).or_else(|e| {
+                if id.0 == 0 {
+                    tracing::warn!(
+                        "server.poller = \"io_uring\" is not available on this kernel ({e}); using epoll for client sockets"
+                    );
+                }
+                Poller::epoll()
+            })
         }
         _ => Poller::epoll(),
     };
