@@ -113,8 +113,8 @@ cargo test --workspace "$@"
 # is not the default (tests/common picks it up from SWITCHBOARD_TEST_POLLER),
 # and Autobahn below in both. About two minutes. Skipped when arguments
 # select tests.
-DEFAULT_POLLER=io_uring
-OTHER_POLLER=epoll
+DEFAULT_POLLER=epoll
+OTHER_POLLER=io_uring
 if [ $# -eq 0 ]; then
   SWITCHBOARD_TEST_POLLER=$OTHER_POLLER cargo test -p switchboard --test core --test hardening --test websocket \
     --test ws_interop --test rooms --test reliable --test api --test admin --test metrics --test directory_churn

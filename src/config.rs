@@ -99,23 +99,27 @@ pub struct ServerConfig {
     /// `auto`, `io_uring` or `epoll`.
     pub io_driver: IoDriver,
     /// The data path for client sockets:
-    /// - `io_uring` (default): one multishot receive per connection on a
-    ///   per-worker ring, landing bytes in a shared buffer ring that idle
-    ///   connections hold nothing of (`[uring]` `recv_buffers` ×
-    ///   `recv_buffer_bytes`, 4 MiB per worker by default, touched at
-    ///   start); the ring's work runs in the worker's own `io_uring_enter`,
-    ///   one batch per loop turn. Needs Linux 6.1; an older kernel, or
-    ///   io_uring refused, falls back to epoll with a warning.
-    /// - `epoll`: one epoll set per worker (waited on through the runtime's
-    ///   ring), then a `recv` per readable socket into a scratch buffer.
+    /// - `epoll` (default): one epoll set per worker (waited on through the
+    ///   runtime's ring), then a `recv` per readable socket into a scratch
+    ///   buffer.
+    /// - `io_uring`: one multishot receive per connection on a per-worker
+    ///   ring, landing bytes in a shared buffer ring that idle connections
+    ///   hold nothing of (`[uring]` `recv_buffers` × `recv_buffer_bytes`,
+    ///   4 MiB per worker by default, touched at start); the ring's work
+    ///   runs in the worker's own `io_uring_enter`, one batch per loop turn.
+    ///   Needs Linux 6.1; an older kernel, or io_uring refused, falls back
+    ///   to epoll with a warning.
     ///
     /// With `io_driver = "epoll"` it is always epoll. Measured side by side
     /// by `switchboard-bench capacity --quick` (its data-path section;
-    /// 4,000 connections, 2 workers): io_uring's unicast p99 at half the
-    /// best rate 693 µs vs 2,971 µs, user CPU per message 0.72× and system
-    /// CPU 0.99× epoll's at 40,000 msgs/s (0.73× at 10,000), fan-out and
-    /// churn equal, idle memory per connection 1.04×. Writes are the same
-    /// in both modes (`runtime/write`).
+    /// 4,000 connections, 2 workers), in two runs with the modes' order
+    /// swapped: system CPU per relayed message 0.99× and 0.94× epoll's,
+    /// fan-out and heartbeats equal, throughput and p99 each better in
+    /// whichever mode ran second (the difference is below the run's order
+    /// effect), and idle memory per connection 1.04× and 1.09× epoll's
+    /// (the armed receive costs the kernel more than an epoll entry). Idle
+    /// memory decides: epoll stays the default. Writes are the same in both
+    /// modes (`runtime/write`).
     pub poller: PollerKind,
     /// Most connections the whole server holds (split evenly over workers);
     /// 0 = as many as `RLIMIT_NOFILE` allows. Each slot costs its share of
@@ -157,7 +161,7 @@ impl Default for ServerConfig {
             workers: 0,
             pin_workers: false,
             io_driver: IoDriver::Auto,
-            poller: PollerKind::IoUring,
+            poller: PollerKind::Epoll,
             max_connections: 0,
             listen_backlog: 4096,
             accepts_per_worker: 4,
