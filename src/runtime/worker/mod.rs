@@ -798,39 +798,35 @@ impl Worker {
     /// completion's.
     fn on_recv(&self, slot: u32, generation: u32, res: i32, flags: u32, more: bool) {
         let bufs = self.bufs.as_ref().expect("receives complete only on the io_uring poller");
-        // SAFETY: one completion, taken once; the slice is not used after
-        // `done`.
-        let taken = if res > 0 { unsafe { bufs.take(flags, res as usize) } } else { None };
-        let fd = match self.conns.borrow().get(slot as usize) {
-            Some(s) if s.generation == generation => Some(s.fd),
-            _ => None,
-        };
-        let Some(fd) = fd else {
-            // Stale (released, its receive cancelled): only the buffer
-            // matters.
-            if let Some((bid, _)) = taken {
-                bufs.done(bid, flags, res as usize);
-            }
-            return;
-        };
-        let open = match (res, taken) {
-            (n, Some((bid, data))) => {
-                bump(&self.counters().detail.bytes_in, n as u64);
-                let now = self.now.get();
-                let fed = self.with_conn(slot, generation, true, |c, io| c.on_read(data, now, &self.rules, io));
-                bufs.done(bid, flags, n as usize);
-                self.enforce_held_budget();
-                fed.is_some()
-            }
-            (0, None) => false,
-            (e, None) if e == -libc::ENOBUFS => {
+        // A stale completion (its connection released, the receive
+        // cancelled) finds no connection below: `with_conn`, `release` and
+        // `rearm_read` all check the generation, so only its buffer matters.
+        let open = match res {
+            // SAFETY: one completion, taken once; the slice is not used
+            // after `done`.
+            n if n > 0 => match unsafe { bufs.take(flags, n as usize) } {
+                Some((bid, data)) => {
+                    let now = self.now.get();
+                    let fed = self.with_conn(slot, generation, true, |c, io| c.on_read(data, now, &self.rules, io));
+                    bufs.done(bid, flags, n as usize);
+                    if fed.is_none() {
+                        return;
+                    }
+                    bump(&self.counters().detail.bytes_in, n as u64);
+                    self.enforce_held_budget();
+                    true
+                }
+                None => false,
+            },
+            0 => false,
+            e if e == -libc::ENOBUFS => {
                 // The kernel ended the receive: every buffer was taken
                 // between two turns. Nothing was read, nothing is lost.
                 bump(&self.counters().recv_buffers_exhausted, 1);
                 self.starved.borrow_mut().push((slot, generation));
                 return;
             }
-            (e, None) => {
+            e => {
                 tracing::trace!(worker = self.id.0, slot, "receive failed: errno {}", -e);
                 false
             }
@@ -838,8 +834,17 @@ impl Worker {
         if !open {
             self.release(slot, generation);
         } else if !more {
-            self.out.poller.borrow_mut().rearm_read(fd, token(slot, generation));
+            self.rearm_read(slot, generation);
         }
+    }
+
+    /// Arms a live connection's receive again (the kernel ended it).
+    fn rearm_read(&self, slot: u32, generation: u32) {
+        let fd = match self.conns.borrow().get(slot as usize) {
+            Some(s) if s.generation == generation => s.fd,
+            _ => return,
+        };
+        self.out.poller.borrow_mut().rearm_read(fd, token(slot, generation));
     }
 
     /// Arms again the receives the kernel ended on an empty buffer ring,
@@ -847,11 +852,7 @@ impl Worker {
     pub(super) fn rearm_starved(&self) {
         let starved = std::mem::take(&mut *self.starved.borrow_mut());
         for (slot, generation) in starved {
-            let fd = match self.conns.borrow().get(slot as usize) {
-                Some(s) if s.generation == generation => s.fd,
-                _ => continue,
-            };
-            self.out.poller.borrow_mut().rearm_read(fd, token(slot, generation));
+            self.rearm_read(slot, generation);
         }
     }
 
