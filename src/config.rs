@@ -650,6 +650,10 @@ pub struct StoreConfig {
     /// Requests that may wait for the store thread (a few hundred bytes
     /// each with their payloads); past it a request gets ERROR 115.
     pub queue_capacity: usize,
+    /// The disk store's write buffer (memtable) per keyspace, in MiB. A
+    /// larger one flushes less often; each flush holds appends up for its
+    /// table and manifest syncs (docs/DEPLOY.md, "Message store").
+    pub write_buffer_mib: u64,
 }
 
 impl Default for StoreConfig {
@@ -663,6 +667,7 @@ impl Default for StoreConfig {
             max_messages_per_inbox: limits.max_messages_per_inbox,
             max_bytes: limits.max_bytes,
             queue_capacity: 65_536,
+            write_buffer_mib: crate::store::disk::WRITE_BUFFER_MIB,
         }
     }
 }
@@ -696,6 +701,12 @@ impl StoreConfig {
             return Err(invalid(
                 "store.queue_capacity",
                 format!("is {}, must be between 16 and 16777216", self.queue_capacity),
+            ));
+        }
+        if !(1..=4096).contains(&self.write_buffer_mib) {
+            return Err(invalid(
+                "store.write_buffer_mib",
+                format!("is {}, must be between 1 and 4096", self.write_buffer_mib),
             ));
         }
         Ok(())
@@ -1358,6 +1369,7 @@ mod store_section {
             ("ttl_ms = 10", "store.ttl_ms"),
             ("max_messages_per_inbox = 0", "store.max_messages_per_inbox"),
             ("max_bytes = 1000", "store.max_bytes"),
+            ("write_buffer_mib = 0", "store.write_buffer_mib"),
             ("queue_capacity = 1", "store.queue_capacity"),
             ("durabilty = \"os\"", "durabilty"),
         ] {

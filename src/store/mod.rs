@@ -297,7 +297,9 @@ pub fn open_store_with(
             Some(Box::new(RedisStore::open(addrs, &cluster.node_id_or_default(listen_port), limits, timeout)?))
         }
         StoreKind::Memory => Some(Box::new(MemoryStore::new(limits))),
-        StoreKind::Disk => Some(Box::new(DiskStore::open(&cfg.path, cfg.durability, limits)?)),
+        StoreKind::Disk => {
+            Some(Box::new(DiskStore::open_with_buffer(&cfg.path, cfg.durability, limits, cfg.write_buffer_mib << 20)?))
+        }
     })
 }
 

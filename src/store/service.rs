@@ -10,12 +10,23 @@
 //! never an io_uring worker.
 //!
 //! The loop: wait for one request, take up to [`MAX_BATCH`] more that are
-//! already queued; apply every append, login and position change in order;
-//! ONE `sync` for the batch; then hand out the outcomes of the writes in
-//! order; then serve the reads and state queries of the batch. Nothing is
-//! answered before the sync that made it durable, so no reader ever sees a
-//! message that a crash could still take back. If the sync fails, every
-//! write of the batch is answered with that error.
+//! already queued; apply every append and login in order; ONE `sync` for
+//! the batch; then hand out the outcomes of the writes in order; then
+//! write a slice of the device positions waiting ([`POSITION_SLICE`]);
+//! then serve the reads
+//! and state queries of the batch. Nothing is answered before the sync
+//! that made it durable, so no reader ever sees a message that a crash
+//! could still take back. If the sync fails, every write of the batch is
+//! answered with that error.
+//!
+//! Device positions wait in a map, one entry per device (a newer position
+//! replaces an older one), and are written a slice per turn: every
+//! worker hands over the positions acknowledged since its last tick at
+//! once, thousands in one batch, and written in one go they held up the
+//! appends queued behind them by 25–35 ms (measured under reliable
+//! unicast at 20,000 messages/s, 4,000 devices). A device login, a state
+//! query, a retention pass and the stop first write every waiting
+//! position, so none of them sees an older one.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
@@ -40,6 +51,12 @@ pub const EXPIRE_INTERVAL: Duration = Duration::from_secs(60);
 /// again, which it drops by seq), and a sync per ACK would put an
 /// `fdatasync` between every page a catching-up device reads.
 pub const POSITION_SYNC_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Device positions written per turn of the loop (module doc): this many,
+/// or an eighth of those waiting if that is more, so that a backlog is
+/// written within a few turns whatever the number of devices. 256 are
+/// about 1.5 ms of store-thread time with the disk store.
+pub const POSITION_SLICE: usize = 256;
 
 /// What the store thread can be asked to do.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -187,8 +204,16 @@ impl<T: Send + 'static> Service<T> {
         let (tx, rx) = sync_channel(cfg.queue_capacity.max(1));
         let counters = Arc::new(StoreCounters::default());
         let stopped = Arc::new(AtomicBool::new(false));
-        let worker =
-            Worker { store, sink, rx, counters: counters.clone(), stopped: stopped.clone(), cfg, unsynced_since: None };
+        let worker = Worker {
+            store,
+            sink,
+            rx,
+            counters: counters.clone(),
+            stopped: stopped.clone(),
+            cfg,
+            unsynced_since: None,
+            positions: hashbrown::HashMap::new(),
+        };
         let thread = std::thread::Builder::new().name("switchboard-store".into()).spawn(move || worker.run())?;
         Ok(Service { submitter: Submitter { tx, counters, stopped }, thread: Some(thread) })
     }
@@ -242,7 +267,13 @@ struct Worker<T, S> {
     cfg: ServiceConfig,
     /// Positions or device logins were written and not synced since.
     unsynced_since: Option<Instant>,
+    /// Positions not written yet: (user, device) → the highest seq asked
+    /// and the tokens to answer once it is written (module doc).
+    positions: hashbrown::HashMap<DeviceKey, (u64, Vec<T>)>,
 }
+
+/// (user, device).
+type DeviceKey = (Arc<str>, Arc<str>);
 
 impl<T: Send + 'static, S: Sink<T>> Worker<T, S> {
     fn run(mut self) -> Result<(), StoreError> {
@@ -253,6 +284,9 @@ impl<T: Send + 'static, S: Sink<T>> Worker<T, S> {
             let mut due = next_expire;
             if let Some(t) = self.unsynced_since {
                 due = due.min(t + POSITION_SYNC_INTERVAL);
+            }
+            if !self.positions.is_empty() {
+                due = Instant::now(); // look for requests, then write the next slice
             }
             let wait = due.saturating_duration_since(Instant::now());
             match self.rx.recv_timeout(wait) {
@@ -276,10 +310,14 @@ impl<T: Send + 'static, S: Sink<T>> Worker<T, S> {
             }
             self.counters.queue_depth.fetch_sub(batch.len() as u64, Ordering::Relaxed);
             self.serve(&mut batch);
+            if stopping {
+                self.write_positions(true);
+            }
             if self.unsynced_since.is_some_and(|t| t.elapsed() >= POSITION_SYNC_INTERVAL) {
                 self.sync_positions();
             }
             if Instant::now() >= next_expire {
+                self.write_positions(true);
                 self.expire();
                 next_expire = Instant::now() + self.cfg.expire_interval;
             }
@@ -307,6 +345,7 @@ impl<T: Send + 'static, S: Sink<T>> Worker<T, S> {
     /// answers, then the reads.
     fn serve(&mut self, batch: &mut Vec<(T, Request)>) {
         if batch.is_empty() {
+            self.write_positions(false);
             return;
         }
         let now_ms = (self.cfg.clock)();
@@ -330,11 +369,14 @@ impl<T: Send + 'static, S: Sink<T>> Worker<T, S> {
                 }
                 Request::DeviceLogin { user, device, client_seq } => {
                     self.append_run(&mut run_tokens, &mut run, now_ms, &mut written, &mut appended);
+                    self.write_positions(true);
                     Done::DeviceLogin(self.store.device_login(&user, &device, client_seq, now_ms))
                 }
                 Request::Position { user, device, seq } => {
-                    self.append_run(&mut run_tokens, &mut run, now_ms, &mut written, &mut appended);
-                    Done::Position(self.store.set_position(&user, &device, seq, now_ms))
+                    let (at, tokens) = self.positions.entry((user, device)).or_insert((seq, Vec::new()));
+                    *at = (*at).max(seq);
+                    tokens.push(token);
+                    continue;
                 }
                 read @ (Request::Read { .. } | Request::State { .. }) => {
                     reads.push((token, read));
@@ -374,6 +416,8 @@ impl<T: Send + 'static, S: Sink<T>> Worker<T, S> {
         for (token, done) in written {
             self.sink.done(token, done);
         }
+        let states = reads.iter().any(|(_, r)| matches!(r, Request::State { .. }));
+        self.write_positions(states);
         for (token, req) in reads {
             let done = match req {
                 Request::Read { user, after_seq, limit } => {
@@ -385,6 +429,29 @@ impl<T: Send + 'static, S: Sink<T>> Worker<T, S> {
             };
             self.sink.done(token, done);
         }
+    }
+
+    /// Writes every waiting device position (`all`) or a slice of them
+    /// ([`POSITION_SLICE`]), not synced (that waits for the next append's
+    /// sync or [`POSITION_SYNC_INTERVAL`]), and answers their tokens.
+    fn write_positions(&mut self, all: bool) {
+        if self.positions.is_empty() {
+            return;
+        }
+        let most = if all { usize::MAX } else { POSITION_SLICE.max(self.positions.len() / 8) };
+        let now_ms = (self.cfg.clock)();
+        let keys: Vec<DeviceKey> = self.positions.keys().take(most).cloned().collect();
+        for key in keys {
+            let (seq, tokens) = self.positions.remove(&key).expect("a key of the map");
+            let r = self.store.set_position(&key.0, &key.1, seq, now_ms);
+            if r.is_err() {
+                self.counters.errors.fetch_add(1, Ordering::Relaxed);
+            }
+            for token in tokens {
+                self.sink.done(token, Done::Position(r.clone()));
+            }
+        }
+        self.unsynced_since.get_or_insert_with(Instant::now);
     }
 
     /// Appends a run of consecutive appends in one `append_batch` call and

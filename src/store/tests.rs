@@ -56,6 +56,8 @@ struct Disk {
     store: Option<DiskStore>,
     durability: Durability,
     limits: StoreLimits,
+    /// The size of the store's user cache, if not the default.
+    cached_users: Option<usize>,
     // Last: removed after the store is closed.
     dir: TempDir,
 }
@@ -64,7 +66,15 @@ impl Disk {
     fn new(durability: Durability, limits: StoreLimits) -> Self {
         let dir = TempDir::new("disk");
         let store = DiskStore::open(&dir.0, durability, limits).expect("opens");
-        Disk { store: Some(store), durability, limits, dir }
+        Disk { store: Some(store), durability, limits, cached_users: None, dir }
+    }
+
+    /// A store that caches at most `users` users.
+    fn with_cache(durability: Durability, limits: StoreLimits, users: usize) -> Self {
+        let mut d = Disk::new(durability, limits);
+        d.cached_users = Some(users);
+        d.store.as_mut().expect("open").set_cached_users(users);
+        d
     }
 }
 
@@ -76,7 +86,11 @@ impl Subject for Disk {
         let mut s = self.store.take().expect("open");
         s.sync().unwrap();
         drop(s);
-        self.store = Some(DiskStore::open(&self.dir.0, self.durability, self.limits).expect("reopens"));
+        let mut s = DiskStore::open(&self.dir.0, self.durability, self.limits).expect("reopens");
+        if let Some(users) = self.cached_users {
+            s.set_cached_users(users);
+        }
+        self.store = Some(s);
         true
     }
 }
@@ -698,6 +712,14 @@ proptest! {
     #[test]
     fn disk_store_behaves_as_the_model(ops in proptest::collection::vec(op(), 1..80)) {
         against_the_model(make_disk_os(model_limits()), model_limits(), &ops)?;
+    }
+
+    /// The same with a cache of one user, so that every other operation
+    /// drops and fills the cache entry (the default cache holds all three).
+    #[test]
+    fn disk_store_with_a_one_user_cache_behaves_as_the_model(ops in proptest::collection::vec(op(), 1..80)) {
+        let subject = Box::new(Disk::with_cache(Durability::Os, model_limits(), 1));
+        against_the_model(subject, model_limits(), &ops)?;
     }
 }
 
@@ -1359,5 +1381,74 @@ fn service_syncs_positions_alone_within_the_interval_not_before_each_read() {
         assert!(std::time::Instant::now() < end, "positions never synced");
         std::thread::sleep(Duration::from_millis(10));
     }
+    service.stop().unwrap();
+}
+
+#[test]
+fn service_positions_handed_over_by_the_thousand_do_not_hold_up_appends() {
+    let mut probe = Probe::new();
+    let gate = Arc::new((Mutex::new(false), Condvar::new()));
+    probe.gate = Some(gate.clone());
+    let in_sync = probe.in_sync.clone();
+    let (sink, rx) = collect();
+    let service = Service::start(Box::new(probe), sink, cfg(8192)).unwrap();
+    service.try_submit(0, append_req("alice", 0)).unwrap();
+    while !in_sync.load(Ordering::SeqCst) {
+        std::thread::yield_now(); // the thread holds request 0 in its sync
+    }
+    // What a worker's tick hands over: a position for each of its devices.
+    let user: Arc<str> = "alice".into();
+    let n = 4 * super::service::POSITION_SLICE as u64;
+    for i in 0..n {
+        let device: Arc<str> = format!("d{i}").into();
+        service.try_submit(100 + i, Request::Position { user: user.clone(), device, seq: 1 }).unwrap();
+    }
+    service.try_submit(1, append_req("bob", 1)).unwrap();
+    *gate.0.lock().unwrap() = true;
+    gate.1.notify_all();
+    assert_eq!(recv(&rx).0, 0);
+    assert_eq!(recv(&rx), (1, Done::Appended(Ok(Appended::New { seq: 1 }))), "the append is not queued behind them");
+    let mut answered: Vec<u64> = (0..n)
+        .map(|_| recv(&rx))
+        .map(|(t, d)| {
+            assert_eq!(d, Done::Position(Ok(())));
+            t
+        })
+        .collect();
+    answered.sort_unstable();
+    assert_eq!(answered, (100..100 + n).collect::<Vec<_>>(), "every position is written and answered once");
+    service.stop().unwrap();
+}
+
+#[test]
+fn service_login_and_state_see_the_latest_position_waiting() {
+    let (sink, rx) = collect();
+    let service = Service::start(Box::new(Probe::new()), sink, cfg(64)).unwrap();
+    let (user, device): (Arc<str>, Arc<str>) = ("alice".into(), "phone".into());
+    let login = |t| (t, Request::DeviceLogin { user: user.clone(), device: device.clone(), client_seq: 0 });
+    let position = |t, seq| (t, Request::Position { user: user.clone(), device: device.clone(), seq });
+    let (t, r) = login(1);
+    service.try_submit(t, r).unwrap();
+    for i in 0..3 {
+        service.try_submit(10 + i, append_req("alice", i)).unwrap();
+    }
+    for (t, seq) in [(20, 2), (21, 3), (22, 1)] {
+        let (t, r) = position(t, seq);
+        service.try_submit(t, r).unwrap();
+    }
+    let (t, r) = login(2);
+    service.try_submit(t, r).unwrap();
+    service.try_submit(3, Request::State { user: user.clone() }).unwrap();
+    let mut got = std::collections::HashMap::new();
+    for _ in 0..9 {
+        let (t, d) = recv(&rx);
+        got.insert(t, d);
+    }
+    assert_eq!(got[&2], Done::DeviceLogin(Ok((3, 3))), "the second login sees the highest position acknowledged");
+    for t in [20, 21, 22] {
+        assert_eq!(got[&t], Done::Position(Ok(())));
+    }
+    let Done::State(Ok(st)) = &got[&3] else { panic!("a state") };
+    assert_eq!(st.devices[0].position, 3);
     service.stop().unwrap();
 }
