@@ -1278,18 +1278,33 @@ fn service_answers_logins_and_positions_after_the_sync() {
     assert_eq!(st.devices[0].position, 1);
 }
 
-#[test]
-fn service_is_busy_when_the_queue_is_full_and_never_blocks() {
+/// A service over a [`Probe`] whose thread holds request 0 (an append)
+/// in its sync until the returned gate is opened with [`open_gate`].
+#[allow(clippy::type_complexity)]
+fn service_held_in_sync(
+    queue_capacity: usize,
+) -> (Service<u64>, mpsc::Receiver<(u64, Done)>, Arc<(Mutex<bool>, Condvar)>) {
     let mut probe = Probe::new();
     let gate = Arc::new((Mutex::new(false), Condvar::new()));
     probe.gate = Some(gate.clone());
     let in_sync = probe.in_sync.clone();
     let (sink, rx) = collect();
-    let service = Service::start(Box::new(probe), sink, cfg(4)).unwrap();
+    let service = Service::start(Box::new(probe), sink, cfg(queue_capacity)).unwrap();
     service.try_submit(0, append_req("alice", 0)).unwrap();
     while !in_sync.load(Ordering::SeqCst) {
-        std::thread::yield_now(); // the thread holds request 0, held in its sync
+        std::thread::yield_now(); // the thread holds request 0 in its sync
     }
+    (service, rx, gate)
+}
+
+fn open_gate(gate: &(Mutex<bool>, Condvar)) {
+    *gate.0.lock().unwrap() = true;
+    gate.1.notify_all();
+}
+
+#[test]
+fn service_is_busy_when_the_queue_is_full_and_never_blocks() {
+    let (service, rx, gate) = service_held_in_sync(4);
     for i in 1..=4 {
         service.try_submit(i, append_req("alice", i)).unwrap();
     }
@@ -1298,8 +1313,7 @@ fn service_is_busy_when_the_queue_is_full_and_never_blocks() {
     assert!(t.elapsed() < Duration::from_millis(100), "returned at once");
     assert_eq!(service.counters().busy.load(Ordering::SeqCst), 1);
     assert_eq!(service.counters().queue_depth.load(Ordering::SeqCst), 4);
-    *gate.0.lock().unwrap() = true;
-    gate.1.notify_all();
+    open_gate(&gate);
     for i in 0..=4 {
         assert_eq!(recv(&rx), (i, Done::Appended(Ok(Appended::New { seq: i + 1 }))));
     }
@@ -1386,16 +1400,7 @@ fn service_syncs_positions_alone_within_the_interval_not_before_each_read() {
 
 #[test]
 fn service_positions_handed_over_by_the_thousand_do_not_hold_up_appends() {
-    let mut probe = Probe::new();
-    let gate = Arc::new((Mutex::new(false), Condvar::new()));
-    probe.gate = Some(gate.clone());
-    let in_sync = probe.in_sync.clone();
-    let (sink, rx) = collect();
-    let service = Service::start(Box::new(probe), sink, cfg(8192)).unwrap();
-    service.try_submit(0, append_req("alice", 0)).unwrap();
-    while !in_sync.load(Ordering::SeqCst) {
-        std::thread::yield_now(); // the thread holds request 0 in its sync
-    }
+    let (service, rx, gate) = service_held_in_sync(8192);
     // What a worker's tick hands over: a position for each of its devices.
     let user: Arc<str> = "alice".into();
     let n = 4 * super::service::POSITION_SLICE as u64;
@@ -1404,8 +1409,7 @@ fn service_positions_handed_over_by_the_thousand_do_not_hold_up_appends() {
         service.try_submit(100 + i, Request::Position { user: user.clone(), device, seq: 1 }).unwrap();
     }
     service.try_submit(1, append_req("bob", 1)).unwrap();
-    *gate.0.lock().unwrap() = true;
-    gate.1.notify_all();
+    open_gate(&gate);
     assert_eq!(recv(&rx).0, 0);
     assert_eq!(recv(&rx), (1, Done::Appended(Ok(Appended::New { seq: 1 }))), "the append is not queued behind them");
     let mut answered: Vec<u64> = (0..n)
