@@ -652,7 +652,7 @@ pub struct StoreConfig {
     pub queue_capacity: usize,
     /// The disk store's write buffer (memtable) per keyspace, in MiB. A
     /// larger one flushes less often; each flush holds appends up for its
-    /// table and manifest syncs (docs/DEPLOY.md, "Message store").
+    /// table and manifest syncs (docs/DEPLOY.md, "Write stalls").
     pub write_buffer_mib: u64,
 }
 

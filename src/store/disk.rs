@@ -208,9 +208,9 @@ pub struct DiskStore {
     total_bytes: u64,
     /// Messages kept over all inboxes (counted at open, then kept up).
     total_messages: u64,
-    /// user key → head and record, mirroring fjall (module doc). An entry
-    /// is updated only after its write batch committed, and dropped when a
-    /// write of that user fails.
+    /// user key → head and record, mirroring fjall (module doc). An append
+    /// moves its entry to the new head before committing and drops it if
+    /// the commit fails; a device change updates it after its write.
     cache: hashbrown::HashMap<Vec<u8>, Cached>,
     cache_users: usize,
 }

@@ -13,8 +13,7 @@
 //! already queued; apply every append and login in order; ONE `sync` for
 //! the batch; then hand out the outcomes of the writes in order; then
 //! write a slice of the device positions waiting ([`POSITION_SLICE`]);
-//! then serve the reads
-//! and state queries of the batch. Nothing is answered before the sync
+//! then serve the reads and state queries of the batch. Nothing is answered before the sync
 //! that made it durable, so no reader ever sees a message that a crash
 //! could still take back. If the sync fails, every write of the batch is
 //! answered with that error.
@@ -268,7 +267,9 @@ struct Worker<T, S> {
     /// Positions or device logins were written and not synced since.
     unsynced_since: Option<Instant>,
     /// Positions not written yet: (user, device) → the highest seq asked
-    /// and the tokens to answer once it is written (module doc).
+    /// and the tokens to answer once it is written (module doc). Bounded
+    /// by the devices with a position waiting (one entry each), and
+    /// emptied within a few turns: each writes at least an eighth.
     positions: hashbrown::HashMap<DeviceKey, (u64, Vec<T>)>,
 }
 
@@ -440,10 +441,10 @@ impl<T: Send + 'static, S: Sink<T>> Worker<T, S> {
         }
         let most = if all { usize::MAX } else { POSITION_SLICE.max(self.positions.len() / 8) };
         let now_ms = (self.cfg.clock)();
-        let keys: Vec<DeviceKey> = self.positions.keys().take(most).cloned().collect();
-        for key in keys {
-            let (seq, tokens) = self.positions.remove(&key).expect("a key of the map");
-            let r = self.store.set_position(&key.0, &key.1, seq, now_ms);
+        // Dropped after `most` entries, extract_if keeps the rest.
+        let slice: Vec<_> = self.positions.extract_if(|_, _| true).take(most).collect();
+        for ((user, device), (seq, tokens)) in slice {
+            let r = self.store.set_position(&user, &device, seq, now_ms);
             if r.is_err() {
                 self.counters.errors.fetch_add(1, Ordering::Relaxed);
             }
