@@ -22,12 +22,19 @@
 //! Run: `cargo bench -p switchboard-bench --bench fanout` (env: FANOUT_MEMBERS, FANOUT_WORKERS,
 //! FANOUT_REPEATS, FANOUT_SUSTAIN_S, FANOUT_SUSTAIN_FACTOR = offered
 //! deliveries as a multiple of the ceiling, default 6;
-//! FANOUT_SOCKET_BUFFERS = `socket.rcvbuf_bytes` and `sndbuf_bytes`). Results also go to
-//! `target/fanout.json`.
+//! FANOUT_SOCKET_BUFFERS = `socket.rcvbuf_bytes` and `sndbuf_bytes`;
+//! FANOUT_PERF, below). Results also go to `target/fanout.json`.
 //!
 //! CPU figures are for the worker threads only: the scheduler's nanosecond
-//! run time, split into user and system by the kernel's tick samples; more
-//! repeats give a finer split.
+//! run time, split into user and system by the kernel's tick samples, or
+//! with FANOUT_PERF=1 by `perf` samples of those threads (`cpu-clock`,
+//! 2,000 per second of their run time; `perf` must be on the PATH and
+//! allowed to sample them). The report names the method and the samples
+//! behind each split, and each window's recording stays in
+//! `target/fanout-perf/{ceiling,single,sustained}/perf.data` for
+//! `perf report -i`. Either way the user figure is sampled: compare the
+//! single-message figure with the send ceiling's of the same run (see
+//! `loadgen/perfsplit.rs`).
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -35,7 +42,8 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use switchboard::config::Config;
 use switchboard::Server;
-use switchboard_bench::loadgen::{percentiles, timed_payload, Collected, Fleet, FleetSpec, ProcStat};
+use switchboard_bench::loadgen::perfsplit::{CpuSplit, CpuWindow};
+use switchboard_bench::loadgen::{percentiles, timed_payload, Collected, Fleet, FleetSpec};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -68,12 +76,27 @@ fn completions(c: &Collected, seqs: std::ops::Range<u32>, members: u64) -> Vec<u
     .collect()
 }
 
+/// How a window split user from system time, with the samples behind it.
+fn split_json(w: &CpuSplit) -> serde_json::Value {
+    json!({
+        "method": w.method(),
+        "user_kernel_samples": w.samples.map(|s| [s.user, s.kernel]),
+        "sched_run_ms": w.sched_ns / 1e6,
+        "why_not_perf": w.perf_error,
+    })
+}
+
 fn main() {
     let members: u32 = env_or("FANOUT_MEMBERS", 15_000);
     let workers: usize = env_or("FANOUT_WORKERS", 2);
     let repeats: u32 = env_or("FANOUT_REPEATS", 20);
     let sustain_s: u64 = env_or("FANOUT_SUSTAIN_S", 5);
     let factor: f64 = env_or("FANOUT_SUSTAIN_FACTOR", 6.0);
+    let perf = env_or("FANOUT_PERF", 0) != 0;
+    let window = |name: &str| {
+        let dir = PathBuf::from("target/fanout-perf").join(name);
+        CpuWindow::open("sb-worker", perf.then_some(dir.as_path()))
+    };
 
     let mut cfg = Config::default();
     cfg.server.listen = "127.0.0.1:0".into();
@@ -104,7 +127,7 @@ fn main() {
     let settle = Duration::from_millis(200);
 
     // 1. The kernel's floor: plain blocking sends over the same sockets.
-    let cpu_c0 = ProcStat::threads_cpu("sb-worker");
+    let cpu_c = window("ceiling");
     let mut loop_rates = Vec::new();
     for r in 0..repeats {
         let samples = h.bench_send_ceiling(ROOM, &timed_payload(r, PAYLOAD)).expect("ceiling");
@@ -115,22 +138,24 @@ fn main() {
         loop_rates.push(per_core.iter().sum::<f64>() / per_core.len() as f64);
         std::thread::sleep(settle);
     }
-    let (c_user, c_sys) = ProcStat::threads_cpu("sb-worker").since(&cpu_c0);
+    let cpu_c = cpu_c.close();
     let ceiling = fleet.collect().expect("collect");
     let ceiling_done = completions(&ceiling, 0..repeats, members as u64);
     let ceiling_per_core = median(loop_rates);
 
-    // 2. Single-message fan-out.
-    let cpu0 = ProcStat::threads_cpu("sb-worker");
+    // 2. Single-message fan-out. Each publish has finished before the next
+    //    (twice the ceiling's slowest completion), so every delivery is a
+    //    send of its own and the last one is in before the collection.
+    let settle = settle.max(Duration::from_micros(2 * quantile(ceiling_done.clone(), 0.99)));
+    let cpu_single = window("single");
     let base = 1_000;
     for r in 0..repeats {
         h.publish_to_room(ROOM, timed_payload(base + r, PAYLOAD)).expect("publish");
         std::thread::sleep(settle);
     }
-    let cpu1 = ProcStat::threads_cpu("sb-worker");
+    let cpu_single = cpu_single.close();
     let single = fleet.collect().expect("collect");
     let single_done = completions(&single, base..base + repeats, members as u64);
-    let (user_ns, sys_ns) = cpu1.since(&cpu0);
     let single_deliveries = (repeats * members) as f64;
 
     // 3. Sustained: publish at `factor` times the rate the ceiling could
@@ -139,7 +164,7 @@ fn main() {
     let rate = ((factor * ceiling_total / members as f64).ceil() as u64).max(1);
     let total_msgs = (rate * sustain_s) as u32;
     let base = 100_000;
-    let cpu2 = ProcStat::threads_cpu("sb-worker");
+    let cpu_sustained = window("sustained");
     let t0 = Instant::now();
     for i in 0..total_msgs {
         let due = t0 + Duration::from_secs_f64(i as f64 / rate as f64);
@@ -152,7 +177,7 @@ fn main() {
     }
     let publishing = t0.elapsed();
     std::thread::sleep(Duration::from_secs(2));
-    let cpu3 = ProcStat::threads_cpu("sb-worker");
+    let cpu_sustained = cpu_sustained.close();
     let sustained = fleet.collect().expect("collect");
     let sustained_done = completions(&sustained, base..base + total_msgs, members as u64);
     // Deliveries over the window from the first publish to the last arrival.
@@ -160,7 +185,6 @@ fn main() {
         (0..total_msgs).map(|i| i as f64 / rate as f64 + sustained_done[i as usize] as f64 / 1e6).fold(0.0, f64::max),
     );
     let sustained_rate = sustained.received as f64 / last_arrival_s;
-    let (s_user, s_sys) = cpu3.since(&cpu2);
     let stats = h.stats();
     fleet.quit();
     drop(server);
@@ -172,10 +196,15 @@ fn main() {
         "members": members,
         "workers": workers,
         "payload_bytes": PAYLOAD,
+        "cpu_split": {
+            "send_ceiling": split_json(&cpu_c),
+            "single_message": split_json(&cpu_single),
+            "sustained": split_json(&cpu_sustained),
+        },
         "send_ceiling": {
             "sends_per_s_per_core": ceiling_per_core,
-            "user_ns_per_send": c_user / (repeats * members) as f64,
-            "sys_ns_per_send": c_sys / (repeats * members) as f64,
+            "user_ns_per_send": cpu_c.user_ns / (repeats * members) as f64,
+            "sys_ns_per_send": cpu_c.sys_ns / (repeats * members) as f64,
             "completion_p50_ms": ceiling_p50 as f64 / 1e3,
             "completion_p99_ms": quantile(ceiling_done, 0.99) as f64 / 1e3,
         },
@@ -184,8 +213,8 @@ fn main() {
             "completion_p99_ms": quantile(single_done, 0.99) as f64 / 1e3,
             "deliveries_per_s": members as f64 / (single_p50 as f64 / 1e6),
             "fraction_of_ceiling": ceiling_p50 as f64 / single_p50 as f64,
-            "server_user_ns_per_delivery": user_ns / single_deliveries,
-            "server_sys_ns_per_delivery": sys_ns / single_deliveries,
+            "server_user_ns_per_delivery": cpu_single.user_ns / single_deliveries,
+            "server_sys_ns_per_delivery": cpu_single.sys_ns / single_deliveries,
         },
         "sustained": {
             "publish_rate_per_s": rate,
@@ -196,8 +225,8 @@ fn main() {
             "latency": percentiles(&sustained.hist),
             "completion_p50_ms": quantile(sustained_done.clone(), 0.5) as f64 / 1e3,
             "completion_p99_ms": quantile(sustained_done.clone(), 0.99) as f64 / 1e3,
-            "server_user_ns_per_delivery": s_user / sustained.received as f64,
-            "server_sys_ns_per_delivery": s_sys / sustained.received as f64,
+            "server_user_ns_per_delivery": cpu_sustained.user_ns / sustained.received as f64,
+            "server_sys_ns_per_delivery": cpu_sustained.sys_ns / sustained.received as f64,
             "sendmsg_calls": stats.writes,
         },
     });

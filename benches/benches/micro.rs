@@ -1,6 +1,7 @@
 //! Microbenchmarks of the library's building blocks: the codec, the timing
-//! wheel, the mailbox, the user directory, the JWT check and the outbound
-//! queue. Each group opens with the question it answers and why these sizes.
+//! wheel, the mailbox, the user directory, the JWT check, the outbound
+//! queue, and the bare cost of a system call on the host. Each group opens
+//! with the question it answers and why these sizes.
 //!
 //! Run: `cargo bench -p switchboard-bench --bench micro` (short: `-- --warm-up-time 1
 //! --measurement-time 3`; one group: `-- codec`).
@@ -445,5 +446,21 @@ fn outq(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, codec, wheel, mailbox, directory, jwt, outq);
+// ---- system call ---------------------------------------------------------------
+
+// Question: what does the bare round trip into the kernel and back cost on
+// this host (`getppid`, which does no work)? Every send, recv and epoll_wait
+// pays it on top of its own work, so it bounds what submitting many of them
+// in one io_uring_enter can save: against the ~15 µs of kernel time of one
+// 64-byte loopback TCP send measured by the fan-out bench's send ceiling,
+// it is the whole of the possible saving per send.
+fn syscall(c: &mut Criterion) {
+    let mut g = c.benchmark_group("syscall");
+    g.throughput(Throughput::Elements(1));
+    // SAFETY: getppid takes no arguments and cannot fail.
+    g.bench_function("getppid_round_trip", |b| b.iter(|| unsafe { libc::syscall(libc::SYS_getppid) }));
+    g.finish();
+}
+
+criterion_group!(benches, codec, wheel, mailbox, directory, jwt, outq, syscall);
 criterion_main!(benches);

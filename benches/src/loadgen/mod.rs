@@ -13,6 +13,7 @@
 
 pub mod ctl;
 pub mod loader;
+pub mod perfsplit;
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
@@ -73,6 +74,15 @@ impl ProcStat {
     /// CPU time so far of this process's threads named `prefix*`.
     pub fn threads_cpu(prefix: &str) -> ThreadCpu {
         Self::sum_tasks("/proc/self/task", |comm| comm.starts_with(prefix))
+    }
+
+    /// Thread ids of this process's threads named `prefix*`.
+    pub fn thread_ids(prefix: &str) -> Vec<u32> {
+        let Ok(dir) = std::fs::read_dir("/proc/self/task") else { return Vec::new() };
+        dir.flatten()
+            .filter(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.starts_with(prefix)))
+            .filter_map(|t| t.file_name().to_str()?.parse().ok())
+            .collect()
     }
 
     /// CPU time so far of every thread of process `pid`.
