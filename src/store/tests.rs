@@ -267,6 +267,26 @@ fn head_survives_trimming(make: Make) {
     }
 }
 
+/// A user whose every message and device expired has no record left; the
+/// next append still takes the next seq, before and after a restart.
+fn head_survives_its_record(make: Make) {
+    let ttl_ms = 1_000;
+    let mut subject = make(StoreLimits { ttl_ms, ..StoreLimits::default() });
+    let s = subject.store();
+    for i in 0..3 {
+        append(s, "alice", i, T0);
+    }
+    s.device_login("alice", "phone", 0, T0).unwrap();
+    assert_eq!(s.expire(T0 + ttl_ms).unwrap(), 3, "messages and the device past the ttl");
+    let st = s.inbox_state("alice").unwrap();
+    assert_eq!((st.head_seq, st.first_seq, st.messages, st.devices.len()), (3, 4, 0, 0));
+    s.sync().unwrap();
+    if subject.restart() {
+        assert_eq!(subject.store().inbox_state("alice").unwrap().head_seq, 3);
+    }
+    assert_eq!(append(subject.store(), "alice", 9, T0 + ttl_ms), 4);
+}
+
 fn dedup_within_window_and_not_after(make: Make) {
     let window = 10_000;
     let mut subject = make(StoreLimits { dedup_window_ms: window, ..StoreLimits::default() });
@@ -414,6 +434,10 @@ macro_rules! conformance {
                 super::head_survives_trimming($make)
             }
             #[test]
+            fn head_survives_its_record() {
+                super::head_survives_its_record($make)
+            }
+            #[test]
             fn dedup_within_window_and_not_after() {
                 super::dedup_within_window_and_not_after($make)
             }
@@ -462,6 +486,34 @@ fn disk_store_bytes_counter_survives_restart() {
     assert!(d.restart());
     assert_eq!(d.store.as_ref().unwrap().total_bytes(), 3 * per);
     assert!(matches!(d.store().append(&msg("alice", "app", 3, T0, "m3", 0), T0), Err(StoreError::StoreFull { .. })));
+}
+
+/// A data directory written before the head moved into the `inboxes`
+/// record (records end after the devices; every head in `heads`) opens,
+/// and appends, logins and retention carry on from its heads.
+#[test]
+fn disk_store_reads_records_from_before_the_head_moved_into_them() {
+    let ttl_ms = 1_000;
+    let mut d = Disk::new(Durability::Os, StoreLimits { ttl_ms, ..StoreLimits::default() });
+    {
+        let s = d.store.as_mut().unwrap();
+        let phone = DeviceState { device: "phone".into(), position: 5, last_seen_ms: T0 };
+        s.write_record_without_head("alice", 5, &[phone]);
+        s.write_record_without_head("bob", 9, &[]);
+    }
+    assert!(d.restart());
+    let s = d.store();
+    assert_eq!(s.inbox_state("alice").unwrap().head_seq, 5);
+    assert_eq!(s.inbox_state("bob").unwrap().head_seq, 9);
+    assert_eq!(s.device_login("alice", "phone", 0, T0).unwrap(), (5, 5));
+    assert_eq!(append(s, "alice", 1, T0), 6);
+    assert_eq!(append(s, "bob", 1, T0), 10);
+    assert_eq!(s.expire(T0 + ttl_ms).unwrap(), 2, "both messages past the ttl");
+    s.sync().unwrap();
+    assert!(d.restart());
+    let s = d.store();
+    assert_eq!(append(s, "alice", 2, T0 + ttl_ms), 7);
+    assert_eq!(append(s, "bob", 2, T0 + ttl_ms), 11);
 }
 
 #[test]
