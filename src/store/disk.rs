@@ -37,9 +37,11 @@
 //! counter (bytes kept, summed from `inboxes` at open, so opening reads
 //! each user with pending messages once), fjall's own buffers, which do
 //! not grow with users (a block cache of [`CACHE_BYTES`] and, per
-//! keyspace, a memtable of at most [`WRITE_BUFFER_MIB`] MiB,
-//! `store.write_buffer_mib`, plus sealed ones waiting for the flush
-//! thread), and the head and `inboxes` record of at most [`CACHED_USERS`]
+//! keyspace, a memtable of at most [`WRITE_BUFFER_MIB`] MiB of keys and
+//! values, `store.write_buffer_mib`, plus sealed ones waiting for the
+//! flush thread; with its skiplist nodes and allocations a memtable of
+//! small records takes over three times that in RAM, measured with inbox
+//! records, docs/DEPLOY.md), and the head and `inboxes` record of at most [`CACHED_USERS`]
 //! users that were appended to recently (about 200 bytes each with one
 //! device; about 13 MiB when full).
 //!
@@ -87,9 +89,10 @@ use super::{
 /// fjall's block cache: recently read data blocks, shared by every keyspace.
 pub const CACHE_BYTES: u64 = 32 << 20;
 
-/// Most MiB one keyspace buffers in RAM before it is flushed to a table
-/// file, by default (`store.write_buffer_mib`). Five keyspaces: at most
-/// 5 × this in active memtables.
+/// Most MiB of keys and values one keyspace buffers before it is flushed
+/// to a table file, by default (`store.write_buffer_mib`). Five
+/// keyspaces: at most 5 × this in active memtables, and about three times
+/// that in RAM for small records (the module doc).
 ///
 /// Why 32 and not fjall's 16 or less: every flush (and the compaction
 /// after it) ends by writing and syncing the keyspace's manifest while it
