@@ -8,6 +8,8 @@
 
 use std::fs;
 
+use crate::config::{Config, PollerKind, StoreKind};
+
 /// File descriptors kept back for everything that is not a client socket:
 /// listeners, eventfds, io_uring rings, timers, logs, config reads.
 pub const RESERVED_FDS: u64 = 64;
@@ -234,10 +236,31 @@ pub fn memory_estimate(connections: u64) -> (u64, u64) {
     (connections * USER_BYTES_PER_IDLE_CONN, connections * KERNEL_BYTES_PER_IDLE_CONN)
 }
 
+/// Memory the server takes whatever the number of connections, from its
+/// configuration and `workers`: (what, bytes at most), for the estimates
+/// of the start-up audit and `switchboard check`.
+pub fn fixed_memory(config: &Config, workers: usize) -> Vec<(&'static str, u64)> {
+    let mut v = Vec::new();
+    if config.server.poller == PollerKind::IoUring {
+        let ring = config.uring.recv_buffers as u64 * config.uring.recv_buffer_bytes as u64;
+        v.push(("receive buffer rings ([uring] recv_buffers x recv_buffer_bytes per worker)", ring * workers as u64));
+    }
+    match config.store.kind {
+        StoreKind::Disk => v.push((
+            "disk store write buffers and caches (3 x store.write_buffer_mib x 4 keyspaces, + caches)",
+            crate::store::disk::ram_budget(config.store.write_buffer_mib),
+        )),
+        StoreKind::Memory => v.push(("memory store messages (store.max_bytes)", config.store.max_bytes)),
+        StoreKind::None | StoreKind::Redis => {}
+    }
+    v
+}
+
 /// Audits this host for `connections` connections served by `workers`
-/// workers with a listen backlog of `backlog`: the live kernel values and
-/// this process's limits, each with the fix when it falls short.
-pub fn audit(connections: u64, workers: usize, backlog: u32) -> Vec<CheckItem> {
+/// workers with a listen backlog of `backlog`, and `fixed` bytes of memory
+/// that do not depend on connections (`fixed_memory`): the live kernel
+/// values and this process's limits, each with the fix when it falls short.
+pub fn audit(connections: u64, workers: usize, backlog: u32, fixed: u64) -> Vec<CheckItem> {
     let fds = connections + RESERVED_FDS + FDS_PER_WORKER * workers as u64;
     let mut out = Vec::new();
     let (soft, hard) = nofile_limits();
@@ -346,14 +369,15 @@ pub fn audit(connections: u64, workers: usize, backlog: u32) -> Vec<CheckItem> {
     let avail = mem_available_bytes();
     out.push(item(
         "memory for idle connections",
-        avail.is_some_and(|a| a >= user + kernel),
+        avail.is_some_and(|a| a >= user + kernel + fixed),
         Status::Fail,
         avail.map_or("n/a".into(), |a| format!("{} MiB available", a >> 20)),
         format!(
-            ">= {} MiB ({} MiB ours + {} MiB kernel, idle; busy sockets add their buffers, within net.ipv4.tcp_rmem/tcp_wmem and tcp_mem)",
-            (user + kernel) >> 20,
+            ">= {} MiB ({} MiB ours + {} MiB kernel, idle, + {} MiB fixed by the config; busy sockets add their buffers, within net.ipv4.tcp_rmem/tcp_wmem and tcp_mem)",
+            (user + kernel + fixed) >> 20,
             user >> 20,
-            kernel >> 20
+            kernel >> 20,
+            fixed >> 20
         ),
         "add memory or lower server.max_connections".into(),
     ));
@@ -364,13 +388,46 @@ pub fn audit(connections: u64, workers: usize, backlog: u32) -> Vec<CheckItem> {
 mod audit_tests {
     use super::*;
 
+    /// `switchboard check` counts what the configuration takes whatever the
+    /// connections: each worker's receive buffer ring in io_uring mode,
+    /// and the disk store's bounded buffers, which grow with its setting.
+    #[test]
+    fn the_estimate_counts_buffer_rings_and_store_buffers() {
+        let total = |cfg: &Config, workers| fixed_memory(cfg, workers).iter().map(|(_, b)| b).sum::<u64>();
+        let mut cfg = Config::default();
+        cfg.store.kind = StoreKind::None;
+        cfg.server.poller = PollerKind::Epoll;
+        assert_eq!(total(&cfg, 4), 0);
+        cfg.server.poller = PollerKind::IoUring;
+        let ring = cfg.uring.recv_buffers as u64 * cfg.uring.recv_buffer_bytes as u64;
+        assert_eq!(total(&cfg, 4), 4 * ring, "one ring per worker");
+        cfg.server.poller = PollerKind::Epoll;
+        cfg.store.kind = StoreKind::Disk;
+        cfg.store.write_buffer_mib = 8;
+        let small = total(&cfg, 4);
+        cfg.store.write_buffer_mib = 16;
+        assert_eq!(total(&cfg, 4) - small, 3 * 4 * (8 << 20), "three times the buffer, four keyspaces");
+        cfg.store.kind = StoreKind::Memory;
+        assert_eq!(total(&cfg, 4), cfg.store.max_bytes);
+    }
+
+    #[test]
+    fn fixed_memory_beyond_the_host_fails_the_memory_check() {
+        let Some(avail) = mem_available_bytes() else { return };
+        let memory = |fixed| audit(100, 2, 128, fixed).into_iter().find(|i| i.name == "memory for idle connections");
+        assert_eq!(memory(0).map(|i| i.status), Some(Status::Pass));
+        let over = memory(avail + (1 << 30)).expect("the memory item");
+        assert_eq!(over.status, Status::Fail);
+        assert!(over.need.contains("fixed by the config"), "{}", over.need);
+    }
+
     #[test]
     fn a_small_load_passes_the_file_limit_and_a_huge_one_does_not() {
         let (_, hard) = nofile_limits();
-        let small = audit(100, 2, 128);
+        let small = audit(100, 2, 128, 0);
         assert_eq!(small[0].name, "RLIMIT_NOFILE (hard)");
         assert_eq!(small[0].status, Status::Pass);
-        let huge = audit(hard, 2, 128);
+        let huge = audit(hard, 2, 128, 0);
         assert_eq!(huge[0].status, Status::Fail, "{:?}", huge[0]);
         assert!(huge[0].fix.contains("LimitNOFILE"), "{}", huge[0].fix);
     }

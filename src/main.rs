@@ -426,7 +426,9 @@ fn check(connections: u64, config: Option<PathBuf>) -> ExitCode {
         }
     };
     let workers = cfg.server.worker_count(std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
-    let items = switchboard::limits::audit(connections, workers, cfg.server.listen_backlog);
+    let fixed = switchboard::limits::fixed_memory(&cfg, workers);
+    let fixed_bytes: u64 = fixed.iter().map(|(_, b)| b).sum();
+    let items = switchboard::limits::audit(connections, workers, cfg.server.listen_backlog, fixed_bytes);
     out!("switchboard check: {connections} connections, {workers} workers\n");
     out!("{:<6} {:<30} {:<40} need", "", "item", "have");
     for i in &items {
@@ -442,6 +444,9 @@ fn check(connections: u64, config: Option<PathBuf>) -> ExitCode {
         user >> 20,
         kernel >> 20
     );
+    for (what, bytes) in &fixed {
+        out!("  + up to {} MiB whatever the connections: {what}", bytes >> 20);
+    }
     // One line in a fixed form: tuning/apply.sh reads the figures from it.
     out!(
         "per idle connection: user_bytes={} kernel_bytes={} (measured, rounded up; src/limits.rs)",

@@ -49,6 +49,10 @@ fn check_reports_what_this_host_lacks_with_the_fix() {
     let somaxconn = std::fs::read_to_string("/proc/sys/net/core/somaxconn").unwrap().trim().to_string();
     assert!(row(&out, "net.core.somaxconn").contains(&somaxconn), "{out}");
     assert!(out.contains("memory for 1000000 idle connections"), "{out}");
+    // With the defaults (disk store), the store's bounded buffers are
+    // counted on a line of their own, and in the memory item's need.
+    assert!(out.contains("whatever the connections: disk store write buffers and caches"), "{out}");
+    assert!(row(&out, "memory for idle connections").contains("fixed by the config"), "{out}");
 
     // A thousand connections fit this host: the file limit passes.
     let (_, out) = check(1_000);

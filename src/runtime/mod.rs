@@ -150,7 +150,8 @@ pub(crate) fn start(
     }
     // The same audit `switchboard check` prints, for what start-up does not
     // refuse on: each shortfall is logged with its fix.
-    for i in crate::limits::audit(report.max_connections as u64, workers, config.server.listen_backlog) {
+    let fixed = crate::limits::fixed_memory(&config, workers).iter().map(|(_, b)| b).sum();
+    for i in crate::limits::audit(report.max_connections as u64, workers, config.server.listen_backlog, fixed) {
         if i.status != crate::limits::Status::Pass && i.name != "RLIMIT_NOFILE (hard)" {
             tracing::warn!("check {}: have {}, need {}; fix: {}", i.name, i.have, i.need, i.fix);
         }

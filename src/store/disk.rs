@@ -41,9 +41,10 @@
 //! values, `store.write_buffer_mib`, plus sealed ones waiting for the
 //! flush thread; with its skiplist nodes and allocations a memtable of
 //! small records takes over three times that in RAM, measured with inbox
-//! records, docs/DEPLOY.md), and the head and `inboxes` record of at most [`CACHED_USERS`]
-//! users that were appended to recently (about 200 bytes each with one
-//! device; about 13 MiB when full).
+//! records, docs/DEPLOY.md), and the head and `inboxes` record of at most
+//! [`CACHED_USERS`] users that were appended to recently (about 200 bytes
+//! each with one device; about 13 MiB when full). [`ram_budget`] adds
+//! these up.
 //!
 //! The cache is written through: every write goes to fjall, and the entry
 //! changes with it (dropped if the write fails), so it never holds
@@ -109,6 +110,19 @@ pub const WRITE_BUFFER_MIB: u64 = 32;
 /// write-through cache in the module doc). Past this, filling an entry
 /// drops an arbitrary other one.
 pub const CACHED_USERS: usize = 1 << 16;
+
+/// RAM one cached user takes, with one device (the module doc).
+const CACHED_USER_BYTES: u64 = 200;
+
+/// RAM the disk store may take with a write buffer of `write_buffer_mib`,
+/// whatever the number of users: about three times the buffer for each of
+/// the four keyspaces that take sustained writes (a memtable of small
+/// records takes that much with its skiplist nodes: docs/DEPLOY.md, "RAM"),
+/// plus the block cache and the user cache. `switchboard check` adds it to
+/// its estimate.
+pub fn ram_budget(write_buffer_mib: u64) -> u64 {
+    3 * 4 * (write_buffer_mib << 20) + CACHE_BYTES + CACHED_USERS as u64 * CACHED_USER_BYTES
+}
 
 /// Most writes one retention batch holds before it is committed (bounds
 /// the RAM of a pass that drops many dedup entries at once).
