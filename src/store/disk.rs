@@ -23,8 +23,9 @@
 //! record) and not three: the store thread spends about 45% of its time
 //! searching fjall's memtable skiplists for where an insert goes (perf,
 //! reliable unicast), and with the head in its own keyspace the same
-//! 4,000 users at 15,000 msgs/s cost the thread 10% more CPU per message
-//! (31 against 27 µs with `os`, 43 against 40 µs with `fsync`).
+//! 4,000 device connections cost the thread 8–15% more CPU per message
+//! (31 against 27 µs with `os` at 15,000 msgs/s, 43 against 40 µs with
+//! `fsync` at 10,000).
 //!
 //! Each append, login or position change is one atomic fjall write batch
 //! into the journal (no sync); `sync` persists the journal: `fdatasync`
