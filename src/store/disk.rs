@@ -363,15 +363,16 @@ impl DiskStore {
             }
             None => (None, None),
         };
-        let head = match head {
-            Some(h) => h,
-            None => self.heads_entry(uk)?,
-        };
+        let head = self.head_beside(uk, head)?;
         Ok(Cached { head, rec: rec.unwrap_or_else(|| InboxRec::empty(head)) })
     }
 
-    /// The head kept in `heads` (0 if none).
-    fn heads_entry(&self, uk: &[u8]) -> Result<u64, StoreError> {
+    /// The head a record carried (`in_record`), else the one kept in
+    /// `heads` (0 if none).
+    fn head_beside(&self, uk: &[u8], in_record: Option<u64>) -> Result<u64, StoreError> {
+        if let Some(h) = in_record {
+            return Ok(h);
+        }
         Ok(match self.heads.get(uk).map_err(unavailable)? {
             Some(v) => u64_at(&v, 0)?,
             None => 0,
@@ -463,11 +464,7 @@ impl DiskStore {
             }
             batch.remove(&self.inboxes, uk);
         } else if rec != before {
-            let head = match head {
-                Some(h) => h,
-                None => self.heads_entry(uk)?,
-            };
-            batch.insert(&self.inboxes, uk, rec.encode(head));
+            batch.insert(&self.inboxes, uk, rec.encode(self.head_beside(uk, head)?));
         }
         batch.commit().map_err(unavailable)?;
         Ok(dropped)

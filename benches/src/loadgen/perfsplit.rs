@@ -162,14 +162,13 @@ impl PerfSplit {
         self.command("disable")
     }
 
-    /// Ends perf and counts the samples taken while enabled, by mode. The
-    /// recording stays in `<dir>/perf.data` for `perf report -i`.
+    /// Ends perf (disabled first, by `disable`) and counts the samples
+    /// taken while enabled, by mode. The recording stays in
+    /// `<dir>/perf.data` for `perf report -i`.
     pub fn finish(mut self) -> Result<Samples, String> {
-        let stopped = self.command("disable");
         // SAFETY: signalling our own child.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
         let status = self.child.wait().map_err(|e| e.to_string())?;
-        stopped?;
         // perf record ends on SIGINT by raising it again once it has written
         // its data.
         if !status.success() && status.signal() != Some(libc::SIGINT) {
