@@ -55,14 +55,27 @@ struct Inner {
     /// The head frame was partly written: it must be finished (or the
     /// stream abandoned) to keep the peer's framing intact.
     head_partial: bool,
+    /// The first `pinned` frames are being written by a batched send
+    /// (`pin`): the kernel may be reading them, so nothing but `advance`
+    /// removes them, and nothing goes in front of them.
+    pinned: u8,
 }
 
 const _: () = assert!(std::mem::size_of::<OutQueue>() == 8);
+const _: () = assert!(MAX_IOV_PER_WRITE <= u8::MAX as usize);
+
+impl Inner {
+    /// Frames at the front that must stay where they are: a partly
+    /// written head, or what a batched send is writing.
+    fn kept(&self) -> usize {
+        usize::from(self.head_partial).max(usize::from(self.pinned))
+    }
+}
 
 impl OutQueue {
     fn inner_mut(&mut self) -> &mut Inner {
         self.inner.get_or_insert_with(|| {
-            Box::new(Inner { frames: VecDeque::with_capacity(4), bytes: 0, head_partial: false })
+            Box::new(Inner { frames: VecDeque::with_capacity(4), bytes: 0, head_partial: false, pinned: 0 })
         })
     }
 
@@ -113,7 +126,7 @@ impl OutQueue {
     /// drops nothing) if dropping every droppable frame would not be enough.
     pub fn drop_oldest_for(&mut self, incoming: usize, limits: &OutLimits) -> Result<u32, Overflow> {
         let Some(i) = self.inner.as_mut() else { return Err(Overflow) };
-        let start = usize::from(i.head_partial);
+        let start = i.kept();
         let droppable = |f: &Item| FrameType::from_u8(f.kind).is_some_and(FrameType::is_droppable);
         // Plan first, so a refusal leaves the queue untouched.
         let (mut frames, mut bytes, mut plan) = (i.frames.len(), i.bytes as usize, 0usize);
@@ -149,7 +162,7 @@ impl OutQueue {
     /// with one already there.
     pub fn note_skipped(&mut self, count: u32, wire: Wire) {
         let i = self.inner_mut();
-        let at = usize::from(i.head_partial);
+        let at = i.kept();
         let mut total = count;
         if let Some(f) = i.frames.get(at) {
             if f.kind == FrameType::Skipped as u8 {
@@ -167,6 +180,7 @@ impl OutQueue {
     /// the peer still sees whole frames (a slow consumer's backlog).
     pub fn discard_unsent(&mut self) {
         let Some(i) = self.inner.as_mut() else { return };
+        debug_assert_eq!(i.pinned, 0, "a batched send is reading the queue");
         if !i.head_partial {
             self.clear();
             return;
@@ -199,6 +213,25 @@ impl OutQueue {
             n += 1;
         }
         n
+    }
+
+    /// The first `n` frames (what `fill_iovecs` just offered) are handed
+    /// to a send that runs without the slot's lock held (the owner's
+    /// batched sends, `runtime/write`): until `unpin`, other writers may
+    /// append behind them and drop droppable frames after them, but
+    /// neither drop nor insert anything among them.
+    pub fn pin(&mut self, n: usize) {
+        let i = self.inner.as_mut().expect("pin on an empty queue");
+        debug_assert!(n > 0 && n <= i.frames.len() && n <= MAX_IOV_PER_WRITE && i.pinned == 0);
+        i.pinned = n as u8;
+    }
+
+    /// The send that `pin` covered has completed (`advance` by what it
+    /// wrote follows).
+    pub fn unpin(&mut self) {
+        if let Some(i) = self.inner.as_mut() {
+            i.pinned = 0;
+        }
     }
 
     /// Drops `written` bytes from the head (whole frames, then part of one).
@@ -330,5 +363,35 @@ mod tests {
         q.push(ack.clone(), kind(&ack), &l).unwrap();
         assert_eq!(q.drop_oldest_for(10, &l), Err(Overflow));
         assert_eq!(q.frames(), 2, "nothing dropped on refusal");
+    }
+
+    #[test]
+    fn frames_pinned_by_a_batched_send_are_neither_dropped_nor_jumped() {
+        let l = OutLimits { max_frames: 4, max_bytes: 1 << 20 };
+        let mut q = OutQueue::default();
+        for n in 1..=3 {
+            q.push(msg(n), kind(&msg(n)), &l).unwrap();
+        }
+        let mut iov = [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; MAX_IOV_PER_WRITE];
+        assert_eq!(q.fill_iovecs(&mut iov), 3);
+        q.pin(2);
+        // Another writer, meanwhile: the queue is full, and only msg 3 is
+        // not being sent.
+        q.push(msg(4), kind(&msg(4)), &l).unwrap();
+        assert_eq!(q.drop_oldest_for(msg(5).len(), &l), Ok(1));
+        q.push(msg(5), kind(&msg(5)), &l).unwrap();
+        q.note_skipped(1, Wire::Raw);
+        let frames =
+            |q: &OutQueue| -> Vec<Bytes> { q.inner.as_ref().unwrap().frames.iter().map(|f| f.bytes.clone()).collect() };
+        let now = frames(&q);
+        assert_eq!(&now[..2], &[msg(1), msg(2)], "the pinned frames stay first");
+        assert_eq!(skipped_count(&now[2]), Some(1), "the notice goes behind them");
+        assert_eq!(&now[3..], &[msg(4), msg(5)]);
+        // The send wrote the first frame and part of the second.
+        q.unpin();
+        q.advance(msg(1).len() + 2);
+        assert_eq!(q.frames(), 4);
+        assert_eq!(q.drop_oldest_for(msg(6).len(), &l), Ok(1), "msg 4 goes; the started msg 2 stays");
+        assert_eq!(frames(&q)[0], msg(2).slice(2..));
     }
 }

@@ -23,6 +23,7 @@
 //! FANOUT_REPEATS, FANOUT_SUSTAIN_S, FANOUT_SUSTAIN_FACTOR = offered
 //! deliveries as a multiple of the ceiling, default 6;
 //! FANOUT_SOCKET_BUFFERS = `socket.rcvbuf_bytes` and `sndbuf_bytes`;
+//! FANOUT_POLLER = `server.poller`, epoll or io_uring;
 //! FANOUT_PERF, below). Results also go to `target/fanout.json`.
 //!
 //! CPU figures are for the worker threads only: the scheduler's nanosecond
@@ -112,6 +113,14 @@ fn main() {
     let buffers: usize = env_or("FANOUT_SOCKET_BUFFERS", cfg.socket.rcvbuf_bytes);
     cfg.socket.rcvbuf_bytes = buffers;
     cfg.socket.sndbuf_bytes = buffers;
+    // FANOUT_POLLER=io_uring: the other data path (`server.poller`).
+    if let Ok(p) = std::env::var("FANOUT_POLLER") {
+        cfg.server.poller = match p.as_str() {
+            "epoll" => switchboard::config::PollerKind::Epoll,
+            "io_uring" => switchboard::config::PollerKind::IoUring,
+            other => panic!("FANOUT_POLLER={other}: epoll or io_uring"),
+        };
+    }
     let server = Server::builder().config(cfg).start().expect("server starts");
     let h = server.handle();
     let exe = PathBuf::from(env!("CARGO_BIN_EXE_switchboard-bench"));

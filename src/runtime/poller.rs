@@ -74,6 +74,20 @@ const MAILBOX: u64 = u64::MAX - 3;
 /// Reserved token of the cancellations and closes `close` submits (slot
 /// 2^31 - 3, read side); their completions are consumed silently.
 const CANCEL: u64 = u64::MAX - 5;
+/// `user_data` of a batched send (`send_batch`) is its index in the batch:
+/// the high half is zero, and no connection's token has generation 0.
+const SEND_INDEX_MAX: u64 = u32::MAX as u64;
+
+/// A completion of a connection's request, as `reap` reports it.
+fn ready_of(cqe: &io_uring::cqueue::Entry) -> (u64, Ready) {
+    let t = cqe.user_data();
+    let ready = if t & 1 == 1 {
+        Ready::Write
+    } else {
+        Ready::Recv { res: cqe.result(), flags: cqe.flags(), more: io_uring::cqueue::more(cqe.flags()) }
+    };
+    (t & !1, ready)
+}
 
 /// Per-worker I/O interest: io_uring or epoll. One per worker, so the size
 /// difference between the variants costs nothing worth a box.
@@ -88,6 +102,10 @@ pub enum Poller {
         bufs: std::rc::Rc<BufRing>,
         ring: IoUring,
         efd: RawFd,
+        /// Completions `send_batch` found in the queue besides its own
+        /// (receives posted before it ran): `reap` hands them out first,
+        /// in the order they came.
+        stash: Vec<(u64, Ready)>,
     },
     Epoll {
         epfd: OwnedFd,
@@ -128,7 +146,7 @@ impl Poller {
             .setup_taskrun_flag()
             .build(sq)?;
         let bufs = std::rc::Rc::new(BufRing::new(ring.as_raw_fd(), buffers, buffer_bytes)?);
-        Ok(Poller::Uring { bufs, ring, efd: -1 })
+        Ok(Poller::Uring { bufs, ring, efd: -1, stash: Vec::new() })
     }
 
     /// The buffer ring receives land in (io_uring only).
@@ -297,6 +315,72 @@ impl Poller {
         }
     }
 
+    /// Whether writes can go out as batched submissions (`send_batch`).
+    pub fn batches_sends(&self) -> bool {
+        matches!(self, Poller::Uring { .. })
+    }
+
+    /// io_uring only: sends `msgs[i]` on `fds[i]` for every `i`, all in one
+    /// `io_uring_enter`, and stores each send's result (bytes written, or
+    /// `-errno`) in `res[i]`. Every send is non-blocking: with
+    /// `MSG_DONTWAIT` the kernel completes a send that finds the socket
+    /// full with `-EAGAIN` at once (and a partial one with its count), as
+    /// `sendmsg(2)` would, instead of parking it in the ring until there is
+    /// room; so all of them have completed when this returns, and the
+    /// headers and the memory they point at need only live until then.
+    /// Completions of other requests met on the way are kept for `reap`.
+    pub fn send_batch(&mut self, fds: &[RawFd], msgs: &[libc::msghdr], res: &mut [i32]) {
+        let Poller::Uring { ring, stash, .. } = self else {
+            panic!("send_batch needs the io_uring poller");
+        };
+        let n = fds.len();
+        assert!(msgs.len() == n && res.len() == n && n as u64 <= SEND_INDEX_MAX);
+        if n == 0 {
+            return;
+        }
+        let flags = (libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) as u32;
+        for (i, (&fd, msg)) in fds.iter().zip(msgs).enumerate() {
+            let sqe = opcode::SendMsg::new(types::Fd(fd), msg).flags(flags).build().user_data(i as u64);
+            loop {
+                // SAFETY: `msg` and the iovecs and bytes it points at are
+                // the caller's and live until this function returns; every
+                // send has completed by then (see above, and the wait
+                // below).
+                if unsafe { ring.submission().push(&sqe) }.is_ok() {
+                    break;
+                }
+                if let Err(e) = ring.submit() {
+                    tracing::error!("io_uring submit failed: {e}");
+                }
+            }
+        }
+        let mut left = n;
+        let mut wait = 0;
+        loop {
+            // Submits what is queued; the sends run inline and post their
+            // completions before the call returns. Waiting (for a send the
+            // kernel did not finish inline) also runs deferred work.
+            if let Err(e) = ring.submit_and_wait(wait) {
+                if e.raw_os_error() != Some(libc::EINTR) {
+                    tracing::error!("io_uring submit failed: {e}");
+                }
+            }
+            for cqe in ring.completion() {
+                let t = cqe.user_data();
+                if t < n as u64 {
+                    res[t as usize] = cqe.result();
+                    left -= 1;
+                } else if t != WAKE && t != CANCEL {
+                    stash.push(ready_of(&cqe));
+                }
+            }
+            if left == 0 {
+                return;
+            }
+            wait = 1;
+        }
+    }
+
     /// Hands queued submissions to the kernel (io_uring; one syscall per
     /// batch).
     pub fn flush(&mut self) {
@@ -331,7 +415,10 @@ impl Poller {
     /// arriving after it signals the eventfd again.
     pub fn idle(&mut self) -> bool {
         match self {
-            Poller::Uring { ring, efd, .. } => {
+            Poller::Uring { ring, efd, stash, .. } => {
+                if !stash.is_empty() {
+                    return false;
+                }
                 let mut v = 0u64;
                 // SAFETY: reads 8 bytes into a live u64 from the mailbox's
                 // non-blocking eventfd (its wakes are flagged in the
@@ -352,7 +439,15 @@ impl Poller {
     /// ready) to `out`, without blocking. Wake-ups are consumed silently.
     pub fn reap(&mut self, out: &mut Vec<(u64, Ready)>, max: usize) {
         match self {
-            Poller::Uring { ring, .. } => {
+            Poller::Uring { ring, stash, .. } => {
+                // What `send_batch` set aside comes first: it was posted
+                // before anything the enter below brings.
+                let take = stash.len().min(max);
+                out.extend(stash.drain(..take));
+                let max = max - take;
+                if max == 0 {
+                    return;
+                }
                 // Deferred task work (the receives of every socket that got
                 // data, the polls that fired) runs here, in one enter that
                 // also submits what is queued; none when nothing waits.
@@ -372,13 +467,7 @@ impl Poller {
                     if t == WAKE || t == CANCEL {
                         continue;
                     }
-                    let more = io_uring::cqueue::more(cqe.flags());
-                    let ready = if t & 1 == 1 {
-                        Ready::Write
-                    } else {
-                        Ready::Recv { res: cqe.result(), flags: cqe.flags(), more }
-                    };
-                    out.push((t & !1, ready));
+                    out.push(ready_of(&cqe));
                 }
             }
             Poller::Epoll { epfd, wake, events, mailbox } => {
@@ -572,6 +661,79 @@ mod tests {
         // SAFETY: as above.
         let (_, data) = unsafe { bufs.take(flags, 4) }.unwrap();
         assert_eq!(data, b"tail");
+    }
+
+    /// One header per buffer, for `send_batch`.
+    fn headers(iov: &[libc::iovec]) -> Vec<libc::msghdr> {
+        iov.iter()
+            .map(|v| {
+                // SAFETY: msghdr is plain data; zeroed is a valid empty header.
+                let mut m: libc::msghdr = unsafe { std::mem::zeroed() };
+                m.msg_iov = v as *const libc::iovec as *mut libc::iovec;
+                m.msg_iovlen = 1;
+                m
+            })
+            .collect()
+    }
+
+    #[test]
+    fn uring_batched_sends_complete_before_the_call_returns_and_never_wait_for_room() {
+        use std::io::{Read, Write};
+        let Some((mut p, _mailbox)) = uring(4, 4096) else { return };
+        let bufs = p.buffers().unwrap();
+        let (mut a, b) = pair();
+        let (mut c, d) = pair();
+        // A receive completion waits in the queue when the batch runs: it
+        // must survive for `reap`, in order.
+        p.add(b.as_raw_fd(), token(3, 9));
+        p.flush();
+        a.write_all(b"in").unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        // SAFETY: no arguments; runs the deferred receive, posting its
+        // completion without reaping it.
+        unsafe { p_ring(&mut p).submitter().enter::<libc::sigset_t>(0, 0, ENTER_GETEVENTS, None) }.unwrap();
+        // Two sends on two sockets in one call.
+        let (x, y) = (b"to a".to_vec(), b"to c!".to_vec());
+        let iov = [
+            libc::iovec { iov_base: x.as_ptr() as *mut _, iov_len: x.len() },
+            libc::iovec { iov_base: y.as_ptr() as *mut _, iov_len: y.len() },
+        ];
+        let mut res = [0; 2];
+        p.send_batch(&[b.as_raw_fd(), d.as_raw_fd()], &headers(&iov), &mut res);
+        assert_eq!(res, [4, 5]);
+        let mut got = [0u8; 5];
+        a.read_exact(&mut got[..4]).unwrap();
+        assert_eq!(&got[..4], b"to a");
+        c.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"to c!");
+        assert_eq!(received(&mut p, &bufs, 0), b"in", "the stashed receive comes out of reap");
+        // A socket nobody reads: the sends fill it, then one finds it full
+        // and completes with -EAGAIN at once (it does not wait in the ring).
+        let big = vec![1u8; 1 << 16];
+        let iov = [libc::iovec { iov_base: big.as_ptr() as *mut _, iov_len: big.len() }];
+        let mut res = [0];
+        let mut sent = 0usize;
+        let t0 = std::time::Instant::now();
+        loop {
+            p.send_batch(&[d.as_raw_fd()], &headers(&iov), &mut res);
+            if res[0] < 0 {
+                break;
+            }
+            sent += res[0] as usize;
+            assert!(sent < 64 << 20, "a unix socket holds far less than 64 MiB");
+        }
+        assert_eq!(res[0], -libc::EAGAIN);
+        assert!(sent > 0 && t0.elapsed() < std::time::Duration::from_secs(5));
+        assert!(p.idle(), "no send left pending in the ring");
+        drop(c);
+        // A broken socket reports its error.
+        p.send_batch(&[d.as_raw_fd()], &headers(&iov), &mut res);
+        assert_eq!(res[0], -libc::EPIPE);
+    }
+
+    fn p_ring(p: &mut Poller) -> &mut IoUring {
+        let Poller::Uring { ring, .. } = p else { unreachable!() };
+        ring
     }
 
     #[test]

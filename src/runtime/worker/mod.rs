@@ -622,7 +622,7 @@ impl Worker {
     /// whether it was handed over.
     fn deliver(&self, conn: ConnId, frame: Bytes) -> bool {
         match self.out.deliver(conn, frame) {
-            Delivered::Direct | Delivered::Queued => true,
+            Delivered::Direct | Delivered::Batched | Delivered::Queued => true,
             Delivered::No => false,
             Delivered::Overflow => {
                 self.close_slow_consumer(conn.slot(), conn.generation());
@@ -1065,31 +1065,34 @@ impl Worker {
         let mut out = Outgoing::new(frames);
         for (step, chunk) in members.chunks(FANOUT_CHUNK).enumerate() {
             if step > 0 {
-                self.out.flush_dirty();
-                self.out.poller.borrow_mut().flush();
                 YieldNow(false).await;
             }
-            let (mut direct, mut queued) = (0, 0);
+            let (mut direct, mut batched, mut queued) = (0, 0, 0);
             for &m in chunk {
                 match self.out.put(m, &mut out, false) {
                     Delivered::Direct => direct += 1,
+                    Delivered::Batched => batched += 1,
                     Delivered::Overflow => self.close_slow_consumer(m.slot, m.generation),
                     Delivered::Queued => queued += 1,
                     Delivered::No => {}
                 }
             }
-            // Direct writes counted once per step, not per member.
+            // The step's batched sends (io_uring poller) and replies go out
+            // now, before the latency is taken.
+            self.out.flush_dirty();
+            self.out.poller.borrow_mut().flush();
+            // Direct writes counted once per step, not per member (batched
+            // ones count as they are sent).
             let c = self.counters();
             bump(&c.writes, direct);
             bump(&c.frames_out, direct * frames.len() as u64);
             let kind = if room.is_some() { crate::stats::DELIVERY_ROOM } else { crate::stats::DELIVERY_BROADCAST };
-            bump(&c.detail.deliveries[kind], (direct + queued) * frames.len() as u64);
-            if direct > 0 {
+            bump(&c.detail.deliveries[kind], (direct + batched + queued) * frames.len() as u64);
+            if direct + batched > 0 {
                 let ns = self.shared.since_epoch_ns().saturating_sub(accepted_ns);
-                c.detail.push_to_written.observe(ns, direct);
+                c.detail.push_to_written.observe(ns, direct + batched);
             }
         }
-        self.out.flush_dirty();
         *self.fanout.borrow_mut() = members;
     }
 

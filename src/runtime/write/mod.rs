@@ -32,6 +32,20 @@
 //!
 //! Deliveries need `open`; a connection's own replies (before login too)
 //! need only a live generation and no `closing`.
+//!
+//! ## Batched sends (io_uring poller)
+//!
+//! With `server.poller = "io_uring"` the owning worker does not write to
+//! its own connections one `sendmsg(2)` at a time: a delivery it makes
+//! (fan-out, a SEND between two of its connections, a push from its
+//! mailbox) is queued and marked `DIRTY` like a reply, and `flush_dirty`
+//! hands every dirty connection's head of queue to the kernel as one
+//! `IORING_OP_SENDMSG` each, up to 256 per `io_uring_enter` (`Batch`,
+//! `Poller::send_batch`). A socket with no room answers `-EAGAIN` at
+//! once and gets its write poll as before; the poll's event marks the
+//! slot dirty again instead of writing (`on_writable`). Writers on other
+//! threads keep their direct write: they find the queue not empty while
+//! the owner's batch is pending and append behind it.
 
 mod slot;
 
@@ -143,6 +157,10 @@ pub(crate) enum Delivered {
     Direct,
     /// Queued (behind other frames, or the socket was full).
     Queued,
+    /// Nothing was queued for it: it goes out with the worker's batched
+    /// sends at the end of this step (io_uring poller), as a direct write
+    /// would have, and is counted as a write then.
+    Batched,
     /// The connection is gone, closing, or not logged in.
     No,
     /// Its queue passed its limit: the caller must close it as a slow
@@ -167,16 +185,49 @@ pub(crate) struct Writer {
     pub poller: RefCell<Poller>,
     dirty: RefCell<Vec<u32>>,
     iov: RefCell<[libc::iovec; MAX_IOV_PER_WRITE]>,
+    /// io_uring poller: the owner's writes go out as one batch of
+    /// submissions per flush instead of one `sendmsg` each (see `Batch`).
+    batch: Option<RefCell<Batch>>,
 }
+
+/// Sends of one flush, submitted together (`Poller::send_batch`): the
+/// owner's deliveries, replies and backlog writes of a turn cost one
+/// `io_uring_enter` instead of one `sendmsg(2)` per connection.
+///
+/// How it stays one ordered stream per socket without holding the slots'
+/// locks across the syscall: the frames being sent stay in the
+/// connection's queue, pinned (`OutQueue::pin`). Other threads that write
+/// meanwhile find the queue not empty and append behind it (`OutState::put`);
+/// a drop under `drop_oldest` skips the pinned frames; only the owner
+/// removes them, by what the kernel reports written. The slot is not
+/// released during the batch either: it is built and completed within
+/// one `flush_dirty`, and only the owner detaches slots.
+#[derive(Default)]
+struct Batch {
+    /// (slot, generation, bytes offered) per send.
+    sends: Vec<(u32, u32, usize)>,
+    fds: Vec<RawFd>,
+    /// Each send's iovecs, at `start..start + len` of `iov`.
+    spans: Vec<(usize, usize)>,
+    iov: Vec<libc::iovec>,
+    msgs: Vec<libc::msghdr>,
+    res: Vec<i32>,
+}
+
+/// Sends per `io_uring_enter` at most: well within the submission queue
+/// (`uring.sq_entries` is at least 256 and 4096 by default, and a flush
+/// may find arms and closes queued too) and the completion queue.
+const BATCH_MAX: usize = 256;
 
 impl Writer {
     pub fn new(id: WorkerId, shared: Arc<Shared>, poller: Poller) -> Writer {
         Writer {
             id,
             shared,
-            poller: RefCell::new(poller),
             dirty: RefCell::new(Vec::new()),
             iov: RefCell::new([libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; MAX_IOV_PER_WRITE]),
+            batch: poller.batches_sends().then(|| RefCell::new(Batch::default())),
+            poller: RefCell::new(poller),
         }
     }
 
@@ -323,6 +374,26 @@ impl Writer {
             }
             let Some(e) = out.get(g.wire) else { return Delivered::No };
             frames = e.frames.len();
+            if self.batch.is_some() && g.out.is_empty() && !g.write_wait {
+                // Where a direct write would go: queued for this turn's
+                // batch instead (an empty queue takes the frames unless
+                // they pass the limits on their own).
+                return match g.queue_all(e, &self.shared.write_rules, &mut skipped) {
+                    Ok(()) => {
+                        self.mark_dirty(m.slot, &mut g);
+                        let c = self.counters();
+                        bump(&c.frames_out, frames as u64);
+                        if skipped > 0 {
+                            bump(&c.skipped, skipped as u64);
+                        }
+                        Delivered::Batched
+                    }
+                    Err(Overflow) => {
+                        g.open = false;
+                        Delivered::Overflow
+                    }
+                };
+            }
             let r = g.put(e, &self.shared.write_rules, &mut skipped, &mut written);
             match r {
                 Put::Queued { full: true } if !g.write_wait => {
@@ -384,15 +455,29 @@ impl Writer {
         }
     }
 
-    /// Writes out every connection with replies queued this turn.
+    /// Writes out every connection with frames queued this turn.
     pub fn flush_dirty(&self) {
         loop {
             let dirty = std::mem::take(&mut *self.dirty.borrow_mut());
             if dirty.is_empty() {
                 return;
             }
-            for &slot in &dirty {
-                self.flush(slot);
+            match &self.batch {
+                None => {
+                    for &slot in &dirty {
+                        self.flush(slot);
+                    }
+                }
+                Some(batch) => {
+                    let mut b = batch.borrow_mut();
+                    for &slot in &dirty {
+                        self.collect(&mut b, slot);
+                        if b.sends.len() == BATCH_MAX {
+                            self.send_batch(&mut b);
+                        }
+                    }
+                    self.send_batch(&mut b);
+                }
             }
             let mut d = self.dirty.borrow_mut();
             if d.is_empty() {
@@ -408,8 +493,15 @@ impl Writer {
         if !g.clear(DIRTY) || g.generation == 0 || g.write_wait {
             return; // stale, or flushed when the poller reports room
         }
-        match self.write_out(&mut g) {
-            WriteState::Drained => self.after_drain(&mut g),
+        let state = self.write_out(&mut g);
+        self.settle(&mut g, slot, state);
+    }
+
+    /// After a flush's writes: FIN for a closing connection that is
+    /// drained, a write poll for a full socket, shutdown for a broken one.
+    fn settle(&self, g: &mut OutGuard<'_>, slot: u32, state: WriteState) {
+        match state {
+            WriteState::Drained => self.after_drain(g),
             WriteState::Blocked => {
                 g.write_wait = true;
                 bump(&self.counters().write_waits, 1);
@@ -420,6 +512,80 @@ impl Writer {
                 sys::shutdown(g.fd(), libc::SHUT_RDWR);
             }
         }
+    }
+
+    /// Batched sends: adds the head of `slot`'s queue (up to 64 frames)
+    /// to `b`, pinned, where `flush` would write it.
+    fn collect(&self, b: &mut Batch, slot: u32) {
+        let mut g = self.slots().slots[slot as usize].lock();
+        if !g.clear(DIRTY) || g.generation == 0 || g.write_wait {
+            return; // stale, or flushed when the poller reports room
+        }
+        let mut iov = self.iov.borrow_mut();
+        let n = g.out.fill_iovecs(&mut iov);
+        if n == 0 {
+            self.after_drain(&mut g);
+            return;
+        }
+        g.out.pin(n);
+        let offered = iov[..n].iter().map(|v| v.iov_len).sum();
+        b.sends.push((slot, g.generation, offered));
+        b.fds.push(g.fd());
+        b.spans.push((b.iov.len(), n));
+        b.iov.extend_from_slice(&iov[..n]);
+    }
+
+    /// Submits the sends `collect` gathered, in one `io_uring_enter`, and
+    /// settles each connection by what its socket took, as `flush` does.
+    fn send_batch(&self, b: &mut Batch) {
+        if b.sends.is_empty() {
+            return;
+        }
+        // The headers point into `iov`, complete now: it does not move
+        // until the batch is cleared below.
+        b.msgs.clear();
+        for &(start, len) in &b.spans {
+            // SAFETY: msghdr is plain data; zeroed is a valid empty header.
+            let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+            msg.msg_iov = b.iov[start..].as_ptr() as *mut libc::iovec;
+            msg.msg_iovlen = len as _;
+            b.msgs.push(msg);
+        }
+        b.res.clear();
+        b.res.resize(b.sends.len(), 0);
+        self.poller.borrow_mut().send_batch(&b.fds, &b.msgs, &mut b.res);
+        let c = self.counters();
+        for (&(slot, generation, offered), &res) in b.sends.iter().zip(&b.res) {
+            let mut g = self.slots().slots[slot as usize].lock();
+            debug_assert_eq!(g.generation, generation, "a slot in a batch is not released");
+            g.out.unpin();
+            let state = if res >= 0 {
+                let w = res as usize;
+                bump(&c.writes, 1);
+                bump(&c.detail.bytes_out, w as u64);
+                g.out.advance(w);
+                if w < offered {
+                    WriteState::Blocked
+                } else if !g.out.is_empty() {
+                    // Frames queued behind the batch, or past its 64: the
+                    // next round of this flush takes them.
+                    self.mark_dirty(slot, &mut g);
+                    continue;
+                } else {
+                    WriteState::Drained
+                }
+            } else if res == -libc::EAGAIN {
+                WriteState::Blocked
+            } else {
+                tracing::trace!(worker = self.id.0, fd = g.fd(), "write failed: errno {}", -res);
+                WriteState::Failed
+            };
+            self.settle(&mut g, slot, state);
+        }
+        b.sends.clear();
+        b.fds.clear();
+        b.spans.clear();
+        b.iov.clear();
     }
 
     /// Writes as much of the queue as the socket takes, 64 frames per
@@ -463,6 +629,13 @@ impl Writer {
         let Some(mut g) = self.lock(slot, generation) else { return false };
         if !g.write_wait {
             return false; // a late event after the queue drained
+        }
+        if self.batch.is_some() {
+            // The backlog goes out with this turn's batch; a socket that
+            // fills again arms a new (one-shot) poll then.
+            g.write_wait = false;
+            self.mark_dirty(slot, &mut g);
+            return false;
         }
         match self.write_out(&mut g) {
             WriteState::Drained => {

@@ -12,6 +12,8 @@
 //! for a delivery; up to a socket's fill for the owner's flush, each of at
 //! most 64 frames) and queue operations; arm the poller (only the owner may: a writer that
 //! leaves bytes queued asks the owner to watch for room, `needs_arm`).
+//! The owner's batched sends (io_uring poller, `write/mod.rs`) run without
+//! the lock: the frames they write stay pinned at the head of the queue.
 //!
 //! Why not a hand-off to the owning worker, as DESIGN.md first proposed:
 //! measured with `switchboard-bench unicast` at 30,000 msgs/s over 4,000
@@ -169,6 +171,16 @@ impl OutState {
     /// it (see `queue`).
     pub fn queue_raw(&mut self, raw: &Bytes, rules: &WriteRules) -> Result<u32, Overflow> {
         self.queue(self.wire.encode(raw), kind_of(raw), rules)
+    }
+
+    /// Queues all of `e` (see `queue`): the owner's delivery when its
+    /// writes go out batched. On `Overflow` the connection is closed, so
+    /// frames queued before the refusal do not matter.
+    pub fn queue_all(&mut self, e: Encoded<'_>, rules: &WriteRules, skipped: &mut u32) -> Result<(), Overflow> {
+        for (f, r) in e.frames.iter().zip(e.raw) {
+            *skipped += self.queue(f.clone(), kind_of(r), rules)?;
+        }
+        Ok(())
     }
 
     /// Writes `e` (the frames encoded for this wire) straight to the socket
