@@ -126,7 +126,10 @@ pub struct ServerConfig {
     /// with `cargo bench -p switchboard-bench --bench fanout` (4,000
     /// members, `FANOUT_POLLER=io_uring`, three rounds against the build
     /// before them): CPU per delivery of a one-message fan-out 13% lower;
-    /// relayed unicast and sustained fan-out unchanged within noise.
+    /// relayed unicast and sustained fan-out unchanged within noise. Against
+    /// epoll on the same bench, 0.69–0.88 of its CPU per delivery: the mode
+    /// for fan-out-heavy services with memory to spare (DEPLOY.md,
+    /// "Choosing the data path").
     pub poller: PollerKind,
     /// Most connections the whole server holds (split evenly over workers);
     /// 0 = as many as `RLIMIT_NOFILE` allows. Each slot costs its share of
