@@ -488,11 +488,16 @@ impl Writer {
         }
     }
 
-    fn flush(&self, slot: u32) {
+    /// Locks a slot taken off the dirty list and clears its flag; `None`
+    /// if there is nothing to flush: stale, or waiting for room (flushed
+    /// when the poller reports it).
+    fn take_dirty(&self, slot: u32) -> Option<OutGuard<'_>> {
         let mut g = self.slots().slots[slot as usize].lock();
-        if !g.clear(DIRTY) || g.generation == 0 || g.write_wait {
-            return; // stale, or flushed when the poller reports room
-        }
+        (g.clear(DIRTY) && g.generation != 0 && !g.write_wait).then_some(g)
+    }
+
+    fn flush(&self, slot: u32) {
+        let Some(mut g) = self.take_dirty(slot) else { return };
         let state = self.write_out(&mut g);
         self.settle(&mut g, slot, state);
     }
@@ -517,10 +522,7 @@ impl Writer {
     /// Batched sends: adds the head of `slot`'s queue (up to 64 frames)
     /// to `b`, pinned, where `flush` would write it.
     fn collect(&self, b: &mut Batch, slot: u32) {
-        let mut g = self.slots().slots[slot as usize].lock();
-        if !g.clear(DIRTY) || g.generation == 0 || g.write_wait {
-            return; // stale, or flushed when the poller reports room
-        }
+        let Some(mut g) = self.take_dirty(slot) else { return };
         let mut iov = self.iov.borrow_mut();
         let n = g.out.fill_iovecs(&mut iov);
         if n == 0 {

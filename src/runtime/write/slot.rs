@@ -173,9 +173,9 @@ impl OutState {
         self.queue(self.wire.encode(raw), kind_of(raw), rules)
     }
 
-    /// Queues all of `e` (see `queue`): the owner's delivery when its
-    /// writes go out batched. On `Overflow` the connection is closed, so
-    /// frames queued before the refusal do not matter.
+    /// Queues all of `e` (see `queue`), behind what is queued. On
+    /// `Overflow` the connection is closed, so frames queued before the
+    /// refusal do not matter.
     pub fn queue_all(&mut self, e: Encoded<'_>, rules: &WriteRules, skipped: &mut u32) -> Result<(), Overflow> {
         for (f, r) in e.frames.iter().zip(e.raw) {
             *skipped += self.queue(f.clone(), kind_of(r), rules)?;
@@ -189,17 +189,14 @@ impl OutState {
     /// `skipped` counts messages dropped under `drop_oldest`; `written`
     /// the bytes the socket took now.
     pub fn put(&mut self, e: Encoded<'_>, rules: &WriteRules, skipped: &mut u32, written: &mut usize) -> Put {
+        if !self.out.is_empty() || self.write_wait {
+            return match self.queue_all(e, rules, skipped) {
+                Ok(()) => Put::Queued { full: false },
+                Err(Overflow) => Put::Overflow,
+            };
+        }
         let Encoded { frames, raw, iov, total } = e;
         let kinds = raw.iter().map(|r| kind_of(r));
-        if !self.out.is_empty() || self.write_wait {
-            for (f, kind) in frames.iter().zip(kinds) {
-                match self.queue(f.clone(), kind, rules) {
-                    Ok(s) => *skipped += s,
-                    Err(Overflow) => return Put::Overflow,
-                }
-            }
-            return Put::Queued { full: false };
-        }
         let took = match sys::sendmsg(self.fd(), &iov[..frames.len()]) {
             Send::Wrote(w) if w == total => {
                 *written += w;
