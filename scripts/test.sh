@@ -118,6 +118,9 @@ OTHER_POLLER=io_uring
 if [ $# -eq 0 ]; then
   SWITCHBOARD_TEST_POLLER=$OTHER_POLLER cargo test -p switchboard --test core --test hardening --test websocket \
     --test ws_interop --test rooms --test reliable --test api --test admin --test metrics --test directory_churn
+  # And the owner's writes one sendmsg each (`server.batch_sends = false`,
+  # also what a host that refuses io_uring gets) in the default mode.
+  SWITCHBOARD_TEST_BATCH_SENDS=0 cargo test -p switchboard --test core --test hardening --test rooms
 fi
 
 # WebSocket conformance: the Autobahn|Testsuite fuzzingclient (301 cases)

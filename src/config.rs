@@ -107,10 +107,6 @@ pub struct ServerConfig {
     ///   hold nothing of (`[uring]` `recv_buffers` × `recv_buffer_bytes`,
     ///   4 MiB per worker by default, touched at start); the ring's work
     ///   runs in the worker's own `io_uring_enter`, one batch per loop turn.
-    ///   The worker's own writes (fan-out, deliveries between its
-    ///   connections, replies, backlogs) go out as `IORING_OP_SENDMSG`
-    ///   submissions, up to 256 per `io_uring_enter`, instead of one
-    ///   `sendmsg(2)` each; writes from other threads stay direct.
     ///   Needs Linux 6.1; an older kernel, or io_uring refused, falls back
     ///   to epoll with a warning.
     ///
@@ -122,15 +118,24 @@ pub struct ServerConfig {
     /// whichever mode ran second (the difference is below the run's order
     /// effect), and idle memory per connection 1.04× and 1.09× epoll's
     /// (the armed receive costs the kernel more than an epoll entry). Idle
-    /// memory decides: epoll stays the default. The batched sends, measured
-    /// with `cargo bench -p switchboard-bench --bench fanout` (4,000
-    /// members, `FANOUT_POLLER=io_uring`, three rounds against the build
-    /// before them): CPU per delivery of a one-message fan-out 13% lower;
-    /// relayed unicast and sustained fan-out unchanged within noise. Against
-    /// epoll on the same bench, 0.69–0.88 of its CPU per delivery: the mode
-    /// for fan-out-heavy services with memory to spare (DEPLOY.md,
-    /// "Choosing the data path").
+    /// memory decides: epoll stays the default. Both modes batch the
+    /// worker's own sends (`batch_sends`); DEPLOY.md, "Choosing the data
+    /// path", has what is left between them.
     pub poller: PollerKind,
+    /// Where a worker writes to many of its connections at once (a room
+    /// publish or broadcast, a tick's PINGs, a turn's replies), the writes
+    /// go out as `IORING_OP_SENDMSG` submissions, up to 256 per
+    /// `io_uring_enter`, instead of one `sendmsg(2)` each. A single
+    /// delivery, and writes from other threads, stay direct (a batch of one
+    /// costs more than the syscall). On by default, with either poller: the
+    /// `io_uring` poller submits them on its own ring; `epoll` adds a
+    /// 256-entry ring per worker for sends only (28 KiB of kernel
+    /// memory per worker; connections hold nothing in it, so idle memory
+    /// per connection does not change). Off, or with
+    /// `io_driver = "epoll"`, or where the kernel refuses io_uring (with a
+    /// warning): one `sendmsg(2)` per write. Measured with the fan-out
+    /// bench, epoll poller, 4,000 members: see README, "Fan-out".
+    pub batch_sends: bool,
     /// Most connections the whole server holds (split evenly over workers);
     /// 0 = as many as `RLIMIT_NOFILE` allows. Each slot costs its share of
     /// the connection table only once used (the table is reserved, not
@@ -172,6 +177,7 @@ impl Default for ServerConfig {
             pin_workers: false,
             io_driver: IoDriver::Auto,
             poller: PollerKind::Epoll,
+            batch_sends: true,
             max_connections: 0,
             listen_backlog: 4096,
             accepts_per_worker: 4,

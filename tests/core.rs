@@ -559,17 +559,23 @@ fn an_answering_client_is_pinged_every_interval_not_every_idle_timeout() {
     assert!(pings >= 5, "{pings} PINGs in 2 s");
 }
 
-#[test]
-fn concurrent_writers_to_one_connection_keep_frames_whole_and_in_order() {
-    // Senders on both workers and an application thread all write to one
-    // connection at once, with small socket buffers so writes are partial
-    // and queue up while the target is not reading.
+/// Socket buffers of 1 KiB, so writes are partial and queue up while a
+/// reader does not read, and queues roomy enough to hold the backlog.
+fn small_sockets_config() -> switchboard::config::Config {
     let mut cfg = config();
     cfg.socket.sndbuf_bytes = 1024;
     cfg.socket.rcvbuf_bytes = 1024;
     cfg.limits.outbound_max_frames = 100_000;
     cfg.limits.outbound_max_bytes = 16 << 20;
-    let server = start(cfg);
+    cfg
+}
+
+#[test]
+fn concurrent_writers_to_one_connection_keep_frames_whole_and_in_order() {
+    // Senders on both workers and an application thread all write to one
+    // connection at once, with small socket buffers so writes are partial
+    // and queue up while the target is not reading.
+    let server = start(small_sockets_config());
     let addr = server.local_addr();
     let h = server.handle();
     let (mut target, _) = login(addr, "target");
@@ -615,4 +621,37 @@ fn concurrent_writers_to_one_connection_keep_frames_whole_and_in_order() {
     app.join().unwrap();
     let _senders: Vec<_> = threads.into_iter().map(|t| t.join().unwrap()).collect();
     assert_eq!(next.values().sum::<u32>(), 13 * N);
+}
+
+#[test]
+fn a_backlog_written_out_after_the_socket_filled_leaves_the_worker_idle() {
+    // A sender and a reader on one worker: the worker's own deliveries
+    // fill the reader's small socket, wait for room, and drain once it
+    // reads. Afterwards the worker must sleep: a write interest left armed
+    // on a drained socket (level-triggered on epoll) would report it
+    // writable on every turn, and the worker would spin at 100% CPU.
+    let server = start(small_sockets_config());
+    let addr = server.local_addr();
+    let mut target = login_on_workers(addr, "target", &[0]).pop().unwrap();
+    let mut sender = login_on_workers(addr, "sender", &[0]).pop().unwrap();
+    const N: u32 = 300;
+    let body = "z".repeat(1000);
+    for seq in 0..N {
+        sender.send(0, "target", format!("{seq}:{body}").as_bytes()).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let stats = server.handle().stats();
+    assert!(stats.write_waits > 0, "the socket filled: {stats:?}");
+    for seq in 0..N {
+        let (_, _, payload) = expect_push(&mut target);
+        assert!(payload.starts_with(format!("{seq}:").as_bytes()), "message {seq} in order");
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let before = worker_ticks();
+    std::thread::sleep(Duration::from_secs(1));
+    let ticks = worker_ticks() - before;
+    assert!(ticks < 30, "the idle workers burnt {ticks} clock ticks in one second");
+    // And the connection still takes deliveries.
+    sender.send(0, "target", b"after").unwrap();
+    assert_eq!(expect_push(&mut target).2, b"after");
 }

@@ -446,3 +446,40 @@ fn the_admin_api_pushes_reliably_or_at_most_once_and_shows_an_inbox() {
     assert_eq!(state["devices"][0]["device"], "watch");
     assert_eq!(state["devices"][0]["pending"], 0);
 }
+
+#[test]
+fn a_pipelined_sender_gets_every_send_ack_in_order() {
+    // A sender that does not wait for each SEND_ACK (what a client
+    // flushing its outbox after a reconnect does): 10,000 SENDs back to
+    // back, read on another thread. Every one is stored and acknowledged,
+    // in order, and the connection stays up.
+    // On the default disk store with fsync, where appends are group
+    // committed and SEND_ACKs come back in bursts.
+    let dir = std::env::temp_dir().join(format!("sb-pipelined-{}-{}", std::process::id(), common::unix_now()));
+    let mut cfg = config();
+    cfg.store.kind = StoreKind::Disk;
+    cfg.store.path = dir.clone();
+    let server = common::start(cfg);
+    let addr = server.local_addr();
+    let (mut tx, _) = common::login(addr, "piper");
+    let mut acks = tx.try_clone_for_reading().unwrap();
+    const N: u32 = 10_000;
+    let reader = std::thread::spawn(move || {
+        for i in 0..N {
+            match acks.recv_skipping_pings().unwrap_or_else(|e| panic!("SEND_ACK {i}: {e}")).frame() {
+                Frame::SendAck { req_id, .. } => assert_eq!(req_id, i + 1, "SEND_ACKs in order"),
+                other => panic!("expected SEND_ACK {i}, got {other:?}"),
+            }
+        }
+    });
+    for i in 0..N {
+        tx.send(i + 1, "offline-reader", format!("m{i}").as_bytes()).unwrap();
+    }
+    reader.join().unwrap();
+    let mut rx = device_login(addr, "offline-reader", "d1", 0);
+    let mut seen = Seen { auto_fetch: true, ..Seen::default() };
+    read_until(&mut rx, &mut seen, 32, Duration::from_secs(20), |s| s.have == N as u64);
+    assert_eq!(payloads(&seen), expected(0..N));
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+}

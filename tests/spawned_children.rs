@@ -38,20 +38,6 @@ impl Drop for Spawned {
     }
 }
 
-/// CPU time (clock ticks) of each of this process's worker threads.
-fn worker_ticks() -> u64 {
-    std::fs::read_dir("/proc/self/task")
-        .unwrap()
-        .flatten()
-        .filter(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.starts_with("sb-worker")))
-        .filter_map(|t| {
-            let stat = std::fs::read_to_string(t.path().join("stat")).ok()?;
-            let f: Vec<&str> = stat.rsplit(')').next()?.split_whitespace().collect();
-            Some(f[11].parse::<u64>().ok()? + f[12].parse::<u64>().ok()?)
-        })
-        .sum()
-}
-
 #[test]
 fn a_child_process_does_not_stall_the_worker_of_a_connection_it_inherited() {
     let mut cfg = config();

@@ -24,6 +24,7 @@
 //! deliveries as a multiple of the ceiling, default 6;
 //! FANOUT_SOCKET_BUFFERS = `socket.rcvbuf_bytes` and `sndbuf_bytes`;
 //! FANOUT_POLLER = `server.poller`, epoll or io_uring;
+//! FANOUT_BATCH_SENDS = `server.batch_sends`, 1 (default) or 0;
 //! FANOUT_PERF, below). Results also go to `target/fanout.json`.
 //!
 //! CPU figures are for the worker threads only: the scheduler's nanosecond
@@ -121,6 +122,15 @@ fn main() {
             other => panic!("FANOUT_POLLER={other}: epoll or io_uring"),
         };
     }
+    // FANOUT_BATCH_SENDS=0: the owner's writes one sendmsg each.
+    if let Ok(b) = std::env::var("FANOUT_BATCH_SENDS") {
+        cfg.server.batch_sends = match b.as_str() {
+            "1" => true,
+            "0" => false,
+            other => panic!("FANOUT_BATCH_SENDS={other}: 1 or 0"),
+        };
+    }
+    let (poller, batch_sends) = (cfg.server.poller, cfg.server.batch_sends);
     let server = Server::builder().config(cfg).start().expect("server starts");
     let h = server.handle();
     let exe = PathBuf::from(env!("CARGO_BIN_EXE_switchboard-bench"));
@@ -128,7 +138,10 @@ fn main() {
     spec.room = Some(ROOM.into());
     spec.src_base = 60;
     let mut fleet = Fleet::spawn(&spec).expect("loaders start");
-    eprintln!("fanout: {members} members on {workers} workers, {} loader processes", fleet.len());
+    eprintln!(
+        "fanout: {members} members on {workers} workers ({poller:?}, batch_sends {batch_sends}), {} loader processes",
+        fleet.len()
+    );
     let (ready, failed, _) = fleet.wait_ready(Duration::from_secs(180)).expect("members join");
     assert_eq!((ready, failed), (members, 0));
     assert_eq!(h.room_size(ROOM), members as u64);
@@ -204,6 +217,8 @@ fn main() {
         "question": "room fan-out vs the kernel's send ceiling over the same sockets",
         "members": members,
         "workers": workers,
+        "poller": format!("{poller:?}"),
+        "batch_sends": batch_sends,
         "payload_bytes": PAYLOAD,
         "cpu_split": {
             "send_ceiling": split_json(&cpu_c),

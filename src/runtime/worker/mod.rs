@@ -72,6 +72,10 @@ const MAILBOX_BATCH: usize = 4096;
 const TICK_BATCH: usize = 4096;
 /// Readiness events handled between two flushes and yields.
 const IO_BATCH: usize = 4096;
+/// Events (or mailbox commands) handled between two flushes of the turn's
+/// queued writes, so a reply, or a fan-out's batched send, waits for at
+/// most this many others before it goes out.
+const FLUSH_EVERY: usize = 64;
 /// Members written to per fan-out step; between steps the worker yields so
 /// reads, heartbeats and other commands are not starved by a large room.
 const FANOUT_CHUNK: usize = 2048;
@@ -1069,7 +1073,7 @@ impl Worker {
             }
             let (mut direct, mut batched, mut queued) = (0, 0, 0);
             for &m in chunk {
-                match self.out.put(m, &mut out, false) {
+                match self.out.put(m, &mut out, true) {
                     Delivered::Direct => direct += 1,
                     Delivered::Batched => batched += 1,
                     Delivered::Overflow => self.close_slow_consumer(m.slot, m.generation),
@@ -1077,7 +1081,7 @@ impl Worker {
                     Delivered::No => {}
                 }
             }
-            // The step's batched sends (io_uring poller) and replies go out
+            // The step's batched sends (`server.batch_sends`) and replies go out
             // now, before the latency is taken.
             self.out.flush_dirty();
             self.out.poller.borrow_mut().flush();

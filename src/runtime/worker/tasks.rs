@@ -17,7 +17,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use monoio::net::{TcpListener, UnixStream};
 
-use super::{Worker, YieldNow, IO_BATCH, MAILBOX_BATCH, TICK_BATCH};
+use super::{Worker, YieldNow, FLUSH_EVERY, IO_BATCH, MAILBOX_BATCH, TICK_BATCH};
 use crate::ids::WorkerId;
 use crate::outq::MAX_IOV_PER_WRITE;
 use crate::proto::codes::CloseCode;
@@ -111,8 +111,13 @@ async fn io_loop(w: Rc<Worker>, ready_fd: UnixStream) {
             }
             continue;
         }
-        for (tok, ready) in events.drain(..) {
+        for (i, (tok, ready)) in events.drain(..).enumerate() {
             w.on_ready(tok, ready);
+            if i % FLUSH_EVERY == FLUSH_EVERY - 1 {
+                // A busy turn (thousands of reads) would otherwise hold the
+                // replies to its first reads until its end.
+                w.out.flush_dirty();
+            }
         }
         w.rearm_starved();
         w.out.flush_dirty();
@@ -215,7 +220,14 @@ async fn mailbox_loop(w: Rc<Worker>) {
             batch.push_back(cmd);
         }
         let full = batch.len() == MAILBOX_BATCH;
+        let mut handled = 0;
         while let Some(cmd) = batch.pop_front() {
+            handled += 1;
+            if handled % FLUSH_EVERY == 0 {
+                // As in the I/O loop: replies to the first commands do not
+                // wait for the last of thousands.
+                w.out.flush_dirty();
+            }
             match cmd {
                 // Consecutive messages for the same room (or consecutive
                 // broadcasts) go out together: one sendmsg per member
@@ -354,6 +366,16 @@ pub(crate) async fn run(
         Err(e) => return ready(Err(format!("cannot create the connection poller: {e}"))),
     };
     let mut poller = poller;
+    if shared.config.server.batch_sends && driver == crate::runtime::DriverKind::IoUring {
+        // The epoll poller's ring for batched sends (the io_uring poller
+        // has its own). Refused (io_uring limited by a sysctl or seccomp):
+        // one sendmsg per write, as before.
+        if let Err(e) = poller.with_send_ring(256) {
+            if id.0 == 0 {
+                tracing::warn!("server.batch_sends: no io_uring for sends on this host ({e}); one sendmsg per write");
+            }
+        }
+    }
     if let Some(b) = poller.buffers() {
         tracing::debug!(
             worker = id.0,

@@ -33,19 +33,22 @@
 //! Deliveries need `open`; a connection's own replies (before login too)
 //! need only a live generation and no `closing`.
 //!
-//! ## Batched sends (io_uring poller)
+//! ## Batched sends (`server.batch_sends`)
 //!
-//! With `server.poller = "io_uring"` the owning worker does not write to
-//! its own connections one `sendmsg(2)` at a time: a delivery it makes
-//! (fan-out, a SEND between two of its connections, a push from its
-//! mailbox) is queued and marked `DIRTY` like a reply, and `flush_dirty`
-//! hands every dirty connection's head of queue to the kernel as one
+//! Where the owning worker writes to many of its connections at once, it
+//! does not do so one `sendmsg(2)` at a time: a fan-out step's deliveries
+//! are queued and marked `DIRTY` like replies, and `flush_dirty` hands
+//! every dirty connection's head of queue to the kernel as one
 //! `IORING_OP_SENDMSG` each, up to 256 per `io_uring_enter` (`Batch`,
-//! `Poller::send_batch`). A socket with no room answers `-EAGAIN` at
-//! once and gets its write poll as before; the poll's event marks the
-//! slot dirty again instead of writing (`on_writable`). Writers on other
-//! threads keep their direct write: they find the queue not empty while
-//! the owner's batch is pending and append behind it.
+//! `Poller::send_batch`), on the io_uring poller's ring or the epoll
+//! poller's ring for sends. So do a tick's PINGs, a turn's replies and the
+//! backlogs whose sockets had room again, when there are at least
+//! `BATCH_MIN` of them. A single delivery (a SEND, a push, a SEND_ACK) is
+//! written at once, as without batching. A socket with no room answers
+//! `-EAGAIN` at once and gets its write poll as before; the poll's event
+//! marks the slot dirty again instead of writing (`on_writable`). Writers
+//! on other threads keep their direct write: they find the queue not empty
+//! while the owner's batch is pending and append behind it.
 
 mod slot;
 
@@ -158,7 +161,7 @@ pub(crate) enum Delivered {
     /// Queued (behind other frames, or the socket was full).
     Queued,
     /// Nothing was queued for it: it goes out with the worker's batched
-    /// sends at the end of this step (io_uring poller), as a direct write
+    /// sends at the end of this step (`server.batch_sends`), as a direct write
     /// would have, and is counted as a write then.
     Batched,
     /// The connection is gone, closing, or not logged in.
@@ -185,7 +188,7 @@ pub(crate) struct Writer {
     pub poller: RefCell<Poller>,
     dirty: RefCell<Vec<u32>>,
     iov: RefCell<[libc::iovec; MAX_IOV_PER_WRITE]>,
-    /// io_uring poller: the owner's writes go out as one batch of
+    /// `server.batch_sends`: the owner's writes go out as one batch of
     /// submissions per flush instead of one `sendmsg` each (see `Batch`).
     batch: Option<RefCell<Batch>>,
 }
@@ -218,15 +221,23 @@ struct Batch {
 /// (`uring.sq_entries` is at least 256 and 4096 by default, and a flush
 /// may find arms and closes queued too) and the completion queue.
 const BATCH_MAX: usize = 256;
+/// Fewer dirty connections than this are written one `sendmsg` each. A
+/// ring submission saves one syscall round trip per send after the first
+/// (about 300 ns here: `cargo bench -p switchboard-bench --bench micro --
+/// syscall`) and adds its own entries and completions; with one or two
+/// sends that is no gain worth the extra path. The value is a judgment,
+/// not a measured optimum.
+const BATCH_MIN: usize = 4;
 
 impl Writer {
     pub fn new(id: WorkerId, shared: Arc<Shared>, poller: Poller) -> Writer {
+        let batch = shared.config.server.batch_sends && poller.batches_sends();
         Writer {
             id,
             shared,
             dirty: RefCell::new(Vec::new()),
             iov: RefCell::new([libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; MAX_IOV_PER_WRITE]),
-            batch: poller.batches_sends().then(|| RefCell::new(Batch::default())),
+            batch: batch.then(|| RefCell::new(Batch::default())),
             poller: RefCell::new(poller),
         }
     }
@@ -356,14 +367,18 @@ impl Writer {
             return if deliver(&self.shared, conn, &frame) { Delivered::Queued } else { Delivered::No };
         }
         let m = Member { slot: conn.slot(), generation: conn.generation() };
-        self.put(m, &mut Outgoing::new(&[frame]), true)
+        self.put(m, &mut Outgoing::new(&[frame]), false)
     }
 
     /// Writes (or queues) `out` (encoded lazily, once per wire) for one of
     /// this worker's logged-in connections, arming its write poll directly
-    /// when the socket fills. `count`: count the direct write here (a
-    /// fan-out counts its direct writes once per step).
-    pub fn put(&self, m: Member, out: &mut Outgoing<'_>, count: bool) -> Delivered {
+    /// when the socket fills. `fan_out`: one member of a fan-out step, which
+    /// counts its direct writes once per step, and whose writes go out
+    /// batched (`server.batch_sends`) at the end of the step. A single
+    /// delivery is written at once: a batch of one costs more than a
+    /// `sendmsg` (measured at 20,000 relayed msgs/s: 4.6-4.9 µs of user
+    /// CPU per message against 3.4-3.5, when every delivery was batched).
+    pub fn put(&self, m: Member, out: &mut Outgoing<'_>, fan_out: bool) -> Delivered {
         let mut skipped = 0;
         let mut written = 0;
         let frames;
@@ -374,7 +389,8 @@ impl Writer {
             }
             let Some(e) = out.get(g.wire) else { return Delivered::No };
             frames = e.frames.len();
-            if self.batch.is_some() && g.out.is_empty() && !g.write_wait {
+            let batch = fan_out && self.batch.is_some();
+            if batch && g.out.is_empty() && !g.write_wait {
                 // Where a direct write would go: queued for this turn's
                 // batch instead (an empty queue takes the frames unless
                 // they pass the limits on their own).
@@ -416,7 +432,7 @@ impl Writer {
         }
         match r {
             Put::Sent => {
-                if count {
+                if !fan_out {
                     bump(&c.writes, 1);
                     bump(&c.frames_out, frames as u64);
                 }
@@ -463,12 +479,7 @@ impl Writer {
                 return;
             }
             match &self.batch {
-                None => {
-                    for &slot in &dirty {
-                        self.flush(slot);
-                    }
-                }
-                Some(batch) => {
+                Some(batch) if dirty.len() >= BATCH_MIN => {
                     let mut b = batch.borrow_mut();
                     for &slot in &dirty {
                         self.collect(&mut b, slot);
@@ -477,6 +488,11 @@ impl Writer {
                         }
                     }
                     self.send_batch(&mut b);
+                }
+                _ => {
+                    for &slot in &dirty {
+                        self.flush(slot);
+                    }
                 }
             }
             let mut d = self.dirty.borrow_mut();
@@ -634,8 +650,11 @@ impl Writer {
         }
         if self.batch.is_some() {
             // The backlog goes out with this turn's batch; a socket that
-            // fills again arms a new (one-shot) poll then.
+            // fills again arms a new poll then. The interest ends here: the
+            // io_uring poll was one-shot, but epoll's is level-triggered
+            // and would report the drained socket on every turn.
             g.write_wait = false;
+            self.poller.borrow_mut().write_done(g.fd(), token(slot, generation));
             self.mark_dirty(slot, &mut g);
             return false;
         }

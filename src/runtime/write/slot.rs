@@ -12,7 +12,7 @@
 //! for a delivery; up to a socket's fill for the owner's flush, each of at
 //! most 64 frames) and queue operations; arm the poller (only the owner may: a writer that
 //! leaves bytes queued asks the owner to watch for room, `needs_arm`).
-//! The owner's batched sends (io_uring poller, `write/mod.rs`) run without
+//! The owner's batched sends (`server.batch_sends`, `write/mod.rs`) run without
 //! the lock: the frames they write stay pinned at the head of the queue.
 //!
 //! Why not a hand-off to the owning worker, as DESIGN.md first proposed:
