@@ -134,7 +134,8 @@ pub struct ServerConfig {
     /// per connection does not change). Off, or with
     /// `io_driver = "epoll"`, or where the kernel refuses io_uring (with a
     /// warning): one `sendmsg(2)` per write. Measured with the fan-out
-    /// bench, epoll poller, 4,000 members: see README, "Fan-out".
+    /// bench (`FANOUT_BATCH_SENDS=0|1`): README, "Measured", the table of
+    /// differences; docs/DEPLOY.md, "Choosing the data path".
     pub batch_sends: bool,
     /// Most connections the whole server holds (split evenly over workers);
     /// 0 = as many as `RLIMIT_NOFILE` allows. Each slot costs its share of
