@@ -40,7 +40,11 @@
 //! server with `os` durability, the build before and this one
 //! alternated, three rounds): the store thread took 40, 38 and 43% of a
 //! core before, 30, 36 and 34% with the tail; the server 58, 58 and 59
-//! µs of CPU per message against 53, 54 and 56.
+//! µs of CPU per message against 53, 54 and 56. The price is bytes: the
+//! tail is written again with the record at every append and position
+//! change, so the same runs wrote about 555 bytes to disk per message
+//! instead of 340 (`write_bytes` of `/proc/PID/io`; more memtable bytes,
+//! so fjall also flushes more often).
 //! (Moving the head into the record, earlier, had taken an append from
 //! three keys to two: with the head in its own keyspace the same
 //! connections cost the thread 8–15% more CPU per message.)
