@@ -840,3 +840,85 @@ impl Store for DiskStore {
         Ok(dropped)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn device(name: &str, position: u64) -> DeviceState {
+        DeviceState { device: name.into(), position, last_seen_ms: 7 }
+    }
+
+    fn value(msg_id: u64, from: &str, payload: &[u8]) -> Vec<u8> {
+        let mut v = [msg_id.to_be_bytes(), 5u64.to_be_bytes()].concat();
+        v.push(from.len() as u8);
+        v.extend_from_slice(from.as_bytes());
+        v.extend_from_slice(payload);
+        v
+    }
+
+    /// The record as the version before the tail wrote it, byte by byte:
+    /// first seq, messages, bytes, devices (count, then id, position, last
+    /// seen each), head.
+    #[test]
+    fn a_record_from_before_the_tail_reads_with_an_empty_tail_and_is_written_back_the_same() {
+        let mut old = [3u64.to_be_bytes(), 2u64.to_be_bytes(), 90u64.to_be_bytes()].concat();
+        old.push(1);
+        old.push(5);
+        old.extend_from_slice(b"phone");
+        old.extend_from_slice(&2u64.to_be_bytes());
+        old.extend_from_slice(&7u64.to_be_bytes());
+        old.extend_from_slice(&4u64.to_be_bytes());
+        let (rec, head) = InboxRec::decode(&old).unwrap();
+        assert_eq!(head, Some(4));
+        assert_eq!((rec.first_seq, rec.messages, rec.bytes), (3, 2, 90));
+        assert_eq!(rec.devices, vec![device("phone", 2)]);
+        assert!(rec.tail.is_empty());
+        assert_eq!(rec.encode(4), old, "an empty tail is the old layout");
+    }
+
+    #[test]
+    fn a_tail_round_trips_in_seq_order() {
+        let mut rec = InboxRec { messages: 2, devices: vec![device("p", 0)], ..InboxRec::empty(0) };
+        rec.push_tail(1, &value(10, "ann", b"hi"));
+        rec.push_tail(2, &value(11, "", b""));
+        let (back, head) = InboxRec::decode(&rec.encode(2)).unwrap();
+        assert_eq!((back.clone(), head), (rec, Some(2)));
+        let got: Vec<_> = Tail(&back.tail).map(|(seq, v)| stored(seq, v).unwrap()).collect();
+        assert_eq!(got.iter().map(|m| (m.seq, m.msg_id, &*m.from)).collect::<Vec<_>>(), [(1, 10, "ann"), (2, 11, "")]);
+        assert_eq!(&got[0].payload[..], b"hi");
+        assert_eq!(back.tail_messages(), 2);
+    }
+
+    /// Records come from disk: a damaged one is an error, never a panic
+    /// or a message read out of someone else's bytes.
+    #[test]
+    fn a_damaged_record_is_an_error() {
+        let mut rec = InboxRec { messages: 1, devices: vec![device("p", 0)], ..InboxRec::empty(0) };
+        rec.push_tail(1, &value(10, "ann", b"hi"));
+        let good = rec.encode(1);
+        let at_tail = good.len() - rec.tail.len();
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            ("cut inside a message", good[..good.len() - 1].to_vec()),
+            ("cut inside the framing", good[..at_tail + 9].to_vec()),
+            ("a length past the end", {
+                let mut b = good.clone();
+                b[at_tail + 9] += 1;
+                b
+            }),
+            ("a length too short for a message", {
+                let mut b = good.clone();
+                b[at_tail + 8] = 0;
+                b[at_tail + 9] = 3;
+                b.truncate(at_tail + TAIL_ENTRY_HEAD + 3);
+                b
+            }),
+            ("more messages in the tail than in the inbox", InboxRec { messages: 0, ..rec.clone() }.encode(1)),
+            ("a device cut short", good[..25 + 3].to_vec()),
+            ("the head cut short", good[..at_tail - 3].to_vec()),
+        ];
+        for (what, bytes) in cases {
+            assert!(InboxRec::decode(&bytes).is_err(), "{what}");
+        }
+    }
+}
