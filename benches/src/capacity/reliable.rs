@@ -11,11 +11,13 @@
 //!
 //! Sizes: the at-most-once unicast's connections and rate ladder (the same
 //! plan fields, the same keep-up rule), so the ratio compares like with
-//! like; every receiver a device that acknowledges as a client should
-//! (PROTOCOL.md 15.4: every 32 INBOX frames or 100 ms). 10,000 waiting
-//! messages: the figure, 500 pages of the first page's 20, ten
-//! FETCHes at the default `delivery.max_fetch` (1,000). The idle holds are
-//! the capacity run's own (4 steps to `plan.connections`).
+//! like, and an at-most-once ladder of its own run step by step with the
+//! reliable ones, so that it compares the same moments of the host
+//! (`Runner::unicast_ladders`); every receiver a device that acknowledges
+//! as a client should (PROTOCOL.md 15.4: every 32 INBOX frames or 100 ms).
+//! 10,000 waiting messages: the figure, 500 pages of the first
+//! page's 20, ten FETCHes at the default `delivery.max_fetch` (1,000). The
+//! idle holds are the capacity run's own (4 steps to `plan.connections`).
 //!
 //! Owns: the servers these scenarios start (each with its own store in the
 //! run's output directory) and the catch-up client (`switchboard::client`,
@@ -29,8 +31,9 @@ use switchboard::proto::frame::Frame;
 use switchboard::timed;
 use switchboard::JwtHs256;
 
-use super::report::{CatchUp, Idle, Reliable, ReliableUnicast, StoreIdle, Unicast, CATCH_UP_TARGET_PER_S};
+use super::report::{CatchUp, Idle, Reliable, ReliableUnicast, StoreIdle, Unicast, UnicastStep, CATCH_UP_TARGET_PER_S};
 use super::scenarios::{note, unicast_step, Delivery, Runner, ServerProc};
+use switchboard_bench::loadgen::Fleet;
 
 /// The device id every bench device connection logs in with.
 pub const DEVICE: &str = "bench";
@@ -39,8 +42,7 @@ impl Runner {
     /// Every reliable-delivery scenario; `idle` and `unicast` are the
     /// at-most-once figures of this run (default store, plain SEND relayed).
     pub(super) fn reliable(&mut self, idle: &Idle, unicast: &Unicast) -> Result<Reliable, String> {
-        let fsync = self.reliable_unicast("fsync", unicast.max.msgs_per_s)?;
-        let os = self.reliable_unicast("os", unicast.max.msgs_per_s)?;
+        let (at_most_once, fsync, os) = self.unicast_ladders()?;
         let catch_up = self.catch_up(self.plan.catch_up_messages)?;
         let no_store = {
             let s = self.server("idle-nostore", Delivery::NoStore)?;
@@ -57,9 +59,13 @@ impl Runner {
         Ok(Reliable {
             question: "What does storing every message cost next to relaying it (fsync: every batch of appends fdatasync'ed before SEND_ACK; os: handed to the kernel), how fast does a device catch up on a backlog, and does the store cost idle connections anything?".into(),
             method: format!(
-                "the at-most-once figures come from a server with the default disk store and delivery.send_default = \"at_most_once\" (plain SEND relayed live, as before reliable delivery and as the peers do); each reliable ladder runs against a fresh server with send_default = \"reliable\" and its own disk store, over the same {} connections at the same offered rates for the same {} s per step (open loop, random recipients, 64-byte timed payloads), every connection logged in as device \"{DEVICE}\" of its user and acknowledging cumulatively after 32 INBOX frames or 100 ms; delivered/s counts new INBOX frames (retransmits are counted as duplicates, not deliveries); latency is send (in the payload) → INBOX received; store figures are deltas of the admin API's /stats store counters over each step. Catch-up: a fresh server with the defaults, {} plain SENDs from one pipelined sender to one user (all SEND_ACKed, i.e. synced), then one blocking client logs in as a device, reads the first page, FETCHes with limit 65535 (the server caps it at delivery.max_fetch) at the end of each page and ACKs every 32. Idle: the same 4-step idle hold against a fresh server without a store and against one with the default store whose connections log in with a device id.",
-                unicast.connections, self.plan.unicast_s, self.plan.catch_up_messages
+                "three unicast ladders run step by step, so that each ratio compares the same minutes of a shared host: at each offered rate first at most once (a server with the default disk store and delivery.send_default = \"at_most_once\": plain SEND relayed live, as before reliable delivery and as the peers do), then fsync, then os (each a server with send_default = \"reliable\" and a disk store of its own, store.durability as named), each server with its own {} connections, {} s per step (open loop, random recipients, 64-byte timed payloads), a ladder stopping at its first rate not kept up with; the reliable connections are logged in as device \"{DEVICE}\" of their users and acknowledge cumulatively after 32 INBOX frames or 100 ms; delivered/s counts new INBOX frames (retransmits are counted as duplicates, not deliveries); latency is send (in the payload) → INBOX received; store figures are deltas of the admin API's /stats store counters over each step; the ratios divide each reliable best by the best of the at-most-once ladder beside it (the main pass's unicast, {} msgs/s, ran minutes earlier). Catch-up: a fresh server with the defaults, {} plain SENDs from one pipelined sender to one user (all SEND_ACKed, i.e. synced), then one blocking client logs in as a device, reads the first page, FETCHes with limit 65535 (the server caps it at delivery.max_fetch) at the end of each page and ACKs every 32. Idle: the same 4-step idle hold against a fresh server without a store and against one with the default store whose connections log in with a device id.",
+                unicast.connections,
+                self.plan.unicast_s,
+                super::report::f(unicast.max.msgs_per_s, 0),
+                self.plan.catch_up_messages
             ),
+            at_most_once,
             idle: StoreIdle::of(idle, no_store, devices),
             fsync,
             os,
@@ -72,55 +78,88 @@ impl Runner {
         ServerProc::switchboard(&self.switchboard_bin, &self.out, tag, self.plan.workers, delivery, &config)
     }
 
-    /// The unicast ladder with every message stored and every receiver a
-    /// device that ACKs; `at_most_once_per_s` is the at-most-once best.
-    fn reliable_unicast(
-        &mut self,
-        durability: &'static str,
-        at_most_once_per_s: f64,
-    ) -> Result<ReliableUnicast, String> {
-        let s = self.server(&format!("reliable-{durability}"), Delivery::Reliable { durability })?;
+    /// The three unicast ladders, step by step: at each offered rate at
+    /// most once, then reliable with `fsync`, then with `os`, each against
+    /// a server and connections of its own (the connections of the
+    /// reliable ones logged in as devices that ACK). A ladder stops at its
+    /// first rate not kept up with; a reliable one then runs half of its
+    /// best rate once its backlog drained. Why step by step: the host's
+    /// speed moves by half between runs minutes apart (the at-most-once
+    /// best of one day's quick runs: 29,995, 39,991 and 59,826 msgs/s), and
+    /// the ratios are only worth the moments they compare.
+    fn unicast_ladders(&mut self) -> Result<(Vec<UnicastStep>, ReliableUnicast, ReliableUnicast), String> {
+        struct Lane {
+            name: &'static str,
+            server: ServerProc,
+            fleet: Fleet,
+            ready: u32,
+            steps: Vec<UnicastStep>,
+            going: bool,
+        }
         let n = self.plan.connections;
-        note(format!("switchboard: reliable unicast ({durability}) over {n} device connections"));
-        let mut spec = self.spec(s.addr, n, &format!("rel-{durability}-u"), None);
-        spec.device = Some(DEVICE.into());
-        let (mut fleet, ready, _) = self.spawn_ready(&spec)?;
-        let mut steps = Vec::new();
+        let mut lanes = Vec::new();
+        for (name, delivery, device) in [
+            ("at most once", Delivery::AtMostOnce, None),
+            ("fsync", Delivery::Reliable { durability: "fsync" }, Some(DEVICE)),
+            ("os", Delivery::Reliable { durability: "os" }, Some(DEVICE)),
+        ] {
+            let tag = name.replace(' ', "-");
+            let server = self.server(&format!("ladder-{tag}"), delivery)?;
+            note(format!("switchboard: unicast ladder, {name}, over {n} connections"));
+            let mut spec = self.spec(server.addr, n, &format!("lad-{tag}-u"), None);
+            spec.device = device.map(Into::into);
+            let (fleet, ready, _) = self.spawn_ready(&spec)?;
+            lanes.push(Lane { name, server, fleet, ready, steps: Vec::new(), going: true });
+        }
         for rate in self.plan.unicast_rates.clone() {
-            let r = unicast_step(&mut fleet, &s, ready, rate, self.plan.unicast_s)?;
-            let st = r.store.as_ref();
-            note(format!(
-                "  {rate}/s offered: {:.0}/s delivered, p99 {} us, {:.0} appends/s, {:.0} syncs/s, {:.1} per sync",
-                r.msgs_per_s,
-                r.p99_us,
-                st.map_or(0.0, |t| t.appends_per_s),
-                st.map_or(0.0, |t| t.syncs_per_s),
-                st.and_then(|t| t.messages_per_sync).unwrap_or(0.0)
-            ));
-            let keeps_up = r.keeps_up();
-            steps.push(r);
-            if !keeps_up {
+            for lane in lanes.iter_mut().filter(|l| l.going) {
+                let r = unicast_step(&mut lane.fleet, &lane.server, lane.ready, rate, self.plan.unicast_s)?;
+                let st = r.store.as_ref();
+                note(format!(
+                    "  {rate}/s offered, {}: {:.0}/s delivered, p99 {} us, {:.0} appends/s, {:.0} syncs/s, {:.1} per sync",
+                    lane.name,
+                    r.msgs_per_s,
+                    r.p99_us,
+                    st.map_or(0.0, |t| t.appends_per_s),
+                    st.map_or(0.0, |t| t.syncs_per_s),
+                    st.and_then(|t| t.messages_per_sync).unwrap_or(0.0)
+                ));
+                lane.going = r.keeps_up();
+                lane.steps.push(r);
+            }
+            if lanes.iter().all(|l| !l.going) {
                 break;
             }
         }
-        let best = steps.iter().take_while(|s| s.keeps_up()).last().map(|s| s.msgs_per_s);
-        let at_half = match best {
-            Some(best) => {
-                // Let the last step's backlog drain first.
-                std::thread::sleep(Duration::from_secs(3));
-                let half = ((best / 2.0) as u64).max(1000);
-                let h = unicast_step(&mut fleet, &s, ready, half, self.plan.unicast_s)?;
-                note(format!("  at half of the best rate ({half}/s): p99 {} us", h.p99_us));
-                Some(h)
-            }
-            None => {
-                note(format!("  reliable ({durability}): not even the lowest rate was sustained"));
-                None
-            }
-        };
-        fleet.quit();
-        s.stop();
-        Ok(ReliableUnicast::judge(durability, ready, steps, at_half, at_most_once_per_s))
+        let best = |steps: &[UnicastStep]| steps.iter().take_while(|s| s.keeps_up()).last().map(|s| s.msgs_per_s);
+        let at_most_once_best = best(&lanes[0].steps).unwrap_or(0.0);
+        let mut lanes = lanes.into_iter();
+        let amo = lanes.next().expect("three lanes");
+        amo.fleet.quit();
+        amo.server.stop();
+        let mut judged = Vec::new();
+        for mut lane in lanes {
+            let at_half = match best(&lane.steps) {
+                Some(best) => {
+                    // Let the last step's backlog drain first.
+                    std::thread::sleep(Duration::from_secs(3));
+                    let half = ((best / 2.0) as u64).max(1000);
+                    let h = unicast_step(&mut lane.fleet, &lane.server, lane.ready, half, self.plan.unicast_s)?;
+                    note(format!("  {}: at half of the best rate ({half}/s): p99 {} us", lane.name, h.p99_us));
+                    Some(h)
+                }
+                None => {
+                    note(format!("  reliable ({}): not even the lowest rate was sustained", lane.name));
+                    None
+                }
+            };
+            lane.fleet.quit();
+            lane.server.stop();
+            judged.push(ReliableUnicast::judge(lane.name, lane.ready, lane.steps, at_half, at_most_once_best));
+        }
+        let os = judged.pop().expect("os");
+        let fsync = judged.pop().expect("fsync");
+        Ok((amo.steps, fsync, os))
     }
 
     /// `messages` stored for one user, then one device fetches them all.

@@ -1209,6 +1209,14 @@ impl Churn {
 pub struct Reliable {
     pub question: String,
     pub method: String,
+    /// The at-most-once unicast ladder run step by step with the reliable
+    /// ones: at each offered rate at most once, then `fsync`, then `os`,
+    /// each on a server and connections of its own, so that the ratios
+    /// compare the same minutes of a shared host. Empty in reports made
+    /// before (they compared with the main pass's ladder, run minutes
+    /// earlier).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub at_most_once: Vec<UnicastStep>,
     /// Reliable unicast with `store.durability = "fsync"`, then `"os"`.
     pub fsync: ReliableUnicast,
     pub os: ReliableUnicast,
@@ -1323,11 +1331,21 @@ impl StoreIdle {
 }
 
 impl Reliable {
-    /// The reliable-delivery section of report.md; `top_idle_bytes` is the
-    /// idle figure of the report's first table (default store).
-    fn markdown(&self, m: &mut String, at_most_once_per_s: f64, top_idle_bytes: Option<f64>) {
+    /// The best rate of [`Reliable::at_most_once`] (0 if none was kept up
+    /// with); `None` for a report made before that ladder existed.
+    pub fn at_most_once_best(&self) -> Option<f64> {
+        (!self.at_most_once.is_empty())
+            .then(|| self.at_most_once.iter().take_while(|s| s.keeps_up()).last().map_or(0.0, |s| s.msgs_per_s))
+    }
+
+    /// The reliable-delivery section of report.md; `main_at_most_once_per_s`
+    /// is the main pass's unicast best (what reports made before the
+    /// interleaved ladder compared with), `top_idle_bytes` the idle figure
+    /// of the report's first table (default store).
+    fn markdown(&self, m: &mut String, main_at_most_once_per_s: f64, top_idle_bytes: Option<f64>) {
         let _ = writeln!(m, "\n## Reliable delivery (stored messages, device ACKs, catch-up)\n");
         let _ = writeln!(m, "{}\n", self.question);
+        let at_most_once_per_s = self.at_most_once_best().unwrap_or(main_at_most_once_per_s);
         let _ = writeln!(m, "| figure | at most once | reliable, fsync | reliable, os |\n|---|---|---|---|");
         let (a, b) = (&self.fsync, &self.os);
         let best = |r: &ReliableUnicast, g: fn(&UnicastStep) -> String| r.max.as_ref().map_or("n/a".into(), g);
@@ -1393,6 +1411,14 @@ impl Reliable {
             let _ = writeln!(m, "| {k} | {x} | {y} | {z} |");
         }
         let _ = writeln!(m, "\nReliable ladders (offered/s → delivered/s, p99 ms, appends/s, syncs/s, messages per sync, refused, duplicates):\n");
+        if !self.at_most_once.is_empty() {
+            let steps: Vec<String> = self
+                .at_most_once
+                .iter()
+                .map(|s| format!("{} → {} ({} ms)", s.offered_per_s, f(s.msgs_per_s, 0), f(s.p99_us as f64 / 1e3, 1)))
+                .collect();
+            let _ = writeln!(m, "- at most once, step by step with these: {}", steps.join("; "));
+        }
         for r in [a, b] {
             let steps: Vec<String> = r
                 .steps
@@ -2479,6 +2505,70 @@ mod tests {
         assert!(!r.throughput_target_met && !r.p99_target_met, "os needs 0.8; p99 over 20 ms");
         let none = ReliableUnicast::judge("fsync", 4000, vec![step(10_000, 5_000.0, 1_000)], None, 39_000.0);
         assert_eq!((none.max, none.vs_at_most_once, none.throughput_target_met), (None, None, false));
+    }
+
+    /// The ratios divide by the at-most-once ladder run step by step with
+    /// the reliable ones, not by the main pass's, run minutes earlier.
+    #[test]
+    fn the_reliable_section_compares_with_the_at_most_once_ladder_beside_it() {
+        let idle = Idle {
+            connections: 4000,
+            connect_rate_per_s: 5000.0,
+            server_user_bytes_per_conn: Some(200.0),
+            server_kernel_bytes_per_conn: Some(3800.0),
+            rss_curve: vec![],
+            metrics_scrape: None,
+        };
+        let amo = vec![step(10_000, 10_000.0, 1_000), step(20_000, 20_000.0, 2_000), step(40_000, 30_000.0, 90_000)];
+        let reliable = vec![step(10_000, 10_000.0, 9_000), step(20_000, 15_000.0, 60_000)];
+        let main_pass_best = 40_000.0;
+        let beside = 20_000.0;
+        let judged = |d| ReliableUnicast::judge(d, 4000, reliable.clone(), Some(step(5_000, 5_000.0, 3_000)), beside);
+        let catch_up = CatchUp {
+            messages: 10_000,
+            fill_s: 0.1,
+            fill_msgs_per_s: 100_000.0,
+            fill_messages_per_sync: Some(1000.0),
+            first_page: 20,
+            fetches: 10,
+            first_inbox_ms: Some(0.5),
+            elapsed_s: 0.03,
+            msgs_per_s: 333_333.0,
+            duplicates: 0,
+            position_after: Some(10_000),
+            target_per_s: CATCH_UP_TARGET_PER_S,
+            target_met: true,
+        };
+        let mut r = Reliable {
+            question: "q".into(),
+            method: "m".into(),
+            at_most_once: amo,
+            fsync: judged("fsync"),
+            os: judged("os"),
+            catch_up,
+            idle: StoreIdle::of(&idle, idle.clone(), idle.clone()),
+        };
+        assert_eq!(r.at_most_once_best(), Some(20_000.0), "the last rate kept up with");
+        assert_eq!(r.fsync.vs_at_most_once, Some(0.5));
+        let mut m = String::new();
+        r.markdown(&mut m, main_pass_best, Some(200.0));
+        assert!(
+            m.contains(
+                "| unicast, best sustainable rate (delivered/s; ≥97% delivered, p99 < 50 ms) | 20000 | 10000 | 10000 |"
+            ),
+            "{m}"
+        );
+        assert!(m.contains("| 0.50 (met) | 0.50 (NOT met) |"), "{m}");
+        assert!(m.contains("- at most once, step by step with these: 10000 → 10000 (1.0 ms); 20000 → 20000 (2.0 ms); 40000 → 30000 (90.0 ms)\n"), "{m}");
+        // A report from before the ladder beside them: the main pass's best.
+        r.at_most_once.clear();
+        assert_eq!(r.at_most_once_best(), None);
+        let mut m = String::new();
+        r.markdown(&mut m, main_pass_best, Some(200.0));
+        assert!(m.contains("p99 < 50 ms) | 40000 | 10000 | 10000 |"), "{m}");
+        assert!(!m.contains("step by step with these"), "{m}");
+        let json = serde_json::to_value(&r).unwrap();
+        assert!(json.get("at_most_once").is_none(), "not written when empty, as reports before it");
     }
 
     #[test]
