@@ -4,50 +4,42 @@
 //! Owns: one fjall database under the configured directory, with five
 //! keyspaces (`u` = a user id's length byte then its bytes):
 //! - `inboxes`: `u` → first kept seq, message count, bytes, devices (id,
-//!   position, last seen), the head seq (u64 BE), then the tail: the
-//!   user's newest messages, up to [`TAIL_BYTES`], each as its seq, a
-//!   length and what `msgs` holds for a message. Only users with messages
-//!   kept or a known device have one; `expire` walks this keyspace.
+//!   position, last seen), then the head seq (u64 BE). Only users with
+//!   messages kept or a known device have one; `expire` walks this
+//!   keyspace.
 //! - `heads`: `u` → head seq (u64 BE), written when a user's `inboxes`
 //!   record is removed, so that seqs never go back, through trimming and
 //!   restarts. Read only when a user has no record, or one written before
 //!   the head moved into the records (such a record ends after the
 //!   devices; versions before it wrote every head here, and it is read
-//!   as it is; records from before the tail end after the head).
-//! - `msgs`: `u` + seq BE → msg_id, ts_ms, sender, payload: the user's
-//!   messages that no longer fit in the tail, every one older than the
-//!   tail's. One user's messages are contiguous and in seq order, so a
-//!   page is one range scan, then the tail.
+//!   as it is).
+//! - `msgs`: `u` + seq BE → msg_id, ts_ms, sender, payload. One user's
+//!   messages are contiguous and in seq order, so a page is one range scan.
 //! - `dedup`: sender's length byte + sender + client_id BE → seq, msg_id,
 //!   ts; `dedup_time`: ts BE + the dedup key, so `expire` finds old entries
 //!   in time order.
 //!
-//! Why the tail: the store thread spends most of its time searching
-//! fjall's memtable skiplists for where an insert goes (about half of its
-//! samples under reliable unicast, perf), so what an append costs is the
-//! keys it writes. The user's record is written at every append anyway
-//! (the head moves), and at every position change; a message in the tail
-//! rides in that write. A device that keeps up acknowledges its messages
-//! while they are still in the tail, and the position change that drops
-//! them is the record's write too: such a message costs no write of its
-//! own (it rides in the record writes that its append and its
-//! acknowledgement make anyway), no removal and no retention pass. A user
-//! who falls behind fills the tail; the next append moves the whole tail
-//! into `msgs` (one key each) and starts a new one, so that user's
-//! messages cost about what they did before the tail: a key each, and
-//! the record. Measured (`switchboard-bench unicast --connections 4000
-//! --procs 2 --rate 20000 --duration-s 12 --device bench` against a
-//! server with `os` durability, the build before and this one
-//! alternated, three rounds): the store thread took 40, 38 and 43% of a
-//! core before, 30, 36 and 34% with the tail; the server 58, 58 and 59
-//! µs of CPU per message against 53, 54 and 56. The price is bytes: the
-//! tail is written again with the record at every append and position
-//! change, so the same runs wrote about 555 bytes to disk per message
-//! instead of 340 (`write_bytes` of `/proc/PID/io`; more memtable bytes,
-//! so fjall also flushes more often).
-//! (Moving the head into the record, earlier, had taken an append from
-//! three keys to two: with the head in its own keyspace the same
-//! connections cost the thread 8–15% more CPU per message.)
+//! An append therefore writes two keys (its message and the user's
+//! record) and not three: the store thread spends about 45% of its time
+//! searching fjall's memtable skiplists for where an insert goes (perf,
+//! reliable unicast), and with the head in its own keyspace the same
+//! 4,000 device connections cost the thread 8–15% more CPU per message
+//! (31 against 27 µs with `os` at 15,000 msgs/s, 43 against 40 µs with
+//! `fsync` at 10,000).
+//!
+//! Tried and taken back: one key per append, by keeping each user's newest
+//! messages (up to 1 KiB) in the user's record, which every append and
+//! position change writes anyway, and dropping acknowledged messages with
+//! the position instead of at the retention pass. It cut the store
+//! thread's CPU (40/38/43% of a core → 30/36/34% with `os` at 20,000
+//! msgs/s over 4,000 device connections, alternated; 42/40% → 34/34% with
+//! `fsync`), but every rewrite of the record carried its messages again:
+//! 555 bytes written to disk per message instead of 340, fjall's
+//! memtables full more often, and more of the flush stalls described at
+//! [`WRITE_BUFFER_MIB`]. In the capacity report's 2 s steps the `os`
+//! ladder's 30,000 msgs/s step went from a p99 of 24 and 18 ms (two runs
+//! without) to 227, 162 and 181 ms (three runs with), so the tail was
+//! reverted.
 //!
 //! Each append, login or position change is one atomic fjall write batch
 //! into the journal (no sync); `sync` persists the journal: `fdatasync`
@@ -66,9 +58,8 @@
 //! small records takes over three times that in RAM, measured with inbox
 //! records, docs/DEPLOY.md), and the head and `inboxes` record of at most
 //! [`CACHED_USERS`] users that were appended to recently (about 200 bytes
-//! each with one device and an empty tail, up to [`TAIL_BYTES`] more with
-//! a full one: at most about 39 MiB when full). [`ram_budget`] adds these
-//! up.
+//! each with one device; about 13 MiB when full). [`ram_budget`] adds
+//! these up.
 //!
 //! The cache is written through: every write goes to fjall, and the entry
 //! changes with it (dropped if the write fails), so it never holds
@@ -83,9 +74,8 @@
 //! but adds none, so idle device connections cost no cache memory.
 //! A million offline users with pending messages therefore cost disk
 //! (their messages and an `inboxes` record of 34 bytes + the id + 17
-//! bytes + the id of each device + up to [`TAIL_BYTES`] of their newest
-//! messages, before compression; 9 bytes + the id in `heads` once the
-//! record is gone), not RAM.
+//! bytes + the id of each device, before compression; 9 bytes + the id
+//! in `heads` once the record is gone), not RAM.
 //!
 //! Why fjall (3.1) and not redb (4.6): `cargo bench -p switchboard-bench
 //! --bench store_engines` (10,000 users, 100-byte payloads, same keys as
@@ -133,32 +123,11 @@ pub const WRITE_BUFFER_MIB: u64 = 32;
 
 /// Users whose head and `inboxes` record the store keeps in RAM (the
 /// write-through cache in the module doc). Past this, filling an entry
-/// drops an arbitrary other one. Was 65,536 before records held a tail of
-/// up to [`TAIL_BYTES`]: halved, so that a cache full of full tails stays
-/// under 40 MiB (the cache saves little CPU, module doc).
-pub const CACHED_USERS: usize = 1 << 15;
+/// drops an arbitrary other one.
+pub const CACHED_USERS: usize = 1 << 16;
 
-/// Most bytes of a user's newest messages kept in the user's `inboxes`
-/// record (its tail) instead of under keys of their own in `msgs`, each
-/// message with 10 bytes of framing (the module doc). A message larger
-/// than this alone always gets a key of its own.
-///
-/// Why 1 KiB: a device that keeps up acknowledges within 100 ms, and its
-/// position reaches the store at the worker's next tick, within about a
-/// second (PROTOCOL.md 15.4), so its user's tail must hold about a
-/// second of that user's messages. With 512 bytes (five 64-byte
-/// messages) a user receiving 5 messages a second spilled often, and the
-/// store thread's CPU did not move (41 and 43% of a core at 20,000
-/// msgs/s over 4,000 device connections with `os`; 41 and 42% without a
-/// tail); with 1 KiB and 2 KiB it took 29–32% in the same sitting. Every
-/// append and position change writes the whole record again, so a larger
-/// tail costs more bytes per write for users who fall behind, and more
-/// RAM in the cache ([`CACHED_USER_BYTES`]).
-pub const TAIL_BYTES: usize = 1024;
-
-/// RAM one cached user takes at most, with one device and a full tail
-/// (the module doc).
-const CACHED_USER_BYTES: u64 = 200 + TAIL_BYTES as u64;
+/// RAM one cached user takes, with one device (the module doc).
+const CACHED_USER_BYTES: u64 = 200;
 
 /// RAM the disk store may take with a write buffer of `write_buffer_mib`,
 /// whatever the number of users: about three times the buffer for each of
@@ -221,48 +190,19 @@ fn str8(b: &[u8]) -> Result<(&str, &[u8]), StoreError> {
 #[derive(Clone, Debug, Default, PartialEq)]
 struct InboxRec {
     first_seq: u64,
-    /// Messages kept, in `msgs` and in `tail` together.
     messages: u64,
     bytes: u64,
     devices: Vec<DeviceState>,
-    /// The user's newest messages, kept in the record itself: each is the
-    /// seq (u64 BE), the length of the rest (u16 BE), then what `msgs`
-    /// holds for a message. At most [`TAIL_BYTES`]; every message in
-    /// `msgs` is older than every one here (module doc).
-    tail: Vec<u8>,
 }
-
-/// The messages of a record's tail, oldest first: (seq, the `msgs` value).
-/// Only over tails built here or checked by [`InboxRec::decode`].
-struct Tail<'a>(&'a [u8]);
-
-impl<'a> Iterator for Tail<'a> {
-    type Item = (u64, &'a [u8]);
-
-    fn next(&mut self) -> Option<(u64, &'a [u8])> {
-        let b = self.0;
-        if b.len() < TAIL_ENTRY_HEAD {
-            return None;
-        }
-        let seq = u64::from_be_bytes(b[..8].try_into().expect("8 bytes"));
-        let n = u16::from_be_bytes([b[8], b[9]]) as usize;
-        let (value, rest) = b[TAIL_ENTRY_HEAD..].split_at(n);
-        self.0 = rest;
-        Some((seq, value))
-    }
-}
-
-/// Seq and length in front of each message of a tail.
-const TAIL_ENTRY_HEAD: usize = 10;
 
 impl InboxRec {
     fn empty(head: u64) -> Self {
         InboxRec { first_seq: head + 1, ..InboxRec::default() }
     }
 
-    /// The record, then `head`, then the tail: one write moves all three.
+    /// The record, then `head`: one write moves both.
     fn encode(&self, head: u64) -> Vec<u8> {
-        let mut v = Vec::with_capacity(33 + self.devices.len() * 24 + self.tail.len());
+        let mut v = Vec::with_capacity(33 + self.devices.len() * 24);
         v.extend_from_slice(&self.first_seq.to_be_bytes());
         v.extend_from_slice(&self.messages.to_be_bytes());
         v.extend_from_slice(&self.bytes.to_be_bytes());
@@ -274,20 +214,15 @@ impl InboxRec {
             v.extend_from_slice(&d.last_seen_ms.to_be_bytes());
         }
         v.extend_from_slice(&head.to_be_bytes());
-        v.extend_from_slice(&self.tail);
         v
     }
 
     /// The record, and its head if it has one: records written before the
     /// head moved into them end after the devices, and their head is in
-    /// `heads`; records written before the tail end after the head.
+    /// `heads`.
     fn decode(b: &[u8]) -> Result<(Self, Option<u64>), StoreError> {
-        let mut r = InboxRec {
-            first_seq: u64_at(b, 0)?,
-            messages: u64_at(b, 8)?,
-            bytes: u64_at(b, 16)?,
-            ..InboxRec::default()
-        };
+        let mut r =
+            InboxRec { first_seq: u64_at(b, 0)?, messages: u64_at(b, 8)?, bytes: u64_at(b, 16)?, devices: vec![] };
         let n = *b.get(24).ok_or_else(|| unavailable("corrupt inbox record"))?;
         let mut rest = &b[25..];
         for _ in 0..n {
@@ -297,55 +232,15 @@ impl InboxRec {
                 position: u64_at(tail, 0)?,
                 last_seen_ms: u64_at(tail, 8)?,
             });
-            rest = tail.get(16..).ok_or_else(|| unavailable("corrupt inbox record: short device"))?;
+            rest = &tail[16..];
         }
-        if rest.is_empty() {
-            return Ok((r, None));
-        }
-        let head = u64_at(rest, 0)?;
-        let tail = &rest[8..];
-        // Check the tail's framing once, so that `Tail` can trust it.
-        let (mut at, mut count) = (0, 0u64);
-        while at < tail.len() {
-            let len =
-                tail.get(at + 8..at + TAIL_ENTRY_HEAD).ok_or_else(|| unavailable("corrupt inbox record: tail"))?;
-            let len = u16::from_be_bytes([len[0], len[1]]) as usize;
-            if len < 17 || at + TAIL_ENTRY_HEAD + len > tail.len() {
-                return Err(unavailable("corrupt inbox record: tail"));
-            }
-            at += TAIL_ENTRY_HEAD + len;
-            count += 1;
-        }
-        if count > r.messages {
-            return Err(unavailable("corrupt inbox record: tail longer than the inbox"));
-        }
-        r.tail = tail.to_vec();
-        Ok((r, Some(head)))
+        let head = match rest.len() {
+            0 => None,
+            8 => Some(u64_at(rest, 0)?),
+            _ => return Err(unavailable("corrupt inbox record: trailing bytes")),
+        };
+        Ok((r, head))
     }
-
-    /// Messages in the tail.
-    fn tail_messages(&self) -> u64 {
-        Tail(&self.tail).count() as u64
-    }
-
-    /// Appends a message to the tail.
-    fn push_tail(&mut self, seq: u64, value: &[u8]) {
-        self.tail.extend_from_slice(&seq.to_be_bytes());
-        self.tail.extend_from_slice(&(value.len() as u16).to_be_bytes());
-        self.tail.extend_from_slice(value);
-    }
-}
-
-/// A `msgs` value (or a tail message) as the message it holds.
-fn stored(user_seq: u64, v: &[u8]) -> Result<StoredMessage, StoreError> {
-    let (from, payload) = str8(v.get(16..).ok_or_else(|| unavailable("corrupt message"))?)?;
-    Ok(StoredMessage {
-        seq: user_seq,
-        msg_id: u64_at(v, 0)?,
-        ts_ms: u64_at(v, 8)?,
-        from: Arc::from(from),
-        payload: Bytes::copy_from_slice(payload),
-    })
 }
 
 /// One user's head and `inboxes` record, as last written (the cache).
@@ -373,8 +268,6 @@ pub struct DiskStore {
     /// the commit fails; a device change updates it after its write.
     cache: hashbrown::HashMap<Vec<u8>, Cached>,
     cache_users: usize,
-    /// [`TAIL_BYTES`] (tests set others).
-    tail_bytes: usize,
 }
 
 impl DiskStore {
@@ -433,7 +326,6 @@ impl DiskStore {
             total_messages,
             cache: hashbrown::HashMap::new(),
             cache_users: CACHED_USERS,
-            tail_bytes: TAIL_BYTES,
         })
     }
 
@@ -443,14 +335,6 @@ impl DiskStore {
     pub(crate) fn set_cached_users(&mut self, users: usize) {
         self.cache_users = users.max(1);
         self.cache.clear();
-    }
-
-    /// Keeps at most `bytes` of a user's newest messages in its record
-    /// (tests: 0 puts every message under a key of its own, as versions
-    /// before the tail did; a small tail moves messages out often).
-    #[cfg(test)]
-    pub(crate) fn set_tail_bytes(&mut self, bytes: usize) {
-        self.tail_bytes = bytes;
     }
 
     /// Tests: writes `user`'s state as versions before the head moved
@@ -509,6 +393,14 @@ impl DiskStore {
         })
     }
 
+    /// A user's head alone.
+    fn head(&self, uk: &[u8]) -> Result<u64, StoreError> {
+        match self.cache.get(uk) {
+            Some(c) => Ok(c.head),
+            None => Ok(self.load(uk)?.head),
+        }
+    }
+
     /// The cache entry of `uk`, read from fjall first if it has none (and
     /// an arbitrary other entry dropped if the cache is full).
     fn entry(&mut self, uk: &[u8]) -> Result<&mut Cached, StoreError> {
@@ -524,8 +416,7 @@ impl DiskStore {
         Ok(self.cache.get_mut(uk).expect("filled above"))
     }
 
-    /// Applies a device change to the user's record, and drops the
-    /// messages every known device of the user has now acknowledged.
+    /// Applies a device change to the user's record.
     fn with_devices<R>(
         &mut self,
         user: &str,
@@ -536,72 +427,14 @@ impl DiskStore {
         let uk = user_key(user);
         let Cached { head, mut rec } = self.load(&uk)?;
         let r = f(&mut rec.devices, head);
-        let acked = rec.devices.iter().map(|d| d.position).min().unwrap_or(0);
-        let mut batch = self.db.batch();
-        let (dropped, bytes) = if acked >= rec.first_seq && rec.messages > 0 {
-            self.trim(&mut batch, user, &mut rec, head, |seq, _| seq <= acked)?
-        } else {
-            (0, 0)
-        };
-        batch.insert(&self.inboxes, uk.as_slice(), rec.encode(head));
-        if let Err(e) = batch.commit() {
+        if let Err(e) = self.inboxes.insert(uk.as_slice(), rec.encode(head)) {
             self.cache.remove(&uk);
             return Err(unavailable(e));
         }
-        self.total_messages -= dropped;
-        self.total_bytes -= bytes;
         if let Some(c) = self.cache.get_mut(&uk) {
             c.rec = rec;
         }
         Ok((r, head))
-    }
-
-    /// Drops the user's oldest messages while `gone(seq, ts_ms)`: first
-    /// those under keys of their own (removed in `batch`), then, once
-    /// those are all gone, the tail's. Moves `rec` with it (not the store's
-    /// totals); returns the messages and bytes dropped.
-    fn trim(
-        &self,
-        batch: &mut fjall::OwnedWriteBatch,
-        user: &str,
-        rec: &mut InboxRec,
-        head: u64,
-        gone: impl Fn(u64, u64) -> bool,
-    ) -> Result<(u64, u64), StoreError> {
-        let (mut dropped, mut bytes) = (0, 0);
-        let mut first_kept = None;
-        if rec.messages > rec.tail_messages() {
-            for kv in self.msgs.range(msg_key(user, rec.first_seq)..=msg_key(user, u64::MAX)) {
-                let (k, v) = kv.into_inner().map_err(unavailable)?;
-                let seq = u64_at(&k, k.len() - 8)?;
-                if !gone(seq, u64_at(&v, 8)?) {
-                    first_kept = Some(seq);
-                    break;
-                }
-                let (from, payload) = str8(&v[16..])?;
-                dropped += 1;
-                bytes += record_bytes(user, from, payload.len());
-                batch.remove(&self.msgs, k);
-            }
-        }
-        if first_kept.is_none() {
-            let mut cut = 0;
-            for (seq, v) in Tail(&rec.tail) {
-                if !gone(seq, u64_at(v, 8)?) {
-                    first_kept = Some(seq);
-                    break;
-                }
-                let (from, payload) = str8(&v[16..])?;
-                dropped += 1;
-                bytes += record_bytes(user, from, payload.len());
-                cut += TAIL_ENTRY_HEAD + v.len();
-            }
-            rec.tail.drain(..cut);
-        }
-        rec.messages -= dropped;
-        rec.bytes -= bytes;
-        rec.first_seq = first_kept.unwrap_or(head + 1);
-        Ok((dropped, bytes))
     }
 
     /// The retention pass for one user; returns messages dropped.
@@ -618,14 +451,24 @@ impl DiskStore {
         let before = rec.clone();
         let acked = expire_devices(&mut rec.devices, ttl_ms, now_ms);
         let mut batch = self.db.batch();
-        let full_head = self.head_beside(uk, head)?;
-        let (dropped, bytes) = if rec.messages > 0 {
-            self.trim(&mut batch, user, &mut rec, full_head, |seq, ts_ms| {
-                seq <= acked || expired(ts_ms, ttl_ms, now_ms)
-            })?
-        } else {
-            (0, 0)
-        };
+        let mut dropped = 0;
+        for kv in self.msgs.range(msg_key(user, rec.first_seq)..=msg_key(user, u64::MAX)) {
+            let (k, v) = kv.into_inner().map_err(unavailable)?;
+            let seq = u64_at(&k, k.len() - 8)?;
+            let ts_ms = u64_at(&v, 8)?;
+            if seq > acked && !expired(ts_ms, ttl_ms, now_ms) {
+                break;
+            }
+            let (from, payload) = str8(&v[16..])?;
+            let bytes = record_bytes(user, from, payload.len());
+            batch.remove(&self.msgs, k);
+            rec.first_seq = seq + 1;
+            rec.messages -= 1;
+            rec.bytes -= bytes;
+            self.total_bytes -= bytes;
+            self.total_messages -= 1;
+            dropped += 1;
+        }
         // Read again at the user's next append.
         self.cache.remove(uk);
         if rec.messages == 0 && rec.devices.is_empty() {
@@ -635,11 +478,9 @@ impl DiskStore {
             }
             batch.remove(&self.inboxes, uk);
         } else if rec != before {
-            batch.insert(&self.inboxes, uk, rec.encode(full_head));
+            batch.insert(&self.inboxes, uk, rec.encode(self.head_beside(uk, head)?));
         }
         batch.commit().map_err(unavailable)?;
-        self.total_bytes -= bytes;
-        self.total_messages -= dropped;
         Ok(dropped)
     }
 }
@@ -659,7 +500,7 @@ impl Store for DiskStore {
             }
         }
         let uk = user_key(&m.to);
-        let (limits, tail_bytes) = (self.limits, self.tail_bytes);
+        let limits = self.limits;
         let bytes = record_bytes(&m.to, &m.from, m.payload.len());
         let fits = self.total_bytes + bytes <= limits.max_bytes;
         // The cache entry moves to the new head before the commit, and is
@@ -675,35 +516,15 @@ impl Store for DiskStore {
         c.head = seq;
         c.rec.messages += 1;
         c.rec.bytes += bytes;
+        let rec = c.rec.encode(seq);
         let mut value = Vec::with_capacity(17 + m.from.len() + m.payload.len());
         value.extend_from_slice(&m.msg_id.to_be_bytes());
         value.extend_from_slice(&m.ts_ms.to_be_bytes());
         value.push(m.from.len() as u8);
         value.extend_from_slice(m.from.as_bytes());
         value.extend_from_slice(&m.payload);
-        let entry = TAIL_ENTRY_HEAD + value.len();
-        let mut spilled = Vec::new();
-        if c.rec.tail.len() + entry > tail_bytes {
-            // The tail is full: its messages get keys of their own, oldest
-            // first, so that `msgs` still holds only messages older than
-            // the tail's.
-            spilled.extend(Tail(&c.rec.tail).map(|(s, v)| (s, v.to_vec())));
-            c.rec.tail.clear();
-        }
-        let own_key = if entry <= tail_bytes {
-            c.rec.push_tail(seq, &value);
-            None
-        } else {
-            Some(value)
-        };
-        let rec = c.rec.encode(seq);
         let mut batch = self.db.batch();
-        for (s, v) in spilled {
-            batch.insert(&self.msgs, msg_key(&m.to, s), v);
-        }
-        if let Some(v) = own_key {
-            batch.insert(&self.msgs, msg_key(&m.to, seq), v);
-        }
+        batch.insert(&self.msgs, msg_key(&m.to, seq), value);
         batch.insert(&self.inboxes, uk.as_slice(), rec);
         if let Some(dk) = dk {
             let time_key = |ts: u64| [&ts.to_be_bytes()[..], &dk].concat();
@@ -743,33 +564,19 @@ impl Store for DiskStore {
         if user.is_empty() || user.len() > MAX_USER_BYTES {
             return Ok(Page { messages: Vec::new(), head_seq: 0 });
         }
-        let uk = user_key(user);
-        let loaded;
-        let c = match self.cache.get(&uk) {
-            Some(c) => c,
-            None => {
-                loaded = self.load(&uk)?;
-                &loaded
-            }
-        };
-        let head_seq = c.head;
+        let head_seq = self.head(&user_key(user))?;
         let mut messages = Vec::with_capacity(limit.min(1024));
-        // Older messages under keys of their own, then the tail's.
-        let tail_first = Tail(&c.rec.tail).next().map(|(seq, _)| seq);
-        let in_msgs = c.rec.messages - c.rec.tail_messages();
-        let msgs_end = tail_first.map_or(head_seq, |seq| seq - 1);
-        if in_msgs > 0 && after_seq < msgs_end {
-            for kv in self.msgs.range(msg_key(user, after_seq + 1)..=msg_key(user, msgs_end)).take(limit) {
+        if after_seq < head_seq {
+            for kv in self.msgs.range(msg_key(user, after_seq + 1)..=msg_key(user, head_seq)).take(limit) {
                 let (k, v) = kv.into_inner().map_err(unavailable)?;
-                messages.push(stored(u64_at(&k, k.len() - 8)?, &v)?);
-            }
-        }
-        for (seq, v) in Tail(&c.rec.tail) {
-            if messages.len() >= limit {
-                break;
-            }
-            if seq > after_seq {
-                messages.push(stored(seq, v)?);
+                let (from, payload) = str8(v.get(16..).ok_or_else(|| unavailable("corrupt message"))?)?;
+                messages.push(StoredMessage {
+                    seq: u64_at(&k, k.len() - 8)?,
+                    msg_id: u64_at(&v, 0)?,
+                    ts_ms: u64_at(&v, 8)?,
+                    from: Arc::from(from),
+                    payload: Bytes::copy_from_slice(payload),
+                });
             }
         }
         Ok(Page { messages, head_seq })
@@ -838,87 +645,5 @@ impl Store for DiskStore {
         }
         batch.commit().map_err(unavailable)?;
         Ok(dropped)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn device(name: &str, position: u64) -> DeviceState {
-        DeviceState { device: name.into(), position, last_seen_ms: 7 }
-    }
-
-    fn value(msg_id: u64, from: &str, payload: &[u8]) -> Vec<u8> {
-        let mut v = [msg_id.to_be_bytes(), 5u64.to_be_bytes()].concat();
-        v.push(from.len() as u8);
-        v.extend_from_slice(from.as_bytes());
-        v.extend_from_slice(payload);
-        v
-    }
-
-    /// The record as the version before the tail wrote it, byte by byte:
-    /// first seq, messages, bytes, devices (count, then id, position, last
-    /// seen each), head.
-    #[test]
-    fn a_record_from_before_the_tail_reads_with_an_empty_tail_and_is_written_back_the_same() {
-        let mut old = [3u64.to_be_bytes(), 2u64.to_be_bytes(), 90u64.to_be_bytes()].concat();
-        old.push(1);
-        old.push(5);
-        old.extend_from_slice(b"phone");
-        old.extend_from_slice(&2u64.to_be_bytes());
-        old.extend_from_slice(&7u64.to_be_bytes());
-        old.extend_from_slice(&4u64.to_be_bytes());
-        let (rec, head) = InboxRec::decode(&old).unwrap();
-        assert_eq!(head, Some(4));
-        assert_eq!((rec.first_seq, rec.messages, rec.bytes), (3, 2, 90));
-        assert_eq!(rec.devices, vec![device("phone", 2)]);
-        assert!(rec.tail.is_empty());
-        assert_eq!(rec.encode(4), old, "an empty tail is the old layout");
-    }
-
-    #[test]
-    fn a_tail_round_trips_in_seq_order() {
-        let mut rec = InboxRec { messages: 2, devices: vec![device("p", 0)], ..InboxRec::empty(0) };
-        rec.push_tail(1, &value(10, "ann", b"hi"));
-        rec.push_tail(2, &value(11, "", b""));
-        let (back, head) = InboxRec::decode(&rec.encode(2)).unwrap();
-        assert_eq!((back.clone(), head), (rec, Some(2)));
-        let got: Vec<_> = Tail(&back.tail).map(|(seq, v)| stored(seq, v).unwrap()).collect();
-        assert_eq!(got.iter().map(|m| (m.seq, m.msg_id, &*m.from)).collect::<Vec<_>>(), [(1, 10, "ann"), (2, 11, "")]);
-        assert_eq!(&got[0].payload[..], b"hi");
-        assert_eq!(back.tail_messages(), 2);
-    }
-
-    /// Records come from disk: a damaged one is an error, never a panic
-    /// or a message read out of someone else's bytes.
-    #[test]
-    fn a_damaged_record_is_an_error() {
-        let mut rec = InboxRec { messages: 1, devices: vec![device("p", 0)], ..InboxRec::empty(0) };
-        rec.push_tail(1, &value(10, "ann", b"hi"));
-        let good = rec.encode(1);
-        let at_tail = good.len() - rec.tail.len();
-        let cases: Vec<(&str, Vec<u8>)> = vec![
-            ("cut inside a message", good[..good.len() - 1].to_vec()),
-            ("cut inside the framing", good[..at_tail + 9].to_vec()),
-            ("a length past the end", {
-                let mut b = good.clone();
-                b[at_tail + 9] += 1;
-                b
-            }),
-            ("a length too short for a message", {
-                let mut b = good.clone();
-                b[at_tail + 8] = 0;
-                b[at_tail + 9] = 3;
-                b.truncate(at_tail + TAIL_ENTRY_HEAD + 3);
-                b
-            }),
-            ("more messages in the tail than in the inbox", InboxRec { messages: 0, ..rec.clone() }.encode(1)),
-            ("a device cut short", good[..25 + 3].to_vec()),
-            ("the head cut short", good[..at_tail - 3].to_vec()),
-        ];
-        for (what, bytes) in cases {
-            assert!(InboxRec::decode(&bytes).is_err(), "{what}");
-        }
     }
 }

@@ -34,24 +34,6 @@ struct Inbox {
     devices: Vec<DeviceState>,
 }
 
-impl Inbox {
-    /// Drops the oldest messages while `gone(message)`; returns the
-    /// messages and bytes dropped.
-    fn drop_front(&mut self, user: &str, gone: impl Fn(&StoredMessage) -> bool) -> (u64, u64) {
-        let (mut dropped, mut bytes) = (0, 0);
-        while let Some(m) = self.messages.front() {
-            if !gone(m) {
-                break;
-            }
-            bytes += record_bytes(user, &m.from, m.payload.len());
-            dropped += 1;
-            self.messages.pop_front();
-        }
-        self.bytes -= bytes;
-        (dropped, bytes)
-    }
-}
-
 #[derive(Copy, Clone)]
 struct Seen {
     seq: u64,
@@ -95,16 +77,6 @@ impl MemoryStore {
     /// Bytes kept over all inboxes (as [`record_bytes`]).
     pub fn total_bytes(&self) -> u64 {
         self.total_bytes
-    }
-
-    /// Drops `user`'s messages that every known device of the user has
-    /// acknowledged (none while no device is known).
-    fn drop_acked(&mut self, user: &str) {
-        let Some(inbox) = self.inboxes.get_mut(user) else { return };
-        let Some(acked) = inbox.devices.iter().map(|d| d.position).min() else { return };
-        let (n, bytes) = inbox.drop_front(user, |m| m.seq <= acked);
-        self.total_bytes -= bytes;
-        self.total_messages -= n;
     }
 }
 
@@ -174,16 +146,13 @@ impl Store for MemoryStore {
         check_ids(user, "", device)?;
         let inbox = self.inboxes.entry(Arc::from(user)).or_default();
         let position = login_device(&mut inbox.devices, device, client_seq, inbox.head, now_ms);
-        let head = inbox.head;
-        self.drop_acked(user);
-        Ok((position, head))
+        Ok((position, inbox.head))
     }
 
     fn set_position(&mut self, user: &str, device: &str, seq: u64, now_ms: u64) -> Result<(), StoreError> {
         check_ids(user, "", device)?;
         let inbox = self.inboxes.entry(Arc::from(user)).or_default();
         advance_device(&mut inbox.devices, device, seq, inbox.head, now_ms);
-        self.drop_acked(user);
         Ok(())
     }
 
@@ -205,10 +174,17 @@ impl Store for MemoryStore {
         let mut dropped = 0;
         for (user, inbox) in self.inboxes.iter_mut() {
             let acked = expire_devices(&mut inbox.devices, ttl_ms, now_ms);
-            let (n, bytes) = inbox.drop_front(user, |m| m.seq <= acked || expired(m.ts_ms, ttl_ms, now_ms));
-            self.total_bytes -= bytes;
-            self.total_messages -= n;
-            dropped += n;
+            while let Some(m) = inbox.messages.front() {
+                if m.seq > acked && !expired(m.ts_ms, ttl_ms, now_ms) {
+                    break;
+                }
+                let bytes = record_bytes(user, &m.from, m.payload.len());
+                inbox.bytes -= bytes;
+                self.total_bytes -= bytes;
+                self.total_messages -= 1;
+                inbox.messages.pop_front();
+                dropped += 1;
+            }
         }
         while let Some((ts_ms, _, _)) = self.dedup_order.front() {
             if !expired(*ts_ms, self.limits.dedup_window_ms, now_ms) {

@@ -138,8 +138,7 @@ pub trait Store: Send + 'static {
     /// Up to `limit` messages with seq > after_seq, in order, and the head.
     fn read(&mut self, user: &str, after_seq: u64, limit: usize) -> Result<Page, StoreError>;
     /// A device logs in: registers it (position = max(stored, client_seq.min(head)))
-    /// and returns (position, head_seq). Durable at next sync. Drops what
-    /// every known device has then acknowledged, as `set_position` does.
+    /// and returns (position, head_seq). Durable at next sync.
     fn device_login(
         &mut self,
         user: &str,
@@ -148,10 +147,6 @@ pub trait Store: Send + 'static {
         now_ms: u64,
     ) -> Result<(u64, u64), StoreError>;
     /// Cumulative ACK: position = max(position, seq.min(head)). Durable at next sync.
-    /// The memory and disk stores drop the messages every known device of
-    /// the user has acknowledged at once; the Redis store leaves them to
-    /// the next `expire` (both as the retention rule says: kept until every
-    /// known device has acknowledged them, then no longer).
     fn set_position(&mut self, user: &str, device: &str, seq: u64, now_ms: u64) -> Result<(), StoreError>;
     fn inbox_state(&mut self, user: &str) -> Result<InboxState, StoreError>;
     /// Retention pass: drops messages older than ttl, messages every known
@@ -160,7 +155,7 @@ pub trait Store: Send + 'static {
     fn expire(&mut self, now_ms: u64) -> Result<u64, StoreError>;
     /// Messages and bytes (as [`record_bytes`]) kept over all inboxes
     /// now: kept until every known device of the user acknowledged them
-    /// (or they expired), and dropped then (see `set_position`). Cheap: a
+    /// (or they expired) and a retention pass dropped them. Cheap: a
     /// running count, not a scan.
     fn held(&self) -> (u64, u64);
     /// What survives a message once `sync` returned, reported in receipts:

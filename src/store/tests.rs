@@ -39,11 +39,6 @@ trait Subject {
     fn store(&mut self) -> &mut dyn Store;
     /// Syncs, closes and reopens; false for a store that keeps nothing.
     fn restart(&mut self) -> bool;
-    /// Whether messages every known device acknowledged go as the position
-    /// moves (the memory and disk stores), not at the next `expire`.
-    fn drops_on_ack(&self) -> bool {
-        true
-    }
 }
 
 struct Mem(MemoryStore);
@@ -63,8 +58,6 @@ struct Disk {
     limits: StoreLimits,
     /// The size of the store's user cache, if not the default.
     cached_users: Option<usize>,
-    /// The size of a user's tail (`disk::TAIL_BYTES`), if not the default.
-    tail_bytes: Option<usize>,
     // Last: removed after the store is closed.
     dir: TempDir,
 }
@@ -73,7 +66,7 @@ impl Disk {
     fn new(durability: Durability, limits: StoreLimits) -> Self {
         let dir = TempDir::new("disk");
         let store = DiskStore::open(&dir.0, durability, limits).expect("opens");
-        Disk { store: Some(store), durability, limits, cached_users: None, tail_bytes: None, dir }
+        Disk { store: Some(store), durability, limits, cached_users: None, dir }
     }
 
     /// A store that caches at most `users` users.
@@ -82,14 +75,6 @@ impl Disk {
         d.cached_users = Some(users);
         d.store.as_mut().expect("open").set_cached_users(users);
         d
-    }
-
-    /// A store that keeps at most `bytes` of each user's newest messages
-    /// in the user's record.
-    fn with_tail(mut self, bytes: usize) -> Self {
-        self.tail_bytes = Some(bytes);
-        self.store.as_mut().expect("open").set_tail_bytes(bytes);
-        self
     }
 }
 
@@ -104,9 +89,6 @@ impl Subject for Disk {
         let mut s = DiskStore::open(&self.dir.0, self.durability, self.limits).expect("reopens");
         if let Some(users) = self.cached_users {
             s.set_cached_users(users);
-        }
-        if let Some(bytes) = self.tail_bytes {
-            s.set_tail_bytes(bytes);
         }
         self.store = Some(s);
         true
@@ -145,9 +127,6 @@ impl Subject for RedisOne {
         let addrs = RedisAddrs::Single(self.server.url());
         self.store = Some(RedisStore::open(&addrs, "node-a", self.limits, REDIS_TEST_TIMEOUT).expect("reopens"));
         true
-    }
-    fn drops_on_ack(&self) -> bool {
-        false
     }
 }
 
@@ -191,9 +170,6 @@ impl Subject for RedisOnCluster {
         self.store = None;
         self.store = Some(Self::open(self.limits, &self.prefix));
         true
-    }
-    fn drops_on_ack(&self) -> bool {
-        false
     }
 }
 
@@ -273,17 +249,13 @@ fn append_and_read_in_order_with_dense_seqs(make: Make) {
 
 fn head_survives_trimming(make: Make) {
     let mut subject = make(StoreLimits::default());
-    let at_ack = subject.drops_on_ack();
     let s = subject.store();
     for i in 0..5 {
         append(s, "alice", i, T0);
     }
     assert_eq!(s.device_login("alice", "phone", 0, T0).unwrap(), (0, 5));
     s.set_position("alice", "phone", 5, T0).unwrap();
-    if at_ack {
-        assert_eq!(s.held().0, 0, "dropped as the only device acknowledged");
-    }
-    assert_eq!(s.expire(T0 + 1).unwrap(), if at_ack { 0 } else { 5 }, "all acknowledged by the only device");
+    assert_eq!(s.expire(T0 + 1).unwrap(), 5, "all acknowledged by the only device");
     let st = s.inbox_state("alice").unwrap();
     assert_eq!((st.head_seq, st.first_seq, st.messages, st.bytes), (5, 6, 0, 0));
     assert_eq!(append(s, "alice", 9, T0), 6, "the seq goes on after a trim");
@@ -378,26 +350,17 @@ fn retention_drops_by_ttl(make: Make) {
 
 fn trimmed_when_all_devices_acked(make: Make) {
     let mut subject = make(StoreLimits::default());
-    // What `expire` finds left to drop: none where the ACKs dropped it.
-    let left = |n: u64| if subject.drops_on_ack() { 0 } else { n };
-    let (three, two) = (left(3), left(2));
     let s = subject.store();
     for i in 0..6 {
         append(s, "alice", i, T0);
     }
-    // Both devices known before either acknowledges: a device's messages
-    // are those of the inbox when it first logs in.
-    s.device_login("alice", "phone", 0, T0).unwrap();
-    s.device_login("alice", "laptop", 0, T0).unwrap();
-    s.set_position("alice", "phone", 5, T0).unwrap();
-    assert_eq!(seqs(&s.read("alice", 0, 10).unwrap()), vec![1, 2, 3, 4, 5, 6], "the laptop has none");
-    s.set_position("alice", "laptop", 3, T0).unwrap();
-    assert_eq!(s.expire(T0 + 1).unwrap(), three, "up to the lowest position");
+    s.device_login("alice", "phone", 5, T0).unwrap();
+    s.device_login("alice", "laptop", 3, T0).unwrap();
+    assert_eq!(s.expire(T0 + 1).unwrap(), 3, "up to the lowest position");
     assert_eq!(seqs(&s.read("alice", 0, 10).unwrap()), vec![4, 5, 6]);
     s.set_position("alice", "laptop", 6, T0 + 2).unwrap();
-    assert_eq!(s.expire(T0 + 3).unwrap(), two, "4 and 5: the phone has 5");
+    assert_eq!(s.expire(T0 + 3).unwrap(), 2, "4 and 5: the phone has 5");
     assert_eq!(s.inbox_state("alice").unwrap().first_seq, 6);
-    assert_eq!(seqs(&s.read("alice", 0, 10).unwrap()), vec![6]);
 }
 
 fn never_trimmed_without_a_device_before_ttl(make: Make) {
@@ -417,7 +380,6 @@ fn inbox_full_and_store_full_at_the_limits(make: Make) {
     let per = record_bytes("alice", "app", 2);
     let limits = StoreLimits { max_messages_per_inbox: 3, max_bytes: 5 * per, ..StoreLimits::default() };
     let mut subject = make(limits);
-    let at_ack = subject.drops_on_ack();
     let s = subject.store();
     for i in 0..3 {
         append(s, "alice", i, T0);
@@ -428,14 +390,13 @@ fn inbox_full_and_store_full_at_the_limits(make: Make) {
     assert_eq!(s.append(&msg("bobby", "app", 9, T0, "m9", 0), T0), Err(StoreError::StoreFull { limit_bytes: 5 * per }));
     assert_eq!(s.inbox_state("bobby").unwrap().head_seq, 2, "a refused append takes no seq");
     s.device_login("alice", "phone", 3, T0).unwrap();
-    assert_eq!(s.expire(T0 + 1).unwrap(), if at_ack { 0 } else { 3 });
+    assert_eq!(s.expire(T0 + 1).unwrap(), 3);
     assert_eq!(append(s, "bobby", 3, T0), 3, "room again after the trim");
     assert_eq!(append(s, "alice", 4, T0), 4);
 }
 
 fn conformance_restart_keeps_everything_synced(make: Make) {
     let mut subject = make(StoreLimits::default());
-    let at_ack = subject.drops_on_ack();
     let s = subject.store();
     for i in 0..20 {
         append(s, if i % 2 == 0 { "alice" } else { "bob" }, i, T0 + i);
@@ -452,7 +413,7 @@ fn conformance_restart_keeps_everything_synced(make: Make) {
     assert_eq!(append(s, "bob", 99, T0), 11, "seqs continue");
     // The bytes counter is rebuilt at open: the limit still holds.
     s.device_login("alice", "phone", 10, T0).unwrap();
-    assert_eq!(s.expire(T0 + 1).unwrap(), if at_ack { 0 } else { 10 });
+    assert_eq!(s.expire(T0 + 1).unwrap(), 10);
     s.sync().unwrap();
     assert!(subject.restart());
     let st = subject.store().inbox_state("alice").unwrap();
@@ -584,9 +545,6 @@ struct Model {
     dedup: HashMap<(String, String, u64), (u64, u64, u64)>,
     /// Dedup per recipient (the Redis store).
     dedup_per_recipient: bool,
-    /// Messages every known device acknowledged are dropped as the
-    /// position moves (the memory and disk stores), not at `expire` only.
-    drops_on_ack: bool,
 }
 
 impl Model {
@@ -641,12 +599,7 @@ impl Model {
         let d = self.devices.entry(user.into()).or_default().entry(device.into()).or_insert((0, now));
         d.0 = d.0.max(seq.min(head));
         d.1 = d.1.max(now);
-        let position = d.0;
-        if self.drops_on_ack {
-            let acked = self.devices[user].values().map(|d| d.0).min().unwrap_or(0);
-            self.msgs.retain(|(u, s), _| u != user || *s > acked);
-        }
-        position
+        d.0
     }
 
     fn state(&self, user: &str) -> InboxState {
@@ -731,9 +684,8 @@ fn sorted(mut st: InboxState) -> InboxState {
     st
 }
 
-/// The memory and disk stores against the model.
 fn against_the_model(subject: Box<dyn Subject>, limits: StoreLimits, ops: &[Op]) -> Result<(), TestCaseError> {
-    against_a_model(subject, limits, ops, Model { drops_on_ack: true, ..Model::default() })
+    against_a_model(subject, limits, ops, Model::default())
 }
 
 fn against_a_model(
@@ -815,22 +767,10 @@ proptest! {
     }
 
     /// The same with a cache of one user, so that every other operation
-    /// drops and fills the cache entry (the default cache holds all three),
-    /// and a tail of 64 bytes, so that messages move from users' records
-    /// to keys of their own all the time (the default tail holds an inbox
-    /// full of the model's messages).
+    /// drops and fills the cache entry (the default cache holds all three).
     #[test]
-    fn disk_store_with_a_one_user_cache_and_a_small_tail_behaves_as_the_model(
-        ops in proptest::collection::vec(op(), 1..80),
-    ) {
-        let subject = Box::new(Disk::with_cache(Durability::Os, model_limits(), 1).with_tail(64));
-        against_the_model(subject, model_limits(), &ops)?;
-    }
-
-    /// The same with no tail: every message under a key of its own.
-    #[test]
-    fn disk_store_without_a_tail_behaves_as_the_model(ops in proptest::collection::vec(op(), 1..80)) {
-        let subject = Box::new(Disk::new(Durability::Os, model_limits()).with_tail(0));
+    fn disk_store_with_a_one_user_cache_behaves_as_the_model(ops in proptest::collection::vec(op(), 1..80)) {
+        let subject = Box::new(Disk::with_cache(Durability::Os, model_limits(), 1));
         against_the_model(subject, model_limits(), &ops)?;
     }
 }
