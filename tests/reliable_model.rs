@@ -304,13 +304,6 @@ proptest! {
     fn every_device_ends_with_every_message_once_in_order(ops in prop::collection::vec(op(), 1..300)) {
         let limits = StoreLimits { ttl_ms: u64::MAX / 4, ..StoreLimits::default() };
         let mut w = World { store: MemoryStore::new(limits), devices: (0..DEVICES).map(|_| Device::default()).collect(), now: 0, appended: 0 };
-        // Both devices known before the first message: what every known
-        // device acknowledged may be dropped (the retention pass), so a
-        // device that first logs in later gets only what is left
-        // (PROTOCOL.md 15.2).
-        for name in NAMES {
-            w.store.device_login("u", name, 0, 0).unwrap();
-        }
         for op in ops {
             match op {
                 Op::Append => w.append(),

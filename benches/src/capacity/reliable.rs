@@ -31,7 +31,9 @@ use switchboard::proto::frame::Frame;
 use switchboard::timed;
 use switchboard::JwtHs256;
 
-use super::report::{CatchUp, Idle, Reliable, ReliableUnicast, StoreIdle, Unicast, UnicastStep, CATCH_UP_TARGET_PER_S};
+use super::report::{
+    best_kept_up, CatchUp, Idle, Reliable, ReliableUnicast, StoreIdle, Unicast, UnicastStep, CATCH_UP_TARGET_PER_S,
+};
 use super::scenarios::{note, unicast_step, Delivery, Runner, ServerProc};
 use switchboard_bench::loadgen::Fleet;
 
@@ -131,7 +133,7 @@ impl Runner {
                 break;
             }
         }
-        let best = |steps: &[UnicastStep]| steps.iter().take_while(|s| s.keeps_up()).last().map(|s| s.msgs_per_s);
+        let best = |steps: &[UnicastStep]| best_kept_up(steps).map(|s| s.msgs_per_s);
         let at_most_once_best = best(&lanes[0].steps).unwrap_or(0.0);
         let mut lanes = lanes.into_iter();
         let amo = lanes.next().expect("three lanes");

@@ -1248,6 +1248,12 @@ pub struct ReliableUnicast {
     pub p99_target_met: bool,
 }
 
+/// The last step of a ladder before the first one not kept up with (the
+/// ladder's best); none if not even the first was.
+pub fn best_kept_up(steps: &[UnicastStep]) -> Option<&UnicastStep> {
+    steps.iter().take_while(|s| s.keeps_up()).last()
+}
+
 impl ReliableUnicast {
     /// The summary of a ladder: its best step and the targets' verdicts.
     pub fn judge(
@@ -1257,7 +1263,7 @@ impl ReliableUnicast {
         at_half_max: Option<UnicastStep>,
         at_most_once_best_per_s: f64,
     ) -> ReliableUnicast {
-        let max = steps.iter().take_while(|s| s.keeps_up()).last().cloned();
+        let max = best_kept_up(&steps).cloned();
         let vs = ratio(max.as_ref().map(|m| m.msgs_per_s), Some(at_most_once_best_per_s));
         let target = if durability == "fsync" { RELIABLE_SHARE_FSYNC } else { RELIABLE_SHARE_OS };
         ReliableUnicast {
@@ -1334,8 +1340,7 @@ impl Reliable {
     /// The best rate of [`Reliable::at_most_once`] (0 if none was kept up
     /// with); `None` for a report made before that ladder existed.
     pub fn at_most_once_best(&self) -> Option<f64> {
-        (!self.at_most_once.is_empty())
-            .then(|| self.at_most_once.iter().take_while(|s| s.keeps_up()).last().map_or(0.0, |s| s.msgs_per_s))
+        (!self.at_most_once.is_empty()).then(|| best_kept_up(&self.at_most_once).map_or(0.0, |s| s.msgs_per_s))
     }
 
     /// The reliable-delivery section of report.md; `main_at_most_once_per_s`
