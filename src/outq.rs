@@ -120,6 +120,21 @@ impl OutQueue {
         i.head_partial = true;
     }
 
+    /// Puts `frame` in front of everything queued: the unsent part of a
+    /// send that bypassed the queue (the owner's staged fan-out sends,
+    /// `runtime/write`), which comes before what other writers queued
+    /// meanwhile. Called last to first; `started`: its start was written,
+    /// so it becomes a partly written head (only the first of them can
+    /// be). Not checked against the limits: these frames were checked as
+    /// an empty queue would have checked them when they were staged.
+    pub fn push_front(&mut self, frame: Bytes, kind: u8, started: bool) {
+        let i = self.inner_mut();
+        debug_assert!(i.kept() == 0, "nothing goes in front of a started or pinned head");
+        i.bytes = i.bytes.saturating_add(frame.len() as u32);
+        i.frames.push_front(Item { bytes: frame, kind, count: 0 });
+        i.head_partial = started;
+    }
+
     /// Makes room for a frame of `incoming` bytes by dropping the oldest
     /// droppable frames (PUSH, ROOM_MSG; never a partly written head or a
     /// control frame). Returns how many were dropped, or `Overflow` (and
@@ -363,6 +378,28 @@ mod tests {
         q.push(ack.clone(), kind(&ack), &l).unwrap();
         assert_eq!(q.drop_oldest_for(10, &l), Err(Overflow));
         assert_eq!(q.frames(), 2, "nothing dropped on refusal");
+    }
+
+    #[test]
+    fn frames_put_back_in_front_go_before_what_others_queued_and_stay_whole() {
+        let l = OutLimits { max_frames: 8, max_bytes: 1 << 20 };
+        let mut q = OutQueue::default();
+        // Another writer queued msg 3 while a staged send of msg 1 and
+        // msg 2 was out; the send wrote two bytes of msg 1.
+        q.push(msg(3), kind(&msg(3)), &l).unwrap();
+        q.push_front(msg(2), kind(&msg(2)), false);
+        q.push_front(msg(1).slice(2..), kind(&msg(1)), true);
+        let frames =
+            |q: &OutQueue| -> Vec<Bytes> { q.inner.as_ref().unwrap().frames.iter().map(|f| f.bytes.clone()).collect() };
+        assert_eq!(frames(&q), [msg(1).slice(2..), msg(2), msg(3)]);
+        assert_eq!(q.bytes(), msg(1).len() - 2 + msg(2).len() + msg(3).len());
+        // The started head is never dropped; msg 2 is an unsent message
+        // like any other.
+        let l = OutLimits { max_frames: 3, max_bytes: 1 << 20 };
+        assert_eq!(q.drop_oldest_for(msg(4).len(), &l), Ok(1));
+        assert_eq!(frames(&q), [msg(1).slice(2..), msg(3)]);
+        q.advance(msg(1).len() - 2 + msg(3).len());
+        assert!(q.is_empty());
     }
 
     #[test]

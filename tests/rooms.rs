@@ -322,6 +322,85 @@ fn drop_oldest_keeps_a_slow_reader_connected_and_says_what_it_skipped() {
     assert!(h.is_online("slow"));
 }
 
+/// A fan-out's members are written in batches straight from the message
+/// (nothing queued for a member that is keeping up); what a full socket
+/// does not take goes back in front of that member's queue, ahead of
+/// pushes other threads queued behind the batch meanwhile. Readers that
+/// keep pausing, small send buffers and a second writer thread make that
+/// happen thousands of times: every member still gets every room message
+/// and every push, each stream whole and in order.
+#[test]
+fn fan_out_members_that_fall_behind_mid_batch_keep_both_streams_whole_and_in_order() {
+    let _g = heavy();
+    let mut cfg = config();
+    cfg.socket.sndbuf_bytes = 4096;
+    cfg.limits.outbound_max_bytes = 32 << 20;
+    cfg.limits.outbound_max_frames = 1 << 20;
+    let server = start(cfg);
+    let addr = server.local_addr();
+    let h = server.handle();
+    const MEMBERS: usize = 16;
+    const ROOM_MSGS: u64 = 3000;
+    const PUSHES: u64 = 1000;
+    let members: Vec<Client> = (0..MEMBERS)
+        .map(|i| {
+            let (mut c, _) = login(addr, &format!("m{i}"));
+            c.subscribe(1, "r").unwrap();
+            c
+        })
+        .collect();
+    let readers: Vec<_> = members
+        .into_iter()
+        .map(|mut c| {
+            std::thread::spawn(move || {
+                c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+                let (mut room, mut pushes) = (0u64, 0u64);
+                while room < ROOM_MSGS || pushes < PUSHES {
+                    match c.recv_skipping_pings().expect("the stream goes on").frame() {
+                        Frame::RoomMsg { payload, .. } => {
+                            assert_eq!(&payload[..8], &room.to_be_bytes(), "room messages whole and in order");
+                            room += 1;
+                        }
+                        Frame::Push { payload, .. } => {
+                            assert_eq!(&payload[..8], &pushes.to_be_bytes(), "pushes whole and in order");
+                            pushes += 1;
+                        }
+                        other => panic!("unexpected {other:?}"),
+                    }
+                    // Fall behind now and then, so sockets fill mid-batch.
+                    if (room + pushes) % 20 == 0 {
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                }
+            })
+        })
+        .collect();
+    let pusher = {
+        let h = h.clone();
+        std::thread::spawn(move || {
+            let mut p = vec![1u8; 300];
+            for j in 0..PUSHES {
+                p[..8].copy_from_slice(&j.to_be_bytes());
+                for i in 0..MEMBERS {
+                    assert_eq!(h.push_to_user(&format!("m{i}"), &p).unwrap().connections, 1);
+                }
+            }
+        })
+    };
+    let mut p = vec![2u8; 700];
+    for i in 0..ROOM_MSGS {
+        p[..8].copy_from_slice(&i.to_be_bytes());
+        h.publish_to_room("r", &p).unwrap();
+    }
+    pusher.join().unwrap();
+    for r in readers {
+        r.join().expect("every member got both streams whole and in order");
+    }
+    let st = h.stats();
+    assert_eq!(st.slow_consumers, 0);
+    assert!(st.write_waits > 0, "sockets filled, so frames were put back: {st:?}");
+}
+
 #[test]
 fn room_limits_give_the_documented_errors() {
     let _g = heavy();

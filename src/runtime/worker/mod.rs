@@ -40,7 +40,7 @@ use super::poller::{token, untoken, Poller, Ready};
 use super::shared::Handle;
 use super::shared::{Command, Shared};
 use super::sys::{self, Recv};
-use super::write::{Delivered, Outgoing, Writer};
+use super::write::{Delivered, Outgoing, Step, Writer, BATCH_MIN};
 use crate::app::{CeilingSample, ClientMessage, ClientMessageKind};
 use crate::directory::ConnList;
 use crate::ids::{ConnId, WorkerId};
@@ -1038,9 +1038,11 @@ impl Worker {
 
     /// Writes `frames` (consecutive messages for the same audience, at most
     /// one iovec array) to every member, `FANOUT_CHUNK` members per step.
-    /// A member with nothing queued gets one `sendmsg` straight from the
-    /// shared buffers: no copy, no queue, no reference count taken. Only
-    /// what its socket does not take is queued.
+    /// A member with nothing queued gets one send straight from the shared
+    /// buffers: no copy, no queue, no reference count taken (with
+    /// `server.batch_sends`, a step of `BATCH_MIN` members or more sends
+    /// them as one batch of io_uring submissions, `Writer::send_staged`).
+    /// Only what its socket does not take is queued.
     ///
     /// `accepted_ns` (`Shared::since_epoch_ns`) starts the push-to-written
     /// latency: one clock read per step records it for the step's direct
@@ -1072,8 +1074,9 @@ impl Worker {
                 YieldNow(false).await;
             }
             let (mut direct, mut batched, mut queued) = (0, 0, 0);
+            let how = if chunk.len() >= BATCH_MIN { Step::Batched } else { Step::FanOut };
             for &m in chunk {
-                match self.out.put(m, &mut out, true) {
+                match self.out.put(m, &mut out, how) {
                     Delivered::Direct => direct += 1,
                     Delivered::Batched => batched += 1,
                     Delivered::Overflow => self.close_slow_consumer(m.slot, m.generation),
@@ -1083,6 +1086,7 @@ impl Worker {
             }
             // The step's batched sends (`server.batch_sends`) and replies go out
             // now, before the latency is taken.
+            self.out.send_staged(&mut out);
             self.out.flush_dirty();
             self.out.poller.borrow_mut().flush();
             // Direct writes counted once per step, not per member (batched

@@ -29,22 +29,28 @@
 //! | `DIRTY` (owner byte) | owner | a reply or close was queued this turn | owner, [`Writer::flush_dirty`] | flushed |
 //! | `CLOSING` (owner byte) | owner, [`Writer::close`] | the last frame (CLOSE, LOGIN_ERROR, an HTTP answer) is queued | owner, [`Writer::detach`] | slot freed |
 //! | `FIN_SENT` (owner byte) | owner | the queue drained while `closing`: FIN sent | owner, [`Writer::detach`] | slot freed |
+//! | `STAGED` (owner byte; others read it) | owner, [`Writer::put`] | a fan-out step staged a send to it from the step's frames | owner, [`Writer::send_staged`] | the send completed, its unsent rest put back in front of the queue |
 //!
 //! Deliveries need `open`; a connection's own replies (before login too)
-//! need only a live generation and no `closing`.
+//! need only a live generation and no `closing`. A writer writes straight
+//! to the socket only if the queue is empty and neither `write_wait` nor
+//! `STAGED` is set; otherwise it queues behind.
 //!
 //! ## Batched sends (`server.batch_sends`)
 //!
 //! Where the owning worker writes to many of its connections at once, it
-//! does not do so one `sendmsg(2)` at a time: a fan-out step's deliveries
-//! are queued and marked `DIRTY` like replies, and `flush_dirty` hands
-//! every dirty connection's head of queue to the kernel as one
-//! `IORING_OP_SENDMSG` each, up to 256 per `io_uring_enter` (`Batch`,
-//! `Poller::send_batch`), on the io_uring poller's ring or the epoll
-//! poller's ring for sends. So do a tick's PINGs, a turn's replies and the
-//! backlogs whose sockets had room again, when there are at least
-//! `BATCH_MIN` of them. A single delivery (a SEND, a push, a SEND_ACK) is
-//! written at once, as without batching. A socket with no room answers
+//! does not do so one `sendmsg(2)` at a time. A fan-out step's members
+//! with nothing queued are staged (`STAGED`, `Writer::send_staged`): one
+//! `IORING_OP_SENDMSG` each straight from the step's shared frames, up to
+//! 256 per `io_uring_enter` (`Batch`, `Poller::send_batch`), on the
+//! io_uring poller's ring or the epoll poller's ring for sends; only what
+//! a socket does not take is queued, in front of anything other threads
+//! queued meanwhile. A member already behind gets the frames queued and
+//! marked `DIRTY` like a reply, and `flush_dirty` hands every dirty
+//! connection's head of queue to the kernel the same way. So do a tick's
+//! PINGs, a turn's replies and the backlogs whose sockets had room again,
+//! when there are at least `BATCH_MIN` of them. A single delivery (a SEND,
+//! a push, a SEND_ACK) is written at once, as without batching. A socket with no room answers
 //! `-EAGAIN` at once and gets its write poll as before; the poll's event
 //! marks the slot dirty again instead of writing (`on_writable`). Writers
 //! on other threads keep their direct write: they find the queue not empty
@@ -58,7 +64,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use slot::{OutGuard, OutState, Put, CLOSING, DIRTY, FIN_SENT};
+use slot::{OutGuard, OutState, Put, CLOSING, DIRTY, FIN_SENT, STAGED};
 pub(crate) use slot::{OutSlots, Outgoing, WriteRules};
 
 use super::poller::{token, Poller};
@@ -171,6 +177,20 @@ pub(crate) enum Delivered {
     Overflow,
 }
 
+/// How [`Writer::put`] writes to one connection.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Step {
+    /// A single delivery: written at once, counted as a write.
+    Single,
+    /// One member of a fan-out step: written at once; the caller counts the
+    /// step's direct writes once.
+    FanOut,
+    /// One member of a fan-out step of `BATCH_MIN` members or more
+    /// (`server.batch_sends`): staged, and written by the step's batch
+    /// ([`Writer::send_staged`]).
+    Batched,
+}
+
 /// What the last write attempt left.
 enum WriteState {
     Drained,
@@ -191,6 +211,9 @@ pub(crate) struct Writer {
     /// `server.batch_sends`: the owner's writes go out as one batch of
     /// submissions per flush instead of one `sendmsg` each (see `Batch`).
     batch: Option<RefCell<Batch>>,
+    /// `server.batch_sends`: a fan-out step's staged sends (`Step::Batched`),
+    /// written from the step's frames, not from the queues.
+    staged: Option<RefCell<Batch>>,
 }
 
 /// Sends of one flush, submitted together (`Poller::send_batch`): the
@@ -217,6 +240,43 @@ struct Batch {
     res: Vec<i32>,
 }
 
+impl Batch {
+    /// Adds a send of `iov` (the caller keeps the bytes alive until the
+    /// batch is submitted and cleared).
+    fn add(&mut self, slot: u32, generation: u32, fd: RawFd, iov: &[libc::iovec]) {
+        let offered = iov.iter().map(|v| v.iov_len).sum();
+        self.sends.push((slot, generation, offered));
+        self.fds.push(fd);
+        self.spans.push((self.iov.len(), iov.len()));
+        self.iov.extend_from_slice(iov);
+    }
+
+    /// Submits every send in one `io_uring_enter`; `res` holds each one's
+    /// result (bytes written or `-errno`) afterwards.
+    fn submit(&mut self, poller: &mut Poller) {
+        // The headers point into `iov`, complete now: it does not move
+        // until the batch is cleared.
+        self.msgs.clear();
+        for &(start, len) in &self.spans {
+            // SAFETY: msghdr is plain data; zeroed is a valid empty header.
+            let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+            msg.msg_iov = self.iov[start..].as_ptr() as *mut libc::iovec;
+            msg.msg_iovlen = len as _;
+            self.msgs.push(msg);
+        }
+        self.res.clear();
+        self.res.resize(self.sends.len(), 0);
+        poller.send_batch(&self.fds, &self.msgs, &mut self.res);
+    }
+
+    fn clear(&mut self) {
+        self.sends.clear();
+        self.fds.clear();
+        self.spans.clear();
+        self.iov.clear();
+    }
+}
+
 /// Sends per `io_uring_enter` at most: well within the submission queue
 /// (`uring.sq_entries` is at least 256 and 4096 by default, and a flush
 /// may find arms and closes queued too) and the completion queue.
@@ -227,7 +287,7 @@ const BATCH_MAX: usize = 256;
 /// syscall`) and adds its own entries and completions; with one or two
 /// sends that is no gain worth the extra path. The value is a judgment,
 /// not a measured optimum.
-const BATCH_MIN: usize = 4;
+pub(crate) const BATCH_MIN: usize = 4;
 
 impl Writer {
     pub fn new(id: WorkerId, shared: Arc<Shared>, poller: Poller) -> Writer {
@@ -238,6 +298,7 @@ impl Writer {
             dirty: RefCell::new(Vec::new()),
             iov: RefCell::new([libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; MAX_IOV_PER_WRITE]),
             batch: batch.then(|| RefCell::new(Batch::default())),
+            staged: batch.then(|| RefCell::new(Batch::default())),
             poller: RefCell::new(poller),
         }
     }
@@ -367,18 +428,24 @@ impl Writer {
             return if deliver(&self.shared, conn, &frame) { Delivered::Queued } else { Delivered::No };
         }
         let m = Member { slot: conn.slot(), generation: conn.generation() };
-        self.put(m, &mut Outgoing::new(&[frame]), false)
+        self.put(m, &mut Outgoing::new(&[frame]), Step::Single)
     }
 
     /// Writes (or queues) `out` (encoded lazily, once per wire) for one of
     /// this worker's logged-in connections, arming its write poll directly
-    /// when the socket fills. `fan_out`: one member of a fan-out step, which
-    /// counts its direct writes once per step, and whose writes go out
-    /// batched (`server.batch_sends`) at the end of the step. A single
-    /// delivery is written at once: a batch of one costs more than a
-    /// `sendmsg` (measured at 20,000 relayed msgs/s: 4.6-4.9 µs of user
-    /// CPU per message against 3.4-3.5, when every delivery was batched).
-    pub fn put(&self, m: Member, out: &mut Outgoing<'_>, fan_out: bool) -> Delivered {
+    /// when the socket fills. See [`Step`] for how: a single delivery is
+    /// written at once: a batch of one costs more than a `sendmsg`
+    /// (measured at 20,000 relayed msgs/s: 4.6-4.9 µs of user CPU per
+    /// message against 3.4-3.5, when every delivery was batched).
+    ///
+    /// `Step::Batched`: a member with nothing queued is not queued either.
+    /// Its send is staged, pointing at `out`'s frames, and goes out with the
+    /// step's batch, [`Writer::send_staged`], which the caller runs before
+    /// `out` is dropped (`flush_dirty` checks in debug builds that none is
+    /// left). Only what its socket does
+    /// not take is queued then. So a fan-out's delivery costs no allocation
+    /// and no reference count unless the member is behind.
+    pub fn put(&self, m: Member, out: &mut Outgoing<'_>, step: Step) -> Delivered {
         let mut skipped = 0;
         let mut written = 0;
         let frames;
@@ -389,26 +456,19 @@ impl Writer {
             }
             let Some(e) = out.get(g.wire) else { return Delivered::No };
             frames = e.frames.len();
-            let batch = fan_out && self.batch.is_some();
-            if batch && g.out.is_empty() && !g.write_wait {
-                // Where a direct write would go: queued for this turn's
-                // batch instead (an empty queue takes the frames unless
-                // they pass the limits on their own).
-                return match g.queue_all(e, &self.shared.write_rules, &mut skipped) {
-                    Ok(()) => {
-                        self.mark_dirty(m.slot, &mut g);
-                        let c = self.counters();
-                        bump(&c.frames_out, frames as u64);
-                        if skipped > 0 {
-                            bump(&c.skipped, skipped as u64);
-                        }
-                        Delivered::Batched
+            if let (Step::Batched, Some(staged)) = (step, &self.staged) {
+                if g.can_stage(&e, &self.shared.write_rules) {
+                    g.set(STAGED);
+                    let mut b = staged.borrow_mut();
+                    b.add(m.slot, m.generation, g.fd(), &e.iov[..frames]);
+                    drop(g);
+                    bump(&self.counters().frames_out, frames as u64);
+                    if b.sends.len() == BATCH_MAX {
+                        drop(b);
+                        self.send_staged(out);
                     }
-                    Err(Overflow) => {
-                        g.open = false;
-                        Delivered::Overflow
-                    }
-                };
+                    return Delivered::Batched;
+                }
             }
             let r = g.put(e, &self.shared.write_rules, &mut skipped, &mut written);
             match r {
@@ -432,7 +492,7 @@ impl Writer {
         }
         match r {
             Put::Sent => {
-                if !fan_out {
+                if step == Step::Single {
                     bump(&c.writes, 1);
                     bump(&c.frames_out, frames as u64);
                 }
@@ -473,6 +533,10 @@ impl Writer {
 
     /// Writes out every connection with frames queued this turn.
     pub fn flush_dirty(&self) {
+        debug_assert!(
+            self.staged.as_ref().is_none_or(|b| b.borrow().sends.is_empty()),
+            "a fan-out step's staged sends go out before the turn's flush (send_staged)"
+        );
         loop {
             let dirty = std::mem::take(&mut *self.dirty.borrow_mut());
             if dirty.is_empty() {
@@ -546,53 +610,64 @@ impl Writer {
             return;
         }
         g.out.pin(n);
-        let offered = iov[..n].iter().map(|v| v.iov_len).sum();
-        b.sends.push((slot, g.generation, offered));
-        b.fds.push(g.fd());
-        b.spans.push((b.iov.len(), n));
-        b.iov.extend_from_slice(&iov[..n]);
+        b.add(slot, g.generation, g.fd(), &iov[..n]);
     }
 
     /// Submits the sends `collect` gathered, in one `io_uring_enter`, and
     /// settles each connection by what its socket took, as `flush` does.
     fn send_batch(&self, b: &mut Batch) {
+        self.complete_batch(b, |g, written, _| {
+            g.out.unpin();
+            g.out.advance(written);
+        });
+    }
+
+    /// Writes a fan-out step's staged sends (`Step::Batched`) of `out`'s
+    /// frames, in one `io_uring_enter` per `BATCH_MAX`. A member whose
+    /// socket took less gets the rest in front of its queue, ahead of
+    /// what other threads queued meanwhile, and its write poll; one whose
+    /// queue others filled meanwhile is flushed with this turn's dirty
+    /// slots.
+    pub fn send_staged(&self, out: &mut Outgoing<'_>) {
+        let Some(staged) = &self.staged else { return };
+        self.complete_batch(&mut staged.borrow_mut(), |g, written, whole| {
+            g.clear(STAGED);
+            if !whole {
+                let wire = g.wire;
+                g.put_back(out.get(wire).expect("a staged send has an encoding"), written);
+            }
+        });
+    }
+
+    /// Submits `b` and settles each of its sends: `took` first updates the
+    /// slot (locked) by the bytes written (0 if the socket had no room or
+    /// failed) and whether that was all it offered; then a socket that
+    /// took less gets its write poll, a broken one is shut down, and a
+    /// queue that others filled meanwhile (or that held more than 64
+    /// frames) is marked for the next round of the flush.
+    fn complete_batch(&self, b: &mut Batch, mut took: impl FnMut(&mut OutGuard<'_>, usize, bool)) {
         if b.sends.is_empty() {
             return;
         }
-        // The headers point into `iov`, complete now: it does not move
-        // until the batch is cleared below.
-        b.msgs.clear();
-        for &(start, len) in &b.spans {
-            // SAFETY: msghdr is plain data; zeroed is a valid empty header.
-            let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-            msg.msg_iov = b.iov[start..].as_ptr() as *mut libc::iovec;
-            msg.msg_iovlen = len as _;
-            b.msgs.push(msg);
-        }
-        b.res.clear();
-        b.res.resize(b.sends.len(), 0);
-        self.poller.borrow_mut().send_batch(&b.fds, &b.msgs, &mut b.res);
+        b.submit(&mut self.poller.borrow_mut());
         let c = self.counters();
         for (&(slot, generation, offered), &res) in b.sends.iter().zip(&b.res) {
             let mut g = self.slots().slots[slot as usize].lock();
             debug_assert_eq!(g.generation, generation, "a slot in a batch is not released");
-            g.out.unpin();
-            let state = if res >= 0 {
-                let w = res as usize;
+            let written = usize::try_from(res).unwrap_or(0);
+            if res >= 0 {
                 bump(&c.writes, 1);
-                bump(&c.detail.bytes_out, w as u64);
-                g.out.advance(w);
-                if w < offered {
-                    WriteState::Blocked
-                } else if !g.out.is_empty() {
-                    // Frames queued behind the batch, or past its 64: the
-                    // next round of this flush takes them.
+                bump(&c.detail.bytes_out, written as u64);
+            }
+            let whole = res >= 0 && written == offered;
+            took(&mut g, written, whole);
+            let state = if whole {
+                if !g.out.is_empty() {
                     self.mark_dirty(slot, &mut g);
                     continue;
-                } else {
-                    WriteState::Drained
                 }
-            } else if res == -libc::EAGAIN {
+                WriteState::Drained
+            } else if res >= 0 || res == -libc::EAGAIN {
                 WriteState::Blocked
             } else {
                 tracing::trace!(worker = self.id.0, fd = g.fd(), "write failed: errno {}", -res);
@@ -600,10 +675,7 @@ impl Writer {
             };
             self.settle(&mut g, slot, state);
         }
-        b.sends.clear();
-        b.fds.clear();
-        b.spans.clear();
-        b.iov.clear();
+        b.clear();
     }
 
     /// Writes as much of the queue as the socket takes, 64 frames per

@@ -59,8 +59,8 @@ pub(crate) struct OutState {
     pub needs_close: bool,
     /// The slot is on its worker's request list.
     pub listed: bool,
-    /// Owner only: `DIRTY`, `CLOSING`, `FIN_SENT` (one byte: the slot is
-    /// 32 bytes).
+    /// Owner only: `DIRTY`, `CLOSING`, `FIN_SENT`, `STAGED` (one byte: the
+    /// slot is 32 bytes). Other writers read `STAGED`.
     owner: u8,
     /// How frames are encoded for this connection (set by the owner before
     /// `open`, never changed while open).
@@ -75,6 +75,11 @@ pub(crate) const DIRTY: u8 = 1;
 pub(crate) const CLOSING: u8 = 2;
 /// Owner flag: FIN sent.
 pub(crate) const FIN_SENT: u8 = 4;
+/// Owner flag: a fan-out step's send to this connection is staged or in
+/// flight (`Writer::put`, `Step::Batched`) straight from the step's shared
+/// frames, not from the queue: other writers queue behind it, and whatever
+/// the socket does not take goes back in front of what they queued.
+pub(crate) const STAGED: u8 = 8;
 
 /// What a write attempt did.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
@@ -189,7 +194,7 @@ impl OutState {
     /// `skipped` counts messages dropped under `drop_oldest`; `written`
     /// the bytes the socket took now.
     pub fn put(&mut self, e: Encoded<'_>, rules: &WriteRules, skipped: &mut u32, written: &mut usize) -> Put {
-        if !self.out.is_empty() || self.write_wait {
+        if !self.out.is_empty() || self.write_wait || self.is(STAGED) {
             return match self.queue_all(e, rules, skipped) {
                 Ok(()) => Put::Queued { full: false },
                 Err(Overflow) => Put::Overflow,
@@ -222,6 +227,37 @@ impl OutState {
             }
         }
         Put::Queued { full: true }
+    }
+}
+
+impl OutState {
+    /// Whether the owner may stage a send of `e` to this connection
+    /// (`STAGED`): nothing queued, the socket not known to be full, and
+    /// frames an empty queue would take under the limits.
+    pub fn can_stage(&self, e: &Encoded<'_>, rules: &WriteRules) -> bool {
+        self.out.is_empty()
+            && !self.write_wait
+            && e.frames.len() <= rules.limits.max_frames
+            && e.total <= rules.limits.max_bytes
+    }
+
+    /// A staged send of `e` wrote its first `written` bytes: the rest goes
+    /// back in front of the queue, ahead of what other writers queued
+    /// meanwhile, a frame cut short as a partly written head.
+    pub fn put_back(&mut self, e: Encoded<'_>, written: usize) {
+        let mut start = 0;
+        let mut first = 0;
+        for f in e.frames {
+            if start + f.len() > written {
+                break;
+            }
+            start += f.len();
+            first += 1;
+        }
+        for k in (first..e.frames.len()).rev() {
+            let cut = if k == first { written - start } else { 0 };
+            self.out.push_front(e.frames[k].slice(cut..), kind_of(&e.raw[k]), cut > 0);
+        }
     }
 }
 
@@ -411,6 +447,54 @@ mod tests {
     fn more_frames_than_one_write_takes_are_refused_in_every_build() {
         let frames = vec![Bytes::from_static(b"x"); MAX_IOV_PER_WRITE + 1];
         let _ = Outgoing::new(&frames);
+    }
+
+    #[test]
+    fn a_staged_send_cut_short_puts_its_rest_in_front_of_what_others_queued() {
+        let rules =
+            WriteRules { limits: OutLimits { max_frames: 16, max_bytes: 1 << 20 }, policy: SlowConsumer::DropOldest };
+        let raw: Vec<Bytes> = (1..=3u8)
+            .map(|n| {
+                crate::proto::frame::Frame::Push { msg_id: n as u64, from: "", payload: &[n; 10] }.to_bytes().unwrap()
+            })
+            .collect();
+        let len = raw[0].len();
+        let (iov, total) = iovecs(&raw);
+        let e = Encoded { frames: &raw, raw: &raw, iov: &iov, total };
+        let other = Bytes::from_static(b"queued by another thread");
+        let queued = |cut: usize| -> Vec<Bytes> {
+            let s = OutSlots::new(1);
+            let mut g = s.slots[0].lock();
+            assert!(g.can_stage(&e, &rules));
+            g.set(STAGED);
+            // Another writer finds the send staged and queues behind it.
+            let mut skipped = 0;
+            let mut written = 0;
+            let one = [other.clone()];
+            let (oiov, ototal) = iovecs(&one);
+            let o = Encoded { frames: &one, raw: &one, iov: &oiov, total: ototal };
+            assert_eq!(g.put(o, &rules, &mut skipped, &mut written), Put::Queued { full: false });
+            assert!(!g.can_stage(&e, &rules), "a queue that is not empty takes no staged send");
+            g.clear(STAGED);
+            g.put_back(e, cut);
+            let mut iov = [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; MAX_IOV_PER_WRITE];
+            let n = g.out.fill_iovecs(&mut iov);
+            let frames = iov[..n]
+                .iter()
+                // SAFETY: each iovec points into a frame the queue holds.
+                .map(|v| {
+                    Bytes::copy_from_slice(unsafe { std::slice::from_raw_parts(v.iov_base as *const u8, v.iov_len) })
+                })
+                .collect();
+            g.out.clear();
+            frames
+        };
+        // Nothing written: all three, whole, then the other writer's frame.
+        assert_eq!(queued(0), [raw[0].clone(), raw[1].clone(), raw[2].clone(), other.clone()]);
+        // Cut inside the second frame: its rest, the third, the other's.
+        assert_eq!(queued(len + 3), [raw[1].slice(3..), raw[2].clone(), other.clone()]);
+        // Cut right after the first frame: no partial head.
+        assert_eq!(queued(len), [raw[1].clone(), raw[2].clone(), other.clone()]);
     }
 
     #[test]
