@@ -442,9 +442,9 @@ impl Writer {
     /// Its send is staged, pointing at `out`'s frames, and goes out with the
     /// step's batch, [`Writer::send_staged`], which the caller runs before
     /// `out` is dropped (`flush_dirty` checks in debug builds that none is
-    /// left). Only what its socket does
-    /// not take is queued then. So a fan-out's delivery costs no allocation
-    /// and no reference count unless the member is behind.
+    /// left). Only what its socket does not take is queued then. So a
+    /// fan-out's delivery costs no allocation and no reference count
+    /// unless the member is behind.
     pub fn put(&self, m: Member, out: &mut Outgoing<'_>, step: Step) -> Delivered {
         let mut skipped = 0;
         let mut written = 0;

@@ -413,8 +413,8 @@ impl OutSlots {
 }
 
 /// `n` empty slots in one zeroed allocation (`alloc_zeroed`: a large one
-/// comes from fresh, untouched pages; `Box::new_zeroed_slice` needs Rust
-/// 1.82, the MSRV is 1.80).
+/// comes from fresh, untouched pages; `Box::new_zeroed_slice` is stable
+/// since Rust 1.92, the MSRV is 1.90).
 fn zeroed_slots(n: usize) -> Box<[OutSlot]> {
     if n == 0 {
         return Box::new([]);
