@@ -5,7 +5,7 @@
 mod common;
 
 use std::io::Read;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -15,10 +15,6 @@ use switchboard::config::DEV_JWT_SECRET;
 use switchboard::JwtHs256;
 
 const SB: &str = env!("CARGO_BIN_EXE_switchboard");
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
 
 /// A pipe: (read end, write end).
 fn pipe() -> (OwnedFd, OwnedFd) {
@@ -143,7 +139,7 @@ fn dev_login(port: u16, user: &str) -> Client {
 /// thread logs the drain: none of them may die of it.
 #[test]
 fn a_server_whose_log_pipe_closed_drains_on_sigterm_and_exits() {
-    let port = free_port();
+    let port = common::free_port();
     let (read, write) = pipe();
     let write2 = write.try_clone().unwrap();
     let mut server = serve(port, "debug", Stdio::from(write), Stdio::from(write2));
@@ -161,7 +157,7 @@ fn a_server_whose_log_pipe_closed_drains_on_sigterm_and_exits() {
 /// closed before it starts (the banner and the start-up log fail too).
 #[test]
 fn a_second_signal_exits_at_once() {
-    let port = free_port();
+    let port = common::free_port();
     let mut server = serve(port, "info", closed_pipe(), closed_pipe());
     let _stays = dev_login(port, "bob"); // never reads, never closes
     server.signal(libc::SIGTERM);
@@ -191,7 +187,7 @@ fn pty() -> (std::fs::File, OwnedFd) {
 /// What `serve` writes to stderr from start to SIGTERM, with stderr a pipe
 /// (`tty = false`) or a terminal.
 fn stderr_of_serve(tty: bool, env: &[(&str, &str)]) -> String {
-    let port = free_port();
+    let port = common::free_port();
     if tty {
         let (master, slave) = pty();
         let reader = read_all_later(master);
@@ -252,7 +248,7 @@ fn a_bad_log_filter_is_an_error() {
 /// most once per 10 s).
 #[test]
 fn json_logs_show_logins_and_refusals_with_their_reason() {
-    let port = free_port();
+    let port = common::free_port();
     let (read, write) = pipe();
     let reader = read_all_later(std::fs::File::from(read));
     let p =
@@ -288,7 +284,7 @@ fn json_logs_show_logins_and_refusals_with_their_reason() {
 /// servers so that SENDs between them reach no one).
 #[test]
 fn port_in_use_names_the_switchboard_holding_it_and_suggests_other_ports() {
-    let port = free_port();
+    let port = common::free_port();
     let first = serve(port, "warn", Stdio::null(), Stdio::null());
     let out = Command::new(SB)
         .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--ws-listen", "", "--log", "warn"])
@@ -413,7 +409,7 @@ impl CliClient {
 /// room messages printed with room and sender, nothing after /leave.
 #[test]
 fn cli_client_joins_publishes_to_and_leaves_rooms() {
-    let port = free_port();
+    let port = common::free_port();
     let server = serve(port, "warn", Stdio::null(), Stdio::null());
     let addr = format!("127.0.0.1:{port}");
     let mut bob = CliClient::start("bob", &addr);
@@ -462,7 +458,7 @@ fn send_stored(c: &mut Client, req_id: u32, to: &str, payload: &str) {
 /// state file sees the server's position, i.e. that everything was ACKed.
 #[test]
 fn cli_client_with_a_device_acknowledges_and_resumes_across_runs() {
-    let port = free_port();
+    let port = common::free_port();
     let server = serve(port, "warn", Stdio::null(), Stdio::null());
     let addr = format!("127.0.0.1:{port}");
     let home = std::env::temp_dir().join(format!("sb-cli-home-{}-{port}", std::process::id()));
@@ -544,7 +540,7 @@ fn cli_client_help_explains_its_options_and_commands() {
 /// "frame of 1213486164 bytes".
 #[test]
 fn cli_client_on_the_websocket_port_names_the_likely_mistake() {
-    let (port, ws_port) = (free_port(), free_port());
+    let (port, ws_port) = (common::free_port(), common::free_port());
     let server =
         serve_with(port, "warn", &["--ws-listen", &format!("127.0.0.1:{ws_port}")], &[], Stdio::null(), Stdio::null());
     let mut c = CliClient::start("alice", &format!("127.0.0.1:{ws_port}"));
@@ -561,7 +557,7 @@ fn cli_client_on_the_websocket_port_names_the_likely_mistake() {
 /// then), and it says how to turn on the admin API, which is off.
 #[test]
 fn the_banner_commands_work_from_the_checkout() {
-    let port = free_port();
+    let port = common::free_port();
     let (read, write) = pipe();
     let reader = read_all_later(std::fs::File::from(read));
     let server = serve_with(port, "warn", &[], &[("PATH", "/usr/bin:/bin")], Stdio::from(write), Stdio::null());

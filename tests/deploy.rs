@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::net::TcpListener;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -60,17 +59,13 @@ fn check_reports_what_this_host_lacks_with_the_fix() {
     assert!(row(&out, "memory for idle connections").starts_with("PASS"), "{out}");
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 /// Starts the real binary (`switchboard serve`) on a free loopback port,
 /// two workers, no WebSocket port, with `extra` appended to its config, and
 /// waits until it accepts. Returns the process, its address and the
 /// directory holding its config.
 fn serve(name: &str, extra: &str) -> (std::process::Child, std::net::SocketAddr, std::path::PathBuf) {
     common::arm_watchdog();
-    let port = free_port();
+    let port = common::free_port();
     let dir = std::env::temp_dir().join(format!("sb-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let cfg = dir.join(format!("{name}.toml"));

@@ -8,7 +8,7 @@
 mod common;
 
 use std::collections::{BTreeMap, HashSet};
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -20,10 +20,6 @@ use switchboard::proto::frame::Frame;
 use switchboard::JwtHs256;
 
 const SB: &str = env!("CARGO_BIN_EXE_switchboard");
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
 
 struct Proc(Child);
 
@@ -93,7 +89,7 @@ fn a_server_killed_with_sigkill_after_refusals_delivers_none_of_them() {
 fn killed_and_restarted(kill_after_answers: usize, inbox_limit: usize, expect_refusals: bool) {
     let dir = std::env::temp_dir().join(format!("sb-crash-{}-{kill_after_answers}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let (port, admin) = (free_port(), free_port());
+    let (port, admin) = (common::free_port(), common::free_port());
     let server = serve(port, admin, &dir, inbox_limit);
 
     // The receiver logs in with a device id and then does not read.

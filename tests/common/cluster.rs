@@ -4,7 +4,7 @@
 //! node is in the live set and subscribed to its channel).
 #![allow(dead_code)]
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -87,10 +87,6 @@ impl Redis {
     }
 }
 
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 /// Settings of a test node besides Redis.
 #[derive(Clone, Debug)]
 pub struct NodeOpts {
@@ -147,9 +143,9 @@ impl Node {
     }
 
     fn try_start(id: &str, redis: &Redis, opts: &NodeOpts) -> Option<Node> {
-        let dir = std::env::temp_dir().join(format!("sb-cluster-{}-{id}-{}", std::process::id(), free_port()));
+        let dir = std::env::temp_dir().join(format!("sb-cluster-{}-{id}-{}", std::process::id(), super::free_port()));
         std::fs::create_dir_all(&dir).unwrap();
-        let (port, admin) = (free_port(), free_port());
+        let (port, admin) = (super::free_port(), super::free_port());
         let config = dir.join("switchboard.toml");
         std::fs::write(
             &config,

@@ -16,6 +16,22 @@ use switchboard::{ConnId, JwtHs256, Server};
 
 pub const SECRET: &str = "integration-test-secret-0123456789";
 
+/// A loopback port that is free now and that this test process has not
+/// handed out before. Two tests starting `switchboard serve` at the same
+/// moment, or one asking for two ports, must not get the same one: the
+/// servers' SO_REUSEPORT listeners would share it, and a client of one
+/// could land on the other (and be reset when that test ends).
+pub fn free_port() -> u16 {
+    static GIVEN: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        if GIVEN.lock().unwrap_or_else(|e| e.into_inner()).insert(port) {
+            return port;
+        }
+    }
+}
+
 /// Two workers, short timeouts (50 ms ticks), generous heartbeats so tests
 /// that do not look at them are not disturbed.
 pub fn config() -> Config {
