@@ -50,11 +50,12 @@
 //! connection's head of queue to the kernel the same way. So do a tick's
 //! PINGs, a turn's replies and the backlogs whose sockets had room again,
 //! when there are at least `BATCH_MIN` of them. A single delivery (a SEND,
-//! a push, a SEND_ACK) is written at once, as without batching. A socket with no room answers
-//! `-EAGAIN` at once and gets its write poll as before; the poll's event
-//! marks the slot dirty again instead of writing (`on_writable`). Writers
-//! on other threads keep their direct write: they find the queue not empty
-//! while the owner's batch is pending and append behind it.
+//! a push, a SEND_ACK) is written at once, as without batching. A socket
+//! with no room answers `-EAGAIN` at once and gets its write poll as
+//! before; the poll's event marks the slot dirty again instead of writing
+//! (`on_writable`). Writers on other threads keep their direct write: they
+//! find the queue not empty (or `STAGED`) while the owner's batch is
+//! pending and append behind it.
 
 mod slot;
 

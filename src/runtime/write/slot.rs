@@ -228,9 +228,7 @@ impl OutState {
         }
         Put::Queued { full: true }
     }
-}
 
-impl OutState {
     /// Whether the owner may stage a send of `e` to this connection
     /// (`STAGED`): nothing queued, the socket not known to be full, and
     /// frames an empty queue would take under the limits.
