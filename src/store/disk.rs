@@ -46,7 +46,10 @@
 //! with [`Durability::Fsync`], a plain write to the kernel with
 //! [`Durability::Os`]. Batches are replayed in order at open, so a crash
 //! leaves a prefix of them; an append that was not synced may be lost, and
-//! then its seq is given again (it was never acknowledged).
+//! then its seq is given again (it was never acknowledged). With
+//! [`Durability::Os`] a thread of the store starts the journal's writeback
+//! every few milliseconds (`writeback.rs`), so that the journal sync fjall
+//! does at each flush, while every write waits, has little left to write.
 //!
 //! RAM: nothing per user beyond a bounded cache. The store keeps one
 //! counter (bytes kept, summed from `inboxes` at open, so opening reads
@@ -268,6 +271,9 @@ pub struct DiskStore {
     /// the commit fails; a device change updates it after its write.
     cache: hashbrown::HashMap<Vec<u8>, Cached>,
     cache_users: usize,
+    /// With [`Durability::Os`], the thread that starts the journal's
+    /// writeback (`writeback.rs`: why).
+    _writeback: Option<super::writeback::JournalWriteback>,
 }
 
 impl DiskStore {
@@ -326,6 +332,10 @@ impl DiskStore {
             total_messages,
             cache: hashbrown::HashMap::new(),
             cache_users: CACHED_USERS,
+            _writeback: match durability {
+                Durability::Os => super::writeback::JournalWriteback::start(path),
+                Durability::Fsync => None,
+            },
         })
     }
 

@@ -27,6 +27,7 @@ pub mod disk;
 pub mod memory;
 pub mod redis;
 pub mod service;
+mod writeback;
 
 #[cfg(test)]
 mod tests;

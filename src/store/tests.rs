@@ -1508,3 +1508,32 @@ fn service_login_and_state_see_the_latest_position_waiting() {
     assert_eq!(st.devices[0].position, 3);
     service.stop().unwrap();
 }
+
+/// The `os` store's writeback thread (`writeback.rs`) works on fjall's
+/// journal by its file name: if fjall ever named it otherwise, the thread
+/// would find nothing and the flush stalls it removes would be back.
+#[test]
+fn the_journal_writeback_finds_the_journal_fjall_writes_and_stops_with_the_store() {
+    let mut d = Disk::new(Durability::Os, StoreLimits::default());
+    let store = d.store.as_mut().expect("open");
+    for i in 0..100 {
+        store.append(&msg("alice", "bob", i + 1, 1, "hello", 0), 1).expect("stored");
+    }
+    store.sync().expect("synced");
+    let journal = writeback::newest_journal(&d.dir.0).expect("a journal file where the writeback looks for it");
+    assert!(std::fs::metadata(&journal).expect("exists").len() > 0);
+    // Closing the store joins its writeback thread (a thread that did not
+    // stop would hang the test here).
+    d.store.take();
+}
+
+#[test]
+fn the_journal_writeback_follows_the_newest_journal_file() {
+    let dir = TempDir::new("writeback");
+    std::fs::create_dir_all(&dir.0).unwrap();
+    assert_eq!(writeback::newest_journal(&dir.0), None, "no journal yet");
+    for name in ["2.jnl", "10.jnl", "9.jnl", "x.jnl", "11.tmp", "lock"] {
+        std::fs::write(dir.0.join(name), b"j").unwrap();
+    }
+    assert_eq!(writeback::newest_journal(&dir.0), Some(dir.0.join("10.jnl")), "numbers, not names, decide");
+}
