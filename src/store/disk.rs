@@ -19,17 +19,33 @@
 //!   ts; `dedup_time`: ts BE + the dedup key, so `expire` finds old entries
 //!   in time order.
 //!
-//! An append therefore writes two keys (its message and the user's
-//! record) and not three: the store thread spends about 45% of its time
-//! searching fjall's memtable skiplists for where an insert goes (perf,
-//! reliable unicast), and with the head in its own keyspace the same
-//! 4,000 device connections cost the thread 8–15% more CPU per message
-//! (31 against 27 µs with `os` at 15,000 msgs/s, 43 against 40 µs with
-//! `fsync` at 10,000).
+//! An append writes one key, its message. The user's record is written
+//! with the user's first message, then every [`RECORD_LAG`] appends, and
+//! whenever it is written anyway (a device logs in or moves, the retention
+//! pass), so it may lag the messages by fewer than [`RECORD_LAG`] appends.
+//! Reading a record that is not cached counts the messages past its head
+//! back in (`catch_up`: one range scan of at most that many keys), and so
+//! does `open` for every record when it sums the bytes kept. A crash
+//! leaves a prefix of the journal's batches: the messages and the record
+//! agree again the same way.
 //!
-//! Tried and taken back: one key per append, by keeping each user's newest
-//! messages (up to 1 KiB) in the user's record, which every append and
-//! position change writes anyway, and dropping acknowledged messages with
+//! Why: the store thread spends about 45% of its time searching fjall's
+//! memtable skiplists for where an insert goes (perf, reliable unicast),
+//! and a record rewritten at every append filled the `inboxes` write
+//! buffer as fast as the messages filled theirs, and every flush of one
+//! stalls the writes (at [`WRITE_BUFFER_MIB`]). Measured with `os`,
+//! 4,000 device connections, 2 workers, the build writing the record at
+//! every append alternated with this one: at 30,000 msgs/s a p99 of 268 /
+//! 494 / 579 ms became 39 / 76 / 18 ms, and commits over 50 ms in 12 s
+//! went from 6 / 25 / 19 to none; at 40,000 msgs/s 31,618 / 29,406
+//! delivered/s became 38,390 / 38,397; at 20,000 the store thread's user
+//! CPU went from 27 / 18% of a core to 21 / 16%. (For the same reason the
+//! head had moved from a keyspace of its own into the record: three keys
+//! per append cost the thread 8–15% more CPU per message than two.)
+//!
+//! Tried and taken back: one key per append another way, by keeping each
+//! user's newest messages (up to 1 KiB) in the user's record, which every
+//! append and position change then wrote anyway, and dropping acknowledged messages with
 //! the position instead of at the retention pass. It cut the store
 //! thread's CPU (40/38/43% of a core → 30/36/34% with `os` at 20,000
 //! msgs/s over 4,000 device connections, alternated; 42/40% → 34/34% with
@@ -129,6 +145,11 @@ pub const WRITE_BUFFER_MIB: u64 = 32;
 /// drops an arbitrary other one.
 pub const CACHED_USERS: usize = 1 << 16;
 
+/// Most appends a user's `inboxes` record may lag behind its messages
+/// (the module doc): what [`DiskStore::load`] reads past the record, at
+/// most, when the user is not cached.
+pub const RECORD_LAG: u64 = 64;
+
 /// RAM one cached user takes, with one device (the module doc).
 const CACHED_USER_BYTES: u64 = 200;
 
@@ -186,6 +207,25 @@ fn str8(b: &[u8]) -> Result<(&str, &[u8]), StoreError> {
     let s = b.get(1..1 + n).ok_or_else(|| unavailable("corrupt record: short string"))?;
     let s = std::str::from_utf8(s).map_err(|_| unavailable("corrupt record: not UTF-8"))?;
     Ok((s, &b[1 + n..]))
+}
+
+/// Counts into `rec` the messages of `user` after `head`, those appended
+/// since the user's record was written (at most [`RECORD_LAG`], unless the
+/// store was written by a version that kept no lag), and returns the head
+/// they lead to.
+fn catch_up(msgs: &Keyspace, user: &str, head: u64, rec: &mut InboxRec) -> Result<u64, StoreError> {
+    let mut head = head;
+    if head == u64::MAX {
+        return Ok(head);
+    }
+    for kv in msgs.range(msg_key(user, head + 1)..=msg_key(user, u64::MAX)) {
+        let (k, v) = kv.into_inner().map_err(unavailable)?;
+        let (from, payload) = str8(v.get(16..).ok_or_else(|| unavailable("corrupt message"))?)?;
+        rec.messages += 1;
+        rec.bytes += record_bytes(user, from, payload.len());
+        head = u64_at(&k, k.len() - 8)?;
+    }
+    Ok(head)
 }
 
 /// The `inboxes` record of one user, without the head it is stored with
@@ -246,10 +286,17 @@ impl InboxRec {
     }
 }
 
-/// One user's head and `inboxes` record, as last written (the cache).
+/// One user's head and `inboxes` record, as they are now: the record on
+/// disk with the messages appended after it was written counted in
+/// ([`DiskStore::load`]).
+#[derive(Clone)]
 struct Cached {
     head: u64,
     rec: InboxRec,
+    /// The head the user's `inboxes` record on disk carries (`None`: the
+    /// user has no record). An append writes the record only when this
+    /// is `None` or [`RECORD_LAG`] appends behind.
+    rec_head: Option<u64>,
 }
 
 /// The inbox store on disk. See the module doc for the layout and costs.
@@ -278,7 +325,8 @@ pub struct DiskStore {
 
 impl DiskStore {
     /// Opens (or creates) the store in directory `path`. Reads every
-    /// `inboxes` record once, to sum the bytes kept.
+    /// `inboxes` record once, and the messages appended past it, to sum
+    /// the bytes kept.
     pub fn open(path: impl AsRef<Path>, durability: Durability, limits: StoreLimits) -> Result<Self, StoreError> {
         Self::open_with_buffer(path, durability, limits, WRITE_BUFFER_MIB << 20)
     }
@@ -314,8 +362,17 @@ impl DiskStore {
             (ks("heads")?, ks("inboxes")?, ks("msgs")?, ks("dedup")?, ks("dedup_time")?);
         let (mut total_bytes, mut total_messages) = (0, 0);
         for kv in inboxes.iter() {
-            let (_, v) = kv.into_inner().map_err(unavailable)?;
-            let (rec, _) = InboxRec::decode(&v)?;
+            let (uk, v) = kv.into_inner().map_err(unavailable)?;
+            let (user, _) = str8(&uk)?;
+            let (mut rec, head) = InboxRec::decode(&v)?;
+            let head = match head {
+                Some(h) => h,
+                None => match heads.get(&uk).map_err(unavailable)? {
+                    Some(v) => u64_at(&v, 0)?,
+                    None => 0,
+                },
+            };
+            catch_up(&msgs, user, head, &mut rec)?;
             total_bytes += rec.bytes;
             total_messages += rec.messages;
         }
@@ -378,7 +435,7 @@ impl DiskStore {
     /// into it) the head from `heads` (0 if none) and an empty record.
     fn load(&self, uk: &[u8]) -> Result<Cached, StoreError> {
         if let Some(c) = self.cache.get(uk) {
-            return Ok(Cached { head: c.head, rec: c.rec.clone() });
+            return Ok(c.clone());
         }
         let (rec, head) = match self.inboxes.get(uk).map_err(unavailable)? {
             Some(v) => {
@@ -387,8 +444,12 @@ impl DiskStore {
             }
             None => (None, None),
         };
-        let head = self.head_beside(uk, head)?;
-        Ok(Cached { head, rec: rec.unwrap_or_else(|| InboxRec::empty(head)) })
+        let written = self.head_beside(uk, head)?;
+        let rec_head = rec.is_some().then_some(written);
+        let mut rec = rec.unwrap_or_else(|| InboxRec::empty(written));
+        let (user, _) = str8(uk)?;
+        let head = catch_up(&self.msgs, user, written, &mut rec)?;
+        Ok(Cached { head, rec, rec_head })
     }
 
     /// The head a record carried (`in_record`), else the one kept in
@@ -435,7 +496,7 @@ impl DiskStore {
     ) -> Result<(R, u64), StoreError> {
         check_ids(user, "", device)?;
         let uk = user_key(user);
-        let Cached { head, mut rec } = self.load(&uk)?;
+        let Cached { head, mut rec, .. } = self.load(&uk)?;
         let r = f(&mut rec.devices, head);
         if let Err(e) = self.inboxes.insert(uk.as_slice(), rec.encode(head)) {
             self.cache.remove(&uk);
@@ -443,20 +504,15 @@ impl DiskStore {
         }
         if let Some(c) = self.cache.get_mut(&uk) {
             c.rec = rec;
+            c.rec_head = Some(head);
         }
         Ok((r, head))
     }
 
-    /// The retention pass for one user; returns messages dropped.
-    /// `head` is the one stored in the record, if it was.
-    fn expire_user(
-        &mut self,
-        uk: &[u8],
-        user: &str,
-        mut rec: InboxRec,
-        head: Option<u64>,
-        now_ms: u64,
-    ) -> Result<u64, StoreError> {
+    /// The retention pass for one user; returns messages dropped. Also
+    /// brings a record that lags its messages up to date.
+    fn expire_user(&mut self, uk: &[u8], user: &str, now_ms: u64) -> Result<u64, StoreError> {
+        let Cached { head, mut rec, rec_head } = self.load(uk)?;
         let ttl_ms = self.limits.ttl_ms;
         let before = rec.clone();
         let acked = expire_devices(&mut rec.devices, ttl_ms, now_ms);
@@ -483,12 +539,10 @@ impl DiskStore {
         self.cache.remove(uk);
         if rec.messages == 0 && rec.devices.is_empty() {
             // The head outlives the record: seqs never go back.
-            if let Some(head) = head {
-                batch.insert(&self.heads, uk, head.to_be_bytes().to_vec());
-            }
+            batch.insert(&self.heads, uk, head.to_be_bytes().to_vec());
             batch.remove(&self.inboxes, uk);
-        } else if rec != before {
-            batch.insert(&self.inboxes, uk, rec.encode(self.head_beside(uk, head)?));
+        } else if rec != before || rec_head != Some(head) {
+            batch.insert(&self.inboxes, uk, rec.encode(head));
         }
         batch.commit().map_err(unavailable)?;
         Ok(dropped)
@@ -526,7 +580,15 @@ impl Store for DiskStore {
         c.head = seq;
         c.rec.messages += 1;
         c.rec.bytes += bytes;
-        let rec = c.rec.encode(seq);
+        // The record is written with the user's first message, then every
+        // RECORD_LAG appends (the module doc).
+        let rec = match c.rec_head {
+            Some(h) if seq.saturating_sub(h) < RECORD_LAG => None,
+            _ => {
+                c.rec_head = Some(seq);
+                Some(c.rec.encode(seq))
+            }
+        };
         let mut value = Vec::with_capacity(17 + m.from.len() + m.payload.len());
         value.extend_from_slice(&m.msg_id.to_be_bytes());
         value.extend_from_slice(&m.ts_ms.to_be_bytes());
@@ -535,7 +597,9 @@ impl Store for DiskStore {
         value.extend_from_slice(&m.payload);
         let mut batch = self.db.batch();
         batch.insert(&self.msgs, msg_key(&m.to, seq), value);
-        batch.insert(&self.inboxes, uk.as_slice(), rec);
+        if let Some(rec) = rec {
+            batch.insert(&self.inboxes, uk.as_slice(), rec);
+        }
         if let Some(dk) = dk {
             let time_key = |ts: u64| [&ts.to_be_bytes()[..], &dk].concat();
             if let Some(old) = stale_dedup {
@@ -614,7 +678,7 @@ impl Store for DiskStore {
             return Ok(InboxState { head_seq: 0, first_seq: 1, messages: 0, bytes: 0, devices: Vec::new() });
         }
         let uk = user_key(user);
-        let Cached { head: head_seq, rec } = self.load(&uk)?;
+        let Cached { head: head_seq, rec, .. } = self.load(&uk)?;
         Ok(InboxState {
             head_seq,
             first_seq: rec.first_seq,
@@ -628,11 +692,10 @@ impl Store for DiskStore {
         let mut dropped = 0;
         // fjall iterators read a snapshot: the writes below do not disturb it.
         for kv in self.inboxes.iter() {
-            let (uk, v) = kv.into_inner().map_err(unavailable)?;
+            let uk = kv.key().map_err(unavailable)?;
             let (user, _) = str8(&uk)?;
             let user = user.to_string();
-            let (rec, head) = InboxRec::decode(&v)?;
-            dropped += self.expire_user(&uk, &user, rec, head, now_ms)?;
+            dropped += self.expire_user(&uk, &user, now_ms)?;
         }
         let window = self.limits.dedup_window_ms;
         let mut batch = self.db.batch();

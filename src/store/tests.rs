@@ -1537,3 +1537,37 @@ fn the_journal_writeback_follows_the_newest_journal_file() {
     }
     assert_eq!(writeback::newest_journal(&dir.0), Some(dir.0.join("10.jnl")), "numbers, not names, decide");
 }
+
+/// An append writes its user's `inboxes` record only every `RECORD_LAG`
+/// messages (disk.rs): the messages appended after it must count all the
+/// same, on a cache miss, after a restart and in the retention pass.
+#[test]
+fn disk_records_lagging_their_messages_count_them_after_a_cache_miss_a_restart_and_retention() {
+    let ttl_ms = 1_000;
+    let n = 2 * disk::RECORD_LAG + 5;
+    // Two users and a cache of one: every append is a cache miss.
+    let mut d = Disk::with_cache(Durability::Os, StoreLimits { ttl_ms, ..StoreLimits::default() }, 1);
+    for i in 1..=n {
+        for user in ["alice", "carol"] {
+            assert_eq!(d.store().append(&msg(user, "bob", i, 1, "hello", 0), 1).unwrap(), Appended::New { seq: i });
+        }
+    }
+    let each = record_bytes("alice", "bob", "hello".len());
+    let check = |d: &mut Disk, when: &str| {
+        let st = d.store().inbox_state("alice").unwrap();
+        assert_eq!((st.head_seq, st.first_seq, st.messages, st.bytes), (n, 1, n, n * each), "{when}");
+        assert_eq!(d.store().held(), (2 * n, 2 * n * each), "{when}");
+        let page = d.store().read("alice", n - 3, 100).unwrap();
+        assert_eq!(page.messages.iter().map(|m| m.seq).collect::<Vec<_>>(), [n - 2, n - 1, n], "{when}");
+        assert_eq!(page.head_seq, n, "{when}");
+    };
+    check(&mut d, "before a restart");
+    assert!(d.restart());
+    check(&mut d, "after a restart");
+    assert_eq!(d.store().expire(1 + ttl_ms).unwrap(), 2 * n, "the TTL drops every message, those past the record too");
+    assert_eq!(d.store().held(), (0, 0));
+    assert!(d.restart());
+    assert_eq!(d.store().held(), (0, 0));
+    let next = msg("alice", "bob", n + 1, 2_000, "hello", 0);
+    assert_eq!(d.store().append(&next, 2_000).unwrap(), Appended::New { seq: n + 1 }, "seqs never go back");
+}
