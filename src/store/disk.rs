@@ -360,23 +360,7 @@ impl DiskStore {
         };
         let (heads, inboxes, msgs, dedup, dedup_time) =
             (ks("heads")?, ks("inboxes")?, ks("msgs")?, ks("dedup")?, ks("dedup_time")?);
-        let (mut total_bytes, mut total_messages) = (0, 0);
-        for kv in inboxes.iter() {
-            let (uk, v) = kv.into_inner().map_err(unavailable)?;
-            let (user, _) = str8(&uk)?;
-            let (mut rec, head) = InboxRec::decode(&v)?;
-            let head = match head {
-                Some(h) => h,
-                None => match heads.get(&uk).map_err(unavailable)? {
-                    Some(v) => u64_at(&v, 0)?,
-                    None => 0,
-                },
-            };
-            catch_up(&msgs, user, head, &mut rec)?;
-            total_bytes += rec.bytes;
-            total_messages += rec.messages;
-        }
-        Ok(DiskStore {
+        let mut store = DiskStore {
             db,
             heads,
             inboxes,
@@ -385,15 +369,22 @@ impl DiskStore {
             dedup_time,
             durability,
             limits,
-            total_bytes,
-            total_messages,
+            total_bytes: 0,
+            total_messages: 0,
             cache: hashbrown::HashMap::new(),
             cache_users: CACHED_USERS,
             _writeback: match durability {
                 Durability::Os => super::writeback::JournalWriteback::start(path),
                 Durability::Fsync => None,
             },
-        })
+        };
+        for kv in store.inboxes.iter() {
+            let (uk, v) = kv.into_inner().map_err(unavailable)?;
+            let user = store.caught_up(&uk, Some(InboxRec::decode(&v)?))?;
+            store.total_bytes += user.rec.bytes;
+            store.total_messages += user.rec.messages;
+        }
+        Ok(store)
     }
 
     /// Keeps at most `users` users in the cache (tests: a tiny cache, so
@@ -437,11 +428,19 @@ impl DiskStore {
         if let Some(c) = self.cache.get(uk) {
             return Ok(c.clone());
         }
-        let (rec, head) = match self.inboxes.get(uk).map_err(unavailable)? {
-            Some(v) => {
-                let (rec, head) = InboxRec::decode(&v)?;
-                (Some(rec), head)
-            }
+        let stored = match self.inboxes.get(uk).map_err(unavailable)? {
+            Some(v) => Some(InboxRec::decode(&v)?),
+            None => None,
+        };
+        self.caught_up(uk, stored)
+    }
+
+    /// A user's head and record from its `inboxes` record as decoded
+    /// (`None`: it has none), with the messages appended past the record
+    /// counted in.
+    fn caught_up(&self, uk: &[u8], stored: Option<(InboxRec, Option<u64>)>) -> Result<Cached, StoreError> {
+        let (rec, head) = match stored {
+            Some((rec, head)) => (Some(rec), head),
             None => (None, None),
         };
         let written = self.head_beside(uk, head)?;
@@ -509,10 +508,11 @@ impl DiskStore {
         Ok((r, head))
     }
 
-    /// The retention pass for one user; returns messages dropped. Also
-    /// brings a record that lags its messages up to date.
-    fn expire_user(&mut self, uk: &[u8], user: &str, now_ms: u64) -> Result<u64, StoreError> {
-        let Cached { head, mut rec, rec_head } = self.load(uk)?;
+    /// The retention pass for one user, whose head and record are `state`
+    /// (the cache's, or its record caught up); returns messages dropped.
+    /// Also brings a record that lags its messages up to date.
+    fn expire_user(&mut self, uk: &[u8], user: &str, state: Cached, now_ms: u64) -> Result<u64, StoreError> {
+        let Cached { head, mut rec, rec_head } = state;
         let ttl_ms = self.limits.ttl_ms;
         let before = rec.clone();
         let acked = expire_devices(&mut rec.devices, ttl_ms, now_ms);
@@ -692,10 +692,14 @@ impl Store for DiskStore {
         let mut dropped = 0;
         // fjall iterators read a snapshot: the writes below do not disturb it.
         for kv in self.inboxes.iter() {
-            let uk = kv.key().map_err(unavailable)?;
+            let (uk, v) = kv.into_inner().map_err(unavailable)?;
             let (user, _) = str8(&uk)?;
             let user = user.to_string();
-            dropped += self.expire_user(&uk, &user, now_ms)?;
+            let state = match self.cache.get(&uk[..]) {
+                Some(c) => c.clone(),
+                None => self.caught_up(&uk, Some(InboxRec::decode(&v)?))?,
+            };
+            dropped += self.expire_user(&uk, &user, state, now_ms)?;
         }
         let window = self.limits.dedup_window_ms;
         let mut batch = self.db.batch();
