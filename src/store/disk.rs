@@ -45,11 +45,11 @@
 //!
 //! Tried and taken back: one key per append another way, by keeping each
 //! user's newest messages (up to 1 KiB) in the user's record, which every
-//! append and position change then wrote anyway, and dropping acknowledged messages with
-//! the position instead of at the retention pass. It cut the store
-//! thread's CPU (40/38/43% of a core → 30/36/34% with `os` at 20,000
-//! msgs/s over 4,000 device connections, alternated; 42/40% → 34/34% with
-//! `fsync`), but every rewrite of the record carried its messages again:
+//! append and position change then wrote anyway, and dropping
+//! acknowledged messages with the position instead of at the retention
+//! pass. It cut the store thread's CPU (40/38/43% of a core → 30/36/34%
+//! with `os` at 20,000 msgs/s over 4,000 device connections, alternated;
+//! 42/40% → 34/34% with `fsync`), but every rewrite of the record carried its messages again:
 //! 555 bytes written to disk per message instead of 340, fjall's
 //! memtables full more often, and more of the flush stalls described at
 //! [`WRITE_BUFFER_MIB`]. In the capacity report's 2 s steps the `os`
@@ -421,9 +421,8 @@ impl DiskStore {
         self.db.disk_space().map_err(unavailable)
     }
 
-    /// A user's head and record: the cache's, else the `inboxes` record
-    /// with its head, else (no record, or one from before the head moved
-    /// into it) the head from `heads` (0 if none) and an empty record.
+    /// A user's head and record: the cache's, else its `inboxes` record
+    /// read and caught up ([`DiskStore::caught_up`]).
     fn load(&self, uk: &[u8]) -> Result<Cached, StoreError> {
         if let Some(c) = self.cache.get(uk) {
             return Ok(c.clone());
@@ -437,12 +436,11 @@ impl DiskStore {
 
     /// A user's head and record from its `inboxes` record as decoded
     /// (`None`: it has none), with the messages appended past the record
-    /// counted in.
+    /// counted in. The record's head is the one it carries, else (no
+    /// record, or one from before the head moved into it) the one in
+    /// `heads` (0 if none).
     fn caught_up(&self, uk: &[u8], stored: Option<(InboxRec, Option<u64>)>) -> Result<Cached, StoreError> {
-        let (rec, head) = match stored {
-            Some((rec, head)) => (Some(rec), head),
-            None => (None, None),
-        };
+        let (rec, head) = stored.map_or((None, None), |(rec, head)| (Some(rec), head));
         let written = self.head_beside(uk, head)?;
         let rec_head = rec.is_some().then_some(written);
         let mut rec = rec.unwrap_or_else(|| InboxRec::empty(written));
