@@ -378,7 +378,7 @@ impl Collector for Live {
             )?;
             f.counter(
                 "switchboard_store_syncs",
-                "Store syncs (group commits, position flushes, retention passes).",
+                "Store syncs (group commits, and syncs of positions and retention drops no append synced).",
                 get(&s.syncs),
             )?;
             f.counter(

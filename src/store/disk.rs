@@ -110,6 +110,7 @@
 //! Must not: be shared between processes (fjall locks the directory) or be
 //! called from an io_uring worker (every method may wait on the disk).
 
+use std::ops::Bound;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -299,6 +300,20 @@ struct Cached {
     rec_head: Option<u64>,
 }
 
+/// Where a slice of the retention pass starts in a keyspace.
+type KeyFrom = Bound<Vec<u8>>;
+
+/// Where a retention pass run in slices goes on ([`Store::expire_slice`]).
+enum ExpireAt {
+    /// Walking `inboxes`, from this user key on: `Included` to go on with
+    /// a user who had more to drop than the last slice could.
+    Users(KeyFrom),
+    /// The users are done; old dedup entries are left, from this
+    /// `dedup_time` key on (a slice starts after the last one it dropped,
+    /// not among the tombstones of those).
+    Dedup(KeyFrom),
+}
+
 /// The inbox store on disk. See the module doc for the layout and costs.
 pub struct DiskStore {
     db: Database,
@@ -321,6 +336,8 @@ pub struct DiskStore {
     /// With [`Durability::Os`], the thread that starts the journal's
     /// writeback (`writeback.rs`: why).
     _writeback: Option<super::writeback::JournalWriteback>,
+    /// The retention pass under way, if it runs in slices.
+    expire_at: Option<ExpireAt>,
 }
 
 impl DiskStore {
@@ -377,6 +394,7 @@ impl DiskStore {
                 Durability::Os => super::writeback::JournalWriteback::start(path),
                 Durability::Fsync => None,
             },
+            expire_at: None,
         };
         for kv in store.inboxes.iter() {
             let (uk, v) = kv.into_inner().map_err(unavailable)?;
@@ -507,20 +525,34 @@ impl DiskStore {
     }
 
     /// The retention pass for one user, whose head and record are `state`
-    /// (the cache's, or its record caught up); returns messages dropped.
-    /// Also brings a record that lags its messages up to date.
-    fn expire_user(&mut self, uk: &[u8], user: &str, state: Cached, now_ms: u64) -> Result<u64, StoreError> {
+    /// (the cache's, or its record caught up): drops at most `most`
+    /// messages, and returns how many and whether that was all the user
+    /// had to drop. Also brings a record that lags its messages up to
+    /// date.
+    fn expire_user(
+        &mut self,
+        uk: &[u8],
+        user: &str,
+        state: Cached,
+        now_ms: u64,
+        most: u64,
+    ) -> Result<(u64, bool), StoreError> {
         let Cached { head, mut rec, rec_head } = state;
         let ttl_ms = self.limits.ttl_ms;
         let before = rec.clone();
         let acked = expire_devices(&mut rec.devices, ttl_ms, now_ms);
         let mut batch = self.db.batch();
         let mut dropped = 0;
+        let mut whole = true;
         for kv in self.msgs.range(msg_key(user, rec.first_seq)..=msg_key(user, u64::MAX)) {
             let (k, v) = kv.into_inner().map_err(unavailable)?;
             let seq = u64_at(&k, k.len() - 8)?;
             let ts_ms = u64_at(&v, 8)?;
             if seq > acked && !expired(ts_ms, ttl_ms, now_ms) {
+                break;
+            }
+            if dropped == most {
+                whole = false;
                 break;
             }
             let (from, payload) = str8(&v[16..])?;
@@ -543,7 +575,75 @@ impl DiskStore {
             batch.insert(&self.inboxes, uk, rec.encode(head));
         }
         batch.commit().map_err(unavailable)?;
-        Ok(dropped)
+        Ok((dropped, whole))
+    }
+
+    /// The users' part of a retention slice, from `from` on: spends at
+    /// most `budget` units (a user looked at, a message dropped) and
+    /// returns the messages dropped, the units spent, and where the next
+    /// slice starts if the users are not all done.
+    fn expire_users(
+        &mut self,
+        from: KeyFrom,
+        now_ms: u64,
+        budget: usize,
+    ) -> Result<(u64, usize, Option<KeyFrom>), StoreError> {
+        let (mut dropped, mut spent) = (0, 0);
+        // fjall iterators read a snapshot: the writes below do not disturb it.
+        for kv in self.inboxes.range::<Vec<u8>, _>((from, Bound::Unbounded)) {
+            let (uk, v) = kv.into_inner().map_err(unavailable)?;
+            if spent >= budget {
+                return Ok((dropped, spent, Some(Bound::Included(uk.to_vec()))));
+            }
+            let (user, _) = str8(&uk)?;
+            let user = user.to_string();
+            let state = match self.cache.get(&uk[..]) {
+                Some(c) => c.clone(),
+                None => self.caught_up(&uk, Some(InboxRec::decode(&v)?))?,
+            };
+            let most = (budget - spent - 1) as u64;
+            let (n, whole) = self.expire_user(&uk, &user, state, now_ms, most.max(1))?;
+            dropped += n;
+            spent += 1 + n as usize;
+            if !whole {
+                // The rest of this user's messages in the next slice.
+                return Ok((dropped, spent, Some(Bound::Included(uk.to_vec()))));
+            }
+        }
+        Ok((dropped, spent, None))
+    }
+
+    /// The dedup part of a retention slice, from `from` on: drops at most
+    /// `budget` entries older than the window, and returns where the next
+    /// slice starts if some are left.
+    fn expire_dedup(&mut self, from: KeyFrom, now_ms: u64, budget: usize) -> Result<Option<KeyFrom>, StoreError> {
+        let window = self.limits.dedup_window_ms;
+        let mut batch = self.db.batch();
+        let mut next = None;
+        // In time order: the old entries come first.
+        for (spent, kv) in self.dedup_time.range::<Vec<u8>, _>((from, Bound::Unbounded)).enumerate() {
+            if batch.len() >= EXPIRE_BATCH_WRITES {
+                std::mem::replace(&mut batch, self.db.batch()).commit().map_err(unavailable)?;
+            }
+            let k = kv.key().map_err(unavailable)?;
+            if !expired(u64_at(&k, 0)?, window, now_ms) {
+                break;
+            }
+            if spent >= budget {
+                next = Some(Bound::Included(k.to_vec()));
+                break;
+            }
+            let dk = &k[8..];
+            // Only the entry this time key was written with.
+            if let Some(v) = self.dedup.get(dk).map_err(unavailable)? {
+                if v.get(16..24) == k.get(..8) {
+                    batch.remove(&self.dedup, dk.to_vec());
+                }
+            }
+            batch.remove(&self.dedup_time, k.to_vec());
+        }
+        batch.commit().map_err(unavailable)?;
+        Ok(next)
     }
 }
 
@@ -687,38 +787,37 @@ impl Store for DiskStore {
     }
 
     fn expire(&mut self, now_ms: u64) -> Result<u64, StoreError> {
-        let mut dropped = 0;
-        // fjall iterators read a snapshot: the writes below do not disturb it.
-        for kv in self.inboxes.iter() {
-            let (uk, v) = kv.into_inner().map_err(unavailable)?;
-            let (user, _) = str8(&uk)?;
-            let user = user.to_string();
-            let state = match self.cache.get(&uk[..]) {
-                Some(c) => c.clone(),
-                None => self.caught_up(&uk, Some(InboxRec::decode(&v)?))?,
-            };
-            dropped += self.expire_user(&uk, &user, state, now_ms)?;
-        }
-        let window = self.limits.dedup_window_ms;
-        let mut batch = self.db.batch();
-        for kv in self.dedup_time.iter() {
-            if batch.len() >= EXPIRE_BATCH_WRITES {
-                std::mem::replace(&mut batch, self.db.batch()).commit().map_err(unavailable)?;
-            }
-            let k = kv.key().map_err(unavailable)?;
-            if !expired(u64_at(&k, 0)?, window, now_ms) {
-                break;
-            }
-            let dk = &k[8..];
-            // Only the entry this time key was written with.
-            if let Some(v) = self.dedup.get(dk).map_err(unavailable)? {
-                if v.get(16..24) == k.get(..8) {
-                    batch.remove(&self.dedup, dk.to_vec());
-                }
-            }
-            batch.remove(&self.dedup_time, k.to_vec());
-        }
-        batch.commit().map_err(unavailable)?;
+        // A whole pass from the start, whatever a sliced one had done.
+        self.expire_at = None;
+        let (dropped, done) = self.expire_slice(now_ms, usize::MAX)?;
+        debug_assert!(done, "an unbounded slice is the whole pass");
         Ok(dropped)
+    }
+
+    fn expire_slice(&mut self, now_ms: u64, budget: usize) -> Result<(u64, bool), StoreError> {
+        let budget = budget.max(1);
+        // Taken: a slice that fails leaves no pass under way, and the
+        // next one starts from the beginning.
+        let at = self.expire_at.take().unwrap_or(ExpireAt::Users(Bound::Unbounded));
+        let (mut dropped, mut spent) = (0, 0);
+        let dedup_from = match at {
+            ExpireAt::Users(from) => {
+                let next;
+                (dropped, spent, next) = self.expire_users(from, now_ms, budget)?;
+                if let Some(next) = next {
+                    self.expire_at = Some(ExpireAt::Users(next));
+                    return Ok((dropped, false));
+                }
+                Bound::Unbounded
+            }
+            ExpireAt::Dedup(from) => from,
+        };
+        match self.expire_dedup(dedup_from, now_ms, budget.saturating_sub(spent).max(1))? {
+            Some(next) => {
+                self.expire_at = Some(ExpireAt::Dedup(next));
+                Ok((dropped, false))
+            }
+            None => Ok((dropped, true)),
+        }
     }
 }

@@ -154,6 +154,18 @@ pub trait Store: Send + 'static {
     /// device has acknowledged (only if the user has ≥1 known device), devices
     /// unseen for ttl, dedup entries older than the window. Returns messages dropped.
     fn expire(&mut self, now_ms: u64) -> Result<u64, StoreError>;
+    /// The retention pass in slices: goes on with the pass under way (or
+    /// starts one), does about `budget` units of work (a user looked at, a
+    /// message or dedup entry dropped: one unit each, at least one), and
+    /// returns the messages it dropped and whether the pass is over. The
+    /// store thread runs one slice per turn, so that the writes and reads
+    /// queued meanwhile are served between slices instead of after a whole
+    /// pass. What a pass drops is what `expire` drops, each user judged as
+    /// of the slice that looks at it. The default runs the whole pass at
+    /// once (a backend whose pass is short).
+    fn expire_slice(&mut self, now_ms: u64, _budget: usize) -> Result<(u64, bool), StoreError> {
+        self.expire(now_ms).map(|n| (n, true))
+    }
     /// Messages and bytes (as [`record_bytes`]) kept over all inboxes
     /// now: kept until every known device of the user acknowledged them
     /// (or they expired) and a retention pass dropped them. Cheap: a
