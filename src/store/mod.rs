@@ -161,8 +161,10 @@ pub trait Store: Send + 'static {
     /// store thread runs one slice per turn, so that the writes and reads
     /// queued meanwhile are served between slices instead of after a whole
     /// pass. What a pass drops is what `expire` drops, each user judged as
-    /// of the slice that looks at it. The default runs the whole pass at
-    /// once (a backend whose pass is short).
+    /// of the slice that looks at it. The Redis store goes one round of its
+    /// pass per slice, whatever the budget (its work is done in Redis; the
+    /// thread waits for two round trips). The default runs the whole pass
+    /// at once (the memory store, whose pass is in RAM).
     fn expire_slice(&mut self, now_ms: u64, _budget: usize) -> Result<(u64, bool), StoreError> {
         self.expire(now_ms).map(|n| (n, true))
     }

@@ -507,6 +507,24 @@ pub struct RedisStore {
     link: Option<Link>,
     totals: Totals,
     durability: Option<Durability>,
+    /// The retention pass under way, if it runs in slices.
+    expire_at: Option<ExpireAt>,
+}
+
+/// Where a retention pass run in slices goes on: a chunk of
+/// [`EXPIRE_SLOTS_PER_ROUND`] slots, the slots of it that had due users
+/// in the last round, and the rounds it took so far.
+struct ExpireAt {
+    chunk_start: usize,
+    slots: Vec<u16>,
+    rounds: u32,
+}
+
+impl ExpireAt {
+    fn chunk(chunk_start: usize) -> Self {
+        let slots = (chunk_start..(chunk_start + EXPIRE_SLOTS_PER_ROUND).min(SLOTS)).map(|s| s as u16).collect();
+        ExpireAt { chunk_start, slots, rounds: 0 }
+    }
 }
 
 fn unavailable(what: impl std::fmt::Display) -> StoreError {
@@ -559,6 +577,7 @@ impl RedisStore {
             link: None,
             totals: Totals::default(),
             durability: None,
+            expire_at: None,
         };
         // A node starts without Redis: it serves its own connections, and
         // stored messages are refused (ERROR 115) until Redis answers; the
@@ -965,6 +984,27 @@ impl RedisStore {
     }
 
     /// The expire script for `tag` in `slot`.
+    /// The users of `slots` whose index score is due by `now_ms`, at most
+    /// [`EXPIRE_USERS_PER_SLOT`] per slot, in slot order: one pipeline.
+    fn due_users(&mut self, slots: &[u16], now_ms: u64) -> Result<Vec<(u16, String)>, StoreError> {
+        let ops: Vec<Op> = slots
+            .iter()
+            .map(|&slot| {
+                let mut cmd = redis::cmd("ZRANGEBYSCORE");
+                cmd.arg(self.index_keys(slot).0).arg("-inf").arg(now_ms).arg("LIMIT").arg(0).arg(EXPIRE_USERS_PER_SLOT);
+                Op { slot, tag: None, cmd }
+            })
+            .collect();
+        let mut due = Vec::new();
+        for (r, &slot) in self.run(ops).into_iter().zip(slots) {
+            let Value::Array(tags) = r? else { return Err(protocol("index")) };
+            for t in tags {
+                due.push((slot, String::from_utf8_lossy(bytes_of(&t)?).into_owned()));
+            }
+        }
+        Ok(due)
+    }
+
     fn expire_op(&self, slot: u16, tag: &str, now_ms: u64) -> Result<Op, StoreError> {
         let user = tag_user(tag).ok_or_else(|| protocol(format!("index member {tag:?} is not a user tag")))?;
         let (ix, ib) = self.index_keys(slot);
@@ -1214,57 +1254,61 @@ impl Store for RedisStore {
     /// runs the retention script for each, in rounds of 512 slots, then
     /// sums the totals again.
     fn expire(&mut self, now_ms: u64) -> Result<u64, StoreError> {
-        let mut dropped = 0u64;
-        for chunk_start in (0..SLOTS).step_by(EXPIRE_SLOTS_PER_ROUND) {
-            let mut slots: Vec<u16> = (chunk_start..chunk_start + EXPIRE_SLOTS_PER_ROUND).map(|s| s as u16).collect();
-            // Rounds until no slot of the chunk has a due user; each script
-            // leaves its user due only if it hit EXPIRE_MAX_DROP_PER_CALL.
-            let mut rounds = 0u32;
-            while !slots.is_empty() {
-                rounds += 1;
-                if rounds > EXPIRE_MAX_ROUNDS {
-                    tracing::warn!("retention: slots {chunk_start}.. still have due users after {EXPIRE_MAX_ROUNDS} rounds; the next pass goes on");
-                    break;
-                }
-                let ops: Vec<Op> = slots
-                    .iter()
-                    .map(|&slot| {
-                        let mut cmd = redis::cmd("ZRANGEBYSCORE");
-                        cmd.arg(self.index_keys(slot).0)
-                            .arg("-inf")
-                            .arg(now_ms)
-                            .arg("LIMIT")
-                            .arg(0)
-                            .arg(EXPIRE_USERS_PER_SLOT);
-                        Op { slot, tag: None, cmd }
-                    })
-                    .collect();
-                let mut due: Vec<(u16, String)> = Vec::new();
-                for (r, &slot) in self.run(ops).into_iter().zip(&slots) {
-                    let Value::Array(tags) = r? else { return Err(protocol("index")) };
-                    for t in tags {
-                        due.push((slot, String::from_utf8_lossy(bytes_of(&t)?).into_owned()));
-                    }
-                }
-                if due.is_empty() {
-                    break;
-                }
-                slots = due.iter().map(|(s, _)| *s).collect();
-                slots.dedup();
-                let ops = due.iter().map(|(slot, tag)| self.expire_op(*slot, tag, now_ms)).collect::<Result<_, _>>()?;
-                for r in self.run(ops) {
-                    let Value::Array(a) = r? else { return Err(protocol("expire")) };
-                    let (n, bytes) = (int(a.first())?, int(a.get(1))?);
-                    dropped += n;
-                    self.totals.delta_messages -= n as i64;
-                    self.totals.delta_bytes -= bytes as i64;
-                }
+        // A whole pass from the first slot, whatever a sliced one had done.
+        self.expire_at = None;
+        let mut dropped = 0;
+        loop {
+            let (n, over) = self.expire_slice(now_ms, usize::MAX)?;
+            dropped += n;
+            if over {
+                return Ok(dropped);
             }
         }
-        if let Err(e) = self.refresh_totals() {
-            tracing::warn!("summing the Redis store's totals after retention failed: {e}");
+    }
+
+    /// One round of the pass, whatever the budget: the due users of the
+    /// chunk's slots that had some in the last round (one pipeline), and
+    /// a retention script for each (one more). A round's work is bounded
+    /// by the index reads ([`EXPIRE_USERS_PER_SLOT`]) and each script
+    /// ([`EXPIRE_MAX_DROP_PER_CALL`]); the store thread waits only for the
+    /// two round trips, and serves what was queued before the next.
+    fn expire_slice(&mut self, now_ms: u64, _budget: usize) -> Result<(u64, bool), StoreError> {
+        // Taken: a round that fails leaves no pass under way.
+        let mut at = self.expire_at.take().unwrap_or_else(|| ExpireAt::chunk(0));
+        let mut dropped = 0u64;
+        at.rounds += 1;
+        let due = if at.rounds > EXPIRE_MAX_ROUNDS {
+            let (start, max) = (at.chunk_start, EXPIRE_MAX_ROUNDS);
+            tracing::warn!("retention: slots {start}.. still have due users after {max} rounds; the next pass goes on");
+            Vec::new()
+        } else {
+            self.due_users(&at.slots, now_ms)?
+        };
+        if due.is_empty() {
+            let next = at.chunk_start + EXPIRE_SLOTS_PER_ROUND;
+            if next < SLOTS {
+                self.expire_at = Some(ExpireAt::chunk(next));
+                return Ok((0, false));
+            }
+            if let Err(e) = self.refresh_totals() {
+                tracing::warn!("summing the Redis store's totals after retention failed: {e}");
+            }
+            return Ok((0, true));
         }
-        Ok(dropped)
+        // Each script leaves its user due only if it hit
+        // EXPIRE_MAX_DROP_PER_CALL: the next round looks at those slots.
+        at.slots = due.iter().map(|(s, _)| *s).collect();
+        at.slots.dedup();
+        let ops = due.iter().map(|(slot, tag)| self.expire_op(*slot, tag, now_ms)).collect::<Result<_, _>>()?;
+        for r in self.run(ops) {
+            let Value::Array(a) = r? else { return Err(protocol("expire")) };
+            let (n, bytes) = (int(a.first())?, int(a.get(1))?);
+            dropped += n;
+            self.totals.delta_messages -= n as i64;
+            self.totals.delta_bytes -= bytes as i64;
+        }
+        self.expire_at = Some(at);
+        Ok((dropped, false))
     }
 
     /// The whole shared store's messages and bytes as this process knows

@@ -1631,18 +1631,33 @@ impl Sink<u64> for SeesExpired {
 fn service_answers_appends_while_a_retention_pass_drops_a_backlog() {
     let dir = TempDir::new("slices");
     let store = DiskStore::open(&dir.0, Durability::Os, StoreLimits::default()).unwrap();
+    appends_are_answered_while_a_pass_drops(Box::new(store), 40 * service::EXPIRE_SLICE as u64);
+}
+
+/// The same over a Redis store, whose pass goes one round of scripts at a
+/// time, each dropping at most `EXPIRE_MAX_DROP_PER_CALL` of a user's
+/// messages.
+#[test]
+fn service_over_a_redis_store_answers_appends_while_a_retention_pass_drops_a_backlog() {
+    let RedisOne { store, server: _server, .. } = RedisOne::new(AppendFsync::No, StoreLimits::default());
+    appends_are_answered_while_a_pass_drops(Box::new(store.unwrap()), 20 * redis::EXPIRE_MAX_DROP_PER_CALL);
+}
+
+/// Appends `n` messages to a user with a device, acknowledges them, then
+/// appends to another user one at a time until a retention pass has
+/// dropped the `n`: some of those appends must be answered mid-pass.
+fn appends_are_answered_while_a_pass_drops(store: Box<dyn Store>, n: u64) {
     let seen = Arc::new(std::sync::OnceLock::new());
     let (tx, rx) = mpsc::channel();
     let sink = SeesExpired { counters: seen.clone(), tx: Mutex::new(tx) };
     let c = ServiceConfig { expire_interval: Duration::from_millis(100), ..cfg(65_536) };
-    let service = Service::start(Box::new(store), sink, c).unwrap();
+    let service = Service::start(store, sink, c).unwrap();
     seen.set(service.counters().clone()).unwrap();
     let answer = || rx.recv_timeout(Duration::from_secs(30)).expect("an answer within 30 s");
     let (alice, phone): (Arc<str>, Arc<str>) = ("alice".into(), "phone".into());
     service.try_submit(0, Request::DeviceLogin { user: alice.clone(), device: phone.clone(), client_seq: 0 }).unwrap();
     assert!(matches!(answer().1, Done::DeviceLogin(Ok((0, 0)))));
     // Passes before the ACK drop nothing: the device has not acknowledged.
-    let n = 40 * service::EXPIRE_SLICE as u64;
     for i in 1..=n {
         while service.try_submit(i, append_req("alice", i)).is_err() {
             std::thread::sleep(Duration::from_millis(1));
