@@ -66,6 +66,10 @@
 //! [`Durability::Os`] a thread of the store starts the journal's writeback
 //! every few milliseconds (`writeback.rs`), so that the journal sync fjall
 //! does at each flush, while every write waits, has little left to write.
+//! With either durability another thread holds a reference to each
+//! memtable and frees it once fjall has let it go (`reaper.rs`), so that
+//! fjall does not free it while it holds the lock every write of that
+//! keyspace takes.
 //!
 //! RAM: nothing per user beyond a bounded cache. The store keeps one
 //! counter (bytes kept, summed from `inboxes` at open, so opening reads
@@ -336,6 +340,9 @@ pub struct DiskStore {
     /// With [`Durability::Os`], the thread that starts the journal's
     /// writeback (`writeback.rs`: why).
     _writeback: Option<super::writeback::JournalWriteback>,
+    /// The thread that frees flushed memtables outside fjall's locks
+    /// (`reaper.rs`: why).
+    _reaper: Option<super::reaper::MemtableReaper>,
     /// The retention pass under way, if it runs in slices.
     expire_at: Option<ExpireAt>,
 }
@@ -346,6 +353,12 @@ impl DiskStore {
     /// the bytes kept.
     pub fn open(path: impl AsRef<Path>, durability: Durability, limits: StoreLimits) -> Result<Self, StoreError> {
         Self::open_with_buffer(path, durability, limits, WRITE_BUFFER_MIB << 20)
+    }
+
+    /// Flushed memtables the reaper thread has freed (`reaper.rs`).
+    #[cfg(test)]
+    pub(super) fn memtables_reaped(&self) -> u64 {
+        self._reaper.as_ref().map_or(0, |r| r.freed())
     }
 
     /// [`DiskStore::open`] with a write buffer of `write_buffer_bytes`
@@ -377,6 +390,13 @@ impl DiskStore {
         };
         let (heads, inboxes, msgs, dedup, dedup_time) =
             (ks("heads")?, ks("inboxes")?, ks("msgs")?, ks("dedup")?, ks("dedup_time")?);
+        let reaper = super::reaper::MemtableReaper::start(vec![
+            heads.clone(),
+            inboxes.clone(),
+            msgs.clone(),
+            dedup.clone(),
+            dedup_time.clone(),
+        ]);
         let mut store = DiskStore {
             db,
             heads,
@@ -394,6 +414,7 @@ impl DiskStore {
                 Durability::Os => super::writeback::JournalWriteback::start(path),
                 Durability::Fsync => None,
             },
+            _reaper: reaper,
             expire_at: None,
         };
         for kv in store.inboxes.iter() {

@@ -1562,6 +1562,35 @@ fn the_journal_writeback_finds_the_journal_fjall_writes_and_stops_with_the_store
     d.store.take();
 }
 
+/// The reaper (reaper.rs) must end up freeing the memtables fjall has
+/// flushed: if fjall stopped giving out its memtables through
+/// `Keyspace::tree`, or kept them forever, it would free none and the
+/// stalls it removes would be back unnoticed.
+#[test]
+fn the_memtable_reaper_frees_the_memtables_fjall_flushed() {
+    let dir = TempDir::new("reaper");
+    // 1 MiB write buffers: 4 MiB of messages rotate and flush `msgs` a few
+    // times; every rotation lets go of the versions before it.
+    let mut store = DiskStore::open_with_buffer(&dir.0, Durability::Os, StoreLimits::default(), 1 << 20).unwrap();
+    let payload = "x".repeat(200);
+    let t = std::time::Instant::now();
+    let mut i = 0u64;
+    while store.memtables_reaped() == 0 {
+        assert!(t.elapsed() < Duration::from_secs(60), "no memtable freed by the reaper after {i} appends");
+        for _ in 0..1_000 {
+            i += 1;
+            store.append(&msg(&format!("u{}", i % 100), "app", i, 1, &payload, 0), 1).unwrap();
+        }
+        store.sync().unwrap();
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // Closing the store joins the thread (a thread that did not stop would
+    // hang the test here), and the directory opens again.
+    drop(store);
+    let mut again = DiskStore::open(&dir.0, Durability::Os, StoreLimits::default()).unwrap();
+    assert_eq!(again.inbox_state("u1").unwrap().head_seq, i / 100);
+}
+
 #[test]
 fn the_journal_writeback_follows_the_newest_journal_file() {
     let dir = TempDir::new("writeback");
