@@ -25,6 +25,7 @@ use thiserror::Error;
 
 pub mod disk;
 pub mod memory;
+mod periodic;
 mod reaper;
 pub mod redis;
 pub mod service;

@@ -30,22 +30,21 @@
 //! version of fjall stops giving them out this way.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{channel, RecvTimeoutError, Sender};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use fjall::{AbstractTree, Keyspace};
+
+use super::periodic::Periodic;
 
 /// Time between two looks at the keyspaces' active memtables: a memtable
 /// that is active for less than this may be freed by fjall, as before.
 pub const INTERVAL: Duration = Duration::from_millis(25);
 
 /// The running reaper; dropping it stops it (within a turn) and frees
-/// what it holds on the calling thread.
+/// what it holds.
 pub struct MemtableReaper {
-    stop: Option<Sender<()>>,
-    thread: Option<JoinHandle<()>>,
+    thread: Option<Periodic>,
     freed: Arc<AtomicU64>,
 }
 
@@ -53,29 +52,23 @@ impl MemtableReaper {
     /// Starts the thread for `keyspaces`. `None` if the thread cannot be
     /// started (the store works without it, with the stalls above).
     pub fn start(keyspaces: Vec<Keyspace>) -> Option<Self> {
-        let (tx, rx) = channel::<()>();
         let freed = Arc::new(AtomicU64::new(0));
         let counter = freed.clone();
-        let thread = std::thread::Builder::new()
-            .name("switchboard-reap".into())
-            .spawn(move || {
-                // Type-erased: fjall does not name the memtable type.
-                let mut held: Vec<Arc<dyn Send + Sync>> = Vec::new();
-                while let Err(RecvTimeoutError::Timeout) = rx.recv_timeout(INTERVAL) {
-                    for ks in &keyspaces {
-                        let active: Arc<dyn Send + Sync> = ks.tree.active_memtable();
-                        if !held.iter().any(|m| Arc::ptr_eq(m, &active)) {
-                            held.push(active);
-                        }
-                    }
-                    let before = held.len();
-                    // The last holder: fjall flushed it and let it go.
-                    held.retain(|m| Arc::strong_count(m) > 1);
-                    counter.fetch_add((before - held.len()) as u64, Ordering::Relaxed);
+        // Type-erased: fjall does not name the memtable type.
+        let mut held: Vec<Arc<dyn Send + Sync>> = Vec::new();
+        let thread = Periodic::start("switchboard-reap", INTERVAL, move || {
+            for ks in &keyspaces {
+                let active: Arc<dyn Send + Sync> = ks.tree.active_memtable();
+                if !held.iter().any(|m| Arc::ptr_eq(m, &active)) {
+                    held.push(active);
                 }
-            })
-            .ok()?;
-        Some(MemtableReaper { stop: Some(tx), thread: Some(thread), freed })
+            }
+            let before = held.len();
+            // The last holder: fjall flushed it and let it go.
+            held.retain(|m| Arc::strong_count(m) > 1);
+            counter.fetch_add((before - held.len()) as u64, Ordering::Relaxed);
+        })?;
+        Some(MemtableReaper { thread: Some(thread), freed })
     }
 
     /// Memtables this thread has freed so far (the test that guards it).
@@ -87,10 +80,7 @@ impl MemtableReaper {
 
 impl Drop for MemtableReaper {
     fn drop(&mut self) {
-        drop(self.stop.take());
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        drop(self.thread.take()); // joins it
         tracing::debug!(memtables = self.freed.load(Ordering::Relaxed), "memtable reaper stopped");
     }
 }

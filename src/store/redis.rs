@@ -983,7 +983,6 @@ impl RedisStore {
         r
     }
 
-    /// The expire script for `tag` in `slot`.
     /// The users of `slots` whose index score is due by `now_ms`, at most
     /// [`EXPIRE_USERS_PER_SLOT`] per slot, in slot order: one pipeline.
     fn due_users(&mut self, slots: &[u16], now_ms: u64) -> Result<Vec<(u16, String)>, StoreError> {
@@ -1005,6 +1004,7 @@ impl RedisStore {
         Ok(due)
     }
 
+    /// The expire script for `tag` in `slot`.
     fn expire_op(&self, slot: u16, tag: &str, now_ms: u64) -> Result<Op, StoreError> {
         let user = tag_user(tag).ok_or_else(|| protocol(format!("index member {tag:?} is not a user tag")))?;
         let (ix, ib) = self.index_keys(slot);

@@ -28,9 +28,9 @@
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{channel, RecvTimeoutError, Sender};
-use std::thread::JoinHandle;
 use std::time::Duration;
+
+use super::periodic::Periodic;
 
 /// Time between two requests to start writeback: at 30,000 msgs/s about
 /// 200 KB of journal each.
@@ -38,8 +38,7 @@ pub const INTERVAL: Duration = Duration::from_millis(25);
 
 /// The running writeback thread; dropping it stops it (within a turn).
 pub struct JournalWriteback {
-    stop: Option<Sender<()>>,
-    thread: Option<JoinHandle<()>>,
+    _thread: Periodic,
 }
 
 impl JournalWriteback {
@@ -47,33 +46,18 @@ impl JournalWriteback {
     /// thread cannot be started (the store works without it, with the
     /// stalls above).
     pub fn start(dir: &Path) -> Option<Self> {
-        let (tx, rx) = channel::<()>();
         let dir = dir.to_path_buf();
-        let thread = std::thread::Builder::new()
-            .name("switchboard-wb".into())
-            .spawn(move || {
-                let mut current: Option<(PathBuf, File)> = None;
-                while let Err(RecvTimeoutError::Timeout) = rx.recv_timeout(INTERVAL) {
-                    let Some(newest) = newest_journal(&dir) else { continue };
-                    if current.as_ref().is_none_or(|(p, _)| *p != newest) {
-                        current = File::open(&newest).ok().map(|f| (newest, f));
-                    }
-                    if let Some((_, f)) = &current {
-                        start_writeback(f);
-                    }
-                }
-            })
-            .ok()?;
-        Some(JournalWriteback { stop: Some(tx), thread: Some(thread) })
-    }
-}
-
-impl Drop for JournalWriteback {
-    fn drop(&mut self) {
-        drop(self.stop.take());
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        let mut current: Option<(PathBuf, File)> = None;
+        let thread = Periodic::start("switchboard-wb", INTERVAL, move || {
+            let Some(newest) = newest_journal(&dir) else { return };
+            if current.as_ref().is_none_or(|(p, _)| *p != newest) {
+                current = File::open(&newest).ok().map(|f| (newest, f));
+            }
+            if let Some((_, f)) = &current {
+                start_writeback(f);
+            }
+        })?;
+        Some(JournalWriteback { _thread: thread })
     }
 }
 
