@@ -247,7 +247,7 @@ pub fn fixed_memory(config: &Config, workers: usize) -> Vec<(&'static str, u64)>
     }
     match config.store.kind {
         StoreKind::Disk => v.push((
-            "disk store write buffers and caches (3 x store.write_buffer_mib x 4 keyspaces, + caches)",
+            "disk store write buffers and caches (3 x store.write_buffer_mib x 4 keyspaces, + caches, + hot messages)",
             crate::store::disk::ram_budget(config.store.write_buffer_mib),
         )),
         StoreKind::Memory => v.push(("memory store messages (store.max_bytes)", config.store.max_bytes)),

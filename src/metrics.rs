@@ -389,7 +389,11 @@ impl Collector for Live {
             f.counter("switchboard_store_errors", "Store requests that failed with an I/O error.", get(&s.errors))?;
             f.counter("switchboard_store_busy", "Store requests refused because its queue was full.", get(&s.busy))?;
             f.counter("switchboard_store_reads", "Inbox pages read.", get(&s.reads))?;
-            f.counter("switchboard_store_expired", "Messages dropped by retention passes.", get(&s.expired))?;
+            f.counter(
+                "switchboard_store_expired",
+                "Messages dropped by retention passes (not those the hot log drops as acknowledged in time).",
+                get(&s.expired),
+            )?;
             f.gauge(
                 "switchboard_store_queue_depth",
                 "Store requests queued, not yet taken by the store thread.",
@@ -397,8 +401,9 @@ impl Collector for Live {
             )?;
             f.gauge(
                 "switchboard_store_pending_messages",
-                "Messages held in inboxes (stored, not yet dropped by a retention pass after every known device \
-                 acknowledged them or they expired), as of the store's last batch.",
+                "Messages held in inboxes (stored, not yet dropped by a retention pass, or by the disk store's \
+                 hot log, after every known device acknowledged them or they expired), as of the store's last \
+                 batch.",
                 get(&s.held_messages) as i64,
             )?;
             f.gauge(

@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 pub mod disk;
+mod hotlog;
 pub mod memory;
 mod periodic;
 mod reaper;
@@ -186,7 +187,9 @@ pub trait Store: Send + 'static {
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Durability {
-    /// Survives power loss: `sync` is an `fdatasync` of the journal.
+    /// Survives power loss: `sync` is an `fdatasync` of the journal (the
+    /// disk store's hot log; device positions and logins, in fjall's
+    /// journal, within a second after: `disk.rs`).
     Fsync,
     /// Survives a crash of the process, not of the machine: `sync` hands the
     /// journal to the kernel (a `write`), without waiting for the disk.

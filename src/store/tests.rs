@@ -2,6 +2,7 @@
 //! property test against a model, and the store thread's behaviour.
 
 use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex};
@@ -10,6 +11,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use proptest::prelude::*;
 
+use super::hotlog::{file_of, HotLog, Logged, Recovered};
 use super::redis::{presence_key, user_key};
 use super::*;
 use crate::config::RedisAddrs;
@@ -545,6 +547,68 @@ struct Model {
     dedup: HashMap<(String, String, u64), (u64, u64, u64)>,
     /// Dedup per recipient (the Redis store).
     dedup_per_recipient: bool,
+    /// The disk store's hot tier (hotlog.rs), if the subject has one.
+    hot: Option<HotModel>,
+}
+
+/// What the disk store's hot tier does that a store without one does not
+/// (hotlog.rs): an append first resolves, oldest first, up to 8 of the
+/// messages appended [`super::hotlog::EPOCH_MS`] or more before it
+/// (entries of messages a pass resolved count too): each is dropped if
+/// every known device of its user has acknowledged it, kept otherwise; a
+/// retention pass first does the same with every hot message; a restart
+/// keeps them all.
+#[derive(Default)]
+struct HotModel {
+    /// (user, seq) → the time of the append, of each hot message.
+    msgs: BTreeMap<(String, u64), u64>,
+    /// (user, seq, time of the append) in append order.
+    order: std::collections::VecDeque<(String, u64, u64)>,
+}
+
+impl Model {
+    fn with_hot_tier() -> Self {
+        Model { hot: Some(HotModel::default()), ..Model::default() }
+    }
+
+    /// Resolves hot message `key` if it still is one; returns whether it
+    /// was dropped.
+    fn resolve_one(&mut self, key: &(String, u64)) -> bool {
+        let Some(hot) = &mut self.hot else { return false };
+        if hot.msgs.remove(key).is_none() {
+            return false;
+        }
+        let acked = self.devices.get(&key.0).and_then(|d| d.values().map(|d| d.0).min()).unwrap_or(0);
+        key.1 <= acked && self.msgs.remove(key).is_some()
+    }
+
+    /// A retention pass's first step: resolves every hot message; returns
+    /// how many it dropped.
+    fn resolve_all(&mut self) -> u64 {
+        let Some(hot) = &mut self.hot else { return 0 };
+        hot.order.clear();
+        let keys: Vec<(String, u64)> = hot.msgs.keys().cloned().collect();
+        keys.iter().map(|k| u64::from(self.resolve_one(k))).sum()
+    }
+
+    /// An append's first step.
+    fn rotate_if_due(&mut self, now: u64) {
+        for _ in 0..8 {
+            let Some(hot) = &mut self.hot else { return };
+            match hot.order.front() {
+                Some(&(_, _, at)) if at + super::hotlog::EPOCH_MS <= now => {}
+                _ => return,
+            }
+            let (user, seq, _) = hot.order.pop_front().expect("a front");
+            self.resolve_one(&(user, seq));
+        }
+    }
+
+    fn restart(&mut self) {
+        if let Some(hot) = &mut self.hot {
+            *hot = HotModel::default();
+        }
+    }
 }
 
 impl Model {
@@ -557,6 +621,7 @@ impl Model {
     }
 
     fn append(&mut self, l: &StoreLimits, m: &NewMessage, now: u64) -> Result<Appended, StoreError> {
+        self.rotate_if_due(now);
         let to = if self.dedup_per_recipient { m.to.to_string() } else { String::new() };
         let key = (to, m.from.to_string(), m.client_id);
         if m.client_id != 0 {
@@ -579,6 +644,10 @@ impl Model {
         let stored =
             StoredMessage { seq, msg_id: m.msg_id, ts_ms: m.ts_ms, from: m.from.clone(), payload: m.payload.clone() };
         self.msgs.insert((m.to.to_string(), seq), stored);
+        if let Some(hot) = &mut self.hot {
+            hot.msgs.insert((m.to.to_string(), seq), now);
+            hot.order.push_back((m.to.to_string(), seq, now));
+        }
         if m.client_id != 0 {
             self.dedup.insert(key, (seq, m.msg_id, now));
         }
@@ -623,7 +692,7 @@ impl Model {
     }
 
     fn expire(&mut self, l: &StoreLimits, now: u64) -> u64 {
-        let mut dropped = 0;
+        let mut dropped = self.resolve_all();
         for (user, devices) in self.devices.iter_mut() {
             devices.retain(|_, (_, seen)| now < *seen + l.ttl_ms);
             let acked = devices.values().map(|d| d.0).min().unwrap_or(0);
@@ -766,7 +835,9 @@ fn against_a_model(
                 prop_assert_eq!(dropped, model.expire(&limits, now), "op {}", i);
             }
             Op::Restart => {
-                subject.restart();
+                if subject.restart() {
+                    model.restart();
+                }
             }
         }
     }
@@ -798,7 +869,7 @@ proptest! {
 
     #[test]
     fn disk_store_behaves_as_the_model(ops in proptest::collection::vec(op(), 1..80)) {
-        against_the_model(make_disk_os(model_limits()), model_limits(), &ops)?;
+        against_a_model(make_disk_os(model_limits()), model_limits(), &ops, Model::with_hot_tier())?;
     }
 
     /// The same with a cache of one user, so that every other operation
@@ -806,7 +877,7 @@ proptest! {
     #[test]
     fn disk_store_with_a_one_user_cache_behaves_as_the_model(ops in proptest::collection::vec(op(), 1..80)) {
         let subject = Box::new(Disk::with_cache(Durability::Os, model_limits(), 1));
-        against_the_model(subject, model_limits(), &ops)?;
+        against_a_model(subject, model_limits(), &ops, Model::with_hot_tier())?;
     }
 }
 
@@ -1602,15 +1673,18 @@ fn the_journal_writeback_follows_the_newest_journal_file() {
     assert_eq!(writeback::newest_journal(&dir.0), Some(dir.0.join("10.jnl")), "numbers, not names, decide");
 }
 
-/// An append writes its user's `inboxes` record only every `RECORD_LAG`
-/// messages (disk.rs): the messages appended after it must count all the
-/// same, on a cache miss, after a restart and in the retention pass.
+/// A message written into `msgs` writes its user's `inboxes` record only
+/// every `RECORD_LAG` messages (disk.rs): the messages written after it
+/// must count all the same, on a cache miss, after a restart and in the
+/// retention pass. (No room for hot messages: each append writes the one
+/// before it into `msgs`.)
 #[test]
 fn disk_records_lagging_their_messages_count_them_after_a_cache_miss_a_restart_and_retention() {
     let ttl_ms = 1_000;
     let n = 2 * disk::RECORD_LAG + 5;
     // Two users and a cache of one: every append is a cache miss.
     let mut d = Disk::with_cache(Durability::Os, StoreLimits { ttl_ms, ..StoreLimits::default() }, 1);
+    d.store.as_mut().unwrap().set_hot_max_bytes(0);
     for i in 1..=n {
         for user in ["alice", "carol"] {
             assert_eq!(d.store().append(&msg(user, "bob", i, 1, "hello", 0), 1).unwrap(), Appended::New { seq: i });
@@ -1737,6 +1811,9 @@ fn disk_retention_in_slices_resumes_inside_a_user_and_keeps_what_arrives_between
         }
         d.store().set_position(user, "phone", 10, T0).unwrap();
     }
+    // The messages leave the hot log for `msgs` (at open), where the
+    // pass walks them user by user.
+    assert!(d.restart());
     // ann: one unit to look at her, three messages dropped; her other
     // seven wait for the next slice.
     assert_eq!(d.store().expire_slice(T0, 4).unwrap(), (3, false));
@@ -1775,4 +1852,182 @@ fn disk_retention_in_slices_resumes_inside_a_user_and_keeps_what_arrives_between
     d.store().set_position("ann", "phone", 11, T0).unwrap();
     assert_eq!(d.store().expire(T0).unwrap(), 2, "ann's message and cyd's");
     assert_eq!(d.store().held(), (0, 0));
+}
+
+// The hot log's file format (hotlog.rs).
+
+fn logged(seq: u64, to: &str, payload: &[u8]) -> Logged {
+    Logged {
+        seq,
+        msg_id: seq * 10,
+        ts_ms: 7,
+        appended_ms: 8,
+        client_id: 9,
+        to: to.into(),
+        from: "app".into(),
+        payload: payload.to_vec(),
+    }
+}
+
+#[test]
+fn a_log_reads_back_what_was_flushed_and_stops_at_a_torn_tail() {
+    let dir = TempDir::new("hotlog");
+    let (mut log, found, files) = HotLog::open(&dir.0, false).unwrap();
+    assert!(found.is_empty() && files.is_empty());
+    log.append(logged(1, "ann", b"one").entry());
+    log.append(logged(2, "ben", b"").entry());
+    log.flush().unwrap();
+    log.rotate().unwrap();
+    log.append_head("ben", 7);
+    log.append(logged(3, "ann", b"three").entry());
+    log.flush().unwrap();
+    log.append(logged(4, "ann", b"never flushed").entry());
+    drop(log);
+    // A write cut short: half a record at the end of the newest file.
+    let newest = file_of(&dir.0.join("hot"), 1);
+    let mut f = std::fs::OpenOptions::new().append(true).open(&newest).unwrap();
+    f.write_all(&[20, 0, 0, 0, 1, 2]).unwrap();
+    drop(f);
+    let (log, found, files) = HotLog::open(&dir.0, false).unwrap();
+    let m = |l| Recovered::Message(l);
+    let want = vec![
+        m(logged(1, "ann", b"one")),
+        m(logged(2, "ben", b"")),
+        Recovered::Head { to: "ben".into(), head: 7 },
+        m(logged(3, "ann", b"three")),
+    ];
+    assert_eq!(found, want);
+    assert_eq!(files, vec![0, 1]);
+    log.drop_recovered(&files).unwrap();
+    let (_, found, files) = HotLog::open(&dir.0, false).unwrap();
+    assert!(found.is_empty(), "the recovered files are gone");
+    assert_eq!(files, vec![2], "only the empty file the last open started");
+}
+
+#[test]
+fn a_record_that_fails_its_checksum_ends_the_file() {
+    let dir = TempDir::new("hotlog-crc");
+    let (mut log, _, _) = HotLog::open(&dir.0, true).unwrap();
+    log.append(logged(1, "ann", b"kept").entry());
+    log.append(logged(2, "ann", b"flipped").entry());
+    log.flush().unwrap();
+    drop(log);
+    let path = file_of(&dir.0.join("hot"), 0);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(&path, bytes).unwrap();
+    let (_, found, _) = HotLog::open(&dir.0, true).unwrap();
+    assert_eq!(found, vec![Recovered::Message(logged(1, "ann", b"kept"))]);
+}
+
+/// The disk store's hot tier (hotlog.rs): a message every device of its
+/// user acknowledged within an epoch is dropped without being written to
+/// fjall, one that is not is written there; the head never goes back,
+/// even for a user whose last messages were dropped that way and whose
+/// cache entry is dropped (a one-user cache), nor through a restart.
+#[test]
+fn disk_hot_messages_acknowledged_in_time_are_dropped_and_the_others_kept() {
+    let epoch = super::hotlog::EPOCH_MS;
+    let mut d = Disk::with_cache(Durability::Os, StoreLimits::default(), 1);
+    let s = d.store();
+    s.device_login("ann", "phone", 0, T0).unwrap();
+    for n in 1..=3 {
+        assert_eq!(append(s, "ann", n, T0), n);
+    }
+    s.set_position("ann", "phone", 2, T0 + 1).unwrap();
+    assert_eq!(append(s, "ben", 1, T0 + 1), 1, "ben has no device");
+    // An epoch later, the next append resolves them: ann's 1 and 2 are
+    // acknowledged, 3 is not; ben's 1 has no device to wait for.
+    assert_eq!(append(s, "cyd", 1, T0 + epoch + 1), 1);
+    let ann = s.inbox_state("ann").unwrap();
+    assert_eq!((ann.head_seq, ann.first_seq, ann.messages), (3, 3, 1));
+    assert_eq!(seqs(&s.read("ann", 0, 10).unwrap()), vec![3]);
+    assert_eq!(s.held().0, 3, "ann's 3, ben's 1, cyd's 1");
+    s.set_position("ann", "phone", 3, T0 + epoch + 2).unwrap();
+    // ann's 4 while 3 sits in fjall: a read spans both.
+    assert_eq!(append(s, "ann", 4, T0 + epoch + 2), 4);
+    assert_eq!(seqs(&s.read("ann", 0, 10).unwrap()), vec![3, 4]);
+    s.set_position("ann", "phone", 4, T0 + epoch + 3).unwrap();
+    // 4 is dropped an epoch on (cyd's append fills the one-user cache, so
+    // ann's entry, behind its record, is dropped and read back).
+    assert_eq!(append(s, "cyd", 2, T0 + 2 * epoch + 3), 2);
+    assert_eq!(s.inbox_state("ann").unwrap().head_seq, 4, "the head stays at 4");
+    assert_eq!(seqs(&s.read("ann", 0, 10).unwrap()), vec![3], "3 waits for the retention pass");
+    assert_eq!(append(s, "ann", 5, T0 + 2 * epoch + 4), 5, "no seq is given twice");
+    for round in ["before a restart", "after a restart"] {
+        let s = d.store();
+        assert_eq!(seqs(&s.read("ann", 0, 10).unwrap()), vec![3, 5], "{round}");
+        assert_eq!(seqs(&s.read("ben", 0, 10).unwrap()), vec![1], "{round}");
+        assert_eq!(seqs(&s.read("cyd", 0, 10).unwrap()), vec![1, 2], "{round}");
+        assert_eq!(s.held().0, 5, "{round}");
+        assert!(d.restart());
+    }
+    // The pass drops 3 (acknowledged); 5 is not.
+    assert_eq!(d.store().expire(T0 + 2 * epoch + 5).unwrap(), 1);
+    let ann = d.store().inbox_state("ann").unwrap();
+    assert_eq!((ann.head_seq, ann.first_seq, ann.messages), (5, 5, 1));
+}
+
+/// Past [`disk::HOT_MAX_BYTES`] of hot messages each append resolves the
+/// oldest ones, however young: RAM stays bounded when nothing is
+/// acknowledged (a user offline), and nothing is lost.
+#[test]
+fn disk_hot_messages_past_the_ram_bound_go_to_fjall_at_once() {
+    let mut d = Disk::new(Durability::Fsync, StoreLimits::default());
+    // Room for three messages: a value of at most 23 bytes (msg_id, ts,
+    // the sender "app" with its length, "m1" to "m20"), and the overhead.
+    let each = 23 + 96;
+    d.store.as_mut().unwrap().set_hot_max_bytes(3 * each);
+    for n in 1..=20 {
+        assert_eq!(append(d.store(), "ann", n, T0), n);
+        assert!(d.store.as_ref().unwrap().hot_ram() <= 4 * each, "at most one message past the bound");
+    }
+    let want: Vec<u64> = (1..=20).collect();
+    assert_eq!(seqs(&d.store().read("ann", 0, 100).unwrap()), want);
+    assert_eq!(seqs(&d.store().read("ann", 15, 3).unwrap()), vec![16, 17, 18]);
+    assert!(d.restart());
+    assert_eq!(seqs(&d.store().read("ann", 0, 100).unwrap()), want);
+    assert_eq!(d.store().inbox_state("ann").unwrap().messages, 20);
+}
+
+/// A user whose last hot messages were dropped has a record behind its
+/// head until something writes it; once the log file of those messages is
+/// deleted (two rotations on), only the head the rotations log keeps the
+/// head from going back at the next open (hotlog.rs).
+#[test]
+fn disk_head_of_dropped_hot_messages_survives_their_log_file_and_a_restart() {
+    let epoch = super::hotlog::EPOCH_MS;
+    let mut d = Disk::new(Durability::Fsync, StoreLimits::default());
+    // Each request is synced, as the store thread syncs each batch.
+    let s = d.store();
+    s.device_login("ann", "phone", 0, T0).unwrap();
+    for n in 1..=3 {
+        assert_eq!(append(s, "ann", n, T0), n);
+    }
+    s.set_position("ann", "phone", 3, T0 + 1).unwrap();
+    s.sync().unwrap();
+    // Each append an epoch apart resolves (drops ann's three) and rotates;
+    // the sync after the second rotation deletes the file that held them.
+    for (i, at) in [T0 + epoch, T0 + 2 * epoch, T0 + 3 * epoch].into_iter().enumerate() {
+        assert_eq!(append(s, "ben", i as u64 + 1, at), i as u64 + 1);
+        s.sync().unwrap();
+    }
+    let files: Vec<_> = std::fs::read_dir(d.dir.0.join("hot")).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(files.len(), 2, "the current epoch's file and the one before");
+    // What a crash now would leave: ann's head is in the files (read from
+    // a copy: opening the log starts a file of its own).
+    let copy = TempDir::new("hot-copy");
+    std::fs::create_dir_all(copy.0.join("hot")).unwrap();
+    for f in &files {
+        std::fs::copy(f, copy.0.join("hot").join(f.file_name().unwrap())).unwrap();
+    }
+    let (_, found, _) = HotLog::open(&copy.0, false).unwrap();
+    assert!(found.contains(&Recovered::Head { to: "ann".into(), head: 3 }), "{found:?}");
+    for round in ["before a restart", "after a restart"] {
+        let ann = d.store().inbox_state("ann").unwrap();
+        assert_eq!((ann.head_seq, ann.messages), (3, 0), "{round}");
+        assert!(d.restart());
+    }
+    assert_eq!(append(d.store(), "ann", 4, T0 + 3 * epoch + 1), 4, "no seq is given twice");
 }

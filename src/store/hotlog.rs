@@ -1,0 +1,312 @@
+//! The hot log of [`super::DiskStore`]: the write-ahead log of the
+//! messages appended in the last two epochs, before they are either
+//! dropped (every device acknowledged them) or written into fjall.
+//!
+//! Why: with every message inserted into fjall's `msgs` memtable at once,
+//! the store thread spent about 40% of its time finding where each insert
+//! goes in a skiplist of a write buffer's worth of random keys (cache
+//! misses, `perf`), and every message was written to disk again at the
+//! flush and at each compaction, although almost every message of a
+//! connected device is acknowledged within a second and dropped at the
+//! next retention pass. Appending it to a file and keeping it in RAM for
+//! two epochs lets the acknowledged ones go without ever reaching fjall.
+//! Measured in `disk.rs`'s module doc.
+//!
+//! Owns: the directory `hot/` inside the store's directory, with one file
+//! per epoch, `hot-<generation as 16 hex digits>.log`: the current one,
+//! appended to, and the one before it, deleted once its messages are
+//! dropped or in fjall (and fjall persisted). A file is a sequence of
+//! records, each `len: u32 LE` (of the body), `crc32: u32 LE` (of the
+//! body), then the body, whose first byte says what it is (integers
+//! big-endian, `str8` = a length byte and the bytes):
+//! - `0 | seq u64 | msg_id u64 | ts_ms u64 | appended_ms u64 |
+//!   client_id u64 | to str8 | from str8 | payload`: a message;
+//! - `1 | head u64 | to str8`: user `to`'s messages up to `head` were all
+//!   resolved (dropped or in fjall), although its record in fjall may say
+//!   less: written at the start of an epoch's file for every user whose
+//!   record a drop left behind, so that deleting the file of the dropped
+//!   messages does not take the head back.
+//!
+//! Must not: hold anything but this epoch's and the previous epoch's
+//! messages (RAM and disk are bounded by [`EPOCH_BYTES`] a file).
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+use super::StoreError;
+
+/// An epoch ends after this many milliseconds of the store's clock (the
+/// `now_ms` of appends), or at [`EPOCH_BYTES`]: a message is dropped or
+/// written into fjall one to two epochs after its append, so a device
+/// connected and acknowledging as PROTOCOL.md 15.4 says (within 100 ms,
+/// recorded at the next tick, 1 s) has acknowledged it by then.
+pub const EPOCH_MS: u64 = 2_000;
+
+/// An epoch ends once its file holds this many bytes.
+pub const EPOCH_BYTES: u64 = 64 << 20;
+
+/// A record's header: length and checksum.
+const HEADER: usize = 8;
+
+/// One message in the hot log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Logged {
+    pub seq: u64,
+    pub msg_id: u64,
+    pub ts_ms: u64,
+    /// The store's clock at the append (the dedup entry's time).
+    pub appended_ms: u64,
+    pub client_id: u64,
+    pub to: String,
+    pub from: String,
+    pub payload: Vec<u8>,
+}
+
+/// One message to log, borrowed.
+#[derive(Clone, Copy, Debug)]
+pub struct LogEntry<'a> {
+    pub seq: u64,
+    pub msg_id: u64,
+    pub ts_ms: u64,
+    pub appended_ms: u64,
+    pub client_id: u64,
+    pub to: &'a str,
+    pub from: &'a str,
+    pub payload: &'a [u8],
+}
+
+impl Logged {
+    #[cfg(test)]
+    pub fn entry(&self) -> LogEntry<'_> {
+        LogEntry {
+            seq: self.seq,
+            msg_id: self.msg_id,
+            ts_ms: self.ts_ms,
+            appended_ms: self.appended_ms,
+            client_id: self.client_id,
+            to: &self.to,
+            from: &self.from,
+            payload: &self.payload,
+        }
+    }
+}
+
+/// What a file holds, in order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Recovered {
+    Message(Logged),
+    /// The user's messages up to `head` were resolved.
+    Head {
+        to: String,
+        head: u64,
+    },
+}
+
+const MESSAGE: u8 = 0;
+const HEAD: u8 = 1;
+
+fn io(what: &str, path: &Path, e: std::io::Error) -> StoreError {
+    StoreError::Unavailable(format!("hot log: cannot {what} {}: {e}", path.display()))
+}
+
+/// The log's files: the current epoch's, appended to, and the previous
+/// epoch's until [`HotLog::drop_previous`].
+pub struct HotLog {
+    dir: PathBuf,
+    fsync: bool,
+    generation: u64,
+    file: File,
+    /// Bytes in the current file, written or buffered.
+    bytes: u64,
+    /// Records appended since the last [`HotLog::flush`].
+    buf: Vec<u8>,
+    previous: Option<u64>,
+}
+
+impl HotLog {
+    /// Reads every record of the files in `store_dir/hot`, oldest first
+    /// (a file ends at its first record that is cut short or fails its
+    /// checksum: the tail of a write a crash interrupted), then starts an
+    /// empty current file. The files read are left in place until
+    /// [`HotLog::drop_recovered`]. `fsync`: flushes `fdatasync` the file.
+    pub fn open(store_dir: &Path, fsync: bool) -> Result<(HotLog, Vec<Recovered>, Vec<u64>), StoreError> {
+        let dir = store_dir.join("hot");
+        std::fs::create_dir_all(&dir).map_err(|e| io("create", &dir, e))?;
+        let mut found = Vec::new();
+        for entry in std::fs::read_dir(&dir).map_err(|e| io("list", &dir, e))? {
+            let name = entry.map_err(|e| io("list", &dir, e))?.file_name();
+            let name = name.to_string_lossy();
+            if let Some(g) = name.strip_prefix("hot-").and_then(|n| n.strip_suffix(".log")) {
+                if let Ok(g) = u64::from_str_radix(g, 16) {
+                    found.push(g);
+                }
+            }
+        }
+        found.sort_unstable();
+        let mut logged = Vec::new();
+        for &g in &found {
+            let path = file_of(&dir, g);
+            let mut bytes = Vec::new();
+            File::open(&path).and_then(|mut f| f.read_to_end(&mut bytes)).map_err(|e| io("read", &path, e))?;
+            let (records, whole) = decode_all(&bytes);
+            if !whole {
+                tracing::warn!(file = %path.display(), "hot log: a record cut short or corrupt ends the file (a write the process did not finish)");
+            }
+            logged.extend(records);
+        }
+        let generation = found.last().map_or(0, |g| g + 1);
+        let file = create(&dir, generation, fsync)?;
+        Ok((HotLog { dir, fsync, generation, file, bytes: 0, buf: Vec::new(), previous: None }, logged, found))
+    }
+
+    /// Deletes the files [`HotLog::open`] read, once what they held is in
+    /// fjall and persisted.
+    pub fn drop_recovered(&self, generations: &[u64]) -> Result<(), StoreError> {
+        generations.iter().try_for_each(|&g| self.delete(g))
+    }
+
+    /// Appends `m` (written at the next [`HotLog::flush`]).
+    pub fn append(&mut self, m: LogEntry<'_>) {
+        let start = self.buf.len();
+        self.buf.extend_from_slice(&[0; HEADER]);
+        self.buf.push(MESSAGE);
+        for n in [m.seq, m.msg_id, m.ts_ms, m.appended_ms, m.client_id] {
+            self.buf.extend_from_slice(&n.to_be_bytes());
+        }
+        for s in [m.to, m.from] {
+            self.buf.push(s.len() as u8);
+            self.buf.extend_from_slice(s.as_bytes());
+        }
+        self.buf.extend_from_slice(m.payload);
+        self.seal(start);
+    }
+
+    /// Appends that user `to`'s messages up to `head` were resolved
+    /// (written at the next [`HotLog::flush`]).
+    pub fn append_head(&mut self, to: &str, head: u64) {
+        let start = self.buf.len();
+        self.buf.extend_from_slice(&[0; HEADER]);
+        self.buf.push(HEAD);
+        self.buf.extend_from_slice(&head.to_be_bytes());
+        self.buf.push(to.len() as u8);
+        self.buf.extend_from_slice(to.as_bytes());
+        self.seal(start);
+    }
+
+    /// Fills in the header of the record that starts at `start`.
+    fn seal(&mut self, start: usize) {
+        let body = &self.buf[start + HEADER..];
+        let (len, crc) = (body.len() as u32, crc32fast::hash(body));
+        self.buf[start..start + 4].copy_from_slice(&len.to_le_bytes());
+        self.buf[start + 4..start + HEADER].copy_from_slice(&crc.to_le_bytes());
+        self.bytes += (self.buf.len() - start) as u64;
+    }
+
+    /// Bytes in the current epoch's file.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// Writes what was appended (one `write`), and `fdatasync`s it with
+    /// `fsync`: after this a crash of the process (with `fsync`, of the
+    /// machine) keeps it.
+    pub fn flush(&mut self) -> Result<(), StoreError> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let path = file_of(&self.dir, self.generation);
+        self.file.write_all(&self.buf).map_err(|e| io("write", &path, e))?;
+        self.buf.clear();
+        if self.fsync {
+            self.file.sync_data().map_err(|e| io("sync", &path, e))?;
+        }
+        Ok(())
+    }
+
+    /// Ends the epoch: starts a new current file, which what is appended
+    /// and not flushed yet goes to (so this waits for no `fdatasync` of the
+    /// file ended: what it holds that was acknowledged was synced). The
+    /// file ended becomes the previous one; the one that was previous is
+    /// returned, for [`HotLog::delete`] once its messages are dropped or in
+    /// fjall, fjall is persisted, and this log flushed.
+    pub fn rotate(&mut self) -> Result<Option<u64>, StoreError> {
+        let next = self.generation + 1;
+        self.file = create(&self.dir, next, self.fsync)?;
+        let gone = self.previous.replace(self.generation);
+        self.generation = next;
+        self.bytes = 0;
+        Ok(gone)
+    }
+
+    /// Deletes the file of a generation [`HotLog::rotate`] returned.
+    pub fn delete(&self, generation: u64) -> Result<(), StoreError> {
+        let path = file_of(&self.dir, generation);
+        std::fs::remove_file(&path).map_err(|e| io("delete", &path, e))
+    }
+
+    /// Bytes of both files on disk (or buffered for the current one).
+    pub fn disk_bytes(&self) -> u64 {
+        let previous = self.previous.and_then(|g| std::fs::metadata(file_of(&self.dir, g)).ok()).map_or(0, |m| m.len());
+        previous + self.bytes
+    }
+}
+
+pub(super) fn file_of(dir: &Path, generation: u64) -> PathBuf {
+    dir.join(format!("hot-{generation:016x}.log"))
+}
+
+/// Creates a generation's file; with `fsync`, its directory entry is
+/// synced too, so that a power loss keeps the file.
+fn create(dir: &Path, generation: u64, fsync: bool) -> Result<File, StoreError> {
+    let path = file_of(dir, generation);
+    let file = OpenOptions::new().create(true).append(true).open(&path).map_err(|e| io("create", &path, e))?;
+    if fsync {
+        File::open(dir).and_then(|d| d.sync_all()).map_err(|e| io("sync", dir, e))?;
+    }
+    Ok(file)
+}
+
+/// The records of one file, and whether it ended cleanly.
+fn decode_all(mut b: &[u8]) -> (Vec<Recovered>, bool) {
+    let mut out = Vec::new();
+    while !b.is_empty() {
+        let Some(h) = b.get(..HEADER) else { return (out, false) };
+        let len = u32::from_le_bytes(h[..4].try_into().expect("4 bytes")) as usize;
+        let crc = u32::from_le_bytes(h[4..].try_into().expect("4 bytes"));
+        let Some(body) = b.get(HEADER..HEADER + len) else { return (out, false) };
+        if crc32fast::hash(body) != crc {
+            return (out, false);
+        }
+        match decode(body) {
+            Some(m) => out.push(m),
+            None => return (out, false),
+        }
+        b = &b[HEADER + len..];
+    }
+    (out, true)
+}
+
+fn decode(b: &[u8]) -> Option<Recovered> {
+    let (&kind, b) = b.split_first()?;
+    let n = |i: usize| b.get(i * 8..i * 8 + 8).map(|s| u64::from_be_bytes(s.try_into().expect("8 bytes")));
+    if kind == HEAD {
+        let rest = b.get(8..)?;
+        let len = *rest.first()? as usize;
+        let to = std::str::from_utf8(rest.get(1..1 + len)?).ok()?.to_string();
+        return (rest.len() == 1 + len).then_some(Recovered::Head { to, head: n(0)? });
+    }
+    if kind != MESSAGE {
+        return None;
+    }
+    let (seq, msg_id, ts_ms, appended_ms, client_id) = (n(0)?, n(1)?, n(2)?, n(3)?, n(4)?);
+    let mut rest = b.get(40..)?;
+    let mut str8 = || -> Option<String> {
+        let len = *rest.first()? as usize;
+        let s = std::str::from_utf8(rest.get(1..1 + len)?).ok()?.to_string();
+        rest = &rest[1 + len..];
+        Some(s)
+    };
+    let (to, from) = (str8()?, str8()?);
+    Some(Recovered::Message(Logged { seq, msg_id, ts_ms, appended_ms, client_id, to, from, payload: rest.to_vec() }))
+}
