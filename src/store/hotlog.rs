@@ -36,11 +36,13 @@ use std::path::{Path, PathBuf};
 
 use super::StoreError;
 
-/// An epoch ends after this many milliseconds of the store's clock (the
-/// `now_ms` of appends), or at [`EPOCH_BYTES`]: a message is dropped or
-/// written into fjall one to two epochs after its append, so a device
-/// connected and acknowledging as PROTOCOL.md 15.4 says (within 100 ms,
-/// recorded at the next tick, 1 s) has acknowledged it by then.
+/// A message is resolved (dropped, or written into fjall) by an append
+/// this many milliseconds of the store's clock (the `now_ms` of appends)
+/// after its own, or later, so a device connected and acknowledging as
+/// PROTOCOL.md 15.4 says (within 100 ms, recorded at the next tick, 1 s)
+/// has acknowledged it by then. An epoch, and so a file, lasts at least as
+/// long: it ends once the epoch before has no message left to resolve, or
+/// at [`EPOCH_BYTES`].
 pub const EPOCH_MS: u64 = 2_000;
 
 /// An epoch ends once its file holds this many bytes.
