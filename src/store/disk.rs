@@ -288,6 +288,11 @@ fn dedup_key(from: &str, client_id: u64) -> Vec<u8> {
     k
 }
 
+/// The `dedup_time` key of a dedup entry written at `ts_ms`.
+fn dedup_time_key(ts_ms: u64, dk: &[u8]) -> Vec<u8> {
+    [&ts_ms.to_be_bytes()[..], dk].concat()
+}
+
 fn u64_at(b: &[u8], at: usize) -> Result<u64, StoreError> {
     b.get(at..at + 8)
         .map(|s| u64::from_be_bytes(s.try_into().expect("8 bytes")))
@@ -877,15 +882,20 @@ impl DiskStore {
         msg_id: u64,
         now_ms: u64,
     ) -> Result<(), StoreError> {
-        let time_key = |ts: u64| [&ts.to_be_bytes()[..], dk].concat();
         let mut batch = self.db.batch();
         if let Some(old) = stale {
-            batch.remove(&self.dedup_time, time_key(old));
+            batch.remove(&self.dedup_time, dedup_time_key(old, dk));
         }
-        batch.insert(&self.dedup_time, time_key(now_ms), Vec::new());
-        let seen = [seq.to_be_bytes(), msg_id.to_be_bytes(), now_ms.to_be_bytes()].concat();
-        batch.insert(&self.dedup, dk, seen);
+        self.put_dedup(&mut batch, dk, seq, msg_id, now_ms);
         batch.commit().map_err(unavailable)
+    }
+
+    /// Adds to `batch` the dedup entry of `seq` appended at `ts_ms`, and
+    /// its time key.
+    fn put_dedup(&self, batch: &mut fjall::OwnedWriteBatch, dk: &[u8], seq: u64, msg_id: u64, ts_ms: u64) {
+        batch.insert(&self.dedup_time, dedup_time_key(ts_ms, dk), Vec::new());
+        let seen = [seq.to_be_bytes(), msg_id.to_be_bytes(), ts_ms.to_be_bytes()].concat();
+        batch.insert(&self.dedup, dk, seen);
     }
 
     fn persist_fjall(&mut self, mode: PersistMode) -> Result<(), StoreError> {
@@ -1019,13 +1029,7 @@ impl DiskStore {
             }
         }
         let gone = self.hot.log.rotate()?;
-        for uk in &self.hot.dirty {
-            // Dirty users are cached (dropping an entry writes its record).
-            debug_assert!(self.cache.contains_key(&uk[..]));
-            if let Some(c) = self.cache.get(&uk[..]) {
-                self.hot.log.append_head(str8(uk)?.0, c.fhead);
-            }
-        }
+        self.log_dirty_heads();
         debug_assert_eq!(self.hot.previous_left, 0, "every message of the epoch before is resolved");
         self.hot.previous_left = std::mem::take(&mut self.hot.current);
         // The syncs that must come before the delete wait for the next
@@ -1038,6 +1042,18 @@ impl DiskStore {
         self.hot.to_delete = gone;
         self.hot.epoch += 1;
         Ok(())
+    }
+
+    /// Appends to the hot log the `fhead` of every user whose record a drop
+    /// left behind.
+    fn log_dirty_heads(&mut self) {
+        for uk in &self.hot.dirty {
+            // Dirty users are cached (dropping an entry writes its record).
+            debug_assert!(self.cache.contains_key(&uk[..]));
+            if let (Some(c), Ok((user, _))) = (self.cache.get(&uk[..]), str8(uk)) {
+                self.hot.log.append_head(user, c.fhead);
+            }
+        }
     }
 
     /// After the log's flush at a `sync` that follows a rotation: makes
@@ -1086,34 +1102,36 @@ impl DiskStore {
         // The logged heads first: messages up to one were resolved (the
         // dropped ones are not in `msgs`, and must not come back), and the
         // head must not go back.
+        let mut state_of = |store: &Self, to: &str| -> Result<Vec<u8>, StoreError> {
+            let uk = user_key(to);
+            if !states.contains_key(&uk) {
+                let c = store.load(&uk)?;
+                states.insert(uk.clone(), c);
+            }
+            Ok(uk)
+        };
+        let mut keys = Vec::with_capacity(logged.len());
         for r in &logged {
-            if let Recovered::Head { to, head } = r {
-                let uk = user_key(to);
-                if !states.contains_key(&uk) {
-                    let c = self.load(&uk)?;
-                    states.insert(uk.clone(), c);
-                }
-                let c = states.get_mut(&uk).expect("filled above");
+            keys.push(match r {
+                Recovered::Head { to, .. } => state_of(self, to)?,
+                Recovered::Message(m) => state_of(self, &m.to)?,
+            });
+        }
+        for (r, uk) in logged.iter().zip(&keys) {
+            if let Recovered::Head { head, .. } = r {
+                let c = states.get_mut(uk).expect("filled above");
                 c.fhead = c.fhead.max(*head);
                 c.head = c.head.max(*head);
             }
         }
-        for r in &logged {
+        for (r, uk) in logged.iter().zip(&keys) {
             let Recovered::Message(m) = r else { continue };
-            let uk = user_key(&m.to);
-            if !states.contains_key(&uk) {
-                let c = self.load(&uk)?;
-                states.insert(uk.clone(), c);
-            }
-            let c = states.get_mut(&uk).expect("filled above");
+            let c = states.get_mut(uk).expect("filled above");
             if m.seq <= c.fhead {
                 continue; // resolved before the restart
             }
             if m.client_id != 0 {
-                let dk = dedup_key(&m.from, m.client_id);
-                batch.insert(&self.dedup_time, [&m.appended_ms.to_be_bytes()[..], &dk].concat(), Vec::new());
-                let seen = [m.seq.to_be_bytes(), m.msg_id.to_be_bytes(), m.appended_ms.to_be_bytes()].concat();
-                batch.insert(&self.dedup, dk, seen);
+                self.put_dedup(&mut batch, &dedup_key(&m.from, m.client_id), m.seq, m.msg_id, m.appended_ms);
             }
             if c.rec.messages == 0 {
                 c.rec.first_seq = m.seq;
@@ -1143,11 +1161,7 @@ impl Drop for DiskStore {
         if self.hot.dirty.is_empty() {
             return;
         }
-        for uk in &self.hot.dirty {
-            if let (Some(c), Ok((user, _))) = (self.cache.get(&uk[..]), str8(uk)) {
-                self.hot.log.append_head(user, c.fhead);
-            }
-        }
+        self.log_dirty_heads();
         if let Err(e) = self.hot.log.flush() {
             tracing::warn!(error = %e, "disk store: closing: the hot log's last heads were not written");
         }

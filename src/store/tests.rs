@@ -560,8 +560,8 @@ struct Model {
 /// keeps them all.
 #[derive(Default)]
 struct HotModel {
-    /// (user, seq) → the time of the append, of each hot message.
-    msgs: BTreeMap<(String, u64), u64>,
+    /// (user, seq) of each hot message.
+    msgs: std::collections::BTreeSet<(String, u64)>,
     /// (user, seq, time of the append) in append order.
     order: std::collections::VecDeque<(String, u64, u64)>,
 }
@@ -575,7 +575,7 @@ impl Model {
     /// was dropped.
     fn resolve_one(&mut self, key: &(String, u64)) -> bool {
         let Some(hot) = &mut self.hot else { return false };
-        if hot.msgs.remove(key).is_none() {
+        if !hot.msgs.remove(key) {
             return false;
         }
         let acked = self.devices.get(&key.0).and_then(|d| d.values().map(|d| d.0).min()).unwrap_or(0);
@@ -587,7 +587,7 @@ impl Model {
     fn resolve_all(&mut self) -> u64 {
         let Some(hot) = &mut self.hot else { return 0 };
         hot.order.clear();
-        let keys: Vec<(String, u64)> = hot.msgs.keys().cloned().collect();
+        let keys: Vec<(String, u64)> = hot.msgs.iter().cloned().collect();
         keys.iter().map(|k| u64::from(self.resolve_one(k))).sum()
     }
 
@@ -645,7 +645,7 @@ impl Model {
             StoredMessage { seq, msg_id: m.msg_id, ts_ms: m.ts_ms, from: m.from.clone(), payload: m.payload.clone() };
         self.msgs.insert((m.to.to_string(), seq), stored);
         if let Some(hot) = &mut self.hot {
-            hot.msgs.insert((m.to.to_string(), seq), now);
+            hot.msgs.insert((m.to.to_string(), seq));
             hot.order.push_back((m.to.to_string(), seq, now));
         }
         if m.client_id != 0 {
