@@ -1251,7 +1251,17 @@ pub struct ReliableUnicast {
 /// The last step of a ladder before the first one not kept up with (the
 /// ladder's best); none if not even the first was.
 pub fn best_kept_up(steps: &[UnicastStep]) -> Option<&UnicastStep> {
-    steps.iter().take_while(|s| s.keeps_up()).last()
+    let first_missed = steps.iter().filter(|s| !s.keeps_up()).map(|s| s.offered_per_s).min().unwrap_or(u64::MAX);
+    steps.iter().filter(|s| s.keeps_up() && s.offered_per_s < first_missed).max_by_key(|s| s.offered_per_s)
+}
+
+/// The rate between `kept` (the best rate kept up with) and `missed` (the
+/// lowest rate missed) that a ladder refined after its first miss runs
+/// next: the midpoint, in whole thousands; `None` when no thousand lies
+/// between them.
+pub fn refined_rate(kept: u64, missed: u64) -> Option<u64> {
+    let mid = (kept + missed) / 2 / 1000 * 1000;
+    (mid > kept && mid < missed).then_some(mid)
 }
 
 impl ReliableUnicast {
@@ -2510,6 +2520,24 @@ mod tests {
         assert!(!r.throughput_target_met && !r.p99_target_met, "os needs 0.8; p99 over 20 ms");
         let none = ReliableUnicast::judge("fsync", 4000, vec![step(10_000, 5_000.0, 1_000)], None, 39_000.0);
         assert_eq!((none.max, none.vs_at_most_once, none.throughput_target_met), (None, None, false));
+    }
+
+    /// A ladder refined after its first miss (`refined_rate`): the best is
+    /// the highest rate kept up with below every rate missed, wherever the
+    /// step is in the list.
+    #[test]
+    fn the_best_rate_of_a_refined_ladder_is_the_highest_kept_up_below_every_miss() {
+        let ok = |r: u64| step(r, r as f64, 1_000);
+        let missed = |r: u64| step(r, r as f64, 90_000);
+        let steps = vec![ok(10_000), ok(20_000), missed(30_000), ok(25_000), missed(27_500)];
+        assert_eq!(best_kept_up(&steps).unwrap().offered_per_s, 25_000);
+        let steps = vec![ok(10_000), missed(20_000), missed(15_000), ok(12_500)];
+        assert_eq!(best_kept_up(&steps).unwrap().offered_per_s, 12_500);
+        let steps = vec![ok(10_000), missed(20_000), ok(30_000)];
+        assert_eq!(best_kept_up(&steps).unwrap().offered_per_s, 10_000, "not above a miss");
+        assert_eq!(refined_rate(20_000, 30_000), Some(25_000));
+        assert_eq!(refined_rate(25_000, 27_500), Some(26_000), "whole thousands");
+        assert_eq!(refined_rate(25_000, 26_000), None, "no thousand between");
     }
 
     /// The ratios divide by the at-most-once ladder run step by step with
