@@ -34,7 +34,9 @@ fn closed_pipe() -> Stdio {
 }
 
 /// A child process killed (SIGKILL) if a test ends without waiting for it.
-struct Proc(Child);
+/// A child process, killed when dropped, and the store directory it was
+/// given, removed then.
+struct Proc(Child, Option<std::path::PathBuf>);
 
 impl Proc {
     fn signal(&self, sig: i32) {
@@ -61,6 +63,9 @@ impl Drop for Proc {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
+        if let Some(dir) = &self.1 {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }
 
@@ -86,7 +91,7 @@ fn serve_with(port: u16, log: &str, extra: &[&str], env: &[(&str, &str)], stdout
         .stderr(stderr)
         .spawn()
         .expect("switchboard serve starts");
-    let mut p = Proc(child);
+    let mut p = Proc(child, Some(data));
     let addr: SocketAddr = listen.parse().unwrap();
     let up = common::wait_until(Duration::from_secs(10), || {
         if let Ok(Some(s)) = p.0.try_wait() {
@@ -233,7 +238,7 @@ fn a_bad_log_filter_is_an_error() {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        let mut p = Proc(child);
+        let mut p = Proc(child, None);
         let stderr = read_all_later(p.0.stderr.take().unwrap());
         let status = p.wait_for(Duration::from_secs(10));
         drop(p);
@@ -364,7 +369,7 @@ impl CliClient {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        let mut proc = Proc(child);
+        let mut proc = Proc(child, None);
         let stdin = proc.0.stdin.take().unwrap();
         let (tx, lines) = std::sync::mpsc::channel();
         for out in
