@@ -33,9 +33,8 @@ fn closed_pipe() -> Stdio {
     Stdio::from(write)
 }
 
-/// A child process killed (SIGKILL) if a test ends without waiting for it.
-/// A child process, killed when dropped, and the store directory it was
-/// given, removed then.
+/// A child process killed (SIGKILL) if a test ends without waiting for it,
+/// and the store directory it was given (if any), removed then.
 struct Proc(Child, Option<std::path::PathBuf>);
 
 impl Proc {

@@ -32,8 +32,8 @@ use switchboard::timed;
 use switchboard::JwtHs256;
 
 use super::report::{
-    best_kept_up, refined_rate, CatchUp, Idle, Reliable, ReliableUnicast, StoreIdle, Unicast, UnicastStep,
-    CATCH_UP_TARGET_PER_S,
+    best_kept_up, lowest_missed, refined_rate, CatchUp, Idle, Reliable, ReliableUnicast, StoreIdle, Unicast,
+    UnicastStep, CATCH_UP_TARGET_PER_S,
 };
 use super::scenarios::{note, unicast_step, Delivery, Runner, ServerProc};
 use switchboard_bench::loadgen::Fleet;
@@ -152,7 +152,7 @@ impl Runner {
         // once each at their last step kept up: 39,979 / 49,994).
         for _ in 0..REFINE_ROUNDS {
             for lane in &mut lanes {
-                let missed = lane.steps.iter().filter(|s| !s.keeps_up()).map(|s| s.offered_per_s).min();
+                let missed = lowest_missed(&lane.steps);
                 let kept = best_kept_up(&lane.steps).map_or(0, |s| s.offered_per_s);
                 if let Some(rate) = missed.and_then(|m| refined_rate(kept, m)).filter(|_| kept > 0) {
                     step(lane, rate)?;

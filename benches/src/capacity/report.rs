@@ -1248,11 +1248,17 @@ pub struct ReliableUnicast {
     pub p99_target_met: bool,
 }
 
-/// The last step of a ladder before the first one not kept up with (the
-/// ladder's best); none if not even the first was.
+/// A ladder's best: the step of the highest rate kept up with below every
+/// rate missed, wherever it is in the list (a refined ladder runs rates
+/// below its first miss after it); none if no such step.
 pub fn best_kept_up(steps: &[UnicastStep]) -> Option<&UnicastStep> {
-    let first_missed = steps.iter().filter(|s| !s.keeps_up()).map(|s| s.offered_per_s).min().unwrap_or(u64::MAX);
-    steps.iter().filter(|s| s.keeps_up() && s.offered_per_s < first_missed).max_by_key(|s| s.offered_per_s)
+    let below = lowest_missed(steps).unwrap_or(u64::MAX);
+    steps.iter().filter(|s| s.keeps_up() && s.offered_per_s < below).max_by_key(|s| s.offered_per_s)
+}
+
+/// The lowest offered rate of `steps` not kept up with.
+pub fn lowest_missed(steps: &[UnicastStep]) -> Option<u64> {
+    steps.iter().filter(|s| !s.keeps_up()).map(|s| s.offered_per_s).min()
 }
 
 /// The rate between `kept` (the best rate kept up with) and `missed` (the
