@@ -253,7 +253,7 @@ pub(crate) fn start(
     let store = match store {
         Some(store) => {
             let cfg = crate::store::ServiceConfig::new(shared.config.store.queue_capacity);
-            let service = crate::store::Service::start(store, inbox::StoreSink { shared: shared.clone() }, cfg)?;
+            let service = crate::store::Service::start(store, inbox::StoreSink::new(shared.clone()), cfg)?;
             let _ = shared.store.set(service.submitter());
             Some(service)
         }

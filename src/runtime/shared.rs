@@ -143,11 +143,23 @@ impl Shared {
     /// mailbox drops the notice: the message is in the store, and the
     /// device gets it from there).
     pub(crate) fn route_stored(&self, to: &str, msg: &Arc<crate::store::StoredMessage>) -> u32 {
+        self.route_stored_by(to, msg, |_, mb, cmd| mb.push(cmd).is_ok())
+    }
+
+    /// [`Shared::route_stored`] through `post` (the worker's index, its
+    /// mailbox, the notice), which says whether the mailbox took it: the
+    /// store thread's sink queues without waking and wakes once per batch.
+    pub(crate) fn route_stored_by(
+        &self,
+        to: &str,
+        msg: &Arc<crate::store::StoredMessage>,
+        mut post: impl FnMut(usize, &Mailbox<Command>, Command) -> bool,
+    ) -> u32 {
         let conns = self.directory.lookup(to);
         let mut delivered = 0;
         for &conn in conns.iter() {
-            let mb = &self.mailboxes[conn.worker().0 as usize];
-            delivered += u32::from(mb.push(Command::Stored { conn, msg: msg.clone() }).is_ok());
+            let index = conn.worker().0 as usize;
+            delivered += u32::from(post(index, &self.mailboxes[index], Command::Stored { conn, msg: msg.clone() }));
         }
         delivered
     }

@@ -1360,6 +1360,53 @@ fn recv(rx: &mpsc::Receiver<(u64, Done)>) -> (u64, Done) {
     rx.recv_timeout(Duration::from_secs(10)).expect("an answer within 10 s")
 }
 
+/// What a [`Recorder`] sink saw, in order.
+#[derive(Debug, PartialEq)]
+enum SinkEvent {
+    Done(u64),
+    Flush,
+}
+
+struct Recorder(Mutex<mpsc::Sender<SinkEvent>>);
+
+impl Sink<u64> for Recorder {
+    fn done(&self, token: u64, _: Done) {
+        let _ = self.0.lock().unwrap().send(SinkEvent::Done(token));
+    }
+    fn flush(&self) {
+        let _ = self.0.lock().unwrap().send(SinkEvent::Flush);
+    }
+}
+
+/// The runtime's sink queues answers in worker mailboxes without waking
+/// the workers, and wakes them at the flush: an answer not followed by a
+/// flush would wait in a mailbox for the worker's next wake.
+#[test]
+fn service_flushes_its_sink_after_every_kind_of_answer() {
+    let (tx, rx) = mpsc::channel();
+    let service =
+        Service::start(Box::new(MemoryStore::new(StoreLimits::default())), Recorder(Mutex::new(tx)), cfg(64)).unwrap();
+    let (u, d): (Arc<str>, Arc<str>) = ("alice".into(), "phone".into());
+    let requests = [
+        Request::DeviceLogin { user: u.clone(), device: d.clone(), client_seq: 0 },
+        append_req("alice", 1),
+        Request::Read { user: u.clone(), after_seq: 0, limit: 10 },
+        Request::Position { user: u.clone(), device: d.clone(), seq: 1 },
+        Request::State { user: u.clone() },
+    ];
+    for (token, req) in (0u64..).zip(requests) {
+        service.try_submit(token, req.clone()).unwrap();
+        let next = || rx.recv_timeout(Duration::from_secs(10)).expect("a sink event within 10 s");
+        let mut event = next();
+        while event == SinkEvent::Flush {
+            event = next(); // a flush of an empty turn before the request was taken
+        }
+        assert_eq!(event, SinkEvent::Done(token), "{req:?}");
+        assert_eq!(next(), SinkEvent::Flush, "the answer to {req:?} is flushed");
+    }
+    service.stop().unwrap();
+}
+
 #[test]
 fn service_group_commits_appends_from_several_threads() {
     let mut probe = Probe::new();
@@ -1475,6 +1522,34 @@ fn service_is_busy_when_the_queue_is_full_and_never_blocks() {
     for i in 0..=4 {
         assert_eq!(recv(&rx), (i, Done::Appended(Ok(Appended::New { seq: i + 1 }))));
     }
+    service.stop().unwrap();
+}
+
+/// A worker queues its turn's requests without waking the store thread,
+/// and wakes it once after the turn (`Submitter::try_submit_unwoken`):
+/// what is queued while the thread is busy goes into its next batch, and
+/// what is queued while it sleeps is taken at the wake.
+#[test]
+fn service_serves_requests_queued_without_a_wake() {
+    let (service, rx, gate) = service_held_in_sync(64);
+    let sub = service.submitter();
+    for i in 1..=10 {
+        sub.try_submit_unwoken(i, append_req("alice", i)).unwrap();
+    }
+    open_gate(&gate);
+    for i in 0..=10 {
+        assert_eq!(recv(&rx), (i, Done::Appended(Ok(Appended::New { seq: i + 1 }))));
+    }
+    // Idle long enough to have parked (and used up the wake of request 0).
+    std::thread::sleep(Duration::from_millis(100));
+    for i in 11..=20 {
+        sub.try_submit_unwoken(i, append_req("alice", i)).unwrap();
+    }
+    sub.wake();
+    for i in 11..=20 {
+        assert_eq!(recv(&rx), (i, Done::Appended(Ok(Appended::New { seq: i + 1 }))));
+    }
+    assert_eq!(service.counters().queue_depth.load(Ordering::SeqCst), 0);
     service.stop().unwrap();
 }
 

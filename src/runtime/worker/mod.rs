@@ -171,6 +171,10 @@ pub(crate) struct Worker {
     reliable: RefCell<reliable::Reliable>,
     /// Device connections with a position to save at the next tick.
     unsaved: RefCell<Vec<(u32, u32)>>,
+    /// Inside a turn of the I/O loop: store requests are queued without a
+    /// wake, and `store_unwoken` says one is owed (`Worker::store_turn`).
+    store_batching: Cell<bool>,
+    store_unwoken: Cell<bool>,
     window_rules: crate::proto::reliable::WindowRules,
 }
 
@@ -495,6 +499,8 @@ impl Worker {
             accepting: Cell::new(0),
             hint_rng: Cell::new(hint_seed(id)),
             mailbox_ready: Cell::new(false),
+            store_batching: Cell::new(false),
+            store_unwoken: Cell::new(false),
             mailbox_waker: Cell::new(None),
             holders: RefCell::new(std::collections::BTreeMap::new()),
             next_hold: Cell::new(0),

@@ -22,7 +22,7 @@ use crate::proto::frame::{clip_reason, Frame, SendOutcome};
 use crate::proto::reliable::{Window, WindowEnv};
 use crate::proto::session::Tick;
 use crate::runtime::inbox::{PageResult, Reply, SendDone, Token};
-use crate::store::{NewMessage, Request, StoreError, StoredMessage};
+use crate::store::{Busy, NewMessage, Request, StoreError, StoredMessage, Submitter};
 
 /// Where a device connection's window is.
 enum State {
@@ -129,7 +129,7 @@ impl WindowEnv<StoredMessage> for WinIo<'_> {
             return;
         };
         let req = Request::Read { user: self.user.clone(), after_seq, limit: limit as usize };
-        if store.try_submit(Token::Read { conn: self.conn() }, req).is_err() {
+        if self.w.submit_store(store, Token::Read { conn: self.conn() }, req).is_err() {
             self.read_failed = true;
         }
     }
@@ -231,7 +231,7 @@ impl Worker {
         let device: Arc<str> = Arc::from(device);
         let conn = ConnId::new(self.id, slot, generation);
         let req = Request::DeviceLogin { user: user.clone(), device: device.clone(), client_seq: last_seq };
-        if store.try_submit(Token::Login { conn }, req).is_err() {
+        if self.submit_store(store, Token::Login { conn }, req).is_err() {
             return Err((CloseCode::TryAgainLater, "the message store is busy; log in again shortly".into()));
         }
         let dev = Device { generation, user: user.clone(), device, state: State::Pending, unsaved: 0 };
@@ -258,7 +258,7 @@ impl Worker {
     fn save_position(&self, d: &Device) -> bool {
         let Some(store) = self.shared.store.get() else { return true };
         let req = Request::Position { user: d.user.clone(), device: d.device.clone(), seq: d.unsaved };
-        store.try_submit(Token::Position, req).is_ok()
+        self.submit_store(store, Token::Position, req).is_ok()
     }
 
     /// The tick: positions acknowledged since the last one go to the store.
@@ -277,6 +277,40 @@ impl Worker {
             }
         }
         self.unsaved.borrow_mut().extend(again);
+    }
+
+    /// Queues a store request. Inside [`Worker::store_turn`] the store
+    /// thread is woken once, at the end of the turn, not per request
+    /// (`store::service`'s module doc says why).
+    fn submit_store(&self, store: &Submitter<Token>, token: Token, req: Request) -> Result<(), Busy> {
+        if !self.store_batching.get() {
+            return store.try_submit(token, req);
+        }
+        store.try_submit_unwoken(token, req)?;
+        self.store_unwoken.set(true);
+        Ok(())
+    }
+
+    /// Runs `turn` (the I/O loop's handling of ready connections) with the
+    /// store thread's wakes held to its end, where one wake covers what
+    /// the turn queued.
+    pub(super) fn store_turn<R>(&self, turn: impl FnOnce() -> R) -> R {
+        if self.store_batching.replace(true) {
+            return turn(); // already inside one
+        }
+        let r = turn();
+        self.store_batching.set(false);
+        self.wake_store();
+        r
+    }
+
+    /// Wakes the store thread if requests were queued without a wake.
+    pub(super) fn wake_store(&self) {
+        if self.store_unwoken.replace(false) {
+            if let Some(store) = self.shared.store.get() {
+                store.wake();
+            }
+        }
     }
 
     /// A SEND or SEND_EX to be stored: queued for the store thread; the
@@ -304,7 +338,7 @@ impl Worker {
             client_id,
         };
         let token = Token::Append { msg: msg.clone(), reply: Reply::Client { conn, req_id, ex } };
-        store.try_submit(token, Request::Append(msg)).map_err(|_| {
+        self.submit_store(store, token, Request::Append(msg)).map_err(|_| {
             (ErrorCode::StoreUnavailable, "the message store's queue is full; the message was not stored".into())
         })
     }

@@ -86,9 +86,11 @@ async fn io_loop(w: Rc<Worker>, ready_fd: UnixStream) {
         }
         // Connections cut short by the per-wake read limit come first.
         let again = std::mem::take(&mut *w.read_again.borrow_mut());
-        for (slot, generation) in again {
-            w.on_ready(token(slot, generation), Ready::Read);
-        }
+        w.store_turn(|| {
+            for (slot, generation) in again {
+                w.on_ready(token(slot, generation), Ready::Read);
+            }
+        });
         w.out.poller.borrow_mut().reap(&mut events, IO_BATCH);
         if events.is_empty() {
             if w.stopped.get() {
@@ -111,14 +113,20 @@ async fn io_loop(w: Rc<Worker>, ready_fd: UnixStream) {
             }
             continue;
         }
-        for (i, (tok, ready)) in events.drain(..).enumerate() {
-            w.on_ready(tok, ready);
-            if i % FLUSH_EVERY == FLUSH_EVERY - 1 {
-                // A busy turn (thousands of reads) would otherwise hold the
-                // replies to its first reads until its end.
-                w.out.flush_dirty();
+        // The store thread is woken once for the turn's requests (SENDs,
+        // logins, pages), not at each.
+        w.store_turn(|| {
+            for (i, (tok, ready)) in events.drain(..).enumerate() {
+                w.on_ready(tok, ready);
+                if i % FLUSH_EVERY == FLUSH_EVERY - 1 {
+                    // A busy turn (thousands of reads) would otherwise hold
+                    // the replies to its first reads, and its first store
+                    // requests, until its end.
+                    w.out.flush_dirty();
+                    w.wake_store();
+                }
             }
-        }
+        });
         w.rearm_starved();
         w.out.flush_dirty();
         w.out.poller.borrow_mut().flush();
@@ -176,7 +184,8 @@ async fn tick_loop(w: Rc<Worker>) {
         }
         let now = w.refresh_now();
         w.expire_held(now);
-        w.reliable_tick(now);
+        // One wake of the store thread for the tick's device positions.
+        w.store_turn(|| w.reliable_tick(now));
         w.wheel.borrow_mut().advance(now, &mut due);
         let mut handled = 0;
         for e in due.drain(..) {
