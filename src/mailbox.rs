@@ -57,10 +57,7 @@ impl<T> Mailbox<T> {
 
     /// Queues `cmd` and wakes the worker if it may be idle.
     pub fn push(&self, cmd: T) -> Result<(), Full> {
-        if self.queue.push(cmd).is_err() {
-            self.full_count.fetch_add(1, Ordering::Relaxed);
-            return Err(Full);
-        }
+        self.push_unwoken(cmd)?;
         self.wake();
         Ok(())
     }

@@ -291,17 +291,16 @@ impl Worker {
         Ok(())
     }
 
-    /// Runs `turn` (the I/O loop's handling of ready connections) with the
-    /// store thread's wakes held to its end, where one wake covers what
-    /// the turn queued.
-    pub(super) fn store_turn<R>(&self, turn: impl FnOnce() -> R) -> R {
+    /// Runs `turn` (the I/O loop's handling of ready connections, or the
+    /// tick's positions) with the store thread's wakes held to its end,
+    /// where one wake covers what the turn queued.
+    pub(super) fn store_turn(&self, turn: impl FnOnce()) {
         if self.store_batching.replace(true) {
-            return turn(); // already inside one
+            return turn(); // already inside one: its end wakes
         }
-        let r = turn();
+        turn();
         self.store_batching.set(false);
         self.wake_store();
-        r
     }
 
     /// Wakes the store thread if requests were queued without a wake.
