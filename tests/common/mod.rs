@@ -249,16 +249,29 @@ pub fn catch_up(rx: &mut Client, by_seq: &mut std::collections::BTreeMap<u64, St
 }
 
 /// CPU time (clock ticks, 100 per CPU-second) of each of this process's
-/// worker threads, summed: an idle server's workers burn next to none.
-pub fn worker_ticks() -> u64 {
+/// worker threads, by thread id: an idle server's workers burn next to
+/// none. Compare two with [`worker_ticks_between`].
+pub fn worker_ticks() -> std::collections::HashMap<u64, u64> {
     std::fs::read_dir("/proc/self/task")
         .unwrap()
         .flatten()
         .filter(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.starts_with("sb-worker")))
         .filter_map(|t| {
+            let tid = t.file_name().to_str()?.parse::<u64>().ok()?;
             let stat = std::fs::read_to_string(t.path().join("stat")).ok()?;
             let f: Vec<&str> = stat.rsplit(')').next()?.split_whitespace().collect();
-            Some(f[11].parse::<u64>().ok()? + f[12].parse::<u64>().ok()?)
+            Some((tid, f[11].parse::<u64>().ok()? + f[12].parse::<u64>().ok()?))
         })
-        .sum()
+        .collect()
+}
+
+/// Clock ticks the worker threads alive at both samples burnt between
+/// them. Tests run in parallel in one process, so other tests' servers
+/// start and stop meanwhile: a sum over all workers went down when one
+/// of theirs exited (and the subtraction overflowed).
+pub fn worker_ticks_between(
+    before: &std::collections::HashMap<u64, u64>,
+    after: &std::collections::HashMap<u64, u64>,
+) -> u64 {
+    after.iter().filter_map(|(tid, &t)| before.get(tid).map(|&b| t.saturating_sub(b))).sum()
 }
