@@ -24,8 +24,10 @@
 //! `sync` (and `fdatasync`ed with [`Durability::Fsync`]), and stays in
 //! RAM. One epoch ([`hotlog::EPOCH_MS`], 2 s on the store's clock) later,
 //! or sooner while the hot messages take more than [`HOT_MAX_BYTES`] of
-//! RAM, an append resolves it: dropped if every known device of its user
-//! has acknowledged it, else written into `msgs`. A retention pass starts
+//! RAM, an append resolves it (up to 8 per append), or the store thread
+//! does between requests once it is two epochs old ([`Store::tidy`],
+//! [`IDLE_RESOLVE_MS`]): dropped if every known device of its user has
+//! acknowledged it, else written into `msgs`. A retention pass starts
 //! by resolving every hot message. The hot log keeps one file per epoch
 //! and deletes one once every message in it is resolved and fjall is
 //! persisted as the durability promises. So the messages of devices that
@@ -235,6 +237,18 @@ const HOT_RAM_BYTES: u64 = HOT_MAX_BYTES * 3 / 2;
 /// the hot log). Eight per append catch up at eight times the rate of
 /// appends.
 const RESOLVE_PER_APPEND: usize = 8;
+
+/// Age at which the store thread resolves a hot message between requests
+/// ([`Store::tidy`]): two epochs, not one as an append does. An append
+/// resolves what is due because appends keep coming; a quiet store can
+/// wait, and the acknowledgements of a burst that fell behind (late by
+/// the burst's own delay, then by up to a second in the worker before
+/// they reach the store) still arrive in time to drop the message rather
+/// than write it into fjall. Resolving between requests at one epoch,
+/// four capacity runs read `os` at 0.64 / 0.60 of at most once against
+/// 0.56 / 0.80 without, and a half-rate p99 of 117.8 ms after steps that
+/// fell behind.
+pub const IDLE_RESOLVE_MS: u64 = 2 * hotlog::EPOCH_MS;
 
 /// RAM one hot message takes beside its value: its entry in its user's
 /// queue (40 bytes) and in the append-order queue (32), and allocator
@@ -906,16 +920,17 @@ impl DiskStore {
         Ok(())
     }
 
-    /// What an append does first: resolves the hot messages that are
-    /// [`hotlog::EPOCH_MS`] old (and the oldest ones past that while the
-    /// hot messages take more than [`HOT_MAX_BYTES`]), then ends the
+    /// What an append does first: resolves up to `budget` of the hot
+    /// messages that are `age_ms` old ([`hotlog::EPOCH_MS`] for an append,
+    /// [`IDLE_RESOLVE_MS`] between requests; and the oldest ones past
+    /// that, whatever the budget, while the hot messages take more than
+    /// [`HOT_MAX_BYTES`]), then ends the
     /// epoch if it is [`hotlog::EPOCH_MS`] old or its file
     /// [`hotlog::EPOCH_BYTES`] long.
-    fn settle(&mut self, now_ms: u64) -> Result<(), StoreError> {
-        let mut budget = RESOLVE_PER_APPEND;
+    fn settle(&mut self, now_ms: u64, mut budget: usize, age_ms: u64) -> Result<(), StoreError> {
         while let Some(&(_, _, at)) = self.hot.order.front() {
             let pressed = self.hot.ram > self.hot.max_bytes;
-            if !pressed && (budget == 0 || at.saturating_add(hotlog::EPOCH_MS) > now_ms) {
+            if !pressed && (budget == 0 || at.saturating_add(age_ms) > now_ms) {
                 break;
             }
             budget = budget.saturating_sub(1);
@@ -1194,7 +1209,7 @@ fn stored_message(seq: u64, v: &[u8]) -> Result<StoredMessage, StoreError> {
 impl Store for DiskStore {
     fn append(&mut self, m: &NewMessage, now_ms: u64) -> Result<Appended, StoreError> {
         check_ids(&m.to, &m.from, "")?;
-        self.settle(now_ms)?;
+        self.settle(now_ms, RESOLVE_PER_APPEND, hotlog::EPOCH_MS)?;
         let dk = (m.client_id != 0).then(|| dedup_key(&m.from, m.client_id));
         let mut stale_dedup = None;
         if let Some(dk) = &dk {
@@ -1260,6 +1275,25 @@ impl Store for DiskStore {
 
     fn held(&self) -> (u64, u64) {
         (self.total_messages, self.total_bytes)
+    }
+
+    /// What an append does first ([`DiskStore::settle`]), with `budget`
+    /// hot messages in place of [`RESOLVE_PER_APPEND`] and for messages
+    /// [`IDLE_RESOLVE_MS`] old; nothing while no message is hot (an idle
+    /// store starts no epoch). Why: resolved only by appends, the
+    /// messages of a burst waited for the next one, whose first appends
+    /// then each resolved 8 of them while their senders waited, and the
+    /// count of messages kept (`/metrics`, `/stats`) showed the last two
+    /// seconds of traffic for as long as the server stayed quiet.
+    fn tidy(&mut self, now_ms: u64, budget: usize) -> Result<(), StoreError> {
+        if self.hot.order.is_empty() {
+            return Ok(());
+        }
+        self.settle(now_ms, budget.max(1), IDLE_RESOLVE_MS)
+    }
+
+    fn tidy_due(&self) -> Option<u64> {
+        self.hot.order.front().map(|&(_, _, at)| at.saturating_add(IDLE_RESOLVE_MS))
     }
 
     fn durability(&self) -> Option<Durability> {

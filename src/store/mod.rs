@@ -171,6 +171,19 @@ pub trait Store: Send + 'static {
     fn expire_slice(&mut self, now_ms: u64, _budget: usize) -> Result<(u64, bool), StoreError> {
         self.expire(now_ms).map(|n| (n, true))
     }
+    /// Work the store thread hands the backend between requests, when its
+    /// queue is empty: about `budget` units of whatever the backend would
+    /// otherwise do within a later request. The disk store resolves its
+    /// hot messages that are due (disk.rs), as the next appends would;
+    /// the default has nothing to do.
+    fn tidy(&mut self, _now_ms: u64, _budget: usize) -> Result<(), StoreError> {
+        Ok(())
+    }
+    /// When (on the `now_ms` clock) [`Store::tidy`] next has work, if it
+    /// has any coming; `None`: none until the next request. Cheap.
+    fn tidy_due(&self) -> Option<u64> {
+        None
+    }
     /// Messages and bytes (as [`record_bytes`]) kept over all inboxes
     /// now: kept until every known device of the user acknowledged them
     /// (or they expired) and a retention pass dropped them. Cheap: a

@@ -29,7 +29,11 @@
 //! write a slice of the device positions waiting ([`POSITION_SLICE`]);
 //! then serve the reads and state queries of the batch; the sink is
 //! flushed ([`Sink::flush`]) after the writes' answers and again after
-//! the rest. Nothing is answered before the sync
+//! the rest. A turn that found no request gives the store a slice of
+//! [`Store::tidy`] ([`TIDY_SLICE`]) if it has work due then
+//! ([`Store::tidy_due`], which the thread also wakes for): the disk store
+//! resolves its hot messages there, two epochs after their append,
+//! instead of in the next burst's appends. Nothing is answered before the sync
 //! that made it durable, so no reader ever sees a message that a crash
 //! could still take back. If the sync fails, every write of the batch is
 //! answered with that error.
@@ -90,6 +94,13 @@ pub const POSITION_SYNC_INTERVAL: Duration = Duration::from_secs(1);
 /// written within a few turns whatever the number of devices. 256 are
 /// about 1.5 ms of store-thread time with the disk store.
 pub const POSITION_SLICE: usize = 256;
+
+/// Budget of [`Store::tidy`] per idle turn of the loop (module doc):
+/// about a millisecond of resolving hot messages with the disk store.
+pub const TIDY_SLICE: usize = 512;
+
+/// How long the loop leaves [`Store::tidy`] alone after it failed.
+const TIDY_RETRY: Duration = Duration::from_secs(1);
 
 /// What the store thread can be asked to do.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -294,6 +305,7 @@ impl<T: Send + 'static> Service<T> {
             cfg,
             unsynced_since: None,
             positions: hashbrown::HashMap::new(),
+            tidy_after: Instant::now(),
         };
         let thread = std::thread::Builder::new().name("switchboard-store".into()).spawn(move || worker.run())?;
         let submitter = Submitter { queue, thread: thread.thread().clone(), counters, stopped };
@@ -353,6 +365,8 @@ struct Worker<T, S> {
     /// by the devices with a position waiting (one entry each), and
     /// emptied within a few turns: each writes at least an eighth.
     positions: hashbrown::HashMap<DeviceKey, (u64, Vec<T>)>,
+    /// [`Store::tidy`] is not tried before this (it failed).
+    tidy_after: Instant,
 }
 
 /// (user, device).
@@ -368,6 +382,9 @@ impl<T: Send + 'static, S: Sink<T>> Worker<T, S> {
             let mut due = next_expire;
             if let Some(t) = self.unsynced_since {
                 due = due.min(t + POSITION_SYNC_INTERVAL);
+            }
+            if let Some(t) = self.tidy_at() {
+                due = due.min(t);
             }
             if !self.positions.is_empty() || expiring {
                 due = Instant::now(); // look for requests, then do the next slice
@@ -389,7 +406,11 @@ impl<T: Send + 'static, S: Sink<T>> Worker<T, S> {
                 }
             }
             self.counters.queue_depth.fetch_sub(batch.len() as u64, Ordering::Relaxed);
+            let idle = batch.is_empty();
             self.serve(&mut batch);
+            if idle && !stopping {
+                self.tidy();
+            }
             self.sink.flush();
             if stopping {
                 self.write_positions(true);
@@ -422,6 +443,38 @@ impl<T: Send + 'static, S: Sink<T>> Worker<T, S> {
             }
         }
         false
+    }
+
+    /// When the store next has work for [`Store::tidy`], on this
+    /// thread's clock (`None`: none coming, or it failed a moment ago).
+    fn tidy_at(&self) -> Option<Instant> {
+        let due_ms = self.store.tidy_due()?;
+        let now = Instant::now();
+        if now < self.tidy_after {
+            return Some(self.tidy_after);
+        }
+        Some(now + Duration::from_millis(due_ms.saturating_sub((self.cfg.clock)())))
+    }
+
+    /// An idle turn's slice of [`Store::tidy`], if it has work due.
+    fn tidy(&mut self) {
+        let now_ms = (self.cfg.clock)();
+        if Instant::now() < self.tidy_after || self.store.tidy_due().is_none_or(|due| due > now_ms) {
+            return;
+        }
+        match self.store.tidy(now_ms, TIDY_SLICE) {
+            Ok(()) => {
+                // A message written into fjall, or an epoch ended, waits
+                // for a sync; nothing is lost meanwhile (disk.rs).
+                self.unsynced_since.get_or_insert_with(Instant::now);
+                self.publish_held();
+            }
+            Err(e) => {
+                self.counters.errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!("store: resolving between requests failed (retried): {e}");
+                self.tidy_after = Instant::now() + TIDY_RETRY;
+            }
+        }
     }
 
     /// Syncs positions and logins written since the last sync.

@@ -6,7 +6,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use proptest::prelude::*;
@@ -604,6 +604,21 @@ impl Model {
         }
     }
 
+    /// The store thread's work between requests ([`Store::tidy`]): what
+    /// an append resolves first, with `budget` in place of 8, for the
+    /// messages two epochs old.
+    fn tidy(&mut self, now: u64, budget: usize) {
+        for _ in 0..budget {
+            let Some(hot) = &mut self.hot else { return };
+            match hot.order.front() {
+                Some(&(_, _, at)) if at + super::disk::IDLE_RESOLVE_MS <= now => {}
+                _ => return,
+            }
+            let (user, seq, _) = hot.order.pop_front().expect("a front");
+            self.resolve_one(&(user, seq));
+        }
+    }
+
     fn restart(&mut self) {
         if let Some(hot) = &mut self.hot {
             *hot = HotModel::default();
@@ -756,6 +771,10 @@ enum Op {
     Expire {
         budget: usize,
     },
+    /// The store thread's work between requests, with this budget.
+    Tidy {
+        budget: usize,
+    },
     Restart,
 }
 
@@ -767,7 +786,10 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (0..3u8, 0..3u8, 0..12u64).prop_map(|(user, device, seq)| Op::Position { user, device, seq }),
         1 => (0..3u8).prop_map(|user| Op::State { user }),
         2 => (1..400u64).prop_map(|ms| Op::Tick { ms }),
+        // Past an epoch or two at once: what resolving between requests waits for.
+        1 => (1500..4500u64).prop_map(|ms| Op::Tick { ms }),
         2 => (1..4usize).prop_map(|budget| Op::Expire { budget }),
+        2 => (1..4usize).prop_map(|budget| Op::Tidy { budget }),
         1 => Just(Op::Restart),
     ]
 }
@@ -833,6 +855,13 @@ fn against_a_model(
                     }
                 }
                 prop_assert_eq!(dropped, model.expire(&limits, now), "op {}", i);
+            }
+            Op::Tidy { budget } => {
+                s.tidy(now, budget).unwrap();
+                model.tidy(now, budget);
+                if model.hot.is_some() {
+                    prop_assert_eq!(s.held().0, model.msgs.len() as u64, "op {}", i);
+                }
             }
             Op::Restart => {
                 if subject.restart() {
@@ -1525,6 +1554,43 @@ fn service_is_busy_when_the_queue_is_full_and_never_blocks() {
     service.stop().unwrap();
 }
 
+/// The clock of `service_resolves_hot_messages_while_no_request_comes`.
+static TIDY_CLOCK: AtomicU64 = AtomicU64::new(T0);
+
+fn tidy_clock() -> u64 {
+    TIDY_CLOCK.load(Ordering::Relaxed)
+}
+
+/// The store thread resolves the disk store's hot messages two epochs
+/// after their append even if no request follows (`Store::tidy`): acknowledged
+/// messages leave the count of those kept, and the next burst of sends
+/// does not pay for the last one's.
+#[test]
+fn service_resolves_hot_messages_while_no_request_comes() {
+    let dir = TempDir::new("tidy");
+    let store = DiskStore::open(&dir.0, Durability::Os, StoreLimits::default()).unwrap();
+    let (sink, rx) = collect();
+    let service = Service::start(Box::new(store), sink, ServiceConfig { clock: tidy_clock, ..cfg(64) }).unwrap();
+    let (u, d): (Arc<str>, Arc<str>) = ("alice".into(), "phone".into());
+    service.try_submit(0, Request::DeviceLogin { user: u.clone(), device: d.clone(), client_seq: 0 }).unwrap();
+    recv(&rx);
+    for n in 1..=3 {
+        service.try_submit(n, append_req("alice", n)).unwrap();
+        recv(&rx);
+    }
+    service.try_submit(9, Request::Position { user: u, device: d, seq: 3 }).unwrap();
+    recv(&rx);
+    let held = || service.counters().held_messages.load(Ordering::Relaxed);
+    assert_eq!(held(), 3, "kept until resolved");
+    TIDY_CLOCK.store(T0 + super::disk::IDLE_RESOLVE_MS, Ordering::Relaxed);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while held() != 0 {
+        assert!(Instant::now() < deadline, "still {} kept 10 s after their epoch", held());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    service.stop().unwrap();
+}
+
 /// A worker queues its turn's requests without waking the store thread,
 /// and wakes it once after the turn (`Submitter::try_submit_unwoken`):
 /// what is queued while the thread is busy goes into its next batch, and
@@ -2056,6 +2122,40 @@ fn disk_hot_messages_acknowledged_in_time_are_dropped_and_the_others_kept() {
     assert_eq!(d.store().expire(T0 + 2 * epoch + 5).unwrap(), 1);
     let ann = d.store().inbox_state("ann").unwrap();
     assert_eq!((ann.head_seq, ann.first_seq, ann.messages), (5, 5, 1));
+}
+
+/// Hot messages are resolved between requests too ([`Store::tidy`]), two
+/// epochs after their append, so that the first appends after a quiet
+/// spell do not each resolve the backlog of the spell before (8 per
+/// append) while their senders wait: the store says when its next message
+/// is due, and `tidy` resolves up to its budget of the due ones.
+#[test]
+fn disk_hot_messages_are_resolved_between_requests() {
+    let epoch = super::disk::IDLE_RESOLVE_MS;
+    let mut d = Disk::new(Durability::Os, StoreLimits::default());
+    let s = d.store();
+    assert_eq!(s.tidy_due(), None, "nothing hot");
+    s.device_login("ann", "phone", 0, T0).unwrap();
+    for n in 1..=3 {
+        assert_eq!(append(s, "ann", n, T0 + n), n);
+    }
+    assert_eq!(append(s, "ben", 1, T0 + 4), 1, "ben has no device");
+    s.set_position("ann", "phone", 3, T0 + 5).unwrap();
+    assert_eq!(s.tidy_due(), Some(T0 + 1 + epoch), "the first message is due then");
+    s.tidy(T0 + epoch, 100).unwrap();
+    assert_eq!(s.held().0, 4, "nothing is due before");
+    s.tidy(T0 + epoch + 10, 2).unwrap();
+    assert_eq!(s.held().0, 2, "two resolved (dropped: acknowledged) within the budget");
+    assert_eq!(s.tidy_due(), Some(T0 + 3 + epoch));
+    s.tidy(T0 + epoch + 10, 100).unwrap();
+    assert_eq!(s.held().0, 1, "ann's third dropped; ben's written to fjall, kept");
+    assert_eq!(s.tidy_due(), None);
+    assert_eq!(seqs(&s.read("ben", 0, 10).unwrap()), vec![1]);
+    assert_eq!(s.inbox_state("ann").unwrap().head_seq, 3);
+    assert!(d.restart());
+    assert_eq!(seqs(&d.store().read("ben", 0, 10).unwrap()), vec![1]);
+    assert_eq!(seqs(&d.store().read("ann", 0, 10).unwrap()), Vec::<u64>::new());
+    assert_eq!(append(d.store(), "ann", 4, T0 + epoch + 11), 4, "no seq is given twice");
 }
 
 /// Past [`disk::HOT_MAX_BYTES`] of hot messages each append resolves the
