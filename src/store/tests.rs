@@ -593,25 +593,23 @@ impl Model {
 
     /// An append's first step.
     fn rotate_if_due(&mut self, now: u64) {
-        for _ in 0..8 {
-            let Some(hot) = &mut self.hot else { return };
-            match hot.order.front() {
-                Some(&(_, _, at)) if at + super::hotlog::EPOCH_MS <= now => {}
-                _ => return,
-            }
-            let (user, seq, _) = hot.order.pop_front().expect("a front");
-            self.resolve_one(&(user, seq));
-        }
+        self.resolve_due(now, 8, super::hotlog::EPOCH_MS);
     }
 
     /// The store thread's work between requests ([`Store::tidy`]): what
     /// an append resolves first, with `budget` in place of 8, for the
     /// messages two epochs old.
     fn tidy(&mut self, now: u64, budget: usize) {
+        self.resolve_due(now, budget, super::disk::IDLE_RESOLVE_MS);
+    }
+
+    /// Resolves, oldest first, up to `budget` hot messages appended
+    /// `age` or more before `now`.
+    fn resolve_due(&mut self, now: u64, budget: usize, age: u64) {
         for _ in 0..budget {
             let Some(hot) = &mut self.hot else { return };
             match hot.order.front() {
-                Some(&(_, _, at)) if at + super::disk::IDLE_RESOLVE_MS <= now => {}
+                Some(&(_, _, at)) if at + age <= now => {}
                 _ => return,
             }
             let (user, seq, _) = hot.order.pop_front().expect("a front");
