@@ -446,7 +446,8 @@ impl<T: Send + 'static, S: Sink<T>> Worker<T, S> {
     }
 
     /// When the store next has work for [`Store::tidy`], on this
-    /// thread's clock (`None`: none coming, or it failed a moment ago).
+    /// thread's clock (`None`: none coming); not before [`TIDY_RETRY`]
+    /// after a failure.
     fn tidy_at(&self) -> Option<Instant> {
         let due_ms = self.store.tidy_due()?;
         let now = Instant::now();
