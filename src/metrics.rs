@@ -411,6 +411,12 @@ impl Collector for Live {
                 "Bytes of the messages held in inboxes, as counted against store.max_bytes.",
                 get(&s.held_bytes) as i64,
             )?;
+            f.gauge(
+                "switchboard_store_stopped",
+                "1 once the store stopped serving after a failed write (disk full, I/O error): every reliable \
+                 request fails until the server restarts; what was synced before is kept.",
+                i64::from(s.stopped.load(Ordering::Relaxed)),
+            )?;
             f.histogram(
                 "switchboard_store_commit_seconds",
                 "Seconds from the store thread taking a batch that stores messages to that batch's sync returning \

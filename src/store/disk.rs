@@ -117,6 +117,10 @@
 //! fjall does not free it while it holds the lock every write of that
 //! keyspace takes.
 //!
+//! A write that fails (the hot log's, fjall's, or a sync) stops the store:
+//! every request after it fails until the store is opened again, which
+//! recovers what was synced (`DiskStore::guard`: why; docs/DEPLOY.md).
+//!
 //! RAM: nothing per user beyond a bounded cache. The store keeps one
 //! counter (bytes kept, summed from `inboxes` at open, so opening reads
 //! each user with pending messages once), fjall's own buffers, which do
@@ -507,8 +511,8 @@ pub struct DiskStore {
     /// Messages kept over all inboxes (counted at open, then kept up).
     total_messages: u64,
     /// user key → head and record, mirroring fjall (module doc). An append
-    /// moves its entry to the new head before committing and drops it if
-    /// the commit fails; a device change updates it after its write.
+    /// moves its entry to the new head before committing (a failed commit
+    /// stops the store); a device change updates it after its write.
     cache: hashbrown::HashMap<Vec<u8>, Cached>,
     cache_users: usize,
     /// With [`Durability::Os`], the thread that starts the journal's
@@ -521,6 +525,9 @@ pub struct DiskStore {
     expire_at: Option<ExpireAt>,
     /// The messages of the last two epochs (hotlog.rs).
     hot: Hot,
+    /// Why the store stopped: the I/O error of its first failed write
+    /// ([`DiskStore::guard`]); `None` while it runs.
+    stopped: Option<String>,
 }
 
 impl DiskStore {
@@ -608,6 +615,7 @@ impl DiskStore {
                 fjall_synced: Instant::now(),
                 to_delete: None,
             },
+            stopped: None,
         };
         store.recover(logged)?;
         store.hot.log.drop_recovered(&recovered)?;
@@ -735,14 +743,12 @@ impl DiskStore {
         Ok(self.cache.get_mut(uk).expect("filled above"))
     }
 
-    /// Applies a device change to the user's record.
+    /// Applies a device change to the user's record (ids checked).
     fn with_devices<R>(
         &mut self,
         user: &str,
-        device: &str,
         f: impl FnOnce(&mut Vec<DeviceState>, u64) -> R,
     ) -> Result<(R, u64), StoreError> {
-        check_ids(user, "", device)?;
         let uk = user_key(user);
         let Cached { head, fhead, mut rec, .. } = self.load(&uk)?;
         let r = f(&mut rec.devices, head);
@@ -912,6 +918,45 @@ impl DiskStore {
         batch.insert(&self.dedup, dk, seen);
     }
 
+    /// Runs a request that writes, unless the store has stopped; stops it
+    /// if the request fails with an I/O error. Why stop rather than go on:
+    /// the hot log's write that failed may have written part of a record
+    /// (a disk that fills up takes what fits), and the next open stops
+    /// reading the file there, so nothing written after it may be
+    /// acknowledged; fjall refuses every write after a failed one (it
+    /// "poisons" itself); and the RAM state of a request that failed
+    /// half-way (a head moved, a hot message taken out to be written) no
+    /// longer matches the disk. What was synced before is on disk, and the
+    /// next open recovers it: the operator restarts the server once the
+    /// cause (space, the device) is fixed.
+    fn guard<R>(&mut self, request: impl FnOnce(&mut Self) -> Result<R, StoreError>) -> Result<R, StoreError> {
+        self.running()?;
+        match request(self) {
+            // A nested request that stopped the store said so already.
+            Err(StoreError::Unavailable(e)) if self.stopped.is_none() => {
+                tracing::error!(
+                    error = %e,
+                    "disk store: a write failed; the store serves nothing more until the server restarts \
+                     (what was synced before is kept)"
+                );
+                self.stopped = Some(e);
+                self.running().map(|()| unreachable!("stopped above"))
+            }
+            r => r,
+        }
+    }
+
+    /// Ok while the store runs; the error of every request once it stopped.
+    fn running(&self) -> Result<(), StoreError> {
+        match &self.stopped {
+            None => Ok(()),
+            Some(e) => Err(unavailable(format!(
+                "the disk store stopped at a failed write ({e}); restart the server once the cause is fixed \
+                 (what was synced before is kept)"
+            ))),
+        }
+    }
+
     fn persist_fjall(&mut self, mode: PersistMode) -> Result<(), StoreError> {
         self.db.persist(mode).map_err(unavailable)?;
         if mode == PersistMode::SyncData {
@@ -1003,13 +1048,9 @@ impl DiskStore {
                 c.rec_head = Some(c.fhead);
                 self.hot.dirty.remove(&uk[..]);
             }
-            if let Err(e) = batch.commit() {
-                // Read again from fjall; the message stays in the log,
-                // which the next open writes into fjall.
-                self.cache.remove(&uk[..]);
-                self.hot.dirty.remove(&uk[..]);
-                return Err(unavailable(e));
-            }
+            // A failure stops the store (`guard`); the message stays in
+            // the log, which the next open writes into fjall.
+            batch.commit().map_err(unavailable)?;
         }
         Ok(dropped)
     }
@@ -1173,7 +1214,7 @@ impl Drop for DiskStore {
     /// that the next open does not count the dropped messages again (after
     /// a crash it may, until the next retention pass drops them again).
     fn drop(&mut self) {
-        if self.hot.dirty.is_empty() {
+        if self.hot.dirty.is_empty() || self.stopped.is_some() {
             return;
         }
         self.log_dirty_heads();
@@ -1206,9 +1247,9 @@ fn stored_message(seq: u64, v: &[u8]) -> Result<StoredMessage, StoreError> {
     })
 }
 
-impl Store for DiskStore {
-    fn append(&mut self, m: &NewMessage, now_ms: u64) -> Result<Appended, StoreError> {
-        check_ids(&m.to, &m.from, "")?;
+impl DiskStore {
+    /// [`Store::append`] of a running store, its ids checked.
+    fn append_now(&mut self, m: &NewMessage, now_ms: u64) -> Result<Appended, StoreError> {
         self.settle(now_ms, RESOLVE_PER_APPEND, hotlog::EPOCH_MS)?;
         let dk = (m.client_id != 0).then(|| dedup_key(&m.from, m.client_id));
         let mut stale_dedup = None;
@@ -1241,10 +1282,9 @@ impl Store for DiskStore {
         if let Some(dk) = dk {
             // In fjall for the lookups; durable through the hot log, which
             // recovery writes them again from.
-            if let Err(e) = self.write_dedup(stale_dedup, &dk, seq, m.msg_id, now_ms) {
-                self.cache.remove(&uk); // read back at the head before
-                return Err(e);
-            }
+            // A failure stops the store (`guard`): the head moved above
+            // need not be taken back.
+            self.write_dedup(stale_dedup, &dk, seq, m.msg_id, now_ms)?;
         }
         // The message goes to the hot log and stays in RAM until the
         // rotation after next (hotlog.rs): nothing is written to fjall.
@@ -1273,6 +1313,27 @@ impl Store for DiskStore {
         Ok(Appended::New { seq })
     }
 
+    /// [`Store::sync`] of a running store.
+    fn sync_now(&mut self) -> Result<(), StoreError> {
+        // The messages first: `fdatasync`ed with `fsync`.
+        self.hot.log.flush()?;
+        if self.hot.to_delete.is_some() {
+            return self.finish_rotation();
+        }
+        let mode = match self.durability {
+            Durability::Fsync if self.hot.fjall_synced.elapsed() >= FJALL_SYNC_INTERVAL => PersistMode::SyncData,
+            _ => PersistMode::Buffer,
+        };
+        self.persist_fjall(mode)
+    }
+}
+
+impl Store for DiskStore {
+    fn append(&mut self, m: &NewMessage, now_ms: u64) -> Result<Appended, StoreError> {
+        check_ids(&m.to, &m.from, "")?;
+        self.guard(|s| s.append_now(m, now_ms))
+    }
+
     fn held(&self) -> (u64, u64) {
         (self.total_messages, self.total_bytes)
     }
@@ -1287,12 +1348,15 @@ impl Store for DiskStore {
     /// seconds of traffic for as long as the server stayed quiet.
     fn tidy(&mut self, now_ms: u64, budget: usize) -> Result<(), StoreError> {
         if self.hot.order.is_empty() {
-            return Ok(());
+            return self.running();
         }
-        self.settle(now_ms, budget.max(1), IDLE_RESOLVE_MS)
+        self.guard(|s| s.settle(now_ms, budget.max(1), IDLE_RESOLVE_MS))
     }
 
     fn tidy_due(&self) -> Option<u64> {
+        if self.stopped.is_some() {
+            return None;
+        }
         self.hot.order.front().map(|&(_, _, at)| at.saturating_add(IDLE_RESOLVE_MS))
     }
 
@@ -1301,19 +1365,12 @@ impl Store for DiskStore {
     }
 
     fn sync(&mut self) -> Result<(), StoreError> {
-        // The messages first: `fdatasync`ed with `fsync`.
-        self.hot.log.flush()?;
-        if self.hot.to_delete.is_some() {
-            return self.finish_rotation();
-        }
-        let mode = match self.durability {
-            Durability::Fsync if self.hot.fjall_synced.elapsed() >= FJALL_SYNC_INTERVAL => PersistMode::SyncData,
-            _ => PersistMode::Buffer,
-        };
-        self.persist_fjall(mode)
+        self.guard(Self::sync_now)
     }
 
     fn read(&mut self, user: &str, after_seq: u64, limit: usize) -> Result<Page, StoreError> {
+        // A stopped store's RAM may hold what was never synced.
+        self.running()?;
         if user.is_empty() || user.len() > MAX_USER_BYTES {
             return Ok(Page { messages: Vec::new(), head_seq: 0 });
         }
@@ -1349,17 +1406,18 @@ impl Store for DiskStore {
         client_seq: u64,
         now_ms: u64,
     ) -> Result<(u64, u64), StoreError> {
-        self.with_devices(user, device, |devices, head| login_device(devices, device, client_seq, head, now_ms))
+        check_ids(user, "", device)?;
+        self.guard(|s| s.with_devices(user, |devices, head| login_device(devices, device, client_seq, head, now_ms)))
     }
 
     fn set_position(&mut self, user: &str, device: &str, seq: u64, now_ms: u64) -> Result<(), StoreError> {
-        self.with_devices(user, device, |devices, head| {
-            advance_device(devices, device, seq, head, now_ms);
-        })
-        .map(|_| ())
+        check_ids(user, "", device)?;
+        self.guard(|s| s.with_devices(user, |devices, head| advance_device(devices, device, seq, head, now_ms)))
+            .map(|_| ())
     }
 
     fn inbox_state(&mut self, user: &str) -> Result<InboxState, StoreError> {
+        self.running()?;
         if user.is_empty() || user.len() > MAX_USER_BYTES {
             return Ok(InboxState { head_seq: 0, first_seq: 1, messages: 0, bytes: 0, devices: Vec::new() });
         }
@@ -1390,6 +1448,17 @@ impl Store for DiskStore {
     }
 
     fn expire_slice(&mut self, now_ms: u64, budget: usize) -> Result<(u64, bool), StoreError> {
+        self.guard(|s| s.expire_slice_now(now_ms, budget))
+    }
+
+    fn stopped(&self) -> bool {
+        self.stopped.is_some()
+    }
+}
+
+impl DiskStore {
+    /// [`Store::expire_slice`] of a running store.
+    fn expire_slice_now(&mut self, now_ms: u64, budget: usize) -> Result<(u64, bool), StoreError> {
         let budget = budget.max(1);
         // Taken: a slice that fails leaves no pass under way, and the
         // next one starts from the beginning.

@@ -189,6 +189,12 @@ pub trait Store: Send + 'static {
     /// (or they expired) and a retention pass dropped them. Cheap: a
     /// running count, not a scan.
     fn held(&self) -> (u64, u64);
+    /// Whether the store has stopped serving after a failed write (the
+    /// disk store: disk.rs, `DiskStore::guard`); every request then fails
+    /// until the store is opened again. Cheap.
+    fn stopped(&self) -> bool {
+        false
+    }
     /// What survives a message once `sync` returned, reported in receipts:
     /// `None` = nothing (the memory store) or unknown.
     fn durability(&self) -> Option<Durability> {

@@ -171,6 +171,9 @@ pub struct StoreCounters {
     pub held_messages: AtomicU64,
     /// Their bytes, counted as [`super::record_bytes`].
     pub held_bytes: AtomicU64,
+    /// Whether the store stopped after a failed write ([`Store::stopped`]),
+    /// as of the last batch.
+    pub stopped: AtomicBool,
     /// Commit latency of the batches that stored messages: from the store
     /// thread taking the batch to its sync returning (applying the batch,
     /// then one `sync`), once per batch. Written by the store thread only.
@@ -647,6 +650,7 @@ impl<T: Send + 'static, S: Sink<T>> Worker<T, S> {
         let (messages, bytes) = self.store.held();
         self.counters.held_messages.store(messages, Ordering::Relaxed);
         self.counters.held_bytes.store(bytes, Ordering::Relaxed);
+        self.counters.stopped.store(self.store.stopped(), Ordering::Relaxed);
     }
 
     /// Runs the next slice of the retention pass; whether the pass is over
