@@ -413,8 +413,9 @@ impl Collector for Live {
             )?;
             f.gauge(
                 "switchboard_store_stopped",
-                "1 once the store stopped serving after a failed write (disk full, I/O error): every reliable \
-                 request fails until the server restarts; what was synced before is kept.",
+                "1 while the store is stopped after a failed write (disk full, I/O error): every reliable \
+                 request fails until the store thread opens it again (every 10 s, once the cause is gone); what \
+                 was synced before is kept.",
                 i64::from(s.stopped.load(Ordering::Relaxed)),
             )?;
             f.histogram(

@@ -118,8 +118,9 @@
 //! keyspace takes.
 //!
 //! A write that fails (the hot log's, fjall's, or a sync) stops the store:
-//! every request after it fails until the store is opened again, which
-//! recovers what was synced (`DiskStore::guard`: why; docs/DEPLOY.md).
+//! every request after it fails until the store is opened again (the
+//! store thread tries every few seconds), which recovers what was synced
+//! (`DiskStore::guard`: why; docs/DEPLOY.md).
 //!
 //! RAM: nothing per user beyond a bounded cache. The store keeps one
 //! counter (bytes kept, summed from `inboxes` at open, so opening reads
@@ -168,7 +169,7 @@
 
 use std::collections::VecDeque;
 use std::ops::Bound;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -178,7 +179,7 @@ use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use super::hotlog::{self, HotLog, LogEntry, Recovered};
 use super::{
     advance_device, check_ids, expire_devices, expired, login_device, record_bytes, Appended, DeviceState, Durability,
-    InboxState, NewMessage, Page, Store, StoreError, StoreLimits, StoredMessage, MAX_USER_BYTES,
+    InboxState, NewMessage, Page, Reopen, Store, StoreError, StoreLimits, StoredMessage, MAX_USER_BYTES,
 };
 
 /// fjall's block cache: recently read data blocks, shared by every keyspace.
@@ -528,6 +529,9 @@ pub struct DiskStore {
     /// Why the store stopped: the I/O error of its first failed write
     /// ([`DiskStore::guard`]); `None` while it runs.
     stopped: Option<String>,
+    /// The directory and write buffer it was opened with
+    /// ([`Store::reopener`]).
+    opened_with: (PathBuf, u64),
 }
 
 impl DiskStore {
@@ -616,6 +620,7 @@ impl DiskStore {
                 to_delete: None,
             },
             stopped: None,
+            opened_with: (path.to_path_buf(), write_buffer_bytes),
         };
         store.recover(logged)?;
         store.hot.log.drop_recovered(&recovered)?;
@@ -927,8 +932,9 @@ impl DiskStore {
     /// "poisons" itself); and the RAM state of a request that failed
     /// half-way (a head moved, a hot message taken out to be written) no
     /// longer matches the disk. What was synced before is on disk, and the
-    /// next open recovers it: the operator restarts the server once the
-    /// cause (space, the device) is fixed.
+    /// next open recovers it: the store thread opens the store again every
+    /// few seconds ([`Store::reopener`]), which works once the cause (space,
+    /// the device) is gone.
     fn guard<R>(&mut self, request: impl FnOnce(&mut Self) -> Result<R, StoreError>) -> Result<R, StoreError> {
         self.running()?;
         match request(self) {
@@ -936,7 +942,7 @@ impl DiskStore {
             Err(StoreError::Unavailable(e)) if self.stopped.is_none() => {
                 tracing::error!(
                     error = %e,
-                    "disk store: a write failed; the store serves nothing more until the server restarts \
+                    "disk store: a write failed; the store serves nothing more until it is opened again \
                      (what was synced before is kept)"
                 );
                 self.stopped = Some(e);
@@ -951,7 +957,7 @@ impl DiskStore {
         match &self.stopped {
             None => Ok(()),
             Some(e) => Err(unavailable(format!(
-                "the disk store stopped at a failed write ({e}); restart the server once the cause is fixed \
+                "the disk store stopped at a failed write ({e}); it is opened again once the cause is gone \
                  (what was synced before is kept)"
             ))),
         }
@@ -1453,6 +1459,14 @@ impl Store for DiskStore {
 
     fn stopped(&self) -> bool {
         self.stopped.is_some()
+    }
+
+    fn reopener(&self) -> Option<Reopen> {
+        let (path, buffer) = self.opened_with.clone();
+        let (durability, limits) = (self.durability, self.limits);
+        Some(Arc::new(move || {
+            DiskStore::open_with_buffer(&path, durability, limits, buffer).map(|s| Box::new(s) as Box<dyn Store>)
+        }))
     }
 }
 

@@ -195,12 +195,21 @@ pub trait Store: Send + 'static {
     fn stopped(&self) -> bool {
         false
     }
+    /// How to open this store again from what it keeps, which the store
+    /// thread does while it is [`Store::stopped`] (`service`,
+    /// `ServiceConfig::reopen_interval`); `None`: it cannot be.
+    fn reopener(&self) -> Option<Reopen> {
+        None
+    }
     /// What survives a message once `sync` returned, reported in receipts:
     /// `None` = nothing (the memory store) or unknown.
     fn durability(&self) -> Option<Durability> {
         None
     }
 }
+
+/// Opens a store again ([`Store::reopener`]).
+pub type Reopen = Arc<dyn Fn() -> Result<Box<dyn Store>, StoreError> + Send + Sync>;
 
 /// How durable a `sync` makes what came before it.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

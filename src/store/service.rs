@@ -47,6 +47,11 @@
 //! query, a retention pass and the stop first write every waiting
 //! position, so none of them sees an older one.
 //!
+//! A store that stopped after a failed write ([`Store::stopped`]) is
+//! closed and opened again every [`REOPEN_INTERVAL`] (10 s) by the loop,
+//! from its own [`Store::reopener`], until that works: a disk that filled
+//! up and got space back serves again without a restart of the server.
+//!
 //! The retention pass ([`Store::expire_slice`]) runs in slices of
 //! [`EXPIRE_SLICE`] units of work, one per turn after the batch, until it
 //! is over; the next starts [`EXPIRE_INTERVAL`] after that. Run whole, the
@@ -67,7 +72,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use thiserror::Error;
 
-use super::{Appended, InboxState, NewMessage, Page, Store, StoreError};
+use super::{Appended, InboxState, NewMessage, Page, Reopen, Store, StoreError};
 
 /// Requests drained after the first one into one batch (one sync). At
 /// 100-byte messages a batch holds well under a megabyte of payloads.
@@ -101,6 +106,10 @@ pub const TIDY_SLICE: usize = 512;
 
 /// How long the loop leaves [`Store::tidy`] alone after it failed.
 const TIDY_RETRY: Duration = Duration::from_secs(1);
+
+/// `ServiceConfig::reopen_interval`'s default: how often the loop opens a
+/// stopped store again.
+pub const REOPEN_INTERVAL: Duration = Duration::from_secs(10);
 
 /// What the store thread can be asked to do.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -189,6 +198,9 @@ pub struct ServiceConfig {
     pub expire_interval: Duration,
     /// The clock, in Unix milliseconds (a test passes its own).
     pub clock: fn() -> u64,
+    /// While the store is stopped ([`Store::stopped`]: a write failed),
+    /// the loop opens it again this often ([`REOPEN_INTERVAL`]).
+    pub reopen_interval: Duration,
 }
 
 fn unix_ms() -> u64 {
@@ -197,7 +209,12 @@ fn unix_ms() -> u64 {
 
 impl ServiceConfig {
     pub fn new(queue_capacity: usize) -> Self {
-        ServiceConfig { queue_capacity, expire_interval: EXPIRE_INTERVAL, clock: unix_ms }
+        ServiceConfig {
+            queue_capacity,
+            expire_interval: EXPIRE_INTERVAL,
+            clock: unix_ms,
+            reopen_interval: REOPEN_INTERVAL,
+        }
     }
 }
 
@@ -309,6 +326,8 @@ impl<T: Send + 'static> Service<T> {
             unsynced_since: None,
             positions: hashbrown::HashMap::new(),
             tidy_after: Instant::now(),
+            reopen: None,
+            reopen_after: Instant::now(),
         };
         let thread = std::thread::Builder::new().name("switchboard-store".into()).spawn(move || worker.run())?;
         let submitter = Submitter { queue, thread: thread.thread().clone(), counters, stopped };
@@ -370,6 +389,10 @@ struct Worker<T, S> {
     positions: hashbrown::HashMap<DeviceKey, (u64, Vec<T>)>,
     /// [`Store::tidy`] is not tried before this (it failed).
     tidy_after: Instant,
+    /// How to open the store again, taken from it when it stopped.
+    reopen: Option<Reopen>,
+    /// A stopped store is not opened again before this.
+    reopen_after: Instant,
 }
 
 /// (user, device).
@@ -388,6 +411,9 @@ impl<T: Send + 'static, S: Sink<T>> Worker<T, S> {
             }
             if let Some(t) = self.tidy_at() {
                 due = due.min(t);
+            }
+            if self.store.stopped() {
+                due = due.min(self.reopen_after);
             }
             if !self.positions.is_empty() || expiring {
                 due = Instant::now(); // look for requests, then do the next slice
@@ -409,6 +435,9 @@ impl<T: Send + 'static, S: Sink<T>> Worker<T, S> {
                 }
             }
             self.counters.queue_depth.fetch_sub(batch.len() as u64, Ordering::Relaxed);
+            if !stopping {
+                self.reopen_if_due();
+            }
             let idle = batch.is_empty();
             self.serve(&mut batch);
             if idle && !stopping {
@@ -479,6 +508,36 @@ impl<T: Send + 'static, S: Sink<T>> Worker<T, S> {
                 self.tidy_after = Instant::now() + TIDY_RETRY;
             }
         }
+    }
+
+    /// While the store is stopped (a write failed), opens it again every
+    /// `reopen_interval`: once the cause is gone (space freed, say), it
+    /// recovers what it had synced and serves again, and a million
+    /// connections need not be dropped by a restart for it. Until then
+    /// every request gets the stopped store's error (or, if opening it
+    /// failed, [`Closed`]'s).
+    fn reopen_if_due(&mut self) {
+        if !self.store.stopped() || Instant::now() < self.reopen_after {
+            return;
+        }
+        self.reopen_after = Instant::now() + self.cfg.reopen_interval;
+        if let Some(r) = self.store.reopener() {
+            self.reopen = Some(r);
+        }
+        let Some(reopen) = self.reopen.clone() else { return };
+        // The old store first: it holds the directory's lock.
+        drop(std::mem::replace(&mut self.store, Box::new(Closed)));
+        match reopen() {
+            Ok(store) => {
+                tracing::info!("store: opened again after its failed write; serving again");
+                self.store = store;
+            }
+            Err(e) => {
+                self.counters.errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!("store: opening it again failed (retried in {:?}): {e}", self.cfg.reopen_interval);
+            }
+        }
+        self.publish_held();
     }
 
     /// Syncs positions and logins written since the last sync.
@@ -672,5 +731,50 @@ impl<T: Send + 'static, S: Sink<T>> Worker<T, S> {
                 true
             }
         }
+    }
+}
+
+/// The store thread's store between closing a stopped store and opening it
+/// again, while that fails ([`Worker::reopen_if_due`]): it refuses every
+/// request.
+struct Closed;
+
+impl Closed {
+    fn refuse<R>() -> Result<R, StoreError> {
+        Err(StoreError::Unavailable(
+            "the store stopped at a failed write, and opening it again failed (retried; the server's log says \
+             why)"
+                .into(),
+        ))
+    }
+}
+
+impl Store for Closed {
+    fn append(&mut self, _: &NewMessage, _: u64) -> Result<Appended, StoreError> {
+        Self::refuse()
+    }
+    fn sync(&mut self) -> Result<(), StoreError> {
+        Self::refuse()
+    }
+    fn read(&mut self, _: &str, _: u64, _: usize) -> Result<Page, StoreError> {
+        Self::refuse()
+    }
+    fn device_login(&mut self, _: &str, _: &str, _: u64, _: u64) -> Result<(u64, u64), StoreError> {
+        Self::refuse()
+    }
+    fn set_position(&mut self, _: &str, _: &str, _: u64, _: u64) -> Result<(), StoreError> {
+        Self::refuse()
+    }
+    fn inbox_state(&mut self, _: &str) -> Result<InboxState, StoreError> {
+        Self::refuse()
+    }
+    fn expire(&mut self, _: u64) -> Result<u64, StoreError> {
+        Self::refuse()
+    }
+    fn held(&self) -> (u64, u64) {
+        (0, 0)
+    }
+    fn stopped(&self) -> bool {
+        true
     }
 }

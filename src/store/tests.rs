@@ -2300,18 +2300,45 @@ fn disk_write_failure_in_a_process_of_its_own() {
     assert_eq!(send(&mut s, 6), Ok(Appended::New { seq: head + 1 }), "seqs go on after the reopen");
     s.sync().unwrap();
     // Behind the store thread: the failed append is answered with the
-    // error, and the gauge of /metrics (switchboard_store_stopped) says so.
+    // error, the gauge of /metrics (switchboard_store_stopped) reads 1,
+    // and the thread opens the store again every reopen_interval, which
+    // fails while the cause lasts and serves again once it is gone.
     let (sink, rx) = collect();
-    let service = Service::start(Box::new(s), sink, cfg(64)).unwrap();
-    assert!(!service.counters().stopped.load(Ordering::Relaxed));
+    let c = ServiceConfig { reopen_interval: Duration::from_millis(100), ..cfg(64) };
+    let service = Service::start(Box::new(s), sink, c).unwrap();
+    let stopped = || service.counters().stopped.load(Ordering::Relaxed);
+    let submit = |token: u64, n: u64| {
+        service.try_submit(token, Request::Append(msg("ann", "app", n, T0, &big, 0))).unwrap();
+        match recv(&rx) {
+            (t, Done::Appended(r)) if t == token => r,
+            other => panic!("{other:?}"),
+        }
+    };
+    assert!(!stopped());
     limit_file_size(Some(1));
-    service.try_submit(1, append_req("ann", 7)).unwrap();
-    let failed = recv(&rx);
-    limit_file_size(None);
-    assert!(matches!(failed, (1, Done::Appended(Err(StoreError::Unavailable(_))))), "{failed:?}");
-    assert!(service.counters().stopped.load(Ordering::Relaxed), "the gauge reads 1");
-    service.try_submit(2, append_req("ann", 8)).unwrap();
-    let (_, Done::Appended(Err(StoreError::Unavailable(why)))) = recv(&rx) else { panic!("served after a failure") };
+    let failed = submit(1, 7);
+    assert!(matches!(failed, Err(StoreError::Unavailable(_))), "{failed:?}");
+    assert!(stopped(), "the gauge reads 1");
+    // Long enough for an attempt to open it again, which fails too.
+    std::thread::sleep(Duration::from_millis(300));
+    let Err(StoreError::Unavailable(why)) = submit(2, 8) else { panic!("served while writes fail") };
     assert!(why.contains("stopped"), "{why}");
-    service.stop().unwrap_err();
+    assert!(stopped());
+    limit_file_size(None);
+    let t = Instant::now();
+    let seq = loop {
+        match submit(3, 9) {
+            Ok(Appended::New { seq }) => break seq,
+            r => assert!(t.elapsed() < Duration::from_secs(5), "not opened again: {r:?}"),
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(seq, head + 2, "after 6 (7 and 8 were refused)");
+    assert!(!stopped(), "the gauge reads 0 again");
+    service.try_submit(4, Request::Read { user: "ann".into(), after_seq: 0, limit: 100 }).unwrap();
+    let (4, Done::Read(Ok(page))) = recv(&rx) else { panic!("no page") };
+    let kept = seqs(&page);
+    assert!(acked.iter().chain([&(head + 1), &seq]).all(|n| kept.contains(n)), "{kept:?}");
+    assert!(kept.windows(2).all(|w| w[0] < w[1]), "{kept:?}");
+    service.stop().unwrap();
 }
