@@ -101,7 +101,9 @@ fn silent_and_slow_clients_do_not_delay_health_or_pushes() {
 
 /// A batch of 300,000 commands runs on the blocking pool, not on the
 /// event loop: `/healthz` answers while it runs. (Run on the event loop,
-/// this batch held a health check for 426 ms here; on the pool, 17 ms.)
+/// this batch held a health check for 426 ms here; on the pool, 17 ms.
+/// The bound is 200 ms, under half the first: 100 ms failed once, at
+/// 110.9 ms, in a full run on a busy 2-core host.)
 #[test]
 fn a_huge_batch_does_not_hold_up_health_checks() {
     let _s = serial();
@@ -131,7 +133,7 @@ fn a_huge_batch_does_not_hold_up_health_checks() {
     let (status, took) = batch.join().unwrap();
     assert_eq!(status, 200);
     eprintln!("the batch took {took:?}; {probes} health checks, the slowest {worst:?}");
-    assert!(worst < Duration::from_millis(100), "a health check took {worst:?} during the batch");
+    assert!(worst < Duration::from_millis(200), "a health check took {worst:?} during the batch");
 }
 
 fn rss_bytes() -> u64 {
