@@ -1332,6 +1332,52 @@ impl DiskStore {
         };
         self.persist_fjall(mode)
     }
+
+    /// [`Store::expire_slice`] of a running store.
+    fn expire_slice_now(&mut self, now_ms: u64, budget: usize) -> Result<(u64, bool), StoreError> {
+        let budget = budget.max(1);
+        // Taken: a slice that fails leaves no pass under way, and the
+        // next one starts from the beginning.
+        // A pass starts by resolving every hot message there is, so that
+        // it judges them all (TTL, acknowledgements) in one place; the
+        // acknowledged ones it drops count as the pass's.
+        let at = self.expire_at.take().unwrap_or(ExpireAt::Hot(self.hot.popped + self.hot.order.len() as u64));
+        let (mut dropped, mut spent) = (0, 0);
+        let at = match at {
+            ExpireAt::Hot(until) => {
+                let (n, over) = self.expire_hot(until, budget)?;
+                if !over {
+                    self.expire_at = Some(ExpireAt::Hot(until));
+                    return Ok((n, false));
+                }
+                (dropped, spent) = (n, n as usize);
+                ExpireAt::Users(Bound::Unbounded)
+            }
+            at => at,
+        };
+        let dedup_from = match at {
+            ExpireAt::Users(from) => {
+                let next;
+                let users;
+                (users, spent, next) = self.expire_users(from, now_ms, budget)?;
+                dropped += users;
+                if let Some(next) = next {
+                    self.expire_at = Some(ExpireAt::Users(next));
+                    return Ok((dropped, false));
+                }
+                Bound::Unbounded
+            }
+            ExpireAt::Dedup(from) => from,
+            ExpireAt::Hot(_) => unreachable!("the hot part is done above"),
+        };
+        match self.expire_dedup(dedup_from, now_ms, budget.saturating_sub(spent).max(1))? {
+            Some(next) => {
+                self.expire_at = Some(ExpireAt::Dedup(next));
+                Ok((dropped, false))
+            }
+            None => Ok((dropped, true)),
+        }
+    }
 }
 
 impl Store for DiskStore {
@@ -1467,53 +1513,5 @@ impl Store for DiskStore {
         Some(Arc::new(move || {
             DiskStore::open_with_buffer(&path, durability, limits, buffer).map(|s| Box::new(s) as Box<dyn Store>)
         }))
-    }
-}
-
-impl DiskStore {
-    /// [`Store::expire_slice`] of a running store.
-    fn expire_slice_now(&mut self, now_ms: u64, budget: usize) -> Result<(u64, bool), StoreError> {
-        let budget = budget.max(1);
-        // Taken: a slice that fails leaves no pass under way, and the
-        // next one starts from the beginning.
-        // A pass starts by resolving every hot message there is, so that
-        // it judges them all (TTL, acknowledgements) in one place; the
-        // acknowledged ones it drops count as the pass's.
-        let at = self.expire_at.take().unwrap_or(ExpireAt::Hot(self.hot.popped + self.hot.order.len() as u64));
-        let (mut dropped, mut spent) = (0, 0);
-        let at = match at {
-            ExpireAt::Hot(until) => {
-                let (n, over) = self.expire_hot(until, budget)?;
-                if !over {
-                    self.expire_at = Some(ExpireAt::Hot(until));
-                    return Ok((n, false));
-                }
-                (dropped, spent) = (n, n as usize);
-                ExpireAt::Users(Bound::Unbounded)
-            }
-            at => at,
-        };
-        let dedup_from = match at {
-            ExpireAt::Users(from) => {
-                let next;
-                let users;
-                (users, spent, next) = self.expire_users(from, now_ms, budget)?;
-                dropped += users;
-                if let Some(next) = next {
-                    self.expire_at = Some(ExpireAt::Users(next));
-                    return Ok((dropped, false));
-                }
-                Bound::Unbounded
-            }
-            ExpireAt::Dedup(from) => from,
-            ExpireAt::Hot(_) => unreachable!("the hot part is done above"),
-        };
-        match self.expire_dedup(dedup_from, now_ms, budget.saturating_sub(spent).max(1))? {
-            Some(next) => {
-                self.expire_at = Some(ExpireAt::Dedup(next));
-                Ok((dropped, false))
-            }
-            None => Ok((dropped, true)),
-        }
     }
 }
