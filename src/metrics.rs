@@ -339,6 +339,11 @@ impl Collector for Live {
             "Receives ended because the worker's io_uring buffer ring was empty (re-armed, no bytes lost).",
             total(&|c| get(&c.recv_buffers_exhausted)),
         )?;
+        f.counter(
+            "switchboard_recv_lost_wakeups",
+            "io_uring receives whose kernel wake-up was missed after a long run, read directly instead (no bytes lost).",
+            total(&|c| get(&c.recv_lost_wakeups)),
+        )?;
         f.counter("switchboard_kicked", "Connections kicked by the application.", total(&|c| get(&c.kicked)))?;
         f.counter(
             "switchboard_ws_handshake_failures",

@@ -108,6 +108,10 @@ counters! {
     /// (`server.poller = "io_uring"`); each was armed again once buffers
     /// were back, with its bytes still in the socket.
     recv_buffers_exhausted,
+    /// Receives that missed the kernel's wake-up at the end of a long run
+    /// (`server.poller = "io_uring"`) and were read directly instead, with
+    /// no bytes lost (`Worker::track_run`).
+    recv_lost_wakeups,
 }
 
 /// Per-worker counter blocks, each on its own cache line.

@@ -79,6 +79,15 @@ const FLUSH_EVERY: usize = 64;
 /// Members written to per fan-out step; between steps the worker yields so
 /// reads, heartbeats and other commands are not starved by a large room.
 const FANOUT_CHUNK: usize = 2048;
+/// io_uring: completions in a row that said more bytes were waiting,
+/// after which the end of the run is checked by a direct read
+/// (`Worker::track_run`). The kernel's multishot receive reads at most 32
+/// times before it queues itself again; the lost wake-up was seen only
+/// after runs of several hundred.
+const LONG_RUN: u32 = 32;
+/// `IORING_CQE_F_SOCK_NONEMPTY`: the socket held more bytes after this
+/// receive.
+const CQE_F_SOCK_NONEMPTY: u32 = 1 << 2;
 
 /// One connection in the worker's table. Its size is asserted below: it is
 /// most of what an idle connection costs us.
@@ -137,6 +146,14 @@ pub(crate) struct Worker {
     /// was empty: armed again at the end of the turn, once this turn's
     /// buffers are back. Their bytes wait in the socket meanwhile.
     starved: RefCell<Vec<(u32, u32)>>,
+    /// io_uring: connections whose receive is in a long run (completions
+    /// saying more bytes wait in the socket), slot → (generation, how
+    /// many so far). A connection is here only while its socket has not
+    /// been seen empty, so an idle one costs nothing.
+    runs: RefCell<hashbrown::HashMap<u32, (u32, u32)>>,
+    /// io_uring: connections whose long run just ended, read once more
+    /// directly before the worker sleeps (`recheck_runs`).
+    recheck: RefCell<Vec<(u32, u32)>>,
     next_generation: Cell<u32>,
     next_msg: Cell<u64>,
     now: Cell<Tick>,
@@ -479,6 +496,8 @@ impl Worker {
             conns: RefCell::new(Slab::with_capacity(shared.max_conns_per_worker)),
             bufs: poller.buffers(),
             starved: RefCell::new(Vec::new()),
+            runs: RefCell::new(hashbrown::HashMap::new()),
+            recheck: RefCell::new(Vec::new()),
             out: Writer::new(id, shared.clone(), poller),
             wheel: RefCell::new(Wheel::new(now)),
             scratch: RefCell::new(vec![0u8; SCRATCH_BYTES].into_boxed_slice()),
@@ -824,6 +843,7 @@ impl Worker {
                     }
                     bump(&self.counters().detail.bytes_in, n as u64);
                     self.enforce_held_budget();
+                    self.track_run(slot, generation, flags & CQE_F_SOCK_NONEMPTY != 0);
                     true
                 }
                 None => false,
@@ -848,6 +868,68 @@ impl Worker {
         }
     }
 
+    /// Follows a connection's run of receives: `nonempty` when the
+    /// completion said more bytes wait in the socket. A run of at least
+    /// `LONG_RUN` that ends (a completion that found the socket empty)
+    /// puts the connection on the recheck list.
+    ///
+    /// Why: measured on Linux 6.18, a multishot receive that runs for
+    /// long without the socket going empty (a client streaming into a
+    /// small receive buffer: every read opens the window and the next
+    /// segment arrives while the receive still runs) can miss the wake-up
+    /// of a segment that arrives during its last read. The trace showed
+    /// the segment queued and `sk_data_ready` called, and no completion
+    /// and no task work for the receive after it: the bytes sat unread,
+    /// the window stayed shut and the client waited for ever
+    /// (tests/core.rs, `io_uring_receive_goes_on_after_a_long_burst_into_a_small_buffer`).
+    /// The receive stays armed and the next wake-up works; a direct read
+    /// of the socket at the end of the run takes what the lost one left.
+    fn track_run(&self, slot: u32, generation: u32, nonempty: bool) {
+        let mut runs = self.runs.borrow_mut();
+        if nonempty {
+            let e = runs.entry(slot).or_insert((generation, 0));
+            if e.0 != generation {
+                *e = (generation, 0);
+            }
+            e.1 += 1;
+        } else if !runs.is_empty() {
+            if let Some((g, n)) = runs.remove(&slot) {
+                if g == generation && n >= LONG_RUN {
+                    self.recheck.borrow_mut().push((slot, generation));
+                }
+            }
+        }
+    }
+
+    /// Reads directly, once, every connection whose long run of receives
+    /// ended (`track_run`). Called by the I/O loop only when a reap found
+    /// no completion: every byte the kernel's receives took is then
+    /// already in the connections' machines, and none can complete before
+    /// this returns (completions are posted only when this thread enters
+    /// the ring), so bytes read here come after them. A check that finds
+    /// bytes counts as a recovered wake-up (`recv_lost_wakeups`).
+    pub(super) fn recheck_runs(&self) {
+        let recheck = std::mem::take(&mut *self.recheck.borrow_mut());
+        let c = self.counters();
+        for (slot, generation) in recheck {
+            let fd = match self.conns.borrow().get(slot as usize) {
+                Some(s) if s.generation == generation => s.fd,
+                _ => continue,
+            };
+            let before = c.detail.bytes_in.load(Ordering::Relaxed);
+            match self.read_socket(slot, generation, fd) {
+                // Not drained: read on at the next idle turn, not through
+                // `read_again`, which runs before the turn's completions.
+                Some(false) => self.recheck.borrow_mut().push((slot, generation)),
+                Some(true) => {}
+                None => self.release(slot, generation),
+            }
+            if c.detail.bytes_in.load(Ordering::Relaxed) != before {
+                bump(&c.recv_lost_wakeups, 1);
+            }
+        }
+    }
+
     /// Arms a live connection's receive again (the kernel ended it).
     fn rearm_read(&self, slot: u32, generation: u32) {
         let fd = match self.conns.borrow().get(slot as usize) {
@@ -869,6 +951,21 @@ impl Worker {
     /// Drains a readable socket into the connection's machine. Returns false
     /// when the connection is finished and must be released.
     fn on_readable(&self, slot: u32, generation: u32, fd: RawFd) -> bool {
+        match self.read_socket(slot, generation, fd) {
+            Some(drained) => {
+                if !drained {
+                    self.read_again.borrow_mut().push((slot, generation));
+                }
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Reads a socket into the connection's machine until it is empty or
+    /// `MAX_READS_PER_WAKE` reads were made. `None`: the connection is
+    /// finished and must be released; else whether the socket was drained.
+    fn read_socket(&self, slot: u32, generation: u32, fd: RawFd) -> Option<bool> {
         let mut open = true;
         let mut drained = false;
         {
@@ -879,12 +976,7 @@ impl Worker {
                     Recv::Data(n) => {
                         bump(&self.counters().detail.bytes_in, n as u64);
                         let data = &mut scratch[..n];
-                        if self
-                            .with_conn(slot, generation, true, |c, io| c.on_read(data, now, &self.rules, io))
-                            .is_none()
-                        {
-                            return false;
-                        }
+                        self.with_conn(slot, generation, true, |c, io| c.on_read(data, now, &self.rules, io))?;
                         if n < SCRATCH_BYTES {
                             drained = true;
                             break;
@@ -906,12 +998,9 @@ impl Worker {
                 }
             }
         }
-        if open && !drained {
-            self.read_again.borrow_mut().push((slot, generation));
-        }
         self.enforce_held_budget();
         self.out.flush_dirty();
-        open
+        open.then_some(drained)
     }
 
     /// Closes (1013) the longest holders while the worker holds more than
@@ -1178,6 +1267,9 @@ impl Worker {
             self.unregister(user, slot, generation);
         }
         self.forget_device(slot, generation);
+        if !self.runs.borrow().is_empty() {
+            self.runs.borrow_mut().remove(&slot);
+        }
         self.out.detach(slot, generation, s.fd);
         let c = self.counters();
         drop_one(&c.connections);

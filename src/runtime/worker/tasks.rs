@@ -101,6 +101,16 @@ async fn io_loop(w: Rc<Worker>, ready_fd: UnixStream) {
                 YieldNow(false).await;
                 continue;
             }
+            // io_uring: long receive runs that ended are read once more
+            // (`Worker::track_run`); only here, where no completion is
+            // left unhandled.
+            if !w.recheck.borrow().is_empty() {
+                w.store_turn(|| w.recheck_runs());
+                w.out.flush_dirty();
+                w.out.poller.borrow_mut().flush();
+                YieldNow(false).await;
+                continue;
+            }
             w.out.poller.borrow_mut().flush();
             // After `idle` cleared the eventfd: a flag raised before that is
             // seen here, one raised after it writes the eventfd again.
