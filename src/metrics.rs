@@ -341,7 +341,7 @@ impl Collector for Live {
         )?;
         f.counter(
             "switchboard_recv_lost_wakeups",
-            "io_uring receives whose kernel wake-up was missed after a long run, read directly instead (no bytes lost).",
+            "io_uring: direct reads after a long receive run that found bytes waiting (a missed kernel wake-up, at most that many).",
             total(&|c| get(&c.recv_lost_wakeups)),
         )?;
         f.counter("switchboard_kicked", "Connections kicked by the application.", total(&|c| get(&c.kicked)))?;

@@ -108,9 +108,9 @@ counters! {
     /// (`server.poller = "io_uring"`); each was armed again once buffers
     /// were back, with its bytes still in the socket.
     recv_buffers_exhausted,
-    /// Receives that missed the kernel's wake-up at the end of a long run
-    /// (`server.poller = "io_uring"`) and were read directly instead, with
-    /// no bytes lost (`Worker::track_run`).
+    /// Direct reads at the end of a long receive run that found bytes
+    /// waiting (`server.poller = "io_uring"`, `Worker::track_run`): mostly
+    /// a wake-up the kernel missed, at most that many.
     recv_lost_wakeups,
 }
 

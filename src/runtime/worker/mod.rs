@@ -907,7 +907,7 @@ impl Worker {
     /// already in the connections' machines, and none can complete before
     /// this returns (completions are posted only when this thread enters
     /// the ring), so bytes read here come after them. A check that finds
-    /// bytes counts as a recovered wake-up (`recv_lost_wakeups`).
+    /// bytes counts in `recv_lost_wakeups`.
     pub(super) fn recheck_runs(&self) {
         let recheck = std::mem::take(&mut *self.recheck.borrow_mut());
         let c = self.counters();
