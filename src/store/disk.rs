@@ -338,9 +338,14 @@ fn catch_up(msgs: &Keyspace, user: &str, head: u64, rec: &mut InboxRec) -> Resul
     for kv in msgs.range(msg_key(user, head + 1)..=msg_key(user, u64::MAX)) {
         let (k, v) = kv.into_inner().map_err(unavailable)?;
         let (from, payload) = str8(v.get(16..).ok_or_else(|| unavailable("corrupt message"))?)?;
+        head = u64_at(&k, k.len() - 8)?;
+        // A record that held no message starts at the first one found past
+        // it (the one before may have been dropped unwritten).
+        if rec.messages == 0 {
+            rec.first_seq = head;
+        }
         rec.messages += 1;
         rec.bytes += record_bytes(user, from, payload.len());
-        head = u64_at(&k, k.len() - 8)?;
     }
     Ok(head)
 }

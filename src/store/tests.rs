@@ -2342,3 +2342,34 @@ fn disk_write_failure_in_a_process_of_its_own() {
     assert!(kept.windows(2).all(|w| w[0] < w[1]), "{kept:?}");
     service.stop().unwrap();
 }
+
+#[test]
+fn disk_store_first_seq_survives_a_restart_after_a_drop_the_record_lags() {
+    // Found by `disk_store_behaves_as_the_model` (its regression file
+    // replays the case): a message the device had acknowledged is dropped
+    // when resolved, the next one goes into `msgs` while the user's record
+    // (written at the device's login) lags behind, and the reopened store
+    // counted the message past the record without moving `first_seq` to
+    // it: 1 message, seq 2, reported as starting at seq 1.
+    let mut subject = make_disk_os(model_limits());
+    let msg = |to: &str, now: u64| NewMessage {
+        to: to.into(),
+        from: "".into(),
+        msg_id: 1,
+        ts_ms: now,
+        payload: Bytes::new(),
+        client_id: 0,
+    };
+    let s = subject.store();
+    assert_eq!(s.append(&msg("ben", T0), T0).unwrap(), Appended::New { seq: 1 });
+    s.device_login("ben", "p", 1, T0).unwrap();
+    assert_eq!(s.append(&msg("ben", T0), T0).unwrap(), Appended::New { seq: 2 });
+    // Two epochs later: ben's hot messages are resolved at the next request.
+    let later = T0 + 2_000;
+    s.append(&msg("ann", later), later).unwrap();
+    let before = s.inbox_state("ben").unwrap();
+    assert_eq!((before.first_seq, before.messages), (2, 1), "{before:?}");
+    assert!(subject.restart());
+    let after = subject.store().inbox_state("ben").unwrap();
+    assert_eq!(after, before, "the reopened store reports the same inbox");
+}
