@@ -149,11 +149,14 @@ pub(crate) struct Worker {
     /// io_uring: connections whose receive is in a long run (completions
     /// saying more bytes wait in the socket), slot → (generation, how
     /// many so far). A connection is here only while its socket has not
-    /// been seen empty, so an idle one costs nothing.
+    /// been seen empty, so an idle one costs nothing; at most one entry
+    /// per connection.
     runs: RefCell<hashbrown::HashMap<u32, (u32, u32)>>,
     /// io_uring: connections whose long run just ended, read once more
-    /// directly before the worker sleeps (`recheck_runs`).
-    recheck: RefCell<Vec<(u32, u32)>>,
+    /// directly before the worker sleeps (`recheck_runs`). A set, so a
+    /// worker too busy to reach its idle turn for long holds at most one
+    /// entry per connection, however many runs end meanwhile.
+    recheck: RefCell<hashbrown::HashSet<(u32, u32)>>,
     next_generation: Cell<u32>,
     next_msg: Cell<u64>,
     now: Cell<Tick>,
@@ -497,7 +500,7 @@ impl Worker {
             bufs: poller.buffers(),
             starved: RefCell::new(Vec::new()),
             runs: RefCell::new(hashbrown::HashMap::new()),
-            recheck: RefCell::new(Vec::new()),
+            recheck: RefCell::new(hashbrown::HashSet::new()),
             out: Writer::new(id, shared.clone(), poller),
             wheel: RefCell::new(Wheel::new(now)),
             scratch: RefCell::new(vec![0u8; SCRATCH_BYTES].into_boxed_slice()),
@@ -895,7 +898,7 @@ impl Worker {
         } else if !runs.is_empty() {
             if let Some((g, n)) = runs.remove(&slot) {
                 if g == generation && n >= LONG_RUN {
-                    self.recheck.borrow_mut().push((slot, generation));
+                    self.recheck.borrow_mut().insert((slot, generation));
                 }
             }
         }
@@ -920,7 +923,9 @@ impl Worker {
             match self.read_socket(slot, generation, fd) {
                 // Not drained: read on at the next idle turn, not through
                 // `read_again`, which runs before the turn's completions.
-                Some(false) => self.recheck.borrow_mut().push((slot, generation)),
+                Some(false) => {
+                    self.recheck.borrow_mut().insert((slot, generation));
+                }
                 Some(true) => {}
                 None => self.release(slot, generation),
             }
