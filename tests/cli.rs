@@ -290,6 +290,12 @@ fn json_logs_show_logins_and_refusals_with_their_reason() {
 fn port_in_use_names_the_switchboard_holding_it_and_suggests_other_ports() {
     let port = common::free_port();
     let first = serve(port, "warn", Stdio::null(), Stdio::null());
+    // Up, not starting: its port accepts (into the backlog) a moment
+    // before its worker threads, which tell it from other programs, are
+    // there; on a busy host that moment was long enough for the second
+    // server to look (7 failures in 40 runs with two CPU hogs). A login
+    // is answered by a worker.
+    drop(dev_login(port, "alice"));
     let out = Command::new(SB)
         .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--ws-listen", "", "--log", "warn"])
         .env_remove("SWITCHBOARD_JWT_SECRET")
