@@ -429,6 +429,12 @@ impl Collector for Live {
                  (apply, then one sync); one sample per batch.",
                 std::iter::once(&s.commit),
             )?;
+            f.histogram(
+                "switchboard_store_queue_wait_seconds",
+                "Seconds a store request (append, read, login, position, state query) waited in the store's queue, \
+                 from a worker queueing it to the store thread taking it into a batch; one sample per request.",
+                std::iter::once(&s.queue_wait),
+            )?;
         }
 
         // ---- cluster (only when `cluster.redis` is set) ----

@@ -178,6 +178,8 @@ fn counters_move_as_traffic_is_driven() {
     assert_eq!(moved("switchboard_store_appends_total", &[]), 1.0);
     assert!(moved("switchboard_store_syncs_total", &[]) >= 1.0);
     assert!(moved("switchboard_store_commit_seconds_count", &[]) >= 1.0);
+    // Every store request is timed in the queue: the append at least.
+    assert!(moved("switchboard_store_queue_wait_seconds_count", &[]) >= 1.0);
     assert_eq!(after.sum("switchboard_store_pending_messages", &[]), 1.0);
     assert_eq!(after.sum("switchboard_mailbox_rejections_total", &[]), 0.0);
     assert!(after.sum("process_resident_memory_bytes", &[]) > 1e6);
@@ -193,8 +195,12 @@ fn counters_move_as_traffic_is_driven() {
         }
     }
 
-    // Both histograms' buckets are cumulative and end at +Inf = count.
-    for h in ["switchboard_push_to_written_seconds", "switchboard_store_commit_seconds"] {
+    // Every histogram's buckets are cumulative and end at +Inf = count.
+    for h in [
+        "switchboard_push_to_written_seconds",
+        "switchboard_store_commit_seconds",
+        "switchboard_store_queue_wait_seconds",
+    ] {
         let inf = after.sum(&format!("{h}_bucket"), &[("le", "+Inf")]);
         assert_eq!(inf, after.sum(&format!("{h}_count"), &[]), "{h}");
     }

@@ -187,6 +187,12 @@ pub struct StoreCounters {
     /// thread taking the batch to its sync returning (applying the batch,
     /// then one `sync`), once per batch. Written by the store thread only.
     pub commit: crate::stats::Histogram,
+    /// Time each request waited in the queue: from being queued
+    /// ([`Submitter::try_submit_unwoken`]) to the store thread taking it
+    /// into a batch. Written by the store thread only. With `commit`, it
+    /// tells where a slow SEND_ACK waited: for the thread (a backlog, or
+    /// a thread that got no CPU) or for the disk.
+    pub queue_wait: crate::stats::Histogram,
 }
 
 /// Settings of the store thread.
@@ -219,7 +225,8 @@ impl ServiceConfig {
 }
 
 enum Msg<T> {
-    Req(T, Request),
+    /// A request, with when it was queued ([`crate::timed::mono_ns`]).
+    Req(T, Request, u64),
     Stop,
 }
 
@@ -287,7 +294,7 @@ impl<T: Send + 'static> Submitter<T> {
         }
         // Counted before the push, so the thread's decrement never comes first.
         self.counters.queue_depth.fetch_add(1, Ordering::Relaxed);
-        match self.queue.push(Msg::Req(token, request)) {
+        match self.queue.push(Msg::Req(token, request, crate::timed::mono_ns())) {
             Ok(()) => Ok(()),
             Err(_) => {
                 self.counters.queue_depth.fetch_sub(1, Ordering::Relaxed);
@@ -430,7 +437,9 @@ impl<T: Send + 'static, S: Sink<T>> Worker<T, S> {
             if stopping {
                 self.stopped.store(true, Ordering::Release);
                 // What was queued before the stop is served too.
-                while let Some(Msg::Req(t, r)) = self.queue.pop() {
+                let now = crate::timed::mono_ns();
+                while let Some(Msg::Req(t, r, queued)) = self.queue.pop() {
+                    self.counters.queue_wait.observe(now.saturating_sub(queued), 1);
                     batch.push((t, r));
                 }
             }
@@ -465,11 +474,16 @@ impl<T: Send + 'static, S: Sink<T>> Worker<T, S> {
     }
 
     /// Moves up to [`MAX_BATCH`] + 1 queued requests into `batch`; whether
-    /// the stop was among them (what was queued after it stays).
+    /// the stop was among them (what was queued after it stays). One clock
+    /// read for the lot: the wait of each is timed to the start of the take.
     fn take(&self, batch: &mut Vec<(T, Request)>) -> bool {
+        let now = crate::timed::mono_ns();
         while batch.len() <= MAX_BATCH {
             match self.queue.pop() {
-                Some(Msg::Req(t, r)) => batch.push((t, r)),
+                Some(Msg::Req(t, r, queued)) => {
+                    self.counters.queue_wait.observe(now.saturating_sub(queued), 1);
+                    batch.push((t, r));
+                }
                 Some(Msg::Stop) => return true,
                 None => break,
             }

@@ -1552,6 +1552,34 @@ fn service_is_busy_when_the_queue_is_full_and_never_blocks() {
     service.stop().unwrap();
 }
 
+/// The queue wait histogram: one sample per request, each as long as the
+/// request sat in the queue: four requests queued behind one the store
+/// thread holds for 60 ms waited more than 50 ms each.
+#[test]
+fn service_times_how_long_each_request_waited_in_its_queue() {
+    let (service, rx, gate) = service_held_in_sync(8);
+    for i in 1..=4 {
+        service.try_submit(i, append_req("alice", i)).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(60));
+    open_gate(&gate);
+    for i in 0..=4 {
+        assert_eq!(recv(&rx).0, i);
+    }
+    let (mut counts, mut sum_ns) = ([0u64; crate::stats::LATENCY_BOUNDS_NS.len()], 0u64);
+    service.counters().queue_wait.add_to(&mut counts, &mut sum_ns);
+    assert_eq!(counts.iter().sum::<u64>(), 5, "one sample per request: {counts:?}");
+    let at_least_50ms: u64 = crate::stats::LATENCY_BOUNDS_NS
+        .iter()
+        .zip(counts)
+        .filter(|(&bound, _)| bound > 50_000_000)
+        .map(|(_, n)| n)
+        .sum();
+    assert!(at_least_50ms >= 4, "the four behind the held one: {counts:?}");
+    assert!(sum_ns >= 4 * 50_000_000, "{sum_ns} ns in all");
+    service.stop().unwrap();
+}
+
 /// The clock of `service_resolves_hot_messages_while_no_request_comes`.
 static TIDY_CLOCK: AtomicU64 = AtomicU64::new(T0);
 
