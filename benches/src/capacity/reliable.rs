@@ -170,7 +170,7 @@ impl Runner {
         }
         // At most once kept up with every rate up to the cap: its best is
         // at least that, so each ratio is an upper bound, not judged.
-        let at_most_once_missed = !lanes[0].going;
+        let at_most_once_open = lanes[0].going;
         // Refining, round by round so that the lanes still compare the
         // same minutes: each ladder halves the gap between its best rate
         // and the first it missed. Why: a step of the plan's ladder is a
@@ -216,7 +216,7 @@ impl Runner {
                 lane.steps,
                 at_half,
                 at_most_once_best,
-                at_most_once_missed,
+                at_most_once_open,
             ));
         }
         let os = judged.pop().expect("os");

@@ -1284,7 +1284,7 @@ impl ReliableUnicast {
         steps: Vec<UnicastStep>,
         at_half_max: Option<UnicastStep>,
         at_most_once_best_per_s: f64,
-        at_most_once_missed: bool,
+        at_most_once_open: bool,
     ) -> ReliableUnicast {
         let max = best_kept_up(&steps).cloned();
         let vs = ratio(max.as_ref().map(|m| m.msgs_per_s), Some(at_most_once_best_per_s));
@@ -1293,8 +1293,8 @@ impl ReliableUnicast {
             durability: durability.into(),
             connections,
             steps,
-            throughput_target_met: at_most_once_missed && vs.is_some_and(|v| v >= target),
-            at_most_once_open: !at_most_once_missed,
+            throughput_target_met: !at_most_once_open && vs.is_some_and(|v| v >= target),
+            at_most_once_open,
             p99_target_met: at_half_max.as_ref().is_some_and(|h| h.p99_us <= RELIABLE_P99_AT_HALF_LIMIT_US),
             max,
             at_half_max,
@@ -1383,12 +1383,15 @@ impl Reliable {
             r.max.as_ref().and_then(|s| s.store.as_ref()).map_or("n/a".into(), g)
         };
         let met = |ok: bool| if ok { "met" } else { "NOT met" };
-        let judged = |r: &ReliableUnicast| match r.at_most_once_open {
-            false => format!("{} ({})", f(r.vs_at_most_once, 2), met(r.throughput_target_met)),
-            true => format!(
-                "≤ {} (not judged: at most once missed no rate it ran, so its best is at least the figure beside)",
-                f(r.vs_at_most_once, 2)
-            ),
+        let judged = |r: &ReliableUnicast| {
+            if r.at_most_once_open {
+                format!(
+                    "≤ {} (not judged: at most once missed no rate it ran, so its best is at least the figure beside)",
+                    f(r.vs_at_most_once, 2)
+                )
+            } else {
+                format!("{} ({})", f(r.vs_at_most_once, 2), met(r.throughput_target_met))
+            }
         };
         let rows: Vec<(String, String, String, String)> = vec![
             (
@@ -2534,13 +2537,13 @@ mod tests {
     fn reliable_targets_are_judged_on_the_best_rate_kept_up_and_its_half_rate_p99() {
         let steps = vec![step(10_000, 10_000.0, 9_000), step(20_000, 19_500.0, 30_000), step(40_000, 25_000.0, 90_000)];
         let r =
-            ReliableUnicast::judge("fsync", 4000, steps.clone(), Some(step(10_000, 10_000.0, 20_000)), 39_000.0, true);
+            ReliableUnicast::judge("fsync", 4000, steps.clone(), Some(step(10_000, 10_000.0, 20_000)), 39_000.0, false);
         assert_eq!(r.max.as_ref().unwrap().offered_per_s, 20_000, "the last step kept up with");
         assert_eq!(r.vs_at_most_once, Some(0.5));
         assert!(r.throughput_target_met && r.p99_target_met, "0.5 of at most once with fsync, p99 20 ms: both met");
-        let r = ReliableUnicast::judge("os", 4000, steps, Some(step(10_000, 10_000.0, 20_001)), 39_000.0, true);
+        let r = ReliableUnicast::judge("os", 4000, steps, Some(step(10_000, 10_000.0, 20_001)), 39_000.0, false);
         assert!(!r.throughput_target_met && !r.p99_target_met, "os needs 0.8; p99 over 20 ms");
-        let none = ReliableUnicast::judge("fsync", 4000, vec![step(10_000, 5_000.0, 1_000)], None, 39_000.0, true);
+        let none = ReliableUnicast::judge("fsync", 4000, vec![step(10_000, 5_000.0, 1_000)], None, 39_000.0, false);
         assert_eq!((none.max, none.vs_at_most_once, none.throughput_target_met), (None, None, false));
     }
 
@@ -2550,7 +2553,7 @@ mod tests {
     #[test]
     fn a_reliable_ratio_against_an_at_most_once_ladder_that_never_missed_is_not_judged() {
         let steps = vec![step(10_000, 10_000.0, 9_000), step(20_000, 19_900.0, 9_000)];
-        let r = ReliableUnicast::judge("os", 4000, steps, Some(step(10_000, 10_000.0, 9_000)), 20_000.0, false);
+        let r = ReliableUnicast::judge("os", 4000, steps, Some(step(10_000, 10_000.0, 9_000)), 20_000.0, true);
         assert_eq!(r.vs_at_most_once, Some(0.995));
         assert!(r.at_most_once_open && !r.throughput_target_met, "0.995 of a lower bound proves nothing");
     }
@@ -2589,8 +2592,10 @@ mod tests {
         let reliable = vec![step(10_000, 10_000.0, 9_000), step(20_000, 15_000.0, 60_000)];
         let main_pass_best = 40_000.0;
         let beside = 20_000.0;
-        let judged =
-            |d| ReliableUnicast::judge(d, 4000, reliable.clone(), Some(step(5_000, 5_000.0, 3_000)), beside, true);
+        let judged_beside = |d, open| {
+            ReliableUnicast::judge(d, 4000, reliable.clone(), Some(step(5_000, 5_000.0, 3_000)), beside, open)
+        };
+        let judged = |d| judged_beside(d, false);
         let catch_up = CatchUp {
             messages: 10_000,
             fill_s: 0.1,
@@ -2628,9 +2633,7 @@ mod tests {
         assert!(m.contains("| 0.50 (met) | 0.50 (NOT met) |"), "{m}");
         assert!(m.contains("- at most once, step by step with these: 10000 → 10000 (1.0 ms); 20000 → 20000 (2.0 ms); 40000 → 30000 (90.0 ms)\n"), "{m}");
         // Beside an at-most-once ladder that never missed: an upper bound.
-        let open =
-            ReliableUnicast::judge("os", 4000, reliable.clone(), Some(step(5_000, 5_000.0, 3_000)), beside, false);
-        let os = std::mem::replace(&mut r.os, open);
+        let os = std::mem::replace(&mut r.os, judged_beside("os", true));
         let mut m = String::new();
         r.markdown(&mut m, main_pass_best, Some(200.0));
         assert!(m.contains("| 0.50 (met) | ≤ 0.50 (not judged: at most once missed no rate it ran"), "{m}");
