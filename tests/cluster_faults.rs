@@ -19,29 +19,44 @@ fn reliable() -> NodeOpts {
     NodeOpts { store: "redis", ..NodeOpts::default() }
 }
 
+/// The sending thread of [`send_stream`]: the SENDs written, and how the
+/// answers to them ended.
+type Writer = std::thread::JoinHandle<(u32, String)>;
+
 /// Pipelines SENDs `s1..=sN` (stored: the default with a store) from
 /// `tx` to `to`, one every `gap`, until `n` or `stop`; answers read on
-/// another thread. Returns (the SENDs acknowledged, the thread).
+/// another thread. Returns (the SENDs acknowledged, the thread, which
+/// returns the SENDs written and how the answers ended).
 fn send_stream(
     mut tx: Client,
     to: &'static str,
     n: u32,
     gap: Duration,
     stop: Arc<AtomicBool>,
-) -> (Arc<Mutex<HashSet<u32>>>, std::thread::JoinHandle<u32>) {
+) -> (Arc<Mutex<HashSet<u32>>>, Writer) {
     let acked = Arc::new(Mutex::new(HashSet::new()));
     let mut reader = tx.try_clone_for_reading().unwrap();
     reader.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     let a = acked.clone();
+    // Returns how the answers ended (the server's close after the write
+    // shutdown, normally), for the message of a test that counted too few.
     let answers = std::thread::spawn(move || {
-        while let Ok(f) = reader.recv_skipping_pings() {
+        let (mut refused, mut first_refusal) = (0u32, None);
+        loop {
+            let f = match reader.recv_skipping_pings() {
+                Ok(f) => f,
+                Err(e) => return format!("{e} ({refused} SENDs refused; the first: {first_refusal:?})"),
+            };
             match f.frame() {
                 Frame::SendAck { req_id, .. } => {
                     a.lock().unwrap().insert(req_id);
                 }
                 // Refused (store unavailable while Redis is stopped): the
                 // sender knows it was not stored.
-                Frame::Error { .. } => {}
+                Frame::Error { .. } => {
+                    refused += 1;
+                    first_refusal.get_or_insert_with(|| format!("{:?}", f.frame()));
+                }
                 other => panic!("sender got {other:?}"),
             }
         }
@@ -60,8 +75,7 @@ fn send_stream(
         // Every answer in (or the 30 s read timeout) before the count.
         std::thread::sleep(Duration::from_millis(200));
         let _ = tx.stream().shutdown(std::net::Shutdown::Write);
-        answers.join().unwrap();
-        sent
+        (sent, answers.join().unwrap())
     });
     (acked, writer)
 }
@@ -129,9 +143,13 @@ fn a_node_killed_mid_stream_loses_no_acknowledged_message() {
         std::thread::sleep(Duration::from_millis(2));
     }
     c.kill();
-    let sent = writer.join().unwrap();
+    let (sent, answers_ended) = writer.join().unwrap();
     let acked = acked.lock().unwrap().clone();
-    assert!(acked.len() >= 300, "only {} of {sent} SENDs acknowledged", acked.len());
+    assert!(
+        acked.len() >= 300,
+        "only {} of {sent} SENDs acknowledged; the answers ended: {answers_ended}",
+        acked.len()
+    );
 
     // What the device stored before C died, then the rest through B.
     let mut by_seq = got.lock().unwrap().clone();
