@@ -128,12 +128,23 @@ fn stop(mut p: Proc) -> ExitStatus {
     p.wait_for(Duration::from_secs(10)).expect("serve exits within 10 s of SIGTERM")
 }
 
-fn dev_login(port: u16, user: &str) -> Client {
+/// `user` logged in to `server` (on `port`) with the development secret.
+/// A login that fails says what became of the server: whether it exited
+/// (and how) and whether its port still accepts, since a test whose server
+/// logs nowhere (stderr closed) has no other trace of why.
+fn dev_login(server: &mut Proc, port: u16, user: &str) -> Client {
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let mut c = Client::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
     c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let token = JwtHs256::new(DEV_JWT_SECRET).mint(user, common::unix_now() + 600);
-    c.login(user, &token).expect("login with the development secret");
+    if let Err(e) = c.login(user, &token) {
+        let exited = server.wait_for(Duration::from_millis(500));
+        panic!(
+            "login with the development secret: {e:?}; the server then: {}; its port accepts: {}",
+            exited.map_or("still running".to_string(), |s| format!("exited, {s}")),
+            common::listening(addr)
+        );
+    }
     c
 }
 
@@ -148,7 +159,7 @@ fn a_server_whose_log_pipe_closed_drains_on_sigterm_and_exits() {
     let write2 = write.try_clone().unwrap();
     let mut server = serve(port, "debug", Stdio::from(write), Stdio::from(write2));
     drop(read); // tee exits
-    let mut alice = dev_login(port, "alice");
+    let mut alice = dev_login(&mut server, port, "alice");
     server.signal(libc::SIGTERM);
     assert_eq!(alice.recv_close_code().unwrap(), Some(1001), "the client gets the drain's CLOSE");
     drop(alice);
@@ -163,7 +174,7 @@ fn a_server_whose_log_pipe_closed_drains_on_sigterm_and_exits() {
 fn a_second_signal_exits_at_once() {
     let port = common::free_port();
     let mut server = serve(port, "info", closed_pipe(), closed_pipe());
-    let _stays = dev_login(port, "bob"); // never reads, never closes
+    let _stays = dev_login(&mut server, port, "bob"); // never reads, never closes
     server.signal(libc::SIGTERM);
     std::thread::sleep(Duration::from_millis(300));
     assert!(server.wait_for(Duration::ZERO).is_none(), "the drain waits for the client");
@@ -255,9 +266,9 @@ fn json_logs_show_logins_and_refusals_with_their_reason() {
     let port = common::free_port();
     let (read, write) = pipe();
     let reader = read_all_later(std::fs::File::from(read));
-    let p =
+    let mut p =
         serve_with(port, "info,switchboard=debug", &["--log-format", "json"], &[], Stdio::null(), Stdio::from(write));
-    drop(dev_login(port, "alice"));
+    drop(dev_login(&mut p, port, "alice"));
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let mut mallory = Client::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
     mallory.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
@@ -289,13 +300,13 @@ fn json_logs_show_logins_and_refusals_with_their_reason() {
 #[test]
 fn port_in_use_names_the_switchboard_holding_it_and_suggests_other_ports() {
     let port = common::free_port();
-    let first = serve(port, "warn", Stdio::null(), Stdio::null());
+    let mut first = serve(port, "warn", Stdio::null(), Stdio::null());
     // Up, not starting: its port accepts (into the backlog) a moment
     // before its worker threads, which tell it from other programs, are
     // there; on a busy host that moment was long enough for the second
     // server to look (7 failures in 40 runs with two CPU hogs). A login
     // is answered by a worker.
-    drop(dev_login(port, "alice"));
+    drop(dev_login(&mut first, port, "alice"));
     let out = Command::new(SB)
         .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--ws-listen", "", "--log", "warn"])
         .env_remove("SWITCHBOARD_JWT_SECRET")
@@ -469,13 +480,13 @@ fn send_stored(c: &mut Client, req_id: u32, to: &str, payload: &str) {
 #[test]
 fn cli_client_with_a_device_acknowledges_and_resumes_across_runs() {
     let port = common::free_port();
-    let server = serve(port, "warn", Stdio::null(), Stdio::null());
+    let mut server = serve(port, "warn", Stdio::null(), Stdio::null());
     let addr = format!("127.0.0.1:{port}");
     let home = std::env::temp_dir().join(format!("sb-cli-home-{}-{port}", std::process::id()));
     std::fs::create_dir_all(&home).unwrap();
     let env = [("HOME", home.as_os_str())];
     let state = home.join(".switchboard-client-carol@cli-1.seq");
-    let mut alice = dev_login(port, "alice");
+    let mut alice = dev_login(&mut server, port, "alice");
     for i in 1..=3 {
         send_stored(&mut alice, i, "carol", &format!("m{i}"));
     }
