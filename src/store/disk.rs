@@ -97,8 +97,10 @@
 //! without) to 227, 162 and 181 ms (three runs with), so the tail was
 //! reverted.
 //!
-//! Each login, position change, dedup entry or resolved message is one
-//! atomic fjall write batch into its journal (no sync). `sync` writes the
+//! Each login, dedup entry or resolved message is one atomic fjall write
+//! batch into its journal (no sync); the position changes the store
+//! thread writes in one turn are one batch together
+//! ([`Store::set_positions`]). `sync` writes the
 //! hot log, then fjall's journal, to the kernel, and with
 //! [`Durability::Fsync`] `fdatasync`s the hot log every time and fjall's
 //! journal at most every [`FJALL_SYNC_INTERVAL`] (1 s) and before a hot
@@ -771,6 +773,63 @@ impl DiskStore {
             c.rec_head = Some(fhead);
         }
         Ok((r, head))
+    }
+
+    /// [`Store::set_positions`] for the entries of `out` still `Ok`: every
+    /// user's record is read once (from the cache or fjall), takes all of
+    /// its devices' moves, and is written once, all in one batch. Why: the
+    /// workers hand over a tick's positions at once, up to one per
+    /// device, and a batch each was a `write(2)` to fjall's journal each:
+    /// 3,257 journal writes in one second of the store thread (strace, 40,000 reliable
+    /// msgs/s over 4,000 devices, `os`), 42 with one batch per turn. The
+    /// thread's time in writing positions went from 9.5% to 7.2% of its
+    /// samples (perf); its CPU as a whole moved less than the host's noise.
+    /// One record per user also keeps a user that is not cached from
+    /// being read twice from fjall in one batch, the second read missing
+    /// the first move.
+    fn set_positions_now(
+        &mut self,
+        positions: &[(&str, &str, u64)],
+        now_ms: u64,
+        out: &mut [Result<(), StoreError>],
+    ) -> Result<(), StoreError> {
+        let mut users: hashbrown::HashMap<Vec<u8>, Cached> = hashbrown::HashMap::new();
+        for (&(user, device, seq), r) in positions.iter().zip(out.iter_mut()) {
+            if r.is_err() {
+                continue;
+            }
+            let uk = user_key(user);
+            let c = match users.entry(uk) {
+                hashbrown::hash_map::Entry::Occupied(e) => e.into_mut(),
+                hashbrown::hash_map::Entry::Vacant(e) => match self.load(e.key()) {
+                    Ok(c) => e.insert(c),
+                    // A write stops the store; anything else (a record
+                    // that does not decode) fails this user's moves only.
+                    Err(err @ StoreError::Unavailable(_)) => return Err(err),
+                    Err(err) => {
+                        *r = Err(err);
+                        continue;
+                    }
+                },
+            };
+            advance_device(&mut c.rec.devices, device, seq, c.head, now_ms);
+        }
+        if users.is_empty() {
+            return Ok(());
+        }
+        let mut batch = self.db.batch();
+        for (uk, c) in &users {
+            batch.insert(&self.inboxes, uk.as_slice(), c.rec.encode(c.fhead));
+        }
+        batch.commit().map_err(unavailable)?;
+        for (uk, c) in users {
+            self.hot.dirty.remove(&uk[..]);
+            if let Some(cached) = self.cache.get_mut(&uk) {
+                cached.rec = c.rec;
+                cached.rec_head = Some(c.fhead);
+            }
+        }
+        Ok(())
     }
 
     /// The retention pass for one user, whose head and record are `state`
@@ -1471,6 +1530,17 @@ impl Store for DiskStore {
         check_ids(user, "", device)?;
         self.guard(|s| s.with_devices(user, |devices, head| advance_device(devices, device, seq, head, now_ms)))
             .map(|_| ())
+    }
+
+    fn set_positions(&mut self, positions: &[(&str, &str, u64)], now_ms: u64) -> Vec<Result<(), StoreError>> {
+        let mut out: Vec<Result<(), StoreError>> =
+            positions.iter().map(|&(user, device, _)| check_ids(user, "", device)).collect();
+        if let Err(e) = self.guard(|s| s.set_positions_now(positions, now_ms, &mut out)) {
+            for r in out.iter_mut().filter(|r| r.is_ok()) {
+                *r = Err(e.clone());
+            }
+        }
+        out
     }
 
     fn inbox_state(&mut self, user: &str) -> Result<InboxState, StoreError> {

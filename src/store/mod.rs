@@ -152,6 +152,14 @@ pub trait Store: Send + 'static {
     ) -> Result<(u64, u64), StoreError>;
     /// Cumulative ACK: position = max(position, seq.min(head)). Durable at next sync.
     fn set_position(&mut self, user: &str, device: &str, seq: u64, now_ms: u64) -> Result<(), StoreError>;
+    /// Several `set_position`s (user, device, seq): the outcome of each,
+    /// in order, with the same effect as that many calls; a backend
+    /// overrides it to write them together (the disk store: one write
+    /// batch, one write to its journal, for the positions a store turn
+    /// hands over).
+    fn set_positions(&mut self, positions: &[(&str, &str, u64)], now_ms: u64) -> Vec<Result<(), StoreError>> {
+        positions.iter().map(|&(user, device, seq)| self.set_position(user, device, seq, now_ms)).collect()
+    }
     fn inbox_state(&mut self, user: &str) -> Result<InboxState, StoreError>;
     /// Retention pass: drops messages older than ttl, messages every known
     /// device has acknowledged (only if the user has ≥1 known device), devices

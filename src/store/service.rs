@@ -672,8 +672,11 @@ impl<T: Send + 'static, S: Sink<T>> Worker<T, S> {
         let now_ms = (self.cfg.clock)();
         // Dropped after `most` entries, extract_if keeps the rest.
         let slice: Vec<_> = self.positions.extract_if(|_, _| true).take(most).collect();
-        for ((user, device), (seq, tokens)) in slice {
-            let r = self.store.set_position(&user, &device, seq, now_ms);
+        let moves: Vec<(&str, &str, u64)> =
+            slice.iter().map(|((user, device), (seq, _))| (&user[..], &device[..], *seq)).collect();
+        let results = self.store.set_positions(&moves, now_ms);
+        debug_assert_eq!(results.len(), slice.len(), "one outcome per position");
+        for ((_, (_, tokens)), r) in slice.into_iter().zip(results) {
             if r.is_err() {
                 self.counters.errors.fetch_add(1, Ordering::Relaxed);
             }

@@ -334,6 +334,56 @@ fn device_positions_independent_per_device(make: Make) {
     assert_eq!(s.device_login("bob", "phone", 3, T0).unwrap(), (0, 0), "another user's device is its own");
 }
 
+/// The positions a store turn hands over at once: the outcomes and the
+/// positions of as many `set_position`s, a bad id refused alone, and a
+/// user with several devices moving in one call (read once, from disk
+/// after a restart) keeps every move.
+fn positions_written_together_as_one_by_one(make: Make) {
+    let mut subject = make(StoreLimits::default());
+    let s = subject.store();
+    for (i, user) in ["alice", "bob"].iter().enumerate() {
+        for n in 0..10 {
+            append(s, user, n + 10 * i as u64, T0);
+        }
+        s.device_login(user, "phone", 0, T0).unwrap();
+        s.device_login(user, "laptop", 0, T0).unwrap();
+    }
+    s.sync().unwrap();
+    // A restart empties the disk store's cache: every user is read back.
+    subject.restart();
+    let s = subject.store();
+    let long = "d".repeat(300);
+    let moves = [
+        ("alice", "phone", 3),
+        ("bob", "laptop", 4),
+        ("alice", "laptop", 6),
+        ("alice", "phone", 2), // never back
+        ("", "phone", 1),
+        ("bob", long.as_str(), 1),
+        ("alice", "tablet", 99), // a new device, clamped to the head
+        ("carol", "phone", 1),   // nothing stored yet: clamped to 0
+    ];
+    let got = s.set_positions(&moves, T0 + 5);
+    let refused: Vec<bool> = got.iter().map(Result::is_err).collect();
+    assert_eq!(refused, [false, false, false, false, true, true, false, false]);
+    let positions = |s: &mut dyn Store, user: &str| {
+        let mut d = s.inbox_state(user).unwrap().devices;
+        d.sort_by(|a, b| a.device.cmp(&b.device));
+        d.into_iter().map(|d| (d.device, d.position, d.last_seen_ms)).collect::<Vec<_>>()
+    };
+    let want_alice = vec![("laptop".into(), 6, T0 + 5), ("phone".into(), 3, T0 + 5), ("tablet".into(), 10, T0 + 5)];
+    let want_bob = vec![("laptop".into(), 4, T0 + 5), ("phone".into(), 0, T0)];
+    assert_eq!(positions(s, "alice"), want_alice);
+    assert_eq!(positions(s, "bob"), want_bob);
+    assert_eq!(positions(s, "carol"), vec![("phone".into(), 0, T0 + 5)]);
+    s.sync().unwrap();
+    if subject.restart() {
+        let s = subject.store();
+        assert_eq!(positions(s, "alice"), want_alice, "kept through a restart");
+        assert_eq!(positions(s, "bob"), want_bob);
+    }
+}
+
 fn retention_drops_by_ttl(make: Make) {
     let ttl = 60_000;
     let mut subject = make(StoreLimits { ttl_ms: ttl, ..StoreLimits::default() });
@@ -446,6 +496,10 @@ macro_rules! conformance {
             #[test]
             fn device_positions_independent_per_device() {
                 super::device_positions_independent_per_device($make)
+            }
+            #[test]
+            fn positions_written_together_as_one_by_one() {
+                super::positions_written_together_as_one_by_one($make)
             }
             #[test]
             fn retention_drops_by_ttl() {
@@ -759,6 +813,8 @@ enum Op {
         device: u8,
         seq: u64,
     },
+    /// A store turn's positions, written together: (user, device, seq).
+    Positions(Vec<(u8, u8, u64)>),
     State {
         user: u8,
     },
@@ -782,6 +838,7 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (0..3u8, 0..12u64, 1..6usize).prop_map(|(user, after, limit)| Op::Read { user, after, limit }),
         2 => (0..3u8, 0..3u8, 0..12u64).prop_map(|(user, device, client_seq)| Op::Login { user, device, client_seq }),
         2 => (0..3u8, 0..3u8, 0..12u64).prop_map(|(user, device, seq)| Op::Position { user, device, seq }),
+        1 => proptest::collection::vec((0..3u8, 0..3u8, 0..12u64), 1..5).prop_map(Op::Positions),
         1 => (0..3u8).prop_map(|user| Op::State { user }),
         2 => (1..400u64).prop_map(|ms| Op::Tick { ms }),
         // Past an epoch or two at once: what resolving between requests waits for.
@@ -836,6 +893,15 @@ fn against_a_model(
                 let (u, d) = (users[user as usize], ["p", "q", "r"][device as usize]);
                 model.position(u, d, seq, now);
                 s.set_position(u, d, seq, now).unwrap();
+            }
+            Op::Positions(ref moves) => {
+                let moves: Vec<_> =
+                    moves.iter().map(|&(u, d, seq)| (users[u as usize], ["p", "q", "r"][d as usize], seq)).collect();
+                for &(u, d, seq) in &moves {
+                    model.position(u, d, seq, now);
+                }
+                let refused = s.set_positions(&moves, now).into_iter().filter(Result::is_err).count();
+                prop_assert_eq!(refused, 0, "op {}", i);
             }
             Op::State { user } => {
                 let u = users[user as usize];
