@@ -2637,6 +2637,26 @@ mod tests {
         assert_eq!(refined_rate(25_000, 26_000), None, "no thousand between");
     }
 
+    /// One catch-up of 10,000 messages at 333,333 msgs/s, judged.
+    fn catch_up_run() -> CatchUp {
+        CatchUp::median_of(vec![CatchUp {
+            messages: 10_000,
+            fill_s: 0.1,
+            fill_msgs_per_s: 100_000.0,
+            fill_messages_per_sync: Some(1000.0),
+            first_page: 20,
+            fetches: 10,
+            first_inbox_ms: Some(0.5),
+            elapsed_s: 0.03,
+            msgs_per_s: 333_333.0,
+            duplicates: 0,
+            position_after: Some(10_000),
+            runs_msgs_per_s: vec![],
+            target_per_s: CATCH_UP_TARGET_PER_S,
+            target_met: false,
+        }])
+    }
+
     /// Store against no store is judged on the bytes per connection past
     /// the first step of each hold, which also pays one-time allocations.
     #[test]
@@ -2684,22 +2704,7 @@ mod tests {
 
         // How the report says it; a report from before reads back.
         let mut m = String::new();
-        let catch_up = CatchUp::median_of(vec![CatchUp {
-            messages: 10_000,
-            fill_s: 0.1,
-            fill_msgs_per_s: 100_000.0,
-            fill_messages_per_sync: Some(1000.0),
-            first_page: 20,
-            fetches: 10,
-            first_inbox_ms: Some(0.5),
-            elapsed_s: 0.03,
-            msgs_per_s: 333_333.0,
-            duplicates: 0,
-            position_after: Some(10_000),
-            runs_msgs_per_s: vec![],
-            target_per_s: CATCH_UP_TARGET_PER_S,
-            target_met: false,
-        }]);
+        let catch_up = catch_up_run();
         let r = Reliable {
             question: "q".into(),
             method: "m".into(),
@@ -2741,22 +2746,7 @@ mod tests {
             ReliableUnicast::judge(d, 4000, reliable.clone(), Some(step(5_000, 5_000.0, 3_000)), beside, open)
         };
         let judged = |d| judged_beside(d, false);
-        let catch_up = CatchUp {
-            messages: 10_000,
-            fill_s: 0.1,
-            fill_msgs_per_s: 100_000.0,
-            fill_messages_per_sync: Some(1000.0),
-            first_page: 20,
-            fetches: 10,
-            first_inbox_ms: Some(0.5),
-            elapsed_s: 0.03,
-            msgs_per_s: 333_333.0,
-            duplicates: 0,
-            position_after: Some(10_000),
-            runs_msgs_per_s: vec![333_333.0],
-            target_per_s: CATCH_UP_TARGET_PER_S,
-            target_met: true,
-        };
+        let catch_up = catch_up_run();
         let mut r = Reliable {
             question: "q".into(),
             method: "m".into(),
