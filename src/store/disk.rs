@@ -767,12 +767,19 @@ impl DiskStore {
         if let Err(e) = self.inboxes.insert(uk.as_slice(), rec.encode(fhead)) {
             return Err(unavailable(e));
         }
-        self.hot.dirty.remove(&uk[..]);
-        if let Some(c) = self.cache.get_mut(&uk) {
+        self.record_written(&uk, rec, fhead);
+        Ok((r, head))
+    }
+
+    /// After `uk`'s record `rec` (carrying `fhead`) was written to fjall
+    /// whole: nothing of it waits for a write any more, and a cached
+    /// entry takes it.
+    fn record_written(&mut self, uk: &[u8], rec: InboxRec, fhead: u64) {
+        self.hot.dirty.remove(uk);
+        if let Some(c) = self.cache.get_mut(uk) {
             c.rec = rec;
             c.rec_head = Some(fhead);
         }
-        Ok((r, head))
     }
 
     /// [`Store::set_positions`] for the entries of `out` still `Ok`: every
@@ -780,8 +787,9 @@ impl DiskStore {
     /// its devices' moves, and is written once, all in one batch. Why: the
     /// workers hand over a tick's positions at once, up to one per
     /// device, and a batch each was a `write(2)` to fjall's journal each:
-    /// 3,257 journal writes in one second of the store thread (strace, 40,000 reliable
-    /// msgs/s over 4,000 devices, `os`), 42 with one batch per turn. The
+    /// 3,257 journal writes in one second of the store thread (strace,
+    /// 40,000 reliable msgs/s over 4,000 devices, `os`), 42 with one batch
+    /// per turn. The
     /// thread's time in writing positions went from 9.5% to 7.2% of its
     /// samples (perf); its CPU as a whole moved less than the host's noise.
     /// One record per user also keeps a user that is not cached from
@@ -823,11 +831,7 @@ impl DiskStore {
         }
         batch.commit().map_err(unavailable)?;
         for (uk, c) in users {
-            self.hot.dirty.remove(&uk[..]);
-            if let Some(cached) = self.cache.get_mut(&uk) {
-                cached.rec = c.rec;
-                cached.rec_head = Some(c.fhead);
-            }
+            self.record_written(&uk, c.rec, c.fhead);
         }
         Ok(())
     }

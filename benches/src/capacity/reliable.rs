@@ -17,7 +17,8 @@
 //! as a client should (PROTOCOL.md 15.4: every 32 INBOX frames or 100 ms).
 //! 10,000 waiting messages: the figure, 500 pages of the first
 //! page's 20, ten FETCHes at the default `delivery.max_fetch` (1,000),
-//! [`CATCH_UP_RUNS`] times (the median is the figure). The idle holds are the capacity run's own (4 steps to `plan.connections`).
+//! [`CATCH_UP_RUNS`] times (the median is the figure). The idle holds
+//! are the capacity run's own (4 steps to `plan.connections`).
 //!
 //! Owns: the servers these scenarios start (each with its own store in the
 //! run's output directory) and the catch-up client (`switchboard::client`,
