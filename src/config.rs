@@ -671,6 +671,11 @@ pub struct StoreConfig {
     /// larger one flushes less often; each flush holds appends up for its
     /// table and manifest syncs (docs/DEPLOY.md, "Write stalls").
     pub write_buffer_mib: u64,
+    /// Shards of a disk or memory store, each a thread (and, on disk, a
+    /// directory with write buffers) of its own serving the users hashed
+    /// to it. A disk store keeps the count it was created with
+    /// (docs/DEPLOY.md, "Shards": when more than one pays).
+    pub shards: usize,
 }
 
 impl Default for StoreConfig {
@@ -685,6 +690,7 @@ impl Default for StoreConfig {
             max_bytes: limits.max_bytes,
             queue_capacity: 65_536,
             write_buffer_mib: crate::store::disk::WRITE_BUFFER_MIB,
+            shards: 1,
         }
     }
 }
@@ -718,6 +724,12 @@ impl StoreConfig {
             return Err(invalid(
                 "store.queue_capacity",
                 format!("is {}, must be between 16 and 16777216", self.queue_capacity),
+            ));
+        }
+        if !(1..=crate::store::MAX_SHARDS).contains(&self.shards) {
+            return Err(invalid(
+                "store.shards",
+                format!("is {}, must be between 1 and {}", self.shards, crate::store::MAX_SHARDS),
             ));
         }
         if !(1..=4096).contains(&self.write_buffer_mib) {
@@ -1378,6 +1390,7 @@ mod store_section {
             (c.store.ttl_ms, c.store.max_messages_per_inbox, c.store.max_bytes, c.store.queue_capacity),
             (604_800_000, 100_000, 1_073_741_824, 65_536)
         );
+        assert_eq!(c.store.shards, 1, "one shard unless asked (store/shards.rs says why)");
         let c = Config::from_toml("[store]\nkind = \"memory\"\ndurability = \"os\"\n").unwrap();
         assert_eq!((c.store.kind, c.store.durability), (StoreKind::Memory, Durability::Os));
         for (toml, key) in [
@@ -1387,6 +1400,8 @@ mod store_section {
             ("max_messages_per_inbox = 0", "store.max_messages_per_inbox"),
             ("max_bytes = 1000", "store.max_bytes"),
             ("write_buffer_mib = 0", "store.write_buffer_mib"),
+            ("shards = 0", "store.shards"),
+            ("shards = 65", "store.shards"),
             ("queue_capacity = 1", "store.queue_capacity"),
             ("durabilty = \"os\"", "durabilty"),
         ] {

@@ -247,8 +247,8 @@ pub fn fixed_memory(config: &Config, workers: usize) -> Vec<(&'static str, u64)>
     }
     match config.store.kind {
         StoreKind::Disk => v.push((
-            "disk store write buffers and caches (3 x store.write_buffer_mib x 4 keyspaces, + caches, + hot messages)",
-            crate::store::disk::ram_budget(config.store.write_buffer_mib),
+            "disk store write buffers and caches (3 x store.write_buffer_mib x 4 keyspaces per shard, + caches, + hot messages)",
+            crate::store::disk::ram_budget(config.store.write_buffer_mib, config.store.shards),
         )),
         StoreKind::Memory => v.push(("memory store messages (store.max_bytes)", config.store.max_bytes)),
         StoreKind::None | StoreKind::Redis => {}

@@ -421,7 +421,7 @@ impl Collector for Live {
                 "1 while the store is stopped after a failed write (disk full, I/O error): every reliable \
                  request fails until the store thread opens it again (every 10 s, once the cause is gone); what \
                  was synced before is kept.",
-                i64::from(s.stopped.load(Ordering::Relaxed)),
+                i64::from(s.stopped()),
             )?;
             f.histogram(
                 "switchboard_store_commit_seconds",

@@ -612,8 +612,8 @@ pub struct Server {
     pub(crate) admin: Option<crate::admin::Admin>,
     /// The directory's sweeper thread (`sb-directory`).
     pub(crate) sweeper: Option<crate::runtime::Sweeper>,
-    /// The store thread (`switchboard-store`), stopped after the workers
-    /// so that what they queued is stored and synced.
+    /// The store's threads (`sb-store-<i>`, one per shard), stopped after
+    /// the workers so that what they queued is stored and synced.
     pub(crate) store: Option<crate::store::Service<crate::runtime::inbox::Token>>,
     /// The cluster thread (`sb-cluster`), stopped last: the workers'
     /// closing connections and the store's last messages go through it.

@@ -222,9 +222,11 @@ pub const LATENCY_BOUNDS_NS: [u64; 18] = [
     u64::MAX,
 ];
 
-/// A latency histogram with one writer: a fixed array of counts (bucket
-/// `i` counts samples ≤ `LATENCY_BOUNDS_NS[i]`, not cumulative) and the
-/// sum, bumped with plain load + store. Readers add the counts up.
+/// A latency histogram: a fixed array of counts (bucket `i` counts
+/// samples ≤ `LATENCY_BOUNDS_NS[i]`, not cumulative) and the sum, bumped
+/// with plain load + store by its one writer ([`Histogram::observe`]), or
+/// with atomic adds where several threads write it
+/// ([`Histogram::observe_shared`]). Readers add the counts up.
 #[derive(Debug, Default)]
 pub struct Histogram {
     pub buckets: [AtomicU64; LATENCY_BOUNDS_NS.len()],
@@ -239,6 +241,15 @@ impl Histogram {
         let i = LATENCY_BOUNDS_NS.partition_point(|&b| b < ns);
         bump(&self.buckets[i], n);
         bump(&self.sum_ns, ns.saturating_mul(n));
+    }
+
+    /// [`Histogram::observe`] for a histogram with several writers (the
+    /// shards of the store: `store::service`): atomic adds.
+    #[inline]
+    pub(crate) fn observe_shared(&self, ns: u64, n: u64) {
+        let i = LATENCY_BOUNDS_NS.partition_point(|&b| b < ns);
+        self.buckets[i].fetch_add(n, Ordering::Relaxed);
+        self.sum_ns.fetch_add(ns.saturating_mul(n), Ordering::Relaxed);
     }
 
     /// Adds this histogram's counts and sum into `counts` and `sum_ns`.

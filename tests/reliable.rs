@@ -393,6 +393,49 @@ fn a_disk_store_keeps_messages_and_positions_across_a_restart() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A disk store of three shards: each user's inbox lives in its shard,
+/// seqs go on per user after a restart (started again with
+/// `store.shards = 1`: the count on disk wins), and a device catches up
+/// from its shard.
+#[test]
+fn a_sharded_disk_store_keeps_every_users_inbox_across_a_restart() {
+    let dir = std::env::temp_dir().join(format!("sb-shards-{}-{}", std::process::id(), common::unix_now()));
+    let mut cfg = config();
+    cfg.store.kind = StoreKind::Disk;
+    cfg.store.path = dir.clone();
+    cfg.store.shards = 3;
+    let users: Vec<String> = (0..12).map(|i| format!("sharded-{i}")).collect();
+    let hit: std::collections::HashSet<usize> = users.iter().map(|u| switchboard::store::shard_of(u, 3)).collect();
+    assert_eq!(hit.len(), 3, "the users fall in every shard");
+    let server = common::start(cfg.clone());
+    let h = server.handle();
+    for round in 0..5u64 {
+        for u in &users {
+            let r = h.push_reliable(u, format!("{u}-{round}"), 0).unwrap().wait().unwrap();
+            assert_eq!(r.seq, round + 1, "{u}: one inbox, dense seqs");
+        }
+    }
+    server.shutdown().unwrap();
+    assert_eq!(std::fs::read_to_string(dir.join("SHARDS")).unwrap(), "3\n");
+    cfg.store.shards = 1;
+    let server = common::start(cfg);
+    let h = server.handle();
+    for u in &users {
+        let r = h.push_reliable(u, format!("{u}-5"), 0).unwrap().wait().unwrap();
+        assert_eq!(r.seq, 6, "{u}: its seqs go on in its shard after the restart");
+        let state = h.inbox_state(u, Duration::from_secs(5)).unwrap();
+        assert_eq!((state.head_seq, state.messages), (6, 6), "{u}");
+    }
+    for u in [&users[0], &users[11]] {
+        let mut c = device_login(server.local_addr(), u, "phone", 0);
+        let mut seen = Seen::default();
+        read_until(&mut c, &mut seen, 5, Duration::from_secs(5), |s| s.have >= 6);
+        assert_eq!(payloads(&seen), (0..6).map(|i| format!("{u}-{i}")).collect::<Vec<_>>(), "{u}");
+    }
+    server.shutdown().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn a_second_server_on_the_same_store_directory_is_refused_with_the_reason() {
     let dir = std::env::temp_dir().join(format!("sb-reliable-lock-{}", std::process::id()));

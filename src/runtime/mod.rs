@@ -165,9 +165,14 @@ pub(crate) fn start(
     // with a listener up and no worker behind it.
     // The node id defaults to <hostname>:<configured listen port> (a port
     // of 0 gives ":0": set cluster.node_id when nodes share a host).
-    let store =
-        crate::store::open_store_with(&config.store, config.delivery.dedup_window_ms, &config.cluster, addr.port())
-            .map_err(|e| StartError::Store { path: config.store.path.display().to_string(), message: e.to_string() })?;
+    let store = crate::store::open_store_shards(
+        &config.store,
+        config.store.shards,
+        config.delivery.dedup_window_ms,
+        &config.cluster,
+        addr.port(),
+    )
+    .map_err(|e| StartError::Store { path: config.store.path.display().to_string(), message: e.to_string() })?;
     let ws_addr = config.websocket.listen_addr()?;
     check_port_free(addr, &config, addr, ws_addr)?;
     if let Some(a) = ws_addr {
@@ -234,7 +239,7 @@ pub(crate) fn start(
         failure: std::sync::Mutex::new(None),
         store: std::sync::OnceLock::new(),
         cluster: std::sync::OnceLock::new(),
-        store_durability: store.as_ref().and_then(|s| s.durability()),
+        store_durability: store.first().and_then(|s| s.durability()),
         config,
     });
     // The cluster thread before the store's: the store thread hands it
@@ -250,14 +255,17 @@ pub(crate) fn start(
         }
         None => None,
     };
-    let store = match store {
-        Some(store) => {
-            let cfg = crate::store::ServiceConfig::new(shared.config.store.queue_capacity);
-            let service = crate::store::Service::start(store, inbox::StoreSink::new(shared.clone()), cfg)?;
-            let _ = shared.store.set(service.submitter());
-            Some(service)
-        }
-        None => None,
+    let store = if store.is_empty() {
+        None
+    } else {
+        // Each shard's queue holds an even share of store.queue_capacity.
+        let shards = store.len();
+        let cfg = crate::store::ServiceConfig::new(shared.config.store.queue_capacity.div_ceil(shards));
+        let parts = store.into_iter().map(|s| (s, inbox::StoreSink::new(shared.clone()))).collect();
+        let service = crate::store::Service::start_shards(parts, cfg)?;
+        tracing::info!(shards, kind = ?shared.config.store.kind, "message store started");
+        let _ = shared.store.set(service.submitter());
+        Some(service)
     };
 
     let (ready_tx, ready_rx) = mpsc::channel::<(usize, Result<(), String>)>();

@@ -216,14 +216,18 @@ pub const RECORD_LAG: u64 = 64;
 /// RAM one cached user takes, with one device (the module doc).
 const CACHED_USER_BYTES: u64 = 200;
 
-/// RAM the disk store may take with a write buffer of `write_buffer_mib`,
-/// whatever the number of users: about three times the buffer for each of
-/// the four keyspaces that take sustained writes (a memtable of small
-/// records takes that much with its skiplist nodes: docs/DEPLOY.md, "RAM"),
-/// plus the block cache and the user cache. `switchboard check` adds it to
-/// its estimate.
-pub fn ram_budget(write_buffer_mib: u64) -> u64 {
-    3 * 4 * (write_buffer_mib << 20) + CACHE_BYTES + CACHED_USERS as u64 * CACHED_USER_BYTES + HOT_RAM_BYTES
+/// RAM the disk store may take with a write buffer of `write_buffer_mib`
+/// and `shards` shards (`shards.rs`), whatever the number of users: about
+/// three times the buffer for each of the four keyspaces of each shard
+/// that take sustained writes (a memtable of small records takes that
+/// much with its skiplist nodes: docs/DEPLOY.md, "RAM"), plus the block
+/// cache, the user cache and the hot messages, which the shards share out.
+/// `switchboard check` adds it to its estimate.
+pub fn ram_budget(write_buffer_mib: u64, shards: usize) -> u64 {
+    3 * 4 * (write_buffer_mib << 20) * shards.max(1) as u64
+        + CACHE_BYTES
+        + CACHED_USERS as u64 * CACHED_USER_BYTES
+        + HOT_RAM_BYTES
 }
 
 /// Most RAM the hot messages take, counted as [`hot_ram`]: past it, each
@@ -536,9 +540,9 @@ pub struct DiskStore {
     /// Why the store stopped: the I/O error of its first failed write
     /// ([`DiskStore::guard`]); `None` while it runs.
     stopped: Option<String>,
-    /// The directory and write buffer it was opened with
+    /// The directory, write buffer and shard count it was opened with
     /// ([`Store::reopener`]).
-    opened_with: (PathBuf, u64),
+    opened_with: (PathBuf, u64, usize),
 }
 
 impl DiskStore {
@@ -563,11 +567,39 @@ impl DiskStore {
         limits: StoreLimits,
         write_buffer_bytes: u64,
     ) -> Result<Self, StoreError> {
+        Self::open_shard(path, durability, limits, write_buffer_bytes, 1)
+    }
+
+    /// Whether a store (of one shard) exists in directory `path`.
+    pub fn exists_in(path: &Path) -> bool {
+        path.join("version").exists()
+    }
+
+    /// [`DiskStore::open_with_buffer`] for one of `of` shards
+    /// (`shards.rs`): its block cache, user cache and hot messages get an
+    /// `of`-th of [`CACHE_BYTES`], [`CACHED_USERS`] and [`HOT_MAX_BYTES`],
+    /// so that the shards together take what one store would. Refuses the
+    /// directory of a sharded store (its shards are in directories of
+    /// their own).
+    pub fn open_shard(
+        path: impl AsRef<Path>,
+        durability: Durability,
+        limits: StoreLimits,
+        write_buffer_bytes: u64,
+        of: usize,
+    ) -> Result<Self, StoreError> {
         let path = path.as_ref();
+        if path.join(super::shards::SHARDS_FILE).exists() {
+            return Err(unavailable(format!(
+                "{} holds a sharded store: open it with its shards (store::open_store_shards)",
+                path.display()
+            )));
+        }
+        let of = of.max(1);
         std::fs::create_dir_all(path).map_err(|e| unavailable(format!("cannot create {}: {e}", path.display())))?;
         let db = Database::builder(path)
             .manual_journal_persist(true)
-            .cache_size(CACHE_BYTES)
+            .cache_size(CACHE_BYTES / of as u64)
             .worker_threads(ENGINE_THREADS)
             .open()
             .map_err(|e| match e {
@@ -604,7 +636,7 @@ impl DiskStore {
             total_bytes: 0,
             total_messages: 0,
             cache: hashbrown::HashMap::new(),
-            cache_users: CACHED_USERS,
+            cache_users: (CACHED_USERS / of).max(1),
             _writeback: match durability {
                 Durability::Os => super::writeback::JournalWriteback::start(path),
                 Durability::Fsync => None,
@@ -617,7 +649,7 @@ impl DiskStore {
                 order: VecDeque::new(),
                 popped: 0,
                 ram: 0,
-                max_bytes: HOT_MAX_BYTES,
+                max_bytes: HOT_MAX_BYTES / of as u64,
                 dirty: hashbrown::HashSet::new(),
                 epoch: 0,
                 started_ms: None,
@@ -627,7 +659,7 @@ impl DiskStore {
                 to_delete: None,
             },
             stopped: None,
-            opened_with: (path.to_path_buf(), write_buffer_bytes),
+            opened_with: (path.to_path_buf(), write_buffer_bytes, of),
         };
         store.recover(logged)?;
         store.hot.log.drop_recovered(&recovered)?;
@@ -1587,10 +1619,10 @@ impl Store for DiskStore {
     }
 
     fn reopener(&self) -> Option<Reopen> {
-        let (path, buffer) = self.opened_with.clone();
+        let (path, buffer, of) = self.opened_with.clone();
         let (durability, limits) = (self.durability, self.limits);
         Some(Arc::new(move || {
-            DiskStore::open_with_buffer(&path, durability, limits, buffer).map(|s| Box::new(s) as Box<dyn Store>)
+            DiskStore::open_shard(&path, durability, limits, buffer, of).map(|s| Box::new(s) as Box<dyn Store>)
         }))
     }
 }

@@ -30,6 +30,7 @@ mod periodic;
 mod reaper;
 pub mod redis;
 pub mod service;
+pub mod shards;
 mod writeback;
 
 #[cfg(test)]
@@ -41,6 +42,7 @@ pub use redis::RedisStore;
 pub use service::{
     Busy, Done, Request, Service, ServiceConfig, Sink, StoreCounters, Submitter, POSITION_SYNC_INTERVAL,
 };
+pub use shards::{open_store_shards, shard_of, MAX_SHARDS};
 
 use crate::config::{ClusterConfig, StoreConfig, StoreKind};
 

@@ -1,5 +1,13 @@
 //! The store thread: one [`Store`] behind a bounded queue, with group
-//! commit.
+//! commit; one such thread per shard of the store.
+//!
+//! Shards (`shards.rs`): a store may be split into shards, each a `Store`
+//! of its own holding the inboxes of the users [`super::shard_of`] puts
+//! in it. The [`Submitter`] queues each request in its user's shard, and
+//! each shard's thread runs the loop below on its own queue, independent
+//! of the others; the counters are shared (every shard adds into them).
+//! Everything about one user goes through one thread, in the order it
+//! was queued, as with a single thread.
 //!
 //! Owns: the thread that owns the store, its request queue (a lock-free
 //! `ArrayQueue` of `queue_capacity`), the batching loop, the periodic
@@ -121,6 +129,20 @@ pub enum Request {
     State { user: Arc<str> },
 }
 
+impl Request {
+    /// The user whose inbox the request is about: its shard's
+    /// ([`super::shard_of`]).
+    pub fn user(&self) -> &str {
+        match self {
+            Request::Append(m) => &m.to,
+            Request::Read { user, .. }
+            | Request::DeviceLogin { user, .. }
+            | Request::Position { user, .. }
+            | Request::State { user } => user,
+        }
+    }
+}
+
 /// The answer to one request, of the matching kind.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Done {
@@ -150,7 +172,8 @@ pub trait Sink<T>: Send + 'static {
 #[error("store busy: its queue is full or it has stopped")]
 pub struct Busy;
 
-/// Counters of the store thread, readable from any thread.
+/// Counters of the store's threads (every shard adds into the same
+/// ones), readable from any thread.
 #[derive(Debug, Default)]
 pub struct StoreCounters {
     /// Messages stored (not counting duplicates or refusals).
@@ -176,23 +199,32 @@ pub struct StoreCounters {
     pub queue_depth: AtomicU64,
     /// Messages dropped by retention passes.
     pub expired: AtomicU64,
-    /// Messages kept in inboxes ([`Store::held`]), as of the last batch.
+    /// Messages kept in inboxes ([`Store::held`]) over every shard, as of
+    /// each shard's last batch.
     pub held_messages: AtomicU64,
     /// Their bytes, counted as [`super::record_bytes`].
     pub held_bytes: AtomicU64,
-    /// Whether the store stopped after a failed write ([`Store::stopped`]),
-    /// as of the last batch.
-    pub stopped: AtomicBool,
-    /// Commit latency of the batches that stored messages: from the store
+    /// Shards stopped after a failed write ([`Store::stopped`]), as of
+    /// their last batch ([`StoreCounters::stopped`]).
+    pub stopped_shards: AtomicU64,
+    /// Commit latency of the batches that stored messages: from a store
     /// thread taking the batch to its sync returning (applying the batch,
-    /// then one `sync`), once per batch. Written by the store thread only.
+    /// then one `sync`), once per batch.
     pub commit: crate::stats::Histogram,
     /// Time each request waited in the queue: from being queued
-    /// ([`Submitter::try_submit_unwoken`]) to the store thread taking it
-    /// into a batch. Written by the store thread only. With `commit`, it
+    /// ([`Submitter::try_submit_unwoken`]) to its shard's store thread
+    /// taking it into a batch. With `commit`, it
     /// tells where a slow SEND_ACK waited: for the thread (a backlog, or
     /// a thread that got no CPU) or for the disk.
     pub queue_wait: crate::stats::Histogram,
+}
+
+impl StoreCounters {
+    /// Whether a shard of the store has stopped after a failed write (it
+    /// serves nothing until it is opened again: the module doc).
+    pub fn stopped(&self) -> bool {
+        self.stopped_shards.load(Ordering::Relaxed) > 0
+    }
 }
 
 /// Settings of the store thread.
@@ -230,47 +262,58 @@ enum Msg<T> {
     Stop,
 }
 
-/// Submits requests to the store thread; cheap to clone, usable from any
-/// thread.
-pub struct Submitter<T> {
+/// One shard's queue and the thread that serves it.
+struct Shard<T> {
     queue: Arc<ArrayQueue<Msg<T>>>,
-    /// The store thread, to unpark.
+    /// The shard's store thread, to unpark.
     thread: Thread,
+}
+
+/// Submits requests to the store's threads (one per shard, each request
+/// to the shard of its user: [`super::shard_of`]); cheap to clone,
+/// usable from any thread.
+pub struct Submitter<T> {
+    shards: Arc<[Shard<T>]>,
     counters: Arc<StoreCounters>,
     stopped: Arc<AtomicBool>,
 }
 
 impl<T> Clone for Submitter<T> {
     fn clone(&self) -> Self {
-        Submitter {
-            queue: self.queue.clone(),
-            thread: self.thread.clone(),
-            counters: self.counters.clone(),
-            stopped: self.stopped.clone(),
-        }
+        Submitter { shards: self.shards.clone(), counters: self.counters.clone(), stopped: self.stopped.clone() }
     }
 }
 
 impl<T> Submitter<T> {
-    /// Wakes the store thread for what was queued before (an atomic swap
-    /// if it is awake, a futex wake if it is parked).
+    /// Wakes the store threads for what was queued before: each shard
+    /// that has a request waiting (an atomic swap if its thread is awake,
+    /// a futex wake if it is parked).
     pub fn wake(&self) {
-        self.thread.unpark();
+        for shard in self.shards.iter().filter(|s| !s.queue.is_empty()) {
+            shard.thread.unpark();
+        }
     }
 
-    /// Queues the stop, waiting while the queue is full (the thread is
-    /// draining it, unless it has `ended`), and wakes the thread.
-    fn stop(&self, ended: impl Fn() -> bool) {
-        let mut msg = Msg::Stop;
-        while let Err(back) = self.queue.push(msg) {
-            if ended() {
-                return;
+    /// The shards, each served by a thread of its own.
+    pub fn shards(&self) -> usize {
+        self.shards.len()
+    }
+
+    /// Queues the stop in every shard, waiting while a queue is full (its
+    /// thread is draining it, unless `ended(shard)`), and wakes them.
+    fn stop(&self, ended: impl Fn(usize) -> bool) {
+        for (i, shard) in self.shards.iter().enumerate() {
+            let mut msg = Msg::Stop;
+            while let Err(back) = shard.queue.push(msg) {
+                if ended(i) {
+                    break;
+                }
+                msg = back;
+                shard.thread.unpark();
+                std::thread::sleep(Duration::from_millis(1));
             }
-            msg = back;
-            self.wake();
-            std::thread::sleep(Duration::from_millis(1));
+            shard.thread.unpark();
         }
-        self.wake();
     }
 }
 
@@ -292,9 +335,10 @@ impl<T: Send + 'static> Submitter<T> {
         if self.stopped.load(Ordering::Acquire) {
             return Err(Busy);
         }
+        let shard = &self.shards[super::shard_of(request.user(), self.shards.len())];
         // Counted before the push, so the thread's decrement never comes first.
         self.counters.queue_depth.fetch_add(1, Ordering::Relaxed);
-        match self.queue.push(Msg::Req(token, request, crate::timed::mono_ns())) {
+        match shard.queue.push(Msg::Req(token, request, crate::timed::mono_ns())) {
             Ok(()) => Ok(()),
             Err(_) => {
                 self.counters.queue_depth.fetch_sub(1, Ordering::Relaxed);
@@ -309,36 +353,65 @@ impl<T: Send + 'static> Submitter<T> {
     }
 }
 
-/// The running store thread. Dropping it stops it as [`Service::stop`]
-/// does.
+/// The running store threads. Dropping it stops them as
+/// [`Service::stop`] does.
 pub struct Service<T> {
     submitter: Submitter<T>,
-    thread: Option<JoinHandle<Result<(), StoreError>>>,
+    /// One per shard, in shard order.
+    threads: Vec<JoinHandle<Result<(), StoreError>>>,
 }
 
 impl<T: Send + 'static> Service<T> {
-    /// Starts the store thread (named `switchboard-store`), which owns
-    /// `store` and answers through `sink`.
+    /// Starts the store thread (named `sb-store-0`), which owns `store`
+    /// and answers through `sink`: a store of one shard.
     pub fn start<S: Sink<T>>(store: Box<dyn Store>, sink: S, cfg: ServiceConfig) -> std::io::Result<Self> {
-        let queue = Arc::new(ArrayQueue::new(cfg.queue_capacity.max(1)));
+        Self::start_shards(vec![(store, sink)], cfg)
+    }
+
+    /// Starts one thread per shard (named `sb-store-<i>`), each owning
+    /// its store and answering through its sink; shard `i` serves the
+    /// users [`super::shard_of`] puts in `i` (the stores must hold those
+    /// users' inboxes: `open_store_shards`). Each shard has a queue of
+    /// `cfg.queue_capacity`. At least one shard.
+    pub fn start_shards<S: Sink<T>>(parts: Vec<(Box<dyn Store>, S)>, cfg: ServiceConfig) -> std::io::Result<Self> {
+        assert!(!parts.is_empty(), "a store has at least one shard");
         let counters = Arc::new(StoreCounters::default());
         let stopped = Arc::new(AtomicBool::new(false));
-        let worker = Worker {
-            store,
-            sink,
-            queue: queue.clone(),
-            counters: counters.clone(),
-            stopped: stopped.clone(),
-            cfg,
-            unsynced_since: None,
-            positions: hashbrown::HashMap::new(),
-            tidy_after: Instant::now(),
-            reopen: None,
-            reopen_after: Instant::now(),
-        };
-        let thread = std::thread::Builder::new().name("switchboard-store".into()).spawn(move || worker.run())?;
-        let submitter = Submitter { queue, thread: thread.thread().clone(), counters, stopped };
-        Ok(Service { submitter, thread: Some(thread) })
+        let mut threads = Vec::with_capacity(parts.len());
+        let mut shards = Vec::with_capacity(parts.len());
+        for (i, (store, sink)) in parts.into_iter().enumerate() {
+            let queue = Arc::new(ArrayQueue::new(cfg.queue_capacity.max(1)));
+            let worker = Worker {
+                store,
+                sink,
+                queue: queue.clone(),
+                counters: counters.clone(),
+                stopped: stopped.clone(),
+                cfg,
+                unsynced_since: None,
+                positions: hashbrown::HashMap::new(),
+                tidy_after: Instant::now(),
+                reopen: None,
+                reopen_after: Instant::now(),
+                published: (0, 0, false),
+            };
+            match std::thread::Builder::new().name(format!("sb-store-{i}")).spawn(move || worker.run()) {
+                Ok(t) => {
+                    shards.push(Shard { queue, thread: t.thread().clone() });
+                    threads.push(t);
+                }
+                Err(e) => {
+                    // Stop the shards already running (nothing was queued).
+                    let started =
+                        Service { submitter: Submitter { shards: shards.into(), counters, stopped }, threads };
+                    drop(started);
+                    return Err(e);
+                }
+            }
+        }
+        let shards: Arc<[Shard<T>]> = shards.into();
+        let submitter = Submitter { shards, counters, stopped };
+        Ok(Service { submitter, threads })
     }
 
     /// A handle for submitting from other threads.
@@ -355,34 +428,44 @@ impl<T: Send + 'static> Service<T> {
         &self.submitter.counters
     }
 
-    /// Stops the thread: what was queued before is applied and answered,
-    /// the store is synced a last time, and the thread is joined. Later
-    /// submits get `Busy`; one racing with the stop may be dropped
-    /// unanswered (stop after the workers have stopped submitting).
-    /// Returns the last sync's error, if any.
+    /// Stops the threads: what was queued before is applied and
+    /// answered, each shard's store is synced a last time, and the threads
+    /// are joined. Later submits get `Busy`; one racing with the stop may
+    /// be dropped unanswered (stop after the workers have stopped
+    /// submitting). Returns the first shard's last-sync error, if any.
     pub fn stop(mut self) -> Result<(), StoreError> {
         self.stop_inner()
     }
+}
 
+impl<T> Service<T> {
     fn stop_inner(&mut self) -> Result<(), StoreError> {
-        let Some(thread) = self.thread.take() else { return Ok(()) };
-        self.submitter.stop(|| thread.is_finished());
-        thread.join().unwrap_or_else(|_| Err(StoreError::Unavailable("the store thread panicked".into())))
+        let threads = std::mem::take(&mut self.threads);
+        if threads.is_empty() {
+            return Ok(()); // stopped before
+        }
+        self.submitter.stop(|i| threads[i].is_finished());
+        let mut outcome = Ok(());
+        for t in threads {
+            let r = t.join().unwrap_or_else(|_| Err(StoreError::Unavailable("a store thread panicked".into())));
+            if outcome.is_ok() {
+                outcome = r;
+            }
+        }
+        outcome
     }
 }
 
 impl<T> Drop for Service<T> {
     fn drop(&mut self) {
-        if let Some(thread) = self.thread.take() {
-            self.submitter.stop(|| thread.is_finished());
-            let _ = thread.join();
-        }
+        let _ = self.stop_inner();
     }
 }
 
 struct Worker<T, S> {
     store: Box<dyn Store>,
     sink: S,
+    /// This shard's queue.
     queue: Arc<ArrayQueue<Msg<T>>>,
     counters: Arc<StoreCounters>,
     stopped: Arc<AtomicBool>,
@@ -400,6 +483,9 @@ struct Worker<T, S> {
     reopen: Option<Reopen>,
     /// A stopped store is not opened again before this.
     reopen_after: Instant,
+    /// What this shard last added into the shared counters' held
+    /// messages, held bytes and stopped shards ([`Worker::publish_held`]).
+    published: (u64, u64, bool),
 }
 
 /// (user, device).
@@ -439,7 +525,7 @@ impl<T: Send + 'static, S: Sink<T>> Worker<T, S> {
                 // What was queued before the stop is served too.
                 let now = crate::timed::mono_ns();
                 while let Some(Msg::Req(t, r, queued)) = self.queue.pop() {
-                    self.counters.queue_wait.observe(now.saturating_sub(queued), 1);
+                    self.counters.queue_wait.observe_shared(now.saturating_sub(queued), 1);
                     batch.push((t, r));
                 }
             }
@@ -481,7 +567,7 @@ impl<T: Send + 'static, S: Sink<T>> Worker<T, S> {
         while batch.len() <= MAX_BATCH {
             match self.queue.pop() {
                 Some(Msg::Req(t, r, queued)) => {
-                    self.counters.queue_wait.observe(now.saturating_sub(queued), 1);
+                    self.counters.queue_wait.observe_shared(now.saturating_sub(queued), 1);
                     batch.push((t, r));
                 }
                 Some(Msg::Stop) => return true,
@@ -623,7 +709,7 @@ impl<T: Send + 'static, S: Sink<T>> Worker<T, S> {
             match self.store.sync() {
                 Ok(()) => {
                     self.unsynced_since = None;
-                    self.counters.commit.observe(started.elapsed().as_nanos() as u64, 1);
+                    self.counters.commit.observe_shared(started.elapsed().as_nanos() as u64, 1);
                     self.counters.syncs.fetch_add(1, Ordering::Relaxed);
                     self.counters.appends.fetch_add(appended, Ordering::Relaxed);
                     self.counters.appended_per_sync_sum.fetch_add(appended, Ordering::Relaxed);
@@ -720,13 +806,21 @@ impl<T: Send + 'static, S: Sink<T>> Worker<T, S> {
         run.clear();
     }
 
-    /// Copies the store's held counts into the counters (one writer: this
-    /// thread).
-    fn publish_held(&self) {
+    /// Moves the shared counters' held counts and stopped shards by how
+    /// this shard's changed since it last did (every shard adds into the
+    /// same counters).
+    fn publish_held(&mut self) {
         let (messages, bytes) = self.store.held();
-        self.counters.held_messages.store(messages, Ordering::Relaxed);
-        self.counters.held_bytes.store(bytes, Ordering::Relaxed);
-        self.counters.stopped.store(self.store.stopped(), Ordering::Relaxed);
+        let stopped = self.store.stopped();
+        let (m0, b0, s0) = std::mem::replace(&mut self.published, (messages, bytes, stopped));
+        let c = &self.counters;
+        c.held_messages.fetch_add(messages.wrapping_sub(m0), Ordering::Relaxed);
+        c.held_bytes.fetch_add(bytes.wrapping_sub(b0), Ordering::Relaxed);
+        match (s0, stopped) {
+            (false, true) => c.stopped_shards.fetch_add(1, Ordering::Relaxed),
+            (true, false) => c.stopped_shards.fetch_sub(1, Ordering::Relaxed),
+            _ => 0,
+        };
     }
 
     /// Runs the next slice of the retention pass; whether the pass is over

@@ -1365,6 +1365,8 @@ fn redis_store_measure() {
 /// and can hold the thread in `sync` until released.
 struct Probe {
     inner: MemoryStore,
+    /// Every user a request was about.
+    users: Arc<Mutex<std::collections::HashSet<String>>>,
     syncs: Arc<AtomicU64>,
     expires: Arc<AtomicU64>,
     sync_delay: Duration,
@@ -1376,6 +1378,7 @@ impl Probe {
     fn new() -> Self {
         Probe {
             inner: MemoryStore::new(StoreLimits::default()),
+            users: Arc::default(),
             syncs: Arc::default(),
             expires: Arc::default(),
             sync_delay: Duration::ZERO,
@@ -1385,8 +1388,15 @@ impl Probe {
     }
 }
 
+impl Probe {
+    fn saw(&self, user: &str) {
+        self.users.lock().unwrap().insert(user.to_string());
+    }
+}
+
 impl Store for Probe {
     fn append(&mut self, m: &NewMessage, now_ms: u64) -> Result<Appended, StoreError> {
+        self.saw(&m.to);
         self.inner.append(m, now_ms)
     }
     fn sync(&mut self) -> Result<(), StoreError> {
@@ -1404,15 +1414,19 @@ impl Store for Probe {
         self.inner.sync()
     }
     fn read(&mut self, user: &str, after_seq: u64, limit: usize) -> Result<Page, StoreError> {
+        self.saw(user);
         self.inner.read(user, after_seq, limit)
     }
     fn device_login(&mut self, u: &str, d: &str, c: u64, now_ms: u64) -> Result<(u64, u64), StoreError> {
+        self.saw(u);
         self.inner.device_login(u, d, c, now_ms)
     }
     fn set_position(&mut self, u: &str, d: &str, seq: u64, now_ms: u64) -> Result<(), StoreError> {
+        self.saw(u);
         self.inner.set_position(u, d, seq, now_ms)
     }
     fn inbox_state(&mut self, user: &str) -> Result<InboxState, StoreError> {
+        self.saw(user);
         self.inner.inbox_state(user)
     }
     fn expire(&mut self, now_ms: u64) -> Result<u64, StoreError> {
@@ -2400,7 +2414,7 @@ fn disk_write_failure_in_a_process_of_its_own() {
     let (sink, rx) = collect();
     let c = ServiceConfig { reopen_interval: Duration::from_millis(100), ..cfg(64) };
     let service = Service::start(Box::new(s), sink, c).unwrap();
-    let stopped = || service.counters().stopped.load(Ordering::Relaxed);
+    let stopped = || service.counters().stopped();
     let submit = |token: u64, n: u64| {
         service.try_submit(token, Request::Append(msg("ann", "app", n, T0, &big, 0))).unwrap();
         match recv(&rx) {
@@ -2466,4 +2480,211 @@ fn disk_store_first_seq_survives_a_restart_after_a_drop_the_record_lags() {
     assert!(subject.restart());
     let after = subject.store().inbox_state("ben").unwrap();
     assert_eq!(after, before, "the reopened store reports the same inbox");
+}
+
+// ---- shards -------------------------------------------------------------------
+
+/// The hash that puts users in shards is fixed (a disk store's users were
+/// put in its shards by it), and spreads ids that differ only at the end.
+#[test]
+fn shard_of_is_fixed_and_spreads_users() {
+    assert_eq!(shard_of("anyone", 1), 0);
+    assert_eq!(shard_of("anyone", 0), 0);
+    let names = ["alice", "bob", "carol", "dave", "erin", "frank"];
+    assert_eq!(names.map(|u| shard_of(u, 2)), [0, 0, 0, 0, 0, 1]);
+    assert_eq!((0..8).map(|i| shard_of(&format!("u{i}"), 4)).collect::<Vec<_>>(), [3, 1, 2, 0, 1, 0, 3, 0]);
+    assert_eq!(shard_of("user-12345", 7), 3);
+    for (pattern, n) in [("u", 2), ("lad-os-u", 2), ("user-", 3), ("", 4), ("user-", 8)] {
+        let mut counts = vec![0u32; n];
+        for i in 0..10_000 {
+            counts[shard_of(&format!("{pattern}{i}"), n)] += 1;
+        }
+        let even = 10_000 / n as u32;
+        for c in &counts {
+            assert!(c.abs_diff(even) * 10 <= even, "{pattern}N over {n} shards: {counts:?}");
+        }
+    }
+}
+
+/// Every request about a user goes to that user's shard, whichever thread
+/// submits it; each user's seqs stay dense and in order; the counters
+/// (appends, held messages) add up over the shards.
+#[test]
+fn a_service_of_shards_serves_each_user_from_its_shard() {
+    let shards = 3;
+    let probes: Vec<Probe> = (0..shards).map(|_| Probe::new()).collect();
+    let seen: Vec<_> = probes.iter().map(|p| p.users.clone()).collect();
+    let (sink, rx) = collect();
+    let sink = Arc::new(sink);
+    struct Shared(Arc<Collect>);
+    impl Sink<u64> for Shared {
+        fn done(&self, token: u64, result: Done) {
+            self.0.done(token, result)
+        }
+    }
+    let parts = probes.into_iter().map(|p| (Box::new(p) as Box<dyn Store>, Shared(sink.clone()))).collect();
+    let service = Service::start_shards(parts, cfg(1024)).unwrap();
+    assert_eq!(service.submitter().shards(), shards);
+    let (threads, users_per_thread, per_user) = (2u64, 30u64, 20u64);
+    std::thread::scope(|scope| {
+        for t in 0..threads {
+            let sub = service.submitter();
+            scope.spawn(move || {
+                for u in 0..users_per_thread {
+                    let user = format!("user{}", t * users_per_thread + u);
+                    for i in 0..per_user {
+                        let token = (t * users_per_thread + u) * per_user + i;
+                        while sub.try_submit(token, append_req(&user, i)).is_err() {
+                            std::thread::yield_now();
+                        }
+                    }
+                }
+            });
+        }
+    });
+    let total = threads * users_per_thread * per_user;
+    let mut per_user_seqs: HashMap<u64, Vec<u64>> = HashMap::new();
+    for _ in 0..total {
+        let (token, done) = recv(&rx);
+        let Done::Appended(Ok(Appended::New { seq })) = done else { panic!("{done:?}") };
+        per_user_seqs.entry(token / per_user).or_default().push(seq);
+    }
+    for (user, seqs) in &per_user_seqs {
+        assert_eq!(seqs, &(1..=per_user).collect::<Vec<_>>(), "user{user}: dense, in submission order");
+    }
+    // A read and a state query of each user find all of its messages.
+    for u in 0..threads * users_per_thread {
+        let user: Arc<str> = format!("user{u}").into();
+        service.try_submit(u, Request::State { user }).unwrap();
+        let (_, done) = recv(&rx);
+        let Done::State(Ok(st)) = done else { panic!("{done:?}") };
+        assert_eq!((st.head_seq, st.messages), (per_user, per_user), "user{u}");
+    }
+    let c = service.counters().clone();
+    service.stop().unwrap();
+    assert_eq!(c.appends.load(Ordering::Relaxed), total);
+    assert_eq!(c.held_messages.load(Ordering::Relaxed), total, "held messages add up over the shards");
+    assert_eq!(c.queue_depth.load(Ordering::Relaxed), 0);
+    assert!(!c.stopped());
+    for (i, users) in seen.iter().enumerate() {
+        let users = users.lock().unwrap();
+        assert!(!users.is_empty(), "shard {i} served someone");
+        for u in users.iter() {
+            assert_eq!(shard_of(u, shards), i, "{u} was served by shard {i}");
+        }
+    }
+}
+
+fn disk_config(dir: &TempDir, max_bytes: u64) -> crate::config::StoreConfig {
+    crate::config::StoreConfig {
+        kind: crate::config::StoreKind::Disk,
+        path: dir.0.clone(),
+        max_bytes,
+        ..crate::config::StoreConfig::default()
+    }
+}
+
+fn open_shards(cfg: &crate::config::StoreConfig, shards: usize) -> Result<Vec<Box<dyn Store>>, StoreError> {
+    open_store_shards(cfg, shards, DEFAULT_DEDUP_WINDOW_MS, &crate::config::ClusterConfig::default(), 0)
+}
+
+/// A user among `shards` who lives in shard `i`.
+fn user_in(i: usize, shards: usize) -> String {
+    (0..).map(|n| format!("user{n}")).find(|u| shard_of(u, shards) == i).expect("some user hashes there")
+}
+
+/// A sharded disk store records its count and keeps it: a later start
+/// with another `store.shards` opens the same shards (each user's inbox
+/// where it was); `max_bytes` is divided among them.
+#[test]
+fn a_sharded_disk_store_keeps_the_count_it_was_created_with() {
+    let dir = TempDir::new("shards");
+    let cfg = disk_config(&dir, 4096);
+    {
+        let mut stores = open_shards(&cfg, 2).unwrap();
+        assert_eq!(stores.len(), 2);
+        for (i, s) in stores.iter_mut().enumerate() {
+            for n in 1..=3 {
+                append(s.as_mut(), &user_in(i, 2), n, T0);
+            }
+            s.sync().unwrap();
+        }
+        // Each shard holds half of max_bytes: three small records and two
+        // of about 935 bytes fit in 2,048, a third large one does not.
+        let big = "x".repeat(900);
+        let to = user_in(1, 2);
+        let s = stores[1].as_mut();
+        for n in [10, 11] {
+            let stored = s.append(&msg(&to, "app", n, T0, &big, 0), T0);
+            assert!(matches!(stored, Ok(Appended::New { .. })), "{stored:?}");
+        }
+        let refused = s.append(&msg(&to, "app", 12, T0, &big, 0), T0);
+        assert_eq!(refused, Err(StoreError::StoreFull { limit_bytes: 2048 }));
+        s.sync().unwrap();
+    }
+    assert_eq!(std::fs::read_to_string(dir.0.join(shards::SHARDS_FILE)).unwrap(), "2\n");
+    assert!(dir.0.join("shard-0").is_dir() && dir.0.join("shard-1").is_dir());
+    let refused = DiskStore::open(&dir.0, Durability::Fsync, StoreLimits::default()).err().expect("refused");
+    assert!(refused.to_string().contains("sharded store"), "{refused}");
+    for configured in [1, 2, 3] {
+        let mut stores = open_shards(&cfg, configured).unwrap();
+        assert_eq!(stores.len(), 2, "configured {configured}: the count on disk wins");
+        assert_eq!(stores[0].read(&user_in(0, 2), 0, 10).unwrap().head_seq, 3);
+        assert_eq!(stores[1].read(&user_in(1, 2), 0, 10).unwrap().head_seq, 5);
+    }
+}
+
+/// A store in the directory itself (written before shards, or created
+/// with one shard) opens as one shard whatever `store.shards` says; a new
+/// directory with one shard gets that layout; a count file that is not a
+/// count is an error that names it.
+#[test]
+fn a_store_of_one_shard_lives_in_the_directory_itself() {
+    let dir = TempDir::new("one-shard");
+    {
+        let mut s = DiskStore::open(&dir.0, Durability::Fsync, StoreLimits::default()).unwrap();
+        append(&mut s, "alice", 1, T0);
+        append(&mut s, "alice", 2, T0);
+        s.sync().unwrap();
+    }
+    let cfg = disk_config(&dir, 1 << 30);
+    let mut stores = open_shards(&cfg, 4).unwrap();
+    assert_eq!(stores.len(), 1);
+    assert_eq!(stores[0].read("alice", 0, 10).unwrap().head_seq, 2);
+    drop(stores);
+    assert!(!dir.0.join(shards::SHARDS_FILE).exists());
+
+    let fresh = TempDir::new("one-shard-new");
+    let stores = open_shards(&disk_config(&fresh, 1 << 30), 1).unwrap();
+    assert_eq!(stores.len(), 1);
+    drop(stores);
+    assert!(DiskStore::exists_in(&fresh.0) && !fresh.0.join(shards::SHARDS_FILE).exists());
+
+    let bad = TempDir::new("bad-count");
+    std::fs::create_dir_all(&bad.0).unwrap();
+    std::fs::write(bad.0.join(shards::SHARDS_FILE), "two\n").unwrap();
+    let e = open_shards(&disk_config(&bad, 1 << 30), 2).err().expect("refused");
+    assert!(e.to_string().contains(shards::SHARDS_FILE) && e.to_string().contains("\"two\""), "{e}");
+}
+
+/// The memory store is sharded too, each shard with its share of
+/// `max_bytes`; Redis is one shard (it is shared by the nodes); `none`
+/// has none.
+#[test]
+fn open_store_shards_follows_the_kind() {
+    let dir = TempDir::new("kinds");
+    let mut cfg = disk_config(&dir, 3000);
+    cfg.kind = crate::config::StoreKind::Memory;
+    let mut stores = open_shards(&cfg, 3).unwrap();
+    assert_eq!(stores.len(), 3);
+    let to = user_in(2, 3);
+    let big = "x".repeat(900);
+    assert!(stores[2].append(&msg(&to, "app", 1, T0, &big, 0), T0).is_ok());
+    assert_eq!(
+        stores[2].append(&msg(&to, "app", 2, T0, &big, 0), T0),
+        Err(StoreError::StoreFull { limit_bytes: 1000 })
+    );
+    cfg.kind = crate::config::StoreKind::None;
+    assert!(open_shards(&cfg, 3).unwrap().is_empty());
+    assert!(!dir.0.exists(), "a memory store writes nothing");
 }
