@@ -39,9 +39,11 @@
 //! (`os`) it runs about 26% of a core, a third of it in parking and being
 //! woken (6,400 times a second: `perf`, `/proc/<tid>/status`), and two
 //! shards cost the server 6–13% more CPU at the same rate (887–917
-//! against 813–839 ticks in three alternated pairs) for no p99 gain
-//! beyond the host's noise (the same build read p99s from 15 to 960 ms
-//! at 64,000 msgs/s within twenty minutes). Hence one shard by default;
+//! against 813–839 ticks in three alternated rounds) for no p99 gain
+//! beyond the host's noise (four alternated rounds at 64,000 msgs/s of
+//! one shard, two, and one with a larger write buffer read p99s from 16
+//! to 961 ms, each of the three the best in some round). Hence one shard
+//! by default;
 //! more pay where the store thread, not the host, is the limit: a host
 //! with cores to spare whose `switchboard_store_queue_wait_seconds` grows
 //! while `switchboard_store_commit_seconds` stays short
