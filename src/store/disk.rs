@@ -570,7 +570,9 @@ impl DiskStore {
         Self::open_shard(path, durability, limits, write_buffer_bytes, 1)
     }
 
-    /// Whether a store (of one shard) exists in directory `path`.
+    /// Whether a store (of one shard) exists in directory `path`: fjall
+    /// writes its `version` file when it creates a database, before
+    /// anything else of ours is written there.
     pub fn exists_in(path: &Path) -> bool {
         path.join("version").exists()
     }
