@@ -30,6 +30,12 @@
 //! loaders (`perf record` of that thread: the same functions, each
 //! slower).
 //!
+//! 2026-12-03, the hot users in slots (`src/store/disk.rs`, `Hot`) against
+//! the build before, five runs of each alternated, best round of each:
+//! 886–1,065 ns per message against 1,112–1,326 (this day's host read
+//! lower than the one above for both); appends with their resolutions 558
+//! and 558 against 753 and 853 in the two pairs whose split was kept.
+//!
 //! Run: `cargo bench -p switchboard-bench --bench store_hot`. Prints ns
 //! per message for appends (with the resolutions they carry), positions
 //! and syncs, best of `ROUNDS` rounds (a round is a fresh store); run two

@@ -753,6 +753,13 @@ impl DiskStore {
         self.hot.ram
     }
 
+    /// Tests: users with a hot slot, slots taken, entries in the append
+    /// order.
+    #[cfg(test)]
+    pub(crate) fn hot_slots(&self) -> (usize, usize, usize) {
+        (self.hot.users.len(), self.hot.slots.len(), self.hot.order.len())
+    }
+
     /// Bytes kept over all inboxes (as [`record_bytes`]).
     pub fn total_bytes(&self) -> u64 {
         self.total_bytes

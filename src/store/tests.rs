@@ -2264,6 +2264,51 @@ fn disk_hot_messages_are_resolved_between_requests() {
     assert_eq!(append(d.store(), "ann", 4, T0 + epoch + 11), 4, "no seq is given twice");
 }
 
+/// A user's hot slot lives while the append order names it, and no
+/// longer: once a user's hot messages are all resolved, the slot goes
+/// (RAM stays bounded by the users with hot messages, however many users
+/// came and went), a freed slot taken by another user mixes nothing up,
+/// and a user appended to again gets a slot again.
+#[test]
+fn disk_hot_slots_go_with_their_users_hot_messages() {
+    let epoch = super::disk::IDLE_RESOLVE_MS;
+    let mut d = Disk::new(Durability::Os, StoreLimits::default());
+    let disk = |d: &mut Disk| d.store.as_mut().unwrap().hot_slots();
+    for u in 0..50 {
+        let user = format!("u{u}");
+        for n in 1..=3 {
+            assert_eq!(append(d.store(), &user, n, T0 + u), n);
+        }
+    }
+    assert_eq!(disk(&mut d), (50, 50, 150), "a slot per user, an order entry per message");
+    // The first 20 users' messages are due: resolved (written into fjall,
+    // no device), their slots freed.
+    d.store().tidy(T0 + 19 + epoch, 1000).unwrap();
+    assert_eq!(disk(&mut d), (30, 30, 90));
+    // New users take freed slots, and old ones come back to slots of
+    // their own, while these appends resolve the other 30 users' messages
+    // (8 each, all due by then) and free their slots.
+    let later = T0 + epoch + 100;
+    for u in 50..60 {
+        assert_eq!(append(d.store(), &format!("u{u}"), 1, later), 1);
+    }
+    for u in 0..5 {
+        assert_eq!(append(d.store(), &format!("u{u}"), 4, later), 4);
+    }
+    assert_eq!(disk(&mut d), (15, 15, 15));
+    for u in 0..60 {
+        let want: Vec<u64> = match u {
+            0..5 => (1..=4).collect(),
+            5..50 => (1..=3).collect(),
+            _ => vec![1],
+        };
+        assert_eq!(seqs(&d.store().read(&format!("u{u}"), 0, 10).unwrap()), want, "u{u}");
+    }
+    d.store().tidy(later + epoch, 1000).unwrap();
+    assert_eq!(disk(&mut d), (0, 0, 0), "every message resolved, every slot gone");
+    assert_eq!(d.store().held().0, 50 * 3 + 10 + 5);
+}
+
 /// Past [`disk::HOT_MAX_BYTES`] of hot messages each append resolves the
 /// oldest ones, however young: RAM stays bounded when nothing is
 /// acknowledged (a user offline), and nothing is lost.
