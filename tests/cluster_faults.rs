@@ -25,8 +25,11 @@ type Writer = std::thread::JoinHandle<(u32, String)>;
 
 /// Pipelines SENDs `s1..=sN` (stored: the default with a store) from
 /// `tx` to `to`, one every `gap`, until `n` or `stop`; answers read on
-/// another thread. Returns (the SENDs acknowledged, the thread, which
-/// returns the SENDs written and how the answers ended).
+/// another thread. Once the SENDs are written it waits for an answer to
+/// each (up to 30 s: a node under load may take seconds to store a burst),
+/// then shuts its write half (the node then closes the connection, and
+/// answers still pending are not sent). Returns (the SENDs acknowledged,
+/// the thread, which returns the SENDs written and how the answers ended).
 fn send_stream(
     mut tx: Client,
     to: &'static str,
@@ -35,9 +38,10 @@ fn send_stream(
     stop: Arc<AtomicBool>,
 ) -> (Arc<Mutex<HashSet<u32>>>, Writer) {
     let acked = Arc::new(Mutex::new(HashSet::new()));
+    let answered = Arc::new(AtomicU64::new(0));
     let mut reader = tx.try_clone_for_reading().unwrap();
     reader.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let a = acked.clone();
+    let (a, done) = (acked.clone(), answered.clone());
     // Returns how the answers ended (the server's close after the write
     // shutdown, normally), for the message of a test that counted too few.
     let answers = std::thread::spawn(move || {
@@ -59,6 +63,7 @@ fn send_stream(
                 }
                 other => panic!("sender got {other:?}"),
             }
+            done.fetch_add(1, Ordering::Relaxed);
         }
     });
     let writer = std::thread::spawn(move || {
@@ -72,8 +77,7 @@ fn send_stream(
                 std::thread::sleep(gap);
             }
         }
-        // Every answer in (or the 30 s read timeout) before the count.
-        std::thread::sleep(Duration::from_millis(200));
+        common::wait_until(Duration::from_secs(30), || answered.load(Ordering::Relaxed) >= u64::from(sent));
         let _ = tx.stream().shutdown(std::net::Shutdown::Write);
         (sent, answers.join().unwrap())
     });
@@ -97,30 +101,58 @@ fn all_acknowledged_delivered(by_seq: &BTreeMap<u64, String>, head: u64, acked: 
     }
 }
 
-/// A device reading live on its own thread: INBOX frames into a map,
-/// ACKed every 16, until the connection dies.
-fn live_reader(mut rx: Client) -> (Arc<Mutex<BTreeMap<u64, String>>>, Arc<AtomicU64>) {
+/// A device reading on its own thread, as a client should (PROTOCOL.md
+/// 15.6–15.8): INBOX frames into a map, ACKed every 16 and again on a
+/// duplicate; when a SYNC says more are waiting than its page, the rest
+/// FETCHed once the page is in. Runs until the connection dies. The SYNC
+/// of a login comes after LOGIN_OK, so SENDs stored before the node read
+/// the inbox's head count in it: more than a first page of them and the
+/// connection is live only after a FETCH. Returns the messages, the
+/// contiguous prefix held, and the SYNCs seen (for a failure's message).
+#[allow(clippy::type_complexity)]
+fn live_reader(mut rx: Client) -> (Arc<Mutex<BTreeMap<u64, String>>>, Arc<AtomicU64>, Arc<Mutex<Vec<(u64, u64)>>>) {
     let got = Arc::new(Mutex::new(BTreeMap::new()));
     let have = Arc::new(AtomicU64::new(0));
-    let (g, h) = (got.clone(), have.clone());
+    let syncs = Arc::new(Mutex::new(Vec::new()));
+    let (g, h, sy) = (got.clone(), have.clone(), syncs.clone());
     std::thread::spawn(move || {
-        let mut acked = 0;
+        let (mut acked, mut n) = (0u64, 0u64);
+        // (page_end, head_seq) of the last SYNC; a FETCH asked, unanswered.
+        let (mut page, mut fetching, mut req) = (None::<(u64, u64)>, false, 1u32);
         while let Ok(f) = rx.recv_skipping_pings() {
-            if let Frame::Inbox { seq, payload, .. } = f.frame() {
-                let mut g = g.lock().unwrap();
-                g.insert(seq, String::from_utf8(payload.to_vec()).unwrap());
-                let mut n = h.load(Ordering::Relaxed);
-                while g.contains_key(&(n + 1)) {
-                    n += 1;
+            let mut dup = false;
+            match f.frame() {
+                Frame::Inbox { seq, payload, .. } => {
+                    let mut g = g.lock().unwrap();
+                    dup = seq <= n;
+                    g.entry(seq).or_insert_with(|| String::from_utf8(payload.to_vec()).unwrap());
+                    while g.contains_key(&(n + 1)) {
+                        n += 1;
+                    }
+                    h.store(n, Ordering::Relaxed);
                 }
-                h.store(n, Ordering::Relaxed);
-                if n >= acked + 16 && rx.ack(n).is_ok() {
-                    acked = n;
+                Frame::Sync { head_seq, page_end, .. } => {
+                    sy.lock().unwrap().push((page_end, head_seq));
+                    page = Some((page_end, head_seq));
+                    fetching = false;
+                }
+                _ => {}
+            }
+            if (n >= acked + 16 || (dup && n > 0)) && rx.ack(n).is_ok() {
+                acked = n;
+            }
+            if let Some((page_end, head)) = page {
+                if !fetching && n >= page_end && page_end < head {
+                    if rx.fetch(req, n, 1000).is_err() {
+                        break;
+                    }
+                    req += 1;
+                    fetching = true;
                 }
             }
         }
     });
-    (got, have)
+    (got, have, syncs)
 }
 
 /// Node C, holding the receiving device, is killed with SIGKILL while
@@ -134,12 +166,17 @@ fn a_node_killed_mid_stream_loses_no_acknowledged_message() {
     let b = Node::start("b", &redis, &reliable());
     let mut c = Node::start("c", &redis, &reliable());
 
-    let (got, have) = live_reader(c.login("rx", Some(("phone", 0))));
+    let (got, have, syncs) = live_reader(c.login("rx", Some(("phone", 0))));
     let stop = Arc::new(AtomicBool::new(false));
     let (acked, writer) = send_stream(a.login("tx", None), "rx", 3000, Duration::ZERO, stop.clone());
     let end = Instant::now() + Duration::from_secs(60);
     while have.load(Ordering::Relaxed) < 300 {
-        assert!(Instant::now() < end, "the device on C got only {} messages live", have.load(Ordering::Relaxed));
+        assert!(
+            Instant::now() < end,
+            "the device on C got only {} messages live (SYNCs as (page_end, head): {:?})",
+            have.load(Ordering::Relaxed),
+            syncs.lock().unwrap()
+        );
         std::thread::sleep(Duration::from_millis(2));
     }
     c.kill();
@@ -158,7 +195,11 @@ fn a_node_killed_mid_stream_loses_no_acknowledged_message() {
     let mut rx = b.login("rx", Some(("phone", last)));
     let head = common::catch_up(&mut rx, &mut by_seq, Duration::from_secs(60));
     all_acknowledged_delivered(&by_seq, head, &acked);
-    eprintln!("C killed after {last} live messages; {} acknowledged, {head} delivered in all", acked.len());
+    eprintln!(
+        "C killed after {last} live messages (SYNCs as (page_end, head): {:?}); {} acknowledged, {head} delivered in all",
+        syncs.lock().unwrap(),
+        acked.len()
+    );
 }
 
 /// Redis stopped (SIGSTOP) for 5 s while messages flow from A to a device
@@ -171,7 +212,7 @@ fn redis_stopped_for_five_seconds_then_continued() {
     let a = Node::start("a", &redis, &reliable());
     let b = Node::start("b", &redis, &reliable());
 
-    let (_got, have) = live_reader(b.login("rx", Some(("phone", 0))));
+    let (_got, have, _) = live_reader(b.login("rx", Some(("phone", 0))));
     let stop = Arc::new(AtomicBool::new(false));
     let (acked, writer) = send_stream(a.login("tx", None), "rx", 100_000, Duration::from_millis(2), stop.clone());
     let end = Instant::now() + Duration::from_secs(30);
