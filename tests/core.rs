@@ -696,9 +696,10 @@ fn a_backlog_written_out_after_the_socket_filled_leaves_the_worker_idle() {
     for seq in 0..N {
         sender.send(0, "target", format!("{seq}:{body}").as_bytes()).unwrap();
     }
-    std::thread::sleep(Duration::from_millis(200));
-    let stats = server.handle().stats();
-    assert!(stats.write_waits > 0, "the socket filled: {stats:?}");
+    // The worker takes the SENDs in and fills the target's socket (a
+    // loaded host may take more than a moment).
+    let filled = common::wait_until(Duration::from_secs(10), || server.handle().stats().write_waits > 0);
+    assert!(filled, "the socket filled: {:?}", server.handle().stats());
     for seq in 0..N {
         let (_, _, payload) = expect_push(&mut target);
         assert!(payload.starts_with(format!("{seq}:").as_bytes()), "message {seq} in order");

@@ -374,8 +374,13 @@ fn a_disk_store_keeps_messages_and_positions_across_a_restart() {
     let mut kim = device_login(server.local_addr(), "kim", "phone", 0);
     let mut seen = Seen::default();
     read_until(&mut kim, &mut seen, 5, Duration::from_secs(5), |s| s.have >= 20);
-    // Let the last ACK reach the store before the shutdown.
-    std::thread::sleep(Duration::from_millis(300));
+    // The last ACK reaches the store before the shutdown (a fixed sleep
+    // is not enough on a loaded host).
+    let acked_20 = || {
+        let state = h.inbox_state("kim", Duration::from_secs(5)).unwrap();
+        state.devices.iter().any(|d| d.device == "phone" && d.position == 20)
+    };
+    assert!(common::wait_until(Duration::from_secs(10), acked_20), "the ACK of 20 reached the store");
     drop(kim);
     server.shutdown().unwrap();
     let server = common::start(cfg);
