@@ -128,10 +128,24 @@ fn stop(mut p: Proc) -> ExitStatus {
     p.wait_for(Duration::from_secs(10)).expect("serve exits within 10 s of SIGTERM")
 }
 
+/// The names of process `pid`'s threads (a worker that died is missing).
+fn thread_names(pid: u32) -> Vec<String> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return Vec::new() };
+    let mut names: Vec<String> = tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
+        .map(|n| n.trim().to_string())
+        .collect();
+    names.sort();
+    names
+}
+
 /// `user` logged in to `server` (on `port`) with the development secret.
 /// A login that fails says what became of the server: whether it exited
 /// (and how) and whether its port still accepts, since a test whose server
-/// logs nowhere (stderr closed) has no other trace of why.
+/// logs nowhere (stderr closed) has no other trace of why, and which
+/// threads it runs (seen once on a loaded host: a reset login while the
+/// server ran on and its port accepted).
 fn dev_login(server: &mut Proc, port: u16, user: &str) -> Client {
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let mut c = Client::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
@@ -140,9 +154,10 @@ fn dev_login(server: &mut Proc, port: u16, user: &str) -> Client {
     if let Err(e) = c.login(user, &token) {
         let exited = server.wait_for(Duration::from_millis(500));
         panic!(
-            "login with the development secret: {e:?}; the server then: {}; its port accepts: {}",
+            "login with the development secret: {e:?}; the server then: {}; its port accepts: {}; its threads: {:?}",
             exited.map_or("still running".to_string(), |s| format!("exited, {s}")),
-            common::listening(addr)
+            common::listening(addr),
+            thread_names(server.0.id())
         );
     }
     c
