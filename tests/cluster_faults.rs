@@ -117,8 +117,7 @@ fn live_reader(mut rx: Client) -> (Arc<Mutex<BTreeMap<u64, String>>>, Arc<Atomic
     let (g, h, sy) = (got.clone(), have.clone(), syncs.clone());
     std::thread::spawn(move || {
         let (mut acked, mut n) = (0u64, 0u64);
-        // (page_end, head_seq) of the last SYNC; a FETCH asked, unanswered.
-        let (mut page, mut fetching, mut req) = (None::<(u64, u64)>, false, 1u32);
+        let mut pager = common::Pager::default();
         while let Ok(f) = rx.recv_skipping_pings() {
             let mut dup = false;
             match f.frame() {
@@ -133,22 +132,15 @@ fn live_reader(mut rx: Client) -> (Arc<Mutex<BTreeMap<u64, String>>>, Arc<Atomic
                 }
                 Frame::Sync { head_seq, page_end, .. } => {
                     sy.lock().unwrap().push((page_end, head_seq));
-                    page = Some((page_end, head_seq));
-                    fetching = false;
+                    pager.sync(head_seq, page_end);
                 }
                 _ => {}
             }
             if (n >= acked + 16 || (dup && n > 0)) && rx.ack(n).is_ok() {
                 acked = n;
             }
-            if let Some((page_end, head)) = page {
-                if !fetching && n >= page_end && page_end < head {
-                    if rx.fetch(req, n, 1000).is_err() {
-                        break;
-                    }
-                    req += 1;
-                    fetching = true;
-                }
+            if pager.fetch_if_due(&mut rx, n).is_err() {
+                break;
             }
         }
     });

@@ -205,6 +205,52 @@ pub fn ws_login_query(addr: SocketAddr, user: &str) -> std::net::TcpStream {
     s
 }
 
+/// The paging side of a device client (PROTOCOL.md 15.6–15.7): what the
+/// last SYNC announced, and the FETCH of the next page once the device
+/// holds the current one.
+#[derive(Default)]
+pub struct Pager {
+    /// The highest head the server announced (SYNC) or showed (INBOX).
+    pub head: Option<u64>,
+    page_end: u64,
+    /// A FETCH is out, its SYNC not yet in.
+    fetching: bool,
+    fetches: u32,
+}
+
+impl Pager {
+    /// A SYNC arrived.
+    pub fn sync(&mut self, head_seq: u64, page_end: u64) {
+        self.head = Some(head_seq.max(self.head.unwrap_or(0)));
+        self.page_end = page_end;
+        self.fetching = false;
+    }
+
+    /// An INBOX with `seq` arrived: a seq above the head counts as the
+    /// head, for a catch-up that must reach everything it saw (a live
+    /// reader leaves this out and FETCHes only on a SYNC's word).
+    pub fn inbox(&mut self, seq: u64) {
+        self.head = self.head.map(|h| h.max(seq));
+    }
+
+    /// Whether the device, holding every seq up to `have`, has the page
+    /// the last SYNC announced.
+    pub fn page_done(&self, have: u64) -> bool {
+        have >= self.page_end
+    }
+
+    /// FETCHes up to 1000 after `have` when the page is in and more are
+    /// waiting (one FETCH out at a time).
+    pub fn fetch_if_due(&mut self, rx: &mut Client, have: u64) -> Result<(), switchboard::client::ClientError> {
+        if !self.fetching && self.page_done(have) && self.head.is_some_and(|h| self.page_end < h) {
+            self.fetches += 1;
+            rx.fetch(self.fetches, have, 1000)?;
+            self.fetching = true;
+        }
+        Ok(())
+    }
+}
+
 /// A device catching up on its inbox the way a client does: reads INBOX
 /// frames (live or paged) into `by_seq`, ACKs every 32, at a page's end
 /// and on a duplicate, and FETCHes the next page once one is in, until it
@@ -216,41 +262,32 @@ pub fn catch_up(rx: &mut Client, by_seq: &mut std::collections::BTreeMap<u64, St
     while by_seq.contains_key(&(have + 1)) {
         have += 1;
     }
-    let (mut head, mut page_end) = (None::<u64>, 0u64);
+    let mut pager = Pager::default();
     let mut acked_to = have;
-    let (mut req, mut fetching) = (1u32, false);
     let deadline = Instant::now() + limit;
-    while head.is_none_or(|h| have < h) {
-        assert!(Instant::now() < deadline, "catch-up stalled at {have} of {head:?}");
+    while pager.head.is_none_or(|h| have < h) {
+        assert!(Instant::now() < deadline, "catch-up stalled at {have} of {:?}", pager.head);
         let mut dup = false;
         match rx.recv_skipping_pings().expect("the device's connection stays up").frame() {
-            Frame::Sync { head_seq, page_end: end, .. } => {
-                head = Some(head_seq.max(head.unwrap_or(0)));
-                page_end = end;
-                fetching = false;
-            }
+            Frame::Sync { head_seq, page_end, .. } => pager.sync(head_seq, page_end),
             Frame::Inbox { seq, payload, .. } => {
                 dup = seq <= have;
                 by_seq.entry(seq).or_insert_with(|| String::from_utf8(payload.to_vec()).unwrap());
                 while by_seq.contains_key(&(have + 1)) {
                     have += 1;
                 }
-                head = head.map(|h| h.max(seq));
+                pager.inbox(seq);
             }
             Frame::Push { .. } | Frame::RoomMsg { .. } => {}
             other => panic!("the device got {other:?}"),
         }
-        if have >= acked_to + 32 || (have > acked_to && have >= page_end) || dup {
+        if have >= acked_to + 32 || (have > acked_to && pager.page_done(have)) || dup {
             rx.ack(have).unwrap();
             acked_to = have;
         }
-        if !fetching && have >= page_end && head.is_some_and(|h| page_end < h) {
-            rx.fetch(req, have, 1000).unwrap();
-            req += 1;
-            fetching = true;
-        }
+        pager.fetch_if_due(rx, have).unwrap();
     }
-    head.unwrap()
+    pager.head.unwrap()
 }
 
 /// CPU time (clock ticks, 100 per CPU-second) of each of this process's
