@@ -41,27 +41,53 @@ fn listening_inodes(table: &str, port: u16) -> Vec<u64> {
 
 /// The process (one of them, if several share it) listening on `port`.
 pub fn find(port: u16) -> Option<Holder> {
+    holders(port).into_iter().next()
+}
+
+/// Every process listening on `port`, each once (several share a port
+/// through SO_REUSEPORT), in the order of /proc.
+pub fn holders(port: u16) -> Vec<Holder> {
+    let wanted = listen_links(port);
+    if wanted.is_empty() {
+        return Vec::new();
+    }
+    let Ok(procs) = std::fs::read_dir("/proc") else { return Vec::new() };
+    procs
+        .flatten()
+        .filter_map(|entry| {
+            let pid = entry.file_name().to_str()?.parse::<u32>().ok()?;
+            holds_one(&entry.path(), &wanted).then(|| describe(pid, &entry.path()))
+        })
+        .collect()
+}
+
+/// Whether process `pid` holds a LISTEN socket on `port`: a test that
+/// started a server on a port it picked waits for this, since a connect
+/// that succeeds may have reached another process's listener (a port
+/// picked with bind(0) and released can be bound again by anyone, for a
+/// moment, before the server takes it).
+pub fn listens(pid: u32, port: u16) -> bool {
+    let wanted = listen_links(port);
+    !wanted.is_empty() && holds_one(Path::new(&format!("/proc/{pid}")), &wanted)
+}
+
+/// The /proc/PID/fd link texts of the LISTEN sockets on `port`.
+fn listen_links(port: u16) -> Vec<String> {
     let mut inodes = Vec::new();
     for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
         if let Ok(text) = std::fs::read_to_string(table) {
             inodes.extend(listening_inodes(&text, port));
         }
     }
-    if inodes.is_empty() {
-        return None;
-    }
-    let wanted: Vec<String> = inodes.iter().map(|i| format!("socket:[{i}]")).collect();
-    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
-        let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else { continue };
-        let holds = fds
-            .flatten()
-            .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|l| wanted.iter().any(|w| l.as_os_str() == w.as_str())));
-        if holds {
-            return Some(describe(pid, &entry.path()));
-        }
-    }
-    None
+    inodes.iter().map(|i| format!("socket:[{i}]")).collect()
+}
+
+/// Whether the process whose /proc directory is `dir` has one of `wanted`
+/// open.
+fn holds_one(dir: &Path, wanted: &[String]) -> bool {
+    let Ok(fds) = std::fs::read_dir(dir.join("fd")) else { return false };
+    fds.flatten()
+        .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|l| wanted.iter().any(|w| l.as_os_str() == w.as_str())))
 }
 
 fn describe(pid: u32, dir: &Path) -> Holder {
@@ -115,6 +141,19 @@ mod tests {
         assert_eq!(listening_inodes(table, 7700), vec![4242], "the LISTEN one, not the established one");
         assert_eq!(listening_inodes(table, 7710), vec![4444]);
         assert!(listening_inodes(table, 7701).is_empty());
+    }
+
+    #[test]
+    fn a_listener_is_found_in_its_own_process_only() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let me = std::process::id();
+        assert!(listens(me, port), "this process listens on {port}");
+        assert!(holders(port).iter().any(|h| h.pid == me), "{:?}", holders(port));
+        assert!(!listens(1, port), "pid 1 does not");
+        drop(l);
+        assert!(!listens(me, port), "not after the listener is closed");
+        assert!(holders(port).is_empty());
     }
 
     #[test]

@@ -92,13 +92,19 @@ fn serve_with(port: u16, log: &str, extra: &[&str], env: &[(&str, &str)], stdout
         .expect("switchboard serve starts");
     let mut p = Proc(child, Some(data));
     let addr: SocketAddr = listen.parse().unwrap();
+    // Its own listeners, on every port it was given (the WebSocket one is
+    // bound after the raw one).
+    let mut ports = vec![addr];
+    if let Some(ws) = extra.iter().position(|a| *a == "--ws-listen").and_then(|i| extra.get(i + 1)) {
+        ports.extend(ws.parse::<SocketAddr>().ok());
+    }
     let up = common::wait_until(Duration::from_secs(10), || {
         if let Ok(Some(s)) = p.0.try_wait() {
             panic!("switchboard serve exited at start: {s}");
         }
-        common::listening(addr)
+        ports.iter().all(|&a| common::listens(p.0.id(), a))
     });
-    assert!(up, "switchboard serve did not listen on {addr} within 10 s");
+    assert!(up, "switchboard serve did not listen on {ports:?} within 10 s");
     p
 }
 
@@ -154,13 +160,31 @@ fn dev_login(server: &mut Proc, port: u16, user: &str) -> Client {
     if let Err(e) = c.login(user, &token) {
         let exited = server.wait_for(Duration::from_millis(500));
         panic!(
-            "login with the development secret: {e:?}; the server then: {}; its port accepts: {}; its threads: {:?}",
+            "login with the development secret: {e:?}; the server (pid {}) then: {}; its port accepts: {}; its threads: {:?}; listening on the port: {:?}",
+            server.0.id(),
             exited.map_or("still running".to_string(), |s| format!("exited, {s}")),
             common::listening(addr),
-            thread_names(server.0.id())
+            thread_names(server.0.id()),
+            switchboard::portholder::holders(port).iter().map(|h| (h.pid, h.cmdline.as_str())).collect::<Vec<_>>()
         );
     }
     c
+}
+
+/// `serve_with` returns once the server it started listens, not once
+/// anything does. A port from `common::free_port` is free for any bind(0)
+/// until the server binds it: another test thread's `free_port` listened
+/// on it for a moment, took the readiness probe and the first LOGIN, and
+/// reset both as it let go ("Connection reset by peer" at login, with the
+/// server up and well). Here a listener of the test's own stands in: the
+/// server cannot start on its port, and `serve` must say so, not return.
+#[test]
+fn serve_waits_for_the_servers_own_listener_not_any_on_its_port() {
+    let stand_in = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = stand_in.local_addr().unwrap().port();
+    let started = std::panic::catch_unwind(|| serve(port, "warn", Stdio::null(), Stdio::null()));
+    assert!(started.is_err(), "serve returned while only the stand-in listened on {port}");
+    drop(stand_in);
 }
 
 /// The bug of issue 11: `serve 2>&1 | tee log`, then tee exits. Every log
@@ -289,8 +313,9 @@ fn json_logs_show_logins_and_refusals_with_their_reason() {
     mallory.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let forged = JwtHs256::new("not-the-server-secret-at-all").mint("mallory", common::unix_now() + 600);
     assert!(mallory.login("mallory", &forged).is_err());
-    assert!(stop(p).success());
+    let status = stop(p);
     let text = reader.join().unwrap();
+    assert!(status.success(), "serve exited with {status} after SIGTERM; its log:\n{text}");
     let events: Vec<serde_json::Value> = text
         .lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON line ({e}): {l:?}")))

@@ -77,7 +77,7 @@ fn serve(name: &str, extra: &str) -> (std::process::Child, std::net::SocketAddr,
     let server =
         Command::new(SB).args(["serve", "--log", "warn", "--config"]).arg(&cfg).stdout(Stdio::null()).spawn().unwrap();
     let addr = format!("127.0.0.1:{port}").parse().unwrap();
-    assert!(common::wait_until(Duration::from_secs(10), || common::listening(addr)));
+    assert!(common::wait_until(Duration::from_secs(10), || common::listens(server.id(), addr)));
     (server, addr, dir)
 }
 

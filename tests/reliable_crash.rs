@@ -52,7 +52,7 @@ fn serve(port: u16, admin: u16, dir: &std::path::Path, inbox_limit: usize, shard
         if let Ok(Some(s)) = p.0.try_wait() {
             panic!("switchboard serve exited at start: {s}");
         }
-        common::listening(addr)
+        common::listens(p.0.id(), addr)
     });
     assert!(up, "serve did not listen on {addr}");
     p

@@ -163,7 +163,8 @@ fn wss_and_raw_tls_through_nginx_with_the_documented_config() {
         if let Ok(Some(st)) = nginx.child.try_wait() {
             panic!("nginx exited at start ({st}):\n{}", nginx.log());
         }
-        [wss_port, tls_port].iter().all(|p| listening(std::net::SocketAddr::from(([127, 0, 0, 1], *p))))
+        let pid = nginx.child.id();
+        [wss_port, tls_port].iter().all(|p| listens(pid, std::net::SocketAddr::from(([127, 0, 0, 1], *p))))
     });
     assert!(up, "nginx did not listen within 10 s:\n{}", nginx.log());
 

@@ -201,7 +201,7 @@ impl Node {
                 exited = true;
                 return true;
             }
-            super::listening(addr)
+            self.child.as_ref().is_some_and(|c| super::listens(c.id(), addr))
         });
         if exited {
             self.child = None;

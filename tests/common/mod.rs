@@ -155,6 +155,16 @@ pub fn expect_push(c: &mut Client) -> (u64, String, Vec<u8>) {
 /// when the kernel happens to pick that same port as the source, TCP's
 /// simultaneous open; polling a port until "something answers" then
 /// returns before the server is up).
+/// Whether process `pid` listens on `addr`'s port with a socket of its
+/// own: what a test that started a server on a port from [`free_port`]
+/// waits for. A connect that succeeds proves less: until the server binds
+/// the port, any bind(0) (another test thread's `free_port`) can be given
+/// it, and its listener takes the connections and resets them when it
+/// closes (tests/cli.rs, `serve_waits_for_the_servers_own_listener_not_any_on_its_port`).
+pub fn listens(pid: u32, addr: SocketAddr) -> bool {
+    switchboard::portholder::listens(pid, addr.port())
+}
+
 pub fn listening(addr: SocketAddr) -> bool {
     match std::net::TcpStream::connect(addr) {
         Ok(s) => s.local_addr().ok() != s.peer_addr().ok(),
