@@ -155,6 +155,13 @@ pub fn expect_push(c: &mut Client) -> (u64, String, Vec<u8>) {
 /// when the kernel happens to pick that same port as the source, TCP's
 /// simultaneous open; polling a port until "something answers" then
 /// returns before the server is up).
+pub fn listening(addr: SocketAddr) -> bool {
+    match std::net::TcpStream::connect(addr) {
+        Ok(s) => s.local_addr().ok() != s.peer_addr().ok(),
+        Err(_) => false,
+    }
+}
+
 /// Whether process `pid` listens on `addr`'s port with a socket of its
 /// own: what a test that started a server on a port from [`free_port`]
 /// waits for. A connect that succeeds proves less: until the server binds
@@ -163,13 +170,6 @@ pub fn expect_push(c: &mut Client) -> (u64, String, Vec<u8>) {
 /// closes (tests/cli.rs, `serve_waits_for_the_servers_own_listener_not_any_on_its_port`).
 pub fn listens(pid: u32, addr: SocketAddr) -> bool {
     switchboard::portholder::listens(pid, addr.port())
-}
-
-pub fn listening(addr: SocketAddr) -> bool {
-    match std::net::TcpStream::connect(addr) {
-        Ok(s) => s.local_addr().ok() != s.peer_addr().ok(),
-        Err(_) => false,
-    }
 }
 
 /// Polls `cond` until it holds or `timeout` passes.
