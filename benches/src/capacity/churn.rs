@@ -25,6 +25,20 @@
 //! ends: the client closes (FIN), resets (RST, SO_LINGER 0), or sends CLOSE
 //! and waits for the server's CLOSE and FIN.
 //!
+//! Pace: both the warm-up and the measured cycles are held to the same
+//! rate ([`DEFAULT_RATE`], `--rate`), and the measured cycles to at most
+//! the rate the warm-up reached. Why: the server's RSS at rest follows its
+//! recent login rate. It keeps a user's directory entry
+//! `OFFLINE_LINGER_S` after the last close, so the directory holds about
+//! (cycles per second × 10 s) entries, and its tables and the allocator's
+//! pages are sized to that. Measured with the clients free to run as fast
+//! as the host let them (a shared host whose speed changes by 2-3× from
+//! minute to minute): a warm-up at 5,000 cycles/s then 12,949/s, +8.5 MB
+//! (21 B/cycle); the same warm-up, then held to its rate, +0.74 MB; a
+//! warm-up at 9,640/s, then 2,484/s, −7.6 MB. A leak costs bytes per cycle
+//! whatever the rate, so holding the rate hides none; a slower host only
+//! shrinks the working set, which is why only growth fails.
+//!
 //! Ports: the client closing first leaves a TIME_WAIT socket per FIN
 //! ending. Each thread binds its own source address 127.0.0.x with
 //! IP_BIND_ADDRESS_NO_PORT, so the port is picked at connect time, where
@@ -53,6 +67,15 @@ use super::scenarios::{Delivery, ServerProc};
 /// as a leak (seen: 12 B/cycle with a 100,000-cycle, 8.5 s warm-up).
 pub const WARMUP_MIN: Duration = Duration::from_secs(switchboard::directory::OFFLINE_LINGER_S as u64 * 5 / 2);
 
+/// Cycles run unpaced after the end sample, to measure the login rate
+/// (at most the measured cycles' count).
+const UNPACED_CYCLES: u64 = 50_000;
+
+/// Cycles a second of both phases, by default: about half of what this
+/// host's 2 vCPUs run unpaced in a quiet minute (8,700-13,000), so that a
+/// busy minute rarely holds the clients below it.
+pub const DEFAULT_RATE: f64 = 5_000.0;
+
 /// Sizes of one churn run.
 #[derive(Clone, Debug)]
 pub struct ChurnPlan {
@@ -66,6 +89,10 @@ pub struct ChurnPlan {
     pub warmup: u64,
     /// Distinct user ids drawn from.
     pub users: u32,
+    /// Cycles a second, warm-up and measured alike; `None`: as fast as
+    /// the host goes (the measured cycles are still held to the warm-up's
+    /// rate).
+    pub rate: Option<f64>,
     /// Client threads (each its own source address, at most two sockets).
     pub threads: u32,
     /// An RSS sample every this many cycles.
@@ -89,6 +116,7 @@ impl ChurnPlan {
             cycles,
             warmup: 100_000,
             users: 200_000,
+            rate: Some(DEFAULT_RATE),
             threads: 4,
             sample_every: 100_000,
             workers: 2,
@@ -100,10 +128,23 @@ impl ChurnPlan {
 
     /// One line saying what the clients did.
     pub fn mix(&self) -> String {
+        let pace = match self.rate {
+            Some(r) => format!("at most {r:.0} cycles/s"),
+            None => "as fast as the host goes".into(),
+        };
         format!(
-            "{} client threads, at most 2 sockets each; users drawn uniformly from {} distinct ids; one session in 8 logs in a second device of the same user; endings rotate FIN / RST (SO_LINGER 0) / CLOSE frame",
+            "{} client threads, at most 2 sockets each, {pace}; users drawn uniformly from {} distinct ids; one session in 8 logs in a second device of the same user; endings rotate FIN / RST (SO_LINGER 0) / CLOSE frame",
             self.threads, self.users
         )
+    }
+
+    /// Cycles of the warm-up: at least [`ChurnPlan::warmup`], and at least
+    /// [`WARMUP_MIN`]'s worth at the plan's rate.
+    fn warmup_cycles(&self) -> u64 {
+        // A second past WARMUP_MIN: the pacer may run early by its slack,
+        // and a warm-up a little short of it would take a whole second round.
+        let at_rate = self.rate.map_or(0, |r| (r * (WARMUP_MIN.as_secs_f64() + 1.0)).ceil() as u64);
+        self.warmup.max(at_rate)
     }
 }
 
@@ -228,13 +269,58 @@ fn next_rand(state: &mut u64) -> u64 {
     state.wrapping_mul(0x2545_F491_4F6C_DD1D)
 }
 
-/// Runs `cycles` cycles over the plan's threads, calling `tick` with the
-/// cycles completed so far about every 50 ms until they are done.
+/// Holds one client thread to at most `per_s` cycles a second, give or take
+/// [`PACE_SLACK`]: each cycle is booked 1/`per_s` after the one before, and
+/// a thread behind its bookings (a sleep that overran, the host busy) may
+/// run early by at most the slack, never more. Without that bound a thread
+/// that fell behind caught up at full speed, which ran the server's login
+/// rate, and with it its table of recently offline users, past the
+/// warm-up's (seen: a run at 3,925 cycles/s for its first 100,000, then
+/// 7,240/s against a warm-up's 6,821, read as +2.3 MB); without any slack,
+/// every overrun sleep was lost for good (1,291/s against a bound of
+/// 3,474/s, while `top` showed the VM losing half its time to steal).
+struct Pacer {
+    interval: Option<Duration>,
+    /// When the next cycle is booked.
+    next: Option<Instant>,
+}
+
+/// How far behind its bookings a thread may be and still run early.
+const PACE_SLACK: Duration = Duration::from_millis(100);
+
+impl Pacer {
+    fn new(per_s: Option<f64>) -> Pacer {
+        let interval = per_s.filter(|r| *r > 0.0).map(|r| Duration::from_secs_f64(1.0 / r));
+        Pacer { interval, next: None }
+    }
+
+    /// How long to wait at `now` before the next `cycles` cycles, run back
+    /// to back; books them.
+    fn wait_at(&mut self, now: Instant, cycles: u32) -> Duration {
+        let Some(interval) = self.interval else { return Duration::ZERO };
+        let earliest = now.checked_sub(PACE_SLACK).unwrap_or(now);
+        let start = self.next.map_or(now, |n| n.max(earliest));
+        self.next = Some(start + interval * cycles);
+        start.saturating_duration_since(now)
+    }
+
+    fn pace(&mut self, cycles: u32) {
+        let w = self.wait_at(Instant::now(), cycles);
+        if !w.is_zero() {
+            std::thread::sleep(w);
+        }
+    }
+}
+
+/// Runs `cycles` cycles over the plan's threads, at most `max_per_s` a
+/// second in all when given, calling `tick` with the cycles completed so far
+/// about every 50 ms until they are done.
 fn run_cycles(
     plan: &ChurnPlan,
     server: SocketAddr,
     jwt: &JwtHs256,
     cycles: u64,
+    max_per_s: Option<f64>,
     seed: u64,
     mut tick: impl FnMut(u64),
 ) -> Result<(u64, Option<String>), String> {
@@ -258,6 +344,7 @@ fn run_cycles(
                     let mut c = Client { server, src, jwt, exp_unix_s, buf: Vec::with_capacity(512) };
                     let mut rng = seed ^ (0x9E37_79B9_7F4A_7C15u64.wrapping_mul(k as u64 + 1));
                     let mut n = 0u64;
+                    let mut pacer = Pacer::new(max_per_s.map(|r| r / plan.threads as f64));
                     let fail = |e: String| {
                         progress.failed.fetch_add(1, Ordering::Relaxed);
                         first_error.lock().unwrap().get_or_insert(e);
@@ -266,6 +353,7 @@ fn run_cycles(
                         let r = next_rand(&mut rng);
                         let user = format!("churn-{}", r % users);
                         let devices = if (r >> 32).is_multiple_of(8) && quota - n >= 2 { 2 } else { 1 };
+                        pacer.pace(devices as u32);
                         let mut open = Vec::with_capacity(2);
                         for _ in 0..devices {
                             match c.login(&user) {
@@ -333,25 +421,31 @@ pub fn run(bin: &Path, out: &Path, plan: &ChurnPlan) -> Result<Churn, String> {
     let rss_start = rss()?;
     eprintln!("churn: server pid {pid}, RSS {:.1} MB at start; {}", rss_start as f64 / 1e6, plan.mix());
 
-    eprintln!("churn: warm-up, at least {} cycles and {} s", plan.warmup, WARMUP_MIN.as_secs());
+    let warm_round = plan.warmup_cycles();
+    eprintln!("churn: warm-up, at least {warm_round} cycles and {} s", WARMUP_MIN.as_secs());
     let warm_t0 = Instant::now();
     let (mut warm_failed, mut warm_error, mut warm_cycles, mut round) = (0, None, 0, 1);
-    while warm_cycles < plan.warmup || warm_t0.elapsed() < WARMUP_MIN {
-        let (f, e) = run_cycles(plan, s.addr, &jwt, plan.warmup, round, |_| {})?;
+    while warm_cycles < warm_round || warm_t0.elapsed() < WARMUP_MIN {
+        let (f, e) = run_cycles(plan, s.addr, &jwt, warm_round, plan.rate, round, |_| {})?;
         warm_failed += f;
         warm_error = warm_error.or(e);
-        warm_cycles += plan.warmup;
+        warm_cycles += warm_round;
         round += 1;
     }
+    let warm_rate = warm_cycles as f64 / warm_t0.elapsed().as_secs_f64();
     wait_quiet(&s)?;
     let rss_warm = rss()?;
     let cycles_warm = s.stats().map(|v| v.stats.logins).unwrap_or(0);
-    eprintln!("churn: after warm-up RSS {:.2} MB", rss_warm as f64 / 1e6);
+    let pace = plan.rate.map_or(warm_rate, |r| r.min(warm_rate));
+    eprintln!(
+        "churn: after warm-up RSS {:.2} MB; warm-up at {warm_rate:.0} cycles/s, the measured cycles at most {pace:.0}/s",
+        rss_warm as f64 / 1e6
+    );
 
     let mut samples = vec![RssSample { cycles: 0, rss_bytes: rss_warm, quiesced: false }];
     let mut next_sample = plan.sample_every;
     let t0 = Instant::now();
-    let (failed, first_error) = run_cycles(plan, s.addr, &jwt, plan.cycles, round, |done| {
+    let (failed, first_error) = run_cycles(plan, s.addr, &jwt, plan.cycles, Some(pace), round, |done| {
         if done >= next_sample {
             if let Some(r) = ProcStat::rss_bytes(pid) {
                 eprintln!(
@@ -368,22 +462,32 @@ pub fn run(bin: &Path, out: &Path, plan: &ChurnPlan) -> Result<Churn, String> {
     let quiet_after = wait_quiet(&s)?;
     let rss_end = rss()?;
     let logins = s.stats().map(|v| v.stats.logins - cycles_warm);
+    // The login rate the server and host allow, for the data paths'
+    // comparison: the measured cycles ran at the pace, not at it.
+    let free = UNPACED_CYCLES.min(plan.cycles);
+    let t_free = Instant::now();
+    let (free_failed, free_error) = run_cycles(plan, s.addr, &jwt, free, None, round + 1, |_| {})?;
+    let unpaced = (free - free_failed) as f64 / t_free.elapsed().as_secs_f64();
+    eprintln!("churn: then {free} cycles unpaced: {unpaced:.0} cycles/s");
     s.stop();
-    let done = plan.cycles - failed;
+    let (failed, first_error) = (failed + free_failed, first_error.or(free_error));
+    let done = plan.cycles - (failed - free_failed);
     samples.push(RssSample { cycles: done, rss_bytes: rss_end, quiesced: true });
     let growth = rss_end as i64 - rss_warm as i64;
     let verdict = Churn::judge(growth, failed + warm_failed);
     Ok(Churn {
-        question: "after a warm-up, does the server's RSS stay flat over many connect → LOGIN → disconnect cycles?"
+        question: "after a warm-up, does the server's RSS stay flat (grow by no more than the tolerance) over many connect → LOGIN → disconnect cycles?"
             .into(),
         mix: plan.mix(),
         cycles: done,
         failed: failed + warm_failed,
         first_error: first_error.or(warm_error),
         warmup_cycles: warm_cycles,
+        warmup_cycles_per_s: Some(warm_rate),
         logins_counted_by_server: logins,
         elapsed_s: elapsed.as_secs_f64(),
         cycles_per_s: done as f64 / elapsed.as_secs_f64(),
+        unpaced_cycles_per_s: Some(unpaced),
         server_rss_start_bytes: rss_start,
         server_rss_after_warmup_bytes: rss_warm,
         server_rss_end_bytes: rss_end,
@@ -394,7 +498,7 @@ pub fn run(bin: &Path, out: &Path, plan: &ChurnPlan) -> Result<Churn, String> {
         verdict,
         rss_samples: samples,
         quiesce_ms: quiet_after.as_millis() as u64,
-        method: "RSS (VmRSS of /proc/<pid>/status) after the warm-up and at the end, each once the server's /stats shows 0 connections, 0 logged in, 0 users and 0 retained offline entries (the warm-up lasts at least 2.5 times their 10 s linger); intermediate samples live".into(),
+        method: "RSS (VmRSS of /proc/<pid>/status) after the warm-up and at the end, each once the server's /stats shows 0 connections, 0 logged in, 0 users and 0 retained offline entries (the warm-up lasts at least 2.5 times their 10 s linger); intermediate samples live; warm-up and measured cycles paced alike (the measured ones also to at most the warm-up's rate), because the memory at rest follows the recent login rate (the directory keeps recently offline users 10 s); only growth fails: a slower host shrinks it".into(),
     })
 }
 
@@ -406,5 +510,25 @@ mod tests {
     fn endings_rotate_over_all_three() {
         let e: Vec<String> = (0..6).map(|i| format!("{:?}", Ending::nth(i))).collect();
         assert_eq!(e, ["Fin", "Rst", "CloseFrame", "Fin", "Rst", "CloseFrame"]);
+    }
+
+    #[test]
+    fn the_pacer_spaces_cycles_and_a_late_thread_catches_up_by_the_slack_only() {
+        let ms = Duration::from_millis;
+        let t = Instant::now() + ms(1_000);
+        let mut p = Pacer::new(Some(1_000.0));
+        assert_eq!(p.wait_at(t, 1), ms(0), "the first cycle goes at once");
+        assert_eq!(p.wait_at(t, 1), ms(1), "the next one a millisecond after it");
+        assert_eq!(p.wait_at(t + ms(1), 1), ms(1), "and the one after, a millisecond later again");
+        // 500 ms late: runs early for the slack's worth of cycles, then
+        // waits for its bookings again.
+        let late = t + ms(503);
+        let early = (0..1_000).take_while(|_| p.wait_at(late, 1).is_zero()).count();
+        assert_eq!(early as u128, PACE_SLACK.as_millis() + 1, "the slack, and the cycle due now");
+        let mut two = Pacer::new(Some(1_000.0));
+        assert_eq!(two.wait_at(t, 2), ms(0));
+        assert_eq!(two.wait_at(t, 1), ms(2), "two cycles back to back book two intervals");
+        let mut free = Pacer::new(None);
+        assert!((0..1_000).all(|_| free.wait_at(t, 1).is_zero()), "no rate, no wait");
     }
 }
