@@ -401,7 +401,25 @@ impl Runner {
             }
             best = Some(r);
         }
-        let best = best.ok_or("not even the lowest unicast rate was sustained")?;
+        // The ladder's first rate missed (seen: the bare relay at 10,000/s
+        // in a minute when the shared host was saturated): halve it until
+        // a rate is kept up with, so that the report carries a lower best
+        // rather than no report at all.
+        if best.is_none() {
+            for rate in rates_below(self.plan.unicast_rates.first().copied().unwrap_or(0)) {
+                let r = unicast_step(&mut fleet, s, ready, rate, self.plan.unicast_s)?;
+                note(format!(
+                    "  below the ladder, {rate}/s offered: {:.0}/s delivered, p99 {} us",
+                    r.msgs_per_s, r.p99_us
+                ));
+                steps.push(r.clone());
+                if r.keeps_up() {
+                    best = Some(r);
+                    break;
+                }
+            }
+        }
+        let best = best.ok_or("not even 1,000 unicast messages/s were sustained")?;
         // The last step may have left a backlog in socket buffers and
         // queues: let it drain so it does not count against the next one.
         std::thread::sleep(Duration::from_secs(3));
@@ -991,5 +1009,22 @@ fn machine() -> Machine {
         mem_available_bytes: mem,
         kernel,
         nofile_limit: switchboard::limits::raise_nofile().ok().map(|(s, _)| s),
+    }
+}
+
+/// The rates tried when a unicast ladder misses its first rate: halving,
+/// down to 1,000/s.
+fn rates_below(first: u64) -> impl Iterator<Item = u64> {
+    std::iter::successors(Some(first / 2), |r| Some(r / 2)).take_while(|&r| r >= 1_000)
+}
+
+#[cfg(test)]
+mod ladder_tests {
+    use super::rates_below;
+
+    #[test]
+    fn a_missed_first_rate_is_halved_down_to_a_thousand() {
+        assert_eq!(rates_below(10_000).collect::<Vec<_>>(), [5_000, 2_500, 1_250]);
+        assert_eq!(rates_below(1_500).count(), 0, "nothing below 1,000/s");
     }
 }
