@@ -40,7 +40,7 @@
 //! shrinks the working set, which is why only growth fails.
 //!
 //! The margin left: paced runs read between −1.2 and +1.4 MB from rest to
-//! rest (seven runs of 400,000 and 1,000,000 cycles; the largest, +1.43
+//! rest (eight runs of 400,000 and 1,000,000 cycles; the largest, +1.43
 //! MB, was a step within the first 100,000 measured cycles and flat after
 //! it, with a 200,000-cycle warm-up as with 130,000): inside the 2 MB
 //! tolerance, which a leak of issue 9's size (~8 B/cycle, 3.2 MB over
