@@ -367,11 +367,12 @@ pub struct DeliveryConfig {
     /// in with a device id: about 100 bytes plus 16 per message in flight.)
     /// Why 128: a catch-up runs at about a window per ACK round trip (the
     /// client ACKs every 32), so the window sets how much a slow round
-    /// trip costs. Catch-up of 10,000 messages (the capacity report's,
-    /// `benches/src/capacity/reliable.rs`), 12 runs per value alternated
-    /// on one quiet host: medians 0.80 M msgs/s with 64, 1.16 M
-    /// with 128, 1.54 M with 256; 128 keeps a full window's state under
-    /// 2.2 KB a connection.
+    /// trip costs. Catch-up of 10,000 messages (the capacity report's;
+    /// `switchboard-bench catch-up --windows 64,128,256`), windows
+    /// alternated, 12 runs each, two comparisons minutes apart on one host:
+    /// medians 0.80 / 1.16 / 1.54 M msgs/s and 0.45 / 0.58 / 0.88 M with
+    /// 64 / 128 / 256. 128 keeps a full window's state under 2.2 KB a
+    /// connection; 256 would double that for the next ~1.5×.
     pub window: u32,
     /// Payload bytes in flight to one connection, at most (one message
     /// always goes). At most half of `limits.outbound_max_bytes` is used

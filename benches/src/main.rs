@@ -212,6 +212,26 @@ enum Cmd {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// The capacity report's catch-up (one device fetching 10,000 stored
+    /// messages) against servers that differ only in `delivery.window`,
+    /// alternated round by round; prints each run and each window's median.
+    CatchUp {
+        /// The windows compared; ratios are to the first.
+        #[arg(long, value_delimiter = ',', default_value = "64,128")]
+        windows: Vec<u32>,
+        /// Rounds; each starts a fresh server per window and catches up 3 times on it.
+        #[arg(long, default_value_t = 4)]
+        rounds: u32,
+        /// Messages waiting at each catch-up.
+        #[arg(long, default_value_t = 10_000)]
+        messages: u32,
+        /// The switchboard binary (default: next to this one).
+        #[arg(long)]
+        switchboard: Option<PathBuf>,
+        /// Where the servers' configs, logs and stores go.
+        #[arg(long, default_value = "target/catch-up")]
+        out: PathBuf,
+    },
     /// The backend API alone (the capacity report's API scenario): batches
     /// of pushes through `/api/v1/batch` to N connections, single-push
     /// latency under that load, and `/metrics` scrape time with N open.
@@ -680,6 +700,12 @@ fn main() {
             };
             run_churn(ChurnArgs { plan, switchboard, out, json })
         }
+        Cmd::CatchUp { windows, rounds, messages, switchboard, out } => switchboard_bin(switchboard).and_then(|sb| {
+            if windows.is_empty() || rounds == 0 {
+                return Err("catch-up: give at least one window and one round".into());
+            }
+            capacity::reliable::compare_windows(&sb, &out, &windows, rounds, messages).map(|_| ())
+        }),
         Cmd::Api { connections, workers, switchboard, out } => run_api(connections, workers, switchboard, out),
         Cmd::Bulk { message_bytes, round_trips, idle_connections, buffers, workers, switchboard, out } => {
             let plan = capacity::bulk::BulkPlan { message_bytes, round_trips, idle_connections, buffers, workers };

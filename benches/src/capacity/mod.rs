@@ -42,7 +42,7 @@ pub mod bulk;
 pub mod churn;
 mod cluster;
 pub mod plots;
-mod reliable;
+pub mod reliable;
 pub mod report;
 mod scenarios;
 mod ws;
@@ -248,7 +248,7 @@ mod tests {
         assert_eq!((c.store.kind, c.delivery.send_default), (StoreKind::Disk, SendDefault::AtMostOnce));
         assert_eq!(c.store.path, dir);
         assert_eq!(c.store.durability, Durability::Fsync, "otherwise the default store");
-        let c = read(Delivery::Reliable { durability: "os" });
+        let c = read(Delivery::Reliable { durability: "os", window: None });
         assert_eq!((c.store.durability, c.delivery.send_default), (Durability::Os, SendDefault::Reliable));
         assert_eq!(read(Delivery::NoStore).store.kind, StoreKind::None);
     }

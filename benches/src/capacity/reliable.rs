@@ -81,7 +81,7 @@ impl Runner {
             self.idle(&s)?
         };
         let devices = {
-            let s = self.server("idle-devices", Delivery::Reliable { durability: "fsync" })?;
+            let s = self.server("idle-devices", Delivery::Reliable { durability: "fsync", window: None })?;
             let (idle, fleets) = self.idle_hold_as(&s, Some(DEVICE))?;
             for f in fleets {
                 f.quit();
@@ -133,8 +133,8 @@ impl Runner {
         let mut lanes = Vec::new();
         for (name, delivery, device) in [
             ("at most once", Delivery::AtMostOnce, None),
-            ("fsync", Delivery::Reliable { durability: "fsync" }, Some(DEVICE)),
-            ("os", Delivery::Reliable { durability: "os" }, Some(DEVICE)),
+            ("fsync", Delivery::Reliable { durability: "fsync", window: None }, Some(DEVICE)),
+            ("os", Delivery::Reliable { durability: "os", window: None }, Some(DEVICE)),
         ] {
             let tag = name.replace(' ', "-");
             let server = self.server(&format!("ladder-{tag}"), delivery)?;
@@ -228,12 +228,62 @@ impl Runner {
     /// [`CATCH_UP_RUNS`] catch-ups on one server, each of `messages`
     /// stored for a user of its own; the report's figure is their median.
     fn catch_up(&mut self, messages: u32) -> Result<CatchUp, String> {
-        let s = self.server("catchup", Delivery::Reliable { durability: "fsync" })?;
+        let s = self.server("catchup", Delivery::Reliable { durability: "fsync", window: None })?;
         note(format!("switchboard: catch-up of {messages} stored messages by one device, {CATCH_UP_RUNS} times"));
         let runs: Result<Vec<CatchUp>, String> =
             (1..=CATCH_UP_RUNS).map(|k| catch_up_once(&s, messages, &format!("catchup-reader-{k}"))).collect();
         s.stop();
         Ok(CatchUp::median_of(runs?))
+    }
+}
+
+/// `switchboard-bench catch-up`: the capacity report's catch-up against
+/// servers that differ only in `delivery.window`, alternated `rounds`
+/// times (a fresh server per window and round, [`CATCH_UP_RUNS`] catch-ups
+/// on each), so that each window meets the same minutes of a shared host.
+/// Prints one line per server and, per window, the median of its runs and
+/// its ratio to the first window's; returns the medians.
+pub fn compare_windows(
+    bin: &std::path::Path,
+    out: &std::path::Path,
+    windows: &[u32],
+    rounds: u32,
+    messages: u32,
+) -> Result<Vec<(u32, f64)>, String> {
+    std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
+    let mut runs: Vec<Vec<f64>> = vec![Vec::new(); windows.len()];
+    for round in 1..=rounds {
+        for (i, &w) in windows.iter().enumerate() {
+            let delivery = Delivery::Reliable { durability: "fsync", window: Some(w) };
+            let s = ServerProc::switchboard(bin, out, &format!("catchup-w{w}"), 2, delivery, "")?;
+            let these: Result<Vec<f64>, String> = (1..=CATCH_UP_RUNS)
+                .map(|k| catch_up_once(&s, messages, &format!("catchup-reader-{k}")).map(|c| c.msgs_per_s))
+                .collect();
+            s.stop();
+            let these = these?;
+            eprintln!("catch-up: round {round}, window {w}: {these:.0?} msgs/s");
+            runs[i].extend(these);
+        }
+    }
+    let medians: Vec<(u32, f64)> = windows.iter().zip(&mut runs).map(|(&w, r)| (w, median(r))).collect();
+    for &(w, m) in &medians {
+        eprintln!(
+            "catch-up: window {w}: median {m:.0} msgs/s of {} runs, {:.2} of window {}'s",
+            rounds as usize * CATCH_UP_RUNS,
+            m / medians[0].1,
+            medians[0].0
+        );
+    }
+    Ok(medians)
+}
+
+/// The median of `v` (sorted in place); 0 for none.
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
     }
 }
 
@@ -362,7 +412,14 @@ fn inbox_position(s: &ServerProc, user: &str) -> Option<u64> {
 
 #[cfg(test)]
 mod tests {
-    use super::ladder_rates;
+    use super::{ladder_rates, median};
+
+    #[test]
+    fn the_median_of_an_even_count_is_the_mean_of_the_middle_two() {
+        assert_eq!(median(&mut [3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&mut [4.0, 1.0, 3.0, 2.0]), 2.5);
+        assert_eq!(median(&mut []), 0.0);
+    }
 
     #[test]
     fn the_unicast_ladders_go_on_past_the_plans_top_up_to_twice_it() {

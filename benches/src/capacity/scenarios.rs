@@ -101,8 +101,9 @@ pub(super) enum Delivery {
     /// peers, which speak plain SEND.
     AtMostOnce,
     /// The server's defaults (a plain SEND stored, SEND_ACK after the
-    /// store's sync) with `store.durability` = `"fsync"` or `"os"`.
-    Reliable { durability: &'static str },
+    /// store's sync) with `store.durability` = `"fsync"` or `"os"`, and
+    /// `delivery.window` if given.
+    Reliable { durability: &'static str, window: Option<u32> },
     /// No store (`store.kind = "none"`): live relay only, the server as it
     /// was before reliable delivery.
     NoStore,
@@ -117,8 +118,9 @@ impl Delivery {
             Delivery::AtMostOnce => {
                 format!("\n[delivery]\nsend_default = \"at_most_once\"\n\n[store]\npath = {path}\n")
             }
-            Delivery::Reliable { durability } => {
-                format!("\n[delivery]\nsend_default = \"reliable\"\n\n[store]\npath = {path}\ndurability = \"{durability}\"\n")
+            Delivery::Reliable { durability, window } => {
+                let window = window.map(|w| format!("window = {w}\n")).unwrap_or_default();
+                format!("\n[delivery]\nsend_default = \"reliable\"\n{window}\n[store]\npath = {path}\ndurability = \"{durability}\"\n")
             }
             Delivery::NoStore => "\n[store]\nkind = \"none\"\n".into(),
         }
