@@ -36,6 +36,7 @@ use switchboard::client::Client;
 use switchboard::proto::frame::{Frame, PROTOCOL_MAX_FRAME_BYTES};
 use switchboard::JwtHs256;
 
+use super::median;
 use super::report::f;
 use super::scenarios::{note, Delivery, Runner, ServerProc};
 
@@ -220,16 +221,6 @@ fn tcp_mem_pages() -> Option<u64> {
         }
     }
     None
-}
-
-/// The median of `v` (sorted in place); none of an empty one.
-fn median(v: &mut [f64]) -> Option<f64> {
-    v.sort_by(|a, b| a.total_cmp(b));
-    match v.len() {
-        0 => None,
-        n if n % 2 == 1 => Some(v[n / 2]),
-        n => Some((v[n / 2 - 1] + v[n / 2]) / 2.0),
-    }
 }
 
 /// The server config for one setting: its buffers, and limits that let a
@@ -446,13 +437,6 @@ mod tests {
         assert_eq!(p.held_bytes, 9000, "the most any socket held");
         assert_eq!(p.rcvbuf_bytes, 131072, "peaks only grow");
         assert_eq!(socket_totals(ss), (2, 100 + 2000 + 5 + 4096));
-    }
-
-    #[test]
-    fn the_median_of_odd_even_and_no_round_trips() {
-        assert_eq!(median(&mut [3.0, 1.0, 2.0]), Some(2.0));
-        assert_eq!(median(&mut [4.0, 1.0, 2.0, 3.0]), Some(2.5));
-        assert_eq!(median(&mut []), None);
     }
 
     #[test]

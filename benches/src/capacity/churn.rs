@@ -477,8 +477,8 @@ pub fn run(bin: &Path, out: &Path, plan: &ChurnPlan) -> Result<Churn, String> {
     let unpaced = (free - free_failed) as f64 / t_free.elapsed().as_secs_f64();
     eprintln!("churn: then {free} cycles unpaced: {unpaced:.0} cycles/s");
     s.stop();
+    let done = plan.cycles - failed;
     let (failed, first_error) = (failed + free_failed, first_error.or(free_error));
-    let done = plan.cycles - (failed - free_failed);
     samples.push(RssSample { cycles: done, rss_bytes: rss_end, quiesced: true });
     let growth = rss_end as i64 - rss_warm as i64;
     let verdict = Churn::judge(growth, failed + warm_failed);

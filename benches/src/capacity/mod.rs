@@ -171,8 +171,8 @@ impl Plan {
             ws_rates: vec![100_000.0, 300_000.0, 900_000.0, 2_700_000.0],
             ws_sustain_s: 1,
             ws_only: false,
-            // ~1 minute at this host's ~8,500 cycles/s; a million (full
-            // mode) would add two more to a 3-minute run. 400,000 still
+            // 80 s at churn's pace of 5,000 cycles/s; a million (full
+            // mode) would add two more minutes. 400,000 still
             // shows a leak of the size issue 9 reported (~8 B/cycle, 3 MB)
             // above the 2 MB tolerance; a warm-up shorter than 100,000
             // cycles ends before RSS has reached its working level.
@@ -230,10 +230,27 @@ pub fn write_report(out: &Path, r: &Report) -> Result<(), String> {
     Ok(())
 }
 
+/// The median of `v` (sorted in place); none of an empty one.
+fn median(v: &mut [f64]) -> Option<f64> {
+    v.sort_by(|a, b| a.total_cmp(b));
+    match v.len() {
+        0 => None,
+        n if n % 2 == 1 => Some(v[n / 2]),
+        n => Some((v[n / 2 - 1] + v[n / 2]) / 2.0),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::scenarios::Delivery;
     use super::*;
+
+    #[test]
+    fn the_median_of_odd_even_and_no_round_trips() {
+        assert_eq!(median(&mut [3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(&mut [4.0, 1.0, 2.0, 3.0]), Some(2.5));
+        assert_eq!(median(&mut []), None);
+    }
 
     #[test]
     fn each_delivery_setting_is_a_config_the_server_reads() {

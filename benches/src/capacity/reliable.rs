@@ -32,6 +32,7 @@ use switchboard::proto::frame::Frame;
 use switchboard::timed;
 use switchboard::JwtHs256;
 
+use super::median;
 use super::report::{
     best_kept_up, lowest_missed, refined_rate, CatchUp, Idle, Reliable, ReliableUnicast, StoreIdle, Unicast,
     UnicastStep, CATCH_UP_TARGET_PER_S,
@@ -265,7 +266,7 @@ pub fn compare_windows(
             runs[i].extend(these);
         }
     }
-    let medians: Vec<(u32, f64)> = windows.iter().zip(&mut runs).map(|(&w, r)| (w, median(r))).collect();
+    let medians: Vec<(u32, f64)> = windows.iter().zip(&mut runs).map(|(&w, r)| (w, median(r).unwrap_or(0.0))).collect();
     for &(w, m) in &medians {
         eprintln!(
             "catch-up: window {w}: median {m:.0} msgs/s of {} runs, {:.2} of window {}'s",
@@ -275,16 +276,6 @@ pub fn compare_windows(
         );
     }
     Ok(medians)
-}
-
-/// The median of `v` (sorted in place); 0 for none.
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
-    match v.len() {
-        0 => 0.0,
-        n if n % 2 == 1 => v[n / 2],
-        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-    }
 }
 
 /// How many times the catch-up runs. Why more than once: one run takes
@@ -412,14 +403,7 @@ fn inbox_position(s: &ServerProc, user: &str) -> Option<u64> {
 
 #[cfg(test)]
 mod tests {
-    use super::{ladder_rates, median};
-
-    #[test]
-    fn the_median_of_an_even_count_is_the_mean_of_the_middle_two() {
-        assert_eq!(median(&mut [3.0, 1.0, 2.0]), 2.0);
-        assert_eq!(median(&mut [4.0, 1.0, 3.0, 2.0]), 2.5);
-        assert_eq!(median(&mut []), 0.0);
-    }
+    use super::ladder_rates;
 
     #[test]
     fn the_unicast_ladders_go_on_past_the_plans_top_up_to_twice_it() {
