@@ -260,7 +260,10 @@ pub(crate) fn start(
     } else {
         // Each shard's queue holds an even share of store.queue_capacity.
         let shards = store.len();
-        let cfg = crate::store::ServiceConfig::new(shared.config.store.queue_capacity.div_ceil(shards));
+        let cfg = crate::store::ServiceConfig {
+            batch_wait: shared.config.store.batch_wait(),
+            ..crate::store::ServiceConfig::new(shared.config.store.queue_capacity.div_ceil(shards))
+        };
         let parts = store.into_iter().map(|s| (s, inbox::StoreSink::new(shared.clone()))).collect();
         let service = crate::store::Service::start_shards(parts, cfg)?;
         tracing::info!(shards, kind = ?shared.config.store.kind, "message store started");

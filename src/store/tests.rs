@@ -1554,6 +1554,38 @@ fn service_group_commits_appends_from_several_threads() {
 }
 
 #[test]
+fn service_takes_requests_at_most_once_per_batch_wait_while_they_keep_coming() {
+    let probe = Probe::new();
+    let syncs = probe.syncs.clone();
+    let (sink, rx) = collect();
+    let c = ServiceConfig { batch_wait: Duration::from_millis(300), ..cfg(1024) };
+    let service = Service::start(Box::new(probe), sink, c).unwrap();
+    let sub = service.submitter();
+    // The first request is answered at once: there was no turn before it.
+    let t = Instant::now();
+    sub.try_submit(0, append_req("a", 0)).unwrap();
+    recv(&rx);
+    assert!(t.elapsed() < Duration::from_millis(250), "the first request waited {:?}", t.elapsed());
+    // Five more, each woken on its own, 5 ms apart, within the wait after
+    // that turn: one turn, one sync, answered in order.
+    for i in 1..6 {
+        sub.try_submit(i, append_req("a", i)).unwrap();
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let tokens: Vec<u64> = (0..5).map(|_| recv(&rx).0).collect();
+    assert_eq!(tokens, (1..6).collect::<Vec<_>>());
+    assert_eq!(syncs.load(Ordering::SeqCst), 2, "the five that came within the wait are one batch");
+    // After a quiet wait, a request is answered at once again.
+    std::thread::sleep(Duration::from_millis(400));
+    let t = Instant::now();
+    sub.try_submit(9, append_req("a", 9)).unwrap();
+    recv(&rx);
+    assert!(t.elapsed() < Duration::from_millis(250), "a request after a quiet wait waited {:?}", t.elapsed());
+    assert_eq!(syncs.load(Ordering::SeqCst), 3);
+    service.stop().unwrap();
+}
+
+#[test]
 fn service_hands_out_outcomes_in_order_and_reads_see_earlier_appends() {
     let (sink, rx) = collect();
     let service = Service::start(Box::new(Probe::new()), sink, cfg(1024)).unwrap();
