@@ -197,11 +197,15 @@ impl Cluster {
     }
 
     /// Waits (at most `timeout`) until `ok` holds for every node's counters.
+    /// A node whose `/stats` has no `cluster` object yet (its link to
+    /// Redis is set up after its ports answer) is waited for, not an
+    /// error: a capacity run once stopped on that, just after the nodes
+    /// started.
     fn wait(&self, what: &str, timeout: Duration, ok: impl Fn(usize, &ClusterCounts) -> bool) -> Result<(), String> {
         let t0 = Instant::now();
         loop {
-            let c = self.counts()?;
-            if c.iter().enumerate().all(|(i, c)| ok(i, c)) {
+            let c: Vec<Option<ClusterCounts>> = self.nodes.iter().map(|n| n.stats().and_then(|s| s.cluster)).collect();
+            if all_hold(&c, &ok) {
                 return Ok(());
             }
             if t0.elapsed() > timeout {
@@ -210,6 +214,12 @@ impl Cluster {
             std::thread::sleep(Duration::from_millis(100));
         }
     }
+}
+
+/// Whether `ok` holds for the counters of every node; a node without
+/// counters (`None`: no `cluster` in its `/stats` yet) does not hold.
+fn all_hold(counts: &[Option<ClusterCounts>], ok: impl Fn(usize, &ClusterCounts) -> bool) -> bool {
+    counts.iter().enumerate().all(|(i, c)| c.as_ref().is_some_and(|c| ok(i, c)))
 }
 
 /// Node `i`'s name in the report.
@@ -523,6 +533,15 @@ fn cluster_step(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_node_without_cluster_counters_yet_is_waited_for() {
+        let up = ClusterCounts { connected: true, live_nodes: 2, ..Default::default() };
+        let ok = |_: usize, c: &ClusterCounts| c.connected && c.live_nodes == 2;
+        assert!(!all_hold(&[Some(up), Some(up), None], ok), "not ready, and not an error");
+        assert!(!all_hold(&[Some(up), Some(ClusterCounts::default()), Some(up)], ok));
+        assert!(all_hold(&[Some(up), Some(up), Some(up)], ok));
+    }
 
     #[test]
     fn redis_work_is_per_delivered_message() {
