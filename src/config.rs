@@ -692,10 +692,11 @@ pub struct StoreConfig {
     /// (docs/DEPLOY.md, "Shards": when more than one pays).
     pub shards: usize,
     /// Microseconds from one turn of the store thread that serves requests
-    /// to the next, at least (`store/service.rs`, "Waiting for a batch"):
-    /// while requests keep coming, fewer and larger batches, fewer wakes of
-    /// the store thread and the workers, at most this much more latency; a
-    /// request after a quiet spell is served at once. Unset: 1,000 with a
+    /// to the next turn of writes, at least (`store/service.rs`, "Waiting
+    /// for a batch"): while writes keep coming, fewer and larger batches,
+    /// fewer wakes of the store thread and the workers, at most this much
+    /// more latency; a turn with a read or a login, and a request after a
+    /// quiet spell, are served at once. Unset: 1,000 with a
     /// disk store and `os` durability, else 0 (with `fsync` the sync of
     /// one batch gathers the next; a Redis round trip does the same; the
     /// memory store was not measured with it). At most 100,000.
