@@ -87,7 +87,17 @@ impl CeilingSample {
 }
 
 pub(super) fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap_or(7890)
+    free_ports::<1>()[0]
+}
+
+/// `N` distinct free loopback ports: all bound at once, then released.
+/// Why at once: a port bound and released at once can be handed out
+/// again by the next bind, and a server given the same port for two of
+/// its listeners exits at start ("Address already in use"), which a
+/// capacity run once took for an `os` ladder that delivered nothing.
+pub(super) fn free_ports<const N: usize>() -> [u16; N] {
+    let held: Vec<Option<TcpListener>> = (0..N).map(|_| TcpListener::bind("127.0.0.1:0").ok()).collect();
+    std::array::from_fn(|i| held[i].as_ref().and_then(|l| l.local_addr().ok()).map_or(7890 + i as u16, |a| a.port()))
 }
 
 /// What a Switchboard server of the run stores, and what a plain SEND gets.
@@ -167,7 +177,7 @@ impl ServerProc {
         delivery: Delivery,
         extra: &str,
     ) -> Result<ServerProc, String> {
-        let (port, admin_port, ws_port) = (free_port(), free_port(), free_port());
+        let [port, admin_port, ws_port] = free_ports::<3>();
         let store = out.join(format!("store-{tag}"));
         if store.exists() {
             std::fs::remove_dir_all(&store).map_err(|e| format!("{}: {e}", store.display()))?;
@@ -1028,5 +1038,18 @@ mod ladder_tests {
     fn a_missed_first_rate_is_halved_down_to_a_thousand() {
         assert_eq!(rates_below(10_000).collect::<Vec<_>>(), [5_000, 2_500, 1_250]);
         assert_eq!(rates_below(1_500).count(), 0, "nothing below 1,000/s");
+    }
+}
+
+#[cfg(test)]
+mod port_tests {
+    use super::free_ports;
+
+    #[test]
+    fn the_ports_of_one_server_are_distinct() {
+        for _ in 0..200 {
+            let [a, b, c] = free_ports::<3>();
+            assert!(a != b && b != c && a != c, "{a} {b} {c}");
+        }
     }
 }
