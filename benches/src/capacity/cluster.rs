@@ -176,11 +176,17 @@ struct Cluster {
 }
 
 impl Cluster {
+    /// Each node's `cluster` counters from its `/stats`, `None` where it
+    /// has none (yet).
+    fn node_counts(&self) -> Vec<Option<ClusterCounts>> {
+        self.nodes.iter().map(|n| n.stats().and_then(|s| s.cluster)).collect()
+    }
+
     fn counts(&self) -> Result<Vec<ClusterCounts>, String> {
-        self.nodes
-            .iter()
+        self.node_counts()
+            .into_iter()
             .enumerate()
-            .map(|(i, n)| n.stats().and_then(|s| s.cluster).ok_or_else(|| format!("node {i}: no cluster in /stats")))
+            .map(|(i, c)| c.ok_or_else(|| format!("node {i}: no cluster in /stats")))
             .collect()
     }
 
@@ -204,7 +210,7 @@ impl Cluster {
     fn wait(&self, what: &str, timeout: Duration, ok: impl Fn(usize, &ClusterCounts) -> bool) -> Result<(), String> {
         let t0 = Instant::now();
         loop {
-            let c: Vec<Option<ClusterCounts>> = self.nodes.iter().map(|n| n.stats().and_then(|s| s.cluster)).collect();
+            let c = self.node_counts();
             if all_hold(&c, &ok) {
                 return Ok(());
             }
