@@ -36,6 +36,16 @@
 //! lower than the one above for both); appends with their resolutions 558
 //! and 558 against 753 and 853 in the two pairs whose split was kept.
 //!
+//! The figures above ran on glibc's malloc: the bench had no global
+//! allocator until 2026-12-04, the server has mimalloc. On mimalloc,
+//! three pairs alternated, best round of each: 884 / 736 / 878 ns per
+//! message with hot messages dropped at their resolution (c5b2574), 710
+//! / 843 / 1,014 with them dropped when the position that acknowledges
+//! them is written (654a48a): appends 341–500 against 244–405 ns,
+//! positions 178–257 against 261–356 (the drops moved there). On glibc
+//! the same pair read 1,090–1,355 against 1,431–1,630, most of the
+//! difference in glibc's `malloc_consolidate` and `_int_malloc`.
+//!
 //! Run: `cargo bench -p switchboard-bench --bench store_hot`. Prints ns
 //! per message for appends (with the resolutions they carry), positions
 //! and syncs, best of `ROUNDS` rounds (a round is a fresh store); run two
@@ -49,6 +59,11 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use switchboard::store::{DiskStore, Durability, NewMessage, Store, StoreLimits};
+
+// The server's allocator: the store's work is mostly small allocations
+// and frees, and glibc's malloc costs them differently.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const USERS: usize = 4000;
 const RATE: u64 = 40_000;
