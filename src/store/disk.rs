@@ -906,7 +906,13 @@ impl DiskStore {
     /// logged for it at the next rotation. If that write fails the store
     /// stops, and the next open takes these messages back from the log.
     fn drop_acknowledged(&mut self, uk: &[u8], c: &mut Cached) {
-        let Some(&slot) = self.hot.users.get(uk) else { return };
+        if let Some(&slot) = self.hot.users.get(uk) {
+            self.drop_acknowledged_in(slot, c);
+        }
+    }
+
+    /// [`DiskStore::drop_acknowledged`] of the user in hot slot `slot`.
+    fn drop_acknowledged_in(&mut self, slot: usize, c: &mut Cached) {
         let acked = c.acked();
         while self.hot.slots[slot].msgs.front().is_some_and(|m| m.seq <= acked) {
             let m = self.hot.pop_front(slot).expect("looked at above");
@@ -953,11 +959,13 @@ impl DiskStore {
                 continue;
             }
             let uk = user_key(user);
-            if !users.contains_key(&uk) {
-                match self.load(&uk) {
-                    Ok(c) => {
-                        users.insert(uk.clone(), c);
-                    }
+            // Looked up before the key moves into `users`: no clone of
+            // it, one lookup per map.
+            let hot_slot = self.hot.users.get(&uk[..]).copied();
+            let c = match users.entry(uk) {
+                hashbrown::hash_map::Entry::Occupied(e) => e.into_mut(),
+                hashbrown::hash_map::Entry::Vacant(e) => match self.load(e.key()) {
+                    Ok(c) => e.insert(c),
                     // A write stops the store; anything else (a record
                     // that does not decode) fails this user's moves only.
                     Err(err @ StoreError::Unavailable(_)) => return Err(err),
@@ -965,12 +973,13 @@ impl DiskStore {
                         *r = Err(err);
                         continue;
                     }
-                }
-            }
-            let c = users.get_mut(&uk).expect("loaded above");
+                },
+            };
             advance_device(&mut c.rec.devices, device, seq, c.head, now_ms);
             // After each move, as moves written one by one would.
-            self.drop_acknowledged(&uk, c);
+            if let Some(slot) = hot_slot {
+                self.drop_acknowledged_in(slot, c);
+            }
         }
         if users.is_empty() {
             return Ok(());
