@@ -445,7 +445,7 @@ impl Cached {
     /// The highest seq every known device of the user has acknowledged
     /// (0 with no device: nothing is acknowledged then).
     fn acked(&self) -> u64 {
-        self.rec.devices.iter().map(|d| d.position).min().unwrap_or(0)
+        super::acked_by_all(&self.rec.devices)
     }
 
     /// Hot message `seq`, the oldest one, was dropped: fjall's head moves

@@ -323,6 +323,12 @@ fn advance_device(devices: &mut Vec<DeviceState>, device: &str, seq: u64, head: 
 /// device has acknowledged (0 when none is known: nothing may be trimmed).
 fn expire_devices(devices: &mut Vec<DeviceState>, ttl_ms: u64, now_ms: u64) -> u64 {
     devices.retain(|d| !expired(d.last_seen_ms, ttl_ms, now_ms));
+    acked_by_all(devices)
+}
+
+/// The seq every device in `devices` has acknowledged (0 when none is
+/// known: nothing is acknowledged then).
+fn acked_by_all(devices: &[DeviceState]) -> u64 {
     devices.iter().map(|d| d.position).min().unwrap_or(0)
 }
 
