@@ -43,13 +43,16 @@
 //! head as fjall knows it: every seq above it is a hot message, every one
 //! at or below it is in `msgs` or was dropped. The record is written with
 //! the user's first message in `msgs`, then every [`RECORD_LAG`] of
-//! them, and whenever it is written anyway (a device logs in or moves,
-//! the retention pass, the user's cache entry is dropped), so it may lag
-//! `msgs` by fewer than [`RECORD_LAG`] messages. A drop when resolving
-//! moves `fhead` without a write to fjall (one at the acknowledgement
-//! comes with the record's write): until the record is written, each rotation
-//! logs the user's `fhead` at the start of the new file (hotlog.rs), so
-//! the head survives the deletion of the dropped messages' file. Reading a record that is not cached
+//! them, and whenever it is written anyway (a device logs in, a device
+//! moves and the user is not cached, the retention pass, the user's cache
+//! entry is dropped), so it may lag `msgs` by fewer than [`RECORD_LAG`]
+//! messages. A drop moves `fhead` without a write to fjall, and so do
+//! the moves of a cached user's known devices a store turn hands over
+//! ([`Store::set_positions`]): those are logged in the hot log, with the
+//! user's `fhead` ([`DiskStore::set_positions_now`]). Until the record is
+//! written the user is dirty, and each rotation logs its `fhead` and
+//! devices at the start of the new file (hotlog.rs), so the head and the
+//! moves survive the deletion of the file they were first logged in. Reading a record that is not cached
 //! counts the messages past its head back in (`catch_up`: one range scan
 //! of at most that many keys), and so does `open` for every record when it
 //! sums the bytes kept. At open, every message of the hot log above its
@@ -104,16 +107,17 @@
 //! reverted.
 //!
 //! Each login, dedup entry or resolved message is one atomic fjall write
-//! batch into its journal (no sync); the position changes the store
-//! thread writes in one turn are one batch together
+//! batch into its journal (no sync); the position changes of users not
+//! cached that the store thread writes in one turn are one batch together
 //! ([`Store::set_positions`]). `sync` writes the
 //! hot log, then fjall's journal, to the kernel, and with
 //! [`Durability::Fsync`] `fdatasync`s the hot log every time and fjall's
 //! journal at most every [`FJALL_SYNC_INTERVAL`] (1 s) and before a hot
 //! log file is deleted: what fjall holds that the hot log does not is
-//! positions and logins, which may then be up to a second older after a
-//! power loss (a device gets messages it acknowledged again, and drops
-//! them by seq), and retention drops, done again. Both are replayed in
+//! logins and the positions of users not cached, which may then be up to
+//! a second older after a power loss (a device gets messages it
+//! acknowledged again, and drops them by seq), and retention drops, done
+//! again. Both are replayed in
 //! order at open, so a crash leaves a prefix of each; an append that was
 //! not synced may be lost, and then its seq is given again (it was never
 //! acknowledged). With
@@ -520,11 +524,13 @@ struct Hot {
     ram: u64,
     /// [`HOT_MAX_BYTES`], but in tests.
     max_bytes: u64,
-    /// Users whose `fhead` moved past their record's head by dropping a
-    /// message: each rotation logs their `fhead` in the new file before
-    /// the previous file goes, until their record is written (with a
-    /// device's login or move, the retention pass, every [`RECORD_LAG`]
-    /// messages into `msgs`, or before their cache entry is dropped).
+    /// Users whose record in fjall is behind their cached state: their
+    /// `fhead` moved past it by dropping a message, or their devices moved
+    /// ([`DiskStore::set_positions_now`]). Each rotation logs their
+    /// `fhead` and devices in the new file before the previous file goes,
+    /// until their record is written (with a device's login, the retention
+    /// pass, every [`RECORD_LAG`] messages into `msgs`, or before their
+    /// cache entry is dropped). Only cached users are dirty.
     dirty: hashbrown::HashSet<Arc<[u8]>>,
     /// The epoch appended to now; a rotation resolves the one before.
     epoch: u64,
@@ -867,8 +873,10 @@ impl DiskStore {
                 if let Some(k) = self.cache.keys().next().cloned() {
                     let gone = self.cache.remove(&k).expect("a key of the cache");
                     if self.hot.dirty.remove(&k[..]) {
-                        // Its record is behind a head a drop moved: read
-                        // back without it, the head would go back.
+                        // Its record is behind its state (a head a drop
+                        // moved, devices' moves the hot log holds): read
+                        // back without them, the head would go back, and
+                        // the moves be lost once their file goes.
                         self.inboxes.insert(k.as_slice(), gone.rec.encode(gone.fhead)).map_err(unavailable)?;
                     }
                 }
@@ -935,25 +943,41 @@ impl DiskStore {
     }
 
     /// [`Store::set_positions`] for the entries of `out` still `Ok`: every
-    /// user's record is read once (from the cache or fjall), takes all of
-    /// its devices' moves, and is written once, all in one batch. Why: the
-    /// workers hand over a tick's positions at once, up to one per
-    /// device, and a batch each was a `write(2)` to fjall's journal each:
-    /// 3,257 journal writes in one second of the store thread (strace,
-    /// 40,000 reliable msgs/s over 4,000 devices, `os`), 42 with one batch
-    /// per turn. The
-    /// thread's time in writing positions went from 9.5% to 7.2% of its
-    /// samples (perf); its CPU as a whole moved less than the host's noise.
-    /// One record per user also keeps a user that is not cached from
-    /// being read twice from fjall in one batch, the second read missing
-    /// the first move.
+    /// user's record is read once (from the cache or fjall) and takes all
+    /// of its devices' moves. A cached user whose devices were all known
+    /// then has its `fhead` and devices logged in the hot log (one record)
+    /// and becomes dirty; the others' records are written to fjall, all in
+    /// one batch. Why one batch: the workers hand over a tick's positions
+    /// at once, up to one per device, and a batch each was a `write(2)` to
+    /// fjall's journal each: 3,257 journal writes in one second of the
+    /// store thread (strace, 40,000 reliable msgs/s over 4,000 devices,
+    /// `os`), 42 with one batch per turn. One record per user also keeps a
+    /// user that is not cached from being read twice from fjall in one
+    /// batch, the second read missing the first move.
+    ///
+    /// Why the hot log for cached users: each move written to fjall was a
+    /// new version of the user's record in the `inboxes` memtable, found
+    /// by a skiplist search: with 19,000 device connections at 30,000
+    /// msgs/s, positions were 29% of the store's requests and 30% of its
+    /// thread's samples (`WriteBatch::commit` 13%), and the record
+    /// versions filled fjall's write buffer. Measured there (`os`, 2
+    /// workers, `switchboard-bench unicast --connections 19000 --device d
+    /// --rate 30000 --duration-s 30`, three pairs alternated with the build
+    /// before): p99 25.2 / 23.7 / 22.2 ms became 19.3 / 17.4 / 12.3 ms, the
+    /// store thread 18.3 / 17.8 / 17.6% of a core 15.9 / 14.7 / 12.9%, and
+    /// the server's peak RSS 131 MB 78 MB. A new device goes to fjall at
+    /// once: a logged move applies at the next open only to a device the
+    /// record in fjall knows, so that a device dropped since (a login past
+    /// [`super::MAX_DEVICES_PER_USER`], the retention pass) does not come
+    /// back from an older file.
     fn set_positions_now(
         &mut self,
         positions: &[(&str, &str, u64)],
         now_ms: u64,
         out: &mut [Result<(), StoreError>],
     ) -> Result<(), StoreError> {
-        let mut users: hashbrown::HashMap<Vec<u8>, Cached> = hashbrown::HashMap::new();
+        // Each user's state, and whether its record goes to fjall now.
+        let mut users: hashbrown::HashMap<Vec<u8>, (Cached, bool)> = hashbrown::HashMap::new();
         for (&(user, device, seq), r) in positions.iter().zip(out.iter_mut()) {
             if r.is_err() {
                 continue;
@@ -962,10 +986,15 @@ impl DiskStore {
             // Looked up before the key moves into `users`: no clone of
             // it, one lookup per map.
             let hot_slot = self.hot.users.get(&uk[..]).copied();
-            let c = match users.entry(uk) {
+            let (c, to_fjall) = match users.entry(uk) {
                 hashbrown::hash_map::Entry::Occupied(e) => e.into_mut(),
                 hashbrown::hash_map::Entry::Vacant(e) => match self.load(e.key()) {
-                    Ok(c) => e.insert(c),
+                    // Only a cached user's moves can wait in the hot log
+                    // (a user is dirty only while cached).
+                    Ok(c) => {
+                        let cached = self.cache.contains_key(e.key());
+                        e.insert((c, !cached))
+                    }
                     // A write stops the store; anything else (a record
                     // that does not decode) fails this user's moves only.
                     Err(err @ StoreError::Unavailable(_)) => return Err(err),
@@ -975,21 +1004,42 @@ impl DiskStore {
                     }
                 },
             };
+            // A device the record does not know yet goes to fjall at once:
+            // a move logged in the hot log applies, at the next open, only
+            // to a device fjall's record knows (so that a device dropped
+            // since does not come back from an older file).
+            *to_fjall |= !c.rec.devices.iter().any(|d| d.device == device);
             advance_device(&mut c.rec.devices, device, seq, c.head, now_ms);
             // After each move, as moves written one by one would.
             if let Some(slot) = hot_slot {
                 self.drop_acknowledged_in(slot, c);
             }
         }
-        if users.is_empty() {
+        let mut batch = self.db.batch();
+        let mut written = Vec::new();
+        for (uk, (c, to_fjall)) in users {
+            if to_fjall {
+                batch.insert(&self.inboxes, uk.as_slice(), c.rec.encode(c.fhead));
+                written.push((uk, c));
+                continue;
+            }
+            // Logged instead: at the next `sync` as durable as an append
+            // (with `fsync`, more than fjall's journal), and logged again
+            // at each rotation until the record is written.
+            let (user, _) = str8(&uk)?;
+            self.hot.log.append_head(user, c.fhead, &c.rec.devices);
+            if !self.hot.dirty.contains(&uk[..]) {
+                self.hot.dirty.insert(Arc::from(&uk[..]));
+            }
+            let e = self.cache.get_mut(&uk[..]).expect("a user whose moves are logged is cached");
+            e.fhead = c.fhead;
+            e.rec = c.rec;
+        }
+        if written.is_empty() {
             return Ok(());
         }
-        let mut batch = self.db.batch();
-        for (uk, c) in &users {
-            batch.insert(&self.inboxes, uk.as_slice(), c.rec.encode(c.fhead));
-        }
         batch.commit().map_err(unavailable)?;
-        for (uk, c) in users {
+        for (uk, c) in written {
             self.record_written(&uk, c.rec, c.fhead);
         }
         Ok(())
@@ -1044,12 +1094,14 @@ impl DiskStore {
         // Read again at the user's next append (its record is written
         // below if it is behind).
         self.cache.remove(uk);
-        self.hot.dirty.remove(uk);
+        // Dirty: fjall's record is behind the cached one (a head a drop
+        // moved, or device moves the hot log holds): written below.
+        let dirty = self.hot.dirty.remove(uk);
         if rec.messages == 0 && rec.devices.is_empty() {
             // The head outlives the record: seqs never go back.
             batch.insert(&self.heads, uk, fhead.to_be_bytes().to_vec());
             batch.remove(&self.inboxes, uk);
-        } else if rec != before || rec_head != Some(fhead) {
+        } else if dirty || rec != before || rec_head != Some(fhead) {
             batch.insert(&self.inboxes, uk, rec.encode(fhead));
         }
         batch.commit().map_err(unavailable)?;
@@ -1298,7 +1350,7 @@ impl DiskStore {
 
     /// Ends the epoch: resolves what is left of the previous epoch's
     /// messages, starts a new file, logs there the `fhead` of every user
-    /// whose record a drop left behind (so that the file of the dropped
+    /// whose record is behind (so that the file of the dropped
     /// messages can go without a write to fjall per user: a batch of
     /// thousands of records every epoch held appends up for tens of
     /// milliseconds), makes fjall durable as the durability promises, and
@@ -1340,14 +1392,14 @@ impl DiskStore {
         Ok(())
     }
 
-    /// Appends to the hot log the `fhead` of every user whose record a drop
-    /// left behind.
+    /// Appends to the hot log the `fhead` and devices of every dirty user
+    /// (whose record a drop or its devices' moves left behind).
     fn log_dirty_heads(&mut self) {
         for uk in &self.hot.dirty {
             // Dirty users are cached (dropping an entry writes its record).
             debug_assert!(self.cache.contains_key(&uk[..]));
             if let (Some(c), Ok((user, _))) = (self.cache.get(&uk[..]), str8(uk)) {
-                self.hot.log.append_head(user, c.fhead);
+                self.hot.log.append_head(user, c.fhead, &c.rec.devices);
             }
         }
     }
@@ -1413,10 +1465,18 @@ impl DiskStore {
             });
         }
         for (r, uk) in logged.iter().zip(&keys) {
-            if let Recovered::Head { head, .. } = r {
+            if let Recovered::Head { head, devices, .. } = r {
                 let c = states.get_mut(uk).expect("filled above");
                 c.fhead = c.fhead.max(*head);
                 c.head = c.head.max(*head);
+                // Positions only grow; a device fjall's record does not
+                // know was dropped since (logins write the record).
+                for logged in devices {
+                    if let Some(d) = c.rec.devices.iter_mut().find(|d| d.device == logged.device) {
+                        d.position = d.position.max(logged.position);
+                        d.last_seen_ms = d.last_seen_ms.max(logged.last_seen_ms);
+                    }
+                }
             }
         }
         for (r, uk) in logged.iter().zip(&keys) {
@@ -1449,9 +1509,10 @@ impl DiskStore {
 }
 
 impl Drop for DiskStore {
-    /// Logs the head of every user whose record a drop left behind, so
-    /// that the next open does not count the dropped messages again (after
-    /// a crash it may, until the next retention pass drops them again).
+    /// Logs the head and devices of every dirty user, so that the next
+    /// open does not count the dropped messages again (after a crash it
+    /// may, until the next retention pass drops them again; the devices'
+    /// moves were logged as they came).
     fn drop(&mut self) {
         if self.hot.dirty.is_empty() || self.stopped.is_some() {
             return;

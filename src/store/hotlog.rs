@@ -21,11 +21,16 @@
 //! big-endian, `str8` = a length byte and the bytes):
 //! - `0 | seq u64 | msg_id u64 | ts_ms u64 | appended_ms u64 |
 //!   client_id u64 | to str8 | from str8 | payload`: a message;
-//! - `1 | head u64 | to str8`: user `to`'s messages up to `head` were all
-//!   resolved (dropped or in fjall), although its record in fjall may say
-//!   less: written at the start of an epoch's file for every user whose
-//!   record a drop left behind, so that deleting the file of the dropped
-//!   messages does not take the head back.
+//! - `1 | head u64 | to str8 | n u8 | n × (device str8 | position u64 |
+//!   last_seen_ms u64)`: user `to`'s messages up to `head` were all
+//!   resolved (dropped or in fjall), and these devices of its are at
+//!   least at these positions, although its record in fjall may say less:
+//!   written when a store turn moves the user's devices, and again at the
+//!   start of every epoch's file until the user's record is written, so
+//!   that neither the moves nor the heads of messages dropped with them
+//!   need a write to fjall, and deleting a file takes neither back. (Files
+//!   of builds before the positions came here end the record after `to`:
+//!   read as no devices.)
 //!
 //! Must not: hold anything but this epoch's and the previous epoch's
 //! messages (RAM and disk are bounded by [`EPOCH_BYTES`] a file).
@@ -34,7 +39,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
-use super::StoreError;
+use super::{DeviceState, StoreError};
 
 /// A message is resolved (dropped, or written into fjall) by an append
 /// this many milliseconds of the store's clock (the `now_ms` of appends)
@@ -98,10 +103,12 @@ impl Logged {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Recovered {
     Message(Logged),
-    /// The user's messages up to `head` were resolved.
+    /// The user's messages up to `head` were resolved, and these of its
+    /// devices are at least at these positions (and seen then).
     Head {
         to: String,
         head: u64,
+        devices: Vec<DeviceState>,
     },
 }
 
@@ -184,15 +191,24 @@ impl HotLog {
         self.seal(start);
     }
 
-    /// Appends that user `to`'s messages up to `head` were resolved
-    /// (written at the next [`HotLog::flush`]).
-    pub fn append_head(&mut self, to: &str, head: u64) {
+    /// Appends that user `to`'s messages up to `head` were resolved, and
+    /// where its `devices` are (written at the next [`HotLog::flush`]).
+    pub fn append_head(&mut self, to: &str, head: u64, devices: &[DeviceState]) {
         let start = self.buf.len();
         self.buf.extend_from_slice(&[0; HEADER]);
         self.buf.push(HEAD);
         self.buf.extend_from_slice(&head.to_be_bytes());
         self.buf.push(to.len() as u8);
         self.buf.extend_from_slice(to.as_bytes());
+        // At most MAX_DEVICES_PER_USER, ids of at most 255 bytes (checked
+        // at the login that made them known).
+        self.buf.push(devices.len() as u8);
+        for d in devices {
+            self.buf.push(d.device.len() as u8);
+            self.buf.extend_from_slice(d.device.as_bytes());
+            self.buf.extend_from_slice(&d.position.to_be_bytes());
+            self.buf.extend_from_slice(&d.last_seen_ms.to_be_bytes());
+        }
         self.seal(start);
     }
 
@@ -296,7 +312,20 @@ fn decode(b: &[u8]) -> Option<Recovered> {
         let rest = b.get(8..)?;
         let len = *rest.first()? as usize;
         let to = std::str::from_utf8(rest.get(1..1 + len)?).ok()?.to_string();
-        return (rest.len() == 1 + len).then_some(Recovered::Head { to, head: n(0)? });
+        let mut rest = &rest[1 + len..];
+        let mut devices = Vec::new();
+        if let Some((&count, mut more)) = rest.split_first() {
+            for _ in 0..count {
+                let len = *more.first()? as usize;
+                let device = std::str::from_utf8(more.get(1..1 + len)?).ok()?.to_string();
+                let at = |i: usize| more.get(i..i + 8).map(|s| u64::from_be_bytes(s.try_into().expect("8 bytes")));
+                let (position, last_seen_ms) = (at(1 + len)?, at(9 + len)?);
+                devices.push(DeviceState { device, position, last_seen_ms });
+                more = &more[17 + len..];
+            }
+            rest = more;
+        }
+        return rest.is_empty().then_some(Recovered::Head { to, head: n(0)?, devices });
     }
     if kind != MESSAGE {
         return None;

@@ -2217,13 +2217,38 @@ fn a_log_reads_back_what_was_flushed_and_stops_at_a_torn_tail() {
     log.append(logged(2, "ben", b"").entry());
     log.flush().unwrap();
     log.rotate().unwrap();
-    log.append_head("ben", 7);
+    let phone = DeviceState { device: "phone".into(), position: 6, last_seen_ms: T0 };
+    let laptop = DeviceState { device: "l".repeat(255), position: u64::MAX, last_seen_ms: 0 };
+    log.append_head("ben", 7, &[phone.clone(), laptop.clone()]);
+    log.append_head("cyd", 0, &[]);
     log.append(logged(3, "ann", b"three").entry());
     log.flush().unwrap();
-    log.append(logged(4, "ann", b"never flushed").entry());
+    drop(log);
+    // A head as builds before the devices came into it wrote it: no
+    // device count after the user.
+    let newest = file_of(&dir.0.join("hot"), 1);
+    let body = [&[1u8][..], &9u64.to_be_bytes(), &[3], b"dan"].concat();
+    let mut f = std::fs::OpenOptions::new().append(true).open(&newest).unwrap();
+    f.write_all(&(body.len() as u32).to_le_bytes()).unwrap();
+    f.write_all(&crc32fast::hash(&body).to_le_bytes()).unwrap();
+    f.write_all(&body).unwrap();
+    drop(f);
+    let (_, found, _) = HotLog::open(&dir.0, false).unwrap();
+    let head = |to: &str, head, devices| Recovered::Head { to: to.into(), head, devices };
+    let want = [
+        head("ben", 7, vec![phone.clone(), laptop.clone()]),
+        head("cyd", 0, vec![]),
+        Recovered::Message(logged(3, "ann", b"three")),
+        head("dan", 9, vec![]),
+    ];
+    assert_eq!(found[2..], want);
+    let (mut log, _, _) = HotLog::open(&dir.0, false).unwrap();
+    log.append(logged(4, "ann", b"flushed").entry());
+    log.flush().unwrap();
+    log.append(logged(5, "ann", b"never flushed").entry());
     drop(log);
     // A write cut short: half a record at the end of the newest file.
-    let newest = file_of(&dir.0.join("hot"), 1);
+    let newest = file_of(&dir.0.join("hot"), 3);
     let mut f = std::fs::OpenOptions::new().append(true).open(&newest).unwrap();
     f.write_all(&[20, 0, 0, 0, 1, 2]).unwrap();
     drop(f);
@@ -2232,15 +2257,18 @@ fn a_log_reads_back_what_was_flushed_and_stops_at_a_torn_tail() {
     let want = vec![
         m(logged(1, "ann", b"one")),
         m(logged(2, "ben", b"")),
-        Recovered::Head { to: "ben".into(), head: 7 },
+        head("ben", 7, vec![phone, laptop]),
+        head("cyd", 0, vec![]),
         m(logged(3, "ann", b"three")),
+        head("dan", 9, vec![]),
+        m(logged(4, "ann", b"flushed")),
     ];
     assert_eq!(found, want);
-    assert_eq!(files, vec![0, 1]);
+    assert_eq!(files, vec![0, 1, 2, 3]);
     log.drop_recovered(&files).unwrap();
     let (_, found, files) = HotLog::open(&dir.0, false).unwrap();
     assert!(found.is_empty(), "the recovered files are gone");
-    assert_eq!(files, vec![2], "only the empty file the last open started");
+    assert_eq!(files, vec![4], "only the empty file the last open started");
 }
 
 #[test]
@@ -2482,48 +2510,143 @@ fn disk_hot_messages_past_the_ram_bound_go_to_fjall_at_once() {
 
 /// A user whose last hot messages were dropped at their acknowledgement
 /// keeps its head once the log file of those messages is deleted (two
-/// rotations on): the record written with the acknowledgement carries it,
-/// so nothing needs the file to find it at the next open (hotlog.rs).
+/// rotations on), after a crash and after a restart: a position set
+/// alone writes the user's record, which carries the head; positions a
+/// store turn hands over together log it in the hot log instead, again in
+/// every new file until the record is written (hotlog.rs).
 #[test]
 fn disk_head_of_dropped_hot_messages_survives_their_log_file_and_a_restart() {
     let epoch = super::hotlog::EPOCH_MS;
     let mut d = Disk::new(Durability::Fsync, StoreLimits::default());
     // Each request is synced, as the store thread syncs each batch.
     let s = d.store();
-    s.device_login("ann", "phone", 0, T0).unwrap();
-    for n in 1..=3 {
-        assert_eq!(append(s, "ann", n, T0), n);
+    for user in ["ann", "cyd"] {
+        s.device_login(user, "phone", 0, T0).unwrap();
+        for n in 1..=3 {
+            assert_eq!(append(s, user, n, T0), n);
+        }
     }
     s.set_position("ann", "phone", 3, T0 + 1).unwrap();
+    assert!(s.set_positions(&[("cyd", "phone", 3)], T0 + 1).iter().all(Result::is_ok));
     s.sync().unwrap();
-    assert_eq!(s.inbox_state("ann").unwrap().messages, 0, "dropped at the acknowledgement");
+    for user in ["ann", "cyd"] {
+        assert_eq!(s.inbox_state(user).unwrap().messages, 0, "{user}'s dropped at the acknowledgement");
+    }
     // Each append an epoch apart rotates; the sync after the second
-    // rotation deletes the file that held ann's three.
+    // rotation deletes the file that held the six.
     for (i, at) in [T0 + epoch, T0 + 2 * epoch, T0 + 3 * epoch].into_iter().enumerate() {
         assert_eq!(append(s, "ben", i as u64 + 1, at), i as u64 + 1);
         s.sync().unwrap();
     }
-    let files: Vec<_> = std::fs::read_dir(d.dir.0.join("hot")).unwrap().map(|e| e.unwrap().path()).collect();
-    assert_eq!(files.len(), 2, "the current epoch's file and the one before");
-    // What a crash now would leave: nothing of ann's in the files (read
-    // from a copy: opening the log starts a file of its own).
-    let copy = TempDir::new("hot-copy");
-    std::fs::create_dir_all(copy.0.join("hot")).unwrap();
-    for f in &files {
-        std::fs::copy(f, copy.0.join("hot").join(f.file_name().unwrap())).unwrap();
+    let files = std::fs::read_dir(d.dir.0.join("hot")).unwrap().count();
+    assert_eq!(files, 2, "the current epoch's file and the one before");
+    let mut crashed = crash_copy(&d);
+    for (d, round) in [(&mut crashed, "after a crash"), (&mut d, "before a restart")] {
+        for user in ["ann", "cyd"] {
+            let st = d.store().inbox_state(user).unwrap();
+            assert_eq!((st.head_seq, st.messages, st.devices[0].position), (3, 0, 3), "{user} {round}");
+        }
     }
-    let (_, found, _) = HotLog::open(&copy.0, false).unwrap();
-    let ann = |r: &Recovered| match r {
-        Recovered::Message(l) => l.to == "ann",
-        Recovered::Head { to, .. } => to == "ann",
+    assert!(d.restart());
+    for (d, round) in [(&mut crashed, "after a crash"), (&mut d, "after a restart")] {
+        for user in ["ann", "cyd"] {
+            assert_eq!(d.store().inbox_state(user).unwrap().head_seq, 3, "{user} {round}");
+            assert_eq!(append(d.store(), user, 4, T0 + 3 * epoch + 1), 4, "no seq of {user}'s is given twice {round}");
+        }
+    }
+}
+
+/// Copies directory `from` into `to`, files and subdirectories.
+fn copy_tree(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_dir() {
+            copy_tree(&e.path(), &to.join(e.file_name()));
+        } else {
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
+}
+
+/// What a crash of the process would leave of `d`'s store now: its files
+/// as the kernel has them (with `os`, everything written at the last
+/// `sync`), copied and opened as a store of their own. The original is
+/// left open, so that nothing its closing writes reaches the copy.
+fn crash_copy(d: &Disk) -> Disk {
+    let dir = TempDir::new("crash-copy");
+    copy_tree(&d.dir.0, &dir.0);
+    let store = DiskStore::open(&dir.0, d.durability, d.limits).expect("opens after a crash");
+    Disk { store: Some(store), durability: d.durability, limits: d.limits, cached_users: None, dir }
+}
+
+/// Device positions a store turn hands over ([`Store::set_positions`],
+/// what the store thread calls) survive a crash of the process after the
+/// `sync` that follows: at once, once the log file of the epoch they came
+/// in is deleted, and once a retention pass has run that changed nothing
+/// else of the user. The hot messages they dropped stay dropped, the
+/// messages they did not stay kept, and no seq is given twice.
+#[test]
+fn disk_positions_survive_a_crash_their_log_file_and_a_retention_pass() {
+    let epoch = super::hotlog::EPOCH_MS;
+    let mut d = Disk::new(Durability::Os, StoreLimits::default());
+    let s = d.store();
+    s.device_login("ann", "phone", 0, T0).unwrap();
+    s.device_login("ann", "tablet", 0, T0).unwrap();
+    for n in 1..=5 {
+        assert_eq!(append(s, "ann", n, T0), n);
+    }
+    assert!(s.set_positions(&[("ann", "phone", 3), ("ann", "tablet", 2)], T0 + 1).iter().all(Result::is_ok));
+    s.sync().unwrap();
+    let check = |d: &mut Disk, phone: (u64, u64), tablet: (u64, u64), kept: Vec<u64>, when: &str| {
+        let s = d.store();
+        let st = s.inbox_state("ann").unwrap();
+        let mut got: Vec<_> = st.devices.iter().map(|d| (d.device.clone(), d.position, d.last_seen_ms)).collect();
+        got.sort();
+        let want = vec![("phone".to_string(), phone.0, phone.1), ("tablet".to_string(), tablet.0, tablet.1)];
+        assert_eq!(got, want, "{when}");
+        assert_eq!(st.head_seq, 5, "{when}");
+        assert_eq!(seqs(&s.read("ann", 0, 10).unwrap()), kept, "{when}");
     };
-    assert!(!found.iter().any(ann), "{found:?}");
-    for round in ["before a restart", "after a restart"] {
-        let ann = d.store().inbox_state("ann").unwrap();
-        assert_eq!((ann.head_seq, ann.messages), (3, 0), "{round}");
-        assert!(d.restart());
+    check(&mut d, (3, T0 + 1), (2, T0 + 1), vec![3, 4, 5], "before a crash");
+    check(&mut crash_copy(&d), (3, T0 + 1), (2, T0 + 1), vec![3, 4, 5], "a crash at once");
+    // Each append an epoch apart rotates; the sync after the second
+    // rotation deletes the file the positions came in.
+    for (i, at) in [T0 + epoch, T0 + 2 * epoch, T0 + 3 * epoch].into_iter().enumerate() {
+        assert_eq!(append(d.store(), "ben", i as u64 + 1, at), i as u64 + 1);
+        d.store().sync().unwrap();
     }
-    assert_eq!(append(d.store(), "ann", 4, T0 + 3 * epoch + 1), 4, "no seq is given twice");
+    check(&mut crash_copy(&d), (3, T0 + 1), (2, T0 + 1), vec![3, 4, 5], "a crash two rotations on");
+    // The tablet logs in again (its record written, up to date), then the
+    // phone moves; nothing is dropped (the tablet is at 2), and a
+    // retention pass finds nothing to drop either, nor anything else to
+    // change but what the move changed.
+    let later = T0 + 3 * epoch + 1;
+    assert_eq!(d.store().device_login("ann", "tablet", 2, later).unwrap(), (2, 5));
+    assert!(d.store().set_positions(&[("ann", "phone", 5)], later + 1).iter().all(Result::is_ok));
+    d.store().sync().unwrap();
+    assert_eq!(d.store().expire(later + 2).unwrap(), 0);
+    d.store().sync().unwrap();
+    let (phone, tablet) = ((5, later + 1), (2, later));
+    check(&mut crash_copy(&d), phone, tablet, vec![3, 4, 5], "a crash after a retention pass");
+    // Two rotations on, the file the move came in is gone too.
+    for (i, at) in [later + epoch, later + 2 * epoch].into_iter().enumerate() {
+        assert_eq!(append(d.store(), "ben", i as u64 + 4, at), i as u64 + 4);
+        d.store().sync().unwrap();
+    }
+    check(&mut crash_copy(&d), phone, tablet, vec![3, 4, 5], "a crash two rotations after the pass");
+    // The tablet moves: 3 and 4 go (in fjall by now: the pass drops them).
+    let later = later + 2 * epoch + 1;
+    assert!(d.store().set_positions(&[("ann", "tablet", 4)], later).iter().all(Result::is_ok));
+    d.store().sync().unwrap();
+    assert_eq!(d.store().expire(later + 1).unwrap(), 2);
+    d.store().sync().unwrap();
+    let tablet = (4, later);
+    let mut crashed = crash_copy(&d);
+    check(&mut crashed, phone, tablet, vec![5], "a crash after the tablet's move");
+    assert_eq!(append(crashed.store(), "ann", 6, later + 2), 6, "no seq is given twice after a crash");
+    assert!(d.restart());
+    check(&mut d, phone, tablet, vec![5], "a restart");
 }
 
 /// Where [`disk_write_failure_in_a_process_of_its_own`] keeps its store
