@@ -2649,6 +2649,37 @@ fn disk_positions_survive_a_crash_their_log_file_and_a_retention_pass() {
     check(&mut d, phone, tablet, vec![5], "a restart");
 }
 
+/// A device's move logged in the hot log does not bring the device back
+/// once a login past [`MAX_DEVICES_PER_USER`] dropped it: after a crash
+/// the user has the devices its last login left, at their positions.
+#[test]
+fn disk_logged_move_of_a_device_dropped_since_does_not_bring_it_back() {
+    let mut d = Disk::new(Durability::Os, StoreLimits::default());
+    let s = d.store();
+    s.device_login("ann", "phone", 0, T0).unwrap();
+    for n in 1..=3 {
+        assert_eq!(append(s, "ann", n, T0), n);
+    }
+    assert!(s.set_positions(&[("ann", "phone", 2)], T0 + 1).iter().all(Result::is_ok));
+    // The phone, seen last, is the one the 32nd other device pushes out.
+    for i in 0..MAX_DEVICES_PER_USER as u64 {
+        s.device_login("ann", &format!("d{i}"), 3, T0 + 2 + i).unwrap();
+    }
+    s.sync().unwrap();
+    let devices = |d: &mut Disk| {
+        let mut v: Vec<_> =
+            d.store().inbox_state("ann").unwrap().devices.into_iter().map(|d| (d.device, d.position)).collect();
+        v.sort();
+        v
+    };
+    let want = devices(&mut d);
+    assert_eq!(want.len(), MAX_DEVICES_PER_USER);
+    assert!(!want.iter().any(|(name, _)| name == "phone"), "{want:?}");
+    assert_eq!(devices(&mut crash_copy(&d)), want, "after a crash");
+    assert!(d.restart());
+    assert_eq!(devices(&mut d), want, "after a restart");
+}
+
 /// Where [`disk_write_failure_in_a_process_of_its_own`] keeps its store
 /// (set by the test that starts it).
 const WRITE_FAILURE_DIR: &str = "SWITCHBOARD_TEST_WRITE_FAILURE_DIR";
