@@ -50,9 +50,10 @@
 //! the moves of a cached user's known devices a store turn hands over
 //! ([`Store::set_positions`]): those are logged in the hot log, with the
 //! user's `fhead` ([`DiskStore::set_positions_now`]). Until the record is
-//! written the user is dirty, and each rotation logs its `fhead` and
-//! devices at the start of the new file (hotlog.rs), so the head and the
-//! moves survive the deletion of the file they were first logged in. Reading a record that is not cached
+//! written the user is dirty, and a rotation logs its `fhead` and devices
+//! at the start of the new file unless the file it ends has them as they
+//! are (hotlog.rs), so the head and the moves survive the deletion of the
+//! file they were first logged in. Reading a record that is not cached
 //! counts the messages past its head back in (`catch_up`: one range scan
 //! of at most that many keys), and so does `open` for every record when it
 //! sums the bytes kept. At open, every message of the hot log above its
@@ -530,8 +531,14 @@ struct Hot {
     /// `fhead` and devices in the new file before the previous file goes,
     /// until their record is written (with a device's login, the retention
     /// pass, every [`RECORD_LAG`] messages into `msgs`, or before their
-    /// cache entry is dropped). Only cached users are dirty.
-    dirty: hashbrown::HashSet<Arc<[u8]>>,
+    /// cache entry is dropped). Only cached users are dirty. The value is
+    /// the generation of the hot log file the user's state was last
+    /// logged in (`None`: not since a drop moved its `fhead`): a rotation
+    /// skips the users logged in the file it ends, which outlives the
+    /// file it deletes, so users whose devices keep moving cost it
+    /// nothing (with 65,536 dirty users a rotation that logged them all
+    /// took 50–80 ms of the store thread, a test not kept).
+    dirty: hashbrown::HashMap<Arc<[u8]>, Option<u64>>,
     /// The epoch appended to now; a rotation resolves the one before.
     epoch: u64,
     /// When the current epoch started, on the store's clock; `None` until
@@ -740,7 +747,7 @@ impl DiskStore {
                 popped: 0,
                 ram: 0,
                 max_bytes: HOT_MAX_BYTES / of as u64,
-                dirty: hashbrown::HashSet::new(),
+                dirty: hashbrown::HashMap::new(),
                 epoch: 0,
                 started_ms: None,
                 previous_left: 0,
@@ -872,7 +879,7 @@ impl DiskStore {
             if self.cache.len() >= self.cache_users {
                 if let Some(k) = self.cache.keys().next().cloned() {
                     let gone = self.cache.remove(&k).expect("a key of the cache");
-                    if self.hot.dirty.remove(&k[..]) {
+                    if self.hot.dirty.remove(&k[..]).is_some() {
                         // Its record is behind its state (a head a drop
                         // moved, devices' moves the hot log holds): read
                         // back without them, the head would go back, and
@@ -1028,8 +1035,12 @@ impl DiskStore {
             // at each rotation until the record is written.
             let (user, _) = str8(&uk)?;
             self.hot.log.append_head(user, c.fhead, &c.rec.devices);
-            if !self.hot.dirty.contains(&uk[..]) {
-                self.hot.dirty.insert(Arc::from(&uk[..]));
+            let logged_in = Some(self.hot.log.generation());
+            match self.hot.dirty.get_mut(&uk[..]) {
+                Some(g) => *g = logged_in,
+                None => {
+                    self.hot.dirty.insert(Arc::from(&uk[..]), logged_in);
+                }
             }
             let e = self.cache.get_mut(&uk[..]).expect("a user whose moves are logged is cached");
             e.fhead = c.fhead;
@@ -1096,7 +1107,7 @@ impl DiskStore {
         self.cache.remove(uk);
         // Dirty: fjall's record is behind the cached one (a head a drop
         // moved, or device moves the hot log holds): written below.
-        let dirty = self.hot.dirty.remove(uk);
+        let dirty = self.hot.dirty.remove(uk).is_some();
         if rec.messages == 0 && rec.devices.is_empty() {
             // The head outlives the record: seqs never go back.
             batch.insert(&self.heads, uk, fhead.to_be_bytes().to_vec());
@@ -1319,8 +1330,11 @@ impl DiskStore {
             c.dropped_hot(m.seq);
             // Looked up first: most drops are of a user already dirty, and
             // the clone is an atomic increment on a line not in cache.
-            if !self.hot.dirty.contains(&uk[..]) {
-                self.hot.dirty.insert(uk.clone());
+            match self.hot.dirty.get_mut(&uk[..]) {
+                Some(g) => *g = None,
+                None => {
+                    self.hot.dirty.insert(uk.clone(), None);
+                }
             }
         } else {
             c.fhead = m.seq;
@@ -1377,7 +1391,8 @@ impl DiskStore {
             }
         }
         let gone = self.hot.log.rotate()?;
-        self.log_dirty_heads();
+        // The file just ended goes only at the rotation after next.
+        self.log_dirty_heads(self.hot.log.generation().checked_sub(1));
         debug_assert_eq!(self.hot.previous_left, 0, "every message of the epoch before is resolved");
         self.hot.previous_left = std::mem::take(&mut self.hot.current);
         // The syncs that must come before the delete wait for the next
@@ -1393,13 +1408,19 @@ impl DiskStore {
     }
 
     /// Appends to the hot log the `fhead` and devices of every dirty user
-    /// (whose record a drop or its devices' moves left behind).
-    fn log_dirty_heads(&mut self) {
-        for uk in &self.hot.dirty {
+    /// (whose record a drop or its devices' moves left behind), but those
+    /// whose state was last logged in file `but_in` (and is as logged).
+    fn log_dirty_heads(&mut self, but_in: Option<u64>) {
+        let now = Some(self.hot.log.generation());
+        for (uk, logged_in) in self.hot.dirty.iter_mut() {
+            if but_in.is_some() && *logged_in == but_in {
+                continue;
+            }
             // Dirty users are cached (dropping an entry writes its record).
             debug_assert!(self.cache.contains_key(&uk[..]));
             if let (Some(c), Ok((user, _))) = (self.cache.get(&uk[..]), str8(uk)) {
                 self.hot.log.append_head(user, c.fhead, &c.rec.devices);
+                *logged_in = now;
             }
         }
     }
@@ -1517,7 +1538,7 @@ impl Drop for DiskStore {
         if self.hot.dirty.is_empty() || self.stopped.is_some() {
             return;
         }
-        self.log_dirty_heads();
+        self.log_dirty_heads(None);
         if let Err(e) = self.hot.log.flush() {
             tracing::warn!(error = %e, "disk store: closing: the hot log's last heads were not written");
         }

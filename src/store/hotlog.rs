@@ -26,9 +26,10 @@
 //!   resolved (dropped or in fjall), and these devices of its are at
 //!   least at these positions, although its record in fjall may say less:
 //!   written when a store turn moves the user's devices, and again at the
-//!   start of every epoch's file until the user's record is written, so
-//!   that neither the moves nor the heads of messages dropped with them
-//!   need a write to fjall, and deleting a file takes neither back. (Files
+//!   start of an epoch's file until the user's record is written (unless
+//!   the file just ended has it as it is), so that neither the moves nor
+//!   the heads of messages dropped with them need a write to fjall, and
+//!   deleting a file takes neither back. (Files
 //!   of builds before the positions came here end the record after `to`:
 //!   read as no devices.)
 //!
@@ -219,6 +220,12 @@ impl HotLog {
         self.buf[start..start + 4].copy_from_slice(&len.to_le_bytes());
         self.buf[start + 4..start + HEADER].copy_from_slice(&crc.to_le_bytes());
         self.bytes += (self.buf.len() - start) as u64;
+    }
+
+    /// The generation of the current epoch's file (what is appended now
+    /// is in it, or in a later one).
+    pub fn generation(&self) -> u64 {
+        self.generation
     }
 
     /// Bytes in the current epoch's file.
