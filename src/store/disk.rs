@@ -336,6 +336,38 @@ fn u64_at(b: &[u8], at: usize) -> Result<u64, StoreError> {
         .ok_or_else(|| unavailable("corrupt record: too short"))
 }
 
+/// Appends `devices` as the store's files hold them (an `inboxes` record,
+/// a head in the hot log): a count byte, then each device's id (a length
+/// byte and the bytes), position and last seen (u64 BE). At most
+/// [`super::MAX_DEVICES_PER_USER`] devices, ids of at most 255 bytes
+/// (checked at the login that made them known).
+pub(super) fn put_devices(v: &mut Vec<u8>, devices: &[DeviceState]) {
+    v.push(devices.len() as u8);
+    for d in devices {
+        v.push(d.device.len() as u8);
+        v.extend_from_slice(d.device.as_bytes());
+        v.extend_from_slice(&d.position.to_be_bytes());
+        v.extend_from_slice(&d.last_seen_ms.to_be_bytes());
+    }
+}
+
+/// The devices [`put_devices`] wrote at the start of `b`, and the rest.
+pub(super) fn take_devices(b: &[u8]) -> Result<(Vec<DeviceState>, &[u8]), StoreError> {
+    let n = *b.first().ok_or_else(|| unavailable("corrupt record: no device count"))?;
+    let mut rest = &b[1..];
+    let mut devices = Vec::with_capacity(n as usize);
+    for _ in 0..n {
+        let (device, tail) = str8(rest)?;
+        devices.push(DeviceState {
+            device: device.to_string(),
+            position: u64_at(tail, 0)?,
+            last_seen_ms: u64_at(tail, 8)?,
+        });
+        rest = &tail[16..];
+    }
+    Ok((devices, rest))
+}
+
 /// A byte string with a length byte, and the rest.
 fn str8(b: &[u8]) -> Result<(&str, &[u8]), StoreError> {
     let n = *b.first().ok_or_else(|| unavailable("corrupt record: no length"))? as usize;
@@ -389,13 +421,7 @@ impl InboxRec {
         v.extend_from_slice(&self.first_seq.to_be_bytes());
         v.extend_from_slice(&self.messages.to_be_bytes());
         v.extend_from_slice(&self.bytes.to_be_bytes());
-        v.push(self.devices.len() as u8);
-        for d in &self.devices {
-            v.push(d.device.len() as u8);
-            v.extend_from_slice(d.device.as_bytes());
-            v.extend_from_slice(&d.position.to_be_bytes());
-            v.extend_from_slice(&d.last_seen_ms.to_be_bytes());
-        }
+        put_devices(&mut v, &self.devices);
         v.extend_from_slice(&head.to_be_bytes());
         v
     }
@@ -404,19 +430,8 @@ impl InboxRec {
     /// head moved into them end after the devices, and their head is in
     /// `heads`.
     fn decode(b: &[u8]) -> Result<(Self, Option<u64>), StoreError> {
-        let mut r =
-            InboxRec { first_seq: u64_at(b, 0)?, messages: u64_at(b, 8)?, bytes: u64_at(b, 16)?, devices: vec![] };
-        let n = *b.get(24).ok_or_else(|| unavailable("corrupt inbox record"))?;
-        let mut rest = &b[25..];
-        for _ in 0..n {
-            let (device, tail) = str8(rest)?;
-            r.devices.push(DeviceState {
-                device: device.to_string(),
-                position: u64_at(tail, 0)?,
-                last_seen_ms: u64_at(tail, 8)?,
-            });
-            rest = &tail[16..];
-        }
+        let (devices, rest) = take_devices(b.get(24..).ok_or_else(|| unavailable("corrupt inbox record"))?)?;
+        let r = InboxRec { first_seq: u64_at(b, 0)?, messages: u64_at(b, 8)?, bytes: u64_at(b, 16)?, devices };
         let head = match rest.len() {
             0 => None,
             8 => Some(u64_at(rest, 0)?),
@@ -1032,7 +1047,7 @@ impl DiskStore {
             }
             // Logged instead: at the next `sync` as durable as an append
             // (with `fsync`, more than fjall's journal), and logged again
-            // at each rotation until the record is written.
+            // by rotations until the record is written.
             let (user, _) = str8(&uk)?;
             self.hot.log.append_head(user, c.fhead, &c.rec.devices);
             let logged_in = Some(self.hot.log.generation());

@@ -40,6 +40,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
+use super::disk::{put_devices, take_devices};
 use super::{DeviceState, StoreError};
 
 /// A message is resolved (dropped, or written into fjall) by an append
@@ -201,15 +202,7 @@ impl HotLog {
         self.buf.extend_from_slice(&head.to_be_bytes());
         self.buf.push(to.len() as u8);
         self.buf.extend_from_slice(to.as_bytes());
-        // At most MAX_DEVICES_PER_USER, ids of at most 255 bytes (checked
-        // at the login that made them known).
-        self.buf.push(devices.len() as u8);
-        for d in devices {
-            self.buf.push(d.device.len() as u8);
-            self.buf.extend_from_slice(d.device.as_bytes());
-            self.buf.extend_from_slice(&d.position.to_be_bytes());
-            self.buf.extend_from_slice(&d.last_seen_ms.to_be_bytes());
-        }
+        put_devices(&mut self.buf, devices);
         self.seal(start);
     }
 
@@ -319,19 +312,10 @@ fn decode(b: &[u8]) -> Option<Recovered> {
         let rest = b.get(8..)?;
         let len = *rest.first()? as usize;
         let to = std::str::from_utf8(rest.get(1..1 + len)?).ok()?.to_string();
-        let mut rest = &rest[1 + len..];
-        let mut devices = Vec::new();
-        if let Some((&count, mut more)) = rest.split_first() {
-            for _ in 0..count {
-                let len = *more.first()? as usize;
-                let device = std::str::from_utf8(more.get(1..1 + len)?).ok()?.to_string();
-                let at = |i: usize| more.get(i..i + 8).map(|s| u64::from_be_bytes(s.try_into().expect("8 bytes")));
-                let (position, last_seen_ms) = (at(1 + len)?, at(9 + len)?);
-                devices.push(DeviceState { device, position, last_seen_ms });
-                more = &more[17 + len..];
-            }
-            rest = more;
-        }
+        let (devices, rest) = match &rest[1 + len..] {
+            [] => (Vec::new(), &[][..]),
+            more => take_devices(more).ok()?,
+        };
         return rest.is_empty().then_some(Recovered::Head { to, head: n(0)?, devices });
     }
     if kind != MESSAGE {
