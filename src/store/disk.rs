@@ -53,7 +53,11 @@
 //! written the user is dirty, and a rotation logs its `fhead` and devices
 //! at the start of the new file unless the file it ends has them as they
 //! are (hotlog.rs), so the head and the moves survive the deletion of the
-//! file they were first logged in. Reading a record that is not cached
+//! file they were first logged in. A dirty user that nothing moved for
+//! the whole epoch after the one it was logged in has its record written
+//! during that epoch instead, a slice at each `sync`
+//! ([`DiskStore::write_idle_records`]): idle users cost one record write,
+//! not a log at every other rotation in one turn. Reading a record that is not cached
 //! counts the messages past its head back in (`catch_up`: one range scan
 //! of at most that many keys), and so does `open` for every record when it
 //! sums the bytes kept. At open, every message of the hot log above its
@@ -259,6 +263,19 @@ const HOT_RAM_BYTES: u64 = HOT_MAX_BYTES * 3 / 2;
 /// the hot log). Eight per append catch up at eight times the rate of
 /// appends.
 const RESOLVE_PER_APPEND: usize = 8;
+
+/// Records of idle dirty users written per `sync`
+/// ([`DiskStore::write_idle_records`]), and dirty users looked at to find
+/// them. A user dirty because its devices moved, and idle since (nothing
+/// moved it during the epoch that followed), had to be logged again
+/// before the rotation that deletes the file it was logged in, and again
+/// every other rotation until its record was written (a login, the
+/// retention pass, leaving the cache). Logged all at that rotation,
+/// 65,536 of them (the cache's size: every user who acknowledged
+/// something lately and got nothing since) held the store thread 38–46 ms
+/// in one turn, every other rotation.
+pub(super) const IDLE_RECORD_SLICE: usize = 128;
+const IDLE_VISITS: usize = 32 * IDLE_RECORD_SLICE;
 
 /// Age at which the store thread resolves a hot message between requests
 /// ([`Store::tidy`]): two epochs, not one as an append does. An append
@@ -552,8 +569,17 @@ struct Hot {
     /// skips the users logged in the file it ends, which outlives the
     /// file it deletes, so users whose devices keep moving cost it
     /// nothing (with 65,536 dirty users a rotation that logged them all
-    /// took 50–80 ms of the store thread, a test not kept).
-    dirty: hashbrown::HashMap<Arc<[u8]>, Option<u64>>,
+    /// took 50–80 ms of the store thread, a test not kept). Those logged
+    /// in the file the last rotation ended, and not since, have their
+    /// records written a slice per `sync`
+    /// ([`DiskStore::write_idle_records`]), walking the map in its order
+    /// from `idle_at`.
+    dirty: indexmap::IndexMap<Arc<[u8]>, Option<u64>, hashbrown::DefaultHashBuilder>,
+    /// Where [`DiskStore::write_idle_records`] goes on in `dirty` (0 at
+    /// each rotation). A removal elsewhere moves the last entry into its
+    /// place, which the walk may so miss this epoch: the rotation logs it
+    /// then.
+    idle_at: usize,
     /// The epoch appended to now; a rotation resolves the one before.
     epoch: u64,
     /// When the current epoch started, on the store's clock; `None` until
@@ -762,7 +788,8 @@ impl DiskStore {
                 popped: 0,
                 ram: 0,
                 max_bytes: HOT_MAX_BYTES / of as u64,
-                dirty: hashbrown::HashMap::new(),
+                dirty: indexmap::IndexMap::default(),
+                idle_at: 0,
                 epoch: 0,
                 started_ms: None,
                 previous_left: 0,
@@ -818,6 +845,12 @@ impl DiskStore {
     #[cfg(test)]
     pub(crate) fn hot_ram(&self) -> u64 {
         self.hot.ram
+    }
+
+    /// Tests: bytes appended to the hot log's current file.
+    #[cfg(test)]
+    pub(crate) fn hot_log_bytes(&self) -> u64 {
+        self.hot.log.bytes()
     }
 
     /// Tests: users with a hot slot, slots taken, entries in the append
@@ -894,7 +927,7 @@ impl DiskStore {
             if self.cache.len() >= self.cache_users {
                 if let Some(k) = self.cache.keys().next().cloned() {
                     let gone = self.cache.remove(&k).expect("a key of the cache");
-                    if self.hot.dirty.remove(&k[..]).is_some() {
+                    if self.hot.dirty.swap_remove(&k[..]).is_some() {
                         // Its record is behind its state (a head a drop
                         // moved, devices' moves the hot log holds): read
                         // back without them, the head would go back, and
@@ -956,7 +989,7 @@ impl DiskStore {
     /// whole: nothing of it waits for a write any more, and a cached
     /// entry takes it.
     fn record_written(&mut self, uk: &[u8], rec: InboxRec, fhead: u64) {
-        self.hot.dirty.remove(uk);
+        self.hot.dirty.swap_remove(uk);
         if let Some(c) = self.cache.get_mut(uk) {
             c.fhead = fhead;
             c.rec = rec;
@@ -1122,7 +1155,7 @@ impl DiskStore {
         self.cache.remove(uk);
         // Dirty: fjall's record is behind the cached one (a head a drop
         // moved, or device moves the hot log holds): written below.
-        let dirty = self.hot.dirty.remove(uk).is_some();
+        let dirty = self.hot.dirty.swap_remove(uk).is_some();
         if rec.messages == 0 && rec.devices.is_empty() {
             // The head outlives the record: seqs never go back.
             batch.insert(&self.heads, uk, fhead.to_be_bytes().to_vec());
@@ -1368,7 +1401,7 @@ impl DiskStore {
                 // up to date every RECORD_LAG (the module doc).
                 batch.insert(&self.inboxes, &uk[..], c.rec.encode(c.fhead));
                 c.rec_head = Some(c.fhead);
-                self.hot.dirty.remove(&uk[..]);
+                self.hot.dirty.swap_remove(&uk[..]);
             }
             // A failure stops the store (`guard`); the message stays in
             // the log, which the next open writes into fjall.
@@ -1408,6 +1441,7 @@ impl DiskStore {
         let gone = self.hot.log.rotate()?;
         // The file just ended goes only at the rotation after next.
         self.log_dirty_heads(self.hot.log.generation().checked_sub(1));
+        self.hot.idle_at = 0;
         debug_assert_eq!(self.hot.previous_left, 0, "every message of the epoch before is resolved");
         self.hot.previous_left = std::mem::take(&mut self.hot.current);
         // The syncs that must come before the delete wait for the next
@@ -1438,6 +1472,40 @@ impl DiskStore {
                 *logged_in = now;
             }
         }
+    }
+
+    /// Writes into fjall, in one batch, the records of up to
+    /// [`IDLE_RECORD_SLICE`] dirty users last logged in the file the last
+    /// rotation ended (idle since: nothing moved them this epoch), looking
+    /// at up to [`IDLE_VISITS`] dirty users from where the last call
+    /// stopped. They are dirty no more: the next rotation, which deletes
+    /// the file before that one, need not log them, nor any later one
+    /// until they move again. (Before its delete, that rotation persists
+    /// fjall as the durability promises.)
+    fn write_idle_records(&mut self) -> Result<(), StoreError> {
+        let Some(ended) = self.hot.log.generation().checked_sub(1) else { return Ok(()) };
+        let mut batch = None;
+        let (mut written, mut visited) = (0, 0);
+        while written < IDLE_RECORD_SLICE && visited < IDLE_VISITS {
+            let i = self.hot.idle_at;
+            let Some((uk, &logged_in)) = self.hot.dirty.get_index(i) else { break };
+            visited += 1;
+            if logged_in != Some(ended) {
+                self.hot.idle_at += 1;
+                continue;
+            }
+            // Dirty users are cached (dropping an entry writes its record).
+            if let Some(c) = self.cache.get_mut(&uk[..]) {
+                batch.get_or_insert_with(|| self.db.batch()).insert(&self.inboxes, &uk[..], c.rec.encode(c.fhead));
+                c.rec_head = Some(c.fhead);
+                written += 1;
+            }
+            // The last entry moves to `i`, looked at next.
+            self.hot.dirty.swap_remove_index(i);
+        }
+        // A failure stops the store (`guard`), which the next open
+        // recovers from the files: nothing above needs taking back.
+        batch.map_or(Ok(()), |b| b.commit().map_err(unavailable))
     }
 
     /// After the log's flush at a `sync` that follows a rotation: makes
@@ -1655,6 +1723,7 @@ impl DiskStore {
 
     /// [`Store::sync`] of a running store.
     fn sync_now(&mut self) -> Result<(), StoreError> {
+        self.write_idle_records()?;
         // The messages first: `fdatasync`ed with `fsync`.
         self.hot.log.flush()?;
         if self.hot.to_delete.is_some() {

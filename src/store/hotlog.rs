@@ -27,7 +27,9 @@
 //!   least at these positions, although its record in fjall may say less:
 //!   written when a store turn moves the user's devices, and again at the
 //!   start of an epoch's file until the user's record is written (unless
-//!   the file just ended has it as it is), so that neither the moves nor
+//!   the file just ended has it as it is; a user idle a whole epoch since
+//!   it was logged gets its record written instead, a slice at each sync),
+//!   so that neither the moves nor
 //!   the heads of messages dropped with them need a write to fjall, and
 //!   deleting a file takes neither back. (Files
 //!   of builds before the positions came here end the record after `to`:

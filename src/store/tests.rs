@@ -2649,6 +2649,91 @@ fn disk_positions_survive_a_crash_their_log_file_and_a_retention_pass() {
     check(&mut d, phone, tablet, vec![5], "a restart");
 }
 
+/// Users whose devices' moves were logged and who then go idle for an
+/// epoch have their records written a slice at a time at the `sync`s of
+/// that epoch, instead of being logged again, all at once, at every other
+/// rotation (which held the store thread 38–46 ms at 65,536 such users,
+/// the cache's size): the rotations after log none of them. A crash after
+/// each of those rotations, and a restart, keep every position, and a
+/// user that moves again after its record was written is logged again.
+#[test]
+fn disk_idle_moved_users_have_their_records_written_at_syncs_not_logged_at_rotations() {
+    let epoch = super::hotlog::EPOCH_MS;
+    // More than fit in one sync's slice.
+    const USERS: u64 = 3 * super::disk::IDLE_RECORD_SLICE as u64;
+    let mut d = Disk::new(Durability::Os, StoreLimits::default());
+    let s = d.store();
+    let name = |i: u64| format!("u{i:04}");
+    for i in 0..USERS {
+        s.device_login(&name(i), "phone", 0, T0).unwrap();
+        assert_eq!(append(s, &name(i), 1, T0), 1);
+    }
+    // One store turn's positions: logged (the users are cached), and
+    // message 1 of each is dropped.
+    let names: Vec<String> = (0..USERS).map(name).collect();
+    let moves: Vec<(&str, &str, u64)> = names.iter().map(|n| (n.as_str(), "phone", 1)).collect();
+    assert!(s.set_positions(&moves, T0 + 1).iter().all(Result::is_ok));
+    s.sync().unwrap();
+    // u0000 moves again later: (head, position, last seen).
+    let check = |d: &mut Disk, first: (u64, u64, u64), when: &str| {
+        let s = d.store();
+        for i in (0..USERS).step_by(37).chain([USERS - 1]) {
+            let want = if i == 0 { first } else { (1, 1, T0 + 1) };
+            let st = s.inbox_state(&name(i)).unwrap();
+            let got: Vec<_> = st.devices.iter().map(|d| (d.device.as_str(), d.position, d.last_seen_ms)).collect();
+            assert_eq!(got, vec![("phone", want.1, want.2)], "{} {when}", name(i));
+            assert_eq!(st.head_seq, want.0, "{} {when}", name(i));
+            assert!(s.read(&name(i), 0, 10).unwrap().messages.is_empty(), "{} {when}", name(i));
+        }
+    };
+    // An epoch of appends, a sync every 10: each append resolves up to 8
+    // entries of the append order (where the users' dropped messages
+    // still take USERS), so that the epoch can end.
+    let busy_epoch = |d: &mut Disk, ben: &mut u64, start: u64| {
+        for k in 0..200 {
+            *ben += 1;
+            assert_eq!(append(d.store(), "ben", *ben, start + k), *ben);
+            if k % 10 == 9 {
+                d.store().sync().unwrap();
+            }
+        }
+    };
+    let logged_at_rotation = |d: &mut Disk, ben: &mut u64, at: u64| {
+        *ben += 1;
+        assert_eq!(append(d.store(), "ben", *ben, at), *ben);
+        let bytes = d.store.as_ref().expect("open").hot_log_bytes();
+        d.store().sync().unwrap();
+        bytes
+    };
+    let one_message = 200;
+    // The rotation that ends the file the moves are in skips them (that
+    // file outlives the one it deletes); in the epoch after it, the syncs
+    // write their records.
+    let mut ben = 0;
+    busy_epoch(&mut d, &mut ben, T0 + epoch);
+    // The rotation that deletes the file the moves were logged in logs
+    // none of them: their records have them.
+    let bytes = logged_at_rotation(&mut d, &mut ben, T0 + 2 * epoch);
+    assert!(bytes < one_message, "the rotation logged {bytes} bytes, more than the message appended after it");
+    let first = (1, 1, T0 + 1);
+    check(&mut crash_copy(&d), first, "a crash after the rotation that deleted the file the moves were in");
+    // u0000 gets a message and moves again: logged, dirty again.
+    let at = T0 + 2 * epoch + 1;
+    assert_eq!(append(d.store(), &name(0), 2, at), 2);
+    assert!(d.store().set_positions(&[(name(0).as_str(), "phone", 2)], at + 1).iter().all(Result::is_ok));
+    d.store().sync().unwrap();
+    let first = (2, 2, at + 1);
+    busy_epoch(&mut d, &mut ben, at + 2);
+    let bytes = logged_at_rotation(&mut d, &mut ben, T0 + 3 * epoch + 2);
+    assert!(bytes < one_message, "the next rotation logged {bytes} bytes");
+    busy_epoch(&mut d, &mut ben, T0 + 3 * epoch + 3);
+    let bytes = logged_at_rotation(&mut d, &mut ben, T0 + 4 * epoch + 3);
+    assert!(bytes < one_message, "the rotation after logged {bytes} bytes");
+    check(&mut crash_copy(&d), first, "a crash after the rotation that deleted the file u0000's move was in");
+    assert!(d.restart());
+    check(&mut d, first, "a restart");
+}
+
 /// A device's move logged in the hot log does not bring the device back
 /// once a login past [`MAX_DEVICES_PER_USER`] dropped it: after a crash
 /// the user has the devices its last login left, at their positions.
