@@ -150,13 +150,17 @@ impl Runner {
             let r = unicast_step(&mut lane.fleet, &lane.server, lane.ready, rate, secs)?;
             let st = r.store.as_ref();
             note(format!(
-                "  {rate}/s offered, {}: {:.0}/s delivered, p99 {} us, {:.0} appends/s, {:.0} syncs/s, {:.1} per sync",
+                "  {rate}/s offered, {}: {:.0}/s delivered, p99 {} us, {:.0} appends/s, {:.0} syncs/s, {:.1} per sync{}",
                 lane.name,
                 r.msgs_per_s,
                 r.p99_us,
                 st.map_or(0.0, |t| t.appends_per_s),
                 st.map_or(0.0, |t| t.syncs_per_s),
-                st.and_then(|t| t.messages_per_sync).unwrap_or(0.0)
+                st.and_then(|t| t.messages_per_sync).unwrap_or(0.0),
+                st.filter(|t| t.refused > 0).map_or(String::new(), |t| format!(
+                    ", {} refused ({} by a full store queue, {} failed)",
+                    t.refused, t.busy, t.failed
+                ))
             ));
             let kept = r.keeps_up();
             lane.steps.push(r);

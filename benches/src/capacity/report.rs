@@ -683,11 +683,30 @@ pub struct StoreStep {
     pub syncs_per_s: f64,
     /// Messages stored per sync.
     pub messages_per_sync: Option<f64>,
-    /// Requests refused (a limit, a full store queue) or failed.
+    /// Requests refused (a limit, a full store queue) or failed: every
+    /// cause, the two below included.
     pub refused: u64,
+    /// Of those, refused because the store's queue was full (the client
+    /// got ERROR 115, store unavailable).
+    #[serde(default)]
+    pub busy: u64,
+    /// Of those, failed with an I/O error (ERROR 115 too). The rest were
+    /// refused at a limit (ERROR 113 inbox full, 114 store full).
+    #[serde(default)]
+    pub failed: u64,
     /// INBOX frames received again (retransmits), and ACKs sent.
     pub duplicates_received: u64,
     pub acks_sent: u64,
+}
+
+/// A step's refused requests, with how many of them a full store queue
+/// refused and how many failed when there were any: `0`, or
+/// `76025 (76025 / 0)`.
+fn refused_by_cause(t: &StoreStep) -> String {
+    if t.refused == 0 {
+        return "0".to_string();
+    }
+    format!("{} ({} / {})", t.refused, t.busy, t.failed)
 }
 
 impl UnicastStep {
@@ -1515,7 +1534,7 @@ impl Reliable {
         for (k, x, y, z) in rows {
             let _ = writeln!(m, "| {k} | {x} | {y} | {z} |");
         }
-        let _ = writeln!(m, "\nReliable ladders (offered/s → delivered/s, p99 ms, appends/s, syncs/s, messages per sync, refused, duplicates):\n");
+        let _ = writeln!(m, "\nReliable ladders (offered/s → delivered/s, p99 ms, appends/s, syncs/s, messages per sync, refused (of which by a full store queue / failed), duplicates):\n");
         if !self.at_most_once.is_empty() {
             let steps: Vec<String> = self
                 .at_most_once
@@ -1538,7 +1557,7 @@ impl Reliable {
                         f(st.map(|t| t.appends_per_s), 0),
                         f(st.map(|t| t.syncs_per_s), 0),
                         f(st.and_then(|t| t.messages_per_sync), 1),
-                        f(st.map(|t| t.refused as f64), 0),
+                        st.map_or_else(|| "n/a".to_string(), refused_by_cause),
                         f(st.map(|t| t.duplicates_received as f64), 0),
                     )
                 })
@@ -2532,6 +2551,21 @@ fn yes_no(b: bool) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A reliable step's refused requests read with their causes, and a
+    /// report written before the causes were counted still reads (as none
+    /// of them known).
+    #[test]
+    fn a_store_step_says_what_refused_its_requests() {
+        let json = r#"{"appends":10,"appends_per_s":5.0,"syncs_per_s":1.0,"messages_per_sync":5.0,"refused":76025,"duplicates_received":0,"acks_sent":3}"#;
+        let old: StoreStep = serde_json::from_str(json).unwrap();
+        assert_eq!((old.refused, old.busy, old.failed), (76025, 0, 0));
+        let step = StoreStep { busy: 76000, failed: 20, ..old.clone() };
+        assert_eq!(refused_by_cause(&step), "76025 (76000 / 20)");
+        assert_eq!(refused_by_cause(&StoreStep { refused: 0, busy: 0, failed: 0, ..old }), "0");
+        let back: StoreStep = serde_json::from_str(&serde_json::to_string(&step).unwrap()).unwrap();
+        assert_eq!(back, step);
+    }
 
     fn step(offered: u64, delivered: f64, p99_us: u64) -> UnicastStep {
         UnicastStep {

@@ -67,6 +67,8 @@ impl StoreCounts {
             messages_per_sync: (syncs > 0).then(|| per_sync as f64 / syncs as f64),
             refused: (self.refusals + self.busy + self.errors)
                 .saturating_sub(earlier.refusals + earlier.busy + earlier.errors),
+            busy: self.busy.saturating_sub(earlier.busy),
+            failed: self.errors.saturating_sub(earlier.errors),
             duplicates_received: c.duplicates,
             acks_sent: c.acks,
         }
