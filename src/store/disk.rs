@@ -272,8 +272,10 @@ const RESOLVE_PER_APPEND: usize = 8;
 /// every other rotation until its record was written (a login, the
 /// retention pass, leaving the cache). Logged all at that rotation,
 /// 65,536 of them (the cache's size: every user who acknowledged
-/// something lately and got nothing since) held the store thread 38–46 ms
-/// in one turn, every other rotation.
+/// something lately and got nothing since) held the store thread 29 ms
+/// in one turn, every other rotation; with their records written a slice
+/// per `sync` instead, its longest turn was 0.7 ms
+/// (`benches/benches/store_idle.rs`, README.md).
 pub(super) const IDLE_RECORD_SLICE: usize = 128;
 const IDLE_VISITS: usize = 32 * IDLE_RECORD_SLICE;
 

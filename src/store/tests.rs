@@ -2652,8 +2652,8 @@ fn disk_positions_survive_a_crash_their_log_file_and_a_retention_pass() {
 /// Users whose devices' moves were logged and who then go idle for an
 /// epoch have their records written a slice at a time at the `sync`s of
 /// that epoch, instead of being logged again, all at once, at every other
-/// rotation (which held the store thread 38–46 ms at 65,536 such users,
-/// the cache's size): the rotations after log none of them. A crash after
+/// rotation (which held the store thread 29 ms at 65,536 such users,
+/// the cache's size: `benches/benches/store_idle.rs`): the rotations after log none of them. A crash after
 /// each of those rotations, and a restart, keep every position, and a
 /// user that moves again after its record was written is logged again.
 #[test]
