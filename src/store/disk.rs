@@ -57,8 +57,8 @@
 //! the whole epoch after the one it was logged in has its record written
 //! during that epoch instead, a slice at each `sync`
 //! ([`DiskStore::write_idle_records`]): idle users cost one record write,
-//! not a log at every other rotation in one turn. Reading a record that is not cached
-//! counts the messages past its head back in (`catch_up`: one range scan
+//! not a log at every other rotation in one turn. Reading a record that
+//! is not cached counts the messages past its head back in (`catch_up`: one range scan
 //! of at most that many keys), and so does `open` for every record when it
 //! sums the bytes kept. At open, every message of the hot log above its
 //! user's `fhead` (the record's, or a higher one the log holds) is written
@@ -481,6 +481,13 @@ struct Cached {
 }
 
 impl Cached {
+    /// The user's `inboxes` record as it is now, to write into fjall;
+    /// `rec_head` takes the head it carries.
+    fn record_to_write(&mut self) -> Vec<u8> {
+        self.rec_head = Some(self.fhead);
+        self.rec.encode(self.fhead)
+    }
+
     /// The highest seq every known device of the user has acknowledged
     /// (0 with no device: nothing is acknowledged then).
     fn acked(&self) -> u64 {
@@ -1401,8 +1408,7 @@ impl DiskStore {
                 // The retention pass walks the records: a user's first
                 // message in `msgs` comes with one; later ones bring it
                 // up to date every RECORD_LAG (the module doc).
-                batch.insert(&self.inboxes, &uk[..], c.rec.encode(c.fhead));
-                c.rec_head = Some(c.fhead);
+                batch.insert(&self.inboxes, &uk[..], c.record_to_write());
                 self.hot.dirty.swap_remove(&uk[..]);
             }
             // A failure stops the store (`guard`); the message stays in
@@ -1498,8 +1504,7 @@ impl DiskStore {
             }
             // Dirty users are cached (dropping an entry writes its record).
             if let Some(c) = self.cache.get_mut(&uk[..]) {
-                batch.get_or_insert_with(|| self.db.batch()).insert(&self.inboxes, &uk[..], c.rec.encode(c.fhead));
-                c.rec_head = Some(c.fhead);
+                batch.get_or_insert_with(|| self.db.batch()).insert(&self.inboxes, &uk[..], c.record_to_write());
                 written += 1;
             }
             // The last entry moves to `i`, looked at next.

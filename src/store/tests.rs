@@ -2653,9 +2653,10 @@ fn disk_positions_survive_a_crash_their_log_file_and_a_retention_pass() {
 /// epoch have their records written a slice at a time at the `sync`s of
 /// that epoch, instead of being logged again, all at once, at every other
 /// rotation (which held the store thread 29 ms at 65,536 such users,
-/// the cache's size: `benches/benches/store_idle.rs`): the rotations after log none of them. A crash after
-/// each of those rotations, and a restart, keep every position, and a
-/// user that moves again after its record was written is logged again.
+/// the cache's size: `benches/benches/store_idle.rs`): the rotations
+/// after log none of them. A crash after each of those rotations, and a
+/// restart, keep every position, and a user that moves again after its
+/// record was written is logged again.
 #[test]
 fn disk_idle_moved_users_have_their_records_written_at_syncs_not_logged_at_rotations() {
     let epoch = super::hotlog::EPOCH_MS;
