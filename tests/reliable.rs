@@ -170,6 +170,54 @@ fn the_window_bounds_what_is_unacknowledged_and_a_silent_client_gets_a_retransmi
     assert_eq!(payloads(&seen), expected(0..20));
 }
 
+/// A window that went idle and stayed so across ticks, then got messages
+/// again, is retransmitted to as a fresh one: the retransmit timer
+/// follows each window that has something in flight, however often it
+/// parked before. And a connection that closed with messages in flight
+/// leaves nothing that stops the next connection (which may take its
+/// slot) from getting its retransmit.
+#[test]
+fn a_window_reopened_after_idle_ticks_and_a_new_connection_after_a_close_get_retransmits() {
+    let server = common::start(config());
+    let addr = server.local_addr();
+    let (mut alice, _) = common::login(addr, "alice");
+    let mut bob = device_login(addr, "bob", "phone", 0);
+    let mut seen = Seen::default();
+    read_until(&mut bob, &mut seen, 1, Duration::from_secs(5), |s| !s.syncs.is_empty());
+    let mut sent = 0;
+    for _ in 0..3 {
+        // Delivered and acknowledged: the window goes idle, and stays so
+        // for several ticks (50 ms each in the test config).
+        send_stored(&mut alice, "bob", sent..sent + 2);
+        sent += 2;
+        read_until(&mut bob, &mut seen, 1, Duration::from_secs(5), |s| s.have >= sent as u64);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(seen.arrivals, (1..=sent as u64).collect::<Vec<_>>(), "each once while acknowledged");
+    // Then three that bob does not acknowledge: after the ACK timeout
+    // (300 ms) they come again.
+    send_stored(&mut alice, "bob", sent..sent + 3);
+    let first = seen.arrivals.len();
+    read_until(&mut bob, &mut seen, u64::MAX, Duration::from_secs(10), |s| s.arrivals.len() >= first + 6);
+    assert_eq!(&seen.arrivals[first..first + 6], &[7, 8, 9, 7, 8, 9], "three, then the same three again");
+    bob.ack(9).unwrap();
+
+    // Bob's tablet closes with a message in flight; the next device
+    // connection on the server gets its own retransmit.
+    let mut tablet = device_login(addr, "bob", "tablet", 9);
+    let mut seen_tablet = Seen::default();
+    read_until(&mut tablet, &mut seen_tablet, u64::MAX, Duration::from_secs(5), |s| !s.syncs.is_empty());
+    send_stored(&mut alice, "bob", 9..10);
+    read_until(&mut tablet, &mut seen_tablet, u64::MAX, Duration::from_secs(5), |s| !s.arrivals.is_empty());
+    drop(tablet);
+    let mut laptop = device_login(addr, "carol", "laptop", 0);
+    let mut seen_laptop = Seen::default();
+    read_until(&mut laptop, &mut seen_laptop, u64::MAX, Duration::from_secs(5), |s| !s.syncs.is_empty());
+    send_stored(&mut alice, "carol", 0..2);
+    read_until(&mut laptop, &mut seen_laptop, u64::MAX, Duration::from_secs(10), |s| s.arrivals.len() >= 4);
+    assert_eq!(seen_laptop.arrivals[..4], [1, 2, 1, 2], "two, then the same two again");
+}
+
 #[test]
 fn an_offline_user_gets_the_first_page_then_fetches_the_rest() {
     let server = common::start(config());

@@ -191,6 +191,11 @@ pub(crate) struct Worker {
     reliable: RefCell<reliable::Reliable>,
     /// Device connections with a position to save at the next tick.
     unsaved: RefCell<Vec<(u32, u32)>>,
+    /// Device connections (slot, generation) whose window was put back
+    /// open since the tick last found it parked: what the tick looks at
+    /// for retransmits (`reliable.rs`). Entries of closed connections go
+    /// at the next tick.
+    open: RefCell<Vec<(u32, u32)>>,
     /// Inside a turn of the I/O loop: store requests are queued without a
     /// wake, and `store_unwoken` says one is owed (`Worker::store_turn`).
     store_batching: Cell<bool>,
@@ -529,6 +534,7 @@ impl Worker {
             held_bytes: Cell::new(0),
             reliable: RefCell::new(reliable::Reliable::default()),
             unsaved: RefCell::new(Vec::new()),
+            open: RefCell::new(Vec::new()),
             window_rules: shared.config.window_rules(),
             shared,
         }

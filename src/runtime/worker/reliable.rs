@@ -49,6 +49,10 @@ pub(super) struct Device {
     /// tick, and a position lost with a crash only means some messages
     /// come again (dropped by seq).
     unsaved: u64,
+    /// In the worker's list of windows the tick looks at (`Worker::open`):
+    /// set when the window is put back open, cleared by the tick that
+    /// finds it parked.
+    listed: bool,
 }
 
 /// The side table: slot → device connection.
@@ -205,6 +209,10 @@ impl Worker {
             window.on_read_failed(self.now.get(), &self.window_rules);
         }
         dev.state = park(window);
+        if matches!(dev.state, State::Open(_)) && !dev.listed {
+            dev.listed = true;
+            self.open.borrow_mut().push((slot, generation));
+        }
         self.reliable.borrow_mut().insert(slot, dev);
         if after.overflow {
             self.close_slow_consumer(slot, generation);
@@ -234,7 +242,7 @@ impl Worker {
         if self.submit_store(store, Token::Login { conn }, req).is_err() {
             return Err((CloseCode::TryAgainLater, "the message store is busy; log in again shortly".into()));
         }
-        let dev = Device { generation, user: user.clone(), device, state: State::Pending, unsaved: 0 };
+        let dev = Device { generation, user: user.clone(), device, state: State::Pending, unsaved: 0, listed: false };
         self.reliable.borrow_mut().insert(slot, dev);
         Ok(())
     }
@@ -461,19 +469,39 @@ impl Worker {
         });
     }
 
-    /// The tick: windows whose retransmit (or read retry) is due.
+    /// The tick: windows whose retransmit (or read retry) is due. It
+    /// looks only at the windows listed in `Worker::open` (each put back
+    /// open since a tick last found it parked), not at the whole table:
+    /// parked devices are most of a big server's, and a pass over all of
+    /// them would cost each tick in proportion to every device connection
+    /// the worker holds, busy or not.
     pub(super) fn reliable_tick(&self, now: Tick) {
         self.save_positions();
-        let due: Vec<(u32, u32)> = self
-            .reliable
-            .borrow()
-            .iter()
-            .filter_map(|(&slot, d)| {
-                let State::Open(w) = &d.state else { return None };
-                let at = w.deadline()?;
-                ((now.wrapping_sub(at) as i32) >= 0).then_some((slot, d.generation))
-            })
-            .collect();
+        let mut open = std::mem::take(&mut *self.open.borrow_mut());
+        let mut due = Vec::new();
+        let mut table = self.reliable.borrow_mut();
+        open.retain(|&(slot, generation)| {
+            // Gone, the slot another connection's now (its own entry is
+            // listed under its generation), or met already: dropped.
+            let Some(d) = table.get_mut(&slot).filter(|d| d.generation == generation && d.listed) else {
+                return false;
+            };
+            d.listed = false;
+            let State::Open(w) = &d.state else { return false };
+            if w.deadline().is_some_and(|at| (now.wrapping_sub(at) as i32) >= 0) {
+                due.push((slot, generation));
+            }
+            true
+        });
+        for (slot, _) in &open {
+            table.get_mut(slot).expect("kept above").listed = true;
+        }
+        drop(table);
+        if open.capacity() > 4 * open.len() + 1024 {
+            open.shrink_to(2 * open.len()); // after a burst
+        }
+        // Nothing was listed meanwhile: no window ran.
+        *self.open.borrow_mut() = open;
         let rules = self.window_rules;
         for (slot, generation) in due {
             self.with_window(slot, generation, |w, io| w.on_tick(now, &rules, io));
