@@ -184,7 +184,7 @@ enum Cmd {
         #[arg(long, default_value_t = 1_000_000)]
         cycles: u64,
         /// Cycles before the first RSS sample (the warm-up also lasts at least 25 s)
-        #[arg(long, default_value_t = 100_000)]
+        #[arg(long, default_value_t = capacity::churn::WARMUP_CYCLES)]
         warmup: u64,
         /// Distinct user ids, drawn uniformly.
         #[arg(long, default_value_t = 200_000)]
