@@ -481,21 +481,18 @@ impl Worker {
         let mut due = Vec::new();
         let mut table = self.reliable.borrow_mut();
         open.retain(|&(slot, generation)| {
-            // Gone, the slot another connection's now (its own entry is
-            // listed under its generation), or met already: dropped.
-            let Some(d) = table.get_mut(&slot).filter(|d| d.generation == generation && d.listed) else {
+            // Gone, or the slot another connection's now (its own entry is
+            // listed under its generation): dropped.
+            let Some(d) = table.get_mut(&slot).filter(|d| d.generation == generation) else { return false };
+            let State::Open(w) = &d.state else {
+                d.listed = false;
                 return false;
             };
-            d.listed = false;
-            let State::Open(w) = &d.state else { return false };
             if w.deadline().is_some_and(|at| (now.wrapping_sub(at) as i32) >= 0) {
                 due.push((slot, generation));
             }
             true
         });
-        for (slot, _) in &open {
-            table.get_mut(slot).expect("kept above").listed = true;
-        }
         drop(table);
         if open.capacity() > 4 * open.len() + 1024 {
             open.shrink_to(2 * open.len()); // after a burst
