@@ -652,9 +652,11 @@ pub enum StoreKind {
     Redis,
 }
 
-/// `store.batch_wait_us` unset, with a disk store and `os` durability
-/// (`store/service.rs`, "Waiting for a batch", has the measurements).
-pub const DEFAULT_OS_BATCH_WAIT_US: u64 = 1_000;
+/// `store.batch_wait_us` unset, with a disk store and `os` durability or
+/// with the memory store: stores whose turn ends in no sync that would
+/// gather the next batch (`store/service.rs`, "Waiting for a batch", has
+/// the measurements).
+pub const DEFAULT_BATCH_WAIT_US: u64 = 1_000;
 /// The largest `store.batch_wait_us`: every reliable message may wait
 /// this long more.
 pub const MAX_BATCH_WAIT_US: u64 = 100_000;
@@ -696,10 +698,10 @@ pub struct StoreConfig {
     /// for a batch"): while writes keep coming, fewer and larger batches,
     /// fewer wakes of the store thread and the workers, at most this much
     /// more latency; a turn with a read or a login, and a request after a
-    /// quiet spell, are served at once. Unset: 1,000 with a
-    /// disk store and `os` durability, else 0 (with `fsync` the sync of
-    /// one batch gathers the next; a Redis round trip does the same; the
-    /// memory store was not measured with it). At most 100,000.
+    /// quiet spell, are served at once. Unset: 1,000 with a disk store
+    /// and `os` durability and with the memory store, else 0 (with
+    /// `fsync` the sync of one batch gathers the next; a Redis round trip
+    /// does the same). At most 100,000.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub batch_wait_us: Option<u64>,
 }
@@ -738,7 +740,7 @@ impl StoreConfig {
     /// default for this kind and durability.
     pub fn batch_wait(&self) -> std::time::Duration {
         let default = match (self.kind, self.durability) {
-            (StoreKind::Disk, Durability::Os) => DEFAULT_OS_BATCH_WAIT_US,
+            (StoreKind::Disk, Durability::Os) | (StoreKind::Memory, _) => DEFAULT_BATCH_WAIT_US,
             _ => 0,
         };
         std::time::Duration::from_micros(self.batch_wait_us.unwrap_or(default))
@@ -1460,7 +1462,11 @@ mod store_section {
         let wait = |toml: &str| Config::from_toml(toml).unwrap().store.batch_wait();
         assert_eq!(wait(""), Duration::ZERO, "fsync: the fdatasync gathers the next batch");
         assert_eq!(wait("[store]\ndurability = \"os\"\n"), Duration::from_millis(1));
-        assert_eq!(wait("[store]\nkind = \"memory\"\ndurability = \"os\"\n"), Duration::ZERO);
+        let memory = Duration::from_millis(1);
+        assert_eq!(wait("[store]\nkind = \"memory\"\n"), memory, "no sync to gather the next batch");
+        assert_eq!(wait("[store]\nkind = \"memory\"\ndurability = \"os\"\n"), memory);
+        assert_eq!(wait("[store]\nkind = \"memory\"\nbatch_wait_us = 0\n"), Duration::ZERO);
+        assert_eq!(wait("[store]\nkind = \"none\"\n"), Duration::ZERO, "no store thread");
         assert_eq!(wait("[store]\ndurability = \"os\"\nbatch_wait_us = 0\n"), Duration::ZERO);
         assert_eq!(wait("[store]\nbatch_wait_us = 250\n"), Duration::from_micros(250));
         assert_eq!(wait("[store]\nbatch_wait_us = 100000\n"), Duration::from_millis(100));
