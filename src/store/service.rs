@@ -59,10 +59,11 @@
 //! a turn that serves only writes (appends and device positions) starts
 //! at least that long (1 ms by default with `os` durability and with the
 //! memory store) after the last turn that served requests; the loop
-//! sleeps out the rest and takes what came meanwhile into the same turn. A request that finds the
-//! thread idle for longer is served at once, and so is a turn with a read,
-//! a state query or a device login: a device catching up reads page after
-//! page, each read waiting for the one before, and held a millisecond
+//! sleeps out the rest and takes what came meanwhile into the same turn.
+//! A request that finds the thread idle for longer is served at once, and
+//! so is a turn with a read, a state query or a device login: a device
+//! catching up reads page after page, each read waiting for the one
+//! before, and held a millisecond
 //! each it caught up ten times slower (55,520 msgs/s instead of 563,569,
 //! `switchboard-bench catch-up` against `os` servers with and without the
 //! wait, medians of 12 runs; not held, 445,485 with the wait against
