@@ -5,7 +5,8 @@
 # python3's `prometheus_client`, for tests/metrics.rs; schemathesis, for
 # tests/api_schema.rs;
 # nginx with its stream module and openssl, the TLS front of
-# tests/tls_front.rs), then runs clippy (zero warnings), `cargo test
+# tests/tls_front.rs), then runs clippy (zero warnings), the format and
+# `cargo doc` checks, `cargo test
 # --workspace` (the server and the switchboard-bench crate; arguments are
 # passed on, e.g. a test filter) and, when no arguments were given, the
 # Autobahn|Testsuite WebSocket conformance run (scripts/autobahn.sh) and the
@@ -104,6 +105,11 @@ fi
 # The library as an embedder builds it (no `cli` feature: no clap, no
 # binary) must compile on its own too.
 cargo check --quiet -p switchboard --no-default-features --lib
+
+# The API documentation an embedder reads (`cargo doc`) builds without
+# warnings: a public page that links to a private item, or a bare URL,
+# renders as a dead or missing link there.
+RUSTDOCFLAGS="-D warnings" cargo doc --quiet --no-deps -p switchboard
 
 cargo test --workspace "$@"
 

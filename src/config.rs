@@ -534,7 +534,7 @@ pub struct WebSocketConfig {
     /// raw frames by their first bytes (`GET `). Costs nothing per raw
     /// frame; off by default so the raw port stays raw-only.
     pub sniff_on_raw_port: bool,
-    /// Origins allowed to connect (e.g. "https://app.example.com");
+    /// Origins allowed to connect (e.g. `"https://app.example.com"`);
     /// empty or "*" = any. A request without an Origin header (not a
     /// browser) is always allowed: only browsers send one reliably.
     pub allowed_origins: Vec<String>,

@@ -50,7 +50,7 @@
 //! What blocking mode still costs: when removed users' tombstones have
 //! filled a table, the write that finds it full copies it whole, and other
 //! writers to that table wait (lookups do not). The users are spread over
-//! [`SHARDS`] independent maps, so a copy is 1/64 of the users: with
+//! `SHARDS` independent maps, so a copy is 1/64 of the users: with
 //! 500,000 users online in a directory sized for a million, the slowest of
 //! 3,000,000 logins took 8.1 ms, against 416 ms with one map (`cargo bench
 //! -p switchboard-bench --bench directory_churn`, sweeping every 1,000 logins with no linger,

@@ -79,7 +79,7 @@ impl OutQueue {
         })
     }
 
-    /// Queues a frame of type `kind` (see [`Item`]); refuses (without
+    /// Queues a frame of type `kind` (see `Item`); refuses (without
     /// queuing) past either limit. Empty frames are not queued.
     pub fn push(&mut self, frame: Bytes, kind: u8, limits: &OutLimits) -> Result<(), Overflow> {
         if !self.fits(frame.len(), limits) {

@@ -224,9 +224,9 @@ pub const LATENCY_BOUNDS_NS: [u64; 18] = [
 
 /// A latency histogram: a fixed array of counts (bucket `i` counts
 /// samples ≤ `LATENCY_BOUNDS_NS[i]`, not cumulative) and the sum, bumped
-/// with plain load + store by its one writer ([`Histogram::observe`]), or
+/// with plain load + store by its one writer (`Histogram::observe`), or
 /// with atomic adds where several threads write it
-/// ([`Histogram::observe_shared`]). Readers add the counts up.
+/// (`Histogram::observe_shared`). Readers add the counts up.
 #[derive(Debug, Default)]
 pub struct Histogram {
     pub buckets: [AtomicU64; LATENCY_BOUNDS_NS.len()],

@@ -1,12 +1,12 @@
 //! Many gateways, one system: presence, routing and room fan-out across
 //! nodes through Redis or Redis Cluster (docs/SCALING.md).
 //!
-//! Owns: the events the runtime hands over for other nodes ([`Event`]),
-//! the bounded queue they wait in ([`Link`]), the counters of cross-node
+//! Owns: the events the runtime hands over for other nodes (`Event`),
+//! the bounded queue they wait in (`Link`), the counters of cross-node
 //! work ([`ClusterCounters`]), and the `sb-cluster` thread ([`node`]) that
 //! talks to Redis on a current-thread tokio runtime of its own.
 //! Must not: let an io_uring worker wait on Redis. A worker or handle only
-//! does [`Link::send`], which never blocks: a full queue refuses the event
+//! does `Link::send`, which never blocks: a full queue refuses the event
 //! and counts it. What arrives from other nodes is delivered the way a
 //! local push is (directory lookup, then the write path or the worker
 //! mailboxes), from the `sb-cluster` thread.

@@ -13,7 +13,7 @@
 //! One turn of the forwarder: take every queued event (up to
 //! [`MAX_EVENTS_PER_TURN`]), look up in one go the users whose routes are
 //! not cached (and, always, the users of stored messages: see
-//! [`Node::lookup`]), then send every PUBLISH and presence write of the
+//! `Node::lookup`), then send every PUBLISH and presence write of the
 //! turn together and wait once. While a turn waits on Redis, new events
 //! queue up for the next: the busier the node, the more messages share a
 //! round trip.

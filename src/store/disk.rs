@@ -25,8 +25,8 @@
 //! RAM. The device position that completes its acknowledgement (every
 //! known device of its user past it) drops it at once, with the record
 //! that position writes carrying the new `fhead`
-//! ([`DiskStore::drop_acknowledged`]). One epoch
-//! ([`hotlog::EPOCH_MS`], 2 s on the store's clock) after its append,
+//! (`DiskStore::drop_acknowledged`). One epoch
+//! (`hotlog::EPOCH_MS`, 2 s on the store's clock) after its append,
 //! or sooner while the hot messages take more than [`HOT_MAX_BYTES`] of
 //! RAM, an append resolves it if it is still there (up to 8 per append),
 //! or the store thread does between requests once it is two epochs old
@@ -49,14 +49,14 @@
 //! messages. A drop moves `fhead` without a write to fjall, and so do
 //! the moves of a cached user's known devices a store turn hands over
 //! ([`Store::set_positions`]): those are logged in the hot log, with the
-//! user's `fhead` ([`DiskStore::set_positions_now`]). Until the record is
+//! user's `fhead` (`DiskStore::set_positions_now`). Until the record is
 //! written the user is dirty, and a rotation logs its `fhead` and devices
 //! at the start of the new file unless the file it ends has them as they
 //! are (hotlog.rs), so the head and the moves survive the deletion of the
 //! file they were first logged in. A dirty user that nothing moved for
 //! the whole epoch after the one it was logged in has its record written
 //! during that epoch instead, a slice at each `sync`
-//! ([`DiskStore::write_idle_records`]): idle users cost one record write,
+//! (`DiskStore::write_idle_records`): idle users cost one record write,
 //! not a log at every other rotation in one turn. Reading a record that
 //! is not cached counts the messages past its head back in (`catch_up`: one range scan
 //! of at most that many keys), and so does `open` for every record when it
@@ -117,7 +117,7 @@
 //! ([`Store::set_positions`]). `sync` writes the
 //! hot log, then fjall's journal, to the kernel, and with
 //! [`Durability::Fsync`] `fdatasync`s the hot log every time and fjall's
-//! journal at most every [`FJALL_SYNC_INTERVAL`] (1 s) and before a hot
+//! journal at most every `FJALL_SYNC_INTERVAL` (1 s) and before a hot
 //! log file is deleted: what fjall holds that the hot log does not is
 //! logins and the positions of users not cached, which may then be up to
 //! a second older after a power loss (a device gets messages it
@@ -224,7 +224,7 @@ pub const WRITE_BUFFER_MIB: u64 = 32;
 pub const CACHED_USERS: usize = 1 << 16;
 
 /// Most messages a user's `inboxes` record may lag behind its messages in
-/// `msgs` (the module doc): what [`DiskStore::load`] reads past the
+/// `msgs` (the module doc): what `DiskStore::load` reads past the
 /// record, at most, when the user is not cached.
 pub const RECORD_LAG: u64 = 64;
 
@@ -245,7 +245,7 @@ pub fn ram_budget(write_buffer_mib: u64, shards: usize) -> u64 {
         + HOT_RAM_BYTES
 }
 
-/// Most RAM the hot messages take, counted as [`hot_ram`]: past it, each
+/// Most RAM the hot messages take, counted as `hot_ram`: past it, each
 /// append resolves the oldest ones, however young. About 80 seconds of
 /// 4,000 msgs/s, or 2.5 s of 100,000 msgs/s, of 64-byte payloads.
 pub const HOT_MAX_BYTES: u64 = 64 << 20;
@@ -1800,8 +1800,8 @@ impl Store for DiskStore {
         (self.total_messages, self.total_bytes)
     }
 
-    /// What an append does first ([`DiskStore::settle`]), with `budget`
-    /// hot messages in place of [`RESOLVE_PER_APPEND`] and for messages
+    /// What an append does first (`DiskStore::settle`), with `budget`
+    /// hot messages in place of `RESOLVE_PER_APPEND` and for messages
     /// [`IDLE_RESOLVE_MS`] old; nothing while no message is hot (an idle
     /// store starts no epoch). Why: resolved only by appends, the
     /// messages of a burst waited for the next one, whose first appends

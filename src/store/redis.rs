@@ -1269,7 +1269,7 @@ impl Store for RedisStore {
     /// One round of the pass, whatever the budget: the due users of the
     /// chunk's slots that had some in the last round (one pipeline), and
     /// a retention script for each (one more). A round's work is bounded
-    /// by the index reads ([`EXPIRE_USERS_PER_SLOT`]) and each script
+    /// by the index reads (`EXPIRE_USERS_PER_SLOT`) and each script
     /// ([`EXPIRE_MAX_DROP_PER_CALL`]); the store thread waits only for the
     /// two round trips, and serves what was queued before the next.
     fn expire_slice(&mut self, now_ms: u64, _budget: usize) -> Result<(u64, bool), StoreError> {
