@@ -1452,6 +1452,31 @@ impl Reliable {
         (!self.at_most_once.is_empty()).then(|| best_kept_up(&self.at_most_once).map_or(0.0, |s| s.msgs_per_s))
     }
 
+    /// Server CPU per message (user + system, ns) of at most once and of
+    /// `r` at one offered rate: the highest that both ladders kept up with
+    /// (each below its own first miss). `(rate, at most once's, r's)`;
+    /// `None` without such a rate or without the ladder beside.
+    ///
+    /// At their own bests the two ran at different rates, on a host busier
+    /// for one than for the other; at one rate the figures say what storing
+    /// costs the server per message, so what a server with cores of its
+    /// own, not shared with the loaders, delivers per core.
+    pub fn cpu_beside_at_most_once(&self, r: &ReliableUnicast) -> Option<(u64, f64, f64)> {
+        let kept = |steps: &[UnicastStep]| -> Vec<(u64, f64)> {
+            let below = lowest_missed(steps).unwrap_or(u64::MAX);
+            steps
+                .iter()
+                .filter(|s| s.keeps_up() && s.offered_per_s < below)
+                .map(|s| (s.offered_per_s, s.server_user_ns_per_msg + s.server_sys_ns_per_msg))
+                .collect()
+        };
+        let amo = kept(&self.at_most_once);
+        kept(&r.steps)
+            .into_iter()
+            .filter_map(|(rate, ns)| amo.iter().rev().find(|(a, _)| *a == rate).map(|&(_, a)| (rate, a, ns)))
+            .max_by_key(|&(rate, _, _)| rate)
+    }
+
     /// The reliable-delivery section of report.md; `main_at_most_once_per_s`
     /// is the main pass's unicast best (what reports made before the
     /// interleaved ladder compared with), `top_idle_bytes` the idle figure
@@ -1468,6 +1493,11 @@ impl Reliable {
             r.max.as_ref().and_then(|s| s.store.as_ref()).map_or("n/a".into(), g)
         };
         let met = |ok: bool| if ok { "met" } else { "NOT met" };
+        let per_core = |r: &ReliableUnicast| {
+            self.cpu_beside_at_most_once(r).map_or("n/a".into(), |(rate, amo, ns)| {
+                format!("at {rate}: {} → {} ({})", f(amo, 0), f(ns, 0), f(amo / ns, 2))
+            })
+        };
         let judged = |r: &ReliableUnicast| {
             if r.at_most_once_open {
                 format!(
@@ -1512,6 +1542,12 @@ impl Reliable {
                 String::new(),
                 best(a, |s| format!("{} / {}", f(s.server_user_ns_per_msg, 0), f(s.server_sys_ns_per_msg, 0))),
                 best(b, |s| format!("{} / {}", f(s.server_user_ns_per_msg, 0), f(s.server_sys_ns_per_msg, 0))),
+            ),
+            (
+                "  per server core: CPU per message (ns, user + system) at the highest rate both it and at most once kept up with, at most once → reliable (reliable's messages per core-second / at most once's)".into(),
+                String::new(),
+                per_core(a),
+                per_core(b),
             ),
             (
                 format!(
@@ -2690,6 +2726,63 @@ mod tests {
         assert_eq!(refined_rate(20_000, 30_000), Some(25_000));
         assert_eq!(refined_rate(25_000, 27_500), Some(26_000), "whole thousands");
         assert_eq!(refined_rate(25_000, 26_000), None, "no thousand between");
+    }
+
+    /// Storing's cost per server core: CPU per message of each reliable
+    /// ladder against at most once's at the same offered rate, the highest
+    /// both kept up with (below each one's first miss), not at their own
+    /// bests, where the host was busier for one than for the other.
+    #[test]
+    fn cpu_per_message_is_compared_at_the_highest_rate_both_kept_up_with() {
+        let cpu = |mut s: UnicastStep, user: f64, sys: f64| {
+            s.server_user_ns_per_msg = user;
+            s.server_sys_ns_per_msg = sys;
+            s
+        };
+        let ok = |r: u64, ns: f64| cpu(step(r, r as f64, 1_000), ns / 4.0, ns * 3.0 / 4.0);
+        let missed = |r: u64| cpu(step(r, r as f64, 90_000), 1.0, 1.0);
+        // At most once kept up to 40,000, missed 50,000; it never ran 35,000.
+        let amo = vec![ok(10_000, 20_000.0), ok(20_000, 16_000.0), ok(40_000, 12_000.0), missed(50_000)];
+        // fsync: missed 30,000, then refined to 25,000 (which at most once
+        // never ran): the highest rate both kept up with is 20,000.
+        let fsync = vec![ok(10_000, 30_000.0), ok(20_000, 20_000.0), missed(30_000), ok(25_000, 19_000.0)];
+        // os kept up at 40,000 too, and at 60,000 above its miss at 50,000.
+        let os =
+            vec![ok(10_000, 22_000.0), ok(20_000, 17_000.0), ok(40_000, 15_000.0), missed(50_000), ok(60_000, 1.0)];
+        let judged = |d, steps| ReliableUnicast::judge(d, 4000, steps, None, 40_000.0, false);
+        let r = Reliable {
+            question: "q".into(),
+            method: "m".into(),
+            at_most_once: amo,
+            fsync: judged("fsync", fsync),
+            os: judged("os", os),
+            catch_up: catch_up_run(),
+            idle: {
+                let idle = Idle {
+                    connections: 4000,
+                    connect_rate_per_s: 5000.0,
+                    server_user_bytes_per_conn: Some(200.0),
+                    server_kernel_bytes_per_conn: Some(3800.0),
+                    rss_curve: vec![],
+                    metrics_scrape: None,
+                };
+                StoreIdle::of(&idle, idle.clone(), idle.clone())
+            },
+        };
+        assert_eq!(r.cpu_beside_at_most_once(&r.fsync), Some((20_000, 16_000.0, 20_000.0)));
+        assert_eq!(r.cpu_beside_at_most_once(&r.os), Some((40_000, 12_000.0, 15_000.0)));
+        let mut m = String::new();
+        r.markdown(&mut m, 40_000.0, None);
+        assert!(
+            m.contains("| at 20000: 16000 → 20000 (0.80) | at 40000: 12000 → 15000 (0.80) |"),
+            "per core, os does 0.80 of at most once's messages: {m}"
+        );
+        // No rate both kept up with (or no ladder beside): not shown as a figure.
+        let lone = Reliable { at_most_once: vec![missed(10_000)], ..r.clone() };
+        assert_eq!(lone.cpu_beside_at_most_once(&lone.os), None);
+        let mut m = String::new();
+        lone.markdown(&mut m, 40_000.0, None);
+        assert!(m.contains("| n/a | n/a |"), "{m}");
     }
 
     /// One catch-up of 10,000 messages at 333,333 msgs/s, judged.
