@@ -37,7 +37,8 @@
 //! makes `chromium_demo_page` skip (with a notice on stderr), for machines
 //! where a browser cannot run. Each script runs under a deadline and is
 //! killed when its test ends, Chromium (its whole process group) too, and
-//! Chromium's temporary profile directory is removed on every path.
+//! Chromium's temporary profile directory and its singleton socket's
+//! directory are removed on every path.
 
 mod common;
 
@@ -212,6 +213,10 @@ impl Chromium {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
+            // Its singleton socket's directory goes under the temporary
+            // directory, which it removes only on a clean exit: under ours,
+            // so that Drop, which kills it, removes that too.
+            .env("TMPDIR", &dir)
             // Its own process group, so Drop ends the renderers and helpers
             // too, not only the browser process.
             .process_group(0)
@@ -272,6 +277,29 @@ impl Drop for Chromium {
         }
         eprintln!("could not remove {}", self.dir.display());
     }
+}
+
+/// A test run leaves nothing of Chromium's behind: besides the profile,
+/// Chromium keeps its singleton socket in a directory of its own under
+/// the temporary directory, which it removes only on a clean exit, and
+/// the guard kills it.
+#[test]
+fn chromium_leaves_no_temporary_directory() {
+    let _one = one_at_a_time();
+    if std::env::var("SWITCHBOARD_SKIP_BROWSER").as_deref() == Ok("1") {
+        eprintln!("chromium_leaves_no_temporary_directory: skipped because SWITCHBOARD_SKIP_BROWSER=1");
+        return;
+    }
+    assert!(Path::new(CHROMIUM).exists(), "this test needs {CHROMIUM}; SWITCHBOARD_SKIP_BROWSER=1 skips it");
+    let (browser, _url) = Chromium::launch();
+    let link = browser.dir.join("profile").join("SingletonSocket");
+    let socket = std::fs::read_link(&link).unwrap_or_else(|e| panic!("{}: {e}", link.display()));
+    let socket_dir = socket.parent().expect("the socket is in a directory").to_path_buf();
+    assert!(socket_dir.exists(), "{} exists while Chromium runs", socket_dir.display());
+    let profile = browser.dir.clone();
+    drop(browser);
+    assert!(!profile.exists(), "{} left behind", profile.display());
+    assert!(!socket_dir.exists(), "{} left behind", socket_dir.display());
 }
 
 #[test]
