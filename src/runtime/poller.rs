@@ -659,17 +659,8 @@ mod tests {
         // A runtime asleep on `fd()` (the registered eventfd) wakes when
         // bytes arrive.
         assert!(p.idle(), "nothing pending");
-        let writer = std::thread::spawn(move || {
-            std::thread::sleep(std::time::Duration::from_millis(50));
-            a.write_all(b"wake").unwrap();
-            a
-        });
-        let mut pfd = libc::pollfd { fd: p.fd(), events: libc::POLLIN, revents: 0 };
-        let t0 = std::time::Instant::now();
-        // SAFETY: one live pollfd.
-        assert_eq!(unsafe { libc::poll(&mut pfd, 1, 5_000) }, 1);
-        assert!(t0.elapsed() < std::time::Duration::from_secs(2), "woken by the bytes, not the timeout");
-        let mut a = writer.join().unwrap();
+        let (lat, mut a) = wake_after_write(p.fd(), a, b"wake");
+        assert!(lat < std::time::Duration::from_secs(2), "woken by the bytes, not the timeout");
         assert_eq!(received(&mut p, &bufs, 0), b"wake");
         // More completions than buffers: incremental consumption (or the
         // recycling in `received`) keeps the ring from running dry.
@@ -691,18 +682,19 @@ mod tests {
         assert_eq!(a.read_to_end(&mut rest).unwrap(), 0, "the peer sees EOF");
     }
 
-    /// How long after another thread's write of one byte into `w` a
+    /// How long after another thread's write of `bytes` into `w` a
     /// `poll(2)` on `fd` returns (`w` is handed back).
     fn wake_after_write(
         fd: RawFd,
         w: std::os::unix::net::UnixStream,
+        bytes: &'static [u8],
     ) -> (std::time::Duration, std::os::unix::net::UnixStream) {
         use std::io::Write;
         let writer = std::thread::spawn(move || {
             let mut w = w;
             std::thread::sleep(std::time::Duration::from_millis(20));
             let t = std::time::Instant::now();
-            w.write_all(b"x").unwrap();
+            w.write_all(bytes).unwrap();
             (t, w)
         });
         let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
@@ -731,11 +723,11 @@ mod tests {
         let (mut ring, mut plain) = (Vec::new(), Vec::new());
         for _ in 0..7 {
             assert!(p.idle(), "nothing pending");
-            let (lat, back) = wake_after_write(p.fd(), a);
+            let (lat, back) = wake_after_write(p.fd(), a, b"x");
             a = back;
             ring.push(lat);
             assert_eq!(received(&mut p, &bufs, 0), b"x");
-            let (lat, back) = wake_after_write(d.as_raw_fd(), c);
+            let (lat, back) = wake_after_write(d.as_raw_fd(), c, b"x");
             c = back;
             plain.push(lat);
             let mut x = [0u8; 1];
