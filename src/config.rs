@@ -704,6 +704,11 @@ pub struct StoreConfig {
     /// does the same). At most 100,000.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub batch_wait_us: Option<u64>,
+    /// Milliseconds from the end of one retention pass (messages past
+    /// `ttl_ms`, messages every known device has acknowledged, devices
+    /// not seen for `ttl_ms`) to the start of the next. Shorter frees
+    /// store space sooner and costs the store thread more passes.
+    pub retention_interval_ms: u64,
 }
 
 impl Default for StoreConfig {
@@ -720,6 +725,7 @@ impl Default for StoreConfig {
             write_buffer_mib: crate::store::disk::WRITE_BUFFER_MIB,
             shards: 1,
             batch_wait_us: None,
+            retention_interval_ms: crate::store::EXPIRE_INTERVAL.as_millis() as u64,
         }
     }
 }
@@ -775,6 +781,12 @@ impl StoreConfig {
             return Err(invalid(
                 "store.shards",
                 format!("is {}, must be between 1 and {}", self.shards, crate::store::MAX_SHARDS),
+            ));
+        }
+        if !(100..=86_400_000).contains(&self.retention_interval_ms) {
+            return Err(invalid(
+                "store.retention_interval_ms",
+                format!("is {}, must be between 100 and 86400000", self.retention_interval_ms),
             ));
         }
         if !(1..=4096).contains(&self.write_buffer_mib) {
@@ -1448,6 +1460,7 @@ mod store_section {
             ("shards = 0", "store.shards"),
             ("shards = 65", "store.shards"),
             ("queue_capacity = 1", "store.queue_capacity"),
+            ("retention_interval_ms = 10", "store.retention_interval_ms"),
             ("durabilty = \"os\"", "durabilty"),
         ] {
             let e = Config::from_toml(&format!("[store]\n{toml}\n")).unwrap_err().to_string();

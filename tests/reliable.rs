@@ -302,6 +302,94 @@ fn two_devices_of_one_user_catch_up_independently() {
     assert_eq!(positions(), want);
 }
 
+/// Store reads served so far.
+fn store_reads(server: &switchboard::Server) -> u64 {
+    server.handle().store_counters().expect("a store").reads.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// The next frame, which must be an INBOX: its seq and payload.
+fn next_inbox(c: &mut Client) -> (u64, Vec<u8>) {
+    match c.recv_skipping_pings().unwrap().frame() {
+        Frame::Inbox { seq, payload, .. } => (seq, payload.to_vec()),
+        other => panic!("expected INBOX, got {other:?}"),
+    }
+}
+
+/// The next frame, which must be a SYNC: (req_id, position, head_seq, page_end).
+fn next_sync(c: &mut Client) -> (u32, u64, u64, u64) {
+    match c.recv_skipping_pings().unwrap().frame() {
+        Frame::Sync { req_id, position, head_seq, page_end } => (req_id, position, head_seq, page_end),
+        other => panic!("expected SYNC, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_new_device_gets_what_is_kept_after_the_other_devices_messages_were_dropped() {
+    // The phone read and acknowledged 1..=30; the retention pass dropped
+    // them (every device known then had them). A tablet logs in for the
+    // first time: its page starts at the first kept seq, not in the gap.
+    let mut c = config();
+    c.store.retention_interval_ms = 100;
+    let server = common::start(c);
+    let addr = server.local_addr();
+    let handle = server.handle();
+    for i in 0..30u32 {
+        handle.push_reliable("erin", format!("m{i}"), 0).unwrap().wait().unwrap();
+    }
+    let mut phone = device_login(addr, "erin", "phone", 0);
+    let mut seen_phone = Seen { auto_fetch: true, ..Seen::default() };
+    read_until(&mut phone, &mut seen_phone, 8, Duration::from_secs(10), |s| s.have >= 30);
+    drop(phone);
+    let dropped = common::wait_until(Duration::from_secs(10), || {
+        handle.inbox_state("erin", Duration::from_secs(5)).unwrap().first_seq == 31
+    });
+    assert!(dropped, "the retention pass drops what the only device acknowledged");
+    for i in 30..55u32 {
+        handle.push_reliable("erin", format!("m{i}"), 0).unwrap().wait().unwrap();
+    }
+    let reads_before = store_reads(&server);
+    let mut tablet = device_login(addr, "erin", "tablet", 0);
+    tablet.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    assert_eq!(next_sync(&mut tablet), (0, 0, 55, 50), "the login SYNC: the first page is 31..=50");
+    let mut got: Vec<(u64, Vec<u8>)> = (0..20).map(|_| next_inbox(&mut tablet)).collect();
+    tablet.fetch(1, 50, 100).unwrap();
+    assert_eq!(next_sync(&mut tablet), (1, 50, 55, 55), "the FETCH's SYNC: the rest, then live");
+    got.extend((0..5).map(|_| next_inbox(&mut tablet)));
+    let want: Vec<(u64, Vec<u8>)> = (30..55u32).map(|i| (i as u64 + 1, format!("m{i}").into_bytes())).collect();
+    assert_eq!(got, want, "each kept message once, in order");
+    // Two pages, two reads (and none going round while the tablet waits).
+    let reads = store_reads(&server) - reads_before;
+    assert!(reads <= 4, "{reads} store reads");
+    tablet.ack(55).unwrap();
+    handle.push_reliable("erin", "m55", 0).unwrap().wait().unwrap();
+    assert_eq!(next_inbox(&mut tablet).0, 56, "live after the last page");
+}
+
+#[test]
+fn a_message_too_large_for_the_window_bytes_left_waits_for_an_ack_without_store_reads() {
+    let mut c = config();
+    c.delivery.window_bytes = 1000;
+    c.delivery.ack_timeout_ms = 5000;
+    let server = common::start(c);
+    let handle = server.handle();
+    let mut dev = device_login(server.local_addr(), "fay", "phone", 0);
+    dev.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    assert_eq!(next_sync(&mut dev), (0, 0, 0, 0));
+    for i in 0..3u8 {
+        handle.push_reliable("fay", vec![b'a' + i; 400], 0).unwrap().wait().unwrap();
+    }
+    assert_eq!(next_inbox(&mut dev).0, 1);
+    assert_eq!(next_inbox(&mut dev).0, 2);
+    // 800 of 1000 bytes in flight: the third waits for an ACK, in the
+    // store, and costs no store reads meanwhile.
+    let before = store_reads(&server);
+    std::thread::sleep(Duration::from_millis(500));
+    let reads = store_reads(&server) - before;
+    assert!(reads <= 1, "{reads} store reads while waiting");
+    dev.ack(2).unwrap();
+    assert_eq!(next_inbox(&mut dev), (3, vec![b'c'; 400]));
+}
+
 #[test]
 fn a_send_ex_retried_after_its_connection_died_is_stored_and_delivered_once() {
     let server = common::start(config());

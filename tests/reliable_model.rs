@@ -2,10 +2,13 @@
 //! per-connection window (`proto::reliable::Window`) over a real inbox
 //! store (`store::MemoryStore`), driven by random interleavings of appends,
 //! store answers, frames reaching the client, ACKs and FETCHes reaching the
-//! server, retransmit timers, disconnects, reconnects and server restarts
+//! server, retransmit timers, disconnects, reconnects, server restarts
 //! (every connection and everything in flight lost; the store kept, as a
-//! durable store keeps it). Whatever the interleaving, once the system is
-//! left to settle every device has every seq exactly once after dedup, each
+//! durable store keeps it) and the store's retention pass (what every
+//! device known then has acknowledged is dropped, so a device's first
+//! login may find the inbox starting after seq 1). Whatever the
+//! interleaving, once the system is left to settle every device has every
+//! seq kept since its first login exactly once after dedup, each
 //! connection wrote seqs in order (a retransmit starts again from the
 //! acknowledged position), and no device was sent a seq that was not
 //! stored. The worker's glue between the two is tested end to end in
@@ -20,10 +23,15 @@ use switchboard::proto::codes::{CloseCode, ErrorCode};
 use switchboard::proto::reliable::{Window, WindowEnv, WindowRules};
 use switchboard::store::{MemoryStore, NewMessage, Store, StoreLimits, StoredMessage};
 
+/// Devices the random operations drive; one more (the laptop) first logs
+/// in at the end, after a retention pass.
 const DEVICES: usize = 2;
+const ALL_DEVICES: usize = DEVICES + 1;
 
+/// Payloads are the seq in decimal (1–3 bytes), so 5 bytes in flight stop
+/// the window as often as its 4 messages do.
 fn rules() -> WindowRules {
-    WindowRules { window: 4, window_bytes: 1 << 20, ack_timeout: 3, max_retransmits: 3, first_page: 5, max_fetch: 7 }
+    WindowRules { window: 4, window_bytes: 5, ack_timeout: 3, max_retransmits: 3, first_page: 5, max_fetch: 7 }
 }
 
 /// What the server sends a client.
@@ -58,6 +66,10 @@ struct Conn {
 #[derive(Default)]
 struct Device {
     have: BTreeSet<u64>,
+    /// What the store no longer kept at the device's first login (the
+    /// retention pass dropped what every device known then had
+    /// acknowledged): it can never have those seqs.
+    floor: Option<u64>,
     /// The last SYNC: (head, page_end); a FETCH is out.
     page: Option<(u64, u64)>,
     fetching: bool,
@@ -66,8 +78,20 @@ struct Device {
 }
 
 impl Device {
+    /// Every seq up to here that it can have (the test's view).
     fn prefix(&self) -> u64 {
-        let mut p = 0;
+        self.run_from(self.floor.unwrap_or(0))
+    }
+
+    /// The seq it has stored everything up to, as the client itself sees
+    /// it: it cannot know what was dropped before its first login, so it
+    /// counts from the first seq it got (a seq it lacks after that one is
+    /// still a gap to the client, and to the checks).
+    fn stored(&self) -> u64 {
+        self.run_from(self.have.first().map_or(0, |&s| s - 1))
+    }
+
+    fn run_from(&self, mut p: u64) -> u64 {
         while self.have.contains(&(p + 1)) {
             p += 1;
         }
@@ -116,7 +140,7 @@ struct World {
     appended: u64,
 }
 
-const NAMES: [&str; DEVICES] = ["phone", "tablet"];
+const NAMES: [&str; ALL_DEVICES] = ["phone", "tablet", "laptop"];
 
 impl World {
     fn with_window(&mut self, d: usize, f: impl FnOnce(&mut Window, &mut Env<'_>, u32)) {
@@ -137,7 +161,11 @@ impl World {
     }
 
     fn connect(&mut self, d: usize) {
-        let client_seq = self.devices[d].prefix();
+        if self.devices[d].floor.is_none() {
+            let first_seq = self.store.inbox_state("u").unwrap().first_seq;
+            self.devices[d].floor = Some(first_seq - 1);
+        }
+        let client_seq = self.devices[d].stored();
         let (position, head) = self.store.device_login("u", NAMES[d], client_seq, 0).unwrap();
         let mut c = Conn {
             window: Window::start::<StoredMessage>(0, 0, 0, &rules(), &mut NoEnv),
@@ -210,7 +238,7 @@ impl World {
                 dev.fetching = false;
             }
         }
-        let have = dev.prefix();
+        let have = dev.stored();
         let c = dev.conn.as_mut().unwrap();
         let page_end = dev.page.map_or(0, |p| p.1);
         if have >= dev.acked + 2 || (have > dev.acked && have >= page_end) || dup {
@@ -237,8 +265,32 @@ impl World {
 
     fn tick(&mut self) {
         self.now += 1;
-        for d in 0..DEVICES {
+        for d in 0..ALL_DEVICES {
             self.with_window(d, |w, env, now| w.on_tick(now, &rules(), env));
+        }
+    }
+
+    /// Every device of `devices` connected, everything in flight handled,
+    /// the clock moved on now and then, until each has every seq it can
+    /// have (or 2,000 rounds).
+    fn settle(&mut self, devices: std::ops::Range<usize>) {
+        for round in 0..2000 {
+            for d in devices.clone() {
+                if self.devices[d].conn.is_none() {
+                    self.connect(d);
+                }
+                self.notice(d);
+                self.serve_read(d);
+                self.client_recv(d);
+                self.server_recv(d);
+            }
+            if round % 50 == 49 {
+                self.tick();
+            }
+            self.check_order();
+            if devices.clone().all(|d| self.devices[d].prefix() == self.appended) {
+                break;
+            }
         }
     }
 
@@ -280,6 +332,9 @@ enum Op {
     Disconnect(usize),
     Connect(usize),
     Restart,
+    /// The store's retention pass: drops what every known device has
+    /// acknowledged.
+    Expire,
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -294,6 +349,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => d.clone().prop_map(Op::Disconnect),
         2 => d.prop_map(Op::Connect),
         1 => Just(Op::Restart),
+        1 => Just(Op::Expire),
     ]
 }
 
@@ -303,7 +359,7 @@ proptest! {
     #[test]
     fn every_device_ends_with_every_message_once_in_order(ops in prop::collection::vec(op(), 1..300)) {
         let limits = StoreLimits { ttl_ms: u64::MAX / 4, ..StoreLimits::default() };
-        let mut w = World { store: MemoryStore::new(limits), devices: (0..DEVICES).map(|_| Device::default()).collect(), now: 0, appended: 0 };
+        let mut w = World { store: MemoryStore::new(limits), devices: (0..ALL_DEVICES).map(|_| Device::default()).collect(), now: 0, appended: 0 };
         for op in ops {
             match op {
                 Op::Append => w.append(),
@@ -323,32 +379,25 @@ proptest! {
                         dev.conn = None;
                     }
                 }
-            }
-            w.check_order();
-        }
-        // Settle: every device connected, everything in flight handled, the
-        // clock moved on now and then, until nothing moves.
-        for round in 0..2000 {
-            for d in 0..DEVICES {
-                if w.devices[d].conn.is_none() {
-                    w.connect(d);
+                Op::Expire => {
+                    w.store.expire(0).unwrap();
                 }
-                w.notice(d);
-                w.serve_read(d);
-                w.client_recv(d);
-                w.server_recv(d);
-            }
-            if round % 50 == 49 {
-                w.tick();
             }
             w.check_order();
-            if w.devices.iter().all(|dev| dev.prefix() == w.appended) {
-                break;
-            }
         }
+        // Settle the phone and the tablet; the retention pass drops what
+        // both have; more messages come; then the laptop logs in for the
+        // first time (its first page lies past the dropped seqs) and
+        // everyone settles again.
+        w.settle(0..DEVICES);
+        w.store.expire(0).unwrap();
+        for _ in 0..8 {
+            w.append();
+        }
+        w.settle(0..ALL_DEVICES);
         for (d, dev) in w.devices.iter().enumerate() {
             prop_assert_eq!(dev.prefix(), w.appended, "device {} has {:?}", d, dev.have);
-            prop_assert_eq!(dev.have.len() as u64, w.appended);
+            prop_assert_eq!(dev.have.len() as u64, w.appended - dev.floor.unwrap_or(0));
         }
     }
 }

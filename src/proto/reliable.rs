@@ -93,12 +93,24 @@ pub struct Window {
     deadline: Option<Tick>,
     /// Retransmits since the position last moved.
     retries: u8,
+    /// The `req_id` of the last SYNC written (0: the login's): a page that
+    /// has to be announced again (see [`Window::on_page`]) keeps it.
+    page_req: u32,
+    /// The login SYNC waits for the first page's read, so that its
+    /// `page_end` counts from the first seq the inbox still keeps.
+    sync_pending: bool,
+    /// The next message does not fit the bytes left in flight: no store
+    /// read until an ACK or a retransmit changes that.
+    full: bool,
 }
 
 impl Window {
     /// A device logged in; the store says its position is `position` and
     /// its inbox head `head`. Writes the login SYNC and starts pushing the
-    /// first page.
+    /// first page. With messages waiting the SYNC goes out with the first
+    /// page's read: what follows the position may have been dropped (a new
+    /// device of a user whose other devices had everything acknowledged,
+    /// or expired messages), and the page starts at the first seq kept.
     pub fn start<M: Item>(
         position: u64,
         head: u64,
@@ -118,8 +130,13 @@ impl Window {
             reading: None,
             deadline: None,
             retries: 0,
+            page_req: 0,
+            sync_pending: page_end > position,
+            full: false,
         };
-        env.sync(0, position, head, page_end);
+        if !w.sync_pending {
+            env.sync(0, position, head, page_end);
+        }
         w.pump(now, rules, env);
         w
     }
@@ -138,6 +155,9 @@ impl Window {
             reading: None,
             deadline: None,
             retries: 0,
+            page_req: 0,
+            sync_pending: false,
+            full: false,
         }
     }
 
@@ -152,6 +172,7 @@ impl Window {
             && self.limit == LIVE
             && self.sent == self.head
             && self.acked == self.head
+            && !self.sync_pending
     }
 
     pub fn position(&self) -> u64 {
@@ -198,10 +219,15 @@ impl Window {
     /// read is outstanding.
     fn pump<M: Item>(&mut self, now: Tick, rules: &WindowRules, env: &mut impl WindowEnv<M>) {
         let _ = now;
-        if self.reading.is_some() {
+        if self.reading.is_some() || self.full {
             return;
         }
         let upto = self.head.min(self.limit);
+        if self.sync_pending && self.sent >= upto {
+            // The client acknowledged the whole login page before its
+            // SYNC: nothing to read for it, so the SYNC goes now.
+            self.announce(upto, env);
+        }
         let room = (rules.window as usize).saturating_sub(self.in_flight.len()) as u64;
         if self.sent >= upto || room == 0 || (self.in_flight_bytes >= rules.window_bytes && !self.in_flight.is_empty())
         {
@@ -242,22 +268,50 @@ impl Window {
         // A rewind (retransmit) or a FETCH moved `sent` while the read was
         // out: the page no longer continues what was written; read again.
         if asked == Some(self.sent) {
+            // The store keeps nothing between `sent` and the first seq it
+            // returned (nothing up to the head if none): those messages
+            // expired, or were dropped before this device was known.
+            let kept = messages.iter().map(|m| m.seq()).find(|&s| s > self.sent).unwrap_or(self.head + 1);
+            if kept > self.limit {
+                // Nothing is left of the page the client was told of: the
+                // page moves past the gap, as long as it was, and a SYNC
+                // (the login's, or again the last one's) says so, or the
+                // client would wait for seqs that will never come.
+                let span = self.limit - self.sent;
+                self.sent = kept - 1;
+                let page_end = self.head.min(self.sent.saturating_add(span));
+                self.limit = if page_end >= self.head { LIVE } else { page_end };
+                self.announce(page_end, env);
+            } else if kept > self.sent + 1 && self.limit == LIVE {
+                self.sent = kept - 1;
+            }
+            if self.sync_pending {
+                let page_end = self.head.min(self.limit);
+                self.announce(page_end, env);
+            }
             for m in messages {
                 if m.seq() <= self.sent {
                     continue;
                 }
-                if m.seq() > self.limit || !self.has_room(m.payload_len(), rules) {
+                if m.seq() > self.limit {
+                    break;
+                }
+                if !self.has_room(m.payload_len(), rules) {
+                    // Read again once an ACK (or a retransmit) makes room,
+                    // not now: the answer would be the same.
+                    self.full = true;
                     break;
                 }
                 self.write(m, now, rules, env);
             }
-            if messages.is_empty() && head > self.sent {
-                // The store has nothing after `sent` although its head is
-                // higher: those messages expired. Nothing to push.
-                self.sent = head;
-            }
         }
         self.pump(now, rules, env);
+    }
+
+    /// Writes the SYNC of the page that ends at `page_end`.
+    fn announce<M>(&mut self, page_end: u64, env: &mut impl WindowEnv<M>) {
+        self.sync_pending = false;
+        env.sync(self.page_req, self.acked, self.head, page_end);
     }
 
     /// The store could not answer a read: try again at the next deadline.
@@ -284,6 +338,7 @@ impl Window {
     /// The position moves to `seq` (≤ head, > acked).
     fn advance<M: Item>(&mut self, seq: u64, now: Tick, rules: &WindowRules, env: &mut impl WindowEnv<M>) {
         self.acked = seq;
+        self.full = false;
         env.save_position(seq);
         while let Some(&(s, len)) = self.in_flight.front() {
             if s > seq {
@@ -331,12 +386,14 @@ impl Window {
         } else if self.limit != LIVE {
             self.limit = self.limit.max(page_end);
         }
-        env.sync(req_id, self.acked, self.head, page_end);
+        self.page_req = req_id;
+        self.announce(page_end, env);
         self.pump(now, rules, env);
     }
 
     fn rewind_to(&mut self, seq: u64) {
         self.sent = seq;
+        self.full = false;
         self.in_flight.clear();
         self.in_flight_bytes = 0;
     }
@@ -393,6 +450,7 @@ mod tests {
 
     impl WindowEnv<Msg> for Rec {
         fn deliver(&mut self, msg: &Msg) {
+            assert!(!self.syncs.is_empty(), "INBOX {} before the login SYNC", msg.0);
             self.delivered.push(msg.0);
         }
         fn sync(&mut self, req_id: u32, position: u64, head_seq: u64, page_end: u64) {
@@ -433,9 +491,10 @@ mod tests {
     fn login_syncs_and_pushes_only_the_first_page() {
         let mut env = Rec::default();
         let mut w = Window::start::<Msg>(0, 10, 0, &rules(), &mut env);
-        assert_eq!(env.syncs, vec![(0, 0, 10, 3)]);
         assert_eq!(env.reads, vec![(0, 3)]);
+        assert_eq!(env.syncs, vec![], "the SYNC goes out with the page's read");
         serve(&mut w, &mut env, 10, 0);
+        assert_eq!(env.syncs, vec![(0, 0, 10, 3)]);
         assert_eq!(env.delivered, vec![1, 2, 3]);
         assert!(!w.is_live());
         // A live message beyond the page is not pushed.
@@ -448,8 +507,8 @@ mod tests {
     fn a_small_backlog_goes_live_and_new_messages_are_written_at_once() {
         let mut env = Rec::default();
         let mut w = Window::start::<Msg>(5, 7, 0, &rules(), &mut env);
-        assert_eq!(env.syncs, vec![(0, 5, 7, 7)]);
         serve(&mut w, &mut env, 7, 0);
+        assert_eq!(env.syncs, vec![(0, 5, 7, 7)]);
         assert!(w.is_live());
         w.on_appended(&Msg(8, 10), 1, &rules(), &mut env);
         assert_eq!(env.delivered, vec![6, 7, 8]);
@@ -591,6 +650,103 @@ mod tests {
         w.on_page(&[Msg(4, 1), Msg(5, 1)], 6, 0, &r, &mut env);
         assert_eq!(after, 0);
         assert_eq!(env.delivered, vec![4, 5]);
+    }
+
+    /// Serves the outstanding reads from an inbox that keeps seqs
+    /// `first..=head` (those below `first` expired or were dropped after
+    /// every device known then had them), with payloads of `len` bytes.
+    /// Fails if the window asks for the same thing again and again.
+    fn serve_kept(w: &mut Window, env: &mut Rec, first: u64, head: u64, len: usize, now: Tick) {
+        for _ in 0..50 {
+            let Some((after, limit)) = env.reads.pop() else { return };
+            let kept: Vec<Msg> = (after.max(first - 1) + 1..=head).take(limit as usize).map(|s| Msg(s, len)).collect();
+            w.on_page(&kept, head, now, &rules(), env);
+        }
+        panic!("the window reads the store again and again: {:?}", env.reads);
+    }
+
+    #[test]
+    fn a_new_device_whose_first_page_was_dropped_starts_at_the_first_kept_seq() {
+        // A second device logs in after the first one had 1..=24
+        // acknowledged and dropped: its page moves past the gap, and its
+        // one SYNC says where the page really ends.
+        let mut env = Rec::default();
+        let mut w = Window::start::<Msg>(0, 30, 0, &rules(), &mut env);
+        serve_kept(&mut w, &mut env, 25, 30, 10, 0);
+        assert_eq!(env.syncs, vec![(0, 0, 30, 27)], "position 0, head 30, first page 25..=27");
+        assert_eq!(env.delivered, vec![25, 26, 27]);
+        assert!(!w.is_live());
+        w.on_fetch(1, 27, 100, 1, &rules(), &mut env);
+        serve_kept(&mut w, &mut env, 25, 30, 10, 1);
+        assert_eq!(env.syncs.last(), Some(&(1, 27, 30, 30)));
+        assert_eq!(env.delivered, vec![25, 26, 27, 28, 29, 30]);
+        assert!(w.is_live());
+    }
+
+    #[test]
+    fn an_ack_of_the_whole_login_page_before_its_sync_still_gets_the_sync() {
+        let mut env = Rec::default();
+        let mut w = Window::start::<Msg>(0, 10, 0, &rules(), &mut env);
+        // The device had 1..=3 from a connection whose ACK was lost.
+        w.on_ack(3, 0, &rules(), &mut env);
+        serve_kept(&mut w, &mut env, 1, 10, 10, 0);
+        assert_eq!(env.syncs, vec![(0, 3, 10, 3)], "position 3, nothing more in this page");
+        assert!(env.delivered.is_empty());
+        w.on_fetch(1, 3, 100, 1, &rules(), &mut env);
+        serve_kept(&mut w, &mut env, 1, 10, 10, 1);
+        assert_eq!(env.delivered, vec![4, 5, 6, 7], "a window of 4");
+    }
+
+    #[test]
+    fn a_page_whose_seqs_all_expired_is_announced_again_from_the_next_kept_one() {
+        let mut env = Rec::default();
+        let mut w = Window::start::<Msg>(0, 10, 0, &rules(), &mut env);
+        serve_kept(&mut w, &mut env, 1, 10, 10, 0);
+        w.on_ack(3, 1, &rules(), &mut env);
+        // Meanwhile 4..=20 expired and the head moved to 30.
+        w.on_fetch(5, 3, 5, 2, &rules(), &mut env);
+        assert_eq!(env.syncs.last(), Some(&(5, 3, 10, 8)));
+        for s in 11..=30 {
+            w.on_appended(&Msg(s, 10), 2, &rules(), &mut env);
+        }
+        serve_kept(&mut w, &mut env, 21, 30, 10, 2);
+        assert_eq!(env.syncs.last(), Some(&(5, 3, 30, 25)), "the same FETCH's page, past the gap");
+        assert_eq!(env.delivered, vec![1, 2, 3, 21, 22, 23, 24], "a window of 4");
+        w.on_ack(24, 3, &rules(), &mut env);
+        serve_kept(&mut w, &mut env, 21, 30, 10, 3);
+        assert_eq!(*env.delivered.last().unwrap(), 25, "up to the page end");
+        assert!(env.reads.is_empty());
+    }
+
+    #[test]
+    fn a_page_with_everything_up_to_the_head_expired_goes_live() {
+        let mut env = Rec::default();
+        let mut w = Window::start::<Msg>(0, 10, 0, &rules(), &mut env);
+        serve_kept(&mut w, &mut env, 11, 10, 10, 0);
+        assert_eq!(env.syncs, vec![(0, 0, 10, 10)]);
+        assert!(w.is_live());
+        w.on_appended(&Msg(11, 10), 1, &rules(), &mut env);
+        assert_eq!(env.delivered, vec![11], "written at once");
+        assert!(env.reads.is_empty());
+    }
+
+    #[test]
+    fn a_message_larger_than_the_bytes_left_waits_for_an_ack_without_reading_again() {
+        let mut env = Rec::default();
+        let mut w = Window::start::<Msg>(0, 0, 0, &rules(), &mut env);
+        w.on_appended(&Msg(1, 400), 0, &rules(), &mut env);
+        w.on_appended(&Msg(2, 400), 0, &rules(), &mut env);
+        w.on_appended(&Msg(3, 400), 0, &rules(), &mut env);
+        serve_kept(&mut w, &mut env, 1, 3, 400, 0);
+        assert_eq!(env.delivered, vec![1, 2], "800 of 1000 bytes in flight: 3 does not fit");
+        w.on_appended(&Msg(4, 400), 0, &rules(), &mut env);
+        assert!(env.reads.is_empty(), "nothing to read until an ACK makes room");
+        w.on_ack(1, 1, &rules(), &mut env);
+        serve_kept(&mut w, &mut env, 1, 4, 400, 1);
+        assert_eq!(env.delivered, vec![1, 2, 3]);
+        w.on_ack(3, 2, &rules(), &mut env);
+        serve_kept(&mut w, &mut env, 1, 4, 400, 2);
+        assert_eq!(env.delivered, vec![1, 2, 3, 4]);
     }
 
     #[test]
