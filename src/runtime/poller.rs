@@ -146,7 +146,9 @@ impl Poller {
         // (`watch_mailbox`), so the runtime waits on one descriptor for
         // both. `TASKRUN_FLAG` tells `reap` and `idle` whether work is
         // pending without a syscall. One thread submits and reaps (the
-        // worker's): `SINGLE_ISSUER`.
+        // worker's): `SINGLE_ISSUER`. Since completions may thus be posted
+        // at any return of the worker from the kernel, nothing but the
+        // ring reads a socket the ring receives on (`Worker::recheck_runs`).
         //
         // Not `DEFER_TASKRUN`, which runs the work only inside the worker's
         // own `io_uring_enter` and signals the eventfd when work arrives:
@@ -285,6 +287,18 @@ impl Poller {
     pub fn rearm_read(&mut self, fd: RawFd, tok: u64) {
         if let Poller::Uring { .. } = self {
             self.add(fd, tok);
+        }
+    }
+
+    /// io_uring: cancels the connection's multishot receive. Its last
+    /// completion (`-ECANCELED`, `more` clear) then comes behind every
+    /// completion of bytes it took, and the caller arms a new receive
+    /// (`rearm_read`), which starts by reading whatever waits in the
+    /// socket: every byte still goes through the ring, in order. Epoll:
+    /// nothing (its reads are the worker's own).
+    pub fn restart_read(&mut self, tok: u64) {
+        if let Poller::Uring { ring, .. } = self {
+            Self::push(ring, opcode::AsyncCancel::new(tok).build().user_data(CANCEL));
         }
     }
 
@@ -639,6 +653,44 @@ mod tests {
             bufs.done(bid, flags, res as usize);
         }
         got
+    }
+
+    #[test]
+    fn uring_restarted_receive_ends_cancelled_and_a_new_one_reads_what_waits() {
+        use std::io::Write;
+        let Some((mut p, _mailbox)) = uring(4, 4096) else { return };
+        let bufs = p.buffers().unwrap();
+        let (mut a, b) = pair();
+        p.add(b.as_raw_fd(), token(3, 9));
+        a.write_all(b"first").unwrap();
+        assert_eq!(received(&mut p, &bufs, 20), b"first");
+        // The restart: bytes written meanwhile wait in the socket until
+        // the cancelled receive's last completion, behind which a new
+        // receive takes them, in order.
+        p.restart_read(token(3, 9));
+        a.write_all(b"second").unwrap();
+        let mut got = Vec::new();
+        let mut ended = false;
+        for (t, ready) in reap_after(&mut p, 20) {
+            assert_eq!(t, token(3, 9));
+            let Ready::Recv { res, flags, more } = ready else { panic!("{ready:?}") };
+            if res == -libc::ECANCELED {
+                assert!(!more, "the cancelled receive's last completion");
+                ended = true;
+                continue;
+            }
+            assert!(res > 0 && !ended, "bytes before the end: {res}");
+            // SAFETY: one completion, taken once, released below.
+            let (bid, data) = unsafe { bufs.take(flags, res as usize) }.expect("a buffer");
+            got.extend_from_slice(data);
+            bufs.done(bid, flags, res as usize);
+        }
+        assert!(ended, "the receive was cancelled");
+        p.rearm_read(b.as_raw_fd(), token(3, 9));
+        got.extend(received(&mut p, &bufs, 20));
+        assert_eq!(got, b"second");
+        a.write_all(b"third").unwrap();
+        assert_eq!(received(&mut p, &bufs, 20), b"third", "the new receive stays armed");
     }
 
     #[test]

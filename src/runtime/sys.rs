@@ -37,6 +37,19 @@ pub enum Recv {
     Error(io::Error),
 }
 
+/// Bytes waiting unread in a socket's receive queue (`FIONREAD`); 0 if
+/// the call fails.
+pub fn unread_bytes(fd: RawFd) -> usize {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int into a live local.
+    let r = unsafe { libc::ioctl(fd, libc::FIONREAD, &mut n as *mut libc::c_int) };
+    if r < 0 {
+        0
+    } else {
+        n.max(0) as usize
+    }
+}
+
 /// Reads what is available into `buf` without blocking.
 pub fn recv(fd: RawFd, buf: &mut [u8]) -> Recv {
     loop {

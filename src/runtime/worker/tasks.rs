@@ -101,11 +101,11 @@ async fn io_loop(w: Rc<Worker>, ready_fd: UnixStream) {
                 YieldNow(false).await;
                 continue;
             }
-            // io_uring: long receive runs that ended are read once more
-            // (`Worker::track_run`); only here, where no completion is
-            // left unhandled.
+            // io_uring: long receive runs that ended are looked at once
+            // more (`Worker::track_run`); only here, where no completion
+            // is left unhandled.
             if !w.recheck.borrow().is_empty() {
-                w.store_turn(|| w.recheck_runs());
+                w.recheck_runs();
                 w.out.flush_dirty();
                 w.out.poller.borrow_mut().flush();
                 YieldNow(false).await;
