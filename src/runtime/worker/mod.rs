@@ -157,10 +157,6 @@ pub(crate) struct Worker {
     /// worker too busy to reach its idle turn for long holds at most one
     /// entry per connection, however many runs end meanwhile.
     recheck: RefCell<hashbrown::HashSet<(u32, u32)>>,
-    /// io_uring: connections whose receive `recheck_runs` cancelled and
-    /// whose receive has not ended since (`on_recv`), so that one look
-    /// does not cancel it twice.
-    restarting: RefCell<hashbrown::HashSet<(u32, u32)>>,
     next_generation: Cell<u32>,
     next_msg: Cell<u64>,
     now: Cell<Tick>,
@@ -510,7 +506,6 @@ impl Worker {
             starved: RefCell::new(Vec::new()),
             runs: RefCell::new(hashbrown::HashMap::new()),
             recheck: RefCell::new(hashbrown::HashSet::new()),
-            restarting: RefCell::new(hashbrown::HashSet::new()),
             out: Writer::new(id, shared.clone(), poller),
             wheel: RefCell::new(Wheel::new(now)),
             scratch: RefCell::new(vec![0u8; SCRATCH_BYTES].into_boxed_slice()),
@@ -841,12 +836,6 @@ impl Worker {
     /// completion's.
     fn on_recv(&self, slot: u32, generation: u32, res: i32, flags: u32, more: bool) {
         let bufs = self.bufs.as_ref().expect("receives complete only on the io_uring poller");
-        if !more && !self.restarting.borrow().is_empty() {
-            // The receive ended, by `recheck_runs`'s cancellation or
-            // otherwise: the next one starts by reading what waits, and
-            // a later look may restart it again.
-            self.restarting.borrow_mut().remove(&(slot, generation));
-        }
         // A stale completion (its connection released, the receive
         // cancelled) finds no connection below: `with_conn`, `release` and
         // `rearm_read` all check the generation, so only its buffer matters.
@@ -957,9 +946,9 @@ impl Worker {
                 continue;
             }
             bump(&c.recv_lost_wakeups, 1);
-            if self.restarting.borrow_mut().insert((slot, generation)) {
-                self.out.poller.borrow_mut().restart_read(token(slot, generation));
-            }
+            // A second restart before the first one's `-ECANCELED` came
+            // cancels the new receive, which `on_recv` arms again: no harm.
+            self.out.poller.borrow_mut().restart_read(token(slot, generation));
         }
     }
 
@@ -1302,9 +1291,6 @@ impl Worker {
         self.forget_device(slot, generation);
         if !self.runs.borrow().is_empty() {
             self.runs.borrow_mut().remove(&slot);
-        }
-        if !self.restarting.borrow().is_empty() {
-            self.restarting.borrow_mut().remove(&(slot, generation));
         }
         self.out.detach(slot, generation, s.fd);
         let c = self.counters();
