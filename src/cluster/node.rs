@@ -84,10 +84,10 @@ return {tostring(now), redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES'), prev}
 /// node with its last heartbeat, this node's previous heartbeat ("" if none).
 type HeartbeatReply = (String, Vec<(String, f64)>, String);
 
-/// The presence hash of `user`.
-pub fn presence_key(user: &str) -> String {
-    format!("sb:{{{user}}}:nodes")
-}
+/// The presence hash of `user`: the key the Redis store's device login
+/// writes too (one function, so that the two never disagree: an id with
+/// braces or a leading `#` has an escaped hash tag there).
+pub use crate::store::redis::presence_key;
 
 /// The channel of node `node`.
 pub fn node_channel(node: &str) -> String {

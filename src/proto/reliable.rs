@@ -272,11 +272,12 @@ impl Window {
             // returned (nothing up to the head if none): those messages
             // expired, or were dropped before this device was known.
             let kept = messages.iter().map(|m| m.seq()).find(|&s| s > self.sent).unwrap_or(self.head + 1);
-            if kept > self.limit {
-                // Nothing is left of the page the client was told of: the
-                // page moves past the gap, as long as it was, and a SYNC
-                // (the login's, or again the last one's) says so, or the
-                // client would wait for seqs that will never come.
+            if kept > self.limit || (self.sync_pending && kept > self.sent + 1 && self.limit != LIVE) {
+                // Nothing is left of the page the client was told of, or
+                // the login page, not announced yet, lost its first seqs:
+                // the page moves past the gap, as long as it was, and a
+                // SYNC (the login's, or again the last one's) says so, or
+                // the client would wait for seqs that will never come.
                 let span = self.limit - self.sent;
                 self.sent = kept - 1;
                 let page_end = self.head.min(self.sent.saturating_add(span));
@@ -681,6 +682,18 @@ mod tests {
         assert_eq!(env.syncs.last(), Some(&(1, 27, 30, 30)));
         assert_eq!(env.delivered, vec![25, 26, 27, 28, 29, 30]);
         assert!(w.is_live());
+    }
+
+    #[test]
+    fn a_login_page_that_lost_its_first_seqs_is_as_long_from_the_first_kept_one() {
+        // Seq 1 was dropped, 2.. kept: the first page (3 messages) starts
+        // at 2, as docs/PROTOCOL.md 15.6 says, rather than ending short.
+        let mut env = Rec::default();
+        let mut w = Window::start::<Msg>(0, 30, 0, &rules(), &mut env);
+        serve_kept(&mut w, &mut env, 2, 30, 10, 0);
+        assert_eq!(env.syncs, vec![(0, 0, 30, 4)], "position 0, head 30, first page 2..=4");
+        assert_eq!(env.delivered, vec![2, 3, 4]);
+        assert!(!w.is_live());
     }
 
     #[test]

@@ -15,11 +15,17 @@
 //!   as it is).
 //! - `msgs`: `u` + seq BE → msg_id, ts_ms, sender, payload. One user's
 //!   messages are contiguous and in seq order, so a page is one range scan.
-//! - `dedup`: sender's length byte + sender + client_id BE → seq, msg_id,
-//!   ts; `dedup_time`: ts BE + the dedup key, so `expire` finds old entries
-//!   in time order.
+//! - `dedup`: `u` of the recipient + `u` of the sender + client_id BE →
+//!   seq, msg_id, ts; `dedup_time`: ts BE + the dedup key, so `expire`
+//!   finds old entries in time order. Versions before 2026-12-05 keyed an
+//!   entry by sender and client_id alone (`u` of the sender + client_id
+//!   BE), whatever the recipient; such entries, if any, are the oldest
+//!   in `dedup_time`, and are still matched for a user's SEND until the
+//!   window has passed over them (`DiskStore::legacy_dedup`).
 //!
-//! An append writes nothing to fjall but a SEND's dedup entry: the
+//! An append writes nothing to fjall (a SEND's dedup entry waits in RAM
+//! for the `sync`, which writes it once the hot log holds the message:
+//! `DiskStore::unlogged_dedup`): the
 //! message goes to the hot log (`hotlog.rs`), a file written at every
 //! `sync` (and `fdatasync`ed with [`Durability::Fsync`]), and stays in
 //! RAM. The device position that completes its acknowledgement (every
@@ -111,8 +117,8 @@
 //! without) to 227, 162 and 181 ms (three runs with), so the tail was
 //! reverted.
 //!
-//! Each login, dedup entry or resolved message is one atomic fjall write
-//! batch into its journal (no sync); the position changes of users not
+//! Each login, sync's dedup entries or resolved message is one atomic
+//! fjall write batch into its journal (no sync); the position changes of users not
 //! cached that the store thread writes in one turn are one batch together
 //! ([`Store::set_positions`]). `sync` writes the
 //! hot log, then fjall's journal, to the kernel, and with
@@ -338,10 +344,36 @@ fn msg_key(user: &str, seq: u64) -> Vec<u8> {
     k
 }
 
-fn dedup_key(from: &str, client_id: u64) -> Vec<u8> {
+/// The `dedup` key of `client_id` from `from` to `to` (module doc).
+fn dedup_key(to: &str, from: &str, client_id: u64) -> Vec<u8> {
+    let mut k = user_key(to);
+    k.extend_from_slice(&user_key(from));
+    k.extend_from_slice(&client_id.to_be_bytes());
+    k
+}
+
+/// The `dedup` key versions before 2026-12-05 wrote (module doc): the
+/// sender's `u` and the client id, without the recipient.
+fn legacy_dedup_key(from: &str, client_id: u64) -> Vec<u8> {
     let mut k = user_key(from);
     k.extend_from_slice(&client_id.to_be_bytes());
     k
+}
+
+/// A dedup entry not yet in fjall ([`DiskStore::unlogged_dedup`]).
+struct UnloggedDedup {
+    seq: u64,
+    msg_id: u64,
+    ts_ms: u64,
+    /// The time of the expired entry of the same key in fjall, whose
+    /// `dedup_time` key goes when this one is written.
+    stale: Option<u64>,
+}
+
+/// Whether `dk` is a key of [`legacy_dedup_key`]'s form: one user id
+/// and a client id, where [`dedup_key`]'s has two ids.
+fn is_legacy_dedup_key(dk: &[u8]) -> bool {
+    dk.first().is_some_and(|&len| dk.len() == 1 + len as usize + 8)
 }
 
 /// The `dedup_time` key of a dedup entry written at `ts_ms`.
@@ -679,6 +711,24 @@ pub struct DiskStore {
     _reaper: Option<super::reaper::MemtableReaper>,
     /// The retention pass under way, if it runs in slices.
     expire_at: Option<ExpireAt>,
+    /// Whether `dedup` may still hold entries in the form versions before
+    /// 2026-12-05 wrote ([`legacy_dedup_key`]): the oldest entry was of
+    /// that form at open or after the last retention slice. While it may,
+    /// a user's SEND whose key is not found is looked up in that form too,
+    /// so that a SEND retried across the upgrade (the restart drops the
+    /// connections, and clients retry what was not answered) is not
+    /// stored twice. Not for an application's push (sender ""): that form
+    /// named no recipient, and an application numbers its keys per user.
+    legacy_dedup: bool,
+    /// The dedup entries of the appends since the last `sync`, written to
+    /// fjall only once the hot log holds their messages (`sync_now`).
+    /// Written at the append, an entry could reach the disk before its
+    /// message: fjall's journal goes to the kernel whenever its buffer
+    /// fills, and a crash before the sync then left an entry naming a seq
+    /// that was lost (and given again to the next message), so that the
+    /// sender's retry of the SEND nobody acknowledged was answered as a
+    /// duplicate and never stored. One batch's entries at most.
+    unlogged_dedup: hashbrown::HashMap<Vec<u8>, UnloggedDedup>,
     /// The messages of the last two epochs (hotlog.rs).
     hot: Hot,
     /// Why the store stopped: the I/O error of its first failed write
@@ -789,6 +839,8 @@ impl DiskStore {
             },
             _reaper: reaper,
             expire_at: None,
+            legacy_dedup: false,
+            unlogged_dedup: hashbrown::HashMap::new(),
             hot: Hot {
                 log,
                 users: hashbrown::HashMap::new(),
@@ -811,6 +863,7 @@ impl DiskStore {
         };
         store.recover(logged)?;
         store.hot.log.drop_recovered(&recovered)?;
+        store.legacy_dedup = store.oldest_dedup_is_legacy()?;
         for kv in store.inboxes.iter() {
             let (uk, v) = kv.into_inner().map_err(unavailable)?;
             let user = store.caught_up(&uk, Some(InboxRec::decode(&v)?))?;
@@ -842,6 +895,15 @@ impl DiskStore {
             self.inboxes.insert(uk.as_slice(), v).unwrap();
         }
         self.cache.remove(&uk);
+    }
+
+    /// Tests: writes a dedup entry as versions before 2026-12-05 did
+    /// ([`legacy_dedup_key`]: the sender and client id, no recipient).
+    #[cfg(test)]
+    pub(crate) fn write_legacy_dedup(&mut self, from: &str, client_id: u64, seq: u64, msg_id: u64, ts_ms: u64) {
+        let mut batch = self.db.batch();
+        self.put_dedup(&mut batch, &legacy_dedup_key(from, client_id), seq, msg_id, ts_ms);
+        batch.commit().unwrap();
     }
 
     /// Tests: a smaller bound on the hot messages than [`HOT_MAX_BYTES`].
@@ -1241,24 +1303,37 @@ impl DiskStore {
             batch.remove(&self.dedup_time, k.to_vec());
         }
         batch.commit().map_err(unavailable)?;
+        if self.legacy_dedup {
+            self.legacy_dedup = self.oldest_dedup_is_legacy()?;
+        }
         Ok(next)
     }
 
-    /// Writes the dedup entry of an append of `seq` (and removes the
-    /// time key of the stale one it replaces).
-    fn write_dedup(
-        &mut self,
-        stale: Option<u64>,
-        dk: &[u8],
-        seq: u64,
-        msg_id: u64,
-        now_ms: u64,
-    ) -> Result<(), StoreError> {
-        let mut batch = self.db.batch();
-        if let Some(old) = stale {
-            batch.remove(&self.dedup_time, dedup_time_key(old, dk));
+    /// Whether the oldest dedup entry is in the form versions before
+    /// 2026-12-05 wrote ([`DiskStore::legacy_dedup`]).
+    fn oldest_dedup_is_legacy(&self) -> Result<bool, StoreError> {
+        match self.dedup_time.first_key_value() {
+            Some(kv) => Ok(is_legacy_dedup_key(kv.key().map_err(unavailable)?.get(8..).unwrap_or_default())),
+            None => Ok(false),
         }
-        self.put_dedup(&mut batch, dk, seq, msg_id, now_ms);
+    }
+
+    /// Writes the dedup entries of the appends since the last sync, whose
+    /// messages the hot log now holds (and removes the time keys of the
+    /// stale entries they replace).
+    fn write_unlogged_dedup(&mut self) -> Result<(), StoreError> {
+        if self.unlogged_dedup.is_empty() {
+            return Ok(());
+        }
+        let mut batch = self.db.batch();
+        let mut entries = std::mem::take(&mut self.unlogged_dedup);
+        for (dk, u) in entries.drain() {
+            if let Some(old) = u.stale {
+                batch.remove(&self.dedup_time, dedup_time_key(old, &dk));
+            }
+            self.put_dedup(&mut batch, &dk, u.seq, u.msg_id, u.ts_ms);
+        }
+        self.unlogged_dedup = entries; // its allocation, for the next batch
         batch.commit().map_err(unavailable)
     }
 
@@ -1430,6 +1505,7 @@ impl DiskStore {
             // Two rotations without a sync between (an embedding that
             // appends without syncing): finish the first one now.
             self.hot.log.flush()?;
+            self.write_unlogged_dedup()?;
             self.finish_rotation()?;
         }
         let epoch = self.hot.epoch;
@@ -1597,7 +1673,7 @@ impl DiskStore {
                 continue; // resolved before the restart
             }
             if m.client_id != 0 {
-                self.put_dedup(&mut batch, &dedup_key(&m.from, m.client_id), m.seq, m.msg_id, m.appended_ms);
+                self.put_dedup(&mut batch, &dedup_key(&m.to, &m.from, m.client_id), m.seq, m.msg_id, m.appended_ms);
             }
             if c.rec.messages == 0 {
                 c.rec.first_seq = m.seq;
@@ -1662,10 +1738,25 @@ impl DiskStore {
     /// [`Store::append`] of a running store, its ids checked.
     fn append_now(&mut self, m: &NewMessage, now_ms: u64) -> Result<Appended, StoreError> {
         self.settle(now_ms, RESOLVE_PER_APPEND, hotlog::EPOCH_MS)?;
-        let dk = (m.client_id != 0).then(|| dedup_key(&m.from, m.client_id));
+        let dk = (m.client_id != 0).then(|| dedup_key(&m.to, &m.from, m.client_id));
         let mut stale_dedup = None;
         if let Some(dk) = &dk {
-            if let Some(v) = self.dedup.get(dk).map_err(unavailable)? {
+            if let Some(u) = self.unlogged_dedup.get(dk) {
+                if !expired(u.ts_ms, self.limits.dedup_window_ms, now_ms) {
+                    return Ok(Appended::Duplicate { seq: u.seq, msg_id: u.msg_id });
+                }
+            }
+            let mut found = self.dedup.get(dk).map_err(unavailable)?;
+            if found.is_none() && self.legacy_dedup && !m.from.is_empty() {
+                // Only read: the new entry is written in the new form.
+                let legacy = self.dedup.get(legacy_dedup_key(&m.from, m.client_id)).map_err(unavailable)?;
+                if let Some(v) = legacy {
+                    if !expired(u64_at(&v, 16)?, self.limits.dedup_window_ms, now_ms) {
+                        found = Some(v);
+                    }
+                }
+            }
+            if let Some(v) = found {
                 let (seq, msg_id, ts_ms) = (u64_at(&v, 0)?, u64_at(&v, 8)?, u64_at(&v, 16)?);
                 if !expired(ts_ms, self.limits.dedup_window_ms, now_ms) {
                     return Ok(Appended::Duplicate { seq, msg_id });
@@ -1694,11 +1785,12 @@ impl DiskStore {
         let seq = c.head + 1;
         c.head = seq;
         if let Some(dk) = dk {
-            // In fjall for the lookups; durable through the hot log, which
-            // recovery writes them again from.
-            // A failure stops the store (`guard`): the head moved above
-            // need not be taken back.
-            self.write_dedup(stale_dedup, &dk, seq, m.msg_id, now_ms)?;
+            // Into fjall at the sync, after the hot log (`unlogged_dedup`);
+            // durable through the hot log, which recovery writes them again
+            // from. An entry of this batch replaced here keeps the stale
+            // one's time key to remove.
+            let stale = self.unlogged_dedup.get(&dk).map_or(stale_dedup, |u| u.stale);
+            self.unlogged_dedup.insert(dk, UnloggedDedup { seq, msg_id: m.msg_id, ts_ms: now_ms, stale });
         }
         // The message goes to the hot log and stays in RAM until the
         // rotation after next (hotlog.rs): nothing is written to fjall.
@@ -1733,6 +1825,8 @@ impl DiskStore {
         self.write_idle_records()?;
         // The messages first: `fdatasync`ed with `fsync`.
         self.hot.log.flush()?;
+        // Then their dedup entries (`unlogged_dedup`).
+        self.write_unlogged_dedup()?;
         if self.hot.to_delete.is_some() {
             return self.finish_rotation();
         }

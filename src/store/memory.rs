@@ -15,7 +15,7 @@
 //! - each kept message: a 72-byte `VecDeque` slot (+ its payload `Bytes`
 //!   and sender `Arc<str>`, shared with the caller's);
 //! - each dedup entry (one per append with a client_id, kept for the dedup
-//!   window): ~55 bytes of map slot + a 32-byte queue entry, dropped by
+//!   window): ~74 bytes of map slot + a 48-byte queue entry, dropped by
 //!   `expire`.
 
 use std::collections::{HashMap, VecDeque};
@@ -34,6 +34,10 @@ struct Inbox {
     devices: Vec<DeviceState>,
 }
 
+/// A dedup entry's key: recipient, sender, client id (per recipient, as
+/// every store keeps it: the [`Store::append`] doc).
+type DedupKey = (Arc<str>, Arc<str>, u64);
+
 #[derive(Copy, Clone)]
 struct Seen {
     seq: u64,
@@ -45,18 +49,19 @@ struct Seen {
 const _: () = {
     assert!(std::mem::size_of::<(Arc<str>, Inbox)>() == 88);
     assert!(std::mem::size_of::<StoredMessage>() == 72);
-    assert!(std::mem::size_of::<((Arc<str>, u64), Seen)>() == 48);
-    assert!(std::mem::size_of::<(u64, Arc<str>, u64)>() == 32);
+    assert!(std::mem::size_of::<(DedupKey, Seen)>() == 64);
+    assert!(std::mem::size_of::<(u64, DedupKey)>() == 48);
 };
 
 /// The in-memory store. See the module doc for what it costs.
 pub struct MemoryStore {
     limits: StoreLimits,
     inboxes: HashMap<Arc<str>, Inbox>,
-    /// `(from, client_id)` → the original append.
-    dedup: HashMap<(Arc<str>, u64), Seen>,
-    /// The dedup keys in the order they were added, for `expire`.
-    dedup_order: VecDeque<(u64, Arc<str>, u64)>,
+    /// `(to, from, client_id)` → the original append.
+    dedup: HashMap<DedupKey, Seen>,
+    /// The dedup keys in the order they were added (with the time), for
+    /// `expire`.
+    dedup_order: VecDeque<(u64, DedupKey)>,
     total_bytes: u64,
     /// Messages kept over all inboxes.
     total_messages: u64,
@@ -84,7 +89,7 @@ impl Store for MemoryStore {
     fn append(&mut self, m: &NewMessage, now_ms: u64) -> Result<Appended, StoreError> {
         check_ids(&m.to, &m.from, "")?;
         if m.client_id != 0 {
-            if let Some(seen) = self.dedup.get(&(m.from.clone(), m.client_id)) {
+            if let Some(seen) = self.dedup.get(&(m.to.clone(), m.from.clone(), m.client_id)) {
                 if !expired(seen.ts_ms, self.limits.dedup_window_ms, now_ms) {
                     return Ok(Appended::Duplicate { seq: seen.seq, msg_id: seen.msg_id });
                 }
@@ -111,8 +116,9 @@ impl Store for MemoryStore {
         self.total_bytes += bytes;
         self.total_messages += 1;
         if m.client_id != 0 {
-            self.dedup.insert((m.from.clone(), m.client_id), Seen { seq, msg_id: m.msg_id, ts_ms: now_ms });
-            self.dedup_order.push_back((now_ms, m.from.clone(), m.client_id));
+            let key = (m.to.clone(), m.from.clone(), m.client_id);
+            self.dedup.insert(key.clone(), Seen { seq, msg_id: m.msg_id, ts_ms: now_ms });
+            self.dedup_order.push_back((now_ms, key));
         }
         Ok(Appended::New { seq })
     }
@@ -186,12 +192,11 @@ impl Store for MemoryStore {
                 dropped += 1;
             }
         }
-        while let Some((ts_ms, _, _)) = self.dedup_order.front() {
+        while let Some((ts_ms, _)) = self.dedup_order.front() {
             if !expired(*ts_ms, self.limits.dedup_window_ms, now_ms) {
                 break;
             }
-            let (ts_ms, from, client_id) = self.dedup_order.pop_front().expect("front exists");
-            let key = (from, client_id);
+            let (ts_ms, key) = self.dedup_order.pop_front().expect("front exists");
             // A key re-added after it expired has a later entry of its own.
             if self.dedup.get(&key).is_some_and(|s| s.ts_ms == ts_ms) {
                 self.dedup.remove(&key);

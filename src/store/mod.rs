@@ -75,8 +75,8 @@ pub struct StoredMessage {
 pub enum Appended {
     /// Stored under this seq.
     New { seq: u64 },
-    /// `(from, client_id)` was appended within the dedup window: this is the
-    /// original's seq and msg_id, nothing was stored.
+    /// `(to, from, client_id)` was appended within the dedup window: this
+    /// is the original's seq and msg_id, nothing was stored.
     Duplicate { seq: u64, msg_id: u64 },
 }
 
@@ -129,10 +129,11 @@ pub struct InboxState {
 /// ([`service`]); none may be called from an io_uring worker.
 pub trait Store: Send + 'static {
     /// Appends to m.to's inbox: seq = head + 1. Not durable until `sync`.
-    /// Dedup: (m.from, m.client_id) seen within dedup window → Duplicate.
-    /// The memory and disk stores remember a pair whatever the recipient;
-    /// the Redis store per recipient (it can check only the recipient's
-    /// hash slot atomically): the same pair sent to another user is stored.
+    /// Dedup: (m.to, m.from, m.client_id) seen within the dedup window →
+    /// Duplicate. Per recipient in every store: an application pushes as
+    /// sender "" and numbers its keys per user, so the same key to another
+    /// user is another message (and a cluster's Redis store can check
+    /// only the recipient's hash slot atomically).
     fn append(&mut self, m: &NewMessage, now_ms: u64) -> Result<Appended, StoreError>;
     /// Appends `msgs` in order, as many `append`s would (same outcomes, in
     /// the same order); a backend overrides it to save round trips (the
@@ -246,7 +247,7 @@ pub struct StoreLimits {
     pub max_bytes: u64,
     /// Messages and devices older than this are dropped by `expire`.
     pub ttl_ms: u64,
-    /// `(from, client_id)` pairs are remembered this long.
+    /// `(to, from, client_id)` keys are remembered this long.
     pub dedup_window_ms: u64,
 }
 

@@ -311,18 +311,33 @@ fn dedup_within_window_and_not_after(make: Make) {
     assert_eq!(s.append(&retry, T0 + window - 1).unwrap(), Appended::Duplicate { seq: 1, msg_id: 77 });
     let other_sender = msg("alice", "carol", 79, T0, "hi", 5);
     assert_eq!(s.append(&other_sender, T0).unwrap(), Appended::New { seq: 2 }, "keyed by sender");
+    // And by recipient: an application pushes as sender "" to every user,
+    // numbering its keys per user (the admin API's and the handle's
+    // `client_id`), so the same key to another user is another message.
+    let to_dan = msg("dan", "bob", 81, T0, "hi", 5);
+    assert_eq!(s.append(&to_dan, T0).unwrap(), Appended::New { seq: 1 }, "keyed by recipient");
+    let app_alice = msg("alice", "", 82, T0, "order #7", 7);
+    let app_dan = msg("dan", "", 83, T0, "order #7", 7);
+    assert_eq!(s.append(&app_alice, T0).unwrap(), Appended::New { seq: 3 });
+    assert_eq!(s.append(&app_dan, T0).unwrap(), Appended::New { seq: 2 }, "an application's key, per user");
+    assert_eq!(s.append(&app_dan, T0 + 1).unwrap(), Appended::Duplicate { seq: 2, msg_id: 83 });
     let no_key = msg("alice", "bob", 80, T0, "hi", 0);
-    assert_eq!(s.append(&no_key, T0).unwrap(), Appended::New { seq: 3 });
-    assert_eq!(s.append(&no_key, T0).unwrap(), Appended::New { seq: 4 }, "client_id 0 is never deduplicated");
-    assert_eq!(s.append(&retry, T0 + window).unwrap(), Appended::New { seq: 5 }, "the window has passed");
+    assert_eq!(s.append(&no_key, T0).unwrap(), Appended::New { seq: 4 });
+    assert_eq!(s.append(&no_key, T0).unwrap(), Appended::New { seq: 5 }, "client_id 0 is never deduplicated");
+    assert_eq!(s.append(&retry, T0 + window).unwrap(), Appended::New { seq: 6 }, "the window has passed");
     // The new entry is remembered from its own append, and expire keeps it.
     s.expire(T0 + window + 1).unwrap();
-    assert_eq!(s.append(&m, T0 + window + 2).unwrap(), Appended::Duplicate { seq: 5, msg_id: 78 });
+    assert_eq!(s.append(&m, T0 + window + 2).unwrap(), Appended::Duplicate { seq: 6, msg_id: 78 });
     s.expire(T0 + 2 * window).unwrap();
-    assert_eq!(s.append(&m, T0 + 2 * window).unwrap(), Appended::New { seq: 6 }, "dropped by expire");
+    assert_eq!(s.append(&m, T0 + 2 * window).unwrap(), Appended::New { seq: 7 }, "dropped by expire");
+    let app_dan_later = msg("dan", "", 84, T0, "order #7", 7);
+    assert_eq!(s.append(&app_dan_later, T0 + 2 * window).unwrap(), Appended::New { seq: 3 });
     if subject.restart() {
         let s = subject.store();
-        assert_eq!(s.append(&m, T0 + 2 * window + 1).unwrap(), Appended::Duplicate { seq: 6, msg_id: 77 });
+        assert_eq!(s.append(&m, T0 + 2 * window + 1).unwrap(), Appended::Duplicate { seq: 7, msg_id: 77 });
+        let app_alice_later = msg("alice", "", 85, T0, "order #7", 7);
+        assert_eq!(s.append(&app_alice_later, T0 + 2 * window + 1).unwrap(), Appended::New { seq: 8 });
+        assert_eq!(s.append(&app_dan, T0 + 2 * window + 1).unwrap(), Appended::Duplicate { seq: 3, msg_id: 84 });
     }
 }
 
@@ -594,6 +609,27 @@ fn disk_store_reads_records_from_before_the_head_moved_into_them() {
 }
 
 #[test]
+fn disk_store_matches_a_users_dedup_entries_from_before_they_named_the_recipient() {
+    let window = 10_000;
+    let mut d = Disk::new(Durability::Os, StoreLimits { dedup_window_ms: window, ..StoreLimits::default() });
+    {
+        // What an earlier version wrote for a SEND of bob's to alice and
+        // an application's push to alice, each with a client id.
+        let s = d.store.as_mut().unwrap();
+        s.write_legacy_dedup("bob", 5, 1, 70, T0);
+        s.write_legacy_dedup("", 6, 2, 71, T0);
+    }
+    assert!(d.restart());
+    let s = d.store();
+    assert_eq!(s.append(&msg("alice", "bob", 72, T0, "hi", 5), T0 + 1).unwrap(), Appended::Duplicate { seq: 1, msg_id: 70 });
+    // An application's key of the old form named no recipient: not taken.
+    assert_eq!(s.append(&msg("dan", "", 73, T0, "app", 6), T0 + 1).unwrap(), Appended::New { seq: 1 });
+    // Past the window the old entries go, and the new form alone is looked up.
+    s.expire(T0 + window + 1).unwrap();
+    assert_eq!(s.append(&msg("alice", "bob", 74, T0, "hi", 5), T0 + window + 1).unwrap(), Appended::New { seq: 1 });
+}
+
+#[test]
 fn open_store_follows_the_config() {
     use crate::config::{StoreConfig, StoreKind};
     let dir = TempDir::new("config");
@@ -617,11 +653,8 @@ struct Model {
     heads: HashMap<String, u64>,
     msgs: BTreeMap<(String, u64), StoredMessage>,
     devices: HashMap<String, BTreeMap<String, (u64, u64)>>,
-    /// (recipient, sender, client id); the recipient is "" when dedup spans
-    /// recipients (the memory and disk stores).
+    /// (recipient, sender, client id) → seq, msg_id, time.
     dedup: HashMap<(String, String, u64), (u64, u64, u64)>,
-    /// Dedup per recipient (the Redis store).
-    dedup_per_recipient: bool,
     /// The disk store's hot tier (hotlog.rs), if the subject has one.
     hot: Option<HotModel>,
 }
@@ -712,8 +745,7 @@ impl Model {
 
     fn append(&mut self, l: &StoreLimits, m: &NewMessage, now: u64) -> Result<Appended, StoreError> {
         self.rotate_if_due(now);
-        let to = if self.dedup_per_recipient { m.to.to_string() } else { String::new() };
-        let key = (to, m.from.to_string(), m.client_id);
+        let key = (m.to.to_string(), m.from.to_string(), m.client_id);
         if m.client_id != 0 {
             if let Some(&(seq, msg_id, ts)) = self.dedup.get(&key) {
                 if now < ts + l.dedup_window_ms {
@@ -1021,8 +1053,7 @@ proptest! {
     #[test]
     fn redis_store_behaves_as_the_model(ops in proptest::collection::vec(op(), 1..80)) {
         let subject = Box::new(RedisOne::new(AppendFsync::Always, model_limits()));
-        let model = Model { dedup_per_recipient: true, ..Model::default() };
-        against_a_model(subject, model_limits(), &ops, model)?;
+        against_a_model(subject, model_limits(), &ops, Model::default())?;
     }
 }
 
@@ -1098,20 +1129,26 @@ fn redis_device_login_writes_presence_before_reading_the_head() {
     let addrs = RedisAddrs::Cluster(shared_cluster().urls());
     let mut s =
         RedisStore::open_with_prefix(&addrs, "node-7", StoreLimits::default(), REDIS_TEST_TIMEOUT, &prefix).unwrap();
-    append(&mut s, "alice", 1, T0);
-    assert_eq!(s.device_login("alice", "phone", 0, T0 + 5).unwrap(), (0, 1));
-    let key = user_key(&prefix, "alice", "nodes");
-    let slot = super::redis::key_slot(key.as_bytes());
-    // Ask each master: the one serving the slot has it, the others redirect.
-    let got: Vec<String> = shared_cluster()
-        .nodes()
-        .iter()
-        .filter_map(|n| match n.cmd(&["HGET", &key, "node-7"]) {
-            Ok(::redis::Value::BulkString(b)) => Some(String::from_utf8(b).unwrap()),
-            _ => None,
-        })
-        .collect();
-    assert_eq!(got, vec![(T0 + 5).to_string()], "slot {slot}");
+    // Ids with braces or a leading '#' have an escaped hash tag
+    // (`user_tag`): the router must read the key the store writes.
+    for user in ["alice", "a{b}", "#h"] {
+        append(&mut s, user, 1, T0);
+        assert_eq!(s.device_login(user, "phone", 0, T0 + 5).unwrap(), (0, 1));
+        let key = user_key(&prefix, user, "nodes");
+        let routed = crate::cluster::node::presence_key(user);
+        assert_eq!(routed.strip_prefix("sb:"), key.strip_prefix(&format!("{prefix}:")), "{user}");
+        let slot = super::redis::key_slot(key.as_bytes());
+        // Ask each master: the one serving the slot has it, the others redirect.
+        let got: Vec<String> = shared_cluster()
+            .nodes()
+            .iter()
+            .filter_map(|n| match n.cmd(&["HGET", &key, "node-7"]) {
+                Ok(::redis::Value::BulkString(b)) => Some(String::from_utf8(b).unwrap()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(got, vec![(T0 + 5).to_string()], "{user}: slot {slot}");
+    }
     assert_eq!(presence_key("alice"), "sb:{alice}:nodes");
 }
 
@@ -2578,6 +2615,45 @@ fn crash_copy(d: &Disk) -> Disk {
     copy_tree(&d.dir.0, &dir.0);
     let store = DiskStore::open(&dir.0, d.durability, d.limits).expect("opens after a crash");
     Disk { store: Some(store), durability: d.durability, limits: d.limits, cached_users: None, dir }
+}
+
+/// A SEND_EX whose append had not reached the hot log when the process
+/// died was never acknowledged (SEND_RESULT waits for the sync), so its
+/// sender retries it with the same client id: the retry must be stored,
+/// not answered as a duplicate of a seq that was lost with the crash (and
+/// is given to the next message). Hundreds of appends between two syncs
+/// fill fjall's journal buffer (8 KiB), which then reaches the kernel:
+/// the dedup entries written with them did, before the messages did.
+#[test]
+fn disk_a_send_lost_with_a_crash_before_its_sync_is_stored_when_retried() {
+    for durability in [Durability::Os, Durability::Fsync] {
+        let mut d = Disk::new(durability, StoreLimits::default());
+        let s = d.store();
+        assert_eq!(s.append(&msg("ann", "bob", 1, T0, "synced", 1), T0).unwrap(), Appended::New { seq: 1 });
+        s.sync().unwrap();
+        for n in 2..=400 {
+            assert_eq!(s.append(&msg("ann", "bob", n, T0, "not synced", n), T0).unwrap(), Appended::New { seq: n });
+        }
+        let mut crashed = crash_copy(&d);
+        let s = crashed.store();
+        let head = s.inbox_state("ann").unwrap().head_seq;
+        for n in 2..=400 {
+            match s.append(&msg("ann", "bob", 1000 + n, T0, "retried", n), T0 + 1).unwrap() {
+                Appended::New { .. } => {}
+                Appended::Duplicate { seq, msg_id } => {
+                    // Only if the original is there.
+                    let page = s.read("ann", seq - 1, 1).unwrap();
+                    let there = page.messages.first().is_some_and(|m| m.seq == seq && m.msg_id == msg_id);
+                    assert!(there, "{durability:?}: retry of client id {n} answered as seq {seq} (head was {head}), not stored");
+                }
+            }
+        }
+        assert_eq!(
+            s.append(&msg("ann", "bob", 2000, T0, "retried", 1), T0 + 1).unwrap(),
+            Appended::Duplicate { seq: 1, msg_id: 1 },
+            "{durability:?}: the synced one is still known"
+        );
+    }
 }
 
 /// Device positions a store turn hands over ([`Store::set_positions`],

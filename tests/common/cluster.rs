@@ -50,7 +50,7 @@ impl Redis {
     /// The nodes in `user`'s presence hash, by name (the `/<pid>` of each
     /// field left out).
     pub fn presence(&self, user: &str) -> Vec<String> {
-        let key = format!("sb:{{{user}}}:nodes");
+        let key = switchboard::cluster::node::presence_key(user);
         match self.cmd(&["HKEYS", &key]) {
             Ok(v) => {
                 let fields: Vec<String> = redis::from_redis_value(v).unwrap_or_default();
