@@ -96,7 +96,8 @@ fn pushes_to_users_one_or_many_reliable_or_not() {
     assert_eq!((inbox.status, inbox.json()["head_seq"].as_u64()), (200, Some(2)), "{}", inbox.body);
     // The key is per user: the same client_id to another user is that
     // user's own message, stored, not taken for carol's.
-    let other = post(a, "/api/v1/push", WRITE, &json!({ "user": "dave", "payload": "3q2+7w==", "client_id": 7 })).json();
+    let other =
+        post(a, "/api/v1/push", WRITE, &json!({ "user": "dave", "payload": "3q2+7w==", "client_id": 7 })).json();
     assert_eq!((other["seq"].as_u64(), other["duplicate"].as_bool()), (Some(1), Some(false)), "{other}");
     let inbox = get(a, "/api/v1/inbox?user=dave", READ);
     assert_eq!((inbox.status, inbox.json()["head_seq"].as_u64()), (200, Some(1)), "{}", inbox.body);

@@ -621,7 +621,10 @@ fn disk_store_matches_a_users_dedup_entries_from_before_they_named_the_recipient
     }
     assert!(d.restart());
     let s = d.store();
-    assert_eq!(s.append(&msg("alice", "bob", 72, T0, "hi", 5), T0 + 1).unwrap(), Appended::Duplicate { seq: 1, msg_id: 70 });
+    assert_eq!(
+        s.append(&msg("alice", "bob", 72, T0, "hi", 5), T0 + 1).unwrap(),
+        Appended::Duplicate { seq: 1, msg_id: 70 }
+    );
     // An application's key of the old form named no recipient: not taken.
     assert_eq!(s.append(&msg("dan", "", 73, T0, "app", 6), T0 + 1).unwrap(), Appended::New { seq: 1 });
     // Past the window the old entries go, and the new form alone is looked up.
@@ -2644,7 +2647,10 @@ fn disk_a_send_lost_with_a_crash_before_its_sync_is_stored_when_retried() {
                     // Only if the original is there.
                     let page = s.read("ann", seq - 1, 1).unwrap();
                     let there = page.messages.first().is_some_and(|m| m.seq == seq && m.msg_id == msg_id);
-                    assert!(there, "{durability:?}: retry of client id {n} answered as seq {seq} (head was {head}), not stored");
+                    assert!(
+                        there,
+                        "{durability:?}: retry of client id {n} answered as seq {seq} (head was {head}), not stored"
+                    );
                 }
             }
         }
