@@ -68,11 +68,22 @@ impl<T> Mailbox<T> {
     /// per batch instead of one mid-batch, where on a busy host the woken
     /// worker takes the producer's CPU before the rest of the batch is out.
     pub fn push_unwoken(&self, cmd: T) -> Result<(), Full> {
-        if self.queue.push(cmd).is_err() {
+        self.offer_unwoken(cmd).map_err(|_| Full)
+    }
+
+    /// Like [`Mailbox::push_unwoken`], but a full mailbox hands the
+    /// command back (a producer that keeps it to offer again: the store
+    /// thread's sink).
+    pub fn offer_unwoken(&self, cmd: T) -> Result<(), T> {
+        self.queue.push(cmd).inspect_err(|_| {
             self.full_count.fetch_add(1, Ordering::Relaxed);
-            return Err(Full);
-        }
-        Ok(())
+        })
+    }
+
+    /// [`Mailbox::offer_unwoken`] of a command offered before: a refusal
+    /// is not counted again in [`Mailbox::full_count`].
+    pub fn offer_again_unwoken(&self, cmd: T) -> Result<(), T> {
+        self.queue.push(cmd)
     }
 
     /// Like [`Mailbox::push`], but a full mailbox hands the command back

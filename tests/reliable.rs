@@ -667,3 +667,53 @@ fn a_pipelined_sender_gets_every_send_ack_in_order() {
     drop(server);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The store thread hands its answers and its notices of new messages to
+/// the workers through their mailboxes (`limits.mailbox_capacity`). One
+/// store turn can answer more than a mailbox holds: 60 devices logging in
+/// at once, then a burst of pushes to all of them. What does not fit must
+/// still arrive: a lost login answer left its device without a SYNC for
+/// good, and a lost notice left a caught-up device without the message
+/// until the next one came.
+#[test]
+fn store_answers_and_notices_that_find_a_full_mailbox_still_arrive() {
+    const DEVICES: usize = 60;
+    const ROUNDS: u64 = 3;
+    let mut cfg = config();
+    cfg.limits.mailbox_capacity = 16;
+    cfg.server.workers = 1;
+    let server = common::start(cfg);
+    let addr = server.local_addr();
+    let h = server.handle();
+    // Every LOGIN written before any answer is read.
+    let mut devices: Vec<(Client, Seen)> = (0..DEVICES)
+        .map(|i| {
+            let mut c = common::connect(addr);
+            let user = format!("u{i}");
+            let token = common::token(&user);
+            c.send_frame(&Frame::Login { user: &user, token: token.as_bytes(), device: Some("phone"), last_seq: 0 })
+                .unwrap();
+            (c, Seen::default())
+        })
+        .collect();
+    for (c, seen) in &mut devices {
+        match c.recv_skipping_pings().unwrap().frame() {
+            Frame::LoginOk { .. } => {}
+            other => panic!("expected LOGIN_OK, got {other:?}"),
+        }
+        read_until(c, seen, 1, Duration::from_secs(10), |s| !s.syncs.is_empty());
+    }
+    // Every push submitted before any is waited for: the store thread
+    // takes them in a few turns.
+    let pending: Vec<_> = (0..ROUNDS)
+        .flat_map(|r| (0..DEVICES).map(move |i| (i, r)))
+        .map(|(i, r)| h.push_reliable(&format!("u{i}"), format!("m{r}"), 0).unwrap())
+        .collect();
+    for p in pending {
+        p.wait().unwrap();
+    }
+    for (i, (c, seen)) in devices.iter_mut().enumerate() {
+        read_until(c, seen, 1, Duration::from_secs(10), |s| s.have >= ROUNDS);
+        assert_eq!(payloads(seen), expected(0..ROUNDS as u32), "u{i}");
+    }
+}

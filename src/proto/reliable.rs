@@ -253,6 +253,13 @@ impl Window {
         }
     }
 
+    /// Messages up to `seq` are in the inbox, though their notices
+    /// ([`Window::on_appended`]) were not seen: read what may be pushed.
+    pub fn on_head<M: Item>(&mut self, seq: u64, now: Tick, rules: &WindowRules, env: &mut impl WindowEnv<M>) {
+        self.head = self.head.max(seq);
+        self.pump(now, rules, env);
+    }
+
     /// The store's answer to [`WindowEnv::read`]: messages after the seq
     /// asked for, in order (seqs may skip ones that expired), and the head.
     pub fn on_page<M: Item>(

@@ -5,12 +5,13 @@
 //! [`Sink`] that runs on the store thread and turns answers into worker
 //! mailbox commands (or hands them to a waiting handle), and the routing
 //! of a newly stored message to the recipient's connections.
-//! Must not: block (it runs on the store thread between batches; a full
-//! mailbox drops the notice: the message is in the store, and a device
-//! connection gets it from there), or touch a connection's state (only its
-//! worker does, on the command).
+//! Must not: block (it runs on the store thread between batches), drop
+//! an answer or a device's notice (what a full mailbox refuses is held
+//! here and offered again: [`StoreSink`]), or touch a connection's state
+//! (only its worker does, on the command).
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, VecDeque};
 use std::sync::mpsc::SyncSender;
 use std::sync::Arc;
 
@@ -69,6 +70,23 @@ pub(crate) struct SendDone {
 
 /// The store thread's answers, into the workers' mailboxes.
 ///
+/// A full mailbox (`limits.mailbox_capacity`) does not lose them: what it
+/// refuses is held, per worker, and offered again at each flush, the
+/// thread coming back within [`crate::store::service::HELD_RETRY`] while anything is held. Once
+/// something is held for a worker, everything after it for that worker
+/// waits behind it, so the worker still sees the store's order (a login's
+/// answer before the notices of what was stored after it, which the
+/// window counts on). What is held is bounded: answers, at most one per
+/// request the worker's connections have out (a login, a page, a SEND,
+/// and a worker that does not drain sends no new ones); and notices,
+/// folded into one per connection with the highest seq
+/// ([`Command::Missed`]: the window reads that far from the store; a
+/// plain connection's at-most-once PUSH is not held). One store turn can
+/// answer more than a mailbox holds (thousands of logins or SENDs at
+/// once); a lost login answer left its device without a SYNC for good,
+/// a lost page left its window waiting, and a lost notice left a
+/// caught-up device without the message until the next one came.
+///
 /// Commands are queued without a wake, and each worker that got one is
 /// woken once, at [`Sink::flush`] after the batch's answers. Woken one
 /// answer at a time, a worker took the store thread's CPU in the middle of
@@ -81,26 +99,96 @@ pub(crate) struct StoreSink {
     shared: Arc<Shared>,
     /// Workers with a command queued since the last flush.
     unwoken: Box<[Cell<bool>]>,
+    /// Per worker, what its full mailbox refused (see above).
+    held: Box<[RefCell<Held>]>,
+}
+
+/// What one worker's mailbox refused, in the order to offer it again.
+#[derive(Default)]
+struct Held {
+    /// Answers, oldest first.
+    answers: VecDeque<Command>,
+    /// Connections that missed notices, with the highest seq missed;
+    /// offered after the answers.
+    missed: HashMap<ConnId, u64>,
+}
+
+impl Held {
+    fn is_empty(&self) -> bool {
+        self.answers.is_empty() && self.missed.is_empty()
+    }
+
+    fn keep(&mut self, cmd: Command) {
+        match cmd {
+            Command::Stored { conn, msg } => {
+                let seq = self.missed.entry(conn).or_default();
+                *seq = (*seq).max(msg.seq);
+            }
+            cmd => self.answers.push_back(cmd),
+        }
+    }
 }
 
 impl StoreSink {
     pub(crate) fn new(shared: Arc<Shared>) -> StoreSink {
         let unwoken = (0..shared.mailboxes.len()).map(|_| Cell::new(false)).collect();
-        StoreSink { shared, unwoken }
+        let held = (0..shared.mailboxes.len()).map(|_| RefCell::default()).collect();
+        StoreSink { shared, unwoken, held }
     }
 
-    /// Queues `cmd` in `mb` (worker `index`'s), to be woken at the flush.
+    /// Queues `cmd` in `mb` (worker `index`'s), to be woken at the flush,
+    /// or holds it (see above). Whether the connection will hear of it:
+    /// all but a plain connection's notice that had to be held.
     fn queue(&self, index: usize, mb: &Mailbox<Command>, cmd: Command) -> bool {
-        let queued = mb.push_unwoken(cmd).is_ok();
-        if queued {
-            self.unwoken[index].set(true);
-        }
-        queued
+        let mut held = self.held[index].borrow_mut();
+        let cmd = if held.is_empty() {
+            match mb.offer_unwoken(cmd) {
+                Ok(()) => {
+                    self.unwoken[index].set(true);
+                    return true;
+                }
+                Err(cmd) => cmd,
+            }
+        } else {
+            cmd
+        };
+        held.keep(cmd);
+        true
     }
 
     fn post(&self, conn: ConnId, cmd: Command) -> bool {
         let index = conn.worker().0 as usize;
         self.shared.mailboxes.get(index).is_some_and(|mb| self.queue(index, mb, cmd))
+    }
+
+    /// Offers worker `index`'s held commands again, in order, as many as
+    /// its mailbox takes now.
+    fn release(&self, index: usize, mb: &Mailbox<Command>) {
+        let mut held = self.held[index].borrow_mut();
+        if held.is_empty() {
+            return;
+        }
+        let mut moved = false;
+        while let Some(cmd) = held.answers.pop_front() {
+            match mb.offer_again_unwoken(cmd) {
+                Ok(()) => moved = true,
+                Err(cmd) => {
+                    held.answers.push_front(cmd);
+                    break;
+                }
+            }
+        }
+        if held.answers.is_empty() {
+            let mut full = false;
+            held.missed.retain(|&conn, &mut seq| {
+                full = full || mb.offer_again_unwoken(Command::Missed { conn, seq }).is_err();
+                moved |= !full;
+                full
+            });
+        }
+        if moved {
+            self.unwoken[index].set(true);
+        }
     }
 
     /// A new message for `to`: a notice to each of its connections'
@@ -115,11 +203,18 @@ impl StoreSink {
 
 impl Sink<Token> for StoreSink {
     fn flush(&self) {
+        for (index, mb) in self.shared.mailboxes.iter().enumerate() {
+            self.release(index, mb);
+        }
         for (woken, mb) in self.unwoken.iter().zip(self.shared.mailboxes.iter()) {
             if woken.replace(false) {
                 mb.wake();
             }
         }
+    }
+
+    fn held_back(&self) -> bool {
+        self.held.iter().any(|h| !h.borrow().is_empty())
     }
 
     fn done(&self, token: Token, result: Done) {

@@ -56,6 +56,10 @@ pub(crate) enum Command {
     DeviceReady { conn: ConnId, result: Result<(u64, u64), Box<crate::store::StoreError>> },
     /// A page for `conn`'s window.
     Page { conn: ConnId, result: Box<super::inbox::PageResult> },
+    /// Messages up to `seq` were stored in the inbox of `conn`'s user, and
+    /// their notices ([`Command::Stored`]) found the mailbox full: the
+    /// store thread held them back and folded them into this one.
+    Missed { conn: ConnId, seq: u64 },
 }
 
 // Mailboxes hold `limits.mailbox_capacity` commands each, allocated at
@@ -140,8 +144,8 @@ impl Shared {
 
     /// A message stored in `to`'s inbox: a notice to the worker of each of
     /// its connections on this node. Returns how many took it (a full
-    /// mailbox drops the notice: the message is in the store, and the
-    /// device gets it from there).
+    /// mailbox drops the notice here; the store thread's own notices are
+    /// held instead: `inbox::StoreSink`).
     pub(crate) fn route_stored(&self, to: &str, msg: &Arc<crate::store::StoredMessage>) -> u32 {
         self.route_stored_by(to, msg, |_, mb, cmd| mb.push(cmd).is_ok())
     }

@@ -200,7 +200,18 @@ pub trait Sink<T>: Send + 'static {
     /// turn's positions), before the thread goes on or waits: a sink that
     /// queues answers without waking their receivers wakes them here.
     fn flush(&self) {}
+
+    /// Whether the sink holds answers it could not hand over yet (a full
+    /// mailbox), to offer again at a flush: the thread then comes back
+    /// for a flush within [`HELD_RETRY`] even with nothing to serve.
+    fn held_back(&self) -> bool {
+        false
+    }
 }
+
+/// How soon the loop flushes again while the sink holds answers back
+/// ([`Sink::held_back`]).
+pub const HELD_RETRY: Duration = Duration::from_millis(1);
 
 /// The queue is full, or the store thread has stopped: the request was not
 /// taken (answer the client with StoreUnavailable).
@@ -553,6 +564,9 @@ impl<T: Send + 'static, S: Sink<T>> Worker<T, S> {
             }
             if !self.positions.is_empty() || expiring {
                 due = Instant::now(); // look for requests, then do the next slice
+            }
+            if self.sink.held_back() {
+                due = due.min(Instant::now() + HELD_RETRY);
             }
             stopping = self.take(&mut batch);
             if batch.is_empty() && !stopping {

@@ -406,6 +406,17 @@ impl Worker {
         }
     }
 
+    /// Notices of messages up to `seq` for the user of `conn` were held
+    /// back by the store thread (a full mailbox): the window reads that
+    /// far. A window not open yet will have them in its login page (its
+    /// answer was ahead of them); a plain connection's at-most-once PUSH
+    /// is gone.
+    pub(super) fn on_missed(&self, conn: ConnId, seq: u64) {
+        let now = self.now.get();
+        let rules = self.window_rules;
+        self.with_window(conn.slot(), conn.generation(), |w, io| w.on_head(seq, now, &rules, io));
+    }
+
     /// The outcome of `conn`'s SEND (SEND_ACK) or SEND_EX (SEND_RESULT).
     pub(super) fn on_send_done(&self, done: SendDone) {
         let SendDone { conn, req_id, ex, outcome } = done;
