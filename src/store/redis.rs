@@ -142,7 +142,7 @@ pub const EXPIRE_MAX_DROP_PER_CALL: u64 = 1_000;
 
 /// Index keys read per round of a retention pass, and users taken from
 /// each: bounds a round's pipeline to 512 × 64 scripts (~5 MB of commands).
-const EXPIRE_SLOTS_PER_ROUND: usize = 512;
+pub(crate) const EXPIRE_SLOTS_PER_ROUND: usize = 512;
 const EXPIRE_USERS_PER_SLOT: usize = 64;
 
 /// Rounds of one chunk of slots in one pass, at most (a bound, not a
@@ -283,7 +283,11 @@ return {0, seq}
 /// Device login or position: KEYS h dv nodes ix; ARGV device seq now
 /// node_id max_devices ttl tag is_login. A login first records this node
 /// in the presence hash, then reads the head. Returns {position, head}.
-const DEVICE_LUA: &str = r#"
+/// Runs when Redis is at `maxmemory` (`allow-oom`), as [`EXPIRE_LUA`]
+/// does: the acknowledgements it records, and the retention pass that
+/// drops what they acknowledged, are how a full Redis gets space back
+/// (it adds at most a device entry and a presence field per user).
+const DEVICE_LUA: &str = r#"#!lua flags=allow-oom
 local function fmt(x) return string.format('%d', x) end
 if ARGV[8] == '1' then redis.call('HSET', KEYS[3], ARGV[4], ARGV[3]) end
 local head = tonumber(redis.call('HGET', KEYS[1], 'head') or '0')
@@ -343,7 +347,10 @@ return {redis.call('HMGET', KEYS[1], 'head', 'n', 'b', 'first'), redis.call('HGE
 /// ttl old, then dedup entries past the window; sets the user's index
 /// score to the next time something may be dropped (or removes it).
 /// Returns {messages dropped, their bytes, more (1: max_drop reached)}.
-const EXPIRE_LUA: &str = r#"
+/// Runs when Redis is at `maxmemory` (`allow-oom`): it frees memory, and
+/// a plain script's first write that may take memory (its `HINCRBY`) is
+/// refused there, which left a full Redis full.
+const EXPIRE_LUA: &str = r#"#!lua flags=allow-oom
 local function fmt(x) return string.format('%d', x) end
 local now, ttl, window = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local ulen, maxdrop = tonumber(ARGV[4]), tonumber(ARGV[6])
@@ -513,17 +520,38 @@ pub struct RedisStore {
 
 /// Where a retention pass run in slices goes on: a chunk of
 /// [`EXPIRE_SLOTS_PER_ROUND`] slots, the slots of it that had due users
-/// in the last round, and the rounds it took so far.
+/// in the last round, and the rounds it took so far; and the users whose
+/// script failed in this pass.
 struct ExpireAt {
     chunk_start: usize,
     slots: Vec<u16>,
     rounds: u32,
+    /// Tags of the users whose retention script failed (a key of the
+    /// wrong type, say): left out of the rest of the pass, so that one
+    /// user cannot stop it for every user after it, pass after pass.
+    failed: std::collections::HashSet<String>,
+    /// The first of those failures, reported when the pass ends.
+    first_failure: Option<StoreError>,
 }
 
 impl ExpireAt {
     fn chunk(chunk_start: usize) -> Self {
-        let slots = (chunk_start..(chunk_start + EXPIRE_SLOTS_PER_ROUND).min(SLOTS)).map(|s| s as u16).collect();
-        ExpireAt { chunk_start, slots, rounds: 0 }
+        ExpireAt {
+            chunk_start,
+            slots: Self::slots_of(chunk_start),
+            rounds: 0,
+            failed: Default::default(),
+            first_failure: None,
+        }
+    }
+
+    /// The next chunk of the same pass.
+    fn next_chunk(self, chunk_start: usize) -> Self {
+        ExpireAt { chunk_start, slots: Self::slots_of(chunk_start), rounds: 0, ..self }
+    }
+
+    fn slots_of(chunk_start: usize) -> Vec<u16> {
+        (chunk_start..(chunk_start + EXPIRE_SLOTS_PER_ROUND).min(SLOTS)).map(|s| s as u16).collect()
     }
 }
 
@@ -1277,35 +1305,64 @@ impl Store for RedisStore {
         let mut at = self.expire_at.take().unwrap_or_else(|| ExpireAt::chunk(0));
         let mut dropped = 0u64;
         at.rounds += 1;
-        let due = if at.rounds > EXPIRE_MAX_ROUNDS {
+        let mut due = if at.rounds > EXPIRE_MAX_ROUNDS {
             let (start, max) = (at.chunk_start, EXPIRE_MAX_ROUNDS);
             tracing::warn!("retention: slots {start}.. still have due users after {max} rounds; the next pass goes on");
             Vec::new()
         } else {
             self.due_users(&at.slots, now_ms)?
         };
+        // (A slot with more failed users than one index read returns,
+        // EXPIRE_USERS_PER_SLOT, is left for the next pass.)
+        due.retain(|(_, tag)| !at.failed.contains(tag));
         if due.is_empty() {
             let next = at.chunk_start + EXPIRE_SLOTS_PER_ROUND;
             if next < SLOTS {
-                self.expire_at = Some(ExpireAt::chunk(next));
+                self.expire_at = Some(at.next_chunk(next));
                 return Ok((0, false));
             }
             if let Err(e) = self.refresh_totals() {
                 tracing::warn!("summing the Redis store's totals after retention failed: {e}");
             }
-            return Ok((0, true));
+            return match at.first_failure {
+                None => Ok((0, true)),
+                Some(StoreError::Unavailable(e)) => Err(StoreError::Unavailable(format!(
+                    "retention left out {} user(s) whose script failed; the first: {e}",
+                    at.failed.len()
+                ))),
+                Some(e) => Err(e),
+            };
         }
         // Each script leaves its user due only if it hit
         // EXPIRE_MAX_DROP_PER_CALL: the next round looks at those slots.
         at.slots = due.iter().map(|(s, _)| *s).collect();
         at.slots.dedup();
         let ops = due.iter().map(|(slot, tag)| self.expire_op(*slot, tag, now_ms)).collect::<Result<_, _>>()?;
-        for r in self.run(ops) {
-            let Value::Array(a) = r? else { return Err(protocol("expire")) };
-            let (n, bytes) = (int(a.first())?, int(a.get(1))?);
-            dropped += n;
-            self.totals.delta_messages -= n as i64;
-            self.totals.delta_bytes -= bytes as i64;
+        let results = self.run(ops);
+        if self.link.is_none() {
+            // The link broke (or a slot moved): Redis is the trouble, not
+            // one user's keys. The pass stops, as on any other failure.
+            if let Some(Err(e)) = results.iter().find(|r| r.is_err()) {
+                return Err(e.clone());
+            }
+        }
+        for (r, (_, tag)) in results.into_iter().zip(&due) {
+            let counted = r.and_then(|v| {
+                let Value::Array(a) = v else { return Err(protocol("expire")) };
+                Ok((int(a.first())?, int(a.get(1))?))
+            });
+            match counted {
+                Ok((n, bytes)) => {
+                    dropped += n;
+                    self.totals.delta_messages -= n as i64;
+                    self.totals.delta_bytes -= bytes as i64;
+                }
+                Err(e) => {
+                    tracing::warn!(user_tag = %tag, "retention: this user's script failed, left for the next pass: {e}");
+                    at.failed.insert(tag.clone());
+                    at.first_failure.get_or_insert(e);
+                }
+            }
         }
         self.expire_at = Some(at);
         Ok((dropped, false))

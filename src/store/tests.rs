@@ -1261,7 +1261,52 @@ fn redis_inbox_left_as_a_stream_by_an_earlier_build_fails_loudly() {
     wrongtype(one.store().append(&msg("alice", "app", 2, T0, "m2", 0), T0).map(|_| ()));
     wrongtype(one.store().read("alice", 0, 10).map(|_| ()));
     one.store().device_login("alice", "phone", 1, T0).unwrap();
+    // A user whose retention pass comes in a later round than alice's
+    // (another chunk of slots), with messages its only device has
+    // acknowledged: the pass reports alice's failure, and still drops
+    // them (it used to stop at alice, for every pass).
+    let chunk = |u: &str| super::redis::key_slot(u.as_bytes()) as usize / super::redis::EXPIRE_SLOTS_PER_ROUND;
+    let later = (0..).map(|i| format!("u{i}")).find(|u| chunk(u) > chunk("alice")).unwrap();
+    one.store().device_login(&later, "phone", 0, T0).unwrap();
+    for i in 1..=3 {
+        append(one.store(), &later, i, T0);
+    }
+    one.store().set_position(&later, "phone", 3, T0).unwrap();
     wrongtype(one.store().expire(T0 + 1).map(|_| ()));
+    assert_eq!(one.store().inbox_state(&later).unwrap().messages, 0, "{later}'s acknowledged messages dropped");
+}
+
+/// docs/SCALING.md has Redis run with `maxmemory` and `noeviction`: at
+/// the limit appends fail (115), and the way out is the devices'
+/// acknowledgements and the retention pass that drops what they
+/// acknowledged. Both must run at the limit: Redis refuses a plain
+/// script's first write that may take memory, and the store stayed full
+/// until someone stepped in.
+#[test]
+fn redis_at_maxmemory_takes_positions_and_its_retention_pass_frees_it() {
+    let mut one = RedisOne::new(AppendFsync::No, StoreLimits::default());
+    one.store().device_login("ann", "phone", 0, T0).unwrap();
+    let info = match one.server.cmd(&["INFO", "memory"]).unwrap() {
+        ::redis::Value::BulkString(b) => String::from_utf8(b).unwrap(),
+        ::redis::Value::VerbatimString { text, .. } => text,
+        other => panic!("{other:?}"),
+    };
+    let used: u64 = info.lines().find_map(|l| l.strip_prefix("used_memory:")).unwrap().trim().parse().unwrap();
+    one.server.cmd(&["CONFIG", "SET", "maxmemory-policy", "noeviction"]).unwrap();
+    one.server.cmd(&["CONFIG", "SET", "maxmemory", &(used + 300_000).to_string()]).unwrap();
+    let big = "x".repeat(2000);
+    let mut stored = 0;
+    let refused = loop {
+        match one.store().append(&msg("ann", "app", stored + 1, T0, &big, 0), T0) {
+            Ok(_) => stored += 1,
+            Err(e) => break e,
+        }
+        assert!(stored < 2000, "maxmemory never reached");
+    };
+    assert!(matches!(&refused, StoreError::Unavailable(why) if why.contains("OOM")), "{refused:?}");
+    one.store().set_position("ann", "phone", stored, T0).unwrap();
+    assert_eq!(one.store().expire(T0 + 1).unwrap(), stored, "every acknowledged message dropped");
+    assert_eq!(append(one.store(), "ann", 9999, T0), stored + 1, "appends go on");
 }
 
 #[test]
