@@ -337,17 +337,26 @@ impl Window {
             return env.error(ErrorCode::BadAck, 0, &reason);
         }
         if seq <= self.acked {
+            // What a FETCH below the position wrote again is covered by
+            // the device's ACK of its position: without this, it stayed in
+            // flight, was retransmitted, and the connection was closed
+            // with 4007 unless a new message moved the position.
+            if self.in_flight.front().is_some_and(|&(s, _)| s <= seq) {
+                self.covered(seq);
+                self.retries = 0;
+                self.full = false;
+                self.deadline =
+                    if self.in_flight.is_empty() { None } else { Some(now.wrapping_add(rules.ack_timeout)) };
+                self.pump(now, rules, env);
+            }
             return;
         }
         self.advance(seq, now, rules, env);
         self.pump(now, rules, env);
     }
 
-    /// The position moves to `seq` (≤ head, > acked).
-    fn advance<M: Item>(&mut self, seq: u64, now: Tick, rules: &WindowRules, env: &mut impl WindowEnv<M>) {
-        self.acked = seq;
-        self.full = false;
-        env.save_position(seq);
+    /// Drops from what is in flight the seqs up to `seq`.
+    fn covered(&mut self, seq: u64) {
         while let Some(&(s, len)) = self.in_flight.front() {
             if s > seq {
                 break;
@@ -355,6 +364,14 @@ impl Window {
             self.in_flight.pop_front();
             self.in_flight_bytes -= len as u64;
         }
+    }
+
+    /// The position moves to `seq` (≤ head, > acked).
+    fn advance<M: Item>(&mut self, seq: u64, now: Tick, rules: &WindowRules, env: &mut impl WindowEnv<M>) {
+        self.acked = seq;
+        self.full = false;
+        env.save_position(seq);
+        self.covered(seq);
         // The client has more than this connection wrote (from an earlier
         // connection of the device): carry on after it.
         if seq > self.sent {
@@ -380,17 +397,22 @@ impl Window {
             let reason = format!("FETCH after seq {after_seq}, beyond the inbox head {}", self.head);
             return env.error(ErrorCode::BadAck, req_id, &reason);
         }
+        let mut rewound = false;
         if after_seq > self.acked {
             self.advance(after_seq, now, rules, env);
         } else if after_seq < self.sent {
             // Asked again for what it already acknowledged: write it again
-            // from there.
+            // from there, that page only (the client goes on by FETCH, as
+            // the SYNC's page_end tells it).
             self.rewind_to(after_seq);
+            rewound = true;
         }
         let n = (limit as u64).min(rules.max_fetch as u64);
         let page_end = self.head.min(after_seq.saturating_add(n));
         if page_end >= self.head {
             self.limit = LIVE;
+        } else if rewound {
+            self.limit = page_end;
         } else if self.limit != LIVE {
             self.limit = self.limit.max(page_end);
         }
@@ -610,6 +632,36 @@ mod tests {
         assert_eq!(env.reads, vec![(2, 3)], "read again from the position");
         serve(&mut w, &mut env, 5, 5);
         assert_eq!(env.delivered, vec![1, 2, 3, 4, 3, 4, 5]);
+    }
+
+    #[test]
+    fn a_fetch_of_acknowledged_history_is_cleared_by_the_ack_of_the_position() {
+        // The device has 1..=10 and asks for 1..=3 again (it lost its
+        // copy): they come again, and its cumulative ACK, still 10, covers
+        // them. Nothing is retransmitted, and the connection stays open.
+        let r = rules();
+        let mut env = Rec::default();
+        let mut w = Window::start::<Msg>(10, 10, 0, &r, &mut env);
+        w.on_fetch(1, 0, 3, 1, &r, &mut env);
+        serve(&mut w, &mut env, 10, 1);
+        assert_eq!(env.syncs.last(), Some(&(1, 10, 10, 3)), "the position stays; the page ends at 3");
+        assert_eq!(env.delivered, vec![1, 2, 3], "that page only");
+        for t in 2..40 {
+            w.on_ack(10, t, &r, &mut env);
+            assert_eq!(w.in_flight(), 0, "the ACK of the position covers what came again");
+            w.on_tick(t, &r, &mut env);
+            serve(&mut w, &mut env, 10, t);
+        }
+        assert_eq!(env.closed, None);
+        assert_eq!(env.delivered, vec![1, 2, 3], "no retransmit");
+        // The client goes on by FETCH to the head, and is live again.
+        w.on_fetch(2, 3, 10, 40, &r, &mut env);
+        for t in 40..50 {
+            serve(&mut w, &mut env, 10, t);
+            w.on_ack(10, t, &r, &mut env);
+        }
+        assert_eq!(env.delivered, (1..=10).collect::<Vec<_>>());
+        assert!(w.is_live() && w.is_idle());
     }
 
     #[test]

@@ -120,11 +120,14 @@
 //! Each login, sync's dedup entries or resolved message is one atomic
 //! fjall write batch into its journal (no sync); the position changes of users not
 //! cached that the store thread writes in one turn are one batch together
-//! ([`Store::set_positions`]). `sync` writes the
-//! hot log, then fjall's journal, to the kernel, and with
+//! ([`Store::set_positions`]). `sync` writes fjall's journal, then the
+//! hot log, then fjall's journal again (the dedup entries), to the kernel
+//! (fjall first: a head the hot log records may cover messages resolved
+//! into `msgs`, `DiskStore::write_through_log`), and with
 //! [`Durability::Fsync`] `fdatasync`s the hot log every time and fjall's
-//! journal at most every `FJALL_SYNC_INTERVAL` (1 s) and before a hot
-//! log file is deleted: what fjall holds that the hot log does not is
+//! journal at most every `FJALL_SYNC_INTERVAL` (1 s), before a hot
+//! log file is deleted, and before a hot log that records a head while
+//! messages resolved since its last sync wait in it: what fjall holds that the hot log does not is
 //! logins and the positions of users not cached, which may then be up to
 //! a second older after a power loss (a device gets messages it
 //! acknowledged again, and drops them by seq), and retention drops, done
@@ -729,6 +732,12 @@ pub struct DiskStore {
     /// sender's retry of the SEND nobody acknowledged was answered as a
     /// duplicate and never stored. One batch's entries at most.
     unlogged_dedup: hashbrown::HashMap<Vec<u8>, UnloggedDedup>,
+    /// Hot messages resolved into `msgs` since fjall's journal was last
+    /// synced, and heads logged in the hot log since its last flush: a
+    /// logged head may cover such a message (`sync_now` says why that
+    /// matters).
+    resolved_unsynced: bool,
+    heads_logged: bool,
     /// The messages of the last two epochs (hotlog.rs).
     hot: Hot,
     /// Why the store stopped: the I/O error of its first failed write
@@ -841,6 +850,8 @@ impl DiskStore {
             expire_at: None,
             legacy_dedup: false,
             unlogged_dedup: hashbrown::HashMap::new(),
+            resolved_unsynced: false,
+            heads_logged: false,
             hot: Hot {
                 log,
                 users: hashbrown::HashMap::new(),
@@ -904,6 +915,12 @@ impl DiskStore {
         let mut batch = self.db.batch();
         self.put_dedup(&mut batch, &legacy_dedup_key(from, client_id), seq, msg_id, ts_ms);
         batch.commit().unwrap();
+    }
+
+    /// Tests: `sync` up to the hot log's write, where a crash may stop it.
+    #[cfg(test)]
+    pub(crate) fn sync_through_the_log(&mut self) {
+        self.write_through_log().unwrap();
     }
 
     /// Tests: a smaller bound on the hot messages than [`HOT_MAX_BYTES`].
@@ -1154,6 +1171,7 @@ impl DiskStore {
             // by rotations until the record is written.
             let (user, _) = str8(&uk)?;
             self.hot.log.append_head(user, c.fhead, &c.rec.devices);
+            self.heads_logged = true;
             let logged_in = Some(self.hot.log.generation());
             match self.hot.dirty.get_mut(&uk[..]) {
                 Some(g) => *g = logged_in,
@@ -1389,6 +1407,7 @@ impl DiskStore {
         self.db.persist(mode).map_err(unavailable)?;
         if mode == PersistMode::SyncData {
             self.hot.fjall_synced = Instant::now();
+            self.resolved_unsynced = false;
         }
         Ok(())
     }
@@ -1489,6 +1508,7 @@ impl DiskStore {
             // A failure stops the store (`guard`); the message stays in
             // the log, which the next open writes into fjall.
             batch.commit().map_err(unavailable)?;
+            self.resolved_unsynced = true;
         }
         Ok(dropped)
     }
@@ -1504,7 +1524,7 @@ impl DiskStore {
         if self.hot.to_delete.is_some() {
             // Two rotations without a sync between (an embedding that
             // appends without syncing): finish the first one now.
-            self.hot.log.flush()?;
+            self.flush_log()?;
             self.write_unlogged_dedup()?;
             self.finish_rotation()?;
         }
@@ -1553,6 +1573,7 @@ impl DiskStore {
             debug_assert!(self.cache.contains_key(&uk[..]));
             if let (Some(c), Ok((user, _))) = (self.cache.get(&uk[..]), str8(uk)) {
                 self.hot.log.append_head(user, c.fhead, &c.rec.devices);
+                self.heads_logged = true;
                 *logged_in = now;
             }
         }
@@ -1666,14 +1687,20 @@ impl DiskStore {
                 }
             }
         }
+        // The dedup entries of every logged message, the last of a key
+        // winning (one write per key: a batch's writes of one key share
+        // its sequence number): those of messages at or below `fhead` too,
+        // which fjall may have lost with the journal it had not synced
+        // (they are written after the hot log: `DiskStore::unlogged_dedup`).
+        let mut dedup: hashbrown::HashMap<Vec<u8>, (u64, u64, u64)> = hashbrown::HashMap::new();
         for (r, uk) in logged.iter().zip(&keys) {
             let Recovered::Message(m) = r else { continue };
+            if m.client_id != 0 {
+                dedup.insert(dedup_key(&m.to, &m.from, m.client_id), (m.seq, m.msg_id, m.appended_ms));
+            }
             let c = states.get_mut(uk).expect("filled above");
             if m.seq <= c.fhead {
-                continue; // resolved before the restart
-            }
-            if m.client_id != 0 {
-                self.put_dedup(&mut batch, &dedup_key(&m.to, &m.from, m.client_id), m.seq, m.msg_id, m.appended_ms);
+                continue; // resolved before the restart (`write_through_log`)
             }
             if c.rec.messages == 0 {
                 c.rec.first_seq = m.seq;
@@ -1684,6 +1711,9 @@ impl DiskStore {
             c.head = m.seq;
             batch.insert(&self.msgs, msg_key(&m.to, m.seq), msg_value(m.msg_id, m.ts_ms, &m.from, &m.payload));
             written += 1;
+        }
+        for (dk, (seq, msg_id, ts_ms)) in &dedup {
+            self.put_dedup(&mut batch, dk, *seq, *msg_id, *ts_ms);
         }
         for (uk, c) in &states {
             batch.insert(&self.inboxes, uk.as_slice(), c.rec.encode(c.fhead));
@@ -1820,12 +1850,40 @@ impl DiskStore {
         Ok(Appended::New { seq })
     }
 
+    /// The first part of a sync: the records of idle users, fjall's
+    /// journal as far as it must go first, and the hot log (with
+    /// `fsync`, `fdatasync`ed). A head the hot log records (a device's
+    /// move, a rotation's) says that every message up to it is in `msgs`
+    /// or dropped, and the next open takes it at its word: so fjall's
+    /// writes of the messages resolved before it go first. Written the
+    /// other way round, a crash between the two writes (SIGKILL; with
+    /// `fsync`, a power loss before fjall's next periodic sync) lost
+    /// those messages for the devices that had not acknowledged them.
+    /// With `fsync` that costs a sync of fjall's journal in the turns
+    /// that log a head while messages resolved since its last sync (those
+    /// of offline devices, an epoch old) wait in it.
+    fn write_through_log(&mut self) -> Result<(), StoreError> {
+        self.write_idle_records()?;
+        self.flush_log()
+    }
+
+    /// Writes the hot log, fjall's journal first ([`Self::write_through_log`]).
+    fn flush_log(&mut self) -> Result<(), StoreError> {
+        let first = match self.durability {
+            Durability::Fsync if self.resolved_unsynced && self.heads_logged => PersistMode::SyncData,
+            _ => PersistMode::Buffer,
+        };
+        self.persist_fjall(first)?;
+        // The messages: `fdatasync`ed with `fsync`.
+        self.hot.log.flush()?;
+        self.heads_logged = false;
+        Ok(())
+    }
+
     /// [`Store::sync`] of a running store.
     fn sync_now(&mut self) -> Result<(), StoreError> {
-        self.write_idle_records()?;
-        // The messages first: `fdatasync`ed with `fsync`.
-        self.hot.log.flush()?;
-        // Then their dedup entries (`unlogged_dedup`).
+        self.write_through_log()?;
+        // Then the dedup entries of the messages (`unlogged_dedup`).
         self.write_unlogged_dedup()?;
         if self.hot.to_delete.is_some() {
             return self.finish_rotation();

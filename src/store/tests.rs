@@ -2707,6 +2707,55 @@ fn disk_a_send_lost_with_a_crash_before_its_sync_is_stored_when_retried() {
     }
 }
 
+/// A hot message resolved into fjall while a device still lacks it, then
+/// covered by a head the hot log records (another device's ACK): a crash
+/// of the process right after `sync` wrote the hot log must not leave
+/// the logged head covering messages fjall's journal had not written
+/// (`sync` wrote the hot log first, and the next open skipped them). The
+/// tablet must still get them.
+#[test]
+fn disk_messages_resolved_under_a_logged_head_survive_a_crash_right_after_the_logs_write() {
+    let idle = super::disk::IDLE_RESOLVE_MS;
+    let mut d = Disk::new(Durability::Os, StoreLimits::default());
+    let s = d.store.as_mut().unwrap();
+    s.device_login("ann", "phone", 0, T0).unwrap();
+    s.device_login("ann", "tablet", 0, T0).unwrap();
+    for n in 1..=5 {
+        assert_eq!(append(s, "ann", n, T0), n);
+    }
+    s.sync().unwrap();
+    s.tidy(T0 + idle + 10, 100).unwrap();
+    assert_eq!(s.hot_ram(), 0, "resolved into fjall: the tablet has none");
+    assert!(s.set_positions(&[("ann", "phone", 5)], T0 + idle + 11).iter().all(Result::is_ok));
+    s.sync_through_the_log();
+    let mut crashed = crash_copy(&d);
+    let s = crashed.store();
+    assert_eq!(s.inbox_state("ann").unwrap().head_seq, 5);
+    assert_eq!(seqs(&s.read("ann", 0, 10).unwrap()), vec![1, 2, 3, 4, 5], "the tablet's messages");
+    assert_eq!(s.held().0, 5);
+    assert_eq!(append(s, "ann", 6, T0 + idle + 12), 6, "no seq is given twice");
+}
+
+/// The dedup entry of a SEND_EX whose message every device acknowledged
+/// (dropped at once, never written to fjall) comes back from the hot log
+/// after a crash right after `sync` wrote the hot log (the entries are
+/// written after it): the sender whose SEND_RESULT was lost with the
+/// crash retries, and the retry is a duplicate, not a second message.
+#[test]
+fn disk_a_dedup_entry_fjall_lost_comes_back_from_the_hot_log_after_its_message_was_acknowledged() {
+    let mut d = Disk::new(Durability::Os, StoreLimits::default());
+    let s = d.store.as_mut().unwrap();
+    s.device_login("ann", "phone", 0, T0).unwrap();
+    assert_eq!(s.append(&msg("ann", "bob", 70, T0, "hi", 7), T0).unwrap(), Appended::New { seq: 1 });
+    assert!(s.set_positions(&[("ann", "phone", 1)], T0 + 1).iter().all(Result::is_ok));
+    assert_eq!(s.held().0, 0, "dropped at the acknowledgement");
+    s.sync_through_the_log();
+    let mut crashed = crash_copy(&d);
+    let s = crashed.store();
+    let retry = s.append(&msg("ann", "bob", 71, T0, "hi", 7), T0 + 2).unwrap();
+    assert_eq!(retry, Appended::Duplicate { seq: 1, msg_id: 70 });
+}
+
 /// Device positions a store turn hands over ([`Store::set_positions`],
 /// what the store thread calls) survive a crash of the process after the
 /// `sync` that follows: at once, once the log file of the epoch they came
