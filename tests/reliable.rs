@@ -330,6 +330,7 @@ fn a_new_device_gets_what_is_kept_after_the_other_devices_messages_were_dropped(
     // first time: its page starts at the first kept seq, not in the gap.
     let mut c = config();
     c.store.retention_interval_ms = 100;
+    c.admin.listen = "127.0.0.1:0".into();
     let server = common::start(c);
     let addr = server.local_addr();
     let handle = server.handle();
@@ -351,6 +352,11 @@ fn a_new_device_gets_what_is_kept_after_the_other_devices_messages_were_dropped(
     let mut tablet = device_login(addr, "erin", "tablet", 0);
     tablet.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     assert_eq!(next_sync(&mut tablet), (0, 0, 55, 50), "the login SYNC: the first page is 31..=50");
+    // The admin API counts what the tablet has not stored of what is kept.
+    let (status, body) = common::http(server.admin_addr().unwrap(), "GET", "/inbox?user=erin", b"", None).unwrap();
+    let state: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let tablet_state = state["devices"].as_array().unwrap().iter().find(|d| d["device"] == "tablet").cloned();
+    assert_eq!((status, tablet_state.map(|d| d["pending"].clone())), (200, Some(serde_json::json!(25))), "{body}");
     let mut got: Vec<(u64, Vec<u8>)> = (0..20).map(|_| next_inbox(&mut tablet)).collect();
     tablet.fetch(1, 50, 100).unwrap();
     assert_eq!(next_sync(&mut tablet), (1, 50, 55, 55), "the FETCH's SYNC: the rest, then live");

@@ -224,7 +224,10 @@ fn inbox(user: &str, state: Result<crate::store::InboxState, crate::server::Inbo
                 "devices": s.devices.iter().map(|d| json!({
                     "device": d.device,
                     "position": d.position,
-                    "pending": s.head_seq.saturating_sub(d.position),
+                    // Kept messages past its position: those between it
+                    // and the first kept seq are gone (dropped before it
+                    // was known, or expired), not pending.
+                    "pending": s.head_seq.saturating_sub(d.position.max(s.first_seq.saturating_sub(1))),
                     "last_seen_ms": d.last_seen_ms,
                 })).collect::<Vec<_>>(),
             }),
