@@ -72,7 +72,8 @@ pub(crate) struct SendDone {
 ///
 /// A full mailbox (`limits.mailbox_capacity`) does not lose them: what it
 /// refuses is held, per worker, and offered again at each flush, the
-/// thread coming back within [`crate::store::service::HELD_RETRY`] while anything is held. Once
+/// thread coming back within [`crate::store::service::HELD_RETRY`]
+/// while anything is held. Once
 /// something is held for a worker, everything after it for that worker
 /// waits behind it, so the worker still sees the store's order (a login's
 /// answer before the notices of what was stored after it, which the
@@ -137,8 +138,10 @@ impl StoreSink {
     }
 
     /// Queues `cmd` in `mb` (worker `index`'s), to be woken at the flush,
-    /// or holds it (see above). Whether the connection will hear of it:
-    /// all but a plain connection's notice that had to be held.
+    /// or holds it (see above). True either way: a message's notice
+    /// counts its connection as delivered to (a plain connection's, if
+    /// held, is folded into a `Missed` its worker does nothing with: at
+    /// most once).
     fn queue(&self, index: usize, mb: &Mailbox<Command>, cmd: Command) -> bool {
         let mut held = self.held[index].borrow_mut();
         let cmd = if held.is_empty() {

@@ -734,8 +734,8 @@ pub struct DiskStore {
     unlogged_dedup: hashbrown::HashMap<Vec<u8>, UnloggedDedup>,
     /// Hot messages resolved into `msgs` since fjall's journal was last
     /// synced, and heads logged in the hot log since its last flush: a
-    /// logged head may cover such a message (`sync_now` says why that
-    /// matters).
+    /// logged head may cover such a message (`write_through_log` says
+    /// why that matters).
     resolved_unsynced: bool,
     heads_logged: bool,
     /// The messages of the last two epochs (hotlog.rs).
