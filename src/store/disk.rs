@@ -1678,11 +1678,16 @@ impl DiskStore {
                 c.fhead = c.fhead.max(*head);
                 c.head = c.head.max(*head);
                 // Positions only grow; a device fjall's record does not
-                // know was dropped since (logins write the record).
+                // know was dropped since (logins write the record), and
+                // one the record saw later than this move is newer there
+                // (a device dropped, by its TTL, and added again since,
+                // at position 0, must not get its old position back).
                 for logged in devices {
                     if let Some(d) = c.rec.devices.iter_mut().find(|d| d.device == logged.device) {
-                        d.position = d.position.max(logged.position);
-                        d.last_seen_ms = d.last_seen_ms.max(logged.last_seen_ms);
+                        if logged.last_seen_ms >= d.last_seen_ms {
+                            d.position = d.position.max(logged.position);
+                            d.last_seen_ms = logged.last_seen_ms;
+                        }
                     }
                 }
             }
