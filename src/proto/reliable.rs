@@ -342,11 +342,7 @@ impl Window {
             // flight, was retransmitted, and the connection was closed
             // with 4007 unless a new message moved the position.
             if self.in_flight.front().is_some_and(|&(s, _)| s <= seq) {
-                self.covered(seq);
-                self.retries = 0;
-                self.full = false;
-                self.deadline =
-                    if self.in_flight.is_empty() { None } else { Some(now.wrapping_add(rules.ack_timeout)) };
+                self.covered(seq, now, rules);
                 self.pump(now, rules, env);
             }
             return;
@@ -355,8 +351,9 @@ impl Window {
         self.pump(now, rules, env);
     }
 
-    /// Drops from what is in flight the seqs up to `seq`.
-    fn covered(&mut self, seq: u64) {
+    /// The client has every seq up to `seq`: they leave what is in flight,
+    /// and the retransmit timer starts again for what is left.
+    fn covered(&mut self, seq: u64, now: Tick, rules: &WindowRules) {
         while let Some(&(s, len)) = self.in_flight.front() {
             if s > seq {
                 break;
@@ -364,21 +361,21 @@ impl Window {
             self.in_flight.pop_front();
             self.in_flight_bytes -= len as u64;
         }
+        self.full = false;
+        self.retries = 0;
+        self.deadline = if self.in_flight.is_empty() { None } else { Some(now.wrapping_add(rules.ack_timeout)) };
     }
 
     /// The position moves to `seq` (≤ head, > acked).
     fn advance<M: Item>(&mut self, seq: u64, now: Tick, rules: &WindowRules, env: &mut impl WindowEnv<M>) {
         self.acked = seq;
-        self.full = false;
         env.save_position(seq);
-        self.covered(seq);
+        self.covered(seq, now, rules);
         // The client has more than this connection wrote (from an earlier
         // connection of the device): carry on after it.
         if seq > self.sent {
             self.sent = seq;
         }
-        self.retries = 0;
-        self.deadline = if self.in_flight.is_empty() { None } else { Some(now.wrapping_add(rules.ack_timeout)) };
     }
 
     /// FETCH: the client has everything up to `after_seq` and asks for up to
