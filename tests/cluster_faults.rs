@@ -1,6 +1,7 @@
 //! Faults of a cluster, with real processes: a Switchboard node killed
 //! with SIGKILL mid-stream, Redis stopped with SIGSTOP for 5 s, Redis
-//! restarted, and the presence of a killed node expiring within its bound.
+//! restarted, the presence of a killed node expiring within its bound,
+//! and a node's worker mailboxes full when another node's notices come.
 //! Nodes run with a 200 ms heartbeat and a 600 ms node TTL.
 
 mod common;
@@ -368,4 +369,45 @@ fn a_node_starts_without_redis_and_joins_when_it_comes() {
         }
         req += 1;
     }
+}
+
+/// Node B stores a batch of pushes for 60 devices on node A, whose worker
+/// mailboxes hold 16 commands: A's cluster thread finds them full, and
+/// every device still gets all of its messages, with nothing sent after
+/// them to wake it.
+#[test]
+fn notices_from_another_node_that_find_a_full_mailbox_still_arrive() {
+    const DEVICES: usize = 60;
+    const ROUNDS: u64 = 3;
+    let redis_proc = RedisServer::start();
+    let redis = Redis::One(redis_proc.url());
+    let small = NodeOpts { extra: "[limits]\nmailbox_capacity = 16\n".into(), ..reliable() };
+    let a = Node::start("a", &redis, &small);
+    let b = Node::start("b", &redis, &reliable());
+    let readers: Vec<_> = (0..DEVICES).map(|i| live_reader(a.login(&format!("u{i}"), Some(("phone", 0))))).collect();
+    for i in 0..DEVICES {
+        let user = format!("u{i}");
+        let here = common::wait_until(Duration::from_secs(10), || redis.presence(&user) == ["a"]);
+        assert!(here, "presence of {user}: {:?}", redis.presence(&user));
+    }
+    let commands: Vec<String> = (0..ROUNDS)
+        .flat_map(|r| (0..DEVICES).map(move |i| format!(r#"{{"push": {{"user": "u{i}", "text": "m{r}"}}}}"#)))
+        .collect();
+    let (status, body) = b.api("/api/v1/batch", &format!(r#"{{"commands": [{}]}}"#, commands.join(",")));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body.matches(r#""status":200"#).count(), DEVICES * ROUNDS as usize, "every push stored: {body}");
+    let end = Instant::now() + Duration::from_secs(10);
+    for (i, (got, have, syncs)) in readers.iter().enumerate() {
+        while have.load(Ordering::Relaxed) < ROUNDS && Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let got: Vec<String> = got.lock().unwrap().values().cloned().collect();
+        let want: Vec<String> = (0..ROUNDS).map(|r| format!("m{r}")).collect();
+        assert_eq!(got, want, "u{i}'s device (SYNCs as (page_end, head): {:?})", syncs.lock().unwrap());
+    }
+    // The case this is about happened: A's mailboxes refused notices.
+    let (status, body) = common::http(a.admin, "GET", "/api/v1/stats", b"", None).expect("admin API answers");
+    assert_eq!(status, 200, "{body}");
+    let stats: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert!(stats["stats"]["mailbox_full"].as_u64().unwrap() > 0, "no mailbox of A was full: {body}");
 }

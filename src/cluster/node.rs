@@ -8,7 +8,10 @@
 //! the delivery of what other nodes send.
 //! Must not: block a worker or a handle (they only queue, see `Link`);
 //! hold a `RefCell` borrow across an `.await`; grow without bound (the
-//! queue, the cache and each PUBLISH have limits from `[cluster]`).
+//! queue, the cache and each PUBLISH have limits from `[cluster]`; the
+//! notices held for full worker mailboxes, one per connection); drop a
+//! stored message's notice that a full worker mailbox refused (held and
+//! offered again: `Node::notify`).
 //!
 //! One turn of the forwarder: take every queued event (up to
 //! [`MAX_EVENTS_PER_TURN`]), look up in one go the users whose routes are
@@ -42,7 +45,9 @@ use super::wire::{self, BatchWriter, Record};
 use super::{ClusterCounters, Event, Link};
 use crate::config::{ClusterConfig, RedisAddrs};
 use crate::proto::codes::CloseCode;
+use crate::runtime::inbox::Held;
 use crate::runtime::{Command, Shared};
+use crate::store::service::HELD_RETRY;
 use crate::store::StoredMessage;
 
 /// Events taken in one turn of the forwarder.
@@ -300,6 +305,14 @@ struct Node {
     /// Presence in Redis may be behind this node's users: redo it whole.
     resync: Cell<bool>,
     pubsub_up: Cell<bool>,
+    /// Per worker, the notices of messages stored by other nodes that its
+    /// full mailbox refused, folded per connection
+    /// ([`Held`], as the store thread's sink holds its own), offered again
+    /// every [`HELD_RETRY`] by [`Node::release_held`]. Dropped, a notice
+    /// left a caught-up device without the message until the next one came.
+    held: RefCell<Box<[Held]>>,
+    /// Something was held: `release_held` has work.
+    held_wake: tokio::sync::Notify,
 }
 
 async fn run(
@@ -311,6 +324,7 @@ async fn run(
 ) {
     let cfg = shared.config.cluster.clone();
     let Some(addrs) = cfg.redis.clone() else { return };
+    let shared_workers = shared.mailboxes.len();
     let node = Rc::new(Node {
         me: link.node_id.clone(),
         counters: link.counters.clone(),
@@ -328,10 +342,13 @@ async fn run(
         reset_during_lookup: Cell::new(false),
         resync: Cell::new(true),
         pubsub_up: Cell::new(false),
+        held: RefCell::new((0..shared_workers).map(|_| Held::default()).collect()),
+        held_wake: tokio::sync::Notify::new(),
     });
     tracing::info!(node = %node.me, redis = ?node.addrs.urls(), "cluster: joining");
     let sub = tokio::task::spawn_local(node.clone().subscriber(stop.clone()));
     let beat = tokio::task::spawn_local(node.clone().heartbeat(stop.clone()));
+    let held = tokio::task::spawn_local(node.clone().release_held());
     let mut events = Vec::with_capacity(MAX_EVENTS_PER_TURN);
     let linger = Duration::from_micros(node.cfg.batch_linger_us);
     loop {
@@ -373,6 +390,7 @@ async fn run(
     }
     sub.abort();
     beat.abort();
+    held.abort();
 }
 
 impl Node {
@@ -871,7 +889,7 @@ impl Node {
                 Record::Stored { user, seq, msg_id, ts_ms, from, payload } => {
                     let (Some(user), Some(from)) = (as_str(&user), as_str(&from)) else { continue };
                     let msg = Arc::new(StoredMessage { seq, msg_id, ts_ms, from: Arc::from(from), payload });
-                    let n = shared.route_stored(user, &msg);
+                    let n = shared.route_stored_by(user, &msg, |index, mb, cmd| self.notify(index, mb, cmd));
                     if n == 0 {
                         self.not_here(user);
                     }
@@ -928,6 +946,45 @@ impl Node {
     /// A forward found no connection of `user` here: this node's presence
     /// field for the user is stale (a logout raced a login, or it is left
     /// from before a restart). Queue its removal, which checks again.
+    /// Hands a notice to worker `index`'s mailbox, or holds it if the
+    /// mailbox is full or already has notices held (which go first). True
+    /// either way: the connection counts as delivered to.
+    fn notify(&self, index: usize, mb: &crate::mailbox::Mailbox<Command>, cmd: Command) -> bool {
+        let mut held = self.held.borrow_mut();
+        let cmd = if held[index].is_empty() {
+            match mb.offer(cmd) {
+                Ok(()) => return true,
+                Err(cmd) => cmd,
+            }
+        } else {
+            cmd
+        };
+        held[index].keep(cmd);
+        self.held_wake.notify_one();
+        true
+    }
+
+    /// Offers the held notices again every [`HELD_RETRY`] while there
+    /// are any; waits for the next otherwise.
+    async fn release_held(self: Rc<Self>) {
+        loop {
+            self.held_wake.notified().await;
+            loop {
+                tokio::time::sleep(HELD_RETRY).await;
+                let mut left = false;
+                for (held, mb) in self.held.borrow_mut().iter_mut().zip(self.shared.mailboxes.iter()) {
+                    if held.release(mb) {
+                        mb.wake();
+                    }
+                    left |= !held.is_empty();
+                }
+                if !left {
+                    break;
+                }
+            }
+        }
+    }
+
     fn not_here(&self, user: &str) {
         if !self.shared.directory.is_online(user) {
             self.link.send(Event::Offline(Arc::from(user)));

@@ -104,9 +104,11 @@ pub(crate) struct StoreSink {
     held: Box<[RefCell<Held>]>,
 }
 
-/// What one worker's mailbox refused, in the order to offer it again.
+/// What one worker's mailbox refused, in the order to offer it again
+/// (the store sink's, and the cluster thread's for the notices other
+/// nodes send).
 #[derive(Default)]
-struct Held {
+pub(crate) struct Held {
     /// Answers, oldest first.
     answers: VecDeque<Command>,
     /// Connections that missed notices, with the highest seq missed;
@@ -115,11 +117,13 @@ struct Held {
 }
 
 impl Held {
-    fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.answers.is_empty() && self.missed.is_empty()
     }
 
-    fn keep(&mut self, cmd: Command) {
+    /// Keeps `cmd`, refused by a full mailbox (or behind what was): a
+    /// message's notice folded into its connection's `Missed`.
+    pub(crate) fn keep(&mut self, cmd: Command) {
         match cmd {
             Command::Stored { conn, msg } => {
                 let seq = self.missed.entry(conn).or_default();
@@ -127,6 +131,32 @@ impl Held {
             }
             cmd => self.answers.push_back(cmd),
         }
+    }
+
+    /// Offers what is held to `mb` again, in order, as much as it takes
+    /// now, without a wake; whether it took anything (the caller wakes
+    /// the worker then).
+    pub(crate) fn release(&mut self, mb: &Mailbox<Command>) -> bool {
+        if self.is_empty() {
+            return false;
+        }
+        let mut moved = false;
+        while let Some(cmd) = self.answers.pop_front() {
+            match mb.offer_again_unwoken(cmd) {
+                Ok(()) => moved = true,
+                Err(cmd) => {
+                    self.answers.push_front(cmd);
+                    return moved;
+                }
+            }
+        }
+        let mut full = false;
+        self.missed.retain(|&conn, &mut seq| {
+            full = full || mb.offer_again_unwoken(Command::Missed { conn, seq }).is_err();
+            moved |= !full;
+            full
+        });
+        moved
     }
 }
 
@@ -167,29 +197,7 @@ impl StoreSink {
     /// Offers worker `index`'s held commands again, in order, as many as
     /// its mailbox takes now.
     fn release(&self, index: usize, mb: &Mailbox<Command>) {
-        let mut held = self.held[index].borrow_mut();
-        if held.is_empty() {
-            return;
-        }
-        let mut moved = false;
-        while let Some(cmd) = held.answers.pop_front() {
-            match mb.offer_again_unwoken(cmd) {
-                Ok(()) => moved = true,
-                Err(cmd) => {
-                    held.answers.push_front(cmd);
-                    break;
-                }
-            }
-        }
-        if held.answers.is_empty() {
-            let mut full = false;
-            held.missed.retain(|&conn, &mut seq| {
-                full = full || mb.offer_again_unwoken(Command::Missed { conn, seq }).is_err();
-                moved |= !full;
-                full
-            });
-        }
-        if moved {
+        if self.held[index].borrow_mut().release(mb) {
             self.unwoken[index].set(true);
         }
     }

@@ -143,16 +143,12 @@ impl Shared {
     }
 
     /// A message stored in `to`'s inbox: a notice to the worker of each of
-    /// its connections on this node. Returns how many took it (a full
-    /// mailbox drops the notice here; the store thread's own notices are
-    /// held instead: `inbox::StoreSink`).
-    pub(crate) fn route_stored(&self, to: &str, msg: &Arc<crate::store::StoredMessage>) -> u32 {
-        self.route_stored_by(to, msg, |_, mb, cmd| mb.push(cmd).is_ok())
-    }
-
-    /// [`Shared::route_stored`] through `post` (the worker's index, its
-    /// mailbox, the notice), which says whether the mailbox took it: the
-    /// store thread's sink queues without waking and wakes once per batch.
+    /// its connections on this node, through `post` (the worker's index,
+    /// its mailbox, the notice), which says whether the connection counts
+    /// as delivered to. Both callers hold what a full mailbox refuses:
+    /// the store thread's sink (`inbox::StoreSink`, which also queues
+    /// without waking and wakes once per batch) and the cluster thread,
+    /// for messages other nodes stored.
     pub(crate) fn route_stored_by(
         &self,
         to: &str,
