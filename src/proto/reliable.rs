@@ -104,6 +104,37 @@ pub struct Window {
     full: bool,
 }
 
+/// A device connection logged in whose login the store has not answered
+/// yet (no [`Window`] until it does).
+///
+/// Notices of new messages that come meanwhile are counted, not dropped.
+/// The store thread answers a login before the notices of what it stored
+/// after the login read the head, so those are in the login page. But in
+/// a cluster (the Redis store), a notice that another node forwards for a
+/// message it stored just after this login's read can come before the
+/// answer: dropped, it left the device without that message until the
+/// next one came.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Pending {
+    /// The highest seq a notice named (0: none).
+    heard: u64,
+}
+
+impl Pending {
+    /// A message `seq` was stored in the user's inbox (or messages up to
+    /// it: a held notice).
+    pub fn on_appended(&mut self, seq: u64) {
+        self.heard = self.heard.max(seq);
+    }
+
+    /// The head to start the window at ([`Window::start`]) once the
+    /// store answers the login with the head it `read`: that or the
+    /// highest seq heard since, whichever is higher.
+    pub fn head(self, read: u64) -> u64 {
+        read.max(self.heard)
+    }
+}
+
 impl Window {
     /// A device logged in; the store says its position is `position` and
     /// its inbox head `head`. Writes the login SYNC and starts pushing the
@@ -750,6 +781,30 @@ mod tests {
         assert_eq!(env.syncs, vec![(0, 0, 30, 4)], "position 0, head 30, first page 2..=4");
         assert_eq!(env.delivered, vec![2, 3, 4]);
         assert!(!w.is_live());
+    }
+
+    #[test]
+    fn a_notice_that_came_before_the_login_answer_is_not_lost() {
+        // The store read the head (5) for the login; a message stored
+        // after that (6) was announced to the connection before the
+        // login's answer (a notice forwarded by another node of a
+        // cluster). Nothing follows it: the window still pushes it.
+        let mut pending = Pending::default();
+        pending.on_appended(6);
+        let mut env = Rec::default();
+        let mut w = Window::start::<Msg>(5, pending.head(5), 0, &rules(), &mut env);
+        assert_eq!(env.reads, vec![(5, 1)], "read what the notice named");
+        serve(&mut w, &mut env, 6, 0);
+        assert_eq!(env.syncs, vec![(0, 5, 6, 6)], "the SYNC counts it in the head");
+        assert_eq!(env.delivered, vec![6]);
+        assert!(w.is_live());
+        // Notices of what the login read already change nothing.
+        let mut pending = Pending::default();
+        pending.on_appended(3);
+        let mut env = Rec::default();
+        let w = Window::start::<Msg>(5, pending.head(5), 0, &rules(), &mut env);
+        assert_eq!(env.syncs, vec![(0, 5, 5, 5)]);
+        assert!(env.reads.is_empty() && w.is_idle());
     }
 
     #[test]

@@ -19,15 +19,16 @@ use super::Worker;
 use crate::ids::ConnId;
 use crate::proto::codes::{CloseCode, ErrorCode};
 use crate::proto::frame::{clip_reason, Frame, SendOutcome};
-use crate::proto::reliable::{Window, WindowEnv};
+use crate::proto::reliable::{Pending, Window, WindowEnv};
 use crate::proto::session::Tick;
 use crate::runtime::inbox::{PageResult, Reply, SendDone, Token};
 use crate::store::{Busy, NewMessage, Request, StoreError, StoredMessage, Submitter};
 
 /// Where a device connection's window is.
 enum State {
-    /// Logged in; the store has not answered with the position yet.
-    Pending,
+    /// Logged in; the store has not answered with the position yet (the
+    /// notices that came meanwhile are counted in it).
+    Pending(Pending),
     /// Idle (nothing in flight, caught up): only the position is kept.
     Parked { position: u64 },
     /// Messages in flight, a page or a timer outstanding.
@@ -179,14 +180,16 @@ impl Worker {
         let mut dev = {
             let mut table = self.reliable.borrow_mut();
             match table.get(&slot) {
-                Some(d) if d.generation == generation && !matches!(d.state, State::Pending) => table.remove(&slot)?,
+                Some(d) if d.generation == generation && !matches!(d.state, State::Pending(_)) => {
+                    table.remove(&slot)?
+                }
                 _ => return None,
             }
         };
-        let mut window = match std::mem::replace(&mut dev.state, State::Pending) {
+        let mut window = match std::mem::replace(&mut dev.state, State::Pending(Pending::default())) {
             State::Open(w) => w,
             State::Parked { position } => Box::new(Window::resume(position)),
-            State::Pending => unreachable!("checked above"),
+            State::Pending(_) => unreachable!("checked above"),
         };
         let mut io = WinIo::new(self, slot, generation, &dev.user);
         let r = f(&mut window, &mut io);
@@ -242,7 +245,14 @@ impl Worker {
         if self.submit_store(store, Token::Login { conn }, req).is_err() {
             return Err((CloseCode::TryAgainLater, "the message store is busy; log in again shortly".into()));
         }
-        let dev = Device { generation, user: user.clone(), device, state: State::Pending, unsaved: 0, listed: false };
+        let dev = Device {
+            generation,
+            user: user.clone(),
+            device,
+            state: State::Pending(Pending::default()),
+            unsaved: 0,
+            listed: false,
+        };
         self.reliable.borrow_mut().insert(slot, dev);
         Ok(())
     }
@@ -395,7 +405,12 @@ impl Worker {
             return;
         }
         if self.reliable.borrow().get(&slot).is_some_and(|d| d.generation == generation) {
-            return; // the store has not answered the login yet: the login page will hold it
+            // The store has not answered the login yet: the window counts
+            // the message in when it starts (a notice from another node
+            // can come before the answer of a login that read the head
+            // before the message was stored).
+            self.heard_while_pending(slot, generation, msg.seq);
+            return;
         }
         // A plain connection: today's live PUSH, at most once.
         let frame = Frame::Push { msg_id: msg.msg_id, from: &msg.from, payload: &msg.payload }
@@ -408,13 +423,26 @@ impl Worker {
 
     /// Notices of messages up to `seq` for the user of `conn` were held
     /// back by the store thread (a full mailbox): the window reads that
-    /// far. A window not open yet will have them in its login page (its
-    /// answer was ahead of them); a plain connection's at-most-once PUSH
-    /// is gone.
+    /// far (the cluster thread holds notices too, for messages other
+    /// nodes stored). A window not open yet counts them in when it starts;
+    /// a plain connection's at-most-once PUSH is gone.
     pub(super) fn on_missed(&self, conn: ConnId, seq: u64) {
         let now = self.now.get();
         let rules = self.window_rules;
-        self.with_window(conn.slot(), conn.generation(), |w, io| w.on_head(seq, now, &rules, io));
+        let (slot, generation) = (conn.slot(), conn.generation());
+        if self.with_window(slot, generation, |w, io| w.on_head(seq, now, &rules, io)).is_none() {
+            self.heard_while_pending(slot, generation, seq);
+        }
+    }
+
+    /// A notice of messages up to `seq` for a device connection whose
+    /// login the store has not answered yet (else nothing).
+    fn heard_while_pending(&self, slot: u32, generation: u32, seq: u64) {
+        if let Some(Device { state: State::Pending(p), .. }) =
+            self.reliable.borrow_mut().get_mut(&slot).filter(|d| d.generation == generation)
+        {
+            p.on_appended(seq);
+        }
     }
 
     /// The outcome of `conn`'s SEND (SEND_ACK) or SEND_EX (SEND_RESULT).
@@ -452,17 +480,17 @@ impl Worker {
                 return;
             }
         };
-        let dev = {
+        let (dev, pending) = {
             let mut table = self.reliable.borrow_mut();
             match table.get(&slot) {
-                Some(d) if d.generation == generation && matches!(d.state, State::Pending) => {
-                    table.remove(&slot).expect("just seen")
+                Some(&Device { generation: g, state: State::Pending(p), .. }) if g == generation => {
+                    (table.remove(&slot).expect("just seen"), p)
                 }
                 _ => return, // closed meanwhile
             }
         };
         let mut io = WinIo::new(self, slot, generation, &dev.user);
-        let window = Box::new(Window::start(position, head, self.now.get(), &self.window_rules, &mut io));
+        let window = Box::new(Window::start(position, pending.head(head), self.now.get(), &self.window_rules, &mut io));
         let after = io.after();
         self.put_back(slot, generation, dev, window, after);
     }
