@@ -691,11 +691,9 @@ impl Connection {
                 self.send(req_id, to, payload, false, store, rules, env)
             }
             Frame::SendEx { req_id, flags, client_id, to, payload } => {
-                let store = (flags & SEND_EX_AT_MOST_ONCE == 0).then_some(client_id);
-                if store.is_some() && !rules.has_store {
-                    let reason = "this server has no message store; send with the at-most-once flag";
-                    return error(env, ErrorCode::NotReliable, req_id, reason);
-                }
+                // Without a store it is relayed as a SEND is, and its
+                // SEND_RESULT says so (outcome relayed, seq 0).
+                let store = (flags & SEND_EX_AT_MOST_ONCE == 0 && rules.has_store).then_some(client_id);
                 self.send(req_id, to, payload, true, store, rules, env)
             }
             Frame::Ack { seq } => {
@@ -1318,7 +1316,8 @@ mod tests {
         // Stored SENDs are answered later by the runtime; the at-most-once
         // one at once, and the oversized one with ERROR 103.
         assert_eq!(env.written(), ["LoginOk", "SendResult", "Error"]);
-        // Without a store, SEND_EX that asks to be stored is refused.
+        // Without a store, SEND_EX is relayed as a SEND is, and its
+        // SEND_RESULT says so (PROTOCOL.md 3.22: outcome relayed, seq 0).
         let r = Rules::new(&config, rules().timeouts, None, false, false);
         let (mut c, mut env) = (raw(), Rec::default());
         let mut s = login("u", "good");
@@ -1328,8 +1327,9 @@ mod tests {
         for (i, b) in s.iter().enumerate() {
             c.on_read(&mut [*b], i as Tick, &r, &mut env);
         }
-        assert_eq!(env.written(), ["LoginOk", "Error"]);
-        assert!(!env.evs.iter().any(|e| matches!(e, Ev::Store { .. } | Ev::Send { .. })));
+        assert_eq!(env.written(), ["LoginOk", "SendResult"]);
+        assert!(env.evs.contains(&Ev::Send { to: "v".into(), payload: b"x".to_vec() }));
+        assert!(!env.evs.iter().any(|e| matches!(e, Ev::Store { .. })));
     }
 
     #[test]
