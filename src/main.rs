@@ -551,7 +551,7 @@ fn read_state(path: &std::path::Path) -> Result<u64, String> {
     match std::fs::read_to_string(path) {
         Ok(text) => text.trim().parse().map_err(|_| {
             format!(
-                "{}: not a seq ({:?}); delete it to start over (stored messages then come again)",
+                "{}: not a seq ({:?}); delete it to go on from the server's record of this device",
                 path.display(),
                 text.trim()
             )
@@ -593,17 +593,33 @@ impl Inbox {
     }
 
     /// Takes one frame: prints it unless it is a copy of a stored INBOX;
-    /// returns the ACK or FETCH to send now, if any.
+    /// returns the ACK or FETCH to send now, if any. Whatever the frame,
+    /// an ACK that is due goes with it: a read that never times out
+    /// (steady room traffic) must not hold it back until 4007.
     fn take(&mut self, f: &Frame<'_>) -> Option<Frame<'static>> {
+        self.react(f).or_else(|| self.ack_if_due())
+    }
+
+    fn react(&mut self, f: &Frame<'_>) -> Option<Frame<'static>> {
         match *f {
             Frame::Sync { position, head_seq, page_end, .. } => {
                 print_frame(f);
                 if head_seq < self.last_seq {
-                    // Seqs never go back on one store (15.3): this is a new one.
-                    out!("(the server's inbox ends at #{head_seq}, before #{} stored here: a new store; going on from #{position})", self.last_seq);
-                    self.last_seq = position;
-                    self.acked = position;
+                    // Seqs never go back on one store (15.3): this is
+                    // another one (a memory store restarted, a store
+                    // restored from a backup), whose seqs name other
+                    // messages. Start over from #1 and fetch what it holds,
+                    // which this login took as acknowledged (15.8).
+                    out!(
+                        "(the server's inbox ends at #{head_seq}, before #{} stored here: another store; fetching it from #1)",
+                        self.last_seq
+                    );
+                    self.last_seq = 0;
                     self.save();
+                    (self.acked, self.unacked_since, self.ack_again) = (position, None, false);
+                    (self.page_end, self.head_seq, self.fetching) = (page_end, head_seq, true);
+                    self.fetch_id += 1;
+                    return Some(Frame::Fetch { req_id: self.fetch_id, after_seq: 0, limit: FETCH_LIMIT });
                 }
                 (self.page_end, self.head_seq, self.fetching) = (page_end, head_seq, false);
                 self.fetch_if_page_done()
@@ -617,7 +633,7 @@ impl Inbox {
                 self.last_seq = seq;
                 self.save();
                 self.unacked_since.get_or_insert_with(std::time::Instant::now);
-                self.fetch_if_page_done().or_else(|| self.ack_if_due())
+                self.fetch_if_page_done()
             }
             _ => {
                 print_frame(f);
@@ -844,5 +860,60 @@ fn main() -> ExitCode {
             }
         },
         Cmd::Client { user, addr, token, config, device, state } => client(user, addr, token, config, device, state),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn inbox() -> Inbox {
+        let state = std::env::temp_dir().join(format!(
+            "sb-main-test-{}-{:?}.seq",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        Inbox {
+            state,
+            last_seq: 0,
+            acked: 0,
+            unacked_since: None,
+            ack_again: false,
+            page_end: 0,
+            head_seq: 0,
+            fetching: false,
+            fetch_id: 0,
+        }
+    }
+
+    fn inbox_frame(seq: u64) -> Frame<'static> {
+        Frame::Inbox { seq, msg_id: seq, ts_ms: 0, from: "alice", payload: b"hi" }
+    }
+
+    /// PROTOCOL.md 15.4: an ACK within 100 ms of the first unacknowledged
+    /// INBOX, whatever else arrives meanwhile (room traffic kept the read
+    /// from ever timing out, and no ACK went).
+    #[test]
+    fn an_ack_goes_when_due_even_while_other_frames_keep_arriving() {
+        let mut i = inbox();
+        i.take(&Frame::Sync { req_id: 0, position: 0, head_seq: 0, page_end: 0 });
+        assert_eq!(i.take(&inbox_frame(1)), None, "not due yet");
+        i.unacked_since = Some(std::time::Instant::now() - ACK_AFTER);
+        let room = Frame::RoomMsg { room: "lobby", msg_id: 9, from: "bob", payload: b"chatter" };
+        assert_eq!(i.take(&room), Some(Frame::Ack { seq: 1 }));
+        let _ = std::fs::remove_file(&i.state);
+    }
+
+    /// PROTOCOL.md 15.8: a copy of a stored INBOX means the server missed
+    /// an ACK: acknowledge at once.
+    #[test]
+    fn a_copy_of_a_stored_message_is_acknowledged_at_once() {
+        let mut i = inbox();
+        i.take(&Frame::Sync { req_id: 0, position: 0, head_seq: 0, page_end: 0 });
+        i.take(&inbox_frame(1));
+        i.take(&inbox_frame(2));
+        i.mark_acked();
+        assert_eq!(i.take(&inbox_frame(2)), Some(Frame::Ack { seq: 2 }));
+        let _ = std::fs::remove_file(&i.state);
     }
 }

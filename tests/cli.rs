@@ -579,6 +579,58 @@ fn cli_client_with_a_device_acknowledges_and_resumes_across_runs() {
     assert!(stop(server).success());
 }
 
+/// `switchboard client --device` against a server whose inbox is not the
+/// one it stored from (a memory store restarted, PROTOCOL.md 15.8): the
+/// seqs it kept name other messages, so it starts over from #1 and gets
+/// what the new inbox holds, though the login took it as acknowledged.
+#[test]
+fn cli_client_with_a_device_gets_everything_from_a_store_that_started_over() {
+    let port = common::free_port();
+    let memory = ["--store", "memory"];
+    let mut server = serve_with(port, "warn", &memory, &[], Stdio::null(), Stdio::null());
+    let addr = format!("127.0.0.1:{port}");
+    let home = std::env::temp_dir().join(format!("sb-cli-home-over-{}-{port}", std::process::id()));
+    std::fs::create_dir_all(&home).unwrap();
+    let env = [("HOME", home.as_os_str())];
+    let mut alice = dev_login(&mut server, port, "alice");
+    for i in 1..=5 {
+        send_stored(&mut alice, i, "dora", &format!("old{i}"));
+    }
+    let mut dora = CliClient::start_with("dora", &addr, &["--device", "cli-1"], &env);
+    dora.expect("logged in as dora");
+    dora.expect("(device cli-1: stored up to #0");
+    dora.expect("(inbox: stored up to 0, head 5, this page up to 5)");
+    for i in 1..=5 {
+        assert!(dora.expect(&format!("[#{i} ")).ends_with(&format!("from alice] old{i}")));
+    }
+    dora.type_line("/quit");
+    assert!(dora.proc.wait_for(Duration::from_secs(5)).is_some_and(|s| s.success()));
+
+    // The memory store starts over: two new messages are #1 and #2.
+    assert!(stop(server).success());
+    let mut server = serve_with(port, "warn", &memory, &[], Stdio::null(), Stdio::null());
+    let mut alice = dev_login(&mut server, port, "alice");
+    for i in 1..=2 {
+        send_stored(&mut alice, i, "dora", &format!("new{i}"));
+    }
+    let mut dora = CliClient::start_with("dora", &addr, &["--device", "cli-1"], &env);
+    dora.expect("logged in as dora");
+    dora.expect("(device cli-1: stored up to #5");
+    dora.expect("(inbox: stored up to 2, head 2, this page up to 2)");
+    dora.expect("another store");
+    dora.expect("(inbox: stored up to 2, head 2, this page up to 2)"); // its FETCH
+    for i in 1..=2 {
+        assert!(dora.expect(&format!("[#{i} ")).ends_with(&format!("from alice] new{i}")));
+    }
+    // And what comes next is taken, not dropped as a copy of old #3.
+    send_stored(&mut alice, 3, "dora", "new3");
+    assert!(dora.expect("[#3 ").ends_with("from alice] new3"));
+    dora.type_line("/quit");
+    assert!(dora.proc.wait_for(Duration::from_secs(5)).is_some_and(|s| s.success()));
+    let _ = std::fs::remove_dir_all(&home);
+    assert!(stop(server).success());
+}
+
 /// `--help` explains every option and the commands one types.
 #[test]
 fn cli_client_help_explains_its_options_and_commands() {
