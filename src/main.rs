@@ -688,13 +688,16 @@ fn read_loop(mut c: Client, inbox: Option<std::sync::Arc<std::sync::Mutex<Inbox>
     }
     loop {
         let f = c.recv_skipping_pings();
-        let reply = match (&f, &inbox) {
-            (Ok(f), Some(inbox)) => inbox.lock().unwrap_or_else(|e| e.into_inner()).take(&f.frame()),
+        // The reply is written with the inbox locked: the main thread's
+        // last ACK and CLOSE, at /quit, then come after it, not before.
+        let mut locked = inbox.as_ref().map(|i| i.lock().unwrap_or_else(|e| e.into_inner()));
+        let reply = match (&f, &mut locked) {
+            (Ok(f), Some(inbox)) => inbox.take(&f.frame()),
             (Ok(f), None) => {
                 print_frame(&f.frame());
                 None
             }
-            (Err(e), Some(inbox)) if e.is_timeout() => inbox.lock().unwrap_or_else(|e| e.into_inner()).ack_if_due(),
+            (Err(e), Some(inbox)) if e.is_timeout() => inbox.ack_if_due(),
             (Err(ClientError::Closed), _) => {
                 out!("(connection closed)");
                 std::process::exit(0);
@@ -710,6 +713,7 @@ fn read_loop(mut c: Client, inbox: Option<std::sync::Arc<std::sync::Mutex<Inbox>
                 std::process::exit(1);
             }
         }
+        drop(locked);
     }
 }
 
