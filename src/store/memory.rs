@@ -13,7 +13,10 @@
 //!   (an 88-byte slot) + the user id's `Arc<str>` (16 + its bytes);
 //!   a million users with 10-byte ids ≈ 130 MB. Seqs never go back, so it is never removed;
 //! - each kept message: a 72-byte `VecDeque` slot (+ its payload `Bytes`
-//!   and sender `Arc<str>`, shared with the caller's);
+//!   and sender `Arc<str>`, shared with the caller's); an inbox's queue
+//!   gives back what a backlog grew it to once the retention pass drops
+//!   the messages (down to twice what it holds, past 64 slots), as the
+//!   dedup table and its queue do;
 //! - each dedup entry (one per append with a client_id, kept for the dedup
 //!   window): ~74 bytes of map slot + a 48-byte queue entry, dropped by
 //!   `expire`.
@@ -96,13 +99,16 @@ impl Store for MemoryStore {
             }
         }
         let bytes = record_bytes(&m.to, &m.from, m.payload.len());
-        let inbox = self.inboxes.entry(m.to.clone()).or_default();
-        if inbox.messages.len() as u64 >= self.limits.max_messages_per_inbox {
+        // Checked before the inbox is made: a refused append to a user
+        // never seen leaves nothing behind.
+        let held = self.inboxes.get(&m.to).map_or(0, |i| i.messages.len() as u64);
+        if held >= self.limits.max_messages_per_inbox {
             return Err(StoreError::InboxFull { limit: self.limits.max_messages_per_inbox });
         }
         if self.total_bytes + bytes > self.limits.max_bytes {
             return Err(StoreError::StoreFull { limit_bytes: self.limits.max_bytes });
         }
+        let inbox = self.inboxes.entry(m.to.clone()).or_default();
         inbox.head += 1;
         let seq = inbox.head;
         inbox.messages.push_back(StoredMessage {
@@ -191,6 +197,7 @@ impl Store for MemoryStore {
                 inbox.messages.pop_front();
                 dropped += 1;
             }
+            give_back(&mut inbox.messages);
         }
         while let Some((ts_ms, _)) = self.dedup_order.front() {
             if !expired(*ts_ms, self.limits.dedup_window_ms, now_ms) {
@@ -202,6 +209,73 @@ impl Store for MemoryStore {
                 self.dedup.remove(&key);
             }
         }
+        give_back(&mut self.dedup_order);
+        if shrinkable(self.dedup.capacity(), self.dedup.len()) {
+            self.dedup.shrink_to(2 * self.dedup.len());
+        }
         Ok(dropped)
+    }
+}
+
+/// Whether a collection of `capacity` holding `len` should give room back:
+/// more than 64 slots, over four times what it holds (hysteresis, so an
+/// inbox that fills and drains each pass is not reallocated each time).
+fn shrinkable(capacity: usize, len: usize) -> bool {
+    capacity > 64 && capacity > 4 * len
+}
+
+/// Gives back the room a queue kept from a backlog since dropped (a
+/// `VecDeque` never shrinks by itself), down to twice what it holds.
+fn give_back<T>(q: &mut VecDeque<T>) {
+    if shrinkable(q.capacity(), q.len()) {
+        q.shrink_to(2 * q.len());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn msg(to: &str, payload: &'static [u8]) -> NewMessage {
+        NewMessage {
+            to: Arc::from(to),
+            from: Arc::from("alice"),
+            msg_id: 1,
+            ts_ms: 0,
+            payload: Bytes::from_static(payload),
+            client_id: 0,
+        }
+    }
+
+    /// A store at `max_bytes` refuses sends to users it never saw without
+    /// keeping an inbox for each: nothing else would ever remove them.
+    #[test]
+    fn a_refused_append_leaves_no_inbox_behind() {
+        let mut s = MemoryStore::new(StoreLimits { max_bytes: 100, ..StoreLimits::default() });
+        assert!(matches!(s.append(&msg("bob", &[0; 50]), 0), Ok(Appended::New { seq: 1 })));
+        for i in 0..1000 {
+            let r = s.append(&msg(&format!("u{i}"), &[0; 50]), 0);
+            assert!(matches!(r, Err(StoreError::StoreFull { .. })), "{r:?}");
+        }
+        assert_eq!(s.inboxes.len(), 1, "only bob's inbox");
+    }
+
+    /// An inbox that held many messages gives the room back once they are
+    /// dropped: a user who was offline for a while does not keep the RAM
+    /// of their backlog for the life of the process.
+    #[test]
+    fn a_drained_inbox_gives_its_room_back() {
+        let mut s = MemoryStore::new(StoreLimits::default());
+        s.device_login("bob", "phone", 0, 0).unwrap();
+        for _ in 0..10_000 {
+            s.append(&msg("bob", b"x"), 0).unwrap();
+        }
+        s.set_position("bob", "phone", 10_000, 0).unwrap();
+        assert_eq!(s.expire(1).unwrap(), 10_000);
+        let room = s.inboxes["bob"].messages.capacity();
+        assert!(room <= 64, "{room} slots kept for an empty inbox");
+        // And it still works.
+        assert!(matches!(s.append(&msg("bob", b"y"), 2), Ok(Appended::New { seq: 10_001 })));
     }
 }
