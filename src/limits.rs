@@ -248,7 +248,10 @@ pub fn fixed_memory(config: &Config, workers: usize) -> Vec<(&'static str, u64)>
     match config.store.kind {
         StoreKind::Disk => v.push((
             "disk store write buffers and caches (3 x store.write_buffer_mib x 4 keyspaces per shard, + caches, + hot messages)",
-            crate::store::disk::ram_budget(config.store.write_buffer_mib, config.store.shards),
+            crate::store::disk::ram_budget(
+                config.store.write_buffer_mib,
+                crate::store::shards::recorded_count(&config.store.path).unwrap_or(config.store.shards),
+            ),
         )),
         StoreKind::Memory => v.push(("memory store messages (store.max_bytes)", config.store.max_bytes)),
         StoreKind::None | StoreKind::Redis => {}
@@ -409,6 +412,23 @@ mod audit_tests {
         assert_eq!(total(&cfg, 4) - small, 3 * 4 * (8 << 20), "three times the buffer, four keyspaces");
         cfg.store.kind = StoreKind::Memory;
         assert_eq!(total(&cfg, 4), cfg.store.max_bytes);
+    }
+
+    /// A disk store keeps the shard count it was created with, whatever
+    /// `store.shards` says now: its buffers are counted for that many.
+    #[test]
+    fn the_estimate_counts_the_shards_the_store_on_disk_has() {
+        let dir = std::env::temp_dir().join(format!("sb-limits-shards-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(crate::store::shards::SHARDS_FILE), "4\n").unwrap();
+        let mut cfg = Config::default();
+        cfg.server.poller = PollerKind::Epoll;
+        cfg.store.kind = StoreKind::Disk;
+        cfg.store.path = dir.clone();
+        cfg.store.shards = 1;
+        let total: u64 = fixed_memory(&cfg, 2).iter().map(|(_, b)| b).sum();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(total, crate::store::disk::ram_budget(cfg.store.write_buffer_mib, 4));
     }
 
     #[test]

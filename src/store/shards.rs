@@ -123,6 +123,16 @@ pub fn disk_shard_dirs(path: &Path, wanted: usize) -> Result<Vec<PathBuf>, Store
     })
 }
 
+/// How many shards the disk store at `path` has, if one is there (read
+/// only: for estimates, which must count what the open will run, not
+/// what `store.shards` asks for).
+pub fn recorded_count(path: &Path) -> Option<usize> {
+    match std::fs::read_to_string(path.join(SHARDS_FILE)) {
+        Ok(text) => parse_count(path, &text).ok(),
+        Err(_) => DiskStore::exists_in(path).then_some(1),
+    }
+}
+
 fn parse_count(path: &Path, text: &str) -> Result<usize, StoreError> {
     match text.trim().parse::<usize>() {
         Ok(n) if (1..=MAX_SHARDS).contains(&n) => Ok(n),
