@@ -335,9 +335,21 @@ async fn answer(req: Request<Incoming>, ctx: &Arc<Ctx>) -> Response<Full<Bytes>>
     // Everything else runs on the blocking pool: a batch of 100,000
     // commands or a wait for the store holds one of its threads, not the
     // event loop that every other client's requests go through.
+    // The 10 s bound on a wait for the store counts from the request's
+    // arrival, not from when a thread took it: with every thread waiting
+    // on a stalled store, a request queued behind them got a wait of its
+    // own after theirs (the 65th push's 504 came after 20 s, the 129th's
+    // after 30). One that finds its time gone before it starts is answered
+    // 503 with nothing done, so a retry is safe.
+    let arrived = Instant::now();
     let (handle, lists) = (ctx.handle.clone(), ctx.limits.lists);
     let answered = tokio::task::spawn_blocking(move || {
-        let deadline = Instant::now() + routes::STORE_WAIT;
+        let deadline = arrived + routes::STORE_WAIT;
+        if Instant::now() >= deadline {
+            let refused =
+                json!({ "error": "every thread was waiting on the store for this request's 10 s; nothing was done" });
+            return (503, Bytes::from(refused.to_string()));
+        }
         let call = routes::Call { entry, query: &q, body: &body, raw, lists };
         let (status, json) = routes::finish(routes::call(&handle, &call), deadline);
         (status, Bytes::from(json))

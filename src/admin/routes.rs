@@ -451,13 +451,12 @@ fn push(h: &Handle, p: PushParams, lists: Lists) -> Exec {
             if users.len() > lists.max_items {
                 return Exec::Now(error(413, format!("users: {} over the limit of {}", users.len(), lists.max_items)));
             }
-            if client_id != 0 {
-                return Exec::Now(error(400, "client_id: only with one `user` (it is one message's key)"));
-            }
+            // One key for all: every store deduplicates per recipient, so
+            // a retried push stores none of its users' messages twice.
             let parts = users
                 .into_iter()
                 .map(|u| {
-                    let exec = push_one(h, &u, &body, reliable, 0);
+                    let exec = push_one(h, &u, &body, reliable, client_id);
                     (u, exec)
                 })
                 .collect();
