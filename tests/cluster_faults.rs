@@ -447,3 +447,57 @@ fn pushes_waiting_on_a_stalled_store_are_answered_within_their_bound() {
         assert!(*took < Duration::from_secs(13), "answered after {took:?}: {status} {body}");
     }
 }
+
+/// A device acknowledges and closes while the store's queue is full (the
+/// store stalled: Redis stopped): the position it acknowledged still
+/// reaches the store once it can take it, instead of being dropped with
+/// the connection (its messages would come again at the next login, and
+/// a device that never came back held the user's inbox until its TTL).
+#[test]
+fn a_position_acknowledged_at_close_survives_a_full_store_queue() {
+    let redis_proc = RedisServer::start();
+    let redis = Redis::One(redis_proc.url());
+    let opts = NodeOpts { command_timeout_ms: 30_000, store_extra: "queue_capacity = 16", ..reliable() };
+    let a = Arc::new(Node::start("a", &redis, &opts));
+    let mut rx = a.login("u", Some(("phone", 0)));
+    let pushed = common::wait_until(Duration::from_secs(10), || {
+        common::http(a.admin, "POST", "/api/v1/push", br#"{"user": "u", "text": "m"}"#, None)
+            .is_ok_and(|(status, _)| status == 200)
+    });
+    assert!(pushed, "a push is stored");
+    for _ in 1..5 {
+        let (status, body) = a.api("/api/v1/push", r#"{"user": "u", "text": "m"}"#);
+        assert_eq!(status, 200, "{body}");
+    }
+    let mut got = 0;
+    while got < 5 {
+        if let Frame::Inbox { seq, .. } = rx.recv_skipping_pings().unwrap().frame() {
+            got = seq;
+        }
+    }
+    // Stall the store, and fill its queue (16) with pushes that wait.
+    redis_proc.pause();
+    let fillers: Vec<_> = (0..40)
+        .map(|i| {
+            let a = a.clone();
+            std::thread::spawn(move || a.api("/api/v1/push", &format!(r#"{{"user": "f{i}", "text": "x"}}"#)))
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    rx.ack(5).unwrap();
+    rx.send_frame(&Frame::Close { code: 1000, reason: "bye" }).unwrap();
+    drop(rx);
+    for f in fillers {
+        let (status, _) = f.join().unwrap();
+        assert!(status == 503 || status == 504, "{status}");
+    }
+    redis_proc.resume();
+    let saved = common::wait_until(Duration::from_secs(10), || {
+        common::http(a.admin, "GET", "/api/v1/inbox?user=u", b"", None)
+            .ok()
+            .and_then(|(_, body)| serde_json::from_str::<serde_json::Value>(&body).ok())
+            .is_some_and(|v| v["devices"][0]["position"].as_u64() == Some(5))
+    });
+    let (_, inbox) = common::http(a.admin, "GET", "/api/v1/inbox?user=u", b"", None).unwrap();
+    assert!(saved, "the position acknowledged at close is in the store: {inbox}");
+}

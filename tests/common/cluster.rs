@@ -97,6 +97,8 @@ pub struct NodeOpts {
     pub command_timeout_ms: u64,
     /// Extra TOML appended to the file.
     pub extra: String,
+    /// Extra lines in its `[store]` table.
+    pub store_extra: &'static str,
     /// Wait at start until the node has joined (false: Redis is down).
     pub wait_join: bool,
 }
@@ -109,6 +111,7 @@ impl Default for NodeOpts {
             node_ttl_ms: 600,
             command_timeout_ms: 1000,
             extra: String::new(),
+            store_extra: "",
             wait_join: true,
         }
     }
@@ -154,10 +157,11 @@ impl Node {
                  [websocket]\nlisten = \"\"\n\
                  [auth]\njwt_secret = {secret:?}\n\
                  [admin]\nlisten = \"127.0.0.1:{admin}\"\n\
-                 [store]\nkind = {store:?}\n\
+                 [store]\nkind = {store:?}\n{store_extra}\n\
                  [cluster]\n{redis}\nnode_id = {id:?}\nheartbeat_ms = {hb}\nnode_ttl_ms = {ttl}\ncommand_timeout_ms = {ct}\n{extra}\n",
                 secret = super::SECRET,
                 store = opts.store,
+                store_extra = opts.store_extra,
                 redis = redis.toml(),
                 hb = opts.heartbeat_ms,
                 ttl = opts.node_ttl_ms,

@@ -191,6 +191,10 @@ pub(crate) struct Worker {
     reliable: RefCell<reliable::Reliable>,
     /// Device connections with a position to save at the next tick.
     unsaved: RefCell<Vec<(u32, u32)>>,
+    /// Positions of closed device connections that the store's full queue
+    /// refused at the close, by (user, device): tried again at each tick
+    /// (`reliable.rs`).
+    closed_unsaved: RefCell<reliable::ClosedUnsaved>,
     /// Device connections (slot, generation) whose window was put back
     /// open since the tick last found it parked: what the tick looks at
     /// for retransmits (`reliable.rs`). Entries of closed connections go
@@ -534,6 +538,7 @@ impl Worker {
             held_bytes: Cell::new(0),
             reliable: RefCell::new(reliable::Reliable::default()),
             unsaved: RefCell::new(Vec::new()),
+            closed_unsaved: RefCell::new(reliable::ClosedUnsaved::new()),
             open: RefCell::new(Vec::new()),
             window_rules: shared.config.window_rules(),
             shared,

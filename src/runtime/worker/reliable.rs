@@ -59,6 +59,10 @@ pub(super) struct Device {
 /// The side table: slot → device connection.
 pub(super) type Reliable = hashbrown::HashMap<u32, Device>;
 
+/// Positions of closed device connections still to hand to the store:
+/// (user, device) → the position.
+pub(super) type ClosedUnsaved = hashbrown::HashMap<(Arc<str>, Arc<str>), u64>;
+
 pub(super) fn unix_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
@@ -267,20 +271,35 @@ impl Worker {
             }
         };
         if let Some(d) = gone.filter(|d| d.unsaved != 0) {
-            self.save_position(&d);
+            if !self.save_position(&d.user, &d.device, d.unsaved) {
+                // Kept past the connection, for the tick to hand over:
+                // dropped, its messages came again at the next login, and
+                // a device that never came back held the inbox to its TTL.
+                let mut kept = self.closed_unsaved.borrow_mut();
+                let seq = kept.entry((d.user, d.device)).or_default();
+                *seq = (*seq).max(d.unsaved);
+            }
         }
     }
 
     /// Hands a device's acknowledged position to the store. Returns false
     /// when the store's queue is full (tried again at the next tick).
-    fn save_position(&self, d: &Device) -> bool {
+    fn save_position(&self, user: &Arc<str>, device: &Arc<str>, seq: u64) -> bool {
         let Some(store) = self.shared.store.get() else { return true };
-        let req = Request::Position { user: d.user.clone(), device: d.device.clone(), seq: d.unsaved };
+        let req = Request::Position { user: user.clone(), device: device.clone(), seq };
         self.submit_store(store, Token::Position, req).is_ok()
     }
 
-    /// The tick: positions acknowledged since the last one go to the store.
-    fn save_positions(&self) {
+    /// Whether positions of closed connections still wait for room in the
+    /// store's queue (the worker's shutdown waits a moment for them).
+    pub(super) fn positions_waiting(&self) -> bool {
+        !self.closed_unsaved.borrow().is_empty()
+    }
+
+    /// The tick: positions acknowledged since the last one go to the
+    /// store, and those of closed connections that found its queue full.
+    pub(super) fn save_positions(&self) {
+        self.closed_unsaved.borrow_mut().retain(|(user, device), seq| !self.save_position(user, device, *seq));
         let dirty = std::mem::take(&mut *self.unsaved.borrow_mut());
         let mut again = Vec::new();
         for (slot, generation) in dirty {
@@ -288,7 +307,7 @@ impl Worker {
             let Some(d) = table.get_mut(&slot).filter(|d| d.generation == generation && d.unsaved != 0) else {
                 continue;
             };
-            if self.save_position(d) {
+            if self.save_position(&d.user, &d.device, d.unsaved) {
                 d.unsaved = 0;
             } else {
                 again.push((slot, generation));

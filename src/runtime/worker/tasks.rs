@@ -456,6 +456,14 @@ pub(crate) async fn run(
     while (w.connection_count() > 0 || Rc::strong_count(&w) > 2) && std::time::Instant::now() < deadline {
         monoio::time::sleep(Duration::from_millis(5)).await;
     }
+    // Positions the closes could not hand to a full store queue: a moment
+    // more for room (the store stops after the workers, so what is queued
+    // is written).
+    let deadline = std::time::Instant::now() + Duration::from_secs(1);
+    while w.positions_waiting() && std::time::Instant::now() < deadline {
+        w.store_turn(|| w.save_positions());
+        monoio::time::sleep(Duration::from_millis(5)).await;
+    }
     // 4. Stop the tick and I/O loops (at once, not at the next tick); the
     //    last Rc to the worker then goes with them and closes the poller.
     w.stopped.set(true);
