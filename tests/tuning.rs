@@ -729,6 +729,10 @@ fn the_systemd_units_agree() {
         "Restart=on-failure",
         "KillSignal=SIGTERM",
         "User=switchboard",
+        // The store's default path is relative: under a directory the
+        // service may write (ProtectSystem=strict makes / read-only).
+        "StateDirectory=switchboard",
+        "WorkingDirectory=/var/lib/switchboard",
     ] {
         assert!(unit.iter().any(|l| l == want), "switchboard.service lacks {want}");
     }
