@@ -43,7 +43,8 @@ pub fn check_jwt_secret(secret: &str) -> Result<(), ConfigError> {
 /// Shortest `admin.token` accepted.
 pub const MIN_ADMIN_TOKEN_BYTES: usize = 16;
 
-/// Environment variable that overrides `auth.jwt_secret`.
+/// Environment variable with the JWT secret, used when `auth.jwt_secret`
+/// is not set (the configuration file's value wins).
 pub const JWT_SECRET_ENV: &str = "SWITCHBOARD_JWT_SECRET";
 
 /// A configuration that cannot run, naming the key at fault.
@@ -1077,6 +1078,14 @@ impl Config {
 
     /// Checks every value and the relations between them.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_for(false)
+    }
+
+    /// [`Config::validate`] for a server whose logins an application's
+    /// own authenticator checks (`own_auth`): the JWT secret is then not
+    /// used, so neither its length nor the development secret's
+    /// loopback-only rule applies.
+    pub(crate) fn validate_for(&self, own_auth: bool) -> Result<(), ConfigError> {
         let addr = self.listen_addr()?;
         if self.server.workers > MAX_WORKERS {
             return Err(invalid("server.workers", format!("is {}, at most {MAX_WORKERS}", self.server.workers)));
@@ -1175,7 +1184,7 @@ impl Config {
         if l.max_conns_per_user == 0 || l.max_conns_per_user > 1024 {
             return Err(invalid("limits.max_conns_per_user", "must be between 1 and 1024"));
         }
-        let (_, dev) = self.jwt_secret();
+        let dev = self.jwt_secret().1 && !own_auth;
         if dev && !addr.ip().is_loopback() {
             return Err(invalid(
                 "auth.jwt_secret",
@@ -1184,7 +1193,9 @@ impl Config {
                 ),
             ));
         }
-        check_jwt_secret(&self.jwt_secret().0)?;
+        if !own_auth {
+            check_jwt_secret(&self.jwt_secret().0)?;
+        }
         let d = &self.delivery;
         if !(1..=4096).contains(&d.window) {
             return Err(invalid("delivery.window", format!("is {}, must be between 1 and 4096", d.window)));

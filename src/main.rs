@@ -48,9 +48,9 @@ enum Cmd {
         /// Override websocket.listen (`""` turns WebSocket off).
         #[arg(long)]
         ws_listen: Option<String>,
-        /// Override store.path: the directory of the message store
+        /// Override store.path: the directory of the disk message store
         /// (created if missing; default `switchboard-data` in the working
-        /// directory).
+        /// directory; no effect with store.kind "memory", "none" or "redis").
         #[arg(long)]
         data_dir: Option<PathBuf>,
         /// Override store.kind: `disk` (default), `memory` (lost on

@@ -129,7 +129,15 @@ impl Handle {
         let store = self.shared.store.get().ok_or(PushError::NoStore)?;
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
         let req = crate::store::Request::State { user: Arc::from(user) };
-        store.try_submit(crate::runtime::inbox::Token::State(tx), req).map_err(|_| PushError::StoreBusy)?;
+        store.try_submit(crate::runtime::inbox::Token::State(tx), req).map_err(|_| {
+            // A stopped store refuses as a full one does: after a shutdown
+            // that is what to say (a retry cannot help).
+            if self.is_shutting_down() {
+                PushError::ShuttingDown
+            } else {
+                PushError::StoreBusy
+            }
+        })?;
         Ok(PendingInboxState { rx })
     }
 
@@ -471,7 +479,8 @@ impl ServerBuilder {
 
     /// Sets `store.path`, the directory of the on-disk inbox store
     /// (default `switchboard-data` in the working directory; created if
-    /// missing). Two servers cannot share one.
+    /// missing), and `store.kind` to the disk store. Two servers cannot
+    /// share one.
     pub fn data_dir(mut self, path: impl Into<std::path::PathBuf>) -> Self {
         self.config.store.kind = crate::config::StoreKind::Disk;
         self.config.store.path = path.into();
@@ -507,7 +516,7 @@ impl ServerBuilder {
     /// starts the workers. Returns once every worker is accepting.
     pub fn start(self) -> Result<Server, StartError> {
         let config = self.config;
-        config.validate()?;
+        config.validate_for(self.authenticator.is_some())?;
         let authenticator: Arc<dyn Authenticator> = match self.authenticator {
             Some(a) => a,
             None => {

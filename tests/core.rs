@@ -713,3 +713,29 @@ fn a_backlog_written_out_after_the_socket_filled_leaves_the_worker_idle() {
     sender.send(0, "target", b"after").unwrap();
     assert_eq!(expect_push(&mut target).2, b"after");
 }
+
+/// An embedding application that checks logins itself (`authenticator`)
+/// checks no JWT: it may listen beyond loopback with no `auth.jwt_secret`
+/// set, where the development secret would be refused.
+#[test]
+fn an_embedder_with_its_own_authenticator_needs_no_jwt_secret() {
+    let server = Server::builder()
+        .listen("0.0.0.0:0")
+        .ws_listen("")
+        .workers(1)
+        .store(switchboard::config::StoreKind::None)
+        .authenticator(|user: &str, token: &[u8], _now: u64| {
+            if token == format!("ok-{user}").as_bytes() {
+                Ok(())
+            } else {
+                Err(switchboard::AuthError::Rejected("no".into()))
+            }
+        })
+        .start()
+        .expect("starts without a JWT secret");
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], server.local_addr().port()));
+    let mut c = switchboard::client::Client::connect(addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    c.login("ann", "ok-ann").expect("the application's own check lets ann in");
+    server.shutdown().unwrap();
+}

@@ -723,3 +723,17 @@ fn store_answers_and_notices_that_find_a_full_mailbox_still_arrive() {
         assert_eq!(payloads(seen), expected(0..ROUNDS as u32), "u{i}");
     }
 }
+
+/// A handle kept past the server's shutdown is told so by an inbox query,
+/// not that the store's queue is full (which says: retry).
+#[test]
+fn an_inbox_query_after_shutdown_says_so() {
+    let server = common::start(config());
+    let h = server.handle();
+    h.push_reliable("zed", "m", 0).unwrap().wait().unwrap();
+    server.shutdown().unwrap();
+    match h.inbox_state("zed", Duration::from_secs(5)) {
+        Err(switchboard::server::InboxStateError::Push(switchboard::PushError::ShuttingDown)) => {}
+        other => panic!("expected ShuttingDown, got {other:?}"),
+    }
+}
