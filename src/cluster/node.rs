@@ -943,9 +943,6 @@ impl Node {
         ClusterCounters::add(&self.counters.deliveries, delivered);
     }
 
-    /// A forward found no connection of `user` here: this node's presence
-    /// field for the user is stale (a logout raced a login, or it is left
-    /// from before a restart). Queue its removal, which checks again.
     /// Hands a notice to worker `index`'s mailbox, or holds it if the
     /// mailbox is full or already has notices held (which go first). True
     /// either way: the connection counts as delivered to.
@@ -985,6 +982,9 @@ impl Node {
         }
     }
 
+    /// A forward found no connection of `user` here: this node's presence
+    /// field for the user is stale (a logout raced a login, or it is left
+    /// from before a restart). Queue its removal, which checks again.
     fn not_here(&self, user: &str) {
         if !self.shared.directory.is_online(user) {
             self.link.send(Event::Offline(Arc::from(user)));
