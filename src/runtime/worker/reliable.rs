@@ -60,7 +60,8 @@ pub(super) struct Device {
 pub(super) type Reliable = hashbrown::HashMap<u32, Device>;
 
 /// Positions of closed device connections still to hand to the store:
-/// (user, device) → the position.
+/// (user, device) → the position; at most the worker's connection slots
+/// (`Shared::max_conns_per_worker`) entries.
 pub(super) type ClosedUnsaved = hashbrown::HashMap<(Arc<str>, Arc<str>), u64>;
 
 pub(super) fn unix_ms() -> u64 {
@@ -275,9 +276,21 @@ impl Worker {
                 // Kept past the connection, for the tick to hand over:
                 // dropped, its messages came again at the next login, and
                 // a device that never came back held the inbox to its TTL.
+                // Bounded by the worker's connection slots: past that many
+                // (a store stalled through a long churn of closes) the
+                // position is dropped as before, and those messages come
+                // again at the device's next login.
                 let mut kept = self.closed_unsaved.borrow_mut();
-                let seq = kept.entry((d.user, d.device)).or_default();
-                *seq = (*seq).max(d.unsaved);
+                let key = (d.user, d.device);
+                if kept.len() < self.shared.max_conns_per_worker || kept.contains_key(&key) {
+                    let seq = kept.entry(key).or_default();
+                    *seq = (*seq).max(d.unsaved);
+                } else {
+                    tracing::warn!(
+                        worker = self.id.0,
+                        "a closed device's position was not saved: the store's queue is full"
+                    );
+                }
             }
         }
     }
@@ -423,12 +436,11 @@ impl Worker {
         if self.with_window(slot, generation, |w, io| w.on_appended(&*msg, now, &rules, io)).is_some() {
             return;
         }
-        if self.reliable.borrow().get(&slot).is_some_and(|d| d.generation == generation) {
+        if self.heard_while_pending(slot, generation, msg.seq) {
             // The store has not answered the login yet: the window counts
             // the message in when it starts (a notice from another node
             // can come before the answer of a login that read the head
             // before the message was stored).
-            self.heard_while_pending(slot, generation, msg.seq);
             return;
         }
         // A plain connection: today's live PUSH, at most once.
@@ -450,17 +462,20 @@ impl Worker {
         let rules = self.window_rules;
         let (slot, generation) = (conn.slot(), conn.generation());
         if self.with_window(slot, generation, |w, io| w.on_head(seq, now, &rules, io)).is_none() {
-            self.heard_while_pending(slot, generation, seq);
+            let _ = self.heard_while_pending(slot, generation, seq);
         }
     }
 
     /// A notice of messages up to `seq` for a device connection whose
-    /// login the store has not answered yet (else nothing).
-    fn heard_while_pending(&self, slot: u32, generation: u32, seq: u64) {
-        if let Some(Device { state: State::Pending(p), .. }) =
-            self.reliable.borrow_mut().get_mut(&slot).filter(|d| d.generation == generation)
-        {
-            p.on_appended(seq);
+    /// login the store has not answered yet: counted for its window's
+    /// start. False if (`slot`, `generation`) is no such connection.
+    fn heard_while_pending(&self, slot: u32, generation: u32, seq: u64) -> bool {
+        match self.reliable.borrow_mut().get_mut(&slot).filter(|d| d.generation == generation) {
+            Some(Device { state: State::Pending(p), .. }) => {
+                p.on_appended(seq);
+                true
+            }
+            _ => false,
         }
     }
 
