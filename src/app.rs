@@ -62,7 +62,7 @@ pub enum PushError {
     Full { queued: usize, targets: usize },
     #[error("this server has no message store (store.kind = \"none\"): only at-most-once pushes")]
     NoStore,
-    #[error("the message store's queue is full (store.queue_capacity); the message was not stored, retry")]
+    #[error("the message store's queue is full (store.queue_capacity or store.queue_max_bytes); the message was not stored, retry")]
     StoreBusy,
     #[error("the server is shutting down")]
     ShuttingDown,

@@ -685,6 +685,11 @@ pub struct StoreConfig {
     /// Requests that may wait for the store thread (a few hundred bytes
     /// each with their payloads); past it a request gets ERROR 115.
     pub queue_capacity: usize,
+    /// Bytes the appends waiting for the store thread may hold (payload
+    /// and ids, each counted as in `max_bytes`), over every shard; past
+    /// it an append gets ERROR 115 (the admin API 503) as past
+    /// `queue_capacity`. 1 MiB to 1 TiB.
+    pub queue_max_bytes: u64,
     /// The disk store's write buffer (memtable) per keyspace, in MiB. A
     /// larger one flushes less often; each flush holds appends up for its
     /// table and manifest syncs (docs/DEPLOY.md, "Write stalls").
@@ -723,6 +728,7 @@ impl Default for StoreConfig {
             max_messages_per_inbox: limits.max_messages_per_inbox,
             max_bytes: limits.max_bytes,
             queue_capacity: 65_536,
+            queue_max_bytes: crate::store::DEFAULT_QUEUE_MAX_BYTES,
             write_buffer_mib: crate::store::disk::WRITE_BUFFER_MIB,
             shards: 1,
             batch_wait_us: None,
@@ -771,6 +777,12 @@ impl StoreConfig {
         }
         if self.max_bytes < 1 << 20 {
             return Err(invalid("store.max_bytes", format!("is {}, must be at least 1048576", self.max_bytes)));
+        }
+        if !(1 << 20..=1 << 40).contains(&self.queue_max_bytes) {
+            return Err(invalid(
+                "store.queue_max_bytes",
+                format!("is {}, must be between 1048576 (1 MiB) and 1099511627776 (1 TiB)", self.queue_max_bytes),
+            ));
         }
         if !(16..=1 << 24).contains(&self.queue_capacity) {
             return Err(invalid(
@@ -1459,6 +1471,7 @@ mod store_section {
             (604_800_000, 100_000, 1_073_741_824, 65_536)
         );
         assert_eq!(c.store.shards, 1, "one shard unless asked (store/shards.rs says why)");
+        assert_eq!(c.store.queue_max_bytes, 64 << 20);
         let c = Config::from_toml("[store]\nkind = \"memory\"\ndurability = \"os\"\n").unwrap();
         assert_eq!((c.store.kind, c.store.durability), (StoreKind::Memory, Durability::Os));
         for (toml, key) in [
@@ -1471,6 +1484,8 @@ mod store_section {
             ("shards = 0", "store.shards"),
             ("shards = 65", "store.shards"),
             ("queue_capacity = 1", "store.queue_capacity"),
+            ("queue_max_bytes = 1000", "store.queue_max_bytes"),
+            ("queue_max_bytes = 2000000000000", "store.queue_max_bytes"),
             ("retention_interval_ms = 10", "store.retention_interval_ms"),
             ("durabilty = \"os\"", "durabilty"),
         ] {

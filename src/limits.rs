@@ -256,6 +256,9 @@ pub fn fixed_memory(config: &Config, workers: usize) -> Vec<(&'static str, u64)>
         StoreKind::Memory => v.push(("memory store messages (store.max_bytes)", config.store.max_bytes)),
         StoreKind::None | StoreKind::Redis => {}
     }
+    if config.store.kind != StoreKind::None {
+        v.push(("appends waiting for the store thread (store.queue_max_bytes)", config.store.queue_max_bytes));
+    }
     v
 }
 
@@ -411,7 +414,9 @@ mod audit_tests {
         cfg.store.write_buffer_mib = 16;
         assert_eq!(total(&cfg, 4) - small, 3 * 4 * (8 << 20), "three times the buffer, four keyspaces");
         cfg.store.kind = StoreKind::Memory;
-        assert_eq!(total(&cfg, 4), cfg.store.max_bytes);
+        assert_eq!(total(&cfg, 4), cfg.store.max_bytes + cfg.store.queue_max_bytes);
+        cfg.store.kind = StoreKind::Redis;
+        assert_eq!(total(&cfg, 4), cfg.store.queue_max_bytes, "the appends waiting for Redis");
     }
 
     /// A disk store keeps the shard count it was created with, whatever
@@ -428,7 +433,7 @@ mod audit_tests {
         cfg.store.shards = 1;
         let total: u64 = fixed_memory(&cfg, 2).iter().map(|(_, b)| b).sum();
         let _ = std::fs::remove_dir_all(&dir);
-        assert_eq!(total, crate::store::disk::ram_budget(cfg.store.write_buffer_mib, 4));
+        assert_eq!(total, crate::store::disk::ram_budget(cfg.store.write_buffer_mib, 4) + cfg.store.queue_max_bytes);
     }
 
     #[test]

@@ -392,7 +392,11 @@ impl Collector for Live {
                 get(&s.refusals),
             )?;
             f.counter("switchboard_store_errors", "Store requests that failed with an I/O error.", get(&s.errors))?;
-            f.counter("switchboard_store_busy", "Store requests refused because its queue was full.", get(&s.busy))?;
+            f.counter(
+                "switchboard_store_busy",
+                "Store requests refused because its queue was full (store.queue_capacity or store.queue_max_bytes).",
+                get(&s.busy),
+            )?;
             f.counter("switchboard_store_reads", "Inbox pages read.", get(&s.reads))?;
             f.counter(
                 "switchboard_store_expired",
@@ -403,6 +407,11 @@ impl Collector for Live {
                 "switchboard_store_queue_depth",
                 "Store requests queued, not yet taken by the store thread.",
                 get(&s.queue_depth) as i64,
+            )?;
+            f.gauge(
+                "switchboard_store_queue_bytes",
+                "Bytes of the appends queued for the store thread (bounded by store.queue_max_bytes).",
+                get(&s.queue_bytes) as i64,
             )?;
             f.gauge(
                 "switchboard_store_pending_messages",

@@ -91,6 +91,15 @@ pub struct RoomRegistry {
     max_created_per_user: u32,
 }
 
+/// A join counted in the registry ([`RoomRegistry::join`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Joined {
+    /// The room's shared name.
+    pub name: Arc<str>,
+    /// This join made the room (it had no member before).
+    pub created: bool,
+}
+
 impl RoomRegistry {
     /// A registry of at most `max_rooms` rooms of at most `max_members`
     /// connections each; a user's SUBSCRIBEs may create at most
@@ -121,8 +130,12 @@ impl RoomRegistry {
     /// `creator` is the user whose SUBSCRIBE this is (`None`: the
     /// application's join): a room it creates counts against that user's
     /// `max_created_per_user` for as long as the room exists. Returns the
-    /// room's shared name.
-    pub fn join(&self, name: &str, creator: Option<&Arc<str>>) -> Result<Arc<str>, RoomError> {
+    /// room's shared name, and whether this join created it, decided under
+    /// the room's lock: of joins racing into a new room from several
+    /// workers exactly one learns it was the first (a cluster node
+    /// subscribes to the room's channel then), where a look at the size
+    /// after the join could show each of them another's member too.
+    pub fn join(&self, name: &str, creator: Option<&Arc<str>>) -> Result<Joined, RoomError> {
         check_room_name(name)?;
         let mut map = self.shard(name).write().unwrap_or_else(|e| e.into_inner());
         if let Some((key, room)) = map.get_key_value_mut(name) {
@@ -130,7 +143,7 @@ impl RoomRegistry {
                 return Err(RoomError::RoomFull { limit: self.max_members });
             }
             room.members += 1;
-            return Ok(key.clone());
+            return Ok(Joined { name: key.clone(), created: false });
         }
         if self.max_members == 0 {
             return Err(RoomError::RoomFull { limit: 0 });
@@ -151,16 +164,17 @@ impl RoomRegistry {
         }
         let key: Arc<str> = Arc::from(name);
         map.insert(key.clone(), Room { members: 1, creator: creator.cloned() });
-        Ok(key)
+        Ok(Joined { name: key, created: true })
     }
 
     /// Counts one connection out of `name`; the room goes when empty (and
-    /// stops counting against its creator).
-    pub fn leave(&self, name: &str) {
+    /// stops counting against its creator). Returns whether it went,
+    /// decided under its lock as in [`RoomRegistry::join`].
+    pub fn leave(&self, name: &str) -> bool {
         let mut map = self.shard(name).write().unwrap_or_else(|e| e.into_inner());
         let Some(room) = map.get_mut(name) else {
             debug_assert!(false, "leave of a room nobody joined: {name}");
-            return;
+            return false;
         };
         room.members -= 1;
         if room.members == 0 {
@@ -175,7 +189,9 @@ impl RoomRegistry {
                 }
             }
             self.rooms.give_back();
+            return true;
         }
+        false
     }
 
     /// Rooms that `user`'s SUBSCRIBEs created and that still exist.
@@ -319,14 +335,15 @@ mod tests {
         let r = RoomRegistry::new(2, 3, u32::MAX);
         let a = r.join("a", None).unwrap();
         let a2 = r.join("a", None).unwrap();
-        assert!(Arc::ptr_eq(&a, &a2));
+        assert!(Arc::ptr_eq(&a.name, &a2.name));
+        assert!(a.created && !a2.created);
         r.join("a", None).unwrap();
         assert_eq!(r.join("a", None), Err(RoomError::RoomFull { limit: 3 }));
         assert_eq!(r.size("a"), 3);
         r.join("b", None).unwrap();
         assert_eq!(r.join("c", None), Err(RoomError::TooManyRooms { limit: 2 }));
         assert_eq!(r.would_accept("c"), Err(RoomError::TooManyRooms { limit: 2 }));
-        r.leave("b");
+        assert!(r.leave("b"), "its last member left");
         assert_eq!(r.size("b"), 0);
         assert!(r.join("c", None).is_ok(), "an emptied room frees its place");
         assert_eq!(r.join("", None), Err(RoomError::InvalidName));
@@ -379,6 +396,41 @@ mod tests {
         assert_eq!(l.remove(idx, 0, m(12)), Removed { moved: None, emptied: true });
         assert!(l.find("room").is_none());
         assert!(l.is_empty());
+    }
+
+    /// Two workers joining members to a new room at the same moment: one
+    /// of them, never both or neither, is told it created the room, and of
+    /// the two leaves one is told it removed it. (Told by a look at the
+    /// size after the join, both could see 2 and neither subscribe the
+    /// node to the room's channel: its members then missed what other
+    /// nodes published to it.)
+    #[test]
+    fn of_racing_joins_into_a_new_room_exactly_one_created_it() {
+        let r = Arc::new(RoomRegistry::new(100_000, u64::MAX, u32::MAX));
+        let barrier = Arc::new(std::sync::Barrier::new(2));
+        let threads: Vec<_> = (0..2)
+            .map(|_| {
+                let (r, barrier) = (r.clone(), barrier.clone());
+                std::thread::spawn(move || {
+                    let mut created = Vec::new();
+                    let mut removed = Vec::new();
+                    for i in 0..2000 {
+                        let name = format!("new{i}");
+                        barrier.wait();
+                        created.push(r.join(&name, None).unwrap().created);
+                        barrier.wait();
+                        removed.push(r.leave(&name));
+                    }
+                    (created, removed)
+                })
+            })
+            .collect();
+        let results: Vec<_> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+        for i in 0..2000 {
+            assert!(results[0].0[i] ^ results[1].0[i], "room {i}: created {} / {}", results[0].0[i], results[1].0[i]);
+            assert!(results[0].1[i] ^ results[1].1[i], "room {i}: removed {} / {}", results[0].1[i], results[1].1[i]);
+        }
+        assert_eq!(r.room_count(), 0);
     }
 
     #[test]

@@ -138,6 +138,21 @@ fn a_query_that_is_not_utf8_is_400() {
     assert_eq!((status, json(&body)["room"].as_str()), (200, Some("café")), "{body}");
 }
 
+/// The legacy room size follows the API's rule for room names (1 to 255
+/// bytes, 400 otherwise), as `/api/v1/room_sizes` does: an empty or
+/// overlong name used to get a size of 0.
+#[test]
+fn a_legacy_room_size_of_a_name_no_room_can_have_is_400() {
+    let server = admin_server(None);
+    let a = server.admin_addr().unwrap();
+    for room in [String::new(), "a".repeat(256)] {
+        let (status, body) = http(a, "GET", &format!("/room?room={room}"), b"", None).unwrap();
+        assert_eq!(status, 400, "{} bytes: {body}", room.len());
+    }
+    let (status, _) = http(a, "GET", &format!("/room?room={}", "a".repeat(255)), b"", None).unwrap();
+    assert_eq!(status, 200);
+}
+
 /// Error bodies say what was wrong with the request in the API's words,
 /// never an OS error's text ("Resource temporarily unavailable (os error
 /// 11)", "failed to fill whole buffer").

@@ -133,6 +133,7 @@ fn counters_move_as_traffic_is_driven() {
     assert_eq!(bad.recv_close_code().unwrap(), Some(switchboard::CloseCode::UnsupportedVersion as u16));
 
     // Three pushes to alice through the handle, one stored (memory store).
+    let mid = scrape(admin);
     for i in 0..3 {
         assert_eq!(h.push_to_user("alice", format!("push {i}")).unwrap().connections, 1);
         assert_eq!(expect_push(&mut alice).2, format!("push {i}").as_bytes());
@@ -173,6 +174,11 @@ fn counters_move_as_traffic_is_driven() {
     assert_eq!(moved("switchboard_deliveries_total", &[("kind", "push")]), 4.0);
     assert!(moved("switchboard_sent_bytes_total", &[]) >= 4.0 * 10.0, "four PUSH frames at least");
     assert!(moved("switchboard_received_bytes_total", &[]) > 0.0);
+    // Each of the four was a write of its own (the three from this thread,
+    // which is no worker, used to go uncounted).
+    let since_mid = |name: &str| after.sum(name, &[]) - mid.sum(name, &[]);
+    assert!(since_mid("switchboard_writes_total") >= 4.0, "{} writes", since_mid("switchboard_writes_total"));
+    assert!(since_mid("switchboard_frames_out_total") >= 4.0);
     // The three handle pushes were written at once: each one is timed.
     assert!(moved("switchboard_push_to_written_seconds_count", &[]) >= 3.0);
     assert_eq!(moved("switchboard_store_appends_total", &[]), 1.0);

@@ -371,6 +371,49 @@ fn a_new_device_gets_what_is_kept_after_the_other_devices_messages_were_dropped(
     assert_eq!(next_inbox(&mut tablet).0, 56, "live after the last page");
 }
 
+/// A device connected and idle for longer than `store.ttl_ms` stays known:
+/// the store forgets devices it has not seen for that long, and it saw one
+/// only at its login and its ACKs. Forgotten while connected, the desk's
+/// unacknowledged message was dropped once the phone acknowledged it, and
+/// when the desk's connection ended before its ACK, its next login never
+/// got that message.
+#[test]
+fn a_device_connected_longer_than_the_ttl_is_not_forgotten() {
+    let mut c = config();
+    c.store.ttl_ms = 1_500;
+    c.store.retention_interval_ms = 100;
+    let server = common::start(c);
+    let addr = server.local_addr();
+    let handle = server.handle();
+    let mut desk = device_login(addr, "ida", "desk", 0);
+    let mut seen_desk = Seen::default();
+    read_until(&mut desk, &mut seen_desk, 1, Duration::from_secs(5), |s| !s.syncs.is_empty());
+    // Idle past the TTL, with retention passes all along.
+    std::thread::sleep(Duration::from_millis(2_500));
+    let devices = || -> Vec<String> {
+        handle.inbox_state("ida", Duration::from_secs(5)).unwrap().devices.into_iter().map(|d| d.device).collect()
+    };
+    assert_eq!(devices(), ["desk"], "the connected desk is still known");
+    let mut phone = device_login(addr, "ida", "phone", 0);
+    let mut seen_phone = Seen::default();
+    read_until(&mut phone, &mut seen_phone, 1, Duration::from_secs(5), |s| !s.syncs.is_empty());
+    handle.push_reliable("ida", "m1", 0).unwrap().wait().unwrap();
+    // The phone acknowledges it; the desk reads it and dies before its ACK.
+    read_until(&mut phone, &mut seen_phone, 1, Duration::from_secs(5), |s| s.have >= 1);
+    desk.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    assert_eq!(next_inbox(&mut desk), (1, b"m1".to_vec()));
+    drop(desk);
+    // A few retention passes after the phone's position reached the store.
+    assert!(common::wait_until(Duration::from_secs(5), || {
+        handle.inbox_state("ida", Duration::from_secs(5)).unwrap().devices.iter().any(|d| d.position == 1)
+    }));
+    std::thread::sleep(Duration::from_millis(500));
+    let mut desk = device_login(addr, "ida", "desk", 0);
+    desk.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    assert_eq!(next_sync(&mut desk), (0, 0, 1, 1), "the desk's page still holds m1");
+    assert_eq!(next_inbox(&mut desk), (1, b"m1".to_vec()));
+}
+
 #[test]
 fn a_message_too_large_for_the_window_bytes_left_waits_for_an_ack_without_store_reads() {
     let mut c = config();

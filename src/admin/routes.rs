@@ -252,6 +252,7 @@ fn store_counters(c: &crate::store::StoreCounters) -> Value {
         "errors": get(&c.errors),
         "busy": get(&c.busy),
         "queue_depth": get(&c.queue_depth),
+        "queue_bytes": get(&c.queue_bytes),
         "expired": get(&c.expired),
     })
 }
@@ -738,7 +739,10 @@ pub(crate) fn call(h: &Handle, c: &Call<'_>) -> Outcome {
         R::Metrics => unreachable!("GET /metrics is answered by the server before the routes run"),
         R::Stats => now(stats(h)),
         R::Room => match param(c.query, "room") {
-            Some(room) => now((200, json!({ "room": room, "size": h.room_size(room) }))),
+            Some(room) => match crate::rooms::check_room_name(room) {
+                Ok(()) => now((200, json!({ "room": room, "size": h.room_size(room) }))),
+                Err(e) => now(error(400, e.to_string())),
+            },
             None => now(error(400, "missing ?room=")),
         },
         R::Inbox | R::Connections => command(from_query(c)),

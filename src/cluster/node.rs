@@ -902,6 +902,11 @@ impl Node {
                 }
                 Record::Join { user, room } | Record::Leave { user, room } => {
                     let (Some(user), Some(room)) = (as_str(&user), as_str(&room)) else { continue };
+                    if crate::rooms::check_room_name(room).is_err() {
+                        // No node writes one (a stray PUBLISH): a client would
+                        // get a ROOM_ACK or ERROR for a room no room can be.
+                        continue;
+                    }
                     let room: Arc<str> = Arc::from(room);
                     delivered += shared
                         .post_to_user(user, |conn| {

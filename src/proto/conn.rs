@@ -629,7 +629,15 @@ impl Connection {
                     self.close(e.close_code(), &e.to_string(), now, env);
                 }
             },
-            WsEvent::Binary(bytes) => match decode(bytes, rules.max_frame_bytes) {
+            // Before login, at most the largest LOGIN, as on raw TCP.
+            WsEvent::Binary(bytes) => match decode(
+                bytes,
+                if self.session.phase() == Phase::AwaitingLogin {
+                    MAX_LOGIN_FRAME_BYTES
+                } else {
+                    rules.max_frame_bytes
+                },
+            ) {
                 Ok(Some((frame, n))) if n == bytes.len() => self.on_frame(frame, now, rules, env),
                 Ok(_) => {
                     env.count(Count::ProtocolError(ws::close::PROTOCOL_ERROR));
@@ -1450,6 +1458,22 @@ mod tests {
         feed(&mut c, &mut env, &client_frame(0x2, true, &big), &[], 0);
         assert!(c.is_closing());
         assert_eq!(env.closed_with(), Some(ws::close::MESSAGE_TOO_BIG));
+    }
+
+    /// A binary message before login holds a frame of at most the largest
+    /// LOGIN (4,433 bytes, PROTOCOL.md 2.3), as on raw TCP: a 5,000-byte
+    /// LOGIN (within the 8,192 bytes of a WebSocket message before login)
+    /// closes with 1009, not with a login error.
+    #[test]
+    fn before_login_a_binary_message_holds_at_most_the_largest_login_frame() {
+        let (mut c, mut env) = (ws_conn(), Rec::default());
+        feed(&mut c, &mut env, &upgrade(""), &[], 0);
+        let token = "t".repeat(4_600);
+        let frame = login("alice", &token);
+        assert!(frame.len() > MAX_LOGIN_FRAME_BYTES && frame.len() < MAX_LOGIN_MESSAGE_BYTES);
+        feed(&mut c, &mut env, &client_frame(0x2, true, &frame), &[], 0);
+        assert!(c.is_closing());
+        assert_eq!(env.closed_with(), Some(ws::close::MESSAGE_TOO_BIG), "{:?}", env.written());
     }
 
     #[test]

@@ -490,6 +490,18 @@ fn push_json_str(out: &mut String, s: &str) {
     out.push('"');
 }
 
+/// The bytes [`push_json_str`] writes for `s` between its quotes.
+fn escaped_len(s: &str) -> usize {
+    s.len()
+        + s.bytes()
+            .map(|b| match b {
+                b'"' | b'\\' | b'\n' | b'\r' | b'\t' | 0x08 | 0x0c => 1,
+                0x00..=0x1f => 5,
+                _ => 0,
+            })
+            .sum::<usize>()
+}
+
 /// Builds one JSON object, `type` first, fields in protocol order.
 struct Obj(String);
 
@@ -528,11 +540,16 @@ impl Obj {
         self
     }
 
-    /// `k` as a string when `v` is UTF-8, else `k_b64` in base64.
+    /// `k` as a string when `v` is UTF-8 and that string is no longer
+    /// than its base64, else `k_b64` in base64. Why the length rule: a
+    /// control byte takes 6 escaped, so a payload of them sent as text
+    /// would be 6 times its size, past the outbound queue's bound and the
+    /// size a client's read buffer is made for (docs/PROTOCOL.md 13.4);
+    /// base64 keeps every message within 4/3 of the binary frame's.
     fn bytes(&mut self, k: &str, k_b64: &str, v: &[u8]) -> &mut Obj {
-        match std::str::from_utf8(v) {
-            Ok(s) => self.str(k, s),
-            Err(_) => {
+        match std::str::from_utf8(v).ok().filter(|s| escaped_len(s) <= v.len().div_ceil(3) * 4) {
+            Some(s) => self.str(k, s),
+            None => {
                 let s = &mut self.key(k_b64).0;
                 s.push('"');
                 STANDARD.encode_string(v, s);
@@ -1053,7 +1070,7 @@ mod tests {
 
     #[test]
     fn server_frames_encode_byte_exact() {
-        let cases: [(Frame<'_>, &str); 13] = [
+        let cases: [(Frame<'_>, &str); 14] = [
             (
                 Frame::LoginOk {
                     conn_id: 0x0100000100000002,
@@ -1071,7 +1088,9 @@ mod tests {
                 r#"{"type":"login_error","code":3,"reason":"token expired"}"#,
             ),
             (Frame::Pong { data: b"" }, r#"{"type":"pong","data":""}"#),
-            (Frame::Pong { data: &[0, 0, 0x30, 0x39] }, "{\"type\":\"pong\",\"data\":\"\\u0000\\u000009\"}"),
+            (Frame::Pong { data: b"0\n9" }, "{\"type\":\"pong\",\"data\":\"0\\n9\"}"),
+            // Escaped, "\u0000\u000009" is longer than its base64.
+            (Frame::Pong { data: &[0, 0, 0x30, 0x39] }, r#"{"type":"pong","data_b64":"AAAwOQ=="}"#),
             (Frame::Pong { data: &[0xff, 0x39] }, r#"{"type":"pong","data_b64":"/zk="}"#),
             (
                 Frame::Push { msg_id: 1, from: "", payload: b"hi" },
@@ -1147,6 +1166,30 @@ mod tests {
         );
         let v: Value = serde_json::from_str(&text).unwrap();
         assert_eq!(v["reason"], reason);
+    }
+
+    /// A payload of control bytes (valid UTF-8, as in much binary data)
+    /// goes as base64: escaped it would be 6 times its size, past the
+    /// outbound queue's 256 KiB for a 60,000-byte INBOX (the connection
+    /// closed with 4004 at every login while the message was kept). Text
+    /// goes as text while its escaped form is no longer than base64.
+    #[test]
+    fn a_payload_is_never_sent_longer_than_its_base64() {
+        let zeros = [0u8; 60_000];
+        let text = encode_json(&Frame::Inbox { seq: 1, msg_id: 2, ts_ms: 3, from: "bob", payload: &zeros }).unwrap();
+        assert!(text.len() <= zeros.len() / 3 * 4 + 200, "{} bytes", text.len());
+        let v: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(STANDARD.decode(v["payload_b64"].as_str().unwrap()).unwrap(), zeros);
+        let quoted = "say \"hi\"\n".repeat(1000);
+        let text = encode_json(&Frame::Push { msg_id: 1, from: "", payload: quoted.as_bytes() }).unwrap();
+        assert_eq!(
+            serde_json::from_str::<Value>(&text).unwrap()["payload"],
+            quoted.as_str(),
+            "13 bytes escaped from 10"
+        );
+        let worse = "\u{1}a".repeat(1000);
+        let text = encode_json(&Frame::Push { msg_id: 1, from: "", payload: worse.as_bytes() }).unwrap();
+        assert!(serde_json::from_str::<Value>(&text).unwrap()["payload_b64"].is_string(), "7 bytes escaped from 2");
     }
 
     /// A JSON value of any shape, for fuzzing fields.

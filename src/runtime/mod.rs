@@ -262,6 +262,7 @@ pub(crate) fn start(
         let shards = store.len();
         let cfg = crate::store::ServiceConfig {
             batch_wait: shared.config.store.batch_wait(),
+            queue_max_bytes: shared.config.store.queue_max_bytes,
             expire_interval: std::time::Duration::from_millis(shared.config.store.retention_interval_ms),
             ..crate::store::ServiceConfig::new(shared.config.store.queue_capacity.div_ceil(shards))
         };

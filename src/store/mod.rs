@@ -40,8 +40,8 @@ pub use disk::DiskStore;
 pub use memory::MemoryStore;
 pub use redis::RedisStore;
 pub use service::{
-    Busy, Done, Request, Service, ServiceConfig, Sink, StoreCounters, Submitter, EXPIRE_INTERVAL,
-    POSITION_SYNC_INTERVAL,
+    Busy, Done, Request, Service, ServiceConfig, Sink, StoreCounters, Submitter, DEFAULT_QUEUE_MAX_BYTES,
+    EXPIRE_INTERVAL, POSITION_SYNC_INTERVAL,
 };
 pub use shards::{open_store_shards, shard_of, MAX_SHARDS};
 

@@ -155,6 +155,14 @@ const TIDY_RETRY: Duration = Duration::from_secs(1);
 /// stopped store again.
 pub const REOPEN_INTERVAL: Duration = Duration::from_secs(10);
 
+/// `store.queue_max_bytes`' default: 64 MiB of appends may wait for the
+/// store's threads. Why that much: it holds the whole default queue
+/// (65,536 requests) of messages up to about 900 bytes, and a thousand of
+/// the largest frames (64 KiB); an admin push of a large payload to many
+/// users, each user a copy, meets it first (then 503, retry later)
+/// instead of queueing gigabytes behind a store that fell behind.
+pub const DEFAULT_QUEUE_MAX_BYTES: u64 = 64 << 20;
+
 /// What the store thread can be asked to do.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Request {
@@ -175,6 +183,18 @@ impl Request {
             | Request::DeviceLogin { user, .. }
             | Request::Position { user, .. }
             | Request::State { user } => user,
+        }
+    }
+
+    /// The bytes the request holds while it waits in the queue, counted
+    /// against [`ServiceConfig::queue_max_bytes`]: an append's record
+    /// ([`super::record_bytes`]: its payload and ids, each a copy of its
+    /// own); nothing for the others, whose ids are shared with the
+    /// connection that asks.
+    pub fn queued_bytes(&self) -> u64 {
+        match self {
+            Request::Append(m) => super::record_bytes(&m.to, &m.from, m.payload.len()),
+            _ => 0,
         }
     }
 }
@@ -244,6 +264,9 @@ pub struct StoreCounters {
     pub busy: AtomicU64,
     /// Requests queued and not yet taken by the store thread.
     pub queue_depth: AtomicU64,
+    /// Their bytes ([`Request::queued_bytes`]), bounded by
+    /// [`ServiceConfig::queue_max_bytes`].
+    pub queue_bytes: AtomicU64,
     /// Messages dropped by retention passes.
     pub expired: AtomicU64,
     /// Messages kept in inboxes ([`Store::held`]) over every shard, as of
@@ -279,6 +302,11 @@ impl StoreCounters {
 pub struct ServiceConfig {
     /// Requests that may wait for the store thread (`store.queue_capacity`).
     pub queue_capacity: usize,
+    /// Bytes the requests waiting may hold (`store.queue_max_bytes`,
+    /// [`Request::queued_bytes`]) over every shard; past it a request
+    /// with bytes is refused as by a full queue. A request always goes
+    /// into an empty queue, however large.
+    pub queue_max_bytes: u64,
     /// Time between retention passes.
     pub expire_interval: Duration,
     /// The clock, in Unix milliseconds (a test passes its own).
@@ -300,6 +328,7 @@ impl ServiceConfig {
     pub fn new(queue_capacity: usize) -> Self {
         ServiceConfig {
             queue_capacity,
+            queue_max_bytes: DEFAULT_QUEUE_MAX_BYTES,
             expire_interval: EXPIRE_INTERVAL,
             clock: unix_ms,
             reopen_interval: REOPEN_INTERVAL,
@@ -328,11 +357,18 @@ pub struct Submitter<T> {
     shards: Arc<[Shard<T>]>,
     counters: Arc<StoreCounters>,
     stopped: Arc<AtomicBool>,
+    /// [`ServiceConfig::queue_max_bytes`].
+    max_bytes: u64,
 }
 
 impl<T> Clone for Submitter<T> {
     fn clone(&self) -> Self {
-        Submitter { shards: self.shards.clone(), counters: self.counters.clone(), stopped: self.stopped.clone() }
+        Submitter {
+            shards: self.shards.clone(),
+            counters: self.counters.clone(),
+            stopped: self.stopped.clone(),
+            max_bytes: self.max_bytes,
+        }
     }
 }
 
@@ -389,11 +425,21 @@ impl<T: Send + 'static> Submitter<T> {
         }
         let shard = &self.shards[super::shard_of(request.user(), self.shards.len())];
         // Counted before the push, so the thread's decrement never comes first.
+        let bytes = request.queued_bytes();
+        if bytes > 0 {
+            let before = self.counters.queue_bytes.fetch_add(bytes, Ordering::Relaxed);
+            if before > 0 && before + bytes > self.max_bytes {
+                self.counters.queue_bytes.fetch_sub(bytes, Ordering::Relaxed);
+                self.counters.busy.fetch_add(1, Ordering::Relaxed);
+                return Err(Busy);
+            }
+        }
         self.counters.queue_depth.fetch_add(1, Ordering::Relaxed);
         match shard.queue.push(Msg::Req(token, request, crate::timed::mono_ns())) {
             Ok(()) => Ok(()),
             Err(_) => {
                 self.counters.queue_depth.fetch_sub(1, Ordering::Relaxed);
+                self.counters.queue_bytes.fetch_sub(bytes, Ordering::Relaxed);
                 self.counters.busy.fetch_add(1, Ordering::Relaxed);
                 Err(Busy)
             }
@@ -454,15 +500,22 @@ impl<T: Send + 'static> Service<T> {
                 }
                 Err(e) => {
                     // Stop the shards already running (nothing was queued).
-                    let started =
-                        Service { submitter: Submitter { shards: shards.into(), counters, stopped }, threads };
+                    let started = Service {
+                        submitter: Submitter {
+                            shards: shards.into(),
+                            counters,
+                            stopped,
+                            max_bytes: cfg.queue_max_bytes,
+                        },
+                        threads,
+                    };
                     drop(started);
                     return Err(e);
                 }
             }
         }
         let shards: Arc<[Shard<T>]> = shards.into();
-        let submitter = Submitter { shards, counters, stopped };
+        let submitter = Submitter { shards, counters, stopped, max_bytes: cfg.queue_max_bytes };
         Ok(Service { submitter, threads })
     }
 
@@ -593,6 +646,10 @@ impl<T: Send + 'static, S: Sink<T>> Worker<T, S> {
                 }
             }
             self.counters.queue_depth.fetch_sub(batch.len() as u64, Ordering::Relaxed);
+            let bytes: u64 = batch.iter().map(|(_, r)| r.queued_bytes()).sum();
+            if bytes > 0 {
+                self.counters.queue_bytes.fetch_sub(bytes, Ordering::Relaxed);
+            }
             if !stopping {
                 self.reopen_if_due();
             }

@@ -1792,6 +1792,41 @@ fn service_is_busy_when_the_queue_is_full_and_never_blocks() {
     service.stop().unwrap();
 }
 
+/// The queue is bounded in bytes too: requests of 64 KiB payloads behind
+/// a stalled store thread are refused once the payloads queued reach 64
+/// MiB (`store.queue_max_bytes`' default), long before the queue's count
+/// (here 4,096: 256 MiB of payloads) would; what was queued is served, and
+/// the room it took is free again once it is taken.
+#[test]
+fn service_is_busy_when_the_bytes_queued_reach_their_bound() {
+    const PAYLOAD: usize = 64 * 1024;
+    let big = |n: u64| Request::Append(msg("alice", "app", n, T0, &"x".repeat(PAYLOAD), 0));
+    let (service, rx, gate) = service_held_in_sync(4096);
+    let mut queued = 0u64;
+    for i in 1..=4096 {
+        if service.try_submit(i, big(i)).is_err() {
+            break;
+        }
+        queued += 1;
+    }
+    let busy = service.counters().busy.load(Ordering::SeqCst);
+    // A request without a payload still goes (it takes no bytes of room).
+    let state = service.try_submit(9_999, Request::State { user: "bob".into() });
+    open_gate(&gate); // before any assertion: a failed one would wait for the thread
+    let bound = 64 << 20;
+    assert!(queued * PAYLOAD as u64 <= bound, "{queued} payloads of {PAYLOAD} B queued");
+    assert!(queued * (PAYLOAD as u64 + 1024) > bound, "refused only at the bound: {queued} queued");
+    assert_eq!(busy, 1);
+    state.unwrap();
+    for _ in 0..=queued + 1 {
+        recv(&rx);
+    }
+    assert_eq!(service.counters().queue_bytes.load(Ordering::SeqCst), 0, "every byte given back");
+    service.try_submit(10_000, big(10_000)).unwrap();
+    assert!(matches!(recv(&rx), (10_000, Done::Appended(Ok(_)))));
+    service.stop().unwrap();
+}
+
 /// The queue wait histogram: one sample per request, each as long as the
 /// request sat in the queue: four requests queued behind one the store
 /// thread holds for 60 ms waited more than 50 ms each.

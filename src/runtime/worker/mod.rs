@@ -195,6 +195,9 @@ pub(crate) struct Worker {
     /// refused at the close, by (user, device): tried again at each tick
     /// (`reliable.rs`).
     closed_unsaved: RefCell<reliable::ClosedUnsaved>,
+    /// The next slot the sweep that keeps connected devices seen looks at
+    /// (`reliable.rs`, `Worker::keep_devices_seen`).
+    seen_cursor: Cell<u32>,
     /// Device connections (slot, generation) whose window was put back
     /// open since the tick last found it parked: what the tick looks at
     /// for retransmits (`reliable.rs`). Entries of closed connections go
@@ -539,6 +542,7 @@ impl Worker {
             reliable: RefCell::new(reliable::Reliable::default()),
             unsaved: RefCell::new(Vec::new()),
             closed_unsaved: RefCell::new(reliable::ClosedUnsaved::new()),
+            seen_cursor: Cell::new(0),
             open: RefCell::new(Vec::new()),
             window_rules: shared.config.window_rules(),
             shared,
@@ -1091,8 +1095,8 @@ impl Worker {
         if mine.len() >= limit {
             return Err(RoomError::ConnRoomLimit { limit });
         }
-        let name = self.shared.rooms.join(room, creator)?;
-        if self.shared.clustered() && self.shared.rooms.size(&name) == 1 {
+        let crate::rooms::Joined { name, created } = self.shared.rooms.join(room, creator)?;
+        if created && self.shared.clustered() {
             // The node's first member: subscribe to the room's channel.
             self.shared.to_cluster(|| crate::cluster::Event::RoomChanged(name.clone()));
         }
@@ -1139,8 +1143,7 @@ impl Worker {
                 None => debug_assert!(false, "a room member without the membership record"),
             }
         }
-        self.shared.rooms.leave(&name);
-        if self.shared.clustered() && self.shared.rooms.size(&name) == 0 {
+        if self.shared.rooms.leave(&name) && self.shared.clustered() {
             self.shared.to_cluster(|| crate::cluster::Event::RoomChanged(name));
         }
     }

@@ -329,6 +329,40 @@ impl Worker {
         self.unsaved.borrow_mut().extend(again);
     }
 
+    /// A slice of the sweep that keeps connected devices seen: the store
+    /// forgets a device not seen for `store.ttl_ms` (a login and an ACK
+    /// are what it sees), and a device connected and idle that long (a
+    /// desktop app open for a quiet week) was forgotten while connected.
+    /// Its next ACK made it known again, but meanwhile its user's other
+    /// devices' ACKs could drop messages it had not acknowledged, lost to
+    /// it if its connection then ended first. So every connected device's
+    /// position is handed to the store again at least every quarter of
+    /// the TTL: each tick looks at the share of the worker's connection
+    /// slots that makes a full round in that time (a few slots a tick at
+    /// the defaults: a 7-day TTL, 1 s ticks), without a field per
+    /// connection. A refusal by a full queue waits for the next round.
+    fn keep_devices_seen(&self) {
+        let table = self.reliable.borrow();
+        let slots = self.shared.max_conns_per_worker.max(1) as u64;
+        let round_ms = (self.shared.config.store.ttl_ms / 4).max(1);
+        let n = (slots * self.shared.config.timeouts.tick_ms).div_ceil(round_ms).clamp(1, slots);
+        let start = u64::from(self.seen_cursor.get()) % slots;
+        self.seen_cursor.set(((start + n) % slots) as u32);
+        if table.is_empty() {
+            return;
+        }
+        for i in 0..n {
+            let slot = ((start + i) % slots) as u32;
+            let Some(d) = table.get(&slot) else { continue };
+            let position = match &d.state {
+                State::Parked { position } => *position,
+                State::Open(w) => w.position(),
+                State::Pending(_) => continue, // its login was just seen
+            };
+            self.save_position(&d.user, &d.device, position);
+        }
+    }
+
     /// Queues a store request. Inside [`Worker::store_turn`] the store
     /// thread is woken once, at the end of the turn, not per request
     /// (`store::service`'s module doc says why).
@@ -550,6 +584,7 @@ impl Worker {
     /// the worker holds, busy or not.
     pub(super) fn reliable_tick(&self, now: Tick) {
         self.save_positions();
+        self.keep_devices_seen();
         let mut open = std::mem::take(&mut *self.open.borrow_mut());
         let mut due = Vec::new();
         let mut table = self.reliable.borrow_mut();

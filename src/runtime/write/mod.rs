@@ -144,8 +144,14 @@ pub(crate) fn deliver_at(shared: &Shared, conn: ConnId, frame: &Bytes, accepted:
         _ => None,
     };
     // This thread's own block: plain stores, no locked instruction.
+    let handed = matches!(r, Put::Sent | Put::Queued { .. });
     shared.foreign_counters.with(|c| {
-        bump(&c.frames_out, 1);
+        if handed {
+            bump(&c.frames_out, 1);
+        }
+        if written > 0 {
+            bump(&c.writes, 1);
+        }
         bump(&c.detail.bytes_out, written as u64);
         if skipped > 0 {
             bump(&c.skipped, skipped as u64);
