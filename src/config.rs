@@ -886,6 +886,10 @@ pub struct ClusterConfig {
     /// Cross-node work (forwards, presence updates) waiting for the Redis
     /// thread, at most; past it the work is refused and counted.
     pub queue_capacity: usize,
+    /// Bytes of messages (forwards, room and broadcast frames, stored
+    /// messages' notices) that work may hold; past it a forward is refused
+    /// and counted as past `queue_capacity`. 1 MiB to 1 TiB.
+    pub queue_max_bytes: u64,
     /// Bytes of forwarded messages in one Redis PUBLISH, at most.
     pub max_batch_bytes: usize,
     /// A Redis command not answered within this long fails (and is
@@ -908,6 +912,7 @@ impl Default for ClusterConfig {
             route_cache_ms: 30_000,
             route_cache_entries: 1_000_000,
             queue_capacity: 65_536,
+            queue_max_bytes: crate::cluster::DEFAULT_QUEUE_MAX_BYTES,
             max_batch_bytes: 256 << 10,
             command_timeout_ms: 2_000,
             batch_linger_us: 1_000,
@@ -985,6 +990,12 @@ impl ClusterConfig {
         }
         if !(16..=1 << 24).contains(&self.queue_capacity) {
             return Err(invalid("cluster.queue_capacity", "must be between 16 and 16777216"));
+        }
+        if !(1 << 20..=1 << 40).contains(&self.queue_max_bytes) {
+            return Err(invalid(
+                "cluster.queue_max_bytes",
+                "must be between 1048576 (1 MiB) and 1099511627776 (1 TiB)",
+            ));
         }
         if !(4096..=64 << 20).contains(&self.max_batch_bytes) {
             return Err(invalid("cluster.max_batch_bytes", "must be between 4096 and 67108864"));
@@ -1472,6 +1483,7 @@ mod store_section {
         );
         assert_eq!(c.store.shards, 1, "one shard unless asked (store/shards.rs says why)");
         assert_eq!(c.store.queue_max_bytes, 64 << 20);
+        assert_eq!(c.cluster.queue_max_bytes, 64 << 20);
         let c = Config::from_toml("[store]\nkind = \"memory\"\ndurability = \"os\"\n").unwrap();
         assert_eq!((c.store.kind, c.store.durability), (StoreKind::Memory, Durability::Os));
         for (toml, key) in [

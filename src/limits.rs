@@ -259,6 +259,12 @@ pub fn fixed_memory(config: &Config, workers: usize) -> Vec<(&'static str, u64)>
     if config.store.kind != StoreKind::None {
         v.push(("appends waiting for the store thread (store.queue_max_bytes)", config.store.queue_max_bytes));
     }
+    if config.cluster.redis.is_some() {
+        v.push((
+            "messages waiting for the cluster's Redis thread (cluster.queue_max_bytes)",
+            config.cluster.queue_max_bytes,
+        ));
+    }
     v
 }
 

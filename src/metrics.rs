@@ -507,7 +507,8 @@ fn cluster(f: &mut Family<'_, '_>, c: &ClusterCounters) -> fmt::Result {
         ),
         (
             "switchboard_cluster_queue_full",
-            "Cross-node events refused because the queue to the Redis thread was full (cluster.queue_capacity).",
+            "Cross-node events refused because the queue to the Redis thread was full (cluster.queue_capacity or \
+                 cluster.queue_max_bytes).",
             &c.queue_full,
         ),
         (

@@ -62,6 +62,24 @@ pub(crate) enum Event {
     RoomChanged(Arc<str>),
 }
 
+impl Event {
+    /// The bytes of message the event carries, counted against
+    /// `cluster.queue_max_bytes` while it waits for the thread.
+    pub(crate) fn queued_bytes(&self) -> u64 {
+        match self {
+            Event::ToUser { frame, .. } | Event::Room { frame, .. } | Event::Broadcast(frame) => frame.len() as u64,
+            Event::Stored { msg, .. } => msg.payload.len() as u64,
+            Event::Online(_) | Event::Offline(_) | Event::Kick(_) | Event::Join { .. } | Event::RoomChanged(_) => 0,
+        }
+    }
+}
+
+/// `cluster.queue_max_bytes`' default: 64 MiB of messages may wait for the
+/// `sb-cluster` thread (a thousand of the largest frames; the whole
+/// default queue of messages up to 1 KiB). Past it, forwards are refused
+/// and counted as past `cluster.queue_capacity`.
+pub const DEFAULT_QUEUE_MAX_BYTES: u64 = 64 << 20;
+
 // Queued by the million under load: keep it small.
 const _: () = assert!(std::mem::size_of::<Event>() <= 56);
 
@@ -88,8 +106,11 @@ pub struct ClusterCounters {
     pub batches_malformed: AtomicU64,
     /// Local connections written to (or notified) for received records.
     pub deliveries: AtomicU64,
-    /// Events refused because the queue to the `sb-cluster` thread was full.
+    /// Events refused because the queue to the `sb-cluster` thread was full
+    /// (`cluster.queue_capacity` events or `cluster.queue_max_bytes`).
     pub queue_full: AtomicU64,
+    /// Bytes of the messages queued for the thread ([`Event::queued_bytes`]).
+    pub queue_bytes: AtomicU64,
     /// Forwards dropped because Redis failed (at-most-once messages lost;
     /// a stored message stays in the inbox).
     pub forwards_failed: AtomicU64,
@@ -124,6 +145,8 @@ pub(crate) struct Link {
     /// A presence or room change was refused: the thread re-registers the
     /// node's users and re-subscribes its rooms at its next heartbeat.
     pub repair: Arc<std::sync::atomic::AtomicBool>,
+    /// `cluster.queue_max_bytes`.
+    max_bytes: u64,
 }
 
 impl Link {
@@ -131,9 +154,17 @@ impl Link {
     /// is full or the thread has stopped.
     pub(crate) fn send(&self, ev: Event) -> bool {
         let state = matches!(ev, Event::Online(_) | Event::Offline(_) | Event::RoomChanged(_));
-        match self.tx.try_send(ev) {
+        // Counted before the send, so the thread's decrement never comes
+        // first; an event always goes into a queue holding no bytes.
+        let bytes = ev.queued_bytes();
+        let before = if bytes > 0 { self.counters.queue_bytes.fetch_add(bytes, Ordering::Relaxed) } else { 0 };
+        let room = before == 0 || before + bytes <= self.max_bytes;
+        match if room { self.tx.try_send(ev).map_err(|_| ()) } else { Err(()) } {
             Ok(()) => true,
-            Err(_) => {
+            Err(()) => {
+                if bytes > 0 {
+                    self.counters.queue_bytes.fetch_sub(bytes, Ordering::Relaxed);
+                }
                 if state {
                     // Lost state is repaired whole; a lost forward is only counted.
                     self.repair.store(true, Ordering::Release);
@@ -142,7 +173,8 @@ impl Link {
                 if n.is_power_of_two() {
                     tracing::warn!(
                         refused = n + 1,
-                        "cluster: the queue to the Redis thread is full (cluster.queue_capacity); \
+                        "cluster: the queue to the Redis thread is full (cluster.queue_capacity or \
+                         cluster.queue_max_bytes); \
                          cross-node work is refused until Redis keeps up"
                     );
                 }
@@ -152,8 +184,46 @@ impl Link {
     }
 }
 
-/// Makes the queue: the producers' end and the thread's end.
-pub(crate) fn queue(capacity: usize, node_id: Arc<str>) -> (Link, tokio::sync::mpsc::Receiver<Event>) {
+/// Makes the queue of at most `capacity` events holding at most
+/// `max_bytes` of messages: the producers' end and the thread's end, which
+/// gives the bytes back as it takes events ([`taken`]).
+pub(crate) fn queue(capacity: usize, max_bytes: u64, node_id: Arc<str>) -> (Link, tokio::sync::mpsc::Receiver<Event>) {
     let (tx, rx) = tokio::sync::mpsc::channel(capacity);
-    (Link { tx, counters: Arc::default(), node_id, repair: Arc::default() }, rx)
+    (Link { tx, counters: Arc::default(), node_id, repair: Arc::default(), max_bytes }, rx)
+}
+
+/// The thread took `events` from the queue: their bytes leave its count.
+pub(crate) fn taken(counters: &ClusterCounters, events: &[Event]) {
+    let bytes: u64 = events.iter().map(Event::queued_bytes).sum();
+    if bytes > 0 {
+        counters.queue_bytes.fetch_sub(bytes, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The queue to the `sb-cluster` thread is bounded in bytes too: with
+    /// the thread not taking anything (Redis slow), forwards of 64 KiB
+    /// frames are refused once 64 MiB of them wait, long before the
+    /// queue's count (here 4,096: 256 MiB) would; presence changes, which
+    /// carry no message, still go; what the thread takes is given back.
+    #[test]
+    fn the_queue_refuses_forwards_past_its_bytes() {
+        let (link, mut rx) = queue(4096, DEFAULT_QUEUE_MAX_BYTES, Arc::from("n1"));
+        let frame = Bytes::from(vec![0u8; 64 * 1024]);
+        let forward = || Event::ToUser { user: Arc::from("u"), frame: frame.clone() };
+        let taken_count = (0..4096).take_while(|_| link.send(forward())).count() as u64;
+        assert_eq!(taken_count * frame.len() as u64, 64 << 20, "{taken_count} forwards queued");
+        assert_eq!(link.counters.queue_full.load(Ordering::Relaxed), 1);
+        assert!(link.send(Event::Online(Arc::from("u"))), "no bytes: still room");
+        let mut events = Vec::new();
+        while let Ok(ev) = rx.try_recv() {
+            events.push(ev);
+        }
+        taken(&link.counters, &events);
+        assert_eq!(link.counters.queue_bytes.load(Ordering::Relaxed), 0);
+        assert!(link.send(forward()));
+    }
 }

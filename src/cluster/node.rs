@@ -441,6 +441,7 @@ impl Node {
         if events.is_empty() {
             return;
         }
+        super::taken(&self.counters, events);
         let now = unix_ms();
         let mut out = Outbox::default();
         // Users whose routes this turn needs from Redis: stored messages

@@ -249,7 +249,8 @@ pub(crate) fn start(
             // The configured port, as the store's presence writes use
             // (the pid keeps ids apart when it is 0).
             let id: Arc<str> = Arc::from(shared.config.cluster.node_id_or_default(addr.port()));
-            let (link, rx) = crate::cluster::queue(shared.config.cluster.queue_capacity, id);
+            let (link, rx) =
+                crate::cluster::queue(shared.config.cluster.queue_capacity, shared.config.cluster.queue_max_bytes, id);
             let _ = shared.cluster.set(link.clone());
             Some(crate::cluster::node::ClusterThread::start(shared.clone(), link, rx)?)
         }
