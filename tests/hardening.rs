@@ -176,6 +176,36 @@ fn an_unfinished_frame_is_closed_after_the_message_timeout() {
     assert_eq!(server.handle().stats().message_timeouts, 1);
 }
 
+/// The message timeout is per frame: a client streaming frames, each
+/// read ending mid-way through the next one, is never closed while every
+/// frame completes in time. The timer used to run from the first read that
+/// left a frame incomplete, so such a stream (frames larger than a TCP
+/// segment, say) got 1008 one timeout into it.
+#[test]
+fn a_stream_of_frames_each_finished_in_time_is_not_cut_off() {
+    let mut cfg = config();
+    cfg.timeouts.message_timeout_ms = 600;
+    cfg.timeouts.tick_ms = 100;
+    let server = start(cfg);
+    let (mut c, _) = login(server.local_addr(), "streamer");
+    c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let ping = |i: u8| Frame::Ping { data: &[i; 8] }.to_bytes().unwrap();
+    c.send_raw(&ping(0)[..3]).unwrap();
+    for i in 0..8u8 {
+        std::thread::sleep(Duration::from_millis(400));
+        // The rest of PING i, and the start of PING i + 1: the read ends
+        // mid-frame again, 3.2 s in all, each frame whole within 400 ms.
+        let mut bytes = ping(i)[3..].to_vec();
+        bytes.extend_from_slice(&ping(i + 1)[..3]);
+        c.send_raw(&bytes).unwrap();
+        match c.recv_skipping_pings().unwrap().frame() {
+            Frame::Pong { data } => assert_eq!(data, [i; 8]),
+            other => panic!("PING {i}: expected its PONG, got {other:?}"),
+        }
+    }
+    assert_eq!(server.handle().stats().message_timeouts, 0);
+}
+
 // ---- io_uring poller: closed sockets released ------------------------------------
 
 /// Server-side sockets of `port` in state CLOSE_WAIT (the peer closed, we

@@ -256,6 +256,12 @@ pub struct Held {
     /// The caller's bookkeeping for what this connection holds (the worker
     /// charges it to its budget); the connection never reads it.
     pub ticket: Option<HoldTicket>,
+    /// A read completed a frame (or a WebSocket data message) and left the
+    /// next one incomplete: the next [`Connection::settle`] hands the
+    /// ticket back, so that the caller lists the holder anew, timed from
+    /// now. `timeouts.message_timeout_ms` is per frame: a stream of frames
+    /// larger than a read must not be timed from its first one.
+    restart: bool,
 }
 
 /// The worker's record of a holder: its key in the worker's list and the
@@ -385,12 +391,13 @@ impl Connection {
             Some(h) => (std::mem::take(&mut h.partial), h.ws.take()),
             None => (Vec::new(), None),
         };
+        let mut done = false;
         if partial.is_empty() {
-            let used = self.consume(data, &mut dec, now, rules, env);
+            let used = self.consume(data, &mut dec, &mut done, now, rules, env);
             partial.extend_from_slice(&data[used..]);
         } else {
             partial.extend_from_slice(data);
-            let used = self.consume(&mut partial, &mut dec, now, rules, env);
+            let used = self.consume(&mut partial, &mut dec, &mut done, now, rules, env);
             partial.drain(..used);
         }
         // Input is discarded once closing; what is incomplete is kept.
@@ -401,11 +408,12 @@ impl Connection {
                 if keep {
                     h.partial = partial;
                     h.ws = dec;
+                    h.restart |= done;
                 }
                 // Emptied: `settle` lets it go and hands back its ticket.
                 self.held = Some(h);
             }
-            None if keep => self.held = Some(Box::new(Held { partial, ws: dec, ticket: None })),
+            None if keep => self.held = Some(Box::new(Held { partial, ws: dec, ticket: None, restart: false })),
             None => {}
         }
     }
@@ -419,6 +427,9 @@ impl Connection {
         let h = self.held.as_deref_mut()?;
         if self.session.phase() == Phase::Closing || (h.partial.is_empty() && h.ws.is_none()) {
             return self.held.take().and_then(|h| h.ticket);
+        }
+        if std::mem::take(&mut h.restart) {
+            return h.ticket.take();
         }
         if h.partial.is_empty() {
             h.partial = Vec::new();
@@ -435,6 +446,7 @@ impl Connection {
         &mut self,
         data: &mut [u8],
         dec: &mut Option<Decoder>,
+        done: &mut bool,
         now: Tick,
         rules: &Rules,
         env: &mut impl Env,
@@ -457,7 +469,7 @@ impl Connection {
                     continue;
                 }
                 Transport::Http => self.http_request(&data[off..], now, rules, env),
-                Transport::Raw | Transport::Ws(_) => self.frames(&mut data[off..], dec, now, rules, env),
+                Transport::Raw | Transport::Ws(_) => self.frames(&mut data[off..], dec, done, now, rules, env),
             };
             if used == 0 {
                 break;
@@ -479,6 +491,7 @@ impl Connection {
         &mut self,
         data: &mut [u8],
         kept: &mut Option<Decoder>,
+        done: &mut bool,
         now: Tick,
         rules: &Rules,
         env: &mut impl Env,
@@ -523,6 +536,9 @@ impl Connection {
                 Ok(None) | Err(Bad::Wait) => break,
                 Ok(Some((unit, n))) => {
                     off += n;
+                    // A control frame between a message's fragments does
+                    // not restart its time.
+                    *done |= matches!(unit, Unit::Frame(_) | Unit::Ws(WsEvent::Text(_) | WsEvent::Binary(_)));
                     match unit {
                         Unit::Frame(f) => self.on_frame(f, now, rules, env),
                         Unit::Ws(ev) => self.on_ws_event(ev, now, rules, env),
