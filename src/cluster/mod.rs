@@ -109,7 +109,7 @@ pub struct ClusterCounters {
     /// Events refused because the queue to the `sb-cluster` thread was full
     /// (`cluster.queue_capacity` events or `cluster.queue_max_bytes`).
     pub queue_full: AtomicU64,
-    /// Bytes of the messages queued for the thread ([`Event::queued_bytes`]).
+    /// Bytes of the messages queued for the thread (`Event::queued_bytes`).
     pub queue_bytes: AtomicU64,
     /// Forwards dropped because Redis failed (at-most-once messages lost;
     /// a stored message stays in the inbox).
