@@ -206,6 +206,36 @@ fn a_stream_of_frames_each_finished_in_time_is_not_cut_off() {
     assert_eq!(server.handle().stats().message_timeouts, 0);
 }
 
+/// A client that pipelines more small requests in one write than its
+/// outbound queue holds frames (`limits.outbound_max_frames`, 1,024) gets
+/// every reply: the replies to one read used to wait for the end of the
+/// read loop, so the 1,025th overflowed a queue never offered to the
+/// socket, and a client reading promptly was closed with 4004 as a slow
+/// consumer.
+#[test]
+fn a_client_pipelining_more_requests_than_the_queue_holds_gets_every_reply() {
+    let server = start(config());
+    let (mut c, _) = login(server.local_addr(), "pipeliner");
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let n = 3_000u32;
+    let mut burst = Vec::new();
+    for i in 0..n {
+        burst.extend_from_slice(&Frame::Ping { data: &i.to_be_bytes() }.to_bytes().unwrap());
+    }
+    let writer = {
+        let mut w = c.stream().try_clone().unwrap();
+        std::thread::spawn(move || std::io::Write::write_all(&mut w, &burst))
+    };
+    for i in 0..n {
+        match c.recv_skipping_pings().unwrap().frame() {
+            Frame::Pong { data } => assert_eq!(data, i.to_be_bytes(), "PONG {i}"),
+            other => panic!("reply {i}: expected a PONG, got {other:?}"),
+        }
+    }
+    writer.join().unwrap().unwrap();
+    assert_eq!(server.handle().stats().slow_consumers, 0);
+}
+
 // ---- io_uring poller: closed sockets released ------------------------------------
 
 /// Server-side sockets of `port` in state CLOSE_WAIT (the peer closed, we

@@ -366,8 +366,13 @@ impl Writer {
     /// raw v1 frame encoded here for the connection's wire, or (`encoded`)
     /// bytes already in its wire form (an HTTP response, a WebSocket
     /// control frame). Flushed at the end of the turn, so the replies to
-    /// one read go out in one write. `Err(Overflow)`: the queue passed its
-    /// limit; the caller closes the connection as a slow consumer.
+    /// one read go out in one write; but once they fill half of the
+    /// queue's limit (frames or bytes) they are written at once: a client
+    /// that pipelines more requests in one read than the queue holds
+    /// replies for (1,100 PINGs in one write) was closed as a slow
+    /// consumer for replies never offered to its socket. `Err(Overflow)`:
+    /// the queue passed its limit; the caller closes the connection as a
+    /// slow consumer.
     pub fn reply(&self, slot: u32, generation: u32, frame: Bytes, encoded: bool) -> Result<(), Overflow> {
         let Some(mut g) = self.lock(slot, generation) else { return Ok(()) };
         if g.is(CLOSING) {
@@ -386,6 +391,13 @@ impl Writer {
                     bump(&c.skipped, skipped as u64);
                 }
                 self.mark_dirty(slot, &mut g);
+                let limits = &self.shared.write_rules.limits;
+                if !g.write_wait && (2 * g.out.frames() >= limits.max_frames || 2 * g.out.bytes() >= limits.max_bytes) {
+                    // Still listed dirty: the turn's flush finds it empty
+                    // (or full again) and goes on as for any other slot.
+                    let state = self.write_out(&mut g);
+                    self.settle(&mut g, slot, state);
+                }
                 Ok(())
             }
             Err(Overflow) => Err(Overflow),
