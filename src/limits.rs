@@ -13,6 +13,25 @@ use crate::config::{Config, PollerKind, StoreKind};
 /// File descriptors kept back for everything that is not a client socket:
 /// listeners, eventfds, io_uring rings, timers, logs, config reads.
 pub const RESERVED_FDS: u64 = 64;
+
+/// Takes `bytes` of a queue's byte budget (`used` of at most `max`,
+/// shared by every producer): false, with nothing taken, when they do not
+/// fit. A queue holding no bytes takes anything, however large, so one
+/// message never waits forever. Taken before the push, so the consumer's
+/// [`std::sync::atomic::AtomicU64::fetch_sub`] never comes first; a push
+/// that fails after must give the bytes back.
+pub(crate) fn take_bytes(used: &std::sync::atomic::AtomicU64, bytes: u64, max: u64) -> bool {
+    use std::sync::atomic::Ordering::Relaxed;
+    if bytes == 0 {
+        return true;
+    }
+    let before = used.fetch_add(bytes, Relaxed);
+    if before > 0 && before + bytes > max {
+        used.fetch_sub(bytes, Relaxed);
+        return false;
+    }
+    true
+}
 /// Extra descriptors per worker (listener, eventfd, ring, timer).
 pub const FDS_PER_WORKER: u64 = 8;
 /// Memory per idle, logged-in connection: the one place these figures

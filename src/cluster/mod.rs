@@ -154,15 +154,12 @@ impl Link {
     /// is full or the thread has stopped.
     pub(crate) fn send(&self, ev: Event) -> bool {
         let state = matches!(ev, Event::Online(_) | Event::Offline(_) | Event::RoomChanged(_));
-        // Counted before the send, so the thread's decrement never comes
-        // first; an event always goes into a queue holding no bytes.
         let bytes = ev.queued_bytes();
-        let before = if bytes > 0 { self.counters.queue_bytes.fetch_add(bytes, Ordering::Relaxed) } else { 0 };
-        let room = before == 0 || before + bytes <= self.max_bytes;
+        let room = crate::limits::take_bytes(&self.counters.queue_bytes, bytes, self.max_bytes);
         match if room { self.tx.try_send(ev).map_err(|_| ()) } else { Err(()) } {
             Ok(()) => true,
             Err(()) => {
-                if bytes > 0 {
+                if room && bytes > 0 {
                     self.counters.queue_bytes.fetch_sub(bytes, Ordering::Relaxed);
                 }
                 if state {

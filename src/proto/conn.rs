@@ -1190,6 +1190,29 @@ mod tests {
         assert!(c.is_active());
     }
 
+    /// Each incomplete frame is timed on its own: a read that completes
+    /// one frame and leaves the next incomplete hands the ticket back (the
+    /// worker lists the holder anew, timed from then), while a read that
+    /// completes nothing keeps it (the first frame's time runs on).
+    #[test]
+    fn a_read_that_completes_a_frame_and_starts_the_next_hands_the_ticket_back() {
+        let (mut c, mut env) = (raw(), Rec::default());
+        let rules = rules();
+        feed(&mut c, &mut env, &login("bob", "good"), &[], 0);
+        let ping = |i: u8| Frame::Ping { data: &[i; 8] }.to_bytes().unwrap();
+        c.on_read(&mut ping(0)[..3].to_vec(), 1, &rules, &mut env);
+        assert!(c.settle().is_none());
+        c.held_mut().unwrap().ticket = Some(HoldTicket { seq: 7, charged: 10 });
+        c.on_read(&mut ping(0)[3..5].to_vec(), 2, &rules, &mut env);
+        assert!(c.settle().is_none(), "nothing completed: the first frame's time runs on");
+        let mut rest = ping(0)[5..].to_vec();
+        rest.extend_from_slice(&ping(1)[..3]);
+        c.on_read(&mut rest, 3, &rules, &mut env);
+        assert_eq!(c.settle(), Some(HoldTicket { seq: 7, charged: 10 }), "PING 0 done, PING 1 started");
+        assert!(c.held().is_some() && c.held().unwrap().ticket.is_none(), "PING 1 is held, to be listed anew");
+        assert_eq!(env.written().iter().filter(|w| w.starts_with("Pong")).count(), 1);
+    }
+
     #[test]
     fn before_login_a_first_length_over_the_login_limit_closes_at_once() {
         let (mut c, mut env) = (raw(), Rec::default());

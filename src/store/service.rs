@@ -426,13 +426,9 @@ impl<T: Send + 'static> Submitter<T> {
         let shard = &self.shards[super::shard_of(request.user(), self.shards.len())];
         // Counted before the push, so the thread's decrement never comes first.
         let bytes = request.queued_bytes();
-        if bytes > 0 {
-            let before = self.counters.queue_bytes.fetch_add(bytes, Ordering::Relaxed);
-            if before > 0 && before + bytes > self.max_bytes {
-                self.counters.queue_bytes.fetch_sub(bytes, Ordering::Relaxed);
-                self.counters.busy.fetch_add(1, Ordering::Relaxed);
-                return Err(Busy);
-            }
+        if !crate::limits::take_bytes(&self.counters.queue_bytes, bytes, self.max_bytes) {
+            self.counters.busy.fetch_add(1, Ordering::Relaxed);
+            return Err(Busy);
         }
         self.counters.queue_depth.fetch_add(1, Ordering::Relaxed);
         match shard.queue.push(Msg::Req(token, request, crate::timed::mono_ns())) {
