@@ -236,6 +236,42 @@ fn a_client_pipelining_more_requests_than_the_queue_holds_gets_every_reply() {
     assert_eq!(server.handle().stats().slow_consumers, 0);
 }
 
+/// A connection that overflowed its own queue while the worker acted on
+/// one of its reads (here with at-most-once SENDs to itself, never read)
+/// was counted in `switchboard_slow_consumer_closes` twice or more: once
+/// per overflow during the read, and once more when its close, put off
+/// until the read was done, began.
+#[test]
+fn a_connection_overflowing_its_queue_during_a_read_is_one_slow_consumer() {
+    let server = start(config());
+    let h = server.handle();
+    let (c, _) = login(server.local_addr(), "hoarder");
+    let payload = vec![7u8; 60_000];
+    let send = Frame::SendEx {
+        req_id: 0,
+        flags: switchboard::proto::frame::SEND_EX_AT_MOST_ONCE,
+        client_id: 0,
+        to: "hoarder",
+        payload: &payload,
+    }
+    .to_bytes()
+    .unwrap();
+    // 24 MB of PUSHes to itself: more than the socket's buffers and the
+    // 256 KiB queue hold. The writes stop when the server shuts the socket.
+    let mut w = c.stream().try_clone().unwrap();
+    let writer = std::thread::spawn(move || {
+        for _ in 0..400 {
+            if std::io::Write::write_all(&mut w, &send).is_err() {
+                break;
+            }
+        }
+    });
+    assert!(wait_until(Duration::from_secs(20), || h.connection_count() == 0), "{:?}", h.stats());
+    writer.join().unwrap();
+    drop(c);
+    assert_eq!(h.stats().slow_consumers, 1, "one connection closed with 4004");
+}
+
 // ---- io_uring poller: closed sockets released ------------------------------------
 
 /// Server-side sockets of `port` in state CLOSE_WAIT (the peer closed, we

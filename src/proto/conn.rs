@@ -243,6 +243,11 @@ pub trait Env {
     fn closing(&mut self, user: Option<Arc<str>>, last: Bytes, encoded: bool, discard_queue: bool);
     /// Counts an event.
     fn count(&mut self, what: Count);
+    /// Whether the connection's outbound queue refused a frame for it since
+    /// the connection was handed this environment (a reply, or a delivery
+    /// to itself): it is a slow consumer, to close with 4004 before acting
+    /// on anything more.
+    fn overflowed(&self) -> bool;
 }
 
 /// What a connection keeps between reads while a frame or a fragmented
@@ -542,6 +547,9 @@ impl Connection {
                     match unit {
                         Unit::Frame(f) => self.on_frame(f, now, rules, env),
                         Unit::Ws(ev) => self.on_ws_event(ev, now, rules, env),
+                    }
+                    if self.closed_if_overflowed(now, env) {
+                        return data.len();
                     }
                 }
                 Err(Bad::WrongPort) => {
@@ -913,6 +921,9 @@ impl Connection {
             TickAction::Ping { next } => {
                 env.count(Count::PingSent);
                 env.reply(Bytes::from_static(&PING_EMPTY));
+                if self.closed_if_overflowed(now, env) {
+                    return Due::At(self.next_deadline(&rules.timeouts));
+                }
                 Due::At(next)
             }
             TickAction::Close(code) => {
@@ -942,6 +953,17 @@ impl Connection {
         // A slow consumer's backlog is not worth waiting for.
         let discard = code == CloseCode::SlowConsumer as u16;
         self.close_with(frame, false, discard, now, env)
+    }
+
+    /// A write for this connection was refused by its full queue: closes
+    /// it as a slow consumer (its backlog discarded) and says so, so that
+    /// the caller acts on nothing more.
+    fn closed_if_overflowed(&mut self, now: Tick, env: &mut impl Env) -> bool {
+        if !env.overflowed() {
+            return false;
+        }
+        self.close(CloseCode::SlowConsumer as u16, CloseCode::SlowConsumer.reason(), now, env);
+        true
     }
 
     /// Starts closing with `last` as the final bytes (raw v1, or `encoded`
@@ -1000,11 +1022,23 @@ mod tests {
         draining: bool,
         /// Users online (for SEND's delivered count).
         online: Vec<String>,
+        /// Replies the outbound queue still takes (`None`: any number); a
+        /// reply past them is refused and `overflowed` answers true.
+        queue_room: Option<usize>,
+        refused: bool,
     }
 
     impl Env for Rec {
         fn reply(&mut self, frame: Bytes) {
-            self.evs.push(Ev::Reply(frame));
+            match &mut self.queue_room {
+                Some(0) => self.refused = true,
+                room => {
+                    if let Some(n) = room {
+                        *n -= 1;
+                    }
+                    self.evs.push(Ev::Reply(frame));
+                }
+            }
         }
         fn reply_encoded(&mut self, bytes: Bytes) {
             self.evs.push(Ev::Encoded(bytes));
@@ -1090,6 +1124,9 @@ mod tests {
         }
         fn count(&mut self, what: Count) {
             self.counts.push(what);
+        }
+        fn overflowed(&self) -> bool {
+            self.refused
         }
     }
 
@@ -1291,6 +1328,43 @@ mod tests {
         c.on_tick(100, &r, &mut env);
         assert_eq!(env.closed_with(), Some(CloseCode::IdleTimeout as u16));
         assert!(env.counts.contains(&Count::IdleTimeout) && env.counts.contains(&Count::PingSent));
+    }
+
+    /// A reply the full queue refused makes the connection a slow consumer:
+    /// it closes with 4004 at once, and what followed in the same read (a
+    /// SEND, a PING) is not acted on.
+    #[test]
+    fn a_refused_reply_closes_before_the_rest_of_the_read_is_acted_on() {
+        let (mut c, mut env) = (raw(), Rec::default());
+        feed(&mut c, &mut env, &login("hoarder", "good"), &[], 1);
+        env.queue_room = Some(1);
+        let mut s = Vec::new();
+        for _ in 0..2 {
+            s.extend_from_slice(&Frame::Ping { data: b"p" }.to_bytes().unwrap());
+        }
+        s.extend_from_slice(&Frame::Send { req_id: 3, to: "bob", payload: b"hi" }.to_bytes().unwrap());
+        s.extend_from_slice(&Frame::Ping { data: b"q" }.to_bytes().unwrap());
+        feed(&mut c, &mut env, &s, &[], 2);
+        assert!(!env.evs.iter().any(|e| matches!(e, Ev::Send { .. })), "the SEND after the overflow is not relayed");
+        assert_eq!(env.written(), ["LoginOk", "Pong", "last Close"]);
+        assert_eq!(env.closed_with(), Some(CloseCode::SlowConsumer as u16));
+        let Some(Ev::Closing { discard, .. }) = env.evs.last() else { panic!("{:?}", env.evs) };
+        assert!(discard, "a slow consumer's backlog is not waited for");
+        assert!(c.held().is_none());
+    }
+
+    /// A heartbeat PING the full queue refused closes the connection, and
+    /// its next visit is the linger's end, not the idle deadline: the
+    /// socket is released `close_linger_ms` later.
+    #[test]
+    fn a_refused_heartbeat_ping_closes_and_lingers_only_the_linger() {
+        let r = rules();
+        let (mut c, mut env) = (raw(), Rec::default());
+        feed(&mut c, &mut env, &login("hb", "good"), &[], 5);
+        env.queue_room = Some(0);
+        assert_eq!(c.on_tick(35, &r, &mut env), Due::At(37), "closing: visited again after the linger (2)");
+        assert_eq!(env.closed_with(), Some(CloseCode::SlowConsumer as u16));
+        assert_eq!(c.on_tick(37, &r, &mut env), Due::Finish);
     }
 
     #[test]

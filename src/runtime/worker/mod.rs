@@ -492,6 +492,11 @@ impl crate::proto::conn::Env for Io<'_> {
         };
         bump(counter, 1);
     }
+
+    fn overflowed(&self) -> bool {
+        // Set by `Worker::close_slow_consumer` while this machine is fed.
+        self.w.conns.borrow().get(self.slot as usize).is_some_and(|s| s.generation == self.generation && s.slow)
+    }
 }
 
 impl Worker {
@@ -598,6 +603,7 @@ impl Worker {
             s.busy = true;
             std::mem::replace(&mut s.conn, Connection::new(Listener::Raw { sniff: false }, 0))
         };
+        let was_closing = conn.is_closing();
         let r = f(&mut conn, &mut Io { w: self, slot, generation });
         let gone = conn.settle();
         let slow = {
@@ -614,8 +620,12 @@ impl Worker {
             s.conn = conn;
             std::mem::take(&mut s.slow)
         };
-        if slow {
-            self.close_slow_consumer(slot, generation);
+        if slow && !was_closing {
+            // Counted once, however many of its writes overflowed while it
+            // was fed; the machine may have closed itself already
+            // (`Env::overflowed`).
+            bump(&self.counters().slow_consumers, 1);
+            self.close_conn(slot, generation, CloseCode::SlowConsumer, CloseCode::SlowConsumer.reason());
         }
         Some(r)
     }
@@ -650,19 +660,25 @@ impl Worker {
     /// already, or being fed).
     fn close_conn(&self, slot: u32, generation: u32, code: CloseCode, reason: &str) -> bool {
         let now = self.now.get();
-        let started = self.with_conn(slot, generation, true, |c, io| c.close(code as u16, reason, now, io));
-        if started.is_none() && code == CloseCode::SlowConsumer {
-            // Being fed (a reply to itself overflowed): closed once back.
-            if let Some(s) = self.conns.borrow_mut().get_mut(slot as usize).filter(|s| s.generation == generation) {
-                s.slow = true;
-            }
-        }
-        started == Some(true)
+        self.with_conn(slot, generation, true, |c, io| c.close(code as u16, reason, now, io)) == Some(true)
     }
 
+    /// A write to connection (`slot`, `generation`) found its queue over the
+    /// limit: closes it with 4004 and counts it, once. While its machine is
+    /// being fed (a reply, or a delivery to itself) the machine is told
+    /// (`Env::overflowed`), and `with_conn` counts and closes it once back.
     fn close_slow_consumer(&self, slot: u32, generation: u32) {
-        bump(&self.counters().slow_consumers, 1);
-        self.close_conn(slot, generation, CloseCode::SlowConsumer, CloseCode::SlowConsumer.reason());
+        let now = self.now.get();
+        let reason = CloseCode::SlowConsumer.reason();
+        match self.with_conn(slot, generation, true, |c, io| c.close(CloseCode::SlowConsumer as u16, reason, now, io)) {
+            Some(true) => bump(&self.counters().slow_consumers, 1),
+            Some(false) => {} // closing already
+            None => {
+                if let Some(s) = self.conns.borrow_mut().get_mut(slot as usize).filter(|s| s.generation == generation) {
+                    s.slow = true;
+                }
+            }
+        }
     }
 
     /// Delivers `frame` to a logged-in connection on any worker. Returns
