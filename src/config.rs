@@ -1353,11 +1353,19 @@ impl Config {
                 ));
             }
         }
-        if self.uring.sq_entries < 256 || !self.uring.sq_entries.is_power_of_two() {
-            return Err(invalid("uring.sq_entries", "must be a power of two, at least 256"));
+        // Past the kernel's largest rings (IORING_MAX_ENTRIES, and twice
+        // it for the completion queue) io_uring_setup fails with EINVAL,
+        // which read as "io_uring is unavailable" at start.
+        if !(256..=32_768).contains(&self.uring.sq_entries) || !self.uring.sq_entries.is_power_of_two() {
+            return Err(invalid("uring.sq_entries", "must be a power of two from 256 to 32768 (the kernel's largest)"));
         }
-        if self.uring.cq_entries < self.uring.sq_entries || !self.uring.cq_entries.is_power_of_two() {
-            return Err(invalid("uring.cq_entries", "must be a power of two, at least uring.sq_entries"));
+        if !(self.uring.sq_entries..=65_536).contains(&self.uring.cq_entries)
+            || !self.uring.cq_entries.is_power_of_two()
+        {
+            return Err(invalid(
+                "uring.cq_entries",
+                "must be a power of two from uring.sq_entries to 65536 (the kernel's largest)",
+            ));
         }
         if !self.uring.recv_buffers.is_power_of_two() || self.uring.recv_buffers > 1 << 15 {
             return Err(invalid("uring.recv_buffers", "must be a power of two, at most 32768"));
@@ -1505,6 +1513,22 @@ mod store_section {
             assert!(e.contains(key), "{toml}: {e}");
         }
         assert!(Config::from_toml("[store]\nkind = \"none\"\npath = \"\"\n").is_ok(), "no path needed without a disk");
+    }
+
+    /// Rings past the kernel's largest passed the check and failed at
+    /// start as if io_uring were missing, without naming the key.
+    #[test]
+    fn ring_sizes_past_the_kernels_largest_are_refused_by_name() {
+        for (toml, key) in [
+            ("sq_entries = 65536\ncq_entries = 65536", "uring.sq_entries"),
+            ("sq_entries = 128", "uring.sq_entries"),
+            ("cq_entries = 131072", "uring.cq_entries"),
+            ("cq_entries = 2048", "uring.cq_entries"),
+        ] {
+            let e = Config::from_toml(&format!("[uring]\n{toml}\n")).unwrap_err().to_string();
+            assert!(e.contains(key), "{toml}: {e}");
+        }
+        assert!(Config::from_toml("[uring]\nsq_entries = 32768\ncq_entries = 65536\n").is_ok());
     }
 
     #[test]

@@ -34,6 +34,32 @@ pub(crate) fn take_bytes(used: &std::sync::atomic::AtomicU64, bytes: u64, max: u
 }
 /// Extra descriptors per worker (listener, eventfd, ring, timer).
 pub const FDS_PER_WORKER: u64 = 8;
+/// Descriptors kept for the connections to Redis of the store or of the
+/// cluster, each: one or two to a single Redis, one or two per master of
+/// a Redis Cluster.
+pub const REDIS_FDS: u64 = 64;
+
+/// File descriptors the server may hold besides its clients' sockets,
+/// with `config` and `workers` workers: the reserve, each worker's own,
+/// the admin API's connections (`admin.max_connections`), the store's
+/// files and the connections to Redis. The automatic connection limit is
+/// what `RLIMIT_NOFILE` leaves beyond them, so that a server full of
+/// clients still answers its operators and still opens its store's files.
+pub fn descriptors_besides_clients(config: &Config, workers: usize) -> u64 {
+    let mut n = RESERVED_FDS + FDS_PER_WORKER * workers as u64;
+    if !config.admin.listen.is_empty() {
+        n += config.admin.max_connections as u64;
+    }
+    n += match config.store.kind {
+        StoreKind::Disk => crate::store::disk::descriptors(config.store.shards),
+        StoreKind::Redis => REDIS_FDS,
+        StoreKind::Memory | StoreKind::None => 0,
+    };
+    if config.cluster.redis.is_some() {
+        n += REDIS_FDS;
+    }
+    n
+}
 /// Memory per idle, logged-in connection: the one place these figures
 /// live. The start-up check, `switchboard check` (which prints them as
 /// `per idle connection: user_bytes=… kernel_bytes=…`) and
@@ -109,20 +135,25 @@ pub fn kernel_version() -> Option<(u32, u32)> {
     Some((it.next()?.parse().ok()?, it.next()?.parse().ok()?))
 }
 
-/// Checks `max_connections` (0 = auto) for `workers` workers.
+/// Checks `max_connections` (0 = auto) for `workers` workers, beside
+/// `besides` descriptors that are not clients'
+/// ([`descriptors_besides_clients`]).
 pub fn check(
     max_connections: usize,
     workers: usize,
+    besides: u64,
     listen_backlog: u32,
     ring_bytes_per_worker: u64,
 ) -> Result<LimitReport, String> {
     let mut warnings = Vec::new();
     let (soft, hard) = raise_nofile().map_err(|e| format!("cannot read RLIMIT_NOFILE: {e}"))?;
-    let overhead = RESERVED_FDS + FDS_PER_WORKER * workers as u64;
+    let overhead = besides;
     if soft <= overhead {
         return Err(format!(
-            "RLIMIT_NOFILE is {soft}: not even enough for the server's own {overhead} descriptors. \
-             Raise it: `ulimit -n 1048576` (shell), LimitNOFILE=1048576 (systemd), or see tuning/README.md"
+            "RLIMIT_NOFILE is {soft}: not even enough for the {overhead} descriptors the server keeps besides its clients' \
+             (its own, admin.max_connections, the store's files). \
+             Raise it: `ulimit -n 1048576` (shell), LimitNOFILE=1048576 (systemd), or see tuning/README.md; \
+             or lower admin.max_connections"
         ));
     }
     let usable = soft - overhead;
@@ -190,13 +221,14 @@ mod tests {
 
     #[test]
     fn auto_fits_the_file_limit() {
-        let r = check(0, 2, 128, 0).unwrap();
-        assert!(r.max_connections as u64 + RESERVED_FDS + 2 * FDS_PER_WORKER <= r.nofile);
+        let besides = RESERVED_FDS + 2 * FDS_PER_WORKER;
+        let r = check(0, 2, besides, 128, 0).unwrap();
+        assert!(r.max_connections as u64 + besides <= r.nofile);
     }
 
     #[test]
     fn too_many_connections_is_refused_with_the_fix() {
-        let e = check(usize::MAX / 1024, 2, 128, 0).unwrap_err();
+        let e = check(usize::MAX / 1024, 2, RESERVED_FDS, 128, 0).unwrap_err();
         assert!(e.contains("server.max_connections") && e.contains("LimitNOFILE"), "{e}");
     }
 }
@@ -252,7 +284,7 @@ fn nofile_limits() -> (u64, u64) {
 
 /// Memory `connections` idle connections need: (user space, kernel), bytes.
 pub fn memory_estimate(connections: u64) -> (u64, u64) {
-    (connections * USER_BYTES_PER_IDLE_CONN, connections * KERNEL_BYTES_PER_IDLE_CONN)
+    (connections.saturating_mul(USER_BYTES_PER_IDLE_CONN), connections.saturating_mul(KERNEL_BYTES_PER_IDLE_CONN))
 }
 
 /// Memory the server takes whatever the number of connections, from its
@@ -288,11 +320,13 @@ pub fn fixed_memory(config: &Config, workers: usize) -> Vec<(&'static str, u64)>
 }
 
 /// Audits this host for `connections` connections served by `workers`
-/// workers with a listen backlog of `backlog`, and `fixed` bytes of memory
-/// that do not depend on connections (`fixed_memory`): the live kernel
-/// values and this process's limits, each with the fix when it falls short.
-pub fn audit(connections: u64, workers: usize, backlog: u32, fixed: u64) -> Vec<CheckItem> {
-    let fds = connections + RESERVED_FDS + FDS_PER_WORKER * workers as u64;
+/// workers beside `besides` other descriptors
+/// ([`descriptors_besides_clients`]), with a listen backlog of `backlog`,
+/// and `fixed` bytes of memory that do not depend on connections
+/// (`fixed_memory`): the live kernel values and this process's limits,
+/// each with the fix when it falls short.
+pub fn audit(connections: u64, workers: usize, besides: u64, backlog: u32, fixed: u64) -> Vec<CheckItem> {
+    let fds = connections.saturating_add(besides);
     let mut out = Vec::new();
     let (soft, hard) = nofile_limits();
     out.push(item(
@@ -315,7 +349,7 @@ pub fn audit(connections: u64, workers: usize, backlog: u32, fixed: u64) -> Vec<
         format!("sysctl -w fs.nr_open={fds} (persist: tuning/apply.sh --connections {connections})"),
     ));
     let file_max = sysctl("fs.file-max").and_then(|v| v.parse::<u64>().ok());
-    let want_files = fds + fds / 10;
+    let want_files = fds.saturating_add(fds / 10);
     out.push(item(
         "fs.file-max",
         file_max.is_some_and(|v| v >= want_files),
@@ -347,7 +381,7 @@ pub fn audit(connections: u64, workers: usize, backlog: u32, fixed: u64) -> Vec<
     let page = 4096u64;
     let tcp_mem_high =
         sysctl("net.ipv4.tcp_mem").and_then(|v| v.split_whitespace().nth(2).and_then(|x| x.parse::<u64>().ok()));
-    let want_pages = (connections * 1024).div_ceil(page);
+    let want_pages = connections.saturating_mul(1024).div_ceil(page);
     out.push(item(
         "net.ipv4.tcp_mem (max pages)",
         tcp_mem_high.is_some_and(|v| v >= want_pages),
@@ -397,15 +431,16 @@ pub fn audit(connections: u64, workers: usize, backlog: u32, fixed: u64) -> Vec<
         }
     }
     let (user, kernel) = memory_estimate(connections);
+    let total = user.saturating_add(kernel).saturating_add(fixed);
     let avail = mem_available_bytes();
     out.push(item(
         "memory for idle connections",
-        avail.is_some_and(|a| a >= user + kernel + fixed),
+        avail.is_some_and(|a| a >= total),
         Status::Fail,
         avail.map_or("n/a".into(), |a| format!("{} MiB available", a >> 20)),
         format!(
             ">= {} MiB ({} MiB ours + {} MiB kernel, idle, + {} MiB fixed by the config; busy sockets add their buffers, within net.ipv4.tcp_rmem/tcp_wmem and tcp_mem)",
-            (user + kernel + fixed) >> 20,
+            total >> 20,
             user >> 20,
             kernel >> 20,
             fixed >> 20
@@ -418,6 +453,38 @@ pub fn audit(connections: u64, workers: usize, backlog: u32, fixed: u64) -> Vec<
 #[cfg(test)]
 mod audit_tests {
     use super::*;
+
+    /// What the automatic connection limit keeps back from the clients:
+    /// the admin API's connections when it listens, and the disk store's
+    /// files, bounded however many shards it has.
+    #[test]
+    fn the_descriptors_kept_from_clients_count_the_admin_api_and_the_store() {
+        let mut cfg = Config::default();
+        cfg.store.kind = StoreKind::None;
+        let base = descriptors_besides_clients(&cfg, 2);
+        assert_eq!(base, RESERVED_FDS + 2 * FDS_PER_WORKER);
+        cfg.admin.listen = "127.0.0.1:7701".into();
+        cfg.admin.max_connections = 500;
+        assert_eq!(descriptors_besides_clients(&cfg, 2), base + 500);
+        cfg.admin.listen.clear();
+        cfg.store.kind = StoreKind::Disk;
+        let one = descriptors_besides_clients(&cfg, 2) - base;
+        assert!((256..512).contains(&one), "one shard: {one}");
+        cfg.store.shards = crate::store::MAX_SHARDS;
+        let many = descriptors_besides_clients(&cfg, 2) - base;
+        assert!(many < 4_000, "{} shards: {many}", cfg.store.shards);
+    }
+
+    /// `switchboard check --connections N` with an N near u64::MAX wrapped
+    /// around and passed the descriptor checks.
+    #[test]
+    fn a_count_too_large_for_any_host_fails_rather_than_wrapping() {
+        let items = audit(u64::MAX, 2, RESERVED_FDS, 128, 1 << 30);
+        for name in ["RLIMIT_NOFILE (hard)", "fs.nr_open", "memory for idle connections"] {
+            let i = items.iter().find(|i| i.name == name).unwrap();
+            assert_eq!(i.status, Status::Fail, "{name}: {i:?}");
+        }
+    }
 
     /// `switchboard check` counts what the configuration takes whatever the
     /// connections: each worker's receive buffer ring in io_uring mode,
@@ -464,7 +531,9 @@ mod audit_tests {
     #[test]
     fn fixed_memory_beyond_the_host_fails_the_memory_check() {
         let Some(avail) = mem_available_bytes() else { return };
-        let memory = |fixed| audit(100, 2, 128, fixed).into_iter().find(|i| i.name == "memory for idle connections");
+        let memory = |fixed| {
+            audit(100, 2, RESERVED_FDS, 128, fixed).into_iter().find(|i| i.name == "memory for idle connections")
+        };
         assert_eq!(memory(0).map(|i| i.status), Some(Status::Pass));
         let over = memory(avail + (1 << 30)).expect("the memory item");
         assert_eq!(over.status, Status::Fail);
@@ -474,10 +543,10 @@ mod audit_tests {
     #[test]
     fn a_small_load_passes_the_file_limit_and_a_huge_one_does_not() {
         let (_, hard) = nofile_limits();
-        let small = audit(100, 2, 128, 0);
+        let small = audit(100, 2, RESERVED_FDS, 128, 0);
         assert_eq!(small[0].name, "RLIMIT_NOFILE (hard)");
         assert_eq!(small[0].status, Status::Pass);
-        let huge = audit(hard, 2, 128, 0);
+        let huge = audit(hard, 2, RESERVED_FDS, 128, 0);
         assert_eq!(huge[0].status, Status::Fail, "{:?}", huge[0]);
         assert!(huge[0].fix.contains("LimitNOFILE"), "{}", huge[0].fix);
     }

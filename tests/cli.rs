@@ -72,12 +72,25 @@ impl Drop for Proc {
 /// log`, `extra` arguments and environment, and its stdout and stderr as
 /// given; returns once the port accepts.
 fn serve_with(port: u16, log: &str, extra: &[&str], env: &[(&str, &str)], stdout: Stdio, stderr: Stdio) -> Proc {
+    serve_tuned(port, log, extra, env, stdout, stderr, |_| {})
+}
+
+/// `serve_with`, with `tune` applied to the command before it starts.
+fn serve_tuned(
+    port: u16,
+    log: &str,
+    extra: &[&str],
+    env: &[(&str, &str)],
+    stdout: Stdio,
+    stderr: Stdio,
+    tune: impl FnOnce(&mut Command),
+) -> Proc {
     common::arm_watchdog();
     let listen = format!("127.0.0.1:{port}");
     // Each server its own store directory (two cannot share one).
     let data = std::env::temp_dir().join(format!("sb-cli-{}-{port}", std::process::id()));
-    let child = Command::new(SB)
-        .args(["serve", "--listen", &listen, "--workers", "2", "--log", log])
+    let mut cmd = Command::new(SB);
+    cmd.args(["serve", "--listen", &listen, "--workers", "2", "--log", log])
         .arg("--data-dir")
         .arg(&data)
         .args(if extra.contains(&"--ws-listen") { &[][..] } else { &["--ws-listen", ""][..] })
@@ -87,9 +100,9 @@ fn serve_with(port: u16, log: &str, extra: &[&str], env: &[(&str, &str)], stdout
         .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(stdout)
-        .stderr(stderr)
-        .spawn()
-        .expect("switchboard serve starts");
+        .stderr(stderr);
+    tune(&mut cmd);
+    let child = cmd.spawn().expect("switchboard serve starts");
     let mut p = Proc(child, Some(data));
     let addr: SocketAddr = listen.parse().unwrap();
     // Its own listeners, on every port it was given (the WebSocket one is
@@ -169,6 +182,70 @@ fn dev_login(server: &mut Proc, port: u16, user: &str) -> Client {
         );
     }
     c
+}
+
+/// With `server.max_connections` automatic, clients were given every
+/// descriptor but a reserve of 64 (and 8 per worker) that did not count
+/// the admin API's connections: a server full of clients failed its
+/// operators' `accept` with EMFILE, its health check and metrics
+/// unreachable (a review saw `/healthz` fail at the 53rd admin connection
+/// with a limit of 200 descriptors).
+#[test]
+fn a_server_full_of_clients_still_answers_every_admin_connection_it_allows() {
+    const NOFILE: libc::rlim_t = 400;
+    const ADMIN_CONNS: usize = 96;
+    let (port, admin_port) = (common::free_port(), common::free_port());
+    let cfg = std::env::temp_dir().join(format!("sb-cli-fds-{}-{port}.toml", std::process::id()));
+    std::fs::write(&cfg, format!("[admin]\nmax_connections = {ADMIN_CONNS}\n")).unwrap();
+    let admin = format!("127.0.0.1:{admin_port}");
+    let args = ["--config", cfg.to_str().unwrap(), "--admin", &admin, "--store", "memory"];
+    let mut server = serve_tuned(port, "warn", &args, &[], Stdio::null(), Stdio::null(), |cmd| {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: setrlimit in the child before exec: async-signal-safe,
+        // touches nothing of the parent's.
+        unsafe {
+            cmd.pre_exec(|| {
+                let r = libc::rlimit { rlim_cur: NOFILE, rlim_max: NOFILE };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &r) == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            });
+        }
+    });
+    let _ = std::fs::remove_file(&cfg);
+    // Logged-in clients until the server refuses one (full: 4005).
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut clients = vec![dev_login(&mut server, port, "u0")];
+    loop {
+        assert!(clients.len() < NOFILE as usize, "more clients than the server has descriptors");
+        let mut c = Client::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let user = format!("u{}", clients.len());
+        let token = JwtHs256::new(DEV_JWT_SECRET).mint(&user, common::unix_now() + 600);
+        if c.login(&user, &token).is_err() {
+            break;
+        }
+        clients.push(c);
+    }
+    // Every admin connection the configuration allows, open at once, each
+    // answered.
+    let mut conns: Vec<std::net::TcpStream> = (0..ADMIN_CONNS)
+        .map(|i| std::net::TcpStream::connect(&admin).unwrap_or_else(|e| panic!("admin connection {i}: {e}")))
+        .collect();
+    for (i, s) in conns.iter_mut().enumerate() {
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        std::io::Write::write_all(s, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").unwrap();
+        let mut head = [0u8; 12];
+        let got = s.read_exact(&mut head).map(|_| String::from_utf8_lossy(&head).into_owned());
+        assert_eq!(
+            got.as_deref().ok(),
+            Some("HTTP/1.1 200"),
+            "admin connection {i} of {ADMIN_CONNS}, beside {} clients: {got:?}",
+            clients.len()
+        );
+    }
 }
 
 /// `serve_with` returns once the server it started listens, not once

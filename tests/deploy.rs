@@ -35,7 +35,12 @@ fn check_reports_what_this_host_lacks_with_the_fix() {
     // A million connections: the file limit of a stock host cannot hold
     // them, and check says so with the exact fix.
     let (code, out) = check(1_000_000);
-    let need = 1_000_000 + 64 + 8 * std::thread::available_parallelism().unwrap().get() as u64;
+    // Besides the clients': the reserve, each worker's own and (the
+    // default disk store) the store's files.
+    let workers = std::thread::available_parallelism().unwrap().get();
+    let besides = switchboard::limits::descriptors_besides_clients(&switchboard::Config::default(), workers);
+    assert!(besides > 64 + 8 * workers as u64, "the store's files are counted");
+    let need = 1_000_000 + besides;
     let nofile = row(&out, "RLIMIT_NOFILE");
     if nofile_hard() < need {
         assert!(nofile.starts_with("FAIL"), "{out}");

@@ -143,15 +143,18 @@ pub(crate) fn start(
         );
     }
     let ring_bytes = config.uring.sq_entries as u64 * 64 + config.uring.cq_entries as u64 * 16;
-    let report = crate::limits::check(config.server.max_connections, workers, config.server.listen_backlog, ring_bytes)
-        .map_err(StartError::Limits)?;
+    let besides = crate::limits::descriptors_besides_clients(&config, workers);
+    let report =
+        crate::limits::check(config.server.max_connections, workers, besides, config.server.listen_backlog, ring_bytes)
+            .map_err(StartError::Limits)?;
     for w in &report.warnings {
         tracing::warn!("{w}");
     }
     // The same audit `switchboard check` prints, for what start-up does not
     // refuse on: each shortfall is logged with its fix.
     let fixed = crate::limits::fixed_memory(&config, workers).iter().map(|(_, b)| b).sum();
-    for i in crate::limits::audit(report.max_connections as u64, workers, config.server.listen_backlog, fixed) {
+    for i in crate::limits::audit(report.max_connections as u64, workers, besides, config.server.listen_backlog, fixed)
+    {
         if i.status != crate::limits::Status::Pass && i.name != "RLIMIT_NOFILE (hard)" {
             tracing::warn!("check {}: have {}, need {}; fix: {}", i.name, i.have, i.need, i.fix);
         }

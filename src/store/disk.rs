@@ -240,6 +240,29 @@ pub const RECORD_LAG: u64 = 64;
 /// RAM one cached user takes, with one device (the module doc).
 const CACHED_USER_BYTES: u64 = 200;
 
+/// Table files the engine keeps open, shared out among the shards (each
+/// at least [`MIN_CACHED_FILES`], fjall's floor). A table is about 64 MiB,
+/// so this covers 16 GiB of messages before a cold read reopens a file;
+/// fjall's own default, 900 per database, would put up to 57,600
+/// descriptors beside the clients' at 64 shards.
+const CACHED_FILES: usize = 256;
+const MIN_CACHED_FILES: usize = 10;
+/// Descriptors a shard holds besides its cached tables, with room to
+/// spare: the lock file, the journals, the hot log's files, the tables a
+/// compaction writes and a directory being synced (at most 12 were seen,
+/// writing 1.6 GB at 40,000 appends a second).
+const FILES_PER_SHARD: u64 = 24;
+
+fn cached_files_per_shard(shards: usize) -> usize {
+    (CACHED_FILES / shards.max(1)).max(MIN_CACHED_FILES)
+}
+
+/// File descriptors the disk store may hold open with `shards` shards:
+/// `limits::descriptors_besides_clients` keeps them from the clients.
+pub fn descriptors(shards: usize) -> u64 {
+    shards.max(1) as u64 * (cached_files_per_shard(shards) as u64 + FILES_PER_SHARD)
+}
+
 /// RAM the disk store may take with a write buffer of `write_buffer_mib`
 /// and `shards` shards (`shards.rs`), whatever the number of users: about
 /// three times the buffer for each of the four keyspaces of each shard
@@ -805,6 +828,7 @@ impl DiskStore {
         let db = Database::builder(path)
             .manual_journal_persist(true)
             .cache_size(CACHE_BYTES / of as u64)
+            .max_cached_files(Some(cached_files_per_shard(of)))
             .worker_threads(ENGINE_THREADS)
             .open()
             .map_err(|e| match e {
