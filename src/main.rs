@@ -122,7 +122,8 @@ enum Cmd {
         device: Option<String>,
         /// The file that keeps the last seq stored, with --device (default:
         /// ~/.switchboard-client-USER@DEVICE.seq, with bytes other than
-        /// A-Z a-z 0-9 . _ - written as %XX).
+        /// A-Z a-z 0-9 . _ - written as %XX; a name past 255 bytes is cut
+        /// and ends in a hash of the pair).
         #[arg(long, requires = "device")]
         state: Option<PathBuf>,
     },
@@ -140,7 +141,12 @@ const CLIENT_COMMANDS: &str = "Commands, one per line:
 Arriving messages print as `[ID from USER] TEXT` (to you) and
 `[ID in ROOM from USER] TEXT` (to a room; `everyone` for a broadcast);
 with --device, messages stored for you print as `[#SEQ ID from USER] TEXT`,
-each once, in seq order.";
+each once, in seq order.
+
+Exit status: 0 when you quit or the server closes with 1000 or 1001 (a
+drain: reconnect), 3 when the server closes with any other code (e.g.
+4004 slow consumer, 4007 ACK timeout, 1008 policy), 1 on a lost
+connection or another error, 2 on bad arguments.";
 
 /// How `serve` writes its log.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -176,7 +182,8 @@ fn mint(config: &Option<PathBuf>, secret: Option<String>, user: &str, ttl_s: u64
         None => (load_config(config)?.jwt_secret().0, ""),
     };
     switchboard::config::check_jwt_secret(&secret).map_err(|e| format!("{given}{e}"))?;
-    Ok(JwtHs256::new(secret).mint(user, unix_now() + ttl_s))
+    let exp = unix_now().checked_add(ttl_s).filter(|&e| e <= i64::MAX as u64).ok_or("--ttl-s is too large")?;
+    Ok(JwtHs256::new(secret).mint(user, exp))
 }
 
 /// Blocks SIGINT and SIGTERM in this thread (and the workers it spawns), so
@@ -549,7 +556,24 @@ fn default_state_path(user: &str, device: &str) -> Result<PathBuf, String> {
             })
             .collect::<String>()
     };
-    Ok(PathBuf::from(home).join(format!(".switchboard-client-{}@{}.seq", escape(user), escape(device))))
+    let mut name = format!(".switchboard-client-{}@{}.seq", escape(user), escape(device));
+    if name.len() > MAX_FILE_NAME_BYTES {
+        // Past NAME_MAX (a long user id or device, or many escaped bytes):
+        // a readable start and a hash of the whole pair keep it one file
+        // per pair.
+        let hash = fnv1a(format!("{user}\0{device}").as_bytes());
+        let start: String = name.chars().take(MAX_FILE_NAME_BYTES - 30).collect();
+        name = format!("{start}-{hash:016x}.seq");
+    }
+    Ok(PathBuf::from(home).join(name))
+}
+
+/// Linux's NAME_MAX.
+const MAX_FILE_NAME_BYTES: usize = 255;
+
+/// 64-bit FNV-1a.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
 }
 
 /// The last seq stored, from the state file (0 if there is none yet).
@@ -614,18 +638,16 @@ impl Inbox {
                     // Seqs never go back on one store (15.3): this is
                     // another one (a memory store restarted, a store
                     // restored from a backup), whose seqs name other
-                    // messages. Start over from #1 and fetch what it holds,
-                    // which this login took as acknowledged (15.8).
+                    // messages. The login left the device's position where
+                    // that store had it (15.6): start over from there, as
+                    // its first page and the pages after it come (15.8).
                     out!(
-                        "(the server's inbox ends at #{head_seq}, before #{} stored here: another store; fetching it from #1)",
+                        "(the server's inbox ends at #{head_seq}, before #{} stored here: another store; going on from #{position})",
                         self.last_seq
                     );
-                    self.last_seq = 0;
+                    self.last_seq = position;
                     self.save();
                     (self.acked, self.unacked_since, self.ack_again) = (position, None, false);
-                    (self.page_end, self.head_seq, self.fetching) = (page_end, head_seq, true);
-                    self.fetch_id += 1;
-                    return Some(Frame::Fetch { req_id: self.fetch_id, after_seq: 0, limit: FETCH_LIMIT });
                 }
                 (self.page_end, self.head_seq, self.fetching) = (page_end, head_seq, false);
                 self.fetch_if_page_done()
@@ -692,8 +714,13 @@ fn read_loop(mut c: Client, inbox: Option<std::sync::Arc<std::sync::Mutex<Inbox>
         // Wake up for batched ACKs even when nothing arrives.
         let _ = c.set_read_timeout(Some(ACK_AFTER / 2));
     }
+    // The server's CLOSE code, once it sent one: the exit status.
+    let mut closed_with = None;
     loop {
         let f = c.recv_skipping_pings();
+        if let Ok(Frame::Close { code, .. }) = f.as_ref().map(|f| f.frame()) {
+            closed_with = Some(code);
+        }
         // The reply is written with the inbox locked: the main thread's
         // last ACK and CLOSE, at /quit, then come after it, not before.
         let mut locked = inbox.as_ref().map(|i| i.lock().unwrap_or_else(|e| e.into_inner()));
@@ -706,7 +733,10 @@ fn read_loop(mut c: Client, inbox: Option<std::sync::Arc<std::sync::Mutex<Inbox>
             (Err(e), Some(inbox)) if e.is_timeout() => inbox.ack_if_due(),
             (Err(ClientError::Closed), _) => {
                 out!("(connection closed)");
-                std::process::exit(0);
+                std::process::exit(match closed_with {
+                    None | Some(1000 | 1001) => 0,
+                    Some(_) => 3,
+                });
             }
             (Err(e), _) => {
                 err!("switchboard: {e}");

@@ -543,6 +543,72 @@ impl CliClient {
     }
 }
 
+/// `switchboard client` used to exit 0 however the server closed it: a
+/// script could not tell a kick (4003) or a slow-consumer close from a
+/// quit. A close other than 1000/1001 now exits 3; a drain (1001) and a
+/// quit exit 0.
+#[test]
+fn cli_client_exit_status_tells_a_server_close_with_an_error_from_a_quit() {
+    let (port, admin_port) = (common::free_port(), common::free_port());
+    let admin = format!("127.0.0.1:{admin_port}");
+    let server = serve_with(port, "warn", &["--admin", &admin], &[], Stdio::null(), Stdio::null());
+    let addr = format!("127.0.0.1:{port}");
+    let mut eve = CliClient::start("eve", &addr);
+    eve.expect("logged in as eve");
+    let mut s = std::net::TcpStream::connect(&admin).unwrap();
+    let body = r#"{"user": "eve"}"#;
+    let req = format!(
+        "POST /api/v1/kick HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    std::io::Write::write_all(&mut s, req.as_bytes()).unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let status = eve.proc.wait_for(Duration::from_secs(10)).expect("the client exits when kicked");
+    assert_eq!(status.code(), Some(3), "kicked (4003); printed:\n{}", eve.seen.join("\n"));
+
+    let mut ann = CliClient::start("ann", &addr);
+    ann.expect("logged in as ann");
+    ann.type_line("/quit");
+    assert_eq!(ann.proc.wait_for(Duration::from_secs(5)).and_then(|s| s.code()), Some(0));
+    assert!(stop(server).success());
+}
+
+/// The default `--state` file of a long user id and device was past
+/// NAME_MAX and failed with "File name too long"; it is now cut and ends
+/// in a hash of the pair, one file per pair.
+#[test]
+fn cli_client_state_file_of_a_long_user_and_device_is_one_valid_name_per_pair() {
+    let port = common::free_port();
+    let mut server = serve(port, "warn", Stdio::null(), Stdio::null());
+    let addr = format!("127.0.0.1:{port}");
+    let home = std::env::temp_dir().join(format!("sb-cli-home-long-{}-{port}", std::process::id()));
+    std::fs::create_dir_all(&home).unwrap();
+    let env = [("HOME", home.as_os_str())];
+    let user = "ü".repeat(100); // 200 bytes, each written as %XX%XX
+    let mut alice = dev_login(&mut server, port, "alice");
+    // A message for each device, which its client stores (and so saves
+    // its seq); the first device's ACK may drop the first before the
+    // second logs in (PROTOCOL.md 15.2).
+    for (i, device) in [(1, "d".repeat(64)), (2, "e".repeat(64))] {
+        send_stored(&mut alice, i, &user, &format!("hi{i}"));
+        let mut c = CliClient::start_with(&user, &addr, &["--device", &device], &env);
+        c.expect(&format!("logged in as {user}"));
+        c.expect("stored up to #0");
+        c.expect("(inbox: stored up to 0");
+        assert!(c.expect(&format!("[#{i} ")).ends_with(&format!("from alice] hi{i}")));
+        c.type_line("/quit");
+        assert_eq!(c.proc.wait_for(Duration::from_secs(5)).and_then(|s| s.code()), Some(0), "{}", c.seen.join("\n"));
+    }
+    let names: Vec<String> =
+        std::fs::read_dir(&home).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    assert_eq!(names.len(), 2, "one state file per pair: {names:?}");
+    assert!(names.iter().all(|n| n.len() <= 255 && n.ends_with(".seq")), "{names:?}");
+    let _ = std::fs::remove_dir_all(&home);
+    assert!(stop(server).success());
+}
+
 /// The CLI client's room commands: /join, /pub, /leave, each acknowledged,
 /// room messages printed with room and sender, nothing after /leave.
 #[test]
@@ -658,8 +724,11 @@ fn cli_client_with_a_device_acknowledges_and_resumes_across_runs() {
 
 /// `switchboard client --device` against a server whose inbox is not the
 /// one it stored from (a memory store restarted, PROTOCOL.md 15.8): the
-/// seqs it kept name other messages, so it starts over from #1 and gets
-/// what the new inbox holds, though the login took it as acknowledged.
+/// seqs it kept name other messages, so it starts over from the position
+/// the new inbox has for it (#0) and gets what that inbox holds. (The
+/// login used to move the position to the head, so that what it held
+/// counted as acknowledged and could be dropped before the client's
+/// FETCH from #1 reached it.)
 #[test]
 fn cli_client_with_a_device_gets_everything_from_a_store_that_started_over() {
     let port = common::free_port();
@@ -693,9 +762,10 @@ fn cli_client_with_a_device_gets_everything_from_a_store_that_started_over() {
     let mut dora = CliClient::start_with("dora", &addr, &["--device", "cli-1"], &env);
     dora.expect("logged in as dora");
     dora.expect("(device cli-1: stored up to #5");
-    dora.expect("(inbox: stored up to 2, head 2, this page up to 2)");
-    dora.expect("another store");
-    dora.expect("(inbox: stored up to 2, head 2, this page up to 2)"); // its FETCH
+    // The login left the device where the new store had it (15.6): its
+    // first page brings both.
+    dora.expect("(inbox: stored up to 0, head 2, this page up to 2)");
+    dora.expect("another store; going on from #0");
     for i in 1..=2 {
         assert!(dora.expect(&format!("[#{i} ")).ends_with(&format!("from alice] new{i}")));
     }

@@ -1764,7 +1764,9 @@ impl Drop for DiskStore {
             return;
         }
         self.log_dirty_heads(None);
-        if let Err(e) = self.hot.log.flush() {
+        // fjall's journal first, as at every sync (`write_through_log`):
+        // these heads may cover messages resolved since fjall's last sync.
+        if let Err(e) = self.flush_log() {
             tracing::warn!(error = %e, "disk store: closing: the hot log's last heads were not written");
         }
     }

@@ -145,7 +145,8 @@ pub trait Store: Send + 'static {
     fn sync(&mut self) -> Result<(), StoreError>;
     /// Up to `limit` messages with seq > after_seq, in order, and the head.
     fn read(&mut self, user: &str, after_seq: u64, limit: usize) -> Result<Page, StoreError>;
-    /// A device logs in: registers it (position = max(stored, client_seq.min(head)))
+    /// A device logs in: registers it (position = max(stored, client_seq),
+    /// or the stored one when client_seq is past the head: `login_device`)
     /// and returns (position, head_seq). Durable at next sync.
     fn device_login(
         &mut self,
@@ -298,10 +299,16 @@ fn check_ids(user: &str, from: &str, device: &str) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// A device logs in: its position becomes max(stored, client_seq.min(head));
-/// an unknown device is added (forgetting the least recently seen one past
-/// [`MAX_DEVICES_PER_USER`]). Returns the position.
+/// A device logs in: its position becomes max(stored, client_seq), or
+/// stays the stored one (0 for an unknown device) when client_seq is past
+/// the head: the client then stored from another inbox (a memory store
+/// restarted, a backup restored, an `os` store that lost its last writes),
+/// and its seqs name other messages than this inbox's, which must not
+/// count as its own (PROTOCOL.md 15.6). An unknown device is added
+/// (forgetting the least recently seen one past [`MAX_DEVICES_PER_USER`]).
+/// Returns the position.
 fn login_device(devices: &mut Vec<DeviceState>, device: &str, client_seq: u64, head: u64, now_ms: u64) -> u64 {
+    let client_seq = if client_seq > head { 0 } else { client_seq };
     advance_device(devices, device, client_seq, head, now_ms)
 }
 

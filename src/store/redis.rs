@@ -292,7 +292,12 @@ local function fmt(x) return string.format('%d', x) end
 if ARGV[8] == '1' then redis.call('HSET', KEYS[3], ARGV[4], ARGV[3]) end
 local head = tonumber(redis.call('HGET', KEYS[1], 'head') or '0')
 local now = tonumber(ARGV[3])
-local s = math.min(tonumber(ARGV[2]), head)
+local s = tonumber(ARGV[2])
+-- A login past the head stored from another inbox: its seqs do not count
+-- (store::login_device). A position is capped at the head.
+if s > head then
+  if ARGV[8] == '1' then s = 0 else s = head end
+end
 local pos
 local cur = redis.call('HGET', KEYS[2], ARGV[1])
 if cur then

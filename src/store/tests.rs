@@ -348,7 +348,8 @@ fn device_positions_independent_per_device(make: Make) {
         append(s, "alice", i, T0);
     }
     assert_eq!(s.device_login("alice", "phone", 4, T0).unwrap(), (4, 10));
-    assert_eq!(s.device_login("alice", "laptop", 99, T0).unwrap(), (10, 10), "clamped to the head");
+    assert_eq!(s.device_login("alice", "laptop", 99, T0).unwrap(), (0, 10), "past the head: not taken");
+    assert_eq!(s.device_login("alice", "laptop", 10, T0).unwrap(), (10, 10), "up to the head: taken");
     s.set_position("alice", "phone", 7, T0 + 1).unwrap();
     s.set_position("alice", "phone", 5, T0 + 2).unwrap();
     assert_eq!(s.device_login("alice", "phone", 2, T0 + 3).unwrap(), (7, 10), "positions never go back");
@@ -445,6 +446,26 @@ fn trimmed_when_all_devices_acked(make: Make) {
     s.set_position("alice", "laptop", 6, T0 + 2).unwrap();
     assert_eq!(s.expire(T0 + 3).unwrap(), by_pass(2), "4 and 5: the phone has 5");
     assert_eq!(s.inbox_state("alice").unwrap().first_seq, 6);
+}
+
+/// A LOGIN whose `last_seq` is past the head comes from a client that
+/// stored from another inbox (a memory store restarted, a backup
+/// restored, an `os` store that lost its last writes to a power cut): its
+/// seqs name other messages. It used to move the device's position to
+/// the head, so the inbox's messages counted as the device's and went
+/// (the disk store dropped them at once), acknowledged or not.
+fn a_login_past_the_head_keeps_the_position_the_store_has(make: Make) {
+    let mut subject = make(StoreLimits::default());
+    let s = subject.store();
+    for i in 0..3 {
+        append(s, "alice", i, T0);
+    }
+    assert_eq!(s.device_login("alice", "phone", 500, T0).unwrap(), (0, 3), "a new device starts at 0");
+    s.set_position("alice", "phone", 1, T0 + 1).unwrap();
+    assert_eq!(s.device_login("alice", "phone", 500, T0 + 2).unwrap(), (1, 3), "a known one where it was");
+    s.expire(T0 + 3).unwrap();
+    assert_eq!(seqs(&s.read("alice", 0, 10).unwrap()), vec![2, 3], "what it never acknowledged is kept");
+    assert_eq!(s.device_login("alice", "phone", 3, T0 + 4).unwrap(), (3, 3), "up to the head, last_seq counts");
 }
 
 fn never_trimmed_without_a_device_before_ttl(make: Make) {
@@ -544,6 +565,10 @@ macro_rules! conformance {
             #[test]
             fn trimmed_when_all_devices_acked() {
                 super::trimmed_when_all_devices_acked($make)
+            }
+            #[test]
+            fn a_login_past_the_head_keeps_the_position_the_store_has() {
+                super::a_login_past_the_head_keeps_the_position_the_store_has($make)
             }
             #[test]
             fn never_trimmed_without_a_device_before_ttl() {
@@ -958,7 +983,9 @@ fn against_a_model(
             }
             Op::Login { user, device, client_seq } => {
                 let (u, d) = (users[user as usize], ["p", "q", "r"][device as usize]);
-                let want = (model.position(u, d, client_seq, now), model.head(u));
+                // A last_seq past the head is not taken (store::login_device).
+                let seq = if client_seq > model.head(u) { 0 } else { client_seq };
+                let want = (model.position(u, d, seq, now), model.head(u));
                 prop_assert_eq!(s.device_login(u, d, client_seq, now).unwrap(), want, "op {}", i);
             }
             Op::Position { user, device, seq } => {
