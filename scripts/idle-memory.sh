@@ -9,17 +9,31 @@ N=${1:-16000}
 RUNS=${2:-1}
 PORT=${PORT:-7811}
 cargo build --release --quiet -p switchboard -p switchboard-bench --bin switchboard --bin switchboard-bench
+# A store directory and ports of its own: a server started from the
+# checkout by hand (./switchboard-data, WebSocket on 7710) does not stop it.
+data=$(mktemp -d)
+pid=
+cleanup() {
+  if [ -n "$pid" ]; then kill -TERM "$pid" 2>/dev/null || true; fi
+  wait 2>/dev/null || true
+  rm -rf "$data"
+}
+trap cleanup EXIT
 for run in $(seq 1 "$RUNS"); do
-  ./target/release/switchboard serve --log warn --listen "127.0.0.1:$PORT" >"target/idle-memory-server.log" 2>&1 &
+  rm -rf "$data/run"
+  ./target/release/switchboard serve --log warn --listen "127.0.0.1:$PORT" --ws-listen "" --data-dir "$data/run" \
+    >"target/idle-memory-server.log" 2>&1 &
   pid=$!
   for _ in $(seq 1 50); do
     ss -ltn "sport = :$PORT" | grep -q LISTEN && break
+    kill -0 "$pid" 2>/dev/null || { cat target/idle-memory-server.log >&2; exit 1; }
     sleep 0.1
   done
   ./target/release/switchboard-bench idle --addr "127.0.0.1:$PORT" --connections "$N" --server-pid "$pid" \
     --json "target/idle-memory-$run.json" >/dev/null
   kill -TERM "$pid"
   wait "$pid" || true
+  pid=
   python3 - "target/idle-memory-$run.json" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))

@@ -17,18 +17,23 @@ ADMIN=${ADMIN:-7822}
 TARGET=${CARGO_TARGET_DIR:-target}
 cargo build --release --quiet -p switchboard -p switchboard-bench --bin switchboard --bin switchboard-bench
 mkdir -p "$TARGET"
+# A store directory and ports of its own: a server started from the
+# checkout by hand (./switchboard-data, WebSocket on 7710) does not stop it.
+data=$(mktemp -d)
 "$TARGET/release/switchboard" serve --log warn --listen "127.0.0.1:$PORT" --admin "127.0.0.1:$ADMIN" \
-  >"$TARGET/metrics-scrape-server.log" 2>&1 &
+  --ws-listen "" --data-dir "$data/store" >"$TARGET/metrics-scrape-server.log" 2>&1 &
 server=$!
 loader=
 cleanup() {
   [ -n "$loader" ] && kill "$loader" 2>/dev/null || true
   kill -TERM "$server" 2>/dev/null || true
   wait 2>/dev/null || true
+  rm -rf "$data"
 }
 trap cleanup EXIT
 for _ in $(seq 1 50); do
   ss -ltn "sport = :$ADMIN" | grep -q LISTEN && break
+  kill -0 "$server" 2>/dev/null || { cat "$TARGET/metrics-scrape-server.log" >&2; exit 1; }
   sleep 0.1
 done
 # Held long enough for the scrapes; the script ends it once they are done.

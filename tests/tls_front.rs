@@ -100,6 +100,25 @@ fn certificate(dir: &Path) -> (PathBuf, PathBuf) {
     (cert, key)
 }
 
+/// The peers of established connections accepted on 127.0.0.1:`port`
+/// (from /proc/net/tcp).
+fn peers_of(port: u16) -> Vec<std::net::Ipv4Addr> {
+    let text = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    let mut out = Vec::new();
+    for line in text.lines().skip(1) {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let (Some(local), Some(remote), Some("01")) = (f.get(1), f.get(2), f.get(3).copied()) else { continue };
+        let port_of = |a: &str| a.rsplit(':').next().and_then(|p| u16::from_str_radix(p, 16).ok());
+        if port_of(local) != Some(port) {
+            continue;
+        }
+        let ip = remote.split(':').next().and_then(|h| u32::from_str_radix(h, 16).ok());
+        // /proc/net/tcp prints the address as the host's u32 of network-order bytes.
+        out.extend(ip.map(|v| std::net::Ipv4Addr::from(v.to_le_bytes())));
+    }
+    out
+}
+
 #[test]
 fn wss_and_raw_tls_through_nginx_with_the_documented_config() {
     require_python_websockets();
@@ -141,6 +160,13 @@ fn wss_and_raw_tls_through_nginx_with_the_documented_config() {
         "error_log /var/log/nginx/switchboard-error.log warn;",
         &format!("error_log {} warn;", dir.0.join("error.log").display()),
     );
+    // Proxy timeouts far below the documented 350 s and above the
+    // heartbeat interval: the 2 s of silence below then shows that the
+    // server's heartbeats keep a connection through the front, which is
+    // what the documented relation between the two rests on.
+    rewrite(&mut conf, "proxy_read_timeout 350s;", "proxy_read_timeout 1s;");
+    rewrite(&mut conf, "proxy_send_timeout 350s;", "proxy_send_timeout 1s;");
+    rewrite(&mut conf, "proxy_timeout 350s;", "proxy_timeout 1s;");
     let conf_path = dir.0.join("nginx.conf");
     std::fs::write(&conf_path, &conf).unwrap();
 
@@ -184,6 +210,15 @@ fn wss_and_raw_tls_through_nginx_with_the_documented_config() {
     let line = s.expect("TLS_LOGIN_OK bob");
     assert!(line.contains("tls=TLSv1.3"), "{line}");
     s.expect("READY");
+    // The connections to Switchboard come from the file's spread of
+    // loopback source addresses (docs/DEPLOY.md, "Source ports").
+    for port in [raw.port(), ws.port()] {
+        let peers = peers_of(port);
+        assert!(
+            !peers.is_empty() && peers.iter().all(|ip| ip.octets()[..3] == [127, 0, 1]),
+            "connections to port {port} from {peers:?}"
+        );
+    }
     assert_eq!(h.push_to_user("alice", "pushed-to-A").unwrap().connections, 1);
     assert_eq!(h.push_to_user("bob", "pushed-to-B").unwrap().connections, 1);
     s.expect("PUSHES ok");
