@@ -469,10 +469,13 @@ fn unicast(common: Common, rate: u64, duration_s: u64, payload_bytes: usize) -> 
     fleet.collect()?; // reset
     let cpu0 = common.server_pid.map(ProcStat::process_cpu);
     let t0 = Instant::now();
-    fleet.start_unicast(rate, duration_s * 1000, common.connections, payload_bytes, 0x9E37_79B9);
+    // Recipients among the connections that logged in.
+    fleet.start_unicast(rate, duration_s * 1000, ready, payload_bytes, 0x9E37_79B9);
     let (sent, blocked) = fleet.wait_sent()?;
     std::thread::sleep(Duration::from_millis(500)); // in-flight deliveries
-    let elapsed = t0.elapsed();
+                                                    // The run, not the grace after it: dividing by both read
+                                                    // duration / (duration + 0.5 s) of the rate delivered.
+    let elapsed = t0.elapsed().saturating_sub(Duration::from_millis(500));
     let cpu1 = common.server_pid.map(ProcStat::process_cpu);
     let c = fleet.collect()?;
     fleet.quit();

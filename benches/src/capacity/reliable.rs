@@ -43,6 +43,9 @@ use switchboard_bench::loadgen::Fleet;
 /// Rounds of refining after the unicast ladders (`unicast_ladders`): two
 /// take a step of 10,000 to 2,500.
 const REFINE_ROUNDS: usize = 2;
+/// The pause after a step not kept up with, before the next step of any
+/// ladder: the time the half-rate step already gave a backlog to drain.
+const MISSED_STEP_DRAIN: Duration = Duration::from_secs(3);
 
 /// The device id every bench device connection logs in with.
 pub const DEVICE: &str = "bench";
@@ -92,9 +95,10 @@ impl Runner {
         Ok(Reliable {
             question: "What does storing every message cost next to relaying it (fsync: every batch of appends fdatasync'ed before SEND_ACK; os: handed to the kernel), how fast does a device catch up on a backlog, and does the store cost idle connections anything?".into(),
             method: format!(
-                "three unicast ladders run step by step, so that each ratio compares the same minutes of a shared host: at each offered rate first at most once (a server with the default disk store and delivery.send_default = \"at_most_once\": plain SEND relayed live, as before reliable delivery and as the peers do), then fsync, then os (each a server with send_default = \"reliable\" and a disk store of its own, store.durability as named), each server with its own {} connections, {} s per step (open loop, random recipients, 64-byte timed payloads), a ladder stopping at its first rate not kept up with (past the plan's top rate in its last stride, up to twice the top, so that a best is never just the ladder's end; a ratio beside an at-most-once ladder that missed none is an upper bound and not judged), then {REFINE_ROUNDS} rounds in which each ladder halves the gap between its best rate and the first it missed (to whole thousands; a best is the highest rate kept up with below every rate missed); the reliable connections are logged in as device \"{DEVICE}\" of their users and acknowledge cumulatively after 32 INBOX frames or 100 ms; delivered/s counts new INBOX frames (retransmits are counted as duplicates, not deliveries); latency is send (in the payload) → INBOX received; store figures are deltas of the admin API's /stats store counters over each step; the ratios divide each reliable best by the best of the at-most-once ladder beside it (the main pass's unicast, {} msgs/s, ran minutes earlier); the per-core row compares the server's CPU per message (user + system, from /proc) at one offered rate, the highest both ladders kept up with, so that it does not depend on how busy the shared host was at each one's best. Catch-up: a fresh server with the defaults, {} plain SENDs from one pipelined sender to one user (all SEND_ACKed, i.e. synced), then one blocking client logs in as a device, reads the first page, FETCHes with limit 65535 (the server caps it at delivery.max_fetch) at the end of each page and ACKs every 32. Idle: the same 4-step idle hold against a fresh server without a store and against one with the default store whose connections log in with a device id; with the store against without is judged on the RSS growth per connection past the first step of each hold (the first step also pays what a server allocates once).",
+                "three unicast ladders run step by step, so that each ratio compares the same minutes of a shared host: at each offered rate first at most once (a server with the default disk store and delivery.send_default = \"at_most_once\": plain SEND relayed live, as before reliable delivery and as the peers do), then fsync, then os (each a server with send_default = \"reliable\" and a disk store of its own, store.durability as named), each server with its own {} connections, {} s per step (open loop, random recipients, 64-byte timed payloads), a ladder stopping at its first rate not kept up with (past the plan's top rate in its last stride, up to twice the top, so that a best is never just the ladder's end; a ratio beside an at-most-once ladder that missed none is an upper bound and not judged), then {REFINE_ROUNDS} rounds in which each ladder halves the gap between its best rate and the first it missed (to whole thousands; a best is the highest rate kept up with below every rate missed); after a step not kept up with, {} s pass before the next step of any ladder, so that its backlog does not share the cores with it; the reliable connections are logged in as device \"{DEVICE}\" of their users and acknowledge cumulatively after 32 INBOX frames or 100 ms; delivered/s counts new INBOX frames (retransmits are counted as duplicates, not deliveries); latency is send (in the payload) → INBOX received; store figures are deltas of the admin API's /stats store counters over each step; the ratios divide each reliable best by the best of the at-most-once ladder beside it (the main pass's unicast, {} msgs/s, ran minutes earlier); the per-core row compares the server's CPU per message (user + system, from /proc) at one offered rate, the highest both ladders kept up with, so that it does not depend on how busy the shared host was at each one's best. Catch-up: a fresh server with the defaults, {} plain SENDs from one pipelined sender to one user (all SEND_ACKed, i.e. synced), then one blocking client logs in as a device, reads the first page, FETCHes with limit 65535 (the server caps it at delivery.max_fetch) at the end of each page and ACKs every 32. Idle: the same 4-step idle hold against a fresh server without a store and against one with the default store whose connections log in with a device id; with the store against without is judged on the RSS growth per connection past the first step of each hold (the first step also pays what a server allocates once).",
                 unicast.connections,
                 self.plan.unicast_s,
+                MISSED_STEP_DRAIN.as_secs(),
                 super::report::f(unicast.max.msgs_per_s, 0),
                 self.plan.catch_up_messages
             ),
@@ -150,7 +154,7 @@ impl Runner {
             let r = unicast_step(&mut lane.fleet, &lane.server, lane.ready, rate, secs)?;
             let st = r.store.as_ref();
             note(format!(
-                "  {rate}/s offered, {}: {:.0}/s delivered, p99 {} us, {:.0} appends/s, {:.0} syncs/s, {:.1} per sync{}",
+                "  {rate}/s offered, {}: {:.0}/s delivered, p99 {} us, {:.0} appends/s, {:.0} syncs/s, {:.1} per sync{}{}",
                 lane.name,
                 r.msgs_per_s,
                 r.p99_us,
@@ -160,10 +164,17 @@ impl Runner {
                 st.filter(|t| t.refused > 0).map_or(String::new(), |t| format!(
                     ", {} refused ({} by a full store queue, {} failed)",
                     t.refused, t.busy, t.failed
-                ))
+                )),
+                if r.closed > 0 { format!(", {} connections lost", r.closed) } else { String::new() }
             ));
             let kept = r.keeps_up();
             lane.steps.push(r);
+            if !kept {
+                // A step missed leaves a backlog its server drains for a
+                // while (retransmits too): the next step, of this lane or
+                // of the next, would share the cores with it.
+                std::thread::sleep(MISSED_STEP_DRAIN);
+            }
             Ok(kept)
         };
         for rate in ladder_rates(&self.plan.unicast_rates) {
@@ -203,7 +214,7 @@ impl Runner {
             let at_half = match best(&lane.steps) {
                 Some(best) => {
                     // Let the last step's backlog drain first.
-                    std::thread::sleep(Duration::from_secs(3));
+                    std::thread::sleep(MISSED_STEP_DRAIN);
                     let half = ((best / 2.0) as u64).max(1000);
                     let h = unicast_step(&mut lane.fleet, &lane.server, lane.ready, half, self.plan.unicast_s)?;
                     note(format!("  {}: at half of the best rate ({half}/s): p99 {} us", lane.name, h.p99_us));

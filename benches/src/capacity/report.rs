@@ -670,6 +670,16 @@ pub struct UnicastStep {
     /// The store's counters over the step (servers with a store only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub store: Option<StoreStep>,
+    /// Connections the load generators lost during the step (closed by
+    /// the server, or a write that failed): messages to their users are
+    /// not read from then on, in this step and the ones after it. Left out
+    /// when none (and in reports from before it was counted).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub closed: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// The inbox store over one unicast step (admin `/stats`), and what the
@@ -2617,6 +2627,7 @@ mod tests {
             server_user_ns_per_msg: 1_000.0,
             server_sys_ns_per_msg: 9_000.0,
             store: None,
+            closed: 0,
         }
     }
 

@@ -21,7 +21,7 @@ use std::process::{Command as Proc, Stdio};
 use std::time::{Duration, Instant};
 
 use switchboard_bench::loadgen::loader::Transport;
-use switchboard_bench::loadgen::{timed_payload, Collected, Command, Fleet, ProcStat};
+use switchboard_bench::loadgen::{timed_payload, Command, Fleet, ProcStat};
 
 use super::report::{
     NchanPeer, NchanRun, WsFanout, WsIdle, WsRatios, WsRun, WsSingle, WsSuite, NCHAN_INSTALL, WS_WARMUP,
@@ -263,14 +263,6 @@ fn start_nchan(out: &Path, plan: &Plan) -> Result<(ServerProc, PathBuf), String>
     }
 }
 
-/// Completion time (ms) of each message in `seqs` received by all
-/// `receivers`, and the end of the window the deliveries took (s after the
-/// first publish), given the publish rate.
-fn window_s(c: &Collected, seqs: std::ops::Range<u32>, rate: f64) -> f64 {
-    let first = seqs.start;
-    seqs.filter_map(|s| c.per_seq.get(&s).map(|&(_, m)| (s - first) as f64 / rate + m as f64 / 1e6)).fold(0.0, f64::max)
-}
-
 impl Runner {
     fn ws_fleet(
         &mut self,
@@ -398,7 +390,7 @@ impl Runner {
             let (user, sys) = ProcStat::processes_cpu(&tree).since(&cpu0);
             let done = completion_ms(&c, base..base + count, members);
             let complete = done.len() == count as usize && c.closed == 0;
-            let window = window_s(&c, base..base + count, rate).max(publish_s).max(0.001);
+            let window = super::scenarios::window_s(&c, base..base + count, rate).max(publish_s).max(0.001);
             let delivered = c.received as f64 / window;
             let kept_up = WsRun::judge(complete, late, count, delivered, target);
             let run = WsRun {

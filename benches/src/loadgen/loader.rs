@@ -250,10 +250,19 @@ struct Loader {
 
 /// Writes all of `data` to a non-blocking socket, waiting for room when it
 /// is full (up to 5 s). Returns whether it had to wait.
-fn write_waiting(stream: &mut TcpStream, mut data: &[u8]) -> bool {
+fn write_waiting(stream: &mut TcpStream, data: &[u8]) -> bool {
+    write_all_waiting(stream, data).unwrap_or(true)
+}
+
+/// `write_waiting` that says whether all of `data` went: Ok(whether it
+/// had to wait), or the error (a timeout once 5 s passed with some left).
+fn write_all_waiting(stream: &mut TcpStream, mut data: &[u8]) -> io::Result<bool> {
     let mut waited = false;
     let deadline = Instant::now() + Duration::from_secs(5);
-    while !data.is_empty() && Instant::now() < deadline {
+    while !data.is_empty() {
+        if Instant::now() >= deadline {
+            return Err(io::Error::new(io::ErrorKind::TimedOut, "no room in the socket for 5 s"));
+        }
         match stream.write(data) {
             Ok(n) => data = &data[n..],
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -263,10 +272,10 @@ fn write_waiting(stream: &mut TcpStream, mut data: &[u8]) -> bool {
                 unsafe { libc::poll(&mut p, 1, 100) };
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(_) => return true,
+            Err(e) => return Err(e),
         }
     }
-    waited
+    Ok(waited)
 }
 
 fn xorshift(s: &mut u64) -> u64 {
@@ -393,10 +402,15 @@ impl Loader {
         }
     }
 
-    /// Sends one v1 frame as this transport frames it (best effort).
+    /// Sends one v1 frame as this transport frames it. A socket buffer
+    /// full of this connection's SENDs (4 KiB, under overload) is waited
+    /// for (`write_waiting`), as a real client's write would: failing the
+    /// write closed a device connection at its ACK, and the steps after
+    /// it then sent to a user nobody read for.
     fn send_frame(&mut self, i: usize, raw: Bytes, what: &str) -> bool {
         let out = wrap(self.args.transport, &mut self.rng, raw);
-        if let Err(e) = self.conns[i].stream.write_all(&out) {
+        let stream = &mut self.conns[i].stream;
+        if let Err(e) = write_all_waiting(stream, &out) {
             self.fail(i, format!("send {what}: {e}"));
             return false;
         }
@@ -748,6 +762,9 @@ impl Loader {
                 self.hist.reset();
                 self.received = 0;
                 self.pongs = 0;
+                // Per collect, as every other count: a member cut off in
+                // one phase must not mark every later one incomplete.
+                self.closed = 0;
                 self.skipped = 0;
                 self.duplicates = 0;
                 self.acks_sent = 0;
