@@ -761,6 +761,9 @@ pub struct DiskStore {
     /// why that matters).
     resolved_unsynced: bool,
     heads_logged: bool,
+    /// With `fsync`: fjall's journal was written since its last sync
+    /// ([`Store::unsynced_since`]).
+    fjall_unsynced: bool,
     /// The messages of the last two epochs (hotlog.rs).
     hot: Hot,
     /// Why the store stopped: the I/O error of its first failed write
@@ -875,6 +878,7 @@ impl DiskStore {
             legacy_dedup: false,
             unlogged_dedup: hashbrown::HashMap::new(),
             resolved_unsynced: false,
+            fjall_unsynced: false,
             heads_logged: false,
             hot: Hot {
                 log,
@@ -1432,6 +1436,9 @@ impl DiskStore {
         if mode == PersistMode::SyncData {
             self.hot.fjall_synced = Instant::now();
             self.resolved_unsynced = false;
+            self.fjall_unsynced = false;
+        } else {
+            self.fjall_unsynced = self.durability == Durability::Fsync;
         }
         Ok(())
     }
@@ -2007,6 +2014,11 @@ impl Store for DiskStore {
 
     fn durability(&self) -> Option<Durability> {
         Some(self.durability)
+    }
+
+    fn unsynced_since(&self) -> Option<Instant> {
+        // Due a second after fjall's last sync: the next one syncs it.
+        (self.fjall_unsynced && self.stopped.is_none()).then_some(self.hot.fjall_synced)
     }
 
     fn sync(&mut self) -> Result<(), StoreError> {

@@ -219,6 +219,15 @@ pub trait Store: Send + 'static {
     fn durability(&self) -> Option<Durability> {
         None
     }
+    /// After a `sync`: when the writes began that it left short of the
+    /// durability mode, which waits for no acknowledgement (the disk
+    /// store with `fsync` syncs fjall's journal, which alone holds logins
+    /// and the positions of users not cached, at most once a second). The
+    /// store thread syncs again [`service::POSITION_SYNC_INTERVAL`] after
+    /// it. `None`: nothing is owed.
+    fn unsynced_since(&self) -> Option<std::time::Instant> {
+        None
+    }
 }
 
 /// Opens a store again ([`Store::reopener`]).

@@ -779,7 +779,7 @@ impl<T: Send + 'static, S: Sink<T>> Worker<T, S> {
         match self.store.sync() {
             Ok(()) => {
                 self.counters.syncs.fetch_add(1, Ordering::Relaxed);
-                self.unsynced_since = None;
+                self.unsynced_since = self.store.unsynced_since();
             }
             Err(e) => {
                 self.counters.errors.fetch_add(1, Ordering::Relaxed);
@@ -842,7 +842,8 @@ impl<T: Send + 'static, S: Sink<T>> Worker<T, S> {
         } else if !written.is_empty() {
             match self.store.sync() {
                 Ok(()) => {
-                    self.unsynced_since = None;
+                    // What the store left for its next sync, if anything.
+                    self.unsynced_since = self.store.unsynced_since();
                     self.counters.commit.observe_shared(started.elapsed().as_nanos() as u64, 1);
                     self.counters.syncs.fetch_add(1, Ordering::Relaxed);
                     self.counters.appends.fetch_add(appended, Ordering::Relaxed);

@@ -1995,6 +1995,39 @@ fn service_over_a_disk_store_survives_a_restart() {
     }
 }
 
+/// With `fsync` the disk store `fdatasync`s fjall's journal at most once a
+/// second, and a login or a position that only fjall holds (a device's
+/// first login, a user not cached) waits for that. A sync of the store
+/// thread within the second after the last one left fjall's journal
+/// written but not synced, and the thread then took everything as synced:
+/// a login just before it stayed out of the disk's reach until the next
+/// request or rotation, seconds later (a power cut then forgot the
+/// device). The thread now syncs again once the second is up.
+#[test]
+fn service_syncs_again_what_a_disk_store_left_unsynced_for_its_second() {
+    let dir = TempDir::new("owed");
+    let store = DiskStore::open(&dir.0, Durability::Fsync, StoreLimits::default()).unwrap();
+    let (sink, rx) = collect();
+    let service = Service::start(Box::new(store), sink, cfg(64)).unwrap();
+    let syncs = || service.counters().syncs.load(Ordering::SeqCst);
+    service.try_submit(1, append_req("alice", 1)).unwrap();
+    assert_eq!(recv(&rx).0, 1);
+    let login = Request::DeviceLogin { user: "bob".into(), device: "phone".into(), client_seq: 0 };
+    service.try_submit(2, login).unwrap();
+    assert_eq!(recv(&rx).0, 2);
+    // An append within the second: its sync writes bob's login to the
+    // kernel without syncing fjall's journal.
+    service.try_submit(3, append_req("alice", 2)).unwrap();
+    assert_eq!(recv(&rx).0, 3);
+    let before = syncs();
+    let end = std::time::Instant::now() + POSITION_SYNC_INTERVAL * 3;
+    while syncs() == before {
+        assert!(std::time::Instant::now() < end, "no sync after the one that left the login unsynced");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    service.stop().unwrap();
+}
+
 #[test]
 fn service_syncs_positions_alone_within_the_interval_not_before_each_read() {
     let mut probe = Probe::new();
