@@ -620,6 +620,15 @@ struct Hot {
     order: VecDeque<(usize, u64, u64)>,
     /// Entries ever taken off the front of `order`.
     popped: u64,
+    /// Entries at the back of `order` appended since the hot log was last
+    /// written. Their dedup entries wait in `unlogged_dedup` until the
+    /// sync writes them after the log, and the next open writes the dedup
+    /// entries of every logged message: so one is resolved into fjall
+    /// only once it is in the log (`resolve_next`, `rotate`). Resolved
+    /// before (past the RAM bound, within the batch that appended it), a
+    /// message whose fjall journal reached the kernel survived a crash
+    /// without its dedup entry, and its sender's retry was stored again.
+    unlogged: usize,
     /// RAM of the hot messages, as [`hot_ram`].
     ram: u64,
     /// [`HOT_MAX_BYTES`], but in tests.
@@ -885,6 +894,7 @@ impl DiskStore {
                 users: hashbrown::HashMap::new(),
                 slots: slab::Slab::new(),
                 order: VecDeque::new(),
+                unlogged: 0,
                 popped: 0,
                 ram: 0,
                 max_bytes: HOT_MAX_BYTES / of as u64,
@@ -1476,6 +1486,10 @@ impl DiskStore {
     /// ([`DiskStore::resolve_one`]); `None` if the order is empty, else
     /// whether the message was dropped.
     fn resolve_next(&mut self) -> Result<Option<bool>, StoreError> {
+        if !self.hot.order.is_empty() && self.hot.order.len() <= self.hot.unlogged {
+            // Not in the hot log yet (`Hot::unlogged`): write it first.
+            self.flush_log()?;
+        }
         let Some((slot, seq, _)) = self.hot.order.pop_front() else { return Ok(None) };
         self.hot.popped += 1;
         let resolved = self.resolve_one(slot, seq);
@@ -1558,6 +1572,11 @@ impl DiskStore {
             self.flush_log()?;
             self.write_unlogged_dedup()?;
             self.finish_rotation()?;
+        }
+        if self.hot.unlogged > 0 {
+            // What is left of the epoch before may include appends of the
+            // batch under way: into the log first (`Hot::unlogged`).
+            self.flush_log()?;
         }
         let epoch = self.hot.epoch;
         // Slots are freed only as `order` is taken, not here.
@@ -1876,6 +1895,7 @@ impl DiskStore {
         let epoch = self.hot.epoch;
         let slot = slot.unwrap_or_else(|| self.hot.slot_for(Arc::from(uk)));
         self.hot.order.push_back((slot, seq, now_ms));
+        self.hot.unlogged += 1;
         self.hot.current += 1;
         let m = HotMsg { seq, epoch, bytes, value };
         self.hot.ram += hot_ram(&m);
@@ -1914,6 +1934,7 @@ impl DiskStore {
         self.persist_fjall(first)?;
         // The messages: `fdatasync`ed with `fsync`.
         self.hot.log.flush()?;
+        self.hot.unlogged = 0;
         self.heads_logged = false;
         Ok(())
     }

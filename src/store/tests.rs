@@ -2802,6 +2802,41 @@ fn disk_a_send_lost_with_a_crash_before_its_sync_is_stored_when_retried() {
     }
 }
 
+/// Past the hot messages' RAM bound the store resolved appends of the
+/// batch under way into fjall, while their dedup entries waited for the
+/// sync (they go after the hot log: `DiskStore::unlogged_dedup`). Once
+/// fjall's journal buffer spilled to the kernel, a crash kept such a
+/// message without its dedup entry: never acknowledged, its sender
+/// retried it with the same client id, and the retry was stored a second
+/// time (PROTOCOL.md 15.9).
+#[test]
+fn disk_a_message_resolved_past_the_ram_bound_keeps_its_dedup_entry_through_a_crash() {
+    for durability in [Durability::Os, Durability::Fsync] {
+        let mut d = Disk::new(durability, StoreLimits::default());
+        d.store.as_mut().unwrap().set_hot_max_bytes(4096);
+        let s = d.store();
+        assert_eq!(s.append(&msg("ann", "bob", 1, T0, "synced", 1), T0).unwrap(), Appended::New { seq: 1 });
+        s.sync().unwrap();
+        for n in 2..=400 {
+            let payload = format!("not synced {n:04} {}", "x".repeat(40));
+            assert_eq!(s.append(&msg("ann", "bob", n, T0, &payload, n), T0).unwrap(), Appended::New { seq: n });
+        }
+        let mut crashed = crash_copy(&d);
+        let s = crashed.store();
+        let kept = s.read("ann", 1, 1000).unwrap().messages;
+        assert!(!kept.is_empty(), "{durability:?}: the messages resolved past the bound reached the disk");
+        for m in kept {
+            let retry = s.append(&msg("ann", "bob", 5000 + m.msg_id, T0, "retried", m.msg_id), T0 + 1).unwrap();
+            assert_eq!(
+                retry,
+                Appended::Duplicate { seq: m.seq, msg_id: m.msg_id },
+                "{durability:?}: message {} came back from the crash without its dedup entry",
+                m.seq
+            );
+        }
+    }
+}
+
 /// A hot message resolved into fjall while a device still lacks it, then
 /// covered by a head the hot log records (another device's ACK): a crash
 /// of the process right after `sync` wrote the hot log must not leave
