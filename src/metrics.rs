@@ -551,6 +551,11 @@ fn cluster(f: &mut Family<'_, '_>, c: &ClusterCounters) -> fmt::Result {
         "switchboard_cluster_room_subscriptions",
         "Room channels this node subscribes to (rooms with members here).",
         get(&c.room_subscriptions) as i64,
+    )?;
+    f.gauge(
+        "switchboard_cluster_queue_bytes",
+        "Bytes of the messages waiting for the Redis thread; forwards are refused past cluster.queue_max_bytes.",
+        get(&c.queue_bytes) as i64,
     )
 }
 

@@ -292,6 +292,7 @@ fn a_cluster_node_exposes_its_cross_node_counters() {
     assert!(moved("switchboard_cluster_redis_commands_total") >= 1.0);
     assert!(moved("switchboard_cluster_redis_round_trips_total") >= 1.0);
     assert_eq!(after.sum("switchboard_cluster_queue_full_total", &[]), 0.0);
+    assert_eq!(after.sum("switchboard_cluster_queue_bytes", &[]), 0.0, "the forward left the queue");
     assert_eq!(after.sum("switchboard_cluster_forwards_failed_total", &[]), 0.0);
     assert_eq!(
         after.sum("switchboard_cluster_records_sent_total", &[]),
@@ -316,6 +317,7 @@ fn a_cluster_node_exposes_its_cross_node_counters() {
         ("switchboard_cluster_connected", "gauge"),
         ("switchboard_cluster_live_nodes", "gauge"),
         ("switchboard_cluster_room_subscriptions", "gauge"),
+        ("switchboard_cluster_queue_bytes", "gauge"),
     ] {
         assert_eq!(after.families.get(family).map(String::as_str), Some(kind), "{family}");
     }
