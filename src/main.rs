@@ -143,10 +143,13 @@ Arriving messages print as `[ID from USER] TEXT` (to you) and
 with --device, messages stored for you print as `[#SEQ ID from USER] TEXT`,
 each once, in seq order.
 
-Exit status: 0 when you quit or the server closes with 1000 or 1001 (a
-drain: reconnect), 3 when the server closes with any other code (e.g.
-4004 slow consumer, 4007 ACK timeout, 1008 policy), 1 on a lost
-connection or another error, 2 on bad arguments.";
+At /quit or the end of input it waits (5 s at most) for the answers to
+what you sent, then closes. Exit status: 0 when you quit or the server
+closes with 1000 or 1001 (a drain: reconnect), 4 when the server refused
+a request you sent (ERROR), 3 when the server closes with any other code
+(e.g. 4004 slow consumer, 4007 ACK timeout, 1008 policy), 1 on a lost
+connection, no answer within the 5 s, or another error, 2 on bad
+arguments.";
 
 /// How `serve` writes its log.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -707,9 +710,54 @@ impl Inbox {
     }
 }
 
+/// The requests typed (by `req_id`) that the server has not answered
+/// yet, and how many it refused: what the end of input waits for.
+#[derive(Default)]
+struct Pending {
+    state: std::sync::Mutex<(std::collections::BTreeSet<u32>, u32)>,
+    answered: std::sync::Condvar,
+}
+
+impl Pending {
+    fn sent(&self, req_id: u32) {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).0.insert(req_id);
+    }
+
+    /// An answer (SEND_ACK, SEND_RESULT, ROOM_ACK, or an ERROR) to a typed request.
+    fn answer(&self, f: &Frame<'_>) {
+        let (req_id, refused) = match *f {
+            Frame::SendAck { req_id, .. } | Frame::SendResult { req_id, .. } | Frame::RoomAck { req_id, .. } => {
+                (req_id, false)
+            }
+            Frame::Error { req_id, .. } if req_id != 0 => (req_id, true),
+            _ => return,
+        };
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if st.0.remove(&req_id) {
+            st.1 += u32::from(refused);
+            self.answered.notify_all();
+        }
+    }
+
+    /// Waits up to `limit` for every answer; returns (unanswered, refused).
+    fn wait(&self, limit: Duration) -> (usize, u32) {
+        let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let (st, _) =
+            self.answered.wait_timeout_while(st, limit, |st| !st.0.is_empty()).unwrap_or_else(|e| e.into_inner());
+        (st.0.len(), st.1)
+    }
+}
+
+/// How long the end of input waits for the answers to what was sent.
+const ANSWER_WAIT: Duration = Duration::from_secs(5);
+
 /// Reads and prints frames until the connection ends, then exits the
 /// process; with `inbox`, also acknowledges and fetches.
-fn read_loop(mut c: Client, inbox: Option<std::sync::Arc<std::sync::Mutex<Inbox>>>) -> ! {
+fn read_loop(
+    mut c: Client,
+    inbox: Option<std::sync::Arc<std::sync::Mutex<Inbox>>>,
+    pending: std::sync::Arc<Pending>,
+) -> ! {
     if inbox.is_some() {
         // Wake up for batched ACKs even when nothing arrives.
         let _ = c.set_read_timeout(Some(ACK_AFTER / 2));
@@ -750,6 +798,10 @@ fn read_loop(mut c: Client, inbox: Option<std::sync::Arc<std::sync::Mutex<Inbox>
             }
         }
         drop(locked);
+        // Once printed: the main thread may exit as soon as it is told.
+        if let Ok(frame) = f.as_ref().map(|f| f.frame()) {
+            pending.answer(&frame);
+        }
     }
 }
 
@@ -833,7 +885,9 @@ fn client(
     };
     let inbox = inbox.map(|i| std::sync::Arc::new(std::sync::Mutex::new(i)));
     let reader_inbox = inbox.clone();
-    std::thread::spawn(move || read_loop(c, reader_inbox));
+    let pending = std::sync::Arc::new(Pending::default());
+    let reader_pending = pending.clone();
+    std::thread::spawn(move || read_loop(c, reader_inbox, reader_pending));
     let mut req_id = 0u32;
     for line in std::io::stdin().lock().lines() {
         let Ok(line) = line else { break };
@@ -841,8 +895,12 @@ fn client(
         if line.is_empty() {
             continue;
         }
+        let before = req_id;
         match typed_frame(line, &mut req_id) {
             Ok(Some(b)) => {
+                if req_id != before {
+                    pending.sent(req_id);
+                }
                 if out.write_all(&b).is_err() {
                     break;
                 }
@@ -859,7 +917,17 @@ fn client(
             let _ = out.write_all(&ack);
         }
     }
+    // The answers to what was sent, printed by the reader, before the
+    // CLOSE: a client fed from a pipe reaches the end of its input first.
+    let (unanswered, refused) = pending.wait(ANSWER_WAIT);
     let _ = out.write_all(&Frame::Close { code: 1000, reason: "bye" }.to_bytes().expect("static frame"));
+    if unanswered > 0 {
+        err!("switchboard: no answer to {unanswered} request(s) within {} s", ANSWER_WAIT.as_secs());
+        return ExitCode::from(1);
+    }
+    if refused > 0 {
+        return ExitCode::from(4);
+    }
     ExitCode::SUCCESS
 }
 

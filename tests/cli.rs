@@ -575,6 +575,38 @@ fn cli_client_exit_status_tells_a_server_close_with_an_error_from_a_quit() {
     assert!(stop(server).success());
 }
 
+/// `switchboard client` fed from a pipe sent CLOSE at the end of its input
+/// and exited 0 at once, before the answers to what it sent: a script
+/// never saw a refusal. It now waits for them (5 s at most), prints them,
+/// and exits 4 when the server refused a request.
+#[test]
+fn cli_client_at_the_end_of_its_input_waits_for_the_answers_and_reports_a_refusal() {
+    let port = common::free_port();
+    let server = serve(port, "warn", Stdio::null(), Stdio::null());
+    let addr = format!("127.0.0.1:{port}");
+    let piped = |input: &str| {
+        let mut child = Command::new(SB)
+            .args(["client", "--user", "carl", "--addr", &addr])
+            .env_remove("SWITCHBOARD_JWT_SECRET")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::io::Write::write_all(&mut child.stdin.take().unwrap(), input.as_bytes()).unwrap();
+        let out = child.wait_with_output().unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let (code, out) = piped("@dana hello\n");
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("(send #1: "), "the SEND's answer is printed before the exit:\n{out}");
+    // PUBLISH to a room carl is not in: refused with an ERROR.
+    let (code, out) = piped("/pub lobby hi\n");
+    assert!(out.contains("(error "), "the refusal is printed:\n{out}");
+    assert_eq!(code, Some(4), "a refused request: exit 4\n{out}");
+    assert!(stop(server).success());
+}
+
 /// The default `--state` file of a long user id and device was past
 /// NAME_MAX and failed with "File name too long"; it is now cut and ends
 /// in a hash of the pair, one file per pair.
