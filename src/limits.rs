@@ -136,18 +136,17 @@ pub fn kernel_version() -> Option<(u32, u32)> {
 }
 
 /// Checks `max_connections` (0 = auto) for `workers` workers, beside
-/// `besides` descriptors that are not clients'
+/// `overhead` descriptors that are not clients'
 /// ([`descriptors_besides_clients`]).
 pub fn check(
     max_connections: usize,
     workers: usize,
-    besides: u64,
+    overhead: u64,
     listen_backlog: u32,
     ring_bytes_per_worker: u64,
 ) -> Result<LimitReport, String> {
     let mut warnings = Vec::new();
     let (soft, hard) = raise_nofile().map_err(|e| format!("cannot read RLIMIT_NOFILE: {e}"))?;
-    let overhead = besides;
     if soft <= overhead {
         return Err(format!(
             "RLIMIT_NOFILE is {soft}: not even enough for the {overhead} descriptors the server keeps besides its clients' \

@@ -404,7 +404,7 @@ impl Loader {
 
     /// Sends one v1 frame as this transport frames it. A socket buffer
     /// full of this connection's SENDs (4 KiB, under overload) is waited
-    /// for (`write_waiting`), as a real client's write would: failing the
+    /// for (`write_all_waiting`), as a real client's write would: failing the
     /// write closed a device connection at its ACK, and the steps after
     /// it then sent to a user nobody read for.
     fn send_frame(&mut self, i: usize, raw: Bytes, what: &str) -> bool {

@@ -659,8 +659,14 @@ impl Worker {
     /// Returns whether this started its close (false: gone, closing
     /// already, or being fed).
     fn close_conn(&self, slot: u32, generation: u32, code: CloseCode, reason: &str) -> bool {
+        self.start_close(slot, generation, code, reason) == Some(true)
+    }
+
+    /// [`Worker::close_conn`]'s answer as the machine gave it: `None` when
+    /// there is no such connection or it is being fed.
+    fn start_close(&self, slot: u32, generation: u32, code: CloseCode, reason: &str) -> Option<bool> {
         let now = self.now.get();
-        self.with_conn(slot, generation, true, |c, io| c.close(code as u16, reason, now, io)) == Some(true)
+        self.with_conn(slot, generation, true, |c, io| c.close(code as u16, reason, now, io))
     }
 
     /// A write to connection (`slot`, `generation`) found its queue over the
@@ -668,9 +674,7 @@ impl Worker {
     /// being fed (a reply, or a delivery to itself) the machine is told
     /// (`Env::overflowed`), and `with_conn` counts and closes it once back.
     fn close_slow_consumer(&self, slot: u32, generation: u32) {
-        let now = self.now.get();
-        let reason = CloseCode::SlowConsumer.reason();
-        match self.with_conn(slot, generation, true, |c, io| c.close(CloseCode::SlowConsumer as u16, reason, now, io)) {
+        match self.start_close(slot, generation, CloseCode::SlowConsumer, CloseCode::SlowConsumer.reason()) {
             Some(true) => bump(&self.counters().slow_consumers, 1),
             Some(false) => {} // closing already
             None => {
