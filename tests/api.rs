@@ -369,6 +369,49 @@ fn a_batch_answers_every_command_on_its_own() {
     assert_eq!(r.status, 400, "{}", r.body);
 }
 
+/// A batch stops pushing to a user at that user's first failed push: what
+/// came after it is answered 424 and not stored, so that retrying the
+/// failed push and then the rest keeps the user's order. Pushes to other
+/// users, and a push whose command did not parse, follow the same rule.
+#[test]
+fn a_batch_does_not_push_to_a_user_past_that_users_failed_push() {
+    let server = api_server(false);
+    let a = server.admin_addr().unwrap();
+    let commands = vec![
+        json!({ "push": { "user": "gina", "text": "one" } }),
+        json!({ "push": { "user": "gina", "payload": "not base64!" } }),
+        json!({ "push": { "user": "hank", "text": "h1" } }),
+        json!({ "push": { "user": "gina", "text": "three" } }),
+        json!({ "push": { "users": ["hank", "gina", "ivy"], "text": "both" } }),
+        json!({ "push": { "user": "ivy", "text": "i1", "colour": "red" } }),
+        json!({ "push": { "user": "ivy", "text": "i2" } }),
+        json!({ "push": { "user": "hank", "text": "h2", "mode": "at_most_once" } }),
+    ];
+    let r = post(a, "/api/v1/batch", WRITE, &json!({ "commands": commands }));
+    assert_eq!(r.status, 200, "{}", r.body);
+    let results = r.json()["results"].as_array().unwrap().clone();
+    let status = |x: &Value| x["status"].as_u64().unwrap();
+    let statuses: Vec<u64> = results.iter().map(status).collect();
+    assert_eq!(statuses[..4], [200, 400, 200, 424], "{}", r.body);
+    let per_user: Vec<(String, u64)> = results[4]["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| (x["user"].as_str().unwrap().to_string(), status(x)))
+        .collect();
+    let want = [("hank".to_string(), 200), ("gina".to_string(), 424), ("ivy".to_string(), 200)];
+    assert_eq!(per_user, want, "{}", results[4]);
+    assert_eq!(statuses[5..], [400, 424, 200], "{}", r.body);
+    let skipped = results[3]["error"].as_str().unwrap();
+    assert!(skipped.contains("command 1"), "names the failed command: {skipped}");
+    // Nothing skipped was stored: gina's inbox holds "one" only, ivy's the
+    // push to three users only.
+    for (user, head) in [("gina", 1), ("hank", 2), ("ivy", 1)] {
+        let r = get(a, &format!("/api/v1/inbox?user={user}"), WRITE);
+        assert_eq!(r.json()["head_seq"].as_u64(), Some(head), "{user}: {}", r.body);
+    }
+}
+
 /// Batches larger than a single payload's limit run a few at a time
 /// (`LARGE_AT_ONCE`): eight at once all complete, each answered in full.
 #[test]

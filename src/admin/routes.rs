@@ -419,52 +419,116 @@ pub(crate) struct Lists {
     pub max_items: usize,
 }
 
-fn push_one(h: &Handle, user: &str, body: &[u8], reliable: bool, client_id: u64) -> Exec {
-    if !reliable {
-        return match h.push_to_user(user, body) {
-            Ok(p) => Exec::Pushed(p),
-            Err(e) => Exec::Now(push_error(e)),
-        };
+/// A batch's users whose push failed, each with the index of the first
+/// command that failed for them. A later push to one of them in the same
+/// batch is not tried (424): retrying the failed push, then the rest,
+/// then keeps that user's order, where a push stored after a refused one
+/// (a store queue full for a moment, a payload to fix) would land before
+/// the retry. A single request has an empty one.
+#[derive(Default)]
+pub(crate) struct Stopped(std::collections::HashMap<String, usize>);
+
+impl Stopped {
+    /// The answer for a push to `user` that is not tried, if one is due.
+    fn skip(&self, user: &str) -> Option<Exec> {
+        self.0.get(user).map(|i| {
+            Exec::Now(error(
+                424,
+                format!("not tried: command {i} of this batch, a push to this user, failed; retry that one first, then this"),
+            ))
+        })
     }
-    match h.push_reliable(user, body, client_id) {
-        Ok(p) => Exec::Later(Later::Push(p)),
-        Err(e) => Exec::Now(push_error(e)),
+
+    /// Notes command `i`'s outcome for `user`.
+    fn note(&mut self, i: usize, user: &str, exec: &Exec) {
+        if matches!(exec, Exec::Now((status, _)) if *status != 200) {
+            self.0.entry(user.to_owned()).or_insert(i);
+        }
+    }
+
+    /// Notes a failure of command `i`, whose JSON did not parse as a
+    /// command, for the users of the push it names, if it names any.
+    fn note_unparsed(&mut self, i: usize, raw: &str, failed: &Exec) {
+        let Ok(v) = serde_json::from_str::<Value>(raw) else { return };
+        let push = &v["push"];
+        let users = push["users"].as_array().into_iter().flatten().chain(std::iter::once(&push["user"]));
+        for user in users.filter_map(Value::as_str) {
+            self.note(i, user, failed);
+        }
     }
 }
 
-fn push(h: &Handle, p: PushParams, lists: Lists) -> Exec {
+/// Pushes `body` to `user`, unless a push to `user` earlier in the batch
+/// failed (`stopped`, `i`: this command's index).
+fn push_one(
+    h: &Handle,
+    user: &str,
+    body: &[u8],
+    reliable: bool,
+    client_id: u64,
+    stopped: &mut Stopped,
+    i: usize,
+) -> Exec {
+    if let Some(skip) = stopped.skip(user) {
+        return skip;
+    }
+    let exec = if !reliable {
+        match h.push_to_user(user, body) {
+            Ok(p) => Exec::Pushed(p),
+            Err(e) => Exec::Now(push_error(e)),
+        }
+    } else {
+        match h.push_reliable(user, body, client_id) {
+            Ok(p) => Exec::Later(Later::Push(p)),
+            Err(e) => Exec::Now(push_error(e)),
+        }
+    };
+    stopped.note(i, user, &exec);
+    exec
+}
+
+fn push(h: &Handle, p: PushParams, lists: Lists, stopped: &mut Stopped, i: usize) -> Exec {
     let reliable = match p.mode {
         None => h.reliable_by_default(),
         Some(m) => m == Mode::Reliable,
     };
     let client_id = p.client_id.unwrap_or(0);
-    let body = match payload(p.raw, p.payload, p.text) {
+    let PushParams { user, users, raw, payload: b64, text, .. } = p;
+    let failed = |a: Answer, stopped: &mut Stopped| {
+        let exec = Exec::Now(a);
+        for user in user.iter().chain(users.iter().flatten()) {
+            stopped.note(i, user, &exec);
+        }
+        exec
+    };
+    let body = match payload(raw, b64, text) {
         Ok(b) => b,
-        Err(a) => return Exec::Now(a),
+        Err(a) => return failed(a, stopped),
     };
     if client_id != 0 && !reliable {
         // Nothing is stored, so there is nothing to deduplicate against.
-        return Exec::Now(error(400, "client_id: only for reliable pushes"));
+        return failed(error(400, "client_id: only for reliable pushes"), stopped);
     }
-    match (p.user, p.users) {
-        (Some(user), None) => push_one(h, &user, &body, reliable, client_id),
+    match (&user, &users) {
+        (Some(user), None) => push_one(h, user, &body, reliable, client_id, stopped, i),
         (None, Some(users)) => {
             if users.len() > lists.max_items {
-                return Exec::Now(error(413, format!("users: {} over the limit of {}", users.len(), lists.max_items)));
+                let a = error(413, format!("users: {} over the limit of {}", users.len(), lists.max_items));
+                return failed(a, stopped);
             }
             // One key for all: every store deduplicates per recipient, so
             // a retried push stores none of its users' messages twice.
             let parts = users
-                .into_iter()
+                .iter()
                 .map(|u| {
-                    let exec = push_one(h, &u, &body, reliable, client_id);
-                    (u, exec)
+                    let exec = push_one(h, u, &body, reliable, client_id, stopped, i);
+                    (u.clone(), exec)
                 })
                 .collect();
             Exec::Later(Later::Users(parts))
         }
         (None, None) => Exec::Now(error(400, "missing field `user` (or `users`)")),
-        (Some(_), Some(_)) => Exec::Now(error(400, "give `user` or `users`, not both")),
+        (Some(_), Some(_)) => failed(error(400, "give `user` or `users`, not both"), stopped),
     }
 }
 
@@ -548,10 +612,11 @@ fn room_sizes(h: &Handle, rooms: Vec<String>, lists: Lists) -> Answer {
     (200, json!({ "rooms": rooms }))
 }
 
-fn run(h: &Handle, cmd: Command, lists: Lists) -> Exec {
+/// Runs command `i` of a batch (0 for a request of its own).
+fn run(h: &Handle, cmd: Command, lists: Lists, stopped: &mut Stopped, i: usize) -> Exec {
     let now = Exec::Now;
     match cmd {
-        Command::Push(p) => push(h, p, lists),
+        Command::Push(p) => push(h, p, lists, stopped, i),
         Command::Publish(p) => match payload(p.raw, p.payload, p.text) {
             Ok(b) => now(published(h.publish_to_room(&p.room, b))),
             Err(a) => now(a),
@@ -601,7 +666,9 @@ fn batch(h: &Handle, body: &[u8], lists: Lists) -> Batch {
         if let Some(a) = too_many("commands", t.commands.len(), lists) {
             return Batch::Now(a);
         }
-        return Batch::Later(t.commands.into_iter().map(|cmd| run(h, cmd, lists)).collect());
+        let mut stopped = Stopped::default();
+        let runs = t.commands.into_iter().enumerate().map(|(i, cmd)| run(h, cmd, lists, &mut stopped, i));
+        return Batch::Later(runs.collect());
     }
     let b: Body = match parse(body) {
         Ok(b) => b,
@@ -610,12 +677,18 @@ fn batch(h: &Handle, body: &[u8], lists: Lists) -> Batch {
     if let Some(a) = too_many("commands", b.commands.len(), lists) {
         return Batch::Now(a);
     }
+    let mut stopped = Stopped::default();
     Batch::Later(
         b.commands
             .iter()
-            .map(|raw| match parse::<Command>(raw.get().as_bytes()) {
-                Ok(cmd) => run(h, cmd, lists),
-                Err(a) => Exec::Now(a),
+            .enumerate()
+            .map(|(i, raw)| match parse::<Command>(raw.get().as_bytes()) {
+                Ok(cmd) => run(h, cmd, lists, &mut stopped, i),
+                Err(a) => {
+                    let failed = Exec::Now(a);
+                    stopped.note_unparsed(i, raw.get(), &failed);
+                    failed
+                }
             })
             .collect(),
     )
@@ -729,7 +802,7 @@ fn from_query(c: &Call<'_>) -> Result<Command, Answer> {
 pub(crate) fn call(h: &Handle, c: &Call<'_>) -> Outcome {
     let now = |a| Outcome::Exec(Exec::Now(a));
     let command = |r: Result<Command, Answer>| match r {
-        Ok(cmd) => Outcome::Exec(run(h, cmd, c.lists)),
+        Ok(cmd) => Outcome::Exec(run(h, cmd, c.lists, &mut Stopped::default(), 0)),
         Err(a) => now(a),
     };
     let legacy = c.entry.style == Legacy;
