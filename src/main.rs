@@ -716,6 +716,9 @@ impl Inbox {
 struct Pending {
     state: std::sync::Mutex<(std::collections::BTreeSet<u32>, u32)>,
     answered: std::sync::Condvar,
+    /// The main thread sent CLOSE and exits with the status it chose:
+    /// the reader, seeing the connection end, leaves the exit to it.
+    quitting: std::sync::atomic::AtomicBool,
 }
 
 impl Pending {
@@ -751,10 +754,23 @@ impl Pending {
 /// How long the end of input waits for the answers to what was sent.
 const ANSWER_WAIT: Duration = Duration::from_secs(5);
 
+/// The socket's writing side, shared by the reader thread (PONG, ACK,
+/// FETCH) and the main thread (what is typed): one frame per lock, so
+/// that two frames never interleave when a write has to wait for room in
+/// the send buffer and is taken in parts.
+type Writer = std::sync::Arc<std::sync::Mutex<std::net::TcpStream>>;
+
+/// Writes `bytes` whole under the writer's lock.
+fn write_frame(out: &Writer, bytes: &[u8]) -> std::io::Result<()> {
+    out.lock().unwrap_or_else(|e| e.into_inner()).write_all(bytes)
+}
+
 /// Reads and prints frames until the connection ends, then exits the
-/// process; with `inbox`, also acknowledges and fetches.
+/// process (unless the main thread is quitting: its exit status is
+/// the one that counts); with `inbox`, also acknowledges and fetches.
 fn read_loop(
     mut c: Client,
+    out: Writer,
     inbox: Option<std::sync::Arc<std::sync::Mutex<Inbox>>>,
     pending: std::sync::Arc<Pending>,
 ) -> ! {
@@ -765,9 +781,18 @@ fn read_loop(
     // The server's CLOSE code, once it sent one: the exit status.
     let mut closed_with = None;
     loop {
-        let f = c.recv_skipping_pings();
-        if let Ok(Frame::Close { code, .. }) = f.as_ref().map(|f| f.frame()) {
-            closed_with = Some(code);
+        let f = c.recv();
+        match f.as_ref().map(|f| f.frame()) {
+            Ok(Frame::Ping { data }) => {
+                let pong = Frame::Pong { data }.to_bytes().expect("a PING's data fits a PONG");
+                if let Err(e) = write_frame(&out, &pong) {
+                    err!("switchboard: {e}");
+                    std::process::exit(1);
+                }
+                continue;
+            }
+            Ok(Frame::Close { code, .. }) => closed_with = Some(code),
+            _ => {}
         }
         // The reply is written with the inbox locked: the main thread's
         // last ACK and CLOSE, at /quit, then come after it, not before.
@@ -779,6 +804,9 @@ fn read_loop(
                 None
             }
             (Err(e), Some(inbox)) if e.is_timeout() => inbox.ack_if_due(),
+            (Err(_), _) if pending.quitting.load(std::sync::atomic::Ordering::Acquire) => loop {
+                std::thread::park();
+            },
             (Err(ClientError::Closed), _) => {
                 out!("(connection closed)");
                 std::process::exit(match closed_with {
@@ -792,7 +820,7 @@ fn read_loop(
             }
         };
         if let Some(reply) = reply {
-            if let Err(e) = c.send_frame(&reply) {
+            if let Err(e) = reply.to_bytes().map_err(ClientError::from).and_then(|b| Ok(write_frame(&out, &b)?)) {
                 err!("switchboard: {e}");
                 std::process::exit(1);
             }
@@ -876,8 +904,8 @@ fn client(
             return ExitCode::from(1);
         }
     }
-    let mut out = match c.stream().try_clone() {
-        Ok(s) => s,
+    let out: Writer = match c.stream().try_clone() {
+        Ok(s) => std::sync::Arc::new(std::sync::Mutex::new(s)),
         Err(e) => {
             err!("switchboard: {e}");
             return ExitCode::from(1);
@@ -887,7 +915,8 @@ fn client(
     let reader_inbox = inbox.clone();
     let pending = std::sync::Arc::new(Pending::default());
     let reader_pending = pending.clone();
-    std::thread::spawn(move || read_loop(c, reader_inbox, reader_pending));
+    let reader_out = out.clone();
+    std::thread::spawn(move || read_loop(c, reader_out, reader_inbox, reader_pending));
     let mut req_id = 0u32;
     for line in std::io::stdin().lock().lines() {
         let Ok(line) = line else { break };
@@ -901,7 +930,7 @@ fn client(
                 if req_id != before {
                     pending.sent(req_id);
                 }
-                if out.write_all(&b).is_err() {
+                if write_frame(&out, &b).is_err() {
                     break;
                 }
             }
@@ -914,13 +943,14 @@ fn client(
         // (holding the lock, so the reader sends nothing in between).
         let mut inbox = inbox.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(Ok(ack)) = inbox.ack_now().map(|f| f.to_bytes()) {
-            let _ = out.write_all(&ack);
+            let _ = write_frame(&out, &ack);
         }
     }
     // The answers to what was sent, printed by the reader, before the
     // CLOSE: a client fed from a pipe reaches the end of its input first.
     let (unanswered, refused) = pending.wait(ANSWER_WAIT);
-    let _ = out.write_all(&Frame::Close { code: 1000, reason: "bye" }.to_bytes().expect("static frame"));
+    pending.quitting.store(true, std::sync::atomic::Ordering::Release);
+    let _ = write_frame(&out, &Frame::Close { code: 1000, reason: "bye" }.to_bytes().expect("static frame"));
     if unanswered > 0 {
         err!("switchboard: no answer to {unanswered} request(s) within {} s", ANSWER_WAIT.as_secs());
         return ExitCode::from(1);

@@ -106,10 +106,12 @@ fn serve_tuned(
     let mut p = Proc(child, Some(data));
     let addr: SocketAddr = listen.parse().unwrap();
     // Its own listeners, on every port it was given (the WebSocket one is
-    // bound after the raw one).
+    // bound after the raw one, the admin API's after both).
     let mut ports = vec![addr];
-    if let Some(ws) = extra.iter().position(|a| *a == "--ws-listen").and_then(|i| extra.get(i + 1)) {
-        ports.extend(ws.parse::<SocketAddr>().ok());
+    for flag in ["--ws-listen", "--admin"] {
+        if let Some(a) = extra.iter().position(|a| *a == flag).and_then(|i| extra.get(i + 1)) {
+            ports.extend(a.parse::<SocketAddr>().ok());
+        }
     }
     let up = common::wait_until(Duration::from_secs(10), || {
         if let Ok(Some(s)) = p.0.try_wait() {
