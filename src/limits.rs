@@ -166,6 +166,14 @@ pub fn check(
         }
         auto
     } else {
+        let most = crate::ids::MAX_SLOTS_PER_WORKER as u64 * workers as u64;
+        if max_connections as u64 > most {
+            return Err(format!(
+                "server.max_connections = {max_connections} is more than {workers} worker(s) can hold ({} each, {most} in all). \
+                 Fix: more workers (server.workers), or lower server.max_connections to {most}.",
+                crate::ids::MAX_SLOTS_PER_WORKER
+            ));
+        }
         if max_connections as u64 > usable {
             return Err(format!(
                 "server.max_connections = {max_connections} needs {} open files, but RLIMIT_NOFILE is {soft} (hard limit {hard}). \
@@ -225,9 +233,19 @@ mod tests {
         assert!(r.max_connections as u64 + besides <= r.nofile);
     }
 
+    /// An explicit limit past what the workers' connection ids can address
+    /// was cut to it without a word.
+    #[test]
+    fn more_connections_than_the_workers_can_hold_is_refused_naming_the_workers() {
+        let e = check(crate::ids::MAX_SLOTS_PER_WORKER + 1, 1, RESERVED_FDS, 128, 0).unwrap_err();
+        assert!(e.contains("server.workers") && e.contains("1 worker(s)"), "{e}");
+        assert!(check(0, 1, RESERVED_FDS, 128, 0).is_ok(), "auto stays within the workers' reach");
+    }
+
     #[test]
     fn too_many_connections_is_refused_with_the_fix() {
-        let e = check(usize::MAX / 1024, 2, RESERVED_FDS, 128, 0).unwrap_err();
+        // Within what two workers hold (2 × 16,777,215), past any usual file limit.
+        let e = check(30_000_000, 2, RESERVED_FDS, 128, 0).unwrap_err();
         assert!(e.contains("server.max_connections") && e.contains("LimitNOFILE"), "{e}");
     }
 }
