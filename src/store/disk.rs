@@ -286,6 +286,16 @@ pub const HOT_MAX_BYTES: u64 = 64 << 20;
 /// again for the slack of their queues.
 const HOT_RAM_BYTES: u64 = HOT_MAX_BYTES * 3 / 2;
 
+/// Bytes of messages a recovery from the hot log commits to fjall at a
+/// time ([`DiskStore::recover`]): what it holds in RAM beside fjall's
+/// write buffers, however much the log holds.
+#[cfg(not(test))]
+const RECOVERY_BATCH_BYTES: u64 = 16 << 20;
+/// Tests: a few messages a batch, so that every recovery the tests make
+/// commits in several.
+#[cfg(test)]
+const RECOVERY_BATCH_BYTES: u64 = 200;
+
 /// Most hot messages an append resolves because they are an epoch old
 /// (past [`HOT_MAX_BYTES`], as many as it takes). Why a bound: after a
 /// pause in the traffic, everything appended before it is due at once, and
@@ -864,7 +874,7 @@ impl DiskStore {
             dedup.clone(),
             dedup_time.clone(),
         ]);
-        let (log, logged, recovered) = HotLog::open(path, durability == Durability::Fsync)?;
+        let (log, recovery) = HotLog::open(path, durability == Durability::Fsync)?;
         let mut store = DiskStore {
             db,
             heads,
@@ -910,8 +920,8 @@ impl DiskStore {
             stopped: None,
             opened_with: (path.to_path_buf(), write_buffer_bytes, of),
         };
-        store.recover(logged)?;
-        store.hot.log.drop_recovered(&recovered)?;
+        store.recover(&recovery)?;
+        store.hot.log.drop_recovered(&recovery)?;
         store.legacy_dedup = store.oldest_dedup_is_legacy()?;
         for kv in store.inboxes.iter() {
             let (uk, v) = kv.into_inner().map_err(unavailable)?;
@@ -1697,65 +1707,67 @@ impl DiskStore {
     /// (or a crash) that are not resolved yet (above their user's
     /// `fhead`), with their dedup entries, and persists them: what the
     /// hot log held is then in fjall as if resolved without drops.
-    fn recover(&mut self, logged: Vec<Recovered>) -> Result<(), StoreError> {
-        if logged.is_empty() {
-            return Ok(());
-        }
+    ///
+    /// The files are read twice, record by record, and never held whole
+    /// (a crash can leave a few epochs of up to `hotlog::EPOCH_BYTES`
+    /// each): first for the heads and dedup entries (small), then for the
+    /// messages, committed [`RECOVERY_BATCH_BYTES`] at a time. A crash
+    /// in the middle is recovered from again by the next open, the files
+    /// still there: the messages a batch wrote are written again, the same
+    /// keys and values, and the users' records, written last, are
+    /// recomputed from the ones fjall had before.
+    fn recover(&mut self, logged: &hotlog::Recovery) -> Result<(), StoreError> {
         let mut states: hashbrown::HashMap<Vec<u8>, Cached> = hashbrown::HashMap::new();
-        let mut batch = self.db.batch();
-        let mut written = 0;
-        // The logged heads first: messages up to one were resolved (the
-        // dropped ones are not in `msgs`, and must not come back), and the
-        // head must not go back.
-        let mut state_of = |store: &Self, to: &str| -> Result<Vec<u8>, StoreError> {
-            let uk = user_key(to);
-            if !states.contains_key(&uk) {
-                let c = store.load(&uk)?;
-                states.insert(uk.clone(), c);
-            }
-            Ok(uk)
-        };
-        let mut keys = Vec::with_capacity(logged.len());
-        for r in &logged {
-            keys.push(match r {
-                Recovered::Head { to, .. } => state_of(self, to)?,
-                Recovered::Message(m) => state_of(self, &m.to)?,
-            });
-        }
-        for (r, uk) in logged.iter().zip(&keys) {
-            if let Recovered::Head { head, devices, .. } = r {
-                let c = states.get_mut(uk).expect("filled above");
-                c.fhead = c.fhead.max(*head);
-                c.head = c.head.max(*head);
-                // Positions only grow; a device fjall's record does not
-                // know was dropped since (logins write the record), and
-                // one the record saw later than this move is newer there
-                // (a device dropped, by its TTL, and added again since,
-                // at position 0, must not get its old position back).
-                for logged in devices {
-                    if let Some(d) = c.rec.devices.iter_mut().find(|d| d.device == logged.device) {
-                        if logged.last_seen_ms >= d.last_seen_ms {
-                            d.position = d.position.max(logged.position);
-                            d.last_seen_ms = logged.last_seen_ms;
-                        }
-                    }
-                }
-            }
-        }
         // The dedup entries of every logged message, the last of a key
         // winning (one write per key: a batch's writes of one key share
         // its sequence number): those of messages at or below `fhead` too,
         // which fjall may have lost with the journal it had not synced
         // (they are written after the hot log: `DiskStore::unlogged_dedup`).
         let mut dedup: hashbrown::HashMap<Vec<u8>, (u64, u64, u64)> = hashbrown::HashMap::new();
-        for (r, uk) in logged.iter().zip(&keys) {
-            let Recovered::Message(m) = r else { continue };
-            if m.client_id != 0 {
-                dedup.insert(dedup_key(&m.to, &m.from, m.client_id), (m.seq, m.msg_id, m.appended_ms));
+        let mut records = 0u64;
+        // The logged heads first: messages up to one were resolved (the
+        // dropped ones are not in `msgs`, and must not come back), and the
+        // head must not go back.
+        logged.for_each(|r| {
+            records += 1;
+            match r {
+                Recovered::Head { to, head, devices } => {
+                    let c = self.state_for_recovery(&mut states, &to)?;
+                    c.fhead = c.fhead.max(head);
+                    c.head = c.head.max(head);
+                    // Positions only grow; a device fjall's record does not
+                    // know was dropped since (logins write the record), and
+                    // one the record saw later than this move is newer there
+                    // (a device dropped, by its TTL, and added again since,
+                    // at position 0, must not get its old position back).
+                    for logged in devices {
+                        if let Some(d) = c.rec.devices.iter_mut().find(|d| d.device == logged.device) {
+                            if logged.last_seen_ms >= d.last_seen_ms {
+                                d.position = d.position.max(logged.position);
+                                d.last_seen_ms = logged.last_seen_ms;
+                            }
+                        }
+                    }
+                }
+                Recovered::Message(m) => {
+                    self.state_for_recovery(&mut states, &m.to)?;
+                    if m.client_id != 0 {
+                        dedup.insert(dedup_key(&m.to, &m.from, m.client_id), (m.seq, m.msg_id, m.appended_ms));
+                    }
+                }
             }
-            let c = states.get_mut(uk).expect("filled above");
+            Ok(())
+        })?;
+        if records == 0 {
+            return Ok(());
+        }
+        let mut batch = self.db.batch();
+        let (mut written, mut batched) = (0u64, 0u64);
+        logged.for_each(|r| {
+            let Recovered::Message(m) = r else { return Ok(()) };
+            let c = states.get_mut(user_key(&m.to).as_slice()).expect("every user was read in the first pass");
             if m.seq <= c.fhead {
-                continue; // resolved before the restart (`write_through_log`)
+                return Ok(()); // resolved before the restart (`write_through_log`)
             }
             if c.rec.messages == 0 {
                 c.rec.first_seq = m.seq;
@@ -1764,9 +1776,15 @@ impl DiskStore {
             c.rec.bytes += record_bytes(&m.to, &m.from, m.payload.len());
             c.fhead = m.seq;
             c.head = m.seq;
+            batched += (m.payload.len() + m.to.len() + m.from.len()) as u64 + 48;
             batch.insert(&self.msgs, msg_key(&m.to, m.seq), msg_value(m.msg_id, m.ts_ms, &m.from, &m.payload));
             written += 1;
-        }
+            if batched >= RECOVERY_BATCH_BYTES {
+                std::mem::replace(&mut batch, self.db.batch()).commit().map_err(unavailable)?;
+                batched = 0;
+            }
+            Ok(())
+        })?;
         for (dk, (seq, msg_id, ts_ms)) in &dedup {
             self.put_dedup(&mut batch, dk, *seq, *msg_id, *ts_ms);
         }
@@ -1775,8 +1793,22 @@ impl DiskStore {
         }
         batch.commit().map_err(unavailable)?;
         self.cache.clear();
-        tracing::info!(messages = written, records = logged.len(), "disk store: hot log recovered into the store");
+        tracing::info!(messages = written, records, "disk store: hot log recovered into the store");
         self.persist_fjall(PersistMode::SyncData)
+    }
+
+    /// `to`'s record as fjall holds it, read once per recovery.
+    fn state_for_recovery<'a>(
+        &self,
+        states: &'a mut hashbrown::HashMap<Vec<u8>, Cached>,
+        to: &str,
+    ) -> Result<&'a mut Cached, StoreError> {
+        let uk = user_key(to);
+        if !states.contains_key(&uk) {
+            let c = self.load(&uk)?;
+            states.insert(uk.clone(), c);
+        }
+        Ok(states.get_mut(&uk).expect("inserted above"))
     }
 }
 

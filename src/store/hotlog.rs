@@ -138,12 +138,11 @@ pub struct HotLog {
 }
 
 impl HotLog {
-    /// Reads every record of the files in `store_dir/hot`, oldest first
-    /// (a file ends at its first record that is cut short or fails its
-    /// checksum: the tail of a write a crash interrupted), then starts an
-    /// empty current file. The files read are left in place until
-    /// [`HotLog::drop_recovered`]. `fsync`: flushes `fdatasync` the file.
-    pub fn open(store_dir: &Path, fsync: bool) -> Result<(HotLog, Vec<Recovered>, Vec<u64>), StoreError> {
+    /// Finds the files in `store_dir/hot` (what a [`Recovery`] reads,
+    /// oldest first), then starts an empty current file after them. The
+    /// files found are left in place until [`HotLog::drop_recovered`].
+    /// `fsync`: flushes `fdatasync` the file.
+    pub fn open(store_dir: &Path, fsync: bool) -> Result<(HotLog, Recovery), StoreError> {
         let dir = store_dir.join("hot");
         std::fs::create_dir_all(&dir).map_err(|e| io("create", &dir, e))?;
         let mut found = Vec::new();
@@ -157,26 +156,16 @@ impl HotLog {
             }
         }
         found.sort_unstable();
-        let mut logged = Vec::new();
-        for &g in &found {
-            let path = file_of(&dir, g);
-            let mut bytes = Vec::new();
-            File::open(&path).and_then(|mut f| f.read_to_end(&mut bytes)).map_err(|e| io("read", &path, e))?;
-            let (records, whole) = decode_all(&bytes);
-            if !whole {
-                tracing::warn!(file = %path.display(), "hot log: a record cut short or corrupt ends the file (a write the process did not finish)");
-            }
-            logged.extend(records);
-        }
         let generation = found.last().map_or(0, |g| g + 1);
         let file = create(&dir, generation, fsync)?;
-        Ok((HotLog { dir, fsync, generation, file, bytes: 0, buf: Vec::new(), previous: None }, logged, found))
+        let recovery = Recovery { dir: dir.clone(), generations: found, warned: std::cell::Cell::new(false) };
+        Ok((HotLog { dir, fsync, generation, file, bytes: 0, buf: Vec::new(), previous: None }, recovery))
     }
 
-    /// Deletes the files [`HotLog::open`] read, once what they held is in
+    /// Deletes the files [`HotLog::open`] found, once what they held is in
     /// fjall and persisted.
-    pub fn drop_recovered(&self, generations: &[u64]) -> Result<(), StoreError> {
-        generations.iter().try_for_each(|&g| self.delete(g))
+    pub fn drop_recovered(&self, recovery: &Recovery) -> Result<(), StoreError> {
+        recovery.generations.iter().try_for_each(|&g| self.delete(g))
     }
 
     /// Appends `m` (written at the next [`HotLog::flush`]).
@@ -287,24 +276,77 @@ fn create(dir: &Path, generation: u64, fsync: bool) -> Result<File, StoreError> 
     Ok(file)
 }
 
-/// The records of one file, and whether it ended cleanly.
-fn decode_all(mut b: &[u8]) -> (Vec<Recovered>, bool) {
-    let mut out = Vec::new();
-    while !b.is_empty() {
-        let Some(h) = b.get(..HEADER) else { return (out, false) };
-        let len = u32::from_le_bytes(h[..4].try_into().expect("4 bytes")) as usize;
-        let crc = u32::from_le_bytes(h[4..].try_into().expect("4 bytes"));
-        let Some(body) = b.get(HEADER..HEADER + len) else { return (out, false) };
-        if crc32fast::hash(body) != crc {
-            return (out, false);
-        }
-        match decode(body) {
-            Some(m) => out.push(m),
-            None => return (out, false),
-        }
-        b = &b[HEADER + len..];
+/// The files a restart found, to be read record by record: a crash can
+/// leave a few epochs' files of up to [`EPOCH_BYTES`] each, so they are
+/// never held in RAM whole, nor decoded all at once.
+pub struct Recovery {
+    dir: PathBuf,
+    generations: Vec<u64>,
+    /// A cut-short file was reported (once, however often it is read).
+    warned: std::cell::Cell<bool>,
+}
+
+impl Recovery {
+    /// The generations of the files found, oldest first (tests).
+    #[cfg(test)]
+    pub fn generations(&self) -> &[u64] {
+        &self.generations
     }
-    (out, true)
+
+    /// Calls `f` with every record of the files, oldest first. A file
+    /// ends at its first record that is cut short or fails its checksum:
+    /// the tail of a write a crash interrupted.
+    pub fn for_each(&self, mut f: impl FnMut(Recovered) -> Result<(), StoreError>) -> Result<(), StoreError> {
+        let mut body = Vec::new();
+        for &g in &self.generations {
+            let path = file_of(&self.dir, g);
+            let file = File::open(&path).map_err(|e| io("read", &path, e))?;
+            let mut left = file.metadata().map_err(|e| io("read", &path, e))?.len();
+            let mut r = std::io::BufReader::with_capacity(1 << 16, file);
+            let whole = loop {
+                if left == 0 {
+                    break true;
+                }
+                let mut h = [0u8; HEADER];
+                if left < HEADER as u64 {
+                    break false;
+                }
+                r.read_exact(&mut h).map_err(|e| io("read", &path, e))?;
+                left -= HEADER as u64;
+                let len = u32::from_le_bytes(h[..4].try_into().expect("4 bytes"));
+                let crc = u32::from_le_bytes(h[4..].try_into().expect("4 bytes"));
+                if u64::from(len) > left {
+                    break false;
+                }
+                body.resize(len as usize, 0);
+                r.read_exact(&mut body).map_err(|e| io("read", &path, e))?;
+                left -= u64::from(len);
+                if crc32fast::hash(&body) != crc {
+                    break false;
+                }
+                match decode(&body) {
+                    Some(rec) => f(rec)?,
+                    None => break false,
+                }
+            };
+            if !whole && !self.warned.replace(true) {
+                tracing::warn!(file = %path.display(), "hot log: a record cut short or corrupt ends the file (a write the process did not finish)");
+            }
+        }
+        Ok(())
+    }
+
+    /// Every record, oldest first (tests).
+    #[cfg(test)]
+    pub fn read_all(&self) -> Vec<Recovered> {
+        let mut out = Vec::new();
+        self.for_each(|r| {
+            out.push(r);
+            Ok(())
+        })
+        .expect("the files read");
+        out
+    }
 }
 
 fn decode(b: &[u8]) -> Option<Recovered> {

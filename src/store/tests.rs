@@ -2391,8 +2391,8 @@ fn logged(seq: u64, to: &str, payload: &[u8]) -> Logged {
 #[test]
 fn a_log_reads_back_what_was_flushed_and_stops_at_a_torn_tail() {
     let dir = TempDir::new("hotlog");
-    let (mut log, found, files) = HotLog::open(&dir.0, false).unwrap();
-    assert!(found.is_empty() && files.is_empty());
+    let (mut log, rec) = HotLog::open(&dir.0, false).unwrap();
+    assert!(rec.read_all().is_empty() && rec.generations().is_empty());
     log.append(logged(1, "ann", b"one").entry());
     log.append(logged(2, "ben", b"").entry());
     log.flush().unwrap();
@@ -2413,7 +2413,7 @@ fn a_log_reads_back_what_was_flushed_and_stops_at_a_torn_tail() {
     f.write_all(&crc32fast::hash(&body).to_le_bytes()).unwrap();
     f.write_all(&body).unwrap();
     drop(f);
-    let (_, found, _) = HotLog::open(&dir.0, false).unwrap();
+    let found = HotLog::open(&dir.0, false).unwrap().1.read_all();
     let head = |to: &str, head, devices| Recovered::Head { to: to.into(), head, devices };
     let want = [
         head("ben", 7, vec![phone.clone(), laptop.clone()]),
@@ -2422,7 +2422,7 @@ fn a_log_reads_back_what_was_flushed_and_stops_at_a_torn_tail() {
         head("dan", 9, vec![]),
     ];
     assert_eq!(found[2..], want);
-    let (mut log, _, _) = HotLog::open(&dir.0, false).unwrap();
+    let (mut log, _) = HotLog::open(&dir.0, false).unwrap();
     log.append(logged(4, "ann", b"flushed").entry());
     log.flush().unwrap();
     log.append(logged(5, "ann", b"never flushed").entry());
@@ -2432,7 +2432,8 @@ fn a_log_reads_back_what_was_flushed_and_stops_at_a_torn_tail() {
     let mut f = std::fs::OpenOptions::new().append(true).open(&newest).unwrap();
     f.write_all(&[20, 0, 0, 0, 1, 2]).unwrap();
     drop(f);
-    let (log, found, files) = HotLog::open(&dir.0, false).unwrap();
+    let (log, rec) = HotLog::open(&dir.0, false).unwrap();
+    let (found, files) = (rec.read_all(), rec.generations().to_vec());
     let m = |l| Recovered::Message(l);
     let want = vec![
         m(logged(1, "ann", b"one")),
@@ -2445,16 +2446,16 @@ fn a_log_reads_back_what_was_flushed_and_stops_at_a_torn_tail() {
     ];
     assert_eq!(found, want);
     assert_eq!(files, vec![0, 1, 2, 3]);
-    log.drop_recovered(&files).unwrap();
-    let (_, found, files) = HotLog::open(&dir.0, false).unwrap();
-    assert!(found.is_empty(), "the recovered files are gone");
-    assert_eq!(files, vec![4], "only the empty file the last open started");
+    log.drop_recovered(&rec).unwrap();
+    let rec = HotLog::open(&dir.0, false).unwrap().1;
+    assert!(rec.read_all().is_empty(), "the recovered files are gone");
+    assert_eq!(rec.generations(), [4], "only the empty file the last open started");
 }
 
 #[test]
 fn a_record_that_fails_its_checksum_ends_the_file() {
     let dir = TempDir::new("hotlog-crc");
-    let (mut log, _, _) = HotLog::open(&dir.0, true).unwrap();
+    let (mut log, _) = HotLog::open(&dir.0, true).unwrap();
     log.append(logged(1, "ann", b"kept").entry());
     log.append(logged(2, "ann", b"flipped").entry());
     log.flush().unwrap();
@@ -2464,7 +2465,13 @@ fn a_record_that_fails_its_checksum_ends_the_file() {
     let last = bytes.len() - 1;
     bytes[last] ^= 1;
     std::fs::write(&path, bytes).unwrap();
-    let (_, found, _) = HotLog::open(&dir.0, true).unwrap();
+    let found = HotLog::open(&dir.0, true).unwrap().1.read_all();
+    assert_eq!(found, vec![Recovered::Message(logged(1, "ann", b"kept"))]);
+    // A header whose length runs past the end of the file (4 GiB) ends the
+    // file too, without reading (or allocating) that much.
+    let path = file_of(&dir.0.join("hot"), 1);
+    std::fs::write(&path, [&u32::MAX.to_le_bytes()[..], &[0; 4], b"short"].concat()).unwrap();
+    let found = HotLog::open(&dir.0, true).unwrap().1.read_all();
     assert_eq!(found, vec![Recovered::Message(logged(1, "ann", b"kept"))]);
 }
 
