@@ -170,8 +170,13 @@ pub fn check(
         if max_connections as u64 > most {
             return Err(format!(
                 "server.max_connections = {max_connections} is more than {workers} worker(s) can hold ({} each, {most} in all). \
-                 Fix: more workers (server.workers), or lower server.max_connections to {most}.",
-                crate::ids::MAX_SLOTS_PER_WORKER
+                 Fix: more workers (server.workers), or lower server.max_connections to {most}{}.",
+                crate::ids::MAX_SLOTS_PER_WORKER,
+                if max_connections as u64 > usable {
+                    format!("; RLIMIT_NOFILE {soft} allows {usable} besides (raise it too: see tuning/README.md)")
+                } else {
+                    String::new()
+                }
             ));
         }
         if max_connections as u64 > usable {

@@ -765,6 +765,24 @@ fn write_frame(out: &Writer, bytes: &[u8]) -> std::io::Result<()> {
     out.lock().unwrap_or_else(|e| e.into_inner()).write_all(bytes)
 }
 
+/// The reader thread, once the main thread sent CLOSE: the main thread
+/// exits, with the status it chose.
+fn leave_to_main() -> ! {
+    loop {
+        std::thread::park();
+    }
+}
+
+/// The reader thread could not write a reply: exit 1, unless the main
+/// thread is quitting (the connection may be closing under it then).
+fn failed(pending: &Pending, e: impl std::fmt::Display) -> ! {
+    if pending.quitting.load(std::sync::atomic::Ordering::Acquire) {
+        leave_to_main();
+    }
+    err!("switchboard: {e}");
+    std::process::exit(1);
+}
+
 /// Reads and prints frames until the connection ends, then exits the
 /// process (unless the main thread is quitting: its exit status is
 /// the one that counts); with `inbox`, also acknowledges and fetches.
@@ -786,8 +804,7 @@ fn read_loop(
             Ok(Frame::Ping { data }) => {
                 let pong = Frame::Pong { data }.to_bytes().expect("a PING's data fits a PONG");
                 if let Err(e) = write_frame(&out, &pong) {
-                    err!("switchboard: {e}");
-                    std::process::exit(1);
+                    failed(&pending, e);
                 }
                 continue;
             }
@@ -804,9 +821,7 @@ fn read_loop(
                 None
             }
             (Err(e), Some(inbox)) if e.is_timeout() => inbox.ack_if_due(),
-            (Err(_), _) if pending.quitting.load(std::sync::atomic::Ordering::Acquire) => loop {
-                std::thread::park();
-            },
+            (Err(_), _) if pending.quitting.load(std::sync::atomic::Ordering::Acquire) => leave_to_main(),
             (Err(ClientError::Closed), _) => {
                 out!("(connection closed)");
                 std::process::exit(match closed_with {
@@ -821,8 +836,7 @@ fn read_loop(
         };
         if let Some(reply) = reply {
             if let Err(e) = reply.to_bytes().map_err(ClientError::from).and_then(|b| Ok(write_frame(&out, &b)?)) {
-                err!("switchboard: {e}");
-                std::process::exit(1);
+                failed(&pending, e);
             }
         }
         drop(locked);

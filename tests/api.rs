@@ -404,6 +404,21 @@ fn a_batch_does_not_push_to_a_user_past_that_users_failed_push() {
     assert_eq!(statuses[5..], [400, 424, 200], "{}", r.body);
     let skipped = results[3]["error"].as_str().unwrap();
     assert!(skipped.contains("command 1"), "names the failed command: {skipped}");
+    // A user named twice in one command's list is tried twice (one
+    // command), and a request of its own is never skipped.
+    let r = post(
+        a,
+        "/api/v1/batch",
+        WRITE,
+        &json!({ "commands": [
+        { "push": { "users": ["", ""], "text": "x" } },
+    ] }),
+    );
+    let statuses: Vec<u64> = r.json()["results"][0]["results"].as_array().unwrap().iter().map(status).collect();
+    assert_eq!(statuses, [400, 400], "{}", r.body);
+    let r = post(a, "/api/v1/push", WRITE, &json!({ "users": ["", ""], "text": "x" }));
+    let statuses: Vec<u64> = r.json()["results"].as_array().unwrap().iter().map(status).collect();
+    assert_eq!(statuses, [400, 400], "{}", r.body);
     // Nothing skipped was stored: gina's inbox holds "one" only, ivy's the
     // push to three users only.
     for (user, head) in [("gina", 1), ("hank", 2), ("ivy", 1)] {

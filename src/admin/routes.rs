@@ -424,14 +424,17 @@ pub(crate) struct Lists {
 /// batch is not tried (424): retrying the failed push, then the rest,
 /// then keeps that user's order, where a push stored after a refused one
 /// (a store queue full for a moment, a payload to fix) would land before
-/// the retry. A single request has an empty one.
+/// the retry. A request of its own is command 0 of a batch of one: nothing
+/// in it is skipped.
 #[derive(Default)]
 pub(crate) struct Stopped(std::collections::HashMap<String, usize>);
 
 impl Stopped {
-    /// The answer for a push to `user` that is not tried, if one is due.
-    fn skip(&self, user: &str) -> Option<Exec> {
-        self.0.get(user).map(|i| {
+    /// The answer for a push to `user` by command `now` that is not
+    /// tried, if one is due: an earlier command's push to `user` failed
+    /// (a `users` list naming a user twice is one command, tried whole).
+    fn skip(&self, user: &str, now: usize) -> Option<Exec> {
+        self.0.get(user).filter(|&&i| i < now).map(|i| {
             Exec::Now(error(
                 424,
                 format!("not tried: command {i} of this batch, a push to this user, failed; retry that one first, then this"),
@@ -469,7 +472,7 @@ fn push_one(
     stopped: &mut Stopped,
     i: usize,
 ) -> Exec {
-    if let Some(skip) = stopped.skip(user) {
+    if let Some(skip) = stopped.skip(user, i) {
         return skip;
     }
     let exec = if !reliable {
@@ -647,7 +650,9 @@ pub(crate) enum Batch {
 }
 
 /// `/api/v1/batch`: `{"commands": [...]}`. Every command runs, whatever
-/// the others' outcomes; a malformed command gets its own 400.
+/// the others' outcomes, but for a push to a user whose push by an
+/// earlier command failed ([`Stopped`]); a malformed command gets its own
+/// 400.
 fn batch(h: &Handle, body: &[u8], lists: Lists) -> Batch {
     #[derive(Deserialize)]
     #[serde(deny_unknown_fields)]

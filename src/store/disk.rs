@@ -287,14 +287,21 @@ pub const HOT_MAX_BYTES: u64 = 64 << 20;
 const HOT_RAM_BYTES: u64 = HOT_MAX_BYTES * 3 / 2;
 
 /// Bytes of messages a recovery from the hot log commits to fjall at a
-/// time ([`DiskStore::recover`]): what it holds in RAM beside fjall's
-/// write buffers, however much the log holds.
+/// time ([`DiskStore::recover`]): the most of the log's messages it
+/// holds in RAM beside fjall's write buffers, however much the log holds.
 #[cfg(not(test))]
 const RECOVERY_BATCH_BYTES: u64 = 16 << 20;
 /// Tests: a few messages a batch, so that every recovery the tests make
 /// commits in several.
 #[cfg(test)]
 const RECOVERY_BATCH_BYTES: u64 = 200;
+
+#[cfg(test)]
+thread_local! {
+    /// Tests: the recovery of the next open on this thread stops, as a
+    /// crash would, after this many of its batches.
+    pub(crate) static CRASH_RECOVERY_AFTER: std::cell::Cell<Option<u32>> = const { std::cell::Cell::new(None) };
+}
 
 /// Most hot messages an append resolves because they are an epoch old
 /// (past [`HOT_MAX_BYTES`], as many as it takes). Why a bound: after a
@@ -1710,12 +1717,17 @@ impl DiskStore {
     ///
     /// The files are read twice, record by record, and never held whole
     /// (a crash can leave a few epochs of up to `hotlog::EPOCH_BYTES`
-    /// each): first for the heads and dedup entries (small), then for the
-    /// messages, committed [`RECOVERY_BATCH_BYTES`] at a time. A crash
-    /// in the middle is recovered from again by the next open, the files
-    /// still there: the messages a batch wrote are written again, the same
-    /// keys and values, and the users' records, written last, are
-    /// recomputed from the ones fjall had before.
+    /// each): first for the heads and dedup entries, then for the
+    /// messages, committed [`RECOVERY_BATCH_BYTES`] at a time; the users'
+    /// records and the dedup entries go in the last batch. A crash in the
+    /// middle is recovered from again by the next open, the files still
+    /// there: loading a user's record counts the messages the earlier
+    /// batches wrote past it (`catch_up`), as it counts any written after
+    /// a record, so this pass skips them and writes the rest, and the
+    /// records and entries come out as one recovery would have written
+    /// them. The RAM it holds beside fjall's write buffers is a batch, one
+    /// state per user in the log and one dedup entry per logged SEND with
+    /// a client id (about 100 bytes each), not the messages.
     fn recover(&mut self, logged: &hotlog::Recovery) -> Result<(), StoreError> {
         let mut states: hashbrown::HashMap<Vec<u8>, Cached> = hashbrown::HashMap::new();
         // The dedup entries of every logged message, the last of a key
@@ -1728,7 +1740,7 @@ impl DiskStore {
         // The logged heads first: messages up to one were resolved (the
         // dropped ones are not in `msgs`, and must not come back), and the
         // head must not go back.
-        logged.for_each(|r| {
+        logged.for_each(true, |r| {
             records += 1;
             match r {
                 Recovered::Head { to, head, devices } => {
@@ -1763,7 +1775,7 @@ impl DiskStore {
         }
         let mut batch = self.db.batch();
         let (mut written, mut batched) = (0u64, 0u64);
-        logged.for_each(|r| {
+        logged.for_each(false, |r| {
             let Recovered::Message(m) = r else { return Ok(()) };
             let c = states.get_mut(user_key(&m.to).as_slice()).expect("every user was read in the first pass");
             if m.seq <= c.fhead {
@@ -1782,6 +1794,10 @@ impl DiskStore {
             if batched >= RECOVERY_BATCH_BYTES {
                 std::mem::replace(&mut batch, self.db.batch()).commit().map_err(unavailable)?;
                 batched = 0;
+                #[cfg(test)]
+                if CRASH_RECOVERY_AFTER.with(|left| left.replace(left.get().map(|n| n - 1)) == Some(1)) {
+                    return Err(unavailable("the process died in the middle of a recovery (a test)"));
+                }
             }
             Ok(())
         })?;

@@ -158,7 +158,7 @@ impl HotLog {
         found.sort_unstable();
         let generation = found.last().map_or(0, |g| g + 1);
         let file = create(&dir, generation, fsync)?;
-        let recovery = Recovery { dir: dir.clone(), generations: found, warned: std::cell::Cell::new(false) };
+        let recovery = Recovery { dir: dir.clone(), generations: found };
         Ok((HotLog { dir, fsync, generation, file, bytes: 0, buf: Vec::new(), previous: None }, recovery))
     }
 
@@ -282,8 +282,6 @@ fn create(dir: &Path, generation: u64, fsync: bool) -> Result<File, StoreError> 
 pub struct Recovery {
     dir: PathBuf,
     generations: Vec<u64>,
-    /// A cut-short file was reported (once, however often it is read).
-    warned: std::cell::Cell<bool>,
 }
 
 impl Recovery {
@@ -295,8 +293,12 @@ impl Recovery {
 
     /// Calls `f` with every record of the files, oldest first. A file
     /// ends at its first record that is cut short or fails its checksum:
-    /// the tail of a write a crash interrupted.
-    pub fn for_each(&self, mut f: impl FnMut(Recovered) -> Result<(), StoreError>) -> Result<(), StoreError> {
+    /// the tail of a write a crash interrupted, logged if `report`.
+    pub fn for_each(
+        &self,
+        report: bool,
+        mut f: impl FnMut(Recovered) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
         let mut body = Vec::new();
         for &g in &self.generations {
             let path = file_of(&self.dir, g);
@@ -329,7 +331,7 @@ impl Recovery {
                     None => break false,
                 }
             };
-            if !whole && !self.warned.replace(true) {
+            if !whole && report {
                 tracing::warn!(file = %path.display(), "hot log: a record cut short or corrupt ends the file (a write the process did not finish)");
             }
         }
@@ -340,7 +342,7 @@ impl Recovery {
     #[cfg(test)]
     pub fn read_all(&self) -> Vec<Recovered> {
         let mut out = Vec::new();
-        self.for_each(|r| {
+        self.for_each(false, |r| {
             out.push(r);
             Ok(())
         })
