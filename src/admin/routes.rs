@@ -434,6 +434,9 @@ impl Stopped {
     /// tried, if one is due: an earlier command's push to `user` failed
     /// (a `users` list naming a user twice is one command, tried whole).
     fn skip(&self, user: &str, now: usize) -> Option<Exec> {
+        if self.0.is_empty() {
+            return None; // the common case: no hash of the user id
+        }
         self.0.get(user).filter(|&&i| i < now).map(|i| {
             Exec::Now(error(
                 424,
