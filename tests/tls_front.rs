@@ -142,8 +142,8 @@ fn wss_and_raw_tls_through_nginx_with_the_documented_config() {
     let mut conf = sample_config();
     // Ports and addresses of this test; files in its directory; limits that
     // fit this machine; nginx runs as whoever runs the test.
-    rewrite(&mut conf, "listen 443 ssl;", &format!("listen 127.0.0.1:{wss_port} ssl;"));
-    rewrite(&mut conf, "listen 7443 ssl;", &format!("listen 127.0.0.1:{tls_port} ssl;"));
+    rewrite(&mut conf, "listen 443 ssl ", &format!("listen 127.0.0.1:{wss_port} ssl "));
+    rewrite(&mut conf, "listen 7443 ssl ", &format!("listen 127.0.0.1:{tls_port} ssl "));
     rewrite(&mut conf, "proxy_pass http://127.0.0.1:7710;", &format!("proxy_pass http://{ws};"));
     rewrite(&mut conf, "proxy_pass 127.0.0.1:7700;", &format!("proxy_pass {raw};"));
     let cert_paths = format!("ssl_certificate     {};\n        ssl_certificate_key {};", cert.display(), key.display());
