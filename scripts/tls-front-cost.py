@@ -122,8 +122,8 @@ def nginx_conf(dir, cert, key, wss_port, tls_port, ws, raw, worker_connections, 
     documented_cert = ("ssl_certificate     /etc/ssl/switchboard/fullchain.pem;\n"
                        "        ssl_certificate_key /etc/ssl/switchboard/privkey.pem;")
     edits = [
-        ("listen 443 ssl;", f"listen 127.0.0.1:{wss_port} ssl;"),
-        ("listen 7443 ssl;", f"listen 127.0.0.1:{tls_port} ssl;"),
+        ("listen 443 ssl ", f"listen 127.0.0.1:{wss_port} ssl "),
+        ("listen 7443 ssl ", f"listen 127.0.0.1:{tls_port} ssl "),
         ("proxy_pass http://127.0.0.1:7710;", f"proxy_pass http://{ws};"),
         ("proxy_pass 127.0.0.1:7700;", f"proxy_pass {raw};"),
         ("user www-data;", ""),
@@ -215,7 +215,10 @@ async def wss_client(i, port, ctx, sem, counter, held):
 
 
 def broadcast(admin, payload):
-    req = urllib.request.Request(f"http://{admin}/broadcast", data=payload, method="POST")
+    # A raw payload: the admin API takes it as application/octet-stream
+    # (urllib's default form type is refused with 415).
+    req = urllib.request.Request(f"http://{admin}/broadcast", data=payload, method="POST",
+                                 headers={"Content-Type": "application/octet-stream"})
     with urllib.request.urlopen(req, timeout=10) as r:
         r.read()
 
