@@ -26,7 +26,7 @@ cleanup() {
   rm -rf "$data"
 }
 trap cleanup EXIT
-mkdir -p "$data/crashed/hot" "$data/empty"
+mkdir -p "$data/crashed/hot" "$data/empty" target
 python3 - "$data/crashed/hot" "$FILES" "$MIB" <<'PY'
 import os, struct, sys, time, zlib
 hot, files, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]) << 20
