@@ -56,6 +56,8 @@ pub struct CeilingSample {
 pub enum PushError {
     #[error("user id must be 1 to 255 bytes")]
     InvalidUser,
+    #[error("device id must be 1 to 64 bytes")]
+    InvalidDevice,
     #[error("payload of {len} bytes is over the limit of {max} (limits.max_frame_bytes less the header of the PUSH, or for a reliable push the INBOX, that carries it)")]
     PayloadTooLarge { len: usize, max: usize },
     #[error("a worker mailbox is full; {queued} of {targets} connections got the command")]

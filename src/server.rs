@@ -129,16 +129,47 @@ impl Handle {
         let store = self.shared.store.get().ok_or(PushError::NoStore)?;
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
         let req = crate::store::Request::State { user: Arc::from(user) };
-        store.try_submit(crate::runtime::inbox::Token::State(tx), req).map_err(|_| {
-            // A stopped store refuses as a full one does: after a shutdown
-            // that is what to say (a retry cannot help).
-            if self.is_shutting_down() {
-                PushError::ShuttingDown
-            } else {
-                PushError::StoreBusy
-            }
-        })?;
+        store.try_submit(crate::runtime::inbox::Token::State(tx), req).map_err(|_| self.refused())?;
         Ok(PendingInboxState { rx })
+    }
+
+    /// Forgets `user`'s device `device` (its app signed out, or was
+    /// uninstalled) as if unseen for `store.ttl_ms`: its position no longer
+    /// keeps messages in the inbox (PROTOCOL.md 15.2). `Ok(false)`: the
+    /// store did not know it. Waits for the store thread (at most
+    /// `timeout`), which answers once the change is synced; do not call it
+    /// from the message hook. A device still connected is added back by
+    /// its next ACK, at that seq: close its connection first.
+    pub fn forget_device(
+        &self,
+        user: &str,
+        device: &str,
+        timeout: std::time::Duration,
+    ) -> Result<bool, InboxStateError> {
+        self.request_forget_device(user, device).map_err(InboxStateError::Push)?.wait_timeout(timeout)
+    }
+
+    /// [`Handle::forget_device`] without waiting.
+    pub fn request_forget_device(&self, user: &str, device: &str) -> Result<PendingForget, PushError> {
+        Self::check_user(user)?;
+        if device.is_empty() || device.len() > crate::proto::frame::MAX_DEVICE_ID_BYTES {
+            return Err(PushError::InvalidDevice);
+        }
+        let store = self.shared.store.get().ok_or(PushError::NoStore)?;
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let req = crate::store::Request::ForgetDevice { user: Arc::from(user), device: Arc::from(device) };
+        store.try_submit(crate::runtime::inbox::Token::ForgetDevice(tx), req).map_err(|_| self.refused())?;
+        Ok(PendingForget { rx })
+    }
+
+    /// Why the store's queue refused a request: full, or stopped by a
+    /// shutdown (after which a retry cannot help).
+    fn refused(&self) -> PushError {
+        if self.is_shutting_down() {
+            PushError::ShuttingDown
+        } else {
+            PushError::StoreBusy
+        }
     }
 
     /// Whether [`Handle::push`] and a client's plain SEND store messages
@@ -579,6 +610,23 @@ impl PendingInboxState {
     }
 }
 
+/// A device being forgotten ([`Handle::request_forget_device`]).
+#[derive(Debug)]
+pub struct PendingForget {
+    rx: std::sync::mpsc::Receiver<Result<bool, crate::store::StoreError>>,
+}
+
+impl PendingForget {
+    /// Waits at most `timeout` for the store's answer: whether the device
+    /// was known.
+    pub fn wait_timeout(self, timeout: std::time::Duration) -> Result<bool, InboxStateError> {
+        match self.rx.recv_timeout(timeout) {
+            Ok(r) => r.map_err(InboxStateError::Store),
+            Err(_) => Err(InboxStateError::Timeout),
+        }
+    }
+}
+
 /// A reliable push on its way into the store ([`Handle::push_reliable`]).
 #[derive(Debug)]
 pub struct PendingPush {
@@ -603,7 +651,7 @@ impl PendingPush {
     }
 }
 
-/// Why [`Handle::inbox_state`] has no answer.
+/// Why [`Handle::inbox_state`] or [`Handle::forget_device`] has no answer.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum InboxStateError {
     #[error(transparent)]

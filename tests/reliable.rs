@@ -583,6 +583,94 @@ fn a_disk_store_keeps_messages_and_positions_across_a_restart() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A device its app signed out of (or that was uninstalled) held every
+/// message its user got after it until `store.ttl_ms` (7 days) had passed
+/// without it: disk, and the inbox's `max_messages_per_inbox`, taken by a
+/// device that would never come back. The backend forgets it through the
+/// admin API; the user's other devices' acknowledgements then decide what
+/// goes, and the device stays forgotten across a restart.
+#[test]
+fn a_device_forgotten_through_the_api_holds_its_users_messages_no_longer() {
+    let dir = std::env::temp_dir().join(format!("sb-forget-{}-{}", std::process::id(), common::unix_now()));
+    let mut cfg = config();
+    cfg.store.kind = StoreKind::Disk;
+    cfg.store.path = dir.clone();
+    cfg.store.retention_interval_ms = 100;
+    cfg.admin.listen = "127.0.0.1:0".into();
+    cfg.admin.token = Some("write-key-0123456789abcdef".into());
+    let server = common::start(cfg.clone());
+    let (addr, h) = (server.local_addr(), server.handle());
+    let api = |server: &switchboard::Server, body: serde_json::Value| {
+        let key = Some("write-key-0123456789abcdef");
+        let body = body.to_string();
+        let (status, answer) =
+            common::http(server.admin_addr().unwrap(), "POST", "/api/v1/forget_device", body.as_bytes(), key).unwrap();
+        (status, serde_json::from_str::<serde_json::Value>(&answer).unwrap_or_default())
+    };
+    // The tablet logs in once, then signs out for good.
+    drop(device_login(addr, "noa", "tablet", 0));
+    for i in 0..10u32 {
+        h.push_reliable("noa", format!("m{i}"), 0).unwrap().wait().unwrap();
+    }
+    let mut phone = device_login(addr, "noa", "phone", 0);
+    let mut seen = Seen::default();
+    read_until(&mut phone, &mut seen, 10, Duration::from_secs(5), |s| s.have >= 10);
+    let state = || h.inbox_state("noa", Duration::from_secs(5)).unwrap();
+    let phone_at_10 = || state().devices.iter().any(|d| d.device == "phone" && d.position == 10);
+    assert!(common::wait_until(Duration::from_secs(10), phone_at_10), "the phone's ACK reached the store");
+    std::thread::sleep(Duration::from_millis(300)); // retention passes
+    assert_eq!(state().messages, 10, "the tablet holds all ten");
+
+    let (status, v) = api(&server, serde_json::json!({ "user": "noa", "device": "tablet" }));
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v, serde_json::json!({ "user": "noa", "device": "tablet", "forgotten": true }));
+    let devices = |st: switchboard::store::InboxState| st.devices.into_iter().map(|d| d.device).collect::<Vec<_>>();
+    assert_eq!(devices(state()), ["phone"]);
+    assert!(common::wait_until(Duration::from_secs(10), || state().messages == 0), "the phone had them all");
+    // Again, or a device never seen: nothing to forget, and it says so.
+    let (status, v) = api(&server, serde_json::json!({ "user": "noa", "device": "tablet" }));
+    assert_eq!((status, &v["forgotten"]), (200, &serde_json::json!(false)), "{v}");
+    let (status, v) = api(&server, serde_json::json!({ "user": "noa", "device": "" }));
+    assert_eq!(status, 400, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("device id"), "{v}");
+    let (status, v) = api(&server, serde_json::json!({ "user": "noa" }));
+    assert_eq!(status, 400, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("device"), "{v}");
+
+    // Forgotten for good: a restart does not bring it back, and messages
+    // go as the phone acknowledges them.
+    drop(phone);
+    server.shutdown().unwrap();
+    let server = common::start(cfg);
+    let h = server.handle();
+    for i in 10..13u32 {
+        h.push_reliable("noa", format!("m{i}"), 0).unwrap().wait().unwrap();
+    }
+    let state = || h.inbox_state("noa", Duration::from_secs(5)).unwrap();
+    assert_eq!(devices(state()), ["phone"]);
+    // In a batch too: the commands after it see it gone.
+    drop(device_login(server.local_addr(), "noa", "watch", 0));
+    let batch = serde_json::json!({ "commands": [
+        { "forget_device": { "user": "noa", "device": "watch" } },
+        { "inbox": { "user": "noa" } },
+    ] })
+    .to_string();
+    let key = Some("write-key-0123456789abcdef");
+    let (status, answer) =
+        common::http(server.admin_addr().unwrap(), "POST", "/api/v1/batch", batch.as_bytes(), key).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&answer).unwrap();
+    assert_eq!((status, &v["results"][0]["forgotten"]), (200, &serde_json::json!(true)), "{v}");
+    assert_eq!(v["results"][1]["devices"].as_array().map(Vec::len), Some(1), "{v}");
+    assert_eq!(v["results"][1]["devices"][0]["device"], "phone", "{v}");
+    let mut phone = device_login(server.local_addr(), "noa", "phone", 10);
+    read_until(&mut phone, &mut seen, 3, Duration::from_secs(5), |s| s.have >= 13);
+    assert_eq!(payloads(&seen), expected(0..13));
+    assert!(common::wait_until(Duration::from_secs(10), || state().messages == 0), "nothing held for the tablet");
+    drop(phone);
+    server.shutdown().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// A disk store of three shards: each user's inbox lives in its shard,
 /// seqs go on per user after a restart (started again with
 /// `store.shards = 1`: the count on disk wins), and a device catches up

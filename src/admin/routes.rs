@@ -26,6 +26,7 @@ pub(crate) enum Route {
     Metrics,
     Stats,
     Inbox,
+    ForgetDevice,
     Push,
     Publish,
     Broadcast,
@@ -74,6 +75,7 @@ pub(crate) const ROUTES: &[Entry] = &[
     e("/metrics", "GET", R::Metrics, V1, Read),
     e("/api/v1/stats", "GET", R::Stats, V1, Read),
     e("/api/v1/inbox", "GET", R::Inbox, V1, Read),
+    e("/api/v1/forget_device", "POST", R::ForgetDevice, V1, Write),
     e("/api/v1/push", "POST", R::Push, V1, Write),
     e("/api/v1/publish", "POST", R::Publish, V1, Write),
     e("/api/v1/broadcast", "POST", R::Broadcast, V1, Write),
@@ -141,9 +143,12 @@ pub(crate) enum Later {
     Users(Vec<(String, Exec)>),
     /// An inbox query.
     Inbox(String, crate::server::PendingInboxState),
+    /// A device forgotten: (user, device).
+    Forget(String, String, crate::server::PendingForget),
 }
 
-/// How long a reliable push or an inbox query waits for the store.
+/// How long a reliable push, an inbox query or a device forgotten waits
+/// for the store.
 pub(crate) const STORE_WAIT: Duration = Duration::from_secs(10);
 
 /// Waits for what `exec` waits for, until `deadline`. Blocks: the server
@@ -190,6 +195,22 @@ fn resolve(exec: Exec, deadline: Instant) -> Answer {
             let left = deadline.saturating_duration_since(Instant::now());
             inbox(&user, pending.wait_timeout(left))
         }
+        Exec::Later(Later::Forget(user, device, pending)) => {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match pending.wait_timeout(left) {
+                Ok(known) => (200, json!({ "user": user, "device": device, "forgotten": known })),
+                Err(e) => store_failure(e),
+            }
+        }
+    }
+}
+
+/// A store query's failure as an answer.
+fn store_failure(e: crate::server::InboxStateError) -> Answer {
+    match e {
+        crate::server::InboxStateError::Push(e) => push_error(e),
+        crate::server::InboxStateError::Store(e) => store_error(e),
+        crate::server::InboxStateError::Timeout => error(504, "the store did not answer in time"),
     }
 }
 
@@ -232,9 +253,7 @@ fn inbox(user: &str, state: Result<crate::store::InboxState, crate::server::Inbo
                 })).collect::<Vec<_>>(),
             }),
         ),
-        Err(crate::server::InboxStateError::Push(e)) => push_error(e),
-        Err(crate::server::InboxStateError::Store(e)) => store_error(e),
-        Err(crate::server::InboxStateError::Timeout) => error(504, "the store did not answer in time"),
+        Err(e) => store_failure(e),
     }
 }
 
@@ -350,6 +369,13 @@ struct UserParams {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+struct DeviceParams {
+    user: String,
+    device: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct MemberParams {
     user: String,
     room: String,
@@ -381,6 +407,7 @@ enum Command {
     Connections(UserParams),
     RoomSizes(RoomsParams),
     Inbox(UserParams),
+    ForgetDevice(DeviceParams),
 }
 
 /// A bad request, naming the field at fault (its path in the JSON).
@@ -643,6 +670,10 @@ fn run(h: &Handle, cmd: Command, lists: Lists, stopped: &mut Stopped, i: usize) 
             Ok(pending) => Exec::Later(Later::Inbox(p.user, pending)),
             Err(e) => Exec::Now(push_error(e)),
         },
+        Command::ForgetDevice(p) => match h.request_forget_device(&p.user, &p.device) {
+            Ok(pending) => Exec::Later(Later::Forget(p.user, p.device, pending)),
+            Err(e) => Exec::Now(push_error(e)),
+        },
     }
 }
 
@@ -837,6 +868,7 @@ pub(crate) fn call(h: &Handle, c: &Call<'_>) -> Outcome {
         R::Leave => command(json_body(c.body).map(Command::Leave)),
         R::Presence => command(json_body(c.body).map(Command::Presence)),
         R::RoomSizes => command(json_body(c.body).map(Command::RoomSizes)),
+        R::ForgetDevice => command(json_body(c.body).map(Command::ForgetDevice)),
         R::Batch => Outcome::Batch(batch(h, c.body, c.lists)),
         R::BenchSendCeiling => {
             let bytes: usize = param(c.query, "bytes").and_then(|b| b.parse().ok()).unwrap_or(64);

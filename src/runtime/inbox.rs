@@ -48,6 +48,8 @@ pub(crate) enum Token {
     Position,
     /// An inbox's state, for the handle.
     State(SyncSender<Result<InboxState, StoreError>>),
+    /// A device forgotten, for the handle: whether it was known.
+    ForgetDevice(SyncSender<Result<bool, StoreError>>),
 }
 
 /// What the sender of an append learns.
@@ -275,6 +277,9 @@ impl Sink<Token> for StoreSink {
                 }
             }
             (Token::State(tx), Done::State(r)) => {
+                let _ = tx.try_send(r);
+            }
+            (Token::ForgetDevice(tx), Done::ForgetDevice(r)) => {
                 let _ = tx.try_send(r);
             }
             _ => debug_assert!(false, "a store answer of the wrong kind for its token"),

@@ -1093,12 +1093,31 @@ impl DiskStore {
         let uk = user_key(user);
         let mut c = self.load(&uk)?;
         let r = f(&mut c.rec.devices, c.head);
-        self.drop_acknowledged(&uk, &mut c);
-        if let Err(e) = self.inboxes.insert(uk.as_slice(), c.rec.encode(c.fhead)) {
-            return Err(unavailable(e));
+        let head = c.head;
+        self.write_devices(&uk, c)?;
+        Ok((r, head))
+    }
+
+    /// [`Store::forget_device`] (ids checked): the record without the
+    /// device, written as a login's is; nothing written for a device the
+    /// record does not know.
+    fn forget_device_now(&mut self, user: &str, device: &str) -> Result<bool, StoreError> {
+        let uk = user_key(user);
+        let mut c = self.load(&uk)?;
+        if !super::forget_device(&mut c.rec.devices, device) {
+            return Ok(false);
         }
-        self.record_written(&uk, c.rec, c.fhead);
-        Ok((r, c.head))
+        self.write_devices(&uk, c)?;
+        Ok(true)
+    }
+
+    /// Writes user `uk`'s record `c` after its devices changed, dropping
+    /// first the hot messages they all have acknowledged now.
+    fn write_devices(&mut self, uk: &[u8], mut c: Cached) -> Result<(), StoreError> {
+        self.drop_acknowledged(uk, &mut c);
+        self.inboxes.insert(uk, c.rec.encode(c.fhead)).map_err(unavailable)?;
+        self.record_written(uk, c.rec, c.fhead);
+        Ok(())
     }
 
     /// Drops the oldest hot messages of user `uk` (whose state `c` is
@@ -2151,6 +2170,11 @@ impl Store for DiskStore {
             }
         }
         out
+    }
+
+    fn forget_device(&mut self, user: &str, device: &str) -> Result<bool, StoreError> {
+        check_ids(user, "", device)?;
+        self.guard(|s| s.forget_device_now(user, device))
     }
 
     fn inbox_state(&mut self, user: &str) -> Result<InboxState, StoreError> {

@@ -25,8 +25,8 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use super::{
-    advance_device, check_ids, expire_devices, expired, login_device, record_bytes, Appended, DeviceState, InboxState,
-    NewMessage, Page, Store, StoreError, StoreLimits, StoredMessage,
+    advance_device, check_ids, expire_devices, expired, forget_device, login_device, record_bytes, Appended,
+    DeviceState, InboxState, NewMessage, Page, Store, StoreError, StoreLimits, StoredMessage,
 };
 
 #[derive(Default)]
@@ -166,6 +166,11 @@ impl Store for MemoryStore {
         let inbox = self.inboxes.entry(Arc::from(user)).or_default();
         advance_device(&mut inbox.devices, device, seq, inbox.head, now_ms);
         Ok(())
+    }
+
+    fn forget_device(&mut self, user: &str, device: &str) -> Result<bool, StoreError> {
+        check_ids(user, "", device)?;
+        Ok(self.inboxes.get_mut(user).is_some_and(|inbox| forget_device(&mut inbox.devices, device)))
     }
 
     fn inbox_state(&mut self, user: &str) -> Result<InboxState, StoreError> {

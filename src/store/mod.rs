@@ -166,6 +166,15 @@ pub trait Store: Send + 'static {
         positions.iter().map(|&(user, device, seq)| self.set_position(user, device, seq, now_ms)).collect()
     }
     fn inbox_state(&mut self, user: &str) -> Result<InboxState, StoreError>;
+    /// Forgets `user`'s `device` (its app signed out, or was uninstalled),
+    /// as `store.ttl_ms` unseen would: its position no longer holds the
+    /// inbox, so what every remaining device has acknowledged goes (at the
+    /// next retention pass; the disk store drops its hot messages at once,
+    /// as at an acknowledgement), and with no device left the messages are
+    /// kept for the TTL. A LOGIN with that device id later is a new
+    /// device's; so is an ACK, which adds the device at its seq. Returns
+    /// whether the device was known. Durable at next sync.
+    fn forget_device(&mut self, user: &str, device: &str) -> Result<bool, StoreError>;
     /// Retention pass: drops messages older than ttl, messages every known
     /// device has acknowledged (only if the user has ≥1 known device), devices
     /// unseen for ttl, dedup entries older than the window. Returns messages dropped.
@@ -335,6 +344,13 @@ fn advance_device(devices: &mut Vec<DeviceState>, device: &str, seq: u64, head: 
     }
     devices.push(DeviceState { device: device.to_string(), position: seq, last_seen_ms: now_ms });
     seq
+}
+
+/// Removes `device` from `devices`; whether it was there.
+fn forget_device(devices: &mut Vec<DeviceState>, device: &str) -> bool {
+    let before = devices.len();
+    devices.retain(|d| d.device != device);
+    devices.len() != before
 }
 
 /// Forgets devices unseen for `ttl_ms`; returns the seq every remaining

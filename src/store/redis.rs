@@ -328,6 +328,16 @@ redis.call('ZADD', KEYS[4], 'LT', fmt(due), ARGV[7])
 return {pos, head}
 "#;
 
+/// Forget a device: KEYS dv ix; ARGV device tag. Returns 1 if the
+/// device was known (and makes the user due at the next retention pass,
+/// which drops what the remaining devices have acknowledged), else 0.
+/// Runs at `maxmemory` (`allow-oom`): it only frees.
+const FORGET_LUA: &str = r#"#!lua flags=allow-oom
+local gone = redis.call('HDEL', KEYS[1], ARGV[1])
+if gone == 1 then redis.call('ZADD', KEYS[2], 'LT', '0', ARGV[2]) end
+return gone
+"#;
+
 /// Read: KEYS h m; ARGV after limit. Returns {head, seq of the first
 /// entry returned, the entries (up to `limit`, seqs > after)}. Element `i`
 /// of the list holds seq `first + i`.
@@ -448,6 +458,7 @@ struct Scripts {
     read: Lua,
     state: Lua,
     expire: Lua,
+    forget: Lua,
 }
 
 static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
@@ -456,11 +467,12 @@ static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     read: Lua::new(READ_LUA),
     state: Lua::new(STATE_LUA),
     expire: Lua::new(EXPIRE_LUA),
+    forget: Lua::new(FORGET_LUA),
 });
 
 impl Scripts {
-    fn all(&self) -> [&Lua; 5] {
-        [&self.append, &self.device, &self.read, &self.state, &self.expire]
+    fn all(&self) -> [&Lua; 6] {
+        [&self.append, &self.device, &self.read, &self.state, &self.expire, &self.forget]
     }
 }
 
@@ -1256,6 +1268,15 @@ impl Store for RedisStore {
         check_ids(user, "", device)?;
         let op = self.device_op(user, device, seq, now_ms, false);
         self.run_one(op).map(|_| ())
+    }
+
+    fn forget_device(&mut self, user: &str, device: &str) -> Result<bool, StoreError> {
+        check_ids(user, "", device)?;
+        let tag = user_tag(user);
+        let (ix, _) = self.index_keys(key_slot(tag.as_bytes()));
+        let keys = [self.key(&tag, "dv"), ix];
+        let op = self.script_op(&SCRIPTS.forget, &tag, &keys, &[device.as_bytes(), tag.as_bytes()]);
+        Ok(int(Some(&self.run_one(op)?))? == 1)
     }
 
     fn inbox_state(&mut self, user: &str) -> Result<InboxState, StoreError> {

@@ -167,10 +167,29 @@ pub const DEFAULT_QUEUE_MAX_BYTES: u64 = 64 << 20;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Request {
     Append(NewMessage),
-    Read { user: Arc<str>, after_seq: u64, limit: usize },
-    DeviceLogin { user: Arc<str>, device: Arc<str>, client_seq: u64 },
-    Position { user: Arc<str>, device: Arc<str>, seq: u64 },
-    State { user: Arc<str> },
+    Read {
+        user: Arc<str>,
+        after_seq: u64,
+        limit: usize,
+    },
+    DeviceLogin {
+        user: Arc<str>,
+        device: Arc<str>,
+        client_seq: u64,
+    },
+    Position {
+        user: Arc<str>,
+        device: Arc<str>,
+        seq: u64,
+    },
+    State {
+        user: Arc<str>,
+    },
+    /// [`Store::forget_device`]: written, and synced, before its answer.
+    ForgetDevice {
+        user: Arc<str>,
+        device: Arc<str>,
+    },
 }
 
 impl Request {
@@ -182,7 +201,8 @@ impl Request {
             Request::Read { user, .. }
             | Request::DeviceLogin { user, .. }
             | Request::Position { user, .. }
-            | Request::State { user } => user,
+            | Request::State { user }
+            | Request::ForgetDevice { user, .. } => user,
         }
     }
 
@@ -208,6 +228,8 @@ pub enum Done {
     DeviceLogin(Result<(u64, u64), StoreError>),
     Position(Result<(), StoreError>),
     State(Result<InboxState, StoreError>),
+    /// Whether the device was known.
+    ForgetDevice(Result<bool, StoreError>),
 }
 
 /// Where answers go, called on the store thread. Must not block for long
@@ -802,6 +824,10 @@ impl<T: Send + 'static, S: Sink<T>> Worker<T, S> {
         let mut written: Vec<(T, Done)> = Vec::with_capacity(batch.len());
         let mut reads: Vec<(T, Request)> = Vec::new();
         let mut appended = 0u64;
+        // A forgotten device is answered once synced: the backend that
+        // asked may rely on it (a login needs no such wait: its client
+        // logs in again if a crash took it back).
+        let mut forgets = false;
         // A run of consecutive appends goes to the store in one call
         // (`Store::append_batch`: one pipeline for the Redis store); a
         // login or position ends the run, so writes still apply in order.
@@ -821,6 +847,13 @@ impl<T: Send + 'static, S: Sink<T>> Worker<T, S> {
                     self.write_positions(true);
                     Done::DeviceLogin(self.store.device_login(&user, &device, client_seq, now_ms))
                 }
+                Request::ForgetDevice { user, device } => {
+                    self.append_run(&mut run_tokens, &mut run, now_ms, &mut written, &mut appended);
+                    // A position waiting for this device would add it back.
+                    self.write_positions(true);
+                    forgets = true;
+                    Done::ForgetDevice(self.store.forget_device(&user, &device))
+                }
                 Request::Position { user, device, seq } => {
                     let (at, tokens) = self.positions.entry((user, device)).or_insert((seq, Vec::new()));
                     *at = (*at).max(seq);
@@ -835,7 +868,7 @@ impl<T: Send + 'static, S: Sink<T>> Worker<T, S> {
             written.push((token, done));
         }
         self.append_run(&mut run_tokens, &mut run, now_ms, &mut written, &mut appended);
-        if appended == 0 && !written.is_empty() {
+        if appended == 0 && !forgets && !written.is_empty() {
             // Positions, logins, duplicates and refusals: nothing that is
             // read out or acknowledged as stored waits for this sync.
             self.unsynced_since.get_or_insert_with(Instant::now);
@@ -856,6 +889,7 @@ impl<T: Send + 'static, S: Sink<T>> Worker<T, S> {
                         *done = match done {
                             Done::Appended(_) => Done::Appended(Err(e.clone())),
                             Done::DeviceLogin(_) => Done::DeviceLogin(Err(e.clone())),
+                            Done::ForgetDevice(_) => Done::ForgetDevice(Err(e.clone())),
                             _ => Done::Position(Err(e.clone())),
                         };
                     }
@@ -1012,6 +1046,9 @@ impl Store for Closed {
         Self::refuse()
     }
     fn inbox_state(&mut self, _: &str) -> Result<InboxState, StoreError> {
+        Self::refuse()
+    }
+    fn forget_device(&mut self, _: &str, _: &str) -> Result<bool, StoreError> {
         Self::refuse()
     }
     fn expire(&mut self, _: u64) -> Result<u64, StoreError> {

@@ -448,6 +448,65 @@ fn trimmed_when_all_devices_acked(make: Make) {
     assert_eq!(s.inbox_state("alice").unwrap().first_seq, 6);
 }
 
+/// A device its app signed out of is forgotten on the backend's word
+/// ([`Store::forget_device`]), not only after `ttl_ms` unseen: until then
+/// its position kept every message after it, whatever the user's other
+/// devices had acknowledged.
+fn a_forgotten_device_holds_the_inbox_no_longer(make: Make) {
+    let ttl = 60_000;
+    let mut subject = make(StoreLimits { ttl_ms: ttl, ..StoreLimits::default() });
+    let at_ack = subject.drops_at_acknowledgement();
+    let s = subject.store();
+    for i in 0..5 {
+        append(s, "alice", i, T0);
+    }
+    s.device_login("alice", "tablet", 2, T0).unwrap();
+    s.device_login("alice", "phone", 5, T0).unwrap();
+    s.expire(T0 + 1).unwrap();
+    assert_eq!(seqs(&s.read("alice", 0, 10).unwrap()), vec![3, 4, 5], "the tablet holds 3 to 5");
+    // Two more (hot in the disk store), which the phone acknowledges.
+    append(s, "alice", 5, T0 + 1);
+    append(s, "alice", 6, T0 + 1);
+    s.set_position("alice", "phone", 7, T0 + 1).unwrap();
+    assert_eq!(s.held().0, 5);
+    assert_eq!(s.forget_device("alice", "tablet"), Ok(true));
+    assert_eq!(s.forget_device("alice", "tablet"), Ok(false), "forgotten already");
+    assert_eq!(s.forget_device("alice", "watch"), Ok(false), "never known");
+    assert_eq!(s.forget_device("nobody", "phone"), Ok(false), "no such user");
+    let devices = |st: InboxState| st.devices.into_iter().map(|d| d.device).collect::<Vec<_>>();
+    assert_eq!(devices(s.inbox_state("alice").unwrap()), ["phone"]);
+    // The disk store drops its hot ones at once, as at an acknowledgement;
+    // the rest go at the retention pass.
+    assert_eq!(s.held().0, if at_ack { 3 } else { 5 });
+    assert_eq!(s.expire(T0 + 2).unwrap(), if at_ack { 3 } else { 5 }, "the phone has them all");
+    let st = s.inbox_state("alice").unwrap();
+    assert_eq!((st.head_seq, st.first_seq, st.messages), (7, 8, 0));
+    // Logging in again, it is a new device: what it says it stored counts
+    // (up to the head), not a position the store kept.
+    assert_eq!(s.device_login("alice", "tablet", 4, T0 + 3).unwrap(), (4, 7));
+    // With no device left, the messages wait for the TTL, as for a user
+    // who never had one.
+    append(s, "alice", 7, T0 + 4);
+    assert_eq!(s.forget_device("alice", "tablet"), Ok(true));
+    assert_eq!(s.forget_device("alice", "phone"), Ok(true));
+    assert!(s.inbox_state("alice").unwrap().devices.is_empty());
+    assert_eq!(s.expire(T0 + 5).unwrap(), 0, "kept: no device acknowledged it");
+    assert_eq!(seqs(&s.read("alice", 0, 10).unwrap()), vec![8]);
+    // Ids as the other calls check them.
+    assert!(s.forget_device("", "phone").is_err());
+    assert!(s.forget_device("alice", &"d".repeat(MAX_DEVICE_BYTES + 1)).is_err());
+    // It stays forgotten across a restart.
+    s.device_login("alice", "phone", 8, T0 + 6).unwrap();
+    s.device_login("alice", "tablet", 0, T0 + 6).unwrap();
+    assert_eq!(s.forget_device("alice", "tablet"), Ok(true));
+    s.sync().unwrap();
+    if subject.restart() {
+        let s = subject.store();
+        assert_eq!(devices(s.inbox_state("alice").unwrap()), ["phone"]);
+        assert_eq!(s.expire(T0 + 7).unwrap(), 1, "the phone had 8");
+    }
+}
+
 /// A LOGIN whose `last_seq` is past the head comes from a client that
 /// stored from another inbox (a memory store restarted, a backup
 /// restored, an `os` store that lost its last writes to a power cut): its
@@ -565,6 +624,10 @@ macro_rules! conformance {
             #[test]
             fn trimmed_when_all_devices_acked() {
                 super::trimmed_when_all_devices_acked($make)
+            }
+            #[test]
+            fn a_forgotten_device_holds_the_inbox_no_longer() {
+                super::a_forgotten_device_holds_the_inbox_no_longer($make)
             }
             #[test]
             fn a_login_past_the_head_keeps_the_position_the_store_has() {
@@ -835,6 +898,17 @@ impl Model {
         }
     }
 
+    /// [`Store::forget_device`]: the device goes, and with the disk
+    /// store's hot tier, the hot messages every remaining device has
+    /// acknowledged (as at an acknowledgement).
+    fn forget(&mut self, user: &str, device: &str) -> bool {
+        let known = self.devices.get_mut(user).is_some_and(|d| d.remove(device).is_some());
+        if known {
+            self.drop_acknowledged_hot(user);
+        }
+        known
+    }
+
     fn state(&self, user: &str) -> InboxState {
         let head_seq = self.head(user);
         let kept: Vec<_> = self.kept(user).collect();
@@ -912,6 +986,10 @@ enum Op {
     },
     /// A store turn's positions, written together: (user, device, seq).
     Positions(Vec<(u8, u8, u64)>),
+    Forget {
+        user: u8,
+        device: u8,
+    },
     State {
         user: u8,
     },
@@ -936,6 +1014,7 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (0..3u8, 0..3u8, 0..12u64).prop_map(|(user, device, client_seq)| Op::Login { user, device, client_seq }),
         2 => (0..3u8, 0..3u8, 0..12u64).prop_map(|(user, device, seq)| Op::Position { user, device, seq }),
         1 => proptest::collection::vec((0..3u8, 0..3u8, 0..12u64), 1..5).prop_map(Op::Positions),
+        1 => (0..3u8, 0..3u8).prop_map(|(user, device)| Op::Forget { user, device }),
         1 => (0..3u8).prop_map(|user| Op::State { user }),
         2 => (1..400u64).prop_map(|ms| Op::Tick { ms }),
         // Past an epoch or two at once: what resolving between requests waits for.
@@ -1001,6 +1080,10 @@ fn against_a_model(
                 }
                 let refused = s.set_positions(&moves, now).into_iter().filter(Result::is_err).count();
                 prop_assert_eq!(refused, 0, "op {}", i);
+            }
+            Op::Forget { user, device } => {
+                let (u, d) = (users[user as usize], ["p", "q", "r"][device as usize]);
+                prop_assert_eq!(s.forget_device(u, d).unwrap(), model.forget(u, d), "op {}", i);
             }
             Op::State { user } => {
                 let u = users[user as usize];
@@ -1578,6 +1661,10 @@ impl Store for Probe {
         self.saw(user);
         self.inner.inbox_state(user)
     }
+    fn forget_device(&mut self, user: &str, device: &str) -> Result<bool, StoreError> {
+        self.saw(user);
+        self.inner.forget_device(user, device)
+    }
     fn expire(&mut self, now_ms: u64) -> Result<u64, StoreError> {
         self.expires.fetch_add(1, Ordering::SeqCst);
         self.inner.expire(now_ms)
@@ -2081,6 +2168,40 @@ fn service_positions_handed_over_by_the_thousand_do_not_hold_up_appends() {
         .collect();
     answered.sort_unstable();
     assert_eq!(answered, (100..100 + n).collect::<Vec<_>>(), "every position is written and answered once");
+    service.stop().unwrap();
+}
+
+/// A device forgotten is answered once a sync made it durable (the
+/// backend that asked relies on it; a login is answered before, its
+/// client logs in again), and after the positions waiting: one of the
+/// device's written after the forget would have added it back.
+#[test]
+fn service_forgets_a_device_after_its_waiting_position_and_answers_after_a_sync() {
+    let mut probe = Probe::new();
+    let gate = Arc::new((Mutex::new(true), Condvar::new()));
+    probe.gate = Some(gate.clone());
+    let (sink, rx) = collect();
+    let service = Service::start(Box::new(probe), sink, cfg(64)).unwrap();
+    let (user, phone, tablet): (Arc<str>, Arc<str>, Arc<str>) = ("alice".into(), "phone".into(), "tablet".into());
+    for (t, device) in [(1, &phone), (2, &tablet)] {
+        let login = Request::DeviceLogin { user: user.clone(), device: device.clone(), client_seq: 0 };
+        service.try_submit(t, login).unwrap();
+        assert_eq!(recv(&rx).0, t);
+    }
+    // An append's sync: nothing written is left unsynced.
+    service.try_submit(3, append_req("alice", 1)).unwrap();
+    assert_eq!(recv(&rx).0, 3);
+    *gate.0.lock().unwrap() = false;
+    service.try_submit(4, Request::Position { user: user.clone(), device: tablet.clone(), seq: 1 }).unwrap();
+    service.try_submit(5, Request::ForgetDevice { user: user.clone(), device: tablet }).unwrap();
+    service.try_submit(6, Request::State { user }).unwrap();
+    assert_eq!(recv(&rx), (4, Done::Position(Ok(()))), "the position is written first");
+    assert!(rx.recv_timeout(Duration::from_millis(300)).is_err(), "no answer before the sync");
+    open_gate(&gate);
+    assert_eq!(recv(&rx), (5, Done::ForgetDevice(Ok(true))));
+    let (6, Done::State(Ok(st))) = recv(&rx) else { panic!("a state") };
+    let devices: Vec<_> = st.devices.iter().map(|d| d.device.as_str()).collect();
+    assert_eq!(devices, ["phone"], "not added back by its position");
     service.stop().unwrap();
 }
 
