@@ -2,16 +2,18 @@
 # Measures what a restart after a crash costs the disk store: writes FILES
 # hot-log files of MIB MiB each (what a crash can leave: the current
 # epoch's, the previous one's and one waiting to be deleted, each up to
-# 64 MiB; 1,000-byte payloads to 10,000 users, none resolved), starts
+# 64 MiB; payloads of BYTES (1,000) to 10,000 users, each SEND with a
+# client id, none resolved), starts
 # `switchboard serve` on that data directory, and reports how long it took
 # to listen, its peak RSS (VmHWM) and its RSS 5 s later, beside a server
 # started on an empty directory. The record format is src/store/hotlog.rs's.
-# Usage: scripts/recovery-memory.sh [FILES] [MIB]; SWITCHBOARD_BIN=path runs
+# Usage: scripts/recovery-memory.sh [FILES] [MIB] [BYTES]; SWITCHBOARD_BIN=path runs
 # that binary instead of building this checkout's (a before/after pair).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 FILES=${1:-3}
 MIB=${2:-64}
+BYTES=${3:-1000}
 PORT=${PORT:-7813}
 bin=${SWITCHBOARD_BIN:-}
 if [ -z "$bin" ]; then
@@ -27,10 +29,10 @@ cleanup() {
 }
 trap cleanup EXIT
 mkdir -p "$data/crashed/hot" "$data/empty" target
-python3 - "$data/crashed/hot" "$FILES" "$MIB" <<'PY'
+python3 - "$data/crashed/hot" "$FILES" "$MIB" "$BYTES" <<'PY'
 import os, struct, sys, time, zlib
 hot, files, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]) << 20
-users, payload, now = 10_000, b"x" * 1000, int(time.time() * 1000)
+users, payload, now = 10_000, b"x" * int(sys.argv[4]), int(time.time() * 1000)
 seq, msg_id = [0] * users, 0
 for g in range(files):
     out, n = [], 0
@@ -48,7 +50,7 @@ for g in range(files):
         n += len(out[-1])
     with open(os.path.join(hot, f"hot-{g:016x}.log"), "wb") as f:
         f.write(b"".join(out))
-print(f"hot log: {files} files of {size >> 20} MiB, {msg_id} messages not resolved")
+print(f"hot log: {files} files of {size >> 20} MiB, {msg_id} messages of {len(payload)} bytes not resolved")
 PY
 for dir in empty crashed; do
   log="target/recovery-memory-$dir.log"

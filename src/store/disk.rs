@@ -1736,25 +1736,20 @@ impl DiskStore {
     ///
     /// The files are read twice, record by record, and never held whole
     /// (a crash can leave a few epochs of up to `hotlog::EPOCH_BYTES`
-    /// each): first for the heads and dedup entries, then for the
-    /// messages, committed [`RECOVERY_BATCH_BYTES`] at a time; the users'
-    /// records and the dedup entries go in the last batch. A crash in the
-    /// middle is recovered from again by the next open, the files still
-    /// there: loading a user's record counts the messages the earlier
-    /// batches wrote past it (`catch_up`), as it counts any written after
-    /// a record, so this pass skips them and writes the rest, and the
-    /// records and entries come out as one recovery would have written
-    /// them. The RAM it holds beside fjall's write buffers is a batch, one
-    /// state per user in the log and one dedup entry per logged SEND with
-    /// a client id (about 100 bytes each), not the messages.
+    /// each): first for the heads, then for the messages and the dedup
+    /// entries, committed [`RECOVERY_BATCH_BYTES`] at a time; the users'
+    /// records go in the last batch. A crash in the middle is recovered
+    /// from again by the next open, the files still there: loading a
+    /// user's record counts the messages the earlier batches wrote past it
+    /// (`catch_up`), as it counts any written after a record, so this pass
+    /// skips them and writes the rest, and writes the dedup entries again
+    /// as they were, and the records and entries come out as one recovery
+    /// would have written them. The RAM it holds beside fjall's write
+    /// buffers is a batch and one state per user in the log, not the
+    /// messages or their dedup entries (which it held whole until
+    /// 2026-12-05: about 100 bytes per logged SEND with a client id).
     fn recover(&mut self, logged: &hotlog::Recovery) -> Result<(), StoreError> {
         let mut states: hashbrown::HashMap<Vec<u8>, Cached> = hashbrown::HashMap::new();
-        // The dedup entries of every logged message, the last of a key
-        // winning (one write per key: a batch's writes of one key share
-        // its sequence number): those of messages at or below `fhead` too,
-        // which fjall may have lost with the journal it had not synced
-        // (they are written after the hot log: `DiskStore::unlogged_dedup`).
-        let mut dedup: hashbrown::HashMap<Vec<u8>, (u64, u64, u64)> = hashbrown::HashMap::new();
         let mut records = 0u64;
         // The logged heads first: messages up to one were resolved (the
         // dropped ones are not in `msgs`, and must not come back), and the
@@ -1782,9 +1777,6 @@ impl DiskStore {
                 }
                 Recovered::Message(m) => {
                     self.state_for_recovery(&mut states, &m.to)?;
-                    if m.client_id != 0 {
-                        dedup.insert(dedup_key(&m.to, &m.from, m.client_id), (m.seq, m.msg_id, m.appended_ms));
-                    }
                 }
             }
             Ok(())
@@ -1794,35 +1786,44 @@ impl DiskStore {
         }
         let mut batch = self.db.batch();
         let (mut written, mut batched) = (0u64, 0u64);
+        // The dedup keys in `batch`: writes of one key in one batch share
+        // its sequence number, so which would win is not defined; a key
+        // logged again (a client id reused after the window) ends the
+        // batch first, and its later entry wins.
+        let mut in_batch: hashbrown::HashSet<Vec<u8>> = hashbrown::HashSet::new();
         logged.for_each(false, |r| {
             let Recovered::Message(m) = r else { return Ok(()) };
-            let c = states.get_mut(user_key(&m.to).as_slice()).expect("every user was read in the first pass");
-            if m.seq <= c.fhead {
-                return Ok(()); // resolved before the restart (`write_through_log`)
-            }
-            if c.rec.messages == 0 {
-                c.rec.first_seq = m.seq;
-            }
-            c.rec.messages += 1;
-            c.rec.bytes += record_bytes(&m.to, &m.from, m.payload.len());
-            c.fhead = m.seq;
-            c.head = m.seq;
-            batched += (m.payload.len() + m.to.len() + m.from.len()) as u64 + 48;
-            batch.insert(&self.msgs, msg_key(&m.to, m.seq), msg_value(m.msg_id, m.ts_ms, &m.from, &m.payload));
-            written += 1;
-            if batched >= RECOVERY_BATCH_BYTES {
-                std::mem::replace(&mut batch, self.db.batch()).commit().map_err(unavailable)?;
-                batched = 0;
-                #[cfg(test)]
-                if CRASH_RECOVERY_AFTER.with(|left| left.replace(left.get().map(|n| n - 1)) == Some(1)) {
-                    return Err(unavailable("the process died in the middle of a recovery (a test)"));
+            if m.client_id != 0 {
+                // Every logged SEND's entry, its message resolved or not:
+                // fjall may have lost one written after the log
+                // (`DiskStore::unlogged_dedup`) with its unsynced journal.
+                let dk = dedup_key(&m.to, &m.from, m.client_id);
+                if in_batch.contains(&dk) {
+                    self.commit_recovery_batch(&mut batch, &mut batched, &mut in_batch)?;
                 }
+                batched += 2 * dk.len() as u64 + 48;
+                self.put_dedup(&mut batch, &dk, m.seq, m.msg_id, m.appended_ms);
+                in_batch.insert(dk);
+            }
+            let c = states.get_mut(user_key(&m.to).as_slice()).expect("every user was read in the first pass");
+            if m.seq > c.fhead {
+                // Not resolved before the restart (`write_through_log`).
+                if c.rec.messages == 0 {
+                    c.rec.first_seq = m.seq;
+                }
+                c.rec.messages += 1;
+                c.rec.bytes += record_bytes(&m.to, &m.from, m.payload.len());
+                c.fhead = m.seq;
+                c.head = m.seq;
+                batched += (m.payload.len() + m.to.len() + m.from.len()) as u64 + 48;
+                batch.insert(&self.msgs, msg_key(&m.to, m.seq), msg_value(m.msg_id, m.ts_ms, &m.from, &m.payload));
+                written += 1;
+            }
+            if batched >= RECOVERY_BATCH_BYTES {
+                self.commit_recovery_batch(&mut batch, &mut batched, &mut in_batch)?;
             }
             Ok(())
         })?;
-        for (dk, (seq, msg_id, ts_ms)) in &dedup {
-            self.put_dedup(&mut batch, dk, *seq, *msg_id, *ts_ms);
-        }
         for (uk, c) in &states {
             batch.insert(&self.inboxes, uk.as_slice(), c.rec.encode(c.fhead));
         }
@@ -1830,6 +1831,23 @@ impl DiskStore {
         self.cache.clear();
         tracing::info!(messages = written, records, "disk store: hot log recovered into the store");
         self.persist_fjall(PersistMode::SyncData)
+    }
+
+    /// Commits one of [`DiskStore::recover`]'s batches and starts the next.
+    fn commit_recovery_batch(
+        &self,
+        batch: &mut fjall::OwnedWriteBatch,
+        batched: &mut u64,
+        in_batch: &mut hashbrown::HashSet<Vec<u8>>,
+    ) -> Result<(), StoreError> {
+        std::mem::replace(batch, self.db.batch()).commit().map_err(unavailable)?;
+        *batched = 0;
+        in_batch.clear();
+        #[cfg(test)]
+        if CRASH_RECOVERY_AFTER.with(|left| left.replace(left.get().map(|n| n - 1)) == Some(1)) {
+            return Err(unavailable("the process died in the middle of a recovery (a test)"));
+        }
+        Ok(())
     }
 
     /// `to`'s record as fjall holds it, read once per recovery.

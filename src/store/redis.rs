@@ -331,7 +331,9 @@ return {pos, head}
 /// Forget a device: KEYS dv ix; ARGV device tag. Returns 1 if the
 /// device was known (and makes the user due at the next retention pass,
 /// which drops what the remaining devices have acknowledged), else 0.
-/// Runs at `maxmemory` (`allow-oom`): it only frees.
+/// Runs at `maxmemory` (`allow-oom`), as [`EXPIRE_LUA`] does: it frees a
+/// device entry, and takes at most an index entry, so that the pass it
+/// calls for can free the messages.
 const FORGET_LUA: &str = r#"#!lua flags=allow-oom
 local gone = redis.call('HDEL', KEYS[1], ARGV[1])
 if gone == 1 then redis.call('ZADD', KEYS[2], 'LT', '0', ARGV[2]) end

@@ -2945,6 +2945,28 @@ fn disk_a_crash_in_the_middle_of_a_recovery_is_recovered_from_whole() {
     }
 }
 
+/// A client id used again after the dedup window is a new message with a
+/// new entry; when both are in the hot log at a crash, the recovery (which
+/// writes the entries as it reads the log, a batch at a time) ends with
+/// the later one: a retry of the second SEND is its duplicate, not the
+/// first's.
+#[test]
+fn disk_recovery_keeps_the_later_entry_of_a_client_id_logged_twice() {
+    for durability in [Durability::Os, Durability::Fsync] {
+        let limits = StoreLimits { dedup_window_ms: 1_000, ..StoreLimits::default() };
+        let mut d = Disk::new(durability, limits);
+        let s = d.store();
+        assert_eq!(s.append(&msg("ann", "eve", 1, T0, "first", 7), T0).unwrap(), Appended::New { seq: 1 });
+        let later = T0 + 1_500;
+        assert_eq!(s.append(&msg("ann", "eve", 2, later, "second", 7), later).unwrap(), Appended::New { seq: 2 });
+        s.sync().unwrap();
+        let mut crashed = crash_copy(&d);
+        let retry = crashed.store().append(&msg("ann", "eve", 3, later, "second", 7), later + 1).unwrap();
+        assert_eq!(retry, Appended::Duplicate { seq: 2, msg_id: 2 }, "{durability:?}");
+        assert_eq!(seqs(&crashed.store().read("ann", 0, 10).unwrap()), vec![1, 2]);
+    }
+}
+
 /// A SEND_EX whose append had not reached the hot log when the process
 /// died was never acknowledged (SEND_RESULT waits for the sync), so its
 /// sender retries it with the same client id: the retry must be stored,
