@@ -77,6 +77,16 @@ fn device_login(addr: SocketAddr, user: &str, device: &str, last_seq: u64) -> Cl
     c
 }
 
+/// The test config with a disk store in a fresh directory of its own
+/// (named after `tag`), and that directory, for the test to remove.
+fn disk_config(tag: &str) -> (std::path::PathBuf, Config) {
+    let dir = std::env::temp_dir().join(format!("{tag}-{}-{}", std::process::id(), common::unix_now()));
+    let mut cfg = config();
+    cfg.store.kind = StoreKind::Disk;
+    cfg.store.path = dir.clone();
+    (dir, cfg)
+}
+
 /// Reads INBOX/SYNC frames into `seen`, acknowledging every `ack_every`
 /// new seqs, until `until(seen)` or `limit` passes. Other frames fail the
 /// test.
@@ -547,10 +557,7 @@ fn retention_limits_refuse_with_their_error_codes() {
 
 #[test]
 fn a_disk_store_keeps_messages_and_positions_across_a_restart() {
-    let dir = std::env::temp_dir().join(format!("sb-reliable-{}-{}", std::process::id(), common::unix_now()));
-    let mut cfg = config();
-    cfg.store.kind = StoreKind::Disk;
-    cfg.store.path = dir.clone();
+    let (dir, cfg) = disk_config("sb-reliable");
     let server = common::start(cfg.clone());
     let h = server.handle();
     for i in 0..30u32 {
@@ -591,10 +598,7 @@ fn a_disk_store_keeps_messages_and_positions_across_a_restart() {
 /// goes, and the device stays forgotten across a restart.
 #[test]
 fn a_device_forgotten_through_the_api_holds_its_users_messages_no_longer() {
-    let dir = std::env::temp_dir().join(format!("sb-forget-{}-{}", std::process::id(), common::unix_now()));
-    let mut cfg = config();
-    cfg.store.kind = StoreKind::Disk;
-    cfg.store.path = dir.clone();
+    let (dir, mut cfg) = disk_config("sb-forget");
     cfg.store.retention_interval_ms = 100;
     cfg.admin.listen = "127.0.0.1:0".into();
     cfg.admin.token = Some("write-key-0123456789abcdef".into());
@@ -677,10 +681,7 @@ fn a_device_forgotten_through_the_api_holds_its_users_messages_no_longer() {
 /// from its shard.
 #[test]
 fn a_sharded_disk_store_keeps_every_users_inbox_across_a_restart() {
-    let dir = std::env::temp_dir().join(format!("sb-shards-{}-{}", std::process::id(), common::unix_now()));
-    let mut cfg = config();
-    cfg.store.kind = StoreKind::Disk;
-    cfg.store.path = dir.clone();
+    let (dir, mut cfg) = disk_config("sb-shards");
     cfg.store.shards = 3;
     let users: Vec<String> = (0..12).map(|i| format!("sharded-{i}")).collect();
     let hit: std::collections::HashSet<usize> = users.iter().map(|u| switchboard::store::shard_of(u, 3)).collect();
@@ -716,10 +717,7 @@ fn a_sharded_disk_store_keeps_every_users_inbox_across_a_restart() {
 
 #[test]
 fn a_second_server_on_the_same_store_directory_is_refused_with_the_reason() {
-    let dir = std::env::temp_dir().join(format!("sb-reliable-lock-{}", std::process::id()));
-    let mut cfg = config();
-    cfg.store.kind = StoreKind::Disk;
-    cfg.store.path = dir.clone();
+    let (dir, cfg) = disk_config("sb-reliable-lock");
     let first = common::start(cfg.clone());
     let err = match switchboard::Server::builder().config(cfg).start() {
         Ok(_) => panic!("two servers opened one store directory"),
@@ -776,10 +774,7 @@ fn a_pipelined_sender_gets_every_send_ack_in_order() {
     // in order, and the connection stays up.
     // On the default disk store with fsync, where appends are group
     // committed and SEND_ACKs come back in bursts.
-    let dir = std::env::temp_dir().join(format!("sb-pipelined-{}-{}", std::process::id(), common::unix_now()));
-    let mut cfg = config();
-    cfg.store.kind = StoreKind::Disk;
-    cfg.store.path = dir.clone();
+    let (dir, cfg) = disk_config("sb-pipelined");
     let server = common::start(cfg);
     let addr = server.local_addr();
     let (mut tx, _) = common::login(addr, "piper");
