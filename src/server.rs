@@ -138,8 +138,10 @@ impl Handle {
     /// keeps messages in the inbox (PROTOCOL.md 15.2). `Ok(false)`: the
     /// store did not know it. Waits for the store thread (at most
     /// `timeout`), which answers once the change is synced; do not call it
-    /// from the message hook. A device still connected is added back by
-    /// its next ACK, at that seq: close its connection first.
+    /// from the message hook. Positions its connections hand over after
+    /// the forget (the last ACKs of one that closed as the app signed out)
+    /// are dropped until the device logs in again; in a cluster, only those
+    /// handed over on this node (docs/API.md).
     pub fn forget_device(
         &self,
         user: &str,

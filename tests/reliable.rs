@@ -675,6 +675,42 @@ fn a_device_forgotten_through_the_api_holds_its_users_messages_no_longer() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// The sign-out the docs describe: the app closes its connection (or the
+/// backend kicks it) and the backend forgets the device at once. The
+/// connection's last ACKs reach the store after the forget (they are
+/// handed over at its close, through the store's queue), and they used to
+/// add the device back at its old position, while the API had answered
+/// `forgotten: true` (6 times in 6 in a review).
+#[test]
+fn a_device_forgotten_right_after_its_connection_closed_stays_forgotten() {
+    let mut cfg = config();
+    cfg.store.retention_interval_ms = 100;
+    let server = common::start(cfg);
+    let (addr, h) = (server.local_addr(), server.handle());
+    drop(device_login(addr, "ada", "phone", 0));
+    for round in 0..3u32 {
+        let device = format!("tablet-{round}");
+        let mut tablet = device_login(addr, "ada", &device, 0);
+        for i in 0..5u32 {
+            h.push_reliable("ada", format!("r{round} m{i}"), 0).unwrap().wait().unwrap();
+        }
+        let mut seen = Seen::default();
+        let head = h.inbox_state("ada", Duration::from_secs(5)).unwrap().head_seq;
+        read_until(&mut tablet, &mut seen, 1, Duration::from_secs(5), |s| s.have >= head);
+        if round % 2 == 0 {
+            drop(tablet); // the app closes
+        } else {
+            h.kick_user("ada").unwrap(); // the backend closes it
+        }
+        assert_eq!(h.forget_device("ada", &device, Duration::from_secs(5)), Ok(true));
+        // Past the ticks that hand over what the closed connection had.
+        std::thread::sleep(Duration::from_millis(1500));
+        let devices: Vec<String> =
+            h.inbox_state("ada", Duration::from_secs(5)).unwrap().devices.into_iter().map(|d| d.device).collect();
+        assert_eq!(devices, ["phone"], "round {round}: the forgotten device came back");
+    }
+}
+
 /// A disk store of three shards: each user's inbox lives in its shard,
 /// seqs go on per user after a restart (started again with
 /// `store.shards = 1`: the count on disk wins), and a device catches up

@@ -172,8 +172,10 @@ pub trait Store: Send + 'static {
     /// next retention pass; the disk store drops its hot messages at once,
     /// as at an acknowledgement), and with no device left the messages are
     /// kept for the TTL. A LOGIN with that device id later is a new
-    /// device's; so is an ACK, which adds the device at its seq. Returns
-    /// whether the device was known. Durable at next sync.
+    /// device's; so is a position (`set_position`), which adds the device
+    /// at its seq (the store thread drops those of a forgotten device until
+    /// it logs in again: `service`). Returns whether the device was known.
+    /// Durable at next sync.
     fn forget_device(&mut self, user: &str, device: &str) -> Result<bool, StoreError>;
     /// Retention pass: drops messages older than ttl, messages every known
     /// device has acknowledged (only if the user has ≥1 known device), devices

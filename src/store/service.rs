@@ -506,6 +506,7 @@ impl<T: Send + 'static> Service<T> {
                 cfg,
                 unsynced_since: None,
                 positions: hashbrown::HashMap::new(),
+                forgotten: Forgotten::default(),
                 tidy_after: Instant::now(),
                 reopen: None,
                 reopen_after: Instant::now(),
@@ -600,6 +601,9 @@ struct Worker<T, S> {
     /// by the devices with a position waiting (one entry each), and
     /// emptied within a few turns: each writes at least an eighth.
     positions: hashbrown::HashMap<DeviceKey, (u64, Vec<T>)>,
+    /// Devices forgotten ([`Request::ForgetDevice`]) that have not logged
+    /// in since: their positions are dropped (see [`Forgotten`]).
+    forgotten: Forgotten,
     /// [`Store::tidy`] is not tried before this (it failed).
     tidy_after: Instant,
     /// How to open the store again, taken from it when it stopped.
@@ -613,6 +617,58 @@ struct Worker<T, S> {
 
 /// (user, device).
 type DeviceKey = (Arc<str>, Arc<str>);
+
+/// The most devices [`Forgotten`] remembers per shard; past it the
+/// oldest forget is dropped (its connections' last positions, handed
+/// over within a tick or two of their close, are long written).
+const FORGOTTEN_MAX: usize = 65_536;
+
+/// Devices forgotten and not logged in since. A position for one is
+/// dropped: a store adds a device it does not know at its position
+/// (`set_position`), and the last ACKs of a connection closed just before
+/// the forget (the app signed out) reach the queue after it, handed over
+/// at the close or a tick later: they brought the device back at its old
+/// position while the API had answered that it was forgotten. Its next
+/// LOGIN ends this (a new device's). In RAM only: a restart closes every
+/// connection first, and what they hand over is written before the store
+/// thread stops. Positions of the same device handed over by another
+/// cluster node go through that node's store thread (docs/API.md says so).
+#[derive(Default)]
+struct Forgotten {
+    /// Each device forgotten, with the number of its forget.
+    devices: hashbrown::HashMap<DeviceKey, u64>,
+    /// (device, number) in the order of the forgets, for the bound; an
+    /// entry whose number is no longer the device's is stale.
+    order: std::collections::VecDeque<(DeviceKey, u64)>,
+    next: u64,
+}
+
+impl Forgotten {
+    fn insert(&mut self, key: DeviceKey) {
+        self.next += 1;
+        self.devices.insert(key.clone(), self.next);
+        self.order.push_back((key, self.next));
+        while self.devices.len() > FORGOTTEN_MAX || self.order.len() > 2 * FORGOTTEN_MAX {
+            let Some((old, n)) = self.order.pop_front() else { break };
+            if self.devices.get(&old) == Some(&n) {
+                self.devices.remove(&old);
+            }
+        }
+    }
+
+    /// Whether `key`'s positions are dropped. Costs nothing while no device
+    /// is forgotten.
+    fn contains(&self, key: &DeviceKey) -> bool {
+        !self.devices.is_empty() && self.devices.contains_key(key)
+    }
+
+    /// `key` logged in: a device of its own again.
+    fn remove(&mut self, key: &DeviceKey) {
+        if !self.devices.is_empty() {
+            self.devices.remove(key);
+        }
+    }
+}
 
 impl<T: Send + 'static, S: Sink<T>> Worker<T, S> {
     fn run(mut self) -> Result<(), StoreError> {
@@ -845,6 +901,9 @@ impl<T: Send + 'static, S: Sink<T>> Worker<T, S> {
                 Request::DeviceLogin { user, device, client_seq } => {
                     self.append_run(&mut run_tokens, &mut run, now_ms, &mut written, &mut appended);
                     self.write_positions(true);
+                    let key = (user, device);
+                    self.forgotten.remove(&key);
+                    let (user, device) = key;
                     Done::DeviceLogin(self.store.device_login(&user, &device, client_seq, now_ms))
                 }
                 Request::ForgetDevice { user, device } => {
@@ -852,10 +911,20 @@ impl<T: Send + 'static, S: Sink<T>> Worker<T, S> {
                     // A position waiting for this device would add it back.
                     self.write_positions(true);
                     forgets = true;
-                    Done::ForgetDevice(self.store.forget_device(&user, &device))
+                    let done = self.store.forget_device(&user, &device);
+                    if done.is_ok() {
+                        self.forgotten.insert((user, device));
+                    }
+                    Done::ForgetDevice(done)
                 }
                 Request::Position { user, device, seq } => {
-                    let (at, tokens) = self.positions.entry((user, device)).or_insert((seq, Vec::new()));
+                    let key = (user, device);
+                    if self.forgotten.contains(&key) {
+                        // Of a connection closed before the forget (above).
+                        self.sink.done(token, Done::Position(Ok(())));
+                        continue;
+                    }
+                    let (at, tokens) = self.positions.entry(key).or_insert((seq, Vec::new()));
                     *at = (*at).max(seq);
                     tokens.push(token);
                     continue;
