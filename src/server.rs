@@ -130,7 +130,7 @@ impl Handle {
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
         let req = crate::store::Request::State { user: Arc::from(user) };
         store.try_submit(crate::runtime::inbox::Token::State(tx), req).map_err(|_| self.refused())?;
-        Ok(PendingInboxState { rx })
+        Ok(PendingAnswer { rx })
     }
 
     /// Forgets `user`'s device `device` (its app signed out, or was
@@ -161,7 +161,7 @@ impl Handle {
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
         let req = crate::store::Request::ForgetDevice { user: Arc::from(user), device: Arc::from(device) };
         store.try_submit(crate::runtime::inbox::Token::ForgetDevice(tx), req).map_err(|_| self.refused())?;
-        Ok(PendingForget { rx })
+        Ok(PendingAnswer { rx })
     }
 
     /// Why the store's queue refused a request: full, or stopped by a
@@ -595,39 +595,31 @@ impl ServerBuilder {
     }
 }
 
+/// A store query on its way through the store thread: an inbox's state
+/// ([`Handle::request_inbox_state`]) or a device forgotten
+/// ([`Handle::request_forget_device`]).
+#[derive(Debug)]
+pub struct PendingAnswer<T> {
+    rx: std::sync::mpsc::Receiver<Result<T, crate::store::StoreError>>,
+}
+
+impl<T> PendingAnswer<T> {
+    /// Waits at most `timeout` for the store's answer.
+    pub fn wait_timeout(self, timeout: std::time::Duration) -> Result<T, InboxStateError> {
+        match self.rx.recv_timeout(timeout) {
+            Ok(r) => r.map_err(InboxStateError::Store),
+            Err(_) => Err(InboxStateError::Timeout),
+        }
+    }
+}
+
 /// An inbox state query on its way through the store
 /// ([`Handle::request_inbox_state`]).
-#[derive(Debug)]
-pub struct PendingInboxState {
-    rx: std::sync::mpsc::Receiver<Result<crate::store::InboxState, crate::store::StoreError>>,
-}
+pub type PendingInboxState = PendingAnswer<crate::store::InboxState>;
 
-impl PendingInboxState {
-    /// Waits at most `timeout` for the store's answer.
-    pub fn wait_timeout(self, timeout: std::time::Duration) -> Result<crate::store::InboxState, InboxStateError> {
-        match self.rx.recv_timeout(timeout) {
-            Ok(r) => r.map_err(InboxStateError::Store),
-            Err(_) => Err(InboxStateError::Timeout),
-        }
-    }
-}
-
-/// A device being forgotten ([`Handle::request_forget_device`]).
-#[derive(Debug)]
-pub struct PendingForget {
-    rx: std::sync::mpsc::Receiver<Result<bool, crate::store::StoreError>>,
-}
-
-impl PendingForget {
-    /// Waits at most `timeout` for the store's answer: whether the device
-    /// was known.
-    pub fn wait_timeout(self, timeout: std::time::Duration) -> Result<bool, InboxStateError> {
-        match self.rx.recv_timeout(timeout) {
-            Ok(r) => r.map_err(InboxStateError::Store),
-            Err(_) => Err(InboxStateError::Timeout),
-        }
-    }
-}
+/// A device being forgotten ([`Handle::request_forget_device`]): answers
+/// whether the store knew it.
+pub type PendingForget = PendingAnswer<bool>;
 
 /// A reliable push on its way into the store ([`Handle::push_reliable`]).
 #[derive(Debug)]
