@@ -24,7 +24,7 @@
 #
 # Usage: scripts/autobahn.sh [--release]
 #   --release   test the release build (default: the debug build, which
-#               `cargo test` has built anyway)
+#               `cargo test --workspace` has built anyway)
 # Environment: AUTOBAHN_CACHE (default target/autobahn),
 #   AUTOBAHN_DEBIAN_MIRROR (default: the first Debian archive URI in this
 #   machine's apt sources).
@@ -166,10 +166,16 @@ log "Python 2.7 and the suite ready in $install_s s (cache: $CACHE)"
 # The server under test.
 if [ "$PROFILE" = release ]; then
   cargo build --release --quiet --bin switchboard
+  SERVER="$ROOT/target/release/switchboard"
 else
-  cargo build --quiet --bin switchboard
+  # The binary `cargo test --workspace` builds for the tests that run it,
+  # asked of Cargo by way of one such test (tests/cli.rs). `cargo build`
+  # would resolve features without the dev-dependencies and build and link
+  # a second copy of the server.
+  SERVER=$(cargo test --workspace --test cli --no-run --quiet --message-format=json \
+    | grep -o '"executable":"[^"]*/switchboard"' | tail -n 1 | cut -d'"' -f4)
+  [ -x "$SERVER" ] || { log "cargo did not name the switchboard binary"; exit 1; }
 fi
-SERVER="$ROOT/target/$PROFILE/switchboard"
 
 # A free loopback port (bound and released: a race only with another
 # process picking the same port in the next moment).

@@ -89,6 +89,10 @@ pip_need 'import websockets.sync.client' 'websockets>=11'
 pip_need 'import prometheus_client.parser' 'prometheus_client'
 pip_need 'import schemathesis, sys; sys.exit(schemathesis.__version__.split(".")[0] != "4")' 'schemathesis>=4,<5'
 
+# No incremental compilation cache: on a clean clone (CI) it is never used
+# again and took 2.6 GB of target/. Set CARGO_INCREMENTAL=1 to keep it.
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
+
 # Lints are part of the suite: zero clippy warnings on every target of the
 # workspace (the server, its tests and examples; the switchboard-bench crate
 # with its benches, tests and the tokio baseline).
@@ -118,15 +122,17 @@ cargo test --workspace "$@"
 # rooms, reliable-delivery, API and metrics tests once more in the mode that
 # is not the default (tests/common picks it up from SWITCHBOARD_TEST_POLLER),
 # and Autobahn below in both. About two minutes. Skipped when arguments
-# select tests.
+# select tests. `--workspace` so that the features are resolved as for the
+# run above and its test binaries are reused: `-p switchboard` alone
+# resolves some dependencies' features differently and rebuilds them all.
 DEFAULT_POLLER=epoll
 OTHER_POLLER=io_uring
 if [ $# -eq 0 ]; then
-  SWITCHBOARD_TEST_POLLER=$OTHER_POLLER cargo test -p switchboard --test core --test hardening --test websocket \
+  SWITCHBOARD_TEST_POLLER=$OTHER_POLLER cargo test --workspace --test core --test hardening --test websocket \
     --test ws_interop --test rooms --test reliable --test api --test admin --test metrics --test directory_churn
   # And the owner's writes one sendmsg each (`server.batch_sends = false`,
   # also what a host that refuses io_uring gets) in the default mode.
-  SWITCHBOARD_TEST_BATCH_SENDS=0 cargo test -p switchboard --test core --test hardening --test rooms
+  SWITCHBOARD_TEST_BATCH_SENDS=0 cargo test --workspace --test core --test hardening --test rooms
 fi
 
 # WebSocket conformance: the Autobahn|Testsuite fuzzingclient (301 cases)
