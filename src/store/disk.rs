@@ -2190,7 +2190,7 @@ impl Store for DiskStore {
         out
     }
 
-    fn forget_device(&mut self, user: &str, device: &str) -> Result<bool, StoreError> {
+    fn forget_device(&mut self, user: &str, device: &str, _now_ms: u64) -> Result<bool, StoreError> {
         check_ids(user, "", device)?;
         self.guard(|s| s.forget_device_now(user, device))
     }

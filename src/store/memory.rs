@@ -168,7 +168,7 @@ impl Store for MemoryStore {
         Ok(())
     }
 
-    fn forget_device(&mut self, user: &str, device: &str) -> Result<bool, StoreError> {
+    fn forget_device(&mut self, user: &str, device: &str, _now_ms: u64) -> Result<bool, StoreError> {
         check_ids(user, "", device)?;
         Ok(self.inboxes.get_mut(user).is_some_and(|inbox| forget_device(&mut inbox.devices, device)))
     }

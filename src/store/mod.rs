@@ -174,9 +174,11 @@ pub trait Store: Send + 'static {
     /// kept for the TTL. A LOGIN with that device id later is a new
     /// device's; so is a position (`set_position`), which adds the device
     /// at its seq (the store thread drops those of a forgotten device until
-    /// it logs in again: `service`). Returns whether the device was known.
-    /// Durable at next sync.
-    fn forget_device(&mut self, user: &str, device: &str) -> Result<bool, StoreError>;
+    /// it logs in again: `service`). A store that several nodes share
+    /// should drop them itself, as the Redis store does (marked at
+    /// `now_ms`, for `ttl_ms`): another node's store thread never saw the
+    /// forget. Returns whether the device was known. Durable at next sync.
+    fn forget_device(&mut self, user: &str, device: &str, now_ms: u64) -> Result<bool, StoreError>;
     /// Retention pass: drops messages older than ttl, messages every known
     /// device has acknowledged (only if the user has ≥1 known device), devices
     /// unseen for ttl, dedup entries older than the window. Returns messages dropped.

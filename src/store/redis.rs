@@ -43,6 +43,14 @@
 //!   keyed by seq takes ~180 (a value over `hash-max-listpack-value`, 64
 //!   bytes, makes a hash a hashtable). Deleted when it empties.
 //! - `:dv` hash: device → `"<position> <last_seen_ms> <order>"`.
+//! - `:df` hash: device → the time it was forgotten
+//!   ([`Store::forget_device`]), kept until the device logs in again or
+//!   `ttl_ms` later. A position for a device listed here is dropped: in a
+//!   cluster the last ACKs of a connection that closed on another node can
+//!   reach Redis after the forget, from a store thread that never saw it,
+//!   and would otherwise add the device back. Written only for a device
+//!   the store knew (or forgotten already), so it is bounded by the devices
+//!   there were: about 30 bytes each, plus the key's ~90 while it exists.
 //! - `:dd` hash `"<client_id>:<from>"` → `"<seq> <msg_id> <ts_ms>"` and
 //!   `:dq` sorted set of the same members scored by append time: the dedup
 //!   window. Dedup is per recipient: the key is (to, from, client_id), the
@@ -280,18 +288,26 @@ redis.call('ZADD', KEYS[5], 'LT', fmt(due), ARGV[12])
 return {0, seq}
 "#;
 
-/// Device login or position: KEYS h dv nodes ix; ARGV device seq now
+/// Device login or position: KEYS h dv nodes ix df; ARGV device seq now
 /// node_id max_devices ttl tag is_login. A login first records this node
-/// in the presence hash, then reads the head. Returns {position, head}.
+/// in the presence hash and ends the device's forgotten mark (`:df`), then
+/// reads the head; a position of a device marked forgotten is dropped.
+/// Returns {position, head} ({0, head} for a dropped position).
 /// Runs when Redis is at `maxmemory` (`allow-oom`), as [`EXPIRE_LUA`]
 /// does: the acknowledgements it records, and the retention pass that
 /// drops what they acknowledged, are how a full Redis gets space back
 /// (it adds at most a device entry and a presence field per user).
 const DEVICE_LUA: &str = r#"#!lua flags=allow-oom
 local function fmt(x) return string.format('%d', x) end
-if ARGV[8] == '1' then redis.call('HSET', KEYS[3], ARGV[4], ARGV[3]) end
 local head = tonumber(redis.call('HGET', KEYS[1], 'head') or '0')
 local now = tonumber(ARGV[3])
+if ARGV[8] == '1' then
+  redis.call('HSET', KEYS[3], ARGV[4], ARGV[3])
+  redis.call('HDEL', KEYS[5], ARGV[1])
+else
+  local mark = redis.call('HGET', KEYS[5], ARGV[1])
+  if mark and tonumber(mark) + tonumber(ARGV[6]) > now then return {0, head} end
+end
 local s = tonumber(ARGV[2])
 -- A login past the head stored from another inbox: its seqs do not count
 -- (store::login_device). A position is capped at the head.
@@ -328,15 +344,25 @@ redis.call('ZADD', KEYS[4], 'LT', fmt(due), ARGV[7])
 return {pos, head}
 "#;
 
-/// Forget a device: KEYS dv ix; ARGV device tag. Returns 1 if the
-/// device was known (and makes the user due at the next retention pass,
-/// which drops what the remaining devices have acknowledged), else 0.
+/// Forget a device: KEYS dv ix df; ARGV device tag now ttl. Returns 1 if
+/// the device was known (and makes the user due at the next retention
+/// pass, which drops what the remaining devices have acknowledged), else
+/// 0. Marks it forgotten (`:df`, see the module doc) if it was known or
+/// marked already (a mark counts for `ttl` from its time), and keeps the
+/// user in the index until the mark's end.
 /// Runs at `maxmemory` (`allow-oom`), as [`EXPIRE_LUA`] does: it frees a
 /// device entry, and takes at most an index entry, so that the pass it
 /// calls for can free the messages.
 const FORGET_LUA: &str = r#"#!lua flags=allow-oom
+local now, ttl = tonumber(ARGV[3]), tonumber(ARGV[4])
 local gone = redis.call('HDEL', KEYS[1], ARGV[1])
-if gone == 1 then redis.call('ZADD', KEYS[2], 'LT', '0', ARGV[2]) end
+local mark = redis.call('HGET', KEYS[3], ARGV[1])
+if gone == 1 or (mark and tonumber(mark) + ttl > now) then
+  redis.call('HSET', KEYS[3], ARGV[1], ARGV[3])
+  local due = string.format('%d', now + ttl)
+  if gone == 1 then due = '0' end
+  redis.call('ZADD', KEYS[2], 'LT', due, ARGV[2])
+end
 return gone
 "#;
 
@@ -358,8 +384,9 @@ const STATE_LUA: &str = r#"
 return {redis.call('HMGET', KEYS[1], 'head', 'n', 'b', 'first'), redis.call('HGETALL', KEYS[2])}
 "#;
 
-/// Retention for one user: KEYS h m dv dd dq ix ib; ARGV now ttl window
-/// user_len tag max_drop. Drops devices unseen for ttl, then messages from
+/// Retention for one user: KEYS h m dv dd dq ix ib df; ARGV now ttl window
+/// user_len tag max_drop. Drops devices unseen for ttl and forgotten marks
+/// ttl old, then messages from
 /// the oldest while acknowledged by every remaining device (if any) or
 /// ttl old, then dedup entries past the window; sets the user's index
 /// score to the next time something may be dropped (or removes it).
@@ -387,6 +414,11 @@ for i = 1, #devs, 2 do
   end
 end
 acked = acked or 0
+local marks = redis.call('HGETALL', KEYS[8])
+for i = 1, #marks, 2 do
+  local at = tonumber(marks[i + 1])
+  if at + ttl <= now then redis.call('HDEL', KEYS[8], marks[i]) else soon(at + ttl) end
+end
 local more = 0
 local dropped, bytes, last = 0, 0, 0
 local h = redis.call('HMGET', KEYS[1], 'n', 'first')
@@ -728,7 +760,7 @@ impl RedisStore {
     fn device_op(&self, user: &str, device: &str, seq: u64, now_ms: u64, login: bool) -> Op {
         let tag = user_tag(user);
         let (ix, _) = self.index_keys(key_slot(tag.as_bytes()));
-        let keys = [self.key(&tag, "h"), self.key(&tag, "dv"), self.key(&tag, "nodes"), ix];
+        let keys = [self.key(&tag, "h"), self.key(&tag, "dv"), self.key(&tag, "nodes"), ix, self.key(&tag, "df")];
         let args: [Vec<u8>; 8] = [
             device.as_bytes().to_vec(),
             seq.to_string().into_bytes(),
@@ -1063,6 +1095,7 @@ impl RedisStore {
             self.key(tag, "dq"),
             ix,
             ib,
+            self.key(tag, "df"),
         ];
         let args = [
             now_ms.to_string(),
@@ -1272,12 +1305,14 @@ impl Store for RedisStore {
         self.run_one(op).map(|_| ())
     }
 
-    fn forget_device(&mut self, user: &str, device: &str) -> Result<bool, StoreError> {
+    fn forget_device(&mut self, user: &str, device: &str, now_ms: u64) -> Result<bool, StoreError> {
         check_ids(user, "", device)?;
         let tag = user_tag(user);
         let (ix, _) = self.index_keys(key_slot(tag.as_bytes()));
-        let keys = [self.key(&tag, "dv"), ix];
-        let op = self.script_op(&SCRIPTS.forget, &tag, &keys, &[device.as_bytes(), tag.as_bytes()]);
+        let keys = [self.key(&tag, "dv"), ix, self.key(&tag, "df")];
+        let (now, ttl) = (now_ms.to_string(), self.limits.ttl_ms.to_string());
+        let args = [device.as_bytes(), tag.as_bytes(), now.as_bytes(), ttl.as_bytes()];
+        let op = self.script_op(&SCRIPTS.forget, &tag, &keys, &args);
         Ok(int(Some(&self.run_one(op)?))? == 1)
     }
 

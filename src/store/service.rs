@@ -911,7 +911,7 @@ impl<T: Send + 'static, S: Sink<T>> Worker<T, S> {
                     // A position waiting for this device would add it back.
                     self.write_positions(true);
                     forgets = true;
-                    let done = self.store.forget_device(&user, &device);
+                    let done = self.store.forget_device(&user, &device, now_ms);
                     if done.is_ok() {
                         self.forgotten.insert((user, device));
                     }
@@ -1117,7 +1117,7 @@ impl Store for Closed {
     fn inbox_state(&mut self, _: &str) -> Result<InboxState, StoreError> {
         Self::refuse()
     }
-    fn forget_device(&mut self, _: &str, _: &str) -> Result<bool, StoreError> {
+    fn forget_device(&mut self, _: &str, _: &str, _: u64) -> Result<bool, StoreError> {
         Self::refuse()
     }
     fn expire(&mut self, _: u64) -> Result<u64, StoreError> {

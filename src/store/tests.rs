@@ -469,10 +469,10 @@ fn a_forgotten_device_holds_the_inbox_no_longer(make: Make) {
     append(s, "alice", 6, T0 + 1);
     s.set_position("alice", "phone", 7, T0 + 1).unwrap();
     assert_eq!(s.held().0, 5);
-    assert_eq!(s.forget_device("alice", "tablet"), Ok(true));
-    assert_eq!(s.forget_device("alice", "tablet"), Ok(false), "forgotten already");
-    assert_eq!(s.forget_device("alice", "watch"), Ok(false), "never known");
-    assert_eq!(s.forget_device("nobody", "phone"), Ok(false), "no such user");
+    assert_eq!(s.forget_device("alice", "tablet", T0 + 1), Ok(true));
+    assert_eq!(s.forget_device("alice", "tablet", T0 + 1), Ok(false), "forgotten already");
+    assert_eq!(s.forget_device("alice", "watch", T0 + 1), Ok(false), "never known");
+    assert_eq!(s.forget_device("nobody", "phone", T0 + 1), Ok(false), "no such user");
     let devices = |st: InboxState| st.devices.into_iter().map(|d| d.device).collect::<Vec<_>>();
     assert_eq!(devices(s.inbox_state("alice").unwrap()), ["phone"]);
     // The disk store drops its hot ones at once, as at an acknowledgement;
@@ -487,18 +487,18 @@ fn a_forgotten_device_holds_the_inbox_no_longer(make: Make) {
     // With no device left, the messages wait for the TTL, as for a user
     // who never had one.
     append(s, "alice", 7, T0 + 4);
-    assert_eq!(s.forget_device("alice", "tablet"), Ok(true));
-    assert_eq!(s.forget_device("alice", "phone"), Ok(true));
+    assert_eq!(s.forget_device("alice", "tablet", T0 + 4), Ok(true));
+    assert_eq!(s.forget_device("alice", "phone", T0 + 4), Ok(true));
     assert!(s.inbox_state("alice").unwrap().devices.is_empty());
     assert_eq!(s.expire(T0 + 5).unwrap(), 0, "kept: no device acknowledged it");
     assert_eq!(seqs(&s.read("alice", 0, 10).unwrap()), vec![8]);
     // Ids as the other calls check them.
-    assert!(s.forget_device("", "phone").is_err());
-    assert!(s.forget_device("alice", &"d".repeat(MAX_DEVICE_BYTES + 1)).is_err());
+    assert!(s.forget_device("", "phone", T0 + 5).is_err());
+    assert!(s.forget_device("alice", &"d".repeat(MAX_DEVICE_BYTES + 1), T0 + 5).is_err());
     // It stays forgotten across a restart.
     s.device_login("alice", "phone", 8, T0 + 6).unwrap();
     s.device_login("alice", "tablet", 0, T0 + 6).unwrap();
-    assert_eq!(s.forget_device("alice", "tablet"), Ok(true));
+    assert_eq!(s.forget_device("alice", "tablet", T0 + 6), Ok(true));
     s.sync().unwrap();
     if subject.restart() {
         let s = subject.store();
@@ -748,6 +748,12 @@ struct Model {
     dedup: HashMap<(String, String, u64), (u64, u64, u64)>,
     /// The disk store's hot tier (hotlog.rs), if the subject has one.
     hot: Option<HotModel>,
+    /// (user, device) → the time it was forgotten, if the subject marks
+    /// forgotten devices itself, as the Redis store does (`:df`): a
+    /// position of a device marked less than `ttl_ms` ago is dropped, and
+    /// its login ends the mark. The other stores add the device back (the
+    /// store thread drops such positions for them).
+    marks: Option<HashMap<(String, String), u64>>,
 }
 
 /// What the disk store's hot tier does that a store without one does not
@@ -770,6 +776,16 @@ struct HotModel {
 impl Model {
     fn with_hot_tier() -> Self {
         Model { hot: Some(HotModel::default()), ..Model::default() }
+    }
+
+    fn with_forgotten_marks() -> Self {
+        Model { marks: Some(HashMap::new()), ..Model::default() }
+    }
+
+    /// Whether `device` of `user` has a mark that still counts at `now`.
+    fn marked(&self, limits: &StoreLimits, user: &str, device: &str, now: u64) -> bool {
+        let key = (user.to_string(), device.to_string());
+        self.marks.as_ref().and_then(|m| m.get(&key)).is_some_and(|&at| at + limits.ttl_ms > now)
     }
 
     /// Resolves hot message `key` if it still is one; returns whether it
@@ -901,12 +917,24 @@ impl Model {
     /// [`Store::forget_device`]: the device goes, and with the disk
     /// store's hot tier, the hot messages every remaining device has
     /// acknowledged (as at an acknowledgement).
-    fn forget(&mut self, user: &str, device: &str) -> bool {
+    fn forget(&mut self, limits: &StoreLimits, user: &str, device: &str, now: u64) -> bool {
         let known = self.devices.get_mut(user).is_some_and(|d| d.remove(device).is_some());
         if known {
             self.drop_acknowledged_hot(user);
         }
+        if known || self.marked(limits, user, device, now) {
+            if let Some(marks) = &mut self.marks {
+                marks.insert((user.into(), device.into()), now);
+            }
+        }
         known
+    }
+
+    /// A position from a connection (not a login).
+    fn acknowledged(&mut self, limits: &StoreLimits, user: &str, device: &str, seq: u64, now: u64) {
+        if !self.marked(limits, user, device, now) {
+            self.position(user, device, seq, now);
+        }
     }
 
     fn state(&self, user: &str) -> InboxState {
@@ -1064,26 +1092,29 @@ fn against_a_model(
                 let (u, d) = (users[user as usize], ["p", "q", "r"][device as usize]);
                 // A last_seq past the head is not taken (store::login_device).
                 let seq = if client_seq > model.head(u) { 0 } else { client_seq };
+                if let Some(marks) = &mut model.marks {
+                    marks.remove(&(u.to_string(), d.to_string()));
+                }
                 let want = (model.position(u, d, seq, now), model.head(u));
                 prop_assert_eq!(s.device_login(u, d, client_seq, now).unwrap(), want, "op {}", i);
             }
             Op::Position { user, device, seq } => {
                 let (u, d) = (users[user as usize], ["p", "q", "r"][device as usize]);
-                model.position(u, d, seq, now);
+                model.acknowledged(&limits, u, d, seq, now);
                 s.set_position(u, d, seq, now).unwrap();
             }
             Op::Positions(ref moves) => {
                 let moves: Vec<_> =
                     moves.iter().map(|&(u, d, seq)| (users[u as usize], ["p", "q", "r"][d as usize], seq)).collect();
                 for &(u, d, seq) in &moves {
-                    model.position(u, d, seq, now);
+                    model.acknowledged(&limits, u, d, seq, now);
                 }
                 let refused = s.set_positions(&moves, now).into_iter().filter(Result::is_err).count();
                 prop_assert_eq!(refused, 0, "op {}", i);
             }
             Op::Forget { user, device } => {
                 let (u, d) = (users[user as usize], ["p", "q", "r"][device as usize]);
-                prop_assert_eq!(s.forget_device(u, d).unwrap(), model.forget(u, d), "op {}", i);
+                prop_assert_eq!(s.forget_device(u, d, now).unwrap(), model.forget(&limits, u, d, now), "op {}", i);
             }
             Op::State { user } => {
                 let u = users[user as usize];
@@ -1166,7 +1197,7 @@ proptest! {
     #[test]
     fn redis_store_behaves_as_the_model(ops in proptest::collection::vec(op(), 1..80)) {
         let subject = Box::new(RedisOne::new(AppendFsync::Always, model_limits()));
-        against_a_model(subject, model_limits(), &ops, Model::default())?;
+        against_a_model(subject, model_limits(), &ops, Model::with_forgotten_marks())?;
     }
 }
 
@@ -1227,7 +1258,7 @@ fn redis_cluster_keys_of_a_user_share_one_slot() {
     for user in ["alice", "a{b}c", "}x", "{", "#h", "bob:1", "émile"] {
         let tag = super::redis::user_tag(user);
         let slots: Vec<i64> =
-            ["h", "m", "dv", "dd", "dq", "nodes"].iter().map(|sfx| keyslot(&user_key("sb", user, sfx))).collect();
+            ["h", "m", "dv", "df", "dd", "dq", "nodes"].iter().map(|sfx| keyslot(&user_key("sb", user, sfx))).collect();
         assert!(slots.iter().all(|&s| s == slots[0]), "{user}: {slots:?}");
         assert_eq!(slots[0], super::redis::key_slot(tag.as_bytes()) as i64, "{user}: our slot is Redis's");
     }
@@ -1263,6 +1294,64 @@ fn redis_device_login_writes_presence_before_reading_the_head() {
         assert_eq!(got, vec![(T0 + 5).to_string()], "{user}: slot {slot}");
     }
     assert_eq!(presence_key("alice"), "sb:{alice}:nodes");
+}
+
+/// In a cluster every node has a store thread of its own on the one
+/// Redis. A device's connection on node B closed, and its last ACKs reach
+/// Redis from B's store thread after node A's forget: they used to add the
+/// device back at its old position, while A's API had answered
+/// `forgotten: true` (B's store thread never saw the forget, so the list
+/// the store thread keeps, `service::Forgotten`, could not drop them).
+#[test]
+fn redis_forgotten_device_stays_forgotten_when_another_node_hands_over_its_last_acks() {
+    let prefix = fresh_prefix();
+    let addrs = RedisAddrs::Cluster(shared_cluster().urls());
+    let ttl = 60_000;
+    let limits = StoreLimits { ttl_ms: ttl, ..StoreLimits::default() };
+    let open = |node| RedisStore::open_with_prefix(&addrs, node, limits, REDIS_TEST_TIMEOUT, &prefix).unwrap();
+    let (mut a, mut b) = (open("node-a"), open("node-b"));
+    let devices =
+        |s: &mut RedisStore| s.inbox_state("ada").unwrap().devices.into_iter().map(|d| d.device).collect::<Vec<_>>();
+    for i in 0..4 {
+        append(&mut a, "ada", i, T0);
+    }
+    b.device_login("ada", "tablet", 0, T0).unwrap();
+    a.device_login("ada", "phone", 4, T0).unwrap();
+    b.set_position("ada", "tablet", 1, T0 + 1).unwrap();
+    assert_eq!(a.forget_device("ada", "tablet", T0 + 2), Ok(true));
+    // B's last ACKs, one by one and as a batch (one pipeline).
+    b.set_position("ada", "tablet", 2, T0 + 3).unwrap();
+    assert!(b.set_positions(&[("ada", "tablet", 3)], T0 + 3).into_iter().all(|r| r.is_ok()));
+    assert_eq!(devices(&mut a), ["phone"], "the tablet stays forgotten");
+    assert_eq!(a.expire(T0 + 4).unwrap(), 4, "the phone has them all");
+    // Forgetting it again (a retry) renews the mark and answers false.
+    assert_eq!(a.forget_device("ada", "tablet", T0 + 5), Ok(false));
+    b.set_position("ada", "tablet", 4, T0 + 6).unwrap();
+    assert_eq!(devices(&mut a), ["phone"]);
+    // Its login ends the mark: it is a device again, and its ACKs count.
+    assert_eq!(b.device_login("ada", "tablet", 4, T0 + 7).unwrap(), (4, 4));
+    append(&mut a, "ada", 4, T0 + 7);
+    b.set_position("ada", "tablet", 5, T0 + 8).unwrap();
+    let st = a.inbox_state("ada").unwrap();
+    let tablet = st.devices.iter().find(|d| d.device == "tablet").map(|d| d.position);
+    assert_eq!(tablet, Some(5));
+    // A mark counts for ttl_ms: a position that late adds the device back
+    // (a connection that stays open is seen), and the retention pass drops
+    // the mark.
+    assert_eq!(a.forget_device("ada", "tablet", T0 + 9), Ok(true));
+    let marks = user_key(&prefix, "ada", "df");
+    let exists =
+        || shared_cluster().nodes().iter().any(|n| matches!(n.cmd(&["EXISTS", &marks]), Ok(::redis::Value::Int(1))));
+    assert!(exists());
+    a.set_position("ada", "phone", 5, T0 + ttl).unwrap();
+    b.set_position("ada", "tablet", 5, T0 + 9 + ttl - 1).unwrap();
+    assert_eq!(devices(&mut a), ["phone"]);
+    a.expire(T0 + 9 + ttl - 1).unwrap();
+    assert!(exists(), "kept while it counts");
+    a.expire(T0 + 9 + ttl).unwrap();
+    assert!(!exists(), "dropped by the retention pass at its end");
+    b.set_position("ada", "tablet", 5, T0 + 9 + ttl).unwrap();
+    assert_eq!(devices(&mut a), ["phone", "tablet"]);
 }
 
 #[test]
@@ -1661,9 +1750,9 @@ impl Store for Probe {
         self.saw(user);
         self.inner.inbox_state(user)
     }
-    fn forget_device(&mut self, user: &str, device: &str) -> Result<bool, StoreError> {
+    fn forget_device(&mut self, user: &str, device: &str, now_ms: u64) -> Result<bool, StoreError> {
         self.saw(user);
-        self.inner.forget_device(user, device)
+        self.inner.forget_device(user, device, now_ms)
     }
     fn expire(&mut self, now_ms: u64) -> Result<u64, StoreError> {
         self.expires.fetch_add(1, Ordering::SeqCst);
