@@ -632,7 +632,8 @@ const FORGOTTEN_MAX: usize = 65_536;
 /// LOGIN ends this (a new device's). In RAM only: a restart closes every
 /// connection first, and what they hand over is written before the store
 /// thread stops. Positions of the same device handed over by another
-/// cluster node go through that node's store thread (docs/API.md says so).
+/// cluster node go through that node's store thread, which never saw the
+/// forget: the Redis store drops them itself (its `:df` marks).
 #[derive(Default)]
 struct Forgotten {
     /// Each device forgotten, with the number of its forget.

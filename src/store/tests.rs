@@ -1678,6 +1678,27 @@ fn redis_store_measure() {
         usage("sb:{user00001}:dq"),
         usage("sb:{user00001}:nodes"),
     );
+    // Positions, as a store thread hands them over: runs of 256 through
+    // `set_positions` (one pipeline), each a device of those users moving on.
+    let users: Vec<String> = (0..10_000).map(|u| format!("user{u:05}")).collect();
+    let t = std::time::Instant::now();
+    let rounds = 200usize;
+    for r in 0..rounds {
+        let moves: Vec<(&str, &str, u64)> =
+            (0..256).map(|i| (users[(r * 256 + i) % users.len()].as_str(), "phone", 1)).collect();
+        assert!(s.set_positions(&moves, T0 + 1 + r as u64).iter().all(Result::is_ok));
+    }
+    println!("set_positions of 256: {:.0} positions/s", (rounds * 256) as f64 / t.elapsed().as_secs_f64());
+    // What a forgotten device's mark (`:df`) costs, for 10,000 users.
+    let before = used();
+    for user in &users {
+        assert_eq!(s.forget_device(user, "phone", T0 + 2), Ok(true));
+    }
+    println!(
+        "10000 devices forgotten (a mark each): {:+.0} bytes each (used_memory); MEMORY USAGE of user00001's df {}",
+        (used() - before) as f64 / 10_000.0,
+        usage("sb:{user00001}:df"),
+    );
 }
 
 // ---- the store thread -------------------------------------------------------
