@@ -124,6 +124,8 @@ EOF
   for deb in "$apt"/debs/*.deb; do
     dpkg-deb -x "$deb" "$PREFIX"
   done
+  # The lists and the packages (about 115 MB) are not needed again.
+  rm -rf "$apt"
   touch "$PREFIX/.installed"
 }
 
@@ -205,6 +207,10 @@ partial_bytes_per_worker = 268435456
 listen = "127.0.0.1:$PORT"
 conformance_echo = true
 max_message_bytes = 16777216
+
+# Echo only: no inbox store (the default would open ./switchboard-data).
+[store]
+kind = "none"
 EOF
 "$SERVER" serve --config "$RUN/echo.toml" --log warn > "$RUN/server.log" 2>&1 &
 SERVER_PID=$!

@@ -5,7 +5,8 @@
 # python3's `prometheus_client`, for tests/metrics.rs; schemathesis, for
 # tests/api_schema.rs;
 # nginx with its stream module and openssl, the TLS front of
-# tests/tls_front.rs), then runs clippy (zero warnings), the format and
+# tests/tls_front.rs; iproute2 and procps, the network namespace of
+# tests/deploy.rs), then runs clippy (zero warnings), the format and
 # `cargo doc` checks, `cargo test
 # --workspace` (the server and the switchboard-bench crate; arguments are
 # passed on, e.g. a test filter) and, when no arguments were given, the
@@ -14,6 +15,26 @@
 # Idempotent: on a machine that has everything it installs nothing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+# Free disk, told up front: a full run takes about 3 GB under target/ and a
+# few hundred MB under the temporary directory (tests' stores and Redis
+# files), with Chromium's packages about 350 MB more when they are
+# installed. Short of it, the run fails late and obscurely (the linker
+# dies of SIGBUS, a store reports its write failed), so say so first.
+free_mb() { df -Pm "$1" 2>/dev/null | awk 'NR == 2 { print $4 }'; }
+mkdir -p "${CARGO_TARGET_DIR:-target}"
+for dir in "${CARGO_TARGET_DIR:-target}" "${TMPDIR:-/tmp}"; do
+  free=$(free_mb "$dir")
+  echo "scripts/test.sh: ${free:-?} MB free under $dir" >&2
+  if [ -n "$free" ] && [ "$free" -lt 4500 ]; then
+    echo "scripts/test.sh: warning: less than 4,500 MB free under $dir; the run may fail for want of disk" >&2
+  fi
+done
+
+# Descriptors: the tests hold up to about 10,000 at once in one process
+# (tests/rooms.rs); a server raises its own soft limit, a test that only
+# opens clients does not. Raise the soft limit to the hard one.
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
 # The Python the tests run: $SWITCHBOARD_PYTHON, else the first python3 on
 # the PATH (Debian's once installed below). Exported, so the tests use the
@@ -33,6 +54,8 @@ APT_PACKAGES=(
   "libnginx-mod-stream|test -f /usr/lib/nginx/modules/ngx_stream_module.so"
   "openssl|command -v openssl"
   "redis-server|command -v redis-server && command -v redis-cli"
+  "iproute2|command -v ip"
+  "procps|command -v sysctl"
 )
 
 as_root() {

@@ -84,7 +84,10 @@ fn silent_and_slow_clients_do_not_delay_health_or_pushes() {
         worst = worst.max(t.elapsed());
         assert_eq!(p, format!("p{i}").as_bytes());
     }
-    assert!(worst < Duration::from_millis(100), "a request took {worst:?} next to 505 idle or slow clients");
+    // 300 ms: the neighbouring test's 100 ms bound failed once, at 110.9 ms,
+    // in a full run on a busy 2-core host; a request stuck behind the
+    // slow clients would wait for their 5 s header timeout.
+    assert!(worst < Duration::from_millis(300), "a request took {worst:?} next to 505 idle or slow clients");
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     // The slow heads are cut off at admin.header_timeout_ms (5 s here),
     // and so are the silent connections: their reads see the close.

@@ -317,6 +317,14 @@ pub fn worker_ticks() -> std::collections::HashMap<u64, u64> {
         .collect()
 }
 
+/// [`worker_ticks`] of the worker threads not in `others`: with `others`
+/// taken just before a server starts (`worker_ticks().into_keys()`), that
+/// server's own (and those of any other test's server that started in the
+/// same moment), not the busy workers of servers other tests run meanwhile.
+pub fn worker_ticks_except(others: &std::collections::HashSet<u64>) -> std::collections::HashMap<u64, u64> {
+    worker_ticks().into_iter().filter(|(tid, _)| !others.contains(tid)).collect()
+}
+
 /// Clock ticks the worker threads alive at both samples burnt between
 /// them. Tests run in parallel in one process, so other tests' servers
 /// start and stop meanwhile: a sum over all workers went down when one
