@@ -137,8 +137,8 @@ fn wss_and_raw_tls_through_nginx_with_the_documented_config() {
 
     let dir = TempDir::new("tls-front");
     let (cert, key) = certificate(&dir.0);
-    let free = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let (wss_port, tls_port) = (free(), free());
+    // Two distinct ports (two binds to port 0 in a row can get the same).
+    let (wss_port, tls_port) = (common::free_port(), common::free_port());
     let mut conf = sample_config();
     // Ports and addresses of this test; files in its directory; limits that
     // fit this machine; nginx runs as whoever runs the test.
