@@ -16,10 +16,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Free disk, told up front: a full run takes about 3 GB under target/ and a
+# Free disk, told up front: a full run takes about 2 GB under target/ and a
 # few hundred MB under the temporary directory (tests' stores and Redis
 # files), with Chromium's packages about 350 MB more when they are
-# installed. Short of it, the run fails late and obscurely (the linker
+# installed (4,500 MB leaves room for a slower-growing cache and logs). Short of it, the run fails late and obscurely (the linker
 # dies of SIGBUS, a store reports its write failed), so say so first.
 free_mb() { df -Pm "$1" 2>/dev/null | awk 'NR == 2 { print $4 }'; }
 mkdir -p "${CARGO_TARGET_DIR:-target}"
