@@ -635,17 +635,20 @@ impl Inbox {
 
     fn react(&mut self, f: &Frame<'_>) -> Option<Frame<'static>> {
         match *f {
-            Frame::Sync { position, head_seq, page_end, .. } => {
+            Frame::Sync { req_id, position, head_seq, page_end } => {
                 print_frame(f);
-                if head_seq < self.last_seq {
-                    // Seqs never go back on one store (15.3): this is
-                    // another one (a memory store restarted, a store
-                    // restored from a backup), whose seqs name other
-                    // messages. The login left the device's position where
-                    // that store had it (15.6): start over from there, as
-                    // its first page and the pages after it come (15.8).
+                if req_id == 0 && position < self.last_seq {
+                    // The login left the device below what it stored. A
+                    // store takes a login's seq unless it is past the head
+                    // or, for a store whose seqs start over at a restart
+                    // (memory), from a device it does not know (15.6):
+                    // this is another inbox than the one stored from (a
+                    // memory store restarted, a store restored from a
+                    // backup), whose seqs name other messages. Start over
+                    // from the position, as its first page and the pages
+                    // after it come (15.8).
                     out!(
-                        "(the server's inbox ends at #{head_seq}, before #{} stored here: another store; going on from #{position})",
+                        "(the server has this device at #{position}, before #{} stored here: another store; going on from #{position})",
                         self.last_seq
                     );
                     self.last_seq = position;

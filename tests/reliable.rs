@@ -381,6 +381,45 @@ fn a_new_device_gets_what_is_kept_after_the_other_devices_messages_were_dropped(
     assert_eq!(next_inbox(&mut tablet).0, 56, "live after the last page");
 }
 
+/// A memory store starts over at a restart: its seqs begin again at 1,
+/// and they name other messages than the ones a device stored before.
+/// Once the new inbox's head has passed what the device stored, its
+/// login's `last_seq` is a seq of the new inbox too; taken as the
+/// position, it made the device skip every new message up to it
+/// (PROTOCOL.md 15.6, 15.8). A memory store that has not seen the device
+/// since it started has no reason to believe the seq: the login SYNC
+/// gives the position the store has (0), below the `last_seq`, which
+/// tells the client to start over from it, and every new message comes.
+#[test]
+fn a_device_back_after_a_memory_store_restart_gets_every_new_message() {
+    let server = common::start(config());
+    let handle = server.handle();
+    for i in 0..5u32 {
+        handle.push_reliable("gail", format!("old{i}"), 0).unwrap().wait().unwrap();
+    }
+    let mut phone = device_login(server.local_addr(), "gail", "phone", 0);
+    let mut seen = Seen::default();
+    read_until(&mut phone, &mut seen, 1, Duration::from_secs(5), |s| s.have >= 5);
+    drop(phone);
+    server.shutdown().unwrap();
+
+    let server = common::start(config());
+    let handle = server.handle();
+    for i in 0..7u32 {
+        let r = handle.push_reliable("gail", format!("m{i}"), 0).unwrap().wait().unwrap();
+        assert_eq!(r.seq, i as u64 + 1, "the new store starts again at 1");
+    }
+    let mut phone = device_login(server.local_addr(), "gail", "phone", 5);
+    phone.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    assert_eq!(next_sync(&mut phone), (0, 0, 7, 7), "the position the new store has, below the last_seq sent");
+    let got: Vec<(u64, Vec<u8>)> = (0..7).map(|_| next_inbox(&mut phone)).collect();
+    let want: Vec<(u64, Vec<u8>)> = (0..7u32).map(|i| (i as u64 + 1, format!("m{i}").into_bytes())).collect();
+    assert_eq!(got, want, "every new message, once, in order");
+    phone.ack(7).unwrap();
+    handle.push_reliable("gail", "m7", 0).unwrap().wait().unwrap();
+    assert_eq!(next_inbox(&mut phone).0, 8, "live after the page");
+}
+
 /// A device connected and idle for longer than `store.ttl_ms` stays known:
 /// the store forgets devices it has not seen for that long, and it saw one
 /// only at its login and its ACKs. Forgotten while connected, the desk's

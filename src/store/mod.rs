@@ -147,7 +147,11 @@ pub trait Store: Send + 'static {
     fn read(&mut self, user: &str, after_seq: u64, limit: usize) -> Result<Page, StoreError>;
     /// A device logs in: registers it (position = max(stored, client_seq),
     /// or the stored one when client_seq is past the head: `login_device`)
-    /// and returns (position, head_seq). Durable at next sync.
+    /// and returns (position, head_seq). Durable at next sync. A store
+    /// whose seqs start over at a restart (the memory store) takes
+    /// client_seq only from a device it knows: an unknown device's seq may
+    /// come from the store before the restart, whatever the head
+    /// (PROTOCOL.md 15.6).
     fn device_login(
         &mut self,
         user: &str,
