@@ -17,6 +17,9 @@
 //! closing connection's registration (`Poller::forget`), and the I/O loop
 //! yields every turn. Before, this test failed every time: the worker
 //! burned ~1 s of CPU per second and alice got nothing.
+//!
+//! Also here, the other side of spawned children: those of a test binary
+//! that hangs, which the tests' watchdog kills before it ends the binary.
 
 mod common;
 
@@ -91,4 +94,59 @@ fn a_child_process_does_not_stall_the_worker_of_a_connection_it_inherited() {
     let got = alice_rx.recv_timeout(Duration::from_secs(3));
     assert!(ticks < 20, "the idle workers burnt {ticks} clock ticks in one second");
     assert_eq!(got.as_deref(), Ok(&b"still served"[..]), "the worker no longer serves alice");
+}
+
+/// The test watchdog (`common::arm_watchdog`) ends a hung test binary. The
+/// servers, Redis nodes, nginx and Chromium its tests spawn inherit its
+/// stderr; left running, they held CI's log pipe open after the binary
+/// ended, so that the job waited for its time limit instead of failing
+/// with the log. The watchdog kills them first: the binary's stderr ends
+/// when it does.
+#[test]
+fn the_watchdog_ends_a_hung_binary_and_the_children_that_hold_its_stderr() {
+    let started = std::time::Instant::now();
+    let mut run = Command::new(std::env::current_exe().unwrap())
+        .args(["--ignored", "--exact", "hung_with_a_child", "--nocapture", "--test-threads", "1"])
+        .env("SWITCHBOARD_TEST_DEADLINE_S", "1")
+        .env("SWITCHBOARD_HANG_ON_PURPOSE", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = run.stderr.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = std::io::Read::read_to_string(&mut stderr, &mut text);
+        let _ = tx.send(text);
+    });
+    let text = rx.recv_timeout(Duration::from_secs(20));
+    let status = loop {
+        match run.try_wait().unwrap() {
+            Some(s) => break Some(s),
+            None if started.elapsed() > Duration::from_secs(20) => break None,
+            None => std::thread::sleep(Duration::from_millis(50)),
+        }
+    };
+    if status.is_none() {
+        let _ = run.kill();
+        let _ = run.wait();
+    }
+    assert_eq!(status.and_then(|s| s.code()), Some(101), "the watchdog ends the binary with 101");
+    let text = text.expect("the binary's stderr ends within 20 s: a child it spawned still holds it");
+    assert!(text.contains("a test is hung; aborting"), "{text}");
+}
+
+/// Run only by the test above (it sets `SWITCHBOARD_HANG_ON_PURPOSE`):
+/// spawns a child that inherits stderr, then hangs past the watchdog.
+#[test]
+#[ignore = "a hung test on purpose, for the watchdog test above"]
+fn hung_with_a_child() {
+    if std::env::var_os("SWITCHBOARD_HANG_ON_PURPOSE").is_none() {
+        return;
+    }
+    arm_watchdog();
+    let _child = Spawned(Command::new("sleep").arg("60").stdin(Stdio::null()).stdout(Stdio::null()).spawn().unwrap());
+    std::thread::sleep(Duration::from_secs(60));
 }

@@ -79,7 +79,9 @@ pub fn poller() -> switchboard::config::PollerKind {
 /// A hung test must fail CI, not stall it until the job is killed: the
 /// first server a test binary starts arms a watchdog that aborts the whole
 /// binary after `SWITCHBOARD_TEST_DEADLINE_S` (default 600 s), far above
-/// what any binary here needs.
+/// what any binary here needs. It kills the binary's child processes
+/// first: servers, Redis, nginx and Chromium inherit its stderr, and
+/// would hold CI's log open after it ended.
 pub fn arm_watchdog() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
@@ -87,9 +89,31 @@ pub fn arm_watchdog() {
         std::thread::spawn(move || {
             std::thread::sleep(Duration::from_secs(secs));
             eprintln!("test binary still running after {secs} s: a test is hung; aborting");
+            let children = kill_children();
+            if children > 0 {
+                eprintln!("killed {children} child process(es) of the test binary");
+            }
             std::process::exit(101);
         });
     });
+}
+
+/// SIGKILLs every child process of this one (each thread's, from
+/// `/proc/self/task/*/children`); returns how many.
+fn kill_children() -> usize {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else { return 0 };
+    let mut killed = 0;
+    for task in tasks.flatten() {
+        let Ok(list) = std::fs::read_to_string(task.path().join("children")) else { continue };
+        for pid in list.split_whitespace().filter_map(|p| p.parse::<libc::pid_t>().ok()) {
+            // SAFETY: kill(2) with a pid this process spawned and a signal
+            // number; it touches no memory of ours.
+            if unsafe { libc::kill(pid, libc::SIGKILL) } == 0 {
+                killed += 1;
+            }
+        }
+    }
+    killed
 }
 
 pub fn start(cfg: Config) -> Server {
