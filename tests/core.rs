@@ -151,15 +151,17 @@ fn two_clients_chat_through_the_server() {
 #[test]
 fn server_pings_silent_clients_and_closes_dead_ones() {
     let mut cfg = config();
+    // A PING 300 ms into silence leaves 700 ms to answer it: slack for a
+    // test thread that a loaded host does not run at once.
     cfg.timeouts.heartbeat_interval_ms = 300;
-    cfg.timeouts.idle_timeout_ms = 700;
+    cfg.timeouts.idle_timeout_ms = 1_000;
     let server = start(cfg);
     let addr = server.local_addr();
 
     // A live client answers PINGs and outlives several idle timeouts.
     let (mut live, _) = login(addr, "live");
     let live_thread = std::thread::spawn(move || {
-        let end = Instant::now() + Duration::from_millis(2_000);
+        let end = Instant::now() + Duration::from_millis(3_000);
         let mut pings = 0;
         live.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
         while Instant::now() < end {
@@ -189,10 +191,10 @@ fn server_pings_silent_clients_and_closes_dead_ones() {
     assert!(ping_after >= Duration::from_millis(250), "PING too early: {ping_after:?}");
     assert_eq!(close_code_of(&mut dead), Some(CloseCode::IdleTimeout as u16));
     let closed_after = t0.elapsed();
-    assert!(closed_after >= Duration::from_millis(600), "closed too early: {closed_after:?}");
+    assert!(closed_after >= Duration::from_millis(900), "closed too early: {closed_after:?}");
 
     let (pings, _live) = live_thread.join().unwrap();
-    assert!(pings >= 3, "the live client was pinged {pings} times in 2 s");
+    assert!(pings >= 3, "the live client was pinged {pings} times in 3 s");
     assert!(server.handle().is_online("live"));
     assert!(!server.handle().is_online("dead"));
     let s = server.handle().stats();
