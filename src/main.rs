@@ -640,13 +640,12 @@ impl Inbox {
                 if req_id == 0 && position < self.last_seq {
                     // The login left the device below what it stored. A
                     // store takes a login's seq unless it is past the head
-                    // or, for a store whose seqs start over at a restart
-                    // (memory), from a device it does not know (15.6):
-                    // this is another inbox than the one stored from (a
-                    // memory store restarted, a store restored from a
-                    // backup), whose seqs name other messages. Start over
-                    // from the position, as its first page and the pages
-                    // after it come (15.8).
+                    // or the device is one it does not know (15.6): this
+                    // is another inbox than the one stored from (a memory
+                    // store restarted, a store restored from a backup),
+                    // whose seqs name other messages, or the device was
+                    // forgotten. Start over from the position, as its
+                    // first page and the pages after it come (15.8).
                     out!(
                         "(the server has this device at #{position}, before #{} stored here: another store; going on from #{position})",
                         self.last_seq

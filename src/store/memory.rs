@@ -157,15 +157,6 @@ impl Store for MemoryStore {
     ) -> Result<(u64, u64), StoreError> {
         check_ids(user, "", device)?;
         let inbox = self.inboxes.entry(Arc::from(user)).or_default();
-        // This store's seqs start again at 1 at every restart, so a
-        // client's seq may be one of an inbox before it, whatever the head
-        // now. Taken as the position, it would skip the new messages up
-        // to it. A device this store knows (it logged in or acknowledged
-        // since the start) stored from this inbox; for any other, the
-        // position is 0, below the client's seq, which tells the client to
-        // start over from it (PROTOCOL.md 15.8).
-        let known = inbox.devices.iter().any(|d| d.device == device);
-        let client_seq = if known { client_seq } else { 0 };
         let position = login_device(&mut inbox.devices, device, client_seq, inbox.head, now_ms);
         Ok((position, inbox.head))
     }

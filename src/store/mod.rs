@@ -147,11 +147,8 @@ pub trait Store: Send + 'static {
     fn read(&mut self, user: &str, after_seq: u64, limit: usize) -> Result<Page, StoreError>;
     /// A device logs in: registers it (position = max(stored, client_seq),
     /// or the stored one when client_seq is past the head: `login_device`)
-    /// and returns (position, head_seq). Durable at next sync. A store
-    /// whose seqs start over at a restart (the memory store) takes
-    /// client_seq only from a device it knows: an unknown device's seq may
-    /// come from the store before the restart, whatever the head
-    /// (PROTOCOL.md 15.6).
+    /// and returns (position, head_seq). Durable at next sync. client_seq
+    /// counts only for a device the store knows: `login_device`.
     fn device_login(
         &mut self,
         user: &str,
@@ -326,15 +323,22 @@ fn check_ids(user: &str, from: &str, device: &str) -> Result<(), StoreError> {
 }
 
 /// A device logs in: its position becomes max(stored, client_seq), or
-/// stays the stored one (0 for an unknown device) when client_seq is past
-/// the head: the client then stored from another inbox (a memory store
-/// restarted, a backup restored, an `os` store that lost its last writes),
-/// and its seqs name other messages than this inbox's, which must not
-/// count as its own (PROTOCOL.md 15.6). An unknown device is added
+/// stays the stored one when client_seq is past the head: the client then
+/// stored from another inbox (a memory store restarted, a backup
+/// restored, an `os` store that lost its last writes), and its seqs name
+/// other messages than this inbox's, which must not count as its own
+/// (PROTOCOL.md 15.6). A device the store does not know starts at 0,
+/// whatever client_seq: the inbox it stored from may be gone with the
+/// device's record (a memory store's restart, a Redis without an AOF
+/// restarted, a wiped data directory), and once the new inbox's head has
+/// passed client_seq nothing else tells; taken, it would skip every new
+/// message up to it. A device forgotten or unseen for the TTL pays with
+/// copies of what the inbox still holds. An unknown device is added
 /// (forgetting the least recently seen one past [`MAX_DEVICES_PER_USER`]).
 /// Returns the position.
 fn login_device(devices: &mut Vec<DeviceState>, device: &str, client_seq: u64, head: u64, now_ms: u64) -> u64 {
-    let client_seq = if client_seq > head { 0 } else { client_seq };
+    let known = devices.iter().any(|d| d.device == device);
+    let client_seq = if client_seq > head || !known { 0 } else { client_seq };
     advance_device(devices, device, client_seq, head, now_ms)
 }
 

@@ -48,11 +48,6 @@ trait Subject {
     fn drops_at_acknowledgement(&self) -> bool {
         false
     }
-    /// Whether a login takes the client's seq from a device the store does
-    /// not know; the memory store does not ([`Store::device_login`]).
-    fn takes_a_new_devices_seq(&self) -> bool {
-        true
-    }
 }
 
 struct Mem(MemoryStore);
@@ -62,9 +57,6 @@ impl Subject for Mem {
         &mut self.0
     }
     fn restart(&mut self) -> bool {
-        false
-    }
-    fn takes_a_new_devices_seq(&self) -> bool {
         false
     }
 }
@@ -235,9 +227,8 @@ fn append(s: &mut dyn Store, to: &str, n: u64, now: u64) -> u64 {
     }
 }
 
-/// A device that logs in and acknowledges up to `seq`: at `seq` in every
-/// store (the memory store does not take a login's seq from a device it
-/// does not know: [`Store::device_login`]).
+/// A device that logs in and acknowledges up to `seq` (a login's seq alone
+/// does not count for a device the store does not know: `login_device`).
 fn login_acked(s: &mut dyn Store, user: &str, device: &str, seq: u64, now: u64) {
     s.device_login(user, device, 0, now).unwrap();
     s.set_position(user, device, seq, now).unwrap();
@@ -359,15 +350,11 @@ fn dedup_within_window_and_not_after(make: Make) {
 
 fn device_positions_independent_per_device(make: Make) {
     let mut subject = make(StoreLimits::default());
-    // The memory store takes a login's seq only from a device it knows
-    // (its seqs start over at a restart: Store::device_login).
-    let takes = subject.takes_a_new_devices_seq();
-    let unknown = |n: u64| if takes { n } else { 0 };
     let s = subject.store();
     for i in 0..10 {
         append(s, "alice", i, T0);
     }
-    assert_eq!(s.device_login("alice", "phone", 4, T0).unwrap(), (unknown(4), 10));
+    assert_eq!(s.device_login("alice", "phone", 4, T0).unwrap(), (0, 10), "a device not known: not taken");
     assert_eq!(s.device_login("alice", "laptop", 99, T0).unwrap(), (0, 10), "past the head: not taken");
     assert_eq!(s.device_login("alice", "laptop", 10, T0).unwrap(), (10, 10), "up to the head: taken");
     s.set_position("alice", "phone", 7, T0 + 1).unwrap();
@@ -476,7 +463,6 @@ fn a_forgotten_device_holds_the_inbox_no_longer(make: Make) {
     let ttl = 60_000;
     let mut subject = make(StoreLimits { ttl_ms: ttl, ..StoreLimits::default() });
     let at_ack = subject.drops_at_acknowledgement();
-    let new_seq = subject.takes_a_new_devices_seq();
     let s = subject.store();
     for i in 0..5 {
         append(s, "alice", i, T0);
@@ -502,10 +488,11 @@ fn a_forgotten_device_holds_the_inbox_no_longer(make: Make) {
     assert_eq!(s.expire(T0 + 2).unwrap(), if at_ack { 3 } else { 5 }, "the phone has them all");
     let st = s.inbox_state("alice").unwrap();
     assert_eq!((st.head_seq, st.first_seq, st.messages), (7, 8, 0));
-    // Logging in again, it is a new device: what it says it stored counts
-    // (up to the head), not a position the store kept; the memory store
-    // gives it 0 (Store::device_login).
-    assert_eq!(s.device_login("alice", "tablet", 4, T0 + 3).unwrap(), (if new_seq { 4 } else { 0 }, 7));
+    // Logging in again, it is a new device: it starts at 0, not at a
+    // position the store kept, nor at what it says it stored (the store
+    // cannot tell that from a seq of an inbox gone with the device's
+    // record: login_device).
+    assert_eq!(s.device_login("alice", "tablet", 4, T0 + 3).unwrap(), (0, 7));
     // With no device left, the messages wait for the TTL, as for a user
     // who never had one.
     append(s, "alice", 7, T0 + 4);
@@ -518,7 +505,7 @@ fn a_forgotten_device_holds_the_inbox_no_longer(make: Make) {
     assert!(s.forget_device("", "phone", T0 + 5).is_err());
     assert!(s.forget_device("alice", &"d".repeat(MAX_DEVICE_BYTES + 1), T0 + 5).is_err());
     // It stays forgotten across a restart.
-    s.device_login("alice", "phone", 8, T0 + 6).unwrap();
+    login_acked(s, "alice", "phone", 8, T0 + 6);
     s.device_login("alice", "tablet", 0, T0 + 6).unwrap();
     assert_eq!(s.forget_device("alice", "tablet", T0 + 6), Ok(true));
     s.sync().unwrap();
@@ -589,7 +576,7 @@ fn conformance_restart_keeps_everything_synced(make: Make) {
     for i in 0..20 {
         append(s, if i % 2 == 0 { "alice" } else { "bob" }, i, T0 + i);
     }
-    s.device_login("alice", "phone", 4, T0).unwrap();
+    login_acked(s, "alice", "phone", 4, T0);
     s.sync().unwrap();
     let before = (s.read("alice", 0, 100).unwrap(), s.inbox_state("alice").unwrap(), s.inbox_state("bob").unwrap());
     if !subject.restart() {
@@ -601,7 +588,7 @@ fn conformance_restart_keeps_everything_synced(make: Make) {
     assert_eq!(append(s, "bob", 99, T0), 11, "seqs continue");
     // The bytes counter is rebuilt at open: the limit still holds.
     s.device_login("alice", "phone", 10, T0).unwrap();
-    // 1 to 4 went at the first login if it dropped them (5 to 10 were not
+    // 1 to 4 went at the first ACK if it dropped them (5 to 10 were not
     // hot any more after the restart).
     assert_eq!(s.expire(T0 + 1).unwrap(), if at_ack { 6 } else { 10 });
     s.sync().unwrap();
@@ -776,10 +763,6 @@ struct Model {
     /// its login ends the mark. The other stores add the device back (the
     /// store thread drops such positions for them).
     marks: Option<HashMap<(String, String), u64>>,
-    /// Whether a login takes the client's seq only from a device the store
-    /// knows, as the memory store does (its seqs start over at a restart:
-    /// [`Store::device_login`]).
-    known_logins_only: bool,
 }
 
 /// What the disk store's hot tier does that a store without one does not
@@ -806,10 +789,6 @@ impl Model {
 
     fn with_forgotten_marks() -> Self {
         Model { marks: Some(HashMap::new()), ..Model::default() }
-    }
-
-    fn with_known_logins_only() -> Self {
-        Model { known_logins_only: true, ..Model::default() }
     }
 
     /// Whether `device` of `user` has a mark that still counts at `now`.
@@ -1116,11 +1095,10 @@ fn against_a_model(
             }
             Op::Login { user, device, client_seq } => {
                 let (u, d) = (users[user as usize], ["p", "q", "r"][device as usize]);
-                // A last_seq past the head is not taken (store::login_device),
-                // nor, by the memory store, one of a device it does not know.
+                // A last_seq past the head is not taken, nor one of a device
+                // the store does not know (store::login_device).
                 let known = model.devices.get(u).is_some_and(|m| m.contains_key(d));
-                let seq =
-                    if client_seq > model.head(u) || (model.known_logins_only && !known) { 0 } else { client_seq };
+                let seq = if client_seq > model.head(u) || !known { 0 } else { client_seq };
                 if let Some(marks) = &mut model.marks {
                     marks.remove(&(u.to_string(), d.to_string()));
                 }
@@ -1194,7 +1172,7 @@ proptest! {
 
     #[test]
     fn memory_store_behaves_as_the_model(ops in proptest::collection::vec(op(), 1..80)) {
-        against_a_model(make_memory(model_limits()), model_limits(), &ops, Model::with_known_logins_only())?;
+        against_a_model(make_memory(model_limits()), model_limits(), &ops, Model::default())?;
     }
 }
 
@@ -1345,7 +1323,7 @@ fn redis_forgotten_device_stays_forgotten_when_another_node_hands_over_its_last_
         append(&mut a, "ada", i, T0);
     }
     b.device_login("ada", "tablet", 0, T0).unwrap();
-    a.device_login("ada", "phone", 4, T0).unwrap();
+    login_acked(&mut a, "ada", "phone", 4, T0);
     b.set_position("ada", "tablet", 1, T0 + 1).unwrap();
     assert_eq!(a.forget_device("ada", "tablet", T0 + 2), Ok(true));
     // B's last ACKs, one by one and as a batch (one pipeline).
@@ -1357,8 +1335,9 @@ fn redis_forgotten_device_stays_forgotten_when_another_node_hands_over_its_last_
     assert_eq!(a.forget_device("ada", "tablet", T0 + 5), Ok(false));
     b.set_position("ada", "tablet", 4, T0 + 6).unwrap();
     assert_eq!(devices(&mut a), ["phone"]);
-    // Its login ends the mark: it is a device again, and its ACKs count.
-    assert_eq!(b.device_login("ada", "tablet", 4, T0 + 7).unwrap(), (4, 4));
+    // Its login ends the mark: it is a device again (a new one, at 0), and
+    // its ACKs count.
+    assert_eq!(b.device_login("ada", "tablet", 4, T0 + 7).unwrap(), (0, 4));
     append(&mut a, "ada", 4, T0 + 7);
     b.set_position("ada", "tablet", 5, T0 + 8).unwrap();
     let st = a.inbox_state("ada").unwrap();
@@ -1445,6 +1424,34 @@ fn redis_inbox_entries_round_trip_and_are_compact() {
     assert!(decode_entry(1, &[1, 1, 5, b'a']).is_err(), "a sender longer than the entry");
 }
 
+/// A Redis restarted without an AOF lost its inboxes and their devices:
+/// seqs start again at 1. A device back once the new head has passed
+/// what it stored starts at 0, not at its `last_seq`, which would skip
+/// every new message up to it (login_device; PROTOCOL.md 15.6). Before,
+/// the login took it (position 5 of 7).
+#[test]
+fn redis_without_an_aof_restarted_starts_a_device_it_lost_at_zero() {
+    let mut server = RedisServer::start();
+    let open = |server: &RedisServer| {
+        RedisStore::open(&RedisAddrs::Single(server.url()), "n", StoreLimits::default(), REDIS_TEST_TIMEOUT).unwrap()
+    };
+    let mut s = open(&server);
+    for i in 0..5 {
+        append(&mut s, "alice", i, T0);
+    }
+    login_acked(&mut s, "alice", "phone", 5, T0);
+    drop(s);
+    server.restart();
+    let mut s = open(&server);
+    for i in 0..7 {
+        assert_eq!(append(&mut s, "alice", i, T0 + 1), i + 1, "seqs start again at 1");
+    }
+    assert_eq!(s.device_login("alice", "phone", 5, T0 + 2).unwrap(), (0, 7));
+    assert_eq!(seqs(&s.read("alice", 0, 10).unwrap()), (1..=7).collect::<Vec<_>>());
+    // Known from then on: its next login's seq counts.
+    assert_eq!(s.device_login("alice", "phone", 7, T0 + 3).unwrap(), (7, 7));
+}
+
 #[test]
 fn redis_inbox_is_a_list_whose_positions_are_the_seqs() {
     let mut one = RedisOne::new(AppendFsync::No, StoreLimits::default());
@@ -1454,7 +1461,7 @@ fn redis_inbox_is_a_list_whose_positions_are_the_seqs() {
     let key = user_key("sb", "alice", "m");
     let ty = |one: &RedisOne| one.server.cmd(&["TYPE", &key]).unwrap();
     assert_eq!(ty(&one), ::redis::Value::SimpleString("list".into()));
-    one.store().device_login("alice", "phone", 2, T0).unwrap();
+    login_acked(one.store(), "alice", "phone", 2, T0);
     assert_eq!(one.store().expire(T0 + 1).unwrap(), 2);
     assert_eq!(int_of(one.server.cmd(&["LLEN", &key]).unwrap()), 3, "trimmed from the front");
     let st = one.store().inbox_state("alice").unwrap();
@@ -1563,7 +1570,7 @@ fn redis_max_bytes_is_store_wide_as_of_the_last_refresh() {
     assert_eq!(c.held(), (5, 5 * per));
     assert!(matches!(c.append(&msg("carol", "app", 1, T0, "m1", 0), T0), Err(StoreError::StoreFull { .. })));
     // Retention gives the room back, store-wide.
-    c.device_login("alice", "phone", 3, T0).unwrap();
+    login_acked(&mut c, "alice", "phone", 3, T0);
     assert_eq!(c.expire(T0 + 1).unwrap(), 3);
     assert_eq!(c.held(), (2, 2 * per));
     assert_eq!(append(&mut c, "carol", 1, T0), 1);
@@ -3606,7 +3613,7 @@ fn disk_store_first_seq_survives_a_restart_after_a_drop_the_record_lags() {
     };
     let s = subject.store();
     assert_eq!(s.append(&msg("ben", T0), T0).unwrap(), Appended::New { seq: 1 });
-    s.device_login("ben", "p", 1, T0).unwrap();
+    login_acked(s, "ben", "p", 1, T0);
     assert_eq!(s.append(&msg("ben", T0), T0).unwrap(), Appended::New { seq: 2 });
     // Two epochs later: ben's hot messages are resolved at the next request.
     let later = T0 + 2_000;
