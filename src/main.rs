@@ -647,7 +647,7 @@ impl Inbox {
                     // forgotten. Start over from the position, as its
                     // first page and the pages after it come (15.8).
                     out!(
-                        "(the server has this device at #{position}, before #{} stored here: another store; going on from #{position})",
+                        "(the server has this device at #{position}, before #{} stored here: another inbox, or this device was forgotten; going on from #{position})",
                         self.last_seq
                     );
                     self.last_seq = position;
