@@ -319,15 +319,18 @@ if s > head then
 end
 local pos
 local cur = redis.call('HGET', KEYS[2], ARGV[1])
--- A login's seq counts only for a device the inbox knows
--- (store::login_device): a Redis restarted without an AOF lost the inbox
--- that seq came from along with the device.
-if ARGV[8] == '1' and not cur then s = 0 end
--- A forget removes the device and marks it, a login ends the mark: a
--- device known is not marked, so only an unknown one's mark is read.
-if not cur and ARGV[8] ~= '1' then
-  local mark = redis.call('HGET', KEYS[5], ARGV[1])
-  if mark and tonumber(mark) + tonumber(ARGV[6]) > now then return {0, head} end
+if not cur then
+  if ARGV[8] == '1' then
+    -- A login's seq counts only for a device the inbox knows
+    -- (store::login_device): a Redis restarted without an AOF lost the
+    -- inbox that seq came from along with the device.
+    s = 0
+  else
+    -- A forget removes the device and marks it, a login ends the mark: a
+    -- device known is not marked, so only an unknown one's mark is read.
+    local mark = redis.call('HGET', KEYS[5], ARGV[1])
+    if mark and tonumber(mark) + tonumber(ARGV[6]) > now then return {0, head} end
+  end
 end
 if cur then
   local p, seen, ord = string.match(cur, '^(%d+) (%d+) (%d+)$')
