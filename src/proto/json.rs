@@ -979,6 +979,13 @@ mod tests {
             err(r#"{"type":"message","payload_b64":"not base64!"}"#),
             (JsonError::BadBase64 { ty: "message", field: "payload_b64" }, 1002)
         );
+        // PROTOCOL.md 13.4: standard alphabet with padding only. `AAH/` is
+        // fine; unpadded, URL-safe or wrapped forms of the same kind are not.
+        assert!(parse(r#"{"type":"message","payload_b64":"AAH/"}"#).is_ok());
+        for bad in ["AAE", "AAH_", "AAH-", "AA E=", "AAE=\\n", "AA==AA=="] {
+            let text = format!(r#"{{"type":"message","payload_b64":"{bad}"}}"#);
+            assert_eq!(err(&text), (JsonError::BadBase64 { ty: "message", field: "payload_b64" }, 1002), "{bad}");
+        }
         for bad in ["-1", "4294967296", "1.5", "\"7\"", "true"] {
             let text = format!(r#"{{"type":"subscribe","room":"r","req_id":{bad}}}"#);
             assert_eq!(
