@@ -262,6 +262,37 @@ fn an_offline_user_gets_the_first_page_then_fetches_the_rest() {
 }
 
 #[test]
+fn a_device_that_lost_its_copy_fetches_history_one_asked_page_at_a_time() {
+    // PROTOCOL.md 15.7: each FETCH gets (after_seq, page_end], also after
+    // a FETCH below the position. Found by a hostile-input probe: after
+    // FETCH(0, 3), FETCH(38, 100) wrote 4..=40 instead of 39 and 40.
+    let server = common::start(config());
+    let handle = server.handle();
+    for i in 0..40u32 {
+        handle.push_reliable("erin", format!("m{i}"), 0).unwrap().wait().unwrap();
+    }
+    // A device that has (and has acknowledged) all 40.
+    let mut erin = device_login(server.local_addr(), "erin", "tablet", 0);
+    let mut seen = Seen::default();
+    read_until(&mut erin, &mut seen, 100, Duration::from_secs(10), |s| s.have >= 20);
+    erin.fetch(9, 20, 100).unwrap();
+    read_until(&mut erin, &mut seen, 100, Duration::from_secs(10), |s| s.have >= 40);
+    assert_eq!(seen.arrivals, (1..=40).collect::<Vec<_>>());
+    erin.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+    // (req_id, after_seq, limit, the page's seqs).
+    let asked: [(u32, u64, u16, Vec<u64>); 4] =
+        [(1, 0, 3, vec![1, 2, 3]), (2, 38, 100, vec![39, 40]), (3, 40, 5, vec![]), (4, 10, 5, (11..=15).collect())];
+    for (req, after, limit, want) in asked {
+        erin.fetch(req, after, limit).unwrap();
+        let page_end = want.last().copied().unwrap_or(after);
+        assert_eq!(next_sync(&mut erin), (req, 40, 40, page_end), "FETCH({after}, {limit})");
+        let got: Vec<u64> = want.iter().map(|_| next_inbox(&mut erin).0).collect();
+        assert_eq!(got, want, "FETCH({after}, {limit})");
+        assert!(erin.recv_skipping_pings().unwrap_err().is_timeout(), "nothing past FETCH({after}, {limit})'s page");
+    }
+}
+
+#[test]
 fn two_devices_of_one_user_catch_up_independently() {
     let server = common::start(config());
     let addr = server.local_addr();

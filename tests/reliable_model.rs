@@ -2,7 +2,7 @@
 //! per-connection window (`proto::reliable::Window`) over a real inbox
 //! store (`store::MemoryStore`), driven by random interleavings of appends,
 //! store answers, frames reaching the client, ACKs and FETCHes reaching the
-//! server, retransmit timers, disconnects, reconnects, server restarts
+//! server (FETCHes of history a device acknowledged among them), retransmit timers, disconnects, reconnects, server restarts
 //! (every connection and everything in flight lost; the store kept, as a
 //! durable store keeps it) and the store's retention pass (what every
 //! device known then has acknowledged is dropped, so a device's first
@@ -59,6 +59,9 @@ struct Conn {
     up: VecDeque<Up>,
     /// Seqs written on this connection, in order.
     written: Vec<u64>,
+    /// The last FETCH the window took: how many seqs were written before
+    /// it, and its `after_seq`. Everything written since is past it.
+    fetched: Option<(usize, u64)>,
     closed: bool,
 }
 
@@ -174,6 +177,7 @@ impl World {
             down: VecDeque::new(),
             up: VecDeque::new(),
             written: Vec::new(),
+            fetched: None,
             closed: false,
         };
         let mut env = Env {
@@ -223,6 +227,17 @@ impl World {
         self.with_window(d, |w, env, now| w.on_page(&page.messages, page.head_seq, now, &rules(), env));
     }
 
+    /// The app lost its copy of some messages (15.7): the client asks for
+    /// 3 after half of what it has stored. It keeps what it has (the
+    /// model's `have`), so what comes again is deduplicated.
+    fn client_refetch(&mut self, d: usize) {
+        let dev = &mut self.devices[d];
+        let stored = dev.stored();
+        if let Some(c) = dev.conn.as_mut() {
+            c.up.push_back(Up::Fetch(stored / 2, 3));
+        }
+    }
+
     /// The client takes one frame and answers as a client should: ACK on
     /// progress (every 2 here, and at a page's end) and on a duplicate,
     /// FETCH once the page is in.
@@ -258,6 +273,9 @@ impl World {
         match u {
             Up::Ack(seq) => self.with_window(d, |w, env, now| w.on_ack(seq, now, &rules(), env)),
             Up::Fetch(after, limit) => {
+                if let Some(c) = self.devices[d].conn.as_mut() {
+                    c.fetched = Some((c.written.len(), after));
+                }
                 self.with_window(d, |w, env, now| w.on_fetch(1, after, limit, now, &rules(), env))
             }
         }
@@ -304,6 +322,10 @@ impl World {
                     assert!(w[1] > w[0] || w[1] <= dev.prefix() + 1 || w[1] <= dev.acked + 1, "{:?}", c.written);
                 }
                 assert!(c.written.iter().all(|&s| s >= 1 && s <= self.appended));
+                if let Some((from, after)) = c.fetched {
+                    // PROTOCOL.md 15.7: a FETCH's page is (after_seq, page_end].
+                    assert!(c.written[from..].iter().all(|&s| s > after), "after FETCH({after}): {:?}", c.written);
+                }
             }
         }
     }
@@ -328,6 +350,8 @@ enum Op {
     ServeRead(usize),
     ClientRecv(usize),
     ServerRecv(usize),
+    /// The client asks again for messages it acknowledged.
+    Refetch(usize),
     Tick,
     Disconnect(usize),
     Connect(usize),
@@ -345,6 +369,7 @@ fn op() -> impl Strategy<Value = Op> {
         4 => d.clone().prop_map(Op::ServeRead),
         8 => d.clone().prop_map(Op::ClientRecv),
         6 => d.clone().prop_map(Op::ServerRecv),
+        1 => d.clone().prop_map(Op::Refetch),
         2 => Just(Op::Tick),
         1 => d.clone().prop_map(Op::Disconnect),
         2 => d.prop_map(Op::Connect),
@@ -367,6 +392,7 @@ proptest! {
                 Op::ServeRead(d) => w.serve_read(d),
                 Op::ClientRecv(d) => w.client_recv(d),
                 Op::ServerRecv(d) => w.server_recv(d),
+                Op::Refetch(d) => w.client_refetch(d),
                 Op::Tick => w.tick(),
                 Op::Disconnect(d) => w.devices[d].conn = None,
                 Op::Connect(d) => {

@@ -305,7 +305,10 @@ impl Window {
         self.head = self.head.max(head);
         // A rewind (retransmit) or a FETCH moved `sent` while the read was
         // out: the page no longer continues what was written; read again.
-        if asked == Some(self.sent) {
+        // So did an ACK past a FETCH of history that came meanwhile, even
+        // when it brought `sent` back to where the read started: the page
+        // now ends below `sent`, so nothing of the answer is to be written.
+        if asked == Some(self.sent) && self.sent < self.limit {
             // The store keeps nothing between `sent` and the first seq it
             // returned (nothing up to the head if none): those messages
             // expired, or were dropped before this device was known.
@@ -428,10 +431,13 @@ impl Window {
         let mut rewound = false;
         if after_seq > self.acked {
             self.advance(after_seq, now, rules, env);
-        } else if after_seq < self.sent {
+        } else if after_seq != self.sent {
             // Asked again for what it already acknowledged: write it again
             // from there, that page only (the client goes on by FETCH, as
-            // the SYNC's page_end tells it).
+            // the SYNC's page_end tells it). Also forward: after such a
+            // page `sent` is below the position, and a FETCH past it (but
+            // not past the position) starts its page at its own after_seq,
+            // not where the earlier page stopped.
             self.rewind_to(after_seq);
             rewound = true;
         }
@@ -690,6 +696,74 @@ mod tests {
         }
         assert_eq!(env.delivered, (1..=10).collect::<Vec<_>>());
         assert!(w.is_live() && w.is_idle());
+    }
+
+    #[test]
+    fn a_fetch_after_a_fetch_of_history_writes_only_its_own_page() {
+        // The device has 1..=35 (found by a hostile-input probe: after a
+        // FETCH from 0, a FETCH after 34 wrote 4..=35 and one after 35 wrote
+        // 33..=35). Each FETCH writes (after_seq, page_end], within
+        // max_fetch, whatever the FETCH before it asked.
+        let r = rules();
+        let mut env = Rec::default();
+        let mut w = Window::start::<Msg>(35, 35, 0, &r, &mut env);
+        // Serves reads and ACKs the position (which covers a page of
+        // history) until the page is through the window of 4.
+        let drain = |w: &mut Window, env: &mut Rec, t: Tick| {
+            for _ in 0..20 {
+                serve(w, env, 35, t);
+                w.on_ack(35, t, &r, env);
+            }
+            std::mem::take(&mut env.delivered)
+        };
+        w.on_fetch(1, 0, 3, 1, &r, &mut env);
+        assert_eq!(drain(&mut w, &mut env, 1), vec![1, 2, 3]);
+        w.on_fetch(2, 34, 100, 2, &r, &mut env);
+        assert_eq!(drain(&mut w, &mut env, 2), vec![35], "the page after 34 only");
+        assert_eq!(env.syncs.last(), Some(&(2, 35, 35, 35)));
+        w.on_fetch(3, 35, 5, 3, &r, &mut env);
+        assert_eq!(drain(&mut w, &mut env, 3), Vec::<u64>::new(), "nothing after the head");
+        assert_eq!(env.syncs.last(), Some(&(3, 35, 35, 35)));
+        // A FETCH past the end of the one before: its own page, capped at
+        // max_fetch (10), not everything after the earlier page.
+        w.on_fetch(4, 0, 1, 4, &r, &mut env);
+        assert_eq!(drain(&mut w, &mut env, 4), vec![1]);
+        w.on_fetch(5, 20, 100, 5, &r, &mut env);
+        assert_eq!(drain(&mut w, &mut env, 5), (21..=30).collect::<Vec<_>>());
+        assert_eq!(env.syncs.last(), Some(&(5, 35, 35, 30)));
+        assert_eq!((w.in_flight(), env.closed), (0, None));
+    }
+
+    #[test]
+    fn a_read_answered_after_an_ack_moved_past_a_fetch_of_history_writes_nothing_beyond_it() {
+        // Found by the model (tests/reliable_model.rs) once it fetched
+        // history: a read out for after 5, then FETCH(1, 3) (page 2..=4),
+        // then the client's ACK of 5 moved `sent` back to 5, so the read's
+        // answer looked current while the page ended below it; in a debug
+        // build `limit - sent` overflowed.
+        let r = WindowRules { window: 2, ..rules() };
+        let mut env = Rec::default();
+        let mut w = Window::start::<Msg>(3, 18, 0, &r, &mut env);
+        let (after, n) = env.reads.pop().unwrap();
+        w.on_page(&page(after, n, 18), 18, 0, &r, &mut env);
+        assert_eq!(env.delivered, vec![4, 5]);
+        w.on_ack(4, 1, &r, &mut env);
+        assert_eq!(env.reads, vec![(5, 1)], "a read is out for after 5");
+        w.on_fetch(1, 1, 3, 1, &r, &mut env);
+        assert_eq!(env.syncs.last(), Some(&(1, 4, 18, 4)));
+        w.on_ack(5, 2, &r, &mut env);
+        let (after, n) = env.reads.remove(0);
+        w.on_page(&page(after, n, 18), 18, 2, &r, &mut env);
+        serve(&mut w, &mut env, 18, 2);
+        // The ACK says the client has everything up to 5, the history
+        // page included: nothing more to write until it FETCHes on.
+        assert_eq!(env.delivered, vec![4, 5], "nothing past the page's end");
+        assert_eq!(env.syncs.last(), Some(&(1, 4, 18, 4)), "no SYNC of its own");
+        // The client goes on by FETCH after its position, as usual.
+        w.on_fetch(2, 5, 3, 3, &r, &mut env);
+        serve(&mut w, &mut env, 18, 3);
+        assert_eq!(env.syncs.last(), Some(&(2, 5, 18, 8)));
+        assert_eq!(env.delivered, [4, 5, 6, 7, 8]);
     }
 
     #[test]
