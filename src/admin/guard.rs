@@ -1,4 +1,4 @@
-//! The checks every API request passes before its route runs: `Host`, cross-site origin, content type and the API key.
+//! The checks every API request passes before its route runs: each header they read at most once, `Host`, cross-site origin, content type and the API key.
 //!
 //! Owns: pure functions over a request's headers, each answering with the
 //! status and the words the client gets.
@@ -173,6 +173,21 @@ pub(crate) fn cross_site(h: &HeaderMap) -> Result<(), Refusal> {
     Ok(())
 }
 
+/// The headers the checks here read, each of which must come at most once.
+const SINGLE_VALUED: [&str; 6] = ["host", "content-type", "origin", "sec-fetch-site", "authorization", "x-api-key"];
+
+/// A header the checks read, given twice, is refused with 400 before any
+/// check: each check reads the first line, so a foreign `Host` or a form's
+/// content type behind an accepted one was obeyed, and a front or proxy
+/// that reads the last line would judge the request otherwise (RFC 9112
+/// 3.2 asks 400 for more than one `Host`). Every route, probes included.
+pub(crate) fn single_valued(h: &HeaderMap) -> Result<(), Refusal> {
+    match SINGLE_VALUED.iter().find(|name| h.get_all(**name).iter().nth(1).is_some()) {
+        Some(name) => Err(refuse(400, format!("the header {name} appears more than once"))),
+        None => Ok(()),
+    }
+}
+
 /// The content type of a request body: what a route accepts.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub(crate) enum Body {
@@ -266,6 +281,19 @@ mod tests {
         assert!(cross_site(&headers(&[("sec-fetch-site", "cross-site")])).is_err());
         assert!(cross_site(&headers(&[("sec-fetch-site", "same-site")])).is_err());
         assert_eq!(cross_site(&headers(&[("sec-fetch-site", "none")])), Ok(()));
+    }
+
+    #[test]
+    fn a_header_the_checks_read_may_come_once_only() {
+        let once = headers(&[("host", "127.0.0.1:7701"), ("content-type", "application/json"), ("accept", "a")]);
+        assert_eq!(single_valued(&once), Ok(()));
+        let accept_twice = headers(&[("accept", "a"), ("accept", "b")]);
+        assert_eq!(single_valued(&accept_twice), Ok(()), "a header no check reads");
+        for name in ["host", "content-type", "origin", "sec-fetch-site", "authorization", "x-api-key"] {
+            let twice = headers(&[(name, "x"), (name, "x")]);
+            let r = single_valued(&twice).unwrap_err();
+            assert_eq!((r.status, r.error.contains(name)), (400, true), "{name}: {r:?}");
+        }
     }
 
     #[test]

@@ -22,7 +22,8 @@
 //! request.
 //!
 //! Order of checks, each before anything is buffered past the head:
-//! the route (404/405), then for every route
+//! the route (404/405), then for every route each header those checks
+//! read at most once (`guard::single_valued`, 400), then for every route
 //! but `/healthz` and `/readyz`: `Host` (`guard::Hosts`), cross-site
 //! (`guard::cross_site`), the key (`guard::Keys`), the content type of a
 //! write (`guard::body_kind`), the body's declared length (413), and last
@@ -208,6 +209,11 @@ async fn serve(listener: std::net::TcpListener, ctx: Arc<Ctx>, mut stopped: toki
                 .max_buf_size(HEAD_BUF_BYTES)
                 .max_headers(MAX_HEADERS)
                 .keep_alive(true)
+                // A client that shut its write side after its request
+                // still gets the answer: without this, hyper ended the
+                // connection at the read's end of file and dropped the
+                // request half-way (a push stored, never answered).
+                .half_close(true)
                 .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
                 .await;
             drop(guard);
@@ -269,6 +275,9 @@ async fn answer(req: Request<Incoming>, ctx: &Arc<Ctx>) -> Response<Full<Bytes>>
             return respond(404, &json!({ "error": format!("no route for {} {}", req.method(), req.uri().path()) }))
         }
     };
+    if let Err(r) = guard::single_valued(req.headers()) {
+        return refused(r);
+    }
     if entry.scope != guard::Scope::Public {
         let checks = ctx
             .hosts
