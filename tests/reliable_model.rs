@@ -2,7 +2,8 @@
 //! per-connection window (`proto::reliable::Window`) over a real inbox
 //! store (`store::MemoryStore`), driven by random interleavings of appends,
 //! store answers, frames reaching the client, ACKs and FETCHes reaching the
-//! server (FETCHes of history a device acknowledged among them), retransmit timers, disconnects, reconnects, server restarts
+//! server (FETCHes of history a device acknowledged among them), retransmit
+//! timers, disconnects, reconnects, server restarts
 //! (every connection and everything in flight lost; the store kept, as a
 //! durable store keeps it) and the store's retention pass (what every
 //! device known then has acknowledged is dropped, so a device's first
