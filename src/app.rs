@@ -58,7 +58,7 @@ pub enum PushError {
     InvalidUser,
     #[error("device id must be 1 to 64 bytes")]
     InvalidDevice,
-    #[error("payload of {len} bytes is over the limit of {max} (limits.max_frame_bytes less the header of the PUSH, or for a reliable push the INBOX, that carries it)")]
+    #[error("payload of {len} bytes is over the limit of {max} (limits.max_frame_bytes less the header of the frame that carries it: PUSH, INBOX for a reliable push, ROOM_MSG for a room or a broadcast)")]
     PayloadTooLarge { len: usize, max: usize },
     #[error("a worker mailbox is full; {queued} of {targets} connections got the command")]
     Full { queued: usize, targets: usize },

@@ -9,6 +9,9 @@
 //! let server = Server::builder()
 //!     .listen("127.0.0.1:7700")
 //!     .jwt_secret("a secret of at least 16 bytes")
+//!     // The inboxes of reliable delivery; without this line, the
+//!     // directory `switchboard-data` in the working directory.
+//!     .data_dir("/var/lib/myapp/inboxes")
 //!     .start()
 //!     .expect("server starts");
 //! let handle = server.handle(); // Clone + Send + Sync
@@ -52,13 +55,15 @@ pub mod timed;
 pub mod wheel;
 
 pub use auth::{AuthError, Authenticator, JwtHs256};
-pub use config::Config;
+pub use config::{Config, StoreKind};
 pub use ids::{ConnId, WorkerId};
 pub use mailbox::Full;
 pub use proto::codes::{CloseCode, ErrorCode, LoginErrorCode};
 pub use runtime::DriverKind;
 pub use server::{
-    ClientMessage, ClientMessageKind, Handle, MessageHook, Published, PushError, Pushed, Server, ServerBuilder,
-    ServerError, StartError,
+    ClientMessage, ClientMessageKind, Handle, InboxStateError, MessageHook, PendingAnswer, PendingForget,
+    PendingInboxState, PendingPush, Published, PushError, Pushed, Receipt, Server, ServerBuilder, ServerError,
+    StartError,
 };
 pub use stats::Stats;
+pub use store::{Durability, Store};

@@ -99,6 +99,16 @@ pub fn mem_available_bytes() -> Option<u64> {
     Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
 }
 
+/// Descriptors this process has open now (`/proc/self/fd`; 0 without
+/// /proc). At start these count against the automatic connection limit
+/// with the server's own: in an application that embeds the server, they
+/// are the application's files and sockets, which its clients must not
+/// crowd out.
+pub fn open_descriptors() -> u64 {
+    // The directory read holds one descriptor of its own while it runs.
+    fs::read_dir("/proc/self/fd").map_or(0, |d| d.count().saturating_sub(1) as u64)
+}
+
 /// Raises the soft `RLIMIT_NOFILE` to the hard limit; returns (soft, hard).
 pub fn raise_nofile() -> std::io::Result<(u64, u64)> {
     // SAFETY: getrlimit/setrlimit fill and read a plain struct.
@@ -150,7 +160,7 @@ pub fn check(
     if soft <= overhead {
         return Err(format!(
             "RLIMIT_NOFILE is {soft}: not even enough for the {overhead} descriptors the server keeps besides its clients' \
-             (its own, admin.max_connections, the store's files). \
+             (its own, admin.max_connections, the store's files, and those the process had open at start). \
              Raise it: `ulimit -n 1048576` (shell), LimitNOFILE=1048576 (systemd), or see tuning/README.md; \
              or lower admin.max_connections"
         ));
@@ -571,5 +581,15 @@ mod audit_tests {
         let huge = audit(hard, 2, RESERVED_FDS, 128, 0);
         assert_eq!(huge[0].status, Status::Fail, "{:?}", huge[0]);
         assert!(huge[0].fix.contains("LimitNOFILE"), "{}", huge[0].fix);
+    }
+
+    #[test]
+    fn descriptors_open_now_count_the_processs_own_files() {
+        let before = open_descriptors();
+        let files: Vec<_> = (0..200).map(|_| std::fs::File::open("/dev/null").unwrap()).collect();
+        let during = open_descriptors();
+        drop(files);
+        // Other tests of this binary open and close files meanwhile.
+        assert!(during >= before + 150, "{before} open, then {during} with 200 more");
     }
 }

@@ -104,6 +104,31 @@ fn describe(pid: u32, dir: &Path) -> Holder {
     Holder { pid, cmdline, switchboard }
 }
 
+/// Who holds `port` when no listener on it was found: one this process
+/// may not look at (another user's), or the local end of a connection,
+/// which blocks a listener as well (the kernel gives the ports of
+/// `net.ipv4.ip_local_port_range` to outgoing connections).
+fn holder_unseen(port: u16) -> String {
+    format!(
+        "another socket holds it: a listener of a process this one cannot look into, or the local end of a \
+         connection (ports in net.ipv4.ip_local_port_range go to outgoing connections); \
+         `ss -tanp 'sport = :{port}'` shows which"
+    )
+}
+
+/// What to tell someone whose admin API cannot listen on `addr`, with
+/// `holder` as [`find`] saw it.
+pub fn admin_advice(addr: SocketAddr, holder: Option<&Holder>) -> String {
+    let who = match holder {
+        Some(h) => format!("pid {} listens on it ({})", h.pid, if h.cmdline.is_empty() { "?" } else { &h.cmdline }),
+        None => holder_unseen(addr.port()),
+    };
+    format!(
+        "address in use: {who}. Give the admin API another port: admin.listen in the config file \
+         (port 0 picks a free one; Server::admin_addr tells which when embedded)"
+    )
+}
+
 /// What to tell someone whose server cannot listen on `addr` (the raw TCP
 /// or WebSocket address of `what`), with `holder` as [`find`] saw it.
 /// `raw` and `ws` are the two addresses configured, for the suggestion.
@@ -120,7 +145,7 @@ pub fn advice(addr: SocketAddr, holder: Option<&Holder>, raw: SocketAddr, ws: Op
             if h.cmdline.is_empty() { "?" } else { &h.cmdline }
         ),
         Some(h) => format!("pid {} listens on it ({})", h.pid, if h.cmdline.is_empty() { "?" } else { &h.cmdline }),
-        None => format!("another process listens on it (`ss -ltnp 'sport = :{}'` shows which)", addr.port()),
+        None => holder_unseen(addr.port()),
     };
     format!(
         "address in use: {who}. To run this server beside it, give it other ports, e.g. `serve {suggestion}` \
@@ -166,6 +191,6 @@ mod tests {
         assert!(a.contains("--listen 127.0.0.1:7800 --ws-listen 127.0.0.1:7810"), "{a}");
         assert!(a.contains("overlapping restarts"), "{a}");
         let a = advice(raw, None, raw, None);
-        assert!(a.contains("ss -ltnp 'sport = :7700'") && a.contains("--ws-listen \"\""), "{a}");
+        assert!(a.contains("ss -tanp 'sport = :7700'") && a.contains("--ws-listen \"\""), "{a}");
     }
 }

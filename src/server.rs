@@ -37,8 +37,12 @@ impl Handle {
         Ok(())
     }
 
+    /// Refuses once a shutdown was asked for, or once a drained server's
+    /// workers stopped (`Server::join`). A drain under way refuses nothing:
+    /// the connections still here get pushes until their CLOSE, and the
+    /// store takes reliable messages for the devices that left.
     fn check_open(&self) -> Result<(), PushError> {
-        if self.shared.shutdown.load(Ordering::Acquire) || self.shared.draining.load(Ordering::Acquire) {
+        if self.shared.shutdown.load(Ordering::Acquire) {
             return Err(PushError::ShuttingDown);
         }
         Ok(())
@@ -350,12 +354,14 @@ impl Handle {
     /// Returns how many connections were told to close.
     pub fn kick_user(&self, user: &str) -> Result<usize, PushError> {
         Self::check_user(user)?;
+        self.check_open()?;
         self.shared.to_cluster(|| crate::cluster::Event::Kick(Arc::from(user)));
         self.post_to_user(user, |conn| Command::Close { conn, code: CloseCode::Kicked })
     }
 
     /// Closes one connection with `code`.
     pub fn close_connection(&self, conn: ConnId, code: CloseCode) -> Result<(), PushError> {
+        self.check_open()?;
         let Some(mb) = self.shared.mailboxes.get(conn.worker().0 as usize) else {
             return Ok(());
         };
@@ -446,7 +452,10 @@ impl Handle {
     /// CLOSE 1001 with a reconnect hint, spread over `drain.window_ms`. The
     /// workers exit when their connections are gone (or the window plus
     /// `timeouts.close_linger_ms` has passed). Returns at once;
-    /// [`Server::join`] waits.
+    /// [`Server::join`] waits. Pushes go on meanwhile: a live one reaches
+    /// the connections not closed yet, a reliable one is stored for the
+    /// devices wherever they reconnect. Once the workers have exited
+    /// ([`Server::join`] returned), the handle refuses as after a shutdown.
     pub fn drain(&self) {
         if !self.shared.draining.swap(true, Ordering::AcqRel) {
             tracing::info!(window_ms = self.shared.config.drain.window_ms, "drain requested");
@@ -481,6 +490,7 @@ pub struct ServerBuilder {
     config: Config,
     authenticator: Option<Arc<dyn Authenticator>>,
     hook: Option<MessageHook>,
+    custom_store: Option<Box<dyn crate::store::Store>>,
 }
 
 impl ServerBuilder {
@@ -515,6 +525,7 @@ impl ServerBuilder {
     /// missing), and `store.kind` to the disk store. Two servers cannot
     /// share one.
     pub fn data_dir(mut self, path: impl Into<std::path::PathBuf>) -> Self {
+        self.custom_store = None;
         self.config.store.kind = crate::config::StoreKind::Disk;
         self.config.store.path = path.into();
         self
@@ -523,7 +534,25 @@ impl ServerBuilder {
     /// Sets `store.kind`: `Disk` (the default), `Memory` (bounded, lost on
     /// restart) or `None` (no reliable delivery: live relay only).
     pub fn store(mut self, kind: crate::config::StoreKind) -> Self {
+        self.custom_store = None;
         self.config.store.kind = kind;
+        self
+    }
+
+    /// Keeps the inboxes in the application's own [`Store`](crate::store::Store)
+    /// (its database, or one of the crate's stores wrapped), instead of the
+    /// one `store.kind` names. The server runs it on a thread of its own, one
+    /// request batch at a time, and calls [`Store::sync`](crate::store::Store::sync)
+    /// once per batch before it answers any write of the batch: what `sync`
+    /// returns `Ok` for must survive what the application promises its users
+    /// (a `Receipt`'s `durability` is what [`Store::durability`](crate::store::Store::durability)
+    /// says). One shard, whatever `store.shards` says; `store.batch_wait_us`
+    /// applies (default 0: no wait). Of [`data_dir`](ServerBuilder::data_dir),
+    /// [`store`](ServerBuilder::store) and this, the one called last wins.
+    /// The trait's documentation says what each method must do; the crate's
+    /// own stores are the reference.
+    pub fn custom_store(mut self, store: impl crate::store::Store) -> Self {
+        self.custom_store = Some(Box::new(store));
         self
     }
 
@@ -572,7 +601,19 @@ impl ServerBuilder {
         // once per interval, whichever authenticator decides.
         let authenticator: Arc<dyn Authenticator> = Arc::new(crate::authlog::Logged::new(authenticator));
         let admin = config.admin.clone();
-        let started = crate::runtime::start(config, authenticator, self.hook)?;
+        let admin_addr: Option<SocketAddr> = if admin.listen.is_empty() {
+            None
+        } else {
+            let addr = admin.listen.parse().map_err(|_| ConfigError::Invalid {
+                key: "admin.listen",
+                message: "is not an IP:port address".into(),
+            })?;
+            // Refused here, before the workers and the store start, as the
+            // client ports are (the admin API itself binds last).
+            crate::runtime::probe_port(addr, |holder| crate::portholder::admin_advice(addr, holder))?;
+            Some(addr)
+        };
+        let started = crate::runtime::start(config, authenticator, self.hook, self.custom_store)?;
         let mut server = Server {
             handle: started.handle,
             threads: started.threads,
@@ -581,11 +622,7 @@ impl ServerBuilder {
             store: started.store,
             cluster: started.cluster,
         };
-        if !admin.listen.is_empty() {
-            let addr = admin.listen.parse().map_err(|_| ConfigError::Invalid {
-                key: "admin.listen",
-                message: "is not an IP:port address".into(),
-            })?;
+        if let Some(addr) = admin_addr {
             let a = crate::admin::Admin::start(addr, server.handle(), &admin)
                 .map_err(|source| StartError::Bind { addr, source })?;
             tracing::info!(addr = %a.local_addr(), "admin API listening");
@@ -678,7 +715,7 @@ impl Server {
     pub fn builder() -> ServerBuilder {
         let mut config = Config::default();
         config.websocket.listen = String::new();
-        ServerBuilder { config, authenticator: None, hook: None }
+        ServerBuilder { config, authenticator: None, hook: None, custom_store: None }
     }
 
     /// A handle for pushing from any thread.
@@ -711,6 +748,9 @@ impl Server {
                 failure.get_or_insert(ServerError::WorkerDied { worker, message: "panicked while stopping".into() });
             }
         }
+        // The workers are gone (a drain ended, or a worker died): from now
+        // on the handle refuses as after a shutdown, before the store stops.
+        self.handle.shared.shutdown.store(true, Ordering::Release);
         self.admin = None;
         drop(self.sweeper.take());
         if let Some(store) = self.store.take() {

@@ -744,3 +744,188 @@ fn an_embedder_with_its_own_authenticator_needs_no_jwt_secret() {
     c.login("ann", "ok-ann").expect("the application's own check lets ann in");
     server.shutdown().unwrap();
 }
+
+/// A store an embedding application brings (`ServerBuilder::custom_store`):
+/// here the in-memory store behind a wrapper that counts what the server
+/// asks of it, as an application's own database would see it.
+struct CountingStore {
+    inner: switchboard::store::MemoryStore,
+    appends: Arc<std::sync::atomic::AtomicU64>,
+    reads: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl switchboard::store::Store for CountingStore {
+    fn append(
+        &mut self,
+        m: &switchboard::store::NewMessage,
+        now_ms: u64,
+    ) -> Result<switchboard::store::Appended, switchboard::store::StoreError> {
+        self.appends.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.inner.append(m, now_ms)
+    }
+    fn sync(&mut self) -> Result<(), switchboard::store::StoreError> {
+        self.inner.sync()
+    }
+    fn read(
+        &mut self,
+        user: &str,
+        after_seq: u64,
+        limit: usize,
+    ) -> Result<switchboard::store::Page, switchboard::store::StoreError> {
+        self.reads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.inner.read(user, after_seq, limit)
+    }
+    fn device_login(
+        &mut self,
+        user: &str,
+        device: &str,
+        client_seq: u64,
+        now_ms: u64,
+    ) -> Result<(u64, u64), switchboard::store::StoreError> {
+        self.inner.device_login(user, device, client_seq, now_ms)
+    }
+    fn set_position(
+        &mut self,
+        user: &str,
+        device: &str,
+        seq: u64,
+        now_ms: u64,
+    ) -> Result<(), switchboard::store::StoreError> {
+        self.inner.set_position(user, device, seq, now_ms)
+    }
+    fn inbox_state(&mut self, user: &str) -> Result<switchboard::store::InboxState, switchboard::store::StoreError> {
+        self.inner.inbox_state(user)
+    }
+    fn forget_device(&mut self, user: &str, device: &str, now_ms: u64) -> Result<bool, switchboard::store::StoreError> {
+        self.inner.forget_device(user, device, now_ms)
+    }
+    fn expire(&mut self, now_ms: u64) -> Result<u64, switchboard::store::StoreError> {
+        self.inner.expire(now_ms)
+    }
+    fn held(&self) -> (u64, u64) {
+        self.inner.held()
+    }
+}
+
+/// The `Store` trait is public so that an application can keep inboxes
+/// in its own database: the server it builds uses that store for every
+/// reliable message, pushes and client SENDs alike, and for the pages a
+/// device reads, whatever `store.kind` says.
+#[test]
+fn an_embedder_plugs_in_its_own_store() {
+    let appends = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let reads = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let store = CountingStore {
+        inner: switchboard::store::MemoryStore::new(switchboard::store::StoreLimits::default()),
+        appends: appends.clone(),
+        reads: reads.clone(),
+    };
+    let mut cfg = config();
+    cfg.store.kind = switchboard::config::StoreKind::None;
+    let server =
+        Server::builder().config(cfg).custom_store(store).start().expect("starts with the application's store");
+    let h = server.handle();
+    assert!(h.reliable_by_default(), "a server with a store of the application's stores by default");
+    let r = h.push("olga", b"from the app").expect("stored").wait().expect("synced");
+    assert_eq!((r.seq, r.duplicate, r.durability), (1, false, None));
+    let (mut tx, _) = login(server.local_addr(), "pavel");
+    tx.send(7, "olga", b"from pavel").unwrap();
+    assert!(
+        wait_until(Duration::from_secs(5), || appends.load(std::sync::atomic::Ordering::Relaxed) == 2),
+        "both messages went to the application's store"
+    );
+    let mut rx = connect(server.local_addr());
+    rx.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    rx.login_device("olga", &token("olga"), "phone", 0).expect("device login");
+    let mut by_seq = std::collections::BTreeMap::new();
+    assert_eq!(catch_up(&mut rx, &mut by_seq, Duration::from_secs(5)), 2);
+    assert_eq!(by_seq.values().map(String::as_str).collect::<Vec<_>>(), ["from the app", "from pavel"]);
+    assert!(reads.load(std::sync::atomic::Ordering::Relaxed) >= 1, "the device's first page was read from it");
+    assert_eq!(h.inbox_state("olga", Duration::from_secs(5)).expect("state").head_seq, 2);
+    server.shutdown().unwrap();
+}
+
+/// Every handle call that acts on connections says so once the server is
+/// shutting down, as the pushes do: an `Ok(0)` from a kick would read as
+/// "that user is offline".
+#[test]
+fn handle_calls_after_shutdown_are_refused_as_shutting_down() {
+    let server = start(config());
+    let (_c, info) = login(server.local_addr(), "quinn");
+    let h = server.handle();
+    let conn = h.connections_of("quinn")[0];
+    let _ = info;
+    server.shutdown().unwrap();
+    assert_eq!(h.kick_user("quinn"), Err(switchboard::PushError::ShuttingDown));
+    assert_eq!(h.close_connection(conn, CloseCode::Kicked), Err(switchboard::PushError::ShuttingDown));
+}
+
+/// A drain moves clients away over `drain.window_ms`; it does not stop
+/// the application's pushes meanwhile: a reliable push is stored (and
+/// waits for the device wherever it reconnects), a live one reaches the
+/// connections still here. Refused, they would come back as 503s from
+/// the admin API for the whole window of a rolling restart.
+#[test]
+fn pushes_go_on_while_the_server_drains() {
+    let mut cfg = config();
+    cfg.drain.window_ms = 5_000;
+    let server = start(cfg);
+    let h = server.handle();
+    h.drain();
+    assert!(h.is_draining());
+    let r = h.push_reliable("rita", b"during the drain", 0).expect("taken while draining").wait().expect("stored");
+    assert_eq!(r.seq, 1);
+    h.push_to_user("rita", b"live, while draining").expect("a live push is not refused while draining");
+    assert_eq!(h.inbox_state("rita", Duration::from_secs(5)).expect("state").head_seq, 1);
+    server.join().unwrap();
+    assert_eq!(
+        h.push_to_user("rita", b"after"),
+        Err(switchboard::PushError::ShuttingDown),
+        "once the drained server has stopped, pushes are refused"
+    );
+}
+
+/// A port nobody listens on but that is the local end of a connection
+/// (the kernel hands out ports of `ip_local_port_range` to outgoing
+/// connections) cannot be listened on either; the refusal says so,
+/// instead of sending the user to look for a listener that is not there.
+#[test]
+fn a_port_held_by_an_outgoing_connection_is_refused_with_the_right_advice() {
+    let target = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = free_port();
+    let local: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    s.bind(&local.into()).unwrap();
+    s.connect(&target.local_addr().unwrap().into()).unwrap();
+    let mut cfg = config();
+    cfg.server.listen = local.to_string();
+    match Server::builder().config(cfg).start() {
+        Err(switchboard::StartError::Bind { source, .. }) => {
+            let text = source.to_string();
+            assert!(text.contains("connection") && text.contains(&format!("ss -tanp 'sport = :{port}'")), "{text}");
+            assert!(!text.contains("listens on it"), "{text}");
+        }
+        Err(e) => panic!("expected a bind refusal, got {e}"),
+        Ok(_) => panic!("listened on a port an outgoing connection holds"),
+    }
+}
+
+/// A busy admin port is refused before anything else starts, naming the
+/// key to change, as the client ports are.
+#[test]
+fn a_busy_admin_port_is_refused_up_front_naming_admin_listen() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut cfg = config();
+    cfg.admin.listen = taken.local_addr().unwrap().to_string();
+    let t0 = Instant::now();
+    match Server::builder().config(cfg).start() {
+        Err(switchboard::StartError::Bind { addr, source }) => {
+            assert_eq!(addr, taken.local_addr().unwrap());
+            let text = source.to_string();
+            assert!(text.contains("admin.listen") && text.contains("address in use"), "{text}");
+        }
+        Err(e) => panic!("expected a bind refusal, got {e}"),
+        Ok(_) => panic!("started with its admin port taken"),
+    }
+    assert!(t0.elapsed() < Duration::from_millis(400), "refused before the workers started: {:?}", t0.elapsed());
+}

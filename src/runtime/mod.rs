@@ -90,6 +90,19 @@ fn check_port_free(
     if addr.port() == 0 || config.server.share_listen_port {
         return Ok(());
     }
+    probe_port(addr, |holder| crate::portholder::advice(addr, holder, raw, ws))
+}
+
+/// Binds `addr` once (with SO_REUSEADDR, as the listeners are) and lets go:
+/// a port in use is refused with `advice` (given who holds it), before
+/// anything has started. Port 0 always passes.
+pub(crate) fn probe_port(
+    addr: SocketAddr,
+    advice: impl FnOnce(Option<&crate::portholder::Holder>) -> String,
+) -> Result<(), StartError> {
+    if addr.port() == 0 {
+        return Ok(());
+    }
     let err = |source| StartError::Bind { addr, source };
     let probe = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)).map_err(err)?;
     probe.set_reuse_address(true).map_err(err)?;
@@ -97,10 +110,7 @@ fn check_port_free(
         Err(e) if e.raw_os_error() == Some(libc::EADDRINUSE) => {
             drop(probe);
             let holder = crate::portholder::find(addr.port());
-            Err(StartError::Bind {
-                addr,
-                source: std::io::Error::new(e.kind(), crate::portholder::advice(addr, holder.as_ref(), raw, ws)),
-            })
+            Err(StartError::Bind { addr, source: std::io::Error::new(e.kind(), advice(holder.as_ref())) })
         }
         Err(e) => Err(err(e)),
         Ok(()) => Ok(()),
@@ -131,6 +141,7 @@ pub(crate) fn start(
     config: Config,
     authenticator: Arc<dyn Authenticator>,
     hook: Option<MessageHook>,
+    custom_store: Option<Box<dyn crate::store::Store>>,
 ) -> Result<Started, StartError> {
     let addr = config.listen_addr()?;
     let cpus = sys::allowed_cpus();
@@ -143,7 +154,9 @@ pub(crate) fn start(
         );
     }
     let ring_bytes = config.uring.sq_entries as u64 * 64 + config.uring.cq_entries as u64 * 16;
-    let besides = crate::limits::descriptors_besides_clients(&config, workers);
+    // What the process holds already (an embedding application's files and
+    // sockets) is not the clients' to take either.
+    let besides = crate::limits::descriptors_besides_clients(&config, workers) + crate::limits::open_descriptors();
     let report =
         crate::limits::check(config.server.max_connections, workers, besides, config.server.listen_backlog, ring_bytes)
             .map_err(StartError::Limits)?;
@@ -168,14 +181,20 @@ pub(crate) fn start(
     // with a listener up and no worker behind it.
     // The node id defaults to <hostname>:<configured listen port> (a port
     // of 0 gives ":0": set cluster.node_id when nodes share a host).
-    let store = crate::store::open_store_shards(
-        &config.store,
-        config.store.shards,
-        config.delivery.dedup_window_ms,
-        &config.cluster,
-        addr.port(),
-    )
-    .map_err(|e| StartError::Store { path: config.store.path.display().to_string(), message: e.to_string() })?;
+    // An application's own store (`ServerBuilder::custom_store`) is one
+    // shard, whatever `store.kind` and `store.shards` say.
+    let custom = custom_store.is_some();
+    let store = match custom_store {
+        Some(s) => vec![s],
+        None => crate::store::open_store_shards(
+            &config.store,
+            config.store.shards,
+            config.delivery.dedup_window_ms,
+            &config.cluster,
+            addr.port(),
+        )
+        .map_err(|e| StartError::Store { path: config.store.path.display().to_string(), message: e.to_string() })?,
+    };
     let ws_addr = config.websocket.listen_addr()?;
     check_port_free(addr, &config, addr, ws_addr)?;
     if let Some(a) = ws_addr {
@@ -265,14 +284,24 @@ pub(crate) fn start(
         // Each shard's queue holds an even share of store.queue_capacity.
         let shards = store.len();
         let cfg = crate::store::ServiceConfig {
-            batch_wait: shared.config.store.batch_wait(),
+            // An application's store waits only if asked to: its cost
+            // per turn is not known here.
+            batch_wait: if custom {
+                std::time::Duration::from_micros(shared.config.store.batch_wait_us.unwrap_or(0))
+            } else {
+                shared.config.store.batch_wait()
+            },
             queue_max_bytes: shared.config.store.queue_max_bytes,
             expire_interval: std::time::Duration::from_millis(shared.config.store.retention_interval_ms),
             ..crate::store::ServiceConfig::new(shared.config.store.queue_capacity.div_ceil(shards))
         };
         let parts = store.into_iter().map(|s| (s, inbox::StoreSink::new(shared.clone()))).collect();
         let service = crate::store::Service::start_shards(parts, cfg)?;
-        tracing::info!(shards, kind = ?shared.config.store.kind, "message store started");
+        if custom {
+            tracing::info!("the application's message store started");
+        } else {
+            tracing::info!(shards, kind = ?shared.config.store.kind, "message store started");
+        }
         let _ = shared.store.set(service.submitter());
         Some(service)
     };
