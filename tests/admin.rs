@@ -54,6 +54,10 @@ fn health_stats_and_pushes() {
     assert!(store["syncs"].as_u64().unwrap() >= 1, "{stats}");
     assert_eq!(store["appended_per_sync_sum"], 1, "{stats}");
     assert_eq!(store["queue_depth"], 0, "{stats}");
+    // alice has no device: her message waits for the TTL.
+    assert_eq!(store["pending_messages"], 1, "{stats}");
+    assert!(store["pending_bytes"].as_u64().unwrap() > 0, "{stats}");
+    assert_eq!(store["stopped"], false, "{stats}");
 
     // Errors are JSON with a status that says what went wrong.
     let (status, body) = http(a, "POST", "/push", b"x", None).unwrap();

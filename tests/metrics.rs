@@ -338,6 +338,20 @@ fn a_cluster_node_exposes_its_cross_node_counters() {
     b.shutdown().unwrap();
 }
 
+/// A stopped store fails every reliable request while `/readyz` stays
+/// 200 (the at-most-once paths go on): only the store's own metrics say
+/// so, and the shipped rules must watch them.
+#[test]
+fn the_shipped_alerts_and_dashboard_watch_a_stopped_store() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tuning");
+    let alerts = std::fs::read_to_string(dir.join("prometheus-alerts.yml")).unwrap();
+    let dashboard = std::fs::read_to_string(dir.join("grafana-dashboard.json")).unwrap();
+    for name in ["switchboard_store_stopped", "switchboard_store_errors_total"] {
+        assert!(referenced_names(&alerts).contains(name), "no alert on {name}");
+        assert!(referenced_names(&dashboard).contains(name), "no panel shows {name}");
+    }
+}
+
 #[test]
 fn the_dashboard_and_the_alerts_name_only_exposed_metrics() {
     let server = server();

@@ -273,6 +273,9 @@ fn store_counters(c: &crate::store::StoreCounters) -> Value {
         "queue_depth": get(&c.queue_depth),
         "queue_bytes": get(&c.queue_bytes),
         "expired": get(&c.expired),
+        "pending_messages": get(&c.held_messages),
+        "pending_bytes": get(&c.held_bytes),
+        "stopped": c.stopped(),
     })
 }
 

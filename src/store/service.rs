@@ -838,8 +838,10 @@ impl<T: Send + 'static, S: Sink<T>> Worker<T, S> {
             self.reopen = Some(r);
         }
         let Some(reopen) = self.reopen.clone() else { return };
-        // The old store first: it holds the directory's lock.
-        drop(std::mem::replace(&mut self.store, Box::new(Closed)));
+        // The old store first: it holds the directory's lock. What it held
+        // is still on disk, waiting: the gauges keep showing it.
+        let held = self.store.held();
+        drop(std::mem::replace(&mut self.store, Box::new(Closed { held })));
         match reopen() {
             Ok(store) => {
                 tracing::info!("store: opened again after its failed write; serving again");
@@ -1086,8 +1088,10 @@ impl<T: Send + 'static, S: Sink<T>> Worker<T, S> {
 
 /// The store thread's store between closing a stopped store and opening it
 /// again, while that fails ([`Worker::reopen_if_due`]): it refuses every
-/// request.
-struct Closed;
+/// request. `held`: what the store it replaced held (still on disk).
+struct Closed {
+    held: (u64, u64),
+}
 
 impl Closed {
     fn refuse<R>() -> Result<R, StoreError> {
@@ -1125,7 +1129,7 @@ impl Store for Closed {
         Self::refuse()
     }
     fn held(&self) -> (u64, u64) {
-        (0, 0)
+        self.held
     }
     fn stopped(&self) -> bool {
         true

@@ -3570,11 +3570,18 @@ fn disk_write_failure_in_a_process_of_its_own() {
     let failed = submit(1, 7);
     assert!(matches!(failed, Err(StoreError::Unavailable(_))), "{failed:?}");
     assert!(stopped(), "the gauge reads 1");
+    let held = || service.counters().held_messages.load(std::sync::atomic::Ordering::Relaxed);
+    let held_at_the_failure = held();
+    assert!(held_at_the_failure >= 4, "{held_at_the_failure}");
     // Long enough for an attempt to open it again, which fails too.
     std::thread::sleep(Duration::from_millis(300));
     let Err(StoreError::Unavailable(why)) = submit(2, 8) else { panic!("served while writes fail") };
     assert!(why.contains("stopped"), "{why}");
     assert!(stopped());
+    // The messages are still on disk, waiting: the gauge of what inboxes
+    // hold (switchboard_store_pending_messages) does not fall to 0 while
+    // the store cannot be opened.
+    assert_eq!(held(), held_at_the_failure, "what the inboxes hold, while the store is closed");
     limit_file_size(None);
     let t = Instant::now();
     let seq = loop {
