@@ -209,6 +209,13 @@ impl Collector for Live {
             get(&c.closed)
         })?;
         f.per_worker_counter(
+            "switchboard_connections_handed_off",
+            "Connections a worker whose share of server.max_connections was full handed to the worker with the \
+             most free slots.",
+            &workers,
+            |c| get(&c.handed_off),
+        )?;
+        f.per_worker_counter(
             "switchboard_connections_refused_full",
             "Connections refused at accept because every worker's table was full (CLOSE 4005).",
             &workers,
@@ -345,6 +352,16 @@ impl Collector for Live {
             total(&|c| get(&c.recv_lost_wakeups)),
         )?;
         f.counter("switchboard_kicked", "Connections kicked by the application.", total(&|c| get(&c.kicked)))?;
+        f.counter(
+            "switchboard_ws_upgrades",
+            "WebSocket handshakes completed (101 sent).",
+            total(&|c| get(&c.ws_upgrades)),
+        )?;
+        f.counter(
+            "switchboard_http_requests",
+            "Plain HTTP requests answered on the WebSocket port (the demo page, its script, 404s).",
+            total(&|c| get(&c.http_requests)),
+        )?;
         f.counter(
             "switchboard_ws_handshake_failures",
             "WebSocket upgrade requests refused (bad request, Origin, subprotocol, size).",

@@ -330,6 +330,69 @@ fn a_killed_nodes_presence_expires_within_the_bound() {
     eprintln!("the killed node's presence went {took:?} after SIGKILL (bound: 600 ms TTL + 200 ms heartbeat)");
 }
 
+/// A node stalled past its TTL (SIGSTOP) is taken for dead, and the others
+/// delete its users' presence; at SIGCONT it beats again and registers
+/// them again. The other nodes act on their last look at the live set
+/// (up to one heartbeat old) and still took it for dead: their lookups
+/// deleted the fields it had just written, and nothing wrote them again,
+/// so its connected users got nothing more through other nodes (an
+/// outside review: a device on the stalled node got 4,947 of 8,000
+/// acknowledged messages). A field written after the last heartbeat the
+/// reader saw is a registration of a node that came back, and is kept.
+#[test]
+fn a_node_back_from_a_stall_keeps_its_users_reachable() {
+    let redis_proc = RedisServer::start();
+    let redis = Redis::One(redis_proc.url());
+    let opts = NodeOpts { extra: "route_cache_ms = 20".into(), ..NodeOpts::default() };
+    let a = Node::start("a", &redis, &opts);
+    let b = Node::start("b", &redis, &opts);
+    let mut u = b.login("u", None);
+    assert!(common::wait_until(Duration::from_secs(10), || redis.presence("u") == ["b"]));
+    // The application pushes to u through A all along: A looks u up every
+    // few milliseconds.
+    let stop = Arc::new(AtomicBool::new(false));
+    let pusher = {
+        let (stop, admin) = (stop.clone(), a.admin);
+        std::thread::spawn(move || {
+            let mut sent = 0u32;
+            while !stop.load(Ordering::Relaxed) {
+                let body = format!(r#"{{"user": "u", "text": "p{sent}", "mode": "at_most_once"}}"#);
+                let _ = common::http(admin, "POST", "/api/v1/push", body.as_bytes(), None);
+                sent += 1;
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        })
+    };
+    b.signal(libc::SIGSTOP);
+    assert!(
+        common::wait_until(Duration::from_secs(10), || redis.presence("u").is_empty()),
+        "A never took the stalled B for dead"
+    );
+    b.signal(libc::SIGCONT);
+    // B registers u again at its first heartbeat; A's lookups of the next
+    // moments, on a live set read before that heartbeat, must leave it.
+    assert!(
+        common::wait_until(Duration::from_secs(10), || redis.presence("u") == ["b"]),
+        "B did not register u again"
+    );
+    let back = Instant::now();
+    while back.elapsed() < Duration::from_secs(2) {
+        assert_eq!(redis.presence("u"), ["b"], "u's presence was deleted {:?} after B came back", back.elapsed());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    stop.store(true, Ordering::Relaxed);
+    pusher.join().unwrap();
+    // And a push through A reaches u on B.
+    u.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    while u.recv_skipping_pings().is_ok_and(|f| matches!(f.frame(), Frame::Push { .. })) {
+        u.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+    }
+    let (status, body) = a.api("/api/v1/push", r#"{"user": "u", "text": "last", "mode": "at_most_once"}"#);
+    assert_eq!(status, 200, "{body}");
+    u.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    assert_eq!(next_message(&mut u).1, "last");
+}
+
 /// A node started while Redis is down serves its own connections (a room
 /// on the node works; a stored message is refused with ERROR 115, store
 /// unavailable) and joins by itself once Redis is up.

@@ -338,6 +338,33 @@ fn a_cluster_node_exposes_its_cross_node_counters() {
     b.shutdown().unwrap();
 }
 
+/// Every counter `/api/v1/stats` serves has a metric, which
+/// docs/METRICS.md's table "From `/stats` to `/metrics`" names and a
+/// scrape exposes: docs/DEPLOY.md's monitoring list speaks in `/stats`
+/// names, and an operator graphs them from Prometheus.
+#[test]
+fn every_stats_counter_has_a_metric_the_docs_name() {
+    let server = server();
+    let exposed = scrape(server.admin_addr().unwrap()).names();
+    let stats = serde_json::to_value(server.handle().stats()).unwrap();
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/METRICS.md")).unwrap();
+    let (_, table) = doc.split_once("## From `/stats` to `/metrics`").expect("METRICS.md has the table");
+    let named: BTreeMap<String, String> = table
+        .lines()
+        .filter_map(|l| {
+            let cells: Vec<&str> = l.split('|').map(str::trim).collect();
+            let name = cells.get(1)?.strip_prefix('`')?.strip_suffix('`')?;
+            let metric = cells.get(2)?.strip_prefix('`')?.split('`').next()?;
+            Some((name.to_string(), metric.to_string()))
+        })
+        .collect();
+    for key in stats.as_object().unwrap().keys() {
+        let metric = named.get(key).unwrap_or_else(|| panic!("METRICS.md does not say which metric /stats' {key} is"));
+        assert!(exposed.contains(metric), "/stats' {key} is {metric} in METRICS.md, which /metrics does not expose");
+    }
+    server.shutdown().unwrap();
+}
+
 /// A stopped store fails every reliable request while `/readyz` stays
 /// 200 (the at-most-once paths go on): only the store's own metrics say
 /// so, and the shipped rules must watch them.

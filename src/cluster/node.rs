@@ -85,6 +85,34 @@ redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[2]))
 return {tostring(now), redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES'), prev}
 ";
 
+/// Deletes node `ARGV[1]`'s field of the presence hash `KEYS[1]` if it was
+/// written at or before `ARGV[2]` (ms): the field's value is when the node
+/// wrote it. One key, so it runs on a Redis Cluster too; in one step, so a
+/// registration written between a reader's look at the hash and its
+/// delete is kept.
+const PRESENCE_DELETE_STALE_LUA: &str = r"
+local at = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '')
+if at == nil or at <= tonumber(ARGV[2]) then
+  return redis.call('HDEL', KEYS[1], ARGV[1])
+end
+return 0
+";
+
+/// Whether a presence field written at `written_ms` (the node's clock) by
+/// a node whose last heartbeat a reader saw at `last_beat_ms` (Redis's
+/// clock) is a registration from before that heartbeat (deletable once
+/// the node is dead), rather than one it wrote after it came back (it was
+/// stalled or cut off past its TTL; its next heartbeat sees that and
+/// registers its users again, while the reader may still act on a look at
+/// the live set from before that heartbeat). Half a TTL of slack on either
+/// side: a node writes its fields within a heartbeat of its last beat
+/// (`node_ttl_ms` is at least two heartbeats), and one that came back
+/// beat at least a TTL after the beat the reader saw, so clocks that
+/// differ by less than half a TTL tell the two apart.
+fn written_before_beat(written_ms: u64, last_beat_ms: u64, ttl_ms: u64) -> bool {
+    written_ms <= last_beat_ms.saturating_add(ttl_ms / 2)
+}
+
 /// What [`HEARTBEAT_LUA`] returns: Redis's time (ms, as text), every
 /// node with its last heartbeat, this node's previous heartbeat ("" if none).
 type HeartbeatReply = (String, Vec<(String, f64)>, String);
@@ -565,21 +593,39 @@ impl Node {
             let Ok(v) = r else { continue };
             let fields: HashMap<String, Value> = redis::from_redis_value(v).unwrap_or_default();
             let mut nodes = Nodes::new();
-            for node in fields.keys() {
+            for (node, written) in &fields {
                 if **node == *self.me {
                     continue;
                 }
+                let written: u64 = redis::from_redis_value::<String>(written.clone())
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0);
                 match liveness.dead.get(node.as_str()) {
                     // Dead: out of the map for every reader, and its field
-                    // deleted. An id is never reused (it ends in the
-                    // process id); a node that was only stalled past its
-                    // TTL sees so at its next heartbeat and re-registers.
-                    Some(_) => stale.push(redis::cmd("HDEL").arg(presence_key(user)).arg(node).clone()),
-                    // Alive, or not known yet (a node that just started
-                    // may write presence before this node's next look at
-                    // the live set): forward. A forward to a node that is
-                    // gone is only wasted.
-                    None => nodes
+                    // deleted if it is still the one read. An id is never
+                    // reused (it ends in the process id); a node that was
+                    // only stalled past its TTL sees so at its next
+                    // heartbeat and registers its users again, and a field
+                    // written since the beat seen is that: it is kept
+                    // (`written_before_beat`).
+                    Some(&beat) if written_before_beat(written, beat, self.cfg.node_ttl_ms) => {
+                        let limit = beat.saturating_add(self.cfg.node_ttl_ms / 2);
+                        stale.push(
+                            redis::cmd("EVAL")
+                                .arg(PRESENCE_DELETE_STALE_LUA)
+                                .arg(1)
+                                .arg(presence_key(user))
+                                .arg(node)
+                                .arg(limit)
+                                .clone(),
+                        )
+                    }
+                    // Alive, back since the beat seen, or not known yet
+                    // (a node that just started may write presence before
+                    // this node's next look at the live set): forward. A
+                    // forward to a node that is gone is only wasted.
+                    _ => nodes
                         .push(liveness.alive.get(node.as_str()).cloned().unwrap_or_else(|| Arc::from(node.as_str()))),
                 }
             }
@@ -1009,6 +1055,17 @@ fn bytes_of(s: &str) -> Bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_presence_field_written_after_the_beat_seen_is_a_node_that_came_back() {
+        // TTL 3 s; the dead node's last beat seen at 10,000.
+        assert!(written_before_beat(9_500, 10_000, 3_000), "written before its last beat");
+        assert!(written_before_beat(11_000, 10_000, 3_000), "within a heartbeat after it");
+        assert!(written_before_beat(11_500, 10_000, 3_000), "half a TTL of slack for clocks");
+        assert!(!written_before_beat(13_200, 10_000, 3_000), "after a beat a TTL later: it came back");
+        assert!(!written_before_beat(11_501, 10_000, 3_000));
+        assert!(written_before_beat(0, 10_000, 3_000), "a value that did not parse");
+    }
 
     #[test]
     fn a_node_is_dead_once_its_heartbeat_is_older_than_the_ttl() {

@@ -235,6 +235,13 @@ impl Node {
         }
     }
 
+    /// Sends `signal` to the node's process (SIGSTOP, SIGCONT: a stall).
+    pub fn signal(&self, signal: i32) {
+        let pid = self.child.as_ref().expect("the node runs").id() as i32;
+        // SAFETY: kill(2) on a child of this process that has not been waited for.
+        assert_eq!(unsafe { libc::kill(pid, signal) }, 0, "signal {signal} to node {}", self.id);
+    }
+
     /// Starts the node again with the same config and ports.
     pub fn restart(&mut self, redis: &Redis) {
         self.kill();
