@@ -853,9 +853,27 @@ impl RedisAddrs {
         }
     }
 
+    /// The URLs with their passwords masked ([`redacted_url`]): what logs
+    /// and errors show.
+    pub fn redacted(&self) -> Vec<String> {
+        self.urls().iter().map(|u| redacted_url(u)).collect()
+    }
+
     /// Whether this is a Redis Cluster (a list of seed nodes).
     pub fn is_cluster(&self) -> bool {
         matches!(self, RedisAddrs::Cluster(_))
+    }
+}
+
+/// `url` with the password of its user info (`redis://user:PASSWORD@host`)
+/// replaced by `***`, for logs and error messages.
+pub fn redacted_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else { return url.to_string() };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let Some(at) = rest[..authority_end].rfind('@') else { return url.to_string() };
+    match rest[..at].split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:***@{}", &rest[at + 1..]),
+        None => url.to_string(),
     }
 }
 
@@ -965,8 +983,18 @@ impl ClusterConfig {
             return Err(invalid("cluster.redis", "lists no address (leave it out to run without Redis)"));
         }
         for u in &urls {
-            if !(u.starts_with("redis://") || u.starts_with("rediss://") || u.starts_with("valkey://")) {
-                return Err(invalid("cluster.redis", format!("{u:?} is not a redis:// URL")));
+            if u.starts_with("rediss://") || u.starts_with("valkeys://") {
+                return Err(invalid(
+                    "cluster.redis",
+                    format!(
+                        "{:?}: this build speaks to Redis without TLS; reach Redis over a private network, or \
+                         through a TLS tunnel on this host (stunnel, spiped) with a redis:// URL to its local end",
+                        redacted_url(u)
+                    ),
+                ));
+            }
+            if !(u.starts_with("redis://") || u.starts_with("valkey://")) {
+                return Err(invalid("cluster.redis", format!("{:?} is not a redis:// URL", redacted_url(u))));
             }
         }
         let id_ok = |s: &str| {
@@ -1571,6 +1599,17 @@ mod socket_buffers {
     }
 
     #[test]
+    fn a_redis_urls_password_is_left_out_of_what_is_logged() {
+        assert_eq!(redacted_url("redis://:s3cret@10.0.0.5:6379/0"), "redis://:***@10.0.0.5:6379/0");
+        assert_eq!(redacted_url("redis://app:s3cret@h:1"), "redis://app:***@h:1");
+        assert_eq!(redacted_url("redis://app@h:1"), "redis://app@h:1");
+        assert_eq!(redacted_url("redis://h:6379"), "redis://h:6379");
+        assert_eq!(redacted_url("valkey://:a@b@h:1"), "valkey://:***@h:1");
+        let addrs = RedisAddrs::Cluster(vec!["redis://:pw@a:7000".into(), "redis://b:7001".into()]);
+        assert_eq!(addrs.redacted(), ["redis://:***@a:7000", "redis://b:7001"]);
+    }
+
+    #[test]
     fn cluster_takes_one_redis_or_a_list_and_needs_a_shared_store() {
         let one =
             Config::from_toml("[store]\nkind = \"redis\"\n[cluster]\nredis = \"redis://127.0.0.1:6379\"\n").unwrap();
@@ -1588,6 +1627,12 @@ mod socket_buffers {
         let e =
             Config::from_toml("[store]\nkind = \"none\"\n[cluster]\nredis = \"http://x\"\n").unwrap_err().to_string();
         assert!(e.contains("not a redis:// URL"), "{e}");
+        // This build has no TLS for Redis: refused at the config, not
+        // retried for ever at run time.
+        let e = Config::from_toml("[store]\nkind = \"none\"\n[cluster]\nredis = \"rediss://:pw@x:6380\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("cluster.redis") && e.contains("TLS") && !e.contains("pw"), "{e}");
         let e = Config::from_toml("[store]\nkind = \"none\"\n[cluster]\nredis = \"redis://x\"\nnode_id = \"a b\"\n")
             .unwrap_err()
             .to_string();

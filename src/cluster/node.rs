@@ -373,7 +373,7 @@ async fn run(
         held: RefCell::new((0..shared_workers).map(|_| Held::default()).collect()),
         held_wake: tokio::sync::Notify::new(),
     });
-    tracing::info!(node = %node.me, redis = ?node.addrs.urls(), "cluster: joining");
+    tracing::info!(node = %node.me, redis = ?node.addrs.redacted(), "cluster: joining");
     let sub = tokio::task::spawn_local(node.clone().subscriber(stop.clone()));
     let beat = tokio::task::spawn_local(node.clone().heartbeat(stop.clone()));
     let held = tokio::task::spawn_local(node.clone().release_held());
@@ -434,7 +434,7 @@ impl Node {
             }
             Err(e) => {
                 ClusterCounters::add(&self.counters.redis_errors, 1);
-                tracing::warn!("cluster: cannot connect to Redis {:?}: {e}", self.addrs.urls());
+                tracing::warn!("cluster: cannot connect to Redis {:?}: {e}", self.addrs.redacted());
                 None
             }
         }
@@ -726,6 +726,9 @@ impl Node {
         let mut attempt = 0usize;
         while !stop.load(Ordering::Acquire) {
             let url = &urls[attempt % urls.len()];
+            // What the log shows: the URL without its password.
+            let shown = crate::config::redacted_url(url);
+            let shown = shown.as_str();
             attempt += 1;
             match self.subscribe_all(url).await {
                 Ok(mut stream) => {
@@ -736,19 +739,19 @@ impl Node {
                     // restarted Redis may have lost presence: redo both.
                     self.cache.borrow_mut().clear();
                     self.resync.set(true);
-                    tracing::info!(node = %self.me, url, "cluster: subscribed");
+                    tracing::info!(node = %self.me, url = shown, "cluster: subscribed");
                     while let Some(msg) = stream.next().await {
                         self.on_message(msg.get_channel_name(), msg.get_payload_bytes());
                     }
                     self.pubsub_up.set(false);
                     self.update_connected();
                     *self.sink.borrow_mut() = None;
-                    tracing::warn!(node = %self.me, url, "cluster: the pub/sub connection to Redis closed; reconnecting");
+                    tracing::warn!(node = %self.me, url = shown, "cluster: the pub/sub connection to Redis closed; reconnecting");
                 }
                 Err(e) => {
                     ClusterCounters::add(&self.counters.redis_errors, 1);
                     if attempt % urls.len() == 1 || urls.len() == 1 {
-                        tracing::warn!(node = %self.me, url, "cluster: cannot subscribe: {e}");
+                        tracing::warn!(node = %self.me, url = shown, "cluster: cannot subscribe: {e}");
                     }
                 }
             }

@@ -940,10 +940,12 @@ impl RedisStore {
     fn connect(&self) -> Result<Link, StoreError> {
         match &self.addrs {
             RedisAddrs::Single(url) => {
-                let info = url.as_str().into_connection_info().map_err(|e| unavailable(format!("{url}: {e}")))?;
-                let mut con = self.open_conn(info, url)?;
-                load_scripts(&mut con).map_err(|e| unavailable(format!("{url}: loading the scripts: {e}")))?;
-                Ok(Link { nodes: vec![con], names: vec![url.clone()], slots: None })
+                // Its password never goes into a log or an error.
+                let name = crate::config::redacted_url(url);
+                let info = url.as_str().into_connection_info().map_err(|e| unavailable(format!("{name}: {e}")))?;
+                let mut con = self.open_conn(info, &name)?;
+                load_scripts(&mut con).map_err(|e| unavailable(format!("{name}: loading the scripts: {e}")))?;
+                Ok(Link { nodes: vec![con], names: vec![name], slots: None })
             }
             RedisAddrs::Cluster(seeds) => {
                 let mut errors = Vec::new();
@@ -958,13 +960,14 @@ impl RedisStore {
         }
     }
 
-    fn connect_cluster(&self, seed: &str) -> Result<Link, StoreError> {
-        let info = seed.into_connection_info().map_err(|e| unavailable(format!("{seed}: {e}")))?;
+    fn connect_cluster(&self, url: &str) -> Result<Link, StoreError> {
+        let seed = crate::config::redacted_url(url);
+        let info = url.into_connection_info().map_err(|e| unavailable(format!("{seed}: {e}")))?;
         let seed_host = match info.addr() {
             ConnectionAddr::Tcp(host, _) => host.clone(),
             other => return Err(unavailable(format!("{seed}: a cluster seed must be redis://host:port, not {other}"))),
         };
-        let mut con = self.open_conn(info.clone(), seed)?;
+        let mut con = self.open_conn(info.clone(), &seed)?;
         let slots: Value = redis::cmd("CLUSTER")
             .arg("SLOTS")
             .query(&mut con)
