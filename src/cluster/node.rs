@@ -597,10 +597,8 @@ impl Node {
                 if **node == *self.me {
                     continue;
                 }
-                let written: u64 = redis::from_redis_value::<String>(written.clone())
-                    .ok()
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(0);
+                let written: u64 =
+                    redis::from_redis_value::<String>(written.clone()).ok().and_then(|v| v.parse().ok()).unwrap_or(0);
                 match liveness.dead.get(node.as_str()) {
                     // Dead: out of the map for every reader, and its field
                     // deleted if it is still the one read. An id is never
@@ -814,6 +812,26 @@ impl Node {
                         // off from Redis): others took it for dead and may
                         // have deleted its presence fields.
                         self.resync.set(true);
+                    }
+                    if !first && prev.is_empty() && self.shared.config.store.kind == crate::config::StoreKind::Redis {
+                        // This node's own entry in sb:nodes is gone though
+                        // it beat a moment ago: Redis lost its data (restarted
+                        // without its AOF, or flushed), and with it the
+                        // inboxes this node's device connections count seqs
+                        // of. They must log in again (PROTOCOL.md 15.8).
+                        tracing::error!(
+                            node = %self.me,
+                            "cluster: Redis lost its data (this node's heartbeat entry is gone): every inbox starts \
+                             again at seq 1; closing this node's device connections so that they log in again. \
+                             Run Redis with appendonly yes (docs/SCALING.md)"
+                        );
+                        for mb in self.shared.mailboxes.iter() {
+                            if mb.push(crate::runtime::Command::StoreReset).is_err() {
+                                tracing::error!(
+                                    "cluster: a worker's mailbox is full: its device connections stay open"
+                                );
+                            }
+                        }
                     }
                     if first {
                         first = false;

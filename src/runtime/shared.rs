@@ -60,6 +60,10 @@ pub(crate) enum Command {
     /// their notices ([`Command::Stored`]) found the mailbox full: the
     /// store thread held them back and folded them into this one.
     Missed { conn: ConnId, seq: u64 },
+    /// The store lost its data (a Redis restarted without its AOF): close
+    /// every device connection, keeping none of their positions, so that
+    /// each logs in again and learns it (PROTOCOL.md 15.8).
+    StoreReset,
 }
 
 // Mailboxes hold `limits.mailbox_capacity` commands each, allocated at

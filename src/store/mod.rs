@@ -156,7 +156,8 @@ pub trait Store: Send + 'static {
         client_seq: u64,
         now_ms: u64,
     ) -> Result<(u64, u64), StoreError>;
-    /// Cumulative ACK: position = max(position, seq.min(head)). Durable at next sync.
+    /// Cumulative ACK: position = max(position, seq); a seq past the head
+    /// is dropped (it counts an inbox that is gone). Durable at next sync.
     fn set_position(&mut self, user: &str, device: &str, seq: u64, now_ms: u64) -> Result<(), StoreError>;
     /// Several `set_position`s (user, device, seq): the outcome of each,
     /// in order, with the same effect as that many calls; a backend
@@ -342,9 +343,16 @@ fn login_device(devices: &mut Vec<DeviceState>, device: &str, client_seq: u64, h
     advance_device(devices, device, client_seq, head, now_ms)
 }
 
-/// Moves (or adds) a device's position to max(position, seq.min(head)).
+/// Moves (or adds) a device's position to max(position, seq). A seq past
+/// the head moves nothing: it counts seqs of an inbox that is gone (the
+/// store lost its data under a connection that stayed: a Redis restarted
+/// without its AOF), and taken, even capped at the head, it would mark the
+/// new inbox's messages up to it as acknowledged. (A window never
+/// acknowledges past the head it knows: such an ACK is ERROR 117.)
 fn advance_device(devices: &mut Vec<DeviceState>, device: &str, seq: u64, head: u64, now_ms: u64) -> u64 {
-    let seq = seq.min(head);
+    if seq > head {
+        return devices.iter().find(|d| d.device == device).map_or(0, |d| d.position);
+    }
     if let Some(d) = devices.iter_mut().find(|d| d.device == device) {
         d.position = d.position.max(seq);
         d.last_seen_ms = d.last_seen_ms.max(now_ms);

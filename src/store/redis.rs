@@ -313,9 +313,12 @@ end
 local head = tonumber(redis.call('HGET', KEYS[1], 'head') or '0')
 local s = tonumber(ARGV[2])
 -- A login past the head stored from another inbox: its seqs do not count
--- (store::login_device). A position is capped at the head.
+-- (store::login_device). A position past the head is dropped: it counts
+-- seqs of an inbox that is gone (a Redis restarted without its AOF; the
+-- nodes close their device connections when they see it), and taken, even
+-- capped at the head, it would mark new messages as acknowledged.
 if s > head then
-  if ARGV[8] == '1' then s = 0 else s = head end
+  if ARGV[8] == '1' then s = 0 else return {0, head} end
 end
 local pos
 local cur = redis.call('HGET', KEYS[2], ARGV[1])

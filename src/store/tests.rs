@@ -361,11 +361,14 @@ fn device_positions_independent_per_device(make: Make) {
     s.set_position("alice", "phone", 5, T0 + 2).unwrap();
     assert_eq!(s.device_login("alice", "phone", 2, T0 + 3).unwrap(), (7, 10), "positions never go back");
     s.set_position("alice", "tablet", 3, T0 + 4).unwrap();
+    // Past the head: seqs of an inbox that is gone (a store that lost its
+    // data under a connection that stayed). Dropped: taken, even capped at
+    // the head, it would mark the new inbox's messages as acknowledged.
     s.set_position("alice", "tablet", 50, T0 + 5).unwrap();
     let mut devices = s.inbox_state("alice").unwrap().devices;
     devices.sort_by(|a, b| a.device.cmp(&b.device));
     let got: Vec<_> = devices.iter().map(|d| (d.device.as_str(), d.position, d.last_seen_ms)).collect();
-    assert_eq!(got, vec![("laptop", 10, T0), ("phone", 7, T0 + 3), ("tablet", 10, T0 + 5)]);
+    assert_eq!(got, vec![("laptop", 10, T0), ("phone", 7, T0 + 3), ("tablet", 3, T0 + 4)]);
     assert_eq!(s.device_login("bob", "phone", 3, T0).unwrap(), (0, 0), "another user's device is its own");
 }
 
@@ -395,12 +398,14 @@ fn positions_written_together_as_one_by_one(make: Make) {
         ("alice", "phone", 2), // never back
         ("", "phone", 1),
         ("bob", long.as_str(), 1),
-        ("alice", "tablet", 99), // a new device, clamped to the head
-        ("carol", "phone", 1),   // nothing stored yet: clamped to 0
+        ("alice", "tablet", 99), // past the head: dropped, no device added
+        ("carol", "phone", 1),   // nothing stored yet: dropped too
+        ("alice", "tablet", 10), // a new device, at the head
+        ("carol", "phone", 0),   // a new device, at 0
     ];
     let got = s.set_positions(&moves, T0 + 5);
     let refused: Vec<bool> = got.iter().map(Result::is_err).collect();
-    assert_eq!(refused, [false, false, false, false, true, true, false, false]);
+    assert_eq!(refused, [false, false, false, false, true, true, false, false, false, false]);
     let positions = |s: &mut dyn Store, user: &str| {
         let mut d = s.inbox_state(user).unwrap().devices;
         d.sort_by(|a, b| a.device.cmp(&b.device));
@@ -903,8 +908,12 @@ impl Model {
 
     fn position(&mut self, user: &str, device: &str, seq: u64, now: u64) -> u64 {
         let head = self.head(user);
+        if seq > head {
+            // Dropped: it counts seqs of an inbox that is gone.
+            return self.devices.get(user).and_then(|d| d.get(device)).map_or(0, |d| d.0);
+        }
         let d = self.devices.entry(user.into()).or_default().entry(device.into()).or_insert((0, now));
-        d.0 = d.0.max(seq.min(head));
+        d.0 = d.0.max(seq);
         d.1 = d.1.max(now);
         let position = d.0;
         self.drop_acknowledged_hot(user);

@@ -1357,6 +1357,7 @@ impl Worker {
             Command::DeviceReady { conn, result } => self.on_device_ready(conn, result.map_err(|e| *e)),
             Command::Page { conn, result } => self.on_page(conn, *result),
             Command::Missed { conn, seq } => self.on_missed(conn, seq),
+            Command::StoreReset => self.on_store_reset(),
             Command::Publish { .. } | Command::Broadcast { .. } => {
                 unreachable!("fan-out commands are handled by the mailbox loop")
             }

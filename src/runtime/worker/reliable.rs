@@ -262,6 +262,36 @@ impl Worker {
         Ok(())
     }
 
+    /// The store lost what it held ([`Command::StoreReset`]): every device
+    /// connection's window counts seqs of inboxes that are gone, and the
+    /// new inboxes' seqs start again at 1, which it would take for ones it
+    /// sent. Each is closed (1001, log in again), with its unsaved
+    /// position dropped, as are those of devices closed before: written
+    /// into a new inbox, an old position would mark its new messages up to
+    /// it as acknowledged.
+    pub(super) fn on_store_reset(&self) {
+        self.closed_unsaved.borrow_mut().clear();
+        let devices: Vec<(u32, u32)> = self
+            .reliable
+            .borrow_mut()
+            .iter_mut()
+            .map(|(&slot, d)| {
+                d.unsaved = 0;
+                (slot, d.generation)
+            })
+            .collect();
+        let n = devices.len();
+        for (slot, generation) in devices {
+            self.close_conn(
+                slot,
+                generation,
+                CloseCode::GoingAway,
+                "the message store lost its data; log in again (PROTOCOL.md 15.8)",
+            );
+        }
+        tracing::warn!(worker = self.id.0, devices = n, "closed every device connection after the store lost its data");
+    }
+
     /// The connection (`slot`) is closing: it has no window any more.
     pub(super) fn forget_device(&self, slot: u32, generation: u32) {
         let gone = {
