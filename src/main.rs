@@ -55,6 +55,8 @@ enum Cmd {
         data_dir: Option<PathBuf>,
         /// Override store.kind: `disk` (default), `memory` (lost on
         /// restart) or `none` (no reliable delivery: live relay only).
+        /// Inboxes in Redis (`redis`) need cluster.redis: set both in the
+        /// config file (docs/SCALING.md).
         #[arg(long)]
         store: Option<String>,
         /// Log filter: a level (error, warn, info, debug, trace, off), or
@@ -278,6 +280,9 @@ fn signal_thread(set: &libc::sigset_t, handle: &switchboard::Handle) {
     loop {
         let sig = wait_for_signal(set);
         if draining {
+            let _ = std::panic::catch_unwind(|| {
+                tracing::warn!(signal = sig, "signal received again: exiting at once, the drain cut short");
+            });
             std::process::exit(0);
         }
         draining = true;
@@ -365,7 +370,10 @@ fn serve(
             "memory" => switchboard::config::StoreKind::Memory,
             "none" => switchboard::config::StoreKind::None,
             other => {
-                err!("switchboard: --store {other}: use disk, memory or none");
+                err!(
+                    "switchboard: --store {other}: use disk, memory or none (inboxes in Redis: store.kind = \"redis\" \
+                     and cluster.redis in the config file, docs/SCALING.md)"
+                );
                 return ExitCode::from(2);
             }
         };
@@ -397,7 +405,7 @@ fn serve(
         }
     }
     if let Some(a) = server.admin_addr() {
-        out!("admin API on http://{a} (/healthz /readyz /stats /push /publish /broadcast ...)");
+        out!("admin API on http://{a} (/healthz /readyz /metrics /api/v1/push /api/v1/stats ..., docs/API.md)");
     } else {
         out!("admin API off (start with --admin 127.0.0.1:7701 for /healthz /stats /push ...)");
     }
