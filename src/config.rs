@@ -865,6 +865,25 @@ impl RedisAddrs {
     }
 }
 
+/// An entry of `websocket.allowed_origins`: `*`, `null` (what a sandboxed
+/// page sends), or `scheme://host[:port]` without a path, as browsers send
+/// the Origin header.
+fn origin_entry_ok(o: &str) -> bool {
+    if o == "*" || o == "null" {
+        return true;
+    }
+    let Some((scheme, host)) = o.split_once("://") else { return false };
+    !scheme.is_empty()
+        && scheme.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'-' | b'.'))
+        && host_entry_ok(host)
+}
+
+/// An entry of `admin.allowed_hosts` (or an origin's host part): a host
+/// name or address with or without `:port`, nothing else.
+fn host_entry_ok(h: &str) -> bool {
+    !h.is_empty() && !h.bytes().any(|b| b.is_ascii_whitespace() || b.is_ascii_control() || matches!(b, b'/' | b'@'))
+}
+
 /// `url` with the password of its user info (`redis://user:PASSWORD@host`)
 /// replaced by `***`, for logs and error messages.
 pub fn redacted_url(url: &str) -> String {
@@ -1189,6 +1208,25 @@ impl Config {
         }
         if self.timeouts_in_ticks().validate().is_err() {
             return Err(invalid("timeouts.idle_timeout_ms", "and heartbeat_interval_ms fall into the same tick"));
+        }
+        for o in &self.websocket.allowed_origins {
+            if !origin_entry_ok(o) {
+                return Err(invalid(
+                    "websocket.allowed_origins",
+                    format!(
+                        "has {o:?}: each entry is an origin as a browser sends it, scheme://host[:port] with no \
+                         path (e.g. \"https://app.example.com\"), or \"*\" for any"
+                    ),
+                ));
+            }
+        }
+        for h in &self.admin.allowed_hosts {
+            if !host_entry_ok(h) {
+                return Err(invalid(
+                    "admin.allowed_hosts",
+                    format!("has {h:?}: each entry is a host name or address, with or without :port (e.g. \"push-api.internal\")"),
+                ));
+            }
         }
         if t.heartbeat_interval_ms > u32::MAX as u64 || t.idle_timeout_ms > u32::MAX as u64 {
             return Err(invalid("timeouts.idle_timeout_ms", "must fit in 32 bits of milliseconds (49 days)"));
@@ -1596,6 +1634,28 @@ mod socket_buffers {
         c.socket.rcvbuf_bytes = 0;
         c.socket.sndbuf_bytes = (64 << 20) + 1;
         assert!(c.validate().unwrap_err().to_string().contains("socket.sndbuf_bytes"));
+    }
+
+    #[test]
+    fn origins_and_admin_hosts_that_could_never_match_are_refused() {
+        for bad in ["not a url", "", "https://app.example.com/", "app.example.com", "https://"] {
+            let toml = format!("[websocket]\nallowed_origins = [{bad:?}]\n");
+            let e = Config::from_toml(&toml).unwrap_err().to_string();
+            assert!(e.contains("websocket.allowed_origins"), "{bad:?}: {e}");
+        }
+        for good in ["*", "null", "https://app.example.com", "http://localhost:8080", "chrome-extension://abc"] {
+            let toml = format!("[websocket]\nallowed_origins = [{good:?}]\n");
+            assert!(Config::from_toml(&toml).is_ok(), "{good:?}");
+        }
+        for bad in ["", "a b", "http://x", "x/y"] {
+            let toml = format!("[admin]\nallowed_hosts = [{bad:?}]\n");
+            let e = Config::from_toml(&toml).unwrap_err().to_string();
+            assert!(e.contains("admin.allowed_hosts"), "{bad:?}: {e}");
+        }
+        for good in ["push-api.internal", "10.0.0.5:7701", "[::1]:7701"] {
+            let toml = format!("[admin]\nallowed_hosts = [{good:?}]\n");
+            assert!(Config::from_toml(&toml).is_ok(), "{good:?}");
+        }
     }
 
     #[test]
