@@ -573,7 +573,8 @@ impl Worker {
             Ok(r) => r,
             Err(e) => {
                 self.forget_device(slot, generation);
-                let reason = format!("the inbox could not be loaded ({e}); log in again shortly");
+                // The instruction first: a WebSocket close reason is cut at 123 bytes.
+                let reason = format!("log in again shortly: the inbox could not be loaded ({e})");
                 self.close_conn(slot, generation, CloseCode::TryAgainLater, &reason);
                 return;
             }
