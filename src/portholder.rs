@@ -104,25 +104,31 @@ fn describe(pid: u32, dir: &Path) -> Holder {
     Holder { pid, cmdline, switchboard }
 }
 
-/// Who holds `port` when no listener on it was found: one this process
-/// may not look at (another user's), or the local end of a connection,
-/// which blocks a listener as well (the kernel gives the ports of
-/// `net.ipv4.ip_local_port_range` to outgoing connections).
-fn holder_unseen(port: u16) -> String {
-    format!(
-        "another socket holds it: a listener of a process this one cannot look into, or the local end of a \
-         connection (ports in net.ipv4.ip_local_port_range go to outgoing connections); \
-         `ss -tanp 'sport = :{port}'` shows which"
-    )
+/// Who holds `addr`'s port, as [`find`] saw it. Without a listener found:
+/// one this process may not look at (another user's), or the local end of
+/// a connection, which blocks a listener as well (the kernel gives the
+/// ports of `net.ipv4.ip_local_port_range` to outgoing connections).
+fn who(addr: SocketAddr, holder: Option<&Holder>) -> String {
+    match holder {
+        Some(h) if h.switchboard => format!(
+            "another Switchboard server is listening on it (pid {}: {})",
+            h.pid,
+            if h.cmdline.is_empty() { "?" } else { &h.cmdline }
+        ),
+        Some(h) => format!("pid {} listens on it ({})", h.pid, if h.cmdline.is_empty() { "?" } else { &h.cmdline }),
+        None => format!(
+            "another socket holds it: a listener of a process this one cannot look into, or the local end of a \
+             connection (ports in net.ipv4.ip_local_port_range go to outgoing connections); \
+             `ss -tanp 'sport = :{}'` shows which",
+            addr.port()
+        ),
+    }
 }
 
 /// What to tell someone whose admin API cannot listen on `addr`, with
 /// `holder` as [`find`] saw it.
 pub fn admin_advice(addr: SocketAddr, holder: Option<&Holder>) -> String {
-    let who = match holder {
-        Some(h) => format!("pid {} listens on it ({})", h.pid, if h.cmdline.is_empty() { "?" } else { &h.cmdline }),
-        None => holder_unseen(addr.port()),
-    };
+    let who = who(addr, holder);
     format!(
         "address in use: {who}. Give the admin API another port: admin.listen in the config file \
          (port 0 picks a free one; Server::admin_addr tells which when embedded)"
@@ -138,15 +144,7 @@ pub fn advice(addr: SocketAddr, holder: Option<&Holder>, raw: SocketAddr, ws: Op
         Some(ws) => format!("--listen {} --ws-listen {}", other(raw), other(ws)),
         None => format!("--listen {} --ws-listen \"\"", other(raw)),
     };
-    let who = match holder {
-        Some(h) if h.switchboard => format!(
-            "another Switchboard server is listening on it (pid {}: {})",
-            h.pid,
-            if h.cmdline.is_empty() { "?" } else { &h.cmdline }
-        ),
-        Some(h) => format!("pid {} listens on it ({})", h.pid, if h.cmdline.is_empty() { "?" } else { &h.cmdline }),
-        None => holder_unseen(addr.port()),
-    };
+    let who = who(addr, holder);
     format!(
         "address in use: {who}. To run this server beside it, give it other ports, e.g. `serve {suggestion}` \
          (server.listen and websocket.listen in a config file, ServerBuilder::listen and ws_listen \

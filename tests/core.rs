@@ -851,10 +851,9 @@ fn an_embedder_plugs_in_its_own_store() {
 #[test]
 fn handle_calls_after_shutdown_are_refused_as_shutting_down() {
     let server = start(config());
-    let (_c, info) = login(server.local_addr(), "quinn");
+    let (_c, _) = login(server.local_addr(), "quinn");
     let h = server.handle();
     let conn = h.connections_of("quinn")[0];
-    let _ = info;
     server.shutdown().unwrap();
     assert_eq!(h.kick_user("quinn"), Err(switchboard::PushError::ShuttingDown));
     assert_eq!(h.close_connection(conn, CloseCode::Kicked), Err(switchboard::PushError::ShuttingDown));

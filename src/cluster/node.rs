@@ -591,14 +591,14 @@ impl Node {
         let mut stale: Vec<Cmd> = Vec::new();
         for (user, r) in users.iter().zip(results) {
             let Ok(v) = r else { continue };
-            let fields: HashMap<String, Value> = redis::from_redis_value(v).unwrap_or_default();
+            // Node → when it wrote its field (ms, its clock).
+            let fields: HashMap<String, String> = redis::from_redis_value(v).unwrap_or_default();
             let mut nodes = Nodes::new();
             for (node, written) in &fields {
                 if **node == *self.me {
                     continue;
                 }
-                let written: u64 =
-                    redis::from_redis_value::<String>(written.clone()).ok().and_then(|v| v.parse().ok()).unwrap_or(0);
+                let written: u64 = written.parse().unwrap_or(0);
                 match liveness.dead.get(node.as_str()) {
                     // Dead: out of the map for every reader, and its field
                     // deleted if it is still the one read. An id is never
