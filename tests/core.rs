@@ -77,6 +77,10 @@ fn push_reaches_a_user_on_the_other_worker() {
     let addr = server.local_addr();
     let h = server.handle();
     let mut clients = login_on_workers(addr, "alice", &[1]);
+    // login_on_workers dropped the extra connections it opened; wait until
+    // the server has seen them go, or the push counts them too (a clean
+    // clone's run once read 2 connections here).
+    assert!(wait_until(Duration::from_secs(5), || server.handle().connections_of("alice").len() == 1));
     // From a plain thread through the handle (mailbox of worker 1).
     let pushed = std::thread::spawn(move || h.push_to_user("alice", b"from the app")).join().unwrap().unwrap();
     assert_eq!(pushed.connections, 1);
