@@ -23,6 +23,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+pub mod conformance;
 pub mod disk;
 mod hotlog;
 pub mod memory;
@@ -126,7 +127,8 @@ pub struct InboxState {
 }
 
 /// A per-user inbox store. Every method runs on the store thread
-/// ([`service`]); none may be called from an io_uring worker.
+/// ([`service`]); none may be called from an io_uring worker. An
+/// implementation of one's own is checked with [`conformance::run_all`].
 pub trait Store: Send + 'static {
     /// Appends to m.to's inbox: seq = head + 1. Not durable until `sync`.
     /// Dedup: (m.to, m.from, m.client_id) seen within the dedup window →

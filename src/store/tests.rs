@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use proptest::prelude::*;
 
+use super::conformance::{self, append, login_acked, msg, seqs, Subject, T0};
 use super::hotlog::{file_of, HotLog, Logged, Recovered};
 use super::redis::{presence_key, user_key};
 use super::*;
@@ -33,20 +34,6 @@ impl TempDir {
 impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// A store under test, and how to restart it (if it survives one).
-trait Subject {
-    fn store(&mut self) -> &mut dyn Store;
-    /// Syncs, closes and reopens; false for a store that keeps nothing.
-    fn restart(&mut self) -> bool;
-    /// Whether the store drops a message every device of its user has
-    /// acknowledged at the acknowledgement, while it is hot (the disk
-    /// store: hotlog.rs), rather than at the next retention pass, which
-    /// then counts none of those.
-    fn drops_at_acknowledgement(&self) -> bool {
-        false
     }
 }
 
@@ -185,8 +172,6 @@ impl Subject for RedisOnCluster {
     }
 }
 
-type Make = fn(StoreLimits) -> Box<dyn Subject>;
-
 fn make_redis_single(l: StoreLimits) -> Box<dyn Subject> {
     Box::new(RedisOne::new(AppendFsync::Always, l))
 }
@@ -207,467 +192,32 @@ fn make_disk_os(l: StoreLimits) -> Box<dyn Subject> {
     Box::new(Disk::new(Durability::Os, l))
 }
 
-const T0: u64 = 1_800_000_000_000;
+// ---- the conformance suite (conformance.rs) on every backend -----------------
 
-fn msg(to: &str, from: &str, msg_id: u64, ts_ms: u64, payload: &str, client_id: u64) -> NewMessage {
-    NewMessage {
-        to: to.into(),
-        from: from.into(),
-        msg_id,
-        ts_ms,
-        payload: Bytes::copy_from_slice(payload.as_bytes()),
-        client_id,
-    }
+#[test]
+fn conformance_memory() {
+    conformance::run_all(make_memory)
 }
 
-fn append(s: &mut dyn Store, to: &str, n: u64, now: u64) -> u64 {
-    match s.append(&msg(to, "app", n, now, &format!("m{n}"), 0), now).unwrap() {
-        Appended::New { seq } => seq,
-        d => panic!("unexpected {d:?}"),
-    }
+#[test]
+fn conformance_disk_fsync() {
+    conformance::run_all(make_disk)
 }
 
-/// A device that logs in and acknowledges up to `seq` (a login's seq alone
-/// does not count for a device the store does not know: `login_device`).
-fn login_acked(s: &mut dyn Store, user: &str, device: &str, seq: u64, now: u64) {
-    s.device_login(user, device, 0, now).unwrap();
-    s.set_position(user, device, seq, now).unwrap();
+#[test]
+fn conformance_disk_os() {
+    conformance::run_all(make_disk_os)
 }
 
-fn seqs(p: &Page) -> Vec<u64> {
-    p.messages.iter().map(|m| m.seq).collect()
+#[test]
+fn conformance_redis_single() {
+    conformance::run_all(make_redis_single)
 }
 
-// ---- the conformance suite --------------------------------------------------
-
-fn append_and_read_in_order_with_dense_seqs(make: Make) {
-    let mut subject = make(StoreLimits::default());
-    let s = subject.store();
-    for i in 0..10 {
-        for user in ["alice", "bob"] {
-            assert_eq!(append(s, user, i, T0 + i), i + 1, "dense per user");
-        }
-    }
-    s.sync().unwrap();
-    let p = s.read("alice", 0, 100).unwrap();
-    assert_eq!(seqs(&p), (1..=10).collect::<Vec<_>>());
-    assert_eq!(p.head_seq, 10);
-    let m = &p.messages[3];
-    assert_eq!((m.msg_id, m.ts_ms, &*m.from, &m.payload[..]), (3, T0 + 3, "app", &b"m3"[..]));
-    assert_eq!(seqs(&s.read("bob", 4, 3).unwrap()), vec![5, 6, 7], "a page after a seq");
-    let tail = s.read("bob", 10, 5).unwrap();
-    assert!(tail.messages.is_empty());
-    assert_eq!(tail.head_seq, 10);
-    assert_eq!(s.read("nobody", 0, 5).unwrap(), Page { messages: vec![], head_seq: 0 });
-    let st = s.inbox_state("alice").unwrap();
-    assert_eq!((st.head_seq, st.first_seq, st.messages), (10, 1, 10));
-    assert_eq!(st.bytes, 10 * record_bytes("alice", "app", 2), "payloads m0..m9");
-    let none = s.inbox_state("nobody").unwrap();
-    assert_eq!((none.head_seq, none.first_seq, none.messages, none.bytes), (0, 1, 0, 0));
+#[test]
+fn conformance_redis_cluster() {
+    conformance::run_all(make_redis_cluster)
 }
-
-fn head_survives_trimming(make: Make) {
-    let mut subject = make(StoreLimits::default());
-    let at_ack = subject.drops_at_acknowledgement();
-    let s = subject.store();
-    for i in 0..5 {
-        append(s, "alice", i, T0);
-    }
-    assert_eq!(s.device_login("alice", "phone", 0, T0).unwrap(), (0, 5));
-    s.set_position("alice", "phone", 5, T0).unwrap();
-    assert_eq!(s.held().0, if at_ack { 0 } else { 5 });
-    assert_eq!(s.expire(T0 + 1).unwrap(), if at_ack { 0 } else { 5 }, "all acknowledged by the only device");
-    let st = s.inbox_state("alice").unwrap();
-    assert_eq!((st.head_seq, st.first_seq, st.messages, st.bytes), (5, 6, 0, 0));
-    assert_eq!(append(s, "alice", 9, T0), 6, "the seq goes on after a trim");
-    assert_eq!(seqs(&s.read("alice", 0, 10).unwrap()), vec![6]);
-    if subject.restart() {
-        let s = subject.store();
-        assert_eq!(append(s, "alice", 10, T0), 7, "and after a restart");
-        assert_eq!(seqs(&s.read("alice", 0, 10).unwrap()), vec![6, 7]);
-    }
-}
-
-/// A user whose every message and device expired has no record left; the
-/// next append still takes the next seq, before and after a restart.
-fn head_survives_its_record(make: Make) {
-    let ttl_ms = 1_000;
-    let mut subject = make(StoreLimits { ttl_ms, ..StoreLimits::default() });
-    let s = subject.store();
-    for i in 0..3 {
-        append(s, "alice", i, T0);
-    }
-    s.device_login("alice", "phone", 0, T0).unwrap();
-    assert_eq!(s.expire(T0 + ttl_ms).unwrap(), 3, "messages and the device past the ttl");
-    let st = s.inbox_state("alice").unwrap();
-    assert_eq!((st.head_seq, st.first_seq, st.messages, st.devices.len()), (3, 4, 0, 0));
-    s.sync().unwrap();
-    if subject.restart() {
-        assert_eq!(subject.store().inbox_state("alice").unwrap().head_seq, 3);
-    }
-    assert_eq!(append(subject.store(), "alice", 9, T0 + ttl_ms), 4);
-}
-
-fn dedup_within_window_and_not_after(make: Make) {
-    let window = 10_000;
-    let mut subject = make(StoreLimits { dedup_window_ms: window, ..StoreLimits::default() });
-    let s = subject.store();
-    let m = msg("alice", "bob", 77, T0, "hi", 5);
-    assert_eq!(s.append(&m, T0).unwrap(), Appended::New { seq: 1 });
-    let retry = msg("alice", "bob", 78, T0, "hi", 5);
-    assert_eq!(s.append(&retry, T0 + window - 1).unwrap(), Appended::Duplicate { seq: 1, msg_id: 77 });
-    let other_sender = msg("alice", "carol", 79, T0, "hi", 5);
-    assert_eq!(s.append(&other_sender, T0).unwrap(), Appended::New { seq: 2 }, "keyed by sender");
-    // And by recipient: an application pushes as sender "" to every user,
-    // numbering its keys per user (the admin API's and the handle's
-    // `client_id`), so the same key to another user is another message.
-    let to_dan = msg("dan", "bob", 81, T0, "hi", 5);
-    assert_eq!(s.append(&to_dan, T0).unwrap(), Appended::New { seq: 1 }, "keyed by recipient");
-    let app_alice = msg("alice", "", 82, T0, "order #7", 7);
-    let app_dan = msg("dan", "", 83, T0, "order #7", 7);
-    assert_eq!(s.append(&app_alice, T0).unwrap(), Appended::New { seq: 3 });
-    assert_eq!(s.append(&app_dan, T0).unwrap(), Appended::New { seq: 2 }, "an application's key, per user");
-    assert_eq!(s.append(&app_dan, T0 + 1).unwrap(), Appended::Duplicate { seq: 2, msg_id: 83 });
-    let no_key = msg("alice", "bob", 80, T0, "hi", 0);
-    assert_eq!(s.append(&no_key, T0).unwrap(), Appended::New { seq: 4 });
-    assert_eq!(s.append(&no_key, T0).unwrap(), Appended::New { seq: 5 }, "client_id 0 is never deduplicated");
-    assert_eq!(s.append(&retry, T0 + window).unwrap(), Appended::New { seq: 6 }, "the window has passed");
-    // The new entry is remembered from its own append, and expire keeps it.
-    s.expire(T0 + window + 1).unwrap();
-    assert_eq!(s.append(&m, T0 + window + 2).unwrap(), Appended::Duplicate { seq: 6, msg_id: 78 });
-    s.expire(T0 + 2 * window).unwrap();
-    assert_eq!(s.append(&m, T0 + 2 * window).unwrap(), Appended::New { seq: 7 }, "dropped by expire");
-    let app_dan_later = msg("dan", "", 84, T0, "order #7", 7);
-    assert_eq!(s.append(&app_dan_later, T0 + 2 * window).unwrap(), Appended::New { seq: 3 });
-    if subject.restart() {
-        let s = subject.store();
-        assert_eq!(s.append(&m, T0 + 2 * window + 1).unwrap(), Appended::Duplicate { seq: 7, msg_id: 77 });
-        let app_alice_later = msg("alice", "", 85, T0, "order #7", 7);
-        assert_eq!(s.append(&app_alice_later, T0 + 2 * window + 1).unwrap(), Appended::New { seq: 8 });
-        assert_eq!(s.append(&app_dan, T0 + 2 * window + 1).unwrap(), Appended::Duplicate { seq: 3, msg_id: 84 });
-    }
-}
-
-fn device_positions_independent_per_device(make: Make) {
-    let mut subject = make(StoreLimits::default());
-    let s = subject.store();
-    for i in 0..10 {
-        append(s, "alice", i, T0);
-    }
-    assert_eq!(s.device_login("alice", "phone", 4, T0).unwrap(), (0, 10), "a device not known: not taken");
-    assert_eq!(s.device_login("alice", "laptop", 99, T0).unwrap(), (0, 10), "past the head: not taken");
-    assert_eq!(s.device_login("alice", "laptop", 10, T0).unwrap(), (10, 10), "up to the head: taken");
-    s.set_position("alice", "phone", 7, T0 + 1).unwrap();
-    s.set_position("alice", "phone", 5, T0 + 2).unwrap();
-    assert_eq!(s.device_login("alice", "phone", 2, T0 + 3).unwrap(), (7, 10), "positions never go back");
-    s.set_position("alice", "tablet", 3, T0 + 4).unwrap();
-    // Past the head: seqs of an inbox that is gone (a store that lost its
-    // data under a connection that stayed). Dropped: taken, even capped at
-    // the head, it would mark the new inbox's messages as acknowledged.
-    s.set_position("alice", "tablet", 50, T0 + 5).unwrap();
-    let mut devices = s.inbox_state("alice").unwrap().devices;
-    devices.sort_by(|a, b| a.device.cmp(&b.device));
-    let got: Vec<_> = devices.iter().map(|d| (d.device.as_str(), d.position, d.last_seen_ms)).collect();
-    assert_eq!(got, vec![("laptop", 10, T0), ("phone", 7, T0 + 3), ("tablet", 3, T0 + 4)]);
-    assert_eq!(s.device_login("bob", "phone", 3, T0).unwrap(), (0, 0), "another user's device is its own");
-}
-
-/// The positions a store turn hands over at once: the outcomes and the
-/// positions of as many `set_position`s, a bad id refused alone, and a
-/// user with several devices moving in one call (read once, from disk
-/// after a restart) keeps every move.
-fn positions_written_together_as_one_by_one(make: Make) {
-    let mut subject = make(StoreLimits::default());
-    let s = subject.store();
-    for (i, user) in ["alice", "bob"].iter().enumerate() {
-        for n in 0..10 {
-            append(s, user, n + 10 * i as u64, T0);
-        }
-        s.device_login(user, "phone", 0, T0).unwrap();
-        s.device_login(user, "laptop", 0, T0).unwrap();
-    }
-    s.sync().unwrap();
-    // A restart empties the disk store's cache: every user is read back.
-    subject.restart();
-    let s = subject.store();
-    let long = "d".repeat(300);
-    let moves = [
-        ("alice", "phone", 3),
-        ("bob", "laptop", 4),
-        ("alice", "laptop", 6),
-        ("alice", "phone", 2), // never back
-        ("", "phone", 1),
-        ("bob", long.as_str(), 1),
-        ("alice", "tablet", 99), // past the head: dropped, no device added
-        ("carol", "phone", 1),   // nothing stored yet: dropped too
-        ("alice", "tablet", 10), // a new device, at the head
-        ("carol", "phone", 0),   // a new device, at 0
-    ];
-    let got = s.set_positions(&moves, T0 + 5);
-    let refused: Vec<bool> = got.iter().map(Result::is_err).collect();
-    assert_eq!(refused, [false, false, false, false, true, true, false, false, false, false]);
-    let positions = |s: &mut dyn Store, user: &str| {
-        let mut d = s.inbox_state(user).unwrap().devices;
-        d.sort_by(|a, b| a.device.cmp(&b.device));
-        d.into_iter().map(|d| (d.device, d.position, d.last_seen_ms)).collect::<Vec<_>>()
-    };
-    let want_alice = vec![("laptop".into(), 6, T0 + 5), ("phone".into(), 3, T0 + 5), ("tablet".into(), 10, T0 + 5)];
-    let want_bob = vec![("laptop".into(), 4, T0 + 5), ("phone".into(), 0, T0)];
-    assert_eq!(positions(s, "alice"), want_alice);
-    assert_eq!(positions(s, "bob"), want_bob);
-    assert_eq!(positions(s, "carol"), vec![("phone".into(), 0, T0 + 5)]);
-    s.sync().unwrap();
-    if subject.restart() {
-        let s = subject.store();
-        assert_eq!(positions(s, "alice"), want_alice, "kept through a restart");
-        assert_eq!(positions(s, "bob"), want_bob);
-    }
-}
-
-fn retention_drops_by_ttl(make: Make) {
-    let ttl = 60_000;
-    let mut subject = make(StoreLimits { ttl_ms: ttl, ..StoreLimits::default() });
-    let s = subject.store();
-    append(s, "alice", 1, T0);
-    append(s, "alice", 2, T0 + 10);
-    s.device_login("alice", "phone", 0, T0).unwrap();
-    assert_eq!(s.expire(T0 + ttl - 1).unwrap(), 0);
-    assert_eq!(s.expire(T0 + ttl).unwrap(), 1, "the first is ttl old");
-    assert_eq!(seqs(&s.read("alice", 0, 10).unwrap()), vec![2]);
-    assert!(s.inbox_state("alice").unwrap().devices.is_empty(), "the phone was unseen for ttl");
-    assert_eq!(s.expire(T0 + ttl + 10).unwrap(), 1);
-    let st = s.inbox_state("alice").unwrap();
-    assert_eq!((st.head_seq, st.first_seq, st.messages, st.bytes), (2, 3, 0, 0));
-}
-
-fn trimmed_when_all_devices_acked(make: Make) {
-    let mut subject = make(StoreLimits::default());
-    let at_ack = subject.drops_at_acknowledgement();
-    let by_pass = |n: u64| if at_ack { 0 } else { n };
-    let s = subject.store();
-    for i in 0..6 {
-        append(s, "alice", i, T0);
-    }
-    login_acked(s, "alice", "phone", 5, T0);
-    login_acked(s, "alice", "laptop", 3, T0);
-    assert_eq!(s.expire(T0 + 1).unwrap(), by_pass(3), "up to the lowest position");
-    // Dropped at the acknowledgement, 4 and 5 went with the phone's ACK,
-    // when it was the only device known.
-    let want: &[u64] = if at_ack { &[6] } else { &[4, 5, 6] };
-    assert_eq!(seqs(&s.read("alice", 0, 10).unwrap()), want);
-    s.set_position("alice", "laptop", 6, T0 + 2).unwrap();
-    assert_eq!(s.expire(T0 + 3).unwrap(), by_pass(2), "4 and 5: the phone has 5");
-    assert_eq!(s.inbox_state("alice").unwrap().first_seq, 6);
-}
-
-/// A device its app signed out of is forgotten on the backend's word
-/// ([`Store::forget_device`]), not only after `ttl_ms` unseen: until then
-/// its position kept every message after it, whatever the user's other
-/// devices had acknowledged.
-fn a_forgotten_device_holds_the_inbox_no_longer(make: Make) {
-    let ttl = 60_000;
-    let mut subject = make(StoreLimits { ttl_ms: ttl, ..StoreLimits::default() });
-    let at_ack = subject.drops_at_acknowledgement();
-    let s = subject.store();
-    for i in 0..5 {
-        append(s, "alice", i, T0);
-    }
-    login_acked(s, "alice", "tablet", 2, T0);
-    login_acked(s, "alice", "phone", 5, T0);
-    s.expire(T0 + 1).unwrap();
-    assert_eq!(seqs(&s.read("alice", 0, 10).unwrap()), vec![3, 4, 5], "the tablet holds 3 to 5");
-    // Two more (hot in the disk store), which the phone acknowledges.
-    append(s, "alice", 5, T0 + 1);
-    append(s, "alice", 6, T0 + 1);
-    s.set_position("alice", "phone", 7, T0 + 1).unwrap();
-    assert_eq!(s.held().0, 5);
-    assert_eq!(s.forget_device("alice", "tablet", T0 + 1), Ok(true));
-    assert_eq!(s.forget_device("alice", "tablet", T0 + 1), Ok(false), "forgotten already");
-    assert_eq!(s.forget_device("alice", "watch", T0 + 1), Ok(false), "never known");
-    assert_eq!(s.forget_device("nobody", "phone", T0 + 1), Ok(false), "no such user");
-    let devices = |st: InboxState| st.devices.into_iter().map(|d| d.device).collect::<Vec<_>>();
-    assert_eq!(devices(s.inbox_state("alice").unwrap()), ["phone"]);
-    // The disk store drops its hot ones at once, as at an acknowledgement;
-    // the rest go at the retention pass.
-    assert_eq!(s.held().0, if at_ack { 3 } else { 5 });
-    assert_eq!(s.expire(T0 + 2).unwrap(), if at_ack { 3 } else { 5 }, "the phone has them all");
-    let st = s.inbox_state("alice").unwrap();
-    assert_eq!((st.head_seq, st.first_seq, st.messages), (7, 8, 0));
-    // Logging in again, it is a new device: it starts at 0, not at a
-    // position the store kept, nor at what it says it stored (the store
-    // cannot tell that from a seq of an inbox gone with the device's
-    // record: login_device).
-    assert_eq!(s.device_login("alice", "tablet", 4, T0 + 3).unwrap(), (0, 7));
-    // With no device left, the messages wait for the TTL, as for a user
-    // who never had one.
-    append(s, "alice", 7, T0 + 4);
-    assert_eq!(s.forget_device("alice", "tablet", T0 + 4), Ok(true));
-    assert_eq!(s.forget_device("alice", "phone", T0 + 4), Ok(true));
-    assert!(s.inbox_state("alice").unwrap().devices.is_empty());
-    assert_eq!(s.expire(T0 + 5).unwrap(), 0, "kept: no device acknowledged it");
-    assert_eq!(seqs(&s.read("alice", 0, 10).unwrap()), vec![8]);
-    // Ids as the other calls check them.
-    assert!(s.forget_device("", "phone", T0 + 5).is_err());
-    assert!(s.forget_device("alice", &"d".repeat(MAX_DEVICE_BYTES + 1), T0 + 5).is_err());
-    // It stays forgotten across a restart.
-    login_acked(s, "alice", "phone", 8, T0 + 6);
-    s.device_login("alice", "tablet", 0, T0 + 6).unwrap();
-    assert_eq!(s.forget_device("alice", "tablet", T0 + 6), Ok(true));
-    s.sync().unwrap();
-    if subject.restart() {
-        let s = subject.store();
-        assert_eq!(devices(s.inbox_state("alice").unwrap()), ["phone"]);
-        assert_eq!(s.expire(T0 + 7).unwrap(), 1, "the phone had 8");
-    }
-}
-
-/// A LOGIN whose `last_seq` is past the head comes from a client that
-/// stored from another inbox (a memory store restarted, a backup
-/// restored, an `os` store that lost its last writes to a power cut): its
-/// seqs name other messages. It used to move the device's position to
-/// the head, so the inbox's messages counted as the device's and went
-/// (the disk store dropped them at once), acknowledged or not.
-fn a_login_past_the_head_keeps_the_position_the_store_has(make: Make) {
-    let mut subject = make(StoreLimits::default());
-    let s = subject.store();
-    for i in 0..3 {
-        append(s, "alice", i, T0);
-    }
-    assert_eq!(s.device_login("alice", "phone", 500, T0).unwrap(), (0, 3), "a new device starts at 0");
-    s.set_position("alice", "phone", 1, T0 + 1).unwrap();
-    assert_eq!(s.device_login("alice", "phone", 500, T0 + 2).unwrap(), (1, 3), "a known one where it was");
-    s.expire(T0 + 3).unwrap();
-    assert_eq!(seqs(&s.read("alice", 0, 10).unwrap()), vec![2, 3], "what it never acknowledged is kept");
-    assert_eq!(s.device_login("alice", "phone", 3, T0 + 4).unwrap(), (3, 3), "up to the head, last_seq counts");
-}
-
-fn never_trimmed_without_a_device_before_ttl(make: Make) {
-    let ttl = 60_000;
-    let mut subject = make(StoreLimits { ttl_ms: ttl, ..StoreLimits::default() });
-    let s = subject.store();
-    for i in 0..3 {
-        append(s, "alice", i, T0);
-    }
-    assert_eq!(s.expire(T0 + 1).unwrap(), 0);
-    assert_eq!(s.expire(T0 + ttl - 1).unwrap(), 0);
-    assert_eq!(seqs(&s.read("alice", 0, 10).unwrap()), vec![1, 2, 3]);
-    assert_eq!(s.expire(T0 + ttl).unwrap(), 3);
-}
-
-fn inbox_full_and_store_full_at_the_limits(make: Make) {
-    let per = record_bytes("alice", "app", 2);
-    let limits = StoreLimits { max_messages_per_inbox: 3, max_bytes: 5 * per, ..StoreLimits::default() };
-    let mut subject = make(limits);
-    let at_ack = subject.drops_at_acknowledgement();
-    let s = subject.store();
-    for i in 0..3 {
-        append(s, "alice", i, T0);
-    }
-    assert_eq!(s.append(&msg("alice", "app", 9, T0, "m9", 0), T0), Err(StoreError::InboxFull { limit: 3 }));
-    append(s, "bobby", 1, T0);
-    append(s, "bobby", 2, T0);
-    assert_eq!(s.append(&msg("bobby", "app", 9, T0, "m9", 0), T0), Err(StoreError::StoreFull { limit_bytes: 5 * per }));
-    assert_eq!(s.inbox_state("bobby").unwrap().head_seq, 2, "a refused append takes no seq");
-    login_acked(s, "alice", "phone", 3, T0);
-    assert_eq!(s.expire(T0 + 1).unwrap(), if at_ack { 0 } else { 3 });
-    assert_eq!(append(s, "bobby", 3, T0), 3, "room again after the trim");
-    assert_eq!(append(s, "alice", 4, T0), 4);
-}
-
-fn conformance_restart_keeps_everything_synced(make: Make) {
-    let mut subject = make(StoreLimits::default());
-    let at_ack = subject.drops_at_acknowledgement();
-    let s = subject.store();
-    for i in 0..20 {
-        append(s, if i % 2 == 0 { "alice" } else { "bob" }, i, T0 + i);
-    }
-    login_acked(s, "alice", "phone", 4, T0);
-    s.sync().unwrap();
-    let before = (s.read("alice", 0, 100).unwrap(), s.inbox_state("alice").unwrap(), s.inbox_state("bob").unwrap());
-    if !subject.restart() {
-        return;
-    }
-    let s = subject.store();
-    let after = (s.read("alice", 0, 100).unwrap(), s.inbox_state("alice").unwrap(), s.inbox_state("bob").unwrap());
-    assert_eq!(before, after);
-    assert_eq!(append(s, "bob", 99, T0), 11, "seqs continue");
-    // The bytes counter is rebuilt at open: the limit still holds.
-    s.device_login("alice", "phone", 10, T0).unwrap();
-    // 1 to 4 went at the first ACK if it dropped them (5 to 10 were not
-    // hot any more after the restart).
-    assert_eq!(s.expire(T0 + 1).unwrap(), if at_ack { 6 } else { 10 });
-    s.sync().unwrap();
-    assert!(subject.restart());
-    let st = subject.store().inbox_state("alice").unwrap();
-    assert_eq!((st.head_seq, st.first_seq, st.messages), (10, 11, 0));
-}
-
-macro_rules! conformance {
-    ($backend:ident, $make:expr) => {
-        mod $backend {
-            use super::*;
-
-            #[test]
-            fn append_and_read_in_order_with_dense_seqs() {
-                super::append_and_read_in_order_with_dense_seqs($make)
-            }
-            #[test]
-            fn head_survives_trimming() {
-                super::head_survives_trimming($make)
-            }
-            #[test]
-            fn head_survives_its_record() {
-                super::head_survives_its_record($make)
-            }
-            #[test]
-            fn dedup_within_window_and_not_after() {
-                super::dedup_within_window_and_not_after($make)
-            }
-            #[test]
-            fn device_positions_independent_per_device() {
-                super::device_positions_independent_per_device($make)
-            }
-            #[test]
-            fn positions_written_together_as_one_by_one() {
-                super::positions_written_together_as_one_by_one($make)
-            }
-            #[test]
-            fn retention_drops_by_ttl() {
-                super::retention_drops_by_ttl($make)
-            }
-            #[test]
-            fn trimmed_when_all_devices_acked() {
-                super::trimmed_when_all_devices_acked($make)
-            }
-            #[test]
-            fn a_forgotten_device_holds_the_inbox_no_longer() {
-                super::a_forgotten_device_holds_the_inbox_no_longer($make)
-            }
-            #[test]
-            fn a_login_past_the_head_keeps_the_position_the_store_has() {
-                super::a_login_past_the_head_keeps_the_position_the_store_has($make)
-            }
-            #[test]
-            fn never_trimmed_without_a_device_before_ttl() {
-                super::never_trimmed_without_a_device_before_ttl($make)
-            }
-            #[test]
-            fn inbox_full_and_store_full_at_the_limits() {
-                super::inbox_full_and_store_full_at_the_limits($make)
-            }
-            #[test]
-            fn restart_keeps_everything_synced() {
-                super::conformance_restart_keeps_everything_synced($make)
-            }
-        }
-    };
-}
-
-conformance!(memory, make_memory);
-conformance!(disk_fsync, make_disk);
-conformance!(disk_os, make_disk_os);
-conformance!(redis_single, make_redis_single);
-conformance!(redis_cluster, make_redis_cluster);
 
 #[test]
 fn disk_store_bytes_counter_survives_restart() {
