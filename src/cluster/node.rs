@@ -26,7 +26,9 @@
 //! inbox and reaches the device at its next message or login); presence
 //! writes that failed are redone whole once Redis answers again ("resync":
 //! every local user re-registered, the route cache dropped, rooms
-//! re-subscribed). The pub/sub connection reconnects by itself with a
+//! re-subscribed, and, with the Redis store, each local device connection
+//! told its inbox's head, so that stored messages whose notices were lost
+//! meanwhile reach it then: `Node::catch_up_devices`). The pub/sub connection reconnects by itself with a
 //! backoff; the data connection reconnects on the next command.
 
 use std::cell::{Cell, RefCell};
@@ -896,6 +898,9 @@ impl Node {
             }
             ClusterCounters::add(&self.counters.presence_writes, cmds.len() as u64);
             failed |= self.exec(&cmds).await.iter().any(|r| r.is_err());
+            if self.shared.config.store.kind == crate::config::StoreKind::Redis {
+                self.catch_up_devices(chunk).await;
+            }
         }
         // Other nodes may have cached "nowhere" for these users while
         // Redis had lost them.
@@ -907,6 +912,33 @@ impl Node {
             self.resync.set(true);
         } else {
             tracing::info!(node = %self.me, users = users.len(), "cluster: presence registered");
+        }
+    }
+
+    /// Tells the device connections of `users` on this node how far their
+    /// inboxes go, so that their windows read what they were not told of
+    /// (`Command::Missed`). Runs at every re-registration, after the
+    /// presence writes: what made one needed (this node taken for dead
+    /// while stalled, Redis cut off or restarted, the pub/sub connection
+    /// lost) is also when other nodes stored messages for these users
+    /// without a notice reaching here (they did not forward to a node they
+    /// took for dead, and a lost subscription drops what was published).
+    /// A message stored after a head read here finds the presence written
+    /// before it, and is forwarded. One HGET per user, as the presence
+    /// write is one HSET.
+    async fn catch_up_devices(&self, users: &[Arc<str>]) {
+        let cmds: Vec<Cmd> = users
+            .iter()
+            .map(|u| redis::cmd("HGET").arg(crate::store::redis::inbox_head_key(u)).arg("head").clone())
+            .collect();
+        let results = self.exec(&cmds).await;
+        for (user, r) in users.iter().zip(results) {
+            let Ok(Value::BulkString(head)) = r else { continue };
+            let Some(seq) = std::str::from_utf8(&head).ok().and_then(|h| h.parse::<u64>().ok()) else { continue };
+            for conn in self.shared.directory.lookup(user) {
+                let index = conn.worker().0 as usize;
+                self.notify(index, &self.shared.mailboxes[index], Command::Missed { conn, seq });
+            }
         }
     }
 

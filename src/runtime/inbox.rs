@@ -131,6 +131,10 @@ impl Held {
                 let seq = self.missed.entry(conn).or_default();
                 *seq = (*seq).max(msg.seq);
             }
+            Command::Missed { conn, seq: missed } => {
+                let seq = self.missed.entry(conn).or_default();
+                *seq = (*seq).max(missed);
+            }
             cmd => self.answers.push_back(cmd),
         }
     }

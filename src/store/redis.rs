@@ -219,6 +219,14 @@ pub fn user_key(prefix: &str, user: &str, suffix: &str) -> String {
     format!("{prefix}:{{{}}}:{suffix}", user_tag(user))
 }
 
+/// The hash whose field `head` is the last seq `user`'s inbox gave out,
+/// under [`DEFAULT_PREFIX`]: what the cluster thread reads to catch its
+/// device connections up after notices may have been lost
+/// (`cluster::node`, `Node::reregister`).
+pub fn inbox_head_key(user: &str) -> String {
+    user_key(DEFAULT_PREFIX, user, "h")
+}
+
 /// The presence hash the cluster router reads: node id → last login
 /// (Unix ms) of a device of `user` on that node, under [`DEFAULT_PREFIX`].
 pub fn presence_key(user: &str) -> String {
