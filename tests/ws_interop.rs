@@ -417,6 +417,7 @@ fn chromium_demo_page() {
     assert!(wait_until(Duration::from_secs(5), || h2.is_online("alice") && h2.room_size("lobby") == 1));
     h2.publish_to_room("lobby", "after-reconnect").unwrap();
     s.expect("ROOM_AFTER after-reconnect");
+    s.expect("REFUSED_ONCE");
     s.expect("DONE");
     s.finish();
     drop(browser);
@@ -431,6 +432,7 @@ fn chromium_demo_page() {
     );
     assert!(wait_until(Duration::from_secs(5), || !h2.is_online("alice")), "alice should be gone after Disconnect");
     let st = h2.stats();
-    assert_eq!((st.ws_upgrades, st.logins, st.protocol_errors), (1, 1, 0), "{st:?}");
+    // The reconnect after the drain, and the refused login (once).
+    assert_eq!((st.ws_upgrades, st.logins, st.login_failures, st.protocol_errors), (2, 1, 1, 0), "{st:?}");
     second.shutdown().unwrap();
 }

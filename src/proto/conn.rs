@@ -653,6 +653,15 @@ impl Connection {
                     self.close(e.close_code(), &e.to_string(), now, env);
                 }
             },
+            // JSON in a binary message (a browser's Blob or Uint8Array): a
+            // binary message holds a raw v1 frame on either subprotocol
+            // (PROTOCOL.md 13.5), and `{` would be read as the first byte
+            // of a length of some 2 GB; say what went wrong instead.
+            WsEvent::Binary(bytes) if bytes.first() == Some(&b'{') => {
+                env.count(Count::ProtocolError(ws::close::UNSUPPORTED_DATA));
+                let reason = "a binary message holds one raw protocol v1 frame; send JSON as a text message";
+                self.close(ws::close::UNSUPPORTED_DATA, reason, now, env);
+            }
             // Before login, at most the largest LOGIN, as on raw TCP.
             WsEvent::Binary(bytes) => match decode(
                 bytes,
@@ -1587,6 +1596,25 @@ mod tests {
         feed(&mut c, &mut env, &client_frame(0x2, true, &frame), &[], 0);
         assert!(c.is_closing());
         assert_eq!(env.closed_with(), Some(ws::close::MESSAGE_TOO_BIG), "{:?}", env.written());
+    }
+
+    /// JSON sent as a binary message (what a browser sends from a Blob or
+    /// a Uint8Array) was read as a raw frame whose length is `{"ty`, and
+    /// closed with 1009 "frame of 2065855613 bytes exceeds the limit": a
+    /// browser developer could not tell what was wrong. It is 1003 with a
+    /// reason that says.
+    #[test]
+    fn json_in_a_binary_message_is_refused_as_such() {
+        for logged_in in [false, true] {
+            let (mut c, mut env) = (ws_conn(), Rec::default());
+            feed(&mut c, &mut env, &upgrade(if logged_in { "?user=alice&token=good" } else { "" }), &[], 0);
+            assert_eq!(c.is_active(), logged_in);
+            let json = br#"{"type":"send","to":"bob","payload":"hi"}"#;
+            feed(&mut c, &mut env, &client_frame(0x2, true, json), &[], 0);
+            assert!(c.is_closing());
+            assert_eq!(env.closed_with(), Some(ws::close::UNSUPPORTED_DATA), "{:?}", env.written());
+            assert!(format!("{:?}", env.evs).contains("send JSON as a text message"), "{:?}", env.evs);
+        }
     }
 
     #[test]

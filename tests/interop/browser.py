@@ -42,6 +42,8 @@ Checkpoints on stdout (the Rust test acts at those marked ->):
                   logged in again and rejoined "lobby" (on the new server)
   ROOM_AFTER ...  -> (before it) the test published "after-reconnect" on the
                   new server; it arrived
+  REFUSED_ONCE    a login with a bad token was refused once, and the page
+                  stayed disconnected (no retry of a refused token)
   DONE            disconnected again: the 1000 shown as a normal close, no
                   close shown as an error at any point, and still each inbox
                   message once
@@ -298,6 +300,17 @@ def run(cdp, page_url, user, token, peer):
     cdp.wait_for(count("info", "closed: 1000"), "the normal close, shown as information")
     if cdp.eval("document.querySelectorAll('#log .msg.closed').length") != 0:
         raise Fail("a close was shown as an error")
+    # A refused login stops the page: no reconnect with the same token.
+    set_value(cdp, "token", "not-a-token")
+    click(cdp, "connect")
+    cdp.wait_for(log_has("login_error", "login refused (1)"), "the refused login")
+    cdp.wait_for("document.getElementById('status').textContent === 'disconnected' && "
+                 "!document.getElementById('connect').disabled", "status 'disconnected' after the refusal")
+    time.sleep(2.5)
+    attempts = cdp.eval(count("login_error", "login refused"))
+    if attempts != 1 or cdp.eval("document.getElementById('status').textContent") != "disconnected":
+        raise Fail(f"the page retried a refused token: {attempts} refusals in 2.5 s")
+    say("REFUSED_ONCE")
     if cdp.errors:
         raise Fail(f"uncaught exceptions in the page: {cdp.errors}")
     check_inbox_once_in_order(cdp, INBOX_TOTAL[0])
