@@ -293,7 +293,13 @@ impl Recovery {
 
     /// Calls `f` with every record of the files, oldest first. A file
     /// ends at its first record that is cut short or fails its checksum:
-    /// the tail of a write a crash interrupted, logged if `report`.
+    /// the tail of a write a crash interrupted, logged if `report`. Such a
+    /// record followed by a whole one is no crash's (a file is appended to
+    /// by one process, one `write` at a time, and the next process starts
+    /// a file of its own): the file was damaged on disk, and reading on
+    /// would drop the acknowledged messages after the damage and give
+    /// their seqs out again, so it is an error naming the file and the
+    /// offset ([`damaged`]).
     pub fn for_each(
         &self,
         report: bool,
@@ -304,6 +310,7 @@ impl Recovery {
             let path = file_of(&self.dir, g);
             let file = File::open(&path).map_err(|e| io("read", &path, e))?;
             let mut left = file.metadata().map_err(|e| io("read", &path, e))?.len();
+            let size = left;
             let mut r = std::io::BufReader::with_capacity(1 << 16, file);
             let whole = loop {
                 if left == 0 {
@@ -318,21 +325,26 @@ impl Recovery {
                 let len = u32::from_le_bytes(h[..4].try_into().expect("4 bytes"));
                 let crc = u32::from_le_bytes(h[4..].try_into().expect("4 bytes"));
                 if u64::from(len) > left {
+                    left += HEADER as u64;
                     break false;
                 }
                 body.resize(len as usize, 0);
                 r.read_exact(&mut body).map_err(|e| io("read", &path, e))?;
                 left -= u64::from(len);
-                if crc32fast::hash(&body) != crc {
+                let Some(rec) = (crc32fast::hash(&body) == crc).then(|| decode(&body)).flatten() else {
+                    left += HEADER as u64 + u64::from(len);
                     break false;
-                }
-                match decode(&body) {
-                    Some(rec) => f(rec)?,
-                    None => break false,
-                }
+                };
+                f(rec)?;
             };
-            if !whole && report {
-                tracing::warn!(file = %path.display(), "hot log: a record cut short or corrupt ends the file (a write the process did not finish)");
+            if !whole {
+                let at = size - left;
+                if let Some(next) = whole_record_after(&path, at)? {
+                    return Err(damaged(&path, at, next));
+                }
+                if report {
+                    tracing::warn!(file = %path.display(), offset = at, "hot log: a record cut short ends the file (a write the process did not finish)");
+                }
             }
         }
         Ok(())
@@ -349,6 +361,39 @@ impl Recovery {
         .expect("the files read");
         out
     }
+}
+
+/// The offset of the first whole record (its length fits, its checksum
+/// matches, it decodes) that starts after byte `at` of `path`, if any.
+/// Read only when a file holds a bad record: at most a file's bytes, once.
+fn whole_record_after(path: &Path, at: u64) -> Result<Option<u64>, StoreError> {
+    let bytes = std::fs::read(path).map_err(|e| io("read", path, e))?;
+    let start = (at as usize).saturating_add(1);
+    for i in start..bytes.len().saturating_sub(HEADER) {
+        let len = u32::from_le_bytes(bytes[i..i + 4].try_into().expect("4 bytes")) as usize;
+        let Some(body) = bytes.get(i + HEADER..).and_then(|rest| rest.get(..len)) else { continue };
+        let crc = u32::from_le_bytes(bytes[i + 4..i + HEADER].try_into().expect("4 bytes"));
+        if crc32fast::hash(body) == crc && decode(body).is_some() {
+            return Ok(Some(i as u64));
+        }
+    }
+    Ok(None)
+}
+
+/// The error of a file damaged at byte `at`, a whole record at `next`.
+fn damaged(path: &Path, at: u64, next: u64) -> StoreError {
+    let dir = path.parent().map_or_else(|| Path::new(".").to_path_buf(), Path::to_path_buf);
+    StoreError::Unavailable(format!(
+        "hot log {}: the record at byte {at} is damaged (cut short or failing its checksum) and a whole record \
+         follows it at byte {next}, so this is not a write a crash cut short: the file was changed on disk (a \
+         failing disk, or something writing into the store directory). Starting would drop the acknowledged \
+         messages after the damage and give their seqs out again. Restore the store directory from a backup; or, \
+         accepting the loss of every message in this file that was not yet written into the store proper (their \
+         seqs may then be given out again, and devices that stored them skip the new ones: PROTOCOL.md 15.8), \
+         move the file out of {} and start again (docs/DEPLOY.md, \"A damaged hot log\")",
+        path.display(),
+        dir.display()
+    ))
 }
 
 fn decode(b: &[u8]) -> Option<Recovered> {

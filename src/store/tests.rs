@@ -2233,6 +2233,53 @@ fn logged(seq: u64, to: &str, payload: &[u8]) -> Logged {
     }
 }
 
+/// A record damaged with whole records after it is no crash's cut-short
+/// write: reading the files is an error naming the file and the offset,
+/// whether the damage is in the body or in the length; at the end of a
+/// file it is the tail a crash left, and reading stops there.
+#[test]
+fn a_log_damaged_before_its_last_record_is_an_error_naming_the_file() {
+    let dir = TempDir::new("hotlog-damaged");
+    let (mut log, _) = HotLog::open(&dir.0, false).unwrap();
+    for seq in 1..=20 {
+        log.append(logged(seq, "ann", b"payload").entry());
+    }
+    log.flush().unwrap();
+    drop(log);
+    let file = file_of(&dir.0.join("hot"), 0);
+    let good = std::fs::read(&file).unwrap();
+    let record = good.len() / 20;
+    for (what, at) in [("a body byte", 5 * record + 20), ("a length byte", 5 * record + 1)] {
+        let mut bad = good.clone();
+        bad[at] ^= 0xff;
+        std::fs::write(&file, &bad).unwrap();
+        let rec = HotLog::open(&dir.0, false).unwrap().1;
+        let mut seen = 0;
+        let err = rec.for_each(false, |_| {
+            seen += 1;
+            Ok(())
+        });
+        let Err(StoreError::Unavailable(why)) = err else { panic!("{what}: read on past the damage: {err:?}") };
+        assert!(
+            why.contains("hot-0000000000000000.log") && why.contains(&format!("byte {}", 5 * record)),
+            "{what}: {why}"
+        );
+        assert_eq!(seen, 5, "{what}: the records before the damage were read");
+        // Only the file this test damaged: the others are the empty ones
+        // each open started.
+        for g in rec.generations().iter().filter(|&&g| g != 0) {
+            std::fs::remove_file(file_of(&dir.0.join("hot"), *g)).unwrap();
+        }
+    }
+    // The same damage in the last record: the tail a crash leaves.
+    let mut tail = good.clone();
+    let last = tail.len() - 3;
+    tail[last] ^= 0xff;
+    std::fs::write(&file, &tail).unwrap();
+    let rec = HotLog::open(&dir.0, false).unwrap().1;
+    assert_eq!(rec.read_all().len(), 19, "read up to the last record");
+}
+
 #[test]
 fn a_log_reads_back_what_was_flushed_and_stops_at_a_torn_tail() {
     let dir = TempDir::new("hotlog");
