@@ -391,6 +391,13 @@ impl Collector for Live {
             &workers,
             |c| get(&c.detail.retransmits),
         )?;
+        f.per_worker_counter(
+            "switchboard_ack_timeout_closes",
+            "Device connections closed because their window made no ACK progress through delivery.max_retransmits \
+             retransmits (CLOSE 4007): a frozen app, or a path that died without a close.",
+            &workers,
+            |c| get(&c.detail.ack_timeout_closes),
+        )?;
         if let Some(s) = self.0.store_counters() {
             f.counter("switchboard_store_appends", "Messages stored in inboxes.", get(&s.appends))?;
             f.counter(

@@ -274,6 +274,9 @@ pub(crate) struct Detail {
     pub bytes_out: AtomicU64,
     /// Reliable windows rewound to their ACK position and sent again.
     pub retransmits: AtomicU64,
+    /// Device connections closed for no ACK progress after
+    /// `delivery.max_retransmits` retransmits (CLOSE 4007).
+    pub ack_timeout_closes: AtomicU64,
     pub login_failures: [AtomicU64; LOGIN_FAILURE_REASONS.len()],
     pub protocol_errors: [AtomicU64; PROTOCOL_ERROR_CODES.len()],
     pub messages_in: [AtomicU64; MESSAGE_IN_KINDS.len()],

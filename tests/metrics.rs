@@ -220,6 +220,39 @@ fn counters_move_as_traffic_is_driven() {
     server.shutdown().unwrap();
 }
 
+/// A device that stops acknowledging (an app frozen in the background, a
+/// path that died without a close) is closed with 4007 after
+/// `delivery.max_retransmits` retransmits; operators saw only `closed`
+/// move (an outside review). It is counted on its own.
+#[test]
+fn an_ack_timeout_close_is_counted() {
+    let mut cfg = config();
+    cfg.admin.listen = "127.0.0.1:0".into();
+    cfg.admin.token = Some(TOKEN.into());
+    cfg.delivery.max_retransmits = 2;
+    cfg.delivery.ack_timeout_ms = 300;
+    let server = start(cfg);
+    let (addr, admin) = (server.local_addr(), server.admin_addr().unwrap());
+    assert_eq!(scrape(admin).sum("switchboard_ack_timeout_closes_total", &[]), 0.0);
+    let (mut alice, _) = login(addr, "alice");
+    let mut phone = switchboard::client::Client::connect(addr).unwrap();
+    phone.login_device("bob", &token("bob"), "phone", 0).unwrap();
+    alice.send(1, "bob", b"never acknowledged").unwrap();
+    phone.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let code = loop {
+        match phone.recv_skipping_pings().expect("closed with a CLOSE frame first").frame() {
+            Frame::Close { code, .. } => break code,
+            _ => continue,
+        }
+    };
+    assert_eq!(code, switchboard::CloseCode::AckTimeout as u16);
+    assert!(
+        wait_until(Duration::from_secs(5), || scrape(admin).sum("switchboard_ack_timeout_closes_total", &[]) == 1.0)
+    );
+    assert!(scrape(admin).sum("switchboard_retransmits_total", &[]) >= 2.0);
+    server.shutdown().unwrap();
+}
+
 /// Metric names in a dashboard or rule file: every `switchboard_…` and
 /// `process_…` identifier.
 fn referenced_names(text: &str) -> BTreeSet<String> {

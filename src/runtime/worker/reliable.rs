@@ -158,6 +158,9 @@ impl WindowEnv<StoredMessage> for WinIo<'_> {
     }
 
     fn close(&mut self, code: CloseCode, reason: &str) {
+        if code == CloseCode::AckTimeout {
+            crate::stats::bump(&self.w.counters().detail.ack_timeout_closes, 1);
+        }
         self.close = Some((code, reason.to_string()));
     }
 }
