@@ -969,3 +969,54 @@ fn an_inbox_query_after_shutdown_says_so() {
         other => panic!("expected ShuttingDown, got {other:?}"),
     }
 }
+
+/// A phone whose connection died silently at a network change (no FIN or
+/// RST reached the server) logs in again on a new one. The old one stayed
+/// open until its idle timeout (300 s by default), counted against
+/// `limits.max_conns_per_user`: after 16 network changes the 17th login
+/// got LOGIN_ERROR 8 (an outside review), and the app had no way to close
+/// connections it had lost. A device's LOGIN now closes the user's other
+/// connections of that device on the server with CLOSE 4008: the newest
+/// login wins, and the old window's messages come again on the new one.
+#[test]
+fn a_device_logging_in_again_replaces_its_silent_old_connection() {
+    let server = common::start(config());
+    let addr = server.local_addr();
+    let handle = server.handle();
+    let (mut alice, _) = common::login(addr, "alice");
+    let mut laptop = device_login(addr, "bob", "laptop", 0);
+    let mut ghosts = Vec::new();
+    for round in 1..=20u32 {
+        // Logged in and answered: the new connection is the device's.
+        let mut phone = device_login(addr, "bob", "phone", 0);
+        let mut seen = Seen::default();
+        read_until(&mut phone, &mut seen, u64::MAX, Duration::from_secs(5), |s| !s.syncs.is_empty());
+        // The one before it was closed with 4008, and is gone from the server.
+        if let Some(mut old) = ghosts.pop() {
+            let old: &mut Client = &mut old;
+            old.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let (code, reason) = loop {
+                match old.recv_skipping_pings().expect("a CLOSE before the end").frame() {
+                    Frame::Close { code, reason } => break (code, reason.to_string()),
+                    _ => continue,
+                }
+            };
+            assert_eq!(code, switchboard::CloseCode::Replaced as u16, "round {round}: {reason}");
+        }
+        assert!(
+            common::wait_until(Duration::from_secs(5), || handle.connections_of("bob").len() == 2),
+            "round {round}: bob has {} connections, the laptop and the newest phone",
+            handle.connections_of("bob").len()
+        );
+        // Never read again by the test: the next round's ghost.
+        ghosts.push(phone);
+    }
+    // The newest phone connection gets what is stored; the laptop, another
+    // device, was never touched.
+    send_stored(&mut alice, "bob", 0..3);
+    let mut phone = ghosts.pop().unwrap();
+    let mut seen = Seen::default();
+    read_until(&mut phone, &mut seen, u64::MAX, Duration::from_secs(5), |s| s.have >= 3);
+    let mut seen_laptop = Seen::default();
+    read_until(&mut laptop, &mut seen_laptop, u64::MAX, Duration::from_secs(5), |s| s.have >= 3);
+}

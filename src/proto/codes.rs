@@ -44,6 +44,9 @@ pub enum CloseCode {
     /// Reliable delivery: `delivery.max_retransmits` retransmits in a row
     /// went by without the device's ACK position moving.
     AckTimeout = 4007,
+    /// Reliable delivery: a LOGIN of the same user and device on another
+    /// connection of this server took over (the newest login wins).
+    Replaced = 4008,
 }
 
 impl CloseCode {
@@ -64,6 +67,7 @@ impl CloseCode {
             CloseCode::ServerFull => "server full",
             CloseCode::UnexpectedFrame => "unexpected frame",
             CloseCode::AckTimeout => "no ACK after repeated retransmits",
+            CloseCode::Replaced => "this device logged in on another connection",
         }
     }
 
@@ -84,6 +88,7 @@ impl CloseCode {
             4005 => CloseCode::ServerFull,
             4006 => CloseCode::UnexpectedFrame,
             4007 => CloseCode::AckTimeout,
+            4008 => CloseCode::Replaced,
             _ => return None,
         })
     }
@@ -182,12 +187,14 @@ mod tests {
             CloseCode::ServerFull,
             CloseCode::UnexpectedFrame,
             CloseCode::AckTimeout,
+            CloseCode::Replaced,
         ] {
             assert_eq!(CloseCode::from_u16(code as u16), Some(code));
             assert!(!code.reason().is_empty());
         }
         assert_eq!(CloseCode::AckTimeout as u16, 4007);
-        assert_eq!(CloseCode::from_u16(4008), None);
+        assert_eq!(CloseCode::Replaced as u16, 4008);
+        assert_eq!(CloseCode::from_u16(4009), None);
     }
 
     #[test]

@@ -255,6 +255,7 @@ pub(crate) fn start(
         shutdown: AtomicBool::new(false),
         draining: AtomicBool::new(false),
         next_msg_id: AtomicU64::new(1),
+        device_logins: AtomicU64::new(0),
         local_addr: bound,
         ws_addr: ws_bound,
         epoch: Instant::now(),

@@ -64,6 +64,10 @@ pub(crate) enum Command {
     /// every device connection, keeping none of their positions, so that
     /// each logs in again and learns it (PROTOCOL.md 15.8).
     StoreReset,
+    /// `device` of `conn`'s user logged in on another connection of this
+    /// server, the `login`-th device login: close `conn` if it is a
+    /// connection of that device that logged in before (CLOSE 4008).
+    Replaced { conn: ConnId, device: Arc<str>, login: u64 },
 }
 
 // Mailboxes hold `limits.mailbox_capacity` commands each, allocated at
@@ -93,6 +97,10 @@ pub(crate) struct Shared {
     /// Message ids for pushes from handles; workers number their own with
     /// the worker index in the top bits (see `Worker::next_msg_id`).
     pub next_msg_id: AtomicU64,
+    /// Device logins numbered in order, over all workers: of two
+    /// connections of one device, the later login replaces the other
+    /// (`Worker::device_login`).
+    pub device_logins: AtomicU64,
     pub local_addr: SocketAddr,
     /// The WebSocket address, when `websocket.listen` is set.
     pub ws_addr: Option<SocketAddr>,

@@ -43,6 +43,8 @@ pub(super) struct Device {
     generation: u32,
     user: Arc<str>,
     device: Arc<str>,
+    /// Its number among the server's device logins (`Shared::device_logins`).
+    login: u64,
     state: State,
     /// A position acknowledged and not yet handed to the store (0: none).
     /// Saved at the next tick or at the close, not per ACK: the store
@@ -253,16 +255,46 @@ impl Worker {
         if self.submit_store(store, Token::Login { conn }, req).is_err() {
             return Err((CloseCode::TryAgainLater, "the message store is busy; log in again shortly".into()));
         }
+        let login = self.shared.device_logins.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        // One connection per device (PROTOCOL.md 15.2): the others of this
+        // device on this server are closed, on whichever worker. An app
+        // whose connection died without a FIN or RST (a network change)
+        // cannot close it, and such ghosts counted against
+        // max_conns_per_user until their idle timeout.
+        for other in self.shared.directory.lookup(user) {
+            if other != conn {
+                let cmd = crate::runtime::Command::Replaced { conn: other, device: device.clone(), login };
+                if self.shared.mailboxes[other.worker().0 as usize].push(cmd).is_err() {
+                    tracing::warn!(worker = self.id.0, "a full mailbox: an older connection of a device stays open");
+                }
+            }
+        }
         let dev = Device {
             generation,
             user: user.clone(),
             device,
+            login,
             state: State::Pending(Pending::default()),
             unsaved: 0,
             listed: false,
         };
         self.reliable.borrow_mut().insert(slot, dev);
         Ok(())
+    }
+
+    /// A later login of `device` on another connection ([`Command::Replaced`]):
+    /// `conn` goes if it is a connection of that device that logged in
+    /// before it.
+    pub(super) fn on_replaced(&self, conn: ConnId, device: &str, login: u64) {
+        let (slot, generation) = (conn.slot(), conn.generation());
+        let replaced = self
+            .reliable
+            .borrow()
+            .get(&slot)
+            .is_some_and(|d| d.generation == generation && d.login < login && &*d.device == device);
+        if replaced {
+            self.close_conn(slot, generation, CloseCode::Replaced, CloseCode::Replaced.reason());
+        }
     }
 
     /// The store lost what it held ([`Command::StoreReset`]): every device
