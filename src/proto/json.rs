@@ -95,6 +95,12 @@ pub enum JsonError {
     NotUtf8,
     #[error("message is not JSON: {0}")]
     Syntax(String),
+    #[error(
+        "message is not JSON: a string holds half of a UTF-16 surrogate pair (a \\ud800-\\udfff escape \
+         without its other half), which is no text ({0}); JavaScript's JSON.stringify writes one for a string \
+         cut inside an emoji or other character: send well-formed strings (String.prototype.toWellFormed)"
+    )]
+    LoneSurrogate(String),
     #[error("message is not a JSON object")]
     NotObject,
     #[error("message has the key {0:?} twice")]
@@ -286,8 +292,27 @@ fn parse_object(text: &str) -> Result<Map<String, Value>, JsonError> {
         Some(key) => JsonError::DuplicateKey(key.chars().take(MAX_TYPE_IN_ERROR).collect()),
         // Anything well-formed that is not an object is refused by type.
         None if e.classify() == serde_json::error::Category::Data => JsonError::NotObject,
+        // serde_json names some of these "unexpected end of hex escape",
+        // which misled a browser developer (an outside review).
+        None if is_lone_surrogate(&e.to_string(), text) => JsonError::LoneSurrogate(e.to_string()),
         None => JsonError::Syntax(e.to_string()),
     })
+}
+
+/// Whether serde_json's `error` on `text` is about an unpaired surrogate
+/// escape: named so, or a hex escape error in a text with a `\uD8..`-
+/// `\uDF..` escape.
+fn is_lone_surrogate(error: &str, text: &str) -> bool {
+    if error.contains("surrogate") {
+        return true;
+    }
+    error.contains("hex escape")
+        && text.as_bytes().windows(4).any(|w| {
+            w[0] == b'\\'
+                && w[1] == b'u'
+                && w[2].eq_ignore_ascii_case(&b'd')
+                && matches!(w[3].to_ascii_lowercase(), b'8'..=b'9' | b'a'..=b'f')
+        })
 }
 
 impl ClientFrame {
@@ -940,6 +965,27 @@ mod tests {
             bin(r#"{"type":"subscribe","req_id":1,"room":"lobby"}"#),
             [0, 0, 0, 0x0c, 1, 0x10, 0, 0, 0, 1, 5, b'l', b'o', b'b', b'b', b'y']
         );
+    }
+
+    /// What `JSON.stringify` writes for a JavaScript string cut inside an
+    /// emoji: serde_json called it "unexpected end of hex escape" (or a
+    /// "lone leading surrogate" for a trailing half).
+    #[test]
+    fn a_lone_surrogate_is_named_as_such() {
+        for text in [
+            r#"{"type":"send","to":"bob","payload":"\ud83d"}"#,
+            r#"{"type":"send","to":"bob","payload":"x\ud800 y"}"#,
+            r#"{"type":"send","to":"bob","payload":"\udc00"}"#,
+            r#"{"type":"send","to":"bob","payload":"\uDE00"}"#,
+        ] {
+            let (e, code) = err(text);
+            assert!(matches!(e, JsonError::LoneSurrogate(_)), "{text}: {e:?}");
+            assert_eq!(code, 1002);
+            assert!(e.to_string().contains("surrogate pair"), "{e}");
+        }
+        // A whole pair is text; other bad escapes are plain syntax errors.
+        assert!(ClientFrame::parse(r#"{"type":"send","to":"bob","payload":"\ud83d\ude00"}"#).is_ok());
+        assert!(matches!(err(r#"{"type":"send","to":"bob","payload":"\u12g4"}"#).0, JsonError::Syntax(_)));
     }
 
     #[test]
