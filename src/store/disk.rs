@@ -282,6 +282,11 @@ pub fn ram_budget(write_buffer_mib: u64, shards: usize) -> u64 {
 /// 4,000 msgs/s, or 2.5 s of 100,000 msgs/s, of 64-byte payloads.
 pub const HOT_MAX_BYTES: u64 = 64 << 20;
 
+/// The key in `heads` of the hot log files fjall needs
+/// (`DiskStore::mark_hot_files`): a user's key starts with its length,
+/// at least 1, so it is no user's.
+const HOT_FILES_KEY: &[u8] = b"\0hot-files";
+
 /// RAM the hot messages may take: [`HOT_MAX_BYTES`], and half as much
 /// again for the slack of their queues.
 const HOT_RAM_BYTES: u64 = HOT_MAX_BYTES * 3 / 2;
@@ -690,6 +695,8 @@ struct Hot {
     /// `sync`: once the heads logged in the new file and fjall's writes of
     /// its messages are durable.
     to_delete: Option<u64>,
+    /// The oldest hot log file not deleted (`DiskStore::mark_hot_files`).
+    files_low: u64,
 }
 
 impl Hot {
@@ -923,11 +930,23 @@ impl DiskStore {
                 current: 0,
                 fjall_synced: Instant::now(),
                 to_delete: None,
+                files_low: 0,
             },
             stopped: None,
             opened_with: (path.to_path_buf(), write_buffer_bytes, of),
         };
+        store.check_hot_files(&recovery)?;
         store.recover(&recovery)?;
+        // What the found files held is in fjall now; the current file is
+        // the only one needed from here, and that must be durable before
+        // they go.
+        let current = store.hot.log.generation();
+        store.hot.files_low = current;
+        store.mark_hot_files(current, current)?;
+        store.persist_fjall(match durability {
+            Durability::Fsync => PersistMode::SyncData,
+            Durability::Os => PersistMode::Buffer,
+        })?;
         store.hot.log.drop_recovered(&recovery)?;
         store.legacy_dedup = store.oldest_dedup_is_legacy()?;
         for kv in store.inboxes.iter() {
@@ -1629,6 +1648,7 @@ impl DiskStore {
             }
         }
         let gone = self.hot.log.rotate()?;
+        self.mark_hot_files(self.hot.files_low, self.hot.log.generation())?;
         // The file just ended goes only at the rotation after next.
         self.log_dirty_heads(self.hot.log.generation().checked_sub(1));
         self.hot.idle_at = 0;
@@ -1707,10 +1727,60 @@ impl DiskStore {
             Durability::Fsync => PersistMode::SyncData,
             Durability::Os => PersistMode::Buffer,
         };
+        self.hot.files_low = g + 1;
+        self.mark_hot_files(g + 1, self.hot.log.generation())?;
         self.persist_fjall(mode)?;
         self.hot.log.delete(g)?;
         self.hot.to_delete = None;
         Ok(())
+    }
+
+    /// Records in fjall that the hot log's files `low..=high` hold what
+    /// fjall does not (each is needed at the next open), durable with
+    /// fjall's next persist: before a file below `low` is deleted.
+    fn mark_hot_files(&self, low: u64, high: u64) -> Result<(), StoreError> {
+        let v = [low.to_be_bytes(), high.to_be_bytes()].concat();
+        self.heads.insert(HOT_FILES_KEY, v).map_err(unavailable)
+    }
+
+    /// Refuses to open without a hot log file that the last persisted
+    /// [`DiskStore::mark_hot_files`] says holds what fjall does not: a
+    /// file deleted while the store was down (by hand, by a cleanup of
+    /// the directory) took acknowledged messages with it, and opening
+    /// without it would give their seqs out again. With `os`, a power
+    /// loss may lose the files made or deleted in its last moments along
+    /// with the mark's last writes (neither the files' directory nor
+    /// fjall is synced then): only a file missing between two that are
+    /// there, or all of them, counts.
+    fn check_hot_files(&self, found: &hotlog::Recovery) -> Result<(), StoreError> {
+        let Some(v) = self.heads.get(HOT_FILES_KEY).map_err(unavailable)? else { return Ok(()) };
+        let (Some(low), Some(high)) = (v.get(..8), v.get(8..16)) else { return Ok(()) };
+        let low = u64::from_be_bytes(low.try_into().expect("8 bytes"));
+        let high = u64::from_be_bytes(high.try_into().expect("8 bytes"));
+        let found = found.generations();
+        let range = match (self.durability, found.first(), found.last()) {
+            (Durability::Fsync, ..) => low..=high,
+            (Durability::Os, Some(&first), Some(&last)) => first.max(low)..=last.min(high),
+            (Durability::Os, ..) => low..=high,
+        };
+        let missing: Vec<String> = range
+            .filter(|g| found.binary_search(g).is_err())
+            .map(|g| hotlog::file_of(Path::new(""), g).display().to_string())
+            .collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let dir = self.opened_with.0.join("hot");
+        Err(unavailable(format!(
+            "the hot log files {} are missing from {}: they held messages that were acknowledged and not yet \
+             written into the store proper (deleted while the store was down?). Opening without them would lose \
+             those messages and give their seqs out again. Put them back (from a backup of the whole store \
+             directory); or, accepting the loss (devices that stored those seqs then skip the new messages that \
+             take them: PROTOCOL.md 15.8), create each as an empty file and start again (docs/DEPLOY.md, \
+             \"A damaged hot log\")",
+            missing.join(", "),
+            dir.display()
+        )))
     }
 
     /// A slice of the retention pass's first part: resolves up to

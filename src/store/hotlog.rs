@@ -285,8 +285,7 @@ pub struct Recovery {
 }
 
 impl Recovery {
-    /// The generations of the files found, oldest first (tests).
-    #[cfg(test)]
+    /// The generations of the files found, oldest first.
     pub fn generations(&self) -> &[u64] {
         &self.generations
     }

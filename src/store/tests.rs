@@ -2233,6 +2233,63 @@ fn logged(seq: u64, to: &str, payload: &[u8]) -> Logged {
     }
 }
 
+/// A hot log file that held acknowledged messages not yet in fjall,
+/// deleted (by hand, by a cleanup script) while the store was down: the
+/// store opened without a word, the messages, the devices' positions and
+/// the inbox head gone, and the seqs given out again (an outside review).
+/// The store now knows which files must be there, and refuses to open
+/// without them, naming them; so it does without the whole `hot/`.
+#[test]
+fn disk_store_refuses_to_open_without_a_hot_log_file_it_needs() {
+    for whole_dir in [false, true] {
+        let mut d = Disk::new(Durability::Fsync, StoreLimits::default());
+        for i in 0..30 {
+            append(d.store(), "alice", i, T0);
+        }
+        d.store().sync().unwrap();
+        // Two epochs, so that the files are rotated and one deleted as the
+        // store goes, before the last ones are lost.
+        for i in 30..60 {
+            append(d.store(), "alice", i, T0 + 3 * hotlog::EPOCH_MS + i);
+            d.store().sync().unwrap();
+        }
+        let dir = d.dir.0.clone();
+        d.store = None; // closed; the hot messages are in the log only
+        let hot = dir.join("hot");
+        let mut files: Vec<_> = std::fs::read_dir(&hot).unwrap().map(|e| e.unwrap().path()).collect();
+        files.sort();
+        let gone = if whole_dir {
+            std::fs::remove_dir_all(&hot).unwrap();
+            files.iter().map(|f| f.file_name().unwrap().to_string_lossy().into_owned()).collect::<Vec<_>>()
+        } else {
+            // The newest file that is not empty.
+            let f = files.iter().rev().find(|f| std::fs::metadata(f).unwrap().len() > 0).expect("a file with messages");
+            std::fs::remove_file(f).unwrap();
+            vec![f.file_name().unwrap().to_string_lossy().into_owned()]
+        };
+        let err = match DiskStore::open(&dir, Durability::Fsync, StoreLimits::default()) {
+            Ok(mut s) => {
+                panic!("opened without {gone:?}: alice's head is {}", s.inbox_state("alice").unwrap().head_seq)
+            }
+            Err(e) => e.to_string(),
+        };
+        assert!(err.contains("are missing from"), "{err}");
+        if !whole_dir {
+            assert!(err.contains(gone[0].as_str()), "names {}: {err}", gone[0]);
+        }
+        // The way out the message gives, accepting the loss: the missing
+        // files, empty.
+        let names: Vec<&str> =
+            err.split("the hot log files ").nth(1).unwrap().split(" are missing").next().unwrap().split(", ").collect();
+        for name in names {
+            std::fs::write(hot.join(name), b"").unwrap();
+        }
+        let mut s =
+            DiskStore::open(&dir, Durability::Fsync, StoreLimits::default()).expect("opens with the loss accepted");
+        assert!(s.inbox_state("alice").unwrap().head_seq < 60, "what the files held is gone");
+    }
+}
+
 /// A record damaged with whole records after it is no crash's cut-short
 /// write: reading the files is an error naming the file and the offset,
 /// whether the damage is in the body or in the length; at the end of a
