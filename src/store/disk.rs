@@ -873,6 +873,12 @@ impl DiskStore {
                      store.path / --data-dir, or stop the other first)",
                     path.display()
                 )),
+                // Found by an outside review: the bare NotFound named no file.
+                e if Self::exists_in(path) && !path.join("lock").exists() => unavailable(format!(
+                    "cannot open {}: its file `lock` is missing ({e}); the store made it when it was created, and \
+                     an empty file of that name in the directory restores it",
+                    path.display()
+                )),
                 e => unavailable(format!("cannot open {}: {e}", path.display())),
             })?;
         let ks = |name: &str| {

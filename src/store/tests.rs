@@ -219,6 +219,23 @@ fn conformance_redis_cluster() {
     conformance::run_all(make_redis_cluster)
 }
 
+/// fjall's `lock` file gone (a cleanup of the directory): the store
+/// refused to open with a bare NotFound that named no file.
+#[test]
+fn disk_store_names_a_missing_lock_file_and_opens_once_it_is_back() {
+    let dir = TempDir::new("lock");
+    let mut s = DiskStore::open(&dir.0, Durability::Os, StoreLimits::default()).unwrap();
+    append(&mut s, "alice", 1, T0);
+    s.sync().unwrap();
+    drop(s);
+    std::fs::remove_file(dir.0.join("lock")).unwrap();
+    let Err(e) = DiskStore::open(&dir.0, Durability::Os, StoreLimits::default()) else { panic!("opened") };
+    assert!(e.to_string().contains("its file `lock` is missing"), "{e}");
+    std::fs::write(dir.0.join("lock"), b"").unwrap();
+    let mut s = DiskStore::open(&dir.0, Durability::Os, StoreLimits::default()).expect("opens with an empty lock file");
+    assert_eq!(s.inbox_state("alice").unwrap().head_seq, 1);
+}
+
 #[test]
 fn disk_store_bytes_counter_survives_restart() {
     let per = record_bytes("alice", "app", 2);
