@@ -417,6 +417,11 @@ fn chromium_demo_page() {
     assert!(wait_until(Duration::from_secs(5), || h2.is_online("alice") && h2.room_size("lobby") == 1));
     h2.publish_to_room("lobby", "after-reconnect").unwrap();
     s.expect("ROOM_AFTER after-reconnect");
+    // The message the page typed while its path was cut: stored once in
+    // bob's inbox on the second server, though the page sent it twice.
+    s.expect("RESENT typed while cut off");
+    let bob_inbox = h2.inbox_state("bob", Duration::from_secs(5)).expect("bob's inbox");
+    assert_eq!(bob_inbox.head_seq, 1, "stored once: {bob_inbox:?}");
     s.expect("REFUSED_ONCE");
     s.expect("DONE");
     s.finish();
@@ -432,7 +437,8 @@ fn chromium_demo_page() {
     );
     assert!(wait_until(Duration::from_secs(5), || !h2.is_online("alice")), "alice should be gone after Disconnect");
     let st = h2.stats();
-    // The reconnect after the drain, and the refused login (once).
-    assert_eq!((st.ws_upgrades, st.logins, st.login_failures, st.protocol_errors), (2, 1, 1, 0), "{st:?}");
+    // The reconnect after the drain, the one after the cut path, and the
+    // refused login (once).
+    assert_eq!((st.ws_upgrades, st.logins, st.login_failures, st.protocol_errors), (3, 2, 1, 0), "{st:?}");
     second.shutdown().unwrap();
 }

@@ -42,6 +42,12 @@ Checkpoints on stdout (the Rust test acts at those marked ->):
                   logged in again and rejoined "lobby" (on the new server)
   ROOM_AFTER ...  -> (before it) the test published "after-reconnect" on the
                   new server; it arrived
+  RESENT ...      -> (before it) the page's connection was cut without a
+                  close (its socket muted from inside the page): its own
+                  ping went unanswered, it logged in again, and the
+                  message typed meanwhile went again and was answered
+                  as a duplicate (the test checks PEER's inbox holds it
+                  once)
   REFUSED_ONCE    a login with a bad token was refused once, and the page
                   stayed disconnected (no retry of a refused token)
   DONE            disconnected again: the 1000 shown as a normal close, no
@@ -59,6 +65,7 @@ import wslib
 from wslib import Fail, connect, say
 
 WAIT_S = 15.0
+PING_MS = 1500
 INBOX_LIVE_N = 5
 IDLE_S = 2.0
 ROOM = "lobby"
@@ -228,6 +235,13 @@ def run(cdp, page_url, user, token, peer):
     cdp.call("Page.navigate", {"url": page_url})
     cdp.wait_for(f"document.readyState === 'complete' && location.href === {js(page_url)} && "
                  "!!document.getElementById('connect')", f"the demo page at {page_url}")
+    # The page's own ping after PING_MS of silence (25 s by default), read
+    # at load: reload so that it takes this one.
+    cdp.eval(f"localStorage.setItem('switchboard.ping_ms', '{PING_MS}')")
+    cdp.eval("window.beforeReload = true")
+    cdp.call("Page.reload", {"ignoreCache": True})
+    cdp.wait_for("!window.beforeReload && document.readyState === 'complete' && "
+                 "!!document.getElementById('connect')", "the page reloaded with its ping interval")
 
     log_in(cdp, user, token)
     say(f"LOGGED_IN {user}")
@@ -294,11 +308,29 @@ def run(cdp, page_url, user, token, peer):
     cdp.wait_for(log_has("room_msg", "after-reconnect"), "a room message on the new server")
     say("ROOM_AFTER after-reconnect")
 
+    # A path that dies on the way in, without a close (what a network
+    # change can leave): what the page sends arrives, nothing it is sent
+    # does. A message typed now is stored, its answer lost; the page's ping
+    # goes unanswered, it takes the connection for dead and logs in again,
+    # and sends the message again with its client_id: stored once.
+    logins = cdp.eval(count("login_ok", f"logged in as {user}"))
+    cdp.eval("ws.onmessage = () => {}; true")
+    set_value(cdp, "to", peer)
+    set_value(cdp, "text", "typed while cut off")
+    click(cdp, "send")
+    cdp.wait_for(log_has("info", "no answer to a ping"), "the page to take the cut connection for dead")
+    cdp.wait_for(f"{count('login_ok', f'logged in as {user}')} === {logins + 1}", "a login after the dead path")
+    cdp.wait_for(log_has("sent", "(request") + " && " + log_has("sent", "no answer before the reconnect): typed while cut off"),
+                 "the unanswered send, sent again")
+    cdp.wait_for(log_has("ack", "duplicate as #1"), "the retry answered as the message stored before")
+    cut_closes = cdp.eval("document.querySelectorAll('#log .msg.closed').length")
+    say("RESENT typed while cut off")
+
     click(cdp, "disconnect")
     cdp.wait_for("document.getElementById('status').textContent === 'disconnected' && "
                  "!document.getElementById('connect').disabled", "status 'disconnected'")
     cdp.wait_for(count("info", "closed: 1000"), "the normal close, shown as information")
-    if cdp.eval("document.querySelectorAll('#log .msg.closed').length") != 0:
+    if cdp.eval("document.querySelectorAll('#log .msg.closed').length") != cut_closes:
         raise Fail("a close was shown as an error")
     # A refused login stops the page: no reconnect with the same token.
     set_value(cdp, "token", "not-a-token")
