@@ -30,22 +30,27 @@ impl Drop for Proc {
     }
 }
 
-fn serve(port: u16, admin: u16, dir: &std::path::Path, inbox_limit: usize, shards: usize) -> Proc {
-    common::arm_watchdog();
-    let config = dir.join("switchboard.toml");
-    std::fs::write(&config, format!("[store]\nmax_messages_per_inbox = {inbox_limit}\nshards = {shards}\n")).unwrap();
-    let child = Command::new(SB)
-        .args(["serve", "--workers", "2", "--ws-listen", "", "--log", "warn"])
+/// `switchboard serve` on these ports, with the config and data under
+/// `dir` (the config written by [`serve`]).
+fn serve_command(port: u16, admin: u16, dir: &std::path::Path) -> Command {
+    let mut c = Command::new(SB);
+    c.args(["serve", "--workers", "2", "--ws-listen", "", "--log", "warn"])
         .args(["--listen", &format!("127.0.0.1:{port}"), "--admin", &format!("127.0.0.1:{admin}")])
         .arg("--config")
-        .arg(&config)
+        .arg(dir.join("switchboard.toml"))
         .arg("--data-dir")
         .arg(dir.join("data"))
         .env_remove("SWITCHBOARD_JWT_SECRET")
         .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("switchboard serve starts");
+        .stdout(Stdio::null());
+    c
+}
+
+fn serve(port: u16, admin: u16, dir: &std::path::Path, inbox_limit: usize, shards: usize) -> Proc {
+    common::arm_watchdog();
+    let config = dir.join("switchboard.toml");
+    std::fs::write(&config, format!("[store]\nmax_messages_per_inbox = {inbox_limit}\nshards = {shards}\n")).unwrap();
+    let child = serve_command(port, admin, dir).spawn().expect("switchboard serve starts");
     let mut p = Proc(child);
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let up = common::wait_until(Duration::from_secs(10), || {
@@ -256,20 +261,7 @@ fn a_hot_log_damaged_mid_file_is_refused_at_start_naming_the_file() {
     bytes[at] ^= 0xff;
     std::fs::write(&file, &bytes).unwrap();
 
-    let config = dir.join("switchboard.toml");
-    let mut child = Command::new(SB)
-        .args(["serve", "--workers", "2", "--ws-listen", "", "--log", "warn"])
-        .args(["--listen", &format!("127.0.0.1:{port}"), "--admin", &format!("127.0.0.1:{admin}")])
-        .arg("--config")
-        .arg(&config)
-        .arg("--data-dir")
-        .arg(dir.join("data"))
-        .env_remove("SWITCHBOARD_JWT_SECRET")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("switchboard serve starts");
+    let mut child = serve_command(port, admin, &dir).stderr(Stdio::piped()).spawn().expect("switchboard serve starts");
     let deadline = Instant::now() + Duration::from_secs(20);
     let status = loop {
         if let Some(s) = child.try_wait().unwrap() {
