@@ -389,7 +389,8 @@ fn damaged(path: &Path, at: u64, next: u64) -> StoreError {
          messages after the damage and give their seqs out again. Restore the store directory from a backup; or, \
          accepting the loss of every message in this file that was not yet written into the store proper (their \
          seqs may then be given out again, and devices that stored them skip the new ones: PROTOCOL.md 15.8), \
-         move the file out of {} and start again (docs/DEPLOY.md, \"A damaged hot log\")",
+         move it out of {} and put an empty file of its name there, then start again (docs/DEPLOY.md, \"A \
+         damaged hot log\")",
         path.display(),
         dir.display()
     ))
