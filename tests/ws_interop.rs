@@ -417,6 +417,7 @@ fn chromium_demo_page() {
     assert!(wait_until(Duration::from_secs(5), || h2.is_online("alice") && h2.room_size("lobby") == 1));
     h2.publish_to_room("lobby", "after-reconnect").unwrap();
     s.expect("ROOM_AFTER after-reconnect");
+    s.expect("REFUSED_SENDS");
     // The message the page typed while its path was cut: stored once in
     // bob's inbox on the second server, though the page sent it twice.
     s.expect("RESENT typed while cut off");

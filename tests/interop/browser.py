@@ -42,6 +42,8 @@ Checkpoints on stdout (the Rust test acts at those marked ->):
                   logged in again and rejoined "lobby" (on the new server)
   ROOM_AFTER ...  -> (before it) the test published "after-reconnect" on the
                   new server; it arrived
+  REFUSED_SENDS   an empty recipient, one over 255 bytes and a text over
+                  the frame size were refused by the page, still connected
   RESENT ...      -> (before it) the page's connection was cut without a
                   close (its socket muted from inside the page): its own
                   ping went unanswered, it logged in again, and the
@@ -307,6 +309,18 @@ def run(cdp, page_url, user, token, peer):
     say("RECONNECTED")
     cdp.wait_for(log_has("room_msg", "after-reconnect"), "a room message on the new server")
     say("ROOM_AFTER after-reconnect")
+
+    # What the server would close the connection for is refused by the
+    # page itself, which stays connected.
+    for to, text, why in [("", "hi", "enter a recipient"), ("x" * 256, "hi", "longer than 255 bytes"),
+                          (peer, "y" * 70000, "at most 65536 fit")]:
+        set_value(cdp, "to", to)
+        set_value(cdp, "text", text)
+        click(cdp, "send")
+        cdp.wait_for(log_has("error", f"not sent: ") + " && " + log_has("error", why), f"the page refusing: {why}")
+    if cdp.eval("document.getElementById('status').className") != "on":
+        raise Fail("the page disconnected over a send it should have refused itself")
+    say("REFUSED_SENDS")
 
     # A path that dies on the way in, without a close (what a network
     # change can leave): what the page sends arrives, nothing it is sent
