@@ -1765,9 +1765,8 @@ impl DiskStore {
         let high = u64::from_be_bytes(high.try_into().expect("8 bytes"));
         let found = found.generations();
         let range = match (self.durability, found.first(), found.last()) {
-            (Durability::Fsync, ..) => low..=high,
             (Durability::Os, Some(&first), Some(&last)) => first.max(low)..=last.min(high),
-            (Durability::Os, ..) => low..=high,
+            _ => low..=high,
         };
         let missing: Vec<String> = range
             .filter(|g| found.binary_search(g).is_err())

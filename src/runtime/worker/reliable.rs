@@ -261,13 +261,15 @@ impl Worker {
         // whose connection died without a FIN or RST (a network change)
         // cannot close it, and such ghosts counted against
         // max_conns_per_user until their idle timeout.
-        for other in self.shared.directory.lookup(user) {
-            if other != conn {
-                let cmd = crate::runtime::Command::Replaced { conn: other, device: device.clone(), login };
-                if self.shared.mailboxes[other.worker().0 as usize].push(cmd).is_err() {
-                    tracing::warn!(worker = self.id.0, "a full mailbox: an older connection of a device stays open");
-                }
-            }
+        // This connection gets one too, and keeps itself: its login is not
+        // older than its own.
+        let (queued, conns) = self.shared.post_to_user(user, |other| crate::runtime::Command::Replaced {
+            conn: other,
+            device: device.clone(),
+            login,
+        });
+        if queued < conns {
+            tracing::warn!(worker = self.id.0, "a full mailbox: an older connection of a device may stay open");
         }
         let dev = Device {
             generation,
