@@ -135,6 +135,27 @@ impl Pending {
     }
 }
 
+/// One device connection's login, for the rule that a device holds one
+/// connection per server (PROTOCOL.md 15.2): a later LOGIN of the same
+/// device replaces it (CLOSE 4008). Logins are numbered in the order the
+/// server took them, so of two at once the later one wins and never both
+/// go; another device of the user, or another user sharing a device id,
+/// is not this one (the notice goes only to the user's connections).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceLogin {
+    pub device: std::sync::Arc<str>,
+    /// Its number among the server's device logins.
+    pub number: u64,
+}
+
+impl DeviceLogin {
+    /// Whether the login `number` of `device` replaces this connection.
+    /// A connection hears of its own login too, and keeps itself.
+    pub fn replaced_by(&self, device: &str, number: u64) -> bool {
+        self.number < number && &*self.device == device
+    }
+}
+
 impl Window {
     /// A device logged in; the store says its position is `position` and
     /// its inbox head `head`. Writes the login SYNC and starts pushing the
@@ -1036,5 +1057,21 @@ mod tests {
             assert_eq!(have, head, "everything arrived");
             assert_eq!(w.position(), head);
         }
+    }
+
+    #[test]
+    fn a_later_login_of_the_same_device_replaces_a_connection_and_nothing_else_does() {
+        let phone = DeviceLogin { device: "phone".into(), number: 7 };
+        assert!(phone.replaced_by("phone", 8), "the device logged in again");
+        assert!(!phone.replaced_by("phone", 7), "its own login: it keeps itself");
+        assert!(!phone.replaced_by("phone", 6), "an older login, heard late, loses to this one");
+        assert!(!phone.replaced_by("laptop", 8), "another device of the user");
+        assert!(!phone.replaced_by("phone2", 8), "a device id that only starts the same");
+        assert!(!phone.replaced_by("phon", 8));
+        // Two logins of one device at once: whichever order the notices
+        // cross in, exactly one connection stays.
+        let (a, b) = (DeviceLogin { device: "d".into(), number: 10 }, DeviceLogin { device: "d".into(), number: 11 });
+        assert!(a.replaced_by(&b.device, b.number));
+        assert!(!b.replaced_by(&a.device, a.number));
     }
 }

@@ -19,7 +19,7 @@ use super::Worker;
 use crate::ids::ConnId;
 use crate::proto::codes::{CloseCode, ErrorCode};
 use crate::proto::frame::{clip_reason, Frame, SendOutcome};
-use crate::proto::reliable::{Pending, Window, WindowEnv};
+use crate::proto::reliable::{DeviceLogin, Pending, Window, WindowEnv};
 use crate::proto::session::Tick;
 use crate::runtime::inbox::{PageResult, Reply, SendDone, Token};
 use crate::store::{Busy, NewMessage, Request, StoreError, StoredMessage, Submitter};
@@ -42,9 +42,9 @@ enum State {
 pub(super) struct Device {
     generation: u32,
     user: Arc<str>,
-    device: Arc<str>,
-    /// Its number among the server's device logins (`Shared::device_logins`).
-    login: u64,
+    /// Its device and login number (`Shared::device_logins`); a later
+    /// login of the device replaces it (`on_replaced`).
+    login: DeviceLogin,
     state: State,
     /// A position acknowledged and not yet handed to the store (0: none).
     /// Saved at the next tick or at the close, not per ACK: the store
@@ -274,8 +274,7 @@ impl Worker {
         let dev = Device {
             generation,
             user: user.clone(),
-            device,
-            login,
+            login: DeviceLogin { device, number: login },
             state: State::Pending(Pending::default()),
             unsaved: 0,
             listed: false,
@@ -293,7 +292,7 @@ impl Worker {
             .reliable
             .borrow()
             .get(&slot)
-            .is_some_and(|d| d.generation == generation && d.login < login && &*d.device == device);
+            .is_some_and(|d| d.generation == generation && d.login.replaced_by(device, login));
         if replaced {
             self.close_conn(slot, generation, CloseCode::Replaced, CloseCode::Replaced.reason());
         }
@@ -339,7 +338,7 @@ impl Worker {
             }
         };
         if let Some(d) = gone.filter(|d| d.unsaved != 0) {
-            if !self.save_position(&d.user, &d.device, d.unsaved) {
+            if !self.save_position(&d.user, &d.login.device, d.unsaved) {
                 // Kept past the connection, for the tick to hand over:
                 // dropped, its messages came again at the next login, and
                 // a device that never came back held the inbox to its TTL.
@@ -348,7 +347,7 @@ impl Worker {
                 // position is dropped as before, and those messages come
                 // again at the device's next login.
                 let mut kept = self.closed_unsaved.borrow_mut();
-                let key = (d.user, d.device);
+                let key = (d.user, d.login.device);
                 if kept.len() < self.shared.max_conns_per_worker || kept.contains_key(&key) {
                     let seq = kept.entry(key).or_default();
                     *seq = (*seq).max(d.unsaved);
@@ -387,7 +386,7 @@ impl Worker {
             let Some(d) = table.get_mut(&slot).filter(|d| d.generation == generation && d.unsaved != 0) else {
                 continue;
             };
-            if self.save_position(&d.user, &d.device, d.unsaved) {
+            if self.save_position(&d.user, &d.login.device, d.unsaved) {
                 d.unsaved = 0;
             } else {
                 again.push((slot, generation));
@@ -426,7 +425,7 @@ impl Worker {
                 State::Open(w) => w.position(),
                 State::Pending(_) => continue, // its login was just seen
             };
-            self.save_position(&d.user, &d.device, position);
+            self.save_position(&d.user, &d.login.device, position);
         }
     }
 
