@@ -62,7 +62,8 @@ enum Cmd {
         /// Log filter: a level (error, warn, info, debug, trace, off), or
         /// TARGET=LEVEL pairs separated by commas (RUST_LOG syntax), e.g.
         /// `warn,switchboard=debug`. Debug shows every login, refusal and
-        /// its reason. A filter that does not parse is an error.
+        /// its reason. A filter that does not parse is an error; a target
+        /// nothing in the program logs under (a typo) is warned about.
         #[arg(long, default_value = "info")]
         log: String,
         /// Log format on stderr: `text` (coloured on a terminal unless
@@ -256,6 +257,27 @@ fn log_filter(spec: &str) -> Result<tracing_subscriber::EnvFilter, String> {
     tracing_subscriber::EnvFilter::builder().parse(spec).map_err(|e| format!("invalid --log filter {spec:?}: {e}"))
 }
 
+/// Targets that log records of this program start with: its own modules,
+/// and the libraries under it that log.
+const LOG_TARGETS: &[&str] = &["switchboard", "fjall", "lsm_tree", "value_log", "redis", "tokio", "hyper", "monoio"];
+
+/// The targets `--log` names that no record of this program has (a typo
+/// such as `swithcboard=debug` parses, and matches nothing: the
+/// directive is silently useless, and without a bare level besides it
+/// the server logged nothing at all).
+fn unknown_log_targets(spec: &str) -> Vec<&str> {
+    spec.split(',')
+        .map(str::trim)
+        .filter_map(|d| {
+            let target = d.split(['[', '=']).next().unwrap_or("").trim();
+            let known =
+                |t: &str| LOG_TARGETS.iter().any(|k| t == *k || t.strip_prefix(k).is_some_and(|r| r.starts_with("::")));
+            (!target.is_empty() && target.parse::<tracing_subscriber::filter::LevelFilter>().is_err() && !known(target))
+                .then_some(target)
+        })
+        .collect()
+}
+
 /// Colours in the text log: only on a terminal, and never with `NO_COLOR`
 /// set to anything but the empty string (no-color.org).
 fn log_colours(stderr_is_terminal: bool) -> bool {
@@ -337,6 +359,14 @@ fn serve(
             return ExitCode::from(2);
         }
     };
+    for target in unknown_log_targets(&log) {
+        err!(
+            "switchboard: warning: --log names target {target:?}, which nothing in this program logs under; \
+             its directive matches nothing (the server's own targets start with \"switchboard\", e.g. \
+             switchboard::runtime; its libraries log under {})",
+            LOG_TARGETS[1..].join(", ")
+        );
+    }
     let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(|| LogSink).log_internal_errors(false);
     match log_format {
         LogFormat::Text => logs.with_ansi(log_colours(std::io::stderr().is_terminal())).init(),
@@ -1045,6 +1075,24 @@ mod tests {
             head_seq: 0,
             fetching: false,
             fetch_id: 0,
+        }
+    }
+
+    #[test]
+    fn a_log_target_nothing_logs_under_is_named() {
+        assert_eq!(unknown_log_targets("swithcboard=debug"), ["swithcboard"]);
+        assert_eq!(unknown_log_targets("warn, switchbord::store=debug,switchboard=info"), ["switchbord::store"]);
+        assert_eq!(unknown_log_targets("switchboardx=debug"), ["switchboardx"], "a prefix of the name is not a module");
+        for fine in [
+            "info",
+            "warn,switchboard=debug",
+            "switchboard::runtime[conn]=trace",
+            "fjall=debug,lsm_tree",
+            "[span]=debug",
+            "",
+            "off",
+        ] {
+            assert!(unknown_log_targets(fine).is_empty(), "{fine}");
         }
     }
 
