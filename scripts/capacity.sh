@@ -5,8 +5,8 @@
 # loaders, and writes target/capacity/report.json, report.md, memory.svg and
 # latency.svg.
 #
-#   scripts/capacity.sh [--quick]  # quick mode (the default): 4,000 connections (2,000 over WebSocket); 754 s with --no-peers here, the peers add theirs
-#   scripts/capacity.sh --full     # 19,000 connections (this host's file limit), 15,000 over WebSocket
+#   scripts/capacity.sh [--quick]  # quick mode (the default): 4,000 connections (2,000 over WebSocket); 11-15 min with --no-peers here, the peers add theirs
+#   scripts/capacity.sh --full     # as many connections as the server accepts (at most 19,000; ~18,600 with this host's file limit), 15,000 over WebSocket
 #   scripts/capacity.sh --no-peers # Switchboard and the ceiling only (no tokio, no nchan)
 #   scripts/capacity.sh --no-nchan # everything but nginx + nchan
 #   scripts/capacity.sh --ws-only [--ws-connections N]

@@ -107,10 +107,11 @@ enum Cmd {
     /// next to nginx + nchan, each in its own process(es); writes
     /// report.json, report.md and SVG plots.
     Capacity {
-        /// Full mode: the largest honest run (19,000 connections in the
-        /// server process; 15,000 over WebSocket). Default: quick mode
-        /// (4,000; 2,000 over WebSocket; 400,000 churn cycles; 5-6 minutes,
-        /// and under 3 more for the second data path, see `--pollers`).
+        /// Full mode: the largest honest run (as many connections as the
+        /// server accepts in one process, at most 19,000: about 18,600
+        /// with 20,000 descriptors; 15,000 over WebSocket). Default: quick
+        /// mode (4,000; 2,000 over WebSocket; 400,000 churn cycles; 11-15
+        /// minutes with --no-peers on 2 vCPUs, both data paths).
         #[arg(long, conflicts_with = "quick")]
         full: bool,
         /// Quick mode, the default (accepted so scripts can say so).
@@ -366,7 +367,8 @@ fn idle(common: Common, settle_s: u64, hold_s: u64, warmup: u32) -> Result<(), S
         w.user_prefix = format!("warmup-{}", common.user_prefix);
         let mut fleet = Fleet::spawn(&w).map_err(|e| e.to_string())?;
         eprintln!("idle: warm-up with {warmup} connections");
-        fleet.wait_ready(Duration::from_secs(common.ramp_timeout_s))?;
+        let (ready, _, _) = fleet.wait_ready(Duration::from_secs(common.ramp_timeout_s))?;
+        none_ready(ready, warmup, &common)?;
         fleet.quit();
         std::thread::sleep(Duration::from_secs(1));
     }
@@ -375,6 +377,7 @@ fn idle(common: Common, settle_s: u64, hold_s: u64, warmup: u32) -> Result<(), S
     let mut fleet = Fleet::spawn(&common.spec()?).map_err(|e| e.to_string())?;
     eprintln!("idle: {} connections from {} loader processes", common.connections, fleet.len());
     let (ready, failed, ramp) = fleet.wait_ready(Duration::from_secs(common.ramp_timeout_s))?;
+    none_ready(ready, common.connections, &common)?;
     std::thread::sleep(Duration::from_secs(settle_s));
     let rss1 = pid.and_then(ProcStat::rss_bytes);
     let slab1 = ProcStat::slab_bytes();
@@ -437,8 +440,12 @@ struct UnicastRun {
     scenario: &'static str,
     connections: u32,
     target_rate_per_s: u64,
+    /// SENDs written.
     sent: u64,
+    /// Of those, SENDs a sender's socket did not take whole (overload; the
+    /// connection is then closed).
     blocked: u64,
+    /// PUSH or INBOX frames received.
     received: u64,
     msgs_per_s: f64,
     latency: Latency,
@@ -463,9 +470,29 @@ struct ServerCpu {
     server_sys_ns_per_msg: f64,
 }
 
+/// An error (exit 1) when not one of `asked` connections got ready: the
+/// figures of such a run would be zeros and nulls.
+fn none_ready(ready: u32, asked: u32, common: &Common) -> Result<(), String> {
+    if ready == 0 && asked > 0 {
+        return Err(format!(
+            "none of the {asked} connections to {} logged in (the first error is above): nothing to measure",
+            common.addr
+        ));
+    }
+    Ok(())
+}
+
 fn unicast(common: Common, rate: u64, duration_s: u64, payload_bytes: usize) -> Result<(), String> {
     let mut fleet = Fleet::spawn(&common.spec()?).map_err(|e| e.to_string())?;
     let (ready, _failed, _) = fleet.wait_ready(Duration::from_secs(common.ramp_timeout_s))?;
+    none_ready(ready, common.connections, &common)?;
+    if common.device.is_none() {
+        eprintln!(
+            "unicast: SENDs follow the server's delivery.send_default: stored with its defaults (reliable), \
+             and kept, as nothing acknowledges them; set it to \"at_most_once\" for relay figures, \
+             or pass --device for stored delivery (README, capacity report)"
+        );
+    }
     fleet.collect()?; // reset
     let cpu0 = common.server_pid.map(ProcStat::process_cpu);
     let t0 = Instant::now();

@@ -109,6 +109,28 @@ pub struct Plan {
 /// Both data paths, in the order their columns appear.
 pub const ALL_POLLERS: [PollerKind; 2] = [PollerKind::Epoll, PollerKind::IoUring];
 
+/// Descriptors left unused below a server's connection limit: the
+/// descriptors it had open at start, which its own limit counts too.
+const FD_MARGIN: u64 = 32;
+
+/// `want`, or fewer: the connections a Switchboard server configured as
+/// this run configures its own (a disk store, the admin API, `workers`
+/// workers) accepts on this host, its automatic `server.max_connections`
+/// (what `RLIMIT_NOFILE`, which it inherits from this process, leaves
+/// beyond the descriptors it keeps for itself). With the 20,000-descriptor
+/// limit of this project's hosts that is about 18,600: a fixed 19,000 had
+/// the server refuse the last few hundred (CLOSE 4005) and the idle hold
+/// measure fewer connections than it said.
+pub fn fitting_connections(want: u32, workers: usize) -> u32 {
+    let text = scenarios::ServerProc::config((1, 2, 3), workers, "", "");
+    let (Ok(cfg), Ok((soft, _))) = (switchboard::config::Config::from_toml(&text), switchboard::limits::raise_nofile())
+    else {
+        return want;
+    };
+    let besides = switchboard::limits::descriptors_besides_clients(&cfg, workers) + FD_MARGIN;
+    want.min(soft.saturating_sub(besides).min(u64::from(u32::MAX)) as u32)
+}
+
 impl Plan {
     /// What a Switchboard server's config adds for this plan, then `extra`
     /// (more tables). It follows the `[server]` table's own keys
@@ -188,11 +210,13 @@ impl Plan {
     }
 
     /// The largest honest run on a host whose processes may hold 20,000
-    /// descriptors: 19,000 connections in the server process.
+    /// descriptors: 19,000 connections in the server process, or as many
+    /// as the run's servers accept on this host if that is fewer
+    /// ([`fitting_connections`]).
     pub fn full() -> Plan {
         Plan {
             mode: "full",
-            connections: 19_000,
+            connections: fitting_connections(19_000, 2),
             members: 15_000,
             unicast_rates: (1..=12).map(|k| k * 10_000).collect(),
             unicast_s: 5,
@@ -242,6 +266,21 @@ fn median(v: &mut [f64]) -> Option<f64> {
 
 #[cfg(test)]
 mod tests {
+
+    /// The full run's connections are what a server of the run's config
+    /// accepts here: its own automatic limit (`limits::check`, as `serve`
+    /// computes it), less the margin, and never more than asked for.
+    #[test]
+    fn the_full_run_asks_for_no_more_connections_than_its_server_accepts() {
+        let text = scenarios::ServerProc::config((1, 2, 3), 2, "", "");
+        let cfg = switchboard::config::Config::from_toml(&text).unwrap();
+        let besides = switchboard::limits::descriptors_besides_clients(&cfg, 2);
+        let server = switchboard::limits::check(0, 2, besides, 128, 0).unwrap().max_connections as u64;
+        let fits = u64::from(fitting_connections(u32::MAX, 2));
+        assert_eq!(fits + FD_MARGIN, server, "the server's automatic limit, less the margin");
+        assert_eq!(fitting_connections(1_000, 2), 1_000);
+        assert!(u64::from(Plan::full().connections) <= fits);
+    }
     use super::scenarios::Delivery;
     use super::*;
 

@@ -609,6 +609,12 @@ impl Loader {
                 self.fail(i, format!("LOGIN_ERROR {code}: {reason}"));
                 return false;
             }
+            // Named, not left to the end of the stream ("server closed the
+            // connection"): 4005 says the server was full.
+            Frame::Close { code, reason } => {
+                self.fail(i, format!("server closed the connection: CLOSE {code}: {reason}"));
+                return false;
+            }
             Frame::Ping { data: d } => {
                 let pong = wrap(self.args.transport, &mut self.rng, Frame::Pong { data: d }.to_bytes().expect("pong"));
                 let _ = self.conns[i].stream.write(&pong);
