@@ -86,6 +86,9 @@ impl Subject for Faulty {
     fn restart(&mut self) -> bool {
         false
     }
+    fn forgets_empty_inboxes(&self) -> bool {
+        true
+    }
 }
 
 impl Store for Faulty {

@@ -8,10 +8,13 @@
 //! `max_messages_per_inbox`; what is not bounded by a limit is said here
 //! (computed from the type sizes asserted below, on 64-bit targets, with
 //! hashbrown's 1 control byte per slot and up to 1/8 of slots empty):
-//! - every user ever appended to (or logged in with a device) keeps an
-//!   entry with its head, for the life of the process: ~100 bytes
-//!   (an 88-byte slot) + the user id's `Arc<str>` (16 + its bytes);
-//!   a million users with 10-byte ids ≈ 130 MB. Seqs never go back, so it is never removed;
+//! - every user with a message kept or a device known keeps an entry with
+//!   its head: ~100 bytes (an 88-byte slot) + the user id's `Arc<str>`
+//!   (16 + its bytes); a million users with 10-byte ids ≈ 130 MB. The
+//!   retention pass removes an entry left with neither (its seqs then
+//!   start again at 1, which only a device the store forgot could notice,
+//!   and it starts over: PROTOCOL.md 15.8), so users sent to once do not
+//!   stay for the life of the process;
 //! - each kept message: a 72-byte `VecDeque` slot (+ its payload `Bytes`
 //!   and sender `Arc<str>`, shared with the caller's); an inbox's queue
 //!   gives back what a backlog grew it to once the retention pass drops
@@ -189,7 +192,13 @@ impl Store for MemoryStore {
     fn expire(&mut self, now_ms: u64) -> Result<u64, StoreError> {
         let ttl_ms = self.limits.ttl_ms;
         let mut dropped = 0;
-        for (user, inbox) in self.inboxes.iter_mut() {
+        let (total_bytes, total_messages) = (&mut self.total_bytes, &mut self.total_messages);
+        // An inbox left with no message and no device goes: nothing in it
+        // needs keeping but its head, and the only client that could hold
+        // its seqs is a device the store forgot, which starts over anyway
+        // (PROTOCOL.md 15.8). Kept, every user ever sent to cost an entry
+        // for the life of the process.
+        self.inboxes.retain(|user, inbox| {
             let acked = expire_devices(&mut inbox.devices, ttl_ms, now_ms);
             while let Some(m) = inbox.messages.front() {
                 if m.seq > acked && !expired(m.ts_ms, ttl_ms, now_ms) {
@@ -197,12 +206,16 @@ impl Store for MemoryStore {
                 }
                 let bytes = record_bytes(user, &m.from, m.payload.len());
                 inbox.bytes -= bytes;
-                self.total_bytes -= bytes;
-                self.total_messages -= 1;
+                *total_bytes -= bytes;
+                *total_messages -= 1;
                 inbox.messages.pop_front();
                 dropped += 1;
             }
             give_back(&mut inbox.messages);
+            !(inbox.messages.is_empty() && inbox.devices.is_empty())
+        });
+        if shrinkable(self.inboxes.capacity(), self.inboxes.len()) {
+            self.inboxes.shrink_to(2 * self.inboxes.len());
         }
         while let Some((ts_ms, _)) = self.dedup_order.front() {
             if !expired(*ts_ms, self.limits.dedup_window_ms, now_ms) {
@@ -282,5 +295,44 @@ mod tests {
         assert!(room <= 64, "{room} slots kept for an empty inbox");
         // And it still works.
         assert!(matches!(s.append(&msg("bob", b"y"), 2), Ok(Appended::New { seq: 10_001 })));
+    }
+
+    /// A security review sent one message each to 5.7 million made-up user
+    /// ids, round after round, waiting out the TTL between rounds: the
+    /// store's bytes went back to 0 each time, its RSS grew by ~700 MB a
+    /// round and never came back (an inbox entry per user ever seen). An
+    /// inbox with no message and no device left is removed by the
+    /// retention pass: nothing in it needs keeping (a device that comes
+    /// back after being forgotten starts over, PROTOCOL.md 15.8).
+    #[test]
+    fn the_retention_pass_removes_inboxes_with_nothing_left_in_them() {
+        let ttl_ms = 1_000;
+        let mut s = MemoryStore::new(StoreLimits { ttl_ms, ..StoreLimits::default() });
+        for i in 0..10_000 {
+            s.append(&msg(&format!("made-up-{i}"), b"spam"), 0).unwrap();
+        }
+        s.device_login("bob", "phone", 0, 0).unwrap();
+        s.append(&msg("bob", b"hi"), 0).unwrap();
+        s.device_login("carol", "phone", 0, 0).unwrap();
+        assert_eq!(s.expire(ttl_ms / 2).unwrap(), 0, "nothing due yet");
+        assert_eq!(s.inboxes.len(), 10_002);
+        // Past the TTL the messages go; bob's and carol's devices were
+        // seen within it (a login at 0, a position at 900).
+        s.set_position("bob", "phone", 0, 900).unwrap();
+        s.set_position("carol", "phone", 0, 900).unwrap();
+        assert_eq!(s.expire(ttl_ms + 1).unwrap(), 10_001);
+        assert_eq!(s.inboxes.len(), 2, "the emptied inboxes are gone");
+        let mut left: Vec<&str> = s.inboxes.keys().map(|k| &**k).collect();
+        left.sort();
+        assert_eq!(left, ["bob", "carol"], "the inboxes of users with a device stay");
+        assert!(s.inboxes.capacity() < 1_000, "the map gives its room back: {}", s.inboxes.capacity());
+        assert_eq!(s.held(), (0, 0));
+        // Bob's inbox kept its head: his next message is 2.
+        assert!(matches!(s.append(&msg("bob", b"again"), ttl_ms + 2), Ok(Appended::New { seq: 2 })));
+        // A device forgotten with its inbox (not seen for the TTL) starts
+        // over: position 0, below the last_seq it sends (PROTOCOL.md 15.8).
+        assert_eq!(s.expire(3 * ttl_ms).unwrap(), 1);
+        assert!(!s.inboxes.contains_key("carol"));
+        assert_eq!(s.device_login("carol", "phone", 7, 3 * ttl_ms).unwrap(), (0, 0));
     }
 }
