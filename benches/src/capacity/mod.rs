@@ -123,12 +123,14 @@ const FD_MARGIN: u64 = 32;
 /// measure fewer connections than it said.
 pub fn fitting_connections(want: u32, workers: usize) -> u32 {
     let text = scenarios::ServerProc::config((1, 2, 3), workers, "", "");
-    let (Ok(cfg), Ok((soft, _))) = (switchboard::config::Config::from_toml(&text), switchboard::limits::raise_nofile())
-    else {
-        return want;
-    };
-    let besides = switchboard::limits::descriptors_besides_clients(&cfg, workers) + FD_MARGIN;
-    want.min(soft.saturating_sub(besides).min(u64::from(u32::MAX)) as u32)
+    let Ok(cfg) = switchboard::config::Config::from_toml(&text) else { return want };
+    let besides = switchboard::limits::descriptors_besides_clients(&cfg, workers);
+    // The server's own rule (`limits::check` with the automatic limit),
+    // which raises this process's soft limit to the hard one as it does.
+    match switchboard::limits::check(0, workers, besides, cfg.server.listen_backlog, 0) {
+        Ok(r) => want.min((r.max_connections as u64).saturating_sub(FD_MARGIN).min(u64::from(u32::MAX)) as u32),
+        Err(_) => want,
+    }
 }
 
 impl Plan {
@@ -266,6 +268,8 @@ fn median(v: &mut [f64]) -> Option<f64> {
 
 #[cfg(test)]
 mod tests {
+    use super::scenarios::Delivery;
+    use super::*;
 
     /// The full run's connections are what a server of the run's config
     /// accepts here: its own automatic limit (`limits::check`, as `serve`
@@ -281,8 +285,6 @@ mod tests {
         assert_eq!(fitting_connections(1_000, 2), 1_000);
         assert!(u64::from(Plan::full().connections) <= fits);
     }
-    use super::scenarios::Delivery;
-    use super::*;
 
     #[test]
     fn the_median_of_odd_even_and_no_round_trips() {
