@@ -294,6 +294,20 @@ pub struct LimitsConfig {
     /// Bounds what clients that start frames and never finish them can
     /// make the server hold: workers × this, at most.
     pub partial_bytes_per_worker: usize,
+    /// Messages (SEND, SEND_EX, PUBLISH, MESSAGE) one connection may send
+    /// a second; past its budget a message gets ERROR 118 and is not acted
+    /// on (`proto::rate`). 0: no limit.
+    pub send_rate: u64,
+    /// Messages a connection may send at once before the rate applies.
+    /// 0: one second's worth (`send_rate`).
+    pub send_burst: u64,
+    /// Payload bytes of those messages one connection may send a second.
+    /// 0: no limit.
+    pub send_bytes_rate: u64,
+    /// Payload bytes at once before the rate applies; at least
+    /// `max_frame_bytes`, so that any message fits an empty budget.
+    /// 0: one second's worth, or `max_frame_bytes` if that is more.
+    pub send_bytes_burst: u64,
 }
 
 impl Default for LimitsConfig {
@@ -306,7 +320,44 @@ impl Default for LimitsConfig {
             max_conns_per_user: 16,
             slow_consumer: SlowConsumer::Close,
             partial_bytes_per_worker: 64 << 20,
+            send_rate: 0,
+            send_burst: 0,
+            send_bytes_rate: 0,
+            send_bytes_burst: 0,
         }
+    }
+}
+
+impl LimitsConfig {
+    /// `send_burst` as it applies (0: `send_rate`).
+    pub fn send_burst(&self) -> u64 {
+        if self.send_burst == 0 {
+            self.send_rate
+        } else {
+            self.send_burst
+        }
+    }
+
+    /// `send_bytes_burst` as it applies (0: `send_bytes_rate`, or
+    /// `max_frame_bytes` if more).
+    pub fn send_bytes_burst(&self) -> u64 {
+        if self.send_bytes_burst == 0 {
+            self.send_bytes_rate.max(self.max_frame_bytes as u64)
+        } else {
+            self.send_bytes_burst
+        }
+    }
+
+    /// The per-connection send budget's rates in ticks of `tick_ms`
+    /// (`proto::rate`); `None` when neither rate is set.
+    pub fn send_limit(&self, tick_ms: u64) -> Option<crate::proto::rate::SendLimit> {
+        crate::proto::rate::SendLimit::new(
+            self.send_rate,
+            self.send_burst(),
+            self.send_bytes_rate,
+            self.send_bytes_burst(),
+            tick_ms,
+        )
     }
 }
 
@@ -1270,6 +1321,27 @@ impl Config {
                 ),
             ));
         }
+        // A burst without its rate would silently do nothing; a bytes
+        // burst below the largest payload would refuse that payload for
+        // ever, however long the client waits.
+        if l.send_rate == 0 && l.send_burst != 0 {
+            return Err(invalid("limits.send_burst", "is set but limits.send_rate is 0 (no limit): set both"));
+        }
+        if l.send_bytes_rate == 0 && l.send_bytes_burst != 0 {
+            return Err(invalid(
+                "limits.send_bytes_burst",
+                "is set but limits.send_bytes_rate is 0 (no limit): set both",
+            ));
+        }
+        if l.send_bytes_rate != 0 && l.send_bytes_burst() < l.max_frame_bytes as u64 {
+            return Err(invalid(
+                "limits.send_bytes_burst",
+                format!(
+                    "is {}, must be at least limits.max_frame_bytes ({}): a larger message could never be sent",
+                    l.send_bytes_burst, l.max_frame_bytes
+                ),
+            ));
+        }
         if l.max_conns_per_user == 0 || l.max_conns_per_user > 1024 {
             return Err(invalid("limits.max_conns_per_user", "must be between 1 and 1024"));
         }
@@ -1530,6 +1602,22 @@ mod tests {
         assert!(Config::from_toml("[admin]\nlisten = \"127.0.0.1:7701\"\ntoken = \"\"\n").is_err());
         assert!(Config::from_toml("[admin]\nlisten = \"127.0.0.1:7701\"\ntoken = \"0123456789abcdef\"\n").is_ok());
         assert!(Config::from_toml("[admin]\nlisten = \"0.0.0.0:7701\"\n").is_err(), "off loopback a token is required");
+    }
+
+    #[test]
+    fn the_send_budget_is_off_by_default_and_its_bursts_are_checked() {
+        assert_eq!(Config::default().limits.send_limit(1000), None);
+        let c = Config::from_toml("[limits]\nsend_rate = 50\nsend_bytes_rate = 1000\n").unwrap();
+        assert_eq!(c.limits.send_burst(), 50, "a second's worth");
+        assert_eq!(c.limits.send_bytes_burst(), 65536, "at least the largest frame");
+        assert!(c.limits.send_limit(1000).is_some());
+        let e = Config::from_toml("[limits]\nsend_burst = 5\n").unwrap_err().to_string();
+        assert!(e.contains("limits.send_burst") && e.contains("send_rate is 0"), "{e}");
+        let e = Config::from_toml("[limits]\nsend_bytes_burst = 5\n").unwrap_err().to_string();
+        assert!(e.contains("limits.send_bytes_burst"), "{e}");
+        let e =
+            Config::from_toml("[limits]\nsend_bytes_rate = 100\nsend_bytes_burst = 1000\n").unwrap_err().to_string();
+        assert!(e.contains("at least limits.max_frame_bytes (65536)"), "{e}");
     }
 
     #[test]

@@ -308,6 +308,13 @@ impl Collector for Live {
             &workers,
             |c| get(&c.slow_consumers),
         )?;
+        f.per_worker_counter(
+            "switchboard_rate_limited",
+            "SEND, SEND_EX, PUBLISH and MESSAGE frames refused by their connection's send budget \
+             (ERROR 118; limits.send_rate, limits.send_bytes_rate).",
+            &workers,
+            |c| get(&c.rate_limited),
+        )?;
         f.counter(
             "switchboard_skipped_messages",
             "Messages dropped from slow consumers' queues (limits.slow_consumer = drop_oldest).",

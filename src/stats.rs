@@ -81,6 +81,9 @@ counters! {
     protocol_errors,
     /// Connections closed because their outbound queue passed its limit.
     slow_consumers,
+    /// SEND, SEND_EX, PUBLISH and MESSAGE frames refused by their
+    /// connection's send budget (ERROR 118, `limits.send_rate`).
+    rate_limited,
     /// Server-initiated PINGs.
     pings_sent,
     /// Connections kicked by the application.

@@ -459,3 +459,90 @@ fn a_full_worker_hands_connections_to_one_with_room() {
         assert_eq!(expect_push(c).2, b"hi");
     }
 }
+
+// ---- One client flooding SENDs ------------------------------------------------------
+
+/// DEPLOY.md, "Abuse: what one client can do": with `limits.send_rate`
+/// set, a connection that floods SENDs gets ERROR 118 for every one over
+/// its budget, each with its own `req_id`, and none of those reaches the
+/// recipient (or the store); another connection on the same worker is
+/// not refused; the flooder may send again once its bucket has filled.
+/// `limits.send_bytes_rate` refuses by payload bytes the same way.
+#[test]
+fn a_flooding_sender_is_held_to_its_send_budget_and_nobody_else_is() {
+    let mut cfg = config();
+    cfg.server.workers = 1;
+    cfg.limits.max_frame_bytes = 8192;
+    cfg.limits.send_rate = 10;
+    cfg.limits.send_burst = 10;
+    cfg.limits.send_bytes_rate = 1000;
+    cfg.limits.send_bytes_burst = 8192;
+    let server = start(cfg);
+    let addr = server.local_addr();
+    let (mut victim, _) = login(addr, "victim");
+    let (mut flooder, _) = login(addr, "flooder");
+    let (mut polite, _) = login(addr, "polite");
+
+    let mut burst = Vec::new();
+    for req_id in 1..=100u32 {
+        burst.extend_from_slice(&Frame::Send { req_id, to: "victim", payload: b"spam" }.to_bytes().unwrap());
+    }
+    flooder.send_raw(&burst).unwrap();
+    let (mut acked, mut refused) = (Vec::new(), Vec::new());
+    while acked.len() + refused.len() < 100 {
+        match flooder.recv().unwrap().frame() {
+            Frame::SendAck { req_id, .. } => acked.push(req_id),
+            Frame::Error { code, req_id, reason } => {
+                assert_eq!(code, ErrorCode::RateLimited as u16, "{reason}");
+                assert!(reason.contains("10 messages a second"), "{reason}");
+                refused.push(req_id);
+            }
+            other => panic!("expected SEND_ACK or ERROR, got {other:?}"),
+        }
+    }
+    // The burst of 10, and at most what half a message a 50 ms tick adds
+    // while the 100 are read.
+    assert!((10..=12).contains(&acked.len()), "{} taken: {acked:?}", acked.len());
+    acked.sort_unstable();
+    assert_eq!(acked[..10], (1..=10).collect::<Vec<u32>>(), "the first ten pass");
+    for _ in 0..acked.len() {
+        match victim.recv().unwrap().frame() {
+            Frame::Push { payload, .. } => assert_eq!(payload, b"spam"),
+            other => panic!("expected PUSH, got {other:?}"),
+        }
+    }
+    // Another connection's budget is its own.
+    polite.send(1, "victim", b"hello").unwrap();
+    assert!(matches!(polite.recv().unwrap().frame(), Frame::SendAck { req_id: 1, delivered: 1 }));
+    match victim.recv().unwrap().frame() {
+        Frame::Push { payload, .. } => assert_eq!(payload, b"hello", "none of the refused SENDs was delivered"),
+        other => panic!("expected PUSH, got {other:?}"),
+    }
+    assert_eq!(server.handle().stats().rate_limited, refused.len() as u64);
+
+    // A second later the flooder's bucket holds 10 again.
+    std::thread::sleep(Duration::from_millis(1100));
+    flooder.send(200, "victim", b"later").unwrap();
+    assert!(matches!(flooder.recv().unwrap().frame(), Frame::SendAck { req_id: 200, .. }));
+
+    // Bytes: 8,192 at once, then 1,000 a second.
+    let (mut heavy, _) = login(addr, "heavy");
+    let payload = vec![b'b'; 3000];
+    for req_id in 1..=3u32 {
+        heavy.send(req_id, "victim", &payload).unwrap();
+    }
+    // A stored SEND's SEND_ACK comes once the store has it: after the
+    // ERROR, which is answered at once.
+    let mut answers: Vec<(u32, Option<u16>)> = (0..3)
+        .map(|_| match heavy.recv().unwrap().frame() {
+            Frame::SendAck { req_id, .. } => (req_id, None),
+            Frame::Error { code, req_id, reason } => {
+                assert!(reason.contains("1000 payload bytes a second"), "{reason}");
+                (req_id, Some(code))
+            }
+            other => panic!("expected SEND_ACK or ERROR, got {other:?}"),
+        })
+        .collect();
+    answers.sort_unstable();
+    assert_eq!(answers, [(1, None), (2, None), (3, Some(118))]);
+}

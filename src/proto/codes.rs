@@ -164,6 +164,9 @@ pub enum ErrorCode {
     NotReliable = 116,
     /// ACK of a seq beyond the inbox's head; ignored.
     BadAck = 117,
+    /// SEND, SEND_EX, PUBLISH or MESSAGE over the connection's send budget
+    /// (`limits.send_rate`, `limits.send_bytes_rate`); not acted on.
+    RateLimited = 118,
 }
 
 #[cfg(test)]
@@ -205,10 +208,11 @@ mod tests {
                 ErrorCode::StoreFull,
                 ErrorCode::StoreUnavailable,
                 ErrorCode::NotReliable,
-                ErrorCode::BadAck
+                ErrorCode::BadAck,
+                ErrorCode::RateLimited
             ]
             .map(|c| c as u16),
-            [113, 114, 115, 116, 117]
+            [113, 114, 115, 116, 117, 118]
         );
     }
 }

@@ -29,6 +29,7 @@ use super::frame::{
     clip_reason, decode, Frame, RoomOp, SendOutcome, MAX_LOGIN_FRAME_BYTES, PING_EMPTY, SEND_EX_AT_MOST_ONCE,
 };
 use super::json::ClientFrame;
+use super::rate::{Budget, Exceeded, SendLimit};
 use super::session::{Inbound, Phase, Session, Tick, TickAction, Timeouts};
 use super::wire::{Wire, MAX_LOGIN_MESSAGE_BYTES, SUBPROTOCOLS};
 use super::ws::{self, handshake, Decoder, WsEvent};
@@ -89,6 +90,11 @@ pub struct Rules {
     /// A plain SEND is stored (`delivery.send_default = "reliable"` and a
     /// store).
     pub reliable_send: bool,
+    /// What one connection may originate (`limits.send_rate` and
+    /// friends); `None`: no limit.
+    pub send_limit: Option<SendLimit>,
+    /// `timeouts.tick_ms`, for the rates in error reasons.
+    pub tick_ms: u64,
 }
 
 impl Rules {
@@ -124,6 +130,8 @@ impl Rules {
             conformance_echo: config.websocket.conformance_echo,
             has_store,
             reliable_send: has_store && config.delivery.send_default == crate::config::SendDefault::Reliable,
+            send_limit: config.limits.send_limit(config.timeouts.tick_ms),
+            tick_ms: config.timeouts.tick_ms,
         }
     }
 
@@ -161,6 +169,9 @@ pub enum Count {
     PingSent,
     LoginTimeout,
     IdleTimeout,
+    /// A SEND, SEND_EX, PUBLISH or MESSAGE refused by the connection's
+    /// send budget (ERROR 118).
+    RateLimited,
 }
 
 /// A refused login.
@@ -241,6 +252,12 @@ pub trait Env {
     /// `encoded`) after what is queued, or instead of it (`discard_queue`),
     /// then FIN.
     fn closing(&mut self, user: Option<Arc<str>>, last: Bytes, encoded: bool, discard_queue: bool);
+    /// The connection's send budget as last kept ([`Env::keep_budget`]);
+    /// `None` when it has none kept (its buckets are full).
+    fn budget(&mut self) -> Option<Budget>;
+    /// Keeps the connection's send budget until the next message it
+    /// originates (`None`: full, nothing to keep).
+    fn keep_budget(&mut self, budget: Option<Budget>);
     /// Counts an event.
     fn count(&mut self, what: Count);
     /// Whether the connection's outbound queue refused a frame for it since
@@ -719,6 +736,11 @@ impl Connection {
                 return;
             }
         }
+        if let Some(limit) = &rules.send_limit {
+            if !within_budget(&frame, limit, now, rules, env) {
+                return;
+            }
+        }
         match frame {
             Frame::Login { user, token, device, last_seq } => {
                 self.login(user, token, device, last_seq, now, rules, env)
@@ -993,6 +1015,34 @@ fn error(env: &mut impl Env, code: ErrorCode, req_id: u32, reason: &str) {
     );
 }
 
+/// Whether the connection may originate `frame` now (`proto::rate`):
+/// SEND, SEND_EX, PUBLISH and MESSAGE spend the connection's budget, one
+/// message and their payload's bytes; anything else is free. A frame over
+/// the budget is answered with ERROR 118 and not acted on (it pays
+/// nothing); the connection stays open.
+fn within_budget(frame: &Frame<'_>, limit: &SendLimit, now: Tick, rules: &Rules, env: &mut impl Env) -> bool {
+    let (req_id, len) = match frame {
+        Frame::Send { req_id, payload, .. }
+        | Frame::SendEx { req_id, payload, .. }
+        | Frame::Publish { req_id, payload, .. }
+        | Frame::Message { req_id, payload } => (*req_id, payload.len()),
+        _ => return true,
+    };
+    let mut budget = env.budget().unwrap_or_else(|| Budget::full(limit, now));
+    let spent = budget.spend(limit, now, len);
+    env.keep_budget((!budget.is_full(limit, now)).then_some(budget));
+    let Err(which) = spent else { return true };
+    env.count(Count::RateLimited);
+    let rate = limit.per_second(which, rules.tick_ms);
+    let (unit, key) = match which {
+        Exceeded::Messages => ("messages", "limits.send_rate"),
+        Exceeded::Bytes => ("payload bytes", "limits.send_bytes_rate"),
+    };
+    let reason = format!("rate limited: this connection may send {rate} {unit} a second ({key}); retry later");
+    error(env, ErrorCode::RateLimited, req_id, &reason);
+    false
+}
+
 fn room_ack(env: &mut impl Env, req_id: u32, op: RoomOp, room: &str) {
     env.reply(Frame::RoomAck { req_id, op, room }.to_bytes().expect("room names are at most 255 bytes"));
 }
@@ -1035,6 +1085,8 @@ mod tests {
         /// reply past them is refused and `overflowed` answers true.
         queue_room: Option<usize>,
         refused: bool,
+        /// The send budget kept (`Env::keep_budget`).
+        budget: Option<Budget>,
     }
 
     impl Env for Rec {
@@ -1130,6 +1182,12 @@ mod tests {
         fn closing(&mut self, user: Option<Arc<str>>, last: Bytes, encoded: bool, discard: bool) {
             let user = user.map(|u| u.to_string());
             self.evs.push(Ev::Closing { user, last, encoded, discard });
+        }
+        fn budget(&mut self) -> Option<Budget> {
+            self.budget
+        }
+        fn keep_budget(&mut self, budget: Option<Budget>) {
+            self.budget = budget;
         }
         fn count(&mut self, what: Count) {
             self.counts.push(what);
@@ -1410,6 +1468,80 @@ mod tests {
         assert!(env.evs.contains(&Ev::Join("full".into())) && env.evs.contains(&Ev::Leave("news".into())));
         assert!(env.evs.contains(&Ev::Publish("news".into())));
         assert!(env.evs.contains(&Ev::App { kind: ClientMessageKind::Message, payload: b"m".to_vec() }));
+    }
+
+    /// `limits.send_rate` 2 a second (burst 2) and `limits.send_bytes_rate`
+    /// 100 bytes a second: what passes the budget is acted on, what does
+    /// not gets ERROR 118 with its req_id and reaches nothing; ACK and
+    /// SUBSCRIBE are free; the next tick gives the rate again, and two
+    /// quiet ticks fill the buckets.
+    #[test]
+    fn the_send_budget_refuses_with_118_and_refills_each_tick() {
+        let mut config = Config::default();
+        config.limits.send_rate = 2;
+        config.limits.send_burst = 2;
+        config.limits.send_bytes_rate = 100;
+        config.limits.send_bytes_burst = 100;
+        config.limits.max_frame_bytes = 100;
+        let r = Rules::new(&config, rules().timeouts, None, false, false);
+        let (mut c, mut env) = (raw(), Rec::default());
+        let frames = |fs: &[Frame<'_>]| fs.iter().flat_map(|f| f.to_bytes().unwrap().to_vec()).collect::<Vec<u8>>();
+        // (code, req_id, reason) of every ERROR written.
+        let errors = |env: &Rec| -> Vec<(u16, u32, String)> {
+            env.evs
+                .iter()
+                .filter_map(|e| match e {
+                    Ev::Reply(b) => match decode(b, 1 << 20) {
+                        Ok(Some((Frame::Error { code, req_id, reason }, _))) => {
+                            Some((code, req_id, reason.to_string()))
+                        }
+                        _ => None,
+                    },
+                    _ => None,
+                })
+                .collect()
+        };
+        let mut s = login("u", "good");
+        s.extend(frames(&[
+            Frame::Send { req_id: 1, to: "v", payload: b"one" },
+            Frame::Subscribe { req_id: 2, room: "news" },
+            Frame::Publish { req_id: 3, room: "news", payload: b"two" },
+            Frame::Message { req_id: 4, payload: b"three" },
+            Frame::Send { req_id: 5, to: "v", payload: b"four" },
+        ]));
+        c.on_read(&mut s, 10, &r, &mut env);
+        assert_eq!(env.written(), ["LoginOk", "SendAck", "RoomAck", "RoomAck", "Error", "Error"]);
+        let refused = errors(&env);
+        assert_eq!(refused.iter().map(|e| (e.0, e.1)).collect::<Vec<_>>(), [(118, 4), (118, 5)]);
+        assert!(refused[0].2.contains("2 messages a second"), "{}", refused[0].2);
+        let acted: Vec<&Ev> =
+            env.evs.iter().filter(|e| matches!(e, Ev::Send { .. } | Ev::Publish(_) | Ev::App { .. })).collect();
+        assert_eq!(acted, [&Ev::Send { to: "v".into(), payload: b"one".to_vec() }, &Ev::Publish("news".into())]);
+        assert_eq!(env.counts.iter().filter(|c| **c == Count::RateLimited).count(), 2);
+        assert!(env.budget.is_some(), "a budget below full is kept");
+
+        // A tick later: two messages again, and 100 bytes: a 60-byte
+        // payload fits once. The ACK costs nothing (it is refused as not
+        // reliable: no device).
+        let big = [b'x'; 60];
+        let mut s = frames(&[
+            Frame::Send { req_id: 6, to: "v", payload: &big },
+            Frame::Send { req_id: 7, to: "v", payload: &big },
+            Frame::Ack { seq: 1 },
+        ]);
+        env.evs.clear();
+        c.on_read(&mut s, 11, &r, &mut env);
+        assert_eq!(env.written(), ["SendAck", "Error", "Error"]);
+        let refused = errors(&env);
+        assert_eq!(refused.iter().map(|e| (e.0, e.1)).collect::<Vec<_>>(), [(118, 7), (116, 0)]);
+        assert!(refused[0].2.contains("100 payload bytes a second"), "{}", refused[0].2);
+
+        // Two quiet ticks later the buckets are full again.
+        assert!(env.budget.unwrap().is_full(r.send_limit.as_ref().unwrap(), 13));
+        env.evs.clear();
+        let mut s = frames(&[Frame::Send { req_id: 8, to: "v", payload: &big }]);
+        c.on_read(&mut s, 13, &r, &mut env);
+        assert_eq!(env.written(), ["SendAck"]);
     }
 
     #[test]

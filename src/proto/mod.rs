@@ -14,6 +14,7 @@ pub mod conn;
 pub mod frame;
 pub mod http;
 pub mod json;
+pub mod rate;
 pub mod reliable;
 pub mod session;
 pub mod wire;

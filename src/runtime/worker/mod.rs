@@ -208,6 +208,12 @@ pub(crate) struct Worker {
     store_batching: Cell<bool>,
     store_unwoken: Cell<bool>,
     window_rules: crate::proto::reliable::WindowRules,
+    /// Send budgets below full (`limits.send_rate`, `proto::rate`), slot
+    /// → (generation, budget): a connection that has not sent lately has
+    /// no entry, so the slot stays as it is. The tick drops the entries
+    /// full again (`Worker::drop_full_budgets`), a closed connection's
+    /// with them.
+    budgets: RefCell<hashbrown::HashMap<u32, (u32, crate::proto::rate::Budget)>>,
 }
 
 /// Yields once to the scheduler (monoio 0.2 has no `yield_now`).
@@ -460,6 +466,25 @@ impl crate::proto::conn::Env for Io<'_> {
         }
     }
 
+    fn budget(&mut self) -> Option<crate::proto::rate::Budget> {
+        match self.w.budgets.borrow().get(&self.slot) {
+            Some(&(generation, b)) if generation == self.generation => Some(b),
+            _ => None,
+        }
+    }
+
+    fn keep_budget(&mut self, budget: Option<crate::proto::rate::Budget>) {
+        let mut budgets = self.w.budgets.borrow_mut();
+        match budget {
+            Some(b) => {
+                budgets.insert(self.slot, (self.generation, b));
+            }
+            None => {
+                budgets.remove(&self.slot);
+            }
+        }
+    }
+
     fn count(&mut self, what: Count) {
         let c = self.w.counters();
         let counter = match what {
@@ -489,6 +514,7 @@ impl crate::proto::conn::Env for Io<'_> {
                 &c.login_timeouts
             }
             Count::IdleTimeout => &c.idle_timeouts,
+            Count::RateLimited => &c.rate_limited,
         };
         bump(counter, 1);
     }
@@ -550,12 +576,26 @@ impl Worker {
             seen_cursor: Cell::new(0),
             open: RefCell::new(Vec::new()),
             window_rules: shared.config.window_rules(),
+            budgets: RefCell::default(),
             shared,
         }
     }
 
     fn counters(&self) -> &WorkerCounters {
         &self.shared.counters[self.id.0 as usize]
+    }
+
+    /// Drops the send budgets full again at `now` (the connection is the
+    /// same as one with none: `proto::rate`), and with them those of
+    /// connections that closed, whose buckets fill all the same.
+    fn drop_full_budgets(&self, now: Tick) {
+        let Some(limit) = &self.rules.send_limit else { return };
+        let mut budgets = self.budgets.borrow_mut();
+        budgets.retain(|_, (_, b)| !b.is_full(limit, now));
+        let len = budgets.len();
+        if budgets.capacity() > 64 && len < budgets.capacity() / 4 {
+            budgets.shrink_to(len * 2);
+        }
     }
 
     fn refresh_now(&self) -> Tick {

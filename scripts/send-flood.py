@@ -1,0 +1,207 @@
+#!/usr/bin/env python3
+"""One client flooding SENDs, and a well-behaved pair beside it.
+
+What it shows: how much one logged-in connection that SENDs as fast as it
+can (to made-up user ids, pipelined) takes from everyone else, and what
+the send budget (`limits.send_rate`, `limits.send_bytes_rate`,
+docs/DEPLOY.md "Abuse: what one client can do") changes. The pair is a
+sender that SENDs one message every 50 ms and a device that acknowledges
+what it gets; its latency is from SEND to the INBOX (or PUSH) arriving.
+
+    python3 scripts/send-flood.py --addr 127.0.0.1:7700 --seconds 20 --payload 100 [--server-pid PID]
+
+Needs only Python 3 (standard library). Tokens are minted with
+--secret (default: $SWITCHBOARD_JWT_SECRET, else the development secret
+of a server started without one). Prints one JSON object.
+"""
+
+import argparse
+import base64
+import collections
+import hashlib
+import hmac
+import json
+import os
+import socket
+import struct
+import threading
+import time
+
+DEV_SECRET = "switchboard-dev-secret-do-not-use-in-production"
+LOGIN_OK, PUSH, SEND_ACK, ERROR, SYNC, INBOX = 0x02, 0x06, 0x08, 0x0B, 0x16, 0x17
+
+
+def b64url(raw):
+    return base64.urlsafe_b64encode(raw).rstrip(b"=")
+
+
+def token(secret, user):
+    head = b64url(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
+    claims = b64url(json.dumps({"sub": user, "exp": int(time.time()) + 3600}).encode())
+    signed = head + b"." + claims
+    return signed + b"." + b64url(hmac.new(secret.encode(), signed, hashlib.sha256).digest())
+
+
+def frame(kind, body):
+    return struct.pack(">IBB", 2 + len(body), 1, kind) + body
+
+
+def str8(text):
+    raw = text.encode()
+    return bytes([len(raw)]) + raw
+
+
+def login_frame(secret, user, device=None):
+    tok = token(secret, user)
+    body = str8(user) + struct.pack(">H", len(tok)) + tok
+    if device is not None:
+        body += str8(device) + struct.pack(">Q", 0)
+    return frame(0x01, body)
+
+
+def send_frame(req_id, to, payload):
+    return frame(0x07, struct.pack(">I", req_id) + str8(to) + payload)
+
+
+class Conn:
+    """A raw protocol v1 connection (docs/PROTOCOL.md 2): frames in, (type, body) out."""
+
+    def __init__(self, addr):
+        host, port = addr.rsplit(":", 1)
+        self.sock = socket.create_connection((host, int(port)), timeout=10)
+        self.buf = b""
+
+    def write(self, data):
+        self.sock.sendall(data)
+
+    def read(self, timeout):
+        self.sock.settimeout(timeout)
+        while True:
+            if len(self.buf) >= 4:
+                n = struct.unpack(">I", self.buf[:4])[0]
+                if len(self.buf) >= 4 + n:
+                    kind, body = self.buf[5], self.buf[6 : 4 + n]
+                    self.buf = self.buf[4 + n :]
+                    return kind, body
+            try:
+                got = self.sock.recv(1 << 16)
+            except socket.timeout:
+                return None
+            if not got:
+                raise ConnectionError("the server closed the connection")
+            self.buf += got
+
+    def login(self, secret, user, device=None):
+        self.write(login_frame(secret, user, device))
+        reply = self.read(10)
+        if reply is None or reply[0] != LOGIN_OK:
+            raise SystemExit(f"login of {user} failed: {reply}")
+
+
+def flooder(args, stop, out):
+    c = Conn(args.addr)
+    c.login(args.secret, "flooder")
+    payload = b"x" * args.payload
+    answers = collections.Counter()
+    sent = in_flight = 0
+    while not stop.is_set():
+        batch = b"".join(send_frame(sent + i + 1, f"flood-{sent + i}", payload) for i in range(256))
+        c.write(batch)
+        sent += 256
+        in_flight += 256
+        while in_flight > args.depth:
+            reply = c.read(10)
+            if reply is None:
+                break
+            kind, body = reply
+            if kind == SEND_ACK:
+                answers["SEND_ACK"] += 1
+            elif kind == ERROR:
+                answers[f"ERROR {struct.unpack('>H', body[:2])[0]}"] += 1
+            else:
+                continue
+            in_flight -= 1
+    out["flooder"] = {"sent": sent, "answered": dict(answers)}
+
+
+def pair(args, stop, out):
+    rx = Conn(args.addr)
+    rx.login(args.secret, "pair-rx", device="pair-device")
+    tx = Conn(args.addr)
+    tx.login(args.secret, "pair-tx")
+    sent_at, latencies, errors = {}, [], collections.Counter()
+
+    def receive():
+        while not (stop.is_set() and len(latencies) >= len(sent_at)) and time.time() < deadline[0]:
+            reply = rx.read(0.5)
+            if reply is None:
+                continue
+            kind, body = reply
+            if kind == INBOX:
+                seq = struct.unpack(">Q", body[:8])[0]
+                n = body[24]
+                index = int(body[25 + n :])
+                latencies.append(time.time() - sent_at[index])
+                rx.write(frame(0x18, struct.pack(">Q", seq)))
+            elif kind == PUSH:
+                n = body[8]
+                latencies.append(time.time() - sent_at[int(body[9 + n :])])
+
+    def answers():
+        while time.time() < deadline[0]:
+            reply = tx.read(0.5)
+            if reply is not None and reply[0] == ERROR:
+                errors[struct.unpack(">H", reply[1][:2])[0]] += 1
+
+    deadline = [float("inf")]
+    threads = [threading.Thread(target=receive), threading.Thread(target=answers)]
+    for t in threads:
+        t.start()
+    i = 0
+    while not stop.is_set():
+        sent_at[i] = time.time()
+        tx.write(send_frame(i + 1, "pair-rx", str(i).encode()))
+        i += 1
+        time.sleep(0.05)
+    deadline[0] = time.time() + 5
+    for t in threads:
+        t.join()
+    lat = sorted(latencies)
+    out["pair"] = {
+        "sent": len(sent_at),
+        "received": len(lat),
+        "errors": dict(errors),
+        "p50_ms": round(lat[len(lat) // 2] * 1000, 1) if lat else None,
+        "max_ms": round(lat[-1] * 1000, 1) if lat else None,
+    }
+
+
+def rss_kb(pid):
+    with open(f"/proc/{pid}/status") as f:
+        return int(f.read().split("VmRSS:")[1].split()[0])
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--addr", default="127.0.0.1:7700", help="the server's raw TCP port")
+    p.add_argument("--secret", default=os.environ.get("SWITCHBOARD_JWT_SECRET", DEV_SECRET))
+    p.add_argument("--seconds", type=float, default=20)
+    p.add_argument("--payload", type=int, default=100, help="bytes per flooded SEND")
+    p.add_argument("--depth", type=int, default=512, help="flooded SENDs unanswered at most")
+    p.add_argument("--server-pid", type=int, help="report the server's RSS after the run")
+    args = p.parse_args()
+    stop, out = threading.Event(), {}
+    threads = [threading.Thread(target=f, args=(args, stop, out)) for f in (flooder, pair)]
+    for t in threads:
+        t.start()
+    time.sleep(args.seconds)
+    stop.set()
+    for t in threads:
+        t.join()
+    if args.server_pid:
+        out["server_rss_mb"] = round(rss_kb(args.server_pid) / 1024)
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
