@@ -1,12 +1,17 @@
 #!/usr/bin/env python3
 """One client flooding SENDs, and a well-behaved pair beside it.
 
-What it shows: how much one logged-in connection that SENDs as fast as it
+What it shows: how much one logged-in client that SENDs as fast as it
 can (to made-up user ids, pipelined) takes from everyone else, and what
 the send budget (`limits.send_rate`, `limits.send_bytes_rate`,
-docs/DEPLOY.md "Abuse: what one client can do") changes. The pair is a
-sender that SENDs one message every 50 ms and a device that acknowledges
-what it gets; its latency is from SEND to the INBOX (or PUSH) arriving.
+docs/DEPLOY.md "Abuse: what one client can do") changes. The flooder
+logs in again whenever the server closes it (4009, 4004), and with
+--relogin-every N after every N SENDs, as a client trying to get a fresh
+budget would. The pair is a sender that SENDs one message every 50 ms and
+a device that acknowledges what it gets; its latency is from SEND to the
+INBOX (or PUSH) arriving. With --same-worker the pair logs in until both
+its connections are on the flooder's first server thread (the worst
+case: the refusals cost that thread).
 
     python3 scripts/send-flood.py --addr 127.0.0.1:7700 --seconds 20 --payload 100 [--server-pid PID]
 
@@ -28,7 +33,7 @@ import threading
 import time
 
 DEV_SECRET = "switchboard-dev-secret-do-not-use-in-production"
-LOGIN_OK, PUSH, SEND_ACK, ERROR, SYNC, INBOX = 0x02, 0x06, 0x08, 0x0B, 0x16, 0x17
+LOGIN_OK, PUSH, SEND_ACK, CLOSE, ERROR, SYNC, INBOX = 0x02, 0x06, 0x08, 0x0A, 0x0B, 0x16, 0x17
 
 
 def b64url(raw):
@@ -92,43 +97,74 @@ class Conn:
             self.buf += got
 
     def login(self, secret, user, device=None):
+        """Logs in; returns the server thread the connection is on (the
+        top byte of LOGIN_OK's conn_id)."""
         self.write(login_frame(secret, user, device))
         reply = self.read(10)
         if reply is None or reply[0] != LOGIN_OK:
             raise SystemExit(f"login of {user} failed: {reply}")
+        return struct.unpack(">Q", reply[1][:8])[0] >> 56
+
+    def close(self):
+        self.sock.close()
 
 
-def flooder(args, stop, out):
-    c = Conn(args.addr)
-    c.login(args.secret, "flooder")
+def flooder(args, stop, out, on_worker):
     payload = b"x" * args.payload
-    answers = collections.Counter()
-    sent = in_flight = 0
+    answers, closes = collections.Counter(), collections.Counter()
+    sent = logins = 0
     while not stop.is_set():
-        batch = b"".join(send_frame(sent + i + 1, f"flood-{sent + i}", payload) for i in range(256))
-        c.write(batch)
-        sent += 256
-        in_flight += 256
-        while in_flight > args.depth:
-            reply = c.read(10)
-            if reply is None:
-                break
-            kind, body = reply
-            if kind == SEND_ACK:
-                answers["SEND_ACK"] += 1
-            elif kind == ERROR:
-                answers[f"ERROR {struct.unpack('>H', body[:2])[0]}"] += 1
-            else:
-                continue
-            in_flight -= 1
-    out["flooder"] = {"sent": sent, "answered": dict(answers)}
+        c = Conn(args.addr)
+        worker = c.login(args.secret, "flooder")
+        logins += 1
+        if logins == 1:
+            out["flooder_worker"] = worker
+            on_worker.set()
+        in_flight = this_login = 0
+        try:
+            while not stop.is_set() and not (args.relogin_every and this_login >= args.relogin_every):
+                n = min(256, args.relogin_every - this_login) if args.relogin_every else 256
+                c.write(b"".join(send_frame(sent + i + 1, f"flood-{sent + i}", payload) for i in range(n)))
+                sent += n
+                this_login += n
+                in_flight += n
+                while in_flight > args.depth or (args.relogin_every and this_login >= args.relogin_every and in_flight):
+                    reply = c.read(10)
+                    if reply is None:
+                        break
+                    kind, body = reply
+                    if kind == CLOSE:
+                        closes[struct.unpack(">H", body[:2])[0]] += 1
+                        raise ConnectionError
+                    if kind == SEND_ACK:
+                        answers["SEND_ACK"] += 1
+                    elif kind == ERROR:
+                        answers[f"ERROR {struct.unpack('>H', body[:2])[0]}"] += 1
+                    else:
+                        continue
+                    in_flight -= 1
+        except (ConnectionError, OSError):
+            pass
+        c.close()
+    out["flooder"] = {"sent": sent, "logins": logins, "answered": dict(answers), "closed": dict(closes)}
 
 
-def pair(args, stop, out):
-    rx = Conn(args.addr)
-    rx.login(args.secret, "pair-rx", device="pair-device")
-    tx = Conn(args.addr)
-    tx.login(args.secret, "pair-tx")
+def on(args, user, device, worker):
+    """A logged-in connection of `user`, on server thread `worker` if not None."""
+    for _ in range(200):
+        c = Conn(args.addr)
+        got = c.login(args.secret, user, device)
+        if worker is None or got == worker:
+            return c, got
+        c.close()
+    raise SystemExit(f"200 logins of {user} never landed on server thread {worker}")
+
+
+def pair(args, stop, out, on_worker):
+    on_worker.wait(10)
+    worker = out.get("flooder_worker") if args.same_worker else None
+    rx, rx_worker = on(args, "pair-rx", "pair-device", worker)
+    tx, tx_worker = on(args, "pair-tx", None, worker)
     sent_at, latencies, errors = {}, [], collections.Counter()
 
     def receive():
@@ -168,6 +204,7 @@ def pair(args, stop, out):
         t.join()
     lat = sorted(latencies)
     out["pair"] = {
+        "workers": [tx_worker, rx_worker],
         "sent": len(sent_at),
         "received": len(lat),
         "errors": dict(errors),
@@ -188,10 +225,12 @@ def main():
     p.add_argument("--seconds", type=float, default=20)
     p.add_argument("--payload", type=int, default=100, help="bytes per flooded SEND")
     p.add_argument("--depth", type=int, default=512, help="flooded SENDs unanswered at most")
+    p.add_argument("--relogin-every", type=int, default=0, help="the flooder logs in anew after this many SENDs")
+    p.add_argument("--same-worker", action="store_true", help="the pair on the flooder's first server thread")
     p.add_argument("--server-pid", type=int, help="report the server's RSS after the run")
     args = p.parse_args()
-    stop, out = threading.Event(), {}
-    threads = [threading.Thread(target=f, args=(args, stop, out)) for f in (flooder, pair)]
+    stop, out, on_worker = threading.Event(), {}, threading.Event()
+    threads = [threading.Thread(target=f, args=(args, stop, out, on_worker)) for f in (flooder, pair)]
     for t in threads:
         t.start()
     time.sleep(args.seconds)

@@ -294,20 +294,24 @@ pub struct LimitsConfig {
     /// Bounds what clients that start frames and never finish them can
     /// make the server hold: workers × this, at most.
     pub partial_bytes_per_worker: usize,
-    /// Messages (SEND, SEND_EX, PUBLISH, MESSAGE) one connection may send
-    /// a second; past its budget a message gets ERROR 118 and is not acted
-    /// on (`proto::rate`). 0: no limit.
+    /// Messages (SEND, SEND_EX, PUBLISH, MESSAGE) one user may send a
+    /// second through one worker (all its connections there together);
+    /// past its budget a message gets ERROR 118 and is not acted on
+    /// (`proto::rate`). 0: no limit.
     pub send_rate: u64,
-    /// Messages a connection may send at once before the rate applies.
+    /// Messages a user may send at once before the rate applies.
     /// 0: one second's worth (`send_rate`).
     pub send_burst: u64,
-    /// Payload bytes of those messages one connection may send a second.
-    /// 0: no limit.
+    /// Payload bytes of those messages one user may send a second
+    /// through one worker. 0: no limit.
     pub send_bytes_rate: u64,
     /// Payload bytes at once before the rate applies; at least
-    /// `max_frame_bytes`, so that any message fits an empty budget.
-    /// 0: one second's worth, or `max_frame_bytes` if that is more.
+    /// `max_frame_bytes`. 0: one second's worth, or `max_frame_bytes` if
+    /// that is more.
     pub send_bytes_burst: u64,
+    /// ERROR 118s in a row after which the connection that keeps sending
+    /// is closed (4009). 0: never.
+    pub send_max_refused: u32,
 }
 
 impl Default for LimitsConfig {
@@ -324,6 +328,7 @@ impl Default for LimitsConfig {
             send_burst: 0,
             send_bytes_rate: 0,
             send_bytes_burst: 0,
+            send_max_refused: 1000,
         }
     }
 }
@@ -348,15 +353,15 @@ impl LimitsConfig {
         }
     }
 
-    /// The per-connection send budget's rates in ticks of `tick_ms`
-    /// (`proto::rate`); `None` when neither rate is set.
-    pub fn send_limit(&self, tick_ms: u64) -> Option<crate::proto::rate::SendLimit> {
+    /// The send budget's rates (`proto::rate`); `None` when neither rate
+    /// is set.
+    pub fn send_limit(&self) -> Option<crate::proto::rate::SendLimit> {
         crate::proto::rate::SendLimit::new(
             self.send_rate,
             self.send_burst(),
             self.send_bytes_rate,
             self.send_bytes_burst(),
-            tick_ms,
+            self.send_max_refused,
         )
     }
 }
@@ -1606,11 +1611,12 @@ mod tests {
 
     #[test]
     fn the_send_budget_is_off_by_default_and_its_bursts_are_checked() {
-        assert_eq!(Config::default().limits.send_limit(1000), None);
+        assert_eq!(Config::default().limits.send_limit(), None);
+        assert_eq!(Config::default().limits.send_max_refused, 1000);
         let c = Config::from_toml("[limits]\nsend_rate = 50\nsend_bytes_rate = 1000\n").unwrap();
         assert_eq!(c.limits.send_burst(), 50, "a second's worth");
         assert_eq!(c.limits.send_bytes_burst(), 65536, "at least the largest frame");
-        assert!(c.limits.send_limit(1000).is_some());
+        assert!(c.limits.send_limit().is_some());
         let e = Config::from_toml("[limits]\nsend_burst = 5\n").unwrap_err().to_string();
         assert!(e.contains("limits.send_burst") && e.contains("send_rate is 0"), "{e}");
         let e = Config::from_toml("[limits]\nsend_bytes_burst = 5\n").unwrap_err().to_string();

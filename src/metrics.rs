@@ -310,8 +310,9 @@ impl Collector for Live {
         )?;
         f.per_worker_counter(
             "switchboard_rate_limited",
-            "SEND, SEND_EX, PUBLISH and MESSAGE frames refused by their connection's send budget \
-             (ERROR 118; limits.send_rate, limits.send_bytes_rate).",
+            "SEND, SEND_EX, PUBLISH and MESSAGE frames refused by their user's send budget \
+             (ERROR 118, or CLOSE 4009 after limits.send_max_refused in a row; limits.send_rate, \
+             limits.send_bytes_rate).",
             &workers,
             |c| get(&c.rate_limited),
         )?;

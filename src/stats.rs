@@ -81,8 +81,8 @@ counters! {
     protocol_errors,
     /// Connections closed because their outbound queue passed its limit.
     slow_consumers,
-    /// SEND, SEND_EX, PUBLISH and MESSAGE frames refused by their
-    /// connection's send budget (ERROR 118, `limits.send_rate`).
+    /// SEND, SEND_EX, PUBLISH and MESSAGE frames refused by their user's
+    /// send budget (ERROR 118, or CLOSE 4009; `limits.send_rate`).
     rate_limited,
     /// Server-initiated PINGs.
     pings_sent,

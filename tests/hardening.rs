@@ -464,10 +464,11 @@ fn a_full_worker_hands_connections_to_one_with_room() {
 
 /// DEPLOY.md, "Abuse: what one client can do": with `limits.send_rate`
 /// set, a connection that floods SENDs gets ERROR 118 for every one over
-/// its budget, each with its own `req_id`, and none of those reaches the
-/// recipient (or the store); another connection on the same worker is
-/// not refused; the flooder may send again once its bucket has filled.
-/// `limits.send_bytes_rate` refuses by payload bytes the same way.
+/// its user's budget, each with its own `req_id`, and none of those
+/// reaches the recipient (or the store); another user's connection on the
+/// same worker is not refused; the flooder may send again once its bucket
+/// has filled. `limits.send_bytes_rate` refuses by payload bytes the same
+/// way.
 #[test]
 fn a_flooding_sender_is_held_to_its_send_budget_and_nobody_else_is() {
     let mut cfg = config();
@@ -545,4 +546,59 @@ fn a_flooding_sender_is_held_to_its_send_budget_and_nobody_else_is() {
         .collect();
     answers.sort_unstable();
     assert_eq!(answers, [(1, None), (2, None), (3, Some(118))]);
+}
+
+/// The budget is the user's on its worker, not the connection's: a client
+/// that logs in again gets no fresh budget (a review's client that logged
+/// in anew for every burst sent 1,512 messages in 5 s past a budget of
+/// one a second). One that goes on sending after `limits.send_max_refused`
+/// ERROR 118s in a row is closed with 4009.
+#[test]
+fn logging_in_again_gives_no_fresh_budget_and_a_client_ignoring_118_is_closed() {
+    let mut cfg = config();
+    cfg.server.workers = 1;
+    cfg.limits.send_rate = 1;
+    cfg.limits.send_burst = 5;
+    cfg.limits.send_max_refused = 20;
+    let server = start(cfg);
+    let addr = server.local_addr();
+    let (_victim, _) = login(addr, "victim");
+    let sends = |n: u32| {
+        let mut b = Vec::new();
+        for req_id in 1..=n {
+            b.extend_from_slice(&Frame::Send { req_id, to: "victim", payload: b"x" }.to_bytes().unwrap());
+        }
+        b
+    };
+    let (mut first, _) = login(addr, "again");
+    first.send_raw(&sends(5)).unwrap();
+    for _ in 0..5 {
+        assert!(matches!(first.recv().unwrap().frame(), Frame::SendAck { .. }), "the burst of 5 passes");
+    }
+    drop(first);
+    // A new connection of the same user, within the second the bucket
+    // needs for one more message.
+    let (mut again, _) = login(addr, "again");
+    again.send(1, "victim", b"x").unwrap();
+    match again.recv().unwrap().frame() {
+        Frame::Error { code: 118, req_id: 1, reason } => {
+            assert!(reason.contains("1 message a second per user"), "{reason}")
+        }
+        other => panic!("expected ERROR 118, got {other:?}"),
+    }
+    // One refusal so far: 18 more ERRORs, and the 20th in a row closes.
+    again.send_raw(&sends(30)).unwrap();
+    let mut errors = 1;
+    loop {
+        match again.recv().unwrap().frame() {
+            Frame::Error { code: 118, .. } => errors += 1,
+            Frame::Close { code, reason } => {
+                assert_eq!(code, CloseCode::RateLimited as u16, "{reason}");
+                break;
+            }
+            other => panic!("expected ERROR 118 or CLOSE, got {other:?}"),
+        }
+    }
+    assert_eq!(errors, 19, "the 20th refusal in a row closes instead of answering");
+    assert_eq!(server.handle().stats().rate_limited, 20);
 }

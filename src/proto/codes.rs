@@ -47,6 +47,9 @@ pub enum CloseCode {
     /// Reliable delivery: a LOGIN of the same user and device on another
     /// connection of this server took over (the newest login wins).
     Replaced = 4008,
+    /// The connection went on sending after `limits.send_max_refused`
+    /// ERROR 118s in a row (over its user's send budget).
+    RateLimited = 4009,
 }
 
 impl CloseCode {
@@ -68,6 +71,7 @@ impl CloseCode {
             CloseCode::UnexpectedFrame => "unexpected frame",
             CloseCode::AckTimeout => "no ACK after repeated retransmits",
             CloseCode::Replaced => "this device logged in on another connection",
+            CloseCode::RateLimited => "went on sending over the send budget",
         }
     }
 
@@ -89,6 +93,7 @@ impl CloseCode {
             4006 => CloseCode::UnexpectedFrame,
             4007 => CloseCode::AckTimeout,
             4008 => CloseCode::Replaced,
+            4009 => CloseCode::RateLimited,
             _ => return None,
         })
     }
@@ -164,7 +169,7 @@ pub enum ErrorCode {
     NotReliable = 116,
     /// ACK of a seq beyond the inbox's head; ignored.
     BadAck = 117,
-    /// SEND, SEND_EX, PUBLISH or MESSAGE over the connection's send budget
+    /// SEND, SEND_EX, PUBLISH or MESSAGE over its user's send budget
     /// (`limits.send_rate`, `limits.send_bytes_rate`); not acted on.
     RateLimited = 118,
 }
@@ -191,13 +196,15 @@ mod tests {
             CloseCode::UnexpectedFrame,
             CloseCode::AckTimeout,
             CloseCode::Replaced,
+            CloseCode::RateLimited,
         ] {
             assert_eq!(CloseCode::from_u16(code as u16), Some(code));
             assert!(!code.reason().is_empty());
         }
         assert_eq!(CloseCode::AckTimeout as u16, 4007);
         assert_eq!(CloseCode::Replaced as u16, 4008);
-        assert_eq!(CloseCode::from_u16(4009), None);
+        assert_eq!(CloseCode::RateLimited as u16, 4009);
+        assert_eq!(CloseCode::from_u16(4010), None);
     }
 
     #[test]

@@ -90,11 +90,9 @@ pub struct Rules {
     /// A plain SEND is stored (`delivery.send_default = "reliable"` and a
     /// store).
     pub reliable_send: bool,
-    /// What one connection may originate (`limits.send_rate` and
-    /// friends); `None`: no limit.
+    /// What one user may originate through this worker
+    /// (`limits.send_rate` and friends); `None`: no limit.
     pub send_limit: Option<SendLimit>,
-    /// `timeouts.tick_ms`, for the rates in error reasons.
-    pub tick_ms: u64,
 }
 
 impl Rules {
@@ -130,8 +128,7 @@ impl Rules {
             conformance_echo: config.websocket.conformance_echo,
             has_store,
             reliable_send: has_store && config.delivery.send_default == crate::config::SendDefault::Reliable,
-            send_limit: config.limits.send_limit(config.timeouts.tick_ms),
-            tick_ms: config.timeouts.tick_ms,
+            send_limit: config.limits.send_limit(),
         }
     }
 
@@ -169,8 +166,8 @@ pub enum Count {
     PingSent,
     LoginTimeout,
     IdleTimeout,
-    /// A SEND, SEND_EX, PUBLISH or MESSAGE refused by the connection's
-    /// send budget (ERROR 118).
+    /// A SEND, SEND_EX, PUBLISH or MESSAGE refused by its user's send
+    /// budget (ERROR 118).
     RateLimited,
 }
 
@@ -252,12 +249,16 @@ pub trait Env {
     /// `encoded`) after what is queued, or instead of it (`discard_queue`),
     /// then FIN.
     fn closing(&mut self, user: Option<Arc<str>>, last: Bytes, encoded: bool, discard_queue: bool);
-    /// The connection's send budget as last kept ([`Env::keep_budget`]);
-    /// `None` when it has none kept (its buckets are full).
-    fn budget(&mut self) -> Option<Budget>;
-    /// Keeps the connection's send budget until the next message it
-    /// originates (`None`: full, nothing to keep).
-    fn keep_budget(&mut self, budget: Option<Budget>);
+    /// `user`'s send budget on this worker as last kept
+    /// ([`Env::keep_budget`]), shared by its connections here; `None`
+    /// when none is kept (its buckets are full).
+    fn budget(&mut self, user: &Arc<str>) -> Option<Budget>;
+    /// Keeps `user`'s send budget until the next message one of its
+    /// connections here sends (`None`: full, nothing to keep).
+    fn keep_budget(&mut self, user: &Arc<str>, budget: Option<Budget>);
+    /// A monotonic clock in milliseconds, for the send budget (read only
+    /// when one is set).
+    fn clock_ms(&mut self) -> u64;
     /// Counts an event.
     fn count(&mut self, what: Count);
     /// Whether the connection's outbound queue refused a frame for it since
@@ -737,7 +738,7 @@ impl Connection {
             }
         }
         if let Some(limit) = &rules.send_limit {
-            if !within_budget(&frame, limit, now, rules, env) {
+            if !self.within_budget(&frame, limit, now, env) {
                 return;
             }
         }
@@ -899,6 +900,50 @@ impl Connection {
         env.reply(answer.to_bytes().expect("fixed-size frame"));
     }
 
+    /// Whether the connection may originate `frame` now (`proto::rate`):
+    /// SEND, SEND_EX, PUBLISH and MESSAGE spend its user's budget on this
+    /// worker, one message and their payload's bytes; anything else is
+    /// free. A frame over the budget is answered with ERROR 118 and not
+    /// acted on (it pays nothing); after `limits.send_max_refused` of
+    /// them in a row the connection is closed with 4009.
+    fn within_budget(&mut self, frame: &Frame<'_>, limit: &SendLimit, now: Tick, env: &mut impl Env) -> bool {
+        let (req_id, len) = match frame {
+            Frame::Send { req_id, payload, .. }
+            | Frame::SendEx { req_id, payload, .. }
+            | Frame::Publish { req_id, payload, .. }
+            | Frame::Message { req_id, payload } => (*req_id, payload.len()),
+            _ => return true,
+        };
+        // The session lets these through only once logged in.
+        let Some(user) = self.user.clone() else { return true };
+        let now_ms = env.clock_ms();
+        let mut budget = env.budget(&user).unwrap_or_else(|| Budget::full(limit, now_ms));
+        let spent = budget.spend(limit, now_ms, len);
+        env.keep_budget(&user, (!budget.is_full(limit, now_ms)).then_some(budget));
+        let Err(refused) = spent else { return true };
+        env.count(Count::RateLimited);
+        let (unit, key) = match (refused.which, refused.per_second) {
+            (Exceeded::Messages, 1) => ("message", "limits.send_rate"),
+            (Exceeded::Messages, _) => ("messages", "limits.send_rate"),
+            (Exceeded::Bytes, 1) => ("payload byte", "limits.send_bytes_rate"),
+            (Exceeded::Bytes, _) => ("payload bytes", "limits.send_bytes_rate"),
+        };
+        let rate = refused.per_second;
+        if refused.close {
+            tracing::warn!(
+                user = &*user,
+                "closing a connection that went on sending over its send budget ({rate} {unit} a second, {key})"
+            );
+            let reason = format!("went on sending over the send budget ({rate} {unit} a second, {key})");
+            self.close(CloseCode::RateLimited as u16, &reason, now, env);
+            return false;
+        }
+        let wait = refused.wait_ms;
+        let reason = format!("rate limited: {rate} {unit} a second per user ({key}); retry in {wait} ms");
+        error(env, ErrorCode::RateLimited, req_id, &reason);
+        false
+    }
+
     fn for_application(&mut self, kind: ClientMessageKind, req_id: u32, payload: &[u8], env: &mut impl Env) {
         let Some(user) = self.user.as_ref() else { return };
         if let Err((code, reason)) = env.to_application(user, kind, req_id, payload) {
@@ -1015,34 +1060,6 @@ fn error(env: &mut impl Env, code: ErrorCode, req_id: u32, reason: &str) {
     );
 }
 
-/// Whether the connection may originate `frame` now (`proto::rate`):
-/// SEND, SEND_EX, PUBLISH and MESSAGE spend the connection's budget, one
-/// message and their payload's bytes; anything else is free. A frame over
-/// the budget is answered with ERROR 118 and not acted on (it pays
-/// nothing); the connection stays open.
-fn within_budget(frame: &Frame<'_>, limit: &SendLimit, now: Tick, rules: &Rules, env: &mut impl Env) -> bool {
-    let (req_id, len) = match frame {
-        Frame::Send { req_id, payload, .. }
-        | Frame::SendEx { req_id, payload, .. }
-        | Frame::Publish { req_id, payload, .. }
-        | Frame::Message { req_id, payload } => (*req_id, payload.len()),
-        _ => return true,
-    };
-    let mut budget = env.budget().unwrap_or_else(|| Budget::full(limit, now));
-    let spent = budget.spend(limit, now, len);
-    env.keep_budget((!budget.is_full(limit, now)).then_some(budget));
-    let Err(which) = spent else { return true };
-    env.count(Count::RateLimited);
-    let rate = limit.per_second(which, rules.tick_ms);
-    let (unit, key) = match which {
-        Exceeded::Messages => ("messages", "limits.send_rate"),
-        Exceeded::Bytes => ("payload bytes", "limits.send_bytes_rate"),
-    };
-    let reason = format!("rate limited: this connection may send {rate} {unit} a second ({key}); retry later");
-    error(env, ErrorCode::RateLimited, req_id, &reason);
-    false
-}
-
 fn room_ack(env: &mut impl Env, req_id: u32, op: RoomOp, room: &str) {
     env.reply(Frame::RoomAck { req_id, op, room }.to_bytes().expect("room names are at most 255 bytes"));
 }
@@ -1085,8 +1102,10 @@ mod tests {
         /// reply past them is refused and `overflowed` answers true.
         queue_room: Option<usize>,
         refused: bool,
-        /// The send budget kept (`Env::keep_budget`).
-        budget: Option<Budget>,
+        /// The send budget kept (`Env::keep_budget`), and for whom.
+        budget: Option<(String, Budget)>,
+        /// `Env::clock_ms`.
+        ms: u64,
     }
 
     impl Env for Rec {
@@ -1183,11 +1202,14 @@ mod tests {
             let user = user.map(|u| u.to_string());
             self.evs.push(Ev::Closing { user, last, encoded, discard });
         }
-        fn budget(&mut self) -> Option<Budget> {
-            self.budget
+        fn budget(&mut self, user: &Arc<str>) -> Option<Budget> {
+            self.budget.as_ref().filter(|(u, _)| **u == **user).map(|(_, b)| *b)
         }
-        fn keep_budget(&mut self, budget: Option<Budget>) {
-            self.budget = budget;
+        fn keep_budget(&mut self, user: &Arc<str>, budget: Option<Budget>) {
+            self.budget = budget.map(|b| (user.to_string(), b));
+        }
+        fn clock_ms(&mut self) -> u64 {
+            self.ms
         }
         fn count(&mut self, what: Count) {
             self.counts.push(what);
@@ -1472,17 +1494,19 @@ mod tests {
 
     /// `limits.send_rate` 2 a second (burst 2) and `limits.send_bytes_rate`
     /// 100 bytes a second: what passes the budget is acted on, what does
-    /// not gets ERROR 118 with its req_id and reaches nothing; ACK and
-    /// SUBSCRIBE are free; the next tick gives the rate again, and two
-    /// quiet ticks fill the buckets.
+    /// not gets ERROR 118 with its req_id (and how long to wait) and
+    /// reaches nothing; ACK and SUBSCRIBE are free; the buckets fill by
+    /// the millisecond; after `limits.send_max_refused` (3) refusals in a
+    /// row the connection is closed with 4009.
     #[test]
-    fn the_send_budget_refuses_with_118_and_refills_each_tick() {
+    fn the_send_budget_refuses_with_118_then_closes_with_4009() {
         let mut config = Config::default();
         config.limits.send_rate = 2;
         config.limits.send_burst = 2;
         config.limits.send_bytes_rate = 100;
         config.limits.send_bytes_burst = 100;
-        config.limits.max_frame_bytes = 100;
+        config.limits.send_max_refused = 3;
+        config.limits.max_frame_bytes = 200;
         let r = Rules::new(&config, rules().timeouts, None, false, false);
         let (mut c, mut env) = (raw(), Rec::default());
         let frames = |fs: &[Frame<'_>]| fs.iter().flat_map(|f| f.to_bytes().unwrap().to_vec()).collect::<Vec<u8>>();
@@ -1501,6 +1525,7 @@ mod tests {
                 })
                 .collect()
         };
+        env.ms = 10_000;
         let mut s = login("u", "good");
         s.extend(frames(&[
             Frame::Send { req_id: 1, to: "v", payload: b"one" },
@@ -1513,35 +1538,49 @@ mod tests {
         assert_eq!(env.written(), ["LoginOk", "SendAck", "RoomAck", "RoomAck", "Error", "Error"]);
         let refused = errors(&env);
         assert_eq!(refused.iter().map(|e| (e.0, e.1)).collect::<Vec<_>>(), [(118, 4), (118, 5)]);
-        assert!(refused[0].2.contains("2 messages a second"), "{}", refused[0].2);
+        assert_eq!(
+            refused[0].2, "rate limited: 2 messages a second per user (limits.send_rate); retry in 500 ms",
+            "half a second until one message's worth"
+        );
         let acted: Vec<&Ev> =
             env.evs.iter().filter(|e| matches!(e, Ev::Send { .. } | Ev::Publish(_) | Ev::App { .. })).collect();
         assert_eq!(acted, [&Ev::Send { to: "v".into(), payload: b"one".to_vec() }, &Ev::Publish("news".into())]);
         assert_eq!(env.counts.iter().filter(|c| **c == Count::RateLimited).count(), 2);
-        assert!(env.budget.is_some(), "a budget below full is kept");
+        assert_eq!(env.budget.as_ref().map(|(u, _)| u.as_str()), Some("u"), "kept for the user, below full");
 
-        // A tick later: two messages again, and 100 bytes: a 60-byte
-        // payload fits once. The ACK costs nothing (it is refused as not
-        // reliable: no device).
-        let big = [b'x'; 60];
-        let mut s = frames(&[
-            Frame::Send { req_id: 6, to: "v", payload: &big },
-            Frame::Send { req_id: 7, to: "v", payload: &big },
-            Frame::Ack { seq: 1 },
-        ]);
+        // 600 ms later: 1.2 messages' worth, and the bytes full again
+        // (100): a 90-byte payload fits. The ACK costs nothing (refused
+        // as not reliable: no device).
+        env.ms += 600;
+        let big = [b'x'; 90];
+        let mut s = frames(&[Frame::Send { req_id: 6, to: "v", payload: &big }, Frame::Ack { seq: 1 }]);
         env.evs.clear();
-        c.on_read(&mut s, 11, &r, &mut env);
-        assert_eq!(env.written(), ["SendAck", "Error", "Error"]);
+        c.on_read(&mut s, 10, &r, &mut env);
+        assert_eq!(env.written(), ["SendAck", "Error"]);
+        env.ms += 600;
+        let mut s = frames(&[Frame::Send { req_id: 7, to: "v", payload: &big }]);
+        env.evs.clear();
+        c.on_read(&mut s, 10, &r, &mut env);
+        // 600 ms more: 70 bytes, 20 short of the next 90 (200 ms).
         let refused = errors(&env);
-        assert_eq!(refused.iter().map(|e| (e.0, e.1)).collect::<Vec<_>>(), [(118, 7), (116, 0)]);
-        assert!(refused[0].2.contains("100 payload bytes a second"), "{}", refused[0].2);
+        assert_eq!(refused.iter().map(|e| (e.0, e.1)).collect::<Vec<_>>(), [(118, 7)]);
+        assert_eq!(
+            refused[0].2,
+            "rate limited: 100 payload bytes a second per user (limits.send_bytes_rate); retry in 200 ms"
+        );
 
-        // Two quiet ticks later the buckets are full again.
-        assert!(env.budget.unwrap().is_full(r.send_limit.as_ref().unwrap(), 13));
+        // The refusals before the SEND taken do not count: the third in a
+        // row since (req 9) closes, and what follows is not acted on.
         env.evs.clear();
-        let mut s = frames(&[Frame::Send { req_id: 8, to: "v", payload: &big }]);
-        c.on_read(&mut s, 13, &r, &mut env);
-        assert_eq!(env.written(), ["SendAck"]);
+        let mut s = frames(&[
+            Frame::Send { req_id: 8, to: "v", payload: &big },
+            Frame::Send { req_id: 9, to: "v", payload: &big },
+            Frame::Send { req_id: 10, to: "v", payload: b"" },
+        ]);
+        c.on_read(&mut s, 10, &r, &mut env);
+        assert_eq!(env.written(), ["Error", "last Close"]);
+        assert_eq!(env.closed_with(), Some(CloseCode::RateLimited as u16));
+        assert!(!env.evs.iter().any(|e| matches!(e, Ev::Send { .. })), "nothing after the close is acted on");
     }
 
     #[test]

@@ -560,6 +560,17 @@ impl Link {
     fn node_of(&self, slot: u16) -> usize {
         self.slots.as_ref().map_or(0, |s| s[slot as usize] as usize)
     }
+
+    /// PINGs every master ([`IDLE_CHECK_AFTER`]): the first that does not
+    /// answer PONG, and why.
+    fn check(&mut self) -> Option<String> {
+        for (con, name) in self.nodes.iter_mut().zip(&self.names) {
+            if let Err(e) = redis::cmd("PING").query::<String>(con) {
+                return Some(format!("{name}: {e}"));
+            }
+        }
+        None
+    }
 }
 
 /// The store-wide totals as this process knows them.
@@ -595,7 +606,22 @@ pub struct RedisStore {
     durability: Option<Durability>,
     /// The retention pass under way, if it runs in slices.
     expire_at: Option<ExpireAt>,
+    /// When the link last served a request ([`IDLE_CHECK_AFTER`]).
+    used_at: Instant,
 }
+
+/// A link unused for this long is checked (one PING to each master)
+/// before a request goes out on it, and opened again if that fails. Why:
+/// a request sent on a connection whose Redis had restarted meanwhile
+/// failed (the write went into a socket the peer had closed, the read got
+/// the reset) although it never reached Redis, and such a failure cannot
+/// be retried here (module doc: an append whose answer was lost may have
+/// been stored); so the first device login after a Redis restart was
+/// closed with 1013, the first SEND answered 115. A link in use is not
+/// checked: a restart between two requests less than this apart still
+/// fails the second. The check costs one round trip per master after
+/// each quiet spell, none under steady traffic.
+pub const IDLE_CHECK_AFTER: Duration = Duration::from_millis(250);
 
 /// Where a retention pass run in slices goes on: a chunk of
 /// [`EXPIRE_SLOTS_PER_ROUND`] slots, the slots of it that had due users
@@ -685,6 +711,7 @@ impl RedisStore {
             totals: Totals::default(),
             durability: None,
             expire_at: None,
+            used_at: Instant::now(),
         };
         // A node starts without Redis: it serves its own connections, and
         // stored messages are refused (ERROR 115) until Redis answers; the
@@ -810,6 +837,15 @@ impl RedisStore {
 
     /// The open link, connecting first if there is none.
     fn link(&mut self) -> Result<&mut Link, StoreError> {
+        if self.used_at.elapsed() >= IDLE_CHECK_AFTER {
+            if let Some(link) = &mut self.link {
+                if let Some(why) = link.check() {
+                    tracing::info!("redis store: an idle connection is gone ({why}); connecting again");
+                    self.link = None;
+                }
+            }
+        }
+        self.used_at = Instant::now();
         if self.link.is_none() {
             self.link = Some(self.connect()?);
             if self.durability.is_none() {
@@ -942,6 +978,7 @@ impl RedisStore {
         if broken || moved {
             self.link = None;
         }
+        self.used_at = Instant::now();
         out
     }
 

@@ -1041,6 +1041,29 @@ fn redis_without_an_aof_restarted_starts_a_device_it_lost_at_zero() {
     assert_eq!(s.device_login("alice", "phone", 7, T0 + 3).unwrap(), (7, 7));
 }
 
+/// A Redis restarted (on its AOF) while the store's connection sat idle:
+/// the first request after it is served, on a new connection. Before, it
+/// went out on the dead one and failed (`Unavailable`: a device login's
+/// 1013, a SEND's 115), though it had never reached Redis; only the next
+/// request reconnected (docs/SCALING.md, "When Redis is slow, stopped or
+/// restarted").
+#[test]
+fn redis_restarted_while_idle_serves_the_first_request_after_it() {
+    let mut server = RedisServer::builder().appendonly(AppendFsync::Always).start();
+    let addrs = RedisAddrs::Single(server.url());
+    let mut s = RedisStore::open(&addrs, "n", StoreLimits::default(), REDIS_TEST_TIMEOUT).unwrap();
+    assert_eq!(append(&mut s, "alice", 1, T0), 1);
+    server.restart();
+    // Idle for longer than the store lets a connection sit unchecked.
+    std::thread::sleep(super::redis::IDLE_CHECK_AFTER + Duration::from_millis(50));
+    assert_eq!(s.device_login("alice", "phone", 0, T0 + 1).unwrap(), (0, 1), "the first request after the restart");
+    assert_eq!(append(&mut s, "alice", 2, T0 + 2), 2);
+    server.restart();
+    std::thread::sleep(super::redis::IDLE_CHECK_AFTER + Duration::from_millis(50));
+    assert_eq!(append(&mut s, "alice", 3, T0 + 3), 3, "an append first after the restart, stored once");
+    assert_eq!(seqs(&s.read("alice", 0, 10).unwrap()), vec![1, 2, 3]);
+}
+
 #[test]
 fn redis_inbox_is_a_list_whose_positions_are_the_seqs() {
     let mut one = RedisOne::new(AppendFsync::No, StoreLimits::default());

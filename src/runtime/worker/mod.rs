@@ -208,12 +208,13 @@ pub(crate) struct Worker {
     store_batching: Cell<bool>,
     store_unwoken: Cell<bool>,
     window_rules: crate::proto::reliable::WindowRules,
-    /// Send budgets below full (`limits.send_rate`, `proto::rate`), slot
-    /// → (generation, budget): a connection that has not sent lately has
-    /// no entry, so the slot stays as it is. The tick drops the entries
-    /// full again (`Worker::drop_full_budgets`), a closed connection's
-    /// with them.
-    budgets: RefCell<hashbrown::HashMap<u32, (u32, crate::proto::rate::Budget)>>,
+    /// Send budgets below full (`limits.send_rate`, `proto::rate`), by
+    /// user: a user's connections on this worker share one, and it
+    /// outlives them until full, so logging in again gains nothing. A
+    /// user that has not sent lately has no entry, so the slot stays as
+    /// it is. The tick drops the entries full again
+    /// (`Worker::drop_full_budgets`).
+    budgets: RefCell<hashbrown::HashMap<Arc<str>, crate::proto::rate::Budget>>,
 }
 
 /// Yields once to the scheduler (monoio 0.2 has no `yield_now`).
@@ -466,23 +467,25 @@ impl crate::proto::conn::Env for Io<'_> {
         }
     }
 
-    fn budget(&mut self) -> Option<crate::proto::rate::Budget> {
-        match self.w.budgets.borrow().get(&self.slot) {
-            Some(&(generation, b)) if generation == self.generation => Some(b),
-            _ => None,
+    fn budget(&mut self, user: &Arc<str>) -> Option<crate::proto::rate::Budget> {
+        self.w.budgets.borrow().get(&**user).copied()
+    }
+
+    fn keep_budget(&mut self, user: &Arc<str>, budget: Option<crate::proto::rate::Budget>) {
+        let mut budgets = self.w.budgets.borrow_mut();
+        match (budget, budgets.get_mut(&**user)) {
+            (Some(b), Some(kept)) => *kept = b,
+            (Some(b), None) => {
+                budgets.insert(user.clone(), b);
+            }
+            (None, _) => {
+                budgets.remove(&**user);
+            }
         }
     }
 
-    fn keep_budget(&mut self, budget: Option<crate::proto::rate::Budget>) {
-        let mut budgets = self.w.budgets.borrow_mut();
-        match budget {
-            Some(b) => {
-                budgets.insert(self.slot, (self.generation, b));
-            }
-            None => {
-                budgets.remove(&self.slot);
-            }
-        }
+    fn clock_ms(&mut self) -> u64 {
+        self.w.clock_ms()
     }
 
     fn count(&mut self, what: Count) {
@@ -585,13 +588,19 @@ impl Worker {
         &self.shared.counters[self.id.0 as usize]
     }
 
-    /// Drops the send budgets full again at `now` (the connection is the
-    /// same as one with none: `proto::rate`), and with them those of
-    /// connections that closed, whose buckets fill all the same.
-    fn drop_full_budgets(&self, now: Tick) {
+    /// Milliseconds since the server started (monotonic): the send
+    /// budget's clock.
+    fn clock_ms(&self) -> u64 {
+        self.shared.epoch.elapsed().as_millis() as u64
+    }
+
+    /// Drops the send budgets that are full again (the user is the same
+    /// as one with none: `proto::rate`).
+    fn drop_full_budgets(&self) {
         let Some(limit) = &self.rules.send_limit else { return };
+        let now_ms = self.clock_ms();
         let mut budgets = self.budgets.borrow_mut();
-        budgets.retain(|_, (_, b)| !b.is_full(limit, now));
+        budgets.retain(|_, b| !b.is_full(limit, now_ms));
         let len = budgets.len();
         if budgets.capacity() > 64 && len < budgets.capacity() / 4 {
             budgets.shrink_to(len * 2);
