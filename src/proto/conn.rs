@@ -259,6 +259,10 @@ pub trait Env {
     /// A monotonic clock in milliseconds, for the send budget (read only
     /// when one is set).
     fn clock_ms(&mut self) -> u64;
+    /// This connection of `user` is being closed (4009) for going on
+    /// sending over its send budget: for the operator's log, which the
+    /// caller keeps to a line a tick however many there are.
+    fn over_budget_close(&mut self, user: &Arc<str>);
     /// Counts an event.
     fn count(&mut self, what: Count);
     /// Whether the connection's outbound queue refused a frame for it since
@@ -930,10 +934,7 @@ impl Connection {
         };
         let rate = refused.per_second;
         if refused.close {
-            tracing::warn!(
-                user = &*user,
-                "closing a connection that went on sending over its send budget ({rate} {unit} a second, {key})"
-            );
+            env.over_budget_close(&user);
             let reason = format!("went on sending over the send budget ({rate} {unit} a second, {key})");
             self.close(CloseCode::RateLimited as u16, &reason, now, env);
             return false;
@@ -1106,6 +1107,8 @@ mod tests {
         budget: Option<(String, Budget)>,
         /// `Env::clock_ms`.
         ms: u64,
+        /// `Env::over_budget_close`'s users.
+        over_budget: Vec<String>,
     }
 
     impl Env for Rec {
@@ -1210,6 +1213,9 @@ mod tests {
         }
         fn clock_ms(&mut self) -> u64 {
             self.ms
+        }
+        fn over_budget_close(&mut self, user: &Arc<str>) {
+            self.over_budget.push(user.to_string());
         }
         fn count(&mut self, what: Count) {
             self.counts.push(what);
@@ -1580,6 +1586,7 @@ mod tests {
         c.on_read(&mut s, 10, &r, &mut env);
         assert_eq!(env.written(), ["Error", "last Close"]);
         assert_eq!(env.closed_with(), Some(CloseCode::RateLimited as u16));
+        assert_eq!(env.over_budget, ["u"], "named for the log");
         assert!(!env.evs.iter().any(|e| matches!(e, Ev::Send { .. })), "nothing after the close is acted on");
     }
 

@@ -215,6 +215,11 @@ pub(crate) struct Worker {
     /// it is. The tick drops the entries full again
     /// (`Worker::drop_full_budgets`).
     budgets: RefCell<hashbrown::HashMap<Arc<str>, crate::proto::rate::Budget>>,
+    /// Connections closed with 4009 since the last tick, and the user of
+    /// the last: logged once a tick (`Worker::log_over_budget`), not once
+    /// each (a client logging in again as fast as it can was closed
+    /// about 400 times a second in a measurement).
+    over_budget: RefCell<(u64, Option<Arc<str>>)>,
 }
 
 /// Yields once to the scheduler (monoio 0.2 has no `yield_now`).
@@ -488,6 +493,12 @@ impl crate::proto::conn::Env for Io<'_> {
         self.w.clock_ms()
     }
 
+    fn over_budget_close(&mut self, user: &Arc<str>) {
+        let mut o = self.w.over_budget.borrow_mut();
+        o.0 += 1;
+        o.1 = Some(user.clone());
+    }
+
     fn count(&mut self, what: Count) {
         let c = self.w.counters();
         let counter = match what {
@@ -580,6 +591,7 @@ impl Worker {
             open: RefCell::new(Vec::new()),
             window_rules: shared.config.window_rules(),
             budgets: RefCell::default(),
+            over_budget: RefCell::default(),
             shared,
         }
     }
@@ -592,6 +604,20 @@ impl Worker {
     /// budget's clock.
     fn clock_ms(&self) -> u64 {
         self.shared.epoch.elapsed().as_millis() as u64
+    }
+
+    /// One WARN line for the connections closed with 4009 since the last
+    /// tick, naming the last one's user.
+    fn log_over_budget(&self) {
+        let (closed, user) = std::mem::take(&mut *self.over_budget.borrow_mut());
+        if let Some(user) = user {
+            tracing::warn!(
+                worker = self.id.0,
+                user = &*user,
+                "closed {closed} connection(s) that went on sending over their send budget \
+                 (limits.send_max_refused ERROR 118s in a row); the last was this user's"
+            );
+        }
     }
 
     /// Drops the send budgets that are full again (the user is the same

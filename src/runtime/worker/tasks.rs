@@ -195,6 +195,7 @@ async fn tick_loop(w: Rc<Worker>) {
         let now = w.refresh_now();
         w.expire_held(now);
         w.drop_full_budgets();
+        w.log_over_budget();
         // One wake of the store thread for the tick's device positions.
         w.store_turn(|| w.reliable_tick(now));
         w.wheel.borrow_mut().advance(now, &mut due);
