@@ -249,13 +249,11 @@ pub trait Env {
     /// `encoded`) after what is queued, or instead of it (`discard_queue`),
     /// then FIN.
     fn closing(&mut self, user: Option<Arc<str>>, last: Bytes, encoded: bool, discard_queue: bool);
-    /// `user`'s send budget on this worker as last kept
-    /// ([`Env::keep_budget`]), shared by its connections here; `None`
-    /// when none is kept (its buckets are full).
-    fn budget(&mut self, user: &Arc<str>) -> Option<Budget>;
-    /// Keeps `user`'s send budget until the next message one of its
-    /// connections here sends (`None`: full, nothing to keep).
-    fn keep_budget(&mut self, user: &Arc<str>, budget: Option<Budget>);
+    /// Runs `f` on `user`'s send budget on this worker, shared by its
+    /// connections here (`None`: none kept, its buckets are full), and
+    /// keeps what `f` leaves (`None`: full, nothing to keep) until the
+    /// next message one of them sends.
+    fn with_budget<R>(&mut self, user: &Arc<str>, f: impl FnOnce(&mut Option<Budget>) -> R) -> R;
     /// A monotonic clock in milliseconds, for the send budget (read only
     /// when one is set).
     fn clock_ms(&mut self) -> u64;
@@ -919,11 +917,14 @@ impl Connection {
             _ => return true,
         };
         // The session lets these through only once logged in.
-        let Some(user) = self.user.clone() else { return true };
+        let Some(user) = self.user.as_ref() else { return true };
         let now_ms = env.clock_ms();
-        let mut budget = env.budget(&user).unwrap_or_else(|| Budget::full(limit, now_ms));
-        let spent = budget.spend(limit, now_ms, len);
-        env.keep_budget(&user, (!budget.is_full(limit, now_ms)).then_some(budget));
+        let spent = env.with_budget(user, |kept| {
+            let mut budget = kept.unwrap_or_else(|| Budget::full(limit, now_ms));
+            let spent = budget.spend(limit, now_ms, len);
+            *kept = (!budget.is_full(limit, now_ms)).then_some(budget);
+            spent
+        });
         let Err(refused) = spent else { return true };
         env.count(Count::RateLimited);
         let (unit, key) = match (refused.which, refused.per_second) {
@@ -934,7 +935,7 @@ impl Connection {
         };
         let rate = refused.per_second;
         if refused.close {
-            env.over_budget_close(&user);
+            env.over_budget_close(user);
             let reason = format!("went on sending over the send budget ({rate} {unit} a second, {key})");
             self.close(CloseCode::RateLimited as u16, &reason, now, env);
             return false;
@@ -1103,7 +1104,7 @@ mod tests {
         /// reply past them is refused and `overflowed` answers true.
         queue_room: Option<usize>,
         refused: bool,
-        /// The send budget kept (`Env::keep_budget`), and for whom.
+        /// The send budget kept (`Env::with_budget`), and for whom.
         budget: Option<(String, Budget)>,
         /// `Env::clock_ms`.
         ms: u64,
@@ -1205,11 +1206,11 @@ mod tests {
             let user = user.map(|u| u.to_string());
             self.evs.push(Ev::Closing { user, last, encoded, discard });
         }
-        fn budget(&mut self, user: &Arc<str>) -> Option<Budget> {
-            self.budget.as_ref().filter(|(u, _)| **u == **user).map(|(_, b)| *b)
-        }
-        fn keep_budget(&mut self, user: &Arc<str>, budget: Option<Budget>) {
-            self.budget = budget.map(|b| (user.to_string(), b));
+        fn with_budget<R>(&mut self, user: &Arc<str>, f: impl FnOnce(&mut Option<Budget>) -> R) -> R {
+            let mut kept = self.budget.as_ref().filter(|(u, _)| **u == **user).map(|(_, b)| *b);
+            let r = f(&mut kept);
+            self.budget = kept.map(|b| (user.to_string(), b));
+            r
         }
         fn clock_ms(&mut self) -> u64 {
             self.ms

@@ -472,21 +472,27 @@ impl crate::proto::conn::Env for Io<'_> {
         }
     }
 
-    fn budget(&mut self, user: &Arc<str>) -> Option<crate::proto::rate::Budget> {
-        self.w.budgets.borrow().get(&**user).copied()
-    }
-
-    fn keep_budget(&mut self, user: &Arc<str>, budget: Option<crate::proto::rate::Budget>) {
+    fn with_budget<R>(&mut self, user: &Arc<str>, f: impl FnOnce(&mut Option<crate::proto::rate::Budget>) -> R) -> R {
+        // One lookup while the user's budget stays kept; a second only
+        // to add or drop its entry.
         let mut budgets = self.w.budgets.borrow_mut();
-        match (budget, budgets.get_mut(&**user)) {
-            (Some(b), Some(kept)) => *kept = b,
-            (Some(b), None) => {
-                budgets.insert(user.clone(), b);
+        if let Some(b) = budgets.get_mut(&**user) {
+            let mut kept = Some(*b);
+            let r = f(&mut kept);
+            match kept {
+                Some(k) => *b = k,
+                None => {
+                    budgets.remove(&**user);
+                }
             }
-            (None, _) => {
-                budgets.remove(&**user);
-            }
+            return r;
         }
+        let mut kept = None;
+        let r = f(&mut kept);
+        if let Some(k) = kept {
+            budgets.insert(user.clone(), k);
+        }
+        r
     }
 
     fn clock_ms(&mut self) -> u64 {
