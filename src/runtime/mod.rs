@@ -95,7 +95,9 @@ fn check_port_free(
 
 /// Binds `addr` once (with SO_REUSEADDR, as the listeners are) and lets go:
 /// a port in use is refused with `advice` (given who holds it), before
-/// anything has started. Port 0 always passes.
+/// anything has started, unless only a dead server's listeners hold it:
+/// then it waits up to [`UNOWNED_LISTENER_WAIT`] for the kernel to free
+/// them. Port 0 always passes.
 pub(crate) fn probe_port(
     addr: SocketAddr,
     advice: impl FnOnce(Option<&crate::portholder::Holder>) -> String,
@@ -104,11 +106,32 @@ pub(crate) fn probe_port(
         return Ok(());
     }
     let err = |source| StartError::Bind { addr, source };
-    let probe = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)).map_err(err)?;
-    probe.set_reuse_address(true).map_err(err)?;
-    match probe.bind(&addr.into()) {
+    let bind = || -> std::io::Result<()> {
+        let probe = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+        probe.set_reuse_address(true)?;
+        probe.bind(&addr.into())
+    };
+    let in_use = |r: &std::io::Result<()>| matches!(r, Err(e) if e.raw_os_error() == Some(libc::EADDRINUSE));
+    let mut result = bind();
+    if in_use(&result) && crate::portholder::unowned_listener(addr.port()) {
+        // The listeners of a server killed a moment ago, still being torn
+        // down by the kernel (`portholder::unowned_listener`): a restart
+        // at once (kill -9, a supervisor without a delay) waits for them
+        // instead of failing. Joining them is not an option: with
+        // SO_REUSEPORT the real listeners could bind beside them, and the
+        // connections the kernel queued on them would be reset.
+        tracing::info!(
+            "{addr} is still held by a listener no process owns (a server that just exited, being torn down): waiting up to {} ms",
+            UNOWNED_LISTENER_WAIT.as_millis()
+        );
+        let end = std::time::Instant::now() + UNOWNED_LISTENER_WAIT;
+        while in_use(&result) && std::time::Instant::now() < end {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+            result = bind();
+        }
+    }
+    match result {
         Err(e) if e.raw_os_error() == Some(libc::EADDRINUSE) => {
-            drop(probe);
             let holder = crate::portholder::find(addr.port());
             Err(StartError::Bind { addr, source: std::io::Error::new(e.kind(), advice(holder.as_ref())) })
         }
@@ -116,6 +139,12 @@ pub(crate) fn probe_port(
         Ok(()) => Ok(()),
     }
 }
+
+/// How long a start waits for a dead server's listeners to go: they
+/// lingered for up to tens of milliseconds in the measurements behind
+/// `a_server_restarted_right_after_a_sigkill_takes_its_port_back`
+/// (tests/deploy.rs); a hundredfold margin on a loaded host.
+const UNOWNED_LISTENER_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 
 fn bind_listener(addr: SocketAddr, config: &Config) -> Result<std::net::TcpListener, StartError> {
     let err = |source| StartError::Bind { addr, source };
