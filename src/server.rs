@@ -601,7 +601,7 @@ impl ServerBuilder {
         // once per interval, whichever authenticator decides.
         let authenticator: Arc<dyn Authenticator> = Arc::new(crate::authlog::Logged::new(authenticator));
         let admin = config.admin.clone();
-        let admin_addr: Option<SocketAddr> = if admin.listen.is_empty() {
+        let admin_listener: Option<(SocketAddr, std::net::TcpListener)> = if admin.listen.is_empty() {
             None
         } else {
             let addr = admin.listen.parse().map_err(|_| ConfigError::Invalid {
@@ -609,9 +609,14 @@ impl ServerBuilder {
                 message: "is not an IP:port address".into(),
             })?;
             // Refused here, before the workers and the store start, as the
-            // client ports are (the admin API itself binds last).
+            // client ports are; and bound here, so that it takes
+            // connections before the client ports do: a script that waits
+            // for the client port and then asks `/readyz` is answered
+            // (once the workers run) rather than refused. Served from
+            // `Admin::start` below.
             crate::runtime::probe_port(addr, |holder| crate::portholder::admin_advice(addr, holder))?;
-            Some(addr)
+            let listener = std::net::TcpListener::bind(addr).map_err(|source| StartError::Bind { addr, source })?;
+            Some((addr, listener))
         };
         let started = crate::runtime::start(config, authenticator, self.hook, self.custom_store)?;
         let mut server = Server {
@@ -622,8 +627,8 @@ impl ServerBuilder {
             store: started.store,
             cluster: started.cluster,
         };
-        if let Some(addr) = admin_addr {
-            let a = crate::admin::Admin::start(addr, server.handle(), &admin)
+        if let Some((addr, listener)) = admin_listener {
+            let a = crate::admin::Admin::start(listener, server.handle(), &admin)
                 .map_err(|source| StartError::Bind { addr, source })?;
             tracing::info!(addr = %a.local_addr(), "admin API listening");
             server.admin = Some(a);

@@ -239,6 +239,43 @@ fn a_server_restarted_right_after_a_sigkill_takes_its_port_back() {
 }
 
 #[test]
+fn the_admin_api_takes_connections_once_the_client_port_does() {
+    // A probe or a deploy script that waits for the client port and then
+    // asks the admin API (`/readyz`, a push) must not be refused: the
+    // admin listener was bound only after the workers accepted, and a
+    // connection to it right after the first client connection was
+    // refused in 20 starts of 20.
+    common::arm_watchdog();
+    let dir = std::env::temp_dir().join(format!("sb-admin-order-{}", std::process::id()));
+    for round in 0..5 {
+        let (port, admin) = (common::free_port(), common::free_port());
+        let mut server = Command::new(SB)
+            .args(["serve", "--log", "error", "--ws-listen", "", "--listen"])
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--admin")
+            .arg(format!("127.0.0.1:{admin}"))
+            .arg("--data-dir")
+            .arg(dir.join(format!("data-{round}")))
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let raw: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        assert!(
+            common::wait_until(Duration::from_secs(10), || {
+                assert!(server.try_wait().unwrap().is_none(), "round {round}: the server exited");
+                common::listening(raw)
+            }),
+            "round {round}: the client port never accepted"
+        );
+        let asked = std::net::TcpStream::connect(("127.0.0.1", admin));
+        server.kill().unwrap();
+        server.wait().unwrap();
+        asked.unwrap_or_else(|e| panic!("round {round}: the admin API refused once the client port accepted: {e}"));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn an_overlapping_restart_on_the_same_port_loses_no_connection_attempt() {
     common::arm_watchdog();
     // In a private network namespace (needs root and unshare(1)), with

@@ -104,10 +104,11 @@ pub struct Admin {
 }
 
 impl Admin {
-    /// Binds `listen` and serves `handle` on a thread of its own, with the
-    /// keys and limits of `cfg`.
-    pub fn start(listen: SocketAddr, handle: Handle, cfg: &AdminConfig) -> io::Result<Admin> {
-        let listener = std::net::TcpListener::bind(listen)?;
+    /// Serves `handle` on `listener` from a thread of its own, with the
+    /// keys and limits of `cfg`. The server binds `listener` before its
+    /// workers start, so that the API takes connections before the client
+    /// ports do (`ServerBuilder::start`).
+    pub fn start(listener: std::net::TcpListener, handle: Handle, cfg: &AdminConfig) -> io::Result<Admin> {
         listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
         let rt = tokio::runtime::Builder::new_current_thread()
