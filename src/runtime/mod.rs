@@ -119,7 +119,8 @@ pub(crate) fn probe_port(
         // at once (kill -9, a supervisor without a delay) waits for them
         // instead of failing. Joining them is not an option: with
         // SO_REUSEPORT the real listeners could bind beside them, and the
-        // connections the kernel queued on them would be reset.
+        // connections the kernel handed to them meanwhile would go with
+        // them (unless net.ipv4.tcp_migrate_req moves them).
         tracing::info!(
             "{addr} is still held by a listener no process owns (a server that just exited, being torn down): waiting up to {} ms",
             UNOWNED_LISTENER_WAIT.as_millis()
