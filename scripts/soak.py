@@ -17,8 +17,9 @@ threads, the data directory's bytes and the store's pending messages.
 Prints one line per round and a summary; writes `rounds.csv`, the
 server's log and every round's JSON under --out. Exit status 1 when the
 server died, a round delivered fewer messages than it sent, or memory or
-descriptors grew over the second half of the run (the verdict's rule is
-printed with it). Long by design: not part of the test suite. Needs
+descriptors grew: the lowest figure of the last quarter of the rounds
+above the highest of the second quarter by more than GROWTH_MIB (FD_SLACK
+for descriptors). Long by design: not part of the test suite. Needs
 Python 3 (standard library) and a Rust toolchain (it builds the release
 binaries when they are missing); it takes the loopback ports --port and
 --port + 1.
