@@ -244,7 +244,7 @@ fn the_admin_api_takes_connections_once_the_client_port_does() {
     // asks the admin API (`/readyz`, a push) must not be refused: the
     // admin listener was bound only after the workers accepted, and a
     // connection to it right after the first client connection was
-    // refused in 20 starts of 20.
+    // refused in 10 starts of 10.
     common::arm_watchdog();
     let dir = std::env::temp_dir().join(format!("sb-admin-order-{}", std::process::id()));
     for round in 0..5 {
