@@ -750,6 +750,12 @@ pub struct StoreConfig {
     /// larger one flushes less often; each flush holds appends up for its
     /// table and manifest syncs (docs/DEPLOY.md, "Write stalls").
     pub write_buffer_mib: u64,
+    /// The disk store's journal files, in MiB per shard, at most (fjall's
+    /// write-ahead log): past it, the write buffers that hold the oldest
+    /// journal back are flushed so that it can go. It bounds the disk the
+    /// journals take and what a start after a crash replays
+    /// (docs/DEPLOY.md, "Disk"). At least 64.
+    pub max_journal_mib: u64,
     /// Shards of a disk or memory store, each a thread (and, on disk, a
     /// directory with write buffers) of its own serving the users hashed
     /// to it. A disk store keeps the count it was created with
@@ -786,6 +792,7 @@ impl Default for StoreConfig {
             queue_capacity: 65_536,
             queue_max_bytes: crate::store::DEFAULT_QUEUE_MAX_BYTES,
             write_buffer_mib: crate::store::disk::WRITE_BUFFER_MIB,
+            max_journal_mib: crate::store::disk::MAX_JOURNAL_MIB,
             shards: 1,
             batch_wait_us: None,
             retention_interval_ms: crate::store::EXPIRE_INTERVAL.as_millis() as u64,
@@ -862,6 +869,18 @@ impl StoreConfig {
             return Err(invalid(
                 "store.write_buffer_mib",
                 format!("is {}, must be between 1 and 4096", self.write_buffer_mib),
+            ));
+        }
+        let journal = crate::store::disk::MIN_JOURNAL_MIB..=1 << 20;
+        if !journal.contains(&self.max_journal_mib) {
+            return Err(invalid(
+                "store.max_journal_mib",
+                format!(
+                    "is {}, must be between {} and {} (the storage engine takes no less than 64)",
+                    self.max_journal_mib,
+                    journal.start(),
+                    journal.end()
+                ),
             ));
         }
         Ok(())
@@ -1651,6 +1670,7 @@ mod store_section {
         );
         assert_eq!(c.store.shards, 1, "one shard unless asked (store/shards.rs says why)");
         assert_eq!(c.store.queue_max_bytes, 64 << 20);
+        assert_eq!(c.store.max_journal_mib, 128, "docs/DEPLOY.md, \"Disk\", has the restart times behind it");
         assert_eq!(c.cluster.queue_max_bytes, 64 << 20);
         let c = Config::from_toml("[store]\nkind = \"memory\"\ndurability = \"os\"\n").unwrap();
         assert_eq!((c.store.kind, c.store.durability), (StoreKind::Memory, Durability::Os));
@@ -1661,6 +1681,8 @@ mod store_section {
             ("max_messages_per_inbox = 0", "store.max_messages_per_inbox"),
             ("max_bytes = 1000", "store.max_bytes"),
             ("write_buffer_mib = 0", "store.write_buffer_mib"),
+            ("max_journal_mib = 63", "store.max_journal_mib"),
+            ("max_journal_mib = 1048577", "store.max_journal_mib"),
             ("shards = 0", "store.shards"),
             ("shards = 65", "store.shards"),
             ("queue_capacity = 1", "store.queue_capacity"),

@@ -418,7 +418,7 @@ pub fn open_store_with(
         }
         StoreKind::Memory => Some(Box::new(MemoryStore::new(limits))),
         StoreKind::Disk => {
-            Some(Box::new(DiskStore::open_with_buffer(&cfg.path, cfg.durability, limits, cfg.write_buffer_mib << 20)?))
+            Some(Box::new(DiskStore::open_tuned(&cfg.path, cfg.durability, limits, disk::DiskTuning::of(cfg))?))
         }
     })
 }

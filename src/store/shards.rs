@@ -51,6 +51,7 @@
 
 use std::path::{Path, PathBuf};
 
+use super::disk::DiskTuning;
 use super::{DiskStore, MemoryStore, Store, StoreError};
 use crate::config::{ClusterConfig, StoreConfig, StoreKind};
 
@@ -190,7 +191,7 @@ pub fn open_store_shards(
             for dir in dirs {
                 // Each shard's write buffers are whole: measured, halving
                 // them with two shards did worse (module doc).
-                let store = DiskStore::open_shard(&dir, cfg.durability, share(n), cfg.write_buffer_mib << 20, n)?;
+                let store = DiskStore::open_shard(&dir, cfg.durability, share(n), DiskTuning::of(cfg), n)?;
                 stores.push(Box::new(store) as Box<dyn Store>);
             }
             stores

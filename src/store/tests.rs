@@ -2042,7 +2042,13 @@ fn the_memtable_reaper_frees_the_memtables_fjall_flushed() {
     let dir = TempDir::new("reaper");
     // 1 MiB write buffers: 4 MiB of messages rotate and flush `msgs` a few
     // times; every rotation lets go of the versions before it.
-    let mut store = DiskStore::open_with_buffer(&dir.0, Durability::Os, StoreLimits::default(), 1 << 20).unwrap();
+    let mut store = DiskStore::open_tuned(
+        &dir.0,
+        Durability::Os,
+        StoreLimits::default(),
+        disk::DiskTuning { write_buffer_bytes: 1 << 20, ..Default::default() },
+    )
+    .unwrap();
     let payload = "x".repeat(200);
     let t = std::time::Instant::now();
     let mut i = 0u64;
@@ -2060,6 +2066,75 @@ fn the_memtable_reaper_frees_the_memtables_fjall_flushed() {
     drop(store);
     let mut again = DiskStore::open(&dir.0, Durability::Os, StoreLimits::default()).unwrap();
     assert_eq!(again.inbox_state("u1").unwrap().head_seq, i / 100);
+}
+
+/// Bytes of fjall's journal files (`<n>.jnl`) in a store directory.
+fn journal_bytes(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().extension().is_some_and(|x| x == "jnl"))
+        .filter_map(|e| e.metadata().ok())
+        .map(|m| m.len())
+        .sum()
+}
+
+/// `store.max_journal_mib` bounds fjall's journal files: without it they
+/// grew to 512 MiB (fjall's default) whenever one keyspace took few writes
+/// (here `inboxes`: a record every `RECORD_LAG` messages) and held the
+/// oldest journal back, and a start after a crash replayed all of it (9 s
+/// for a 454 MB directory, docs/DEPLOY.md "Disk"). The flushes that free
+/// the journals must lose nothing: every message reads back after a
+/// restart.
+#[test]
+fn the_journal_files_stay_under_store_max_journal_mib_and_lose_nothing() {
+    let dir = TempDir::new("journal-cap");
+    let cap = disk::MIN_JOURNAL_MIB << 20;
+    // Write buffers of 8 MiB: a flush, and with it fjall's look at the
+    // journals' size, every 8 MiB of messages.
+    let tuning = disk::DiskTuning { write_buffer_bytes: 8 << 20, max_journal_bytes: cap };
+    let mut store = DiskStore::open_tuned(&dir.0, Durability::Os, StoreLimits::default(), tuning).unwrap();
+    // No room for hot messages: every append writes into `msgs`.
+    store.set_hot_max_bytes(0);
+    // Letters fjall's journal compression cannot shrink.
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let payload: String = (0..16 << 10)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (b'a' + (x % 26) as u8) as char
+        })
+        .collect();
+    // 320 MiB of messages, five times the cap.
+    let n = 20_480u64;
+    let mut most = 0;
+    for i in 1..=n {
+        store.append(&msg("alice", "app", i, 1, &payload, 0), 1).unwrap();
+        if i % 256 == 0 {
+            store.sync().unwrap();
+            most = most.max(journal_bytes(&dir.0));
+        }
+    }
+    store.sync().unwrap();
+    // fjall rotates a journal once it is past 64 MB, at a flush, and then
+    // flushes what holds the oldest back if the journals reach the cap:
+    // the cap, the journal being written and a write buffer or two while
+    // the flush runs.
+    let bound = cap + (64 << 20) + (32 << 20);
+    assert!(most <= bound, "journals reached {most} bytes (bound {bound}, cap {cap})");
+    drop(store);
+    let mut again = DiskStore::open(&dir.0, Durability::Os, StoreLimits::default()).unwrap();
+    let st = again.inbox_state("alice").unwrap();
+    assert_eq!((st.head_seq, st.first_seq, st.messages), (n, 1, n));
+    for after in [0, n / 3, n - 5] {
+        let page = again.read("alice", after, 5).unwrap();
+        assert_eq!(
+            page.messages.iter().map(|m| m.seq).collect::<Vec<_>>(),
+            (after + 1..=after + 5).collect::<Vec<_>>()
+        );
+        assert!(page.messages.iter().all(|m| m.payload.len() == payload.len()));
+    }
 }
 
 #[test]
