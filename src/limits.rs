@@ -482,9 +482,112 @@ pub fn audit(connections: u64, workers: usize, besides: u64, backlog: u32, fixed
     out
 }
 
+/// Bytes free to this process on the filesystem that holds `path` (or
+/// would: its nearest existing ancestor), from `statvfs`.
+fn free_bytes_at(path: &std::path::Path) -> Option<(std::path::PathBuf, u64)> {
+    use std::os::unix::ffi::OsStrExt;
+    let abs = std::path::absolute(path).ok()?;
+    let mut at = abs.as_path();
+    while !at.exists() {
+        at = at.parent()?;
+    }
+    let c = std::ffi::CString::new(at.as_os_str().as_bytes()).ok()?;
+    // SAFETY: statvfs fills a plain struct from a NUL-terminated path.
+    let st = unsafe {
+        let mut st: libc::statvfs = std::mem::zeroed();
+        if libc::statvfs(c.as_ptr(), &mut st) != 0 {
+            return None;
+        }
+        st
+    };
+    Some((at.to_path_buf(), (st.f_bavail as u64).saturating_mul(st.f_frsize as u64)))
+}
+
+/// Bytes of the files under `dir` (0 if it does not exist).
+fn tree_bytes(dir: &std::path::Path) -> u64 {
+    let Ok(entries) = fs::read_dir(dir) else { return 0 };
+    entries
+        .filter_map(|e| e.ok())
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => tree_bytes(&e.path()),
+            Ok(_) => e.metadata().map_or(0, |m| m.len()),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+/// The disk a disk store may fill, against what its filesystem has: the
+/// messages up to `store.max_bytes` (past which SENDs get ERROR 114, as
+/// counted: before compression) and the storage engine's journals up to
+/// `store.max_journal_mib` per shard, against the space free plus what the
+/// store directory holds already. A WARN: the store stops at a write the
+/// disk refuses (docs/DEPLOY.md, "A failed write"), where the limit would
+/// have refused the SEND with a code the sender can act on. `None`
+/// without a disk store.
+pub fn disk_item(config: &Config) -> Option<CheckItem> {
+    if config.store.kind != StoreKind::Disk {
+        return None;
+    }
+    let path = &config.store.path;
+    let shards = crate::store::shards::recorded_count(path).unwrap_or(config.store.shards).max(1) as u64;
+    let journals = shards.saturating_mul(config.store.max_journal_mib << 20);
+    let need = config.store.max_bytes.saturating_add(journals);
+    let (fs_at, free) = free_bytes_at(path)?;
+    let held = tree_bytes(path);
+    let have = free.saturating_add(held);
+    Some(item(
+        "disk for the message store",
+        have >= need,
+        Status::Warn,
+        format!("{} MiB free at {} + {} MiB in store.path", free >> 20, fs_at.display(), held >> 20),
+        format!(
+            ">= {} MiB (store.max_bytes {} MiB + store.max_journal_mib {} x {shards} shard(s))",
+            need >> 20,
+            config.store.max_bytes >> 20,
+            config.store.max_journal_mib
+        ),
+        format!(
+            "free space there, move store.path ({}) to a larger filesystem, or lower store.max_bytes: past it \
+             SENDs get ERROR 114, where a full disk stops the store (docs/DEPLOY.md, \"Disk\")",
+            path.display()
+        ),
+    ))
+}
+
 #[cfg(test)]
 mod audit_tests {
     use super::*;
+
+    /// A disk store whose limits the filesystem cannot hold is flagged,
+    /// with the keys to change; one it can hold passes; no disk store, no
+    /// item. The directory need not exist yet (`serve` creates it).
+    #[test]
+    fn the_disk_item_weighs_the_store_limits_against_the_free_space() {
+        let dir = std::env::temp_dir().join(format!("switchboard-disk-item-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let mut cfg = Config::default();
+        cfg.store.path = dir.join("not-yet");
+        cfg.store.max_bytes = 64 << 20;
+        let small = disk_item(&cfg).expect("a disk store is audited");
+        assert_eq!(small.status, Status::Pass, "{small:?}");
+        assert!(small.need.contains(">= 192 MiB"), "{}", small.need);
+        // An exbibyte of messages: no filesystem here holds that.
+        cfg.store.max_bytes = 1 << 60;
+        cfg.store.shards = 4;
+        let big = disk_item(&cfg).unwrap();
+        assert_eq!(big.status, Status::Warn, "{big:?}");
+        assert!(big.need.contains("x 4 shard(s)"), "{}", big.need);
+        assert!(big.fix.contains("store.max_bytes") && big.fix.contains("ERROR 114"), "{}", big.fix);
+        // What the directory holds already counts as room: it is part of
+        // what the limits allow.
+        fs::create_dir_all(dir.join("not-yet/sub")).unwrap();
+        fs::write(dir.join("not-yet/sub/f"), vec![0u8; 3 << 20]).unwrap();
+        cfg.store.max_bytes = 64 << 20;
+        assert!(disk_item(&cfg).unwrap().have.ends_with("+ 3 MiB in store.path"));
+        cfg.store.kind = StoreKind::Memory;
+        assert!(disk_item(&cfg).is_none());
+        fs::remove_dir_all(&dir).unwrap();
+    }
 
     /// What the automatic connection limit keeps back from the clients:
     /// the admin API's connections when it listens, and the disk store's

@@ -476,13 +476,14 @@ fn check(connections: u64, config: Option<PathBuf>) -> ExitCode {
     let workers = cfg.server.worker_count(std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
     let fixed = switchboard::limits::fixed_memory(&cfg, workers);
     let fixed_bytes: u64 = fixed.iter().map(|(_, b)| b).sum();
-    let items = switchboard::limits::audit(
+    let mut items = switchboard::limits::audit(
         connections,
         workers,
         switchboard::limits::descriptors_besides_clients(&cfg, workers),
         cfg.server.listen_backlog,
         fixed_bytes,
     );
+    items.extend(switchboard::limits::disk_item(&cfg));
     out!("switchboard check: {connections} connections, {workers} workers\n");
     out!("{:<6} {:<30} {:<40} need", "", "item", "have");
     for i in &items {

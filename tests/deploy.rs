@@ -57,6 +57,12 @@ fn check_reports_what_this_host_lacks_with_the_fix() {
     // counted on a line of their own, and in the memory item's need.
     assert!(out.contains("whatever the connections: disk store write buffers and caches"), "{out}");
     assert!(row(&out, "memory for idle connections").contains("fixed by the config"), "{out}");
+    // And the disk its limits let it fill, against the free space.
+    let disk = row(&out, "disk for the message store");
+    assert!(
+        disk.contains("MiB free at") && disk.contains("(store.max_bytes 1024 MiB + store.max_journal_mib 128"),
+        "{out}"
+    );
 
     // A thousand connections fit this host: the file limit passes.
     let (_, out) = check(1_000);
