@@ -333,7 +333,7 @@ pub fn fixed_memory(config: &Config, workers: usize) -> Vec<(&'static str, u64)>
             "disk store write buffers and caches (3 x store.write_buffer_mib x 4 keyspaces per shard, + caches, + hot messages)",
             crate::store::disk::ram_budget(
                 config.store.write_buffer_mib,
-                crate::store::shards::recorded_count(&config.store.path).unwrap_or(config.store.shards),
+                disk_shards(config),
             ),
         )),
         StoreKind::Memory => v.push(("memory store messages (store.max_bytes)", config.store.max_bytes)),
@@ -482,6 +482,12 @@ pub fn audit(connections: u64, workers: usize, besides: u64, backlog: u32, fixed
     out
 }
 
+/// Shards of the disk store: the count an existing store directory was
+/// created with, which it keeps, else `store.shards`.
+fn disk_shards(config: &Config) -> usize {
+    crate::store::shards::recorded_count(&config.store.path).unwrap_or(config.store.shards)
+}
+
 /// Bytes free to this process on the filesystem that holds `path` (or
 /// would: its nearest existing ancestor), from `statvfs`.
 fn free_bytes_at(path: &std::path::Path) -> Option<(std::path::PathBuf, u64)> {
@@ -529,7 +535,7 @@ pub fn disk_item(config: &Config) -> Option<CheckItem> {
         return None;
     }
     let path = &config.store.path;
-    let shards = crate::store::shards::recorded_count(path).unwrap_or(config.store.shards).max(1) as u64;
+    let shards = disk_shards(config).max(1) as u64;
     let journals = shards.saturating_mul(config.store.max_journal_mib << 20);
     let need = config.store.max_bytes.saturating_add(journals);
     let (fs_at, free) = free_bytes_at(path)?;
