@@ -490,7 +490,7 @@ fn disk_shards(config: &Config) -> usize {
 
 /// Bytes free to this process on the filesystem that holds `path` (or
 /// would: its nearest existing ancestor), from `statvfs`.
-fn free_bytes_at(path: &std::path::Path) -> Option<(std::path::PathBuf, u64)> {
+pub(crate) fn free_bytes_at(path: &std::path::Path) -> Option<(std::path::PathBuf, u64)> {
     use std::os::unix::ffi::OsStrExt;
     let abs = std::path::absolute(path).ok()?;
     let mut at = abs.as_path();

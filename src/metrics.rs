@@ -457,6 +457,22 @@ impl Collector for Live {
                 "Bytes of the messages held in inboxes, as counted against store.max_bytes.",
                 get(&s.held_bytes) as i64,
             )?;
+            if let Some(max) = self.0.store_max_bytes() {
+                f.gauge(
+                    "switchboard_store_max_bytes",
+                    "store.max_bytes: the bytes of messages the store holds at most; past it reliable sends are \
+                     refused (ERROR 114). Compare switchboard_store_pending_bytes.",
+                    max as i64,
+                )?;
+            }
+            if let Some(free) = self.0.store_disk_free_bytes() {
+                f.gauge(
+                    "switchboard_store_disk_free_bytes",
+                    "Bytes free to the server on the filesystem of store.path, read at this scrape (statvfs): a \
+                     disk that fills before store.max_bytes is reached stops the store (ERROR 115).",
+                    free.min(i64::MAX as u64) as i64,
+                )?;
+            }
             f.gauge(
                 "switchboard_store_stopped",
                 "1 while the store is stopped after a failed write (disk full, I/O error): every reliable \

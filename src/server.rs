@@ -189,6 +189,25 @@ impl Handle {
         self.shared.store.get().map(|s| s.counters().clone())
     }
 
+    /// `store.max_bytes`, the bytes of messages the server's own store
+    /// holds at most (past it a reliable send is refused: ERROR 114, the
+    /// admin API's 507). `None` without a store, or with an application's
+    /// own ([`ServerBuilder::custom_store`]), which keeps its own limits.
+    /// Compare it with the held bytes of [`Handle::store_counters`].
+    pub fn store_max_bytes(&self) -> Option<u64> {
+        self.shared.store_max_bytes
+    }
+
+    /// Bytes free to this process on the filesystem of the disk store's
+    /// directory (`store.path`), read now (`statvfs`). `None` without the
+    /// server's own disk store, or if the directory cannot be read. When
+    /// the disk fills before `store.max_bytes` is reached, the store stops
+    /// at the write it refuses and reliable requests get ERROR 115 until
+    /// there is room again (docs/DEPLOY.md, "Disk").
+    pub fn store_disk_free_bytes(&self) -> Option<u64> {
+        crate::limits::free_bytes_at(self.shared.store_disk_path.as_deref()?).map(|(_, free)| free)
+    }
+
     /// The counters of cross-node work (Redis commands and round trips,
     /// records sent and received, deliveries for other nodes, the state of
     /// the connection to Redis): `None` when this node is not in a

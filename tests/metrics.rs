@@ -99,6 +99,19 @@ fn server() -> Server {
     start(cfg)
 }
 
+/// A server with the default store kind, on disk in a fresh `dir` (the
+/// tests' `config()` keeps inboxes in RAM), holding `max_bytes` at most.
+fn disk_server(dir: &std::path::Path, max_bytes: u64) -> Server {
+    let _ = std::fs::remove_dir_all(dir);
+    let mut cfg = config();
+    cfg.admin.listen = "127.0.0.1:0".into();
+    cfg.admin.token = Some(TOKEN.into());
+    cfg.store.kind = switchboard::config::StoreKind::Disk;
+    cfg.store.path = dir.to_path_buf();
+    cfg.store.max_bytes = max_bytes;
+    start(cfg)
+}
+
 #[test]
 fn counters_move_as_traffic_is_driven() {
     let server = server();
@@ -400,13 +413,20 @@ fn every_stats_counter_has_a_metric_the_docs_name() {
 
 /// A stopped store fails every reliable request while `/readyz` stays
 /// 200 (the at-most-once paths go on): only the store's own metrics say
-/// so, and the shipped rules must watch them.
+/// so, and the shipped rules must watch them, and what leads there (a
+/// full disk) before it does.
 #[test]
 fn the_shipped_alerts_and_dashboard_watch_a_stopped_store() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tuning");
     let alerts = std::fs::read_to_string(dir.join("prometheus-alerts.yml")).unwrap();
     let dashboard = std::fs::read_to_string(dir.join("grafana-dashboard.json")).unwrap();
-    for name in ["switchboard_store_stopped", "switchboard_store_errors_total"] {
+    for name in [
+        "switchboard_store_stopped",
+        "switchboard_store_errors_total",
+        // And one about to: the inboxes near their limit, the disk near full.
+        "switchboard_store_max_bytes",
+        "switchboard_store_disk_free_bytes",
+    ] {
         assert!(referenced_names(&alerts).contains(name), "no alert on {name}");
         assert!(referenced_names(&dashboard).contains(name), "no panel shows {name}");
     }
@@ -421,6 +441,12 @@ fn the_dashboard_and_the_alerts_name_only_exposed_metrics() {
     let node = cluster_server(&redis, "metrics-names");
     exposed.extend(scrape(node.admin_addr().unwrap()).names());
     node.shutdown().unwrap();
+    // The disk store's families, by a server with one.
+    let dir = std::env::temp_dir().join(format!("sb-metrics-names-{}", std::process::id()));
+    let disk = disk_server(&dir, 1 << 30);
+    exposed.extend(scrape(disk.admin_addr().unwrap()).names());
+    disk.shutdown().unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tuning");
     let dashboard = std::fs::read_to_string(dir.join("grafana-dashboard.json")).unwrap();
     let _: serde_json::Value = serde_json::from_str(&dashboard).expect("the dashboard is JSON");
@@ -431,5 +457,61 @@ fn the_dashboard_and_the_alerts_name_only_exposed_metrics() {
         let unknown: Vec<_> = names.iter().filter(|n| !exposed.contains(*n)).collect();
         assert!(unknown.is_empty(), "tuning/{file} names metrics /metrics does not expose: {unknown:?}");
     }
+    server.shutdown().unwrap();
+}
+
+/// Bytes free to this process on the filesystem of `dir` (`statvfs`, as
+/// `df` counts what a non-root user may still write).
+fn free_bytes(dir: &std::path::Path) -> f64 {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).unwrap();
+    // SAFETY: statvfs fills a plain struct from a NUL-terminated path.
+    let st = unsafe {
+        let mut st: libc::statvfs = std::mem::zeroed();
+        assert_eq!(libc::statvfs(c.as_ptr(), &mut st), 0, "statvfs {}", dir.display());
+        st
+    };
+    st.f_bavail as f64 * st.f_frsize as f64
+}
+
+/// What the store may hold (`store.max_bytes`) and the room left on the
+/// disk store's filesystem are exposed, in `/metrics` and in
+/// `/api/v1/stats`, so that the shipped alerts can warn before the
+/// inboxes reach the limit (SENDs refused with ERROR 114) or the disk
+/// fills first (the store stops: ERROR 115). A memory store has the limit
+/// and no disk.
+#[test]
+fn the_store_limit_and_the_free_disk_are_exposed() {
+    let dir = std::env::temp_dir().join(format!("sb-metrics-disk-{}", std::process::id()));
+    let disk = disk_server(&dir, 300 << 20);
+    let admin = disk.admin_addr().unwrap();
+    let before = free_bytes(&dir);
+    let s = scrape(admin);
+    let (status, body) = admin_request(admin, "GET", "/api/v1/stats", b"", Some(TOKEN)).unwrap();
+    let after = free_bytes(&dir);
+    assert_eq!(status, 200, "{body}");
+    let stats: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(s.sum("switchboard_store_max_bytes", &[]), (300u64 << 20) as f64);
+    assert_eq!(stats["store"]["max_bytes"], 300u64 << 20);
+    // Other tests write to this filesystem meanwhile: the figure read
+    // between the two readings here, give or take 256 MiB.
+    let slack = (256u64 << 20) as f64;
+    let (low, high) = (before.min(after) - slack, before.max(after) + slack);
+    let free = s.sum("switchboard_store_disk_free_bytes", &[]);
+    assert!(free > 0.0 && (low..=high).contains(&free), "{free} not within {low}..={high}");
+    let in_stats = stats["store"]["disk_free_bytes"].as_f64().expect("disk_free_bytes with a disk store");
+    assert!((low..=high).contains(&in_stats), "{in_stats} not within {low}..={high}");
+    disk.shutdown().unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+
+    // The tests' memory store: the limit, no disk.
+    let server = server();
+    let admin = server.admin_addr().unwrap();
+    let s = scrape(admin);
+    assert_eq!(s.sum("switchboard_store_max_bytes", &[]), switchboard::Config::default().store.max_bytes as f64);
+    assert!(!s.names().contains("switchboard_store_disk_free_bytes"));
+    let (_, body) = admin_request(admin, "GET", "/api/v1/stats", b"", Some(TOKEN)).unwrap();
+    let stats: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert!(stats["store"]["disk_free_bytes"].is_null(), "{body}");
     server.shutdown().unwrap();
 }

@@ -259,7 +259,7 @@ fn inbox(user: &str, state: Result<crate::store::InboxState, crate::server::Inbo
 
 /// The store thread's counters (each read on its own: the set is not one
 /// snapshot).
-fn store_counters(c: &crate::store::StoreCounters) -> Value {
+fn store_counters(h: &Handle, c: &crate::store::StoreCounters) -> Value {
     let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
     json!({
         "appends": get(&c.appends),
@@ -276,6 +276,8 @@ fn store_counters(c: &crate::store::StoreCounters) -> Value {
         "pending_messages": get(&c.held_messages),
         "pending_bytes": get(&c.held_bytes),
         "stopped": c.stopped(),
+        "max_bytes": h.store_max_bytes(),
+        "disk_free_bytes": h.store_disk_free_bytes(),
     })
 }
 
@@ -314,7 +316,7 @@ fn stats(h: &Handle) -> Answer {
             "rooms": h.room_count(),
             "connections_per_worker": h.connections_per_worker(),
             "workers": h.workers(),
-            "store": h.store_counters().map(|c| store_counters(&c)),
+            "store": h.store_counters().map(|c| store_counters(h, &c)),
             "cluster": h.cluster_counters().zip(h.node_id()).map(|(c, id)| cluster_counters(id, &c)),
         }),
     )
