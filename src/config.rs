@@ -294,8 +294,9 @@ pub struct LimitsConfig {
     /// Bounds what clients that start frames and never finish them can
     /// make the server hold: workers × this, at most.
     pub partial_bytes_per_worker: usize,
-    /// Messages (SEND, SEND_EX, PUBLISH, MESSAGE) one user may send a
-    /// second through one worker (all its connections there together);
+    /// Messages (SEND, SEND_EX, PUBLISH, MESSAGE; a FETCH counts as one,
+    /// without bytes) one user may send a second through one worker (all
+    /// its connections there together);
     /// past its budget a message gets ERROR 118 and is not acted on
     /// (`proto::rate`). 0: no limit.
     pub send_rate: u64,

@@ -310,7 +310,7 @@ impl Collector for Live {
         )?;
         f.per_worker_counter(
             "switchboard_rate_limited",
-            "SEND, SEND_EX, PUBLISH and MESSAGE frames refused by their user's send budget \
+            "SEND, SEND_EX, PUBLISH, MESSAGE and FETCH frames refused by their user's send budget \
              (ERROR 118, or CLOSE 4009 after limits.send_max_refused in a row; limits.send_rate, \
              limits.send_bytes_rate).",
             &workers,

@@ -169,7 +169,7 @@ pub enum ErrorCode {
     NotReliable = 116,
     /// ACK of a seq beyond the inbox's head; ignored.
     BadAck = 117,
-    /// SEND, SEND_EX, PUBLISH or MESSAGE over its user's send budget
+    /// SEND, SEND_EX, PUBLISH, MESSAGE or FETCH over its user's send budget
     /// (`limits.send_rate`, `limits.send_bytes_rate`); not acted on.
     RateLimited = 118,
 }

@@ -904,8 +904,11 @@ impl Connection {
 
     /// Whether the connection may originate `frame` now (`proto::rate`):
     /// SEND, SEND_EX, PUBLISH and MESSAGE spend its user's budget on this
-    /// worker, one message and their payload's bytes; anything else is
-    /// free. A frame over the budget is answered with ERROR 118 and not
+    /// worker, one message and their payload's bytes; a FETCH one message
+    /// and no bytes (it makes the store read a page and the server send
+    /// it, again if the FETCH rewinds: unbudgeted, a client looping on it
+    /// kept the shared store thread reading for it alone); anything else
+    /// is free. A frame over the budget is answered with ERROR 118 and not
     /// acted on (it pays nothing); after `limits.send_max_refused` of
     /// them in a row the connection is closed with 4009.
     fn within_budget(&mut self, frame: &Frame<'_>, limit: &SendLimit, now: Tick, env: &mut impl Env) -> bool {
@@ -914,6 +917,7 @@ impl Connection {
             | Frame::SendEx { req_id, payload, .. }
             | Frame::Publish { req_id, payload, .. }
             | Frame::Message { req_id, payload } => (*req_id, payload.len()),
+            Frame::Fetch { req_id, .. } => (*req_id, 0),
             _ => return true,
         };
         // The session lets these through only once logged in.
@@ -1589,6 +1593,50 @@ mod tests {
         assert_eq!(env.closed_with(), Some(CloseCode::RateLimited as u16));
         assert_eq!(env.over_budget, ["u"], "named for the log");
         assert!(!env.evs.iter().any(|e| matches!(e, Ev::Send { .. })), "nothing after the close is acted on");
+    }
+
+    /// A FETCH makes the store read a page and the server send it again
+    /// (a FETCH at or below the position rewinds the window: PROTOCOL.md
+    /// 15.7), so it spends one message of the send budget (no bytes): a
+    /// client looping on FETCH gets ERROR 118 with the FETCH's req_id,
+    /// the store sees nothing of it, and after `limits.send_max_refused`
+    /// in a row it is closed with 4009, as for SENDs.
+    #[test]
+    fn a_fetch_spends_one_message_of_the_send_budget() {
+        let mut config = Config::default();
+        config.limits.send_rate = 2;
+        config.limits.send_burst = 2;
+        config.limits.send_bytes_rate = 100;
+        config.limits.send_max_refused = 2;
+        let r = Rules::new(&config, rules().timeouts, None, false, true);
+        let (mut c, mut env) = (raw(), Rec::default());
+        env.ms = 10_000;
+        let mut s =
+            Frame::Login { user: "u", token: b"good", device: Some("phone"), last_seq: 0 }.to_bytes().unwrap().to_vec();
+        for req_id in 1..=4 {
+            s.extend_from_slice(&Frame::Fetch { req_id, after_seq: 0, limit: 100 }.to_bytes().unwrap());
+        }
+        c.on_read(&mut s, 10, &r, &mut env);
+        let fetched: Vec<u32> = env
+            .evs
+            .iter()
+            .filter_map(|e| match e {
+                Ev::Fetch { req_id, .. } => Some(*req_id),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(fetched, [1, 2], "two a second, burst 2: the third and fourth are not acted on");
+        assert_eq!(env.written(), ["LoginOk", "Error", "last Close"]);
+        assert_eq!(env.closed_with(), Some(CloseCode::RateLimited as u16));
+        assert_eq!(env.counts.iter().filter(|c| **c == Count::RateLimited).count(), 2);
+        let refused = env.evs.iter().find_map(|e| match e {
+            Ev::Reply(b) => match decode(b, 1 << 20) {
+                Ok(Some((Frame::Error { code, req_id, .. }, _))) => Some((code, req_id)),
+                _ => None,
+            },
+            _ => None,
+        });
+        assert_eq!(refused, Some((ErrorCode::RateLimited as u16, 3)));
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! What one user may originate through one server thread: a token bucket
+//! What one user may originate through one server thread (SEND, SEND_EX,
+//! PUBLISH, MESSAGE; FETCH, one message without bytes): a token bucket
 //! of messages and one of payload bytes (`limits.send_rate`,
 //! `limits.send_bytes_rate` and their bursts), without I/O or a clock of
 //! its own.
