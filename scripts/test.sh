@@ -56,6 +56,7 @@ APT_PACKAGES=(
   "redis-server|command -v redis-server && command -v redis-cli"
   "iproute2|command -v ip"
   "procps|command -v sysctl"
+  "prometheus|command -v promtool"
 )
 
 as_root() {

@@ -7,7 +7,9 @@
 //! exactly what it did; that a cluster node (on a real `redis-server`
 //! from `switchboard::redis_proc`) exposes the `switchboard_cluster_*`
 //! families and a single node none; then that every metric the Grafana
-//! dashboard and the alert rules in `tuning/` name is one a server exposes.
+//! dashboard and the alert rules in `tuning/` name is one a server exposes,
+//! and that Prometheus's own `promtool` accepts the rules and passes their
+//! unit tests (`tuning/prometheus-alerts.test.yml`).
 
 mod common;
 
@@ -514,4 +516,26 @@ fn the_store_limit_and_the_free_disk_are_exposed() {
     let stats: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert!(stats["store"]["disk_free_bytes"].is_null(), "{body}");
     server.shutdown().unwrap();
+}
+
+/// The shipped rules are valid PromQL and fire as their unit tests say
+/// (`tuning/prometheus-alerts.test.yml`: the store near its limit, the
+/// disk near full, on one instance and not the other, after their
+/// `for`), checked by Prometheus's own `promtool`, which scripts/test.sh
+/// installs (Debian's `prometheus` package).
+#[test]
+fn promtool_accepts_the_alert_rules_and_passes_their_unit_tests() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tuning");
+    for args in [["check", "rules", "prometheus-alerts.yml"], ["test", "rules", "prometheus-alerts.test.yml"]] {
+        let out = Command::new("promtool").args(args).current_dir(&dir).output().unwrap_or_else(|e| {
+            panic!("cannot run promtool ({e}): run scripts/test.sh, which installs it (Debian: prometheus)")
+        });
+        assert!(
+            out.status.success(),
+            "promtool {}:\n{}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }
