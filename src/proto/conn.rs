@@ -906,9 +906,10 @@ impl Connection {
     /// SEND, SEND_EX, PUBLISH and MESSAGE spend its user's budget on this
     /// worker, one message and their payload's bytes; a FETCH one message
     /// and no bytes (it makes the store read a page and the server send
-    /// it, again if the FETCH rewinds: unbudgeted, a client looping on it
-    /// kept the shared store thread reading for it alone); anything else
-    /// is free. A frame over the budget is answered with ERROR 118 and not
+    /// it, again if the FETCH rewinds: unbudgeted, one client looping on
+    /// it took a whole core of the server and a quarter of the store
+    /// thread every user shares, DEPLOY.md "Abuse"); anything else is
+    /// free. A frame over the budget is answered with ERROR 118 and not
     /// acted on (it pays nothing); after `limits.send_max_refused` of
     /// them in a row the connection is closed with 4009.
     fn within_budget(&mut self, frame: &Frame<'_>, limit: &SendLimit, now: Tick, env: &mut impl Env) -> bool {
