@@ -633,6 +633,13 @@ fn read_state(path: &std::path::Path) -> Result<u64, String> {
     }
 }
 
+/// The wait an ERROR 118 names: "... retry in N ms" (PROTOCOL.md 4.3).
+fn retry_in(reason: &str) -> Option<Duration> {
+    let (_, after) = reason.rsplit_once("retry in ")?;
+    let ms: u64 = after.strip_suffix(" ms")?.parse().ok()?;
+    Some(Duration::from_millis(ms))
+}
+
 /// Reliable delivery in `switchboard client --device` (PROTOCOL.md 15):
 /// what is stored (the state file), what is acknowledged, and the last SYNC.
 struct Inbox {
@@ -650,6 +657,9 @@ struct Inbox {
     /// A FETCH is out and its SYNC has not come yet.
     fetching: bool,
     fetch_id: u32,
+    /// The server refused the last FETCH for now (ERROR 115 or 118):
+    /// not sent again before this.
+    fetch_retry_at: Option<std::time::Instant>,
 }
 
 impl Inbox {
@@ -669,7 +679,13 @@ impl Inbox {
     /// an ACK that is due goes with it: a read that never times out
     /// (steady room traffic) must not hold it back until 4007.
     fn take(&mut self, f: &Frame<'_>) -> Option<Frame<'static>> {
-        self.react(f).or_else(|| self.ack_if_due())
+        self.react(f).or_else(|| self.due())
+    }
+
+    /// What is due with no frame in: a FETCH refused earlier whose wait
+    /// is over, else the batched ACK.
+    fn due(&mut self) -> Option<Frame<'static>> {
+        self.fetch_if_page_done().or_else(|| self.ack_if_due())
     }
 
     fn react(&mut self, f: &Frame<'_>) -> Option<Frame<'static>> {
@@ -700,6 +716,20 @@ impl Inbox {
                 self.ack_again = true;
                 None
             }
+            Frame::Error { code, req_id, reason } if self.fetching && req_id == self.fetch_id => {
+                print_frame(f);
+                self.fetching = false;
+                // Refused for now: over the send budget (the reason says
+                // how long to wait, PROTOCOL.md 4.3), or the store busy.
+                // Anything else would be refused again.
+                let wait = match code {
+                    118 => retry_in(reason).unwrap_or(Duration::from_secs(1)),
+                    115 => Duration::from_secs(1),
+                    _ => return None,
+                };
+                self.fetch_retry_at = Some(std::time::Instant::now() + wait);
+                None
+            }
             Frame::Inbox { seq, .. } => {
                 print_frame(f);
                 self.last_seq = seq;
@@ -720,6 +750,10 @@ impl Inbox {
         if self.fetching || self.last_seq < self.page_end || self.page_end >= self.head_seq {
             return None;
         }
+        if self.fetch_retry_at.is_some_and(|t| std::time::Instant::now() < t) {
+            return None;
+        }
+        self.fetch_retry_at = None;
         self.fetching = true;
         self.fetch_id += 1;
         self.mark_acked();
@@ -861,7 +895,7 @@ fn read_loop(
                 print_frame(&f.frame());
                 None
             }
-            (Err(e), Some(inbox)) if e.is_timeout() => inbox.ack_if_due(),
+            (Err(e), Some(inbox)) if e.is_timeout() => inbox.due(),
             (Err(_), _) if pending.quitting.load(std::sync::atomic::Ordering::Acquire) => leave_to_main(),
             (Err(ClientError::Closed), _) => {
                 out!("(connection closed)");
@@ -924,6 +958,7 @@ fn client(
                     head_seq: 0,
                     fetching: false,
                     fetch_id: 0,
+                    fetch_retry_at: None,
                 }),
                 Err(e) => {
                     err!("switchboard: {e}");
@@ -1076,6 +1111,7 @@ mod tests {
             head_seq: 0,
             fetching: false,
             fetch_id: 0,
+            fetch_retry_at: None,
         }
     }
 
@@ -1125,6 +1161,37 @@ mod tests {
         i.take(&inbox_frame(2));
         i.mark_acked();
         assert_eq!(i.take(&inbox_frame(2)), Some(Frame::Ack { seq: 2 }));
+        let _ = std::fs::remove_file(&i.state);
+    }
+
+    /// A FETCH the server refuses for now (ERROR 118 over the send budget,
+    /// with how long to wait; 115, the store busy) is sent again once that
+    /// time has passed, as PROTOCOL.md 15.7 says, instead of the catch-up
+    /// stopping for good with the page's FETCH marked as out.
+    #[test]
+    fn a_fetch_refused_for_now_is_sent_again_after_the_wait() {
+        let mut i = inbox();
+        i.take(&Frame::Sync { req_id: 0, position: 0, head_seq: 5, page_end: 2 });
+        i.take(&inbox_frame(1));
+        assert_eq!(
+            i.take(&inbox_frame(2)),
+            Some(Frame::Fetch { req_id: 1, after_seq: 2, limit: FETCH_LIMIT }),
+            "the page is in: the next one is asked for"
+        );
+        let reason = "rate limited: 2 messages a second per user (limits.send_rate); retry in 40 ms";
+        assert_eq!(i.take(&Frame::Error { code: 118, req_id: 1, reason }), None, "not at once");
+        assert_eq!(i.due(), None, "nor before the wait");
+        std::thread::sleep(Duration::from_millis(45));
+        assert_eq!(i.due(), Some(Frame::Fetch { req_id: 2, after_seq: 2, limit: FETCH_LIMIT }));
+        // The store busy: again after a second.
+        let busy = "the message store is busy; try again shortly";
+        assert_eq!(i.take(&Frame::Error { code: 115, req_id: 2, reason: busy }), None);
+        assert_eq!(i.due(), None);
+        i.fetch_retry_at = Some(std::time::Instant::now());
+        assert_eq!(i.due(), Some(Frame::Fetch { req_id: 3, after_seq: 2, limit: FETCH_LIMIT }));
+        // An ERROR for another request leaves the FETCH out.
+        assert_eq!(i.take(&Frame::Error { code: 118, req_id: 77, reason }), None);
+        assert_eq!(i.due(), None);
         let _ = std::fs::remove_file(&i.state);
     }
 }

@@ -909,3 +909,66 @@ fn capacity_sh_help_comes_before_any_build() {
     assert_eq!(out.status.code(), Some(2), "an unknown option is refused before building");
     assert!(String::from_utf8_lossy(&out.stderr).contains("--fulll"));
 }
+
+/// `switchboard client --device` on a server with a send budget, where
+/// each FETCH spends one message of it (PROTOCOL.md 15.7): a catch-up of
+/// more pages than the budget's burst gets ERROR 118 for some FETCHes and
+/// sends each again after the wait the error names, until every message
+/// is in, in order, once (before, the client left its FETCH marked as out
+/// and the catch-up stopped at the first refusal).
+#[test]
+fn cli_client_catch_up_waits_out_the_send_budget() {
+    let port = common::free_port();
+    let dir = std::env::temp_dir().join(format!("sb-cli-budget-{}-{port}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("budget.toml");
+    // One message a page: eleven FETCHes for twelve messages, against a
+    // burst of four and four a second.
+    std::fs::write(&cfg, "[limits]\nsend_rate = 4\nsend_burst = 4\n[delivery]\nfirst_page = 1\nmax_fetch = 1\n")
+        .unwrap();
+    let mut server = serve_with(port, "warn", &["--config", cfg.to_str().unwrap()], &[], Stdio::null(), Stdio::null());
+    let addr = format!("127.0.0.1:{port}");
+    let mut alice = dev_login(&mut server, port, "alice");
+    // alice has a budget too: her SENDs wait out their own ERROR 118s.
+    let mut req_id = 0;
+    for i in 1..=12 {
+        loop {
+            req_id += 1;
+            alice.send(req_id, "erin", format!("m{i}").as_bytes()).unwrap();
+            match alice.recv_skipping_pings().unwrap().frame() {
+                switchboard::proto::frame::Frame::SendAck { .. } => break,
+                switchboard::proto::frame::Frame::Error { code: 118, .. } => {
+                    std::thread::sleep(Duration::from_millis(250))
+                }
+                other => panic!("expected SEND_ACK or ERROR 118, got {other:?}"),
+            }
+        }
+    }
+    let state = dir.join("erin.seq");
+    let mut erin =
+        CliClient::start_with("erin", &addr, &["--device", "cli-1", "--state", state.to_str().unwrap()], &[]);
+    erin.expect("logged in as erin");
+    let (mut printed, mut refused) = (Vec::new(), 0);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while printed.len() < 12 {
+        assert!(Instant::now() < deadline, "caught up on {printed:?} only; so far:\n{}", erin.seen.join("\n"));
+        let line = erin.lines.recv_timeout(Duration::from_secs(10)).expect("a line within 10 s");
+        erin.seen.push(line.clone());
+        if let Some(rest) = line.strip_prefix("[#") {
+            let seq: u32 = rest.split(' ').next().unwrap().parse().unwrap();
+            assert!(line.ends_with(&format!("from alice] m{seq}")), "{line}");
+            printed.push(seq);
+        } else if line.contains("(error 118: rate limited") {
+            refused += 1;
+        } else {
+            assert!(line.starts_with("(device ") || line.starts_with("(inbox: "), "unexpected: {line}");
+        }
+    }
+    assert_eq!(printed, (1..=12).collect::<Vec<u32>>(), "every message once, in order");
+    assert!(refused > 0, "the burst of 4 cannot cover 11 FETCHes: some must have been refused and sent again");
+    erin.type_line("/quit");
+    assert!(erin.proc.wait_for(Duration::from_secs(5)).is_some_and(|s| s.success()));
+    assert_eq!(std::fs::read_to_string(&state).unwrap(), "12\n");
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(stop(server).success());
+}

@@ -443,3 +443,53 @@ fn chromium_demo_page() {
     assert_eq!((st.ws_upgrades, st.logins, st.login_failures, st.protocol_errors), (3, 2, 1, 0), "{st:?}");
     second.shutdown().unwrap();
 }
+
+/// The demo page catching up on a server whose send budget is smaller
+/// than its catch-up: each FETCH spends one message of the budget
+/// (PROTOCOL.md 15.7), so some get ERROR 118, and the page sends each
+/// again after the wait the error names instead of stopping there; it
+/// ends with every message once, in order, and acknowledged.
+#[test]
+fn chromium_demo_page_catches_up_past_the_send_budget() {
+    let _one = one_at_a_time();
+    if std::env::var("SWITCHBOARD_SKIP_BROWSER").as_deref() == Ok("1") {
+        eprintln!("chromium_demo_page_catches_up_past_the_send_budget: skipped because SWITCHBOARD_SKIP_BROWSER=1");
+        return;
+    }
+    require_python_websockets();
+    assert!(Path::new(CHROMIUM).exists(), "this test needs {CHROMIUM}: run scripts/test.sh as root (it installs it)");
+    let mut cfg = config();
+    cfg.websocket.listen = "127.0.0.1:0".into();
+    cfg.websocket.demo_page = DemoPage::Auto;
+    cfg.auth.jwt_secret = None;
+    // One message a page: seven FETCHes after the first page, against a
+    // burst of two and two a second.
+    cfg.delivery.first_page = 1;
+    cfg.delivery.max_fetch = 1;
+    cfg.limits.send_rate = 2;
+    cfg.limits.send_burst = 2;
+    let (secret, dev) = cfg.jwt_secret();
+    let page_token = if dev { "-".to_string() } else { JwtHs256::new(secret).mint("alice", unix_now() + 600) };
+    let server = start(cfg);
+    let h = server.handle();
+    // Stored by the application, which no send budget holds.
+    for i in 1..=8u64 {
+        let r = h.push_reliable("alice", format!("inbox-{i}"), 0).unwrap().wait().expect("stored");
+        assert_eq!(r.seq, i);
+    }
+    let page = format!("http://{}/", server.ws_addr().expect("a WebSocket listener"));
+    let (browser, devtools) = Chromium::launch();
+    let mut s = Script::spawn("browser.py", &[devtools, page, "alice".into(), page_token, "catch-up:8".into()]);
+    s.expect("LOGGED_IN alice");
+    s.expect("CAUGHT_UP 8");
+    // While the page is still open: its ACK of the last page is batched.
+    let position = || {
+        let st = h.inbox_state("alice", Duration::from_secs(5)).expect("the inbox state");
+        st.devices.first().map_or(0, |d| d.position)
+    };
+    assert!(wait_until(Duration::from_secs(5), || position() == 8), "the page acknowledges what it stored");
+    s.finish();
+    drop(browser);
+    assert!(h.stats().rate_limited > 0, "some FETCHes were over the budget");
+    server.shutdown().unwrap();
+}

@@ -4,6 +4,7 @@ Protocol (CDP), with the `websockets` library; driven by tests/ws_interop.rs,
 which starts the server and Chromium.
 
 Usage: browser.py DEVTOOLS_WS_URL PAGE_URL USER TOKEN_OR_DASH PEER
+       browser.py DEVTOOLS_WS_URL PAGE_URL USER TOKEN_OR_DASH catch-up:N
 
 TOKEN_OR_DASH is "-" when the page should fetch its own token from
 /demo/token/USER (the server runs on the development secret), else a token
@@ -55,6 +56,15 @@ Checkpoints on stdout (the Rust test acts at those marked ->):
   DONE            disconnected again: the 1000 shown as a normal close, no
                   close shown as an error at any point, and still each inbox
                   message once
+
+With `catch-up:N` instead of PEER, the page only logs in, as a new
+device, to an inbox holding N messages on a server whose send budget is
+smaller than the FETCHes it takes:
+
+  LOGGED_IN USER  as above
+  CAUGHT_UP N     inbox-1..inbox-N shown, each once, in seq order, after
+                  at least one FETCH refused with ERROR 118 (shown in the
+                  log) and sent again after the wait it named
 
 Any failure prints `FAIL: ...` (with the page's status and log) to stderr
 and exits 1. Every wait is bounded.
@@ -229,7 +239,7 @@ def reliable_across_a_reload(cdp, page_url, user, token):
     say(f"RESUMED {total} once in order")
 
 
-def run(cdp, page_url, user, token, peer):
+def open_demo_page(cdp, page_url):
     cdp.open_page()
     # The size the page must fit without a scrollbar of its own.
     cdp.call("Emulation.setDeviceMetricsOverride",
@@ -245,6 +255,22 @@ def run(cdp, page_url, user, token, peer):
     cdp.wait_for("!window.beforeReload && document.readyState === 'complete' && "
                  "!!document.getElementById('connect')", "the page reloaded with its ping interval")
 
+
+def catch_up(cdp, page_url, user, token, n):
+    open_demo_page(cdp, page_url)
+    log_in(cdp, user, token)
+    say(f"LOGGED_IN {user}")
+    cdp.wait_for(f"document.querySelectorAll('#log .msg.inbox').length >= {n}", f"{n} .msg.inbox entries")
+    check_inbox_once_in_order(cdp, n)
+    if not cdp.eval(log_has("error", "error 118: rate limited")):
+        raise Fail("no FETCH was refused: the server's budget should not cover this catch-up")
+    if cdp.errors:
+        raise Fail(f"uncaught exceptions in the page: {cdp.errors}")
+    say(f"CAUGHT_UP {n}")
+
+
+def run(cdp, page_url, user, token, peer):
+    open_demo_page(cdp, page_url)
     log_in(cdp, user, token)
     say(f"LOGGED_IN {user}")
 
@@ -370,7 +396,10 @@ def main(argv):
     with cdp_connect(devtools) as ws:
         cdp = Cdp(ws)
         try:
-            run(cdp, page_url, user, token, peer)
+            if peer.startswith("catch-up:"):
+                catch_up(cdp, page_url, user, token, int(peer.split(":", 1)[1]))
+            else:
+                run(cdp, page_url, user, token, peer)
         except Fail as e:
             raise Fail(f"{e}\n  page: {cdp.page_state()}\n  page exceptions: {cdp.errors}")
 
