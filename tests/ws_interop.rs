@@ -52,6 +52,7 @@ use common::interop::*;
 use common::*;
 use switchboard::config::DemoPage;
 use switchboard::proto::frame::Frame;
+use switchboard::Config;
 use switchboard::JwtHs256;
 
 /// The two tests run one at a time: each has a server in this process and
@@ -302,12 +303,14 @@ fn chromium_leaves_no_temporary_directory() {
     assert!(!socket_dir.exists(), "{} left behind", socket_dir.display());
 }
 
-#[test]
-fn chromium_demo_page() {
-    let _one = one_at_a_time();
+/// Before a test that drives the demo page in Chromium: the browser
+/// tests one at a time (held while the guard lives), and what they need;
+/// `None` when `SWITCHBOARD_SKIP_BROWSER=1` skips them.
+fn browser_test(name: &str) -> Option<std::sync::MutexGuard<'static, ()>> {
+    let one = one_at_a_time();
     if std::env::var("SWITCHBOARD_SKIP_BROWSER").as_deref() == Ok("1") {
-        eprintln!("chromium_demo_page: skipped because SWITCHBOARD_SKIP_BROWSER=1");
-        return;
+        eprintln!("{name}: skipped because SWITCHBOARD_SKIP_BROWSER=1");
+        return None;
     }
     require_python_websockets();
     assert!(
@@ -315,14 +318,24 @@ fn chromium_demo_page() {
         "this test needs {CHROMIUM}: run scripts/test.sh as root (it installs it), or `apt-get install chromium`; \
          SWITCHBOARD_SKIP_BROWSER=1 skips it"
     );
+    Some(one)
+}
 
+/// A server config with a WebSocket listener serving the demo page: on,
+/// since the listener is on loopback, and with no secret configured the
+/// server runs on the development one, so the page mints its own token.
+fn demo_page_config() -> Config {
     let mut cfg = config();
     cfg.websocket.listen = "127.0.0.1:0".into();
-    // The demo page is on (the listener is on loopback), and with no secret
-    // configured the server runs on the development one, so the page mints
-    // its own token.
     cfg.websocket.demo_page = DemoPage::Auto;
     cfg.auth.jwt_secret = None;
+    cfg
+}
+
+#[test]
+fn chromium_demo_page() {
+    let Some(_one) = browser_test("chromium_demo_page") else { return };
+    let mut cfg = demo_page_config();
     // Heartbeats several times a second: the page's socket stays up only
     // if Chromium answers the server's pings.
     cfg.timeouts.heartbeat_interval_ms = 300;
@@ -451,17 +464,8 @@ fn chromium_demo_page() {
 /// ends with every message once, in order, and acknowledged.
 #[test]
 fn chromium_demo_page_catches_up_past_the_send_budget() {
-    let _one = one_at_a_time();
-    if std::env::var("SWITCHBOARD_SKIP_BROWSER").as_deref() == Ok("1") {
-        eprintln!("chromium_demo_page_catches_up_past_the_send_budget: skipped because SWITCHBOARD_SKIP_BROWSER=1");
-        return;
-    }
-    require_python_websockets();
-    assert!(Path::new(CHROMIUM).exists(), "this test needs {CHROMIUM}: run scripts/test.sh as root (it installs it)");
-    let mut cfg = config();
-    cfg.websocket.listen = "127.0.0.1:0".into();
-    cfg.websocket.demo_page = DemoPage::Auto;
-    cfg.auth.jwt_secret = None;
+    let Some(_one) = browser_test("chromium_demo_page_catches_up_past_the_send_budget") else { return };
+    let mut cfg = demo_page_config();
     // One message a page: seven FETCHes after the first page, against a
     // burst of two and two a second.
     cfg.delivery.first_page = 1;
