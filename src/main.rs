@@ -718,15 +718,16 @@ impl Inbox {
             }
             Frame::Error { code, req_id, reason } if self.fetching && req_id == self.fetch_id => {
                 print_frame(f);
-                self.fetching = false;
                 // Refused for now: over the send budget (the reason says
                 // how long to wait, PROTOCOL.md 4.3), or the store busy.
-                // Anything else would be refused again.
+                // Anything else would be refused again: the FETCH stays
+                // out, and the error printed says why paging stopped.
                 let wait = match code {
                     118 => retry_in(reason).unwrap_or(Duration::from_secs(1)),
                     115 => Duration::from_secs(1),
                     _ => return None,
                 };
+                self.fetching = false;
                 self.fetch_retry_at = Some(std::time::Instant::now() + wait);
                 None
             }
@@ -1191,6 +1192,12 @@ mod tests {
         assert_eq!(i.due(), Some(Frame::Fetch { req_id: 3, after_seq: 2, limit: FETCH_LIMIT }));
         // An ERROR for another request leaves the FETCH out.
         assert_eq!(i.take(&Frame::Error { code: 118, req_id: 77, reason }), None);
+        assert_eq!(i.due(), None);
+        // One that would be refused again (117: beyond the head) is not
+        // retried, let alone in a loop.
+        let beyond = "FETCH after seq 2, beyond the inbox head 1";
+        assert_eq!(i.take(&Frame::Error { code: 117, req_id: 3, reason: beyond }), None);
+        i.fetch_retry_at = None;
         assert_eq!(i.due(), None);
         let _ = std::fs::remove_file(&i.state);
     }
