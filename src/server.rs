@@ -195,7 +195,8 @@ impl Handle {
     /// own ([`ServerBuilder::custom_store`]), which keeps its own limits.
     /// Compare it with the held bytes of [`Handle::store_counters`].
     pub fn store_max_bytes(&self) -> Option<u64> {
-        self.shared.store_max_bytes
+        let own = self.shared.store.get().is_some() && !self.shared.custom_store;
+        own.then_some(self.shared.config.store.max_bytes)
     }
 
     /// Bytes free to this process on the filesystem of the disk store's
@@ -205,7 +206,11 @@ impl Handle {
     /// at the write it refuses and reliable requests get ERROR 115 until
     /// there is room again (docs/DEPLOY.md, "Disk").
     pub fn store_disk_free_bytes(&self) -> Option<u64> {
-        crate::limits::free_bytes_at(self.shared.store_disk_path.as_deref()?).map(|(_, free)| free)
+        let store = &self.shared.config.store;
+        if self.shared.custom_store || store.kind != crate::config::StoreKind::Disk {
+            return None;
+        }
+        crate::limits::free_bytes_at(&store.path).map(|(_, free)| free)
     }
 
     /// The counters of cross-node work (Redis commands and round trips,

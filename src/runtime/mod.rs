@@ -296,9 +296,7 @@ pub(crate) fn start(
         store: std::sync::OnceLock::new(),
         cluster: std::sync::OnceLock::new(),
         store_durability: store.first().and_then(|s| s.durability()),
-        store_max_bytes: (!custom && !store.is_empty()).then_some(config.store.max_bytes),
-        store_disk_path: (!custom && config.store.kind == crate::config::StoreKind::Disk)
-            .then(|| config.store.path.clone()),
+        custom_store: custom,
         config,
     });
     // The cluster thread before the store's: the store thread hands it

@@ -117,12 +117,10 @@ pub(crate) struct Shared {
     /// What the store makes of a stored message (`Store::durability` at
     /// open), reported in receipts.
     pub store_durability: Option<crate::store::Durability>,
-    /// `store.max_bytes` when the server's own store enforces it (`None`
-    /// without a store, or with an application's own: it has its limits).
-    pub store_max_bytes: Option<u64>,
-    /// The server's own disk store's directory, whose filesystem's free
-    /// space the metrics and `/api/v1/stats` report.
-    pub store_disk_path: Option<std::path::PathBuf>,
+    /// The store is the application's own (`ServerBuilder::custom_store`):
+    /// `store.kind`, `store.path` and the store's limits in the config do
+    /// not describe it.
+    pub custom_store: bool,
 }
 
 impl Shared {
