@@ -711,3 +711,91 @@ fn a_position_acknowledged_at_close_survives_a_full_store_queue() {
     let (_, inbox) = common::http(a.admin, "GET", "/api/v1/inbox?user=u", b"", None).unwrap();
     assert!(saved, "the position acknowledged at close is in the store: {inbox}");
 }
+
+/// Reads `c` for up to `wait`: the code of the CLOSE the node sent, or
+/// `None` if the connection was still open at the end (PINGs answered,
+/// other frames skipped).
+fn closed_within(c: &mut Client, wait: Duration) -> Option<u16> {
+    let deadline = Instant::now() + wait;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return None;
+        }
+        c.set_read_timeout(Some(left)).unwrap();
+        match c.recv_skipping_pings() {
+            Ok(f) => {
+                if let Frame::Close { code, .. } = f.frame() {
+                    return Some(code);
+                }
+            }
+            Err(e) if e.is_timeout() => return None,
+            Err(e) => panic!("the connection ended without a CLOSE: {e}"),
+        }
+    }
+}
+
+/// A phone whose connection died silently at a network change (no FIN or
+/// RST reached its node) logs in again through the balancer, which sends
+/// it to another node. A node closes the older connection of a device
+/// that logs in again on the node itself (CLOSE 4008; tests/reliable.rs),
+/// but the first node knew nothing of a login on another: the dead
+/// connection stayed until its idle timeout (300 s by default), its window
+/// writing the user's messages into a socket nobody read. Now the node
+/// where the device logs in tells the user's other nodes, and the older
+/// connection there is closed with 4008 too; another device of the user
+/// is untouched. Of two logins of one device on two nodes at the same
+/// moment (two tabs sharing a device id, opened together), exactly one
+/// stays: never both closed, which would leave the device with none (a
+/// client does not reconnect after 4008), and never both kept.
+#[test]
+fn a_device_logging_in_on_another_node_replaces_its_connection_there() {
+    let redis_proc = RedisServer::start();
+    let redis = Redis::One(redis_proc.url());
+    let a = Node::start("a", &redis, &reliable());
+    let b = Node::start("b", &redis, &reliable());
+    let mut alice = a.login("alice", None);
+    let mut laptop = a.login("bob", Some(("laptop", 0)));
+    let mut ghost = a.login("bob", Some(("phone", 0)));
+    assert!(common::wait_until(Duration::from_secs(10), || redis.presence("bob") == ["a"]));
+    // A phone notices the change of network and connects anew: never
+    // within a second of its last login (logins on two nodes are ordered
+    // to within a heartbeat's round trip to Redis).
+    std::thread::sleep(Duration::from_secs(1));
+    let mut phone = b.login("bob", Some(("phone", 0)));
+    assert_eq!(
+        closed_within(&mut ghost, Duration::from_secs(10)),
+        Some(switchboard::CloseCode::Replaced as u16),
+        "the phone's old connection on A"
+    );
+    drop(ghost);
+    // The phone's new connection and the other device get what is stored next.
+    send_acked(&mut alice, "bob", "m", 3);
+    assert_eq!(receive_tagged(&mut phone, "m", 3).len(), 3);
+    assert_eq!(receive_tagged(&mut laptop, "m", 3).len(), 3);
+
+    for round in 0..5 {
+        let device = format!("tab{round}");
+        let (mut on_a, mut on_b) = std::thread::scope(|s| {
+            let ta = s.spawn(|| a.login("bob", Some((&device, 0))));
+            let tb = s.spawn(|| b.login("bob", Some((&device, 0))));
+            (ta.join().unwrap(), tb.join().unwrap())
+        });
+        // Whichever closes first, within 10 s; then the other must stay.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let (closed, mut kept) = loop {
+            assert!(Instant::now() < deadline, "round {round}: both connections of {device} stayed open");
+            if let Some(code) = closed_within(&mut on_a, Duration::from_millis(100)) {
+                break (code, on_b);
+            }
+            if let Some(code) = closed_within(&mut on_b, Duration::from_millis(100)) {
+                break (code, on_a);
+            }
+        };
+        assert_eq!(closed, switchboard::CloseCode::Replaced as u16, "round {round}");
+        assert_eq!(closed_within(&mut kept, Duration::from_secs(1)), None, "round {round}: both were closed");
+        let tag = format!("r{round}-");
+        send_acked(&mut alice, "bob", &tag, 2);
+        assert_eq!(receive_tagged(&mut kept, &tag, 2).len(), 2, "round {round}");
+    }
+}

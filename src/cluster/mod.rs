@@ -60,6 +60,22 @@ pub(crate) enum Event {
     /// This node's members of `room` may have gone from none to some or
     /// back: the thread subscribes or unsubscribes as the room is now.
     RoomChanged(Arc<str>),
+    /// A device logged in here: its older connections on other nodes go
+    /// (CLOSE 4008; PROTOCOL.md 15.2).
+    Replaced(Box<DeviceReplaced>),
+}
+
+/// A device's login, for its connections on other nodes ([`Event::Replaced`]).
+#[derive(Debug)]
+pub(crate) struct DeviceReplaced {
+    pub user: Arc<str>,
+    pub device: Arc<str>,
+    /// When the device logged in, in ms of the cluster's clock ([`Link::now_ms`]).
+    pub at_ms: u64,
+    /// `None`: to every other node holding a connection of the user, read
+    /// from Redis after this turn's presence writes. `Some(node)`: to that
+    /// node only: the answer to its notice of a login older than one here.
+    pub to: Option<Arc<str>>,
 }
 
 impl Event {
@@ -69,7 +85,12 @@ impl Event {
         match self {
             Event::ToUser { frame, .. } | Event::Room { frame, .. } | Event::Broadcast(frame) => frame.len() as u64,
             Event::Stored { msg, .. } => msg.payload.len() as u64,
-            Event::Online(_) | Event::Offline(_) | Event::Kick(_) | Event::Join { .. } | Event::RoomChanged(_) => 0,
+            Event::Online(_)
+            | Event::Offline(_)
+            | Event::Kick(_)
+            | Event::Join { .. }
+            | Event::RoomChanged(_)
+            | Event::Replaced(_) => 0,
         }
     }
 }
@@ -136,6 +157,9 @@ impl ClusterCounters {
     }
 }
 
+/// [`Link`]'s clock offset before the first heartbeat has measured it.
+const CLOCK_UNKNOWN: i64 = i64::MIN;
+
 /// The producers' end of the queue to the `sb-cluster` thread.
 #[derive(Clone)]
 pub(crate) struct Link {
@@ -147,9 +171,38 @@ pub(crate) struct Link {
     pub repair: Arc<std::sync::atomic::AtomicBool>,
     /// `cluster.queue_max_bytes`.
     max_bytes: u64,
+    /// Redis's clock minus this host's, in ms, as the last heartbeat read
+    /// it ([`CLOCK_UNKNOWN`] before the first): device logins on different
+    /// nodes are ordered on one clock ([`Link::now_ms`]).
+    clock_offset_ms: Arc<std::sync::atomic::AtomicI64>,
 }
 
 impl Link {
+    /// Now, in ms of the cluster's clock: this host's, corrected by the
+    /// offset to Redis's that the last heartbeat measured. Nodes' own
+    /// clocks may differ by seconds; this one differs between nodes by
+    /// at most half a heartbeat's round trip to Redis. 0 (older than any
+    /// time) until the first heartbeat: a device login here before then
+    /// loses to any login elsewhere, rather than win on a host clock that
+    /// may be ahead and keep a dead connection over the device's new one.
+    pub(crate) fn now_ms(&self) -> u64 {
+        let offset = self.clock_offset_ms.load(Ordering::Relaxed);
+        if offset == CLOCK_UNKNOWN {
+            return 0;
+        }
+        let local =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        local.saturating_add_signed(offset)
+    }
+
+    /// Records Redis's clock as a heartbeat read it: `redis_ms`, read
+    /// between this host's `sent_ms` and `answered_ms`.
+    pub(crate) fn set_clock(&self, redis_ms: u64, sent_ms: u64, answered_ms: u64) {
+        let local = sent_ms + answered_ms.saturating_sub(sent_ms) / 2;
+        let offset = redis_ms as i64 - local as i64;
+        self.clock_offset_ms.store(offset, Ordering::Relaxed);
+    }
+
     /// Hands `ev` over without waiting; false (and counted) when the queue
     /// is full or the thread has stopped.
     pub(crate) fn send(&self, ev: Event) -> bool {
@@ -186,7 +239,15 @@ impl Link {
 /// gives the bytes back as it takes events ([`taken`]).
 pub(crate) fn queue(capacity: usize, max_bytes: u64, node_id: Arc<str>) -> (Link, tokio::sync::mpsc::Receiver<Event>) {
     let (tx, rx) = tokio::sync::mpsc::channel(capacity);
-    (Link { tx, counters: Arc::default(), node_id, repair: Arc::default(), max_bytes }, rx)
+    let link = Link {
+        tx,
+        counters: Arc::default(),
+        node_id,
+        repair: Arc::default(),
+        max_bytes,
+        clock_offset_ms: Arc::new(std::sync::atomic::AtomicI64::new(CLOCK_UNKNOWN)),
+    };
+    (link, rx)
 }
 
 /// The thread took `events` from the queue: their bytes leave its count.
@@ -206,6 +267,22 @@ mod tests {
     /// frames are refused once 64 MiB of them wait, long before the
     /// queue's count (here 4,096: 256 MiB) would; presence changes, which
     /// carry no message, still go; what the thread takes is given back.
+    /// The cluster's clock is Redis's: a heartbeat that read Redis at
+    /// 10,000 ms while this host read 4,000 before and 4,010 after sets
+    /// it 5,995 ms ahead of this host. Before any heartbeat it reads 0.
+    #[test]
+    fn the_clock_is_redis_as_the_heartbeat_read_it_and_zero_before() {
+        let (link, _rx) = queue(16, DEFAULT_QUEUE_MAX_BYTES, Arc::from("n1"));
+        assert_eq!(link.now_ms(), 0, "no heartbeat yet");
+        link.set_clock(10_000, 4_000, 4_010);
+        let local = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+        let now = link.now_ms();
+        assert!((local + 5_995..=local + 5_995 + 1_000).contains(&now), "{now} against {local}");
+        // A clock behind this host's.
+        link.set_clock(1_000, 4_000, 4_000);
+        assert!(link.now_ms() < local, "3 s behind");
+    }
+
     #[test]
     fn the_queue_refuses_forwards_past_its_bytes() {
         let (link, mut rx) = queue(4096, DEFAULT_QUEUE_MAX_BYTES, Arc::from("n1"));

@@ -17,7 +17,9 @@
 //! [`MAX_EVENTS_PER_TURN`]), look up in one go the users whose routes are
 //! not cached (and, always, the users of stored messages: see
 //! `Node::lookup`), then send every PUBLISH and presence write of the
-//! turn together and wait once. While a turn waits on Redis, new events
+//! turn together and wait once. A turn with device logins then reads
+//! those users' nodes again and sends the logins to them
+//! (`Node::send_replaced`). While a turn waits on Redis, new events
 //! queue up for the next: the busier the node, the more messages share a
 //! round trip.
 //!
@@ -44,7 +46,7 @@ use redis::{Cmd, RedisResult, Value};
 
 use super::routes::{Nodes, RouteCache};
 use super::wire::{self, BatchWriter, Record};
-use super::{ClusterCounters, Event, Link};
+use super::{ClusterCounters, DeviceReplaced, Event, Link};
 use crate::config::{ClusterConfig, RedisAddrs};
 use crate::proto::codes::CloseCode;
 use crate::runtime::inbox::Held;
@@ -114,6 +116,12 @@ return 0
 fn written_before_beat(written_ms: u64, last_beat_ms: u64, ttl_ms: u64) -> bool {
     written_ms <= last_beat_ms.saturating_add(ttl_ms / 2)
 }
+
+/// A heartbeat whose round trip took longer than this does not set the
+/// cluster's clock (`Link::set_clock`), whose error is half the round
+/// trip, unless the last one that did is [`CLOCK_MAX_AGE`] old.
+const CLOCK_MAX_ROUND_TRIP_MS: u64 = 100;
+const CLOCK_MAX_AGE: Duration = Duration::from_secs(60);
 
 /// What [`HEARTBEAT_LUA`] returns: Redis's time (ms, as text), every
 /// node with its last heartbeat, this node's previous heartbeat ("" if none).
@@ -282,6 +290,9 @@ struct Outbox {
     /// Node → its entry in `per_channel`: a forward names its channel once
     /// per turn, not once per message.
     node_index: HashMap<Arc<str>, usize>,
+    /// Node → its entry in `per_channel` for records an older node cannot
+    /// read, which go in batches of their own (`wire`'s module doc).
+    newer_index: HashMap<Arc<str>, usize>,
     /// Presence writes (HSET, PEXPIRE, HDEL).
     presence: Vec<Cmd>,
 }
@@ -300,11 +311,13 @@ impl Outbox {
     }
 
     fn add_for_node(&mut self, node: &Arc<str>, r: Record) {
-        let i = match self.node_index.get(node) {
+        // Kinds an older node does not read go apart from the forwards.
+        let index = if matches!(r, Record::Replaced { .. }) { &mut self.newer_index } else { &mut self.node_index };
+        let i = match index.get(node) {
             Some(&i) => i,
             None => {
                 self.per_channel.push((node_channel(node), Vec::new()));
-                self.node_index.insert(node.clone(), self.per_channel.len() - 1);
+                index.insert(node.clone(), self.per_channel.len() - 1);
                 self.per_channel.len() - 1
             }
         };
@@ -343,6 +356,8 @@ struct Node {
     held: RefCell<Box<[Held]>>,
     /// Something was held: `release_held` has work.
     held_wake: tokio::sync::Notify,
+    /// When a heartbeat last set the cluster's clock (`Link::set_clock`).
+    clock_set: Cell<Option<Instant>>,
 }
 
 async fn run(
@@ -374,6 +389,7 @@ async fn run(
         pubsub_up: Cell::new(false),
         held: RefCell::new((0..shared_workers).map(|_| Held::default()).collect()),
         held_wake: tokio::sync::Notify::new(),
+        clock_set: Cell::new(None),
     });
     tracing::info!(node = %node.me, redis = ?node.addrs.redacted(), "cluster: joining");
     let sub = tokio::task::spawn_local(node.clone().subscriber(stop.clone()));
@@ -497,6 +513,7 @@ impl Node {
             }
         }
         let routes = self.lookup(&fresh, now).await;
+        let mut replaced = Vec::new();
         for ev in events.drain(..) {
             match ev {
                 Event::Online(user) => {
@@ -535,9 +552,46 @@ impl Node {
                 Event::Room { room, frame } => out.add(room_channel(&room), Record::Frame { frame }),
                 Event::Broadcast(frame) => out.add(ALL_CHANNEL.to_string(), Record::Frame { frame }),
                 Event::RoomChanged(room) => self.room_changed(room).await,
+                Event::Replaced(r) => replaced.push(*r),
             }
         }
         self.send(out, presence_written).await;
+        if !replaced.is_empty() {
+            self.send_replaced(replaced).await;
+        }
+    }
+
+    /// The device logins of a turn, to the users' other nodes
+    /// (PROTOCOL.md 15.2). Their nodes are read from Redis after the
+    /// turn's presence writes have gone out, not from the cache: of two
+    /// logins of one device on two nodes at once, Redis orders the two
+    /// presence writes and the two reads, and the later read comes after
+    /// both writes, so at least one node hears of the other's login. The
+    /// node that hears keeps the later login and closes its own connection
+    /// or answers (`to`), so exactly one stays.
+    async fn send_replaced(&self, replaced: Vec<DeviceReplaced>) {
+        let mut users = Vec::new();
+        let mut seen = HashSet::new();
+        for r in &replaced {
+            if r.to.is_none() && seen.insert(r.user.clone()) {
+                users.push(r.user.clone());
+            }
+        }
+        let routes = self.lookup(&users, unix_ms()).await;
+        let mut out = Outbox::default();
+        for r in replaced {
+            let DeviceReplaced { user, device, at_ms, to } = r;
+            let rec = Record::Replaced { user: bytes_of(&user), device: bytes_of(&device), at_ms };
+            match to {
+                Some(node) => out.add_for_node(&node, rec),
+                None => {
+                    for node in routes.get(&user).map(|n| n.iter()).into_iter().flatten() {
+                        out.add_for_node(node, rec.clone());
+                    }
+                }
+            }
+        }
+        self.send(out, false).await;
     }
 
     /// Forwards `r` to every other node holding connections of `user`.
@@ -804,10 +858,21 @@ impl Node {
             inv.key(NODES_KEY).arg(&*self.me).arg(FORGET_NODE_MS);
             ClusterCounters::add(&self.counters.redis_commands, 1);
             ClusterCounters::add(&self.counters.redis_round_trips, 1);
+            let sent_ms = unix_ms();
             let r: RedisResult<HeartbeatReply> = within(self.timeout, data.invoke(&inv)).await;
             match r {
                 Ok((now, nodes, prev)) => {
                     let now: u64 = now.parse().unwrap_or(0);
+                    let answered_ms = unix_ms();
+                    // The offset is known to within half the round trip:
+                    // a slow answer keeps the last good one, unless that
+                    // is old enough for this host's clock to have moved.
+                    let fast = answered_ms.saturating_sub(sent_ms) <= CLOCK_MAX_ROUND_TRIP_MS;
+                    let stale = self.clock_set.get().is_none_or(|t| t.elapsed() >= CLOCK_MAX_AGE);
+                    if now > 0 && (fast || stale) {
+                        self.link.set_clock(now, sent_ms, answered_ms);
+                        self.clock_set.set(Some(Instant::now()));
+                    }
                     let prev_ago = prev.parse::<f64>().ok().map(|p| now.saturating_sub(p as u64));
                     if prev_ago.is_some_and(|ago| ago > self.cfg.node_ttl_ms) {
                         // This node was silent past its TTL (stalled, or cut
@@ -1042,6 +1107,21 @@ impl Node {
                 Record::Reset => {
                     self.cache.borrow_mut().clear();
                     self.reset_during_lookup.set(true);
+                }
+                Record::Replaced { user, device, at_ms } => {
+                    let (Some(user), Some(device), Some(node)) = (as_str(&user), as_str(&device), as_str(&origin))
+                    else {
+                        continue;
+                    };
+                    let (device, node): (Arc<str>, Arc<str>) = (Arc::from(device), Arc::from(node));
+                    delivered += shared
+                        .post_to_user(user, |conn| Command::Replaced {
+                            conn,
+                            device: device.clone(),
+                            login: at_ms,
+                            from: Some(node.clone()),
+                        })
+                        .0 as u64;
                 }
             }
         }

@@ -20,8 +20,15 @@
 //!   6 Frame   frame:bytes32                  an encoded ROOM_MSG (room channel or broadcast)
 //!   7 Login   user:str8                      drop cached routes of the user
 //!   8 Reset                                  drop every cached route
+//!   9 Replaced user:str8 device:str8 at_ms:u64
+//!                                            the device logged in at the origin
 //! str8 = len:u8 bytes, bytes32 = len:u32 bytes
 //! ```
+//!
+//! A node that reads an older layout drops a batch holding a kind it does
+//! not know, whole. The sender therefore puts records of kinds added
+//! later (9) in batches of their own, so that in a cluster being upgraded
+//! node by node an older node loses only those, never a forward.
 
 use bytes::{BufMut, Bytes, BytesMut};
 use thiserror::Error;
@@ -49,6 +56,10 @@ pub enum Record {
     /// The origin node re-registered all its users (after Redis came
     /// back): forget every cached route.
     Reset,
+    /// `device` of the user logged in on the origin node at `at_ms` (the
+    /// cluster's clock): close the user's older connections of the device
+    /// here (CLOSE 4008), or answer if one here is the later login.
+    Replaced { user: Bytes, device: Bytes, at_ms: u64 },
 }
 
 impl Record {
@@ -61,6 +72,7 @@ impl Record {
             Record::Join { user, room } | Record::Leave { user, room } => 2 + user.len() + room.len(),
             Record::Frame { frame } => 4 + frame.len(),
             Record::Reset => 0,
+            Record::Replaced { user, device, .. } => 2 + user.len() + device.len() + 8,
         }
     }
 }
@@ -150,6 +162,12 @@ impl BatchWriter {
                     put_str8(out, user)?;
                 }
                 Record::Reset => out.put_u8(8),
+                Record::Replaced { user, device, at_ms } => {
+                    out.put_u8(9);
+                    put_str8(out, user)?;
+                    put_str8(out, device)?;
+                    out.put_u64(*at_ms);
+                }
             }
             Ok(())
         })();
@@ -244,6 +262,7 @@ pub fn decode(batch: Bytes) -> Result<(Bytes, Vec<Record>), WireError> {
             6 => Record::Frame { frame: r.bytes32()? },
             7 => Record::Login { user: r.str8()? },
             8 => Record::Reset,
+            9 => Record::Replaced { user: r.str8()?, device: r.str8()?, at_ms: r.u64()? },
             k => return Err(WireError::Kind(k)),
         };
         records.push(rec);
@@ -277,6 +296,7 @@ mod tests {
             Record::Frame { frame: b("roommsg") },
             Record::Login { user: b("frank") },
             Record::Reset,
+            Record::Replaced { user: b("gina"), device: b("phone"), at_ms: 1_700_000_000_123 },
         ]
     }
 
@@ -332,7 +352,8 @@ mod tests {
     fn malformed_batches_are_errors() {
         assert_eq!(decode(Bytes::new()), Err(WireError::Truncated));
         assert_eq!(decode(Bytes::from_static(b"\x02\x01n")), Err(WireError::Version(2)));
-        assert_eq!(decode(Bytes::from_static(b"\x01\x01n\x09")), Err(WireError::Kind(9)));
+        assert_eq!(decode(Bytes::from_static(b"\x01\x01n\x0a")), Err(WireError::Kind(10)));
+        assert_eq!(decode(Bytes::from_static(b"\x01\x01n\x09\x01u\x01d\x00")), Err(WireError::Truncated));
         assert_eq!(decode(Bytes::from_static(b"\x01\x01n\x01\x05ab")), Err(WireError::Truncated));
         assert_eq!(decode(Bytes::from_static(b"\x01\x01n\x06\xff\xff\xff\xff")), Err(WireError::Truncated));
     }

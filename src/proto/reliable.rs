@@ -136,23 +136,40 @@ impl Pending {
 }
 
 /// One device connection's login, for the rule that a device holds one
-/// connection per server (PROTOCOL.md 15.2): a later LOGIN of the same
-/// device replaces it (CLOSE 4008). Logins are numbered in the order the
-/// server took them, so of two at once the later one wins and never both
-/// go; another device of the user, or another user sharing a device id,
+/// connection (PROTOCOL.md 15.2): a later LOGIN of the same device, on
+/// this server or on another node of its cluster, replaces it (CLOSE
+/// 4008). On one server, logins are numbered in the order the server took
+/// them, so of two at once the later one wins and never both go. Between
+/// nodes, logins are ordered by when they happened on Redis's clock
+/// (`at_ms`), ties by node id: a total order, so of two logins on two
+/// nodes exactly one wins, and a connection that died silently (the
+/// reason for the rule) always logged in long before its device's next
+/// login. Another device of the user, or another user sharing a device id,
 /// is not this one (the notice goes only to the user's connections).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DeviceLogin {
     pub device: std::sync::Arc<str>,
     /// Its number among the server's device logins.
     pub number: u64,
+    /// When it happened, in ms of the cluster's clock (Redis's, as this
+    /// node last read it; the node's own without a cluster).
+    pub at_ms: u64,
 }
 
 impl DeviceLogin {
-    /// Whether the login `number` of `device` replaces this connection.
-    /// A connection hears of its own login too, and keeps itself.
+    /// Whether the login `number` of `device` on this server replaces this
+    /// connection. A connection hears of its own login too, and keeps
+    /// itself.
     pub fn replaced_by(&self, device: &str, number: u64) -> bool {
         self.number < number && &*self.device == device
+    }
+
+    /// A login of `device` at `at_ms` on node `node`, this connection
+    /// being on node `me`: `Some(true)` if it replaces this connection,
+    /// `Some(false)` if this connection is the later one (the other node
+    /// must then close its own), `None` if it is another device.
+    pub fn replaced_from(&self, device: &str, at_ms: u64, node: &str, me: &str) -> Option<bool> {
+        (&*self.device == device).then(|| (self.at_ms, me) < (at_ms, node))
     }
 }
 
@@ -1061,7 +1078,7 @@ mod tests {
 
     #[test]
     fn a_later_login_of_the_same_device_replaces_a_connection_and_nothing_else_does() {
-        let phone = DeviceLogin { device: "phone".into(), number: 7 };
+        let phone = DeviceLogin { device: "phone".into(), number: 7, at_ms: 0 };
         assert!(phone.replaced_by("phone", 8), "the device logged in again");
         assert!(!phone.replaced_by("phone", 7), "its own login: it keeps itself");
         assert!(!phone.replaced_by("phone", 6), "an older login, heard late, loses to this one");
@@ -1070,8 +1087,35 @@ mod tests {
         assert!(!phone.replaced_by("phon", 8));
         // Two logins of one device at once: whichever order the notices
         // cross in, exactly one connection stays.
-        let (a, b) = (DeviceLogin { device: "d".into(), number: 10 }, DeviceLogin { device: "d".into(), number: 11 });
+        let (a, b) = (
+            DeviceLogin { device: "d".into(), number: 10, at_ms: 0 },
+            DeviceLogin { device: "d".into(), number: 11, at_ms: 0 },
+        );
         assert!(a.replaced_by(&b.device, b.number));
         assert!(!b.replaced_by(&a.device, a.number));
+    }
+
+    /// Between nodes: the later login on the cluster's clock wins, a tie
+    /// goes to the greater node id, and of two logins on two nodes,
+    /// whichever notice arrives first, exactly one side closes: the older
+    /// one's node on the later one's notice, and the later one's node
+    /// answers the older one's notice by telling that node (Some(false)).
+    #[test]
+    fn between_nodes_exactly_one_of_two_logins_of_a_device_stays() {
+        let ghost = DeviceLogin { device: "phone".into(), number: 900, at_ms: 1_000 };
+        assert_eq!(ghost.replaced_from("phone", 61_000, "b", "a"), Some(true), "logged in again a minute later on B");
+        assert_eq!(ghost.replaced_from("laptop", 61_000, "b", "a"), None, "another device");
+        assert_eq!(ghost.replaced_from("phone2", 61_000, "b", "a"), None);
+        // A notice from an older login elsewhere, heard late: this one stays
+        // and the other node is to close its own.
+        assert_eq!(ghost.replaced_from("phone", 999, "b", "a"), Some(false));
+        for (at_a, at_b) in [(5, 5), (5, 6), (6, 5), (0, u64::MAX)] {
+            let on_a = DeviceLogin { device: "d".into(), number: 1, at_ms: at_a };
+            let on_b = DeviceLogin { device: "d".into(), number: 1, at_ms: at_b };
+            let a_goes = on_a.replaced_from("d", at_b, "b", "a").unwrap();
+            let b_goes = on_b.replaced_from("d", at_a, "a", "b").unwrap();
+            assert!(a_goes != b_goes, "at {at_a} on A and {at_b} on B: exactly one goes");
+            assert_eq!(a_goes, (at_a, "a") < (at_b, "b"));
+        }
     }
 }

@@ -64,10 +64,12 @@ pub(crate) enum Command {
     /// every device connection, keeping none of their positions, so that
     /// each logs in again and learns it (PROTOCOL.md 15.8).
     StoreReset,
-    /// `device` of `conn`'s user logged in on another connection of this
-    /// server, the `login`-th device login: close `conn` if it is a
-    /// connection of that device that logged in before (CLOSE 4008).
-    Replaced { conn: ConnId, device: Arc<str>, login: u64 },
+    /// `device` of `conn`'s user logged in on another connection: close
+    /// `conn` if it is a connection of that device that logged in before
+    /// (CLOSE 4008). `from: None`: on this server, the `login`-th device
+    /// login; `Some(node)`: on that node of the cluster, at `login` ms of
+    /// the cluster's clock (`DeviceLogin::replaced_from`).
+    Replaced { conn: ConnId, device: Arc<str>, login: u64, from: Option<Arc<str>> },
 }
 
 // Mailboxes hold `limits.mailbox_capacity` commands each, allocated at

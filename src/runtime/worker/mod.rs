@@ -1439,7 +1439,7 @@ impl Worker {
             Command::Page { conn, result } => self.on_page(conn, *result),
             Command::Missed { conn, seq } => self.on_missed(conn, seq),
             Command::StoreReset => self.on_store_reset(),
-            Command::Replaced { conn, device, login } => self.on_replaced(conn, &device, login),
+            Command::Replaced { conn, device, login, from } => self.on_replaced(conn, &device, login, from.as_ref()),
             Command::Publish { .. } | Command::Broadcast { .. } => {
                 unreachable!("fan-out commands are handled by the mailbox loop")
             }

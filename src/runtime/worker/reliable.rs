@@ -36,9 +36,10 @@ enum State {
 }
 
 /// One device connection's entry in the side table. An idle one (parked)
-/// costs this entry, about 60 bytes in the table, and its device id; the
-/// window (about 120 bytes, and 16 per message in flight) exists only while
-/// something is in flight.
+/// costs this entry, 88 bytes in the table with its key (80 of them the
+/// struct, since the login time for the cluster-wide device rule), and its
+/// device id; the window (about 120 bytes, and 16 per message in flight)
+/// exists only while something is in flight.
 pub(super) struct Device {
     generation: u32,
     user: Arc<str>,
@@ -267,14 +268,27 @@ impl Worker {
             conn: other,
             device: device.clone(),
             login,
+            from: None,
         });
         if queued < conns {
             tracing::warn!(worker = self.id.0, "a full mailbox: an older connection of a device may stay open");
         }
+        // And on the other nodes of a cluster, where the balancer may have
+        // put the connection the device had before its network changed.
+        let at_ms = self.shared.cluster.get().map_or(0, |link| {
+            let at_ms = link.now_ms();
+            link.send(crate::cluster::Event::Replaced(Box::new(crate::cluster::DeviceReplaced {
+                user: user.clone(),
+                device: device.clone(),
+                at_ms,
+                to: None,
+            })));
+            at_ms
+        });
         let dev = Device {
             generation,
             user: user.clone(),
-            login: DeviceLogin { device, number: login },
+            login: DeviceLogin { device, number: login, at_ms },
             state: State::Pending(Pending::default()),
             unsaved: 0,
             listed: false,
@@ -283,18 +297,46 @@ impl Worker {
         Ok(())
     }
 
-    /// A later login of `device` on another connection ([`Command::Replaced`]):
-    /// `conn` goes if it is a connection of that device that logged in
-    /// before it.
-    pub(super) fn on_replaced(&self, conn: ConnId, device: &str, login: u64) {
+    /// A login of `device` on another connection ([`Command::Replaced`]),
+    /// here (`from: None`) or on node `from`: `conn` goes if it is a
+    /// connection of that device that logged in before it. If `conn` is
+    /// the later one, node `from` is told so, and closes its own.
+    pub(super) fn on_replaced(&self, conn: ConnId, device: &str, login: u64, from: Option<&Arc<str>>) {
         let (slot, generation) = (conn.slot(), conn.generation());
-        let replaced = self
-            .reliable
-            .borrow()
-            .get(&slot)
-            .is_some_and(|d| d.generation == generation && d.login.replaced_by(device, login));
-        if replaced {
+        // Whether this connection goes, and what node `from` is told when
+        // it is the later login of the device (that node closes its own).
+        let (goes, answer) = {
+            let reliable = self.reliable.borrow();
+            let Some(d) = reliable.get(&slot).filter(|d| d.generation == generation) else { return };
+            match (from, self.shared.cluster.get()) {
+                (None, _) => (d.login.replaced_by(device, login), None),
+                (Some(node), Some(link)) => match d.login.replaced_from(device, login, node, &link.node_id) {
+                    Some(true) => (true, None),
+                    Some(false) => {
+                        let answer = crate::cluster::DeviceReplaced {
+                            user: d.user.clone(),
+                            device: d.login.device.clone(),
+                            at_ms: d.login.at_ms,
+                            to: Some(node.clone()),
+                        };
+                        (false, Some(answer))
+                    }
+                    None => (false, None),
+                },
+                (Some(_), None) => (false, None),
+            }
+        };
+        if goes {
             self.close_conn(slot, generation, CloseCode::Replaced, CloseCode::Replaced.reason());
+        }
+        if let Some(answer) = answer {
+            tracing::debug!(
+                worker = self.id.0,
+                user = %answer.user,
+                device = %answer.device,
+                "a device's login on another node is older than its connection here: telling that node"
+            );
+            self.shared.to_cluster(|| crate::cluster::Event::Replaced(Box::new(answer)));
         }
     }
 
