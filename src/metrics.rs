@@ -406,6 +406,13 @@ impl Collector for Live {
             &workers,
             |c| get(&c.detail.ack_timeout_closes),
         )?;
+        f.per_worker_counter(
+            "switchboard_replaced_closes",
+            "Device connections closed because the device logged in on another connection, of this node or of \
+             another node of the cluster (CLOSE 4008): mostly connections that died silently at a network change.",
+            &workers,
+            |c| get(&c.detail.replaced_closes),
+        )?;
         if let Some(s) = self.0.store_counters() {
             f.counter("switchboard_store_appends", "Messages stored in inboxes.", get(&s.appends))?;
             f.counter(

@@ -280,6 +280,10 @@ pub(crate) struct Detail {
     /// Device connections closed for no ACK progress after
     /// `delivery.max_retransmits` retransmits (CLOSE 4007).
     pub ack_timeout_closes: AtomicU64,
+    /// Device connections closed because the device logged in on another
+    /// connection, of this node or of another node of the cluster (CLOSE
+    /// 4008).
+    pub replaced_closes: AtomicU64,
     pub login_failures: [AtomicU64; LOGIN_FAILURE_REASONS.len()],
     pub protocol_errors: [AtomicU64; PROTOCOL_ERROR_CODES.len()],
     pub messages_in: [AtomicU64; MESSAGE_IN_KINDS.len()],

@@ -769,6 +769,15 @@ fn a_device_logging_in_on_another_node_replaces_its_connection_there() {
         "the phone's old connection on A"
     );
     drop(ghost);
+    let replaced = || -> f64 {
+        let (_, metrics) = common::http(a.admin, "GET", "/metrics", b"", None).unwrap();
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("switchboard_replaced_closes_total{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    assert!(common::wait_until(Duration::from_secs(5), || replaced() == 1.0), "A counts the close: {}", replaced());
     // The phone's new connection and the other device get what is stored next.
     send_acked(&mut alice, "bob", "m", 3);
     assert_eq!(receive_tagged(&mut phone, "m", 3).len(), 3);

@@ -268,6 +268,27 @@ fn an_ack_timeout_close_is_counted() {
     server.shutdown().unwrap();
 }
 
+/// A device's new login closes its old connection with 4008 (PROTOCOL.md
+/// 15.2), and operators see how often: two clients fighting over one
+/// device id would otherwise show only as `closed` moving.
+#[test]
+fn a_connection_replaced_by_its_devices_new_login_is_counted() {
+    let mut cfg = config();
+    cfg.admin.listen = "127.0.0.1:0".into();
+    cfg.admin.token = Some(TOKEN.into());
+    let server = start(cfg);
+    let (addr, admin) = (server.local_addr(), server.admin_addr().unwrap());
+    assert_eq!(scrape(admin).sum("switchboard_replaced_closes_total", &[]), 0.0);
+    let mut old = switchboard::client::Client::connect(addr).unwrap();
+    old.login_device("bob", &token("bob"), "phone", 0).unwrap();
+    let mut new = switchboard::client::Client::connect(addr).unwrap();
+    new.login_device("bob", &token("bob"), "phone", 0).unwrap();
+    old.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    assert_eq!(old.recv_close_code().unwrap(), Some(switchboard::CloseCode::Replaced as u16));
+    assert!(wait_until(Duration::from_secs(5), || scrape(admin).sum("switchboard_replaced_closes_total", &[]) == 1.0));
+    server.shutdown().unwrap();
+}
+
 /// Metric names in a dashboard or rule file: every `switchboard_…` and
 /// `process_…` identifier.
 fn referenced_names(text: &str) -> BTreeSet<String> {

@@ -262,11 +262,6 @@ pub(crate) fn taken(counters: &ClusterCounters, events: &[Event]) {
 mod tests {
     use super::*;
 
-    /// The queue to the `sb-cluster` thread is bounded in bytes too: with
-    /// the thread not taking anything (Redis slow), forwards of 64 KiB
-    /// frames are refused once 64 MiB of them wait, long before the
-    /// queue's count (here 4,096: 256 MiB) would; presence changes, which
-    /// carry no message, still go; what the thread takes is given back.
     /// The cluster's clock is Redis's: a heartbeat that read Redis at
     /// 10,000 ms while this host read 4,000 before and 4,010 after sets
     /// it 5,995 ms ahead of this host. Before any heartbeat it reads 0.
@@ -283,6 +278,11 @@ mod tests {
         assert!(link.now_ms() < local, "3 s behind");
     }
 
+    /// The queue to the `sb-cluster` thread is bounded in bytes too: with
+    /// the thread not taking anything (Redis slow), forwards of 64 KiB
+    /// frames are refused once 64 MiB of them wait, long before the
+    /// queue's count (here 4,096: 256 MiB) would; presence changes, which
+    /// carry no message, still go; what the thread takes is given back.
     #[test]
     fn the_queue_refuses_forwards_past_its_bytes() {
         let (link, mut rx) = queue(4096, DEFAULT_QUEUE_MAX_BYTES, Arc::from("n1"));

@@ -326,8 +326,8 @@ impl Worker {
                 (Some(_), None) => (false, None),
             }
         };
-        if goes {
-            self.close_conn(slot, generation, CloseCode::Replaced, CloseCode::Replaced.reason());
+        if goes && self.close_conn(slot, generation, CloseCode::Replaced, CloseCode::Replaced.reason()) {
+            crate::stats::bump(&self.counters().detail.replaced_closes, 1);
         }
         if let Some(answer) = answer {
             tracing::debug!(
