@@ -762,12 +762,14 @@ fn a_device_logging_in_on_another_node_replaces_its_connection_there() {
     // within a second of its last login (logins on two nodes are ordered
     // to within a heartbeat's round trip to Redis).
     std::thread::sleep(Duration::from_secs(1));
+    let login = Instant::now();
     let mut phone = b.login("bob", Some(("phone", 0)));
     assert_eq!(
         closed_within(&mut ghost, Duration::from_secs(10)),
         Some(switchboard::CloseCode::Replaced as u16),
         "the phone's old connection on A"
     );
+    eprintln!("the old connection on A got its CLOSE 4008 {:?} after the LOGIN on B was sent", login.elapsed());
     drop(ghost);
     let replaced = || -> f64 {
         let (_, metrics) = common::http(a.admin, "GET", "/metrics", b"", None).unwrap();
