@@ -1209,6 +1209,32 @@ mod tests {
         assert!(!l.alive.contains_key("me") && !l.dead.contains_key("me"));
     }
 
+    /// A node of an older version drops a batch holding a record kind it
+    /// does not know, whole: a `Replaced` record must never share a batch
+    /// with forwards, or a cluster being upgraded node by node would lose
+    /// those forwards on the older nodes.
+    #[test]
+    fn device_logins_go_to_a_node_in_batches_of_their_own() {
+        let b = |s: &str| Bytes::copy_from_slice(s.as_bytes());
+        let (n1, n2): (Arc<str>, Arc<str>) = (Arc::from("n1"), Arc::from("n2"));
+        let replaced = |u: &str| Record::Replaced { user: b(u), device: b("phone"), at_ms: 7 };
+        let mut out = Outbox::default();
+        out.add_for_node(&n1, Record::Kick { user: b("u1") });
+        out.add_for_node(&n1, replaced("u1"));
+        out.add_for_node(&n1, Record::Kick { user: b("u2") });
+        out.add_for_node(&n1, replaced("u2"));
+        out.add_for_node(&n2, replaced("u3"));
+        let batches: Vec<(String, Vec<Record>)> = out.per_channel;
+        assert_eq!(
+            batches,
+            vec![
+                ("sb:n:n1".to_string(), vec![Record::Kick { user: b("u1") }, Record::Kick { user: b("u2") }]),
+                ("sb:n:n1".to_string(), vec![replaced("u1"), replaced("u2")]),
+                ("sb:n:n2".to_string(), vec![replaced("u3")]),
+            ]
+        );
+    }
+
     #[test]
     fn keys_share_the_users_hash_tag() {
         assert_eq!(presence_key("alice"), "sb:{alice}:nodes");
