@@ -579,6 +579,49 @@ fn a_node_starts_without_redis_and_joins_when_it_comes() {
         }
         req += 1;
     }
+    // A receipt says what Redis's settings make of a stored message
+    // (appendfsync always: fsync), though Redis was not there to ask at
+    // the node's start. It said "memory" (none) until the node restarted.
+    assert_eq!(receipt_durability(&a), "fsync");
+}
+
+/// The `durability` of an application push's receipt (a reliable push
+/// through the node's admin API).
+fn receipt_durability(node: &Node) -> String {
+    let (status, body) = node.api("/api/v1/push", r#"{"user": "receipts", "text": "how durable?"}"#);
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    v["durability"].as_str().unwrap_or_else(|| panic!("no durability in {body}")).to_string()
+}
+
+/// An operator turns Redis's AOF on, to `everysec`, and off again while
+/// the node runs (`CONFIG SET`, as one does before or after a
+/// `BGREWRITEAOF`, or on a replica promoted with other settings). The
+/// receipts follow within a few seconds; they used to report what Redis
+/// said when the node connected, for as long as the node ran: `fsync`
+/// after the AOF was turned off.
+#[test]
+fn receipts_follow_redis_persistence_settings_as_they_change() {
+    let redis_proc = RedisServer::start();
+    let redis = Redis::One(redis_proc.url());
+    let a = Node::start("a", &redis, &reliable());
+    assert_eq!(receipt_durability(&a), "memory", "no AOF");
+    let set = |name: &str, value: &str| {
+        redis_proc.cmd(&["CONFIG", "SET", name, value]).unwrap();
+    };
+    for (settings, want) in [
+        (&[("appendfsync", "always"), ("appendonly", "yes")][..], "fsync"),
+        (&[("appendfsync", "everysec")][..], "os"),
+        (&[("appendonly", "no")][..], "memory"),
+    ] {
+        for (name, value) in settings {
+            set(name, value);
+        }
+        let changed = Instant::now();
+        let followed = common::wait_until(Duration::from_secs(20), || receipt_durability(&a) == want);
+        assert!(followed, "after {settings:?} receipts still say {}", receipt_durability(&a));
+        eprintln!("receipts said {want} {:?} after {settings:?}", changed.elapsed());
+    }
 }
 
 /// Node B stores a batch of pushes for 60 devices on node A, whose worker

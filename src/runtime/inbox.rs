@@ -258,7 +258,7 @@ impl Sink<Token> for StoreSink {
                         }
                     }
                     Reply::Handle(tx) => {
-                        let durability = self.shared.store_durability;
+                        let durability = self.shared.store.get().and_then(|s| s.counters().durability());
                         let _ = tx.try_send(outcome.map(|o| Receipt {
                             seq: o.seq,
                             msg_id: o.msg_id,

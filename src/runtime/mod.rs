@@ -295,7 +295,6 @@ pub(crate) fn start(
         failure: std::sync::Mutex::new(None),
         store: std::sync::OnceLock::new(),
         cluster: std::sync::OnceLock::new(),
-        store_durability: store.first().and_then(|s| s.durability()),
         custom_store: custom,
         config,
     });

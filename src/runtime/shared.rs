@@ -116,9 +116,6 @@ pub(crate) struct Shared {
     /// The queue to the `sb-cluster` thread, when `cluster.redis` is set
     /// (set once at start, before the workers run).
     pub cluster: std::sync::OnceLock<crate::cluster::Link>,
-    /// What the store makes of a stored message (`Store::durability` at
-    /// open), reported in receipts.
-    pub store_durability: Option<crate::store::Durability>,
     /// The store is the application's own (`ServerBuilder::custom_store`):
     /// `store.kind`, `store.path` and the store's limits in the config do
     /// not describe it.

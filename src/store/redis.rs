@@ -123,8 +123,8 @@
 //! message survives power loss of the Redis host; `everysec`: power loss
 //! can take the last second, a crash of the Redis process loses nothing
 //! (Redis writes the AOF before it answers); no AOF: a Redis restart loses
-//! everything. [`RedisStore::durability`] reports what the masters said at
-//! open.
+//! everything. [`RedisStore::durability`] reports what the masters said
+//! at the last (re)connect or [`DURABILITY_RECHECK`], whichever came later.
 
 use std::collections::HashMap;
 use std::sync::LazyLock;
@@ -604,11 +604,23 @@ pub struct RedisStore {
     link: Option<Link>,
     totals: Totals,
     durability: Option<Durability>,
+    /// When `durability` was last read from Redis (`None`: due now).
+    durability_at: Option<Instant>,
+    /// `durability` has been read from Redis at least once.
+    probed: bool,
     /// The retention pass under way, if it runs in slices.
     expire_at: Option<ExpireAt>,
     /// When the link last served a request ([`IDLE_CHECK_AFTER`]).
     used_at: Instant,
 }
+
+/// How often the store reads Redis's persistence settings again (`CONFIG
+/// GET append*` on each master, on the store thread: well under a
+/// millisecond), besides at every (re)connect. Receipts report what they
+/// make of a message (`StoreCounters::durability`); read only at start,
+/// they went on saying what Redis did then: nothing at all when Redis was
+/// down at start, `fsync` after an operator turned the AOF off.
+pub const DURABILITY_RECHECK: Duration = Duration::from_secs(5);
 
 /// A link unused for this long is checked (one PING to each master)
 /// before a request goes out on it, and opened again if that fails. Why:
@@ -710,6 +722,8 @@ impl RedisStore {
             link: None,
             totals: Totals::default(),
             durability: None,
+            durability_at: None,
+            probed: false,
             expire_at: None,
             used_at: Instant::now(),
         };
@@ -848,9 +862,16 @@ impl RedisStore {
         self.used_at = Instant::now();
         if self.link.is_none() {
             self.link = Some(self.connect()?);
-            if self.durability.is_none() {
-                self.durability = self.probe_durability();
-            }
+            self.durability_at = None;
+        }
+        // Read at every (re)connect, and again every DURABILITY_RECHECK:
+        // an operator may turn the AOF on or off while the server runs
+        // (CONFIG SET), or Redis may come back with other settings.
+        if self.durability_at.is_none_or(|t| t.elapsed() >= DURABILITY_RECHECK) {
+            let was = self.probed.then_some(self.durability);
+            self.durability = self.probe_durability(was);
+            self.durability_at = Some(Instant::now());
+            self.probed = true;
         }
         Ok(self.link.as_mut().expect("just set"))
     }
@@ -1073,9 +1094,14 @@ impl RedisStore {
         Ok(con)
     }
 
-    fn probe_durability(&mut self) -> Option<Durability> {
-        let link = self.link.as_mut()?;
+    /// What the masters' persistence settings make of an acknowledged
+    /// message (the weakest master counts). `was`: the last answer, and
+    /// whether there was one: the warnings are logged at the first read
+    /// and when the answer changes, not every DURABILITY_RECHECK.
+    fn probe_durability(&mut self, was: Option<Option<Durability>>) -> Option<Durability> {
+        let Some(link) = self.link.as_mut() else { return was.flatten() };
         let mut weakest = Some(Durability::Fsync);
+        let mut warnings = Vec::new();
         for (con, name) in link.nodes.iter_mut().zip(&link.names) {
             let got: redis::RedisResult<HashMap<String, String>> =
                 redis::cmd("CONFIG").arg("GET").arg("append*").query(con);
@@ -1084,24 +1110,33 @@ impl RedisStore {
                     match (cfg.get("appendonly").map(String::as_str), cfg.get("appendfsync").map(String::as_str)) {
                         (Some("yes"), Some("always")) => Some(Durability::Fsync),
                         (Some("yes"), _) => Some(Durability::Os),
-                        _ => None,
+                        _ => {
+                            warnings.push(format!(
+                                "{name}: appendonly is off: a restart of this Redis loses the inboxes it holds \
+                                 (docs/SCALING.md)"
+                            ));
+                            None
+                        }
                     }
                 }
                 Err(e) => {
-                    tracing::warn!("{name}: CONFIG GET refused ({e}): receipts report no durability");
+                    warnings.push(format!("{name}: CONFIG GET refused ({e}): receipts report no durability"));
                     None
                 }
             };
-            if node.is_none() {
-                tracing::warn!(
-                    "{name}: appendonly is off: a restart of this Redis loses the inboxes it holds (docs/SCALING.md)"
-                );
-            }
             weakest = match (weakest, node) {
                 (Some(Durability::Fsync), n) => n,
                 (Some(Durability::Os), Some(_)) => Some(Durability::Os),
                 _ => None,
             };
+        }
+        if was != Some(weakest) {
+            for w in &warnings {
+                tracing::warn!("{w}");
+            }
+            if was.is_some() {
+                tracing::info!("redis store: Redis's persistence settings changed; receipts now report {weakest:?}");
+            }
         }
         weakest
     }

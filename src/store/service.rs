@@ -107,7 +107,7 @@
 //! the host gave a run without a pass that hour (README, measured
 //! changes).
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::thread::{JoinHandle, Thread};
 
@@ -116,7 +116,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use thiserror::Error;
 
-use super::{Appended, InboxState, NewMessage, Page, Reopen, Store, StoreError};
+use super::{Appended, Durability, InboxState, NewMessage, Page, Reopen, Store, StoreError};
 
 /// Requests drained after the first one into one batch (one sync). At
 /// 100-byte messages a batch holds well under a megabyte of payloads.
@@ -309,9 +309,34 @@ pub struct StoreCounters {
     /// tells where a slow SEND_ACK waited: for the thread (a backlog, or
     /// a thread that got no CPU) or for the disk.
     pub queue_wait: crate::stats::Histogram,
+    /// [`StoreCounters::durability`]: 0 none, 1 `os`, 2 `fsync`.
+    durability: AtomicU8,
 }
 
 impl StoreCounters {
+    /// What a message stored now survives, as the store said at its last
+    /// batch ([`Store::durability`]); receipts report it. It can change
+    /// while the server runs: the Redis store reads Redis's persistence
+    /// settings again at each reconnect and every
+    /// [`super::redis::DURABILITY_RECHECK`], and learns them only once
+    /// Redis answers.
+    pub fn durability(&self) -> Option<Durability> {
+        match self.durability.load(Ordering::Relaxed) {
+            2 => Some(Durability::Fsync),
+            1 => Some(Durability::Os),
+            _ => None,
+        }
+    }
+
+    fn set_durability(&self, d: Option<Durability>) {
+        let v = match d {
+            Some(Durability::Fsync) => 2,
+            Some(Durability::Os) => 1,
+            None => 0,
+        };
+        self.durability.store(v, Ordering::Relaxed);
+    }
+
     /// Whether a shard of the store has stopped after a failed write (it
     /// serves nothing until it is opened again: the module doc).
     pub fn stopped(&self) -> bool {
@@ -673,6 +698,7 @@ impl Forgotten {
 
 impl<T: Send + 'static, S: Sink<T>> Worker<T, S> {
     fn run(mut self) -> Result<(), StoreError> {
+        self.counters.set_durability(self.store.durability());
         let mut batch: Vec<(T, Request)> = Vec::with_capacity(MAX_BATCH + 1);
         let mut next_expire = Instant::now() + self.cfg.expire_interval;
         let mut expiring = false;
@@ -1051,6 +1077,7 @@ impl<T: Send + 'static, S: Sink<T>> Worker<T, S> {
     /// this shard's changed since it last did (every shard adds into the
     /// same counters).
     fn publish_held(&mut self) {
+        self.counters.set_durability(self.store.durability());
         let (messages, bytes) = self.store.held();
         let stopped = self.store.stopped();
         let (m0, b0, s0) = std::mem::replace(&mut self.published, (messages, bytes, stopped));
