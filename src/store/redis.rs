@@ -124,7 +124,8 @@
 //! can take the last second, a crash of the Redis process loses nothing
 //! (Redis writes the AOF before it answers); no AOF: a Redis restart loses
 //! everything. [`RedisStore::durability`] reports what the masters said
-//! at the last (re)connect or [`DURABILITY_RECHECK`], whichever came later.
+//! when last asked: at every (re)connect, and every
+//! [`DURABILITY_RECHECK`] in between.
 
 use std::collections::HashMap;
 use std::sync::LazyLock;
