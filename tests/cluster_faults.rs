@@ -1,8 +1,10 @@
 //! Faults of a cluster, with real processes: a Switchboard node killed
 //! with SIGKILL mid-stream, Redis stopped with SIGSTOP for 5 s, Redis
 //! restarted, the presence of a killed node expiring within its bound,
-//! and a node's worker mailboxes full when another node's notices come.
-//! Nodes run with a 200 ms heartbeat and a 600 ms node TTL.
+//! a node's worker mailboxes full when another node's notices come, a
+//! device whose dead connection on one node is followed by its login on
+//! another, and Redis's persistence settings changed under a running
+//! node. Nodes run with a 200 ms heartbeat and a 600 ms node TTL.
 
 mod common;
 
