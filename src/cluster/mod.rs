@@ -157,6 +157,11 @@ impl ClusterCounters {
     }
 }
 
+/// This host's clock, in Unix milliseconds.
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
 /// [`Link`]'s clock offset before the first heartbeat has measured it.
 const CLOCK_UNKNOWN: i64 = i64::MIN;
 
@@ -190,9 +195,7 @@ impl Link {
         if offset == CLOCK_UNKNOWN {
             return 0;
         }
-        let local =
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
-        local.saturating_add_signed(offset)
+        unix_ms().saturating_add_signed(offset)
     }
 
     /// Records Redis's clock as a heartbeat read it: `redis_ms`, read
@@ -270,7 +273,7 @@ mod tests {
         let (link, _rx) = queue(16, DEFAULT_QUEUE_MAX_BYTES, Arc::from("n1"));
         assert_eq!(link.now_ms(), 0, "no heartbeat yet");
         link.set_clock(10_000, 4_000, 4_010);
-        let local = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+        let local = unix_ms();
         let now = link.now_ms();
         assert!((local + 5_995..=local + 5_995 + 1_000).contains(&now), "{now} against {local}");
         // A clock behind this host's.

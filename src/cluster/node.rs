@@ -38,7 +38,7 @@ use std::collections::{HashMap, HashSet};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -46,7 +46,7 @@ use redis::{Cmd, RedisResult, Value};
 
 use super::routes::{Nodes, RouteCache};
 use super::wire::{self, BatchWriter, Record};
-use super::{ClusterCounters, DeviceReplaced, Event, Link};
+use super::{unix_ms, ClusterCounters, DeviceReplaced, Event, Link};
 use crate::config::{ClusterConfig, RedisAddrs};
 use crate::proto::codes::CloseCode;
 use crate::runtime::inbox::Held;
@@ -154,10 +154,6 @@ async fn within<T>(limit: Duration, fut: impl std::future::Future<Output = Redis
     tokio::time::timeout(limit, fut).await.unwrap_or_else(|_| {
         Err(redis::RedisError::from(std::io::Error::new(std::io::ErrorKind::TimedOut, "redis timed out")))
     })
-}
-
-fn unix_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 /// The running thread; stopped (after a last turn) when dropped.
