@@ -99,9 +99,22 @@ pub struct Receipt {
     /// process or of the machine; `Some(Os)`: a crash of the process;
     /// `None`: nothing (the memory store, or an at-most-once push). With
     /// the Redis store, of the Redis process or host, as its masters'
-    /// `appendonly`/`appendfsync` said when the store was opened (`None`
-    /// without an AOF or when `CONFIG GET` is refused).
+    /// `appendonly`/`appendfsync` say (read again at every reconnect and
+    /// every 5 s; `None` without an AOF or when `CONFIG GET` is refused).
     pub durability: Option<crate::store::Durability>,
+}
+
+/// Options of a reliable push ([`crate::Handle::push_reliable_with`]).
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct ReliablePush {
+    /// The idempotency key: a push with the same non-zero key to the same
+    /// user within `delivery.dedup_window_ms` is stored once. 0 = none.
+    pub client_id: u64,
+    /// The message expires this long after it is stored: from then on it
+    /// is not delivered to a device that did not have it yet (one
+    /// connected when it is stored gets it at once). Rounded to whole
+    /// milliseconds (at least 1). `None`: only `store.ttl_ms` applies.
+    pub ttl: Option<std::time::Duration>,
 }
 
 /// Outcome of a room publish or a broadcast.

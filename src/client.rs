@@ -188,7 +188,26 @@ impl Client {
         to: &str,
         payload: &[u8],
     ) -> Result<(), ClientError> {
-        self.send_frame(&Frame::SendEx { req_id, flags, client_id, to, payload })
+        self.send_frame(&Frame::SendEx { req_id, flags, client_id, ttl_ms: 0, to, payload })
+    }
+
+    /// [`Client::send_ex`] of a message that expires `ttl_ms` (at least 1)
+    /// after the server stored it: a device that has not had it by then
+    /// never gets it (docs/PROTOCOL.md 15.9). Sets [`SEND_EX_TTL`] in
+    /// `flags`.
+    ///
+    /// [`SEND_EX_TTL`]: crate::proto::frame::SEND_EX_TTL
+    pub fn send_ex_with_ttl(
+        &mut self,
+        req_id: u32,
+        flags: u8,
+        client_id: u64,
+        ttl_ms: u32,
+        to: &str,
+        payload: &[u8],
+    ) -> Result<(), ClientError> {
+        let flags = flags | crate::proto::frame::SEND_EX_TTL;
+        self.send_frame(&Frame::SendEx { req_id, flags, client_id, ttl_ms, to, payload })
     }
 
     /// Acknowledges every inbox message up to `seq` (cumulative).
@@ -398,7 +417,14 @@ mod tests {
                 Frame::Login { user: "alice", token: b"t0k", device: Some("phone"), last_seq: 41 },
                 Frame::Ack { seq: 42 },
                 Frame::Fetch { req_id: 3, after_seq: 42, limit: 100 },
-                Frame::SendEx { req_id: 7, flags: SEND_EX_AT_MOST_ONCE, client_id: 1001, to: "bob", payload: b"yo" },
+                Frame::SendEx {
+                    req_id: 7,
+                    flags: SEND_EX_AT_MOST_ONCE,
+                    client_id: 1001,
+                    ttl_ms: 0,
+                    to: "bob",
+                    payload: b"yo"
+                },
             ]
         );
     }

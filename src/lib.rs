@@ -62,8 +62,8 @@ pub use proto::codes::{CloseCode, ErrorCode, LoginErrorCode};
 pub use runtime::DriverKind;
 pub use server::{
     ClientMessage, ClientMessageKind, Handle, InboxStateError, MessageHook, PendingAnswer, PendingForget,
-    PendingInboxState, PendingPush, Published, PushError, Pushed, Receipt, Server, ServerBuilder, ServerError,
-    StartError,
+    PendingInboxState, PendingPush, Published, PushError, Pushed, Receipt, ReliablePush, Server, ServerBuilder,
+    ServerError, StartError,
 };
 pub use stats::Stats;
 pub use store::{Durability, Store};

@@ -18,7 +18,8 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 pub use crate::app::{
-    CeilingSample, ClientMessage, ClientMessageKind, Published, PushError, Pushed, Receipt, ServerError, StartError,
+    CeilingSample, ClientMessage, ClientMessageKind, Published, PushError, Pushed, Receipt, ReliablePush, ServerError,
+    StartError,
 };
 use crate::auth::{Authenticator, JwtHs256};
 use crate::config::{Config, ConfigError};
@@ -89,6 +90,19 @@ impl Handle {
         payload: impl AsRef<[u8]>,
         client_id: u64,
     ) -> Result<PendingPush, PushError> {
+        self.push_reliable_with(user, payload, ReliablePush { client_id, ..ReliablePush::default() })
+    }
+
+    /// [`Handle::push_reliable`] with every option: the idempotency key
+    /// and an expiry of the message's own (docs/PROTOCOL.md 15.9): from
+    /// `ttl` after it is stored, it is no longer delivered to a device
+    /// that did not have it yet.
+    pub fn push_reliable_with(
+        &self,
+        user: &str,
+        payload: impl AsRef<[u8]>,
+        opts: ReliablePush,
+    ) -> Result<PendingPush, PushError> {
         Self::check_user(user)?;
         self.check_open()?;
         let store = self.shared.store.get().ok_or(PushError::NoStore)?;
@@ -97,15 +111,17 @@ impl Handle {
         if payload.len() > max {
             return Err(PushError::PayloadTooLarge { len: payload.len(), max });
         }
+        let ttl_ms = opts.ttl.map_or(0, |t| (t.as_millis() as u64).max(1));
+        let ts_ms =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
         let msg = crate::store::NewMessage {
             to: Arc::from(user),
             from: Arc::from(""),
             msg_id: self.shared.next_msg_id.fetch_add(1, Ordering::Relaxed),
-            ts_ms: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as u64),
+            ts_ms,
             payload: bytes::Bytes::copy_from_slice(payload),
-            client_id,
+            client_id: opts.client_id,
+            expires_ms: crate::store::expires_at(ts_ms, ttl_ms),
         };
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
         let token =

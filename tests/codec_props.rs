@@ -7,7 +7,7 @@
 use proptest::prelude::*;
 use switchboard::proto::frame::{
     decode, DecodeError, Frame, FrameType, SendOutcome, HEADER_LEN, MAX_DEVICE_ID_BYTES, MAX_PING_DATA,
-    SEND_EX_AT_MOST_ONCE,
+    SEND_EX_AT_MOST_ONCE, SEND_EX_TTL,
 };
 
 const MAX: usize = 64 * 1024;
@@ -51,7 +51,10 @@ fn build<'a>(k: u8, n64: u64, n32: u32, n16: u16, s: &'a str, text: &'a str, p: 
         14 => Frame::Ack { seq: n64 },
         15 => Frame::Fetch { req_id: n32, after_seq: n64, limit: n16.max(1) },
         16 => {
-            Frame::SendEx { req_id: n32, flags: (n16 as u8) & SEND_EX_AT_MOST_ONCE, client_id: n64, to: s, payload: p }
+            // Bit 1 of n16 chooses an expiry (SEND_EX_TTL and a ttl_ms of at least 1).
+            let ttl_ms = if n16 & 2 != 0 { n32.max(1) } else { 0 };
+            let flags = ((n16 as u8) & SEND_EX_AT_MOST_ONCE) | if ttl_ms != 0 { SEND_EX_TTL } else { 0 };
+            Frame::SendEx { req_id: n32, flags, client_id: n64, ttl_ms, to: s, payload: p }
         }
         17 | 18 => Frame::SendResult {
             req_id: n32,

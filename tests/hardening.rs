@@ -254,6 +254,7 @@ fn a_connection_overflowing_its_queue_during_a_read_is_one_slow_consumer() {
         req_id: 0,
         flags: switchboard::proto::frame::SEND_EX_AT_MOST_ONCE,
         client_id: 0,
+        ttl_ms: 0,
         to: "hoarder",
         payload: &payload,
     }

@@ -1020,3 +1020,88 @@ fn a_device_logging_in_again_replaces_its_silent_old_connection() {
     let mut seen_laptop = Seen::default();
     read_until(&mut laptop, &mut seen_laptop, u64::MAX, Duration::from_secs(5), |s| s.have >= 3);
 }
+
+/// What a device connection is sent, in order: INBOX (seq, payload) and
+/// SYNC frames.
+#[derive(Debug, PartialEq)]
+enum Got {
+    Inbox(u64, String),
+    Sync { req_id: u32, position: u64, head_seq: u64, page_end: u64 },
+}
+
+/// The INBOX and SYNC frames arriving on `c` until `n` INBOX frames have
+/// come or `limit` passes; acknowledges none.
+fn inbox_frames(c: &mut Client, n: usize, limit: Duration) -> Vec<Got> {
+    c.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+    let end = Instant::now() + limit;
+    let mut got = Vec::new();
+    while got.iter().filter(|g| matches!(g, Got::Inbox(..))).count() < n && Instant::now() < end {
+        match c.recv_skipping_pings() {
+            Ok(f) => match f.frame() {
+                Frame::Inbox { seq, payload, .. } => got.push(Got::Inbox(seq, String::from_utf8_lossy(payload).into())),
+                Frame::Sync { req_id, position, head_seq, page_end } => {
+                    got.push(Got::Sync { req_id, position, head_seq, page_end })
+                }
+                other => panic!("unexpected frame {other:?}"),
+            },
+            Err(e) if e.is_timeout() => {}
+            Err(e) => panic!("connection failed: {e}"),
+        }
+    }
+    got
+}
+
+#[test]
+fn messages_past_their_own_expiry_are_not_delivered_to_a_device_back_later() {
+    let mut cfg = config();
+    // Login pages of two: the expired messages fall inside the pages.
+    cfg.delivery.first_page = 2;
+    let server = common::start(cfg);
+    let addr = server.local_addr();
+    let handle = server.handle();
+    // The tablet is connected while the messages are stored; the phone is not.
+    let mut tablet = device_login(addr, "ivy", "tablet", 0);
+    let (mut gus, _) = common::login(addr, "gus");
+    let stored = |gus: &mut Client, req_id: u32| match gus.recv_skipping_pings().unwrap().frame() {
+        Frame::SendAck { req_id: r, .. } | Frame::SendResult { req_id: r, outcome: SendOutcome::Stored, .. } => {
+            assert_eq!(r, req_id)
+        }
+        other => panic!("expected the SEND's answer, got {other:?}"),
+    };
+    gus.send(1, "ivy", b"keep 1").unwrap();
+    stored(&mut gus, 1);
+    gus.send_ex_with_ttl(2, 0, 0, 1_000, "ivy", b"call invite").unwrap();
+    stored(&mut gus, 2);
+    let ttl = Some(Duration::from_millis(1_000));
+    let otp = switchboard::ReliablePush { client_id: 0, ttl };
+    assert_eq!(handle.push_reliable_with("ivy", "one-time code", otp).unwrap().wait().unwrap().seq, 3);
+    gus.send_ex_with_ttl(4, 0, 0, 60_000, "ivy", b"fresh for a minute").unwrap();
+    stored(&mut gus, 4);
+    gus.send(5, "ivy", b"keep 2").unwrap();
+    stored(&mut gus, 5);
+    // A device connected when they are stored gets every one at once
+    // (within the second the two short-lived ones have).
+    let live = inbox_frames(&mut tablet, 5, Duration::from_secs(5));
+    let seqs: Vec<u64> = live.iter().filter_map(|g| if let Got::Inbox(s, _) = g { Some(*s) } else { None }).collect();
+    assert_eq!(seqs, [1, 2, 3, 4, 5]);
+    tablet.ack(5).unwrap();
+    std::thread::sleep(Duration::from_millis(1_300));
+    // The phone logs in after two of them expired. Its first page (1–2)
+    // brings 1 only; what is left of the page after it (2) expired with 3,
+    // so a second SYNC moves the page past them (PROTOCOL.md 15.7) and 4
+    // comes; 5 after a FETCH.
+    let inbox = |s: u64, p: &str| Got::Inbox(s, p.to_string());
+    let sync = |req_id, position, page_end| Got::Sync { req_id, position, head_seq: 5, page_end };
+    let mut phone = device_login(addr, "ivy", "phone", 0);
+    let got = inbox_frames(&mut phone, 2, Duration::from_secs(5));
+    assert_eq!(got, [sync(0, 0, 2), inbox(1, "keep 1"), sync(0, 0, 4), inbox(4, "fresh for a minute")]);
+    phone.fetch(8, 4, 10).unwrap();
+    assert_eq!(inbox_frames(&mut phone, 1, Duration::from_secs(5)), [sync(8, 4, 5), inbox(5, "keep 2")]);
+    phone.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+    assert!(phone.recv_skipping_pings().unwrap_err().is_timeout(), "nothing more");
+    phone.ack(5).unwrap();
+    // History read again (a FETCH below the position) leaves them out too.
+    phone.fetch(9, 0, 10).unwrap();
+    let again = inbox_frames(&mut phone, 3, Duration::from_secs(5));
+    assert_eq!(again, [sync(9, 5, 5), inbox(1, "keep 1"), inbox(4, "fresh for a minute"), inbox(5, "keep 2")]);
+}

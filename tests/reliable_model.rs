@@ -206,10 +206,11 @@ impl World {
             ts_ms: 0,
             payload: Bytes::from(self.appended.to_string()),
             client_id: 0,
+            expires_ms: 0,
         };
         let switchboard::store::Appended::New { seq } = self.store.append(&m, 0).unwrap() else { panic!("dup") };
         assert_eq!(seq, self.appended);
-        let stored = StoredMessage { seq, msg_id: m.msg_id, ts_ms: 0, from: m.from, payload: m.payload };
+        let stored = StoredMessage { seq, msg_id: m.msg_id, ts_ms: 0, from: m.from, payload: m.payload, expires_ms: 0 };
         for dev in &mut self.devices {
             if let Some(c) = dev.conn.as_mut() {
                 c.notices.push_back(stored.clone());

@@ -126,6 +126,7 @@ fn round(dir: &std::path::Path, users: &[Arc<str>], payload: &Bytes) -> Spent {
                 ts_ms: now_ms,
                 payload: payload.clone(),
                 client_id: 0,
+                expires_ms: 0,
             };
             let t = Instant::now();
             let seq = match store.append(&m, now_ms).expect("append") {

@@ -61,7 +61,15 @@ struct Epoch {
 }
 
 fn message(to: &Arc<str>, from: &Arc<str>, id: u64, now_ms: u64, payload: &Bytes) -> NewMessage {
-    NewMessage { to: to.clone(), from: from.clone(), msg_id: id, ts_ms: now_ms, payload: payload.clone(), client_id: 0 }
+    NewMessage {
+        to: to.clone(),
+        from: from.clone(),
+        msg_id: id,
+        ts_ms: now_ms,
+        payload: payload.clone(),
+        client_id: 0,
+        expires_ms: 0,
+    }
 }
 
 fn round(dir: &std::path::Path, users: &[Arc<str>], payload: &Bytes) -> Vec<Epoch> {

@@ -145,6 +145,7 @@ fn round(dir: &std::path::Path, shards: usize, users: &[Arc<str>], payload: &Byt
                             ts_ms: unix_ms(),
                             payload: payload.clone(),
                             client_id: 0,
+                            expires_ms: 0,
                         };
                         if submitter.try_submit_unwoken((), Request::Append(m)).is_err() {
                             break;

@@ -15,7 +15,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::guard::Scope;
-use crate::server::{Handle, PendingPush, PushError};
+use crate::server::{Handle, PendingPush, PushError, ReliablePush};
 
 /// The routes the API serves.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
@@ -324,6 +324,10 @@ fn stats(h: &Handle) -> Answer {
 
 // ---- The JSON commands -------------------------------------------------
 
+/// Longest `ttl_ms` of a push: the most SEND_EX's `ttl_ms` (u32) carries,
+/// about 49.7 days (`store.ttl_ms` drops a message sooner if it is shorter).
+const MAX_TTL_MS: u64 = u32::MAX as u64;
+
 /// A message payload: `payload` (standard base64) or `text` (UTF-8), one
 /// of the two.
 #[derive(Deserialize, Default)]
@@ -338,6 +342,7 @@ struct PushParams {
     text: Option<String>,
     mode: Option<Mode>,
     client_id: Option<u64>,
+    ttl_ms: Option<u64>,
 }
 
 #[derive(Deserialize, Copy, Clone, PartialEq, Eq)]
@@ -496,30 +501,29 @@ impl Stopped {
     }
 }
 
-/// Pushes `body` to `user`, unless a push to `user` earlier in the batch
-/// failed (`stopped`, `i`: this command's index).
+/// Pushes `body` to `user` (stored as `reliable` says, or at most once
+/// for `None`), unless a push to `user` earlier in the batch failed
+/// (`stopped`, `i`: this command's index).
 fn push_one(
     h: &Handle,
     user: &str,
     body: &[u8],
-    reliable: bool,
-    client_id: u64,
+    reliable: Option<ReliablePush>,
     stopped: &mut Stopped,
     i: usize,
 ) -> Exec {
     if let Some(skip) = stopped.skip(user, i) {
         return skip;
     }
-    let exec = if !reliable {
-        match h.push_to_user(user, body) {
+    let exec = match reliable {
+        None => match h.push_to_user(user, body) {
             Ok(p) => Exec::Pushed(p),
             Err(e) => Exec::Now(push_error(e)),
-        }
-    } else {
-        match h.push_reliable(user, body, client_id) {
+        },
+        Some(opts) => match h.push_reliable_with(user, body, opts) {
             Ok(p) => Exec::Later(Later::Push(p)),
             Err(e) => Exec::Now(push_error(e)),
-        }
+        },
     };
     stopped.note(i, user, &exec);
     exec
@@ -531,6 +535,7 @@ fn push(h: &Handle, p: PushParams, lists: Lists, stopped: &mut Stopped, i: usize
         Some(m) => m == Mode::Reliable,
     };
     let client_id = p.client_id.unwrap_or(0);
+    let ttl_ms = p.ttl_ms;
     let PushParams { user, users, raw, payload: b64, text, .. } = p;
     let failed = |a: Answer, stopped: &mut Stopped| {
         let exec = Exec::Now(a);
@@ -547,8 +552,15 @@ fn push(h: &Handle, p: PushParams, lists: Lists, stopped: &mut Stopped, i: usize
         // Nothing is stored, so there is nothing to deduplicate against.
         return failed(error(400, "client_id: only for reliable pushes"), stopped);
     }
+    let ttl = match ttl_ms {
+        None => None,
+        Some(_) if !reliable => return failed(error(400, "ttl_ms: only for reliable pushes"), stopped),
+        Some(ms @ 1..=MAX_TTL_MS) => Some(Duration::from_millis(ms)),
+        Some(ms) => return failed(error(400, format!("ttl_ms: {ms} is not from 1 to {MAX_TTL_MS}")), stopped),
+    };
+    let reliable = reliable.then_some(ReliablePush { client_id, ttl });
     match (&user, &users) {
-        (Some(user), None) => push_one(h, user, &body, reliable, client_id, stopped, i),
+        (Some(user), None) => push_one(h, user, &body, reliable, stopped, i),
         (None, Some(users)) => {
             if users.len() > lists.max_items {
                 let a = error(413, format!("users: {} over the limit of {}", users.len(), lists.max_items));
@@ -559,7 +571,7 @@ fn push(h: &Handle, p: PushParams, lists: Lists, stopped: &mut Stopped, i: usize
             let parts = users
                 .iter()
                 .map(|u| {
-                    let exec = push_one(h, u, &body, reliable, client_id, stopped, i);
+                    let exec = push_one(h, u, &body, reliable, stopped, i);
                     (u.clone(), exec)
                 })
                 .collect();
@@ -828,6 +840,11 @@ fn from_query(c: &Call<'_>) -> Result<Command, Answer> {
                 None => None,
                 Some(Ok(id)) => Some(id),
                 Some(Err(_)) => return Err(error(400, "client_id must be an integer 0..2^64-1")),
+            },
+            ttl_ms: match param(c.query, "ttl_ms").map(str::parse::<u64>) {
+                None => None,
+                Some(Ok(ms)) => Some(ms),
+                Some(Err(_)) => return Err(error(400, format!("ttl_ms must be an integer from 1 to {MAX_TTL_MS}"))),
             },
             ..PushParams::default()
         }),

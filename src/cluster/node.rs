@@ -1049,7 +1049,10 @@ impl Node {
                 }
                 Record::Stored { user, seq, msg_id, ts_ms, from, payload } => {
                     let (Some(user), Some(from)) = (as_str(&user), as_str(&from)) else { continue };
-                    let msg = Arc::new(StoredMessage { seq, msg_id, ts_ms, from: Arc::from(from), payload });
+                    // A live notice: its expiry, not on the wire, is not looked at
+                    // here (it is checked where messages are read from the store).
+                    let msg =
+                        Arc::new(StoredMessage { seq, msg_id, ts_ms, from: Arc::from(from), payload, expires_ms: 0 });
                     let n = shared.route_stored_by(user, &msg, |index, mb, cmd| self.notify(index, mb, cmd));
                     if n == 0 {
                         self.not_here(user);

@@ -179,6 +179,17 @@ pub struct LoginRefused {
     pub reason: String,
 }
 
+/// How a SEND to be stored is stored (SEND_EX's fields; a plain SEND
+/// has neither).
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct StoreOpts {
+    /// The sender's idempotency key; 0 = none.
+    pub client_id: u64,
+    /// The message expires this long after it is stored; 0 = only
+    /// `store.ttl_ms` applies.
+    pub ttl_ms: u32,
+}
+
 /// What a connection needs from the server around it. The worker carries
 /// these out against its write slot, the directory, the rooms and the
 /// application; tests record them.
@@ -204,16 +215,17 @@ pub trait Env {
     /// `to` online now. Returns the PUSH's msg_id and how many connections
     /// it was handed to.
     fn send(&mut self, from: &Arc<str>, to: &str, payload: &[u8]) -> (u64, u32);
-    /// A reliable SEND (`ex`: SEND_EX) to store in `to`'s inbox. Its
-    /// answer (SEND_ACK, SEND_RESULT or ERROR) comes later, from the
-    /// runtime, once the store has it. Err: the ERROR to answer now.
+    /// A reliable SEND (`ex`: SEND_EX) to store in `to`'s inbox, as
+    /// `opts` says. Its answer (SEND_ACK, SEND_RESULT or ERROR) comes
+    /// later, from the runtime, once the store has it. Err: the ERROR to
+    /// answer now.
     fn store_send(
         &mut self,
         from: &Arc<str>,
         to: &str,
         payload: &[u8],
         req_id: u32,
-        client_id: u64,
+        opts: StoreOpts,
         ex: bool,
     ) -> Result<(), (ErrorCode, String)>;
     /// A device logged in (LOGIN with a device id, after LOGIN_OK): its
@@ -753,13 +765,15 @@ impl Connection {
             }
             Frame::Pong { .. } => {}
             Frame::Send { req_id, to, payload } => {
-                let store = rules.reliable_send.then_some(0);
+                let store = rules.reliable_send.then_some(StoreOpts::default());
                 self.send(req_id, to, payload, false, store, rules, env)
             }
-            Frame::SendEx { req_id, flags, client_id, to, payload } => {
+            Frame::SendEx { req_id, flags, client_id, ttl_ms, to, payload } => {
                 // Without a store it is relayed as a SEND is, and its
-                // SEND_RESULT says so (outcome relayed, seq 0).
-                let store = (flags & SEND_EX_AT_MOST_ONCE == 0 && rules.has_store).then_some(client_id);
+                // SEND_RESULT says so (outcome relayed, seq 0); its
+                // `ttl_ms` then has nothing to expire.
+                let store =
+                    (flags & SEND_EX_AT_MOST_ONCE == 0 && rules.has_store).then_some(StoreOpts { client_id, ttl_ms });
                 self.send(req_id, to, payload, true, store, rules, env)
             }
             Frame::Ack { seq } => {
@@ -852,8 +866,7 @@ impl Connection {
     }
 
     /// SEND (`ex`: SEND_EX, answered with SEND_RESULT instead of
-    /// SEND_ACK): stored (`store`: the client id, 0 for none) or relayed at
-    /// most once.
+    /// SEND_ACK): stored (`store`: how) or relayed at most once.
     #[allow(clippy::too_many_arguments)]
     fn send(
         &mut self,
@@ -861,7 +874,7 @@ impl Connection {
         to: &str,
         payload: &[u8],
         ex: bool,
-        store: Option<u64>,
+        store: Option<StoreOpts>,
         rules: &Rules,
         env: &mut impl Env,
     ) {
@@ -883,9 +896,9 @@ impl Connection {
             let reason = format!("payload of {} bytes: at most {max} fit {fits} from this user", payload.len());
             return error(env, ErrorCode::PayloadTooLarge, req_id, &reason);
         }
-        if let Some(client_id) = store {
+        if let Some(opts) = store {
             // Answered by the runtime once the store has it.
-            if let Err((code, reason)) = env.store_send(from, to, payload, req_id, client_id, ex) {
+            if let Err((code, reason)) = env.store_send(from, to, payload, req_id, opts, ex) {
                 error(env, code, req_id, &reason);
             }
             return;
@@ -1077,6 +1090,7 @@ fn room_ack(env: &mut impl Env, req_id: u32, op: RoomOp, room: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proto::frame::SEND_EX_TTL;
 
     /// What the connection asked of its environment.
     #[derive(Clone, Debug, PartialEq)]
@@ -1086,7 +1100,7 @@ mod tests {
         Wire(Wire),
         Open(Bytes),
         Send { to: String, payload: Vec<u8> },
-        Store { to: String, req_id: u32, client_id: u64, ex: bool },
+        Store { to: String, req_id: u32, opts: StoreOpts, ex: bool },
         Device { device: String, last_seq: u64 },
         Ack(u64),
         Fetch { req_id: u32, after_seq: u64, limit: u16 },
@@ -1159,10 +1173,10 @@ mod tests {
             to: &str,
             _payload: &[u8],
             req_id: u32,
-            client_id: u64,
+            opts: StoreOpts,
             ex: bool,
         ) -> Result<(), (ErrorCode, String)> {
-            self.evs.push(Ev::Store { to: to.into(), req_id, client_id, ex });
+            self.evs.push(Ev::Store { to: to.into(), req_id, opts, ex });
             Ok(())
         }
         fn device_login(&mut self, _user: &Arc<str>, device: &str, last_seq: u64) -> Result<(), (CloseCode, String)> {
@@ -1652,8 +1666,23 @@ mod tests {
         let too_big = vec![0u8; r.max_inbox_payload("u") + 1];
         for f in [
             Frame::Send { req_id: 1, to: "v", payload: b"stored" },
-            Frame::SendEx { req_id: 2, flags: 0, client_id: 99, to: "v", payload: b"once" },
-            Frame::SendEx { req_id: 3, flags: SEND_EX_AT_MOST_ONCE, client_id: 0, to: "u", payload: b"live" },
+            Frame::SendEx { req_id: 2, flags: 0, client_id: 99, ttl_ms: 0, to: "v", payload: b"once" },
+            Frame::SendEx {
+                req_id: 3,
+                flags: SEND_EX_AT_MOST_ONCE,
+                client_id: 0,
+                ttl_ms: 0,
+                to: "u",
+                payload: b"live",
+            },
+            Frame::SendEx {
+                req_id: 7,
+                flags: SEND_EX_TTL,
+                client_id: 0,
+                ttl_ms: 30_000,
+                to: "v",
+                payload: b"soon gone",
+            },
             Frame::Send { req_id: 4, to: "v", payload: &too_big },
             Frame::Ack { seq: 5 },
             Frame::Fetch { req_id: 6, after_seq: 5, limit: 100 },
@@ -1665,8 +1694,10 @@ mod tests {
             c.settle();
         }
         assert!(env.evs.contains(&Ev::Device { device: "phone".into(), last_seq: 7 }));
-        assert!(env.evs.contains(&Ev::Store { to: "v".into(), req_id: 1, client_id: 0, ex: false }));
-        assert!(env.evs.contains(&Ev::Store { to: "v".into(), req_id: 2, client_id: 99, ex: true }));
+        let opts = |client_id, ttl_ms| StoreOpts { client_id, ttl_ms };
+        assert!(env.evs.contains(&Ev::Store { to: "v".into(), req_id: 1, opts: opts(0, 0), ex: false }));
+        assert!(env.evs.contains(&Ev::Store { to: "v".into(), req_id: 2, opts: opts(99, 0), ex: true }));
+        assert!(env.evs.contains(&Ev::Store { to: "v".into(), req_id: 7, opts: opts(0, 30_000), ex: true }));
         assert!(env.evs.contains(&Ev::Send { to: "u".into(), payload: b"live".to_vec() }));
         assert!(!env.evs.iter().any(|e| matches!(e, Ev::Store { req_id: 4, .. })), "too large to store");
         assert!(env.evs.contains(&Ev::Ack(5)));
@@ -1680,7 +1711,7 @@ mod tests {
         let (mut c, mut env) = (raw(), Rec::default());
         let mut s = login("u", "good");
         s.extend_from_slice(
-            &Frame::SendEx { req_id: 8, flags: 0, client_id: 1, to: "v", payload: b"x" }.to_bytes().unwrap(),
+            &Frame::SendEx { req_id: 8, flags: 0, client_id: 1, ttl_ms: 0, to: "v", payload: b"x" }.to_bytes().unwrap(),
         );
         for (i, b) in s.iter().enumerate() {
             c.on_read(&mut [*b], i as Tick, &r, &mut env);

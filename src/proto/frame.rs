@@ -67,7 +67,11 @@ const _: () = assert!(MAX_LOGIN_FRAME_BYTES == 4433);
 /// are reserved and must be 0.
 pub const SEND_EX_AT_MOST_ONCE: u8 = 1;
 /// Every SEND_EX flag this protocol version knows.
-pub const SEND_EX_KNOWN_FLAGS: u8 = SEND_EX_AT_MOST_ONCE;
+pub const SEND_EX_KNOWN_FLAGS: u8 = SEND_EX_AT_MOST_ONCE | SEND_EX_TTL;
+/// SEND_EX `flags` bit 1: a `ttl_ms: u32` (at least 1) follows
+/// `client_id`; the stored message expires that long after it was stored
+/// (docs/PROTOCOL.md 15.9).
+pub const SEND_EX_TTL: u8 = 2;
 /// Bytes of an INBOX frame besides `from` and `payload`: the header (6),
 /// `seq`, `msg_id` and `ts_ms` (8 each) and the `from` length (1).
 pub const INBOX_OVERHEAD_BYTES: usize = HEADER_LEN + 8 + 8 + 8 + 1;
@@ -246,9 +250,11 @@ pub enum Frame<'a> {
     /// of `after_seq`.
     Fetch { req_id: u32, after_seq: u64, limit: u16 },
     /// Client → server: SEND with a delivery choice and an idempotency key.
-    /// `req_id: u32, flags: u8, client_id: u64, to: str8, payload: rest`;
-    /// `flags`: [`SEND_EX_AT_MOST_ONCE`] or 0; `client_id` 0 = none.
-    SendEx { req_id: u32, flags: u8, client_id: u64, to: &'a str, payload: &'a [u8] },
+    /// `req_id: u32, flags: u8, client_id: u64, [ttl_ms: u32,] to: str8,
+    /// payload: rest`; `flags`: [`SEND_EX_AT_MOST_ONCE`],
+    /// [`SEND_EX_TTL`] (then `ttl_ms` is on the wire, at least 1), both or
+    /// 0; `client_id` 0 = none; `ttl_ms` 0 = none (and not on the wire).
+    SendEx { req_id: u32, flags: u8, client_id: u64, ttl_ms: u32, to: &'a str, payload: &'a [u8] },
     /// Server → client, for a SEND_EX with `req_id != 0`: `req_id: u32,
     /// outcome: u8, seq: u64, msg_id: u64, delivered: u32`.
     SendResult { req_id: u32, outcome: SendOutcome, seq: u64, msg_id: u64, delivered: u32 },
@@ -547,7 +553,16 @@ fn decode_body(ty: FrameType, body: &[u8]) -> Result<Frame<'_>, DecodeError> {
                 return Err(DecodeError::UnknownFlags { frame: ty.name(), field: "flags", bits });
             }
             let client_id = r.u64("client_id")?;
-            Frame::SendEx { req_id, flags, client_id, to: r.nonempty_str8("to")?, payload: r.rest() }
+            let ttl_ms = if flags & SEND_EX_TTL != 0 {
+                let ttl_ms = r.u32("ttl_ms")?;
+                if ttl_ms == 0 {
+                    return Err(DecodeError::Zero { frame: ty.name(), field: "ttl_ms" });
+                }
+                ttl_ms
+            } else {
+                0
+            };
+            Frame::SendEx { req_id, flags, client_id, ttl_ms, to: r.nonempty_str8("to")?, payload: r.rest() }
         }
         FrameType::SendResult => {
             let req_id = r.u32("req_id")?;
@@ -647,7 +662,10 @@ impl Frame<'_> {
             Frame::Inbox { from, payload, .. } => 8 + 8 + 8 + 1 + from.len() + payload.len(),
             Frame::Ack { .. } => 8,
             Frame::Fetch { .. } => 4 + 8 + 2,
-            Frame::SendEx { to, payload, .. } => 4 + 1 + 8 + 1 + to.len() + payload.len(),
+            Frame::SendEx { flags, to, payload, .. } => {
+                let ttl = if flags & SEND_EX_TTL != 0 { 4 } else { 0 };
+                4 + 1 + 8 + ttl + 1 + to.len() + payload.len()
+            }
             Frame::SendResult { .. } => 4 + 1 + 8 + 8 + 4,
         }
     }
@@ -697,9 +715,15 @@ impl Frame<'_> {
             Frame::Fetch { limit: 0, .. } => {
                 return Err(EncodeError::Invalid { field: "limit", why: "must not be 0" });
             }
-            Frame::SendEx { flags, to, .. } => {
+            Frame::SendEx { flags, ttl_ms, to, .. } => {
                 if flags & !SEND_EX_KNOWN_FLAGS != 0 {
                     return Err(EncodeError::Invalid { field: "flags", why: "has bits this protocol does not define" });
+                }
+                if (flags & SEND_EX_TTL != 0) != (*ttl_ms != 0) {
+                    return Err(EncodeError::Invalid {
+                        field: "ttl_ms",
+                        why: "set (not 0) exactly when flags has SEND_EX_TTL",
+                    });
                 }
                 check_str8("to", to)?
             }
@@ -797,10 +821,13 @@ impl Frame<'_> {
                 dst.put_u64(*after_seq);
                 dst.put_u16(*limit);
             }
-            Frame::SendEx { req_id, flags, client_id, to, payload } => {
+            Frame::SendEx { req_id, flags, client_id, ttl_ms, to, payload } => {
                 dst.put_u32(*req_id);
                 dst.put_u8(*flags);
                 dst.put_u64(*client_id);
+                if flags & SEND_EX_TTL != 0 {
+                    dst.put_u32(*ttl_ms);
+                }
                 put_str8(dst, to);
                 dst.put_slice(payload);
             }
@@ -955,8 +982,30 @@ mod tests {
         roundtrip(Frame::Ack { seq: u64::MAX });
         roundtrip(Frame::Fetch { req_id: 3, after_seq: 61, limit: 1 });
         roundtrip(Frame::Fetch { req_id: 0, after_seq: u64::MAX, limit: u16::MAX });
-        roundtrip(Frame::SendEx { req_id: 7, flags: 0, client_id: 1001, to: "bob", payload: b"hi" });
-        roundtrip(Frame::SendEx { req_id: 0, flags: SEND_EX_AT_MOST_ONCE, client_id: 0, to: "b", payload: b"" });
+        roundtrip(Frame::SendEx { req_id: 7, flags: 0, client_id: 1001, ttl_ms: 0, to: "bob", payload: b"hi" });
+        roundtrip(Frame::SendEx {
+            req_id: 0,
+            flags: SEND_EX_AT_MOST_ONCE,
+            client_id: 0,
+            ttl_ms: 0,
+            to: "b",
+            payload: b"",
+        });
+        roundtrip(Frame::SendEx { req_id: 1, flags: SEND_EX_TTL, client_id: 5, ttl_ms: 1, to: "b", payload: b"x" });
+        let both = SEND_EX_AT_MOST_ONCE | SEND_EX_TTL;
+        roundtrip(Frame::SendEx { req_id: 2, flags: both, client_id: 0, ttl_ms: u32::MAX, to: "b", payload: b"" });
+        // The flag and the field go together, both ways.
+        let no_flag = Frame::SendEx { req_id: 3, flags: 0, client_id: 0, ttl_ms: 5, to: "b", payload: b"" };
+        assert!(matches!(no_flag.to_bytes(), Err(EncodeError::Invalid { field: "ttl_ms", .. })));
+        let no_ttl = Frame::SendEx { req_id: 3, flags: SEND_EX_TTL, client_id: 0, ttl_ms: 0, to: "b", payload: b"" };
+        assert!(matches!(no_ttl.to_bytes(), Err(EncodeError::Invalid { field: "ttl_ms", .. })));
+        // A ttl_ms of 0 on the wire is malformed (CLOSE 1002), as a FETCH limit of 0 is.
+        let mut zero = Frame::SendEx { req_id: 3, flags: SEND_EX_TTL, client_id: 0, ttl_ms: 7, to: "b", payload: b"" }
+            .to_bytes()
+            .unwrap()
+            .to_vec();
+        zero[19..23].copy_from_slice(&[0; 4]);
+        assert_eq!(decode(&zero, MAX), Err(DecodeError::Zero { frame: "SEND_EX", field: "ttl_ms" }));
         for outcome in [SendOutcome::Stored, SendOutcome::Duplicate, SendOutcome::Relayed] {
             roundtrip(Frame::SendResult { req_id: 7, outcome, seq: 43, msg_id: 9, delivered: 2 });
         }
@@ -1029,10 +1078,15 @@ mod tests {
             decode(&login(&[1, 0xff, 0, 0, 0, 0, 0, 0, 0, 0]), MAX),
             Err(DecodeError::InvalidUtf8 { frame: "LOGIN", field: "device" })
         );
-        // SEND_EX with flag bit 1 set, and with an empty target.
-        let e = decode(&frame(0x1a, &[0, 0, 0, 1, 0x03, 0, 0, 0, 0, 0, 0, 0, 0, 1, b'b']), MAX).unwrap_err();
-        assert_eq!(e, DecodeError::UnknownFlags { frame: "SEND_EX", field: "flags", bits: 0x02 });
-        assert_eq!(e.to_string(), "SEND_EX field `flags` has unknown flags 0x02");
+        // SEND_EX with flag bit 2 set, and with an empty target.
+        let e = decode(&frame(0x1a, &[0, 0, 0, 1, 0x05, 0, 0, 0, 0, 0, 0, 0, 0, 1, b'b']), MAX).unwrap_err();
+        assert_eq!(e, DecodeError::UnknownFlags { frame: "SEND_EX", field: "flags", bits: 0x04 });
+        assert_eq!(e.to_string(), "SEND_EX field `flags` has unknown flags 0x04");
+        // Flag bit 1 with its ttl_ms cut short.
+        assert_eq!(
+            decode(&frame(0x1a, &[0, 0, 0, 1, 0x02, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]), MAX),
+            Err(DecodeError::Truncated { frame: "SEND_EX", field: "ttl_ms" })
+        );
         assert_eq!(e.close_code(), CloseCode::ProtocolError);
         assert_eq!(
             decode(&frame(0x1a, &[0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]), MAX),
@@ -1074,7 +1128,7 @@ mod tests {
         invalid(Frame::Login { user: "u", token: b"t", device: None, last_seq: 1 }, "last_seq");
         invalid(Frame::Login { user: "u", token: b"t", device: Some(""), last_seq: 0 }, "device");
         invalid(Frame::Fetch { req_id: 1, after_seq: 1, limit: 0 }, "limit");
-        invalid(Frame::SendEx { req_id: 1, flags: 0x80, client_id: 1, to: "b", payload: b"" }, "flags");
+        invalid(Frame::SendEx { req_id: 1, flags: 0x80, client_id: 1, ttl_ms: 0, to: "b", payload: b"" }, "flags");
         let long = "d".repeat(MAX_DEVICE_ID_BYTES + 1);
         assert_eq!(
             Frame::Login { user: "u", token: b"t", device: Some(&long), last_seq: 0 }.to_bytes(),
@@ -1117,7 +1171,12 @@ mod tests {
         documented(
             "00 00 00 15 01 1a 00 00 00 07 00 00 00 00 00 00
              00 03 e9 03 62 6f 62 68 69",
-            Frame::SendEx { req_id: 7, flags: 0, client_id: 1001, to: "bob", payload: b"hi" },
+            Frame::SendEx { req_id: 7, flags: 0, client_id: 1001, ttl_ms: 0, to: "bob", payload: b"hi" },
+        );
+        documented(
+            "00 00 00 19 01 1a 00 00 00 09 02 00 00 00 00 00
+             00 00 00 00 00 75 30 03 62 6f 62 68 69",
+            Frame::SendEx { req_id: 9, flags: SEND_EX_TTL, client_id: 0, ttl_ms: 30_000, to: "bob", payload: b"hi" },
         );
         documented(
             "00 00 00 1b 01 1b 00 00 00 07 00 00 00 00 00 00

@@ -59,6 +59,7 @@ use thiserror::Error;
 
 use super::frame::{
     Frame, FrameType, RoomOp, SendOutcome, MAX_DEVICE_ID_BYTES, MAX_PING_DATA, MAX_USER_ID_BYTES, SEND_EX_AT_MOST_ONCE,
+    SEND_EX_TTL,
 };
 use super::ws::close;
 
@@ -85,7 +86,7 @@ pub enum ClientFrame {
     Close { code: u16, reason: String },
     Ack { seq: u64 },
     Fetch { req_id: u32, after_seq: u64, limit: u16 },
-    SendEx { req_id: u32, flags: u8, client_id: u64, to: String, payload: Vec<u8> },
+    SendEx { req_id: u32, flags: u8, client_id: u64, ttl_ms: u32, to: String, payload: Vec<u8> },
 }
 
 /// Why a text message is not a valid client message.
@@ -365,12 +366,18 @@ impl ClientFrame {
             }
             "send" => {
                 let (req_id, to, payload) = (f.req_id()?, f.name("to", MAX_USER_ID_BYTES)?, f.payload()?);
-                match (f.opt_u64("client_id")?, f.opt_bool("at_most_once")?) {
-                    (None, None) => ClientFrame::Send { req_id, to, payload },
-                    (client_id, at_most_once) => ClientFrame::SendEx {
+                let ttl = f.opt_uint("ttl_ms", u32::MAX as u64, "an integer from 1 to 4294967295")?;
+                if ttl == Some(0) {
+                    return Err(JsonError::Zero { ty: f.ty, field: "ttl_ms" });
+                }
+                match (f.opt_u64("client_id")?, f.opt_bool("at_most_once")?, ttl) {
+                    (None, None, None) => ClientFrame::Send { req_id, to, payload },
+                    (client_id, at_most_once, ttl) => ClientFrame::SendEx {
                         req_id,
-                        flags: if at_most_once == Some(true) { SEND_EX_AT_MOST_ONCE } else { 0 },
+                        flags: if at_most_once == Some(true) { SEND_EX_AT_MOST_ONCE } else { 0 }
+                            | if ttl.is_some() { SEND_EX_TTL } else { 0 },
                         client_id: client_id.unwrap_or(0),
+                        ttl_ms: ttl.unwrap_or(0) as u32,
                         to,
                         payload,
                     },
@@ -427,8 +434,8 @@ impl ClientFrame {
             ClientFrame::Fetch { req_id, after_seq, limit } => {
                 Frame::Fetch { req_id: *req_id, after_seq: *after_seq, limit: *limit }
             }
-            ClientFrame::SendEx { req_id, flags, client_id, to, payload } => {
-                Frame::SendEx { req_id: *req_id, flags: *flags, client_id: *client_id, to, payload }
+            ClientFrame::SendEx { req_id, flags, client_id, ttl_ms, to, payload } => {
+                Frame::SendEx { req_id: *req_id, flags: *flags, client_id: *client_id, ttl_ms: *ttl_ms, to, payload }
             }
         }
     }
@@ -736,15 +743,22 @@ mod tests {
             ),
             (
                 r#"{"type":"send","req_id":7,"to":"bob","payload":"hi","client_id":"1001"}"#,
-                Frame::SendEx { req_id: 7, flags: 0, client_id: 1001, to: "bob", payload: b"hi" },
+                Frame::SendEx { req_id: 7, flags: 0, client_id: 1001, ttl_ms: 0, to: "bob", payload: b"hi" },
             ),
             (
                 r#"{"type":"send","to":"bob","payload":"hi","at_most_once":true}"#,
-                Frame::SendEx { req_id: 0, flags: SEND_EX_AT_MOST_ONCE, client_id: 0, to: "bob", payload: b"hi" },
+                Frame::SendEx {
+                    req_id: 0,
+                    flags: SEND_EX_AT_MOST_ONCE,
+                    client_id: 0,
+                    ttl_ms: 0,
+                    to: "bob",
+                    payload: b"hi",
+                },
             ),
             (
                 r#"{"type":"send","to":"bob","payload":"hi","at_most_once":false,"client_id":5}"#,
-                Frame::SendEx { req_id: 0, flags: 0, client_id: 5, to: "bob", payload: b"hi" },
+                Frame::SendEx { req_id: 0, flags: 0, client_id: 5, ttl_ms: 0, to: "bob", payload: b"hi" },
             ),
             (
                 r#"{"type":"send","to":"bob","payload":"hi","at_most_once":null,"client_id":null}"#,
@@ -912,7 +926,7 @@ mod tests {
             ),
             (
                 r#"{"type":"send","req_id":7,"to":"bob","payload":"hi","client_id":"1001"}"#,
-                Frame::SendEx { req_id: 7, flags: 0, client_id: 1001, to: "bob", payload: b"hi" },
+                Frame::SendEx { req_id: 7, flags: 0, client_id: 1001, ttl_ms: 0, to: "bob", payload: b"hi" },
             ),
         ];
         for (text, frame) in client {
@@ -1197,7 +1211,7 @@ mod tests {
             Frame::Login { user: "a", token: b"t", device: Some("d"), last_seq: 1 },
             Frame::Ack { seq: 1 },
             Frame::Fetch { req_id: 1, after_seq: 0, limit: 1 },
-            Frame::SendEx { req_id: 1, flags: 0, client_id: 1, to: "b", payload: b"" },
+            Frame::SendEx { req_id: 1, flags: 0, client_id: 1, ttl_ms: 0, to: "b", payload: b"" },
             Frame::Send { req_id: 1, to: "b", payload: b"" },
             Frame::Message { req_id: 1, payload: b"" },
             Frame::Subscribe { req_id: 1, room: "r" },
@@ -1333,6 +1347,7 @@ mod tests {
             limit in 1u16..,
             device in "[^\u{0}]{1,16}",
             at_most_once in proptest::option::of(any::<bool>()),
+            ttl_ms in proptest::option::of(1u32..),
             kind in 0usize..4,
         ) {
             let num = if as_string { json!(n.to_string()) } else { json!(n) };
@@ -1348,11 +1363,13 @@ mod tests {
                 ),
                 _ => (
                     json!({"type": "send", "req_id": req_id, "to": device, "payload": "p", "client_id": num,
-                           "at_most_once": at_most_once}),
+                           "at_most_once": at_most_once, "ttl_ms": ttl_ms}),
                     Frame::SendEx {
                         req_id,
-                        flags: if at_most_once == Some(true) { SEND_EX_AT_MOST_ONCE } else { 0 },
+                        flags: if at_most_once == Some(true) { SEND_EX_AT_MOST_ONCE } else { 0 }
+                            | if ttl_ms.is_some() { SEND_EX_TTL } else { 0 },
                         client_id: n,
+                        ttl_ms: ttl_ms.unwrap_or(0),
                         to: &device,
                         payload: b"p",
                     },

@@ -245,6 +245,7 @@ impl Sink<Token> for StoreSink {
                             ts_ms: msg.ts_ms,
                             from: msg.from.clone(),
                             payload: msg.payload.clone(),
+                            expires_ms: msg.expires_ms,
                         };
                         let delivered = self.route(&msg.to, stored);
                         AppendOutcome { seq, msg_id: msg.msg_id, duplicate: false, delivered }

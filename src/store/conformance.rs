@@ -113,6 +113,7 @@ pub const CHECKS: &[Check] = &[
     Check { name: "never_trimmed_without_a_device_before_ttl", run: never_trimmed_without_a_device_before_ttl },
     Check { name: "inbox_full_and_store_full_at_the_limits", run: inbox_full_and_store_full_at_the_limits },
     Check { name: "restart_keeps_everything_synced", run: restart_keeps_everything_synced },
+    Check { name: "expiries_are_kept_with_their_messages", run: expiries_are_kept_with_their_messages },
 ];
 
 /// Runs every check of [`CHECKS`] against fresh subjects from `make`, and
@@ -152,6 +153,7 @@ pub(crate) fn msg(to: &str, from: &str, msg_id: u64, ts_ms: u64, payload: &str, 
         ts_ms,
         payload: Bytes::copy_from_slice(payload.as_bytes()),
         client_id,
+        expires_ms: 0,
     }
 }
 
@@ -591,4 +593,32 @@ fn restart_keeps_everything_synced(make: Make) {
     assert!(subject.restart());
     let st = subject.store().inbox_state("alice").unwrap();
     assert_eq!((st.head_seq, st.first_seq, st.messages), (10, 11, 0));
+}
+
+/// A message's own expiry (`NewMessage::expires_ms`) comes back with it
+/// from `read`, appended one by one or in a batch, and after a restart;
+/// a read returns it whether or not it has passed (the store thread
+/// leaves out what expired: `service::read_unexpired`).
+fn expiries_are_kept_with_their_messages(make: Make) {
+    let mut subject = make(StoreLimits::default());
+    let s = subject.store();
+    let expiring =
+        |n: u64, expires_ms: u64| NewMessage { expires_ms, ..msg("alice", "bob", n, T0 + n, &format!("m{n}"), 0) };
+    for (n, expires_ms) in [(1, 0), (2, T0 + 30_000), (3, 0)] {
+        assert!(matches!(s.append(&expiring(n, expires_ms), T0), Ok(Appended::New { .. })));
+    }
+    let batch = [expiring(4, T0 + 1), expiring(5, 0), expiring(6, u64::MAX)];
+    assert!(s.append_batch(&batch, T0).iter().all(|r| matches!(r, Ok(Appended::New { .. }))));
+    s.sync().unwrap();
+    let want = [0, T0 + 30_000, 0, T0 + 1, 0, u64::MAX];
+    let expiries = |p: &Page| p.messages.iter().map(|m| m.expires_ms).collect::<Vec<_>>();
+    let page = s.read("alice", 0, 100).unwrap();
+    assert_eq!(expiries(&page), want, "as appended");
+    assert_eq!(seqs(&page), (1..=6).collect::<Vec<_>>(), "an expired one (4) is read too");
+    assert_eq!(page.messages[1].payload, &b"m2"[..]);
+    if subject.restart() {
+        let page = subject.store().read("alice", 0, 100).unwrap();
+        assert_eq!(expiries(&page), want, "after a restart");
+        assert_eq!(page.messages[3].ts_ms, T0 + 4);
+    }
 }

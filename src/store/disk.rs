@@ -528,7 +528,7 @@ fn catch_up(msgs: &Keyspace, user: &str, head: u64, rec: &mut InboxRec) -> Resul
     }
     for kv in msgs.range(msg_key(user, head + 1)..=msg_key(user, u64::MAX)) {
         let (k, v) = kv.into_inner().map_err(unavailable)?;
-        let (from, payload) = str8(v.get(16..).ok_or_else(|| unavailable("corrupt message"))?)?;
+        let (_, _, from, payload) = value_parts(&v)?;
         head = u64_at(&k, k.len() - 8)?;
         // A record that held no message starts at the first one found past
         // it (the one before may have been dropped unwritten).
@@ -1362,7 +1362,7 @@ impl DiskStore {
         for kv in self.msgs.range(msg_key(user, rec.first_seq)..=msg_key(user, u64::MAX)) {
             let (k, v) = kv.into_inner().map_err(unavailable)?;
             let seq = u64_at(&k, k.len() - 8)?;
-            let ts_ms = u64_at(&v, 8)?;
+            let (ts_ms, _, from, payload) = value_parts(&v)?;
             if seq > acked && !expired(ts_ms, ttl_ms, now_ms) {
                 first_kept = Some(seq);
                 break;
@@ -1372,7 +1372,6 @@ impl DiskStore {
                 first_kept = Some(seq);
                 break;
             }
-            let (from, payload) = str8(&v[16..])?;
             let bytes = record_bytes(user, from, payload.len());
             batch.remove(&self.msgs, k);
             rec.messages -= 1;
@@ -1935,7 +1934,11 @@ impl DiskStore {
                 c.fhead = m.seq;
                 c.head = m.seq;
                 batched += (m.payload.len() + m.to.len() + m.from.len()) as u64 + 48;
-                batch.insert(&self.msgs, msg_key(&m.to, m.seq), msg_value(m.msg_id, m.ts_ms, &m.from, &m.payload));
+                batch.insert(
+                    &self.msgs,
+                    msg_key(&m.to, m.seq),
+                    msg_value(m.msg_id, m.ts_ms, m.expires_ms, &m.from, &m.payload),
+                );
                 written += 1;
             }
             if batched >= RECOVERY_BATCH_BYTES {
@@ -2002,26 +2005,54 @@ impl Drop for DiskStore {
     }
 }
 
-/// A message's value in `msgs`: msg_id, ts_ms, the sender (`str8`), the payload.
-fn msg_value(msg_id: u64, ts_ms: u64, from: &str, payload: &[u8]) -> Vec<u8> {
-    let mut value = Vec::with_capacity(17 + from.len() + payload.len());
+/// Set in a value's `ts_ms` field ([`msg_value`]) when the message's
+/// expiry follows it. A timestamp of this era never has it set, so values
+/// written before messages had expiries read as they did.
+const HAS_EXPIRY: u64 = 1 << 63;
+
+/// A message's value in `msgs`: msg_id, ts_ms, the sender (`str8`), the
+/// payload; with an expiry (`expires_ms` ≠ 0), `ts_ms` has [`HAS_EXPIRY`]
+/// set and the expiry (u64 BE) follows it. (A build from before expiries
+/// reads such a value with a timestamp far in the future: a store that
+/// holds them must not be opened by one.)
+fn msg_value(msg_id: u64, ts_ms: u64, expires_ms: u64, from: &str, payload: &[u8]) -> Vec<u8> {
+    // Exactly its length: the hot tier keeps it as a boxed slice, which
+    // spare capacity would make a reallocation.
+    let expiry = if expires_ms == 0 { 0 } else { 8 };
+    let mut value = Vec::with_capacity(17 + expiry + from.len() + payload.len());
     value.extend_from_slice(&msg_id.to_be_bytes());
-    value.extend_from_slice(&ts_ms.to_be_bytes());
+    if expires_ms == 0 {
+        value.extend_from_slice(&ts_ms.to_be_bytes());
+    } else {
+        value.extend_from_slice(&(ts_ms | HAS_EXPIRY).to_be_bytes());
+        value.extend_from_slice(&expires_ms.to_be_bytes());
+    }
     value.push(from.len() as u8);
     value.extend_from_slice(from.as_bytes());
     value.extend_from_slice(payload);
     value
 }
 
+/// A [`msg_value`]'s parts: ts_ms, expires_ms (0: none), the sender and
+/// the payload.
+fn value_parts(v: &[u8]) -> Result<(u64, u64, &str, &[u8]), StoreError> {
+    let ts = u64_at(v, 8)?;
+    let (ts_ms, expires_ms, rest) =
+        if ts & HAS_EXPIRY == 0 { (ts, 0, 16) } else { (ts & !HAS_EXPIRY, u64_at(v, 16)?, 24) };
+    let (from, payload) = str8(v.get(rest..).ok_or_else(|| unavailable("corrupt message"))?)?;
+    Ok((ts_ms, expires_ms, from, payload))
+}
+
 /// The message `seq` from its value in `msgs` ([`msg_value`]).
 fn stored_message(seq: u64, v: &[u8]) -> Result<StoredMessage, StoreError> {
-    let (from, payload) = str8(v.get(16..).ok_or_else(|| unavailable("corrupt message"))?)?;
+    let (ts_ms, expires_ms, from, payload) = value_parts(v)?;
     Ok(StoredMessage {
         seq,
         msg_id: u64_at(v, 0)?,
-        ts_ms: u64_at(v, 8)?,
+        ts_ms,
         from: Arc::from(from),
         payload: Bytes::copy_from_slice(payload),
+        expires_ms,
     })
 }
 
@@ -2091,11 +2122,12 @@ impl DiskStore {
             ts_ms: m.ts_ms,
             appended_ms: now_ms,
             client_id: m.client_id,
+            expires_ms: m.expires_ms,
             to: &m.to,
             from: &m.from,
             payload: &m.payload,
         });
-        let value = msg_value(m.msg_id, m.ts_ms, &m.from, &m.payload).into_boxed_slice();
+        let value = msg_value(m.msg_id, m.ts_ms, m.expires_ms, &m.from, &m.payload).into_boxed_slice();
         let epoch = self.hot.epoch;
         let slot = slot.unwrap_or_else(|| self.hot.slot_for(Arc::from(uk)));
         self.hot.order.push_back((slot, seq, now_ms));

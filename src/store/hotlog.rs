@@ -21,6 +21,11 @@
 //! big-endian, `str8` = a length byte and the bytes):
 //! - `0 | seq u64 | msg_id u64 | ts_ms u64 | appended_ms u64 |
 //!   client_id u64 | to str8 | from str8 | payload`: a message;
+//! - `2 | seq u64 | msg_id u64 | ts_ms u64 | appended_ms u64 |
+//!   client_id u64 | expires_ms u64 | to str8 | from str8 | payload`: a
+//!   message with an expiry of its own (a build from before expiries
+//!   refuses a file that holds one, as damaged: section "Expiry" of
+//!   docs/DEPLOY.md);
 //! - `1 | head u64 | to str8 | n u8 | n × (device str8 | position u64 |
 //!   last_seen_ms u64)`: user `to`'s messages up to `head` were all
 //!   resolved (dropped or in fjall), and these devices of its are at
@@ -69,6 +74,8 @@ pub struct Logged {
     /// The store's clock at the append (the dedup entry's time).
     pub appended_ms: u64,
     pub client_id: u64,
+    /// 0: none.
+    pub expires_ms: u64,
     pub to: String,
     pub from: String,
     pub payload: Vec<u8>,
@@ -82,6 +89,8 @@ pub struct LogEntry<'a> {
     pub ts_ms: u64,
     pub appended_ms: u64,
     pub client_id: u64,
+    /// 0: none.
+    pub expires_ms: u64,
     pub to: &'a str,
     pub from: &'a str,
     pub payload: &'a [u8],
@@ -96,6 +105,7 @@ impl Logged {
             ts_ms: self.ts_ms,
             appended_ms: self.appended_ms,
             client_id: self.client_id,
+            expires_ms: self.expires_ms,
             to: &self.to,
             from: &self.from,
             payload: &self.payload,
@@ -118,6 +128,7 @@ pub enum Recovered {
 
 const MESSAGE: u8 = 0;
 const HEAD: u8 = 1;
+const MESSAGE_EXPIRING: u8 = 2;
 
 fn io(what: &str, path: &Path, e: std::io::Error) -> StoreError {
     StoreError::Unavailable(format!("hot log: cannot {what} {}: {e}", path.display()))
@@ -172,9 +183,12 @@ impl HotLog {
     pub fn append(&mut self, m: LogEntry<'_>) {
         let start = self.buf.len();
         self.buf.extend_from_slice(&[0; HEADER]);
-        self.buf.push(MESSAGE);
+        self.buf.push(if m.expires_ms == 0 { MESSAGE } else { MESSAGE_EXPIRING });
         for n in [m.seq, m.msg_id, m.ts_ms, m.appended_ms, m.client_id] {
             self.buf.extend_from_slice(&n.to_be_bytes());
+        }
+        if m.expires_ms != 0 {
+            self.buf.extend_from_slice(&m.expires_ms.to_be_bytes());
         }
         for s in [m.to, m.from] {
             self.buf.push(s.len() as u8);
@@ -409,11 +423,13 @@ fn decode(b: &[u8]) -> Option<Recovered> {
         };
         return rest.is_empty().then_some(Recovered::Head { to, head: n(0)?, devices });
     }
-    if kind != MESSAGE {
-        return None;
-    }
+    let (expires_ms, fixed) = match kind {
+        MESSAGE => (0, 40),
+        MESSAGE_EXPIRING => (n(5)?, 48),
+        _ => return None,
+    };
     let (seq, msg_id, ts_ms, appended_ms, client_id) = (n(0)?, n(1)?, n(2)?, n(3)?, n(4)?);
-    let mut rest = b.get(40..)?;
+    let mut rest = b.get(fixed..)?;
     let mut str8 = || -> Option<String> {
         let len = *rest.first()? as usize;
         let s = std::str::from_utf8(rest.get(1..1 + len)?).ok()?.to_string();
@@ -421,5 +437,15 @@ fn decode(b: &[u8]) -> Option<Recovered> {
         Some(s)
     };
     let (to, from) = (str8()?, str8()?);
-    Some(Recovered::Message(Logged { seq, msg_id, ts_ms, appended_ms, client_id, to, from, payload: rest.to_vec() }))
+    Some(Recovered::Message(Logged {
+        seq,
+        msg_id,
+        ts_ms,
+        appended_ms,
+        client_id,
+        expires_ms,
+        to,
+        from,
+        payload: rest.to_vec(),
+    }))
 }

@@ -15,7 +15,7 @@
 //!   start again at 1, which only a device the store forgot could notice,
 //!   and it starts over: PROTOCOL.md 15.8), so users sent to once do not
 //!   stay for the life of the process;
-//! - each kept message: a 72-byte `VecDeque` slot (+ its payload `Bytes`
+//! - each kept message: an 80-byte `VecDeque` slot (+ its payload `Bytes`
 //!   and sender `Arc<str>`, shared with the caller's); an inbox's queue
 //!   gives back what a backlog grew it to once the retention pass drops
 //!   the messages (down to twice what it holds, past 64 slots), as the
@@ -54,7 +54,7 @@ struct Seen {
 #[cfg(target_pointer_width = "64")]
 const _: () = {
     assert!(std::mem::size_of::<(Arc<str>, Inbox)>() == 88);
-    assert!(std::mem::size_of::<StoredMessage>() == 72);
+    assert!(std::mem::size_of::<StoredMessage>() == 80);
     assert!(std::mem::size_of::<(DedupKey, Seen)>() == 64);
     assert!(std::mem::size_of::<(u64, DedupKey)>() == 48);
 };
@@ -120,6 +120,7 @@ impl Store for MemoryStore {
             ts_ms: m.ts_ms,
             from: m.from.clone(),
             payload: m.payload.clone(),
+            expires_ms: m.expires_ms,
         });
         inbox.bytes += bytes;
         self.total_bytes += bytes;
@@ -263,6 +264,7 @@ mod tests {
             ts_ms: 0,
             payload: Bytes::from_static(payload),
             client_id: 0,
+            expires_ms: 0,
         }
     }
 

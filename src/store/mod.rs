@@ -59,6 +59,10 @@ pub struct NewMessage {
     pub payload: Bytes,
     /// The sender's idempotency key; 0 = none.
     pub client_id: u64,
+    /// When the message expires (unix ms, the clock of `ts_ms`): it is
+    /// not delivered from then on ([`StoredMessage::expired`]). 0 = only
+    /// `store.ttl_ms` applies.
+    pub expires_ms: u64,
 }
 
 /// A message as stored in an inbox.
@@ -69,6 +73,17 @@ pub struct StoredMessage {
     pub ts_ms: u64,
     pub from: Arc<str>,
     pub payload: Bytes,
+    /// [`NewMessage::expires_ms`], as appended.
+    pub expires_ms: u64,
+}
+
+impl StoredMessage {
+    /// Whether the message's own expiry has passed at `now_ms` (never for
+    /// one appended without: `expires_ms` 0). Its store keeps it until the
+    /// retention pass would drop it anyway, but it is not delivered.
+    pub fn expired(&self, now_ms: u64) -> bool {
+        self.expires_ms != 0 && self.expires_ms <= now_ms
+    }
 }
 
 /// The outcome of an append.
@@ -131,6 +146,8 @@ pub struct InboxState {
 /// implementation of one's own is checked with [`conformance::run_all`].
 pub trait Store: Send + 'static {
     /// Appends to m.to's inbox: seq = head + 1. Not durable until `sync`.
+    /// The message's `expires_ms` is kept with it and given back by
+    /// `read` ([`conformance`] checks it survives a reopen).
     /// Dedup: (m.to, m.from, m.client_id) seen within the dedup window →
     /// Duplicate. Per recipient in every store: an application pushes as
     /// sender "" and numbers its keys per user, so the same key to another
@@ -146,6 +163,9 @@ pub trait Store: Send + 'static {
     /// Makes everything appended/positioned so far durable per the durability mode.
     fn sync(&mut self) -> Result<(), StoreError>;
     /// Up to `limit` messages with seq > after_seq, in order, and the head.
+    /// Messages whose own expiry ([`StoredMessage::expired`]) has passed
+    /// are returned too: the store thread leaves them out of what it
+    /// hands on (`service`), so that every backend pages alike.
     fn read(&mut self, user: &str, after_seq: u64, limit: usize) -> Result<Page, StoreError>;
     /// A device logs in: registers it (position = max(stored, client_seq),
     /// or the stored one when client_seq is past the head: `login_device`)
@@ -386,6 +406,16 @@ fn expire_devices(devices: &mut Vec<DeviceState>, ttl_ms: u64, now_ms: u64) -> u
 /// known: nothing is acknowledged then).
 fn acked_by_all(devices: &[DeviceState]) -> u64 {
     devices.iter().map(|d| d.position).min().unwrap_or(0)
+}
+
+/// The `expires_ms` of a message stored at `ts_ms` to expire `ttl_ms`
+/// later (0: no expiry of its own, for a `ttl_ms` of 0).
+pub fn expires_at(ts_ms: u64, ttl_ms: u64) -> u64 {
+    if ttl_ms == 0 {
+        0
+    } else {
+        ts_ms.saturating_add(ttl_ms).max(1)
+    }
 }
 
 /// Whether something stamped `ts_ms` is past an age limit of `age_ms`.

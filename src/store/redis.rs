@@ -29,7 +29,9 @@
 //!   `first + i` (seqs are dense, so the position is the seq and no seq is
 //!   stored). Each element is one string, [`encode_entry`]:
 //!   `varint(ts_ms) varint(msg_id) u8(len(from)) from payload` (varints
-//!   LEB128: 7 bits a byte, low first). Reads are `LRANGE (after + 1 −
+//!   LEB128: 7 bits a byte, low first); a message with an expiry of its
+//!   own has `00 varint(expires_ms)` in front (a varint of a timestamp
+//!   never starts with a zero byte). Reads are `LRANGE (after + 1 −
 //!   first) (after + limit − first)`; Redis reaches the start by skipping
 //!   whole quicklist nodes (~8 KB of messages each) from the nearer end of
 //!   the list (on Redis 7.0, an `LRANGE` of 10 from a 100,000-element list
@@ -462,6 +464,12 @@ while not stop and dropped < n do
     -- next; at = the position of the sender's length byte, after which
     -- come the sender and the payload.
     local ts, mul, at = 0, 1, 1
+    if string.byte(e, 1) == 0 then
+      -- An expiry of its own in front (encode_entry): skipped.
+      at = 2
+      while string.byte(e, at) >= 128 do at = at + 1 end
+      at = at + 1
+    end
     while true do
       local b = string.byte(e, at)
       at = at + 1
@@ -815,7 +823,7 @@ impl RedisStore {
             num(m.client_id),
             num(m.msg_id),
             num(m.ts_ms),
-            encode_entry(m.msg_id, m.ts_ms, &m.from, &m.payload),
+            encode_entry(m.msg_id, m.ts_ms, m.expires_ms, &m.from, &m.payload),
             num(bytes),
             num(self.limits.max_messages_per_inbox),
             num(budget),
@@ -1291,8 +1299,19 @@ fn get_varint(b: &[u8]) -> Option<(u64, usize)> {
 /// 117 or 118 bytes (checked by a test). `from` is at most
 /// [`super::MAX_USER_BYTES`] (255, checked before), so its length fits in
 /// the byte.
-pub fn encode_entry(msg_id: u64, ts_ms: u64, from: &str, payload: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(21 + from.len() + payload.len());
+///
+/// A message with an expiry (`expires_ms` ≠ 0) has a zero byte and
+/// `varint(expires_ms)` in front: the varint of a timestamp never starts
+/// with a zero byte (only 0 is written so, and a `ts_ms` of 0 gets the
+/// prefix too, with an expiry of 0), so entries without one read as
+/// before. (A build from before expiries fails to read such an entry:
+/// docs/DEPLOY.md, "Expiry".)
+pub fn encode_entry(msg_id: u64, ts_ms: u64, expires_ms: u64, from: &str, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(32 + from.len() + payload.len());
+    if expires_ms != 0 || ts_ms == 0 {
+        out.push(0);
+        put_varint(&mut out, expires_ms);
+    }
     put_varint(&mut out, ts_ms);
     put_varint(&mut out, msg_id);
     debug_assert!(from.len() <= u8::MAX as usize);
@@ -1305,6 +1324,13 @@ pub fn encode_entry(msg_id: u64, ts_ms: u64, from: &str, payload: &[u8]) -> Vec<
 /// The message in an [`encode_entry`] element, stored under `seq`.
 pub(super) fn decode_entry(seq: u64, e: &[u8]) -> Result<StoredMessage, StoreError> {
     let bad = || protocol(format!("inbox entry of seq {seq} is not an encoded message"));
+    let (expires_ms, e) = match e.split_first() {
+        Some((0, rest)) => {
+            let (x, n) = get_varint(rest).ok_or_else(bad)?;
+            (x, &rest[n..])
+        }
+        _ => (0, e),
+    };
     let (ts_ms, a) = get_varint(e).ok_or_else(bad)?;
     let (msg_id, b) = get_varint(&e[a..]).ok_or_else(bad)?;
     let rest = &e[a + b..];
@@ -1317,6 +1343,7 @@ pub(super) fn decode_entry(seq: u64, e: &[u8]) -> Result<StoredMessage, StoreErr
         ts_ms,
         from: String::from_utf8_lossy(from).into(),
         payload: bytes::Bytes::copy_from_slice(payload),
+        expires_ms,
     })
 }
 

@@ -122,6 +122,33 @@ use super::{Appended, Durability, InboxState, NewMessage, Page, Reopen, Store, S
 /// 100-byte messages a batch holds well under a megabyte of payloads.
 pub const MAX_BATCH: usize = 4096;
 
+/// [`Store::read`] without the messages whose own expiry has passed at
+/// `now_ms` ([`super::StoredMessage::expired`]). A page that held nothing
+/// else is followed by the next one, until a page has a message to hand
+/// on or the inbox ends: an empty page tells the window that nothing is
+/// kept up to the head, and it moves past (`proto::reliable`,
+/// `Window::on_page`), so it must not be empty while unexpired messages
+/// come after it. Each store skips an expired message the same way, here,
+/// so that paging is alike in all of them; the message stays stored until
+/// it is acknowledged past or `store.ttl_ms` drops it.
+pub(crate) fn read_unexpired(
+    store: &mut dyn Store,
+    user: &str,
+    mut after_seq: u64,
+    limit: usize,
+    now_ms: u64,
+) -> Result<super::Page, StoreError> {
+    loop {
+        let mut page = store.read(user, after_seq, limit)?;
+        let Some(last) = page.messages.last().map(|m| m.seq) else { return Ok(page) };
+        page.messages.retain(|m| !m.expired(now_ms));
+        if !page.messages.is_empty() || last >= page.head_seq {
+            return Ok(page);
+        }
+        after_seq = last;
+    }
+}
+
 /// Time from the end of one retention pass to the start of the next.
 pub const EXPIRE_INTERVAL: Duration = Duration::from_secs(60);
 
@@ -1001,11 +1028,12 @@ impl<T: Send + 'static, S: Sink<T>> Worker<T, S> {
         self.sink.flush();
         let states = reads.iter().any(|(_, r)| matches!(r, Request::State { .. }));
         self.write_positions(states);
+        let now_ms = (self.cfg.clock)();
         for (token, req) in reads {
             let done = match req {
                 Request::Read { user, after_seq, limit } => {
                     self.counters.reads.fetch_add(1, Ordering::Relaxed);
-                    Done::Read(self.store.read(&user, after_seq, limit))
+                    Done::Read(read_unexpired(&mut *self.store, &user, after_seq, limit, now_ms))
                 }
                 Request::State { user } => Done::State(self.store.inbox_state(&user)),
                 _ => unreachable!("only reads are deferred"),

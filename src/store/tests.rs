@@ -458,8 +458,14 @@ impl Model {
         let head = self.heads.entry(m.to.to_string()).or_default();
         *head += 1;
         let seq = *head;
-        let stored =
-            StoredMessage { seq, msg_id: m.msg_id, ts_ms: m.ts_ms, from: m.from.clone(), payload: m.payload.clone() };
+        let stored = StoredMessage {
+            seq,
+            msg_id: m.msg_id,
+            ts_ms: m.ts_ms,
+            from: m.from.clone(),
+            payload: m.payload.clone(),
+            expires_ms: m.expires_ms,
+        };
         self.msgs.insert((m.to.to_string(), seq), stored);
         if let Some(hot) = &mut self.hot {
             hot.msgs.insert((m.to.to_string(), seq));
@@ -674,6 +680,9 @@ fn against_a_model(
                     ts_ms: now,
                     payload: Bytes::from(vec![i as u8; len]),
                     client_id,
+                    // Every third message carries an expiry of its own,
+                    // which every store keeps with it (through reopens).
+                    expires_ms: if i % 3 == 0 { now + 1_000 + i as u64 } else { 0 },
                 };
                 prop_assert_eq!(s.append(&m, now), model.append(&limits, &m, now), "op {}", i);
             }
@@ -993,22 +1002,28 @@ fn redis_store_reloads_flushed_scripts_and_keeps_the_order() {
 fn redis_inbox_entries_round_trip_and_are_compact() {
     use super::redis::{decode_entry, encode_entry};
     let long_from = "f".repeat(MAX_USER_BYTES);
-    for (msg_id, ts_ms, from, payload) in [
-        (0u64, 0u64, "", &b""[..]),
-        (u64::MAX, u64::MAX, "bob", b"x"),
-        (1 << 49, 1_760_000_000_000, long_from.as_str(), b"\x00\x80\xff"),
-        (127, 128, "\u{e9}mile", b"payload"),
+    for (msg_id, ts_ms, expires_ms, from, payload) in [
+        (0u64, 0u64, 0u64, "", &b""[..]),
+        (0, 0, 5, "", b"\x00"),
+        (u64::MAX, u64::MAX, 0, "bob", b"x"),
+        (u64::MAX, u64::MAX, u64::MAX, "bob", b"x"),
+        (1 << 49, 1_760_000_000_000, 0, long_from.as_str(), b"\x00\x80\xff"),
+        (1 << 49, 1_760_000_000_000, 1_760_000_030_000, long_from.as_str(), b"\x00\x80\xff"),
+        (127, 128, 0, "\u{e9}mile", b"payload"),
     ] {
-        let e = encode_entry(msg_id, ts_ms, from, payload);
+        let e = encode_entry(msg_id, ts_ms, expires_ms, from, payload);
         let m = decode_entry(7, &e).unwrap();
-        assert_eq!((m.seq, m.msg_id, m.ts_ms, &*m.from, &m.payload[..]), (7, msg_id, ts_ms, from, payload));
+        let got = (m.seq, m.msg_id, m.ts_ms, m.expires_ms, &*m.from, &m.payload[..]);
+        assert_eq!(got, (7, msg_id, ts_ms, expires_ms, from, payload));
     }
     // A timestamp of this century (6 bytes) and a msg_id of the first
     // worker (7) or another (8): a 100-byte payload from `bob` is 117 or 118
     // bytes, as the doc says.
     let ts = 1_760_000_000_000;
-    assert_eq!(encode_entry((1 << 48) | 12_345, ts, "bob", &[b'x'; 100]).len(), 117);
-    assert_eq!(encode_entry((8 << 48) | 12_345, ts, "bob", &[b'x'; 100]).len(), 118);
+    assert_eq!(encode_entry((1 << 48) | 12_345, ts, 0, "bob", &[b'x'; 100]).len(), 117);
+    assert_eq!(encode_entry((8 << 48) | 12_345, ts, 0, "bob", &[b'x'; 100]).len(), 118);
+    // An expiry of its own costs 7 bytes more: the zero byte and 6 for the time.
+    assert_eq!(encode_entry((8 << 48) | 12_345, ts, ts + 30_000, "bob", &[b'x'; 100]).len(), 125);
     assert!(decode_entry(1, &[0x80]).is_err(), "a cut varint");
     assert!(decode_entry(1, &[1, 1, 5, b'a']).is_err(), "a sender longer than the entry");
 }
@@ -2348,6 +2363,12 @@ fn disk_retention_in_slices_resumes_inside_a_user_and_keeps_what_arrives_between
 
 // The hot log's file format (hotlog.rs).
 
+/// [`logged`] with an expiry of its own: the hot log's other kind of
+/// message record.
+fn expiring(l: Logged) -> Logged {
+    Logged { expires_ms: T0 + l.seq, ..l }
+}
+
 fn logged(seq: u64, to: &str, payload: &[u8]) -> Logged {
     Logged {
         seq,
@@ -2355,6 +2376,7 @@ fn logged(seq: u64, to: &str, payload: &[u8]) -> Logged {
         ts_ms: 7,
         appended_ms: 8,
         client_id: 9,
+        expires_ms: 0,
         to: to.into(),
         from: "app".into(),
         payload: payload.to_vec(),
@@ -2471,7 +2493,7 @@ fn a_log_reads_back_what_was_flushed_and_stops_at_a_torn_tail() {
     let (mut log, rec) = HotLog::open(&dir.0, false).unwrap();
     assert!(rec.read_all().is_empty() && rec.generations().is_empty());
     log.append(logged(1, "ann", b"one").entry());
-    log.append(logged(2, "ben", b"").entry());
+    log.append(expiring(logged(2, "ben", b"")).entry());
     log.flush().unwrap();
     log.rotate().unwrap();
     let phone = DeviceState { device: "phone".into(), position: 6, last_seen_ms: T0 };
@@ -2500,7 +2522,7 @@ fn a_log_reads_back_what_was_flushed_and_stops_at_a_torn_tail() {
     ];
     assert_eq!(found[2..], want);
     let (mut log, _) = HotLog::open(&dir.0, false).unwrap();
-    log.append(logged(4, "ann", b"flushed").entry());
+    log.append(expiring(logged(4, "ann", b"flushed")).entry());
     log.flush().unwrap();
     log.append(logged(5, "ann", b"never flushed").entry());
     drop(log);
@@ -2514,12 +2536,12 @@ fn a_log_reads_back_what_was_flushed_and_stops_at_a_torn_tail() {
     let m = |l| Recovered::Message(l);
     let want = vec![
         m(logged(1, "ann", b"one")),
-        m(logged(2, "ben", b"")),
+        m(expiring(logged(2, "ben", b""))),
         head("ben", 7, vec![phone, laptop]),
         head("cyd", 0, vec![]),
         m(logged(3, "ann", b"three")),
         head("dan", 9, vec![]),
-        m(logged(4, "ann", b"flushed")),
+        m(expiring(logged(4, "ann", b"flushed"))),
     ];
     assert_eq!(found, want);
     assert_eq!(files, vec![0, 1, 2, 3]);
@@ -3408,6 +3430,7 @@ fn disk_store_first_seq_survives_a_restart_after_a_drop_the_record_lags() {
         ts_ms: now,
         payload: Bytes::new(),
         client_id: 0,
+        expires_ms: 0,
     };
     let s = subject.store();
     assert_eq!(s.append(&msg("ben", T0), T0).unwrap(), Appended::New { seq: 1 });
@@ -3628,4 +3651,33 @@ fn open_store_shards_follows_the_kind() {
     cfg.kind = crate::config::StoreKind::None;
     assert!(open_shards(&cfg, 3).unwrap().is_empty());
     assert!(!dir.0.exists(), "a memory store writes nothing");
+}
+
+/// The store thread's reads leave out messages whose own expiry passed,
+/// and never answer an empty page while unexpired messages follow it:
+/// the window takes an empty page for "nothing kept up to the head" and
+/// moves past (proto::reliable), so a page of expired messages is
+/// followed by the next one.
+#[test]
+fn reads_leave_out_expired_messages_and_never_end_early() {
+    use super::service::read_unexpired;
+    let mut s = MemoryStore::new(StoreLimits::default());
+    let now = T0 + 10_000;
+    // seqs 1–8: 2, 3, 4, 5 and 8 expired by `now` (3 exactly at it), 6 later.
+    let expiries = [0, T0 + 1, now, T0 + 5_000, T0, now + 1, 0, now - 1];
+    for (i, &expires_ms) in expiries.iter().enumerate() {
+        let m = NewMessage { expires_ms, ..msg("ann", "app", i as u64, T0, "x", 0) };
+        s.append(&m, T0).unwrap();
+    }
+    let page = |s: &mut MemoryStore, after, limit| read_unexpired(s, "ann", after, limit, now).unwrap();
+    assert_eq!(seqs(&page(&mut s, 0, 100)), [1, 6, 7]);
+    assert_eq!(seqs(&page(&mut s, 0, 3)), [1], "a page of 1–3, less its expired ones");
+    // 2–4 all expired: the read goes on to the next page, not back empty.
+    assert_eq!(seqs(&page(&mut s, 1, 3)), [6, 7]);
+    assert_eq!(seqs(&page(&mut s, 1, 1)), [6], "one at a time, as far as it takes");
+    // Only expired ones up to the head: an empty page, with the head.
+    let tail = page(&mut s, 7, 5);
+    assert_eq!((seqs(&tail), tail.head_seq), (vec![], 8));
+    // The store itself still gives every one back.
+    assert_eq!(s.read("ann", 0, 100).unwrap().messages.len(), 8);
 }

@@ -46,7 +46,7 @@ use crate::directory::ConnList;
 use crate::ids::{ConnId, WorkerId};
 use crate::outq::MAX_IOV_PER_WRITE;
 use crate::proto::codes::{CloseCode, ErrorCode, LoginErrorCode};
-use crate::proto::conn::{Connection, Count, Due, HoldTicket, Listener, LoginRefused, Rules};
+use crate::proto::conn::{Connection, Count, Due, HoldTicket, Listener, LoginRefused, Rules, StoreOpts};
 use crate::proto::frame::Frame;
 use crate::proto::session::Tick;
 use crate::proto::wire::Wire;
@@ -358,10 +358,10 @@ impl crate::proto::conn::Env for Io<'_> {
         to: &str,
         payload: &[u8],
         req_id: u32,
-        client_id: u64,
+        opts: StoreOpts,
         ex: bool,
     ) -> Result<(), (ErrorCode, String)> {
-        self.w.store_send(self.conn_id(), from, to, payload, req_id, client_id, ex)
+        self.w.store_send(self.conn_id(), from, to, payload, req_id, opts, ex)
     }
 
     fn device_login(&mut self, user: &Arc<str>, device: &str, last_seq: u64) -> Result<(), (CloseCode, String)> {

@@ -18,6 +18,7 @@ use bytes::Bytes;
 use super::Worker;
 use crate::ids::ConnId;
 use crate::proto::codes::{CloseCode, ErrorCode};
+use crate::proto::conn::StoreOpts;
 use crate::proto::frame::{clip_reason, Frame, SendOutcome};
 use crate::proto::reliable::{DeviceLogin, Pending, Window, WindowEnv};
 use crate::proto::session::Tick;
@@ -514,19 +515,21 @@ impl Worker {
         to: &str,
         payload: &[u8],
         req_id: u32,
-        client_id: u64,
+        opts: StoreOpts,
         ex: bool,
     ) -> Result<(), (ErrorCode, String)> {
         let Some(store) = self.shared.store.get() else {
             return Err((ErrorCode::NotReliable, "this server has no message store (store.kind = \"none\")".into()));
         };
+        let ts_ms = unix_ms();
         let msg = NewMessage {
             to: Arc::from(to),
             from: from.clone(),
             msg_id: self.next_msg_id(),
-            ts_ms: unix_ms(),
+            ts_ms,
             payload: Bytes::copy_from_slice(payload),
-            client_id,
+            client_id: opts.client_id,
+            expires_ms: crate::store::expires_at(ts_ms, opts.ttl_ms as u64),
         };
         let token = Token::Append { msg: msg.clone(), reply: Reply::Client { conn, req_id, ex } };
         self.submit_store(store, token, Request::Append(msg)).map_err(|_| {
