@@ -58,6 +58,8 @@ fn readme_embedding_snippet() -> Result<(), Box<dyn std::error::Error>> {
     let handle = server.handle();             // Clone + Send + Sync
     let r = handle.push("alice", b"hello")?.wait()?;  // stored: Receipt { seq, msg_id, connections, .. } once durable
     handle.push_reliable("alice", b"order #7 shipped", 7)?; // idempotent with client id 7 (0: none); returns a PendingPush
+    let call = switchboard::ReliablePush { ttl: Some(std::time::Duration::from_secs(30)), ..Default::default() };
+    handle.push_reliable_with("alice", b"call from bob", call)?; // not delivered once 30 s old
     handle.push_to_user("alice", "typing…")?;  // live, at most once: Ok(Pushed { msg_id, connections })
     handle.inbox_state("alice", std::time::Duration::from_secs(1))?; // head seq, each device's position
     handle.forget_device("alice", "tablet-7f3c", std::time::Duration::from_secs(1))?; // signed out: keeps no messages
