@@ -114,6 +114,10 @@ pub const CHECKS: &[Check] = &[
     Check { name: "inbox_full_and_store_full_at_the_limits", run: inbox_full_and_store_full_at_the_limits },
     Check { name: "restart_keeps_everything_synced", run: restart_keeps_everything_synced },
     Check { name: "expiries_are_kept_with_their_messages", run: expiries_are_kept_with_their_messages },
+    Check {
+        name: "retention_drops_expired_messages_from_the_front",
+        run: retention_drops_expired_messages_from_the_front,
+    },
 ];
 
 /// Runs every check of [`CHECKS`] against fresh subjects from `make`, and
@@ -621,4 +625,28 @@ fn expiries_are_kept_with_their_messages(make: Make) {
         assert_eq!(expiries(&page), want, "after a restart");
         assert_eq!(page.messages[3].ts_ms, T0 + 4);
     }
+}
+
+/// The retention pass drops a message whose own expiry passed, as it drops
+/// one `ttl_ms` old, from the oldest of its inbox: one behind a message
+/// still kept waits for it.
+fn retention_drops_expired_messages_from_the_front(make: Make) {
+    let mut subject = make(StoreLimits::default());
+    let s = subject.store();
+    let m = |n: u64, expires_ms: u64| NewMessage { expires_ms, ..msg("ann", "app", n, T0, &format!("m{n}"), 0) };
+    for (n, expires_ms) in [(1, T0 + 100), (2, 0), (3, T0 + 50), (4, T0 + 10_000)] {
+        assert!(matches!(s.append(&m(n, expires_ms), T0), Ok(Appended::New { .. })));
+    }
+    s.sync().unwrap();
+    assert_eq!(s.expire(T0 + 99).unwrap(), 0, "none expired yet at the front");
+    assert_eq!(s.expire(T0 + 100).unwrap(), 1, "1 expired; 3 expired too, behind 2");
+    assert_eq!(seqs(&s.read("ann", 0, 10).unwrap()), [2, 3, 4]);
+    // A device acknowledges 2: 2 goes, and 3 with it (expired); 4 is
+    // neither acknowledged nor expired.
+    login_acked(s, "ann", "phone", 2, T0 + 200);
+    assert_eq!(s.expire(T0 + 200).unwrap(), 2);
+    let st = s.inbox_state("ann").unwrap();
+    assert_eq!((st.first_seq, st.messages, st.head_seq), (4, 1, 4));
+    assert_eq!(s.expire(T0 + 10_000).unwrap(), 1, "4 at its expiry, unacknowledged");
+    assert_eq!(s.inbox_state("ann").unwrap().messages, 0);
 }

@@ -204,8 +204,9 @@ use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 
 use super::hotlog::{self, HotLog, LogEntry, Recovered};
 use super::{
-    advance_device, check_ids, expire_devices, expired, login_device, record_bytes, Appended, DeviceState, Durability,
-    InboxState, NewMessage, Page, Reopen, Store, StoreError, StoreLimits, StoredMessage, MAX_USER_BYTES,
+    advance_device, check_ids, expire_devices, expired, login_device, own_expiry_passed, record_bytes, Appended,
+    DeviceState, Durability, InboxState, NewMessage, Page, Reopen, Store, StoreError, StoreLimits, StoredMessage,
+    MAX_USER_BYTES,
 };
 
 /// fjall's block cache: recently read data blocks, shared by every keyspace.
@@ -1362,8 +1363,8 @@ impl DiskStore {
         for kv in self.msgs.range(msg_key(user, rec.first_seq)..=msg_key(user, u64::MAX)) {
             let (k, v) = kv.into_inner().map_err(unavailable)?;
             let seq = u64_at(&k, k.len() - 8)?;
-            let (ts_ms, _, from, payload) = value_parts(&v)?;
-            if seq > acked && !expired(ts_ms, ttl_ms, now_ms) {
+            let (ts_ms, expires_ms, from, payload) = value_parts(&v)?;
+            if seq > acked && !expired(ts_ms, ttl_ms, now_ms) && !own_expiry_passed(expires_ms, now_ms) {
                 first_kept = Some(seq);
                 break;
             }

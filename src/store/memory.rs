@@ -202,7 +202,7 @@ impl Store for MemoryStore {
         self.inboxes.retain(|user, inbox| {
             let acked = expire_devices(&mut inbox.devices, ttl_ms, now_ms);
             while let Some(m) = inbox.messages.front() {
-                if m.seq > acked && !expired(m.ts_ms, ttl_ms, now_ms) {
+                if m.seq > acked && !expired(m.ts_ms, ttl_ms, now_ms) && !m.expired(now_ms) {
                     break;
                 }
                 let bytes = record_bytes(user, &m.from, m.payload.len());

@@ -79,10 +79,11 @@ pub struct StoredMessage {
 
 impl StoredMessage {
     /// Whether the message's own expiry has passed at `now_ms` (never for
-    /// one appended without: `expires_ms` 0). Its store keeps it until the
-    /// retention pass would drop it anyway, but it is not delivered.
+    /// one appended without: `expires_ms` 0). It is not delivered from
+    /// then on, and the retention pass drops it once no message before it
+    /// is kept ([`Store::expire`]).
     pub fn expired(&self, now_ms: u64) -> bool {
-        self.expires_ms != 0 && self.expires_ms <= now_ms
+        own_expiry_passed(self.expires_ms, now_ms)
     }
 }
 
@@ -204,8 +205,11 @@ pub trait Store: Send + 'static {
     /// forget. Returns whether the device was known. Durable at next sync.
     fn forget_device(&mut self, user: &str, device: &str, now_ms: u64) -> Result<bool, StoreError>;
     /// Retention pass: drops messages older than ttl, messages every known
-    /// device has acknowledged (only if the user has ≥1 known device), devices
-    /// unseen for ttl, dedup entries older than the window. Returns messages dropped.
+    /// device has acknowledged (only if the user has ≥1 known device) and
+    /// messages whose own expiry passed, each from the oldest of its
+    /// inbox while every message before it went too (an inbox keeps no
+    /// holes but those its ACKs made); devices unseen for ttl, dedup
+    /// entries older than the window. Returns messages dropped.
     fn expire(&mut self, now_ms: u64) -> Result<u64, StoreError>;
     /// The retention pass in slices: goes on with the pass under way (or
     /// starts one), does about `budget` units of work (a user looked at, a
@@ -416,6 +420,11 @@ pub fn expires_at(ts_ms: u64, ttl_ms: u64) -> u64 {
     } else {
         ts_ms.saturating_add(ttl_ms).max(1)
     }
+}
+
+/// Whether a message's own expiry (`expires_ms`, 0: none) has passed.
+fn own_expiry_passed(expires_ms: u64, now_ms: u64) -> bool {
+    expires_ms != 0 && expires_ms <= now_ms
 }
 
 /// Whether something stamped `ts_ms` is past an age limit of `age_ms`.

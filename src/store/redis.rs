@@ -266,8 +266,8 @@ impl Lua {
 }
 
 /// Append: KEYS h m dd dq ix ib; ARGV now from client_id msg_id ts entry
-/// bytes max_messages budget window ttl tag (`entry`: the message as
-/// [`encode_entry`] writes it). Returns {0, seq} stored,
+/// bytes max_messages budget window ttl tag expires (`entry`: the message
+/// as [`encode_entry`] writes it; `expires` 0: none). Returns {0, seq} stored,
 /// {1, seq, msg_id} duplicate, {2} inbox full, {3} store full.
 const APPEND_LUA: &str = r#"
 local function fmt(x) return string.format('%d', x) end
@@ -296,6 +296,8 @@ redis.call('HINCRBY', KEYS[1], 'b', bytes)
 redis.call('HINCRBY', KEYS[6], 'm', 1)
 redis.call('HINCRBY', KEYS[6], 'b', bytes)
 local due = tonumber(ARGV[5]) + tonumber(ARGV[11])
+local exp = tonumber(ARGV[13])
+if exp > 0 and exp < due then due = exp end
 if dkey then
   redis.call('HSET', KEYS[3], dkey, fmt(seq) .. ' ' .. ARGV[4] .. ' ' .. ARGV[1])
   redis.call('ZADD', KEYS[4], ARGV[1], dkey)
@@ -463,12 +465,18 @@ while not stop and dropped < n do
     -- The entry (encode_entry): ts_ms is the leading varint; msg_id the
     -- next; at = the position of the sender's length byte, after which
     -- come the sender and the payload.
-    local ts, mul, at = 0, 1, 1
+    local ts, mul, at, exp = 0, 1, 1, 0
     if string.byte(e, 1) == 0 then
-      -- An expiry of its own in front (encode_entry): skipped.
+      -- An expiry of its own in front (encode_entry; 0: none).
       at = 2
-      while string.byte(e, at) >= 128 do at = at + 1 end
-      at = at + 1
+      while true do
+        local b = string.byte(e, at)
+        at = at + 1
+        exp = exp + (b % 128) * mul
+        mul = mul * 128
+        if b < 128 then break end
+      end
+      mul = 1
     end
     while true do
       local b = string.byte(e, at)
@@ -479,8 +487,9 @@ while not stop and dropped < n do
     end
     while string.byte(e, at) >= 128 do at = at + 1 end
     at = at + 1
-    if seq > acked and ts + ttl > now then
+    if seq > acked and ts + ttl > now and (exp == 0 or exp > now) then
       soon(ts + ttl)
+      if exp > 0 then soon(exp) end
       stop = true
       break
     end
@@ -817,7 +826,7 @@ impl RedisStore {
         let keys = [self.key(&tag, "h"), self.key(&tag, "m"), self.key(&tag, "dd"), self.key(&tag, "dq"), ix, ib];
         let bytes = record_bytes(&m.to, &m.from, m.payload.len());
         let num = |n: u64| n.to_string().into_bytes();
-        let args: [Vec<u8>; 12] = [
+        let args: [Vec<u8>; 13] = [
             num(now_ms),
             m.from.as_bytes().to_vec(),
             num(m.client_id),
@@ -830,6 +839,7 @@ impl RedisStore {
             num(self.limits.dedup_window_ms),
             num(self.limits.ttl_ms),
             tag.clone().into_bytes(),
+            num(m.expires_ms),
         ];
         let args: Vec<&[u8]> = args.iter().map(Vec::as_slice).collect();
         self.script_op(&SCRIPTS.append, &tag, &keys, &args)

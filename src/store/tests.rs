@@ -564,7 +564,7 @@ impl Model {
             let seqs: Vec<u64> = self.msgs.keys().filter(|(u, _)| u == user).map(|(_, s)| *s).collect();
             for seq in seqs {
                 let m = &self.msgs[&(user.clone(), seq)];
-                if seq > acked && now < m.ts_ms + l.ttl_ms {
+                if seq > acked && now < m.ts_ms + l.ttl_ms && !m.expired(now) {
                     break;
                 }
                 self.msgs.remove(&(user.clone(), seq));
@@ -575,7 +575,8 @@ impl Model {
         for user in users {
             let seqs: Vec<u64> = self.msgs.keys().filter(|(u, _)| *u == user).map(|(_, s)| *s).collect();
             for seq in seqs {
-                if now < self.msgs[&(user.clone(), seq)].ts_ms + l.ttl_ms {
+                let m = &self.msgs[&(user.clone(), seq)];
+                if now < m.ts_ms + l.ttl_ms && !m.expired(now) {
                     break;
                 }
                 self.msgs.remove(&(user.clone(), seq));
@@ -681,8 +682,9 @@ fn against_a_model(
                     payload: Bytes::from(vec![i as u8; len]),
                     client_id,
                     // Every third message carries an expiry of its own,
-                    // which every store keeps with it (through reopens).
-                    expires_ms: if i % 3 == 0 { now + 1_000 + i as u64 } else { 0 },
+                    // sooner than the limits' 1 s of ttl: every store keeps
+                    // it (through reopens) and drops the message by it.
+                    expires_ms: if i % 3 == 0 { now + 200 + (i as u64 % 5) * 100 } else { 0 },
                 };
                 prop_assert_eq!(s.append(&m, now), model.append(&limits, &m, now), "op {}", i);
             }
