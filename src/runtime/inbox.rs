@@ -239,15 +239,7 @@ impl Sink<Token> for StoreSink {
             (Token::Append { msg, reply }, Done::Appended(r)) => {
                 let outcome = r.map(|a| match a {
                     Appended::New { seq } => {
-                        let stored = StoredMessage {
-                            seq,
-                            msg_id: msg.msg_id,
-                            ts_ms: msg.ts_ms,
-                            from: msg.from.clone(),
-                            payload: msg.payload.clone(),
-                            expires_ms: msg.expires_ms,
-                        };
-                        let delivered = self.route(&msg.to, stored);
+                        let delivered = self.route(&msg.to, StoredMessage::of(seq, &msg));
                         AppendOutcome { seq, msg_id: msg.msg_id, duplicate: false, delivered }
                     }
                     Appended::Duplicate { seq, msg_id } => AppendOutcome { seq, msg_id, duplicate: true, delivered: 0 },

@@ -114,14 +114,7 @@ impl Store for MemoryStore {
         let inbox = self.inboxes.entry(m.to.clone()).or_default();
         inbox.head += 1;
         let seq = inbox.head;
-        inbox.messages.push_back(StoredMessage {
-            seq,
-            msg_id: m.msg_id,
-            ts_ms: m.ts_ms,
-            from: m.from.clone(),
-            payload: m.payload.clone(),
-            expires_ms: m.expires_ms,
-        });
+        inbox.messages.push_back(StoredMessage::of(seq, m));
         inbox.bytes += bytes;
         self.total_bytes += bytes;
         self.total_messages += 1;

@@ -78,6 +78,18 @@ pub struct StoredMessage {
 }
 
 impl StoredMessage {
+    /// `m` as stored under `seq` (its payload and sender shared, not copied).
+    pub fn of(seq: u64, m: &NewMessage) -> StoredMessage {
+        StoredMessage {
+            seq,
+            msg_id: m.msg_id,
+            ts_ms: m.ts_ms,
+            from: m.from.clone(),
+            payload: m.payload.clone(),
+            expires_ms: m.expires_ms,
+        }
+    }
+
     /// Whether the message's own expiry has passed at `now_ms` (never for
     /// one appended without: `expires_ms` 0). It is not delivered from
     /// then on, and the retention pass drops it once no message before it

@@ -433,6 +433,17 @@ local now, ttl, window = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local ulen, maxdrop = tonumber(ARGV[4]), tonumber(ARGV[6])
 local due = nil
 local function soon(t) if due == nil or t < due then due = t end end
+-- The LEB128 varint of `e` at byte `at`: its value and the byte after it.
+local function varint(e, at)
+  local v, mul = 0, 1
+  while true do
+    local b = string.byte(e, at)
+    at = at + 1
+    v = v + (b % 128) * mul
+    mul = mul * 128
+    if b < 128 then return v, at end
+  end
+end
 local acked = nil
 local devs = redis.call('HGETALL', KEYS[3])
 for i = 1, #devs, 2 do
@@ -462,31 +473,15 @@ while not stop and dropped < n do
   if #batch == 0 then break end
   for _, e in ipairs(batch) do
     local seq = first + dropped
-    -- The entry (encode_entry): ts_ms is the leading varint; msg_id the
-    -- next; at = the position of the sender's length byte, after which
-    -- come the sender and the payload.
-    local ts, mul, at, exp = 0, 1, 1, 0
-    if string.byte(e, 1) == 0 then
-      -- An expiry of its own in front (encode_entry; 0: none).
-      at = 2
-      while true do
-        local b = string.byte(e, at)
-        at = at + 1
-        exp = exp + (b % 128) * mul
-        mul = mul * 128
-        if b < 128 then break end
-      end
-      mul = 1
-    end
-    while true do
-      local b = string.byte(e, at)
-      at = at + 1
-      ts = ts + (b % 128) * mul
-      mul = mul * 128
-      if b < 128 then break end
-    end
-    while string.byte(e, at) >= 128 do at = at + 1 end
-    at = at + 1
+    -- The entry (encode_entry): an expiry of its own in front (a zero
+    -- byte and a varint; 0: none), ts_ms the leading varint after it,
+    -- msg_id the next; at = the position of the sender's length byte,
+    -- after which come the sender and the payload.
+    local exp, ts, at = 0, 0, 1
+    if string.byte(e, 1) == 0 then exp, at = varint(e, 2) end
+    ts, at = varint(e, at)
+    local _
+    _, at = varint(e, at)
     if seq > acked and ts + ttl > now and (exp == 0 or exp > now) then
       soon(ts + ttl)
       if exp > 0 then soon(exp) end

@@ -458,14 +458,7 @@ impl Model {
         let head = self.heads.entry(m.to.to_string()).or_default();
         *head += 1;
         let seq = *head;
-        let stored = StoredMessage {
-            seq,
-            msg_id: m.msg_id,
-            ts_ms: m.ts_ms,
-            from: m.from.clone(),
-            payload: m.payload.clone(),
-            expires_ms: m.expires_ms,
-        };
+        let stored = StoredMessage::of(seq, m);
         self.msgs.insert((m.to.to_string(), seq), stored);
         if let Some(hot) = &mut self.hot {
             hot.msgs.insert((m.to.to_string(), seq));
