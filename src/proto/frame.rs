@@ -63,8 +63,8 @@ const _: () = assert!(MAX_LOGIN_FRAME_BYTES <= MIN_MAX_FRAME_BYTES);
 const _: () = assert!(MAX_LOGIN_FRAME_BYTES == 4433);
 
 /// SEND_EX `flags` bit 0: deliver at most once, as a plain SEND does without
-/// a store (nothing stored, SEND_RESULT outcome `Relayed`). The other bits
-/// are reserved and must be 0.
+/// a store (nothing stored, SEND_RESULT outcome `Relayed`). Bit 1 is
+/// [`SEND_EX_TTL`]; the other bits are reserved and must be 0.
 pub const SEND_EX_AT_MOST_ONCE: u8 = 1;
 /// Every SEND_EX flag this protocol version knows.
 pub const SEND_EX_KNOWN_FLAGS: u8 = SEND_EX_AT_MOST_ONCE | SEND_EX_TTL;
