@@ -135,6 +135,10 @@ enum Cmd {
 /// What one types into `switchboard client`.
 const CLIENT_COMMANDS: &str = "Commands, one per line:
   @USER TEXT        send TEXT to every device of USER (SEND)
+  /expire MS @USER TEXT
+                    the same, stored to expire MS milliseconds later: a
+                    device that has not had it by then never gets it
+                    (SEND_EX with ttl_ms)
   /join ROOM        join ROOM (SUBSCRIBE)
   /leave ROOM       leave ROOM (UNSUBSCRIBE)
   /pub ROOM TEXT    publish TEXT to ROOM, which you must have joined (PUBLISH)
@@ -571,10 +575,23 @@ fn typed_frame(line: &str, req_id: &mut u32) -> Result<Option<bytes::Bytes>, Str
             Some((room, text)) => Frame::Publish { req_id: next(), room, payload: text.as_bytes() }.to_bytes(),
             None => return Err("usage: /pub ROOM TEXT".into()),
         },
+        "/expire" => {
+            let usage = || "usage: /expire MS @USER TEXT (MS from 1 to 4294967295)".to_string();
+            let (ms, rest) = rest.split_once(' ').ok_or_else(usage)?;
+            let ttl_ms = ms.parse::<u32>().ok().filter(|&ms| ms > 0).ok_or_else(usage)?;
+            let (to, text) = rest.trim_start().split_once(' ').map_or((rest.trim_start(), ""), |(t, x)| (t, x.trim()));
+            let to = to.strip_prefix('@').filter(|t| !t.is_empty()).ok_or_else(usage)?;
+            let flags = switchboard::proto::frame::SEND_EX_TTL;
+            Frame::SendEx { req_id: next(), flags, client_id: 0, ttl_ms, to, payload: text.as_bytes() }.to_bytes()
+        }
         v if v.starts_with('@') && v.len() > 1 => {
             Frame::Send { req_id: next(), to: &v[1..], payload: rest.as_bytes() }.to_bytes()
         }
-        _ => return Err("type `@USER TEXT`, /join ROOM, /leave ROOM, /pub ROOM TEXT, /ping or /quit".into()),
+        _ => {
+            let what =
+                "type `@USER TEXT`, /expire MS @USER TEXT, /join ROOM, /leave ROOM, /pub ROOM TEXT, /ping or /quit";
+            return Err(what.into());
+        }
     };
     frame.map(Some).map_err(|e| format!("cannot send: {e}"))
 }

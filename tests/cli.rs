@@ -581,24 +581,28 @@ fn cli_client_exit_status_tells_a_server_close_with_an_error_from_a_quit() {
 /// and exited 0 at once, before the answers to what it sent: a script
 /// never saw a refusal. It now waits for them (5 s at most), prints them,
 /// and exits 4 when the server refused a request.
+/// `switchboard client --user USER` fed `input` on its standard input:
+/// its exit status and what it printed.
+fn piped_client(addr: &str, user: &str, input: &str) -> (Option<i32>, String) {
+    let mut child = Command::new(SB)
+        .args(["client", "--user", user, "--addr", addr])
+        .env_remove("SWITCHBOARD_JWT_SECRET")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), input.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 #[test]
 fn cli_client_at_the_end_of_its_input_waits_for_the_answers_and_reports_a_refusal() {
     let port = common::free_port();
     let server = serve(port, "warn", Stdio::null(), Stdio::null());
     let addr = format!("127.0.0.1:{port}");
-    let piped = |input: &str| {
-        let mut child = Command::new(SB)
-            .args(["client", "--user", "carl", "--addr", &addr])
-            .env_remove("SWITCHBOARD_JWT_SECRET")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        std::io::Write::write_all(&mut child.stdin.take().unwrap(), input.as_bytes()).unwrap();
-        let out = child.wait_with_output().unwrap();
-        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned())
-    };
+    let piped = |input: &str| piped_client(&addr, "carl", input);
     let (code, out) = piped("@dana hello\n");
     assert_eq!(code, Some(0), "{out}");
     assert!(out.contains("(send #1: "), "the SEND's answer is printed before the exit:\n{out}");
@@ -606,6 +610,31 @@ fn cli_client_at_the_end_of_its_input_waits_for_the_answers_and_reports_a_refusa
     let (code, out) = piped("/pub lobby hi\n");
     assert!(out.contains("(error "), "the refusal is printed:\n{out}");
     assert_eq!(code, Some(4), "a refused request: exit 4\n{out}");
+    assert!(stop(server).success());
+}
+
+/// `/expire MS @USER TEXT` stores a message that expires: a device that
+/// logs in after it gets only what was sent without one.
+#[test]
+fn cli_client_sends_a_message_that_expires() {
+    let port = common::free_port();
+    let server = serve(port, "warn", Stdio::null(), Stdio::null());
+    let addr = format!("127.0.0.1:{port}");
+    let (code, out) = piped_client(&addr, "carl", "/expire 300 @erin ring ring\n@erin kept\n/expire 0 @erin no\n");
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("(send #1: Stored as #1, delivered to 0 connection(s))"), "{out}");
+    assert!(out.contains("(send #2: delivered to 0 connection(s))"), "{out}");
+    assert!(out.contains("usage: /expire MS @USER TEXT"), "a TTL of 0 is refused here:\n{out}");
+    std::thread::sleep(Duration::from_millis(600));
+    let state = std::env::temp_dir().join(format!("sb-cli-expire-{}-{port}.seq", std::process::id()));
+    let mut erin = CliClient::start_with("erin", &addr, &["--device", "d", "--state", state.to_str().unwrap()], &[]);
+    erin.expect("logged in as erin");
+    erin.expect("(device d: stored up to #0");
+    erin.expect("(inbox: stored up to 0, head 2, this page up to 2)");
+    assert!(erin.expect("[#").starts_with("[#2 "), "only the message without an expiry");
+    erin.type_line("/quit");
+    assert!(erin.proc.wait_for(Duration::from_secs(5)).is_some_and(|s| s.success()));
+    let _ = std::fs::remove_file(&state);
     assert!(stop(server).success());
 }
 
