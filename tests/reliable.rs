@@ -1056,11 +1056,22 @@ fn messages_past_their_own_expiry_are_not_delivered_to_a_device_back_later() {
     let mut cfg = config();
     // Login pages of two: the expired messages fall inside the pages.
     cfg.delivery.first_page = 2;
+    // No retransmits while the test reads at its own pace (config()'s
+    // 300 ms sent copies on a busy host, between the frames it counts).
+    cfg.delivery.ack_timeout_ms = 10_000;
     let server = common::start(cfg);
     let addr = server.local_addr();
     let handle = server.handle();
     // The tablet is connected while the messages are stored; the phone is not.
     let mut tablet = device_login(addr, "ivy", "tablet", 0);
+    // Its window is open once its login SYNC came: from then on each new
+    // message is written to it live, not read from the inbox (where an
+    // expired one would be left out, on a host slow enough).
+    tablet.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    match tablet.recv_skipping_pings().unwrap().frame() {
+        Frame::Sync { req_id: 0, position: 0, head_seq: 0, page_end: 0 } => {}
+        other => panic!("expected the login SYNC, got {other:?}"),
+    }
     let (mut gus, _) = common::login(addr, "gus");
     let stored = |gus: &mut Client, req_id: u32| match gus.recv_skipping_pings().unwrap().frame() {
         Frame::SendAck { req_id: r, .. } | Frame::SendResult { req_id: r, outcome: SendOutcome::Stored, .. } => {
