@@ -822,6 +822,19 @@ mod tests {
             err(r#"{"type":"fetch","after_seq":"1","limit":0}"#),
             (JsonError::Zero { ty: "fetch", field: "limit" }, 1002)
         );
+        // A send's ttl_ms: 1 to 2^32 − 1, a JSON integer.
+        assert_eq!(
+            err(r#"{"type":"send","to":"b","payload":"p","ttl_ms":0}"#),
+            (JsonError::Zero { ty: "send", field: "ttl_ms" }, 1002)
+        );
+        for bad in ["4294967296", "\"1000\"", "-1", "1.5"] {
+            let expected = "an integer from 1 to 4294967295";
+            assert_eq!(
+                err(&format!(r#"{{"type":"send","to":"b","payload":"p","ttl_ms":{bad}}}"#)),
+                (JsonError::WrongType { ty: "send", field: "ttl_ms", expected }, 1002),
+                "{bad}"
+            );
+        }
         assert_eq!(
             err(r#"{"type":"fetch","after_seq":"1","limit":65536}"#),
             (JsonError::WrongType { ty: "fetch", field: "limit", expected: "an integer from 1 to 65535" }, 1002)
