@@ -577,10 +577,10 @@ fn typed_frame(line: &str, req_id: &mut u32) -> Result<Option<bytes::Bytes>, Str
         },
         "/expire" => {
             let usage = || "usage: /expire MS @USER TEXT (MS from 1 to 4294967295)".to_string();
-            let (ms, rest) = rest.split_once(' ').ok_or_else(usage)?;
-            let ttl_ms = ms.parse::<u32>().ok().filter(|&ms| ms > 0).ok_or_else(usage)?;
-            let (to, text) = rest.trim_start().split_once(' ').map_or((rest.trim_start(), ""), |(t, x)| (t, x.trim()));
-            let to = to.strip_prefix('@').filter(|t| !t.is_empty()).ok_or_else(usage)?;
+            let mut parts = rest.splitn(3, ' ');
+            let ttl_ms = parts.next().and_then(|ms| ms.parse::<u32>().ok()).filter(|&ms| ms > 0).ok_or_else(usage)?;
+            let to = parts.next().and_then(|t| t.strip_prefix('@')).filter(|t| !t.is_empty()).ok_or_else(usage)?;
+            let text = parts.next().unwrap_or("").trim();
             let flags = switchboard::proto::frame::SEND_EX_TTL;
             Frame::SendEx { req_id: next(), flags, client_id: 0, ttl_ms, to, payload: text.as_bytes() }.to_bytes()
         }

@@ -112,8 +112,7 @@ impl Handle {
             return Err(PushError::PayloadTooLarge { len: payload.len(), max });
         }
         let ttl_ms = opts.ttl.map_or(0, |t| (t.as_millis() as u64).max(1));
-        let ts_ms =
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        let ts_ms = crate::store::unix_ms();
         let msg = crate::store::NewMessage {
             to: Arc::from(user),
             from: Arc::from(""),

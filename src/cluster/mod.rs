@@ -34,7 +34,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use crate::store::StoredMessage;
+use crate::store::{unix_ms, StoredMessage};
 
 /// Cross-node work handed to the `sb-cluster` thread.
 #[derive(Debug)]
@@ -155,11 +155,6 @@ impl ClusterCounters {
     pub(crate) fn add(c: &AtomicU64, n: u64) {
         c.fetch_add(n, Ordering::Relaxed);
     }
-}
-
-/// This host's clock, in Unix milliseconds.
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 /// [`Link`]'s clock offset before the first heartbeat has measured it.

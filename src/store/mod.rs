@@ -424,13 +424,20 @@ fn acked_by_all(devices: &[DeviceState]) -> u64 {
     devices.iter().map(|d| d.position).min().unwrap_or(0)
 }
 
+/// This host's clock in Unix milliseconds: the clock of a message's
+/// `ts_ms` and `expires_ms`, of the store thread, and of the cluster's
+/// records (which add Redis's offset to it).
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
 /// The `expires_ms` of a message stored at `ts_ms` to expire `ttl_ms`
 /// later (0: no expiry of its own, for a `ttl_ms` of 0).
 pub fn expires_at(ts_ms: u64, ttl_ms: u64) -> u64 {
     if ttl_ms == 0 {
         0
     } else {
-        ts_ms.saturating_add(ttl_ms).max(1)
+        ts_ms.saturating_add(ttl_ms)
     }
 }
 

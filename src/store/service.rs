@@ -112,11 +112,11 @@ use std::sync::Arc;
 use std::thread::{JoinHandle, Thread};
 
 use crossbeam_queue::ArrayQueue;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
-use super::{Appended, Durability, InboxState, NewMessage, Page, Reopen, Store, StoreError};
+use super::{unix_ms, Appended, Durability, InboxState, NewMessage, Page, Reopen, Store, StoreError};
 
 /// Requests drained after the first one into one batch (one sync). At
 /// 100-byte messages a batch holds well under a megabyte of payloads.
@@ -392,10 +392,6 @@ pub struct ServiceConfig {
     /// (`store.batch_wait_us`; the module doc says why). Zero: a turn
     /// starts as soon as a request is there.
     pub batch_wait: Duration,
-}
-
-fn unix_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 impl ServiceConfig {

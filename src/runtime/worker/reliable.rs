@@ -11,7 +11,6 @@
 //! mailbox commands), or hold a borrow of the table while a window runs.
 
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 
@@ -67,10 +66,6 @@ pub(super) type Reliable = hashbrown::HashMap<u32, Device>;
 /// (user, device) → the position; at most the worker's connection slots
 /// (`Shared::max_conns_per_worker`) entries.
 pub(super) type ClosedUnsaved = hashbrown::HashMap<(Arc<str>, Arc<str>), u64>;
-
-pub(super) fn unix_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
-}
 
 /// The ERROR a store failure is answered with.
 pub(super) fn store_error(e: &StoreError) -> ErrorCode {
@@ -521,7 +516,7 @@ impl Worker {
         let Some(store) = self.shared.store.get() else {
             return Err((ErrorCode::NotReliable, "this server has no message store (store.kind = \"none\")".into()));
         };
-        let ts_ms = unix_ms();
+        let ts_ms = crate::store::unix_ms();
         let msg = NewMessage {
             to: Arc::from(to),
             from: from.clone(),
