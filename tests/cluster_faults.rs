@@ -3,8 +3,9 @@
 //! restarted, the presence of a killed node expiring within its bound,
 //! a node's worker mailboxes full when another node's notices come, a
 //! device whose dead connection on one node is followed by its login on
-//! another, and Redis's persistence settings changed under a running
-//! node. Nodes run with a 200 ms heartbeat and a 600 ms node TTL.
+//! another, Redis's persistence settings changed under a running node,
+//! and a node of an older build live in a rolling upgrade. Nodes run with
+//! a 200 ms heartbeat and a 600 ms node TTL.
 
 mod common;
 
@@ -854,4 +855,111 @@ fn a_device_logging_in_on_another_node_replaces_its_connection_there() {
         send_acked(&mut alice, "bob", &tag, 2);
         assert_eq!(receive_tagged(&mut kept, &tag, 2).len(), 2, "round {round}");
     }
+}
+
+/// Redis's clock in ms, as `TIME` reads it.
+fn redis_ms(redis: &RedisServer) -> u64 {
+    let v = redis.cmd(&["TIME"]).expect("TIME");
+    let [s, us]: [String; 2] = redis::from_redis_value::<Vec<String>>(v).expect("two fields").try_into().unwrap();
+    s.parse::<u64>().unwrap() * 1000 + us.parse::<u64>().unwrap() / 1000
+}
+
+/// A rolling upgrade on the Redis store. A node of a build from before
+/// message expiry reads an inbox entry with an expiry as one stamped 0:
+/// its retention pass drops it at once, acknowledged or not. So while
+/// such a node is live (in `sb:nodes`, where its heartbeat is all it
+/// writes), a push with `ttl_ms` is refused with 503 naming that node
+/// (and so is a SEND with one, ERROR 115), on every node; pushes without
+/// a TTL go on. Once that node is out of the live set, TTL pushes are
+/// stored again. The device gets every push that was accepted, in order.
+/// Before this, the TTL push was stored (200) whatever nodes were live.
+#[test]
+fn a_ttl_is_refused_while_a_node_of_an_older_build_is_live() {
+    let redis_proc = Arc::new(RedisServer::start());
+    let redis = Redis::One(redis_proc.url());
+    let a = Node::start("a", &redis, &reliable());
+    let b = Node::start("b", &redis, &reliable());
+    let push = |node: &Node, text: &str, ttl: bool| -> (u16, String) {
+        let body = if ttl {
+            format!(r#"{{"user": "bob", "text": "{text}", "ttl_ms": 600000}}"#)
+        } else {
+            format!(r#"{{"user": "bob", "text": "{text}"}}"#)
+        };
+        node.api("/api/v1/push", &body)
+    };
+    let mut accepted = Vec::new();
+    // Two live nodes, both of this build: a TTL is stored.
+    let (status, body) = push(&a, "ttl-before", true);
+    assert_eq!(status, 200, "{body}");
+    accepted.push("ttl-before".to_string());
+
+    // An older build's heartbeat, every 100 ms, under the id it would use.
+    let stop = Arc::new(AtomicBool::new(false));
+    let beat = {
+        let (stop, r) = (stop.clone(), redis_proc.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let now = redis_ms(&r).to_string();
+                r.cmd(&["ZADD", "sb:nodes", &now, "old-build/4242"]).expect("ZADD");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        })
+    };
+    let mut refusal = String::new();
+    let mut n = 0;
+    let refused = common::wait_until(Duration::from_secs(10), || {
+        n += 1;
+        std::thread::sleep(Duration::from_millis(50));
+        let text = format!("ttl-probe{n}");
+        let (status, body) = push(&a, &text, true);
+        match status {
+            200 => accepted.push(text),
+            503 => refusal = body,
+            other => panic!("push answered {other}: {body}"),
+        }
+        status == 503
+    });
+    assert!(refused, "a TTL push was still stored 10 s after an older node joined");
+    assert!(
+        refusal.contains("old-build/4242") && refusal.contains("ttl_ms"),
+        "the refusal names the node and ttl_ms: {refusal}"
+    );
+    let (status, body) = push(&b, "ttl-on-b", true);
+    assert_eq!(status, 503, "refused on every node: {body}");
+    let (status, body) = push(&a, "plain", false);
+    assert_eq!(status, 200, "a push without a TTL goes on: {body}");
+    accepted.push("plain".to_string());
+    // The SEND with a TTL of a client is refused with ERROR 115.
+    let mut alice = a.login("alice", None);
+    alice.send_ex_with_ttl(1, 0, 0, 600_000, "bob", b"ttl-send").unwrap();
+    match alice.recv_skipping_pings().expect("an answer").frame() {
+        Frame::Error { code, reason, .. } => {
+            assert_eq!(code, 115, "{reason}");
+            assert!(reason.contains("old-build/4242"), "{reason}");
+        }
+        other => panic!("expected ERROR 115, got {other:?}"),
+    }
+
+    // The old node stops (killed: it leaves the live set a node TTL later).
+    stop.store(true, Ordering::Relaxed);
+    beat.join().unwrap();
+    let stored = common::wait_until(Duration::from_secs(10), || push(&b, "ttl-after", true).0 == 200);
+    assert!(stored, "TTL pushes still refused 10 s after the older node left");
+    accepted.push("ttl-after".to_string());
+
+    let mut phone = a.login("bob", Some(("phone", 0)));
+    let mut got = Vec::new();
+    while got.len() < accepted.len() {
+        let f = phone.recv_skipping_pings().unwrap_or_else(|e| panic!("{e}: got {got:?} of {accepted:?}"));
+        match f.frame() {
+            Frame::Inbox { seq, payload, .. } => {
+                got.push(String::from_utf8(payload.to_vec()).unwrap());
+                phone.ack(seq).unwrap();
+            }
+            // The first page is in and more wait: the rest by FETCH.
+            Frame::Sync { page_end, head_seq, .. } if page_end < head_seq => phone.fetch(1, page_end, 1000).unwrap(),
+            _ => continue,
+        }
+    }
+    assert_eq!(got, accepted, "every accepted push, in order, and nothing refused");
 }

@@ -17,6 +17,9 @@
 //! - `sb:nodes`: sorted set node id → the Redis clock (ms) of its last
 //!   heartbeat. A node not heard of for `cluster.node_ttl_ms` is dead:
 //!   readers ignore its presence fields and delete the ones they meet.
+//! - `{sb:nodes}:caps`: hash node id → what its build can do
+//!   ([`node::CAPS`]), written at each heartbeat; the Redis store reads it
+//!   before it stores an entry an older build would misread.
 //!
 //! Channels (classic pub/sub; in a Redis Cluster a PUBLISH reaches
 //! subscribers on every shard):

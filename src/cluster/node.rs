@@ -76,16 +76,23 @@ const RESYNC_CHUNK: usize = 1000;
 const FORGET_NODE_MS: u64 = 24 * 3600 * 1000;
 
 /// The heartbeat: Redis's clock, so nodes need not agree on the time.
-/// KEYS[1] = sb:nodes; ARGV = node id, forget_ms. Returns Redis's time
-/// (ms), every node with its last heartbeat, and this node's previous
-/// heartbeat ("" if none: a node's first heartbeat finding a recent one
-/// means another live process has the same id).
+/// KEYS[1] = sb:nodes, KEYS[2] = [`CAPS_KEY`]; ARGV = node id, forget_ms,
+/// [`CAPS`]. Writes the node's capabilities, and forgets those of the
+/// nodes it forgets. Returns Redis's time (ms), every node with its last
+/// heartbeat, and this node's previous heartbeat ("" if none: a node's
+/// first heartbeat finding a recent one means another live process has
+/// the same id).
 const HEARTBEAT_LUA: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local prev = redis.call('ZSCORE', KEYS[1], ARGV[1]) or ''
 redis.call('ZADD', KEYS[1], now, ARGV[1])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[2]))
+local before = now - tonumber(ARGV[2])
+for _, gone in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', before)) do
+  redis.call('HDEL', KEYS[2], gone)
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', before)
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
 return {tostring(now), redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES'), prev}
 ";
 
@@ -148,6 +155,18 @@ pub const ALL_CHANNEL: &str = "sb:all";
 pub const LOGIN_CHANNEL: &str = "sb:login";
 /// The live-node set.
 pub const NODES_KEY: &str = "sb:nodes";
+/// Hash node id → the capabilities of its build ([`CAPS`]), written at
+/// each heartbeat. Its hash tag is [`NODES_KEY`] itself, so both are in one
+/// slot of a Redis Cluster and one script reads them together. A build
+/// from before it writes no field: capabilities 0.
+pub const CAPS_KEY: &str = "{sb:nodes}:caps";
+/// What this build can do that a node sharing its Redis must be able to
+/// do too, as a level: each level includes those below it.
+/// - 1: reads Redis inbox entries that carry an expiry of their own
+///   (`crate::store::redis`). A node of a build before it reads one as
+///   stamped 0 (its retention pass drops it at once), so the Redis store
+///   stores no such entry while a node below 1 is live.
+pub const CAPS: u64 = 1;
 
 /// `fut`, failed as a timeout if it takes longer than `limit`.
 async fn within<T>(limit: Duration, fut: impl std::future::Future<Output = RedisResult<T>>) -> RedisResult<T> {
@@ -851,7 +870,7 @@ impl Node {
                 continue;
             };
             let mut inv = script.prepare_invoke();
-            inv.key(NODES_KEY).arg(&*self.me).arg(FORGET_NODE_MS);
+            inv.key(NODES_KEY).key(CAPS_KEY).arg(&*self.me).arg(FORGET_NODE_MS).arg(CAPS);
             ClusterCounters::add(&self.counters.redis_commands, 1);
             ClusterCounters::add(&self.counters.redis_round_trips, 1);
             let sent_ms = unix_ms();
@@ -1005,7 +1024,12 @@ impl Node {
 
     /// A clean stop: out of the live set at once, so no node forwards here.
     async fn leave(&self) {
-        let _ = self.exec(&[redis::cmd("ZREM").arg(NODES_KEY).arg(&*self.me).clone()]).await;
+        let _ = self
+            .exec(&[
+                redis::cmd("ZREM").arg(NODES_KEY).arg(&*self.me).clone(),
+                redis::cmd("HDEL").arg(CAPS_KEY).arg(&*self.me).clone(),
+            ])
+            .await;
         tracing::info!(node = %self.me, "cluster: left");
     }
 

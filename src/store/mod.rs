@@ -472,7 +472,9 @@ pub fn open_store_with(
                 ));
             };
             let timeout = std::time::Duration::from_millis(cluster.command_timeout_ms);
-            Some(Box::new(RedisStore::open(addrs, &cluster.node_id_or_default(listen_port), limits, timeout)?))
+            let mut store = RedisStore::open(addrs, &cluster.node_id_or_default(listen_port), limits, timeout)?;
+            store.set_node_ttl(std::time::Duration::from_millis(cluster.node_ttl_ms));
+            Some(Box::new(store))
         }
         StoreKind::Memory => Some(Box::new(MemoryStore::new(limits))),
         StoreKind::Disk => {

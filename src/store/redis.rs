@@ -67,6 +67,10 @@
 //!   messages (the API allows a client id only on a push to one user).
 //! - `:nodes` hash node id → login time: written by `device_login` (below).
 //!
+//! Read, not written: the cluster's live-node set and its nodes'
+//! capabilities (`sb:nodes`, `{sb:nodes}:caps`), before a message with an
+//! expiry of its own is stored ([`EXPIRY_RECHECK`]).
+//!
 //! Per hash slot `s`, with `t(s)` a short string whose slot is `s`:
 //! - `<prefix>:ix:{t(s)}` sorted set: the users of slot `s` with something
 //!   retention may drop (messages, devices, dedup entries), scored by the
@@ -139,6 +143,7 @@ use super::{
     check_ids, record_bytes, Appended, DeviceState, Durability, InboxState, NewMessage, Page, Store, StoreError,
     StoreLimits, StoredMessage, MAX_DEVICES_PER_USER,
 };
+use crate::cluster::node::{CAPS_KEY, NODES_KEY};
 use crate::config::RedisAddrs;
 
 /// The key prefix of a production store.
@@ -527,6 +532,22 @@ end
 return {dropped, bytes, more}
 "#;
 
+/// Nodes below a capability level: KEYS sb:nodes caps ([`NODES_KEY`],
+/// [`CAPS_KEY`]); ARGV live_ms level. Returns the ids of the nodes whose
+/// last heartbeat is within live_ms of Redis's clock and whose
+/// capabilities (0 if they wrote none) are below level.
+const CAPS_LUA: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local below = {}
+for _, n in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], now - tonumber(ARGV[1]), '+inf')) do
+  if (tonumber(redis.call('HGET', KEYS[2], n) or '0') or 0) < tonumber(ARGV[2]) then
+    below[#below + 1] = n
+  end
+end
+return below
+"#;
+
 struct Scripts {
     append: Lua,
     device: Lua,
@@ -534,6 +555,7 @@ struct Scripts {
     state: Lua,
     expire: Lua,
     forget: Lua,
+    caps: Lua,
 }
 
 static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
@@ -543,11 +565,12 @@ static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     state: Lua::new(STATE_LUA),
     expire: Lua::new(EXPIRE_LUA),
     forget: Lua::new(FORGET_LUA),
+    caps: Lua::new(CAPS_LUA),
 });
 
 impl Scripts {
-    fn all(&self) -> [&Lua; 6] {
-        [&self.append, &self.device, &self.read, &self.state, &self.expire, &self.forget]
+    fn all(&self) -> [&Lua; 7] {
+        [&self.append, &self.device, &self.read, &self.state, &self.expire, &self.forget, &self.caps]
     }
 }
 
@@ -625,7 +648,24 @@ pub struct RedisStore {
     expire_at: Option<ExpireAt>,
     /// When the link last served a request ([`IDLE_CHECK_AFTER`]).
     used_at: Instant,
+    /// How long after its last heartbeat a node counts as live
+    /// (`cluster.node_ttl_ms`).
+    node_ttl: Duration,
+    /// The live nodes of builds that misread an entry with an expiry, as
+    /// last read ([`EXPIRY_RECHECK`]), and when.
+    older: Option<(Instant, Vec<String>)>,
 }
+
+/// How long the store goes by its last look at the live nodes' builds
+/// before it stores another message with an expiry of its own. Why look
+/// at all: in a rolling upgrade, a node of a build from before expiries
+/// reads such an entry as one stamped 0, and its retention pass drops it
+/// at once, acknowledged or not; so while one is live (it writes no
+/// capabilities, [`crate::cluster::node::CAPS`]) such a message is
+/// refused, not stored. A node of an older build that joins within this
+/// long of a look, and whose retention pass runs before the message is
+/// delivered or expires, can still drop one (docs/DEPLOY.md, "Expiry").
+pub const EXPIRY_RECHECK: Duration = Duration::from_secs(1);
 
 /// How often the store reads Redis's persistence settings again (`CONFIG
 /// GET append*` on each master, on the store thread: well under a
@@ -739,6 +779,8 @@ impl RedisStore {
             probed: false,
             expire_at: None,
             used_at: Instant::now(),
+            node_ttl: Duration::from_millis(crate::config::ClusterConfig::default().node_ttl_ms),
+            older: None,
         };
         // A node starts without Redis: it serves its own connections, and
         // stored messages are refused (ERROR 115) until Redis answers; the
@@ -791,6 +833,43 @@ impl RedisStore {
                 tracing::warn!("summing the Redis store's totals failed (the last ones are kept): {e}");
             }
         }
+    }
+
+    /// How long after its last heartbeat a node counts as live, for the
+    /// look at the live nodes' builds ([`EXPIRY_RECHECK`]):
+    /// `cluster.node_ttl_ms`, set by [`super::open_store_with`].
+    pub fn set_node_ttl(&mut self, ttl: Duration) {
+        self.node_ttl = ttl;
+    }
+
+    /// Why a message with an expiry of its own cannot be stored now, if it
+    /// cannot: a live node of a build that would misread it
+    /// ([`EXPIRY_RECHECK`]). Reads Redis at most once per recheck.
+    fn expiry_refused(&mut self) -> Option<StoreError> {
+        let fresh = self.older.as_ref().is_some_and(|(at, _)| at.elapsed() < EXPIRY_RECHECK);
+        if !fresh {
+            let ms = (self.node_ttl.as_millis() as u64).to_string();
+            let level = crate::cluster::node::CAPS.to_string();
+            let keys = [NODES_KEY.to_string(), CAPS_KEY.to_string()];
+            let op =
+                Op { tag: None, ..self.script_op(&SCRIPTS.caps, NODES_KEY, &keys, &[ms.as_bytes(), level.as_bytes()]) };
+            let nodes = match self.run_one(op) {
+                Ok(v) => redis::from_redis_value::<Vec<String>>(v).map_err(|e| protocol(format!("live nodes: {e}"))),
+                Err(e) => Err(e),
+            };
+            match nodes {
+                Ok(nodes) => self.older = Some((Instant::now(), nodes)),
+                Err(e) => return Some(e),
+            }
+        }
+        let older = &self.older.as_ref().expect("just read").1;
+        let first = older.first()?;
+        Some(StoreError::Unavailable(format!(
+            "a message with ttl_ms is not stored while node {first}{} is live: its build is from before message \
+             expiry and would drop the message (docs/DEPLOY.md, \"Expiry\"); send without ttl_ms, or once every \
+             node is upgraded",
+            if older.len() > 1 { format!(" (and {} more)", older.len() - 1) } else { String::new() }
+        )))
     }
 
     fn key(&self, tag: &str, suffix: &str) -> String {
@@ -1355,6 +1434,11 @@ pub(super) fn decode_entry(seq: u64, e: &[u8]) -> Result<StoredMessage, StoreErr
 impl Store for RedisStore {
     fn append(&mut self, m: &NewMessage, now_ms: u64) -> Result<Appended, StoreError> {
         check_ids(&m.to, &m.from, "")?;
+        if m.expires_ms != 0 {
+            if let Some(e) = self.expiry_refused() {
+                return Err(e);
+            }
+        }
         self.maybe_refresh_totals();
         let budget = self.limits.max_bytes.saturating_sub(self.totals.bytes());
         let bytes = record_bytes(&m.to, &m.from, m.payload.len());
@@ -1379,9 +1463,13 @@ impl Store for RedisStore {
         let mut ops = Vec::with_capacity(msgs.len());
         let mut at = Vec::with_capacity(msgs.len());
         let mut used = self.totals.bytes();
+        let expiry_refused = if msgs.iter().any(|m| m.expires_ms != 0) { self.expiry_refused() } else { None };
         for (i, m) in msgs.iter().enumerate() {
             match check_ids(&m.to, &m.from, "") {
                 Err(e) => out.push(Some(Err(e))),
+                Ok(()) if m.expires_ms != 0 && expiry_refused.is_some() => {
+                    out.push(Some(Err(expiry_refused.clone().expect("some"))))
+                }
                 Ok(()) => {
                     out.push(None);
                     ops.push(self.append_op(m, now_ms, self.limits.max_bytes.saturating_sub(used)));

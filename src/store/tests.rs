@@ -865,6 +865,60 @@ fn redis_cluster_keys_of_a_user_share_one_slot() {
     for k in ["", "a", "{}x", "x{}y{z}", "sb:ix:{123}", "foo{bar}baz", "123456789"] {
         assert_eq!(keyslot(k), super::redis::key_slot(k.as_bytes()) as i64, "{k:?}");
     }
+    // The heartbeat and the store's look at the nodes' builds are scripts
+    // over both keys: one slot, or a Redis Cluster refuses them.
+    use crate::cluster::node::{CAPS_KEY, NODES_KEY};
+    assert_eq!(keyslot(NODES_KEY), keyslot(CAPS_KEY));
+}
+
+/// In a rolling upgrade on the Redis store, a live node of a build from
+/// before message expiry (in `sb:nodes` without capabilities: all such a
+/// node writes there) would read an entry with an expiry as stamped 0 and
+/// drop it. So while one is live the store refuses messages with an
+/// expiry, alone or in a batch, naming it, and stores the rest; a node of
+/// this build (capabilities written) or one whose heartbeat is older than
+/// the node TTL is no reason to refuse.
+#[test]
+fn redis_refuses_an_expiry_while_a_node_of_an_older_build_is_live() {
+    use crate::cluster::node::{CAPS, CAPS_KEY, NODES_KEY};
+    let server = RedisServer::start();
+    let mut s =
+        RedisStore::open(&RedisAddrs::Single(server.url()), "n", StoreLimits::default(), REDIS_TEST_TIMEOUT).unwrap();
+    s.set_node_ttl(Duration::from_millis(2_000));
+    let redis_now = || {
+        let v: Vec<String> = ::redis::from_redis_value(server.cmd(&["TIME"]).unwrap()).unwrap();
+        v[0].parse::<u64>().unwrap() * 1000 + v[1].parse::<u64>().unwrap() / 1000
+    };
+    let beat = |node: &str, ago_ms: u64| {
+        server.cmd(&["ZADD", NODES_KEY, &(redis_now() - ago_ms).to_string(), node]).unwrap();
+    };
+    let now = unix_ms();
+    let expiring = |n: u64| NewMessage { expires_ms: now + 600_000, ..msg("kim", "app", n, now, &format!("e{n}"), 0) };
+    let plain = |n: u64| msg("kim", "app", n, now, &format!("p{n}"), 0);
+    let stored = |r: &Result<Appended, StoreError>| matches!(r, Ok(Appended::New { .. }));
+    let wait_recheck = || std::thread::sleep(super::redis::EXPIRY_RECHECK + Duration::from_millis(100));
+
+    beat("new/1", 0);
+    server.cmd(&["HSET", CAPS_KEY, "new/1", &CAPS.to_string()]).unwrap();
+    beat("old-but-dead/2", 5_000);
+    assert!(stored(&s.append(&expiring(1), now)), "only nodes of this build are live");
+
+    beat("old/3", 0);
+    wait_recheck();
+    let r = s.append(&expiring(2), now);
+    let Err(StoreError::Unavailable(why)) = &r else { panic!("stored while an older node is live: {r:?}") };
+    assert!(why.contains("old/3") && why.contains("ttl_ms") && !why.contains("new/1"), "{why}");
+    let got = s.append_batch(&[plain(3), expiring(4), plain(5)], now);
+    assert!(stored(&got[0]) && stored(&got[2]), "messages without an expiry are stored: {got:?}");
+    assert!(matches!(&got[1], Err(StoreError::Unavailable(w)) if w.contains("old/3")), "{got:?}");
+
+    // Upgraded: the same id now writes its capabilities.
+    server.cmd(&["HSET", CAPS_KEY, "old/3", &CAPS.to_string()]).unwrap();
+    wait_recheck();
+    let got = s.append_batch(&[expiring(6), plain(7)], now);
+    assert!(got.iter().all(stored), "{got:?}");
+    let seqs: Vec<u64> = s.read("kim", 0, 10).unwrap().messages.iter().map(|m| m.msg_id).collect();
+    assert_eq!(seqs, [1, 3, 5, 6, 7], "what was refused was not stored");
 }
 
 #[test]
