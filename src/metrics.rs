@@ -442,6 +442,13 @@ impl Collector for Live {
                 "Messages dropped by retention passes (not those the hot log drops as acknowledged in time).",
                 get(&s.expired),
             )?;
+            f.counter(
+                "switchboard_store_expired_unacknowledged",
+                "Of the messages retention passes dropped, those some known device of their user had not \
+                 acknowledged (all, for a user with no device): expired undelivered, by store.ttl_ms or their own \
+                 ttl_ms.",
+                get(&s.expired_unacknowledged),
+            )?;
             f.gauge(
                 "switchboard_store_queue_depth",
                 "Store requests queued, not yet taken by the store thread.",

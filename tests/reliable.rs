@@ -1051,6 +1051,38 @@ fn inbox_frames(c: &mut Client, n: usize, limit: Duration) -> Vec<Got> {
     got
 }
 
+/// An operator's count of messages that expired undelivered
+/// (`expired_unacknowledged` of the store's counters, the metric
+/// `switchboard_store_expired_unacknowledged_total`): of what retention
+/// drops, the messages a known device had not acknowledged, and not those
+/// every device had.
+#[test]
+fn messages_that_expire_undelivered_are_counted() {
+    let mut cfg = config();
+    cfg.store.retention_interval_ms = 100;
+    let server = common::start(cfg);
+    let handle = server.handle();
+    let counters = handle.store_counters().expect("a store");
+    let count = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+    // The phone gets and acknowledges two messages, then goes away.
+    let mut phone = device_login(server.local_addr(), "ivy", "phone", 0);
+    assert_eq!(next_sync(&mut phone), (0, 0, 0, 0), "the login's SYNC");
+    for text in ["a", "b"] {
+        handle.push_reliable("ivy", text, 0).unwrap().wait().unwrap();
+    }
+    let (seq, _) = (next_inbox(&mut phone), next_inbox(&mut phone)).1;
+    phone.ack(seq).unwrap();
+    drop(phone);
+    // Two that expire before it comes back.
+    let ttl = switchboard::ReliablePush { client_id: 0, ttl: Some(Duration::from_millis(200)) };
+    for text in ["ring", "code"] {
+        handle.push_reliable_with("ivy", text, ttl).unwrap().wait().unwrap();
+    }
+    let counted = common::wait_until(Duration::from_secs(10), || count(&counters.expired) == 4);
+    assert!(counted, "retention dropped {} of the 4", count(&counters.expired));
+    assert_eq!(count(&counters.expired_unacknowledged), 2, "the two that expired; not the two acknowledged");
+}
+
 #[test]
 fn messages_past_their_own_expiry_are_not_delivered_to_a_device_back_later() {
     let mut cfg = config();

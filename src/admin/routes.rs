@@ -273,6 +273,7 @@ fn store_counters(h: &Handle, c: &crate::store::StoreCounters) -> Value {
         "queue_depth": get(&c.queue_depth),
         "queue_bytes": get(&c.queue_bytes),
         "expired": get(&c.expired),
+        "expired_unacknowledged": get(&c.expired_unacknowledged),
         "pending_messages": get(&c.held_messages),
         "pending_bytes": get(&c.held_bytes),
         "stopped": c.stopped(),

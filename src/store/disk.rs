@@ -800,6 +800,8 @@ pub struct DiskStore {
     total_bytes: u64,
     /// Messages kept over all inboxes (counted at open, then kept up).
     total_messages: u64,
+    /// [`Store::expired_unacknowledged`], since this open.
+    expired_unacknowledged: u64,
     /// user key → head and record, mirroring fjall (module doc). An append
     /// moves its entry to the new head before committing (a failed commit
     /// stops the store); a device change updates it after its write.
@@ -951,6 +953,7 @@ impl DiskStore {
             limits,
             total_bytes: 0,
             total_messages: 0,
+            expired_unacknowledged: 0,
             cache: hashbrown::HashMap::new(),
             cache_users: (CACHED_USERS / of).max(1),
             _writeback: match durability {
@@ -1379,6 +1382,7 @@ impl DiskStore {
             rec.bytes -= bytes;
             self.total_bytes -= bytes;
             self.total_messages -= 1;
+            self.expired_unacknowledged += u64::from(seq > acked);
             dropped += 1;
         }
         rec.first_seq = first_kept.unwrap_or(fhead + 1);
@@ -2246,6 +2250,10 @@ impl Store for DiskStore {
 
     fn held(&self) -> (u64, u64) {
         (self.total_messages, self.total_bytes)
+    }
+
+    fn expired_unacknowledged(&self) -> u64 {
+        self.expired_unacknowledged
     }
 
     /// What an append does first (`DiskStore::settle`), with `budget`

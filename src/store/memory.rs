@@ -71,6 +71,8 @@ pub struct MemoryStore {
     total_bytes: u64,
     /// Messages kept over all inboxes.
     total_messages: u64,
+    /// [`Store::expired_unacknowledged`].
+    expired_unacknowledged: u64,
 }
 
 impl MemoryStore {
@@ -82,6 +84,7 @@ impl MemoryStore {
             dedup_order: VecDeque::new(),
             total_bytes: 0,
             total_messages: 0,
+            expired_unacknowledged: 0,
         }
     }
 
@@ -128,6 +131,10 @@ impl Store for MemoryStore {
 
     fn sync(&mut self) -> Result<(), StoreError> {
         Ok(())
+    }
+
+    fn expired_unacknowledged(&self) -> u64 {
+        self.expired_unacknowledged
     }
 
     fn held(&self) -> (u64, u64) {
@@ -187,6 +194,7 @@ impl Store for MemoryStore {
         let ttl_ms = self.limits.ttl_ms;
         let mut dropped = 0;
         let (total_bytes, total_messages) = (&mut self.total_bytes, &mut self.total_messages);
+        let unacknowledged = &mut self.expired_unacknowledged;
         // An inbox left with no message and no device goes: nothing in it
         // needs keeping but its head, and the only client that could hold
         // its seqs is a device the store forgot, which starts over anyway
@@ -202,6 +210,7 @@ impl Store for MemoryStore {
                 inbox.bytes -= bytes;
                 *total_bytes -= bytes;
                 *total_messages -= 1;
+                *unacknowledged += u64::from(m.seq > acked);
                 inbox.messages.pop_front();
                 dropped += 1;
             }

@@ -255,6 +255,16 @@ pub trait Store: Send + 'static {
     /// (or they expired) and a retention pass dropped them. Cheap: a
     /// running count, not a scan.
     fn held(&self) -> (u64, u64);
+    /// Of the messages this store's retention passes dropped since it was
+    /// opened, how many some known device of their user had not
+    /// acknowledged (all of them, for a user with no device known): they
+    /// expired undelivered, by `store.ttl_ms` or their own expiry. A
+    /// running count, read after each pass (the
+    /// `switchboard_store_expired_unacknowledged_total` metric); the
+    /// default, for a store that does not count them, is 0.
+    fn expired_unacknowledged(&self) -> u64 {
+        0
+    }
     /// Whether the store has stopped serving after a failed write (the
     /// disk store: disk.rs, `DiskStore::guard`); every request then fails
     /// until the store is opened again. Cheap.

@@ -428,7 +428,8 @@ return {redis.call('HMGET', KEYS[1], 'head', 'n', 'b', 'first'), redis.call('HGE
 /// the oldest while acknowledged by every remaining device (if any) or
 /// ttl old, then dedup entries past the window; sets the user's index
 /// score to the next time something may be dropped (or removes it).
-/// Returns {messages dropped, their bytes, more (1: max_drop reached)}.
+/// Returns {messages dropped, their bytes, more (1: max_drop reached), those
+/// of them past the position every device acknowledged}.
 /// Runs when Redis is at `maxmemory` (`allow-oom`): it frees memory, and
 /// a plain script's first write that may take memory (its `HINCRBY`) is
 /// refused there, which left a full Redis full.
@@ -469,7 +470,7 @@ for i = 1, #marks, 2 do
   if at + ttl <= now then redis.call('HDEL', KEYS[8], marks[i]) else soon(at + ttl) end
 end
 local more = 0
-local dropped, bytes, last = 0, 0, 0
+local dropped, bytes, last, unacked = 0, 0, 0, 0
 local h = redis.call('HMGET', KEYS[1], 'n', 'first')
 local n, first = tonumber(h[1] or '0'), tonumber(h[2] or '0')
 local stop = false
@@ -499,6 +500,7 @@ while not stop and dropped < n do
       break
     end
     dropped = dropped + 1
+    if seq > acked then unacked = unacked + 1 end
     bytes = bytes + 26 + ulen + #e - at
     last = seq
   end
@@ -529,7 +531,7 @@ if due == nil then
 else
   redis.call('ZADD', KEYS[6], fmt(due), ARGV[5])
 end
-return {dropped, bytes, more}
+return {dropped, bytes, more, unacked}
 "#;
 
 /// Nodes below a capability level: KEYS sb:nodes caps ([`NODES_KEY`],
@@ -651,6 +653,8 @@ pub struct RedisStore {
     /// How long after its last heartbeat a node counts as live
     /// (`cluster.node_ttl_ms`).
     node_ttl: Duration,
+    /// [`Store::expired_unacknowledged`], since this open.
+    expired_unacknowledged: u64,
     /// The live nodes of builds that misread an entry with an expiry, as
     /// last read ([`EXPIRY_RECHECK`]), and when.
     older: Option<(Instant, Vec<String>)>,
@@ -781,6 +785,7 @@ impl RedisStore {
             used_at: Instant::now(),
             node_ttl: Duration::from_millis(crate::config::ClusterConfig::default().node_ttl_ms),
             older: None,
+            expired_unacknowledged: 0,
         };
         // A node starts without Redis: it serves its own connections, and
         // stored messages are refused (ERROR 115) until Redis answers; the
@@ -1655,11 +1660,12 @@ impl Store for RedisStore {
         for (r, (_, tag)) in results.into_iter().zip(&due) {
             let counted = r.and_then(|v| {
                 let Value::Array(a) = v else { return Err(protocol("expire")) };
-                Ok((int(a.first())?, int(a.get(1))?))
+                Ok((int(a.first())?, int(a.get(1))?, int(a.get(3))?))
             });
             match counted {
-                Ok((n, bytes)) => {
+                Ok((n, bytes, unacknowledged)) => {
                     dropped += n;
+                    self.expired_unacknowledged += unacknowledged;
                     self.totals.delta_messages -= n as i64;
                     self.totals.delta_bytes -= bytes as i64;
                 }
@@ -1678,6 +1684,10 @@ impl Store for RedisStore {
     /// them: the per-slot counters summed at the last refresh (at most
     /// [`TOTALS_REFRESH_INTERVAL`] old, and after every retention pass),
     /// plus what this process appended and dropped since.
+    fn expired_unacknowledged(&self) -> u64 {
+        self.expired_unacknowledged
+    }
+
     fn held(&self) -> (u64, u64) {
         (self.totals.messages(), self.totals.bytes())
     }

@@ -318,6 +318,9 @@ pub struct StoreCounters {
     pub queue_bytes: AtomicU64,
     /// Messages dropped by retention passes.
     pub expired: AtomicU64,
+    /// Of those, the ones some known device had not acknowledged
+    /// ([`Store::expired_unacknowledged`]), over every shard.
+    pub expired_unacknowledged: AtomicU64,
     /// Messages kept in inboxes ([`Store::held`]) over every shard, as of
     /// each shard's last batch.
     pub held_messages: AtomicU64,
@@ -559,6 +562,7 @@ impl<T: Send + 'static> Service<T> {
                 reopen: None,
                 reopen_after: Instant::now(),
                 published: (0, 0, false),
+                published_unacknowledged: 0,
             };
             match std::thread::Builder::new().name(format!("sb-store-{i}")).spawn(move || worker.run()) {
                 Ok(t) => {
@@ -661,6 +665,9 @@ struct Worker<T, S> {
     /// What this shard last added into the shared counters' held
     /// messages, held bytes and stopped shards ([`Worker::publish_held`]).
     published: (u64, u64, bool),
+    /// The store's [`Store::expired_unacknowledged`] as last added into
+    /// the shared counter (0 again for a store opened again).
+    published_unacknowledged: u64,
 }
 
 /// (user, device).
@@ -891,6 +898,8 @@ impl<T: Send + 'static, S: Sink<T>> Worker<T, S> {
         // is still on disk, waiting: the gauges keep showing it.
         let held = self.store.held();
         drop(std::mem::replace(&mut self.store, Box::new(Closed { held })));
+        // Whatever opens next counts from 0.
+        self.published_unacknowledged = 0;
         match reopen() {
             Ok(store) => {
                 tracing::info!("store: opened again after its failed write; serving again");
@@ -1124,6 +1133,10 @@ impl<T: Send + 'static, S: Sink<T>> Worker<T, S> {
         match self.store.expire_slice(now_ms, EXPIRE_SLICE) {
             Ok((dropped, over)) => {
                 self.counters.expired.fetch_add(dropped, Ordering::Relaxed);
+                let unacknowledged = self.store.expired_unacknowledged();
+                let new = unacknowledged.saturating_sub(self.published_unacknowledged);
+                self.published_unacknowledged = unacknowledged;
+                self.counters.expired_unacknowledged.fetch_add(new, Ordering::Relaxed);
                 self.unsynced_since.get_or_insert_with(Instant::now);
                 self.publish_held();
                 over

@@ -222,6 +222,45 @@ fn conformance_redis_cluster() {
     conformance::run_all(make_redis_cluster)
 }
 
+/// Every store counts the messages its retention passes drop before every
+/// known device of their user acknowledged them (an operator's count of
+/// messages that expired undelivered), and not those it drops as
+/// acknowledged.
+#[test]
+fn retention_counts_what_it_drops_unacknowledged() {
+    type MakeFn = fn(StoreLimits) -> Box<dyn Subject>;
+    let makes: [(&str, MakeFn); 5] = [
+        ("memory", make_memory),
+        ("disk fsync", make_disk),
+        ("disk os", make_disk_os),
+        ("redis", make_redis_single),
+        ("redis cluster", make_redis_cluster),
+    ];
+    for (name, make) in makes {
+        let mut subject = make(StoreLimits { ttl_ms: 1_000, ..StoreLimits::default() });
+        let s = subject.store();
+        // ann has no device: her first message expires of its own.
+        let expiring = NewMessage { expires_ms: T0 + 100, ..msg("ann", "app", 1, T0, "a1", 0) };
+        for m in [expiring, msg("ann", "app", 2, T0, "a2", 0)] {
+            assert!(matches!(s.append(&m, T0), Ok(Appended::New { .. })), "{name}");
+        }
+        // bob's phone has acknowledged 2 of his 3.
+        for n in 1..=3 {
+            append(s, "bob", 10 + n, T0);
+        }
+        login_acked(s, "bob", "phone", 2, T0 + 10);
+        s.sync().unwrap();
+        assert_eq!(s.expired_unacknowledged(), 0, "{name}");
+        // Drops ann's 1, and bob's 1 and 2 (the disk store's hot log may
+        // have dropped those at the acknowledgement already).
+        s.expire(T0 + 100).unwrap();
+        assert_eq!(s.expired_unacknowledged(), 1, "{name}: ann's 1; bob's were acknowledged");
+        // store.ttl_ms later: ann's 2 and bob's 3, neither acknowledged.
+        assert_eq!(s.expire(T0 + 1_000).unwrap(), 2, "{name}");
+        assert_eq!(s.expired_unacknowledged(), 3, "{name}");
+    }
+}
+
 /// fjall's `lock` file gone (a cleanup of the directory): the store
 /// refused to open with a bare NotFound that named no file.
 #[test]
