@@ -919,17 +919,37 @@ fn redis_cluster_keys_of_a_user_share_one_slot() {
 /// the node TTL is no reason to refuse.
 #[test]
 fn redis_refuses_an_expiry_while_a_node_of_an_older_build_is_live() {
-    use crate::cluster::node::{CAPS, CAPS_KEY, NODES_KEY};
     let server = RedisServer::start();
-    let mut s =
-        RedisStore::open(&RedisAddrs::Single(server.url()), "n", StoreLimits::default(), REDIS_TEST_TIMEOUT).unwrap();
+    refuses_an_expiry_while_an_older_node_is_live(RedisAddrs::Single(server.url()), &|args| server.cmd(args).unwrap());
+}
+
+/// The same on a Redis Cluster of its own (not the shared one: an older
+/// node in its live set would refuse the other tests' expiries): the
+/// store's look at the nodes goes to the master of `sb:nodes`'s slot.
+#[test]
+fn redis_cluster_refuses_an_expiry_while_a_node_of_an_older_build_is_live() {
+    let cluster = RedisCluster::start(3);
+    let client = ::redis::cluster::ClusterClient::new(cluster.urls()).unwrap();
+    let cmd = |args: &[&str]| {
+        let mut c = ::redis::cmd(args[0]);
+        c.arg(&args[1..]);
+        c.query::<::redis::Value>(&mut client.get_connection().unwrap()).unwrap()
+    };
+    refuses_an_expiry_while_an_older_node_is_live(RedisAddrs::Cluster(cluster.urls()), &cmd);
+}
+
+fn refuses_an_expiry_while_an_older_node_is_live(addrs: RedisAddrs, cmd: &dyn Fn(&[&str]) -> ::redis::Value) {
+    use crate::cluster::node::{CAPS, CAPS_KEY, NODES_KEY};
+    let mut s = RedisStore::open(&addrs, "n", StoreLimits::default(), REDIS_TEST_TIMEOUT).unwrap();
     s.set_node_ttl(Duration::from_millis(2_000));
+    // Redis's clock, as the nodes' heartbeats read it (on a cluster, the
+    // clock of the master of sb:nodes: TIME is routed by no key).
     let redis_now = || {
-        let v: Vec<String> = ::redis::from_redis_value(server.cmd(&["TIME"]).unwrap()).unwrap();
+        let v: Vec<String> = ::redis::from_redis_value(cmd(&["TIME"])).unwrap();
         v[0].parse::<u64>().unwrap() * 1000 + v[1].parse::<u64>().unwrap() / 1000
     };
     let beat = |node: &str, ago_ms: u64| {
-        server.cmd(&["ZADD", NODES_KEY, &(redis_now() - ago_ms).to_string(), node]).unwrap();
+        cmd(&["ZADD", NODES_KEY, &(redis_now() - ago_ms).to_string(), node]);
     };
     let now = unix_ms();
     let expiring = |n: u64| NewMessage { expires_ms: now + 600_000, ..msg("kim", "app", n, now, &format!("e{n}"), 0) };
@@ -938,7 +958,7 @@ fn redis_refuses_an_expiry_while_a_node_of_an_older_build_is_live() {
     let wait_recheck = || std::thread::sleep(super::redis::EXPIRY_RECHECK + Duration::from_millis(100));
 
     beat("new/1", 0);
-    server.cmd(&["HSET", CAPS_KEY, "new/1", &CAPS.to_string()]).unwrap();
+    cmd(&["HSET", CAPS_KEY, "new/1", &CAPS.to_string()]);
     beat("old-but-dead/2", 5_000);
     assert!(stored(&s.append(&expiring(1), now)), "only nodes of this build are live");
 
@@ -952,7 +972,7 @@ fn redis_refuses_an_expiry_while_a_node_of_an_older_build_is_live() {
     assert!(matches!(&got[1], Err(StoreError::Unavailable(w)) if w.contains("old/3")), "{got:?}");
 
     // Upgraded: the same id now writes its capabilities.
-    server.cmd(&["HSET", CAPS_KEY, "old/3", &CAPS.to_string()]).unwrap();
+    cmd(&["HSET", CAPS_KEY, "old/3", &CAPS.to_string()]);
     wait_recheck();
     let got = s.append_batch(&[expiring(6), plain(7)], now);
     assert!(got.iter().all(stored), "{got:?}");
