@@ -19,7 +19,12 @@ server's log and every round's JSON under --out. Exit status 1 when the
 server died, a round delivered fewer messages than it sent, or memory or
 descriptors grew: the lowest figure of the last quarter of the rounds
 above the highest of the second quarter by more than GROWTH_MIB (FD_SLACK
-for descriptors). Long by design: not part of the test suite. Needs
+for descriptors). Exit status 2 when the run ended before its memory
+could be judged: the server's RSS never fell between two rounds, so the
+disk store's write buffers had not been flushed yet (their first flush
+comes 15 to 20 minutes into a run at 10,000 msgs/s), and a rise until
+then is the buffers filling as much as a leak. Long by design: not part
+of the test suite. Needs
 Python 3 (standard library) and a Rust toolchain (it builds the release
 binaries when they are missing); it takes the loopback ports --port and
 --port + 1.
@@ -46,6 +51,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # buffers fill and are flushed (minutes apart at a few thousand msgs/s,
 # docs/DEPLOY.md "RAM"); a leak lifts the floor past the old ceiling.
 GROWTH_MIB = 8.0
+# Until the RSS has fallen between two rounds by more than GROWTH_MIB (a
+# write buffer flushed), it only rose: the buffers filling, or a leak.
+# An 8-minute run at 10,000 msgs/s over 2,000 devices (2026-12-07) rose
+# from 52 to 123 MiB and failed the floors-and-ceilings rule on that; a
+# 20-minute run of the same build on the same load fell from 135 to 114
+# MiB at its 10th minute, ended at 127-152 MiB and passed.
 # Descriptors are counted between rounds, with no client connected: what
 # is left is the listeners, the rings and the store's files, which move
 # by a few as the store's table files are compacted.
@@ -186,6 +197,8 @@ def main():
 
     print(f"\n{len(rows)} rounds of {args.round_s} s, {args.connections} devices at {args.rate} msgs/s, "
           f"{sum(r['sent'] for r in rows)} messages sent, {sum(r['received'] for r in rows)} received")
+    warmed = any(b["rss_mib"] < a["rss_mib"] - GROWTH_MIB for a, b in zip(rows, rows[1:]))
+    inconclusive = False
     if len(rows) >= 4:
         q = len(rows) // 4
         second, last = rows[q:2 * q], rows[-q:]
@@ -198,15 +211,26 @@ def main():
             slope = trend(hours, [r[key] for r in half])
             print(f"{key}: {lo2:.1f}-{hi2:.1f} in the second quarter, {lo4:.1f}-{hi4:.1f} in the last; "
                   f"second half's trend {slope:+.1f} {unit}/hour")
-            if margin is not None and lo4 > hi2 + margin:
+            if key == "rss_mib" and not warmed:
+                print(f"{key}: no verdict: it never fell between two rounds, so the store's write buffers were "
+                      "never flushed in this run; its rise may be them filling (run longer: 20 minutes or more "
+                      "at 10,000 msgs/s)")
+                inconclusive = True
+            elif margin is not None and lo4 > hi2 + margin:
                 failures.append(f"{key}: the last quarter's lowest ({lo4:.1f}) is above the second quarter's "
                                 f"highest ({hi2:.1f}) by more than {margin} {unit}")
     else:
         print("fewer than 4 rounds: no growth verdict (run longer, or shorten --round-s)")
     for f in failures:
         print("FAIL:", f)
-    print("PASS" if not failures else f"{len(failures)} failure(s)", f"(output in {args.out})")
-    sys.exit(1 if failures else 0)
+    if failures:
+        print(f"{len(failures)} failure(s)", f"(output in {args.out})")
+        sys.exit(1)
+    if inconclusive:
+        print("NO VERDICT on memory; nothing else failed", f"(output in {args.out})")
+        sys.exit(2)
+    print("PASS", f"(output in {args.out})")
+    sys.exit(0)
 
 
 if __name__ == "__main__":
