@@ -856,12 +856,10 @@ impl RedisStore {
             let ms = (self.node_ttl.as_millis() as u64).to_string();
             let level = crate::cluster::node::CAPS.to_string();
             let keys = [NODES_KEY.to_string(), CAPS_KEY.to_string()];
-            let op =
-                Op { tag: None, ..self.script_op(&SCRIPTS.caps, NODES_KEY, &keys, &[ms.as_bytes(), level.as_bytes()]) };
-            let nodes = match self.run_one(op) {
-                Ok(v) => redis::from_redis_value::<Vec<String>>(v).map_err(|e| protocol(format!("live nodes: {e}"))),
-                Err(e) => Err(e),
-            };
+            let op = self.script_op(&SCRIPTS.caps, NODES_KEY, &keys, &[ms.as_bytes(), level.as_bytes()]);
+            let nodes = self.run_one(op).and_then(|v| {
+                redis::from_redis_value::<Vec<String>>(v).map_err(|e| protocol(format!("live nodes: {e}")))
+            });
             match nodes {
                 Ok(nodes) => self.older = Some((Instant::now(), nodes)),
                 Err(e) => return Some(e),
@@ -1470,12 +1468,10 @@ impl Store for RedisStore {
         let mut used = self.totals.bytes();
         let expiry_refused = if msgs.iter().any(|m| m.expires_ms != 0) { self.expiry_refused() } else { None };
         for (i, m) in msgs.iter().enumerate() {
-            match check_ids(&m.to, &m.from, "") {
-                Err(e) => out.push(Some(Err(e))),
-                Ok(()) if m.expires_ms != 0 && expiry_refused.is_some() => {
-                    out.push(Some(Err(expiry_refused.clone().expect("some"))))
-                }
-                Ok(()) => {
+            match (check_ids(&m.to, &m.from, ""), &expiry_refused) {
+                (Err(e), _) => out.push(Some(Err(e))),
+                (Ok(()), Some(refused)) if m.expires_ms != 0 => out.push(Some(Err(refused.clone()))),
+                (Ok(()), _) => {
                     out.push(None);
                     ops.push(self.append_op(m, now_ms, self.limits.max_bytes.saturating_sub(used)));
                     at.push(i);
