@@ -381,7 +381,10 @@ fn op() -> impl Strategy<Value = Op> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(256))]
+    // 256 cases, or `PROPTEST_CASES` when set (a deep run).
+    #![proptest_config(ProptestConfig::with_cases(
+        std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(256)
+    ))]
 
     #[test]
     fn every_device_ends_with_every_message_once_in_order(ops in prop::collection::vec(op(), 1..300)) {

@@ -792,6 +792,13 @@ fn against_a_model(
     Ok(())
 }
 
+/// Cases of a model test: `PROPTEST_CASES` when set (a deep run, e.g.
+/// `PROPTEST_CASES=2000 cargo test --lib model`), else `n`, what the suite
+/// can afford for a test that opens a database or starts Redis per case.
+fn model_cases(n: u32) -> u32 {
+    std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(n)
+}
+
 fn model_limits() -> StoreLimits {
     // Small, so the limits are reached: 6 messages per inbox, ~10 messages
     // in all, 1 s of ttl, 0.5 s of dedup window.
@@ -799,7 +806,7 @@ fn model_limits() -> StoreLimits {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig::with_cases(model_cases(64)))]
 
     #[test]
     fn memory_store_behaves_as_the_model(ops in proptest::collection::vec(op(), 1..80)) {
@@ -810,7 +817,7 @@ proptest! {
 
 proptest! {
     // Each case opens a database (and restarts it): fewer cases.
-    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig::with_cases(model_cases(24)))]
 
     #[test]
     fn disk_store_behaves_as_the_model(ops in proptest::collection::vec(op(), 1..80)) {
@@ -831,7 +838,7 @@ proptest! {
     // cases. `appendfsync always`: `Op::Restart` SIGKILLs Redis, and with
     // `everysec` Redis 7.0 may answer writes whose AOF write it postponed
     // behind a slow background fsync (this test lost some on a busy disk).
-    #![proptest_config(ProptestConfig { cases: 16, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig::with_cases(model_cases(16)))]
 
     #[test]
     fn redis_store_behaves_as_the_model(ops in proptest::collection::vec(op(), 1..80)) {
