@@ -295,8 +295,8 @@ pub struct LimitsConfig {
     /// make the server hold: workers × this, at most.
     pub partial_bytes_per_worker: usize,
     /// Messages (SEND, SEND_EX, PUBLISH, MESSAGE; a FETCH counts as one,
-    /// without bytes) one user may send a second through one worker (all
-    /// its connections there together);
+    /// without bytes) one user may send a second through this server (all
+    /// its connections on every worker thread together);
     /// past its budget a message gets ERROR 118 and is not acted on
     /// (`proto::rate`). 0: no limit.
     pub send_rate: u64,
@@ -304,7 +304,7 @@ pub struct LimitsConfig {
     /// 0: one second's worth (`send_rate`).
     pub send_burst: u64,
     /// Payload bytes of those messages one user may send a second
-    /// through one worker. 0: no limit.
+    /// through this server. 0: no limit.
     pub send_bytes_rate: u64,
     /// Payload bytes at once before the rate applies; at least
     /// `max_frame_bytes`. 0: one second's worth, or `max_frame_bytes` if

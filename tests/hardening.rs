@@ -549,7 +549,7 @@ fn a_flooding_sender_is_held_to_its_send_budget_and_nobody_else_is() {
     assert_eq!(answers, [(1, None), (2, None), (3, Some(118))]);
 }
 
-/// The budget is the user's on its worker, not the connection's: a client
+/// The budget is the user's, not the connection's: a client
 /// that logs in again gets no fresh budget (a review's client that logged
 /// in anew for every burst sent 1,512 messages in 5 s past a budget of
 /// one a second). One that goes on sending after `limits.send_max_refused`
@@ -602,6 +602,44 @@ fn logging_in_again_gives_no_fresh_budget_and_a_client_ignoring_118_is_closed() 
     }
     assert_eq!(errors, 19, "the 20th refusal in a row closes instead of answering");
     assert_eq!(server.handle().stats().rate_limited, 20);
+}
+
+/// The budget is the user's on the server, not on each worker thread: a
+/// client that opens a connection on every worker (a user's connections
+/// land on the workers as the kernel spreads them) gets no more than one
+/// budget. With a budget per worker, each of the two connections below
+/// had a burst of its own, and 10 SENDs passed where 5 may.
+#[test]
+fn a_users_connections_on_every_worker_share_one_budget() {
+    let mut cfg = config();
+    cfg.server.workers = 2;
+    cfg.limits.send_rate = 1;
+    cfg.limits.send_burst = 5;
+    let server = start(cfg);
+    let addr = server.local_addr();
+    let (_victim, _) = login(addr, "victim");
+    let mut conns = login_on_workers(addr, "wide", &[0, 1]);
+    let started = Instant::now();
+    let mut taken = 0;
+    for c in &mut conns {
+        let mut burst = Vec::new();
+        for req_id in 1..=5u32 {
+            burst.extend_from_slice(&Frame::Send { req_id, to: "victim", payload: b"x" }.to_bytes().unwrap());
+        }
+        c.send_raw(&burst).unwrap();
+        for _ in 0..5 {
+            match c.recv().unwrap().frame() {
+                Frame::SendAck { .. } => taken += 1,
+                Frame::Error { code: 118, .. } => {}
+                other => panic!("expected SEND_ACK or ERROR 118, got {other:?}"),
+            }
+        }
+    }
+    // The burst of 5, and one more for each second the two bursts took
+    // (the bucket fills at 1 a second).
+    let most = 5 + started.elapsed().as_secs() + 1;
+    assert!(taken >= 5, "the burst passes: {taken} taken");
+    assert!(taken <= most, "{taken} SENDs taken on two workers, at most {most} allowed by one budget");
 }
 
 /// A FETCH makes the store read a page and the server send it (again, if

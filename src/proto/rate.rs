@@ -1,30 +1,30 @@
-//! What one user may originate through one server thread (SEND, SEND_EX,
+//! What one user may originate through one server (SEND, SEND_EX,
 //! PUBLISH, MESSAGE; FETCH, one message without bytes): a token bucket
 //! of messages and one of payload bytes (`limits.send_rate`,
 //! `limits.send_bytes_rate` and their bursts), without I/O or a clock of
 //! its own.
 //!
-//! Owns: [`SendLimit`] (the worker-wide rates) and [`Budget`] (one
-//! user's two buckets on one worker, the millisecond they were last
+//! Owns: [`SendLimit`] (the server-wide rates) and [`Budget`] (one
+//! user's two buckets, the millisecond they were last
 //! filled at, and how many messages in a row it refused), and the rule: a
 //! message is taken when both buckets hold its cost (one message; its
 //! payload's bytes, at most a full bucket), and then both pay; a message
 //! refused pays nothing, and after `limits.send_max_refused` refusals in
 //! a row the connection is to be closed (4009).
 //! Must not: hold anything for a user that sends nothing. A budget lives
-//! in its worker's side table only while it is below full
-//! ([`Budget::is_full`]: the worker drops it then), so an idle
-//! connection's slot stays the size it is (`runtime/worker/`).
+//! in the server's side table only while it is below full
+//! ([`Budget::is_full`]: the workers' sweep drops it then), so an idle
+//! connection's slot stays the size it is (`runtime/budgets.rs`).
 //!
 //! Why these choices. Per user and not per connection: a budget per
 //! connection started full at every login, so a client that logged in
 //! again for every burst (1,512 logins in 5 s in a review) was not
-//! limited at all; a user's connections on one worker share one budget,
-//! which outlives them until it is full again, so logging in again gains
-//! nothing. Per worker and not per server: the budget is checked for
-//! every message a client sends, on its worker, without a lock; a user
-//! whose connections land on every worker gets at most `server.workers`
-//! times the budget. Filled by the millisecond (the caller's clock), not
+//! limited at all; a user's connections share one budget, which outlives
+//! them until it is full again, so logging in again gains nothing. Per
+//! server and not per worker thread (as it first was, checked without a
+//! lock): a user whose connections landed on every worker got
+//! `server.workers` times the budget (`runtime/budgets.rs`). Filled by
+//! the millisecond (the caller's clock), not
 //! by the tick: filled once a tick and capped at the burst, a bucket lost
 //! what a tick added beyond the burst, so a client keeping to the rate
 //! was refused whenever the burst was under a tick's worth. Closing after
@@ -35,7 +35,7 @@
 /// Thousandths: one message, or one byte, costs this many units.
 const UNIT: u64 = 1000;
 
-/// The rates of a worker's users. A rate of 0 leaves its dimension
+/// The rates of the server's users. A rate of 0 leaves its dimension
 /// unlimited.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub struct SendLimit {
@@ -90,7 +90,7 @@ impl SendLimit {
     }
 }
 
-/// One user's two buckets on one worker. 32 bytes, kept in a side table
+/// One user's two buckets. 32 bytes, kept in a side table
 /// only while below full (module doc).
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub struct Budget {

@@ -6,6 +6,7 @@
 //! Must not: leak monoio types out of this module: it is the only place that
 //! imports monoio.
 
+mod budgets;
 mod bufring;
 pub(crate) mod inbox;
 mod poller;
@@ -296,6 +297,7 @@ pub(crate) fn start(
         store: std::sync::OnceLock::new(),
         cluster: std::sync::OnceLock::new(),
         custom_store: custom,
+        budgets: budgets::Budgets::new(),
         config,
     });
     // The cluster thread before the store's: the store thread hands it

@@ -120,6 +120,9 @@ pub(crate) struct Shared {
     /// `store.kind`, `store.path` and the store's limits in the config do
     /// not describe it.
     pub custom_store: bool,
+    /// The users' send budgets below full (`limits.send_rate`), shared by
+    /// a user's connections on every worker.
+    pub budgets: super::budgets::Budgets,
 }
 
 impl Shared {

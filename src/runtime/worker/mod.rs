@@ -208,13 +208,6 @@ pub(crate) struct Worker {
     store_batching: Cell<bool>,
     store_unwoken: Cell<bool>,
     window_rules: crate::proto::reliable::WindowRules,
-    /// Send budgets below full (`limits.send_rate`, `proto::rate`), by
-    /// user: a user's connections on this worker share one, and it
-    /// outlives them until full, so logging in again gains nothing. A
-    /// user that has not sent lately has no entry, so the slot stays as
-    /// it is. The tick drops the entries full again
-    /// (`Worker::drop_full_budgets`).
-    budgets: RefCell<hashbrown::HashMap<Arc<str>, crate::proto::rate::Budget>>,
     /// Connections closed with 4009 since the last tick, and the user of
     /// the last: logged once a tick (`Worker::log_over_budget`), not once
     /// each (a client logging in again as fast as it can was closed
@@ -473,26 +466,7 @@ impl crate::proto::conn::Env for Io<'_> {
     }
 
     fn with_budget<R>(&mut self, user: &Arc<str>, f: impl FnOnce(&mut Option<crate::proto::rate::Budget>) -> R) -> R {
-        // One lookup while the user's budget stays kept; a second only
-        // to add or drop its entry.
-        let mut budgets = self.w.budgets.borrow_mut();
-        if let Some(b) = budgets.get_mut(&**user) {
-            let mut kept = Some(*b);
-            let r = f(&mut kept);
-            match kept {
-                Some(k) => *b = k,
-                None => {
-                    budgets.remove(&**user);
-                }
-            }
-            return r;
-        }
-        let mut kept = None;
-        let r = f(&mut kept);
-        if let Some(k) = kept {
-            budgets.insert(user.clone(), k);
-        }
-        r
+        self.w.shared.budgets.with(user, f)
     }
 
     fn clock_ms(&mut self) -> u64 {
@@ -596,7 +570,6 @@ impl Worker {
             seen_cursor: Cell::new(0),
             open: RefCell::new(Vec::new()),
             window_rules: shared.config.window_rules(),
-            budgets: RefCell::default(),
             over_budget: RefCell::default(),
             shared,
         }
@@ -627,16 +600,11 @@ impl Worker {
     }
 
     /// Drops the send budgets that are full again (the user is the same
-    /// as one with none: `proto::rate`).
+    /// as one with none: `proto::rate`), from this worker's share of the
+    /// server's table (`runtime::budgets`).
     fn drop_full_budgets(&self) {
         let Some(limit) = &self.rules.send_limit else { return };
-        let now_ms = self.clock_ms();
-        let mut budgets = self.budgets.borrow_mut();
-        budgets.retain(|_, b| !b.is_full(limit, now_ms));
-        let len = budgets.len();
-        if budgets.capacity() > 64 && len < budgets.capacity() / 4 {
-            budgets.shrink_to(len * 2);
-        }
+        self.shared.budgets.drop_full(limit, self.clock_ms(), self.id.0 as usize, self.shared.mailboxes.len());
     }
 
     fn refresh_now(&self) -> Tick {
