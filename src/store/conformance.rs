@@ -356,6 +356,13 @@ fn device_positions_independent_per_device(make: Make) {
     s.set_position("alice", "phone", 7, T0 + 1).unwrap();
     s.set_position("alice", "phone", 5, T0 + 2).unwrap();
     assert_eq!(s.device_login("alice", "phone", 2, T0 + 3).unwrap(), (7, 10), "positions never go back");
+    // A device the store does not know: its positions are dropped, up to
+    // the head or past it; only a login adds a device (`move_device`).
+    s.set_position("alice", "tablet", 3, T0 + 4).unwrap();
+    s.set_position("alice", "tablet", 50, T0 + 4).unwrap();
+    let known = |s: &mut dyn Store| s.inbox_state("alice").unwrap().devices.iter().any(|d| d.device == "tablet");
+    assert!(!known(s), "a position does not add a device");
+    s.device_login("alice", "tablet", 0, T0 + 4).unwrap();
     s.set_position("alice", "tablet", 3, T0 + 4).unwrap();
     // Past the head: seqs of an inbox that is gone (a store that lost its
     // data under a connection that stayed). Dropped: taken, even capped at
@@ -396,8 +403,8 @@ fn positions_written_together_as_one_by_one(make: Make) {
         ("bob", long.as_str(), 1),
         ("alice", "tablet", 99), // past the head: dropped, no device added
         ("carol", "phone", 1),   // nothing stored yet: dropped too
-        ("alice", "tablet", 10), // a new device, at the head
-        ("carol", "phone", 0),   // a new device, at 0
+        ("alice", "tablet", 10), // a device not known: dropped (only a login adds one)
+        ("carol", "phone", 0),   // the same
     ];
     let got = s.set_positions(&moves, T0 + 5);
     let refused: Vec<bool> = got.iter().map(Result::is_err).collect();
@@ -407,11 +414,11 @@ fn positions_written_together_as_one_by_one(make: Make) {
         d.sort_by(|a, b| a.device.cmp(&b.device));
         d.into_iter().map(|d| (d.device, d.position, d.last_seen_ms)).collect::<Vec<_>>()
     };
-    let want_alice = vec![("laptop".into(), 6, T0 + 5), ("phone".into(), 3, T0 + 5), ("tablet".into(), 10, T0 + 5)];
+    let want_alice = vec![("laptop".into(), 6, T0 + 5), ("phone".into(), 3, T0 + 5)];
     let want_bob = vec![("laptop".into(), 4, T0 + 5), ("phone".into(), 0, T0)];
     assert_eq!(positions(s, "alice"), want_alice);
     assert_eq!(positions(s, "bob"), want_bob);
-    assert_eq!(positions(s, "carol"), vec![("phone".into(), 0, T0 + 5)]);
+    assert_eq!(positions(s, "carol"), vec![]);
     s.sync().unwrap();
     if subject.restart() {
         let s = subject.store();

@@ -204,9 +204,9 @@ use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 
 use super::hotlog::{self, HotLog, LogEntry, Recovered};
 use super::{
-    advance_device, check_ids, expire_devices, expired, login_device, own_expiry_passed, record_bytes, Appended,
-    DeviceState, Durability, InboxState, NewMessage, Page, Reopen, Store, StoreError, StoreLimits, StoredMessage,
-    MAX_USER_BYTES,
+    advance_device, check_ids, expire_devices, expired, login_device, move_device, own_expiry_passed, record_bytes,
+    Appended, DeviceState, Durability, InboxState, NewMessage, Page, Reopen, Store, StoreError, StoreLimits,
+    StoredMessage, MAX_USER_BYTES,
 };
 
 /// fjall's block cache: recently read data blocks, shared by every keyspace.
@@ -1255,11 +1255,12 @@ impl DiskStore {
     /// --rate 30000 --duration-s 30`, three pairs alternated with the build
     /// before): p99 25.2 / 23.7 / 22.2 ms became 19.3 / 17.4 / 12.3 ms, the
     /// store thread 18.3 / 17.8 / 17.6% of a core 15.9 / 14.7 / 12.9%, and
-    /// the server's peak RSS 131 MB 78 MB. A new device goes to fjall at
-    /// once: a logged move applies at the next open only to a device the
-    /// record in fjall knows, so that a device dropped since (a login past
-    /// [`super::MAX_DEVICES_PER_USER`], the retention pass) does not come
-    /// back from an older file.
+    /// the server's peak RSS 131 MB 78 MB. A position of a device the
+    /// record does not know is dropped (only a login adds one, and a login
+    /// writes the record to fjall): a logged move applies at the next open
+    /// only to a device the record in fjall knows, so that a device dropped
+    /// since (a login past [`super::MAX_DEVICES_PER_USER`], the retention
+    /// pass) does not come back from an older file.
     fn set_positions_now(
         &mut self,
         positions: &[(&str, &str, u64)],
@@ -1276,7 +1277,7 @@ impl DiskStore {
             // Looked up before the key moves into `users`: no clone of
             // it, one lookup per map.
             let hot_slot = self.hot.users.get(&uk[..]).copied();
-            let (c, to_fjall) = match users.entry(uk) {
+            let (c, _) = match users.entry(uk) {
                 hashbrown::hash_map::Entry::Occupied(e) => e.into_mut(),
                 hashbrown::hash_map::Entry::Vacant(e) => match self.load(e.key()) {
                     // Only a cached user's moves can wait in the hot log
@@ -1294,11 +1295,13 @@ impl DiskStore {
                     }
                 },
             };
-            // A device the record does not know yet goes to fjall at once:
-            // a move logged in the hot log applies, at the next open, only
-            // to a device fjall's record knows (so that a device dropped
-            // since does not come back from an older file).
-            *to_fjall |= !c.rec.devices.iter().any(|d| d.device == device);
+            // A device the record does not know stays unknown: only a
+            // login adds one (`move_device`). So every move logged in the
+            // hot log is of a device fjall's record knows, the only ones a
+            // logged move applies to at the next open.
+            if !c.rec.devices.iter().any(|d| d.device == device) {
+                continue;
+            }
             advance_device(&mut c.rec.devices, device, seq, c.head, now_ms);
             // After each move, as moves written one by one would.
             if let Some(slot) = hot_slot {
@@ -2335,7 +2338,7 @@ impl Store for DiskStore {
 
     fn set_position(&mut self, user: &str, device: &str, seq: u64, now_ms: u64) -> Result<(), StoreError> {
         check_ids(user, "", device)?;
-        self.guard(|s| s.with_devices(user, |devices, head| advance_device(devices, device, seq, head, now_ms)))
+        self.guard(|s| s.with_devices(user, |devices, head| move_device(devices, device, seq, head, now_ms)))
             .map(|_| ())
     }
 

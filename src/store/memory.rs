@@ -28,8 +28,8 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use super::{
-    advance_device, check_ids, expire_devices, expired, forget_device, login_device, record_bytes, Appended,
-    DeviceState, InboxState, NewMessage, Page, Store, StoreError, StoreLimits, StoredMessage,
+    check_ids, expire_devices, expired, forget_device, login_device, move_device, record_bytes, Appended, DeviceState,
+    InboxState, NewMessage, Page, Store, StoreError, StoreLimits, StoredMessage,
 };
 
 #[derive(Default)]
@@ -168,7 +168,7 @@ impl Store for MemoryStore {
     fn set_position(&mut self, user: &str, device: &str, seq: u64, now_ms: u64) -> Result<(), StoreError> {
         check_ids(user, "", device)?;
         let inbox = self.inboxes.entry(Arc::from(user)).or_default();
-        advance_device(&mut inbox.devices, device, seq, inbox.head, now_ms);
+        move_device(&mut inbox.devices, device, seq, inbox.head, now_ms);
         Ok(())
     }
 

@@ -192,7 +192,10 @@ pub trait Store: Send + 'static {
         now_ms: u64,
     ) -> Result<(u64, u64), StoreError>;
     /// Cumulative ACK: position = max(position, seq); a seq past the head
-    /// is dropped (it counts an inbox that is gone). Durable at next sync.
+    /// is dropped (it counts an inbox that is gone), and so is a position
+    /// of a device the store does not know (forgotten, or lost with the
+    /// store's data: only a login adds a device, `move_device`). Durable
+    /// at next sync.
     fn set_position(&mut self, user: &str, device: &str, seq: u64, now_ms: u64) -> Result<(), StoreError>;
     /// Several `set_position`s (user, device, seq): the outcome of each,
     /// in order, with the same effect as that many calls; a backend
@@ -389,6 +392,23 @@ fn login_device(devices: &mut Vec<DeviceState>, device: &str, client_seq: u64, h
     let known = devices.iter().any(|d| d.device == device);
     let client_seq = if client_seq > head || !known { 0 } else { client_seq };
     advance_device(devices, device, client_seq, head, now_ms)
+}
+
+/// A position (an ACK) of `device`: moves a device the store knows to
+/// max(position, seq), as [`advance_device`]; returns its position, 0 for
+/// a device the store does not know, which stays unknown: only a login
+/// adds a device. Such a position counts seqs of an inbox the device is
+/// not in: it was forgotten (the last ACKs of its connection, handed over
+/// after the forget), or the store lost its data while the connection
+/// stayed (a Redis restarted without its AOF: a position handed over
+/// before the node saw the loss), where, once the new inbox's head had
+/// passed it, it marked the new messages up to it as acknowledged and
+/// the device's next login skipped them.
+fn move_device(devices: &mut Vec<DeviceState>, device: &str, seq: u64, head: u64, now_ms: u64) -> u64 {
+    if !devices.iter().any(|d| d.device == device) {
+        return 0;
+    }
+    advance_device(devices, device, seq, head, now_ms)
 }
 
 /// Moves (or adds) a device's position to max(position, seq). A seq past

@@ -47,10 +47,13 @@
 //! - `:dv` hash: device → `"<position> <last_seen_ms> <order>"`.
 //! - `:df` hash: device → the time it was forgotten
 //!   ([`Store::forget_device`]), kept until the device logs in again or
-//!   `ttl_ms` later. A position for a device listed here is dropped: in a
-//!   cluster the last ACKs of a connection that closed on another node can
-//!   reach Redis after the forget, from a store thread that never saw it,
-//!   and would otherwise add the device back. Written only for a device
+//!   `ttl_ms` later. In a cluster the last ACKs of a connection that
+//!   closed on another node can reach Redis after the forget, from a store
+//!   thread that never saw it. This build drops a position of any device
+//!   the inbox does not know (only a login adds one: `DEVICE_LUA`), marked
+//!   or not; the marks are still written for nodes of the builds before
+//!   that (2026-12-07), which drop a position only for a marked device and
+//!   add any other, so that a rolling upgrade keeps forgets. Written only for a device
 //!   the store knew (or forgotten already), so it is bounded by the devices
 //!   there were. Measured (`redis_store_measure`): the key with one mark
 //!   of a 5-byte device id takes 104 bytes (`MEMORY USAGE`), about 12 more
@@ -315,8 +318,9 @@ return {0, seq}
 /// Device login or position: KEYS h dv nodes ix df; ARGV device seq now
 /// node_id max_devices ttl tag is_login. A login first records this node
 /// in the presence hash and ends the device's forgotten mark (`:df`), then
-/// reads the head; a position of a device marked forgotten is dropped.
-/// Returns {position, head} ({0, head} for a dropped position).
+/// reads the head; a position of a device the inbox does not know is
+/// dropped (only a login adds one). Returns {position, head} ({0, head}
+/// for a dropped position).
 /// Runs when Redis is at `maxmemory` (`allow-oom`), as [`EXPIRE_LUA`]
 /// does: the acknowledgements it records, and the retention pass that
 /// drops what they acknowledged, are how a full Redis gets space back
@@ -347,10 +351,13 @@ if not cur then
     -- inbox that seq came from along with the device.
     s = 0
   else
-    -- A forget removes the device and marks it, a login ends the mark: a
-    -- device known is not marked, so only an unknown one's mark is read.
-    local mark = redis.call('HGET', KEYS[5], ARGV[1])
-    if mark and tonumber(mark) + tonumber(ARGV[6]) > now then return {0, head} end
+    -- Only a login adds a device. A position of one the inbox does not
+    -- know is dropped: it was forgotten (the connection's last ACKs, or
+    -- another node's that never saw the forget), or Redis restarted
+    -- without its AOF and the position counts seqs of the lost inbox
+    -- (handed over before the node saw the loss), which taken would mark
+    -- the new inbox's messages up to it as acknowledged.
+    return {0, head}
   end
 end
 if cur then

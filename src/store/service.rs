@@ -679,12 +679,14 @@ type DeviceKey = (Arc<str>, Arc<str>);
 const FORGOTTEN_MAX: usize = 65_536;
 
 /// Devices forgotten and not logged in since. A position for one is
-/// dropped: a store adds a device it does not know at its position
-/// (`set_position`), and the last ACKs of a connection closed just before
-/// the forget (the app signed out) reach the queue after it, handed over
-/// at the close or a tick later: they brought the device back at its old
-/// position while the API had answered that it was forgotten. Its next
-/// LOGIN ends this (a new device's). In RAM only: a restart closes every
+/// dropped here: the last ACKs of a connection closed just before the
+/// forget (the app signed out) reach the queue after it, handed over at
+/// the close or a tick later, and a store that added a device it did not
+/// know at its position (every store here did before 2026-12-07; the
+/// `Store` trait now asks them to drop it, `store::move_device`) brought
+/// the device back at its old position while the API had answered that
+/// it was forgotten. Kept for an application's own store written to the
+/// older rule. Its next LOGIN ends this (a new device's). In RAM only: a restart closes every
 /// connection first, and what they hand over is written before the store
 /// thread stops. Positions of the same device handed over by another
 /// cluster node go through that node's store thread, which never saw the
