@@ -1180,6 +1180,16 @@ impl DiskStore {
         if !super::forget_device(&mut c.rec.devices, device) {
             return Ok(false);
         }
+        // The hot log may hold a head that lists the device (a move of
+        // it): the next open takes the last logged head of a user as its
+        // devices, so one without it goes after. Otherwise, forgotten and
+        // logged in again (a new device, at 0) in the millisecond of that
+        // move, the device got the move's position back at the next open,
+        // and skipped the messages up to it (its last-seen time the same,
+        // the move could not be told from a newer one).
+        self.drop_acknowledged(&uk, &mut c);
+        self.hot.log.append_head(user, c.fhead, &c.rec.devices);
+        self.heads_logged = true;
         self.write_devices(&uk, c)?;
         Ok(true)
     }
@@ -1876,6 +1886,7 @@ impl DiskStore {
     /// 2026-12-05: about 100 bytes per logged SEND with a client id).
     fn recover(&mut self, logged: &hotlog::Recovery) -> Result<(), StoreError> {
         let mut states: hashbrown::HashMap<Vec<u8>, Cached> = hashbrown::HashMap::new();
+        let mut snapshots: hashbrown::HashMap<Vec<u8>, Vec<DeviceState>> = hashbrown::HashMap::new();
         let mut records = 0u64;
         // The logged heads first: messages up to one were resolved (the
         // dropped ones are not in `msgs`, and must not come back), and the
@@ -1887,19 +1898,11 @@ impl DiskStore {
                     let c = self.state_for_recovery(&mut states, &to)?;
                     c.fhead = c.fhead.max(head);
                     c.head = c.head.max(head);
-                    // Positions only grow; a device fjall's record does not
-                    // know was dropped since (logins write the record), and
-                    // one the record saw later than this move is newer there
-                    // (a device dropped, by its TTL, and added again since,
-                    // at position 0, must not get its old position back).
-                    for logged in devices {
-                        if let Some(d) = c.rec.devices.iter_mut().find(|d| d.device == logged.device) {
-                            if logged.last_seen_ms >= d.last_seen_ms {
-                                d.position = d.position.max(logged.position);
-                                d.last_seen_ms = logged.last_seen_ms;
-                            }
-                        }
-                    }
+                    // Each logged head lists all the user's devices as they
+                    // were then: the last one is the newest (a device
+                    // forgotten since is not in it: `forget_device_now`
+                    // logs one), applied below.
+                    snapshots.insert(user_key(&to), devices);
                 }
                 Recovered::Message(m) => {
                     self.state_for_recovery(&mut states, &m.to)?;
@@ -1907,6 +1910,22 @@ impl DiskStore {
             }
             Ok(())
         })?;
+        for (uk, devices) in snapshots {
+            let c = states.get_mut(&uk).expect("every user with a logged head was read above");
+            // Positions only grow; a device fjall's record does not know
+            // was dropped since (logins write the record), and one the
+            // record saw later than this move is newer there (a device
+            // dropped, by its TTL, and added again since, at position 0,
+            // must not get its old position back).
+            for logged in devices {
+                if let Some(d) = c.rec.devices.iter_mut().find(|d| d.device == logged.device) {
+                    if logged.last_seen_ms >= d.last_seen_ms {
+                        d.position = d.position.max(logged.position);
+                        d.last_seen_ms = logged.last_seen_ms;
+                    }
+                }
+            }
+        }
         if records == 0 {
             return Ok(());
         }

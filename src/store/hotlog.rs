@@ -36,7 +36,10 @@
 //!   it was logged gets its record written instead, a slice at each sync),
 //!   so that neither the moves nor
 //!   the heads of messages dropped with them need a write to fjall, and
-//!   deleting a file takes neither back. (Files
+//!   deleting a file takes neither back. Each lists all of the user's
+//!   devices, so an open applies a user's last one only (a forget logs
+//!   one without the device forgotten, so that a move of it logged before
+//!   does not come back). (Files
 //!   of builds before the positions came here end the record after `to`:
 //!   read as no devices.)
 //!
