@@ -52,10 +52,10 @@
 //!   thread that never saw it. This build drops a position of any device
 //!   the inbox does not know (only a login adds one: `DEVICE_LUA`), marked
 //!   or not; the marks are still written for nodes of the builds before
-//!   that (2026-12-07), which drop a position only for a marked device and
-//!   add any other, so that a rolling upgrade keeps forgets. Written only for a device
-//!   the store knew (or forgotten already), so it is bounded by the devices
-//!   there were. Measured (`redis_store_measure`): the key with one mark
+//!   that (2026-12-07), which drop a position only for a marked device
+//!   and add any other, so that a rolling upgrade keeps forgets. Written
+//!   only for a device the store knew (or forgotten already), so it is
+//!   bounded by the devices there were. Measured (`redis_store_measure`): the key with one mark
 //!   of a 5-byte device id takes 104 bytes (`MEMORY USAGE`), about 12 more
 //!   plus the id for each further mark; removing the device entry frees
 //!   about as much. While a mark counts, its user stays in the index. A
