@@ -1129,6 +1129,19 @@ fn redis_inbox_entries_round_trip_and_are_compact() {
 /// the login took it (position 5 of 7).
 #[test]
 fn redis_without_an_aof_restarted_starts_a_device_it_lost_at_zero() {
+    let (_server, mut s) = redis_restarted_empty(|s| login_acked(s, "alice", "phone", 5, T0));
+    for i in 0..7 {
+        assert_eq!(append(&mut s, "alice", i, T0 + 1), i + 1, "seqs start again at 1");
+    }
+    assert_eq!(s.device_login("alice", "phone", 5, T0 + 2).unwrap(), (0, 7));
+    assert_eq!(seqs(&s.read("alice", 0, 10).unwrap()), (1..=7).collect::<Vec<_>>());
+    // Known from then on: its next login's seq counts.
+    assert_eq!(s.device_login("alice", "phone", 7, T0 + 3).unwrap(), (7, 7));
+}
+
+/// A Redis without persistence where alice has 5 messages and `before`
+/// did what it does, restarted (empty), and the store opened on it again.
+fn redis_restarted_empty(before: impl FnOnce(&mut RedisStore)) -> (RedisServer, RedisStore) {
     let mut server = RedisServer::start();
     let open = |server: &RedisServer| {
         RedisStore::open(&RedisAddrs::Single(server.url()), "n", StoreLimits::default(), REDIS_TEST_TIMEOUT).unwrap()
@@ -1137,17 +1150,11 @@ fn redis_without_an_aof_restarted_starts_a_device_it_lost_at_zero() {
     for i in 0..5 {
         append(&mut s, "alice", i, T0);
     }
-    login_acked(&mut s, "alice", "phone", 5, T0);
+    before(&mut s);
     drop(s);
     server.restart();
-    let mut s = open(&server);
-    for i in 0..7 {
-        assert_eq!(append(&mut s, "alice", i, T0 + 1), i + 1, "seqs start again at 1");
-    }
-    assert_eq!(s.device_login("alice", "phone", 5, T0 + 2).unwrap(), (0, 7));
-    assert_eq!(seqs(&s.read("alice", 0, 10).unwrap()), (1..=7).collect::<Vec<_>>());
-    // Known from then on: its next login's seq counts.
-    assert_eq!(s.device_login("alice", "phone", 7, T0 + 3).unwrap(), (7, 7));
+    let s = open(&server);
+    (server, s)
 }
 
 /// The same loss, with a position of the old inbox handed over after it:
@@ -1163,18 +1170,9 @@ fn redis_without_an_aof_restarted_starts_a_device_it_lost_at_zero() {
 /// failed so under load). Only a login adds a device to a Redis inbox.
 #[test]
 fn redis_drops_a_position_of_a_device_it_does_not_know() {
-    let mut server = RedisServer::start();
-    let open = |server: &RedisServer| {
-        RedisStore::open(&RedisAddrs::Single(server.url()), "n", StoreLimits::default(), REDIS_TEST_TIMEOUT).unwrap()
-    };
-    let mut s = open(&server);
-    for i in 0..5 {
-        append(&mut s, "alice", i, T0);
-    }
-    s.device_login("alice", "phone", 0, T0).unwrap();
-    drop(s);
-    server.restart();
-    let mut s = open(&server);
+    let (_server, mut s) = redis_restarted_empty(|s| {
+        s.device_login("alice", "phone", 0, T0).unwrap();
+    });
     for i in 0..7 {
         append(&mut s, "alice", i, T0 + 1);
     }
