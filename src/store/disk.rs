@@ -1190,7 +1190,7 @@ impl DiskStore {
         self.drop_acknowledged(&uk, &mut c);
         self.hot.log.append_head(user, c.fhead, &c.rec.devices);
         self.heads_logged = true;
-        self.write_devices(&uk, c)?;
+        self.write_record(&uk, c)?;
         Ok(true)
     }
 
@@ -1198,6 +1198,11 @@ impl DiskStore {
     /// first the hot messages they all have acknowledged now.
     fn write_devices(&mut self, uk: &[u8], mut c: Cached) -> Result<(), StoreError> {
         self.drop_acknowledged(uk, &mut c);
+        self.write_record(uk, c)
+    }
+
+    /// Writes user `uk`'s record `c` into fjall and the cache.
+    fn write_record(&mut self, uk: &[u8], c: Cached) -> Result<(), StoreError> {
         self.inboxes.insert(uk, c.rec.encode(c.fhead)).map_err(unavailable)?;
         self.record_written(uk, c.rec, c.fhead);
         Ok(())
