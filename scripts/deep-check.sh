@@ -5,23 +5,29 @@
 #     (PROPTEST_CASES: tests/reliable_model.rs, and the memory, disk and
 #     Redis stores against their model in src/store/tests.rs; the Redis
 #     one only when redis-server is installed);
+#   - the crash loops of tests/reliable_crash.rs (the server SIGKILLed
+#     under load and restarted, disk store and Redis store) for
+#     CRASH_ROUNDS kills each instead of the suite's 3;
 #   - each fuzz target in fuzz/ for FUZZ_S seconds (installs cargo-fuzz
 #     when missing; uses the nightly toolchain when there is one, else
 #     stable with RUSTC_BOOTSTRAP=1, as fuzz/README.md says).
-# Usage: scripts/deep-check.sh [--no-fuzz] [--no-models]
+# Usage: scripts/deep-check.sh [--no-fuzz] [--no-models] [--no-crash]
 # Environment: FUZZ_S (default 300), MODEL_SCALE (default 1: multiplies
-# every case count below). Exits non-zero at the first failure; a fuzz
+# every case count below), CRASH_ROUNDS (default 100, about 4 minutes a
+# loop on a 2-vCPU host). Exits non-zero at the first failure; a fuzz
 # crash leaves its input under fuzz/artifacts/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 fuzz=1
 models=1
+crash=1
 for arg in "$@"; do
   case "$arg" in
     --no-fuzz) fuzz=0 ;;
     --no-models) models=0 ;;
-    *) echo "usage: $0 [--no-fuzz] [--no-models]" >&2; exit 2 ;;
+    --no-crash) crash=0 ;;
+    *) echo "usage: $0 [--no-fuzz] [--no-models] [--no-crash]" >&2; exit 2 ;;
   esac
 done
 FUZZ_S="${FUZZ_S:-300}"
@@ -43,6 +49,21 @@ if [ "$models" = 1 ]; then
   else
     echo "deep-check: no redis-server: the Redis store's model test skipped" >&2
   fi
+fi
+
+if [ "$crash" = 1 ]; then
+  rounds="${CRASH_ROUNDS:-100}"
+  echo "deep-check: the crash loops, $rounds kills each" >&2
+  log="$(mktemp)"
+  # The test binary's watchdog (600 s by default) raised to fit the rounds.
+  if ! SWITCHBOARD_CRASH_ROUNDS="$rounds" SWITCHBOARD_TEST_DEADLINE_S=$((600 + rounds * 10)) \
+    cargo test --quiet --test reliable_crash -- --test-threads 1 --nocapture killed_again_and_again >"$log" 2>&1; then
+    grep -E -A2 '^crash loop|panicked' "$log" >&2 || true
+    echo "deep-check: a crash loop failed; its whole output: $log" >&2
+    exit 1
+  fi
+  grep -E '^crash loop' "$log" >&2
+  rm -f "$log"
 fi
 
 if [ "$fuzz" = 1 ]; then
