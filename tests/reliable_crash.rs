@@ -394,14 +394,27 @@ fn a_server_killed_again_and_again_under_load_loses_repeats_and_reorders_nothing
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// The crash loop with the Redis store on a real `redis-server` (not
-/// killed): two nodes of a cluster, the clients on either, one of them
+/// The crash loop with the Redis store on a real `redis-server`, or a
+/// Redis Cluster of three (by the seed; not killed): two nodes of a
+/// cluster, the clients on either, one of them
 /// killed each round and started again under its node id.
 #[test]
 fn nodes_on_the_redis_store_killed_again_and_again_lose_repeat_and_reorder_nothing() {
     use common::cluster::{Node, NodeOpts, Redis};
-    let redis_proc = switchboard::redis_proc::RedisServer::start();
-    let redis = Redis::One(redis_proc.url());
+    use switchboard::redis_proc::{RedisCluster, RedisServer};
+    let seed = loop_seed();
+    // One Redis, or a Redis Cluster of three masters (the inboxes and
+    // dedup keys spread over slots), by the seed.
+    let (one, cluster) = if (seed >> 8).is_multiple_of(2) {
+        (Some(RedisServer::start()), None)
+    } else {
+        (None, Some(RedisCluster::start(3)))
+    };
+    let (redis, what) = match (&one, &cluster) {
+        (Some(one), _) => (Redis::One(one.url()), "Redis store (one Redis), two nodes"),
+        (_, Some(cluster)) => (Redis::Cluster(cluster.urls()), "Redis store (Redis Cluster), two nodes"),
+        _ => unreachable!("one or the other"),
+    };
     let opts = NodeOpts {
         store: "redis",
         store_extra: "retention_interval_ms = 200",
@@ -410,7 +423,7 @@ fn nodes_on_the_redis_store_killed_again_and_again_lose_repeat_and_reorder_nothi
     };
     let mut nodes = [Node::start("a", &redis, &opts), Node::start("b", &redis, &opts)];
     let endpoints: Vec<(u16, u16)> = nodes.iter().map(|n| (n.addr.port(), n.admin.port())).collect();
-    crash_loop("Redis store, two nodes", loop_seed(), &endpoints, |rng| {
+    crash_loop(what, seed, &endpoints, |rng| {
         let node = &mut nodes[rng.range(0, 2) as usize];
         node.kill();
         std::thread::sleep(Duration::from_millis(rng.range(0, 300)));
