@@ -305,15 +305,17 @@ fn a_hot_log_damaged_mid_file_is_refused_at_start_naming_the_file() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// A small xorshift: the crash loop's choices, repeatable from a seed.
-struct Rng(u64);
+/// The crash loop's choices, repeatable from a seed.
+struct Rng(proptest::test_runner::TestRng);
 
 impl Rng {
+    fn new(seed: u64) -> Rng {
+        let seed = seed.to_le_bytes().repeat(4);
+        Rng(proptest::test_runner::TestRng::from_seed(proptest::test_runner::RngAlgorithm::ChaCha, &seed))
+    }
+
     fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
+        proptest::prelude::Rng::next_u64(&mut self.0)
     }
 
     /// A number in `lo..hi`.
@@ -441,7 +443,7 @@ const LOOP_CONFIG: &str = "[delivery]\nwindow = 16\nfirst_page = 8\nack_timeout_
 fn loop_seed() -> u64 {
     std::env::var("SWITCHBOARD_CRASH_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or_else(|| {
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
-    }) | 1
+    })
 }
 
 /// The crash loop on the servers at `endpoints` (TCP, admin port):
@@ -452,28 +454,28 @@ fn crash_loop(store: &str, seed: u64, endpoints: &[(u16, u16)], mut crash: impl 
     let ports: Arc<[u16]> = endpoints.iter().map(|e| e.0).collect();
     let admins: Arc<[u16]> = endpoints.iter().map(|e| e.1).collect();
     let shared = Arc::new(Loop::default());
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
 
     let devices: Vec<_> = LOOP_RECEIVERS
         .iter()
         .flat_map(|u| LOOP_DEVICES.iter().map(move |d| (*u, *d)))
         .map(|(user, device)| {
-            let (shared, seed) = (shared.clone(), rng.next() | 1);
+            let (shared, seed) = (shared.clone(), rng.next());
             let ports = ports.clone();
-            std::thread::spawn(move || loop_device(&ports, user, device, &shared, Rng(seed)))
+            std::thread::spawn(move || loop_device(&ports, user, device, &shared, Rng::new(seed)))
         })
         .collect();
     let senders: Vec<_> = ["s0", "s1"]
         .into_iter()
         .map(|user| {
-            let (shared, seed) = (shared.clone(), rng.next() | 1);
+            let (shared, seed) = (shared.clone(), rng.next());
             let ports = ports.clone();
-            std::thread::spawn(move || loop_sender(&ports, user, &shared, Rng(seed)))
+            std::thread::spawn(move || loop_sender(&ports, user, &shared, Rng::new(seed)))
         })
         .collect();
     let app = {
-        let (shared, seed) = (shared.clone(), rng.next() | 1);
-        std::thread::spawn(move || loop_application(&admins, &shared, Rng(seed)))
+        let (shared, seed) = (shared.clone(), rng.next());
+        std::thread::spawn(move || loop_application(&admins, &shared, Rng::new(seed)))
     };
 
     for _ in 0..rounds {
