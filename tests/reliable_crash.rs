@@ -354,7 +354,9 @@ const LOOP_DEVICES: [&str; 2] = ["phone", "laptop"];
 /// At the end every device holds every message sent to its user exactly
 /// once: seqs dense from 1, no seq ever seen with two payloads, no seq
 /// skipped on a connection, each sender's messages in the order sent,
-/// and the seq each sender was answered with is the one delivered. Here
+/// and the seq each sender was answered with is the one delivered; and
+/// the store's count of the messages it keeps comes down to 0 once the
+/// retention passes have dropped what every device acknowledged. Here
 /// the store is the disk store: one or two shards (by the seed), `fsync`
 /// or `os` at each start, a short retention interval; about one round in
 /// four drains the server (SIGTERM) instead of killing it. Both loops have a small window and first page (retransmits
@@ -499,6 +501,19 @@ fn crash_loop(store: &str, seed: u64, endpoints: &[(u16, u16)], mut crash: impl 
         .zip(LOOP_RECEIVERS.iter().flat_map(|u| LOOP_DEVICES.map(|_| *u)))
         .map(|(t, u)| (u, t.join().unwrap_or_else(|_| panic!("a device of {u} failed (above)"))))
         .collect();
+    // Every device acknowledged everything: the retention passes drop it
+    // all, so the inboxes' count of what they keep (rebuilt at each
+    // recovery, kept since) comes down to 0.
+    let admin: SocketAddr = format!("127.0.0.1:{}", endpoints[0].1).parse().unwrap();
+    let mut pending = String::new();
+    let drained = common::wait_until(Duration::from_secs(30), || {
+        let (status, body) = admin_request(admin, "GET", "/api/v1/stats", b"", None).expect("the stats");
+        assert_eq!(status, 200, "{body}");
+        let at = body.find("\"pending_messages\":").expect("the store's pending messages") + 19;
+        pending = body[at..].split([',', '}']).next().unwrap().trim().to_string();
+        pending == "0"
+    });
+    assert!(drained, "the store still keeps {pending} messages that every device acknowledged");
 
     for user in LOOP_RECEIVERS {
         let to_user = sent.get(user).cloned().unwrap_or_default();
