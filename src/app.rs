@@ -62,7 +62,7 @@ pub enum PushError {
     PayloadTooLarge { len: usize, max: usize },
     #[error("a worker mailbox is full; {queued} of {targets} connections got the command")]
     Full { queued: usize, targets: usize },
-    #[error("this server has no message store (store.kind = \"none\"): only at-most-once pushes")]
+    #[error("this server has no message store (store.kind = \"none\"): reliable pushes, inboxes and devices need one; at-most-once pushes work")]
     NoStore,
     #[error("the message store's queue is full (store.queue_capacity or store.queue_max_bytes); the message was not stored, retry")]
     StoreBusy,

@@ -199,6 +199,27 @@ fn bad_requests_say_what_is_wrong() {
     // A browser's form content type: 415.
     let h = [("X-API-Key", WRITE), ("Content-Type", "text/plain")];
     assert_eq!(call(a, "POST", "/api/v1/broadcast", &h, br#"{"text":"x"}"#).status, 415);
+    // A query parameter the call does not read, or one given twice, is
+    // refused as a JSON body's unknown field is: a typo of `mode` stored
+    // the message reliably, and a second `user` was dropped.
+    let raw = [("X-API-Key", WRITE), ("Content-Type", "application/octet-stream")];
+    for (path, names) in [
+        ("/api/v1/push?user=a&mdoe=at_most_once", "mdoe"),
+        ("/api/v1/push?user=a&user=b", "user"),
+        ("/push?user=a&colour=red", "colour"),
+        ("/api/v1/publish?room=r&rom=s", "rom"),
+    ] {
+        let (s, e) = error(call(a, "POST", path, &raw, b"x"));
+        assert!(s == 400 && e.contains(names), "{path}: {s} {e}");
+    }
+    let (s, e) = error(get(a, "/api/v1/inbox?user=a&usr=b", READ));
+    assert!(s == 400 && e.contains("usr"), "{s} {e}");
+    // A JSON call reads nothing from the query.
+    let (s, e) = error(post(a, "/api/v1/push?user=b", WRITE, &json!({ "user": "a", "text": "x" })));
+    assert!(s == 400 && e.contains("user"), "{s} {e}");
+    // What the calls do read still works.
+    assert_eq!(call(a, "POST", "/api/v1/push?user=a&mode=at_most_once", &raw, b"x").status, 200);
+    assert_eq!(get(a, "/healthz?probe=1", READ).status, 200);
 }
 
 #[test]
