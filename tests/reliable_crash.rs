@@ -346,24 +346,26 @@ const LOOP_DEVICES: [&str; 2] = ["phone", "laptop"];
 
 /// The server killed with SIGKILL again and again (`SWITCHBOARD_CRASH_ROUNDS`
 /// times, 3 by default; `scripts/deep-check.sh` runs many more) while two
-/// users SEND with client ids and the application pushes with client ids,
-/// to three users with two devices each that read, ACK at random
-/// intervals, drop their connections now and then and log in again with
-/// the last seq they hold. Senders retry whatever was not answered, with
-/// the same client id, after each restart, until everything is answered.
-/// At the end every device holds every message sent to its user exactly
-/// once: seqs dense from 1, no seq ever seen with two payloads, no seq
-/// skipped on a connection, each sender's messages in the order sent,
-/// and the seq each sender was answered with is the one delivered; and
-/// the store's count of the messages it keeps comes down to 0 once the
-/// retention passes have dropped what every device acknowledged. Here
-/// the store is the disk store: one or two shards (by the seed), `fsync`
-/// or `os` at each start, a short retention interval; about one round in
-/// four drains the server (SIGTERM) instead of killing it. Both loops have a small window and first page (retransmits
-/// and FETCHes on every round). `SWITCHBOARD_CRASH_SEED` repeats a run's
-/// choices (printed at its start); the kill times are the host's. Checked
-/// able to fail: with the disk store's recovery made to skip one logged
-/// message in 50, 5 rounds failed.
+/// users SEND with client ids and the application pushes with client ids
+/// (and now and then at most once) to three users with two devices each
+/// that read, ACK at random intervals, drop their connections now and
+/// then and log in again with the last seq they hold. Senders retry
+/// whatever was not answered, with the same client id, after each
+/// restart, until everything is answered. At the end every device holds
+/// every message sent to its user exactly once: seqs dense from 1, no seq
+/// ever seen with two payloads, no seq skipped on a connection, each
+/// sender's messages in the order sent, and the seq each sender was
+/// answered with is the one delivered; and the store's count of the
+/// messages it keeps comes down to 0 once the retention passes have
+/// dropped what every device acknowledged. Here the store is the disk
+/// store: one or two shards (by the seed), `fsync` or `os` at each start,
+/// a short retention interval; about one round in four drains the server
+/// (SIGTERM) instead of killing it. Both loops have a small window and
+/// first page (retransmits and FETCHes on every round).
+/// `SWITCHBOARD_CRASH_SEED` repeats a run's choices (printed at its
+/// start); the kill times are the host's. Checked able to fail: with the
+/// disk store's recovery made to skip one logged message in 50, 5 rounds
+/// failed.
 #[test]
 fn a_server_killed_again_and_again_under_load_loses_repeats_and_reorders_nothing() {
     let dir = std::env::temp_dir().join(format!("sb-crash-{}-loop", std::process::id()));
@@ -607,6 +609,7 @@ fn loop_device(ports: &[u16], user: &str, device: &str, shared: &Loop, mut rng: 
                             have = seq;
                         }
                     }
+                    Frame::Push { payload, .. } => assert_eq!(payload, b"live only", "{user}/{device}: a PUSH"),
                     // A drain's CLOSE 1001: log in again.
                     Frame::Close { .. } => break,
                     other => panic!("{user}/{device} got {other:?}"),
@@ -708,6 +711,15 @@ fn loop_application(admins: &[u16], shared: &Loop, mut rng: Rng) -> Vec<(String,
             }
         };
         made.push((to.to_string(), payload, seq));
+        // Now and then an at-most-once push between them: a PUSH on the
+        // devices' connections, beside their window, that nothing expects
+        // after a crash.
+        if rng.one_in(4) {
+            let admin: SocketAddr =
+                format!("127.0.0.1:{}", admins[rng.range(0, admins.len() as u64) as usize]).parse().unwrap();
+            let path = format!("/push?user={to}&mode=at_most_once");
+            let _ = admin_request(admin, "POST", &path, b"live only", None);
+        }
         std::thread::sleep(Duration::from_micros(rng.range(0, 3000)));
     }
     made
