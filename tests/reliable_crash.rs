@@ -401,9 +401,9 @@ fn a_server_killed_again_and_again_under_load_loses_repeats_and_reorders_nothing
 }
 
 /// The crash loop with the Redis store on a real `redis-server`, or a
-/// Redis Cluster of three (by the seed; not killed): two nodes of a
-/// cluster, the clients on either, one of them
-/// killed each round and started again under its node id.
+/// Redis Cluster of three (by the seed; never killed): two nodes of a
+/// cluster, the clients on either, one of the nodes killed each round and
+/// started again under its node id.
 #[test]
 fn nodes_on_the_redis_store_killed_again_and_again_lose_repeat_and_reorder_nothing() {
     use common::cluster::{Node, NodeOpts, Redis};

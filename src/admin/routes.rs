@@ -899,12 +899,13 @@ fn check_query(c: &Call<'_>) -> Result<(), Answer> {
     };
     for (i, (name, _)) in c.query.iter().enumerate() {
         if !takes.contains(&name.as_str()) {
+            let json_body = !c.raw && !legacy && c.entry.route != R::Stats;
             return Err(error(
                 400,
                 match takes {
-                    [] if !c.raw && !legacy => {
-                        format!("unknown query parameter `{name}`: this call takes its parameters in the JSON body")
-                    }
+                    [] if json_body => format!(
+                        "unknown query parameter `{name}`: this call takes none (its parameters go in the JSON body)"
+                    ),
                     [] => format!("unknown query parameter `{name}`: this call takes none"),
                     _ => format!("unknown query parameter `{name}`: this call takes {}", takes.join(", ")),
                 },
