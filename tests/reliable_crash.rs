@@ -67,6 +67,14 @@ fn serve_with(port: u16, admin: u16, dir: &std::path::Path, config: &str) -> Pro
     p
 }
 
+/// An empty directory of this test process for the test `name`.
+fn fresh_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("sb-crash-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
 /// SIGKILLs the server on `port` and waits until its port is closed.
 fn kill(mut server: Proc, port: u16) {
     server.0.kill().unwrap();
@@ -124,8 +132,7 @@ fn a_server_killed_with_sigkill_after_refusals_delivers_none_of_them() {
 }
 
 fn killed_and_restarted(kill_after_answers: usize, inbox_limit: usize, expect_refusals: bool, shards: usize) {
-    let dir = std::env::temp_dir().join(format!("sb-crash-{}-{kill_after_answers}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = fresh_dir(&kill_after_answers.to_string());
     let (port, admin) = (common::free_port(), common::free_port());
     let server = serve(port, admin, &dir, inbox_limit, shards);
 
@@ -250,9 +257,7 @@ fn killed_and_restarted(kill_after_answers: usize, inbox_limit: usize, expect_re
 /// and where it is damaged.
 #[test]
 fn a_hot_log_damaged_mid_file_is_refused_at_start_naming_the_file() {
-    let dir = std::env::temp_dir().join(format!("sb-crash-{}-damaged", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = fresh_dir("damaged");
     let (port, admin) = (common::free_port(), common::free_port());
     let server = serve(port, admin, &dir, 100_000, 1);
     // Stored and acknowledged; nobody reads them, so they stay in the hot log.
@@ -368,9 +373,7 @@ const LOOP_DEVICES: [&str; 2] = ["phone", "laptop"];
 /// failed.
 #[test]
 fn a_server_killed_again_and_again_under_load_loses_repeats_and_reorders_nothing() {
-    let dir = std::env::temp_dir().join(format!("sb-crash-{}-loop", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = fresh_dir("loop");
     let (port, admin) = (common::free_port(), common::free_port());
     let seed = loop_seed();
     let shards = 1 + (seed >> 8) % 2;
