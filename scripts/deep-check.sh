@@ -5,9 +5,9 @@
 #     (PROPTEST_CASES: tests/reliable_model.rs, and the memory, disk and
 #     Redis stores against their model in src/store/tests.rs; the Redis
 #     one only when redis-server is installed);
-#   - the crash loops of tests/reliable_crash.rs (the server SIGKILLed
-#     under load and restarted, disk store and Redis store) for
-#     CRASH_ROUNDS kills each instead of the suite's 3;
+#   - the crash loops of tests/reliable_crash.rs (servers SIGKILLed, or
+#     now and then drained, under load and restarted; disk store and
+#     Redis store) for CRASH_ROUNDS restarts each instead of the suite's 3;
 #   - each fuzz target in fuzz/ for FUZZ_S seconds (installs cargo-fuzz
 #     when missing; uses the nightly toolchain when there is one, else
 #     stable with RUSTC_BOOTSTRAP=1, as fuzz/README.md says).
@@ -53,7 +53,7 @@ fi
 
 if [ "$crash" = 1 ]; then
   rounds="${CRASH_ROUNDS:-100}"
-  echo "deep-check: the crash loops, $rounds kills each" >&2
+  echo "deep-check: the crash loops, $rounds restarts each" >&2
   log="$(mktemp)"
   # The test binary's watchdog (600 s by default) raised to fit the rounds.
   if ! SWITCHBOARD_CRASH_ROUNDS="$rounds" SWITCHBOARD_TEST_DEADLINE_S=$((600 + rounds * 10)) \

@@ -549,22 +549,27 @@ fn crash_loop(store: &str, seed: u64, endpoints: &[(u16, u16)], mut crash: impl 
     );
 }
 
+/// One of these loopback ports at random.
+fn any_of(ports: &[u16], rng: &mut Rng) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], ports[rng.range(0, ports.len() as u64) as usize]))
+}
+
 /// Connects to one of `ports` at random and logs in, retrying while the
 /// server is down.
 fn loop_connect(ports: &[u16], rng: &mut Rng, user: &str, device: Option<(&str, u64)>) -> Client {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         assert!(Instant::now() < deadline, "{user} could not log in for 60 s");
-        let port = ports[rng.range(0, ports.len() as u64) as usize];
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let attempt = Client::connect_timeout(&addr, Duration::from_secs(2)).map_err(Into::into).and_then(|mut c| {
-            let token = common::token(user);
-            match device {
-                Some((d, last_seq)) => c.login_device(user, &token, d, last_seq)?,
-                None => c.login(user, &token)?,
-            };
-            Ok::<_, switchboard::client::ClientError>(c)
-        });
+        let attempt = Client::connect_timeout(&any_of(ports, rng), Duration::from_secs(2))
+            .map_err(Into::into)
+            .and_then(|mut c| {
+                let token = common::token(user);
+                match device {
+                    Some((d, last_seq)) => c.login_device(user, &token, d, last_seq)?,
+                    None => c.login(user, &token)?,
+                };
+                Ok::<_, switchboard::client::ClientError>(c)
+            });
         match attempt {
             Ok(c) => {
                 c.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
@@ -706,8 +711,7 @@ fn loop_application(admins: &[u16], shared: &Loop, mut rng: Rng) -> Vec<(String,
         let seq = loop {
             assert!(Instant::now() < deadline, "push {id} not answered 200 for 60 s");
             let path = format!("/push?user={to}&client_id={id}");
-            let admin: SocketAddr =
-                format!("127.0.0.1:{}", admins[rng.range(0, admins.len() as u64) as usize]).parse().unwrap();
+            let admin = any_of(admins, &mut rng);
             match admin_request(admin, "POST", &path, payload.as_bytes(), None) {
                 Ok((200, body)) => break seq_of(&body),
                 _ => std::thread::sleep(Duration::from_millis(30)),
@@ -718,8 +722,7 @@ fn loop_application(admins: &[u16], shared: &Loop, mut rng: Rng) -> Vec<(String,
         // devices' connections, beside their window, that nothing expects
         // after a crash.
         if rng.one_in(4) {
-            let admin: SocketAddr =
-                format!("127.0.0.1:{}", admins[rng.range(0, admins.len() as u64) as usize]).parse().unwrap();
+            let admin = any_of(admins, &mut rng);
             let path = format!("/push?user={to}&mode=at_most_once");
             let _ = admin_request(admin, "POST", &path, b"live only", None);
         }
