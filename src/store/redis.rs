@@ -607,11 +607,11 @@ impl Link {
     }
 
     /// PINGs every master ([`IDLE_CHECK_AFTER`]): the first that does not
-    /// answer PONG, and why.
-    fn check(&mut self) -> Option<String> {
+    /// answer PONG, why, and whether it did not answer in time.
+    fn check(&mut self) -> Option<(String, bool)> {
         for (con, name) in self.nodes.iter_mut().zip(&self.names) {
             if let Err(e) = redis::cmd("PING").query::<String>(con) {
-                return Some(format!("{name}: {e}"));
+                return Some((format!("{name}: {e}"), e.is_timeout()));
             }
         }
         None
@@ -665,6 +665,10 @@ pub struct RedisStore {
     /// The live nodes of builds that misread an entry with an expiry, as
     /// last read ([`EXPIRY_RECHECK`]), and when.
     older: Option<(Instant, Vec<String>)>,
+    /// When Redis last let a call wait out the timeout, and that call's
+    /// error: calls fail with it at once until [`Self::retry_after`] has
+    /// passed.
+    silent: Option<(Instant, StoreError)>,
 }
 
 /// How long the store goes by its last look at the live nodes' builds
@@ -793,6 +797,7 @@ impl RedisStore {
             node_ttl: Duration::from_millis(crate::config::ClusterConfig::default().node_ttl_ms),
             older: None,
             expired_unacknowledged: 0,
+            silent: None,
         };
         // A node starts without Redis: it serves its own connections, and
         // stored messages are refused (ERROR 115) until Redis answers; the
@@ -840,6 +845,10 @@ impl RedisStore {
     }
 
     fn maybe_refresh_totals(&mut self) {
+        // Not while calls fail at once: the warning would repeat at every call.
+        if self.silent.as_ref().is_some_and(|(at, _)| at.elapsed() < self.retry_after()) {
+            return;
+        }
         if self.totals.refreshed_at.is_none_or(|t| t.elapsed() >= TOTALS_REFRESH_INTERVAL) {
             if let Err(e) = self.refresh_totals() {
                 tracing::warn!("summing the Redis store's totals failed (the last ones are kept): {e}");
@@ -952,19 +961,63 @@ impl RedisStore {
         self.run(vec![op]).pop().expect("one answer per op")
     }
 
+    /// How long after a call waited out the timeout the calls fail at once
+    /// instead of trying Redis again: the timeout, at most a second. Why:
+    /// the store thread serves a turn's logins, reads and positions one call
+    /// after another, and each call on a silent Redis (paused, or a host
+    /// that drops packets) connects again (the kernel accepts for a paused
+    /// Redis) and waits out its own timeout; so every request queued behind
+    /// that turn waited for many timeouts, not one (measured with Redis
+    /// stopped: ERROR 115 after up to 20 s with the default 2 s). With the
+    /// pause a request waits for at most the one call under way, and Redis
+    /// back is used within this long.
+    fn retry_after(&self) -> Duration {
+        self.timeout.min(Duration::from_secs(1))
+    }
+
+    /// Calls fail at once for [`Self::retry_after`] from now, with `e`.
+    fn fell_silent(&mut self, e: &StoreError) {
+        let StoreError::Unavailable(why) = e else { return };
+        let again = self.retry_after().as_millis();
+        let e = StoreError::Unavailable(format!("{why} (not tried again for {again} ms)"));
+        self.silent = Some((Instant::now(), e));
+    }
+
     /// The open link, connecting first if there is none.
     fn link(&mut self) -> Result<&mut Link, StoreError> {
+        if let Some((at, e)) = &self.silent {
+            if at.elapsed() < self.retry_after() {
+                return Err(e.clone());
+            }
+            self.silent = None;
+        }
         if self.used_at.elapsed() >= IDLE_CHECK_AFTER {
             if let Some(link) = &mut self.link {
-                if let Some(why) = link.check() {
-                    tracing::info!("redis store: an idle connection is gone ({why}); connecting again");
+                if let Some((why, timed_out)) = link.check() {
                     self.link = None;
+                    if timed_out {
+                        let e = unavailable(why);
+                        self.fell_silent(&e);
+                        return Err(e);
+                    }
+                    tracing::info!("redis store: an idle connection is gone ({why}); connecting again");
                 }
             }
         }
         self.used_at = Instant::now();
         if self.link.is_none() {
-            self.link = Some(self.connect()?);
+            let t = Instant::now();
+            match self.connect() {
+                Ok(link) => self.link = Some(link),
+                Err(e) => {
+                    // Refused at once (Redis restarting): the next call
+                    // tries again. Waited out (no answer): it does not.
+                    if t.elapsed() >= self.timeout {
+                        self.fell_silent(&e);
+                    }
+                    return Err(e);
+                }
+            }
             self.durability_at = None;
         }
         // Read at every (re)connect, and again every DURABILITY_RECHECK:
@@ -975,6 +1028,11 @@ impl RedisStore {
             self.durability = self.probe_durability(was);
             self.durability_at = Some(Instant::now());
             self.probed = true;
+            if let Some((at, e)) = &self.silent {
+                if at.elapsed() < self.retry_after() {
+                    return Err(e.clone());
+                }
+            }
         }
         Ok(self.link.as_mut().expect("just set"))
     }
@@ -996,9 +1054,12 @@ impl RedisStore {
             groups[link.node_of(op.slot)].push(i);
         }
         let mut broken = false;
-        let describe = |e: &redis::RedisError, node: &str| {
+        let mut silent = None;
+        let mut describe = |e: &redis::RedisError, node: &str| {
             if e.is_timeout() {
-                unavailable(format!("{node} did not answer within {timeout_ms} ms"))
+                let e = unavailable(format!("{node} did not answer within {timeout_ms} ms"));
+                silent.get_or_insert_with(|| e.clone());
+                e
             } else {
                 unavailable(format!("{node}: {e}"))
             }
@@ -1102,6 +1163,9 @@ impl RedisStore {
         if broken || moved {
             self.link = None;
         }
+        if let Some(e) = silent {
+            self.fell_silent(&e);
+        }
         self.used_at = Instant::now();
         out
     }
@@ -1184,6 +1248,12 @@ impl RedisStore {
     }
 
     fn open_conn(&self, info: ConnectionInfo, name: &str) -> Result<redis::Connection, StoreError> {
+        // No CLIENT SETINFO (the client library's name and version, for
+        // CLIENT LIST): its two answers are read one after the other, each
+        // with what is left of the timeout, so a Redis that accepts but does
+        // not answer (paused) held a connect for twice the timeout.
+        let settings = info.redis_settings().clone().set_skip_set_lib_name();
+        let info = info.set_redis_settings(settings);
         let client = redis::Client::open(info).map_err(|e| unavailable(format!("{name}: {e}")))?;
         let con = client.get_connection_with_timeout(self.timeout).map_err(|e| {
             if e.is_timeout() {
@@ -1208,6 +1278,15 @@ impl RedisStore {
         for (con, name) in link.nodes.iter_mut().zip(&link.names) {
             let got: redis::RedisResult<HashMap<String, String>> =
                 redis::cmd("CONFIG").arg("GET").arg("append*").query(con);
+            if matches!(&got, Err(e) if e.is_timeout()) {
+                // Not an answer about the settings: Redis is silent. The
+                // connections go (their late answer must not meet the next
+                // call's read), and the last answer stands.
+                let e = unavailable(format!("{name} did not answer within {} ms", self.timeout.as_millis()));
+                self.link = None;
+                self.fell_silent(&e);
+                return was.flatten();
+            }
             let node = match got {
                 Ok(cfg) => {
                     match (cfg.get("appendonly").map(String::as_str), cfg.get("appendfsync").map(String::as_str)) {

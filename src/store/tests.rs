@@ -845,18 +845,40 @@ fn redis_store_fails_within_the_timeout_while_paused_and_recovers_without_reopen
     assert_eq!(append(&mut s, "alice", 1, T0), 1);
 
     server.pause();
-    for _ in 0..2 {
-        let t = std::time::Instant::now();
-        let r = s.append(&msg("alice", "app", 2, T0, "m2", 0), T0);
-        let took = t.elapsed();
-        let Err(StoreError::Unavailable(why)) = r else { panic!("{r:?} from a paused Redis") };
-        assert!(why.starts_with("redis: "), "{why}");
-        // A write, then a read that times out; or, reconnecting, a connect
-        // (accepted by the kernel) and then the scripts' load that times out.
-        assert!(took >= timeout && took < timeout * 6, "failed after {took:?}, the timeout is {timeout:?}");
+    let t = std::time::Instant::now();
+    let r = s.append(&msg("alice", "app", 2, T0, "m2", 0), T0);
+    let took = t.elapsed();
+    let Err(StoreError::Unavailable(why)) = r else { panic!("{r:?} from a paused Redis") };
+    assert!(why.starts_with("redis: "), "{why}");
+    // A write, then a read that times out.
+    assert!(took >= timeout && took < timeout * 6, "failed after {took:?}, the timeout is {timeout:?}");
+    // The calls right after it fail at once with the same reason, instead
+    // of each connecting again (the kernel accepts for a paused Redis) and
+    // waiting out its own timeout: the store thread serves a turn's
+    // requests one call after another, so a turn of a few logins, reads
+    // and positions kept every request behind it waiting for many
+    // timeouts, not one (ERROR 115 after up to 20 s with the default 2 s).
+    let t = std::time::Instant::now();
+    let answers = [
+        s.read("alice", 0, 10).map(|_| ()),
+        s.device_login("alice", "phone", 0, T0).map(|_| ()),
+        s.set_position("alice", "phone", 1, T0),
+        s.append(&msg("alice", "app", 3, T0, "m3", 0), T0).map(|_| ()),
+        s.inbox_state("alice").map(|_| ()),
+    ];
+    let took = t.elapsed();
+    for r in answers {
+        let Err(StoreError::Unavailable(w)) = r else { panic!("{r:?} from a paused Redis") };
+        assert!(w.starts_with(&why), "{w} (the first failure: {why})");
     }
+    assert!(took < timeout, "five calls after the first failure took {took:?}, the timeout is {timeout:?}");
+    // Later, the next call tries Redis again (and waits for it again).
+    std::thread::sleep(timeout);
+    let t = std::time::Instant::now();
     assert!(matches!(s.read("alice", 0, 10), Err(StoreError::Unavailable(_))));
+    assert!(t.elapsed() >= timeout, "tried Redis again");
     server.resume();
+    std::thread::sleep(timeout);
     // The timed-out calls may have run once Redis woke up: the one stored
     // or not, the next append gets the next seq, never a repeated one.
     let seq = append(&mut s, "alice", 3, T0);
@@ -874,6 +896,60 @@ fn redis_store_fails_within_the_timeout_while_paused_and_recovers_without_reopen
         }
     }
     assert_eq!(after, Some(seq + 1), "the AOF kept every seq and the store reconnected by itself");
+}
+
+/// A command that timed out leaves its answer to come on the connection.
+/// The store must not read it as the answer to the next command: that
+/// shifts every answer after it by one, so one user's read gets another
+/// user's page. The periodic read of Redis's persistence settings once
+/// kept its connection after a timeout: Redis busy for a moment longer
+/// than the timeout, and the next read got the one before it.
+#[test]
+fn redis_store_never_hands_one_user_the_answer_meant_for_another() {
+    let server = RedisServer::builder().appendonly(AppendFsync::Always).start();
+    let timeout = Duration::from_millis(1000);
+    let addrs = RedisAddrs::Single(server.url());
+    // The settings are read at the open's connect, and again at the first
+    // call DURABILITY_RECHECK after it.
+    let opened = Instant::now();
+    let mut s = RedisStore::open(&addrs, "node-a", StoreLimits::default(), timeout).unwrap();
+    for user in ["alice", "bob", "carol"] {
+        let m = msg(user, "app", 1, T0, &format!("for {user}"), 0);
+        assert!(matches!(s.append(&m, T0), Ok(Appended::New { seq: 1 })));
+    }
+    let recheck = super::redis::DURABILITY_RECHECK;
+    // A call just before the read of the settings is due, so that the
+    // link is still in use (no PING first, IDLE_CHECK_AFTER) at the next.
+    std::thread::sleep((opened + recheck - Duration::from_millis(100)).saturating_duration_since(Instant::now()));
+    assert!(s.read("carol", 0, 10).is_ok());
+    // Redis busy for 1.5 timeouts (a script that spins): the settings'
+    // read times out, and the call after it is answered late.
+    let url = server.url();
+    let busy = std::thread::spawn(move || {
+        let mut con = ::redis::Client::open(url.as_str()).unwrap().get_connection().unwrap();
+        let spin = "local s = redis.call('TIME') local e = s[1] * 1000000 + s[2] + tonumber(ARGV[1]) \
+                    while true do local t = redis.call('TIME') if t[1] * 1000000 + t[2] >= e then return 1 end end";
+        ::redis::cmd("EVAL").arg(spin).arg(0).arg(1_500_000).query::<i64>(&mut con).unwrap();
+    });
+    std::thread::sleep((opened + recheck + Duration::from_millis(50)).saturating_duration_since(Instant::now()));
+    // For three seconds, a read every 100 ms: of bob, alice and carol in
+    // turn. Each gets its own page or fails; Redis answers again midway.
+    let mut answered = 0;
+    for user in ["bob", "alice", "carol"].into_iter().cycle().take(30) {
+        match s.read(user, 0, 10) {
+            Ok(page) => {
+                answered += 1;
+                let got: Vec<_> =
+                    page.messages.iter().map(|m| String::from_utf8_lossy(&m.payload).into_owned()).collect();
+                assert_eq!(got, [format!("for {user}")], "the page read for {user}");
+            }
+            Err(StoreError::Unavailable(why)) => assert!(why.starts_with("redis: "), "{why}"),
+            Err(e) => panic!("{e:?}"),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    busy.join().unwrap();
+    assert!(answered >= 3, "Redis answered again, and so did the store ({answered} of 30 reads)");
 }
 
 #[test]
