@@ -263,7 +263,7 @@ impl Collector for Live {
         }
         f.counter(
             "switchboard_frames_out",
-            "Frames queued or written to connections, every kind (deliveries, replies, PINGs, CLOSEs).",
+            "Frames queued or written to connections (deliveries, replies, PINGs); not the frame a connection is closed with.",
             total(&|c| get(&c.frames_out)),
         )?;
         f.per_worker_counter("switchboard_received_bytes", "Bytes read from client sockets.", &workers, |c| {
