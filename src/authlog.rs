@@ -54,13 +54,13 @@ impl<A: Authenticator + ?Sized> Authenticator for Logged<A> {
     fn authenticate(&self, user: &str, token: &[u8], now_unix_s: u64) -> Result<(), AuthError> {
         let verdict = self.inner.authenticate(user, token, now_unix_s);
         match &verdict {
-            Ok(()) => tracing::debug!(?user, "login accepted"),
+            Ok(()) => tracing::debug!(user, "login accepted"),
             Err(e) => {
-                tracing::debug!(?user, code = e.code() as u16, "login refused: {e}");
+                tracing::debug!(user, code = e.code() as u16, "login refused: {e}");
                 if let Some(n) = self.report_due(self.epoch.elapsed().as_millis() as u64) {
                     tracing::info!(
                         refused = n,
-                        ?user,
+                        user,
                         "{n} login(s) refused since the last report (at most one report per {} s; every one is \
                          counted in login_failures, and logged at debug); latest: {e}",
                         FAILURE_REPORT_INTERVAL_MS / 1000

@@ -58,6 +58,67 @@ pub enum ConfigError {
     Invalid { key: &'static str, message: String },
 }
 
+/// The longest timeout in milliseconds (`[timeouts]`,
+/// `delivery.ack_timeout_ms`): 32 bits, about 49.7 days. The wheel counts
+/// ticks in a `u32` and compares them wrapping, so a deadline must stay
+/// below a quarter of its range (`Config::timeouts_in_ticks`); at the
+/// shortest tick (10 ms) this bound is 0.4 of that.
+pub const MAX_TIMEOUT_MS: u64 = u32::MAX as u64;
+const _: () = assert!(MAX_TIMEOUT_MS / 10 + 2 <= u32::MAX as u64 / 4);
+/// The largest `auth.jwt_leeway_s`: a day of clock skew. More would make a
+/// token's `exp` mean little (an expired token accepted for as long).
+pub const MAX_JWT_LEEWAY_S: u64 = 86_400;
+
+/// A key that takes one of a few names (`demo_page = "auto"`): its
+/// values, in the order the README gives them.
+trait Named: Sized + Copy + 'static {
+    const NAMES: &'static [&'static str];
+    const VALUES: &'static [Self];
+}
+
+macro_rules! named {
+    ($t:ty { $($name:literal => $v:expr),+ $(,)? }) => {
+        impl Named for $t {
+            const NAMES: &'static [&'static str] = &[$($name),+];
+            const VALUES: &'static [Self] = &[$($v),+];
+        }
+    };
+}
+
+named!(IoDriver { "auto" => IoDriver::Auto, "io_uring" => IoDriver::IoUring, "epoll" => IoDriver::Epoll });
+named!(PollerKind { "epoll" => PollerKind::Epoll, "io_uring" => PollerKind::IoUring });
+named!(SlowConsumer { "close" => SlowConsumer::Close, "drop_oldest" => SlowConsumer::DropOldest });
+named!(SendDefault { "reliable" => SendDefault::Reliable, "at_most_once" => SendDefault::AtMostOnce });
+named!(DemoPage { "on" => DemoPage::On, "off" => DemoPage::Off, "auto" => DemoPage::Auto });
+named!(StoreKind {
+    "disk" => StoreKind::Disk,
+    "memory" => StoreKind::Memory,
+    "redis" => StoreKind::Redis,
+    "none" => StoreKind::None,
+});
+named!(Durability { "fsync" => Durability::Fsync, "os" => Durability::Os });
+
+/// Reads a [`Named`] value: a value of another type (`demo_page = true`)
+/// is refused listing the names, as an unknown name is (TOML's own words
+/// were "wanted string or table").
+fn named<'de, D: serde::Deserializer<'de>, T: Named>(d: D) -> Result<T, D::Error> {
+    struct Names<T>(std::marker::PhantomData<T>);
+    impl<T: Named> serde::de::Visitor<'_> for Names<T> {
+        type Value = T;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            let names: Vec<String> = T::NAMES.iter().map(|n| format!("`{n}`")).collect();
+            write!(f, "one of {} (a string)", names.join(", "))
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<T, E> {
+            match T::NAMES.iter().position(|n| *n == v) {
+                Some(i) => Ok(T::VALUES[i]),
+                None => Err(E::unknown_variant(v, T::NAMES)),
+            }
+        }
+    }
+    d.deserialize_any(Names(std::marker::PhantomData))
+}
+
 fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid { key, message: message.into() }
 }
@@ -98,6 +159,7 @@ pub struct ServerConfig {
     /// cores, unicast p99 at 80,000 msgs/s was 1.05 s pinned, 22.6 ms not.
     pub pin_workers: bool,
     /// `auto`, `io_uring` or `epoll`.
+    #[serde(deserialize_with = "named")]
     pub io_driver: IoDriver,
     /// The data path for client sockets:
     /// - `epoll` (default): one epoll set per worker (waited on through the
@@ -122,6 +184,7 @@ pub struct ServerConfig {
     /// memory decides: epoll stays the default. Both modes batch the
     /// worker's own sends (`batch_sends`); DEPLOY.md, "Choosing the data
     /// path", has what is left between them.
+    #[serde(deserialize_with = "named")]
     pub poller: PollerKind,
     /// Where a worker writes to many of its connections at once (a room
     /// publish or broadcast, a tick's PINGs, a turn's replies), the writes
@@ -285,6 +348,7 @@ pub struct LimitsConfig {
     /// is refused.
     pub max_conns_per_user: usize,
     /// `close` or `drop_oldest` when an outbound queue is full.
+    #[serde(deserialize_with = "named")]
     pub slow_consumer: SlowConsumer,
     /// Bytes one worker may hold in incomplete frames and WebSocket
     /// reassembly buffers, over all its connections. An idle connection
@@ -419,6 +483,7 @@ pub enum SendDefault {
 pub struct DeliveryConfig {
     /// What a plain SEND and an application push get. SEND_EX and the
     /// reliable/at-most-once handle calls choose per message.
+    #[serde(deserialize_with = "named")]
     pub send_default: SendDefault,
     /// Stored messages written to one connection and not yet acknowledged,
     /// at most. (The window's state exists only for connections that logged
@@ -604,6 +669,7 @@ pub struct WebSocketConfig {
     pub max_handshake_bytes: usize,
     /// Serve the demo page at `GET /` of the WebSocket port: "auto" (when
     /// the WebSocket port is on a loopback address), "on" or "off".
+    #[serde(deserialize_with = "named")]
     pub demo_page: DemoPage,
     /// Test only: echo every text and binary message back as it came (same
     /// opcode), without a login, through the real decoder, worker and
@@ -724,6 +790,7 @@ pub const MAX_BATCH_WAIT_US: u64 = 100_000;
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
     /// `disk`, `memory` or `none`.
+    #[serde(deserialize_with = "named")]
     pub kind: StoreKind,
     /// Directory of the disk store, created if missing; relative paths are
     /// relative to the working directory.
@@ -731,6 +798,7 @@ pub struct StoreConfig {
     /// `fsync` (an acknowledged message survives power loss: one
     /// `fdatasync` per batch of appends) or `os` (survives a crash of the
     /// process only).
+    #[serde(deserialize_with = "named")]
     pub durability: Durability,
     /// Messages, and devices not seen, are dropped after this long.
     pub ttl_ms: u64,
@@ -944,6 +1012,15 @@ impl RedisAddrs {
 /// An entry of `websocket.allowed_origins`: `*`, `null` (what a sandboxed
 /// page sends), or `scheme://host[:port]` without a path, as browsers send
 /// the Origin header.
+/// Whether listeners on `a` and `b` would take the same port: the same
+/// port (not 0, which picks a free one) on the same address, or on the
+/// wildcard address of either (`0.0.0.0` takes the port on every IPv4
+/// address, `[::]` on every address).
+fn shares_a_port(a: SocketAddr, b: SocketAddr) -> bool {
+    let covers = |w: SocketAddr, o: SocketAddr| w.ip().is_unspecified() && (w.is_ipv6() || o.is_ipv4());
+    a.port() == b.port() && a.port() != 0 && (a.ip() == b.ip() || covers(a, b) || covers(b, a))
+}
+
 fn origin_entry_ok(o: &str) -> bool {
     if o == "*" || o == "null" {
         return true;
@@ -1146,13 +1223,20 @@ impl ClusterConfig {
 impl Config {
     /// Reads and validates a TOML file.
     pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let cfg = Config::parse_file(path)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Reads a TOML file without checking its values, for a caller that
+    /// overrides some of them first (`serve`'s flags) and then calls
+    /// [`Config::validate`] on the result: a value the override replaces
+    /// must not be refused.
+    pub fn parse_file(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path)
             .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
-        let cfg = Config::from_toml(&text).map_err(|e| match e {
-            ConfigError::Parse { message, .. } => ConfigError::Parse { path: path.display().to_string(), message },
-            other => other,
-        })?;
-        Ok(cfg)
+        toml::from_str(&text)
+            .map_err(|e| ConfigError::Parse { path: path.display().to_string(), message: e.to_string() })
     }
 
     /// Parses and validates TOML text.
@@ -1259,6 +1343,32 @@ impl Config {
         if !(10..=60_000).contains(&t.tick_ms) {
             return Err(invalid("timeouts.tick_ms", format!("is {}, must be between 10 and 60000", t.tick_ms)));
         }
+        // Before any relation between them: a value past the bound was cut
+        // to the wheel's reach without a word, or blamed on another check.
+        for (key, v) in [
+            ("timeouts.login_timeout_ms", t.login_timeout_ms),
+            ("timeouts.heartbeat_interval_ms", t.heartbeat_interval_ms),
+            ("timeouts.idle_timeout_ms", t.idle_timeout_ms),
+            ("timeouts.close_linger_ms", t.close_linger_ms),
+            ("timeouts.message_timeout_ms", t.message_timeout_ms),
+            ("delivery.ack_timeout_ms", self.delivery.ack_timeout_ms),
+        ] {
+            if v > MAX_TIMEOUT_MS {
+                return Err(invalid(
+                    key,
+                    format!("is {v} ms, at most {MAX_TIMEOUT_MS} (32 bits of milliseconds, about 49.7 days)"),
+                ));
+            }
+        }
+        if self.auth.jwt_leeway_s > MAX_JWT_LEEWAY_S {
+            return Err(invalid(
+                "auth.jwt_leeway_s",
+                format!(
+                    "is {} s, at most {MAX_JWT_LEEWAY_S} (a day): it is the clock skew forgiven on a token's exp and nbf",
+                    self.auth.jwt_leeway_s
+                ),
+            ));
+        }
         for (key, v) in [
             ("timeouts.login_timeout_ms", t.login_timeout_ms),
             ("timeouts.heartbeat_interval_ms", t.heartbeat_interval_ms),
@@ -1304,9 +1414,6 @@ impl Config {
                 ));
             }
         }
-        if t.heartbeat_interval_ms > u32::MAX as u64 || t.idle_timeout_ms > u32::MAX as u64 {
-            return Err(invalid("timeouts.idle_timeout_ms", "must fit in 32 bits of milliseconds (49 days)"));
-        }
         let l = &self.limits;
         if !(MIN_MAX_FRAME_BYTES..=PROTOCOL_MAX_FRAME_BYTES).contains(&l.max_frame_bytes) {
             return Err(invalid(
@@ -1334,6 +1441,15 @@ impl Config {
         }
         if !(16..=1 << 24).contains(&l.mailbox_capacity) {
             return Err(invalid("limits.mailbox_capacity", "must be between 16 and 16777216"));
+        }
+        // Before the partial budget, which a message limit past its own
+        // bound makes too small.
+        let msg = self.websocket.message_limit(l.max_frame_bytes);
+        if !(125..=PROTOCOL_MAX_FRAME_BYTES * 2).contains(&msg) {
+            return Err(invalid(
+                "websocket.max_message_bytes",
+                format!("is {msg}, must be between 125 and {}", PROTOCOL_MAX_FRAME_BYTES * 2),
+            ));
         }
         let min_partial = self.min_partial_bytes_per_worker();
         if l.partial_bytes_per_worker < min_partial {
@@ -1457,6 +1573,18 @@ impl Config {
                     format!("{:?} is not an IP:port address (or empty to disable)", self.admin.listen),
                 )
             })?;
+            if shares_a_port(a, addr) {
+                return Err(invalid(
+                    "admin.listen",
+                    format!("({a}) is on the port of server.listen ({addr}): give each listener a port of its own"),
+                ));
+            }
+            if let Some(w) = self.websocket.listen_addr()?.filter(|&w| shares_a_port(a, w)) {
+                return Err(invalid(
+                    "admin.listen",
+                    format!("({a}) is on the port of websocket.listen ({w}): give each listener a port of its own"),
+                ));
+            }
             if !a.ip().is_loopback() && self.admin.token.is_none() {
                 return Err(invalid(
                     "admin.token",
@@ -1466,10 +1594,12 @@ impl Config {
         }
         let ws = &self.websocket;
         if let Some(a) = ws.listen_addr()? {
-            if a == addr && a.port() != 0 {
+            if shares_a_port(a, addr) {
                 return Err(invalid(
                     "websocket.listen",
-                    format!("is the raw TCP address {a}; use websocket.sniff_on_raw_port to share one port"),
+                    format!(
+                        "({a}) is on the port of server.listen ({addr}); use websocket.sniff_on_raw_port to share one port"
+                    ),
                 ));
             }
             if dev && !a.ip().is_loopback() {
@@ -1480,13 +1610,6 @@ impl Config {
                     ),
                 ));
             }
-        }
-        let msg = ws.message_limit(l.max_frame_bytes);
-        if !(125..=PROTOCOL_MAX_FRAME_BYTES * 2).contains(&msg) {
-            return Err(invalid(
-                "websocket.max_message_bytes",
-                format!("is {msg}, must be between 125 and {}", PROTOCOL_MAX_FRAME_BYTES * 2),
-            ));
         }
         if !(1024..=65536).contains(&ws.max_handshake_bytes) {
             return Err(invalid("websocket.max_handshake_bytes", "must be between 1024 and 65536"));
@@ -1700,6 +1823,94 @@ mod store_section {
 
     /// Rings past the kernel's largest passed the check and failed at
     /// start as if io_uring were missing, without naming the key.
+    /// The admin API or WebSocket on the raw TCP address was found only
+    /// at bind time, as "address in use" by the server's own pid (exit 1,
+    /// which a supervisor retries); it is a configuration error naming
+    /// both keys.
+    #[test]
+    fn a_listener_on_another_listeners_address_is_refused_naming_both_keys() {
+        let secret = "[auth]\njwt_secret = \"a secret of at least 16 bytes\"\n";
+        for (toml, key, other) in [
+            ("[server]\nlisten = \"127.0.0.1:17900\"\n[admin]\nlisten = \"127.0.0.1:17900\"\n", "admin.listen", "server.listen"),
+            ("[admin]\nlisten = \"127.0.0.1:7710\"\n", "admin.listen", "websocket.listen"),
+            ("[server]\nlisten = \"0.0.0.0:17900\"\n[admin]\nlisten = \"127.0.0.1:17900\"\ntoken = \"0123456789abcdef\"\n", "admin.listen", "server.listen"),
+            ("[server]\nlisten = \"127.0.0.1:17900\"\n[websocket]\nlisten = \"0.0.0.0:17900\"\n", "websocket.listen", "server.listen"),
+        ] {
+            let e = Config::from_toml(&format!("{toml}{secret}")).unwrap_err().to_string();
+            assert!(e.contains(key) && e.contains(other), "{toml}: {e}");
+        }
+        // Port 0 (any free port) and other ports are fine.
+        assert!(Config::from_toml("[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n").is_ok());
+        assert!(Config::from_toml("[admin]\nlisten = \"127.0.0.1:7701\"\n").is_ok());
+        assert!(Config::from_toml("[admin]\nlisten = \"[::1]:7700\"\n").is_ok(), "another address, same port");
+    }
+
+    /// Timeouts past what the wheel holds were cut to it without a word
+    /// (a login timeout of 9e15 ms kept an unauthenticated connection for
+    /// decades), and a huge heartbeat was blamed on the tick. Each is
+    /// refused first, by name, with its limit.
+    #[test]
+    fn timeouts_past_what_the_implementation_holds_are_refused_by_name() {
+        let huge = 9_000_000_000_000_000u64;
+        for (toml, key, limit) in [
+            (format!("[timeouts]\nlogin_timeout_ms = {huge}"), "timeouts.login_timeout_ms", "4294967295"),
+            (format!("[timeouts]\nmessage_timeout_ms = {huge}"), "timeouts.message_timeout_ms", "4294967295"),
+            (format!("[timeouts]\nclose_linger_ms = {huge}"), "timeouts.close_linger_ms", "4294967295"),
+            (
+                format!("[timeouts]\nheartbeat_interval_ms = {huge}\nidle_timeout_ms = {}", huge + 1000),
+                "timeouts.heartbeat_interval_ms",
+                "4294967295",
+            ),
+            (format!("[timeouts]\nidle_timeout_ms = {huge}"), "timeouts.idle_timeout_ms", "4294967295"),
+            (format!("[delivery]\nack_timeout_ms = {huge}"), "delivery.ack_timeout_ms", "4294967295"),
+            ("[auth]\njwt_leeway_s = 100000000".to_string(), "auth.jwt_leeway_s", "86400"),
+        ] {
+            let e = Config::from_toml(&toml).unwrap_err().to_string();
+            assert!(e.contains(key) && e.contains(limit), "{toml}: {e}");
+            assert!(!e.contains("same tick"), "{toml}: {e}");
+        }
+        let at_limit = "[timeouts]\nlogin_timeout_ms = 4294967295\nheartbeat_interval_ms = 4294900000\n\
+                        idle_timeout_ms = 4294967295\nmessage_timeout_ms = 4294967295\nclose_linger_ms = 4294967295\n\
+                        [delivery]\nack_timeout_ms = 4294967295\n[auth]\njwt_leeway_s = 86400\n";
+        let c = Config::from_toml(at_limit).unwrap();
+        let t = c.timeouts_in_ticks();
+        assert_eq!(t.login as u64, 4_294_967_295u64.div_ceil(1000) + 1, "not cut short");
+    }
+
+    /// A WebSocket message limit past its ceiling was blamed on
+    /// limits.partial_bytes_per_worker, which it made too small.
+    #[test]
+    fn a_websocket_message_limit_past_its_ceiling_is_named_before_the_partial_budget() {
+        let e = Config::from_toml("[websocket]\nmax_message_bytes = 100000000000\n").unwrap_err().to_string();
+        assert!(e.contains("websocket.max_message_bytes") && e.contains("33554432"), "{e}");
+        assert!(!e.contains("partial_bytes_per_worker"), "{e}");
+    }
+
+    /// A value of the wrong type for a key of named values (`demo_page =
+    /// true`) was answered with TOML's "wanted string or table"; the
+    /// error lists the values the key takes, as for an unknown one.
+    #[test]
+    fn a_wrong_value_for_a_key_of_named_values_lists_them() {
+        for (toml, values) in [
+            ("[websocket]\ndemo_page = true", ["on", "off", "auto"].as_slice()),
+            ("[websocket]\ndemo_page = {}", &["on", "off", "auto"]),
+            ("[websocket]\ndemo_page = \"yes\"", &["on", "off", "auto"]),
+            ("[server]\nio_driver = 1", &["auto", "io_uring", "epoll"]),
+            ("[server]\npoller = false", &["epoll", "io_uring"]),
+            ("[limits]\nslow_consumer = []", &["close", "drop_oldest"]),
+            ("[store]\nkind = true", &["disk", "memory", "redis", "none"]),
+            ("[store]\ndurability = 1", &["fsync", "os"]),
+            ("[delivery]\nsend_default = true", &["reliable", "at_most_once"]),
+        ] {
+            let e = Config::from_toml(toml).unwrap_err().to_string();
+            for v in values {
+                assert!(e.contains(&format!("`{v}`")), "{toml}: {v} missing from {e}");
+            }
+        }
+        let c = Config::from_toml("[websocket]\ndemo_page = \"off\"\n[server]\npoller = \"io_uring\"\n").unwrap();
+        assert_eq!((c.websocket.demo_page, c.server.poller), (DemoPage::Off, PollerKind::IoUring));
+    }
+
     #[test]
     fn ring_sizes_past_the_kernels_largest_are_refused_by_name() {
         for (toml, key) in [

@@ -376,7 +376,13 @@ fn serve(
         LogFormat::Text => logs.with_ansi(log_colours(std::io::stderr().is_terminal())).init(),
         LogFormat::Json => logs.json().flatten_event(true).with_ansi(false).init(),
     }
-    let mut cfg = match load_config(&config) {
+    // The file, then the flags over it, then one check of the result: a
+    // value of the file's that a flag replaces is not checked on its own.
+    let parsed = match &config {
+        Some(p) => Config::parse_file(p).map_err(|e| e.to_string()),
+        None => Ok(Config::default()),
+    };
+    let mut cfg = match parsed {
         Ok(c) => c,
         Err(e) => {
             err!("switchboard: {e}");
@@ -949,6 +955,18 @@ fn client(
     device: Option<String>,
     state: Option<PathBuf>,
 ) -> ExitCode {
+    // Bad arguments are said before connecting (exit 2), not found by the
+    // encoder after.
+    if let Some(d) = &device {
+        let max = switchboard::proto::frame::MAX_DEVICE_ID_BYTES;
+        if d.is_empty() || d.len() > max {
+            err!(
+                "switchboard: --device: device id must be 1 to {max} bytes (the server refuses others), is {}",
+                d.len()
+            );
+            return ExitCode::from(2);
+        }
+    }
     let token = match token.map(Ok).unwrap_or_else(|| mint(&config, None, &user, 86_400)) {
         Ok(t) => t,
         Err(e) => {

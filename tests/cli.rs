@@ -403,9 +403,9 @@ fn json_logs_show_logins_and_refusals_with_their_reason() {
         events.iter().find(|e| e["level"] == level && e["message"].as_str().is_some_and(|m| m.contains(message)))
     };
     let ok = find("DEBUG", "login accepted").unwrap_or_else(|| panic!("no login line in {text}"));
-    assert_eq!(ok["user"], "\"alice\"", "{ok}");
+    assert_eq!(ok["user"], "alice", "the user id as it is, not quoted: {ok}");
     let refused = find("DEBUG", "login refused").unwrap_or_else(|| panic!("no refusal line in {text}"));
-    assert_eq!(refused["user"], "\"mallory\"", "{refused}");
+    assert_eq!(refused["user"], "mallory", "{refused}");
     assert!(refused["message"].as_str().unwrap().contains("signature"), "the reason: {refused}");
     assert!(find("INFO", "1 login(s) refused").is_some(), "the info line: {text}");
     assert!(find("INFO", "accepting raw TCP").is_some(), "{text}");
@@ -1000,4 +1000,87 @@ fn cli_client_catch_up_waits_out_the_send_budget() {
     assert_eq!(std::fs::read_to_string(&state).unwrap(), "12\n");
     let _ = std::fs::remove_dir_all(&dir);
     assert!(stop(server).success());
+}
+
+/// A config file of this test's own, removed when dropped.
+struct TempConfig(std::path::PathBuf);
+
+impl TempConfig {
+    fn new(name: &str, text: &str) -> TempConfig {
+        let path = std::env::temp_dir().join(format!("sb-cli-{name}-{}.toml", std::process::id()));
+        std::fs::write(&path, text).unwrap();
+        TempConfig(path)
+    }
+
+    fn path(&self) -> &str {
+        self.0.to_str().unwrap()
+    }
+}
+
+impl Drop for TempConfig {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// `serve --help` says the flags override the file: what is checked is
+/// the file with the flags applied, not the file alone. A file whose
+/// address is public (where the development secret is refused) serves on
+/// the loopback address `--listen` gives; a file naming a Redis for the
+/// cluster is refused for the store `--store` replaces, not the one the
+/// file alone would get.
+#[test]
+fn flags_override_the_file_before_it_is_checked() {
+    let port = common::free_port();
+    let file = TempConfig::new("override-listen", &format!("[server]\nlisten = \"0.0.0.0:{port}\"\n"));
+    let p =
+        serve_with(port, "warn", &["--config", file.path(), "--store", "memory"], &[], Stdio::null(), Stdio::null());
+    assert!(stop(p).success());
+    // The merged result is still checked: a public --listen over a
+    // loopback file is refused (exit 2), naming the secret.
+    let file = TempConfig::new("override-public", "[server]\nlisten = \"127.0.0.1:0\"\n");
+    let out = Command::new(SB)
+        .args(["serve", "--config", file.path(), "--listen", "0.0.0.0:0", "--ws-listen", "", "--store", "none"])
+        .env_remove("SWITCHBOARD_JWT_SECRET")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("auth.jwt_secret"), "{stderr}");
+    // cluster.redis with the file's default disk store is refused; with
+    // --store memory the refusal names the memory store (the one in force).
+    let file = TempConfig::new("override-store", "[cluster]\nredis = \"redis://127.0.0.1:1\"\n");
+    let out = Command::new(SB)
+        .args(["serve", "--config", file.path(), "--listen", "127.0.0.1:0", "--ws-listen", "", "--store", "memory"])
+        .env_remove("SWITCHBOARD_JWT_SECRET")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("\"memory\""), "the store in force is named: {stderr}");
+    assert!(!stderr.contains("\"disk\""), "not the file's default: {stderr}");
+}
+
+/// `client --device` takes 1 to 64 bytes, as `--help` says: anything else
+/// is a bad argument (exit 2), said before connecting, as a bad `--user`
+/// is. Nothing listens on the address: a client that connected first
+/// would fail on that instead.
+#[test]
+fn cli_client_refuses_a_bad_device_before_connecting() {
+    let nobody = format!("127.0.0.1:{}", common::free_port());
+    let long = "d".repeat(65);
+    for device in ["", long.as_str()] {
+        let out = Command::new(SB)
+            .args(["client", "--user", "alice", "--addr", &nobody, "--device", device])
+            .env_remove("SWITCHBOARD_JWT_SECRET")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "--device of {} bytes: {stderr}", device.len());
+        assert!(stderr.contains("device id must be 1 to 64 bytes"), "{stderr}");
+        assert!(!stderr.contains("connect"), "{stderr}");
+    }
 }

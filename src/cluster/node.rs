@@ -406,7 +406,7 @@ async fn run(
         held_wake: tokio::sync::Notify::new(),
         clock_set: Cell::new(None),
     });
-    tracing::info!(node = %node.me, redis = ?node.addrs.redacted(), "cluster: joining");
+    tracing::info!(node = %node.me, redis = node.addrs.redacted().join(", ").as_str(), "cluster: joining");
     let sub = tokio::task::spawn_local(node.clone().subscriber(stop.clone()));
     let beat = tokio::task::spawn_local(node.clone().heartbeat(stop.clone()));
     let held = tokio::task::spawn_local(node.clone().release_held());
