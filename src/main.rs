@@ -486,10 +486,15 @@ fn check(connections: u64, config: Option<PathBuf>) -> ExitCode {
     let workers = cfg.server.worker_count(std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
     let fixed = switchboard::limits::fixed_memory(&cfg, workers);
     let fixed_bytes: u64 = fixed.iter().map(|(_, b)| b).sum();
+    // What this process has open already (stdin, stdout, stderr and what
+    // its parent passed down) counts as it does at `serve`'s start: a
+    // server started the same way holds the same.
+    let besides =
+        switchboard::limits::descriptors_besides_clients(&cfg, workers) + switchboard::limits::open_descriptors();
     let mut items = switchboard::limits::audit(
         connections,
         workers,
-        switchboard::limits::descriptors_besides_clients(&cfg, workers),
+        besides,
         cfg.server.listen_backlog,
         fixed_bytes,
     );

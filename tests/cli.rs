@@ -442,6 +442,62 @@ fn port_in_use_names_the_switchboard_holding_it_and_suggests_other_ports() {
     assert!(stop(first).success());
 }
 
+/// `switchboard check` and `serve`, under one `RLIMIT_NOFILE`, agree on
+/// whether a `server.max_connections` fits. `serve` counts what its process
+/// has open at start (stdin, stdout, stderr, what the parent passed down);
+/// `check` left those out, so it passed a limit 3 or more files short, and
+/// the server then refused to start on it.
+#[test]
+fn check_and_serve_agree_on_the_open_files_a_limit_allows() {
+    let dir = std::env::temp_dir().join(format!("sb-cli-nofile-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let nofile = 2000u64;
+    // 2 workers, memory store, no admin API: 64 + 2 × 8 reserved.
+    for conns in [nofile - 80, nofile - 80 - 40] {
+        let cfg = dir.join(format!("c{conns}.toml"));
+        std::fs::write(
+            &cfg,
+            format!(
+                "[server]\nlisten = \"127.0.0.1:0\"\nworkers = 2\nmax_connections = {conns}\n\
+                 [websocket]\nlisten = \"\"\n[store]\nkind = \"memory\"\n"
+            ),
+        )
+        .unwrap();
+        let under_limit = |args: &str| {
+            let mut c = Command::new("sh");
+            c.arg("-c").arg(format!("ulimit -n {nofile} && exec \"$0\" {args} --config \"$1\"")).arg(SB).arg(&cfg);
+            c.env_remove("SWITCHBOARD_JWT_SECRET").stdin(Stdio::null());
+            c
+        };
+        let check = under_limit(&format!("check --connections {conns}")).output().unwrap();
+        let report = String::from_utf8_lossy(&check.stdout);
+        let line = report.lines().find(|l| l.contains("RLIMIT_NOFILE")).unwrap_or_else(|| panic!("{report}"));
+        let check_passes = line.starts_with("PASS");
+
+        let mut serve = under_limit("serve --log info").stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+        let log = read_all_later(serve.stderr.take().unwrap());
+        let t0 = Instant::now();
+        let exited = loop {
+            if let Some(status) = serve.try_wait().unwrap() {
+                break Some(status);
+            }
+            if t0.elapsed() > Duration::from_secs(3) {
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        if exited.is_none() {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(serve.id() as i32, libc::SIGTERM) };
+            serve.wait().unwrap();
+        }
+        let log = log.join().unwrap();
+        let serves = exited.is_none() && log.contains("accepting raw TCP");
+        assert_eq!(check_passes, serves, "max_connections = {conns}: check said {line:?}; serve's log:\n{log}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// `switchboard token` exit status and output for `args`.
 fn token(args: &[&str]) -> (Option<i32>, String, String) {
     let out = Command::new(SB).arg("token").args(args).env_remove("SWITCHBOARD_JWT_SECRET").output().unwrap();
