@@ -491,13 +491,7 @@ fn check(connections: u64, config: Option<PathBuf>) -> ExitCode {
     // server started the same way holds the same.
     let besides =
         switchboard::limits::descriptors_besides_clients(&cfg, workers) + switchboard::limits::open_descriptors();
-    let mut items = switchboard::limits::audit(
-        connections,
-        workers,
-        besides,
-        cfg.server.listen_backlog,
-        fixed_bytes,
-    );
+    let mut items = switchboard::limits::audit(connections, workers, besides, cfg.server.listen_backlog, fixed_bytes);
     items.extend(switchboard::limits::disk_item(&cfg));
     out!("switchboard check: {connections} connections, {workers} workers\n");
     out!("{:<6} {:<30} {:<40} need", "", "item", "have");

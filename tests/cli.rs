@@ -498,6 +498,34 @@ fn check_and_serve_agree_on_the_open_files_a_limit_allows() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// With `server.io_driver = "epoll"`, what needs io_uring is off: the log
+/// says so (README's `server.batch_sends` and docs/DEPLOY.md promise it),
+/// and the start line names the data path that runs, not the driver's
+/// Rust name. Before, both went without a word and the line said
+/// `driver=IoUring` whatever the poller.
+#[test]
+fn the_epoll_driver_says_what_it_turns_off_and_the_start_line_names_what_runs() {
+    let port = common::free_port();
+    let dir = std::env::temp_dir().join(format!("sb-cli-epoll-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("epoll.toml");
+    std::fs::write(&cfg, "[server]\nio_driver = \"epoll\"\npoller = \"io_uring\"\n[store]\nkind = \"memory\"\n")
+        .unwrap();
+    let cfg = cfg.to_str().unwrap();
+    let mut p = serve_with(port, "info", &["--config", cfg], &[], Stdio::null(), Stdio::piped());
+    let log = read_all_later(p.0.stderr.take().unwrap());
+    drop(dev_login(&mut p, port, "alice"));
+    assert!(stop(p).success());
+    let log = log.join().unwrap();
+    assert!(log.contains("server.poller = \"io_uring\" needs the io_uring driver"), "{log}");
+    assert!(log.contains("server.batch_sends needs the io_uring driver"), "{log}");
+    let start = log.lines().find(|l| l.contains("accepting raw TCP")).unwrap_or_else(|| panic!("{log}"));
+    for field in ["driver=\"epoll\"", "poller=\"epoll\"", "sends=\"one sendmsg each\""] {
+        assert!(start.contains(field), "{field} in {start}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// `switchboard token` exit status and output for `args`.
 fn token(args: &[&str]) -> (Option<i32>, String, String) {
     let out = Command::new(SB).arg("token").args(args).env_remove("SWITCHBOARD_JWT_SECRET").output().unwrap();

@@ -46,6 +46,27 @@ pub enum DriverKind {
     Epoll,
 }
 
+impl DriverKind {
+    /// As the config spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            DriverKind::IoUring => "io_uring",
+            DriverKind::Epoll => "epoll",
+        }
+    }
+}
+
+/// What a worker's client sockets run on, as it started: its poller may
+/// have fallen back to epoll, and its send ring may have been refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DataPath {
+    /// Multishot receives on io_uring (`server.poller = "io_uring"`), else
+    /// readiness from epoll and a `recv` per read.
+    pub uring_receives: bool,
+    /// Batched sends (`server.batch_sends`), else one `sendmsg` per write.
+    pub batched_sends: bool,
+}
+
 /// Tries to create an io_uring with the configured sizes.
 fn probe_io_uring(config: &Config) -> std::io::Result<()> {
     io_uring::IoUring::<io_uring::squeue::Entry, io_uring::cqueue::Entry>::builder()
@@ -58,6 +79,24 @@ fn probe_io_uring(config: &Config) -> std::io::Result<()> {
 /// kernel that refuses io_uring (old kernel, seccomp, `io_uring_disabled`)
 /// gets epoll and a warning saying why.
 pub fn choose_driver(config: &Config) -> Result<DriverKind, StartError> {
+    let driver = pick_driver(config)?;
+    // What needs io_uring goes with the epoll driver, said once here.
+    if driver == DriverKind::Epoll {
+        if config.server.poller == crate::config::PollerKind::IoUring {
+            tracing::warn!(
+                "server.poller = \"io_uring\" needs the io_uring driver; the epoll driver runs: client sockets use epoll"
+            );
+        }
+        if config.server.batch_sends {
+            tracing::warn!(
+                "server.batch_sends needs the io_uring driver; the epoll driver runs: one sendmsg per write"
+            );
+        }
+    }
+    Ok(driver)
+}
+
+fn pick_driver(config: &Config) -> Result<DriverKind, StartError> {
     match config.server.io_driver {
         IoDriver::Epoll => Ok(DriverKind::Epoll),
         IoDriver::IoUring => probe_io_uring(config).map(|_| DriverKind::IoUring).map_err(|e| StartError::Worker {
@@ -342,7 +381,7 @@ pub(crate) fn start(
         Some(service)
     };
 
-    let (ready_tx, ready_rx) = mpsc::channel::<(usize, Result<(), String>)>();
+    let (ready_tx, ready_rx) = mpsc::channel::<(usize, Result<DataPath, String>)>();
     let mut threads = Vec::with_capacity(workers);
     for (i, (listener, ws_listener)) in listeners.into_iter().zip(ws_listeners).enumerate() {
         let shared = shared.clone();
@@ -355,9 +394,10 @@ pub(crate) fn start(
     }
     drop(ready_tx);
     let sweeper = Sweeper::start(shared.clone())?;
+    let mut paths = Vec::with_capacity(workers);
     for _ in 0..workers {
         match ready_rx.recv() {
-            Ok((_, Ok(()))) => {}
+            Ok((_, Ok(path))) => paths.push(path),
             Ok((worker, Err(message))) => {
                 shared.request_shutdown();
                 return Err(StartError::Worker { worker, message });
@@ -371,10 +411,23 @@ pub(crate) fn start(
             }
         }
     }
+    // Every worker starts alike on one host; a difference is named.
+    let receives = match (paths.iter().all(|p| p.uring_receives), paths.iter().any(|p| p.uring_receives)) {
+        (true, _) => "io_uring",
+        (false, true) => "io_uring on some workers, epoll on others",
+        (false, false) => "epoll",
+    };
+    let sends = match (paths.iter().all(|p| p.batched_sends), paths.iter().any(|p| p.batched_sends)) {
+        (true, _) => "batched",
+        (false, true) => "batched on some workers",
+        (false, false) => "one sendmsg each",
+    };
     tracing::info!(
         addr = %bound,
         workers,
-        driver = ?driver,
+        driver = driver.name(),
+        poller = receives,
+        sends,
         max_connections = max_conns_per_worker * workers,
         "switchboard accepting raw TCP"
     );
@@ -442,7 +495,7 @@ fn worker_thread(
     ws_listener: Option<std::net::TcpListener>,
     driver: DriverKind,
     cpu: Option<usize>,
-    ready_tx: mpsc::Sender<(usize, Result<(), String>)>,
+    ready_tx: mpsc::Sender<(usize, Result<DataPath, String>)>,
 ) {
     if let Some(cpu) = cpu {
         if let Err(e) = sys::pin_to_cpu(cpu) {
@@ -451,7 +504,7 @@ fn worker_thread(
     }
     let id = WorkerId::from_index(i).expect("the worker count is at most MAX_WORKERS");
     let tx = ready_tx.clone();
-    let ready = move |r: Result<(), String>| {
+    let ready = move |r: Result<DataPath, String>| {
         let _ = tx.send((i, r));
     };
     // A panic anywhere in the worker (a bug: the application's hook and
@@ -485,8 +538,8 @@ fn run_worker(
     listener: std::net::TcpListener,
     ws_listener: Option<std::net::TcpListener>,
     driver: DriverKind,
-    ready: impl FnOnce(Result<(), String>),
-    ready_tx: &mpsc::Sender<(usize, Result<(), String>)>,
+    ready: impl FnOnce(Result<DataPath, String>),
+    ready_tx: &mpsc::Sender<(usize, Result<DataPath, String>)>,
 ) {
     let built = match driver {
         DriverKind::IoUring => {

@@ -354,7 +354,7 @@ pub(crate) async fn run(
     listener: std::net::TcpListener,
     ws_listener: Option<std::net::TcpListener>,
     driver: crate::runtime::DriverKind,
-    ready: impl FnOnce(Result<(), String>),
+    ready: impl FnOnce(Result<crate::runtime::DataPath, String>),
 ) {
     let listener = match TcpListener::from_std(listener) {
         Ok(l) => Rc::new(l),
@@ -397,6 +397,10 @@ pub(crate) async fn run(
             }
         }
     }
+    let path = crate::runtime::DataPath {
+        uring_receives: poller.buffers().is_some(),
+        batched_sends: shared.config.server.batch_sends && poller.batches_sends(),
+    };
     if let Some(b) = poller.buffers() {
         tracing::debug!(
             worker = id.0,
@@ -426,7 +430,7 @@ pub(crate) async fn run(
     }
     monoio::spawn(io_loop(w.clone(), poller_ready));
     monoio::spawn(tick_loop(w.clone()));
-    ready(Ok(()));
+    ready(Ok(path));
     mailbox_loop(w.clone()).await;
 
     // Graceful shutdown. Everything is released while the runtime still
