@@ -374,8 +374,8 @@ pub struct LimitsConfig {
     /// `max_frame_bytes`. 0: one second's worth, or `max_frame_bytes` if
     /// that is more.
     pub send_bytes_burst: u64,
-    /// ERROR 118s in a row after which the connection that keeps sending
-    /// is closed (4009). 0: never.
+    /// N: the Nth SEND in a row refused by the send budget closes the
+    /// connection (4009) instead of an ERROR 118. 0: never.
     pub send_max_refused: u32,
 }
 

@@ -552,8 +552,8 @@ fn a_flooding_sender_is_held_to_its_send_budget_and_nobody_else_is() {
 /// The budget is the user's, not the connection's: a client
 /// that logs in again gets no fresh budget (a review's client that logged
 /// in anew for every burst sent 1,512 messages in 5 s past a budget of
-/// one a second). One that goes on sending after `limits.send_max_refused`
-/// ERROR 118s in a row is closed with 4009.
+/// one a second). Its `limits.send_max_refused`th refusal in a row closes
+/// it with 4009 instead of an ERROR 118.
 #[test]
 fn logging_in_again_gives_no_fresh_budget_and_a_client_ignoring_118_is_closed() {
     let mut cfg = config();

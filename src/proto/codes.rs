@@ -47,8 +47,8 @@ pub enum CloseCode {
     /// Reliable delivery: a LOGIN of the same user and device on another
     /// connection of this server took over (the newest login wins).
     Replaced = 4008,
-    /// The connection went on sending after `limits.send_max_refused`
-    /// ERROR 118s in a row (over its user's send budget).
+    /// The connection's `limits.send_max_refused`th SEND in a row over its
+    /// user's send budget (the ones before got ERROR 118).
     RateLimited = 4009,
 }
 

@@ -594,7 +594,7 @@ impl Worker {
                 worker = self.id.0,
                 user = &*user,
                 "closed {closed} connection(s) that went on sending over their send budget \
-                 (limits.send_max_refused ERROR 118s in a row); the last was this user's"
+                 (the limits.send_max_refused-th refusal in a row); the last was this user's"
             );
         }
     }

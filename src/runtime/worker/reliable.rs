@@ -328,8 +328,8 @@ impl Worker {
         if let Some(answer) = answer {
             tracing::debug!(
                 worker = self.id.0,
-                user = %answer.user,
-                device = %answer.device,
+                user = &*answer.user,
+                device = &*answer.device,
                 "a device's login on another node is older than its connection here: telling that node"
             );
             self.shared.to_cluster(|| crate::cluster::Event::Replaced(Box::new(answer)));
