@@ -1345,14 +1345,14 @@ impl Config {
         }
         // Before any relation between them: a value past the bound was cut
         // to the wheel's reach without a word, or blamed on another check.
-        for (key, v) in [
+        let timeouts = [
             ("timeouts.login_timeout_ms", t.login_timeout_ms),
             ("timeouts.heartbeat_interval_ms", t.heartbeat_interval_ms),
             ("timeouts.idle_timeout_ms", t.idle_timeout_ms),
             ("timeouts.close_linger_ms", t.close_linger_ms),
             ("timeouts.message_timeout_ms", t.message_timeout_ms),
-            ("delivery.ack_timeout_ms", self.delivery.ack_timeout_ms),
-        ] {
+        ];
+        for (key, v) in timeouts.into_iter().chain([("delivery.ack_timeout_ms", self.delivery.ack_timeout_ms)]) {
             if v > MAX_TIMEOUT_MS {
                 return Err(invalid(
                     key,
@@ -1369,13 +1369,7 @@ impl Config {
                 ),
             ));
         }
-        for (key, v) in [
-            ("timeouts.login_timeout_ms", t.login_timeout_ms),
-            ("timeouts.heartbeat_interval_ms", t.heartbeat_interval_ms),
-            ("timeouts.idle_timeout_ms", t.idle_timeout_ms),
-            ("timeouts.close_linger_ms", t.close_linger_ms),
-            ("timeouts.message_timeout_ms", t.message_timeout_ms),
-        ] {
+        for (key, v) in timeouts {
             if v < t.tick_ms {
                 return Err(invalid(
                     key,

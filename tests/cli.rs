@@ -449,23 +449,22 @@ fn port_in_use_names_the_switchboard_holding_it_and_suggests_other_ports() {
 /// the server then refused to start on it.
 #[test]
 fn check_and_serve_agree_on_the_open_files_a_limit_allows() {
-    let dir = std::env::temp_dir().join(format!("sb-cli-nofile-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
     let nofile = 2000u64;
     // 2 workers, memory store, no admin API: 64 + 2 × 8 reserved.
     for conns in [nofile - 80, nofile - 80 - 40] {
-        let cfg = dir.join(format!("c{conns}.toml"));
-        std::fs::write(
-            &cfg,
-            format!(
+        let cfg = TempConfig::new(
+            &format!("nofile-{conns}"),
+            &format!(
                 "[server]\nlisten = \"127.0.0.1:0\"\nworkers = 2\nmax_connections = {conns}\n\
                  [websocket]\nlisten = \"\"\n[store]\nkind = \"memory\"\n"
             ),
-        )
-        .unwrap();
+        );
         let under_limit = |args: &str| {
             let mut c = Command::new("sh");
-            c.arg("-c").arg(format!("ulimit -n {nofile} && exec \"$0\" {args} --config \"$1\"")).arg(SB).arg(&cfg);
+            c.arg("-c")
+                .arg(format!("ulimit -n {nofile} && exec \"$0\" {args} --config \"$1\""))
+                .arg(SB)
+                .arg(cfg.path());
             c.env_remove("SWITCHBOARD_JWT_SECRET").stdin(Stdio::null());
             c
         };
@@ -495,7 +494,6 @@ fn check_and_serve_agree_on_the_open_files_a_limit_allows() {
         let serves = exited.is_none() && log.contains("accepting raw TCP");
         assert_eq!(check_passes, serves, "max_connections = {conns}: check said {line:?}; serve's log:\n{log}");
     }
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// With `server.io_driver = "epoll"`, what needs io_uring is off: the log
@@ -506,13 +504,11 @@ fn check_and_serve_agree_on_the_open_files_a_limit_allows() {
 #[test]
 fn the_epoll_driver_says_what_it_turns_off_and_the_start_line_names_what_runs() {
     let port = common::free_port();
-    let dir = std::env::temp_dir().join(format!("sb-cli-epoll-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let cfg = dir.join("epoll.toml");
-    std::fs::write(&cfg, "[server]\nio_driver = \"epoll\"\npoller = \"io_uring\"\n[store]\nkind = \"memory\"\n")
-        .unwrap();
-    let cfg = cfg.to_str().unwrap();
-    let mut p = serve_with(port, "info", &["--config", cfg], &[], Stdio::null(), Stdio::piped());
+    let cfg = TempConfig::new(
+        "epoll",
+        "[server]\nio_driver = \"epoll\"\npoller = \"io_uring\"\n[store]\nkind = \"memory\"\n",
+    );
+    let mut p = serve_with(port, "info", &["--config", cfg.path()], &[], Stdio::null(), Stdio::piped());
     let log = read_all_later(p.0.stderr.take().unwrap());
     drop(dev_login(&mut p, port, "alice"));
     assert!(stop(p).success());
@@ -523,7 +519,6 @@ fn the_epoll_driver_says_what_it_turns_off_and_the_start_line_names_what_runs() 
     for field in ["driver=\"epoll\"", "poller=\"epoll\"", "sends=\"one sendmsg each\""] {
         assert!(start.contains(field), "{field} in {start}");
     }
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// `switchboard token` exit status and output for `args`.
@@ -1122,27 +1117,26 @@ fn flags_override_the_file_before_it_is_checked() {
     assert!(stop(p).success());
     // The merged result is still checked: a public --listen over a
     // loopback file is refused (exit 2), naming the secret.
+    // `serve --config FILE ARGS…` refused as a bad configuration: its stderr.
+    let refused = |file: &TempConfig, args: &[&str]| {
+        let out = Command::new(SB)
+            .args(["serve", "--config", file.path(), "--ws-listen", ""])
+            .args(args)
+            .env_remove("SWITCHBOARD_JWT_SECRET")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        stderr
+    };
     let file = TempConfig::new("override-public", "[server]\nlisten = \"127.0.0.1:0\"\n");
-    let out = Command::new(SB)
-        .args(["serve", "--config", file.path(), "--listen", "0.0.0.0:0", "--ws-listen", "", "--store", "none"])
-        .env_remove("SWITCHBOARD_JWT_SECRET")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    let stderr = refused(&file, &["--listen", "0.0.0.0:0", "--store", "none"]);
     assert!(stderr.contains("auth.jwt_secret"), "{stderr}");
     // cluster.redis with the file's default disk store is refused; with
     // --store memory the refusal names the memory store (the one in force).
     let file = TempConfig::new("override-store", "[cluster]\nredis = \"redis://127.0.0.1:1\"\n");
-    let out = Command::new(SB)
-        .args(["serve", "--config", file.path(), "--listen", "127.0.0.1:0", "--ws-listen", "", "--store", "memory"])
-        .env_remove("SWITCHBOARD_JWT_SECRET")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    let stderr = refused(&file, &["--listen", "127.0.0.1:0", "--store", "memory"]);
     assert!(stderr.contains("\"memory\""), "the store in force is named: {stderr}");
     assert!(!stderr.contains("\"disk\""), "not the file's default: {stderr}");
 }
