@@ -1028,13 +1028,14 @@ impl RedisStore {
             self.durability = self.probe_durability(was);
             self.durability_at = Some(Instant::now());
             self.probed = true;
-            if let Some((at, e)) = &self.silent {
-                if at.elapsed() < self.retry_after() {
-                    return Err(e.clone());
-                }
+        }
+        match self.link.as_mut() {
+            Some(link) => Ok(link),
+            // The probe timed out and let the link go (`fell_silent`).
+            None => {
+                Err(self.silent.as_ref().map_or_else(|| unavailable("the connection was lost"), |(_, e)| e.clone()))
             }
         }
-        Ok(self.link.as_mut().expect("just set"))
     }
 
     /// Runs `ops`: one pipeline per master, all sent before any answer is
