@@ -351,13 +351,24 @@ pub fn fixed_memory(config: &Config, workers: usize) -> Vec<(&'static str, u64)>
     v
 }
 
+/// `bytes` in MiB, rounded up: half a MiB is not "0 MiB".
+pub fn mib_up(bytes: u64) -> u64 {
+    bytes.div_ceil(1 << 20)
+}
+
 /// Audits this host for `connections` connections served by `workers`
 /// workers beside `besides` other descriptors
 /// ([`descriptors_besides_clients`]), with a listen backlog of `backlog`,
-/// and `fixed` bytes of memory that do not depend on connections
+/// and `fixed`, the memory that does not depend on connections
 /// (`fixed_memory`): the live kernel values and this process's limits,
 /// each with the fix when it falls short.
-pub fn audit(connections: u64, workers: usize, besides: u64, backlog: u32, fixed: u64) -> Vec<CheckItem> {
+pub fn audit(
+    connections: u64,
+    workers: usize,
+    besides: u64,
+    backlog: u32,
+    fixed: &[(&'static str, u64)],
+) -> Vec<CheckItem> {
     let fds = connections.saturating_add(besides);
     let mut out = Vec::new();
     let (soft, hard) = nofile_limits();
@@ -463,8 +474,17 @@ pub fn audit(connections: u64, workers: usize, besides: u64, backlog: u32, fixed
         }
     }
     let (user, kernel) = memory_estimate(connections);
-    let total = user.saturating_add(kernel).saturating_add(fixed);
+    let fixed_sum = fixed.iter().fold(0u64, |a, (_, b)| a.saturating_add(*b));
+    let total = user.saturating_add(kernel).saturating_add(fixed_sum);
     let avail = mem_available_bytes();
+    // The fix names what takes the most: a setting that holds more than the
+    // connections do is the one to lower, not max_connections.
+    let fix = match fixed.iter().max_by_key(|(_, b)| *b).filter(|(_, b)| *b > user.saturating_add(kernel)) {
+        Some((what, b)) => {
+            format!("add memory, or lower what holds most of it: {what}, {} MiB whatever the connections", mib_up(*b))
+        }
+        None => "add memory or lower server.max_connections".into(),
+    };
     out.push(item(
         "memory for idle connections",
         avail.is_some_and(|a| a >= total),
@@ -472,12 +492,12 @@ pub fn audit(connections: u64, workers: usize, besides: u64, backlog: u32, fixed
         avail.map_or("n/a".into(), |a| format!("{} MiB available", a >> 20)),
         format!(
             ">= {} MiB ({} MiB ours + {} MiB kernel, idle, + {} MiB fixed by the config; busy sockets add their buffers, within net.ipv4.tcp_rmem/tcp_wmem and tcp_mem)",
-            total >> 20,
-            user >> 20,
-            kernel >> 20,
-            fixed >> 20
+            mib_up(total),
+            mib_up(user),
+            mib_up(kernel),
+            mib_up(fixed_sum)
         ),
-        "add memory or lower server.max_connections".into(),
+        fix,
     ));
     out
 }
@@ -620,7 +640,7 @@ mod audit_tests {
     /// around and passed the descriptor checks.
     #[test]
     fn a_count_too_large_for_any_host_fails_rather_than_wrapping() {
-        let items = audit(u64::MAX, 2, RESERVED_FDS, 128, 1 << 30);
+        let items = audit(u64::MAX, 2, RESERVED_FDS, 128, &[("test", 1 << 30)]);
         for name in ["RLIMIT_NOFILE (hard)", "fs.nr_open", "memory for idle connections"] {
             let i = items.iter().find(|i| i.name == name).unwrap();
             assert_eq!(i.status, Status::Fail, "{name}: {i:?}");
@@ -672,22 +692,25 @@ mod audit_tests {
     #[test]
     fn fixed_memory_beyond_the_host_fails_the_memory_check() {
         let Some(avail) = mem_available_bytes() else { return };
-        let memory = |fixed| {
+        let memory = |fixed: &[(&'static str, u64)]| {
             audit(100, 2, RESERVED_FDS, 128, fixed).into_iter().find(|i| i.name == "memory for idle connections")
         };
-        assert_eq!(memory(0).map(|i| i.status), Some(Status::Pass));
-        let over = memory(avail + (1 << 30)).expect("the memory item");
+        assert_eq!(memory(&[]).map(|i| i.status), Some(Status::Pass));
+        let over = memory(&[("memory store messages (store.max_bytes)", avail + (1 << 30))]).expect("the memory item");
         assert_eq!(over.status, Status::Fail);
         assert!(over.need.contains("fixed by the config"), "{}", over.need);
+        // The fix names the setting that holds it, not max_connections
+        // (which it named before, whatever took the memory).
+        assert!(over.fix.contains("store.max_bytes") && !over.fix.contains("max_connections"), "{}", over.fix);
     }
 
     #[test]
     fn a_small_load_passes_the_file_limit_and_a_huge_one_does_not() {
         let (_, hard) = nofile_limits();
-        let small = audit(100, 2, RESERVED_FDS, 128, 0);
+        let small = audit(100, 2, RESERVED_FDS, 128, &[]);
         assert_eq!(small[0].name, "RLIMIT_NOFILE (hard)");
         assert_eq!(small[0].status, Status::Pass);
-        let huge = audit(hard, 2, RESERVED_FDS, 128, 0);
+        let huge = audit(hard, 2, RESERVED_FDS, 128, &[]);
         assert_eq!(huge[0].status, Status::Fail, "{:?}", huge[0]);
         assert!(huge[0].fix.contains("LimitNOFILE"), "{}", huge[0].fix);
     }

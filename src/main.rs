@@ -485,13 +485,12 @@ fn check(connections: u64, config: Option<PathBuf>) -> ExitCode {
     };
     let workers = cfg.server.worker_count(std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
     let fixed = switchboard::limits::fixed_memory(&cfg, workers);
-    let fixed_bytes: u64 = fixed.iter().map(|(_, b)| b).sum();
     // What this process has open already (stdin, stdout, stderr and what
     // its parent passed down) counts as it does at `serve`'s start: a
     // server started the same way holds the same.
     let besides =
         switchboard::limits::descriptors_besides_clients(&cfg, workers) + switchboard::limits::open_descriptors();
-    let mut items = switchboard::limits::audit(connections, workers, besides, cfg.server.listen_backlog, fixed_bytes);
+    let mut items = switchboard::limits::audit(connections, workers, besides, cfg.server.listen_backlog, &fixed);
     items.extend(switchboard::limits::disk_item(&cfg));
     out!("switchboard check: {connections} connections, {workers} workers\n");
     out!("{:<6} {:<30} {:<40} need", "", "item", "have");
@@ -509,7 +508,7 @@ fn check(connections: u64, config: Option<PathBuf>) -> ExitCode {
         kernel >> 20
     );
     for (what, bytes) in &fixed {
-        out!("  + up to {} MiB whatever the connections: {what}", bytes >> 20);
+        out!("  + up to {} MiB whatever the connections: {what}", switchboard::limits::mib_up(*bytes));
     }
     // One line in a fixed form: tuning/apply.sh reads the figures from it.
     out!(

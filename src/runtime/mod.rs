@@ -235,9 +235,9 @@ pub(crate) fn start(
     }
     // The same audit `switchboard check` prints, for what start-up does not
     // refuse on: each shortfall is logged with its fix.
-    let fixed = crate::limits::fixed_memory(&config, workers).iter().map(|(_, b)| b).sum();
+    let fixed = crate::limits::fixed_memory(&config, workers);
     let audit =
-        crate::limits::audit(report.max_connections as u64, workers, besides, config.server.listen_backlog, fixed);
+        crate::limits::audit(report.max_connections as u64, workers, besides, config.server.listen_backlog, &fixed);
     // An application's own store takes no room under store.path.
     let disk = crate::limits::disk_item(&config).filter(|_| custom_store.is_none());
     for i in audit.into_iter().chain(disk) {
