@@ -641,8 +641,21 @@ impl ServerBuilder {
         let authenticator: Arc<dyn Authenticator> = Arc::new(crate::authlog::Logged::new(authenticator));
         let admin = config.admin.clone();
         let admin_listener: Option<(SocketAddr, std::net::TcpListener)> = if admin.listen.is_empty() {
+            // Keys without an address: the operator meant the API to be on.
+            if admin.token.is_some() || admin.read_token.is_some() || admin.bench_endpoints {
+                tracing::warn!(
+                    "admin.token, admin.read_token or admin.bench_endpoints is set, but admin.listen is not: \
+                     the admin API is off (set admin.listen, e.g. \"127.0.0.1:7701\", to serve it)"
+                );
+            }
             None
         } else {
+            if admin.bench_endpoints {
+                tracing::warn!(
+                    "admin.bench_endpoints is on: /bench/send_ceiling blocks the workers while it runs; \
+                     for the capacity scripts, never in production"
+                );
+            }
             let addr = admin.listen.parse().map_err(|_| ConfigError::Invalid {
                 key: "admin.listen",
                 message: "is not an IP:port address".into(),

@@ -496,6 +496,16 @@ fn check_and_serve_agree_on_the_open_files_a_limit_allows() {
     }
 }
 
+/// The log (at `level`) of `serve --config cfg` on `port` through one
+/// login, up to its exit on SIGTERM.
+fn log_of_a_login(port: u16, level: &str, cfg: &TempConfig) -> String {
+    let mut p = serve_with(port, level, &["--config", cfg.path()], &[], Stdio::null(), Stdio::piped());
+    let log = read_all_later(p.0.stderr.take().unwrap());
+    drop(dev_login(&mut p, port, "alice"));
+    assert!(stop(p).success());
+    log.join().unwrap()
+}
+
 /// With `server.io_driver = "epoll"`, what needs io_uring is off: the log
 /// says so (README's `server.batch_sends` and docs/DEPLOY.md promise it),
 /// and the start line names the data path that runs, not the driver's
@@ -508,17 +518,24 @@ fn the_epoll_driver_says_what_it_turns_off_and_the_start_line_names_what_runs() 
         "epoll",
         "[server]\nio_driver = \"epoll\"\npoller = \"io_uring\"\n[store]\nkind = \"memory\"\n",
     );
-    let mut p = serve_with(port, "info", &["--config", cfg.path()], &[], Stdio::null(), Stdio::piped());
-    let log = read_all_later(p.0.stderr.take().unwrap());
-    drop(dev_login(&mut p, port, "alice"));
-    assert!(stop(p).success());
-    let log = log.join().unwrap();
+    let log = log_of_a_login(port, "info", &cfg);
     assert!(log.contains("server.poller = \"io_uring\" needs the io_uring driver"), "{log}");
     assert!(log.contains("server.batch_sends needs the io_uring driver"), "{log}");
     let start = log.lines().find(|l| l.contains("accepting raw TCP")).unwrap_or_else(|| panic!("{log}"));
     for field in ["driver=\"epoll\"", "poller=\"epoll\"", "sends=\"one sendmsg each\""] {
         assert!(start.contains(field), "{field} in {start}");
     }
+}
+
+/// An admin key without `admin.listen` means the operator expected the
+/// API to be on; it is off, and the log says so (it said nothing).
+#[test]
+fn an_admin_key_without_an_admin_address_is_named_in_the_log() {
+    let port = common::free_port();
+    let cfg =
+        TempConfig::new("admin-off", "[admin]\ntoken = \"a-key-of-16-bytes-or-more\"\n[store]\nkind = \"memory\"\n");
+    let log = log_of_a_login(port, "warn", &cfg);
+    assert!(log.contains("but admin.listen is not: the admin API is off"), "{log}");
 }
 
 /// `switchboard token` exit status and output for `args`.
