@@ -1880,6 +1880,25 @@ mod store_section {
         assert!(!e.contains("partial_bytes_per_worker"), "{e}");
     }
 
+    /// The names `named` reads a key's values by are the ones serde writes
+    /// them as (the enums' `rename_all`): one list cannot drift from the
+    /// other.
+    #[test]
+    fn named_values_are_spelled_as_serde_spells_them() {
+        fn same<T: Named + serde::Serialize>() {
+            for (name, v) in T::NAMES.iter().zip(T::VALUES) {
+                assert_eq!(serde_json::to_value(v).unwrap(), serde_json::Value::String(name.to_string()));
+            }
+        }
+        same::<IoDriver>();
+        same::<PollerKind>();
+        same::<SlowConsumer>();
+        same::<SendDefault>();
+        same::<DemoPage>();
+        same::<StoreKind>();
+        same::<Durability>();
+    }
+
     /// A value of the wrong type for a key of named values (`demo_page =
     /// true`) was answered with TOML's "wanted string or table"; the
     /// error lists the values the key takes, as for an unknown one.

@@ -846,7 +846,7 @@ impl RedisStore {
 
     fn maybe_refresh_totals(&mut self) {
         // Not while calls fail at once: the warning would repeat at every call.
-        if self.silent.as_ref().is_some_and(|(at, _)| at.elapsed() < self.retry_after()) {
+        if self.still_silent().is_some() {
             return;
         }
         if self.totals.refreshed_at.is_none_or(|t| t.elapsed() >= TOTALS_REFRESH_INTERVAL) {
@@ -975,6 +975,12 @@ impl RedisStore {
         self.timeout.min(Duration::from_secs(1))
     }
 
+    /// The error calls fail with at once, while the pause after a silent
+    /// Redis lasts.
+    fn still_silent(&self) -> Option<&StoreError> {
+        self.silent.as_ref().filter(|(at, _)| at.elapsed() < self.retry_after()).map(|(_, e)| e)
+    }
+
     /// Calls fail at once for [`Self::retry_after`] from now, with `e`.
     fn fell_silent(&mut self, e: &StoreError) {
         let StoreError::Unavailable(why) = e else { return };
@@ -985,12 +991,10 @@ impl RedisStore {
 
     /// The open link, connecting first if there is none.
     fn link(&mut self) -> Result<&mut Link, StoreError> {
-        if let Some((at, e)) = &self.silent {
-            if at.elapsed() < self.retry_after() {
-                return Err(e.clone());
-            }
-            self.silent = None;
+        if let Some(e) = self.still_silent() {
+            return Err(e.clone());
         }
+        self.silent = None;
         if self.used_at.elapsed() >= IDLE_CHECK_AFTER {
             if let Some(link) = &mut self.link {
                 if let Some((why, timed_out)) = link.check() {
