@@ -112,8 +112,9 @@ pub struct ReliablePush {
     pub client_id: u64,
     /// The message expires this long after it is stored: from then on it
     /// is not delivered to a device that did not have it yet (one
-    /// connected when it is stored gets it at once). Rounded to whole
-    /// milliseconds (at least 1). `None`: only `store.ttl_ms` applies.
+    /// connected when it is stored gets it at once). Cut to whole
+    /// milliseconds (at least 1); one longer than `u64::MAX` milliseconds
+    /// is that long. `None`: only `store.ttl_ms` applies.
     pub ttl: Option<std::time::Duration>,
 }
 

@@ -111,7 +111,9 @@ impl Handle {
         if payload.len() > max {
             return Err(PushError::PayloadTooLarge { len: payload.len(), max });
         }
-        let ttl_ms = opts.ttl.map_or(0, |t| (t.as_millis() as u64).max(1));
+        // Saturating: a Duration past u64::MAX ms is the longest expiry,
+        // not what a cast leaves of it.
+        let ttl_ms = opts.ttl.map_or(0, |t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX).max(1));
         let ts_ms = crate::store::unix_ms();
         let msg = crate::store::NewMessage {
             to: Arc::from(user),

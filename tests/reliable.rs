@@ -1083,6 +1083,25 @@ fn messages_that_expire_undelivered_are_counted() {
     assert_eq!(count(&counters.expired_unacknowledged), 2, "the two that expired; not the two acknowledged");
 }
 
+/// A `ReliablePush::ttl` longer than a u64 of milliseconds holds (about
+/// 584 million years) is the longest expiry, not what is left of it past
+/// 2^64: a cast that wrapped made this one expire 384 ms after it was
+/// stored.
+#[test]
+fn an_expiry_too_long_for_milliseconds_is_the_longest_one() {
+    let server = common::start(config());
+    let handle = server.handle();
+    // 18_446_744_073_709_552 s is 2^64 + 384 ms.
+    let ttl = Some(Duration::from_secs(18_446_744_073_709_552));
+    let far = switchboard::ReliablePush { client_id: 0, ttl };
+    assert_eq!(handle.push_reliable_with("ivy", "for ever", far).unwrap().wait().unwrap().seq, 1);
+    std::thread::sleep(Duration::from_millis(600));
+    let mut phone = device_login(server.local_addr(), "ivy", "phone", 0);
+    let got = inbox_frames(&mut phone, 1, Duration::from_secs(5));
+    let sync = Got::Sync { req_id: 0, position: 0, head_seq: 1, page_end: 1 };
+    assert_eq!(got, [sync, Got::Inbox(1, "for ever".into())], "not expired 600 ms after it was stored");
+}
+
 #[test]
 fn messages_past_their_own_expiry_are_not_delivered_to_a_device_back_later() {
     let mut cfg = config();
