@@ -4,7 +4,7 @@
 //! server and on a cluster) and against one an embedding application
 //! writes for [`crate::server::ServerBuilder::custom_store`].
 //!
-//! ```no_run
+//! ```
 //! use switchboard::store::conformance::{self, Subject};
 //! use switchboard::store::{MemoryStore, Store, StoreLimits};
 //!
@@ -16,6 +16,9 @@
 //!     }
 //!     fn restart(&mut self) -> bool {
 //!         false // keeps nothing across a restart; a durable store reopens here
+//!     }
+//!     fn forgets_empty_inboxes(&self) -> bool {
+//!         true // the memory store forgets an inbox left empty; a durable store leaves this out
 //!     }
 //! }
 //!
@@ -30,7 +33,10 @@
 //! message at the acknowledgement that completes it or at the next
 //! retention pass ([`Subject::drops_at_acknowledgement`]), keeping
 //! nothing across a restart ([`Subject::restart`] returns `false`; the
-//! checks of what a restart keeps are then skipped).
+//! checks of what a restart keeps are then skipped) and, only then,
+//! forgetting an inbox left with no message and no device
+//! ([`Subject::forgets_empty_inboxes`], as the memory store of the example
+//! does; without it, the example fails two checks).
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
