@@ -165,7 +165,11 @@ pub fn admin_advice(addr: SocketAddr, holder: Option<&Holder>) -> String {
 /// or WebSocket address of `what`), with `holder` as [`find`] saw it.
 /// `raw` and `ws` are the two addresses configured, for the suggestion.
 pub fn advice(addr: SocketAddr, holder: Option<&Holder>, raw: SocketAddr, ws: Option<SocketAddr>) -> String {
-    let other = |a: SocketAddr| SocketAddr::new(a.ip(), a.port().wrapping_add(100).max(1024));
+    // Port 0 (any free port) is never the one in use: kept as it is.
+    let other = |a: SocketAddr| match a.port() {
+        0 => a,
+        port => SocketAddr::new(a.ip(), port.wrapping_add(100).max(1024)),
+    };
     let suggestion = match ws {
         Some(ws) => format!("--listen {} --ws-listen {}", other(raw), other(ws)),
         None => format!("--listen {} --ws-listen \"\"", other(raw)),
@@ -217,5 +221,15 @@ mod tests {
         assert!(a.contains("overlapping restarts"), "{a}");
         let a = advice(raw, None, raw, None);
         assert!(a.contains("ss -tanp 'sport = :7700'") && a.contains("--ws-listen \"\""), "{a}");
+    }
+
+    /// A WebSocket address on port 0 (any free port) cannot be what is in
+    /// use: the suggestion keeps it, rather than naming port 1024.
+    #[test]
+    fn advice_keeps_a_port_0_address_as_it_is() {
+        let raw: SocketAddr = "127.0.0.1:7700".parse().unwrap();
+        let ws: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let a = advice(raw, None, raw, Some(ws));
+        assert!(a.contains("--listen 127.0.0.1:7800 --ws-listen 127.0.0.1:0`"), "{a}");
     }
 }
