@@ -573,7 +573,9 @@ impl ServerBuilder {
     }
 
     /// Sets `store.kind`: `Disk` (the default), `Memory` (bounded, lost on
-    /// restart) or `None` (no reliable delivery: live relay only).
+    /// restart), `None` (no reliable delivery: live relay only) or `Redis`
+    /// (shared by the nodes of a cluster: it needs `cluster.redis`, set
+    /// through [`config`](ServerBuilder::config), or `start` refuses it).
     pub fn store(mut self, kind: crate::config::StoreKind) -> Self {
         self.custom_store = None;
         self.config.store.kind = kind;
