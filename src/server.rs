@@ -729,6 +729,13 @@ impl PendingPush {
     /// Waits until the store has the message (durable as
     /// `store.durability` promises) or refused it. Blocks: call it off the
     /// server's threads (not from the message hook).
+    ///
+    /// `InboxFull` and `StoreFull` stored nothing. `Unavailable` may come
+    /// after the message was appended, when the write or its sync failed
+    /// (as ERROR 115 says to a client, docs/PROTOCOL.md): it may then be
+    /// kept and delivered. A push retried after it should carry a
+    /// `client_id` ([`Handle::push_reliable`]), so that a message kept the
+    /// first time is not stored twice.
     pub fn wait(self) -> Result<Receipt, crate::store::StoreError> {
         self.rx.recv().unwrap_or_else(|_| Err(crate::store::StoreError::Unavailable("the store stopped".into())))
     }
