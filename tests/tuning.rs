@@ -657,6 +657,66 @@ fn a_key_that_cannot_be_applied_stops_with_its_name_and_changes_nothing() {
     assert_eq!(read_key(&proc, "fs.nr_open"), "1048576", "--only touched another key");
 }
 
+/// `--only` handles the keys it names, and the drop-in keeps what an earlier
+/// run wrote for the others: rewriting it with the named keys alone would
+/// undo, at the next boot, every other setting that run made.
+#[test]
+fn only_keeps_the_other_keys_of_the_drop_in() {
+    let t = TempDir::new("only");
+    let proc = t.path().join("proc-sys");
+    fake_proc(&proc, FAKE_SERVER);
+    let (sysctl_dir, limits_dir) = (t.sub("sysctl.d"), t.sub("limits.d"));
+    let p = proc.to_str().unwrap().to_string();
+    let run = |n: &str, only: Option<&str>| {
+        // --force: 2,000,000 busy connections would not fit in 16 GiB.
+        let mut v: Vec<&str> = vec!["--connections", n, "--ram-bytes", RAM_16G, "--proc-sys", &p, "--force"];
+        v.extend(["--sysctl-dir", &sysctl_dir, "--limits-dir", &limits_dir]);
+        if let Some(keys) = only {
+            v.extend(["--only", keys]);
+        }
+        apply(&v).ok()
+    };
+    let sysctl_file = format!("{sysctl_dir}/90-switchboard.conf");
+    let settings = || -> Vec<String> {
+        let text = fs::read_to_string(&sysctl_file).unwrap();
+        text.lines().filter(|l| !l.starts_with('#') && !l.is_empty()).map(String::from).collect()
+    };
+
+    run("1000000", None);
+    let full = settings();
+    assert_eq!(full.len(), 12, "{full:?}");
+
+    // Someone lowered one key by hand: --only puts it back, and the drop-in
+    // still holds every key the full run wrote.
+    fake_proc(&proc, &[("net.core.somaxconn", "4096")]);
+    let r = run("1000000", Some("net.core.somaxconn"));
+    assert_eq!(table(&r.stdout).len(), 1, "{}", r.stdout);
+    assert!(r.stdout.contains("set net.core.somaxconn = 16384"), "{}", r.stdout);
+    assert_eq!(read_key(&proc, "fs.nr_open"), "1179648");
+    assert_eq!(settings(), full, "the drop-in lost the keys --only did not name");
+    let text = fs::read_to_string(&sysctl_file).unwrap();
+    assert!(text.contains("# largest RLIMIT_NOFILE"), "a kept key lost its comment:\n{text}");
+    assert!(r.stdout.contains(&format!("unchanged: {sysctl_file}")), "{}", r.stdout);
+
+    // A key --only names takes its new value; the others keep theirs.
+    let r = run("2000000", Some("net.core.somaxconn"));
+    assert_eq!(read_key(&proc, "net.core.somaxconn"), "32768", "{}", r.stdout);
+    let expect: Vec<String> = full
+        .iter()
+        .map(|l| if l.starts_with("net.core.somaxconn ") { "net.core.somaxconn = 32768".into() } else { l.clone() })
+        .collect();
+    assert_eq!(settings(), expect);
+
+    // The same again: nothing to write.
+    let r = run("2000000", Some("net.core.somaxconn"));
+    assert!(r.stdout.contains(&format!("unchanged: {sysctl_file}")), "{}", r.stdout);
+    // And a full run afterwards plans every key again, in the usual order.
+    run("1000000", None);
+    let keys: Vec<String> = settings().iter().map(|l| l.split(" = ").next().unwrap().to_string()).collect();
+    let full_keys: Vec<String> = full.iter().map(|l| l.split(" = ").next().unwrap().to_string()).collect();
+    assert_eq!(keys, full_keys);
+}
+
 /// `key = value` lines of a sysctl file (a leading `-` kept).
 fn sysctl_settings(path: &str) -> Vec<(String, String)> {
     let text = fs::read_to_string(root().join(path)).unwrap();

@@ -27,7 +27,8 @@ Options:
   --sysctl-dir DIR      where the sysctl drop-in goes (default /etc/sysctl.d)
   --limits-dir DIR      where the limits drop-in goes (default /etc/security/limits.d)
   --user NAME           user of the limits drop-in (default: switchboard; loadgen: '*' and root)
-  --only KEY[,KEY...]   handle only these keys ("nofile" = the limits drop-in)
+  --only KEY[,KEY...]   handle only these keys ("nofile" = the limits drop-in); the
+                        sysctl drop-in keeps what an earlier run wrote for the others
   --proc-sys DIR        read (and write) current values under DIR instead of /proc/sys (tests)
   --force               go on although the under-load estimate exceeds RAM
   --switchboard BIN     the switchboard binary whose `switchboard check` states the
@@ -300,6 +301,10 @@ else
 fi
 row nofile raise 0 "$NOFILE" "RLIMIT_NOFILE soft and hard in $LIMITS_PATH: N + $NOFILE_MARGIN, rounded up"
 
+# Every row of the profile, before --only narrows the plan: the drop-in keeps
+# what an earlier run wrote for the keys --only leaves out.
+ALL_KEY=("${R_KEY[@]}") ALL_OPTIONAL=("${R_OPTIONAL[@]}") ALL_WHY=("${R_WHY[@]}")
+
 # --only: keep the named rows.
 if [[ -n $ONLY ]]; then
   IFS=',' read -r -a only_keys <<<"$ONLY"
@@ -463,14 +468,45 @@ else
 fi
 
 # The drop-ins' content.
+planned_index() { # key -> its index among the planned rows, or nothing
+  local i
+  for i in "${!R_KEY[@]}"; do
+    if [[ ${R_KEY[$i]} == "$1" ]]; then
+      echo "$i"
+      return
+    fi
+  done
+}
+earlier_setting() { # key -> its "key = value" line in the existing sysctl drop-in, if any
+  local line
+  [[ -r $SYSCTL_PATH ]] || return 0
+  while IFS= read -r line; do
+    if [[ $line == "$1 = "* || $line == "-$1 = "* ]]; then
+      echo "$line"
+      return
+    fi
+  done <"$SYSCTL_PATH"
+}
 sysctl_content() {
-  local i prefix
+  local a i prefix line
   echo "# Written by tuning/apply.sh --role $ROLE --connections $N (RAM $RAM bytes, page size $PAGE_SIZE)."
   echo "# Rerun apply.sh instead of editing; why each key and its memory cost: tuning/$([[ $ROLE == server ]] && echo switchboard || echo loadgen)-sysctl.conf"
-  for i in "${!R_KEY[@]}"; do
-    [[ ${R_KEY[$i]} == nofile || ${R_ACTION[$i]} == skip ]] && continue
+  for a in "${!ALL_KEY[@]}"; do
+    [[ ${ALL_KEY[$a]} == nofile ]] && continue
+    i=$(planned_index "${ALL_KEY[$a]}")
+    if [[ -z $i ]]; then
+      # Left out by --only: what an earlier run wrote stays.
+      line=$(earlier_setting "${ALL_KEY[$a]}")
+      if [[ -n $line ]]; then
+        echo
+        echo "# ${ALL_WHY[$a]}"
+        echo "$line"
+      fi
+      continue
+    fi
+    [[ ${R_ACTION[$i]} == skip ]] && continue
     prefix=""
-    [[ ${R_OPTIONAL[$i]} == 1 ]] && prefix="-" # absent at boot (module not loaded yet): no error
+    [[ ${ALL_OPTIONAL[$a]} == 1 ]] && prefix="-" # absent at boot (module not loaded yet): no error
     echo
     echo "# ${R_WHY[$i]}"
     echo "$prefix${R_KEY[$i]} = ${R_NEW[$i]}"
