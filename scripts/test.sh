@@ -6,7 +6,7 @@
 # tests/api_schema.rs;
 # nginx with its stream module and openssl, the TLS front of
 # tests/tls_front.rs; iproute2 and procps, the network namespace of
-# tests/deploy.rs), then runs clippy (zero warnings), the format and
+# tests/deploy.rs; nftables, tuning/*.nft loaded in tests/tuning.rs), then runs clippy (zero warnings), the format and
 # `cargo doc` checks, `cargo test
 # --workspace` (the server and the switchboard-bench crate; arguments are
 # passed on, e.g. a test filter) and, when no arguments were given, the
@@ -56,6 +56,7 @@ APT_PACKAGES=(
   "redis-server|command -v redis-server && command -v redis-cli"
   "iproute2|command -v ip"
   "procps|command -v sysctl"
+  "nftables|command -v nft"
   "prometheus|command -v promtool"
 )
 

@@ -2,12 +2,14 @@
 //! RAM, its memory estimate (from the figures `switchboard check` states)
 //! and refusal, idempotent drop-ins, failures that name the key, and that
 //! the example files in `tuning/` hold exactly what it computes for 1M
-//! connections on 16 GiB.
+//! connections on 16 GiB. And the nftables files (`per-source-limit.nft`,
+//! `notrack.nft`), loaded where they act.
 //!
 //! Nothing here changes this machine's settings: dry runs read the real
 //! `/proc/sys`; applying runs against a fake `--proc-sys` tree, or (as root,
 //! where `unshare` works) against the real kernel inside a new network
-//! namespace, for namespaced `net.*` keys only. Drop-ins go to temporary
+//! namespace, for namespaced `net.*` keys only; the nftables rules are
+//! loaded only inside such a namespace. Drop-ins go to temporary
 //! directories.
 
 use std::collections::HashMap;
@@ -921,4 +923,147 @@ bash "$APPLY" --connections 1000000 --ram-bytes {RAM_16G} --sysctl-dir {s} --lim
     );
     assert!(r.stderr.contains("nothing was changed"), "{}", r.all());
     assert!(!t.path().join("limits.d/switchboard.conf").exists(), "wrote a drop-in after refusing");
+}
+
+// --- The nftables files, loaded inside a new network namespace (root) ------
+
+/// Python: listens on 0.0.0.0 at each port given (never accepting: the
+/// kernel completes handshakes into the backlog), then for each
+/// `SRC:DST:PORT:N` opens N connections from SRC and prints how many are
+/// still open half a second later (a reset one reads as closed).
+const NFT_PROBE: &str = r#"
+import socket, sys, time
+listen, jobs = sys.argv[1].split(','), sys.argv[2:]
+ls = []
+for p in listen:
+    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(('0.0.0.0', int(p))); s.listen(4096); ls.append(s)
+held = []
+for job in jobs:
+    src, dst, port, n = job.split(':')
+    socks = []
+    for _ in range(int(n)):
+        c = socket.socket(); c.settimeout(2); c.bind((src, 0))
+        try:
+            c.connect((dst, int(port))); socks.append(c)
+        except OSError:
+            c.close()
+    time.sleep(0.5)
+    alive = 0
+    for c in socks:
+        c.setblocking(False)
+        try:
+            alive += c.recv(1) != b''
+        except BlockingIOError:
+            alive += 1
+        except OSError:
+            pass
+    print(f'{job} open {alive}', flush=True)
+    held += socks
+"#;
+
+fn nft_available() -> bool {
+    let ok = Command::new("nft").arg("--version").output().is_ok_and(|o| o.status.success());
+    if !ok {
+        eprintln!("skipped: nft is not installed (scripts/test.sh installs nftables)");
+    }
+    ok
+}
+
+/// tuning/per-source-limit.nft: 256 connections from one address to the
+/// client ports, the next refused, another address unaffected; and this
+/// host's own addresses never counted, since the TLS front of
+/// tuning/nginx-tls.conf connects from 127.0.1.1..25 for all its clients
+/// (counted, it would hold 25 x 256 of them at most), while its clients
+/// are counted on its ports, 443 and 7443.
+#[test]
+fn per_source_limit_counts_clients_not_the_local_tls_front() {
+    if !nft_available() {
+        return;
+    }
+    let t = TempDir::new("nft-limit");
+    let probe = t.path().join("probe.py");
+    fs::write(&probe, NFT_PROBE).unwrap();
+    let script = format!(
+        r#"ip link set lo up
+ip addr add 192.0.2.1/32 dev lo
+ip addr add 192.0.2.10/32 dev lo
+ip addr add 192.0.2.11/32 dev lo
+nft -c -f tuning/per-source-limit.nft
+nft -f tuning/per-source-limit.nft
+python3 {probe} 7700,7710,7701,7443 \
+  192.0.2.10:192.0.2.1:7700:200 192.0.2.10:192.0.2.1:7710:100 192.0.2.11:192.0.2.1:7700:10 \
+  192.0.2.10:192.0.2.1:7701:40 127.0.1.5:127.0.0.1:7700:300 127.0.0.1:127.0.0.1:7701:40 \
+  192.0.2.11:192.0.2.1:7443:300
+"#,
+        probe = probe.display()
+    );
+    let Some(r) = in_new_netns(&script, false) else { return };
+    let r = r.ok();
+    for want in [
+        // One address: 256 to the client ports together, the rest reset.
+        "192.0.2.10:192.0.2.1:7700:200 open 200",
+        "192.0.2.10:192.0.2.1:7710:100 open 56",
+        // Another address is not held back by the first.
+        "192.0.2.11:192.0.2.1:7700:10 open 10",
+        "192.0.2.10:192.0.2.1:7701:40 open 32",
+        // The host's own addresses (the TLS front's 127.0.1.x) are not limited.
+        "127.0.1.5:127.0.0.1:7700:300 open 300",
+        "127.0.0.1:127.0.0.1:7701:40 open 40",
+        // The front's clients are, on its port: 10 already held above.
+        "192.0.2.11:192.0.2.1:7443:300 open 246",
+    ] {
+        assert!(r.stdout.lines().any(|l| l == want), "want {want:?}:\n{}", r.all());
+    }
+}
+
+/// tuning/notrack.nft: connections to 7700, 7701 and 7710 are never
+/// tracked (a probe rule that uses conntrack sees them as untracked),
+/// others still are.
+#[test]
+fn notrack_leaves_the_switchboard_ports_untracked() {
+    if !nft_available() {
+        return;
+    }
+    let t = TempDir::new("nft-notrack");
+    let probe = t.path().join("probe.py");
+    fs::write(&probe, NFT_PROBE).unwrap();
+    let script = format!(
+        r#"ip link set lo up
+nft -c -f tuning/notrack.nft
+nft -f tuning/notrack.nft
+nft -f - <<'NFT'
+table inet probe {{
+  chain input {{
+    type filter hook input priority filter; policy accept;
+    tcp dport {{ 7700, 7701, 7710 }} ct state untracked counter name untracked_sb
+    tcp dport {{ 7700, 7701, 7710 }} ct state new,established counter name tracked_sb
+    tcp dport 7443 ct state new,established counter name tracked_other
+  }}
+  counter untracked_sb {{ }}
+  counter tracked_sb {{ }}
+  counter tracked_other {{ }}
+}}
+NFT
+python3 {probe} 7700,7701,7710,7443 127.0.0.1:127.0.0.1:7700:5 127.0.0.1:127.0.0.1:7701:5 \
+  127.0.0.1:127.0.0.1:7710:5 127.0.0.1:127.0.0.1:7443:5
+for c in untracked_sb tracked_sb tracked_other; do
+  echo "$c $(nft list counter inet probe $c | grep -o 'packets [0-9]*')"
+done
+"#,
+        probe = probe.display()
+    );
+    let Some(r) = in_new_netns(&script, false) else { return };
+    let r = r.ok();
+    let packets = |name: &str| -> u64 {
+        let line = r
+            .stdout
+            .lines()
+            .find(|l| l.starts_with(&format!("{name} packets ")))
+            .unwrap_or_else(|| panic!("{}", r.all()));
+        line.rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    assert!(packets("untracked_sb") >= 15, "{}", r.all());
+    assert_eq!(packets("tracked_sb"), 0, "{}", r.all());
+    assert!(packets("tracked_other") >= 5, "{}", r.all());
 }
