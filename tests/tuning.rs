@@ -806,8 +806,23 @@ fn the_systemd_units_agree() {
     assert!(stop_s > 12, "TimeoutStopSec={stop}");
 
     let template = unit_settings("tuning/switchboard@.service");
-    let normalize = |l: &String| l.replace("%i.toml", "switchboard.toml").replace("%i.env", "switchboard.env");
-    let template: Vec<String> = template.iter().map(normalize).filter(|l| !l.starts_with("Description=")).collect();
+    // Both instances read the environment file of tuning/README.md's
+    // install steps (SWITCHBOARD_JWT_SECRET: blue and green must check
+    // tokens with the same secret), then one of their own.
+    assert!(
+        template.iter().any(|l| l == "EnvironmentFile=-/etc/switchboard/switchboard.env"),
+        "switchboard@.service does not read /etc/switchboard/switchboard.env"
+    );
+    let per_instance = "EnvironmentFile=-/etc/switchboard/%i.env";
+    let at = template.iter().position(|l| l == per_instance).expect(per_instance);
+    assert_eq!(
+        template[at - 1],
+        "EnvironmentFile=-/etc/switchboard/switchboard.env",
+        "the instance's own file comes last"
+    );
+    let normalize = |l: &String| l.replace("%i.toml", "switchboard.toml");
+    let template: Vec<String> =
+        template.iter().filter(|&l| l != per_instance && !l.starts_with("Description=")).map(normalize).collect();
     let unit: Vec<String> = unit.iter().filter(|&l| !l.starts_with("Description=")).cloned().collect();
     assert_eq!(template, unit, "switchboard@.service must differ from switchboard.service only in %i");
 }
