@@ -1082,3 +1082,50 @@ done
     assert_eq!(packets("tracked_sb"), 0, "{}", r.all());
     assert!(packets("tracked_other") >= 5, "{}", r.all());
 }
+
+/// With conntrack loaded, nf_conntrack_max goes into the drop-in, but
+/// systemd-sysctl applies it at boot only if the module is loaded by then
+/// (the "-" before the key skips it silently otherwise): apply.sh says how
+/// to make it so, for either profile.
+#[test]
+fn a_loaded_conntrack_comes_with_how_to_keep_its_limit_across_reboots() {
+    let t = TempDir::new("conntrack");
+    let proc = t.path().join("proc-sys");
+    let mut entries = FAKE_SERVER.to_vec();
+    entries.extend([
+        ("net.netfilter.nf_conntrack_max", "262144"),
+        ("net.ipv4.ip_local_port_range", "32768 60999"),
+        ("net.ipv4.tcp_tw_reuse", "2"),
+        ("net.ipv4.tcp_fin_timeout", "60"),
+    ]);
+    fake_proc(&proc, &entries);
+    for role in ["server", "loadgen"] {
+        let r = apply(&[
+            "--dry-run",
+            "--role",
+            role,
+            "--connections",
+            "1000000",
+            "--ram-bytes",
+            RAM_16G,
+            "--proc-sys",
+            proc.to_str().unwrap(),
+            "--limits-dir",
+            &t.sub("l"),
+        ])
+        .ok();
+        assert_eq!(table(&r.stdout)["net.netfilter.nf_conntrack_max"].action, "change", "{}", r.stdout);
+        assert!(
+            r.stdout.contains("/etc/modules-load.d/"),
+            "{role}: nothing about loading nf_conntrack at boot:\n{}",
+            r.stdout
+        );
+    }
+    // Not loaded: not a word about it.
+    let bare = t.path().join("bare");
+    fake_proc(&bare, FAKE_SERVER);
+    let r =
+        apply(&["--dry-run", "--connections", "1000", "--ram-bytes", RAM_16G, "--proc-sys", bare.to_str().unwrap()])
+            .ok();
+    assert!(!r.stdout.contains("modules-load.d"), "{}", r.stdout);
+}

@@ -466,6 +466,11 @@ else
   fi
   [[ -n $nofile_new ]] && echo "limits: every loader process needs RLIMIT_NOFILE above its connection count: ulimit -n $nofile_new (or log in again after the drop-in is written)"
 fi
+if [[ -n $(new_of net.netfilter.nf_conntrack_max) && $(read_current net.netfilter.nf_conntrack_max) != n/a ]]; then
+  # systemd-sysctl skips the "-" key while the module is absent: a firewall
+  # that loads it later in the boot would leave the kernel's default.
+  echo "conntrack at boot: net.netfilter.nf_conntrack_max applies at boot only if nf_conntrack is loaded by then; if a firewall loads it later: echo nf_conntrack > /etc/modules-load.d/nf_conntrack.conf"
+fi
 
 # The drop-ins' content.
 planned_index() { # key -> its index among the planned rows, or nothing
