@@ -155,8 +155,10 @@ what you sent, then closes. Exit status: 0 when you quit or the server
 closes with 1000 or 1001 (a drain: reconnect), 4 when the server refused
 a request you sent (ERROR), 3 when the server closes with any other code
 (e.g. 4004 slow consumer, 4007 ACK timeout, 1008 policy), 1 on a lost
-connection, no answer within the 5 s, or another error, 2 on bad
-arguments.";
+connection, no answer within the 5 s, a --state file that can no longer
+be written (what it could not keep is not acknowledged), or another
+error, 2 on bad arguments (a --state file that cannot be written among
+them).";
 
 /// How `serve` writes its log.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -681,17 +683,35 @@ struct Inbox {
     /// The server refused the last FETCH for now (ERROR 115 or 118):
     /// not sent again before this.
     fetch_retry_at: Option<std::time::Instant>,
+    /// A seq could not be saved: why. What was not saved is not
+    /// acknowledged (15.4), nothing after it is taken, and the client
+    /// stops (the next run, resuming from the file, gets it again).
+    save_failed: Option<String>,
 }
 
 impl Inbox {
     /// Saves `last_seq`: a new file renamed over the old, so a crash
     /// leaves one or the other.
-    fn save(&self) {
+    fn save(&self) -> Result<(), String> {
         let tmp = self.state.with_extension("seq.tmp");
-        let saved =
-            std::fs::write(&tmp, format!("{}\n", self.last_seq)).and_then(|_| std::fs::rename(&tmp, &self.state));
-        if let Err(e) = saved {
-            err!("switchboard: cannot save the last seq to {}: {e}", self.state.display());
+        std::fs::write(&tmp, format!("{}\n", self.last_seq))
+            .and_then(|_| std::fs::rename(&tmp, &self.state))
+            .map_err(|e| format!("cannot save the last seq to {}: {e}", self.state.display()))
+    }
+
+    /// Stores `seq` as the last seq, or, if the file cannot take it, keeps
+    /// the one saved before and stops taking messages: what is not saved
+    /// must not be acknowledged, by an ACK or a FETCH.
+    fn store(&mut self, seq: u64) -> bool {
+        let before = self.last_seq;
+        self.last_seq = seq;
+        match self.save() {
+            Ok(()) => true,
+            Err(e) => {
+                self.last_seq = before;
+                self.save_failed = Some(format!("{e}; #{seq} is not acknowledged and comes again at the next start"));
+                false
+            }
         }
     }
 
@@ -706,10 +726,16 @@ impl Inbox {
     /// What is due with no frame in: a FETCH refused earlier whose wait
     /// is over, else the batched ACK.
     fn due(&mut self) -> Option<Frame<'static>> {
+        if self.save_failed.is_some() {
+            return None;
+        }
         self.fetch_if_page_done().or_else(|| self.ack_if_due())
     }
 
     fn react(&mut self, f: &Frame<'_>) -> Option<Frame<'static>> {
+        if self.save_failed.is_some() {
+            return None;
+        }
         match *f {
             Frame::Sync { req_id, position, head_seq, page_end } => {
                 print_frame(f);
@@ -726,8 +752,9 @@ impl Inbox {
                         "(the server has this device at #{position}, before #{} stored here: another inbox, or this device was forgotten; going on from #{position})",
                         self.last_seq
                     );
-                    self.last_seq = position;
-                    self.save();
+                    if !self.store(position) {
+                        return None;
+                    }
                     (self.acked, self.unacked_since, self.ack_again) = (position, None, false);
                 }
                 (self.page_end, self.head_seq, self.fetching) = (page_end, head_seq, false);
@@ -754,8 +781,9 @@ impl Inbox {
             }
             Frame::Inbox { seq, .. } => {
                 print_frame(f);
-                self.last_seq = seq;
-                self.save();
+                if !self.store(seq) {
+                    return None;
+                }
                 self.unacked_since.get_or_insert_with(std::time::Instant::now);
                 self.fetch_if_page_done()
             }
@@ -793,7 +821,7 @@ impl Inbox {
 
     /// The ACK of everything stored, unless there is nothing to acknowledge.
     fn ack_now(&mut self) -> Option<Frame<'static>> {
-        if self.last_seq == self.acked && !self.ack_again {
+        if self.save_failed.is_some() || (self.last_seq == self.acked && !self.ack_again) {
             return None;
         }
         self.mark_acked();
@@ -931,6 +959,10 @@ fn read_loop(
                 std::process::exit(1);
             }
         };
+        if let Some(e) = locked.as_ref().and_then(|i| i.save_failed.as_ref()) {
+            err!("switchboard: {e}");
+            std::process::exit(1);
+        }
         if let Some(reply) = reply {
             if let Err(e) = reply.to_bytes().map_err(ClientError::from).and_then(|b| Ok(write_frame(&out, &b)?)) {
                 failed(&pending, e);
@@ -981,19 +1013,23 @@ fn client(
                 None => default_state_path(&user, d),
             }
             .and_then(|p| read_state(&p).map(|seq| (p, seq)));
-            match loaded {
-                Ok((state, last_seq)) => Some(Inbox {
-                    state,
-                    last_seq,
-                    acked: last_seq,
-                    unacked_since: None,
-                    ack_again: false,
-                    page_end: 0,
-                    head_seq: 0,
-                    fetching: false,
-                    fetch_id: 0,
-                    fetch_retry_at: None,
-                }),
+            let inbox = loaded.map(|(state, last_seq)| Inbox {
+                state,
+                last_seq,
+                acked: last_seq,
+                unacked_since: None,
+                ack_again: false,
+                page_end: 0,
+                head_seq: 0,
+                fetching: false,
+                fetch_id: 0,
+                fetch_retry_at: None,
+                save_failed: None,
+            });
+            // A state file that cannot be written is said now, not after
+            // the first message arrived (and could not be kept).
+            match inbox.and_then(|i| i.save().map(|()| i)) {
+                Ok(i) => Some(i),
                 Err(e) => {
                     err!("switchboard: {e}");
                     return ExitCode::from(2);
@@ -1146,6 +1182,7 @@ mod tests {
             fetching: false,
             fetch_id: 0,
             fetch_retry_at: None,
+            save_failed: None,
         }
     }
 
@@ -1196,6 +1233,27 @@ mod tests {
         i.mark_acked();
         assert_eq!(i.take(&inbox_frame(2)), Some(Frame::Ack { seq: 2 }));
         let _ = std::fs::remove_file(&i.state);
+    }
+
+    /// A message whose seq could not be saved (the state file's directory
+    /// gone, the disk full) is not acknowledged (PROTOCOL.md 15.4), by the
+    /// batched ACK, the ACK at /quit or a FETCH: the next run, which
+    /// resumes from the file, must still get it. It was acknowledged, so
+    /// the server dropped it and the next run never saw it.
+    #[test]
+    fn a_message_whose_seq_could_not_be_saved_is_not_acknowledged() {
+        let mut i = inbox();
+        i.state = std::env::temp_dir().join(format!("sb-main-test-gone-{}", std::process::id())).join("s.seq");
+        i.take(&Frame::Sync { req_id: 0, position: 0, head_seq: 3, page_end: 1 });
+        assert_eq!(i.take(&inbox_frame(1)), None, "no FETCH of the next page past an unsaved seq");
+        i.unacked_since = Some(std::time::Instant::now() - ACK_AFTER);
+        assert_eq!(i.due(), None, "no batched ACK of it");
+        assert_eq!(i.ack_now(), None, "nor the ACK at /quit");
+        assert_eq!(i.take(&inbox_frame(2)), None, "nor one of a later message");
+        assert_eq!(i.ack_now(), None);
+        assert_eq!(i.last_seq, 0, "the seq saved last");
+        let why = i.save_failed.as_deref().expect("the client is told to stop");
+        assert!(why.contains("cannot save the last seq") && why.contains("#1 is not acknowledged"), "{why}");
     }
 
     /// A FETCH the server refuses for now (ERROR 118 over the send budget,

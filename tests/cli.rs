@@ -881,6 +881,62 @@ fn cli_client_with_a_device_acknowledges_and_resumes_across_runs() {
     assert!(stop(server).success());
 }
 
+/// `switchboard client --device` whose state file cannot take the last
+/// seq: it used to print the message, fail to save it, acknowledge it all
+/// the same and exit 0, so the server dropped it and the next run, which
+/// resumes from the file, never got it. A state file that cannot be
+/// written is now refused at start (exit 2, before connecting); one that
+/// fails later stops the client (exit 1) with the message unacknowledged,
+/// and the next run gets it.
+#[test]
+fn cli_client_with_a_device_acknowledges_nothing_it_could_not_save() {
+    let port = common::free_port();
+    let mut server = serve(port, "warn", Stdio::null(), Stdio::null());
+    let addr = format!("127.0.0.1:{port}");
+    let dir = std::env::temp_dir().join(format!("sb-cli-unsaved-{}-{port}", std::process::id()));
+    let state = dir.join("fay.seq");
+    let state_arg = ["--device", "cli-1", "--state", state.to_str().unwrap()];
+
+    // The directory does not exist: said at start.
+    let mut fay = CliClient::start_with("fay", &addr, &state_arg, &[]);
+    let status = fay.proc.wait_for(Duration::from_secs(5));
+    let said = fay.lines.try_iter().collect::<Vec<_>>().join("\n");
+    assert_eq!(status.and_then(|s| s.code()), Some(2), "{said}");
+    assert!(said.contains("cannot save the last seq") && !said.contains("logged in"), "{said}");
+
+    // It exists at start and is gone when #2 arrives.
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut alice = dev_login(&mut server, port, "alice");
+    send_stored(&mut alice, 1, "fay", "m1");
+    let mut fay = CliClient::start_with("fay", &addr, &state_arg, &[]);
+    fay.expect("logged in as fay");
+    fay.expect("(device cli-1: stored up to #0");
+    fay.expect("(inbox: stored up to 0, head 1, this page up to 1)");
+    assert!(fay.expect("[#1 ").ends_with("from alice] m1"));
+    std::thread::sleep(Duration::from_millis(300)); // its ACK goes
+    std::fs::remove_dir_all(&dir).unwrap();
+    send_stored(&mut alice, 2, "fay", "m2");
+    assert!(fay.expect("[#2 ").ends_with("from alice] m2"));
+    let why = fay.expect("switchboard: cannot save the last seq");
+    assert!(why.contains("#2 is not acknowledged"), "{why}");
+    let status = fay.proc.wait_for(Duration::from_secs(5));
+    assert_eq!(status.and_then(|s| s.code()), Some(1), "{}", fay.seen.join("\n"));
+
+    // The file as it was saved: the next run gets #2.
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(&state, "1\n").unwrap();
+    let mut fay = CliClient::start_with("fay", &addr, &state_arg, &[]);
+    fay.expect("logged in as fay");
+    fay.expect("(device cli-1: stored up to #1");
+    fay.expect("(inbox: stored up to 1, head 2, this page up to 2)");
+    assert!(fay.expect("[#2 ").ends_with("from alice] m2"));
+    fay.type_line("/quit");
+    assert!(fay.proc.wait_for(Duration::from_secs(5)).is_some_and(|s| s.success()));
+    assert_eq!(std::fs::read_to_string(&state).unwrap(), "2\n");
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(stop(server).success());
+}
+
 /// `switchboard client --device` against a server whose inbox is not the
 /// one it stored from (a memory store restarted, PROTOCOL.md 15.8): the
 /// seqs it kept name other messages, so it starts over from the position
