@@ -31,19 +31,38 @@ cleanup() {
   rm -rf "$data"
 }
 trap cleanup EXIT
-for _ in $(seq 1 50); do
-  ss -ltn "sport = :$ADMIN" | grep -q LISTEN && break
+# Both ports: the admin port listens before the client port does (it is
+# bound with the start-up checks, served once the workers run), so a
+# loader started once the admin port listened was refused.
+listening() { ss -ltn "sport = :$1" | grep -q LISTEN; }
+for _ in $(seq 1 100); do
+  listening "$PORT" && listening "$ADMIN" && break
   kill -0 "$server" 2>/dev/null || { cat "$TARGET/metrics-scrape-server.log" >&2; exit 1; }
   sleep 0.1
 done
+listening "$PORT" && listening "$ADMIN" || {
+  echo "metrics-scrape.sh: the server does not listen on $PORT and $ADMIN after 10 s" >&2
+  cat "$TARGET/metrics-scrape-server.log" >&2
+  exit 1
+}
 # Held long enough for the scrapes; the script ends it once they are done.
 "$TARGET/release/switchboard-bench" idle --addr "127.0.0.1:$PORT" --connections "$N" --warmup 0 \
   --hold-s 600 >"$TARGET/metrics-scrape-loader.log" 2>&1 &
 loader=$!
-python3 - "$ADMIN" "$N" "$SCRAPES" <<'PY'
+python3 - "$ADMIN" "$N" "$SCRAPES" "$loader" "$TARGET/metrics-scrape-loader.log" <<'PY'
 import http.client, json, statistics, sys, time
 
-admin, n, scrapes = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+admin, n, scrapes, loader, loader_log = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
+
+
+def loader_running():
+    """Whether the loader still runs (an exited one is a zombie until the
+    shell reaps it)."""
+    try:
+        with open(f"/proc/{loader}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 def get(path):
     c = http.client.HTTPConnection("127.0.0.1", admin, timeout=30)
@@ -58,6 +77,8 @@ while True:
     logged_in = json.loads(get("/stats")[1])["stats"]["logged_in"]
     if logged_in >= n:
         break
+    if not loader_running():
+        sys.exit(f"the loader exited with {logged_in} of {n} connections logged in:\n" + open(loader_log).read())
     if time.time() > deadline:
         sys.exit(f"only {logged_in} of {n} connections logged in after 300 s")
     time.sleep(0.5)
