@@ -36,7 +36,8 @@ PROFILE=debug
 case "${1:-}" in
   --release) PROFILE=release ;;
   "") ;;
-  *) echo "usage: scripts/autobahn.sh [--release]" >&2; exit 2 ;;
+  -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; exit 0 ;;
+  *) echo "usage: scripts/autobahn.sh [--release] (--help: what it does)" >&2; exit 2 ;;
 esac
 
 CACHE="${AUTOBAHN_CACHE:-$ROOT/target/autobahn}"

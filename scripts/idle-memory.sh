@@ -5,6 +5,17 @@
 # the server's RSS delta divided by N. Usage: scripts/idle-memory.sh [N] [RUNS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# --help, and arguments checked, before the release build (minutes on a
+# cold tree).
+usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; }
+case "${1:-}" in -h | --help) usage; exit 0 ;; esac
+if [ $# -gt 2 ]; then
+  echo "idle-memory.sh: too many arguments (usage: scripts/idle-memory.sh [N] [RUNS]; --help)" >&2
+  exit 2
+fi
+for arg in "$@"; do
+  [[ "$arg" =~ ^[1-9][0-9]*$ ]] || { echo "idle-memory.sh: $arg is not a positive number (usage: scripts/idle-memory.sh [N] [RUNS]; --help)" >&2; exit 2; }
+done
 N=${1:-16000}
 RUNS=${2:-1}
 PORT=${PORT:-7811}
@@ -24,11 +35,16 @@ for run in $(seq 1 "$RUNS"); do
   ./target/release/switchboard serve --log warn --listen "127.0.0.1:$PORT" --ws-listen "" --data-dir "$data/run" \
     >"target/idle-memory-server.log" 2>&1 &
   pid=$!
-  for _ in $(seq 1 50); do
+  for _ in $(seq 1 100); do
     ss -ltn "sport = :$PORT" | grep -q LISTEN && break
     kill -0 "$pid" 2>/dev/null || { cat target/idle-memory-server.log >&2; exit 1; }
     sleep 0.1
   done
+  ss -ltn "sport = :$PORT" | grep -q LISTEN || {
+    echo "idle-memory.sh: the server does not listen on $PORT after 10 s" >&2
+    cat target/idle-memory-server.log >&2
+    exit 1
+  }
   ./target/release/switchboard-bench idle --addr "127.0.0.1:$PORT" --connections "$N" --server-pid "$pid" \
     --json "target/idle-memory-$run.json" >/dev/null
   kill -TERM "$pid"

@@ -6,7 +6,10 @@
 # tests/api_schema.rs;
 # nginx with its stream module and openssl, the TLS front of
 # tests/tls_front.rs; iproute2 and procps, the network namespace of
-# tests/deploy.rs; nftables, tuning/*.nft loaded in tests/tuning.rs), then runs clippy (zero warnings), the format and
+# tests/deploy.rs; redis-server, the Redis store and cluster tests;
+# prometheus, for its promtool, the alert rules of tests/metrics.rs;
+# nftables, tuning/*.nft loaded in tests/tuning.rs), then runs clippy
+# (zero warnings), the format and
 # `cargo doc` checks, `cargo test
 # --workspace` (the server and the switchboard-bench crate; arguments are
 # passed on, e.g. a test filter) and, when no arguments were given, the
@@ -15,6 +18,11 @@
 # Idempotent: on a machine that has everything it installs nothing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# --help: this text, before anything is installed or built (any other
+# argument goes to `cargo test`).
+case "${1:-}" in
+  -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; exit 0 ;;
+esac
 
 # Free disk, told up front: a full run takes about 2 GB under target/ and a
 # few hundred MB under the temporary directory (tests' stores and Redis

@@ -1091,6 +1091,45 @@ fn capacity_sh_help_comes_before_any_build() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--fulll"));
 }
 
+/// The measurement scripts that take numbers, and the suite's own scripts,
+/// answer `--help` at once and refuse an argument that is not a number
+/// before (and without) a build: `--help` used to build the release
+/// binaries (minutes on a cold tree) and then fail inside the measurement
+/// (`ValueError: invalid literal for int() with base 10: '--help'`, or
+/// the load generator's `--connections` refused), and test.sh ran clippy
+/// first and then printed cargo's help. Here with no cargo on the PATH.
+#[test]
+fn measurement_scripts_help_comes_before_any_build() {
+    let run = |script: &str, arg: &str| {
+        Command::new("bash")
+            .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts").join(script))
+            .arg(arg)
+            .env("PATH", "/usr/bin:/bin")
+            .output()
+            .unwrap()
+    };
+    for (script, usage) in [
+        ("idle-memory.sh", "[N] [RUNS]"),
+        ("recovery-memory.sh", "[FILES] [MIB] [BYTES]"),
+        ("metrics-scrape.sh", "[N] [SCRAPES]"),
+        ("test.sh", "test filter"),
+        ("autobahn.sh", "[--release]"),
+    ] {
+        let t = Instant::now();
+        let out = run(script, "--help");
+        let help = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{script}: {help}{}", String::from_utf8_lossy(&out.stderr));
+        assert!(help.contains(usage), "{script}: {usage}:\n{help}");
+        assert!(t.elapsed() < Duration::from_secs(5), "{script}: {:?}", t.elapsed());
+    }
+    for script in ["idle-memory.sh", "recovery-memory.sh", "metrics-scrape.sh"] {
+        let out = run(script, "lots");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{script}: {stderr}");
+        assert!(stderr.contains("lots is not a positive number"), "{script}: {stderr}");
+    }
+}
+
 /// `switchboard client --device` on a server with a send budget, where
 /// each FETCH spends one message of it (PROTOCOL.md 15.7): a catch-up of
 /// more pages than the budget's burst gets ERROR 118 for some FETCHes and
