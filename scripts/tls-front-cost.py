@@ -29,7 +29,9 @@ is not counted). Usage:
   scripts/tls-front-cost.py [--connections N] [--broadcasts B] [--key ec|rsa] [--no-build]
 
 Needs nginx and libnginx-mod-stream (apt-get install --no-install-recommends
-nginx libnginx-mod-stream openssl) and the Python package websockets (11+).
+nginx libnginx-mod-stream openssl) and the Python package websockets (13+,
+for its websockets.asyncio client). The server keeps its store in a
+temporary directory of its own, removed at the end.
 Prints a summary and the figures as JSON on the last line.
 """
 
@@ -288,6 +290,13 @@ def main():
     a = ap.parse_args()
     if not os.path.exists(NGINX) or not os.path.exists("/usr/lib/nginx/modules/ngx_stream_module.so"):
         sys.exit("needs nginx and its stream module: apt-get install --no-install-recommends nginx libnginx-mod-stream")
+    # Said before the build and the raw-over-TLS run, not by the wss run
+    # minutes later.
+    try:
+        import websockets.asyncio.client  # noqa: F401
+    except ImportError:
+        sys.exit(f"needs the Python package websockets 13 or later for {sys.executable}: "
+                 f"{sys.executable} -m pip install 'websockets>=13'")
     if not a.no_build:
         subprocess.run(["cargo", "build", "--release", "--quiet", "-p", "switchboard", "--bin", "switchboard"],
                        cwd=ROOT, check=True)
@@ -299,14 +308,22 @@ def main():
                         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", key, "-out", cert],
                        check=True, capture_output=True)
         raw, ws, admin = (f"127.0.0.1:{free_port()}" for _ in range(3))
+        # A store of its own: the default, ./switchboard-data, would be
+        # left in the caller's directory, and is locked by a server started
+        # there by hand (this one then exits at start).
         open(f"{dir}/sb.toml", "w").write(
-            f'[server]\nlisten = "{raw}"\nworkers = 2\n[websocket]\nlisten = "{ws}"\n[admin]\nlisten = "{admin}"\n')
+            f'[server]\nlisten = "{raw}"\nworkers = 2\n[websocket]\nlisten = "{ws}"\n[admin]\nlisten = "{admin}"\n'
+            f'[store]\npath = "{dir}/store"\n')
+        sb_log = open(f"{dir}/switchboard.log", "w")
         sb = subprocess.Popen([SB, "serve", "--log", "warn", "--config", f"{dir}/sb.toml"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                              stdout=subprocess.DEVNULL, stderr=sb_log, start_new_session=True)
         try:
-            while not _connects(int(admin.rsplit(":", 1)[1])):
-                if sb.poll() is not None:
-                    sys.exit("switchboard did not start")
+            # Every port: the admin port takes connections before the
+            # client ports listen (it is bound with the start-up checks).
+            end = time.monotonic() + 30
+            while not all(_connects(int(a.rsplit(":", 1)[1])) for a in (raw, ws, admin)):
+                if sb.poll() is not None or time.monotonic() > end:
+                    sys.exit("switchboard did not start:\n" + open(f"{dir}/switchboard.log").read())
                 time.sleep(0.05)
             results = {"key": "ECDSA P-256" if a.key == "ec" else "RSA 2048"}
             # What nginx holds at start, idle, by worker_connections.
@@ -338,12 +355,13 @@ def main():
                     stop(p)
                 time.sleep(1)
         finally:
-            os.killpg(sb.pid, signal.SIGTERM)
-            try:
-                sb.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(sb.pid, signal.SIGKILL)
-                sb.wait()
+            if sb.poll() is None:
+                os.killpg(sb.pid, signal.SIGTERM)
+                try:
+                    sb.wait(10)
+                except subprocess.TimeoutExpired:
+                    os.killpg(sb.pid, signal.SIGKILL)
+                    sb.wait()
     print(json.dumps(results))
 
 
