@@ -1109,6 +1109,7 @@ fn measurement_scripts_help_comes_before_any_build() {
             .unwrap()
     };
     for (script, usage) in [
+        ("churn.sh", "--warmup"),
         ("idle-memory.sh", "[N] [RUNS]"),
         ("recovery-memory.sh", "[FILES] [MIB] [BYTES]"),
         ("metrics-scrape.sh", "[N] [SCRAPES]"),
