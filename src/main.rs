@@ -106,9 +106,11 @@ enum Cmd {
         #[arg(long)]
         user: String,
         /// The server's raw TCP address (server.listen), not its WebSocket
-        /// port (7710 by default, for browsers).
+        /// port (7710 by default, for browsers): HOST:PORT, HOST a name or
+        /// an IP address (IPv6 in brackets); each address a name has is
+        /// tried in turn.
         #[arg(long, default_value = "127.0.0.1:7700")]
-        addr: SocketAddr,
+        addr: String,
         /// Token to log in with; minted from --config's auth.jwt_secret, or
         /// the development secret, if absent.
         #[arg(long)]
@@ -890,6 +892,37 @@ fn write_frame(out: &Writer, bytes: &[u8]) -> std::io::Result<()> {
     out.lock().unwrap_or_else(|e| e.into_inner()).write_all(bytes)
 }
 
+/// Whether `addr` is HOST:PORT: a host (a name, an IPv4 address or an
+/// IPv6 one in brackets) and a port.
+fn is_host_port(addr: &str) -> bool {
+    if addr.parse::<SocketAddr>().is_ok() {
+        return true;
+    }
+    match addr.rsplit_once(':') {
+        Some((host, port)) => {
+            !host.is_empty() && !host.contains(':') && !host.contains('[') && port.parse::<u16>().is_ok()
+        }
+        None => false,
+    }
+}
+
+/// Connects to `addr` (HOST:PORT), trying each address the host name
+/// resolves to (localhost may be ::1 first where the server listens on
+/// 127.0.0.1 only), 5 s each at most.
+fn connect(addr: &str) -> Result<Client, String> {
+    use std::net::ToSocketAddrs;
+    let addrs: Vec<SocketAddr> = addr.to_socket_addrs().map_err(|e| format!("cannot resolve {addr}: {e}"))?.collect();
+    let mut last = format!("cannot resolve {addr}: no address");
+    for a in addrs {
+        match Client::connect_timeout(&a, Duration::from_secs(5)) {
+            Ok(c) => return Ok(c),
+            Err(e) if a.to_string() == addr => last = format!("cannot connect to {addr}: {e}"),
+            Err(e) => last = format!("cannot connect to {addr} ({a}): {e}"),
+        }
+    }
+    Err(last)
+}
+
 /// The reader thread, once the main thread sent CLOSE: the main thread
 /// exits, with the status it chose.
 fn leave_to_main() -> ! {
@@ -979,7 +1012,7 @@ fn read_loop(
 #[allow(clippy::too_many_arguments)]
 fn client(
     user: String,
-    addr: SocketAddr,
+    addr: String,
     token: Option<String>,
     config: Option<PathBuf>,
     device: Option<String>,
@@ -987,6 +1020,12 @@ fn client(
 ) -> ExitCode {
     // Bad arguments are said before connecting (exit 2), not found by the
     // encoder after.
+    if !is_host_port(&addr) {
+        err!(
+            "switchboard: --addr {addr:?}: expected HOST:PORT (a name or an IP address, IPv6 in brackets, and a port)"
+        );
+        return ExitCode::from(2);
+    }
     if let Some(d) = &device {
         let max = switchboard::proto::frame::MAX_DEVICE_ID_BYTES;
         if d.is_empty() || d.len() > max {
@@ -1037,10 +1076,10 @@ fn client(
             }
         }
     };
-    let mut c = match Client::connect_timeout(&addr, Duration::from_secs(5)) {
+    let mut c = match connect(&addr) {
         Ok(c) => c,
         Err(e) => {
-            err!("switchboard: cannot connect to {addr}: {e}");
+            err!("switchboard: {e}");
             return ExitCode::from(1);
         }
     };

@@ -1014,6 +1014,34 @@ fn cli_client_help_explains_its_options_and_commands() {
     }
 }
 
+/// `--addr` takes a host name, as a server's address usually is one:
+/// `--addr localhost:PORT` was refused as "invalid socket address syntax"
+/// (exit 2), only an IP address and port passed. Each address the name
+/// has is tried (localhost may be ::1 first, where this server does not
+/// listen); a name that does not resolve is exit 1, as a server that
+/// cannot be reached is, and an address without a port is a bad argument.
+#[test]
+fn cli_client_addr_takes_a_host_name() {
+    let port = common::free_port();
+    let server = serve(port, "warn", Stdio::null(), Stdio::null());
+    let (status, printed) = piped_client(&format!("localhost:{port}"), "gus", "@gus hi\n");
+    assert_eq!(status, Some(0), "{printed}");
+    assert!(printed.contains("logged in as gus") && printed.contains("(send #1: "), "{printed}");
+    for (addr, code, said) in [("localhost", 2, "HOST:PORT"), ("no-such-host.invalid:7700", 1, "no-such-host.invalid")]
+    {
+        let out = Command::new(SB)
+            .args(["client", "--user", "gus", "--addr", addr])
+            .env_remove("SWITCHBOARD_JWT_SECRET")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(code), "--addr {addr}: {stderr}");
+        assert!(stderr.contains(said), "--addr {addr}: {stderr}");
+    }
+    assert!(stop(server).success());
+}
+
 /// `switchboard client` pointed at the WebSocket port: the server answers
 /// in HTTP, and the client says which mistake that probably is, instead of
 /// "frame of 1213486164 bytes".
