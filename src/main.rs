@@ -838,10 +838,11 @@ impl Inbox {
 }
 
 /// The requests typed (by `req_id`) that the server has not answered
-/// yet, and how many it refused: what the end of input waits for.
+/// yet, how many it refused, and the /pings not answered yet: what the
+/// end of input waits for.
 #[derive(Default)]
 struct Pending {
-    state: std::sync::Mutex<(std::collections::BTreeSet<u32>, u32)>,
+    state: std::sync::Mutex<(std::collections::BTreeSet<u32>, u32, u32)>,
     answered: std::sync::Condvar,
     /// The main thread sent CLOSE and exits with the status it chose:
     /// the reader, seeing the connection end, leaves the exit to it.
@@ -853,8 +854,22 @@ impl Pending {
         self.state.lock().unwrap_or_else(|e| e.into_inner()).0.insert(req_id);
     }
 
-    /// An answer (SEND_ACK, SEND_RESULT, ROOM_ACK, or an ERROR) to a typed request.
+    /// A /ping went: its PONG (which carries no request id) is waited for.
+    fn pinged(&self) {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).2 += 1;
+    }
+
+    /// An answer (SEND_ACK, SEND_RESULT, ROOM_ACK, or an ERROR) to a typed
+    /// request, or a PONG.
     fn answer(&self, f: &Frame<'_>) {
+        if let Frame::Pong { .. } = f {
+            let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            if st.2 > 0 {
+                st.2 -= 1;
+                self.answered.notify_all();
+            }
+            return;
+        }
         let (req_id, refused) = match *f {
             Frame::SendAck { req_id, .. } | Frame::SendResult { req_id, .. } | Frame::RoomAck { req_id, .. } => {
                 (req_id, false)
@@ -872,9 +887,11 @@ impl Pending {
     /// Waits up to `limit` for every answer; returns (unanswered, refused).
     fn wait(&self, limit: Duration) -> (usize, u32) {
         let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let (st, _) =
-            self.answered.wait_timeout_while(st, limit, |st| !st.0.is_empty()).unwrap_or_else(|e| e.into_inner());
-        (st.0.len(), st.1)
+        let (st, _) = self
+            .answered
+            .wait_timeout_while(st, limit, |st| !st.0.is_empty() || st.2 > 0)
+            .unwrap_or_else(|e| e.into_inner());
+        (st.0.len() + st.2 as usize, st.1)
     }
 }
 
@@ -1128,6 +1145,8 @@ fn client(
             Ok(Some(b)) => {
                 if req_id != before {
                     pending.sent(req_id);
+                } else if line.split(' ').next() == Some("/ping") {
+                    pending.pinged();
                 }
                 if write_frame(&out, &b).is_err() {
                     break;

@@ -706,6 +706,11 @@ fn cli_client_at_the_end_of_its_input_waits_for_the_answers_and_reports_a_refusa
     let (code, out) = piped("/pub lobby hi\n");
     assert!(out.contains("(error "), "the refusal is printed:\n{out}");
     assert_eq!(code, Some(4), "a refused request: exit 4\n{out}");
+    // A /ping's answer is one too: the client closed without waiting for
+    // the PONG, and never printed it (10 runs of 10).
+    let (code, out) = piped("/ping\n/ping\n");
+    assert_eq!(code, Some(0), "{out}");
+    assert_eq!(out.matches("(pong)").count(), 2, "both PONGs are printed before the exit:\n{out}");
     assert!(stop(server).success());
 }
 
