@@ -153,7 +153,8 @@ with --device, messages stored for you print as `[#SEQ ID from USER] TEXT`,
 each once, in seq order.
 
 At /quit or the end of input it waits (5 s at most) for the answers to
-what you sent, then closes. Exit status: 0 when you quit or the server
+what you sent and, with --device, for what was waiting for you (the
+rest comes at the next start), then closes. Exit status: 0 when you quit or the server
 closes with 1000 or 1001 (a drain: reconnect), 4 when the server refused
 a request you sent (ERROR), 3 when the server closes with any other code
 (e.g. 4004 slow consumer, 4007 ACK timeout, 1008 policy), 1 on a lost
@@ -685,6 +686,8 @@ struct Inbox {
     /// The server refused the last FETCH for now (ERROR 115 or 118):
     /// not sent again before this.
     fetch_retry_at: Option<std::time::Instant>,
+    /// The login's SYNC has come.
+    synced: bool,
     /// A seq could not be saved: why. What was not saved is not
     /// acknowledged (15.4), nothing after it is taken, and the client
     /// stops (the next run, resuming from the file, gets it again).
@@ -741,6 +744,7 @@ impl Inbox {
         match *f {
             Frame::Sync { req_id, position, head_seq, page_end } => {
                 print_frame(f);
+                self.synced |= req_id == 0;
                 if req_id == 0 && position < self.last_seq {
                     // The login left the device below what it stored. A
                     // store takes a login's seq unless it is past the head
@@ -796,6 +800,12 @@ impl Inbox {
         }
     }
 
+    /// Whether everything the SYNCs said was waiting has arrived (the
+    /// connection is live, PROTOCOL.md 15.6).
+    fn caught_up(&self) -> bool {
+        self.synced && !self.fetching && self.last_seq >= self.head_seq
+    }
+
     /// Once the page a SYNC announced is in and more wait: FETCH the next
     /// (which acknowledges everything up to `after_seq`, 15.7).
     fn fetch_if_page_done(&mut self) -> Option<Frame<'static>> {
@@ -837,61 +847,86 @@ impl Inbox {
     }
 }
 
-/// The requests typed (by `req_id`) that the server has not answered
-/// yet, how many it refused, and the /pings not answered yet: what the
-/// end of input waits for.
+/// What the end of input waits for: the requests typed (by `req_id`)
+/// that the server has not answered yet, the /pings not answered yet,
+/// and, with a device, the inbox's catch-up; and how many requests the
+/// server refused.
 #[derive(Default)]
 struct Pending {
-    state: std::sync::Mutex<(std::collections::BTreeSet<u32>, u32, u32)>,
+    state: std::sync::Mutex<PendingState>,
     answered: std::sync::Condvar,
     /// The main thread sent CLOSE and exits with the status it chose:
     /// the reader, seeing the connection end, leaves the exit to it.
     quitting: std::sync::atomic::AtomicBool,
 }
 
+#[derive(Default)]
+struct PendingState {
+    req_ids: std::collections::BTreeSet<u32>,
+    refused: u32,
+    pings: u32,
+    /// With a device: the login's SYNC has not come yet, or what it (or
+    /// a later SYNC) said is waiting has not all arrived.
+    catching_up: bool,
+}
+
 impl Pending {
+    fn lock(&self) -> std::sync::MutexGuard<'_, PendingState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn sent(&self, req_id: u32) {
-        self.state.lock().unwrap_or_else(|e| e.into_inner()).0.insert(req_id);
+        self.lock().req_ids.insert(req_id);
     }
 
     /// A /ping went: its PONG (which carries no request id) is waited for.
     fn pinged(&self) {
-        self.state.lock().unwrap_or_else(|e| e.into_inner()).2 += 1;
+        self.lock().pings += 1;
+    }
+
+    /// Whether the inbox is still catching up (set at a device login,
+    /// cleared by the reader once it has everything the SYNCs named).
+    fn catching_up(&self, yes: bool) {
+        let mut st = self.lock();
+        if st.catching_up != yes {
+            st.catching_up = yes;
+            self.answered.notify_all();
+        }
     }
 
     /// An answer (SEND_ACK, SEND_RESULT, ROOM_ACK, or an ERROR) to a typed
     /// request, or a PONG.
     fn answer(&self, f: &Frame<'_>) {
-        if let Frame::Pong { .. } = f {
-            let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-            if st.2 > 0 {
-                st.2 -= 1;
-                self.answered.notify_all();
-            }
-            return;
-        }
         let (req_id, refused) = match *f {
+            Frame::Pong { .. } => {
+                let mut st = self.lock();
+                if st.pings > 0 {
+                    st.pings -= 1;
+                    self.answered.notify_all();
+                }
+                return;
+            }
             Frame::SendAck { req_id, .. } | Frame::SendResult { req_id, .. } | Frame::RoomAck { req_id, .. } => {
                 (req_id, false)
             }
             Frame::Error { req_id, .. } if req_id != 0 => (req_id, true),
             _ => return,
         };
-        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        if st.0.remove(&req_id) {
-            st.1 += u32::from(refused);
+        let mut st = self.lock();
+        if st.req_ids.remove(&req_id) {
+            st.refused += u32::from(refused);
             self.answered.notify_all();
         }
     }
 
-    /// Waits up to `limit` for every answer; returns (unanswered, refused).
-    fn wait(&self, limit: Duration) -> (usize, u32) {
-        let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+    /// Waits up to `limit` for every answer and the catch-up; returns
+    /// (unanswered, refused, still catching up).
+    fn wait(&self, limit: Duration) -> (usize, u32, bool) {
         let (st, _) = self
             .answered
-            .wait_timeout_while(st, limit, |st| !st.0.is_empty() || st.2 > 0)
+            .wait_timeout_while(self.lock(), limit, |st| !st.req_ids.is_empty() || st.pings > 0 || st.catching_up)
             .unwrap_or_else(|e| e.into_inner());
-        (st.0.len() + st.2 as usize, st.1)
+        (st.req_ids.len() + st.pings as usize, st.refused, st.catching_up)
     }
 }
 
@@ -1018,8 +1053,12 @@ fn read_loop(
                 failed(&pending, e);
             }
         }
+        let caught_up = locked.as_ref().map(|i| i.caught_up());
         drop(locked);
         // Once printed: the main thread may exit as soon as it is told.
+        if let Some(caught_up) = caught_up {
+            pending.catching_up(!caught_up);
+        }
         if let Ok(frame) = f.as_ref().map(|f| f.frame()) {
             pending.answer(&frame);
         }
@@ -1080,6 +1119,7 @@ fn client(
                 fetching: false,
                 fetch_id: 0,
                 fetch_retry_at: None,
+                synced: false,
                 save_failed: None,
             });
             // A state file that cannot be written is said now, not after
@@ -1130,6 +1170,8 @@ fn client(
     let inbox = inbox.map(|i| std::sync::Arc::new(std::sync::Mutex::new(i)));
     let reader_inbox = inbox.clone();
     let pending = std::sync::Arc::new(Pending::default());
+    // A device's login is answered by a SYNC and what it says is waiting.
+    pending.catching_up(inbox.is_some());
     let reader_pending = pending.clone();
     let reader_out = out.clone();
     std::thread::spawn(move || read_loop(c, reader_out, reader_inbox, reader_pending));
@@ -1156,19 +1198,27 @@ fn client(
             Err(e) => out!("({e})"),
         }
     }
-    if let Some(inbox) = inbox {
-        // Acknowledge what was printed since the last ACK before leaving
-        // (holding the lock, so the reader sends nothing in between).
-        let mut inbox = inbox.lock().unwrap_or_else(|e| e.into_inner());
+    // The answers to what was sent, and with a device what was waiting
+    // for it, printed by the reader, before the CLOSE: a client fed from
+    // a pipe (or from nothing) reaches the end of its input first.
+    let (unanswered, refused, catching_up) = pending.wait(ANSWER_WAIT);
+    // Acknowledge what was printed since the last ACK before leaving
+    // (holding the lock to the CLOSE, so the reader sends nothing in
+    // between).
+    let mut inbox = inbox.as_ref().map(|i| i.lock().unwrap_or_else(|e| e.into_inner()));
+    if let Some(inbox) = &mut inbox {
+        if catching_up && !inbox.synced {
+            out!("(no SYNC for this device within {} s: does the server store messages?)", ANSWER_WAIT.as_secs());
+        } else if catching_up {
+            out!("(more is waiting past #{}: it comes at the next start)", inbox.last_seq);
+        }
         if let Some(Ok(ack)) = inbox.ack_now().map(|f| f.to_bytes()) {
             let _ = write_frame(&out, &ack);
         }
     }
-    // The answers to what was sent, printed by the reader, before the
-    // CLOSE: a client fed from a pipe reaches the end of its input first.
-    let (unanswered, refused) = pending.wait(ANSWER_WAIT);
     pending.quitting.store(true, std::sync::atomic::Ordering::Release);
     let _ = write_frame(&out, &Frame::Close { code: 1000, reason: "bye" }.to_bytes().expect("static frame"));
+    drop(inbox);
     if unanswered > 0 {
         err!("switchboard: no answer to {unanswered} request(s) within {} s", ANSWER_WAIT.as_secs());
         return ExitCode::from(1);
@@ -1240,6 +1290,7 @@ mod tests {
             fetching: false,
             fetch_id: 0,
             fetch_retry_at: None,
+            synced: false,
             save_failed: None,
         }
     }

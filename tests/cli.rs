@@ -886,6 +886,48 @@ fn cli_client_with_a_device_acknowledges_and_resumes_across_runs() {
     assert!(stop(server).success());
 }
 
+/// `switchboard client --device` with nothing to read on its input (a
+/// script, cron: `< /dev/null`) used to close before the login's SYNC
+/// arrived, so what was stored for it never printed, however often it
+/// ran. The end of input now waits (within its 5 s) for the SYNC and for
+/// what it says is waiting, pages past the first included.
+#[test]
+fn cli_client_with_a_device_and_no_input_prints_what_was_waiting() {
+    let port = common::free_port();
+    let mut server = serve(port, "warn", Stdio::null(), Stdio::null());
+    let addr = format!("127.0.0.1:{port}");
+    let state = std::env::temp_dir().join(format!("sb-cli-noinput-{}-{port}.seq", std::process::id()));
+    let mut alice = dev_login(&mut server, port, "alice");
+    for i in 1..=25 {
+        send_stored(&mut alice, i, "ivan", &format!("m{i}"));
+    }
+    let run = || {
+        let out = Command::new(SB)
+            .args(["client", "--user", "ivan", "--addr", &addr, "--device", "cron", "--state"])
+            .arg(&state)
+            .env_remove("SWITCHBOARD_JWT_SECRET")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let (code, out) = run();
+    assert_eq!(code, Some(0), "{out}");
+    let seqs: Vec<&str> = out.lines().filter(|l| l.starts_with("[#")).collect();
+    assert_eq!(seqs.len(), 25, "the first page of 20 and the FETCHed rest, once each:\n{out}");
+    for (i, line) in (1..=25).zip(&seqs) {
+        assert!(line.starts_with(&format!("[#{i} ")) && line.ends_with(&format!("from alice] m{i}")), "{out}");
+    }
+    assert_eq!(std::fs::read_to_string(&state).unwrap(), "25\n");
+    // Acknowledged: the next run has nothing new.
+    let (code, out) = run();
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("(inbox: stored up to 25, head 25, this page up to 25)"), "{out}");
+    assert!(!out.contains("[#"), "{out}");
+    let _ = std::fs::remove_file(&state);
+    assert!(stop(server).success());
+}
+
 /// `switchboard client --device` whose state file cannot take the last
 /// seq: it used to print the message, fail to save it, acknowledge it all
 /// the same and exit 0, so the server dropped it and the next run, which
