@@ -91,7 +91,9 @@ enum Cmd {
         /// Lifetime in seconds.
         #[arg(long, default_value_t = 86_400)]
         ttl_s: u64,
-        /// Configuration file whose auth.jwt_secret to use.
+        /// Configuration file whose auth.jwt_secret to use (without it, or
+        /// without that key: $SWITCHBOARD_JWT_SECRET, else the development
+        /// secret).
         #[arg(long)]
         config: Option<PathBuf>,
         /// The secret itself (overrides --config).
@@ -111,8 +113,9 @@ enum Cmd {
         /// tried in turn.
         #[arg(long, default_value = "127.0.0.1:7700")]
         addr: String,
-        /// Token to log in with; minted from --config's auth.jwt_secret, or
-        /// the development secret, if absent.
+        /// Token to log in with; if absent, minted from --config's
+        /// auth.jwt_secret, else $SWITCHBOARD_JWT_SECRET, else the
+        /// development secret (as the server picks its secret).
         #[arg(long)]
         token: Option<String>,
         /// Configuration file whose auth.jwt_secret signs the token.
@@ -153,15 +156,15 @@ with --device, messages stored for you print as `[#SEQ ID from USER] TEXT`,
 each once, in seq order.
 
 At /quit or the end of input it waits (5 s at most) for the answers to
-what you sent and, with --device, for what was waiting for you (the
-rest comes at the next start), then closes. Exit status: 0 when you quit or the server
-closes with 1000 or 1001 (a drain: reconnect), 4 when the server refused
-a request you sent (ERROR), 3 when the server closes with any other code
-(e.g. 4004 slow consumer, 4007 ACK timeout, 1008 policy), 1 on a lost
-connection, no answer within the 5 s, a --state file that can no longer
-be written (what it could not keep is not acknowledged), or another
-error, 2 on bad arguments (a --state file that cannot be written among
-them).";
+what you sent and, with --device, for what was waiting for you (the rest
+comes at the next start), then closes. Exit status: 0 when you quit or
+the server closes with 1000 or 1001 (a drain: reconnect), 4 when the
+server refused a request you sent (ERROR), 3 when the server closes with
+any other code (e.g. 4004 slow consumer, 4007 ACK timeout, 1008 policy),
+1 on a refused login, a lost connection, no answer within the 5 s, a
+--state file that can no longer be written (what it could not keep is
+not acknowledged), or another error, 2 on bad arguments (a --state file
+that cannot be written among them).";
 
 /// How `serve` writes its log.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -1147,7 +1150,7 @@ fn client(
     match login {
         Ok(info) => {
             out!(
-                "logged in as {user} (conn {:#x}, server pings after {} s of silence); type `@USER TEXT`, /join ROOM, /leave ROOM, /pub ROOM TEXT, /ping, /quit",
+                "logged in as {user} (conn {:#x}, server pings after {} s of silence); type `@USER TEXT`, /expire MS @USER TEXT, /join ROOM, /leave ROOM, /pub ROOM TEXT, /ping, /quit",
                 info.conn_id,
                 info.heartbeat_interval_ms / 1000
             );
