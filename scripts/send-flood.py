@@ -29,11 +29,16 @@ import json
 import os
 import socket
 import struct
+import sys
 import threading
 import time
 
 DEV_SECRET = "switchboard-dev-secret-do-not-use-in-production"
-LOGIN_OK, PUSH, SEND_ACK, CLOSE, ERROR, SYNC, INBOX = 0x02, 0x06, 0x08, 0x0A, 0x0B, 0x16, 0x17
+LOGIN_OK, LOGIN_ERROR, PUSH, SEND_ACK, CLOSE, ERROR, SYNC, INBOX = 0x02, 0x03, 0x06, 0x08, 0x0A, 0x0B, 0x16, 0x17
+
+
+class LoginRefused(Exception):
+    pass
 
 
 def b64url(raw):
@@ -101,8 +106,11 @@ class Conn:
         top byte of LOGIN_OK's conn_id)."""
         self.write(login_frame(secret, user, device))
         reply = self.read(10)
+        if reply is not None and reply[0] == LOGIN_ERROR:
+            code, n = struct.unpack(">HB", reply[1][:3])
+            raise LoginRefused(f"login of {user} refused: {code} {reply[1][3:3 + n].decode(errors='replace')}")
         if reply is None or reply[0] != LOGIN_OK:
-            raise SystemExit(f"login of {user} failed: {reply}")
+            raise LoginRefused(f"login of {user} failed: {reply}")
         return struct.unpack(">Q", reply[1][:8])[0] >> 56
 
     def close(self):
@@ -157,7 +165,7 @@ def on(args, user, device, worker):
         if worker is None or got == worker:
             return c, got
         c.close()
-    raise SystemExit(f"200 logins of {user} never landed on server thread {worker}")
+    raise LoginRefused(f"200 logins of {user} never landed on server thread {worker}")
 
 
 def pair(args, stop, out, on_worker):
@@ -229,17 +237,38 @@ def main():
     p.add_argument("--same-worker", action="store_true", help="the pair on the flooder's first server thread")
     p.add_argument("--server-pid", type=int, help="report the server's RSS after the run")
     args = p.parse_args()
+    # A server that is not there, or refuses the secret, is said here and
+    # now (exit 1), not left to the threads, whose exceptions ended them
+    # quietly and left `{}` printed with exit status 0.
+    try:
+        probe = Conn(args.addr)
+        probe.login(args.secret, "flood-probe")
+        probe.close()
+    except (OSError, LoginRefused) as e:
+        sys.exit(f"send-flood.py: {args.addr}: {e}")
     stop, out, on_worker = threading.Event(), {}, threading.Event()
-    threads = [threading.Thread(target=f, args=(args, stop, out, on_worker)) for f in (flooder, pair)]
+    failures = []
+
+    def run(f):
+        try:
+            f(args, stop, out, on_worker)
+        except (OSError, LoginRefused) as e:
+            failures.append(f"{f.__name__}: {e}")
+            stop.set()
+            on_worker.set()
+
+    threads = [threading.Thread(target=run, args=(f,)) for f in (flooder, pair)]
     for t in threads:
         t.start()
-    time.sleep(args.seconds)
+    stop.wait(args.seconds)
     stop.set()
     for t in threads:
         t.join()
     if args.server_pid:
         out["server_rss_mb"] = round(rss_kb(args.server_pid) / 1024)
     print(json.dumps(out))
+    if failures:
+        sys.exit("send-flood.py: " + "; ".join(failures))
 
 
 if __name__ == "__main__":
