@@ -16,6 +16,10 @@ fi
 for arg in "$@"; do
   [[ "$arg" =~ ^[1-9][0-9]*$ ]] || { echo "idle-memory.sh: $arg is not a positive number (usage: scripts/idle-memory.sh [N] [RUNS]; --help)" >&2; exit 2; }
 done
+# What it runs besides the build: ss (the servers' ports), python3.
+for cmd in ss python3; do
+  command -v "$cmd" >/dev/null || { echo "idle-memory.sh: needs $cmd (Debian: apt-get install iproute2 python3)" >&2; exit 1; }
+done
 N=${1:-16000}
 RUNS=${2:-1}
 PORT=${PORT:-7811}

@@ -21,6 +21,10 @@ fi
 for arg in "$@"; do
   [[ "$arg" =~ ^[1-9][0-9]*$ ]] || { echo "metrics-scrape.sh: $arg is not a positive number (usage: scripts/metrics-scrape.sh [N] [SCRAPES]; --help)" >&2; exit 2; }
 done
+# What it runs besides the build: ss (the servers' ports), python3.
+for cmd in ss python3; do
+  command -v "$cmd" >/dev/null || { echo "metrics-scrape.sh: needs $cmd (Debian: apt-get install iproute2 python3)" >&2; exit 1; }
+done
 N=${1:-19000}
 SCRAPES=${2:-50}
 PORT=${PORT:-7821}

@@ -22,6 +22,10 @@ fi
 for arg in "$@"; do
   [[ "$arg" =~ ^[1-9][0-9]*$ ]] || { echo "recovery-memory.sh: $arg is not a positive number (usage: scripts/recovery-memory.sh [FILES] [MIB] [BYTES]; --help)" >&2; exit 2; }
 done
+# What it runs besides the build: ss (the servers' ports), python3.
+for cmd in ss python3; do
+  command -v "$cmd" >/dev/null || { echo "recovery-memory.sh: needs $cmd (Debian: apt-get install iproute2 python3)" >&2; exit 1; }
+done
 FILES=${1:-3}
 MIB=${2:-64}
 BYTES=${3:-1000}
