@@ -39,6 +39,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import signal
 import socket
 import ssl
@@ -290,6 +291,8 @@ def main():
     a = ap.parse_args()
     if not os.path.exists(NGINX) or not os.path.exists("/usr/lib/nginx/modules/ngx_stream_module.so"):
         sys.exit("needs nginx and its stream module: apt-get install --no-install-recommends nginx libnginx-mod-stream")
+    if shutil.which("openssl") is None:
+        sys.exit("needs openssl (the test certificate): apt-get install --no-install-recommends openssl")
     # Said before the build and the raw-over-TLS run, not by the wss run
     # minutes later.
     try:
