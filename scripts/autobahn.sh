@@ -149,6 +149,8 @@ install_suite() {
     return
   fi
   mkdir -p "$site"
+  command -v gcc >/dev/null || {
+    log "needs gcc to build wsaccel and the suite's C extensions (Debian: apt-get install gcc)"; exit 1; }
   log "installing pip, then autobahntestsuite $SUITE_VERSION and its pinned dependencies (PyPI)"
   # Debian's pip wheel, run from the wheel, installs the real pip 20.3.4
   # (its build backends must be files, not zip members).
