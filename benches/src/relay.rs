@@ -161,8 +161,37 @@ fn worker(listener: Socket, shared: Arc<Shared>) {
     }
 }
 
+/// Refuses `addr` if another socket holds its port. The relay's listeners
+/// are SO_REUSEPORT (one per worker), so binding them beside another
+/// process's SO_REUSEPORT listeners (a Switchboard server's, another
+/// relay's) would succeed and split the port's connections between the
+/// two: one bind without SO_REUSEPORT, as the server's own start does,
+/// fails instead. Port 0 always passes.
+fn check_port_free(addr: SocketAddr) -> std::io::Result<()> {
+    if addr.port() == 0 {
+        return Ok(());
+    }
+    let probe = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    probe.set_reuse_address(true)?;
+    match probe.bind(&addr.into()) {
+        Err(e) if e.raw_os_error() == Some(libc::EADDRINUSE) => {
+            let who = match switchboard::portholder::find(addr.port()) {
+                Some(h) => format!("pid {} listens on it ({})", h.pid, h.cmdline),
+                None => format!("another socket holds it (`ss -tanp 'sport = :{}'` shows which)", addr.port()),
+            };
+            Err(std::io::Error::new(
+                e.kind(),
+                format!("cannot listen on {addr}: address in use: {who}; give the relay another --listen (port 0: any free one)"),
+            ))
+        }
+        Err(e) => Err(std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}"))),
+        Ok(()) => Ok(()),
+    }
+}
+
 /// Runs the relay until killed. Prints `listening on ADDR` once bound.
 pub fn run(listen: SocketAddr, workers: usize) -> std::io::Result<()> {
+    check_port_free(listen)?;
     let _ = switchboard::limits::raise_nofile();
     let shared =
         Arc::new(Shared { fds: (0..MAX_USERS).map(|_| AtomicI32::new(-1)).collect(), msg_id: AtomicU64::new(1) });

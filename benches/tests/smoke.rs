@@ -197,3 +197,28 @@ fn device_loaders_receive_stored_messages_and_acknowledge_them() {
         assert_eq!(positions, vec![s.head_seq], "u{u}: device positions vs head");
     }
 }
+
+#[test]
+fn the_ceiling_relay_refuses_a_port_another_process_listens_on() {
+    // Switchboard's listeners are SO_REUSEPORT, as the relay's are: a relay
+    // binding beside them would join the port and split its connections
+    // with the server instead of failing.
+    let server = start(config());
+    let addr = server.local_addr().to_string();
+    let mut relay = Command::new(env!("CARGO_BIN_EXE_switchboard-bench"))
+        .args(["ceiling-relay", "--listen", &addr])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("the relay starts");
+    let exited = wait_until(Duration::from_secs(10), || relay.try_wait().expect("try_wait").is_some());
+    if !exited {
+        let _ = relay.kill();
+    }
+    let out = relay.wait_with_output().expect("the relay's output");
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(exited, "the relay joined {addr}, which the server holds: {stdout}{stderr}");
+    assert!(!out.status.success());
+    assert!(stderr.contains(&addr) && stderr.contains("address in use"), "{stderr}");
+    assert!(stderr.contains(&format!("pid {}", std::process::id())), "names the holder: {stderr}");
+}
