@@ -234,8 +234,9 @@ enum Cmd {
         out: PathBuf,
     },
     /// The backend API alone (the capacity report's API scenario): batches
-    /// of pushes through `/api/v1/batch` to N connections, single-push
-    /// latency under that load, and `/metrics` scrape time with N open.
+    /// of pushes through `/api/v1/batch` to N connections, and single-push
+    /// latency under that load. Prints JSON (the `/metrics` scrape time is
+    /// measured by the capacity report's idle hold, not here).
     Api {
         /// Connections logged in to receive (the server process must stay
         /// under 20,000 descriptors: at most 19,000).
