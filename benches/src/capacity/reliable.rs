@@ -41,7 +41,8 @@ use super::scenarios::{note, unicast_step, Delivery, Runner, ServerProc};
 use switchboard_bench::loadgen::Fleet;
 
 /// Rounds of refining after the unicast ladders (`unicast_ladders`): two
-/// take a step of 10,000 to 2,500.
+/// take a step of 10,000 to 2,000 or 3,000 (each midpoint is rounded down
+/// to whole thousands).
 const REFINE_ROUNDS: usize = 2;
 /// The pause after a step not kept up with, before the next step of any
 /// ladder: the time the half-rate step already gave a backlog to drain.

@@ -2739,6 +2739,29 @@ mod tests {
         assert_eq!(refined_rate(25_000, 26_000), None, "no thousand between");
     }
 
+    /// What the README says of the two refining rounds: a step of 10,000
+    /// ends 2,000 or 3,000 wide, whatever each round's outcome (the
+    /// midpoint is rounded down to whole thousands, so not 2,500).
+    #[test]
+    fn two_refining_rounds_narrow_a_10000_step_to_within_3000() {
+        let mut gaps = Vec::new();
+        for first in [true, false] {
+            for second in [true, false] {
+                let (mut kept, mut missed) = (40_000u64, 50_000u64);
+                for kept_up in [first, second] {
+                    let r = refined_rate(kept, missed).expect("a thousand between");
+                    if kept_up {
+                        kept = r;
+                    } else {
+                        missed = r;
+                    }
+                }
+                gaps.push(missed - kept);
+            }
+        }
+        assert_eq!(gaps, vec![3_000, 2_000, 3_000, 2_000]);
+    }
+
     /// Storing's cost per server core: CPU per message of each reliable
     /// ladder against at most once's at the same offered rate, the highest
     /// both kept up with (below each one's first miss), not at their own
