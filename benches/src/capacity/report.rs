@@ -2305,7 +2305,18 @@ impl Report {
                 "unicast server CPU per message, user / system (ns)",
                 format!("{} / {}", f(u.server_user_ns_per_msg, 0), f(u.server_sys_ns_per_msg, 0)),
             ),
-            ("unicast per server core vs the bare relay (one send per message: above 1 when batching beats it)", f(u.fraction_of_kernel_ceiling_per_core, 2)),
+            (
+                "unicast per server core vs the bare relay (one send per message: above 1 when batching beats it)",
+                match u.fraction_of_kernel_ceiling_per_core {
+                    Some(x) => format!(
+                        "{} ({} / {} messages per server core-second)",
+                        f(x, 2),
+                        f(u.msgs_per_server_core_s, 0),
+                        f(r.unicast_ceiling.msgs_per_server_core_s, 0)
+                    ),
+                    None => "n/a".into(),
+                },
+            ),
             ("send ceiling, plain blocking send loop (sends/s per core)", f(r.send_ceiling_per_s_per_core, 0)),
             ("fan-out members", f(fo.members, 0)),
             (
@@ -2313,7 +2324,19 @@ impl Report {
                 format!("{} / {}", f(fo.single_message_p50_ms, 1), f(fo.single_message_p99_ms, 1)),
             ),
             ("fan-out sustained (best run where every member got everything): deliveries/s", f(fo.deliveries_per_s, 0)),
-            ("  same, as a multiple of the send ceiling", f(fo.detail.sustained.as_ref().map(|s| s.vs_ceiling), 2)),
+            (
+                "  same, as a multiple of the send ceiling",
+                // The divisor as the run used it: the per-core ceiling
+                // times the workers.
+                match fo.detail.sustained.as_ref().filter(|s| s.vs_ceiling > 0.0) {
+                    Some(s) => format!(
+                        "{} (of {} sends/s, the ceiling over all workers)",
+                        f(s.vs_ceiling, 2),
+                        f(s.deliveries_per_s / s.vs_ceiling, 0)
+                    ),
+                    None => "n/a".into(),
+                },
+            ),
             ("fan-out sustained: publish→receive p50 / p99 (ms)", format!("{} / {}", f(fo.p50_ms, 1), f(fo.p99_ms, 1))),
             (
                 "broadcast to all: p50 / p99 (ms)",
@@ -3207,6 +3230,19 @@ mod tests {
     /// JSON, writes it back unchanged, and renders the same markdown.
     const QUICK_JSON: &str = include_str!("testdata/quick-report.json");
     const QUICK_MD: &str = include_str!("testdata/quick-report.md");
+
+    /// The top table's ratios to a ceiling show what they divide: the
+    /// messages per server core-second of Switchboard and of the bare
+    /// relay, and the send ceiling over all workers (the row above gives
+    /// it per core, which the multiple is not of).
+    #[test]
+    fn the_ratios_to_a_ceiling_show_the_figures_they_divide() {
+        let r: Report = serde_json::from_str(QUICK_JSON).unwrap();
+        let m = r.markdown();
+        assert!(m.contains("beats it) | 1.34 (64375 / 47982 messages per server core-second) |"), "{m}");
+        assert!(m.contains("| send ceiling, plain blocking send loop (sends/s per core) | 92803 |"), "{m}");
+        assert!(m.contains("| 5.63 (of 185605 sends/s, the ceiling over all workers) |"), "{m}");
+    }
 
     #[test]
     fn a_recorded_report_reads_back_writes_the_same_json_and_renders_the_same_markdown() {
