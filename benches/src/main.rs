@@ -348,14 +348,15 @@ impl Common {
     }
 }
 
-fn finish(common: &Common, result: &impl Serialize) {
+/// Prints the results, and writes them to `--json` if given: an error if
+/// that file cannot be written (scripts read it once the run succeeded).
+fn finish(common: &Common, result: &impl Serialize) -> Result<(), String> {
     let text = serde_json::to_string_pretty(result).expect("json");
     println!("{text}");
     if let Some(p) = &common.json {
-        if let Err(e) = std::fs::write(p, text) {
-            eprintln!("cannot write {}: {e}", p.display());
-        }
+        std::fs::write(p, text).map_err(|e| format!("cannot write {}: {e}", p.display()))?;
     }
+    Ok(())
 }
 
 fn idle(common: Common, settle_s: u64, hold_s: u64, warmup: u32) -> Result<(), String> {
@@ -409,8 +410,7 @@ fn idle(common: Common, settle_s: u64, hold_s: u64, warmup: u32) -> Result<(), S
             closed_by_server: c.closed,
             pings_answered: c.pongs,
         },
-    );
-    Ok(())
+    )
 }
 
 /// What `idle` prints (scripts/idle-memory.sh reads it).
@@ -535,8 +535,7 @@ fn unicast(common: Common, rate: u64, duration_s: u64, payload_bytes: usize) -> 
                 fetches: c.fetches,
             }),
         },
-    );
-    Ok(())
+    )
 }
 
 struct CapacityArgs {

@@ -222,3 +222,24 @@ fn the_ceiling_relay_refuses_a_port_another_process_listens_on() {
     assert!(stderr.contains(&addr) && stderr.contains("address in use"), "{stderr}");
     assert!(stderr.contains(&format!("pid {}", std::process::id())), "names the holder: {stderr}");
 }
+
+#[test]
+fn a_json_file_that_cannot_be_written_fails_the_run() {
+    // Scripts read the --json file once the command succeeded
+    // (scripts/idle-memory.sh, scripts/soak.py): a run whose file was not
+    // written must not exit 0, or they read a missing or stale file.
+    let server = start(config());
+    let addr = server.local_addr().to_string();
+    let dir = std::env::temp_dir().join(format!("sb-bench-no-such-dir-{}", std::process::id()));
+    let json = dir.join("idle.json");
+    let json = json.to_str().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_switchboard-bench"))
+        .args(["idle", "--addr", &addr, "--connections", "10", "--warmup", "0", "--settle-s", "0", "--json", json])
+        .output()
+        .expect("bench runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "exit 0 without writing {json}: {stderr}");
+    assert!(stderr.contains(json), "{stderr}");
+    let results: serde_json::Value = serde_json::from_slice(&out.stdout).expect("the results still on stdout");
+    assert_eq!(results["connections"], 10);
+}
