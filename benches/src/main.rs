@@ -441,10 +441,11 @@ struct UnicastRun {
     scenario: &'static str,
     connections: u32,
     target_rate_per_s: u64,
-    /// SENDs written.
+    /// SENDs the schedule called for (rate × duration).
     sent: u64,
-    /// Of those, SENDs a sender's socket did not take whole (overload; the
-    /// connection is then closed).
+    /// Of those, SENDs a sender's socket did not take whole (overload): one
+    /// it took nothing of is dropped, one it took part of closes that
+    /// connection.
     blocked: u64,
     /// PUSH or INBOX frames received.
     received: u64,
