@@ -691,6 +691,10 @@ struct Inbox {
     fetch_retry_at: Option<std::time::Instant>,
     /// The login's SYNC has come.
     synced: bool,
+    /// The device's position on the server, as the last SYNC said: past
+    /// `last_seq` when the state file is behind the server's record (a
+    /// fresh `--state`), and nothing up to it will come.
+    position: u64,
     /// A seq could not be saved: why. What was not saved is not
     /// acknowledged (15.4), nothing after it is taken, and the client
     /// stops (the next run, resuming from the file, gets it again).
@@ -748,6 +752,7 @@ impl Inbox {
             Frame::Sync { req_id, position, head_seq, page_end } => {
                 print_frame(f);
                 self.synced |= req_id == 0;
+                self.position = position;
                 if req_id == 0 && position < self.last_seq {
                     // The login left the device below what it stored. A
                     // store takes a login's seq unless it is past the head
@@ -806,7 +811,7 @@ impl Inbox {
     /// Whether everything the SYNCs said was waiting has arrived (the
     /// connection is live, PROTOCOL.md 15.6).
     fn caught_up(&self) -> bool {
-        self.synced && !self.fetching && self.last_seq >= self.head_seq
+        self.synced && !self.fetching && self.last_seq.max(self.position) >= self.head_seq
     }
 
     /// Once the page a SYNC announced is in and more wait: FETCH the next
@@ -1123,6 +1128,7 @@ fn client(
                 fetch_id: 0,
                 fetch_retry_at: None,
                 synced: false,
+                position: 0,
                 save_failed: None,
             });
             // A state file that cannot be written is said now, not after
@@ -1294,6 +1300,7 @@ mod tests {
             fetch_id: 0,
             fetch_retry_at: None,
             synced: false,
+            position: 0,
             save_failed: None,
         }
     }
@@ -1314,6 +1321,27 @@ mod tests {
         ] {
             assert!(unknown_log_targets(fine).is_empty(), "{fine}");
         }
+    }
+
+    /// A state file behind the server's record of the device (a fresh
+    /// `--state`, another copy of the client): the server has the device
+    /// at its position and sends nothing up to it, so a login whose
+    /// position is the head is caught up, and the end of input need not
+    /// wait its 5 s for seqs that never come.
+    #[test]
+    fn a_device_the_server_has_at_the_head_is_caught_up_whatever_the_state_file_says() {
+        let mut i = inbox();
+        i.take(&Frame::Sync { req_id: 0, position: 30, head_seq: 30, page_end: 30 });
+        assert!(i.caught_up());
+        assert_eq!(i.ack_now(), None, "nothing of its own to acknowledge");
+        // Behind the head, it is caught up once the rest has come.
+        let mut i = inbox();
+        i.take(&Frame::Sync { req_id: 0, position: 30, head_seq: 32, page_end: 32 });
+        assert!(!i.caught_up());
+        i.take(&inbox_frame(31));
+        assert!(!i.caught_up());
+        i.take(&inbox_frame(32));
+        assert!(i.caught_up());
     }
 
     fn inbox_frame(seq: u64) -> Frame<'static> {
