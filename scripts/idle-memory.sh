@@ -7,19 +7,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # --help, and arguments checked, before the release build (minutes on a
 # cold tree).
-usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; }
-case "${1:-}" in -h | --help) usage; exit 0 ;; esac
-if [ $# -gt 2 ]; then
-  echo "idle-memory.sh: too many arguments (usage: scripts/idle-memory.sh [N] [RUNS]; --help)" >&2
-  exit 2
-fi
-for arg in "$@"; do
-  [[ "$arg" =~ ^[1-9][0-9]*$ ]] || { echo "idle-memory.sh: $arg is not a positive number (usage: scripts/idle-memory.sh [N] [RUNS]; --help)" >&2; exit 2; }
-done
-# What it runs besides the build: ss (the servers' ports), python3.
-for cmd in ss python3; do
-  command -v "$cmd" >/dev/null || { echo "idle-memory.sh: needs $cmd (Debian: apt-get install iproute2 python3)" >&2; exit 1; }
-done
+. scripts/lib.sh
+check_args "[N] [RUNS]" "$@"
 N=${1:-16000}
 RUNS=${2:-1}
 PORT=${PORT:-7811}

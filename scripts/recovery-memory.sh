@@ -13,19 +13,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # --help, and arguments checked, before the release build (minutes on a
 # cold tree).
-usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; }
-case "${1:-}" in -h | --help) usage; exit 0 ;; esac
-if [ $# -gt 3 ]; then
-  echo "recovery-memory.sh: too many arguments (usage: scripts/recovery-memory.sh [FILES] [MIB] [BYTES]; --help)" >&2
-  exit 2
-fi
-for arg in "$@"; do
-  [[ "$arg" =~ ^[1-9][0-9]*$ ]] || { echo "recovery-memory.sh: $arg is not a positive number (usage: scripts/recovery-memory.sh [FILES] [MIB] [BYTES]; --help)" >&2; exit 2; }
-done
-# What it runs besides the build: ss (the servers' ports), python3.
-for cmd in ss python3; do
-  command -v "$cmd" >/dev/null || { echo "recovery-memory.sh: needs $cmd (Debian: apt-get install iproute2 python3)" >&2; exit 1; }
-done
+. scripts/lib.sh
+check_args "[FILES] [MIB] [BYTES]" "$@"
 FILES=${1:-3}
 MIB=${2:-64}
 BYTES=${3:-1000}

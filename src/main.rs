@@ -702,6 +702,26 @@ struct Inbox {
 }
 
 impl Inbox {
+    /// A device's inbox that has stored up to `last_seq` (read from
+    /// `state`), before its login's SYNC.
+    fn new(state: PathBuf, last_seq: u64) -> Inbox {
+        Inbox {
+            state,
+            last_seq,
+            acked: last_seq,
+            unacked_since: None,
+            ack_again: false,
+            page_end: 0,
+            head_seq: 0,
+            fetching: false,
+            fetch_id: 0,
+            fetch_retry_at: None,
+            synced: false,
+            position: 0,
+            save_failed: None,
+        }
+    }
+
     /// Saves `last_seq`: a new file renamed over the old, so a crash
     /// leaves one or the other.
     fn save(&self) -> Result<(), String> {
@@ -1116,21 +1136,7 @@ fn client(
                 None => default_state_path(&user, d),
             }
             .and_then(|p| read_state(&p).map(|seq| (p, seq)));
-            let inbox = loaded.map(|(state, last_seq)| Inbox {
-                state,
-                last_seq,
-                acked: last_seq,
-                unacked_since: None,
-                ack_again: false,
-                page_end: 0,
-                head_seq: 0,
-                fetching: false,
-                fetch_id: 0,
-                fetch_retry_at: None,
-                synced: false,
-                position: 0,
-                save_failed: None,
-            });
+            let inbox = loaded.map(|(state, last_seq)| Inbox::new(state, last_seq));
             // A state file that cannot be written is said now, not after
             // the first message arrived (and could not be kept).
             match inbox.and_then(|i| i.save().map(|()| i)) {
@@ -1288,21 +1294,7 @@ mod tests {
             std::process::id(),
             std::thread::current().id()
         ));
-        Inbox {
-            state,
-            last_seq: 0,
-            acked: 0,
-            unacked_since: None,
-            ack_again: false,
-            page_end: 0,
-            head_seq: 0,
-            fetching: false,
-            fetch_id: 0,
-            fetch_retry_at: None,
-            synced: false,
-            position: 0,
-            save_failed: None,
-        }
+        Inbox::new(state, 0)
     }
 
     #[test]

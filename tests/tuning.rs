@@ -977,12 +977,18 @@ for job in jobs:
     held += socks
 "#;
 
-fn nft_available() -> bool {
+/// A temporary directory holding [`NFT_PROBE`] as a file, and that file;
+/// `None` (the test skipped, and saying so) where `nft` is not installed.
+fn nft_probe(name: &str) -> Option<(TempDir, std::path::PathBuf)> {
     let ok = Command::new("nft").arg("--version").output().is_ok_and(|o| o.status.success());
     if !ok {
         eprintln!("skipped: nft is not installed (scripts/test.sh installs nftables)");
+        return None;
     }
-    ok
+    let t = TempDir::new(name);
+    let probe = t.path().join("probe.py");
+    fs::write(&probe, NFT_PROBE).unwrap();
+    Some((t, probe))
 }
 
 /// tuning/per-source-limit.nft: 256 connections from one address to the
@@ -993,12 +999,7 @@ fn nft_available() -> bool {
 /// are counted on its ports, 443 and 7443.
 #[test]
 fn per_source_limit_counts_clients_not_the_local_tls_front() {
-    if !nft_available() {
-        return;
-    }
-    let t = TempDir::new("nft-limit");
-    let probe = t.path().join("probe.py");
-    fs::write(&probe, NFT_PROBE).unwrap();
+    let Some((_t, probe)) = nft_probe("nft-limit") else { return };
     let script = format!(
         r#"ip link set lo up
 ip addr add 192.0.2.1/32 dev lo
@@ -1037,12 +1038,7 @@ python3 {probe} 7700,7710,7701,7443 \
 /// others still are.
 #[test]
 fn notrack_leaves_the_switchboard_ports_untracked() {
-    if !nft_available() {
-        return;
-    }
-    let t = TempDir::new("nft-notrack");
-    let probe = t.path().join("probe.py");
-    fs::write(&probe, NFT_PROBE).unwrap();
+    let Some((_t, probe)) = nft_probe("nft-notrack") else { return };
     let script = format!(
         r#"ip link set lo up
 nft -c -f tuning/notrack.nft

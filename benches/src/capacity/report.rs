@@ -2712,15 +2712,15 @@ mod tests {
         }
     }
 
+    /// A cluster fan-out that published nothing: for tests of the
+    /// unicast judgement.
+    fn quiet_fanout() -> ClusterFanout {
+        ClusterFanout { room_members: 3, publisher_node: "A".into(), single_messages: 0, single: vec![], runs: vec![] }
+    }
+
     #[test]
     fn cluster_targets_are_judged_on_the_best_rates_kept_up_with() {
-        let fanout = ClusterFanout {
-            room_members: 3,
-            publisher_node: "A".into(),
-            single_messages: 0,
-            single: vec![],
-            runs: vec![],
-        };
+        let fanout = quiet_fanout();
         let unicast = |cross_trips: u64| ClusterUnicast {
             connections: 4,
             sustainable: Unicast::sustainable_rule(),
@@ -2752,13 +2752,7 @@ mod tests {
     /// bound, judged only when it is under the target.
     #[test]
     fn a_cluster_ladder_that_missed_no_rate_gives_a_lower_bound() {
-        let fanout = ClusterFanout {
-            room_members: 3,
-            publisher_node: "A".into(),
-            single_messages: 0,
-            single: vec![],
-            runs: vec![],
-        };
+        let fanout = quiet_fanout();
         let unicast = |same: Vec<ClusterStep>, cross: Vec<ClusterStep>| ClusterUnicast {
             connections: 4,
             sustainable: Unicast::sustainable_rule(),
