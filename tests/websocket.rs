@@ -689,6 +689,28 @@ fn handshake_stalled_is_cut_off_at_the_login_deadline() {
     assert_all_released(&_s);
 }
 
+/// A head left unfinished is a request that timed out, whichever timer
+/// cuts it off first: with `timeouts.message_timeout_ms` shorter than the
+/// login deadline it is that one, and the answer is still 408, not a 400
+/// that says the request was malformed.
+#[test]
+fn handshake_stalled_past_the_message_timeout_is_408() {
+    let mut cfg = ws_config();
+    cfg.timeouts.login_timeout_ms = 10_000;
+    cfg.timeouts.message_timeout_ms = 400;
+    let (_s, addr) = start_ws(cfg);
+    for partial in [&b"GET /ws HTTP/1.1\r\nHost: localhost\r\nUpgrade: webso"[..], b"GE", b"\r\n\r\n"] {
+        let t0 = Instant::now();
+        let mut s = tcp(addr);
+        s.write_all(partial).unwrap();
+        let r = read_response(&mut s);
+        let took = t0.elapsed();
+        assert_eq!(r.head.status, 408, "{:?}: {}", String::from_utf8_lossy(partial), r.body_text());
+        assert!(took >= Duration::from_millis(300) && took < Duration::from_secs(5), "{took:?}");
+    }
+    assert_all_released(&_s);
+}
+
 #[test]
 fn plain_get_serves_the_demo_page_on_loopback_else_404_or_426() {
     let (_s, addr) = start_ws(ws_config());

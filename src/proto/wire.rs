@@ -143,13 +143,18 @@ impl Wire {
 }
 
 /// The response that ends an HTTP request still waiting for its upgrade:
-/// the CLOSE's code mapped to a status, the reason as the body.
+/// the CLOSE's code mapped to a status, the reason as the body. A head cut
+/// off by either timer (the login deadline, or the message timeout that
+/// times an unfinished head as it times an unfinished frame) is 408; one
+/// closed to free the worker's budget for incomplete frames (1013), like
+/// a server going away or full, is 503: neither says the request was
+/// malformed, which is what 400 tells a client.
 fn http_final(frame: &Frame<'_>) -> Bytes {
     use super::codes::CloseCode;
     let Frame::Close { code, reason } = *frame else { return Bytes::new() };
     let status = match CloseCode::from_u16(code) {
-        Some(CloseCode::LoginTimeout) => 408,
-        Some(CloseCode::GoingAway) | Some(CloseCode::ServerFull) => 503,
+        Some(CloseCode::LoginTimeout) | Some(CloseCode::PolicyViolation) => 408,
+        Some(CloseCode::GoingAway) | Some(CloseCode::ServerFull) | Some(CloseCode::TryAgainLater) => 503,
         _ => 400,
     };
     Bytes::from(handshake::response_error(status, reason, &[]))
@@ -220,6 +225,15 @@ mod tests {
         let close = Frame::Close { code: CloseCode::LoginTimeout as u16, reason: "login timeout" }.to_bytes().unwrap();
         let r = Wire::Http.encode(&close);
         assert!(r.starts_with(b"HTTP/1.1 408 Request Timeout\r\n"), "{:?}", String::from_utf8_lossy(&r));
+        for (code, status) in [
+            (CloseCode::PolicyViolation, &b"HTTP/1.1 408 Request Timeout\r\n"[..]),
+            (CloseCode::TryAgainLater, b"HTTP/1.1 503 Service Unavailable\r\n"),
+            (CloseCode::ProtocolError, b"HTTP/1.1 400 Bad Request\r\n"),
+        ] {
+            let close = Frame::Close { code: code as u16, reason: "why" }.to_bytes().unwrap();
+            let r = Wire::Http.encode(&close);
+            assert!(r.starts_with(status), "{code:?}: {:?}", String::from_utf8_lossy(&r));
+        }
         let ping = Bytes::from_static(&crate::proto::frame::PING_EMPTY);
         assert!(Wire::Http.encode(&ping).is_empty());
     }
