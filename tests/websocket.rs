@@ -1741,6 +1741,14 @@ fn without_sniffing_an_upgrade_on_the_raw_port_gets_a_400_naming_the_websocket_p
     let r = http(s.local_addr(), "POST /api HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n");
     assert_eq!(r.head.status, 400);
     assert!(r.body_text().contains("no WebSocket port"));
+    // Every method of RFC 9110 is such a request, TRACE as well as the rest
+    // (a raw frame can never start with one: its length would be far over
+    // the protocol's 16 MiB).
+    for method in ["TRACE", "OPTIONS", "PATCH"] {
+        let r = http(s.local_addr(), format!("{method} / HTTP/1.1\r\nHost: x\r\n\r\n"));
+        assert_eq!(r.head.status, 400, "{method}: {r:?}");
+        assert!(r.body_text().contains("no WebSocket port"), "{method}");
+    }
     // Bytes that only look like the start of a method until the fourth are
     // still a raw protocol error.
     let mut c = connect(s.local_addr());

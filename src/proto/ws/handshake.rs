@@ -325,11 +325,13 @@ pub fn looks_like_http(first_bytes: &[u8]) -> Option<bool> {
 }
 
 /// Whether the first bytes of a connection are an HTTP request line of
-/// any common method (`None`: too few bytes to tell). Used where HTTP
-/// does not belong, to say which port serves it.
+/// any method of RFC 9110 (and PATCH, and HTTP/2's preface `PRI`; `None`:
+/// too few bytes to tell). Used where HTTP does not belong, to say which
+/// port serves it. None of them can start a raw frame the server takes:
+/// its first byte would make the length over 16 MiB.
 pub fn looks_like_http_request(first_bytes: &[u8]) -> Option<bool> {
-    const METHODS: [&[u8]; 9] =
-        [b"GET ", b"POST ", b"PUT ", b"HEAD ", b"DELETE ", b"OPTIONS ", b"PATCH ", b"CONNECT ", b"PRI "];
+    const METHODS: [&[u8]; 10] =
+        [b"GET ", b"POST ", b"PUT ", b"HEAD ", b"DELETE ", b"OPTIONS ", b"PATCH ", b"CONNECT ", b"TRACE ", b"PRI "];
     let mut undecided = false;
     for m in METHODS {
         let n = m.len().min(first_bytes.len());
