@@ -1167,3 +1167,42 @@ fn messages_past_their_own_expiry_are_not_delivered_to_a_device_back_later() {
     let again = inbox_frames(&mut phone, 3, Duration::from_secs(5));
     assert_eq!(again, [sync(9, 5, 5), inbox(1, "keep 1"), inbox(4, "fresh for a minute"), inbox(5, "keep 2")]);
 }
+
+/// A device offline while 32 other device ids of its user log in (a
+/// browser that keeps no `localStorage` makes a new one at each start) is
+/// pushed out of the user's list of devices. What it had not acknowledged
+/// was then dropped at the next retention pass, once those devices had
+/// it: stored, SEND_ACKed, and never delivered. It is kept until its TTL,
+/// and the device gets it when it logs in again (PROTOCOL.md 15.2).
+#[test]
+fn a_device_pushed_out_by_32_others_still_gets_what_was_stored_for_it() {
+    let (dir, mut cfg) = disk_config("sb-pushed-out");
+    cfg.store.retention_interval_ms = 100;
+    let server = common::start(cfg);
+    let (addr, h) = (server.local_addr(), server.handle());
+    drop(device_login(addr, "ida", "phone", 0));
+    for i in 0..3u32 {
+        h.push_reliable("ida", format!("m{i}"), 0).unwrap().wait().unwrap();
+    }
+    for i in 0..32 {
+        let mut web = device_login(addr, "ida", &format!("web-{i}"), 0);
+        let mut seen = Seen::default();
+        read_until(&mut web, &mut seen, 3, Duration::from_secs(5), |s| s.have >= 3);
+    }
+    let state = || h.inbox_state("ida", Duration::from_secs(5)).unwrap();
+    let all_web_at_3 =
+        || state().devices.iter().filter(|d| d.device.starts_with("web-") && d.position == 3).count() == 32;
+    assert!(common::wait_until(Duration::from_secs(10), all_web_at_3), "{:?}", state().devices);
+    std::thread::sleep(Duration::from_millis(400)); // retention passes
+    let st = state();
+    assert_eq!(st.messages, 3, "kept for the phone: {:?}", st.devices);
+    assert!(!st.devices.iter().any(|d| d.device == "phone"), "pushed out of the list");
+
+    let mut phone = device_login(addr, "ida", "phone", 0);
+    let mut seen = Seen::default();
+    read_until(&mut phone, &mut seen, 3, Duration::from_secs(5), |s| s.have >= 3);
+    assert_eq!(payloads(&seen), expected(0..3));
+    drop(phone);
+    server.shutdown().unwrap();
+    let _ = std::fs::remove_dir_all(dir);
+}

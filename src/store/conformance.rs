@@ -42,7 +42,10 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use bytes::Bytes;
 
-use super::{record_bytes, Appended, InboxState, NewMessage, Page, Store, StoreError, StoreLimits, MAX_DEVICE_BYTES};
+use super::{
+    record_bytes, Appended, InboxState, NewMessage, Page, Store, StoreError, StoreLimits, MAX_DEVICES_PER_USER,
+    MAX_DEVICE_BYTES,
+};
 
 /// A store under test, and how to restart it.
 pub trait Subject {
@@ -112,6 +115,10 @@ pub const CHECKS: &[Check] = &[
     Check { name: "retention_drops_by_ttl", run: retention_drops_by_ttl },
     Check { name: "trimmed_when_all_devices_acked", run: trimmed_when_all_devices_acked },
     Check { name: "a_forgotten_device_holds_the_inbox_no_longer", run: a_forgotten_device_holds_the_inbox_no_longer },
+    Check {
+        name: "a_device_pushed_out_by_other_devices_loses_nothing_before_its_ttl",
+        run: a_device_pushed_out_by_other_devices_loses_nothing_before_its_ttl,
+    },
     Check {
         name: "a_login_past_the_head_keeps_the_position_the_store_has",
         run: a_login_past_the_head_keeps_the_position_the_store_has,
@@ -529,6 +536,46 @@ fn a_forgotten_device_holds_the_inbox_no_longer(make: Make) {
         assert_eq!(devices(s.inbox_state("alice").unwrap()), ["phone"]);
         assert_eq!(s.expire(T0 + 7).unwrap(), 1, "the phone had 8");
     }
+}
+
+/// A store may keep a bounded list of devices per user (this crate's
+/// keep [`MAX_DEVICES_PER_USER`]) and forget the one seen least recently
+/// when one more logs in, but not what it had not acknowledged: that
+/// stays, as if the device were still known, until its TTL. Back (a new
+/// device then, from 0), it gets everything the inbox keeps. The crate's
+/// stores dropped those messages once the other devices had acknowledged
+/// them: stored (SEND_RESULT `stored`) and never delivered.
+fn a_device_pushed_out_by_other_devices_loses_nothing_before_its_ttl(make: Make) {
+    let ttl = 600_000;
+    let mut subject = make(StoreLimits { ttl_ms: ttl, ..StoreLimits::default() });
+    let s = subject.store();
+    s.device_login("alice", "phone", 0, T0).unwrap();
+    for i in 0..3 {
+        append(s, "alice", i, T0 + 1);
+    }
+    let others = MAX_DEVICES_PER_USER as u64;
+    for i in 0..others {
+        login_acked(s, "alice", &format!("web-{i}"), 3, T0 + 2 + i);
+    }
+    // One more, which every device but the phone acknowledges.
+    append(s, "alice", 3, T0 + 100);
+    for i in 0..others {
+        s.set_position("alice", &format!("web-{i}"), 4, T0 + 101).unwrap();
+    }
+    s.expire(T0 + 200).unwrap();
+    assert_eq!(seqs(&s.read("alice", 0, 10).unwrap()), vec![1, 2, 3, 4], "kept for the phone");
+    s.sync().unwrap();
+    let s = if subject.restart() {
+        let s = subject.store();
+        s.expire(T0 + 300).unwrap();
+        assert_eq!(seqs(&s.read("alice", 0, 10).unwrap()), vec![1, 2, 3, 4], "kept through a restart");
+        s
+    } else {
+        subject.store()
+    };
+    assert_eq!(s.device_login("alice", "phone", 0, T0 + 400).unwrap(), (0, 4), "the phone back");
+    s.expire(T0 + 500).unwrap();
+    assert_eq!(seqs(&s.read("alice", 0, 10).unwrap()), vec![1, 2, 3, 4]);
 }
 
 /// A LOGIN whose `last_seq` is past the head comes from a client that

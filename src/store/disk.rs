@@ -1924,7 +1924,12 @@ impl DiskStore {
             // must not get its old position back).
             for logged in devices {
                 if let Some(d) = c.rec.devices.iter_mut().find(|d| d.device == logged.device) {
-                    if logged.last_seen_ms >= d.last_seen_ms {
+                    if d.device == super::PUSHED_OUT {
+                        // Logins alone change it (and write the record),
+                        // only ever lower: the lower is the later.
+                        d.position = d.position.min(logged.position);
+                        d.last_seen_ms = d.last_seen_ms.max(logged.last_seen_ms);
+                    } else if logged.last_seen_ms >= d.last_seen_ms {
                         d.position = d.position.max(logged.position);
                         d.last_seen_ms = logged.last_seen_ms;
                     }

@@ -150,7 +150,9 @@ pub struct InboxState {
     pub messages: u64,
     /// Bytes kept for this user, counted as [`record_bytes`].
     pub bytes: u64,
-    /// Known devices, in the order they were first seen.
+    /// Known devices, in the order they were first seen, and the
+    /// [`PUSHED_OUT`] entry (id `""`) if devices were pushed out of the
+    /// list at [`MAX_DEVICES_PER_USER`].
     pub devices: Vec<DeviceState>,
 }
 
@@ -342,9 +344,11 @@ impl Default for StoreLimits {
 }
 
 /// Known devices kept per user. A login of one more device forgets the one
-/// seen least recently (it counts as new if it comes back: its position is
-/// then what its client says). Bounds the per-user record: each device
-/// costs 17 bytes + its id (at most [`MAX_DEVICE_BYTES`]).
+/// seen least recently (it counts as new if it comes back, from 0), and
+/// folds its position into the [`PUSHED_OUT`] entry, which keeps what it
+/// had not acknowledged until its TTL. Bounds the per-user record: each
+/// device costs 17 bytes + its id (at most [`MAX_DEVICE_BYTES`]), and the
+/// list holds at most one entry more.
 pub const MAX_DEVICES_PER_USER: usize = 32;
 
 /// Longest device id stored (the protocol's limit).
@@ -389,6 +393,9 @@ fn check_ids(user: &str, from: &str, device: &str) -> Result<(), StoreError> {
 /// (forgetting the least recently seen one past [`MAX_DEVICES_PER_USER`]).
 /// Returns the position.
 fn login_device(devices: &mut Vec<DeviceState>, device: &str, client_seq: u64, head: u64, now_ms: u64) -> u64 {
+    if device == PUSHED_OUT {
+        return 0; // not a device's id (the protocol's are 1 to 64 bytes)
+    }
     let known = devices.iter().any(|d| d.device == device);
     let client_seq = if client_seq > head || !known { 0 } else { client_seq };
     advance_device(devices, device, client_seq, head, now_ms)
@@ -405,7 +412,7 @@ fn login_device(devices: &mut Vec<DeviceState>, device: &str, client_seq: u64, h
 /// passed it, it marked the new messages up to it as acknowledged and
 /// the device's next login skipped them.
 fn move_device(devices: &mut Vec<DeviceState>, device: &str, seq: u64, head: u64, now_ms: u64) -> u64 {
-    if !devices.iter().any(|d| d.device == device) {
+    if device == PUSHED_OUT || !devices.iter().any(|d| d.device == device) {
         return 0;
     }
     advance_device(devices, device, seq, head, now_ms)
@@ -426,12 +433,37 @@ fn advance_device(devices: &mut Vec<DeviceState>, device: &str, seq: u64, head: 
         d.last_seen_ms = d.last_seen_ms.max(now_ms);
         return d.position;
     }
-    if devices.len() >= MAX_DEVICES_PER_USER {
-        let oldest = (0..devices.len()).min_by_key(|&i| devices[i].last_seen_ms).expect("a full list is not empty");
-        devices.remove(oldest);
+    if devices.iter().filter(|d| !d.device.is_empty()).count() >= MAX_DEVICES_PER_USER {
+        let oldest = (0..devices.len())
+            .filter(|&i| !devices[i].device.is_empty())
+            .min_by_key(|&i| devices[i].last_seen_ms)
+            .expect("a full list is not empty");
+        let gone = devices.remove(oldest);
+        push_out(devices, gone.position, gone.last_seen_ms);
     }
     devices.push(DeviceState { device: device.to_string(), position: seq, last_seen_ms: now_ms });
     seq
+}
+
+/// The entry of the devices forgotten at [`MAX_DEVICES_PER_USER`]: its id
+/// is empty (a device's is 1 to [`MAX_DEVICE_BYTES`] bytes), its position
+/// the lowest of theirs and its last seen the latest. It holds what they
+/// had not acknowledged for as long as the TTL would have kept it for
+/// them, and goes with that TTL like a device, while no login or ACK ever
+/// moves it: a device pushed out of the list loses nothing it was owed
+/// (it comes back as a new device, from 0, and gets what the inbox keeps).
+pub const PUSHED_OUT: &str = "";
+
+/// Folds a device pushed out of the list (at `position`, last seen at
+/// `last_seen_ms`) into the [`PUSHED_OUT`] entry.
+fn push_out(devices: &mut Vec<DeviceState>, position: u64, last_seen_ms: u64) {
+    match devices.iter_mut().find(|d| d.device == PUSHED_OUT) {
+        Some(d) => {
+            d.position = d.position.min(position);
+            d.last_seen_ms = d.last_seen_ms.max(last_seen_ms);
+        }
+        None => devices.push(DeviceState { device: PUSHED_OUT.to_string(), position, last_seen_ms }),
+    }
 }
 
 /// Removes `device` from `devices`; whether it was there.

@@ -333,6 +333,9 @@ if ARGV[8] == '1' then
   redis.call('HDEL', KEYS[5], ARGV[1])
 end
 local head = tonumber(redis.call('HGET', KEYS[1], 'head') or '0')
+-- '' is the entry of the devices pushed out (store::PUSHED_OUT), never a
+-- device's id: nothing moves it.
+if ARGV[1] == '' then return {0, head} end
 local s = tonumber(ARGV[2])
 -- A login past the head stored from another inbox: its seqs do not count
 -- (store::login_device). A position past the head is dropped: it counts
@@ -365,18 +368,32 @@ if cur then
   pos = math.max(tonumber(p), s)
   redis.call('HSET', KEYS[2], ARGV[1], fmt(pos) .. ' ' .. fmt(math.max(tonumber(seen), now)) .. ' ' .. ord)
 else
-  if redis.call('HLEN', KEYS[2]) >= tonumber(ARGV[5]) then
+  if redis.call('HLEN', KEYS[2]) - redis.call('HEXISTS', KEYS[2], '') >= tonumber(ARGV[5]) then
+    -- The device seen least recently goes, its position folded into the
+    -- '' entry (store::PUSHED_OUT): the lowest position of the devices
+    -- pushed out, their latest last seen, which keeps what they had not
+    -- acknowledged until its TTL.
     local all = redis.call('HGETALL', KEYS[2])
-    local victim, vseen, vord = nil, 0, 0
+    local victim, vpos, vseen, vord = nil, 0, 0, 0
     for i = 1, #all, 2 do
-      local _, seen, ord = string.match(all[i + 1], '^(%d+) (%d+) (%d+)$')
-      seen = tonumber(seen)
-      ord = tonumber(ord)
-      if victim == nil or seen < vseen or (seen == vseen and ord < vord) then
-        victim, vseen, vord = all[i], seen, ord
+      if all[i] ~= '' then
+        local p, seen, ord = string.match(all[i + 1], '^(%d+) (%d+) (%d+)$')
+        seen = tonumber(seen)
+        ord = tonumber(ord)
+        if victim == nil or seen < vseen or (seen == vseen and ord < vord) then
+          victim, vpos, vseen, vord = all[i], tonumber(p), seen, ord
+        end
       end
     end
     redis.call('HDEL', KEYS[2], victim)
+    local out = redis.call('HGET', KEYS[2], '')
+    if out then
+      local p, seen, ord = string.match(out, '^(%d+) (%d+) (%d+)$')
+      vpos = math.min(vpos, tonumber(p))
+      vseen = math.max(vseen, tonumber(seen))
+      vord = tonumber(ord)
+    end
+    redis.call('HSET', KEYS[2], '', fmt(vpos) .. ' ' .. fmt(vseen) .. ' ' .. fmt(vord))
   end
   local ord = redis.call('HINCRBY', KEYS[1], 'dn', 1)
   pos = s

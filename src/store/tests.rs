@@ -3462,7 +3462,8 @@ fn disk_idle_moved_users_have_their_records_written_at_syncs_not_logged_at_rotat
 
 /// A device's move logged in the hot log does not bring the device back
 /// once a login past [`MAX_DEVICES_PER_USER`] dropped it: after a crash
-/// the user has the devices its last login left, at their positions.
+/// the user has the devices its last login left, at their positions, and
+/// the entry of those pushed out at the phone's.
 #[test]
 fn disk_logged_move_of_a_device_dropped_since_does_not_bring_it_back() {
     let mut d = Disk::new(Durability::Os, StoreLimits::default());
@@ -3484,8 +3485,10 @@ fn disk_logged_move_of_a_device_dropped_since_does_not_bring_it_back() {
         v
     };
     let want = devices(&mut d);
-    assert_eq!(want.len(), MAX_DEVICES_PER_USER);
+    assert_eq!(want.len(), MAX_DEVICES_PER_USER + 1);
     assert!(!want.iter().any(|(name, _)| name == "phone"), "{want:?}");
+    // What the phone had not acknowledged is kept in its stead.
+    assert_eq!(want[0], (super::PUSHED_OUT.to_string(), 2), "{want:?}");
     assert_eq!(devices(&mut crash_copy(&d)), want, "after a crash");
     assert!(d.restart());
     assert_eq!(devices(&mut d), want, "after a restart");
