@@ -433,9 +433,9 @@ fn advance_device(devices: &mut Vec<DeviceState>, device: &str, seq: u64, head: 
         d.last_seen_ms = d.last_seen_ms.max(now_ms);
         return d.position;
     }
-    if devices.iter().filter(|d| !d.device.is_empty()).count() >= MAX_DEVICES_PER_USER {
+    if devices.iter().filter(|d| d.device != PUSHED_OUT).count() >= MAX_DEVICES_PER_USER {
         let oldest = (0..devices.len())
-            .filter(|&i| !devices[i].device.is_empty())
+            .filter(|&i| devices[i].device != PUSHED_OUT)
             .min_by_key(|&i| devices[i].last_seen_ms)
             .expect("a full list is not empty");
         let gone = devices.remove(oldest);
