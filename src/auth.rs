@@ -91,6 +91,14 @@ impl std::fmt::Debug for JwtHs256 {
 #[derive(Deserialize)]
 struct Header {
     alg: String,
+    /// Whether the header has `crit`, whatever its value.
+    #[serde(default, deserialize_with = "present")]
+    crit: bool,
+}
+
+/// `true` for a field that is there, `null` included.
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+    serde::de::IgnoredAny::deserialize(d).map(|_| true)
 }
 
 #[derive(Deserialize)]
@@ -163,6 +171,13 @@ impl JwtHs256 {
             from_json_object(&header_json).ok_or(AuthError::Malformed("header is not a JSON object"))?;
         if header.alg != "HS256" {
             return Err(AuthError::UnsupportedAlgorithm);
+        }
+        if header.crit {
+            // RFC 7515 4.1.11: a listed extension that is not understood
+            // makes the token invalid, and none is understood here.
+            return Err(AuthError::Malformed(
+                "header lists critical extensions (crit), which this server does not support",
+            ));
         }
         let sig = URL_SAFE_NO_PAD.decode(s).map_err(|_| AuthError::Malformed("signature is not base64url"))?;
         let mut mac = self.mac();
@@ -264,6 +279,38 @@ mod tests {
         assert!(matches!(j.verify(array_claims.as_bytes(), NOW), Err(AuthError::Malformed(_))));
         let spaced = sign(" \n{\"alg\":\"HS256\"}", &format!(" {{\"sub\":\"u\",\"exp\":{exp}}}"));
         assert_eq!(j.verify(spaced.as_bytes(), NOW).unwrap(), "u", "whitespace before the object is JSON");
+    }
+
+    /// A header's `crit` names extensions the token's meaning depends on
+    /// (RFC 7515 4.1.11); this verifier understands none, so such a token
+    /// is refused whatever it lists. `b64: false` (RFC 7797), for one,
+    /// changes what the signature covers and comes with `crit`.
+    #[test]
+    fn a_header_with_crit_is_refused() {
+        let j = JwtHs256::new("k");
+        let sign = |header: &str| {
+            let claims = format!(r#"{{"sub":"u","exp":{}}}"#, NOW + 60);
+            let input = format!("{}.{}", URL_SAFE_NO_PAD.encode(header), URL_SAFE_NO_PAD.encode(claims));
+            let mut mac = j.mac();
+            mac.update(input.as_bytes());
+            format!("{input}.{}", URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes()))
+        };
+        for header in [
+            r#"{"alg":"HS256","crit":["exp"],"exp":1}"#,
+            r#"{"alg":"HS256","crit":["b64"],"b64":false}"#,
+            r#"{"alg":"HS256","crit":[]}"#,
+            r#"{"alg":"HS256","crit":null}"#,
+        ] {
+            let token = sign(header);
+            assert_eq!(
+                j.verify(token.as_bytes(), NOW),
+                Err(AuthError::Malformed(
+                    "header lists critical extensions (crit), which this server does not support"
+                )),
+                "{header}"
+            );
+        }
+        assert_eq!(j.verify(sign(r#"{"alg":"HS256","kid":"a","typ":"JWT"}"#).as_bytes(), NOW).unwrap(), "u");
     }
 
     #[test]
