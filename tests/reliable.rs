@@ -821,6 +821,45 @@ fn a_sharded_disk_store_keeps_every_users_inbox_across_a_restart() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// What a disk store holds shows in `/stats` and `/metrics` as soon as a
+/// restarted server is up, before any request reaches its store: an
+/// operator checking a restored backup, and the store-full alert, read it.
+/// (Found by an outside check of docs/DEPLOY.md: both gauges read 0 until
+/// a shard's first request or retention pass, 60 s after the start.)
+#[test]
+fn a_restarted_disk_store_shows_what_it_holds_before_any_request() {
+    let (dir, mut cfg) = disk_config("sb-held-at-start");
+    cfg.store.shards = 2;
+    cfg.admin.listen = "127.0.0.1:0".into();
+    let users: Vec<String> = (0..6).map(|i| format!("held-{i}")).collect();
+    let shards: std::collections::HashSet<usize> = users.iter().map(|u| switchboard::store::shard_of(u, 2)).collect();
+    assert_eq!(shards.len(), 2, "the users fall in both shards");
+    let server = common::start(cfg.clone());
+    let h = server.handle();
+    for u in &users {
+        for i in 0..3 {
+            h.push_reliable(u, format!("{u}-{i}"), 0).unwrap().wait().unwrap();
+        }
+    }
+    let counters = h.store_counters().expect("a store");
+    let held = |c: &switchboard::store::StoreCounters| {
+        use std::sync::atomic::Ordering::Relaxed;
+        (c.held_messages.load(Relaxed), c.held_bytes.load(Relaxed))
+    };
+    let before = held(&counters);
+    assert_eq!(before.0, 18);
+    server.shutdown().unwrap();
+    let server = common::start(cfg);
+    let counters = server.handle().store_counters().expect("a store");
+    let shown = common::wait_until(Duration::from_secs(3), || held(&counters) == before);
+    assert!(shown, "after the restart the store shows {:?}, it holds {before:?}", held(&counters));
+    let (status, stats) = common::http(server.admin_addr().unwrap(), "GET", "/api/v1/stats", b"", None).unwrap();
+    assert_eq!(status, 200);
+    assert!(stats.contains("\"pending_messages\":18"), "{stats}");
+    server.shutdown().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn a_second_server_on_the_same_store_directory_is_refused_with_the_reason() {
     let (dir, cfg) = disk_config("sb-reliable-lock");

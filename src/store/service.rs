@@ -730,7 +730,10 @@ impl Forgotten {
 
 impl<T: Send + 'static, S: Sink<T>> Worker<T, S> {
     fn run(mut self) -> Result<(), StoreError> {
-        self.counters.set_durability(self.store.durability());
+        // What the store held when it was opened (a disk store's messages
+        // from before a restart) shows from the start, not only after this
+        // shard's first request or retention pass.
+        self.publish_held();
         let mut batch: Vec<(T, Request)> = Vec::with_capacity(MAX_BATCH + 1);
         let mut next_expire = Instant::now() + self.cfg.expire_interval;
         let mut expiring = false;
