@@ -511,9 +511,10 @@ fn check(connections: u64, config: Option<PathBuf>) -> ExitCode {
     let (user, kernel) = switchboard::limits::memory_estimate(connections);
     out!(
         "\nmemory for {connections} idle connections: about {} MiB ({} MiB in the server, {} MiB in the kernel), from the measured per-connection figures",
-        (user + kernel) >> 20,
-        user >> 20,
-        kernel >> 20
+        // Rounded up, as the memory item above states them.
+        switchboard::limits::mib_up(user + kernel),
+        switchboard::limits::mib_up(user),
+        switchboard::limits::mib_up(kernel)
     );
     for (what, bytes) in &fixed {
         out!("  + up to {} MiB whatever the connections: {what}", switchboard::limits::mib_up(*bytes));

@@ -442,6 +442,42 @@ fn port_in_use_names_the_switchboard_holding_it_and_suggests_other_ports() {
     assert!(stop(first).success());
 }
 
+/// `switchboard check` states the memory of N idle connections twice, in
+/// its memory item and in the summary under the items: the same figures
+/// both times. (Found by an outside check of docs/DEPLOY.md: for 10,000
+/// connections the item said 2 MiB ours + 37 MiB kernel, the summary 1 MiB
+/// in the server and 36 MiB in the kernel, one rounding up, one down.)
+#[test]
+fn check_states_the_memory_of_idle_connections_alike_in_the_item_and_the_summary() {
+    let cfg = TempConfig::new(
+        "check-memory",
+        "[server]\nlisten = \"127.0.0.1:0\"\nworkers = 2\n[websocket]\nlisten = \"\"\n[store]\nkind = \"none\"\n",
+    );
+    let out = Command::new(SB)
+        .args(["check", "--connections", "10000", "--config"])
+        .arg(cfg.path())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&out.stdout);
+    // "(2 MiB ours + 37 MiB kernel, idle, ..." and
+    // "about 39 MiB (2 MiB in the server, 37 MiB in the kernel)".
+    let mib_before = |line: &str, what: &str| -> u64 {
+        let head = &line[..line.find(what).unwrap_or_else(|| panic!("{what:?} in {line:?}"))];
+        let head = head.trim_end().strip_suffix("MiB").unwrap().trim_end();
+        head.rsplit([' ', '(']).next().unwrap().parse().unwrap()
+    };
+    let item = report.lines().find(|l| l.contains("memory for idle connections")).unwrap_or_else(|| panic!("{report}"));
+    let summary = report.lines().find(|l| l.starts_with("memory for 10000 idle")).unwrap_or_else(|| panic!("{report}"));
+    let in_item = (mib_before(item, " ours"), mib_before(item, " kernel, idle"));
+    let in_summary = (mib_before(summary, " in the server"), mib_before(summary, " in the kernel"));
+    assert_eq!(in_item, in_summary, "item: {item}\nsummary: {summary}");
+    // 10,000 × 200 B and × 3,800 B, in MiB rounded up.
+    assert_eq!(in_summary, (2, 37), "{summary}");
+    let total: u64 = summary.split("about ").nth(1).unwrap().split(" MiB").next().unwrap().parse().unwrap();
+    assert_eq!(total, 39, "{summary}");
+}
+
 /// `switchboard check` and `serve`, under one `RLIMIT_NOFILE`, agree on
 /// whether a `server.max_connections` fits. `serve` counts what its process
 /// has open at start (stdin, stdout, stderr, what the parent passed down);
