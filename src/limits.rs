@@ -73,8 +73,10 @@ pub const USER_BYTES_PER_IDLE_CONN: u64 = 200;
 /// The kernel's, for one idle TCP socket (tcp_sock, inode, file, dentry)
 /// and its epoll entry: the same run measured at most 3,701 B (half the
 /// host's slab growth per connection: both ends of every connection are on
-/// that host, so this is an upper bound for the server's end), rounded up
-/// to the next 100 B. An idle socket holds no buffer pages.
+/// that host), rounded up to the next 100 B. An idle socket holds no
+/// buffer pages. Slab growth misses objects placed in slabs already
+/// allocated: counting the objects, Linux 6.18.44 takes 3,950-3,980 B per
+/// server socket (docs/DEPLOY.md, "Memory per connection").
 pub const KERNEL_BYTES_PER_IDLE_CONN: u64 = 3_800;
 
 /// What the checks found.
