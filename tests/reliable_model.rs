@@ -231,10 +231,15 @@ impl World {
 
     /// The app lost its copy of some messages (15.7): the client asks for
     /// 3 after half of what it has stored. It keeps what it has (the
-    /// model's `have`), so what comes again is deduplicated.
+    /// model's `have`), so what comes again is deduplicated. Only once the
+    /// connection's login SYNC came: a FETCH before it is refused (ERROR
+    /// 115, PROTOCOL.md 4.3).
     fn client_refetch(&mut self, d: usize) {
         let dev = &mut self.devices[d];
         let stored = dev.stored();
+        if dev.page.is_none() {
+            return;
+        }
         if let Some(c) = dev.conn.as_mut() {
             c.up.push_back(Up::Fetch(stored / 2, 3));
         }

@@ -466,6 +466,13 @@ impl Window {
             let reason = format!("FETCH after seq {after_seq}, beyond the inbox head {}", self.head);
             return env.error(ErrorCode::BadAck, req_id, &reason);
         }
+        if self.sync_pending {
+            // The login's SYNC waits for the first page's read (`start`);
+            // a FETCH answered now would take its place, and the client
+            // would never get the login's SYNC (PROTOCOL.md 15.6, 15.8).
+            let reason = "the inbox is still being loaded; wait for the login SYNC";
+            return env.error(ErrorCode::StoreUnavailable, req_id, reason);
+        }
         let mut rewound = false;
         if after_seq > self.acked {
             self.advance(after_seq, now, rules, env);
@@ -931,6 +938,29 @@ mod tests {
         w.on_fetch(1, 3, 100, 1, &rules(), &mut env);
         serve_kept(&mut w, &mut env, 1, 10, 10, 1);
         assert_eq!(env.delivered, vec![4, 5, 6, 7], "a window of 4");
+    }
+
+    /// A FETCH that came after the store answered the login but before
+    /// the login's SYNC went out (it waits for the first page's read) took
+    /// that SYNC's place: the client got a SYNC with the FETCH's req_id
+    /// and never the login's (req_id 0), which PROTOCOL.md 15.6 promises
+    /// before the first INBOX and whose position 15.8 has a client compare
+    /// with its `last_seq`. Found by fuzz/fuzz_targets/conn.rs. As while
+    /// the inbox is loading (4.3), it gets ERROR 115 and is not acted on.
+    #[test]
+    fn a_fetch_before_the_login_sync_is_refused_and_the_login_sync_still_comes() {
+        let mut env = Rec::default();
+        let mut w = Window::start::<Msg>(0, 10, 0, &rules(), &mut env);
+        assert_eq!(env.reads, vec![(0, 3)], "the SYNC waits for this read");
+        w.on_fetch(5, 0, 1, 0, &rules(), &mut env);
+        assert_eq!(env.errors, vec![ErrorCode::StoreUnavailable]);
+        assert!(env.saved.is_empty());
+        serve(&mut w, &mut env, 10, 0);
+        assert_eq!(env.syncs, vec![(0, 0, 10, 3)], "the login's SYNC, and only it");
+        assert_eq!(env.delivered, vec![1, 2, 3]);
+        // Once it is out, a FETCH is answered as usual.
+        w.on_fetch(6, 3, 2, 1, &rules(), &mut env);
+        assert_eq!(env.syncs.last(), Some(&(6, 3, 10, 5)));
     }
 
     #[test]
