@@ -74,7 +74,7 @@ if [ "$fuzz" = 1 ]; then
     export RUSTC_BOOTSTRAP=1
     fuzz_cmd=(cargo fuzz run)
   fi
-  for target in decode websocket reliable; do
+  for target in decode websocket reliable conn; do
     extra=()
     [ "$target" = reliable ] && extra=(-dict=fuzz/reliable.dict)
     echo "deep-check: fuzzing $target for $FUZZ_S s" >&2
