@@ -841,7 +841,11 @@ fn client_frame(side: &mut Side, world: &World, inp: &mut In) -> Vec<u8> {
         15 => Frame::Close { code: 1000, reason: "bye" },
         16 if side.client_ws => {
             // JSON text, which either subprotocol takes.
-            let text = match inp.u8() % 4 {
+            let text = match inp.u8() % 5 {
+                4 => format!(
+                    r#"{{"type":"login","user":"u","token":"good","device":"d1","last_seq":"{}"}}"#,
+                    seq_choice(inp)
+                ),
                 0 => format!(r#"{{"type":"ack","seq":"{}"}}"#, seq_choice(inp)),
                 1 => format!(r#"{{"type":"fetch","req_id":{req_id},"after_seq":"{}","limit":5}}"#, seq_choice(inp)),
                 2 => r#"{"type":"ping"}"#.to_string(),
