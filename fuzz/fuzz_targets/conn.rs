@@ -171,12 +171,18 @@ struct Out {
     log: Vec<Ev>,
     /// A write was refused since the machine was last handed this.
     slow: bool,
+    /// A write was refused: the connection is closed as a slow consumer
+    /// with its queue dropped, so nothing written meanwhile reaches the
+    /// client (the write slot may take a smaller frame after refusing one,
+    /// but only into the queue the close drops).
+    doomed: bool,
 }
 
 impl Out {
     fn write(&mut self, frame: Bytes) -> bool {
-        if self.queue.len() >= self.max_frames || self.queued_bytes + frame.len() > self.max_bytes {
+        if self.doomed || self.queue.len() >= self.max_frames || self.queued_bytes + frame.len() > self.max_bytes {
             self.slow = true;
+            self.doomed = true;
             return false;
         }
         self.queue.push_back(frame.len());
@@ -186,8 +192,9 @@ impl Out {
     }
     /// Bytes already in the connection's wire form (not checked as frames).
     fn write_encoded(&mut self, len: usize) {
-        if self.queue.len() >= self.max_frames || self.queued_bytes + len > self.max_bytes {
+        if self.doomed || self.queue.len() >= self.max_frames || self.queued_bytes + len > self.max_bytes {
             self.slow = true;
+            self.doomed = true;
             return;
         }
         self.queue.push_back(len);
@@ -529,6 +536,9 @@ impl Env for Io<'_> {
         };
         if code == Some(CloseCode::SlowConsumer as u16) {
             assert!(discard_queue, "a slow consumer's queue is dropped");
+        }
+        if trace() {
+            eprintln!("  closed {code:?}");
         }
         self.side.close_code = code;
         // The worker forgets the window at the close (`forget_device`).
@@ -934,7 +944,15 @@ fn new_side(listener: Listener, now: Tick, max_frames: usize, max_bytes: usize) 
     Side {
         conn: Connection::new(listener, now),
         listener,
-        out: Out { max_frames, max_bytes, queue: VecDeque::new(), queued_bytes: 0, log: Vec::new(), slow: false },
+        out: Out {
+            max_frames,
+            max_bytes,
+            queue: VecDeque::new(),
+            queued_bytes: 0,
+            log: Vec::new(),
+            slow: false,
+            doomed: false,
+        },
         client: Client::default(),
         unread: Vec::new(),
         client_ws: false,
