@@ -147,6 +147,24 @@ class Conn:
         except OSError as e:
             raise Closed(str(e))
 
+    def _read_more(self, deadline):
+        """Reads what has come into the buffer; False once `deadline` has
+        passed with nothing."""
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        self.sock.settimeout(left)
+        try:
+            data = self.sock.recv(65536)
+        except socket.timeout:
+            return False
+        except OSError as e:
+            raise Closed(str(e))
+        if not data:
+            raise Closed("eof")
+        self.buf += data
+        return True
+
     def recv(self, timeout):
         """One frame (kind, body), or None after `timeout` seconds."""
         deadline = time.monotonic() + timeout
@@ -160,19 +178,8 @@ class Conn:
                         self.send(PONG, body)
                         continue
                     return kind, body
-            left = deadline - time.monotonic()
-            if left <= 0:
+            if not self._read_more(deadline):
                 return None
-            self.sock.settimeout(left)
-            try:
-                data = self.sock.recv(65536)
-            except socket.timeout:
-                return None
-            except OSError as e:
-                raise Closed(str(e))
-            if not data:
-                raise Closed("eof")
-            self.buf += data
 
     def close(self, reset=False):
         try:
@@ -297,19 +304,8 @@ class WsConn(Conn):
                         return f
                     continue
                 raise Closed("unexpected WebSocket opcode %d" % opcode)
-            left = deadline - time.monotonic()
-            if left <= 0:
+            if not self._read_more(deadline):
                 return None
-            self.sock.settimeout(left)
-            try:
-                data = self.sock.recv(65536)
-            except socket.timeout:
-                return None
-            except OSError as e:
-                raise Closed(str(e))
-            if not data:
-                raise Closed("eof")
-            self.buf += data
 
     def ws_message(self):
         """One whole server message (opcode, payload) from the buffer, if in."""

@@ -272,6 +272,21 @@ struct WinIo<'a> {
     close: Option<CloseCode>,
 }
 
+impl<'a> WinIo<'a> {
+    fn new(side: &'a mut Side, busy: bool, position: u64) -> WinIo<'a> {
+        WinIo {
+            out: &mut side.out,
+            reads: &mut side.reads,
+            busy,
+            position,
+            fetch: None,
+            read_failed: false,
+            saved: None,
+            close: None,
+        }
+    }
+}
+
 impl WindowEnv<Msg> for WinIo<'_> {
     fn deliver(&mut self, m: &Msg) {
         let frame = Frame::Inbox { seq: m.seq, msg_id: m.msg_id, ts_ms: 7, from: "w", payload: &m.payload };
@@ -336,16 +351,7 @@ fn with_window(
     };
     let before = side.out.slow;
     side.out.slow = false;
-    let mut io = WinIo {
-        out: &mut side.out,
-        reads: &mut side.reads,
-        busy,
-        position: w.position(),
-        fetch: None,
-        read_failed: false,
-        saved: None,
-        close: None,
-    };
+    let mut io = WinIo::new(side, busy, w.position());
     f(&mut w, &mut io);
     let (read_failed, saved, close) = (io.read_failed, io.saved, io.close);
     let overflow = side.out.slow;
@@ -1256,16 +1262,7 @@ fn answer_login(side: &mut Side, world: &mut World, inp: &mut In) {
     let busy = world.store_busy;
     let before = side.out.slow;
     side.out.slow = false;
-    let mut io = WinIo {
-        out: &mut side.out,
-        reads: &mut side.reads,
-        busy,
-        position,
-        fetch: None,
-        read_failed: false,
-        saved: None,
-        close: None,
-    };
+    let mut io = WinIo::new(side, busy, position);
     let mut w = Box::new(Window::start(position, pending.head(head), now, &wr, &mut io));
     let read_failed = io.read_failed;
     let overflow = side.out.slow;
