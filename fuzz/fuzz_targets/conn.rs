@@ -137,8 +137,6 @@ enum Ev {
     Rewind(u64),
     /// The window took an ACK (or FETCH) up to this seq.
     Covered(u64),
-    /// A store read failed.
-    ReadFailed,
 }
 
 #[derive(Default)]
@@ -154,11 +152,6 @@ struct Client {
     unacked: Vec<(u64, usize)>,
     /// The highest seq received in order since the last SYNC, for ACKs.
     have: u64,
-    /// A read failed before the login SYNC: the window then writes a
-    /// message stored meanwhile without that SYNC (a known defect, left
-    /// for the lead: `Window::on_appended` is on the delivery path; see
-    /// fuzz/README.md), so that check is off for this connection.
-    sync_may_lag: bool,
     logged_in: bool,
 }
 
@@ -301,7 +294,6 @@ impl WindowEnv<Msg> for WinIo<'_> {
     fn read(&mut self, after_seq: u64, limit: u32) {
         assert!(limit > 0, "a read of nothing");
         if self.busy {
-            self.out.log.push(Ev::ReadFailed);
             self.read_failed = true;
         } else {
             assert!(self.reads.is_empty(), "two reads outstanding: {:?} and ({after_seq}, {limit})", self.reads);
@@ -609,7 +601,6 @@ fn verify(side: &mut Side, world: &World) {
                 c.unacked.clear();
             }
             Ev::Covered(seq) => c.unacked.retain(|&(s, _)| s > seq),
-            Ev::ReadFailed => c.sync_may_lag |= !c.synced,
             Ev::Frame(raw) => {
                 check_frame(&raw, max);
                 let Ok(Some((f, _))) = decode(&raw, max) else { unreachable!() };
@@ -635,7 +626,7 @@ fn verify(side: &mut Side, world: &World) {
                         c.have = c.have.max(position);
                     }
                     Frame::Inbox { seq, msg_id, payload, .. } => {
-                        assert!(c.synced || c.sync_may_lag, "INBOX {seq} before the login SYNC");
+                        assert!(c.synced, "INBOX {seq} before the login SYNC");
                         assert!(seq >= 1 && seq <= world.store.head(), "INBOX {seq} past the head");
                         let m = &world.store.msgs[seq as usize - 1];
                         assert_eq!(
@@ -652,7 +643,7 @@ fn verify(side: &mut Side, world: &World) {
                             }
                         }
                         assert!(
-                            c.live || seq <= c.max_page_end || !c.synced,
+                            c.live || seq <= c.max_page_end,
                             "INBOX {seq} beyond every page announced ({})",
                             c.max_page_end
                         );
@@ -1131,7 +1122,6 @@ fn run(data: &[u8]) {
             }
             // The store fails the outstanding read.
             79 if side.reads.pop_front().is_some() => {
-                side.out.log.push(Ev::ReadFailed);
                 let (now, wr) = (world.now, world.wrules);
                 if let Dev::Open { w, .. } = &mut side.dev {
                     w.on_read_failed(now, &wr);

@@ -311,7 +311,10 @@ impl Window {
     pub fn on_appended<M: Item>(&mut self, msg: &M, now: Tick, rules: &WindowRules, env: &mut impl WindowEnv<M>) {
         let seq = msg.seq();
         self.head = self.head.max(seq);
+        // While the login's SYNC waits (a failed first-page read), the
+        // message waits too: the SYNC comes first (PROTOCOL.md 15.6).
         if self.reading.is_none()
+            && !self.sync_pending
             && seq == self.sent + 1
             && seq <= self.limit
             && self.has_room(msg.payload_len(), rules)
@@ -961,6 +964,26 @@ mod tests {
         // Once it is out, a FETCH is answered as usual.
         w.on_fetch(6, 3, 2, 1, &rules(), &mut env);
         assert_eq!(env.syncs.last(), Some(&(6, 3, 10, 5)));
+    }
+
+    /// The login's first-page read failed (the store's queue was busy),
+    /// and the notice of the first message after the position came before
+    /// the retry: it was written as INBOX at once, ahead of the login's
+    /// SYNC, so a client told by that SYNC to start over (PROTOCOL.md 15.8)
+    /// had already dropped it as a duplicate. Found by
+    /// fuzz/fuzz_targets/conn.rs. The message now waits for the SYNC.
+    #[test]
+    fn a_message_stored_while_the_login_sync_waits_on_a_failed_read_comes_after_it() {
+        let mut env = Rec::default();
+        let mut w = Window::start::<Msg>(0, 1, 0, &rules(), &mut env);
+        assert_eq!(env.reads, vec![(0, 1)], "the SYNC waits for this read");
+        env.reads.clear();
+        w.on_read_failed(0, &rules());
+        w.on_appended(&Msg(1, 10), 0, &rules(), &mut env);
+        assert!(env.delivered.is_empty(), "nothing before the login's SYNC");
+        serve(&mut w, &mut env, 1, 0);
+        assert_eq!(env.syncs, vec![(0, 0, 1, 1)]);
+        assert_eq!(env.delivered, vec![1]);
     }
 
     #[test]
