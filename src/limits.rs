@@ -8,7 +8,7 @@
 
 use std::fs;
 
-use crate::config::{Config, PollerKind, StoreKind};
+use crate::config::{Config, IoDriver, PollerKind, StoreKind};
 
 /// File descriptors kept back for everything that is not a client socket:
 /// listeners, eventfds, io_uring rings, timers, logs, config reads.
@@ -71,13 +71,13 @@ pub fn descriptors_besides_clients(config: &Config, workers: usize) -> u64 {
 /// 180–182 B, rounded up to the next 100 B.
 pub const USER_BYTES_PER_IDLE_CONN: u64 = 200;
 /// The kernel's, for one idle TCP socket (tcp_sock, inode, file, dentry)
-/// and its epoll entry: the same run measured at most 3,701 B (half the
-/// host's slab growth per connection: both ends of every connection are on
-/// that host), rounded up to the next 100 B. An idle socket holds no
-/// buffer pages. Slab growth misses objects placed in slabs already
-/// allocated: counting the objects, Linux 6.18.44 takes 3,950-3,980 B per
-/// server socket (docs/DEPLOY.md, "Memory per connection").
-pub const KERNEL_BYTES_PER_IDLE_CONN: u64 = 3_800;
+/// and its epoll entry: counting the objects in `/proc/slabinfo`, Linux
+/// 6.18.44 takes 3,950-3,980 B per server socket (docs/DEPLOY.md, "Memory
+/// per connection"), rounded up to the next 100 B. An idle socket holds no
+/// buffer pages. (Until 2026-12-08 this was 3,800 B, from the same run's
+/// slab growth, at most 3,701 B; slab growth misses objects placed in slabs
+/// already allocated.)
+pub const KERNEL_BYTES_PER_IDLE_CONN: u64 = 4_000;
 
 /// What the checks found.
 #[derive(Clone, Debug)]
@@ -325,7 +325,19 @@ pub fn memory_estimate(connections: u64) -> (u64, u64) {
 /// configuration and `workers`: (what, bytes at most), for the estimates
 /// of the start-up audit and `switchboard check`.
 pub fn fixed_memory(config: &Config, workers: usize) -> Vec<(&'static str, u64)> {
-    let mut v = Vec::new();
+    let w = workers as u64;
+    let mut v = vec![
+        (
+            "worker mailboxes (limits.mailbox_capacity commands per worker, allocated at start)",
+            w * crate::mailbox::Mailbox::<crate::runtime::Command>::bytes(config.limits.mailbox_capacity),
+        ),
+        ("worker read buffers (64 KiB per worker)", w * crate::runtime::SCRATCH_BYTES as u64),
+        (
+            "io_uring rings (uring.sq_entries x 68 B + uring.cq_entries x 16 B: per worker one for the runtime \
+             unless server.io_driver = \"epoll\", and one for client sockets with server.poller = \"io_uring\")",
+            w * uring_bytes_per_worker(config),
+        ),
+    ];
     if config.server.poller == PollerKind::IoUring {
         let ring = config.uring.recv_buffers as u64 * config.uring.recv_buffer_bytes as u64;
         v.push(("receive buffer rings ([uring] recv_buffers x recv_buffer_bytes per worker)", ring * workers as u64));
@@ -351,6 +363,31 @@ pub fn fixed_memory(config: &Config, workers: usize) -> Vec<(&'static str, u64)>
         ));
     }
     v
+}
+
+/// What one io_uring of `sq` submission and `cq` completion entries
+/// takes: 64 B per submission entry and 4 B for its index in the
+/// submission ring, 16 B per completion entry (the kernel's own, mapped
+/// into the process).
+pub fn ring_bytes(sq: u32, cq: u32) -> u64 {
+    sq as u64 * 68 + cq as u64 * 16
+}
+
+/// A worker's io_uring rings, at most: the runtime's, unless
+/// `server.io_driver = "epoll"` (`"auto"` counts it: it is io_uring
+/// wherever the kernel allows it); the client sockets' with
+/// `server.poller = "io_uring"`, else, with `server.batch_sends`, the
+/// 256-entry ring for batched sends (`Poller::with_send_ring`).
+pub fn uring_bytes_per_worker(config: &Config) -> u64 {
+    let (sq, cq) = (config.uring.sq_entries, config.uring.cq_entries);
+    let runtime = config.server.io_driver != IoDriver::Epoll;
+    let mut bytes = if runtime { ring_bytes(sq, cq) } else { 0 };
+    if config.server.poller == PollerKind::IoUring {
+        bytes += ring_bytes(sq, cq);
+    } else if config.server.batch_sends && runtime {
+        bytes += ring_bytes(256, 512);
+    }
+    bytes
 }
 
 /// `bytes` in MiB, rounded up: half a MiB is not "0 MiB".
@@ -658,10 +695,11 @@ mod audit_tests {
         let mut cfg = Config::default();
         cfg.store.kind = StoreKind::None;
         cfg.server.poller = PollerKind::Epoll;
-        assert_eq!(total(&cfg, 4), 0);
+        let base = total(&cfg, 4);
         cfg.server.poller = PollerKind::IoUring;
         let ring = cfg.uring.recv_buffers as u64 * cfg.uring.recv_buffer_bytes as u64;
-        assert_eq!(total(&cfg, 4), 4 * ring, "one ring per worker");
+        let rings = ring_bytes(cfg.uring.sq_entries, cfg.uring.cq_entries) - ring_bytes(256, 512);
+        assert_eq!(total(&cfg, 4) - base, 4 * (ring + rings), "a buffer ring and an io_uring per worker");
         cfg.server.poller = PollerKind::Epoll;
         cfg.store.kind = StoreKind::Disk;
         cfg.store.write_buffer_mib = 8;
@@ -669,9 +707,44 @@ mod audit_tests {
         cfg.store.write_buffer_mib = 16;
         assert_eq!(total(&cfg, 4) - small, 3 * 4 * (8 << 20), "three times the buffer, four keyspaces");
         cfg.store.kind = StoreKind::Memory;
-        assert_eq!(total(&cfg, 4), cfg.store.max_bytes + cfg.store.queue_max_bytes);
+        assert_eq!(total(&cfg, 4) - base, cfg.store.max_bytes + cfg.store.queue_max_bytes);
         cfg.store.kind = StoreKind::Redis;
-        assert_eq!(total(&cfg, 4), cfg.store.queue_max_bytes, "the appends waiting for Redis");
+        assert_eq!(total(&cfg, 4) - base, cfg.store.queue_max_bytes, "the appends waiting for Redis");
+    }
+
+    /// `switchboard check` and the start-up check left out what every
+    /// worker takes whatever its connections (about 5.8 MiB at the
+    /// defaults: 0.37 GiB at 64 workers): its mailbox, allocated in full
+    /// at start, its read buffer and its io_uring rings.
+    #[test]
+    fn the_estimate_counts_each_workers_mailbox_read_buffer_and_rings() {
+        let total = |cfg: &Config, workers| fixed_memory(cfg, workers).iter().map(|(_, b)| b).sum::<u64>();
+        let mut cfg = Config::default();
+        cfg.store.kind = StoreKind::None;
+        cfg.server.poller = PollerKind::Epoll;
+        cfg.server.io_driver = IoDriver::Epoll;
+        let mailbox = cfg.limits.mailbox_capacity as u64 * 72;
+        assert_eq!(total(&cfg, 1), mailbox + 64 * 1024, "a mailbox of 72 B commands and a read buffer");
+        assert_eq!(total(&cfg, 64), 64 * total(&cfg, 1), "per worker");
+        cfg.limits.mailbox_capacity *= 2;
+        assert_eq!(total(&cfg, 1), 2 * mailbox + 64 * 1024);
+        cfg.limits.mailbox_capacity /= 2;
+        // The runtime's ring, 1.25 MiB and 16 KiB of indexes at the
+        // defaults (4,096 and 65,536 entries), and the small one for
+        // batched sends.
+        cfg.server.io_driver = IoDriver::Auto;
+        assert_eq!(total(&cfg, 1) - mailbox - 64 * 1024, (1280 + 16 + 25) * 1024);
+        cfg.server.batch_sends = false;
+        assert_eq!(total(&cfg, 1) - mailbox - 64 * 1024, (1280 + 16) * 1024);
+        // Receives on io_uring: a second ring of the same size.
+        cfg.server.poller = PollerKind::IoUring;
+        let bufs = cfg.uring.recv_buffers as u64 * cfg.uring.recv_buffer_bytes as u64;
+        assert_eq!(total(&cfg, 1) - mailbox - 64 * 1024 - bufs, 2 * (1280 + 16) * 1024);
+        // The fix names the largest: a server with many workers and few
+        // connections is told to lower the mailboxes, not max_connections.
+        let items = audit(10, 64, RESERVED_FDS, 128, &fixed_memory(&cfg, 64));
+        let memory = items.iter().find(|i| i.name == "memory for idle connections").unwrap();
+        assert!(memory.need.contains(&format!("{} MiB fixed by the config", mib_up(total(&cfg, 64)))), "{memory:?}");
     }
 
     /// A disk store keeps the shard count it was created with, whatever
@@ -686,9 +759,12 @@ mod audit_tests {
         cfg.store.kind = StoreKind::Disk;
         cfg.store.path = dir.clone();
         cfg.store.shards = 1;
-        let total: u64 = fixed_memory(&cfg, 2).iter().map(|(_, b)| b).sum();
+        let total = |cfg: &Config| fixed_memory(cfg, 2).iter().map(|(_, b)| b).sum::<u64>();
+        let disk = total(&cfg);
         let _ = std::fs::remove_dir_all(&dir);
-        assert_eq!(total, crate::store::disk::ram_budget(cfg.store.write_buffer_mib, 4) + cfg.store.queue_max_bytes);
+        cfg.store.kind = StoreKind::None;
+        let store = disk - total(&cfg);
+        assert_eq!(store, crate::store::disk::ram_budget(cfg.store.write_buffer_mib, 4) + cfg.store.queue_max_bytes);
     }
 
     #[test]

@@ -55,6 +55,15 @@ impl<T> Mailbox<T> {
         })
     }
 
+    /// Bytes a mailbox of `capacity` commands holds from its start, empty or
+    /// not: the queue allocates and stamps every slot (a stamp and a
+    /// command) when it is made.
+    pub fn bytes(capacity: usize) -> u64 {
+        use std::mem::{align_of, size_of};
+        let slot = (size_of::<usize>() + size_of::<T>()).next_multiple_of(align_of::<T>().max(align_of::<usize>()));
+        capacity as u64 * slot as u64
+    }
+
     /// Queues `cmd` and wakes the worker if it may be idle.
     pub fn push(&self, cmd: T) -> Result<(), Full> {
         self.push_unwoken(cmd)?;

@@ -238,8 +238,8 @@ fn dry_run_for_a_million_connections_on_16_gib() {
     .ok();
     let want = estimate(1_000_000, 17179869184, Some(USER), KERNEL);
     assert!(r.stdout.lines().any(|l| l == want), "want {want:?} in\n{}", r.stdout);
-    if (USER, KERNEL) == (200, 3800) {
-        assert!(want.contains("idle 4000000000 B (3.73 GiB") && want.ends_with("71.0% under load"), "{want}");
+    if (USER, KERNEL) == (200, 4000) {
+        assert!(want.contains("idle 4200000000 B (3.91 GiB") && want.ends_with("72.1% under load"), "{want}");
     }
     let rows = table(&r.stdout);
     assert_eq!(wanted(&rows, "fs.file-max"), "1179648");

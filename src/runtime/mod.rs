@@ -17,6 +17,7 @@ pub(crate) mod write;
 
 pub(crate) use shared::{Command, Shared};
 pub use shared::{Handle, MessageHook};
+pub(crate) use worker::SCRATCH_BYTES;
 pub(crate) use write::deliver_at;
 
 use std::net::SocketAddr;
@@ -223,7 +224,7 @@ pub(crate) fn start(
             crate::ids::MAX_WORKERS
         );
     }
-    let ring_bytes = config.uring.sq_entries as u64 * 64 + config.uring.cq_entries as u64 * 16;
+    let ring_bytes = crate::limits::uring_bytes_per_worker(&config);
     // What the process holds already (an embedding application's files and
     // sockets) is not the clients' to take either.
     let besides = crate::limits::descriptors_besides_clients(&config, workers) + crate::limits::open_descriptors();
